@@ -1,0 +1,1 @@
+"""Data, training, evaluation and the QC engine; imports models, never service."""

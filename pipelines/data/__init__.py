@@ -1,0 +1,1 @@
+"""Manifests, patient-level splits, COCO boxes, statistics and the synthetic generator."""

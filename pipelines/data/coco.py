@@ -1,0 +1,204 @@
+"""COCO detection files: read, check, write, and import CVAT's COCO export.
+
+Generic over categories (the detector stack is, as hSDB's is); the cervix project uses one,
+`cervix`. Files we write always carry `info` and `licenses` (pycocotools before 2.0.11 fails
+without `info`) and are checked against pycocotools in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CERVIX = "cervix"
+
+
+class CocoCategory(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    name: str
+    supercategory: str = ""
+
+
+class CocoImage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    file_name: str
+    width: int
+    height: int
+
+
+class CocoAnnotation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    image_id: int
+    category_id: int
+    bbox: list[float] = Field(min_length=4, max_length=4)  # x, y, w, h
+    area: float = 0.0
+    iscrowd: int = 0
+
+
+class CocoDataset(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    info: dict[str, Any] = Field(default_factory=lambda: {"description": "cervixqc", "version": "1.0"})
+    licenses: list[dict[str, Any]] = Field(default_factory=list)
+    images: list[CocoImage] = Field(default_factory=list)
+    annotations: list[CocoAnnotation] = Field(default_factory=list)
+    categories: list[CocoCategory] = Field(default_factory=list)
+
+    def category_id(self, name: str) -> int:
+        for c in self.categories:
+            if c.name == name:
+                return c.id
+        raise KeyError(f"no category {name!r}; have {[c.name for c in self.categories]}")
+
+    def boxes_by_file(self, category: str | None = None) -> dict[str, list[list[float]]]:
+        """file_name -> [[x1, y1, x2, y2], ...]; images without boxes map to []."""
+        wanted = None if category is None else self.category_id(category)
+        names = {im.id: im.file_name for im in self.images}
+        out: dict[str, list[list[float]]] = {n: [] for n in names.values()}
+        for a in self.annotations:
+            if wanted is None or a.category_id == wanted:
+                x, y, w, h = a.bbox
+                out[names[a.image_id]].append([x, y, x + w, y + h])
+        return out
+
+
+class CocoError(ValueError):
+    def __init__(self, source: str, problems: list[str], shown: int = 50) -> None:
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"  ... and {len(problems) - shown} more")
+        super().__init__("\n".join(lines))
+
+
+def validate_coco(ds: CocoDataset, tolerance: float = 0.0) -> list[str]:
+    """Every problem in the file: ids, references, and boxes outside their image or empty."""
+    problems: list[str] = []
+    images: dict[int, CocoImage] = {}
+    for im in ds.images:
+        if im.id in images:
+            problems.append(f"image id {im.id} is used twice")
+        images[im.id] = im
+        if im.width <= 0 or im.height <= 0:
+            problems.append(f"image {im.id} ({im.file_name!r}): size {im.width}x{im.height} is not positive")
+    names = [im.file_name for im in ds.images]
+    if len(set(names)) != len(names):
+        problems.append("some file_name values are used by several images")
+    cats = {c.id for c in ds.categories}
+    if len(cats) != len(ds.categories):
+        problems.append("some category ids are used twice")
+    seen: set[int] = set()
+    for a in ds.annotations:
+        where = f"annotation {a.id}"
+        if a.id in seen:
+            problems.append(f"{where}: id is used twice")
+        seen.add(a.id)
+        if a.category_id not in cats:
+            problems.append(f"{where}: unknown category_id {a.category_id}")
+        im = images.get(a.image_id)
+        if im is None:
+            problems.append(f"{where}: unknown image_id {a.image_id}")
+            continue
+        where += f" (image {im.id} {im.file_name!r})"
+        x, y, w, h = a.bbox
+        if not all(math.isfinite(v) for v in a.bbox):
+            problems.append(f"{where}: box {a.bbox} has a non-finite value")
+        elif w <= 0 or h <= 0:
+            problems.append(f"{where}: box {a.bbox} has no area (w={w}, h={h})")
+        elif x < -tolerance or y < -tolerance or x + w > im.width + tolerance or y + h > im.height + tolerance:
+            problems.append(
+                f"{where}: box [x1={x:g}, y1={y:g}, x2={x + w:g}, y2={y + h:g}] is not inside the "
+                f"{im.width}x{im.height} image"
+            )
+    return problems
+
+
+def load_coco(path: str | Path) -> CocoDataset:
+    path = Path(path)
+    try:
+        ds = CocoDataset.model_validate_json(path.read_bytes())
+    except ValueError as e:
+        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from e
+    problems = validate_coco(ds)
+    if problems:
+        raise CocoError(str(path), problems)
+    return ds
+
+
+def save_coco(ds: CocoDataset, path: str | Path) -> Path:
+    """Write atomically after validating: we never write a file we would refuse to read."""
+    problems = validate_coco(ds)
+    if problems:
+        raise CocoError(str(path), problems)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ds.model_dump(mode="json"), separators=(",", ":")))
+    os.replace(tmp, path)
+    return path
+
+
+def make_annotation(ann_id: int, image_id: int, category_id: int, xyxy) -> CocoAnnotation:
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    w, h = x2 - x1, y2 - y1
+    return CocoAnnotation(id=ann_id, image_id=image_id, category_id=category_id,
+                          bbox=[round(x1, 2), round(y1, 2), round(w, 2), round(h, 2)], area=round(w * h, 2))
+
+
+def _rotated_aabb(x: float, y: float, w: float, h: float, degrees: float) -> tuple[float, float, float, float]:
+    """CVAT rotates boxes about their centre; the enclosing axis-aligned box."""
+    cx, cy = x + w / 2, y + h / 2
+    t = math.radians(degrees)
+    hw = abs(w / 2 * math.cos(t)) + abs(h / 2 * math.sin(t))
+    hh = abs(w / 2 * math.sin(t)) + abs(h / 2 * math.cos(t))
+    return cx - hw, cy - hh, cx + hw, cy + hh
+
+
+def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoDataset, list[str]]:
+    """Normalise a CVAT "COCO 1.0" export; returns the dataset and notes on what changed.
+
+    CVAT writes category names as typed ("Cervix "), rotated boxes as an attribute, and
+    boxes that poke up to a pixel or two past the border after rounding. We lower-case and
+    strip names, replace rotated boxes by their enclosing box, clip overshoots up to
+    `clip_tolerance` pixels, and refuse (with every reason) anything worse.
+    """
+    path = Path(path)
+    raw = json.loads(path.read_text())
+    raw.setdefault("info", {"description": f"imported from CVAT export {path.name}"})
+    raw.setdefault("licenses", [])
+    try:
+        ds = CocoDataset.model_validate(raw)
+    except ValueError as e:
+        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from e
+    notes: list[str] = []
+    for c in ds.categories:
+        clean = c.name.strip().lower()
+        if clean != c.name:
+            notes.append(f"category {c.id}: name {c.name!r} -> {clean!r}")
+            c.name = clean
+    sizes = {im.id: (im.width, im.height) for im in ds.images}
+    for a in ds.annotations:
+        x, y, w, h = a.bbox
+        rotation = float((getattr(a, "attributes", None) or {}).get("rotation", 0.0) or 0.0)
+        x1, y1, x2, y2 = _rotated_aabb(x, y, w, h, rotation) if rotation else (x, y, x + w, y + h)
+        if rotation:
+            notes.append(f"annotation {a.id}: rotated {rotation:g} deg box replaced by its enclosing box")
+        if a.image_id in sizes:
+            iw, ih = sizes[a.image_id]
+            over = max(-x1, -y1, x2 - iw, y2 - ih)
+            if 0 < over <= clip_tolerance:
+                notes.append(f"annotation {a.id}: box clipped to the image ({over:.2f} px over)")
+                x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(iw)), min(y2, float(ih))
+        a.bbox = [x1, y1, x2 - x1, y2 - y1]
+        a.area = max(0.0, (x2 - x1) * (y2 - y1))
+    problems = validate_coco(ds)
+    if problems:
+        raise CocoError(str(path), problems)
+    return ds, notes

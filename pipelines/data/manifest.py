@@ -1,0 +1,111 @@
+"""Manifests: the table that says which image belongs to which patient, source and kind.
+
+Loading checks every row and reports every problem at once (a data team fixing a 10^5-row
+export wants the whole list, not one error per run). Rows are numbered from 1 for the first
+data row; for CSV the file line is that number + 1 (the header is line 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Kind, Split
+
+_KINDS = {k.value for k in Kind}
+_SPLITS = {s.value for s in Split}
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    row: int  # 1-based data row; 0 for a problem with the file as a whole
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = "file" if self.row == 0 else f"row {self.row}"
+        return f"{where}, {self.column}: {self.reason}"
+
+
+class ManifestError(ValueError):
+    """Raised with every problem found, so they can all be fixed in one pass."""
+
+    def __init__(self, source: str, problems: list[RowProblem], shown: int = 50) -> None:
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"  ... and {len(problems) - shown} more")
+        super().__init__("\n".join(lines))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """CSV or Parquet by suffix, every column as text (IDs like 007 must stay 007)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        df = pd.read_parquet(path)
+        return df.astype({c: "string" for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def load_manifest(path: str | Path, root: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest; relative paths are relative to `root` (default: its folder).
+
+    Returns the table with text columns, blanks as "", and an added `abspath` column.
+    Raises ManifestError listing every bad row.
+    """
+    path = Path(path)
+    df = read_table(path)
+    base = Path(root) if root is not None else path.parent
+    problems = validate_manifest(df, base, check_files)
+    if problems:
+        raise ManifestError(str(path), problems)
+    df = df.fillna("").astype({c: str for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+    df["abspath"] = [str(p if os.path.isabs(p) else base / p) for p in df["path"]]
+    return df
+
+
+def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) -> list[RowProblem]:
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        return [RowProblem(0, ",".join(missing), f"missing column(s); required: {', '.join(REQUIRED_COLUMNS)}")]
+    problems: list[RowProblem] = []
+    first_seen: dict[str, int] = {}
+    has_split = "split" in df.columns
+    cols = [df[c].fillna("").astype(str).str.strip() for c in ("path", "patient_id", "source", "kind")]
+    splits = df["split"].fillna("").astype(str).str.strip() if has_split else None
+    for i, (p, patient, source, kind) in enumerate(zip(*cols), start=1):
+        if not p:
+            problems.append(RowProblem(i, "path", "empty path"))
+        else:
+            key = os.path.normpath(p)
+            if key in first_seen:
+                problems.append(RowProblem(i, "path", f"duplicate path {p!r} (first at row {first_seen[key]})"))
+            else:
+                first_seen[key] = i
+            if check_files and not (Path(p) if os.path.isabs(p) else base / p).is_file():
+                problems.append(RowProblem(i, "path", f"missing file {p!r}"))
+        if not patient:
+            problems.append(RowProblem(i, "patient_id", "empty patient_id"))
+        if not source:
+            problems.append(RowProblem(i, "source", "empty source"))
+        if kind and kind not in _KINDS:
+            problems.append(RowProblem(i, "kind", f"unknown kind {kind!r}; expected one of {sorted(_KINDS)} or blank"))
+        if splits is not None and splits.iat[i - 1] and splits.iat[i - 1] not in _SPLITS:
+            problems.append(RowProblem(i, "split", f"unknown split {splits.iat[i - 1]!r}; expected train, val, test or blank"))
+    return problems
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write CSV or Parquet (by suffix) atomically: a crash never leaves half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = df.drop(columns=[c for c in ("abspath",) if c in df.columns])
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        out.to_parquet(tmp, index=False)
+    else:
+        out.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

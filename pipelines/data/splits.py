@@ -1,0 +1,106 @@
+"""Patient-level splits: no patient's images are ever on both sides of a split.
+
+Stratification is by (source, the patient's rarest kind), so a patient with a single
+iodine image counts as an iodine patient; otherwise the few non-regular patients could all
+land in one split. Within a stratum, patients are placed by systematic sampling from a
+random start: expected shares are exact even for strata of one patient, and large strata
+come within one patient of the requested fractions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipelines.data.schema import Split
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+    def __post_init__(self) -> None:
+        vals = (self.train, self.val, self.test)
+        if any(v < 0 for v in vals) or not np.isclose(sum(vals), 1.0):
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {vals}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {Split.TRAIN.value: self.train, Split.VAL.value: self.val, Split.TEST.value: self.test}
+
+
+def _patient_strata(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: its source and its rarest kind (blank kinds count as 'unknown')."""
+    kinds = df["kind"].replace("", "unknown")
+    rarity = kinds.value_counts()  # descending count: rarer kinds come later
+    rank = {k: i for i, k in enumerate(rarity.index)}
+    per = pd.DataFrame({"patient_id": df["patient_id"], "source": df["source"], "rank": kinds.map(rank)})
+    grouped = per.groupby("patient_id", sort=True).agg(source=("source", "first"), rank=("rank", "max"))
+    return grouped.reset_index()
+
+
+def _assign(patients: Sequence[str], shares: dict[str, float], rng: np.random.Generator) -> dict[str, str]:
+    """Systematic sampling of shuffled patients into named splits."""
+    names = [n for n, s in shares.items() if s > 0]
+    edges = np.cumsum([shares[n] for n in names])
+    edges /= edges[-1]
+    order = rng.permutation(len(patients))
+    start = rng.random()
+    out = {}
+    for pos, idx in enumerate(order):
+        u = (pos + start) / len(patients)
+        out[patients[idx]] = names[min(int(np.searchsorted(edges, u, side="right")), len(names) - 1)]
+    return out
+
+
+def patient_split(df: pd.DataFrame, fractions: SplitFractions = SplitFractions(), seed: int = 0) -> pd.Series:
+    """A split name per row; stratified by source and rarest kind; seeded."""
+    rng = np.random.default_rng(seed)
+    strata = _patient_strata(df)
+    mapping: dict[str, str] = {}
+    for _, group in strata.groupby(["source", "rank"], sort=True):
+        mapping.update(_assign(list(group["patient_id"]), fractions.as_dict(), rng))
+    return df["patient_id"].map(mapping).rename("split")
+
+
+def cross_source_split(
+    df: pd.DataFrame,
+    train_sources: Sequence[str],
+    val_sources: Sequence[str],
+    test_sources: Sequence[str],
+    fractions: SplitFractions = SplitFractions(),
+    seed: int = 0,
+) -> pd.Series:
+    """Each source goes to the splits that list it, as the paper trains on China + Nigeria
+    and tests on Peru. A source listed under several splits (the paper's China is in both
+    train and val) is divided among them by patient, with `fractions` renormalised over
+    those splits. Rows of sources listed nowhere get an empty split and are left out.
+    """
+    groups = {Split.TRAIN.value: set(train_sources), Split.VAL.value: set(val_sources),
+              Split.TEST.value: set(test_sources)}
+    known = set(df["source"].unique())
+    unknown = sorted(set().union(*groups.values()) - known)
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; the manifest has {sorted(known)}")
+    if not groups[Split.TRAIN.value]:
+        raise ValueError("cross-source split needs at least one training source")
+    spanning = df.groupby("patient_id")["source"].nunique()
+    spanning = sorted(spanning[spanning > 1].index)
+    if spanning:
+        raise ValueError(
+            f"{len(spanning)} patient_id(s) appear under several sources (e.g. {spanning[:5]}); "
+            "a cross-source split cannot keep them on one side: make the IDs unique per source"
+        )
+    rng = np.random.default_rng(seed)
+    strata = _patient_strata(df)
+    base = fractions.as_dict()
+    mapping: dict[str, str] = {}
+    for (source, _), group in strata.groupby(["source", "rank"], sort=True):
+        targets = {name: base[name] or 1e-9 for name, members in groups.items() if source in members}
+        if targets:
+            mapping.update(_assign(list(group["patient_id"]), targets, rng))
+    return df["patient_id"].map(mapping).fillna("").rename("split")

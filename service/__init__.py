@@ -1,0 +1,1 @@
+"""The FastAPI service (not built yet: see the open issues)."""

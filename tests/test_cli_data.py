@@ -1,0 +1,81 @@
+"""The data commands end to end, as a user runs them: synth -> validate -> split -> stats."""
+
+import json
+import math
+
+import pandas as pd
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.stats import compute_stats
+
+runner = CliRunner()
+
+
+def test_synth_split_and_stats_commands_work_together(tmp_path):
+    out = tmp_path / "ds"
+    r = runner.invoke(app, ["synth", str(out), "--preset", "tiny", "-n", "40", "--seed", "3", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 40 images" in r.output
+    r = runner.invoke(app, ["validate", str(out / "manifest.csv"), "--coco", str(out / "coco.json")])
+    assert r.exit_code == 0 and ": ok" in r.output, r.output
+
+    split = tmp_path / "split.csv"
+    r = runner.invoke(app, ["split", str(out / "manifest.csv"), "-o", str(split), "--train-sources",
+                            "hospital,field,evanet", "--val-sources", "archive", "--test-sources", "teaching"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(split, keep_default_na=False)
+    assert set(df.loc[df.source == "teaching", "split"]) == {"test"}
+    assert set(df.loc[df.source == "archive", "split"]) == {"val"}
+
+    chart = tmp_path / "stats.png"
+    r = runner.invoke(app, ["stats", str(split), "--chart", str(chart), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["n_images"] == 40
+    counted = {(c["source"], c["kind"]): c["total"] for c in report["counts"]}
+    assert counted == df.groupby(["source", "kind"]).size().to_dict()
+    with Image.open(chart) as im:
+        assert im.format == "PNG" and im.size[0] > 600
+
+
+def test_stats_table_and_imbalance_ratio_match_the_manifest():
+    df = pd.DataFrame({
+        "patient_id": ["a", "a", "b", "c", "d", "d"], "source": ["s", "s", "s", "t", "t", "t"],
+        "kind": ["regular", "green", "regular", "regular", "iodine", "no_cervix"],
+        "split": ["train", "train", "val", "train", "test", "test"],
+    })
+    st = compute_stats(df)
+    assert st.table.loc[("s", "regular"), "train"] == 1 and st.table.loc[("s", "regular"), "total"] == 2
+    assert st.imbalance_ratio == 1.5  # 3 regular : 2 non-regular
+    assert st.split_imbalance["val"] == math.inf and st.split_imbalance["train"] == 2.0
+    assert st.n_patients == 4 and st.by_kind["no_cervix"] == 1
+
+
+def test_validate_lists_every_bad_row_and_exits_non_zero(tmp_path):
+    (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\nx.jpg,,s,d,blue\n")
+    r = runner.invoke(app, ["validate", str(tmp_path / "m.csv")])
+    assert r.exit_code == 2
+    assert "missing file 'x.jpg'" in r.output and "empty patient_id" in r.output and "unknown kind 'blue'" in r.output
+
+
+def test_unknown_preset_and_bad_fractions_are_clear_errors(tmp_path):
+    r = runner.invoke(app, ["synth", str(tmp_path), "--preset", "huge"])
+    assert r.exit_code == 2 and "unknown preset 'huge'" in r.output
+    (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\nx.jpg,p,s,d,regular\n")
+    r = runner.invoke(app, ["split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o.csv"), "--fractions", "0.5,0.1,0.1"])
+    assert r.exit_code == 2 and "sum to 1" in r.output
+
+
+def test_import_cvat_command_writes_a_normalised_file(tmp_path):
+    export = {"categories": [{"id": 1, "name": "CERVIX", "supercategory": ""}],
+              "images": [{"id": 1, "width": 10, "height": 10, "file_name": "a.jpg"}],
+              "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 0,
+                               "iscrowd": 0, "segmentation": []}]}
+    (tmp_path / "cvat.json").write_text(json.dumps(export))
+    r = runner.invoke(app, ["import-cvat", str(tmp_path / "cvat.json"), "-o", str(tmp_path / "coco.json")])
+    assert r.exit_code == 0, r.output
+    written = json.loads((tmp_path / "coco.json").read_text())
+    assert written["categories"][0]["name"] == "cervix" and written["annotations"][0]["area"] == 25
+    assert "info" in written

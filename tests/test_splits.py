@@ -1,0 +1,89 @@
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.data.splits import SplitFractions, cross_source_split, patient_split
+
+KINDS = ["regular", "regular", "regular", "green", "iodine", "no_cervix", ""]
+
+
+@st.composite
+def manifests(draw) -> pd.DataFrame:
+    n_patients = draw(st.integers(1, 40))
+    sources = draw(st.lists(st.sampled_from(["A", "B", "C", "D"]), min_size=1, max_size=4, unique=True))
+    rows = []
+    for p in range(n_patients):
+        src = draw(st.sampled_from(sources))
+        for j in range(draw(st.integers(1, 6))):
+            rows.append({"path": f"{p}/{j}.jpg", "patient_id": f"{src}{p}", "source": src,
+                         "device": "d", "kind": draw(st.sampled_from(KINDS))})
+    return pd.DataFrame(rows)
+
+
+fractions = st.tuples(st.floats(0.05, 1), st.floats(0, 1), st.floats(0, 1)).map(
+    lambda t: SplitFractions(*(v / sum(t) for v in t))
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(df=manifests(), shares=fractions, seed=st.integers(0, 2**16))
+def test_no_patient_is_ever_in_two_splits(df, shares, seed):
+    split = patient_split(df, shares, seed)
+    assert split.notna().all() and split.isin(["train", "val", "test"]).all()
+    assert (df.assign(split=split).groupby("patient_id")["split"].nunique() == 1).all()
+    pd.testing.assert_series_equal(split, patient_split(df, shares, seed))  # seeded
+
+
+@settings(max_examples=150, deadline=None)
+@given(df=manifests(), seed=st.integers(0, 2**16), data=st.data())
+def test_cross_source_split_keeps_each_source_in_its_own_splits(df, seed, data):
+    present = sorted(df["source"].unique())
+    train = data.draw(st.lists(st.sampled_from(present), min_size=1, unique=True))
+    val = data.draw(st.lists(st.sampled_from(present), unique=True))
+    test = data.draw(st.lists(st.sampled_from(present), unique=True))
+    split = cross_source_split(df, train, val, test, seed=seed)
+    allowed = {s: {n for n, members in (("train", train), ("val", val), ("test", test)) if s in members} or {""}
+               for s in present}
+    for source, got in df.assign(split=split).groupby("source")["split"]:
+        assert set(got) <= allowed[source]
+    assert (df.assign(split=split).groupby("patient_id")["split"].nunique() == 1).all()
+
+
+def test_large_strata_come_within_one_patient_of_the_fractions():
+    rows = [{"path": f"{p}.jpg", "patient_id": f"p{p}", "source": "A", "device": "d",
+             "kind": "green" if p % 10 == 0 else "regular"} for p in range(1000)]
+    df = pd.DataFrame(rows)
+    split = patient_split(df, SplitFractions(0.7, 0.15, 0.15), seed=3)
+    for kind, n in (("regular", 900), ("green", 100)):
+        got = split[df["kind"] == kind].value_counts()
+        assert abs(got["train"] - 0.7 * n) <= 1 and abs(got["val"] - 0.15 * n) <= 1
+
+
+def test_paper_style_cross_source_split_divides_a_shared_source_by_patient():
+    # China is in train and val, Nigeria train only, MobileODT val only, Peru test only.
+    rows = []
+    for src, n in (("china", 100), ("nigeria", 50), ("mobileodt", 30), ("peru", 20)):
+        rows += [{"path": f"{src}/{p}.jpg", "patient_id": f"{src}-{p}", "source": src, "device": "d",
+                  "kind": "regular"} for p in range(n)]
+    df = pd.DataFrame(rows)
+    split = cross_source_split(df, ["china", "nigeria"], ["china", "mobileodt"], ["peru"], seed=0)
+    by = df.assign(split=split).groupby("source")["split"]
+    assert set(by.get_group("peru")) == {"test"}
+    assert set(by.get_group("nigeria")) == {"train"}
+    china = by.get_group("china").value_counts()
+    assert set(china.index) == {"train", "val"} and china["train"] > china["val"]
+
+
+def test_cross_source_split_refuses_unknown_sources_and_patients_spanning_sources():
+    df = pd.DataFrame([{"path": "a", "patient_id": "p", "source": "A", "device": "d", "kind": "regular"},
+                       {"path": "b", "patient_id": "p", "source": "B", "device": "d", "kind": "regular"}])
+    with pytest.raises(ValueError, match=r"unknown source\(s\) \['Z'\]"):
+        cross_source_split(df, ["A"], ["Z"], [])
+    with pytest.raises(ValueError, match="appear under several sources"):
+        cross_source_split(df, ["A"], ["B"], [])
+
+
+def test_fractions_must_sum_to_one():
+    with pytest.raises(ValueError, match="sum to 1"):
+        SplitFractions(0.5, 0.2, 0.2)
