@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.data.schema import DataProblems
+
 CERVIX = "cervix"
 
 
@@ -69,13 +71,8 @@ class CocoDataset(BaseModel):
         return out
 
 
-class CocoError(ValueError):
-    def __init__(self, source: str, problems: list[str], shown: int = 50) -> None:
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems[:shown]]
-        if len(problems) > shown:
-            lines.append(f"  ... and {len(problems) - shown} more")
-        super().__init__("\n".join(lines))
+class CocoError(DataProblems):
+    """A COCO file that cannot be used, with every reason."""
 
 
 def validate_coco(ds: CocoDataset, tolerance: float = 0.0) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, Kind, Split
+from pipelines.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, DataProblems, Kind, Split
 
 _KINDS = {k.value for k in Kind}
 _SPLITS = {s.value for s in Split}
@@ -30,15 +30,8 @@ class RowProblem:
         return f"{where}, {self.column}: {self.reason}"
 
 
-class ManifestError(ValueError):
-    """Raised with every problem found, so they can all be fixed in one pass."""
-
-    def __init__(self, source: str, problems: list[RowProblem], shown: int = 50) -> None:
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems[:shown]]
-        if len(problems) > shown:
-            lines.append(f"  ... and {len(problems) - shown} more")
-        super().__init__("\n".join(lines))
+class ManifestError(DataProblems):
+    """A manifest with bad rows; `problems` holds a RowProblem per bad cell."""
 
 
 def read_table(path: Path) -> pd.DataFrame:

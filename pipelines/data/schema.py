@@ -33,3 +33,14 @@ OPTIONAL_COLUMNS = ("split",)
 
 def is_non_regular(kind: str) -> bool:
     return kind in NON_REGULAR_KINDS
+
+
+class DataProblems(ValueError):
+    """Every problem found in one file, raised together so they can be fixed in one pass."""
+
+    def __init__(self, source: str, problems: list, shown: int = 50) -> None:
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {p}" for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"  ... and {len(problems) - shown} more")
+        super().__init__("\n".join(lines))

@@ -42,7 +42,7 @@ PRESETS: dict[str, SynthConfig] = {
     # Tests: every source and kind present, small images, a few seconds on 2 cores.
     "tiny": SynthConfig(n_images=60, ratio=3.0, no_cervix_fraction=0.1, size=SizePolicy(max_side=256)),
     # Demos and CPU training recipes.
-    "small": SynthConfig(n_images=1200, ratio=8.0, size=SizePolicy(max_side=1024)),
+    "small": SynthConfig(n_images=1200, ratio=27.0, size=SizePolicy(max_side=1024)),
     # The paper's imbalance at a size that trains the default weights.
     "default": SynthConfig(n_images=6000, ratio=27.0, size=SizePolicy(max_side=1600)),
     # Clinic-sized photos (1-12 MP) for benchmarks.
