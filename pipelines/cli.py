@@ -173,6 +173,69 @@ def import_cvat_cmd(
     typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes")
 
 
+@app.command("train-detector")
+def train_detector_cmd(
+    train_coco: Annotated[Path, typer.Argument(help="Training COCO JSON (images relative to its folder).")],
+    val_coco: Annotated[Path, typer.Argument(help="Validation COCO JSON.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, log, detector.safetensors/.json.")],
+    arch: Annotated[str, typer.Option(help="retinanet | fasterrcnn | fcos")] = "retinanet",
+    backbone: Annotated[str, typer.Option(help="resnet50 | resnet34 | resnet18 | mobilenet_v3_large")] = "resnet50",
+    size: Annotated[int, typer.Option(help="Input size: the long side is resized to this.")] = 512,
+    epochs: Annotated[int, typer.Option()] = 12,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    lr: Annotated[float, typer.Option()] = 2e-4,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
+    extra_ratio: Annotated[float, typer.Option(help="Extra samples per real sample each epoch.")] = 0.0,
+    backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone state dict.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
+    warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
+) -> None:
+    """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
+    Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ..."""
+    from models.detector import DetectorConfig
+    from pipelines.training.detector import DetectorTrainConfig, train_detector
+
+    try:
+        model = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size,
+                               pretrained_backbone=backbone_weights is not None)
+    except ValueError as e:
+        _fail(str(e))
+    cfg = DetectorTrainConfig(train_coco=train_coco, val_coco=val_coco, out_dir=out, model=model, epochs=epochs,
+                              batch_size=batch_size, lr=lr, workers=workers, seed=seed, resume=resume,
+                              extra_coco=extra_coco, extra_ratio=extra_ratio, backbone_weights=backbone_weights,
+                              max_steps_per_epoch=max_steps, warmup_iters=warmup)
+    result, card = train_detector(cfg)
+    if card is not None:
+        typer.echo(f"best epoch {result.best_epoch + 1}: {json.dumps(result.best_metrics)}")
+        typer.echo(f"exported {card}")
+
+
+@app.command("eval-detector")
+def eval_detector_cmd(
+    card: Annotated[Path, typer.Argument(help="The detector's model card (detector.json).")],
+    coco: Annotated[Path, typer.Argument(help="COCO JSON to evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics JSON and gallery PNG.")],
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest with sources, for per-source metrics.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 8,
+) -> None:
+    """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
+    from models.io import WeightsIntegrityError
+    from pipelines.evaluation.detector_report import evaluate_detector
+
+    try:
+        report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
+    except WeightsIntegrityError as e:
+        _fail(str(e))
+    for name, m in report.items():
+        typer.echo(f"{name:>10}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
+                   f"top-1 recall@0.5 {m['top1_recall50']:.3f}  ({m['n_images']} images)")
+    typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

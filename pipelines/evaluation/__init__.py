@@ -1,0 +1,1 @@
+"""Metrics and reports: COCO mAP for detectors; classification metrics and the HTML report later."""

@@ -1,0 +1,96 @@
+"""Detector metrics through pycocotools (never a hand-written mAP), plus the one number the
+crop stage lives on: top-1 recall at IoU 0.5 (is the best box on the cervix?)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou
+
+from pipelines.data.coco import CocoDataset
+
+# One image's detections: xyxy boxes in the COCO file's pixels, scores, category ids.
+Detections = dict[str, torch.Tensor]
+
+
+@dataclass
+class DetectionMetrics:
+    map: float  # mAP@[.5:.95], COCO stats[0] (maxDets=100)
+    ap50: float
+    ap75: float
+    ap_small: float
+    ap_medium: float
+    ap_large: float
+    per_class_ap: dict[str, float] = field(default_factory=dict)
+    top1_recall50: float = 0.0  # over images with at least one ground-truth box
+    n_images: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coco_api(ds: CocoDataset) -> COCO:
+    api = COCO()
+    api.dataset = ds.model_dump(mode="json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        api.createIndex()
+    return api
+
+
+def evaluate_detections(gt: CocoDataset, predictions: dict[int, Detections]) -> DetectionMetrics:
+    """`predictions` maps image id -> {"boxes", "scores", "labels" (COCO category ids)}."""
+    results = []
+    for image_id, det in predictions.items():
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            results.append({"image_id": int(image_id), "category_id": int(label),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    metrics = DetectionMetrics(*([0.0] * 6), n_images=len(gt.images))
+    if results:  # loadRes([]) raises; no detections at all is simply mAP 0
+        api = _coco_api(gt)
+        with contextlib.redirect_stdout(io.StringIO()):
+            dets = api.loadRes(results)
+            ev = COCOeval(api, dets, iouType="bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        s = [max(0.0, float(v)) for v in ev.stats[:6]]
+        metrics = DetectionMetrics(*s, n_images=len(gt.images))
+        precision = ev.eval["precision"]  # [T, R, K, A, M]; area "all", maxDets 100
+        for k, cat_id in enumerate(ev.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            valid = p[p > -1]
+            name = next(c.name for c in gt.categories if c.id == cat_id)
+            metrics.per_class_ap[name] = float(valid.mean()) if valid.size else 0.0
+    metrics.top1_recall50 = top1_recall(gt, predictions)
+    return metrics
+
+
+def top1_recall(gt: CocoDataset, predictions: dict[int, Detections], iou: float = 0.5,
+                category: str | None = None) -> float:
+    """Share of images with a ground-truth box whose highest-scoring box overlaps one by >= iou."""
+    cat = gt.category_id(category) if category else None
+    truth: dict[int, list[list[float]]] = {}
+    for a in gt.annotations:
+        if cat is None or a.category_id == cat:
+            x, y, w, h = a.bbox
+            truth.setdefault(a.image_id, []).append([x, y, x + w, y + h])
+    if not truth:
+        return float("nan")
+    hits = 0
+    for image_id, boxes in truth.items():
+        det = predictions.get(image_id)
+        if det is None or len(det["scores"]) == 0:
+            continue
+        keep = det["labels"] == cat if cat is not None else torch.ones_like(det["scores"], dtype=torch.bool)
+        if not keep.any():
+            continue
+        best = det["boxes"][keep][int(np.argmax(det["scores"][keep].numpy()))]
+        hits += bool(box_iou(best[None], torch.tensor(boxes)).max() >= iou)
+    return hits / len(truth)

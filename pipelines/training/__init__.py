@@ -1,0 +1,1 @@
+"""One training-loop shape for every model (detector, Deep SAD, ResNeSt): `fit`."""

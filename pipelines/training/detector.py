@@ -1,0 +1,176 @@
+"""`cervixqc train-detector`: COCO boxes in, a safetensors detector + model card out.
+
+Wiring only (the torchvision references' train.py): data, model, optimiser, then the shared
+loop in `pipelines.training.loop`, then export of the best epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader
+
+from models.detector import DetectorConfig, build_detector
+from models.io import ModelCard, save_weights
+from pipelines.data.coco import load_coco
+from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
+from pipelines.data.presets import detection_eval, detection_train
+from pipelines.detector import predict_dataset
+from pipelines.evaluation.coco_map import evaluate_detections
+from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown
+from pipelines.training.loop import FitResult, LoopConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorTrainConfig:
+    train_coco: Path
+    val_coco: Path
+    out_dir: Path
+    train_images: Path | None = None  # default: the COCO file's folder
+    val_images: Path | None = None
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    grad_clip: float | None = 10.0
+    workers: int = 2
+    seed: int = 0
+    resume: bool = False
+    amp: bool = True
+    extra_coco: Path | None = None
+    extra_images: Path | None = None
+    extra_ratio: float = 0.0
+    backbone_weights: Path | None = None
+    max_steps_per_epoch: int | None = None
+    category: str = "cervix"  # the class whose presence threshold goes on the card
+    progress: bool = True
+
+
+class DetectorTask:
+    """torchvision detectors own their loss: training_step just hands it the targets."""
+
+    def __init__(self, val_set: CocoDetection, batch_size: int) -> None:
+        self.val_set, self.batch_size_ = val_set, batch_size
+        self.last_predictions: dict = {}
+
+    def training_step(self, model, batch, device):
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        return model(images, targets)
+
+    def batch_size(self, batch) -> int:
+        return len(batch[0])
+
+    def validate(self, model, device) -> dict[str, float]:
+        self.last_predictions = predict_dataset(model, self.val_set, device, self.batch_size_)
+        m = evaluate_detections(self.val_set.coco, self.last_predictions)
+        return {"map": m.map, "ap50": m.ap50, "ap75": m.ap75, "top1_recall50": m.top1_recall50}
+
+
+def presence_threshold(gt_has_box: np.ndarray, top_scores: np.ndarray) -> tuple[float, float]:
+    """The top-box score threshold that best tells images with a box from those without
+    (balanced accuracy), chosen on validation; (threshold, balanced accuracy)."""
+    if gt_has_box.all() or not gt_has_box.any():
+        return 0.5, float("nan")
+    best = (0.5, -1.0)
+    for t in np.unique(np.concatenate([top_scores, [0.5]])):
+        pred = top_scores >= t
+        bacc = 0.5 * (pred[gt_has_box].mean() + (~pred[~gt_has_box]).mean())
+        if bacc > best[1]:
+            best = (float(t), float(bacc))
+    return best
+
+
+def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, CocoDetection]:
+    train_coco = load_coco(cfg.train_coco)
+    categories = [c.name for c in train_coco.categories]
+    long_side = 2 * cfg.model.max_size
+    train = CocoDetection(train_coco, cfg.train_images or cfg.train_coco.parent, detection_train(),
+                          long_side, categories)
+    datasets, n_extra = [train], 0
+    if cfg.extra_coco is not None:
+        extra = CocoDetection(load_coco(cfg.extra_coco), cfg.extra_images or cfg.extra_coco.parent,
+                              detection_train(), long_side, categories)
+        datasets.append(extra)
+        n_extra = len(extra)
+    sampler = MixedEpochSampler(len(train), n_extra, cfg.extra_ratio, cfg.seed, dist_info.rank,
+                                dist_info.world_size)
+    loader = DataLoader(ConcatDataset(datasets), batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.workers, collate_fn=collate, drop_last=True,
+                        persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available())
+    return loader, train
+
+
+def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
+    dist_info = init_distributed()
+    device = device_for(dist_info)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    try:
+        loader, train = _loader(cfg, dist_info)
+        model_cfg = DetectorConfig(**{**asdict(cfg.model), "num_classes": len(train.categories) + 1})
+        backbone = None
+        if cfg.backbone_weights is not None:
+            from safetensors.torch import load_file
+
+            p = str(cfg.backbone_weights)
+            backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
+        model = build_detector(model_cfg, backbone).to(device)
+        if dist_info.enabled:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        val = CocoDetection(load_coco(cfg.val_coco), cfg.val_images or cfg.val_coco.parent, detection_eval(),
+                            2 * cfg.model.max_size, train.categories)
+        task = DetectorTask(val, cfg.batch_size)
+        loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
+                          grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
+                          max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress)
+        result = fit(model, task, loader, optimizer, loop, device, dist_info)
+        card = export_best(cfg, model_cfg, train.categories, result, task, val) if dist_info.is_main else None
+        return result, card
+    finally:
+        shutdown(dist_info)
+
+
+def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories: list[str], result: FitResult,
+                task: DetectorTask, val: CocoDetection) -> Path | None:
+    """Best epoch -> detector.safetensors + detector.json, with a validation-chosen threshold."""
+    if result.best_weights is None:
+        return None
+    from safetensors.torch import load_file
+
+    model = build_detector(model_cfg)
+    model.load_state_dict(load_file(str(result.best_weights)))
+    preds = predict_dataset(model, val, torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"),
+                            cfg.batch_size)
+    has_box = {a.image_id for a in val.coco.annotations}
+    ids = [im.id for im in val.coco.images]
+    top = np.array([float(preds[i]["scores"].max()) if len(preds[i]["scores"]) else 0.0 for i in ids])
+    threshold, bacc = presence_threshold(np.array([i in has_box for i in ids]), top)
+    card = ModelCard(
+        name="detector", architecture=f"{model_cfg.arch}_{model_cfg.backbone}_fpn", config=model_cfg.as_dict(),
+        input_size=[model_cfg.min_size, model_cfg.max_size],
+        preprocessing={"scale": "RGB float in [0, 1]; the model normalises and resizes internally",
+                       "decode_long_side": 2 * model_cfg.max_size},
+        classes=categories, thresholds={"score": threshold},
+        training={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "model"}
+        | {"optimizer": "AdamW", "schedule": "linear warm-up + cosine", "best_epoch": result.best_epoch},
+        data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
+              "extra": str(cfg.extra_coco) if cfg.extra_coco else None},
+        metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc},
+    )
+    path = save_weights(model.state_dict(), Path(cfg.out_dir) / "detector", card)
+    log.info("exported %s (%s)", path, json.dumps(result.best_metrics))
+    return path

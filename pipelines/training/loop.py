@@ -1,0 +1,195 @@
+"""The one training loop: epochs of steps, warm-up + cosine schedule, AMP on GPU, gradient
+clipping, a checkpoint every epoch with resume, the best epoch kept by a validation metric,
+a progress bar with loss and ETA, and a JSONL log.
+
+Models differ only in their `Task`: how a batch becomes a loss dict (torchvision detectors
+already return one) and how validation turns the model into metrics. The scheduler steps
+after the optimizer (the Deep SAD reference does it the other way round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines.training.distributed import DistInfo, all_reduce_mean, barrier
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    def training_step(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch; the loop optimises their sum."""
+
+    def batch_size(self, batch: Any) -> int: ...
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Metrics on the validation set (called on rank 0 with the unwrapped model)."""
+
+
+@dataclass
+class LoopConfig:
+    out_dir: Path
+    epochs: int = 12
+    lr: float = 0.01
+    warmup_iters: int = 100
+    grad_clip: float | None = 10.0
+    amp: bool = True  # bf16 autocast, only where CUDA is present
+    select_metric: str = "map"
+    select_mode: str = "max"
+    resume: bool = False
+    max_steps_per_epoch: int | None = None  # smoke runs and tests
+    validate_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_weights: Path | None = None
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 1/1000 of the rate, then cosine to zero, per iteration."""
+
+    def factor(it: int) -> float:
+        if it < warmup:
+            return 0.001 + (1 - 0.001) * it / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    cfg: LoopConfig,
+    device: torch.device,
+    dist_info: DistInfo = DistInfo(),
+) -> FitResult:
+    from safetensors.torch import save_file
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps)
+    use_amp = cfg.amp and device.type == "cuda"
+    ckpt_path, best_path, log_path = out / "checkpoint.pt", out / "best.safetensors", out / "metrics.jsonl"
+    start_epoch, best, history, best_epoch, best_metrics = 0, None, [], -1, {}
+    if cfg.resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _unwrap(model).load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
+        history, best_metrics = json.loads(ck["history"]), json.loads(ck["best_metrics"])
+        if dist_info.is_main:
+            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        seen, t0 = 0, time.perf_counter()
+        bar = _Bar(steps, epoch, cfg.epochs, enabled=cfg.progress and dist_info.is_main)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = task.training_step(model, batch, device)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {losses}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            seen += task.batch_size(batch)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            bar.update(step + 1, sums["loss"] / (step + 1))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+            "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
+            **{f"train_{k}": all_reduce_mean(v / max(1, step + 1), dist_info) for k, v in sums.items()},
+        }
+        if dist_info.is_main and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
+            metrics = task.validate(_unwrap(model), device)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            score = metrics[cfg.select_metric]
+            if _better(score, best, cfg.select_mode):
+                best, best_epoch, best_metrics = score, epoch, metrics
+                save_file({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()},
+                          str(best_path))
+            log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if not k.startswith("train_l")})
+        history.append(record)
+        if dist_info.is_main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            _atomic_save({
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                "history": json.dumps(history), "best_metrics": json.dumps(best_metrics),
+                "config": json.dumps(asdict(cfg), default=str),
+            }, ckpt_path)
+        barrier(dist_info)
+    return FitResult(best_epoch, best_metrics, history, best_path if best_path.exists() else None)
+
+
+class _Bar:
+    """A rich progress bar on the main rank (loss and ETA), silent elsewhere."""
+
+    def __init__(self, total: int, epoch: int, epochs: int, enabled: bool) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
+                                     TimeRemainingColumn(), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total, loss=float("nan"))
+
+    def update(self, done: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, loss=loss)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

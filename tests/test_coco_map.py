@@ -1,0 +1,60 @@
+"""The detector metrics are pycocotools' own; these hand-made cases pin that we feed it right."""
+
+import math
+
+import pytest
+import torch
+
+from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.evaluation.coco_map import evaluate_detections, top1_recall
+
+
+def _gt() -> CocoDataset:
+    return CocoDataset(
+        images=[CocoImage(id=i, file_name=f"{i}.jpg", width=200, height=200) for i in (1, 2, 3)],
+        annotations=[make_annotation(1, 1, 1, (20, 20, 120, 120)), make_annotation(2, 2, 1, (50, 40, 150, 160)),
+                     make_annotation(3, 2, 2, (0, 0, 30, 30))],
+        categories=[CocoCategory(id=1, name="cervix"), CocoCategory(id=2, name="swab")],
+    )
+
+
+def _det(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_perfect_predictions_score_one_everywhere():
+    gt = _gt()
+    pred = {1: _det([[20, 20, 120, 120]], [0.9], [1]),
+            2: _det([[50, 40, 150, 160], [0, 0, 30, 30]], [0.8, 0.7], [1, 2])}
+    m = evaluate_detections(gt, pred)
+    assert m.map == pytest.approx(1.0) and m.ap50 == pytest.approx(1.0) and m.ap75 == pytest.approx(1.0)
+    assert m.per_class_ap == {"cervix": pytest.approx(1.0), "swab": pytest.approx(1.0)}
+    assert m.top1_recall50 == 1.0
+
+
+def test_a_shifted_box_scores_what_its_iou_allows():
+    # One image, one box shifted by 20 px in x: IoU = 80*100 / (120*100) = 2/3, so it counts
+    # as a hit at thresholds 0.50..0.65 (4 of 10) and a miss above: mAP = 0.4 exactly.
+    gt = CocoDataset(images=[CocoImage(id=1, file_name="a.jpg", width=200, height=200)],
+                     annotations=[make_annotation(1, 1, 1, (20, 20, 120, 120))],
+                     categories=[CocoCategory(id=1, name="cervix")])
+    m = evaluate_detections(gt, {1: _det([[40, 20, 140, 120]], [0.9], [1])})
+    assert m.ap50 == pytest.approx(1.0)
+    assert m.ap75 == pytest.approx(0.0)
+    assert m.map == pytest.approx(0.4)
+
+
+def test_no_detections_at_all_is_map_zero_not_a_crash():
+    m = evaluate_detections(_gt(), {})
+    assert m.map == 0.0 and m.top1_recall50 == 0.0
+
+
+def test_top1_recall_uses_only_the_highest_scoring_box():
+    gt = _gt()
+    good_but_second = {1: _det([[150, 150, 190, 190], [20, 20, 120, 120]], [0.9, 0.5], [1, 1])}
+    assert top1_recall(gt, good_but_second, category="cervix") == 0.0
+    best_first = {1: _det([[20, 20, 120, 120], [150, 150, 190, 190]], [0.9, 0.5], [1, 1]),
+                  2: _det([[50, 40, 150, 160]], [0.3], [1])}
+    assert top1_recall(gt, best_first, category="cervix") == 1.0
+    assert math.isnan(top1_recall(CocoDataset(categories=[CocoCategory(id=1, name="cervix")]), {}))

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.crops import crop_boxes, expand_boxes
+from pipelines.data.synth import PRESETS, render_image, plan
+
+
+@pytest.fixture(scope="module")
+def photos():
+    cfg = PRESETS["tiny"]
+    from io import BytesIO
+
+    out = []
+    for spec in plan(cfg)[:12]:
+        img = render_image(spec, cfg.size)
+        if img.box is not None:
+            out.append((Image.open(BytesIO(img.jpeg)).convert("RGB"), img.box))
+    return out[:6]
+
+
+def test_crops_match_a_pil_crop_and_resize_of_the_same_box(photos):
+    images = [torch.from_numpy(np.array(p)).permute(2, 0, 1) for p, _ in photos]
+    boxes = torch.tensor([b for _, b in photos], dtype=torch.float32).round()
+    crops = crop_boxes(images, boxes, sizes=(32, 224))
+    assert crops[32].shape == (len(photos), 3, 32, 32) and crops[224].shape == (len(photos), 3, 224, 224)
+    for i, (pil, _) in enumerate(photos):
+        x1, y1, x2, y2 = boxes[i].int().tolist()
+        for size, resample in ((32, Image.Resampling.BOX), (224, Image.Resampling.BILINEAR)):
+            ref = np.asarray(pil.crop((x1, y1, x2, y2)).resize((size, size), resample), np.float32)
+            ours = crops[size][i].permute(1, 2, 0).numpy()
+            assert np.abs(ours - ref).mean() < 6.0, (i, size, np.abs(ours - ref).mean())
+
+
+def test_margin_grows_the_box_and_stays_inside_the_image():
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 100.0, 100.0]])
+    grown = expand_boxes(boxes, 0.1, width=100, height=100)
+    assert grown[0].tolist() == pytest.approx([6.0, 8.0, 54.0, 32.0])
+    assert grown[1].tolist() == [0.0, 0.0, 100.0, 100.0]
+
+
+def test_images_of_different_sizes_crop_in_one_call():
+    a = torch.zeros(3, 50, 80, dtype=torch.uint8)
+    a[:, 5:25, 25:45] = 200  # crop well inside: bilinear samples at the edge see neighbours
+    b = torch.full((3, 300, 120), 7, dtype=torch.uint8)
+    out = crop_boxes([a, b], torch.tensor([[30.0, 10.0, 40.0, 20.0], [0.0, 0.0, 120.0, 300.0]]), sizes=(8,))
+    assert torch.allclose(out[8][0], torch.full((3, 8, 8), 200.0))
+    assert torch.allclose(out[8][1], torch.full((3, 8, 8), 7.0))

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from models.detector import DetectorConfig, build_detector
+from models.io import ModelCard, WeightsIntegrityError, load_weights, save_weights
+
+
+def _batch():
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # no cervix
+    return images, targets
+
+
+@pytest.mark.parametrize("arch,backbone", [("retinanet", "resnet18"), ("fasterrcnn", "mobilenet_v3_large"),
+                                           ("fcos", "resnet18"), ("retinanet", "mobilenet_v3_large")])
+def test_every_architecture_returns_losses_in_training_and_boxes_in_eval(arch, backbone):
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig(arch=arch, backbone=backbone, min_size=96, max_size=96))
+    images, targets = _batch()
+    losses = model(images, targets)  # an empty target is a valid sample
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total > 0
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+def test_random_backbones_train_with_batchnorm_and_pretrained_ones_freeze_it():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    scratch = build_detector(DetectorConfig(backbone="resnet18", min_size=64, max_size=64))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.backbone.body.modules())
+    assert all(p.requires_grad for p in scratch.backbone.body.parameters())
+    pre = build_detector(DetectorConfig(backbone="resnet18", min_size=64, max_size=64, pretrained_backbone=True),
+                         backbone_state=scratch.backbone.body.state_dict())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in pre.backbone.body.modules())
+    assert torch.equal(pre.backbone.body.conv1.weight, scratch.backbone.body.conv1.weight)
+
+
+def test_config_refuses_unknown_names_and_a_class_count_without_background():
+    with pytest.raises(ValueError, match="unknown detector"):
+        DetectorConfig(arch="yolo")
+    with pytest.raises(ValueError, match="background"):
+        DetectorConfig(num_classes=1)
+
+
+def test_weights_whose_sha256_differs_from_the_card_are_refused(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    card_path = save_weights(state, tmp_path / "m", ModelCard(name="m", architecture="toy"))
+    loaded, card = load_weights(card_path)
+    assert torch.equal(loaded["w"], state["w"]) and len(card.sha256) == 64
+    weights = tmp_path / "m.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="does not match"):
+        load_weights(card_path)
