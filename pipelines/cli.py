@@ -102,6 +102,7 @@ def split(
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
     test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes.")] = None,
 ) -> None:
     """Split by patient (stratified by source and kind), or by source (cross-source)."""
     from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
@@ -119,6 +120,15 @@ def split(
     except (ManifestError, ValueError, TypeError) as e:
         _fail(str(e))
     write_manifest(df, out)
+    if coco is not None:
+        from pipelines.data.coco import load_coco, save_coco, subset_coco
+
+        boxes = load_coco(coco)
+        for name in ("train", "val", "test"):
+            part = subset_coco(boxes, set(df.loc[df["split"] == name, "path"]))
+            if part.images:
+                # COCO file names stay relative to the boxes' folder, so write beside them.
+                typer.echo(f"wrote {save_coco(part, coco.parent / f'{out.stem}_{name}.json')}")
     stats = compute_stats(df)
     typer.echo(stats.table.to_string())
     left_out = int((df["split"] == "").sum())
@@ -234,6 +244,28 @@ def eval_detector_cmd(
         typer.echo(f"{name:>10}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
                    f"top-1 recall@0.5 {m['top1_recall50']:.3f}  ({m['n_images']} images)")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
+
+
+@app.command("bench-detector")
+def bench_detector_cmd(
+    coco: Annotated[Path, typer.Argument(help="COCO JSON whose images to use.")],
+    arch: Annotated[str, typer.Option()] = "retinanet",
+    backbone: Annotated[str, typer.Option()] = "resnet50",
+    size: Annotated[int, typer.Option()] = 512,
+    n_images: Annotated[int, typer.Option(help="Images per timed round.")] = 32,
+    batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
+    device: Annotated[str, typer.Option()] = "cpu",
+    out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+) -> None:
+    """Detector inference images/s per batch size and training images/s, side by side."""
+    from models.detector import DetectorConfig
+    from pipelines.evaluation.detector_bench import bench_detector
+
+    cfg = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size)
+    result = bench_detector(cfg, coco, n_images, [int(b) for b in _csv(batch_sizes)], device=device)
+    typer.echo(json.dumps(result, indent=2))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
 
 
 @app.command("contact-sheet")

@@ -80,3 +80,12 @@ def test_two_gloo_processes_train_together_under_torchrun(boxes_set, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])  # written once, by rank 0
     assert (tmp_path / "detector.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_bench_reports_inference_per_batch_size_and_training_rates(boxes_set):
+    from pipelines.evaluation.detector_bench import bench_detector
+
+    cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96)
+    r = bench_detector(cfg, boxes_set, n_images=8, batch_sizes=(1, 4), train_batch=4, rounds=1)
+    assert r["infer_b1_images_per_s"] > 0 and r["infer_b4_images_per_s"] > 0 and r["train_images_per_s"] > 0
+    assert r["infer_b4_vs_b1"] == pytest.approx(r["infer_b4_images_per_s"] / r["infer_b1_images_per_s"])

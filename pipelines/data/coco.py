@@ -142,6 +142,14 @@ def save_coco(ds: CocoDataset, path: str | Path) -> Path:
     return path
 
 
+def subset_coco(ds: CocoDataset, file_names: set[str]) -> CocoDataset:
+    """The images (and their boxes) whose file_name is in `file_names`; ids are kept."""
+    images = [im for im in ds.images if im.file_name in file_names]
+    ids = {im.id for im in images}
+    return ds.model_copy(update={"images": images,
+                                 "annotations": [a for a in ds.annotations if a.image_id in ids]})
+
+
 def make_annotation(ann_id: int, image_id: int, category_id: int, xyxy) -> CocoAnnotation:
     x1, y1, x2, y2 = (float(v) for v in xyxy)
     w, h = x2 - x1, y2 - y1

@@ -52,6 +52,7 @@ class LoopConfig:
     max_steps_per_epoch: int | None = None  # smoke runs and tests
     validate_every: int = 1
     progress: bool = True
+    log_every: int = 20  # steps between log lines (the bar is invisible in CI logs and nohup files)
 
 
 @dataclass
@@ -142,6 +143,11 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             bar.update(step + 1, sums["loss"] / (step + 1))
+            if dist_info.is_main and cfg.log_every and (step + 1) % cfg.log_every == 0:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                eta = (steps - step - 1) * (time.perf_counter() - t0) / (step + 1)
+                log.info("epoch %d step %d/%d loss %.4f, %.1f images/s, epoch ETA %.0f s",
+                         epoch + 1, step + 1, steps, sums["loss"] / (step + 1), rate, eta)
         bar.close()
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
