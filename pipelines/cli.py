@@ -268,6 +268,75 @@ def bench_detector_cmd(
         out.write_text(json.dumps(result, indent=2))
 
 
+def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
+                   resume: bool, **kw):
+    from pipelines.training.stage2 import Stage2Config
+
+    return Stage2Config(out_dir=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                        target_sensitivity=target_sensitivity, resume=resume, **kw)
+
+
+@app.command("train-deep-sad")
+def train_deep_sad_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    epochs: Annotated[int, typer.Option()] = 150,
+    pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    lr: Annotated[float, typer.Option()] = 1e-4,
+    weight_decay: Annotated[float, typer.Option()] = 0.5e-6,
+    eta: Annotated[float, typer.Option(help="Weight of the labeled samples.")] = 1.0,
+    unsupervised: Annotated[bool, typer.Option(help="Deep SVDD: no labeled anomalies.")] = False,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
+    resume: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
+    import torch
+
+    from pipelines.data.crop_set import split_crops
+    from pipelines.training.stage2 import train_deep_sad
+
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
+                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = train_deep_sad(cfg, crops["train"], crops["val"], device,
+                          {"manifest": str(manifest), "boxes": str(coco)})
+    typer.echo(f"exported {card}")
+
+
+@app.command("train-resnest")
+def train_resnest_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    size: Annotated[int, typer.Option(help="Input size: 224 or 32, as the paper compares.")] = 224,
+    arch: Annotated[str, typer.Option(help="timm name; resnest50d as the paper.")] = "resnest50d",
+    epochs: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: 256 at 32 px, 64 at 224 px.")] = None,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
+    resume: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
+    import torch
+
+    from models.classifier import ClassifierConfig
+    from pipelines.data.crop_set import split_crops
+    from pipelines.training.stage2 import train_classifier
+
+    crops = split_crops(manifest, coco, round(size * 8 / 7), splits=("train", "val"))
+    cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
+                         weight_decay=0.0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"], device,
+                            str(imagenet_weights) if imagenet_weights else None,
+                            {"manifest": str(manifest), "boxes": str(coco)})
+    typer.echo(f"exported {card}")
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

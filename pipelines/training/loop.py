@@ -44,6 +44,7 @@ class LoopConfig:
     epochs: int = 12
     lr: float = 0.01
     warmup_iters: int = 100
+    schedule: str = "cosine"  # or "constant" (the paper's stage-2 recipes name no schedule)
     grad_clip: float | None = 10.0
     amp: bool = True  # bf16 autocast, only where CUDA is present
     select_metric: str = "map"
@@ -63,12 +64,15 @@ class FitResult:
     best_weights: Path | None = None
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 1/1000 of the rate, then cosine to zero, per iteration."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                  constant: bool = False) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 1/1000 of the rate, then cosine to zero (or flat), per iteration."""
 
     def factor(it: int) -> float:
         if it < warmup:
             return 0.001 + (1 - 0.001) * it / max(1, warmup)
+        if constant:
+            return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -102,7 +106,7 @@ def fit(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps, constant=cfg.schedule == "constant")
     use_amp = cfg.amp and device.type == "cuda"
     ckpt_path, best_path, log_path = out / "checkpoint.pt", out / "best.safetensors", out / "metrics.jsonl"
     start_epoch, best, history, best_epoch, best_metrics = 0, None, [], -1, {}

@@ -1,0 +1,207 @@
+"""Stage 2 training: Deep SAD (autoencoder pretraining, centre, hypersphere) and the ResNeSt
+classifier, each a `Task` for the one shared loop, each exported with a threshold chosen on
+the validation split and stored in its model card.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from models.classifier import ClassifierConfig, RegularityClassifier, class_weights
+from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
+from models.io import ModelCard, save_weights
+from pipelines.data.crop_set import CropDataset, CropSet
+from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
+from pipelines.training.loop import LoopConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage2Config:
+    out_dir: Path
+    epochs: int = 150
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.5e-6
+    pretrain_epochs: int = 150  # Deep SAD's autoencoder
+    eta: float = 1.0
+    unsupervised: bool = False  # Deep SVDD: ignore the non-regular labels
+    target_sensitivity: float | None = None  # else max F1 on validation
+    amp: bool = True
+    resume: bool = False
+    progress: bool = True
+    seed: int = 0
+
+
+def _batch_size(batch) -> int:
+    return len(batch[0])
+
+
+@torch.no_grad()
+def _collect(fn, crops: CropSet, transform, device, batch_size: int = 256) -> torch.Tensor:
+    loader = DataLoader(CropDataset(crops, transform), batch_size=batch_size, shuffle=False)
+    return torch.cat([fn(x.to(device)).float().cpu() for x, _ in loader]) if len(crops) else torch.zeros(0)
+
+
+# ---- Deep SAD -------------------------------------------------------------------------
+
+class AutoencoderTask:
+    def __init__(self, val: CropSet) -> None:
+        self.val = val
+
+    def training_step(self, model, batch, device):
+        x = batch[0].to(device)
+        return {"mse": F.mse_loss(model(x), x)}
+
+    batch_size = staticmethod(_batch_size)
+
+    def validate(self, model, device):
+        model.eval()
+        mse = _collect(lambda x: ((model(x) - x) ** 2).flatten(1).mean(1), self.val, None, device)
+        model.train()
+        return {"mse": float(mse.mean())}
+
+
+class DeepSADTask:
+    def __init__(self, val: CropSet, eta: float, unsupervised: bool) -> None:
+        self.val, self.eta, self.unsupervised = val, eta, unsupervised
+
+    def training_step(self, model, batch, device):
+        x, kinds = batch[0].to(device), batch[1].to(device)
+        semi = torch.zeros_like(kinds) if self.unsupervised else -(kinds > 0).long()
+        net = getattr(model, "module", model)
+        return {"deep_sad": deep_sad_loss(model(x), net.c, semi, self.eta)}
+
+    batch_size = staticmethod(_batch_size)
+
+    def validate(self, model, device):
+        model.eval()
+        scores = _collect(model.score, self.val, None, device).numpy()
+        model.train()
+        y = self.val.non_regular.numpy()
+        m = binary_metrics(y, scores, calibrate_threshold(y, scores))
+        return {"roc_auc": m.roc_auc, "pr_auc": m.pr_auc, "f1_at_best": m.f1}
+
+
+def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torch.device,
+                   data_note: dict | None = None) -> Path:
+    """Pretrain the autoencoder, copy its encoder, set c, train Deep SAD, calibrate, export."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
+    ae = DeepSADAutoencoder().to(device)
+    loader = DataLoader(CropDataset(regular_only), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    common = dict(lr=cfg.lr, warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
+                  resume=cfg.resume, progress=cfg.progress)
+    ae_fit = fit(ae, AutoencoderTask(val), loader,
+                 torch.optim.Adam(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                 LoopConfig(out_dir=out / "autoencoder", epochs=cfg.pretrain_epochs, select_metric="mse",
+                            select_mode="min", **common), device)
+    ae.load_state_dict(load_file(str(ae_fit.best_weights)))
+
+    net = DeepSAD().to(device)
+    net.load_pretrained_encoder(ae)
+    net.eval()
+    train_set = train if not cfg.unsupervised else regular_only
+    net.set_center(_collect(net, regular_only, None, device).to(device))
+    net.train()
+    loader = DataLoader(CropDataset(train_set), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    result = fit(net, DeepSADTask(val, cfg.eta, cfg.unsupervised), loader,
+                 torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                 LoopConfig(out_dir=out / "deep_sad", epochs=cfg.epochs, select_metric="roc_auc", **common), device)
+    net.load_state_dict(load_file(str(result.best_weights)))
+    net.eval()
+    scores = _collect(net.score, val, None, device).numpy()
+    y = val.non_regular.numpy()
+    threshold = calibrate_threshold(y, scores, cfg.target_sensitivity)
+    card = ModelCard(
+        name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
+        input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
+        classes=["regular", "non_regular"],
+        thresholds={"distance": float(threshold)},
+        training={**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                  "optimizer": "Adam", "best_epoch": result.best_epoch,
+                  "threshold_rule": f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "max F1 on validation"},
+        data=data_note or {},
+        metrics={"val": binary_metrics(y, scores, threshold).as_dict()},
+    )
+    return save_weights(net.state_dict(), out / "deep_sad", card)
+
+
+# ---- ResNeSt --------------------------------------------------------------------------
+
+def classifier_transforms(size: int) -> tuple[v2.Compose, v2.Compose]:
+    """The paper's recipe: RandomResizedCrop, RandomRotation, RandomHorizontalFlip; CenterCrop
+    for evaluation. Crops are cut at 8/7 of the input size so the centre crop has room."""
+    train = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomRotation(15),
+                        v2.RandomHorizontalFlip()])
+    val = v2.Compose([v2.CenterCrop(size)])
+    return train, val
+
+
+class ClassifierTask:
+    def __init__(self, val: CropSet, val_transform, weights: torch.Tensor, kind_weights: torch.Tensor) -> None:
+        self.val, self.val_transform = val, val_transform
+        self.weights, self.kind_weights = weights, kind_weights
+
+    def training_step(self, model, batch, device):
+        x, kinds = batch[0].to(device), batch[1].to(device)
+        out = model(x)
+        y = (kinds > 0).float()
+        w = self.weights.to(device)[y.long()]
+        bce = F.binary_cross_entropy_with_logits(out["logit"].float(), y, weight=w)
+        ce = F.cross_entropy(out["kind_logits"].float(), kinds, weight=self.kind_weights.to(device))
+        return {"bce": bce, "kind_ce": 0.5 * ce}
+
+    batch_size = staticmethod(_batch_size)
+
+    def validate(self, model, device):
+        model.eval()
+        probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), self.val, self.val_transform, device).numpy()
+        model.train()
+        y = self.val.non_regular.numpy()
+        m = binary_metrics(y, probs, calibrate_threshold(y, probs))
+        return {"roc_auc": m.roc_auc, "pr_auc": m.pr_auc, "f1_at_best": m.f1}
+
+
+def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: CropSet, val: CropSet,
+                     device: torch.device, pretrained_file: str | None = None, data_note: dict | None = None) -> Path:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    model = RegularityClassifier(model_cfg, pretrained_file).to(device)
+    t_train, t_val = classifier_transforms(model_cfg.input_size)
+    loader = DataLoader(CropDataset(train, t_train), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))
+    result = fit(model, task, loader,
+                 torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
+                 LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, lr=cfg.lr, warmup_iters=0,
+                            schedule="constant", grad_clip=None, amp=cfg.amp, select_metric="roc_auc",
+                            resume=cfg.resume, progress=cfg.progress), device)
+    model.load_state_dict(load_file(str(result.best_weights)))
+    model.eval()
+    probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
+    y = val.non_regular.numpy()
+    threshold = calibrate_threshold(y, probs, cfg.target_sensitivity)
+    card = ModelCard(
+        name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
+        input_size=[model_cfg.input_size, model_cfg.input_size],
+        preprocessing={"crop": f"cervix box + margin, resized to {round(model_cfg.input_size * 8 / 7)}, "
+                               f"centre crop {model_cfg.input_size}", "scale": "[0, 1]"},
+        classes=["regular", "green", "iodine"], thresholds={"probability": float(threshold)},
+        training={**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                  "optimizer": "Adam(0.9, 0.999)", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
+                  "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file},
+        data=data_note or {},
+        metrics={"val": binary_metrics(y, probs, threshold).as_dict()},
+    )
+    return save_weights(model.state_dict(), out / "classifier", card)

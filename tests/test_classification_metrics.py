@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from pipelines.evaluation.classification import binary_metrics, calibrate_threshold, metrics_by_group
+
+
+def test_metrics_match_the_papers_deep_sad_confusion_matrix():
+    # Table 5: 94 of 101 non-regular found, no regular image flagged, 307 regular.
+    y = np.array([1] * 101 + [0] * 307)
+    scores = np.array([1.0] * 94 + [0.0] * 7 + [0.0] * 307)
+    m = binary_metrics(y, scores, threshold=0.5)
+    assert m.sensitivity == pytest.approx(0.931, abs=1e-3)
+    assert m.specificity == 1.0 and m.precision == 1.0
+    assert m.f1 == pytest.approx(0.964, abs=1e-3)
+    assert m.accuracy == pytest.approx(0.983, abs=1e-3)
+    assert m.confusion == [[307, 0], [7, 94]]
+
+
+def test_max_f1_threshold_and_target_sensitivity_threshold():
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.9])
+    t = calibrate_threshold(y, s)
+    assert binary_metrics(y, s, t).f1 == max(binary_metrics(y, s, c).f1 for c in s)
+    t95 = calibrate_threshold(y, s, target_sensitivity=1.0)
+    assert t95 == 0.35 and binary_metrics(y, s, t95).sensitivity == 1.0
+    with pytest.raises(ValueError, match="both"):
+        calibrate_threshold(np.zeros(3), np.ones(3))
+
+
+def test_metrics_are_reported_overall_and_per_source():
+    y = np.array([1, 0, 1, 0])
+    s = np.array([0.9, 0.1, 0.2, 0.3])
+    out = metrics_by_group(y, s, 0.5, ["a", "a", "b", "b"])
+    assert set(out) == {"overall", "a", "b"}
+    assert out["a"].accuracy == 1.0 and out["b"].sensitivity == 0.0 and out["overall"].n == 4
