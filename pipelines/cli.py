@@ -337,6 +337,29 @@ def train_resnest_cmd(
     typer.echo(f"exported {card}")
 
 
+@app.command("eval")
+def eval_cmd(
+    card: Annotated[Path, typer.Argument(help="A stage-2 model card (deep_sad.json or classifier.json).")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Sensitivity, specificity, precision, F1, accuracy, ROC/PR-AUC, confusion matrix,
+    overall and per source, at the threshold in the card."""
+    from models.io import WeightsIntegrityError
+    from pipelines.evaluation.stage2_eval import evaluate_stage2
+
+    try:
+        report = evaluate_stage2(card, manifest, coco, split, out, device)
+    except (WeightsIntegrityError, ValueError) as e:
+        _fail(str(e))
+    for name, m in report.items():
+        typer.echo(f"{name:>10}: sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} prec {m['precision']:.3f} "
+                   f"F1 {m['f1']:.3f} acc {m['accuracy']:.3f} AUC {m['roc_auc']:.3f} (n={m['n']}, pos={m['n_positive']})")
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

@@ -53,3 +53,22 @@ def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_
     assert 0 < card.thresholds["probability"] < 1 and card.classes == ["regular", "green", "iodine"]
     log = [json.loads(line) for line in (tmp_path / "classifier" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["train_bce"] > 0 for r in log)
+
+
+def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_set, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    cfg = Stage2Config(out_dir=tmp_path, epochs=1, pretrain_epochs=1, batch_size=8, progress=False)
+    card_path = train_deep_sad(cfg, crops["train"], crops["val"], torch.device("cpu"))
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(tmp_path),
+                                 "--split", "val"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
+    assert set(report) == {"overall"} | set(crops["val"].sources)
+    _, card = load_weights(card_path)
+    assert report["overall"]["threshold"] == card.thresholds["distance"]
+    assert report["overall"]["n"] == len(crops["val"])
