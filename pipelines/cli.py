@@ -360,6 +360,30 @@ def eval_cmd(
                    f"F1 {m['f1']:.3f} acc {m['accuracy']:.3f} AUC {m['roc_auc']:.3f} (n={m['n']}, pos={m['n_positive']})")
 
 
+@app.command("report")
+def report_cmd(
+    eval_dir: Annotated[Path, typer.Argument(help="Folder of `cervixqc eval` outputs (*_scores.npz).")],
+    manifest: Annotated[Path, typer.Option(help="The manifest the scores came from (for gallery crops).")],
+    coco: Annotated[Path, typer.Option(help="The boxes the crops came from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """A self-contained HTML report with the paper's tables and figures."""
+    from pipelines.data.coco import load_coco
+    from pipelines.data.crop_set import extract_crops
+    from pipelines.data.manifest import load_manifest
+    from pipelines.evaluation.report import build_report, load_runs
+
+    runs = load_runs(eval_dir)
+    wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
+    df = load_manifest(manifest)
+    crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
+    thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
+    try:
+        typer.echo(f"wrote {build_report(eval_dir, thumbs, out)}")
+    except ValueError as e:
+        _fail(str(e))
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

@@ -72,3 +72,36 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     _, card = load_weights(card_path)
     assert report["overall"]["threshold"] == card.thresholds["distance"]
     assert report["overall"]["n"] == len(crops["val"])
+
+
+def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    manifest, coco = split_set
+    runner = CliRunner()
+    crops32 = split_crops(manifest, coco, 32, splits=("train", "val"))
+    sad = train_deep_sad(Stage2Config(out_dir=tmp_path / "sad", epochs=1, pretrain_epochs=1, batch_size=8,
+                                      progress=False), crops32["train"], crops32["val"], torch.device("cpu"))
+    crops37 = split_crops(manifest, coco, 37, splits=("train", "val"))
+    res = train_classifier(Stage2Config(out_dir=tmp_path / "res", epochs=1, batch_size=16, progress=False),
+                           ClassifierConfig(arch="resnest14d", input_size=32), crops37["train"], crops37["val"],
+                           torch.device("cpu"))
+    for card in (sad, res):
+        r = runner.invoke(app, ["eval", str(card), str(manifest), "--coco", str(coco), "-o", str(tmp_path / "ev"),
+                                "--split", "val"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco),
+                            "-o", str(tmp_path / "report.html")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "report.html").read_text()
+    for heading in ("Performance of models (Table 6)", "Confusion matrices", "ROC and precision-recall",
+                    "Deep SAD, 32x32", "ResNeSt, 32x32"):
+        assert heading in page
+    for caption in ("scores by class", "t-SNE of ResNeSt", "lowest scores", "highest scores", "misclassified"):
+        assert caption in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2 + 2 * 4 + 1  # curves, boxes, galleries, t-SNE
+    assert "http://" not in page and "https://" not in page  # self-contained

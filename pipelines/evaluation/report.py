@@ -1,0 +1,178 @@
+"""`cervixqc report`: one self-contained HTML file (figures embedded) with the paper's tables
+and figures, built from the score files `cervixqc eval` writes: Table 6, confusion matrices
+(Tables 5, 7, 8), the Deep SAD score box plot with its threshold (Fig. 4), galleries of
+lowest/highest scores and of misclassified crops (Figs. 5-6), t-SNE of ResNeSt pooled
+features (Figs. 7-8), and ROC/PR curves."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.evaluation.classification import binary_metrics
+
+KIND_NAMES = ("regular", "green", "iodine")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig, caption: str) -> str:
+    """The figure embedded as base64 PNG, with its caption as text (searchable, testable)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<figure><img src="data:image/png;base64,{data}"/><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _label(run: dict) -> str:
+    name = "Deep SAD" if str(run["model"]) == "deep_sad" else "ResNeSt"
+    s = int(run["input_size"])
+    return f"{name}, {s}x{s}"
+
+
+def load_runs(eval_dir: Path) -> list[dict]:
+    runs = []
+    for f in sorted(Path(eval_dir).glob("*_scores.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            runs.append({k: z[k] for k in z.files} | {"file": f.name})
+    order = {"classifier": 0, "deep_sad": 1}
+    return sorted(runs, key=lambda r: (order.get(str(r["model"]), 2), int(r["input_size"])))
+
+
+def table6(runs: list[dict]) -> str:
+    rows = []
+    for r in runs:
+        m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
+        rows.append(f"<tr><td>{_label(r)}</td>" + "".join(
+            f"<td>{v:.3f}</td>" for v in (m.sensitivity, m.specificity, m.precision, m.f1, m.accuracy, m.roc_auc)) + "</tr>")
+    head = "<tr><th></th><th>Sens./recall</th><th>Spec.</th><th>Prec.</th><th>F1</th><th>Acc.</th><th>ROC-AUC</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def confusion(run: dict) -> str:
+    (tn, fp), (fn, tp) = binary_metrics(run["y"], run["score"], float(run["threshold"])).confusion
+    return (f"<table><tr><th>{html.escape(_label(run))}: predicted \u2193 / truth \u2192</th><th>Non-regular</th>"
+            f"<th>Regular</th></tr><tr><th>Non-regular</th><td>{tp}</td><td>{fp}</td></tr>"
+            f"<tr><th>Regular</th><td>{fn}</td><td>{tn}</td></tr></table>")
+
+
+def score_boxplot(run: dict) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    groups = [run["score"][run["kinds"] == k] for k in range(3)]
+    ax.boxplot([g for g in groups], tick_labels=list(KIND_NAMES))
+    ax.axhline(float(run["threshold"]), color="red", ls="--", label=f"threshold {float(run['threshold']):.3g}")
+    ax.set_ylabel("distance to centre" if str(run["model"]) == "deep_sad" else "P(non-regular)")
+    ax.set_title(f"{_label(run)} scores by class")
+    ax.legend()
+    return _png(fig, f"Fig. 4: {_label(run)} scores by class, threshold dashed")
+
+
+def curves(runs: list[dict]) -> str:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in runs:
+        if len(np.unique(r["y"])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(r["y"], r["score"])
+        p, rec, _ = precision_recall_curve(r["y"], r["score"])
+        a.plot(fpr, tpr, label=_label(r))
+        b.plot(rec, p, label=_label(r))
+    a.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+    b.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    return _png(fig, "ROC and precision-recall curves")
+
+
+def tsne(run: dict, max_points: int = 1500, seed: int = 0) -> str:
+    from sklearn.manifold import TSNE
+
+    feats = run["features"]
+    idx = np.random.default_rng(seed).permutation(len(feats))[:max_points]
+    emb = TSNE(n_components=2, init="pca", perplexity=min(30, max(2, len(idx) // 4)), random_state=seed).fit_transform(feats[idx])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for k, colour in zip(range(3), ("#6b8fb8", "#3fa34d", "#a0522d")):
+        m = run["kinds"][idx] == k
+        ax.scatter(emb[m, 0], emb[m, 1], s=6, c=colour, label=KIND_NAMES[k])
+    ax.set_title(f"t-SNE of {_label(run)} pooled features (ground truth)")
+    ax.legend(markerscale=3)
+    return _png(fig, f"Figs. 7-8: t-SNE of {_label(run)} pooled features, coloured by ground truth")
+
+
+def gallery(crops: dict[str, np.ndarray], paths: list[str], captions: list[str], title: str) -> str:
+    if not paths:
+        return f"<p>{html.escape(title)}: none</p>"
+    plt = _plt()
+    n = len(paths)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p, cap in zip(axes.flat, paths, captions):
+        ax.imshow(crops[p])
+        ax.set_title(cap, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig, title)
+
+
+def galleries(run: dict, crops: dict[str, np.ndarray], n: int = 8) -> str:
+    order = np.argsort(run["score"])
+    paths = run["paths"].tolist()
+    kinds = [KIND_NAMES[k] for k in run["kinds"]]
+
+    def pick(ix):
+        return [paths[i] for i in ix], [f"{kinds[i]} {run['score'][i]:.3g}" for i in ix]
+
+    pred = run["score"] >= float(run["threshold"])
+    wrong = np.flatnonzero(pred != run["y"].astype(bool))
+    wrong = wrong[np.argsort(-np.abs(run["score"][wrong] - float(run["threshold"])))][: 2 * n]
+    return "".join([
+        gallery(crops, *pick(order[:n]), f"{_label(run)}: lowest scores"),
+        gallery(crops, *pick(order[::-1][:n]), f"{_label(run)}: highest scores"),
+        gallery(crops, *pick(order[::-1][np.isin(order[::-1], np.flatnonzero(run['kinds'] == 0))][:n]),
+                f"{_label(run)}: regular crops with the highest scores"),
+        gallery(crops, *pick(wrong), f"{_label(run)}: misclassified ({len(np.flatnonzero(pred != run['y'].astype(bool)))})"),
+    ])
+
+
+def build_report(eval_dir: Path, crops: dict[str, np.ndarray], out: Path, title: str = "cervixqc stage-2 report") -> Path:
+    """`crops`: path -> HxWx3 uint8 thumbnail for the galleries."""
+    runs = load_runs(eval_dir)
+    if not runs:
+        raise ValueError(f"no *_scores.npz in {eval_dir}: run `cervixqc eval` first")
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>Split: {html.escape(str(runs[0]['split']))}; non-regular (green + iodine) is the positive class; "
+             "thresholds were chosen on the validation split and stored in each model card.</p>",
+             "<h2>Performance of models (Table 6)</h2>", table6(runs),
+             "<h2>Confusion matrices (Tables 5, 7, 8)</h2>", "".join(confusion(r) for r in runs),
+             "<h2>ROC and precision-recall</h2>", curves(runs)]
+    for r in runs:
+        parts.append(f"<h2>{html.escape(_label(r))}</h2>")
+        parts.append(score_boxplot(r))
+        if "features" in r:
+            parts.append(tsne(r))
+        parts.append(galleries(r, crops))
+    style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}" \
+            "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
+                   f"</head><body>{''.join(parts)}</body></html>")
+    return out
