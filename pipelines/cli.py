@@ -246,6 +246,25 @@ def eval_detector_cmd(
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
 
 
+@app.command("detect")
+def detect_cmd(
+    card: Annotated[Path, typer.Argument(help="The detector's model card.")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image.")],
+    device: Annotated[str, typer.Option()] = "cpu",
+    min_score: Annotated[Optional[float], typer.Option(help="Default: the card's threshold.")] = None,
+) -> None:
+    """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
+    from pipelines.data.coco import save_coco
+    from pipelines.data.manifest import load_manifest
+    from pipelines.detector import detect_to_coco
+
+    df = load_manifest(manifest)
+    ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)
+    save_coco(ds, out)
+    typer.echo(f"wrote {out}: {len(ds.annotations)} boxes on {len(ds.images)} images")
+
+
 @app.command("bench-detector")
 def bench_detector_cmd(
     coco: Annotated[Path, typer.Argument(help="COCO JSON whose images to use.")],
@@ -318,6 +337,7 @@ def train_resnest_cmd(
     lr: Annotated[float, typer.Option()] = 5e-4,
     imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
+    synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
@@ -329,7 +349,7 @@ def train_resnest_cmd(
 
     crops = split_crops(manifest, coco, round(size * 8 / 7), splits=("train", "val"))
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
-                         weight_decay=0.0)
+                         weight_decay=0.0, synthesise=synthesise)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"], device,
                             str(imagenet_weights) if imagenet_weights else None,

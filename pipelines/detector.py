@@ -43,3 +43,40 @@ def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.devi
             labels = torch.tensor([cat_of[int(v)] for v in det["labels"]], dtype=torch.int64)
             result[int(tgt["image_id"])] = {"boxes": boxes, "scores": det["scores"], "labels": labels}
     return result
+
+
+def detect_to_coco(card_path: str | Path, paths: Sequence[str], root: Path, device: str = "cpu",
+                   batch_size: int = 8, min_score: float | None = None):
+    """Run the detector over image files and write its top box per image as COCO (score kept
+    as an extra field), so stage 2 can train and be evaluated on detector crops."""
+    from PIL import Image
+
+    from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+    from pipelines.data.images import load_rgb
+
+    model, card = load_detector(card_path, device)
+    threshold = card.thresholds.get("score", 0.5) if min_score is None else min_score
+    label = card.classes.index(CERVIX) + 1 if CERVIX in card.classes else 1
+    images, anns = [], []
+    dev = torch.device(device)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        loaded = [load_rgb(root / p, 2 * card.config["max_size"]) for p in chunk]
+        dets = predict(model, [t.float() / 255 for t, _, _ in loaded], dev)
+        for j, (p, (t, sx, sy), det) in enumerate(zip(chunk, loaded, dets)):
+            image_id = start + j + 1
+            with Image.open(root / p) as im:
+                w, h = im.size if not (sx and sy) else (round(t.shape[2] / sx), round(t.shape[1] / sy))
+            images.append(CocoImage(id=image_id, file_name=p, width=w, height=h))
+            keep = det["labels"] == label
+            if keep.any() and float(det["scores"][keep].max()) >= threshold:
+                i = int(det["scores"][keep].argmax())
+                box = det["boxes"][keep][i] / torch.tensor([sx, sy, sx, sy])
+                box[0::2] = box[0::2].clamp(0, w)
+                box[1::2] = box[1::2].clamp(0, h)
+                if box[2] - box[0] > 1 and box[3] - box[1] > 1:
+                    ann = make_annotation(len(anns) + 1, image_id, 1, box.tolist())
+                    ann.score = round(float(det["scores"][keep][i]), 4)  # type: ignore[attr-defined]
+                    anns.append(ann)
+    return CocoDataset(info={"description": f"top boxes of {Path(card_path).name}", "threshold": threshold},
+                       images=images, annotations=anns, categories=[CocoCategory(id=1, name=CERVIX)])

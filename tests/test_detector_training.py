@@ -89,3 +89,25 @@ def test_bench_reports_inference_per_batch_size_and_training_rates(boxes_set):
     r = bench_detector(cfg, boxes_set, n_images=8, batch_sizes=(1, 4), train_batch=4, rounds=1)
     assert r["infer_b1_images_per_s"] > 0 and r["infer_b4_images_per_s"] > 0 and r["train_images_per_s"] > 0
     assert r["infer_b4_vs_b1"] == pytest.approx(r["infer_b4_images_per_s"] / r["infer_b1_images_per_s"])
+
+
+def test_detect_writes_detector_boxes_as_coco_that_stage2_can_crop(boxes_set, tmp_path):
+    import pandas as pd
+
+    from pipelines.data.coco import load_coco, save_coco
+    from pipelines.data.crop_set import extract_crops
+    from pipelines.detector import detect_to_coco
+
+    torch.manual_seed(0)
+    untrained_ok = DetectorConfig(backbone="resnet18", min_size=128, max_size=128, score_thresh=0.0)
+    _, card = train_detector(_cfg(boxes_set, tmp_path, epochs=1, max_steps_per_epoch=2, model=untrained_ok))
+    manifest = pd.read_csv(boxes_set.parent / "manifest.csv", dtype=str)
+    ds = detect_to_coco(card, list(manifest["path"]), boxes_set.parent, min_score=0.0)
+    path = save_coco(ds, tmp_path / "det.json")  # valid COCO: boxes inside their images
+    back = load_coco(path)
+    assert len(back.images) == len(manifest) and len(back.annotations) > 0
+    truth = {im.file_name: (im.width, im.height) for im in load_coco(boxes_set).images}
+    assert all(truth[im.file_name] == (im.width, im.height) for im in back.images)
+    manifest["abspath"] = [str(boxes_set.parent / p) for p in manifest["path"]]
+    crops = extract_crops(manifest, back.boxes_by_file(), 32)
+    assert len(crops) > 0 and crops.images.dtype == torch.uint8

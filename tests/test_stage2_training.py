@@ -105,3 +105,18 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
         assert caption in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2 + 2 * 4 + 1  # curves, boxes, galleries, t-SNE
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_minority_synthesis_relabels_regular_crops_it_turns_green_or_iodine(split_set):
+    from pipelines.data.crop_set import CropDataset
+
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 32, splits=("train",))["train"]
+    regular = crops.subset(crops.kinds == 0)
+    torch.manual_seed(0)
+    ds = CropDataset(regular, synthesise=1.0)
+    kinds = [int(ds[i][1]) for i in range(len(ds))]
+    assert set(kinds) == {1, 2}
+    img, _ = ds[0]
+    assert not torch.allclose(img, regular.images[0].float() / 255)
+    assert all(int(CropDataset(regular)[i][1]) == 0 for i in range(3))

@@ -73,19 +73,32 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
 
 
 class CropDataset(Dataset):
-    """(float image in [0, 1] after `transform`, kind) pairs from a CropSet."""
+    """(float image in [0, 1] after `transform`, kind) pairs from a CropSet.
 
-    def __init__(self, crops: CropSet, transform=None) -> None:
-        self.crops, self.transform = crops, transform
+    `synthesise` > 0 turns that share of regular crops into green-filter or iodine crops
+    with the generator's own transforms, relabelled (hSDB's answer to class imbalance).
+    """
+
+    def __init__(self, crops: CropSet, transform=None, synthesise: float = 0.0) -> None:
+        self.crops, self.transform, self.synthesise = crops, transform, synthesise
+        self._looks = None
+        if synthesise > 0:
+            from pipelines.data.transforms import GreenFilter, LugolIodine
+
+            self._looks = (GreenFilter(), LugolIodine())
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def __getitem__(self, i: int):
         img = self.crops.images[i].float() / 255.0
+        kind = self.crops.kinds[i]
+        if self._looks is not None and kind == 0 and float(torch.rand(())) < self.synthesise:
+            k = int(torch.randint(0, 2, ()))
+            img, kind = self._looks[k](img), torch.tensor(k + 1)
         if self.transform is not None:
             img = self.transform(img)
-        return img, self.crops.kinds[i]
+        return img, kind
 
 
 def split_crops(manifest_path: Path, coco_path: Path, size: int, margin: float = 0.05,

@@ -37,6 +37,7 @@ class Stage2Config:
     eta: float = 1.0
     unsupervised: bool = False  # Deep SVDD: ignore the non-regular labels
     target_sensitivity: float | None = None  # else max F1 on validation
+    synthesise: float = 0.0  # share of regular training crops turned green/iodine (ResNeSt)
     amp: bool = True
     resume: bool = False
     progress: bool = True
@@ -180,7 +181,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     out = Path(cfg.out_dir)
     model = RegularityClassifier(model_cfg, pretrained_file).to(device)
     t_train, t_val = classifier_transforms(model_cfg.input_size)
-    loader = DataLoader(CropDataset(train, t_train), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(CropDataset(train, t_train, cfg.synthesise), batch_size=cfg.batch_size, shuffle=True,
+                        drop_last=True)
     task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))
     result = fit(model, task, loader,
                  torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
