@@ -404,6 +404,31 @@ def report_cmd(
         _fail(str(e))
 
 
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
+    policy: Annotated[str, typer.Option(help="deep_sad | resnest | either | both")] = "resnest",
+    device: Annotated[str, typer.Option()] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+) -> None:
+    """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
+    from pipelines.qc import QCConfig, QCPipeline
+
+    if policy not in ("deep_sad", "resnest", "either", "both"):
+        _fail(f"unknown policy {policy!r}")
+    if not (weights / "detector.json").is_file():
+        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+    qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+    results = qc.run(images, names=[str(p) for p in images])
+    for r in results:
+        if as_json:
+            typer.echo(r.model_dump_json(exclude={"timings_ms"}))
+        else:
+            extra = r.kind or r.error or ""
+            typer.echo(f"{r.label.value:>12}  {extra:<28} {r.path}")
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

@@ -1,0 +1,145 @@
+"""The batched two-stage engine: bytes/paths/arrays in, one `QCResult` per input out, in order.
+
+decode (thread pool, DCT-scaled) -> detector on the batch -> best cervix box -> one
+roi_align per image to 32 and 224+ px crops -> Deep SAD and ResNeSt on the crop batches ->
+decision policy. A bad input becomes an `unreadable` row with its reason; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from pipelines.crops import crop_boxes
+from pipelines.decode import DecodeError, Decoded, DecodeLimits, decode
+from pipelines.detector import load_detector, predict
+from pipelines.qc_result import Label, QCResult
+from pipelines.stage2 import load_stage2, score_batch, threshold_of
+
+Policy = Literal["deep_sad", "resnest", "either", "both"]
+Input = Union[bytes, str, Path, np.ndarray]
+KINDS = ("regular", "green", "iodine")
+
+
+@dataclass
+class QCConfig:
+    device: str = "cpu"
+    policy: Policy = "resnest"
+    crop_margin: float = 0.05
+    decode_threads: int = 2
+    limits: DecodeLimits = DecodeLimits()
+
+
+class QCPipeline:
+    def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
+        self.cfg = config or QCConfig()
+        weights = Path(weights_dir)
+        dev = self.cfg.device
+        self.detector, self.det_card = load_detector(weights / "detector.json", dev)
+        self.deep_sad, self.sad_card = load_stage2(weights / "deep_sad.json", dev)
+        self.classifier, self.cls_card = load_stage2(weights / "classifier.json", dev)
+        self.device = torch.device(dev)
+        self.det_threshold = self.det_card.thresholds.get("score", 0.5)
+        self.cls_size = self.cls_card.input_size[0]
+        self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
+
+    # -- stages -------------------------------------------------------------------------
+    def _decode_one(self, item: Input, long_side: int) -> Decoded:
+        if isinstance(item, np.ndarray):
+            if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+                raise DecodeError(f"array must be HxWx3 uint8, got {item.shape} {item.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+            import hashlib
+
+            return Decoded(t, item.shape[1], item.shape[0], hashlib.sha256(item.tobytes()).hexdigest())
+        data = Path(item).read_bytes() if isinstance(item, (str, Path)) else item
+        return decode(data, self.cfg.limits, long_side)
+
+    def _decode(self, items: Sequence[Input]) -> list[Decoded | DecodeError]:
+        # The crop needs more pixels than the detector: decode at twice the detector size.
+        long_side = 2 * self.det_card.config["max_size"]
+
+        def safe(item):
+            try:
+                return self._decode_one(item, long_side)
+            except DecodeError as e:
+                return e
+            except OSError as e:
+                return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
+
+        return list(self.pool.map(safe, items))
+
+    def _label(self, sad: float, prob: float) -> Label:
+        sad_says = sad >= threshold_of(self.sad_card)
+        res_says = prob >= threshold_of(self.cls_card)
+        flagged = {"deep_sad": sad_says, "resnest": res_says, "either": sad_says or res_says,
+                   "both": sad_says and res_says}[self.cfg.policy]
+        return Label.NON_REGULAR if flagged else Label.REGULAR
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[Input], names: Sequence[str] | None = None) -> list[QCResult]:
+        names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
+                                                       for k, i in enumerate(items)]
+        t0 = time.perf_counter()
+        decoded = self._decode(items)
+        t_decode = (time.perf_counter() - t0) * 1000
+        results: list[QCResult | None] = [None] * len(items)
+        ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+        for i, d in enumerate(decoded):
+            if isinstance(d, DecodeError):
+                results[i] = QCResult(path=names[i], label=Label.UNREADABLE, error=d.reason)
+        timings = {"decode": t_decode}
+        if ok:
+            t1 = time.perf_counter()
+            dets = predict(self.detector, [TF.to_dtype(decoded[i].image, torch.float32, scale=True) for i in ok],
+                           self.device)
+            timings["detect"] = (time.perf_counter() - t1) * 1000
+            with_box, boxes = [], []
+            for i, det in zip(ok, dets):
+                d = decoded[i]
+                sx, sy = d.scale
+                top = float(det["scores"].max()) if len(det["scores"]) else 0.0
+                base = dict(path=names[i], sha256=d.sha256, width=d.width, height=d.height, cervix_score=top)
+                if top < self.det_threshold:
+                    results[i] = QCResult(label=Label.NO_CERVIX, **base)
+                    continue
+                box = det["boxes"][int(det["scores"].argmax())]
+                with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
+                boxes.append(box)
+            if with_box:
+                self._stage2(decoded, with_box, torch.stack(boxes), results, timings)
+        total = (time.perf_counter() - t0) * 1000
+        for r in results:
+            r.timings_ms = {**timings, "total": total}
+        return results  # type: ignore[return-value]
+
+    def _stage2(self, decoded, with_box, boxes, results, timings) -> None:
+        t = time.perf_counter()
+        big = round(self.cls_size * 8 / 7)
+        crops = crop_boxes([decoded[i].image for i, _, _ in with_box], boxes, sizes=(32, big),
+                           margin=self.cfg.crop_margin)
+        timings["crop"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        sad = score_batch(self.deep_sad, self.sad_card, (crops[32] / 255).to(self.device))["score"]
+        cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
+        out = score_batch(self.classifier, self.cls_card, cls_in)
+        timings["classify"] = (time.perf_counter() - t) * 1000
+        for k, (i, base, box) in enumerate(with_box):
+            s, p = float(sad[k]), float(out["score"][k])
+            label = self._label(s, p)
+            kind = None
+            if label == Label.NON_REGULAR:
+                kind = KINDS[1 + int(out["kind_probs"][k, 1:].argmax())]
+            results[i] = QCResult(label=label, kind=kind, cervix_box=[round(v, 1) for v in box],
+                                  deep_sad_score=s, resnest_prob=p, **base)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)

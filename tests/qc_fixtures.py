@@ -1,0 +1,77 @@
+"""Tiny untrained weights folders for engine tests (real architectures, small sizes)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.classifier import ClassifierConfig, RegularityClassifier
+from models.deep_sad import DeepSAD
+from models.detector import DetectorConfig, build_detector
+from models.io import ModelCard, save_weights
+
+
+def tiny_weights(folder: Path, detector_threshold: float) -> Path:
+    torch.manual_seed(0)
+    det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=0.0)
+    save_weights(build_detector(det_cfg).state_dict(), folder / "detector",
+                 ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
+                           input_size=[96, 96], classes=["cervix"], thresholds={"score": detector_threshold}))
+    sad = DeepSAD()
+    sad.c.fill_(0.1)
+    save_weights(sad.state_dict(), folder / "deep_sad",
+                 ModelCard(name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": 128},
+                           input_size=[32, 32], thresholds={"distance": 1.0}))
+    cls_cfg = ClassifierConfig(arch="resnest14d", input_size=32)
+    save_weights(RegularityClassifier(cls_cfg).state_dict(), folder / "classifier",
+                 ModelCard(name="classifier", architecture="resnest14d", config=cls_cfg.as_dict(),
+                           input_size=[32, 32], classes=["regular", "green", "iodine"],
+                           thresholds={"probability": 0.5}))
+    return folder
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(Image.new("RGB", (120, 80), (200, 80, 80)), "JPEG", exif=exif.tobytes())
+
+
+def fuzz_set() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, expected error fragment or None when it must be processed)."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    jpeg = _save(photo, "JPEG")
+    frames = [Image.new("RGB", (64, 48), c) for c in ((255, 0, 0), (0, 255, 0))]
+    tiff = io.BytesIO()
+    frames[0].save(tiff, "TIFF", save_all=True, append_images=frames[1:])
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    return {
+        "zero.jpg": (b"", "empty file"),
+        "random.jpg": (rng.bytes(5000), "not an image"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
+        "text.jpg": (b"patient notes, not a picture\n" * 20, "not an image"),
+        "bomb.png": (_save(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
+        "sixteen_bit.png": (_save(Image.fromarray((rng.integers(0, 65535, (64, 80))).astype(np.uint16)), "PNG"), None),
+        "cmyk.jpg": (_save(photo.convert("CMYK"), "JPEG"), None),
+        "gray.jpg": (_save(photo.convert("L"), "JPEG"), None),
+        "palette.png": (_save(palette, "PNG"), None),
+        "exif6.jpg": (_exif(6), None),
+        "exif8.jpg": (_exif(8), None),
+        "multi.tiff": (tiff.getvalue(), None),
+        "multi.gif": (gif.getvalue(), None),
+        "ok.jpg": (jpeg, None),
+    }

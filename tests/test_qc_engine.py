@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.qc import QCConfig, QCPipeline
+from pipelines.qc_result import Label
+from tests.qc_fixtures import fuzz_set, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def always_cervix(tmp_path_factory):
+    return tiny_weights(tmp_path_factory.mktemp("w0"), detector_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def never_cervix(tmp_path_factory):
+    return tiny_weights(tmp_path_factory.mktemp("w1"), detector_threshold=1.01)
+
+
+def test_every_fuzz_input_gets_its_own_row_in_order_and_the_batch_goes_on(always_cervix):
+    qc = QCPipeline(always_cervix)
+    cases = fuzz_set()
+    results = qc.run([b for b, _ in cases.values()], names=list(cases))
+    assert [r.path for r in results] == list(cases)
+    for (name, (_, expected)), r in zip(cases.items(), results):
+        if expected is None:
+            assert r.label in (Label.REGULAR, Label.NON_REGULAR), (name, r.error)
+            assert r.cervix_box is not None and r.deep_sad_score is not None and r.resnest_prob is not None
+            assert len(r.sha256) == 64
+        else:
+            assert r.label == Label.UNREADABLE and expected in r.error, (name, r.error)
+
+
+def test_exif_rotation_reports_the_displayed_size(always_cervix):
+    cases = fuzz_set()
+    r6, r8, plain = QCPipeline(always_cervix).run([cases["exif6.jpg"][0], cases["exif8.jpg"][0], cases["ok.jpg"][0]])
+    assert (r6.width, r6.height) == (80, 120) and (r8.width, r8.height) == (80, 120)
+    assert (plain.width, plain.height) == (120, 90)
+    x1, y1, x2, y2 = r6.cervix_box
+    assert 0 <= x1 < x2 <= 80 and 0 <= y1 < y2 <= 120
+
+
+def test_no_box_above_the_cards_threshold_means_no_cervix(never_cervix):
+    r = QCPipeline(never_cervix).run([fuzz_set()["ok.jpg"][0]])[0]
+    assert r.label == Label.NO_CERVIX and r.cervix_box is None and r.error is None
+
+
+def test_batched_results_equal_one_at_a_time(always_cervix):
+    qc = QCPipeline(always_cervix)
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 255, (60 + 10 * i, 80, 3), dtype=np.uint8) for i in range(4)]
+    batched = qc.run(arrays)
+    single = [qc.run([a])[0] for a in arrays]
+    for b, s in zip(batched, single):
+        assert b.label == s.label and b.cervix_box == pytest.approx(s.cervix_box, abs=0.2)
+        assert b.resnest_prob == pytest.approx(s.resnest_prob, abs=1e-4)
+
+
+def test_policies_combine_the_two_models(always_cervix):
+    data = [fuzz_set()["ok.jpg"][0]]
+    by = {p: QCPipeline(always_cervix, QCConfig(policy=p)).run(data)[0] for p in ("deep_sad", "resnest", "either", "both")}
+    sad = by["deep_sad"].label == Label.NON_REGULAR
+    res = by["resnest"].label == Label.NON_REGULAR
+    assert (by["either"].label == Label.NON_REGULAR) == (sad or res)
+    assert (by["both"].label == Label.NON_REGULAR) == (sad and res)
+
+
+def test_predict_command_prints_json_records(always_cervix, tmp_path):
+    cases = fuzz_set()
+    for name in ("ok.jpg", "zero.jpg"):
+        (tmp_path / name).write_bytes(cases[name][0])
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "ok.jpg"), str(tmp_path / "zero.jpg"),
+                                 "--weights", str(always_cervix), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["label"] for row in rows][1] == "unreadable" and rows[0]["sha256"]
