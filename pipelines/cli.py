@@ -429,6 +429,38 @@ def predict(
             typer.echo(f"{r.label.value:>12}  {extra:<28} {r.path}")
 
 
+@app.command()
+def clean(
+    src: Annotated[Path, typer.Argument(help="Folder (recursive) or manifest CSV/Parquet.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.csv/.parquet, state).")],
+    quarantine: Annotated[Optional[Path], typer.Option(help="Folder for links/copies of flagged files.")] = None,
+    weights: Annotated[Path, typer.Option()] = Path("weights"),
+    policy: Annotated[str, typer.Option(help="deep_sad | resnest | either | both")] = "resnest",
+    batch_size: Annotated[int, typer.Option()] = 16,
+    device: Annotated[str, typer.Option()] = "cpu",
+    engine: Annotated[str, typer.Option(help="local (ray: not yet available)")] = "local",
+) -> None:
+    """Clean a collection: one result row per file; originals untouched; resumable."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from pipelines.clean import clean as run_clean
+    from pipelines.qc import QCConfig, QCPipeline
+
+    if engine != "local":
+        _fail("only --engine local is implemented so far")
+    if not src.exists():
+        _fail(f"{src} does not exist")
+    qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+    with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn()) as bar:
+        task = bar.add_task("clean", total=None)
+        summary = run_clean(qc, src, out, quarantine, batch_size,
+                            progress=lambda d, n: bar.update(task, completed=d, total=n))
+    typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
+               + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
+    typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

@@ -1,0 +1,136 @@
+"""Batch cleaning of a retrospective collection: `cervixqc clean SRC --out RESULTS`.
+
+State lives in RESULTS/state.sqlite, one row per input path (the primary key), written one
+batch per transaction: a run killed at any moment (kill -9 included) resumes with no lost
+and no duplicate row, and a rerun of a finished job does nothing. results.csv and
+results.parquet are exported from that state atomically at the end. Originals are only
+ever read; the quarantine holds hard links (copies across file systems) mirroring the
+relative paths, under one folder per label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.qc import QCPipeline
+from pipelines.qc_result import Label, QCResult
+
+log = logging.getLogger(__name__)
+QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
+
+
+@dataclass
+class CleanSummary:
+    total: int
+    processed_now: int
+    skipped_done: int
+    by_label: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    results_csv: Path | None = None
+    results_parquet: Path | None = None
+
+
+def list_inputs(src: Path) -> list[str]:
+    """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
+    relative to the manifest's folder. Sorted, so runs and resumes see the same order."""
+    if src.is_file():
+        from pipelines.data.manifest import read_table
+
+        return sorted(dict.fromkeys(str(p) for p in read_table(src)["path"]))
+    out = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith("."):
+                out.append((Path(root) / f).relative_to(src).as_posix())
+    return sorted(out)
+
+
+class StateStore:
+    """SQLite journal: path -> result JSON. One transaction per batch."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT)")
+
+    def done(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT path FROM results")}
+
+    def add(self, results: list[QCResult]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
+                                [(r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"})) for r in results])
+
+    def records(self) -> Iterator[QCResult]:
+        for (rec,) in self.db.execute("SELECT record FROM results ORDER BY path"):
+            yield QCResult.model_validate_json(rec)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _quarantine(src_root: Path, rel: str, label: Label, qdir: Path) -> None:
+    target = qdir / label.value / rel
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        os.link(src_root / rel, tmp)
+    except OSError:
+        shutil.copy2(src_root / rel, tmp)
+    os.replace(tmp, target)
+
+
+def export(store: StateStore, out_dir: Path) -> tuple[Path, Path]:
+    rows = [r.csv_row() for r in store.records()]
+    df = pd.DataFrame(rows, columns=list(QCResult.model_fields.keys() - {"timings_ms"}) if not rows else None)
+    csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
+    for path, write in ((csv_path, lambda p: df.to_csv(p, index=False)), (pq_path, lambda p: df.to_parquet(p, index=False))):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+    return csv_path, pq_path
+
+
+def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
+          progress: Callable[[int, int], None] | None = None) -> CleanSummary:
+    src_root = src.parent if src.is_file() else src
+    inputs = list_inputs(src)
+    store = StateStore(out_dir / "state.sqlite")
+    t0 = time.perf_counter()
+    try:
+        done = store.done()
+        todo = [p for p in inputs if p not in done]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            results = qc.run([src_root / p for p in chunk], names=chunk)
+            if quarantine is not None:
+                for r in results:
+                    if r.label in QUARANTINED and (src_root / r.path).is_file():
+                        _quarantine(src_root, r.path, r.label, quarantine)
+            store.add(results)
+            if progress:
+                progress(len(done) + start + len(chunk), len(inputs))
+        csv_path, pq_path = export(store, out_dir)
+        labels = Counter(r.label.value for r in store.records())
+    finally:
+        store.close()
+    summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path, pq_path)
+    (out_dir / "summary.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in summary.__dict__.items()}, indent=2))
+    return summary
