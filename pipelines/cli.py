@@ -461,6 +461,38 @@ def clean(
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
 
 
+@app.command()
+def bench(
+    images: Annotated[Optional[Path], typer.Option(help="Folder of test images (default: synthesise).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
+    n_images: Annotated[int, typer.Option(help="Images to synthesise (1-12 MP mix).")] = 24,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+) -> None:
+    """Naive per-image loop vs the batched engine, same models and files, one run."""
+    import tempfile
+
+    from pipelines.evaluation.engine_bench import bench as run_bench
+
+    work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
+    if images is None:
+        from pipelines.data.synth import PRESETS, generate
+
+        from dataclasses import replace
+
+        images = generate(replace(PRESETS["clinic"], n_images=n_images, seed=0), work / "images").out_dir / "images"
+    if weights is None:
+        from pipelines.evaluation.untrained import write_untrained_weights
+
+        weights = write_untrained_weights(work / "weights")
+        typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
+    paths = sorted(p for p in images.rglob("*.jpg"))
+    result = run_bench(weights, paths, batch_size)
+    typer.echo(json.dumps(result, indent=2))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+
+
 @app.command("contact-sheet")
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],

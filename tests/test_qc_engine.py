@@ -77,3 +77,18 @@ def test_predict_command_prints_json_records(always_cervix, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["label"] for row in rows][1] == "unreadable" and rows[0]["sha256"]
+
+
+def test_bench_runs_both_modes_on_the_same_files_and_reports_the_ratio(always_cervix, tmp_path):
+    from pipelines.evaluation.engine_bench import bench
+
+    cases = fuzz_set()
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"img{i}.jpg"
+        p.write_bytes(cases["ok.jpg"][0])
+        paths.append(p)
+    r = bench(always_cervix, paths, batch_size=4)
+    assert r["naive"]["images"] == r["batched"]["images"] == 4
+    assert r["speedup_batched_vs_naive"] == pytest.approx(r["batched"]["images_per_s"] / r["naive"]["images_per_s"])
+    assert r["naive"]["peak_rss_mb"] > 0 and set(r["batched"]["stage_seconds"]) >= {"decode", "detect"}

@@ -1,0 +1,90 @@
+"""`cervixqc bench`: the batched engine against a naive per-image loop of the same models
+(full decode, one image at a time: what a research script does), on the same files, in one
+run. Each mode runs in its own process so its peak RSS is its own."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as TF
+
+from pipelines.qc import QCConfig, QCPipeline
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def run_naive(weights: Path, paths: list[Path]) -> dict:
+    qc = QCPipeline(weights, QCConfig())
+    stages = {"decode": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
+    big = round(qc.cls_size * 8 / 7)
+    t0 = time.perf_counter()
+    for p in paths:
+        t = time.perf_counter()
+        im = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
+        x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
+        stages["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        det = qc.detector([x])[0]
+        stages["detect"] += time.perf_counter() - t
+        if len(det["scores"]) == 0 or float(det["scores"].max()) < qc.det_threshold:
+            continue
+        t = time.perf_counter()
+        box = det["boxes"][int(det["scores"].argmax())].tolist()
+        crop = im.crop(tuple(box))
+        c32 = TF.to_dtype(TF.pil_to_tensor(crop.resize((32, 32))), torch.float32, scale=True)[None]
+        cbig = TF.to_dtype(TF.pil_to_tensor(crop.resize((big, big))), torch.float32, scale=True)[None]
+        stages["crop"] += time.perf_counter() - t
+        t = time.perf_counter()
+        qc.deep_sad.score(c32)
+        qc.classifier(TF.center_crop(cbig, [qc.cls_size, qc.cls_size]))
+        stages["classify"] += time.perf_counter() - t
+    seconds = time.perf_counter() - t0
+    return {"mode": "naive", "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
+            "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_batched(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
+    qc = QCPipeline(weights, QCConfig())
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        results = qc.run(paths[i : i + batch_size])
+        for k, v in results[0].timings_ms.items():
+            if k != "total":
+                stages[k] = stages.get(k, 0.0) + v / 1000
+    seconds = time.perf_counter() - t0
+    qc.close()
+    return {"mode": f"batched(b={batch_size})", "images": len(paths), "seconds": seconds,
+            "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+
+
+def bench(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
+    """Both modes, each in a fresh process, on the same files; warm-up excluded by a first
+    untimed pass over two images inside each process."""
+    out = {}
+    for mode in ("naive", "batched"):
+        cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", mode, str(weights), str(batch_size),
+               *map(str, paths)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["speedup_batched_vs_naive"] = out["batched"]["images_per_s"] / out["naive"]["images_per_s"]
+    return out
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    mode, w, b, *files = sys.argv[1:]
+    files_p = [Path(f) for f in files]
+    fn = run_naive if mode == "naive" else (lambda ww, pp: run_batched(ww, pp, int(b)))
+    fn(Path(w), files_p[:2])  # warm-up: first-call allocations and lazy inits
+    print(json.dumps(fn(Path(w), files_p)))
