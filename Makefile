@@ -16,7 +16,7 @@ UV_VERSION := 0.13.9
 	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
 .venv/.installed: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked
+	$(UV) sync --locked --all-extras
 	@touch $@
 
 install: .venv/.installed

@@ -438,7 +438,9 @@ def clean(
     policy: Annotated[str, typer.Option(help="deep_sad | resnest | either | both")] = "resnest",
     batch_size: Annotated[int, typer.Option()] = 16,
     device: Annotated[str, typer.Option()] = "cpu",
-    engine: Annotated[str, typer.Option(help="local (ray: not yet available)")] = "local",
+    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    actors: Annotated[int, typer.Option(help="Ray actors (model replicas).")] = 1,
 ) -> None:
     """Clean a collection: one result row per file; originals untouched; resumable."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -446,16 +448,21 @@ def clean(
     from pipelines.clean import clean as run_clean
     from pipelines.qc import QCConfig, QCPipeline
 
-    if engine != "local":
-        _fail("only --engine local is implemented so far")
+    if engine not in ("local", "ray"):
+        _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
         _fail(f"{src} does not exist")
-    qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
     with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn()) as bar:
         task = bar.add_task("clean", total=None)
-        summary = run_clean(qc, src, out, quarantine, batch_size,
-                            progress=lambda d, n: bar.update(task, completed=d, total=n))
+        report = lambda d, n: bar.update(task, completed=d, total=n)  # noqa: E731
+        if engine == "ray":
+            from pipelines.clean_ray import clean_ray
+
+            summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report)
+        else:
+            qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+            summary = run_clean(qc, src, out, quarantine, batch_size, progress=report)
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")

@@ -95,3 +95,19 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
     cols = ["path", "sha256", "label", "kind", "cervix_box", "error"]
     pd.testing.assert_frame_equal(got[cols], want[cols])
     assert _checksums(collection) == before
+
+
+@pytest.mark.slow
+def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collection, tmp_path):
+    pytest.importorskip("ray")
+    from pipelines.clean_ray import clean_ray
+
+    local = clean(QCPipeline(weights), collection, tmp_path / "local", batch_size=4)
+    on_ray = clean_ray(weights, collection, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
+                       num_cpus=2, object_store_memory=256 * 1024**2)
+    assert on_ray.total == local.total and on_ray.by_label == local.by_label
+    a = pd.read_csv(tmp_path / "local" / "results.csv", keep_default_na=False)
+    b = pd.read_csv(tmp_path / "ray" / "results.csv", keep_default_na=False)
+    cols = ["path", "sha256", "label", "kind", "cervix_box", "error"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert (tmp_path / "q" / "unreadable").is_dir()

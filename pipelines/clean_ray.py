@@ -1,0 +1,83 @@
+"""`cervixqc clean --engine ray`: the same job on Ray Data, for collections past one machine.
+
+read_binary_files -> map_batches over an actor pool whose actors each hold a QCPipeline
+(one GPU per actor where the cluster has GPUs) -> rows streamed back into the same SQLite
+state store the local engine uses, so outputs, resume and quarantine are identical.
+Ray Data fails a whole job on an exception in a task, so nothing here decodes: our engine
+turns every bad file into an `unreadable` row inside the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.clean import QUARANTINED, CleanSummary, StateStore, _quarantine, export, list_inputs
+from pipelines.qc import QCConfig, QCPipeline
+from pipelines.qc_result import QCResult
+
+_FIELDS = ("record",)
+
+
+class QCActor:
+    def __init__(self, weights: str, policy: str, root: str) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+        self.root = root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        names = [os.path.relpath(str(p), self.root) if os.path.isabs(str(p)) else os.path.relpath("/" + str(p), self.root)
+                 for p in batch["path"]]
+        results = self.qc.run([bytes(b) for b in batch["bytes"]], names=[Path(n).as_posix() for n in names])
+        return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results]}
+
+
+def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str = "resnest",
+              batch_size: int = 16, actors: int = 1, address: str | None = None,
+              progress: Callable[[int, int], None] | None = None, **ray_init: object) -> CleanSummary:
+    """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop)."""
+    import ray
+
+    src_root = (src.parent if src.is_file() else src).resolve()
+    inputs = list_inputs(src)
+    store = StateStore(out_dir / "state.sqlite")
+    t0 = time.perf_counter()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **ray_init)
+    try:
+        done = store.done()
+        todo = [p for p in inputs if p not in done]
+        if todo:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+            ds = ray.data.read_binary_files([str(src_root / p) for p in todo], include_paths=True)
+            ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
+                                fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "policy": policy,
+                                                       "root": str(src_root)})
+            finished = len(done)
+            for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                results = [QCResult.model_validate_json(r) for r in batch["record"]]
+                if quarantine is not None:
+                    for r in results:
+                        if r.label in QUARANTINED and (src_root / r.path).is_file():
+                            _quarantine(src_root, r.path, r.label, quarantine)
+                store.add(results)
+                finished += len(results)
+                if progress:
+                    progress(finished, len(inputs))
+        csv_path, pq_path = export(store, out_dir)
+        labels = Counter(r.label.value for r in store.records())
+    finally:
+        store.close()
+        if started_here:
+            ray.shutdown()
+    return CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path, pq_path)
