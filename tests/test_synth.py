@@ -11,7 +11,6 @@ from pycocotools.coco import COCO
 from pipelines.data.coco import load_coco
 from pipelines.data.manifest import load_manifest
 from pipelines.data.synth import PRESETS, SizePolicy, SynthConfig, generate, plan, render_image
-from pipelines.data.synth.render import image_path
 from pipelines.data.synth.planning import counts
 from pipelines.data.synth.profiles import SOURCES
 

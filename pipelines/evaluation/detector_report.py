@@ -30,7 +30,8 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
         import pandas as pd
 
         src = dict(zip(*pd.read_csv(manifest, dtype=str)[["path", "source"]].T.values))
-        for source in sorted(set(src.values())):
+        present = {src.get(im.file_name) for im in coco.images} - {None}
+        for source in sorted(present):
             ids = {im.id for im in coco.images if src.get(im.file_name) == source}
             sub = CocoDataset(images=[im for im in coco.images if im.id in ids],
                               annotations=[a for a in coco.annotations if a.image_id in ids],

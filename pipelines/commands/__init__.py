@@ -1,0 +1,1 @@
+"""The `cervixqc` subcommands, one module per area; registered in pipelines/cli.py."""

@@ -1,0 +1,185 @@
+"""Data commands: synth, validate, split, stats, import-cvat, contact-sheet, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _csv, _fail
+
+
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (images/, manifest.csv, coco.json).")],
+    preset: Annotated[str, typer.Option(help="tiny | small | default | clinic")] = "small",
+    n_images: Annotated[Optional[int], typer.Option("--n-images", "-n", help="Override the preset's count.")] = None,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    ratio: Annotated[Optional[float], typer.Option(help="Regular : non-regular (paper: ~27).")] = None,
+    no_cervix_fraction: Annotated[Optional[float], typer.Option(help="Share of no-cervix images.")] = None,
+    sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="Cap the longer side (pixels).")] = None,
+    megapixels: Annotated[Optional[float], typer.Option(help="Make every image this many MP.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+) -> None:
+    """Generate a synthetic multi-source cervix dataset (deterministic for a seed)."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipelines.data.synth import PRESETS, SizePolicy, generate
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = PRESETS[preset]
+    changes: dict = {"seed": seed}
+    if n_images is not None:
+        changes["n_images"] = n_images
+    if ratio is not None:
+        changes["ratio"] = ratio
+    if no_cervix_fraction is not None:
+        changes["no_cervix_fraction"] = no_cervix_fraction
+    if sources:
+        changes["sources"] = tuple(_csv(sources))
+    if max_side is not None or megapixels is not None:
+        changes["size"] = SizePolicy(cfg.size.scale, max_side or cfg.size.max_side, megapixels)
+    try:
+        cfg = replace(cfg, **changes)
+    except ValueError as e:
+        _fail(str(e))
+    with Progress(TextColumn("synth"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("synth", total=cfg.n_images)
+        result = generate(cfg, out, workers=workers, progress=lambda i, n: bar.update(task, completed=i))
+    typer.echo(f"wrote {result.n_images} images to {result.out_dir} in {result.seconds:.1f} s "
+               f"({result.images_per_second:.1f} images/s)")
+    typer.echo(f"manifest: {result.manifest}\ncoco:     {result.coco}")
+
+
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
+    root: Annotated[Optional[Path], typer.Option(help="Folder relative paths start from.")] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Also check a COCO box file.")] = None,
+) -> None:
+    """Check a manifest (and optionally COCO boxes); lists every problem at once."""
+    from pipelines.data.coco import CocoError, load_coco
+    from pipelines.data.manifest import ManifestError, load_manifest
+
+    try:
+        df = load_manifest(manifest, root)
+        typer.echo(f"{manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients: ok")
+        if coco is not None:
+            ds = load_coco(coco)
+            typer.echo(f"{coco}: {len(ds.images)} images, {len(ds.annotations)} boxes: ok")
+    except (ManifestError, CocoError) as e:
+        _fail(str(e))
+
+
+def split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write, with a split column.")],
+    seed: Annotated[int, typer.Option()] = 0,
+    fractions: Annotated[str, typer.Option(help="train,val,test shares.")] = "0.7,0.15,0.15",
+    train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
+    val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
+    test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes.")] = None,
+) -> None:
+    """Split by patient (stratified by source and kind), or by source (cross-source)."""
+    from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
+    from pipelines.data.splits import SplitFractions, cross_source_split, patient_split
+    from pipelines.data.stats import compute_stats
+
+    try:
+        df = load_manifest(manifest, check_files=False)
+        shares = SplitFractions(*[float(v) for v in _csv(fractions)])
+        if train_sources or val_sources or test_sources:
+            df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
+                                             shares, seed)
+        else:
+            df["split"] = patient_split(df, shares, seed)
+    except (ManifestError, ValueError, TypeError) as e:
+        _fail(str(e))
+    write_manifest(df, out)
+    if coco is not None:
+        from pipelines.data.coco import load_coco, save_coco, subset_coco
+
+        boxes = load_coco(coco)
+        for name in ("train", "val", "test"):
+            part = subset_coco(boxes, set(df.loc[df["split"] == name, "path"]))
+            if part.images:
+                # COCO file names stay relative to the boxes' folder, so write beside them.
+                typer.echo(f"wrote {save_coco(part, coco.parent / f'{out.stem}_{name}.json')}")
+    stats = compute_stats(df)
+    typer.echo(stats.table.to_string())
+    left_out = int((df["split"] == "").sum())
+    if left_out:
+        typer.echo(f"{left_out} rows of sources listed in no split were left out (blank split)")
+    typer.echo(f"wrote {out}")
+
+
+def stats(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
+    chart: Annotated[Optional[Path], typer.Option(help="PNG bar chart to write (log scale).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Counts per source x kind x split, the imbalance ratio, and a log-scale chart."""
+    from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.data.stats import compute_stats, plot_counts
+
+    try:
+        df = load_manifest(manifest, check_files=False)
+    except ManifestError as e:
+        _fail(str(e))
+    result = compute_stats(df)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        typer.echo(result.table.to_string())
+        typer.echo(f"\n{result.n_images} images, {result.n_patients} patients")
+        typer.echo(f"regular : non-regular = {result.imbalance_ratio:.2f} : 1")
+        for s, r in result.split_imbalance.items():
+            typer.echo(f"  {s}: {r:.2f} : 1")
+    if chart is not None:
+        typer.echo(f"chart: {plot_counts(result, chart)}", err=as_json)
+
+
+def import_cvat_cmd(
+    export: Annotated[Path, typer.Argument(help="CVAT 'COCO 1.0' annotations JSON.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Normalised COCO JSON to write.")],
+    clip_tolerance: Annotated[float, typer.Option(help="Clip boxes this many px past the border.")] = 2.0,
+) -> None:
+    """Import a CVAT COCO export: normalise names, boxes and metadata; refuse bad boxes."""
+    from pipelines.data.coco import CocoError, import_cvat, save_coco
+
+    try:
+        ds, notes = import_cvat(export, clip_tolerance)
+    except CocoError as e:
+        _fail(str(e))
+    for n in notes:
+        typer.echo(f"note: {n}")
+    save_coco(ds, out)
+    typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes")
+
+
+def contact_sheet_cmd(
+    out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """One generated image per source (rows) and kind (columns), cervix boxes drawn."""
+    from pipelines.data.synth.contact_sheet import contact_sheet
+
+    typer.echo(f"wrote {contact_sheet(out, seed)}")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo dataset.")] = Path(".cache/demo"),
+) -> None:
+    """Until the service lands: make a small synthetic set and print its statistics."""
+    typer.echo("cervixqc: the HTTP service is not built yet (see the open issues); running the "
+               "data demo instead: synthetic data + stats.")
+    synth(out, preset="tiny", n_images=None, seed=0, ratio=None, no_cervix_fraction=None, sources=None,
+          max_side=None, megapixels=None, workers=None)
+    stats(out / "manifest.csv", chart=out / "stats.png", as_json=False)
+

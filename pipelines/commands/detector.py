@@ -1,0 +1,112 @@
+"""Detector commands: train-detector, eval-detector, detect, bench-detector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _csv, _fail
+
+
+def train_detector_cmd(
+    train_coco: Annotated[Path, typer.Argument(help="Training COCO JSON (images relative to its folder).")],
+    val_coco: Annotated[Path, typer.Argument(help="Validation COCO JSON.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, log, detector.safetensors/.json.")],
+    arch: Annotated[str, typer.Option(help="retinanet | fasterrcnn | fcos")] = "retinanet",
+    backbone: Annotated[str, typer.Option(help="resnet50 | resnet34 | resnet18 | mobilenet_v3_large")] = "resnet50",
+    size: Annotated[int, typer.Option(help="Input size: the long side is resized to this.")] = 512,
+    epochs: Annotated[int, typer.Option()] = 12,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    lr: Annotated[float, typer.Option()] = 2e-4,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
+    extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
+    extra_ratio: Annotated[float, typer.Option(help="Extra samples per real sample each epoch.")] = 0.0,
+    backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone state dict.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
+    warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
+) -> None:
+    """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
+    Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ..."""
+    from models.detector import DetectorConfig
+    from pipelines.training.detector import DetectorTrainConfig, train_detector
+
+    try:
+        model = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size,
+                               pretrained_backbone=backbone_weights is not None)
+    except ValueError as e:
+        _fail(str(e))
+    cfg = DetectorTrainConfig(train_coco=train_coco, val_coco=val_coco, out_dir=out, model=model, epochs=epochs,
+                              batch_size=batch_size, lr=lr, workers=workers, seed=seed, resume=resume,
+                              extra_coco=extra_coco, extra_ratio=extra_ratio, backbone_weights=backbone_weights,
+                              max_steps_per_epoch=max_steps, warmup_iters=warmup)
+    result, card = train_detector(cfg)
+    if card is not None:
+        typer.echo(f"best epoch {result.best_epoch + 1}: {json.dumps(result.best_metrics)}")
+        typer.echo(f"exported {card}")
+
+
+def eval_detector_cmd(
+    card: Annotated[Path, typer.Argument(help="The detector's model card (detector.json).")],
+    coco: Annotated[Path, typer.Argument(help="COCO JSON to evaluate on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics JSON and gallery PNG.")],
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest with sources, for per-source metrics.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 8,
+) -> None:
+    """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
+    from models.io import WeightsIntegrityError
+    from pipelines.evaluation.detector_report import evaluate_detector
+
+    try:
+        report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
+    except WeightsIntegrityError as e:
+        _fail(str(e))
+    for name, m in report.items():
+        typer.echo(f"{name:>10}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
+                   f"top-1 recall@0.5 {m['top1_recall50']:.3f}  ({m['n_images']} images)")
+    typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
+
+
+def detect_cmd(
+    card: Annotated[Path, typer.Argument(help="The detector's model card.")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image.")],
+    device: Annotated[str, typer.Option()] = "cpu",
+    min_score: Annotated[Optional[float], typer.Option(help="Default: the card's threshold.")] = None,
+) -> None:
+    """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
+    from pipelines.data.coco import save_coco
+    from pipelines.data.manifest import load_manifest
+    from pipelines.detector import detect_to_coco
+
+    df = load_manifest(manifest)
+    ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)
+    save_coco(ds, out)
+    typer.echo(f"wrote {out}: {len(ds.annotations)} boxes on {len(ds.images)} images")
+
+
+def bench_detector_cmd(
+    coco: Annotated[Path, typer.Argument(help="COCO JSON whose images to use.")],
+    arch: Annotated[str, typer.Option()] = "retinanet",
+    backbone: Annotated[str, typer.Option()] = "resnet50",
+    size: Annotated[int, typer.Option()] = 512,
+    n_images: Annotated[int, typer.Option(help="Images per timed round.")] = 32,
+    batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
+    device: Annotated[str, typer.Option()] = "cpu",
+    out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+) -> None:
+    """Detector inference images/s per batch size and training images/s, side by side."""
+    from models.detector import DetectorConfig
+    from pipelines.evaluation.detector_bench import bench_detector
+
+    cfg = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size)
+    result = bench_detector(cfg, coco, n_images, [int(b) for b in _csv(batch_sizes)], device=device)
+    typer.echo(json.dumps(result, indent=2))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+

@@ -1,0 +1,124 @@
+"""Stage-2 commands: train-deep-sad, train-resnest, eval, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _fail
+
+
+def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
+                   resume: bool, **kw):
+    from pipelines.training.stage2 import Stage2Config
+
+    return Stage2Config(out_dir=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                        target_sensitivity=target_sensitivity, resume=resume, **kw)
+
+
+def train_deep_sad_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    epochs: Annotated[int, typer.Option()] = 150,
+    pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    lr: Annotated[float, typer.Option()] = 1e-4,
+    weight_decay: Annotated[float, typer.Option()] = 0.5e-6,
+    eta: Annotated[float, typer.Option(help="Weight of the labeled samples.")] = 1.0,
+    unsupervised: Annotated[bool, typer.Option(help="Deep SVDD: no labeled anomalies.")] = False,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
+    resume: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
+    import torch
+
+    from pipelines.data.crop_set import split_crops
+    from pipelines.training.stage2 import train_deep_sad
+
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
+                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = train_deep_sad(cfg, crops["train"], crops["val"], device,
+                          {"manifest": str(manifest), "boxes": str(coco)})
+    typer.echo(f"exported {card}")
+
+
+def train_resnest_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    size: Annotated[int, typer.Option(help="Input size: 224 or 32, as the paper compares.")] = 224,
+    arch: Annotated[str, typer.Option(help="timm name; resnest50d as the paper.")] = "resnest50d",
+    epochs: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: 256 at 32 px, 64 at 224 px.")] = None,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
+    synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
+    resume: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
+    import torch
+
+    from models.classifier import ClassifierConfig
+    from pipelines.data.crop_set import split_crops
+    from pipelines.training.stage2 import train_classifier
+
+    crops = split_crops(manifest, coco, round(size * 8 / 7), splits=("train", "val"))
+    cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
+                         weight_decay=0.0, synthesise=synthesise)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"], device,
+                            str(imagenet_weights) if imagenet_weights else None,
+                            {"manifest": str(manifest), "boxes": str(coco)})
+    typer.echo(f"exported {card}")
+
+
+def eval_cmd(
+    card: Annotated[Path, typer.Argument(help="A stage-2 model card (deep_sad.json or classifier.json).")],
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Sensitivity, specificity, precision, F1, accuracy, ROC/PR-AUC, confusion matrix,
+    overall and per source, at the threshold in the card."""
+    from models.io import WeightsIntegrityError
+    from pipelines.evaluation.stage2_eval import evaluate_stage2
+
+    try:
+        report = evaluate_stage2(card, manifest, coco, split, out, device)
+    except (WeightsIntegrityError, ValueError) as e:
+        _fail(str(e))
+    for name, m in report.items():
+        typer.echo(f"{name:>10}: sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} prec {m['precision']:.3f} "
+                   f"F1 {m['f1']:.3f} acc {m['accuracy']:.3f} AUC {m['roc_auc']:.3f} (n={m['n']}, pos={m['n_positive']})")
+
+
+def report_cmd(
+    eval_dir: Annotated[Path, typer.Argument(help="Folder of `cervixqc eval` outputs (*_scores.npz).")],
+    manifest: Annotated[Path, typer.Option(help="The manifest the scores came from (for gallery crops).")],
+    coco: Annotated[Path, typer.Option(help="The boxes the crops came from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """A self-contained HTML report with the paper's tables and figures."""
+    from pipelines.data.coco import load_coco
+    from pipelines.data.crop_set import extract_crops
+    from pipelines.data.manifest import load_manifest
+    from pipelines.evaluation.report import build_report, load_runs
+
+    runs = load_runs(eval_dir)
+    wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
+    df = load_manifest(manifest)
+    crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
+    thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
+    try:
+        typer.echo(f"wrote {build_report(eval_dir, thumbs, out)}")
+    except ValueError as e:
+        _fail(str(e))
+
