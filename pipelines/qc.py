@@ -108,7 +108,7 @@ class QCPipeline:
                 sx, sy = d.scale
                 top = float(det["scores"].max()) if len(det["scores"]) else 0.0
                 base = dict(path=names[i], sha256=d.sha256, width=d.width, height=d.height, cervix_score=top)
-                if top < self.det_threshold:
+                if len(det["scores"]) == 0 or top < self.det_threshold:
                     results[i] = QCResult(label=Label.NO_CERVIX, **base)
                     continue
                 box = det["boxes"][int(det["scores"].argmax())]

@@ -15,9 +15,9 @@ from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, save_weights
 
 
-def tiny_weights(folder: Path, detector_threshold: float) -> Path:
+def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0) -> Path:
     torch.manual_seed(0)
-    det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=0.0)
+    det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=score_thresh)
     save_weights(build_detector(det_cfg).state_dict(), folder / "detector",
                  ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
                            input_size=[96, 96], classes=["cervix"], thresholds={"score": detector_threshold}))

@@ -48,6 +48,12 @@ def test_no_box_above_the_cards_threshold_means_no_cervix(never_cervix):
     assert r.label == Label.NO_CERVIX and r.cervix_box is None and r.error is None
 
 
+def test_an_image_with_no_detection_at_all_is_no_cervix_even_at_threshold_zero(tmp_path):
+    silent = tiny_weights(tmp_path, detector_threshold=0.0, score_thresh=0.999)  # detector returns nothing
+    r = QCPipeline(silent).run([fuzz_set()["ok.jpg"][0]])[0]
+    assert r.label == Label.NO_CERVIX and r.cervix_score == 0.0
+
+
 def test_batched_results_equal_one_at_a_time(always_cervix):
     qc = QCPipeline(always_cervix)
     rng = np.random.default_rng(1)

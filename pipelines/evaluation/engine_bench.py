@@ -75,7 +75,9 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
     for mode in ("naive", "batched"):
         cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", mode, str(weights), str(batch_size),
                *map(str, paths)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench mode {mode} failed:\n{proc.stderr[-3000:]}")
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["speedup_batched_vs_naive"] = out["batched"]["images_per_s"] / out["naive"]["images_per_s"]
     return out

@@ -15,7 +15,7 @@ from models.io import ModelCard, save_weights
 NOTE = {"warning": "UNTRAINED: random weights for benchmarking speed only"}
 
 
-def write_untrained_weights(folder: Path, detector: DetectorConfig = DetectorConfig(),
+def write_untrained_weights(folder: Path, detector: DetectorConfig = DetectorConfig(score_thresh=0.0),
                             classifier: ClassifierConfig = ClassifierConfig()) -> Path:
     torch.manual_seed(0)
     save_weights(build_detector(detector).state_dict(), folder / "detector",
