@@ -98,13 +98,16 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collection, tmp_path):
     pytest.importorskip("ray")
     from pipelines.clean_ray import clean_ray
 
     local = clean(QCPipeline(weights), collection, tmp_path / "local", batch_size=4)
     on_ray = clean_ray(weights, collection, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
-                       num_cpus=2, object_store_memory=256 * 1024**2)
+                       # Logical CPUs: the actor holds one, read tasks need another; with only
+                       # the 2 physical cores Ray Data once starved the read task in CI.
+                       num_cpus=4, object_store_memory=256 * 1024**2)
     assert on_ray.total == local.total and on_ray.by_label == local.by_label
     a = pd.read_csv(tmp_path / "local" / "results.csv", keep_default_na=False)
     b = pd.read_csv(tmp_path / "ray" / "results.csv", keep_default_na=False)
