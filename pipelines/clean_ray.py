@@ -42,7 +42,15 @@ class QCActor:
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str = "resnest",
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, **ray_init: object) -> CleanSummary:
-    """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop)."""
+    """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
+
+    Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
+    and starts every worker through `uv run` in a packaged copy of the working directory:
+    a fresh environment per worker, which on a 2-core CI machine never finished and hung the
+    job. Workers must use the environment the driver already has, so the hook is off unless
+    the caller set RAY_ENABLE_UV_RUN_RUNTIME_ENV themselves (read when ray is imported).
+    """
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
     src_root = (src.parent if src.is_file() else src).resolve()
