@@ -48,10 +48,14 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     and starts every worker through `uv run` in a packaged copy of the working directory:
     a fresh environment per worker, which on a 2-core CI machine never finished and hung the
     job. Workers must use the environment the driver already has, so the hook is off unless
-    the caller set RAY_ENABLE_UV_RUN_RUNTIME_ENV themselves (read when ray is imported).
+    the caller set RAY_ENABLE_UV_RUN_RUNTIME_ENV themselves. Ray reads that variable once, at
+    import, and ray may be imported before this call, so the module constant is set too.
     """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
+    from ray._private import ray_constants
+
+    if os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") is None:
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src)

@@ -62,9 +62,10 @@ def test_clean_writes_one_row_per_file_and_never_touches_originals(weights, coll
 
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weights, collection, tmp_path):
-    for i in range(20):  # more files, so the kill lands mid-run
-        (collection / "extra").mkdir(exist_ok=True)
-        (collection / "extra" / f"copy{i:02d}.jpg").write_bytes(fuzz_set()["ok.jpg"][0][:-1] + bytes([i]))
+    ok_jpeg = fuzz_set()["ok.jpg"][0]
+    (collection / "extra").mkdir()
+    for i in range(300):  # enough files that the run lasts seconds, so the kill lands mid-run
+        (collection / "extra" / f"copy{i:03d}.jpg").write_bytes(ok_jpeg[:-1] + i.to_bytes(2, "big"))
     before = _checksums(collection)
     reference = tmp_path / "reference"
     clean(QCPipeline(weights), collection, reference, batch_size=2)
@@ -75,7 +76,7 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, rows = time.time() + 120, 0
     while time.time() < deadline and rows < 6:
-        time.sleep(0.2)
+        time.sleep(0.02)
         if (out / "state.sqlite").exists():
             try:
                 rows = sqlite3.connect(out / "state.sqlite").execute("SELECT count(*) FROM results").fetchone()[0]
