@@ -17,7 +17,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,21 +83,39 @@ class StateStore:
         self.db.close()
 
 
-def _quarantine(src_root: Path, rel: str, label: Label, qdir: Path) -> None:
-    target = qdir / label.value / rel
+def quarantine_copy(src_root: Path, rel: str, label: Label, qdir: Path, link: bool = True) -> None:
+    """Put one flagged original at qdir/label/rel; the original is only read. `link` uses a
+    hard link where the file system allows (no extra space); the service passes False, since
+    a quarantine others open and edit must not share an inode with the original."""
+    # A manifest may name absolute paths or climb with '..': mirror them inside qdir, never
+    # outside it (qdir / "/abs" would be "/abs", the original itself).
+    parts = [("__" if part == ".." else part) for part in Path(rel).parts if part not in ("/", "")]
+    target = qdir / label.value / Path(*parts)
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        os.link(src_root / rel, tmp)
-    except OSError:
+    tmp.unlink(missing_ok=True)
+    linked = False
+    if link:
+        try:
+            os.link(src_root / rel, tmp)
+            linked = True
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+    if not linked:
         shutil.copy2(src_root / rel, tmp)
     os.replace(tmp, target)
 
 
 def export(store: StateStore, out_dir: Path) -> tuple[Path, Path]:
-    rows = [r.csv_row() for r in store.records()]
+    return export_records(store.records(), out_dir)
+
+
+def export_records(records: Iterable[QCResult], out_dir: Path) -> tuple[Path, Path]:
+    """results.csv and results.parquet, each written to a temporary name and renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.csv_row() for r in records]
     df = pd.DataFrame(rows, columns=list(QCResult.model_fields.keys() - {"timings_ms"}) if not rows else None)
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
     for path, write in ((csv_path, lambda p: df.to_csv(p, index=False)), (pq_path, lambda p: df.to_parquet(p, index=False))):
@@ -122,7 +140,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             if quarantine is not None:
                 for r in results:
                     if r.label in QUARANTINED and (src_root / r.path).is_file():
-                        _quarantine(src_root, r.path, r.label, quarantine)
+                        quarantine_copy(src_root, r.path, r.label, quarantine)
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))

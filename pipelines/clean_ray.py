@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import QUARANTINED, CleanSummary, StateStore, _quarantine, export, list_inputs
+from pipelines.clean import QUARANTINED, CleanSummary, StateStore, quarantine_copy, export, list_inputs
 from pipelines.qc import QCConfig, QCPipeline
 from pipelines.qc_result import QCResult
 
@@ -81,7 +81,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 if quarantine is not None:
                     for r in results:
                         if r.label in QUARANTINED and (src_root / r.path).is_file():
-                            _quarantine(src_root, r.path, r.label, quarantine)
+                            quarantine_copy(src_root, r.path, r.label, quarantine)
                 store.add(results)
                 finished += len(results)
                 if progress:

@@ -30,6 +30,7 @@ app.command("report")(stage2.report_cmd)
 app.command("predict")(engine.predict)
 app.command("clean")(engine.clean)
 app.command("bench")(engine.bench)
+app.command("serve")(engine.serve)
 app.command("contact-sheet")(data.contact_sheet_cmd)
 app.command("demo")(data.demo)
 

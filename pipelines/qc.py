@@ -82,15 +82,17 @@ class QCPipeline:
 
         return list(self.pool.map(safe, items))
 
-    def _label(self, sad: float, prob: float) -> Label:
+    def label_for(self, sad: float, prob: float, policy: Policy | None = None) -> Label:
+        """The decision for one crop's two scores under a policy (default: the configured one)."""
         sad_says = sad >= threshold_of(self.sad_card)
         res_says = prob >= threshold_of(self.cls_card)
         flagged = {"deep_sad": sad_says, "resnest": res_says, "either": sad_says or res_says,
-                   "both": sad_says and res_says}[self.cfg.policy]
+                   "both": sad_says and res_says}[policy or self.cfg.policy]
         return Label.NON_REGULAR if flagged else Label.REGULAR
 
     @torch.inference_mode()
-    def run(self, items: Sequence[Input], names: Sequence[str] | None = None) -> list[QCResult]:
+    def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
+            policy: Policy | None = None) -> list[QCResult]:
         names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
                                                        for k, i in enumerate(items)]
         t0 = time.perf_counter()
@@ -121,13 +123,13 @@ class QCPipeline:
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
                 boxes.append(box)
             if with_box:
-                self._stage2(decoded, with_box, torch.stack(boxes), results, timings)
+                self._stage2(decoded, with_box, torch.stack(boxes), results, timings, policy)
         total = (time.perf_counter() - t0) * 1000
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
 
-    def _stage2(self, decoded, with_box, boxes, results, timings) -> None:
+    def _stage2(self, decoded, with_box, boxes, results, timings, policy: Policy | None) -> None:
         t = time.perf_counter()
         big = round(self.cls_size * 8 / 7)
         crops = crop_boxes([decoded[i].image for i, _, _ in with_box], boxes, sizes=(32, big),
@@ -140,7 +142,7 @@ class QCPipeline:
         timings["classify"] = (time.perf_counter() - t) * 1000
         for k, (i, base, box) in enumerate(with_box):
             s, p = float(sad[k]), float(out["score"][k])
-            label = self._label(s, p)
+            label = self.label_for(s, p, policy)
             kind = None
             if label == Label.NON_REGULAR:
                 kind = KINDS[1 + int(out["kind_probs"][k, 1:].argmax())]

@@ -1,0 +1,100 @@
+"""The app factory. `create_app(settings)` builds a service; the lifespan loads the QC engine
+once, warms it, and starts the micro-batcher and the job runner; nothing happens at import.
+
+Run: `uvicorn --factory service.app:create_app` (settings from CERVIXQC_* variables), or
+`cervixqc serve` / `make serve`. One process per machine: the models are loaded once and
+every request shares them through the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+from pipelines.decode import DecodeLimits
+from pipelines.qc import QCConfig, QCPipeline
+from service.batcher import MicroBatcher
+from service.errors import install_error_handlers
+from service.gate import EngineGate
+from service.jobs.runner import JobRunner
+from service.jobs.store import JobStore
+from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics
+from service.routes import health, jobs, models, qc
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("cervixqc.service")
+
+
+def _version() -> str:
+    try:
+        return version("cervixqc")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
+    limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+    engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
+                                                       limits=limits))
+    engine.run([np.full((480, 640, 3), 128, np.uint8)])  # warm-up: first-call allocations, lazy inits
+    holder: dict[str, MicroBatcher] = {}
+    gate = EngineGate(lambda: holder["batcher"].pending if "batcher" in holder else 0)
+    batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
+                           settings.max_wait_ms, settings.max_queue)
+    holder["batcher"] = batcher
+    store = JobStore(settings.state_dir / "jobs.sqlite")
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
+                       gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size)  # type: ignore[arg-type]
+    return ServiceState(settings, metrics, engine, batcher, store, runner)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.perf_counter()
+        state = await asyncio.to_thread(_build_state, settings, metrics)
+        await state.batcher.start()
+        state.runner.start()
+        app.state.service = state
+        log.info("ready in %.1f s on %s (policy %s)", time.perf_counter() - t0, state.qc.device, settings.policy)
+        try:
+            yield
+        finally:
+            app.state.service = None
+            state.runner.stop()
+            await state.batcher.stop()
+            state.qc.close()
+
+    app = FastAPI(title="cervixqc", version=_version(), lifespan=lifespan,
+                  description="Quality control for uterine cervix images: cervix detection, then green-filter / "
+                              "Lugol's-iodine screening. Not a medical device.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        t = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - t)
+        return response
+
+    for router in (health.router, models.router, qc.router, jobs.router):
+        app.include_router(router)
+    return app

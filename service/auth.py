@@ -1,0 +1,31 @@
+"""API keys in the X-API-Key header, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+
+from service.errors import ApiError
+
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in CERVIXQC_API_KEYS(_FILE)")
+
+
+def require_api_key(request: Request, key: Annotated[str | None, Depends(_header)]) -> None:
+    settings = request.app.state.settings
+    if settings.auth_disabled:
+        return
+    if key is None:
+        raise ApiError(401, "unauthorized", "missing X-API-Key header", {"WWW-Authenticate": "APIKey"})
+    given = key.encode()
+    # compare against every key (no early exit) so timing says nothing about which matched
+    ok = False
+    for valid in settings.api_keys:
+        ok |= hmac.compare_digest(given, valid.encode())
+    if not ok:
+        raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "APIKey"})
+
+
+ApiKey = Depends(require_api_key)

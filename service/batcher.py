@@ -1,0 +1,135 @@
+"""An asyncio micro-batcher: images from concurrent requests become one engine batch.
+
+LitServe's contract, kept small: requests put (bytes, name) items on a bounded queue; one
+task gathers up to `max_batch_size` items, waiting at most `max_wait_ms` after the first;
+the engine runs in a worker thread (never on the event loop); each item's future gets its
+own result. Guards: a full queue refuses new work (the route answers 503), items whose
+request already timed out are dropped before the batch runs, and a batch that returns the
+wrong number of results fails its items instead of mislabelling them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pipelines.qc_result import QCResult
+from service.gate import EngineGate
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+RunBatch = Callable[[Sequence[bytes], Sequence[str]], list[QCResult]]
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class _Item:
+    data: bytes
+    name: str
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(self, run_batch: RunBatch, gate: EngineGate, metrics: Metrics, max_batch_size: int,
+                 max_wait_ms: float, max_queue: int) -> None:
+        self.run_batch, self.gate, self.metrics = run_batch, gate, metrics
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.pending = 0  # queued + running; read by the job runner's thread (an int read is atomic)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._task: asyncio.Task | None = None
+        self._batch_seconds = 0.5  # running mean, for Retry-After
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    def retry_after_s(self) -> int:
+        batches_ahead = self.pending / self.max_batch_size + 1
+        return max(1, round(batches_ahead * self._batch_seconds))
+
+    def submit(self, items: Sequence[tuple[bytes, str]]) -> list[asyncio.Future]:
+        """Queue a request's images together or not at all; raises QueueFull."""
+        if self.pending + len(items) > self.max_queue:
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = []
+        for data, name in items:
+            item = _Item(data, name, loop.create_future())
+            self._queue.put_nowait(item)
+            futures.append(item.future)
+        self.pending += len(items)
+        self.metrics.queue_depth.set(self.pending)
+        return futures
+
+    async def _gather(self) -> list[_Item]:
+        batch = [await self._queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                while len(batch) < self.max_batch_size and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            live = [it for it in batch if not it.future.done()]  # timed-out requests are dropped
+            stale = len(batch) - len(live)
+            if stale:
+                self.pending -= stale
+            if not live:
+                self.metrics.queue_depth.set(self.pending)
+                continue
+            now = time.perf_counter()
+            for it in live:
+                self.metrics.queue_wait.observe(now - it.queued_at)
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, live)
+                if len(results) != len(live):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
+                for it, r in zip(live, results):
+                    if not it.future.done():
+                        it.future.set_result(r)
+            except Exception as e:  # noqa: BLE001 - one failed batch must not stop the batcher
+                log.exception("engine batch of %d failed (%s)", len(live), type(e).__name__)
+                for it in live:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+            finally:
+                self.pending -= len(live)
+                self.metrics.queue_depth.set(self.pending)
+
+    def _run(self, items: list[_Item]) -> list[QCResult]:
+        with self.gate.interactive():
+            t = time.perf_counter()
+            results = self.run_batch([it.data for it in items], [it.name for it in items])
+            took = time.perf_counter() - t
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * took
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.batch_seconds.observe(took)
+        return results

@@ -1,0 +1,1 @@
+"""Batch-cleaning jobs: a SQLite store (jobs and items) and a runner thread."""

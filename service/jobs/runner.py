@@ -1,0 +1,112 @@
+"""The job runner: one background thread that cleans a job's files in small batches through
+the same engine as the uploads, yielding to them before every batch (EngineGate).
+
+On start it picks up jobs left `queued` or `running` by a previous process (kill -9
+included) and skips the files already in the items table. Each file is checked against the
+data roots again (a manifest row or a symlink may point anywhere): outside ones become
+`unreadable` rows with the reason, never a read. Originals are only read; the quarantine
+gets copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.clean import QUARANTINED, export_records, list_inputs, quarantine_copy
+from pipelines.qc_result import Label, QCResult
+from service.gate import EngineGate
+from service.jobs.store import Job, JobStore
+from service.metrics import Metrics
+from service.paths import inside
+
+log = logging.getLogger(__name__)
+RunJobBatch = Callable[[list[Path], list[str], str], list[QCResult]]
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
+                 roots: list[Path], quarantine_root: Path, batch_size: int) -> None:
+        self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
+        self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.next_active()
+            self.metrics.jobs_active.set(self.store.count_active())
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
+                log.exception("job %s failed (%s)", job.id, type(e).__name__)
+                self.store.update(job.id, status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+
+    def _run(self, job: Job) -> None:
+        src = Path(job.source)
+        if not src.exists():
+            self.store.update(job.id, status="failed", error="source no longer exists", finished=time.time())
+            return
+        root = src.parent if src.is_file() else src
+        inputs = list_inputs(src)
+        done = self.store.done_paths(job.id)
+        now = time.time()
+        self.store.update(job.id, status="running", total=len(inputs), started=job.started or now,
+                          resumed_at=now, done_before_resume=len(done))
+        log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
+        todo = [p for p in inputs if p not in done]
+        qdir = self.quarantine_root / job.quarantine if job.quarantine else None
+        for start in range(0, len(todo), self.batch_size):
+            if self._stop.is_set():
+                return  # left `running`: the next start resumes it
+            if self.store.status(job.id) != "running":
+                log.info("job %s: %s", job.id, self.store.status(job.id))
+                return
+            chunk = todo[start : start + self.batch_size]
+            results = self._batch(root, chunk, job.policy)
+            if qdir is not None:
+                for r in results:
+                    if r.label in QUARANTINED and r.error != OUTSIDE and (root / r.path).is_file():
+                        quarantine_copy(root, r.path, r.label, qdir, link=False)
+            self.store.add_items(job.id, results)
+            self.metrics.job_items.inc(len(results))
+            for r in results:
+                self.metrics.images.labels(r.label.value, "job").inc()
+        export_records(self.store.records(job.id), Path(job.out_dir))
+        if self.store.status(job.id) == "running":
+            self.store.update(job.id, status="done", finished=time.time())
+            log.info("job %s: done", job.id)
+
+    def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
+        allowed = [rel for rel in chunk if inside(root / rel, self.roots)]
+        by_path: dict[str, QCResult] = {}
+        if allowed:
+            with self.gate.background():
+                for r in self.run_batch([root / rel for rel in allowed], allowed, policy):
+                    by_path[r.path] = r
+        return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
+
+
+OUTSIDE = "outside the allowed data roots (not read)"

@@ -1,0 +1,144 @@
+"""Job state in one SQLite file: a `jobs` table and an `items` table (one row per file).
+
+Items are written one batch per transaction with (job_id, path) as the primary key, so a
+server killed with kill -9 restarts with every finished batch kept, none twice, and the
+runner simply skips what is there. Each thread gets its own connection (sqlite3 objects
+must not cross threads); WAL lets the routes read while the runner writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipelines.qc_result import QCResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, source TEXT NOT NULL, quarantine TEXT, policy TEXT NOT NULL,
+    out_dir TEXT NOT NULL, total INTEGER, created REAL NOT NULL, started REAL, finished REAL, error TEXT,
+    resumed_at REAL, done_before_resume INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS items (
+    job_id TEXT NOT NULL, path TEXT NOT NULL, label TEXT NOT NULL, record TEXT NOT NULL, done_at REAL NOT NULL,
+    PRIMARY KEY (job_id, path)
+);
+"""
+ACTIVE = ("queued", "running")
+FINAL = ("done", "failed", "cancelled")
+
+
+class Job(BaseModel):
+    id: str
+    status: str  # queued | running | done | failed | cancelled
+    source: str
+    quarantine: str | None
+    policy: str
+    out_dir: str
+    total: int | None
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    resumed_at: float | None = None
+    done_before_resume: int = 0
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    # jobs -------------------------------------------------------------------------------
+    def create(self, source: str, quarantine: str | None, policy: str, out_root: Path) -> Job:
+        job_id = uuid.uuid4().hex[:16]
+        self._db().execute("INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) "
+                           "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                           (job_id, source, quarantine, policy, str(out_root / job_id), time.time()))
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(**dict(row)) if row else None
+
+    def list(self, limit: int = 100) -> list[Job]:
+        rows = self._db().execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        return [Job(**dict(r)) for r in rows]
+
+    def next_active(self) -> Job | None:
+        row = self._db().execute(f"SELECT * FROM jobs WHERE status IN {ACTIVE} ORDER BY created LIMIT 1").fetchone()
+        return Job(**dict(row)) if row else None
+
+    def count_active(self) -> int:
+        return self._db().execute(f"SELECT count(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+
+    def update(self, job_id: str, **fields: object) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._db().execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def cancel(self, job_id: str) -> bool:
+        """True when the job was active and is now cancelled (the runner stops before its next batch)."""
+        cur = self._db().execute(f"UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ? "
+                                 f"AND status IN {ACTIVE}", (time.time(), job_id))
+        return cur.rowcount == 1
+
+    def status(self, job_id: str) -> str | None:
+        row = self._db().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    # items ------------------------------------------------------------------------------
+    def add_items(self, job_id: str, results: list[QCResult]) -> None:
+        now = time.time()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)",
+                           [(job_id, r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"}), now)
+                            for r in results])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def done_paths(self, job_id: str) -> set[str]:
+        return {r[0] for r in self._db().execute("SELECT path FROM items WHERE job_id = ?", (job_id,))}
+
+    def counts(self, job_id: str) -> dict[str, int]:
+        rows = self._db().execute("SELECT label, count(*) FROM items WHERE job_id = ? GROUP BY label", (job_id,))
+        return {label: n for label, n in rows}
+
+    def records(self, job_id: str, chunk: int = 1000) -> Iterator[QCResult]:
+        """In path order, read in chunks on a connection of its own (safe to stream)."""
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            last = ""
+            while True:
+                rows = db.execute("SELECT path, record FROM items WHERE job_id = ? AND path > ? ORDER BY path LIMIT ?",
+                                  (job_id, last, chunk)).fetchall()
+                if not rows:
+                    return
+                for _, rec in rows:
+                    yield QCResult.model_validate_json(rec)
+                last = rows[-1][0]
+        finally:
+            db.close()

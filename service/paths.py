@@ -1,0 +1,44 @@
+"""Server-side paths a client may name: confined to CERVIXQC_DATA_ROOTS.
+
+A client names a folder or manifest as an absolute path or relative to a data root. `..`
+is refused before anything is resolved; then symlinks are resolved and the real path must
+lie inside a root, so a link inside a root that points elsewhere is refused as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from service.errors import ApiError
+
+
+def inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
+    if not roots:
+        raise ApiError(403, "no_data_roots", "this server has no CERVIXQC_DATA_ROOTS: jobs are switched off")
+    if not requested or "\x00" in requested:
+        raise ApiError(400, "invalid_path", f"{what}: empty or invalid path")
+    if ".." in PurePosixPath(requested).parts or ".." in Path(requested).parts:
+        raise ApiError(400, "invalid_path", f"{what}: '..' is not allowed in paths")
+    candidates = [Path(requested)] if Path(requested).is_absolute() else [root / requested for root in roots]
+    for candidate in candidates:
+        if not (candidate.exists() or candidate.is_symlink()):
+            continue
+        if not inside(candidate, roots):
+            raise ApiError(403, "path_forbidden", f"{what} is outside the allowed data roots")
+        return candidate.resolve()
+    if Path(requested).is_absolute() and not inside(Path(requested), roots):
+        raise ApiError(403, "path_forbidden", f"{what} is outside the allowed data roots")
+    raise ApiError(404, "path_not_found", f"{what} does not exist under the data roots")
+
+
+def relative_name(requested: str, what: str = "quarantine") -> PurePosixPath:
+    """A name for a folder the service creates under its own root: relative, no '..'."""
+    p = PurePosixPath(requested)
+    if not requested or p.is_absolute() or ".." in p.parts or "\x00" in requested or "\\" in requested:
+        raise ApiError(400, "invalid_path", f"{what}: a relative folder name without '..' is required")
+    return p

@@ -1,0 +1,112 @@
+"""Batch-cleaning jobs over server-side folders or manifests under CERVIXQC_DATA_ROOTS."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from pipelines.qc_result import QCResult
+from service.auth import ApiKey
+from service.errors import ApiError
+from service.jobs.store import Job
+from service.paths import confine, relative_name
+from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
+from service.state import ServiceState, State
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey])
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422)}
+CSV_FIELDS = [f for f in QCResult.model_fields if f != "timings_ms"]
+
+
+def _status(state: ServiceState, job: Job) -> JobStatus:
+    counts = state.store.counts(job.id)
+    processed = sum(counts.values())
+    rate = eta = None
+    if job.status == "running" and job.resumed_at:
+        elapsed = time.time() - job.resumed_at
+        now_done = processed - job.done_before_resume
+        rate = now_done / elapsed if elapsed > 0 and now_done > 0 else None
+        if rate and job.total is not None:
+            eta = (job.total - processed) / rate
+    elif job.status == "done" and job.started and job.finished and job.finished > job.started:
+        rate = (processed - job.done_before_resume) / (job.finished - (job.resumed_at or job.started))
+        eta = 0.0
+    progress = processed / job.total if job.total else (1.0 if job.total == 0 else None)
+    return JobStatus(id=job.id, status=job.status, source=job.source, quarantine=job.quarantine, policy=job.policy,
+                     total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
+                     eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
+                     results_url=f"/v1/jobs/{job.id}/results")
+
+
+def _job(state: ServiceState, job_id: str) -> Job:
+    job = state.store.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Start a cleaning job")
+async def create_job(body: JobCreate, state: State) -> JobStatus:
+    s = state.settings
+    source = confine(body.source, s.data_roots)
+    if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet")):
+        raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
+    quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
+    job = state.store.create(str(source), quarantine, body.policy or s.policy, s.state_dir / "jobs")
+    state.runner.wake()
+    return _status(state, job)
+
+
+@router.get("", response_model=JobList, summary="Recent jobs, newest first")
+async def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
+    return JobList(jobs=[_status(state, j) for j in state.store.list(limit)])
+
+
+@router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Status, counts, progress, rate, ETA")
+async def get_job(job_id: str, state: State) -> JobStatus:
+    return _status(state, _job(state, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
+async def cancel_job(job_id: str, state: State) -> JobStatus:
+    job = _job(state, job_id)
+    if not state.store.cancel(job_id):
+        raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
+    return _status(state, _job(state, job_id))
+
+
+def _csv_lines(records: Iterator[QCResult]) -> Iterator[str]:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS)
+    writer.writeheader()
+    for i, r in enumerate(records, 1):
+        writer.writerow(r.csv_row())
+        if i % 500 == 0:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
+
+
+def _jsonl_lines(records: Iterator[QCResult]) -> Iterator[str]:
+    for r in records:
+        yield r.model_dump_json(exclude={"timings_ms"}) + "\n"
+
+
+@router.get("/{job_id}/results", responses={**_ERRORS, 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
+            response_class=StreamingResponse, summary="Results so far, streamed, in path order")
+async def job_results(job_id: str, state: State,
+                      format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
+    job = _job(state, job_id)
+    records = state.store.records(job_id)
+    headers = {"X-Job-Status": job.status}
+    if format == "csv":
+        headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
+        return StreamingResponse(_csv_lines(records), media_type="text/csv", headers=headers)
+    return StreamingResponse(_jsonl_lines(records), media_type="application/x-ndjson", headers=headers)

@@ -1,0 +1,91 @@
+"""Service settings, from the environment (prefix CERVIXQC_), validated at start-up.
+
+Lists (API keys, data roots) are comma-separated, not JSON, because that is what people
+type into a compose file. The service refuses to start without an API key unless auth is
+switched off explicitly: a screening site must not end up with an open endpoint by omission.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
+MIN_KEY_LENGTH = 16
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CERVIXQC_", extra="ignore")
+
+    # models
+    weights_dir: Path = Path("weights")
+    device: str = "auto"  # auto: cuda when present, else cpu
+    policy: Literal["deep_sad", "resnest", "either", "both"] = "resnest"
+
+    # auth
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None  # one key per line; '#' comments
+    auth_disabled: bool = False
+
+    # files the jobs may read, and where the service writes
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    state_dir: Path = Path(".cache/service")  # jobs.sqlite and per-job results
+    quarantine_root: Path | None = None  # default: state_dir/quarantine
+
+    # batching and load
+    max_batch_size: int = Field(16, ge=1, le=512)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queue: int = Field(256, ge=1)  # images waiting for the engine; past it: 503
+    request_timeout_s: float = Field(60.0, gt=0)
+    job_batch_size: int = Field(8, ge=1, le=512)
+
+    # input limits
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # whole request body
+    max_files_per_request: int = Field(32, ge=1)
+    max_pixels: int = Field(100_000_000, ge=1)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("api_keys", "data_roots", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            if not self.api_keys_file.is_file():
+                raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file} does not exist")
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
+                     if line.strip() and not line.strip().startswith("#")]
+        for key in keys:
+            if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
+                raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters and not a placeholder "
+                                 "(generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if not keys and not self.auth_disabled:
+            raise ValueError("no API key: set CERVIXQC_API_KEYS or CERVIXQC_API_KEYS_FILE "
+                             "(or CERVIXQC_AUTH_DISABLED=true on a trusted network)")
+        self.api_keys = keys
+        self.data_roots = [p.resolve() for p in self.data_roots]
+        if self.quarantine_root is None:
+            self.quarantine_root = self.state_dir / "quarantine"
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

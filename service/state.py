@@ -1,0 +1,36 @@
+"""What the lifespan builds once and the routes share, reached through a dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from pipelines.qc import QCPipeline
+from service.batcher import MicroBatcher
+from service.errors import ApiError
+from service.jobs.runner import JobRunner
+from service.jobs.store import JobStore
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    qc: QCPipeline
+    batcher: MicroBatcher
+    store: JobStore
+    runner: JobRunner
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        raise ApiError(503, "starting", "models are still loading", {"Retry-After": "5"})
+    return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]

@@ -1,0 +1,291 @@
+"""The HTTP service on a real uvicorn process: auth, batching under concurrency, bad input,
+path confinement, jobs (and their survival of kill -9), overload, and a schemathesis run."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines.clean import clean
+from pipelines.qc import QCPipeline
+from tests.qc_fixtures import fuzz_set, tiny_weights
+from tests.service_server import API_KEY, HEADERS, start_server
+
+LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for i, (name, (data, _)) in enumerate(fuzz_set().items()):
+        sub = root / "collection" / ("clinic_a" if i % 2 else "clinic_b/2019")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, weights, data_root):
+    srv = start_server(tmp_path_factory.mktemp("srv"), weights, data_roots=data_root, max_batch_size=16,
+                       max_wait_ms=100, max_upload_bytes=4 * 1024 * 1024, max_files_per_request=20)
+    yield srv
+    srv.kill()
+
+
+def _jpeg(i: int, size=(160, 120)) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_health_is_open_and_everything_else_needs_a_valid_key(server):
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    for path in ("/v1/models", "/metrics", "/v1/jobs"):
+        for headers in ({}, {"X-API-Key": "wrong-key-0123456789abcdef"}):
+            r = httpx.get(server.url + path, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
+    with server.client() as c:
+        models = c.get("/v1/models").json()
+    assert [m["name"] for m in models["models"]] == ["detector", "deep_sad", "classifier"]
+    assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
+
+
+def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):
+    images = {f"img{i:02d}.jpg": _jpeg(i) for i in range(64)}
+
+    async def upload(client: httpx.AsyncClient, name: str, data: bytes) -> httpx.Response:
+        return await client.post("/v1/qc", files={"files": (name, data, "image/jpeg")})
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=120) as client:
+            return await asyncio.gather(*(upload(client, n, d) for n, d in images.items()))
+
+    responses = asyncio.run(run())
+    for (name, data), r in zip(images.items(), responses):
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert result["filename"] == name and result["sha256"] == hashlib.sha256(data).hexdigest()
+        assert result["label"] in LABELS and result["width"] == 160 and result["height"] == 120
+    with server.client() as c:
+        text = c.get("/metrics").text
+    batches = _metric(text, "cervixqc_batch_size_count")
+    singles = _metric(text, "cervixqc_batch_size_bucket", '{le="1.0"}')
+    assert batches > 0 and singles < batches, "no upload batch held more than one image"
+    assert _metric(text, "cervixqc_batch_size_sum") >= 64
+
+
+def test_the_fuzz_set_over_http_gives_each_file_its_reason_and_never_a_500(server):
+    cases = fuzz_set()
+    with server.client() as c:
+        for name, (data, expected) in cases.items():
+            r = c.post("/v1/qc", files={"files": (name, data, "application/octet-stream")})
+            if expected is None:
+                assert r.status_code == 200, (name, r.text)
+                assert r.json()["results"][0]["label"] in LABELS - {"unreadable"}, name
+            else:
+                assert r.status_code == 422, (name, r.text)
+                body = r.json()["error"]
+                assert body["code"] == "unreadable" and expected in body["results"][0]["error"], (name, body)
+        together = c.post("/v1/qc", files=[("files", (n, d, "image/jpeg")) for n, (d, _) in cases.items()])
+    assert together.status_code == 200, together.text
+    results = together.json()["results"]
+    assert [r["filename"] for r in results] == list(cases)
+    for r, (_, expected) in zip(results, cases.values()):
+        assert (r["label"] == "unreadable") == (expected is not None)
+        if expected:
+            assert expected in r["error"]
+
+
+def test_malformed_requests_get_a_json_4xx(server):
+    with server.client() as c:
+        checks = [
+            (c.post("/v1/qc", content=b"", headers={"Content-Type": "multipart/form-data; boundary=x"}), 400),
+            (c.post("/v1/qc", json={"files": []}), 415),
+            (c.post("/v1/qc", content=b"--x\r\nnot multipart at all", headers={"Content-Type": "multipart/form-data"}),
+             400),
+            (c.post("/v1/qc", files={"files": ("big.jpg", b"\xff" * (5 * 1024 * 1024), "image/jpeg")}), 413),
+            (c.post("/v1/qc", files=[("files", (f"f{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(21)]), 400),
+            (c.post("/v1/qc", data={"note": "no file"}, files={}), 415),
+            (c.get("/v1/jobs/doesnotexist"), 404),
+            (c.post("/v1/jobs", json={"nosource": 1}), 422),
+            (c.get("/v1/nothing"), 404),
+        ]
+    for r, status in checks:
+        assert r.status_code == status, (status, r.status_code, r.text)
+        assert set(r.json()["error"]) >= {"code", "message"}
+
+
+def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_path):
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "x.jpg").write_bytes(_jpeg(0))
+    link = data_root / "escape"
+    if not link.exists():
+        link.symlink_to(outside, target_is_directory=True)
+    with server.client() as c:
+        for body, status, code in [
+            ({"source": "collection/../../etc"}, 400, "invalid_path"),
+            ({"source": "/etc"}, 403, "path_forbidden"),
+            ({"source": str(outside)}, 403, "path_forbidden"),
+            ({"source": "escape"}, 403, "path_forbidden"),
+            ({"source": "missing-folder"}, 404, "path_not_found"),
+            ({"source": "collection", "quarantine": "../q"}, 400, "invalid_path"),
+            ({"source": "collection", "quarantine": "/tmp/q"}, 400, "invalid_path"),
+        ]:
+            r = c.post("/v1/jobs", json=body)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+
+
+def _wait_job(client: httpx.Client, job_id: str, until, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} stuck: {job}")
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+COLS = ["path", "sha256", "label", "kind", "cervix_box", "error"]
+
+
+def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, weights, data_root, tmp_path):
+    src = data_root / "collection"
+    before = _checksums(src)
+    reference = clean(QCPipeline(weights), src, tmp_path / "ref", batch_size=4)
+    with server.client() as c:
+        r = c.post("/v1/jobs", json={"source": "collection", "quarantine": "batch1"})
+        assert r.status_code == 202, r.text
+        job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
+        assert job["status"] == "done" and job["processed"] == job["total"] == reference.total
+        assert job["counts"] == reference.by_label and job["progress"] == 1.0
+        csv_text = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "csv"}).text
+        jsonl = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "jsonl"}).text.splitlines()
+        listed = c.get("/v1/jobs").json()["jobs"]
+    got = pd.read_csv(io.StringIO(csv_text), keep_default_na=False, dtype=str)
+    want = pd.read_csv(tmp_path / "ref" / "results.csv", keep_default_na=False, dtype=str)
+    pd.testing.assert_frame_equal(got[COLS], want[COLS])
+    assert len(jsonl) == len(got) and job["id"] in {j["id"] for j in listed}
+    assert _checksums(src) == before
+    quarantine = Path(server.env["CERVIXQC_STATE_DIR"]) / "quarantine" / "batch1"
+    flagged = got[got["label"] != "regular"]
+    for _, row in flagged.iterrows():
+        copy = quarantine / row["label"] / row["path"]
+        assert copy.read_bytes() == (src / row["path"]).read_bytes()
+        assert copy.stat().st_ino != (src / row["path"]).stat().st_ino, "quarantine must hold copies"
+
+
+def test_a_file_linked_from_outside_the_roots_is_not_read(server, data_root, tmp_path):
+    folder = data_root / "with_link"
+    folder.mkdir(exist_ok=True)
+    (folder / "inside.jpg").write_bytes(_jpeg(1))
+    secret = tmp_path / "private.jpg"
+    secret.write_bytes(_jpeg(2))
+    (folder / "linked.jpg").symlink_to(secret)
+    with server.client() as c:
+        job_id = c.post("/v1/jobs", json={"source": "with_link"}).json()["id"]
+        _wait_job(c, job_id, lambda j: j["status"] == "done")
+        rows = {r["path"]: r for r in map(json.loads, c.get(f"/v1/jobs/{job_id}/results?format=jsonl").text.splitlines())}
+    assert rows["linked.jpg"]["label"] == "unreadable" and "outside" in rows["linked.jpg"]["error"]
+    assert rows["linked.jpg"]["sha256"] is None
+    assert rows["inside.jpg"]["label"] != "unreadable"
+
+
+def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_path, weights):
+    srv = start_server(tmp_path / "srv", weights, max_queue=2, max_batch_size=1, max_wait_ms=0)
+    try:
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, headers=HEADERS, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/qc", files={"files": (f"{i}.jpg", _jpeg(i), "image/jpeg")})
+                                              for i in range(40)))
+
+        statuses = [r.status_code for r in asyncio.run(run())]
+        assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+        with srv.client() as c:
+            refused = c.post("/v1/qc", files=[("files", (f"{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(3)])
+            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert c.get("/readyz").status_code == 200
+            assert c.post("/v1/qc", files={"files": ("a.jpg", _jpeg(1), "image/jpeg")}).status_code == 200
+            assert _metric(c.get("/metrics").text, "cervixqc_rejected_requests_total", '{reason="overload"}') > 0
+        assert srv.proc.poll() is None
+    finally:
+        srv.kill()
+
+
+@pytest.mark.slow
+def test_a_server_killed_with_sigkill_mid_job_finishes_it_after_restart(tmp_path, weights):
+    root = tmp_path / "data"
+    src = root / "big"
+    src.mkdir(parents=True)
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(300):
+        (src / f"img{i:03d}.jpg").write_bytes(ok[:-1] + i.to_bytes(2, "big"))
+    (src / "broken.jpg").write_bytes(b"not an image")
+    before = _checksums(src)
+    clean(QCPipeline(weights), src, tmp_path / "ref", batch_size=4)
+    settings = dict(data_roots=root, job_batch_size=2)
+    srv = start_server(tmp_path / "srv", weights, **settings)
+    with srv.client() as c:
+        job_id = c.post("/v1/jobs", json={"source": "big"}).json()["id"]
+        seen = _wait_job(c, job_id, lambda j: j["processed"] >= 6)
+    srv.kill(signal.SIGKILL)
+    assert seen["processed"] < seen["total"], "the kill must land mid-job"
+    srv = start_server(tmp_path / "srv", weights, **settings)
+    try:
+        with srv.client() as c:
+            job = _wait_job(c, job_id, lambda j: j["status"] == "done")
+            got = pd.read_csv(io.StringIO(c.get(f"/v1/jobs/{job_id}/results").text), keep_default_na=False, dtype=str)
+    finally:
+        srv.kill()
+    want = pd.read_csv(tmp_path / "ref" / "results.csv", keep_default_na=False, dtype=str)
+    assert job["processed"] == job["total"] == len(want) == len(got) and got["path"].is_unique
+    pd.testing.assert_frame_equal(got[COLS], want[COLS])
+    assert _checksums(src) == before
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    st = Path(sys.executable).with_name("st")
+    run = subprocess.run([str(st), "run", f"{server.url}/openapi.json", "-H", f"X-API-Key: {API_KEY}",
+                          "--checks", "not_a_server_error", "--max-examples", "25", "--generation-deterministic",
+                          "--request-timeout", "60"],
+                         capture_output=True, text=True, timeout=280, env={**os.environ, "NO_COLOR": "1"},
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    tested = re.search(r"(\d+) generated", run.stdout)
+    assert tested and int(tested.group(1)) >= 50, run.stdout[-4000:]
+    assert server.proc.poll() is None
