@@ -1,5 +1,33 @@
-# PLACEHOLDER: the service and its weights do not exist yet, so there is nothing to ship.
-# This file fails on purpose rather than build an image that pretends to work; the release
-# issue replaces it (multi-stage, uv-based, non-root, weights included, HEALTHCHECK).
+# syntax=docker/dockerfile:1
+# cervixqc service image: docker compose up (GPU) or --profile cpu (see README, Deployment).
+# The build stage installs with the Makefile's own target, the one CI runs, from uv.lock;
+# the runtime stage is slim Python with the virtual environment, the code and the weights.
+
+FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
+COPY Makefile pyproject.toml uv.lock README.md ./
+COPY models ./models
+COPY pipelines ./pipelines
+COPY service ./service
+RUN make install SYNC_FLAGS="--no-dev --no-editable"
+
 FROM python:3.11-slim
-RUN echo "cervixqc: no deployable image yet; see README 'Status'" >&2 && exit 1
+RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/cervixqc cervixqc \
+    && mkdir -p /quarantine && chown cervixqc /quarantine
+WORKDIR /app
+COPY --from=build /app/.venv /app/.venv
+COPY weights /app/weights
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CERVIXQC_HOST=0.0.0.0 \
+    CERVIXQC_PORT=8000 \
+    CERVIXQC_WEIGHTS_DIR=/app/weights \
+    CERVIXQC_STATE_DIR=/var/lib/cervixqc \
+    CERVIXQC_QUARANTINE_ROOT=/quarantine
+USER cervixqc
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+CMD ["cervixqc", "serve"]

@@ -1,0 +1,112 @@
+"""What can be checked of the deployment without a Docker engine (none runs here): the
+compose file against the compose specification's schema, and the Dockerfile's own commands
+run as a script into a fresh directory, then the image's CMD and HEALTHCHECK run from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.launch import free_port
+from tests.qc_fixtures import tiny_weights
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK = Path(sys.executable).with_name("check-jsonschema")
+
+
+def _validate_compose(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHECK), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_compose_file_follows_the_compose_specification(tmp_path):
+    assert _validate_compose(REPO / "docker-compose.yml").returncode == 0
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((REPO / "docker-compose.yml").read_text().replace("  healthcheck:", "  healthchek:"))
+    result = _validate_compose(broken)
+    assert result.returncode != 0 and "healthchek" in result.stdout
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = dockerfile.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _env_pairs(rest: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in shlex.split(rest))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_dockerfile_commands_build_a_working_service(tmp_path):
+    stages: list[list[tuple[str, str]]] = []
+    for op, rest in _instructions(REPO / "Dockerfile"):
+        if op == "FROM":
+            stages.append([])
+        stages[-1].append((op, rest))
+    build, runtime = stages
+    app = tmp_path / "app"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CERVIXQC_", "VIRTUAL_ENV", "UV_"))}
+    if (REPO / ".tools/bin/uv").exists():  # the bootstrapped uv, so the build needs no network for it
+        env["PATH"] = f"{REPO / '.tools/bin'}:{env['PATH']}"
+    for op, rest in build[1:]:
+        if op == "WORKDIR":
+            app.mkdir(parents=True, exist_ok=True)
+        elif op == "ENV":
+            env.update(_env_pairs(rest))
+            env["UV_LINK_MODE"] = "hardlink"  # same files; copying 5 GB of CUDA torch is only slower
+        elif op == "COPY":
+            *sources, _ = shlex.split(rest)
+            for src in sources:
+                (shutil.copytree if (REPO / src).is_dir() else shutil.copy2)(REPO / src, app / src)
+        elif op == "RUN":
+            if rest.startswith("apt-get"):
+                assert shutil.which("make"), "the build stage installs make; this machine must have it"
+                continue
+            run = subprocess.run(["bash", "-c", rest], cwd=app, env=env, capture_output=True, text=True, timeout=500)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    venv_bin = app / ".venv/bin"
+    assert not (venv_bin / "pytest").exists(), "the image must not carry the dev tools"
+    runtime_env = {k: v for k, v in env.items() if not k.startswith("UV_")}
+    for op, rest in runtime:
+        if op == "ENV":  # the image's /app is this test's build folder
+            runtime_env.update({k: v.replace("$PATH", env["PATH"]).replace("/app/", f"{app}/")
+                                for k, v in _env_pairs(rest).items()})
+        if op == "HEALTHCHECK":
+            health_cmd = json.loads(rest[rest.index("CMD") + 3:].strip())
+        if op == "CMD":
+            cmd = json.loads(rest)
+    assert runtime_env["PATH"].startswith(f"{venv_bin}:")
+    runtime_env.update(CERVIXQC_WEIGHTS_DIR=str(tiny_weights(tmp_path / "weights", 0.05)),
+                       CERVIXQC_STATE_DIR=str(tmp_path / "state"), CERVIXQC_QUARANTINE_ROOT=str(tmp_path / "q"),
+                       CERVIXQC_HOST="127.0.0.1", CERVIXQC_PORT=str(port := free_port()),
+                       CERVIXQC_API_KEYS="deploy-test-key-0123456789")
+    elsewhere = tmp_path / "run"
+    elsewhere.mkdir()  # not the build tree: the installed package must stand alone
+    server = subprocess.Popen(cmd, cwd=elsewhere, env=runtime_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        health_cmd = [a.replace(":8000", f":{port}") for a in health_cmd]
+        deadline = time.time() + 180
+        while time.time() < deadline and server.poll() is None:
+            if subprocess.run(health_cmd, cwd=elsewhere, env=runtime_env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"HEALTHCHECK never passed: {server.stdout.read().decode()[-3000:] if server.poll() is not None else 'still starting'}")
+    finally:
+        server.terminate()
+        server.wait(30)
