@@ -19,6 +19,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/cervixqc cerv
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY weights /app/weights
+RUN chmod -R a+rX /app/weights
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CERVIXQC_HOST=0.0.0.0 \
