@@ -24,7 +24,8 @@ def _peak_rss_mb() -> float:
 
 @torch.inference_mode()
 def run_naive(weights: Path, paths: list[Path]) -> dict:
-    qc = QCPipeline(weights, QCConfig())
+    # the models as a research script has them: loaded from the card, default layout, fp32
+    qc = QCPipeline(weights, QCConfig(channels_last=False, bf16=False))
     stages = {"decode": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
     big = round(qc.cls_size * 8 / 7)
     t0 = time.perf_counter()
