@@ -56,7 +56,7 @@ def start_server(workdir: Path, weights: Path, api_key: str, ready_timeout: floa
     log = workdir / f"server-{port}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", proc, log, env, api_key)
     deadline = time.time() + ready_timeout

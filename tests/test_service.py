@@ -289,3 +289,17 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     tested = re.search(r"(\d+) generated", run.stdout)
     assert tested and int(tested.group(1)) >= 50, run.stdout[-4000:]
     assert server.proc.poll() is None
+
+
+def test_logs_at_info_name_no_file_and_hold_no_image_bytes(server, data_root):
+    name = "PATIENT-4711-Doe.jpg"
+    (data_root / "named").mkdir(exist_ok=True)
+    (data_root / "named" / name).write_bytes(_jpeg(5))
+    with server.client() as c:
+        assert c.post("/v1/qc", files={"files": (name, _jpeg(5), "image/jpeg")}).status_code == 200
+        assert c.post("/v1/qc", files={"files": (name, b"broken", "image/jpeg")}).status_code == 422
+        job_id = c.post("/v1/jobs", json={"source": "named"}).json()["id"]
+        _wait_job(c, job_id, lambda j: j["status"] == "done")
+    log = server.log.read_text(errors="replace")
+    assert "INFO" in log and job_id in log, "the server log must be at INFO for this test to mean anything"
+    assert "4711" not in log and "Doe" not in log and "\\xff\\xd8" not in log
