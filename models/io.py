@@ -35,6 +35,7 @@ class ModelCard(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)  # what it was trained and tested on
     metrics: dict[str, Any] = Field(default_factory=dict)
     weights_file: str = ""
+    storage_dtype: str = "float32"  # dtype of the floating tensors in the file; loading up-casts to float32
     sha256: str = ""
     created: str = ""
 
@@ -47,16 +48,40 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCard) -> Path:
-    """Write `<stem>.safetensors` and `<stem>.json`; returns the card path. Atomic per file."""
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _stored(v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    v = v.detach().contiguous().cpu()
+    if dtype is None or not v.is_floating_point() or v.dtype == dtype:
+        return v
+    out = v.to(dtype)
+    if not torch.isfinite(out).all() and torch.isfinite(v).all():
+        raise ValueError(f"a tensor overflows {dtype}; store it in float32")
+    return out
+
+
+def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCard,
+                 dtype: torch.dtype | str | None = None) -> Path:
+    """Write `<stem>.safetensors` and `<stem>.json`; returns the card path. Atomic per file.
+
+    `dtype` ("float16", "bfloat16", "float32" or a torch dtype) stores the floating tensors in
+    that dtype (halves the file for float16); integer buffers are kept. The card records it as
+    `storage_dtype` and `load_weights` up-casts back to float32."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(dtype, str):
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {dtype!r}: expected one of {sorted(_STORAGE_DTYPES)}")
+        dtype = _STORAGE_DTYPES[dtype]
     weights = stem.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    save_file({k: _stored(v, dtype) for k, v in state.items()}, str(tmp))
     os.replace(tmp, weights)
+    storage = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     card = card.model_copy(update={
         "weights_file": weights.name,
+        "storage_dtype": storage,
         "sha256": sha256_file(weights),
         "created": card.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
@@ -72,7 +97,8 @@ def load_card(card_path: str | Path) -> ModelCard:
 
 
 def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """The state dict and its card, after checking the file's sha256 against the card."""
+    """The state dict and its card, after checking the file's sha256 against the card.
+    Tensors stored in half precision (float16/bfloat16) come back as float32."""
     card_path = Path(card_path)
     card = load_card(card_path)
     weights = card_path.parent / card.weights_file
@@ -83,4 +109,6 @@ def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> t
         raise WeightsIntegrityError(
             f"{weights}: sha256 {actual[:16]}... does not match its card's {card.sha256[:16]}...; refusing to load"
         )
-    return load_file(str(weights), device=str(device)), card
+    state = load_file(str(weights), device=str(device))
+    state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
+    return state, card

@@ -124,6 +124,13 @@ def test_the_fuzz_set_over_http_gives_each_file_its_reason_and_never_a_500(serve
             assert expected in r["error"]
 
 
+def _chunked_multipart(size: int):
+    yield b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="big.jpg"\r\n\r\n'
+    for _ in range(size // 65536 + 1):
+        yield b"\xff" * 65536
+    yield b"\r\n--b0undary--\r\n"
+
+
 def test_malformed_requests_get_a_json_4xx(server):
     with server.client() as c:
         checks = [
@@ -132,6 +139,8 @@ def test_malformed_requests_get_a_json_4xx(server):
             (c.post("/v1/qc", content=b"--x\r\nnot multipart at all", headers={"Content-Type": "multipart/form-data"}),
              400),
             (c.post("/v1/qc", files={"files": ("big.jpg", b"\xff" * (5 * 1024 * 1024), "image/jpeg")}), 413),
+            (c.post("/v1/qc", content=_chunked_multipart(5 * 1024 * 1024),  # no Content-Length: cut off mid-stream
+                    headers={"Content-Type": "multipart/form-data; boundary=b0undary"}), 413),
             (c.post("/v1/qc", files=[("files", (f"f{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(21)]), 400),
             (c.post("/v1/qc", data={"note": "no file"}, files={}), 415),
             (c.get("/v1/jobs/doesnotexist"), 404),
