@@ -77,6 +77,7 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
     weights = stem.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".tmp")
     save_file({k: _stored(v, dtype) for k, v in state.items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a container's non-root user must read shipped weights
     os.replace(tmp, weights)
     storage = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     card = card.model_copy(update={

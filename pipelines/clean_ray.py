@@ -25,7 +25,7 @@ _FIELDS = ("record",)
 
 
 class QCActor:
-    def __init__(self, weights: str, policy: str, root: str) -> None:
+    def __init__(self, weights: str, policy: str | None, root: str) -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +39,7 @@ class QCActor:
         return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results]}
 
 
-def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str = "resnest",
+def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).

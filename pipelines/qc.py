@@ -32,7 +32,7 @@ KINDS = ("regular", "green", "iodine")
 @dataclass
 class QCConfig:
     device: str = "cpu"
-    policy: Policy = "resnest"
+    policy: Policy | None = None  # None: the stage-2 model with the better validation F1 (best_policy)
     crop_margin: float = 0.05
     decode_threads: int = 2
     limits: DecodeLimits = DecodeLimits()
@@ -48,6 +48,16 @@ class QCConfig:
     bf16: bool | None = None
 
 
+def best_policy(sad_card, cls_card) -> Policy:
+    """The default decision: whichever stage-2 model has the higher F1 on its validation split
+    (the cards' metrics.val.f1; never a test figure). Ties and cards without validation
+    metrics go to ResNeSt, the paper's final choice."""
+    def val_f1(card) -> float:
+        return float(card.metrics.get("val", {}).get("f1", float("-inf")))
+
+    return "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
+
+
 class QCPipeline:
     def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
         self.cfg = config or QCConfig()
@@ -57,6 +67,7 @@ class QCPipeline:
         self.deep_sad, self.sad_card = load_stage2(weights / "deep_sad.json", dev)
         self.classifier, self.cls_card = load_stage2(weights / "classifier.json", dev)
         self.device = torch.device(dev)
+        self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
@@ -98,7 +109,7 @@ class QCPipeline:
         sad_says = sad >= threshold_of(self.sad_card)
         res_says = prob >= threshold_of(self.cls_card)
         flagged = {"deep_sad": sad_says, "resnest": res_says, "either": sad_says or res_says,
-                   "both": sad_says and res_says}[policy or self.cfg.policy]
+                   "both": sad_says and res_says}[policy or self.policy]
         return Label.NON_REGULAR if flagged else Label.REGULAR
 
     @torch.inference_mode()

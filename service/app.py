@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.batcher.start()
         state.runner.start()
         app.state.service = state
-        log.info("ready in %.1f s on %s (policy %s)", time.perf_counter() - t0, state.qc.device, settings.policy)
+        log.info("ready in %.1f s on %s (policy %s)", time.perf_counter() - t0, state.qc.device, state.qc.policy)
         try:
             yield
         finally:

@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     # models
     weights_dir: Path = Path("weights")
     device: str = "auto"  # auto: cuda when present, else cpu
-    policy: Literal["deep_sad", "resnest", "either", "both"] = "resnest"
+    # unset: the stage-2 model with the better validation F1 on its card (QCPipeline)
+    policy: Literal["deep_sad", "resnest", "either", "both"] | None = None
 
     # auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -2,6 +2,7 @@
 validation threshold, and the exported weights load back."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,11 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     _, card = load_weights(card_path)
     assert report["overall"]["threshold"] == card.thresholds["distance"]
     assert report["overall"]["n"] == len(crops["val"])
+    no_boxes = tmp_path / "no_boxes.json"
+    no_boxes.write_text(json.dumps({**json.loads(Path(coco).read_text()), "annotations": []}))
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),
+                                 "--split", "val"])
+    assert r.exit_code == 2 and "nothing to score" in r.output
 
 
 def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):

@@ -14,14 +14,15 @@ from pipelines.commands.common import _fail
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
-    policy: Annotated[str, typer.Option(help="deep_sad | resnest | either | both")] = "resnest",
+    policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
+                                                  "stage-2 model with the better validation F1)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
     """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
     from pipelines.qc import QCConfig, QCPipeline
 
-    if policy not in ("deep_sad", "resnest", "either", "both"):
+    if policy not in (None, "deep_sad", "resnest", "either", "both"):
         _fail(f"unknown policy {policy!r}")
     if not (weights / "detector.json").is_file():
         _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
@@ -40,7 +41,8 @@ def clean(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.csv/.parquet, state).")],
     quarantine: Annotated[Optional[Path], typer.Option(help="Folder for links/copies of flagged files.")] = None,
     weights: Annotated[Path, typer.Option()] = Path("weights"),
-    policy: Annotated[str, typer.Option(help="deep_sad | resnest | either | both")] = "resnest",
+    policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
+                                                  "stage-2 model with the better validation F1)")] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
     device: Annotated[str, typer.Option()] = "cpu",
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
@@ -53,6 +55,8 @@ def clean(
     from pipelines.clean import clean as run_clean
     from pipelines.qc import QCConfig, QCPipeline
 
+    if policy not in (None, "deep_sad", "resnest", "either", "both"):
+        _fail(f"unknown policy {policy!r}")
     if engine not in ("local", "ray"):
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():

@@ -35,6 +35,8 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
                     device: str = "cpu") -> dict:
     _, card = load_stage2(card_path)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,))[split]
+    if len(crops) == 0:
+        raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
     scores = score_crops(card_path, crops, device=device)
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}

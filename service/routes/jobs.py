@@ -58,7 +58,7 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
     if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet")):
         raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
-    job = state.store.create(str(source), quarantine, body.policy or s.policy, s.state_dir / "jobs")
+    job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
     state.runner.wake()
     return _status(state, job)
 
