@@ -312,3 +312,23 @@ def test_logs_at_info_name_no_file_and_hold_no_image_bytes(server, data_root):
     log = server.log.read_text(errors="replace")
     assert "INFO" in log and job_id in log, "the server log must be at INFO for this test to mean anything"
     assert "4711" not in log and "Doe" not in log and "\\xff\\xd8" not in log
+
+
+def test_a_cancelled_job_stops_and_cannot_be_cancelled_twice(server, data_root):
+    folder = data_root / "to_cancel"
+    folder.mkdir(exist_ok=True)
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(1000):
+        (folder / f"img{i:04d}.jpg").write_bytes(ok[:-1] + i.to_bytes(2, "big"))
+    with server.client() as c:
+        job_id = c.post("/v1/jobs", json={"source": "to_cancel"}).json()["id"]
+        cancelled = c.delete(f"/v1/jobs/{job_id}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        time.sleep(1.0)  # the runner stops before its next batch
+        first = c.get(f"/v1/jobs/{job_id}").json()
+        time.sleep(1.0)
+        second = c.get(f"/v1/jobs/{job_id}").json()
+        again = c.delete(f"/v1/jobs/{job_id}")
+    assert first["status"] == second["status"] == "cancelled"
+    assert first["processed"] == second["processed"] < 1000
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"

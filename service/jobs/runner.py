@@ -62,19 +62,20 @@ class JobRunner:
                 self._run(job)
             except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
                 log.exception("job %s failed (%s)", job.id, type(e).__name__)
-                self.store.update(job.id, status="failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+                self.store.transition(job.id, "failed", error=f"{type(e).__name__}: {e}", finished=time.time())
 
     def _run(self, job: Job) -> None:
         src = Path(job.source)
         if not src.exists():
-            self.store.update(job.id, status="failed", error="source no longer exists", finished=time.time())
+            self.store.transition(job.id, "failed", error="source no longer exists", finished=time.time())
             return
         root = src.parent if src.is_file() else src
         inputs = list_inputs(src)
         done = self.store.done_paths(job.id)
         now = time.time()
-        self.store.update(job.id, status="running", total=len(inputs), started=job.started or now,
-                          resumed_at=now, done_before_resume=len(done))
+        if not self.store.transition(job.id, "running", total=len(inputs), started=job.started or now,
+                                     resumed_at=now, done_before_resume=len(done)):
+            return  # cancelled meanwhile
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]
         qdir = self.quarantine_root / job.quarantine if job.quarantine else None
@@ -95,8 +96,7 @@ class JobRunner:
             for r in results:
                 self.metrics.images.labels(r.label.value, "job").inc()
         export_records(self.store.records(job.id), Path(job.out_dir))
-        if self.store.status(job.id) == "running":
-            self.store.update(job.id, status="done", finished=time.time())
+        if self.store.transition(job.id, "done", finished=time.time()):
             log.info("job %s: done", job.id)
 
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:

@@ -92,9 +92,13 @@ class JobStore:
     def count_active(self) -> int:
         return self._db().execute(f"SELECT count(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
 
-    def update(self, job_id: str, **fields: object) -> None:
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        self._db().execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+    def transition(self, job_id: str, to: str, **fields: object) -> bool:
+        """Move an active job to `to` (running, done, failed), only if it is still active: a
+        cancel that lands between the runner's read and its write must win."""
+        cols = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
+        cur = self._db().execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status IN {ACTIVE}",
+                                 (to, *fields.values(), job_id))
+        return cur.rowcount == 1
 
     def cancel(self, job_id: str) -> bool:
         """True when the job was active and is now cancelled (the runner stops before its next batch)."""
