@@ -40,8 +40,9 @@ class QCConfig:
     # batch 1 (resnet50 RetinaNet at 512, `cervixqc bench-detector`): convolutions on 2 cores
     # are memory-bound, so the CPU default is 1; GPUs want the whole batch.
     detector_batch: int | None = None
-    # NHWC weights: oneDNN (CPU) and cuDNN (GPU) both run convolutions faster in that layout;
-    # on this 2-core CPU the resnet50 RetinaNet at 512 ran 1.45-2.3x faster (outputs equal).
+    # NHWC weights: cuDNN and oneDNN prefer that layout for convolutions. On this 2-core CPU the
+    # resnet50 RetinaNet alone at 512 ran 1.45-2.3x faster (a busy machine), the whole engine on
+    # 8 clinic photos only 1.03-1.10x (quiet); outputs are equal (tests/test_qc_layout.py).
     channels_last: bool = True
     # bf16 autocast: None means on for CUDA only (on the 2-core CPU it measured 0.84-1.9x,
     # too unsteady to be a default there).

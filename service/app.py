@@ -46,11 +46,10 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
                                                        limits=limits))
     engine.run([np.full((480, 640, 3), 128, np.uint8)])  # warm-up: first-call allocations, lazy inits
-    holder: dict[str, MicroBatcher] = {}
-    gate = EngineGate(lambda: holder["batcher"].pending if "batcher" in holder else 0)
+    # the gate asks the batcher how many uploads wait; called only once both exist
+    gate = EngineGate(lambda: batcher.pending)
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
                            settings.max_wait_ms, settings.max_queue)
-    holder["batcher"] = batcher
     store = JobStore(settings.state_dir / "jobs.sqlite")
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size)  # type: ignore[arg-type]

@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from pipelines.qc import Policy
 from pipelines.qc_result import Label, QCResult
-
-Policy = Literal["deep_sad", "resnest", "either", "both"]
 
 
 class UploadResult(BaseModel):

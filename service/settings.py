@@ -8,10 +8,12 @@ switched off explicitly: a screening site must not end up with an open endpoint 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pipelines.qc import Policy
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
     weights_dir: Path = Path("weights")
     device: str = "auto"  # auto: cuda when present, else cpu
     # unset: the stage-2 model with the better validation F1 on its card (QCPipeline)
-    policy: Literal["deep_sad", "resnest", "either", "both"] | None = None
+    policy: Policy | None = None
 
     # auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

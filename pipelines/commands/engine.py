@@ -11,6 +11,14 @@ import typer
 from pipelines.commands.common import _fail
 
 
+POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.qc.Policy (not imported: it pulls in torch)
+
+
+def _check_policy(policy: Optional[str]) -> None:
+    if policy is not None and policy not in POLICIES:
+        _fail(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+
+
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
@@ -22,8 +30,7 @@ def predict(
     """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
     from pipelines.qc import QCConfig, QCPipeline
 
-    if policy not in (None, "deep_sad", "resnest", "either", "both"):
-        _fail(f"unknown policy {policy!r}")
+    _check_policy(policy)
     if not (weights / "detector.json").is_file():
         _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
     qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
@@ -55,8 +62,7 @@ def clean(
     from pipelines.clean import clean as run_clean
     from pipelines.qc import QCConfig, QCPipeline
 
-    if policy not in (None, "deep_sad", "resnest", "either", "both"):
-        _fail(f"unknown policy {policy!r}")
+    _check_policy(policy)
     if engine not in ("local", "ray"):
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
