@@ -63,8 +63,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None) -> Decoded:
-    """Decode at the smallest scale whose long side is >= `min_long_side` (None: full size)."""
+@dataclass(frozen=True)
+class Header:
+    """What the header says, read before any pixel is decoded."""
+
+    format: str | None
+    mode: str
+    stored_width: int  # as stored, before EXIF orientation
+    stored_height: int
+    orientation: int  # EXIF 1-8
+    sha256: str
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        w, h = self.stored_width, self.stored_height
+        return (h, w) if self.orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
+    """Open and check against `limits` from the header alone; the caller closes the image."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -76,14 +93,35 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
         raise DecodeError("not an image (unrecognised format)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not our crash
         raise DecodeError(f"unreadable image header ({type(e).__name__})") from None
-    with im:
-        w, h = im.size
+    w, h = im.size
+    try:
         if w * h > limits.max_pixels:
             raise DecodeError(f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP > {limits.max_pixels / 1e6:.0f} MP)")
         if min(w, h) < limits.min_side:
             raise DecodeError(f"image too small ({w}x{h})")
-        orientation = im.getexif().get(0x0112, 1)
-        full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        try:
+            orientation = int(im.getexif().get(0x0112, 1))
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image for
+            orientation = 1
+    except DecodeError:
+        im.close()
+        raise
+    return im, Header(im.format, im.mode, w, h, orientation if 1 <= orientation <= 8 else 1, digest)
+
+
+def read_header(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Header:
+    """The header checks of `decode` without decoding (for decoders other than PIL)."""
+    im, header = _open(data, limits)
+    im.close()
+    return header
+
+
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None) -> Decoded:
+    """Decode at the smallest scale whose long side is >= `min_long_side` (None: full size)."""
+    im, header = _open(data, limits)
+    with im:
+        w, h = im.size
+        full_w, full_h = header.display_size
         try:
             if min_long_side is not None and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 f = min_long_side / max(w, h)
@@ -97,4 +135,4 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
         except Exception as e:  # noqa: BLE001
             raise DecodeError(f"truncated or corrupt image data ({type(e).__name__})") from None
     t = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
-    return Decoded(t, full_w, full_h, digest)
+    return Decoded(t, full_w, full_h, header.sha256)

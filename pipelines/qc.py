@@ -20,11 +20,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines.crops import crop_boxes
 from pipelines.decode import DecodeError, Decoded, DecodeLimits, decode
+from pipelines.decode_device import decode_on_device
 from pipelines.detector import load_detector, predict
 from pipelines.qc_result import Label, QCResult
 from pipelines.stage2 import load_stage2, score_batch, threshold_of
 
 Policy = Literal["deep_sad", "resnest", "either", "both"]
+JpegDecoder = Literal["pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
 
@@ -47,6 +49,19 @@ class QCConfig:
     # bf16 autocast: None means on for CUDA only (on the 2-core CPU it measured 0.84-1.9x,
     # too unsteady to be a default there).
     bf16: bool | None = None
+    # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
+    # batched, per-image fallback to PIL (pipelines/decode_device.py). "pil": DCT-scaled PIL
+    # decode in the thread pool, the better choice on CPU.
+    jpeg_decoder: JpegDecoder = "pil"
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-GPU copies go through pinned memory so they are asynchronous (non_blocking) and
+    queue behind the work already on the stream instead of stalling the host; anything else
+    is a plain `.to`. (Not measured: no GPU was lent to the session that wrote it.)"""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def best_policy(sad_card, cls_card) -> Policy:
@@ -95,15 +110,26 @@ class QCPipeline:
         # The crop needs more pixels than the detector: decode at twice the detector size.
         long_side = 2 * self.det_card.config["max_size"]
 
-        def safe(item):
+        def safe(fn, item):
             try:
-                return self._decode_one(item, long_side)
+                return fn(item)
             except DecodeError as e:
                 return e
             except OSError as e:
                 return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
 
-        return list(self.pool.map(safe, items))
+        if self.cfg.jpeg_decoder == "pil":
+            return list(self.pool.map(lambda item: safe(lambda x: self._decode_one(x, long_side), item), items))
+        out: list[Decoded | DecodeError | None] = [None] * len(items)
+        arrays = [i for i, item in enumerate(items) if isinstance(item, np.ndarray)]
+        for i in arrays:
+            out[i] = safe(lambda x: self._decode_one(x, long_side), items[i])
+        files = [i for i in range(len(items)) if out[i] is None]
+        datas = list(self.pool.map(lambda i: safe(lambda x: x if isinstance(x, bytes) else Path(x).read_bytes(),
+                                                  items[i]), files))
+        for i, d in zip(files, decode_on_device(datas, self.device, self.pool, self.cfg.limits, long_side)):
+            out[i] = d
+        return out  # type: ignore[return-value]
 
     def label_for(self, sad: float, prob: float, policy: Policy | None = None) -> Label:
         """The decision for one crop's two scores under a policy (default: the configured one)."""
@@ -129,12 +155,15 @@ class QCPipeline:
         timings = {"decode": t_decode}
         if ok:
             t1 = time.perf_counter()
-            floats = [TF.to_dtype(decoded[i].image, torch.float32, scale=True) for i in ok]
+            # uint8 goes to the device (a quarter of the float bytes); detector and crops read it there
+            images = [to_device(decoded[i].image, self.device) for i in ok]
+            floats = [TF.to_dtype(im, torch.float32, scale=True) for im in images]
             with self._autocast():
                 dets = [d for j in range(0, len(floats), self.detector_batch)
                         for d in predict(self.detector, floats[j : j + self.detector_batch], self.device)]
             timings["detect"] = (time.perf_counter() - t1) * 1000
             with_box, boxes = [], []
+            image_of = dict(zip(ok, images))
             for i, det in zip(ok, dets):
                 d = decoded[i]
                 sx, sy = d.scale
@@ -147,16 +176,16 @@ class QCPipeline:
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
                 boxes.append(box)
             if with_box:
-                self._stage2(decoded, with_box, torch.stack(boxes), results, timings, policy)
+                self._stage2(image_of, with_box, torch.stack(boxes), results, timings, policy)
         total = (time.perf_counter() - t0) * 1000
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
 
-    def _stage2(self, decoded, with_box, boxes, results, timings, policy: Policy | None) -> None:
+    def _stage2(self, image_of, with_box, boxes, results, timings, policy: Policy | None) -> None:
         t = time.perf_counter()
         big = round(self.cls_size * 8 / 7)
-        crops = crop_boxes([decoded[i].image for i, _, _ in with_box], boxes, sizes=(32, big),
+        crops = crop_boxes([image_of[i] for i, _, _ in with_box], boxes, sizes=(32, big),
                            margin=self.cfg.crop_margin)
         timings["crop"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()

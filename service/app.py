@@ -44,7 +44,7 @@ def _version() -> str:
 def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
-                                                       limits=limits))
+                                                       limits=limits, jpeg_decoder=settings.jpeg_decoder))
     engine.run([np.full((480, 640, 3), 128, np.uint8)])  # warm-up: first-call allocations, lazy inits
     # the gate asks the batcher how many uploads wait; called only once both exist
     gate = EngineGate(lambda: batcher.pending)

@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pipelines.qc import Policy
+from pipelines.qc import JpegDecoder, Policy
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: cuda when present, else cpu
     # unset: the stage-2 model with the better validation F1 on its card (QCPipeline)
     policy: Policy | None = None
+    # torchvision: JPEGs decode on the device (nvJPEG on CUDA), PIL fallback per image
+    jpeg_decoder: JpegDecoder = "pil"
 
     # auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

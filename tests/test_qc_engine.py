@@ -20,8 +20,9 @@ def never_cervix(tmp_path_factory):
     return tiny_weights(tmp_path_factory.mktemp("w1"), detector_threshold=1.01)
 
 
-def test_every_fuzz_input_gets_its_own_row_in_order_and_the_batch_goes_on(always_cervix):
-    qc = QCPipeline(always_cervix)
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_every_fuzz_input_gets_its_own_row_in_order_and_the_batch_goes_on(always_cervix, decoder):
+    qc = QCPipeline(always_cervix, QCConfig(jpeg_decoder=decoder))
     cases = fuzz_set()
     results = qc.run([b for b, _ in cases.values()], names=list(cases))
     assert [r.path for r in results] == list(cases)
@@ -34,9 +35,10 @@ def test_every_fuzz_input_gets_its_own_row_in_order_and_the_batch_goes_on(always
             assert r.label == Label.UNREADABLE and expected in r.error, (name, r.error)
 
 
-def test_exif_rotation_reports_the_displayed_size(always_cervix):
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_exif_rotation_reports_the_displayed_size(always_cervix, decoder):
     cases = fuzz_set()
-    r6, r8, plain = QCPipeline(always_cervix).run([cases["exif6.jpg"][0], cases["exif8.jpg"][0], cases["ok.jpg"][0]])
+    r6, r8, plain = QCPipeline(always_cervix, QCConfig(jpeg_decoder=decoder)).run([cases["exif6.jpg"][0], cases["exif8.jpg"][0], cases["ok.jpg"][0]])
     assert (r6.width, r6.height) == (80, 120) and (r8.width, r8.height) == (80, 120)
     assert (plain.width, plain.height) == (120, 90)
     x1, y1, x2, y2 = r6.cervix_box

@@ -39,6 +39,7 @@ def test_deep_sad_trains_exports_a_threshold_and_reloads(split_set, tmp_path):
     net.load_state_dict(state)
     assert card.thresholds["distance"] > 0 and 0 <= card.metrics["val"]["f1"] <= 1
     assert torch.count_nonzero(net.c) == net.c.numel()  # the eps rule held
+    assert "pretrain_epochs" in card.training and "synthesise" not in card.training
     log = [json.loads(line) for line in (tmp_path / "deep_sad" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and "val_roc_auc" in log[-1]
     assert (tmp_path / "autoencoder" / "metrics.jsonl").is_file()
@@ -52,6 +53,7 @@ def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_
                                  crops["val"], torch.device("cpu"))
     _, card = load_weights(card_path)
     assert 0 < card.thresholds["probability"] < 1 and card.classes == ["regular", "green", "iodine"]
+    assert "synthesise" in card.training and not {"pretrain_epochs", "eta", "unsupervised"} & set(card.training)
     log = [json.loads(line) for line in (tmp_path / "classifier" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["train_bce"] > 0 for r in log)
 

@@ -89,8 +89,11 @@ def bench(
     n_images: Annotated[int, typer.Option(help="Images to synthesise (1-12 MP mix).")] = 24,
     batch_size: Annotated[int, typer.Option()] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda; both modes run on it.")] = "cpu",
+    jpeg_decoder: Annotated[str, typer.Option(help="Batched engine's JPEG decoder: pil or torchvision "
+                                                   "(nvJPEG on cuda).")] = "pil",
 ) -> None:
-    """Naive per-image loop vs the batched engine, same models and files, one run."""
+    """Naive per-image loop vs the batched engine, same models, files and device, one run."""
     import tempfile
 
     from pipelines.evaluation.engine_bench import bench as run_bench
@@ -108,7 +111,9 @@ def bench(
         weights = write_untrained_weights(work / "weights")
         typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
     paths = sorted(p for p in images.rglob("*.jpg"))
-    result = run_bench(weights, paths, batch_size)
+    if jpeg_decoder not in ("pil", "torchvision"):
+        _fail(f"--jpeg-decoder must be pil or torchvision, not {jpeg_decoder!r}")
+    result = run_bench(weights, paths, batch_size, device, jpeg_decoder)  # type: ignore[arg-type]
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
         out.write_text(json.dumps(result, indent=2))

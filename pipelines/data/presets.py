@@ -34,5 +34,31 @@ def detection_eval() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
 
 
+def classification_train(size: int) -> v2.Compose:
+    """The paper's geometric recipe (RandomResizedCrop, RandomRotation, RandomHorizontalFlip)
+    plus the photometric part the brief asks for (colour, blur, JPEG), on float crops in [0, 1].
+
+    Hue moves at most 0.02 and saturation 20%: the green filter and Lugol's iodine *are*
+    colour, and a stronger hue jitter turns a regular crop into a plausible green one. Blur
+    and JPEG stand in for other cameras; their strength scales with the input size.
+    """
+    kernel = max(3, (size // 32) | 1)
+    to_jpeg_and_back = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.JPEG(quality=(40, 95)),
+                                   v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+        v2.RandomRotation(15),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02)], p=0.8),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=(0.1, max(0.3, size / 128)))], p=0.25),
+        v2.RandomApply([to_jpeg_and_back], p=0.3),
+    ])
+
+
+def classification_eval(size: int) -> v2.Compose:
+    """Crops are cut at 8/7 of the input size, so the centre crop has room (the paper's CenterCrop)."""
+    return v2.Compose([v2.CenterCrop(size)])
+
+
 def _labels(sample):
     return sample[1]["labels"]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.qc import QCConfig, QCPipeline
+from pipelines.qc import JpegDecoder, QCConfig, QCPipeline
 
 
 def _peak_rss_mb() -> float:
@@ -23,9 +23,10 @@ def _peak_rss_mb() -> float:
 
 
 @torch.inference_mode()
-def run_naive(weights: Path, paths: list[Path]) -> dict:
+def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
     # the models as a research script has them: loaded from the card, default layout, fp32
-    qc = QCPipeline(weights, QCConfig(channels_last=False, bf16=False))
+    qc = QCPipeline(weights, QCConfig(device=device, channels_last=False, bf16=False))
+    dev = torch.device(device)
     stages = {"decode": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
     big = round(qc.cls_size * 8 / 7)
     t0 = time.perf_counter()
@@ -35,7 +36,7 @@ def run_naive(weights: Path, paths: list[Path]) -> dict:
         x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
         stages["decode"] += time.perf_counter() - t
         t = time.perf_counter()
-        det = qc.detector([x])[0]
+        det = {k: v.cpu() for k, v in qc.detector([x.to(dev)])[0].items()}
         stages["detect"] += time.perf_counter() - t
         if len(det["scores"]) == 0 or float(det["scores"].max()) < qc.det_threshold:
             continue
@@ -46,16 +47,17 @@ def run_naive(weights: Path, paths: list[Path]) -> dict:
         cbig = TF.to_dtype(TF.pil_to_tensor(crop.resize((big, big))), torch.float32, scale=True)[None]
         stages["crop"] += time.perf_counter() - t
         t = time.perf_counter()
-        qc.deep_sad.score(c32)
-        qc.classifier(TF.center_crop(cbig, [qc.cls_size, qc.cls_size]))
+        qc.deep_sad.score(c32.to(dev)).cpu()
+        qc.classifier(TF.center_crop(cbig, [qc.cls_size, qc.cls_size]).to(dev))["logit"].cpu()
         stages["classify"] += time.perf_counter() - t
     seconds = time.perf_counter() - t0
-    return {"mode": "naive", "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
+    return {"mode": "naive", "device": device, "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
             "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_batched(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
-    qc = QCPipeline(weights, QCConfig())
+def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
+                jpeg_decoder: JpegDecoder = "pil") -> dict:
+    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder))
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     for i in range(0, len(paths), batch_size):
@@ -65,17 +67,18 @@ def run_batched(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
                 stages[k] = stages.get(k, 0.0) + v / 1000
     seconds = time.perf_counter() - t0
     qc.close()
-    return {"mode": f"batched(b={batch_size})", "images": len(paths), "seconds": seconds,
+    return {"mode": f"batched(b={batch_size})", "device": device, "jpeg_decoder": jpeg_decoder, "images": len(paths), "seconds": seconds,
             "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
 
 
-def bench(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
-    """Both modes, each in a fresh process, on the same files; warm-up excluded by a first
-    untimed pass over two images inside each process."""
+def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
+          jpeg_decoder: JpegDecoder = "pil") -> dict:
+    """Both modes, each in a fresh process, on the same files and device; warm-up excluded by
+    a first untimed pass over two images inside each process."""
     out = {}
     for mode in ("naive", "batched"):
         cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", mode, str(weights), str(batch_size),
-               *map(str, paths)]
+               device, jpeg_decoder, *map(str, paths)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench mode {mode} failed:\n{proc.stderr[-3000:]}")
@@ -86,8 +89,9 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
-    mode, w, b, *files = sys.argv[1:]
+    mode, w, b, dev, decoder, *files = sys.argv[1:]
     files_p = [Path(f) for f in files]
-    fn = run_naive if mode == "naive" else (lambda ww, pp: run_batched(ww, pp, int(b)))
+    fn = ((lambda ww, pp: run_naive(ww, pp, dev)) if mode == "naive"
+          else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder)))  # type: ignore[arg-type]
     fn(Path(w), files_p[:2])  # warm-up: first-call allocations and lazy inits
     print(json.dumps(fn(Path(w), files_p)))

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from models.classifier import ClassifierConfig, RegularityClassifier, class_weights
 from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
 from models.io import ModelCard, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
+from pipelines.data.presets import classification_eval, classification_train
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
 from pipelines.training.loop import LoopConfig, fit
 
@@ -41,6 +41,15 @@ class Stage2Config:
     resume: bool = False
     progress: bool = True
     seed: int = 0
+
+
+# Stage2Config holds both models' knobs; each card records only the ones its model used.
+_DEEP_SAD_ONLY = {"pretrain_epochs", "eta", "unsupervised"}
+_CLASSIFIER_ONLY = {"synthesise"}
+
+
+def _recipe(cfg: Stage2Config, drop: set[str]) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in drop}
 
 
 def _batch_size(batch) -> int:
@@ -129,7 +138,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
         classes=["regular", "non_regular"],
         thresholds={"distance": float(threshold)},
-        training={**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        training={**_recipe(cfg, _CLASSIFIER_ONLY),
                   "optimizer": "Adam", "best_epoch": result.best_epoch,
                   "threshold_rule": f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "max F1 on validation"},
         data=data_note or {},
@@ -139,15 +148,6 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
 
 
 # ---- ResNeSt --------------------------------------------------------------------------
-
-def classifier_transforms(size: int) -> tuple[v2.Compose, v2.Compose]:
-    """The paper's recipe: RandomResizedCrop, RandomRotation, RandomHorizontalFlip; CenterCrop
-    for evaluation. Crops are cut at 8/7 of the input size so the centre crop has room."""
-    train = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomRotation(15),
-                        v2.RandomHorizontalFlip()])
-    val = v2.Compose([v2.CenterCrop(size)])
-    return train, val
-
 
 class ClassifierTask:
     def __init__(self, val: CropSet, val_transform, weights: torch.Tensor, kind_weights: torch.Tensor) -> None:
@@ -179,7 +179,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     model = RegularityClassifier(model_cfg, pretrained_file).to(device)
-    t_train, t_val = classifier_transforms(model_cfg.input_size)
+    t_train, t_val = classification_train(model_cfg.input_size), classification_eval(model_cfg.input_size)
     loader = DataLoader(CropDataset(train, t_train, cfg.synthesise), batch_size=cfg.batch_size, shuffle=True,
                         drop_last=True)
     task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))
@@ -199,8 +199,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
         preprocessing={"crop": f"cervix box + margin, resized to {round(model_cfg.input_size * 8 / 7)}, "
                                f"centre crop {model_cfg.input_size}", "scale": "[0, 1]"},
         classes=["regular", "green", "iodine"], thresholds={"probability": float(threshold)},
-        training={**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-                  "optimizer": "Adam(0.9, 0.999)", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
+        training={**_recipe(cfg, _DEEP_SAD_ONLY),
+                  "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
                   "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file},
         data=data_note or {},
         metrics={"val": binary_metrics(y, probs, threshold).as_dict()},

@@ -1,0 +1,74 @@
+"""The torchvision/nvJPEG decode path (run here on CPU): same checks, same orientation, same
+pixels as the PIL path, and one bad JPEG in a batch costs only its own row."""
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from pipelines.decode import DecodeError, Decoded, decode
+from pipelines.decode_device import apply_orientation, decode_on_device
+from tests.qc_fixtures import fuzz_set
+
+
+def _jpeg(array: np.ndarray, orientation: int = 1, quality: int = 95) -> bytes:
+    im = Image.fromarray(array)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pil_exif_transpose(orientation):
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(im))
+    got = apply_orientation(torch.from_numpy(stored).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert got.shape == expected.shape and (got == expected).all()
+
+
+def test_every_fuzz_input_gets_the_pil_paths_verdict_in_order():
+    cases = fuzz_set()
+    with ThreadPoolExecutor(2) as pool:
+        got = decode_on_device([b for b, _ in cases.values()], torch.device("cpu"), pool)
+    assert len(got) == len(cases)
+    for (name, (data, expected)), g in zip(cases.items(), got):
+        if expected is None:
+            assert isinstance(g, Decoded), (name, g)
+            ref = decode(data)
+            assert (g.width, g.height, g.sha256) == (ref.width, ref.height, ref.sha256), name
+            assert g.image.shape == ref.image.shape and g.image.dtype == torch.uint8, name
+        else:
+            assert isinstance(g, DecodeError) and expected in g.reason, (name, g)
+
+
+def test_a_bad_jpeg_in_the_batch_does_not_cost_the_good_ones_their_pixels():
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
+    good = [_jpeg(smooth, o) for o in (1, 6, 3)]
+    bad = good[0][: len(good[0]) // 3]
+    with ThreadPoolExecutor(2) as pool:
+        got = decode_on_device([good[0], bad, good[1], good[2]], torch.device("cpu"), pool)
+    assert isinstance(got[1], DecodeError) and "truncated" in got[1].reason
+    for data, g in zip(good, [got[0], got[2], got[3]]):
+        ref = decode(data).image.int()
+        assert g.image.shape == ref.shape
+        assert (g.image.int() - ref).abs().float().mean() < 2.0  # two libjpeg builds, same picture
+
+
+def test_downscales_to_the_long_side_the_engine_asks_for_and_keeps_the_full_size():
+    data = _jpeg(np.full((300, 500, 3), 90, np.uint8), orientation=6)
+    with ThreadPoolExecutor(1) as pool:
+        (g,) = decode_on_device([data], torch.device("cpu"), pool, min_long_side=200)
+    assert (g.width, g.height) == (300, 500)  # displayed (rotated) full size
+    assert g.image.shape == (3, 200, 120)
+    assert g.scale == pytest.approx((0.4, 0.4), abs=0.01)
