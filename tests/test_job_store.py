@@ -1,0 +1,39 @@
+"""The SQLite job store's item counts: kept in step with the items, never double-counted,
+and backfilled once for a file written before the counts table existed."""
+
+import sqlite3
+
+from pipelines.qc_result import Label, QCResult
+from service.jobs.store import JobStore
+
+
+def _group_by(path, job_id):
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT label, count(*) FROM items WHERE job_id = ? GROUP BY label", (job_id,)))
+
+
+def test_counts_follow_the_items_and_a_repeated_path_counts_once(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    a, b = store.create("src", None, "deep_sad", tmp_path), store.create("src", None, "deep_sad", tmp_path)
+    store.add_items(a.id, [QCResult(path="x.jpg", label=Label.REGULAR), QCResult(path="y.jpg", label=Label.NO_CERVIX)])
+    store.add_items(a.id, [QCResult(path="x.jpg", label=Label.NON_REGULAR),  # already there: ignored
+                           QCResult(path="z.jpg", label=Label.REGULAR)])
+    store.add_items(b.id, [QCResult(path="x.jpg", label=Label.UNREADABLE, error="empty file (0 bytes)")])
+    assert store.counts(a.id) == _group_by(tmp_path / "jobs.sqlite", a.id) == {"regular": 2, "no_cervix": 1}
+    assert store.counts(b.id) == {"unreadable": 1}
+    assert [r.label for r in store.records(a.id)] == [Label.REGULAR, Label.NO_CERVIX, Label.REGULAR]
+
+
+def test_a_file_from_before_the_counts_table_is_backfilled_once_on_open(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    store = JobStore(path)
+    job = store.create("src", None, "deep_sad", tmp_path)
+    store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR if i % 3 else Label.NON_REGULAR)
+                             for i in range(9)])
+    with sqlite3.connect(path) as db:  # make it look like a version-0 file
+        db.execute("DROP TABLE label_counts")
+        db.execute("PRAGMA user_version = 0")
+    reopened = JobStore(path)
+    assert reopened.counts(job.id) == {"regular": 6, "non_regular": 3}
+    reopened.add_items(job.id, [QCResult(path="9.jpg", label=Label.REGULAR)])
+    assert JobStore(path).counts(job.id) == {"regular": 7, "non_regular": 3}  # counting goes on from the backfill
