@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from pipelines.data.presets import classification_eval, classification_train
-from pipelines.data.transforms import GreenFilter
 
 
 @pytest.mark.parametrize("size", [32, 224])
@@ -19,14 +18,13 @@ def test_train_and_eval_give_the_input_size_in_the_unit_range(size):
     assert classification_eval(size)(crop).shape == (3, size, size)
 
 
-def test_augmented_regular_crops_stay_redder_than_green_unlike_the_green_filter():
+def test_augmented_regular_tissue_stays_redder_than_green():
     # (a hue jitter of 0.3 drives red - green below zero here; ours keeps it above 0.1)
     torch.manual_seed(0)
     tissue = torch.tensor([0.85, 0.45, 0.45])[:, None, None].expand(3, 37, 37).clone()  # pink cervix
     t = classification_train(32)
     red_minus_green = [float((o[0] - o[1]).mean()) for o in (t(tissue) for _ in range(200))]
-    green = GreenFilter()(tissue)
-    assert float((green[0] - green[1]).mean()) < 0 < 0.1 < min(red_minus_green)
+    assert min(red_minus_green) > 0.1
 
 
 def test_augmentation_varies_the_pixels_between_draws():
