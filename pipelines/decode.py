@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+T = TypeVar("T")
+R = TypeVar("R")
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, with a readable reason
 
 
@@ -25,6 +29,21 @@ class DecodeError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def as_result(fn: Callable[[T], R]) -> Callable[[T], R | DecodeError]:
+    """`fn` that returns its DecodeError instead of raising it (an unreadable file, OSError,
+    becomes one too): what a batch needs so that one bad input is one row, not a crash."""
+
+    def run(item: T) -> R | DecodeError:
+        try:
+            return fn(item)
+        except DecodeError as e:
+            return e
+        except OSError as e:
+            return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
+
+    return run
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.decode import DecodeError, Decoded, DecodeLimits, Header, decode, read_header
+from pipelines.decode import DecodeError, Decoded, DecodeLimits, Header, as_result, decode, read_header
 
 DEVICE_MODES = ("RGB", "L")  # nvJPEG has no CMYK/YCCK; those go through PIL
 
@@ -59,21 +59,10 @@ def decode_on_device(datas: Sequence[bytes | DecodeError], device: torch.device,
     """Bytes (or an error already found while reading them) -> one `Decoded` or `DecodeError`
     per input, in order. Header checks and the PIL fallback run in `pool`."""
 
-    def check(data: bytes | DecodeError) -> Header | DecodeError:
-        if isinstance(data, DecodeError):
-            return data
-        try:
-            return read_header(data, limits)
-        except DecodeError as e:
-            return e
+    header = as_result(lambda data: read_header(data, limits))
+    pil = as_result(lambda data: decode(data, limits, min_long_side))
 
-    def pil(data: bytes) -> Decoded | DecodeError:
-        try:
-            return decode(data, limits, min_long_side)
-        except DecodeError as e:
-            return e
-
-    headers = list(pool.map(check, datas))
+    headers = list(pool.map(lambda d: d if isinstance(d, DecodeError) else header(d), datas))
     out: list[Decoded | DecodeError | None] = [h if isinstance(h, DecodeError) else None for h in headers]
     on_device = [i for i, h in enumerate(headers)
                  if isinstance(h, Header) and h.format == "JPEG" and h.mode in DEVICE_MODES]

@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from pipelines.crops import crop_boxes
-from pipelines.decode import DecodeError, Decoded, DecodeLimits, decode
+from pipelines.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.decode_device import decode_on_device
 from pipelines.detector import load_detector, predict
 from pipelines.qc_result import Label, QCResult
@@ -110,23 +110,14 @@ class QCPipeline:
         # The crop needs more pixels than the detector: decode at twice the detector size.
         long_side = 2 * self.det_card.config["max_size"]
 
-        def safe(fn, item):
-            try:
-                return fn(item)
-            except DecodeError as e:
-                return e
-            except OSError as e:
-                return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
-
+        pil_decode = as_result(lambda item: self._decode_one(item, long_side))
         if self.cfg.jpeg_decoder == "pil":
-            return list(self.pool.map(lambda item: safe(lambda x: self._decode_one(x, long_side), item), items))
-        out: list[Decoded | DecodeError | None] = [None] * len(items)
-        arrays = [i for i, item in enumerate(items) if isinstance(item, np.ndarray)]
-        for i in arrays:
-            out[i] = safe(lambda x: self._decode_one(x, long_side), items[i])
-        files = [i for i in range(len(items)) if out[i] is None]
-        datas = list(self.pool.map(lambda i: safe(lambda x: x if isinstance(x, bytes) else Path(x).read_bytes(),
-                                                  items[i]), files))
+            return list(self.pool.map(pil_decode, items))
+        # arrays need no decoding; files and bytes go to the device decoder
+        out: list[Decoded | DecodeError | None] = [pil_decode(x) if isinstance(x, np.ndarray) else None for x in items]
+        files = [i for i, r in enumerate(out) if r is None]
+        read = as_result(lambda item: item if isinstance(item, bytes) else Path(item).read_bytes())
+        datas = list(self.pool.map(lambda i: read(items[i]), files))
         for i, d in zip(files, decode_on_device(datas, self.device, self.pool, self.cfg.limits, long_side)):
             out[i] = d
         return out  # type: ignore[return-value]
