@@ -25,11 +25,12 @@ _FIELDS = ("record",)
 
 
 class QCActor:
-    def __init__(self, weights: str, policy: str | None, root: str) -> None:
+    def __init__(self, weights: str, policy: str | None, root: str, jpeg_decoder: str = "pil") -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+        self.qc = QCPipeline(weights, QCConfig(device=device, policy=policy,
+                                               jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
         self.root = root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -41,7 +42,8 @@ class QCActor:
 
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
-              progress: Callable[[int, int], None] | None = None, **ray_init: object) -> CleanSummary:
+              progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
+              **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
 
     Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
@@ -74,7 +76,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
                                 fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "policy": policy,
-                                                       "root": str(src_root)})
+                                                       "root": str(src_root), "jpeg_decoder": jpeg_decoder})
             finished = len(done)
             for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 results = [QCResult.model_validate_json(r) for r in batch["record"]]

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Annotated, Optional
 
 import typer
 
 from pipelines.commands import data, detector, engine, stage2
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+@app.callback()
+def _root(threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for torch (default: torch's own choice, one per core). Set it when two "
+             "jobs share a machine: two processes each using every core run slower than one.")] = None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter("must be >= 1", param_hint="--threads")
+        import torch
+
+        torch.set_num_threads(threads)
+
 app.command("synth")(data.synth)
 app.command("validate")(data.validate)
 app.command("split")(data.split)

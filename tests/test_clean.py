@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipelines.clean import clean
-from pipelines.qc import QCPipeline
+from pipelines.qc import QCConfig, QCPipeline
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 
@@ -101,11 +101,15 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collection, tmp_path):
+    """Both sides use the device JPEG decoder (the GPU setting), so the actor must get it too."""
     pytest.importorskip("ray")
-    from pipelines.clean_ray import clean_ray
+    from pipelines.clean_ray import QCActor, clean_ray
 
-    local = clean(QCPipeline(weights), collection, tmp_path / "local", batch_size=4)
+    assert QCActor(str(weights), None, str(collection), "torchvision").qc.cfg.jpeg_decoder == "torchvision"
+    local = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), collection, tmp_path / "local",
+                  batch_size=4)
     on_ray = clean_ray(weights, collection, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
+                       jpeg_decoder="torchvision",
                        # Logical CPUs: the actor holds one, read tasks need another; with only
                        # the 2 physical cores Ray Data once starved the read task in CI.
                        num_cpus=4, object_store_memory=256 * 1024**2)

@@ -79,3 +79,16 @@ def test_import_cvat_command_writes_a_normalised_file(tmp_path):
     written = json.loads((tmp_path / "coco.json").read_text())
     assert written["categories"][0]["name"] == "cervix" and written["annotations"][0]["area"] == 25
     assert "info" in written
+
+
+def test_threads_option_sets_torchs_thread_count_and_refuses_zero(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = runner.invoke(app, ["--threads", "1", "validate", str(tmp_path / "missing.csv")])
+        assert torch.get_num_threads() == 1, r.output
+        r = runner.invoke(app, ["--threads", "0", "validate", str(tmp_path / "missing.csv")])
+        assert r.exit_code == 2 and "must be >= 1" in r.output
+    finally:
+        torch.set_num_threads(before)

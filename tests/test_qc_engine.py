@@ -76,15 +76,22 @@ def test_policies_combine_the_two_models(always_cervix):
     assert (by["both"].label == Label.NON_REGULAR) == (sad and res)
 
 
-def test_predict_command_prints_json_records(always_cervix, tmp_path):
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_predict_command_prints_json_records(always_cervix, tmp_path, decoder):
     cases = fuzz_set()
     for name in ("ok.jpg", "zero.jpg"):
         (tmp_path / name).write_bytes(cases[name][0])
     r = CliRunner().invoke(app, ["predict", str(tmp_path / "ok.jpg"), str(tmp_path / "zero.jpg"),
-                                 "--weights", str(always_cervix), "--json"])
+                                 "--weights", str(always_cervix), "--json", "--jpeg-decoder", decoder])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["label"] for row in rows][1] == "unreadable" and rows[0]["sha256"]
+
+
+def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
+    r = CliRunner().invoke(app, ["clean", str(tmp_path), "-o", str(tmp_path / "out"), "--weights",
+                                 str(always_cervix), "--jpeg-decoder", "nvjpeg"])
+    assert r.exit_code == 2 and "must be pil or torchvision" in r.output
 
 
 def test_bench_runs_both_modes_on_the_same_files_and_reports_the_ratio(always_cervix, tmp_path):

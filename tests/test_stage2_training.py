@@ -128,3 +128,29 @@ def test_minority_synthesis_relabels_regular_crops_it_turns_green_or_iodine(spli
     img, _ = ds[0]
     assert not torch.allclose(img, regular.images[0].float() / 255)
     assert all(int(CropDataset(regular)[i][1]) == 0 for i in range(3))
+
+
+def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_path):
+    """Progressive resizing (32 px weights as the start of a larger-input run) copies every
+    tensor, and a card of another architecture is refused rather than half-loaded."""
+    from models.classifier import RegularityClassifier
+    from pipelines.training.stage2 import _init_from_card
+
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 37, splits=("train", "val"))
+    small = train_classifier(Stage2Config(out_dir=tmp_path / "s", epochs=1, batch_size=16, progress=False),
+                             ClassifierConfig(arch="resnest14d", input_size=32), crops["train"], crops["val"],
+                             torch.device("cpu"))
+    state, _ = load_weights(small)
+    big = RegularityClassifier(ClassifierConfig(arch="resnest14d", input_size=64))
+    assert any(not torch.equal(v, state[k]) for k, v in big.state_dict().items() if v.is_floating_point())
+    _init_from_card(big, str(small))
+    assert all(torch.equal(v, state[k]) for k, v in big.state_dict().items())
+    with pytest.raises(ValueError, match="resnest14d"):
+        _init_from_card(RegularityClassifier(ClassifierConfig(arch="resnest26d", input_size=64)), str(small))
+
+    crops64 = split_crops(manifest, coco, 73, splits=("train", "val"))
+    card = train_classifier(Stage2Config(out_dir=tmp_path / "b", epochs=1, batch_size=16, progress=False),
+                            ClassifierConfig(arch="resnest14d", input_size=64), crops64["train"], crops64["val"],
+                            torch.device("cpu"), init_card=str(small))
+    assert load_weights(card)[1].training["init_from"] == str(small)

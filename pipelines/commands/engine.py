@@ -12,11 +12,19 @@ from pipelines.commands.common import _fail
 
 
 POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.qc.Policy (not imported: it pulls in torch)
+DECODERS = ("pil", "torchvision")  # pipelines.qc.JpegDecoder
+DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: pil (DCT-scaled, best on CPU) or torchvision "
+                                                 "(decode_jpeg on the device: nvJPEG on cuda).")]
 
 
 def _check_policy(policy: Optional[str]) -> None:
     if policy is not None and policy not in POLICIES:
         _fail(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+
+
+def _check_decoder(jpeg_decoder: str) -> None:
+    if jpeg_decoder not in DECODERS:
+        _fail(f"--jpeg-decoder must be pil or torchvision, not {jpeg_decoder!r}")
 
 
 def predict(
@@ -25,15 +33,17 @@ def predict(
     policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
                                                   "stage-2 model with the better validation F1)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    jpeg_decoder: DecoderOption = "pil",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
     """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
     from pipelines.qc import QCConfig, QCPipeline
 
     _check_policy(policy)
+    _check_decoder(jpeg_decoder)
     if not (weights / "detector.json").is_file():
         _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
-    qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+    qc = QCPipeline(weights, QCConfig(device=device, policy=policy, jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
     results = qc.run(images, names=[str(p) for p in images])
     for r in results:
         if as_json:
@@ -51,7 +61,9 @@ def clean(
     policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
                                                   "stage-2 model with the better validation F1)")] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="Local engine's device (Ray actors take a GPU where the "
+                                                "cluster has one).")] = "cpu",
+    jpeg_decoder: DecoderOption = "pil",
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
     actors: Annotated[int, typer.Option(help="Ray actors (model replicas).")] = 1,
@@ -63,6 +75,7 @@ def clean(
     from pipelines.qc import QCConfig, QCPipeline
 
     _check_policy(policy)
+    _check_decoder(jpeg_decoder)
     if engine not in ("local", "ray"):
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
@@ -74,9 +87,11 @@ def clean(
         if engine == "ray":
             from pipelines.clean_ray import clean_ray
 
-            summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report)
+            summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
+                                jpeg_decoder=jpeg_decoder)
         else:
-            qc = QCPipeline(weights, QCConfig(device=device, policy=policy))  # type: ignore[arg-type]
+            qc = QCPipeline(weights, QCConfig(device=device, policy=policy,
+                                              jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report)
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
@@ -90,8 +105,7 @@ def bench(
     batch_size: Annotated[int, typer.Option()] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda; both modes run on it.")] = "cpu",
-    jpeg_decoder: Annotated[str, typer.Option(help="Batched engine's JPEG decoder: pil or torchvision "
-                                                   "(nvJPEG on cuda).")] = "pil",
+    jpeg_decoder: DecoderOption = "pil",
 ) -> None:
     """Naive per-image loop vs the batched engine, same models, files and device, one run."""
     import tempfile
@@ -111,8 +125,7 @@ def bench(
         weights = write_untrained_weights(work / "weights")
         typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
     paths = sorted(p for p in images.rglob("*.jpg"))
-    if jpeg_decoder not in ("pil", "torchvision"):
-        _fail(f"--jpeg-decoder must be pil or torchvision, not {jpeg_decoder!r}")
+    _check_decoder(jpeg_decoder)
     result = run_bench(weights, paths, batch_size, device, jpeg_decoder)  # type: ignore[arg-type]
     typer.echo(json.dumps(result, indent=2))
     if out is not None:

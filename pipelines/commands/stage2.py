@@ -57,6 +57,8 @@ def train_resnest_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 256 at 32 px, 64 at 224 px.")] = None,
     lr: Annotated[float, typer.Option()] = 5e-4,
     imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
@@ -74,7 +76,8 @@ def train_resnest_cmd(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"], device,
                             str(imagenet_weights) if imagenet_weights else None,
-                            {"manifest": str(manifest), "boxes": str(coco)})
+                            {"manifest": str(manifest), "boxes": str(coco)},
+                            str(init_from) if init_from else None)
     typer.echo(f"exported {card}")
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from models.classifier import ClassifierConfig, RegularityClassifier, class_weights
 from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
-from models.io import ModelCard, save_weights
+from models.io import ModelCard, load_weights, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.data.presets import classification_eval, classification_train
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
@@ -174,11 +174,28 @@ class ClassifierTask:
         return {"roc_auc": m.roc_auc, "pr_auc": m.pr_auc, "f1_at_best": m.f1}
 
 
+def _init_from_card(model: RegularityClassifier, card_path: str) -> None:
+    """Start from one of our own trained classifiers (same architecture, any input size).
+
+    This is progressive resizing: the network is fully convolutional with global pooling, so
+    weights learnt at 32 px are a valid start at 224 px. Nothing can be downloaded here, so it
+    is the stand-in for the paper's ImageNet start; the card of the new model names the file.
+    """
+    state, card = load_weights(card_path)
+    if card.architecture != model.cfg.arch:
+        raise ValueError(f"{card_path} is a {card.architecture}, not a {model.cfg.arch}")
+    model.load_state_dict(state)
+
+
 def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: CropSet, val: CropSet,
-                     device: torch.device, pretrained_file: str | None = None, data_note: dict | None = None) -> Path:
+                     device: torch.device, pretrained_file: str | None = None, data_note: dict | None = None,
+                     init_card: str | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    model = RegularityClassifier(model_cfg, pretrained_file).to(device)
+    model = RegularityClassifier(model_cfg, pretrained_file)
+    if init_card is not None:
+        _init_from_card(model, init_card)
+    model = model.to(device)
     t_train, t_val = classification_train(model_cfg.input_size), classification_eval(model_cfg.input_size)
     loader = DataLoader(CropDataset(train, t_train, cfg.synthesise), batch_size=cfg.batch_size, shuffle=True,
                         drop_last=True)
@@ -201,7 +218,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
         classes=["regular", "green", "iodine"], thresholds={"probability": float(threshold)},
         training={**_recipe(cfg, _DEEP_SAD_ONLY),
                   "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
-                  "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file},
+                  "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file,
+                  "init_from": init_card},
         data=data_note or {},
         metrics={"val": binary_metrics(y, probs, threshold).as_dict()},
     )
