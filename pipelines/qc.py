@@ -38,9 +38,12 @@ class QCConfig:
     crop_margin: float = 0.05
     decode_threads: int = 2
     limits: DecodeLimits = DecodeLimits()
-    # Images per detector forward. On CPU a batch of 16 ran at 0.76x the per-image rate of
-    # batch 1 (resnet50 RetinaNet at 512, `cervixqc bench-detector`): convolutions on 2 cores
-    # are memory-bound, so the CPU default is 1; GPUs want the whole batch.
+    # Images per detector forward; None: 64 on CUDA, 4 on CPU. Measured on the 2-core CPU,
+    # whole engine on the 24 bench photos, A/B in one process (README, measured figures):
+    # bundled mobilenet_v3 RetinaNet at 320: batch 4 1.6x faster than batch 1 (8 about the
+    # same as 4); untrained resnet50 RetinaNet at 512: batch 4 1.0x, batch 8 0.87x, batch 16
+    # 0.76x (`cervixqc bench-detector`), its large activations being memory-bound. 4 is the
+    # CPU default that helps the small detector and costs the large one nothing.
     detector_batch: int | None = None
     # NHWC weights: cuDNN and oneDNN prefer that layout for convolutions. On this 2-core CPU the
     # resnet50 RetinaNet alone at 512 ran 1.45-2.3x faster (a busy machine), the whole engine on
@@ -87,7 +90,7 @@ class QCPipeline:
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
-        self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 1)
+        self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
         if self.cfg.channels_last:
             for model in (self.detector, self.deep_sad, self.classifier):
                 model.to(memory_format=torch.channels_last)
@@ -130,6 +133,22 @@ class QCPipeline:
             out[i] = d
         return out  # type: ignore[return-value]
 
+    def _detect(self, floats: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The detector over the images in chunks of `detector_batch`, in input order.
+
+        torchvision pads every image of a forward to the largest one, so chunks are formed
+        after sorting by aspect ratio: a portrait photo batched with landscape ones would
+        otherwise make every image in its chunk a padded square."""
+        order = sorted(range(len(floats)), key=lambda k: floats[k].shape[-2] / floats[k].shape[-1])
+        dets: list[dict[str, torch.Tensor] | None] = [None] * len(floats)
+        n = self.detector_batch
+        with self._autocast():
+            for j in range(0, len(order), n):
+                chunk = order[j : j + n]
+                for k, d in zip(chunk, predict(self.detector, [floats[k] for k in chunk], self.device)):
+                    dets[k] = d
+        return dets  # type: ignore[return-value]
+
     def label_for(self, sad: float, prob: float, policy: Policy | None = None) -> Label:
         """The decision for one crop's two scores under a policy (default: the configured one)."""
         sad_says = sad >= threshold_of(self.sad_card)
@@ -157,9 +176,7 @@ class QCPipeline:
             # uint8 goes to the device (a quarter of the float bytes); detector and crops read it there
             images = [to_device(decoded[i].image, self.device) for i in ok]
             floats = [TF.to_dtype(im, torch.float32, scale=True) for im in images]
-            with self._autocast():
-                dets = [d for j in range(0, len(floats), self.detector_batch)
-                        for d in predict(self.detector, floats[j : j + self.detector_batch], self.device)]
+            dets = self._detect(floats)
             timings["detect"] = self._stamp(t1)
             with_box, boxes = [], []
             image_of = dict(zip(ok, images))

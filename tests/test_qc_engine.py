@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -67,6 +68,21 @@ def test_batched_results_equal_one_at_a_time(always_cervix):
         assert b.resnest_prob == pytest.approx(s.resnest_prob, abs=1e-4)
 
 
+def test_detector_chunks_sorted_by_aspect_give_each_image_its_own_detections(always_cervix):
+    """Chunks are formed in aspect order, results come back in input order: every box lies
+    inside its own image, which a mix-up of a tall and a wide image would break."""
+    qc = QCPipeline(always_cervix, QCConfig(detector_batch=2))
+    rng = np.random.default_rng(3)
+    shapes = [(40, 200), (200, 40), (60, 180), (180, 60), (100, 100)]
+    floats = [torch.from_numpy(rng.random((3, h, w), dtype=np.float32)) for h, w in shapes]
+    dets = qc._detect(floats)
+    assert len(dets) == len(floats)
+    for (h, w), det in zip(shapes, dets):
+        assert len(det["boxes"]) > 0
+        assert float(det["boxes"][:, 2].max()) <= w + 1e-3 and float(det["boxes"][:, 3].max()) <= h + 1e-3
+    assert any(float(d["boxes"][:, 2].max()) > 60 for d in dets)  # boxes do reach past the narrow sides
+
+
 def test_policies_combine_the_two_models(always_cervix):
     data = [fuzz_set()["ok.jpg"][0]]
     by = {p: QCPipeline(always_cervix, QCConfig(policy=p)).run(data)[0] for p in ("deep_sad", "resnest", "either", "both")}
@@ -107,3 +123,18 @@ def test_bench_runs_both_modes_on_the_same_files_and_reports_the_ratio(always_ce
     assert r["naive"]["images"] == r["batched"]["images"] == 4
     assert r["speedup_batched_vs_naive"] == pytest.approx(r["batched"]["images_per_s"] / r["naive"]["images_per_s"])
     assert r["naive"]["peak_rss_mb"] > 0 and set(r["batched"]["stage_seconds"]) >= {"decode", "detect"}
+
+
+def test_detector_batch_comparison_times_every_size_against_the_first(always_cervix, tmp_path):
+    from pipelines.evaluation.engine_bench import detector_batch_ab
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.jpg"
+        p.write_bytes(fuzz_set()["ok.jpg"][0])
+        paths.append(p)
+    r = detector_batch_ab(always_cervix, paths, [1, 3], batch_size=3, rounds=1)
+    assert set(r["median_seconds"]) == {"1", "3"} and all(v > 0 for v in r["median_seconds"].values())
+    assert r["speedup_vs_detector_batch_1"]["1"] == 1.0
+    bad = CliRunner().invoke(app, ["bench", "--weights", str(always_cervix), "--detector-batches", "1,0"])
+    assert bad.exit_code == 2 and "positive integers" in bad.output

@@ -106,9 +106,17 @@ def bench(
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda; both modes run on it.")] = "cpu",
     jpeg_decoder: DecoderOption = "pil",
+    detector_batches: Annotated[Optional[str], typer.Option(
+        help="Also time the batched engine at these detector batch sizes, side by side (e.g. 1,4,8).")] = None,
 ) -> None:
     """Naive per-image loop vs the batched engine, same models, files and device, one run."""
     import tempfile
+
+    _check_decoder(jpeg_decoder)
+    parts = [s.strip() for s in (detector_batches or "").split(",") if s.strip()]
+    if not all(s.isdigit() and int(s) > 0 for s in parts):
+        _fail(f"--detector-batches must be positive integers, comma-separated, not {detector_batches!r}")
+    sizes = [int(s) for s in parts]
 
     from pipelines.evaluation.engine_bench import bench as run_bench
 
@@ -125,12 +133,14 @@ def bench(
         weights = write_untrained_weights(work / "weights")
         typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
     paths = sorted(p for p in images.rglob("*.jpg"))
-    _check_decoder(jpeg_decoder)
     result = run_bench(weights, paths, batch_size, device, jpeg_decoder)  # type: ignore[arg-type]
+    if sizes:
+        from pipelines.evaluation.engine_bench import detector_batch_ab
+
+        result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
-
 
 
 def serve(

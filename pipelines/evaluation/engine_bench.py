@@ -71,6 +71,26 @@ def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: 
             "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
 
 
+def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[int], batch_size: int = 16,
+                      device: str = "cpu", rounds: int = 3) -> dict:
+    """The batched engine at several `detector_batch` values, alternating round by round in one
+    process (so machine noise falls on all of them alike); median seconds per round."""
+    engines = {b: QCPipeline(weights, QCConfig(device=device, detector_batch=b)) for b in detector_batches}
+    for qc in engines.values():
+        qc.run(paths[:4])  # warm-up
+    times: dict[int, list[float]] = {b: [] for b in engines}
+    for _ in range(rounds):
+        for b, qc in engines.items():
+            t0 = time.perf_counter()
+            for i in range(0, len(paths), batch_size):
+                qc.run(paths[i : i + batch_size])
+            times[b].append(time.perf_counter() - t0)
+    median = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
+    first = detector_batches[0]
+    return {"rounds": rounds, "median_seconds": {str(b): m for b, m in median.items()},
+            f"speedup_vs_detector_batch_{first}": {str(b): median[first] / m for b, m in median.items()}}
+
+
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
           jpeg_decoder: JpegDecoder = "pil") -> dict:
     """Both modes, each in a fresh process, on the same files and device; warm-up excluded by
