@@ -40,8 +40,8 @@ class QCConfig:
     limits: DecodeLimits = DecodeLimits()
     # Images per detector forward; None: 64 on CUDA, 4 on CPU. Measured on the 2-core CPU,
     # whole engine on the 24 bench photos, A/B in one process (README, measured figures):
-    # bundled mobilenet_v3 RetinaNet at 320: batch 4 1.6x faster than batch 1 (8 about the
-    # same as 4); untrained resnet50 RetinaNet at 512: batch 4 1.0x, batch 8 0.87x, batch 16
+    # bundled mobilenet_v3 RetinaNet at 320: batch 4 1.6x faster than batch 1, batch 8
+    # 1.6-1.9x; untrained resnet50 RetinaNet at 512: batch 4 1.0x, batch 8 0.87x, batch 16
     # 0.76x (`cervixqc bench-detector`), its large activations being memory-bound. 4 is the
     # CPU default that helps the small detector and costs the large one nothing.
     detector_batch: int | None = None
