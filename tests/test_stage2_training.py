@@ -148,6 +148,16 @@ def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_pa
     assert all(torch.equal(v, state[k]) for k, v in big.state_dict().items())
     with pytest.raises(ValueError, match="resnest14d"):
         _init_from_card(RegularityClassifier(ClassifierConfig(arch="resnest26d", input_size=64)), str(small))
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    base = ["train-resnest", str(manifest), "--coco", str(coco), "-o", str(tmp_path / "cli"), "--size", "64"]
+    for extra, says in ((["--arch", "resnest26d", "--init-from", str(small)], "is a resnest14d, not a resnest26d"),
+                        (["--arch", "resnest14d", "--init-from", str(tmp_path / "none.json")], "no such model card"),
+                        (["--arch", "resnest14d", "--init-from", str(manifest)], "not a model card")):
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 2 and says in r.output, r.output
 
     crops64 = split_crops(manifest, coco, 73, splits=("train", "val"))
     card = train_classifier(Stage2Config(out_dir=tmp_path / "b", epochs=1, batch_size=16, progress=False),

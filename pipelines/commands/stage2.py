@@ -67,17 +67,30 @@ def train_resnest_cmd(
     import torch
 
     from models.classifier import ClassifierConfig
+    from models.io import WeightsIntegrityError, load_card
     from pipelines.data.crop_set import split_crops
     from pipelines.training.stage2 import train_classifier
 
+    if init_from is not None:
+        if not init_from.is_file():
+            _fail(f"--init-from {init_from}: no such model card")
+        try:
+            start = load_card(init_from).architecture
+        except ValueError as e:  # not JSON, or not a model card
+            _fail(f"--init-from {init_from}: not a model card ({type(e).__name__})")
+        if start != arch:
+            _fail(f"--init-from {init_from} is a {start}, not a {arch}")
     crops = split_crops(manifest, coco, round(size * 8 / 7), splits=("train", "val"))
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
                          weight_decay=0.0, synthesise=synthesise)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"], device,
-                            str(imagenet_weights) if imagenet_weights else None,
-                            {"manifest": str(manifest), "boxes": str(coco)},
-                            str(init_from) if init_from else None)
+    try:
+        card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],
+                                device, str(imagenet_weights) if imagenet_weights else None,
+                                {"manifest": str(manifest), "boxes": str(coco)},
+                                str(init_from) if init_from else None)
+    except WeightsIntegrityError as e:
+        _fail(f"--init-from: {e}")
     typer.echo(f"exported {card}")
 
 

@@ -85,6 +85,8 @@ def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[i
             for i in range(0, len(paths), batch_size):
                 qc.run(paths[i : i + batch_size])
             times[b].append(time.perf_counter() - t0)
+    for qc in engines.values():
+        qc.close()
     median = {b: sorted(ts)[len(ts) // 2] for b, ts in times.items()}
     first = detector_batches[0]
     return {"rounds": rounds, "median_seconds": {str(b): m for b, m in median.items()},
