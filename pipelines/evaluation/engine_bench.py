@@ -55,16 +55,22 @@ def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
             "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-                jpeg_decoder: JpegDecoder = "pil") -> dict:
-    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder))
+def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int) -> dict[str, float]:
+    """All of `paths` through the engine, `batch_size` at a time; seconds per stage, summed."""
     stages: dict[str, float] = {}
-    t0 = time.perf_counter()
     for i in range(0, len(paths), batch_size):
         results = qc.run(paths[i : i + batch_size])
         for k, v in results[0].timings_ms.items():
             if k != "total":
                 stages[k] = stages.get(k, 0.0) + v / 1000
+    return stages
+
+
+def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
+                jpeg_decoder: JpegDecoder = "pil") -> dict:
+    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder))
+    t0 = time.perf_counter()
+    stages = _run_in_batches(qc, paths, batch_size)
     seconds = time.perf_counter() - t0
     qc.close()
     return {"mode": f"batched(b={batch_size})", "device": device, "jpeg_decoder": jpeg_decoder, "images": len(paths), "seconds": seconds,
@@ -82,8 +88,7 @@ def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[i
     for _ in range(rounds):
         for b, qc in engines.items():
             t0 = time.perf_counter()
-            for i in range(0, len(paths), batch_size):
-                qc.run(paths[i : i + batch_size])
+            _run_in_batches(qc, paths, batch_size)
             times[b].append(time.perf_counter() - t0)
     for qc in engines.values():
         qc.close()
