@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands import data, detector, engine, stage2
+from pipelines.commands import collection, data, detector, engine, evaluation, presence, stage2
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -33,14 +33,23 @@ app.command("validate")(data.validate)
 app.command("split")(data.split)
 app.command("stats")(data.stats)
 app.command("import-cvat")(data.import_cvat_cmd)
+app.command("import-labels")(collection.import_labels_cmd)
+app.command("merge-manifests")(collection.merge_manifests_cmd)
+app.command("propose-boxes")(collection.propose_boxes_cmd)
+app.command("fix-boxes")(collection.fix_boxes_cmd)
+app.command("match-boxes")(collection.match_boxes_cmd)
+app.command("extract-listed")(collection.extract_listed_cmd)
 app.command("train-detector")(detector.train_detector_cmd)
 app.command("eval-detector")(detector.eval_detector_cmd)
 app.command("detect")(detector.detect_cmd)
 app.command("bench-detector")(detector.bench_detector_cmd)
+app.command("train-presence")(presence.train_presence_cmd)
 app.command("train-deep-sad")(stage2.train_deep_sad_cmd)
 app.command("train-resnest")(stage2.train_resnest_cmd)
 app.command("eval")(stage2.eval_cmd)
 app.command("report")(stage2.report_cmd)
+app.command("eval-pipeline")(evaluation.eval_pipeline_cmd)
+app.command("baseline-colour")(evaluation.baseline_colour_cmd)
 app.command("predict")(engine.predict)
 app.command("clean")(engine.clean)
 app.command("bench")(engine.bench)

@@ -80,3 +80,25 @@ def detect_to_coco(card_path: str | Path, paths: Sequence[str], root: Path, devi
                     anns.append(ann)
     return CocoDataset(info={"description": f"top boxes of {Path(card_path).name}", "threshold": threshold},
                        images=images, annotations=anns, categories=[CocoCategory(id=1, name=CERVIX)])
+
+
+def top_box_fn(card_path: str | Path, min_score: float | None = None, device: str = "cpu"):
+    """path -> Proposal of the detector's top box in the file's full-size pixels (None box
+    below the threshold, default the card's): the proposer for `cervixqc propose-boxes`."""
+    from pipelines.data.box_proposals import Proposal
+    from pipelines.data.images import load_rgb
+
+    model, card = load_detector(card_path, device)
+    threshold = card.thresholds.get("score", 0.5) if min_score is None else min_score
+    dev = torch.device(device)
+
+    def detect(path) -> Proposal:
+        image, sx, sy = load_rgb(path, 2 * card.config["max_size"])
+        det = predict(model, [image.float() / 255], dev)[0]
+        if not len(det["scores"]) or float(det["scores"].max()) < threshold:
+            return Proposal(None, float(det["scores"].max()) if len(det["scores"]) else 0.0, "none")
+        k = int(det["scores"].argmax())
+        box = (det["boxes"][k] / torch.tensor([sx, sy, sx, sy])).tolist()
+        return Proposal(box, float(det["scores"][k]), "detector")
+
+    return detect

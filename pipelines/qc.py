@@ -1,8 +1,12 @@
 """The batched two-stage engine: bytes/paths/arrays in, one `QCResult` per input out, in order.
 
-decode (thread pool, DCT-scaled) -> detector on the batch -> best cervix box -> one
-roi_align per image to 32 and 224+ px crops -> Deep SAD and ResNeSt on the crop batches ->
-decision policy. A bad input becomes an `unreadable` row with its reason; the batch goes on.
+decode (thread pool, DCT-scaled) -> presence classifier on the batch (stage 0: a cervix in
+the photo at all? no -> no_cervix) -> detector on the rest -> best cervix box (the whole frame
+where the presence model vouches for a cervix the detector did not place confidently: a
+close-up) -> one roi_align per image to 32 and 224+ px crops -> Deep SAD and ResNeSt on the
+crop batches -> decision policy. Weights folders without a presence model keep the older rule
+(the detector's threshold decides no_cervix). A bad input becomes an `unreadable` row with
+its reason; the batch goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pipelines.crops import crop_boxes
 from pipelines.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.decode_device import decode_on_device
 from pipelines.detector import load_detector, predict
+from pipelines.presence import colour_histograms, detect_with_features, load_presence
 from pipelines.qc_result import Label, QCResult
 from pipelines.stage2 import load_stage2, score_batch, threshold_of
 
@@ -85,6 +90,10 @@ class QCPipeline:
         self.detector, self.det_card = load_detector(weights / "detector.json", dev)
         self.deep_sad, self.sad_card = load_stage2(weights / "deep_sad.json", dev)
         self.classifier, self.cls_card = load_stage2(weights / "classifier.json", dev)
+        # optional stage 0: without it the detector's threshold alone decides no_cervix
+        self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
+                                         if (weights / "presence.json").is_file() else (None, None))
+        self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         self.device = torch.device(dev)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
@@ -133,21 +142,40 @@ class QCPipeline:
             out[i] = d
         return out  # type: ignore[return-value]
 
-    def _detect(self, floats: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The detector over the images in chunks of `detector_batch`, in input order.
+    def _detect(self, floats: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+        """The detector over the images in chunks of `detector_batch`, in input order, with the
+        pooled FPN features stage 0 reads (None without a presence head).
 
         torchvision pads every image of a forward to the largest one, so chunks are formed
         after sorting by aspect ratio: a portrait photo batched with landscape ones would
         otherwise make every image in its chunk a padded square."""
         order = sorted(range(len(floats)), key=lambda k: floats[k].shape[-2] / floats[k].shape[-1])
         dets: list[dict[str, torch.Tensor] | None] = [None] * len(floats)
+        feats: list[torch.Tensor | None] = [None] * len(floats)
         n = self.detector_batch
         with self._autocast():
             for j in range(0, len(order), n):
                 chunk = order[j : j + n]
-                for k, d in zip(chunk, predict(self.detector, [floats[k] for k in chunk], self.device)):
-                    dets[k] = d
-        return dets  # type: ignore[return-value]
+                batch = [floats[k] for k in chunk]
+                if self.presence is None:
+                    out, pooled = predict(self.detector, batch, self.device), [None] * len(chunk)
+                else:
+                    out, pooled = detect_with_features(self.detector, batch, self.device)
+                for k, d, f in zip(chunk, out, pooled):
+                    dets[k], feats[k] = d, f
+        return dets, (torch.stack(feats) if self.presence is not None and feats else None)  # type: ignore[arg-type]
+
+    def _presence(self, image_of: dict, feats: torch.Tensor | None, timings: dict) -> dict[int, float | None]:
+        """Stage-0 score per decoded image, or None for every image when the weights folder has
+        no presence head (older folders: the detector's threshold then decides no_cervix)."""
+        if self.presence is None:
+            return dict.fromkeys(image_of)
+        t = time.perf_counter()
+        cfg = self.presence.cfg
+        hist = colour_histograms(list(image_of.values()), cfg.hist_bins, cfg.hist_side)
+        scores = self.presence(hist, feats)
+        timings["presence"] = self._stamp(t)
+        return dict(zip(image_of, scores.tolist()))
 
     def label_for(self, sad: float, prob: float, policy: Policy | None = None) -> Label:
         """The decision for one crop's two scores under a policy (default: the configured one)."""
@@ -172,23 +200,28 @@ class QCPipeline:
                 results[i] = QCResult(path=names[i], label=Label.UNREADABLE, error=d.reason)
         timings = {"decode": t_decode}
         if ok:
+            image_of = {i: to_device(decoded[i].image, self.device) for i in ok}  # uint8: a quarter of float
             t1 = time.perf_counter()
-            # uint8 goes to the device (a quarter of the float bytes); detector and crops read it there
-            images = [to_device(decoded[i].image, self.device) for i in ok]
-            floats = [TF.to_dtype(im, torch.float32, scale=True) for im in images]
-            dets = self._detect(floats)
+            dets, feats = self._detect([TF.to_dtype(image_of[i], torch.float32, scale=True) for i in ok])
             timings["detect"] = self._stamp(t1)
+            present = self._presence(image_of, feats, timings)
             with_box, boxes = [], []
-            image_of = dict(zip(ok, images))
             for i, det in zip(ok, dets):
                 d = decoded[i]
-                sx, sy = d.scale
                 top = float(det["scores"].max()) if len(det["scores"]) else 0.0
-                base = dict(path=names[i], sha256=d.sha256, width=d.width, height=d.height, cervix_score=top)
-                if len(det["scores"]) == 0 or top < self.det_threshold:
+                base = dict(path=names[i], sha256=d.sha256, width=d.width, height=d.height, cervix_score=top,
+                            presence_score=present[i])
+                confident = len(det["scores"]) > 0 and top >= self.det_threshold
+                vouched = present[i] is not None and present[i] >= self.presence_threshold
+                if (present[i] is None and not confident) or (present[i] is not None and not vouched):
                     results[i] = QCResult(label=Label.NO_CERVIX, **base)
                     continue
-                box = det["boxes"][int(det["scores"].argmax())]
+                if confident:
+                    box = det["boxes"][int(det["scores"].argmax())]
+                else:  # stage 0 vouches for a cervix the detector could not place: a close-up
+                    h, w = image_of[i].shape[-2:]
+                    box = torch.tensor([0.0, 0.0, float(w), float(h)])
+                sx, sy = d.scale
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
                 boxes.append(box)
             if with_box:

@@ -23,7 +23,8 @@ class QCResult(BaseModel):
     label: Label
     kind: str | None = None  # green | iodine for non_regular
     cervix_box: list[float] | None = None  # x1, y1, x2, y2 in original pixels
-    cervix_score: float | None = None
+    cervix_score: float | None = None  # the detector's top box score
+    presence_score: float | None = None  # P(cervix in the photo) from the presence model, where there is one
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
     error: str | None = None

@@ -20,6 +20,7 @@ class UploadResult(BaseModel):
     kind: str | None = None
     cervix_box: list[float] | None = None
     cervix_score: float | None = None
+    presence_score: float | None = None
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
     error: str | None = None

@@ -12,15 +12,28 @@ from PIL import Image
 from models.classifier import ClassifierConfig, RegularityClassifier
 from models.deep_sad import DeepSAD
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, save_weights
+from models.io import ModelCard, load_card, save_weights
+from models.presence import PresenceConfig, PresenceHead
+from pipelines.presence import detect_with_features
 
 
-def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0) -> Path:
+def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
+                 presence_threshold: float | None = None) -> Path:
+    """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
+    (its weights are zero, so every photo scores 0 against that threshold)."""
     torch.manual_seed(0)
     det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=score_thresh)
-    save_weights(build_detector(det_cfg).state_dict(), folder / "detector",
-                 ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
-                           input_size=[96, 96], classes=["cervix"], thresholds={"score": detector_threshold}))
+    detector = build_detector(det_cfg)
+    det_card = save_weights(detector.state_dict(), folder / "detector",
+                            ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
+                                      input_size=[96, 96], classes=["cervix"], thresholds={"score": detector_threshold}))
+    if presence_threshold is not None:
+        _, feats = detect_with_features(detector.eval(), [torch.rand(3, 60, 80)], torch.device("cpu"))
+        cfg = PresenceConfig(feature_dim=feats.shape[1])
+        save_weights(PresenceHead(cfg).state_dict(), folder / "presence",
+                     ModelCard(name="presence", architecture="presence_linear_heads",
+                               config={**cfg.as_dict(), "detector_sha256": load_card(det_card).sha256},
+                               classes=["no_cervix", "cervix"], thresholds={"score": presence_threshold}))
     sad = DeepSAD()
     sad.c.fill_(0.1)
     save_weights(sad.state_dict(), folder / "deep_sad",

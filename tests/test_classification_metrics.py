@@ -21,7 +21,8 @@ def test_max_f1_threshold_and_target_sensitivity_threshold():
     s = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.9])
     t = calibrate_threshold(y, s)
     assert binary_metrics(y, s, t).f1 == max(binary_metrics(y, s, c).f1 for c in s)
-    t95 = calibrate_threshold(y, s, target_sensitivity=1.0)
+    assert calibrate_threshold(y, s, rule="edge") == 0.35  # the lowest flagged validation score itself
+    t95 = calibrate_threshold(y, s, target_sensitivity=1.0, rule="edge")
     assert t95 == 0.35 and binary_metrics(y, s, t95).sensitivity == 1.0
     with pytest.raises(ValueError, match="both"):
         calibrate_threshold(np.zeros(3), np.ones(3))
@@ -33,3 +34,16 @@ def test_metrics_are_reported_overall_and_per_source():
     out = metrics_by_group(y, s, 0.5, ["a", "a", "b", "b"])
     assert set(out) == {"overall", "a", "b"}
     assert out["a"].accuracy == 1.0 and out["b"].sensitivity == 0.0 and out["overall"].n == 4
+
+
+def test_midpoint_rule_keeps_every_validation_decision_and_sits_in_the_middle_of_the_gap():
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.7, 0.9])
+    edge, mid = calibrate_threshold(y, s, rule="edge"), calibrate_threshold(y, s)
+    assert ((s >= edge) == (s >= mid)).all()  # the same decisions on validation
+    assert mid == pytest.approx(0.325)  # halfway between 0.3 (the score under the cut) and 0.35
+    logit = calibrate_threshold(y, s, space="logit")
+    assert 0.3 < logit < 0.35 and logit != pytest.approx(0.325)
+    assert calibrate_threshold(y, s * 10, space="log") == pytest.approx(np.sqrt(3.0 * 3.5))  # geometric mean
+    t = calibrate_threshold(y, s, target_sensitivity=0.75)
+    assert 0.4 < t < 0.6 and binary_metrics(y, s, t).sensitivity == 0.75

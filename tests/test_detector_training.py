@@ -111,3 +111,21 @@ def test_detect_writes_detector_boxes_as_coco_that_stage2_can_crop(boxes_set, tm
     manifest["abspath"] = [str(boxes_set.parent / p) for p in manifest["path"]]
     crops = extract_crops(manifest, back.boxes_by_file(), 32)
     assert len(crops) > 0 and crops.images.dtype == torch.uint8
+
+
+def test_training_can_start_from_our_own_detector_and_refuses_another_architecture(boxes_set, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    _, first = train_detector(_cfg(boxes_set, tmp_path / "a", epochs=1, max_steps_per_epoch=2))
+    start, _ = load_detector(first)
+    # lr 0: the run changes nothing, so its export must equal its starting point exactly
+    _, second = train_detector(_cfg(boxes_set, tmp_path / "b", epochs=1, max_steps_per_epoch=1, lr=0.0,
+                                    init_from=first))
+    exported = load_file(str(second.with_suffix(".safetensors")))
+    conv = "backbone.body.conv1.weight"
+    assert torch.equal(exported[conv], start.state_dict()[conv])
+    other = _cfg(boxes_set, tmp_path / "c", epochs=1, max_steps_per_epoch=1, init_from=first,
+                 model=DetectorConfig(backbone="resnet34", min_size=128, max_size=128))
+    with pytest.raises(ValueError, match="not a"):
+        train_detector(other)

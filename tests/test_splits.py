@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -87,3 +88,39 @@ def test_cross_source_split_refuses_unknown_sources_and_patients_spanning_source
 def test_fractions_must_sum_to_one():
     with pytest.raises(ValueError, match="sum to 1"):
         SplitFractions(0.5, 0.2, 0.2)
+
+
+def test_k_fold_rotations_test_every_patient_once_and_keep_held_out_sources_in_test():
+    from pipelines.data.splits import fold_split
+
+    rng = np.random.default_rng(3)
+    n = 120
+    df = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(n)],
+                       "source": np.where(np.arange(n) < 100, "site", "gi"),
+                       "kind": rng.choice(["regular"] * 8 + ["green", "iodine"], n)})
+    df.loc[df.source == "gi", "kind"] = "no_cervix"
+    tested = pd.Series(0, index=df.index)
+    for fold in range(5):
+        split = fold_split(df, 5, fold, seed=1, test_only_sources=["gi"])
+        assert set(split[df.source == "gi"]) == {"test"}
+        for patient, group in split.groupby(df["patient_id"]):
+            assert group.nunique() == 1, patient  # a patient never straddles two splits
+        tested += (split == "test") & (df.source == "site")
+        nxt = fold_split(df, 5, (fold + 1) % 5, seed=1, test_only_sources=["gi"])
+        assert ((split == "val") == ((nxt == "test") & (df.source == "site"))).all()  # val = next rotation's test
+    assert (tested[df.source == "site"] == 1).all()
+    with pytest.raises(ValueError, match="at least 3"):
+        fold_split(df, 2, 0)
+    with pytest.raises(ValueError, match="unknown source"):
+        fold_split(df, 5, 0, test_only_sources=["nowhere"])
+
+
+def test_adding_a_collection_leaves_the_other_collections_folds_alone():
+    from pipelines.data.splits import case_folds
+
+    site = pd.DataFrame({"patient_id": [f"p{i}" for i in range(40)], "source": "site",
+                         "kind": ["green" if i % 5 == 0 else "regular" for i in range(40)]})
+    more = pd.DataFrame({"patient_id": [f"n{i}" for i in range(300)], "source": "gi", "kind": "no_cervix"})
+    alone = case_folds(site, 5, seed=2)
+    together = case_folds(pd.concat([site, more], ignore_index=True), 5, seed=2)[: len(site)]
+    assert (alone == together).all()

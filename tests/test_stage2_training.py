@@ -39,7 +39,8 @@ def test_deep_sad_trains_exports_a_threshold_and_reloads(split_set, tmp_path):
     net.load_state_dict(state)
     assert card.thresholds["distance"] > 0 and 0 <= card.metrics["val"]["f1"] <= 1
     assert torch.count_nonzero(net.c) == net.c.numel()  # the eps rule held
-    assert "pretrain_epochs" in card.training and "synthesise" not in card.training
+    assert "pretrain_epochs" in card.training and "synthesise" in card.training
+    assert card.training["threshold_rule"].startswith("max F1 on the validation split")
     log = [json.loads(line) for line in (tmp_path / "deep_sad" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and "val_roc_auc" in log[-1]
     assert (tmp_path / "autoencoder" / "metrics.jsonl").is_file()

@@ -1,51 +1,75 @@
 #!/usr/bin/env bash
-# The project's default weights, trained from random init on a 2-core CPU in about 40 minutes.
+# The project's default weights: real photos + hard negatives + synthetic scenes, trained from
+# random init on a 2-core CPU (times in weights/README.md). Run from the repository root:
 #
-#   bash weights/recipe.sh          # from the repository root; no arguments
+#   MIRRORS=/path/to/snapshots make weights        # or: MIRRORS=... bash weights/recipe.sh
 #
-# 1. a seeded synthetic multi-source set (`cervixqc synth`) in .cache/weights-data/ (ignored by git)
-# 2. a cross-source split by patient: train hospital,field,evanet / val archive / test teaching
-# 3. RetinaNet mobilenet_v3_large FPN @320 (`train-detector`), tested on the held-out source
-# 4. Deep SAD 32x32 and ResNeSt50 @32 on the ground-truth cervix crops (thresholds: max F1 on val),
-#    tested on the held-out source, on ground-truth crops and on the shipped detector's crops
-# 5. detector/deep_sad/classifier .safetensors + .json into weights/ (ResNeSt50 stored as float16,
-#    up-cast to float32 on load), each card with recipe, data, test metrics and sha256.
+# MIRRORS holds git snapshots of the public repositories listed in weights/data/*.csv, one per
+# repository as MIRRORS/owner+name/repo (the search tool's fetch writes exactly that; `git clone
+# --mirror URL MIRRORS/owner+name/repo` does too). The photos are copied out by sha256 into
+# $DATA (git-ignored) and never enter the repository.
 #
-# The two training chains (detector | Deep SAD then ResNeSt) run side by side: one thread each
-# (OMP_NUM_THREADS=1; on a shared 2-core machine two OpenMP threads per process spin-wait and
-# trained the detector 12x slower). The variables below may be overridden from the
-# environment for a smoke run (with WEIGHTS_OUT pointing elsewhere); the defaults made weights/.
+#  1. real photos (weights/data/realdata_train.csv: labels, case ids) and hard negatives
+#     (weights/data/hard_negatives.csv: other organs) -> manifests; checked cervix boxes
+#     (weights/data/real_boxes.json, made with propose-boxes + fix-boxes) matched by sha256
+#  2. a 5-fold split by case, rotation 0: test = fold 0, validation = fold 1, training = the
+#     rest; the hard-negative repositories marked "heldout" are test only, never trained on
+#  3. synthetic scenes from 4 generator sources (volume, no-cervix scenes); a 5th source is
+#     generated apart for the no-regression check on synthetic data
+#  4. detector: RetinaNet mobilenet_v3 @320 pretrained on the synthetic scenes, then trained on
+#     real + hard negatives with synthetic scenes mixed in (hSDB's mix, 1 synthetic : 2 real);
+#     then the presence head (stage 0: colour histogram + the detector's own features) on the
+#     real training photos, its threshold from validation
+#  5. Deep SAD and ResNeSt50 @32 on real crops (+ green/iodine synthesised from real regular
+#     crops, + synthetic crops for volume); thresholds from validation, pooled over sources
+#  6. evaluation: detector (val, test), the whole pipeline on real test photos and on the
+#     held-out negatives, the colour-histogram baseline, the synthetic no-regression check
+#  7. cards completed (data, licences, counts, recipe, metrics) and copied into weights/
+#
+# The detector chain and the stage-2 chain run side by side with one thread each. Variables
+# below may be overridden (smoke runs: see weights/README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 UV=${UV:-.tools/bin/uv}
-DATA=${DATA:-.cache/weights-data}
-RUNS=${RUNS:-.cache/weights-runs}
+MIRRORS=${MIRRORS:?set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)}
+DATA=${DATA:-.cache/real-data}
+RUNS=${RUNS:-.cache/real-runs}
 WEIGHTS_OUT=${WEIGHTS_OUT:-weights}
-N=${N:-1200}                 # images
-RATIO=${RATIO:-6}            # regular : non-regular
-MAX_SIDE=${MAX_SIDE:-640}
-SEED=${SEED:-11}
-DET_EPOCHS=${DET_EPOCHS:-16}
+FOLD=${FOLD:-0}
+SYNTH_N=${SYNTH_N:-1200}
+SYNTH_TEST_N=${SYNTH_TEST_N:-300}
+PRE_EPOCHS=${PRE_EPOCHS:-8}          # detector pretraining on synthetic scenes
+DET_EPOCHS=${DET_EPOCHS:-12}         # then real + negatives + synthetic
+EXTRA_RATIO=${EXTRA_RATIO:-0.5}      # synthetic scenes per real photo in each detector epoch
 DET_MAX_STEPS=${DET_MAX_STEPS:-}     # smoke runs only
-SAD_EPOCHS=${SAD_EPOCHS:-100}        # paper: 150 + 150; val ROC-AUC plateaus early, CPU time goes to the detector
+SAD_EPOCHS=${SAD_EPOCHS:-100}
 SAD_PRETRAIN=${SAD_PRETRAIN:-100}
 RES_EPOCHS=${RES_EPOCHS:-100}
+REUSE=${REUSE:-0}                    # 1: keep trained runs already in $RUNS (re-evaluate, re-export)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 
-CQ=("$UV" run --locked --no-sync cervixqc)
+CQ=("$UV" run --locked --no-sync cervixqc --threads 1)
 PY=("$UV" run --locked --no-sync python)
-
-rm -rf "$DATA" "$RUNS"
 mkdir -p "$DATA" "$RUNS"
-: >"$RUNS/commands.txt"
-: >"$RUNS/timings.tsv"
+[[ "$REUSE" == 1 ]] || rm -rf "$RUNS"/{det-synth,det,presence,sad,res32}
+rm -rf "$RUNS"/{eval-*,weights}
+if [[ "$REUSE" != 1 ]]; then  # a reuse keeps the earlier commands and wall times of what it reuses
+    : >"$RUNS/commands.txt"
+    : >"$RUNS/timings.tsv"
+fi
 
-# step NAME CMD...: run, log the command line, record its wall time
-step() {
+declare -A DONE=([detector_pretrain]="$RUNS/det-synth/detector.json" [detector]="$RUNS/det/detector.json"
+                 [presence]="$RUNS/presence/presence.json" [deep_sad]="$RUNS/sad/deep_sad.json"
+                 [classifier]="$RUNS/res32/classifier.json")
+step() {  # step NAME CMD...: run, log the command line, record its wall time
     local name=$1 t0 t1
     shift
     echo "+ $*" | tee -a "$RUNS/commands.txt"
+    if [[ "$REUSE" == 1 && -n "${DONE[$name]:-}" && -f "${DONE[$name]}" ]]; then
+        echo "== $name: reused ${DONE[$name]}"
+        return
+    fi
     t0=$(date +%s.%N)
     "$@"
     t1=$(date +%s.%N)
@@ -53,74 +77,91 @@ step() {
     echo "== $name: $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s"
 }
 
-# 1. data
-step synth "${CQ[@]}" synth "$DATA" -n "$N" --ratio "$RATIO" --max-side "$MAX_SIDE" --seed "$SEED"
-printf '{"n": %s, "ratio": %s, "max_side": %s, "seed": %s, "preset": "small (overridden by -n/--ratio/--max-side)"}\n' \
-    "$N" "$RATIO" "$MAX_SIDE" "$SEED" >"$RUNS/synth.json"
+# 1. real photos and hard negatives
+step extract "${CQ[@]}" extract-listed weights/data/realdata_train.csv --mirrors "$MIRRORS" -o "$DATA/real"
+step extract_negatives "${CQ[@]}" extract-listed weights/data/hard_negatives.csv --mirrors "$MIRRORS" \
+    -o "$DATA/negatives"
+step import "${CQ[@]}" import-labels weights/data/realdata_train.csv --images "$DATA/real" \
+    -o "$DATA/real/manifest.csv" --source-col case --source-sep : --sha256-col sha256 --kind-map unknown=skip
+step import_negatives "${CQ[@]}" import-labels weights/data/hard_negatives.csv --images "$DATA/negatives" \
+    -o "$DATA/negatives/manifest.csv" --kind no_cervix --patient-col file --source-col repo --sha256-col sha256
+step merge "${CQ[@]}" merge-manifests "$DATA/real/manifest.csv" "$DATA/negatives/manifest.csv" -o "$DATA/all.csv"
+step boxes "${CQ[@]}" match-boxes "$DATA/all.csv" --boxes weights/data/real_boxes.json -o "$DATA/all_boxes.json"
 
-# 2. cross-source split by patient, with COCO subsets xsrc_{train,val,test}.json
-step split "${CQ[@]}" split "$DATA/manifest.csv" -o "$DATA/xsrc.csv" --coco "$DATA/coco.json" \
-    --train-sources hospital,field,evanet --val-sources archive --test-sources teaching
+# 2. case-level folds; held-out negative repositories are test only
+HELD=$("${PY[@]}" -c "import csv,sys; print(','.join(sorted({r['repo'] for r in csv.DictReader(open(sys.argv[1])) if r['role'] == 'heldout'})))" weights/data/hard_negatives.csv)
+step split "${CQ[@]}" split "$DATA/all.csv" -o "$DATA/split.csv" --coco "$DATA/all_boxes.json" \
+    --folds 5 --fold "$FOLD" --test-sources "$HELD"
 
-# 3 + 4. training: detector alongside stage 2
+# 3. synthetic scenes: four sources for training, the fifth apart for the no-regression check
+step synth "${CQ[@]}" synth "$DATA/synth" -n "$SYNTH_N" --ratio 4 --no-cervix-fraction 0.15 --max-side 640 \
+    --seed 13 --sources hospital,field,evanet,archive
+step synth_split "${CQ[@]}" split "$DATA/synth/manifest.csv" -o "$DATA/synth/xsrc.csv" \
+    --coco "$DATA/synth/coco.json" --train-sources hospital,field,evanet --val-sources archive
+step synth_test "${CQ[@]}" synth "$DATA/synth-test" -n "$SYNTH_TEST_N" --ratio 4 --no-cervix-fraction 0.1 \
+    --max-side 640 --seed 99 --sources teaching
+
 det_extra=()
 [[ -n "$DET_MAX_STEPS" ]] && det_extra=(--max-steps "$DET_MAX_STEPS")
-(
-    step detector "${CQ[@]}" train-detector "$DATA/xsrc_train.json" "$DATA/xsrc_val.json" -o "$RUNS/det" \
-        --arch retinanet --backbone mobilenet_v3_large --size 320 --epochs "$DET_EPOCHS" --lr 1e-3 \
-        --batch-size 8 --workers 1 --seed 0 "${det_extra[@]}"
+DET=(--arch retinanet --backbone mobilenet_v3_large --size 320 --batch-size 8 --workers 1 --seed 0)
+(   # 4. detector: synthetic pretraining, then real + negatives + synthetic; then stage 0 on it
+    step detector_pretrain "${CQ[@]}" train-detector "$DATA/synth/xsrc_train.json" "$DATA/synth/xsrc_val.json" \
+        -o "$RUNS/det-synth" "${DET[@]}" --epochs "$PRE_EPOCHS" --lr 1e-3 "${det_extra[@]}"
+    step detector "${CQ[@]}" train-detector "$DATA/split_train.json" "$DATA/split_val.json" -o "$RUNS/det" \
+        "${DET[@]}" --epochs "$DET_EPOCHS" --lr 5e-4 --extra-coco "$DATA/synth/xsrc_train.json" \
+        --extra-ratio "$EXTRA_RATIO" --init-from "$RUNS/det-synth/detector.json" "${det_extra[@]}"
+    step presence "${CQ[@]}" train-presence "$DATA/split.csv" --detector "$RUNS/det/detector.json" \
+        -o "$RUNS/presence"
 ) >"$RUNS/detector.log" 2>&1 &
 det_pid=$!
-(
-    step deep_sad "${CQ[@]}" train-deep-sad "$DATA/xsrc.csv" --coco "$DATA/coco.json" -o "$RUNS/sad" \
-        --epochs "$SAD_EPOCHS" --pretrain-epochs "$SAD_PRETRAIN"
-    step classifier "${CQ[@]}" train-resnest "$DATA/xsrc.csv" --coco "$DATA/coco.json" -o "$RUNS/res32" \
-        --size 32 --epochs "$RES_EPOCHS" --synthesise 0.2
+(   # 5. stage 2 on real crops, synthetic crops for volume, thresholds from real validation
+    EXTRA=(--extra-manifest "$DATA/synth/xsrc.csv" --extra-coco "$DATA/synth/coco.json" --synthesise 0.2)
+    step deep_sad "${CQ[@]}" train-deep-sad "$DATA/split.csv" --coco "$DATA/all_boxes.json" -o "$RUNS/sad" \
+        --epochs "$SAD_EPOCHS" --pretrain-epochs "$SAD_PRETRAIN" "${EXTRA[@]}"
+    step classifier "${CQ[@]}" train-resnest "$DATA/split.csv" --coco "$DATA/all_boxes.json" -o "$RUNS/res32" \
+        --size 32 --epochs "$RES_EPOCHS" "${EXTRA[@]}"
+    step baseline "${CQ[@]}" baseline-colour "$DATA/split.csv" -o "$RUNS/eval-baseline"
 ) >"$RUNS/stage2.log" 2>&1 &
 s2_pid=$!
 rc=0
 wait "$det_pid" || rc=$?
 wait "$s2_pid" || rc=$?
-grep -E '^(\+ |== )' "$RUNS/detector.log" "$RUNS/stage2.log" || true
+grep -hE '^(\+ |== )' "$RUNS/detector.log" "$RUNS/stage2.log" || true
 if [[ $rc -ne 0 ]]; then
     echo "training failed (rc $rc): see $RUNS/detector.log and $RUNS/stage2.log" >&2
     tail -20 "$RUNS/detector.log" "$RUNS/stage2.log" >&2
     exit "$rc"
 fi
 
-# 5a. verified copies with recipe + data on the cards, staged; the classifier stored as float16
+# 7a. verified copies with recipe + data on the cards, staged (classifier stored as float16)
 STAGE="$RUNS/weights"
 step export "${PY[@]}" weights/finalize.py export "$RUNS" "$DATA" "$STAGE"
 
-# 4 (tests), on exactly the staged files: held-out source teaching
-step eval_detector "${CQ[@]}" eval-detector "$STAGE/detector.json" "$DATA/xsrc_test.json" -o "$RUNS/eval-det" \
-    --manifest "$DATA/xsrc.csv"
-step eval_deep_sad "${CQ[@]}" eval "$STAGE/deep_sad.json" "$DATA/xsrc.csv" --coco "$DATA/coco.json" \
-    --split test -o "$RUNS/eval-s2"
-step eval_classifier "${CQ[@]}" eval "$STAGE/classifier.json" "$DATA/xsrc.csv" --coco "$DATA/coco.json" \
-    --split test -o "$RUNS/eval-s2"
-# the same on the crops the engine sees: the shipped detector's top box
-"${PY[@]}" weights/finalize.py test-manifest "$DATA/xsrc.csv" "$DATA/xsrc_testonly.csv"
-step detect "${CQ[@]}" detect "$STAGE/detector.json" "$DATA/xsrc_testonly.csv" -o "$DATA/det_boxes_test.json"
-# (extra figures: `cervixqc eval` crashes when the detector found no box at all, so not fatal)
-step eval_deep_sad_detcrops "${CQ[@]}" eval "$STAGE/deep_sad.json" "$DATA/xsrc.csv" \
-    --coco "$DATA/det_boxes_test.json" --split test -o "$RUNS/eval-s2-detcrops" \
-    || echo "WARNING: Deep SAD on detector crops failed; the card gets ground-truth-crop metrics only" >&2
-step eval_classifier_detcrops "${CQ[@]}" eval "$STAGE/classifier.json" "$DATA/xsrc.csv" \
-    --coco "$DATA/det_boxes_test.json" --split test -o "$RUNS/eval-s2-detcrops" \
-    || echo "WARNING: ResNeSt on detector crops failed; the card gets ground-truth-crop metrics only" >&2
+# 6. evaluation of exactly the staged files
+CQ2=("$UV" run --locked --no-sync cervixqc --threads 2)
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+for split in val test; do
+    step "eval_detector_$split" "${CQ2[@]}" eval-detector "$STAGE/detector.json" "$DATA/split_$split.json" \
+        -o "$RUNS/eval-det-$split" --manifest "$DATA/split.csv"
+    step "eval_pipeline_$split" "${CQ2[@]}" eval-pipeline "$DATA/split.csv" --split "$split" --weights "$STAGE" \
+        -o "$RUNS/eval-pipeline-$split"
+done
+step eval_synthetic_detector "${CQ2[@]}" eval-detector "$STAGE/detector.json" "$DATA/synth-test/coco.json" \
+    -o "$RUNS/eval-synth-det"
+step eval_synthetic_pipeline "${CQ2[@]}" eval-pipeline "$DATA/synth-test/manifest.csv" --weights "$STAGE" \
+    -o "$RUNS/eval-synth-pipeline"
 
-# 5b. test metrics into the cards (JSON only: the sha256 keeps matching), then publish
+# 7b. metrics into the cards (JSON only: the sha256 keeps matching), then publish
 "${PY[@]}" weights/finalize.py metrics "$RUNS" "$STAGE"
 mkdir -p "$WEIGHTS_OUT"
-for stem in detector deep_sad classifier; do
+for stem in presence detector deep_sad classifier; do
     cp "$STAGE/$stem.safetensors" "$STAGE/$stem.json" "$WEIGHTS_OUT/"
 done
 "${PY[@]}" -c "
 import sys
 from models.io import load_weights
-for s in ('detector', 'deep_sad', 'classifier'):
+for s in ('presence', 'detector', 'deep_sad', 'classifier'):
     load_weights(sys.argv[1] + '/' + s + '.json')
-print('sha256 verified for the three models in', sys.argv[1])" "$WEIGHTS_OUT"
+print('sha256 verified for the four models in', sys.argv[1])" "$WEIGHTS_OUT"
 du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json | tail -1
 cat "$RUNS/timings.tsv"

@@ -85,16 +85,25 @@ def split(
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
     test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
     coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes.")] = None,
+    folds: Annotated[Optional[int], typer.Option(
+        help="K-fold by patient: test = --fold, validation = the next fold, training = the rest; "
+             "--test-sources then names held-out sources that are test in every rotation.")] = None,
+    fold: Annotated[int, typer.Option(help="Which rotation of --folds (0..K-1).")] = 0,
 ) -> None:
-    """Split by patient (stratified by source and kind), or by source (cross-source)."""
+    """Split by patient (stratified by source and kind), by source (cross-source), or in
+    K folds by patient."""
     from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
-    from pipelines.data.splits import SplitFractions, cross_source_split, patient_split
+    from pipelines.data.splits import SplitFractions, cross_source_split, fold_split, patient_split
     from pipelines.data.stats import compute_stats
 
     try:
         df = load_manifest(manifest, check_files=False)
         shares = SplitFractions(*[float(v) for v in _csv(fractions)])
-        if train_sources or val_sources or test_sources:
+        if folds is not None:
+            if train_sources or val_sources:
+                raise ValueError("--folds takes --test-sources only (held-out sources)")
+            df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
+        elif train_sources or val_sources or test_sources:
             df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
                                              shares, seed)
         else:

@@ -27,6 +27,8 @@ def train_detector_cmd(
     extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
     extra_ratio: Annotated[float, typer.Option(help="Extra samples per real sample each epoch.")] = 0.0,
     backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone state dict.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="A detector card of ours to start from (same architecture), e.g. one trained on synthetic data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
 ) -> None:
@@ -43,8 +45,12 @@ def train_detector_cmd(
     cfg = DetectorTrainConfig(train_coco=train_coco, val_coco=val_coco, out_dir=out, model=model, epochs=epochs,
                               batch_size=batch_size, lr=lr, workers=workers, seed=seed, resume=resume,
                               extra_coco=extra_coco, extra_ratio=extra_ratio, backbone_weights=backbone_weights,
+                              init_from=init_from,
                               max_steps_per_epoch=max_steps, warmup_iters=warmup)
-    result, card = train_detector(cfg)
+    try:
+        result, card = train_detector(cfg)
+    except ValueError as e:
+        _fail(str(e))
     if card is not None:
         typer.echo(f"best epoch {result.best_epoch + 1}: {json.dumps(result.best_metrics)}")
         typer.echo(f"exported {card}")
@@ -67,8 +73,9 @@ def eval_detector_cmd(
     except WeightsIntegrityError as e:
         _fail(str(e))
     for name, m in report.items():
-        typer.echo(f"{name:>10}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
-                   f"top-1 recall@0.5 {m['top1_recall50']:.3f}  ({m['n_images']} images)")
+        typer.echo(f"{name:>14}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
+                   f"top-1 recall@0.5 {m['top1_recall50']:.3f}  cervix found {m['cervix_found']:.3f} "
+                   f"(n={m['n_cervix']})  no_cervix called {m['no_cervix_called']:.3f} (n={m['n_no_cervix']})")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
 
 

@@ -18,6 +18,20 @@ def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_se
                         target_sensitivity=target_sensitivity, resume=resume, **kw)
 
 
+def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional[Path]) -> dict:
+    """Append an extra collection's crops to the training split only: validation (and so every
+    threshold) stays on the site's own photos."""
+    if (manifest is None) != (coco is None):
+        _fail("give --extra-manifest and --extra-coco together")
+    if manifest is not None:
+        from pipelines.data.crop_set import extra_crops
+
+        extra = extra_crops(manifest, coco, size)
+        typer.echo(f"training crops: {len(crops['train'])} from the manifest + {len(extra)} extra")
+        crops["train"] = crops["train"].concat(extra)
+    return crops
+
+
 def train_deep_sad_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
@@ -30,7 +44,12 @@ def train_deep_sad_cmd(
     eta: Annotated[float, typer.Option(help="Weight of the labeled samples.")] = 1.0,
     unsupervised: Annotated[bool, typer.Option(help="Deep SVDD: no labeled anomalies.")] = False,
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
+    synthesise: Annotated[float, typer.Option(
+        help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
+    extra_manifest: Annotated[Optional[Path], typer.Option(
+        help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
+    extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
 ) -> None:
     """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
     import torch
@@ -38,12 +57,13 @@ def train_deep_sad_cmd(
     from pipelines.data.crop_set import split_crops
     from pipelines.training.stage2 import train_deep_sad
 
-    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
     cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
-                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised)
+                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised, synthesise=synthesise)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = train_deep_sad(cfg, crops["train"], crops["val"], device,
-                          {"manifest": str(manifest), "boxes": str(coco)})
+                          {"manifest": str(manifest), "boxes": str(coco),
+                           "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
     typer.echo(f"exported {card}")
 
 
@@ -62,6 +82,9 @@ def train_resnest_cmd(
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
+    extra_manifest: Annotated[Optional[Path], typer.Option(
+        help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
+    extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
     import torch
@@ -80,14 +103,17 @@ def train_resnest_cmd(
             _fail(f"--init-from {init_from}: not a model card ({type(e).__name__})")
         if start != arch:
             _fail(f"--init-from {init_from} is a {start}, not a {arch}")
-    crops = split_crops(manifest, coco, round(size * 8 / 7), splits=("train", "val"))
+    crop_size = round(size * 8 / 7)
+    crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val")), crop_size,
+                        extra_manifest, extra_coco)
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
                          weight_decay=0.0, synthesise=synthesise)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],
                                 device, str(imagenet_weights) if imagenet_weights else None,
-                                {"manifest": str(manifest), "boxes": str(coco)},
+                                {"manifest": str(manifest), "boxes": str(coco),
+                           "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None},
                                 str(init_from) if init_from else None)
     except WeightsIntegrityError as e:
         _fail(f"--init-from: {e}")

@@ -43,6 +43,12 @@ class CropSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def concat(self, other: CropSet) -> CropSet:
+        if len(other) and other.images.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"crop sizes differ: {tuple(self.images.shape[1:])} vs {tuple(other.images.shape[1:])}")
+        return CropSet(torch.cat([self.images, other.images]), torch.cat([self.kinds, other.kinds]),
+                       self.paths + other.paths, self.patients + other.patients, self.sources + other.sources)
+
 
 def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[float]]], size: int,
                   margin: float = 0.05, root: Path | None = None) -> CropSet:
@@ -113,3 +119,15 @@ def split_crops(manifest_path: Path, coco_path: Path, size: int, margin: float =
         raise ValueError(f"{manifest_path} has no split column: run `cervixqc split` first")
     boxes = load_coco(coco_path).boxes_by_file()
     return {s: extract_crops(df[df["split"] == s], boxes, size, margin) for s in splits}
+
+
+def extra_crops(manifest_path: Path, coco_path: Path, size: int, margin: float = 0.05) -> CropSet:
+    """Training-only crops from another collection (the generator's, for volume): its train
+    split when it has a split column, else every row with a box."""
+    from pipelines.data.coco import load_coco
+    from pipelines.data.manifest import load_manifest
+
+    df = load_manifest(manifest_path)
+    if "split" in df.columns:
+        df = df[df["split"] == "train"]
+    return extract_crops(df, load_coco(coco_path).boxes_by_file(), size, margin)

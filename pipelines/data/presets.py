@@ -55,6 +55,12 @@ def classification_train(size: int) -> v2.Compose:
     ])
 
 
+def deep_sad_train() -> v2.Compose:
+    """Flips only: the hypersphere is a model of what regular tissue looks like, so nothing
+    that changes colour or texture (either could make a regular crop look anomalous)."""
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+
+
 def classification_eval(size: int) -> v2.Compose:
     """Crops are cut at 8/7 of the input size, so the centre crop has room (the paper's CenterCrop)."""
     return v2.Compose([v2.CenterCrop(size)])

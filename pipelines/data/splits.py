@@ -9,6 +9,7 @@ come within one patient of the requested fractions.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,3 +105,39 @@ def cross_source_split(
         if targets:
             mapping.update(_assign(list(group["patient_id"]), targets, rng))
     return df["patient_id"].map(mapping).fillna("").rename("split")
+
+
+def case_folds(df: pd.DataFrame, k: int, seed: int = 0) -> pd.Series:
+    """Fold number (0..k-1) per row, by patient, stratified by source and rarest kind."""
+    if k < 3:
+        raise ValueError("folds: need at least 3 (one test, one validation, the rest training)")
+    strata = _patient_strata(df)
+    mapping: dict[str, int] = {}
+    shares = {str(i): 1.0 / k for i in range(k)}
+    for (source, _), group in strata.groupby(["source", "rank"], sort=True):
+        # one generator per stratum, seeded by its source and members: adding a collection to
+        # the manifest leaves every other collection's folds as they were
+        members = ",".join(sorted(group["patient_id"]))
+        rng = np.random.default_rng([seed, zlib.crc32(f"{source}|{members}".encode())])
+        mapping.update({p: int(f) for p, f in _assign(list(group["patient_id"]), shares, rng).items()})
+    return df["patient_id"].map(mapping).rename("fold")
+
+
+def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
+               test_only_sources: Sequence[str] = ()) -> pd.Series:
+    """Rotation `fold` of a k-fold split by patient: test = fold `fold`, validation = the next
+    fold, training = the rest; every patient is tested in exactly one rotation. Sources in
+    `test_only_sources` (held-out collections) are test in every rotation."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
+    unknown = sorted(set(test_only_sources) - set(df["source"]))
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; the manifest has {sorted(set(df['source']))}")
+    held = df["source"].isin(list(test_only_sources))
+    folds = pd.Series(-1, index=df.index)
+    if (~held).any():
+        folds[~held] = case_folds(df[~held], k, seed)
+    names = folds.map(lambda f: Split.TEST.value if f == fold else
+                      Split.VAL.value if f == (fold + 1) % k else Split.TRAIN.value)
+    names[held] = Split.TEST.value
+    return names.rename("split")

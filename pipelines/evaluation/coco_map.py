@@ -94,3 +94,22 @@ def top1_recall(gt: CocoDataset, predictions: dict[int, Detections], iou: float 
         best = det["boxes"][keep][int(np.argmax(det["scores"][keep].numpy()))]
         hits += bool(box_iou(best[None], torch.tensor(boxes)).max() >= iou)
     return hits / len(truth)
+
+
+def presence(gt: CocoDataset, predictions: dict[int, Detections], threshold: float) -> dict[str, float]:
+    """The decision the engine takes from the detector alone, at the card's threshold: share
+    of images with a box whose top score reaches it (cervix found) and share of images
+    without one whose top score stays under it (called no_cervix), with their counts."""
+    has_box = {a.image_id for a in gt.annotations}
+    found = rejected = n_box = n_none = 0
+    for im in gt.images:
+        det = predictions.get(im.id)
+        top = float(det["scores"].max()) if det is not None and len(det["scores"]) else 0.0
+        if im.id in has_box:
+            n_box += 1
+            found += top >= threshold
+        else:
+            n_none += 1
+            rejected += top < threshold
+    return {"threshold": threshold, "cervix_found": found / n_box if n_box else float("nan"), "n_cervix": n_box,
+            "no_cervix_called": rejected / n_none if n_none else float("nan"), "n_no_cervix": n_none}

@@ -14,7 +14,7 @@ from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.presets import detection_eval
 from pipelines.detector import load_detector, predict_dataset
-from pipelines.evaluation.coco_map import evaluate_detections
+from pipelines.evaluation.coco_map import evaluate_detections, presence
 
 
 def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir: Path,
@@ -25,7 +25,8 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
     root = images or coco_path.parent
     ds = CocoDetection(coco, root, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
     preds = predict_dataset(model, ds, torch.device(device), batch_size)
-    report = {"overall": evaluate_detections(coco, preds).as_dict()}
+    threshold = mcard.thresholds.get("score", 0.5)
+    report = {"overall": evaluate_detections(coco, preds).as_dict() | presence(coco, preds, threshold)}
     if manifest is not None:
         import pandas as pd
 
@@ -36,7 +37,8 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
             sub = CocoDataset(images=[im for im in coco.images if im.id in ids],
                               annotations=[a for a in coco.annotations if a.image_id in ids],
                               categories=coco.categories)
-            report[source] = evaluate_detections(sub, {i: p for i, p in preds.items() if i in ids}).as_dict()
+            mine = {i: p for i, p in preds.items() if i in ids}
+            report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "detector_metrics.json").write_text(json.dumps(report, indent=2))
     if gallery:

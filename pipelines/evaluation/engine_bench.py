@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
+from pipelines.presence import colour_histograms, detect_with_features
 from pipelines.qc import JpegDecoder, QCConfig, QCPipeline
 
 
@@ -27,7 +28,7 @@ def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
     # the models as a research script has them: loaded from the card, default layout, fp32
     qc = QCPipeline(weights, QCConfig(device=device, channels_last=False, bf16=False))
     dev = torch.device(device)
-    stages = {"decode": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
+    stages = {"decode": 0.0, "presence": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
     big = round(qc.cls_size * 8 / 7)
     t0 = time.perf_counter()
     for p in paths:
@@ -36,12 +37,23 @@ def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
         x = TF.to_dtype(TF.pil_to_tensor(im), torch.float32, scale=True)
         stages["decode"] += time.perf_counter() - t
         t = time.perf_counter()
-        det = {k: v.cpu() for k, v in qc.detector([x.to(dev)])[0].items()}
+        if qc.presence is None:
+            det = {k: v.cpu() for k, v in qc.detector([x.to(dev)])[0].items()}
+        else:  # the same decisions as the engine: stage 0 reads the detector's features
+            (det,), feats = detect_with_features(qc.detector, [x], dev)
         stages["detect"] += time.perf_counter() - t
-        if len(det["scores"]) == 0 or float(det["scores"].max()) < qc.det_threshold:
+        confident = len(det["scores"]) > 0 and float(det["scores"].max()) >= qc.det_threshold
+        if qc.presence is None and not confident:
             continue
+        if qc.presence is not None:
+            t = time.perf_counter()
+            hist = colour_histograms([TF.pil_to_tensor(im)], qc.presence.cfg.hist_bins, qc.presence.cfg.hist_side)
+            vouched = float(qc.presence(hist, feats)[0]) >= qc.presence_threshold
+            stages["presence"] += time.perf_counter() - t
+            if not vouched:
+                continue
         t = time.perf_counter()
-        box = det["boxes"][int(det["scores"].argmax())].tolist()
+        box = det["boxes"][int(det["scores"].argmax())].tolist() if confident else [0, 0, im.width, im.height]
         crop = im.crop(tuple(box))
         c32 = TF.to_dtype(TF.pil_to_tensor(crop.resize((32, 32))), torch.float32, scale=True)[None]
         cbig = TF.to_dtype(TF.pil_to_tensor(crop.resize((big, big))), torch.float32, scale=True)[None]

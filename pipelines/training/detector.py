@@ -22,6 +22,7 @@ from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
 from pipelines.detector import predict_dataset
+from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
 from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown
 from pipelines.training.loop import FitResult, LoopConfig, fit
@@ -51,6 +52,7 @@ class DetectorTrainConfig:
     extra_images: Path | None = None
     extra_ratio: float = 0.0
     backbone_weights: Path | None = None
+    init_from: Path | None = None  # a detector card of ours (e.g. trained on synthetic data) to start from
     max_steps_per_epoch: int | None = None
     category: str = "cervix"  # the class whose presence threshold goes on the card
     progress: bool = True
@@ -80,7 +82,8 @@ class DetectorTask:
 
 def presence_threshold(gt_has_box: np.ndarray, top_scores: np.ndarray) -> tuple[float, float]:
     """The top-box score threshold that best tells images with a box from those without
-    (balanced accuracy), chosen on validation; (threshold, balanced accuracy)."""
+    (balanced accuracy), chosen on validation and moved to the middle (logit space) of the
+    score gap under it; (threshold, balanced accuracy)."""
     if gt_has_box.all() or not gt_has_box.any():
         return 0.5, float("nan")
     best = (0.5, -1.0)
@@ -89,7 +92,7 @@ def presence_threshold(gt_has_box: np.ndarray, top_scores: np.ndarray) -> tuple[
         bacc = 0.5 * (pred[gt_has_box].mean() + (~pred[~gt_has_box]).mean())
         if bacc > best[1]:
             best = (float(t), float(bacc))
-    return best
+    return margin_threshold(top_scores, best[0], "logit"), best[1]
 
 
 def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, CocoDetection]:
@@ -125,7 +128,10 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
 
             p = str(cfg.backbone_weights)
             backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
-        model = build_detector(model_cfg, backbone).to(device)
+        model = build_detector(model_cfg, backbone)
+        if cfg.init_from is not None:
+            _init_from_card(model, model_cfg, cfg.init_from)
+        model = model.to(device)
         if dist_info.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -142,6 +148,20 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
         return result, card
     finally:
         shutdown(dist_info)
+
+
+def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> None:
+    """Start from one of our own detectors: the whole network, heads included. Nothing can be
+    downloaded here, so a detector trained on the generator's scenes is the pretraining that
+    real photos fine-tune (hSDB pretrains on synthetic data too). Same builder config only."""
+    from models.io import load_weights
+
+    state, card = load_weights(card_path)
+    theirs = {k: v for k, v in card.config.items() if k not in ("score_thresh", "nms_thresh", "detections_per_img")}
+    ours = {k: v for k, v in model_cfg.as_dict().items() if k in theirs}
+    if theirs != ours:
+        raise ValueError(f"{card_path} is a {theirs}, not a {ours}")
+    model.load_state_dict(state)
 
 
 def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories: list[str], result: FitResult,

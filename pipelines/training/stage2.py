@@ -18,7 +18,7 @@ from models.classifier import ClassifierConfig, RegularityClassifier, class_weig
 from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
 from models.io import ModelCard, load_weights, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
-from pipelines.data.presets import classification_eval, classification_train
+from pipelines.data.presets import classification_eval, classification_train, deep_sad_train
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
 from pipelines.training.loop import LoopConfig, fit
 
@@ -36,7 +36,7 @@ class Stage2Config:
     eta: float = 1.0
     unsupervised: bool = False  # Deep SVDD: ignore the non-regular labels
     target_sensitivity: float | None = None  # else max F1 on validation
-    synthesise: float = 0.0  # share of regular training crops turned green/iodine (ResNeSt)
+    synthesise: float = 0.0  # share of regular training crops turned green/iodine (labelled anomalies)
     amp: bool = True
     resume: bool = False
     progress: bool = True
@@ -45,11 +45,18 @@ class Stage2Config:
 
 # Stage2Config holds both models' knobs; each card records only the ones its model used.
 _DEEP_SAD_ONLY = {"pretrain_epochs", "eta", "unsupervised"}
-_CLASSIFIER_ONLY = {"synthesise"}
+_CLASSIFIER_ONLY: set[str] = set()
 
 
 def _recipe(cfg: Stage2Config, drop: set[str]) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in drop}
+
+
+def _rule_note(cfg: Stage2Config, space: str) -> str:
+    target = f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "max F1"
+    return (f"{target} on the validation split, pooled over its sources; then the middle ({space}) of the gap "
+            "between that cut and the next lower validation score (pipelines.evaluation.classification."
+            "margin_threshold): the same validation decisions, as far from both classes as they allow")
 
 
 def _batch_size(batch) -> int:
@@ -124,7 +131,8 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     train_set = train if not cfg.unsupervised else regular_only
     net.set_center(_collect(net, regular_only, None, device).to(device))
     net.train()
-    loader = DataLoader(CropDataset(train_set), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(CropDataset(train_set, deep_sad_train(), 0.0 if cfg.unsupervised else cfg.synthesise),
+                        batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     result = fit(net, DeepSADTask(val, cfg.eta, cfg.unsupervised), loader,
                  torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
                  LoopConfig(out_dir=out / "deep_sad", epochs=cfg.epochs, select_metric="roc_auc", **common), device)
@@ -132,7 +140,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     net.eval()
     scores = _collect(net.score, val, None, device).numpy()
     y = val.non_regular.numpy()
-    threshold = calibrate_threshold(y, scores, cfg.target_sensitivity)
+    threshold = calibrate_threshold(y, scores, cfg.target_sensitivity, space="log")
     card = ModelCard(
         name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
@@ -140,7 +148,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
         thresholds={"distance": float(threshold)},
         training={**_recipe(cfg, _CLASSIFIER_ONLY),
                   "optimizer": "Adam", "best_epoch": result.best_epoch,
-                  "threshold_rule": f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "max F1 on validation"},
+                  "threshold_rule": _rule_note(cfg, "log distance")},
         data=data_note or {},
         metrics={"val": binary_metrics(y, scores, threshold).as_dict()},
     )
@@ -209,7 +217,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
     y = val.non_regular.numpy()
-    threshold = calibrate_threshold(y, probs, cfg.target_sensitivity)
+    threshold = calibrate_threshold(y, probs, cfg.target_sensitivity, space="logit")
     card = ModelCard(
         name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
         input_size=[model_cfg.input_size, model_cfg.input_size],
@@ -219,6 +227,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
         training={**_recipe(cfg, _DEEP_SAD_ONLY),
                   "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
                   "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file,
+                  "threshold_rule": _rule_note(cfg, "logit"),
                   "init_from": init_card},
         data=data_note or {},
         metrics={"val": binary_metrics(y, probs, threshold).as_dict()},

@@ -1,0 +1,168 @@
+"""Commands for a site's own labelled collection: import-labels, merge-manifests,
+propose-boxes, fix-boxes, match-boxes (the steps before training on real photos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _fail
+
+
+def import_labels_cmd(
+    labels: Annotated[Path, typer.Argument(help="The site's label sheet (CSV or Parquet).")],
+    images: Annotated[Path, typer.Option(help="Folder the sheet's paths are relative to.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (CSV or Parquet).")],
+    path_col: Annotated[str, typer.Option(help="Column with the image path.")] = "file",
+    kind_col: Annotated[Optional[str], typer.Option(help="Column with the label.")] = "kind",
+    kind: Annotated[Optional[str], typer.Option(help="One kind for every row (instead of --kind-col).")] = None,
+    patient_col: Annotated[str, typer.Option(help="Column with the case / patient id.")] = "case",
+    source_col: Annotated[Optional[str], typer.Option(help="Column with the source (site, bank).")] = None,
+    source_sep: Annotated[Optional[str], typer.Option(
+        help="Take the source column's text before this separator (case ids like atlas:case_AAAN).")] = None,
+    source: Annotated[Optional[str], typer.Option(help="One source for every row.")] = None,
+    device_col: Annotated[Optional[str], typer.Option(help="Column with the device.")] = None,
+    sha256_col: Annotated[Optional[str], typer.Option(help="Column with each file's expected sha256.")] = None,
+    kind_map: Annotated[Optional[str], typer.Option(
+        help="Translate labels: WORD=KIND,... with KIND regular|green|iodine|no_cervix|skip.")] = None,
+) -> None:
+    """A folder + a label sheet -> a checked manifest with each image's sha256."""
+    from pipelines.data.labelled_import import LabelColumns, import_labelled, parse_kind_map
+    from pipelines.data.manifest import ManifestError, write_manifest
+
+    try:
+        cols = LabelColumns(path=path_col, kind=None if kind else kind_col, kind_value=kind,
+                            patient=patient_col, source=source_col, source_sep=source_sep, source_value=source,
+                            device=device_col, sha256=sha256_col, kind_map=parse_kind_map(kind_map))
+        result = import_labelled(labels, images, out, cols)
+    except (ValueError, ManifestError) as e:
+        _fail(str(e))
+    write_manifest(result.manifest, out)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    typer.echo(f"wrote {out}: {len(result.manifest)} rows ({counts}), "
+               f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map")
+
+
+def merge_manifests_cmd(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifests to merge.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged manifest; paths rebased onto its folder.")],
+) -> None:
+    """Several checked manifests as one (e.g. real photos + hard negatives)."""
+    from pipelines.data.labelled_import import merge_manifests
+    from pipelines.data.manifest import ManifestError, write_manifest
+
+    try:
+        df = merge_manifests(manifests, out)
+    except ManifestError as e:
+        _fail(str(e))
+    write_manifest(df, out)
+    typer.echo(f"wrote {out}: {len(df)} rows from {len(manifests)} manifests")
+
+
+def propose_boxes_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest of the photos to box.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the proposals (file name + sha256).")],
+    sheets: Annotated[Optional[Path], typer.Option(help="Folder for contact sheets (PNG) to check by eye.")] = None,
+    detector: Annotated[Optional[Path], typer.Option(
+        help="A detector card to propose with; the tissue heuristic where it finds nothing.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Detector score to accept (default: its card's).")] = None,
+) -> None:
+    """Propose a cervix box for every photo not labelled no_cervix, and draw contact sheets.
+
+    Check every sheet; write the wrong ones to a fixes CSV and run `cervixqc fix-boxes`."""
+    from pipelines.data.box_proposals import propose_for_manifest, proposals_to_coco
+    from pipelines.data.box_sheets import draw_sheets
+    from pipelines.data.coco import save_coco
+    from pipelines.data.manifest import ManifestError, load_manifest
+
+    try:
+        df = load_manifest(manifest)
+    except ManifestError as e:
+        _fail(str(e))
+    detect = None
+    if detector is not None:
+        from pipelines.detector import top_box_fn
+
+        detect = top_box_fn(detector, min_score)
+    entries = propose_for_manifest(df, detect)
+    how = f"detector {detector.name}, tissue heuristic where it found nothing" if detector else "tissue heuristic"
+    ds = proposals_to_coco(entries, f"cervix box proposals ({how}); not checked")
+    save_coco(ds, out)
+    origins = {}
+    for a in ds.annotations:
+        origins[a.origin] = origins.get(a.origin, 0) + 1  # type: ignore[attr-defined]
+    typer.echo(f"wrote {out}: {len(ds.images)} images, boxes by origin {origins}")
+    if sheets is not None:
+        captions = {p: f"{k or '?'} {Path(p).stem}" for p, k in zip(df["path"], df["kind"])}
+        typer.echo(f"wrote {len(draw_sheets(ds, manifest.parent, sheets, captions=captions))} sheets to {sheets}")
+
+
+def fix_boxes_cmd(
+    proposals: Annotated[Path, typer.Argument(help="COCO JSON from propose-boxes.")],
+    fixes: Annotated[Path, typer.Argument(help="CSV file,action,x1,y1,x2,y2,note (fractions; action box|none).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checked boxes (COCO JSON).")],
+    note: Annotated[str, typer.Option(help="How the boxes were made and checked (stored in the file).")] = "",
+    sheets: Annotated[Optional[Path], typer.Option(help="Redraw the sheets here for a last look.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder the file names are relative to.")] = None,
+) -> None:
+    """Apply a reviewer's fixes to the proposals; the rest are recorded as checked."""
+    from pipelines.data.box_proposals import apply_fixes, read_fixes
+    from pipelines.data.box_sheets import draw_sheets
+    from pipelines.data.coco import CocoError, load_coco, save_coco
+
+    try:
+        ds, counts = apply_fixes(load_coco(proposals), read_fixes(fixes),
+                                 note or f"proposals from {proposals.name}, checked by eye, fixes from {fixes.name}")
+    except (ValueError, CocoError) as e:
+        _fail(str(e))
+    save_coco(ds, out)
+    typer.echo(f"wrote {out}: {counts}")
+    if sheets is not None:
+        root = images or proposals.parent
+        typer.echo(f"wrote {len(draw_sheets(ds, root, sheets))} sheets to {sheets}")
+
+
+def match_boxes_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (real photos, negatives, ...).")],
+    boxes: Annotated[list[Path], typer.Option("--boxes", help="A box file (COCO); repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON for the manifest, beside it.")],
+    images: Annotated[Optional[list[Path]], typer.Option(
+        help="Folder each --boxes file's names are relative to (default: its own folder), in order.")] = None,
+) -> None:
+    """Boxes for every manifest row, matched by sha256 (else path); no_cervix rows get none."""
+    from pipelines.data.box_match import boxes_for_manifest
+    from pipelines.data.coco import CocoError, load_coco, save_coco
+    from pipelines.data.manifest import ManifestError, load_manifest
+
+    roots = list(images or [])
+    if roots and len(roots) != len(boxes):
+        _fail("give --images once per --boxes, or not at all")
+    try:
+        files = [(load_coco(b), roots[i] if roots else b.parent) for i, b in enumerate(boxes)]
+        ds, left_out = boxes_for_manifest(load_manifest(manifest), files)
+    except (CocoError, ManifestError) as e:
+        _fail(str(e))
+    if out.resolve().parent != manifest.resolve().parent:
+        _fail("write the COCO file beside the manifest (its file names are the manifest's paths)")
+    save_coco(ds, out)
+    typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes"
+               + (f"; {left_out} rows of unknown kind had no box and were left out" if left_out else ""))
+
+
+def extract_listed_cmd(
+    listing: Annotated[Path, typer.Argument(help="CSV with file, repo, commit, path_in_repo, sha256 columns.")],
+    mirrors: Annotated[Path, typer.Option(help="Folder of repository snapshots, one per repo as owner+name/repo.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder the listed files are written into.")],
+) -> None:
+    """Copy listed images out of git snapshots of public repositories, byte for byte, each
+    checked against its sha256 (how the real training photos and hard negatives arrive)."""
+    from pipelines.data.listed_files import extract_listed
+
+    report = extract_listed(listing, mirrors, out)
+    typer.echo(f"{report.written} written, {report.present} already there, of {report.listed} listed, into {out}")
+    for problem in report.problems:
+        typer.echo(f"  {problem}", err=True)
+    if report.problems:
+        raise typer.Exit(1)

@@ -1,0 +1,104 @@
+"""Whole-pipeline evaluation commands: eval-pipeline, baseline-colour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _fail
+
+
+def _rows(manifest: Path, split: Optional[str]):
+    from pipelines.data.manifest import ManifestError, load_manifest
+
+    try:
+        df = load_manifest(manifest)
+    except ManifestError as e:
+        _fail(str(e))
+    if split is not None:
+        if "split" not in df.columns:
+            _fail(f"{manifest} has no split column")
+        df = df[df["split"] == split].reset_index(drop=True)
+    df = df[df["kind"] != ""].reset_index(drop=True)
+    if df.empty:
+        _fail(f"no labelled rows{' in split ' + split if split else ''} of {manifest}")
+    return df
+
+
+def _print(report: dict, policy: str) -> None:
+    for name, m in report[policy].items():
+        parts = [f"{name:>26}:"]
+        if m["cervix_found"] is not None:
+            parts.append(f"cervix found {m['cervix_found']:.3f} (n={m['n_cervix']})")
+        if m["no_cervix_called"] is not None:
+            parts.append(f"no_cervix called {m['no_cervix_called']:.3f} (n={m['n_no_cervix']})")
+        if m.get("f1") is not None and m.get("n_non_regular"):
+            parts.append(f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} prec {m['precision']:.3f}")
+        if m.get("regular_flagged") is not None:
+            parts.append(f"regular flagged {m['regular_flagged']:.3f}")
+        if m.get("kind_accuracy") is not None:
+            parts.append(f"kind acc {m['kind_accuracy']:.3f}")
+        typer.echo("  ".join(parts))
+
+
+def eval_pipeline_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest (kinds, sources; a split column to pick from).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pipeline_metrics.json and results.csv.")],
+    weights: Annotated[Path, typer.Option(help="Weights folder.")] = Path("weights"),
+    split: Annotated[Optional[str], typer.Option(help="Only rows of this split.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 16,
+) -> None:
+    """Photo in, label out, judged against the manifest: cervix found, no_cervix called,
+    non-regular F1 end to end, kind accuracy, regulars flagged; per source, every policy."""
+    import pandas as pd
+
+    from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
+    from pipelines.qc import QCConfig, QCPipeline
+
+    df = _rows(manifest, split)
+    qc = QCPipeline(weights, QCConfig(device=device))
+    try:
+        results = run_rows(qc, df, batch_size)
+    finally:
+        qc.close()
+    report = evaluate_pipeline(qc, df, results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_metrics.json").write_text(json.dumps(report, indent=2))
+    rows = pd.DataFrame([r.csv_row() for r in results])
+    rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
+    rows.loc[rows["label"] != "non_regular", "kind"] = None
+    rows.insert(1, "truth", df["kind"].to_numpy())
+    rows.insert(2, "source", df["source"].to_numpy())
+    rows.to_csv(out / "results.csv", index=False)
+    typer.echo(f"default policy: {report['default_policy']} (labels as the engine gives them)")
+    _print(report, report["default_policy"])
+    typer.echo(f"wrote {out / 'pipeline_metrics.json'} (every policy) and {out / 'results.csv'}")
+
+
+def baseline_colour_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Labelled manifest with a split column.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write baseline_metrics.json here.")] = None,
+) -> None:
+    """The colour-histogram logistic regression every stage-2 model must beat, on the same
+    train/val/test rows (threshold from val)."""
+    from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.evaluation.colour_baseline import baseline_report
+
+    try:
+        df = load_manifest(manifest)
+        report = baseline_report(df)
+    except (ManifestError, ValueError, KeyError) as e:
+        _fail(str(e))
+    for s in ("val", "test"):
+        for name, m in report.get(s, {}).items():
+            scores = (f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} "
+                      f"prec {m['precision']:.3f} AUC {m['roc_auc']:.3f}" if m["n_positive"]
+                      else f"spec {m['specificity']:.3f} (no non-regular photos)")
+            typer.echo(f"{s:>4} {name:>14}: {scores} (n={m['n']}, pos={m['n_positive']})")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "baseline_metrics.json").write_text(json.dumps(report, indent=2))

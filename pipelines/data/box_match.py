@@ -1,0 +1,69 @@
+"""Boxes for a manifest, gathered from box files made elsewhere.
+
+Checked boxes are stored keyed by file name *and* sha256, because the folder a site
+extracts its photos into is never the folder the boxes were drawn in. Matching goes by
+sha256 where both sides have one (manifests from `import-labels` do), else by the resolved
+path. Photos labelled no_cervix get an entry with no box: that is how a detector learns
+what is not a cervix. A cervix photo with no box anywhere is an error, not a silent drop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoError, CocoImage, make_annotation
+
+_CERVIX_KINDS = {"regular", "green", "iodine"}
+
+
+def _index(box_files: list[tuple[CocoDataset, Path]]) -> tuple[dict, dict]:
+    by_sha, by_path = {}, {}
+    for ds, root in box_files:
+        cat = ds.category_id(CERVIX)
+        boxes = {im.id: [] for im in ds.images}
+        for a in ds.annotations:
+            if a.category_id == cat:
+                x, y, w, h = a.bbox
+                boxes[a.image_id].append([x, y, x + w, y + h])
+        for im in ds.images:
+            entry = (im.width, im.height, boxes[im.id])
+            digest = getattr(im, "sha256", None)
+            if digest:
+                by_sha[digest] = entry
+            by_path[str((root / im.file_name).resolve())] = entry
+    return by_sha, by_path
+
+
+def boxes_for_manifest(df: pd.DataFrame, box_files: list[tuple[CocoDataset, Path]]) -> tuple[CocoDataset, int]:
+    """A COCO file for the manifest's rows (file names = manifest paths), and how many rows of
+    unknown kind had no box and were left out. `df` is a loaded manifest (with `abspath`);
+    `box_files` are (dataset, folder its file names are relative to)."""
+    by_sha, by_path = _index(box_files)
+    shas = df["sha256"] if "sha256" in df.columns else pd.Series([""] * len(df), index=df.index)
+    images, anns, problems, left_out = [], [], [], 0
+    for row, (path, abspath, kind, digest) in enumerate(zip(df["path"], df["abspath"], df["kind"], shas), start=1):
+        entry = by_sha.get(digest) if digest else None
+        entry = entry or by_path.get(str(Path(abspath).resolve()))
+        if kind == "no_cervix":
+            with Image.open(abspath) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated a quarter turn
+                    w, h = h, w
+            entry = (w, h, [])
+        elif entry is None:
+            if kind in _CERVIX_KINDS:
+                problems.append(f"row {row} ({path}): a {kind} photo with no box in any box file")
+            else:
+                left_out += 1
+            continue
+        w, h, boxes = entry
+        image_id = len(images) + 1
+        images.append(CocoImage(id=image_id, file_name=path, width=w, height=h, **({"sha256": digest} if digest else {})))
+        anns += [make_annotation(len(anns) + 1, image_id, 1, b) for b in boxes]
+    if problems:
+        raise CocoError("boxes for manifest", problems)
+    return CocoDataset(info={"description": "cervix boxes matched to a manifest by sha256 or path"},
+                       images=images, annotations=anns, categories=[CocoCategory(id=1, name=CERVIX)]), left_out

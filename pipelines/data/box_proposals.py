@@ -1,0 +1,164 @@
+"""Cervix box proposals for a site's unboxed photos, for a person to check on contact sheets.
+
+Two proposers. A trained detector (ours, or the site's last one) is the better one wherever
+it fires. Without a detector, or where it finds nothing, `tissue_box` proposes the bounding
+box of the large, central, lit and coloured region: in a colposcope close-up that is most of
+the frame (the box a close-up deserves); in a wider view it is the cervix and the nearby
+vaginal wall, which the reviewer tightens. Neither is trusted: every proposal is drawn on a
+sheet and looked at, and `apply_fixes` records what the reviewer changed.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+
+_WORK_SIDE = 160  # px; the heuristic needs only the layout of the frame
+_SNAP = 0.05  # share of the width / height
+
+
+@dataclass
+class Proposal:
+    box: list[float] | None  # [x1, y1, x2, y2] in the image's pixels, None: no cervix proposed
+    score: float
+    origin: str  # "detector" | "tissue" | "fixed" | "none"
+
+
+def tissue_box(rgb: np.ndarray) -> Proposal:
+    """The bounding box of the lit, coloured region nearest the centre (uint8 HxWx3 in)."""
+    h, w = rgb.shape[:2]
+    f = _WORK_SIDE / max(h, w)
+    small = np.asarray(Image.fromarray(rgb).resize((max(8, round(w * f)), max(8, round(h * f))),
+                                                   Image.Resampling.BILINEAR), np.float32) / 255
+    v = small.max(2)
+    s = (v - small.min(2)) / np.maximum(v, 1e-3)
+    # lit (not the black aperture) and coloured (not grey metal, not white text or glare)
+    tissue = ndimage.uniform_filter(((v > 0.18) & (s > 0.15)).astype(np.float32), 7) > 0.5
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        return Proposal(None, 0.0, "none")
+    ys, xs = np.mgrid[: tissue.shape[0], : tissue.shape[1]]
+    cy, cx = (tissue.shape[0] - 1) / 2, (tissue.shape[1] - 1) / 2
+    centrality = 1 - np.hypot((ys - cy) / tissue.shape[0], (xs - cx) / tissue.shape[1])
+    sizes = ndimage.sum(np.ones_like(v), labels, range(1, n + 1))
+    central = ndimage.mean(centrality, labels, range(1, n + 1))
+    best = int(np.argmax(sizes * central ** 4)) + 1
+    my, mx = np.nonzero(labels == best)
+    # percentiles, not min/max: a thin tail of lit wall should not stretch the box
+    x1, x2 = np.percentile(mx, [2, 98])
+    y1, y2 = np.percentile(my, [2, 98])
+    box = [max(0.0, x1 / f), max(0.0, y1 / f), min(float(w), (x2 + 1) / f), min(float(h), (y2 + 1) / f)]
+    # a close-up's tissue runs out of the frame: edges this near the border are the border
+    box = [0.0 if box[0] < _SNAP * w else box[0], 0.0 if box[1] < _SNAP * h else box[1],
+           float(w) if box[2] > (1 - _SNAP) * w else box[2], float(h) if box[3] > (1 - _SNAP) * h else box[3]]
+    return Proposal(box, float(sizes[best - 1] / tissue.size), "tissue")
+
+
+def proposals_to_coco(entries: list[tuple[str, int, int, str, Proposal]], note: str) -> CocoDataset:
+    """(file_name, width, height, sha256, proposal) -> COCO keyed by file name and sha256;
+    each box carries its origin and score."""
+    images, anns = [], []
+    for k, (name, w, h, digest, prop) in enumerate(entries, start=1):
+        images.append(CocoImage(id=k, file_name=name, width=w, height=h, sha256=digest))
+        if prop.box is not None:
+            ann = make_annotation(len(anns) + 1, k, 1, prop.box)
+            ann.origin, ann.score = prop.origin, round(prop.score, 4)  # type: ignore[attr-defined]
+            anns.append(ann)
+    return CocoDataset(info={"description": note, "version": "1.0"}, images=images, annotations=anns,
+                       categories=[CocoCategory(id=1, name=CERVIX)])
+
+
+@dataclass
+class Fix:
+    file: str
+    box: list[float] | None  # fractions of width / height, None: the image shows no cervix
+    note: str = ""
+
+
+def read_fixes(path: str | Path) -> list[Fix]:
+    """A reviewer's corrections: ``file,action,x1,y1,x2,y2,note`` with action ``box`` (the
+    four values are fractions of the width and height, read off the sheet's 10% ticks) or
+    ``none`` (no cervix in the photo). Every bad line is reported at once."""
+    fixes, problems = [], []
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.DictReader(fh), start=2):
+            action = (row.get("action") or "").strip()
+            if action == "none":
+                fixes.append(Fix(row["file"].strip(), None, row.get("note") or ""))
+                continue
+            try:
+                box = [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"line {i}: action {action!r} needs numbers x1,y1,x2,y2")
+                continue
+            if action != "box" or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                problems.append(f"line {i}: expected action box with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, "
+                                f"got {action!r} {box}")
+                continue
+            fixes.append(Fix(row["file"].strip(), box, row.get("note") or ""))
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return fixes
+
+
+def apply_fixes(ds: CocoDataset, fixes: list[Fix], note: str) -> tuple[CocoDataset, dict[str, int]]:
+    """The proposals with the reviewer's fixes applied; untouched proposals are marked as
+    checked (origin ``<proposer>, checked``), fixed ones ``fixed``. Unknown files are refused."""
+    by_name = {im.file_name: im for im in ds.images}
+    name_of = {im.id: im.file_name for im in ds.images}
+    unknown = sorted({f.file for f in fixes} - set(by_name))
+    if unknown:
+        raise ValueError(f"{len(unknown)} fixed file(s) are not in the proposals, e.g. {unknown[:3]}")
+    fixed = {f.file: f for f in fixes}
+    anns, counts = [], {"kept": 0, "fixed": 0, "removed": 0}
+    for a in ds.annotations:
+        if name_of[a.image_id] in fixed:
+            continue
+        origin = str(getattr(a, "origin", "proposal"))
+        a.origin = origin if origin.endswith("checked") else f"{origin}, checked"  # type: ignore[attr-defined]
+        anns.append(a)
+        counts["kept"] += 1
+    for f in fixes:
+        im = by_name[f.file]
+        if f.box is None:
+            counts["removed"] += 1
+            continue
+        x1, y1, x2, y2 = f.box
+        ann = make_annotation(0, im.id, 1, [x1 * im.width, y1 * im.height, x2 * im.width, y2 * im.height])
+        ann.origin = "fixed"  # type: ignore[attr-defined]
+        if f.note:
+            ann.note = f.note  # type: ignore[attr-defined]
+        anns.append(ann)
+        counts["fixed"] += 1
+    anns.sort(key=lambda a: a.image_id)
+    for k, a in enumerate(anns, start=1):
+        a.id = k
+    return ds.model_copy(update={"annotations": anns, "info": {**ds.info, "description": note}}), counts
+
+
+
+def propose_for_manifest(df, detect=None) -> list[tuple[str, int, int, str, Proposal]]:
+    """A proposal per manifest row not labelled no_cervix (the table from `load_manifest`).
+    `detect(path) -> Proposal` (a trained detector) goes first; the heuristic fills in."""
+    from PIL import ImageOps
+
+    from models.io import sha256_file
+
+    out = []
+    for path, abspath, kind in zip(df["path"], df["abspath"], df["kind"]):
+        if kind == "no_cervix":
+            continue
+        with Image.open(abspath) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        prop = detect(abspath) if detect is not None else None
+        if prop is None or prop.box is None:
+            prop = tissue_box(rgb)
+        out.append((path, rgb.shape[1], rgb.shape[0], sha256_file(abspath), prop))
+    return out

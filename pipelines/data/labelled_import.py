@@ -1,0 +1,160 @@
+"""A site's labelled collection -> the project's manifest.
+
+Every site that retrains has the same thing: a folder of photos and a spreadsheet of labels
+and case (patient) ids, named its own way. This maps those columns onto the manifest
+(`path, patient_id, source, device, kind`), translates the site's label words, keeps the
+other columns, records each image's sha256 (boxes are keyed by it, so they survive a moved
+folder), and refuses with every problem at once: missing files, unknown labels, duplicate
+paths, empty case ids, files whose bytes are not the ones the sheet lists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from models.io import sha256_file
+from pipelines.data.manifest import RowProblem, ManifestError, read_table, validate_manifest
+from pipelines.data.schema import Kind
+
+SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
+_KINDS = {k.value for k in Kind}
+
+
+@dataclass(frozen=True)
+class LabelColumns:
+    """Which column of the site's sheet holds what. `source_sep` takes the text before it
+    (case ids like ``atlas:case_AAAN`` carry their source); a constant source or kind fills
+    sheets that have no such column."""
+
+    path: str = "file"
+    kind: str | None = "kind"
+    patient: str = "case"
+    source: str | None = None
+    source_sep: str | None = None
+    source_value: str | None = None
+    kind_value: str | None = None
+    device: str | None = None
+    sha256: str | None = None
+    kind_map: dict[str, str] = field(default_factory=dict)  # site word -> kind or "skip"
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.source_value is None):
+            raise ValueError("give exactly one of a source column or a constant source")
+        if (self.kind is None) == (self.kind_value is None):
+            raise ValueError("give exactly one of a kind column or a constant kind")
+        for word, kind in self.kind_map.items():
+            if kind not in _KINDS | {SKIP, ""}:
+                raise ValueError(f"label map {word!r} -> {kind!r}: expected one of {sorted(_KINDS)}, "
+                                 f"'{SKIP}' or blank")
+
+
+@dataclass
+class ImportResult:
+    manifest: pd.DataFrame
+    skipped: int  # rows whose label maps to "skip"
+    counts: dict[str, int]  # kind -> rows
+
+
+def parse_kind_map(text: str | None) -> dict[str, str]:
+    """``"unknown=skip,normal=regular"`` -> {"unknown": "skip", "normal": "regular"}."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        word, sep, kind = item.partition("=")
+        if not sep:
+            raise ValueError(f"label map item {item!r}: expected WORD=KIND")
+        out[word.strip().lower()] = kind.strip().lower()
+    return out
+
+
+def _kind(label: str, cols: LabelColumns) -> str | None:
+    """The manifest kind for a site label, SKIP, or None when the word is unknown."""
+    word = label.strip().lower()
+    if word in cols.kind_map:
+        return cols.kind_map[word]
+    return word if word in _KINDS or word == "" else None
+
+
+def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | Path,
+                    cols: LabelColumns) -> ImportResult:
+    """Read the sheet, check every row, and return the manifest with paths relative to the
+    folder `out_manifest` will be written in (absolute where that is impossible)."""
+    labels, images, out_dir = Path(labels), Path(images), Path(out_manifest).resolve().parent
+    sheet = read_table(labels)
+    wanted = [c for c in (cols.path, cols.kind, cols.patient, cols.source, cols.device, cols.sha256) if c]
+    missing = [c for c in wanted if c not in sheet.columns]
+    if missing:
+        raise ManifestError(str(labels), [RowProblem(0, ",".join(missing),
+                                                     f"no such column; the sheet has {list(sheet.columns)}")])
+    problems: list[RowProblem] = []
+    rows, skipped = [], 0
+    for i, rec in enumerate(sheet.to_dict("records"), start=1):
+        label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
+        kind = _kind(label, cols)
+        if kind is None:
+            problems.append(RowProblem(i, cols.kind or "kind", f"unknown label {label!r}; known: "
+                                       f"{sorted(_KINDS)}; map others with --kind-map WORD=KIND or WORD=skip"))
+            continue
+        if kind == SKIP:
+            skipped += 1
+            continue
+        rel = str(rec[cols.path]).strip()
+        file = images / rel
+        source = cols.source_value or str(rec[cols.source]).strip()
+        if cols.source_sep and cols.source_sep in source:
+            source = source.split(cols.source_sep, 1)[0]
+        digest = ""
+        if rel and not file.is_file():
+            problems.append(RowProblem(i, cols.path, f"missing file {rel!r} under {str(images)!r}"))
+        elif rel:
+            digest = sha256_file(file)
+            listed = str(rec[cols.sha256]).strip().lower() if cols.sha256 else ""
+            if listed and listed != digest:
+                problems.append(RowProblem(i, cols.sha256 or "sha256",
+                                           f"{rel!r} has sha256 {digest[:12]}..., the sheet lists {listed[:12]}..."))
+        path = os.path.relpath(file.resolve(), out_dir) if rel else ""
+        extra = {k: v for k, v in rec.items() if k not in wanted}
+        rows.append({**extra, "path": path, "patient_id": str(rec[cols.patient]).strip(), "source": source,
+                     "device": str(rec[cols.device]).strip() if cols.device else "", "kind": kind,
+                     "sha256": digest, "label_row": i})
+    df = pd.DataFrame(rows, columns=None if rows else ["path", "patient_id", "source", "device", "kind"])
+    # the manifest's own checks (missing file, duplicate path, empty ids), numbered by sheet row
+    for p in validate_manifest(df, out_dir, check_files=False) if len(df) else []:
+        problems.append(RowProblem(int(df["label_row"].iat[p.row - 1]) if p.row else 0, p.column, p.reason))
+    if problems:
+        raise ManifestError(str(labels), sorted(problems, key=lambda p: (p.row, p.column)))
+    df = df.drop(columns="label_row")
+    front = ["path", "patient_id", "source", "device", "kind", "sha256"]
+    df = df[front + [c for c in df.columns if c not in front]]
+    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict())
+
+
+def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.DataFrame:
+    """Several manifests as one, paths rebased onto the folder `out_manifest` goes in.
+
+    A patient id found under two sources is refused: collections from two sites that both
+    number patients from 1 would otherwise fuse unrelated people into one patient (and one
+    split side)."""
+    from pipelines.data.manifest import load_manifest
+
+    out_dir = Path(out_manifest).resolve().parent
+    parts = []
+    for p in paths:
+        df = load_manifest(p)
+        df["path"] = [os.path.relpath(Path(a).resolve(), out_dir) for a in df["abspath"]]
+        parts.append(df.drop(columns="abspath"))
+    merged = pd.concat(parts, ignore_index=True).fillna("")
+    spanning = merged.groupby("patient_id")["source"].nunique()
+    spanning = sorted(spanning[spanning > 1].index)
+    problems = validate_manifest(merged, out_dir)
+    if spanning:
+        problems.append(RowProblem(0, "patient_id", f"{len(spanning)} patient id(s) under several sources "
+                                                    f"(e.g. {spanning[:5]}): prefix them with the source"))
+    if problems:
+        raise ManifestError(str(out_manifest), problems)
+    return merged

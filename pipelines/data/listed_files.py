@@ -1,0 +1,95 @@
+"""Files listed by (repository, commit, path, sha256), copied out of local git snapshots.
+
+Public photos that are not ours to redistribute never enter the project: the project keeps
+the list, each site fetches the repositories, and this copies the exact bytes out and checks
+each against its sha256, so a changed upstream file can never slip into training unnoticed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ExtractReport:
+    listed: int = 0
+    written: int = 0
+    present: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _git_dir(mirrors: Path, repo: str) -> Path | None:
+    base = mirrors / repo.replace("/", "+") / "repo"
+    for g in (base / ".git", base):
+        if (g / "HEAD").is_file():
+            return g
+    return None
+
+
+def _blob(git_dir: Path, commit: str, path: str) -> bytes | None:
+    """The file at `commit` (abbreviated ids are fine); None when git does not have it."""
+    r = subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "blob", f"{commit}:{path}"],
+                       capture_output=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _blob_by_id(git_dir: Path, blob: str) -> bytes:
+    return subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "blob", blob], capture_output=True).stdout
+
+
+def _c1_free(name: str) -> str:
+    """Names with C1 control characters removed: a stray U+0092 (a Windows-1252 apostrophe
+    decoded as Latin-1) sits in some committed file names but not in the lists made from them."""
+    return "".join(ch for ch in name if not 0x80 <= ord(ch) <= 0x9F)
+
+
+def _tree_by_clean_name(git_dir: Path, commit: str) -> dict[str, str]:
+    out = subprocess.run(["git", "--git-dir", str(git_dir), "ls-tree", "-r", "-z", commit],
+                         capture_output=True).stdout
+    names = {}
+    for entry in out.split(b"\0"):
+        if entry:
+            meta, name = entry.split(b"\t", 1)
+            names[_c1_free(name.decode("utf-8", "replace"))] = meta.split()[2].decode()
+    return names
+
+
+def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) -> ExtractReport:
+    mirrors, out = Path(mirrors), Path(out)
+    rows = list(csv.DictReader(open(listing, newline="")))
+    report = ExtractReport(listed=len(rows))
+    by_repo: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_repo[r["repo"]].append(r)
+    for repo, items in sorted(by_repo.items()):
+        git_dir = _git_dir(mirrors, repo)
+        trees: dict[str, dict[str, str]] = {}
+        for r in items:
+            dst = out / r["file"]
+            if dst.is_file() and hashlib.sha256(dst.read_bytes()).hexdigest() == r["sha256"]:
+                report.present += 1
+                continue
+            data = _blob(git_dir, r["commit"], r["path_in_repo"]) if git_dir else None
+            if data is None and git_dir:
+                tree = trees.setdefault(r["commit"], _tree_by_clean_name(git_dir, r["commit"]))
+                blob = tree.get(_c1_free(r["path_in_repo"]))
+                data = _blob_by_id(git_dir, blob) if blob else None
+            if data is None:
+                report.problems.append(f"{r['file']}: not in the snapshot of {repo} at {r['commit'][:12]}"
+                                       + ("" if git_dir else f" (no snapshot under {mirrors})"))
+                continue
+            if hashlib.sha256(data).hexdigest() != r["sha256"]:
+                report.problems.append(f"{r['file']}: sha256 differs from the list; not written")
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+            report.written += 1
+    return report

@@ -1,0 +1,85 @@
+"""The whole pipeline judged on labelled photos, as a site meets it: photo in, label out.
+
+Stage-by-stage metrics (detector mAP, stage-2 F1 on ground-truth crops) hide how the stages
+compound: a green photo the detector misses is a miss for the green filter too. Here every
+manifest row goes through the engine and its label is compared with the truth, per source:
+cervix found, non-cervix photos called no_cervix, and non-regular sensitivity, specificity,
+precision and F1 over the cervix photos (a cervix photo called no_cervix counts as "not
+non-regular"), kind accuracy, and regulars flagged. Every policy is scored from the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from pipelines.evaluation.classification import binary_metrics
+from pipelines.qc_result import Label, QCResult
+
+POLICIES = ("deep_sad", "resnest", "either", "both")
+_CERVIX = ("regular", "green", "iodine")
+
+
+def run_rows(qc, df: pd.DataFrame, batch_size: int = 16,
+             progress: Callable[[int, int], None] | None = None) -> list[QCResult]:
+    """The engine over a loaded manifest's rows (named by their manifest path), in order, under
+    the "either" policy: every crop any policy flags then carries the classifier's kind, and
+    each policy's labels follow from the two scores (`labels_under`)."""
+    out: list[QCResult] = []
+    for start in range(0, len(df), batch_size):
+        chunk = df.iloc[start : start + batch_size]
+        out += qc.run(list(chunk["abspath"]), names=list(chunk["path"]), policy="either")
+        if progress is not None:
+            progress(len(out), len(df))
+    return out
+
+
+def labels_under(qc, results: list[QCResult], policy: str) -> list[str]:
+    """Each result's label had the engine used `policy` (same scores, other decision)."""
+    labels = []
+    for r in results:
+        if r.label in (Label.REGULAR, Label.NON_REGULAR):
+            labels.append(qc.label_for(r.deep_sad_score, r.resnest_prob, policy).value)
+        else:
+            labels.append(r.label.value)
+    return labels
+
+
+def score_group(truth: pd.Series, labels: list[str], kinds: list[str | None]) -> dict:
+    t, lab = truth.to_numpy(), np.asarray(labels)
+    cervix, none = np.isin(t, _CERVIX), t == "no_cervix"
+    out: dict = {"n": int(len(t)), "n_cervix": int(cervix.sum()), "n_no_cervix": int(none.sum()),
+                 "unreadable": int((lab == Label.UNREADABLE.value).sum())}
+    out["cervix_found"] = float(np.isin(lab[cervix], ("regular", "non_regular")).mean()) if cervix.any() else None
+    out["no_cervix_called"] = float((lab[none] == "no_cervix").mean()) if none.any() else None
+    if cervix.any():
+        y = np.isin(t[cervix], ("green", "iodine")).astype(int)
+        flagged = (lab[cervix] == "non_regular").astype(float)
+        m = binary_metrics(y, flagged, 0.5)
+        out |= {k: getattr(m, k) for k in ("sensitivity", "specificity", "precision", "f1", "accuracy")}
+        out |= {"n_non_regular": int(y.sum()), "confusion": m.confusion}
+        regular = t[cervix] == "regular"
+        out["regular_flagged"] = float(flagged[regular].mean()) if regular.any() else None
+        hit = (y == 1) & (flagged == 1)
+        k = np.asarray(kinds, dtype=object)[cervix]
+        out["kind_accuracy"] = float((k[hit] == t[cervix][hit]).mean()) if hit.any() else None
+    return out
+
+
+def evaluate_pipeline(qc, df: pd.DataFrame, results: list[QCResult]) -> dict:
+    """{policy: {"overall": {...}, source: {...}}} for every policy, plus the default's name."""
+    kinds = [r.kind for r in results]
+    report: dict = {"default_policy": qc.policy}
+    for policy in POLICIES:
+        labels = labels_under(qc, results, policy)
+        kinds_p = [k if lab == "non_regular" else None for k, lab in zip(kinds, labels)]
+        per = {"overall": score_group(df["kind"], labels, kinds_p)}
+        for source in sorted(df["source"].unique()):
+            m = (df["source"] == source).to_numpy()
+            per[source] = score_group(df["kind"][m], [lab for lab, k in zip(labels, m) if k],
+                                      [x for x, k in zip(kinds_p, m) if k])
+        report[policy] = per
+    return report
+

@@ -1,0 +1,75 @@
+"""Stage 0 at run time: colour histograms and the detector's pooled FPN features for a batch
+of decoded photos, and the presence head that turns them into a score.
+
+The features come out of the detector's own forward pass (forward hooks on its transform and
+backbone), pooled over each photo's own region of the padded batch, so a photo gets the same
+features alone or batched with others of other sizes, in training and in the engine alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.io import ModelCard, load_weights
+from models.presence import PresenceConfig, PresenceHead
+from pipelines.detector import predict
+
+
+def colour_histograms(images: Sequence[torch.Tensor], bins: int = 8, side: int = 128) -> torch.Tensor:
+    """uint8 CHW photos (any sizes, any device) -> sqrt-normalised joint RGB histograms [N, bins^3]
+    of each photo resized to `side` on its long edge."""
+    out = []
+    for im in images:
+        h, w = im.shape[-2:]
+        f = side / max(h, w)
+        small = F.interpolate(im.float()[None], size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
+                              antialias=True, align_corners=False)[0].round().clamp(0, 255).long()
+        q = small * bins // 256
+        idx = (q[0] * bins + q[1]) * bins + q[2]
+        hist = torch.bincount(idx.flatten(), minlength=bins**3).float()
+        out.append((hist / hist.sum()).sqrt().cpu())
+    return torch.stack(out) if out else torch.zeros(0, bins**3)
+
+
+def detect_with_features(detector: nn.Module, images: Sequence[torch.Tensor],
+                         device: torch.device) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """The detector's detections, plus mean- and max-pooled FPN features per photo [N, D]
+    (pooled over the photo's own part of the padded batch)."""
+    seen: dict = {}
+    hooks = [detector.transform.register_forward_hook(lambda m, i, o: seen.__setitem__("sizes", o[0])),
+             detector.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("maps", o))]
+    try:
+        dets = predict(detector, images, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    padded_h, padded_w = seen["sizes"].tensors.shape[-2:]
+    feats = []
+    for k, (h, w) in enumerate(seen["sizes"].image_sizes):
+        parts = []
+        for fmap in seen["maps"].values():
+            fh, fw = fmap.shape[-2:]
+            own = fmap[k, :, : math.ceil(h * fh / padded_h), : math.ceil(w * fw / padded_w)].float()
+            parts += [own.mean((1, 2)), own.amax((1, 2))]
+        feats.append(torch.cat(parts).cpu())
+    return dets, torch.stack(feats)
+
+
+def load_presence(card_path: str | Path, detector_card: ModelCard,
+                  device: str | torch.device = "cpu") -> tuple[PresenceHead, ModelCard]:
+    """The presence head, refused unless it was trained on this very detector's features."""
+    state, card = load_weights(card_path)
+    if card.name != "presence":
+        raise ValueError(f"{card_path}: not a presence card (name {card.name!r})")
+    if card.config.get("detector_sha256") != detector_card.sha256:
+        raise ValueError(f"{card_path} was trained on the features of another detector "
+                         f"({str(card.config.get('detector_sha256'))[:12]}...); retrain it with this one")
+    head = PresenceHead(PresenceConfig(**{k: v for k, v in card.config.items() if k != "detector_sha256"}))
+    head.load_state_dict(state)
+    return head.to(device).eval(), card

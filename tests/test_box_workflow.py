@@ -1,0 +1,114 @@
+"""Boxes for a site's own photos: proposals, contact sheets to check them, the reviewer's
+fixes, and matching the checked boxes back to a manifest by sha256 wherever the files went."""
+
+import csv
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.box_match import boxes_for_manifest
+from pipelines.data.box_proposals import apply_fixes, read_fixes, tissue_box
+from pipelines.data.coco import CocoError, load_coco
+
+runner = CliRunner()
+
+
+def _scene(w: int, h: int, box) -> np.ndarray:
+    """Dark speculum tunnel with grey blades and a pink cervix ellipse inside `box`."""
+    im = Image.new("RGB", (w, h), (15, 10, 10))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, w // 8, h], fill=(150, 150, 150))  # metal blade: lit but grey
+    d.ellipse(box, fill=(205, 110, 120))
+    d.ellipse([(box[0] + box[2]) / 2 - 5, (box[1] + box[3]) / 2 - 3, (box[0] + box[2]) / 2 + 5,
+               (box[1] + box[3]) / 2 + 3], fill=(90, 20, 30))  # the os
+    return np.asarray(im)
+
+
+def test_tissue_proposal_finds_a_central_cervix_and_a_close_up_fills_the_frame():
+    prop = tissue_box(_scene(400, 300, [120, 80, 300, 230]))
+    assert prop.origin == "tissue"
+    assert float(box_iou(torch.tensor([prop.box]), torch.tensor([[120.0, 80, 300, 230]]))) > 0.85
+    close_up = np.full((240, 320, 3), (200, 120, 125), np.uint8)
+    assert tissue_box(close_up).box == [0.0, 0.0, 320.0, 240.0]
+    assert tissue_box(np.zeros((50, 60, 3), np.uint8)).box is None  # a black frame proposes nothing
+
+
+@pytest.fixture()
+def site(tmp_path):
+    """Three photos (one without a cervix) and their manifest."""
+    root = tmp_path / "site"
+    root.mkdir()
+    Image.fromarray(_scene(400, 300, [120, 80, 300, 230])).save(root / "a.jpg", quality=95)
+    Image.fromarray(_scene(300, 300, [20, 30, 280, 290])).save(root / "b.jpg", quality=95)
+    Image.new("RGB", (200, 150), (90, 60, 50)).save(root / "gauze.jpg")
+    pd.DataFrame({"path": ["a.jpg", "b.jpg", "gauze.jpg"], "patient_id": ["p1", "p1", "p2"], "source": ["s"] * 3,
+                  "device": [""] * 3, "kind": ["regular", "green", "no_cervix"]}).to_csv(root / "m.csv", index=False)
+    return root
+
+
+def test_propose_then_fix_then_match_by_sha256_after_the_folder_moved(site, tmp_path):
+    r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "proposals.json"),
+                            "--sheets", str(tmp_path / "sheets")])
+    assert r.exit_code == 0, r.output
+    proposals = load_coco(site / "proposals.json")
+    assert [im.file_name for im in proposals.images] == ["a.jpg", "b.jpg"]  # no_cervix rows get no proposal
+    assert all(len(getattr(im, "sha256")) == 64 for im in proposals.images)
+    with Image.open(tmp_path / "sheets" / "sheet_000.png") as sheet:
+        assert sheet.format == "PNG" and sheet.size[0] > 200
+    index = list(csv.DictReader(open(tmp_path / "sheets" / "index.csv")))
+    assert [row["file"] for row in index] == ["a.jpg", "b.jpg"]
+
+    (site / "fixes.csv").write_text("file,action,x1,y1,x2,y2,note\nb.jpg,box,0.05,0.1,0.95,0.95,too small\n")
+    r = runner.invoke(app, ["fix-boxes", str(site / "proposals.json"), str(site / "fixes.csv"),
+                            "-o", str(site / "boxes.json"), "--note", "checked by eye"])
+    assert r.exit_code == 0 and "'fixed': 1" in r.output, r.output
+    checked = load_coco(site / "boxes.json")
+    origin = {a.image_id: a.origin for a in checked.annotations}
+    assert origin == {1: "tissue, checked", 2: "fixed"} and checked.info["description"] == "checked by eye"
+    assert checked.boxes_by_file()["b.jpg"] == [[15.0, 30.0, 285.0, 285.0]]
+
+    moved = tmp_path / "elsewhere"  # the site extracts its photos somewhere else later
+    shutil.copytree(site, moved)
+    runner.invoke(app, ["import-labels", str(moved / "m.csv"), "--images", str(moved), "-o",
+                        str(moved / "imported.csv"), "--path-col", "path", "--patient-col", "patient_id",
+                        "--source", "s"])
+    r = runner.invoke(app, ["match-boxes", str(moved / "imported.csv"), "--boxes", str(site / "boxes.json"),
+                            "-o", str(moved / "matched.json")])
+    assert r.exit_code == 0, r.output
+    matched = load_coco(moved / "matched.json").boxes_by_file()
+    assert matched == {"a.jpg": checked.boxes_by_file()["a.jpg"], "b.jpg": [[15.0, 30.0, 285.0, 285.0]],
+                       "gauze.jpg": []}
+
+
+def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
+    from pipelines.data.manifest import load_manifest
+
+    df = load_manifest(site / "m.csv")
+    with pytest.raises(CocoError, match=r"row 1 \(a.jpg\): a regular photo with no box"):
+        boxes_for_manifest(df, [])
+
+
+def test_fixes_with_bad_coordinates_or_unknown_files_are_refused(site, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,action,x1,y1,x2,y2\na.jpg,box,0.5,0.1,0.4,0.9\nb.jpg,grow,0,0,1,1\nc.jpg,box,,,,\n")
+    with pytest.raises(ValueError) as err:
+        read_fixes(bad)
+    assert "line 2" in str(err.value) and "line 3" in str(err.value) and "line 4" in str(err.value)
+    runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "p.json")])
+    with pytest.raises(ValueError, match="not in the proposals"):
+        apply_fixes(load_coco(site / "p.json"), [*read_fixes_text(tmp_path, "nope.jpg,none,,,,\n")], "x")
+    ds, counts = apply_fixes(load_coco(site / "p.json"), read_fixes_text(tmp_path, "a.jpg,none,,,,\n"), "x")
+    assert counts == {"kept": 1, "fixed": 0, "removed": 1} and ds.boxes_by_file()["a.jpg"] == []
+
+
+def read_fixes_text(tmp_path, body: str):
+    p = tmp_path / "f.csv"
+    p.write_text("file,action,x1,y1,x2,y2\n" + body)
+    return read_fixes(p)

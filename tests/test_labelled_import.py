@@ -1,0 +1,117 @@
+"""A site's folder + label sheet becomes a checked manifest: columns mapped, labels translated,
+sha256 recorded, and every problem reported at once with the sheet's row number."""
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.labelled_import import LabelColumns, import_labelled, merge_manifests, parse_kind_map
+from pipelines.data.manifest import ManifestError, load_manifest
+
+runner = CliRunner()
+
+
+def _photo(path: Path, colour) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def collection(tmp_path):
+    """A train.csv-like sheet: file, kind, case (source:id), sha256, notes."""
+    root = tmp_path / "photos"
+    sha = {n: _photo(root / n, c) for n, c in [("atlas/a1.jpg", (200, 90, 90)), ("atlas/a2.jpg", (40, 160, 90)),
+                                                ("bank/b1.jpg", (120, 60, 30)), ("bank/b2.jpg", (210, 120, 120))]}
+    sheet = pd.DataFrame({
+        "file": ["atlas/a1.jpg", "atlas/a2.jpg", "bank/b1.jpg", "bank/b2.jpg"],
+        "kind": ["regular", "green", "Iodine", "unknown"],
+        "case": ["atlas:c1", "atlas:c1", "bank:007", "bank:008"],
+        "sha256": [sha["atlas/a1.jpg"], sha["atlas/a2.jpg"], sha["bank/b1.jpg"], sha["bank/b2.jpg"]],
+        "notes": ["n1", "n2", "n3", "n4"],
+    })
+    sheet.to_csv(tmp_path / "labels.csv", index=False)
+    return tmp_path, root
+
+
+def test_sheet_columns_become_a_manifest_with_sources_from_case_ids_and_sha256(collection):
+    tmp, root = collection
+    cols = LabelColumns(source="case", source_sep=":", sha256="sha256", kind_map=parse_kind_map("unknown=skip"))
+    result = import_labelled(tmp / "labels.csv", root, tmp / "out" / "manifest.csv", cols)
+    df = result.manifest
+    assert result.skipped == 1 and result.counts == {"regular": 1, "green": 1, "iodine": 1}
+    assert list(df["source"]) == ["atlas", "atlas", "bank"] and list(df["patient_id"]) == ["atlas:c1", "atlas:c1", "bank:007"]
+    assert list(df["kind"]) == ["regular", "green", "iodine"]  # labels are case-insensitive
+    assert list(df["notes"]) == ["n1", "n2", "n3"]  # other columns are kept
+    assert df["path"].iat[0] == "../photos/atlas/a1.jpg"  # relative to the manifest's folder
+    assert df["sha256"].iat[2] == hashlib.sha256((root / "bank/b1.jpg").read_bytes()).hexdigest()
+
+
+def test_every_bad_row_is_named_with_its_sheet_row(collection):
+    tmp, root = collection
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str)
+    sheet.loc[1, "file"] = "atlas/missing.jpg"
+    sheet.loc[2, "kind"] = "lugol"
+    sheet.loc[3, "file"] = "atlas/a1.jpg"  # duplicate of row 1
+    sheet.loc[3, "kind"] = "regular"
+    sheet.loc[3, "sha256"] = ""  # blank: not checked
+    sheet.loc[0, "sha256"] = "0" * 64
+    sheet.to_csv(tmp / "bad.csv", index=False)
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "bad.csv", root, tmp / "m.csv", LabelColumns(source="case", source_sep=":", sha256="sha256"))
+    found = {(p.row, p.column) for p in err.value.problems}
+    assert found == {(1, "sha256"), (2, "file"), (3, "kind"), (4, "path")}
+    text = str(err.value)
+    assert "missing file 'atlas/missing.jpg'" in text and "unknown label 'lugol'" in text
+    assert "duplicate path" in text and "--kind-map" in text
+
+
+def test_a_constant_kind_and_source_fill_sheets_without_those_columns(collection):
+    tmp, root = collection
+    pd.DataFrame({"file": ["bank/b1.jpg"], "id": ["x1"]}).to_csv(tmp / "neg.csv", index=False)
+    cols = LabelColumns(kind=None, kind_value="no_cervix", patient="id", source_value="endoscopy")
+    df = import_labelled(tmp / "neg.csv", root, tmp / "neg_manifest.csv", cols).manifest
+    assert list(df[["kind", "source", "patient_id"]].iloc[0]) == ["no_cervix", "endoscopy", "x1"]
+    with pytest.raises(ValueError, match="exactly one of a kind column"):
+        LabelColumns(kind="kind", kind_value="no_cervix", source_value="s")
+    with pytest.raises(ValueError, match="label map"):
+        LabelColumns(source_value="s", kind_map={"x": "purple"})
+
+
+def test_merged_manifests_rebase_paths_and_refuse_patients_shared_across_sources(collection, tmp_path):
+    tmp, root = collection
+    cols = LabelColumns(source="case", source_sep=":", kind_map={"unknown": "skip"})
+    a = import_labelled(tmp / "labels.csv", root, tmp / "a" / "m.csv", cols).manifest
+    (tmp / "a").mkdir()
+    a.to_csv(tmp / "a" / "m.csv", index=False)
+    neg = pd.DataFrame({"path": ["../photos/bank/b2.jpg"], "patient_id": ["n1"], "source": ["gi"], "device": [""],
+                        "kind": ["no_cervix"]})
+    (tmp / "b").mkdir()
+    neg.to_csv(tmp / "b" / "m.csv", index=False)
+    merged = merge_manifests([tmp / "a" / "m.csv", tmp / "b" / "m.csv"], tmp / "all.csv")
+    assert list(merged["path"]) == ["photos/atlas/a1.jpg", "photos/atlas/a2.jpg", "photos/bank/b1.jpg",
+                                    "photos/bank/b2.jpg"]
+    merged.to_csv(tmp / "all.csv", index=False)
+    assert len(load_manifest(tmp / "all.csv")) == 4
+    neg["patient_id"] = "atlas:c1"  # the same id under another source
+    neg.to_csv(tmp / "b" / "m.csv", index=False)
+    with pytest.raises(ManifestError, match="under several sources"):
+        merge_manifests([tmp / "a" / "m.csv", tmp / "b" / "m.csv"], tmp / "all.csv")
+
+
+def test_import_labels_command_writes_the_manifest_and_fails_cleanly(collection):
+    tmp, root = collection
+    out = tmp / "m.csv"
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o", str(out),
+                            "--source-col", "case", "--source-sep", ":", "--kind-map", "unknown=skip"])
+    assert r.exit_code == 0, r.output
+    assert "3 rows (green 1, iodine 1, regular 1)" in r.output and "1 rows skipped" in r.output
+    assert len(load_manifest(out)) == 3
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o", str(out),
+                            "--source-col", "case"])
+    assert r.exit_code == 2 and "unknown label 'unknown'" in r.output

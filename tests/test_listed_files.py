@@ -1,0 +1,64 @@
+"""Listed public photos come out of local git snapshots byte for byte, checked by sha256."""
+
+import csv
+import hashlib
+import subprocess
+
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.listed_files import extract_listed
+
+runner = CliRunner()
+
+
+def _snapshot(tmp_path):
+    """A bare-ish snapshot at MIRRORS/owner+name/repo with one file whose committed name has a
+    stray U+0092 (as the colposcopy atlas's Lugol file names do)."""
+    work = tmp_path / "work"
+    (work / "imgs").mkdir(parents=True)
+    files = {"imgs/a.jpg": b"\xff\xd8 one", "imgs/4_After_Lugol\u0092s_iodine.jpg": b"\xff\xd8 two"}
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    mirror = tmp_path / "mirrors" / "owner+name"
+    mirror.mkdir(parents=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(mirror / "repo")], check=True)
+    return tmp_path / "mirrors", commit, files
+
+
+def _listing(path, commit, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "repo", "commit", "path_in_repo", "sha256"])
+        w.writeheader()
+        for file, in_repo, data in rows:
+            w.writerow({"file": file, "repo": "owner/name", "commit": commit[:7], "path_in_repo": in_repo,
+                        "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def test_listed_files_are_copied_exactly_even_with_a_stray_control_character(tmp_path):
+    mirrors, commit, files = _snapshot(tmp_path)
+    _listing(tmp_path / "list.csv", commit, [("x/a.jpg", "imgs/a.jpg", files["imgs/a.jpg"]),
+                                             ("x/l.jpg", "imgs/4_After_Lugols_iodine.jpg",
+                                              files["imgs/4_After_Lugol\u0092s_iodine.jpg"])])
+    report = extract_listed(tmp_path / "list.csv", mirrors, tmp_path / "out")
+    assert (report.written, report.problems) == (2, [])
+    assert (tmp_path / "out/x/l.jpg").read_bytes() == b"\xff\xd8 two"
+    assert extract_listed(tmp_path / "list.csv", mirrors, tmp_path / "out").present == 2  # reruns are free
+
+
+def test_a_changed_file_or_a_missing_snapshot_is_reported_and_not_written(tmp_path):
+    mirrors, commit, files = _snapshot(tmp_path)
+    _listing(tmp_path / "list.csv", commit, [("x/a.jpg", "imgs/a.jpg", b"other bytes"),
+                                             ("x/b.jpg", "imgs/b.jpg", b"")])
+    r = runner.invoke(app, ["extract-listed", str(tmp_path / "list.csv"), "--mirrors", str(mirrors),
+                            "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1
+    assert "x/a.jpg: sha256 differs" in r.output and "x/b.jpg: not in the snapshot" in r.output
+    assert not (tmp_path / "out/x/a.jpg").exists()
+    report = extract_listed(tmp_path / "list.csv", tmp_path / "nowhere", tmp_path / "out")
+    assert all("no snapshot under" in p for p in report.problems)

@@ -1,0 +1,86 @@
+"""The whole pipeline judged against labels (every policy from one run), the colour-histogram
+baseline on the same split, and extra training-only crops for stage 2."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.manifest import load_manifest, write_manifest
+from pipelines.data.splits import SplitFractions, patient_split
+from pipelines.evaluation.pipeline_eval import score_group
+from tests.qc_fixtures import tiny_weights
+
+runner = CliRunner()
+
+
+def test_group_scores_count_a_missed_cervix_as_not_flagged_and_name_each_rate():
+    truth = pd.Series(["regular", "regular", "green", "iodine", "green", "no_cervix", "no_cervix"])
+    labels = ["regular", "non_regular", "non_regular", "non_regular", "no_cervix", "no_cervix", "regular"]
+    kinds = [None, "green", "green", "green", None, None, None]
+    m = score_group(truth, labels, kinds)
+    assert m["cervix_found"] == pytest.approx(4 / 5) and m["no_cervix_called"] == pytest.approx(1 / 2)
+    assert m["sensitivity"] == pytest.approx(2 / 3)  # the green photo called no_cervix is a miss
+    assert m["regular_flagged"] == pytest.approx(1 / 2) and m["precision"] == pytest.approx(2 / 3)
+    assert m["kind_accuracy"] == pytest.approx(1 / 2)  # iodine called green
+    assert m["confusion"] == [[1, 1], [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def labelled(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pe")
+    df = load_manifest(tiny_dataset.manifest)
+    df["split"] = patient_split(df, SplitFractions(0.5, 0.25, 0.25), seed=0)
+    df["path"] = df["abspath"]
+    write_manifest(df, out / "split.csv")
+    return out / "split.csv"
+
+
+def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels(labelled, tmp_path):
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["eval-pipeline", str(labelled), "--weights", str(weights), "--split", "val",
+                            "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
+    assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both"}
+    rows = pd.read_csv(tmp_path / "ev" / "results.csv", keep_default_na=False)
+    truth = load_manifest(labelled)
+    truth = truth[(truth["split"] == "val") & (truth["kind"] != "")]
+    assert len(rows) == len(truth) and list(rows["truth"]) == list(truth["kind"])
+    overall = report[report["default_policy"]]["overall"]
+    cervix = rows["truth"].isin(["regular", "green", "iodine"])
+    assert overall["cervix_found"] == pytest.approx(rows.loc[cervix, "label"].isin(["regular", "non_regular"]).mean())
+    flagged = (rows["label"] == "non_regular")[cervix]
+    assert overall["regular_flagged"] == pytest.approx(flagged[rows["truth"][cervix] == "regular"].mean())
+    either, both = report["either"]["overall"], report["both"]["overall"]
+    assert either["regular_flagged"] >= both["regular_flagged"] and either["sensitivity"] >= both["sensitivity"]
+    assert set(report["deep_sad"]) >= {"overall", *truth["source"].unique()}
+
+
+def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
+    from pipelines.data.synth import SizePolicy, SynthConfig, generate
+
+    r = generate(SynthConfig(n_images=90, seed=4, ratio=1.5, no_cervix_fraction=0.0, size=SizePolicy(max_side=128)),
+                 tmp_path / "d", workers=1)
+    df = load_manifest(r.manifest)
+    df["split"] = patient_split(df, SplitFractions(0.5, 0.25, 0.25), seed=1)
+    write_manifest(df, tmp_path / "d" / "split.csv")
+    out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "split.csv"), "-o", str(tmp_path / "b")])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "b" / "baseline_metrics.json").read_text())
+    assert report["test"]["overall"]["roc_auc"] > 0.8  # colour alone goes a long way: the bar to clear
+    assert 0 < report["threshold"] < 1 and report["val"]["overall"]["n"] > 0
+
+
+def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_path):
+    from pipelines.commands.stage2 import _with_extra
+    from pipelines.data.crop_set import split_crops
+
+    crops = split_crops(labelled, tiny_dataset.coco, 32, splits=("train", "val"))
+    n_train, n_val = len(crops["train"]), len(crops["val"])
+    both = _with_extra(crops, 32, tiny_dataset.manifest, tiny_dataset.coco)
+    extra = int(np.isin(load_manifest(tiny_dataset.manifest)["kind"], ["regular", "green", "iodine"]).sum())
+    assert len(both["train"]) == n_train + extra and len(both["val"]) == n_val

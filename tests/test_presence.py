@@ -1,0 +1,73 @@
+"""Stage 0, the presence head: colour histograms and the detector's own pooled features, a
+linear head on each; it is fitted with a validation threshold, refuses another detector's
+features, decides no_cervix alone in the engine, and a cervix it vouches for that the
+detector cannot place is cropped as the whole frame (a close-up)."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.detector import DetectorConfig, build_detector
+from models.io import load_card, load_weights
+from pipelines.data.manifest import load_manifest
+from pipelines.presence import colour_histograms, detect_with_features, load_presence
+from pipelines.qc import QCConfig, QCPipeline
+from pipelines.qc_result import Label
+from pipelines.training.presence import PresenceTrainConfig, balanced_threshold, train_presence
+from tests.qc_fixtures import tiny_weights
+
+
+def test_balanced_threshold_separates_the_classes_from_the_middle_of_the_gap():
+    y = np.array([1, 1, 1, 0, 0, 0])
+    s = np.array([2.0, 1.5, 0.6, 0.2, -1.0, -2.0])
+    t, bacc = balanced_threshold(y, s)
+    assert bacc == 1.0 and t == pytest.approx(0.4)
+
+
+def test_histograms_are_normalised_and_pooled_features_do_not_depend_on_batch_padding():
+    red, green = torch.zeros(3, 40, 60, dtype=torch.uint8), torch.zeros(3, 90, 50, dtype=torch.uint8)
+    red[0], green[1] = 220, 220
+    h = colour_histograms([red, green])
+    assert h.shape == (2, 512) and torch.allclose((h**2).sum(1), torch.ones(2))
+    assert h[0].argmax() != h[1].argmax()
+    torch.manual_seed(0)
+    det = build_detector(DetectorConfig(backbone="resnet18", min_size=96, max_size=96)).eval()
+    a, b = torch.rand(3, 60, 80), torch.rand(3, 90, 40)
+    _, alone = detect_with_features(det, [a], torch.device("cpu"))
+    _, batched = detect_with_features(det, [a, b], torch.device("cpu"))  # a is padded to b's height here
+    assert torch.allclose(alone[0], batched[0], atol=1e-3, rtol=1e-3)
+
+
+def test_presence_head_fits_exports_its_threshold_and_refuses_another_detector(tiny_dataset, tmp_path):
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    df = load_manifest(tiny_dataset.manifest)
+    card_path = train_presence(PresenceTrainConfig(out_dir=tmp_path / "p"), weights / "detector.json", df, df,
+                               torch.device("cpu"))
+    _, card = load_weights(card_path)
+    val = card.metrics["val"]
+    assert card.name == "presence" and val["n_no_cervix"] == int((df["kind"] == "no_cervix").sum())
+    assert val["roc_auc"] > 0.9  # fitted and scored on the same photos here: it must at least fit them
+    det_card = load_card(weights / "detector.json")
+    head, _ = load_presence(card_path, det_card)
+    assert head.hist_weight.abs().sum() > 0 and head.feat_weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="another detector"):  # e.g. the detector was retrained, the head not
+        load_presence(card_path, det_card.model_copy(update={"sha256": "f" * 64}))
+
+
+def test_the_presence_head_alone_decides_no_cervix(tiny_dataset, tmp_path):
+    paths = sorted(tiny_dataset.out_dir.glob("images/**/*.jpg"))[:4]
+    qc = QCPipeline(tiny_weights(tmp_path / "never", detector_threshold=0.0, presence_threshold=1.0))
+    results = qc.run(paths)
+    assert all(r.label == Label.NO_CERVIX and r.presence_score == 0.0 for r in results)
+    assert all(r.cervix_score is not None for r in results) and "presence" in results[0].timings_ms
+
+
+def test_a_vouched_cervix_the_detector_cannot_place_is_cropped_whole(tiny_dataset, tmp_path):
+    paths = sorted(tiny_dataset.out_dir.glob("images/**/*.jpg"))[:4]
+    qc = QCPipeline(tiny_weights(tmp_path / "closeup", detector_threshold=1.01, presence_threshold=-1.0))
+    for r in qc.run(paths):
+        assert r.label in (Label.REGULAR, Label.NON_REGULAR)
+        assert r.cervix_box == [0.0, 0.0, float(r.width), float(r.height)]
+    without = QCPipeline(tiny_weights(tmp_path / "old", detector_threshold=1.01))  # no stage 0: the old rule
+    assert without.presence is None
+    assert all(r.label == Label.NO_CERVIX and r.presence_score is None for r in without.run(paths))
