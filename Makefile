@@ -36,7 +36,8 @@ serve: install $(API_KEY_FILE)
 test: install
 	$(UV) run --locked --no-sync pytest
 
-# Retrains the bundled default weights on CPU from synthetic data (see weights/README.md).
+# Retrains the bundled default weights on CPU from the listed real photos, hard negatives and
+# synthetic scenes: MIRRORS=<folder of repository snapshots> make weights (see weights/README.md).
 weights: install
 	UV=$(UV) bash weights/recipe.sh
 

@@ -1,5 +1,8 @@
 """The `cervixqc` command. Thin: parses arguments, calls pipelines, prints results.
 
+`serve` is added by service/cli.py (the console entry point), which keeps the import
+direction service -> pipelines.
+
 Commands live in pipelines/commands/ (one module per area) and import their heavy
 dependencies inside the command, so that `cervixqc --help` does not pay for torch.
 """
@@ -53,7 +56,6 @@ app.command("baseline-colour")(evaluation.baseline_colour_cmd)
 app.command("predict")(engine.predict)
 app.command("clean")(engine.clean)
 app.command("bench")(engine.bench)
-app.command("serve")(engine.serve)
 app.command("contact-sheet")(data.contact_sheet_cmd)
 app.command("demo")(data.demo)
 

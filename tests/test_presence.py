@@ -4,6 +4,7 @@ features, decides no_cervix alone in the engine, and a cervix it vouches for tha
 detector cannot place is cropped as the whole frame (a close-up)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -71,3 +72,32 @@ def test_a_vouched_cervix_the_detector_cannot_place_is_cropped_whole(tiny_datase
     without = QCPipeline(tiny_weights(tmp_path / "old", detector_threshold=1.01))  # no stage 0: the old rule
     assert without.presence is None
     assert all(r.label == Label.NO_CERVIX and r.presence_score is None for r in without.run(paths))
+
+
+def test_extra_training_photos_join_training_but_never_the_threshold(tiny_dataset, tmp_path):
+    """Synthetic scenes join the presence head's training (the recipe's fix for synthetic
+    cervixes called no_cervix) while the threshold stays on the main manifest's validation."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    df = pd.read_csv(tiny_dataset.manifest)
+    df["split"] = np.where(np.arange(len(df)) % 2 == 0, "train", "val")
+    main = tiny_dataset.manifest.with_name("presence_main.csv")
+    df.to_csv(main, index=False)
+    extra = df.assign(source="extra-" + df["source"], split=np.where(df["split"] == "val", "train", "val"))
+    extra_path = tiny_dataset.manifest.with_name("presence_extra.csv")
+    extra.to_csv(extra_path, index=False)
+    runs = {}
+    for name, more in (("alone", []), ("mixed", ["--extra-manifest", str(extra_path)])):
+        r = CliRunner().invoke(app, ["train-presence", str(main), "--detector", str(weights / "detector.json"),
+                                     "-o", str(tmp_path / name), *more])
+        assert r.exit_code == 0, r.output
+        runs[name] = load_card(tmp_path / name / "presence.json")
+    n_alone, n_mixed = (sum(runs[k].training["n_train"].values()) for k in ("alone", "mixed"))
+    assert n_mixed == n_alone + int((extra["split"] == "train").sum())
+    assert any(s.startswith("extra-") for s in runs["mixed"].training["train_sources"])
+    val = runs["mixed"].metrics["val"]
+    assert val["n_cervix"] + val["n_no_cervix"] == int((df["split"] == "val").sum())  # main validation only
+    assert not any(s.startswith("extra-") for s in val["per_source"])

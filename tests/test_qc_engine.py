@@ -75,7 +75,8 @@ def test_detector_chunks_sorted_by_aspect_give_each_image_its_own_detections(alw
     rng = np.random.default_rng(3)
     shapes = [(40, 200), (200, 40), (60, 180), (180, 60), (100, 100)]
     floats = [torch.from_numpy(rng.random((3, h, w), dtype=np.float32)) for h, w in shapes]
-    dets = qc._detect(floats)
+    dets, features = qc._detect(floats)
+    assert features is None  # no presence head in this fixture: no FPN features are kept
     assert len(dets) == len(floats)
     for (h, w), det in zip(shapes, dets):
         assert len(det["boxes"]) > 0

@@ -2,6 +2,7 @@
 
     python weights/finalize.py export  RUNS DATA OUT   # verified copy (classifier as float16) + recipe/data
     python weights/finalize.py metrics RUNS OUT        # validation/test/pipeline/baseline figures into the cards
+    python weights/finalize.py table   RUNS            # those figures per split and source, as Markdown
 
 Every copy goes through models.io (load_weights checks the run's sha256, save_weights writes
 the new one), and only the JSON card is touched afterwards, so the sha256 in each card is
@@ -80,9 +81,9 @@ def _data_note(data: Path) -> dict:
                  "are test only",
         "images_per_split_and_kind": _counts(data / "split.csv", "split"),
         "images_per_source_and_kind": _counts(data / "split.csv", "source"),
-        "synthetic": {"train": "cervixqc synth -n 1500 --ratio 4 --no-cervix-fraction 0.15 --max-side 640 --seed 13 "
-                               "--sources hospital,field,evanet,archive (training split hospital,field,evanet)",
-                      "no_regression_check": "cervixqc synth -n 300 --seed 99 --sources teaching (never trained on)"},
+        "synthetic": {"train": "cervixqc synth --seed 13 --sources hospital,field,evanet,archive (training split "
+                               "hospital,field,evanet; sizes in training.commands)",
+                      "no_regression_check": "cervixqc synth --seed 99 --sources teaching (never trained on)"},
     }
 
 
@@ -167,11 +168,42 @@ def metrics(runs: Path, out: Path) -> None:
         print(f"{path}: metrics added, sha256 verified")
 
 
+def _fmt(v, n=None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" ({n})" if n is not None else "")
+
+
+def table(runs: Path) -> str:
+    """The pipeline's figures under its default policy beside the colour baseline's, per split
+    and source: what weights/README.md shows."""
+    baseline = _load(runs / "eval-baseline" / "baseline_metrics.json")
+    lines = ["| split | source | cervix found (n) | no_cervix called (n) | non-regular F1 (n pos) | sensitivity "
+             "| specificity | regular flagged | kind accuracy | baseline F1 | baseline specificity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for split in ("val", "test"):
+        report = _load(runs / f"eval-pipeline-{split}" / "pipeline_metrics.json")
+        per = report.get(report.get("default_policy", ""), {})
+        for src, m in per.items():
+            b = baseline.get(split, {}).get(src, {})
+            has_pos = bool(m.get("n_non_regular"))
+            lines.append("| " + " | ".join([
+                split, src, _fmt(m["cervix_found"], m["n_cervix"] or None),
+                _fmt(m["no_cervix_called"], m["n_no_cervix"] or None),
+                _fmt(m.get("f1") if has_pos else None, m.get("n_non_regular") if has_pos else None),
+                _fmt(m.get("sensitivity") if has_pos else None), _fmt(m.get("specificity")),
+                _fmt(m.get("regular_flagged")), _fmt(m.get("kind_accuracy")),
+                _fmt(b.get("f1") if b.get("n_positive") else None), _fmt(b.get("specificity"))]) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1:2]
     if cmd == ["export"]:
         export(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif cmd == ["metrics"]:
         metrics(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif cmd == ["table"]:
+        print(table(Path(sys.argv[2])))
     else:
         raise SystemExit(__doc__)

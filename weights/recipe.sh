@@ -19,7 +19,8 @@
 #  4. detector: RetinaNet mobilenet_v3 @320 pretrained on the synthetic scenes, then trained on
 #     real + hard negatives with synthetic scenes mixed in (hSDB's mix, 1 synthetic : 2 real);
 #     then the presence head (stage 0: colour histogram + the detector's own features) on the
-#     real training photos, its threshold from validation
+#     real training photos + the synthetic training scenes (without them it called 93% of
+#     synthetic cervixes no_cervix; each weighs 0.05 of a real photo), its threshold from real validation
 #  5. Deep SAD and ResNeSt50 @32 on real crops (+ green/iodine synthesised from real regular
 #     crops, + synthetic crops for volume); thresholds from validation, pooled over sources
 #  6. evaluation: detector (val, test), the whole pipeline on real test photos and on the
@@ -40,6 +41,7 @@ FOLD=${FOLD:-0}
 SYNTH_N=${SYNTH_N:-1200}
 SYNTH_TEST_N=${SYNTH_TEST_N:-300}
 PRE_EPOCHS=${PRE_EPOCHS:-8}          # detector pretraining on synthetic scenes
+PRETRAINED_DETECTOR=${PRETRAINED_DETECTOR:-}  # or: a synthetic-only detector card to start from
 DET_EPOCHS=${DET_EPOCHS:-12}         # then real + negatives + synthetic
 EXTRA_RATIO=${EXTRA_RATIO:-0.5}      # synthetic scenes per real photo in each detector epoch
 DET_MAX_STEPS=${DET_MAX_STEPS:-}     # smoke runs only
@@ -105,13 +107,28 @@ det_extra=()
 [[ -n "$DET_MAX_STEPS" ]] && det_extra=(--max-steps "$DET_MAX_STEPS")
 DET=(--arch retinanet --backbone mobilenet_v3_large --size 320 --batch-size 8 --workers 1 --seed 0)
 (   # 4. detector: synthetic pretraining, then real + negatives + synthetic; then stage 0 on it
-    step detector_pretrain "${CQ[@]}" train-detector "$DATA/synth/xsrc_train.json" "$DATA/synth/xsrc_val.json" \
-        -o "$RUNS/det-synth" "${DET[@]}" --epochs "$PRE_EPOCHS" --lr 1e-3 "${det_extra[@]}"
+    if [[ -n "$PRETRAINED_DETECTOR" ]]; then  # the pretraining is only an initialisation: any
+        # synthetic-only detector of the same architecture will do (the shipped weights started
+        # from the previous bundled one, `git show 69028d6:weights/detector.json`)
+        mkdir -p "$RUNS/det-synth"
+        cp "$PRETRAINED_DETECTOR" "$RUNS/det-synth/detector.json"
+        cp "$(dirname "$PRETRAINED_DETECTOR")/$("${PY[@]}" -c "import json,sys; print(json.load(open(sys.argv[1]))['weights_file'])" "$PRETRAINED_DETECTOR")" \
+            "$RUNS/det-synth/"
+        "${PY[@]}" -c "
+import json, sys
+c = json.load(open(sys.argv[1]))
+print('# detector_pretrain reused: train-detector card', sys.argv[2], 'sha256', c['sha256'], ':', c['data']['description'],
+      '; epochs', c['training']['epochs'], '; wall s', c['training'].get('wall_seconds', {}).get('detector'))" \
+            "$RUNS/det-synth/detector.json" "$PRETRAINED_DETECTOR" | tee -a "$RUNS/commands.txt"
+    else
+        step detector_pretrain "${CQ[@]}" train-detector "$DATA/synth/xsrc_train.json" "$DATA/synth/xsrc_val.json" \
+            -o "$RUNS/det-synth" "${DET[@]}" --epochs "$PRE_EPOCHS" --lr 1e-3 "${det_extra[@]}"
+    fi
     step detector "${CQ[@]}" train-detector "$DATA/split_train.json" "$DATA/split_val.json" -o "$RUNS/det" \
         "${DET[@]}" --epochs "$DET_EPOCHS" --lr 5e-4 --extra-coco "$DATA/synth/xsrc_train.json" \
         --extra-ratio "$EXTRA_RATIO" --init-from "$RUNS/det-synth/detector.json" "${det_extra[@]}"
     step presence "${CQ[@]}" train-presence "$DATA/split.csv" --detector "$RUNS/det/detector.json" \
-        -o "$RUNS/presence"
+        -o "$RUNS/presence" --extra-manifest "$DATA/synth/xsrc.csv"
 ) >"$RUNS/detector.log" 2>&1 &
 det_pid=$!
 (   # 5. stage 2 on real crops, synthetic crops for volume, thresholds from real validation

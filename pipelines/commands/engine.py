@@ -141,33 +141,3 @@ def bench(
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
-
-
-def serve(
-    host: Annotated[Optional[str], typer.Option(help="Default: CERVIXQC_HOST or 127.0.0.1.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Default: CERVIXQC_PORT or 8000.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Default: CERVIXQC_WEIGHTS_DIR or weights/.")] = None,
-) -> None:
-    """Start the HTTP service (settings from CERVIXQC_* variables; see README)."""
-    import os
-
-    import uvicorn
-
-    if weights is not None:
-        os.environ["CERVIXQC_WEIGHTS_DIR"] = str(weights)
-    weights_dir = Path(os.environ.get("CERVIXQC_WEIGHTS_DIR", "weights"))
-    if not (weights_dir / "detector.json").is_file():
-        _fail(f"no weights in {weights_dir}: expected detector.json, deep_sad.json and classifier.json "
-              "(make weights trains them)")
-    from pydantic import ValidationError
-
-    from service.settings import Settings  # only to refuse bad settings with a readable message
-
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
-    host = host or settings.host
-    port = port or settings.port
-    # The app by name, so uvicorn builds it; settings are read again there from the same environment.
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=1, log_level="info")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,6 +16,11 @@ def train_presence_cmd(
     out: Annotated[Path, typer.Option("--out", "-o")],
     c_hist: Annotated[float, typer.Option(help="Inverse regularisation of the colour head.")] = 0.1,
     c_feat: Annotated[float, typer.Option(help="Inverse regularisation of the detector-feature head.")] = 0.01,
+    extra_manifest: Annotated[Optional[Path], typer.Option(
+        help="A second split manifest (e.g. synthetic scenes) whose train rows join the training photos; "
+             "never its validation rows: the threshold comes from MANIFEST's validation split alone.")] = None,
+    extra_weight: Annotated[float, typer.Option(
+        help="Weight of each extra photo against a main one (measured choice: see PresenceTrainConfig).")] = 0.05,
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
@@ -28,10 +33,19 @@ def train_presence_cmd(
         df = load_manifest(manifest)
         if "split" not in df.columns:
             _fail(f"{manifest} has no split column: run `cervixqc split` first")
+        note, extra = {"manifest": str(manifest)}, None
+        if extra_manifest is not None:
+            extra = load_manifest(extra_manifest)
+            if "split" not in extra.columns:
+                _fail(f"{extra_manifest} has no split column: run `cervixqc split` first")
+            extra = extra[extra["split"] == "train"]
+            note["extra_manifest"] = f"{extra_manifest} (train rows only, weight {extra_weight})"
+        if extra_weight <= 0:
+            _fail("--extra-weight must be > 0")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        card = train_presence(PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat), detector,
-                              df[df["split"] == "train"], df[df["split"] == "val"], device,
-                              {"manifest": str(manifest)})
+        cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight)
+        card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,
+                              extra)
     except (ManifestError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"exported {card}")
