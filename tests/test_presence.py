@@ -82,12 +82,13 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     from pipelines.cli import app
 
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
-    df = pd.read_csv(tiny_dataset.manifest)
+    df = pd.read_csv(tiny_dataset.manifest)  # the shared set's folder stays untouched: absolute paths
+    df["path"] = [str((tiny_dataset.manifest.parent / p).resolve()) for p in df["path"]]
     df["split"] = np.where(np.arange(len(df)) % 2 == 0, "train", "val")
-    main = tiny_dataset.manifest.with_name("presence_main.csv")
+    main = tmp_path / "presence_main.csv"
     df.to_csv(main, index=False)
     extra = df.assign(source="extra-" + df["source"], split=np.where(df["split"] == "val", "train", "val"))
-    extra_path = tiny_dataset.manifest.with_name("presence_extra.csv")
+    extra_path = tmp_path / "presence_extra.csv"
     extra.to_csv(extra_path, index=False)
     runs = {}
     for name, more in (("alone", []), ("mixed", ["--extra-manifest", str(extra_path)])):
