@@ -7,14 +7,13 @@ package never imports the service, so its commands stay usable without the web s
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli import app
+from pipelines.cli import app, main
 from pipelines.commands.common import _fail
 
 
@@ -44,12 +43,8 @@ def serve(
                 workers=1, log_level="info")
 
 
-app.command("serve")(serve)
-
-
-def main() -> None:  # pragma: no cover - console entry
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app()
+app.command("serve")(serve)  # registered on import, so pipelines.cli.main (the entry point) runs it
+__all__ = ["app", "main", "serve"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.detector import DetectorConfig
+from models.io import load_card
 from pipelines.data.detection import MixedEpochSampler
 from pipelines.data.synth import SizePolicy, SynthConfig, generate
 from pipelines.detector import load_detector
@@ -125,6 +126,7 @@ def test_training_can_start_from_our_own_detector_and_refuses_another_architectu
     exported = load_file(str(second.with_suffix(".safetensors")))
     conv = "backbone.body.conv1.weight"
     assert torch.equal(exported[conv], start.state_dict()[conv])
+    assert load_card(second).training["init_from_sha256"] == load_card(first).sha256  # the start, by content
     other = _cfg(boxes_set, tmp_path / "c", epochs=1, max_steps_per_epoch=1, init_from=first,
                  model=DetectorConfig(backbone="resnet34", min_size=128, max_size=128))
     with pytest.raises(ValueError, match="not a"):

@@ -107,26 +107,16 @@ det_extra=()
 [[ -n "$DET_MAX_STEPS" ]] && det_extra=(--max-steps "$DET_MAX_STEPS")
 DET=(--arch retinanet --backbone mobilenet_v3_large --size 320 --batch-size 8 --workers 1 --seed 0)
 (   # 4. detector: synthetic pretraining, then real + negatives + synthetic; then stage 0 on it
-    if [[ -n "$PRETRAINED_DETECTOR" ]]; then  # the pretraining is only an initialisation: any
-        # synthetic-only detector of the same architecture will do (the shipped weights started
-        # from the previous bundled one, `git show 69028d6:weights/detector.json`)
-        mkdir -p "$RUNS/det-synth"
-        cp "$PRETRAINED_DETECTOR" "$RUNS/det-synth/detector.json"
-        cp "$(dirname "$PRETRAINED_DETECTOR")/$("${PY[@]}" -c "import json,sys; print(json.load(open(sys.argv[1]))['weights_file'])" "$PRETRAINED_DETECTOR")" \
-            "$RUNS/det-synth/"
-        "${PY[@]}" -c "
-import json, sys
-c = json.load(open(sys.argv[1]))
-print('# detector_pretrain reused: train-detector card', sys.argv[2], 'sha256', c['sha256'], ':', c['data']['description'],
-      '; epochs', c['training']['epochs'], '; wall s', c['training'].get('wall_seconds', {}).get('detector'))" \
-            "$RUNS/det-synth/detector.json" "$PRETRAINED_DETECTOR" | tee -a "$RUNS/commands.txt"
-    else
+    # The pretraining is only an initialisation: any synthetic-only detector of the same
+    # architecture will do (the shipped weights started from the previous bundled one, `git show
+    # 69028d6:weights/detector.json`); the fine-tuned card records its sha256 (init_from_sha256).
+    INIT=${PRETRAINED_DETECTOR:-$RUNS/det-synth/detector.json}
+    [[ -n "$PRETRAINED_DETECTOR" ]] ||
         step detector_pretrain "${CQ[@]}" train-detector "$DATA/synth/xsrc_train.json" "$DATA/synth/xsrc_val.json" \
             -o "$RUNS/det-synth" "${DET[@]}" --epochs "$PRE_EPOCHS" --lr 1e-3 "${det_extra[@]}"
-    fi
     step detector "${CQ[@]}" train-detector "$DATA/split_train.json" "$DATA/split_val.json" -o "$RUNS/det" \
         "${DET[@]}" --epochs "$DET_EPOCHS" --lr 5e-4 --extra-coco "$DATA/synth/xsrc_train.json" \
-        --extra-ratio "$EXTRA_RATIO" --init-from "$RUNS/det-synth/detector.json" "${det_extra[@]}"
+        --extra-ratio "$EXTRA_RATIO" --init-from "$INIT" "${det_extra[@]}"
     step presence "${CQ[@]}" train-presence "$DATA/split.csv" --detector "$RUNS/det/detector.json" \
         -o "$RUNS/presence" --extra-manifest "$DATA/synth/xsrc.csv"
 ) >"$RUNS/detector.log" 2>&1 &

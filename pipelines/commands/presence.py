@@ -24,6 +24,8 @@ def train_presence_cmd(
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
+    if extra_weight <= 0:
+        _fail("--extra-weight must be > 0")
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
@@ -40,8 +42,6 @@ def train_presence_cmd(
                 _fail(f"{extra_manifest} has no split column: run `cervixqc split` first")
             extra = extra[extra["split"] == "train"]
             note["extra_manifest"] = f"{extra_manifest} (train rows only, weight {extra_weight})"
-        if extra_weight <= 0:
-            _fail("--extra-weight must be > 0")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight)
         card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, save_weights
+from models.io import ModelCard, load_card, save_weights
 from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
@@ -186,7 +186,9 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
                        "decode_long_side": 2 * model_cfg.max_size},
         classes=categories, thresholds={"score": threshold},
         training={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "model"}
-        | {"optimizer": "AdamW", "schedule": "linear warm-up + cosine", "best_epoch": result.best_epoch},
+        | {"optimizer": "AdamW", "schedule": "linear warm-up + cosine", "best_epoch": result.best_epoch,
+           # the path names a file that may change or vanish; the sha256 names the starting weights
+           "init_from_sha256": load_card(cfg.init_from).sha256 if cfg.init_from is not None else None},
         data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
               "extra": str(cfg.extra_coco) if cfg.extra_coco else None},
         metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc},
