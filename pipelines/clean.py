@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.qc import QCPipeline
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc import QCPipeline
+from pipelines.engine.qc_result import Label, QCResult
 
 log = logging.getLogger(__name__)
 QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
@@ -134,9 +134,10 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     try:
         done = store.done()
         todo = [p for p in inputs if p not in done]
-        for start in range(0, len(todo), batch_size):
+        chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        batches = (([src_root / p for p in chunk], chunk) for chunk in chunks)
+        for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches)):
             chunk = todo[start : start + batch_size]
-            results = qc.run([src_root / p for p in chunk], names=chunk)
             if quarantine is not None:
                 for r in results:
                     if r.label in QUARANTINED and (src_root / r.path).is_file():

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.clean import QUARANTINED, CleanSummary, StateStore, quarantine_copy, export, list_inputs
-from pipelines.qc import QCConfig, QCPipeline
-from pipelines.qc_result import QCResult
+from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import QCResult
 
 _FIELDS = ("record",)
 

@@ -56,6 +56,7 @@ app.command("baseline-colour")(evaluation.baseline_colour_cmd)
 app.command("predict")(engine.predict)
 app.command("clean")(engine.clean)
 app.command("bench")(engine.bench)
+app.command("export")(engine.export)
 app.command("contact-sheet")(data.contact_sheet_cmd)
 app.command("demo")(data.demo)
 

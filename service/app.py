@@ -18,8 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 from fastapi import FastAPI, Request
 
-from pipelines.decode import DecodeLimits
-from pipelines.qc import QCConfig, QCPipeline
+from pipelines.engine.decode import DecodeLimits
+from pipelines.engine.qc import QCConfig, QCPipeline
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.gate import EngineGate
@@ -44,7 +44,8 @@ def _version() -> str:
 def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
-                                                       limits=limits, jpeg_decoder=settings.jpeg_decoder))
+                                                       limits=limits, jpeg_decoder=settings.jpeg_decoder,
+                                                       runtime=settings.runtime, precision=settings.precision))
     engine.run([np.full((480, 640, 3), 128, np.uint8)])  # warm-up: first-call allocations, lazy inits
     # the gate asks the batcher how many uploads wait; called only once both exist
     gate = EngineGate(lambda: batcher.pending)
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await state.batcher.start()
         state.runner.start()
         app.state.service = state
-        log.info("ready in %.1f s on %s (policy %s)", time.perf_counter() - t0, state.qc.device, state.qc.policy)
+        log.info("ready in %.1f s on %s (policy %s; %s)", time.perf_counter() - t0, state.qc.device, state.qc.policy,
+                 ", ".join(f"{k}: {v}" for k, v in state.qc.runtimes.items()))
         try:
             yield
         finally:

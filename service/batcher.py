@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipelines.qc_result import QCResult
+from pipelines.engine.qc_result import QCResult
 from service.gate import EngineGate
 from service.metrics import Metrics
 

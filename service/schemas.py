@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines.qc import Policy
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc import Policy
+from pipelines.engine.qc_result import Label, QCResult
 
 
 class UploadResult(BaseModel):
@@ -81,6 +81,7 @@ class ModelInfo(BaseModel):
 class ModelsResponse(BaseModel):
     policy: str
     device: str
+    runtimes: dict[str, str]  # model -> "torch" or "openvino <precision> (exported | converted at load)"
     models: list[ModelInfo]
 
 

@@ -13,7 +13,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pipelines.qc import JpegDecoder, Policy
+from pipelines.engine.openvino_runtime import Precision
+from pipelines.engine.qc import JpegDecoder, Policy, Runtime
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -35,6 +36,10 @@ class Settings(BaseSettings):
     policy: Policy | None = None
     # torchvision: JPEGs decode on the device (nvJPEG on CUDA), PIL fallback per image
     jpeg_decoder: JpegDecoder = "pil"
+    # auto: on CPU, OpenVINO when the weights folder carries an export (`cervixqc export`),
+    # converting at load the models it lacks; torch otherwise and on CUDA. openvino, torch
+    runtime: Runtime = "auto"
+    precision: Precision = "auto"  # OpenVINO's: auto (bf16 where the CPU has it), f32, bf16
 
     # auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

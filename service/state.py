@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from pipelines.qc import QCPipeline
+from pipelines.engine.qc import QCPipeline
 from service.batcher import MicroBatcher
 from service.errors import ApiError
 from service.jobs.runner import JobRunner

@@ -14,7 +14,7 @@ from models.deep_sad import DeepSAD
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, load_card, save_weights
 from models.presence import PresenceConfig, PresenceHead
-from pipelines.presence import detect_with_features
+from pipelines.engine.presence import detect_with_features
 
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,

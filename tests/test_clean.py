@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipelines.clean import clean
-from pipelines.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCConfig, QCPipeline
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 

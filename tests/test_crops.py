@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.crops import crop_boxes, expand_boxes
+from pipelines.engine.crops import crop_boxes, expand_boxes
 from pipelines.data.synth import PRESETS, render_image, plan
 
 
@@ -47,3 +47,13 @@ def test_images_of_different_sizes_crop_in_one_call():
     out = crop_boxes([a, b], torch.tensor([[30.0, 10.0, 40.0, 20.0], [0.0, 0.0, 120.0, 300.0]]), sizes=(8,))
     assert torch.allclose(out[8][0], torch.full((3, 8, 8), 200.0))
     assert torch.allclose(out[8][1], torch.full((3, 8, 8), 7.0))
+
+
+def test_a_crop_pixel_is_the_area_average_of_its_bin_sub_pixel_edges_included():
+    ramp = torch.arange(8, dtype=torch.float32).repeat(3, 4, 1)  # value = column index
+    # one output pixel over columns 0.5..2.5: half of column 0, all of 1, half of 2
+    out = crop_boxes([ramp], torch.tensor([[0.5, 0.0, 2.5, 4.0]]), sizes=(1,))[1]
+    assert out.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0])
+    # two output pixels over columns 0..8: the means of 0..3 and 4..7
+    out = crop_boxes([ramp], torch.tensor([[0.0, 0.0, 8.0, 4.0]]), sizes=(2,))[2]
+    assert out[0, 0].flatten().tolist() == pytest.approx([1.5, 5.5, 1.5, 5.5])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipelines.decode import DecodeError, Decoded, decode
-from pipelines.decode_device import apply_orientation, decode_on_device
+from pipelines.engine.decode import DecodeError, Decoded, decode
+from pipelines.engine.decode_device import apply_orientation, decode_on_device
 from tests.qc_fixtures import fuzz_set
 
 

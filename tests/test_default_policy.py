@@ -3,7 +3,7 @@ higher, as its card records; an explicit policy always wins."""
 
 import json
 
-from pipelines.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCConfig, QCPipeline
 from tests.qc_fixtures import tiny_weights
 
 

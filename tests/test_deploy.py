@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.launch import free_port
+from tests.uvicorn_process import free_port
 from tests.qc_fixtures import tiny_weights
 
 REPO = Path(__file__).resolve().parents[1]

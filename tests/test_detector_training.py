@@ -15,7 +15,7 @@ from models.detector import DetectorConfig
 from models.io import load_card
 from pipelines.data.detection import MixedEpochSampler
 from pipelines.data.synth import SizePolicy, SynthConfig, generate
-from pipelines.detector import load_detector
+from pipelines.engine.detector import load_detector
 from pipelines.training.detector import DetectorTrainConfig, presence_threshold, train_detector
 
 
@@ -97,7 +97,7 @@ def test_detect_writes_detector_boxes_as_coco_that_stage2_can_crop(boxes_set, tm
 
     from pipelines.data.coco import load_coco, save_coco
     from pipelines.data.crop_set import extract_crops
-    from pipelines.detector import detect_to_coco
+    from pipelines.engine.detector import detect_to_coco
 
     torch.manual_seed(0)
     untrained_ok = DetectorConfig(backbone="resnet18", min_size=128, max_size=128, score_thresh=0.0)

@@ -3,7 +3,7 @@ and backfilled once for a file written before the counts table existed."""
 
 import sqlite3
 
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.store import JobStore
 
 

@@ -11,9 +11,9 @@ import torch
 from models.detector import DetectorConfig, build_detector
 from models.io import load_card, load_weights
 from pipelines.data.manifest import load_manifest
-from pipelines.presence import colour_histograms, detect_with_features, load_presence
-from pipelines.qc import QCConfig, QCPipeline
-from pipelines.qc_result import Label
+from pipelines.engine.presence import colour_histograms, detect_with_features, load_presence
+from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import Label
 from pipelines.training.presence import PresenceTrainConfig, balanced_threshold, train_presence
 from tests.qc_fixtures import tiny_weights
 

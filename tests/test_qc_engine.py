@@ -6,8 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.qc import QCConfig, QCPipeline
-from pipelines.qc_result import Label
+from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import Label
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 
@@ -111,7 +111,7 @@ def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
     assert r.exit_code == 2 and "must be pil or torchvision" in r.output
 
 
-def test_bench_runs_both_modes_on_the_same_files_and_reports_the_ratio(always_cervix, tmp_path):
+def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_changes(always_cervix, tmp_path):
     from pipelines.evaluation.engine_bench import bench
 
     cases = fuzz_set()
@@ -120,10 +120,14 @@ def test_bench_runs_both_modes_on_the_same_files_and_reports_the_ratio(always_ce
         p = tmp_path / f"img{i}.jpg"
         p.write_bytes(cases["ok.jpg"][0])
         paths.append(p)
-    r = bench(always_cervix, paths, batch_size=4)
-    assert r["naive"]["images"] == r["batched"]["images"] == 4
-    assert r["speedup_batched_vs_naive"] == pytest.approx(r["batched"]["images_per_s"] / r["naive"]["images_per_s"])
-    assert r["naive"]["peak_rss_mb"] > 0 and set(r["batched"]["stage_seconds"]) >= {"decode", "detect"}
+    r = bench(always_cervix, paths, batch_size=4, modes=(("torch", "auto", False), ("openvino", "f32", True)))
+    torch_run, ov_run = r["batched"]
+    assert r["naive"]["images"] == torch_run["images"] == ov_run["images"] == 4
+    assert ov_run["speedup_vs_naive"] == pytest.approx(ov_run["images_per_s"] / r["naive"]["images_per_s"])
+    assert r["naive"]["peak_rss_mb"] > 0 and set(ov_run["stage_seconds"]) >= {"decode", "detect"}
+    assert torch_run["runtimes"]["detector"] == "torch" and ov_run["runtimes"]["detector"].startswith("openvino f32")
+    assert torch_run["labels_differing_from_first_batched"]["count"] == 0
+    assert isinstance(ov_run["labels_differing_from_first_batched"]["count"], int)
 
 
 def test_detector_batch_comparison_times_every_size_against_the_first(always_cervix, tmp_path):
@@ -139,3 +143,23 @@ def test_detector_batch_comparison_times_every_size_against_the_first(always_cer
     assert r["speedup_vs_detector_batch_1"]["1"] == 1.0
     bad = CliRunner().invoke(app, ["bench", "--weights", str(always_cervix), "--detector-batches", "1,0"])
     assert bad.exit_code == 2 and "positive integers" in bad.output
+
+
+def test_decode_ahead_gives_the_results_of_run_and_reads_at_most_one_batch_ahead(always_cervix, tiny_dataset):
+    photos = sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:6]
+    pulled = []
+
+    def batches():
+        for i in range(0, 6, 2):
+            pulled.append(i)
+            yield photos[i : i + 2], [f"p{i}", f"p{i + 1}"]
+
+    qc = QCPipeline(always_cervix, QCConfig(decode_ahead=True))
+    stream = qc.run_stream(batches())
+    first = next(stream)
+    assert len(pulled) == 2  # the batch being returned and the one decoding behind it
+    streamed = first + [r for batch in stream for r in batch]
+    plain = [r for i in range(0, 6, 2) for r in qc.run(photos[i : i + 2], names=[f"p{i}", f"p{i + 1}"])]
+    assert [(r.path, r.label, r.sha256) for r in streamed] == [(r.path, r.label, r.sha256) for r in plain]
+    assert all(np.allclose(a.cervix_box, b.cervix_box) for a, b in zip(streamed, plain))
+    assert streamed[0].timings_ms["decode"] > 0 and streamed[0].timings_ms["total"] >= streamed[0].timings_ms["decode"]

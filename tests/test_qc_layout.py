@@ -4,7 +4,7 @@ labels, boxes and scores as the default layout."""
 import numpy as np
 import pytest
 
-from pipelines.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCConfig, QCPipeline
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 

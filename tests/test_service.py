@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipelines.clean import clean
-from pipelines.qc import QCPipeline
+from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import fuzz_set, tiny_weights
 from tests.service_server import API_KEY, HEADERS, start_server
 
@@ -76,6 +76,7 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
         models = c.get("/v1/models").json()
     assert [m["name"] for m in models["models"]] == ["detector", "deep_sad", "classifier"]
     assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
+    assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
 
 
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):

@@ -170,5 +170,7 @@ from models.io import load_weights
 for s in ('presence', 'detector', 'deep_sad', 'classifier'):
     load_weights(sys.argv[1] + '/' + s + '.json')
 print('sha256 verified for the four models in', sys.argv[1])" "$WEIGHTS_OUT"
-du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json | tail -1
+# 8. the OpenVINO export the engine runs on CPUs (detector + Deep SAD; a stale one is refused at load)
+step openvino_export "${CQ2[@]}" export --weights "$WEIGHTS_OUT"
+du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json "$WEIGHTS_OUT"/*.openvino.* | tail -1
 cat "$RUNS/timings.tsv"

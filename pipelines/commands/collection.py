@@ -83,7 +83,7 @@ def propose_boxes_cmd(
         _fail(str(e))
     detect = None
     if detector is not None:
-        from pipelines.detector import top_box_fn
+        from pipelines.engine.detector import top_box_fn
 
         detect = top_box_fn(detector, min_score)
     entries = propose_for_manifest(df, detect)

@@ -89,7 +89,7 @@ def detect_cmd(
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
     from pipelines.data.coco import save_coco
     from pipelines.data.manifest import load_manifest
-    from pipelines.detector import detect_to_coco
+    from pipelines.engine.detector import detect_to_coco
 
     df = load_manifest(manifest)
     ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)

@@ -1,4 +1,4 @@
-"""Engine commands: predict, clean, bench."""
+"""Engine commands: predict, clean, bench, export."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ import typer
 from pipelines.commands.common import _fail
 
 
-POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.qc.Policy (not imported: it pulls in torch)
-DECODERS = ("pil", "torchvision")  # pipelines.qc.JpegDecoder
+POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.engine.qc.Policy (not imported: it pulls in torch)
+DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
+RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
+PRECISIONS = ("auto", "f32", "bf16")  # pipelines.engine.openvino_runtime.Precision
+RuntimeOption = Annotated[str, typer.Option(
+    help="auto: OpenVINO for the models the weights folder carries exported (cervixqc export), torch "
+         "for the rest; openvino: every model on OpenVINO (CPU; missing exports converted at load); torch.")]
+PrecisionOption = Annotated[str, typer.Option(
+    help="OpenVINO precision: auto (bf16 where the CPU runs it natively), f32 (labels as torch's), bf16.")]
+DeviceOption = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda.")]
 DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: pil (DCT-scaled, best on CPU) or torchvision "
                                                  "(decode_jpeg on the device: nvJPEG on cuda).")]
 
@@ -27,23 +35,42 @@ def _check_decoder(jpeg_decoder: str) -> None:
         _fail(f"--jpeg-decoder must be pil or torchvision, not {jpeg_decoder!r}")
 
 
+def _check_runtime(runtime: str, precision: str) -> None:
+    if runtime not in RUNTIMES:
+        _fail(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if precision not in PRECISIONS:
+        _fail(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
+def _engine(weights: Path, **config):
+    """The engine, with a clear exit instead of a traceback for weights it cannot run."""
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    if not (weights / "detector.json").is_file():
+        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+    try:
+        return QCPipeline(weights, QCConfig(**config))
+    except (ValueError, WeightsIntegrityError) as e:
+        _fail(str(e))
+
+
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
     policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
                                                   "stage-2 model with the better validation F1)")] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: DeviceOption = "auto",
     jpeg_decoder: DecoderOption = "pil",
+    runtime: RuntimeOption = "auto",
+    precision: PrecisionOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
 ) -> None:
     """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
-    from pipelines.qc import QCConfig, QCPipeline
-
     _check_policy(policy)
     _check_decoder(jpeg_decoder)
-    if not (weights / "detector.json").is_file():
-        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
-    qc = QCPipeline(weights, QCConfig(device=device, policy=policy, jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
+    _check_runtime(runtime, precision)
+    qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision)
     results = qc.run(images, names=[str(p) for p in images])
     for r in results:
         if as_json:
@@ -61,9 +88,11 @@ def clean(
     policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
                                                   "stage-2 model with the better validation F1)")] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
-    device: Annotated[str, typer.Option(help="Local engine's device (Ray actors take a GPU where the "
-                                                "cluster has one).")] = "cpu",
+    device: Annotated[str, typer.Option(help="Local engine's device: auto (cuda when present, else cpu), cpu "
+                                                "or cuda (Ray actors take a GPU where the cluster has one).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
+    runtime: RuntimeOption = "auto",
+    precision: PrecisionOption = "auto",
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
     actors: Annotated[int, typer.Option(help="Ray actors (model replicas).")] = 1,
@@ -72,10 +101,10 @@ def clean(
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from pipelines.clean import clean as run_clean
-    from pipelines.qc import QCConfig, QCPipeline
 
     _check_policy(policy)
     _check_decoder(jpeg_decoder)
+    _check_runtime(runtime, precision)
     if engine not in ("local", "ray"):
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
@@ -90,8 +119,8 @@ def clean(
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
                                 jpeg_decoder=jpeg_decoder)
         else:
-            qc = QCPipeline(weights, QCConfig(device=device, policy=policy,
-                                              jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
+            qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
+                         precision=precision)
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report)
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
@@ -100,27 +129,49 @@ def clean(
 
 def bench(
     images: Annotated[Optional[Path], typer.Option(help="Folder of test images (default: synthesise).")] = None,
+    mix_from: Annotated[Optional[Path], typer.Option(
+        help="Build the bench set from this folder of real photos, one subfolder per source: 90 photos of each "
+             "as they are + 10 others re-encoded at phone sizes (1.9-12 MP).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
     n_images: Annotated[int, typer.Option(help="Images to synthesise (1-12 MP mix).")] = 24,
     batch_size: Annotated[int, typer.Option()] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda; both modes run on it.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda; every mode runs on it (OpenVINO modes on cpu only).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
+    modes: Annotated[Optional[str], typer.Option(
+        help="Batched modes, comma-separated, each RUNTIME[:PRECISION][+ahead] (e.g. torch,openvino:f32,openvino+ahead); "
+             "the first is the reference for labels. Default: torch, torch+ahead, auto:f32, auto, auto+ahead.")] = None,
     detector_batches: Annotated[Optional[str], typer.Option(
         help="Also time the batched engine at these detector batch sizes, side by side (e.g. 1,4,8).")] = None,
 ) -> None:
-    """Naive per-image loop vs the batched engine, same models, files and device, one run."""
+    """Naive per-image loop vs the batched engine (torch, then OpenVINO at f32 and at its own
+    precision), same models, files and device, one run; labels compared with torch's."""
     import tempfile
 
+    from pipelines.engine.qc import resolve_device
+
     _check_decoder(jpeg_decoder)
+    device = resolve_device(device)
     parts = [s.strip() for s in (detector_batches or "").split(",") if s.strip()]
     if not all(s.isdigit() and int(s) > 0 for s in parts):
         _fail(f"--detector-batches must be positive integers, comma-separated, not {detector_batches!r}")
     sizes = [int(s) for s in parts]
 
+    from pipelines.evaluation.engine_bench import BATCHED_MODES, parse_mode
     from pipelines.evaluation.engine_bench import bench as run_bench
 
+    try:
+        chosen = tuple(parse_mode(m) for m in modes.split(",")) if modes else BATCHED_MODES
+    except ValueError as e:
+        _fail(str(e))
+
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
+    if mix_from is not None:
+        from pipelines.evaluation.engine_bench import real_mix
+
+        if not mix_from.is_dir():
+            _fail(f"--mix-from {mix_from}: not a folder")
+        images = real_mix(mix_from, work / "mix")
     if images is None:
         from pipelines.data.synth import PRESETS, generate
 
@@ -133,11 +184,62 @@ def bench(
         weights = write_untrained_weights(work / "weights")
         typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
     paths = sorted(p for p in images.rglob("*.jpg"))
-    result = run_bench(weights, paths, batch_size, device, jpeg_decoder)  # type: ignore[arg-type]
+    result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen)  # type: ignore[arg-type]
     if sizes:
         from pipelines.evaluation.engine_bench import detector_batch_ab
 
         result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
     typer.echo(json.dumps(result, indent=2))
+    naive = result["naive"]
+    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, peak RSS {naive['peak_rss_mb']:.0f} MB")
+    for run in result["batched"]:
+        split = ", ".join(f"{k} {v:.2f}s" for k, v in run["stage_seconds"].items())
+        typer.echo(f"{run['mode']}: {run['images_per_s']:.1f} images/s = {run['speedup_vs_naive']:.2f}x naive; "
+                   f"peak RSS {run['peak_rss_mb']:.0f} MB; labels differing from torch "
+                   f"{run['labels_differing_from_first_batched']['count']}; {split}")
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
+
+
+def export(
+    weights: Annotated[Path, typer.Option(help="Weights folder with the cards and safetensors.")] = Path("weights"),
+    out: Annotated[Optional[Path], typer.Option(help="Where the exported files go (default: the weights folder, "
+                                                     "where the engine looks for them).")] = None,
+    models: Annotated[str, typer.Option(help="Comma-separated: detector, deep_sad, classifier.")] = "detector,deep_sad",
+    fp16_weights: Annotated[bool, typer.Option(help="Store weights as float16 (half the file; computed at the "
+                                                    "runtime's precision).")] = True,
+) -> None:
+    """Export models to OpenVINO IR with a card each (source sha256, file sha256s, parity to
+    torch). The default leaves the classifier out: its 51 MB would break the weights budget,
+    and the engine converts it at load instead."""
+    import shlex
+    import sys
+
+    from models.io import WeightsIntegrityError
+    from pipelines.engine import openvino_runtime
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(openvino_runtime.EXPORTABLE))
+    if unknown or not names:
+        _fail(f"--models must name some of {', '.join(openvino_runtime.EXPORTABLE)}, not {models!r}")
+    missing = [n for n in names if not (weights / f"{n}.json").is_file()]
+    if missing:
+        _fail(f"no {', '.join(f'{n}.json' for n in missing)} in {weights}")
+    if not openvino_runtime.available():
+        _fail("export needs the openvino package (pip install openvino)")
+    from pipelines.engine.detector import load_detector
+    from pipelines.engine.stage2 import load_stage2
+
+    target = out or weights
+    target.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["cervixqc", *sys.argv[1:]])
+    for name in names:
+        try:
+            model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
+        except (ValueError, WeightsIntegrityError) as e:
+            _fail(str(e))
+        exported = openvino_runtime.export(name, model, card, target, weights / f"{name}.json",
+                                           compress_to_fp16=fp16_weights, command=command)
+        worst = max(exported.parity.values())
+        typer.echo(f"{name}: {target / exported.xml} (+ .bin, card {openvino_runtime.card_path(target, name).name}); "
+                   f"max |openvino f32 - torch| {worst:.2e}")

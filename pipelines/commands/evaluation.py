@@ -57,7 +57,7 @@ def eval_pipeline_cmd(
     import pandas as pd
 
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
-    from pipelines.qc import QCConfig, QCPipeline
+    from pipelines.engine.qc import QCConfig, QCPipeline
 
     df = _rows(manifest, split)
     qc = QCPipeline(weights, QCConfig(device=device))

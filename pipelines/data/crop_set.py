@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipelines.crops import crop_boxes
+from pipelines.engine.crops import crop_boxes
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import Kind
 

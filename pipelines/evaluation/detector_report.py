@@ -13,7 +13,7 @@ from pipelines.data.coco import CocoDataset, load_coco
 from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.presets import detection_eval
-from pipelines.detector import load_detector, predict_dataset
+from pipelines.engine.detector import load_detector, predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
 
 

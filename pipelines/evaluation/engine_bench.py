@@ -15,22 +15,59 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.presence import colour_histograms, detect_with_features
-from pipelines.qc import JpegDecoder, QCConfig, QCPipeline
+from pipelines.engine.presence import colour_histograms, detect_with_features
+from pipelines.engine.openvino_runtime import Precision
+from pipelines.engine.qc import JpegDecoder, QCConfig, QCPipeline, Runtime
+
+
+PHONE_SIZES = ((4032, 3024), (3264, 2448), (1600, 1200))
+
+
+def real_mix(source: Path, out: Path, per_folder: int = 90, phone_per_folder: int = 10, seed: int = 0) -> Path:
+    """A bench set shaped like a site's archive from a folder of real photos: from each
+    top-level subfolder (one per source), `per_folder` photos as they are, and
+    `phone_per_folder` others re-encoded at phone sizes (1.9-12 MP, JPEG quality 90)."""
+    import random
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(folder.rglob("*.jpg"))
+        rng.shuffle(files)
+        for f in files[:per_folder]:
+            (out / f"{folder.name[:16]}_{k:04d}.jpg").write_bytes(f.read_bytes())
+            k += 1
+        for j, f in enumerate(files[per_folder : per_folder + phone_per_folder]):
+            with Image.open(f) as im:
+                w, h = PHONE_SIZES[j % len(PHONE_SIZES)]
+                w, h = (h, w) if im.height > im.width else (w, h)
+                im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(out / f"phone_{folder.name[:16]}_{k:04d}.jpg",
+                                                                              quality=90)
+            k += 1
+    return out
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@torch.inference_mode()
-def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
+def run_naive(weights: Path, paths: list[Path], device: str = "cpu", warmup: int = 2) -> dict:
     # the models as a research script has them: loaded from the card, default layout, fp32
-    qc = QCPipeline(weights, QCConfig(device=device, channels_last=False, bf16=False))
+    qc = QCPipeline(weights, QCConfig(device=device, channels_last=False, bf16=False, runtime="torch"))
+    _naive_loop(qc, paths[:warmup], device)  # first-call allocations and lazy inits, untimed
+    t0 = time.perf_counter()
+    stages = _naive_loop(qc, paths, device)
+    seconds = time.perf_counter() - t0
+    return {"mode": "naive", "device": device, "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
+            "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+
+
+@torch.inference_mode()
+def _naive_loop(qc: QCPipeline, paths: list[Path], device: str) -> dict[str, float]:
     dev = torch.device(device)
     stages = {"decode": 0.0, "presence": 0.0, "detect": 0.0, "crop": 0.0, "classify": 0.0}
     big = round(qc.cls_size * 8 / 7)
-    t0 = time.perf_counter()
     for p in paths:
         t = time.perf_counter()
         im = ImageOps.exif_transpose(Image.open(p)).convert("RGB")
@@ -62,31 +99,37 @@ def run_naive(weights: Path, paths: list[Path], device: str = "cpu") -> dict:
         qc.deep_sad.score(c32.to(dev)).cpu()
         qc.classifier(TF.center_crop(cbig, [qc.cls_size, qc.cls_size]).to(dev))["logit"].cpu()
         stages["classify"] += time.perf_counter() - t
-    seconds = time.perf_counter() - t0
-    return {"mode": "naive", "device": device, "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
-            "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
-
-
-def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int) -> dict[str, float]:
-    """All of `paths` through the engine, `batch_size` at a time; seconds per stage, summed."""
-    stages: dict[str, float] = {}
-    for i in range(0, len(paths), batch_size):
-        results = qc.run(paths[i : i + batch_size])
-        for k, v in results[0].timings_ms.items():
-            if k != "total":
-                stages[k] = stages.get(k, 0.0) + v / 1000
     return stages
 
 
+def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int) -> tuple[dict[str, float], dict[str, str]]:
+    """All of `paths` through the engine's `run_stream`, `batch_size` at a time; seconds per
+    stage, summed, and path -> label."""
+    stages: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    batches = [(paths[i : i + batch_size], None) for i in range(0, len(paths), batch_size)]
+    for results in qc.run_stream(batches):
+        for k, v in results[0].timings_ms.items():
+            if k != "total":
+                stages[k] = stages.get(k, 0.0) + v / 1000
+        labels.update({r.path: r.label.value + (f":{r.kind}" if r.kind else "") for r in results})
+    return stages, labels
+
+
 def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-                jpeg_decoder: JpegDecoder = "pil") -> dict:
-    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder))
+                jpeg_decoder: JpegDecoder = "pil", runtime: Runtime = "torch", precision: Precision = "auto",
+                overlap: bool = True, warmup: int = 2) -> dict:
+    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision,
+                                      decode_ahead=overlap))
+    _run_in_batches(qc, paths[:warmup], batch_size)  # first-call allocations and lazy inits, untimed
     t0 = time.perf_counter()
-    stages = _run_in_batches(qc, paths, batch_size)
+    stages, labels = _run_in_batches(qc, paths, batch_size)
     seconds = time.perf_counter() - t0
     qc.close()
-    return {"mode": f"batched(b={batch_size})", "device": device, "jpeg_decoder": jpeg_decoder, "images": len(paths), "seconds": seconds,
-            "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+    return {"mode": f"batched(b={batch_size}, {runtime}, precision {precision}, overlap {overlap})", "device": device,
+            "jpeg_decoder": jpeg_decoder, "runtimes": qc.runtimes, "images": len(paths), "seconds": seconds,
+            "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb(),
+            "labels": labels}
 
 
 def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[int], batch_size: int = 16,
@@ -110,27 +153,58 @@ def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[i
             f"speedup_vs_detector_batch_{first}": {str(b): median[first] / m for b, m in median.items()}}
 
 
+# (runtime, precision, overlap) of each batched mode; the first is the reference for labels
+# "auto" is the engine's default runtime (OpenVINO on CPU when the weights folder carries an
+# export, else torch), so its rows are what a site gets; "openvino" forces OpenVINO.
+BATCHED_MODES = (("torch", "auto", False), ("torch", "auto", True), ("auto", "f32", False), ("auto", "auto", False),
+                 ("auto", "auto", True))
+
+
+def parse_mode(text: str) -> tuple[str, str, bool]:
+    """"openvino:f32+ahead" -> ("openvino", "f32", True)."""
+    spec, ahead = (text.strip()[: -len("+ahead")], True) if text.strip().endswith("+ahead") else (text.strip(), False)
+    runtime, _, precision = spec.partition(":")
+    if runtime not in ("torch", "auto", "openvino") or (precision or "auto") not in ("auto", "f32", "bf16"):
+        raise ValueError(f"bench mode {text!r}: RUNTIME[:PRECISION][+ahead], runtime torch, auto or openvino, "
+                         "precision auto, f32 or bf16")
+    return runtime, precision or "auto", ahead
+
+
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-          jpeg_decoder: JpegDecoder = "pil") -> dict:
-    """Both modes, each in a fresh process, on the same files and device; warm-up excluded by
-    a first untimed pass over two images inside each process."""
-    out = {}
-    for mode in ("naive", "batched"):
-        cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", mode, str(weights), str(batch_size),
-               device, jpeg_decoder, *map(str, paths)]
+          jpeg_decoder: JpegDecoder = "pil", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES) -> dict:
+    """The naive loop and each batched mode, each in a fresh process with one engine (so its
+    peak RSS is that engine's), on the same files and device; the engine's first two files
+    run once untimed first (warm-up).
+    Labels of every batched mode are compared with the first one's (torch)."""
+    naive: dict = {}
+    batched: list[dict] = []
+    runs = [("naive", "torch", "auto", False)] + [("batched", *m) for m in modes]
+    for kind, runtime, precision, overlap in runs:
+        if kind == "batched" and runtime != "torch" and device != "cpu":
+            continue
+        cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size), device,
+               jpeg_decoder, runtime, precision, str(int(overlap)), *map(str, paths)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"bench mode {mode} failed:\n{proc.stderr[-3000:]}")
-        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["speedup_batched_vs_naive"] = out["batched"]["images_per_s"] / out["naive"]["images_per_s"]
-    return out
+            raise RuntimeError(f"bench mode {kind} {runtime} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if kind == "naive":
+            naive = result
+        else:
+            batched.append(result)
+    reference = batched[0]["labels"] if batched else {}
+    for v in batched:
+        v["speedup_vs_naive"] = v["images_per_s"] / naive["images_per_s"]
+        differ = {p: f"{reference[p]} -> {lab}" for p, lab in v.pop("labels").items() if reference.get(p) != lab}
+        v["labels_differing_from_first_batched"] = {"count": len(differ), "examples": dict(list(differ.items())[:10])}
+    return {"naive": naive, "batched": batched}
 
 
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
-    mode, w, b, dev, decoder, *files = sys.argv[1:]
+    mode, w, b, dev, decoder, runtime_, precision_, overlap_, *files = sys.argv[1:]
     files_p = [Path(f) for f in files]
     fn = ((lambda ww, pp: run_naive(ww, pp, dev)) if mode == "naive"
-          else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder)))  # type: ignore[arg-type]
-    fn(Path(w), files_p[:2])  # warm-up: first-call allocations and lazy inits
-    print(json.dumps(fn(Path(w), files_p)))
+          else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder, runtime_, precision_,  # type: ignore[arg-type]
+                                           overlap_ == "1")))
+    print(json.dumps(fn(Path(w), files_p)))  # one engine per process, warmed up on its first two files

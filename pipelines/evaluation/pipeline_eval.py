@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.evaluation.classification import binary_metrics
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc_result import Label, QCResult
 
 POLICIES = ("deep_sad", "resnest", "either", "both")
 _CERVIX = ("regular", "green", "iodine")

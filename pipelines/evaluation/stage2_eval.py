@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from pipelines.data.crop_set import CropSet, split_crops
 from pipelines.evaluation.classification import metrics_by_group
-from pipelines.stage2 import load_stage2, score_batch, threshold_of
+from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
 
 
 def crop_size_for(card) -> int:

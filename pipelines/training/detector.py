@@ -21,7 +21,7 @@ from models.io import ModelCard, load_card, save_weights
 from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
-from pipelines.detector import predict_dataset
+from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
 from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown

@@ -20,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 from models.io import ModelCard, load_card, save_weights
 from models.presence import PresenceConfig, PresenceHead
 from pipelines.data.images import load_rgb
-from pipelines.detector import load_detector
+from pipelines.engine.detector import load_detector
 from pipelines.evaluation.classification import margin_threshold
-from pipelines.presence import colour_histograms, detect_with_features
+from pipelines.engine.presence import colour_histograms, detect_with_features
 
 log = logging.getLogger(__name__)
 _CERVIX = ("regular", "green", "iodine")

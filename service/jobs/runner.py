@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.clean import QUARANTINED, export_records, list_inputs, quarantine_copy
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc_result import Label, QCResult
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
 from service.metrics import Metrics

@@ -5,7 +5,7 @@ server killed with kill -9 restarts with every finished batch kept, none twice, 
 runner simply skips what is there. A path's row is written once (a second result for it is
 ignored). Per-label counts live in `label_counts`, updated in the same transaction: a status
 poll that counted with GROUP BY over the items is O(items) (`python -m
-service.jobs.store_bench` times both on one file), and jobs of 10^7 files are the point of
+tests.benchmarks.job_store` times both on one file), and jobs of 10^7 files are the point of
 batch cleaning. Each thread gets its own connection (sqlite3 objects
 must not cross threads); WAL lets the routes read while the runner writes.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipelines.qc_result import QCResult
+from pipelines.engine.qc_result import QCResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

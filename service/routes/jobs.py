@@ -11,7 +11,7 @@ from typing import Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from pipelines.qc_result import QCResult
+from pipelines.engine.qc_result import QCResult
 from service.auth import ApiKey
 from service.errors import ApiError
 from service.jobs.store import Job

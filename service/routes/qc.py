@@ -13,7 +13,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from pipelines.qc_result import Label
+from pipelines.engine.qc_result import Label
 from service.auth import ApiKey
 from service.batcher import QueueFull
 from service.errors import ApiError

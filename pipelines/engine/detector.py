@@ -3,14 +3,16 @@ the COCO file's (full-resolution) pixels and category ids."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.models.detection.image_list import ImageList
 
 from models.detector import DetectorConfig, build_detector
+from models.exportable import DetectorConvolutions
 from models.io import ModelCard, load_weights
 from pipelines.data.detection import CocoDetection, collate
 
@@ -28,6 +30,32 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devi
     model.eval()
     outs = model([im.to(device, non_blocking=True) for im in images])
     return [{k: v.cpu() for k, v in o.items()} for o in outs]
+
+
+Convolutions = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+@torch.inference_mode()
+def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+           convolutions: Convolutions | None = None) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], ImageList]:
+    """RetinaNet's eval forward with its convolutions swappable: torch's own (default) or an
+    exported graph's (`pipelines.engine.openvino_runtime`). Returns the detections in the
+    images' pixels, the FPN maps (stage 0 pools them) and the padded batch they came from.
+
+    The steps are torchvision's RetinaNet.forward for eval, in its order, so the two runtimes
+    differ only in the convolutions (tests/test_exported_runtime.py holds them together)."""
+    model.eval()
+    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    batch, _ = model.transform([im.to(device, non_blocking=True) for im in images])
+    cls_logits, bbox_regression, *maps = (convolutions or DetectorConvolutions(model))(batch.tensors)
+    anchors = model.anchor_generator(batch, maps)
+    per_level = [m.shape[-2] * m.shape[-1] for m in maps]
+    per_anchor = cls_logits.shape[1] // sum(per_level)
+    per_level = [n * per_anchor for n in per_level]
+    head = {"cls_logits": list(cls_logits.split(per_level, 1)), "bbox_regression": list(bbox_regression.split(per_level, 1))}
+    dets = model.postprocess_detections(head, [list(a.split(per_level)) for a in anchors], batch.image_sizes)
+    dets = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
+    return [{k: v.cpu() for k, v in d.items()} for d in dets], maps, batch
 
 
 def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8,

@@ -23,7 +23,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.decode import DecodeError, Decoded, DecodeLimits, Header, as_result, decode, read_header
+from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, Header, as_result, decode, read_header
 
 DEVICE_MODES = ("RGB", "L")  # nvJPEG has no CMYK/YCCK; those go through PIL
 

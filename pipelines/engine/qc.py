@@ -1,10 +1,11 @@
 """The batched two-stage engine: bytes/paths/arrays in, one `QCResult` per input out, in order.
 
-decode (thread pool, DCT-scaled) -> presence classifier on the batch (stage 0: a cervix in
-the photo at all? no -> no_cervix) -> detector on the rest -> best cervix box (the whole frame
-where the presence model vouches for a cervix the detector did not place confidently: a
-close-up) -> one roi_align per image to 32 and 224+ px crops -> Deep SAD and ResNeSt on the
-crop batches -> decision policy. Weights folders without a presence model keep the older rule
+decode (thread pool, DCT-scaled) -> detector on the batch, whose FPN features also feed
+stage 0 (the presence head: a cervix in the photo at all? no -> no_cervix) -> best cervix box
+(the whole frame where the presence model vouches for a cervix the detector did not place
+confidently: a close-up) -> area-averaged 32 px and 37 px crops -> Deep SAD and ResNeSt on the
+crop batches -> decision policy. Each model runs on torch or, exported, on OpenVINO
+(`runtime`; the steps around the models are the same code either way). Weights folders without a presence model keep the older rule
 (the detector's threshold decides no_cervix). A bad input becomes an `unreadable` row with
 its reason; the batch goes on.
 """
@@ -12,7 +13,7 @@ its reason; the batch goes on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,18 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.crops import crop_boxes
-from pipelines.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
-from pipelines.decode_device import decode_on_device
-from pipelines.detector import load_detector, predict
-from pipelines.presence import colour_histograms, detect_with_features, load_presence
-from pipelines.qc_result import Label, QCResult
-from pipelines.stage2 import load_stage2, score_batch, threshold_of
+from pipelines.engine.crops import crop_boxes
+from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
+from pipelines.engine.decode_device import decode_on_device
+from pipelines.engine import openvino_runtime
+from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.openvino_runtime import Precision
+from pipelines.engine.presence import colour_histograms, load_presence, pool_features
+from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
 
 Policy = Literal["deep_sad", "resnest", "either", "both"]
+Runtime = Literal["auto", "torch", "openvino"]
 JpegDecoder = Literal["pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
@@ -38,7 +42,16 @@ KINDS = ("regular", "green", "iodine")
 
 @dataclass
 class QCConfig:
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when present, else cpu
+    # "openvino": every model through OpenVINO (CPU only): the weights folder's exported files
+    # (`cervixqc export`) where present, the others converted in memory at load. "auto": the
+    # same on CPU when the folder carries an export (the bundled one does), else torch; torch
+    # on CUDA. Measured reasons in pipelines/engine/openvino_runtime.py: with the bundled
+    # weights on the 2-core CPU, the classifier left on torch cost 1.5 s per 300 photos of
+    # the engine's 6-8 s, so auto converts it (about 4 s at start-up) rather than mixing.
+    runtime: Runtime = "auto"
+    # OpenVINO's inference precision; auto: its own choice (bf16 where the CPU runs it natively)
+    precision: Precision = "auto"
     policy: Policy | None = None  # None: the stage-2 model with the better validation F1 (best_policy)
     crop_margin: float = 0.05
     decode_threads: int = 2
@@ -58,9 +71,34 @@ class QCConfig:
     # too unsteady to be a default there).
     bf16: bool | None = None
     # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
-    # batched, per-image fallback to PIL (pipelines/decode_device.py). "pil": DCT-scaled PIL
+    # batched, per-image fallback to PIL (pipelines/engine/decode_device.py). "pil": DCT-scaled PIL
     # decode in the thread pool, the better choice on CPU.
     jpeg_decoder: JpegDecoder = "pil"
+    # Decode batch n+1 while batch n is on the models (`run_stream`). None: on for CUDA (the
+    # host decodes while the device computes), off on CPU, where decoding and the models
+    # share the same cores: on the 2-core CPU, 300 real photos, `cervixqc bench` in one run:
+    # two runs each: torch 1.04x and 1.05x with it, OpenVINO 0.95x and 1.04x: noise-level,
+    # and it raises peak RSS by up to 65 MB.
+    decode_ahead: bool | None = None
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_runtime(runtime: Runtime, device: torch.device, weights: Path) -> Literal["torch", "openvino"]:
+    if runtime == "torch":
+        return "torch"
+    if runtime == "openvino":
+        if device.type != "cpu":
+            raise ValueError(f"the openvino runtime runs on the CPU, not {device}; use --device cpu or --runtime torch")
+        if not openvino_runtime.available():
+            raise ValueError("the openvino runtime needs the openvino package (pip install openvino)")
+        return "openvino"
+    usable = device.type == "cpu" and openvino_runtime.available() and openvino_runtime.exported_names(weights)
+    return "openvino" if usable else "torch"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -86,7 +124,7 @@ class QCPipeline:
     def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
         self.cfg = config or QCConfig()
         weights = Path(weights_dir)
-        dev = self.cfg.device
+        dev = resolve_device(self.cfg.device)
         self.detector, self.det_card = load_detector(weights / "detector.json", dev)
         self.deep_sad, self.sad_card = load_stage2(weights / "deep_sad.json", dev)
         self.classifier, self.cls_card = load_stage2(weights / "classifier.json", dev)
@@ -105,6 +143,30 @@ class QCPipeline:
                 model.to(memory_format=torch.channels_last)
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.runtime = resolve_runtime(self.cfg.runtime, self.device, weights)
+        # what runs each model: the torch module, or a compiled OpenVINO model with the same outputs
+        self._det_convs = None
+        self._sad_run, self._cls_run = self.deep_sad, self.classifier
+        self.runtimes = dict.fromkeys(openvino_runtime.EXPORTABLE, "torch")
+        if self.runtime == "openvino":
+            self._compile_exported(weights)
+
+    def _compile_exported(self, weights: Path) -> None:
+        models = {"detector": (self.detector, self.det_card), "deep_sad": (self.deep_sad, self.sad_card),
+                  "classifier": (self.classifier, self.cls_card)}
+        for name, (model, card) in models.items():
+            ov_model = openvino_runtime.load_exported(weights, name, card)
+            source = "exported"
+            if ov_model is None:
+                ov_model, source = openvino_runtime.convert(name, model, card), "converted at load"
+            compiled = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
+            self.runtimes[name] = f"openvino {compiled.precision} ({source})"
+            if name == "detector":
+                self._det_convs = compiled
+            elif name == "deep_sad":
+                self._sad_run = compiled
+            else:
+                self._cls_run = compiled
 
     def _stamp(self, t: float) -> float:
         """Milliseconds since `t`, after the device has finished the work queued so far: CUDA
@@ -157,10 +219,8 @@ class QCPipeline:
             for j in range(0, len(order), n):
                 chunk = order[j : j + n]
                 batch = [floats[k] for k in chunk]
-                if self.presence is None:
-                    out, pooled = predict(self.detector, batch, self.device), [None] * len(chunk)
-                else:
-                    out, pooled = detect_with_features(self.detector, batch, self.device)
+                out, maps, padded = detect(self.detector, batch, self.device, self._det_convs)
+                pooled = [None] * len(chunk) if self.presence is None else pool_features(maps, padded)
                 for k, d, f in zip(chunk, out, pooled):
                     dets[k], feats[k] = d, f
         return dets, (torch.stack(feats) if self.presence is not None and feats else None)  # type: ignore[arg-type]
@@ -185,14 +245,43 @@ class QCPipeline:
                    "both": sad_says and res_says}[policy or self.policy]
         return Label.NON_REGULAR if flagged else Label.REGULAR
 
-    @torch.inference_mode()
     def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
             policy: Policy | None = None) -> list[QCResult]:
+        return self._run_decoded(items, names, *self._timed_decode(items), policy)
+
+    def run_stream(self, batches: Iterable[tuple[Sequence[Input], Sequence[str] | None]],
+                   policy: Policy | None = None) -> Iterator[list[QCResult]]:
+        """`run` over a stream of (items, names) batches, decoding batch n+1 in the background
+        while batch n is on the models. One batch ahead at most, so memory holds two batches
+        of decoded images, whatever the stream's length. Without `decode_ahead` it is plain
+        `run` per batch."""
+        ahead_on = self.cfg.decode_ahead if self.cfg.decode_ahead is not None else self.device.type == "cuda"
+        if not ahead_on:
+            for items, names in batches:
+                yield self.run(items, names, policy)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="decode-ahead") as ahead:
+            stream = iter(batches)
+            current = next(stream, None)
+            pending = ahead.submit(self._timed_decode, current[0]) if current is not None else None
+            while current is not None and pending is not None:
+                decoded, ms = pending.result()
+                following = next(stream, None)
+                pending = ahead.submit(self._timed_decode, following[0]) if following is not None else None
+                yield self._run_decoded(current[0], current[1], decoded, ms, policy)
+                current = following
+
+    def _timed_decode(self, items: Sequence[Input]) -> tuple[list[Decoded | DecodeError], float]:
+        t0 = time.perf_counter()
+        decoded = self._decode(items)
+        return decoded, self._stamp(t0)
+
+    @torch.inference_mode()
+    def _run_decoded(self, items: Sequence[Input], names: Sequence[str] | None, decoded: list[Decoded | DecodeError],
+                     t_decode: float, policy: Policy | None = None) -> list[QCResult]:
         names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
                                                        for k, i in enumerate(items)]
         t0 = time.perf_counter()
-        decoded = self._decode(items)
-        t_decode = self._stamp(t0)
         results: list[QCResult | None] = [None] * len(items)
         ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
         for i, d in enumerate(decoded):
@@ -226,7 +315,7 @@ class QCPipeline:
                 boxes.append(box)
             if with_box:
                 self._stage2(image_of, with_box, torch.stack(boxes), results, timings, policy)
-        total = (time.perf_counter() - t0) * 1000
+        total = t_decode + (time.perf_counter() - t0) * 1000
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
@@ -239,9 +328,9 @@ class QCPipeline:
         timings["crop"] = self._stamp(t)
         t = time.perf_counter()
         with self._autocast():
-            sad = score_batch(self.deep_sad, self.sad_card, (crops[32] / 255).to(self.device))["score"]
+            sad = score_batch(self._sad_run, self.sad_card, (crops[32] / 255).to(self.device))["score"]
             cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
-            out = score_batch(self.classifier, self.cls_card, cls_in)
+            out = score_batch(self._cls_run, self.cls_card, cls_in)
         timings["classify"] = self._stamp(t)
         for k, (i, base, box) in enumerate(with_box):
             s, p = float(sad[k]), float(out["score"][k])

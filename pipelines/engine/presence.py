@@ -1,9 +1,9 @@
 """Stage 0 at run time: colour histograms and the detector's pooled FPN features for a batch
 of decoded photos, and the presence head that turns them into a score.
 
-The features come out of the detector's own forward pass (forward hooks on its transform and
-backbone), pooled over each photo's own region of the padded batch, so a photo gets the same
-features alone or batched with others of other sizes, in training and in the engine alike.
+The features are the detector's own FPN maps from the same pass that finds the boxes
+(`pipelines.engine.detector.detect`, torch or exported convolutions alike), pooled over each
+photo's own region of the padded batch, in training and in the engine alike.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 
 from models.io import ModelCard, load_weights
 from models.presence import PresenceConfig, PresenceHead
-from pipelines.detector import predict
+from pipelines.engine.detector import Convolutions, detect
 
 
 def colour_histograms(images: Sequence[torch.Tensor], bins: int = 8, side: int = 128) -> torch.Tensor:
@@ -37,28 +38,26 @@ def colour_histograms(images: Sequence[torch.Tensor], bins: int = 8, side: int =
     return torch.stack(out) if out else torch.zeros(0, bins**3)
 
 
-def detect_with_features(detector: nn.Module, images: Sequence[torch.Tensor],
-                         device: torch.device) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """The detector's detections, plus mean- and max-pooled FPN features per photo [N, D]
-    (pooled over the photo's own part of the padded batch)."""
-    seen: dict = {}
-    hooks = [detector.transform.register_forward_hook(lambda m, i, o: seen.__setitem__("sizes", o[0])),
-             detector.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("maps", o))]
-    try:
-        dets = predict(detector, images, device)
-    finally:
-        for h in hooks:
-            h.remove()
-    padded_h, padded_w = seen["sizes"].tensors.shape[-2:]
+def pool_features(maps: Sequence[torch.Tensor], batch: ImageList) -> torch.Tensor:
+    """Mean- and max-pooled FPN maps per photo [N, D], each over the photo's own part of the
+    padded batch, so a photo gets the same features alone or batched with larger ones."""
+    padded_h, padded_w = batch.tensors.shape[-2:]
     feats = []
-    for k, (h, w) in enumerate(seen["sizes"].image_sizes):
+    for k, (h, w) in enumerate(batch.image_sizes):
         parts = []
-        for fmap in seen["maps"].values():
+        for fmap in maps:
             fh, fw = fmap.shape[-2:]
             own = fmap[k, :, : math.ceil(h * fh / padded_h), : math.ceil(w * fw / padded_w)].float()
             parts += [own.mean((1, 2)), own.amax((1, 2))]
         feats.append(torch.cat(parts).cpu())
-    return dets, torch.stack(feats)
+    return torch.stack(feats) if feats else torch.zeros(0, 0)
+
+
+def detect_with_features(detector: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+                         convolutions: Convolutions | None = None) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """The detector's detections plus the pooled FPN features stage 0 reads [N, D]."""
+    dets, maps, batch = detect(detector, images, device, convolutions)
+    return dets, pool_features(maps, batch)
 
 
 def load_presence(card_path: str | Path, detector_card: ModelCard,

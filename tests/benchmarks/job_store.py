@@ -1,5 +1,5 @@
 """Why `label_counts` exists: a job's per-label counts read from it vs counted with GROUP BY
-over its items, side by side on one SQLite file (`python -m service.jobs.store_bench --items N`)."""
+over its items, side by side on one SQLite file (`python -m tests.benchmarks.job_store --items N`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.qc_result import Label, QCResult
+from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.store import JobStore
 
 LABELS = [Label.REGULAR, Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE]

@@ -1,0 +1,73 @@
+"""Cervix crops for stage 2: each box area-averaged to every crop size, two small matmuls.
+
+The box is widened by `margin` (a share of its width and height on each side), clipped to
+the image, then resized to a square, as the paper resizes its crops. Each output pixel is
+the exact area average of its bin of the box, sub-pixel edges included (PIL's BOX filter):
+a [size, h] weight matrix per axis, `wy @ region @ wx.T`, over the box's pixels only. So a
+crop does not alias whatever resolution the photo was decoded at.
+
+Why not roi_align (the first version): with sampling_ratio=-1 it also area-averages, but
+through bilinear samples over the whole image tensor; on the 2-core CPU it took 8.8 ms per
+photo for the 32 and 37 px crops of 30 real photos decoded at 640 px, and the batched
+engine's crop stage was slower than a naive PIL loop. adaptive_avg_pool2d was as fast as
+the matmuls but its whole-pixel bins overlap when the box is under twice the crop size (mean
+error 9.6 grey levels against PIL's BOX on a 40 px box to 32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def expand_boxes(boxes: torch.Tensor, margin: float, width: int, height: int) -> torch.Tensor:
+    w = (boxes[:, 2] - boxes[:, 0]).clamp_min(1.0)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp_min(1.0)
+    grown = boxes + torch.stack([-w, -h, w, h], dim=1) * margin
+    grown[:, 0::2] = grown[:, 0::2].clamp(0, width)
+    grown[:, 1::2] = grown[:, 1::2].clamp(0, height)
+    return grown
+
+
+def box_weights(start: float, end: float, first: int, count: int, size: int) -> torch.Tensor:
+    """[size, count] weights over pixels first..first+count-1 (pixel k covers [k, k+1)) for
+    `size` equal bins of [start, end), rows summing to 1: each bin's share of each pixel when
+    bins are wider than a pixel (area average), linear interpolation at the bin centres when
+    they are narrower (a box smaller than the crop; roi_align's and PIL's BILINEAR upsample)."""
+    px = torch.arange(first, first + count, dtype=torch.float32)[None]
+    step = (end - start) / size
+    if step < 1.0:
+        centres = start + step * (torch.arange(size, dtype=torch.float32)[:, None] + 0.5) - 0.5
+        centres = centres.clamp(first, first + count - 1)
+        return (1 - (centres - px).abs()).clamp_min(0)
+    edges = start + step * torch.arange(size + 1, dtype=torch.float32)
+    overlap = (torch.minimum(edges[1:, None], px + 1) - torch.maximum(edges[:-1, None], px)).clamp_min(0)
+    return overlap / overlap.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def crop_boxes(
+    images: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    sizes: Sequence[int] = (32, 224),
+    margin: float = 0.0,
+) -> dict[int, torch.Tensor]:
+    """Crop box i from image i (CHW, uint8 or float, any size) to every size in `sizes`.
+
+    Returns {size: float32 tensor [N, 3, size, size]} in the input's value range. `boxes`
+    are xyxy in each image's own pixels.
+    """
+    out: dict[int, list[torch.Tensor]] = {s: [] for s in sizes}
+    for image, box in zip(images, boxes):
+        height, width = image.shape[-2:]
+        x1, y1, x2, y2 = expand_boxes(box[None].float().cpu(), margin, width, height)[0].tolist()
+        x2, y2 = max(x2, x1 + 1e-3), max(y2, y1 + 1e-3)
+        left, top = min(int(x1), width - 1), min(int(y1), height - 1)
+        right, bottom = max(left + 1, min(width, math.ceil(x2))), max(top + 1, min(height, math.ceil(y2)))
+        region = image[:, top:bottom, left:right].float()  # only the box's pixels go to float
+        for s in sizes:
+            wy = box_weights(y1, y2, top, bottom - top, s).to(region.device)
+            wx = box_weights(x1, x2, left, right - left, s).to(region.device)
+            out[s].append((wy @ region @ wx.T)[None])
+    return {s: torch.cat(v) if v else torch.zeros(0, 3, s, s) for s, v in out.items()}

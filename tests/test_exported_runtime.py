@@ -1,0 +1,123 @@
+"""The exported (OpenVINO) path against torch, on the same tiny weights and the same photos."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from models.exportable import DetectorConvolutions
+from models.io import WeightsIntegrityError
+from pipelines.cli import app
+from pipelines.engine import openvino_runtime
+from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.qc import QCConfig, QCPipeline, resolve_runtime
+from tests.qc_fixtures import tiny_weights
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Tiny weights with the detector and Deep SAD exported at float32 weights (so any
+    difference is the runtime's, not the weights' rounding)."""
+    folder = tiny_weights(tmp_path_factory.mktemp("wx"), detector_threshold=0.0)
+    r = CliRunner().invoke(app, ["export", "--weights", str(folder), "--no-fp16-weights"])
+    assert r.exit_code == 0, r.output
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_dataset):
+    paths = sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:6]
+    return [p.read_bytes() for p in paths]
+
+
+def _tensor(jpeg: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def test_exported_detector_convolutions_match_torch_within_1e4_at_f32(exported, photos):
+    model, card = load_detector(exported / "detector.json")
+    compiled = openvino_runtime.Compiled(openvino_runtime.load_exported(exported, "detector", card), precision="f32")
+    images = [_tensor(b) for b in photos]
+    batch, _ = model.transform(images)
+    with torch.inference_mode():
+        want = DetectorConvolutions(model)(batch.tensors)
+    got = compiled(batch.tensors)
+    worst = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    assert len(got) == len(want) and worst < 1e-4, worst
+    # the same decoding after the convolutions: the top boxes agree to a tenth of a pixel
+    dets_torch, _, _ = detect(model, images, torch.device("cpu"))
+    dets_ov, _, _ = detect(model, images, torch.device("cpu"), compiled)
+    for a, b in zip(dets_torch, dets_ov):
+        assert torch.allclose(a["boxes"][0], b["boxes"][0], atol=0.1) and abs(a["scores"][0] - b["scores"][0]) < 1e-4
+
+
+def test_engine_on_exported_files_labels_as_torch_and_says_what_ran(exported, photos):
+    torch_qc = QCPipeline(exported, QCConfig(runtime="torch"))
+    ov_qc = QCPipeline(exported, QCConfig(precision="f32"))  # auto: the folder carries detector and Deep SAD
+    assert torch_qc.runtimes == dict.fromkeys(openvino_runtime.EXPORTABLE, "torch")
+    assert ov_qc.runtimes == {"detector": "openvino f32 (exported)", "deep_sad": "openvino f32 (exported)",
+                              "classifier": "openvino f32 (converted at load)"}
+    a, b = torch_qc.run(photos), ov_qc.run(photos)
+    assert [r.label for r in a] == [r.label for r in b]
+    for x, y in zip(a, b):
+        assert np.allclose(x.cervix_box, y.cervix_box, atol=0.2)
+        assert abs(x.deep_sad_score - y.deep_sad_score) < 1e-3 and abs(x.resnest_prob - y.resnest_prob) < 1e-4
+
+
+def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_at_load(tmp_path, photos):
+    folder = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    qc = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32"))
+    assert set(qc.runtimes.values()) == {"openvino f32 (converted at load)"}
+    want = QCPipeline(folder, QCConfig(runtime="torch")).run(photos[:3])
+    got = qc.run(photos[:3])
+    assert [r.label for r in want] == [r.label for r in got]
+    assert all(abs(x.resnest_prob - y.resnest_prob) < 1e-4 for x, y in zip(want, got))
+
+
+def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(exported, tmp_path):
+    card = openvino_runtime.ExportCard.model_validate_json((exported / "detector.openvino.json").read_text())
+    assert card.source_card == "detector.json" and card.weights_compression == "float32"
+    assert set(card.parity) >= {"cls_logits", "bbox_regression"} and max(card.parity.values()) < 1e-4
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    stale = card.model_copy(update={"source_sha256": "0" * 64})
+    (folder / "detector.openvino.json").write_text(stale.model_dump_json())
+    with pytest.raises(WeightsIntegrityError, match="exported from other weights"):
+        QCPipeline(folder, QCConfig())
+    r = CliRunner().invoke(app, ["predict", str(folder / "x.jpg"), "--weights", str(folder)])
+    assert r.exit_code == 2 and "cervixqc export" in r.output
+    (folder / "detector.openvino.json").write_text(card.model_dump_json())
+    with (folder / "deep_sad.openvino.bin").open("r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(WeightsIntegrityError, match="does not match its card"):
+        QCPipeline(folder, QCConfig())
+
+
+def test_runtime_choice_auto_torch_and_openvino_on_cuda(exported, tmp_path):
+    assert resolve_runtime("auto", torch.device("cpu"), exported) == "openvino"
+    assert resolve_runtime("auto", torch.device("cpu"), tmp_path) == "torch"  # nothing exported there
+    assert resolve_runtime("auto", torch.device("cuda"), exported) == "torch"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_runtime("openvino", torch.device("cuda"), exported)
+
+
+def test_export_command_refuses_unknown_models_and_missing_cards(exported, tmp_path):
+    r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--models", "detector,presence"])
+    assert r.exit_code == 2 and "--models must name" in r.output
+    r = CliRunner().invoke(app, ["export", "--weights", str(tmp_path)])
+    assert r.exit_code == 2 and "no detector.json" in r.output
+
+
+def test_openvino_conversion_cannot_send_telemetry():
+    """openvino-telemetry sends conversion statistics unless opted out; the lock leaves it out
+    (pyproject's override) so OpenVINO's converter falls back to its no-op stub."""
+    import importlib.util
+
+    from openvino.tools.ovc import telemetry_utils
+
+    assert importlib.util.find_spec("openvino_telemetry") is None
+    assert telemetry_utils.tm.__name__.endswith("telemetry_stub")
