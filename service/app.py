@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
@@ -78,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.batcher.stop()
             state.qc.close()
 
-    app = FastAPI(title="cervixqc", version=_version(), lifespan=lifespan,
+    # /docs and /redoc from assets packaged in fastapi-offline: FastAPI's own pages load Swagger
+    # UI and ReDoc from a CDN, and at an offline screening site they rendered blank
+    app = FastAPIOffline(title="cervixqc", version=_version(), lifespan=lifespan,
                   description="Quality control for uterine cervix images: cervix detection, then green-filter / "
                               "Lugol's-iodine screening. Not a medical device.")
     app.state.settings = settings

@@ -79,6 +79,19 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
 
 
+def test_docs_and_redoc_load_their_assets_from_the_service_not_a_cdn(server):
+    for page, asset_names in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        html = httpx.get(server.url + page).text
+        external = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", html)
+        assert external == [], (page, external)
+        for name in asset_names:
+            ref = re.search(rf"""["']([^"']*/{re.escape(name)})["']""", html)
+            assert ref, (page, name)
+            asset = httpx.get(server.url + ref.group(1))
+            assert asset.status_code == 200 and len(asset.content) > 10_000, (name, asset.status_code)
+    assert "cervixqc" in httpx.get(server.url + "/openapi.json").json()["info"]["title"]
+
+
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):
     images = {f"img{i:02d}.jpg": _jpeg(i) for i in range(64)}
 
