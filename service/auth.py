@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
 from service.errors import ApiError
+from service.schemas import ErrorResponse
 
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in CERVIXQC_API_KEYS(_FILE)")
 
@@ -29,3 +30,5 @@ def require_api_key(request: Request, key: Annotated[str | None, Depends(_header
 
 
 ApiKey = Depends(require_api_key)
+# what every keyed route may answer, for its OpenAPI entry (clients are generated from it)
+UNAUTHORIZED: dict[int | str, dict] = {401: {"model": ErrorResponse, "description": "missing or invalid X-API-Key"}}

@@ -37,10 +37,23 @@ class QCResponse(BaseModel):
     results: list[UploadResult]
 
 
+# The path rules of service/paths.py as patterns, so /docs states what the route refuses with
+# 400 `invalid_path` (clients are generated from it): no control characters, no '..' segment;
+# a quarantine name is also relative and has no backslash. Documented only: service/paths.py
+# enforces the rules, with messages that say which one a path broke.
+NO_DOTDOT = r"(?!(?:.*[/\\])?\.\.(?:[/\\]|$))"
+SOURCE_PATTERN = rf"^{NO_DOTDOT}[^\x00-\x1f\x7f]+$"
+QUARANTINE_PATTERN = rf"^(?!/){NO_DOTDOT}[^\x00-\x1f\x7f\\]+$"
+
+
 class JobCreate(BaseModel):
-    source: str = Field(description="Folder (recursive) or manifest CSV/Parquet, absolute or relative to a data root")
-    quarantine: str | None = Field(None, description="Folder name under the server's quarantine root for copies "
-                                                     "of flagged files (non_regular, no_cervix, unreadable)")
+    source: str = Field(min_length=1, json_schema_extra={"pattern": SOURCE_PATTERN},
+                        description="Folder (recursive) or manifest CSV/Parquet, absolute or relative to a data root; "
+                                    "no '..' segment, no control characters")
+    quarantine: str | None = Field(None, json_schema_extra={"pattern": QUARANTINE_PATTERN},
+                                   description="Folder name under the server's quarantine root for copies of flagged "
+                                               "files (non_regular, no_cervix, unreadable): relative, no '..' segment, "
+                                               "no backslash or control characters")
     policy: Policy | None = Field(None, description="Decision policy; default: the server's")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import ApiKey
+from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
@@ -25,7 +25,7 @@ async def readyz(request: Request):
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey],
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey], responses=UNAUTHORIZED,
             response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -12,14 +12,14 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from pipelines.engine.qc_result import QCResult
-from service.auth import ApiKey
+from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError
 from service.jobs.store import Job
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
 from service.state import ServiceState, State
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey], responses=UNAUTHORIZED)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422)}
 CSV_FIELDS = [f for f in QCResult.model_fields if f != "timings_ms"]
 
@@ -73,7 +73,9 @@ async def get_job(job_id: str, state: State) -> JobStatus:
     return _status(state, _job(state, job_id))
 
 
-@router.delete("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
+# A custom method, not DELETE: a cancelled job and its partial results stay readable, and
+# DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it).
+@router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
 async def cancel_job(job_id: str, state: State) -> JobStatus:
     job = _job(state, job_id)
     if not state.store.cancel(job_id):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.auth import ApiKey
+from service.auth import UNAUTHORIZED, ApiKey
 from service.schemas import ModelInfo, ModelsResponse
 from service.state import State
 
-router = APIRouter(prefix="/v1", tags=["models"], dependencies=[ApiKey])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[ApiKey], responses=UNAUTHORIZED)
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Names, versions, sha256, thresholds, input sizes")
