@@ -7,11 +7,15 @@ FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
-COPY Makefile pyproject.toml uv.lock README.md ./
+# Dependencies in their own layer, from the lock alone: a code change rebuilds from the next
+# COPY in seconds instead of downloading the 3.5 GB of wheels again.
+COPY Makefile pyproject.toml uv.lock ./
+RUN make install SYNC_FLAGS="--no-dev --no-editable --no-install-project"
+COPY README.md ./
 COPY models ./models
 COPY pipelines ./pipelines
 COPY service ./service
-RUN make install SYNC_FLAGS="--no-dev --no-editable"
+RUN rm -f .venv/.installed && make install SYNC_FLAGS="--no-dev --no-editable"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/cervixqc cervixqc \

@@ -110,3 +110,44 @@ def test_the_dockerfile_commands_build_a_working_service(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_dependencies_install_in_a_layer_no_code_change_invalidates():
+    build = []
+    for op, rest in _instructions(REPO / "Dockerfile"):
+        if op == "FROM" and build:
+            break
+        build.append((op, rest))
+    first_install = next(i for i, (op, rest) in enumerate(build) if op == "RUN" and "make install" in rest)
+    copied = [src for op, rest in build[:first_install] if op == "COPY" for src in shlex.split(rest)[:-1]]
+    assert sorted(copied) == ["Makefile", "pyproject.toml", "uv.lock"]
+    assert "--no-install-project" in build[first_install][1]
+
+
+def _docker_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule for simple patterns: the last pattern matching the path or one of its
+    parent folders decides, and `!` re-includes."""
+    import fnmatch
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        if any(fnmatch.fnmatchcase(p, pattern.lstrip("!")) for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_the_build_context_leaves_out_environments_caches_and_data_and_keeps_the_shipped_weights():
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".venv/bin/python", ".cache/real-data/x.jpg", ".git/HEAD", ".tools/bin/uv", "tests/test_deploy.py",
+                 "pipelines/__pycache__/cli.cpython-311.pyc", "weights/recipe.sh", "weights/data/hard_negatives.csv"):
+        assert _docker_ignored(path, patterns), path
+    shipped = [p.name for p in (REPO / "weights").iterdir()
+               if p.suffix in (".json", ".safetensors", ".xml", ".bin") or p.name == "README.md"]
+    for path in ["Makefile", "pyproject.toml", "uv.lock", "README.md", "service/app.py", "models/io.py",
+                 "pipelines/engine/qc.py", *(f"weights/{n}" for n in shipped)]:
+        assert not _docker_ignored(path, patterns), path
+    assert "weights/detector.openvino.bin" in [f"weights/{n}" for n in shipped]
