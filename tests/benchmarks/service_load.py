@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.settings import Settings
 from tests.uvicorn_process import start_server
 
 
@@ -90,7 +91,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--clients", default="16,32")
     ap.add_argument("--max-batch-size", type=int, default=16)
-    ap.add_argument("--max-wait-ms", type=float, default=20)
+    ap.add_argument("--max-wait-ms", type=float, default=Settings.model_fields["max_wait_ms"].default,
+                    help="default: the service's own default (CERVIXQC_MAX_WAIT_MS)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cervixqc-load-"))
