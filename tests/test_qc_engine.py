@@ -163,3 +163,18 @@ def test_decode_ahead_gives_the_results_of_run_and_reads_at_most_one_batch_ahead
     assert [(r.path, r.label, r.sha256) for r in streamed] == [(r.path, r.label, r.sha256) for r in plain]
     assert all(np.allclose(a.cervix_box, b.cervix_box) for a, b in zip(streamed, plain))
     assert streamed[0].timings_ms["decode"] > 0 and streamed[0].timings_ms["total"] >= streamed[0].timings_ms["decode"]
+
+
+def test_the_torch_runtime_runs_detectors_other_than_retinanet(tmp_path, tiny_dataset):
+    from models.detector import DetectorConfig, build_detector
+    from models.io import ModelCard, save_weights
+
+    folder = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    cfg = DetectorConfig(arch="fcos", backbone="resnet18", min_size=96, max_size=96, score_thresh=0.0)
+    save_weights(build_detector(cfg).state_dict(), folder / "detector",
+                 ModelCard(name="detector", architecture="fcos_resnet18_fpn", config=cfg.as_dict(), input_size=[96, 96],
+                           classes=["cervix"], thresholds={"score": 0.0}))
+    qc = QCPipeline(folder, QCConfig())
+    assert qc.runtimes["detector"] == "torch"
+    results = qc.run(sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:3])
+    assert all(r.label in (Label.REGULAR, Label.NON_REGULAR) and r.cervix_box for r in results), results

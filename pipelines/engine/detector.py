@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader
 from torchvision.models.detection.image_list import ImageList
 
 from models.detector import DetectorConfig, build_detector
-from models.exportable import DetectorConvolutions
 from models.io import ModelCard, load_weights
 from pipelines.data.detection import CocoDetection, collate
 
@@ -38,16 +37,28 @@ Convolutions = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 @torch.inference_mode()
 def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
            convolutions: Convolutions | None = None) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], ImageList]:
-    """RetinaNet's eval forward with its convolutions swappable: torch's own (default) or an
-    exported graph's (`pipelines.engine.openvino_runtime`). Returns the detections in the
-    images' pixels, the FPN maps (stage 0 pools them) and the padded batch they came from.
+    """Detections in the images' pixels, the FPN maps (stage 0 pools them) and the padded
+    batch they came from.
 
-    The steps are torchvision's RetinaNet.forward for eval, in its order, so the two runtimes
-    differ only in the convolutions (tests/test_exported_runtime.py holds them together)."""
+    Without `convolutions`: torchvision's own forward, any architecture, with the padded batch
+    and the maps read by forward hooks (no second pass). With them (an exported graph's, from
+    `pipelines.engine.openvino_runtime`): RetinaNet's eval forward step by step, in its order,
+    with those convolutions in place of backbone + head; tests/test_exported_runtime.py holds
+    the two paths to the same boxes."""
     model.eval()
+    if convolutions is None:
+        seen: dict = {}
+        hooks = [model.transform.register_forward_hook(lambda m, i, o: seen.__setitem__("batch", o[0])),
+                 model.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("maps", list(o.values())))]
+        try:
+            dets = predict(model, images, device)
+        finally:
+            for h in hooks:
+                h.remove()
+        return dets, seen["maps"], seen["batch"]
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     batch, _ = model.transform([im.to(device, non_blocking=True) for im in images])
-    cls_logits, bbox_regression, *maps = (convolutions or DetectorConvolutions(model))(batch.tensors)
+    cls_logits, bbox_regression, *maps = convolutions(batch.tensors)
     anchors = model.anchor_generator(batch, maps)
     per_level = [m.shape[-2] * m.shape[-1] for m in maps]
     per_anchor = cls_logits.shape[1] // sum(per_level)

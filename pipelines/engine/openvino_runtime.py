@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from models.exportable import exportable
+from models.exportable import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, exportable
 from models.io import ModelCard, WeightsIntegrityError, sha256_file
 
 Precision = Literal["auto", "f32", "bf16"]
@@ -74,8 +74,6 @@ def _example(name: str, card: ModelCard, seed: int = 0) -> torch.Tensor:
 
 
 def output_names(name: str, n: int) -> list[str]:
-    from models.exportable import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS
-
     if name == "detector":
         return [*DETECTOR_OUTPUTS, *(f"fpn{i}" for i in range(n - 2))]
     return ["distance"] if name == "deep_sad" else list(CLASSIFIER_OUTPUTS)
@@ -112,7 +110,7 @@ class Compiled:
         data = np.ascontiguousarray(x.detach().float().cpu().numpy())
         with self._lock:
             out = self._request.infer({0: data})
-            return [torch.from_numpy(np.array(out[k])) for k in self.compiled.outputs]
+            return [torch.from_numpy(out[k]) for k in self.compiled.outputs]  # infer returns fresh copies
 
 
 def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_card: Path,

@@ -5,9 +5,9 @@ stage 0 (the presence head: a cervix in the photo at all? no -> no_cervix) -> be
 (the whole frame where the presence model vouches for a cervix the detector did not place
 confidently: a close-up) -> area-averaged 32 px and 37 px crops -> Deep SAD and ResNeSt on the
 crop batches -> decision policy. Each model runs on torch or, exported, on OpenVINO
-(`runtime`; the steps around the models are the same code either way). Weights folders without a presence model keep the older rule
-(the detector's threshold decides no_cervix). A bad input becomes an `unreadable` row with
-its reason; the batch goes on.
+(`runtime`; the steps around the models are the same code either way). Weights folders
+without a presence model keep the older rule (the detector's threshold decides no_cervix). A
+bad input becomes an `unreadable` row with its reason; the batch goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from models.exportable import exportable
 from pipelines.engine.crops import crop_boxes
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.engine.decode_device import decode_on_device
@@ -31,7 +32,7 @@ from pipelines.engine.detector import detect, load_detector
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
 from pipelines.engine.qc_result import Label, QCResult
-from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
+from pipelines.engine.stage2 import interpret, load_stage2, threshold_of
 
 Policy = Literal["deep_sad", "resnest", "either", "both"]
 Runtime = Literal["auto", "torch", "openvino"]
@@ -144,14 +145,14 @@ class QCPipeline:
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.runtime = resolve_runtime(self.cfg.runtime, self.device, weights)
-        # what runs each model: the torch module, or a compiled OpenVINO model with the same outputs
-        self._det_convs = None
-        self._sad_run, self._cls_run = self.deep_sad, self.classifier
-        self.runtimes = dict.fromkeys(openvino_runtime.EXPORTABLE, "torch")
+        # what runs each model: torch (the detector's own forward; the stage-2 models' exporter
+        # views), or the compiled OpenVINO model with the same outputs
+        self._runs = {"detector": None, "deep_sad": exportable(self.deep_sad), "classifier": exportable(self.classifier)}
+        self.runtimes = dict.fromkeys(self._runs, "torch")
         if self.runtime == "openvino":
-            self._compile_exported(weights)
+            self._compile(weights)
 
-    def _compile_exported(self, weights: Path) -> None:
+    def _compile(self, weights: Path) -> None:
         models = {"detector": (self.detector, self.det_card), "deep_sad": (self.deep_sad, self.sad_card),
                   "classifier": (self.classifier, self.cls_card)}
         for name, (model, card) in models.items():
@@ -159,14 +160,8 @@ class QCPipeline:
             source = "exported"
             if ov_model is None:
                 ov_model, source = openvino_runtime.convert(name, model, card), "converted at load"
-            compiled = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
-            self.runtimes[name] = f"openvino {compiled.precision} ({source})"
-            if name == "detector":
-                self._det_convs = compiled
-            elif name == "deep_sad":
-                self._sad_run = compiled
-            else:
-                self._cls_run = compiled
+            self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
+            self.runtimes[name] = f"openvino {self._runs[name].precision} ({source})"
 
     def _stamp(self, t: float) -> float:
         """Milliseconds since `t`, after the device has finished the work queued so far: CUDA
@@ -219,7 +214,7 @@ class QCPipeline:
             for j in range(0, len(order), n):
                 chunk = order[j : j + n]
                 batch = [floats[k] for k in chunk]
-                out, maps, padded = detect(self.detector, batch, self.device, self._det_convs)
+                out, maps, padded = detect(self.detector, batch, self.device, self._runs["detector"])
                 pooled = [None] * len(chunk) if self.presence is None else pool_features(maps, padded)
                 for k, d, f in zip(chunk, out, pooled):
                     dets[k], feats[k] = d, f
@@ -328,9 +323,9 @@ class QCPipeline:
         timings["crop"] = self._stamp(t)
         t = time.perf_counter()
         with self._autocast():
-            sad = score_batch(self._sad_run, self.sad_card, (crops[32] / 255).to(self.device))["score"]
+            sad = interpret(self.sad_card, self._runs["deep_sad"]((crops[32] / 255).to(self.device)))["score"]
             cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
-            out = score_batch(self._cls_run, self.cls_card, cls_in)
+            out = interpret(self.cls_card, self._runs["classifier"](cls_in))
         timings["classify"] = self._stamp(t)
         for k, (i, base, box) in enumerate(with_box):
             s, p = float(sad[k]), float(out["score"][k])

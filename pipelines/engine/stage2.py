@@ -3,7 +3,7 @@ probabilities (plus kind) for batches of cervix crops."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,12 +39,9 @@ def interpret(card: ModelCard, outputs: Sequence[torch.Tensor]) -> dict[str, tor
 
 
 @torch.inference_mode()
-def score_batch(model: nn.Module | Callable[[torch.Tensor], Sequence[torch.Tensor]], card: ModelCard,
-                crops: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float crops [N, 3, S, S] in [0, 1] at the card's input size -> `interpret`'s dict. `model`
-    is a loaded torch model or an exported model's callable (same outputs)."""
-    run = exportable(model) if isinstance(model, (DeepSAD, RegularityClassifier)) else model
-    return interpret(card, run(crops))
+def score_batch(model: nn.Module, card: ModelCard, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float crops [N, 3, S, S] in [0, 1] at the card's input size -> `interpret`'s dict."""
+    return interpret(card, exportable(model)(crops))
 
 
 def threshold_of(card: ModelCard) -> float:
