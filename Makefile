@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 SYNC_FLAGS ?= --all-extras
 API_KEY_FILE ?= .cache/api-key
 
-.PHONY: serve test install weights demo clean
+.PHONY: serve test install weights demo clean image-check
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -43,6 +43,12 @@ weights: install
 
 demo: install
 	$(UV) run --locked --no-sync cervixqc demo
+
+# The deployment checked for real with docker or podman (not part of `make test`: ~10 min, 13 GB of
+# images): builds both tags, runs them, and the compose cpu profile through a SIGKILL mid-job.
+# Output and timings: README, Deployment at a screening site. IMAGE_CHECK_NO_CACHE=1 times a full build.
+image-check:
+	bash tests/deploy/image_check.sh
 
 clean:
 	rm -rf .venv .tools .cache .pytest_cache .hypothesis

@@ -82,10 +82,17 @@ def test_the_dockerfile_commands_build_a_working_service(tmp_path):
     venv_bin = app / ".venv/bin"
     assert not (venv_bin / "pytest").exists(), "the image must not carry the dev tools"
     runtime_env = {k: v for k, v in env.items() if not k.startswith("UV_")}
+    args: dict[str, str] = {}
     for op, rest in runtime:
+        if op == "ARG":  # build arguments at their defaults (the default image, not DEVICE=cpu)
+            name, _, default = rest.partition("=")
+            args[name] = default
         if op == "ENV":  # the image's /app is this test's build folder
+            values = _env_pairs(rest)
+            for name, default in args.items():
+                values = {k: v.replace(f"${{{name}}}", default).replace(f"${name}", default) for k, v in values.items()}
             runtime_env.update({k: v.replace("$PATH", env["PATH"]).replace("/app/", f"{app}/")
-                                for k, v in _env_pairs(rest).items()})
+                                for k, v in values.items()})
         if op == "HEALTHCHECK":
             health_cmd = json.loads(rest[rest.index("CMD") + 3:].strip())
         if op == "CMD":

@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# make image-check: the deployment checked for real, with docker or podman (whichever runs here).
+#
+#  1. base    python:3.11-slim from the local store, else from the registry, else (no registry,
+#             as on an offline or Docker-less build host) a stand-in: Debian bookworm with
+#             python3.11, debootstrapped, carrying this host's CA bundle (a TLS-inspecting proxy
+#             must be trusted by the build's downloads), imported under that name.
+#  2. build   the default image (GPU and CPU hosts) and the DEVICE=cpu image, from a staged copy
+#             of the working tree (git's tracked and unignored files), then once more after a
+#             code-only change to time the cached rebuild.
+#  3. run     each image with a key on a loopback port: user 10001, /readyz, the image's own
+#             HEALTHCHECK, 401 without a key, 200 for one upload.
+#  4. compose the cpu profile on a small job, the container killed (SIGKILL) mid-job and brought
+#             back with `up`: the job finishes with every file once (no lost, no duplicate row).
+#
+# It removes what it started (containers, the compose project's volume and network, the
+# rebuild's image) by id or by its own project name, on success and on failure; it keeps the
+# base and the two tagged images (IMAGE_CHECK_RMI=1 removes those it built too).
+# Settings (environment): IMAGE_CHECK_ENGINE=docker|podman, IMAGE_CHECK_NO_CACHE=1 (time a full
+# build), IMAGE_CHECK_JOB_FILES (default 240), IMAGE_CHECK_PORT (default 18000; 18001 for compose).
+# podman needs podman-compose >= 1.1 (--profile); without it on PATH one is installed from PyPI
+# into .cache/image-check/compose-venv.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$PWD
+WORK=${IMAGE_CHECK_DIR:-$REPO/.cache/image-check}
+TAG=${IMAGE_CHECK_TAG:-cervixqc:image-check}
+TAG_CPU=$TAG-cpu
+PORT=${IMAGE_CHECK_PORT:-18000}
+COMPOSE_PORT=$((PORT + 1))
+PROJECT=cervixqc-image-check
+JOB_FILES=${IMAGE_CHECK_JOB_FILES:-240}
+KEY=image-check-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+BASE=python:3.11-slim
+mkdir -p "$WORK"
+
+T0=$(date +%s)
+declare -a SUMMARY=() CONTAINERS=() IMAGES_TO_REMOVE=()
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+say() { printf '[%4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
+record() { SUMMARY+=("$*"); say "$*"; }
+fail() { say "FAIL: $*"; exit 1; }
+
+# --- the engine --------------------------------------------------------------------------------
+ENGINE=${IMAGE_CHECK_ENGINE:-}
+if [ -z "$ENGINE" ]; then
+    if command -v docker >/dev/null && timeout 20 docker info >/dev/null 2>&1; then ENGINE=docker
+    elif command -v podman >/dev/null; then ENGINE=podman
+    else fail "neither a running Docker engine nor podman (Debian/Ubuntu: apt install podman; RHEL: dnf install podman)"; fi
+fi
+BUILD_FLAGS=()
+if [ "$ENGINE" = podman ]; then
+    BUILD_FLAGS=(--format docker --layers)  # podman's default OCI format drops HEALTHCHECK
+    if [ -z "${CONTAINERS_CONF:-}" ]; then
+        # What this host needs beyond podman's defaults, in a private containers.conf (the host's
+        # own /etc/containers is left alone): runc where cgroups v1 and v2 are mixed (crun refuses),
+        # and ulimits no higher than this process's hard limits (raising them needs CAP_SYS_RESOURCE).
+        conf=()
+        if [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ] && command -v runc >/dev/null; then
+            conf+=("[engine]" 'runtime = "runc"')
+        fi
+        nofile=$(ulimit -Hn) nproc=$(ulimit -Hu)
+        if [ "$nofile" != unlimited ] && [ "$nofile" -lt 1048576 ] || { [ "$nproc" != unlimited ] && [ "$nproc" -lt 4194304 ]; }; then
+            { [ "$nproc" = unlimited ] || [ "$nproc" -gt 4096 ]; } && nproc=4096
+            [ "$nofile" = unlimited ] && nofile=1048576
+            conf=("[containers]" "default_ulimits = [\"nofile=$nofile:$nofile\", \"nproc=$nproc:$nproc\"]" "${conf[@]}")
+            BUILD_FLAGS+=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc")  # RUN steps too
+        fi
+        if [ ${#conf[@]} -gt 0 ]; then
+            printf '%s\n' "${conf[@]}" > "$WORK/containers.conf"
+            export CONTAINERS_CONF=$WORK/containers.conf
+            say "podman: private $CONTAINERS_CONF: $(grep -v '^\[' "$CONTAINERS_CONF" | tr '\n' ' ')"
+        fi
+    fi
+    if [ "$(id -u)" != 0 ]; then ROOTLESS=1; else ROOTLESS=0; fi
+fi
+# podman without systemd cannot schedule HEALTHCHECK timers and says so on every run; the check
+# runs the healthcheck itself (podman healthcheck run), so that one message is filtered out
+E() { "$ENGINE" "$@" 2> >(grep -v 'systemd connection' >&2); }
+record "engine: $ENGINE $(E --version | head -1 | sed 's/^.*version //I')${ROOTLESS:+ (rootless=$ROOTLESS)}"
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "${COMPOSE_CMD:-}" ] && [ -f "$WORK/compose/docker-compose.yml" ]; then
+        (cd "$WORK/compose" && compose down -v >/dev/null 2>&1)
+    fi
+    for c in "${CONTAINERS[@]}"; do E rm -f "$c" >/dev/null 2>&1; done
+    for i in "${IMAGES_TO_REMOVE[@]}"; do E rmi -f "$i" >/dev/null 2>&1; done
+    if [ "$rc" = 0 ]; then
+        echo; echo "image-check: all checks passed in $(($(date +%s) - T0)) s"
+        printf '  %s\n' "${SUMMARY[@]}"
+    else
+        echo "image-check: FAILED (exit $rc) after $(($(date +%s) - T0)) s; what was started is removed"
+    fi
+}
+trap cleanup EXIT
+
+# --- 1. the base image -------------------------------------------------------------------------
+image_exists() { E image inspect "$1" >/dev/null 2>&1; }
+if image_exists "$BASE" || image_exists "docker.io/library/$BASE"; then
+    say "base: $BASE present$(E image inspect -f '{{index .Config.Labels "org.cervixqc.stand-in"}}' "docker.io/library/$BASE" 2>/dev/null | sed 's/^./ (stand-in: &/;s/.$/&)/')"
+elif timeout 120 "$ENGINE" pull "docker.io/library/$BASE" >/dev/null 2>&1; then
+    say "base: $BASE pulled from the registry"
+else
+    say "base: no $BASE and no registry: building a stand-in (debootstrap, Debian bookworm, python3.11)"
+    command -v debootstrap >/dev/null || fail "debootstrap is needed for the stand-in base (apt install debootstrap)"
+    [ "$(id -u)" = 0 ] || fail "the stand-in base is built as root (debootstrap); or load $BASE: docker save | docker load"
+    t=$(date +%s)
+    rootfs=$WORK/base-rootfs
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase --include=python3.11,python3.11-venv,python3-distutils,python-is-python3,ca-certificates \
+        bookworm "$rootfs" "${IMAGE_CHECK_DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$WORK/debootstrap.log" 2>&1 \
+        || fail "debootstrap failed, see $WORK/debootstrap.log"
+    # this host's CAs (a site's TLS-inspecting proxy) join the base's trust store
+    mkdir -p "$rootfs/usr/local/share/ca-certificates/host"
+    awk -v dir="$rootfs/usr/local/share/ca-certificates/host" \
+        '/BEGIN CERT/{n++; f=sprintf("%s/host-%04d.crt", dir, n)} f{print > f} /END CERT/{close(f); f=""}' \
+        /etc/ssl/certs/ca-certificates.crt
+    chroot "$rootfs" update-ca-certificates >/dev/null 2>&1 || fail "update-ca-certificates in the stand-in"
+    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
+    tar -C "$rootfs" -c . | E import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
+        --change 'ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
+        --change "LABEL org.cervixqc.stand-in=debootstrap-bookworm-$(date +%F)" \
+        --change 'CMD ["python3"]' - "docker.io/library/$BASE" >/dev/null
+    rm -rf "$rootfs"
+    record "base: stand-in docker.io/library/$BASE built in $(($(date +%s) - t)) s, $(E image inspect -f '{{.Size}}' "docker.io/library/$BASE" | awk '{printf "%.0f MB", $1/1e6}')"
+fi
+
+# --- 2. build ----------------------------------------------------------------------------------
+CTX=$WORK/context
+rm -rf "$CTX" && mkdir -p "$CTX"
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | tar -c --null -T - | tar -x -C "$CTX"
+build() {  # tag, extra args...
+    local tag=$1; shift
+    E build "${BUILD_FLAGS[@]}" "$@" -t "$tag" "$CTX" > "$WORK/build-${tag//[:\/]/_}.log" 2>&1 \
+        || { tail -30 "$WORK/build-${tag//[:\/]/_}.log"; fail "build of $tag, log: $WORK/build-${tag//[:\/]/_}.log"; }
+}
+size_of() { E image inspect -f '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1/1e9}'; }
+NOCACHE=()
+[ "${IMAGE_CHECK_NO_CACHE:-0}" = 1 ] && NOCACHE=(--no-cache)
+t=$(date +%s); build "$TAG" "${NOCACHE[@]}"
+record "build $TAG (GPU+CPU)${NOCACHE:+ full, --no-cache}: $(($(date +%s) - t)) s, image $(size_of "$TAG")"
+t=$(date +%s); build "$TAG_CPU" --build-arg DEVICE=cpu
+record "build $TAG_CPU (DEVICE=cpu, dependency layer shared): $(($(date +%s) - t)) s, image $(size_of "$TAG_CPU")"
+for tag in "$TAG" "$TAG_CPU"; do
+    record "  $tag: /app/.venv $(E run --rm --entrypoint du "$tag" -sh /app/.venv | cut -f1), nvidia/ $(E run --rm --entrypoint sh "$tag" -c 'du -sh /app/.venv/lib/python3.11/site-packages/nvidia | cut -f1'), triton $(E run --rm --entrypoint sh "$tag" -c 'd=/app/.venv/lib/python3.11/site-packages/triton; [ -d $d ] && du -sh $d | cut -f1 || echo none')"
+done
+echo "# image-check: a code-only change, $(date)" >> "$CTX/service/__init__.py"
+t=$(date +%s); build "$TAG-rebuild"
+IMAGES_TO_REMOVE+=("$(E image inspect -f '{{.Id}}' "$TAG-rebuild")")
+record "cached rebuild after a code-only change (service/__init__.py): $(($(date +%s) - t)) s"
+if [ "${IMAGE_CHECK_RMI:-0}" = 1 ]; then
+    IMAGES_TO_REMOVE+=("$(E image inspect -f '{{.Id}}' "$TAG")" "$(E image inspect -f '{{.Id}}' "$TAG_CPU")")
+fi
+
+# --- 3. run each image -------------------------------------------------------------------------
+DATA=$WORK/data
+rm -rf "$DATA" && mkdir -p "$DATA/batch"
+# test images made by the image's own Python (PIL comes with torchvision): no host packages needed
+E run --rm --user 0 --entrypoint python -v "$DATA:/out" "$TAG" -c "
+import numpy as np; from PIL import Image
+rng = np.random.default_rng(17)
+for i in range($JOB_FILES):
+    Image.fromarray((rng.random((240, 320, 3)) * 255).astype('uint8')).save(f'/out/batch/img{i:04d}.jpg', quality=80)
+" || fail "making test images"
+chmod -R a+rX "$DATA"
+
+wait_ready() {  # url, seconds
+    local end=$(($(date +%s) + $2))
+    while [ "$(date +%s)" -lt "$end" ]; do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1/readyz")" = 200 ] && return 0
+        sleep 0.5
+    done
+    return 1
+}
+check_image() {  # tag
+    local tag=$1 url=http://127.0.0.1:$PORT cid t code health
+    t=$(date +%s.%N)
+    cid=$(E run -d -p "127.0.0.1:$PORT:8000" -e CERVIXQC_API_KEYS="$KEY" "$tag")
+    CONTAINERS+=("$cid")
+    wait_ready "$url" 180 || { E logs "$cid" | tail -20; fail "$tag: /readyz not 200 within 180 s"; }
+    record "run $tag: ready (/readyz 200) $(since "$t") s after start"
+    [ "$(E exec "$cid" id -u)" = 10001 ] || fail "$tag: not running as uid 10001"
+    health=$(E image inspect -f '{{json .Config.Healthcheck.Test}}' "$tag")
+    [ -n "$health" ] && [ "$health" != null ] || fail "$tag: the image has no HEALTHCHECK (podman: build with --format docker)"
+    if [ "$ENGINE" = podman ]; then E healthcheck run "$cid" >/dev/null || fail "$tag: HEALTHCHECK failed"
+    else E exec "$cid" sh -c "$(echo "$health" | python3 -c 'import json,sys,shlex; t=json.load(sys.stdin); print(shlex.join(t[1:]) if t[0]=="CMD" else t[1])')" \
+        || fail "$tag: HEALTHCHECK command failed"; fi
+    code=$(curl -s -o /dev/null -w '%{http_code}' -F "files=@$DATA/batch/img0000.jpg" "$url/v1/qc")
+    [ "$code" = 401 ] || fail "$tag: upload without a key gave $code, not 401"
+    code=$(curl -s -o "$WORK/upload.json" -w '%{http_code}' -H "X-API-Key: $KEY" \
+        -F "files=@$DATA/batch/img0000.jpg" -F "files=@$DATA/batch/img0001.jpg" "$url/v1/qc")
+    [ "$code" = 200 ] || { cat "$WORK/upload.json"; fail "$tag: upload gave $code"; }
+    record "  $tag: uid 10001, HEALTHCHECK passes, 401 without a key, upload of 2 images 200 ($(head -c 160 "$WORK/upload.json")...)"
+    E rm -f "$cid" >/dev/null
+}
+check_image "$TAG"
+check_image "$TAG_CPU"
+
+# --- 4. compose: the cpu profile, a job, SIGKILL mid-job, up again -------------------------------
+if [ "$ENGINE" = docker ]; then
+    docker compose version >/dev/null 2>&1 || fail "docker compose (the v2 plugin, >= 2.24) is needed"
+    COMPOSE_CMD=(docker compose)
+else
+    if command -v podman-compose >/dev/null && podman-compose --help 2>&1 | grep -q -- --profile; then
+        COMPOSE_CMD=(podman-compose)
+    else
+        if [ ! -x "$WORK/compose-venv/bin/podman-compose" ]; then
+            python3 -m venv "$WORK/compose-venv" && "$WORK/compose-venv/bin/pip" install -q "podman-compose>=1.1" \
+                || fail "installing podman-compose >= 1.1 from PyPI"
+        fi
+        COMPOSE_CMD=("$WORK/compose-venv/bin/podman-compose")
+    fi
+fi
+compose() { "${COMPOSE_CMD[@]}" -p "$PROJECT" --profile cpu "$@"; }
+record "compose: ${COMPOSE_CMD[*]##*/} $("${COMPOSE_CMD[@]}" version 2>/dev/null | grep -o -E '[0-9]+\.[0-9]+\.[0-9]+' | head -1)"
+CDIR=$WORK/compose
+rm -rf "$CDIR" && mkdir -p "$CDIR/secrets" "$CDIR/results" "$CDIR/quarantine"
+cp docker-compose.yml "$CDIR/"
+echo "$KEY" > "$CDIR/secrets/api-keys" && chmod 644 "$CDIR/secrets/api-keys"
+if [ "${ROOTLESS:-0}" = 1 ]; then podman unshare chown 10001 "$CDIR/results" "$CDIR/quarantine"
+else chown 10001 "$CDIR/results" "$CDIR/quarantine"; fi
+export CERVIXQC_IMAGE=$TAG CERVIXQC_IMAGE_CPU=$TAG_CPU CERVIXQC_DATA=$DATA \
+    CERVIXQC_PUBLISH=127.0.0.1:$COMPOSE_PORT
+cd "$CDIR"
+curl_api() { curl -s -H "X-API-Key: $KEY" "$@"; }
+jfield() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+cpu_container() { E ps -q --filter "label=com.docker.compose.project=$PROJECT" | head -1; }
+URL=http://127.0.0.1:$COMPOSE_PORT
+t=$(date +%s.%N)
+compose up -d cervixqc-cpu > "$WORK/compose-up.log" 2>&1 || { cat "$WORK/compose-up.log"; fail "compose up"; }
+CID=$(cpu_container); [ -n "$CID" ] || fail "compose started no container"
+CONTAINERS+=("$CID")
+wait_ready "$URL" 180 || { E logs "$CID" | tail -20; fail "compose: /readyz"; }
+record "compose --profile cpu up: ready in $(since "$t") s"
+JOB=$(curl_api -H 'Content-Type: application/json' -d '{"source": "/data/batch"}' "$URL/v1/jobs" | jfield id) \
+    || fail "compose: job not created"
+# kill once a part of the job is done and a part is left
+end=$(($(date +%s) + 300))
+while :; do
+    processed=$(curl_api "$URL/v1/jobs/$JOB" | jfield processed)
+    [ "$processed" -ge $((JOB_FILES / 8)) ] && break
+    [ "$(date +%s)" -lt "$end" ] || fail "compose: the job made no progress"
+    sleep 0.2
+done
+E kill --signal KILL "$CID" >/dev/null
+killed_at=$(curl -s -m 2 -H "X-API-Key: $KEY" "$URL/v1/jobs/$JOB" >/dev/null 2>&1 && echo reachable || echo down)
+record "compose: job $JOB: container $(echo "$CID" | cut -c1-12) killed with SIGKILL at $processed/$JOB_FILES processed (service $killed_at)"
+t=$(date +%s.%N)
+compose up -d cervixqc-cpu >> "$WORK/compose-up.log" 2>&1 || { tail -20 "$WORK/compose-up.log"; fail "compose up after the kill"; }
+CID2=$(cpu_container); CONTAINERS+=("$CID2")
+wait_ready "$URL" 180 || { E logs "$CID2" | tail -20; fail "compose: /readyz after the kill"; }
+record "compose up again: ready in $(since "$t") s (container $(echo "$CID2" | cut -c1-12)$([ "$CID2" = "$CID" ] && echo ', the same one restarted'))"
+end=$(($(date +%s) + 600))
+while :; do
+    status=$(curl_api "$URL/v1/jobs/$JOB" | jfield status)
+    [ "$status" = done ] && break
+    case $status in failed|cancelled) fail "compose: the job ended $status";; esac
+    [ "$(date +%s)" -lt "$end" ] || fail "compose: the job did not finish within 600 s"
+    sleep 1
+done
+curl_api "$URL/v1/jobs/$JOB/results?format=csv" > "$WORK/results.csv"
+python3 - "$WORK/results.csv" "$JOB_FILES" <<'EOF' || fail "compose: results after the kill"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+col = next(c for c in ("file", "path", "name", "source") if c in rows[0])
+names = [r[col] for r in rows]
+want = {f"img{i:04d}.jpg" for i in range(int(sys.argv[2]))}
+got = [n.rsplit("/", 1)[-1] for n in names]
+dups = len(got) - len(set(got)); lost = want - set(got)
+print(f"results: {len(rows)} rows for {len(want)} files, {dups} duplicate, {len(lost)} lost")
+sys.exit(1 if dups or lost or len(rows) != len(want) else 0)
+EOF
+record "compose: job done after the kill: $(python3 -c "import csv,sys; print(sum(1 for _ in csv.DictReader(open('$WORK/results.csv'))))") rows for $JOB_FILES files, none lost, none duplicated; ./results holds $(find "$CDIR/results" -type f | wc -l) files of the job"
