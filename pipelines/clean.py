@@ -5,7 +5,10 @@ batch per transaction: a run killed at any moment (kill -9 included) resumes wit
 and no duplicate row, and a rerun of a finished job does nothing. results.csv and
 results.parquet are exported from that state atomically at the end. Originals are only
 ever read; the quarantine holds hard links (copies across file systems) mirroring the
-relative paths, under one folder per label.
+relative paths, under one folder per label, and (when asked) one per quality finding.
+Duplicates are a property of the whole collection: they are grouped at export, from the
+keys every result carries (sha256, hashes, embedding), and written to every row plus
+duplicates.csv.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,14 @@ from pipelines.engine.qc_result import Label, QCResult
 
 log = logging.getLogger(__name__)
 QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
+
+
+def quarantine_folders(result: QCResult, findings: Collection[str] = ()) -> list[str]:
+    """Where a result's file is copied: its label's folder when the label is quarantined, and
+    one folder per flagged finding named in `findings` (a blurred regular photo goes to
+    blur/ only). Findings folders never change the label."""
+    folders = [result.label.value] if result.label in QUARANTINED else []
+    return folders + [name for name in result.flags() if name in findings]
 
 
 @dataclass
@@ -83,14 +94,14 @@ class StateStore:
         self.db.close()
 
 
-def quarantine_copy(src_root: Path, rel: str, label: Label, qdir: Path, link: bool = True) -> None:
-    """Put one flagged original at qdir/label/rel; the original is only read. `link` uses a
+def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
+    """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original is only read. `link` uses a
     hard link where the file system allows (no extra space); the service passes False, since
     a quarantine others open and edit must not share an inode with the original."""
     # A manifest may name absolute paths or climb with '..': mirror them inside qdir, never
     # outside it (qdir / "/abs" would be "/abs", the original itself).
     parts = [("__" if part == ".." else part) for part in Path(rel).parts if part not in ("/", "")]
-    target = qdir / label.value / Path(*parts)
+    target = qdir / str(folder) / Path(*parts)
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,24 +120,49 @@ def quarantine_copy(src_root: Path, rel: str, label: Label, qdir: Path, link: bo
 
 
 def export(store: StateStore, out_dir: Path) -> tuple[Path, Path]:
-    return export_records(store.records(), out_dir)
+    return export_records(store.records, out_dir)
 
 
-def export_records(records: Iterable[QCResult], out_dir: Path) -> tuple[Path, Path]:
-    """results.csv and results.parquet, each written to a temporary name and renamed."""
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
+                   duplicates: pd.DataFrame | None = None) -> tuple[Path, Path]:
+    """results.csv, results.parquet and duplicates.csv, each written to a temporary name and
+    renamed. Without `duplicates` they are grouped here over the whole collection first, so
+    `records` is called twice and a store streams them instead of a list of 10^6 records
+    sitting in memory; then every row carries its group."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r.csv_row() for r in records]
-    df = pd.DataFrame(rows, columns=list(QCResult.model_fields.keys() - {"timings_ms"}) if not rows else None)
+    dups = collection_duplicates(records()) if duplicates is None else duplicates
+    group = {row.path: row for row in dups.itertuples(index=False)}
+    rows = []
+    for r in records():
+        if r.path in group:
+            g = group[r.path]
+            r = r.model_copy(update={"duplicate_group": int(g.group), "duplicate_of": g.duplicate_of,
+                                     "duplicate_kind": g.kind})
+        rows.append(r.csv_row())
+    df = pd.DataFrame(rows, columns=QCResult.csv_fields())
+    df["duplicate_group"] = df["duplicate_group"].astype("Int64")  # 3, not 3.0, beside the blanks
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
-    for path, write in ((csv_path, lambda p: df.to_csv(p, index=False)), (pq_path, lambda p: df.to_parquet(p, index=False))):
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
+    _atomic(csv_path, lambda p: df.to_csv(p, index=False))
+    _atomic(pq_path, lambda p: df.to_parquet(p, index=False))
+    _atomic(out_dir / "duplicates.csv", lambda p: dups.to_csv(p, index=False))
     return csv_path, pq_path
 
 
+def collection_duplicates(records: Iterable[QCResult]) -> pd.DataFrame:
+    """Exact and near duplicates over a whole collection (pipelines/data/duplicates.py)."""
+    from pipelines.data.duplicates import DuplicateConfig, duplicates_of_records
+
+    return duplicates_of_records(records, DuplicateConfig())
+
+
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
-          progress: Callable[[int, int], None] | None = None) -> CleanSummary:
+          progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = ()) -> CleanSummary:
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src)
     store = StateStore(out_dir / "state.sqlite")
@@ -140,8 +176,9 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             chunk = todo[start : start + batch_size]
             if quarantine is not None:
                 for r in results:
-                    if r.label in QUARANTINED and (src_root / r.path).is_file():
-                        quarantine_copy(src_root, r.path, r.label, quarantine)
+                    for folder in quarantine_folders(r, quarantine_findings):
+                        if (src_root / r.path).is_file():
+                            quarantine_copy(src_root, r.path, folder, quarantine)
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import QUARANTINED, CleanSummary, StateStore, quarantine_copy, export, list_inputs
+from pipelines.clean import CleanSummary, StateStore, export, list_inputs, quarantine_copy, quarantine_folders
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import QCResult
 
@@ -43,7 +43,7 @@ class QCActor:
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
-              **ray_init: object) -> CleanSummary:
+              quarantine_findings: Collection[str] = (), **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
 
     Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
@@ -82,8 +82,9 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 results = [QCResult.model_validate_json(r) for r in batch["record"]]
                 if quarantine is not None:
                     for r in results:
-                        if r.label in QUARANTINED and (src_root / r.path).is_file():
-                            quarantine_copy(src_root, r.path, r.label, quarantine)
+                        for folder in quarantine_folders(r, quarantine_findings):
+                            if (src_root / r.path).is_file():
+                                quarantine_copy(src_root, r.path, folder, quarantine)
                 store.add(results)
                 finished += len(results)
                 if progress:

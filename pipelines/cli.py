@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands import collection, data, detector, engine, evaluation, presence, stage2
+from pipelines.commands import collection, data, detector, duplicates, engine, evaluation, findings, presence, stage2
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -58,7 +58,10 @@ app.command("clean")(engine.clean)
 app.command("bench")(engine.bench)
 app.command("export")(engine.export)
 app.command("contact-sheet")(data.contact_sheet_cmd)
+app.command("calibrate-findings")(findings.calibrate_findings_cmd)
 app.command("demo")(data.demo)
+app.command("duplicates")(duplicates.duplicates_cmd)
+app.command("eval-duplicates")(duplicates.eval_duplicates_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry

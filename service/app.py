@@ -54,7 +54,8 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
                            settings.max_wait_ms, settings.max_queue)
     store = JobStore(settings.state_dir / "jobs.sqlite")
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
-                       gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size)  # type: ignore[arg-type]
+                       gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
+                       settings.quarantine_findings)
     return ServiceState(settings, metrics, engine, batcher, store, runner)
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pipelines.engine.qc import Policy
-from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.qc_result import Finding, Label, QCResult
 
 
 class UploadResult(BaseModel):
@@ -23,6 +23,10 @@ class UploadResult(BaseModel):
     presence_score: float | None = None
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
+    findings: dict[str, Finding] = Field(default_factory=dict, description=(
+        "Quality findings (blur, dark, overexposed, glare): score, threshold, flagged; empty without a findings card"))
+    phash: str | None = Field(None, description="64-bit perceptual hash of the whole photo (16 hex digits)")
+    crop_hash: str | None = Field(None, description="The same hash of the cervix crop")
     error: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
@@ -96,6 +100,8 @@ class ModelsResponse(BaseModel):
     device: str
     runtimes: dict[str, str]  # model -> "torch" or "openvino <precision> (exported | converted at load)"
     models: list[ModelInfo]
+    # the quality findings' thresholds (weights/findings.json); empty when the folder has none
+    findings_thresholds: dict[str, float] = Field(default_factory=dict)
 
 
 class ErrorBody(BaseModel):

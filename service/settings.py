@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.qc import JpegDecoder, Policy, Runtime
+from pipelines.engine.qc_result import FINDINGS
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -50,6 +51,9 @@ class Settings(BaseSettings):
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     state_dir: Path = Path(".cache/service")  # jobs.sqlite and per-job results
     quarantine_root: Path | None = None  # default: state_dir/quarantine
+    # quality findings whose flagged files a job also copies to <quarantine>/<finding>/ (e.g.
+    # "blur,glare"); the label and its folder are unchanged by them. Empty: none.
+    quarantine_findings: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # batching and load
     max_batch_size: int = Field(16, ge=1, le=512)
@@ -66,7 +70,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    @field_validator("api_keys", "data_roots", mode="before")
+    @field_validator("api_keys", "data_roots", "quarantine_findings", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value)
@@ -88,6 +92,10 @@ class Settings(BaseSettings):
                              "(or CERVIXQC_AUTH_DISABLED=true on a trusted network)")
         self.api_keys = keys
         self.data_roots = [p.resolve() for p in self.data_roots]
+        unknown = [f for f in self.quarantine_findings if f not in FINDINGS]
+        if unknown:
+            raise ValueError(f"CERVIXQC_QUARANTINE_FINDINGS: unknown finding {', '.join(unknown)} "
+                             f"(one of {', '.join(FINDINGS)})")
         if self.quarantine_root is None:
             self.quarantine_root = self.state_dir / "quarantine"
         return self

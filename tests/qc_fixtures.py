@@ -14,13 +14,18 @@ from models.deep_sad import DeepSAD
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, load_card, save_weights
 from models.presence import PresenceConfig, PresenceHead
+from pipelines.engine.findings import FindingsCard
 from pipelines.engine.presence import detect_with_features
 
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
-                 presence_threshold: float | None = None) -> Path:
+                 presence_threshold: float | None = None, findings: dict[str, float] | None = None) -> Path:
     """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
-    (its weights are zero, so every photo scores 0 against that threshold)."""
+    (its weights are zero, so every photo scores 0 against that threshold); a findings card
+    only when its thresholds are given."""
+    if findings is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "findings.json").write_text(FindingsCard(thresholds=findings).model_dump_json())
     torch.manual_seed(0)
     det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=score_thresh)
     detector = build_detector(det_cfg)

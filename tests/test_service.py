@@ -30,9 +30,13 @@ LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
 pytestmark = pytest.mark.timeout(300)
 
 
+# dark flags the fuzz set's solid and near-black pictures; the other findings never flag
+FINDINGS_AT = {"blur": 1e9, "dark": 0.6, "overexposed": 1e9, "glare": 1e9}
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    return tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.05)
+    return tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.05, findings=FINDINGS_AT)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,8 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, weights, data_root):
     srv = start_server(tmp_path_factory.mktemp("srv"), weights, data_roots=data_root, max_batch_size=16,
-                       max_wait_ms=100, max_upload_bytes=4 * 1024 * 1024, max_files_per_request=20)
+                       max_wait_ms=100, max_upload_bytes=4 * 1024 * 1024, max_files_per_request=20,
+                       quarantine_findings="dark")
     yield srv
     srv.kill()
 
@@ -77,6 +82,7 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert [m["name"] for m in models["models"]] == ["detector", "deep_sad", "classifier"]
     assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
     assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
+    assert models["findings_thresholds"] == FINDINGS_AT
 
 
 def test_docs_and_redoc_load_their_assets_from_the_service_not_a_cdn(server):
@@ -108,6 +114,8 @@ def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(serve
         (result,) = r.json()["results"]
         assert result["filename"] == name and result["sha256"] == hashlib.sha256(data).hexdigest()
         assert result["label"] in LABELS and result["width"] == 160 and result["height"] == 120
+        assert set(result["findings"]) == set(FINDINGS_AT) and len(result["phash"]) == 16
+        assert result["findings"]["dark"]["threshold"] == FINDINGS_AT["dark"]
     with server.client() as c:
         text = c.get("/metrics").text
     batches = _metric(text, "cervixqc_batch_size_count")
@@ -202,13 +210,15 @@ def _checksums(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-COLS = ["path", "sha256", "label", "kind", "cervix_box", "error"]
+COLS = ["path", "sha256", "label", "kind", "cervix_box", "flags", "dark_score", "phash", "crop_hash",
+        "duplicate_group", "duplicate_of", "duplicate_kind", "error"]
 
 
 def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, weights, data_root, tmp_path):
     src = data_root / "collection"
     before = _checksums(src)
-    reference = clean(QCPipeline(weights), src, tmp_path / "ref", batch_size=4)
+    reference = clean(QCPipeline(weights), src, tmp_path / "ref", tmp_path / "ref-q", batch_size=4,
+                      quarantine_findings=("dark",))
     with server.client() as c:
         r = c.post("/v1/jobs", json={"source": "collection", "quarantine": "batch1"})
         assert r.status_code == 202, r.text
@@ -221,6 +231,9 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
     got = pd.read_csv(io.StringIO(csv_text), keep_default_na=False, dtype=str)
     want = pd.read_csv(tmp_path / "ref" / "results.csv", keep_default_na=False, dtype=str)
     pd.testing.assert_frame_equal(got[COLS], want[COLS])
+    # the fuzz set's photo is stored three times (RGB, CMYK and grey JPEGs): one group of near copies
+    near = got[got["duplicate_kind"] != ""]
+    assert {"ok.jpg", "cmyk.jpg", "gray.jpg"} <= {p.rsplit("/", 1)[-1] for p in near["path"]}
     assert len(jsonl) == len(got) and job["id"] in {j["id"] for j in listed}
     assert _checksums(src) == before
     quarantine = Path(server.env["CERVIXQC_STATE_DIR"]) / "quarantine" / "batch1"
@@ -229,6 +242,11 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
         copy = quarantine / row["label"] / row["path"]
         assert copy.read_bytes() == (src / row["path"]).read_bytes()
         assert copy.stat().st_ino != (src / row["path"]).stat().st_ino, "quarantine must hold copies"
+    dark = got[got["flags"].str.contains("dark")]
+    assert len(dark) > 0 and sorted(p.relative_to(quarantine / "dark").as_posix()
+                                    for p in (quarantine / "dark").rglob("*") if p.is_file()) == sorted(dark["path"])
+    assert sorted(dark["path"]) == sorted(p.relative_to(tmp_path / "ref-q" / "dark").as_posix()
+                                          for p in (tmp_path / "ref-q" / "dark").rglob("*") if p.is_file())
 
 
 def test_a_file_linked_from_outside_the_roots_is_not_read(server, data_root, tmp_path):

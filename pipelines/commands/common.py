@@ -14,3 +14,16 @@ def _fail(message: str) -> None:
 
 def _csv(value: Optional[str]) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _split_manifest(path):
+    """A manifest that must carry a split column (`cervixqc split` wrote it), or a clean exit."""
+    from pipelines.data.manifest import ManifestError, load_manifest
+
+    try:
+        df = load_manifest(path)
+    except ManifestError as e:
+        _fail(str(e))
+    if "split" not in df.columns:
+        _fail(f"{path} has no split column: run `cervixqc split` first")
+    return df

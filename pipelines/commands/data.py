@@ -89,15 +89,26 @@ def split(
         help="K-fold by patient: test = --fold, validation = the next fold, training = the rest; "
              "--test-sources then names held-out sources that are test in every rotation.")] = None,
     fold: Annotated[int, typer.Option(help="Which rotation of --folds (0..K-1).")] = 0,
+    duplicates: Annotated[Optional[Path], typer.Option(
+        help="Duplicate groups: a duplicates.csv (cervixqc duplicates) or a cervixqc clean output folder. "
+             "The split is refused (exit 2, groups listed) when copies of one photo land in different splits.")] = None,
+    merge_duplicates: Annotated[bool, typer.Option(
+        help="With --duplicates: instead of refusing, put every patient holding a copy of one photo under one "
+             "patient id (the first photo's, in path order) before splitting; the old id goes to patient_id_original.")] = False,
 ) -> None:
     """Split by patient (stratified by source and kind), by source (cross-source), or in
-    K folds by patient."""
+    K folds by patient; with --duplicates, copies of one photo never straddle two splits."""
     from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
     from pipelines.data.splits import SplitFractions, cross_source_split, fold_split, patient_split
     from pipelines.data.stats import compute_stats
 
+    if merge_duplicates and duplicates is None:
+        _fail("--merge-duplicates needs --duplicates")
     try:
         df = load_manifest(manifest, check_files=False)
+        groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
+        if groups is not None and merge_duplicates:
+            _merge_patients(df, groups)
         shares = SplitFractions(*[float(v) for v in _csv(fractions)])
         if folds is not None:
             if train_sources or val_sources:
@@ -110,6 +121,8 @@ def split(
             df["split"] = patient_split(df, shares, seed)
     except (ManifestError, ValueError, TypeError) as e:
         _fail(str(e))
+    if groups is not None:
+        _refuse_split_duplicates(df, groups)
     write_manifest(df, out)
     if coco is not None:
         from pipelines.data.coco import load_coco, save_coco, subset_coco
@@ -126,6 +139,49 @@ def split(
     if left_out:
         typer.echo(f"{left_out} rows of sources listed in no split were left out (blank split)")
     typer.echo(f"wrote {out}")
+
+
+def _duplicate_groups(df, source: Path):
+    """The duplicate table restricted to the manifest's paths, with a note when they miss."""
+    from pipelines.data.duplicates import read_duplicates
+
+    if not source.exists():
+        raise ValueError(f"--duplicates {source}: no such file or folder")
+    groups = read_duplicates(source)
+    known = set(df["path"].astype(str))
+    listed = groups[groups["path"].astype(str).isin(known)]
+    if len(groups) and listed.empty:
+        typer.echo(f"warning: none of the {len(groups)} paths in {source} is in the manifest "
+                   "(paths must match the manifest's path column)", err=True)
+    typer.echo(f"duplicates: {listed['group'].nunique()} groups, {len(listed)} photos of the manifest")
+    return listed
+
+
+def _merge_patients(df, groups) -> None:
+    from pipelines.data.splits import merge_duplicate_patients
+
+    merge = merge_duplicate_patients(df, groups)
+    if merge.patients_merged:
+        df["patient_id_original"] = df["patient_id"]
+        df["patient_id"] = merge.patient_id
+    typer.echo(f"merged duplicates: {merge.groups_merged} groups spanned several patient ids; "
+               f"{merge.patients_merged} patient ids folded into another")
+
+
+def _refuse_split_duplicates(df, groups) -> None:
+    from pipelines.data.splits import duplicates_across_splits
+
+    across = duplicates_across_splits(df, groups)
+    if not across:
+        return
+    lines = [f"{len(across)} duplicate group(s) would land in different splits "
+             "(rerun with --merge-duplicates to put each group under one patient id):"]
+    for group, by_split in list(across.items())[:50]:
+        sides = "; ".join(f"{split}: {', '.join(paths)}" for split, paths in by_split.items())
+        lines.append(f"  group {group}: {sides}")
+    if len(across) > 50:
+        lines.append(f"  ... and {len(across) - 50} more")
+    _fail("\n".join(lines))
 
 
 def stats(

@@ -96,8 +96,12 @@ def clean(
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
     actors: Annotated[int, typer.Option(help="Ray actors (model replicas).")] = 1,
+    quarantine_findings: Annotated[Optional[str], typer.Option(
+        help="Quality findings whose flagged files also go to QUARANTINE/<finding>/ (e.g. blur,glare; "
+             "the weights folder needs findings.json). The label is unchanged.")] = None,
 ) -> None:
-    """Clean a collection: one result row per file; originals untouched; resumable."""
+    """Clean a collection: one result row per file; originals untouched; resumable. Duplicates
+    (exact and near) are grouped over the whole collection in results.csv and duplicates.csv."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from pipelines.clean import clean as run_clean
@@ -109,6 +113,17 @@ def clean(
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
         _fail(f"{src} does not exist")
+    from pipelines.commands.common import _csv
+    from pipelines.engine.qc_result import FINDINGS
+
+    findings = _csv(quarantine_findings)
+    if [f for f in findings if f not in FINDINGS]:
+        _fail(f"--quarantine-findings: unknown {', '.join(f for f in findings if f not in FINDINGS)} "
+              f"(one of {', '.join(FINDINGS)})")
+    if findings and quarantine is None:
+        _fail("--quarantine-findings needs --quarantine")
+    if findings and not (weights / "findings.json").is_file():
+        _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
     with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn()) as bar:
         task = bar.add_task("clean", total=None)
@@ -117,11 +132,11 @@ def clean(
             from pipelines.clean_ray import clean_ray
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
-                                jpeg_decoder=jpeg_decoder)
+                                jpeg_decoder=jpeg_decoder, quarantine_findings=findings)
         else:
             qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                          precision=precision)
-            summary = run_clean(qc, src, out, quarantine, batch_size, progress=report)
+            summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings)
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")

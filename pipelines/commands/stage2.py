@@ -143,24 +143,36 @@ def eval_cmd(
 
 
 def report_cmd(
-    eval_dir: Annotated[Path, typer.Argument(help="Folder of `cervixqc eval` outputs (*_scores.npz).")],
-    manifest: Annotated[Path, typer.Option(help="The manifest the scores came from (for gallery crops).")],
-    coco: Annotated[Path, typer.Option(help="The boxes the crops came from.")],
+    eval_dir: Annotated[Optional[Path], typer.Argument(
+        help="Folder of `cervixqc eval` outputs (*_scores.npz); may be left out with --findings.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="The manifest the scores came from (for gallery crops).")] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="The boxes the crops came from.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+    findings: Annotated[Optional[Path], typer.Option(
+        help="A `cervixqc calibrate-findings` output folder: adds a section per quality finding.")] = None,
 ) -> None:
-    """A self-contained HTML report with the paper's tables and figures."""
+    """A self-contained HTML report with the paper's tables and figures, and/or the quality
+    findings' evidence (--findings)."""
     from pipelines.data.coco import load_coco
     from pipelines.data.crop_set import extract_crops
     from pipelines.data.manifest import load_manifest
     from pipelines.evaluation.report import build_report, load_runs
 
-    runs = load_runs(eval_dir)
-    wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
-    df = load_manifest(manifest)
-    crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
-    thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
+    if eval_dir is None and findings is None:
+        _fail("give an eval folder, --findings, or both")
+    if findings is not None and not (findings / "findings_scores.csv").is_file():
+        _fail(f"{findings}: no findings_scores.csv (run `cervixqc calibrate-findings` first)")
+    runs = load_runs(eval_dir) if eval_dir is not None else []
+    thumbs: dict = {}
+    if eval_dir is not None:
+        if manifest is None or coco is None:
+            _fail("an eval folder needs --manifest and --coco (for the gallery crops)")
+        wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
+        df = load_manifest(manifest)
+        crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
+        thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
     try:
-        typer.echo(f"wrote {build_report(eval_dir, thumbs, out)}")
+        typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings)}")
     except ValueError as e:
         _fail(str(e))
 

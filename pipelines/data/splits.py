@@ -141,3 +141,65 @@ def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
                       Split.VAL.value if f == (fold + 1) % k else Split.TRAIN.value)
     names[held] = Split.TEST.value
     return names.rename("split")
+
+
+# --- duplicates: copies of one photo must not sit on both sides of a split -------------------
+
+def _members(df: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows that are members of a duplicate group: row index, path, group."""
+    group_of = dict(zip(groups["path"].astype(str), groups["group"].astype(int)))
+    rows = [(i, p, group_of[p]) for i, p in zip(df.index, df["path"].astype(str)) if p in group_of]
+    return pd.DataFrame(rows, columns=["row", "path", "group"])
+
+
+def duplicates_across_splits(df: pd.DataFrame, groups: pd.DataFrame) -> dict[int, dict[str, list[str]]]:
+    """Groups (find_duplicates' table) whose members landed in more than one split:
+    group -> {split: [paths]}. A blank split (a source left out) holds nothing, so it never
+    counts as a side."""
+    found: dict[int, dict[str, list[str]]] = {}
+    members = _members(df, groups)
+    members["split"] = df.loc[members["row"], "split"].to_numpy() if len(members) else []
+    for group, part in members[members["split"] != ""].groupby("group", sort=True):
+        if part["split"].nunique() > 1:
+            found[int(group)] = {s: sorted(p["path"]) for s, p in part.groupby("split", sort=True)}
+    return found
+
+
+@dataclass(frozen=True)
+class PatientMerge:
+    patient_id: pd.Series  # a patient id per row, copies of one photo under one id
+    groups_merged: int  # groups whose members had several patient ids
+    patients_merged: int  # patient ids that were folded into another
+
+
+def merge_duplicate_patients(df: pd.DataFrame, groups: pd.DataFrame) -> PatientMerge:
+    """One patient id for every patient holding a member of one group: a copy filed under
+    two ids is more likely one patient entered twice than two patients, and the patient's
+    other photos must then follow it. Ids are joined transitively and the merged patient
+    takes the id of its first photo in path order."""
+    members = _members(df, groups)
+    members["patient"] = df.loc[members["row"], "patient_id"].to_numpy() if len(members) else []
+    parent: dict[str, str] = {}
+
+    def find(p: str) -> str:
+        while parent.get(p, p) != p:
+            parent[p] = parent.get(parent[p], parent[p])
+            p = parent[p]
+        return p
+
+    spanning = 0
+    for _, part in members.groupby("group", sort=True):
+        ids = list(dict.fromkeys(part.sort_values("path")["patient"]))
+        spanning += len(ids) > 1
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[b] = a
+    if not parent:
+        return PatientMerge(df["patient_id"].copy(), 0, 0)
+    root = df["patient_id"].map(lambda p: find(p))
+    # name each merged patient after its first photo in path order, not the union's accident
+    first_id = df.assign(_root=root).sort_values("path").groupby("_root", sort=False)["patient_id"].first()
+    merged = root.map(first_id)
+    changed = df.loc[merged != df["patient_id"], "patient_id"].nunique()
+    return PatientMerge(merged.rename("patient_id"), spanning, int(changed))

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def expand_boxes(boxes: torch.Tensor, margin: float, width: int, height: int) -> torch.Tensor:
@@ -71,3 +72,26 @@ def crop_boxes(
             wx = box_weights(x1, x2, left, right - left, s).to(region.device)
             out[s].append((wy @ region @ wx.T)[None])
     return {s: torch.cat(v) if v else torch.zeros(0, 3, s, s) for s, v in out.items()}
+
+
+def whole_frames(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The box of each whole image, xyxy."""
+    return torch.tensor([[0.0, 0.0, float(im.shape[-1]), float(im.shape[-2])] for im in images]).reshape(-1, 4)
+
+
+def pooled_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, margin: float = 0.0) -> torch.Tensor:
+    """Box i of image i average-pooled to [size, size] (adaptive_avg_pool2d: whole-pixel bins,
+    overlapping when the box is under twice the size). For the quality findings' crop,
+    whose statistics do not care where a bin's edge falls; never for the stage-2 crops,
+    whose models were trained on the exact area averages of `crop_boxes`. Measured on 64
+    real photos decoded at 640 px, 2-core CPU: 0.61 ms a photo for 128 px, where the exact
+    crop added 1.9 ms to the 32 and 37 px ones (1.2 ms after pre-pooling in blocks)."""
+    out = []
+    for image, box in zip(images, boxes):
+        height, width = image.shape[-2:]
+        x1, y1, x2, y2 = expand_boxes(box[None].float().cpu(), margin, width, height)[0].tolist()
+        left, top = min(int(x1), width - 1), min(int(y1), height - 1)
+        right, bottom = max(left + 1, min(width, math.ceil(x2))), max(top + 1, min(height, math.ceil(y2)))
+        region = image[None, :, top:bottom, left:right].float()
+        out.append(F.adaptive_avg_pool2d(region, size))
+    return torch.cat(out) if out else torch.zeros(0, 3, size, size)

@@ -24,11 +24,13 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
-from pipelines.engine.crops import crop_boxes
+from pipelines.engine.crops import crop_boxes, pooled_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
+from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
 from pipelines.engine.qc_result import Label, QCResult
@@ -81,6 +83,10 @@ class QCConfig:
     # two runs each: torch 1.04x and 1.05x with it, OpenVINO 0.95x and 1.04x: noise-level,
     # and it raises peak RSS by up to 65 MB.
     decode_ahead: bool | None = None
+    # Quality findings (with a findings card), the duplicate keys (hashes, embedding). False:
+    # labels only, the engine as it was before them (`python -m tests.benchmarks.findings_cost`
+    # times both side by side).
+    findings: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -133,6 +139,9 @@ class QCPipeline:
         self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                          if (weights / "presence.json").is_file() else (None, None))
         self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
+        # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
+        self.findings_card = (load_findings_card(weights / "findings.json")
+                              if self.cfg.findings and (weights / "findings.json").is_file() else None)
         self.device = torch.device(dev)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
@@ -286,19 +295,25 @@ class QCPipeline:
         if ok:
             image_of = {i: to_device(decoded[i].image, self.device) for i in ok}  # uint8: a quarter of float
             t1 = time.perf_counter()
-            dets, feats = self._detect([TF.to_dtype(image_of[i], torch.float32, scale=True) for i in ok])
+            # 0..1 floats: the detector's input, then the hashes' and findings' (no second conversion)
+            floats = dict(zip(ok, (TF.to_dtype(image_of[i], torch.float32, scale=True) for i in ok)))
+            dets, feats = self._detect(list(floats.values()))
             timings["detect"] = self._stamp(t1)
             present = self._presence(image_of, feats, timings)
-            with_box, boxes = [], []
+            t1 = time.perf_counter()
+            whole = dict(zip(ok, whole_photo_hashes(list(floats.values())))) if self.cfg.findings else dict.fromkeys(ok)
+            timings["hash"] = self._stamp(t1)
+            with_box, boxes, no_cervix = [], [], []
             for i, det in zip(ok, dets):
                 d = decoded[i]
                 top = float(det["scores"].max()) if len(det["scores"]) else 0.0
                 base = dict(path=names[i], sha256=d.sha256, width=d.width, height=d.height, cervix_score=top,
-                            presence_score=present[i])
+                            presence_score=present[i], phash=whole[i])
                 confident = len(det["scores"]) > 0 and top >= self.det_threshold
                 vouched = present[i] is not None and present[i] >= self.presence_threshold
                 if (present[i] is None and not confident) or (present[i] is not None and not vouched):
                     results[i] = QCResult(label=Label.NO_CERVIX, **base)
+                    no_cervix.append(i)
                     continue
                 if confident:
                     box = det["boxes"][int(det["scores"].argmax())]
@@ -309,24 +324,38 @@ class QCPipeline:
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
                 boxes.append(box)
             if with_box:
-                self._stage2(image_of, with_box, torch.stack(boxes), results, timings, policy)
+                self._stage2(image_of, floats, with_box, torch.stack(boxes), results, timings, policy)
+            if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
+                t1 = time.perf_counter()
+                images = [floats[i] for i in no_cervix]
+                frames = pooled_crops(images, whole_frames(images), FINDINGS_CROP)
+                for i, found in zip(no_cervix, judge(finding_scores(frames), self.findings_card)):
+                    results[i].findings = found
+                timings["findings"] = timings.get("findings", 0.0) + self._stamp(t1)
         total = t_decode + (time.perf_counter() - t0) * 1000
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
 
-    def _stage2(self, image_of, with_box, boxes, results, timings, policy: Policy | None) -> None:
+    def _stage2(self, image_of, floats, with_box, boxes, results, timings, policy: Policy | None) -> None:
         t = time.perf_counter()
         big = round(self.cls_size * 8 / 7)
-        crops = crop_boxes([image_of[i] for i, _, _ in with_box], boxes, sizes=(32, big),
-                           margin=self.cfg.crop_margin)
+        images = [image_of[i] for i, _, _ in with_box]
+        crops = crop_boxes(images, boxes, sizes=(32, big), margin=self.cfg.crop_margin)
         timings["crop"] = self._stamp(t)
+        t = time.perf_counter()
+        found = ([{} for _ in with_box] if self.findings_card is None else judge(finding_scores(
+            pooled_crops([floats[i] for i, _, _ in with_box], boxes, FINDINGS_CROP, self.cfg.crop_margin)),
+            self.findings_card))
+        crop_hashes = phash(crops[32]) if self.cfg.findings else [None] * len(with_box)
+        timings["findings"] = self._stamp(t)
         t = time.perf_counter()
         with self._autocast():
             sad = interpret(self.sad_card, self._runs["deep_sad"]((crops[32] / 255).to(self.device)))["score"]
             cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
             out = interpret(self.cls_card, self._runs["classifier"](cls_in))
         timings["classify"] = self._stamp(t)
+        embeddings = [encode_embedding(e) for e in embed(out["features"])] if self.cfg.findings else [None] * len(with_box)
         for k, (i, base, box) in enumerate(with_box):
             s, p = float(sad[k]), float(out["score"][k])
             label = self.label_for(s, p, policy)
@@ -334,7 +363,8 @@ class QCPipeline:
             if label == Label.NON_REGULAR:
                 kind = KINDS[1 + int(out["kind_probs"][k, 1:].argmax())]
             results[i] = QCResult(label=label, kind=kind, cervix_box=[round(v, 1) for v in box],
-                                  deep_sad_score=s, resnest_prob=p, **base)
+                                  deep_sad_score=s, resnest_prob=p, findings=found[k], crop_hash=crop_hashes[k],
+                                  embedding=embeddings[k], **base)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

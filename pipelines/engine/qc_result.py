@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field
+
+FINDINGS = ("blur", "dark", "overexposed", "glare")
 
 
 class Label(StrEnum):
@@ -13,6 +16,15 @@ class Label(StrEnum):
     NON_REGULAR = "non_regular"
     NO_CERVIX = "no_cervix"
     UNREADABLE = "unreadable"
+
+
+class Finding(BaseModel):
+    """One image-quality finding next to the label (it never changes the label): the score,
+    the threshold from the weights folder's findings card, and whether it was crossed."""
+
+    score: float
+    threshold: float
+    flagged: bool
 
 
 class QCResult(BaseModel):
@@ -27,11 +39,37 @@ class QCResult(BaseModel):
     presence_score: float | None = None  # P(cervix in the photo) from the presence model, where there is one
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
+    # blur / dark / overexposed / glare, measured on the cervix crop (the whole photo when
+    # there is no cervix); empty when the weights folder has no findings card
+    findings: dict[str, Finding] = Field(default_factory=dict)
+    phash: str | None = None  # 64-bit perceptual hash of the whole photo, 16 hex digits
+    crop_hash: str | None = None  # the same of the cervix crop
+    embedding: str | None = None  # the crop's 64-d unit embedding, float16, base64 (pipelines/engine/hashes.py)
+    # set over a whole collection (clean, jobs), never per image: every member of a group of
+    # copies carries the group's id and its first path in path order
+    duplicate_group: int | None = None
+    duplicate_of: str | None = None
+    duplicate_kind: Literal["exact", "near"] | None = None
     error: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
+    def flags(self) -> list[str]:
+        return [name for name, f in self.findings.items() if f.flagged]
+
+    @classmethod
+    def csv_fields(cls) -> list[str]:
+        """Columns of results.csv: the record flattened (findings as `flags` plus one score
+        column per finding), without timings and the embedding (the state database and the
+        JSONL export keep it)."""
+        fields = [f for f in cls.model_fields if f not in ("timings_ms", "embedding", "findings")]
+        at = fields.index("phash")
+        return fields[:at] + ["flags"] + [f"{name}_score" for name in FINDINGS] + fields[at:]
+
     def csv_row(self) -> dict:
-        """Flat row: the box as a JSON list, timings left out."""
-        row = self.model_dump(mode="json", exclude={"timings_ms"})
+        """Flat row: the box as a JSON list, flags joined by ';'."""
+        row = self.model_dump(mode="json", exclude={"timings_ms", "embedding", "findings"})
         row["cervix_box"] = json.dumps(self.cervix_box) if self.cervix_box is not None else ""
-        return row
+        row["flags"] = ";".join(self.flags())
+        for name in FINDINGS:
+            row[f"{name}_score"] = self.findings[name].score if name in self.findings else None
+        return {k: row[k] for k in self.csv_fields()}

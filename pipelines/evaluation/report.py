@@ -152,23 +152,31 @@ def galleries(run: dict, crops: dict[str, np.ndarray], n: int = 8) -> str:
     ])
 
 
-def build_report(eval_dir: Path, crops: dict[str, np.ndarray], out: Path, title: str = "cervixqc stage-2 report") -> Path:
-    """`crops`: path -> HxWx3 uint8 thumbnail for the galleries."""
-    runs = load_runs(eval_dir)
-    if not runs:
+def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
+                 title: str = "cervixqc stage-2 report", findings_dir: Path | None = None) -> Path:
+    """`crops`: path -> HxWx3 uint8 thumbnail for the galleries; `findings_dir`: a
+    `cervixqc calibrate-findings` output folder, for the quality findings' section (the
+    report may hold only that: `eval_dir` None)."""
+    runs = load_runs(eval_dir) if eval_dir is not None else []
+    if eval_dir is not None and not runs:
         raise ValueError(f"no *_scores.npz in {eval_dir}: run `cervixqc eval` first")
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p>Split: {html.escape(str(runs[0]['split']))}; non-regular (green + iodine) is the positive class; "
-             "thresholds were chosen on the validation split and stored in each model card.</p>",
-             "<h2>Performance of models (Table 6)</h2>", table6(runs),
-             "<h2>Confusion matrices (Tables 5, 7, 8)</h2>", "".join(confusion(r) for r in runs),
-             "<h2>ROC and precision-recall</h2>", curves(runs)]
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if runs:
+        parts += [f"<p>Split: {html.escape(str(runs[0]['split']))}; non-regular (green + iodine) is the positive "
+                  "class; thresholds were chosen on the validation split and stored in each model card.</p>",
+                  "<h2>Performance of models (Table 6)</h2>", table6(runs),
+                  "<h2>Confusion matrices (Tables 5, 7, 8)</h2>", "".join(confusion(r) for r in runs),
+                  "<h2>ROC and precision-recall</h2>", curves(runs)]
     for r in runs:
         parts.append(f"<h2>{html.escape(_label(r))}</h2>")
         parts.append(score_boxplot(r))
         if "features" in r:
             parts.append(tsne(r))
         parts.append(galleries(r, crops))
+    if findings_dir is not None:
+        from pipelines.evaluation.findings_report import findings_section
+
+        parts.append(findings_section(Path(findings_dir)))
     style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}" \
             "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
     out = Path(out)

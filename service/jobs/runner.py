@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
-from pipelines.clean import QUARANTINED, export_records, list_inputs, quarantine_copy
+from pipelines.clean import collection_duplicates, export_records, list_inputs, quarantine_copy, quarantine_folders
 from pipelines.engine.qc_result import Label, QCResult
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
@@ -29,8 +29,10 @@ RunJobBatch = Callable[[list[Path], list[str], str], list[QCResult]]
 
 class JobRunner:
     def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
-                 roots: list[Path], quarantine_root: Path, batch_size: int) -> None:
+                 roots: list[Path], quarantine_root: Path, batch_size: int,
+                 quarantine_findings: Collection[str] = ()) -> None:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
+        self.quarantine_findings = quarantine_findings
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -89,13 +91,17 @@ class JobRunner:
             results = self._batch(root, chunk, job.policy)
             if qdir is not None:
                 for r in results:
-                    if r.label in QUARANTINED and r.error != OUTSIDE and (root / r.path).is_file():
-                        quarantine_copy(root, r.path, r.label, qdir, link=False)
+                    if r.error == OUTSIDE or not (root / r.path).is_file():
+                        continue
+                    for folder in quarantine_folders(r, self.quarantine_findings):
+                        quarantine_copy(root, r.path, folder, qdir, link=False)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
             for r in results:
                 self.metrics.images.labels(r.label.value, "job").inc()
-        export_records(self.store.records(job.id), Path(job.out_dir))
+        dups = collection_duplicates(self.store.records(job.id))
+        self.store.set_duplicates(job.id, dups[["path", "group", "duplicate_of", "kind"]].itertuples(index=False))
+        export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
         if self.store.transition(job.id, "done", finished=time.time()):
             log.info("job %s: done", job.id)
 

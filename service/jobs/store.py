@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -144,6 +144,29 @@ class JobStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def set_duplicates(self, job_id: str, groups: Iterable[tuple[str, int, str, str]]) -> int:
+        """Write each (path, group, duplicate_of, kind) into its item's record, one transaction:
+        duplicates are known only once the whole job is in, and the results route streams
+        the records, so that is where they must be. Returns the rows updated."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            n = 0
+            for path, group, of, kind in groups:
+                row = db.execute("SELECT record FROM items WHERE job_id = ? AND path = ?", (job_id, path)).fetchone()
+                if row is None:
+                    continue
+                rec = QCResult.model_validate_json(row[0]).model_copy(
+                    update={"duplicate_group": int(group), "duplicate_of": of, "duplicate_kind": kind})
+                db.execute("UPDATE items SET record = ? WHERE job_id = ? AND path = ?",
+                           (rec.model_dump_json(exclude={"timings_ms"}), job_id, path))
+                n += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return n
 
     def done_paths(self, job_id: str) -> set[str]:
         return {r[0] for r in self._db().execute("SELECT path FROM items WHERE job_id = ?", (job_id,))}

@@ -21,7 +21,7 @@ from service.state import ServiceState, State
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey], responses=UNAUTHORIZED)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422)}
-CSV_FIELDS = [f for f in QCResult.model_fields if f != "timings_ms"]
+CSV_FIELDS = QCResult.csv_fields()
 
 
 def _status(state: ServiceState, job: Job) -> JobStatus:

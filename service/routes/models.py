@@ -17,4 +17,6 @@ async def models(state: State) -> ModelsResponse:
     infos = [ModelInfo(name=c.name, architecture=c.architecture, version=c.created or c.sha256[:12], sha256=c.sha256,
                        thresholds=c.thresholds, input_size=c.input_size, classes=c.classes, metrics=c.metrics)
              for c in (qc.pres_card, qc.det_card, qc.sad_card, qc.cls_card) if c is not None]
-    return ModelsResponse(policy=qc.policy, device=str(qc.device), runtimes=qc.runtimes, models=infos)
+    findings = qc.findings_card.thresholds if qc.findings_card is not None else {}
+    return ModelsResponse(policy=qc.policy, device=str(qc.device), runtimes=qc.runtimes, models=infos,
+                          findings_thresholds=findings)

@@ -1,0 +1,136 @@
+"""Duplicate commands: duplicates, eval-duplicates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.commands.common import _fail, _split_manifest
+from pipelines.commands.engine import DeviceOption, _engine
+
+PhashOption = Annotated[Optional[int], typer.Option(help="Most bits between whole-photo hashes of a near copy "
+                                                          "(-1: off; default: DuplicateConfig's).")]
+CropOption = Annotated[Optional[int], typer.Option(help="Most bits between cervix-crop hashes (-1: off).")]
+CosineOption = Annotated[Optional[float], typer.Option(help="Least cosine between crop embeddings (> 1: off).")]
+
+
+def _config(max_phash_distance, max_crop_distance, min_cosine):
+    from dataclasses import replace
+
+    from pipelines.data.duplicates import DuplicateConfig
+
+    changes = {k: v for k, v in (("max_phash_distance", max_phash_distance), ("max_crop_distance", max_crop_distance),
+                                 ("min_cosine", min_cosine)) if v is not None}
+    try:
+        return replace(DuplicateConfig(), **changes)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def duplicates_cmd(
+    src: Annotated[Path, typer.Argument(help="Folder of photos (recursive), manifest CSV/Parquet, or a "
+                                             "`cervixqc clean` output folder (its state.sqlite is read, no engine run).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="duplicates.csv to write.")] = Path("duplicates.csv"),
+    weights: Annotated[Path, typer.Option(help="Weights folder (for folders and manifests).")] = Path("weights"),
+    batch_size: Annotated[int, typer.Option()] = 16,
+    device: DeviceOption = "auto",
+    max_phash_distance: PhashOption = None,
+    max_crop_distance: CropOption = None,
+    min_cosine: CosineOption = None,
+) -> None:
+    """Find copies of one photo in a collection: byte-identical files (sha256) and near copies
+    (re-encoded, resized; the perceptual hashes and embedding the engine computes). Writes
+    duplicates.csv, one row per member of each group: path, group, duplicate_of (the group's
+    first path), kind (exact | near), evidence (sha256 | phash | crop_hash | embedding).
+    `cervixqc split --duplicates` reads it."""
+    from pipelines.data.duplicates import duplicates_of_records, read_clean_state
+
+    cfg = _config(max_phash_distance, max_crop_distance, min_cosine)
+    if not src.exists():
+        _fail(f"{src} does not exist")
+    if src.is_dir() and (src / "state.sqlite").is_file():
+        records = read_clean_state(src)
+    else:
+        from pipelines.clean import list_inputs
+
+        root = src.parent if src.is_file() else src
+        paths = list_inputs(src)
+        qc = _engine(weights, device=device)
+        records = []
+        with typer.progressbar(range(0, len(paths), batch_size), label="engine") as starts:
+            for start in starts:
+                chunk = paths[start:start + batch_size]
+                records += qc.run([root / p for p in chunk], names=chunk)
+    df = duplicates_of_records(records, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
+    typer.echo(f"{len(records)} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
+               f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")
+    typer.echo(f"wrote {out}")
+
+
+def eval_duplicates_cmd(
+    split_csv: Annotated[Path, typer.Argument(help="Manifest of real photos with a split column (and sha256).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report to write.")],
+    weights: Annotated[Path, typer.Option()] = Path("weights"),
+    split: Annotated[str, typer.Option(help="Which split's photos: val to choose thresholds, test to report.")] = "test",
+    copies: Annotated[int, typer.Option(help="Copies per transform and photo (re-encode, resize, crop, rotate).")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    sweep: Annotated[bool, typer.Option(help="Also score a grid of thresholds and name the best that keeps "
+                                             "pair precision >= --min-precision (for val).")] = False,
+    min_precision: Annotated[float, typer.Option()] = 0.995,
+    records_out: Annotated[Optional[Path], typer.Option(help="Also save the engine's records (JSONL) and truth (CSV) "
+                                                             "under this folder.")] = None,
+    device: DeviceOption = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_phash_distance: PhashOption = None,
+    max_crop_distance: CropOption = None,
+    min_cosine: CosineOption = None,
+) -> None:
+    """Duplicate finding on one split's real photos and seeded copies of them: exact-copy
+    recall, near recall per transform (JPEG q50-95, resize 0.5-2x, crop <= 10% a side,
+    rotation 0.5-5 degrees), precision over predicted pairs (two different photos, even of one
+    patient, are a false pair), per source; key distances; optionally a threshold sweep."""
+    import time
+
+    from pipelines.evaluation.duplicates_eval import CopyPlan, build_set, key_distances, run_engine, score
+    from pipelines.evaluation.duplicates_eval import sweep as run_sweep
+
+    cfg = _config(max_phash_distance, max_crop_distance, min_cosine)
+    df = _split_manifest(split_csv)
+    df = df[df["split"] == split].reset_index(drop=True)
+    if df.empty:
+        _fail(f"no rows of split {split!r} in {split_csv}")
+    items, truth = build_set(df, CopyPlan(copies=copies, seed=seed))
+    qc = _engine(weights, device=device)
+    t0 = time.perf_counter()
+    with typer.progressbar(length=len(items), label=f"engine ({len(items)} photos and copies)") as bar:
+        records = run_engine(qc, items, list(truth["name"]), batch_size, progress=lambda d, n: bar.update(d - bar.pos))
+    seconds = time.perf_counter() - t0
+    if records_out is not None:
+        records_out.mkdir(parents=True, exist_ok=True)
+        truth.to_csv(records_out / "truth.csv", index=False)
+        (records_out / "records.jsonl").write_text("".join(r.model_dump_json(exclude={"timings_ms"}) + "\n"
+                                                           for r in records))
+    report = {"split": split, "manifest": str(split_csv), "copies_per_transform": copies, "seed": seed,
+              "engine_seconds": round(seconds, 1), "score": score(records, truth, cfg),
+              "key_distances": key_distances(records, truth)}
+    if sweep:
+        best, _ = run_sweep(records, truth, cfg, min_precision)
+        report["sweep"] = {"min_precision": min_precision, "best": score(records, truth, best)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    s = report["score"]
+    typer.echo(f"{split}: {s['n_originals']} photos, {s['n_copies']} copies; exact recall {s['exact_recall']:.3f}; near "
+               + ", ".join(f"{k} {v:.3f}" for k, v in s["near_recall"].items())
+               + f"; pair precision {s['precision']:.4f} ({s['false_pairs']} false of {s['predicted_pairs']}, "
+               f"{s['false_pairs_same_patient']} of one patient)")
+    if sweep:
+        b = report["sweep"]["best"]
+        typer.echo(f"best on the grid: {b['config']}: near recall min {b['near_recall_min']:.3f}, "
+                   f"precision {b['precision']:.4f}")
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,54 @@
+"""Quality-finding commands: calibrate-findings."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipelines.commands.common import _fail, _split_manifest
+
+
+def calibrate_findings_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column (cervixqc split) of real photos.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for findings.json (the card), the scores and "
+                                                           "the test thumbnails.")],
+    weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),
+    max_false_flags: Annotated[float, typer.Option(help="Share of undegraded photos a threshold may flag on the "
+                                                        "calibration splits.")] = 0.015,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Thresholds for blur, dark, overexposed and glare from degraded copies of labelled photos:
+    chosen on train+val, reported on test. Copy OUT/findings.json into a weights folder to use them."""
+    from rich.progress import Progress
+
+    from pipelines.commands.engine import _engine
+    from pipelines.engine.findings import FindingsCard
+    from pipelines.engine.qc_result import FINDINGS
+    from pipelines.evaluation.findings_calibration import CalibrationConfig, calibrate, score_variants, write_outputs
+    from models.io import sha256_file
+
+    df = _split_manifest(manifest)
+    cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
+    qc = _engine(weights)
+    # every finding scored (thresholds are what this command decides)
+    qc.findings_card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, float("inf")))
+    with Progress(transient=True) as bar:
+        task = bar.add_task("degrading and scoring", total=len(df))
+        scores, thumbs = score_variants(qc, df, cfg, lambda done, total: bar.update(task, completed=done))
+    try:
+        thresholds, metrics = calibrate(scores, cfg)
+    except ValueError as e:
+        _fail(str(e))
+    data = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "photos": int(len(df)),
+            "photos_by_split": {k: int(v) for k, v in df["split"].value_counts().items()},
+            "weights_detector_sha256": qc.det_card.sha256}
+    write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)
+    for name in FINDINGS:
+        m = metrics.get("test", metrics["calibration"])[name]
+        typer.echo(f"{name:>12}  threshold {thresholds[name]:.4g}  AUC {m['auc']:.3f}  recall {m['recall']:.3f}  "
+                   f"precision {m['precision'] or 0:.3f}  false flags (originals) {m['false_flags_original']:.3f}")
+    typer.echo(f"wrote {out / 'findings.json'} ({'test' if 'test' in metrics else 'calibration'} figures above)")

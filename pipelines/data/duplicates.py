@@ -1,0 +1,356 @@
+"""Duplicates across a collection: byte-identical files (sha256) and copies that were
+re-encoded, resized, cropped or turned a little (the keys of `pipelines.engine.hashes`).
+
+Why groups and not pairs: a split must keep every copy of a photo on one side, and copies
+chain (A resized is B, B cropped is C), so pairs found by any key are joined into connected
+components. Each key is searched with its k nearest neighbours, not a radius: a radius over
+10^6 photos where thousands share one degenerate hash (black frames) returns ~10^6^2 pairs,
+k neighbours at most k * N, and the union still joins a large group through its chain.
+Byte-identical files are searched once (one representative per sha256), which keeps a
+folder copied twice from filling every neighbour list with distance-0 copies.
+
+Search is exact (flat faiss indexes) up to `exact_below` keys. Above, hashes stay exact
+(pigeonhole buckets, for distances <= 7) and embeddings go through an IVF index (near
+copies sit much closer than distinct photos, so they share a cell or a neighbouring one,
+and nprobe cells per query find them); `tests/benchmarks/duplicates_scale.py` times 10^6.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipelines.engine.hashes import decode_embeddings, hash_bits
+from pipelines.engine.qc_result import QCResult
+
+KEYS = ("sha256", "phash", "crop_hash", "embedding")  # evidence, strongest first
+COLUMNS = ["path", "group", "duplicate_of", "kind", "evidence"]
+
+
+@dataclass(frozen=True)
+class DuplicateConfig:
+    """Thresholds for a near copy, chosen on the real photos' val split and reported on test:
+
+        cervixqc --threads 1 eval-duplicates .cache/real-data/split.csv --weights weights --split val --sweep -o val.json
+        cervixqc --threads 1 eval-duplicates .cache/real-data/split.csv --weights weights --split test -o test.json
+
+    (2 copies per transform and photo, seed 0.) Recall of copies grouped with their original:
+
+        split  photos  exact  re-encode  resize  crop   rotate  pair precision
+        val    106     1.000  1.000      1.000   0.033  0.434   0.9996 (1 false of 2255)
+        test   113     1.000  1.000      1.000   0.049  0.460   1.0000 (0 of 2463)
+
+    Only the whole photo's hash passes the precision bar: two photos of one patient minutes
+    apart (saline, acetic acid, green filter) come within 6 bits (val; 8 on test) while
+    re-encoded and resized copies stay within 2. Crops (up to 10% a side) move it 14 bits at
+    the median and turns 6, as far as another patient's photo (>= 14), so the targets for
+    crops and rotations (recall >= 0.98) are NOT met with these keys. The cervix crop's hash
+    moves with the detector's box (re-encoded copies up to 20 bits) and mostly equals the
+    whole photo's (the cervix fills these photos); the classifier's embedding does not tell
+    photos apart (another patient's photo reaches cosine 0.986, crop copies fall to 0.76), so
+    the sweep switches both off: any setting that finds crops costs precision < 0.99.
+    """
+
+    max_phash_distance: int = 4  # copies <= 2 bits; another photo of the patient >= 6 (val)
+    max_crop_distance: int = -1  # off (-1): at any distance that finds a crop copy, precision < 0.99 (val)
+    min_cosine: float = 1.01  # off (> 1): at 0.99, 44% of crops found at precision 0.95 (val)
+    k: int = 8  # neighbours per key and photo
+    exact_below: int = 50_000  # flat (exact) search up to this many keys, IVF / pigeonhole above
+    max_bucket_scan: int = 4096  # pigeonhole: neighbours compared in one bucket
+    nprobe: int = 8  # IVF cells visited per query
+    chunk: int = 65_536  # queries per search call: bounds the memory of neighbour lists
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.max_phash_distance <= 64 or not -1 <= self.max_crop_distance <= 64:
+            raise ValueError("Hamming distances must be in 0..64 (64-bit hashes), or -1 to switch a key off")
+        if not self.min_cosine >= -1.0:
+            raise ValueError(f"min_cosine must be in -1..1 (above 1 switches the embedding off), got {self.min_cosine}")
+        if self.k < 1 or self.nprobe < 1 or self.chunk < 1:
+            raise ValueError("k, nprobe and chunk must be >= 1")
+
+
+def _present(values: Sequence[str | None] | None, n: int) -> np.ndarray:
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} keys for {n} paths")
+    return np.array([isinstance(v, str) and v != "" for v in values], dtype=bool)
+
+
+def _ivf_cells(n: int) -> int:
+    """4 sqrt(N) cells, at most 4096: the coarse search is one BLAS product, cheap next to
+    scanning nprobe cells, so more and smaller cells pay (10^5 embeddings, one thread: 14.6 s
+    at sqrt(N) cells and nprobe 16, 6 s at 4 sqrt(N) and nprobe 8, same planted pairs found)."""
+    return int(min(max(16, 4 * np.sqrt(n)), 4096))
+
+
+def _knn(index, queries: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of `queries` against the index, in chunks; returns ([N, k] scores, [N, k] ids)."""
+    scores, ids = [], []
+    for start in range(0, len(queries), chunk):
+        d, i = index.search(queries[start:start + chunk], k)
+        scores.append(d)
+        ids.append(i)
+    return np.concatenate(scores), np.concatenate(ids)
+
+
+def _hash_pairs(bits: np.ndarray, max_distance: int, cfg: DuplicateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (row, row) of uint8 [N, 8] hashes within max_distance: k neighbours from a flat
+    index below exact_below, all pairs by pigeonhole above (a binary IVF above that for
+    distances > 7, where the pieces get too short to bucket). Equal hashes are folded
+    first: one search per distinct hash, then every holder joined."""
+    uniq, inverse = np.unique(bits, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    same_i, same_j = _same_value_pairs(inverse)
+    if len(uniq) < 2:
+        return same_i, same_j
+    if len(uniq) >= cfg.exact_below and 64 // (max_distance + 1) >= 8:
+        ui, uj = _pigeonhole_pairs(uniq.view(">u8").ravel().astype(np.uint64), max_distance, cfg.max_bucket_scan)
+    else:
+        if len(uniq) < cfg.exact_below:
+            index = faiss.IndexBinaryFlat(64)
+        else:
+            index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(64), 64, _ivf_cells(len(uniq)))
+            index.cp.niter = 10
+            index.train(_sample(uniq, 32 * _ivf_cells(len(uniq))))
+            index.nprobe = cfg.nprobe
+        index.add(uniq)
+        dist, ids = _knn(index, uniq, min(cfg.k + 1, len(uniq)), cfg.chunk)
+        ui, uj = _close(dist <= max_distance, ids)
+    first = _first_of(inverse, len(uniq))  # one holder stands for each distinct hash
+    return np.concatenate([same_i, first[ui]]), np.concatenate([same_j, first[uj]])
+
+
+def _pigeonhole_pairs(h: np.ndarray, max_distance: int, max_scan: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of distinct 64-bit hashes within max_distance bits, exactly: cut the bits
+    into max_distance + 1 pieces, and two hashes that close agree on at least one piece
+    (pigeonhole), so sorting by each piece and comparing neighbours in the same bucket finds
+    them all. ~N^2 / 2^(64/(t+1)) comparisons per piece (10^6 hashes, t = 4: 13-bit pieces,
+    ~6e7), where a binary IVF missed 5-10% of 2-bit pairs. A bucket beyond max_scan
+    (hashes of blank frames bunch up) is scanned max_scan neighbours deep only."""
+    pieces = max_distance + 1
+    edges = np.linspace(0, 64, pieces + 1).astype(int)
+    found_i, found_j = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        piece = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.lexsort((h, piece))  # within a bucket, by the whole hash: near ones adjacent
+        sp, sh = piece[order], h[order]
+        active = np.arange(len(h))
+        for step in range(1, max_scan + 1):
+            active = active[active + step < len(h)]
+            active = active[sp[active] == sp[active + step]]
+            if not len(active):
+                break
+            close = active[np.bitwise_count(sh[active] ^ sh[active + step]) <= max_distance]
+            found_i.append(order[close])
+            found_j.append(order[close + step])
+    if not found_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64)
+
+
+def _embedding_pairs(vectors: np.ndarray, min_cosine: float, cfg: DuplicateConfig) -> tuple[np.ndarray, np.ndarray]:
+    n, d = vectors.shape
+    if n < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    faiss.normalize_L2(x)
+    if n < cfg.exact_below:
+        index = faiss.IndexFlatIP(d)
+    else:
+        cells = _ivf_cells(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10  # cells only route queries: a rough clustering does
+        index.train(_sample(x, 32 * cells))
+        index.nprobe = cfg.nprobe
+    index.add(x)
+    sim, ids = _knn(index, x, min(cfg.k + 1, n), cfg.chunk)
+    return _close(sim >= min_cosine, ids)
+
+
+def _close(keep: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists -> (query, neighbour) pairs kept by the mask, self and misses dropped."""
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+    keep = keep & (ids >= 0) & (ids != rows)
+    return rows[keep].astype(np.int64), ids[keep].astype(np.int64)
+
+
+def _sample(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) <= n:
+        return x
+    return x[np.random.default_rng(0).choice(len(x), n, replace=False)]
+
+
+def _first_of(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """The first row holding each label (labels are 0..n_labels-1)."""
+    first = np.full(n_labels, len(labels), dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(len(labels)))
+    return first
+
+
+def _same_value_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row joined to the first row with its label (a star per label, not a clique)."""
+    first = _first_of(labels, int(labels.max()) + 1 if len(labels) else 0)
+    rows = np.arange(len(labels))
+    keep = first[labels] != rows
+    return rows[keep], first[labels][keep]
+
+
+@contextmanager
+def _faiss_threads(n: int) -> Iterator[None]:
+    """faiss's OpenMP threads for one call: one below `exact_below` (spinning up threads for a
+    few thousand keys costs more than the search, ~0.5 s on a busy 2-core machine), else
+    torch's count, which `cervixqc --threads` sets."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def find_duplicates(
+    paths: Sequence[str],
+    sha256s: Sequence[str | None] | None,
+    phashes: Sequence[str | None] | None,
+    crop_hashes: Sequence[str | None] | None,
+    embeddings: Sequence[str | None] | np.ndarray | None,
+    cfg: DuplicateConfig = DuplicateConfig(),
+) -> pd.DataFrame:
+    """One row per member of every group of >= 2 photos: path, group (1, 2, ... in order of
+    the groups' first paths), duplicate_of (the group's first path), kind (exact when the
+    member's sha256 is the first path's, else near), evidence (the strongest key that joined
+    the member: sha256, phash, crop_hash, embedding). A missing key (None: an unreadable file,
+    no cervix crop) joins nothing. `embeddings` are base64 strings (QCResult.embedding) or a
+    float array [N, D] whose missing rows are NaN."""
+    n = len(paths)
+    if n == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    with _faiss_threads(1 if n < cfg.exact_below else torch.get_num_threads()):
+        return _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg)
+
+
+def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig) -> pd.DataFrame:
+    n = len(paths)
+    edges_i, edges_j, edges_key = [], [], []
+
+    def add(i: np.ndarray, j: np.ndarray, key: int) -> None:
+        edges_i.append(i)
+        edges_j.append(j)
+        edges_key.append(np.full(len(i), key, dtype=np.int8))
+
+    # exact: a star per sha256; rows without one stand for themselves
+    has_sha = _present(sha256s, n)
+    sha = np.where(has_sha, np.asarray(sha256s if sha256s is not None else [""] * n, dtype=object), None)
+    codes = pd.factorize(pd.Series(sha), use_na_sentinel=True)[0]
+    codes = pd.factorize(np.where(codes < 0, codes.max(initial=-1) + 1 + np.arange(n), codes))[0]
+    i, j = _same_value_pairs(codes)
+    add(i, j, 0)
+    representative = np.zeros(n, dtype=bool)
+    representative[_first_of(codes, int(codes.max()) + 1)] = True
+
+    for key, values, limit in ((1, phashes, cfg.max_phash_distance), (2, crop_hashes, cfg.max_crop_distance)):
+        rows = np.flatnonzero(_present(values, n) & representative)
+        if len(rows) >= 2 and limit >= 0:
+            a, b = _hash_pairs(hash_bits([values[r] for r in rows]), limit, cfg)
+            add(rows[a], rows[b], key)
+
+    if embeddings is not None and cfg.min_cosine <= 1.0:
+        vectors, has = _embedding_matrix(embeddings, n)
+        rows = np.flatnonzero(has & representative)
+        a, b = _embedding_pairs(vectors[rows], cfg.min_cosine, cfg)
+        add(rows[a], rows[b], 3)
+
+    return _groups(np.asarray(paths, dtype=object), sha, np.concatenate(edges_i), np.concatenate(edges_j),
+                   np.concatenate(edges_key))
+
+
+def _embedding_matrix(embeddings: Sequence[str | None] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(embeddings, np.ndarray):
+        if len(embeddings) != n:
+            raise ValueError(f"{len(embeddings)} embeddings for {n} paths")
+        return embeddings, ~np.isnan(embeddings).any(axis=1)
+    has = _present(embeddings, n)
+    rows = np.flatnonzero(has)
+    decoded = decode_embeddings([embeddings[r] for r in rows]) if len(rows) else np.zeros((0, 1), np.float32)
+    vectors = np.full((n, decoded.shape[1]), np.nan, dtype=np.float32)
+    vectors[rows] = decoded
+    return vectors, has
+
+
+def _groups(paths: np.ndarray, sha: np.ndarray, i: np.ndarray, j: np.ndarray, key: np.ndarray) -> pd.DataFrame:
+    n = len(paths)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    evidence = np.full(n, len(KEYS), dtype=np.int8)
+    np.minimum.at(evidence, i, key)
+    np.minimum.at(evidence, j, key)
+    sizes = np.bincount(component)
+    members = np.flatnonzero(sizes[component] >= 2)
+    if len(members) == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    df = pd.DataFrame({"path": paths[members], "component": component[members], "row": members})
+    df = df.sort_values("path", kind="stable")
+    first_row = df.groupby("component", sort=False)["row"].first()
+    order = {c: g for g, c in enumerate(first_row.index, start=1)}  # first appearance in path order
+    df["group"] = df["component"].map(order)
+    df["duplicate_of"] = paths[first_row.loc[df["component"]].to_numpy()]
+    first_sha = sha[first_row.loc[df["component"]].to_numpy()]
+    own_sha = sha[df["row"].to_numpy()]
+    df["kind"] = np.where((own_sha == first_sha) & pd.notna(own_sha), "exact", "near")
+    df["evidence"] = np.asarray(KEYS, dtype=object)[evidence[df["row"].to_numpy()]]
+    return df.sort_values(["group", "path"], kind="stable")[COLUMNS].reset_index(drop=True)
+
+
+def duplicates_of_records(records: Iterable[QCResult], cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
+    """find_duplicates over engine results (clean's state, a job's results)."""
+    records = list(records)
+    return find_duplicates([r.path for r in records], [r.sha256 for r in records], [r.phash for r in records],
+                           [r.crop_hash for r in records], [r.embedding for r in records], cfg)
+
+
+def annotate(records: Iterable[QCResult], df: pd.DataFrame) -> list[QCResult]:
+    """Copies of the records with duplicate_group / duplicate_of / duplicate_kind from
+    find_duplicates' table; records in no group get None (a re-run clears stale groups)."""
+    by_path = {row.path: row for row in df.itertuples(index=False)}
+    out = []
+    for r in records:
+        row = by_path.get(r.path)
+        update = ({"duplicate_group": int(row.group), "duplicate_of": row.duplicate_of, "duplicate_kind": row.kind}
+                  if row is not None else {"duplicate_group": None, "duplicate_of": None, "duplicate_kind": None})
+        out.append(r.model_copy(update=update))
+    return out
+
+
+def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
+    """A duplicates.csv (as `cervixqc duplicates` writes it), or a `cervixqc clean` output
+    folder, whose state.sqlite is grouped here with `cfg`."""
+    if path.is_dir():
+        return duplicates_of_records(read_clean_state(path), cfg)
+    df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
+    missing = sorted({"path", "group"} - set(df.columns))
+    if missing:
+        raise ValueError(f"{path}: not a duplicates table (no {', '.join(missing)} column)")
+    return df
+
+
+def read_clean_state(folder: Path) -> list[QCResult]:
+    """The records of a clean output folder (state.sqlite: results(path, label, record))."""
+    db_path = folder / "state.sqlite"
+    if not db_path.is_file():
+        raise ValueError(f"{folder}: no state.sqlite (not a `cervixqc clean` output folder)")
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return [QCResult.model_validate_json(rec) for (rec,) in db.execute("SELECT record FROM results ORDER BY path")]
+    finally:
+        db.close()

@@ -1,0 +1,163 @@
+"""Thresholds for the quality findings, with the evidence for them (`cervixqc calibrate-findings`).
+
+Labelled sets come from degrading labelled photos (pipelines/data/degradations.py): each
+photo goes through the engine as it is, as an ordinary copy (re-encoded, noisy, exposure
++-20%: must not be flagged), and once degraded per finding (must be flagged). Every variant
+is a JPEG run through the engine's own decode, so what is scored is what a site's file
+would give. Thresholds are chosen on the calibration splits (train + val: the findings
+learn nothing else there) as the lowest score that flags at most `max_false_flags` of the
+undegraded variants, i.e. the best recall at that false-flag budget; the test split reports
+AUC, precision, recall and false flags per source, which never feed back.
+
+Photos are first reduced to a long side of 1024 px: the engine decodes at 640, and
+degrading a 12 MP original would spend minutes on pixels nobody sees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from pipelines.data import degradations
+from pipelines.data.images import load_rgb
+from pipelines.engine.findings import FindingsCard
+from pipelines.engine.qc_result import FINDINGS
+
+UNDEGRADED = ("original", "nuisance")
+THUMB = 96
+MAX_SIDE = 1024
+
+
+@dataclass
+class CalibrationConfig:
+    max_false_flags: float = 0.015  # on the calibration splits' undegraded variants; the target is <= 2% on test
+    calibration_splits: tuple[str, ...] = ("train", "val")
+    test_split: str = "test"
+    seed: int = 0
+    batch_size: int = 8
+    ranges: dict = field(default_factory=lambda: {
+        k: getattr(degradations, k) for k in dir(degradations) if k.isupper() and isinstance(getattr(degradations, k), tuple)})
+
+
+def _thumb(rgb: np.ndarray, box: list[float] | None) -> np.ndarray:
+    im = Image.fromarray(rgb)
+    if box is not None:
+        im = im.crop(tuple(int(round(v)) for v in box))
+    return np.asarray(im.resize((THUMB, THUMB), Image.BOX))
+
+
+def score_variants(qc, df: pd.DataFrame, cfg: CalibrationConfig,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per (photo, variant) with the four finding scores, and a 96 px thumbnail of
+    each row's cervix box (27 KB a row: 88 MB for the 534 real photos' 3,204 rows)."""
+    rng = np.random.default_rng(cfg.seed)
+    rows, thumbs = [], []
+    for start in range(0, len(df), cfg.batch_size):
+        chunk = df.iloc[start : start + cfg.batch_size]
+        rgbs = []
+        for p in chunk["abspath"]:
+            t, _, _ = load_rgb(p, MAX_SIDE)
+            rgb = t.permute(1, 2, 0).numpy()
+            if max(rgb.shape[:2]) > MAX_SIDE:
+                f = MAX_SIDE / max(rgb.shape[:2])
+                rgb = np.asarray(Image.fromarray(rgb).resize((round(rgb.shape[1] * f), round(rgb.shape[0] * f)), Image.BOX))
+            rgbs.append(rgb)
+        originals = [degradations.jpeg(x, 95) for x in rgbs]
+        first = qc.run(originals, names=list(chunk["path"]))
+        items, meta = [], []
+        for (_, row), rgb, data, r in zip(chunk.iterrows(), rgbs, originals, first):
+            box = r.cervix_box
+            variants = {"original": (data, rgb), "nuisance": (degradations.nuisance(rgb, rng), None)}
+            for name in FINDINGS:
+                extra = {"box": box} if name == "glare" else {}
+                bad = degradations.DEGRADE[name](rgb, rng, **extra)
+                variants[name] = (degradations.jpeg(bad, 95), bad)
+            for variant, (blob, pixels) in variants.items():
+                items.append(blob)
+                meta.append((row, variant, box, blob, pixels))
+        results = qc.run(items, names=[f"{m[0]['path']}#{m[1]}" for m in meta])
+        for (row, variant, box, blob, pixels), r in zip(meta, results):
+            rec = {"path": row["path"], "source": row.get("source", ""), "split": row.get("split", ""),
+                   "variant": variant, "label": r.label.value}
+            rec.update({name: (r.findings[name].score if name in r.findings else np.nan) for name in FINDINGS})
+            rows.append(rec)
+            if pixels is None:  # the ordinary copy: what the engine decoded
+                pixels = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+            thumbs.append(_thumb(pixels, box))
+        if progress is not None:
+            progress(min(start + cfg.batch_size, len(df)), len(df))
+    return pd.DataFrame(rows), (np.stack(thumbs) if thumbs else np.zeros((0, THUMB, THUMB, 3), np.uint8))
+
+
+def pick_threshold(negatives: np.ndarray, max_false_flags: float) -> float:
+    """The lowest threshold that flags at most `max_false_flags` of `negatives` (scores at or
+    above it are flagged): the best recall any threshold can have at that budget. It sits
+    halfway between the highest negative it lets pass and the next higher one, so ties never
+    push the flagged share over the budget."""
+    neg = np.sort(np.asarray(negatives, float))[::-1]
+    k = int(np.floor(max_false_flags * len(neg)))  # this many may be flagged
+    if k >= len(neg):
+        return float(neg[-1])
+    passed = neg[k]
+    higher = neg[neg > passed]
+    return float((passed + higher.min()) / 2) if higher.size else float(passed + max(1e-6, abs(passed) * 1e-3))
+
+
+def finding_metrics(scores: pd.DataFrame, name: str, threshold: float) -> dict:
+    neg = scores[scores["variant"].isin(UNDEGRADED)]
+    pos = scores[scores["variant"] == name]
+    others = scores[~scores["variant"].isin((*UNDEGRADED, name))]
+    flag = lambda d: (d[name] >= threshold)  # noqa: E731
+    tp, fp = int(flag(pos).sum()), int(flag(neg).sum())
+    y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    s = np.r_[neg[name].to_numpy(), pos[name].to_numpy()]
+    orig = scores[scores["variant"] == "original"]
+    return {
+        "n_degraded": int(len(pos)), "n_undegraded": int(len(neg)),
+        "auc": float(roc_auc_score(y, s)) if len(pos) and len(neg) else None,
+        "recall": tp / len(pos) if len(pos) else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "false_flags_original": float(flag(orig).mean()) if len(orig) else None,
+        "false_flags_nuisance": float(flag(scores[scores["variant"] == "nuisance"]).mean()) if len(orig) else None,
+        "flags_on_other_degradations": {v: float(flag(d).mean()) for v, d in others.groupby("variant")},
+        "false_flags_original_by_source": {src: float(flag(d).mean()) for src, d in orig.groupby("source")},
+    }
+
+
+def calibrate(scores: pd.DataFrame, cfg: CalibrationConfig) -> tuple[dict[str, float], dict]:
+    cal = scores[scores["split"].isin(cfg.calibration_splits)]
+    test = scores[scores["split"] == cfg.test_split]
+    if cal.empty:
+        raise ValueError(f"no rows in the calibration splits {cfg.calibration_splits}")
+    thresholds = {name: pick_threshold(cal.loc[cal["variant"].isin(UNDEGRADED), name].dropna(), cfg.max_false_flags)
+                  for name in FINDINGS}
+    metrics = {"calibration": {n: finding_metrics(cal, n, t) for n, t in thresholds.items()}}
+    if not test.empty:
+        metrics["test"] = {n: finding_metrics(test, n, t) for n, t in thresholds.items()}
+    return thresholds, metrics
+
+
+def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thresholds: dict, metrics: dict,
+                  cfg: CalibrationConfig, command: str, data: dict) -> FindingsCard:
+    """findings.json (the card the engine reads), findings_scores.csv, findings_thumbs.npz
+    (one thumbnail per scores row, for `cervixqc report`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = FindingsCard(
+        thresholds={k: float(v) for k, v in thresholds.items()},
+        training={"command": command, "method": __doc__.split("\n\n")[1].replace("\n", " "),
+                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}},
+        metrics={**metrics, "data": data},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    (out_dir / "findings.json").write_text(card.model_dump_json(indent=2) + "\n")
+    scores.to_csv(out_dir / "findings_scores.csv", index=False)
+    np.savez_compressed(out_dir / "findings_thumbs.npz", thumbs=thumbs)
+    return card

@@ -1,0 +1,82 @@
+"""The quality findings' section of `cervixqc report`: per finding, the threshold and its
+evidence on the test split (AUC, recall, precision, false flags per source), the score
+distributions with the threshold line, and galleries to check the scores by eye: the real,
+undegraded photos that score worst and best, and the degraded copies the threshold misses."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.engine.qc_result import FINDINGS
+from pipelines.evaluation.report import _plt, _png, gallery
+
+_WORSE = {"blur": "blurrier", "dark": "darker", "overexposed": "brighter", "glare": "more glare"}
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def _table(card: dict) -> str:
+    head = ("<tr><th>finding</th><th>threshold</th><th>AUC</th><th>recall</th><th>precision</th>"
+            "<th>false flags, originals</th><th>false flags, ordinary copies</th><th>by source (originals)</th></tr>")
+    rows = []
+    for name in FINDINGS:
+        m = card["metrics"]["test"][name]
+        by_source = ", ".join(f"{html.escape(s)} {v:.3f}" for s, v in m["false_flags_original_by_source"].items())
+        rows.append(f"<tr><td>{name}</td><td>{card['thresholds'][name]:.4g}</td>" + "".join(
+            f"<td>{_fmt(m[k])}</td>" for k in ("auc", "recall", "precision", "false_flags_original",
+                                              "false_flags_nuisance")) + f"<td>{by_source}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _histogram(test: pd.DataFrame, name: str, threshold: float) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    groups = {"originals": test[test["variant"] == "original"], "ordinary copies": test[test["variant"] == "nuisance"],
+              f"degraded ({name})": test[test["variant"] == name]}
+    values = np.concatenate([g[name].to_numpy() for g in groups.values()])
+    bins = np.linspace(np.nanmin(values), np.nanmax(values), 40)
+    for label, g in groups.items():
+        ax.hist(g[name].dropna(), bins=bins, alpha=0.55, label=label)
+    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(f"{name} score (larger: {_WORSE[name]})")
+    ax.legend(fontsize=7)
+    return _png(fig, f"{name}: test-split scores of originals, ordinary copies and degraded copies")
+
+
+def findings_section(folder: Path, n: int = 8) -> str:
+    """HTML for the findings of one `cervixqc calibrate-findings` output folder."""
+    card = json.loads((folder / "findings.json").read_text())
+    if "test" not in card.get("metrics", {}):
+        return "<h2>Quality findings</h2><p>The calibration had no test split: no figures to show.</p>"
+    scores = pd.read_csv(folder / "findings_scores.csv", keep_default_na=False, na_values=[""])
+    test_split = card["training"].get("config", {}).get("test_split", "test")
+    test = scores[scores["split"] == test_split]
+    with np.load(folder / "findings_thumbs.npz") as z:
+        thumbs = z["thumbs"]  # once: each z[...] decompresses the whole array again
+    crops = {str(i): thumbs[i] for i in test.index}
+
+    def show(rows: pd.DataFrame, name: str, title: str) -> str:
+        return gallery(crops, [str(i) for i in rows.index], [f"{v:.3g}" for v in rows[name]], title)
+
+    parts = ["<h2>Quality findings</h2>",
+             f"<p>{html.escape(card['training'].get('method', ''))}</p>",
+             f"<p>Command: <code>{html.escape(card['training'].get('command', ''))}</code>; photos: "
+             f"{html.escape(json.dumps(card['metrics'].get('data', {}).get('photos_by_split', {})))}.</p>",
+             _table(card)]
+    for name in FINDINGS:
+        t = card["thresholds"][name]
+        originals = test[test["variant"] == "original"].sort_values(name)
+        degraded = test[test["variant"] == name].sort_values(name)
+        parts += [f"<h3>{name}</h3>", _histogram(test, name, t),
+                  show(originals.iloc[::-1][:n], name, f"{name}: real undegraded photos with the highest scores "
+                                                       f"(threshold {t:.3g})"),
+                  show(originals[:n], name, f"{name}: real undegraded photos with the lowest scores"),
+                  show(degraded[degraded[name] < t][-n:], name, f"{name}: degraded copies the threshold misses")]
+    return "".join(parts)

@@ -1,0 +1,209 @@
+"""Duplicate groups: exact copies by bytes, near copies by the engine's keys, and the split
+that refuses (or merges) a group across its sides. Generated images and planted keys only."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.duplicates import DuplicateConfig, annotate, duplicates_of_records, find_duplicates
+from pipelines.engine.hashes import encode_embedding
+from pipelines.engine.qc_result import Label, QCResult
+from tests.qc_fixtures import tiny_weights
+
+runner = CliRunner()
+H0, H0_NEAR, H_FAR = "0000000000000000", "0000000000000003", "ffffffff00000000"  # distances 2 and 32
+
+
+def _photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A smooth random scene: distinct low frequencies per seed, as photos have."""
+    low = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(low).resize(size, Image.Resampling.BICUBIC)
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=64)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    weights = tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
+    return QCPipeline(weights, QCConfig(device="cpu"))
+
+
+def test_engine_keys_group_exact_reencoded_and_resized_copies_and_nothing_else(engine):
+    original = _jpeg(_photo(1))
+    items = {
+        "a.jpg": original,
+        "a_copy.jpg": original,  # byte-identical
+        "a_q55.jpg": _jpeg(Image.open(io.BytesIO(original)), quality=55),
+        "a_half.jpg": _jpeg(Image.open(io.BytesIO(original)).resize((160, 120), Image.Resampling.LANCZOS)),
+        "a_double.jpg": _jpeg(Image.open(io.BytesIO(original)).resize((640, 480), Image.Resampling.LANCZOS)),
+        **{f"other{i}.jpg": _jpeg(_photo(10 + i)) for i in range(5)},
+    }
+    records = engine.run(list(items.values()), names=list(items))
+    assert all(r.phash is not None for r in records)
+    df = duplicates_of_records(records)
+    assert sorted(df["path"]) == ["a.jpg", "a_copy.jpg", "a_double.jpg", "a_half.jpg", "a_q55.jpg"]
+    assert set(df["duplicate_of"]) == {"a.jpg"} and set(df["group"]) == {1}
+    kinds = dict(zip(df["path"], df["kind"]))
+    assert kinds["a_copy.jpg"] == "exact" and kinds["a_q55.jpg"] == kinds["a_half.jpg"] == "near"
+    assert dict(zip(df["path"], df["evidence"]))["a_copy.jpg"] == "sha256"
+
+
+def test_each_key_alone_links_a_near_copy_within_its_threshold():
+    cfg = DuplicateConfig(max_phash_distance=4, max_crop_distance=4, min_cosine=0.99)
+    e = _unit(0)
+    close = e + 0.01 * _unit(1)
+    cases = {  # (phashes, crop_hashes, embeddings) of two photos with different bytes
+        "phash": ([H0, H0_NEAR], [None, None], [None, None]),
+        "crop_hash": ([H0, H_FAR], [H0, H0_NEAR], [None, None]),
+        "embedding": ([H0, H_FAR], [None, None], [encode_embedding(e), encode_embedding(close / np.linalg.norm(close))]),
+    }
+    for key, (ph, ch, emb) in cases.items():
+        df = find_duplicates(["x", "y"], ["s1", "s2"], ph, ch, emb, cfg)
+        assert list(df["kind"]) == ["near", "near"] or list(df["kind"]) == ["exact", "near"], key
+        assert list(df["evidence"]) == [key, key], key
+
+
+def test_photos_beyond_every_threshold_are_not_grouped():
+    cfg = DuplicateConfig(max_phash_distance=4, max_crop_distance=4, min_cosine=0.99)
+    df = find_duplicates(["x", "y"], ["s1", "s2"], [H0, H_FAR], [H0, H_FAR],
+                         [encode_embedding(_unit(0)), encode_embedding(_unit(1))], cfg)
+    assert df.empty and list(df.columns) == ["path", "group", "duplicate_of", "kind", "evidence"]
+
+
+def test_missing_keys_join_nothing_and_never_fail():
+    paths = ["unreadable", "no_crop", "b", "c"]
+    df = find_duplicates(paths, [None, "s", "s2", None], [None, H0, H0_NEAR, None], [None, None, None, None],
+                         [None, None, None, None])
+    assert sorted(df["path"]) == ["b", "no_crop"]
+    assert find_duplicates(paths, None, None, None, None).empty
+    assert find_duplicates([], [], [], [], []).empty
+    nan_rows = np.full((4, 64), np.nan, dtype=np.float32)
+    assert find_duplicates(paths, None, None, None, nan_rows).empty
+
+
+def test_groups_are_numbered_by_first_path_and_point_to_it():
+    paths = ["z1", "m2", "a1", "m1", "z2"]
+    sha = ["zz", "mm", "aa", "mm", "zz"]
+    df = find_duplicates(paths, sha, None, None, None)
+    assert list(df["path"]) == ["m1", "m2", "z1", "z2"]
+    assert list(df["group"]) == [1, 1, 2, 2]
+    assert list(df["duplicate_of"]) == ["m1", "m1", "z1", "z1"]
+    assert set(df["kind"]) == {"exact"}
+
+
+def test_copies_chain_into_one_group_and_kind_is_relative_to_the_first_path():
+    # a -(sha)- b -(phash)- c -(embedding)- d: one group; only a's bytes twin is exact
+    e = _unit(3)
+    df = find_duplicates(["a", "b", "c", "d"], ["s", "s", "t", "u"], [H0, H0, H0_NEAR, H_FAR], None,
+                         [None, None, encode_embedding(e), encode_embedding(e)],
+                         DuplicateConfig(max_phash_distance=4, min_cosine=0.99))
+    assert list(df["kind"]) == ["exact", "exact", "near", "near"]
+    assert list(df["evidence"]) == ["sha256", "sha256", "phash", "embedding"]
+
+
+def test_the_approximate_index_above_exact_below_finds_planted_copies():
+    rng = np.random.default_rng(0)
+    n = 3000
+    bits = rng.integers(0, 2, (n, 64), dtype=np.uint8)
+    bits[1::2] = bits[::2]  # every odd row a copy of the row before, 2 bits flipped
+    bits[1::2, [5, 40]] ^= 1
+    hashes = [np.packbits(b).tobytes().hex() for b in bits]
+    vectors = rng.normal(size=(n, 64)).astype(np.float32)
+    vectors[1::2] = vectors[::2] + 0.01 * rng.normal(size=(n // 2, 64))
+    paths = [f"p{i:05d}" for i in range(n)]
+    for cfg in (DuplicateConfig(max_phash_distance=4, min_cosine=1.01, exact_below=100, nprobe=8),
+                DuplicateConfig(max_phash_distance=-1, min_cosine=0.99, exact_below=100, nprobe=8)):
+        df = find_duplicates(paths, None, hashes, None, vectors, cfg)
+        sizes = df.groupby("group").size()
+        assert len(sizes) >= 0.98 * n / 2 and sizes.max() == 2  # planted pairs, nothing else
+
+
+def _record(path: str, sha: str | None, phash: str | None) -> QCResult:
+    return QCResult(path=path, sha256=sha, label=Label.REGULAR if phash else Label.UNREADABLE, phash=phash)
+
+
+def test_annotate_sets_the_duplicate_fields_and_clears_stale_ones():
+    records = [_record("a", "s", H0), _record("b", "s", H0), _record("c", None, None),
+               _record("d", "t", H_FAR).model_copy(update={"duplicate_group": 9, "duplicate_of": "x",
+                                                           "duplicate_kind": "near"})]
+    out = annotate(records, duplicates_of_records(records))
+    assert [(r.duplicate_group, r.duplicate_of, r.duplicate_kind) for r in out] == [
+        (1, "a", "exact"), (1, "a", "exact"), (None, None, None), (None, None, None)]
+    assert records[3].duplicate_group == 9  # inputs are left as they were
+
+
+def _manifest(tmp_path) -> str:
+    rows = [(f"img/p{i}_{j}.jpg", f"p{i}", "A" if i % 2 else "B", "", "regular") for i in range(20) for j in range(2)]
+    pd.DataFrame(rows, columns=["path", "patient_id", "source", "device", "kind"]).to_csv(tmp_path / "m.csv", index=False)
+    return str(tmp_path / "m.csv")
+
+
+def _across_group(tmp_path, manifest: str) -> tuple[str, list[str]]:
+    """A duplicates.csv whose one group joins photos of patients that a plain split separates."""
+    plain = tmp_path / "plain.csv"
+    assert runner.invoke(app, ["split", manifest, "-o", str(plain)]).exit_code == 0
+    df = pd.read_csv(plain, keep_default_na=False)
+    first = df.groupby("split")["path"].first()
+    members = sorted([first["train"], first["test"]])
+    pd.DataFrame({"path": members, "group": 1, "duplicate_of": members[0], "kind": "near", "evidence": "phash"}
+                 ).to_csv(tmp_path / "duplicates.csv", index=False)
+    return str(tmp_path / "duplicates.csv"), members
+
+
+def test_split_refuses_a_group_across_splits_and_names_it(tmp_path):
+    manifest = _manifest(tmp_path)
+    dup, members = _across_group(tmp_path, manifest)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup])
+    assert r.exit_code == 2
+    assert "group 1" in r.output and all(m in r.output for m in members)
+    assert "train" in r.output and "test" in r.output
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_merge_duplicates_puts_the_group_under_one_patient_and_one_split(tmp_path):
+    manifest = _manifest(tmp_path)
+    dup, members = _across_group(tmp_path, manifest)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup,
+                            "--merge-duplicates"])
+    assert r.exit_code == 0, r.output
+    assert "merged duplicates: 1 groups" in r.output
+    df = pd.read_csv(tmp_path / "o.csv", keep_default_na=False)
+    group = df[df["path"].isin(members)]
+    assert group["split"].nunique() == 1 and group["patient_id"].nunique() == 1
+    # the merged patients' other photos follow them, so no patient straddles splits either
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(group["patient_id_original"]) == {m.split("/")[1].split("_")[0] for m in members}
+
+
+def test_split_reads_groups_from_a_clean_output_folder(tmp_path):
+    manifest = _manifest(tmp_path)
+    _, members = _across_group(tmp_path, manifest)
+    out = tmp_path / "clean"
+    out.mkdir()
+    db = sqlite3.connect(out / "state.sqlite")
+    db.execute("CREATE TABLE results (path TEXT PRIMARY KEY, label TEXT, record TEXT)")
+    db.executemany("INSERT INTO results VALUES (?, ?, ?)",
+                   [(m, "regular", _record(m, "same-bytes", H0).model_dump_json()) for m in members])
+    db.commit()
+    db.close()
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(out)])
+    assert r.exit_code == 2 and "group 1" in r.output
