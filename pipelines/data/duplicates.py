@@ -41,8 +41,8 @@ COLUMNS = ["path", "group", "duplicate_of", "kind", "evidence"]
 class DuplicateConfig:
     """Thresholds for a near copy, chosen on the real photos' val split and reported on test:
 
-        cervixqc --threads 1 eval-duplicates .cache/real-data/split.csv --weights weights --split val --sweep -o val.json
-        cervixqc --threads 1 eval-duplicates .cache/real-data/split.csv --weights weights --split test -o test.json
+        cervixqc --threads 1 eval-duplicates .cache/real-data/real/split.csv --weights weights --split val --sweep -o val.json
+        cervixqc --threads 1 eval-duplicates .cache/real-data/real/split.csv --weights weights --split test -o test.json
 
     (2 copies per transform and photo, seed 0.) Recall of copies grouped with their original:
 

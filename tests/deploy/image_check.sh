@@ -96,6 +96,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# --- 0. room on disk: each build leaves its build stage (~12 GB as listed, mostly shared) as the
+# layer cache the next run reuses; a full disk fails mid-build with a less helpful message
+STORE=$(E info -f '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib)
+FREE_GB=$(df -Pk "$STORE" "${TMPDIR:-/var/tmp}" | awk 'NR>1 {print int($4/1048576)}' | sort -n | head -1)
+[ "$FREE_GB" -ge "${IMAGE_CHECK_MIN_FREE_GB:-25}" ] || fail "only $FREE_GB GB free for $STORE and ${TMPDIR:-/var/tmp} \
+(need ${IMAGE_CHECK_MIN_FREE_GB:-25}): '$ENGINE images -f dangling=true' lists old build caches; '$ENGINE image prune' removes them (all of this host's)"
+record "disk: $FREE_GB GB free"
+
 # --- 1. the base image -------------------------------------------------------------------------
 image_exists() { E image inspect "$1" >/dev/null 2>&1; }
 if image_exists "$BASE" || image_exists "docker.io/library/$BASE"; then
@@ -201,6 +209,42 @@ check_image() {  # tag
 }
 check_image "$TAG"
 check_image "$TAG_CPU"
+
+# --- 3b. new weights without rebuilding: a mounted folder, the cards checked at start ----------
+check_mounted_weights() {  # tag
+    local tag=$1 url=http://127.0.0.1:$PORT cid t mounted=$WORK/weights-mount broken=$WORK/weights-broken
+    rm -rf "$mounted" "$broken" && mkdir -p "$mounted"
+    cp "$REPO"/weights/*.json "$REPO"/weights/*.safetensors "$REPO"/weights/*.openvino.* "$mounted"/
+    cp -r "$mounted" "$broken"
+    python3 - "$broken/deep_sad.json" <<'PY'
+import json, sys
+card = json.load(open(sys.argv[1])); card["sha256"] = "0" * 64  # a card that no longer matches its file
+json.dump(card, open(sys.argv[1], "w"))
+PY
+    chmod -R a+rX "$mounted" "$broken"
+    t=$(date +%s.%N)
+    cid=$(E run -d -p "127.0.0.1:$PORT:8000" -e CERVIXQC_API_KEYS="$KEY" -v "$mounted:/app/weights:ro" "$tag")
+    CONTAINERS+=("$cid")
+    wait_ready "$url" 180 || { E logs "$cid" | tail -20; fail "$tag with mounted weights: not ready"; }
+    want=$(python3 -c "import json; print(json.load(open('$mounted/deep_sad.json'))['sha256'])")
+    curl -s -H "X-API-Key: $KEY" "$url/v1/models" | python3 -c "
+import json, sys; m = {x['name']: x['sha256'] for x in json.load(sys.stdin)['models']}
+sys.exit(m.get('deep_sad') != '$want')" || fail "$tag: /v1/models does not show the mounted deep_sad card"
+    E rm -f "$cid" >/dev/null
+    record "weights mounted at /app/weights (no rebuild): ready in $(since "$t") s, /v1/models shows the mounted cards"
+    cid=$(E run -d -p "127.0.0.1:$PORT:8000" -e CERVIXQC_API_KEYS="$KEY" -v "$broken:/app/weights:ro" "$tag")
+    CONTAINERS+=("$cid")
+    local end=$(($(date +%s) + 180))
+    while [ "$(date +%s)" -lt "$end" ] && [ "$(E inspect -f '{{.State.Running}}' "$cid")" = true ]; do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$url/readyz")" = 200 ] && fail "$tag: became ready with a card that does not match its weights"
+        sleep 1
+    done
+    [ "$(E inspect -f '{{.State.Running}}' "$cid")" = false ] || fail "$tag: still running with a broken card after 180 s"
+    E logs "$cid" 2>&1 | grep -q "sha256" || { E logs "$cid" | tail -20; fail "$tag: the refusal does not say why (sha256)"; }
+    record "  a mounted card whose sha256 does not match its file: the container exits before ready, log says: $(E logs "$cid" 2>&1 | grep -m1 sha256 | cut -c1-140)"
+    E rm -f "$cid" >/dev/null
+}
+check_mounted_weights "$TAG_CPU"
 
 # --- 4. compose: the cpu profile, a job, SIGKILL mid-job, up again -------------------------------
 if [ "$ENGINE" = docker ]; then
