@@ -37,3 +37,17 @@ def test_a_file_from_before_the_counts_table_is_backfilled_once_on_open(tmp_path
     assert reopened.counts(job.id) == {"regular": 6, "non_regular": 3}
     reopened.add_items(job.id, [QCResult(path="9.jpg", label=Label.REGULAR)])
     assert JobStore(path).counts(job.id) == {"regular": 7, "non_regular": 3}  # counting goes on from the backfill
+
+
+def test_duplicate_groups_land_in_their_job_records_only_and_leave_the_counts_alone(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    a, b = store.create("src", None, "deep_sad", tmp_path), store.create("src", None, "deep_sad", tmp_path)
+    for job in (a, b):
+        store.add_items(job.id, [QCResult(path=p, label=Label.REGULAR) for p in ("x.jpg", "y.jpg", "z.jpg")])
+    updated = store.set_duplicates(a.id, [("x.jpg", 1, "x.jpg", "exact"), ("y.jpg", 1, "x.jpg", "exact"),
+                                          ("gone.jpg", 2, "gone.jpg", "near")])  # not an item of the job: skipped
+    assert updated == 2
+    rows = {r.path: (r.duplicate_group, r.duplicate_of, r.duplicate_kind) for r in store.records(a.id)}
+    assert rows == {"x.jpg": (1, "x.jpg", "exact"), "y.jpg": (1, "x.jpg", "exact"), "z.jpg": (None, None, None)}
+    assert all(r.duplicate_group is None for r in store.records(b.id))
+    assert store.counts(a.id) == {"regular": 3}
