@@ -94,6 +94,16 @@ class StateStore:
         self.db.close()
 
 
+def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
+                       link: bool = True) -> None:
+    """Each result's file into every folder `quarantine_folders` names (files gone since are skipped)."""
+    for r in results:
+        folders = quarantine_folders(r, findings)
+        if folders and (src_root / r.path).is_file():
+            for folder in folders:
+                quarantine_copy(src_root, r.path, folder, qdir, link)
+
+
 def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
     """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original is only read. `link` uses a
     hard link where the file system allows (no extra space); the service passes False, since
@@ -136,16 +146,11 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     `records` is called twice and a store streams them instead of a list of 10^6 records
     sitting in memory; then every row carries its group."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from pipelines.data.duplicates import with_group
+
     dups = collection_duplicates(records()) if duplicates is None else duplicates
     group = {row.path: row for row in dups.itertuples(index=False)}
-    rows = []
-    for r in records():
-        if r.path in group:
-            g = group[r.path]
-            r = r.model_copy(update={"duplicate_group": int(g.group), "duplicate_of": g.duplicate_of,
-                                     "duplicate_kind": g.kind})
-        rows.append(r.csv_row())
-    df = pd.DataFrame(rows, columns=QCResult.csv_fields())
+    df = pd.DataFrame([with_group(r, group.get(r.path)).csv_row() for r in records()], columns=QCResult.csv_fields())
     df["duplicate_group"] = df["duplicate_group"].astype("Int64")  # 3, not 3.0, beside the blanks
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
     _atomic(csv_path, lambda p: df.to_csv(p, index=False))
@@ -175,10 +180,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches)):
             chunk = todo[start : start + batch_size]
             if quarantine is not None:
-                for r in results:
-                    for folder in quarantine_folders(r, quarantine_findings):
-                        if (src_root / r.path).is_file():
-                            quarantine_copy(src_root, r.path, folder, quarantine)
+                quarantine_results(src_root, results, quarantine, quarantine_findings)
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))

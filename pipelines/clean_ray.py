@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import CleanSummary, StateStore, export, list_inputs, quarantine_copy, quarantine_folders
+from pipelines.clean import CleanSummary, StateStore, export, list_inputs, quarantine_results
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import QCResult
 
@@ -81,10 +81,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 results = [QCResult.model_validate_json(r) for r in batch["record"]]
                 if quarantine is not None:
-                    for r in results:
-                        for folder in quarantine_folders(r, quarantine_findings):
-                            if (src_root / r.path).is_file():
-                                quarantine_copy(src_root, r.path, folder, quarantine)
+                    quarantine_results(src_root, results, quarantine, quarantine_findings)
                 store.add(results)
                 finished += len(results)
                 if progress:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.qc import JpegDecoder, Policy, Runtime
-from pipelines.engine.qc_result import FINDINGS
+from pipelines.engine.qc_result import check_findings
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -92,10 +92,10 @@ class Settings(BaseSettings):
                              "(or CERVIXQC_AUTH_DISABLED=true on a trusted network)")
         self.api_keys = keys
         self.data_roots = [p.resolve() for p in self.data_roots]
-        unknown = [f for f in self.quarantine_findings if f not in FINDINGS]
-        if unknown:
-            raise ValueError(f"CERVIXQC_QUARANTINE_FINDINGS: unknown finding {', '.join(unknown)} "
-                             f"(one of {', '.join(FINDINGS)})")
+        try:
+            check_findings(self.quarantine_findings)
+        except ValueError as e:
+            raise ValueError(f"CERVIXQC_QUARANTINE_FINDINGS: {e}") from None
         if self.quarantine_root is None:
             self.quarantine_root = self.state_dir / "quarantine"
         return self

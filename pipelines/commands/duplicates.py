@@ -64,11 +64,18 @@ def duplicates_cmd(
             for start in starts:
                 chunk = paths[start:start + batch_size]
                 records += qc.run([root / p for p in chunk], names=chunk)
-    df = duplicates_of_records(records, cfg)
+    seen = [0]
+
+    def counted(rs):  # streamed from the state file: counted on the way through
+        for r in rs:
+            seen[0] += 1
+            yield r
+
+    df = duplicates_of_records(counted(records), cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
-    typer.echo(f"{len(records)} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
+    typer.echo(f"{seen[0]} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")
     typer.echo(f"wrote {out}")
 

@@ -114,12 +114,12 @@ def clean(
     if not src.exists():
         _fail(f"{src} does not exist")
     from pipelines.commands.common import _csv
-    from pipelines.engine.qc_result import FINDINGS
+    from pipelines.engine.qc_result import check_findings
 
-    findings = _csv(quarantine_findings)
-    if [f for f in findings if f not in FINDINGS]:
-        _fail(f"--quarantine-findings: unknown {', '.join(f for f in findings if f not in FINDINGS)} "
-              f"(one of {', '.join(FINDINGS)})")
+    try:
+        findings = check_findings(_csv(quarantine_findings))
+    except ValueError as e:
+        _fail(f"--quarantine-findings: {e}")
     if findings and quarantine is None:
         _fail("--quarantine-findings needs --quarantine")
     if findings and not (weights / "findings.json").is_file():

@@ -313,23 +313,29 @@ def _groups(paths: np.ndarray, sha: np.ndarray, i: np.ndarray, j: np.ndarray, ke
 
 
 def duplicates_of_records(records: Iterable[QCResult], cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
-    """find_duplicates over engine results (clean's state, a job's results)."""
-    records = list(records)
-    return find_duplicates([r.path for r in records], [r.sha256 for r in records], [r.phash for r in records],
-                           [r.crop_hash for r in records], [r.embedding for r in records], cfg)
+    """find_duplicates over engine results (clean's state, a job's results), read as a stream:
+    only the keys are kept, not 10^6 records."""
+    keys: tuple[list, ...] = ([], [], [], [], [])
+    for r in records:
+        for column, value in zip(keys, (r.path, r.sha256, r.phash, r.crop_hash, r.embedding)):
+            column.append(value)
+    return find_duplicates(*keys, cfg)
+
+
+def with_group(record: QCResult, row) -> QCResult:
+    """The record with its group from one row of find_duplicates' table (None: in no group,
+    which also clears a stale group)."""
+    if row is None:
+        return record.model_copy(update={"duplicate_group": None, "duplicate_of": None, "duplicate_kind": None})
+    return record.model_copy(update={"duplicate_group": int(row.group), "duplicate_of": row.duplicate_of,
+                                     "duplicate_kind": row.kind})
 
 
 def annotate(records: Iterable[QCResult], df: pd.DataFrame) -> list[QCResult]:
     """Copies of the records with duplicate_group / duplicate_of / duplicate_kind from
     find_duplicates' table; records in no group get None (a re-run clears stale groups)."""
     by_path = {row.path: row for row in df.itertuples(index=False)}
-    out = []
-    for r in records:
-        row = by_path.get(r.path)
-        update = ({"duplicate_group": int(row.group), "duplicate_of": row.duplicate_of, "duplicate_kind": row.kind}
-                  if row is not None else {"duplicate_group": None, "duplicate_of": None, "duplicate_kind": None})
-        out.append(r.model_copy(update=update))
-    return out
+    return [with_group(r, by_path.get(r.path)) for r in records]
 
 
 def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
@@ -344,13 +350,20 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     return df
 
 
-def read_clean_state(folder: Path) -> list[QCResult]:
-    """The records of a clean output folder (state.sqlite: results(path, label, record))."""
+def read_clean_state(folder: Path) -> Iterator[QCResult]:
+    """The records of a clean output folder (state.sqlite: results(path, label, record)), in
+    path order, streamed. Opened read-only, unlike clean's own StateStore, which creates its
+    table: a finished folder is only read here."""
     db_path = folder / "state.sqlite"
     if not db_path.is_file():
         raise ValueError(f"{folder}: no state.sqlite (not a `cervixqc clean` output folder)")
+    return _read_records(db_path)
+
+
+def _read_records(db_path: Path) -> Iterator[QCResult]:
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        return [QCResult.model_validate_json(rec) for (rec,) in db.execute("SELECT record FROM results ORDER BY path")]
+        for (rec,) in db.execute("SELECT record FROM results ORDER BY path"):
+            yield QCResult.model_validate_json(rec)
     finally:
         db.close()

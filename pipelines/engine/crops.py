@@ -48,6 +48,17 @@ def box_weights(start: float, end: float, first: int, count: int, size: int) -> 
     return overlap / overlap.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def _box_pixels(image: torch.Tensor, box: torch.Tensor, margin: float) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The box widened by `margin` and clipped to the image (x1, y1, x2, y2, at least 1e-3
+    wide), and the whole pixels it touches (left, top, right, bottom: at least one)."""
+    height, width = image.shape[-2:]
+    x1, y1, x2, y2 = expand_boxes(box[None].float().cpu(), margin, width, height)[0].tolist()
+    x2, y2 = max(x2, x1 + 1e-3), max(y2, y1 + 1e-3)
+    left, top = min(int(x1), width - 1), min(int(y1), height - 1)
+    right, bottom = max(left + 1, min(width, math.ceil(x2))), max(top + 1, min(height, math.ceil(y2)))
+    return (x1, y1, x2, y2), (left, top, right, bottom)
+
+
 def crop_boxes(
     images: Sequence[torch.Tensor],
     boxes: torch.Tensor,
@@ -61,11 +72,7 @@ def crop_boxes(
     """
     out: dict[int, list[torch.Tensor]] = {s: [] for s in sizes}
     for image, box in zip(images, boxes):
-        height, width = image.shape[-2:]
-        x1, y1, x2, y2 = expand_boxes(box[None].float().cpu(), margin, width, height)[0].tolist()
-        x2, y2 = max(x2, x1 + 1e-3), max(y2, y1 + 1e-3)
-        left, top = min(int(x1), width - 1), min(int(y1), height - 1)
-        right, bottom = max(left + 1, min(width, math.ceil(x2))), max(top + 1, min(height, math.ceil(y2)))
+        (x1, y1, x2, y2), (left, top, right, bottom) = _box_pixels(image, box, margin)
         region = image[:, top:bottom, left:right].float()  # only the box's pixels go to float
         for s in sizes:
             wy = box_weights(y1, y2, top, bottom - top, s).to(region.device)
@@ -88,10 +95,7 @@ def pooled_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int,
     crop added 1.9 ms to the 32 and 37 px ones (1.2 ms after pre-pooling in blocks)."""
     out = []
     for image, box in zip(images, boxes):
-        height, width = image.shape[-2:]
-        x1, y1, x2, y2 = expand_boxes(box[None].float().cpu(), margin, width, height)[0].tolist()
-        left, top = min(int(x1), width - 1), min(int(y1), height - 1)
-        right, bottom = max(left + 1, min(width, math.ceil(x2))), max(top + 1, min(height, math.ceil(y2)))
+        _, (left, top, right, bottom) = _box_pixels(image, box, margin)
         region = image[None, :, top:bottom, left:right].float()
         out.append(F.adaptive_avg_pool2d(region, size))
     return torch.cat(out) if out else torch.zeros(0, 3, size, size)

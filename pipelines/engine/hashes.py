@@ -1,10 +1,12 @@
 """Per-image keys for duplicate finding: a perceptual hash of the whole photo, the same hash of
 the cervix crop, and a short embedding of the crop from the classifier's pooled features.
 
-Why three: a re-encoded or resized copy keeps the whole photo's hash; a copy cropped at the
-edges (up to 10% a side) or turned a few degrees changes the whole photo's low frequencies
-but not the cervix crop's, which the detector re-finds; the embedding catches what both
-hashes miss (a colour shift, a larger rotation). `pipelines.data.duplicates` groups them.
+Why three: a re-encoded or resized copy keeps the whole photo's hash; the crop's hash and
+the embedding were meant for copies cropped at the edges or turned a few degrees. Measured
+on the real photos (`pipelines.data.duplicates.DuplicateConfig`), neither separates such
+copies from other photos of the same patient, so grouping uses the whole photo's hash
+alone by default; the other two stay in the record (cheap: one 8x8 DCT of a crop the engine
+already has, one 2048x64 product) for grouping with other settings and for later keys.
 
 The hash is pHash (the 8x8 lowest frequencies of a 32x32 grey DCT, each bit above or below
 their median); written here in a few lines of torch rather than taken from `imagehash`,

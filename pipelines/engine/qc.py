@@ -328,14 +328,19 @@ class QCPipeline:
             if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
                 t1 = time.perf_counter()
                 images = [floats[i] for i in no_cervix]
-                frames = pooled_crops(images, whole_frames(images), FINDINGS_CROP)
-                for i, found in zip(no_cervix, judge(finding_scores(frames), self.findings_card)):
+                for i, found in zip(no_cervix, self._findings(images, whole_frames(images), margin=0.0)):
                     results[i].findings = found
                 timings["findings"] = timings.get("findings", 0.0) + self._stamp(t1)
         total = t_decode + (time.perf_counter() - t0) * 1000
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
+
+    def _findings(self, images: list[torch.Tensor], boxes: torch.Tensor, margin: float) -> list[dict]:
+        """The quality findings of each box's pooled crop ({} each without a findings card)."""
+        if self.findings_card is None:
+            return [{} for _ in images]
+        return judge(finding_scores(pooled_crops(images, boxes, FINDINGS_CROP, margin)), self.findings_card)
 
     def _stage2(self, image_of, floats, with_box, boxes, results, timings, policy: Policy | None) -> None:
         t = time.perf_counter()
@@ -344,9 +349,7 @@ class QCPipeline:
         crops = crop_boxes(images, boxes, sizes=(32, big), margin=self.cfg.crop_margin)
         timings["crop"] = self._stamp(t)
         t = time.perf_counter()
-        found = ([{} for _ in with_box] if self.findings_card is None else judge(finding_scores(
-            pooled_crops([floats[i] for i, _, _ in with_box], boxes, FINDINGS_CROP, self.cfg.crop_margin)),
-            self.findings_card))
+        found = self._findings([floats[i] for i, _, _ in with_box], boxes, self.cfg.crop_margin)
         crop_hashes = phash(crops[32]) if self.cfg.findings else [None] * len(with_box)
         timings["findings"] = self._stamp(t)
         t = time.perf_counter()

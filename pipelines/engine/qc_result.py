@@ -11,6 +11,14 @@ from pydantic import BaseModel, Field
 FINDINGS = ("blur", "dark", "overexposed", "glare")
 
 
+def check_findings(names: list[str]) -> list[str]:
+    """`names` when every one is a finding, else ValueError naming the unknown ones."""
+    unknown = [n for n in names if n not in FINDINGS]
+    if unknown:
+        raise ValueError(f"unknown finding {', '.join(unknown)} (one of {', '.join(FINDINGS)})")
+    return names
+
+
 class Label(StrEnum):
     REGULAR = "regular"
     NON_REGULAR = "non_regular"

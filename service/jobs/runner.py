@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from pipelines.clean import collection_duplicates, export_records, list_inputs, quarantine_copy, quarantine_folders
+from pipelines.clean import collection_duplicates, export_records, list_inputs, quarantine_results
 from pipelines.engine.qc_result import Label, QCResult
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
@@ -90,11 +90,8 @@ class JobRunner:
             chunk = todo[start : start + self.batch_size]
             results = self._batch(root, chunk, job.policy)
             if qdir is not None:
-                for r in results:
-                    if r.error == OUTSIDE or not (root / r.path).is_file():
-                        continue
-                    for folder in quarantine_folders(r, self.quarantine_findings):
-                        quarantine_copy(root, r.path, folder, qdir, link=False)
+                quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
+                                   self.quarantine_findings, link=False)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
             for r in results:
