@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 SYNC_FLAGS ?= --all-extras
 API_KEY_FILE ?= .cache/api-key
 
-.PHONY: serve test install weights demo clean image-check
+.PHONY: serve test install browser weights demo clean image-check
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -33,7 +33,28 @@ serve: install $(API_KEY_FILE)
 	@echo "cervixqc: API key in $(API_KEY_FILE) (send it as X-API-Key); docs at http://127.0.0.1:8000/docs"
 	CERVIXQC_API_KEYS_FILE=$${CERVIXQC_API_KEYS_FILE:-$(API_KEY_FILE)} $(UV) run --locked --no-sync cervixqc serve
 
-test: install
+# The browser tests (tests/browser.py) drive Debian's Chromium through Playwright: Playwright's own
+# browser download (`playwright install`) needs hosts that this network does not reach, Debian's
+# mirrors it does. Installed here only when missing, since CI runs `make test` on a fresh machine
+# (as root; sudo is used otherwise). CERVIXQC_CHROMIUM points the tests at another build instead.
+CHROMIUM := $(or $(CERVIXQC_CHROMIUM),/usr/bin/chromium)
+browser:
+	@test -x "$(CHROMIUM)" || { \
+	  if [ "$(CHROMIUM)" != /usr/bin/chromium ]; then \
+	    echo "CERVIXQC_CHROMIUM=$(CHROMIUM) is not an executable file" >&2; exit 1; fi; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; \
+	  else echo "The browser tests need Chromium at /usr/bin/chromium: as root run" \
+	    "'apt-get install chromium' (Debian/Ubuntu), or set CERVIXQC_CHROMIUM to a Chromium binary" >&2; \
+	    exit 1; fi; \
+	  echo "Installing Debian's chromium for the browser tests (apt-get)"; \
+	  $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || { \
+	    echo "Installing chromium with apt-get failed: run 'apt-get install chromium' as root," \
+	      "or set CERVIXQC_CHROMIUM to a Chromium binary" >&2; exit 1; }; \
+	}
+
+test: install browser
 	$(UV) run --locked --no-sync pytest
 
 # Retrains the bundled default weights on CPU from the listed real photos, hard negatives and

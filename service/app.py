@@ -9,14 +9,18 @@ every request shares them through the batcher.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from pipelines.engine.decode import DecodeLimits
@@ -24,6 +28,7 @@ from pipelines.engine.qc import QCConfig, QCPipeline
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.gate import EngineGate
+from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
@@ -31,6 +36,10 @@ from service.metrics import Metrics
 from service.routes import health, jobs, models, qc
 from service.settings import Settings
 from service.state import ServiceState
+from service.ui import auth_pages, pages, review_pages
+from service.ui.deps import HERE as UI_DIR
+from service.ui.deps import SignInNeeded
+from service.ui.session import SessionSigner, load_secret
 
 log = logging.getLogger("cervixqc.service")
 
@@ -40,6 +49,10 @@ def _version() -> str:
         return version("cervixqc")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "0"
+
+
+def _jobs_db(settings: Settings) -> Path:
+    return settings.state_dir / "jobs.sqlite"
 
 
 def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
@@ -52,7 +65,7 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     gate = EngineGate(lambda: batcher.pending)
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
                            settings.max_wait_ms, settings.max_queue)
-    store = JobStore(settings.state_dir / "jobs.sqlite")
+    store = JobStore(_jobs_db(settings))
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
                        settings.quarantine_findings)
@@ -67,6 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
         state = await asyncio.to_thread(_build_state, settings, metrics)
+        # the models' and libraries' objects live as long as the process: out of the collector's
+        # sight, a full collection no longer walks them (it paused requests for ~250 ms, seen in
+        # `python -m tests.benchmarks.review_grid`)
+        gc.collect()
+        gc.freeze()
         await state.batcher.start()
         state.runner.start()
         app.state.service = state
@@ -89,6 +107,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     install_error_handlers(app)
+    app.state.session_signer = SessionSigner(load_secret(settings.session_secret_file),  # type: ignore[arg-type]
+                                             settings.session_max_age_s)
+    app.state.reviews = ReviewStore(_jobs_db(settings))
+
+    @app.exception_handler(SignInNeeded)
+    async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
+        return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
 
     @app.middleware("http")
@@ -100,6 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.latency.labels(route).observe(time.perf_counter() - t)
         return response
 
-    for router in (health.router, models.router, qc.router, jobs.router):
+    for router in (health.router, models.router, qc.router, jobs.router, auth_pages.router, pages.router,
+                   review_pages.router):
         app.include_router(router)
+    # the pages' CSS and JS, from the package (no CDN: screening sites are often offline)
+    app.mount("/ui/static", StaticFiles(directory=UI_DIR / "static"), name="ui-static")
     return app

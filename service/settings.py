@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None  # one key per line; '#' comments
     auth_disabled: bool = False
+    # browser pages (/ui): a signed-in session lasts this long; its signing secret is made once
+    # and kept in this file (default: state_dir/session-secret), so sessions survive restarts
+    session_max_age_s: float = Field(8 * 3600, gt=0)
+    session_secret_file: Path | None = None
 
     # files the jobs may read, and where the service writes
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
@@ -96,6 +100,8 @@ class Settings(BaseSettings):
             check_findings(self.quarantine_findings)
         except ValueError as e:
             raise ValueError(f"CERVIXQC_QUARANTINE_FINDINGS: {e}") from None
+        if self.session_secret_file is None:
+            self.session_secret_file = self.state_dir / "session-secret"
         if self.quarantine_root is None:
             self.quarantine_root = self.state_dir / "quarantine"
         return self

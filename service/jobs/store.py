@@ -12,11 +12,13 @@ must not cross threads); WAL lets the routes read while the runner writes.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -31,14 +33,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL, path TEXT NOT NULL, label TEXT NOT NULL, record TEXT NOT NULL, done_at REAL NOT NULL,
-    PRIMARY KEY (job_id, path)
+    summary TEXT, PRIMARY KEY (job_id, path)
 );
 CREATE TABLE IF NOT EXISTS label_counts (
     job_id TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (job_id, label)
 );
 """
 # user_version 1: label_counts kept in step with items (older files are backfilled once)
-SCHEMA_VERSION = 1
+# user_version 2: items.summary, the review grid's fields as a short JSON array (backfilled once)
+SCHEMA_VERSION = 2
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 
@@ -59,6 +62,36 @@ class Job(BaseModel):
     done_before_resume: int = 0
 
 
+class ItemSummary(NamedTuple):
+    """One item as the review grid needs it; the fields after `label` are SUMMARY_FIELDS in order
+    (a tuple: 10^4 of them are made per page view)."""
+
+    item: int  # the row id
+    path: str
+    label: str
+    kind: str | None
+    deep_sad_score: float | None
+    resnest_prob: float | None
+    cervix_score: float | None
+    presence_score: float | None
+    cervix_box: list[float] | None
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+# The review grid sorts and filters every item of a job on these fields; parsing 10^4 whole
+# records (about 1 kB of JSON each, embedding included) took 100 ms a page, so each row keeps
+# them apart as a short JSON array (`python -m tests.benchmarks.review_grid`).
+SUMMARY_FIELDS = ("kind", "deep_sad_score", "resnest_prob", "cervix_score", "presence_score", "cervix_box", "width",
+                  "height", "error")
+_SUMMARY_SQL = ", ".join(f"json_extract(record, '$.{f}')" for f in SUMMARY_FIELDS)
+
+
+def summary_of(r: QCResult) -> str:
+    return json.dumps([getattr(r, f) for f in SUMMARY_FIELDS])
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +100,15 @@ class JobStore:
         db = self._db()
         db.executescript(SCHEMA)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
-        if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
             db.execute("DELETE FROM label_counts")
             db.execute("INSERT INTO label_counts SELECT job_id, label, count(*) FROM items GROUP BY job_id, label")
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < 2:
+            if "summary" not in {r[1] for r in db.execute("PRAGMA table_info(items)")}:
+                db.execute("ALTER TABLE items ADD COLUMN summary TEXT")
+            db.execute(f"UPDATE items SET summary = json_array({_SUMMARY_SQL}) WHERE summary IS NULL")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
 
     def _db(self) -> sqlite3.Connection:
@@ -133,8 +171,10 @@ class JobStore:
         try:
             added: dict[str, int] = {}
             for r in results:
-                cur = db.execute("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?)",
-                                 (job_id, r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"}), now))
+                cur = db.execute("INSERT OR IGNORE INTO items (job_id, path, label, record, done_at, summary) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (job_id, r.path, r.label.value,
+                                                               r.model_dump_json(exclude={"timings_ms"}), now,
+                                                               summary_of(r)))
                 if cur.rowcount == 1:
                     added[r.label.value] = added.get(r.label.value, 0) + 1
             db.executemany("INSERT INTO label_counts VALUES (?, ?, ?) "
@@ -175,18 +215,36 @@ class JobStore:
         rows = self._db().execute("SELECT label, n FROM label_counts WHERE job_id = ? AND n > 0", (job_id,))
         return {label: n for label, n in rows}
 
+    def item(self, job_id: str, item_id: int) -> tuple[int, QCResult] | None:
+        """One item by its row id (what the review pages link to: never a path from the client)."""
+        row = self._db().execute("SELECT rowid, record FROM items WHERE job_id = ? AND rowid = ?",
+                                 (job_id, item_id)).fetchone()
+        return (row[0], QCResult.model_validate_json(row[1])) if row else None
+
+    def summaries(self, job_id: str) -> list[ItemSummary]:
+        """What the review grid sorts and filters on, for every item of a job (SUMMARY_FIELDS)."""
+        # one JSON document from SQLite, one json.loads: 10^4 separate loads cost twice as much
+        (doc,) = self._db().execute("SELECT json_group_array(json_array(rowid, path, label, json(summary))) "
+                                    "FROM items WHERE job_id = ?", (job_id,)).fetchone()
+        return [ItemSummary(item, path, label, *fields) for item, path, label, fields in json.loads(doc)]
+
     def records(self, job_id: str, chunk: int = 1000) -> Iterator[QCResult]:
         """In path order, read in chunks on a connection of its own (safe to stream)."""
+        return (record for _, record in self.item_records(job_id, chunk))
+
+    def item_records(self, job_id: str, chunk: int = 1000) -> Iterator[tuple[int, QCResult]]:
+        """(row id, record) in path order, as `records`: the review exports need the id that
+        ties each record to its reviewers' decisions."""
         db = sqlite3.connect(self.path, timeout=30)
         try:
             last = ""
             while True:
-                rows = db.execute("SELECT path, record FROM items WHERE job_id = ? AND path > ? ORDER BY path LIMIT ?",
-                                  (job_id, last, chunk)).fetchall()
+                rows = db.execute("SELECT rowid, path, record FROM items WHERE job_id = ? AND path > ? "
+                                  "ORDER BY path LIMIT ?", (job_id, last, chunk)).fetchall()
                 if not rows:
                     return
-                for _, rec in rows:
-                    yield QCResult.model_validate_json(rec)
-                last = rows[-1][0]
+                for item, _, rec in rows:
+                    yield item, QCResult.model_validate_json(rec)
+                last = rows[-1][1]
         finally:
             db.close()

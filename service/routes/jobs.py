@@ -24,7 +24,7 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 
 CSV_FIELDS = QCResult.csv_fields()
 
 
-def _status(state: ServiceState, job: Job) -> JobStatus:
+def status_of(state: ServiceState, job: Job) -> JobStatus:
     counts = state.store.counts(job.id)
     processed = sum(counts.values())
     rate = eta = None
@@ -44,7 +44,7 @@ def _status(state: ServiceState, job: Job) -> JobStatus:
                      results_url=f"/v1/jobs/{job.id}/results")
 
 
-def _job(state: ServiceState, job_id: str) -> Job:
+def job_or_404(state: ServiceState, job_id: str) -> Job:
     job = state.store.get(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
@@ -60,27 +60,27 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
     state.runner.wake()
-    return _status(state, job)
+    return status_of(state, job)
 
 
 @router.get("", response_model=JobList, summary="Recent jobs, newest first")
 async def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
-    return JobList(jobs=[_status(state, j) for j in state.store.list(limit)])
+    return JobList(jobs=[status_of(state, j) for j in state.store.list(limit)])
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Status, counts, progress, rate, ETA")
 async def get_job(job_id: str, state: State) -> JobStatus:
-    return _status(state, _job(state, job_id))
+    return status_of(state, job_or_404(state, job_id))
 
 
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
 # DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it).
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
 async def cancel_job(job_id: str, state: State) -> JobStatus:
-    job = _job(state, job_id)
+    job = job_or_404(state, job_id)
     if not state.store.cancel(job_id):
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
-    return _status(state, _job(state, job_id))
+    return status_of(state, job_or_404(state, job_id))
 
 
 def _csv_lines(records: Iterator[QCResult]) -> Iterator[str]:
@@ -105,7 +105,7 @@ def _jsonl_lines(records: Iterator[QCResult]) -> Iterator[str]:
             response_class=StreamingResponse, summary="Results so far, streamed, in path order")
 async def job_results(job_id: str, state: State,
                       format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
-    job = _job(state, job_id)
+    job = job_or_404(state, job_id)
     records = state.store.records(job_id)
     headers = {"X-Job-Status": job.status}
     if format == "csv":

@@ -1,0 +1,52 @@
+"""Sign in with an API key, sign out. The JSON API keeps its X-API-Key header; only the pages
+use the session cookie, and the key itself never leaves this exchange."""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse
+
+from service.auth import key_matches
+from service.ui.deps import UiPost, page, signer
+from service.ui.session import COOKIE, LOGIN_COOKIE, csrf_ok, key_id, set_cookie
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def _safe_next(next_url: str | None) -> str:
+    """Only our own pages: an open redirect would make the sign-in page a phishing tool."""
+    target = unquote(next_url or "")
+    return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/upload"
+
+
+@router.get("/login")
+async def login_page(request: Request, next: str | None = None, error: str | None = None):  # noqa: A002
+    token = secrets.token_urlsafe(16)
+    response = page(request, "login.html", None, csrf=token, next=next or "", error=error)
+    set_cookie(response, request, LOGIN_COOKIE, token, 600)
+    return response
+
+
+@router.post("/login")
+async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""), next: str = Form("")):  # noqa: A002
+    settings = request.app.state.settings
+    if not csrf_ok(request.cookies.get(LOGIN_COOKIE, ""), csrf):
+        return RedirectResponse(f"/ui/login?error=expired&next={next}", status_code=303)
+    if not (settings.auth_disabled or key_matches(settings.api_keys, api_key)):
+        return RedirectResponse(f"/ui/login?error=bad_key&next={next}", status_code=303)
+    who = key_id(api_key) if api_key else "anonymous"
+    cookie, _ = signer(request).issue(who)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    set_cookie(response, request, COOKIE, cookie, int(settings.session_max_age_s))
+    response.delete_cookie(LOGIN_COOKIE, path="/ui")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, session: UiPost):
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response

@@ -1,0 +1,62 @@
+"""What every /ui route depends on: the signed-in session, the CSRF check, templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
+
+from service.errors import ApiError
+from service.jobs.reviews import CLASS_WORDS, CLASSES
+from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.globals.update(words=CLASS_WORDS, classes=CLASSES)
+
+
+class SignInNeeded(Exception):
+    """A page asked for without a session: answered with a redirect to the sign-in page."""
+
+    def __init__(self, next_url: str) -> None:
+        super().__init__(next_url)
+        self.next_url = next_url
+
+
+def signer(request: Request) -> SessionSigner:
+    return request.app.state.session_signer
+
+
+def current_session(request: Request) -> Session:
+    """A page without a session redirects to sign-in; a script's request (JSON, POST) gets 401."""
+    session = signer(request).read(request.cookies.get(COOKIE))
+    if session is not None:
+        return session
+    wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
+    if wants_page:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise SignInNeeded(quote(target, safe=""))
+    raise ApiError(401, "unauthorized", "sign in at /ui/login first")
+
+
+async def checked_session(request: Request, session: Annotated[Session, Depends(current_session)]) -> Session:
+    """For every POST: the session plus its CSRF token, from the X-CSRF-Token header (scripts)
+    or the `csrf` form field (plain forms)."""
+    given = request.headers.get("x-csrf-token")
+    if given is None and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        given = (await request.form()).get("csrf")  # type: ignore[assignment]
+    if not csrf_ok(session.csrf, given):
+        raise ApiError(403, "csrf", "missing or wrong CSRF token: reload the page and try again")
+    return session
+
+
+UiSession = Annotated[Session, Depends(current_session)]
+UiPost = Annotated[Session, Depends(checked_session)]
+
+
+def page(request: Request, name: str, session: Session | None, **context: object):
+    return templates.TemplateResponse(request, name, {"session": session, **context},
+                                      headers={"Cache-Control": "no-store"})

@@ -1,0 +1,106 @@
+"""What a review produces: the cleaned manifest, the corrected boxes as COCO, and the
+quarantine brought in line with the final labels.
+
+Every row keeps the model's answer next to the reviewer's and the final one, so a team can
+measure how often review changed the model and retrain from the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.clean import QUARANTINED, quarantine_copy
+from pipelines.engine.qc_result import QCResult
+from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
+                   "model_box", "reviewed_label", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
+                   "final_kind", "final_box", "flags"]
+
+
+def _box(b: list[float] | None) -> str:
+    return "" if b is None else "[" + ", ".join(f"{v:.1f}" for v in b) + "]"
+
+
+def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) -> Iterator[str]:
+    """CSV text in chunks: `rows` are (item id, QCResult) in path order. `final_label` is the
+    label a cleaned manifest uses (regular / non_regular / no_cervix / unreadable) and
+    `final_kind` the non-regular kind; `model_class` is the model's label and kind in one word, as the pages show it."""
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, MANIFEST_FIELDS)
+    out.writeheader()
+    for n, (item, r) in enumerate(rows, 1):
+        rev = reviews.get(item)
+        cls, box = final_of(r, rev)
+        label, kind = label_and_kind(cls)
+        out.writerow({"item": item, "path": r.path, "sha256": r.sha256, "width": r.width, "height": r.height,
+                      "model_class": class_of(r.label.value, r.kind), "model_label": r.label.value,
+                      "model_kind": r.kind or "", "model_box": _box(r.cervix_box),
+                      "reviewed_label": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
+                      "reviewed_by": rev.who if rev else "", "reviewed_at": f"{rev.at:.3f}" if rev else "",
+                      "final_label": label, "final_kind": kind or "", "final_box": _box(box),
+                      "flags": ";".join(r.flags())})
+        if n % 500 == 0:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
+
+
+def coco_of(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) -> CocoDataset:
+    """Boxes for `cervixqc train-detector`: file names relative to the job's folder, one
+    `cervix` box per photo that shows one (the reviewer's where corrected), photos finally
+    labelled no_cervix kept without a box (the detector's hard negatives), unreadable ones
+    left out. Each image carries its sha256, as the project's own box files do."""
+    ds = CocoDataset(categories=[CocoCategory(id=1, name=CERVIX)],
+                     info={"description": "cervixqc review export", "version": "1.0"})
+    for image_id, (item, r) in enumerate(rows, 1):
+        cls, box = final_of(r, reviews.get(item))
+        if cls == "unreadable" or r.width is None or r.height is None:
+            continue
+        ds.images.append(CocoImage(id=image_id, file_name=r.path, width=r.width, height=r.height,
+                                   sha256=r.sha256))
+        if box is not None:
+            ds.annotations.append(make_annotation(len(ds.annotations) + 1, image_id, 1, box))
+    return ds
+
+
+@dataclass
+class Applied:
+    added: int = 0
+    removed: int = 0
+    folders: dict[str, int] = field(default_factory=dict)
+
+
+def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
+                        reviews: dict[int, Reviewed]) -> Applied:
+    """Make `qdir`'s label folders hold the final labels: a copy is added where review moved a
+    photo into a quarantined label, and the copy (never the original) is removed from the
+    label folder review moved it out of. Finding folders are left as the job made them."""
+    done = Applied()
+    for item, r in rows:
+        if item not in reviews:
+            continue
+        final, _ = label_and_kind(final_of(r, reviews[item])[0])
+        model = r.label.value
+        if final == model:
+            continue
+        if model in QUARANTINED:
+            copy = qdir / model / r.path
+            if copy.is_file() and copy.resolve().is_relative_to(qdir.resolve()):
+                copy.unlink()
+                done.removed += 1
+        if final in QUARANTINED and (root / r.path).is_file():
+            quarantine_copy(root, r.path, final, qdir, link=False)
+            done.added += 1
+            done.folders[final] = done.folders.get(final, 0) + 1
+    log.info("review applied to %s: %d copies added, %d removed", qdir, done.added, done.removed)
+    return done

@@ -1,0 +1,53 @@
+"""The pictures the review pages show: a job item's file, re-encoded as a JPEG at a bounded
+size, made once and cached under STATE_DIR/thumbs/<job>/.
+
+Only items of known jobs are served, named by their row id, never by a path from the
+client; the file is checked against the data roots again (it may have become a link that
+leaves them since the job ran). The picture is EXIF-oriented like the engine's decode, so the
+stored box (in displayed pixels) lines up; browsers cannot show TIFF or 16-bit PNG, hence the
+re-encode rather than the original bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.engine.decode import DecodeError, DecodeLimits, decode
+
+SIZES = {"thumb": 320, "full": 1600}
+
+
+class NotShown(Exception):
+    """The item has no picture to show (gone, outside the roots, or not an image)."""
+
+
+def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
+    """The engine's own decode (same limits, EXIF orientation, 16-bit and alpha handling; JPEGs
+    DCT-scaled to about `long_side`), then a JPEG at most `long_side` px on its long side."""
+    try:
+        decoded = decode(original.read_bytes(), limits, min_long_side=long_side)
+    except DecodeError as e:
+        raise NotShown(f"not an image the pages can show: {e}") from None
+    rgb = Image.fromarray(decoded.image.permute(1, 2, 0).numpy())
+    rgb.thumbnail((long_side, long_side))
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits) -> Path:
+    target = cache_dir / job_id / f"{item}-{size}.jpg"
+    if target.is_file():
+        return target
+    if not original.is_file():
+        raise NotShown("the file is no longer there")
+    data = render(original, SIZES[size], limits)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)  # atomic: two requests for one thumbnail never serve half a file
+    return target

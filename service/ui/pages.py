@@ -1,0 +1,77 @@
+"""Upload and jobs pages: thin views over the JSON API's own handlers, so a card on the page
+and a result from /v1/qc can never disagree."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse
+
+from pipelines.engine.stage2 import threshold_of
+from service.errors import ApiError
+from service.routes.jobs import cancel_job, create_job, job_or_404, status_of
+from service.routes.qc import qc_upload
+from service.schemas import JobCreate, JobStatus, QCResponse
+from service.state import State
+from service.ui.deps import UiPost, UiSession, page
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+@router.get("")
+@router.get("/")
+async def home() -> RedirectResponse:
+    return RedirectResponse("/ui/upload", status_code=303)
+
+
+@router.get("/upload")
+async def upload_page(request: Request, session: UiSession, state: State):
+    qc = state.qc
+    thresholds = {"policy": qc.policy, "deep_sad": threshold_of(qc.sad_card), "resnest": threshold_of(qc.cls_card),
+                  "detector": qc.det_threshold, "presence": qc.presence_threshold if qc.pres_card else None}
+    return page(request, "upload.html", session, thresholds=thresholds,
+                max_files=state.settings.max_files_per_request)
+
+
+@router.post("/upload", response_model=QCResponse)
+async def upload(request: Request, session: UiPost, state: State) -> QCResponse:
+    """The same handler as POST /v1/qc. Nothing is kept: the page shows the browser's own copy
+    of each photo, so an upload leaves no image on the server."""
+    return await qc_upload(request, state)
+
+
+@router.get("/jobs")
+async def jobs_page(request: Request, session: UiSession, state: State, error: str | None = None):
+    jobs = [status_of(state, j) for j in state.store.list(50)]
+    return page(request, "jobs.html", session, jobs=jobs, error=error,
+                roots=[str(r) for r in state.settings.data_roots])
+
+
+@router.post("/jobs")
+async def start_job(request: Request, session: UiPost, state: State, source: str = Form(""),
+                    quarantine: str = Form("")):
+    """The API's own checks (data roots, '..', links out): a refusal comes back to the form."""
+    try:
+        body = JobCreate(source=source, quarantine=quarantine or None)
+        await create_job(body, state)
+    except ApiError as e:
+        return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
+                    error=e.message, roots=[str(r) for r in state.settings.data_roots], source=source)
+    except ValueError as e:  # pydantic: an empty source
+        return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
+                    error=str(e).splitlines()[-1], roots=[str(r) for r in state.settings.data_roots])
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/jobs/{job_id}/status.json", response_model=JobStatus)
+async def job_status(job_id: str, session: UiSession, state: State) -> JobStatus:
+    return status_of(state, job_or_404(state, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel(job_id: str, session: UiPost, state: State):
+    try:
+        await cancel_job(job_id, state)
+    except ApiError as e:
+        if e.status != 409:  # already finished: nothing to do, back to the list
+            raise
+    return RedirectResponse("/ui/jobs", status_code=303)

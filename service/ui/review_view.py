@@ -1,0 +1,150 @@
+"""What the review page shows of a job: counts, the scores for the what-if histogram, and one
+page of the grid, filtered and sorted by closeness to the decision (the images worth a look).
+
+Pure functions over the store's item summaries and the live reviews, so the page, its JSON
+twin and the benchmark (`python -m tests.benchmarks.review_grid`) compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from service.jobs.reviews import Reviewed, class_of
+from service.jobs.store import ItemSummary
+
+PAGE_SIZE = 48
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The decision's thresholds (from the weights' cards) and the job's policy."""
+
+    deep_sad: float
+    resnest: float
+    detector: float
+    presence: float | None
+    policy: str
+
+    @property
+    def score_name(self) -> str:
+        """The stage-2 score the histogram and the score filter use: the policy's own model;
+        for `either`/`both`, ResNeSt's probability (bounded, so one axis fits every job)."""
+        return "deep_sad" if self.policy == "deep_sad" else "resnest"
+
+
+def stage2_score(s: ItemSummary, t: Thresholds) -> float | None:
+    return s.deep_sad_score if t.score_name == "deep_sad" else s.resnest_prob
+
+
+def margin(s: ItemSummary, t: Thresholds) -> float:
+    """How far an item sits from the threshold that decided its label, on comparable scales
+    (Deep SAD distances relative to their threshold, probabilities as they are); inf: nothing
+    to be close to (unreadable)."""
+    if s.label in ("regular", "non_regular") and s.resnest_prob is not None and s.deep_sad_score is not None:
+        sad = abs(s.deep_sad_score - t.deep_sad) / max(t.deep_sad, 1e-9)
+        prob = abs(s.resnest_prob - t.resnest)
+        return {"deep_sad": sad, "resnest": prob}.get(t.policy, min(sad, prob))
+    if s.label == "no_cervix":
+        if s.presence_score is not None and t.presence is not None:
+            return abs(s.presence_score - t.presence)
+        if s.cervix_score is not None:
+            return abs(s.cervix_score - t.detector)
+    return math.inf
+
+
+def source_of(path: str) -> str:
+    """An item's source: the first folder of its path under the job's folder (sites, clinics or
+    cases are usually filed so); files at the top are `(top)`."""
+    parts = path.replace("\\", "/").lstrip("/").split("/")
+    return parts[0] if len(parts) > 1 else "(top)"
+
+
+@dataclass
+class GridQuery:
+    label: str | None = None  # the model's label
+    kind: str | None = None
+    source: str | None = None
+    score_min: float | None = None
+    score_max: float | None = None
+    reviewed: bool | None = None
+    page: int = 1
+
+
+@dataclass
+class Card:
+    item: int
+    path: str
+    label: str
+    kind: str | None
+    cls: str  # label and kind in one word
+    score: float | None
+    margin: float
+    box: list[float] | None
+    width: int | None
+    height: int | None
+    error: str | None
+    review: Reviewed | None
+
+
+@dataclass
+class Grid:
+    cards: list[Card]
+    matching: int
+    page: int
+    pages: int
+    by_label: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    reviewed: int = 0
+
+
+def _keep(s: ItemSummary, q: GridQuery, t: Thresholds, reviews: dict[int, Reviewed]) -> bool:
+    if q.label and s.label != q.label or q.kind and s.kind != q.kind:
+        return False
+    if q.source and source_of(s.path) != q.source:
+        return False
+    if q.reviewed is not None and (s.item in reviews) != q.reviewed:
+        return False
+    if q.score_min is not None or q.score_max is not None:
+        score = stage2_score(s, t)
+        if score is None or (q.score_min is not None and score < q.score_min) or \
+                (q.score_max is not None and score > q.score_max):
+            return False
+    return True
+
+
+def build_grid(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresholds, q: GridQuery,
+               page_size: int = PAGE_SIZE) -> Grid:
+    by_label = Counter(s.label for s in items)
+    by_source: dict[str, Counter] = {}
+    for s in items:
+        by_source.setdefault(source_of(s.path), Counter())[s.label] += 1
+    chosen = [s for s in items if _keep(s, q, t, reviews)]
+    chosen.sort(key=lambda s: (margin(s, t), s.path))
+    pages = max(1, math.ceil(len(chosen) / page_size))
+    page = min(max(1, q.page), pages)
+    cards = [Card(s.item, s.path, s.label, s.kind, class_of(s.label, s.kind), stage2_score(s, t), margin(s, t),
+                  s.cervix_box, s.width, s.height, s.error, reviews.get(s.item))
+             for s in chosen[(page - 1) * page_size : page * page_size]]
+    return Grid(cards, len(chosen), page, pages, dict(by_label),
+                {src: dict(c) for src, c in sorted(by_source.items())}, sum(1 for s in items if s.item in reviews))
+
+
+def neighbours(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresholds, q: GridQuery,
+               item: int) -> tuple[int | None, int | None]:
+    """The previous and next item in the grid's order under the same filter (the image page's
+    next/previous keys walk the list the reviewer came from)."""
+    chosen = sorted((s for s in items if _keep(s, q, t, reviews)), key=lambda s: (margin(s, t), s.path))
+    ids = [s.item for s in chosen]
+    if item not in ids:
+        return None, (ids[0] if ids else None)
+    i = ids.index(item)
+    return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
+
+
+def what_if_points(items: list[ItemSummary]) -> list[list[float]]:
+    """[deep_sad, resnest] for every item stage 2 labelled: enough for the page to recount
+    labels exactly under a moved threshold and the job's policy, in the browser."""
+    return [[s.deep_sad_score, s.resnest_prob] for s in items
+            if s.label in ("regular", "non_regular") and s.deep_sad_score is not None and s.resnest_prob is not None]

@@ -1,0 +1,52 @@
+// One image: keys 1-5 set the label, Enter confirms the model's, u undoes, arrows walk the
+// grid's order; dragging on the photo draws a corrected box. Every decision goes to the server
+// at once (who, when, old -> new live in SQLite), then the page reloads to show the history.
+"use strict";
+(function () {
+  const root = document.getElementById("item");
+  const base = "/ui/jobs/" + root.dataset.job + "/items/" + root.dataset.item;
+  const W = +root.dataset.width, H = +root.dataset.height;
+  const stage = document.getElementById("stage"), box = document.getElementById("box");
+  const saved = document.getElementById("saved");
+  const model = JSON.parse(document.getElementById("model").textContent);
+  const CLASSES = ["regular", "green", "iodine", "no_cervix", "unreadable"];
+
+  async function send(url, body, what) {
+    try {
+      await postJSON(url, body);
+      saved.textContent = "Saved: " + what;
+      location.reload();
+    } catch (e) { saved.textContent = "Not saved: " + e.message; }
+  }
+  const label = cls => send(base + "/decision", {label: cls}, WORDS[cls]);
+  document.querySelectorAll(".keys button[data-label]").forEach(b => b.addEventListener("click", () => label(b.dataset.label)));
+  document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {}, "undo"));
+
+  document.addEventListener("keydown", e => {
+    if (e.target.closest("input, select, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
+    const n = parseInt(e.key, 10);
+    if (n >= 1 && n <= 5) { e.preventDefault(); label(CLASSES[n - 1]); }
+    else if (e.key === "Enter" && !e.target.closest("a, button")) {
+      e.preventDefault();
+      if (CLASSES.includes(model.cls)) label(model.cls);
+      else saved.textContent = "The model gave no kind: choose 2 (green) or 3 (iodine).";
+    }
+    else if (e.key === "u") { e.preventDefault(); send(base + "/undo", {}, "undo"); }
+    else if (e.key === "ArrowRight" && root.dataset.next) location.href = root.dataset.next;
+    else if (e.key === "ArrowLeft" && root.dataset.prev) location.href = root.dataset.prev;
+  });
+
+  if (!W || !H) return;
+  let start = null;
+  const at = e => { const r = stage.getBoundingClientRect();
+    return [Math.min(Math.max(0, (e.clientX - r.left) / r.width), 1) * W, Math.min(Math.max(0, (e.clientY - r.top) / r.height), 1) * H]; };
+  const rect = (a, b) => [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
+  stage.addEventListener("pointerdown", e => { start = at(e); stage.setPointerCapture(e.pointerId); e.preventDefault(); });
+  stage.addEventListener("pointermove", e => { if (start) placeBox(box, rect(start, at(e)), W, H); });
+  stage.addEventListener("pointerup", e => {
+    if (!start) return;
+    const b = rect(start, at(e)); start = null;
+    if (b[2] - b[0] < 4 || b[3] - b[1] < 4) { location.reload(); return; }  // a click, not a drag
+    send(base + "/decision", {box: b.map(v => Math.round(v * 10) / 10)}, "box");
+  });
+})();

@@ -1,0 +1,72 @@
+// Upload page: each photo is sent to /ui/upload (the same handler as /v1/qc) and gets a card
+// drawn from the browser's own copy of the file, so the server keeps no image.
+"use strict";
+(function () {
+  const input = document.getElementById("files"), zone = document.getElementById("drop-zone");
+  const cards = document.getElementById("cards"), status = document.getElementById("status");
+  const tpl = document.getElementById("card-template");
+  const T = JSON.parse(document.getElementById("thresholds").textContent);
+  const vs = (name, score, thr) => name + " " + score.toFixed(3) + (thr != null ? " vs " + thr.toFixed(3) : "");
+
+  function card(file) {
+    const li = tpl.content.firstElementChild.cloneNode(true);
+    li.querySelector("img").src = URL.createObjectURL(file);
+    li.querySelector("img").alt = file.name;
+    li.querySelector(".path").textContent = file.name;
+    li.querySelector(".label").textContent = "checking…";
+    cards.prepend(li);
+    return li;
+  }
+
+  function fill(li, r) {
+    const cls = r.label === "non_regular" && (r.kind === "green" || r.kind === "iodine") ? r.kind : r.label;
+    const label = li.querySelector(".label");
+    label.textContent = WORDS[cls] || r.label;
+    label.className = "label label-" + cls;
+    li.dataset.label = r.label;
+    // each score against the threshold it was compared to (policy: which of them decide)
+    const scores = [];
+    if (r.resnest_prob != null) scores.push(vs("ResNeSt", r.resnest_prob, T.resnest));
+    if (r.deep_sad_score != null) scores.push(vs("Deep SAD", r.deep_sad_score, T.deep_sad));
+    if (r.label === "no_cervix" && r.presence_score != null) scores.push(vs("cervix presence", r.presence_score, T.presence));
+    else if (r.label === "no_cervix" && r.cervix_score != null) scores.push(vs("detector", r.cervix_score, T.detector));
+    li.querySelector(".score").textContent = scores.join(" · ") + (scores.length && r.label !== "no_cervix" ? " (policy " + T.policy + ")" : "");
+    if (r.error) li.querySelector(".reason").textContent = "Reason: " + r.error;
+    const flags = Object.entries(r.findings || {}).filter(([, f]) => f.flagged)
+      .map(([n, f]) => n + " " + f.score.toFixed(2) + " > " + f.threshold.toFixed(2));
+    if (flags.length) li.querySelector(".flags").textContent = "Findings: " + flags.join(", ");
+    const pic = li.querySelector(".pic");
+    if (r.width) pic.style.aspectRatio = r.width + " / " + r.height;
+    placeBox(li.querySelector(".box"), r.cervix_box, r.width, r.height);
+  }
+
+  async function send(file) {
+    const li = card(file), form = new FormData();
+    form.append("files", file, file.name);
+    try {
+      const resp = await fetch("/ui/upload", {method: "POST", body: form, headers: {"X-CSRF-Token": csrf()},
+                                              credentials: "same-origin"});
+      const data = await resp.json();
+      const results = data.results || (data.error && data.error.results);
+      if (results && results.length) fill(li, results[0]);
+      else { li.querySelector(".label").textContent = "not checked";
+             li.querySelector(".reason").textContent = "Reason: " + ((data.error && data.error.message) || resp.statusText); }
+    } catch (e) {
+      li.querySelector(".label").textContent = "not checked";
+      li.querySelector(".reason").textContent = "Reason: " + e.message;
+    }
+  }
+
+  async function sendAll(files) {
+    const list = Array.from(files);
+    status.textContent = "Checking " + list.length + " photo(s)…";
+    await Promise.all(list.map(send));
+    status.textContent = list.length + " photo(s) checked.";
+  }
+
+  input.addEventListener("change", () => { if (input.files.length) sendAll(input.files); });
+  ["dragenter", "dragover"].forEach(ev => zone.addEventListener(ev, e => { e.preventDefault(); zone.classList.add("over"); }));
+  ["dragleave", "drop"].forEach(ev => zone.addEventListener(ev, e => { e.preventDefault(); zone.classList.remove("over"); }));
+  zone.addEventListener("drop", e => { if (e.dataTransfer.files.length) sendAll(e.dataTransfer.files); });
+  if (input.files.length) sendAll(input.files);  // files picked while the page was still loading
+})();

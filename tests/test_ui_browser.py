@@ -1,0 +1,255 @@
+"""The /ui pages in headless Chromium against a real uvicorn: sign-in, upload, a job from the
+jobs page to its review, a label overridden with the keyboard, a box dragged, both found in
+the exports, CSRF, image-route confinement, /docs offline, and a phone-width layout.
+Screenshots of every page go to test-output/screenshots (CERVIXQC_SCREENSHOTS)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from pipelines.data.synth import PRESETS, generate
+from tests.browser import browser, screenshots_dir  # noqa: F401  (pytest fixtures)
+from tests.qc_fixtures import tiny_weights
+from tests.service_server import API_KEY, start_server
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Synthetic scenes filed by source (field/, clinic/, ...) as a site files its collection, plus
+    one file that is not an image."""
+    ds = generate(PRESETS["tiny"], tmp_path_factory.mktemp("synth"), workers=1)
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(ds.out_dir / "images", root / "collection")
+    (root / "collection" / "notes.jpg").write_bytes(b"not a photo")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, photos):
+    # detector threshold 0: every readable photo gets a box, so every card must draw one
+    weights = tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
+    srv = start_server(tmp_path_factory.mktemp("srv"), weights, data_roots=photos, max_wait_ms=20)
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="module")
+def context(browser, server):  # noqa: F811
+    """One signed-in browser for the module's walk through the pages (tests run in order)."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server.url)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context) -> Page:
+    return context.new_page()
+
+
+def _sign_in(page: Page, key: str) -> None:
+    page.goto("/ui/login")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_sign_in_refuses_a_bad_key_and_a_good_key_opens_the_pages(page, server, screenshots_dir):  # noqa: F811
+    page.goto("/ui/jobs")
+    assert "/ui/login" in page.url  # a page without a session sends you to sign in
+    page.screenshot(path=screenshots_dir / "login.png")
+    _sign_in(page, "not-the-key-0123456789")
+    expect(page.get_by_role("alert")).to_contain_text("not valid")
+    _sign_in(page, API_KEY)
+    expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
+    cookie = next(c for c in page.context.cookies() if c["name"] == "cervixqc_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert API_KEY not in cookie["value"]
+
+
+def test_three_uploaded_photos_get_three_cards_with_their_boxes(page, photos, screenshots_dir):  # noqa: F811
+    files = sorted((photos / "collection").rglob("*.jpg"))[:3]
+    page.goto("/ui/upload")
+    page.set_input_files("#files", [str(f) for f in files])
+    expect(page.locator("#status")).to_have_text("3 photo(s) checked.", timeout=60_000)
+    cards = page.locator("#cards .card")
+    expect(cards).to_have_count(3)
+    for i in range(3):
+        card = cards.nth(i)
+        assert card.locator(".label").inner_text() in ("regular", "non-regular: green filter",
+                                                       "non-regular: Lugol's iodine", "non-regular")
+        expect(card.locator(".box")).to_be_visible()
+        assert re.match(r"ResNeSt 0\.\d{3} vs 0\.500 · Deep SAD \d+\.\d{3} vs 1\.000",
+                        card.locator(".score").inner_text())  # each score against its threshold
+    assert {cards.nth(i).locator(".path").inner_text() for i in range(3)} == {f.name for f in files}
+    page.screenshot(path=screenshots_dir / "upload.png", full_page=True)
+
+
+def test_an_unreadable_upload_gets_a_card_with_its_reason(page, photos):
+    page.goto("/ui/upload")
+    page.set_input_files("#files", [str(photos / "collection" / "notes.jpg")])
+    card = page.locator("#cards .card").first
+    expect(card.locator(".label")).to_have_text("unreadable", timeout=60_000)
+    expect(card.locator(".reason")).to_contain_text("Reason: not an image")
+
+
+def test_a_job_started_from_the_jobs_page_runs_to_done(page, screenshots_dir):  # noqa: F811
+    page.goto("/ui/jobs")
+    page.get_by_label("Folder or manifest").fill("collection")
+    page.get_by_role("button", name="Start job").click()
+    row = page.locator("tr[data-job]").first
+    expect(row.locator(".status")).to_have_text("done", timeout=120_000)
+    expect(row.locator(".count")).to_have_text("61 / 61")
+    page.screenshot(path=screenshots_dir / "jobs.png", full_page=True)
+
+
+def test_a_job_outside_the_data_roots_is_refused_on_the_form(page):
+    page.goto("/ui/jobs")
+    page.get_by_label("Folder or manifest").fill("/etc")
+    page.get_by_role("button", name="Start job").click()
+    expect(page.get_by_role("alert")).to_contain_text("outside the allowed data roots")
+
+
+def _open_review(page: Page) -> str:
+    page.goto("/ui/jobs")
+    page.locator("tr[data-job] a").first.click()
+    expect(page.get_by_role("heading", name=re.compile("Review of job"))).to_be_visible()
+    return page.url.split("/ui/jobs/")[1].split("/")[0]
+
+
+def test_the_review_page_counts_sorts_and_answers_a_what_if(page, screenshots_dir):  # noqa: F811
+    _open_review(page)
+    expect(page.locator("#grid .card")).to_have_count(48)  # page 1 of 61 items
+    expect(page.get_by_role("link", name="Next page")).to_be_visible()
+    slider = page.locator("#thr")
+    expect(slider).to_have_attribute("min", re.compile(r"\d"))  # set once the scores have arrived
+    scores = page.request.get(page.url.split("/review")[0] + "/scores.json").json()
+    assert scores["policy"] == "resnest" and len(scores["points"]) == 60
+    stored = scores["thresholds"]["resnest"]
+    moved = sorted(p[1] for p in scores["points"])[len(scores["points"]) // 2]  # the median score
+    changed = sum((p[1] >= moved) != (p[1] >= stored) for p in scores["points"])
+    slider.fill(str(moved))
+    expect(page.locator("#whatif-text")).to_contain_text(f"{changed} of 60 would change label")
+    page.screenshot(path=screenshots_dir / "review.png", full_page=True)
+    page.get_by_label("Label").select_option("unreadable")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("#grid .card")).to_have_count(1)
+    expect(page.locator("#grid .card .noimg")).to_contain_text("not an image")
+
+
+def test_a_label_is_overridden_with_the_keyboard_and_undone(page, screenshots_dir):  # noqa: F811
+    _open_review(page)
+    page.locator("#grid .card a").first.click()  # the image closest to the threshold
+    expect(page.locator("#photo")).to_be_visible()
+    page.keyboard.press("2")  # green
+    expect(page.locator("#final")).to_have_text("non-regular: green filter")
+    page.keyboard.press("1")
+    expect(page.locator("#final")).to_have_text("regular")
+    page.keyboard.press("u")  # back to green
+    expect(page.locator("#final")).to_have_text("non-regular: green filter")
+    expect(page.locator(".history li.undone")).to_have_count(1)
+    assert "→ non-regular: green filter" in page.locator(".history li").first.inner_text()
+    page.screenshot(path=screenshots_dir / "item.png", full_page=True)
+
+
+def test_a_box_is_corrected_by_dragging_on_the_photo(page):
+    stage = page.locator("#stage")
+    b = stage.bounding_box()
+    page.mouse.move(b["x"] + b["width"] * 0.25, b["y"] + b["height"] * 0.25)
+    page.mouse.down()
+    page.mouse.move(b["x"] + b["width"] * 0.5, b["y"] + b["height"] * 0.5, steps=5)
+    page.mouse.up()
+    expect(page.locator(".history li")).to_have_count(3)
+    assert "box" in page.locator(".history li").nth(2).inner_text()
+
+
+def test_both_corrections_are_in_the_csv_and_the_coco_export(page):
+    job = page.url.split("/ui/jobs/")[1].split("/")[0]
+    item = int(page.url.split("/items/")[1].split("?")[0])
+    rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
+    assert len(rows) == 61
+    row = next(r for r in rows if int(r["item"]) == item)
+    assert row["reviewed_label"] == "green" and row["model_label"] in ("regular", "non_regular")
+    assert (row["final_label"], row["final_kind"]) == ("non_regular", "green")
+    assert row["reviewed_by"].startswith("key-") and API_KEY not in row["reviewed_by"]
+    box = json.loads(row["final_box"])
+    w, h = int(row["width"]), int(row["height"])
+    assert box == pytest.approx([w * 0.25, h * 0.25, w * 0.5, h * 0.5], abs=max(w, h) * 0.03)
+    assert row["final_box"] != row["model_box"]
+    coco = page.request.get(f"/ui/jobs/{job}/export.coco.json").json()
+    image = next(im for im in coco["images"] if im["file_name"] == row["path"])
+    ann = next(a for a in coco["annotations"] if a["image_id"] == image["id"])
+    assert ann["bbox"] == pytest.approx([box[0], box[1], box[2] - box[0], box[3] - box[1]], abs=0.2)
+    assert "notes.jpg" not in {im["file_name"] for im in coco["images"]}  # unreadable: no COCO image
+
+
+def test_a_post_without_the_csrf_token_is_refused(page):
+    job = page.url.split("/ui/jobs/")[1].split("/")[0]
+    item = page.url.split("/items/")[1].split("?")[0]
+    r = page.request.post(f"/ui/jobs/{job}/items/{item}/decision", data={"label": "regular"})
+    assert r.status == 403 and r.json()["error"]["code"] == "csrf"
+    r = page.request.post(f"/ui/jobs/{job}/apply", form={"csrf": "forged"})
+    assert r.status == 403
+
+
+def test_image_routes_refuse_anything_but_an_item_of_the_job(page):
+    job = page.url.split("/ui/jobs/")[1].split("/")[0]
+    for url in (f"/ui/jobs/{job}/items/999999/full.jpg", f"/ui/jobs/{job}/items/..%2F..%2Fetc%2Fpasswd/full.jpg",
+                "/ui/jobs/nojob/items/1/full.jpg", f"/ui/jobs/{job}/items/1/..%2F..%2Fjobs.sqlite"):
+        r = page.request.get(url)
+        assert r.status in (404, 422), (url, r.status)
+        assert r.headers["content-type"].startswith("application/json")
+
+
+def test_docs_render_their_operations_with_no_network(browser, server, screenshots_dir):  # noqa: F811
+    ctx = browser.new_context(base_url=server.url)
+    outside: list[str] = []
+
+    def only_loopback(route):
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    ctx.route("**/*", only_loopback)
+    page = ctx.new_page()
+    page.goto("/docs")
+    expect(page.locator(".opblock").first).to_be_visible(timeout=30_000)
+    assert page.locator(".opblock").count() >= 8
+    page.screenshot(path=screenshots_dir / "docs.png")
+    ctx.close()
+    assert outside == []
+
+
+def test_the_upload_page_fits_a_phone_screen(browser, server, photos, screenshots_dir):  # noqa: F811
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, base_url=server.url, is_mobile=True,
+                              has_touch=True)
+    page = ctx.new_page()
+    _sign_in(page, API_KEY)
+    expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
+    page.set_input_files("#files", [str(sorted((photos / "collection").rglob("*.jpg"))[5])])
+    expect(page.locator("#status")).to_have_text("1 photo(s) checked.", timeout=60_000)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    page.screenshot(path=screenshots_dir / "upload-phone.png", full_page=True)
+    ctx.close()
+
+
+def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
+    ctx = browser.new_context(base_url=server.url)
+    page = ctx.new_page()
+    page.goto("/ui/login")
+    page.keyboard.type(API_KEY)  # the key field has focus on arrival
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
+    page.keyboard.press("Tab")  # first stop: the skip link
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    ctx.close()

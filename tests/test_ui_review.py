@@ -1,0 +1,156 @@
+"""What the review pages compute, without a browser: the grid's order, filters and pages, the
+decision log with undo, and the three exports (manifest, COCO, quarantine)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from pipelines.data.coco import load_coco, validate_coco
+from pipelines.engine.qc_result import Label, QCResult
+from service.jobs.reviews import ReviewStore, class_of, final_of
+from service.jobs.store import ItemSummary
+from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
+from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of, what_if_points
+
+T = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="resnest")
+
+
+def _summary(item: int, path: str, label: str, prob: float | None = None, kind: str | None = None,
+             cervix: float | None = None) -> ItemSummary:
+    cropped = label in ("regular", "non_regular")
+    return ItemSummary(item, path, label, kind, 1.0 if cropped else None, prob, cervix, None,
+                       [1, 1, 9, 9] if cropped else None, 10, 10, None if label != "unreadable" else "not an image")
+
+
+ITEMS = [_summary(1, "a/far.jpg", "regular", 0.05), _summary(2, "a/near.jpg", "non_regular", 0.52, "green"),
+         _summary(3, "b/mid.jpg", "regular", 0.35), _summary(4, "b/none.jpg", "no_cervix", cervix=0.39),
+         _summary(5, "top.jpg", "unreadable"), _summary(6, "b/iod.jpg", "non_regular", 0.9, "iodine")]
+
+
+def test_the_grid_shows_the_images_closest_to_their_threshold_first():
+    grid = build_grid(ITEMS, {}, T, GridQuery())
+    assert [c.path for c in grid.cards] == ["b/none.jpg", "a/near.jpg", "b/mid.jpg", "b/iod.jpg", "a/far.jpg",
+                                            "top.jpg"]
+    assert grid.by_label == {"regular": 2, "non_regular": 2, "no_cervix": 1, "unreadable": 1}
+    assert grid.by_source == {"(top)": {"unreadable": 1}, "a": {"regular": 1, "non_regular": 1},
+                              "b": {"regular": 1, "no_cervix": 1, "non_regular": 1}}
+
+
+def test_the_grid_pages_and_a_page_past_the_end_shows_the_last():
+    grid = build_grid(ITEMS, {}, T, GridQuery(page=9), page_size=4)
+    assert (grid.page, grid.pages, grid.matching, len(grid.cards)) == (2, 2, 6, 2)
+
+
+@pytest.mark.parametrize(("query", "paths"), [
+    (GridQuery(label="non_regular"), {"a/near.jpg", "b/iod.jpg"}),
+    (GridQuery(kind="iodine"), {"b/iod.jpg"}),
+    (GridQuery(source="a"), {"a/far.jpg", "a/near.jpg"}),
+    (GridQuery(score_min=0.3, score_max=0.6), {"a/near.jpg", "b/mid.jpg"}),
+    (GridQuery(reviewed=True), {"b/mid.jpg"}),
+    (GridQuery(reviewed=False, label="regular"), {"a/far.jpg"}),
+])
+def test_each_filter_keeps_only_its_images(query, paths):
+    from service.jobs.reviews import Reviewed
+
+    grid = build_grid(ITEMS, {3: Reviewed(label="green")}, T, query)
+    assert {c.path for c in grid.cards} == paths
+
+
+def test_next_and_previous_walk_the_grid_order_under_the_same_filter():
+    assert neighbours(ITEMS, {}, T, GridQuery(label="regular"), 3) == (None, 1)
+    assert neighbours(ITEMS, {}, T, GridQuery(label="regular"), 1) == (3, None)
+
+
+def test_the_what_if_points_are_the_stage2_scores_of_cropped_images_only():
+    assert what_if_points(ITEMS) == [[1.0, 0.05], [1.0, 0.52], [1.0, 0.35], [1.0, 0.9]]
+
+
+def test_the_source_is_the_first_folder():
+    assert [source_of(p) for p in ("clinic/2019/x.jpg", "x.jpg", "/abs/y.jpg")] == ["clinic", "(top)", "abs"]
+
+
+def test_a_decision_keeps_who_and_old_to_new_and_undo_restores_the_one_before(tmp_path):
+    store = ReviewStore(tmp_path / "jobs.sqlite")
+    store.decide("j", 7, "a.jpg", "key-1", "label", "regular", "green")
+    store.decide("j", 7, "a.jpg", "key-2", "label", "green", "no_cervix")
+    store.decide("j", 7, "a.jpg", "key-2", "box", [0, 0, 5, 5], [1, 1, 4, 4])
+    assert store.reviewed("j")[7].label == "no_cervix" and store.reviewed("j")[7].box == [1, 1, 4, 4]
+    store.undo("j", 7)
+    store.undo("j", 7)
+    live = store.reviewed("j")[7]
+    assert (live.label, live.box, live.who) == ("green", None, "key-1")
+    history = store.history("j", 7)
+    assert [(d.who, d.old, d.new, d.undone_at is not None) for d in history] == [
+        ("key-1", "regular", "green", False), ("key-2", "green", "no_cervix", True),
+        ("key-2", "[0, 0, 5, 5]", "[1, 1, 4, 4]", True)]
+    store.undo("j", 7)
+    assert store.reviewed("j") == {} and store.undo("j", 7) is None
+    with pytest.raises(ValueError, match="label must be one of"):
+        store.decide("j", 7, "a.jpg", "key-1", "label", "regular", "purple")
+
+
+def _record(path: str, label: Label, kind: str | None = None, box=None) -> QCResult:
+    return QCResult(path=path, label=label, kind=kind, cervix_box=box, width=100, height=80, sha256="ab" * 32)
+
+
+def _reviewed(tmp_path):
+    store = ReviewStore(tmp_path / "jobs.sqlite")
+    rows = [(1, _record("a/reg.jpg", Label.REGULAR, box=[10, 10, 50, 50])),
+            (2, _record("a/green.jpg", Label.NON_REGULAR, "green", [20, 20, 60, 60])),
+            (3, _record("b/none.jpg", Label.NO_CERVIX)),
+            (4, QCResult(path="b/bad.jpg", label=Label.UNREADABLE, error="not an image"))]
+    store.decide("j", 1, "a/reg.jpg", "key-1", "label", "regular", "iodine")
+    store.decide("j", 1, "a/reg.jpg", "key-1", "box", [10, 10, 50, 50], [12, 8, 48, 52])
+    store.decide("j", 2, "a/green.jpg", "key-1", "label", "green", "regular")
+    store.decide("j", 3, "b/none.jpg", "key-1", "label", "no_cervix", "regular")
+    return rows, store.reviewed("j")
+
+
+def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path):
+    rows, reviews = _reviewed(tmp_path)
+    out = list(csv.DictReader(io.StringIO("".join(manifest_lines(rows, reviews)))))
+    assert [(r["model_label"], r["reviewed_label"], r["final_label"], r["final_kind"]) for r in out] == [
+        ("regular", "iodine", "non_regular", "iodine"), ("non_regular", "regular", "regular", ""),
+        ("no_cervix", "regular", "regular", ""), ("unreadable", "", "unreadable", "")]
+    assert json.loads(out[0]["final_box"]) == [12, 8, 48, 52] and json.loads(out[1]["final_box"]) == [20, 20, 60, 60]
+    assert out[2]["final_box"] == ""  # reviewed as regular but nobody drew its box: none to export
+
+
+def test_the_coco_export_loads_and_holds_corrected_boxes_and_negatives(tmp_path):
+    rows, reviews = _reviewed(tmp_path)
+    path = tmp_path / "boxes.json"
+    path.write_text(coco_of(rows, reviews).model_dump_json())
+    ds = load_coco(path)
+    assert validate_coco(ds) == []
+    boxes = ds.boxes_by_file("cervix")
+    assert boxes == {"a/reg.jpg": [[12, 8, 48, 52]], "a/green.jpg": [[20, 20, 60, 60]], "b/none.jpg": []}
+
+
+def test_a_final_class_without_a_cervix_has_no_box():
+    r = _record("x.jpg", Label.REGULAR, box=[1, 2, 3, 4])
+    assert final_of(r, None) == ("regular", [1, 2, 3, 4])
+    from service.jobs.reviews import Reviewed
+
+    assert final_of(r, Reviewed(label="no_cervix")) == ("no_cervix", None)
+    assert class_of("non_regular", None) == "non_regular"
+
+
+def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp_path):
+    rows, reviews = _reviewed(tmp_path)
+    root, q = tmp_path / "data", tmp_path / "q"
+    for _, r in rows:
+        (root / r.path).parent.mkdir(parents=True, exist_ok=True)
+        (root / r.path).write_bytes(r.path.encode())
+    for folder, rel in (("non_regular", "a/green.jpg"), ("no_cervix", "b/none.jpg"), ("unreadable", "b/bad.jpg")):
+        (q / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (q / folder / rel).write_bytes(rel.encode())
+    done = apply_to_quarantine(root, q, rows, reviews)
+    assert (done.added, done.removed) == (1, 2)
+    assert sorted(str(p.relative_to(q)) for p in q.rglob("*.jpg")) == ["non_regular/a/reg.jpg",
+                                                                      "unreadable/b/bad.jpg"]
+    assert sorted(p.read_bytes() for p in root.rglob("*.jpg")) == sorted(r.path.encode() for _, r in rows)
+    assert not (q / "non_regular/a/reg.jpg").samefile(root / "a/reg.jpg")  # a copy, not a link

@@ -1,0 +1,135 @@
+"""Sessions, CSRF and the image routes' confinement over real HTTP (uvicorn on loopback)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import time
+
+import httpx
+import pytest
+
+from tests.qc_fixtures import fuzz_set, tiny_weights
+from tests.service_server import API_KEY, HEADERS, sign_in, start_server
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cases = fuzz_set()
+    for name in ("ok.jpg", "gray.jpg", "exif6.jpg"):
+        (root / "set" / "site").mkdir(parents=True, exist_ok=True)
+        (root / "set" / "site" / name).write_bytes(cases[name][0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, data_root):
+    srv = start_server(tmp_path_factory.mktemp("srv"), tiny_weights(tmp_path_factory.mktemp("w"), 0.0),
+                       data_roots=data_root)
+    yield srv
+    srv.kill()
+
+
+def _signed_in(server, **headers) -> tuple[httpx.Client, str]:
+    c = httpx.Client(base_url=server.url, headers=headers)
+    r = sign_in(c, next_url="/ui/jobs")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
+    csrf = re.search(r'data-csrf="([^"]+)"', c.get("/ui/jobs").text).group(1)
+    return c, csrf
+
+
+def _finished_job(server, source: str) -> str:
+    with server.client() as api:
+        job = api.post("/v1/jobs", json={"source": source}).json()["id"]
+        for _ in range(300):
+            if api.get(f"/v1/jobs/{job}").json()["status"] == "done":
+                return job
+            time.sleep(0.2)
+    raise AssertionError("job did not finish")
+
+
+def test_the_session_cookie_is_httponly_strict_and_secure_behind_https(server):
+    https = {"X-Forwarded-Proto": "https"}  # uvicorn trusts a loopback proxy's headers
+    page = httpx.get(f"{server.url}/ui/login", headers=https)
+    assert "Secure" in page.headers["set-cookie"]
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    # the client keeps a Secure cookie off plain http, as a browser would: sent by hand here
+    r = httpx.post(f"{server.url}/ui/login", data={"api_key": API_KEY, "csrf": token, "next": ""},
+                   headers={**https, "Cookie": f"cervixqc_login_csrf={token}"})
+    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith("cervixqc_session="))
+    assert all(flag in cookie for flag in ("HttpOnly", "SameSite=strict", "Secure", "Path=/ui"))
+    assert API_KEY not in cookie
+
+
+def test_a_forged_or_missing_session_gets_sign_in_not_a_page(server):
+    c = httpx.Client(base_url=server.url, cookies={"cervixqc_session": "eyJ3aG8iOiAiYWRtaW4ifQ==.deadbeef"})
+    r = c.get("/ui/jobs", headers={"Accept": "text/html"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
+    assert c.get("/ui/jobs/x/status.json").status_code == 401  # a script's request: 401, not a redirect
+
+
+def test_sign_in_needs_its_form_token_and_never_redirects_off_site(server):
+    c = httpx.Client(base_url=server.url)
+    r = c.post("/ui/login", data={"api_key": API_KEY, "csrf": "made-up", "next": ""})
+    assert r.status_code == 303 and "error=expired" in r.headers["location"]
+    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/../../x"):
+        r = sign_in(c, next_url=target)
+        assert r.headers["location"] in ("/ui/upload", "/ui/../../x") and "evil" not in r.headers["location"]
+
+
+def test_the_session_does_not_open_the_json_api(server):
+    c, _ = _signed_in(server)
+    assert c.get("/v1/jobs").status_code == 401
+
+
+def test_sign_out_ends_the_session_and_needs_its_token(server):
+    c, csrf = _signed_in(server)
+    assert c.post("/ui/logout").status_code == 403
+    assert c.post("/ui/logout", data={"csrf": csrf}).status_code == 303
+    assert c.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303
+
+
+def test_the_signing_secret_is_private_to_the_service(server):
+    secret = server.env["CERVIXQC_STATE_DIR"] + "/session-secret"
+    assert stat.S_IMODE(__import__("os").stat(secret).st_mode) == 0o600
+
+
+def test_an_item_whose_file_now_links_outside_the_roots_is_not_served(server, data_root, tmp_path):
+    shutil.copytree(data_root / "set", data_root / "linked")
+    job = _finished_job(server, "linked")
+    c, _ = _signed_in(server)
+    items = sorted(int(i) for i in re.findall(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text))
+    assert c.get(f"/ui/jobs/{job}/items/{items[0]}/full.jpg").status_code == 200
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(fuzz_set()["ok.jpg"][0])
+    for f in (data_root / "linked" / "site").iterdir():
+        f.unlink()
+        f.symlink_to(outside)
+    r = c.get(f"/ui/jobs/{job}/items/{items[1]}/full.jpg")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "path_forbidden"
+
+
+def test_an_item_is_only_reachable_through_its_own_job(server):
+    job_a, job_b = _finished_job(server, "set"), _finished_job(server, "set")
+    c, csrf = _signed_in(server)
+    item_a = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job_a}/review").text).group(1)
+    assert c.get(f"/ui/jobs/{job_b}/items/{item_a}/thumb.jpg").status_code == 404
+    r = c.post(f"/ui/jobs/{job_b}/items/{item_a}/decision", json={"label": "regular"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 404
+    with httpx.Client(base_url=server.url, headers=HEADERS) as api:
+        assert api.get(f"/v1/jobs/{job_a}").status_code == 200  # the API is unchanged by the pages
+
+
+def test_a_box_outside_the_photo_is_refused(server):
+    job = _finished_job(server, "set")
+    c, csrf = _signed_in(server)
+    item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
+    for box in ([0, 0, 1e6, 10], [30, 30, 10, 10], [-1, 0, 10, 10]):
+        r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"box": box}, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_box"
+    r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "purple"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 422
