@@ -252,4 +252,21 @@ def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
     expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
     page.keyboard.press("Tab")  # first stop: the skip link
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    job = page.request.get("/ui/jobs").text().split('data-job="')[1].split('"')[0]
+    page.goto(f"/ui/jobs/{job}/review?label=non_regular")
+    page.locator("#grid .card a").last.focus()
+    page.keyboard.press("Enter")  # the focused card's link
+    expect(page.locator("#photo")).to_be_visible()
+    item = page.locator("#item")
+    w, h = int(item.get_attribute("data-width")), int(item.get_attribute("data-height"))
+    before = json.loads(page.locator("#model").inner_text())["box"]
+    page.keyboard.press("b")  # box mode: two steps right, one step taller, Enter saves
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Shift+ArrowDown")
+    page.keyboard.press("Enter")
+    expect(page.locator(".history li")).to_have_count(1)
+    after = json.loads(page.locator("#model").inner_text())["box"]
+    dx = min(2 * w / 100, w - before[2])
+    assert after == pytest.approx([before[0] + dx, before[1], before[2] + dx, min(h, before[3] + h / 100)], abs=0.11)
     ctx.close()

@@ -101,7 +101,8 @@ def _reviewed(tmp_path):
     store = ReviewStore(tmp_path / "jobs.sqlite")
     rows = [(1, _record("a/reg.jpg", Label.REGULAR, box=[10, 10, 50, 50])),
             (2, _record("a/green.jpg", Label.NON_REGULAR, "green", [20, 20, 60, 60])),
-            (3, _record("b/none.jpg", Label.NO_CERVIX)),
+            (3, _record("b/none.jpg", Label.NO_CERVIX).model_copy(
+                update={"duplicate_group": 4, "duplicate_of": "a/reg.jpg", "duplicate_kind": "near"})),
             (4, QCResult(path="b/bad.jpg", label=Label.UNREADABLE, error="not an image"))]
     store.decide("j", 1, "a/reg.jpg", "key-1", "label", "regular", "iodine")
     store.decide("j", 1, "a/reg.jpg", "key-1", "box", [10, 10, 50, 50], [12, 8, 48, 52])
@@ -118,6 +119,7 @@ def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path)
         ("no_cervix", "regular", "regular", ""), ("unreadable", "", "unreadable", "")]
     assert json.loads(out[0]["final_box"]) == [12, 8, 48, 52] and json.loads(out[1]["final_box"]) == [20, 20, 60, 60]
     assert out[2]["final_box"] == ""  # reviewed as regular but nobody drew its box: none to export
+    assert (out[2]["duplicate_group"], out[2]["duplicate_of"], out[2]["duplicate_kind"]) == ("4", "a/reg.jpg", "near")
 
 
 def test_the_coco_export_loads_and_holds_corrected_boxes_and_negatives(tmp_path):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
                    "model_box", "reviewed_label", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
-                   "final_kind", "final_box", "flags"]
+                   "final_kind", "final_box", "flags", "duplicate_group", "duplicate_of", "duplicate_kind"]
 
 
 def _box(b: list[float] | None) -> str:
@@ -47,7 +47,8 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
                       "reviewed_label": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
                       "reviewed_by": rev.who if rev else "", "reviewed_at": f"{rev.at:.3f}" if rev else "",
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
-                      "flags": ";".join(r.flags())})
+                      "flags": ";".join(r.flags()), "duplicate_group": r.duplicate_group,
+                      "duplicate_of": r.duplicate_of or "", "duplicate_kind": r.duplicate_kind or ""})
         if n % 500 == 0:
             yield buf.getvalue()
             buf.seek(0)

@@ -10,6 +10,8 @@
 #             code-only change to time the cached rebuild.
 #  3. run     each image with a key on a loopback port: user 10001, /readyz, the image's own
 #             HEALTHCHECK, 401 without a key, 200 for one upload.
+#  3c offline the CPU image saved to a file and loaded where no image was ever pulled (podman: an
+#             empty image store of its own; docker: the tag removed and loaded back), then run.
 #  4. compose the cpu profile on a small job, the container killed (SIGKILL) mid-job and brought
 #             back with `up`: the job finishes with every file once (no lost, no duplicate row).
 #
@@ -87,6 +89,11 @@ cleanup() {
     fi
     for c in "${CONTAINERS[@]}"; do E rm -f "$c" >/dev/null 2>&1; done
     for i in "${IMAGES_TO_REMOVE[@]}"; do E rmi -f "$i" >/dev/null 2>&1; done
+    if [ -n "${OFFLINE_STORE:-}" ]; then
+        podman --root "$OFFLINE_STORE/root" --runroot "$OFFLINE_STORE/run" rm -af >/dev/null 2>&1
+        podman --root "$OFFLINE_STORE/root" --runroot "$OFFLINE_STORE/run" rmi -af >/dev/null 2>&1
+        rm -rf "$OFFLINE_STORE" "$WORK/offline.tar"
+    fi
     if [ "$rc" = 0 ]; then
         echo; echo "image-check: all checks passed in $(($(date +%s) - T0)) s"
         printf '  %s\n' "${SUMMARY[@]}"
@@ -245,6 +252,40 @@ sys.exit(m.get('deep_sad') != '$want')" || fail "$tag: /v1/models does not show 
     E rm -f "$cid" >/dev/null
 }
 check_mounted_weights "$TAG_CPU"
+
+# --- 3c. offline install: save to a file, load where nothing was ever pulled, run ---------------
+check_offline_install() {  # tag
+    local tag=$1 tar=$WORK/offline.tar url=http://127.0.0.1:$PORT t cid code
+    rm -f "$tar"
+    t=$(date +%s)
+    if [ "$ENGINE" = podman ]; then E save --format docker-archive -o "$tar" "$tag"; else E save -o "$tar" "$tag"; fi
+    record "offline install: $ENGINE save $tag -> $(du -h "$tar" | cut -f1) file in $(($(date +%s) - t)) s"
+    local -a L=("$ENGINE")
+    if [ "$ENGINE" = podman ]; then
+        # a store of its own, empty: what a site's server that never reached a registry holds
+        OFFLINE_STORE=$WORK/offline-store
+        rm -rf "$OFFLINE_STORE"
+        L=(podman --root "$OFFLINE_STORE/root" --runroot "$OFFLINE_STORE/run")
+        [ -z "$("${L[@]}" images -q)" ] || fail "offline: the private store is not empty"
+    else
+        E rmi "$tag" >/dev/null || fail "offline: could not remove $tag before loading it back"
+    fi
+    t=$(date +%s)
+    "${L[@]}" load -i "$tar" 2> >(grep -v 'systemd connection' >&2) | tail -1
+    record "  $ENGINE load from the file: $(($(date +%s) - t)) s; the store now holds: $("${L[@]}" images --format '{{.Repository}}:{{.Tag}}' | tr '\n' ' ')"
+    t=$(date +%s.%N)
+    cid=$("${L[@]}" run -d -p "127.0.0.1:$PORT:8000" -e CERVIXQC_API_KEYS="$KEY" "$tag" 2> >(grep -v 'systemd connection' >&2))
+    wait_ready "$url" 180 || { "${L[@]}" logs "$cid" | tail -20; "${L[@]}" rm -f "$cid"; fail "offline: the loaded image did not become ready"; }
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-API-Key: $KEY" -F "files=@$DATA/batch/img0000.jpg" "$url/v1/qc")
+    "${L[@]}" rm -f "$cid" >/dev/null 2>&1
+    [ "$code" = 200 ] || fail "offline: upload to the loaded image gave $code"
+    record "  the loaded image runs: ready in $(since "$t") s, upload 200"
+    if [ "$ENGINE" = podman ]; then
+        "${L[@]}" rmi -af >/dev/null 2>&1; rm -rf "$OFFLINE_STORE"; OFFLINE_STORE=
+    fi
+    rm -f "$tar"
+}
+check_offline_install "$TAG_CPU"
 
 # --- 4. compose: the cpu profile, a job, SIGKILL mid-job, up again -------------------------------
 if [ "$ENGINE" = docker ]; then

@@ -22,8 +22,36 @@
   document.querySelectorAll(".keys button[data-label]").forEach(b => b.addEventListener("click", () => label(b.dataset.label)));
   document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {}, "undo"));
 
+  // the box with the keyboard alone: b starts editing (the current box, or a centred one),
+  // arrows move it by 1% of the photo, Shift+arrows grow or shrink it, Enter saves, Esc cancels
+  let editing = null;
+  function keyboardBox(e) {
+    const dx = W / 100, dy = H / 100, b = editing;
+    const moves = {ArrowLeft: [-dx, 0], ArrowRight: [dx, 0], ArrowUp: [0, -dy], ArrowDown: [0, dy]};
+    if (e.key === "Escape") { editing = null; location.reload(); return; }
+    if (e.key === "Enter") { const done = editing; editing = null;
+      send(base + "/decision", {box: done.map(v => Math.round(v * 10) / 10)}, "box"); return; }
+    const m = moves[e.key];
+    if (!m) return;
+    if (e.shiftKey) { b[2] = Math.min(W, Math.max(b[0] + dx, b[2] + m[0])); b[3] = Math.min(H, Math.max(b[1] + dy, b[3] + m[1])); }
+    else {
+      const sx = Math.min(Math.max(m[0], -b[0]), W - b[2]), sy = Math.min(Math.max(m[1], -b[1]), H - b[3]);
+      b[0] += sx; b[2] += sx; b[1] += sy; b[3] += sy;
+    }
+    placeBox(box, b, W, H);
+    saved.textContent = "Editing the box: arrows move, Shift+arrows resize, Enter saves, Esc cancels.";
+  }
+
   document.addEventListener("keydown", e => {
     if (e.target.closest("input, select, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (editing) { e.preventDefault(); keyboardBox(e); return; }
+    if (e.key === "b" && W && H) {
+      e.preventDefault();
+      editing = model.box ? model.box.slice() : [W / 4, H / 4, 3 * W / 4, 3 * H / 4];
+      placeBox(box, editing, W, H);
+      saved.textContent = "Editing the box: arrows move, Shift+arrows resize, Enter saves, Esc cancels.";
+      return;
+    }
     const n = parseInt(e.key, 10);
     if (n >= 1 && n <= 5) { e.preventDefault(); label(CLASSES[n - 1]); }
     else if (e.key === "Enter" && !e.target.closest("a, button")) {
