@@ -21,6 +21,19 @@ from tests.qc_fixtures import tiny_weights
 from tests.service_server import API_KEY, start_server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+expect.set_options(timeout=15_000)  # CI's 2 cores may be busy with another server
+
+
+def _keys_on(page: Page) -> None:
+    """The image page's key listeners are attached (item.js marks <html>): a key pressed before
+    would go unheard."""
+    expect(page.locator("html[data-keys=on]")).to_have_count(1)
+
+
+def _shows(page: Page, locator: str, text: str) -> None:
+    """The page answered (a decision reloads it) and the new page listens again."""
+    expect(page.locator(locator)).to_have_text(text)
+    _keys_on(page)
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +162,15 @@ def test_a_label_is_overridden_with_the_keyboard_and_undone(page, screenshots_di
     _open_review(page)
     page.locator("#grid .card a").first.click()  # the image closest to the threshold
     expect(page.locator("#photo")).to_be_visible()
+    _keys_on(page)
     page.keyboard.press("2")  # green
-    expect(page.locator("#final")).to_have_text("non-regular: green filter")
+    _shows(page, "#final", "non-regular: green filter")
     page.keyboard.press("1")
-    expect(page.locator("#final")).to_have_text("regular")
+    _shows(page, "#final", "regular")
     page.keyboard.press("u")  # back to green
-    expect(page.locator("#final")).to_have_text("non-regular: green filter")
+    _shows(page, "#final", "non-regular: green filter")
     expect(page.locator(".history li.undone")).to_have_count(1)
-    assert "→ non-regular: green filter" in page.locator(".history li").first.inner_text()
+    assert "→ non-regular: green filter" in page.locator(".history li.decision").first.inner_text()
     page.screenshot(path=screenshots_dir / "item.png", full_page=True)
 
 
@@ -167,8 +181,8 @@ def test_a_box_is_corrected_by_dragging_on_the_photo(page):
     page.mouse.down()
     page.mouse.move(b["x"] + b["width"] * 0.5, b["y"] + b["height"] * 0.5, steps=5)
     page.mouse.up()
-    expect(page.locator(".history li")).to_have_count(3)
-    assert "box" in page.locator(".history li").nth(2).inner_text()
+    expect(page.locator(".history li.decision")).to_have_count(3)
+    assert "box" in page.locator(".history li.decision").nth(2).inner_text()
 
 
 def test_both_corrections_are_in_the_csv_and_the_coco_export(page):
@@ -191,9 +205,26 @@ def test_both_corrections_are_in_the_csv_and_the_coco_export(page):
     assert "notes.jpg" not in {im["file_name"] for im in coco["images"]}  # unreadable: no COCO image
 
 
+def test_applying_the_review_puts_a_copy_in_the_final_labels_folder(page, server, photos):
+    job = page.url.split("/ui/jobs/")[1].split("/")[0]
+    rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
+    row = next(r for r in rows if not r["reviewed_label"] and r["model_label"] == "non_regular")
+    page.goto(f"/ui/jobs/{job}/items/{row['item']}")
+    _keys_on(page)
+    page.keyboard.press("4")  # no cervix
+    _shows(page, "#final", "no cervix")
+    page.goto(f"/ui/jobs/{job}/review")
+    page.get_by_role("button", name="Apply final labels to the quarantine").click()
+    expect(page.get_by_role("status").last).to_contain_text("copies added")
+    quarantine = Path(server.env["CERVIXQC_STATE_DIR"]) / "quarantine" / f"job-{job}"
+    original = photos / "collection" / row["path"]
+    assert (quarantine / "no_cervix" / row["path"]).read_bytes() == original.read_bytes()
+    assert original.is_file()  # a copy: the original stays where it was
+
+
 def test_a_post_without_the_csrf_token_is_refused(page):
     job = page.url.split("/ui/jobs/")[1].split("/")[0]
-    item = page.url.split("/items/")[1].split("?")[0]
+    item = re.search(r"/items/(\d+)", page.content()).group(1)
     r = page.request.post(f"/ui/jobs/{job}/items/{item}/decision", data={"label": "regular"})
     assert r.status == 403 and r.json()["error"]["code"] == "csrf"
     r = page.request.post(f"/ui/jobs/{job}/apply", form={"csrf": "forged"})
@@ -257,15 +288,18 @@ def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
     page.locator("#grid .card a").last.focus()
     page.keyboard.press("Enter")  # the focused card's link
     expect(page.locator("#photo")).to_be_visible()
+    _keys_on(page)
     item = page.locator("#item")
     w, h = int(item.get_attribute("data-width")), int(item.get_attribute("data-height"))
     before = json.loads(page.locator("#model").inner_text())["box"]
+    decisions = page.locator(".history li.decision").count()
     page.keyboard.press("b")  # box mode: two steps right, one step taller, Enter saves
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     page.keyboard.press("Shift+ArrowDown")
     page.keyboard.press("Enter")
-    expect(page.locator(".history li")).to_have_count(1)
+    expect(page.locator(".history li.decision")).to_have_count(decisions + 1)
+    _keys_on(page)
     after = json.loads(page.locator("#model").inner_text())["box"]
     dx = min(2 * w / 100, w - before[2])
     assert after == pytest.approx([before[0] + dx, before[1], before[2] + dx, min(h, before[3] + h / 100)], abs=0.11)

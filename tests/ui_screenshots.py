@@ -54,7 +54,7 @@ def main() -> None:
                 page.locator("#grid .card:has(.box) a").first.click()  # the first with a cervix box
                 page.wait_for_load_state("networkidle")
                 page.keyboard.press("2")
-                expect(page.locator(".history li")).to_have_count(1)
+                expect(page.locator(".history li.decision")).to_have_count(1)
                 page.screenshot(path=args.out / "ui-item.png")
                 browser.close()
         finally:

@@ -64,6 +64,7 @@
     else if (e.key === "ArrowLeft" && root.dataset.prev) location.href = root.dataset.prev;
   });
 
+  document.documentElement.dataset.keys = "on";  // listeners attached: the tests wait for this
   if (!W || !H) return;
   let start = null;
   const at = e => { const r = stage.getBoundingClientRect();
