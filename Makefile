@@ -33,26 +33,32 @@ serve: install $(API_KEY_FILE)
 	@echo "cervixqc: API key in $(API_KEY_FILE) (send it as X-API-Key); docs at http://127.0.0.1:8000/docs"
 	CERVIXQC_API_KEYS_FILE=$${CERVIXQC_API_KEYS_FILE:-$(API_KEY_FILE)} $(UV) run --locked --no-sync cervixqc serve
 
-# The browser tests (tests/browser.py) drive Debian's Chromium through Playwright: Playwright's own
-# browser download (`playwright install`) needs hosts that this network does not reach, Debian's
-# mirrors it does. Installed here only when missing, since CI runs `make test` on a fresh machine
-# (as root; sudo is used otherwise). CERVIXQC_CHROMIUM points the tests at another build instead.
+# The browser tests drive Debian's Chromium through Playwright (tests/browser.py) and Debian's
+# Firefox ESR through the WebDriver BiDi protocol built into Firefox (tests/firefox_bidi.py; no
+# geckodriver). Playwright's own browser download and geckodriver's need hosts this network does
+# not reach, Debian's mirrors it does. Installed here only when missing, since CI runs `make
+# test` on a fresh machine (as root; sudo is used otherwise). CERVIXQC_CHROMIUM and
+# CERVIXQC_FIREFOX point the tests at other builds instead.
 CHROMIUM := $(or $(CERVIXQC_CHROMIUM),/usr/bin/chromium)
+FIREFOX := $(or $(CERVIXQC_FIREFOX),/usr/bin/firefox-esr)
 browser:
-	@test -x "$(CHROMIUM)" || { \
-	  if [ "$(CHROMIUM)" != /usr/bin/chromium ]; then \
-	    echo "CERVIXQC_CHROMIUM=$(CHROMIUM) is not an executable file" >&2; exit 1; fi; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	  elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; \
-	  else echo "The browser tests need Chromium at /usr/bin/chromium: as root run" \
-	    "'apt-get install chromium' (Debian/Ubuntu), or set CERVIXQC_CHROMIUM to a Chromium binary" >&2; \
-	    exit 1; fi; \
-	  echo "Installing Debian's chromium for the browser tests (apt-get)"; \
-	  $$SUDO apt-get update -qq && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || { \
-	    echo "Installing chromium with apt-get failed: run 'apt-get install chromium' as root," \
-	      "or set CERVIXQC_CHROMIUM to a Chromium binary" >&2; exit 1; }; \
-	}
+	@missing=; \
+	for spec in "chromium $(CHROMIUM) /usr/bin/chromium CERVIXQC_CHROMIUM" \
+	            "firefox-esr $(FIREFOX) /usr/bin/firefox-esr CERVIXQC_FIREFOX"; do \
+	  set -- $$spec; \
+	  test -x "$$2" && continue; \
+	  if [ "$$2" != "$$3" ]; then echo "$$4=$$2 is not an executable file" >&2; exit 1; fi; \
+	  missing="$$missing $$1"; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; \
+	else echo "The browser tests need$$missing: as root run 'apt-get install$$missing' (Debian/Ubuntu)," \
+	  "or set CERVIXQC_CHROMIUM / CERVIXQC_FIREFOX to the browsers' binaries" >&2; exit 1; fi; \
+	echo "Installing Debian's$$missing for the browser tests (apt-get)"; \
+	$$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || { \
+	  echo "Installing$$missing with apt-get failed: run 'apt-get install$$missing' as root" >&2; exit 1; }
 
 test: install browser
 	$(UV) run --locked --no-sync pytest

@@ -9,16 +9,14 @@ import csv
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from pipelines.data.synth import PRESETS, generate
 from tests.browser import browser, screenshots_dir  # noqa: F401  (pytest fixtures)
-from tests.qc_fixtures import tiny_weights
-from tests.service_server import API_KEY, start_server
+from tests.service_server import API_KEY
+from tests.ui_fixtures import page_server, synthetic_collection
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 expect.set_options(timeout=15_000)  # CI's 2 cores may be busy with another server
@@ -38,20 +36,12 @@ def _shows(page: Page, locator: str, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    """Synthetic scenes filed by source (field/, clinic/, ...) as a site files its collection, plus
-    one file that is not an image."""
-    ds = generate(PRESETS["tiny"], tmp_path_factory.mktemp("synth"), workers=1)
-    root = tmp_path_factory.mktemp("data")
-    shutil.copytree(ds.out_dir / "images", root / "collection")
-    (root / "collection" / "notes.jpg").write_bytes(b"not a photo")
-    return root
+    return synthetic_collection(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, photos):
-    # detector threshold 0: every readable photo gets a box, so every card must draw one
-    weights = tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
-    srv = start_server(tmp_path_factory.mktemp("srv"), weights, data_roots=photos, max_wait_ms=20)
+    srv = page_server(tmp_path_factory.mktemp("srv"), photos)
     yield srv
     srv.kill()
 

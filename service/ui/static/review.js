@@ -33,7 +33,7 @@
         ctx.lineWidth = 2; ctx.beginPath(); ctx.moveTo(x, 0); ctx.lineTo(x, H - 16); ctx.stroke(); };
       line(stored, "#a4001d", []); line(thr, "#0b5cad", [5, 4]);
       ctx.fillStyle = "#1b1f24"; ctx.setLineDash([]); ctx.font = "11px sans-serif";
-      ctx.fillText(lo.toFixed(2), 2, H - 3); ctx.fillText(hi.toFixed(2), W - 30, H - 3);
+      ctx.fillText(lo.toPrecision(3), 2, H - 3); ctx.textAlign = "right"; ctx.fillText(hi.toPrecision(3), W - 2, H - 3); ctx.textAlign = "left";
     }
     function update() {
       const thr = parseFloat(slider.value);

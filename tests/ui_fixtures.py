@@ -1,0 +1,28 @@
+"""What the page tests in both browsers serve: synthetic scenes filed by source, as a site files
+its collection, and a server whose detector boxes every readable photo."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipelines.data.synth import PRESETS, generate
+from tests.qc_fixtures import tiny_weights
+from tests.service_server import start_server
+from tests.uvicorn_process import RunningServer
+
+
+def synthetic_collection(work: Path) -> Path:
+    """A data root holding collection/<source>/<case>/*.jpg (60 scenes, seed 0) and one file that
+    is not an image, collection/notes.jpg."""
+    ds = generate(PRESETS["tiny"], work / "synth", workers=1)
+    root = work / "data"
+    shutil.copytree(ds.out_dir / "images", root / "collection")
+    (root / "collection" / "notes.jpg").write_bytes(b"not a photo")
+    return root
+
+
+def page_server(work: Path, data_root: Path) -> RunningServer:
+    # detector threshold 0: every readable photo gets a box, so every card must draw one
+    return start_server(work / "srv", tiny_weights(work / "w", detector_threshold=0.0), data_roots=data_root,
+                        max_wait_ms=20)
