@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from pipelines.data.coco import load_coco, validate_coco
+from pipelines.data.detection import CocoDetection
 from tests.browser import browser, screenshots_dir  # noqa: F401  (pytest fixtures)
 from tests.service_server import API_KEY
-from tests.ui_fixtures import page_server, synthetic_collection
+from tests.ui_fixtures import photos, server  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 expect.set_options(timeout=15_000)  # CI's 2 cores may be busy with another server
@@ -32,18 +34,6 @@ def _shows(page: Page, locator: str, text: str) -> None:
     """The page answered (a decision reloads it) and the new page listens again."""
     expect(page.locator(locator)).to_have_text(text)
     _keys_on(page)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return synthetic_collection(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, photos):
-    srv = page_server(tmp_path_factory.mktemp("srv"), photos)
-    yield srv
-    srv.kill()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +165,7 @@ def test_a_box_is_corrected_by_dragging_on_the_photo(page):
     assert "box" in page.locator(".history li.decision").nth(2).inner_text()
 
 
-def test_both_corrections_are_in_the_csv_and_the_coco_export(page):
+def test_both_corrections_are_in_the_csv_and_the_coco_export(page, photos):
     job = page.url.split("/ui/jobs/")[1].split("/")[0]
     item = int(page.url.split("/items/")[1].split("?")[0])
     rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
@@ -193,6 +183,14 @@ def test_both_corrections_are_in_the_csv_and_the_coco_export(page):
     ann = next(a for a in coco["annotations"] if a["image_id"] == image["id"])
     assert ann["bbox"] == pytest.approx([box[0], box[1], box[2] - box[0], box[3] - box[1]], abs=0.2)
     assert "notes.jpg" not in {im["file_name"] for im in coco["images"]}  # unreadable: no COCO image
+    # what train-detector reads: the file saved in the job's folder, images relative to it
+    saved = photos / "collection" / "reviewed.coco.json"
+    saved.write_text(json.dumps(coco))
+    ds = load_coco(saved)
+    assert validate_coco(ds) == []
+    data = CocoDetection(ds, saved.parent, decode_long_side=None)
+    _, target = data[next(i for i, im in enumerate(ds.images) if im.file_name == row["path"])]
+    assert target["boxes"].tolist() == [pytest.approx(box, abs=0.2)]
 
 
 def test_applying_the_review_puts_a_copy_in_the_final_labels_folder(page, server, photos):

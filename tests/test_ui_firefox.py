@@ -13,21 +13,9 @@ import pytest
 from tests.browser import screenshots_dir  # noqa: F401  (pytest fixture)
 from tests.firefox_bidi import Firefox
 from tests.service_server import API_KEY, HEADERS
-from tests.ui_fixtures import page_server, synthetic_collection
+from tests.ui_fixtures import photos, server  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return synthetic_collection(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, photos):
-    srv = page_server(tmp_path_factory.mktemp("srv"), photos)
-    yield srv
-    srv.kill()
 
 
 @pytest.fixture(scope="module")

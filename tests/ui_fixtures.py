@@ -1,10 +1,13 @@
 """What the page tests in both browsers serve: synthetic scenes filed by source, as a site files
-its collection, and a server whose detector boxes every readable photo."""
+its collection, and a server whose detector boxes every readable photo. The fixtures are
+imported into each browser test module (module scope: one server per browser)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import pytest
 
 from pipelines.data.synth import PRESETS, generate
 from tests.qc_fixtures import tiny_weights
@@ -26,3 +29,15 @@ def page_server(work: Path, data_root: Path) -> RunningServer:
     # detector threshold 0: every readable photo gets a box, so every card must draw one
     return start_server(work / "srv", tiny_weights(work / "w", detector_threshold=0.0), data_roots=data_root,
                         max_wait_ms=20)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return synthetic_collection(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, photos):
+    srv = page_server(tmp_path_factory.mktemp("srv"), photos)
+    yield srv
+    srv.kill()
