@@ -51,3 +51,20 @@ def test_duplicate_groups_land_in_their_job_records_only_and_leave_the_counts_al
     assert rows == {"x.jpg": (1, "x.jpg", "exact"), "y.jpg": (1, "x.jpg", "exact"), "z.jpg": (None, None, None)}
     assert all(r.duplicate_group is None for r in store.records(b.id))
     assert store.counts(a.id) == {"regular": 3}
+
+
+def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review_grid(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    store = JobStore(path)
+    job = store.create("src", None, "resnest", tmp_path)
+    results = [QCResult(path="a.jpg", label=Label.REGULAR, kind=None, resnest_prob=0.2, deep_sad_score=0.5,
+                        cervix_box=[1.0, 2.0, 3.0, 4.0], width=10, height=8),
+               QCResult(path="b.jpg", label=Label.UNREADABLE, error="not an image")]
+    store.add_items(job.id, results)
+    fresh = store.summaries(job.id)
+    with sqlite3.connect(path) as db:  # make it look like a version-1 file
+        db.execute("ALTER TABLE items DROP COLUMN summary")
+        db.execute("PRAGMA user_version = 1")
+    assert JobStore(path).summaries(job.id) == fresh
+    assert [(s.path, s.resnest_prob, s.cervix_box, s.error) for s in fresh] == [
+        ("a.jpg", 0.2, [1.0, 2.0, 3.0, 4.0], None), ("b.jpg", None, None, "not an image")]
