@@ -4,7 +4,7 @@ use the session cookie, and the key itself never leaves this exchange."""
 from __future__ import annotations
 
 import secrets
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
@@ -34,9 +34,9 @@ async def login_page(request: Request, next: str | None = None, error: str | Non
 async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""), next: str = Form("")):  # noqa: A002
     settings = request.app.state.settings
     if not csrf_ok(request.cookies.get(LOGIN_COOKIE, ""), csrf):
-        return RedirectResponse(f"/ui/login?error=expired&next={next}", status_code=303)
+        return RedirectResponse(f"/ui/login?error=expired&next={quote(next, safe='')}", status_code=303)
     if not (settings.auth_disabled or key_matches(settings.api_keys, api_key)):
-        return RedirectResponse(f"/ui/login?error=bad_key&next={next}", status_code=303)
+        return RedirectResponse(f"/ui/login?error=bad_key&next={quote(next, safe='')}", status_code=303)
     who = key_id(api_key) if api_key else "anonymous"
     cookie, _ = signer(request).issue(who)
     response = RedirectResponse(_safe_next(next), status_code=303)

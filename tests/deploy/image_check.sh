@@ -12,6 +12,10 @@
 #             HEALTHCHECK, 401 without a key, 200 for one upload.
 #  3c offline the CPU image saved to a file and loaded where no image was ever pulled (podman: an
 #             empty image store of its own; docker: the tag removed and loaded back), then run.
+#  3d rootless (IMAGE_CHECK_ROOTLESS_USER=<user>, podman run as root only): the CPU image loaded
+#             into that user's own store and run as the README says (folders handed over with
+#             `podman unshare chown`, a port >= 1024): ready, a job with its results and
+#             quarantine on the host, the container killed and brought back, the job still there.
 #  4. compose the cpu profile on a small job, the container killed (SIGKILL) mid-job and brought
 #             back with `up`: the job finishes with every file once (no lost, no duplicate row).
 #
@@ -42,6 +46,7 @@ since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 say() { printf '[%4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
 record() { SUMMARY+=("$*"); say "$*"; }
 fail() { say "FAIL: $*"; exit 1; }
+jfield() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 # --- the engine --------------------------------------------------------------------------------
 ENGINE=${IMAGE_CHECK_ENGINE:-}
@@ -89,6 +94,7 @@ cleanup() {
     fi
     for c in "${CONTAINERS[@]}"; do E rm -f "$c" >/dev/null 2>&1; done
     for i in "${IMAGES_TO_REMOVE[@]}"; do E rmi -f "$i" >/dev/null 2>&1; done
+    [ -n "${ROOTLESS_CLEANUP:-}" ] && eval "$ROOTLESS_CLEANUP"
     if [ -n "${OFFLINE_STORE:-}" ]; then
         podman --root "$OFFLINE_STORE/root" --runroot "$OFFLINE_STORE/run" rm -af >/dev/null 2>&1
         podman --root "$OFFLINE_STORE/root" --runroot "$OFFLINE_STORE/run" rmi -af >/dev/null 2>&1
@@ -104,11 +110,12 @@ cleanup() {
 trap cleanup EXIT
 
 # --- 0. room on disk: each build leaves its build stage (~12 GB as listed, mostly shared) as the
-# layer cache the next run reuses; a full disk fails mid-build with a less helpful message
+# layer cache the next run reuses; a full disk fails mid-build with a less helpful message. 40 GB:
+# two runs with 27-28 GB free failed when a new uv.lock rebuilt the dependency layer
 STORE=$(E info -f '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib)
 FREE_GB=$(df -Pk "$STORE" "${TMPDIR:-/var/tmp}" | awk 'NR>1 {print int($4/1048576)}' | sort -n | head -1)
-[ "$FREE_GB" -ge "${IMAGE_CHECK_MIN_FREE_GB:-25}" ] || fail "only $FREE_GB GB free for $STORE and ${TMPDIR:-/var/tmp} \
-(need ${IMAGE_CHECK_MIN_FREE_GB:-25}): '$ENGINE images -f dangling=true' lists old build caches; '$ENGINE image prune' removes them (all of this host's)"
+[ "$FREE_GB" -ge "${IMAGE_CHECK_MIN_FREE_GB:-40}" ] || fail "only $FREE_GB GB free for $STORE and ${TMPDIR:-/var/tmp} \
+(need ${IMAGE_CHECK_MIN_FREE_GB:-40}): '$ENGINE images -f dangling=true' lists old build caches; '$ENGINE image prune' removes them (all of this host's)"
 record "disk: $FREE_GB GB free"
 
 # --- 1. the base image -------------------------------------------------------------------------
@@ -283,7 +290,53 @@ check_offline_install() {  # tag
     if [ "$ENGINE" = podman ]; then
         "${L[@]}" rmi -af >/dev/null 2>&1; rm -rf "$OFFLINE_STORE"; OFFLINE_STORE=
     fi
+    if [ -n "${IMAGE_CHECK_ROOTLESS_USER:-}" ] && [ "$ENGINE" = podman ] && [ "$(id -u)" = 0 ]; then
+        check_rootless "$tag" "$tar" "$IMAGE_CHECK_ROOTLESS_USER"
+    fi
     rm -f "$tar"
+}
+
+# --- 3d. rootless podman, as the README's recipe runs it -----------------------------------------
+check_rootless() {  # tag, saved image file, user
+    local tag=$1 tar=$2 user=$3 port=$((PORT + 100)) home dir t key job status
+    home=$(getent passwd "$user" | cut -d: -f6)
+    [ -n "$home" ] && grep -q "^$user:" /etc/subuid || fail "rootless: $user needs a home and /etc/subuid entries"
+    as_user() { runuser -u "$user" -- bash -c "cd ~ && $1" 2> >(grep -v 'systemd connection\|syslog\|shared mount' >&2); }
+    dir=$home/cervixqc-image-check
+    ROOTLESS_CLEANUP="runuser -u $user -- bash -c 'cd $dir 2>/dev/null && CERVIXQC_IMAGE_CPU=$tag ~/.cervixqc-compose/bin/podman-compose --profile cpu down -v; podman rmi -f $tag' >/dev/null 2>&1; rm -rf $dir"
+    rm -rf "$dir" && mkdir -p "$dir/data/batch" "$dir/results" "$dir/quarantine" "$dir/secrets"
+    cp "$REPO/docker-compose.yml" "$dir/"
+    cp "$DATA"/batch/img00[0-1]*.jpg "$dir/data/batch/"
+    key=rootless-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+    echo "$key" > "$dir/secrets/api-keys"
+    chmod 644 "$tar"; chown -R "$user:" "$dir"
+    as_user "[ -x ~/.cervixqc-compose/bin/podman-compose ] || { /usr/bin/python3 -m venv ~/.cervixqc-compose && ~/.cervixqc-compose/bin/pip install -q 'podman-compose>=1.1'; }" \
+        || fail "rootless: podman-compose for $user"
+    t=$(date +%s)
+    as_user "podman load -i $tar >/dev/null" || fail "rootless: podman load as $user"
+    record "rootless podman as $user ($(as_user 'podman info --format "{{.Store.GraphDriverName}}, {{.Host.OCIRuntime.Name}}"')): image loaded into the user's store in $(($(date +%s) - t)) s"
+    local up="cd $dir && CERVIXQC_IMAGE_CPU=$tag CERVIXQC_PUBLISH=$port ~/.cervixqc-compose/bin/podman-compose --profile cpu up -d cervixqc-cpu >/dev/null"
+    t=$(date +%s.%N)
+    as_user "cd $dir && podman unshare chown 10001 results quarantine && $up" || fail "rootless: compose up"
+    wait_ready "http://127.0.0.1:$port" 180 || fail "rootless: not ready on port $port"
+    record "  compose --profile cpu up as $user, folders handed over with podman unshare chown: ready in $(since "$t") s"
+    job=$(curl -s -H "X-API-Key: $key" -H 'Content-Type: application/json' -d '{"source": "batch", "quarantine": "q"}' \
+        "http://127.0.0.1:$port/v1/jobs" | jfield id)
+    for _ in $(seq 120); do
+        status=$(curl -s -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/jobs/$job" | jfield status)
+        [ "$status" = done ] && break; sleep 1
+    done
+    [ "$status" = done ] || fail "rootless: job $job is $status"
+    [ -f "$dir/results/$job/results.csv" ] || fail "rootless: no results.csv in the host folder"
+    record "  job done: results.csv on the host owned by uid $(stat -c %u "$dir/results/$job/results.csv") (the container's 10001 in $user's subordinate range), $(find "$dir/quarantine" -type f | wc -l) quarantine copies"
+    as_user "podman kill -s KILL \$(podman ps -q --filter label=com.docker.compose.project=cervixqc | head -1) >/dev/null && $up" \
+        || fail "rootless: kill and up"
+    t=$(date +%s.%N)
+    wait_ready "http://127.0.0.1:$port" 180 || fail "rootless: not ready after the kill"
+    [ "$(curl -s -H "X-API-Key: $key" "http://127.0.0.1:$port/v1/jobs/$job" | jfield status)" = done ] \
+        || fail "rootless: the job is gone after the kill"
+    record "  killed with SIGKILL and brought back with up: ready in $(since "$t") s, the job still done (its database in the volume)"
+    eval "$ROOTLESS_CLEANUP"; ROOTLESS_CLEANUP=
 }
 check_offline_install "$TAG_CPU"
 
@@ -314,7 +367,6 @@ export CERVIXQC_IMAGE=$TAG CERVIXQC_IMAGE_CPU=$TAG_CPU CERVIXQC_DATA=$DATA \
     CERVIXQC_PUBLISH=127.0.0.1:$COMPOSE_PORT
 cd "$CDIR"
 curl_api() { curl -s -H "X-API-Key: $KEY" "$@"; }
-jfield() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 cpu_container() { E ps -q --filter "label=com.docker.compose.project=$PROJECT" | head -1; }
 URL=http://127.0.0.1:$COMPOSE_PORT
 t=$(date +%s.%N)
