@@ -313,7 +313,7 @@ check_rootless() {  # tag, saved image file, user
     as_user "[ -x ~/.cervixqc-compose/bin/podman-compose ] || { /usr/bin/python3 -m venv ~/.cervixqc-compose && ~/.cervixqc-compose/bin/pip install -q 'podman-compose>=1.1'; }" \
         || fail "rootless: podman-compose for $user"
     t=$(date +%s)
-    as_user "podman load -i $tar >/dev/null" || fail "rootless: podman load as $user"
+    as_user "podman load -q -i $tar >/dev/null" || fail "rootless: podman load as $user"
     record "rootless podman as $user ($(as_user 'podman info --format "{{.Store.GraphDriverName}}, {{.Host.OCIRuntime.Name}}"')): image loaded into the user's store in $(($(date +%s) - t)) s"
     local up="cd $dir && CERVIXQC_IMAGE_CPU=$tag CERVIXQC_PUBLISH=$port ~/.cervixqc-compose/bin/podman-compose --profile cpu up -d cervixqc-cpu >/dev/null"
     t=$(date +%s.%N)
