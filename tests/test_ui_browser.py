@@ -266,7 +266,8 @@ def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
     ctx = browser.new_context(base_url=server.url)
     page = ctx.new_page()
     page.goto("/ui/login")
-    page.keyboard.type(API_KEY)  # the key field has focus on arrival
+    expect(page.get_by_label("API key")).to_be_focused()  # the key field has focus on arrival
+    page.keyboard.type(API_KEY)
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
     page.keyboard.press("Tab")  # first stop: the skip link

@@ -39,7 +39,8 @@ def job(server) -> str:
 def test_firefox_signs_in_with_the_keyboard_and_uploads_to_cards_with_boxes(firefox, server, photos,
                                                                            screenshots_dir):  # noqa: F811
     firefox.goto(f"{server.url}/ui/login")
-    firefox.type(API_KEY)  # the key field has focus on arrival
+    firefox.wait_for("document.activeElement && document.activeElement.id == 'api_key'")  # focus on arrival
+    firefox.type(API_KEY)
     firefox.press("Enter")
     firefox.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent == 'Check photos'")
     files = sorted((photos / "collection").rglob("*.jpg"))[:2]
