@@ -104,14 +104,19 @@ def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, 
                 quarantine_copy(src_root, r.path, folder, qdir, link)
 
 
+def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:
+    """Where the copy of `rel` lives in `folder` (a label or a finding) of the quarantine. A
+    manifest may name absolute paths or climb with '..': mirrored inside qdir, never outside it
+    (qdir / "/abs" would be "/abs", the original itself)."""
+    parts = [("__" if part == ".." else part) for part in Path(rel).parts if part not in ("/", "")]
+    return qdir / str(folder) / Path(*parts)
+
+
 def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
     """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original is only read. `link` uses a
     hard link where the file system allows (no extra space); the service passes False, since
     a quarantine others open and edit must not share an inode with the original."""
-    # A manifest may name absolute paths or climb with '..': mirror them inside qdir, never
-    # outside it (qdir / "/abs" would be "/abs", the original itself).
-    parts = [("__" if part == ".." else part) for part in Path(rel).parts if part not in ("/", "")]
-    target = qdir / str(folder) / Path(*parts)
+    target = quarantine_path(qdir, folder, rel)
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)

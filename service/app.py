@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -51,10 +50,6 @@ def _version() -> str:
         return "0"
 
 
-def _jobs_db(settings: Settings) -> Path:
-    return settings.state_dir / "jobs.sqlite"
-
-
 def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
@@ -65,11 +60,11 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     gate = EngineGate(lambda: batcher.pending)
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
                            settings.max_wait_ms, settings.max_queue)
-    store = JobStore(_jobs_db(settings))
+    store = JobStore(settings.state_dir / "jobs.sqlite")
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
                        settings.quarantine_findings)
-    return ServiceState(settings, metrics, engine, batcher, store, runner)
+    return ServiceState(settings, metrics, engine, batcher, store, runner, ReviewStore(store.path))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,7 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.state.session_signer = SessionSigner(load_secret(settings.session_secret_file),  # type: ignore[arg-type]
                                              settings.session_max_age_s)
-    app.state.reviews = ReviewStore(_jobs_db(settings))
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:

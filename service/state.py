@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from pipelines.engine.qc import QCPipeline
 from service.batcher import MicroBatcher
 from service.errors import ApiError
+from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.metrics import Metrics
@@ -24,6 +25,7 @@ class ServiceState:
     batcher: MicroBatcher
     store: JobStore
     runner: JobRunner
+    reviews: ReviewStore  # reviewers' decisions, in the job store's database
 
 
 def get_state(request: Request) -> ServiceState:

@@ -109,17 +109,19 @@ class ReviewStore:
                                   "WHERE job_id = ? AND item = ? ORDER BY id", (job_id, item))
         return [Decision(**dict(r)) for r in rows]
 
-    def reviewed(self, job_id: str) -> dict[int, Reviewed]:
-        """item -> its live review, for every reviewed item of the job (one pass, newest wins)."""
+    def reviewed(self, job_id: str, item: int | None = None) -> dict[int, Reviewed]:
+        """item -> its live review, for every reviewed item of the job or only `item` (one pass,
+        newest wins)."""
         out: dict[int, Reviewed] = {}
-        rows = self._db().execute("SELECT item, field, new, who, at FROM decisions WHERE job_id = ? "
-                                  "AND undone_at IS NULL ORDER BY id", (job_id,))
-        for item, field, new, who, at in rows:
-            cur = out.get(item, Reviewed())
+        one = "" if item is None else " AND item = ?"
+        rows = self._db().execute(f"SELECT item, field, new, who, at FROM decisions WHERE job_id = ?{one} "
+                                  "AND undone_at IS NULL ORDER BY id", (job_id,) if item is None else (job_id, item))
+        for row_item, field, new, who, at in rows:
+            cur = out.get(row_item, Reviewed())
             if field == "label":
-                out[item] = Reviewed(new, cur.box, who, at)
+                out[row_item] = Reviewed(new, cur.box, who, at)
             else:
-                out[item] = Reviewed(cur.label, json.loads(new), who, at)
+                out[row_item] = Reviewed(cur.label, json.loads(new), who, at)
         return out
 
 

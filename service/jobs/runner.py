@@ -71,7 +71,7 @@ class JobRunner:
         if not src.exists():
             self.store.transition(job.id, "failed", error="source no longer exists", finished=time.time())
             return
-        root = src.parent if src.is_file() else src
+        root = job.root()
         inputs = list_inputs(src)
         done = self.store.done_paths(job.id)
         now = time.time()

@@ -61,6 +61,11 @@ class Job(BaseModel):
     resumed_at: float | None = None
     done_before_resume: int = 0
 
+    def root(self) -> Path:
+        """The folder its records' paths are relative to: the folder itself, or a manifest's."""
+        src = Path(self.source)
+        return src.parent if src.is_file() else src
+
 
 class ItemSummary(NamedTuple):
     """One item as the review grid needs it; the fields after `label` are SUMMARY_FIELDS in order
@@ -80,9 +85,9 @@ class ItemSummary(NamedTuple):
     error: str | None
 
 
-# The review grid sorts and filters every item of a job on these fields; parsing 10^4 whole
-# records (about 1 kB of JSON each, embedding included) took 100 ms a page, so each row keeps
-# them apart as a short JSON array (`python -m tests.benchmarks.review_grid`).
+# The review grid sorts and filters every item of a job on these fields, so each row keeps them
+# apart as a short JSON array: json_extract over the whole records (about 1 kB each, embedding
+# included) took ~100 ms for 10^4 items, the short arrays read as one document ~60 ms.
 SUMMARY_FIELDS = ("kind", "deep_sad_score", "resnest_prob", "cervix_score", "presence_score", "cervix_box", "width",
                   "height", "error")
 _SUMMARY_SQL = ", ".join(f"json_extract(record, '$.{f}')" for f in SUMMARY_FIELDS)
@@ -215,11 +220,11 @@ class JobStore:
         rows = self._db().execute("SELECT label, n FROM label_counts WHERE job_id = ? AND n > 0", (job_id,))
         return {label: n for label, n in rows}
 
-    def item(self, job_id: str, item_id: int) -> tuple[int, QCResult] | None:
+    def item(self, job_id: str, item_id: int) -> QCResult | None:
         """One item by its row id (what the review pages link to: never a path from the client)."""
-        row = self._db().execute("SELECT rowid, record FROM items WHERE job_id = ? AND rowid = ?",
+        row = self._db().execute("SELECT record FROM items WHERE job_id = ? AND rowid = ?",
                                  (job_id, item_id)).fetchone()
-        return (row[0], QCResult.model_validate_json(row[1])) if row else None
+        return QCResult.model_validate_json(row[0]) if row else None
 
     def summaries(self, job_id: str) -> list[ItemSummary]:
         """What the review grid sorts and filters on, for every item of a job (SUMMARY_FIELDS)."""

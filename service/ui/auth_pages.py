@@ -38,7 +38,7 @@ async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""),
     if not (settings.auth_disabled or key_matches(settings.api_keys, api_key)):
         return RedirectResponse(f"/ui/login?error=bad_key&next={quote(next, safe='')}", status_code=303)
     who = key_id(api_key) if api_key else "anonymous"
-    cookie, _ = signer(request).issue(who)
+    cookie = signer(request).issue(who)
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_cookie(response, request, COOKIE, cookie, int(settings.session_max_age_s))
     response.delete_cookie(LOGIN_COOKIE, path="/ui")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.clean import QUARANTINED, quarantine_copy
+from pipelines.clean import QUARANTINED, quarantine_copy, quarantine_path
 from pipelines.engine.qc_result import QCResult
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
@@ -95,8 +95,8 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
         if final == model:
             continue
         if model in QUARANTINED:
-            copy = qdir / model / r.path
-            if copy.is_file() and copy.resolve().is_relative_to(qdir.resolve()):
+            copy = quarantine_path(qdir, model, r.path)
+            if copy.is_file():
                 copy.unlink()
                 done.removed += 1
         if final in QUARANTINED and (root / r.path).is_file():

@@ -3,16 +3,19 @@ and a result from /v1/qc can never disagree."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
-from pipelines.engine.stage2 import threshold_of
 from service.errors import ApiError
 from service.routes.jobs import cancel_job, create_job, job_or_404, status_of
 from service.routes.qc import qc_upload
 from service.schemas import JobCreate, JobStatus, QCResponse
-from service.state import State
+from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
+from service.ui.session import Session
+from service.ui.review_view import Thresholds
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -25,10 +28,7 @@ async def home() -> RedirectResponse:
 
 @router.get("/upload")
 async def upload_page(request: Request, session: UiSession, state: State):
-    qc = state.qc
-    thresholds = {"policy": qc.policy, "deep_sad": threshold_of(qc.sad_card), "resnest": threshold_of(qc.cls_card),
-                  "detector": qc.det_threshold, "presence": qc.presence_threshold if qc.pres_card else None}
-    return page(request, "upload.html", session, thresholds=thresholds,
+    return page(request, "upload.html", session, thresholds=asdict(Thresholds.of(state.qc, state.qc.policy)),
                 max_files=state.settings.max_files_per_request)
 
 
@@ -39,11 +39,14 @@ async def upload(request: Request, session: UiPost, state: State) -> QCResponse:
     return await qc_upload(request, state)
 
 
+def _jobs_page(request: Request, session: Session, state: ServiceState, error: str | None = None, source: str = ""):
+    return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
+                error=error, roots=[str(r) for r in state.settings.data_roots], source=source)
+
+
 @router.get("/jobs")
-async def jobs_page(request: Request, session: UiSession, state: State, error: str | None = None):
-    jobs = [status_of(state, j) for j in state.store.list(50)]
-    return page(request, "jobs.html", session, jobs=jobs, error=error,
-                roots=[str(r) for r in state.settings.data_roots])
+async def jobs_page(request: Request, session: UiSession, state: State):
+    return _jobs_page(request, session, state)
 
 
 @router.post("/jobs")
@@ -51,14 +54,11 @@ async def start_job(request: Request, session: UiPost, state: State, source: str
                     quarantine: str = Form("")):
     """The API's own checks (data roots, '..', links out): a refusal comes back to the form."""
     try:
-        body = JobCreate(source=source, quarantine=quarantine or None)
-        await create_job(body, state)
+        await create_job(JobCreate(source=source, quarantine=quarantine or None), state)
     except ApiError as e:
-        return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
-                    error=e.message, roots=[str(r) for r in state.settings.data_roots], source=source)
+        return _jobs_page(request, session, state, e.message, source)
     except ValueError as e:  # pydantic: an empty source
-        return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
-                    error=str(e).splitlines()[-1], roots=[str(r) for r in state.settings.data_roots])
+        return _jobs_page(request, session, state, str(e).splitlines()[-1], source)
     return RedirectResponse("/ui/jobs", status_code=303)
 
 

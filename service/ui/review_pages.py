@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from urllib.parse import urlencode
-from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
@@ -13,29 +12,18 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from pydantic import BaseModel, Field
 
 from pipelines.engine.qc_result import QCResult
-from pipelines.engine.stage2 import threshold_of
 from service.errors import ApiError
-from service.jobs.reviews import CLASSES, ReviewStore, class_of, final_of
+from service.jobs.reviews import CLASSES, class_of, final_of
 from service.jobs.store import Job
 from service.paths import inside
 from service.routes.jobs import job_or_404
 from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
-from service.ui.images import SIZES, NotShown, cached
+from service.ui.images import NotShown, cached
 from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of, what_if_points
 
 router = APIRouter(prefix="/ui/jobs/{job_id}", include_in_schema=False)
-
-
-def reviews_of(request: Request) -> ReviewStore:
-    return request.app.state.reviews
-
-
-def thresholds(state: ServiceState, job: Job) -> Thresholds:
-    qc = state.qc
-    return Thresholds(threshold_of(qc.sad_card), threshold_of(qc.cls_card), qc.det_threshold,
-                      qc.presence_threshold if qc.pres_card else None, job.policy)
 
 
 def _number(text: str | None) -> float | None:
@@ -54,16 +42,11 @@ def _query(label: str | None, kind: str | None, source: str | None, score_min: s
                      {"yes": True, "no": False}.get(reviewed or ""), page_no)
 
 
-def _root(job: Job) -> Path:
-    src = Path(job.source)
-    return src.parent if src.suffix.lower() in (".csv", ".parquet") else src
-
-
 def _item(state: ServiceState, job: Job, item: int) -> QCResult:
-    found = state.store.item(job.id, item)
-    if found is None:
+    record = state.store.item(job.id, item)
+    if record is None:
         raise ApiError(404, "item_not_found", f"job {job.id} has no item {item}")
-    return found[1]
+    return record
 
 
 @router.get("/review")
@@ -72,20 +55,18 @@ async def review_page(request: Request, job_id: str, session: UiSession, state: 
                       score_min: str | None = None, score_max: str | None = None,
                       reviewed: Literal["", "yes", "no"] | None = None, page_no: int = Query(1, alias="page", ge=1)):
     job = job_or_404(state, job_id)
-    t = thresholds(state, job)
+    t = Thresholds.of(state.qc, job.policy)
     q = _query(label, kind, source, score_min, score_max, reviewed, page_no)
-    grid = build_grid(state.store.summaries(job_id), reviews_of(request).reviewed(job_id), t, q)
+    grid = build_grid(state.store.summaries(job_id), state.reviews.reviewed(job_id), t, q)
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
-    return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters, filters=filters,
-                threshold=t.deep_sad if t.score_name == "deep_sad" else t.resnest)
+    return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters)
 
 
 @router.get("/scores.json")
 async def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
     """The what-if histogram's data: both stage-2 scores of every cropped item, the thresholds
     and the policy, so the page recounts labels exactly as the engine would decide them."""
-    job = job_or_404(state, job_id)
-    t = thresholds(state, job)
+    t = Thresholds.of(state.qc, job_or_404(state, job_id).policy)
     return JSONResponse({"points": what_if_points(state.store.summaries(job_id)), "policy": t.policy,
                          "score": t.score_name, "thresholds": {"deep_sad": t.deep_sad, "resnest": t.resnest}})
 
@@ -97,28 +78,25 @@ async def item_page(request: Request, job_id: str, item: int, session: UiSession
                     reviewed: Literal["", "yes", "no"] | None = None):
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
-    store = reviews_of(request)
-    live = store.reviewed(job_id)
-    t = thresholds(state, job)
+    live = state.reviews.reviewed(job_id)
+    t = Thresholds.of(state.qc, job.policy)
     q = _query(label, kind, source, score_min, score_max, reviewed, 1)
     prev, nxt = neighbours(state.store.summaries(job_id), live, t, q, item)
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
                 model_cls=class_of(record.label.value, record.kind), final_cls=cls, final_box=box,
-                history=store.history(job_id, item), prev=prev, next=nxt, query=request.url.query,
-                classes=CLASSES, t=t, source=source_of(record.path))
+                history=state.reviews.history(job_id, item), prev=prev, next=nxt, query=request.url.query,
+                t=t, source=source_of(record.path))
 
 
 @router.get("/items/{item}/{size}.jpg")
 async def item_image(job_id: str, item: int, size: Literal["thumb", "full"], session: UiSession,
                      state: State) -> FileResponse:
     job = job_or_404(state, job_id)
-    record = _item(state, job, item)
-    root = _root(job)
-    original = root / record.path
-    # the file may have become a link out of the roots since the job read it: checked again
-    if Path(record.path).is_absolute() or ".." in Path(record.path).parts or \
-            not inside(original, state.settings.data_roots):
+    original = job.root() / _item(state, job, item).path
+    # the runner's own rule (a manifest may name absolute paths), checked again at every request:
+    # the file may have become a link out of the roots since the job read it
+    if not inside(original, state.settings.data_roots):
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots")
     try:
         path = cached(state.settings.state_dir / "thumbs", job_id, item, size, original, state.qc.cfg.limits)
@@ -133,13 +111,13 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/items/{item}/decision")
-async def decide(request: Request, job_id: str, item: int, body: DecisionIn, session: UiPost,
+async def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
                  state: State) -> JSONResponse:
     """A label (keys 1-5, or confirm) or a corrected box; old -> new stored with who and when."""
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
-    store = reviews_of(request)
-    live = store.reviewed(job_id).get(item)
+    store = state.reviews
+    live = store.reviewed(job_id, item).get(item)
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
     if body.label is not None:
@@ -156,37 +134,37 @@ async def decide(request: Request, job_id: str, item: int, body: DecisionIn, ses
 
 
 @router.post("/items/{item}/undo")
-async def undo(request: Request, job_id: str, item: int, session: UiPost, state: State) -> JSONResponse:
+async def undo(job_id: str, item: int, session: UiPost, state: State) -> JSONResponse:
     job = job_or_404(state, job_id)
     _item(state, job, item)
-    d = reviews_of(request).undo(job_id, item)
+    d = state.reviews.undo(job_id, item)
     if d is None:
         raise ApiError(409, "nothing_to_undo", "this item has no decision to undo")
     return JSONResponse({"undone": d.__dict__})
 
 
 @router.get("/export.csv")
-async def export_manifest(request: Request, job_id: str, session: UiSession, state: State) -> StreamingResponse:
+async def export_manifest(job_id: str, session: UiSession, state: State) -> StreamingResponse:
     job_or_404(state, job_id)
-    lines = manifest_lines(state.store.item_records(job_id), reviews_of(request).reviewed(job_id))
+    lines = manifest_lines(state.store.item_records(job_id), state.reviews.reviewed(job_id))
     return StreamingResponse(lines, media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-reviewed.csv"'})
 
 
 @router.get("/export.coco.json")
-async def export_coco(request: Request, job_id: str, session: UiSession, state: State) -> JSONResponse:
+async def export_coco(job_id: str, session: UiSession, state: State) -> JSONResponse:
     job_or_404(state, job_id)
-    ds = coco_of(state.store.item_records(job_id), reviews_of(request).reviewed(job_id))
+    ds = coco_of(state.store.item_records(job_id), state.reviews.reviewed(job_id))
     return JSONResponse(json.loads(ds.model_dump_json()),
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-boxes.coco.json"'})
 
 
 @router.post("/apply")
-async def apply(request: Request, job_id: str, session: UiPost, state: State):
+async def apply(job_id: str, session: UiPost, state: State):
     """Copies only: the originals are read, never moved or changed."""
     job = job_or_404(state, job_id)
     if job.status not in ("done", "cancelled", "failed"):
         raise ApiError(409, "job_running", "wait for the job to finish before applying review")
     qdir = state.settings.quarantine_root / (job.quarantine or f"job-{job.id}")  # type: ignore[operator]
-    done = apply_to_quarantine(_root(job), qdir, state.store.item_records(job_id), reviews_of(request).reviewed(job_id))
+    done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id), state.reviews.reviewed(job_id))
     return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}", status_code=303)

@@ -11,6 +11,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipelines.engine.qc import QCPipeline
+from pipelines.engine.stage2 import threshold_of
 from service.jobs.reviews import Reviewed, class_of
 from service.jobs.store import ItemSummary
 
@@ -27,11 +29,20 @@ class Thresholds:
     presence: float | None
     policy: str
 
+    @classmethod
+    def of(cls, qc: QCPipeline, policy: str) -> Thresholds:
+        return cls(threshold_of(qc.sad_card), threshold_of(qc.cls_card), qc.det_threshold,
+                   qc.presence_threshold if qc.pres_card else None, policy)
+
     @property
     def score_name(self) -> str:
         """The stage-2 score the histogram and the score filter use: the policy's own model;
         for `either`/`both`, ResNeSt's probability (bounded, so one axis fits every job)."""
         return "deep_sad" if self.policy == "deep_sad" else "resnest"
+
+    @property
+    def score_threshold(self) -> float:
+        return self.deep_sad if self.score_name == "deep_sad" else self.resnest
 
 
 def stage2_score(s: ItemSummary, t: Thresholds) -> float | None:
@@ -114,14 +125,18 @@ def _keep(s: ItemSummary, q: GridQuery, t: Thresholds, reviews: dict[int, Review
     return True
 
 
+def _ordered(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresholds, q: GridQuery) -> list[ItemSummary]:
+    """The grid's list: the items the filter keeps, closest to their decision first."""
+    return sorted((s for s in items if _keep(s, q, t, reviews)), key=lambda s: (margin(s, t), s.path))
+
+
 def build_grid(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresholds, q: GridQuery,
                page_size: int = PAGE_SIZE) -> Grid:
     by_label = Counter(s.label for s in items)
     by_source: dict[str, Counter] = {}
     for s in items:
         by_source.setdefault(source_of(s.path), Counter())[s.label] += 1
-    chosen = [s for s in items if _keep(s, q, t, reviews)]
-    chosen.sort(key=lambda s: (margin(s, t), s.path))
+    chosen = _ordered(items, reviews, t, q)
     pages = max(1, math.ceil(len(chosen) / page_size))
     page = min(max(1, q.page), pages)
     cards = [Card(s.item, s.path, s.label, s.kind, class_of(s.label, s.kind), stage2_score(s, t), margin(s, t),
@@ -135,8 +150,7 @@ def neighbours(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresh
                item: int) -> tuple[int | None, int | None]:
     """The previous and next item in the grid's order under the same filter (the image page's
     next/previous keys walk the list the reviewer came from)."""
-    chosen = sorted((s for s in items if _keep(s, q, t, reviews)), key=lambda s: (margin(s, t), s.path))
-    ids = [s.item for s in chosen]
+    ids = [s.item for s in _ordered(items, reviews, t, q)]
     if item not in ids:
         return None, (ids[0] if ids else None)
     i = ids.index(item)

@@ -67,11 +67,12 @@ class SessionSigner:
     def csrf_for(self, nonce: str) -> str:
         return self._mac(b"csrf|" + nonce.encode())
 
-    def issue(self, who: str) -> tuple[str, Session]:
+    def issue(self, who: str) -> str:
+        """A new session's cookie value."""
         nonce = secrets.token_urlsafe(16)
         expires = time.time() + self.max_age_s
         payload = base64.urlsafe_b64encode(json.dumps({"who": who, "exp": expires, "n": nonce}).encode())
-        return f"{payload.decode()}.{self._mac(payload)}", Session(who, expires, nonce, self.csrf_for(nonce))
+        return f"{payload.decode()}.{self._mac(payload)}"
 
     def read(self, cookie: str | None) -> Session | None:
         if not cookie or "." not in cookie:

@@ -30,7 +30,7 @@
     const moves = {ArrowLeft: [-dx, 0], ArrowRight: [dx, 0], ArrowUp: [0, -dy], ArrowDown: [0, dy]};
     if (e.key === "Escape") { editing = null; location.reload(); return; }
     if (e.key === "Enter") { const done = editing; editing = null;
-      send(base + "/decision", {box: done.map(v => Math.round(v * 10) / 10)}, "box"); return; }
+      send(base + "/decision", {box: done}, "box"); return; }  // the server rounds to 0.1 px
     const m = moves[e.key];
     if (!m) return;
     if (e.shiftKey) { b[2] = Math.min(W, Math.max(b[0] + dx, b[2] + m[0])); b[3] = Math.min(H, Math.max(b[1] + dy, b[3] + m[1])); }
@@ -76,6 +76,6 @@
     if (!start) return;
     const b = rect(start, at(e)); start = null;
     if (b[2] - b[0] < 4 || b[3] - b[1] < 4) { location.reload(); return; }  // a click, not a drag
-    send(base + "/decision", {box: b.map(v => Math.round(v * 10) / 10)}, "box");
+    send(base + "/decision", {box: b}, "box");
   });
 })();
