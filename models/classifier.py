@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import timm
 import torch
 from torch import nn
 
@@ -28,6 +27,8 @@ class ClassifierConfig:
 
 class RegularityClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig, pretrained_file: str | None = None) -> None:
+        import timm  # here, not at the top: an engine running the exported classifier never imports timm (40 MB RSS)
+
         super().__init__()
         self.cfg = cfg
         kwargs = {}

@@ -97,9 +97,10 @@ def load_card(card_path: str | Path) -> ModelCard:
     return ModelCard.model_validate_json(Path(card_path).read_text())
 
 
-def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """The state dict and its card, after checking the file's sha256 against the card.
-    Tensors stored in half precision (float16/bfloat16) come back as float32."""
+def verified_card(card_path: str | Path) -> ModelCard:
+    """The card, once its weights file is there and has the card's sha256: what an engine
+    that runs an export of the weights (not the weights) still checks, so a tampered or
+    truncated file is refused whichever runtime reads it."""
     card_path = Path(card_path)
     card = load_card(card_path)
     weights = card_path.parent / card.weights_file
@@ -110,6 +111,13 @@ def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> t
         raise WeightsIntegrityError(
             f"{weights}: sha256 {actual[:16]}... does not match its card's {card.sha256[:16]}...; refusing to load"
         )
-    state = load_file(str(weights), device=str(device))
+    return card
+
+
+def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """The state dict and its card, after checking the file's sha256 against the card.
+    Tensors stored in half precision (float16/bfloat16) come back as float32."""
+    card = verified_card(card_path)
+    state = load_file(str(Path(card_path).parent / card.weights_file), device=str(device))
     state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
     return state, card

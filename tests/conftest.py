@@ -1,7 +1,9 @@
-"""Shared fixtures: one tiny synthetic dataset per session, fixed seeds, two threads."""
+"""Shared fixtures: one tiny synthetic dataset per session, fixed seeds, two threads, and a
+cache of OpenVINO conversions of the session's own (not the user's ~/.cache)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,15 @@ import torch
 from pipelines.data.synth import PRESETS, SynthResult, generate
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Engines started by the tests, in process or as services, convert models into a folder
+    of this session's: the first engine on the bundled weights pays the conversion."""
+    folder = tmp_path_factory.mktemp("openvino-cache")
+    os.environ["CERVIXQC_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 
 import io
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector
 from pipelines.engine.qc import QCConfig, QCPipeline, resolve_runtime
 from tests.qc_fixtures import tiny_weights
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,8 @@ def test_engine_on_exported_files_labels_as_torch_and_says_what_ran(exported, ph
     torch_qc = QCPipeline(exported, QCConfig(runtime="torch"))
     ov_qc = QCPipeline(exported, QCConfig(precision="f32"))  # auto: the folder carries detector and Deep SAD
     assert torch_qc.runtimes == dict.fromkeys(openvino_runtime.EXPORTABLE, "torch")
-    assert ov_qc.runtimes == {"detector": "openvino f32 (exported)", "deep_sad": "openvino f32 (exported)",
-                              "classifier": "openvino f32 (converted at load)"}
+    assert ov_qc.runtimes["detector"] == ov_qc.runtimes["deep_sad"] == "openvino f32 (exported)"
+    assert ov_qc.runtimes["classifier"] in ("openvino f32 (converted in a child process)", "openvino f32 (cached conversion)")
     a, b = torch_qc.run(photos), ov_qc.run(photos)
     assert [r.label for r in a] == [r.label for r in b]
     for x, y in zip(a, b):
@@ -68,14 +73,58 @@ def test_engine_on_exported_files_labels_as_torch_and_says_what_ran(exported, ph
         assert abs(x.deep_sad_score - y.deep_sad_score) < 1e-3 and abs(x.resnest_prob - y.resnest_prob) < 1e-4
 
 
-def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_at_load(tmp_path, photos):
+def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_once_then_reads_the_cache(tmp_path, photos):
     folder = tiny_weights(tmp_path / "w", detector_threshold=0.0)
-    qc = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32"))
-    assert set(qc.runtimes.values()) == {"openvino f32 (converted at load)"}
+    cache = tmp_path / "cache"
+    qc = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32", openvino_cache=cache))
+    assert set(qc.runtimes.values()) == {"openvino f32 (converted in a child process)"}
+    assert qc.deep_sad is None and qc.classifier is None  # never built in torch
     want = QCPipeline(folder, QCConfig(runtime="torch")).run(photos[:3])
     got = qc.run(photos[:3])
     assert [r.label for r in want] == [r.label for r in got]
     assert all(abs(x.resnest_prob - y.resnest_prob) < 1e-4 for x, y in zip(want, got))
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["classifier", "deep_sad", "detector"]
+    again = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32", openvino_cache=cache))
+    assert set(again.runtimes.values()) == {"openvino f32 (cached conversion)"}
+    assert [r.resnest_prob for r in again.run(photos[:3])] == [r.resnest_prob for r in got]
+
+
+def test_a_damaged_cached_conversion_is_converted_again(exported, tmp_path, photos):
+    cache = tmp_path / "cache"
+    QCPipeline(exported, QCConfig(openvino_cache=cache))  # the classifier is the one not exported
+    (damaged,) = cache.glob("classifier-*/classifier.openvino.bin")
+    damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
+    qc = QCPipeline(exported, QCConfig(openvino_cache=cache))
+    assert qc.runtimes["classifier"].endswith("(converted in a child process)")
+    assert QCPipeline(exported, QCConfig(openvino_cache=cache)).runtimes["classifier"].endswith("(cached conversion)")
+    assert len(qc.run(photos[:2])) == 2
+
+
+def test_an_unwritable_cache_costs_a_conversion_at_each_start_not_the_start(exported, tmp_path, photos):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    for _ in range(2):
+        qc = QCPipeline(exported, QCConfig(openvino_cache=blocked / "cache"))
+        assert qc.runtimes["classifier"].endswith("(converted in a child process)")
+    assert len(qc.run(photos[:2])) == 2
+
+
+def test_tampered_stage2_weights_are_refused_even_when_openvino_runs_an_export_of_them(exported, tmp_path):
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    with (folder / "classifier.safetensors").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(WeightsIntegrityError, match="does not match its card"):
+        QCPipeline(folder, QCConfig(runtime="openvino"))
+
+
+def test_an_engine_running_exported_models_does_not_import_timm():
+    """timm (and the hub client it brings) is 40 MB of RSS the exported path does not need."""
+    code = ("import sys; from pipelines.engine.qc import QCPipeline, QCConfig; "
+            "QCPipeline('weights', QCConfig(device='cpu')); print('timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(exported, tmp_path):

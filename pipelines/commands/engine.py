@@ -16,8 +16,9 @@ DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
 PRECISIONS = ("auto", "f32", "bf16")  # pipelines.engine.openvino_runtime.Precision
 RuntimeOption = Annotated[str, typer.Option(
-    help="auto: OpenVINO for the models the weights folder carries exported (cervixqc export), torch "
-         "for the rest; openvino: every model on OpenVINO (CPU; missing exports converted at load); torch.")]
+    help="auto: on a CPU, when the weights folder carries an export (cervixqc export), every model on "
+         "OpenVINO (missing exports converted once and cached), else torch; openvino: the same, "
+         "exports or not (CPU only); torch.")]
 PrecisionOption = Annotated[str, typer.Option(
     help="OpenVINO precision: auto (bf16 where the CPU runs it natively), f32 (labels as torch's), bf16.")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda.")]
@@ -226,7 +227,7 @@ def export(
 ) -> None:
     """Export models to OpenVINO IR with a card each (source sha256, file sha256s, parity to
     torch). The default leaves the classifier out: its 51 MB would break the weights budget,
-    and the engine converts it at load instead."""
+    and the engine converts it at its first load instead (cached; see `openvino_runtime.converted`)."""
     import shlex
     import sys
 

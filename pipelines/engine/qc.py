@@ -24,6 +24,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
+from models.io import verified_card
 from pipelines.engine.crops import crop_boxes, pooled_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.engine.decode_device import decode_on_device
@@ -31,6 +32,7 @@ from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector
 from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
+from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
 from pipelines.engine.qc_result import Label, QCResult
@@ -47,11 +49,12 @@ KINDS = ("regular", "green", "iodine")
 class QCConfig:
     device: str = "auto"  # auto: cuda when present, else cpu
     # "openvino": every model through OpenVINO (CPU only): the weights folder's exported files
-    # (`cervixqc export`) where present, the others converted in memory at load. "auto": the
-    # same on CPU when the folder carries an export (the bundled one does), else torch; torch
-    # on CUDA. Measured reasons in pipelines/engine/openvino_runtime.py: with the bundled
-    # weights on the 2-core CPU, the classifier left on torch cost 1.5 s per 300 photos of
-    # the engine's 6-8 s, so auto converts it (about 4 s at start-up) rather than mixing.
+    # (`cervixqc export`) where present, the others converted in a child process at the first
+    # load and cached (`openvino_cache`). "auto": the same on CPU when the folder carries an
+    # export (the bundled one does), else torch; torch on CUDA. Measured reasons in
+    # pipelines/engine/openvino_runtime.py: with the bundled weights on the 2-core CPU, the
+    # classifier left on torch cost 1.5 s per 300 photos of the engine's 6-8 s, so auto
+    # converts it (about 10 s at the first start, then read from the cache) rather than mixing.
     runtime: Runtime = "auto"
     # OpenVINO's inference precision; auto: its own choice (bf16 where the CPU runs it natively)
     precision: Precision = "auto"
@@ -87,6 +90,12 @@ class QCConfig:
     # labels only, the engine as it was before them (`python -m tests.benchmarks.findings_cost`
     # times both side by side).
     findings: bool = True
+    # Where models the weights folder does not carry exported are kept once converted (None:
+    # `openvino_runtime.cache_root()`, ~/.cache/cervixqc/openvino).
+    openvino_cache: Path | None = None
+    # glibc malloc arenas for the whole process, set when the engine starts (None: leave
+    # malloc alone). 1: the engine's peak RSS 87 MB lower, no slower (pipelines/engine/memory.py).
+    malloc_arenas: int | None = 1
 
 
 def resolve_device(device: str) -> str:
@@ -130,11 +139,21 @@ def best_policy(sad_card, cls_card) -> Policy:
 class QCPipeline:
     def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
         self.cfg = config or QCConfig()
+        if self.cfg.malloc_arenas is not None:
+            limit_malloc_arenas(self.cfg.malloc_arenas)
         weights = Path(weights_dir)
         dev = resolve_device(self.cfg.device)
+        self.device = torch.device(dev)
+        self.runtime = resolve_runtime(self.cfg.runtime, self.device, weights)
+        # The detector's torch module always loads: its transform, anchors and box decoding run
+        # around the exported convolutions too. The stage-2 models are built in torch only when
+        # torch runs them (None otherwise: their cards are all the engine reads).
         self.detector, self.det_card = load_detector(weights / "detector.json", dev)
-        self.deep_sad, self.sad_card = load_stage2(weights / "deep_sad.json", dev)
-        self.classifier, self.cls_card = load_stage2(weights / "classifier.json", dev)
+        torch_stage2 = self.runtime == "torch"
+        self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
+                                        else (None, verified_card(weights / "deep_sad.json")))
+        self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
+                                          else (None, verified_card(weights / "classifier.json")))
         # optional stage 0: without it the detector's threshold alone decides no_cervix
         self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                          if (weights / "presence.json").is_file() else (None, None))
@@ -142,35 +161,37 @@ class QCPipeline:
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         self.findings_card = (load_findings_card(weights / "findings.json")
                               if self.cfg.findings and (weights / "findings.json").is_file() else None)
-        self.device = torch.device(dev)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
-        if self.cfg.channels_last:
+        if self.cfg.channels_last and self.runtime == "torch":
             for model in (self.detector, self.deep_sad, self.classifier):
                 model.to(memory_format=torch.channels_last)
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.runtime = resolve_runtime(self.cfg.runtime, self.device, weights)
         # what runs each model: torch (the detector's own forward; the stage-2 models' exporter
         # views), or the compiled OpenVINO model with the same outputs
-        self._runs = {"detector": None, "deep_sad": exportable(self.deep_sad), "classifier": exportable(self.classifier)}
+        self._runs = ({"detector": None, "deep_sad": exportable(self.deep_sad), "classifier": exportable(self.classifier)}
+                      if torch_stage2 else dict.fromkeys(("detector", "deep_sad", "classifier")))
         self.runtimes = dict.fromkeys(self._runs, "torch")
         if self.runtime == "openvino":
             self._compile(weights)
 
     def _compile(self, weights: Path) -> None:
-        models = {"detector": (self.detector, self.det_card), "deep_sad": (self.deep_sad, self.sad_card),
-                  "classifier": (self.classifier, self.cls_card)}
-        for name, (model, card) in models.items():
+        """Every model through OpenVINO: the folder's export, or a conversion made (and cached)
+        in a child process; then the detector's torch convolutions are dropped."""
+        for name, card in (("detector", self.det_card), ("deep_sad", self.sad_card), ("classifier", self.cls_card)):
             ov_model = openvino_runtime.load_exported(weights, name, card)
             source = "exported"
             if ov_model is None:
-                ov_model, source = openvino_runtime.convert(name, model, card), "converted at load"
+                ov_model, source = openvino_runtime.converted(weights, name, card, self.cfg.openvino_cache)
             self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
             self.runtimes[name] = f"openvino {self._runs[name].precision} ({source})"
+        # to the meta device: shapes kept, 42 MB of storage freed
+        self.detector.backbone.to("meta")
+        self.detector.head.to("meta")
 
     def _stamp(self, t: float) -> float:
         """Milliseconds since `t`, after the device has finished the work queued so far: CUDA
@@ -208,21 +229,25 @@ class QCPipeline:
             out[i] = d
         return out  # type: ignore[return-value]
 
-    def _detect(self, floats: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
-        """The detector over the images in chunks of `detector_batch`, in input order, with the
-        pooled FPN features stage 0 reads (None without a presence head).
+    def _detect(self, images: list[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor | None]:
+        """The detector over the uint8 images in chunks of `detector_batch`, in input order, with
+        the pooled FPN features stage 0 reads (None without a presence head).
+
+        Only a chunk's images are ever float at once: 16 phone photos decoded at ~1000 px are
+        146 MB as floats, and keeping the whole batch's floats made the engine's peak RSS 130 MB
+        higher on the 300 real-mix photos (hashes and findings convert only the pixels they read).
 
         torchvision pads every image of a forward to the largest one, so chunks are formed
         after sorting by aspect ratio: a portrait photo batched with landscape ones would
         otherwise make every image in its chunk a padded square."""
-        order = sorted(range(len(floats)), key=lambda k: floats[k].shape[-2] / floats[k].shape[-1])
-        dets: list[dict[str, torch.Tensor] | None] = [None] * len(floats)
-        feats: list[torch.Tensor | None] = [None] * len(floats)
+        order = sorted(range(len(images)), key=lambda k: images[k].shape[-2] / images[k].shape[-1])
+        dets: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+        feats: list[torch.Tensor | None] = [None] * len(images)
         n = self.detector_batch
         with self._autocast():
             for j in range(0, len(order), n):
                 chunk = order[j : j + n]
-                batch = [floats[k] for k in chunk]
+                batch = [TF.to_dtype(images[k], torch.float32, scale=True) for k in chunk]
                 out, maps, padded = detect(self.detector, batch, self.device, self._runs["detector"])
                 pooled = [None] * len(chunk) if self.presence is None else pool_features(maps, padded)
                 for k, d, f in zip(chunk, out, pooled):
@@ -295,13 +320,11 @@ class QCPipeline:
         if ok:
             image_of = {i: to_device(decoded[i].image, self.device) for i in ok}  # uint8: a quarter of float
             t1 = time.perf_counter()
-            # 0..1 floats: the detector's input, then the hashes' and findings' (no second conversion)
-            floats = dict(zip(ok, (TF.to_dtype(image_of[i], torch.float32, scale=True) for i in ok)))
-            dets, feats = self._detect(list(floats.values()))
+            dets, feats = self._detect([image_of[i] for i in ok])
             timings["detect"] = self._stamp(t1)
             present = self._presence(image_of, feats, timings)
             t1 = time.perf_counter()
-            whole = dict(zip(ok, whole_photo_hashes(list(floats.values())))) if self.cfg.findings else dict.fromkeys(ok)
+            whole = dict(zip(ok, whole_photo_hashes([image_of[i] for i in ok]))) if self.cfg.findings else dict.fromkeys(ok)
             timings["hash"] = self._stamp(t1)
             with_box, boxes, no_cervix = [], [], []
             for i, det in zip(ok, dets):
@@ -324,10 +347,10 @@ class QCPipeline:
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
                 boxes.append(box)
             if with_box:
-                self._stage2(image_of, floats, with_box, torch.stack(boxes), results, timings, policy)
+                self._stage2(image_of, with_box, torch.stack(boxes), results, timings, policy)
             if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
                 t1 = time.perf_counter()
-                images = [floats[i] for i in no_cervix]
+                images = [image_of[i] for i in no_cervix]
                 for i, found in zip(no_cervix, self._findings(images, whole_frames(images), margin=0.0)):
                     results[i].findings = found
                 timings["findings"] = timings.get("findings", 0.0) + self._stamp(t1)
@@ -337,19 +360,20 @@ class QCPipeline:
         return results  # type: ignore[return-value]
 
     def _findings(self, images: list[torch.Tensor], boxes: torch.Tensor, margin: float) -> list[dict]:
-        """The quality findings of each box's pooled crop ({} each without a findings card)."""
+        """The quality findings of each box's pooled crop of the uint8 images ({} each without a
+        findings card)."""
         if self.findings_card is None:
             return [{} for _ in images]
-        return judge(finding_scores(pooled_crops(images, boxes, FINDINGS_CROP, margin)), self.findings_card)
+        return judge(finding_scores(pooled_crops(images, boxes, FINDINGS_CROP, margin) / 255), self.findings_card)
 
-    def _stage2(self, image_of, floats, with_box, boxes, results, timings, policy: Policy | None) -> None:
+    def _stage2(self, image_of, with_box, boxes, results, timings, policy: Policy | None) -> None:
         t = time.perf_counter()
         big = round(self.cls_size * 8 / 7)
         images = [image_of[i] for i, _, _ in with_box]
         crops = crop_boxes(images, boxes, sizes=(32, big), margin=self.cfg.crop_margin)
         timings["crop"] = self._stamp(t)
         t = time.perf_counter()
-        found = self._findings([floats[i] for i, _, _ in with_box], boxes, self.cfg.crop_margin)
+        found = self._findings(images, boxes, self.cfg.crop_margin)
         crop_hashes = phash(crops[32]) if self.cfg.findings else [None] * len(with_box)
         timings["findings"] = self._stamp(t)
         t = time.perf_counter()
