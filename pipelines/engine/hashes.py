@@ -63,8 +63,8 @@ def phash(rgb32: torch.Tensor) -> list[str | None]:
 
 def whole_photo_hashes(images: list[torch.Tensor]) -> list[str | None]:
     """pHash of each whole photo (CHW uint8, as decoded; one photo at a time goes to float)
-    from its exact 32 px area average (`crop_boxes` of the whole frame). Cheaper poolings were tried and dropped on the 106 val photos and their copies
-    (`cervixqc eval-duplicates --split val`): adaptive average pooling (0.41 ms a photo)
+    from its exact 32 px area average (`crop_boxes` of the whole frame). Cheaper poolings were
+    tried and dropped on the 106 val photos and their copies (`cervixqc eval-duplicates --split val`): adaptive average pooling (0.41 ms a photo)
     brought copies of one photo within 4 bits of another photo of the same patient, 37 false
     pairs where the exact average had 1."""
     if not images:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from urllib.parse import urlencode
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -36,10 +36,17 @@ def _number(text: str | None) -> float | None:
         raise ApiError(422, "invalid_request", f"not a number: {text!r}") from None
 
 
-def _query(label: str | None, kind: str | None, source: str | None, score_min: str | None,
-           score_max: str | None, reviewed: str | None, page_no: int) -> GridQuery:
+def _grid_query(label: str | None = None, kind: str | None = None, source: str | None = None,
+                score_min: str | None = None, score_max: str | None = None,
+                reviewed: Literal["", "yes", "no"] | None = None,
+                page_no: int = Query(1, alias="page", ge=1)) -> GridQuery:
+    """The grid's filter from the query string: the review page's form, carried on to the image
+    page so that previous/next walk the same filtered order."""
     return GridQuery(label or None, kind or None, source or None, _number(score_min), _number(score_max),
                      {"yes": True, "no": False}.get(reviewed or ""), page_no)
+
+
+GridFilter = Annotated[GridQuery, Depends(_grid_query)]
 
 
 def _item(state: ServiceState, job: Job, item: int) -> QCResult:
@@ -50,13 +57,9 @@ def _item(state: ServiceState, job: Job, item: int) -> QCResult:
 
 
 @router.get("/review")
-async def review_page(request: Request, job_id: str, session: UiSession, state: State,
-                      label: str | None = None, kind: str | None = None, source: str | None = None,
-                      score_min: str | None = None, score_max: str | None = None,
-                      reviewed: Literal["", "yes", "no"] | None = None, page_no: int = Query(1, alias="page", ge=1)):
+async def review_page(request: Request, job_id: str, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     t = Thresholds.of(state.qc, job.policy)
-    q = _query(label, kind, source, score_min, score_max, reviewed, page_no)
     grid = build_grid(state.store.summaries(job_id), state.reviews.reviewed(job_id), t, q)
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
     return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters)
@@ -72,15 +75,11 @@ async def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
 
 
 @router.get("/items/{item}")
-async def item_page(request: Request, job_id: str, item: int, session: UiSession, state: State,
-                    label: str | None = None, kind: str | None = None, source: str | None = None,
-                    score_min: str | None = None, score_max: str | None = None,
-                    reviewed: Literal["", "yes", "no"] | None = None):
+async def item_page(request: Request, job_id: str, item: int, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
     live = state.reviews.reviewed(job_id)
     t = Thresholds.of(state.qc, job.policy)
-    q = _query(label, kind, source, score_min, score_max, reviewed, 1)
     prev, nxt = neighbours(state.store.summaries(job_id), live, t, q, item)
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
