@@ -134,8 +134,15 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
     os.replace(tmp, target)
 
 
-def export(store: StateStore, out_dir: Path) -> tuple[Path, Path]:
-    return export_records(store.records, out_dir)
+def export(store: StateStore, out_dir: Path, src_root: Path | None = None) -> tuple[Path, Path]:
+    """The state's records written out; `src_root` (the photos' folder) lets the duplicate
+    search check cropped and turned copies with the pixels."""
+    return export_records(store.records, out_dir, read=None if src_root is None else reader(src_root))
+
+
+def reader(root: Path) -> Callable[[str], bytes]:
+    """A collection's photos by the paths its records carry (relative to `root`)."""
+    return lambda rel: (root / rel).read_bytes()
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -145,7 +152,8 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
-                   duplicates: pd.DataFrame | None = None) -> tuple[Path, Path]:
+                   duplicates: pd.DataFrame | None = None,
+                   read: Callable[[str], bytes] | None = None) -> tuple[Path, Path]:
     """results.csv, results.parquet and duplicates.csv, each written to a temporary name and
     renamed. Without `duplicates` they are grouped here over the whole collection first, so
     `records` is called twice and a store streams them instead of a list of 10^6 records
@@ -153,7 +161,7 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     from pipelines.data.duplicates import with_group
 
-    dups = collection_duplicates(records()) if duplicates is None else duplicates
+    dups = collection_duplicates(records(), read) if duplicates is None else duplicates
     group = {row.path: row for row in dups.itertuples(index=False)}
     df = pd.DataFrame([with_group(r, group.get(r.path)).csv_row() for r in records()], columns=QCResult.csv_fields())
     df["duplicate_group"] = df["duplicate_group"].astype("Int64")  # 3, not 3.0, beside the blanks
@@ -164,11 +172,12 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     return csv_path, pq_path
 
 
-def collection_duplicates(records: Iterable[QCResult]) -> pd.DataFrame:
-    """Exact and near duplicates over a whole collection (pipelines/data/duplicates.py)."""
+def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], bytes] | None = None) -> pd.DataFrame:
+    """Exact and near duplicates over a whole collection (pipelines/data/duplicates.py);
+    `read(path)` gives the photos for the pixel check of cropped and turned copies."""
     from pipelines.data.duplicates import DuplicateConfig, duplicates_of_records
 
-    return duplicates_of_records(records, DuplicateConfig())
+    return duplicates_of_records(records, DuplicateConfig(), read)
 
 
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
@@ -189,7 +198,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))
-        csv_path, pq_path = export(store, out_dir)
+        csv_path, pq_path = export(store, out_dir, src_root)
         labels = Counter(r.label.value for r in store.records())
     finally:
         store.close()

@@ -86,7 +86,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 finished += len(results)
                 if progress:
                     progress(finished, len(inputs))
-        csv_path, pq_path = export(store, out_dir)
+        csv_path, pq_path = export(store, out_dir, src_root)
         labels = Counter(r.label.value for r in store.records())
     finally:
         store.close()

@@ -93,3 +93,26 @@ def fuzz_set() -> dict[str, tuple[bytes, str | None]]:
         "multi.gif": (gif.getvalue(), None),
         "ok.jpg": (jpeg, None),
     }
+
+
+def textured_scene(seed: int, size=(640, 480)) -> Image.Image:
+    """Texture at three scales (tissue, vessels, speckle): something for keypoints to hold."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((size[1], size[0], 3), np.float32)
+    for cells, weight in (((6, 8), 0.5), ((30, 40), 0.3), ((120, 160), 0.2)):
+        low = rng.integers(0, 256, (*cells, 3), dtype=np.uint8)
+        out += weight * np.asarray(Image.fromarray(low).resize(size, Image.Resampling.BICUBIC), np.float32)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def cropped_copy(img: Image.Image) -> Image.Image:
+    """10% off the left and top, 5% off the right, then shrunk by a third and turned 3 degrees."""
+    w, h = img.size
+    c = img.crop((int(0.10 * w), int(0.10 * h), int(0.95 * w), h))
+    return c.resize((c.width * 2 // 3, c.height * 2 // 3), Image.Resampling.LANCZOS).rotate(3, Image.Resampling.BICUBIC)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipelines.clean import clean
 from pipelines.engine.qc import QCPipeline
-from tests.qc_fixtures import fuzz_set, tiny_weights
+from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 from tests.service_server import API_KEY, HEADERS, start_server
 
 LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
@@ -46,6 +46,9 @@ def data_root(tmp_path_factory) -> Path:
         sub = root / "collection" / ("clinic_a" if i % 2 else "clinic_b/2019")
         sub.mkdir(parents=True, exist_ok=True)
         (sub / name).write_bytes(data)
+    scene = textured_scene(7)
+    (root / "collection" / "scene.jpg").write_bytes(jpeg_bytes(scene))
+    (root / "collection" / "clinic_a" / "scene_cropped.jpg").write_bytes(jpeg_bytes(cropped_copy(scene), 60))
     return root
 
 
@@ -234,6 +237,9 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
     # the fuzz set's photo is stored three times (RGB, CMYK and grey JPEGs): one group of near copies
     near = got[got["duplicate_kind"] != ""]
     assert {"ok.jpg", "cmyk.jpg", "gray.jpg"} <= {p.rsplit("/", 1)[-1] for p in near["path"]}
+    # a cropped copy, found by the pixel check: the job reads its photos for it as clean does
+    group = dict(zip(got["path"], got["duplicate_group"]))
+    assert group["scene.jpg"] == group["clinic_a/scene_cropped.jpg"] != ""
     assert len(jsonl) == len(got) and job["id"] in {j["id"] for j in listed}
     assert _checksums(src) == before
     quarantine = Path(server.env["CERVIXQC_STATE_DIR"]) / "quarantine" / "batch1"

@@ -15,15 +15,18 @@ PhashOption = Annotated[Optional[int], typer.Option(help="Most bits between whol
                                                           "(-1: off; default: DuplicateConfig's).")]
 CropOption = Annotated[Optional[int], typer.Option(help="Most bits between cervix-crop hashes (-1: off).")]
 CosineOption = Annotated[Optional[float], typer.Option(help="Least cosine between crop embeddings (> 1: off).")]
+VerifyOption = Annotated[Optional[int], typer.Option(help="Closest photos per key (whole-photo hash, embedding) "
+                                                          "checked with the pixels for cropped and turned copies "
+                                                          "(0: off; default: DuplicateConfig's).")]
 
 
-def _config(max_phash_distance, max_crop_distance, min_cosine):
+def _config(max_phash_distance, max_crop_distance, min_cosine, verify_k=None):
     from dataclasses import replace
 
     from pipelines.data.duplicates import DuplicateConfig
 
     changes = {k: v for k, v in (("max_phash_distance", max_phash_distance), ("max_crop_distance", max_crop_distance),
-                                 ("min_cosine", min_cosine)) if v is not None}
+                                 ("min_cosine", min_cosine), ("verify_k", verify_k)) if v is not None}
     try:
         return replace(DuplicateConfig(), **changes)
     except ValueError as e:
@@ -40,19 +43,26 @@ def duplicates_cmd(
     max_phash_distance: PhashOption = None,
     max_crop_distance: CropOption = None,
     min_cosine: CosineOption = None,
+    verify_k: VerifyOption = None,
+    images: Annotated[Optional[Path], typer.Option(help="For a `clean` output folder: the folder its photos were "
+                                                        "cleaned from, for the pixel check (without it: keys only).")] = None,
 ) -> None:
     """Find copies of one photo in a collection: byte-identical files (sha256) and near copies
-    (re-encoded, resized; the perceptual hashes and embedding the engine computes). Writes
-    duplicates.csv, one row per member of each group: path, group, duplicate_of (the group's
-    first path), kind (exact | near), evidence (sha256 | phash | crop_hash | embedding).
-    `cervixqc split --duplicates` reads it."""
+    (re-encoded, resized: the perceptual hashes the engine computes; cropped, turned: the
+    closest photos checked with the pixels). Writes duplicates.csv, one row per member of each
+    group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
+    (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
+    from pipelines.clean import reader
     from pipelines.data.duplicates import duplicates_of_records, read_clean_state
 
-    cfg = _config(max_phash_distance, max_crop_distance, min_cosine)
+    cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
     if not src.exists():
         _fail(f"{src} does not exist")
     if src.is_dir() and (src / "state.sqlite").is_file():
         records = read_clean_state(src)
+        root = images
+        if root is None and cfg.verify_k > 0:
+            typer.echo("no --images: cropped and turned copies are not looked for (keys only)")
     else:
         from pipelines.clean import list_inputs
 
@@ -71,7 +81,7 @@ def duplicates_cmd(
             seen[0] += 1
             yield r
 
-    df = duplicates_of_records(counted(records), cfg)
+    df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
@@ -97,17 +107,20 @@ def eval_duplicates_cmd(
     max_phash_distance: PhashOption = None,
     max_crop_distance: CropOption = None,
     min_cosine: CosineOption = None,
+    verify_k: VerifyOption = None,
 ) -> None:
     """Duplicate finding on one split's real photos and seeded copies of them: exact-copy
     recall, near recall per transform (JPEG q50-95, resize 0.5-2x, crop <= 10% a side,
     rotation 0.5-5 degrees), precision over predicted pairs (two different photos, even of one
-    patient, are a false pair), per source; key distances; optionally a threshold sweep."""
+    patient, are a false pair), per source; key distances and the pixel check's numbers;
+    optionally a sweep of the keys' thresholds."""
     import time
 
-    from pipelines.evaluation.duplicates_eval import CopyPlan, build_set, key_distances, run_engine, score
+    from pipelines.evaluation.duplicates_eval import (CopyPlan, aligned_distances, build_set, key_distances,
+                                                      run_engine, score)
     from pipelines.evaluation.duplicates_eval import sweep as run_sweep
 
-    cfg = _config(max_phash_distance, max_crop_distance, min_cosine)
+    cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
     df = _split_manifest(split_csv)
     df = df[df["split"] == split].reset_index(drop=True)
     if df.empty:
@@ -123,12 +136,16 @@ def eval_duplicates_cmd(
         truth.to_csv(records_out / "truth.csv", index=False)
         (records_out / "records.jsonl").write_text("".join(r.model_dump_json(exclude={"timings_ms"}) + "\n"
                                                            for r in records))
+    read = dict(zip(truth["name"], items)).__getitem__
+    t0 = time.perf_counter()
+    scored = score(records, truth, cfg, read=read)
     report = {"split": split, "manifest": str(split_csv), "copies_per_transform": copies, "seed": seed,
-              "engine_seconds": round(seconds, 1), "score": score(records, truth, cfg),
-              "key_distances": key_distances(records, truth)}
+              "engine_seconds": round(seconds, 1), "grouping_seconds": round(time.perf_counter() - t0, 1),
+              "score": scored, "key_distances": key_distances(records, truth),
+              "aligned_distances": aligned_distances(items, truth, cfg.copy_check)}
     if sweep:
         best, _ = run_sweep(records, truth, cfg, min_precision)
-        report["sweep"] = {"min_precision": min_precision, "best": score(records, truth, best)}
+        report["sweep"] = {"min_precision": min_precision, "best": score(records, truth, best, read=read)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     s = report["score"]

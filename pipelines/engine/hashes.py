@@ -4,9 +4,11 @@ the cervix crop, and a short embedding of the crop from the classifier's pooled 
 Why three: a re-encoded or resized copy keeps the whole photo's hash; the crop's hash and
 the embedding were meant for copies cropped at the edges or turned a few degrees. Measured
 on the real photos (`pipelines.data.duplicates.DuplicateConfig`), neither separates such
-copies from other photos of the same patient, so grouping uses the whole photo's hash
-alone by default; the other two stay in the record (cheap: one 8x8 DCT of a crop the engine
-already has, one 2048x64 product) for grouping with other settings and for later keys.
+copies from other photos of the same patient, so no threshold on them groups by default.
+The whole photo's hash and the embedding do rank a cropped or turned copy among a photo's
+closest few, and those few are checked with the pixels (`pipelines.data.copy_check`); the
+crop's hash stays in the record (cheap: one 8x8 DCT of a crop the engine already has) for
+grouping with other settings.
 
 The hash is pHash (the 8x8 lowest frequencies of a 32x32 grey DCT, each bit above or below
 their median); written here in a few lines of torch rather than taken from `imagehash`,

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from pipelines.data.copy_check import CopyCheckConfig, compare, features
 from pipelines.data.duplicates import DuplicateConfig, find_duplicates
 from pipelines.engine.hashes import decode_embeddings, hamming
 from pipelines.engine.qc_result import QCResult
@@ -104,18 +105,20 @@ def run_engine(qc, items: Sequence[bytes], names: Sequence[str], batch_size: int
     return out
 
 
-def _group(records: Sequence[QCResult], cfg: DuplicateConfig) -> np.ndarray:
+def _group(records: Sequence[QCResult], cfg: DuplicateConfig, read: Callable[[str], bytes] | None) -> np.ndarray:
     """Predicted group per record; -1-i for a record in no group (its own)."""
     df = find_duplicates([r.path for r in records], [r.sha256 for r in records], [r.phash for r in records],
-                         [r.crop_hash for r in records], [r.embedding for r in records], cfg)
+                         [r.crop_hash for r in records], [r.embedding for r in records], cfg, read=read)
     group_of = dict(zip(df["path"], df["group"]))
     return np.array([group_of.get(r.path, -1 - i) for i, r in enumerate(records)])
 
 
-def score(records: Sequence[QCResult], truth: pd.DataFrame, cfg: DuplicateConfig, examples: int = 10) -> dict:
-    """Recall per transform, pair precision overall and per source, false pairs by kind."""
+def score(records: Sequence[QCResult], truth: pd.DataFrame, cfg: DuplicateConfig, examples: int = 10,
+          read: Callable[[str], bytes] | None = None) -> dict:
+    """Recall per transform, pair precision overall and per source, false pairs by kind.
+    `read(name)`: the photos' bytes, for the pixel check (None: the keys alone)."""
     t = truth.set_index("name").loc[[r.path for r in records]].reset_index()
-    t["group"] = _group(records, cfg)
+    t["group"] = _group(records, cfg, read)
     original_group = t[t["transform"] == "original"].set_index("original")["group"]
     t["found"] = t["group"].to_numpy() == original_group.loc[t["original"]].to_numpy()
     copies = t[t["transform"] != "original"]
@@ -124,7 +127,7 @@ def score(records: Sequence[QCResult], truth: pd.DataFrame, cfg: DuplicateConfig
     total, true = _pair_count(grouped, ["group"]), _pair_count(grouped, ["group", "cluster"])
     same_patient = _pair_count(grouped, ["group", "patient_id"]) - true
     out = {
-        "config": asdict(cfg),
+        "config": asdict(cfg), "pixel_check": read is not None and cfg.verify_k > 0,
         "n_originals": int((t["transform"] == "original").sum()), "n_copies": int(len(copies)),
         "exact_recall": recall["exact"], "near_recall": {tr: recall[tr] for tr in NEAR},
         "near_recall_min": min(recall[tr] for tr in NEAR),
@@ -201,6 +204,33 @@ def key_distances(records: Sequence[QCResult], truth: pd.DataFrame) -> dict:
     return out
 
 
+def aligned_distances(items: Sequence[bytes], truth: pd.DataFrame, cfg: CopyCheckConfig = CopyCheckConfig()) -> dict:
+    """The pixel check's two numbers, RANSAC inliers and the aligned difference, for each copy
+    against its original, and for each original against the other photos of its patient (the
+    hard negatives: same scene minutes apart): what its thresholds are chosen from."""
+    feats = [features(b, cfg) for b in items]
+    t = truth.reset_index(drop=True)
+    row_of = {name: i for i, name in enumerate(t["name"])}
+    out: dict = {}
+
+    def measure(pairs, negatives: bool) -> dict:
+        """Copies: the fewest inliers and the largest differences; other photos: the most
+        inliers and the smallest differences (among those that could be aligned)."""
+        v = [compare(feats[a], feats[b], cfg) for a, b in pairs if feats[a] is not None and feats[b] is not None]
+        return {"pairs": len(v), "called_copy": sum(x.copy for x in v),
+                "inliers": _quantiles([float(x.inliers) for x in v], similarity=True, closest=negatives),
+                "difference": _quantiles([x.difference for x in v if x.difference is not None], similarity=False,
+                                         closest=negatives)}
+
+    for tr in NEAR:
+        part = t[t["transform"] == tr]
+        out[tr] = measure([(row_of[o], i) for i, o in zip(part.index, part["original"])], negatives=False)
+    originals = t[t["transform"] == "original"].drop_duplicates("cluster")
+    same = [(a, b) for _, g in originals.groupby("patient_id") for a, b in itertools.combinations(g.index, 2)]
+    out["other_photo_same_patient"] = measure(same, negatives=True)
+    return out
+
+
 def _quantiles(values: list[float], similarity: bool, closest: bool = False) -> dict:
     """For copies: how far the worst ones go; for other photos: how close the closest come."""
     if not values:
@@ -212,8 +242,10 @@ def _quantiles(values: list[float], similarity: bool, closest: bool = False) -> 
 
 def sweep(records: Sequence[QCResult], truth: pd.DataFrame, base: DuplicateConfig = DuplicateConfig(),
           min_precision: float = 0.995) -> tuple[DuplicateConfig, list[dict]]:
-    """Score a grid of thresholds; the best keeps precision >= min_precision and has the
-    highest worst-transform recall (then precision, then the tighter thresholds)."""
+    """Score a grid of the keys' thresholds, without the pixel check (it would run again at
+    each point; its own thresholds come from `aligned_distances`); the best keeps precision
+    >= min_precision and has the highest worst-transform recall (then precision, then the
+    tighter thresholds)."""
     grid = itertools.product(range(-1, 17, 1), range(-1, 17, 1), (1.01, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99))
     rows = []
     for p, c, cos in grid:

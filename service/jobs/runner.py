@@ -96,11 +96,20 @@ class JobRunner:
             self.metrics.job_items.inc(len(results))
             for r in results:
                 self.metrics.images.labels(r.label.value, "job").inc()
-        dups = collection_duplicates(self.store.records(job.id))
+        dups = collection_duplicates(self.store.records(job.id), self._reader(root))
         self.store.set_duplicates(job.id, dups[["path", "group", "duplicate_of", "kind"]].itertuples(index=False))
         export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
         if self.store.transition(job.id, "done", finished=time.time()):
             log.info("job %s: done", job.id)
+
+    def _reader(self, root: Path) -> Callable[[str], bytes]:
+        """A job's photos for the duplicate search's pixel check, under the rule every read
+        of the job follows (inside the data roots, checked at each read)."""
+        def read(rel: str) -> bytes:
+            if not inside(root / rel, self.roots):
+                raise OSError(f"{rel}: outside the data roots")
+            return (root / rel).read_bytes()
+        return read
 
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
         allowed = [rel for rel in chunk if inside(root / rel, self.roots)]

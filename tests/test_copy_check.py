@@ -1,0 +1,108 @@
+"""The pixel check behind cropped and turned copies (pipelines/data/copy_check.py), and the
+duplicate search that uses it. Generated textured scenes only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.copy_check import CopyChecker, compare, features
+from pipelines.data.duplicates import DuplicateConfig, find_duplicates
+from pipelines.engine.hashes import hamming
+from tests.qc_fixtures import cropped_copy, jpeg_bytes, textured_scene, tiny_weights
+
+runner = CliRunner()
+
+
+def _later(img: Image.Image) -> Image.Image:
+    """The same scene moments later: nothing moved, but a patch of it turned white (acetic
+    acid) and the light changed a little, as a second photo of one patient does."""
+    a = np.asarray(img, np.float32) * 0.97
+    a[150:330, 220:460] = 0.5 * a[150:330, 220:460] + 120
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def test_a_cropped_shrunk_turned_copy_is_a_copy():
+    original = textured_scene(1)
+    a, b = features(jpeg_bytes(original)), features(jpeg_bytes(cropped_copy(original), 60))
+    v = compare(a, b)
+    assert v.copy, v
+    assert v.inliers >= 100 and 0.5 < v.overlap < 0.95  # the crop covers part of the original only
+    # either way round: the finer thumbnail is warped onto the coarser (blown up, the crop's
+    # would read 3.8 grey levels apart)
+    back = compare(b, a)
+    assert back.copy and abs(back.difference - v.difference) < 0.5, (v, back)
+
+
+def test_another_scene_and_the_same_scene_changed_are_not_copies():
+    original = textured_scene(1)
+    a = features(jpeg_bytes(original))
+    other = compare(a, features(jpeg_bytes(textured_scene(2))))
+    assert not other.copy and other.reason in ("too few matches", "no transform")
+    # keypoints outside the patch still align it, as for a colposcope held still between two
+    # photos: the aligned pixels are what tell the second photo from a copy
+    later = compare(a, features(jpeg_bytes(_later(original))))
+    assert later.inliers >= 40 and later.difference is not None
+    assert not later.copy and later.reason == "differs once aligned" and later.difference > 5
+
+
+def test_an_unreadable_photo_is_no_copy_of_anything_and_raises_nothing(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(textured_scene(1)))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    check = CopyChecker(lambda rel: (tmp_path / rel).read_bytes())
+    for other in ("broken.jpg", "missing.jpg"):
+        v = check("a.jpg", other)
+        assert not v.copy and v.reason == "unreadable"
+
+
+def _collection(tmp_path):
+    """An original, its cropped copy (whole-photo hashes far apart) and three other scenes."""
+    photos = {"a.jpg": jpeg_bytes(textured_scene(1)), "a_crop.jpg": jpeg_bytes(cropped_copy(textured_scene(1)), 60),
+              **{f"other{i}.jpg": jpeg_bytes(textured_scene(10 + i)) for i in range(3)}}
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in photos.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_the_closest_photos_are_checked_with_the_pixels_only_when_they_can_be_read(tmp_path):
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    folder = _collection(tmp_path)
+    names = sorted(p.name for p in folder.iterdir())
+    records = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu")).run(
+        [folder / n for n in names], names=names)
+    keys = {r.path: r for r in records}
+    assert hamming(keys["a.jpg"].phash, keys["a_crop.jpg"].phash) > DuplicateConfig().max_phash_distance
+    args = ([r.path for r in records], [r.sha256 for r in records], [r.phash for r in records],
+            [r.crop_hash for r in records], [r.embedding for r in records])
+    assert find_duplicates(*args).empty  # keys alone: the crop is not found
+    df = find_duplicates(*args, read=lambda rel: (folder / rel).read_bytes())
+    assert list(df["path"]) == ["a.jpg", "a_crop.jpg"]
+    assert list(df["evidence"]) == ["aligned", "aligned"] and list(df["kind"]) == ["exact", "near"]  # first: itself
+    assert find_duplicates(*args, DuplicateConfig(verify_k=0), read=lambda rel: (folder / rel).read_bytes()).empty
+
+
+def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
+    folder = _collection(tmp_path)
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["duplicates", str(folder), "-o", str(tmp_path / "d.csv"), "--weights", str(weights),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert list(pd.read_csv(tmp_path / "d.csv")["path"]) == ["a.jpg", "a_crop.jpg"]
+
+    out = tmp_path / "clean"
+    r = runner.invoke(app, ["clean", str(folder), "-o", str(out), "--weights", str(weights), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    results = pd.read_csv(out / "results.csv", keep_default_na=False)
+    groups = dict(zip(results["path"], results["duplicate_group"]))
+    assert groups["a.jpg"] == groups["a_crop.jpg"] != "" and all(groups[f"other{i}.jpg"] == "" for i in range(3))
+    # a clean folder is grouped again from its state: with the photos' folder, and without
+    r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d2.csv"), "--images", str(folder)])
+    assert r.exit_code == 0 and list(pd.read_csv(tmp_path / "d2.csv")["path"]) == ["a.jpg", "a_crop.jpg"]
+    r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d3.csv")])
+    assert r.exit_code == 0 and "no --images" in r.output
