@@ -3,13 +3,15 @@ duplicate search that uses it. Generated textured scenes only."""
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.data.copy_check import CopyChecker, compare, features
+from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, compare, features
 from pipelines.data.duplicates import DuplicateConfig, find_duplicates
 from pipelines.engine.hashes import hamming
 from tests.qc_fixtures import cropped_copy, jpeg_bytes, textured_scene, tiny_weights
@@ -85,6 +87,26 @@ def test_the_closest_photos_are_checked_with_the_pixels_only_when_they_can_be_re
     assert list(df["path"]) == ["a.jpg", "a_crop.jpg"]
     assert list(df["evidence"]) == ["aligned", "aligned"] and list(df["kind"]) == ["exact", "near"]  # first: itself
     assert find_duplicates(*args, DuplicateConfig(verify_k=0), read=lambda rel: (folder / rel).read_bytes()).empty
+
+
+def test_keypoints_beyond_the_memory_limit_go_to_a_temporary_file_that_is_removed(tmp_path, monkeypatch):
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    folder = _collection(tmp_path)
+    names = sorted(p.name for p in folder.iterdir())
+    records = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu")).run(
+        [folder / n for n in names], names=names)
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    seen = []
+    read = lambda rel: (seen.append(sorted(spill.iterdir())), (folder / rel).read_bytes())[1]  # noqa: E731
+    df = find_duplicates([r.path for r in records], [r.sha256 for r in records], [r.phash for r in records],
+                         [r.crop_hash for r in records], [r.embedding for r in records],
+                         DuplicateConfig(copy_check=CopyCheckConfig(in_memory=0)), read=read)
+    assert list(df["path"]) == ["a.jpg", "a_crop.jpg"]
+    assert any(d and d[0].name.startswith("cervixqc-keypoints-") for d in seen)  # it was used
+    assert list(spill.iterdir()) == []  # and removed
 
 
 def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):

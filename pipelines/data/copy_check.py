@@ -16,8 +16,10 @@ noise (~1 grey level), a later photo by whitening, moved highlights and stain.
 
 from __future__ import annotations
 
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -27,8 +29,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class CopyCheckConfig:
-    """Thresholds chosen on the real photos' val split (`cervixqc eval-duplicates --split val
-    --sweep`), reported on test; the measured margins are in `pipelines.data.duplicates`."""
+    """Thresholds chosen on the real photos' val split (the `aligned_distances` of
+    `cervixqc eval-duplicates --split val`), reported on test; the measured margins are in
+    `pipelines.data.duplicates.DuplicateConfig`."""
 
     side: int = 384  # long side (px) the keypoints are found at
     features: int = 500  # ORB keypoints per photo
@@ -39,21 +42,32 @@ class CopyCheckConfig:
     min_overlap: float = 0.5  # share of A that B covers once aligned (a 10% crop a side keeps 0.64)
     max_difference: float = 3.0  # mean abs difference (grey levels of 255) of the aligned, blurred thumbnails
     scale: tuple[float, float] = (0.2, 5.0)  # B's size next to A's
-    cache: int = 1024  # photos whose features are kept (~80 KB each for a 4:3 photo)
+    in_memory: int = 4096  # photos whose keypoints stay in RAM (20 KB each, 80 MB); more go to a temporary file
+    thumbs: int = 256  # photos whose thumbnail (~60 KB) is kept for the pairs that align
 
     def __post_init__(self) -> None:
-        if self.side < 64 or self.thumb < 16 or self.features < 16 or self.cache < 2:
-            raise ValueError("side >= 64, thumb >= 16, features >= 16 and cache >= 2 are needed to match anything")
+        if self.side < 64 or self.thumb < 16 or self.features < 16 or self.thumbs < 2 or self.in_memory < 0:
+            raise ValueError("side >= 64, thumb >= 16, features >= 16, thumbs >= 2 and in_memory >= 0 are needed")
         if not 0 < self.ratio <= 1 or not 0 < self.min_overlap <= 1 or self.max_difference < 0:
             raise ValueError("ratio and min_overlap must be in (0, 1], max_difference >= 0")
 
 
 @dataclass(frozen=True)
-class PhotoFeatures:
-    points: np.ndarray  # float32 [K, 2] keypoint positions, at `side`
+class Keypoints:
+    points: np.ndarray  # float32 [K, 2] positions, at `side`
     descriptors: np.ndarray  # uint8 [K, 32] ORB
-    thumb: np.ndarray  # uint8 [h, w, 3] blurred colour thumbnail (uint8: 4x more photos in the cache)
-    side_scale: float  # thumb px per `side` px
+
+
+@dataclass(frozen=True)
+class Thumb:
+    pixels: np.ndarray  # uint8 [h, w, 3] blurred colour thumbnail
+    scale: float  # thumbnail px per `side` px
+
+
+@dataclass(frozen=True)
+class PhotoFeatures:
+    keypoints: Keypoints
+    thumb: Thumb
 
 
 @dataclass(frozen=True)
@@ -119,32 +133,44 @@ def features(data: bytes, cfg: CopyCheckConfig = CopyCheckConfig()) -> PhotoFeat
     t = min(1.0, cfg.thumb / max(h, w))
     small = cv2.resize(img, (max(1, round(w * t)), max(1, round(h * t))), interpolation=cv2.INTER_AREA)
     points = np.float32([k.pt for k in kp]).reshape(-1, 2)
-    return PhotoFeatures(points, des if des is not None else np.zeros((0, 32), np.uint8),
-                         cv2.GaussianBlur(small, (0, 0), cfg.blur), t)
+    return PhotoFeatures(Keypoints(points, des if des is not None else np.zeros((0, 32), np.uint8)),
+                         Thumb(cv2.GaussianBlur(small, (0, 0), cfg.blur), t))
 
 
 def compare(a: PhotoFeatures, b: PhotoFeatures, cfg: CopyCheckConfig = CopyCheckConfig()) -> Verdict:
     """Whether B is a copy of A: matched keypoints, one similarity transform, then the
-    aligned thumbnails compared. Cheap rejections first (most proposed pairs are two
-    different photos with a handful of chance matches)."""
+    aligned thumbnails compared."""
+    m, verdict = fit(a.keypoints, b.keypoints, cfg)
+    return verdict if m is None else judge(a.thumb, b.thumb, m, verdict.inliers, cfg)
+
+
+def fit(a: Keypoints, b: Keypoints, cfg: CopyCheckConfig = CopyCheckConfig()) -> tuple[np.ndarray | None, Verdict]:
+    """The similarity taking B's keypoints onto A's (None with the reason when there is
+    none). Cheap rejections first: most proposed pairs are two different photos with a
+    handful of chance matches, and never need their thumbnails."""
     if len(a.descriptors) < 8 or len(b.descriptors) < 8:
-        return Verdict(False, reason="too few keypoints")
+        return None, Verdict(False, reason="too few keypoints")
     src, dst = _matches(a, b, cfg.ratio)
     if len(src) < cfg.min_inliers:
-        return Verdict(False, inliers=len(src), reason="too few matches")
+        return None, Verdict(False, inliers=len(src), reason="too few matches")
     m, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=3.0, maxIters=2000)
     inliers = int(mask.sum()) if mask is not None else 0
     if m is None or inliers < cfg.min_inliers:
-        return Verdict(False, inliers=inliers, reason="no transform")
+        return None, Verdict(False, inliers=inliers, reason="no transform")
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     if not cfg.scale[0] <= scale <= cfg.scale[1]:
-        return Verdict(False, inliers=inliers, reason="implausible scale")
+        return None, Verdict(False, inliers=inliers, reason="implausible scale")
+    return m, Verdict(False, inliers=inliers)
+
+
+def judge(a: Thumb, b: Thumb, m: np.ndarray, inliers: int, cfg: CopyCheckConfig = CopyCheckConfig()) -> Verdict:
+    """The verdict on an aligned pair, from its thumbnails."""
     overlap, difference = _aligned_difference(a, b, m)
     copy = overlap >= cfg.min_overlap and difference <= cfg.max_difference
     return Verdict(copy, inliers, overlap, difference, "" if copy else "differs once aligned")
 
 
-def _matches(a: PhotoFeatures, b: PhotoFeatures, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+def _matches(a: Keypoints, b: Keypoints, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     """B's keypoints whose nearest descriptor in A passes Lowe's ratio test, and those
     nearest: (B points, A points). faiss's flat binary search rather than OpenCV's BFMatcher,
     because this is most of the check's time: 0.35 ms against 1.08 ms a pair of 500
@@ -156,7 +182,7 @@ def _matches(a: PhotoFeatures, b: PhotoFeatures, ratio: float) -> tuple[np.ndarr
     return b.points[good], a.points[ids[good, 0]]
 
 
-def _aligned_difference(a: PhotoFeatures, b: PhotoFeatures, m: np.ndarray) -> tuple[float, float]:
+def _aligned_difference(a: Thumb, b: Thumb, m: np.ndarray) -> tuple[float, float]:
     """B's thumbnail warped onto A's by `m` (fitted between keypoints at `side`): the share of
     A covered, and the mean absolute difference there. The overlap is eroded by 2 px so
     interpolated borders (a turned copy's black corners) do not count. The finer thumbnail is
@@ -164,49 +190,129 @@ def _aligned_difference(a: PhotoFeatures, b: PhotoFeatures, m: np.ndarray) -> tu
     the one it is compared with (a cropped copy's thumbnail sees a smaller field at the same
     160 px), which read 3.8 grey levels on a copy that reads 2.1 the right way round."""
     t = m.astype(np.float64).copy()
-    t[:, :2] *= a.side_scale / b.side_scale  # B's thumb px -> B's side px -> A's side px -> A's thumb px
-    t[:, 2] *= a.side_scale
+    t[:, :2] *= a.scale / b.scale  # B's thumb px -> B's side px -> A's side px -> A's thumb px
+    t[:, 2] *= a.scale
     if abs(np.linalg.det(t[:, :2])) > 1.0:
         t, a, b = cv2.invertAffineTransform(t), b, a
-    h, w = a.thumb.shape[:2]
-    warped = cv2.warpAffine(b.thumb.astype(np.float32), t, (w, h), flags=cv2.INTER_LINEAR)
-    ones = np.full(b.thumb.shape[:2], 255, np.uint8)
+    h, w = a.pixels.shape[:2]
+    warped = cv2.warpAffine(b.pixels.astype(np.float32), t, (w, h), flags=cv2.INTER_LINEAR)
+    ones = np.full(b.pixels.shape[:2], 255, np.uint8)
     cover = cv2.warpAffine(ones, t, (w, h), flags=cv2.INTER_NEAREST)
     cover = cv2.erode(cover, np.ones((5, 5), np.uint8)) > 0
     overlap = float(cover.mean())
     if not cover.any():
         return overlap, float("inf")
-    return overlap, float(np.abs(warped[cover] - a.thumb[cover].astype(np.float32)).mean())
+    return overlap, float(np.abs(warped[cover] - a.pixels[cover].astype(np.float32)).mean())
+
+
+class KeypointTable:
+    """Every prepared photo's keypoints in fixed-size rows (20 KB a photo at 500 keypoints):
+    in RAM up to `in_memory` photos, above that in a temporary file (np.memmap; 20 GB for
+    10^6 photos, in $TMPDIR, removed when the table is). Why keep them all: the pairs to
+    check join photos far apart in any order, so a cache of recent photos decodes the second
+    photo of most pairs again (measured: 3.0x the engine's time with a cache far smaller than
+    the collection, against 0.49x with everything cached)."""
+
+    def __init__(self, n: int, cfg: CopyCheckConfig):
+        self.cfg, self._tmp = cfg, None
+        shapes = {"points": ((n, cfg.features, 2), np.float32), "descriptors": ((n, cfg.features, 32), np.uint8)}
+        if n > cfg.in_memory:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cervixqc-keypoints-")
+            self.arrays = {k: np.lib.format.open_memmap(f"{self._tmp.name}/{k}.npy", "w+", dtype, shape)
+                           for k, (shape, dtype) in shapes.items()}
+        else:
+            self.arrays = {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
+        self.count = np.full(n, -1, np.int32)  # keypoints held; -1: unreadable
+
+    def put(self, row: int, kp: Keypoints | None) -> None:
+        if kp is None:
+            return
+        k = min(len(kp.points), self.cfg.features)
+        self.arrays["points"][row, :k] = kp.points[:k]
+        self.arrays["descriptors"][row, :k] = kp.descriptors[:k]
+        self.count[row] = k
+
+    def get(self, row: int) -> Keypoints | None:
+        k = int(self.count[row])
+        if k < 0:
+            return None
+        return Keypoints(np.asarray(self.arrays["points"][row, :k]), np.ascontiguousarray(self.arrays["descriptors"][row, :k]))
+
+    def close(self) -> None:
+        self.arrays = {}
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 class CopyChecker:
     """Verdicts for pairs of a collection's photos, read through `read(path) -> bytes`.
-    Features are kept for the last `cfg.cache` photos: the pairs come sorted by their first
-    photo, so that one is decoded once; the second is decoded again when it has left the
-    cache, which in a collection much larger than the cache is most pairs. A photo that cannot be read is no copy of
-    anything (the engine has already reported it)."""
+    `prepare(paths)` decodes each photo once, in order and on `threads` threads, and keeps
+    its keypoints (`KeypointTable`); a pair whose keypoints align decodes its thumbnails
+    again (a few hundred kept), which only copies and photos of one scene do. Unprepared
+    photos are decoded when asked for. A photo that cannot be read is no copy of anything
+    (the engine has already reported it)."""
 
     def __init__(self, read: Callable[[str], bytes], cfg: CopyCheckConfig = CopyCheckConfig()):
         self.read, self.cfg = read, cfg
-        self._features: OrderedDict[str, PhotoFeatures | None] = OrderedDict()
-        self.photos_read = 0  # decodes, cache misses included: the check's main cost
+        self._recent: OrderedDict[str, PhotoFeatures | None] = OrderedDict()
+        self._rows: dict[str, int] = {}
+        self._table: KeypointTable | None = None
+        self.photos_read = 0  # decodes: the check's main cost
 
-    def _get(self, path: str) -> PhotoFeatures | None:
-        if path in self._features:
-            self._features.move_to_end(path)
-            return self._features[path]
+    def _decoded(self, path: str) -> PhotoFeatures | None:
+        if path in self._recent:
+            self._recent.move_to_end(path)
+            return self._recent[path]
         self.photos_read += 1
         try:
             f = features(self.read(path), self.cfg)
         except (OSError, ValueError):
             f = None
-        self._features[path] = f
-        if len(self._features) > self.cfg.cache:
-            self._features.popitem(last=False)
+        self._recent[path] = f
+        if len(self._recent) > self.cfg.thumbs:
+            self._recent.popitem(last=False)
         return f
 
+    def prepare(self, paths: list[str], threads: int = 1) -> None:
+        """Keypoints of every photo in `paths`, decoded once each (OpenCV releases the GIL, so
+        threads run in parallel)."""
+        self.close()
+        self._rows = {p: i for i, p in enumerate(paths)}
+        self._table = KeypointTable(len(paths), self.cfg)
+
+        def one(path: str) -> Keypoints | None:
+            try:
+                f = features(self.read(path), self.cfg)
+            except (OSError, ValueError):
+                return None
+            return None if f is None else f.keypoints
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for start in range(0, len(paths), 256):
+                chunk = paths[start:start + 256]
+                self.photos_read += len(chunk)
+                for row, kp in enumerate(pool.map(one, chunk), start):
+                    self._table.put(row, kp)
+
+    def _keypoints(self, path: str) -> Keypoints | None:
+        if self._table is not None and path in self._rows:
+            return self._table.get(self._rows[path])
+        f = self._decoded(path)
+        return None if f is None else f.keypoints
+
     def __call__(self, a: str, b: str) -> Verdict:
-        fa, fb = self._get(a), self._get(b)
-        if fa is None or fb is None:
+        ka, kb = self._keypoints(a), self._keypoints(b)
+        if ka is None or kb is None:
             return Verdict(False, reason="unreadable")
-        return compare(fa, fb, self.cfg)
+        m, verdict = fit(ka, kb, self.cfg)
+        if m is None:
+            return verdict
+        fa, fb = self._decoded(a), self._decoded(b)
+        if fa is None or fb is None:  # readable a moment ago: changed under us
+            return Verdict(False, reason="unreadable")
+        return judge(fa.thumb, fb.thumb, m, verdict.inliers, self.cfg)
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None

@@ -27,16 +27,16 @@ def main() -> None:
     ap.add_argument("--images", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--cache", type=int, default=CopyCheckConfig().cache,
-                    help="photos whose features are kept; far below the folder's size, it stands for a collection "
-                         "far larger than the cache")
+    ap.add_argument("--in-memory", type=int, default=CopyCheckConfig().in_memory,
+                    help="photos whose keypoints stay in RAM; 0 puts them all in the temporary file, as a "
+                         "collection above the limit does")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
     names = sorted(str(p.relative_to(args.images)) for p in args.images.rglob("*")
                    if p.is_file() and not p.name.startswith("."))
     qc = QCPipeline(args.weights)
     qc.run([args.images / n for n in names[: args.batch]])  # warm-up
-    cfg = DuplicateConfig(copy_check=CopyCheckConfig(cache=args.cache))
+    cfg = DuplicateConfig(copy_check=CopyCheckConfig(in_memory=args.in_memory))
     times: dict[str, list[float]] = {"engine": [], "keys": [], "pixel check": []}
     peak = 0.0
     for _ in range(args.rounds):
@@ -58,8 +58,8 @@ def main() -> None:
             times["pixel check"].append(time.perf_counter() - t)
         peak = max(peak, rss.peak - before)
     med = {k: statistics.median(v) / len(names) * 1000 for k, v in times.items()}
-    print(f"{len(names)} photos, {args.rounds} alternating rounds, verify_k {cfg.verify_k}, feature cache "
-          f"{args.cache} photos; ms a photo (median):")
+    print(f"{len(names)} photos, {args.rounds} alternating rounds, verify_k {cfg.verify_k}, keypoints in "
+          f"{'RAM' if len(names) <= args.in_memory else 'a temporary file'}; ms a photo (median):")
     for k, v in med.items():
         print(f"  {k:>12}: {v:.2f} ({', '.join(f'{s / len(names) * 1000:.2f}' for s in times[k])})")
     print(f"  grouping with the pixel check / engine: {med['pixel check'] / med['engine']:.2f}; "
