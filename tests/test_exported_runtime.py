@@ -170,3 +170,59 @@ def test_openvino_conversion_cannot_send_telemetry():
 
     assert importlib.util.find_spec("openvino_telemetry") is None
     assert telemetry_utils.tm.__name__.endswith("telemetry_stub")
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory, tiny_dataset, exported):
+    """The tiny weights with the detector exported at INT8, calibrated on the synthetic photos
+    of a manifest's train rows."""
+    folder = tmp_path_factory.mktemp("w8")
+    for f in exported.iterdir():
+        shutil.copy(f, folder / f.name)
+    manifest = tiny_dataset.out_dir / "manifest.csv"
+    r = CliRunner().invoke(app, ["export", "--weights", str(folder), "--int8-calibration", str(manifest),
+                                 "--int8-photos", "8"])
+    assert r.exit_code == 0, r.output
+    return folder, r.output
+
+
+def test_int8_export_quantizes_the_detector_and_says_how_on_its_card(int8):
+    import openvino as ov
+
+    folder, output = int8
+    card = openvino_runtime.read_card(folder, "detector")
+    assert card.quantization.startswith("int8:") and "8 photos of manifest.csv" in card.quantization
+    assert "calibration: 8 photos" in output.replace("INT8 calibration", "calibration")
+    ops = {op.get_type_name() for op in ov.Core().read_model(folder / card.xml).get_ops()}
+    assert "FakeQuantize" in ops
+    assert openvino_runtime.read_card(folder, "deep_sad").quantization == ""  # the detector alone
+    # the card's sha256s cover the quantized files: an altered .bin is refused like any export
+    model_card = load_detector(folder / "detector.json")[1]
+    assert openvino_runtime.load_exported(folder, "detector", model_card) is not None
+
+
+def test_the_int8_detector_runs_at_auto_precision_and_f32_asks_for_the_float_model(int8, photos, tmp_path):
+    folder, _ = int8
+    auto = QCPipeline(folder, QCConfig(device="cpu", openvino_cache=tmp_path))
+    assert auto.runtimes["detector"].startswith("openvino int8+") and "(exported)" in auto.runtimes["detector"]
+    f32 = QCPipeline(folder, QCConfig(device="cpu", precision="f32", openvino_cache=tmp_path))
+    assert f32.runtimes["detector"] == "openvino f32 (converted in a child process)"
+    torch_run = QCPipeline(folder, QCConfig(device="cpu", runtime="torch"))
+    want = [r.label for r in torch_run.run(photos)]
+    assert [r.label for r in f32.run(photos)] == want  # f32 still labels as torch does
+    assert len(auto.run(photos)) == len(photos)
+
+
+def test_int8_calibration_needs_train_rows_and_the_detector(exported, tmp_path, tiny_dataset):
+    import pandas as pd
+
+    manifest = pd.read_csv(tiny_dataset.out_dir / "manifest.csv", keep_default_na=False)
+    manifest["path"] = [str(tiny_dataset.out_dir / p) for p in manifest["path"]]
+    manifest["split"] = "test"
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--out", str(tmp_path / "o"),
+                                 "--int8-calibration", str(tmp_path / "m.csv")])
+    assert r.exit_code == 2 and "no train rows" in r.output
+    r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--models", "deep_sad",
+                                 "--int8-calibration", str(tmp_path / "m.csv")])
+    assert r.exit_code == 2 and "quantizes the detector" in r.output

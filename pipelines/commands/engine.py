@@ -224,6 +224,10 @@ def export(
     models: Annotated[str, typer.Option(help="Comma-separated: detector, deep_sad, classifier.")] = "detector,deep_sad",
     fp16_weights: Annotated[bool, typer.Option(help="Store weights as float16 (half the file; computed at the "
                                                     "runtime's precision).")] = True,
+    int8_calibration: Annotated[Optional[Path], typer.Option(
+        help="Quantize the detector to INT8, calibrated on these photos: a folder, or a manifest (only its train "
+             "rows when it has a split column). The engine runs it at --precision auto only.")] = None,
+    int8_photos: Annotated[int, typer.Option(help="Calibration photos drawn (seeded) from --int8-calibration.")] = 160,
 ) -> None:
     """Export models to OpenVINO IR with a card each (source sha256, file sha256s, parity to
     torch). The default leaves the classifier out: its 51 MB would break the weights budget,
@@ -246,6 +250,10 @@ def export(
     from pipelines.engine.detector import load_detector
     from pipelines.engine.stage2 import load_stage2
 
+    if int8_calibration is not None and "detector" not in names:
+        _fail("--int8-calibration quantizes the detector: add it to --models")
+    quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
+                              else (None, ""))
     target = out or weights
     target.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["cervixqc", *sys.argv[1:]])
@@ -254,8 +262,45 @@ def export(
             model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
         except (ValueError, WeightsIntegrityError) as e:
             _fail(str(e))
+        q = name == "detector" and quantize is not None
         exported = openvino_runtime.export(name, model, card, target, weights / f"{name}.json",
-                                           compress_to_fp16=fp16_weights, command=command)
+                                           compress_to_fp16=fp16_weights, command=command,
+                                           quantize=quantize if q else None, quantization=quantization if q else "")
         worst = max(exported.parity.values())
         typer.echo(f"{name}: {target / exported.xml} (+ .bin, card {openvino_runtime.card_path(target, name).name}); "
-                   f"max |openvino f32 - torch| {worst:.2e}")
+                   f"{'INT8, ' if q else ''}max |openvino f32 - torch| {worst:.2e}")
+
+
+def _int8_detector(weights: Path, source: Path, n: int):
+    """(quantize, description) for the detector: calibration inputs recorded from the torch
+    engine over n seeded photos of `source` (its train rows for a manifest with splits)."""
+    import numpy as np
+
+    from pipelines.clean import list_inputs
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.quantize import describe, quantize_detector
+
+    if not source.exists():
+        _fail(f"{source} does not exist")
+    if source.is_file():
+        from pipelines.data.manifest import ManifestError, load_manifest
+
+        try:
+            df = load_manifest(source)
+        except ManifestError as e:
+            _fail(str(e))
+        if "split" in df.columns:
+            df = df[df["split"] == "train"]
+        photos = [Path(p) for p in df["abspath"]]
+        what = f"{source.name} (train rows)" if "split" in df.columns else source.name
+    else:
+        photos = [source / p for p in list_inputs(source)]
+        what = source.name
+    if not photos:
+        _fail(f"no calibration photos in {source}" + (" (no train rows)" if source.is_file() else ""))
+    rng = np.random.default_rng(0)
+    photos = [photos[i] for i in sorted(rng.choice(len(photos), min(n, len(photos)), replace=False))]
+    qc = QCPipeline(weights, QCConfig(device="cpu", runtime="torch", findings=False))
+    inputs = qc.detector_inputs(photos)
+    typer.echo(f"INT8 calibration: {len(photos)} photos of {what}, {len(inputs)} detector batches")
+    return (lambda ov_model: quantize_detector(ov_model, inputs)), describe(len(photos), what)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +59,7 @@ class ExportCard(BaseModel):
     input_shape: list[int]  # -1: any size
     outputs: list[str]
     weights_compression: str  # "float16": weights stored as fp16, computed at the runtime precision
+    quantization: str = ""  # "": a float model; else how it was quantized (pipelines/engine/quantize.py)
     parity: dict[str, float] = Field(default_factory=dict)  # output -> max |openvino f32 - torch|
     parity_inputs: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
@@ -128,12 +130,17 @@ class Compiled:
 
 
 def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_card: Path,
-           compress_to_fp16: bool = True, command: str = "") -> ExportCard:
+           compress_to_fp16: bool = True, command: str = "",
+           quantize: Callable[[object], object] | None = None, quantization: str = "") -> ExportCard:
     """Write `<name>.openvino.xml/.bin` and its card into `out_dir`, with the parity to torch
-    measured at f32 on seeded inputs other than the ones traced."""
+    measured at f32 on seeded inputs other than the ones traced. `quantize` turns the
+    converted model into a quantized one (`pipelines.engine.quantize`), which `quantization`
+    describes on the card."""
     import openvino as ov
 
     ov_model = convert(name, model, card)
+    if quantize is not None:
+        ov_model = quantize(ov_model)
     xml = out_dir / f"{name}.openvino.xml"
     ov.save_model(ov_model, xml, compress_to_fp16=compress_to_fp16)
     binf = xml.with_suffix(".bin")
@@ -146,11 +153,17 @@ def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_c
     export_card = ExportCard(
         name=name, source_card=source_card.name, source_sha256=card.sha256, xml=xml.name, bin=binf.name,
         xml_sha256=sha256_file(xml), bin_sha256=sha256_file(binf), input_shape=_input_shape(name, card),
-        outputs=names, weights_compression="float16" if compress_to_fp16 else "float32", parity=parity,
+        outputs=names, weights_compression="float16" if compress_to_fp16 else "float32", quantization=quantization,
+        parity=parity,
         parity_inputs=f"uniform noise {list(check.shape)}, seed 1; OpenVINO at f32",
         versions={"openvino": ov.__version__, "torch": torch.__version__}, command=command)
     card_path(out_dir, name).write_text(export_card.model_dump_json(indent=2) + "\n")
     return export_card
+
+
+def read_card(weights: Path, name: str) -> ExportCard | None:
+    path = card_path(weights, name)
+    return ExportCard.model_validate_json(path.read_text()) if path.is_file() else None
 
 
 def load_exported(weights: Path, name: str, source: ModelCard):

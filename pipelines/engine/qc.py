@@ -181,17 +181,45 @@ class QCPipeline:
 
     def _compile(self, weights: Path) -> None:
         """Every model through OpenVINO: the folder's export, or a conversion made (and cached)
-        in a child process; then the detector's torch convolutions are dropped."""
+        in a child process; then the detector's torch convolutions are dropped. A quantized
+        (INT8) export runs only at precision "auto": asking for f32 or bf16 asks for the float
+        model, converted from the safetensors as a missing export is (so `--precision f32`
+        still labels as torch does)."""
         for name, card in (("detector", self.det_card), ("deep_sad", self.sad_card), ("classifier", self.cls_card)):
-            ov_model = openvino_runtime.load_exported(weights, name, card)
-            source = "exported"
+            export = openvino_runtime.read_card(weights, name)
+            quantized = export is not None and bool(export.quantization)
+            ov_model = None
+            if not quantized or self.cfg.precision == "auto":
+                ov_model = openvino_runtime.load_exported(weights, name, card)
+            source = "exported" if ov_model is not None else ""
             if ov_model is None:
                 ov_model, source = openvino_runtime.converted(weights, name, card, self.cfg.openvino_cache)
+                quantized = False
             self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
-            self.runtimes[name] = f"openvino {self._runs[name].precision} ({source})"
+            self.runtimes[name] = f"openvino {'int8+' if quantized else ''}{self._runs[name].precision} ({source})"
         # to the meta device: shapes kept, 42 MB of storage freed
         self.detector.backbone.to("meta")
         self.detector.head.to("meta")
+
+    def detector_inputs(self, items: Sequence[Input], batch_size: int = 16) -> list[np.ndarray]:
+        """The detector's input tensors for `items`, exactly as the engine feeds them (decode,
+        transform, chunks of `detector_batch`): INT8 calibration data for `quantize`."""
+        seen: list[np.ndarray] = []
+        run = self._runs["detector"]
+        conv = run if run is not None else exportable(self.detector)  # torch: the export's own view
+
+        def record(x: torch.Tensor) -> list[torch.Tensor]:
+            seen.append(np.ascontiguousarray(x.detach().float().cpu().numpy()))
+            with torch.no_grad():
+                return list(conv(x))
+
+        self._runs["detector"] = record
+        try:
+            for start in range(0, len(items), batch_size):
+                self.run(list(items[start:start + batch_size]))
+        finally:
+            self._runs["detector"] = run
+        return seen
 
     def _stamp(self, t: float) -> float:
         """Milliseconds since `t`, after the device has finished the work queued so far: CUDA
