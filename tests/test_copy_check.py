@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, compare, features
-from pipelines.data.duplicates import DuplicateConfig, find_duplicates
+from pipelines.data.duplicates import DuplicateConfig, find_duplicates, read_duplicates
 from pipelines.engine.hashes import hamming
 from tests.qc_fixtures import cropped_copy, jpeg_bytes, textured_scene, tiny_weights
 
@@ -123,6 +123,8 @@ def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
     results = pd.read_csv(out / "results.csv", keep_default_na=False)
     groups = dict(zip(results["path"], results["duplicate_group"]))
     assert groups["a.jpg"] == groups["a_crop.jpg"] != "" and all(groups[f"other{i}.jpg"] == "" for i in range(3))
+    # `split --duplicates` reads the clean folder's own table, crops included
+    assert list(read_duplicates(out)["path"]) == ["a.jpg", "a_crop.jpg"]
     # a clean folder is grouped again from its state: with the photos' folder, and without
     r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d2.csv"), "--images", str(folder)])
     assert r.exit_code == 0 and list(pd.read_csv(tmp_path / "d2.csv")["path"]) == ["a.jpg", "a_crop.jpg"]

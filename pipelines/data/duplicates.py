@@ -448,8 +448,11 @@ def annotate(records: Iterable[QCResult], df: pd.DataFrame) -> list[QCResult]:
 
 def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
     """A duplicates.csv (as `cervixqc duplicates` writes it), or a `cervixqc clean` output
-    folder, whose state.sqlite is grouped here with `cfg`."""
+    folder: its own duplicates.csv (grouped with the photos at hand, so cropped and turned
+    copies are in it), else its state.sqlite grouped here with `cfg` on the keys alone."""
     if path.is_dir():
+        if (path / "duplicates.csv").is_file():
+            return read_duplicates(path / "duplicates.csv")
         return duplicates_of_records(read_clean_state(path), cfg)
     df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
     missing = sorted({"path", "group"} - set(df.columns))
