@@ -37,10 +37,9 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
+from scipy.cluster.hierarchy import DisjointSet
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-from scipy.cluster.hierarchy import DisjointSet
 
 from pipelines.data.copy_check import CopyChecker, CopyCheckConfig
 from pipelines.engine.hashes import decode_embeddings, hash_bits
