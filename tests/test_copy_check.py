@@ -14,7 +14,7 @@ from pipelines.cli import app
 from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, compare, features
 from pipelines.data.duplicates import DuplicateConfig, find_duplicates, read_duplicates
 from pipelines.engine.hashes import hamming
-from tests.qc_fixtures import cropped_copy, jpeg_bytes, textured_scene, tiny_weights
+from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 
 runner = CliRunner()
 
@@ -54,8 +54,9 @@ def test_another_scene_and_the_same_scene_changed_are_not_copies():
 def test_an_unreadable_photo_is_no_copy_of_anything_and_raises_nothing(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes(textured_scene(1)))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "bomb.png").write_bytes(fuzz_set()["bomb.png"][0])  # 400 MP: refused from its header
     check = CopyChecker(lambda rel: (tmp_path / rel).read_bytes())
-    for other in ("broken.jpg", "missing.jpg"):
+    for other in ("broken.jpg", "missing.jpg", "bomb.png"):
         v = check("a.jpg", other)
         assert not v.copy and v.reason == "unreadable"
 

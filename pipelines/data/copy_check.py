@@ -17,6 +17,7 @@ noise (~1 grey level), a later photo by whitening, moved highlights and stain.
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import cv2
 import faiss
 import numpy as np
+
+from pipelines.engine.decode import read_header
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,20 @@ class Verdict:
 
 def _decode(data: bytes, side: int) -> np.ndarray | None:
     """BGR, long side `side`; the JPEG decoder's own 1/2-1/8 scaling first (cv2's reduced
-    reads), so a 12 MP photo is not decoded at full size for a 384 px look. EXIF orientation
-    is applied, as the engine applies it."""
-    buf = np.frombuffer(data, np.uint8)
-    img = None
-    for flag, factor in ((cv2.IMREAD_REDUCED_COLOR_8, 8), (cv2.IMREAD_REDUCED_COLOR_4, 4),
-                         (cv2.IMREAD_REDUCED_COLOR_2, 2), (cv2.IMREAD_COLOR, 1)):
-        if factor > 1:
-            shape = _jpeg_size(data)
-            if shape is None or max(shape) // factor < side:
-                continue
-        img = cv2.imdecode(buf, flag)
-        break
+    reads), so a 12 MP photo is not decoded at full size for a 384 px look. The engine's
+    header checks come first (`read_header`: a decompression bomb or a broken file raises
+    DecodeError, a ValueError, before any pixel is decoded). EXIF orientation is applied, as
+    the engine applies it."""
+    header = read_header(data)
+    long_side = max(header.stored_width, header.stored_height)
+    flag = cv2.IMREAD_COLOR
+    if header.format == "JPEG":
+        for reduced, factor in ((cv2.IMREAD_REDUCED_COLOR_8, 8), (cv2.IMREAD_REDUCED_COLOR_4, 4),
+                                (cv2.IMREAD_REDUCED_COLOR_2, 2)):
+            if long_side // factor >= side:
+                flag = reduced
+                break
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None or img.ndim != 3 or min(img.shape[:2]) < 8:
         return None
     h, w = img.shape[:2]
@@ -102,24 +107,13 @@ def _decode(data: bytes, side: int) -> np.ndarray | None:
     return img
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header; None for anything else (decoded at full
-    size then)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        i += 2 + length
-    return None
+_local = threading.local()  # one ORB per thread: `CopyChecker.prepare` decodes on several
 
 
-_ORB: dict[int, cv2.ORB] = {}
+def _orb(n: int) -> cv2.ORB:
+    if getattr(_local, "n", None) != n:
+        _local.orb, _local.n = cv2.ORB_create(nfeatures=n, fastThreshold=10), n
+    return _local.orb
 
 
 def features(data: bytes, cfg: CopyCheckConfig = CopyCheckConfig()) -> PhotoFeatures | None:
@@ -127,8 +121,7 @@ def features(data: bytes, cfg: CopyCheckConfig = CopyCheckConfig()) -> PhotoFeat
     img = _decode(data, cfg.side)
     if img is None:
         return None
-    orb = _ORB.setdefault(cfg.features, cv2.ORB_create(nfeatures=cfg.features, fastThreshold=10))
-    kp, des = orb.detectAndCompute(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), None)
+    kp, des = _orb(cfg.features).detectAndCompute(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), None)
     h, w = img.shape[:2]
     t = min(1.0, cfg.thumb / max(h, w))
     small = cv2.resize(img, (max(1, round(w * t)), max(1, round(h * t))), interpolation=cv2.INTER_AREA)
