@@ -181,7 +181,8 @@ def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], byt
 
 
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
-          progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = ()) -> CleanSummary:
+          progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = (),
+          pixel_check: bool = True) -> CleanSummary:
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src)
     store = StateStore(out_dir / "state.sqlite")
@@ -198,7 +199,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))
-        csv_path, pq_path = export(store, out_dir, src_root)
+        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None)
         labels = Counter(r.label.value for r in store.records())
     finally:
         store.close()

@@ -43,7 +43,7 @@ class QCActor:
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
-              quarantine_findings: Collection[str] = (), **ray_init: object) -> CleanSummary:
+              quarantine_findings: Collection[str] = (), pixel_check: bool = True, **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
 
     Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
@@ -86,7 +86,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 finished += len(results)
                 if progress:
                     progress(finished, len(inputs))
-        csv_path, pq_path = export(store, out_dir, src_root)
+        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None)
         labels = Counter(r.label.value for r in store.records())
     finally:
         store.close()

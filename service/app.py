@@ -63,7 +63,7 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     store = JobStore(settings.state_dir / "jobs.sqlite")
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
-                       settings.quarantine_findings)
+                       settings.quarantine_findings, settings.duplicate_pixel_check)
     return ServiceState(settings, metrics, engine, batcher, store, runner, ReviewStore(store.path))
 
 

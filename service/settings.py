@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # quality findings whose flagged files a job also copies to <quarantine>/<finding>/ (e.g.
     # "blur,glare"); the label and its folder are unchanged by them. Empty: none.
     quarantine_findings: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # a finished job's duplicate search reads the closest photos again to find cropped and
+    # turned copies (about a third of the engine's time); False: re-encoded and resized only
+    duplicate_pixel_check: bool = True
 
     # batching and load
     max_batch_size: int = Field(16, ge=1, le=512)

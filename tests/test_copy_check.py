@@ -131,3 +131,16 @@ def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
     assert r.exit_code == 0 and list(pd.read_csv(tmp_path / "d2.csv")["path"]) == ["a.jpg", "a_crop.jpg"]
     r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d3.csv")])
     assert r.exit_code == 0 and "no --images" in r.output
+    # switched off, clean groups by the keys alone
+    r = runner.invoke(app, ["clean", str(folder), "-o", str(tmp_path / "clean2"), "--weights", str(weights),
+                            "--device", "cpu", "--no-pixel-check"])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "clean2" / "duplicates.csv").empty
+
+
+def test_the_pixel_check_setting_reads_from_the_environment(monkeypatch):
+    from service.settings import Settings
+
+    assert Settings(auth_disabled=True).duplicate_pixel_check is True
+    monkeypatch.setenv("CERVIXQC_DUPLICATE_PIXEL_CHECK", "false")
+    assert Settings(auth_disabled=True).duplicate_pixel_check is False

@@ -100,6 +100,9 @@ def clean(
     quarantine_findings: Annotated[Optional[str], typer.Option(
         help="Quality findings whose flagged files also go to QUARANTINE/<finding>/ (e.g. blur,glare; "
              "the weights folder needs findings.json). The label is unchanged.")] = None,
+    pixel_check: Annotated[bool, typer.Option(
+        help="Look for cropped and turned copies by reading the closest photos again (about a third of the "
+             "engine's time); off: re-encoded and resized copies only.")] = True,
 ) -> None:
     """Clean a collection: one result row per file; originals untouched; resumable. Duplicates
     (exact and near) are grouped over the whole collection in results.csv and duplicates.csv."""
@@ -133,11 +136,12 @@ def clean(
             from pipelines.clean_ray import clean_ray
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
-                                jpeg_decoder=jpeg_decoder, quarantine_findings=findings)
+                                jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check)
         else:
             qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                          precision=precision)
-            summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings)
+            summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
+                                pixel_check=pixel_check)
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")

@@ -30,9 +30,9 @@ RunJobBatch = Callable[[list[Path], list[str], str], list[QCResult]]
 class JobRunner:
     def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
                  roots: list[Path], quarantine_root: Path, batch_size: int,
-                 quarantine_findings: Collection[str] = ()) -> None:
+                 quarantine_findings: Collection[str] = (), pixel_check: bool = True) -> None:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
-        self.quarantine_findings = quarantine_findings
+        self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -96,7 +96,7 @@ class JobRunner:
             self.metrics.job_items.inc(len(results))
             for r in results:
                 self.metrics.images.labels(r.label.value, "job").inc()
-        dups = collection_duplicates(self.store.records(job.id), self._reader(root))
+        dups = collection_duplicates(self.store.records(job.id), self._reader(root) if self.pixel_check else None)
         self.store.set_duplicates(job.id, dups[["path", "group", "duplicate_of", "kind"]].itertuples(index=False))
         export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
         if self.store.transition(job.id, "done", finished=time.time()):
