@@ -11,10 +11,13 @@ it moves at most 0.05 (val and test). Why the heads' output convolutions stay fl
 them quantized the cervix score moved 0.24 at the median (threshold 0.5) and 2 of the 300
 bench photos changed label.
 
-Measured on the 2-core EPYC (AVX-512 VNNI), same process, three alternating rounds over the
-300 real-mix photos: detector 3.65 -> 3.0 s, whole engine 6.56 -> 5.8 s (1.13x); labels
-differing from the float export: 0 of 300, 0 of 106 real val photos, 1 of 113 real test
-photos (a cervix called no_cervix: its score moved 0.10).
+Measured on the 2-core EPYC (AVX-512 VNNI) with the bundled weights calibrated on the real
+train split: `cervixqc bench --weights W --mix-from .cache/real-data/real --device cpu
+--modes torch,openvino:bf16,auto` (one run; openvino:bf16 is the float detector): detector
+3.63 -> 3.24 s per 300 photos, 44.9 -> 47.2 images/s (1.05x), labels differing from torch
+0 of 300 in both. `cervixqc eval-pipeline .cache/real-data/split.csv --split val|test` on
+the float and the INT8 folders: 0 of 106 val labels differ, 1 of 113 test photos (a cervix
+called no_cervix: its score moved 0.10).
 """
 
 from __future__ import annotations
