@@ -144,3 +144,29 @@ def test_the_pixel_check_setting_reads_from_the_environment(monkeypatch):
     assert Settings(auth_disabled=True).duplicate_pixel_check is True
     monkeypatch.setenv("CERVIXQC_DUPLICATE_PIXEL_CHECK", "false")
     assert Settings(auth_disabled=True).duplicate_pixel_check is False
+
+
+def test_a_service_with_the_pixel_check_off_groups_its_jobs_by_the_keys_alone(tmp_path):
+    """The setting reaches the job runner: a real uvicorn with CERVIXQC_DUPLICATE_PIXEL_CHECK=false
+    leaves a cropped copy ungrouped that `clean` (pixel check on) groups."""
+    import time
+
+    from tests.service_server import start_server
+
+    data = tmp_path / "data"
+    data.mkdir()
+    folder = _collection(data)
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    srv = start_server(tmp_path / "srv", weights, data_roots=data, duplicate_pixel_check="false")
+    try:
+        with srv.client() as c:
+            job = c.post("/v1/jobs", json={"source": folder.name}).json()
+            deadline = time.time() + 180
+            while (job := c.get(f"/v1/jobs/{job['id']}").json())["status"] not in ("done", "failed"):
+                assert time.time() < deadline, job
+                time.sleep(0.2)
+            assert job["status"] == "done", job
+            rows = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "jsonl"}).text.splitlines()
+    finally:
+        srv.kill()
+    assert len(rows) == 5 and all('"duplicate_group":null' in r.replace(" ", "") for r in rows)
