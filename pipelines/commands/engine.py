@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail
+from pipelines.commands.common import _fail, _manifest
 
 
 POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.engine.qc.Policy (not imported: it pulls in torch)
@@ -101,7 +101,7 @@ def clean(
         help="Quality findings whose flagged files also go to QUARANTINE/<finding>/ (e.g. blur,glare; "
              "the weights folder needs findings.json). The label is unchanged.")] = None,
     pixel_check: Annotated[bool, typer.Option(
-        help="Look for cropped and turned copies by reading the closest photos again (about a third of the "
+        help="Look for cropped and turned copies by reading the closest photos again (about 0.4x the "
              "engine's time); off: re-encoded and resized copies only.")] = True,
 ) -> None:
     """Clean a collection: one result row per file; originals untouched; resumable. Duplicates
@@ -287,12 +287,7 @@ def _int8_detector(weights: Path, source: Path, n: int):
     if not source.exists():
         _fail(f"{source} does not exist")
     if source.is_file():
-        from pipelines.data.manifest import ManifestError, load_manifest
-
-        try:
-            df = load_manifest(source)
-        except ManifestError as e:
-            _fail(str(e))
+        df = _manifest(source)
         if "split" in df.columns:
             df = df[df["split"] == "train"]
         photos = [Path(p) for p in df["abspath"]]

@@ -27,7 +27,7 @@ import cv2
 import faiss
 import numpy as np
 
-from pipelines.engine.decode import read_header
+from pipelines.engine.decode import decode
 
 
 @dataclass(frozen=True)
@@ -82,24 +82,12 @@ class Verdict:
     reason: str = ""
 
 
-def _decode(data: bytes, side: int) -> np.ndarray | None:
-    """BGR, long side `side`; the JPEG decoder's own 1/2-1/8 scaling first (cv2's reduced
-    reads), so a 12 MP photo is not decoded at full size for a 384 px look. The engine's
-    header checks come first (`read_header`: a decompression bomb or a broken file raises
-    DecodeError, a ValueError, before any pixel is decoded). EXIF orientation is applied, as
-    the engine applies it."""
-    header = read_header(data)
-    long_side = max(header.stored_width, header.stored_height)
-    flag = cv2.IMREAD_COLOR
-    if header.format == "JPEG":
-        for reduced, factor in ((cv2.IMREAD_REDUCED_COLOR_8, 8), (cv2.IMREAD_REDUCED_COLOR_4, 4),
-                                (cv2.IMREAD_REDUCED_COLOR_2, 2)):
-            if long_side // factor >= side:
-                flag = reduced
-                break
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if img is None or img.ndim != 3 or min(img.shape[:2]) < 8:
-        return None
+def _decode(data: bytes, side: int) -> np.ndarray:
+    """RGB uint8 [h, w, 3], long side `side`, through the engine's own decoder (its header
+    limits, EXIF orientation, 16-bit/CMYK/palette handling, and the JPEG decoder's DCT
+    scaling to the smallest scale at or above `side`), then an area resize. A file it
+    refuses raises DecodeError, a ValueError."""
+    img = np.ascontiguousarray(decode(data, min_long_side=side).image.permute(1, 2, 0).numpy())
     h, w = img.shape[:2]
     s = side / max(h, w)
     if s < 1:
@@ -116,12 +104,11 @@ def _orb(n: int) -> cv2.ORB:
     return _local.orb
 
 
-def features(data: bytes, cfg: CopyCheckConfig = CopyCheckConfig()) -> PhotoFeatures | None:
-    """Keypoints and a thumbnail of one encoded photo; None when it cannot be decoded."""
+def features(data: bytes, cfg: CopyCheckConfig = CopyCheckConfig()) -> PhotoFeatures:
+    """Keypoints and a thumbnail of one encoded photo (DecodeError, a ValueError, when it
+    cannot be decoded)."""
     img = _decode(data, cfg.side)
-    if img is None:
-        return None
-    kp, des = _orb(cfg.features).detectAndCompute(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), None)
+    kp, des = _orb(cfg.features).detectAndCompute(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), None)
     h, w = img.shape[:2]
     t = min(1.0, cfg.thumb / max(h, w))
     small = cv2.resize(img, (max(1, round(w * t)), max(1, round(h * t))), interpolation=cv2.INTER_AREA)
@@ -252,15 +239,18 @@ class CopyChecker:
         self._table: KeypointTable | None = None
         self.photos_read = 0  # decodes: the check's main cost
 
+    def _read_features(self, path: str) -> PhotoFeatures | None:
+        try:
+            return features(self.read(path), self.cfg)
+        except (OSError, ValueError):  # missing, unreadable or refused by the decoder's checks
+            return None
+
     def _decoded(self, path: str) -> PhotoFeatures | None:
         if path in self._recent:
             self._recent.move_to_end(path)
             return self._recent[path]
         self.photos_read += 1
-        try:
-            f = features(self.read(path), self.cfg)
-        except (OSError, ValueError):
-            f = None
+        f = self._read_features(path)
         self._recent[path] = f
         if len(self._recent) > self.cfg.thumbs:
             self._recent.popitem(last=False)
@@ -274,10 +264,7 @@ class CopyChecker:
         self._table = KeypointTable(len(paths), self.cfg)
 
         def one(path: str) -> Keypoints | None:
-            try:
-                f = features(self.read(path), self.cfg)
-            except (OSError, ValueError):
-                return None
+            f = self._read_features(path)
             return None if f is None else f.keypoints
 
         with ThreadPoolExecutor(max(1, threads)) as pool:

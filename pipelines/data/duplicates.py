@@ -327,17 +327,14 @@ def _candidates(phashes, vectors: np.ndarray | None, has_vector: np.ndarray | No
     """Pairs (i < j, sorted) of each photo and its verify_k closest by the whole photo's
     hash and by the embedding, with no threshold: the pixel check decides."""
     n = len(representative)
-    found_i, found_j = [], []
-    rows = np.flatnonzero(_present(phashes, n) & representative)
-    if len(rows) >= 2:
-        _, ids = _hash_knn(hash_bits([phashes[r] for r in rows]), cfg.verify_k, cfg)
-        a, b = _close(np.ones(ids.shape, dtype=bool), ids)
-        found_i.append(rows[a])
-        found_j.append(rows[b])
+    keys = [(_present(phashes, n), lambda rows: _hash_knn(hash_bits([phashes[r] for r in rows]), cfg.verify_k, cfg))]
     if vectors is not None:
-        rows = np.flatnonzero(has_vector & representative)
+        keys.append((has_vector, lambda rows: _embedding_knn(vectors[rows], cfg.verify_k, cfg)))
+    found_i, found_j = [], []
+    for has, knn in keys:
+        rows = np.flatnonzero(has & representative)
         if len(rows) >= 2:
-            _, ids = _embedding_knn(vectors[rows], cfg.verify_k, cfg)
+            _, ids = knn(rows)
             a, b = _close(np.ones(ids.shape, dtype=bool), ids)
             found_i.append(rows[a])
             found_j.append(rows[b])

@@ -187,14 +187,12 @@ class QCPipeline:
         still labels as torch does)."""
         for name, card in (("detector", self.det_card), ("deep_sad", self.sad_card), ("classifier", self.cls_card)):
             export = openvino_runtime.read_card(weights, name)
-            quantized = export is not None and bool(export.quantization)
-            ov_model = None
-            if not quantized or self.cfg.precision == "auto":
-                ov_model = openvino_runtime.load_exported(weights, name, card)
-            source = "exported" if ov_model is not None else ""
-            if ov_model is None:
+            use_export = export is not None and (not export.quantization or self.cfg.precision == "auto")
+            if use_export:
+                ov_model, source = openvino_runtime.load_exported(weights, name, card), "exported"
+            else:
                 ov_model, source = openvino_runtime.converted(weights, name, card, self.cfg.openvino_cache)
-                quantized = False
+            quantized = use_export and bool(export.quantization)
             self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
             self.runtimes[name] = f"openvino {'int8+' if quantized else ''}{self._runs[name].precision} ({source})"
         # to the meta device: shapes kept, 42 MB of storage freed

@@ -216,7 +216,7 @@ def aligned_distances(items: Sequence[bytes], truth: pd.DataFrame, cfg: CopyChec
     def measure(pairs, negatives: bool) -> dict:
         """Copies: the fewest inliers and the largest differences; other photos: the most
         inliers and the smallest differences (among those that could be aligned)."""
-        v = [compare(feats[a], feats[b], cfg) for a, b in pairs if feats[a] is not None and feats[b] is not None]
+        v = [compare(feats[a], feats[b], cfg) for a, b in pairs]
         return {"pairs": len(v), "called_copy": sum(x.copy for x in v),
                 "inliers": _quantiles([float(x.inliers) for x in v], similarity=True, closest=negatives),
                 "difference": _quantiles([x.difference for x in v if x.difference is not None], similarity=False,
