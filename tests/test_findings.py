@@ -53,6 +53,21 @@ def test_blur_score_rises_with_the_blur_and_ignores_exposure():
     assert abs(s[6] - s[0]) < 0.1, "halving the exposure must not read as blur"
 
 
+def test_blur_is_judged_by_the_sharpest_blocks_so_a_crop_in_focus_in_places_reads_sharp():
+    """Defocus and motion blur the whole crop; smooth tissue lacks fine detail in places. A
+    crop sharp in its left third and a little soft elsewhere must read near the sharp crop,
+    not near the soft one: measured 0.06 of the way, where the whole-crop ratio (the second
+    version) read 0.35."""
+    import cv2
+
+    sharp = _tissue(6)
+    soft = cv2.GaussianBlur(sharp, (0, 0), 1.0)
+    partly = soft.copy()
+    partly[:, :86] = sharp[:, :86]  # a third of the 256 px photo: three of the nine blocks
+    s = _scores([sharp, partly, soft])["blur"]
+    assert s[1] - s[0] < 0.15 * (s[2] - s[0]), s
+
+
 def test_dark_and_overexposed_scores_follow_the_exposure():
     photo = _tissue(1)
     rng = np.random.default_rng(0)
@@ -75,6 +90,22 @@ def test_pick_threshold_flags_no_more_than_the_budget():
     t = pick_threshold(negatives, 0.02)
     assert (negatives >= t).mean() <= 0.02
     assert (negatives >= t - 0.05).mean() > 0.015, "the threshold should be as low as the budget allows"
+
+
+def test_thresholds_hold_every_large_source_to_the_budget_not_only_the_pool():
+    from pipelines.evaluation.findings_calibration import CalibrationConfig, source_threshold
+
+    rng = np.random.default_rng(1)
+    rows = pd.DataFrame({"source": ["a"] * 900 + ["b"] * 300 + ["tiny"] * 20,
+                         "blur": np.r_[rng.normal(0, 1, 900), rng.normal(1, 1, 300), rng.normal(5, 1, 20)]})
+    cfg = CalibrationConfig(max_false_flags=0.02, min_source_rows=100)
+    t = source_threshold(rows, "blur", cfg)
+    flagged = (rows["blur"] >= t).groupby(rows["source"]).mean()
+    assert flagged["a"] <= 0.02 and flagged["b"] <= 0.02
+    large = rows[rows["source"] != "tiny"]
+    assert (large["blur"] >= pick_threshold(large["blur"], 0.02)).groupby(large["source"]).mean()["b"] > 0.02, \
+        "the pooled threshold alone lets the shifted source over the budget"
+    assert flagged["tiny"] > 0.5, "a source under min_source_rows does not move the threshold"
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +178,12 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
 
 
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():
-    from pipelines.engine.crops import pooled_crops
+    from pipelines.engine.crops import resized_crops
 
     image = torch.zeros(3, 300, 400, dtype=torch.uint8)
     image[:, 50:250, 100:300] = 200  # the "cervix"; the frame around it is black
-    crop = pooled_crops([image], torch.tensor([[100.0, 50.0, 300.0, 250.0]]), 128)
-    assert crop.shape == (1, 3, 128, 128) and torch.all(crop == 200)
+    crop = resized_crops([image], torch.tensor([[100.0, 50.0, 300.0, 250.0]]), 128)
+    assert crop.shape == (1, 3, 128, 128) and torch.allclose(crop, torch.tensor(200.0), atol=1e-3)
     scores = finding_scores(crop / 255)
     assert float(scores["dark"][0]) == pytest.approx(1 - 200 / 255, abs=0.01)
 
@@ -165,3 +196,33 @@ def test_the_sliced_laplacian_equals_the_convolution():
     x = torch.rand(2, 1, 20, 17)
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
     assert torch.allclose(_laplacian(x), F.conv2d(x, kernel), atol=1e-6)
+
+
+def test_the_engine_crops_findings_from_the_detector_input_as_from_the_decoded_photo(tmp_path, photos):
+    """The findings' crop comes from the detector's normalized input; undone, it must read as
+    the same box of the decoded photo does."""
+    from pipelines.engine.crops import resized_crops
+    from pipelines.engine.decode import decode
+
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0, findings=PASS_ALL))  # always a box
+    for path, result in zip(sorted(photos.iterdir()), qc.run(sorted(photos.iterdir()))):
+        decoded = decode(path.read_bytes(), qc.cfg.limits, None)
+        box = torch.tensor([result.cervix_box])
+        direct = finding_scores(resized_crops([decoded.image.float() / 255], box, 128, qc.cfg.crop_margin))
+        for name in ("dark", "overexposed", "glare"):
+            assert result.findings[name].score == pytest.approx(float(direct[name][0]), abs=0.01), (path.name, name)
+
+
+def test_a_photo_stage0_calls_no_cervix_gets_findings_of_the_whole_frame_despite_a_confident_box(tmp_path):
+    """The detector is confident (threshold 0) but stage 0 says no cervix (threshold 0.99):
+    the findings must describe the whole frame, not the box the detector would have cropped."""
+    from pipelines.engine.crops import resized_crops, whole_frames
+
+    photo = _tissue(7)
+    photo[:, :128] = 10  # a dark left half: the box and the frame read differently
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0, presence_threshold=0.99, findings=PASS_ALL))
+    result = qc.run([photo])[0]
+    assert result.label.value == "no_cervix" and result.cervix_score > 0
+    image = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    whole = finding_scores(resized_crops([image], whole_frames([image]), 128))
+    assert result.findings["dark"].score == pytest.approx(float(whole["dark"][0]), abs=1e-3)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 
 def expand_boxes(boxes: torch.Tensor, margin: float, width: int, height: int) -> torch.Tensor:
@@ -86,16 +86,16 @@ def whole_frames(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([[0.0, 0.0, float(im.shape[-1]), float(im.shape[-2])] for im in images]).reshape(-1, 4)
 
 
-def pooled_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, margin: float = 0.0) -> torch.Tensor:
-    """Box i of image i average-pooled to [size, size] (adaptive_avg_pool2d: whole-pixel bins,
-    overlapping when the box is under twice the size). For the quality findings' crop,
-    whose statistics do not care where a bin's edge falls; never for the stage-2 crops,
-    whose models were trained on the exact area averages of `crop_boxes`. Measured on 64
-    real photos decoded at 640 px, 2-core CPU: 0.61 ms a photo for 128 px, where the exact
-    crop added 1.9 ms to the 32 and 37 px ones (1.2 ms after pre-pooling in blocks)."""
+def resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int, margin: float = 0.0) -> torch.Tensor:
+    """Box i of image i (whole pixels) resized to [size, size], bilinear with antialiasing
+    (torchvision's resize). For the quality findings' crop, whose statistics do not need the
+    exact bin edges; never for the stage-2 crops, whose models were trained on the exact area
+    averages of `crop_boxes`. Measured on 2-core CPU, 300x240 regions of the detector's input
+    to 128 px: 0.20 ms a crop, adaptive_avg_pool2d (the first version) 0.37 ms, the exact
+    area matmuls 0.93 ms."""
     out = []
     for image, box in zip(images, boxes):
         _, (left, top, right, bottom) = _box_pixels(image, box, margin)
-        region = image[None, :, top:bottom, left:right].float()
-        out.append(F.adaptive_avg_pool2d(region, size))
+        region = image[:, top:bottom, left:right].float()
+        out.append(TF.resize(region, [size, size], antialias=True)[None])
     return torch.cat(out) if out else torch.zeros(0, 3, size, size)

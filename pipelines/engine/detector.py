@@ -26,7 +26,8 @@ def load_detector(card_path: str | Path, device: str | torch.device = "cpu") -> 
 @torch.inference_mode()
 def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Float CHW images in [0, 1] -> torchvision detections (boxes in the images' pixels)."""
-    model.eval()
+    if model.training:
+        model.eval()
     outs = model([im.to(device, non_blocking=True) for im in images])
     return [{k: v.cpu() for k, v in o.items()} for o in outs]
 
@@ -45,7 +46,8 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devic
     `pipelines.engine.openvino_runtime`): RetinaNet's eval forward step by step, in its order,
     with those convolutions in place of backbone + head; tests/test_exported_runtime.py holds
     the two paths to the same boxes."""
-    model.eval()
+    if model.training:  # eval() walks all 297 submodules: 0.75 ms, per chunk of 4 photos on the CPU
+        model.eval()
     if convolutions is None:
         seen: dict = {}
         hooks = [model.transform.register_forward_hook(lambda m, i, o: seen.__setitem__("batch", o[0])),

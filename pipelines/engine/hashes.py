@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from pipelines.engine.crops import crop_boxes, whole_frames
+from pipelines.engine.crops import box_weights
 
 HASH_SIDE = 32  # grey side the DCT sees
 LOW = 8  # 8x8 lowest frequencies -> 64 bits
@@ -44,8 +44,13 @@ _DCT = _dct_matrix(HASH_SIDE)
 
 
 def grey(rgb: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] (any range) -> [N, H, W] luma (ITU-R 601 weights)."""
-    return torch.einsum("nchw,c->nhw", rgb.float(), _LUMA.to(rgb.device))
+    """[N, 3, H, W] (any range) -> [N, H, W] luma (ITU-R 601 weights), as a weighted sum of
+    the three planes into one new tensor. Measured on the 2-core CPU: torch.einsum over the
+    channels (the first version) took 0.62 ms for 16 crops of 128 px, this 0.13 ms; for the
+    whole-photo hash of the 300 real-mix photos, 0.62 vs 0.48 ms a photo (a plain sum, with
+    a new tensor per operation, 0.67 ms). Same values to 3e-7."""
+    r, g, b = rgb.float().unbind(1)
+    return (r * float(_LUMA[0])).add_(g, alpha=float(_LUMA[1])).add_(b, alpha=float(_LUMA[2]))
 
 
 FLAT = 1.0  # grey levels (of 255): the largest low-frequency coefficient of a picture with no structure
@@ -55,7 +60,12 @@ def phash(rgb32: torch.Tensor) -> list[str | None]:
     """[N, 3, 32, 32] crops (0..255) -> 64-bit pHash per image as 16 hex digits, or None for a
     flat picture (one colour): its bits would be rounding noise, and every blank frame of a
     collection would otherwise be a "duplicate" of every other."""
-    g = grey(rgb32.cpu())
+    return phash_grey(grey(rgb32.cpu()))
+
+
+def phash_grey(g: torch.Tensor) -> list[str | None]:
+    """`phash` of [N, 32, 32] grey pictures (0..255)."""
+    g = g.cpu()
     coeffs = (_DCT @ g @ _DCT.T)[:, :LOW, :LOW].reshape(len(g), -1)
     bits = (coeffs > coeffs.median(dim=1, keepdim=True).values).numpy()
     packed = np.packbits(bits, axis=1)  # [N, 8] bytes, most significant bit first
@@ -63,15 +73,39 @@ def phash(rgb32: torch.Tensor) -> list[str | None]:
     return [None if f else row.tobytes().hex() for row, f in zip(packed, flat)]
 
 
+def _bins(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`x` area-averaged to `size` equal bins along `dim` (exact, as `box_weights` weighs
+    them): a reshape and a mean where each bin is whole pixels, else the weight matrix."""
+    n = x.shape[dim]
+    if n % size == 0:
+        return x.unflatten(dim, (size, n // size)).mean(dim + 1 if dim >= 0 else dim)
+    weights = box_weights(0, n, 0, n, size).to(x.device)
+    return (x.movedim(dim, -1) @ weights.T).movedim(-1, dim)
+
+
 def whole_photo_hashes(images: list[torch.Tensor]) -> list[str | None]:
-    """pHash of each whole photo (CHW uint8, as decoded; one photo at a time goes to float)
-    from its exact 32 px area average (`crop_boxes` of the whole frame). Cheaper poolings were
-    tried and dropped on the 106 val photos and their copies (`cervixqc eval-duplicates --split val`): adaptive average pooling (0.41 ms a photo)
+    """pHash of each whole photo (CHW: uint8 0..255 as decoded, or float 0..1 as the detector
+    reads it, torchvision's convention) from its exact 32 px area average (`box_weights`, as
+    `crop_boxes` weighs a box) and then grey: both are linear, so the order does not change
+    the bits. Cheaper poolings were tried and dropped on the 106 val photos and their copies
+    (`cervixqc eval-duplicates --split val`): adaptive average pooling (0.41 ms a photo)
     brought copies of one photo within 4 bits of another photo of the same patient, 37 false
-    pairs where the exact average had 1."""
-    if not images:
+    pairs where the exact average had 1.
+
+    The axis whose length 32 divides is reduced first, by a reshape and a mean: one pass
+    over the pixels, where the weight matrix's product does 32 multiply-adds a pixel. Most
+    camera sizes have one such axis (640x480, 800x600, 1280x960, 512x512); measured on the
+    300 real-mix photos, 2-core CPU: 0.34 ms a photo, the grey photo's two matrix products
+    (the version before) 0.48 ms."""
+    small = []
+    for im in images:
+        h, w = im.shape[-2:]
+        first, second = (-2, -1) if h % HASH_SIDE == 0 and w % HASH_SIDE else (-1, -2)
+        small.append(_bins(_bins(im.float(), first, HASH_SIDE), second, HASH_SIDE))
+    if not small:
         return []
-    return phash(crop_boxes(images, whole_frames(images), sizes=(HASH_SIDE,))[HASH_SIDE])
+    g = grey(torch.stack(small))
+    return phash_grey(g * 255 if images[0].is_floating_point() else g)
 
 
 def hash_bits(hex_hashes: list[str]) -> np.ndarray:
