@@ -95,8 +95,8 @@ def whole_photo_hashes(images: list[torch.Tensor]) -> list[str | None]:
     The axis whose length 32 divides is reduced first, by a reshape and a mean: one pass
     over the pixels, where the weight matrix's product does 32 multiply-adds a pixel. Most
     camera sizes have one such axis (640x480, 800x600, 1280x960, 512x512); measured on the
-    300 real-mix photos, 2-core CPU: 0.34 ms a photo, the grey photo's two matrix products
-    (the version before) 0.48 ms."""
+    300 real-mix photos side by side, 2-core CPU: 0.34 ms a photo, the grey photo's two
+    matrix products (the version before) 0.56 ms; same bits."""
     small = []
     for im in images:
         h, w = im.shape[-2:]
