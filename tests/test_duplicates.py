@@ -67,6 +67,24 @@ def test_engine_keys_group_exact_reencoded_and_resized_copies_and_nothing_else(e
     assert dict(zip(df["path"], df["evidence"]))["a_copy.jpg"] == "sha256"
 
 
+@pytest.mark.parametrize("height,width", [(240, 320), (600, 800), (750, 1000), (20, 17)])
+def test_whole_photo_hash_takes_the_exact_area_average_on_every_path(height, width):
+    """The reshape-and-mean path (a side 32 divides), the weight-matrix path (neither does)
+    and an upsampled tiny photo all give the bits of the exact 32 px area average of the
+    colour photo, for uint8 photos and for the detector's 0..1 floats alike."""
+    import torch
+
+    from pipelines.engine.crops import crop_boxes, whole_frames
+    from pipelines.engine.hashes import phash, whole_photo_hashes
+
+    rng = np.random.default_rng(height)
+    photos = [torch.from_numpy(np.asarray(_photo(k, (width, height)))).permute(2, 0, 1).contiguous() for k in range(3)]
+    photos.append(torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)))
+    exact = phash(crop_boxes(photos, whole_frames(photos), sizes=(32,))[32])
+    assert whole_photo_hashes(photos) == exact
+    assert whole_photo_hashes([p.float() / 255 for p in photos]) == exact
+
+
 def test_each_key_alone_links_a_near_copy_within_its_threshold():
     cfg = DuplicateConfig(max_phash_distance=4, max_crop_distance=4, min_cosine=0.99)
     e = _unit(0)
