@@ -46,6 +46,11 @@ def main() -> None:
     for name in engines:
         print(f"  {name:>8} findings: {med[name]:.2f} ms/photo (rounds: {', '.join(f'{v:.2f}' for v in times[name])})")
     print(f"  ratio with/without: {med['with'] / med['without']:.3f}")
+    # each round's two arms ran back to back, so their ratio cancels the machine's drift
+    # between rounds, which the ratio of the two medians does not
+    paired = [w / wo for w, wo in zip(times["with"], times["without"])]
+    print(f"  paired ratio, median of rounds: {statistics.median(paired):.3f} "
+          f"(rounds: {', '.join(f'{r:.3f}' for r in paired)})")
     for name in engines:
         print(f"  {name}: stages, ms a photo: " + ", ".join(
             f"{k} {v / args.rounds / len(datas):.2f}" for k, v in stage[name].items()))
