@@ -140,12 +140,11 @@ def best_policy(sad_card, cls_card) -> Policy:
 @dataclass
 class PixelKeys:
     """What the engine reads from each photo's pixels while the detector's floats exist, keyed
-    by position in the detector's input list: the whole photo's pHash, the findings' 128 px
-    crop (0..1, on the CPU) and whether it is of the detector's box, with the time each took."""
+    by position in the detector's input list: the whole photo's pHash and the findings' 128 px
+    crop (0..1, on the CPU), with the time each took."""
 
     phash: dict[int, str | None] = field(default_factory=dict)
     finding_crops: dict[int, torch.Tensor] = field(default_factory=dict)
-    of_box: dict[int, bool] = field(default_factory=dict)
     hash_ms: float = 0.0
     crop_ms: float = 0.0
 
@@ -339,7 +338,6 @@ class QCPipeline:
         for k, (im, det) in enumerate(zip(floats, dets)):
             h, w = detector_input.image_sizes[k]
             box = self._confident_box(det)
-            keys.of_box[positions[k]] = box is not None
             full = whole_frames([im])[0] if box is None else box.cpu().float()
             boxes.append(full * torch.tensor([w / im.shape[-1], h / im.shape[-2]] * 2))
             inputs.append(detector_input.tensors[k, :, :h, :w])
@@ -449,7 +447,7 @@ class QCPipeline:
                 self._stage2(image_of, with_box, torch.stack(boxes), found, results, timings, policy)
             if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
                 t1 = time.perf_counter()
-                crops = [keys.finding_crops[crop_of[i]] if not keys.of_box[crop_of[i]]
+                crops = [keys.finding_crops[crop_of[i]] if self._confident_box(dets[crop_of[i]]) is None
                          else resized_crops([im := image_of[i].float() / 255], whole_frames([im]), FINDINGS_CROP)[0].cpu()
                          for i in no_cervix]
                 for i, found in zip(no_cervix, self._findings(crops)):
