@@ -1,16 +1,30 @@
-"""With no policy given, the engine decides with the stage-2 model whose validation F1 is
-higher, as its card records; an explicit policy always wins."""
+"""With no policy given, the engine decides with the policy its stage-2 cards record as the
+best whole-pipeline F1 on validation, while that record names the two models loaded; without
+one, with the stage-2 model whose validation F1 is higher; an explicit policy always wins."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.evaluation.pipeline_eval import POLICIES, choose_policy
 from tests.qc_fixtures import tiny_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _set_val_f1(card_path, f1):
     card = json.loads(card_path.read_text())
     card["metrics"] = {"val": {"f1": f1}}  # the card's JSON only: the sha256 covers the weights file
     card_path.write_text(json.dumps(card))
+
+
+def _report(f1: dict[str, float], n_pos: int = 12) -> dict:
+    """An eval-pipeline report's shape, overall figures only."""
+    return {"default_policy": "deep_sad"} | {p: {"overall": {"f1": f1[p], "n_non_regular": n_pos}} for p in POLICIES}
 
 
 def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path):
@@ -21,3 +35,39 @@ def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path)
     assert QCPipeline(weights, QCConfig(policy="both")).policy == "both"
     _set_val_f1(weights / "classifier.json", 0.99)
     assert QCPipeline(weights).policy == "resnest"
+
+
+def test_the_policy_with_the_best_pipeline_f1_wins_and_a_tie_goes_to_the_simpler_decision():
+    assert choose_policy(_report({"deep_sad": 0.917, "resnest": 0.917, "either": 0.88, "both": 0.957}))[0] == "both"
+    assert choose_policy(_report({"deep_sad": 0.96, "resnest": 0.96, "either": 0.96, "both": 0.96}))[0] == "resnest"
+    assert choose_policy(_report({"deep_sad": 0.96, "resnest": 0.9, "either": 0.9, "both": 0.96}))[0] == "deep_sad"
+    assert choose_policy(_report({"deep_sad": 0.8, "resnest": 0.8, "either": 0.9, "both": 0.9}))[0] == "both"
+
+
+def test_a_validation_report_without_a_green_or_iodine_photo_chooses_nothing():
+    with pytest.raises(ValueError, match="no green or iodine"):
+        choose_policy(_report({p: 0.0 for p in POLICIES}, n_pos=0))
+
+
+def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_path):
+    weights = tiny_weights(tmp_path, detector_threshold=0.05)
+    _set_val_f1(weights / "deep_sad.json", 0.98)  # the fallback rule alone says deep_sad
+    _set_val_f1(weights / "classifier.json", 0.95)
+    report = tmp_path / "pipeline_metrics.json"
+    report.write_text(json.dumps(_report({"deep_sad": 0.917, "resnest": 0.917, "either": 0.88, "both": 0.957})))
+    done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "default policy both" in done.stdout
+    for stem in ("deep_sad", "classifier"):
+        card = json.loads((weights / f"{stem}.json").read_text())
+        assert card["metrics"]["policy_choice"]["policy"] == "both" and card["metrics"]["val"]["f1"]
+    assert QCPipeline(weights).policy == "both"
+    assert QCPipeline(weights, QCConfig(policy="deep_sad")).policy == "deep_sad"
+
+    # a retrained classifier: the choice was measured with the other one, so it no longer applies
+    for stem in ("deep_sad", "classifier"):
+        card = json.loads((weights / f"{stem}.json").read_text())
+        card["metrics"]["policy_choice"]["classifier_sha256"] = "0" * 64
+        (weights / f"{stem}.json").write_text(json.dumps(card))
+    assert QCPipeline(weights).policy == "deep_sad"

@@ -1,6 +1,7 @@
 """Helper of weights/recipe.sh: copies the trained models into weights/ and completes their cards.
 
     python weights/finalize.py export  RUNS DATA OUT   # verified copy (classifier as float16) + recipe/data
+    python weights/finalize.py policy  REPORT OUT      # default policy from a validation pipeline report
     python weights/finalize.py metrics RUNS OUT        # validation/test/pipeline/baseline figures into the cards
     python weights/finalize.py table   RUNS            # those figures per split and source, as Markdown
 
@@ -139,6 +140,22 @@ def _policy_of(stem: str) -> str:
     return {"deep_sad": "deep_sad", "classifier": "resnest"}.get(stem, "")
 
 
+def policy(report_path: Path, out: Path) -> None:
+    """The default stage-2 policy, chosen on an `eval-pipeline` validation report of exactly
+    these weights, onto both stage-2 cards (`metrics.policy_choice`, with both sha256)."""
+    from pipelines.evaluation.pipeline_eval import policy_record
+
+    report = json.loads(report_path.read_text())
+    sad, cls = load_card(out / "deep_sad.json"), load_card(out / "classifier.json")
+    record = policy_record(report, sad, cls, str(report_path))
+    for stem, card in (("deep_sad", sad), ("classifier", cls)):
+        m = dict(card.metrics) | {"policy_choice": record, "default_policy": record["policy"]}
+        _write_card(out / f"{stem}.json", card.model_copy(update={"metrics": m}))
+        load_weights(out / f"{stem}.json")
+    f1 = ", ".join(f"{p} {v:.3f}" for p, v in record["val_f1"].items())
+    print(f"default policy {record['policy']} (validation F1: {f1}) on {out}/deep_sad.json and classifier.json")
+
+
 def metrics(runs: Path, out: Path) -> None:
     det = {s: _load(runs / f"eval-det-{s}" / "detector_metrics.json") for s in ("val", "test")}
     pipe = {s: _load(runs / f"eval-pipeline-{s}" / "pipeline_metrics.json") for s in ("val", "test")}
@@ -201,6 +218,8 @@ if __name__ == "__main__":
     cmd = sys.argv[1:2]
     if cmd == ["export"]:
         export(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    elif cmd == ["policy"]:
+        policy(Path(sys.argv[2]), Path(sys.argv[3]))
     elif cmd == ["metrics"]:
         metrics(Path(sys.argv[2]), Path(sys.argv[3]))
     elif cmd == ["table"]:

@@ -151,11 +151,16 @@ step export "${PY[@]}" weights/finalize.py export "$RUNS" "$DATA" "$STAGE"
 # 6. evaluation of exactly the staged files
 CQ2=("$UV" run --locked --no-sync cervixqc --threads 2)
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+# The default stage-2 policy is chosen on the validation run (finalize.py policy) before the
+# test run, which then reports the policy the weights ship with.
 for split in val test; do
     step "eval_detector_$split" "${CQ2[@]}" eval-detector "$STAGE/detector.json" "$DATA/split_$split.json" \
         -o "$RUNS/eval-det-$split" --manifest "$DATA/split.csv"
     step "eval_pipeline_$split" "${CQ2[@]}" eval-pipeline "$DATA/split.csv" --split "$split" --weights "$STAGE" \
         -o "$RUNS/eval-pipeline-$split"
+    if [[ "$split" == val ]]; then
+        "${PY[@]}" weights/finalize.py policy "$RUNS/eval-pipeline-val/pipeline_metrics.json" "$STAGE"
+    fi
 done
 step eval_synthetic_detector "${CQ2[@]}" eval-detector "$STAGE/detector.json" "$DATA/synth-test/coco.json" \
     -o "$RUNS/eval-synth-det"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from pipelines.engine.qc_result import Label, QCResult
 from pipelines.engine.stage2 import interpret, load_stage2, threshold_of
 
 Policy = Literal["deep_sad", "resnest", "either", "both"]
+POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
 Runtime = Literal["auto", "torch", "openvino"]
 JpegDecoder = Literal["pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
@@ -128,9 +129,25 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def best_policy(sad_card, cls_card) -> Policy:
-    """The default decision: whichever stage-2 model has the higher F1 on its validation split
-    (the cards' metrics.val.f1; never a test figure). Ties and cards without validation
+    """The default decision.
+
+    First choice: the policy recorded on the stage-2 cards as the best whole-pipeline F1 on
+    validation (`metrics.policy_choice`, written by `weights/finalize.py policy` from an
+    `eval-pipeline` validation report; never a test figure). It is read only while it names
+    the sha256 of both models loaded: it was measured on that pair, and a retrained model
+    makes it stale. Detector crops, not ground-truth boxes, feed the models there, and the two
+    combinations are candidates: with the bundled weights `both` (a Deep SAD flag needs the
+    classifier's agreement) removed the one-class model's false flags on cool-toned regulars.
+
+    Otherwise (older cards, or a stale choice): whichever stage-2 model has the higher F1 on
+    its validation crops (the cards' metrics.val.f1). Ties and cards without validation
     metrics go to ResNeSt, the paper's final choice."""
+    for card in (sad_card, cls_card):
+        choice = card.metrics.get("policy_choice") or {}
+        if (choice.get("policy") in POLICY_NAMES and choice.get("deep_sad_sha256") == sad_card.sha256
+                and choice.get("classifier_sha256") == cls_card.sha256):
+            return choice["policy"]
+
     def val_f1(card) -> float:
         return float(card.metrics.get("val", {}).get("f1", float("-inf")))
 

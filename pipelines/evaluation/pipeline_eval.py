@@ -19,6 +19,8 @@ from pipelines.evaluation.classification import binary_metrics
 from pipelines.engine.qc_result import Label, QCResult
 
 POLICIES = ("deep_sad", "resnest", "either", "both")
+# a tie goes to the simpler decision: the paper's final model, the other one, then the pairs
+TIE_ORDER = ("resnest", "deep_sad", "both", "either")
 _CERVIX = ("regular", "green", "iodine")
 
 
@@ -83,3 +85,24 @@ def evaluate_pipeline(qc, df: pd.DataFrame, results: list[QCResult]) -> dict:
         report[policy] = per
     return report
 
+
+
+def choose_policy(val_report: dict) -> tuple[str, dict[str, float]]:
+    """The policy with the highest non-regular F1 of the whole pipeline on a validation
+    report, and every policy's F1. Chosen on the engine's own detector crops, so a threshold
+    that sits on the edge of the ground-truth crops' scores is judged as it behaves in use."""
+    f1 = {p: val_report[p]["overall"].get("f1") for p in POLICIES}
+    if not val_report[POLICIES[0]]["overall"].get("n_non_regular"):
+        raise ValueError("the validation report has no green or iodine photo: no F1 to choose a policy by")
+    best = max(TIE_ORDER, key=lambda p: (f1[p], -TIE_ORDER.index(p)))
+    return best, {p: float(v) for p, v in f1.items()}
+
+
+def policy_record(val_report: dict, sad_card, cls_card, report_path: str) -> dict:
+    """What a stage-2 card keeps of the choice (`metrics.policy_choice`): the engine reads it
+    only while both sha256 match the models it loaded (`pipelines.engine.qc.best_policy`)."""
+    best, f1 = choose_policy(val_report)
+    return {"policy": best, "rule": "highest whole-pipeline non-regular F1 on validation; ties: "
+            + " > ".join(TIE_ORDER), "val_f1": f1, "report": report_path,
+            "n_non_regular": val_report[best]["overall"]["n_non_regular"],
+            "deep_sad_sha256": sad_card.sha256, "classifier_sha256": cls_card.sha256}
