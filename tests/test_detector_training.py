@@ -127,7 +127,32 @@ def test_training_can_start_from_our_own_detector_and_refuses_another_architectu
     conv = "backbone.body.conv1.weight"
     assert torch.equal(exported[conv], start.state_dict()[conv])
     assert load_card(second).training["init_from_sha256"] == load_card(first).sha256  # the start, by content
+    assert load_card(second).training["init_scope"] == "all"
     other = _cfg(boxes_set, tmp_path / "c", epochs=1, max_steps_per_epoch=1, init_from=first,
                  model=DetectorConfig(backbone="resnet34", min_size=128, max_size=128))
     with pytest.raises(ValueError, match="not a"):
         train_detector(other)
+
+
+def test_a_narrower_fpn_starts_from_our_detectors_backbone_alone_and_loads_at_its_width(boxes_set, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    _, first = train_detector(_cfg(boxes_set, tmp_path / "a", epochs=1, max_steps_per_epoch=2))
+    start, _ = load_detector(first)
+    narrow = DetectorConfig(backbone="resnet18", min_size=128, max_size=128, fpn_channels=64)
+    _, second = train_detector(_cfg(boxes_set, tmp_path / "b", epochs=1, max_steps_per_epoch=1, lr=0.0,
+                                    init_from=first, model=narrow))
+    exported = load_file(str(second.with_suffix(".safetensors")))
+    conv = "backbone.body.conv1.weight"
+    assert torch.equal(exported[conv], start.state_dict()[conv])  # the body came from the first detector
+    assert exported["backbone.fpn.layer_blocks.0.0.weight"].shape[0] == 64  # the FPN is new, at its width
+    assert exported["head.classification_head.conv.0.0.weight"].shape[:2] == (64, 64)
+    model, card = load_detector(second)
+    assert card.config["fpn_channels"] == 64 and model.backbone.out_channels == 64
+    assert card.training["init_scope"] == "backbone body"
+    # a card written before the width was a setting reads as torchvision's 256
+    legacy = json.loads(first.read_text())
+    legacy["config"].pop("fpn_channels")
+    first.write_text(json.dumps(legacy))
+    assert load_detector(first)[0].backbone.out_channels == 256

@@ -111,7 +111,8 @@ def export(runs: Path, data: Path, out: Path) -> None:
         state, card = load_weights(runs / run / f"{stem}.json")
         shared = [c for c in commands if any(f"cervixqc --threads 1 {s} " in c for s in SHARED_STEPS)]
         own = [c for c in commands if f" {command} " in c]
-        steps = {"detector": ("detector_pretrain", "detector"), "presence": ("presence",)}.get(stem, (stem,))
+        steps = {"detector": ("detector_pretrain", "detector_wide", "detector_narrow", "detector"),
+                 "presence": ("presence",)}.get(stem, (stem,))
         training = dict(card.training) | {
             "recipe": "weights/recipe.sh",
             "commands": shared + own,

@@ -129,8 +129,9 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
             p = str(cfg.backbone_weights)
             backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
         model = build_detector(model_cfg, backbone)
-        if cfg.init_from is not None:
-            _init_from_card(model, model_cfg, cfg.init_from)
+        init_scope = _init_from_card(model, model_cfg, cfg.init_from) if cfg.init_from is not None else None
+        if init_scope is not None:
+            log.info("started from %s (%s)", cfg.init_from, init_scope)
         model = model.to(device)
         if dist_info.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
@@ -144,28 +145,37 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
                           grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
                           max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress)
         result = fit(model, task, loader, optimizer, loop, device, dist_info)
-        card = export_best(cfg, model_cfg, train.categories, result, task, val) if dist_info.is_main else None
+        card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
+                if dist_info.is_main else None)
         return result, card
     finally:
         shutdown(dist_info)
 
 
-def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> None:
+def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:
     """Start from one of our own detectors: the whole network, heads included. Nothing can be
     downloaded here, so a detector trained on the generator's scenes is the pretraining that
-    real photos fine-tune (hSDB pretrains on synthetic data too). Same builder config only."""
+    real photos fine-tune (hSDB pretrains on synthetic data too). Same builder config only,
+    except the FPN width: a narrower FPN and head start from the card's backbone body alone
+    (they are new layers). Returns what was loaded: "all" or "backbone body"."""
     from models.io import load_weights
 
     state, card = load_weights(card_path)
-    theirs = {k: v for k, v in card.config.items() if k not in ("score_thresh", "nms_thresh", "detections_per_img")}
+    theirs = {"fpn_channels": 256} | {k: v for k, v in card.config.items()
+                                      if k not in ("score_thresh", "nms_thresh", "detections_per_img")}
     ours = {k: v for k, v in model_cfg.as_dict().items() if k in theirs}
-    if theirs != ours:
+    if theirs == ours:
+        model.load_state_dict(state)
+        return "all"
+    if {k: v for k, v in theirs.items() if k != "fpn_channels"} != {k: v for k, v in ours.items() if k != "fpn_channels"}:
         raise ValueError(f"{card_path} is a {theirs}, not a {ours}")
-    model.load_state_dict(state)
+    prefix = "backbone.body."
+    model.backbone.body.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return "backbone body"
 
 
 def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories: list[str], result: FitResult,
-                task: DetectorTask, val: CocoDetection) -> Path | None:
+                task: DetectorTask, val: CocoDetection, init_scope: str | None = None) -> Path | None:
     """Best epoch -> detector.safetensors + detector.json, with a validation-chosen threshold."""
     if result.best_weights is None:
         return None
@@ -188,7 +198,8 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
         training={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "model"}
         | {"optimizer": "AdamW", "schedule": "linear warm-up + cosine", "best_epoch": result.best_epoch,
            # the path names a file that may change or vanish; the sha256 names the starting weights
-           "init_from_sha256": load_card(cfg.init_from).sha256 if cfg.init_from is not None else None},
+           "init_from_sha256": load_card(cfg.init_from).sha256 if cfg.init_from is not None else None,
+           "init_scope": init_scope},
         data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
               "extra": str(cfg.extra_coco) if cfg.extra_coco else None},
         metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc},
