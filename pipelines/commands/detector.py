@@ -32,8 +32,9 @@ def train_detector_cmd(
     max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
     fpn_channels: Annotated[int, typer.Option(
-        help="FPN and RetinaNet head width (torchvision: 256; 128 runs the head about 4x cheaper). With "
-             "--init-from a card of another width, only its backbone body is loaded.")] = 256,
+        help="FPN and RetinaNet head width (torchvision: 256; at 128 the head does a quarter of the arithmetic, "
+             "and the bundled detector ran 1.8x faster in OpenVINO). With --init-from a card of another width, "
+             "only its backbone body is loaded.")] = 256,
 ) -> None:
     """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
     Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ..."""

@@ -86,7 +86,6 @@ def evaluate_pipeline(qc, df: pd.DataFrame, results: list[QCResult]) -> dict:
     return report
 
 
-
 def choose_policy(val_report: dict) -> tuple[str, dict[str, float]]:
     """The policy with the highest non-regular F1 of the whole pipeline on a validation
     report, and every policy's F1. Chosen on the engine's own detector crops, so a threshold
