@@ -64,7 +64,12 @@ class Settings(BaseSettings):
 
     # batching and load
     max_batch_size: int = Field(16, ge=1, le=512)
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    # How long a batch waits for more images after its first. 16 clients that each wait for
+    # their answer all send again at once, and their uploads take longer than 10 ms to arrive
+    # and parse: at 10 ms the batch split and the service ran at 0.71-0.75x the offline engine
+    # with the bundled (narrow-detector) weights, at 30 ms at 0.93-0.96x (32 clients: 0.82-0.91x
+    # and 0.93-0.98x; `python -m tests.benchmarks.service_load --weights weights --n 128`).
+    max_wait_ms: float = Field(30.0, ge=0, le=10_000)
     max_queue: int = Field(256, ge=1)  # images waiting for the engine; past it: 503
     request_timeout_s: float = Field(60.0, gt=0)
     job_batch_size: int = Field(8, ge=1, le=512)
