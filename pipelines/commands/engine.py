@@ -9,9 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail, _manifest
+from pipelines.engine.qc_result import POLICIES
 
-
-POLICIES = ("deep_sad", "resnest", "either", "both")  # pipelines.engine.qc.Policy (not imported: it pulls in torch)
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
 PRECISIONS = ("auto", "f32", "bf16")  # pipelines.engine.openvino_runtime.Precision

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union, get_args
+from typing import Literal, Union
 
 import numpy as np
 import torch
@@ -36,11 +36,9 @@ from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_
 from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
-from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.qc_result import POLICIES, Label, Policy, QCResult
 from pipelines.engine.stage2 import interpret, load_stage2, threshold_of
 
-Policy = Literal["deep_sad", "resnest", "either", "both"]
-POLICY_NAMES: tuple[Policy, ...] = get_args(Policy)
 Runtime = Literal["auto", "torch", "openvino"]
 JpegDecoder = Literal["pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
@@ -60,7 +58,7 @@ class QCConfig:
     runtime: Runtime = "auto"
     # OpenVINO's inference precision; auto: its own choice (bf16 where the CPU runs it natively)
     precision: Precision = "auto"
-    policy: Policy | None = None  # None: the stage-2 model with the better validation F1 (best_policy)
+    policy: Policy | None = None  # None: `best_policy` (the cards' validation choice)
     crop_margin: float = 0.05
     decode_threads: int = 2
     limits: DecodeLimits = DecodeLimits()
@@ -144,7 +142,7 @@ def best_policy(sad_card, cls_card) -> Policy:
     metrics go to ResNeSt, the paper's final choice."""
     for card in (sad_card, cls_card):
         choice = card.metrics.get("policy_choice") or {}
-        if (choice.get("policy") in POLICY_NAMES and choice.get("deep_sad_sha256") == sad_card.sha256
+        if (choice.get("policy") in POLICIES and choice.get("deep_sad_sha256") == sad_card.sha256
                 and choice.get("classifier_sha256") == cls_card.sha256):
             return choice["policy"]
 
@@ -464,9 +462,9 @@ class QCPipeline:
                 self._stage2(image_of, with_box, torch.stack(boxes), found, results, timings, policy)
             if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
                 t1 = time.perf_counter()
+                # the crop taken beside the detector is the whole frame unless it held a confident box
                 crops = [keys.finding_crops[crop_of[i]] if self._confident_box(dets[crop_of[i]]) is None
-                         else resized_crops([im := image_of[i].float() / 255], whole_frames([im]), FINDINGS_CROP)[0].cpu()
-                         for i in no_cervix]
+                         else self._whole_frame_crop(image_of[i]) for i in no_cervix]
                 for i, found in zip(no_cervix, self._findings(crops)):
                     results[i].findings = found
                 timings["findings"] += self._stamp(t1)
@@ -474,6 +472,12 @@ class QCPipeline:
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _whole_frame_crop(image: torch.Tensor) -> torch.Tensor:
+        """The findings' crop of a whole uint8 photo (0..1, on the CPU)."""
+        im = TF.to_dtype(image, torch.float32, scale=True)
+        return resized_crops([im], whole_frames([im]), FINDINGS_CROP)[0].cpu()
 
     def _findings(self, crops: list[torch.Tensor | None]) -> list[dict]:
         """The quality findings of each photo's findings crop (0..1; {} each without a findings

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
 FINDINGS = ("blur", "dark", "overexposed", "glare")
+# how the two stage-2 scores become a label (`QCPipeline.label_for`); here, without torch, so
+# the CLI can check a name before it loads anything
+Policy = Literal["deep_sad", "resnest", "either", "both"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
 
 
 def check_findings(names: list[str]) -> list[str]:

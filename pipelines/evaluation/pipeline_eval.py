@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.evaluation.classification import binary_metrics
-from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.qc_result import POLICIES, Label, QCResult
 
-POLICIES = ("deep_sad", "resnest", "either", "both")
 # a tie goes to the simpler decision: the paper's final model, the other one, then the pairs
 TIE_ORDER = ("resnest", "deep_sad", "both", "either")
 _CERVIX = ("regular", "green", "iodine")
