@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine.crops import crop_boxes, expand_boxes
+from pipelines.engine.crops import band_weights, box_weights, crop_boxes, expand_boxes, weigh_rows
 from pipelines.data.synth import PRESETS, render_image, plan
 
 
@@ -57,3 +57,15 @@ def test_a_crop_pixel_is_the_area_average_of_its_bin_sub_pixel_edges_included():
     # two output pixels over columns 0..8: the means of 0..3 and 4..7
     out = crop_boxes([ramp], torch.tensor([[0.0, 0.0, 8.0, 4.0]]), sizes=(2,))[2]
     assert out[0, 0].flatten().tolist() == pytest.approx([1.5, 5.5, 1.5, 5.5])
+
+
+def test_the_sparse_band_product_equals_the_dense_weights_product():
+    """Stacked bands of several sizes, wider and narrower bins than a pixel, edges clipped to
+    the pixels and a first pixel other than 0: the CSR rows carry the same weights."""
+    planes = torch.rand(3, 57, 40, generator=torch.Generator().manual_seed(0)) * 255
+    cases = [(0.0, 57.0, 32), (3.3, 50.7, 37), (10.2, 20.9, 32), (0.0, 57.0, 1), (56.5, 57.2, 2)]
+    for first in (0, 5):
+        bands = [band_weights(a + first, b + first, first, 57, size) for a, b, size in cases]
+        dense = torch.cat([box_weights(a + first, b + first, first, 57, size) for a, b, size in cases])
+        assert torch.allclose(dense.sum(1), torch.ones(len(dense)))
+        assert torch.allclose(weigh_rows(bands, planes), dense @ planes, atol=1e-3)

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from pipelines.engine.crops import box_weights
+from pipelines.engine.crops import band_weights, box_weights, weigh_rows
 
 HASH_SIDE = 32  # grey side the DCT sees
 LOW = 8  # 8x8 lowest frequencies -> 64 bits
@@ -74,13 +74,15 @@ def phash_grey(g: torch.Tensor) -> list[str | None]:
 
 
 def _bins(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """`x` area-averaged to `size` equal bins along `dim` (exact, as `box_weights` weighs
-    them): a reshape and a mean where each bin is whole pixels, else the weight matrix."""
+    """[C, H, W] `x` area-averaged to `size` equal bins along `dim` (-2 or -1; exact, as
+    `band_weights` weighs them): a reshape and a mean where each bin is whole pixels, else
+    the band's product (rows: `weigh_rows`, sparse on the CPU)."""
     n = x.shape[dim]
     if n % size == 0:
-        return x.unflatten(dim, (size, n // size)).mean(dim + 1 if dim >= 0 else dim)
-    weights = box_weights(0, n, 0, n, size).to(x.device)
-    return (x.movedim(dim, -1) @ weights.T).movedim(-1, dim)
+        return x.unflatten(dim, (size, n // size)).mean(dim)
+    if dim == -2:
+        return weigh_rows([band_weights(0, n, 0, n, size)], x)
+    return x @ box_weights(0, n, 0, n, size).to(x.device).T
 
 
 def whole_photo_hashes(images: list[torch.Tensor]) -> list[str | None]:
@@ -96,11 +98,12 @@ def whole_photo_hashes(images: list[torch.Tensor]) -> list[str | None]:
     over the pixels, where the weight matrix's product does 32 multiply-adds a pixel. Most
     camera sizes have one such axis (640x480, 800x600, 1280x960, 512x512); measured on the
     300 real-mix photos side by side, 2-core CPU: 0.34 ms a photo, the grey photo's two
-    matrix products (the version before) 0.56 ms; same bits."""
+    matrix products (the version before) 0.56 ms; same bits. Where neither divides, the rows
+    go first, through the sparse band product."""
     small = []
     for im in images:
         h, w = im.shape[-2:]
-        first, second = (-2, -1) if h % HASH_SIDE == 0 and w % HASH_SIDE else (-1, -2)
+        first, second = (-1, -2) if w % HASH_SIDE == 0 and h % HASH_SIDE else (-2, -1)
         small.append(_bins(_bins(im.float(), first, HASH_SIDE), second, HASH_SIDE))
     if not small:
         return []

@@ -155,13 +155,16 @@ def best_policy(sad_card, cls_card) -> Policy:
 @dataclass
 class PixelKeys:
     """What the engine reads from each photo's pixels while the detector's floats exist, keyed
-    by position in the detector's input list: the whole photo's pHash and the findings' 128 px
-    crop (0..1, on the CPU), with the time each took."""
+    by position in the detector's input list: the whole photo's pHash, the findings' 128 px
+    crop (0..1, on the CPU) and stage 2's crops ({size: [3, size, size]}, 0..255), with the
+    time each took."""
 
     phash: dict[int, str | None] = field(default_factory=dict)
     finding_crops: dict[int, torch.Tensor] = field(default_factory=dict)
+    stage2_crops: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     hash_ms: float = 0.0
     crop_ms: float = 0.0
+    stage2_crop_ms: float = 0.0
 
 
 FloatsHook = Callable[[list[int], list[torch.Tensor]], None]
@@ -196,6 +199,7 @@ class QCPipeline:
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
+        self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
         if self.cfg.channels_last and self.runtime == "torch":
@@ -337,6 +341,27 @@ class QCPipeline:
         keys.phash.update(zip(positions, whole_photo_hashes(floats)))
         keys.hash_ms += self._stamp(t)
 
+    def _crops_beside_detector(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
+                               detector_input: ImageList, dets: list[dict[str, torch.Tensor]]) -> None:
+        self._crop_for_stage2(keys, positions, floats, dets)
+        if self.findings_card is not None:
+            self._crop_for_findings(keys, positions, floats, detector_input, dets)
+
+    def _crop_for_stage2(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
+                         dets: list[dict[str, torch.Tensor]]) -> None:
+        """Stage 2's crops of the box it will classify (the detector's confident box, else the
+        whole frame: a close-up stage 0 vouches for), taken from the detector's floats while
+        they are fresh in the cache. From the uint8 photo after the detector, converting the
+        box's pixels to float again was a quarter of the crop stage, and the photos had left
+        the cache. A photo stage 0 turns to no_cervix wastes its crops (area averages: cheap)."""
+        t = time.perf_counter()
+        boxes = [whole_frames([im])[0] if (box := self._confident_box(det)) is None else box.float().cpu()
+                 for im, det in zip(floats, dets)]
+        crops = crop_boxes(floats, torch.stack(boxes), sizes=(32, self._big), margin=self.cfg.crop_margin)
+        for k, position in enumerate(positions):
+            keys.stage2_crops[position] = {size: crops[size][k] * 255 for size in crops}
+        keys.stage2_crop_ms += self._stamp(t)
+
     def _crop_for_findings(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
                            detector_input: ImageList, dets: list[dict[str, torch.Tensor]]) -> None:
         """The findings' crop of the box they will judge (the detector's confident box, else the
@@ -430,13 +455,14 @@ class QCPipeline:
             dets, feats = self._detect(
                 [image_of[i] for i in ok],
                 on_floats=(lambda *a: self._hash_photos(keys, *a)) if self.cfg.findings else None,
-                on_detections=(lambda *a: self._crop_for_findings(keys, *a)) if self.findings_card is not None else None)
-            timings["detect"] = self._stamp(t1) - keys.hash_ms - keys.crop_ms
+                on_detections=lambda *a: self._crops_beside_detector(keys, *a))
+            timings["detect"] = self._stamp(t1) - keys.hash_ms - keys.crop_ms - keys.stage2_crop_ms
+            timings["crop"] = keys.stage2_crop_ms
             timings["hash"] = keys.hash_ms
             present = self._presence(image_of, feats, timings)
             whole = {i: keys.phash.get(k) for k, i in enumerate(ok)}
             crop_of = {i: k for k, i in enumerate(ok)}  # position in the detector's list
-            with_box, boxes, no_cervix = [], [], []
+            with_box, no_cervix = [], []
             for i, det in zip(ok, dets):
                 d = decoded[i]
                 top = float(det["scores"].max()) if len(det["scores"]) else 0.0
@@ -453,13 +479,13 @@ class QCPipeline:
                     box = torch.tensor([0.0, 0.0, float(w), float(h)])
                 sx, sy = d.scale
                 with_box.append((i, base, (box / torch.tensor([sx, sy, sx, sy])).tolist()))
-                boxes.append(box)
             timings["findings"] = keys.crop_ms
             if with_box:
                 t1 = time.perf_counter()
                 found = self._findings([keys.finding_crops.get(crop_of[i]) for i, _, _ in with_box])
                 timings["findings"] += self._stamp(t1)
-                self._stage2(image_of, with_box, torch.stack(boxes), found, results, timings, policy)
+                self._stage2([keys.stage2_crops[crop_of[i]] for i, _, _ in with_box], with_box, found, results,
+                             timings, policy)
             if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
                 t1 = time.perf_counter()
                 # the crop taken beside the detector is the whole frame unless it held a confident box
@@ -486,12 +512,10 @@ class QCPipeline:
             return [{} for _ in crops]
         return judge(finding_scores(torch.stack(crops)), self.findings_card)
 
-    def _stage2(self, image_of, with_box, boxes, found, results, timings, policy: Policy | None) -> None:
-        t = time.perf_counter()
-        big = round(self.cls_size * 8 / 7)
-        images = [image_of[i] for i, _, _ in with_box]
-        crops = crop_boxes(images, boxes, sizes=(32, big), margin=self.cfg.crop_margin)
-        timings["crop"] = self._stamp(t)
+    def _stage2(self, photo_crops: list[dict[int, torch.Tensor]], with_box, found, results, timings,
+                policy: Policy | None) -> None:
+        big = self._big
+        crops = {size: torch.stack([c[size] for c in photo_crops]) for size in (32, big)}
         t = time.perf_counter()
         crop_hashes = phash(crops[32]) if self.cfg.findings else [None] * len(with_box)
         timings["hash"] += self._stamp(t)
