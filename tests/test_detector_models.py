@@ -58,3 +58,18 @@ def test_weights_whose_sha256_differs_from_the_card_are_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(WeightsIntegrityError, match="does not match"):
         load_weights(card_path)
+
+
+def test_the_engines_resize_first_transform_gives_torchvisions_batch():
+    """The exported path resizes before it normalizes; torchvision normalizes first. Both
+    steps are linear per channel, so the padded batch and the sizes must agree to rounding."""
+    from pipelines.engine.detector import resized_then_normalized
+
+    model = build_detector(DetectorConfig(min_size=96, max_size=128)).eval()
+    images = [torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    images.append(torch.rand(3, 90, 333, generator=torch.Generator().manual_seed(2)))
+    expected, _ = model.transform(images)
+    got = resized_then_normalized(model.transform, images)
+    assert got.image_sizes == expected.image_sizes
+    assert got.tensors.shape == expected.tensors.shape
+    assert torch.allclose(got.tensors, expected.tensors, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, load_weights
@@ -33,6 +34,20 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devi
 
 
 Convolutions = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def resized_then_normalized(transform: GeneralizedRCNNTransform, images: Sequence[torch.Tensor]) -> ImageList:
+    """torchvision's eval transform (`GeneralizedRCNNTransform.forward`) with its two per-pixel
+    steps swapped: each image resized, then normalized, then padded into one batch. Both steps
+    are linear per channel (the bilinear weights sum to 1), so the values agree to float
+    rounding, and the normalization then reads the 320 px input instead of the decoded photo
+    (640 px or more). Measured on the engine's chunks of the 300 real-mix photos, 2-core CPU,
+    alternating: the transform took 0.24-0.25 s, swapped 0.16-0.17 s (of a detector stage of
+    about 2.4 s); the engine's labels, boxes, scores and findings on all 300 were unchanged."""
+    resized = [transform.resize(im)[0] for im in images]
+    normalized = [transform.normalize(im) for im in resized]
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in normalized]
+    return ImageList(transform.batch_images(normalized, size_divisible=transform.size_divisible), sizes)
 
 
 @torch.inference_mode()
@@ -59,7 +74,7 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devic
                 h.remove()
         return dets, seen["maps"], seen["batch"]
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    batch, _ = model.transform([im.to(device, non_blocking=True) for im in images])
+    batch = resized_then_normalized(model.transform, [im.to(device, non_blocking=True) for im in images])
     cls_logits, bbox_regression, *maps = convolutions(batch.tensors)
     anchors = model.anchor_generator(batch, maps)
     per_level = [m.shape[-2] * m.shape[-1] for m in maps]
