@@ -1,4 +1,4 @@
-"""Cervix crops for stage 2: each box area-averaged to every crop size, two small matmuls.
+"""Cervix crops for stage 2: each box area-averaged to every crop size, two weight products.
 
 The box is widened by `margin` (a share of its width and height on each side), clipped to
 the image, then resized to a square, as the paper resizes its crops. Each output pixel is
