@@ -69,3 +69,18 @@ def test_the_sparse_band_product_equals_the_dense_weights_product():
         dense = torch.cat([box_weights(a + first, b + first, first, 57, size) for a, b, size in cases])
         assert torch.allclose(dense.sum(1), torch.ones(len(dense)))
         assert torch.allclose(weigh_rows(bands, planes), dense @ planes, atol=1e-3)
+
+
+def test_degenerate_boxes_crop_to_pixels_of_the_image():
+    """Boxes a detector can return at the edges: inverted, outside the photo, thinner than a
+    pixel, on a one-pixel photo. The sparse rows are built from them, so they must stay valid
+    (a malformed CSR matrix would read out of bounds, not raise)."""
+    image = torch.randint(0, 256, (3, 7, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tiny = torch.full((3, 1, 1), 9, dtype=torch.uint8)
+    boxes = [[4.0, 6.0, 1.0, 2.0], [-30.0, -30.0, -10.0, -10.0], [10.0, 10.0, 40.0, 40.0], [2.2, 3.1, 2.3, 3.15],
+             [0.0, 0.0, 5.0, 7.0]]
+    for size in (1, 3, 32):
+        out = crop_boxes([image] * len(boxes), torch.tensor(boxes), sizes=(size,), margin=0.05)[size]
+        assert out.shape == (len(boxes), 3, size, size)
+        assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 255
+        assert crop_boxes([tiny], torch.tensor([[0.0, 0.0, 1.0, 1.0]]), sizes=(size,))[size].eq(9).all()
