@@ -1,1 +1,19 @@
-"""Data, training, evaluation and the QC engine; imports models, never service."""
+"""Data, training, evaluation and the QC engine; imports models, never service.
+
+Before anything here imports torch: the engine runs torch (GNU OpenMP threads) and OpenVINO
+(its own threads) on the same cores, one after the other, many times a batch. libgomp's
+idle threads spin 300,000 times after each parallel region before they sleep, which takes a
+core from the OpenVINO inference that follows; told not to spin (`OMP_WAIT_POLICY=PASSIVE`)
+they wake through the kernel for each of torch's small operations, which then take twice as
+long. Its own count for oversubscribed processes, 1,000, keeps both: measured on the 300
+real-mix photos, 2-core CPU, one engine process per run, alternating (`run_batched`, auto
+runtime): default 64.0-65.1 images/s (detector 2.50-2.57 s, classify 0.55-0.56 s), passive
+62.4-65.3 (crops 0.42-0.46 s, hash 0.20-0.21 s), 1,000 68.3-72.2 (detector 2.20-2.34 s, crops
+0.34-0.35 s, classify 0.45-0.49 s); 10,000 and 30,000 were within the noise of it. libgomp
+reads the variable when torch loads it, so it is set here, where the CLI, the service and
+the benchmarks' processes import first; a value already in the environment wins.
+"""
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
