@@ -343,45 +343,45 @@ class QCPipeline:
 
     def _crops_beside_detector(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
                                detector_input: ImageList, dets: list[dict[str, torch.Tensor]]) -> None:
-        self._crop_for_stage2(keys, positions, floats, dets)
-        if self.findings_card is not None:
-            self._crop_for_findings(keys, positions, floats, detector_input, dets)
-
-    def _crop_for_stage2(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
-                         dets: list[dict[str, torch.Tensor]]) -> None:
-        """Stage 2's crops of the box it will classify (the detector's confident box, else the
-        whole frame: a close-up stage 0 vouches for), taken from the detector's floats: from
-        the uint8 photo after the detector, converting the box's pixels to float again was a
-        quarter of the crop stage (torch's profiler on the 300 real-mix photos' crops). A
-        photo stage 0 turns to no_cervix wastes its crops (area averages: cheap)."""
-        t = time.perf_counter()
+        """Both crops of the box stage 2 and the findings judge: the detector's confident box,
+        else the whole frame (a close-up stage 0 vouches for, or no cervix), in each photo's
+        pixels."""
         boxes = [whole_frames([im])[0] if (box := self._confident_box(det)) is None else box.float().cpu()
                  for im, det in zip(floats, dets)]
+        self._crop_for_stage2(keys, positions, floats, boxes)
+        if self.findings_card is not None:
+            self._crop_for_findings(keys, positions, floats, detector_input, boxes)
+
+    def _crop_for_stage2(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
+                         boxes: list[torch.Tensor]) -> None:
+        """Stage 2's crops, taken from the detector's floats: from the uint8 photo after the
+        detector, converting the box's pixels to float again was a quarter of the crop stage
+        (torch's profiler on the 300 real-mix photos' crops). A photo stage 0 turns to
+        no_cervix wastes its crops (area averages: cheap)."""
+        t = time.perf_counter()
         crops = crop_boxes(floats, torch.stack(boxes), sizes=(32, self._big), margin=self.cfg.crop_margin)
+        crops = {size: batch.mul_(255) for size, batch in crops.items()}  # the 0..255 the models were trained on
         for k, position in enumerate(positions):
-            keys.stage2_crops[position] = {size: crops[size][k] * 255 for size in crops}
+            keys.stage2_crops[position] = {size: batch[k] for size, batch in crops.items()}
         keys.stage2_crop_ms += self._stamp(t)
 
     def _crop_for_findings(self, keys: PixelKeys, positions: list[int], floats: list[torch.Tensor],
-                           detector_input: ImageList, dets: list[dict[str, torch.Tensor]]) -> None:
-        """The findings' crop of the box they will judge (the detector's confident box, else the
-        whole frame: a close-up, or no cervix), taken from the detector's own input (long side
-        `max_size`, normalized; undone on the crop). From the decoded photo (640-1280 px) the
-        128 px crop read every pixel of the box again: about 1 ms of the findings' 1.4 ms a
-        photo on the 300 real-mix photos (2-core CPU). The findings' thresholds are calibrated
-        on this crop (`cervixqc calibrate-findings` runs the engine). A photo that stage 0
-        turns to no_cervix despite a confident box is cropped again later, whole."""
+                           detector_input: ImageList, boxes: list[torch.Tensor]) -> None:
+        """The findings' crop, taken from the detector's own input (long side `max_size`,
+        normalized; undone on the crop). From the decoded photo (640-1280 px) the 128 px crop
+        read every pixel of the box again: about 1 ms of the findings' 1.4 ms a photo on the
+        300 real-mix photos (2-core CPU). The findings' thresholds are calibrated on this crop
+        (`cervixqc calibrate-findings` runs the engine). A photo that stage 0 turns to
+        no_cervix despite a confident box is cropped again later, whole."""
         t = time.perf_counter()
         mean = torch.tensor(self.detector.transform.image_mean, device=detector_input.tensors.device)[:, None, None]
         std = torch.tensor(self.detector.transform.image_std, device=detector_input.tensors.device)[:, None, None]
-        inputs, boxes = [], []
-        for k, (im, det) in enumerate(zip(floats, dets)):
+        scaled, inputs = [], []
+        for k, (im, box) in enumerate(zip(floats, boxes)):
             h, w = detector_input.image_sizes[k]
-            box = self._confident_box(det)
-            full = whole_frames([im])[0] if box is None else box.cpu().float()
-            boxes.append(full * torch.tensor([w / im.shape[-1], h / im.shape[-2]] * 2))
+            scaled.append(box * torch.tensor([w / im.shape[-1], h / im.shape[-2]] * 2))
             inputs.append(detector_input.tensors[k, :, :h, :w])
-        crops = resized_crops(inputs, torch.stack(boxes), FINDINGS_CROP, self.cfg.crop_margin) * std + mean
+        crops = resized_crops(inputs, torch.stack(scaled), FINDINGS_CROP, self.cfg.crop_margin) * std + mean
         keys.finding_crops.update(zip(positions, crops.clamp_(0, 1).cpu()))
         keys.crop_ms += self._stamp(t)
 

@@ -167,7 +167,7 @@ def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:
     if theirs == ours:
         model.load_state_dict(state)
         return "all"
-    if {k: v for k, v in theirs.items() if k != "fpn_channels"} != {k: v for k, v in ours.items() if k != "fpn_channels"}:
+    if theirs | {"fpn_channels": None} != ours | {"fpn_channels": None}:  # only the width may differ
         raise ValueError(f"{card_path} is a {theirs}, not a {ours}")
     prefix = "backbone.body."
     model.backbone.body.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
