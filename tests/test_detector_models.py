@@ -73,3 +73,36 @@ def test_the_engines_resize_first_transform_gives_torchvisions_batch():
     assert got.image_sizes == expected.image_sizes
     assert got.tensors.shape == expected.tensors.shape
     assert torch.allclose(got.tensors, expected.tensors, atol=1e-5)
+
+
+def test_the_engines_best_detection_is_torchvisions_first_bit_for_bit():
+    """The engine decodes only each photo's best box. Ties at the best score (whose order
+    torchvision's top-k decides), a NaN logit, photos with nothing above the threshold and
+    boxes reaching past the image must all come out as torchvision's first detection."""
+    from models.exportable import exportable
+    from pipelines.engine.detector import best_detections, resized_then_normalized
+
+    model = build_detector(DetectorConfig(min_size=96, max_size=128)).eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 300, 200, generator=g) for _ in range(3)] + [torch.rand(3, 90, 333, generator=g) for _ in range(4)]
+    batch = resized_then_normalized(model.transform, images)
+    with torch.inference_mode():
+        cls, reg, *maps = exportable(model)(batch.tensors)
+    anchors = model.anchor_generator(batch, maps)
+    per_level = [m.shape[-2] * m.shape[-1] * (cls.shape[1] // sum(m.shape[-2] * m.shape[-1] for m in maps)) for m in maps]
+    cls = torch.randn(cls.shape, generator=g) * 2 - 3  # a few dozen candidates over 0.05 per photo
+    reg = torch.randn(reg.shape, generator=g) * 2  # wide boxes: some leave the image and are clipped
+    cls[1] = -10.0  # nothing above the threshold
+    cls[2, 5, 1] = cls[2, per_level[0] + 7, 0] = 9.0  # a tie across two levels
+    cls[3, 1, 0] = cls[3, 2, 1] = 9.0  # a tie within one level (here the top-k puts the later one first)
+    cls[4, 3, 0] = float("nan")
+    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    head = {"cls_logits": list(cls.split(per_level, 1)), "bbox_regression": list(reg.split(per_level, 1))}
+    want = model.postprocess_detections(head, [list(a.split(per_level)) for a in anchors], batch.image_sizes)
+    want = model.transform.postprocess(want, batch.image_sizes, original_sizes)
+    got = best_detections(model, cls, reg, anchors, per_level, batch.image_sizes, original_sizes)
+    assert len(want[1]["scores"]) == 0 and len(want[0]["scores"]) > 1
+    assert any((w["boxes"][:1] == torch.tensor([0.0, 0.0, s[1], s[0]])).any() for w, s in zip(want, original_sizes))
+    for w, b in zip(want, got):
+        for key in ("boxes", "scores", "labels"):
+            assert w[key][:1].dtype == b[key].dtype and torch.equal(w[key][:1], b[key]), key

@@ -22,6 +22,7 @@ from typing import Literal, Union
 import numpy as np
 import torch
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
@@ -207,9 +208,13 @@ class QCPipeline:
                 model.to(memory_format=torch.channels_last)
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        # what runs each model: torch (the detector's own forward; the stage-2 models' exporter
-        # views), or the compiled OpenVINO model with the same outputs
-        self._runs = ({"detector": None, "deep_sad": exportable(self.deep_sad), "classifier": exportable(self.classifier)}
+        # what runs each model: torch (the exporter views; a detector other than RetinaNet runs
+        # its own forward), or the compiled OpenVINO model with the same outputs. Either way a
+        # RetinaNet's boxes are decoded step by step, so only each photo's best box is decoded
+        # (`best_detections`).
+        torch_detector = exportable(self.detector) if isinstance(self.detector, RetinaNet) else None
+        self._runs = ({"detector": torch_detector, "deep_sad": exportable(self.deep_sad),
+                       "classifier": exportable(self.classifier)}
                       if torch_stage2 else dict.fromkeys(("detector", "deep_sad", "classifier")))
         self.runtimes = dict.fromkeys(self._runs, "torch")
         if self.runtime == "openvino":
@@ -321,7 +326,8 @@ class QCPipeline:
                 if on_floats is not None:
                     with torch.autocast(self.device.type, enabled=False):  # hash bits must not depend on bf16
                         on_floats(chunk, batch)
-                out, maps, padded = detect(self.detector, batch, self.device, self._runs["detector"])
+                run = self._runs["detector"]
+                out, maps, padded = detect(self.detector, batch, self.device, run, best_only=run is not None)
                 pooled = [None] * len(chunk) if self.presence is None else pool_features(maps, padded)
                 for k, d, f in zip(chunk, out, pooled):
                     dets[k], feats[k] = d, f
