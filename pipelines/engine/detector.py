@@ -68,8 +68,8 @@ def best_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression:
     best detection (tests/test_detector_models.py). Replayed on the engine's 75 chunks of the
     300 real-mix photos (8 photos through the fallback, all 300 equal), 2-core CPU, the two
     postprocess steps took 0.21 s with torchvision, 0.033 s this way. The regression is
-    decoded in float32 also under bf16 autocast, where torchvision would cast the anchors to
-    bf16 (a 2 px step at 320 px)."""
+    decoded in float32 also under bf16 autocast, where torchvision (and so the fallback) casts
+    the anchors to bf16 (a 2 px step at 320 px)."""
     n, num_classes = cls_logits.shape[0], cls_logits.shape[-1]
     level_scores = [torch.sigmoid(level).flatten(1) for level in cls_logits.split(list(per_level), 1)]
     best = [s.max(1) for s in level_scores]
@@ -115,6 +115,8 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devic
     with those convolutions in place of backbone + head; tests/test_exported_runtime.py holds
     the two paths to the same boxes. `best_only` (with convolutions): each image's best
     detection alone, through `best_detections`."""
+    if best_only and convolutions is None:
+        raise ValueError("best_only decodes step by step: it needs the convolutions")
     if model.training:  # eval() walks all 297 submodules: 0.75 ms, per chunk of 4 photos on the CPU
         model.eval()
     if convolutions is None:
