@@ -108,6 +108,26 @@ def test_thresholds_hold_every_large_source_to_the_budget_not_only_the_pool():
     assert flagged["tiny"] > 0.5, "a source under min_source_rows does not move the threshold"
 
 
+def test_each_source_left_out_is_judged_by_the_threshold_the_others_choose():
+    from pipelines.evaluation.findings_calibration import CalibrationConfig, new_source_metrics
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for source, shift in (("a", 0.0), ("b", 0.0), ("brighter", 0.5)):
+        for variant, extra in (("original", 0.0), ("nuisance", 0.0), ("blur", 2.0)):
+            rows += [{"source": source, "variant": variant, "blur": v} for v in rng.uniform(0, 1, 400) + shift + extra]
+    cfg = CalibrationConfig(max_false_flags=0.015, min_source_rows=100)
+    got = new_source_metrics(pd.DataFrame(rows), "blur", cfg)
+    assert set(got) == {"a", "b", "brighter"}
+    # a and b choose about 0.985; half of the shifted source's undegraded photos lie above it
+    assert 0.97 < got["brighter"]["threshold"] < 1.0
+    assert 0.4 < got["brighter"]["false_flags_original"] < 0.6 and 0.4 < got["brighter"]["false_flags_nuisance"] < 0.6
+    # the shifted source drives the threshold chosen for the others up: they are not flagged
+    assert got["a"]["threshold"] > 1.4 and got["a"]["false_flags_original"] == 0.0
+    assert got["a"]["recall"] == got["brighter"]["recall"] == 1.0
+    assert new_source_metrics(pd.DataFrame(rows[:1200]), "blur", cfg) == {}, "one source: nothing to leave out"
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
@@ -153,7 +173,7 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     for i in range(12):
         name = f"p{i}.jpg"
         Image.fromarray(_tissue(10 + i)).save(tmp_path / name, quality=95)
-        rows.append({"path": name, "patient_id": f"p{i}", "source": "s", "device": "", "kind": "regular",
+        rows.append({"path": name, "patient_id": f"p{i}", "source": "st"[i % 2], "device": "", "kind": "regular",
                      "split": ("train", "val", "test")[i % 3]})
     pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
@@ -175,6 +195,8 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     section = findings_section(tmp_path / "cal")
     for name in FINDINGS:
         assert f"<h3>{name}</h3>" in section and f"{name}: real undegraded photos with the highest scores" in section
+    assert set(card.metrics["calibration_new_source"]["blur"]) == {"s", "t"}
+    assert "Thresholds at a source that did not choose them" in section and section.count("<td>blur</td>") == 3
 
 
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():

@@ -9,7 +9,9 @@ learn nothing else there) as the lowest score that flags at most `max_false_flag
 undegraded variants of every source with at least `min_source_rows` of them (the pool's
 share alone let one source's sharp but smooth photos carry 4% blur flags while another's
 carried 0.7%: a threshold a new site can trust holds the budget per source); the test split
-reports AUC, precision, recall and false flags per source, which never feed back.
+reports AUC, precision, recall and false flags per source, which never feed back. Each
+source is also left out once, the rule run on the others and judged on it
+(`calibration_new_source`): how far the thresholds carry to a site unlike the calibration's.
 
 Photos are first reduced to a long side of 1024 px: the engine decodes at 640, and
 degrading a 12 MP original would spend minutes on pixels nobody sees.
@@ -143,13 +145,32 @@ def finding_metrics(scores: pd.DataFrame, name: str, threshold: float) -> dict:
     }
 
 
+def new_source_metrics(cal: pd.DataFrame, name: str, cfg: CalibrationConfig) -> dict[str, dict]:
+    """Per calibration source: the threshold the same rule picks on the other sources alone,
+    and what it does to the left-out source (false flags on its originals and ordinary
+    copies, recall on its degraded copies). What a site whose photos no calibration source
+    resembles can expect from a threshold it did not help choose; the test split cannot say
+    that, since its cases come from the calibration's own sources."""
+    out: dict[str, dict] = {}
+    undegraded = cal[cal["variant"].isin(UNDEGRADED)]
+    if undegraded["source"].nunique() < 2:
+        return out
+    for source, own in cal.groupby("source"):
+        threshold = source_threshold(undegraded[undegraded["source"] != source], name, cfg)
+        rate = lambda variant: float((own.loc[own["variant"] == variant, name] >= threshold).mean())  # noqa: E731
+        out[str(source)] = {"threshold": threshold, "false_flags_original": rate("original"),
+                            "false_flags_nuisance": rate("nuisance"), "recall": rate(name)}
+    return out
+
+
 def calibrate(scores: pd.DataFrame, cfg: CalibrationConfig) -> tuple[dict[str, float], dict]:
     cal = scores[scores["split"].isin(cfg.calibration_splits)]
     test = scores[scores["split"] == cfg.test_split]
     if cal.empty:
         raise ValueError(f"no rows in the calibration splits {cfg.calibration_splits}")
     thresholds = {name: source_threshold(cal[cal["variant"].isin(UNDEGRADED)], name, cfg) for name in FINDINGS}
-    metrics = {"calibration": {n: finding_metrics(cal, n, t) for n, t in thresholds.items()}}
+    metrics = {"calibration": {n: finding_metrics(cal, n, t) for n, t in thresholds.items()},
+               "calibration_new_source": {n: new_source_metrics(cal, n, cfg) for n in FINDINGS}}
     if not test.empty:
         metrics["test"] = {n: finding_metrics(test, n, t) for n, t in thresholds.items()}
     return thresholds, metrics

@@ -35,6 +35,23 @@ def _table(card: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _new_source_table(card: dict) -> str:
+    """Each calibration source left out once (`calibration_new_source`): how far the rule's
+    thresholds carry to photos unlike those that chose them. Empty for older cards and for a
+    calibration with one source."""
+    left_out = card["metrics"].get("calibration_new_source", {})
+    rows = [f"<tr><td>{name}</td><td>{html.escape(source)}</td><td>{m['threshold']:.4g}</td>"
+            + "".join(f"<td>{_fmt(m[k])}</td>" for k in ("false_flags_original", "false_flags_nuisance", "recall"))
+            + "</tr>" for name in FINDINGS for source, m in left_out.get(name, {}).items()]
+    if not rows:
+        return ""
+    head = ("<tr><th>finding</th><th>source left out</th><th>threshold from the others</th>"
+            "<th>its false flags, originals</th><th>ordinary copies</th><th>its recall</th></tr>")
+    return ("<h3>Thresholds at a source that did not choose them</h3><p>Calibration splits only: "
+            "each source left out, the rule run on the others, judged on it.</p>"
+            f"<table>{head}{''.join(rows)}</table>")
+
+
 def _histogram(test: pd.DataFrame, name: str, threshold: float) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 2.6))
@@ -69,7 +86,7 @@ def findings_section(folder: Path, n: int = 8) -> str:
              f"<p>{html.escape(card['training'].get('method', ''))}</p>",
              f"<p>Command: <code>{html.escape(card['training'].get('command', ''))}</code>; photos: "
              f"{html.escape(json.dumps(card['metrics'].get('data', {}).get('photos_by_split', {})))}.</p>",
-             _table(card)]
+             _table(card), _new_source_table(card)]
     for name in FINDINGS:
         t = card["thresholds"][name]
         originals = test[test["variant"] == "original"].sort_values(name)
