@@ -106,3 +106,4 @@ def test_the_engines_best_detection_is_torchvisions_first_bit_for_bit():
     for w, b in zip(want, got):
         for key in ("boxes", "scores", "labels"):
             assert w[key][:1].dtype == b[key].dtype and torch.equal(w[key][:1], b[key]), key
+    assert best_detections(model, cls[:0], reg[:0], [], per_level, [], []) == []

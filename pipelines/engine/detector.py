@@ -71,6 +71,8 @@ def best_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression:
     decoded in float32 also under bf16 autocast, where torchvision (and so the fallback) casts
     the anchors to bf16 (a 2 px step at 320 px)."""
     n, num_classes = cls_logits.shape[0], cls_logits.shape[-1]
+    if n == 0:
+        return []
     level_scores = [torch.sigmoid(level).flatten(1) for level in cls_logits.split(list(per_level), 1)]
     best = [s.max(1) for s in level_scores]
     level_best = torch.stack([b.values for b in best], 1)  # [N, levels]
