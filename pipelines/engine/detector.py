@@ -96,12 +96,22 @@ def best_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression:
     out = [{"boxes": boxes[k : k + 1], "scores": scores[k : k + 1], "labels": labels[k : k + 1]} if hit
            else {"boxes": boxes[:0], "scores": scores[:0], "labels": labels[:0]} for k, hit in enumerate(found.tolist())]
     for k in fallback.nonzero().flatten().tolist():
-        head = {"cls_logits": list(cls_logits[k : k + 1].split(list(per_level), 1)),
-                "bbox_regression": list(bbox_regression[k : k + 1].split(list(per_level), 1))}
-        det = model.postprocess_detections(head, [list(anchors[k].split(list(per_level)))], [image_sizes[k]])
-        det = model.transform.postprocess(det, [image_sizes[k]], [original_sizes[k]])[0]
-        out[k] = {key: v[:1].cpu() for key, v in det.items()}
+        det = all_detections(model, cls_logits[k : k + 1], bbox_regression[k : k + 1], anchors[k : k + 1], per_level,
+                             image_sizes[k : k + 1], original_sizes[k : k + 1])[0]
+        out[k] = {key: v[:1] for key, v in det.items()}
     return out
+
+
+def all_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression: torch.Tensor,
+                   anchors: Sequence[torch.Tensor], per_level: Sequence[int], image_sizes: Sequence[tuple[int, int]],
+                   original_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """RetinaNet's own decoding of the concatenated head outputs (per-level top-k, NMS) into
+    detections in the images' original pixels, on the CPU."""
+    levels = list(per_level)
+    head = {"cls_logits": list(cls_logits.split(levels, 1)), "bbox_regression": list(bbox_regression.split(levels, 1))}
+    dets = model.postprocess_detections(head, [list(a.split(levels)) for a in anchors], list(image_sizes))
+    dets = model.transform.postprocess(dets, list(image_sizes), list(original_sizes))
+    return [{k: v.cpu() for k, v in d.items()} for d in dets]
 
 
 @torch.inference_mode()
@@ -138,13 +148,8 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devic
     per_level = [m.shape[-2] * m.shape[-1] for m in maps]
     per_anchor = cls_logits.shape[1] // sum(per_level)
     per_level = [n * per_anchor for n in per_level]
-    if best_only:
-        return best_detections(model, cls_logits, bbox_regression, anchors, per_level, batch.image_sizes,
-                               original_sizes), maps, batch
-    head = {"cls_logits": list(cls_logits.split(per_level, 1)), "bbox_regression": list(bbox_regression.split(per_level, 1))}
-    dets = model.postprocess_detections(head, [list(a.split(per_level)) for a in anchors], batch.image_sizes)
-    dets = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
-    return [{k: v.cpu() for k, v in d.items()} for d in dets], maps, batch
+    decode = best_detections if best_only else all_detections
+    return decode(model, cls_logits, bbox_regression, anchors, per_level, batch.image_sizes, original_sizes), maps, batch
 
 
 def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
