@@ -3,6 +3,8 @@ linear head on each; it is fitted with a validation threshold, refuses another d
 features, decides no_cervix alone in the engine, and a cervix it vouches for that the
 detector cannot place is cropped as the whole frame (a close-up)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,8 @@ from pipelines.data.manifest import load_manifest
 from pipelines.engine.presence import colour_histograms, detect_with_features, load_presence
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label
-from pipelines.training.presence import PresenceTrainConfig, balanced_threshold, train_presence
+from pipelines.training.presence import (PhotoFeatures, PresenceTrainConfig, balanced_threshold, new_source_rates,
+                                         train_presence)
 from tests.qc_fixtures import tiny_weights
 
 
@@ -48,6 +51,8 @@ def test_presence_head_fits_exports_its_threshold_and_refuses_another_detector(t
     val = card.metrics["val"]
     assert card.name == "presence" and val["n_no_cervix"] == int((df["kind"] == "no_cervix").sum())
     assert val["roc_auc"] > 0.9  # fitted and scored on the same photos here: it must at least fit them
+    left_out = {k: v for k, v in card.metrics["new_source"].items() if not k.startswith("pooled_")}
+    assert set(left_out) == set(df["source"]) and all(0 <= v["correct"] <= 1 for v in left_out.values())
     det_card = load_card(weights / "detector.json")
     head, _ = load_presence(card_path, det_card)
     assert head.hist_weight.abs().sum() > 0 and head.feat_weight.abs().sum() > 0
@@ -102,3 +107,28 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     val = runs["mixed"].metrics["val"]
     assert val["n_cervix"] + val["n_no_cervix"] == int((df["split"] == "val").sum())  # main validation only
     assert not any(s.startswith("extra-") for s in val["per_source"])
+
+
+def _features(groups: dict[str, tuple[int, list[float]]], rng: np.random.Generator, n: int = 30) -> PhotoFeatures:
+    """n photos per source: (label, mean of the features); the histograms carry the same
+    two values in their first bins (both heads see the same photos)."""
+    feats = np.concatenate([rng.normal(mean, 0.3, (n, len(mean))) for _, mean in groups.values()])
+    labels = np.concatenate([np.full(n, label) for label, _ in groups.values()])
+    sources = np.concatenate([np.full(n, name, dtype=object) for name in groups])
+    hist = np.zeros((len(labels), 512))
+    hist[:, : feats.shape[1]] = feats
+    return PhotoFeatures(hist, feats, labels, sources)
+
+
+def test_a_source_unlike_the_others_shows_its_own_rate_when_left_out():
+    """Validation pooled over known sources hides a kind of photo the head only gets right
+    because it trained on it; leaving each source out shows it: here 'odd' negatives look
+    like cervixes on the first feature and differ only on the second."""
+    groups = {"cervix-a": (1, [2.0, 0.0]), "cervix-b": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0]),
+              "skin": (0, [-2.0, 0.0]), "odd": (0, [2.0, 3.0])}
+    rng = np.random.default_rng(0)
+    train, val = _features(groups, rng), _features(groups, rng)
+    rates = new_source_rates(train, val, None, PresenceTrainConfig(out_dir=Path("."), c_hist=1.0, c_feat=1.0))
+    assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
+    assert all(rates[s]["correct"] > 0.9 for s in ("cervix-a", "cervix-b", "gut", "skin"))
+    assert rates["pooled_other_sources"]["sources"] == 3 and rates["pooled_cervix_sources"]["n"] == 120

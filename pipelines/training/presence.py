@@ -109,6 +109,50 @@ def fit_head(train: PhotoFeatures, cfg: PresenceTrainConfig, weights: np.ndarray
     return head.eval()
 
 
+def fit_with_extra(main: PhotoFeatures, extra: PhotoFeatures | None, cfg: PresenceTrainConfig) -> PresenceHead:
+    """The head fitted on the main photos plus the extra ones, each extra row weighted
+    `cfg.extra_weight`."""
+    if extra is None or not len(extra.labels):
+        return fit_head(main, cfg)
+    weights = np.concatenate([np.ones(len(main.labels)), np.full(len(extra.labels), cfg.extra_weight)])
+    return fit_head(concat([main, extra]), cfg, weights)
+
+
+def select(f: PhotoFeatures, mask: np.ndarray) -> PhotoFeatures:
+    return PhotoFeatures(f.hist[mask], f.feats[mask], f.labels[mask], f.sources[mask])
+
+
+def new_source_rates(main: PhotoFeatures, val: PhotoFeatures, extra: PhotoFeatures | None,
+                     cfg: PresenceTrainConfig) -> dict:
+    """Each source of the main photos left out once: the head fitted without it, the threshold
+    chosen by the same rule on the other sources' validation rows, then judged on all of the
+    left-out source's rows (train + val): the share it gets right (cervix found on a cervix
+    source, no_cervix called on a source of other organs). Validation pooled over the known
+    sources cannot say how the head fares at a site unlike them; this can, and on the bundled
+    weights it is what a new site should expect (weights/README.md). A source whose absence
+    leaves either side with one class is skipped. Extra (synthetic) rows always stay in."""
+    out: dict = {}
+    for source in sorted({str(s) for s in main.sources}):
+        keep_train, keep_val = main.sources != source, val.sources != source
+        kept_train, kept_val = select(main, keep_train), select(val, keep_val)
+        if len(set(kept_train.labels.tolist())) < 2 or len(set(kept_val.labels.tolist())) < 2:
+            continue
+        head = fit_with_extra(kept_train, extra, cfg)
+        threshold, _ = balanced_threshold(kept_val.labels, score(head, kept_val))
+        held = concat([select(main, ~keep_train), select(val, ~keep_val)])
+        right = (score(head, held) >= threshold) == (held.labels == 1)
+        out[source] = {"n": int(len(right)), "n_cervix": int(held.labels.sum()), "correct": float(right.mean()),
+                       "threshold": float(threshold)}
+    for kind, whole in (("cervix_sources", lambda v: v["n_cervix"] == v["n"]),
+                        ("other_sources", lambda v: v["n_cervix"] == 0)):
+        rows = [v for k, v in out.items() if not k.startswith("pooled_") and whole(v)]
+        n = sum(v["n"] for v in rows)
+        if n:
+            out[f"pooled_{kind}"] = {"n": n, "sources": len(rows),
+                                     "correct": sum(v["correct"] * v["n"] for v in rows) / n}
+    return out
+
+
 @torch.no_grad()
 def score(head: PresenceHead, f: PhotoFeatures) -> np.ndarray:
     return head(torch.as_tensor(f.hist), torch.as_tensor(f.feats)).numpy()
@@ -131,12 +175,10 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
     for name, part in (("training", main), ("validation", val)):
         if len(set(part.labels.tolist())) < 2:
             raise ValueError(f"presence {name} photos need some with and some without a cervix")
-    train, weights = main, np.ones(len(main.labels))
-    if extra_df is not None and len(extra_df):
-        extra = photo_features(detector, max_size, extra_df, device, cfg.batch_size)
-        train = concat([main, extra])
-        weights = np.concatenate([weights, np.full(len(extra.labels), cfg.extra_weight)])
-    head = fit_head(train, cfg, weights)
+    extra = (photo_features(detector, max_size, extra_df, device, cfg.batch_size)
+             if extra_df is not None and len(extra_df) else None)
+    train = main if extra is None else concat([main, extra])
+    head = fit_with_extra(main, extra, cfg)
     val_scores = score(head, val)
     threshold, _ = balanced_threshold(val.labels, val_scores)
     correct = (val_scores >= threshold) == (val.labels == 1)
@@ -160,6 +202,7 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
                   "threshold_rule": "max balanced accuracy (cervix found, no_cervix called) on the validation "
                                     "split pooled over sources; then the middle of the gap under that cut"},
         data=data_note or {},
-        metrics={"val": presence_rates(val.labels, val_scores, threshold) | {"per_source": by_source}},
+        metrics={"val": presence_rates(val.labels, val_scores, threshold) | {"per_source": by_source},
+                 "new_source": new_source_rates(main, val, extra, cfg)},
     )
     return save_weights(head.state_dict(), Path(cfg.out_dir) / "presence", card)
