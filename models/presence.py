@@ -25,6 +25,9 @@ class PresenceConfig:
     hist_bins: int = 8  # per channel: 512 joint RGB bins
     feature_dim: int = 2048  # the detector's pooled FPN features
     hist_side: int = 128  # the photo is resized to this long side before its histogram
+    # the colour head's share of the sum (the feature head's is 1); cards before it read 1.0.
+    # Chosen by leaving each training source out (pipelines/training/presence.py).
+    colour_weight: float = 1.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +56,7 @@ class PresenceHead(nn.Module):
 
     def forward(self, hist: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         out = 0
-        for name, x in (("hist", hist), ("feat", feats)):
+        for name, x, share in (("hist", hist, self.cfg.colour_weight), ("feat", feats, 1.0)):
             logit = self.head_logit(name, x.float())
-            out = out + (logit - getattr(self, f"{name}_logit_mean")) / getattr(self, f"{name}_logit_scale")
+            out = out + share * (logit - getattr(self, f"{name}_logit_mean")) / getattr(self, f"{name}_logit_scale")
         return out

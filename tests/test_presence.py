@@ -16,8 +16,8 @@ from pipelines.data.manifest import load_manifest
 from pipelines.engine.presence import colour_histograms, detect_with_features, load_presence
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label
-from pipelines.training.presence import (PhotoFeatures, PresenceTrainConfig, balanced_threshold, new_source_rates,
-                                         train_presence)
+from pipelines.training.presence import (PhotoFeatures, PresenceTrainConfig, balanced_threshold, fit_head,
+                                         new_source_rates, train_presence)
 from tests.qc_fixtures import tiny_weights
 
 
@@ -132,3 +132,14 @@ def test_a_source_unlike_the_others_shows_its_own_rate_when_left_out():
     assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
     assert all(rates[s]["correct"] > 0.9 for s in ("cervix-a", "cervix-b", "gut", "skin"))
     assert rates["pooled_other_sources"]["sources"] == 3 and rates["pooled_cervix_sources"]["n"] == 120
+
+
+def test_a_colour_weight_of_zero_leaves_the_score_to_the_detector_features():
+    rng = np.random.default_rng(1)
+    f = _features({"cervix": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0])}, rng)
+    f.hist[:] = rng.normal(0, 1, f.hist.shape)  # colours that disagree with the features
+    heads = {w: fit_head(f, PresenceTrainConfig(out_dir=Path("."), colour_weight=w)) for w in (0.0, 1.0)}
+    other_colours = torch.as_tensor(rng.normal(0, 1, f.hist.shape))
+    feats, hist = torch.as_tensor(f.feats), torch.as_tensor(f.hist)
+    assert torch.allclose(heads[0.0](hist, feats), heads[0.0](other_colours, feats))
+    assert not torch.allclose(heads[1.0](hist, feats), heads[1.0](other_colours, feats))

@@ -21,11 +21,16 @@ def train_presence_cmd(
              "never its validation rows: the threshold comes from MANIFEST's validation split alone.")] = None,
     extra_weight: Annotated[float, typer.Option(
         help="Weight of each extra photo against a main one (measured choice: see PresenceTrainConfig).")] = 0.05,
+    colour_weight: Annotated[Optional[float], typer.Option(
+        help="The colour head's share of the score, the feature head's being 1 (default: the measured "
+             "choice in PresenceTrainConfig).")] = None,
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
     if extra_weight <= 0:
         _fail("--extra-weight must be > 0")
+    if colour_weight is not None and colour_weight < 0:
+        _fail("--colour-weight must be >= 0")
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
@@ -43,7 +48,8 @@ def train_presence_cmd(
             extra = extra[extra["split"] == "train"]
             note["extra_manifest"] = f"{extra_manifest} (train rows only, weight {extra_weight})"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight)
+        cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight,
+                                  **({} if colour_weight is None else {"colour_weight": colour_weight}))
         card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,
                               extra)
     except (ManifestError, ValueError) as e:

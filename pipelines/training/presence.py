@@ -41,6 +41,14 @@ class PresenceTrainConfig:
     # hundred real photos must not be outvoted by a thousand synthetic scenes, yet the scenes
     # must still count enough for synthetic cervixes to pass.
     extra_weight: float = 0.05
+    # The colour head's share of the summed score (PresenceConfig.colour_weight). Measured by
+    # leaving each source out (`new_source_rates`, bundled data, 2026-12-01): colour alone found
+    # 0.41 of a left-out cervix source's photos, features alone 0.87 (other organs 0.84 / 0.92);
+    # 0.75 raised every left-out rate over 1.0 (cervix sources pooled 0.741 -> 0.810, other
+    # organs 0.935 -> 0.948) but called one more validation negative a cervix (whole pipeline
+    # 0.974 vs 0.980), so by the rule fixed beforehand (validation balanced accuracy no worse)
+    # 1.0 stays; a site can weigh its own `metrics.new_source` the same way.
+    colour_weight: float = 1.0
 
 
 @dataclass
@@ -94,7 +102,7 @@ def balanced_weights(labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def fit_head(train: PhotoFeatures, cfg: PresenceTrainConfig, weights: np.ndarray | None = None) -> PresenceHead:
-    head = PresenceHead(PresenceConfig(feature_dim=train.feats.shape[1]))
+    head = PresenceHead(PresenceConfig(feature_dim=train.feats.shape[1], colour_weight=cfg.colour_weight))
     state = head.state_dict()
     w = balanced_weights(train.labels, np.ones(len(train.labels)) if weights is None else weights)
     for name, x, c in (("hist", train.hist, cfg.c_hist), ("feat", train.feats, cfg.c_feat)):
