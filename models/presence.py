@@ -26,7 +26,7 @@ class PresenceConfig:
     feature_dim: int = 2048  # the detector's pooled FPN features
     hist_side: int = 128  # the photo is resized to this long side before its histogram
     # the colour head's share of the sum (the feature head's is 1); cards before it read 1.0.
-    # Chosen by leaving each training source out (pipelines/training/presence.py).
+    # What other shares did with each training source left out: PresenceTrainConfig.
     colour_weight: float = 1.0
 
     def as_dict(self) -> dict:
