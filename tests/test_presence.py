@@ -17,7 +17,7 @@ from pipelines.engine.presence import colour_histograms, detect_with_features, l
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label
 from pipelines.training.presence import (PhotoFeatures, PresenceTrainConfig, balanced_threshold, fit_head,
-                                         new_source_rates, train_presence)
+                                         new_source_rates, train_presence, zoomed)
 from tests.qc_fixtures import tiny_weights
 
 
@@ -96,7 +96,8 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     extra_path = tmp_path / "presence_extra.csv"
     extra.to_csv(extra_path, index=False)
     runs = {}
-    for name, more in (("alone", []), ("mixed", ["--extra-manifest", str(extra_path)])):
+    for name, more in (("alone", []), ("mixed", ["--extra-manifest", str(extra_path)]),
+                       ("zoomed", ["--zoom-copies", "1"])):
         r = CliRunner().invoke(app, ["train-presence", str(main), "--detector", str(weights / "detector.json"),
                                      "-o", str(tmp_path / name), *more])
         assert r.exit_code == 0, r.output
@@ -107,6 +108,12 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     val = runs["mixed"].metrics["val"]
     assert val["n_cervix"] + val["n_no_cervix"] == int((df["split"] == "val").sum())  # main validation only
     assert not any(s.startswith("extra-") for s in val["per_source"])
+    zoomed = runs["zoomed"].training  # copies join training, not the counts of photos
+    assert zoomed["n_train_zoomed"] == n_alone and sum(zoomed["n_train"].values()) == n_alone
+    assert runs["zoomed"].sha256 != runs["alone"].sha256
+    r = CliRunner().invoke(app, ["train-presence", str(main), "--detector", str(weights / "detector.json"),
+                                 "-o", str(tmp_path / "bad"), "--zoom-copies", "-1"])
+    assert r.exit_code != 0 and "--zoom-copies must be >= 0" in r.output
 
 
 def _features(groups: dict[str, tuple[int, list[float]]], rng: np.random.Generator, n: int = 30) -> PhotoFeatures:
@@ -132,6 +139,27 @@ def test_a_source_unlike_the_others_shows_its_own_rate_when_left_out():
     assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
     assert all(rates[s]["correct"] > 0.9 for s in ("cervix-a", "cervix-b", "gut", "skin"))
     assert rates["pooled_other_sources"]["sources"] == 3 and rates["pooled_cervix_sources"]["n"] == 120
+
+
+def test_a_left_out_sources_zoomed_copies_leave_with_it():
+    """Copies of the left-out source kept in training would teach the head that very source
+    and hide its rate; here the copies are like the photos, so a leak would show."""
+    groups = {"cervix-a": (1, [2.0, 0.0]), "cervix-b": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0]),
+              "skin": (0, [-2.0, 0.0]), "odd": (0, [2.0, 3.0])}
+    rng = np.random.default_rng(0)
+    train, val, copies = _features(groups, rng), _features(groups, rng), _features(groups, rng)
+    cfg = PresenceTrainConfig(out_dir=Path("."), c_hist=1.0, c_feat=1.0, zoom_weight=1.0)
+    rates = new_source_rates(train, val, None, cfg, copies)
+    assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
+
+
+def test_zoomed_copies_keep_the_photos_aspect_and_at_least_the_minimum_area():
+    g = torch.Generator().manual_seed(0)
+    photo = torch.zeros(3, 300, 400, dtype=torch.uint8)
+    parts = [zoomed(photo, 0.35, g) for _ in range(200)]
+    areas = [p.shape[1] * p.shape[2] / (300 * 400) for p in parts]
+    assert min(areas) >= 0.34 and max(areas) <= 1.0 and max(areas) - min(areas) > 0.4
+    assert all(abs(p.shape[2] / p.shape[1] - 4 / 3) < 0.02 for p in parts)
 
 
 def test_a_colour_weight_of_zero_leaves_the_score_to_the_detector_features():

@@ -24,6 +24,11 @@ def train_presence_cmd(
     colour_weight: Annotated[Optional[float], typer.Option(
         help="The colour head's share of the score, the feature head's being 1 (default: the measured "
              "choice in PresenceTrainConfig).")] = None,
+    zoom_copies: Annotated[Optional[int], typer.Option(
+        help="Zoomed copies (35-100% of the area) of each training photo, for the close-ups and framings "
+             "of a new site; 0: none (default: the measured choice in PresenceTrainConfig).")] = None,
+    zoom_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of each zoomed copy against its photo (default: the measured choice).")] = None,
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
@@ -31,6 +36,10 @@ def train_presence_cmd(
         _fail("--extra-weight must be > 0")
     if colour_weight is not None and colour_weight < 0:
         _fail("--colour-weight must be >= 0")
+    if zoom_copies is not None and zoom_copies < 0:
+        _fail("--zoom-copies must be >= 0")
+    if zoom_weight is not None and zoom_weight <= 0:
+        _fail("--zoom-weight must be > 0")
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
@@ -48,8 +57,9 @@ def train_presence_cmd(
             extra = extra[extra["split"] == "train"]
             note["extra_manifest"] = f"{extra_manifest} (train rows only, weight {extra_weight})"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        chosen = {"colour_weight": colour_weight, "zoom_copies": zoom_copies, "zoom_weight": zoom_weight}
         cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight,
-                                  **({} if colour_weight is None else {"colour_weight": colour_weight}))
+                                  **{k: v for k, v in chosen.items() if v is not None})
         card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,
                               extra)
     except (ManifestError, ValueError) as e:
