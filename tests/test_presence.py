@@ -127,14 +127,16 @@ def _features(groups: dict[str, tuple[int, list[float]]], rng: np.random.Generat
     return PhotoFeatures(hist, feats, labels, sources)
 
 
+# 'odd' negatives look like cervixes on the first feature and differ only on the second
+ODD_ONE_OUT = {"cervix-a": (1, [2.0, 0.0]), "cervix-b": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0]),
+               "skin": (0, [-2.0, 0.0]), "odd": (0, [2.0, 3.0])}
+
+
 def test_a_source_unlike_the_others_shows_its_own_rate_when_left_out():
     """Validation pooled over known sources hides a kind of photo the head only gets right
-    because it trained on it; leaving each source out shows it: here 'odd' negatives look
-    like cervixes on the first feature and differ only on the second."""
-    groups = {"cervix-a": (1, [2.0, 0.0]), "cervix-b": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0]),
-              "skin": (0, [-2.0, 0.0]), "odd": (0, [2.0, 3.0])}
+    because it trained on it; leaving each source out shows it ('odd')."""
     rng = np.random.default_rng(0)
-    train, val = _features(groups, rng), _features(groups, rng)
+    train, val = _features(ODD_ONE_OUT, rng), _features(ODD_ONE_OUT, rng)
     rates = new_source_rates(train, val, None, PresenceTrainConfig(out_dir=Path("."), c_hist=1.0, c_feat=1.0))
     assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
     assert all(rates[s]["correct"] > 0.9 for s in ("cervix-a", "cervix-b", "gut", "skin"))
@@ -144,10 +146,8 @@ def test_a_source_unlike_the_others_shows_its_own_rate_when_left_out():
 def test_a_left_out_sources_zoomed_copies_leave_with_it():
     """Copies of the left-out source kept in training would teach the head that very source
     and hide its rate; here the copies are like the photos, so a leak would show."""
-    groups = {"cervix-a": (1, [2.0, 0.0]), "cervix-b": (1, [2.0, 0.0]), "gut": (0, [-2.0, 0.0]),
-              "skin": (0, [-2.0, 0.0]), "odd": (0, [2.0, 3.0])}
     rng = np.random.default_rng(0)
-    train, val, copies = _features(groups, rng), _features(groups, rng), _features(groups, rng)
+    train, val, copies = _features(ODD_ONE_OUT, rng), _features(ODD_ONE_OUT, rng), _features(ODD_ONE_OUT, rng)
     cfg = PresenceTrainConfig(out_dir=Path("."), c_hist=1.0, c_feat=1.0, zoom_weight=1.0)
     rates = new_source_rates(train, val, None, cfg, copies)
     assert rates["odd"]["correct"] < 0.2 and rates["odd"]["n"] == 60
