@@ -73,10 +73,21 @@ def test_engine_on_exported_files_labels_as_torch_and_says_what_ran(exported, ph
         assert abs(x.deep_sad_score - y.deep_sad_score) < 1e-3 and abs(x.resnest_prob - y.resnest_prob) < 1e-4
 
 
-def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_once_then_reads_the_cache(tmp_path, photos):
-    folder = tiny_weights(tmp_path / "w", detector_threshold=0.0)
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def first_conversion(tmp_path_factory, openvino_cache):
+    """The tiny weights without exports, every model converted into a cache of its own: the
+    one conversion of each that the caching tests copy from (a conversion is a child process,
+    10-12 s on 2 cores), also copied into the session's cache so that later engines on tiny
+    weights read it instead of converting again."""
+    folder = tiny_weights(tmp_path_factory.mktemp("wc"), detector_threshold=0.0)
+    cache = tmp_path_factory.mktemp("conversions")
     qc = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32", openvino_cache=cache))
+    shutil.copytree(cache, openvino_runtime.cache_root(), dirs_exist_ok=True)
+    return folder, cache, qc
+
+
+def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_once_then_reads_the_cache(first_conversion, photos):
+    folder, cache, qc = first_conversion
     assert set(qc.runtimes.values()) == {"openvino f32 (converted in a child process)"}
     assert qc.deep_sad is None and qc.classifier is None  # never built in torch
     want = QCPipeline(folder, QCConfig(runtime="torch")).run(photos[:3])
@@ -89,9 +100,10 @@ def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_once_
     assert [r.resnest_prob for r in again.run(photos[:3])] == [r.resnest_prob for r in got]
 
 
-def test_a_damaged_cached_conversion_is_converted_again(exported, tmp_path, photos):
+def test_a_damaged_cached_conversion_is_converted_again(exported, first_conversion, tmp_path, photos):
     cache = tmp_path / "cache"
-    QCPipeline(exported, QCConfig(openvino_cache=cache))  # the classifier is the one not exported
+    shutil.copytree(first_conversion[1], cache)  # the same classifier (seeded weights), converted
+    assert QCPipeline(exported, QCConfig(openvino_cache=cache)).runtimes["classifier"].endswith("(cached conversion)")
     (damaged,) = cache.glob("classifier-*/classifier.openvino.bin")
     damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
     qc = QCPipeline(exported, QCConfig(openvino_cache=cache))
@@ -201,12 +213,14 @@ def test_int8_export_quantizes_the_detector_and_says_how_on_its_card(int8):
     assert openvino_runtime.load_exported(folder, "detector", model_card) is not None
 
 
-def test_the_int8_detector_runs_at_auto_precision_and_f32_asks_for_the_float_model(int8, photos, tmp_path):
+def test_the_int8_detector_runs_at_auto_precision_and_f32_asks_for_the_float_model(int8, first_conversion, photos, tmp_path):
     folder, _ = int8
-    auto = QCPipeline(folder, QCConfig(device="cpu", openvino_cache=tmp_path))
+    cache = tmp_path / "cache"
+    shutil.copytree(first_conversion[1], cache)  # float conversions of the same seeded weights
+    auto = QCPipeline(folder, QCConfig(device="cpu", openvino_cache=cache))
     assert auto.runtimes["detector"].startswith("openvino int8+") and "(exported)" in auto.runtimes["detector"]
-    f32 = QCPipeline(folder, QCConfig(device="cpu", precision="f32", openvino_cache=tmp_path))
-    assert f32.runtimes["detector"] == "openvino f32 (converted in a child process)"
+    f32 = QCPipeline(folder, QCConfig(device="cpu", precision="f32", openvino_cache=cache))
+    assert f32.runtimes["detector"] == "openvino f32 (cached conversion)"  # the float model, not the INT8 export
     torch_run = QCPipeline(folder, QCConfig(device="cpu", runtime="torch"))
     want = [r.label for r in torch_run.run(photos)]
     assert [r.label for r in f32.run(photos)] == want  # f32 still labels as torch does
