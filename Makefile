@@ -19,14 +19,21 @@ API_KEY_FILE ?= .cache/api-key
 	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
 # --compile-bytecode: every test process, conversion child and service start reads compiled
-# bytecode even where PYTHONDONTWRITEBYTECODE=1 keeps Python from writing its own (so set on one
-# of our 2-core machines: importing torch + torchvision took 15-18 s instead of 7, and the suite
-# 1,163 s instead of ~680). Costs ~25 s of install once; the Dockerfile sets it too.
+# bytecode even where PYTHONDONTWRITEBYTECODE=1 keeps Python from writing its own. On a 2-core
+# machine with it set (2026-12-01): importing torch + torchvision 15-18 s -> 7-8 s, `make serve`
+# ready 21-23 s -> 9-10 s, the suite 1,163 s -> 857 s (790 s with our own modules compiled as
+# well and the conversion tests sharing one conversion). Costs 25-45 s of install once; the
+# Dockerfile sets it too (UV_COMPILE_BYTECODE).
 .venv/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --locked --compile-bytecode $(SYNC_FLAGS)
 	@touch $@
 
 install: .venv/.installed
+
+# Our own modules as bytecode too, before each serve and test run (a second when nothing
+# changed), for the same reason as --compile-bytecode above: the suite starts dozens of Python
+# processes (servers, CLI children, conversions, Ray workers).
+COMPILE_OURS = $(UV) run --locked --no-sync python -m compileall -q models pipelines service
 
 $(API_KEY_FILE):
 	@mkdir -p $(dir $@)
@@ -34,6 +41,7 @@ $(API_KEY_FILE):
 	@chmod 600 $@
 
 serve: install $(API_KEY_FILE)
+	@$(COMPILE_OURS)
 	@echo "cervixqc: API key in $(API_KEY_FILE) (send it as X-API-Key); docs at http://127.0.0.1:8000/docs"
 	CERVIXQC_API_KEYS_FILE=$${CERVIXQC_API_KEYS_FILE:-$(API_KEY_FILE)} $(UV) run --locked --no-sync cervixqc serve
 
@@ -64,10 +72,8 @@ browser:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || { \
 	  echo "Installing$$missing with apt-get failed: run 'apt-get install$$missing' as root" >&2; exit 1; }
 
-# compileall: our own modules as bytecode too, for the same reason as --compile-bytecode above
-# (the suite starts dozens of Python processes: servers, CLI children, conversions, Ray).
 test: install browser
-	$(UV) run --locked --no-sync python -m compileall -q models pipelines service tests
+	$(COMPILE_OURS) tests
 	$(UV) run --locked --no-sync pytest
 
 # Retrains the bundled default weights on CPU from the listed real photos, hard negatives and
