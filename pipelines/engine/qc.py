@@ -226,14 +226,17 @@ class QCPipeline:
         (INT8) export runs only at precision "auto": asking for f32 or bf16 asks for the float
         model, converted from the safetensors as a missing export is (so `--precision f32`
         still labels as torch does)."""
-        for name, card in (("detector", self.det_card), ("deep_sad", self.sad_card), ("classifier", self.cls_card)):
-            export = openvino_runtime.read_card(weights, name)
-            use_export = export is not None and (not export.quantization or self.cfg.precision == "auto")
-            if use_export:
-                ov_model, source = openvino_runtime.load_exported(weights, name, card), "exported"
-            else:
-                ov_model, source = openvino_runtime.converted(weights, name, card, self.cfg.openvino_cache)
-            quantized = use_export and bool(export.quantization)
+        cards = {"detector": self.det_card, "deep_sad": self.sad_card, "classifier": self.cls_card}
+        exports = {name: openvino_runtime.read_card(weights, name) for name in cards}
+        use_export = {name: e is not None and (not e.quantization or self.cfg.precision == "auto")
+                      for name, e in exports.items()}
+        # the exports first: a stale or altered one is refused before any conversion is paid for
+        models = {n: (openvino_runtime.load_exported(weights, n, c), "exported")
+                  for n, c in cards.items() if use_export[n]}
+        models |= openvino_runtime.converted(weights, {n: c for n, c in cards.items() if not use_export[n]},
+                                             self.cfg.openvino_cache)
+        for name, (ov_model, source) in models.items():
+            quantized = use_export[name] and bool(exports[name].quantization)
             self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
             self.runtimes[name] = f"openvino {'int8+' if quantized else ''}{self._runs[name].precision} ({source})"
         # to the meta device: shapes kept, 42 MB of storage freed
