@@ -74,11 +74,11 @@ def test_engine_on_exported_files_labels_as_torch_and_says_what_ran(exported, ph
 
 
 @pytest.fixture(scope="module")
-def first_conversion(tmp_path_factory, openvino_cache):
+def first_conversion(tmp_path_factory):
     """The tiny weights without exports, every model converted into a cache of its own: the
-    one conversion of each that the caching tests copy from (a conversion is a child process,
-    10-12 s on 2 cores), also copied into the session's cache so that later engines on tiny
-    weights read it instead of converting again."""
+    one conversion of each that the caching tests copy from (one child process, 14-18 s on 2
+    cores), also copied into the session's cache (conftest points `cache_root` there) so that
+    later engines on tiny weights read it instead of converting again."""
     folder = tiny_weights(tmp_path_factory.mktemp("wc"), detector_threshold=0.0)
     cache = tmp_path_factory.mktemp("conversions")
     qc = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32", openvino_cache=cache))
