@@ -32,14 +32,14 @@ def test_deep_sad_trains_exports_a_threshold_and_reloads(split_set, tmp_path):
     manifest, coco = split_set
     crops = split_crops(manifest, coco, 32, splits=("train", "val"))
     assert crops["train"].images.shape[1:] == (3, 32, 32) and crops["val"].non_regular.sum() > 0
-    cfg = Stage2Config(out_dir=tmp_path, epochs=2, pretrain_epochs=2, batch_size=8, progress=False)
+    cfg = Stage2Config(out_dir=tmp_path, epochs=2, pretrain_epochs=2, batch_size=8, progress=False, marks=0.3)
     card_path = train_deep_sad(cfg, crops["train"], crops["val"], torch.device("cpu"))
     state, card = load_weights(card_path)
     net = DeepSAD()
     net.load_state_dict(state)
     assert card.thresholds["distance"] > 0 and 0 <= card.metrics["val"]["f1"] <= 1
     assert torch.count_nonzero(net.c) == net.c.numel()  # the eps rule held
-    assert "pretrain_epochs" in card.training and "synthesise" in card.training
+    assert "pretrain_epochs" in card.training and "synthesise" in card.training and card.training["marks"] == 0.3
     assert card.training["threshold_rule"].startswith("max F1 on the validation split")
     log = [json.loads(line) for line in (tmp_path / "deep_sad" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and "val_roc_auc" in log[-1]

@@ -46,6 +46,8 @@ def train_deep_sad_cmd(
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
+    marks: Annotated[float, typer.Option(
+        help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
@@ -59,7 +61,8 @@ def train_deep_sad_cmd(
 
     crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
     cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
-                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised, synthesise=synthesise)
+                         pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised, synthesise=synthesise,
+                         marks=marks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = train_deep_sad(cfg, crops["train"], crops["val"], device,
                           {"manifest": str(manifest), "boxes": str(coco),
@@ -81,6 +84,8 @@ def train_resnest_cmd(
         help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
+    marks: Annotated[float, typer.Option(
+        help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")] = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
@@ -107,7 +112,7 @@ def train_resnest_cmd(
     crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val")), crop_size,
                         extra_manifest, extra_coco)
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
-                         weight_decay=0.0, synthesise=synthesise)
+                         weight_decay=0.0, synthesise=synthesise, marks=marks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from pipelines.data.marks import ClinicianMarks
 from pipelines.data.transforms import GreenFilter, LugolIodine
 
 
@@ -34,18 +35,20 @@ def detection_eval() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
 
 
-def classification_train(size: int) -> v2.Compose:
+def classification_train(size: int, marks: float = 0.0) -> v2.Compose:
     """The paper's geometric recipe (RandomResizedCrop, RandomRotation, RandomHorizontalFlip)
     plus the photometric part the brief asks for (colour, blur, JPEG), on float crops in [0, 1].
 
     Hue moves at most 0.02 and saturation 20%: the green filter and Lugol's iodine *are*
     colour, and a stronger hue jitter turns a regular crop into a plausible green one. Blur
     and JPEG stand in for other cameras; their strength scales with the input size.
+    `marks` is the share of crops that get a clinician's drawn marks first (pipelines.data.marks).
     """
     kernel = max(3, (size // 32) | 1)
     to_jpeg_and_back = v2.Compose([v2.ToDtype(torch.uint8, scale=True), v2.JPEG(quality=(40, 95)),
                                    v2.ToDtype(torch.float32, scale=True)])
     return v2.Compose([
+        *_marks(marks),
         v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
         v2.RandomRotation(15),
         v2.RandomHorizontalFlip(),
@@ -55,10 +58,16 @@ def classification_train(size: int) -> v2.Compose:
     ])
 
 
-def deep_sad_train() -> v2.Compose:
+def deep_sad_train(marks: float = 0.0) -> v2.Compose:
     """Flips only: the hypersphere is a model of what regular tissue looks like, so nothing
-    that changes colour or texture (either could make a regular crop look anomalous)."""
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+    that changes colour or texture (either could make a regular crop look anomalous). Drawn
+    marks (`marks` > 0) are the exception: they are on regular photos too, and a hypersphere
+    that never saw them puts a marked regular crop outside."""
+    return v2.Compose([*_marks(marks), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+
+
+def _marks(p: float) -> list:
+    return [v2.RandomApply([ClinicianMarks()], p=p)] if p > 0 else []
 
 
 def classification_eval(size: int) -> v2.Compose:

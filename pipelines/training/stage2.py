@@ -37,6 +37,7 @@ class Stage2Config:
     unsupervised: bool = False  # Deep SVDD: ignore the non-regular labels
     target_sensitivity: float | None = None  # else max F1 on validation
     synthesise: float = 0.0  # share of regular training crops turned green/iodine (labelled anomalies)
+    marks: float = 0.0  # share of training crops given a clinician's drawn marks (pipelines.data.marks)
     amp: bool = True
     resume: bool = False
     progress: bool = True
@@ -131,7 +132,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     train_set = train if not cfg.unsupervised else regular_only
     net.set_center(_collect(net, regular_only, None, device).to(device))
     net.train()
-    loader = DataLoader(CropDataset(train_set, deep_sad_train(), 0.0 if cfg.unsupervised else cfg.synthesise),
+    loader = DataLoader(CropDataset(train_set, deep_sad_train(cfg.marks), 0.0 if cfg.unsupervised else cfg.synthesise),
                         batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     result = fit(net, DeepSADTask(val, cfg.eta, cfg.unsupervised), loader,
                  torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -204,7 +205,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     if init_card is not None:
         _init_from_card(model, init_card)
     model = model.to(device)
-    t_train, t_val = classification_train(model_cfg.input_size), classification_eval(model_cfg.input_size)
+    t_train, t_val = classification_train(model_cfg.input_size, cfg.marks), classification_eval(model_cfg.input_size)
     loader = DataLoader(CropDataset(train, t_train, cfg.synthesise), batch_size=cfg.batch_size, shuffle=True,
                         drop_last=True)
     task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))

@@ -155,11 +155,12 @@ def burn_in_text(rng: np.random.Generator, img: Image.Image, style: str, magnifi
         draw.text((int(w * 0.85), int(h * 0.9)), mag, fill=colour, font=font)
 
 
-def draw_annotations(rng: np.random.Generator, img: Image.Image, cervix: Ellipse, tz_size: float) -> None:
+def draw_annotations(rng: np.random.Generator, img: Image.Image, cervix: Ellipse, tz_size: float,
+                     colours: tuple[tuple[int, int, int], ...] = _TEXT_COLOURS) -> None:
     """A clinician's marks: a lesion outline around the transformation zone and arrows."""
     w, h = img.size
     draw = ImageDraw.Draw(img)
-    colour = _TEXT_COLOURS[int(rng.integers(0, len(_TEXT_COLOURS)))]
+    colour = colours[int(rng.integers(0, len(colours)))]
     lw = max(1, int(min(w, h) * 0.004))
     if rng.random() < 0.7:
         pts = []
