@@ -4,6 +4,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +113,18 @@ def test_a_damaged_cached_conversion_is_converted_again(exported, first_conversi
     assert len(qc.run(photos[:2])) == 2
 
 
-def test_an_unwritable_cache_costs_a_conversion_at_each_start_not_the_start(exported, tmp_path, photos):
+def test_an_unwritable_cache_costs_a_conversion_not_the_start_and_leaves_no_files(exported, tmp_path, photos,
+                                                                                 monkeypatch):
+    """Nothing can be kept, so every start converts again (one start pins it: a second would
+    only repeat the conversion, about 14 s); the work folder goes with the start."""
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
-    for _ in range(2):
-        qc = QCPipeline(exported, QCConfig(openvino_cache=blocked / "cache"))
-        assert qc.runtimes["classifier"].endswith("(converted in a child process)")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    qc = QCPipeline(exported, QCConfig(openvino_cache=blocked / "cache"))
+    assert qc.runtimes["classifier"].endswith("(converted in a child process)")
+    assert blocked.is_file() and list(scratch.iterdir()) == []
     assert len(qc.run(photos[:2])) == 2
 
 
