@@ -37,7 +37,10 @@ class Stage2Config:
     unsupervised: bool = False  # Deep SVDD: ignore the non-regular labels
     target_sensitivity: float | None = None  # else max F1 on validation
     synthesise: float = 0.0  # share of regular training crops turned green/iodine (labelled anomalies)
-    marks: float = 0.0  # share of training crops given a clinician's drawn marks (pipelines.data.marks)
+    # Share of training crops given a clinician's drawn marks (pipelines.data.marks). 0.3 on the
+    # bundled data (2026-12-01) lost a photo on validation and 0.03 F1 on the never-trained
+    # synthetic source, and the test false flags stayed: off by default (weights/README.md).
+    marks: float = 0.0
     amp: bool = True
     resume: bool = False
     progress: bool = True
