@@ -61,8 +61,8 @@ def classification_train(size: int, marks: float = 0.0) -> v2.Compose:
 def deep_sad_train(marks: float = 0.0) -> v2.Compose:
     """Flips only: the hypersphere is a model of what regular tissue looks like, so nothing
     that changes colour or texture (either could make a regular crop look anomalous). Drawn
-    marks (`marks` > 0) are the exception: they are on regular photos too, and a hypersphere
-    that never saw them puts a marked regular crop outside."""
+    marks (`marks` > 0) are the one option: they are on regular photos too. On the bundled
+    models they hardly moved the distances (weights/README.md, "Drawn marks"), hence off."""
     return v2.Compose([*_marks(marks), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
 
 

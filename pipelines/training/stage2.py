@@ -38,8 +38,9 @@ class Stage2Config:
     target_sensitivity: float | None = None  # else max F1 on validation
     synthesise: float = 0.0  # share of regular training crops turned green/iodine (labelled anomalies)
     # Share of training crops given a clinician's drawn marks (pipelines.data.marks). 0.3 on the
-    # bundled data (2026-12-01) lost a photo on validation and 0.03 F1 on the never-trained
-    # synthetic source, and the test false flags stayed: off by default (weights/README.md).
+    # bundled data (2026-12-01) flagged a validation regular the shipped models pass and lost
+    # 0.03 F1 on the never-trained synthetic source; the test false flags stayed: off by
+    # default (weights/README.md, "Drawn marks").
     marks: float = 0.0
     amp: bool = True
     resume: bool = False
