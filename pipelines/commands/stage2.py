@@ -9,6 +9,9 @@ import typer
 
 from pipelines.commands.common import _fail
 
+Marks = Annotated[float, typer.Option(
+    help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
+
 
 def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
                    resume: bool, **kw):
@@ -46,8 +49,7 @@ def train_deep_sad_cmd(
     target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
-    marks: Annotated[float, typer.Option(
-        help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")] = 0.0,
+    marks: Marks = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
@@ -84,8 +86,7 @@ def train_resnest_cmd(
         help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
-    marks: Annotated[float, typer.Option(
-        help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")] = 0.0,
+    marks: Marks = 0.0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,

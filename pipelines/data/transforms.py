@@ -45,7 +45,10 @@ def _back(arr: np.ndarray, like: Any) -> Any:
 _PASS_THROUGH = tuple(getattr(tv_tensors, n) for n in ("BoundingBoxes", "Mask", "KeyPoints") if hasattr(tv_tensors, n))
 
 
-class _NonRegularTransform(v2.Transform):
+class SeededImageTransform(v2.Transform):
+    """A seeded function of the image alone (float HWC in [0, 1] -> the same), any image type
+    in and the same type out; boxes, masks and other inputs pass through unchanged."""
+
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         # Drawn from torch's generator so torch.manual_seed and DataLoader worker seeds apply.
         return {"seed": int(torch.randint(0, 2**31 - 1, ()).item())}
@@ -60,7 +63,7 @@ class _NonRegularTransform(v2.Transform):
         raise NotImplementedError
 
 
-class GreenFilter(_NonRegularTransform):
+class GreenFilter(SeededImageTransform):
     """Make a regular image look green-filtered, from strong green to a faint grey-blue."""
 
     def __init__(self, subtle_bias: float = 0.5) -> None:
@@ -71,7 +74,7 @@ class GreenFilter(_NonRegularTransform):
         return green_filter(image, sample_green_params(rng, self.subtle_bias))
 
 
-class LugolIodine(_NonRegularTransform):
+class LugolIodine(SeededImageTransform):
     """Stain a regular image as after Lugol's iodine; the reddest tissue (columnar
     epithelium) plus random patches (lesions) stay iodine-negative, mustard-yellow."""
 
