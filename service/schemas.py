@@ -23,6 +23,8 @@ class UploadResult(BaseModel):
     presence_score: float | None = None
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
+    colour_score: float | None = Field(None, description="P(non-regular) from the crop's colour, where the weights "
+                                                         "carry that model (the two_of_three policy's third vote)")
     findings: dict[str, Finding] = Field(default_factory=dict, description=(
         "Quality findings (blur, dark, overexposed, glare): score, threshold, flagged; empty without a findings card"))
     phash: str | None = Field(None, description="64-bit perceptual hash of the whole photo (16 hex digits)")

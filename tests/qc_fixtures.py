@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from models.classifier import ClassifierConfig, RegularityClassifier
+from models.colour import CropColour, CropColourConfig
 from models.deep_sad import DeepSAD
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, load_card, save_weights
@@ -19,10 +20,12 @@ from pipelines.engine.presence import detect_with_features
 
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
-                 presence_threshold: float | None = None, findings: dict[str, float] | None = None) -> Path:
+                 presence_threshold: float | None = None, findings: dict[str, float] | None = None,
+                 colour_threshold: float | None = None) -> Path:
     """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
     (its weights are zero, so every photo scores 0 against that threshold); a findings card
-    only when its thresholds are given."""
+    only when its thresholds are given; a crop-colour scorer only when its threshold is given
+    (zero weights: every crop scores 0.5 against it)."""
     if findings is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "findings.json").write_text(FindingsCard(thresholds=findings).model_dump_json())
@@ -49,6 +52,11 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
                  ModelCard(name="classifier", architecture="resnest14d", config=cls_cfg.as_dict(),
                            input_size=[32, 32], classes=["regular", "green", "iodine"],
                            thresholds={"probability": 0.5}))
+    if colour_threshold is not None:
+        save_weights(CropColour(CropColourConfig()).state_dict(), folder / "colour",
+                     ModelCard(name="colour", architecture="crop_colour_logistic", config=CropColourConfig().as_dict(),
+                               input_size=[32, 32], classes=["regular", "non_regular"],
+                               thresholds={"probability": colour_threshold}))
     return folder
 
 

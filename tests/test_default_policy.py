@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.engine.qc import QCConfig, QCPipeline
-from pipelines.evaluation.pipeline_eval import POLICIES, choose_policy
+from pipelines.engine.qc_result import POLICIES
+from pipelines.evaluation.pipeline_eval import choose_policy
 from tests.qc_fixtures import tiny_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def _set_val_f1(card_path, f1):
 
 def _report(f1: dict[str, float], n_pos: int = 12) -> dict:
     """An eval-pipeline report's shape, overall figures only."""
-    return {"default_policy": "deep_sad"} | {p: {"overall": {"f1": f1[p], "n_non_regular": n_pos}} for p in POLICIES}
+    return {"default_policy": "deep_sad"} | {p: {"overall": {"f1": v, "n_non_regular": n_pos}} for p, v in f1.items()}
 
 
 def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path):
@@ -42,6 +43,9 @@ def test_the_policy_with_the_best_pipeline_f1_wins_and_a_tie_goes_to_the_simpler
     assert choose_policy(_report({"deep_sad": 0.96, "resnest": 0.96, "either": 0.96, "both": 0.96}))[0] == "resnest"
     assert choose_policy(_report({"deep_sad": 0.96, "resnest": 0.9, "either": 0.9, "both": 0.96}))[0] == "deep_sad"
     assert choose_policy(_report({"deep_sad": 0.8, "resnest": 0.8, "either": 0.9, "both": 0.9}))[0] == "both"
+    three = {"deep_sad": 0.923, "resnest": 0.917, "either": 0.889, "both": 0.957}
+    assert choose_policy(_report(three | {"two_of_three": 1.0}))[0] == "two_of_three"
+    assert choose_policy(_report(three | {"two_of_three": 0.957}))[0] == "both"  # the vote must do better
 
 
 def test_a_validation_report_without_a_green_or_iodine_photo_chooses_nothing():
@@ -70,4 +74,22 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
         card = json.loads((weights / f"{stem}.json").read_text())
         card["metrics"]["policy_choice"]["classifier_sha256"] = "0" * 64
         (weights / f"{stem}.json").write_text(json.dumps(card))
+    assert QCPipeline(weights).policy == "deep_sad"
+
+
+def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loaded(tmp_path):
+    weights = tiny_weights(tmp_path, detector_threshold=0.05, colour_threshold=0.6)
+    _set_val_f1(weights / "deep_sad.json", 0.98)
+    _set_val_f1(weights / "classifier.json", 0.95)
+    report = tmp_path / "pipeline_metrics.json"
+    report.write_text(json.dumps(_report({"deep_sad": 0.92, "resnest": 0.91, "either": 0.88, "both": 0.95,
+                                          "two_of_three": 1.0})))
+    done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    colour = json.loads((weights / "colour.json").read_text())
+    assert colour["metrics"]["policy_choice"]["colour_sha256"] == colour["sha256"]
+    assert QCPipeline(weights).policy == "two_of_three"
+    for name in ("colour.json", "colour.safetensors"):  # the folder without it: the fallback rule, no error
+        (weights / name).unlink()
     assert QCPipeline(weights).policy == "deep_sad"

@@ -58,7 +58,7 @@ def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review
     store = JobStore(path)
     job = store.create("src", None, "resnest", tmp_path)
     results = [QCResult(path="a.jpg", label=Label.REGULAR, kind=None, resnest_prob=0.2, deep_sad_score=0.5,
-                        cervix_box=[1.0, 2.0, 3.0, 4.0], width=10, height=8),
+                        colour_score=0.3, cervix_box=[1.0, 2.0, 3.0, 4.0], width=10, height=8),
                QCResult(path="b.jpg", label=Label.UNREADABLE, error="not an image")]
     store.add_items(job.id, results)
     fresh = store.summaries(job.id)
@@ -66,5 +66,9 @@ def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review
         db.execute("ALTER TABLE items DROP COLUMN summary")
         db.execute("PRAGMA user_version = 1")
     assert JobStore(path).summaries(job.id) == fresh
-    assert [(s.path, s.resnest_prob, s.cervix_box, s.error) for s in fresh] == [
-        ("a.jpg", 0.2, [1.0, 2.0, 3.0, 4.0], None), ("b.jpg", None, None, "not an image")]
+    assert [(s.path, s.resnest_prob, s.colour_score, s.cervix_box, s.error) for s in fresh] == [
+        ("a.jpg", 0.2, 0.3, [1.0, 2.0, 3.0, 4.0], None), ("b.jpg", None, None, None, "not an image")]
+    with sqlite3.connect(path) as db:  # a version-2 file: summaries without colour_score
+        db.execute("UPDATE items SET summary = json_remove(summary, '$[3]')")
+        db.execute("PRAGMA user_version = 2")
+    assert JobStore(path).summaries(job.id) == fresh

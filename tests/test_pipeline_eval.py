@@ -40,12 +40,13 @@ def labelled(tiny_dataset, tmp_path_factory):
 
 
 def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels(labelled, tmp_path):
-    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    # the untrained colour scorer gives every crop 0.5: at 0.4 it always votes non-regular
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, colour_threshold=0.4)
     r = runner.invoke(app, ["eval-pipeline", str(labelled), "--weights", str(weights), "--split", "val",
                             "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
-    assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both"}
+    assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both", "two_of_three"}
     rows = pd.read_csv(tmp_path / "ev" / "results.csv", keep_default_na=False)
     truth = load_manifest(labelled)
     truth = truth[(truth["split"] == "val") & (truth["kind"] != "")]
@@ -57,6 +58,7 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     assert overall["regular_flagged"] == pytest.approx(flagged[rows["truth"][cervix] == "regular"].mean())
     either, both = report["either"]["overall"], report["both"]["overall"]
     assert either["regular_flagged"] >= both["regular_flagged"] and either["sensitivity"] >= both["sensitivity"]
+    assert report["two_of_three"]["overall"] == either  # colour always says yes: one network more decides
     assert set(report["deep_sad"]) >= {"overall", *truth["source"].unique()}
 
 
@@ -84,3 +86,4 @@ def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_pa
     both = _with_extra(crops, 32, tiny_dataset.manifest, tiny_dataset.coco)
     extra = int(np.isin(load_manifest(tiny_dataset.manifest)["kind"], ["regular", "green", "iodine"]).sum())
     assert len(both["train"]) == n_train + extra and len(both["val"]) == n_val
+

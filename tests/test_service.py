@@ -198,6 +198,14 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
 
 
+def test_a_job_asking_for_a_policy_the_weights_cannot_run_is_refused_before_it_is_queued(server):
+    with server.client() as c:
+        before = len(c.get("/v1/jobs").json()["jobs"])
+        r = c.post("/v1/jobs", json={"source": "collection", "policy": "two_of_three"})  # no colour.json here
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "policy_unavailable"), r.text
+        assert "colour" in r.json()["error"]["message"] and len(c.get("/v1/jobs").json()["jobs"]) == before
+
+
 def _wait_job(client: httpx.Client, job_id: str, until, timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

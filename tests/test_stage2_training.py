@@ -1,5 +1,5 @@
-"""Both stage-2 models train through the shared loop on tiny crops, export a card with a
-validation threshold, and the exported weights load back."""
+"""The stage-2 models train on tiny crops (both networks through the shared loop, the
+crop-colour scorer in one fit), export a card with a validation threshold, and load back."""
 
 import json
 from pathlib import Path
@@ -165,3 +165,28 @@ def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_pa
                             ClassifierConfig(arch="resnest14d", input_size=64), crops64["train"], crops64["val"],
                             torch.device("cpu"), init_card=str(small))
     assert load_weights(card)[1].training["init_from"] == str(small)
+
+
+def test_train_colour_fits_the_crop_colour_scorer_with_a_validation_threshold_the_engine_reproduces(
+        split_set, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.engine.stage2 import colour_scores, load_colour
+    from pipelines.evaluation.classification import binary_metrics
+
+    manifest, coco = split_set
+    runner = CliRunner()
+    r = runner.invoke(app, ["train-colour", str(manifest), "--coco", str(coco), "-o", str(tmp_path / "c"),
+                            "--extra-manifest", str(manifest), "--extra-coco", str(coco)])
+    assert r.exit_code == 0, r.output
+    model, card = load_colour(tmp_path / "c" / "colour.json")
+    assert card.name == "colour" and 0 < card.thresholds["probability"] < 1 and card.input_size == [32, 32]
+    val = split_crops(manifest, coco, 32, splits=("val",))["val"]
+    scores = colour_scores(model, val.images).numpy()
+    m = binary_metrics(val.non_regular.numpy(), scores, card.thresholds["probability"])
+    assert m.as_dict() == card.metrics["val"]  # the engine's histogram path is the one it was fitted on
+    assert m.roc_auc > 0.8  # green filter and iodine are colours
+    bad = runner.invoke(app, ["train-colour", str(manifest), "--coco", str(coco), "-o", str(tmp_path / "x"),
+                              "--extra-manifest", str(manifest)])
+    assert bad.exit_code != 0 and "together" in bad.output

@@ -126,6 +126,7 @@ def test_the_review_page_counts_sorts_and_answers_a_what_if(page, screenshots_di
     expect(slider).to_have_attribute("min", re.compile(r"\d"))  # set once the scores have arrived
     scores = page.request.get(page.url.split("/review")[0] + "/scores.json").json()
     assert scores["policy"] == "resnest" and len(scores["points"]) == 60
+    assert scores["thresholds"]["colour"] == 0.6 and all(p[2] == pytest.approx(0.5) for p in scores["points"])
     stored = scores["thresholds"]["resnest"]
     moved = sorted(p[1] for p in scores["points"])[len(scores["points"]) // 2]  # the median score
     changed = sum((p[1] >= moved) != (p[1] >= stored) for p in scores["points"])
@@ -142,6 +143,7 @@ def test_a_label_is_overridden_with_the_keyboard_and_undone(page, screenshots_di
     _open_review(page)
     page.locator("#grid .card a").first.click()  # the image closest to the threshold
     expect(page.locator("#photo")).to_be_visible()
+    expect(page.locator(".facts")).to_contain_text("Crop colour probability")
     _keys_on(page)
     page.keyboard.press("2")  # green
     _shows(page, "#final", "non-regular: green filter")

@@ -20,9 +20,9 @@ T = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="r
 
 
 def _summary(item: int, path: str, label: str, prob: float | None = None, kind: str | None = None,
-             cervix: float | None = None) -> ItemSummary:
+             cervix: float | None = None, colour: float | None = None, sad: float = 1.0) -> ItemSummary:
     cropped = label in ("regular", "non_regular")
-    return ItemSummary(item, path, label, kind, 1.0 if cropped else None, prob, cervix, None,
+    return ItemSummary(item, path, label, kind, sad if cropped else None, prob, colour, cervix, None,
                        [1, 1, 9, 9] if cropped else None, 10, 10, None if label != "unreadable" else "not an image")
 
 
@@ -66,7 +66,15 @@ def test_next_and_previous_walk_the_grid_order_under_the_same_filter():
 
 
 def test_the_what_if_points_are_the_stage2_scores_of_cropped_images_only():
-    assert what_if_points(ITEMS) == [[1.0, 0.05], [1.0, 0.52], [1.0, 0.35], [1.0, 0.9]]
+    assert what_if_points(ITEMS) == [[1.0, 0.05, None], [1.0, 0.52, None], [1.0, 0.35, None], [1.0, 0.9, None]]
+
+
+def test_under_the_vote_of_three_an_image_near_the_colour_threshold_comes_first():
+    vote = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="two_of_three", colour=0.6)
+    items = [_summary(1, "far.jpg", "regular", 0.05, colour=0.1, sad=3.0),
+             _summary(2, "near.jpg", "regular", 0.05, colour=0.59, sad=3.0)]
+    assert [c.path for c in build_grid(items, {}, vote, GridQuery()).cards] == ["near.jpg", "far.jpg"]
+    assert [c.path for c in build_grid(items, {}, T, GridQuery()).cards] == ["far.jpg", "near.jpg"]  # tie: path order
 
 
 def test_the_source_is_the_first_folder():

@@ -26,9 +26,10 @@ def synthetic_collection(work: Path) -> Path:
 
 
 def page_server(work: Path, data_root: Path) -> RunningServer:
-    # detector threshold 0: every readable photo gets a box, so every card must draw one
-    return start_server(work / "srv", tiny_weights(work / "w", detector_threshold=0.0), data_roots=data_root,
-                        max_wait_ms=20)
+    # detector threshold 0: every readable photo gets a box, so every card must draw one; the
+    # untrained colour scorer gives every crop 0.5
+    return start_server(work / "srv", tiny_weights(work / "w", detector_threshold=0.0, colour_threshold=0.6),
+                        data_roots=data_root, max_wait_ms=20)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ MODELS = {  # file stem in weights/ -> (run folder, storage dtype, training comm
     "presence": ("presence", "float32", "train-presence"),
     "deep_sad": ("sad", "float32", "train-deep-sad"),
     "classifier": ("res32", "float16", "train-resnest"),  # ResNeSt50: ~100 MB in float32; weights/ < 120 MB
+    "colour": ("colour", "float32", "train-colour"),  # the crop-colour scorer: two_of_three's third vote
 }
 SHARED_STEPS = ("extract-listed", "import-labels", "merge-manifests", "match-boxes", "split", "synth")
 REAL_SOURCES = {
@@ -138,23 +139,25 @@ def _presence(report: dict) -> dict:
 
 
 def _policy_of(stem: str) -> str:
-    return {"deep_sad": "deep_sad", "classifier": "resnest"}.get(stem, "")
+    return {"deep_sad": "deep_sad", "classifier": "resnest", "colour": "two_of_three"}.get(stem, "")
 
 
 def policy(report_path: Path, out: Path) -> None:
     """The default stage-2 policy, chosen on an `eval-pipeline` validation report of exactly
-    these weights, onto both stage-2 cards (`metrics.policy_choice`, with both sha256)."""
+    these weights, onto the stage-2 cards (`metrics.policy_choice`, with every sha256; the
+    crop-colour card's too where the folder has one)."""
     from pipelines.evaluation.pipeline_eval import policy_record
 
     report = json.loads(report_path.read_text())
-    sad, cls = load_card(out / "deep_sad.json"), load_card(out / "classifier.json")
-    record = policy_record(report, sad, cls, str(report_path))
-    for stem, card in (("deep_sad", sad), ("classifier", cls)):
+    cards = {stem: load_card(out / f"{stem}.json") for stem in ("deep_sad", "classifier", "colour")
+             if (out / f"{stem}.json").is_file()}
+    record = policy_record(report, cards["deep_sad"], cards["classifier"], str(report_path), cards.get("colour"))
+    for stem, card in cards.items():
         m = dict(card.metrics) | {"policy_choice": record, "default_policy": record["policy"]}
         _write_card(out / f"{stem}.json", card.model_copy(update={"metrics": m}))
         load_weights(out / f"{stem}.json")
     f1 = ", ".join(f"{p} {v:.3f}" for p, v in record["val_f1"].items())
-    print(f"default policy {record['policy']} (validation F1: {f1}) on {out}/deep_sad.json and classifier.json")
+    print(f"default policy {record['policy']} (validation F1: {f1}) on the cards of {', '.join(cards)} in {out}")
 
 
 def metrics(runs: Path, out: Path) -> None:

@@ -24,7 +24,8 @@
 #     real training photos + the synthetic training scenes (without them it called 93% of
 #     synthetic cervixes no_cervix; each weighs 0.05 of a real photo), its threshold from real validation
 #  5. Deep SAD and ResNeSt50 @32 on real crops (+ green/iodine synthesised from real regular
-#     crops, + synthetic crops for volume); thresholds from validation, pooled over sources
+#     crops, + synthetic crops for volume), then the crop-colour scorer (the third vote of the
+#     two_of_three policy) on the same crops; thresholds from validation, pooled over sources
 #  6. evaluation: detector (val, test), the whole pipeline on real test photos and on the
 #     held-out negatives, the colour-histogram baseline, the synthetic no-regression check
 #  7. cards completed (data, licences, counts, recipe, metrics) and copied into weights/
@@ -59,7 +60,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 CQ=("$UV" run --locked --no-sync cervixqc --threads 1)
 PY=("$UV" run --locked --no-sync python)
 mkdir -p "$DATA" "$RUNS"
-[[ "$REUSE" == 1 ]] || rm -rf "$RUNS"/{det-synth,det-wide,det-narrow,det,presence,sad,res32}
+[[ "$REUSE" == 1 ]] || rm -rf "$RUNS"/{det-synth,det-wide,det-narrow,det,presence,sad,res32,colour}
 rm -rf "$RUNS"/{eval-*,weights}
 if [[ "$REUSE" != 1 ]]; then  # a reuse keeps the earlier commands and wall times of what it reuses
     : >"$RUNS/commands.txt"
@@ -69,7 +70,7 @@ fi
 declare -A DONE=([detector_pretrain]="$RUNS/det-synth/detector.json" [detector_wide]="$RUNS/det-wide/detector.json"
                  [detector_narrow]="$RUNS/det-narrow/detector.json" [detector]="$RUNS/det/detector.json"
                  [presence]="$RUNS/presence/presence.json" [deep_sad]="$RUNS/sad/deep_sad.json"
-                 [classifier]="$RUNS/res32/classifier.json")
+                 [classifier]="$RUNS/res32/classifier.json" [colour]="$RUNS/colour/colour.json")
 step() {  # step NAME CMD...: run, log the command line, record its wall time
     local name=$1 t0 t1
     shift
@@ -143,6 +144,8 @@ det_pid=$!
         --epochs "$SAD_EPOCHS" --pretrain-epochs "$SAD_PRETRAIN" "${EXTRA[@]}"
     step classifier "${CQ[@]}" train-resnest "$DATA/split.csv" --coco "$DATA/all_boxes.json" -o "$RUNS/res32" \
         --size 32 --epochs "$RES_EPOCHS" "${EXTRA[@]}"
+    step colour "${CQ[@]}" train-colour "$DATA/split.csv" --coco "$DATA/all_boxes.json" -o "$RUNS/colour" \
+        --extra-manifest "$DATA/synth/xsrc.csv" --extra-coco "$DATA/synth/coco.json"
     step baseline "${CQ[@]}" baseline-colour "$DATA/split.csv" -o "$RUNS/eval-baseline"
 ) >"$RUNS/stage2.log" 2>&1 &
 s2_pid=$!
@@ -182,15 +185,15 @@ step eval_synthetic_pipeline "${CQ2[@]}" eval-pipeline "$DATA/synth-test/manifes
 # 7b. metrics into the cards (JSON only: the sha256 keeps matching), then publish
 "${PY[@]}" weights/finalize.py metrics "$RUNS" "$STAGE"
 mkdir -p "$WEIGHTS_OUT"
-for stem in presence detector deep_sad classifier; do
+for stem in presence detector deep_sad classifier colour; do
     cp "$STAGE/$stem.safetensors" "$STAGE/$stem.json" "$WEIGHTS_OUT/"
 done
 "${PY[@]}" -c "
 import sys
 from models.io import load_weights
-for s in ('presence', 'detector', 'deep_sad', 'classifier'):
+for s in ('presence', 'detector', 'deep_sad', 'classifier', 'colour'):
     load_weights(sys.argv[1] + '/' + s + '.json')
-print('sha256 verified for the four models in', sys.argv[1])" "$WEIGHTS_OUT"
+print('sha256 verified for the five models in', sys.argv[1])" "$WEIGHTS_OUT"
 # 8. the OpenVINO export the engine runs on CPUs (detector + Deep SAD; a stale one is refused at load)
 step openvino_export "${CQ2[@]}" export --weights "$WEIGHTS_OUT"
 du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json "$WEIGHTS_OUT"/*.openvino.* | tail -1

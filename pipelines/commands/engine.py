@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail, _manifest
-from pipelines.engine.qc_result import POLICIES
+from pipelines.engine.qc_result import COLOUR_POLICIES, POLICIES
 
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
@@ -20,14 +20,19 @@ RuntimeOption = Annotated[str, typer.Option(
          "exports or not (CPU only); torch.")]
 PrecisionOption = Annotated[str, typer.Option(
     help="OpenVINO precision: auto (bf16 where the CPU runs it natively), f32 (labels as torch's), bf16.")]
+PolicyOption = Annotated[Optional[str], typer.Option(
+    help="deep_sad | resnest | either | both | two_of_three (the last needs colour.json; default: the "
+         "cards' validation choice).")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda.")]
 DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: pil (DCT-scaled, best on CPU) or torchvision "
                                                  "(decode_jpeg on the device: nvJPEG on cuda).")]
 
 
-def _check_policy(policy: Optional[str]) -> None:
+def _check_policy(policy: Optional[str], weights: Path | None = None) -> None:
     if policy is not None and policy not in POLICIES:
         _fail(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+    if policy in COLOUR_POLICIES and weights is not None and not (weights / "colour.json").is_file():
+        _fail(f"policy {policy!r} needs a crop-colour model: {weights} has no colour.json (cervixqc train-colour)")
 
 
 def _check_decoder(jpeg_decoder: str) -> None:
@@ -58,8 +63,7 @@ def _engine(weights: Path, **config):
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
-    policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
-                                                  "stage-2 model with the better validation F1)")] = None,
+    policy: PolicyOption = None,
     device: DeviceOption = "auto",
     jpeg_decoder: DecoderOption = "pil",
     runtime: RuntimeOption = "auto",
@@ -85,8 +89,7 @@ def clean(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.csv/.parquet, state).")],
     quarantine: Annotated[Optional[Path], typer.Option(help="Folder for links/copies of flagged files.")] = None,
     weights: Annotated[Path, typer.Option()] = Path("weights"),
-    policy: Annotated[Optional[str], typer.Option(help="deep_sad | resnest | either | both (default: the "
-                                                  "stage-2 model with the better validation F1)")] = None,
+    policy: PolicyOption = None,
     batch_size: Annotated[int, typer.Option()] = 16,
     device: Annotated[str, typer.Option(help="Local engine's device: auto (cuda when present, else cpu), cpu "
                                                 "or cuda (Ray actors take a GPU where the cluster has one).")] = "auto",
@@ -109,7 +112,7 @@ def clean(
 
     from pipelines.clean import clean as run_clean
 
-    _check_policy(policy)
+    _check_policy(policy, weights)  # before any Ray actor loads the weights
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
     if engine not in ("local", "ray"):

@@ -1,4 +1,4 @@
-"""Stage-2 commands: train-deep-sad, train-resnest, eval, report."""
+"""Stage-2 commands: train-deep-sad, train-resnest, train-colour, eval, report."""
 
 from __future__ import annotations
 
@@ -123,6 +123,39 @@ def train_resnest_cmd(
                                 str(init_from) if init_from else None)
     except WeightsIntegrityError as e:
         _fail(f"--init-from: {e}")
+    typer.echo(f"exported {card}")
+
+
+def train_colour_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
+    coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    c: Annotated[float, typer.Option(help="Inverse L2 strength of the logistic regression.")] = 0.01,
+    synthesise: Annotated[float, typer.Option(
+        help="Share of regular crops turned green/iodine in each draw of the training crops.")] = 0.2,
+    copies: Annotated[int, typer.Option(help="Draws of the manifest's training crops (extra crops: one).")] = 3,
+    extra_manifest: Annotated[Optional[Path], typer.Option(
+        help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
+    extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
+) -> None:
+    """The crop-colour scorer (a logistic regression on the 32 px crop's colour histogram), the
+    third vote of the two_of_three policy; threshold chosen on the val split."""
+    if c <= 0 or copies < 1 or not 0 <= synthesise <= 1:
+        _fail("need --c > 0, --copies >= 1 and 0 <= --synthesise <= 1")
+    if (extra_manifest is None) != (extra_coco is None):
+        _fail("give --extra-manifest and --extra-coco together")
+    from pipelines.data.crop_set import extra_crops, split_crops
+    from pipelines.training.colour import ColourTrainConfig, train_colour
+
+    try:
+        crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+        extra = extra_crops(extra_manifest, extra_coco, 32) if extra_manifest is not None else None
+        card = train_colour(ColourTrainConfig(out_dir=out, c=c, synthesise=synthesise, copies=copies),
+                            crops["train"], crops["val"], extra,
+                            {"manifest": str(manifest), "boxes": str(coco),
+                             "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"exported {card}")
 
 

@@ -30,12 +30,21 @@ def colour_histograms(images: Sequence[torch.Tensor], bins: int = 8, side: int =
         h, w = im.shape[-2:]
         f = side / max(h, w)
         small = F.interpolate(im.float()[None], size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
-                              antialias=True, align_corners=False)[0].round().clamp(0, 255).long()
-        q = small * bins // 256
-        idx = (q[0] * bins + q[1]) * bins + q[2]
-        hist = torch.bincount(idx.flatten(), minlength=bins**3).float()
-        out.append((hist / hist.sum()).sqrt().cpu())
+                              antialias=True, align_corners=False)
+        out.append(joint_histograms(small, bins)[0])
     return torch.stack(out) if out else torch.zeros(0, bins**3)
+
+
+def joint_histograms(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
+    """A batch of same-size images [N, 3, H, W] valued 0..255 -> their sqrt-normalised joint RGB
+    histograms [N, bins^3], on the CPU. Batched for the stage-2 crops, which need no resize: one
+    image at a time through `colour_histograms`, 300 crops of 32 px took 0.29 s, batched 0.05 s,
+    with identical histograms (2-core CPU)."""
+    q = images.round().clamp(0, 255).long() * bins // 256
+    idx = ((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]).flatten(1)
+    ones = torch.ones(idx.shape, device=images.device)
+    hist = torch.zeros(len(images), bins**3, device=images.device).scatter_add_(1, idx, ones)
+    return (hist / hist.sum(1, keepdim=True)).sqrt().cpu()
 
 
 def pool_features(maps: Sequence[torch.Tensor], batch: ImageList) -> torch.Tensor:

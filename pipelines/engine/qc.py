@@ -4,7 +4,8 @@ decode (thread pool, DCT-scaled) -> detector on the batch, whose FPN features al
 stage 0 (the presence head: a cervix in the photo at all? no -> no_cervix) -> best cervix box
 (the whole frame where the presence model vouches for a cervix the detector did not place
 confidently: a close-up) -> area-averaged 32 px and 37 px crops -> Deep SAD and ResNeSt on the
-crop batches -> decision policy. Each model runs on torch or, exported, on OpenVINO
+crop batches (and, where the weights folder carries one, the crop-colour scorer on the 32 px
+crops) -> decision policy. Each model runs on torch or, exported, on OpenVINO
 (`runtime`; the steps around the models are the same code either way). Weights folders
 without a presence model keep the older rule (the detector's threshold decides no_cervix). A
 bad input becomes an `unreadable` row with its reason; the batch goes on.
@@ -37,8 +38,8 @@ from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_
 from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
-from pipelines.engine.qc_result import POLICIES, Label, Policy, QCResult
-from pipelines.engine.stage2 import interpret, load_stage2, threshold_of
+from pipelines.engine.qc_result import COLOUR_POLICIES, POLICIES, Label, Policy, QCResult
+from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
 
 Runtime = Literal["auto", "torch", "openvino"]
 JpegDecoder = Literal["pil", "torchvision"]
@@ -127,7 +128,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def best_policy(sad_card, cls_card) -> Policy:
+def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
     """The default decision.
 
     First choice: the policy recorded on the stage-2 cards as the best whole-pipeline F1 on
@@ -140,11 +141,14 @@ def best_policy(sad_card, cls_card) -> Policy:
 
     Otherwise (older cards, or a stale choice): whichever stage-2 model has the higher F1 on
     its validation crops (the cards' metrics.val.f1). Ties and cards without validation
-    metrics go to ResNeSt, the paper's final choice."""
+    metrics go to ResNeSt, the paper's final choice. A choice that needs the crop-colour
+    scorer is read only while that very model is loaded too."""
     for card in (sad_card, cls_card):
         choice = card.metrics.get("policy_choice") or {}
+        colour_ok = choice.get("policy") not in COLOUR_POLICIES or (
+            colour_card is not None and choice.get("colour_sha256") == colour_card.sha256)
         if (choice.get("policy") in POLICIES and choice.get("deep_sad_sha256") == sad_card.sha256
-                and choice.get("classifier_sha256") == cls_card.sha256):
+                and choice.get("classifier_sha256") == cls_card.sha256 and colour_ok):
             return choice["policy"]
 
     def val_f1(card) -> float:
@@ -194,10 +198,16 @@ class QCPipeline:
         self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                          if (weights / "presence.json").is_file() else (None, None))
         self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
+        # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
+        self.colour, self.colour_card = (load_colour(weights / "colour.json") if (weights / "colour.json").is_file()
+                                         else (None, None))
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         self.findings_card = (load_findings_card(weights / "findings.json")
                               if self.cfg.findings and (weights / "findings.json").is_file() else None)
-        self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card)
+        self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card, self.colour_card)
+        self.policies: tuple[Policy, ...] = tuple(p for p in POLICIES if self.colour is not None
+                                                  or p not in COLOUR_POLICIES)
+        self._check_policy(self.policy)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
         self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
@@ -406,12 +416,25 @@ class QCPipeline:
         timings["presence"] = self._stamp(t)
         return dict(zip(image_of, scores.tolist()))
 
-    def label_for(self, sad: float, prob: float, policy: Policy | None = None) -> Label:
-        """The decision for one crop's two scores under a policy (default: the configured one)."""
+    def _check_policy(self, policy: Policy) -> None:
+        if policy not in self.policies:
+            raise ValueError(f"policy {policy!r} needs a crop-colour model (colour.json) in the weights folder"
+                             if policy in COLOUR_POLICIES else f"unknown policy {policy!r}")
+
+    def label_for(self, sad: float, prob: float, policy: Policy | None = None, colour: float | None = None) -> Label:
+        """The decision for one crop's scores under a policy (default: the configured one);
+        `colour` is the crop-colour score, which only `two_of_three` reads."""
+        policy = policy or self.policy
         sad_says = sad >= threshold_of(self.sad_card)
         res_says = prob >= threshold_of(self.cls_card)
-        flagged = {"deep_sad": sad_says, "resnest": res_says, "either": sad_says or res_says,
-                   "both": sad_says and res_says}[policy or self.policy]
+        if policy in COLOUR_POLICIES:
+            self._check_policy(policy)
+            if colour is None:
+                raise ValueError(f"policy {policy!r} needs the crop's colour score")
+            flagged = sad_says + res_says + (colour >= threshold_of(self.colour_card)) >= 2
+        else:
+            flagged = {"deep_sad": sad_says, "resnest": res_says, "either": sad_says or res_says,
+                       "both": sad_says and res_says}[policy]
         return Label.NON_REGULAR if flagged else Label.REGULAR
 
     def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
@@ -450,6 +473,8 @@ class QCPipeline:
                      t_decode: float, policy: Policy | None = None) -> list[QCResult]:
         names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
                                                        for k, i in enumerate(items)]
+        if policy is not None:
+            self._check_policy(policy)  # before any work, not at the first crop
         t0 = time.perf_counter()
         results: list[QCResult | None] = [None] * len(items)
         ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
@@ -533,17 +558,18 @@ class QCPipeline:
             sad = interpret(self.sad_card, self._runs["deep_sad"]((crops[32] / 255).to(self.device)))["score"]
             cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
             out = interpret(self.cls_card, self._runs["classifier"](cls_in))
+        colour = colour_scores(self.colour, crops[32]).tolist() if self.colour is not None else [None] * len(with_box)
         timings["classify"] = self._stamp(t)
         embeddings = [encode_embedding(e) for e in embed(out["features"])] if self.cfg.findings else [None] * len(with_box)
         for k, (i, base, box) in enumerate(with_box):
             s, p = float(sad[k]), float(out["score"][k])
-            label = self.label_for(s, p, policy)
+            label = self.label_for(s, p, policy, colour[k])
             kind = None
             if label == Label.NON_REGULAR:
                 kind = KINDS[1 + int(out["kind_probs"][k, 1:].argmax())]
             results[i] = QCResult(label=label, kind=kind, cervix_box=[round(v, 1) for v in box],
-                                  deep_sad_score=s, resnest_prob=p, findings=found[k], crop_hash=crop_hashes[k],
-                                  embedding=embeddings[k], **base)
+                                  deep_sad_score=s, resnest_prob=p, colour_score=colour[k], findings=found[k],
+                                  crop_hash=crop_hashes[k], embedding=embeddings[k], **base)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

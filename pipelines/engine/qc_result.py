@@ -9,10 +9,12 @@ from typing import Literal, get_args
 from pydantic import BaseModel, Field
 
 FINDINGS = ("blur", "dark", "overexposed", "glare")
-# how the two stage-2 scores become a label (`QCPipeline.label_for`); here, without torch, so
-# the CLI can check a name before it loads anything
-Policy = Literal["deep_sad", "resnest", "either", "both"]
+# how the stage-2 scores become a label (`QCPipeline.label_for`); here, without torch, so the
+# CLI can check a name before it loads anything. "two_of_three": two of Deep SAD, ResNeSt and
+# the crop-colour scorer, for weights folders that carry one (colour.json).
+Policy = Literal["deep_sad", "resnest", "either", "both", "two_of_three"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
+COLOUR_POLICIES: tuple[Policy, ...] = ("two_of_three",)
 
 
 def check_findings(names: list[str]) -> list[str]:
@@ -51,6 +53,7 @@ class QCResult(BaseModel):
     presence_score: float | None = None  # P(cervix in the photo) from the presence model, where there is one
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
+    colour_score: float | None = None  # P(non-regular) from the crop's colour, where the weights carry that model
     # blur / dark / overexposed / glare, measured on the cervix crop (the whole photo when
     # there is no cervix); empty when the weights folder has no findings card
     findings: dict[str, Finding] = Field(default_factory=dict)

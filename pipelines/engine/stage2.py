@@ -1,5 +1,5 @@
 """Running trained stage-2 models from their cards: Deep SAD distances and ResNeSt
-probabilities (plus kind) for batches of cervix crops."""
+probabilities (plus kind) for batches of cervix crops, and the optional crop-colour scorer."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from models.classifier import ClassifierConfig, RegularityClassifier
+from models.colour import CropColour, CropColourConfig
 from models.deep_sad import DeepSAD
 from models.exportable import exportable
 from models.io import ModelCard, load_weights
+from pipelines.engine.presence import joint_histograms
 
 
 def load_stage2(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
@@ -46,3 +48,26 @@ def score_batch(model: nn.Module, card: ModelCard, crops: torch.Tensor) -> dict[
 
 def threshold_of(card: ModelCard) -> float:
     return card.thresholds["distance" if card.name == "deep_sad" else "probability"]
+
+
+def load_colour(card_path: str | Path) -> tuple[CropColour, ModelCard]:
+    """The crop-colour scorer; it always runs on torch on the CPU (a 512-input dot product)."""
+    state, card = load_weights(card_path)
+    if card.name != "colour":
+        raise ValueError(f"{card_path}: not a colour card (name {card.name!r})")
+    model = CropColour(CropColourConfig(**card.config))
+    model.load_state_dict(state)
+    return model.eval(), card
+
+
+def crop_histograms(crops: torch.Tensor, cfg: CropColourConfig) -> torch.Tensor:
+    """Crops [N, 3, S, S] in 0..255 (float or uint8) -> the colour model's histograms."""
+    if crops.shape[-1] != cfg.crop_side or crops.shape[-2] != cfg.crop_side:
+        raise ValueError(f"the colour model reads {cfg.crop_side} px crops, got {tuple(crops.shape[-2:])}")
+    return joint_histograms(crops.float(), cfg.hist_bins)
+
+
+@torch.inference_mode()
+def colour_scores(model: CropColour, crops: torch.Tensor) -> torch.Tensor:
+    """Crops [N, 3, S, S] in 0..255 -> P(non-regular) [N] from their colour alone."""
+    return model(crop_histograms(crops, model.cfg))

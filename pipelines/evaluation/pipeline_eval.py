@@ -16,18 +16,20 @@ import numpy as np
 import pandas as pd
 
 from pipelines.evaluation.classification import binary_metrics
-from pipelines.engine.qc_result import POLICIES, Label, QCResult
+from pipelines.engine.qc_result import Label, QCResult
 
-# a tie goes to the simpler decision: the paper's final model, the other one, then the pairs
-TIE_ORDER = ("resnest", "deep_sad", "both", "either")
+# a tie goes to the simpler decision: the paper's final model, the other one, the pairs, then
+# the vote of three
+TIE_ORDER = ("resnest", "deep_sad", "both", "either", "two_of_three")
 _CERVIX = ("regular", "green", "iodine")
 
 
 def run_rows(qc, df: pd.DataFrame, batch_size: int = 16,
              progress: Callable[[int, int], None] | None = None) -> list[QCResult]:
     """The engine over a loaded manifest's rows (named by their manifest path), in order, under
-    the "either" policy: every crop any policy flags then carries the classifier's kind, and
-    each policy's labels follow from the two scores (`labels_under`)."""
+    the "either" policy: every crop any policy flags then carries the classifier's kind (a
+    two_of_three flag needs one of the networks too), and each policy's labels follow from the
+    scores (`labels_under`)."""
     out: list[QCResult] = []
     for start in range(0, len(df), batch_size):
         chunk = df.iloc[start : start + batch_size]
@@ -42,7 +44,7 @@ def labels_under(qc, results: list[QCResult], policy: str) -> list[str]:
     labels = []
     for r in results:
         if r.label in (Label.REGULAR, Label.NON_REGULAR):
-            labels.append(qc.label_for(r.deep_sad_score, r.resnest_prob, policy).value)
+            labels.append(qc.label_for(r.deep_sad_score, r.resnest_prob, policy, r.colour_score).value)
         else:
             labels.append(r.label.value)
     return labels
@@ -70,10 +72,11 @@ def score_group(truth: pd.Series, labels: list[str], kinds: list[str | None]) ->
 
 
 def evaluate_pipeline(qc, df: pd.DataFrame, results: list[QCResult]) -> dict:
-    """{policy: {"overall": {...}, source: {...}}} for every policy, plus the default's name."""
+    """{policy: {"overall": {...}, source: {...}}} for every policy the weights allow, plus the
+    default's name."""
     kinds = [r.kind for r in results]
     report: dict = {"default_policy": qc.policy}
-    for policy in POLICIES:
+    for policy in qc.policies:
         labels = labels_under(qc, results, policy)
         kinds_p = [k if lab == "non_regular" else None for k, lab in zip(kinds, labels)]
         per = {"overall": score_group(df["kind"], labels, kinds_p)}
@@ -89,18 +92,19 @@ def choose_policy(val_report: dict) -> tuple[str, dict[str, float]]:
     """The policy with the highest non-regular F1 of the whole pipeline on a validation
     report, and every policy's F1. Chosen on the engine's own detector crops, so a threshold
     that sits on the edge of the ground-truth crops' scores is judged as it behaves in use."""
-    f1 = {p: val_report[p]["overall"].get("f1") for p in POLICIES}
-    if not val_report[POLICIES[0]]["overall"].get("n_non_regular"):
+    f1 = {p: val_report[p]["overall"].get("f1") for p in TIE_ORDER if p in val_report}
+    if not val_report[next(iter(f1))]["overall"].get("n_non_regular"):
         raise ValueError("the validation report has no green or iodine photo: no F1 to choose a policy by")
-    best = max(TIE_ORDER, key=lambda p: (f1[p], -TIE_ORDER.index(p)))
+    best = max(f1, key=lambda p: (f1[p], -TIE_ORDER.index(p)))
     return best, {p: float(v) for p, v in f1.items()}
 
 
-def policy_record(val_report: dict, sad_card, cls_card, report_path: str) -> dict:
+def policy_record(val_report: dict, sad_card, cls_card, report_path: str, colour_card=None) -> dict:
     """What a stage-2 card keeps of the choice (`metrics.policy_choice`): the engine reads it
-    only while both sha256 match the models it loaded (`pipelines.engine.qc.best_policy`)."""
+    only while every sha256 matches the models it loaded (`pipelines.engine.qc.best_policy`)."""
     best, f1 = choose_policy(val_report)
     return {"policy": best, "rule": "highest whole-pipeline non-regular F1 on validation; ties: "
             + " > ".join(TIE_ORDER), "val_f1": f1, "report": report_path,
             "n_non_regular": val_report[best]["overall"]["n_non_regular"],
-            "deep_sad_sha256": sad_card.sha256, "classifier_sha256": cls_card.sha256}
+            "deep_sad_sha256": sad_card.sha256, "classifier_sha256": cls_card.sha256,
+            "colour_sha256": colour_card.sha256 if colour_card is not None else None}

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS label_counts (
 """
 # user_version 1: label_counts kept in step with items (older files are backfilled once)
 # user_version 2: items.summary, the review grid's fields as a short JSON array (backfilled once)
-SCHEMA_VERSION = 2
+# user_version 3: colour_score joins the summary (every summary rebuilt once)
+SCHEMA_VERSION = 3
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 
@@ -77,6 +78,7 @@ class ItemSummary(NamedTuple):
     kind: str | None
     deep_sad_score: float | None
     resnest_prob: float | None
+    colour_score: float | None
     cervix_score: float | None
     presence_score: float | None
     cervix_box: list[float] | None
@@ -88,8 +90,8 @@ class ItemSummary(NamedTuple):
 # The review grid sorts and filters every item of a job on these fields, so each row keeps them
 # apart as a short JSON array: json_extract over the whole records (about 1 kB each, embedding
 # included) took ~100 ms for 10^4 items, the short arrays read as one document ~60 ms.
-SUMMARY_FIELDS = ("kind", "deep_sad_score", "resnest_prob", "cervix_score", "presence_score", "cervix_box", "width",
-                  "height", "error")
+SUMMARY_FIELDS = ("kind", "deep_sad_score", "resnest_prob", "colour_score", "cervix_score", "presence_score",
+                  "cervix_box", "width", "height", "error")
 _SUMMARY_SQL = ", ".join(f"json_extract(record, '$.{f}')" for f in SUMMARY_FIELDS)
 
 
@@ -109,10 +111,10 @@ class JobStore:
         if version < 1:
             db.execute("DELETE FROM label_counts")
             db.execute("INSERT INTO label_counts SELECT job_id, label, count(*) FROM items GROUP BY job_id, label")
-        if version < 2:
-            if "summary" not in {r[1] for r in db.execute("PRAGMA table_info(items)")}:
-                db.execute("ALTER TABLE items ADD COLUMN summary TEXT")
-            db.execute(f"UPDATE items SET summary = json_array({_SUMMARY_SQL}) WHERE summary IS NULL")
+        if version < 2 and "summary" not in {r[1] for r in db.execute("PRAGMA table_info(items)")}:
+            db.execute("ALTER TABLE items ADD COLUMN summary TEXT")
+        if version < 3:  # the summaries of older files lack fields: every one is rebuilt from its record
+            db.execute(f"UPDATE items SET summary = json_array({_SUMMARY_SQL})")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
 

@@ -16,7 +16,7 @@ async def models(state: State) -> ModelsResponse:
     qc = state.qc
     infos = [ModelInfo(name=c.name, architecture=c.architecture, version=c.created or c.sha256[:12], sha256=c.sha256,
                        thresholds=c.thresholds, input_size=c.input_size, classes=c.classes, metrics=c.metrics)
-             for c in (qc.pres_card, qc.det_card, qc.sad_card, qc.cls_card) if c is not None]
+             for c in (qc.pres_card, qc.det_card, qc.sad_card, qc.cls_card, qc.colour_card) if c is not None]
     findings = qc.findings_card.thresholds if qc.findings_card is not None else {}
     return ModelsResponse(policy=qc.policy, device=str(qc.device), runtimes=qc.runtimes, models=infos,
                           findings_thresholds=findings)

@@ -71,7 +71,8 @@ async def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
     and the policy, so the page recounts labels exactly as the engine would decide them."""
     t = Thresholds.of(state.qc, job_or_404(state, job_id).policy)
     return JSONResponse({"points": what_if_points(state.store.summaries(job_id)), "policy": t.policy,
-                         "score": t.score_name, "thresholds": {"deep_sad": t.deep_sad, "resnest": t.resnest}})
+                         "score": t.score_name,
+                         "thresholds": {"deep_sad": t.deep_sad, "resnest": t.resnest, "colour": t.colour}})
 
 
 @router.get("/items/{item}")

@@ -28,16 +28,19 @@ class Thresholds:
     detector: float
     presence: float | None
     policy: str
+    colour: float | None = None  # the crop-colour scorer's, where the weights carry one
 
     @classmethod
     def of(cls, qc: QCPipeline, policy: str) -> Thresholds:
         return cls(threshold_of(qc.sad_card), threshold_of(qc.cls_card), qc.det_threshold,
-                   qc.presence_threshold if qc.pres_card else None, policy)
+                   qc.presence_threshold if qc.pres_card else None, policy,
+                   threshold_of(qc.colour_card) if qc.colour_card else None)
 
     @property
     def score_name(self) -> str:
         """The stage-2 score the histogram and the score filter use: the policy's own model;
-        for `either`/`both`, ResNeSt's probability (bounded, so one axis fits every job)."""
+        for `either`/`both`/`two_of_three`, ResNeSt's probability (bounded, so one axis fits
+        every job)."""
         return "deep_sad" if self.policy == "deep_sad" else "resnest"
 
     @property
@@ -56,7 +59,10 @@ def margin(s: ItemSummary, t: Thresholds) -> float:
     if s.label in ("regular", "non_regular") and s.resnest_prob is not None and s.deep_sad_score is not None:
         sad = abs(s.deep_sad_score - t.deep_sad) / max(t.deep_sad, 1e-9)
         prob = abs(s.resnest_prob - t.resnest)
-        return {"deep_sad": sad, "resnest": prob}.get(t.policy, min(sad, prob))
+        votes = [sad, prob]
+        if s.colour_score is not None and t.colour is not None:
+            votes.append(abs(s.colour_score - t.colour))
+        return {"deep_sad": sad, "resnest": prob}.get(t.policy, min(votes))
     if s.label == "no_cervix":
         if s.presence_score is not None and t.presence is not None:
             return abs(s.presence_score - t.presence)
@@ -157,8 +163,9 @@ def neighbours(items: list[ItemSummary], reviews: dict[int, Reviewed], t: Thresh
     return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
 
 
-def what_if_points(items: list[ItemSummary]) -> list[list[float]]:
-    """[deep_sad, resnest] for every item stage 2 labelled: enough for the page to recount
-    labels exactly under a moved threshold and the job's policy, in the browser."""
-    return [[s.deep_sad_score, s.resnest_prob] for s in items
+def what_if_points(items: list[ItemSummary]) -> list[list[float | None]]:
+    """[deep_sad, resnest, colour (None without that model)] for every item stage 2 labelled:
+    enough for the page to recount labels exactly under a moved threshold and the job's
+    policy, in the browser."""
+    return [[s.deep_sad_score, s.resnest_prob, s.colour_score] for s in items
             if s.label in ("regular", "non_regular") and s.deep_sad_score is not None and s.resnest_prob is not None]

@@ -17,7 +17,9 @@
     const flagged = (p, thr) => {
       const sad = p[0] >= (data.score === "deep_sad" ? thr : data.thresholds.deep_sad);
       const res = p[1] >= (data.score === "resnest" ? thr : data.thresholds.resnest);
-      return {deep_sad: sad, resnest: res, either: sad || res, both: sad && res}[data.policy];
+      const colour = p[2] != null && data.thresholds.colour != null && p[2] >= data.thresholds.colour;
+      return {deep_sad: sad, resnest: res, either: sad || res, both: sad && res,
+              two_of_three: sad + res + colour >= 2}[data.policy];
     };
     const now = data.points.map(p => flagged(p, stored));
 

@@ -28,6 +28,7 @@
     const scores = [];
     if (r.resnest_prob != null) scores.push(vs("ResNeSt", r.resnest_prob, T.resnest));
     if (r.deep_sad_score != null) scores.push(vs("Deep SAD", r.deep_sad_score, T.deep_sad));
+    if (r.colour_score != null && T.colour != null) scores.push(vs("crop colour", r.colour_score, T.colour));
     if (r.label === "no_cervix" && r.presence_score != null) scores.push(vs("cervix presence", r.presence_score, T.presence));
     else if (r.label === "no_cervix" && r.cervix_score != null) scores.push(vs("detector", r.cervix_score, T.detector));
     li.querySelector(".score").textContent = scores.join(" · ") + (scores.length && r.label !== "no_cervix" ? " (policy " + T.policy + ")" : "");

@@ -1,0 +1,60 @@
+"""The two_of_three policy: a crop is non-regular when two of Deep SAD, ResNeSt and the
+crop-colour scorer say so; it exists only where the weights folder carries the colour model."""
+
+import pytest
+
+from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import Label
+from tests.qc_fixtures import jpeg_bytes, textured_scene, tiny_weights
+
+# tiny_weights' thresholds: Deep SAD distance 1.0, ResNeSt probability 0.5, colour as given
+SAD_YES, SAD_NO, RES_YES, RES_NO = 2.0, 0.5, 0.9, 0.1
+
+
+@pytest.fixture(scope="module")
+def with_colour(tmp_path_factory):
+    return QCPipeline(tiny_weights(tmp_path_factory.mktemp("wc"), detector_threshold=0.0, colour_threshold=0.6),
+                      QCConfig(device="cpu", runtime="torch"))
+
+
+@pytest.mark.parametrize("sad, res, colour, flagged", [
+    (SAD_YES, RES_YES, 0.1, True), (SAD_YES, RES_NO, 0.7, True), (SAD_NO, RES_YES, 0.7, True),
+    (SAD_YES, RES_NO, 0.1, False), (SAD_NO, RES_YES, 0.1, False), (SAD_NO, RES_NO, 0.7, False)])
+def test_two_of_three_flags_a_crop_exactly_when_two_scorers_do(with_colour, sad, res, colour, flagged):
+    want = Label.NON_REGULAR if flagged else Label.REGULAR
+    assert with_colour.label_for(sad, res, "two_of_three", colour) == want
+
+
+def test_the_engine_reports_the_colour_score_and_votes_with_it(with_colour):
+    photos = [jpeg_bytes(textured_scene(seed)) for seed in range(3)]
+    results = with_colour.run(photos, policy="two_of_three")
+    cropped = [r for r in results if r.label in (Label.REGULAR, Label.NON_REGULAR)]
+    assert cropped and all(r.colour_score == pytest.approx(0.5) for r in cropped)  # zero weights: sigmoid(0)
+    for r in cropped:  # 0.5 is under the 0.6 threshold: both networks must agree
+        assert r.label == with_colour.label_for(r.deep_sad_score, r.resnest_prob, "both")
+
+
+def test_a_policy_that_needs_the_colour_model_is_refused_where_the_weights_lack_it(tmp_path):
+    plain = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    with pytest.raises(ValueError, match="colour"):
+        QCPipeline(plain, QCConfig(device="cpu", policy="two_of_three"))
+    qc = QCPipeline(plain, QCConfig(device="cpu", runtime="torch"))
+    assert "two_of_three" not in qc.policies
+    with pytest.raises(ValueError, match="colour"):
+        qc.run([jpeg_bytes(textured_scene(0))], policy="two_of_three")
+    assert qc.run([jpeg_bytes(textured_scene(0))])[0].colour_score is None
+
+
+def test_clean_refuses_the_vote_before_any_engine_starts_where_the_weights_lack_the_colour_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(textured_scene(0)))
+    plain = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = CliRunner().invoke(app, ["clean", str(src), "-o", str(tmp_path / "out"), "--weights", str(plain),
+                                 "--policy", "two_of_three", "--engine", "ray"])
+    assert r.exit_code != 0 and "colour.json" in r.output
+    assert not (tmp_path / "out").exists()
