@@ -295,3 +295,31 @@ def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
     dx = min(2 * w / 100, w - before[2])
     assert after == pytest.approx([before[0] + dx, before[1], before[2] + dx, min(h, before[3] + h / 100)], abs=0.11)
     ctx.close()
+
+
+def test_the_what_if_recounts_under_the_vote_of_three_for_a_job_run_with_it(page, server):  # noqa: F811
+    key = {"X-API-Key": API_KEY}
+    created = page.request.post("/v1/jobs", data={"source": "collection", "policy": "two_of_three"}, headers=key)
+    assert created.status == 202, created.text()
+    job = created.json()["id"]
+    for _ in range(240):
+        status = page.request.get(f"/v1/jobs/{job}", headers=key).json()["status"]
+        if status in ("done", "failed"):
+            break
+        page.wait_for_timeout(500)
+    assert status == "done"
+    page.goto(f"/ui/jobs/{job}/review")
+    slider = page.locator("#thr")
+    expect(slider).to_have_attribute("min", re.compile(r"\d"))
+    scores = page.request.get(f"/ui/jobs/{job}/scores.json").json()
+    t, points = scores["thresholds"], scores["points"]
+    assert scores["policy"] == "two_of_three" and t["colour"] == 0.6
+
+    def flagged(p, thr):
+        return (p[0] >= t["deep_sad"]) + (p[1] >= thr) + (p[2] is not None and p[2] >= t["colour"]) >= 2
+
+    moved = sorted(p[1] for p in points)[len(points) // 2]
+    changed = sum(flagged(p, moved) != flagged(p, t["resnest"]) for p in points)
+    assert changed > 0  # else the page's answer could not tell a missing rule from a right one
+    slider.fill(str(moved))
+    expect(page.locator("#whatif-text")).to_contain_text(f"{changed} of {len(points)} would change label")
