@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail, _manifest
-from pipelines.engine.qc_result import COLOUR_POLICIES, POLICIES
+from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, policies_for
 
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
@@ -31,8 +31,8 @@ DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: pil (DCT-scaled,
 def _check_policy(policy: Optional[str], weights: Path | None = None) -> None:
     if policy is not None and policy not in POLICIES:
         _fail(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
-    if policy in COLOUR_POLICIES and weights is not None and not (weights / "colour.json").is_file():
-        _fail(f"policy {policy!r} needs a crop-colour model: {weights} has no colour.json (cervixqc train-colour)")
+    if policy is not None and weights is not None and policy not in policies_for(weights):
+        _fail(f"policy {policy!r} needs a crop-colour model: {weights} has no {COLOUR_CARD} (cervixqc train-colour)")
 
 
 def _check_decoder(jpeg_decoder: str) -> None:

@@ -38,7 +38,7 @@ from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_
 from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
-from pipelines.engine.qc_result import COLOUR_POLICIES, POLICIES, Label, Policy, QCResult
+from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Label, Policy, QCResult, policies_for
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
 
 Runtime = Literal["auto", "torch", "openvino"]
@@ -199,15 +199,14 @@ class QCPipeline:
                                          if (weights / "presence.json").is_file() else (None, None))
         self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
-        self.colour, self.colour_card = (load_colour(weights / "colour.json") if (weights / "colour.json").is_file()
-                                         else (None, None))
+        self.policies: tuple[Policy, ...] = policies_for(weights)
+        with_colour = set(COLOUR_POLICIES) <= set(self.policies)
+        self.colour, self.colour_card = load_colour(weights / COLOUR_CARD) if with_colour else (None, None)
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         self.findings_card = (load_findings_card(weights / "findings.json")
                               if self.cfg.findings and (weights / "findings.json").is_file() else None)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card, self.colour_card)
-        self.policies: tuple[Policy, ...] = tuple(p for p in POLICIES if self.colour is not None
-                                                  or p not in COLOUR_POLICIES)
-        self._check_policy(self.policy)
+        self.check_policy(self.policy)
         self.det_threshold = self.det_card.thresholds.get("score", 0.5)
         self.cls_size = self.cls_card.input_size[0]
         self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
@@ -416,7 +415,8 @@ class QCPipeline:
         timings["presence"] = self._stamp(t)
         return dict(zip(image_of, scores.tolist()))
 
-    def _check_policy(self, policy: Policy) -> None:
+    def check_policy(self, policy: Policy) -> None:
+        """ValueError, saying why, for a policy these weights cannot run."""
         if policy not in self.policies:
             raise ValueError(f"policy {policy!r} needs a crop-colour model (colour.json) in the weights folder"
                              if policy in COLOUR_POLICIES else f"unknown policy {policy!r}")
@@ -428,7 +428,7 @@ class QCPipeline:
         sad_says = sad >= threshold_of(self.sad_card)
         res_says = prob >= threshold_of(self.cls_card)
         if policy in COLOUR_POLICIES:
-            self._check_policy(policy)
+            self.check_policy(policy)
             if colour is None:
                 raise ValueError(f"policy {policy!r} needs the crop's colour score")
             flagged = sad_says + res_says + (colour >= threshold_of(self.colour_card)) >= 2
@@ -474,7 +474,7 @@ class QCPipeline:
         names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
                                                        for k, i in enumerate(items)]
         if policy is not None:
-            self._check_policy(policy)  # before any work, not at the first crop
+            self.check_policy(policy)  # before any work, not at the first crop
         t0 = time.perf_counter()
         results: list[QCResult | None] = [None] * len(items)
         ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]

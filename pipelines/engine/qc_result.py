@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
@@ -15,6 +16,14 @@ FINDINGS = ("blur", "dark", "overexposed", "glare")
 Policy = Literal["deep_sad", "resnest", "either", "both", "two_of_three"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
 COLOUR_POLICIES: tuple[Policy, ...] = ("two_of_three",)
+COLOUR_CARD = "colour.json"  # the crop-colour scorer's card in a weights folder
+
+
+def policies_for(weights_dir: str | Path) -> tuple[Policy, ...]:
+    """The policies a weights folder can run: the vote of three needs the crop-colour scorer.
+    The engine and the CLI's early check (before any Ray actor loads the weights) both ask here."""
+    has_colour = (Path(weights_dir) / COLOUR_CARD).is_file()
+    return tuple(p for p in POLICIES if has_colour or p not in COLOUR_POLICIES)
 
 
 def check_findings(names: list[str]) -> list[str]:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from models.colour import CropColour, CropColourConfig
 from models.io import ModelCard, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.engine.stage2 import colour_scores, crop_histograms
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold, metrics_by_group
+from pipelines.training.linear import fit_standardised_logistic
 
 
 @dataclass
@@ -61,14 +61,12 @@ def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: Cr
     x, y = (np.concatenate(p) for p in zip(*parts))
     if len(np.unique(y)) < 2:
         raise ValueError("the colour model needs regular and non-regular training crops")
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    lr = LogisticRegression(C=cfg.c, max_iter=5000, class_weight="balanced", random_state=cfg.seed)
-    lr.fit((x - mean) / scale, y)
+    fit = fit_standardised_logistic(x, y, cfg.c, cfg.seed, class_weight="balanced")
     model = CropColour(model_cfg)
-    model.load_state_dict({"mean": torch.tensor(mean, dtype=torch.float32),
-                           "scale": torch.tensor(scale, dtype=torch.float32),
-                           "weight": torch.tensor(lr.coef_[0], dtype=torch.float32),
-                           "bias": torch.tensor(float(lr.intercept_[0]))})
+    model.load_state_dict({"mean": torch.tensor(fit.mean, dtype=torch.float32),
+                           "scale": torch.tensor(fit.scale, dtype=torch.float32),
+                           "weight": torch.tensor(fit.weight, dtype=torch.float32),
+                           "bias": torch.tensor(fit.bias)})
     probs = colour_scores(model, val.images.float()).numpy()
     yv = val.non_regular.numpy()
     threshold = calibrate_threshold(yv, probs, space="logit")

@@ -15,7 +15,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from models.io import ModelCard, load_card, save_weights
@@ -23,6 +22,7 @@ from models.presence import PresenceConfig, PresenceHead
 from pipelines.data.images import load_rgb
 from pipelines.engine.detector import load_detector
 from pipelines.evaluation.classification import margin_threshold
+from pipelines.training.linear import fit_standardised_logistic
 from pipelines.engine.presence import colour_histograms, detect_with_features
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,9 @@ def fit_head(train: PhotoFeatures, cfg: PresenceTrainConfig, weights: np.ndarray
     state = head.state_dict()
     w = balanced_weights(train.labels, np.ones(len(train.labels)) if weights is None else weights)
     for name, x, c in (("hist", train.hist, cfg.c_hist), ("feat", train.feats, cfg.c_feat)):
-        mean, scale = x.mean(0), x.std(0) + 1e-6
-        lr = LogisticRegression(C=c, max_iter=5000, random_state=cfg.seed)
-        lr.fit((x - mean) / scale, train.labels, sample_weight=w)
-        logits = lr.decision_function((x - mean) / scale)
-        for key, value in (("mean", mean), ("scale", scale), ("weight", lr.coef_[0]), ("bias", lr.intercept_[0]),
+        fit = fit_standardised_logistic(x, train.labels, c, cfg.seed, sample_weight=w)
+        logits = fit.logits(x)
+        for key, value in (("mean", fit.mean), ("scale", fit.scale), ("weight", fit.weight), ("bias", fit.bias),
                            ("logit_mean", logits.mean()), ("logit_scale", logits.std() + 1e-6)):
             state[f"{name}_{key}"] = torch.as_tensor(value, dtype=torch.float32).reshape(state[f"{name}_{key}"].shape)
     head.load_state_dict(state)

@@ -59,9 +59,11 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
         raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
-    if body.policy is not None and body.policy not in state.qc.policies:
-        raise ApiError(422, "policy_unavailable", f"policy {body.policy!r} needs a crop-colour model (colour.json) "
-                                              f"the server's weights lack; one of {', '.join(state.qc.policies)}")
+    if body.policy is not None:
+        try:
+            state.qc.check_policy(body.policy)
+        except ValueError as e:
+            raise ApiError(422, "policy_unavailable", f"{e}; this server runs {', '.join(state.qc.policies)}") from e
     job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
     state.runner.wake()
     return status_of(state, job)
