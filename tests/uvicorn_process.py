@@ -15,10 +15,34 @@ from pathlib import Path
 import httpx
 
 
+_WORKER_PORTS = 1000
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that no other test worker can be handed.
+
+    `make test` runs the suite in two pytest-xdist workers. A port from binding to 0 is only free
+    until someone binds it, and a server that lost that race would leave its readiness poll
+    answered by the other worker's server. So each worker counts through a range of its own
+    below the kernel's ephemeral ports (32768 up, where bind-to-0 and outgoing connections draw),
+    skipping ports something else holds; a run without workers binds to 0 as before."""
+    global _next_port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    base = 20000 + int(worker[2:]) * _WORKER_PORTS
+    for _ in range(_WORKER_PORTS):
+        port, _next_port = base + _next_port, (_next_port + 1) % _WORKER_PORTS
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {base}-{base + _WORKER_PORTS - 1}")
 
 
 @dataclass
