@@ -1,10 +1,13 @@
 """A tiny detector really trains: loss falls, mAP > 0, resume continues, export loads,
 and two gloo processes under torchrun train together."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from pipelines.data.detection import MixedEpochSampler
 from pipelines.data.synth import SizePolicy, SynthConfig, generate
 from pipelines.engine.detector import load_detector
 from pipelines.training.detector import DetectorTrainConfig, presence_threshold, train_detector
+from tests.uvicorn_process import free_port
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +75,49 @@ def test_presence_threshold_separates_images_with_and_without_boxes():
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_together_under_torchrun(boxes_set, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipelines.cli", "train-detector", str(boxes_set), str(boxes_set), "-o", str(tmp_path),
            "--backbone", "resnet18", "--size", "96", "--epochs", "1", "--batch-size", "2", "--workers", "0",
            "--max-steps", "3", "--warmup", "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = tmp_path / "torchrun.log"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait(240)
+        except subprocess.TimeoutExpired:
+            # SIGABRT has faulthandler write each process's Python stacks to the log; then all
+            # go, ranks included (killing torchrun alone once left a rank running for good).
+            pids = [proc.pid, *_descendants(proc.pid)]
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                time.sleep(5)
+            proc.wait()
+            pytest.fail(f"torchrun still running after 240 s; its output and stacks:\n{output.read_text()[-8000:]}")
+    assert returncode == 0, output.read_text()[-3000:]
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])  # written once, by rank 0
     assert (tmp_path / "detector.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren... from /proc: torchrun starts each rank in a session of its own,
+    out of reach of a signal to torchrun's process group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def test_bench_reports_inference_per_batch_size_and_training_rates(boxes_set):

@@ -24,7 +24,7 @@ from pipelines.data.presets import detection_eval, detection_train
 from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
-from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown
+from pipelines.training.distributed import DistInfo, barrier, device_for, init_distributed, shutdown
 from pipelines.training.loop import FitResult, LoopConfig, fit
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,10 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
         result = fit(model, task, loader, optimizer, loop, device, dist_info)
         card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
                 if dist_info.is_main else None)
+        # Every rank reaches the process group's teardown together: a rank destroying it while
+        # another still works (here rank 0's export) is what PyTorch's maintainers name as a
+        # cause of hangs, and a two-rank run under load once hung past 240 s after rank 0 exited.
+        barrier(dist_info)
         return result, card
     finally:
         shutdown(dist_info)
