@@ -213,11 +213,16 @@ def bench(
         result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
     typer.echo(json.dumps(result, indent=2))
     naive = result["naive"]
-    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, peak RSS {naive['peak_rss_mb']:.0f} MB")
+
+    def memory(run: dict) -> str:
+        gpu = f", GPU {run['peak_gpu_reserved_mb']:.0f} MB reserved" if "peak_gpu_reserved_mb" in run else ""
+        return f"peak RSS {run['peak_rss_mb']:.0f} MB{gpu}"
+
+    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, {memory(naive)}")
     for run in result["batched"]:
         split = ", ".join(f"{k} {v:.2f}s" for k, v in run["stage_seconds"].items())
         typer.echo(f"{run['mode']}: {run['images_per_s']:.1f} images/s = {run['speedup_vs_naive']:.2f}x naive; "
-                   f"peak RSS {run['peak_rss_mb']:.0f} MB; labels differing from torch "
+                   f"{memory(run)}; labels differing from torch "
                    f"{run['labels_differing_from_first_batched']['count']}; {split}")
     if out is not None:
         out.write_text(json.dumps(result, indent=2))

@@ -48,8 +48,15 @@ def real_mix(source: Path, out: Path, per_folder: int = 90, phone_per_folder: in
     return out
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_memory(device: str) -> dict[str, float]:
+    """Peak RSS of this process (one engine: each mode runs in a process of its own); on CUDA
+    also the caching allocator's peaks: reserved is what the GPU must have free, allocated what
+    the tensors took."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        peaks |= {"peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+                  "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return peaks
 
 
 def run_naive(weights: Path, paths: list[Path], device: str = "cpu", warmup: int = 2) -> dict:
@@ -60,7 +67,7 @@ def run_naive(weights: Path, paths: list[Path], device: str = "cpu", warmup: int
     stages = _naive_loop(qc, paths, device)
     seconds = time.perf_counter() - t0
     return {"mode": "naive", "device": device, "images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
-            "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb()}
+            "stage_seconds": stages, **_peak_memory(device)}
 
 
 @torch.inference_mode()
@@ -128,7 +135,7 @@ def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: 
     qc.close()
     return {"mode": f"batched(b={batch_size}, {runtime}, precision {precision}, overlap {overlap})", "device": device,
             "jpeg_decoder": jpeg_decoder, "runtimes": qc.runtimes, "images": len(paths), "seconds": seconds,
-            "images_per_s": len(paths) / seconds, "stage_seconds": stages, "peak_rss_mb": _peak_rss_mb(),
+            "images_per_s": len(paths) / seconds, "stage_seconds": stages, **_peak_memory(device),
             "labels": labels}
 
 
