@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from models.exportable import DetectorConvolutions
-from models.io import WeightsIntegrityError
+from models.io import WeightsIntegrityError, load_weights, save_weights
 from pipelines.cli import app
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector
@@ -111,6 +111,27 @@ def test_a_damaged_cached_conversion_is_converted_again(exported, first_conversi
     assert qc.runtimes["classifier"].endswith("(converted in a child process)")
     assert QCPipeline(exported, QCConfig(openvino_cache=cache)).runtimes["classifier"].endswith("(cached conversion)")
     assert len(qc.run(photos[:2])) == 2
+
+
+def test_float16_stored_weights_convert_to_float16_at_auto_and_to_float32_when_f32_is_asked(exported, tmp_path,
+                                                                                            photos):
+    """As the bundled classifier: stored float16, converted at load. At OpenVINO's own precision
+    the conversion keeps float16 (less memory); `--precision f32` gets a float32 one, which
+    scores as torch does."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    state, card = load_weights(folder / "classifier.json")
+    save_weights(state, folder / "classifier", card, dtype="float16")
+    cache = tmp_path / "cache"
+    torch_rows = QCPipeline(folder, QCConfig(runtime="torch")).run(photos[:3])
+    for precision, dtype, tolerance in (("auto", "float16", 1e-2), ("f32", "float32", 1e-4)):
+        qc = QCPipeline(folder, QCConfig(precision=precision, openvino_cache=cache))
+        assert qc.runtimes["classifier"].endswith("(converted in a child process)")
+        (converted,) = cache.glob(f"classifier-*-{dtype}")
+        assert openvino_runtime.read_card(converted, "classifier").weights_compression == dtype
+        rows = qc.run(photos[:3])
+        assert all(abs(x.resnest_prob - y.resnest_prob) < tolerance for x, y in zip(rows, torch_rows))
+    assert sorted(p.name.rsplit("-", 1)[1] for p in cache.iterdir()) == ["float16", "float32"]
 
 
 def test_an_unwritable_cache_costs_a_conversion_not_the_start_and_leaves_no_files(exported, tmp_path, photos,

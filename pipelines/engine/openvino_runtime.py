@@ -209,16 +209,17 @@ def cache_root() -> Path:
     return Path(base) / "cervixqc" / "openvino"
 
 
-def _convert_in_child(weights: Path, jobs: list[tuple[str, Path]]) -> None:
-    args = [a for name, out in jobs for a in (name, str(out))]
+def _convert_in_child(weights: Path, jobs: list[tuple[str, Path, str]]) -> None:
+    args = [a for job in jobs for a in map(str, job)]
     proc = subprocess.run([sys.executable, "-m", "pipelines.engine.openvino_runtime", str(weights), *args],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        names = ", ".join(str(weights / (name + ".json")) for name, _ in jobs)
+        names = ", ".join(str(weights / (name + ".json")) for name, *_ in jobs)
         raise RuntimeError(f"converting {names} to OpenVINO failed:\n{proc.stderr[-2000:]}")
 
 
-def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None = None) -> dict[str, tuple[object, str]]:
+def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None = None,
+              precision: Precision = "auto") -> dict[str, tuple[object, str]]:
     """The OpenVINO model of each of `weights`' models named in `sources`, and where it came
     from. Kept under `cache` (default `cache_root()`) in a folder named by the source's sha256
     and the OpenVINO version and checked like any export at load; a damaged copy is converted
@@ -234,7 +235,8 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
     missing: dict[str, tuple[Path | None, Path]] = {}  # name -> (cache folder or None, work folder)
     try:
         for name, source in sources.items():
-            folder = root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}"
+            folder = (root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}"
+                               f"-{conversion_weights(source, precision)}")
             if card_path(folder, name).is_file():
                 try:
                     found[name] = load_exported(folder, name, source), "cached conversion"
@@ -247,7 +249,8 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
             except OSError:
                 missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
         if missing:
-            _convert_in_child(weights, [(name, work) for name, (_, work) in missing.items()])
+            _convert_in_child(weights, [(name, work, conversion_weights(sources[name], precision))
+                                        for name, (_, work) in missing.items()])
         for name, (folder, work) in missing.items():
             found[name] = load_exported(work, name, sources[name]), "converted in a child process"  # in memory: the files can go
             if folder is not None:
@@ -261,17 +264,29 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
             shutil.rmtree(work, ignore_errors=True)
 
 
+def conversion_weights(source: ModelCard, precision: Precision = "auto") -> Literal["float16", "float32"]:
+    """How a conversion stores its weights. The compiled model keeps its input's weights beside
+    the copies it reorders at the first inference: the bundled ResNeSt50 compiled at f32 and
+    run once took 258 MB stored float32, 212 MB stored float16 (2026-12-01, a CPU without
+    bf16). float16, as the exports store theirs, where the safetensors hold float16 already
+    (the bundled classifier) and the precision is OpenVINO's choice: the conversion's folded
+    constants are then rounded to float16 (logits moved by up to 5e-4 of their size against
+    the float32 conversion; no label of the 300 real-mix photos). float32 otherwise, so that
+    `--precision f32` labels as torch does."""
+    return "float16" if source.storage_dtype == "float16" and precision == "auto" else "float32"
+
+
 def _main(argv: list[str]) -> None:
-    """The child of `converted`: WEIGHTS NAME OUT [NAME OUT ...] -> OUT/<name>.openvino.xml/.bin
-    and card, for each NAME."""
+    """The child of `converted`: WEIGHTS NAME OUT DTYPE [NAME OUT DTYPE ...] ->
+    OUT/<name>.openvino.xml/.bin and card, for each NAME, weights stored as DTYPE."""
     from pipelines.engine.detector import load_detector
     from pipelines.engine.stage2 import load_stage2
 
     weights = Path(argv[0])
-    for name, out in zip(argv[1::2], argv[2::2]):
+    for name, out, dtype in zip(argv[1::3], argv[2::3], argv[3::3]):
         model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
-        # float32 weights: what converting in process gave, so `--precision f32` still labels as torch does
-        export(name, model, card, Path(out), weights / f"{name}.json", compress_to_fp16=False, command="converted at load")
+        export(name, model, card, Path(out), weights / f"{name}.json", compress_to_fp16=dtype == "float16",
+               command="converted at load")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ class QCPipeline:
         models = {n: (openvino_runtime.load_exported(weights, n, c), "exported")
                   for n, c in cards.items() if use_export[n]}
         models |= openvino_runtime.converted(weights, {n: c for n, c in cards.items() if not use_export[n]},
-                                             self.cfg.openvino_cache)
+                                             self.cfg.openvino_cache, self.cfg.precision)
         for name, (ov_model, source) in models.items():
             quantized = use_export[name] and bool(exports[name].quantization)
             self._runs[name] = openvino_runtime.Compiled(ov_model, self.cfg.precision, threads=torch.get_num_threads())
