@@ -221,8 +221,9 @@ def _convert_in_child(weights: Path, jobs: list[tuple[str, Path, str]]) -> None:
 def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None = None,
               precision: Precision = "auto") -> dict[str, tuple[object, str]]:
     """The OpenVINO model of each of `weights`' models named in `sources`, and where it came
-    from. Kept under `cache` (default `cache_root()`) in a folder named by the source's sha256
-    and the OpenVINO version and checked like any export at load; a damaged copy is converted
+    from. Kept under `cache` (default `cache_root()`) in a folder named by the source's sha256,
+    the OpenVINO version and the weights' dtype (`conversion_weights`: `precision` decides it
+    too) and checked like any export at load; a damaged copy is converted
     again, an unwritable cache costs the conversion at every start. The missing ones are
     converted together in one child process (see the module's docstring for why a child): its
     start (importing torch, torchvision, timm and OpenVINO) is most of a conversion's time:
