@@ -234,10 +234,10 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
     root = cache or cache_root()
     found: dict[str, tuple[object, str]] = {}
     missing: dict[str, tuple[Path | None, Path]] = {}  # name -> (cache folder or None, work folder)
+    dtypes = {name: conversion_weights(source, precision) for name, source in sources.items()}
     try:
         for name, source in sources.items():
-            folder = (root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}"
-                               f"-{conversion_weights(source, precision)}")
+            folder = root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}-{dtypes[name]}"
             if card_path(folder, name).is_file():
                 try:
                     found[name] = load_exported(folder, name, source), "cached conversion"
@@ -250,8 +250,7 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
             except OSError:
                 missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
         if missing:
-            _convert_in_child(weights, [(name, work, conversion_weights(sources[name], precision))
-                                        for name, (_, work) in missing.items()])
+            _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
         for name, (folder, work) in missing.items():
             found[name] = load_exported(work, name, sources[name]), "converted in a child process"  # in memory: the files can go
             if folder is not None:

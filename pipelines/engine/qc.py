@@ -200,8 +200,8 @@ class QCPipeline:
         self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
-        with_colour = set(COLOUR_POLICIES) <= set(self.policies)
-        self.colour, self.colour_card = load_colour(weights / COLOUR_CARD) if with_colour else (None, None)
+        self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
+                                         else (None, None))
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         self.findings_card = (load_findings_card(weights / "findings.json")
                               if self.cfg.findings and (weights / "findings.json").is_file() else None)

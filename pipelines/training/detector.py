@@ -24,7 +24,7 @@ from pipelines.data.presets import detection_eval, detection_train
 from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
-from pipelines.training.distributed import DistInfo, barrier, device_for, init_distributed, shutdown
+from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown
 from pipelines.training.loop import FitResult, LoopConfig, fit
 
 log = logging.getLogger(__name__)
@@ -119,41 +119,35 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     dist_info = init_distributed()
     device = device_for(dist_info)
     torch.manual_seed(cfg.seed + dist_info.rank)
-    try:
-        loader, train = _loader(cfg, dist_info)
-        model_cfg = DetectorConfig(**{**asdict(cfg.model), "num_classes": len(train.categories) + 1})
-        backbone = None
-        if cfg.backbone_weights is not None:
-            from safetensors.torch import load_file
+    loader, train = _loader(cfg, dist_info)
+    model_cfg = DetectorConfig(**{**asdict(cfg.model), "num_classes": len(train.categories) + 1})
+    backbone = None
+    if cfg.backbone_weights is not None:
+        from safetensors.torch import load_file
 
-            p = str(cfg.backbone_weights)
-            backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
-        model = build_detector(model_cfg, backbone)
-        init_scope = _init_from_card(model, model_cfg, cfg.init_from) if cfg.init_from is not None else None
-        if init_scope is not None:
-            log.info("started from %s (%s)", cfg.init_from, init_scope)
-        model = model.to(device)
-        if dist_info.enabled:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        val = CocoDetection(load_coco(cfg.val_coco), cfg.val_images or cfg.val_coco.parent, detection_eval(),
-                            2 * cfg.model.max_size, train.categories)
-        task = DetectorTask(val, cfg.batch_size)
-        loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
-                          grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
-                          max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress)
-        result = fit(model, task, loader, optimizer, loop, device, dist_info)
-        card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
-                if dist_info.is_main else None)
-        # Every rank reaches the process group's teardown together: a rank destroying it while
-        # another still works (here rank 0's export) is what PyTorch's maintainers name as a
-        # cause of hangs, and a two-rank run under load once hung past 240 s after rank 0 exited.
-        barrier(dist_info)
-        return result, card
-    finally:
-        shutdown(dist_info)
+        p = str(cfg.backbone_weights)
+        backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
+    model = build_detector(model_cfg, backbone)
+    init_scope = _init_from_card(model, model_cfg, cfg.init_from) if cfg.init_from is not None else None
+    if init_scope is not None:
+        log.info("started from %s (%s)", cfg.init_from, init_scope)
+    model = model.to(device)
+    if dist_info.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    val = CocoDetection(load_coco(cfg.val_coco), cfg.val_images or cfg.val_coco.parent, detection_eval(),
+                        2 * cfg.model.max_size, train.categories)
+    task = DetectorTask(val, cfg.batch_size)
+    loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
+                      grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
+                      max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress)
+    result = fit(model, task, loader, optimizer, loop, device, dist_info)
+    card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
+            if dist_info.is_main else None)
+    shutdown(dist_info)  # on success only: see its docstring
+    return result, card
 
 
 def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:

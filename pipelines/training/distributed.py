@@ -56,5 +56,12 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
 
 
 def shutdown(info: DistInfo) -> None:
+    """The process group's teardown, once training has succeeded on this rank. Every rank meets
+    first: a rank destroying the group while another still works (rank 0 exporting the best
+    epoch) is a known cause of hangs (pytorch/pytorch#75097), and a two-rank run here once hung
+    past 240 s after rank 0 exited. Not called on a failure: a failed rank leaves without it,
+    since the others may wait in a collective it never reaches (pytorch/torchtitan#1342), and
+    torchrun stops them."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

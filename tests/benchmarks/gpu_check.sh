@@ -14,9 +14,13 @@
 # machine (ignored files stay there between calls), joined with cat before `--weights weights`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-WHEELS=(pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 pycocotools==2.0.11)
-
 if [ "${1:-}" = --download ]; then
+  # the versions uv.lock pins, so the device runs what the project tests
+  mapfile -t WHEELS < <(python3 -c '
+import tomllib
+pins = {p["name"]: p["version"] for p in tomllib.load(open("uv.lock", "rb"))["package"]}
+for name in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "pycocotools"):
+    print(f"{name}=={pins[name]}")')
   mkdir -p .whl
   platforms=()
   for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
