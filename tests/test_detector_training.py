@@ -86,20 +86,36 @@ def test_two_gloo_processes_train_together_under_torchrun(boxes_set, tmp_path):
         try:
             returncode = proc.wait(240)
         except subprocess.TimeoutExpired:
-            # SIGABRT has faulthandler write each process's Python stacks to the log; then all
-            # go, ranks included (killing torchrun alone once left a rank running for good).
+            # Each process's threads (name, kernel wait), then SIGABRT one at a time so that
+            # faulthandler's Python stacks reach the log unmixed, torchrun's first; then all go,
+            # ranks included (killing torchrun alone once left a rank running for good).
             pids = [proc.pid, *_descendants(proc.pid)]
-            for sig in (signal.SIGABRT, signal.SIGKILL):
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                time.sleep(5)
+            threads = "\n".join(f"{pid}: {_threads(pid)}" for pid in pids)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+                time.sleep(2)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
-            pytest.fail(f"torchrun still running after 240 s; its output and stacks:\n{output.read_text()[-8000:]}")
+            pytest.fail(f"torchrun still running after 240 s; threads:\n{threads}\n"
+                        f"its output and stacks:\n{output.read_text()[-12000:]}")
     assert returncode == 0, output.read_text()[-3000:]
+    assert "exported" in output.read_text()  # rank 0 logged its card before the ranks left
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])  # written once, by rank 0
     assert (tmp_path / "detector.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def _threads(pid: int) -> str:
+    """'name/wait' per thread of a process, from /proc (a hang's native side, which faulthandler
+    does not show)."""
+    names = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            names.append(f"{(task / 'comm').read_text().strip()}/{(task / 'wchan').read_text().strip() or '-'}")
+    return " ".join(names)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -37,7 +37,8 @@ def train_detector_cmd(
              "only its backbone body is loaded.")] = 256,
 ) -> None:
     """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
-    Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ..."""
+    Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ... (each rank exits
+    at the end of training; rank 0 logs the exported card instead of the lines below)."""
     from models.detector import DetectorConfig
     from pipelines.training.detector import DetectorTrainConfig, train_detector
 

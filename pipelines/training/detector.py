@@ -24,7 +24,7 @@ from pipelines.data.presets import detection_eval, detection_train
 from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
-from pipelines.training.distributed import DistInfo, device_for, init_distributed, shutdown
+from pipelines.training.distributed import DistInfo, device_for, init_distributed, leave
 from pipelines.training.loop import FitResult, LoopConfig, fit
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
 
 
 def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
+    """Trains, keeps the best epoch and exports it (rank 0). Under torchrun it does not return:
+    each rank exits with status 0 once all are done (`distributed.leave`), rank 0 having logged
+    the exported card."""
     dist_info = init_distributed()
     device = device_for(dist_info)
     torch.manual_seed(cfg.seed + dist_info.rank)
@@ -146,7 +149,7 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     result = fit(model, task, loader, optimizer, loop, device, dist_info)
     card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
             if dist_info.is_main else None)
-    shutdown(dist_info)  # on success only: see its docstring
+    leave(dist_info)  # under torchrun the rank ends here, on success only: see its docstring
     return result, card
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +57,27 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world_size
 
 
-def shutdown(info: DistInfo) -> None:
-    """The process group's teardown, once training has succeeded on this rank. Every rank meets
-    first: a rank destroying the group while another still works (rank 0 exporting the best
-    epoch) is a known cause of hangs (pytorch/pytorch#75097), and a two-rank run here once hung
-    past 240 s after rank 0 exited. Not called on a failure: a failed rank leaves without it,
-    since the others may wait in a collective it never reaches (pytorch/torchtitan#1342), and
-    torchrun stops them."""
-    if info.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def leave(info: DistInfo) -> None:
+    """Ends a torchrun rank whose training succeeded: every rank meets at a barrier, then the
+    process exits at once with status 0, its output flushed, running no destructor.
+
+    Why no teardown: it hung twice in the two-rank test under a loaded CI, after training had
+    finished and written its files. Once with `destroy_process_group` called as soon as a rank
+    was done (rank 1 alive, rank 0 gone); once with a barrier first, as pytorch/pytorch#75097
+    advises: the stuck rank's main thread was in a C destructor as train_detector returned, one
+    thread with no Python frame beside it, the GIL-versus-worker-thread deadlock that
+    pytorch/pytorch#56297 and #56017 describe. Destroying the group would not even free it:
+    with a DDP model ever built, gloo's threads outlive `destroy_process_group` and the model
+    (measured, torch 2.13). Everything a rank owes is on disk by now, so it leaves as a
+    killed process would and torchrun reads its 0.
+
+    Not called on a failure: the exception ends the rank, torchrun sees it fail and stops the
+    others, which may be waiting in a collective the failed rank never reaches
+    (pytorch/torchtitan#1342). Without torchrun (one process) it does nothing."""
+    if not info.enabled:
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
