@@ -70,7 +70,10 @@ def test_firefox_relabels_by_key_and_redraws_a_box_by_dragging(firefox, server, 
                      " return [r.left, r.top, r.width, r.height]; })()")
     left, top, width, height = r  # type: ignore[misc]
     firefox.drag((left + width * 0.2, top + height * 0.3), (left + width * 0.6, top + height * 0.7))
-    firefox.wait_for("document.querySelectorAll('.history li.decision').length == 2")
+    # as above: the history is parsed before the model's JSON at the end of the page, so a
+    # page still loading can show two decisions and no #model yet
+    firefox.wait_for("document.querySelectorAll('.history li.decision').length == 2 && "
+                     "document.documentElement.dataset.keys == 'on'")
     box = json.loads(firefox.eval("document.getElementById('model').textContent"))["box"]  # type: ignore[arg-type]
     w, h = (int(firefox.eval(f"document.getElementById('item').dataset.{d}")) for d in ("width", "height"))
     assert box == pytest.approx([w * 0.2, h * 0.3, w * 0.6, h * 0.7], abs=max(w, h) * 0.03)
