@@ -42,7 +42,9 @@ def test_firefox_signs_in_with_the_keyboard_and_uploads_to_cards_with_boxes(fire
     firefox.wait_for("document.activeElement && document.activeElement.id == 'api_key'")  # focus on arrival
     firefox.type(API_KEY)
     firefox.press("Enter")
-    firefox.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent == 'Check photos'")
+    # the upload page, its script run (the file input's listener is attached at the page's end)
+    firefox.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent == 'Check photos' "
+                     "&& document.readyState == 'complete'")
     files = sorted((photos / "collection").rglob("*.jpg"))[:2]
     firefox.set_files("#files", files)
     firefox.wait_for("document.getElementById('status').textContent == '2 photo(s) checked.'")
