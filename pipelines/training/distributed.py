@@ -65,11 +65,12 @@ def leave(info: DistInfo) -> None:
     finished and written its files. Once with `destroy_process_group` called as soon as a rank
     was done (rank 1 alive, rank 0 gone); once with a barrier first, as pytorch/pytorch#75097
     advises: the stuck rank's main thread was in a C destructor as train_detector returned, one
-    thread with no Python frame beside it, the GIL-versus-worker-thread deadlock that
-    pytorch/pytorch#56297 and #56017 describe. Destroying the group would not even free it:
-    with a DDP model ever built, gloo's threads outlive `destroy_process_group` and the model
-    (measured, torch 2.13). Everything a rank owes is on disk by now, so it leaves as a
-    killed process would and torchrun reads its 0.
+    thread with no Python frame beside it, which looks like the GIL-versus-worker-thread
+    deadlocks of pytorch/pytorch#56297 and #56017 (not confirmed: 32 two-rank runs under CPU
+    hogs here did not hang, and which destructor blocked is unknown). Destroying the group would
+    not even free it: with a DDP model ever built, gloo's threads outlive
+    `destroy_process_group` and the model (measured, torch 2.13). Everything a rank owes is on
+    disk by now, so it leaves as a killed process would and torchrun reads its 0.
 
     Not called on a failure: the exception ends the rank, torchrun sees it fail and stops the
     others, which may be waiting in a collective the failed rank never reaches
