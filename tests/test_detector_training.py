@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -89,7 +90,8 @@ def test_two_gloo_processes_train_together_under_torchrun(boxes_set, tmp_path):
             # Each process's threads (name, kernel wait), then SIGABRT one at a time so that
             # faulthandler's Python stacks reach the log unmixed, torchrun's first; then all go,
             # ranks included (killing torchrun alone once left a rank running for good).
-            pids = [proc.pid, *_descendants(proc.pid)]
+            # torchrun starts each rank in a session of its own, out of reach of a signal to its group
+            pids = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
             threads = "\n".join(f"{pid}: {_threads(pid)}" for pid in pids)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
@@ -116,24 +118,6 @@ def _threads(pid: int) -> str:
         with contextlib.suppress(OSError):
             names.append(f"{(task / 'comm').read_text().strip()}/{(task / 'wchan').read_text().strip() or '-'}")
     return " ".join(names)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Children, grandchildren... from /proc: torchrun starts each rank in a session of its own,
-    out of reach of a signal to torchrun's process group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_bench_reports_inference_per_batch_size_and_training_rates(boxes_set):
