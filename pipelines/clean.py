@@ -164,7 +164,8 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     dups = collection_duplicates(records(), read) if duplicates is None else duplicates
     group = {row.path: row for row in dups.itertuples(index=False)}
     df = pd.DataFrame([with_group(r, group.get(r.path)).csv_row() for r in records()], columns=QCResult.csv_fields())
-    df["duplicate_group"] = df["duplicate_group"].astype("Int64")  # 3, not 3.0, beside the blanks
+    for column in ("width", "height", "duplicate_group"):  # 400, not 400.0, beside the blanks
+        df[column] = df[column].astype("Int64")
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
     _atomic(csv_path, lambda p: df.to_csv(p, index=False))
     _atomic(pq_path, lambda p: df.to_parquet(p, index=False))

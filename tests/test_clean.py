@@ -49,6 +49,8 @@ def test_clean_writes_one_row_per_file_and_never_touches_originals(weights, coll
     assert list(pq["path"]) == list(csv["path"]) and list(pq["label"]) == list(csv["label"])
     row = csv[csv["path"].str.endswith("/random.jpg")].iloc[0]
     assert row["label"] == "unreadable" and "not an image" in row["error"]
+    read = csv[csv["label"] != "unreadable"]
+    assert all(w.isdigit() and h.isdigit() for w, h in zip(read["width"].astype(str), read["height"].astype(str)))
     boxed = csv[csv["cervix_box"] != ""]
     assert all(len(json.loads(b)) == 4 for b in boxed["cervix_box"])
     flagged = csv[csv["label"] != "regular"]
