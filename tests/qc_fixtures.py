@@ -21,11 +21,12 @@ from pipelines.engine.presence import detect_with_features
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
                  presence_threshold: float | None = None, findings: dict[str, float] | None = None,
-                 colour_threshold: float | None = None) -> Path:
+                 colour_threshold: float | None = None, colour_spread: float = 0.0) -> Path:
     """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
     (its weights are zero, so every photo scores 0 against that threshold); a findings card
     only when its thresholds are given; a crop-colour scorer only when its threshold is given
-    (zero weights: every crop scores 0.5 against it)."""
+    (zero weights: every crop scores 0.5 against it; `colour_spread` > 0 draws its weights from
+    N(0, spread), seeded, so crops of different colours score on both sides of 0.5)."""
     if findings is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "findings.json").write_text(FindingsCard(thresholds=findings).model_dump_json())
@@ -53,7 +54,10 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
                            input_size=[32, 32], classes=["regular", "green", "iodine"],
                            thresholds={"probability": 0.5}))
     if colour_threshold is not None:
-        save_weights(CropColour(CropColourConfig()).state_dict(), folder / "colour",
+        colour = CropColour(CropColourConfig())
+        if colour_spread:
+            colour.weight.normal_(0.0, colour_spread, generator=torch.Generator().manual_seed(1))
+        save_weights(colour.state_dict(), folder / "colour",
                      ModelCard(name="colour", architecture="crop_colour_logistic", config=CropColourConfig().as_dict(),
                                input_size=[32, 32], classes=["regular", "non_regular"],
                                thresholds={"probability": colour_threshold}))

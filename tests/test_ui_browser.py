@@ -126,7 +126,7 @@ def test_the_review_page_counts_sorts_and_answers_a_what_if(page, screenshots_di
     expect(slider).to_have_attribute("min", re.compile(r"\d"))  # set once the scores have arrived
     scores = page.request.get(page.url.split("/review")[0] + "/scores.json").json()
     assert scores["policy"] == "resnest" and len(scores["points"]) == 60
-    assert scores["thresholds"]["colour"] == 0.6 and all(p[2] == pytest.approx(0.5) for p in scores["points"])
+    assert scores["thresholds"]["colour"] == 0.5 and all(p[2] is not None for p in scores["points"])
     stored = scores["thresholds"]["resnest"]
     moved = sorted(p[1] for p in scores["points"])[len(scores["points"]) // 2]  # the median score
     changed = sum((p[1] >= moved) != (p[1] >= stored) for p in scores["points"])
@@ -313,13 +313,15 @@ def test_the_what_if_recounts_under_the_vote_of_three_for_a_job_run_with_it(page
     expect(slider).to_have_attribute("min", re.compile(r"\d"))
     scores = page.request.get(f"/ui/jobs/{job}/scores.json").json()
     t, points = scores["thresholds"], scores["points"]
-    assert scores["policy"] == "two_of_three" and t["colour"] == 0.6
+    assert scores["policy"] == "two_of_three" and t["colour"] == 0.5
 
-    def flagged(p, thr):
-        return (p[0] >= t["deep_sad"]) + (p[1] >= thr) + (p[2] is not None and p[2] >= t["colour"]) >= 2
+    def flagged(p, thr, colour=True):
+        return (p[0] >= t["deep_sad"]) + (p[1] >= thr) + (colour and p[2] >= t["colour"]) >= 2
 
     moved = sorted(p[1] for p in points)[len(points) // 2]
     changed = sum(flagged(p, moved) != flagged(p, t["resnest"]) for p in points)
-    assert changed > 0  # else the page's answer could not tell a missing rule from a right one
+    without_colour = sum(flagged(p, moved, False) != flagged(p, t["resnest"], False) for p in points)
+    # else the page's answer could not tell a missing rule, or a rule blind to colour, from a right one
+    assert changed > 0 and without_colour != changed
     slider.fill(str(moved))
     expect(page.locator("#whatif-text")).to_contain_text(f"{changed} of {len(points)} would change label")

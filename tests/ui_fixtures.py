@@ -27,8 +27,10 @@ def synthetic_collection(work: Path) -> Path:
 
 def page_server(work: Path, data_root: Path) -> RunningServer:
     # detector threshold 0: every readable photo gets a box, so every card must draw one; the
-    # untrained colour scorer gives every crop 0.5
-    return start_server(work / "srv", tiny_weights(work / "w", detector_threshold=0.0, colour_threshold=0.6),
+    # colour scorer's random weights put about a quarter of the crops over its threshold, so a
+    # vote of three on these photos depends on it
+    weights = tiny_weights(work / "w", detector_threshold=0.0, colour_threshold=0.5, colour_spread=1.0)
+    return start_server(work / "srv", weights,
                         data_roots=data_root, max_wait_ms=20)
 
 
