@@ -21,12 +21,18 @@ from pipelines.engine.presence import detect_with_features
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
                  presence_threshold: float | None = None, findings: dict[str, float] | None = None,
-                 colour_threshold: float | None = None, colour_spread: float = 0.0) -> Path:
+                 colour_threshold: float | None = None, colour_spread: float = 0.0,
+                 sad_threshold: float = 1.0, cls_threshold: float = 0.5) -> Path:
     """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
     (its weights are zero, so every photo scores 0 against that threshold); a findings card
     only when its thresholds are given; a crop-colour scorer only when its threshold is given
     (zero weights: every crop scores 0.5 against it; `colour_spread` > 0 draws its weights from
-    N(0, spread), seeded, so crops of different colours score on both sides of 0.5)."""
+    N(0, spread), seeded, so crops of different colours score on both sides of 0.5).
+
+    The untrained stage-2 networks say yes to every crop at the default thresholds (Deep SAD
+    distances 1.1-1.2 against 1.0, classifier probabilities 0.5008-0.5021 against 0.5): a test
+    of a rule that combines them raises `sad_threshold` or `cls_threshold` (say 100 or 0.99)
+    so that one of them says no, or every policy gives the same label."""
     if findings is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "findings.json").write_text(FindingsCard(thresholds=findings).model_dump_json())
@@ -47,12 +53,12 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
     sad.c.fill_(0.1)
     save_weights(sad.state_dict(), folder / "deep_sad",
                  ModelCard(name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": 128},
-                           input_size=[32, 32], thresholds={"distance": 1.0}))
+                           input_size=[32, 32], thresholds={"distance": sad_threshold}))
     cls_cfg = ClassifierConfig(arch="resnest14d", input_size=32)
     save_weights(RegularityClassifier(cls_cfg).state_dict(), folder / "classifier",
                  ModelCard(name="classifier", architecture="resnest14d", config=cls_cfg.as_dict(),
                            input_size=[32, 32], classes=["regular", "green", "iodine"],
-                           thresholds={"probability": 0.5}))
+                           thresholds={"probability": cls_threshold}))
     if colour_threshold is not None:
         colour = CropColour(CropColourConfig())
         if colour_spread:
@@ -95,6 +101,8 @@ def fuzz_set() -> dict[str, tuple[bytes, str | None]]:
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
         "text.jpg": (b"patient notes, not a picture\n" * 20, "not an image"),
         "bomb.png": (_save(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
+        # a readable sliver: resized for the detector, its short side was 0 px, and the batch failed
+        "sliver.png": (_save(Image.new("RGB", (6000, 16), (200, 80, 80)), "PNG"), "aspect ratio too extreme"),
         "sixteen_bit.png": (_save(Image.fromarray((rng.integers(0, 65535, (64, 80))).astype(np.uint16)), "PNG"), None),
         "cmyk.jpg": (_save(photo.convert("CMYK"), "JPEG"), None),
         "gray.jpg": (_save(photo.convert("L"), "JPEG"), None),

@@ -17,7 +17,7 @@ from pipelines.clean import clean
 from pipelines.data import degradations
 from pipelines.engine.findings import finding_scores, load_findings_card
 from pipelines.engine.qc import QCPipeline
-from pipelines.engine.qc_result import FINDINGS, QCResult
+from pipelines.engine.qc_result import FINDINGS, Label, QCResult
 from pipelines.evaluation.findings_calibration import pick_threshold
 from tests.qc_fixtures import tiny_weights
 
@@ -138,12 +138,14 @@ def photos(tmp_path_factory):
 
 
 def test_engine_reports_every_finding_against_the_card_without_changing_the_label(tmp_path, photos):
-    plain = QCPipeline(tiny_weights(tmp_path / "plain", detector_threshold=0.05))
-    carded = QCPipeline(tiny_weights(tmp_path / "carded", detector_threshold=0.05,
+    # detector threshold 0: both photos are cropped and reach stage 2, whose answers must not move
+    plain = QCPipeline(tiny_weights(tmp_path / "plain", detector_threshold=0.0))
+    carded = QCPipeline(tiny_weights(tmp_path / "carded", detector_threshold=0.0,
                                      findings={**PASS_ALL, "dark": 0.7}))
     files = sorted(photos.iterdir())
     without, with_card = plain.run(files), carded.run(files)
     assert all(r.findings == {} for r in without)
+    assert all(r.label in (Label.REGULAR, Label.NON_REGULAR) and r.deep_sad_score is not None for r in without)
     for a, b in zip(without, with_card):
         assert a.label == b.label and a.deep_sad_score == b.deep_sad_score
         assert set(b.findings) == set(FINDINGS)
@@ -161,7 +163,10 @@ def test_clean_copies_flagged_files_into_finding_folders_and_keeps_the_label(tmp
     out, quarantine = tmp_path / "out", tmp_path / "q"
     clean(QCPipeline(weights), photos, out, quarantine, quarantine_findings=("dark",))
     assert sorted(p.name for p in (quarantine / "dark").iterdir()) == ["dark.jpg"]
+    # the label's folder as without findings: this detector finds no cervix in either photo
+    assert sorted(p.name for p in (quarantine / "no_cervix").iterdir()) == ["dark.jpg", "sharp.jpg"]
     csv = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path")
+    assert set(csv["label"]) == {"no_cervix"}
     assert csv.loc["dark.jpg", "flags"] == "dark" and csv.loc["sharp.jpg", "flags"] == ""
     assert {"blur_score", "dark_score", "overexposed_score", "glare_score", "duplicate_group"} <= set(csv.columns)
 

@@ -40,8 +40,9 @@ def labelled(tiny_dataset, tmp_path_factory):
 
 
 def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels(labelled, tmp_path):
-    # the untrained colour scorer gives every crop 0.5: at 0.4 it always votes non-regular
-    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, colour_threshold=0.4)
+    # every crop: Deep SAD and colour (0.5 against 0.4) say non-regular, the classifier (at 0.99)
+    # says regular, so the policies disagree and the written labels show which one wrote them
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, colour_threshold=0.4, cls_threshold=0.99)
     r = runner.invoke(app, ["eval-pipeline", str(labelled), "--weights", str(weights), "--split", "val",
                             "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
@@ -56,9 +57,11 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     assert overall["cervix_found"] == pytest.approx(rows.loc[cervix, "label"].isin(["regular", "non_regular"]).mean())
     flagged = (rows["label"] == "non_regular")[cervix]
     assert overall["regular_flagged"] == pytest.approx(flagged[rows["truth"][cervix] == "regular"].mean())
+    assert report["default_policy"] == "resnest" and not flagged.any()  # the classifier's labels, not the run's
     either, both = report["either"]["overall"], report["both"]["overall"]
-    assert either["regular_flagged"] >= both["regular_flagged"] and either["sensitivity"] >= both["sensitivity"]
-    assert report["two_of_three"]["overall"] == either  # colour always says yes: one network more decides
+    assert either["regular_flagged"] == 1 and either["sensitivity"] == 1  # Deep SAD flags every crop
+    assert both["regular_flagged"] == 0 and both["sensitivity"] == 0
+    assert report["two_of_three"]["overall"] == either  # colour and Deep SAD: two votes on every crop
     assert set(report["deep_sad"]) >= {"overall", *truth["source"].unique()}
 
 

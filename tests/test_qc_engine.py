@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label
-from tests.qc_fixtures import fuzz_set, tiny_weights
+from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +84,54 @@ def test_detector_chunks_sorted_by_aspect_give_each_image_its_own_detections(alw
     assert any(float(d["boxes"][:, 2].max()) > 60 for d in dets)  # boxes do reach past the narrow sides
 
 
-def test_policies_combine_the_two_models(always_cervix):
+def test_a_photo_the_models_cannot_take_costs_its_own_row_not_its_batch(always_cervix):
+    """The decode checks turned off for slivers: the detector's resize fails on one, so the
+    batch is judged photo by photo; where every photo fails alone, the batch's error stands."""
+    from pipelines.engine.decode import DecodeLimits
+
+    cases = fuzz_set()
+    ok, sliver = cases["ok.jpg"][0], cases["sliver.png"][0]
+    qc = QCPipeline(always_cervix, QCConfig(device="cpu", runtime="torch", limits=DecodeLimits(max_aspect=1e9)))
+    rows = qc.run([ok, sliver, ok], names=["a.jpg", "sliver.png", "b.jpg"])
+    assert [r.path for r in rows] == ["a.jpg", "sliver.png", "b.jpg"]
+    assert rows[1].label == Label.UNREADABLE and "the models failed on this image (RuntimeError" in rows[1].error
+    assert rows[0].label == rows[2].label == QCPipeline(always_cervix).run([ok])[0].label != Label.UNREADABLE
+    with pytest.raises(RuntimeError, match="sizes should be greater than 0"):
+        qc.run([sliver, sliver])
+
+
+def test_the_detector_input_shape_is_known_before_the_detector_runs(always_cervix):
+    from pipelines.engine.detector import padded_shape, resized_then_normalized
+
+    transform = QCPipeline(always_cervix).detector.transform
+    rng = np.random.default_rng(0)
+    for h, w in [(80, 120), (120, 80), (9, 180), (1000, 750), (750, 1000)] + rng.integers(16, 1500, (60, 2)).tolist():
+        batch = resized_then_normalized(transform, [torch.zeros(3, h, w)])
+        assert padded_shape(transform, h, w) == tuple(batch.tensors.shape[-2:]), (h, w)
+
+
+def test_a_photos_answer_does_not_depend_on_the_photos_batched_with_it(always_cervix):
+    """A portrait photo alone and among landscape ones: same box, scores and label (padded to
+    their shape, it got another box)."""
+    portrait, landscape = jpeg_bytes(textured_scene(1, (200, 400))), jpeg_bytes(textured_scene(2, (400, 300)))
+    qc = QCPipeline(always_cervix, QCConfig(device="cpu", runtime="torch"))
+    alone = qc.run([portrait])[0]
+    among = qc.run([landscape, portrait, landscape])[1]
+    assert alone.cervix_box is not None
+    for field in ("cervix_box", "cervix_score", "deep_sad_score", "resnest_prob", "label"):
+        assert getattr(among, field) == getattr(alone, field), field
+
+
+@pytest.mark.parametrize("says", ["resnest only", "deep_sad only"])
+def test_policies_combine_the_two_models(tmp_path, says):
+    """One model says yes and the other no (its threshold raised out of reach), so each policy
+    has one right answer."""
+    no = {"sad_threshold": 100.0} if says == "resnest only" else {"cls_threshold": 0.99}
+    weights = tiny_weights(tmp_path, detector_threshold=0.0, **no)
     data = [fuzz_set()["ok.jpg"][0]]
-    by = {p: QCPipeline(always_cervix, QCConfig(policy=p)).run(data)[0] for p in ("deep_sad", "resnest", "either", "both")}
-    sad = by["deep_sad"].label == Label.NON_REGULAR
-    res = by["resnest"].label == Label.NON_REGULAR
-    assert (by["either"].label == Label.NON_REGULAR) == (sad or res)
-    assert (by["both"].label == Label.NON_REGULAR) == (sad and res)
+    by = {p: QCPipeline(weights, QCConfig(policy=p)).run(data)[0].label for p in ("deep_sad", "resnest", "either", "both")}
+    flags = {"deep_sad": says == "deep_sad only", "resnest": says == "resnest only", "either": True, "both": False}
+    assert by == {p: Label.NON_REGULAR if f else Label.REGULAR for p, f in flags.items()}
 
 
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])

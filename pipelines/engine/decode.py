@@ -51,6 +51,9 @@ class DecodeLimits:
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 100_000_000  # 100 MP: larger than any clinic camera
     min_side: int = 16
+    # long side over short side: no camera frames a cervix at 20:1, and past some 600:1 the
+    # detector's resize leaves the short side 0 px and fails the whole batch
+    max_aspect: float = 20.0
 
 
 @dataclass
@@ -118,6 +121,8 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
             raise DecodeError(f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP > {limits.max_pixels / 1e6:.0f} MP)")
         if min(w, h) < limits.min_side:
             raise DecodeError(f"image too small ({w}x{h})")
+        if max(w, h) > limits.max_aspect * min(w, h):
+            raise DecodeError(f"aspect ratio too extreme ({w}x{h}: more than {limits.max_aspect:g}:1)")
         try:
             orientation = int(im.getexif().get(0x0112, 1))
         except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image for

@@ -3,6 +3,7 @@ the COCO file's (full-resolution) pixels and category ids."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,6 +50,22 @@ def resized_then_normalized(transform: GeneralizedRCNNTransform, images: Sequenc
     normalized = [transform.normalize(im) for im in resized]
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in normalized]
     return ImageList(transform.batch_images(normalized, size_divisible=transform.size_divisible), sizes)
+
+
+def padded_shape(transform: GeneralizedRCNNTransform, height: int, width: int) -> tuple[int, int]:
+    """The detector input's shape for this image alone: resized as torchvision's eval transform
+    does (`_resize_image_and_masks`: the scale in double precision, the size floored by
+    `interpolate`), then padded up to `size_divisible`. Images batched together are padded to
+    the largest, and a portrait photo padded to a square gets other features near its edge,
+    so another box: the engine batches only images of one shape (tests/test_qc_engine.py
+    holds this to the shape the transform really gives)."""
+    if transform.fixed_size is not None:
+        h, w = transform.fixed_size[1], transform.fixed_size[0]
+    else:
+        scale = min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
+        h, w = math.floor(height * scale), math.floor(width * scale)
+    d = transform.size_divisible
+    return math.ceil(h / d) * d, math.ceil(w / d) * d
 
 
 def best_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression: torch.Tensor,

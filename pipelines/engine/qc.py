@@ -13,6 +13,8 @@ bad input becomes an `unreadable` row with its reason; the batch goes on.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
 from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine import openvino_runtime
-from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.detector import detect, load_detector, padded_shape
 from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
 from pipelines.engine.memory import limit_malloc_arenas
@@ -45,6 +47,7 @@ Runtime = Literal["auto", "torch", "openvino"]
 JpegDecoder = Literal["pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -324,16 +327,21 @@ class QCPipeline:
         146 MB as floats, and keeping the whole batch's floats made the engine's peak RSS 130 MB
         higher on the 300 real-mix photos (hashes and findings convert only the pixels they read).
 
-        torchvision pads every image of a forward to the largest one, so chunks are formed
-        after sorting by aspect ratio: a portrait photo batched with landscape ones would
-        otherwise make every image in its chunk a padded square."""
-        order = sorted(range(len(images)), key=lambda k: images[k].shape[-2] / images[k].shape[-1])
+        torchvision pads every image of a forward to the largest one, so a chunk holds only
+        images of one detector-input shape (`padded_shape`): a photo's box and scores do not
+        depend on what else is in its batch (a service batch mixes clients' uploads). Padded
+        with its neighbours, a portrait photo among landscape ones got another box from the
+        same weights. A collection's photos come in a few shapes, so the chunks stay full
+        (the bench's 300 real-mix photos: 2 shapes)."""
+        shape = {k: padded_shape(self.detector.transform, *im.shape[-2:]) for k, im in enumerate(images)}
+        order = sorted(range(len(images)), key=lambda k: (shape[k], k))
+        n = self.detector_batch
+        chunks = [group[j : j + n] for group in (list(g) for _, g in itertools.groupby(order, key=shape.get))
+                  for j in range(0, len(group), n)]
         dets: list[dict[str, torch.Tensor] | None] = [None] * len(images)
         feats: list[torch.Tensor | None] = [None] * len(images)
-        n = self.detector_batch
         with self._autocast():
-            for j in range(0, len(order), n):
-                chunk = order[j : j + n]
+            for chunk in chunks:
                 batch = [TF.to_dtype(images[k], torch.float32, scale=True) for k in chunk]
                 if on_floats is not None:
                     with torch.autocast(self.device.type, enabled=False):  # hash bits must not depend on bf16
@@ -471,12 +479,39 @@ class QCPipeline:
     @torch.inference_mode()
     def _run_decoded(self, items: Sequence[Input], names: Sequence[str] | None, decoded: list[Decoded | DecodeError],
                      t_decode: float, policy: Policy | None = None) -> list[QCResult]:
+        """`_judge`, and where a batch fails in the models, its photos judged one by one: a
+        photo the checks in `decode` let through but the models cannot take costs its own row
+        (`unreadable`, with the error), not its batch's, which in the service holds other
+        clients' uploads. Where every photo fails alone too, the fault is not the photos'
+        and the batch's error is raised (a job fails and resumes later rather than storing
+        its rows as unreadable)."""
         names = list(names) if names is not None else [str(i) if isinstance(i, (str, Path)) else f"item{k}"
                                                        for k, i in enumerate(items)]
         if policy is not None:
             self.check_policy(policy)  # before any work, not at the first crop
+        try:
+            return self._judge(names, decoded, t_decode, policy)
+        except Exception as batch_error:
+            readable = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+            if len(readable) < 2:
+                raise
+            log.warning("a batch of %d failed in the models (%s: %s); judging its photos one by one",
+                        len(decoded), type(batch_error).__name__, batch_error)
+            results = []
+            for name, d in zip(names, decoded):
+                try:
+                    results.append(self._judge([name], [d], t_decode, policy)[0])
+                except Exception as e:  # noqa: BLE001 - this photo's row says why
+                    results.append(QCResult(path=name, label=Label.UNREADABLE,
+                                            error=f"the models failed on this image ({type(e).__name__}: {e})"[:500]))
+            if all(results[i].label == Label.UNREADABLE for i in readable):
+                raise batch_error
+            return results
+
+    def _judge(self, names: list[str], decoded: list[Decoded | DecodeError], t_decode: float,
+               policy: Policy | None) -> list[QCResult]:
         t0 = time.perf_counter()
-        results: list[QCResult | None] = [None] * len(items)
+        results: list[QCResult | None] = [None] * len(decoded)
         ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
         for i, d in enumerate(decoded):
             if isinstance(d, DecodeError):
