@@ -158,9 +158,28 @@ def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp
     for folder, rel in (("non_regular", "a/green.jpg"), ("no_cervix", "b/none.jpg"), ("unreadable", "b/bad.jpg")):
         (q / folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (q / folder / rel).write_bytes(rel.encode())
-    done = apply_to_quarantine(root, q, rows, reviews)
-    assert (done.added, done.removed) == (1, 2)
+    done = apply_to_quarantine(root, q, rows, reviews, [root.resolve()])
+    assert (done.added, done.removed, done.outside) == (1, 2, 0)
     assert sorted(str(p.relative_to(q)) for p in q.rglob("*.jpg")) == ["non_regular/a/reg.jpg",
                                                                       "unreadable/b/bad.jpg"]
     assert sorted(p.read_bytes() for p in root.rglob("*.jpg")) == sorted(r.path.encode() for _, r in rows)
     assert not (q / "non_regular/a/reg.jpg").samefile(root / "a/reg.jpg")  # a copy, not a link
+
+
+def test_applying_review_copies_nothing_from_outside_the_data_roots(tmp_path):
+    """A reviewer relabels rows whose files lie outside the roots (a manifest's absolute path,
+    a link out): their rows change, no copy of the outside file reaches the quarantine."""
+    root, q, outside = tmp_path / "data", tmp_path / "q", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the quarantine")
+    (root / "link.jpg").symlink_to(outside / "secret.txt")
+    (root / "ok.jpg").write_bytes(b"inside")
+    rows = [(1, _record("link.jpg", Label.REGULAR)), (2, _record(str(outside / "secret.txt"), Label.REGULAR)),
+            (3, _record("ok.jpg", Label.REGULAR))]
+    store = ReviewStore(tmp_path / "jobs.sqlite")
+    for item, r in rows:
+        store.decide("j", item, r.path, "key-1", "label", "regular", "no_cervix")
+    done = apply_to_quarantine(root, q, rows, store.reviewed("j"), [root.resolve()])
+    assert (done.added, done.outside) == (1, 2)
+    assert [p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file()] == ["no_cervix/ok.jpg"]

@@ -18,6 +18,7 @@ from pipelines.clean import QUARANTINED, quarantine_copy, quarantine_path
 from pipelines.engine.qc_result import QCResult
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
+from service.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,17 @@ class Applied:
     added: int = 0
     removed: int = 0
     folders: dict[str, int] = field(default_factory=dict)
+    outside: int = 0  # reviewed into a quarantined label, but the file is outside the data roots: not copied
 
 
 def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
-                        reviews: dict[int, Reviewed]) -> Applied:
+                        reviews: dict[int, Reviewed], roots: list[Path]) -> Applied:
     """Make `qdir`'s label folders hold the final labels: a copy is added where review moved a
     photo into a quarantined label, and the copy (never the original) is removed from the
-    label folder review moved it out of. Finding folders are left as the job made them."""
+    label folder review moved it out of. Finding folders are left as the job made them.
+    A file is copied only from inside `roots`, checked at the copy: a manifest's row may name
+    a file outside them (the job did not read it, but a reviewer can still relabel its row),
+    or a file may have become a link out since the job ran."""
     done = Applied()
     for item, r in rows:
         if item not in reviews:
@@ -100,6 +105,10 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                 copy.unlink()
                 done.removed += 1
         if final in QUARANTINED and (root / r.path).is_file():
+            if not inside(root / r.path, roots):
+                log.warning("review of %s not applied: the file is outside the data roots", r.path)
+                done.outside += 1
+                continue
             quarantine_copy(root, r.path, final, qdir, link=False)
             done.added += 1
             done.folders[final] = done.folders.get(final, 0) + 1

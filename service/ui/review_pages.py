@@ -166,5 +166,6 @@ async def apply(job_id: str, session: UiPost, state: State):
     if job.status not in ("done", "cancelled", "failed"):
         raise ApiError(409, "job_running", "wait for the job to finish before applying review")
     qdir = state.settings.quarantine_root / (job.quarantine or f"job-{job.id}")  # type: ignore[operator]
-    done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id), state.reviews.reviewed(job_id))
+    done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id), state.reviews.reviewed(job_id),
+                               state.settings.data_roots)
     return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}", status_code=303)
