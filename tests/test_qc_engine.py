@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,6 +99,23 @@ def test_a_photo_the_models_cannot_take_costs_its_own_row_not_its_batch(always_c
     assert rows[0].label == rows[2].label == QCPipeline(always_cervix).run([ok])[0].label != Label.UNREADABLE
     with pytest.raises(RuntimeError, match="sizes should be greater than 0"):
         qc.run([sliver, sliver])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_a_fifo_or_an_oversized_file_in_a_folder_is_refused_before_it_is_read(always_cervix, tmp_path, decoder):
+    """Reading a FIFO would block the engine for good; an oversized file was read whole first."""
+    from pipelines.engine.decode import DecodeLimits
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with open(tmp_path / "big.jpg", "wb") as f:  # sparse: 5 MB on paper, nothing on disk
+        f.truncate(5_000_000)
+    (tmp_path / "ok.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    qc = QCPipeline(always_cervix, QCConfig(jpeg_decoder=decoder, limits=DecodeLimits(max_bytes=1_000_000)))
+    rows = qc.run([tmp_path / n for n in ("pipe.jpg", "big.jpg", "ok.jpg")])
+    assert rows[0].label == Label.UNREADABLE and "not a regular file" in rows[0].error
+    assert rows[1].label == Label.UNREADABLE and "file too large (5000000 bytes > 1000000)" in rows[1].error
+    assert rows[2].label != Label.UNREADABLE
 
 
 def test_the_detector_input_shape_is_known_before_the_detector_runs(always_cervix):

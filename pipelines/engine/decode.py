@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -138,6 +140,23 @@ def read_header(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Header:
     im, header = _open(data, limits)
     im.close()
     return header
+
+
+def read_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """A file's bytes, refused before they are read where `decode` would refuse them anyway:
+    a FIFO or a device in a cleaned folder blocked the reader forever, and a 3 GB file was read
+    whole (and held, a batch at a time) before its size was checked."""
+    path = Path(path)
+    st = path.stat()  # through links, as open() goes
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError("not a regular file (a FIFO, device or socket)")
+    if st.st_size > limits.max_bytes:
+        raise DecodeError(f"file too large ({st.st_size} bytes > {limits.max_bytes})")
+    with path.open("rb") as f:
+        data = f.read(limits.max_bytes + 1)  # it may have grown since the stat
+    if len(data) > limits.max_bytes:
+        raise DecodeError(f"file too large (more than {limits.max_bytes} bytes)")
+    return data
 
 
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None) -> Decoded:

@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from models.exportable import exportable
 from models.io import verified_card
 from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
-from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode
+from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode, read_file
 from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector, padded_shape
@@ -292,7 +292,7 @@ class QCPipeline:
             import hashlib
 
             return Decoded(t, item.shape[1], item.shape[0], hashlib.sha256(item.tobytes()).hexdigest())
-        data = Path(item).read_bytes() if isinstance(item, (str, Path)) else item
+        data = read_file(item, self.cfg.limits) if isinstance(item, (str, Path)) else item
         return decode(data, self.cfg.limits, long_side)
 
     def _decode(self, items: Sequence[Input]) -> list[Decoded | DecodeError]:
@@ -305,7 +305,7 @@ class QCPipeline:
         # arrays need no decoding; files and bytes go to the device decoder
         out: list[Decoded | DecodeError | None] = [pil_decode(x) if isinstance(x, np.ndarray) else None for x in items]
         files = [i for i, r in enumerate(out) if r is None]
-        read = as_result(lambda item: item if isinstance(item, bytes) else Path(item).read_bytes())
+        read = as_result(lambda item: item if isinstance(item, bytes) else read_file(item, self.cfg.limits))
         datas = list(self.pool.map(lambda i: read(items[i]), files))
         for i, d in zip(files, decode_on_device(datas, self.device, self.pool, self.cfg.limits, long_side)):
             out[i] = d

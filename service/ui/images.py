@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.engine.decode import DecodeError, DecodeLimits, decode
+from pipelines.engine.decode import DecodeError, DecodeLimits, decode, read_file
 
 SIZES = {"thumb": 320, "full": 1600}
 
@@ -29,7 +29,7 @@ def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
     """The engine's own decode (same limits, EXIF orientation, 16-bit and alpha handling; JPEGs
     DCT-scaled to about `long_side`), then a JPEG at most `long_side` px on its long side."""
     try:
-        decoded = decode(original.read_bytes(), limits, min_long_side=long_side)
+        decoded = decode(read_file(original, limits), limits, min_long_side=long_side)
     except DecodeError as e:
         raise NotShown(f"not an image the pages can show: {e}") from None
     rgb = Image.fromarray(decoded.image.permute(1, 2, 0).numpy())
