@@ -93,6 +93,33 @@ def test_sign_out_ends_the_session_and_needs_its_token(server):
     assert c.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303
 
 
+def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages(tmp_path):
+    """Two keys, a session each; restarted with one key only (same state, same signing
+    secret), the other key's session gets sign-in, not the pages."""
+    from service.ui.session import COOKIE
+
+    weights, work, other = tiny_weights(tmp_path / "w", 0.0), tmp_path / "srv", "second-key-0123456789"
+    cookies = {}
+    srv = start_server(work, weights, api_keys=f"{API_KEY},{other}")
+    try:
+        for key in (API_KEY, other):
+            with httpx.Client(base_url=srv.url) as c:
+                assert sign_in(c, key=key).status_code == 303
+                cookies[key] = c.cookies[COOKIE]
+    finally:
+        srv.kill()
+    srv = start_server(work, weights)  # API_KEY only
+    try:
+        page = {"Accept": "text/html"}
+        kept = httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[API_KEY]}, headers=page)
+        dropped = httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[other]}, headers=page)
+        assert kept.status_code == 200
+        assert dropped.status_code == 303 and dropped.headers["location"].startswith("/ui/login")
+        assert httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[other]}).status_code == 401
+    finally:
+        srv.kill()
+
+
 def test_the_signing_secret_is_private_to_the_service(server):
     secret = server.env["CERVIXQC_STATE_DIR"] + "/session-secret"
     assert stat.S_IMODE(__import__("os").stat(secret).st_mode) == 0o600

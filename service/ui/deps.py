@@ -11,7 +11,7 @@ from fastapi.templating import Jinja2Templates
 
 from service.errors import ApiError
 from service.jobs.reviews import CLASS_WORDS, CLASSES
-from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok
+from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok, key_id
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -31,9 +31,13 @@ def signer(request: Request) -> SessionSigner:
 
 
 def current_session(request: Request) -> Session:
-    """A page without a session redirects to sign-in; a script's request (JSON, POST) gets 401."""
+    """A page without a session redirects to sign-in; a script's request (JSON, POST) gets 401.
+    A session stands only while the key it signed in with is still configured: the signing
+    secret outlives restarts, so without this check a key taken out of CERVIXQC_API_KEYS kept
+    its pages open until the cookie expired (8 h)."""
     session = signer(request).read(request.cookies.get(COOKIE))
-    if session is not None:
+    settings = request.app.state.settings
+    if session is not None and (settings.auth_disabled or session.who in {key_id(k) for k in settings.api_keys}):
         return session
     wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
     if wants_page:
