@@ -72,3 +72,48 @@ def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review
         db.execute("UPDATE items SET summary = json_remove(summary, '$[3]')")
         db.execute("PRAGMA user_version = 2")
     assert JobStore(path).summaries(job.id) == fresh
+
+
+def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_the_job(tmp_path, caplog):
+    """Another writer holds the database for longer than the store waits: the runner thread
+    lives on, the job stays active, and once the lock goes the job finishes with every row."""
+    import logging
+    import threading
+    import time
+
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(6):
+        (root / f"p{i}.jpg").write_bytes(ok + bytes([i]))
+    store = JobStore(tmp_path / "jobs.sqlite", busy_timeout_s=0.2)
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2)
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    locker = sqlite3.connect(store.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the runner's first write (queued -> running) must wait it out
+    caplog.set_level(logging.WARNING, logger="service.jobs.runner")
+    runner.start()
+    try:
+        deadline = time.time() + 30
+        while "job store unavailable" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+        assert "job store unavailable" in caplog.text, "the lock never reached the runner"
+        time.sleep(1.5)
+        assert runner.alive() and store.get(job.id).status in ("queued", "running")
+        locker.execute("COMMIT")
+        while store.get(job.id).status != "done" and time.time() < deadline + 30:
+            time.sleep(0.1)
+        assert store.get(job.id).status == "done" and runner.alive()
+        assert sum(_group_by(store.path, job.id).values()) == 6
+    finally:
+        locker.close()
+        runner.stop()
+        assert not any(t.name == "job-runner" and t.is_alive() for t in threading.enumerate())

@@ -11,6 +11,7 @@ gets copies.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -53,18 +54,38 @@ class JobRunner:
         self._wake.set()
 
     def _loop(self) -> None:
+        """Never ends but by `stop`. Where the job store itself fails (locked past its busy
+        timeout by another writer, disk full, I/O error), the job is not the one at fault: it
+        stays as it is (`running`, its stored rows kept) and is taken up again after a back-off
+        of 1 s doubling to 30 s; before, the error escaped the failure handler and ended the
+        thread, leaving the job `running` and no job run until a restart."""
+        backoff = 0.0
         while not self._stop.is_set():
-            job = self.store.next_active()
-            self.metrics.jobs_active.set(self.store.count_active())
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
             try:
-                self._run(job)
-            except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
-                log.exception("job %s failed (%s)", job.id, type(e).__name__)
-                self.store.transition(job.id, "failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+                self._step()
+                backoff = 0.0
+            except sqlite3.OperationalError as e:
+                backoff = min(30.0, max(1.0, 2 * backoff))
+                log.warning("job store unavailable (%s); jobs resume in %.0f s", e, backoff)
+                self._stop.wait(backoff)
+            except Exception:  # noqa: BLE001 - a runner that dies runs no job until a restart
+                log.exception("job runner step failed")
+                self._stop.wait(1.0)
+
+    def _step(self) -> None:
+        job = self.store.next_active()
+        self.metrics.jobs_active.set(self.store.count_active())
+        if job is None:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return
+        try:
+            self._run(job)
+        except sqlite3.OperationalError:
+            raise  # the store's fault, not the job's: `_loop` waits and the job is taken up again
+        except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
+            log.exception("job %s failed (%s)", job.id, type(e).__name__)
+            self.store.transition(job.id, "failed", error=f"{type(e).__name__}: {e}", finished=time.time())
 
     def _run(self, job: Job) -> None:
         src = Path(job.source)

@@ -100,9 +100,10 @@ def summary_of(r: QCResult) -> str:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.busy_timeout_s = busy_timeout_s  # how long a call waits on another writer's lock
         self._local = threading.local()
         db = self._db()
         db.executescript(SCHEMA)
@@ -121,10 +122,10 @@ class JobStore:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             db.row_factory = sqlite3.Row
             self._local.db = db
         return db
