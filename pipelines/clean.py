@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -54,11 +54,23 @@ class CleanSummary:
 
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
-    relative to the manifest's folder. Sorted, so runs and resumes see the same order."""
+    relative to the manifest's folder. Sorted, so runs and resumes see the same order.
+
+    A manifest without a `path` column, or with a row whose path is blank, is refused with a
+    ValueError that names the rows: a blank row was processed and then fell out of the job's
+    results. Paths are normalised (`./a.jpg` is `a.jpg`), so one file is one row."""
     if src.is_file():
         from pipelines.data.manifest import read_table
 
-        return sorted(dict.fromkeys(str(p) for p in read_table(src)["path"]))
+        table = read_table(src)
+        if "path" not in table.columns:
+            raise ValueError(f"{src.name}: no 'path' column (it has: {', '.join(map(str, table.columns)) or 'none'})")
+        paths = ["" if pd.isna(p) else str(p).strip() for p in table["path"]]
+        blank = [k + 2 for k, p in enumerate(paths) if not p]  # the header is row 1, as a spreadsheet shows it
+        if blank:
+            shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+            raise ValueError(f"{src.name}: empty path on row {shown} (the header is row 1)")
+        return sorted(dict.fromkeys(PurePosixPath(p).as_posix() for p in paths))
     out = []
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

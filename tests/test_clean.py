@@ -126,3 +126,22 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     assert (a["cervix_box"] != "").any() and (a["kind"] != "").any()
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert (tmp_path / "q" / "unreadable").is_dir()
+
+
+def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows(weights, collection, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.clean import list_inputs
+
+    (collection / "no_path.csv").write_text("file,kind\na.jpg,regular\n")
+    (collection / "blank.csv").write_text("path,kind\nclinic_a/ok.jpg,regular\n,green\n  ,iodine\n")
+    (collection / "dotted.csv").write_text("path\n./clinic_a/ok.jpg\nclinic_a/ok.jpg\nclinic_a//zero.jpg\n")
+    with pytest.raises(ValueError, match="no 'path' column \\(it has: file, kind\\)"):
+        list_inputs(collection / "no_path.csv")
+    with pytest.raises(ValueError, match="empty path on row 3, 4 \\(the header is row 1\\)"):
+        list_inputs(collection / "blank.csv")
+    assert list_inputs(collection / "dotted.csv") == ["clinic_a/ok.jpg", "clinic_a/zero.jpg"]  # one file, one row
+    r = CliRunner().invoke(app, ["clean", str(collection / "blank.csv"), "-o", str(tmp_path / "out"),
+                                 "--weights", str(weights)])
+    assert r.exit_code != 0 and "empty path on row 3, 4" in r.output and not (tmp_path / "out").exists()

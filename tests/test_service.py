@@ -208,6 +208,20 @@ def test_a_job_asking_for_a_policy_the_weights_cannot_run_is_refused_before_it_i
         assert "colour" in r.json()["error"]["message"] and len(c.get("/v1/jobs").json()["jobs"]) == before
 
 
+def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server, data_root):
+    (data_root / "blank.csv").write_text("path,kind\ncollection/scene.jpg,regular\n,green\n")
+    (data_root / "no_path.csv").write_text("file\ncollection/scene.jpg\n")
+    with server.client() as c:
+        before = len(c.get("/v1/jobs").json()["jobs"])
+        (data_root / "torn.csv").write_text("path\ncollection/scene.jpg\na,b\n")
+        for name, message in (("blank.csv", "empty path on row 3"), ("no_path.csv", "no 'path' column"),
+                              ("torn.csv", "Expected 1 fields in line 3, saw 2")):
+            r = c.post("/v1/jobs", json={"source": name})
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_manifest"), r.text
+            assert message in r.json()["error"]["message"]
+        assert len(c.get("/v1/jobs").json()["jobs"]) == before
+
+
 def _wait_job(client: httpx.Client, job_id: str, until, timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -119,6 +119,13 @@ def clean(
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
         _fail(f"{src} does not exist")
+    if src.is_file():
+        from pipelines.clean import list_inputs
+
+        try:
+            list_inputs(src)  # a manifest's problems before any engine starts
+        except ValueError as e:
+            _fail(str(e))
     from pipelines.commands.common import _csv
     from pipelines.engine.qc_result import check_findings
 

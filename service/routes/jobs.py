@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from typing import Literal
 
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from pipelines.clean import list_inputs
 from pipelines.engine.qc_result import QCResult
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError
@@ -57,6 +59,11 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
     source = confine(body.source, s.data_roots)
     if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet")):
         raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
+    if source.is_file():  # a manifest's problems now, with its rows, not as a failed job later
+        try:
+            await run_in_threadpool(list_inputs, source)
+        except (ValueError, OSError) as e:
+            raise ApiError(400, "invalid_manifest", str(e)) from e
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
     if body.policy is not None:
