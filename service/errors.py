@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,6 +69,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, e: BodyTooLarge) -> JSONResponse:
         return error_response(413, "payload_too_large", str(e), {"Connection": "close"})
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store_busy(_: Request, e: sqlite3.OperationalError) -> JSONResponse:
+        """The job store locked past its busy timeout by another writer (a long duplicate
+        write, a backup tool), or failing: nothing was changed, and the client may retry."""
+        log.warning("job store unavailable (%s)", e)
+        return error_response(503, "store_unavailable", f"the job store is busy or failing ({e}); retry shortly",
+                              {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # a finished job's duplicate search reads the closest photos again to find cropped and
     # turned copies (about 0.4x the engine's time); False: re-encoded and resized only
     duplicate_pixel_check: bool = True
+    # how long a call waits for another writer's lock on jobs.sqlite; past it a request gets
+    # 503 with Retry-After and the job runner backs off and tries again
+    store_busy_timeout_s: float = Field(30.0, gt=0)
 
     # batching and load
     max_batch_size: int = Field(16, ge=1, le=512)

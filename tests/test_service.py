@@ -222,6 +222,35 @@ def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server,
         assert len(c.get("/v1/jobs").json()["jobs"]) == before
 
 
+def test_a_locked_job_store_gets_503_to_retry_and_stalls_no_other_request(weights, data_root, tmp_path):
+    """Another writer holds jobs.sqlite: starting a job waits out the store's busy timeout
+    and answers 503 with Retry-After, while health checks and job listings answer at once."""
+    import sqlite3
+    import threading
+
+    srv = start_server(tmp_path / "srv", weights, data_roots=data_root, store_busy_timeout_s=4)
+    try:
+        locker = sqlite3.connect(Path(srv.env["CERVIXQC_STATE_DIR"]) / "jobs.sqlite", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        answer: dict = {}
+        with srv.client() as c:
+            post = threading.Thread(target=lambda: answer.update(r=c.post("/v1/jobs", json={"source": "collection"})))
+            post.start()
+            time.sleep(0.5)  # the job's insert is now waiting on the lock
+            t = time.perf_counter()
+            assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
+            assert c.get("/v1/jobs").status_code == 200  # readers pass a writer's lock (WAL)
+            assert time.perf_counter() - t < 2.0 and post.is_alive()
+            post.join(30)
+            r = answer["r"]
+            assert (r.status_code, r.json()["error"]["code"], r.headers["retry-after"]) == (503, "store_unavailable", "5")
+            locker.execute("ROLLBACK")
+            assert c.post("/v1/jobs", json={"source": "collection"}).status_code == 202
+        locker.close()
+    finally:
+        srv.kill()
+
+
 def _wait_job(client: httpx.Client, job_id: str, until, timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -1,4 +1,8 @@
-"""Batch-cleaning jobs over server-side folders or manifests under CERVIXQC_DATA_ROOTS."""
+"""Batch-cleaning jobs over server-side folders or manifests under CERVIXQC_DATA_ROOTS.
+
+Routes that only touch the job store are plain `def`: FastAPI runs them in its thread pool,
+so a store locked by another writer holds one thread, not the event loop (an `async def`
+route waiting on the lock froze every request, health checks included, for 30 s)."""
 
 from __future__ import annotations
 
@@ -71,25 +75,26 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
             state.qc.check_policy(body.policy)
         except ValueError as e:
             raise ApiError(422, "policy_unavailable", f"{e}; this server runs {', '.join(state.qc.policies)}") from e
-    job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
+    job = await run_in_threadpool(state.store.create, str(source), quarantine, body.policy or state.qc.policy,
+                                  s.state_dir / "jobs")
     state.runner.wake()
     return status_of(state, job)
 
 
 @router.get("", response_model=JobList, summary="Recent jobs, newest first")
-async def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
+def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
     return JobList(jobs=[status_of(state, j) for j in state.store.list(limit)])
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Status, counts, progress, rate, ETA")
-async def get_job(job_id: str, state: State) -> JobStatus:
+def get_job(job_id: str, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
 
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
 # DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it).
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
-async def cancel_job(job_id: str, state: State) -> JobStatus:
+def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
     if not state.store.cancel(job_id):
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
@@ -116,8 +121,8 @@ def _jsonl_lines(records: Iterator[QCResult]) -> Iterator[str]:
 
 @router.get("/{job_id}/results", responses={**_ERRORS, 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
             response_class=StreamingResponse, summary="Results so far, streamed, in path order")
-async def job_results(job_id: str, state: State,
-                      format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
+def job_results(job_id: str, state: State,
+                format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
     job = job_or_404(state, job_id)
     records = state.store.records(job_id)
     headers = {"X-Job-Status": job.status}

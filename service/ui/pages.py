@@ -45,7 +45,7 @@ def _jobs_page(request: Request, session: Session, state: ServiceState, error: s
 
 
 @router.get("/jobs")
-async def jobs_page(request: Request, session: UiSession, state: State):
+def jobs_page(request: Request, session: UiSession, state: State):
     return _jobs_page(request, session, state)
 
 
@@ -63,14 +63,14 @@ async def start_job(request: Request, session: UiPost, state: State, source: str
 
 
 @router.get("/jobs/{job_id}/status.json", response_model=JobStatus)
-async def job_status(job_id: str, session: UiSession, state: State) -> JobStatus:
+def job_status(job_id: str, session: UiSession, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel(job_id: str, session: UiPost, state: State):
+def cancel(job_id: str, session: UiPost, state: State):
     try:
-        await cancel_job(job_id, state)
+        cancel_job(job_id, state)
     except ApiError as e:
         if e.status != 409:  # already finished: nothing to do, back to the list
             raise

@@ -1,5 +1,8 @@
 """Review of a job: the grid, one image with keys and a box to drag, its picture, decisions
-and undo, and the exports. Items are named by row id; a client never names a file."""
+and undo, and the exports. Items are named by row id; a client never names a file.
+
+The routes are plain `def` (FastAPI's thread pool): they read the job store and decode
+pictures, and in an `async def` an 81 MP photo's thumbnail held every other request for 4 s."""
 
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def _item(state: ServiceState, job: Job, item: int) -> QCResult:
 
 
 @router.get("/review")
-async def review_page(request: Request, job_id: str, session: UiSession, state: State, q: GridFilter):
+def review_page(request: Request, job_id: str, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     t = Thresholds.of(state.qc, job.policy)
     grid = build_grid(state.store.summaries(job_id), state.reviews.reviewed(job_id), t, q)
@@ -66,7 +69,7 @@ async def review_page(request: Request, job_id: str, session: UiSession, state: 
 
 
 @router.get("/scores.json")
-async def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
+def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
     """The what-if histogram's data: both stage-2 scores of every cropped item, the thresholds
     and the policy, so the page recounts labels exactly as the engine would decide them."""
     t = Thresholds.of(state.qc, job_or_404(state, job_id).policy)
@@ -76,7 +79,7 @@ async def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
 
 
 @router.get("/items/{item}")
-async def item_page(request: Request, job_id: str, item: int, session: UiSession, state: State, q: GridFilter):
+def item_page(request: Request, job_id: str, item: int, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
     live = state.reviews.reviewed(job_id)
@@ -90,8 +93,8 @@ async def item_page(request: Request, job_id: str, item: int, session: UiSession
 
 
 @router.get("/items/{item}/{size}.jpg")
-async def item_image(job_id: str, item: int, size: Literal["thumb", "full"], session: UiSession,
-                     state: State) -> FileResponse:
+def item_image(job_id: str, item: int, size: Literal["thumb", "full"], session: UiSession,
+               state: State) -> FileResponse:
     job = job_or_404(state, job_id)
     original = job.root() / _item(state, job, item).path
     # the runner's own rule (a manifest may name absolute paths), checked again at every request:
@@ -111,8 +114,8 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/items/{item}/decision")
-async def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
-                 state: State) -> JSONResponse:
+def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
+           state: State) -> JSONResponse:
     """A label (keys 1-5, or confirm) or a corrected box; old -> new stored with who and when."""
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
@@ -134,7 +137,7 @@ async def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
 
 
 @router.post("/items/{item}/undo")
-async def undo(job_id: str, item: int, session: UiPost, state: State) -> JSONResponse:
+def undo(job_id: str, item: int, session: UiPost, state: State) -> JSONResponse:
     job = job_or_404(state, job_id)
     _item(state, job, item)
     d = state.reviews.undo(job_id, item)
@@ -144,7 +147,7 @@ async def undo(job_id: str, item: int, session: UiPost, state: State) -> JSONRes
 
 
 @router.get("/export.csv")
-async def export_manifest(job_id: str, session: UiSession, state: State) -> StreamingResponse:
+def export_manifest(job_id: str, session: UiSession, state: State) -> StreamingResponse:
     job_or_404(state, job_id)
     lines = manifest_lines(state.store.item_records(job_id), state.reviews.reviewed(job_id))
     return StreamingResponse(lines, media_type="text/csv",
@@ -152,7 +155,7 @@ async def export_manifest(job_id: str, session: UiSession, state: State) -> Stre
 
 
 @router.get("/export.coco.json")
-async def export_coco(job_id: str, session: UiSession, state: State) -> JSONResponse:
+def export_coco(job_id: str, session: UiSession, state: State) -> JSONResponse:
     job_or_404(state, job_id)
     ds = coco_of(state.store.item_records(job_id), state.reviews.reviewed(job_id))
     return JSONResponse(json.loads(ds.model_dump_json()),
@@ -160,7 +163,7 @@ async def export_coco(job_id: str, session: UiSession, state: State) -> JSONResp
 
 
 @router.post("/apply")
-async def apply(job_id: str, session: UiPost, state: State):
+def apply(job_id: str, session: UiPost, state: State):
     """Copies only: the originals are read, never moved or changed."""
     job = job_or_404(state, job_id)
     if job.status not in ("done", "cancelled", "failed"):
