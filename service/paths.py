@@ -39,6 +39,7 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
 def relative_name(requested: str, what: str = "quarantine") -> PurePosixPath:
     """A name for a folder the service creates under its own root: relative, no '..'."""
     p = PurePosixPath(requested)
-    if not requested or p.is_absolute() or ".." in p.parts or "\x00" in requested or "\\" in requested:
+    if (not requested or not p.parts or p.is_absolute() or ".." in p.parts or "\x00" in requested
+            or "\\" in requested):  # not p.parts: '.' named the root itself
         raise ApiError(400, "invalid_path", f"{what}: a relative folder name without '..' is required")
     return p

@@ -195,6 +195,7 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
             ({"source": "missing-folder"}, 404, "path_not_found"),
             ({"source": "collection", "quarantine": "../q"}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "/tmp/q"}, 400, "invalid_path"),
+            ({"source": "collection", "quarantine": "."}, 400, "invalid_path"),  # the quarantine root itself
         ]:
             r = c.post("/v1/jobs", json=body)
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
@@ -206,6 +207,21 @@ def test_a_job_asking_for_a_policy_the_weights_cannot_run_is_refused_before_it_i
         r = c.post("/v1/jobs", json={"source": "collection", "policy": "two_of_three"})  # no colour.json here
         assert (r.status_code, r.json()["error"]["code"]) == (422, "policy_unavailable"), r.text
         assert "colour" in r.json()["error"]["message"] and len(c.get("/v1/jobs").json()["jobs"]) == before
+
+
+def test_a_quarantine_folder_holds_one_sources_copies(server):
+    """Two sources' photos at the same relative path would meet in one folder, and the second
+    copy was silently skipped: another source's job may not use an overlapping name."""
+    with server.client() as c:
+        first = c.post("/v1/jobs", json={"source": "collection/clinic_a", "quarantine": "shared"})
+        assert first.status_code == 202, first.text
+        for name in ("shared", "shared/inner"):
+            r = c.post("/v1/jobs", json={"source": "collection/clinic_b", "quarantine": name})
+            assert (r.status_code, r.json()["error"]["code"]) == (409, "quarantine_in_use"), (name, r.text)
+        again = c.post("/v1/jobs", json={"source": "collection/clinic_a", "quarantine": "shared"})  # a rerun
+        assert again.status_code == 202, again.text
+        for job in (first.json()["id"], again.json()["id"]):
+            c.post(f"/v1/jobs/{job}/cancel")
 
 
 def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server, data_root):

@@ -146,6 +146,11 @@ class JobStore:
         rows = self._db().execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [Job(**dict(r)) for r in rows]
 
+    def quarantine_sources(self) -> list[tuple[str, str]]:
+        """(quarantine name, source) of every job that has a quarantine."""
+        rows = self._db().execute("SELECT DISTINCT quarantine, source FROM jobs WHERE quarantine IS NOT NULL")
+        return [(q, src) for q, src in rows.fetchall()]
+
     def next_active(self) -> Job | None:
         row = self._db().execute(f"SELECT * FROM jobs WHERE status IN {ACTIVE} ORDER BY created LIMIT 1").fetchone()
         return Job(**dict(row)) if row else None

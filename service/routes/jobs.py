@@ -50,6 +50,18 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
                      results_url=f"/v1/jobs/{job.id}/results")
 
 
+def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:
+    """A quarantine folder holds one source's copies: a copy whose path is already there is
+    taken as done (a resumed job), so a second source's photo of the same relative path was
+    silently not copied. The same source again (a job rerun) may share it; a name inside or
+    around another source's folder may not."""
+    for used, other in state.store.quarantine_sources():
+        overlaps = used == name or name.startswith(used + "/") or used.startswith(name + "/")
+        if overlaps and other != source:
+            raise ApiError(409, "quarantine_in_use",
+                           f"quarantine {name!r} overlaps {used!r}, which holds another source's copies; choose another name")
+
+
 def job_or_404(state: ServiceState, job_id: str) -> Job:
     job = state.store.get(job_id)
     if job is None:
@@ -69,6 +81,8 @@ async def create_job(body: JobCreate, state: State) -> JobStatus:
         except (ValueError, OSError) as e:
             raise ApiError(400, "invalid_manifest", str(e)) from e
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
+    if quarantine is not None:
+        await run_in_threadpool(_check_quarantine_free, state, quarantine, str(source))
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
     if body.policy is not None:
         try:
