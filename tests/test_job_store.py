@@ -117,3 +117,49 @@ def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_t
         locker.close()
         runner.stop()
         assert not any(t.name == "job-runner" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missing_files(tmp_path):
+    """The folder goes away during the first batch (an unmounted share): that batch is not
+    stored as rows of missing files, the job fails saying so, and a new job over the folder,
+    once it is back, gives every row."""
+    import time
+
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root, away = tmp_path / "share", tmp_path / "unmounted"
+    root.mkdir()
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(6):
+        (root / f"p{i}.jpg").write_bytes(ok + bytes([i]))
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+
+    def run_batch(paths, names, policy):
+        if root.exists() and len(list(root.iterdir())) == 6 and not (tmp_path / "once").exists():
+            (tmp_path / "once").touch()
+            root.rename(away)  # gone before this batch reads its files
+        return engine.run(paths, names, policy=policy)
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    runner = JobRunner(store, run_batch, EngineGate(), Metrics(), [tmp_path], tmp_path / "q", batch_size=2)
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while store.get(job.id).status not in ("done", "failed") and time.time() < deadline:
+            time.sleep(0.05)
+        failed = store.get(job.id)
+        assert failed.status == "failed" and "source disappeared after 0 of 6 files" in failed.error
+        assert sum(_group_by(store.path, job.id).values()) == 0
+        away.rename(root)
+        again = store.create(str(root), None, "resnest", tmp_path / "out")
+        runner.wake()
+        while store.get(again.id).status not in ("done", "failed") and time.time() < deadline:
+            time.sleep(0.05)
+        assert store.get(again.id).status == "done" and _group_by(store.path, again.id) == {"non_regular": 6}
+    finally:
+        runner.stop()

@@ -110,6 +110,13 @@ class JobRunner:
                 return
             chunk = todo[start : start + self.batch_size]
             results = self._batch(root, chunk, job.policy)
+            if not (src.exists() and root.is_dir()):  # an unmounted share: every file would read as missing
+                done_now = len(done) + start
+                log.warning("job %s: source gone after %d of %d files", job.id, done_now, len(inputs))
+                self.store.transition(job.id, "failed", finished=time.time(),
+                                      error=f"source disappeared after {done_now} of {len(inputs)} files "
+                                            "(this batch was not stored); start the job again once it is back")
+                return
             if qdir is not None:
                 quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
                                    self.quarantine_findings, link=False)
