@@ -249,10 +249,16 @@ def test_the_int8_detector_runs_at_auto_precision_and_f32_asks_for_the_float_mod
     assert auto.runtimes["detector"].startswith("openvino int8+") and "(exported)" in auto.runtimes["detector"]
     f32 = QCPipeline(folder, QCConfig(device="cpu", precision="f32", openvino_cache=cache))
     assert f32.runtimes["detector"] == "openvino f32 (cached conversion)"  # the float model, not the INT8 export
-    torch_run = QCPipeline(folder, QCConfig(device="cpu", runtime="torch"))
-    want = [r.label for r in torch_run.run(photos)]
-    assert [r.label for r in f32.run(photos)] == want  # f32 still labels as torch does
-    assert len(auto.run(photos)) == len(photos)
+    want = QCPipeline(folder, QCConfig(device="cpu", runtime="torch")).run(photos)
+    # every photo is boxed by these weights, so boxes and scores can be held, not only labels
+    assert all(r.cervix_box is not None for r in want)
+    for t, f in zip(want, f32.run(photos)):  # f32: the float model, as torch
+        assert np.allclose(f.cervix_box, t.cervix_box, atol=0.2) and abs(f.cervix_score - t.cervix_score) < 1e-4
+        assert f.label == t.label
+    for t, q in zip(want, auto.run(photos)):  # INT8: near torch, inside the photo
+        x1, y1, x2, y2 = q.cervix_box
+        assert 0 <= x1 < x2 <= q.width and 0 <= y1 < y2 <= q.height
+        assert abs(q.cervix_score - t.cervix_score) < 0.01
 
 
 def test_int8_calibration_needs_train_rows_and_the_detector(exported, tmp_path, tiny_dataset):

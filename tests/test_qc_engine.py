@@ -189,6 +189,16 @@ def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_ch
     assert isinstance(ov_run["labels_differing_from_first_batched"]["count"], int)
 
 
+def test_the_bench_counts_every_label_a_mode_changes():
+    from pipelines.evaluation.engine_bench import label_changes
+
+    reference = {"a.jpg": "regular", "b.jpg": "non_regular", "c.jpg": "no_cervix"}
+    assert label_changes(reference, dict(reference)) == {"count": 0, "examples": {}}
+    changed = label_changes(reference, {"a.jpg": "non_regular", "b.jpg": "non_regular", "c.jpg": "regular",
+                                        "d.jpg": "regular"}, examples=2)
+    assert changed == {"count": 3, "examples": {"a.jpg": "regular -> non_regular", "c.jpg": "no_cervix -> regular"}}
+
+
 def test_detector_batch_comparison_times_every_size_against_the_first(always_cervix, tmp_path):
     from pipelines.evaluation.engine_bench import detector_batch_ab
 

@@ -46,9 +46,18 @@ def test_deep_sad_trains_exports_a_threshold_and_reloads(split_set, tmp_path):
     assert (tmp_path / "autoencoder" / "metrics.jsonl").is_file()
 
 
-def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_path):
+def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_path, monkeypatch):
+    from models.classifier import class_weights
+
     manifest, coco = split_set
     crops = split_crops(manifest, coco, 37, splits=("train", "val"))
+    seen, bce = [], torch.nn.functional.binary_cross_entropy_with_logits
+
+    def recording_bce(logits, target, weight=None, **kw):  # torch's own loss, its weights kept
+        seen.append((target.detach().clone(), None if weight is None else weight.detach().clone()))
+        return bce(logits, target, weight=weight, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", recording_bce)
     cfg = Stage2Config(out_dir=tmp_path, epochs=2, batch_size=16, lr=5e-4, weight_decay=0.0, progress=False)
     card_path = train_classifier(cfg, ClassifierConfig(arch="resnest14d", input_size=32), crops["train"],
                                  crops["val"], torch.device("cpu"))
@@ -57,6 +66,11 @@ def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_
     assert "synthesise" in card.training and not {"pretrain_epochs", "eta", "unsupervised"} & set(card.training)
     log = [json.loads(line) for line in (tmp_path / "classifier" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["train_bce"] > 0 for r in log)
+    # the paper's class weights, N / (2 n_c), each sample weighted by its own class
+    per_class = class_weights(crops["train"].non_regular, 2)
+    assert per_class[1] > 1 > per_class[0] and seen
+    for target, weight in seen:
+        assert weight is not None and torch.equal(weight, per_class[target.long()])
 
 
 def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_set, tmp_path):

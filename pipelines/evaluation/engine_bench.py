@@ -202,9 +202,15 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
     reference = batched[0]["labels"] if batched else {}
     for v in batched:
         v["speedup_vs_naive"] = v["images_per_s"] / naive["images_per_s"]
-        differ = {p: f"{reference[p]} -> {lab}" for p, lab in v.pop("labels").items() if reference.get(p) != lab}
-        v["labels_differing_from_first_batched"] = {"count": len(differ), "examples": dict(list(differ.items())[:10])}
+        v["labels_differing_from_first_batched"] = label_changes(reference, v.pop("labels"))
     return {"naive": naive, "batched": batched}
+
+
+def label_changes(reference: dict[str, str], labels: dict[str, str], examples: int = 10) -> dict:
+    """How many files a mode labels otherwise than the reference mode, with the first few as
+    'reference -> this'; a file the reference lacks counts as changed."""
+    differ = {p: f"{reference.get(p)} -> {lab}" for p, lab in labels.items() if reference.get(p) != lab}
+    return {"count": len(differ), "examples": dict(list(differ.items())[:examples])}
 
 
 if __name__ == "__main__":
