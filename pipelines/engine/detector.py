@@ -3,6 +3,7 @@ the COCO file's (full-resolution) pixels and category ids."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,6 +67,16 @@ def padded_shape(transform: GeneralizedRCNNTransform, height: int, width: int) -
         h, w = math.floor(height * scale), math.floor(width * scale)
     d = transform.size_divisible
     return math.ceil(h / d) * d, math.ceil(w / d) * d
+
+
+def shape_chunks(transform: GeneralizedRCNNTransform, shapes: Sequence[tuple[int, int]], n: int) -> list[list[int]]:
+    """Positions of images of these (H, W) in chunks of at most `n` that share one detector
+    input shape (`padded_shape`), in input order within a shape: run chunk by chunk, no image
+    is padded for its neighbours' sake."""
+    key = [padded_shape(transform, h, w) for h, w in shapes]
+    order = sorted(range(len(shapes)), key=lambda k: (key[k], k))
+    groups = [list(g) for _, g in itertools.groupby(order, key=key.__getitem__)]
+    return [group[j : j + n] for group in groups for j in range(0, len(group), n)]
 
 
 def best_detections(model: RetinaNet, cls_logits: torch.Tensor, bbox_regression: torch.Tensor,

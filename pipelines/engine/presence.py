@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from models.io import ModelCard, load_weights
 from models.presence import PresenceConfig, PresenceHead
-from pipelines.engine.detector import Convolutions, detect
+from pipelines.engine.detector import Convolutions, detect, shape_chunks
 
 
 def colour_histograms(images: Sequence[torch.Tensor], bins: int = 8, side: int = 128) -> torch.Tensor:
@@ -49,7 +49,10 @@ def joint_histograms(images: torch.Tensor, bins: int = 8) -> torch.Tensor:
 
 def pool_features(maps: Sequence[torch.Tensor], batch: ImageList) -> torch.Tensor:
     """Mean- and max-pooled FPN maps per photo [N, D], each over the photo's own part of the
-    padded batch, so a photo gets the same features alone or batched with larger ones."""
+    padded batch. That part alone is not enough for features a photo keeps whatever its
+    batch: the convolutions near its edge see the padding (a negative's stage-0 score read
+    -0.87 alone, -0.23 padded for a larger neighbour), so batches hold one input shape
+    (`detect_with_features`, the engine's `shape_chunks`)."""
     padded_h, padded_w = batch.tensors.shape[-2:]
     feats = []
     for k, (h, w) in enumerate(batch.image_sizes):
@@ -64,9 +67,15 @@ def pool_features(maps: Sequence[torch.Tensor], batch: ImageList) -> torch.Tenso
 
 def detect_with_features(detector: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
                          convolutions: Convolutions | None = None) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    """The detector's detections plus the pooled FPN features stage 0 reads [N, D]."""
-    dets, maps, batch = detect(detector, images, device, convolutions)
-    return dets, pool_features(maps, batch)
+    """The detector's detections plus the pooled FPN features stage 0 reads [N, D], run per
+    input shape as the engine runs them, so that training features are the engine's."""
+    dets: list = [None] * len(images)
+    feats: list = [None] * len(images)
+    for chunk in shape_chunks(detector.transform, [im.shape[-2:] for im in images], max(1, len(images))):
+        out, maps, batch = detect(detector, [images[k] for k in chunk], device, convolutions)
+        for k, d, f in zip(chunk, out, pool_features(maps, batch)):
+            dets[k], feats[k] = d, f
+    return dets, torch.stack(feats) if feats else torch.zeros(0, 0)
 
 
 def load_presence(card_path: str | Path, detector_card: ModelCard,

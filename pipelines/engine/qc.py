@@ -13,7 +13,6 @@ bad input becomes an `unreadable` row with its reason; the batch goes on.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,7 +33,7 @@ from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode, read_file
 from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine import openvino_runtime
-from pipelines.engine.detector import detect, load_detector, padded_shape
+from pipelines.engine.detector import detect, load_detector, shape_chunks
 from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
 from pipelines.engine.memory import limit_malloc_arenas
@@ -328,16 +327,12 @@ class QCPipeline:
         higher on the 300 real-mix photos (hashes and findings convert only the pixels they read).
 
         torchvision pads every image of a forward to the largest one, so a chunk holds only
-        images of one detector-input shape (`padded_shape`): a photo's box and scores do not
+        images of one detector-input shape (`shape_chunks`): a photo's box and scores do not
         depend on what else is in its batch (a service batch mixes clients' uploads). Padded
         with its neighbours, a portrait photo among landscape ones got another box from the
         same weights. A collection's photos come in a few shapes, so the chunks stay full
         (the bench's 300 real-mix photos: 2 shapes)."""
-        shape = {k: padded_shape(self.detector.transform, *im.shape[-2:]) for k, im in enumerate(images)}
-        order = sorted(range(len(images)), key=lambda k: (shape[k], k))
-        n = self.detector_batch
-        chunks = [group[j : j + n] for group in (list(g) for _, g in itertools.groupby(order, key=shape.get))
-                  for j in range(0, len(group), n)]
+        chunks = shape_chunks(self.detector.transform, [im.shape[-2:] for im in images], self.detector_batch)
         dets: list[dict[str, torch.Tensor] | None] = [None] * len(images)
         feats: list[torch.Tensor | None] = [None] * len(images)
         with self._autocast():
