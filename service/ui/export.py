@@ -106,11 +106,11 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                 done.removed += 1
         if final in QUARANTINED and (root / r.path).is_file():
             if not inside(root / r.path, roots):
-                log.warning("review of %s not applied: the file is outside the data roots", r.path)
                 done.outside += 1
                 continue
             quarantine_copy(root, r.path, final, qdir, link=False)
             done.added += 1
             done.folders[final] = done.folders.get(final, 0) + 1
-    log.info("review applied to %s: %d copies added, %d removed", qdir, done.added, done.removed)
+    log.info("review applied to %s: %d copies added, %d removed, %d outside the data roots not copied",
+             qdir, done.added, done.removed, done.outside)
     return done
