@@ -121,8 +121,8 @@ def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_t
 
 def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missing_files(tmp_path):
     """The folder goes away during the first batch (an unmounted share): that batch is not
-    stored as rows of missing files, the job fails saying so, and a new job over the folder,
-    once it is back, gives every row."""
+    stored as rows of missing files, the job fails saying so, and retried once the folder is
+    back, the same job gives every row."""
     import time
 
     from pipelines.engine.qc import QCConfig, QCPipeline
@@ -156,10 +156,11 @@ def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missi
         assert failed.status == "failed" and "source disappeared after 0 of 6 files" in failed.error
         assert sum(_group_by(store.path, job.id).values()) == 0
         away.rename(root)
-        again = store.create(str(root), None, "resnest", tmp_path / "out")
+        assert store.requeue(job.id) and not store.requeue(job.id)  # queued now: not twice
         runner.wake()
-        while store.get(again.id).status not in ("done", "failed") and time.time() < deadline:
+        while store.get(job.id).status not in ("done", "failed") and time.time() < deadline:
             time.sleep(0.05)
-        assert store.get(again.id).status == "done" and _group_by(store.path, again.id) == {"non_regular": 6}
+        assert store.get(job.id).status == "done" and _group_by(store.path, job.id) == {"non_regular": 6}
+        assert not store.requeue(job.id)  # a finished job is not retried
     finally:
         runner.stop()

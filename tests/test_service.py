@@ -224,6 +224,24 @@ def test_a_quarantine_folder_holds_one_sources_copies(server):
             c.post(f"/v1/jobs/{job}/cancel")
 
 
+def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={"source": "collection"}).json()["id"]
+        assert c.post(f"/v1/jobs/{job}/cancel").status_code == 200  # a job of seconds, cancelled in milliseconds
+        retried = c.post(f"/v1/jobs/{job}/retry")
+        assert retried.status_code == 202 and retried.json()["status"] == "queued", retried.text
+        done = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert done["status"] == "done" and done["processed"] == done["total"] == len(list_files(data_root / "collection"))
+        rows = c.get(f"/v1/jobs/{job}/results", params={"format": "jsonl"}).text.splitlines()
+        assert len(rows) == done["total"] and len({json.loads(r)["path"] for r in rows}) == len(rows)
+        again = c.post(f"/v1/jobs/{job}/retry")
+        assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
+
+
+def list_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
 def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server, data_root):
     (data_root / "blank.csv").write_text("path,kind\ncollection/scene.jpg,regular\n,green\n")
     (data_root / "no_path.csv").write_text("file\ncollection/scene.jpg\n")

@@ -115,7 +115,7 @@ class JobRunner:
                 log.warning("job %s: source gone after %d of %d files", job.id, done_now, len(inputs))
                 self.store.transition(job.id, "failed", finished=time.time(),
                                       error=f"source disappeared after {done_now} of {len(inputs)} files "
-                                            "(this batch was not stored); start the job again once it is back")
+                                            "(this batch was not stored); retry the job once it is back")
                 return
             if qdir is not None:
                 quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,

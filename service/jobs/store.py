@@ -172,6 +172,13 @@ class JobStore:
                                  f"AND status IN {ACTIVE}", (time.time(), job_id))
         return cur.rowcount == 1
 
+    def requeue(self, job_id: str) -> bool:
+        """True when a failed or cancelled job is queued again: the runner resumes it, skipping
+        the files whose rows it already stored."""
+        cur = self._db().execute("UPDATE jobs SET status = 'queued', error = NULL, finished = NULL "
+                                 "WHERE id = ? AND status IN ('failed', 'cancelled')", (job_id,))
+        return cur.rowcount == 1
+
     def status(self, job_id: str) -> str | None:
         row = self._db().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None

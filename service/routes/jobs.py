@@ -115,6 +115,18 @@ def cancel_job(job_id: str, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
 
+@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_ERRORS,
+             summary="Queue a failed or cancelled job again; it resumes where it stopped")
+def retry_job(job_id: str, state: State) -> JobStatus:
+    """A job that failed (its source gone for a while, a store error it could not outwait)
+    or was cancelled keeps its stored rows; queued again it reads only the files it lacks."""
+    job = job_or_404(state, job_id)
+    if not state.store.requeue(job_id):
+        raise ApiError(409, "job_not_retryable", f"job {job_id} is {job.status}: only failed or cancelled jobs are retried")
+    state.runner.wake()
+    return status_of(state, job_or_404(state, job_id))
+
+
 def _csv_lines(records: Iterator[QCResult]) -> Iterator[str]:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, CSV_FIELDS)
