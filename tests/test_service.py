@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.clean import clean
+from pipelines.clean import clean, list_inputs
 from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 from tests.service_server import API_KEY, HEADERS, start_server
@@ -231,15 +231,11 @@ def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
         retried = c.post(f"/v1/jobs/{job}/retry")
         assert retried.status_code == 202 and retried.json()["status"] == "queued", retried.text
         done = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
-        assert done["status"] == "done" and done["processed"] == done["total"] == len(list_files(data_root / "collection"))
+        assert done["status"] == "done" and done["processed"] == done["total"] == len(list_inputs(data_root / "collection"))
         rows = c.get(f"/v1/jobs/{job}/results", params={"format": "jsonl"}).text.splitlines()
         assert len(rows) == done["total"] and len({json.loads(r)["path"] for r in rows}) == len(rows)
         again = c.post(f"/v1/jobs/{job}/retry")
         assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
-
-
-def list_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server, data_root):

@@ -1,8 +1,8 @@
 """Batch-cleaning jobs over server-side folders or manifests under CERVIXQC_DATA_ROOTS.
 
-Routes that only touch the job store are plain `def`: FastAPI runs them in its thread pool,
-so a store locked by another writer holds one thread, not the event loop (an `async def`
-route waiting on the lock froze every request, health checks included, for 30 s)."""
+The routes are plain `def`: they read manifests and the job store, and FastAPI runs them in
+its thread pool, so a store locked by another writer holds one thread, not the event loop
+(an `async def` route waiting on the lock froze every request, health checks included)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Literal
 
 from fastapi import APIRouter, Query
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from pipelines.clean import list_inputs
@@ -70,27 +69,26 @@ def job_or_404(state: ServiceState, job_id: str) -> Job:
 
 
 @router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Start a cleaning job")
-async def create_job(body: JobCreate, state: State) -> JobStatus:
+def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
     source = confine(body.source, s.data_roots)
     if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet")):
         raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
     if source.is_file():  # a manifest's problems now, with its rows, not as a failed job later
         try:
-            await run_in_threadpool(list_inputs, source)
+            list_inputs(source)
         except (ValueError, OSError) as e:
             raise ApiError(400, "invalid_manifest", str(e)) from e
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     if quarantine is not None:
-        await run_in_threadpool(_check_quarantine_free, state, quarantine, str(source))
+        _check_quarantine_free(state, quarantine, str(source))
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
     if body.policy is not None:
         try:
             state.qc.check_policy(body.policy)
         except ValueError as e:
             raise ApiError(422, "policy_unavailable", f"{e}; this server runs {', '.join(state.qc.policies)}") from e
-    job = await run_in_threadpool(state.store.create, str(source), quarantine, body.policy or state.qc.policy,
-                                  s.state_dir / "jobs")
+    job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
     state.runner.wake()
     return status_of(state, job)
 

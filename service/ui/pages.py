@@ -50,11 +50,11 @@ def jobs_page(request: Request, session: UiSession, state: State):
 
 
 @router.post("/jobs")
-async def start_job(request: Request, session: UiPost, state: State, source: str = Form(""),
-                    quarantine: str = Form("")):
+def start_job(request: Request, session: UiPost, state: State, source: str = Form(""),
+              quarantine: str = Form("")):
     """The API's own checks (data roots, '..', links out): a refusal comes back to the form."""
     try:
-        await create_job(JobCreate(source=source, quarantine=quarantine or None), state)
+        create_job(JobCreate(source=source, quarantine=quarantine or None), state)
     except ApiError as e:
         return _jobs_page(request, session, state, e.message, source)
     except ValueError as e:  # pydantic: an empty source
