@@ -20,7 +20,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi_offline import FastAPIOffline
 
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
@@ -32,7 +31,7 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics
-from service.routes import health, jobs, models, qc
+from service.routes import docs, health, jobs, models, qc
 from service.settings import Settings
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
@@ -93,9 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.batcher.stop()
             state.qc.close()
 
-    # /docs and /redoc from assets packaged in fastapi-offline: FastAPI's own pages load Swagger
-    # UI and ReDoc from a CDN, and at an offline screening site they rendered blank
-    app = FastAPIOffline(title="cervixqc", version=_version(), lifespan=lifespan,
+    # the API's documentation is keyed like the API: service/routes/docs.py
+    app = FastAPI(title="cervixqc", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Quality control for uterine cervix images: cervix detection, then green-filter / "
                               "Lugol's-iodine screening. Not a medical device.")
     app.state.settings = settings
@@ -119,9 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.latency.labels(route).observe(time.perf_counter() - t)
         return response
 
-    for router in (health.router, models.router, qc.router, jobs.router, auth_pages.router, pages.router,
-                   review_pages.router):
+    for router in (health.router, models.router, qc.router, jobs.router, docs.router, auth_pages.router,
+                   pages.router, review_pages.router):
         app.include_router(router)
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS), name="docs-assets")
     # the pages' CSS and JS, from the package (no CDN: screening sites are often offline)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR / "static"), name="ui-static")
     return app

@@ -78,7 +78,7 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").status_code == 200
-    for path in ("/v1/models", "/metrics", "/v1/jobs"):
+    for path in ("/v1/models", "/metrics", "/v1/jobs", "/openapi.json"):
         for headers in ({}, {"X-API-Key": "wrong-key-0123456789abcdef"}):
             r = httpx.get(server.url + path, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
@@ -88,19 +88,6 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
     assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
     assert models["findings_thresholds"] == FINDINGS_AT
-
-
-def test_docs_and_redoc_load_their_assets_from_the_service_not_a_cdn(server):
-    for page, asset_names in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
-        html = httpx.get(server.url + page).text
-        external = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", html)
-        assert external == [], (page, external)
-        for name in asset_names:
-            ref = re.search(rf"""["']([^"']*/{re.escape(name)})["']""", html)
-            assert ref, (page, name)
-            asset = httpx.get(server.url + ref.group(1))
-            assert asset.status_code == 200 and len(asset.content) > 10_000, (name, asset.status_code)
-    assert "cervixqc" in httpx.get(server.url + "/openapi.json").json()["info"]["title"]
 
 
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):

@@ -251,7 +251,11 @@ def test_docs_render_their_operations_with_no_network(browser, server, screensho
 
     ctx.route("**/*", only_loopback)
     page = ctx.new_page()
-    page.goto("/docs")
+    page.goto("/docs")  # keyed like the API: sign-in first, then back to the docs
+    assert "/ui/login" in page.url
+    page.get_by_label("API key").fill(API_KEY)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/ui/docs")
     expect(page.locator(".opblock").first).to_be_visible(timeout=30_000)
     assert page.locator(".opblock").count() >= 8
     page.screenshot(path=screenshots_dir / "docs.png")

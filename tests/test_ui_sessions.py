@@ -52,6 +52,27 @@ def _finished_job(server, source: str) -> str:
     raise AssertionError("job did not finish")
 
 
+def test_the_api_docs_need_a_key_or_a_session_and_load_their_assets_from_the_service(server):
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401
+    assert "cervixqc" in httpx.get(f"{server.url}/openapi.json", headers=HEADERS).json()["info"]["title"]
+    for page in ("/docs", "/redoc"):  # the addresses people type lead to the pages, through sign-in
+        r = httpx.get(server.url + page, headers={"Accept": "text/html"}, follow_redirects=True)
+        assert r.url.path == "/ui/login" and r.url.params["next"] == f"/ui{page}", (page, str(r.url))
+    assert httpx.get(f"{server.url}/ui/openapi.json", headers=HEADERS).status_code == 401  # pages: session only
+    c, _ = _signed_in(server)
+    assert "cervixqc" in c.get("/ui/openapi.json").json()["info"]["title"]
+    for page, asset_names in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        html = c.get(page, follow_redirects=True).text
+        external = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", html)
+        assert external == [], (page, external)
+        assert re.search(r"""["']/ui/openapi\.json["']""", html), page
+        for name in asset_names:
+            ref = re.search(rf"""["']([^"']*/{re.escape(name)})["']""", html)
+            assert ref, (page, name)
+            asset = httpx.get(server.url + ref.group(1))
+            assert asset.status_code == 200 and len(asset.content) > 10_000, (name, asset.status_code)
+
+
 def test_the_session_cookie_is_httponly_strict_and_secure_behind_https(server):
     https = {"X-Forwarded-Proto": "https"}  # uvicorn trusts a loopback proxy's headers
     page = httpx.get(f"{server.url}/ui/login", headers=https)
