@@ -1,4 +1,5 @@
 import pytest
+import numpy as np
 import torch
 
 from models.detector import DetectorConfig, build_detector
@@ -107,3 +108,33 @@ def test_the_engines_best_detection_is_torchvisions_first_bit_for_bit():
         for key in ("boxes", "scores", "labels"):
             assert w[key][:1].dtype == b[key].dtype and torch.equal(w[key][:1], b[key]), key
     assert best_detections(model, cls[:0], reg[:0], [], per_level, [], []) == []
+
+
+def test_eval_detections_of_an_image_do_not_depend_on_the_other_images_of_its_batch(tmp_path):
+    """`predict_dataset` (eval-detector, the training's mAP) used to pad a batch to its largest
+    image, so a portrait photo among landscape ones got other boxes than alone, and the mAP
+    was one draw of batch neighbours. Its detections must equal those of a batch of one."""
+    from PIL import Image
+
+    from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation
+    from pipelines.data.detection import CocoDetection
+    from pipelines.data.presets import detection_eval
+    from pipelines.engine.detector import predict_dataset
+
+    g = np.random.default_rng(0)
+    images, anns = [], []
+    for k, (w, h) in enumerate([(200, 150), (150, 200), (200, 150), (333, 90), (200, 150)], start=1):
+        Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        images.append(CocoImage(id=k, file_name=f"{k}.png", width=w, height=h))
+        anns.append(make_annotation(k, k, 1, [10, 10, w / 2, h / 2]))
+    ds = CocoDetection(CocoDataset(images=images, annotations=anns, categories=[CocoCategory(id=1, name="cervix")]),
+                       tmp_path, detection_eval())
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig(backbone="resnet18", min_size=96, max_size=128, score_thresh=0.0)).eval()
+    batched = predict_dataset(model, ds, torch.device("cpu"), batch_size=5)
+    alone = predict_dataset(model, ds, torch.device("cpu"), batch_size=1)
+    assert sorted(batched) == sorted(alone) == [1, 2, 3, 4, 5]
+    for k in alone:
+        assert len(alone[k]["boxes"]) > 0
+        torch.testing.assert_close(batched[k]["boxes"], alone[k]["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(batched[k]["scores"], alone[k]["scores"], atol=1e-5, rtol=0)

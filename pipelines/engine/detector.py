@@ -182,16 +182,26 @@ def detect(model: nn.Module, images: Sequence[torch.Tensor], device: torch.devic
 
 def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.device, batch_size: int = 8,
                     workers: int = 0) -> dict[int, dict[str, torch.Tensor]]:
-    """Image id -> detections in the COCO file's pixels with COCO category ids."""
+    """Image id -> detections in the COCO file's pixels with COCO category ids. Each loaded
+    batch runs in chunks of one detector-input shape (`shape_chunks`), as the engine does:
+    an image's detections, and so the mAP, do not depend on which images share its batch."""
     cat_of = {label: cid for cid, label in dataset.label_of.items()}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    transform = getattr(model, "transform", None)
     result = {}
     for images, targets in loader:
-        for det, tgt in zip(predict(model, images, device), targets):
-            sx, sy = tgt["scale"].tolist()
-            boxes = det["boxes"] / torch.tensor([sx, sy, sx, sy])
-            labels = torch.tensor([cat_of[int(v)] for v in det["labels"]], dtype=torch.int64)
-            result[int(tgt["image_id"])] = {"boxes": boxes, "scores": det["scores"], "labels": labels}
+        if isinstance(transform, GeneralizedRCNNTransform):
+            chunks = shape_chunks(transform, [tuple(im.shape[-2:]) for im in images], len(images))
+        else:
+            chunks = [list(range(len(images)))]
+        for chunk in chunks:
+            for det, tgt in zip(predict(model, [images[k] for k in chunk], device), [targets[k] for k in chunk]):
+                sx, sy = tgt["scale"].tolist()
+                # RetinaNet scores label 0 (background) like any class; a low score_thresh lets it through
+                known = torch.tensor([int(v) in cat_of for v in det["labels"]], dtype=torch.bool)
+                boxes = det["boxes"][known] / torch.tensor([sx, sy, sx, sy])
+                labels = torch.tensor([cat_of[int(v)] for v in det["labels"][known]], dtype=torch.int64)
+                result[int(tgt["image_id"])] = {"boxes": boxes, "scores": det["scores"][known], "labels": labels}
     return result
 
 
