@@ -65,9 +65,12 @@ class MicroBatcher:
         batches_ahead = self.pending / self.max_batch_size + 1
         return max(1, round(batches_ahead * self._batch_seconds))
 
+    def has_room(self, n: int) -> bool:
+        return self.pending + n <= self.max_queue
+
     def submit(self, items: Sequence[tuple[bytes, str]]) -> list[asyncio.Future]:
         """Queue a request's images together or not at all; raises QueueFull."""
-        if self.pending + len(items) > self.max_queue:
+        if not self.has_room(len(items)):
             raise QueueFull
         loop = asyncio.get_running_loop()
         futures = []

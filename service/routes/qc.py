@@ -43,15 +43,17 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise ApiError(400, "no_files", "no file in the request (multipart field 'files')")
+        # refused before the files are read into memory: the form keeps them spooled on disk, and
+        # an overloaded service should not also hold every refused request's images in RAM
+        if not state.batcher.has_room(len(files)):
+            raise _overloaded(state)
         items = [(await f.read(), f.filename or f"file{i}") for i, f in enumerate(files)]
     finally:
         await form.close()
     try:
-        futures = state.batcher.submit(items)
+        futures = state.batcher.submit(items)  # checked again: other requests queued while these were read
     except QueueFull:
-        metrics.rejected.labels("overload").inc()
-        raise ApiError(503, "overloaded", "the queue is full; retry later",
-                       {"Retry-After": str(state.batcher.retry_after_s())}) from None
+        raise _overloaded(state) from None
     try:
         results = await asyncio.wait_for(asyncio.gather(*futures), s.request_timeout_s)
     except TimeoutError:
@@ -67,3 +69,9 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         raise ApiError(422, "unreadable", f"no file could be read as an image ({reasons})",
                        results=[r.model_dump(mode="json") for r in out])
     return QCResponse(results=out)
+
+
+def _overloaded(state) -> ApiError:
+    state.metrics.rejected.labels("overload").inc()
+    return ApiError(503, "overloaded", "the queue is full; retry later",
+                    {"Retry-After": str(state.batcher.retry_after_s())})
