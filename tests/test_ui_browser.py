@@ -101,6 +101,8 @@ def test_a_job_started_from_the_jobs_page_runs_to_done(page, screenshots_dir):  
     row = page.locator("tr[data-job]").first
     expect(row.locator(".status")).to_have_text("done", timeout=120_000)
     expect(row.locator(".count")).to_have_text("61 / 61")
+    expect(row.get_by_role("link", name="Review")).to_be_visible()  # jobs.js swapped the cancel button for it
+    expect(row.locator("form.retry")).to_have_count(0)  # a job done has nothing to retry
     page.screenshot(path=screenshots_dir / "jobs.png", full_page=True)
 
 

@@ -23,6 +23,9 @@ def data_root(tmp_path_factory):
     for name in ("ok.jpg", "gray.jpg", "exif6.jpg"):
         (root / "set" / "site").mkdir(parents=True, exist_ok=True)
         (root / "set" / "site" / name).write_bytes(cases[name][0])
+    (root / "many").mkdir()
+    for i in range(60):  # a job of seconds: cancelled milliseconds after it starts, it has files left
+        (root / "many" / f"img{i:02d}.jpg").write_bytes(cases["ok.jpg"][0][:-1] + i.to_bytes(2, "big"))
     return root
 
 
@@ -139,6 +142,30 @@ def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages(tmp_path):
         assert httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[other]}).status_code == 401
     finally:
         srv.kill()
+
+
+def test_a_cancelled_job_gets_a_retry_button_that_needs_the_token_and_resumes_it(server):
+    with server.client() as api:
+        job = api.post("/v1/jobs", json={"source": "many"}).json()["id"]
+        assert api.post(f"/v1/jobs/{job}/cancel").status_code == 200
+    c, csrf = _signed_in(server)
+    row = re.search(rf'<tr data-job="{job}".*?</tr>', c.get("/ui/jobs").text, re.S).group(0)
+    assert f'action="/ui/jobs/{job}/retry"' in row and "cancelled" in row
+    assert c.post(f"/ui/jobs/{job}/retry", data={"csrf": "forged"}).status_code == 403
+    r = c.post(f"/ui/jobs/{job}/retry", data={"csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
+    with server.client() as api:
+        for _ in range(600):
+            status = api.get(f"/v1/jobs/{job}").json()
+            if status["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert (status["status"], status["processed"], status["total"]) == ("done", 60, 60)
+        rows = api.get(f"/v1/jobs/{job}/results", params={"format": "jsonl"}).text.splitlines()
+    assert len(rows) == 60
+    row = re.search(rf'<tr data-job="{job}".*?</tr>', c.get("/ui/jobs").text, re.S).group(0)
+    assert "/retry" not in row  # a finished job has nothing to retry
+    assert c.post(f"/ui/jobs/{job}/retry", data={"csrf": csrf}).status_code == 303  # a second click: back to the list
 
 
 def test_the_signing_secret_is_private_to_the_service(server):

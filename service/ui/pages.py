@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from service.errors import ApiError
-from service.routes.jobs import cancel_job, create_job, job_or_404, status_of
+from service.routes.jobs import cancel_job, create_job, job_or_404, retry_job, status_of
 from service.routes.qc import qc_upload
 from service.schemas import JobCreate, JobStatus, QCResponse
 from service.state import ServiceState, State
@@ -73,5 +73,15 @@ def cancel(job_id: str, session: UiPost, state: State):
         cancel_job(job_id, state)
     except ApiError as e:
         if e.status != 409:  # already finished: nothing to do, back to the list
+            raise
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry(job_id: str, session: UiPost, state: State):
+    try:
+        retry_job(job_id, state)
+    except ApiError as e:
+        if e.status != 409:  # already queued again (a second click, another tab): back to the list
             raise
     return RedirectResponse("/ui/jobs", status_code=303)

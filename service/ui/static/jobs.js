@@ -1,6 +1,27 @@
 // Jobs page: active rows poll their JSON twin every second for progress, rate and ETA.
 "use strict";
 (function () {
+  const csrf = document.getElementById("main").dataset.csrf;
+
+  function link(href, text) {
+    const a = document.createElement("a");
+    a.href = href; a.textContent = text;
+    return a;
+  }
+
+  // the same form the page renders for a failed or cancelled job (jobs.html)
+  function retryForm(j) {
+    const form = document.createElement("form");
+    form.method = "post"; form.action = "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
+    form.title = (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
+    const token = document.createElement("input");
+    token.type = "hidden"; token.name = "csrf"; token.value = csrf;
+    const button = document.createElement("button");
+    button.type = "submit"; button.textContent = "Retry";
+    form.append(token, button);
+    return form;
+  }
+
   async function poll(row) {
     const r = await fetch("/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"});
     if (!r.ok) return;
@@ -13,7 +34,9 @@
     row.querySelector(".rate").textContent = j.rate_per_s ? j.rate_per_s.toFixed(1) + "/s" : "";
     row.querySelector(".eta").textContent = j.eta_s != null ? Math.round(j.eta_s) + " s" : "";
     if (j.status !== "queued" && j.status !== "running") {
-      row.lastElementChild.innerHTML = '<a href="/ui/jobs/' + j.id + '/review">Review</a>';
+      const cell = row.lastElementChild;
+      cell.replaceChildren(link("/ui/jobs/" + j.id + "/review", "Review"));
+      if (j.status === "failed" || j.status === "cancelled") cell.append(" ", retryForm(j));
       return;
     }
     setTimeout(() => poll(row), 1000);
