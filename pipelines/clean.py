@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import fcntl
+import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -52,6 +55,31 @@ class CleanSummary:
     results_parquet: Path | None = None
 
 
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def row_key(rel: str) -> str:
+    """The row's `path` for a file name as the OS gave it. A name that is not UTF-8 (an archive
+    copied from an old Windows PC: `Pe\xf1a.jpg` in Latin-1) arrives with surrogate escapes,
+    which no JSON, CSV or SQLite text can hold: it crashed the run at that file, and every
+    resume again. Its bytes that are not UTF-8 are written as `\\xNN`; `on_disk` reverses it."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def on_disk(root: Path, key: str) -> Path:
+    """The file a row's `path` names under `root`: the name itself, or, where that is not a
+    file and the key holds `\\xNN` escapes of `row_key`, the name with those bytes."""
+    path = root / key
+    if "\\x" not in key or os.path.lexists(path):
+        return path
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+    return root / raw
+
+
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
     relative to the manifest's folder. Sorted, so runs and resumes see the same order.
@@ -76,19 +104,53 @@ def list_inputs(src: Path) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             if not f.startswith("."):
-                out.append((Path(root) / f).relative_to(src).as_posix())
+                out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
     return sorted(out)
 
 
-class StateStore:
-    """SQLite journal: path -> result JSON. One transaction per batch."""
+class ResultsFolderError(ValueError):
+    """The results folder cannot take this run: another run holds it, or it holds another source's rows."""
 
-    def __init__(self, path: Path) -> None:
+
+class StateStore:
+    """SQLite journal: path -> result JSON. One transaction per batch.
+
+    Given the run's `source`, the store also holds the results folder for that run alone: a
+    lock (`.lock`, flock, released by the kernel when the process dies, kill -9 included)
+    refuses a second run into it (two runs did every file twice and raced on the exports'
+    temporary files), and the source it was first filled from is recorded and must match
+    (another source's rows with the same relative paths were taken as already done)."""
+
+    def __init__(self, path: Path, source: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = path.parent
+        self._lock = None
+        if source is not None:
+            self._lock = open(path.parent / ".lock", "a")  # noqa: SIM115 - held for the store's life
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise ResultsFolderError(f"another clean is writing to {path.parent}; wait for it or choose another "
+                                         "--out") from None
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT)")
+        if source is not None:
+            self._claim(str(source.resolve()))
+
+    def _claim(self, source: str) -> None:
+        with self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
+            if row is None:  # a new folder, or one filled before the source was recorded: taken as this source's
+                self.db.execute("INSERT INTO meta VALUES ('source', ?)", (source,))
+                return
+        if row[0] != source:
+            self.close()
+            raise ResultsFolderError(f"{self.folder} holds the results of another source ({row[0]}); choose "
+                                     "another --out, or delete it to start over")
 
     def done(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT path FROM results")}
@@ -104,6 +166,9 @@ class StateStore:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
@@ -111,7 +176,7 @@ def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, 
     """Each result's file into every folder `quarantine_folders` names (files gone since are skipped)."""
     for r in results:
         folders = quarantine_folders(r, findings)
-        if folders and (src_root / r.path).is_file():
+        if folders and on_disk(src_root, r.path).is_file():
             for folder in folders:
                 quarantine_copy(src_root, r.path, folder, qdir, link)
 
@@ -132,29 +197,52 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    # a short name of its own: `.{name}.tmp` passed the 255-byte limit for names of 251 bytes
+    # and up, and the job stopped at that file on every resume
+    tmp = target.with_name(f".{hashlib.sha1(target.name.encode()).hexdigest()[:16]}.tmp")
     tmp.unlink(missing_ok=True)
+    source = on_disk(src_root, rel)
     linked = False
     if link:
         try:
-            os.link(src_root / rel, tmp)
+            os.link(source, tmp)
             linked = True
         except OSError:  # another file system, or links not allowed: copy instead
             pass
     if not linked:
-        shutil.copy2(src_root / rel, tmp)
+        shutil.copy2(source, tmp)
     os.replace(tmp, target)
 
 
-def export(store: StateStore, out_dir: Path, src_root: Path | None = None) -> tuple[Path, Path]:
+def export(store: StateStore, out_dir: Path, src_root: Path | None = None,
+           inputs: Collection[str] | None = None) -> tuple[Path, Path]:
     """The state's records written out; `src_root` (the photos' folder) lets the duplicate
-    search check cropped and turned copies with the pixels."""
-    return export_records(store.records, out_dir, read=None if src_root is None else reader(src_root))
+    search check cropped and turned copies with the pixels. Given the run's `inputs`, only
+    their rows: a file deleted from the source (or a row taken out of its manifest) since an
+    earlier run no longer appears in the results."""
+    records = store.records if inputs is None else (lambda: (r for r in store.records() if r.path in inputs))
+    return export_records(records, out_dir, read=None if src_root is None else reader(src_root))
+
+
+def write_summary(out_dir: Path, summary: CleanSummary) -> None:
+    _atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
+        {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
+
+
+def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
+    """Results and quarantine outside a folder source: inside it, a run overwrote originals
+    named results.csv, and a rerun cleaned its own state, exports and quarantine copies."""
+    if src.is_file():
+        return
+    root = src.resolve()
+    for name, folder in (("--out", out_dir), ("--quarantine", quarantine)):
+        if folder is not None and folder.resolve().is_relative_to(root):
+            raise ValueError(f"{name} {folder} is inside the source folder {src}: put it outside")
 
 
 def reader(root: Path) -> Callable[[str], bytes]:
     """A collection's photos by the paths its records carry (relative to `root`)."""
-    return lambda rel: (root / rel).read_bytes()
+    return lambda rel: on_disk(root, rel).read_bytes()
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -196,15 +284,18 @@ def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], byt
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
           progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = (),
           pixel_check: bool = True) -> CleanSummary:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src)
-    store = StateStore(out_dir / "state.sqlite")
+    store = StateStore(out_dir / "state.sqlite", source=src)
     t0 = time.perf_counter()
     try:
-        done = store.done()
+        done = store.done() & set(inputs)
         todo = [p for p in inputs if p not in done]
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        batches = (([src_root / p for p in chunk], chunk) for chunk in chunks)
+        batches = (([on_disk(src_root, p) for p in chunk], chunk) for chunk in chunks)
         for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches)):
             chunk = todo[start : start + batch_size]
             if quarantine is not None:
@@ -212,11 +303,12 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))
-        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None)
-        labels = Counter(r.label.value for r in store.records())
+        current = set(inputs)
+        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None, current)
+        labels = Counter(r.label.value for r in store.records() if r.path in current)
+        summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path,
+                               pq_path)
+        write_summary(out_dir, summary)
     finally:
         store.close()
-    summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path, pq_path)
-    (out_dir / "summary.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in summary.__dict__.items()}, indent=2))
     return summary

@@ -1,10 +1,14 @@
 """`cervixqc clean --engine ray`: the same job on Ray Data, for collections past one machine.
 
-read_binary_files -> map_batches over an actor pool whose actors each hold a QCPipeline
+The rows' paths -> map_batches over an actor pool whose actors each hold a QCPipeline
 (one GPU per actor where the cluster has GPUs) -> rows streamed back into the same SQLite
 state store the local engine uses, so outputs, resume and quarantine are identical.
-Ray Data fails a whole job on an exception in a task, so nothing here decodes: our engine
-turns every bad file into an `unreadable` row inside the actor.
+Ray Data fails a whole job on an exception in a task, so nothing outside the actor reads a
+file: the actor's engine reads and decodes, and turns every bad file (a dangling link, a
+FIFO, a truncated photo) into an `unreadable` row. (`read_binary_files` read the files in
+Ray's own tasks: one dangling link failed the job on every retry, and the paths it gave back
+were rebuilt relative to the root, so an absolute manifest path got another row key than the
+local engine's, and was processed again on every run.)
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import CleanSummary, StateStore, export, list_inputs, quarantine_results
+from pipelines.clean import (CleanSummary, StateStore, check_outputs, export, list_inputs, on_disk, quarantine_results,
+                             write_summary)
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import QCResult
 
@@ -34,9 +39,8 @@ class QCActor:
         self.root = root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
-        names = [os.path.relpath(str(p), self.root) if os.path.isabs(str(p)) else os.path.relpath("/" + str(p), self.root)
-                 for p in batch["path"]]
-        results = self.qc.run([bytes(b) for b in batch["bytes"]], names=[Path(n).as_posix() for n in names])
+        keys = [str(k) for k in batch["path"]]
+        results = self.qc.run([on_disk(Path(self.root), k) for k in keys], names=keys)
         return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results]}
 
 
@@ -59,20 +63,23 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     if os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") is None:
         ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
+    if batch_size < 1 or actors < 1:
+        raise ValueError(f"batch_size and actors must be at least 1, not {batch_size} and {actors}")
+    check_outputs(src, out_dir, quarantine)
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src)
-    store = StateStore(out_dir / "state.sqlite")
+    store = StateStore(out_dir / "state.sqlite", source=src)
     t0 = time.perf_counter()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **ray_init)
     try:
-        done = store.done()
+        done = store.done() & set(inputs)
         todo = [p for p in inputs if p not in done]
         if todo:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            ds = ray.data.read_binary_files([str(src_root / p) for p in todo], include_paths=True)
+            ds = ray.data.from_items([{"path": p} for p in todo])
             ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
                                 fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "policy": policy,
@@ -86,10 +93,14 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 finished += len(results)
                 if progress:
                     progress(finished, len(inputs))
-        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None)
-        labels = Counter(r.label.value for r in store.records())
+        current = set(inputs)
+        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None, current)
+        labels = Counter(r.label.value for r in store.records() if r.path in current)
+        summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path,
+                               pq_path)
+        write_summary(out_dir, summary)
     finally:
         store.close()
         if started_here:
             ray.shutdown()
-    return CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path, pq_path)
+    return summary

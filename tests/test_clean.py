@@ -107,14 +107,27 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collection, tmp_path):
-    """Both sides use the device JPEG decoder (the GPU setting), so the actor must get it too."""
+    """Both sides use the device JPEG decoder (the GPU setting), so the actor must get it too.
+    The manifest holds what failed the Ray job on every retry while the local engine gave
+    rows (a dangling link, a FIFO), a name that is not UTF-8, and an absolute path, which Ray
+    stored under another key than the local engine and processed again on every run."""
     pytest.importorskip("ray")
+    from pipelines.clean import list_inputs
     from pipelines.clean_ray import QCActor, clean_ray
 
+    (collection / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(collection / "pipe.jpg")
+    with open(os.fsencode(collection) + b"/Pe\xf1a.jpg", "wb") as f:
+        f.write(fuzz_set()["ok.jpg"][0])
+    paths = list_inputs(collection)
+    k = next(i for i, path in enumerate(paths) if path.startswith("clinic_a/"))
+    paths[k] = str(collection / paths[k])
+    pd.DataFrame({"path": paths}).to_csv(collection / "manifest.csv", index=False)
+    manifest = collection / "manifest.csv"
     assert QCActor(str(weights), None, str(collection), "torchvision").qc.cfg.jpeg_decoder == "torchvision"
-    local = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), collection, tmp_path / "local",
+    local = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), manifest, tmp_path / "local",
                   batch_size=4)
-    on_ray = clean_ray(weights, collection, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
+    on_ray = clean_ray(weights, manifest, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
                        jpeg_decoder="torchvision",
                        # Logical CPUs: the actor holds one, read tasks need another; with only
                        # the 2 physical cores Ray Data once starved the read task in CI.
@@ -125,7 +138,13 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     cols = ["path", "sha256", "label", "kind", "cervix_box", "error"]
     assert (a["cervix_box"] != "").any() and (a["kind"] != "").any()
     pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert paths[k] in set(b["path"]) and "Pe\\xf1a.jpg" in set(b["path"])
+    assert (tmp_path / "q" / "unreadable" / "pipe.jpg").is_file() is False  # a FIFO is never copied
     assert (tmp_path / "q" / "unreadable").is_dir()
+    assert json.loads((tmp_path / "ray" / "summary.json").read_text())["total"] == len(paths)
+    rerun = clean_ray(weights, manifest, tmp_path / "ray", batch_size=4, num_cpus=4,
+                      object_store_memory=256 * 1024**2)
+    assert (rerun.processed_now, rerun.skipped_done) == (0, len(paths))
 
 
 def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows(weights, collection, tmp_path):
@@ -145,3 +164,74 @@ def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows
     r = CliRunner().invoke(app, ["clean", str(collection / "blank.csv"), "-o", str(tmp_path / "out"),
                                  "--weights", str(weights)])
     assert r.exit_code != 0 and "empty path on row 3, 4" in r.output and not (tmp_path / "out").exists()
+
+
+def test_a_name_that_is_not_utf8_or_of_251_bytes_gets_its_row_and_quarantine_copy_and_resumes(weights, collection,
+                                                                                              tmp_path):
+    """Latin-1 names (an archive from an old Windows PC) crashed the run at that file, and
+    every resume again; a quarantined name of 251 bytes failed on its temporary name."""
+    ok = fuzz_set()["ok.jpg"][0]
+    raw = os.fsencode(collection / "clinic_a")
+    with open(raw + b"/Pe\xf1a.jpg", "wb") as f:
+        f.write(ok)
+    with open(raw + b"/broken\xe9.jpg", "wb") as f:
+        f.write(b"not a photo")
+    long_name = "p" * 247 + ".jpg"
+    (collection / "clinic_a" / long_name).write_bytes(b"not a photo either")
+    out, quarantine = tmp_path / "out", tmp_path / "q"
+    summary = clean(QCPipeline(weights), collection, out, quarantine, batch_size=2)
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path")
+    assert summary.total == len(rows) == sum(summary.by_label.values())
+    assert rows.loc["clinic_a/Pe\\xf1a.jpg", "sha256"] == hashlib.sha256(ok).hexdigest()
+    for name in ("clinic_a/broken\\xe9.jpg", f"clinic_a/{long_name}"):
+        assert rows.loc[name, "label"] == "unreadable"
+        assert (quarantine / "unreadable" / name).is_file()
+    assert not list(quarantine.rglob("*.tmp"))
+    again = clean(QCPipeline(weights), collection, out, quarantine, batch_size=2)
+    assert (again.processed_now, again.skipped_done) == (0, summary.total)
+
+
+def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_still_there(weights, collection, tmp_path):
+    from pipelines.clean import ResultsFolderError, StateStore
+
+    out = tmp_path / "out"
+    first = clean(QCPipeline(weights), collection, out, batch_size=4)
+    other = tmp_path / "other"
+    (other / "clinic_a").mkdir(parents=True)
+    (other / "clinic_a" / "ok.jpg").write_bytes(b"another site's file under a path the first one has")
+    with pytest.raises(ResultsFolderError, match="holds the results of another source"):
+        clean(QCPipeline(weights), other, out, batch_size=4)
+    holder = StateStore(out / "state.sqlite", source=collection)
+    try:
+        with pytest.raises(ResultsFolderError, match="another clean is writing"):
+            clean(QCPipeline(weights), collection, out, batch_size=4)
+    finally:
+        holder.close()
+    gone = sorted(p for p in collection.rglob("*.jpg"))[0]
+    gone.unlink()
+    again = clean(QCPipeline(weights), collection, out, batch_size=4)
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert (again.total, again.processed_now, len(rows)) == (first.total - 1, 0, first.total - 1)
+    assert gone.relative_to(collection).as_posix() not in set(rows["path"])
+    assert json.loads((out / "summary.json").read_text())["total"] == first.total - 1
+
+
+def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_before_any_model_loads(weights, collection,
+                                                                                                  tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    before = _checksums(collection)
+    not_a_folder = tmp_path / "plain-file"
+    not_a_folder.write_text("")
+    inside = "is inside the source folder"
+    for extra, messages in ((["-o", str(collection)], ("--out", inside)),
+                            (["-o", str(tmp_path / "out"), "--quarantine", str(collection / "q")], ("--quarantine", inside)),
+                            (["-o", str(tmp_path / "out"), "--quarantine", str(not_a_folder / "q")],
+                             ("--quarantine", "cannot write there")),
+                            (["-o", str(tmp_path / "out"), "--batch-size", "0"], ("--batch-size",))):
+        r = CliRunner().invoke(app, ["clean", str(collection), "--weights", str(weights), *extra])
+        assert r.exit_code != 0 and all(m in r.output for m in messages), (extra, r.output)
+    assert _checksums(collection) == before
+    assert not (tmp_path / "out" / "state.sqlite").exists()

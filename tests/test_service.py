@@ -225,6 +225,26 @@ def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
         assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
 
 
+def test_a_job_over_names_that_are_not_utf8_stores_and_serves_their_rows(server, data_root):
+    """Latin-1 names from an old archive: rows under `\\xNN`-escaped paths, read from the real files."""
+    folder = os.fsencode(data_root / "latin1")
+    os.mkdir(folder)
+    photo = _jpeg(5)
+    with open(folder + b"/Pe\xf1a.jpg", "wb") as f:
+        f.write(photo)
+    with open(folder + b"/broken\xe9.jpg", "wb") as f:
+        f.write(b"not a photo")
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={"source": "latin1"}).json()["id"]
+        done = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert (done["status"], done["processed"]) == ("done", 2), done
+        rows = {r["path"]: r for r in map(json.loads, c.get(f"/v1/jobs/{job}/results",
+                                                              params={"format": "jsonl"}).text.splitlines())}
+    assert rows["Pe\\xf1a.jpg"]["sha256"] == hashlib.sha256(photo).hexdigest()
+    assert rows["Pe\\xf1a.jpg"]["label"] != "unreadable"
+    assert rows["broken\\xe9.jpg"]["label"] == "unreadable"
+
+
 def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server, data_root):
     (data_root / "blank.csv").write_text("path,kind\ncollection/scene.jpg,regular\n,green\n")
     (data_root / "no_path.csv").write_text("file\ncollection/scene.jpg\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -90,7 +92,7 @@ def clean(
     quarantine: Annotated[Optional[Path], typer.Option(help="Folder for links/copies of flagged files.")] = None,
     weights: Annotated[Path, typer.Option()] = Path("weights"),
     policy: PolicyOption = None,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: Annotated[str, typer.Option(help="Local engine's device: auto (cuda when present, else cpu), cpu "
                                                 "or cuda (Ray actors take a GPU where the cluster has one).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
@@ -98,7 +100,7 @@ def clean(
     precision: PrecisionOption = "auto",
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
-    actors: Annotated[int, typer.Option(help="Ray actors (model replicas).")] = 1,
+    actors: Annotated[int, typer.Option(min=1, help="Ray actors (model replicas).")] = 1,
     quarantine_findings: Annotated[Optional[str], typer.Option(
         help="Quality findings whose flagged files also go to QUARANTINE/<finding>/ (e.g. blur,glare; "
              "the weights folder needs findings.json). The label is unchanged.")] = None,
@@ -108,10 +110,6 @@ def clean(
 ) -> None:
     """Clean a collection: one result row per file; originals untouched; resumable. Duplicates
     (exact and near) are grouped over the whole collection in results.csv and duplicates.csv."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    from pipelines.clean import clean as run_clean
-
     _check_policy(policy, weights)  # before any Ray actor loads the weights
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
@@ -137,6 +135,47 @@ def clean(
         _fail("--quarantine-findings needs --quarantine")
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
+    from pipelines.clean import ResultsFolderError, check_outputs
+
+    try:
+        check_outputs(src, out, quarantine)
+        for name, folder in (("--out", out), ("--quarantine", quarantine)):
+            if folder is not None:
+                _writable(name, folder)
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        summary = _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime,
+                                       precision, engine, address, actors, findings, pixel_check)
+    except ResultsFolderError as e:  # the results folder is another run's, or another source's
+        _fail(str(e))
+    except (OSError, sqlite3.Error) as e:
+        # the error's own text names the file (a patient's photo in the quarantine): only its kind here
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) if isinstance(e, sqlite3.Error) else ""
+        _fail(f"stopped by a file error ({type(e).__name__}: {reason}) writing the results or the quarantine; "
+              "what was stored is kept: fix it and run the same command again to resume")
+    typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
+               + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
+    typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+
+
+def _writable(option: str, folder: Path) -> None:
+    """Checked before any model loads: an unwritable quarantine used to fail after the first
+    batch, with a traceback naming a photo."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or type(e).__name__})") from None
+
+
+def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
+                         engine, address, actors, findings, pixel_check):
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from pipelines.clean import clean as run_clean
+
     with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn()) as bar:
         task = bar.add_task("clean", total=None)
@@ -151,9 +190,7 @@ def clean(
                          precision=precision)
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
                                 pixel_check=pixel_check)
-    typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
-               + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
-    typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+    return summary
 
 
 def bench(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from pipelines.clean import collection_duplicates, export_records, list_inputs, quarantine_results
+from pipelines.clean import collection_duplicates, export_records, list_inputs, on_disk, quarantine_results
 from pipelines.engine.qc_result import Label, QCResult
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
@@ -134,17 +134,18 @@ class JobRunner:
         """A job's photos for the duplicate search's pixel check, under the rule every read
         of the job follows (inside the data roots, checked at each read)."""
         def read(rel: str) -> bytes:
-            if not inside(root / rel, self.roots):
+            path = on_disk(root, rel)
+            if not inside(path, self.roots):
                 raise OSError(f"{rel}: outside the data roots")
-            return (root / rel).read_bytes()
+            return path.read_bytes()
         return read
 
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
-        allowed = [rel for rel in chunk if inside(root / rel, self.roots)]
+        allowed = [rel for rel in chunk if inside(on_disk(root, rel), self.roots)]
         by_path: dict[str, QCResult] = {}
         if allowed:
             with self.gate.background():
-                for r in self.run_batch([root / rel for rel in allowed], allowed, policy):
+                for r in self.run_batch([on_disk(root, rel) for rel in allowed], allowed, policy):
                     by_path[r.path] = r
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
 

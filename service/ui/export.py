@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.clean import QUARANTINED, quarantine_copy, quarantine_path
+from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
 from pipelines.engine.qc_result import QCResult
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
@@ -104,8 +104,8 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
             if copy.is_file():
                 copy.unlink()
                 done.removed += 1
-        if final in QUARANTINED and (root / r.path).is_file():
-            if not inside(root / r.path, roots):
+        if final in QUARANTINED and on_disk(root, r.path).is_file():
+            if not inside(on_disk(root, r.path), roots):
                 done.outside += 1
                 continue
             quarantine_copy(root, r.path, final, qdir, link=False)

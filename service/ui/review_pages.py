@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from pipelines.clean import on_disk
 from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError
 from service.jobs.reviews import CLASSES, class_of, final_of
@@ -96,7 +97,7 @@ def item_page(request: Request, job_id: str, item: int, session: UiSession, stat
 def item_image(job_id: str, item: int, size: Literal["thumb", "full"], session: UiSession,
                state: State) -> FileResponse:
     job = job_or_404(state, job_id)
-    original = job.root() / _item(state, job, item).path
+    original = on_disk(job.root(), _item(state, job, item).path)
     # the runner's own rule (a manifest may name absolute paths), checked again at every request:
     # the file may have become a link out of the roots since the job read it
     if not inside(original, state.settings.data_roots):
