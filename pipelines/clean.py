@@ -2,7 +2,8 @@
 
 State lives in RESULTS/state.sqlite, one row per input path (the primary key), written one
 batch per transaction: a run killed at any moment (kill -9 included) resumes with no lost
-and no duplicate row, and a rerun of a finished job does nothing. results.csv and
+and no duplicate row, and a rerun of a finished job only tries again the files the OS could
+not read (`StateStore.done`). results.csv and
 results.parquet are exported from that state atomically at the end. Originals are only
 ever read; the quarantine holds hard links (copies across file systems) mirroring the
 relative paths, under one folder per label, and (when asked) one per quality finding.
@@ -99,12 +100,17 @@ def list_inputs(src: Path) -> list[str]:
             shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
             raise ValueError(f"{src.name}: empty path on row {shown} (the header is row 1)")
         return sorted(dict.fromkeys(PurePosixPath(p).as_posix() for p in paths))
-    out = []
+    out, folder_links = [], 0
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # links to folders are not followed (a loop, or a way out of the source); counted, since
+        # their files get no row: link the files, or list them in a manifest
+        folder_links += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
         for f in files:
             if not f.startswith("."):
                 out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
+    if folder_links:
+        log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     return sorted(out)
 
 
@@ -153,7 +159,13 @@ class StateStore:
                                      "another --out, or delete it to start over")
 
     def done(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT path FROM results")}
+        """Paths with a final row. A file the OS could not read (missing, no permission, an I/O
+        error: `cannot read file (...)`) is tried again by the next run: a manifest row whose
+        file arrives later, or a share that was briefly away, would otherwise stay
+        `unreadable` for good. A file that was read but is not an image stays done."""
+        return {row[0] for row in self.db.execute(
+            "SELECT path FROM results WHERE NOT (label = 'unreadable' AND "
+            "coalesce(json_extract(record, '$.error'), '') LIKE 'cannot read file%')")}
 
     def add(self, results: list[QCResult]) -> None:
         with self.db:
@@ -267,10 +279,26 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     for column in ("width", "height", "duplicate_group"):  # 400, not 400.0, beside the blanks
         df[column] = df[column].astype("Int64")
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
-    _atomic(csv_path, lambda p: df.to_csv(p, index=False))
-    _atomic(pq_path, lambda p: df.to_parquet(p, index=False))
-    _atomic(out_dir / "duplicates.csv", lambda p: dups.to_csv(p, index=False))
+    _atomic_together({csv_path: lambda p: df.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
+                      out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
     return csv_path, pq_path
+
+
+def _atomic_together(writers: dict[Path, Callable[[Path], object]]) -> None:
+    """Every file written to its temporary name first, then all renamed: on a full disk the
+    Parquet write failed after results.csv had already been replaced, and the two disagreed."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writers.items():
+            tmp = path.with_name(path.name + ".tmp")
+            write(tmp)
+            written.append((tmp, path))
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
 
 
 def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], bytes] | None = None) -> pd.DataFrame:

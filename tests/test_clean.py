@@ -2,6 +2,7 @@
 killed with SIGKILL resumes to exactly the rows of an uninterrupted run."""
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -235,3 +236,49 @@ def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_befor
         assert r.exit_code != 0 and all(m in r.output for m in messages), (extra, r.output)
     assert _checksums(collection) == before
     assert not (tmp_path / "out" / "state.sqlite").exists()
+
+
+def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_run(weights, collection, tmp_path):
+    """A manifest row whose file arrives later: `unreadable` (cannot read file) once, then its
+    real row; a file that was read but is no image is not read again."""
+    from pipelines.clean import list_inputs
+
+    ok = fuzz_set()["ok.jpg"][0]
+    not_an_image = next(p for p in list_inputs(collection) if p.endswith("/random.jpg"))
+    (collection / "late.csv").write_text(f"path\nlater/photo.jpg\n{not_an_image}\n")
+    out = tmp_path / "out"
+    first = clean(QCPipeline(weights), collection / "late.csv", out)
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path")
+    assert rows.loc["later/photo.jpg", "label"] == "unreadable" and "cannot read file" in rows.loc["later/photo.jpg", "error"]
+    (collection / "later").mkdir()
+    (collection / "later" / "photo.jpg").write_bytes(ok)
+    again = clean(QCPipeline(weights), collection / "late.csv", out)
+    assert (first.processed_now, again.processed_now, again.skipped_done) == (2, 1, 1)
+    rows = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path")
+    assert rows.loc["later/photo.jpg", "label"] != "unreadable" and len(rows) == 2
+
+
+def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights, collection, tmp_path):
+    out = tmp_path / "out"
+    clean(QCPipeline(weights), collection, out, batch_size=8)
+    before = (out / "results.csv").read_bytes()
+    sorted(collection.rglob("*.jpg"))[0].unlink()  # the next export has one row fewer
+    (out / "results.parquet.tmp").mkdir()  # where the Parquet file is written: the write fails
+    with pytest.raises(OSError):
+        clean(QCPipeline(weights), collection, out, batch_size=8)
+    assert (out / "results.csv").read_bytes() == before and not (out / "results.csv.tmp").exists()
+    (out / "results.parquet.tmp").rmdir()
+    clean(QCPipeline(weights), collection, out, batch_size=8)
+    assert len(pd.read_csv(out / "results.csv")) == len(pd.read_parquet(out / "results.parquet")) == len(
+        pd.read_csv(io.BytesIO(before))) - 1
+
+
+def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
+    from pipelines.clean import list_inputs
+
+    before = list_inputs(collection)
+    (collection / "clinic_a" / "loop").symlink_to(collection)
+    (collection / "elsewhere").symlink_to(collection.parent)
+    with caplog.at_level("WARNING", logger="pipelines.clean"):
+        assert list_inputs(collection) == before
+    assert "2 links to folders not followed" in caplog.text and "clinic_a" not in caplog.text
