@@ -14,10 +14,10 @@ duplicates.csv.
 
 from __future__ import annotations
 
-import json
-import logging
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -61,7 +61,7 @@ _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
 
 def row_key(rel: str) -> str:
     """The row's `path` for a file name as the OS gave it. A name that is not UTF-8 (an archive
-    copied from an old Windows PC: `Pe\xf1a.jpg` in Latin-1) arrives with surrogate escapes,
+    copied from an old Windows PC: `Peña.jpg` in Latin-1) arrives with surrogate escapes,
     which no JSON, CSV or SQLite text can hold: it crashed the run at that file, and every
     resume again. Its bytes that are not UTF-8 are written as `\\xNN`; `on_disk` reverses it."""
     try:
