@@ -70,16 +70,18 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     inputs = list_inputs(src)
     store = StateStore(out_dir / "state.sqlite", source=src)
     t0 = time.perf_counter()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **ray_init)
+    started_here = False
     try:
         done = store.done() & set(inputs)
         todo = [p for p in inputs if p not in done]
-        if todo:
+        if todo:  # a rerun with nothing left to do starts no cluster
+            started_here = not ray.is_initialized()
+            if started_here:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                         **ray_init)
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            ds = ray.data.from_items([{"path": p} for p in todo])
+            # one block per batch: Ray's default cut 33 rows into 18 blocks of one or two
+            ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // batch_size))
             ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
                                 fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "policy": policy,

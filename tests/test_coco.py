@@ -101,3 +101,29 @@ def test_a_file_that_is_not_coco_gets_a_clear_error(tmp_path):
     (tmp_path / "x.json").write_text('{"images": [{"id": "one"}]}')
     with pytest.raises(CocoError, match="not a COCO detection file"):
         load_coco(tmp_path / "x.json")
+
+
+def test_cvat_categories_that_differ_only_in_case_or_spaces_become_one_with_all_their_boxes(tmp_path):
+    path = _cvat_export(tmp_path, [_ann(1, [10, 10, 50, 20]), {**_ann(2, [80, 30, 40, 20]), "category_id": 2}])
+    raw = json.loads(path.read_text())
+    raw["categories"].append({"id": 2, "name": "cervix", "supercategory": ""})
+    path.write_text(json.dumps(raw))
+    ds, notes = import_cvat(path)
+    assert [(c.id, c.name) for c in ds.categories] == [(1, "cervix")]
+    assert [a.category_id for a in ds.annotations] == [1, 1]
+    assert any("merged into category 1" in n for n in notes)
+
+
+def test_a_truncated_list_shaped_or_missing_export_and_a_bad_rotation_get_a_clear_error(tmp_path):
+    path = _cvat_export(tmp_path, [_ann(1, [10, 10, 50, 20], rotation="abc")])
+    with pytest.raises(CocoError, match="rotation 'abc' is not a number"):
+        import_cvat(path)
+    for name, text, message in (("cut.json", path.read_text()[:40], "not a COCO detection file"),
+                                ("list.json", "[]", "top level is a JSON list"),
+                                ("missing.json", None, "cannot read it")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(CocoError, match=message):
+            import_cvat(tmp_path / name)
+    with pytest.raises(CocoError, match="cannot read it"):
+        load_coco(tmp_path / "missing.json")

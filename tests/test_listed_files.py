@@ -62,3 +62,18 @@ def test_a_changed_file_or_a_missing_snapshot_is_reported_and_not_written(tmp_pa
     assert not (tmp_path / "out/x/a.jpg").exists()
     report = extract_listed(tmp_path / "list.csv", tmp_path / "nowhere", tmp_path / "out")
     assert all("no snapshot under" in p for p in report.problems)
+
+
+def test_a_listed_name_outside_the_output_blank_or_twice_is_refused_and_nothing_is_overwritten(tmp_path):
+    mirrors, commit, files = _snapshot(tmp_path)
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"someone else's file")
+    a = files["imgs/a.jpg"]
+    _listing(tmp_path / "list.csv", commit, [("../victim.jpg", "imgs/a.jpg", a), (str(victim), "imgs/a.jpg", a),
+                                             ("", "imgs/a.jpg", a), ("x/a.jpg", "imgs/a.jpg", a),
+                                             ("x//a.jpg", "imgs/a.jpg", a)])
+    report = extract_listed(tmp_path / "list.csv", mirrors, tmp_path / "out")
+    assert report.written == 1 and (tmp_path / "out/x/a.jpg").read_bytes() == a
+    assert victim.read_bytes() == b"someone else's file" and (tmp_path / "out").is_dir()
+    assert [p.split(":")[0] for p in report.problems] == ["line 2", "line 3", "line 4", "line 6"]
+    assert "listed twice" in report.problems[-1] and "not a path inside the output folder" in report.problems[0]

@@ -71,3 +71,32 @@ def test_relative_paths_resolve_against_an_explicit_root(tmp_path, write_csv):
     with pytest.raises(ManifestError, match="missing file"):
         load_manifest(path)
     assert len(load_manifest(path, root=tmp_path / "data")) == 1
+
+
+def test_padded_values_are_read_as_validated_so_one_patient_stays_in_one_split(tmp_path, write_csv):
+    """`validate` strips before it checks; loading did not, so "P1 " was another patient than
+    "P1" (a patient in two splits) and " train" was no split at all."""
+    from pipelines.data.splits import SplitFractions, patient_split
+
+    _touch(tmp_path, *(f"{k}.jpg" for k in range(8)))
+    rows = "".join(f"{k}.jpg,{'P1 ' if k % 2 else 'P1'},s,d,regular, train\n" if k < 2 else
+                   f"{k}.jpg,P{k},s,d,regular,train\n" for k in range(8))
+    df = load_manifest(write_csv("m.csv", "path,patient_id,source,device,kind,split\n" + rows))
+    assert set(df.loc[:1, "patient_id"]) == {"P1"} and set(df["split"]) == {"train"}
+    for seed in range(5):
+        split = patient_split(df, SplitFractions(0.5, 0.5, 0.0), seed=seed)
+        assert split[0] == split[1]
+
+
+def test_a_file_that_is_no_table_is_named_with_the_reason_not_a_traceback(tmp_path, write_csv):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "latin1.csv").write_bytes(b"path\n\xe9.jpg\n")
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet")
+    for name, reason in (("missing.csv", "No such file"), ("empty.csv", "No columns to parse"),
+                         ("latin1.csv", "codec can't decode"), ("fake.parquet", "cannot read it as Parquet")):
+        r = CliRunner().invoke(app, ["validate", str(tmp_path / name)])
+        assert r.exit_code == 2 and reason in r.output and "Traceback" not in r.output, (name, r.output)

@@ -204,3 +204,25 @@ def test_train_colour_fits_the_crop_colour_scorer_with_a_validation_threshold_th
     bad = runner.invoke(app, ["train-colour", str(manifest), "--coco", str(coco), "-o", str(tmp_path / "x"),
                               "--extra-manifest", str(manifest)])
     assert bad.exit_code != 0 and "together" in bad.output
+
+
+def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before_it_starts(split_set, tmp_path):
+    """Too few crops for one batch exported an untrained model with exit code 0; a second
+    run into a run folder without --resume overwrote its weights and doubled its log."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    manifest, coco = split_set
+    base = ["train-deep-sad", str(manifest), "--coco", str(coco), "--epochs", "1", "--pretrain-epochs", "1"]
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "big"), "--batch-size", "100000"])
+    assert r.exit_code == 2 and "no training step" in r.output and "Traceback" not in r.output, r.output
+    assert not list((tmp_path / "big").rglob("*.safetensors"))
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    weights = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.safetensors")}
+    log = (tmp_path / "run" / "deep_sad" / "metrics.jsonl").read_text()
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8"])
+    assert r.exit_code == 2 and "already holds a training run: pass --resume" in r.output, r.output
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.safetensors")} == weights
+    assert (tmp_path / "run" / "deep_sad" / "metrics.jsonl").read_text() == log

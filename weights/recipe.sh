@@ -79,6 +79,9 @@ step() {  # step NAME CMD...: run, log the command line, record its wall time
         echo "== $name: reused ${DONE[$name]}"
         return
     fi
+    # a run stopped before its card: trained again from the start (the train commands refuse
+    # a folder that holds a run, unless told to --resume it)
+    [[ -n "${DONE[$name]:-}" ]] && rm -rf "$(dirname "${DONE[$name]}")"
     t0=$(date +%s.%N)
     "$@"
     t1=$(date +%s.%N)

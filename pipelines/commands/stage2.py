@@ -61,14 +61,17 @@ def train_deep_sad_cmd(
     from pipelines.data.crop_set import split_crops
     from pipelines.training.stage2 import train_deep_sad
 
-    crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
     cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
                          pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised, synthesise=synthesise,
                          marks=marks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = train_deep_sad(cfg, crops["train"], crops["val"], device,
-                          {"manifest": str(manifest), "boxes": str(coco),
-                           "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
+    try:  # a bad manifest or boxes file, no split column, too little data for a batch, a run already there
+        crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
+        card = train_deep_sad(cfg, crops["train"], crops["val"], device,
+                              {"manifest": str(manifest), "boxes": str(coco),
+                               "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"exported {card}")
 
 
@@ -110,8 +113,11 @@ def train_resnest_cmd(
         if start != arch:
             _fail(f"--init-from {init_from} is a {start}, not a {arch}")
     crop_size = round(size * 8 / 7)
-    crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val")), crop_size,
-                        extra_manifest, extra_coco)
+    try:
+        crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val")), crop_size,
+                            extra_manifest, extra_coco)
+    except ValueError as e:  # a bad manifest or boxes file, no split column
+        _fail(str(e))
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
                          weight_decay=0.0, synthesise=synthesise, marks=marks)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,6 +129,8 @@ def train_resnest_cmd(
                                 str(init_from) if init_from else None)
     except WeightsIntegrityError as e:
         _fail(f"--init-from: {e}")
+    except ValueError as e:  # too little data for a batch, a run already there, one class in val
+        _fail(str(e))
     typer.echo(f"exported {card}")
 
 

@@ -121,6 +121,8 @@ def load_coco(path: str | Path) -> CocoDataset:
     path = Path(path)
     try:
         ds = CocoDataset.model_validate_json(path.read_bytes())
+    except OSError as e:  # missing, a folder, no permission: the file named, not a traceback
+        raise CocoError(str(path), [f"cannot read it ({e.strerror or type(e).__name__})"]) from None
     except ValueError as e:
         raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from e
     problems = validate_coco(ds)
@@ -166,6 +168,31 @@ def _rotated_aabb(x: float, y: float, w: float, h: float, degrees: float) -> tup
     return cx - hw, cy - hh, cx + hw, cy + hh
 
 
+def _merge_category_names(ds: CocoDataset) -> list[str]:
+    """Names lower-cased and stripped; categories whose names then agree ("Cervix" and
+    "cervix ", two labels typed in CVAT) become one, the first, and their boxes move to it.
+    Kept apart, `match-boxes` read the first one's boxes only, and a photo boxed under the
+    second became a photo without a cervix."""
+    notes: list[str] = []
+    first_of: dict[str, int] = {}
+    moved: dict[int, int] = {}
+    for c in ds.categories:
+        clean = c.name.strip().lower()
+        if clean != c.name:
+            notes.append(f"category {c.id}: name {c.name!r} -> {clean!r}")
+            c.name = clean
+        if clean in first_of:
+            moved[c.id] = first_of[clean]
+            notes.append(f"category {c.id} merged into category {first_of[clean]} ({clean!r})")
+        else:
+            first_of[clean] = c.id
+    if moved:
+        ds.categories = [c for c in ds.categories if c.id not in moved]
+        for a in ds.annotations:
+            a.category_id = moved.get(a.category_id, a.category_id)
+    return notes
+
+
 def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoDataset, list[str]]:
     """Normalise a CVAT "COCO 1.0" export; returns the dataset and notes on what changed.
 
@@ -175,23 +202,28 @@ def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoData
     `clip_tolerance` pixels, and refuse (with every reason) anything worse.
     """
     path = Path(path)
-    raw = json.loads(path.read_text())
-    raw.setdefault("info", {"description": f"imported from CVAT export {path.name}"})
-    raw.setdefault("licenses", [])
     try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"the top level is a JSON {type(raw).__name__}, not an object")
+        raw.setdefault("info", {"description": f"imported from CVAT export {path.name}"})
+        raw.setdefault("licenses", [])
         ds = CocoDataset.model_validate(raw)
-    except ValueError as e:
-        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from e
-    notes: list[str] = []
-    for c in ds.categories:
-        clean = c.name.strip().lower()
-        if clean != c.name:
-            notes.append(f"category {c.id}: name {c.name!r} -> {clean!r}")
-            c.name = clean
+    except OSError as e:
+        raise CocoError(str(path), [f"cannot read it ({e.strerror or type(e).__name__})"]) from None
+    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from None
+    notes = _merge_category_names(ds)
     sizes = {im.id: (im.width, im.height) for im in ds.images}
+    unreadable: list[str] = []
     for a in ds.annotations:
         x, y, w, h = a.bbox
-        rotation = float((getattr(a, "attributes", None) or {}).get("rotation", 0.0) or 0.0)
+        attributes = getattr(a, "attributes", None) or {}
+        try:
+            rotation = float(attributes.get("rotation", 0.0) or 0.0) if isinstance(attributes, dict) else 0.0
+        except (TypeError, ValueError):
+            unreadable.append(f"annotation {a.id}: rotation {attributes.get('rotation')!r} is not a number")
+            continue
         x1, y1, x2, y2 = _rotated_aabb(x, y, w, h, rotation) if rotation else (x, y, x + w, y + h)
         if rotation:
             notes.append(f"annotation {a.id}: rotated {rotation:g} deg box replaced by its enclosing box")
@@ -203,7 +235,7 @@ def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoData
                 x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(iw)), min(y2, float(ih))
         a.bbox = [x1, y1, x2 - x1, y2 - y1]
         a.area = max(0.0, (x2 - x1) * (y2 - y1))
-    problems = validate_coco(ds)
+    problems = unreadable + validate_coco(ds)
     if problems:
         raise CocoError(str(path), problems)
     return ds, notes

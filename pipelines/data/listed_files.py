@@ -60,19 +60,39 @@ def _tree_by_clean_name(git_dir: Path, commit: str) -> dict[str, str]:
     return names
 
 
+def _safe_targets(rows: list[dict], out: Path, report: ExtractReport) -> list[dict]:
+    """The rows whose `file` names a new file inside `out`. A listing is data from elsewhere:
+    `../x.jpg` or an absolute path was written outside `out`, over whatever was there; a
+    blank name wrote the photo over `out` itself; two rows with one name both counted as
+    written while the second replaced the first. Those rows are problems, never written."""
+    root, seen, kept = out.resolve(), set(), []
+    for k, r in enumerate(rows, start=2):  # the header is line 1
+        name = (r.get("file") or "").strip()
+        target = (out / name).resolve()
+        if not name or not target.is_relative_to(root) or target == root:
+            report.problems.append(f"line {k}: file {name!r} is not a path inside the output folder; not written")
+        elif target in seen:
+            report.problems.append(f"line {k}: file {name!r} is listed twice; not written again")
+        else:
+            seen.add(target)
+            kept.append(r)
+    return kept
+
+
 def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) -> ExtractReport:
     mirrors, out = Path(mirrors), Path(out)
-    rows = list(csv.DictReader(open(listing, newline="")))
+    with open(listing, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM
+        rows = list(csv.DictReader(f))
     report = ExtractReport(listed=len(rows))
     by_repo: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in _safe_targets(rows, out, report):
         by_repo[r["repo"]].append(r)
     for repo, items in sorted(by_repo.items()):
         git_dir = _git_dir(mirrors, repo)
         trees: dict[str, dict[str, str]] = {}
         for r in items:
             dst = out / r["file"]
-            if dst.is_file() and hashlib.sha256(dst.read_bytes()).hexdigest() == r["sha256"]:
+            if dst.is_file() and hashlib.sha256(dst.read_bytes()).hexdigest() == r["sha256"].strip().lower():
                 report.present += 1
                 continue
             data = _blob(git_dir, r["commit"], r["path_in_repo"]) if git_dir else None
@@ -84,7 +104,7 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
                 report.problems.append(f"{r['file']}: not in the snapshot of {repo} at {r['commit'][:12]}"
                                        + ("" if git_dir else f" (no snapshot under {mirrors})"))
                 continue
-            if hashlib.sha256(data).hexdigest() != r["sha256"]:
+            if hashlib.sha256(data).hexdigest() != r["sha256"].strip().lower():
                 report.problems.append(f"{r['file']}: sha256 differs from the list; not written")
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ class RowProblem:
 
     def __str__(self) -> str:
         where = "file" if self.row == 0 else f"row {self.row}"
-        return f"{where}, {self.column}: {self.reason}"
+        return f"{where}, {self.column}: {self.reason}" if self.column else f"{where}: {self.reason}"
 
 
 class ManifestError(DataProblems):
@@ -35,11 +35,23 @@ class ManifestError(DataProblems):
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """CSV or Parquet by suffix, every column as text (IDs like 007 must stay 007)."""
-    if path.suffix.lower() in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
-        return df.astype({c: "string" for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    """CSV or Parquet by suffix, every column as text (IDs like 007 must stay 007). A file that
+    cannot be read as a table is a ManifestError naming the file and why, not a traceback from
+    pandas (missing, a folder, not UTF-8, empty, ragged rows, not Parquet)."""
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+            return df.astype({c: "string" for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+        # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
+        # first column as the index and shifted every other one (paths read as patient ids)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
+        raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as a table ({reason})")]) from None
+    except Exception as e:  # pyarrow's own errors (ArrowInvalid: not a Parquet file), without importing pyarrow
+        if type(e).__module__.startswith("pyarrow"):
+            raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as Parquet ({e})")]) from None
+        raise
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
@@ -54,7 +66,11 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     problems = validate_manifest(df, base, check_files)
     if problems:
         raise ManifestError(str(path), problems)
-    df = df.fillna("").astype({c: str for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+    known = [c for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    # as validated: stripped ("P1 " and "P1" are one patient, " train" is train; unstripped,
+    # the patient landed in two splits and the padded rows fell out of every split's filter)
+    df = df.fillna("").astype({c: str for c in known})
+    df[known] = df[known].apply(lambda col: col.str.strip())
     df["abspath"] = [str(p if os.path.isabs(p) else base / p) for p in df["path"]]
     return df
 

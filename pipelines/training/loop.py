@@ -92,6 +92,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _check_can_train(cfg: LoopConfig, loader: Iterable, ckpt_path: Path, log_path: Path) -> None:
+    """Refusals before the first step, each once a silent loss: fewer training items than one
+    batch (the loaders drop the last partial batch) trained nothing and exported the untrained
+    model with exit code 0; a second run into a run folder without --resume overwrote its
+    checkpoint and weights and appended a second epoch 0 to its log."""
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, not {cfg.epochs}")
+    if len(loader) == 0:  # type: ignore[arg-type]
+        items = len(getattr(loader, "dataset", ()))
+        size = getattr(loader, "batch_size", None)
+        raise ValueError(f"no training step: {items} training items do not fill one batch of {size} (the last "
+                         "partial batch is dropped); lower --batch-size or add data")
+    if not cfg.resume and (ckpt_path.exists() or log_path.exists()):
+        raise ValueError(f"{ckpt_path.parent} already holds a training run: pass --resume to continue it, or "
+                         "choose another output folder")
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -104,11 +121,12 @@ def fit(
     from safetensors.torch import save_file
 
     out = Path(cfg.out_dir)
+    ckpt_path, best_path, log_path = out / "checkpoint.pt", out / "best.safetensors", out / "metrics.jsonl"
+    _check_can_train(cfg, loader, ckpt_path, log_path)
     out.mkdir(parents=True, exist_ok=True)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps, constant=cfg.schedule == "constant")
     use_amp = cfg.amp and device.type == "cuda"
-    ckpt_path, best_path, log_path = out / "checkpoint.pt", out / "best.safetensors", out / "metrics.jsonl"
     start_epoch, best, history, best_epoch, best_metrics = 0, None, [], -1, {}
     if cfg.resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
