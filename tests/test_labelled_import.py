@@ -115,3 +115,18 @@ def test_import_labels_command_writes_the_manifest_and_fails_cleanly(collection)
     r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o", str(out),
                             "--source-col", "case"])
     assert r.exit_code == 2 and "unknown label 'unknown'" in r.output
+
+
+def test_a_parquet_sheet_with_missing_case_ids_and_an_empty_sheet_are_refused_by_name(collection):
+    """Nulls in a Parquet sheet read as "nan" and fused every photo without a case id into one
+    patient; a sheet with no row to import ended in a KeyError."""
+    tmp, root = collection
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str)
+    sheet.loc[0, "case"] = None
+    sheet.to_parquet(tmp / "labels.parquet")
+    cols = LabelColumns(source="case", source_sep=":", sha256="sha256", kind_map=parse_kind_map("unknown=skip"))
+    with pytest.raises(ManifestError, match="row 1, patient_id: empty patient_id"):
+        import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols)
+    sheet.iloc[:0].to_csv(tmp / "header-only.csv", index=False)
+    with pytest.raises(ManifestError, match="no row to import"):
+        import_labelled(tmp / "header-only.csv", root, tmp / "out" / "manifest.csv", cols)

@@ -100,3 +100,10 @@ def test_a_file_that_is_no_table_is_named_with_the_reason_not_a_traceback(tmp_pa
                          ("latin1.csv", "codec can't decode"), ("fake.parquet", "cannot read it as Parquet")):
         r = CliRunner().invoke(app, ["validate", str(tmp_path / name)])
         assert r.exit_code == 2 and reason in r.output and "Traceback" not in r.output, (name, r.output)
+
+
+def test_one_file_under_a_relative_and_an_absolute_path_is_a_duplicate(tmp_path, write_csv):
+    _touch(tmp_path, "a.jpg")
+    path = write_csv("m.csv", f"path,patient_id,source,device,kind\na.jpg,p1,s,d,regular\n{tmp_path / 'a.jpg'},p2,s,d,regular\n")
+    with pytest.raises(ManifestError, match="duplicate path .* \\(first at row 1\\)"):
+        load_manifest(path)

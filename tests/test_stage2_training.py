@@ -226,3 +226,12 @@ def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before
     assert r.exit_code == 2 and "already holds a training run: pass --resume" in r.output, r.output
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.safetensors")} == weights
     assert (tmp_path / "run" / "deep_sad" / "metrics.jsonl").read_text() == log
+    (tmp_path / "run" / "autoencoder" / "checkpoint.pt").write_bytes(b"cut short")
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8", "--resume"])
+    assert r.exit_code == 2 and "cannot resume from" in r.output and "checkpoint.pt" in r.output, r.output
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    regulars_only = crops["val"].subset(crops["val"].kinds == 0)
+    with pytest.raises(ValueError, match="validation split needs regular and non-regular"):
+        train_deep_sad(Stage2Config(out_dir=tmp_path / "one-class", batch_size=8, progress=False), crops["train"],
+                       regulars_only, torch.device("cpu"))
+    assert not (tmp_path / "one-class").exists()  # refused before the autoencoder's first epoch

@@ -85,7 +85,9 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     """Read the sheet, check every row, and return the manifest with paths relative to the
     folder `out_manifest` will be written in (absolute where that is impossible)."""
     labels, images, out_dir = Path(labels), Path(images), Path(out_manifest).resolve().parent
-    sheet = read_table(labels)
+    # a Parquet sheet's nulls as blanks (as a CSV's): as text they read "nan" or "None", and
+    # every photo without a case id became one patient named "nan"
+    sheet = read_table(labels).astype(object).fillna("")
     wanted = [c for c in (cols.path, cols.kind, cols.patient, cols.source, cols.device, cols.sha256) if c]
     missing = [c for c in wanted if c not in sheet.columns]
     if missing:
@@ -128,6 +130,9 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
         problems.append(RowProblem(int(df["label_row"].iat[p.row - 1]) if p.row else 0, p.column, p.reason))
     if problems:
         raise ManifestError(str(labels), sorted(problems, key=lambda p: (p.row, p.column)))
+    if df.empty:
+        raise ManifestError(str(labels), [RowProblem(0, "", f"no row to import ({len(sheet)} rows, {skipped} "
+                                                            "skipped by the label map)")])
     df = df.drop(columns="label_row")
     front = ["path", "patient_id", "source", "device", "kind", "sha256"]
     df = df[front + [c for c in df.columns if c not in front]]

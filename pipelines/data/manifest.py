@@ -88,7 +88,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
         if not p:
             problems.append(RowProblem(i, "path", "empty path"))
         else:
-            key = os.path.normpath(p)
+            key = os.path.normpath(p if os.path.isabs(p) else base / p)  # `a.jpg` and `/data/a.jpg`: one file
             if key in first_seen:
                 problems.append(RowProblem(i, "path", f"duplicate path {p!r} (first at row {first_seen[key]})"))
             else:

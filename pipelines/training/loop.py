@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -129,12 +130,17 @@ def fit(
     use_amp = cfg.amp and device.type == "cuda"
     start_epoch, best, history, best_epoch, best_metrics = 0, None, [], -1, {}
     if cfg.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _unwrap(model).load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
-        history, best_metrics = json.loads(ck["history"]), json.loads(ck["best_metrics"])
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            _unwrap(model).load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
+            history, best_metrics = json.loads(ck["history"]), json.loads(ck["best_metrics"])
+        except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            # a truncated file, another architecture's weights: say which checkpoint, not `Errno 22`
+            raise ValueError(f"cannot resume from {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "it is damaged or from another model: move it away to train from the start") from None
         if dist_info.is_main:
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 

@@ -114,9 +114,19 @@ class DeepSADTask:
         return {"roc_auc": m.roc_auc, "pr_auc": m.pr_auc, "f1_at_best": m.f1}
 
 
+def _check_val_has_both_classes(val: CropSet) -> None:
+    """The threshold is chosen on validation regulars against validation non-regulars: found
+    missing only at calibration, after every epoch (for Deep SAD, the autoencoder's too)."""
+    n_pos = int(val.non_regular.sum())
+    if n_pos == 0 or n_pos == len(val.kinds):
+        raise ValueError(f"the validation split needs regular and non-regular crops to choose a threshold; it has "
+                         f"{len(val.kinds) - n_pos} regular and {n_pos} non-regular")
+
+
 def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torch.device,
                    data_note: dict | None = None) -> Path:
     """Pretrain the autoencoder, copy its encoder, set c, train Deep SAD, calibrate, export."""
+    _check_val_has_both_classes(val)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
@@ -203,6 +213,7 @@ def _init_from_card(model: RegularityClassifier, card_path: str) -> None:
 def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: CropSet, val: CropSet,
                      device: torch.device, pretrained_file: str | None = None, data_note: dict | None = None,
                      init_card: str | None = None) -> Path:
+    _check_val_has_both_classes(val)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     model = RegularityClassifier(model_cfg, pretrained_file)
