@@ -95,6 +95,17 @@ def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
         boxes_for_manifest(df, [])
 
 
+def test_a_photo_that_cannot_be_read_gets_no_proposal_and_the_others_theirs(site, tmp_path):
+    cut = (site / "a.jpg").read_bytes()[:300]
+    (site / "cut.jpg").write_bytes(cut)
+    df = pd.read_csv(site / "m.csv")
+    df.loc[len(df)] = ["cut.jpg", "p3", "s", "", "regular"]
+    df.to_csv(site / "m.csv", index=False)
+    r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "p.json")])
+    assert r.exit_code == 0 and "unreadable: cut.jpg" in r.output and "1 unreadable photos left out" in r.output, r.output
+    assert [im.file_name for im in load_coco(site / "p.json").images] == ["a.jpg", "b.jpg"]
+
+
 def test_fixes_with_bad_coordinates_or_unknown_files_are_refused(site, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("file,action,x1,y1,x2,y2\na.jpg,box,0.5,0.1,0.4,0.9\nb.jpg,grow,0,0,1,1\nc.jpg,box,,,,\n")

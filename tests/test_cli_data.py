@@ -28,6 +28,10 @@ def test_synth_split_and_stats_commands_work_together(tmp_path):
     df = pd.read_csv(split, keep_default_na=False)
     assert set(df.loc[df.source == "teaching", "split"]) == {"test"}
     assert set(df.loc[df.source == "archive", "split"]) == {"val"}
+    (tmp_path / "cut.json").write_text('{"images": [')
+    r = runner.invoke(app, ["split", str(out / "manifest.csv"), "-o", str(tmp_path / "never.csv"),
+                            "--coco", str(tmp_path / "cut.json")])
+    assert r.exit_code == 2 and "not a COCO detection file" in r.output and not (tmp_path / "never.csv").exists()
 
     chart = tmp_path / "stats.png"
     r = runner.invoke(app, ["stats", str(split), "--chart", str(chart), "--json"])

@@ -86,14 +86,18 @@ def propose_boxes_cmd(
         from pipelines.engine.detector import top_box_fn
 
         detect = top_box_fn(detector, min_score)
-    entries = propose_for_manifest(df, detect)
+    unreadable: list[str] = []
+    entries = propose_for_manifest(df, detect, unreadable)
+    for line in unreadable:
+        typer.echo(f"no proposal, unreadable: {line}", err=True)
     how = f"detector {detector.name}, tissue heuristic where it found nothing" if detector else "tissue heuristic"
     ds = proposals_to_coco(entries, f"cervix box proposals ({how}); not checked")
     save_coco(ds, out)
     origins = {}
     for a in ds.annotations:
         origins[a.origin] = origins.get(a.origin, 0) + 1  # type: ignore[attr-defined]
-    typer.echo(f"wrote {out}: {len(ds.images)} images, boxes by origin {origins}")
+    typer.echo(f"wrote {out}: {len(ds.images)} images, boxes by origin {origins}"
+               + (f"; {len(unreadable)} unreadable photos left out (listed above)" if unreadable else ""))
     if sheets is not None:
         captions = {p: f"{k or '?'} {Path(p).stem}" for p, k in zip(df["path"], df["kind"])}
         typer.echo(f"wrote {len(draw_sheets(ds, manifest.parent, sheets, captions=captions))} sheets to {sheets}")

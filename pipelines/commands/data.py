@@ -123,11 +123,15 @@ def split(
         _fail(str(e))
     if groups is not None:
         _refuse_split_duplicates(df, groups)
+    if coco is not None:  # read before anything is written: a bad boxes file used to leave the manifest behind
+        from pipelines.data.coco import CocoError, load_coco, save_coco, subset_coco
+
+        try:
+            boxes = load_coco(coco)
+        except CocoError as e:
+            _fail(str(e))
     write_manifest(df, out)
     if coco is not None:
-        from pipelines.data.coco import load_coco, save_coco, subset_coco
-
-        boxes = load_coco(coco)
         for name in ("train", "val", "test"):
             part = subset_coco(boxes, set(df.loc[df["split"] == name, "path"]))
             if part.images:

@@ -144,9 +144,11 @@ def apply_fixes(ds: CocoDataset, fixes: list[Fix], note: str) -> tuple[CocoDatas
 
 
 
-def propose_for_manifest(df, detect=None) -> list[tuple[str, int, int, str, Proposal]]:
+def propose_for_manifest(df, detect=None, unreadable: list[str] | None = None) -> list[tuple[str, int, int, str, Proposal]]:
     """A proposal per manifest row not labelled no_cervix (the table from `load_manifest`).
-    `detect(path) -> Proposal` (a trained detector) goes first; the heuristic fills in."""
+    `detect(path) -> Proposal` (a trained detector) goes first; the heuristic fills in. A
+    photo that cannot be read gets no proposal and goes to `unreadable` as "path: reason"
+    (one truncated file used to stop the whole command with nothing written)."""
     from PIL import ImageOps
 
     from models.io import sha256_file
@@ -155,8 +157,14 @@ def propose_for_manifest(df, detect=None) -> list[tuple[str, int, int, str, Prop
     for path, abspath, kind in zip(df["path"], df["abspath"], df["kind"]):
         if kind == "no_cervix":
             continue
-        with Image.open(abspath) as im:
-            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        try:
+            with Image.open(abspath) as im:
+                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, a bomb
+            if unreadable is None:
+                raise
+            unreadable.append(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
         prop = detect(abspath) if detect is not None else None
         if prop is None or prop.box is None:
             prop = tissue_box(rgb)
