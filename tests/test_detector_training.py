@@ -193,3 +193,23 @@ def test_a_narrower_fpn_starts_from_our_detectors_backbone_alone_and_loads_at_it
     legacy["config"].pop("fpn_channels")
     first.write_text(json.dumps(legacy))
     assert load_detector(first)[0].backbone.out_channels == 256
+
+
+def test_missing_validation_photos_or_a_set_without_boxes_are_refused_before_training(boxes_set, tmp_path):
+    """A missing validation photo crashed at the end of the first epoch with nothing saved; a
+    training set without boxes trained and exported a card with a NaN mAP."""
+    from pipelines.data.coco import CocoImage, load_coco, save_coco
+
+    coco = load_coco(boxes_set)
+    gone = coco.model_copy(deep=True)
+    gone.images.append(CocoImage(id=9999, file_name="images/gone.jpg", width=10, height=10))
+    save_coco(gone, tmp_path / "val.json")
+    with pytest.raises(ValueError, match="1 validation images missing"):
+        train_detector(_cfg(boxes_set, tmp_path / "a", val_coco=tmp_path / "val.json", val_images=boxes_set.parent))
+    empty = coco.model_copy(deep=True)
+    empty.annotations = []
+    save_coco(empty, tmp_path / "train.json")
+    with pytest.raises(ValueError, match="the training boxes hold no box"):
+        train_detector(_cfg(tmp_path / "train.json", tmp_path / "b", train_images=boxes_set.parent,
+                            val_images=boxes_set.parent))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

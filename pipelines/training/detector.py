@@ -115,6 +115,23 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
     return loader, train
 
 
+def _check_sets(train: CocoDetection, val_coco, val_root: Path) -> None:
+    """What used to surface late or never: a validation photo missing on disk crashed at the
+    end of the first epoch with nothing saved; a training set without one box, or a
+    validation set without one photo, trained and exported a card with a NaN mAP."""
+    problems = []
+    if not train.coco.annotations:
+        problems.append("the training boxes hold no box")
+    if not val_coco.images:
+        problems.append("the validation boxes hold no image")
+    for name, coco, root in (("training", train.coco, train.root), ("validation", val_coco, Path(val_root))):
+        missing = [im.file_name for im in coco.images if not (root / im.file_name).is_file()]
+        if missing:
+            problems.append(f"{len(missing)} {name} images missing under {root} (first: {', '.join(missing[:3])})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     """Trains, keeps the best epoch and exports it (rank 0). Under torchrun it does not return:
     each rank exits with status 0 once all are done (`distributed.leave`), rank 0 having logged
@@ -123,6 +140,8 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     device = device_for(dist_info)
     torch.manual_seed(cfg.seed + dist_info.rank)
     loader, train = _loader(cfg, dist_info)
+    val_coco = load_coco(cfg.val_coco)
+    _check_sets(train, val_coco, cfg.val_images or cfg.val_coco.parent)
     model_cfg = DetectorConfig(**{**asdict(cfg.model), "num_classes": len(train.categories) + 1})
     backbone = None
     if cfg.backbone_weights is not None:
@@ -140,7 +159,7 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    val = CocoDetection(load_coco(cfg.val_coco), cfg.val_images or cfg.val_coco.parent, detection_eval(),
+    val = CocoDetection(val_coco, cfg.val_images or cfg.val_coco.parent, detection_eval(),
                         2 * cfg.model.max_size, train.categories)
     task = DetectorTask(val, cfg.batch_size)
     loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
