@@ -123,3 +123,12 @@ def read_fixes_text(tmp_path, body: str):
     p = tmp_path / "f.csv"
     p.write_text("file,action,x1,y1,x2,y2\n" + body)
     return read_fixes(p)
+
+
+def test_a_fixes_sheet_saved_with_a_bom_reads_and_two_decisions_for_one_photo_are_refused(tmp_path):
+    p = tmp_path / "fixes.csv"
+    p.write_bytes("\ufefffile,action,x1,y1,x2,y2\na.jpg,none,,,,\nb.jpg,box,0,0,1,1\na.jpg,box,0,0,1,1\n".encode())
+    with pytest.raises(ValueError, match="line 4: 'a.jpg' already fixed on line 2"):
+        read_fixes(p)
+    p.write_bytes("\ufefffile,action,x1,y1,x2,y2\na.jpg,none,,,,\n".encode())
+    assert [(f.file, f.box) for f in read_fixes(p)] == [("a.jpg", None)]

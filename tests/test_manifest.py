@@ -96,8 +96,10 @@ def test_a_file_that_is_no_table_is_named_with_the_reason_not_a_traceback(tmp_pa
     (tmp_path / "empty.csv").write_bytes(b"")
     (tmp_path / "latin1.csv").write_bytes(b"path\n\xe9.jpg\n")
     (tmp_path / "fake.parquet").write_bytes(b"not parquet")
+    (tmp_path / "twice.csv").write_text("path,patient_id,source,device,kind,kind\na.jpg,p,s,d,regular,green\n")
     for name, reason in (("missing.csv", "No such file"), ("empty.csv", "No columns to parse"),
-                         ("latin1.csv", "codec can't decode"), ("fake.parquet", "cannot read it as Parquet")):
+                         ("latin1.csv", "codec can't decode"), ("fake.parquet", "cannot read it as Parquet"),
+                         ("twice.csv", "kind: the column appears twice")):
         r = CliRunner().invoke(app, ["validate", str(tmp_path / name)])
         assert r.exit_code == 2 and reason in r.output and "Traceback" not in r.output, (name, r.output)
 

@@ -78,6 +78,10 @@ def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     report = json.loads((tmp_path / "b" / "baseline_metrics.json").read_text())
     assert report["test"]["overall"]["roc_auc"] > 0.8  # colour alone goes a long way: the bar to clear
     assert 0 < report["threshold"] < 1 and report["val"]["overall"]["n"] > 0
+    df.loc[df["split"] == "val", "split"] = "test"
+    write_manifest(df, tmp_path / "d" / "no-val.csv")
+    out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "no-val.csv")])
+    assert out.exit_code == 2 and "no cervix photo in the val split" in out.output, out.output
 
 
 def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_path):

@@ -86,10 +86,18 @@ def read_fixes(path: str | Path) -> list[Fix]:
     """A reviewer's corrections: ``file,action,x1,y1,x2,y2,note`` with action ``box`` (the
     four values are fractions of the width and height, read off the sheet's 10% ticks) or
     ``none`` (no cervix in the photo). Every bad line is reported at once."""
-    fixes, problems = [], []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
+    fixes, problems, first_line = [], [], {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets save a BOM before the header
+        reader = csv.DictReader(fh)
+        if "file" not in (reader.fieldnames or []) or "action" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: needs the columns file,action,x1,y1,x2,y2(,note); it has {reader.fieldnames}")
+        for i, row in enumerate(reader, start=2):
             action = (row.get("action") or "").strip()
+            name = (row.get("file") or "").strip()
+            if name in first_line:  # two decisions for one photo: which one the reviewer meant is not ours to pick
+                problems.append(f"line {i}: {name!r} already fixed on line {first_line[name]}")
+                continue
+            first_line[name] = i
             if action == "none":
                 fixes.append(Fix(row["file"].strip(), None, row.get("note") or ""))
                 continue

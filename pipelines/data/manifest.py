@@ -8,6 +8,7 @@ data row; for CSV the file line is that number + 1 (the header is line 1).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,15 @@ class ManifestError(DataProblems):
 def read_table(path: Path) -> pd.DataFrame:
     """CSV or Parquet by suffix, every column as text (IDs like 007 must stay 007). A file that
     cannot be read as a table is a ManifestError naming the file and why, not a traceback from
-    pandas (missing, a folder, not UTF-8, empty, ragged rows, not Parquet)."""
+    pandas (missing, a folder, not UTF-8, empty, not Parquet), and so is a header naming a column
+    twice."""
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(path)
             return df.astype({c: "string" for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
-        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
         raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as a table ({reason})")]) from None
@@ -52,6 +54,12 @@ def read_table(path: Path) -> pd.DataFrame:
         if type(e).__module__.startswith("pyarrow"):
             raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as Parquet ({e})")]) from None
         raise
+    # pandas renames a repeated header `kind` to `kind.1` and reads on: which one was meant is unknown
+    repeated = sorted({m.group(1) for c in df.columns if (m := re.fullmatch(r"(.+)\.\d+", str(c)))
+                       and m.group(1) in df.columns})
+    if repeated:
+        raise ManifestError(str(path), [RowProblem(0, c, "the column appears twice in the header") for c in repeated])
+    return df
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:

@@ -37,7 +37,13 @@ def colour_histogram(path: str, bins: int = BINS) -> np.ndarray:
 def baseline_report(df: pd.DataFrame, seed: int = 0) -> dict:
     """Fit on the train split's cervix photos, pick the threshold on val, score val and test
     (overall and per source). `df` is a loaded manifest with a split column."""
+    if "split" not in df.columns:
+        raise ValueError("the manifest has no split column: run `cervixqc split` first")
     df = df[df["kind"].isin(_CERVIX)]
+    empty = [s for s in ("train", "val") if not (df["split"] == s).any()]
+    if empty:  # was a bare KeyError: 'val'
+        raise ValueError(f"no cervix photo in the {' and '.join(empty)} split: the baseline fits on train and "
+                         "chooses its threshold on val")
     feats = {s: np.stack([colour_histogram(p) for p in df.loc[df["split"] == s, "abspath"]])
              for s in ("train", "val", "test") if (df["split"] == s).any()}
     ys = {s: df.loc[df["split"] == s, "kind"].isin(("green", "iodine")).to_numpy().astype(int) for s in feats}
