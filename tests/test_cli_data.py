@@ -4,6 +4,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -55,6 +56,17 @@ def test_stats_table_and_imbalance_ratio_match_the_manifest():
     assert st.imbalance_ratio == 1.5  # 3 regular : 2 non-regular
     assert st.split_imbalance["val"] == math.inf and st.split_imbalance["train"] == 2.0
     assert st.n_patients == 4 and st.by_kind["no_cervix"] == 1
+    strict = json.loads(json.dumps(st.as_dict()), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict["split_imbalance"]["val"] is None  # no non-regular image in val: no ratio
+
+
+def test_stats_and_split_refuse_a_chart_that_is_no_png_and_two_shares(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\na.jpg,p,s,d,regular\n")
+    r = runner.invoke(app, ["stats", str(tmp_path / "m.csv"), "--chart", str(tmp_path / "chart")])
+    assert r.exit_code == 2 and "name it *.png" in r.output
+    r = runner.invoke(app, ["split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "s.csv"), "--fractions", "0.5,0.5"])
+    assert r.exit_code == 2 and "needs three shares" in r.output and not (tmp_path / "s.csv").exists()
 
 
 def test_validate_lists_every_bad_row_and_exits_non_zero(tmp_path):

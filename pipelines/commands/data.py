@@ -109,7 +109,10 @@ def split(
         groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)
-        shares = SplitFractions(*[float(v) for v in _csv(fractions)])
+        values = [float(v) for v in _csv(fractions)]
+        if len(values) != 3:  # two values used to take the default test share silently
+            raise ValueError(f"--fractions needs three shares, train,val,test (0 for none); got {fractions!r}")
+        shares = SplitFractions(*values)
         if folds is not None:
             if train_sources or val_sources:
                 raise ValueError("--folds takes --test-sources only (held-out sources)")
@@ -197,10 +200,14 @@ def stats(
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.stats import compute_stats, plot_counts
 
+    if chart is not None and chart.suffix.lower() != ".png":
+        _fail(f"--chart {chart}: the chart is a PNG file, name it *.png")
     try:
         df = load_manifest(manifest, check_files=False)
     except ManifestError as e:
         _fail(str(e))
+    if df.empty:
+        _fail(f"{manifest} has no rows")
     result = compute_stats(df)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))

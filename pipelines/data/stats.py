@@ -31,9 +31,15 @@ class DatasetStats:
         ]
         return {
             "n_images": self.n_images, "n_patients": self.n_patients, "by_kind": self.by_kind,
-            "imbalance_ratio": self.imbalance_ratio, "split_imbalance": self.split_imbalance,
+            # no non-regular image: null, as JSON has no Infinity (json.dumps wrote one, invalid JSON)
+            "imbalance_ratio": _finite(self.imbalance_ratio),
+            "split_imbalance": {k: _finite(v) for k, v in self.split_imbalance.items()},
             "counts": rows,
         }
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) or math.isnan(x) else x
 
 
 def _ratio(kinds: pd.Series) -> float:
