@@ -236,9 +236,18 @@ def export(store: StateStore, out_dir: Path, src_root: Path | None = None,
     return export_records(records, out_dir, read=None if src_root is None else reader(src_root))
 
 
-def write_summary(out_dir: Path, summary: CleanSummary) -> None:
+def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: list[str], processed_now: int,
+               skipped_done: int, t0: float) -> CleanSummary:
+    """Exports and summary.json of a run (local or Ray), over the rows of the current inputs;
+    `src_root` None leaves out the duplicate search's pixel check."""
+    current = set(inputs)
+    csv_path, pq_path = export(store, out_dir, src_root, current)
+    labels = Counter(r.label.value for r in store.records() if r.path in current)
+    summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
+                           csv_path, pq_path)
     _atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
+    return summary
 
 
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
@@ -331,12 +340,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
             store.add(results)
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))
-        current = set(inputs)
-        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None, current)
-        labels = Counter(r.label.value for r in store.records() if r.path in current)
-        summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path,
-                               pq_path)
-        write_summary(out_dir, summary)
+        summary = finish_run(store, out_dir, src_root if pixel_check else None, inputs, len(todo), len(done), t0)
     finally:
         store.close()
     return summary

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, StateStore, check_outputs, export, list_inputs, on_disk, quarantine_results,
-                             write_summary)
+from pipelines.clean import (CleanSummary, StateStore, check_outputs, finish_run, list_inputs, on_disk,
+                             quarantine_results)
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import QCResult
 
@@ -95,12 +94,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 finished += len(results)
                 if progress:
                     progress(finished, len(inputs))
-        current = set(inputs)
-        csv_path, pq_path = export(store, out_dir, src_root if pixel_check else None, current)
-        labels = Counter(r.label.value for r in store.records() if r.path in current)
-        summary = CleanSummary(len(inputs), len(todo), len(done), dict(labels), time.perf_counter() - t0, csv_path,
-                               pq_path)
-        write_summary(out_dir, summary)
+        summary = finish_run(store, out_dir, src_root if pixel_check else None, inputs, len(todo), len(done), t0)
     finally:
         store.close()
         if started_here:
