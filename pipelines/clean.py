@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from pipelines.engine.qc import QCPipeline
-from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, spreadsheet_safe
 
 log = logging.getLogger(__name__)
 QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
@@ -288,7 +288,8 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     for column in ("width", "height", "duplicate_group"):  # 400, not 400.0, beside the blanks
         df[column] = df[column].astype("Int64")
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
-    _atomic_together({csv_path: lambda p: df.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
+    as_text = df.assign(**{c: df[c].map(spreadsheet_safe) for c in CSV_TEXT_FIELDS})
+    _atomic_together({csv_path: lambda p: as_text.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
                       out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
     return csv_path, pq_path
 

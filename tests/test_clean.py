@@ -283,3 +283,12 @@ def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, 
     with caplog.at_level("WARNING", logger="pipelines.clean"):
         assert list_inputs(collection) == before
     assert "2 links to folders not followed" in caplog.text and "clinic_a" not in caplog.text
+
+
+def test_results_csv_never_hands_a_spreadsheet_a_formula_and_parquet_keeps_the_name(weights, collection, tmp_path):
+    name = '=HYPERLINK("evil","y").jpg'
+    (collection / name).write_bytes(b"not a photo")
+    clean(QCPipeline(weights), collection, tmp_path / "out", batch_size=8)
+    csv_paths = set(pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)["path"])
+    assert "'" + name in csv_paths and name not in csv_paths
+    assert name in set(pd.read_parquet(tmp_path / "out" / "results.parquet")["path"])

@@ -130,6 +130,19 @@ def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path)
     assert (out[2]["duplicate_group"], out[2]["duplicate_of"], out[2]["duplicate_kind"]) == ("4", "a/reg.jpg", "near")
 
 
+def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
+    """A photo named `=HYPERLINK(...).jpg` ran as a formula where a data team opened the export."""
+    from service.routes.jobs import _csv_lines
+
+    names = ['=HYPERLINK("http://x","y").jpg', "+1+1.jpg", "-2+3.jpg", "@SUM(1).jpg", "plain-name.jpg"]
+    records = [QCResult(path=n, label=Label.UNREADABLE, error="=1+1", duplicate_of="@x") for n in names]
+    for text in ("".join(manifest_lines(list(enumerate(records, 1)), {})), "".join(_csv_lines(iter(records)))):
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [r["path"] for r in rows] == ["'" + n for n in names[:4]] + ["plain-name.jpg"]
+        assert {r["duplicate_of"] for r in rows} == {"'@x"}
+        assert {r.get("error", "'=1+1") for r in rows} == {"'=1+1"}
+
+
 def test_the_coco_export_loads_and_holds_corrected_boxes_and_negatives(tmp_path):
     rows, reviews = _reviewed(tmp_path)
     path = tmp_path / "boxes.json"

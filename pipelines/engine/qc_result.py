@@ -19,6 +19,19 @@ COLOUR_POLICIES: tuple[Policy, ...] = ("two_of_three",)
 COLOUR_CARD = "colour.json"  # the crop-colour scorer's card in a weights folder
 
 
+# Cells a spreadsheet would run as a formula (`=HYPERLINK(...)`, `+1+1`, `@SUM(...)`): a file
+# name is data from anywhere, and results.csv is opened in spreadsheets by data teams
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+CSV_TEXT_FIELDS = ("path", "error", "duplicate_of")  # the free-text columns of a result row
+
+
+def spreadsheet_safe(text: object) -> object:
+    """A text cell for a CSV that people open in spreadsheets: one that would start a formula
+    gets a leading `'` (OWASP's advice), shown by the spreadsheet and never run. Parquet and
+    JSON keep the value as it is, for programs."""
+    return "'" + text if isinstance(text, str) and text.startswith(_FORMULA_START) else text
+
+
 def policies_for(weights_dir: str | Path) -> tuple[Policy, ...]:
     """The policies a weights folder can run: the vote of three needs the crop-colour scorer.
     The engine and the CLI's early check (before any Ray actor loads the weights) both ask here."""
