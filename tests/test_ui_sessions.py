@@ -197,6 +197,11 @@ def test_an_item_is_only_reachable_through_its_own_job(server):
     assert r.status_code == 404
     with httpx.Client(base_url=server.url, headers=HEADERS) as api:
         assert api.get(f"/v1/jobs/{job_a}").status_code == 200  # the API is unchanged by the pages
+    for huge in (2**63, 10**30):  # past SQLite's integers: was a 500 (OverflowError in the store)
+        assert c.get(f"/ui/jobs/{job_a}/items/{huge}").status_code == 422
+        assert c.get(f"/ui/jobs/{job_a}/items/{huge}/thumb.jpg").status_code == 422
+        r = c.post(f"/ui/jobs/{job_a}/items/{huge}/decision", json={"label": "regular"}, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 422 and r.json()["error"]["code"]
 
 
 def test_a_box_outside_the_photo_is_refused(server):

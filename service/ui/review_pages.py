@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -53,6 +54,10 @@ def _grid_query(label: str | None = None, kind: str | None = None, source: str |
 GridFilter = Annotated[GridQuery, Depends(_grid_query)]
 
 
+# a row id as SQLite stores it: 2**63 and up raised OverflowError in the store, a 500
+ItemId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+
+
 def _item(state: ServiceState, job: Job, item: int) -> QCResult:
     record = state.store.item(job.id, item)
     if record is None:
@@ -80,7 +85,7 @@ def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
 
 
 @router.get("/items/{item}")
-def item_page(request: Request, job_id: str, item: int, session: UiSession, state: State, q: GridFilter):
+def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
     live = state.reviews.reviewed(job_id)
@@ -94,7 +99,7 @@ def item_page(request: Request, job_id: str, item: int, session: UiSession, stat
 
 
 @router.get("/items/{item}/{size}.jpg")
-def item_image(job_id: str, item: int, size: Literal["thumb", "full"], session: UiSession,
+def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], session: UiSession,
                state: State) -> FileResponse:
     job = job_or_404(state, job_id)
     original = on_disk(job.root(), _item(state, job, item).path)
@@ -115,7 +120,7 @@ class DecisionIn(BaseModel):
 
 
 @router.post("/items/{item}/decision")
-def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
+def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
            state: State) -> JSONResponse:
     """A label (keys 1-5, or confirm) or a corrected box; old -> new stored with who and when."""
     job = job_or_404(state, job_id)
@@ -138,7 +143,7 @@ def decide(job_id: str, item: int, body: DecisionIn, session: UiPost,
 
 
 @router.post("/items/{item}/undo")
-def undo(job_id: str, item: int, session: UiPost, state: State) -> JSONResponse:
+def undo(job_id: str, item: ItemId, session: UiPost, state: State) -> JSONResponse:
     job = job_or_404(state, job_id)
     _item(state, job, item)
     d = state.reviews.undo(job_id, item)
