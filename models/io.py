@@ -16,11 +16,17 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
 class WeightsIntegrityError(RuntimeError):
     """The weights file is not the one its card describes."""
+
+
+class UnreadableCard(WeightsIntegrityError, ValueError):
+    """A model card that is not one (truncated JSON, a missing field, a weights file named
+    outside its folder): named with its path. A ValueError too, for callers that catch those."""
 
 
 class ModelCard(BaseModel):
@@ -94,7 +100,17 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
 
 
 def load_card(card_path: str | Path) -> ModelCard:
-    return ModelCard.model_validate_json(Path(card_path).read_text())
+    try:
+        card = ModelCard.model_validate_json(Path(card_path).read_text())
+    except FileNotFoundError:
+        raise UnreadableCard(f"{card_path}: no such model card") from None
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        reason = "; ".join(line.strip()[:200] for line in str(e).splitlines()[:3])
+        raise UnreadableCard(f"{card_path}: not a readable model card ({reason})") from None
+    if not card.weights_file or Path(card.weights_file).name != card.weights_file:
+        # a card names its file beside it: `../../elsewhere.safetensors` loaded weights from anywhere
+        raise UnreadableCard(f"{card_path}: weights_file {card.weights_file!r} must be a file name in the card's folder")
+    return card
 
 
 def verified_card(card_path: str | Path) -> ModelCard:
@@ -118,6 +134,10 @@ def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> t
     """The state dict and its card, after checking the file's sha256 against the card.
     Tensors stored in half precision (float16/bfloat16) come back as float32."""
     card = verified_card(card_path)
-    state = load_file(str(Path(card_path).parent / card.weights_file), device=str(device))
+    weights = Path(card_path).parent / card.weights_file
+    try:
+        state = load_file(str(weights), device=str(device))
+    except SafetensorError as e:  # a pickle or a cut file renamed .safetensors, its sha256 put on the card
+        raise WeightsIntegrityError(f"{weights}: not a safetensors file ({e})") from None
     state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
     return state, card

@@ -37,10 +37,59 @@ def serve(
     try:  # refuse bad settings here, with a readable message, before uvicorn starts
         settings = Settings()
     except ValidationError as e:
-        _fail("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors()))
+        _fail("; ".join(_named(err) for err in e.errors()))
+    problem = _preflight(settings)
+    if problem:
+        _fail(problem)
     # The app by name, so uvicorn builds it; settings are read again there from the same environment.
     uvicorn.run("service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
                 workers=1, log_level="info")
+
+
+def _named(err: dict) -> str:
+    """A settings error with the variable it came from ("Input should be greater than or
+    equal to 1" alone did not say which of a dozen sizes)."""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"CERVIXQC_{str(err['loc'][0]).upper()}: {msg}" if err.get("loc") else msg
+
+
+def _preflight(settings) -> str | None:
+    """What the service needs from the machine, checked before uvicorn starts and the models
+    load: each used to end in a traceback and "Application startup failed" (a state folder
+    that is a file, a damaged weights card, a CUDA device on a machine without one), or in a
+    service that reported ready and then failed every job (a data root or quarantine that is
+    no folder)."""
+    import tempfile
+
+    from models.io import WeightsIntegrityError, verified_card
+    from service.ui.session import load_secret
+
+    for name in ("detector", "deep_sad", "classifier"):
+        try:
+            verified_card(settings.weights_dir / f"{name}.json")
+        except WeightsIntegrityError as e:
+            return str(e)
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.state_dir):
+            pass
+    except OSError as e:
+        return f"CERVIXQC_STATE_DIR {settings.state_dir}: cannot write there ({e.strerror or type(e).__name__})"
+    try:
+        load_secret(settings.session_secret_file)
+    except (OSError, ValueError) as e:
+        return f"CERVIXQC_SESSION_SECRET_FILE: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+    for root in settings.data_roots:
+        if not root.is_dir():
+            return f"CERVIXQC_DATA_ROOTS: {root} is not a folder"
+    if settings.quarantine_root.exists() and not settings.quarantine_root.is_dir():
+        return f"CERVIXQC_QUARANTINE_ROOT: {settings.quarantine_root} is not a folder"
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"CERVIXQC_DEVICE={settings.device}, but torch sees no CUDA device here"
+    return None
 
 
 app.command("serve")(serve)  # registered on import, so pipelines.cli.main (the entry point) runs it

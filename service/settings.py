@@ -7,6 +7,7 @@ switched off explicitly: a screening site must not end up with an open endpoint 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -87,7 +88,14 @@ class Settings(BaseSettings):
     max_pixels: int = Field(100_000_000, ge=1)
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"{value!r} is not a device: auto, cpu, cuda or cuda:N")
 
     @field_validator("api_keys", "data_roots", "quarantine_findings", mode="before")
     @classmethod

@@ -28,3 +28,34 @@ def test_lists_come_comma_separated_from_the_environment(monkeypatch, tmp_path):
     s = Settings()
     assert s.api_keys == ["env-key-0123456789abcdef", "env-key-fedcba9876543210", "file-key-0123456789abcdef"]
     assert s.data_roots == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+
+
+def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_before_it_starts(monkeypatch, tmp_path):
+    """Each used to be a traceback and "Application startup failed", an error without the
+    variable's name, or a service that reported ready and then failed every job."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from tests.qc_fixtures import tiny_weights
+
+    weights = tiny_weights(tmp_path / "w", 0.0)
+    damaged = tiny_weights(tmp_path / "w2", 0.0)
+    (damaged / "classifier.json").write_text((damaged / "classifier.json").read_text()[:40])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    (tmp_path / "short-secret").write_text("operator-chosen-secret")
+    monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
+    monkeypatch.setenv("CERVIXQC_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))  # serve sets it for uvicorn: restored after the test
+    cases = [({"CERVIXQC_MAX_BATCH_SIZE": "0"}, weights, "CERVIXQC_MAX_BATCH_SIZE: Input should be greater"),
+             ({"CERVIXQC_PORT": "-1"}, weights, "CERVIXQC_PORT"),
+             ({"CERVIXQC_DEVICE": "gpu0"}, weights, "CERVIXQC_DEVICE: 'gpu0' is not a device"),
+             ({"CERVIXQC_STATE_DIR": str(a_file)}, weights, "CERVIXQC_STATE_DIR"),
+             ({"CERVIXQC_DATA_ROOTS": str(tmp_path / "nowhere")}, weights, "CERVIXQC_DATA_ROOTS"),
+             ({"CERVIXQC_QUARANTINE_ROOT": str(a_file)}, weights, "CERVIXQC_QUARANTINE_ROOT"),
+             ({"CERVIXQC_SESSION_SECRET_FILE": str(tmp_path / "short-secret")}, weights, "needs at least 32"),
+             ({}, damaged, "classifier.json: not a readable model card")]
+    for env, folder, message in cases:
+        r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (env, r.output)
+    assert (tmp_path / "short-secret").read_text() == "operator-chosen-secret"  # refused, not replaced

@@ -1,6 +1,8 @@
 """Weights stored in half precision (to keep weights/ under 120 MB) load back as float32,
 keep their integer buffers, and still refuse a file that is not the card's."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +38,60 @@ def test_a_value_float16_cannot_hold_is_refused_and_a_swapped_file_too(tmp_path)
     (tmp_path / "a.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes())
     with pytest.raises(WeightsIntegrityError):
         load_weights(tmp_path / "a.json")
+
+
+def _damaged(folder, card: str, edit) -> None:
+    import json
+
+    path = folder / card
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_damaged_weights_folder_is_refused_naming_the_card_and_why(tmp_path):
+    """Each of these was a bare TypeError, KeyError, IndexError, SafetensorError or pydantic
+    error without the file's name (and "Application startup failed" in the service), or ran
+    silently at a default threshold, or loaded weights from outside the folder."""
+    import hashlib
+    import json
+    import shutil
+
+    from pipelines.engine.qc import QCPipeline
+    from tests.qc_fixtures import tiny_weights
+
+    good = tiny_weights(tmp_path / "good", 0.0)
+
+    def fresh(name):
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    cases = {}
+    w = fresh("config")
+    _damaged(w, "detector.json", lambda d: d["config"].update(unknown_key=1))
+    cases[w] = ("detector.json", "unexpected keyword argument")
+    w = fresh("threshold")
+    _damaged(w, "detector.json", lambda d: d.update(thresholds={"scor": 0.9}))
+    cases[w] = ("detector.json", "KeyError: 'score'")
+    w = fresh("size")
+    _damaged(w, "classifier.json", lambda d: d.update(input_size=[]))
+    cases[w] = ("classifier.json", "IndexError")
+    w = fresh("outside")
+    _damaged(w, "deep_sad.json", lambda d: d.update(weights_file="../good/deep_sad.safetensors"))
+    cases[w] = ("deep_sad.json", "must be a file name in the card's folder")
+    w = fresh("cut")
+    (w / "classifier.json").write_text((w / "classifier.json").read_text()[:50])
+    cases[w] = ("classifier.json", "not a readable model card")
+    w = fresh("gone")
+    (w / "deep_sad.json").unlink()
+    cases[w] = ("deep_sad.json", "no such model card")
+    w = fresh("pickle")
+    torch.save({"x": torch.zeros(2)}, w / "deep_sad.safetensors")
+    _damaged(w, "deep_sad.json", lambda d: d.update(sha256=hashlib.sha256((w / "deep_sad.safetensors").read_bytes())
+                                                    .hexdigest()))
+    cases[w] = ("deep_sad.safetensors", "not a safetensors file")
+    for folder, (name, why) in cases.items():
+        with pytest.raises(WeightsIntegrityError) as err:
+            QCPipeline(folder)
+        assert name in str(err.value) and why in str(err.value), (folder.name, str(err.value))
+    assert json.loads((good / "detector.json").read_text())["thresholds"]  # the good copy loads
+    QCPipeline(good)

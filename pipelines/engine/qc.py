@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
-from models.io import verified_card
+from models.io import WeightsIntegrityError, verified_card
 from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode, read_file
 from pipelines.engine.decode_device import decode_on_device
@@ -178,6 +179,23 @@ FloatsHook = Callable[[list[int], list[torch.Tensor]], None]
 DetectionsHook = Callable[[list[int], list[torch.Tensor], ImageList, list[dict[str, torch.Tensor]]], None]
 
 
+@contextmanager
+def _loading(card: Path) -> Iterator[None]:
+    """Whatever fails while one model of a weights folder loads, named with its card: a
+    missing card, a config key the builder does not take, tensors of another shape, a missing
+    threshold or input size came out as a bare TypeError, RuntimeError, KeyError or IndexError
+    (and as "Application startup failed" in the service)."""
+    try:
+        yield
+    except WeightsIntegrityError:
+        raise
+    except FileNotFoundError:
+        raise WeightsIntegrityError(f"{card}: missing") from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
+
+
 class QCPipeline:
     def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
         self.cfg = config or QCConfig()
@@ -190,27 +208,35 @@ class QCPipeline:
         # The detector's torch module always loads: its transform, anchors and box decoding run
         # around the exported convolutions too. The stage-2 models are built in torch only when
         # torch runs them (None otherwise: their cards are all the engine reads).
-        self.detector, self.det_card = load_detector(weights / "detector.json", dev)
+        with _loading(weights / "detector.json"):
+            self.detector, self.det_card = load_detector(weights / "detector.json", dev)
+            self.det_threshold = self.det_card.thresholds["score"]  # a misspelt key ran at 0.5, unsaid
         torch_stage2 = self.runtime == "torch"
-        self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
-                                        else (None, verified_card(weights / "deep_sad.json")))
-        self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
-                                          else (None, verified_card(weights / "classifier.json")))
+        with _loading(weights / "deep_sad.json"):
+            self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
+                                            else (None, verified_card(weights / "deep_sad.json")))
+            self.sad_card.thresholds["distance"]
+        with _loading(weights / "classifier.json"):
+            self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
+                                              else (None, verified_card(weights / "classifier.json")))
+            self.cls_card.thresholds["probability"]
+            self.cls_size = self.cls_card.input_size[0]
         # optional stage 0: without it the detector's threshold alone decides no_cervix
-        self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
-                                         if (weights / "presence.json").is_file() else (None, None))
-        self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
+        with _loading(weights / "presence.json"):
+            self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
+                                             if (weights / "presence.json").is_file() else (None, None))
+            self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
-        self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
-                                         else (None, None))
+        with _loading(weights / COLOUR_CARD):
+            self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
+                                             else (None, None))
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
-        self.findings_card = (load_findings_card(weights / "findings.json")
-                              if self.cfg.findings and (weights / "findings.json").is_file() else None)
+        with _loading(weights / "findings.json"):
+            self.findings_card = (load_findings_card(weights / "findings.json")
+                                  if self.cfg.findings and (weights / "findings.json").is_file() else None)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card, self.colour_card)
         self.check_policy(self.policy)
-        self.det_threshold = self.det_card.thresholds.get("score", 0.5)
-        self.cls_size = self.cls_card.input_size[0]
         self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)

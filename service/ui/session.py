@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import Response
+
+log = logging.getLogger("cervixqc.service")
 
 COOKIE = "cervixqc_session"
 LOGIN_COOKIE = "cervixqc_login_csrf"
@@ -36,10 +39,22 @@ def key_id(key: str) -> str:
 
 
 def load_secret(path: Path) -> bytes:
-    """The signing secret, made once (0600) and kept beside the job database."""
+    """The signing secret, made once (0600) and kept beside the job database. An operator's
+    own secret shorter than 32 bytes is refused (it used to be replaced without a word), and
+    one that others may read is made private (0600) with a warning: anyone who reads it can
+    sign a session."""
     if path.is_file():
         secret = path.read_bytes().strip()
-        if len(secret) >= 32:
+        if secret and len(secret) < 32:
+            raise ValueError(f"the session secret in {path} is {len(secret)} bytes; it needs at least 32 "
+                             "(delete the file and the service makes one)")
+        if secret:
+            if path.stat().st_mode & 0o077:
+                try:
+                    os.chmod(path, 0o600)
+                    log.warning("the session secret file was readable by others: made private (0600)")
+                except OSError:
+                    log.warning("the session secret file is readable by others and cannot be made private")
             return secret
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48).encode()
