@@ -215,11 +215,11 @@ class QCPipeline:
         with _loading(weights / "deep_sad.json"):
             self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
                                             else (None, verified_card(weights / "deep_sad.json")))
-            self.sad_card.thresholds["distance"]
+            threshold_of(self.sad_card)  # checked here, where a missing one is named with its card
         with _loading(weights / "classifier.json"):
             self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
                                               else (None, verified_card(weights / "classifier.json")))
-            self.cls_card.thresholds["probability"]
+            threshold_of(self.cls_card)
             self.cls_size = self.cls_card.input_size[0]
         # optional stage 0: without it the detector's threshold alone decides no_cervix
         with _loading(weights / "presence.json"):
