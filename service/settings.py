@@ -7,6 +7,7 @@ switched off explicitly: a screening site must not end up with an open endpoint 
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,9 @@ def _split(value: object) -> object:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
+
+
+log = logging.getLogger("cervixqc.service")
 
 
 class Settings(BaseSettings):
@@ -108,6 +112,8 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():
                 raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file} does not exist")
+            if self.api_keys_file.stat().st_mode & 0o077:  # anyone who reads it holds the service's keys
+                log.warning("CERVIXQC_API_KEYS_FILE is readable by other users: restrict it to the service's user")
             keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
                      if line.strip() and not line.strip().startswith("#")]
         for key in keys:

@@ -98,7 +98,7 @@ def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
 def test_a_photo_that_cannot_be_read_gets_no_proposal_and_the_others_theirs(site, tmp_path):
     cut = (site / "a.jpg").read_bytes()[:300]
     (site / "cut.jpg").write_bytes(cut)
-    df = pd.read_csv(site / "m.csv")
+    df = pd.read_csv(site / "m.csv", dtype=str, keep_default_na=False)
     df.loc[len(df)] = ["cut.jpg", "p3", "s", "", "regular"]
     df.to_csv(site / "m.csv", index=False)
     r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "p.json")])

@@ -25,6 +25,7 @@ def test_lists_come_comma_separated_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CERVIXQC_API_KEYS", "env-key-0123456789abcdef, env-key-fedcba9876543210")
     monkeypatch.setenv("CERVIXQC_API_KEYS_FILE", str(key_file))
     monkeypatch.setenv("CERVIXQC_DATA_ROOTS", f"{tmp_path}/a,{tmp_path}/b")
+    key_file.chmod(0o600)
     s = Settings()
     assert s.api_keys == ["env-key-0123456789abcdef", "env-key-fedcba9876543210", "file-key-0123456789abcdef"]
     assert s.data_roots == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
@@ -59,3 +60,14 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
         r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (env, r.output)
     assert (tmp_path / "short-secret").read_text() == "operator-chosen-secret"  # refused, not replaced
+
+
+def test_a_key_file_others_can_read_is_warned_about(monkeypatch, tmp_path, caplog):
+    key_file = tmp_path / "keys"
+    key_file.write_text("file-key-0123456789abcdef\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        key_file.chmod(mode)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cervixqc.service"):
+            Settings(api_keys_file=key_file)
+        assert ("readable by other users" in caplog.text) == warned, mode
