@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.cli import app, main
-from pipelines.commands.common import _fail
+from pipelines.commands.common import _fail, writable_folder
 
 
 def serve(
@@ -59,8 +59,6 @@ def _preflight(settings) -> str | None:
     that is a file, a damaged weights card, a CUDA device on a machine without one), or in a
     service that reported ready and then failed every job (a data root or quarantine that is
     no folder)."""
-    import tempfile
-
     from models.io import WeightsIntegrityError, verified_card
     from service.ui.session import load_secret
 
@@ -70,11 +68,9 @@ def _preflight(settings) -> str | None:
         except WeightsIntegrityError as e:
             return str(e)
     try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=settings.state_dir):
-            pass
-    except OSError as e:
-        return f"CERVIXQC_STATE_DIR {settings.state_dir}: cannot write there ({e.strerror or type(e).__name__})"
+        writable_folder("CERVIXQC_STATE_DIR", settings.state_dir)
+    except ValueError as e:
+        return str(e)
     try:
         load_secret(settings.session_secret_file)
     except (OSError, ValueError) as e:

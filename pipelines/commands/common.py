@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -32,3 +34,15 @@ def _split_manifest(path):
     if "split" not in df.columns:
         _fail(f"{path} has no split column: run `cervixqc split` first")
     return df
+
+
+def writable_folder(option: str, folder: Path) -> None:
+    """The folder, made if needed, takes a file: checked before any model loads (an unwritable
+    quarantine failed `clean` after its first batch, with a traceback naming a photo; a state
+    folder that was a file failed the service's start). ValueError naming `option` otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or type(e).__name__})") from None

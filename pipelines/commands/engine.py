@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _manifest
+from pipelines.commands.common import _fail, _manifest, writable_folder
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, policies_for
 
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
@@ -141,7 +140,7 @@ def clean(
         check_outputs(src, out, quarantine)
         for name, folder in (("--out", out), ("--quarantine", quarantine)):
             if folder is not None:
-                _writable(name, folder)
+                writable_folder(name, folder)
     except ValueError as e:
         _fail(str(e))
     try:
@@ -157,17 +156,6 @@ def clean(
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
-
-
-def _writable(option: str, folder: Path) -> None:
-    """Checked before any model loads: an unwritable quarantine used to fail after the first
-    batch, with a traceback naming a photo."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,

@@ -32,6 +32,11 @@ def spreadsheet_safe(text: object) -> object:
     return "'" + text if isinstance(text, str) and text.startswith(_FORMULA_START) else text
 
 
+def spreadsheet_row(row: dict) -> dict:
+    """A CSV row with its free-text cells (`CSV_TEXT_FIELDS`) made `spreadsheet_safe`."""
+    return {k: spreadsheet_safe(v) if k in CSV_TEXT_FIELDS else v for k, v in row.items()}
+
+
 def policies_for(weights_dir: str | Path) -> tuple[Policy, ...]:
     """The policies a weights folder can run: the vote of three needs the crop-colour scorer.
     The engine and the CLI's early check (before any Ray actor loads the weights) both ask here."""

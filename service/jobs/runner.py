@@ -141,11 +141,12 @@ class JobRunner:
         return read
 
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
-        allowed = [rel for rel in chunk if inside(on_disk(root, rel), self.roots)]
+        files = {rel: on_disk(root, rel) for rel in chunk}
+        allowed = [rel for rel in chunk if inside(files[rel], self.roots)]
         by_path: dict[str, QCResult] = {}
         if allowed:
             with self.gate.background():
-                for r in self.run_batch([on_disk(root, rel) for rel in allowed], allowed, policy):
+                for r in self.run_batch([files[rel] for rel in allowed], allowed, policy):
                     by_path[r.path] = r
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
 

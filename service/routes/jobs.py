@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from pipelines.clean import list_inputs
-from pipelines.engine.qc_result import CSV_TEXT_FIELDS, QCResult, spreadsheet_safe
+from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError
 from service.jobs.store import Job
@@ -130,8 +130,7 @@ def _csv_lines(records: Iterator[QCResult]) -> Iterator[str]:
     writer = csv.DictWriter(buf, CSV_FIELDS)
     writer.writeheader()
     for i, r in enumerate(records, 1):
-        row = r.csv_row()
-        writer.writerow(row | {k: spreadsheet_safe(row[k]) for k in CSV_TEXT_FIELDS})
+        writer.writerow(spreadsheet_row(r.csv_row()))
         if i % 500 == 0:
             yield buf.getvalue()
             buf.seek(0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
-from pipelines.engine.qc_result import QCResult, spreadsheet_safe
+from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
 from service.paths import inside
@@ -42,14 +42,14 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
         rev = reviews.get(item)
         cls, box = final_of(r, rev)
         label, kind = label_and_kind(cls)
-        out.writerow({"item": item, "path": spreadsheet_safe(r.path), "sha256": r.sha256, "width": r.width, "height": r.height,
+        out.writerow(spreadsheet_row({"item": item, "path": r.path, "sha256": r.sha256, "width": r.width, "height": r.height,
                       "model_class": class_of(r.label.value, r.kind), "model_label": r.label.value,
                       "model_kind": r.kind or "", "model_box": _box(r.cervix_box),
                       "reviewed_label": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
                       "reviewed_by": rev.who if rev else "", "reviewed_at": f"{rev.at:.3f}" if rev else "",
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
                       "flags": ";".join(r.flags()), "duplicate_group": r.duplicate_group,
-                      "duplicate_of": spreadsheet_safe(r.duplicate_of or ""), "duplicate_kind": r.duplicate_kind or ""})
+                      "duplicate_of": r.duplicate_of or "", "duplicate_kind": r.duplicate_kind or ""}))
         if n % 500 == 0:
             yield buf.getvalue()
             buf.seek(0)
@@ -104,8 +104,9 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
             if copy.is_file():
                 copy.unlink()
                 done.removed += 1
-        if final in QUARANTINED and on_disk(root, r.path).is_file():
-            if not inside(on_disk(root, r.path), roots):
+        original = on_disk(root, r.path)
+        if final in QUARANTINED and original.is_file():
+            if not inside(original, roots):
                 done.outside += 1
                 continue
             quarantine_copy(root, r.path, final, qdir, link=False)

@@ -69,19 +69,20 @@ def job_status(job_id: str, session: UiSession, state: State) -> JobStatus:
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel(job_id: str, session: UiPost, state: State):
-    try:
-        cancel_job(job_id, state)
-    except ApiError as e:
-        if e.status != 409:  # already finished: nothing to do, back to the list
-            raise
-    return RedirectResponse("/ui/jobs", status_code=303)
+    return _then_back_to_jobs(cancel_job, job_id, state)
 
 
 @router.post("/jobs/{job_id}/retry")
 def retry(job_id: str, session: UiPost, state: State):
+    return _then_back_to_jobs(retry_job, job_id, state)
+
+
+def _then_back_to_jobs(action, job_id: str, state: ServiceState) -> RedirectResponse:
+    """The API's action, then the list. A 409 (cancel a job already finished, retry one
+    already queued again: a second click, another tab) has nothing left to do."""
     try:
-        retry_job(job_id, state)
+        action(job_id, state)
     except ApiError as e:
-        if e.status != 409:  # already queued again (a second click, another tab): back to the list
+        if e.status != 409:
             raise
     return RedirectResponse("/ui/jobs", status_code=303)
