@@ -130,3 +130,28 @@ def test_a_parquet_sheet_with_missing_case_ids_and_an_empty_sheet_are_refused_by
     sheet.iloc[:0].to_csv(tmp / "header-only.csv", index=False)
     with pytest.raises(ManifestError, match="no row to import"):
         import_labelled(tmp / "header-only.csv", root, tmp / "out" / "manifest.csv", cols)
+
+
+def test_numeric_case_ids_in_a_parquet_sheet_with_a_null_stay_whole_numbers(collection):
+    """pandas read an integer column holding one null as floats, so case 7 became patient
+    "7.0": another patient than the CSV's "7", and the photo's id changed with the format."""
+    tmp, root = collection
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str).iloc[:3]
+
+    def write(kind: list, case: list) -> None:  # as R, Spark or DuckDB write it: no pandas metadata
+        pq.write_table(pa.table({"file": list(sheet["file"]), "kind": kind, "case": pa.array(case, pa.int64()),
+                                 "notes": ["n1", None, "n3"]}), tmp / "labels.parquet")
+
+    cols = LabelColumns(patient="case", source_value="site", kind_map=parse_kind_map("unknown=skip"))
+    write(["regular", "regular", "iodine"], [7, None, 8])
+    with pytest.raises(ManifestError, match="row 2, patient_id: empty patient_id"):
+        import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols)
+    write(["regular", "unknown", "iodine"], [7, None, 8])  # the skipped row had no case id
+    df = import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols).manifest
+    assert list(df["patient_id"]) == ["7", "8"] and list(df["notes"]) == ["n1", "n3"]
+    write(["regular", "green", "iodine"], [7, 7, 8])
+    df = import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols).manifest
+    assert list(df["patient_id"]) == ["7", "7", "8"] and list(df["notes"]) == ["n1", "", "n3"]

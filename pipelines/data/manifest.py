@@ -42,8 +42,10 @@ def read_table(path: Path) -> pd.DataFrame:
     twice."""
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-            return df.astype({c: "string" for c in df.columns if c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS})
+            # nullable dtypes: a numeric id column with one null came back float, and case 7 read
+            # "7.0", another patient than the CSV's "7" (and than the same sheet's rows re-exported)
+            df = pd.read_parquet(path, dtype_backend="numpy_nullable")
+            return df.astype("string")
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
         df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
