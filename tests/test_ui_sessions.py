@@ -213,3 +213,15 @@ def test_a_box_outside_the_photo_is_refused(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_box"
     r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "purple"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 422
+
+
+def test_the_review_page_shows_only_counts_as_the_applied_message(server):
+    """The message after apply-review came from the link's query text: a link could make our
+    own page say anything ("Applied: your data was lost, call ...")."""
+    job = _finished_job(server, "set")
+    c, _ = _signed_in(server)
+    shown = c.get(f"/ui/jobs/{job}/review?applied=3-1").text
+    assert "Applied: 3 copies added, 1 removed" in shown
+    for spoof in ("Call%20555%20now-0", "3-1-x", "3"):
+        page = c.get(f"/ui/jobs/{job}/review?applied={spoof}")
+        assert page.status_code == 200 and "Applied:" not in page.text and "555 now" not in page.text, spoof

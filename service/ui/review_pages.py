@@ -7,6 +7,7 @@ pictures, and in an `async def` an 81 MP photo's thumbnail held every other requ
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlencode
 from typing import Annotated, Literal
 
@@ -71,7 +72,11 @@ def review_page(request: Request, job_id: str, session: UiSession, state: State,
     t = Thresholds.of(state.qc, job.policy)
     grid = build_grid(state.store.summaries(job_id), state.reviews.reviewed(job_id), t, q)
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
-    return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters)
+    # only the counts apply-review's redirect writes: any other text in a link would have shown
+    # on our page as the service's own message ("Applied: call this number ...")
+    applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})", request.query_params.get("applied", ""))
+    return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters,
+                applied=applied.groups() if applied else None)
 
 
 @router.get("/scores.json")
