@@ -109,3 +109,12 @@ def test_one_file_under_a_relative_and_an_absolute_path_is_a_duplicate(tmp_path,
     path = write_csv("m.csv", f"path,patient_id,source,device,kind\na.jpg,p1,s,d,regular\n{tmp_path / 'a.jpg'},p2,s,d,regular\n")
     with pytest.raises(ManifestError, match="duplicate path .* \\(first at row 1\\)"):
         load_manifest(path)
+
+
+def test_a_manifest_that_cannot_be_written_leaves_no_half_written_file_behind(tmp_path):
+    df = pd.DataFrame({"path": ["a.jpg"], "patient_id": ["1"], "source": ["s"], "kind": ["regular"]})
+    for name in ("m.csv", "m.parquet"):
+        (tmp_path / name).mkdir()  # a folder where the manifest should go
+        with pytest.raises(OSError):
+            write_manifest(df, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.parquet"]

@@ -109,8 +109,9 @@ def test_k_fold_rotations_test_every_patient_once_and_keep_held_out_sources_in_t
         nxt = fold_split(df, 5, (fold + 1) % 5, seed=1, test_only_sources=["gi"])
         assert ((split == "val") == ((nxt == "test") & (df.source == "site"))).all()  # val = next rotation's test
     assert (tested[df.source == "site"] == 1).all()
-    with pytest.raises(ValueError, match="at least 3"):
-        fold_split(df, 2, 0)
+    for k in (2, 0, -2):  # --folds 0 said "fold must be in 0..-1"
+        with pytest.raises(ValueError, match="at least 3"):
+            fold_split(df, k, 0)
     with pytest.raises(ValueError, match="unknown source"):
         fold_split(df, 5, 0, test_only_sources=["nowhere"])
 

@@ -122,9 +122,13 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = df.drop(columns=[c for c in ("abspath",) if c in df.columns])
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        out.to_parquet(tmp, index=False)
-    else:
-        out.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            out.to_parquet(tmp, index=False)
+        else:
+            out.to_csv(tmp, index=False)
+        os.replace(tmp, path)  # onto a folder of that name: IsADirectoryError, and no stray .tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -128,6 +128,8 @@ def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
     """Rotation `fold` of a k-fold split by patient: test = fold `fold`, validation = the next
     fold, training = the rest; every patient is tested in exactly one rotation. Sources in
     `test_only_sources` (held-out collections) are test in every rotation."""
+    if k < 3:  # checked first: with --folds 0 the range below read "0..-1"
+        raise ValueError("folds: need at least 3 (one test, one validation, the rest training)")
     if not 0 <= fold < k:
         raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
     unknown = sorted(set(test_only_sources) - set(df["source"]))
