@@ -114,8 +114,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file} does not exist")
             if self.api_keys_file.stat().st_mode & 0o077:  # anyone who reads it holds the service's keys
                 log.warning("CERVIXQC_API_KEYS_FILE is readable by other users: restrict it to the service's user")
-            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
-                     if line.strip() and not line.strip().startswith("#")]
+            try:
+                text = self.api_keys_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:  # was a bare codec message naming no setting
+                why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+                raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file}: cannot read it ({why})") from None
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
         for key in keys:
             if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
                 raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters and not a placeholder "

@@ -45,6 +45,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     (tmp_path / "short-secret").write_text("operator-chosen-secret")
+    (tmp_path / "latin1-keys").write_bytes("clé-0123456789abcdefghij\n".encode("latin-1"))
     monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
     monkeypatch.setenv("CERVIXQC_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))  # serve sets it for uvicorn: restored after the test
@@ -55,6 +56,8 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_DATA_ROOTS": str(tmp_path / "nowhere")}, weights, "CERVIXQC_DATA_ROOTS"),
              ({"CERVIXQC_QUARANTINE_ROOT": str(a_file)}, weights, "CERVIXQC_QUARANTINE_ROOT"),
              ({"CERVIXQC_SESSION_SECRET_FILE": str(tmp_path / "short-secret")}, weights, "needs at least 32"),
+             ({"CERVIXQC_API_KEYS_FILE": str(tmp_path / "latin1-keys")}, weights,
+              "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),
              ({}, damaged, "classifier.json: not a readable model card")]
     for env, folder, message in cases:
         r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
