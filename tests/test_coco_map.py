@@ -58,3 +58,10 @@ def test_top1_recall_uses_only_the_highest_scoring_box():
                   2: _det([[50, 40, 150, 160]], [0.3], [1])}
     assert top1_recall(gt, best_first, category="cervix") == 1.0
     assert math.isnan(top1_recall(CocoDataset(categories=[CocoCategory(id=1, name="cervix")]), {}))
+
+
+def test_a_set_without_one_box_has_no_ap_rather_than_zero():
+    negatives = CocoDataset(images=[CocoImage(id=1, file_name="a.jpg", width=200, height=200)],
+                            categories=[CocoCategory(id=1, name="cervix")])
+    m = evaluate_detections(negatives, {1: _det([[40, 20, 140, 120]], [0.9], [1])})
+    assert all(math.isnan(getattr(m, f)) for f in ("map", "ap50", "ap75", "top1_recall50")) and m.n_images == 1

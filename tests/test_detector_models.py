@@ -138,3 +138,40 @@ def test_eval_detections_of_an_image_do_not_depend_on_the_other_images_of_its_ba
         assert len(alone[k]["boxes"]) > 0
         torch.testing.assert_close(batched[k]["boxes"], alone[k]["boxes"], atol=1e-3, rtol=0)
         torch.testing.assert_close(batched[k]["scores"], alone[k]["scores"], atol=1e-5, rtol=0)
+
+
+def test_eval_detector_gives_a_source_of_negatives_no_ap_and_writes_json_other_tools_read(tmp_path):
+    """A source without one box (photos of other organs) read mAP 0.000, as if the detector
+    failed there, and the metrics file held the bare word NaN, which no JSON reader but
+    Python's accepts."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation, save_coco
+    from tests.qc_fixtures import tiny_weights
+
+    weights = tiny_weights(tmp_path / "w", 0.5)
+    g = np.random.default_rng(1)
+    images, anns, rows = [], [], []
+    for k, source in enumerate(["site", "site", "gut", "gut"], start=1):
+        Image.fromarray(g.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        images.append(CocoImage(id=k, file_name=f"{k}.png", width=120, height=90))
+        if source == "site":
+            anns.append(make_annotation(k, k, 1, [20, 15, 60, 50]))
+        rows.append({"path": f"{k}.png", "patient_id": f"p{k}", "source": source})
+    save_coco(CocoDataset(images=images, annotations=anns, categories=[CocoCategory(id=1, name="cervix")]),
+              tmp_path / "boxes.json")
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    r = CliRunner().invoke(app, ["eval-detector", str(weights / "detector.json"), str(tmp_path / "boxes.json"),
+                                 "-o", str(tmp_path / "out"), "--manifest", str(tmp_path / "m.csv")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "out" / "detector_metrics.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    gut, site = report["gut"], report["site"]
+    assert gut["map"] is None and gut["ap50"] is None and gut["cervix_found"] is None and gut["n_no_cervix"] == 2
+    assert isinstance(site["map"], float) and site["no_cervix_called"] is None and site["n_cervix"] == 2
+    assert "mAP -  AP50 -" in r.output and "nan" not in r.output

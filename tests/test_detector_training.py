@@ -212,4 +212,6 @@ def test_missing_validation_photos_or_a_set_without_boxes_are_refused_before_tra
     with pytest.raises(ValueError, match="the training boxes hold no box"):
         train_detector(_cfg(tmp_path / "train.json", tmp_path / "b", train_images=boxes_set.parent,
                             val_images=boxes_set.parent))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="the validation boxes hold no box"):  # best epoch by an mAP of nothing
+        train_detector(_cfg(boxes_set, tmp_path / "c", val_coco=tmp_path / "train.json", val_images=boxes_set.parent))
+    assert not any((tmp_path / run).exists() for run in "abc")

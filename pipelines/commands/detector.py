@@ -77,10 +77,13 @@ def eval_detector_cmd(
         report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
     except WeightsIntegrityError as e:
         _fail(str(e))
+    def f(x: float) -> str:  # "-" where a figure has no images to be measured on
+        return "-" if x != x else f"{x:.3f}"
+
     for name, m in report.items():
-        typer.echo(f"{name:>14}: mAP {m['map']:.3f}  AP50 {m['ap50']:.3f}  AP75 {m['ap75']:.3f}  "
-                   f"top-1 recall@0.5 {m['top1_recall50']:.3f}  cervix found {m['cervix_found']:.3f} "
-                   f"(n={m['n_cervix']})  no_cervix called {m['no_cervix_called']:.3f} (n={m['n_no_cervix']})")
+        typer.echo(f"{name:>14}: mAP {f(m['map'])}  AP50 {f(m['ap50'])}  AP75 {f(m['ap75'])}  "
+                   f"top-1 recall@0.5 {f(m['top1_recall50'])}  cervix found {f(m['cervix_found'])} "
+                   f"(n={m['n_cervix']})  no_cervix called {f(m['no_cervix_called'])} (n={m['n_no_cervix']})")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
 
 

@@ -44,7 +44,14 @@ def _coco_api(ds: CocoDataset) -> COCO:
 
 
 def evaluate_detections(gt: CocoDataset, predictions: dict[int, Detections]) -> DetectionMetrics:
-    """`predictions` maps image id -> {"boxes", "scores", "labels" (COCO category ids)}."""
+    """`predictions` maps image id -> {"boxes", "scores", "labels" (COCO category ids)}.
+
+    A set without one ground-truth box (a source of negatives only) has no AP: NaN, as its
+    top-1 recall already was, not the 0.0 that read as a detector failing on that source
+    (pycocotools' -1 clamped). What a detector does on negatives is `presence`'s figure."""
+    if not gt.annotations:
+        nan = float("nan")
+        return DetectionMetrics(*([nan] * 6), top1_recall50=nan, n_images=len(gt.images))
     results = []
     for image_id, det in predictions.items():
         for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):

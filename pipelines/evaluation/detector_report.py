@@ -4,6 +4,7 @@ a manifest is given, and a PNG gallery of predictions beside the ground truth.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,10 +41,23 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
             mine = {i: p for i, p in preds.items() if i in ids}
             report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "detector_metrics.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "detector_metrics.json").write_text(json.dumps(finite_or_null(report), indent=2, allow_nan=False))
     if gallery:
         draw_gallery(coco, root, preds, out_dir / "detector_gallery.png", mcard.thresholds.get("score", 0.5), gallery)
     return report
+
+
+def finite_or_null(value):
+    """NaN (no AP without a box, no found share without a cervix) as JSON null: Python wrote
+    the bare word NaN, which is no JSON, and every other reader of the file (jq, a browser, a
+    site's dashboard) refused it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def draw_gallery(coco: CocoDataset, root: Path, preds: dict, path: Path, threshold: float, n: int,

@@ -124,6 +124,8 @@ def _check_sets(train: CocoDetection, val_coco, val_root: Path) -> None:
         problems.append("the training boxes hold no box")
     if not val_coco.images:
         problems.append("the validation boxes hold no image")
+    elif not val_coco.annotations:  # mAP, which picks the best epoch, is undefined without a box
+        problems.append("the validation boxes hold no box")
     for name, coco, root in (("training", train.coco, train.root), ("validation", val_coco, Path(val_root))):
         missing = [im.file_name for im in coco.images if not (root / im.file_name).is_file()]
         if missing:
