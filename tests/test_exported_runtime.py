@@ -18,6 +18,7 @@ from models.io import WeightsIntegrityError, load_weights, save_weights
 from pipelines.cli import app
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.stage2 import load_stage2
 from pipelines.engine.qc import QCConfig, QCPipeline, resolve_runtime
 from tests.qc_fixtures import tiny_weights
 
@@ -184,6 +185,71 @@ def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(e
         f.write(b"\0\0\0\0")
     with pytest.raises(WeightsIntegrityError, match="does not match its card"):
         QCPipeline(folder, QCConfig())
+
+
+def test_a_damaged_export_card_is_named_and_a_damaged_cached_one_is_converted_again(exported, first_conversion,
+                                                                                  tmp_path):
+    """A card cut short was a bare pydantic error naming no file, and in the conversion cache
+    it was never replaced: every start failed."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    card = folder / "detector.openvino.json"
+    card.write_text(card.read_text()[:40])
+    with pytest.raises(WeightsIntegrityError, match=f"{card}: not a readable export card"):
+        QCPipeline(folder, QCConfig())
+    cache = tmp_path / "cache"
+    shutil.copytree(first_conversion[1], cache)
+    (cached,) = cache.glob("classifier-*/classifier.openvino.json")
+    cached.write_text('{"name": "class')
+    assert QCPipeline(exported, QCConfig(openvino_cache=cache)).runtimes["classifier"].endswith("(converted in a child process)")
+
+
+def test_an_export_cut_short_leaves_the_folders_working_export_in_place(exported, tmp_path, monkeypatch):
+    """Written in place, an export stopped during its parity check (Ctrl-C, a kill, a full
+    disk) left the old card over new files, and every start refused the folder."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    before = {p.name: p.read_bytes() for p in folder.glob("deep_sad.openvino.*")}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(openvino_runtime, "Compiled", interrupted)
+    model, card = load_stage2(folder / "deep_sad.json")
+    with pytest.raises(KeyboardInterrupt):
+        openvino_runtime.export("deep_sad", model, card, folder, folder / "deep_sad.json")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.glob("deep_sad.openvino.*")} == before
+    assert not list(folder.glob(".exporting-*"))
+    assert QCPipeline(folder, QCConfig(precision="f32")).runtimes["deep_sad"] == "openvino f32 (exported)"
+
+
+def test_f32_passes_over_an_export_stored_float16_for_a_float32_conversion(exported, first_conversion, tmp_path):
+    """The export default rounds float32 weights to float16: at f32, which promises torch's
+    labels, the bundled export moved Deep SAD's distance by 1e-3 (a float32 conversion: 1e-6)."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    r = CliRunner().invoke(app, ["export", "--weights", str(folder), "--models", "deep_sad"])  # float16 weights
+    assert r.exit_code == 0, r.output
+    assert openvino_runtime.read_card(folder, "deep_sad").weights_compression == "float16"
+    cache = tmp_path / "cache"
+    shutil.copytree(first_conversion[1], cache)
+    f32 = QCPipeline(folder, QCConfig(precision="f32", openvino_cache=cache))
+    assert f32.runtimes["deep_sad"] == "openvino f32 (cached conversion)"
+    assert f32.runtimes["detector"] == "openvino f32 (exported)"  # stored float32: as torch's
+    assert QCPipeline(folder, QCConfig(openvino_cache=cache)).runtimes["deep_sad"].endswith("(exported)")
+
+
+def test_weights_openvino_cannot_convert_are_named_not_a_traceback(exported, tmp_path):
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    for f in folder.glob("*.openvino.*"):
+        f.unlink()
+    state, card = load_weights(folder / "classifier.json")
+    save_weights(state, folder / "classifier", card.model_copy(update={"config": card.config | {"arch": "resnest26d"}}))
+    r = CliRunner().invoke(app, ["predict", str(folder / "x.jpg"), "--weights", str(folder), "--runtime", "openvino"],
+                           env={"CERVIXQC_CACHE": str(tmp_path / "cache")})
+    assert r.exit_code == 2 and "classifier.json: cannot convert to OpenVINO" in r.output, r.output
 
 
 def test_runtime_choice_auto_torch_and_openvino_on_cuda(exported, tmp_path):

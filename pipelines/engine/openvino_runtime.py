@@ -141,29 +141,48 @@ def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_c
     ov_model = convert(name, model, card)
     if quantize is not None:
         ov_model = quantize(ov_model)
-    xml = out_dir / f"{name}.openvino.xml"
-    ov.save_model(ov_model, xml, compress_to_fp16=compress_to_fp16)
-    binf = xml.with_suffix(".bin")
-    check = _example(name, card, seed=1)
-    with torch.no_grad():
-        want = exportable(model.float()).eval()(check)
-    got = Compiled(ov.Core().read_model(xml), precision="f32")(check)
-    names = output_names(name, len(want))
-    parity = {n: float((g - w.float()).abs().max()) for n, g, w in zip(names, got, want)}
-    export_card = ExportCard(
-        name=name, source_card=source_card.name, source_sha256=card.sha256, xml=xml.name, bin=binf.name,
-        xml_sha256=sha256_file(xml), bin_sha256=sha256_file(binf), input_shape=_input_shape(name, card),
-        outputs=names, weights_compression="float16" if compress_to_fp16 else "float32", quantization=quantization,
-        parity=parity,
-        parity_inputs=f"uniform noise {list(check.shape)}, seed 1; OpenVINO at f32",
-        versions={"openvino": ov.__version__, "torch": torch.__version__}, command=command)
-    card_path(out_dir, name).write_text(export_card.model_dump_json(indent=2) + "\n")
+    # written and checked in a work folder beside, then renamed into place with the card last:
+    # written in place, a Ctrl-C, kill or full disk during the save or the parity check left
+    # the old card over new files, and every start refused the folder until it was exported again
+    work = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out_dir))
+    try:
+        xml = work / f"{name}.openvino.xml"
+        ov.save_model(ov_model, xml, compress_to_fp16=compress_to_fp16)
+        binf = xml.with_suffix(".bin")
+        check = _example(name, card, seed=1)
+        with torch.no_grad():
+            want = exportable(model.float()).eval()(check)
+        got = Compiled(ov.Core().read_model(xml), precision="f32")(check)
+        names = output_names(name, len(want))
+        parity = {n: float((g - w.float()).abs().max()) for n, g, w in zip(names, got, want)}
+        export_card = ExportCard(
+            name=name, source_card=source_card.name, source_sha256=card.sha256, xml=xml.name, bin=binf.name,
+            xml_sha256=sha256_file(xml), bin_sha256=sha256_file(binf), input_shape=_input_shape(name, card),
+            outputs=names, weights_compression="float16" if compress_to_fp16 else "float32", quantization=quantization,
+            parity=parity,
+            parity_inputs=f"uniform noise {list(check.shape)}, seed 1; OpenVINO at f32",
+            versions={"openvino": ov.__version__, "torch": torch.__version__}, command=command)
+        card_path(work, name).write_text(export_card.model_dump_json(indent=2) + "\n")
+        for done in (binf, xml, card_path(work, name)):
+            os.replace(done, out_dir / done.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return export_card
 
 
 def read_card(weights: Path, name: str) -> ExportCard | None:
+    """The export's card, None without one. A card cut short or not readable is a
+    WeightsIntegrityError naming it (it was a bare pydantic error naming no file, and a
+    damaged cached conversion was never converted again, failing every start)."""
     path = card_path(weights, name)
-    return ExportCard.model_validate_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return ExportCard.model_validate_json(path.read_bytes())
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise WeightsIntegrityError(f"{path}: not a readable export card ({reason}); run `cervixqc export` "
+                                    "again, or delete the .openvino.* files to convert at start") from None
 
 
 def load_exported(weights: Path, name: str, source: ModelCard):
@@ -172,9 +191,9 @@ def load_exported(weights: Path, name: str, source: ModelCard):
     import openvino as ov
 
     path = card_path(weights, name)
-    if not path.is_file():
+    card = read_card(weights, name)
+    if card is None:
         return None
-    card = ExportCard.model_validate_json(path.read_text())
     if card.source_sha256 != source.sha256:
         raise WeightsIntegrityError(
             f"{path} was exported from other weights ({card.source_sha256[:12]}..., {source.name} is "
@@ -213,9 +232,11 @@ def _convert_in_child(weights: Path, jobs: list[tuple[str, Path, str]]) -> None:
     args = [a for job in jobs for a in map(str, job)]
     proc = subprocess.run([sys.executable, "-m", "pipelines.engine.openvino_runtime", str(weights), *args],
                           capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # the weights, as torch's path names them (a card the builder cannot take)
         names = ", ".join(str(weights / (name + ".json")) for name, *_ in jobs)
-        raise RuntimeError(f"converting {names} to OpenVINO failed:\n{proc.stderr[-2000:]}")
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), f"exit {proc.returncode}")
+        raise WeightsIntegrityError(f"{names}: cannot convert to OpenVINO ({last.strip()[:300]}); "
+                                    "`--runtime torch` runs them without a conversion")
 
 
 def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None = None,
