@@ -143,12 +143,12 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         if source is not None:
             self._claim(str(source.resolve()))
 
     def _claim(self, source: str) -> None:
         with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = self.db.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
             if row is None:  # a new folder, or one filled before the source was recorded: taken as this source's
                 self.db.execute("INSERT INTO meta VALUES ('source', ?)", (source,))
@@ -171,6 +171,14 @@ class StateStore:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
                                 [(r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"})) for r in results])
+            self.db.execute("INSERT INTO meta VALUES ('writes', 1) "
+                            "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
+    def mark_exported(self) -> None:
+        """The exports now hold every row written so far (`exports_current` reads this)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta SELECT 'exported_writes', "
+                            "coalesce((SELECT value FROM meta WHERE key = 'writes'), 0)")
 
     def records(self) -> Iterator[QCResult]:
         for (rec,) in self.db.execute("SELECT record FROM results ORDER BY path"):
@@ -242,6 +250,7 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
     `src_root` None leaves out the duplicate search's pixel check."""
     current = set(inputs)
     csv_path, pq_path = export(store, out_dir, src_root, current)
+    store.mark_exported()
     labels = Counter(r.label.value for r in store.records() if r.path in current)
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
                            csv_path, pq_path)

@@ -170,3 +170,31 @@ def test_a_service_with_the_pixel_check_off_groups_its_jobs_by_the_keys_alone(tm
     finally:
         srv.kill()
     assert len(rows) == 5 and all('"duplicate_group":null' in r.replace(" ", "") for r in rows)
+
+
+def test_duplicates_finds_a_copy_named_in_latin1_and_checks_its_options_before_reading(tmp_path):
+    """A name that is not UTF-8 was opened under its escaped key, read as unreadable and left
+    out of every group (clean found it); a wrong --images fell back to the keys unsaid; -o a
+    folder failed after every photo was read."""
+    import os
+
+    from pipelines.clean import StateStore
+
+    folder = _collection(tmp_path)
+    with open(os.path.join(os.fsencode(folder), b"Pe\xf1a.jpg"), "wb") as f:
+        f.write((folder / "a.jpg").read_bytes())
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["duplicates", str(folder), "-o", str(tmp_path / "d.csv"), "--weights", str(weights),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "d.csv", keep_default_na=False)
+    assert set(table["path"]) == {"a.jpg", "a_crop.jpg", "Pe\\xf1a.jpg"} and table["group"].nunique() == 1
+    (tmp_path / "empty").mkdir()
+    state = tmp_path / "clean"
+    StateStore(state / "state.sqlite", source=folder).close()
+    for args, message in (([str(tmp_path / "empty")], "no photos to compare"),
+                          ([str(folder), "-o", str(tmp_path)], "is a folder"),
+                          ([str(state), "--images", str(tmp_path / "d.csv")], "--images"),
+                          ([str(state), "-o", str(state / "duplicates.csv")], "the run's own table")):
+        r = runner.invoke(app, ["duplicates", *args, "--weights", str(weights), "--device", "cpu"])
+        assert r.exit_code == 2 and message in r.output, (args, r.output)

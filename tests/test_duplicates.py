@@ -225,3 +225,66 @@ def test_split_reads_groups_from_a_clean_output_folder(tmp_path):
     db.close()
     r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(out)])
     assert r.exit_code == 2 and "group 1" in r.output
+
+
+def test_split_matches_table_paths_written_otherwise_and_refuses_a_table_that_matches_nothing(tmp_path):
+    """The manifest said `./img/a.jpg`, the duplicates table `img/a.jpg`: nothing matched, the
+    split went on with a warning, and the copies landed in train and test (exit 0)."""
+    manifest = _manifest(tmp_path)
+    dup, members = _across_group(tmp_path, manifest)
+    dotted = pd.read_csv(manifest, keep_default_na=False)
+    dotted["path"] = "./" + dotted["path"]
+    dotted.to_csv(tmp_path / "dotted.csv", index=False)
+    r = runner.invoke(app, ["split", str(tmp_path / "dotted.csv"), "-o", str(tmp_path / "o.csv"), "--duplicates", dup])
+    assert r.exit_code == 2 and "group 1" in r.output
+    elsewhere = pd.read_csv(dup, keep_default_na=False).assign(path=lambda d: "other/" + d["path"])
+    elsewhere.to_csv(tmp_path / "elsewhere.csv", index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates",
+                            str(tmp_path / "elsewhere.csv")])
+    assert r.exit_code == 2 and "none of its 2 paths is in the manifest" in r.output
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_second_merge_keeps_the_first_merges_original_patient_ids(tmp_path):
+    manifest = _manifest(tmp_path)
+    dup, members = _across_group(tmp_path, manifest)
+    once, twice = tmp_path / "once.csv", tmp_path / "twice.csv"
+    assert runner.invoke(app, ["split", manifest, "-o", str(once), "--duplicates", dup, "--merge-duplicates"]).exit_code == 0
+    first = pd.read_csv(once, keep_default_na=False)
+    more = pd.DataFrame({"path": [members[0], "img/p19_0.jpg"], "group": 1, "duplicate_of": members[0],
+                         "kind": "near", "evidence": "phash"})
+    more.to_csv(tmp_path / "more.csv", index=False)
+    r = runner.invoke(app, ["split", str(once), "-o", str(twice), "--duplicates", str(tmp_path / "more.csv"),
+                            "--merge-duplicates"])
+    assert r.exit_code == 0, r.output
+    second = pd.read_csv(twice, keep_default_na=False)
+    assert list(second["patient_id_original"]) == list(first["patient_id_original"])
+    assert second.loc[second["path"] == "img/p19_0.jpg", "patient_id_original"].item() == "p19"
+
+
+@pytest.mark.parametrize("cell", ["", "one", "1.5"])
+def test_a_duplicates_table_with_a_group_that_is_no_whole_number_is_refused_by_line(tmp_path, cell):
+    manifest = _manifest(tmp_path)
+    dup, _ = _across_group(tmp_path, manifest)
+    table = pd.read_csv(dup, keep_default_na=False, dtype=str)
+    table.loc[1, "group"] = cell
+    table.to_csv(dup, index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup])
+    assert r.exit_code == 2 and "group must be a whole number; not on line 3" in r.output, r.output
+
+
+def test_a_clean_folder_whose_exports_lag_its_state_is_grouped_from_the_state(tmp_path):
+    """A resumed run stopped before its exports left the older duplicates.csv, without the new
+    photos' groups, and split read that one."""
+    from pipelines.clean import StateStore
+    from pipelines.data.duplicates import read_duplicates
+
+    out = tmp_path / "clean"
+    store = StateStore(out / "state.sqlite", source=tmp_path)
+    store.add([_record("a.jpg", "s1", H0), _record("b.jpg", "s1", H0)])
+    duplicates_of_records(store.records()).to_csv(out / "duplicates.csv", index=False)
+    store.mark_exported()
+    assert read_duplicates(out)["path"].tolist() == ["a.jpg", "b.jpg"]
+    store.add([_record("c.jpg", "s2", H_FAR), _record("d.jpg", "s2", H_FAR)])  # stopped before the exports
+    store.close()
+    assert sorted(read_duplicates(out)["path"]) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]

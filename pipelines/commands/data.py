@@ -151,16 +151,19 @@ def split(
 def _duplicate_groups(df, source: Path):
     """The duplicate table restricted to the manifest's paths, with a note when they miss."""
     from pipelines.data.duplicates import read_duplicates
+    from pipelines.data.splits import path_key
 
     if not source.exists():
         raise ValueError(f"--duplicates {source}: no such file or folder")
     groups = read_duplicates(source)
-    known = set(df["path"].astype(str))
-    listed = groups[groups["path"].astype(str).isin(known)]
-    if len(groups) and listed.empty:
-        typer.echo(f"warning: none of the {len(groups)} paths in {source} is in the manifest "
-                   "(paths must match the manifest's path column)", err=True)
-    typer.echo(f"duplicates: {listed['group'].nunique()} groups, {len(listed)} photos of the manifest")
+    known = {path_key(p) for p in df["path"].astype(str)}
+    listed = groups[[path_key(p) in known for p in groups["path"].astype(str)]]
+    if len(groups) and listed.empty:  # a table of another collection, or paths relative to another folder
+        raise ValueError(f"--duplicates {source}: none of its {len(groups)} paths is in the manifest (they must "
+                         "name the files as the manifest's path column does, relative to the same folder)")
+    outside = len(groups) - len(listed)
+    typer.echo(f"duplicates: {listed['group'].nunique()} groups, {len(listed)} photos of the manifest"
+               + (f" ({outside} photos of the table are not in it)" if outside else ""))
     return listed
 
 
@@ -169,7 +172,8 @@ def _merge_patients(df, groups) -> None:
 
     merge = merge_duplicate_patients(df, groups)
     if merge.patients_merged:
-        df["patient_id_original"] = df["patient_id"]
+        if "patient_id_original" not in df.columns:  # a second merge keeps the first one's originals
+            df["patient_id_original"] = df["patient_id"]
         df["patient_id"] = merge.patient_id
     typer.echo(f"merged duplicates: {merge.groups_merged} groups spanned several patient ids; "
                f"{merge.patients_merged} patient ids folded into another")

@@ -38,7 +38,7 @@ def duplicates_cmd(
                                              "`cervixqc clean` output folder (its state.sqlite is read, no engine run).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="duplicates.csv to write.")] = Path("duplicates.csv"),
     weights: Annotated[Path, typer.Option(help="Weights folder (for folders and manifests).")] = Path("weights"),
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: DeviceOption = "auto",
     max_phash_distance: PhashOption = None,
     max_crop_distance: CropOption = None,
@@ -52,13 +52,28 @@ def duplicates_cmd(
     closest photos checked with the pixels). Writes duplicates.csv, one row per member of each
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
-    from pipelines.clean import reader
+    import os
+
+    from pipelines.clean import on_disk, reader
+    from pipelines.commands.common import writable_folder
     from pipelines.data.duplicates import duplicates_of_records, read_clean_state
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
     if not src.exists():
         _fail(f"{src} does not exist")
-    if src.is_dir() and (src / "state.sqlite").is_file():
+    # checked before the engine runs: a folder as -o failed after every photo was read
+    if out.is_dir():
+        _fail(f"-o {out} is a folder: name the CSV to write")
+    try:
+        writable_folder("-o", out.resolve().parent)
+    except ValueError as e:
+        _fail(str(e))
+    clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
+    if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
+        _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")
+    if images is not None and not images.is_dir():  # a wrong one read nothing and fell back to keys, unsaid
+        _fail(f"--images {images} is not a folder: give the folder the run cleaned")
+    if clean_folder:
         records = read_clean_state(src)
         root = images
         if root is None and cfg.verify_k > 0:
@@ -67,13 +82,23 @@ def duplicates_cmd(
         from pipelines.clean import list_inputs
 
         root = src.parent if src.is_file() else src
-        paths = list_inputs(src)
+        try:
+            paths = list_inputs(src)
+        except ValueError as e:
+            _fail(str(e))
+        if not paths:
+            _fail(f"{src}: no photos to compare")
         qc = _engine(weights, device=device)
         records = []
         with typer.progressbar(range(0, len(paths), batch_size), label="engine") as starts:
             for start in starts:
                 chunk = paths[start:start + batch_size]
-                records += qc.run([root / p for p in chunk], names=chunk)
+                # on_disk: a name that is not UTF-8 is its escaped key in the rows, its bytes on disk
+                records += qc.run([on_disk(root, p) for p in chunk], names=chunk)
+        unread = sum(r.label.value == "unreadable" for r in records)
+        if unread:  # they have no keys: copies of them cannot be found
+            typer.echo(f"warning: {unread} of {len(records)} files could not be read as photos and are in no group",
+                       err=True)
     seen = [0]
 
     def counted(rs):  # streamed from the state file: counted on the way through
@@ -82,8 +107,9 @@ def duplicates_cmd(
             yield r
 
     df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+    tmp = out.with_name(out.name + ".tmp")  # whole or not at all: a cut-short table reads as fewer groups
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
     typer.echo(f"{seen[0]} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")

@@ -447,14 +447,45 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     folder: its own duplicates.csv (grouped with the photos at hand, so cropped and turned
     copies are in it), else its state.sqlite grouped here with `cfg` on the keys alone."""
     if path.is_dir():
-        if (path / "duplicates.csv").is_file():
-            return read_duplicates(path / "duplicates.csv")
+        table = path / "duplicates.csv"
+        # the run's own table only when its exports followed the state's last rows: a resumed
+        # run stopped before its exports left the older table, without the new photos' groups
+        if table.is_file() and _exports_current(path / "state.sqlite"):
+            return read_duplicates(table)
+        if table.is_file():
+            log.warning("duplicates.csv is older than the run's state (a run stopped before its exports): "
+                        "grouped again from the state, on the keys alone")
         return duplicates_of_records(read_clean_state(path), cfg)
-    df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path}: not a duplicates table (cannot read it as CSV: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     missing = sorted({"path", "group"} - set(df.columns))
     if missing:
         raise ValueError(f"{path}: not a duplicates table (no {', '.join(missing)} column)")
-    return df
+    groups = pd.to_numeric(df["group"], errors="coerce")
+    bad = [i + 2 for i in range(len(df)) if not (groups.iat[i] == groups.iat[i] and float(groups.iat[i]).is_integer())]
+    if bad:  # the header is line 1
+        raise ValueError(f"{path}: group must be a whole number; not on line {', '.join(map(str, bad[:10]))}"
+                         + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    return df.assign(group=groups.astype(int))
+
+
+def _exports_current(db_path: Path) -> bool:
+    """Whether a clean folder's exports were written after its last rows (StateStore counts
+    its writes and records the count at each export); a folder older than that count, or one
+    without a state, is taken as current."""
+    if not db_path.is_file():
+        return True
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        marks = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('writes', 'exported_writes')"))
+    except sqlite3.OperationalError:  # no meta table: a folder from before the count
+        return True
+    finally:
+        db.close()
+    return "writes" not in marks or str(marks.get("exported_writes")) == str(marks["writes"])
 
 
 def read_clean_state(folder: Path) -> Iterator[QCResult]:
