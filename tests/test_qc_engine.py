@@ -247,3 +247,35 @@ def test_the_torch_runtime_runs_detectors_other_than_retinanet(tmp_path, tiny_da
     assert qc.runtimes["detector"] == "torch"
     results = qc.run(sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:3])
     assert all(r.label in (Label.REGULAR, Label.NON_REGULAR) and r.cervix_box for r in results), results
+
+
+def test_large_photos_of_every_format_decode_at_the_size_the_engine_needs(tmp_path):
+    """Only JPEGs were decoded small: a phone's MPO "JPEG" came out at 16x the pixels, and a
+    10000x10000 PNG was turned to floats at full size (3.5 GB of RSS)."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.engine.decode import DecodeError, decode, read_file
+
+    scene = Image.fromarray(np.asarray(textured_scene(3).resize((2400, 1600))))
+    for fmt, extra in (("JPEG", {}), ("MPO", {"save_all": True, "append_images": [scene.resize((240, 160))]}),
+                       ("PNG", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        scene.save(buf, fmt, **extra)
+        d = decode(buf.getvalue(), min_long_side=320)
+        assert (d.width, d.height) == (2400, 1600), fmt
+        assert 320 <= d.image.shape[2] < 640 and d.image.shape[1] == pytest.approx(d.image.shape[2] * 2 / 3, abs=1), fmt
+        if fmt != "MPO":
+            assert decode(buf.getvalue()).image.shape[1:] == (1600, 2400), fmt  # without a target: full size
+    with pytest.raises(DecodeError, match="a folder, not a file"):
+        read_file(tmp_path)
+
+
+def test_a_misspelt_or_absent_device_is_named_not_blamed_on_the_weights(always_cervix, tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    cases = [("gpu", "'gpu' is not a device")] + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")])
+    for device, message in cases:
+        for command in (["predict", str(tmp_path / "ok.jpg")], ["bench", "--images", str(tmp_path)]):
+            r = CliRunner().invoke(app, [*command, "--weights", str(always_cervix), "--device", device])
+            assert r.exit_code == 2 and message in r.output and "detector.json" not in r.output, (command, r.output)

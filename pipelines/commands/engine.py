@@ -205,7 +205,10 @@ def bench(
     from pipelines.engine.qc import resolve_device
 
     _check_decoder(jpeg_decoder)
-    device = resolve_device(device)
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
     parts = [s.strip() for s in (detector_batches or "").split(",") if s.strip()]
     if not all(s.isdigit() and int(s) > 0 for s in parts):
         _fail(f"--detector-batches must be positive integers, comma-separated, not {detector_batches!r}")

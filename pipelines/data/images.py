@@ -18,7 +18,7 @@ def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.
     """
     with Image.open(path) as im:
         full_w, full_h = ImageOps.exif_transpose(im).size if _rotates(im) else im.size
-        if min_long_side is not None and im.format == "JPEG":
+        if min_long_side is not None and im.format in ("JPEG", "MPO"):  # MPO: phones' JPEGs with a second image
             f = min_long_side / max(im.size)
             if f < 1:
                 im.draft("RGB", (max(1, int(im.size[0] * f)), max(1, int(im.size[1] * f))))

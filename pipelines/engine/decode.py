@@ -148,6 +148,8 @@ def read_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> bytes:
     whole (and held, a batch at a time) before its size was checked."""
     path = Path(path)
     st = path.stat()  # through links, as open() goes
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("a folder, not a file (`cervixqc clean` takes folders)")
     if not stat.S_ISREG(st.st_mode):
         raise DecodeError("not a regular file (a FIFO, device or socket)")
     if st.st_size > limits.max_bytes:
@@ -166,13 +168,21 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
         w, h = im.size
         full_w, full_h = header.display_size
         try:
-            if min_long_side is not None and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            # MPO: a phone's JPEG with a second (depth or preview) image, which Pillow names so;
+            # its first image is a JPEG like any other (it was decoded at 16x the pixels)
+            jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L", "CMYK", "YCbCr")
+            if min_long_side is not None and jpeg:
                 f = min_long_side / max(w, h)
                 if f < 1:
                     im.draft(im.mode, (max(1, int(w * f)), max(1, int(h * f))))
             im.seek(0)  # multi-frame files (TIFF pages, GIF frames): the first frame
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
+            if min_long_side is not None and not jpeg and max(w, h) >= 2 * min_long_side:
+                # other formats have no DCT scaling: reduced here (box filter, whole factors, the
+                # long side kept >= min_long_side), so the engine's float copies are of this size;
+                # a 10000x10000 PNG under the pixel limit took 3.5 GB of RSS at full size
+                rgb = rgb.reduce(max(w, h) // min_long_side)
         except DecodeError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -14,6 +14,7 @@ bad input becomes an `unreadable` row with its reason; the batch goes on.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,9 +105,15 @@ class QCConfig:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """`auto` -> cuda when present, else cpu. A misspelt device (`gpu`) or cuda on a machine
+    without one is a ValueError saying so: they surfaced as torch errors blamed on the weights."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r} is not a device: auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine (auto uses the CPU then)")
+    return device
 
 
 def resolve_runtime(runtime: Runtime, device: torch.device, weights: Path) -> Literal["torch", "openvino"]:
