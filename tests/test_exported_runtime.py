@@ -265,6 +265,15 @@ def test_export_command_refuses_unknown_models_and_missing_cards(exported, tmp_p
     assert r.exit_code == 2 and "--models must name" in r.output
     r = CliRunner().invoke(app, ["export", "--weights", str(tmp_path)])
     assert r.exit_code == 2 and "no detector.json" in r.output
+    (tmp_path / "a-file").write_text("")
+    r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--out", str(tmp_path / "a-file")])
+    assert r.exit_code == 2 and "--out" in r.output and "Traceback" not in r.output
+    folder = tmp_path / "w"  # a card its builder cannot take: was a traceback (size mismatch)
+    shutil.copytree(exported, folder)
+    state, card = load_weights(folder / "detector.json")
+    save_weights(state, folder / "detector", card.model_copy(update={"config": card.config | {"fpn_channels": 64}}))
+    r = CliRunner().invoke(app, ["export", "--weights", str(folder), "--models", "detector"])
+    assert r.exit_code == 2 and "detector.json: cannot load it" in r.output, r.output
 
 
 def test_openvino_conversion_cannot_send_telemetry():

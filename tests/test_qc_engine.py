@@ -162,6 +162,11 @@ def test_predict_command_prints_json_records(always_cervix, tmp_path, decoder):
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["label"] for row in rows][1] == "unreadable" and rows[0]["sha256"]
+    # printed batch by batch (predict *.jpg held every photo decoded at once): the same rows
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "ok.jpg"), str(tmp_path / "zero.jpg"), str(tmp_path / "ok.jpg"),
+                                 "--weights", str(always_cervix), "--json", "--jpeg-decoder", decoder, "--batch-size", "1"])
+    again = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and [(x["path"], x["label"]) for x in again] == [(x["path"], x["label"]) for x in rows + rows[:1]]
 
 
 def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):

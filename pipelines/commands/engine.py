@@ -70,14 +70,18 @@ def predict(
     runtime: RuntimeOption = "auto",
     precision: PrecisionOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per batch; each batch is printed as it ends.")] = 16,
 ) -> None:
     """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
     _check_policy(policy)
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
     qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision)
-    results = qc.run(images, names=[str(p) for p in images])
-    for r in results:
+    # batch by batch: `predict *.jpg` over thousands of photos held them all decoded at once
+    # (about 2.7 MB each) and printed nothing until the last; folders go to `cervixqc clean`
+    batches = ((images[i:i + batch_size], [str(p) for p in images[i:i + batch_size]])
+               for i in range(0, len(images), batch_size))
+    for r in (r for results in qc.run_stream(batches) for r in results):
         if as_json:
             typer.echo(r.model_dump_json(exclude={"timings_ms"}))
         else:
@@ -294,19 +298,24 @@ def export(
     if not openvino_runtime.available():
         _fail("export needs the openvino package (pip install openvino)")
     from pipelines.engine.detector import load_detector
+    from pipelines.engine.qc import _loading
     from pipelines.engine.stage2 import load_stage2
 
     if int8_calibration is not None and "detector" not in names:
         _fail("--int8-calibration quantizes the detector: add it to --models")
+    target = out or weights
+    try:  # before the calibration's minutes: an --out that is a file ended them in a traceback
+        writable_folder("--out", target)
+    except ValueError as e:
+        _fail(str(e))
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
-    target = out or weights
-    target.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["cervixqc", *sys.argv[1:]])
     for name in names:
-        try:
-            model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
-        except (ValueError, WeightsIntegrityError) as e:
+        try:  # as the engine loads them: a card its builder cannot take is named, not a traceback
+            with _loading(weights / f"{name}.json"):
+                model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
+        except WeightsIntegrityError as e:
             _fail(str(e))
         q = name == "detector" and quantize is not None
         exported = openvino_runtime.export(name, model, card, target, weights / f"{name}.json",
@@ -323,7 +332,6 @@ def _int8_detector(weights: Path, source: Path, n: int):
     import numpy as np
 
     from pipelines.clean import list_inputs
-    from pipelines.engine.qc import QCConfig, QCPipeline
     from pipelines.engine.quantize import describe, quantize_detector
 
     if not source.exists():
@@ -341,7 +349,9 @@ def _int8_detector(weights: Path, source: Path, n: int):
         _fail(f"no calibration photos in {source}" + (" (no train rows)" if source.is_file() else ""))
     rng = np.random.default_rng(0)
     photos = [photos[i] for i in sorted(rng.choice(len(photos), min(n, len(photos)), replace=False))]
-    qc = QCPipeline(weights, QCConfig(device="cpu", runtime="torch", findings=False))
+    qc = _engine(weights, device="cpu", runtime="torch", findings=False)
     inputs = qc.detector_inputs(photos)
+    if not inputs:  # said "3 photos" and failed in NNCF after the conversion
+        _fail(f"none of the {len(photos)} calibration photos of {what} could be read as a photo")
     typer.echo(f"INT8 calibration: {len(photos)} photos of {what}, {len(inputs)} detector batches")
     return (lambda ov_model: quantize_detector(ov_model, inputs)), describe(len(photos), what)
