@@ -284,3 +284,33 @@ def test_a_misspelt_or_absent_device_is_named_not_blamed_on_the_weights(always_c
         for command in (["predict", str(tmp_path / "ok.jpg")], ["bench", "--images", str(tmp_path)]):
             r = CliRunner().invoke(app, [*command, "--weights", str(always_cervix), "--device", device])
             assert r.exit_code == 2 and message in r.output and "detector.json" not in r.output, (command, r.output)
+
+
+def test_bench_takes_every_readable_photo_of_a_folder_leaves_out_the_rest_and_its_temp_files(always_cervix, tmp_path,
+                                                                                           monkeypatch):
+    """Only `*.jpg` was taken (an empty or PNG folder ended in ZeroDivisionError), one truncated
+    photo crashed the naive loop with a traceback, and every run left its temp folder behind."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    photos, spill = tmp_path / "photos", tmp_path / "tmp"
+    photos.mkdir()
+    spill.mkdir()
+    ok = fuzz_set()["ok.jpg"][0]
+    (photos / "a.JPG").write_bytes(ok)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(ok)).save(buf, "PNG")
+    (photos / "b.png").write_bytes(buf.getvalue())
+    (photos / "cut.jpg").write_bytes(ok[: len(ok) // 2])
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    r = CliRunner().invoke(app, ["--threads", "1", "bench", "--images", str(photos), "--weights", str(always_cervix),
+                                 "--modes", "torch", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["naive"]["images"] == result["batched"][0]["images"] == 2
+    assert "1 files" in r.output and list(spill.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["bench", "--images", str(tmp_path / "empty"), "--weights", str(always_cervix)])
+    assert r.exit_code == 2 and "no readable photos" in r.output

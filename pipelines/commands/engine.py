@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Annotated, Optional
@@ -219,38 +220,19 @@ def bench(
     sizes = [int(s) for s in parts]
 
     from pipelines.evaluation.engine_bench import BATCHED_MODES, parse_mode
-    from pipelines.evaluation.engine_bench import bench as run_bench
 
     try:
         chosen = tuple(parse_mode(m) for m in modes.split(",")) if modes else BATCHED_MODES
     except ValueError as e:
         _fail(str(e))
 
+    if images is not None and not images.is_dir():
+        _fail(f"--images {images}: not a folder")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
-    if mix_from is not None:
-        from pipelines.evaluation.engine_bench import real_mix
-
-        if not mix_from.is_dir():
-            _fail(f"--mix-from {mix_from}: not a folder")
-        images = real_mix(mix_from, work / "mix")
-    if images is None:
-        from pipelines.data.synth import PRESETS, generate
-
-        from dataclasses import replace
-
-        images = generate(replace(PRESETS["clinic"], n_images=n_images, seed=0), work / "images").out_dir / "images"
-    if weights is None:
-        from pipelines.evaluation.untrained import write_untrained_weights
-
-        weights = write_untrained_weights(work / "weights")
-        typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
-    paths = sorted(p for p in images.rglob("*.jpg"))
-    result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen)  # type: ignore[arg-type]
-    if sizes:
-        from pipelines.evaluation.engine_bench import detector_batch_ab
-
-        result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
-    typer.echo(json.dumps(result, indent=2))
+    try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
+        result = _bench_in(work, images, mix_from, weights, n_images, batch_size, device, jpeg_decoder, chosen, sizes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     naive = result["naive"]
 
     def memory(run: dict) -> str:
@@ -324,6 +306,45 @@ def export(
         worst = max(exported.parity.values())
         typer.echo(f"{name}: {target / exported.xml} (+ .bin, card {openvino_runtime.card_path(target, name).name}); "
                    f"{'INT8, ' if q else ''}max |openvino f32 - torch| {worst:.2e}")
+
+
+def _bench_in(work: Path, images: Path | None, mix_from: Path | None, weights: Path | None, n_images: int,
+              batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int]) -> dict:
+    """`bench`'s run, its generated photos and weights under `work`."""
+    from pipelines.clean import list_inputs
+    from pipelines.evaluation.engine_bench import bench as run_bench
+    from pipelines.evaluation.engine_bench import usable
+
+    if mix_from is not None:
+        from pipelines.evaluation.engine_bench import real_mix
+
+        if not mix_from.is_dir():
+            _fail(f"--mix-from {mix_from}: not a folder")
+        images = real_mix(mix_from, work / "mix")
+    if images is None:
+        from dataclasses import replace
+
+        from pipelines.data.synth import PRESETS, generate
+
+        images = generate(replace(PRESETS["clinic"], n_images=n_images, seed=0), work / "images").out_dir / "images"
+    if weights is None:
+        from pipelines.evaluation.untrained import write_untrained_weights
+
+        weights = write_untrained_weights(work / "weights")
+        typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
+    # every file the loops can read, any format or case of its name (only *.jpg was taken)
+    paths, left_out = usable([images / p for p in list_inputs(images)])
+    if left_out:
+        typer.echo(f"note: {left_out} files in {images} are not readable photos and are left out", err=True)
+    if not paths:
+        _fail(f"no readable photos in {images}")
+    result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen)  # type: ignore[arg-type]
+    if sizes:
+        from pipelines.evaluation.engine_bench import detector_batch_ab
+
+        result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
+    typer.echo(json.dumps(result, indent=2))
+    return result
 
 
 def _int8_detector(weights: Path, source: Path, n: int):

@@ -231,7 +231,8 @@ def cache_root() -> Path:
 def _convert_in_child(weights: Path, jobs: list[tuple[str, Path, str]]) -> None:
     args = [a for job in jobs for a in map(str, job)]
     proc = subprocess.run([sys.executable, "-m", "pipelines.engine.openvino_runtime", str(weights), *args],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,  # this process's threads (`--threads`), not every core
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     if proc.returncode != 0:  # the weights, as torch's path names them (a card the builder cannot take)
         names = ", ".join(str(weights / (name + ".json")) for name, *_ in jobs)
         last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), f"exit {proc.returncode}")

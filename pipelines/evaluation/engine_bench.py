@@ -5,9 +5,11 @@ run. Each mode runs in its own process so its peak RSS is its own."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,6 +179,21 @@ def parse_mode(text: str) -> tuple[str, str, bool]:
     return runtime, precision or "auto", ahead
 
 
+def usable(paths: list[Path]) -> tuple[list[Path], int]:
+    """The files both loops can read, and how many were left out: the naive loop, as a
+    research script, has no guard, and one truncated photo ended the whole bench."""
+    from pipelines.engine.decode import DecodeError, decode, read_file
+
+    kept = []
+    for p in paths:
+        try:
+            decode(read_file(p), min_long_side=64)  # DCT-scaled: the whole stream read, little decoded
+        except (DecodeError, OSError):
+            continue
+        kept.append(p)
+    return kept, len(paths) - len(kept)
+
+
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
           jpeg_decoder: JpegDecoder = "pil", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES) -> dict:
     """The naive loop and each batched mode, each in a fresh process with one engine (so its
@@ -186,19 +203,25 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
     naive: dict = {}
     batched: list[dict] = []
     runs = [("naive", "torch", "auto", False)] + [("batched", *m) for m in modes]
-    for kind, runtime, precision, overlap in runs:
-        if kind == "batched" and runtime != "torch" and device != "cpu":
-            continue
-        cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size), device,
-               jpeg_decoder, runtime, precision, str(int(overlap)), *map(str, paths)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench mode {kind} {runtime} failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        if kind == "naive":
-            naive = result
-        else:
-            batched.append(result)
+    # the children get this process's thread count (`cervixqc --threads`: they took every core)
+    # and the paths through a file (a large folder's paths on argv passed the OS's limit)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="cervixqc-bench-paths-") as listing:
+        listing.write("".join(f"{p}\n" for p in paths))
+        listing.flush()
+        for kind, runtime, precision, overlap in runs:
+            if kind == "batched" and runtime != "torch" and device != "cpu":
+                continue
+            cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size),
+                   device, jpeg_decoder, runtime, precision, str(int(overlap)), listing.name]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench mode {kind} {runtime} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if kind == "naive":
+                naive = result
+            else:
+                batched.append(result)
     reference = batched[0]["labels"] if batched else {}
     for v in batched:
         v["speedup_vs_naive"] = v["images_per_s"] / naive["images_per_s"]
@@ -215,8 +238,8 @@ def label_changes(reference: dict[str, str], labels: dict[str, str], examples: i
 
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
-    mode, w, b, dev, decoder, runtime_, precision_, overlap_, *files = sys.argv[1:]
-    files_p = [Path(f) for f in files]
+    mode, w, b, dev, decoder, runtime_, precision_, overlap_, listing_ = sys.argv[1:]
+    files_p = [Path(f) for f in Path(listing_).read_text().splitlines() if f]
     fn = ((lambda ww, pp: run_naive(ww, pp, dev)) if mode == "naive"
           else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder, runtime_, precision_,  # type: ignore[arg-type]
                                            overlap_ == "1")))
