@@ -180,11 +180,18 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
         Image.fromarray(_tissue(10 + i)).save(tmp_path / name, quality=95)
         rows.append({"path": name, "patient_id": f"p{i}", "source": "st"[i % 2], "device": "", "kind": "regular",
                      "split": ("train", "val", "test")[i % 3]})
+    # a truncated photo ended the scoring in a traceback; one the engine refuses (8 px) scored
+    # NaN and the AUC failed: both are left out and named
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "p0.jpg").read_bytes()[:300])
+    Image.fromarray(_tissue(3)[:8, :8]).save(tmp_path / "tiny.jpg")
+    rows += [{"path": n, "patient_id": n, "source": "s", "device": "", "kind": "regular", "split": "test"}
+             for n in ("cut.jpg", "tiny.jpg")]
     pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
     result = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights", str(weights),
                                       "-o", str(tmp_path / "cal"), "--max-false-flags", "0.1"])
     assert result.exit_code == 0, result.output
+    assert "2 photos could not be read or were refused by the engine, left out: cut.jpg, tiny.jpg" in result.output
     card = load_findings_card(tmp_path / "cal" / "findings.json")
     assert set(card.thresholds) == set(FINDINGS)
     assert card.metrics["test"]["dark"]["n_degraded"] == 4
@@ -202,6 +209,16 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
         assert f"<h3>{name}</h3>" in section and f"{name}: real undegraded photos with the highest scores" in section
     assert set(card.metrics["calibration_new_source"]["blur"]) == {"s", "t"}
     assert "Thresholds at a source that did not choose them" in section and section.count("<td>blur</td>") == 3
+    assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["findings.json", "findings_scores.csv",
+                                                                    "findings_thumbs.npz"]  # no temp files left
+    # thumbnails of another run beside the scores: refused, not shown under the wrong scores
+    with np.load(tmp_path / "cal" / "findings_thumbs.npz") as z:
+        np.savez_compressed(tmp_path / "cal" / "findings_thumbs.npz", thumbs=z["thumbs"][:40])
+    r = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "cal"), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 2 and "40 thumbnails for 72 score rows" in r.output and not (tmp_path / "r.html").exists()
+    (tmp_path / "cal" / "findings_thumbs.npz").unlink()
+    r = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "cal"), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 2 and "no findings_thumbs.npz" in r.output
 
 
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():

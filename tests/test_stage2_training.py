@@ -128,6 +128,15 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
         assert caption in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2 + 2 * 4 + 1  # curves, boxes, galleries, t-SNE
     assert "http://" not in page and "https://" not in page  # self-contained
+    # a damaged scores file and a folder as -o: named, not tracebacks
+    r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco),
+                            "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder" in r.output
+    (tmp_path / "ev" / "x_scores.npz").write_bytes(b"PK\x03\x04 cut short")
+    r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco),
+                            "-o", str(tmp_path / "report.html")])
+    assert r.exit_code == 2 and "x_scores.npz: not a readable scores file" in r.output
+    assert (tmp_path / "report.html").read_text() == page  # the report before stays whole
 
 
 def test_minority_synthesis_relabels_regular_crops_it_turns_green_or_iodine(split_set):

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest
+from pipelines.commands.common import _fail, _split_manifest, writable_folder
 
 
 def calibrate_findings_cmd(
@@ -32,18 +32,30 @@ def calibrate_findings_cmd(
     from models.io import sha256_file
 
     df = _split_manifest(manifest)
+    try:  # before the minutes of scoring
+        writable_folder("-o", out)
+    except ValueError as e:
+        _fail(str(e))
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
     qc = _engine(weights)
     # every finding scored (thresholds are what this command decides)
     qc.findings_card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, float("inf")))
     with Progress(transient=True) as bar:
         task = bar.add_task("degrading and scoring", total=len(df))
-        scores, thumbs = score_variants(qc, df, cfg, lambda done, total: bar.update(task, completed=done))
+        scores, thumbs, skipped = score_variants(qc, df, cfg, lambda done, total: bar.update(task, completed=done))
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        typer.echo(f"warning: {len(skipped)} photos could not be read or were refused by the engine, left out: {shown}",
+                   err=True)
+        df = df[~df["path"].isin(set(skipped))]
+    if df.empty:
+        _fail(f"no photo of {manifest} could be scored")
     try:
         thresholds, metrics = calibrate(scores, cfg)
     except ValueError as e:
         _fail(str(e))
     data = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "photos": int(len(df)),
+            "photos_left_out": len(skipped),
             "photos_by_split": {k: int(v) for k, v in df["split"].value_counts().items()},
             "weights_detector_sha256": qc.det_card.sha256}
     write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)

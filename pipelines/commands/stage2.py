@@ -200,26 +200,31 @@ def report_cmd(
 ) -> None:
     """A self-contained HTML report with the paper's tables and figures, and/or the quality
     findings' evidence (--findings)."""
-    from pipelines.data.coco import load_coco
+    from pipelines.data.coco import CocoError, load_coco
     from pipelines.data.crop_set import extract_crops
     from pipelines.data.manifest import load_manifest
     from pipelines.evaluation.report import build_report, load_runs
 
     if eval_dir is None and findings is None:
         _fail("give an eval folder, --findings, or both")
-    if findings is not None and not (findings / "findings_scores.csv").is_file():
-        _fail(f"{findings}: no findings_scores.csv (run `cervixqc calibrate-findings` first)")
-    runs = load_runs(eval_dir) if eval_dir is not None else []
-    thumbs: dict = {}
-    if eval_dir is not None:
-        if manifest is None or coco is None:
-            _fail("an eval folder needs --manifest and --coco (for the gallery crops)")
-        wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
-        df = load_manifest(manifest)
-        crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
-        thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
-    try:
+    if out.is_dir():  # checked first: it failed after the whole report was built
+        _fail(f"-o {out} is a folder: name the HTML file to write")
+    if findings is not None:
+        lacking = [f for f in ("findings.json", "findings_scores.csv", "findings_thumbs.npz")
+                   if not (findings / f).is_file()]
+        if lacking:
+            _fail(f"{findings}: no {', '.join(lacking)} (run `cervixqc calibrate-findings` first)")
+    if eval_dir is not None and (manifest is None or coco is None):
+        _fail("an eval folder needs --manifest and --coco (for the gallery crops)")
+    try:  # files named with what is wrong in them, not tracebacks (ValidationError is a ValueError)
+        runs = load_runs(eval_dir) if eval_dir is not None else []
+        thumbs: dict = {}
+        if eval_dir is not None:
+            wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
+            df = load_manifest(manifest)
+            crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
+            thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
         typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings)}")
-    except ValueError as e:
+    except (ValueError, CocoError, OSError) as e:
         _fail(str(e))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -60,26 +61,38 @@ def _thumb(rgb: np.ndarray, box: list[float] | None) -> np.ndarray:
     return np.asarray(im.resize((THUMB, THUMB), Image.BOX))
 
 
-def score_variants(qc, df: pd.DataFrame, cfg: CalibrationConfig,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+def score_variants(qc, df: pd.DataFrame, cfg: CalibrationConfig, progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """One row per (photo, variant) with the four finding scores, and a 96 px thumbnail of
-    each row's cervix box (27 KB a row: 88 MB for the 534 real photos' 3,204 rows)."""
+    each row's cervix box (27 KB a row: 88 MB for the 534 real photos' 3,204 rows); and the
+    photos left out, which could not be read or which the engine refused (a truncated file
+    ended the whole scoring in a traceback; a photo under 16 px scored NaN, and the AUC failed
+    with "Input contains NaN")."""
     rng = np.random.default_rng(cfg.seed)
-    rows, thumbs = [], []
+    rows, thumbs, skipped = [], [], []
     for start in range(0, len(df), cfg.batch_size):
         chunk = df.iloc[start : start + cfg.batch_size]
-        rgbs = []
-        for p in chunk["abspath"]:
-            t, _, _ = load_rgb(p, MAX_SIDE)
+        rgbs, kept = [], []
+        for k, p in enumerate(chunk["abspath"]):
+            try:
+                t, _, _ = load_rgb(p, MAX_SIDE)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                skipped.append(str(chunk["path"].iat[k]))
+                continue
             rgb = t.permute(1, 2, 0).numpy()
             if max(rgb.shape[:2]) > MAX_SIDE:
                 f = MAX_SIDE / max(rgb.shape[:2])
                 rgb = np.asarray(Image.fromarray(rgb).resize((round(rgb.shape[1] * f), round(rgb.shape[0] * f)), Image.BOX))
             rgbs.append(rgb)
+            kept.append(k)
+        chunk = chunk.iloc[kept]
         originals = [degradations.jpeg(x, 95) for x in rgbs]
         first = qc.run(originals, names=list(chunk["path"]))
         items, meta = [], []
         for (_, row), rgb, data, r in zip(chunk.iterrows(), rgbs, originals, first):
+            if r.label.value == "unreadable":
+                skipped.append(str(row["path"]))
+                continue
             box = r.cervix_box
             variants = {"original": (data, rgb), "nuisance": (degradations.nuisance(rgb, rng), None)}
             for name in FINDINGS:
@@ -100,7 +113,7 @@ def score_variants(qc, df: pd.DataFrame, cfg: CalibrationConfig,
             thumbs.append(_thumb(pixels, box))
         if progress is not None:
             progress(min(start + cfg.batch_size, len(df)), len(df))
-    return pd.DataFrame(rows), (np.stack(thumbs) if thumbs else np.zeros((0, THUMB, THUMB, 3), np.uint8))
+    return pd.DataFrame(rows), (np.stack(thumbs) if thumbs else np.zeros((0, THUMB, THUMB, 3), np.uint8)), skipped
 
 
 def pick_threshold(negatives: np.ndarray, max_false_flags: float) -> float:
@@ -187,7 +200,18 @@ def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thres
                   "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}},
         metrics={**metrics, "data": data},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    (out_dir / "findings.json").write_text(card.model_dump_json(indent=2) + "\n")
-    scores.to_csv(out_dir / "findings_scores.csv", index=False)
-    np.savez_compressed(out_dir / "findings_thumbs.npz", thumbs=thumbs)
+    # the three written first, then renamed together, the card last: written in place, a run
+    # stopped half-way (or rerun into the folder) left thumbnails of another run beside the
+    # scores, and the report showed other photos under them
+    tmp = {name: out_dir / f".{name}.tmp" for name in ("findings_thumbs.npz", "findings_scores.csv", "findings.json")}
+    try:
+        with tmp["findings_thumbs.npz"].open("wb") as f:
+            np.savez_compressed(f, thumbs=thumbs)
+        scores.to_csv(tmp["findings_scores.csv"], index=False)
+        tmp["findings.json"].write_text(card.model_dump_json(indent=2) + "\n")
+        for name, path in tmp.items():
+            os.replace(path, out_dir / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     return card

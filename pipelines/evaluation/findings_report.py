@@ -77,6 +77,9 @@ def findings_section(folder: Path, n: int = 8) -> str:
     test = scores[scores["split"] == test_split]
     with np.load(folder / "findings_thumbs.npz") as z:
         thumbs = z["thumbs"]  # once: each z[...] decompresses the whole array again
+    if len(thumbs) != len(scores):  # files of two runs: the galleries would show other photos
+        raise ValueError(f"{folder}: {len(thumbs)} thumbnails for {len(scores)} score rows (files of two runs?): "
+                         "run `cervixqc calibrate-findings` into it again")
     crops = {str(i): thumbs[i] for i in test.index}
 
     def show(rows: pd.DataFrame, name: str, title: str) -> str:

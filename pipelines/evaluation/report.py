@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,23 @@ def _label(run: dict) -> str:
     return f"{name}, {s}x{s}"
 
 
+RUN_KEYS = ("model", "input_size", "y", "score", "threshold", "paths", "kinds")
+
+
 def load_runs(eval_dir: Path) -> list[dict]:
+    """Every `*_scores.npz` of an eval folder. A damaged file or one without the keys `cervixqc
+    eval` writes is a ValueError naming it (they were a BadZipFile or KeyError traceback)."""
     runs = []
     for f in sorted(Path(eval_dir).glob("*_scores.npz")):
-        with np.load(f, allow_pickle=False) as z:
-            runs.append({k: z[k] for k in z.files} | {"file": f.name})
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                run = {k: z[k] for k in z.files} | {"file": f.name}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{f}: not a readable scores file ({type(e).__name__})") from None
+        missing = [k for k in RUN_KEYS if k not in run]
+        if missing:
+            raise ValueError(f"{f}: not a `cervixqc eval` scores file (no {', '.join(missing)})")
+        runs.append(run)
     order = {"classifier": 0, "deep_sad": 1}
     return sorted(runs, key=lambda r: (order.get(str(r["model"]), 2), int(r["input_size"])))
 
@@ -126,7 +140,8 @@ def gallery(crops: dict[str, np.ndarray], paths: list[str], captions: list[str],
     for ax in axes.flat:
         ax.axis("off")
     for ax, p, cap in zip(axes.flat, paths, captions):
-        ax.imshow(crops[p])
+        if p in crops:  # a path the manifest or boxes do not hold gets its caption, not a KeyError
+            ax.imshow(crops[p])
         ax.set_title(cap, fontsize=7)
     fig.suptitle(title, fontsize=9)
     return _png(fig, title)
@@ -181,6 +196,8 @@ def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
             "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
+    tmp = out.with_name(f".{out.name}.tmp")  # whole or not at all
+    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
                    f"</head><body>{''.join(parts)}</body></html>")
+    os.replace(tmp, out)
     return out
