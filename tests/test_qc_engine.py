@@ -275,6 +275,9 @@ def test_large_photos_of_every_format_decode_at_the_size_the_engine_needs(tmp_pa
             assert decode(buf.getvalue()).image.shape[1:] == (1600, 2400), fmt  # without a target: full size
     with pytest.raises(DecodeError, match="a folder, not a file"):
         read_file(tmp_path)
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an iPhone photo's first box
+    with pytest.raises(DecodeError, match="HEIC/HEIF photo: not supported, convert it to JPEG"):
+        decode(heic)
 
 
 def test_a_misspelt_or_absent_device_is_named_not_blamed_on_the_weights(always_cervix, tmp_path):

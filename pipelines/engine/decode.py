@@ -114,6 +114,9 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            # iPhones' default: said "unrecognised format", as if the file were damaged
+            raise DecodeError("HEIC/HEIF photo: not supported, convert it to JPEG") from None
         raise DecodeError("not an image (unrecognised format)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not our crash
         raise DecodeError(f"unreadable image header ({type(e).__name__})") from None
