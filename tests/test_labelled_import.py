@@ -155,3 +155,17 @@ def test_numeric_case_ids_in_a_parquet_sheet_with_a_null_stay_whole_numbers(coll
     write(["regular", "green", "iodine"], [7, 7, 8])
     df = import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols).manifest
     assert list(df["patient_id"]) == ["7", "7", "8"] and list(df["notes"]) == ["n1", "", "n3"]
+
+
+def test_sheet_columns_named_like_the_manifests_are_kept_under_another_name(collection):
+    """A sheet with its own `source` and `patient_id` columns, imported with the source taken
+    from the case ids: the sheet's values were overwritten and lost."""
+    tmp, root = collection
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str)
+    sheet["source"] = "hospital-a"
+    sheet["patient_id"] = ["x1", "x2", "x3", "x4"]
+    sheet.to_csv(tmp / "labels.csv", index=False)
+    cols = LabelColumns(source="case", source_sep=":", kind_map=parse_kind_map("unknown=skip"))
+    df = import_labelled(tmp / "labels.csv", root, tmp / "out" / "manifest.csv", cols).manifest
+    assert list(df["source"]) == ["atlas", "atlas", "bank"] and list(df["sheet_source"]) == ["hospital-a"] * 3
+    assert list(df["patient_id"]) == ["atlas:c1", "atlas:c1", "bank:007"] and list(df["sheet_patient_id"]) == ["x1", "x2", "x3"]

@@ -80,6 +80,9 @@ def _kind(label: str, cols: LabelColumns) -> str | None:
     return word if word in _KINDS or word == "" else None
 
 
+MANIFEST_FILLED = ("path", "patient_id", "source", "device", "kind", "sha256", "label_row")
+
+
 def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | Path,
                     cols: LabelColumns) -> ImportResult:
     """Read the sheet, check every row, and return the manifest with paths relative to the
@@ -120,7 +123,9 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
                 problems.append(RowProblem(i, cols.sha256 or "sha256",
                                            f"{rel!r} has sha256 {digest[:12]}..., the sheet lists {listed[:12]}..."))
         path = os.path.relpath(file.resolve(), out_dir) if rel else ""
-        extra = {k: v for k, v in rec.items() if k not in wanted}
+        # the sheet's other columns ride along; one named like a manifest column this import
+        # fills (a `source` beside --source-col case) is kept as sheet_<name>, not overwritten
+        extra = {(f"sheet_{k}" if k in MANIFEST_FILLED else k): v for k, v in rec.items() if k not in wanted}
         rows.append({**extra, "path": path, "patient_id": str(rec[cols.patient]).strip(), "source": source,
                      "device": str(rec[cols.device]).strip() if cols.device else "", "kind": kind,
                      "sha256": digest, "label_row": i})
