@@ -288,3 +288,14 @@ def test_a_clean_folder_whose_exports_lag_its_state_is_grouped_from_the_state(tm
     store.add([_record("c.jpg", "s2", H_FAR), _record("d.jpg", "s2", H_FAR)])  # stopped before the exports
     store.close()
     assert sorted(read_duplicates(out)["path"]) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+
+
+def test_merging_copies_filed_under_two_sources_is_named_before_a_split_by_source(tmp_path):
+    manifest = _manifest(tmp_path)
+    df = pd.read_csv(manifest, keep_default_na=False)
+    a, b = df[df.source == "A"]["path"].iat[0], df[df.source == "B"]["path"].iat[0]
+    pd.DataFrame({"path": [a, b], "group": 1, "duplicate_of": a, "kind": "exact", "evidence": "sha256"}
+                 ).to_csv(tmp_path / "d.csv", index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(tmp_path / "d.csv"),
+                            "--merge-duplicates", "--train-sources", "A", "--test-sources", "B"])
+    assert r.exit_code == 2 and "joined copies filed under different sources" in r.output, r.output

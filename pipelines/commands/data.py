@@ -118,6 +118,14 @@ def split(
                 raise ValueError("--folds takes --test-sources only (held-out sources)")
             df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
         elif train_sources or val_sources or test_sources:
+            if merge_duplicates and "patient_id_original" in df.columns:
+                joined = df.groupby("patient_id")["source"].nunique()
+                joined = sorted(joined[joined > 1].index)
+                if joined:  # else "make the IDs unique per source", about ids the merge itself made
+                    raise ValueError(
+                        f"--merge-duplicates joined copies filed under different sources into one patient "
+                        f"({len(joined)}, e.g. {joined[:5]}): a split by source cannot keep a photo and its copy on "
+                        "one side; take the copies out of one source, or split by patient")
             df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
                                              shares, seed)
         else:
