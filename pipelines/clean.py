@@ -175,7 +175,8 @@ class StateStore:
                             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
     def mark_exported(self) -> None:
-        """The exports now hold every row written so far (`exports_current` reads this)."""
+        """The exports now hold every row written so far (read by `read_duplicates`, which
+        regroups from the state when they lag it)."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta SELECT 'exported_writes', "
                             "coalesce((SELECT value FROM meta WHERE key = 'writes'), 0)")

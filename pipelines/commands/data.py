@@ -264,9 +264,9 @@ def contact_sheet_cmd(
 def demo(
     out: Annotated[Path, typer.Option(help="Where to write the demo dataset.")] = Path(".cache/demo"),
 ) -> None:
-    """Until the service lands: make a small synthetic set and print its statistics."""
-    typer.echo("cervixqc: the HTTP service is not built yet (see the open issues); running the "
-               "data demo instead: synthetic data + stats.")
+    """A small synthetic set and its statistics: the data side in a minute (the README's
+    walkthrough goes on to training, cleaning and the service)."""
+    typer.echo("cervixqc demo: a tiny synthetic set and its statistics (the README's walkthrough goes further)")
     synth(out, preset="tiny", n_images=None, seed=0, ratio=None, no_cervix_fraction=None, sources=None,
           max_side=None, megapixels=None, workers=None)
     stats(out / "manifest.csv", chart=out / "stats.png", as_json=False)

@@ -191,6 +191,9 @@ def bench(
     mix_from: Annotated[Optional[Path], typer.Option(
         help="Build the bench set from this folder of real photos, one subfolder per source: 90 photos of each "
              "as they are + 10 others re-encoded at phone sizes (1.9-12 MP).")] = None,
+    keep_mix: Annotated[Optional[Path], typer.Option(
+        help="Build the --mix-from set in this folder and keep it (the other benchmarks, e.g. "
+             "tests.benchmarks.findings_cost, read it; without it the set goes with the run).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
     n_images: Annotated[int, typer.Option(help="Images to synthesise (1-12 MP mix).")] = 24,
     batch_size: Annotated[int, typer.Option()] = 16,
@@ -230,7 +233,10 @@ def bench(
         _fail(f"--images {images}: not a folder")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
     try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
-        result = _bench_in(work, images, mix_from, weights, n_images, batch_size, device, jpeg_decoder, chosen, sizes)
+        if keep_mix is not None and mix_from is None:
+            _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
+        result = _bench_in(work, images, mix_from, keep_mix, weights, n_images, batch_size, device, jpeg_decoder,
+                           chosen, sizes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     naive = result["naive"]
@@ -308,8 +314,8 @@ def export(
                    f"{'INT8, ' if q else ''}max |openvino f32 - torch| {worst:.2e}")
 
 
-def _bench_in(work: Path, images: Path | None, mix_from: Path | None, weights: Path | None, n_images: int,
-              batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int]) -> dict:
+def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: Path | None, weights: Path | None,
+              n_images: int, batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int]) -> dict:
     """`bench`'s run, its generated photos and weights under `work`."""
     from pipelines.clean import list_inputs
     from pipelines.evaluation.engine_bench import bench as run_bench
@@ -320,7 +326,7 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, weights: P
 
         if not mix_from.is_dir():
             _fail(f"--mix-from {mix_from}: not a folder")
-        images = real_mix(mix_from, work / "mix")
+        images = real_mix(mix_from, keep_mix or work / "mix")
     if images is None:
         from dataclasses import replace
 

@@ -465,8 +465,8 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     if missing:
         raise ValueError(f"{path}: not a duplicates table (no {', '.join(missing)} column)")
     groups = pd.to_numeric(df["group"], errors="coerce")
-    bad = [i + 2 for i in range(len(df)) if not (groups.iat[i] == groups.iat[i] and float(groups.iat[i]).is_integer())]
-    if bad:  # the header is line 1
+    bad = [i + 2 for i in range(len(df)) if groups.isna().iat[i] or groups.iat[i] % 1]  # the header is line 1
+    if bad:
         raise ValueError(f"{path}: group must be a whole number; not on line {', '.join(map(str, bad[:10]))}"
                          + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
     return df.assign(group=groups.astype(int))
