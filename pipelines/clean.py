@@ -99,9 +99,14 @@ def list_inputs(src: Path) -> list[str]:
         if blank:
             shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
             raise ValueError(f"{src.name}: empty path on row {shown} (the header is row 1)")
-        return sorted(dict.fromkeys(PurePosixPath(p).as_posix() for p in paths))
-    out, folder_links = [], 0
-    for root, dirs, files in os.walk(src):
+        # one row per file: `sub/../a.jpg` and `/abs/folder/a.jpg` are `a.jpg`, the first
+        # spelling kept as its key (the file was read and stored once per spelling)
+        first: dict[str, str] = {}
+        for p in paths:
+            first.setdefault(_same_file(src.parent, p), PurePosixPath(p).as_posix())
+        return sorted(first.values())
+    out, folder_links, unreadable = [], 0, []
+    for root, dirs, files in os.walk(src, onerror=unreadable.append):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # links to folders are not followed (a loop, or a way out of the source); counted, since
         # their files get no row: link the files, or list them in a manifest
@@ -111,7 +116,14 @@ def list_inputs(src: Path) -> list[str]:
                 out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
     if folder_links:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
+    if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid
+        log.warning("%d folders could not be listed (permissions?): their files get no row", len(unreadable))
     return sorted(out)
+
+
+def _same_file(base: Path, path: str) -> str:
+    """What one file is called however a manifest spells it: lexically normalised, absolute."""
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
 class ResultsFolderError(ValueError):
@@ -194,12 +206,20 @@ class StateStore:
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
                        link: bool = True) -> None:
-    """Each result's file into every folder `quarantine_folders` names (files gone since are skipped)."""
+    """Each result's file into every folder `quarantine_folders` names (files gone since are
+    skipped). A file the OS cannot stat or copy (a name too long for it, a link loop) is
+    skipped and counted: it failed its whole batch, on every retry of the job."""
+    failed = 0
     for r in results:
         folders = quarantine_folders(r, findings)
-        if folders and on_disk(src_root, r.path).is_file():
-            for folder in folders:
-                quarantine_copy(src_root, r.path, folder, qdir, link)
+        try:
+            if folders and on_disk(src_root, r.path).is_file():
+                for folder in folders:
+                    quarantine_copy(src_root, r.path, folder, qdir, link)
+        except OSError:
+            failed += 1
+    if failed:  # counted, not named: logs carry no file names
+        log.warning("%d flagged files could not be copied into the quarantine", failed)
 
 
 def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
 from service.batcher import MicroBatcher
-from service.errors import install_error_handlers
+from service.errors import KNOWN_METHODS, error_response, install_error_handlers
 from service.gate import EngineGate
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
@@ -112,9 +112,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         t = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001 - answered here, so it is counted and logged once
+            # past this point Starlette logged the traceback, re-raised it, and uvicorn logged it
+            # again: exception messages carry file paths (OSError, a link loop), and the 500
+            # reached no counter
+            log.error("unexpected error (%s) on %s", type(e).__name__, request.scope.get("route") and
+                      request.scope["route"].path or "an unmatched path")
+            log.debug("unexpected error", exc_info=True)
+            response = error_response(500, "internal_error", "internal error; the service is still running")
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        # the method as a label only when it is one of HTTP's: uvicorn takes any token, and each
+        # new word was a new series, kept for good (no key is needed to send one)
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        metrics.requests.labels(method, route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - t)
         return response
 

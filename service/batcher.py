@@ -119,7 +119,8 @@ class MicroBatcher:
                     if not it.future.done():
                         it.future.set_result(r)
             except Exception as e:  # noqa: BLE001 - one failed batch must not stop the batcher
-                log.exception("engine batch of %d failed (%s)", len(live), type(e).__name__)
+                log.error("engine batch of %d failed (%s)", len(live), type(e).__name__)  # messages may name uploads
+                log.debug("engine batch failed", exc_info=True)
                 for it in live:
                     if not it.future.done():
                         it.future.set_exception(e)

@@ -35,7 +35,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
-_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
@@ -45,7 +45,7 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     methods: set[str] = set()
     for template, operations in app.openapi().get("paths", {}).items():
         if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
-            methods |= {m.upper() for m in operations if m.upper() in _METHODS}
+            methods |= {m.upper() for m in operations if m.upper() in KNOWN_METHODS}
     return sorted(methods)
 
 
@@ -80,5 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error (%s)", type(e).__name__)
+        # the kind only: exception messages carry file paths (the traceback at DEBUG)
+        log.error("unexpected error (%s)", type(e).__name__)
+        log.debug("unexpected error", exc_info=e)
         return error_response(500, "internal_error", "internal error; the service is still running")

@@ -13,7 +13,13 @@ from service.errors import ApiError
 
 
 def inside(path: Path, roots: list[Path]) -> bool:
-    real = path.resolve()
+    """Whether the real path lies in a root. One that cannot be resolved (a link loop, a name
+    too long for the OS) is not known to be inside, so it is not: it raised, and failed a
+    whole job on every retry."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's symlink loop
+        return False
     return any(real == root or real.is_relative_to(root) for root in roots)
 
 
@@ -26,11 +32,16 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
         raise ApiError(400, "invalid_path", f"{what}: '..' is not allowed in paths")
     candidates = [Path(requested)] if Path(requested).is_absolute() else [root / requested for root in roots]
     for candidate in candidates:
-        if not (candidate.exists() or candidate.is_symlink()):
-            continue
+        try:  # a name too long for the OS or a link loop: a 500 with the path in the log twice
+            if not (candidate.exists() or candidate.is_symlink()):
+                continue
+            real = candidate.resolve()
+        except (OSError, RuntimeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "a link loop"
+            raise ApiError(400, "invalid_path", f"{what}: cannot be resolved ({why})") from None
         if not inside(candidate, roots):
             raise ApiError(403, "path_forbidden", f"{what} is outside the allowed data roots")
-        return candidate.resolve()
+        return real
     if Path(requested).is_absolute() and not inside(Path(requested), roots):
         raise ApiError(403, "path_forbidden", f"{what} is outside the allowed data roots")
     raise ApiError(404, "path_not_found", f"{what} does not exist under the data roots")

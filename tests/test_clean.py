@@ -292,3 +292,15 @@ def test_results_csv_never_hands_a_spreadsheet_a_formula_and_parquet_keeps_the_n
     csv_paths = set(pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False)["path"])
     assert "'" + name in csv_paths and name not in csv_paths
     assert name in set(pd.read_parquet(tmp_path / "out" / "results.parquet")["path"])
+
+
+def test_a_manifest_naming_one_file_three_ways_lists_it_once_under_its_first_spelling(tmp_path):
+    """`a.jpg`, `sub/../a.jpg` and its absolute path were three rows: the file was read, stored
+    and counted three times."""
+    from pipelines.clean import list_inputs
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "m.csv").write_text(f"path\nsub/../a.jpg\nb.jpg\n./a.jpg\n{tmp_path / 'a.jpg'}\n")
+    assert list_inputs(tmp_path / "m.csv") == ["b.jpg", "sub/../a.jpg"]

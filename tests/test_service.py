@@ -472,3 +472,38 @@ def test_a_cancelled_job_stops_and_cannot_be_cancelled_twice(server, data_root):
     assert first["status"] == second["status"] == "cancelled"
     assert first["processed"] == second["processed"] < 1000
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+
+
+def test_a_link_loop_or_a_name_too_long_costs_one_row_not_the_job_a_500_or_a_name_in_the_log(server, data_root):
+    """Each failed the whole job on every retry (the root check and the quarantine copy raised),
+    or answered 500 at submission, with the path in the log as a traceback, twice."""
+    folder = data_root / "loops"
+    folder.mkdir(exist_ok=True)
+    (folder / "inside.jpg").write_bytes(_jpeg(3))
+    loop = folder / "PATIENT-LOOP77-Roe.jpg"
+    if not loop.is_symlink():
+        loop.symlink_to(loop.name)
+    long_name = "LONG88" + "p" * 300 + ".jpg"
+    (data_root / "loops.csv").write_text(f"path\nloops/inside.jpg\nloops/{long_name}\n")
+    (data_root / "loopdir").unlink(missing_ok=True)
+    (data_root / "loopdir").symlink_to("loopdir")
+    with server.client() as c:
+        for source in ("loops", "loops.csv"):
+            r = c.post("/v1/jobs", json={"source": source, "quarantine": f"q-{source}"})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            job = _wait_job(c, job_id, lambda j: j["status"] in ("done", "failed"))
+            assert job["status"] == "done", job
+            rows = {r["path"]: r for r in map(json.loads, c.get(f"/v1/jobs/{job_id}/results?format=jsonl").text.splitlines())}
+            labels = sorted((p.endswith("inside.jpg"), r["label"] == "unreadable") for p, r in rows.items())
+            assert labels == [(False, True), (True, False)], rows
+        for source in ("loopdir", "LONG88" + "a" * 300):
+            r = c.post("/v1/jobs", json={"source": source})
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_path"), r.text
+        # any token is a method to uvicorn: each was a new metrics series, and no key is needed
+        with httpx.Client(base_url=server.url) as anyone:
+            anyone.request("MLOOP9", "/healthz")
+        metrics = c.get("/metrics").text
+    assert "MLOOP9" not in metrics and 'method="other"' in metrics
+    log = server.log.read_text(errors="replace")
+    assert "LOOP77" not in log and "LONG88" not in log and "Traceback" not in log

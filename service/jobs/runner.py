@@ -68,8 +68,9 @@ class JobRunner:
                 backoff = min(30.0, max(1.0, 2 * backoff))
                 log.warning("job store unavailable (%s); jobs resume in %.0f s", e, backoff)
                 self._stop.wait(backoff)
-            except Exception:  # noqa: BLE001 - a runner that dies runs no job until a restart
-                log.exception("job runner step failed")
+            except Exception as e:  # noqa: BLE001 - a runner that dies runs no job until a restart
+                log.error("job runner step failed (%s)", type(e).__name__)
+                log.debug("job runner step failed", exc_info=True)
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
@@ -84,7 +85,9 @@ class JobRunner:
         except sqlite3.OperationalError:
             raise  # the store's fault, not the job's: `_loop` waits and the job is taken up again
         except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
-            log.exception("job %s failed (%s)", job.id, type(e).__name__)
+            # the kind only: the message (in the job's error, for keyed clients) names files
+            log.error("job %s failed (%s)", job.id, type(e).__name__)
+            log.debug("job %s failed", job.id, exc_info=True)
             self.store.transition(job.id, "failed", error=f"{type(e).__name__}: {e}", finished=time.time())
 
     def _run(self, job: Job) -> None:
