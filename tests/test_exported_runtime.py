@@ -188,7 +188,7 @@ def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(e
 
 
 def test_a_damaged_export_card_is_named_in_the_weights_folder_and_in_the_conversion_cache(exported, first_conversion,
-                                                                                  tmp_path):
+                                                                                           tmp_path):
     """A card cut short was a bare pydantic error naming no file, and in the conversion cache
     it was never replaced: every start failed."""
     folder = tmp_path / "w"
