@@ -26,7 +26,11 @@ RunBatch = Callable[[Sequence[bytes], Sequence[str]], list[QCResult]]
 
 
 class QueueFull(Exception):
-    pass
+    """The queue cannot take a request's images; `reason` names the limit (a metrics label)."""
+
+    def __init__(self, reason: str = "overload") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -39,11 +43,12 @@ class _Item:
 
 class MicroBatcher:
     def __init__(self, run_batch: RunBatch, gate: EngineGate, metrics: Metrics, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int) -> None:
+                 max_wait_ms: float, max_queue: int, max_queue_bytes: int = 512 * 1024 * 1024) -> None:
         self.run_batch, self.gate, self.metrics = run_batch, gate, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes
         self.pending = 0  # queued + running; read by the job runner's thread (an int read is atomic)
+        self.pending_bytes = 0  # their encoded bytes, held in RAM until their batch is done
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
@@ -65,13 +70,21 @@ class MicroBatcher:
         batches_ahead = self.pending / self.max_batch_size + 1
         return max(1, round(batches_ahead * self._batch_seconds))
 
-    def has_room(self, n: int) -> bool:
-        return self.pending + n <= self.max_queue
+    def room_for(self, n: int, n_bytes: int = 0) -> str | None:
+        """None when `n` images of `n_bytes` fit the queue, else which limit they pass:
+        "overload" (images) or "queue_bytes" (their bytes in RAM)."""
+        if self.pending + n > self.max_queue:
+            return "overload"
+        if self.pending_bytes + n_bytes > self.max_queue_bytes:
+            return "queue_bytes"
+        return None
 
     def submit(self, items: Sequence[tuple[bytes, str]]) -> list[asyncio.Future]:
-        """Queue a request's images together or not at all; raises QueueFull."""
-        if not self.has_room(len(items)):
-            raise QueueFull
+        """Queue a request's images together or not at all; raises QueueFull naming the limit."""
+        n_bytes = sum(len(data) for data, _ in items)
+        full = self.room_for(len(items), n_bytes)
+        if full:
+            raise QueueFull(full)
         loop = asyncio.get_running_loop()
         futures = []
         for data, name in items:
@@ -79,6 +92,7 @@ class MicroBatcher:
             self._queue.put_nowait(item)
             futures.append(item.future)
         self.pending += len(items)
+        self.pending_bytes += n_bytes
         self.metrics.queue_depth.set(self.pending)
         return futures
 
@@ -105,6 +119,7 @@ class MicroBatcher:
             stale = len(batch) - len(live)
             if stale:
                 self.pending -= stale
+                self.pending_bytes -= sum(len(it.data) for it in batch if it.future.done())
             if not live:
                 self.metrics.queue_depth.set(self.pending)
                 continue
@@ -126,6 +141,7 @@ class MicroBatcher:
                         it.future.set_exception(e)
             finally:
                 self.pending -= len(live)
+                self.pending_bytes -= sum(len(it.data) for it in live)
                 self.metrics.queue_depth.set(self.pending)
 
     def _run(self, items: list[_Item]) -> list[QCResult]:

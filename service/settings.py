@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # the 0.5-1 s an engine batch takes there.
     max_wait_ms: float = Field(80.0, ge=0, le=10_000)
     max_queue: int = Field(256, ge=1)  # images waiting for the engine; past it: 503
+    # their bytes too: 256 images of up to 64 MB each held 16 GB in RAM; at least one request's
+    max_queue_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0)
     job_batch_size: int = Field(8, ge=1, le=512)
 
@@ -133,6 +135,9 @@ class Settings(BaseSettings):
             check_findings(self.quarantine_findings)
         except ValueError as e:
             raise ValueError(f"CERVIXQC_QUARANTINE_FINDINGS: {e}") from None
+        if self.max_queue_bytes < self.max_upload_bytes:  # a request of the largest size could never queue
+            raise ValueError(f"CERVIXQC_MAX_QUEUE_BYTES ({self.max_queue_bytes}) must be at least "
+                             f"CERVIXQC_MAX_UPLOAD_BYTES ({self.max_upload_bytes})")
         if self.session_secret_file is None:
             self.session_secret_file = self.state_dir / "session-secret"
         if self.quarantine_root is None:

@@ -363,7 +363,9 @@ def test_a_file_linked_from_outside_the_roots_is_not_read(server, data_root, tmp
 
 
 def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_path, weights):
-    srv = start_server(tmp_path / "srv", weights, max_queue=2, max_batch_size=1, max_wait_ms=0)
+    big = _jpeg(9, size=(1200, 900))  # the queue's bytes bind before its 2 images do for these
+    srv = start_server(tmp_path / "srv", weights, max_queue=2, max_batch_size=1, max_wait_ms=0,
+                       max_upload_bytes=len(big) + 4096, max_queue_bytes=len(big) + 8192)
     try:
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=srv.url, headers=HEADERS, timeout=120) as client:
@@ -379,6 +381,16 @@ def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_pat
             assert c.get("/readyz").status_code == 200
             assert c.post("/v1/qc", files={"files": ("a.jpg", _jpeg(1), "image/jpeg")}).status_code == 200
             assert _metric(c.get("/metrics").text, "cervixqc_rejected_requests_total", '{reason="overload"}') > 0
+
+        async def run_big() -> list[httpx.Response]:  # 256 images of 64 MB each were 16 GB held in RAM
+            async with httpx.AsyncClient(base_url=srv.url, headers=HEADERS, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/qc", files={"files": (f"{i}.jpg", big, "image/jpeg")})
+                                              for i in range(8)))
+
+        statuses = [r.status_code for r in asyncio.run(run_big())]
+        assert set(statuses) <= {200, 503} and statuses.count(200) > 0, statuses
+        with srv.client() as c:
+            assert _metric(c.get("/metrics").text, "cervixqc_rejected_requests_total", '{reason="queue_bytes"}') > 0
         assert srv.proc.poll() is None
     finally:
         srv.kill()

@@ -52,6 +52,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     cases = [({"CERVIXQC_MAX_BATCH_SIZE": "0"}, weights, "CERVIXQC_MAX_BATCH_SIZE: Input should be greater"),
              ({"CERVIXQC_PORT": "-1"}, weights, "CERVIXQC_PORT"),
              ({"CERVIXQC_DEVICE": "gpu0"}, weights, "CERVIXQC_DEVICE: 'gpu0' is not a device"),
+             ({"CERVIXQC_MAX_QUEUE_BYTES": "2048"}, weights, "CERVIXQC_MAX_QUEUE_BYTES (2048) must be at least"),
              ({"CERVIXQC_STATE_DIR": str(a_file)}, weights, "CERVIXQC_STATE_DIR"),
              ({"CERVIXQC_DATA_ROOTS": str(tmp_path / "nowhere")}, weights, "CERVIXQC_DATA_ROOTS"),
              ({"CERVIXQC_QUARANTINE_ROOT": str(a_file)}, weights, "CERVIXQC_QUARANTINE_ROOT"),

@@ -45,15 +45,16 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
             raise ApiError(400, "no_files", "no file in the request (multipart field 'files')")
         # refused before the files are read into memory: the form keeps them spooled on disk, and
         # an overloaded service should not also hold every refused request's images in RAM
-        if not state.batcher.has_room(len(files)):
-            raise _overloaded(state)
+        full = state.batcher.room_for(len(files), sum(f.size or 0 for f in files))
+        if full:
+            raise _overloaded(state, full)
         items = [(await f.read(), f.filename or f"file{i}") for i, f in enumerate(files)]
     finally:
         await form.close()
     try:
         futures = state.batcher.submit(items)  # checked again: other requests queued while these were read
-    except QueueFull:
-        raise _overloaded(state) from None
+    except QueueFull as e:
+        raise _overloaded(state, e.reason) from None
     try:
         results = await asyncio.wait_for(asyncio.gather(*futures), s.request_timeout_s)
     except TimeoutError:
@@ -71,7 +72,7 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
     return QCResponse(results=out)
 
 
-def _overloaded(state) -> ApiError:
-    state.metrics.rejected.labels("overload").inc()
+def _overloaded(state, reason: str = "overload") -> ApiError:
+    state.metrics.rejected.labels(reason).inc()  # "overload": images; "queue_bytes": their bytes
     return ApiError(503, "overloaded", "the queue is full; retry later",
                     {"Retry-After": str(state.batcher.retry_after_s())})
