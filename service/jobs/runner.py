@@ -120,8 +120,9 @@ class JobRunner:
                                       error=f"source disappeared after {done_now} of {len(inputs)} files "
                                             "(this batch was not stored); retry the job once it is back")
                 return
-            if qdir is not None:
-                quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
+            if qdir is not None:  # the roots checked again: a file may have become a link out since it was read
+                quarantine_results(root, [r for r in results if r.error != OUTSIDE
+                                          and inside(on_disk(root, r.path), self.roots)], qdir,
                                    self.quarantine_findings, link=False)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
