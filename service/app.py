@@ -36,6 +36,7 @@ from service.settings import Settings
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
+from service.ui.headers import PageHeaders
 from service.ui.deps import SignInNeeded
 from service.ui.session import SessionSigner, load_secret
 
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
         return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(PageHeaders)  # the pages' security and cache headers
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -79,6 +79,7 @@ def test_under_the_vote_of_three_an_image_near_the_colour_threshold_comes_first(
 
 def test_the_source_is_the_first_folder():
     assert [source_of(p) for p in ("clinic/2019/x.jpg", "x.jpg", "/abs/y.jpg")] == ["clinic", "(top)", "abs"]
+    assert source_of("bad\\xff\\xfename.jpg") == "(top)"  # a name escaped as not UTF-8, not a folder "bad"
 
 
 def test_a_decision_keeps_who_and_old_to_new_and_undo_restores_the_one_before(tmp_path):
@@ -196,3 +197,26 @@ def test_applying_review_copies_nothing_from_outside_the_data_roots(tmp_path):
     done = apply_to_quarantine(root, q, rows, store.reviewed("j"), [root.resolve()])
     assert (done.added, done.outside) == (1, 2)
     assert [p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file()] == ["no_cervix/ok.jpg"]
+
+
+def test_each_apply_leaves_a_reviewed_photo_in_its_final_labels_folder_only(tmp_path):
+    """Only the model's own folder lost its copy: a second Apply after another change of mind
+    left the first Apply's copy behind, and a photo turned back to the model's label got none."""
+    root, q = tmp_path / "data", tmp_path / "q"
+    root.mkdir()
+    (root / "p.jpg").write_bytes(b"photo")
+    rows = [(1, _record("p.jpg", Label.NON_REGULAR, "green"))]
+    (q / "non_regular").mkdir(parents=True)
+    (q / "non_regular" / "p.jpg").write_bytes(b"photo")  # the job's copy
+    store = ReviewStore(tmp_path / "jobs.sqlite")
+
+    def decide_and_apply(old: str, new: str) -> list[str]:
+        store.decide("j", 1, "p.jpg", "key-1", "label", old, new)
+        apply_to_quarantine(root, q, rows, store.reviewed("j"), [root.resolve()])
+        return sorted(p.relative_to(q).as_posix() for p in q.rglob("*.jpg"))
+
+    assert decide_and_apply("green", "unreadable") == ["unreadable/p.jpg"]
+    assert decide_and_apply("unreadable", "no_cervix") == ["no_cervix/p.jpg"]
+    assert decide_and_apply("no_cervix", "regular") == []
+    assert decide_and_apply("regular", "green") == ["non_regular/p.jpg"]
+    assert (root / "p.jpg").read_bytes() == b"photo"

@@ -94,15 +94,21 @@ def test_a_forged_or_missing_session_gets_sign_in_not_a_page(server):
     r = c.get("/ui/jobs", headers={"Accept": "text/html"})
     assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
     assert c.get("/ui/jobs/x/status.json").status_code == 401  # a script's request: 401, not a redirect
+    # a cookie of other characters: compare_digest raised TypeError, a 500 on every page
+    r = httpx.get(f"{server.url}/ui/jobs", headers={"Accept": "text/html", "Cookie": b"cervixqc_session=abc.\xc3\xa9"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
 
 
 def test_sign_in_needs_its_form_token_and_never_redirects_off_site(server):
     c = httpx.Client(base_url=server.url)
     r = c.post("/ui/login", data={"api_key": API_KEY, "csrf": "made-up", "next": ""})
     assert r.status_code == 303 and "error=expired" in r.headers["location"]
-    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/../../x"):
+    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/../../x", "/ui/\\evil.example", "/ui/\nx"):
         r = sign_in(c, next_url=target)
         assert r.headers["location"] in ("/ui/upload", "/ui/../../x") and "evil" not in r.headers["location"]
+    # the page a sign-in returns to keeps its filter (it was decoded twice: a%26b became a&b)
+    r = sign_in(c, next_url="/ui/jobs/x/review?source=a%26b")
+    assert r.headers["location"] == "/ui/jobs/x/review?source=a%26b"
 
 
 def test_the_session_does_not_open_the_json_api(server):
@@ -115,6 +121,10 @@ def test_sign_out_ends_the_session_and_needs_its_token(server):
     assert c.post("/ui/logout").status_code == 403
     assert c.post("/ui/logout", data={"csrf": csrf}).status_code == 303
     assert c.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303
+    # an expired or forged session signs out too (it was a bare 401 that kept the cookie)
+    stale = httpx.Client(base_url=server.url, cookies={"cervixqc_session": "eyJ3aG8iOiAiYWRtaW4ifQ==.deadbeef"})
+    r = stale.post("/ui/logout")
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login" and "cervixqc_session=" in r.headers["set-cookie"]
 
 
 def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages(tmp_path):
@@ -225,3 +235,22 @@ def test_the_review_page_shows_only_counts_as_the_applied_message(server):
     for spoof in ("Call%20555%20now-0", "3-1-x", "3"):
         page = c.get(f"/ui/jobs/{job}/review?applied={spoof}")
         assert page.status_code == 200 and "Applied:" not in page.text and "555 now" not in page.text, spoof
+
+
+def test_pages_and_photos_are_never_cached_nor_framed_and_run_only_the_services_scripts(server):
+    """Photos were sent `private, max-age=3600` (kept in a shared computer's browser cache after
+    sign-out), exports with no cache header, and no page forbade framing or inline scripts."""
+    job = _finished_job(server, "set")
+    c, _ = _signed_in(server)
+    item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
+    for url in (f"/ui/jobs/{job}/review", f"/ui/jobs/{job}/items/{item}/thumb.jpg", f"/ui/jobs/{job}/export.csv",
+                f"/ui/jobs/{job}/scores.json", "/ui/login"):
+        r = c.get(url)
+        assert r.status_code == 200, url
+        assert r.headers["cache-control"] == "no-store" and r.headers["x-frame-options"] == "DENY", url
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-eval" not in csp, url
+    assert "content-security-policy" not in c.get("/ui/docs").headers  # Swagger UI runs inline scripts
+    assert "no-store" not in c.get("/ui/static/review.js").headers.get("cache-control", "")
+    with server.client() as api:  # the API is left as it was
+        assert "content-security-policy" not in api.get("/v1/models").headers

@@ -4,22 +4,27 @@ use the session cookie, and the key itself never leaves this exchange."""
 from __future__ import annotations
 
 import secrets
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from service.auth import key_matches
-from service.ui.deps import UiPost, page, signer
+from service.errors import ApiError
+from service.ui.deps import checked_session, current_session, page, signer
 from service.ui.session import COOKIE, LOGIN_COOKIE, csrf_ok, key_id, set_cookie
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 def _safe_next(next_url: str | None) -> str:
-    """Only our own pages: an open redirect would make the sign-in page a phishing tool."""
-    target = unquote(next_url or "")
-    return target if target.startswith("/ui/") and not target.startswith("//") else "/ui/upload"
+    """Only our own pages: an open redirect would make the sign-in page a phishing tool. The
+    value arrives decoded (query, then form): decoding it again turned a filter's `a%26b` into
+    `a&b`. Backslashes and control characters, which browsers bend into other URLs, are refused."""
+    target = next_url or ""
+    if not target.startswith("/ui/") or "\\" in target or any(ord(c) < 32 or ord(c) == 127 for c in target):
+        return "/ui/upload"
+    return target
 
 
 @router.get("/login")
@@ -46,7 +51,14 @@ async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""),
 
 
 @router.post("/logout")
-async def logout(request: Request, session: UiPost):
+async def logout(request: Request):
+    """A live session signs out with its CSRF token (no other site may sign a reviewer out); an
+    expired or revoked one is simply cleared: it answered with a bare 401 and kept its cookie."""
+    try:
+        await checked_session(request, current_session(request))
+    except ApiError as e:
+        if e.status != 401:  # a live session with a wrong token: refused as any POST
+            raise
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response

@@ -96,16 +96,16 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
         if item not in reviews:
             continue
         final, _ = label_and_kind(final_of(r, reviews[item])[0])
-        model = r.label.value
-        if final == model:
-            continue
-        if model in QUARANTINED:
-            copy = quarantine_path(qdir, model, r.path)
-            if copy.is_file():
+        # every label folder but the final one loses its copy, not only the model's: a second
+        # Apply after another change of mind left the first one's copy behind, and a photo
+        # changed back to the model's label never got its copy again
+        for label in QUARANTINED:
+            copy = quarantine_path(qdir, label, r.path)
+            if label != final and copy.is_file():
                 copy.unlink()
                 done.removed += 1
         original = on_disk(root, r.path)
-        if final in QUARANTINED and original.is_file():
+        if final in QUARANTINED and not quarantine_path(qdir, final, r.path).is_file() and original.is_file():
             if not inside(original, roots):
                 done.outside += 1
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -41,13 +42,16 @@ def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
 
 def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits) -> Path:
     target = cache_dir / job_id / f"{item}-{size}.jpg"
+    if not original.is_file():  # checked first: a deleted photo's cached picture was still served
+        raise NotShown("the file is no longer there")
     if target.is_file():
         return target
-    if not original.is_file():
-        raise NotShown("the file is no longer there")
     data = render(original, SIZES[size], limits)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)  # atomic: two requests for one thumbnail never serve half a file
+    # a temporary file of this request's own: named by the process alone, two requests in the
+    # route's thread pool wrote one file, and one served the other's half-written picture or a 500
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)  # atomic: a reader sees the whole picture or none
     return target

@@ -116,7 +116,7 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
         path = cached(state.settings.state_dir / "thumbs", job_id, item, size, original, state.qc.cfg.limits)
     except NotShown as e:
         raise ApiError(404, "no_picture", str(e)) from None
-    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(path, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
 
 
 class DecisionIn(BaseModel):

@@ -74,7 +74,7 @@ def margin(s: ItemSummary, t: Thresholds) -> float:
 def source_of(path: str) -> str:
     """An item's source: the first folder of its path under the job's folder (sites, clinics or
     cases are usually filed so); files at the top are `(top)`."""
-    parts = path.replace("\\", "/").lstrip("/").split("/")
+    parts = path.lstrip("/").split("/")  # stored names are POSIX: a `\\xNN` escape is no folder
     return parts[0] if len(parts) > 1 else "(top)"
 
 

@@ -93,7 +93,10 @@ class SessionSigner:
         if not cookie or "." not in cookie:
             return None
         payload, mac = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(mac, self._mac(payload.encode())):
+        # as bytes: compare_digest refuses non-ASCII text with a TypeError, and a cookie of
+        # other characters answered every page with a 500 instead of the sign-in page
+        if not hmac.compare_digest(mac.encode("utf-8", "surrogateescape"), self._mac(payload.encode(
+                "utf-8", "surrogateescape")).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(payload.encode()))

@@ -11,7 +11,10 @@
     const idx = data.score === "deep_sad" ? 0 : 1, stored = data.thresholds[data.score];
     const xs = data.points.map(p => p[idx]);
     if (!xs.length) { text.textContent = "No image reached stage 2."; slider.disabled = true; return; }
-    const lo = Math.min(stored, ...xs), hi = Math.max(stored, ...xs), span = (hi - lo) || 1;
+    // a loop, not Math.min(...xs): spreading passes every score as an argument, and past about
+    // 125,000 of them V8 threw RangeError and the histogram stayed blank
+    const lo = xs.reduce((a, x) => Math.min(a, x), stored), hi = xs.reduce((a, x) => Math.max(a, x), stored);
+    const span = (hi - lo) || 1;
     slider.min = lo; slider.max = hi; slider.step = "any"; slider.value = stored;  // any: no snapping
 
     const flagged = (p, thr) => {
@@ -48,5 +51,5 @@
     }
     slider.addEventListener("input", update);
     draw(stored);
-  });
+  }).catch(() => { text.textContent = "The scores could not be loaded: reload the page."; slider.disabled = true; });
 })();
