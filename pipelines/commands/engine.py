@@ -231,10 +231,10 @@ def bench(
 
     if images is not None and not images.is_dir():
         _fail(f"--images {images}: not a folder")
+    if keep_mix is not None and mix_from is None:
+        _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
     try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
-        if keep_mix is not None and mix_from is None:
-            _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
         result = _bench_in(work, images, mix_from, keep_mix, weights, n_images, batch_size, device, jpeg_decoder,
                            chosen, sizes)
     finally:
