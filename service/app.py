@@ -38,7 +38,7 @@ from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
 from service.ui.headers import PageHeaders
 from service.ui.deps import SignInNeeded
-from service.ui.session import SessionSigner, load_secret
+from service.ui.session import RevokedSessions, SessionSigner, load_secret
 
 log = logging.getLogger("cervixqc.service")
 
@@ -103,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     install_error_handlers(app)
     app.state.session_signer = SessionSigner(load_secret(settings.session_secret_file),  # type: ignore[arg-type]
-                                             settings.session_max_age_s)
+                                             settings.session_max_age_s,
+                                             RevokedSessions(settings.state_dir / "sessions.sqlite"))
 
     @app.exception_handler(SignInNeeded)
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:

@@ -118,9 +118,12 @@ def test_the_session_does_not_open_the_json_api(server):
 
 def test_sign_out_ends_the_session_and_needs_its_token(server):
     c, csrf = _signed_in(server)
+    copied = dict(c.cookies)  # a copy of the cookie, kept (a shared profile, a proxy's log)
     assert c.post("/ui/logout").status_code == 403
     assert c.post("/ui/logout", data={"csrf": csrf}).status_code == 303
     assert c.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303
+    with httpx.Client(base_url=server.url, cookies=copied) as thief:  # opened the pages for 8 h more
+        assert thief.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303
     # an expired or forged session signs out too (it was a bare 401 that kept the cookie)
     stale = httpx.Client(base_url=server.url, cookies={"cervixqc_session": "eyJ3aG8iOiAiYWRtaW4ifQ==.deadbeef"})
     r = stale.post("/ui/logout")

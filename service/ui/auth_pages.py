@@ -52,13 +52,16 @@ async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""),
 
 @router.post("/logout")
 async def logout(request: Request):
-    """A live session signs out with its CSRF token (no other site may sign a reviewer out); an
-    expired or revoked one is simply cleared: it answered with a bare 401 and kept its cookie."""
+    """A live session signs out with its CSRF token (no other site may sign a reviewer out) and
+    is revoked, so a copy of its cookie opens nothing; an expired or revoked one is simply
+    cleared: it answered with a bare 401 and kept its cookie."""
     try:
-        await checked_session(request, current_session(request))
+        session = await checked_session(request, current_session(request))
     except ApiError as e:
         if e.status != 401:  # a live session with a wrong token: refused as any POST
             raise
+    else:
+        signer(request).revoke(session)  # a copy of the cookie signs in no more
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response

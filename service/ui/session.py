@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +74,39 @@ class Session:
     csrf: str
 
 
+class RevokedSessions:
+    """Sessions signed out before they expire, by nonce, until they would have expired: the
+    cookie is signed, not stored, so without this a copy of it (a shared computer's browser
+    profile, a proxy log) opened the pages for the rest of its 8 hours after sign-out."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._local = threading.local()
+        self._db().execute("CREATE TABLE IF NOT EXISTS revoked (nonce TEXT PRIMARY KEY, expires REAL NOT NULL)")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        return db
+
+    def revoke(self, nonce: str, expires: float) -> None:
+        db = self._db()
+        db.execute("DELETE FROM revoked WHERE expires < ?", (time.time(),))  # kept small: the expired go
+        db.execute("INSERT OR REPLACE INTO revoked VALUES (?, ?)", (nonce, expires))
+
+    def __contains__(self, nonce: str) -> bool:
+        return self._db().execute("SELECT 1 FROM revoked WHERE nonce = ?", (nonce,)).fetchone() is not None
+
+
 class SessionSigner:
-    def __init__(self, secret: bytes, max_age_s: float) -> None:
-        self.secret, self.max_age_s = secret, max_age_s
+    def __init__(self, secret: bytes, max_age_s: float, revoked: RevokedSessions | None = None) -> None:
+        self.secret, self.max_age_s, self.revoked = secret, max_age_s, revoked
+
+    def revoke(self, session: Session) -> None:
+        if self.revoked is not None:
+            self.revoked.revoke(session.nonce, session.expires)
 
     def _mac(self, payload: bytes) -> str:
         return hmac.new(self.secret, payload, hashlib.sha256).hexdigest()
@@ -103,7 +135,7 @@ class SessionSigner:
             who, expires, nonce = str(data["who"]), float(data["exp"]), str(data["n"])
         except (ValueError, KeyError, TypeError):
             return None
-        if expires < time.time():
+        if expires < time.time() or (self.revoked is not None and nonce in self.revoked):
             return None
         return Session(who, expires, nonce, self.csrf_for(nonce))
 
