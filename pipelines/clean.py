@@ -15,7 +15,6 @@ duplicates.csv.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import pandas as pd
 
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, spreadsheet_safe
+from pipelines.outputs import write_atomically, write_together
 
 log = logging.getLogger(__name__)
 QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
@@ -89,7 +89,7 @@ def list_inputs(src: Path) -> list[str]:
     ValueError that names the rows: a blank row was processed and then fell out of the job's
     results. Paths are normalised (`./a.jpg` is `a.jpg`), so one file is one row."""
     if src.is_file():
-        from pipelines.data.manifest import read_table
+        from pipelines.data.manifest import file_key, read_table
 
         table = read_table(src)
         if "path" not in table.columns:
@@ -103,7 +103,7 @@ def list_inputs(src: Path) -> list[str]:
         # spelling kept as its key (the file was read and stored once per spelling)
         first: dict[str, str] = {}
         for p in paths:
-            first.setdefault(_same_file(src.parent, p), PurePosixPath(p).as_posix())
+            first.setdefault(file_key(src.parent, p), PurePosixPath(p).as_posix())
         return sorted(first.values())
     out, folder_links, unreadable = [], 0, []
     for root, dirs, files in os.walk(src, onerror=unreadable.append):
@@ -119,11 +119,6 @@ def list_inputs(src: Path) -> list[str]:
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid
         log.warning("%d folders could not be listed (permissions?): their files get no row", len(unreadable))
     return sorted(out)
-
-
-def _same_file(base: Path, path: str) -> str:
-    """What one file is called however a manifest spells it: lexically normalised, absolute."""
-    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
 class ResultsFolderError(ValueError):
@@ -238,21 +233,18 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    # a short name of its own: `.{name}.tmp` passed the 255-byte limit for names of 251 bytes
-    # and up, and the job stopped at that file on every resume
-    tmp = target.with_name(f".{hashlib.sha1(target.name.encode()).hexdigest()[:16]}.tmp")
-    tmp.unlink(missing_ok=True)
     source = on_disk(src_root, rel)
-    linked = False
-    if link:
-        try:
-            os.link(source, tmp)
-            linked = True
-        except OSError:  # another file system, or links not allowed: copy instead
-            pass
-    if not linked:
+
+    def link_or_copy(tmp: Path) -> None:
+        if link:
+            try:
+                os.link(source, tmp)
+                return
+            except OSError:  # another file system, or links not allowed: copy instead
+                pass
         shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+
+    write_atomically(target, link_or_copy)
 
 
 def export(store: StateStore, out_dir: Path, src_root: Path | None = None,
@@ -275,7 +267,7 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
     labels = Counter(r.label.value for r in store.records() if r.path in current)
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
                            csv_path, pq_path)
-    _atomic(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
+    write_atomically(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
     return summary
 
@@ -296,12 +288,6 @@ def reader(root: Path) -> Callable[[str], bytes]:
     return lambda rel: on_disk(root, rel).read_bytes()
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
                    duplicates: pd.DataFrame | None = None,
                    read: Callable[[str], bytes] | None = None) -> tuple[Path, Path]:
@@ -319,26 +305,9 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
         df[column] = df[column].astype("Int64")
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
     as_text = df.assign(**{c: df[c].map(spreadsheet_safe) for c in CSV_TEXT_FIELDS})
-    _atomic_together({csv_path: lambda p: as_text.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
+    write_together({csv_path: lambda p: as_text.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
                       out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
     return csv_path, pq_path
-
-
-def _atomic_together(writers: dict[Path, Callable[[Path], object]]) -> None:
-    """Every file written to its temporary name first, then all renamed: on a full disk the
-    Parquet write failed after results.csv had already been replaced, and the two disagreed."""
-    written: list[tuple[Path, Path]] = []
-    try:
-        for path, write in writers.items():
-            tmp = path.with_name(path.name + ".tmp")
-            write(tmp)
-            written.append((tmp, path))
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in written:
-        os.replace(tmp, path)
 
 
 def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], bytes] | None = None) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
 from service.batcher import MicroBatcher
-from service.errors import KNOWN_METHODS, error_response, install_error_handlers
+from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
 from service.gate import EngineGate
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
@@ -118,13 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             response = await call_next(request)
         except Exception as e:  # noqa: BLE001 - answered here, so it is counted and logged once
-            # past this point Starlette logged the traceback, re-raised it, and uvicorn logged it
-            # again: exception messages carry file paths (OSError, a link loop), and the 500
-            # reached no counter
-            log.error("unexpected error (%s) on %s", type(e).__name__, request.scope.get("route") and
-                      request.scope["route"].path or "an unmatched path")
-            log.debug("unexpected error", exc_info=True)
-            response = error_response(500, "internal_error", "internal error; the service is still running")
+            # past this point Starlette logged the traceback, re-raised it and uvicorn logged it
+            # again, with the file paths exception messages carry, and the 500 reached no counter
+            response = internal_error(request, e)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         # the method as a label only when it is one of HTTP's: uvicorn takes any token, and each
         # new word was a new series, kept for good (no key is needed to send one)

@@ -60,6 +60,7 @@ def _preflight(settings) -> str | None:
     service that reported ready and then failed every job (a data root or quarantine that is
     no folder)."""
     from models.io import WeightsIntegrityError, verified_card
+    from pipelines.engine.qc import resolve_device
     from service.ui.session import load_secret
 
     for name in ("detector", "deep_sad", "classifier"):
@@ -80,11 +81,10 @@ def _preflight(settings) -> str | None:
             return f"CERVIXQC_DATA_ROOTS: {root} is not a folder"
     if settings.quarantine_root.exists() and not settings.quarantine_root.is_dir():
         return f"CERVIXQC_QUARANTINE_ROOT: {settings.quarantine_root} is not a folder"
-    if settings.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            return f"CERVIXQC_DEVICE={settings.device}, but torch sees no CUDA device here"
+    try:
+        resolve_device(settings.device)
+    except ValueError as e:
+        return f"CERVIXQC_DEVICE: {e}"
     return None
 
 

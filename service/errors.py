@@ -79,8 +79,14 @@ def install_error_handlers(app: FastAPI) -> None:
                               {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        # the kind only: exception messages carry file paths (the traceback at DEBUG)
-        log.error("unexpected error (%s)", type(e).__name__)
-        log.debug("unexpected error", exc_info=e)
-        return error_response(500, "internal_error", "internal error; the service is still running")
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        return internal_error(request, e)
+
+
+def internal_error(request: Request, e: Exception) -> JSONResponse:
+    """The 500 for an exception no handler knew, logged once by its kind and route: exception
+    messages carry file paths (an OSError, a link loop), so the traceback goes to DEBUG only."""
+    route = getattr(request.scope.get("route"), "path", "an unmatched path")
+    log.error("unexpected error (%s) on %s", type(e).__name__, route)
+    log.debug("unexpected error", exc_info=e)
+    return error_response(500, "internal_error", "internal error; the service is still running")

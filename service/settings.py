@@ -8,7 +8,6 @@ switched off explicitly: a screening site must not end up with an open endpoint 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipelines.engine.openvino_runtime import Precision
-from pipelines.engine.qc import JpegDecoder, Policy, Runtime
+from pipelines.engine.qc import DEVICE_NAME, JpegDecoder, Policy, Runtime
 from pipelines.engine.qc_result import check_findings
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
@@ -99,7 +98,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
+        if DEVICE_NAME.fullmatch(value):  # the name only: whether CUDA is there is serve's preflight
             return value
         raise ValueError(f"{value!r} is not a device: auto, cpu, cuda or cuda:N")
 

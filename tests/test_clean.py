@@ -259,16 +259,20 @@ def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_run(weights, c
     assert rows.loc["later/photo.jpg", "label"] != "unreadable" and len(rows) == 2
 
 
-def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights, collection, tmp_path):
+def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights, collection, tmp_path, monkeypatch):
     out = tmp_path / "out"
     clean(QCPipeline(weights), collection, out, batch_size=8)
     before = (out / "results.csv").read_bytes()
     sorted(collection.rglob("*.jpg"))[0].unlink()  # the next export has one row fewer
-    (out / "results.parquet.tmp").mkdir()  # where the Parquet file is written: the write fails
-    with pytest.raises(OSError):
-        clean(QCPipeline(weights), collection, out, batch_size=8)
-    assert (out / "results.csv").read_bytes() == before and not (out / "results.csv.tmp").exists()
-    (out / "results.parquet.tmp").rmdir()
+
+    def disk_full(*args, **kwargs):  # the Parquet write fails, as on a full disk
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_parquet", disk_full)
+        with pytest.raises(OSError):
+            clean(QCPipeline(weights), collection, out, batch_size=8)
+    assert (out / "results.csv").read_bytes() == before and not list(out.glob(".*.tmp"))
     clean(QCPipeline(weights), collection, out, batch_size=8)
     assert len(pd.read_csv(out / "results.csv")) == len(pd.read_parquet(out / "results.parquet")) == len(
         pd.read_csv(io.BytesIO(before))) - 1

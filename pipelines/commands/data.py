@@ -99,7 +99,8 @@ def split(
     """Split by patient (stratified by source and kind), by source (cross-source), or in
     K folds by patient; with --duplicates, copies of one photo never straddle two splits."""
     from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
-    from pipelines.data.splits import SplitFractions, cross_source_split, fold_split, patient_split
+    from pipelines.data.splits import (PatientsAcrossSources, SplitFractions, cross_source_split, fold_split,
+                                       patient_split)
     from pipelines.data.stats import compute_stats
 
     if merge_duplicates and duplicates is None:
@@ -118,16 +119,18 @@ def split(
                 raise ValueError("--folds takes --test-sources only (held-out sources)")
             df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
         elif train_sources or val_sources or test_sources:
-            if merge_duplicates and "patient_id_original" in df.columns:
-                joined = df.groupby("patient_id")["source"].nunique()
-                joined = sorted(joined[joined > 1].index)
-                if joined:  # else "make the IDs unique per source", about ids the merge itself made
-                    raise ValueError(
-                        f"--merge-duplicates joined copies filed under different sources into one patient "
-                        f"({len(joined)}, e.g. {joined[:5]}): a split by source cannot keep a photo and its copy on "
-                        "one side; take the copies out of one source, or split by patient")
-            df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
-                                             shares, seed)
+            try:
+                df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
+                                                 shares, seed)
+            except PatientsAcrossSources as e:
+                spanning = df["patient_id"].isin(e.patients)
+                if "patient_id_original" not in df or (df["patient_id"] == df["patient_id_original"])[spanning].all():
+                    raise
+                # else "make the IDs unique per source" blamed ids the merge itself had made
+                raise ValueError(f"--merge-duplicates joined copies filed under different sources into one patient "
+                                 f"({len(e.patients)}, e.g. {e.patients[:5]}): a split by source cannot keep a photo "
+                                 "and its copy on one side; take the copies out of one source, or split by patient"
+                                 ) from None
         else:
             df["split"] = patient_split(df, shares, seed)
     except (ManifestError, ValueError, TypeError) as e:

@@ -52,11 +52,10 @@ def duplicates_cmd(
     closest photos checked with the pixels). Writes duplicates.csv, one row per member of each
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
-    import os
-
     from pipelines.clean import on_disk, reader
     from pipelines.commands.common import writable_folder
     from pipelines.data.duplicates import duplicates_of_records, read_clean_state
+    from pipelines.outputs import write_atomically
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
     if not src.exists():
@@ -107,9 +106,7 @@ def duplicates_cmd(
             yield r
 
     df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
-    tmp = out.with_name(out.name + ".tmp")  # whole or not at all: a cut-short table reads as fewer groups
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
     typer.echo(f"{seen[0]} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")

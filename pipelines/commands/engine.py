@@ -286,7 +286,7 @@ def export(
     if not openvino_runtime.available():
         _fail("export needs the openvino package (pip install openvino)")
     from pipelines.engine.detector import load_detector
-    from pipelines.engine.qc import _loading
+    from pipelines.engine.qc import loading
     from pipelines.engine.stage2 import load_stage2
 
     if int8_calibration is not None and "detector" not in names:
@@ -301,7 +301,7 @@ def export(
     command = shlex.join(["cervixqc", *sys.argv[1:]])
     for name in names:
         try:  # as the engine loads them: a card its builder cannot take is named, not a traceback
-            with _loading(weights / f"{name}.json"):
+            with loading(weights / f"{name}.json"):
                 model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
         except WeightsIntegrityError as e:
             _fail(str(e))

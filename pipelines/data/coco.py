@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.data.schema import DataProblems
+from pipelines.outputs import write_atomically
 
 CERVIX = "cervix"
 
@@ -138,10 +138,7 @@ def save_coco(ds: CocoDataset, path: str | Path) -> Path:
         raise CocoError(str(path), problems)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ds.model_dump(mode="json"), separators=(",", ":")))
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(ds.model_dump(mode="json"), separators=(",", ":"))))
 
 
 def subset_coco(ds: CocoDataset, file_names: set[str]) -> CocoDataset:

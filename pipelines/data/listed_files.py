@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipelines.outputs import write_atomically
 
 
 @dataclass
@@ -108,8 +109,6 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
                 report.problems.append(f"{r['file']}: sha256 differs from the list; not written")
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, dst)
+            write_atomically(dst, lambda tmp: tmp.write_bytes(data))  # noqa: B023 - called at once
             report.written += 1
     return report

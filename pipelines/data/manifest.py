@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, DataProblems, Kind, Split
+from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
 _SPLITS = {s.value for s in Split}
@@ -85,6 +86,12 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     return df
 
 
+def file_key(base: Path, path: str) -> str:
+    """What one file is called however a manifest spells it (`a.jpg`, `./a.jpg`, `sub/../a.jpg`,
+    `/data/a.jpg`): lexically normalised and absolute, relative paths taken from `base`."""
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
 def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) -> list[RowProblem]:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -98,7 +105,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
         if not p:
             problems.append(RowProblem(i, "path", "empty path"))
         else:
-            key = os.path.normpath(p if os.path.isabs(p) else base / p)  # `a.jpg` and `/data/a.jpg`: one file
+            key = file_key(base, p)
             if key in first_seen:
                 problems.append(RowProblem(i, "path", f"duplicate path {p!r} (first at row {first_seen[key]})"))
             else:
@@ -121,14 +128,6 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = df.drop(columns=[c for c in ("abspath",) if c in df.columns])
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            out.to_parquet(tmp, index=False)
-        else:
-            out.to_csv(tmp, index=False)
-        os.replace(tmp, path)  # onto a folder of that name: IsADirectoryError, and no stray .tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    parquet = path.suffix.lower() in (".parquet", ".pq")
+    # onto a folder of that name: IsADirectoryError, and no stray temporary file
+    return write_atomically(path, lambda tmp: out.to_parquet(tmp, index=False) if parquet else out.to_csv(tmp, index=False))

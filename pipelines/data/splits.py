@@ -69,6 +69,15 @@ def patient_split(df: pd.DataFrame, fractions: SplitFractions = SplitFractions()
     return df["patient_id"].map(mapping).rename("split")
 
 
+class PatientsAcrossSources(ValueError):
+    """Patient ids found under several sources, which a split by source cannot keep on one side."""
+
+    def __init__(self, patients: list[str]) -> None:
+        super().__init__(f"{len(patients)} patient_id(s) appear under several sources (e.g. {patients[:5]}); a "
+                         "cross-source split cannot keep them on one side: make the IDs unique per source")
+        self.patients = patients
+
+
 def cross_source_split(
     df: pd.DataFrame,
     train_sources: Sequence[str],
@@ -93,10 +102,7 @@ def cross_source_split(
     spanning = df.groupby("patient_id")["source"].nunique()
     spanning = sorted(spanning[spanning > 1].index)
     if spanning:
-        raise ValueError(
-            f"{len(spanning)} patient_id(s) appear under several sources (e.g. {spanning[:5]}); "
-            "a cross-source split cannot keep them on one side: make the IDs unique per source"
-        )
+        raise PatientsAcrossSources(spanning)
     rng = np.random.default_rng(seed)
     strata = _patient_strata(df)
     base = fractions.as_dict()

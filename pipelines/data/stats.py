@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.schema import NON_REGULAR_KINDS, Kind
+from pipelines.outputs import finite_or_null
 
 _KIND_ORDER = [k.value for k in Kind] + ["unknown"]
 
@@ -32,14 +33,10 @@ class DatasetStats:
         return {
             "n_images": self.n_images, "n_patients": self.n_patients, "by_kind": self.by_kind,
             # no non-regular image: null, as JSON has no Infinity (json.dumps wrote one, invalid JSON)
-            "imbalance_ratio": _finite(self.imbalance_ratio),
-            "split_imbalance": {k: _finite(v) for k, v in self.split_imbalance.items()},
+            "imbalance_ratio": finite_or_null(self.imbalance_ratio),
+            "split_imbalance": finite_or_null(self.split_imbalance),
             "counts": rows,
         }
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isinf(x) or math.isnan(x) else x
 
 
 def _ratio(kinds: pd.Series) -> float:

@@ -104,15 +104,18 @@ class QCConfig:
     malloc_arenas: int | None = 1
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # what a device setting may say
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> cuda when present, else cpu. A misspelt device (`gpu`) or cuda on a machine
     without one is a ValueError saying so: they surfaced as torch errors blamed on the weights."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise ValueError(f"--device {device!r} is not a device: auto, cpu, cuda or cuda:N")
+    if not DEVICE_NAME.fullmatch(device):
+        raise ValueError(f"device {device!r} is not a device: auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device on this machine (auto uses the CPU then)")
+        raise ValueError(f"device {device}: no CUDA device on this machine (auto uses the CPU then)")
     return device
 
 
@@ -187,7 +190,7 @@ DetectionsHook = Callable[[list[int], list[torch.Tensor], ImageList, list[dict[s
 
 
 @contextmanager
-def _loading(card: Path) -> Iterator[None]:
+def loading(card: Path) -> Iterator[None]:
     """Whatever fails while one model of a weights folder loads, named with its card: a
     missing card, a config key the builder does not take, tensors of another shape, a missing
     threshold or input size came out as a bare TypeError, RuntimeError, KeyError or IndexError
@@ -215,31 +218,31 @@ class QCPipeline:
         # The detector's torch module always loads: its transform, anchors and box decoding run
         # around the exported convolutions too. The stage-2 models are built in torch only when
         # torch runs them (None otherwise: their cards are all the engine reads).
-        with _loading(weights / "detector.json"):
+        with loading(weights / "detector.json"):
             self.detector, self.det_card = load_detector(weights / "detector.json", dev)
             self.det_threshold = self.det_card.thresholds["score"]  # a misspelt key ran at 0.5, unsaid
         torch_stage2 = self.runtime == "torch"
-        with _loading(weights / "deep_sad.json"):
+        with loading(weights / "deep_sad.json"):
             self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
                                             else (None, verified_card(weights / "deep_sad.json")))
             threshold_of(self.sad_card)  # checked here, where a missing one is named with its card
-        with _loading(weights / "classifier.json"):
+        with loading(weights / "classifier.json"):
             self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
                                               else (None, verified_card(weights / "classifier.json")))
             threshold_of(self.cls_card)
             self.cls_size = self.cls_card.input_size[0]
         # optional stage 0: without it the detector's threshold alone decides no_cervix
-        with _loading(weights / "presence.json"):
+        with loading(weights / "presence.json"):
             self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                              if (weights / "presence.json").is_file() else (None, None))
             self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
-        with _loading(weights / COLOUR_CARD):
+        with loading(weights / COLOUR_CARD):
             self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
                                              else (None, None))
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
-        with _loading(weights / "findings.json"):
+        with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")
                                   if self.cfg.findings and (weights / "findings.json").is_file() else None)
         self.policy: Policy = self.cfg.policy or best_policy(self.sad_card, self.cls_card, self.colour_card)

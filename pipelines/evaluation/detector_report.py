@@ -4,7 +4,6 @@ a manifest is given, and a PNG gallery of predictions beside the ground truth.""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from pipelines.data.images import load_rgb
 from pipelines.data.presets import detection_eval
 from pipelines.engine.detector import load_detector, predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
+from pipelines.outputs import finite_or_null
 
 
 def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir: Path,
@@ -41,23 +41,11 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
             mine = {i: p for i, p in preds.items() if i in ids}
             report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # NaN where a figure has no images (no AP without a box): null, so the file is JSON
     (out_dir / "detector_metrics.json").write_text(json.dumps(finite_or_null(report), indent=2, allow_nan=False))
     if gallery:
         draw_gallery(coco, root, preds, out_dir / "detector_gallery.png", mcard.thresholds.get("score", 0.5), gallery)
     return report
-
-
-def finite_or_null(value):
-    """NaN (no AP without a box, no found share without a cervix) as JSON null: Python wrote
-    the bare word NaN, which is no JSON, and every other reader of the file (jq, a browser, a
-    site's dashboard) refused it."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
 
 
 def draw_gallery(coco: CocoDataset, root: Path, preds: dict, path: Path, threshold: float, n: int,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from pipelines.data import degradations
 from pipelines.data.images import load_rgb
 from pipelines.engine.findings import FindingsCard
 from pipelines.engine.qc_result import FINDINGS
+from pipelines.outputs import write_together
 
 UNDEGRADED = ("original", "nuisance")
 THUMB = 96
@@ -203,15 +203,11 @@ def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thres
     # the three written first, then renamed together, the card last: written in place, a run
     # stopped half-way (or rerun into the folder) left thumbnails of another run beside the
     # scores, and the report showed other photos under them
-    tmp = {name: out_dir / f".{name}.tmp" for name in ("findings_thumbs.npz", "findings_scores.csv", "findings.json")}
-    try:
-        with tmp["findings_thumbs.npz"].open("wb") as f:
+    def thumbs_npz(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file, not a name: savez_compressed would add .npz to one
             np.savez_compressed(f, thumbs=thumbs)
-        scores.to_csv(tmp["findings_scores.csv"], index=False)
-        tmp["findings.json"].write_text(card.model_dump_json(indent=2) + "\n")
-        for name, path in tmp.items():
-            os.replace(path, out_dir / name)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+
+    write_together({out_dir / "findings_thumbs.npz": thumbs_npz,
+                    out_dir / "findings_scores.csv": lambda tmp: scores.to_csv(tmp, index=False),
+                    out_dir / "findings.json": lambda tmp: tmp.write_text(card.model_dump_json(indent=2) + "\n")})
     return card

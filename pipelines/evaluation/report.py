@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.evaluation.classification import binary_metrics
+from pipelines.outputs import write_atomically
 
 KIND_NAMES = ("regular", "green", "iodine")
 
@@ -196,8 +196,6 @@ def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
             "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style>"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # whole or not at all
-    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
-                   f"</head><body>{''.join(parts)}</body></html>")
-    os.replace(tmp, out)
-    return out
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{style}"
+            f"</head><body>{''.join(parts)}</body></html>")
+    return write_atomically(out, lambda tmp: tmp.write_text(page))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
 import time
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipelines.outputs import write_atomically
 from pipelines.training.distributed import DistInfo, all_reduce_mean, barrier
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _check_can_train(cfg: LoopConfig, loader: Iterable, ckpt_path: Path, log_path: Path) -> None:

@@ -62,5 +62,4 @@ UiPost = Annotated[Session, Depends(checked_session)]
 
 
 def page(request: Request, name: str, session: Session | None, **context: object):
-    return templates.TemplateResponse(request, name, {"session": session, **context},
-                                      headers={"Cache-Control": "no-store"})
+    return templates.TemplateResponse(request, name, {"session": session, **context})  # no-store: PageHeaders

@@ -11,13 +11,12 @@ re-encode rather than the original bytes.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
 from pipelines.engine.decode import DecodeError, DecodeLimits, decode, read_file
+from pipelines.outputs import write_atomically
 
 SIZES = {"thumb": 320, "full": 1600}
 
@@ -48,10 +47,6 @@ def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, l
         return target
     data = render(original, SIZES[size], limits)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file of this request's own: named by the process alone, two requests in the
-    # route's thread pool wrote one file, and one served the other's half-written picture or a 500
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)  # atomic: a reader sees the whole picture or none
-    return target
+    # a temporary file of this request's own (named by the process alone, two requests in the
+    # route's thread pool wrote one, and one served the other's half-written picture or a 500)
+    return write_atomically(target, lambda tmp: tmp.write_bytes(data))

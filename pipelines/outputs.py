@@ -1,0 +1,64 @@
+"""How the pipelines and the service write the files people and programs read afterwards:
+whole or not at all, several files together, and JSON that any reader takes.
+
+One place for what had been written a dozen times over (`tmp = path + ".tmp"`, write,
+`os.replace`), with the three lessons those copies learnt one at a time:
+- a temporary name of its own, short and random: `.{name}.tmp` passed the file system's
+  255-byte limit for long names, and two writers of one file (two requests rendering one
+  thumbnail) wrote the same temporary file, one publishing the other's half;
+- the temporary file removed when the write fails (a full disk, a folder where the file
+  should go), not left beside the target;
+- files that belong together (results.csv and .parquet; a calibration's scores and
+  thumbnails) written first and renamed after, so a failure leaves the old set whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+Writer = Callable[[Path], object]
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{secrets.token_hex(8)}.tmp")
+
+
+def write_atomically(path: Path, write: Writer) -> Path:
+    """`write(tmp)` then rename onto `path`: a reader sees the old file or the new one."""
+    return write_together({path: write})[0]
+
+
+def write_together(writers: dict[Path, Writer]) -> list[Path]:
+    """Every file written to its temporary name, then all renamed, in the dict's order (put
+    the one readers check first, a card, last). On a failure none is renamed and the
+    temporary files go."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writers.items():
+            tmp = _temporary(path)
+            written.append((tmp, path))
+            write(tmp)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    return list(writers)
+
+
+def finite_or_null(value):
+    """NaN and infinities as JSON null, through dicts, lists and tuples: Python's json writes
+    the bare words NaN and Infinity, which are no JSON, and every other reader of the file
+    (jq, a browser, a site's dashboard) refused it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
