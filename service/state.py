@@ -15,6 +15,7 @@ from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.metrics import Metrics
 from service.settings import Settings
+from service.ui.job_views import JobViews
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ServiceState:
     store: JobStore
     runner: JobRunner
     reviews: ReviewStore  # reviewers' decisions, in the job store's database
+    views: JobViews  # the review pages' jobs in the grid's order
 
 
 def get_state(request: Request) -> ServiceState:

@@ -14,7 +14,8 @@ from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.reviews import ReviewStore, class_of, final_of
 from service.jobs.store import ItemSummary
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
-from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of, what_if_points
+from service.ui.job_views import JobViews
+from service.ui.review_view import GridQuery, JobView, Thresholds, build_grid, neighbours, source_of, what_if_points
 
 T = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="resnest")
 
@@ -32,7 +33,7 @@ ITEMS = [_summary(1, "a/far.jpg", "regular", 0.05), _summary(2, "a/near.jpg", "n
 
 
 def test_the_grid_shows_the_images_closest_to_their_threshold_first():
-    grid = build_grid(ITEMS, {}, T, GridQuery())
+    grid = build_grid(JobView.of(ITEMS, T), {}, T, GridQuery())
     assert [c.path for c in grid.cards] == ["b/none.jpg", "a/near.jpg", "b/mid.jpg", "b/iod.jpg", "a/far.jpg",
                                             "top.jpg"]
     assert grid.by_label == {"regular": 2, "non_regular": 2, "no_cervix": 1, "unreadable": 1}
@@ -41,7 +42,7 @@ def test_the_grid_shows_the_images_closest_to_their_threshold_first():
 
 
 def test_the_grid_pages_and_a_page_past_the_end_shows_the_last():
-    grid = build_grid(ITEMS, {}, T, GridQuery(page=9), page_size=4)
+    grid = build_grid(JobView.of(ITEMS, T), {}, T, GridQuery(page=9), page_size=4)
     assert (grid.page, grid.pages, grid.matching, len(grid.cards)) == (2, 2, 6, 2)
 
 
@@ -56,13 +57,13 @@ def test_the_grid_pages_and_a_page_past_the_end_shows_the_last():
 def test_each_filter_keeps_only_its_images(query, paths):
     from service.jobs.reviews import Reviewed
 
-    grid = build_grid(ITEMS, {3: Reviewed(label="green")}, T, query)
+    grid = build_grid(JobView.of(ITEMS, T), {3: Reviewed(label="green")}, T, query)
     assert {c.path for c in grid.cards} == paths
 
 
 def test_next_and_previous_walk_the_grid_order_under_the_same_filter():
-    assert neighbours(ITEMS, {}, T, GridQuery(label="regular"), 3) == (None, 1)
-    assert neighbours(ITEMS, {}, T, GridQuery(label="regular"), 1) == (3, None)
+    assert neighbours(JobView.of(ITEMS, T), {}, T, GridQuery(label="regular"), 3) == (None, 1)
+    assert neighbours(JobView.of(ITEMS, T), {}, T, GridQuery(label="regular"), 1) == (3, None)
 
 
 def test_the_what_if_points_are_the_stage2_scores_of_cropped_images_only():
@@ -73,8 +74,36 @@ def test_under_the_vote_of_three_an_image_near_the_colour_threshold_comes_first(
     vote = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="two_of_three", colour=0.6)
     items = [_summary(1, "far.jpg", "regular", 0.05, colour=0.1, sad=3.0),
              _summary(2, "near.jpg", "regular", 0.05, colour=0.59, sad=3.0)]
-    assert [c.path for c in build_grid(items, {}, vote, GridQuery()).cards] == ["near.jpg", "far.jpg"]
-    assert [c.path for c in build_grid(items, {}, T, GridQuery()).cards] == ["far.jpg", "near.jpg"]  # tie: path order
+    assert [c.path for c in build_grid(JobView.of(items, vote), {}, vote, GridQuery()).cards] == ["near.jpg", "far.jpg"]
+    assert [c.path for c in build_grid(JobView.of(items, T), {}, T, GridQuery()).cards] == ["far.jpg", "near.jpg"]  # tie: path order
+
+
+def test_a_kept_view_is_rebuilt_once_the_job_has_more_items_and_the_oldest_goes_past_the_bound(tmp_path):
+    from service.jobs.store import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "resnest", tmp_path)
+    other = store.create("src", None, "resnest", tmp_path)
+    row = lambda path, prob: QCResult(path=path, label=Label.REGULAR, resnest_prob=prob, deep_sad_score=0.5,
+                                      cervix_box=[1.0, 1.0, 9.0, 9.0], width=10, height=10)
+    store.add_items(job.id, [row("far.jpg", 0.05)])
+    views = JobViews(store, max_items=2)
+    first = views.get(job.id, T)
+    assert views.get(job.id, T) is first  # nothing new: the same view, not a second read
+    store.add_items(job.id, [row("near.jpg", 0.45)])  # a running job's next batch
+    assert [s.path for s in views.get(job.id, T).items] == ["near.jpg", "far.jpg"]
+    kept = views.get(job.id, T)
+    store.add_items(other.id, [row("a.jpg", 0.3)])
+    views.get(other.id, T)  # 3 items kept > 2: the least recently read job's view goes
+    assert views.get(other.id, T) is views.get(other.id, T)
+    assert views.get(job.id, T) is not kept
+
+
+def test_the_scores_json_is_what_the_what_if_line_reads():
+    body = json.loads(JobView.of(ITEMS, T).what_if_json)
+    assert sorted(body["points"]) == sorted(what_if_points(ITEMS))
+    assert (body["policy"], body["score"], body["thresholds"]) == ("resnest", "resnest",
+                                                                  {"deep_sad": 1.0, "resnest": 0.5, "colour": None})
 
 
 def test_the_source_is_the_first_folder():

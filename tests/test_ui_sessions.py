@@ -240,6 +240,22 @@ def test_the_review_page_shows_only_counts_as_the_applied_message(server):
         assert page.status_code == 200 and "Applied:" not in page.text and "555 now" not in page.text, spoof
 
 
+def test_json_goes_gzipped_to_clients_that_ask_but_pages_and_photos_never(server):
+    """A 10^5-item job's what-if scores were 6 MB of JSON on every visit to its review page.
+    Pages stay uncompressed: they carry the CSRF token beside text a link chooses (BREACH)."""
+    job = _finished_job(server, "set")
+    c, _ = _signed_in(server)
+    item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
+    gz = {"Accept-Encoding": "gzip"}
+    with server.client() as api:
+        r = api.get("/openapi.json", headers=gz)
+        assert r.headers.get("content-encoding") == "gzip" and "paths" in r.json()
+        assert "content-encoding" not in api.get("/openapi.json", headers={"Accept-Encoding": "identity"}).headers
+    for url in (f"/ui/jobs/{job}/review", f"/ui/jobs/{job}/items/{item}", f"/ui/jobs/{job}/items/{item}/full.jpg"):
+        r = c.get(url, headers=gz)
+        assert r.status_code == 200 and "content-encoding" not in r.headers, url
+
+
 def test_pages_and_photos_are_never_cached_nor_framed_and_run_only_the_services_scripts(server):
     """Photos were sent `private, max-age=3600` (kept in a shared computer's browser cache after
     sign-out), exports with no cache header, and no page forbade framing or inline scripts."""

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from pipelines.clean import on_disk
@@ -27,7 +27,7 @@ from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
 from service.ui.images import NotShown, cached
-from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of, what_if_points
+from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of
 
 router = APIRouter(prefix="/ui/jobs/{job_id}", include_in_schema=False)
 
@@ -70,7 +70,7 @@ def _item(state: ServiceState, job: Job, item: int) -> QCResult:
 def review_page(request: Request, job_id: str, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     t = Thresholds.of(state.qc, job.policy)
-    grid = build_grid(state.store.summaries(job_id), state.reviews.reviewed(job_id), t, q)
+    grid = build_grid(state.views.get(job_id, t), state.reviews.reviewed(job_id), t, q)
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
     # only the counts apply-review's redirect writes: any other text in a link would have shown
     # on our page as the service's own message ("Applied: call this number ...")
@@ -80,13 +80,11 @@ def review_page(request: Request, job_id: str, session: UiSession, state: State,
 
 
 @router.get("/scores.json")
-def scores(job_id: str, session: UiSession, state: State) -> JSONResponse:
+def scores(job_id: str, session: UiSession, state: State) -> Response:
     """The what-if histogram's data: both stage-2 scores of every cropped item, the thresholds
     and the policy, so the page recounts labels exactly as the engine would decide them."""
     t = Thresholds.of(state.qc, job_or_404(state, job_id).policy)
-    return JSONResponse({"points": what_if_points(state.store.summaries(job_id)), "policy": t.policy,
-                         "score": t.score_name,
-                         "thresholds": {"deep_sad": t.deep_sad, "resnest": t.resnest, "colour": t.colour}})
+    return Response(state.views.get(job_id, t).what_if_json, media_type="application/json")
 
 
 @router.get("/items/{item}")
@@ -95,7 +93,7 @@ def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, s
     record = _item(state, job, item)
     live = state.reviews.reviewed(job_id)
     t = Thresholds.of(state.qc, job.policy)
-    prev, nxt = neighbours(state.store.summaries(job_id), live, t, q, item)
+    prev, nxt = neighbours(state.views.get(job_id, t), live, t, q, item)
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
                 model_cls=class_of(record.label.value, record.kind), final_cls=cls, final_box=box,
