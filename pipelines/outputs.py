@@ -14,6 +14,7 @@ One place for what had been written a dozen times over (`tmp = path + ".tmp"`, w
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -62,3 +63,10 @@ def finite_or_null(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
     return value
+
+
+def write_json(path: Path, value) -> Path:
+    """A report as strict JSON (NaN and infinities as null: an undefined figure, such as the
+    sensitivity of a source without one positive), written whole."""
+    text = json.dumps(finite_or_null(value), indent=2, allow_nan=False)
+    return write_atomically(Path(path), lambda tmp: tmp.write_text(text))

@@ -47,3 +47,26 @@ def test_midpoint_rule_keeps_every_validation_decision_and_sits_in_the_middle_of
     assert calibrate_threshold(y, s * 10, space="log") == pytest.approx(np.sqrt(3.0 * 3.5))  # geometric mean
     t = calibrate_threshold(y, s, target_sensitivity=0.75)
     assert 0.4 < t < 0.6 and binary_metrics(y, s, t).sensitivity == 0.75
+
+
+def test_a_source_without_positives_has_no_sensitivity_rather_than_zero():
+    """0.0 read as "finds none" in the cards' rows of sources with no green or iodine photo."""
+    quiet = binary_metrics(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4]), 0.5)
+    assert np.isnan(quiet.sensitivity) and np.isnan(quiet.precision) and np.isnan(quiet.f1)
+    assert quiet.specificity == 1.0
+    one_false_flag = binary_metrics(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.9]), 0.5)
+    assert np.isnan(one_false_flag.sensitivity) and one_false_flag.precision == 0.0 and one_false_flag.f1 == 0.0
+
+
+def test_the_target_sensitivity_asks_for_no_more_positives_than_it_needs():
+    y = np.array([1] * 25 + [0] * 5)
+    s = np.concatenate([np.arange(25, 0, -1) / 100 + 0.5, np.full(5, 0.1)])
+    t = calibrate_threshold(y, s, target_sensitivity=0.56, rule="edge")  # 0.56 * 25 = 14.000000000000002
+    assert binary_metrics(y, s, t).confusion[1][1] == 14
+
+
+def test_the_midpoint_keeps_every_decision_where_scores_fall_under_the_logit_clip():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([1e-9, 2e-8, 3e-8, 0.9])  # both sides of the cut clip to 1e-7 in logit space
+    t = calibrate_threshold(y, s, space="logit")
+    assert 2e-8 < t <= 3e-8 and binary_metrics(y, s, t).f1 == 1.0

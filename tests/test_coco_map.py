@@ -65,3 +65,29 @@ def test_a_set_without_one_box_has_no_ap_rather_than_zero():
                             categories=[CocoCategory(id=1, name="cervix")])
     m = evaluate_detections(negatives, {1: _det([[40, 20, 140, 120]], [0.9], [1])})
     assert all(math.isnan(getattr(m, f)) for f in ("map", "ap50", "ap75", "top1_recall50")) and m.n_images == 1
+
+
+def test_a_size_range_without_a_true_box_has_no_ap_rather_than_zero():
+    """pycocotools says -1 for an empty range; clamped to 0.0, the card read as a detector that
+    failed on every small and medium cervix, in sets that had none."""
+    gt = CocoDataset(images=[CocoImage(id=1, file_name="a.jpg", width=200, height=200)],
+                     annotations=[make_annotation(1, 1, 1, (20, 20, 120, 120))],  # 100 x 100: "large"
+                     categories=[CocoCategory(id=1, name="cervix")])
+    m = evaluate_detections(gt, {1: _det([[20, 20, 120, 120]], [0.9], [1])})
+    assert math.isnan(m.ap_small) and math.isnan(m.ap_medium) and m.ap_large == pytest.approx(1.0)
+
+
+def test_a_coco_file_without_areas_gets_each_boxs_own(tmp_path):
+    """Without `area` every box was area 0, so "small": AP by size was wrong for any file
+    written by another tool that leaves it out (COCO's area is the mask's; boxes have none)."""
+    import json
+
+    from pipelines.data.coco import load_coco
+
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 200}],
+                                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 20, 100, 50]},
+                                                {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10],
+                                                 "area": 42.0}],
+                                "categories": [{"id": 1, "name": "cervix"}]}))
+    assert [a.area for a in load_coco(path).annotations] == [5000.0, 42.0]

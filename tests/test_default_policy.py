@@ -93,3 +93,19 @@ def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loa
     for name in ("colour.json", "colour.safetensors"):  # the folder without it: the fallback rule, no error
         (weights / name).unlink()
     assert QCPipeline(weights).policy == "deep_sad"
+
+
+def test_the_recipes_table_shows_both_splits_under_the_policy_the_weights_ship_with(tmp_path):
+    """The val run is evaluated before `policy` writes the choice, so its report names the
+    fallback: the table's val row showed deep_sad's F1 beside the test row's two_of_three."""
+    row = lambda f1: {"overall": {"cervix_found": 1.0, "n_cervix": 9, "no_cervix_called": None, "n_no_cervix": 0,
+                                  "f1": f1, "n_non_regular": 3, "sensitivity": 1.0, "specificity": 1.0}}
+    for split, named in (("val", "deep_sad"), ("test", "two_of_three")):
+        (tmp_path / f"eval-pipeline-{split}").mkdir()
+        report = {"default_policy": named, "deep_sad": row(0.111 if split == "val" else 0.222),
+                  "two_of_three": row(0.333 if split == "val" else 0.444)}
+        (tmp_path / f"eval-pipeline-{split}" / "pipeline_metrics.json").write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, "weights/finalize.py", "table", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "0.333 (3)" in done.stdout and "0.444 (3)" in done.stdout and "0.111" not in done.stdout

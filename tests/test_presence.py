@@ -14,7 +14,7 @@ from models.detector import DetectorConfig, build_detector
 from models.io import load_card, load_weights
 from pipelines.data.manifest import load_manifest
 from pipelines.engine.presence import colour_histograms, detect_with_features, load_presence
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label
 from pipelines.training.presence import (PhotoFeatures, PresenceTrainConfig, balanced_threshold, fit_head,
                                          new_source_rates, train_presence, zoomed)

@@ -116,6 +116,19 @@ def test_k_fold_rotations_test_every_patient_once_and_keep_held_out_sources_in_t
         fold_split(df, 5, 0, test_only_sources=["nowhere"])
 
 
+def test_a_patient_in_a_held_out_source_and_in_the_rotation_is_refused():
+    """Held-out sources are test in every rotation: a patient also filed under a rotating source
+    landed in train there and in test here, with exit 0."""
+    from pipelines.data.splits import PatientsAcrossSources, fold_split
+
+    df = pd.DataFrame({"patient_id": ["p1", "p2", "p3", "p4", "p1"], "source": ["a", "a", "a", "a", "b"],
+                       "kind": ["regular"] * 5})
+    with pytest.raises(PatientsAcrossSources, match="1 patient_id"):
+        fold_split(df, 3, 0, test_only_sources=["b"])
+    df.loc[4, "patient_id"] = "p9"
+    assert fold_split(df, 3, 0, test_only_sources=["b"])[4] == "test"
+
+
 def test_adding_a_collection_leaves_the_other_collections_folds_alone():
     from pipelines.data.splits import case_folds
 

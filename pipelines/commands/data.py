@@ -114,25 +114,25 @@ def split(
         if len(values) != 3:  # two values used to take the default test share silently
             raise ValueError(f"--fractions needs three shares, train,val,test (0 for none); got {fractions!r}")
         shares = SplitFractions(*values)
-        if folds is not None:
-            if train_sources or val_sources:
-                raise ValueError("--folds takes --test-sources only (held-out sources)")
-            df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
-        elif train_sources or val_sources or test_sources:
-            try:
+        if folds is not None and (train_sources or val_sources):
+            raise ValueError("--folds takes --test-sources only (held-out sources)")
+        try:
+            if folds is not None:
+                df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
+            elif train_sources or val_sources or test_sources:
                 df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
                                                  shares, seed)
-            except PatientsAcrossSources as e:
-                spanning = df["patient_id"].isin(e.patients)
-                if "patient_id_original" not in df or (df["patient_id"] == df["patient_id_original"])[spanning].all():
-                    raise
-                # else "make the IDs unique per source" blamed ids the merge itself had made
-                raise ValueError(f"--merge-duplicates joined copies filed under different sources into one patient "
-                                 f"({len(e.patients)}, e.g. {e.patients[:5]}): a split by source cannot keep a photo "
-                                 "and its copy on one side; take the copies out of one source, or split by patient"
-                                 ) from None
-        else:
-            df["split"] = patient_split(df, shares, seed)
+            else:
+                df["split"] = patient_split(df, shares, seed)
+        except PatientsAcrossSources as e:
+            spanning = df["patient_id"].isin(e.patients)
+            if "patient_id_original" not in df or (df["patient_id"] == df["patient_id_original"])[spanning].all():
+                raise
+            # else "make the IDs unique per source" blamed ids the merge itself had made
+            raise ValueError(f"--merge-duplicates joined copies filed under different sources into one patient "
+                             f"({len(e.patients)}, e.g. {e.patients[:5]}): a split by source cannot keep a photo "
+                             "and its copy on one side; take the copies out of one source, or split by patient"
+                             ) from None
     except (ManifestError, ValueError, TypeError) as e:
         _fail(str(e))
     if groups is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from pipelines.commands.common import _fail, _split_manifest
 from pipelines.commands.engine import DeviceOption, _engine
+from pipelines.outputs import write_json
 
 PhashOption = Annotated[Optional[int], typer.Option(help="Most bits between whole-photo hashes of a near copy "
                                                           "(-1: off; default: DuplicateConfig's).")]
@@ -170,7 +170,7 @@ def eval_duplicates_cmd(
         best, _ = run_sweep(records, truth, cfg, min_precision)
         report["sweep"] = {"min_precision": min_precision, "best": score(records, truth, best, read=read)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report)
     s = report["score"]
     typer.echo(f"{split}: {s['n_originals']} photos, {s['n_copies']} copies; exact recall {s['exact_recall']:.3f}; near "
                + ", ".join(f"{k} {v:.3f}" for k, v in s["near_recall"].items())

@@ -12,6 +12,7 @@ import typer
 
 from pipelines.commands.common import _fail, _manifest, writable_folder
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, policies_for
+from pipelines.outputs import write_json
 
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
@@ -252,7 +253,7 @@ def bench(
                    f"{memory(run)}; labels differing from torch "
                    f"{run['labels_differing_from_first_batched']['count']}; {split}")
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
+        write_json(out, result)
 
 
 def export(

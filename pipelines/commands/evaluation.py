@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from pipelines.commands.common import _fail
+from pipelines.outputs import write_json
 
 
 def _rows(manifest: Path, split: Optional[str]):
@@ -67,7 +67,7 @@ def eval_pipeline_cmd(
         qc.close()
     report = evaluate_pipeline(qc, df, results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_metrics.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "pipeline_metrics.json", report)
     rows = pd.DataFrame([r.csv_row() for r in results])
     rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
     rows.loc[rows["label"] != "non_regular", "kind"] = None
@@ -101,4 +101,4 @@ def baseline_colour_cmd(
             typer.echo(f"{s:>4} {name:>14}: {scores} (n={m['n']}, pos={m['n_positive']})")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "baseline_metrics.json").write_text(json.dumps(report, indent=2))
+        write_json(out / "baseline_metrics.json", report)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.data.schema import DataProblems
 from pipelines.outputs import write_atomically
@@ -41,8 +41,17 @@ class CocoAnnotation(BaseModel):
     image_id: int
     category_id: int
     bbox: list[float] = Field(min_length=4, max_length=4)  # x, y, w, h
-    area: float = 0.0
+    area: float = 0.0  # the box's, when a file leaves it out (see below)
     iscrowd: int = 0
+
+    @model_validator(mode="after")
+    def _area_of_the_box(self) -> CocoAnnotation:
+        """COCO's area ranges (AP small/medium/large) read this field: a file without it put
+        every box in "small" at area 0 (pycocotools itself raises KeyError). Box-only sets
+        have no mask, so the box's own area is the area."""
+        if "area" not in self.model_fields_set:
+            self.area = self.bbox[2] * self.bbox[3]
+        return self
 
 
 class CocoDataset(BaseModel):

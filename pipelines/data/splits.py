@@ -143,6 +143,10 @@ def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}; the manifest has {sorted(set(df['source']))}")
     held = df["source"].isin(list(test_only_sources))
+    # a patient both in a held-out source and in the rotation would be trained on and tested
+    crossing = sorted(set(df.loc[held, "patient_id"]) & set(df.loc[~held, "patient_id"]))
+    if crossing:
+        raise PatientsAcrossSources(crossing)
     folds = pd.Series(-1, index=df.index)
     if (~held).any():
         folds[~held] = case_folds(df[~held], k, seed)

@@ -165,7 +165,8 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
             return choice["policy"]
 
     def val_f1(card) -> float:
-        return float(card.metrics.get("val", {}).get("f1", float("-inf")))
+        f1 = card.metrics.get("val", {}).get("f1")  # null: undefined (no positive)
+        return float(f1) if f1 is not None else float("-inf")
 
     return "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
 

@@ -45,11 +45,13 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> 
     cm = confusion_matrix(y, pred, labels=[0, 1])
     tn, fp = int(cm[0, 0]), int(cm[0, 1])
     both = len(np.unique(y)) == 2
+    # a ratio with nothing to count is undefined (NaN; null in the reports), as specificity
+    # without a regular already was: 0.0 read as "finds none" for a source without one positive
     return BinaryMetrics(
-        sensitivity=float(recall_score(y, pred, zero_division=0)),
+        sensitivity=float(recall_score(y, pred, zero_division=np.nan)),
         specificity=tn / (tn + fp) if tn + fp else float("nan"),
-        precision=float(precision_score(y, pred, zero_division=0)),
-        f1=float(f1_score(y, pred, zero_division=0)),
+        precision=float(precision_score(y, pred, zero_division=np.nan)),
+        f1=float(f1_score(y, pred, zero_division=np.nan)),
         accuracy=float(accuracy_score(y, pred)),
         roc_auc=float(roc_auc_score(y, s)) if both else float("nan"),
         pr_auc=float(average_precision_score(y, s)) if both else float("nan"),
@@ -90,7 +92,11 @@ def margin_threshold(scores: np.ndarray, edge: float, space: Space = "linear") -
     below = s[s < edge]
     if below.size == 0:
         return float(edge)
-    return _from((_to(np.array([below.max()]), space)[0] + _to(np.array([edge]), space)[0]) / 2, space)
+    lo = float(below.max())
+    mid = _from((_to(np.array([lo]), space)[0] + _to(np.array([edge]), space)[0]) / 2, space)
+    if not lo < mid <= edge:  # both clipped in logit or log space (scores under 1e-7 or 1e-12)
+        mid = (lo + edge) / 2
+    return mid if lo < mid <= edge else float(edge)
 
 
 def calibrate_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float | None = None,
@@ -104,7 +110,7 @@ def calibrate_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivi
         raise ValueError("threshold calibration needs both regular and non-regular validation samples")
     if target_sensitivity is not None:
         pos = np.sort(s[y == 1])[::-1]
-        k = int(np.ceil(target_sensitivity * len(pos))) - 1
+        k = int(np.ceil(round(target_sensitivity * len(pos), 9))) - 1  # 0.56 * 25 is 14.000000000000002
         edge = float(pos[max(0, min(k, len(pos) - 1))])
     else:
         precision, recall, thresholds = precision_recall_curve(y, s)

@@ -67,14 +67,16 @@ def evaluate_detections(gt: CocoDataset, predictions: dict[int, Detections]) -> 
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        s = [max(0.0, float(v)) for v in ev.stats[:6]]
+        # -1 is pycocotools' "no ground-truth box in this range": undefined (NaN, null in the
+        # JSON), not 0.0, which read as a detector failing on small and medium cervixes
+        s = [float(v) if v >= 0 else float("nan") for v in ev.stats[:6]]
         metrics = DetectionMetrics(*s, n_images=len(gt.images))
         precision = ev.eval["precision"]  # [T, R, K, A, M]; area "all", maxDets 100
         for k, cat_id in enumerate(ev.params.catIds):
             p = precision[:, :, k, 0, -1]
             valid = p[p > -1]
             name = next(c.name for c in gt.categories if c.id == cat_id)
-            metrics.per_class_ap[name] = float(valid.mean()) if valid.size else 0.0
+            metrics.per_class_ap[name] = float(valid.mean()) if valid.size else float("nan")
     metrics.top1_recall50 = top1_recall(gt, predictions)
     return metrics
 

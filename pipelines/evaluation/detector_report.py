@@ -3,7 +3,6 @@ a manifest is given, and a PNG gallery of predictions beside the ground truth.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from pipelines.data.images import load_rgb
 from pipelines.data.presets import detection_eval
 from pipelines.engine.detector import load_detector, predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
-from pipelines.outputs import finite_or_null
+from pipelines.outputs import write_json
 
 
 def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir: Path,
@@ -42,7 +41,7 @@ def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir:
             report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     # NaN where a figure has no images (no AP without a box): null, so the file is JSON
-    (out_dir / "detector_metrics.json").write_text(json.dumps(finite_or_null(report), indent=2, allow_nan=False))
+    write_json(out_dir / "detector_metrics.json", report)
     if gallery:
         draw_gallery(coco, root, preds, out_dir / "detector_gallery.png", mcard.thresholds.get("score", 0.5), gallery)
     return report

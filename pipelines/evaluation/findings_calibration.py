@@ -20,7 +20,6 @@ degrading a 12 MP original would spend minutes on pixels nobody sees.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone

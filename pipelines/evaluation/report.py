@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import zipfile
 from pathlib import Path
 
@@ -39,9 +40,19 @@ def _png(fig, caption: str) -> str:
 
 
 def _label(run: dict) -> str:
+    """Model, size and split: `eval` writes a val and a test run of one model side by side in
+    one folder, and two rows named alike let a validation figure pass for a test one."""
     name = "Deep SAD" if str(run["model"]) == "deep_sad" else "ResNeSt"
     s = int(run["input_size"])
-    return f"{name}, {s}x{s}"
+    return f"{name}, {s}x{s}, {run.get('split', 'split unknown')}"
+
+
+def _splits(runs: list[dict]) -> str:
+    return ", ".join(sorted({str(r.get("split", "unknown")) for r in runs}))
+
+
+def _figure(v: float) -> str:
+    return f"{v:.3f}" if math.isfinite(v) else "n/a"  # undefined: no positive, or nothing flagged
 
 
 RUN_KEYS = ("model", "input_size", "y", "score", "threshold", "paths", "kinds")
@@ -70,7 +81,7 @@ def table6(runs: list[dict]) -> str:
     for r in runs:
         m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
         rows.append(f"<tr><td>{_label(r)}</td>" + "".join(
-            f"<td>{v:.3f}</td>" for v in (m.sensitivity, m.specificity, m.precision, m.f1, m.accuracy, m.roc_auc)) + "</tr>")
+            f"<td>{_figure(v)}</td>" for v in (m.sensitivity, m.specificity, m.precision, m.f1, m.accuracy, m.roc_auc)) + "</tr>")
     head = "<tr><th></th><th>Sens./recall</th><th>Spec.</th><th>Prec.</th><th>F1</th><th>Acc.</th><th>ROC-AUC</th></tr>"
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -177,7 +188,7 @@ def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
         raise ValueError(f"no *_scores.npz in {eval_dir}: run `cervixqc eval` first")
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if runs:
-        parts += [f"<p>Split: {html.escape(str(runs[0]['split']))}; non-regular (green + iodine) is the positive "
+        parts += [f"<p>Split: {html.escape(_splits(runs))}; non-regular (green + iodine) is the positive "
                   "class; thresholds were chosen on the validation split and stored in each model card.</p>",
                   "<h2>Performance of models (Table 6)</h2>", table6(runs),
                   "<h2>Confusion matrices (Tables 5, 7, 8)</h2>", "".join(confusion(r) for r in runs),

@@ -3,7 +3,6 @@ per source at the threshold stored in its card (chosen on validation, never here
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from torchvision.transforms import v2
 from pipelines.data.crop_set import CropSet, split_crops
 from pipelines.evaluation.classification import metrics_by_group
 from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
+from pipelines.outputs import write_json
 
 
 def crop_size_for(card) -> int:
@@ -42,7 +42,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{card.name}_{card.input_size[0]}_{split}"
-    (out_dir / f"{stem}_metrics.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / f"{stem}_metrics.json", report)
     # Everything the report needs, so it never reruns a model.
     np.savez_compressed(out_dir / f"{stem}_scores.npz", y=y, kinds=crops.kinds.numpy(),
                         sources=np.array(crops.sources), paths=np.array(crops.paths),
