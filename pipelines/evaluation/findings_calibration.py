@@ -144,14 +144,14 @@ def finding_metrics(scores: pd.DataFrame, name: str, threshold: float) -> dict:
     tp, fp = int(flag(pos).sum()), int(flag(neg).sum())
     y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
     s = np.r_[neg[name].to_numpy(), pos[name].to_numpy()]
-    orig = scores[scores["variant"] == "original"]
+    orig, nuisance = scores[scores["variant"] == "original"], scores[scores["variant"] == "nuisance"]
     return {
         "n_degraded": int(len(pos)), "n_undegraded": int(len(neg)),
         "auc": float(roc_auc_score(y, s)) if len(pos) and len(neg) else None,
         "recall": tp / len(pos) if len(pos) else None,
         "precision": tp / (tp + fp) if tp + fp else None,
         "false_flags_original": float(flag(orig).mean()) if len(orig) else None,
-        "false_flags_nuisance": float(flag(scores[scores["variant"] == "nuisance"]).mean()) if len(orig) else None,
+        "false_flags_nuisance": float(flag(nuisance).mean()) if len(nuisance) else None,
         "flags_on_other_degradations": {v: float(flag(d).mean()) for v, d in others.groupby("variant")},
         "false_flags_original_by_source": {src: float(flag(d).mean()) for src, d in orig.groupby("source")},
     }
