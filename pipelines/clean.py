@@ -14,6 +14,7 @@ duplicates.csv.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -31,7 +32,7 @@ import pandas as pd
 
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, spreadsheet_safe
-from pipelines.outputs import write_atomically, write_together
+from pipelines.outputs import sweep_temporaries, write_atomically, write_together
 
 log = logging.getLogger(__name__)
 QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
@@ -199,11 +200,31 @@ class StateStore:
             self._lock = None
 
 
+class QuarantineUnwritable(OSError):
+    """The quarantine itself takes no copy (full, read-only, no permission). Raised before the
+    batch's rows are stored, so that the run (or the job, on retry) does the batch again once
+    the folder is fixed: stored rows without their copies were flagged photos left in the
+    collection, with the run reported done."""
+
+
+_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _quarantine_fault(e: OSError, qdir: Path) -> bool:
+    """The folder's fault, not the file's: no space or a read-only file system, or no
+    permission on a path inside the quarantine (an unreadable original is the file's)."""
+    if e.errno in _FOLDER_ERRORS:
+        return True
+    named = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
+    return e.errno in (errno.EACCES, errno.EPERM) and any(p.is_relative_to(qdir) for p in named)
+
+
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
                        link: bool = True) -> None:
     """Each result's file into every folder `quarantine_folders` names (files gone since are
     skipped). A file the OS cannot stat or copy (a name too long for it, a link loop) is
-    skipped and counted: it failed its whole batch, on every retry of the job."""
+    skipped and counted: it failed its whole batch, on every retry of the job. A quarantine
+    that cannot be written raises QuarantineUnwritable."""
     failed = 0
     for r in results:
         folders = quarantine_folders(r, findings)
@@ -211,7 +232,11 @@ def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, 
             if folders and on_disk(src_root, r.path).is_file():
                 for folder in folders:
                     quarantine_copy(src_root, r.path, folder, qdir, link)
-        except OSError:
+        except OSError as e:
+            if _quarantine_fault(e, qdir):
+                raise QuarantineUnwritable(e.errno, f"the quarantine cannot be written ({e.strerror}); this batch "
+                                                    "was not stored: free space or fix the folder's permissions, "
+                                                    "then resume (the same command again, or retry the job)") from None
             failed += 1
     if failed:  # counted, not named: logs carry no file names
         log.warning("%d flagged files could not be copied into the quarantine", failed)
@@ -318,6 +343,16 @@ def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], byt
     return duplicates_of_records(records, DuplicateConfig(), read)
 
 
+def open_run(src: Path, out_dir: Path, quarantine: Path | None) -> StateStore:
+    """The results folder's state, this run's from here on (flock), with the temporary files an
+    earlier, killed run left in it and in the quarantine swept away (local and Ray runs)."""
+    store = StateStore(out_dir / "state.sqlite", source=src)
+    for folder in (out_dir, quarantine):
+        if folder is not None and folder.is_dir():
+            sweep_temporaries(folder)
+    return store
+
+
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
           progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = (),
           pixel_check: bool = True) -> CleanSummary:
@@ -326,7 +361,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src)
-    store = StateStore(out_dir / "state.sqlite", source=src)
+    store = open_run(src, out_dir, quarantine)
     t0 = time.perf_counter()
     try:
         done = store.done() & set(inputs)

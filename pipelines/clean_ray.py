@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, StateStore, check_outputs, finish_run, list_inputs, on_disk,
+from pipelines.clean import (CleanSummary, check_outputs, finish_run, list_inputs, on_disk, open_run,
                              quarantine_results)
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import QCResult
@@ -67,7 +67,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     check_outputs(src, out_dir, quarantine)
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src)
-    store = StateStore(out_dir / "state.sqlite", source=src)
+    store = open_run(src, out_dir, quarantine)
     t0 = time.perf_counter()
     started_here = False
     try:

@@ -17,15 +17,40 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 Writer = Callable[[Path], object]
 
 
+TEMPORARY = re.compile(r"\.[0-9a-f]{16}\.tmp")  # the names _temporary gives
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{secrets.token_hex(8)}.tmp")
+
+
+def sweep_temporaries(folder: Path, older_than_s: float = 3600.0) -> int:
+    """Remove the temporary files a writer killed mid-write left (SIGKILL, a power cut): the
+    removal on failure above runs only in a live process, and hidden half-copies of patients'
+    photos piled up in quarantines. Only those whose inode changed over `older_than_s` ago (ctime:
+    a copy's mtime is its original's), so a live writer's file is never taken from under it.
+    Returns how many went."""
+    gone, cutoff = 0, time.time() - older_than_s
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if TEMPORARY.fullmatch(name):
+                path = Path(parent, name)
+                try:
+                    if path.lstat().st_ctime < cutoff:
+                        path.unlink()
+                        gone += 1
+                except OSError:  # gone meanwhile, or not ours to remove: left as it is
+                    pass
+    return gone
 
 
 def write_atomically(path: Path, write: Writer) -> Path:

@@ -24,6 +24,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddle
 
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
+from service import state_lock
 from service.batcher import MicroBatcher
 from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
 from service.gate import EngineGate
@@ -63,6 +64,7 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
                            settings.max_wait_ms, settings.max_queue, settings.max_queue_bytes)
     store = JobStore(settings.state_dir / "jobs.sqlite", settings.store_busy_timeout_s)
+    metrics.count_active_jobs(store.count_active)
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
                        settings.quarantine_findings, settings.duplicate_pixel_check)
@@ -76,7 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
-        state = await asyncio.to_thread(_build_state, settings, metrics)
+        lock = state_lock.hold(settings.state_dir)  # before any job can be taken up
+        try:
+            state = await asyncio.to_thread(_build_state, settings, metrics)
+        except BaseException:
+            lock.close()
+            raise
         # the models' and libraries' objects live as long as the process: out of the collector's
         # sight, a full collection no longer walks them (it paused requests for ~250 ms, seen in
         # `python -m tests.benchmarks.review_grid`)
@@ -94,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.runner.stop()
             await state.batcher.stop()
             state.qc.close()
+            lock.close()
 
     # the API's documentation is keyed like the API: service/routes/docs.py
     app = FastAPI(title="cervixqc", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,

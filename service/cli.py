@@ -38,12 +38,37 @@ def serve(
         settings = Settings()
     except ValidationError as e:
         _fail("; ".join(_named(err) for err in e.errors()))
-    problem = _preflight(settings)
+    host, port = host or settings.host, port or settings.port
+    problem = _preflight(settings) or _bindable(host, port)
     if problem:
         _fail(problem)
     # The app by name, so uvicorn builds it; settings are read again there from the same environment.
-    uvicorn.run("service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port,
-                workers=1, log_level="info")
+    # Open connections get GRACE_S to finish on SIGTERM: a client trickling an upload kept the
+    # process up past compose's stop_grace_period, and Docker's SIGKILL followed.
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=1, log_level="info",
+                timeout_graceful_shutdown=GRACE_S)
+
+
+GRACE_S = 8  # + the job runner's stop (JobRunner.stop) stays inside docker-compose.yml's stop_grace_period
+
+
+def _bindable(host: str, port: int) -> str | None:
+    """The address, tried before the models load: a port in use failed only after them, with
+    uvicorn's "[Errno 98]" naming no setting, and the job runner had already taken up a job."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"CERVIXQC_HOST (or --host) {host!r}: not an address this machine has ({e.strerror})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            return f"CERVIXQC_PORT (or --port) {port} on {host}: cannot listen there ({e.strerror})"
+    return None
 
 
 def _named(err: dict) -> str:
@@ -59,19 +84,25 @@ def _preflight(settings) -> str | None:
     that is a file, a damaged weights card, a CUDA device on a machine without one), or in a
     service that reported ready and then failed every job (a data root or quarantine that is
     no folder)."""
-    from models.io import WeightsIntegrityError, verified_card
-    from pipelines.engine.qc import resolve_device
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import check_weights, resolve_device
+    from service.state_lock import in_use
     from service.ui.session import load_secret
 
-    for name in ("detector", "deep_sad", "classifier"):
-        try:
-            verified_card(settings.weights_dir / f"{name}.json")
-        except WeightsIntegrityError as e:
-            return str(e)
+    try:  # every card the engine reads, exports too unless torch runs the models
+        check_weights(settings.weights_dir, exports=settings.runtime != "torch")
+    except WeightsIntegrityError as e:
+        return str(e)
     try:
         writable_folder("CERVIXQC_STATE_DIR", settings.state_dir)
+        # the jobs' results: a separate mount in docker-compose.yml, and an unwritable one
+        # failed every job after its whole engine pass
+        writable_folder("CERVIXQC_STATE_DIR (its jobs/ folder, the jobs' results)", settings.state_dir / "jobs")
     except ValueError as e:
         return str(e)
+    busy = in_use(settings.state_dir)
+    if busy:
+        return busy
     try:
         load_secret(settings.session_secret_file)
     except (OSError, ValueError) as e:
@@ -81,6 +112,10 @@ def _preflight(settings) -> str | None:
             return f"CERVIXQC_DATA_ROOTS: {root} is not a folder"
     if settings.quarantine_root.exists() and not settings.quarantine_root.is_dir():
         return f"CERVIXQC_QUARANTINE_ROOT: {settings.quarantine_root} is not a folder"
+    try:  # a quarantine that takes no copy let jobs end `done` with their flagged photos left in place
+        writable_folder("CERVIXQC_QUARANTINE_ROOT", settings.quarantine_root)
+    except ValueError as e:
+        return str(e)
     try:
         resolve_device(settings.device)
     except ValueError as e:

@@ -6,6 +6,9 @@ Triton's exec_count vs count and Ray Serve's actual_batch_size.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -32,3 +35,14 @@ class Metrics:
                                 registry=r)
         self.job_items = Counter("cervixqc_job_items", "Files processed by batch-cleaning jobs", registry=r)
         self.jobs_active = Gauge("cervixqc_jobs_active", "Jobs queued or running", registry=r)
+
+    def count_active_jobs(self, count: Callable[[], int]) -> None:
+        """The gauge read from the job store at each scrape: set when the runner took a job up,
+        it said 1 while four jobs queued behind a long one. A store busy past its timeout
+        reads NaN (unknown) rather than failing the scrape."""
+        def read() -> float:
+            try:
+                return float(count())
+            except sqlite3.Error:
+                return float("nan")
+        self.jobs_active.set_function(read)

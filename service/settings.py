@@ -32,7 +32,8 @@ log = logging.getLogger("cervixqc.service")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CERVIXQC_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CERVIXQC_", extra="ignore",
+                                      allow_inf_nan=False)  # "inf" seconds overflowed SQLite and the session clock
 
     # models
     weights_dir: Path = Path("weights")
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
     auth_disabled: bool = False
     # browser pages (/ui): a signed-in session lasts this long; its signing secret is made once
     # and kept in this file (default: state_dir/session-secret), so sessions survive restarts
-    session_max_age_s: float = Field(8 * 3600, gt=0)
+    session_max_age_s: float = Field(8 * 3600, gt=0, le=30 * 86400)
     session_secret_file: Path | None = None
 
     # files the jobs may read, and where the service writes
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
     duplicate_pixel_check: bool = True
     # how long a call waits for another writer's lock on jobs.sqlite; past it a request gets
     # 503 with Retry-After and the job runner backs off and tries again
-    store_busy_timeout_s: float = Field(30.0, gt=0)
+    store_busy_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     # batching and load
     max_batch_size: int = Field(16, ge=1, le=512)
@@ -84,7 +85,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1)  # images waiting for the engine; past it: 503
     # their bytes too: 256 images of up to 64 MB each held 16 GB in RAM; at least one request's
     max_queue_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)
     job_batch_size: int = Field(8, ge=1, le=512)
 
     # input limits

@@ -278,6 +278,40 @@ def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights
         pd.read_csv(io.BytesIO(before))) - 1
 
 
+def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next_run_copies_it(
+        weights, collection, tmp_path, monkeypatch):
+    """Copies that failed for want of space were counted in a warning and their rows stored:
+    the run said done, a rerun skipped them, and flagged photos stayed in the collection."""
+    import shutil
+
+    from pipelines.clean import QuarantineUnwritable
+
+    out, q = tmp_path / "out", tmp_path / "q"
+    real_copy = shutil.copy2
+
+    def disk_full(src, dst, *a, **kw):  # the quarantine's disk, full after its first copy
+        if list(q.rglob("*.*")):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_copy(src, dst, *a, **kw)
+
+    def other_disk(src, dst, *a, **kw):
+        raise OSError(18, "Invalid cross-device link")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", other_disk)  # a quarantine on another disk: copies, not links
+        m.setattr(shutil, "copy2", disk_full)
+        with pytest.raises(QuarantineUnwritable, match="this batch was not stored"):
+            clean(QCPipeline(weights), collection, out, q, batch_size=4)
+    with sqlite3.connect(out / "state.sqlite") as db:
+        stored = db.execute("SELECT count(*) FROM results").fetchone()[0]
+    assert stored < len(list(collection.rglob("*.*")))  # the failed batch is not among them
+    summary = clean(QCPipeline(weights), collection, out, q, batch_size=4)
+    rows = pd.read_csv(out / "results.csv")
+    flagged = rows[rows["label"] != "regular"]
+    copies = {str(p.relative_to(q)).split("/", 1)[1] for p in q.rglob("*") if p.is_file()}
+    assert summary.skipped_done == stored and set(flagged["path"]) <= copies and len(flagged) > 1
+
+
 def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
     from pipelines.clean import list_inputs
 

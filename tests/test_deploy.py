@@ -150,7 +150,8 @@ def test_the_build_context_leaves_out_environments_caches_and_data_and_keeps_the
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for path in (".venv/bin/python", ".cache/real-data/x.jpg", ".git/HEAD", ".tools/bin/uv", "tests/test_deploy.py",
-                 "pipelines/__pycache__/cli.cpython-311.pyc", "weights/recipe.sh", "weights/data/hard_negatives.csv"):
+                 "pipelines/__pycache__/cli.cpython-311.pyc", "weights/recipe.sh", "weights/data/hard_negatives.csv",
+                 "secrets/api-keys", ".env", "results/job/results.csv", "quarantine/non_regular/a.jpg"):
         assert _docker_ignored(path, patterns), path
     shipped = [p.name for p in (REPO / "weights").iterdir()
                if p.suffix in (".json", ".safetensors", ".xml", ".bin") or p.name == "README.md"]

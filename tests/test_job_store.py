@@ -1,6 +1,7 @@
 """The SQLite job store's item counts: kept in step with the items, never double-counted,
 and backfilled once for a file written before the counts table existed."""
 
+import re
 import sqlite3
 
 from pipelines.engine.qc_result import Label, QCResult
@@ -164,3 +165,19 @@ def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missi
         assert not store.requeue(job.id)  # a finished job is not retried
     finally:
         runner.stop()
+
+
+def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrape(tmp_path):
+    """Set only when the runner took a job up, it read 1 while three more queued behind it."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    store, metrics = JobStore(tmp_path / "jobs.sqlite"), Metrics()
+    metrics.count_active_jobs(store.count_active)
+    scrape = lambda: re.search(r"^cervixqc_jobs_active (\S+)$", generate_latest(metrics.registry).decode(), re.M)[1]  # noqa: E731
+    jobs = [store.create("src", None, "resnest", tmp_path) for _ in range(4)]
+    store.transition(jobs[0].id, "running")
+    assert float(scrape()) == 4
+    store.transition(jobs[0].id, "done")
+    assert float(scrape()) == 3

@@ -427,6 +427,15 @@ def test_a_server_killed_with_sigkill_mid_job_finishes_it_after_restart(tmp_path
     assert _checksums(src) == before
 
 
+def test_a_second_service_on_the_same_state_folder_refuses_to_start(server, weights, tmp_path):
+    """Two processes on one state folder both ran the same job, every photo twice (uvicorn
+    started directly: the lock is the app's, not only `cervixqc serve`'s check)."""
+    with pytest.raises(RuntimeError, match="another cervixqc service"):
+        start_server(tmp_path / "second", weights, state_dir=server.env["CERVIXQC_STATE_DIR"], ready_timeout=90)
+    with server.client() as c:
+        assert c.get("/readyz").status_code == 200  # the first one serves on
+
+
 def test_a_405_names_every_method_the_path_serves(server):
     r = httpx.request("OPTIONS", server.url + "/v1/jobs", headers=HEADERS)
     assert r.status_code == 405 and {"GET", "POST"} <= set(r.headers["allow"].split(", "))

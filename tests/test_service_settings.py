@@ -36,16 +36,28 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     variable's name, or a service that reported ready and then failed every job."""
     from typer.testing import CliRunner
 
+    import socket
+
+    from service import state_lock
     from service.cli import app
     from tests.qc_fixtures import tiny_weights
 
     weights = tiny_weights(tmp_path / "w", 0.0)
     damaged = tiny_weights(tmp_path / "w2", 0.0)
     (damaged / "classifier.json").write_text((damaged / "classifier.json").read_text()[:40])
+    bad_findings = tiny_weights(tmp_path / "w3", 0.0)
+    (bad_findings / "findings.json").write_text("{")  # an optional card: failed inside the startup
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     (tmp_path / "short-secret").write_text("operator-chosen-secret")
     (tmp_path / "latin1-keys").write_bytes("clé-0123456789abcdefghij\n".encode("latin-1"))
+    (jobs_a_file := tmp_path / "state-jobs-a-file").mkdir()
+    (jobs_a_file / "jobs").write_text("")
+    held = tmp_path / "state-held"
+    lock = state_lock.hold(held)  # as a running service holds it
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
     monkeypatch.setenv("CERVIXQC_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))  # serve sets it for uvicorn: restored after the test
@@ -59,11 +71,22 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_SESSION_SECRET_FILE": str(tmp_path / "short-secret")}, weights, "needs at least 32"),
              ({"CERVIXQC_API_KEYS_FILE": str(tmp_path / "latin1-keys")}, weights,
               "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),
-             ({}, damaged, "classifier.json: not a readable model card")]
+             ({}, damaged, "classifier.json: not a readable model card"),
+             ({}, bad_findings, "findings.json"),
+             # "inf" seconds overflowed SQLite's timeout, and every sign-in was a 500
+             ({"CERVIXQC_STORE_BUSY_TIMEOUT_S": "inf"}, weights, "CERVIXQC_STORE_BUSY_TIMEOUT_S"),
+             ({"CERVIXQC_SESSION_MAX_AGE_S": "inf"}, weights, "CERVIXQC_SESSION_MAX_AGE_S"),
+             ({"CERVIXQC_STATE_DIR": str(jobs_a_file)}, weights, "its jobs/ folder, the jobs' results"),
+             ({"CERVIXQC_STATE_DIR": str(held)}, weights, "another cervixqc service (pid"),
+             ({"CERVIXQC_PORT": str(taken.getsockname()[1])}, weights, f"CERVIXQC_PORT (or --port) "
+                                                                       f"{taken.getsockname()[1]} on 127.0.0.1"),
+             ({"CERVIXQC_HOST": "256.1.1.1"}, weights, "CERVIXQC_HOST (or --host) '256.1.1.1'")]
     for env, folder, message in cases:
         r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (env, r.output)
     assert (tmp_path / "short-secret").read_text() == "operator-chosen-secret"  # refused, not replaced
+    lock.close()
+    taken.close()
 
 
 def test_a_key_file_others_can_read_is_warned_about(monkeypatch, tmp_path, caplog):

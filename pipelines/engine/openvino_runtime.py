@@ -185,11 +185,9 @@ def read_card(weights: Path, name: str) -> ExportCard | None:
                                     "again, or delete the .openvino.* files to convert at start") from None
 
 
-def load_exported(weights: Path, name: str, source: ModelCard):
-    """The exported OpenVINO model for `name` from `weights`, or None when there is none;
-    refused when it was exported from other weights or its files do not match its card."""
-    import openvino as ov
-
+def verified_export(weights: Path, name: str, source: ModelCard) -> ExportCard | None:
+    """The export's card, None without one; refused when it was exported from other weights
+    or its files do not match its card (also the service's check before the models load)."""
     path = card_path(weights, name)
     card = read_card(weights, name)
     if card is None:
@@ -203,6 +201,17 @@ def load_exported(weights: Path, name: str, source: ModelCard):
         if actual != want:
             raise WeightsIntegrityError(f"{weights / file}: sha256 {actual[:16]} does not match its card's "
                                         f"{want[:16]}...; refusing to load")
+    return card
+
+
+def load_exported(weights: Path, name: str, source: ModelCard):
+    """The exported OpenVINO model for `name` from `weights`, or None when there is none
+    (`verified_export`'s checks first)."""
+    import openvino as ov
+
+    card = verified_export(weights, name, source)
+    if card is None:
+        return None
     # read into memory, not mapped: a mapped .bin stays resident (97 MB for the classifier's
     # float32 weights) after compiling has copied them at the runtime's precision
     return ov.Core().read_model(weights / card.xml, config={"ENABLE_MMAP": False})

@@ -207,6 +207,25 @@ def loading(card: Path) -> Iterator[None]:
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
 
 
+def check_weights(weights: Path, exports: bool = True) -> None:
+    """Every card of a weights folder the engine would read, checked as loading checks it but
+    without building a model (cards, sha256s, an export made from other weights, the findings'
+    thresholds): the service's check before it starts, since a failure inside its startup was a
+    70-line traceback, repeated by every restart. WeightsIntegrityError naming the file."""
+    cards = {}
+    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
+        card = weights / f"{name}.json"
+        if name in ("detector", "deep_sad", "classifier") or card.is_file():
+            with loading(card):
+                cards[name] = verified_card(card)
+    if (weights / "findings.json").is_file():
+        with loading(weights / "findings.json"):
+            load_findings_card(weights / "findings.json")
+    if exports:
+        for name in ("detector", "deep_sad", "classifier"):
+            openvino_runtime.verified_export(weights, name, cards[name])
+
+
 class QCPipeline:
     def __init__(self, weights_dir: str | Path, config: QCConfig | None = None) -> None:
         self.cfg = config or QCConfig()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines.clean import collection_duplicates, export_records, list_inputs, on_disk, quarantine_results
 from pipelines.engine.qc_result import Label, QCResult
+from pipelines.outputs import sweep_temporaries
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
 from service.metrics import Metrics
@@ -75,7 +76,6 @@ class JobRunner:
 
     def _step(self) -> None:
         job = self.store.next_active()
-        self.metrics.jobs_active.set(self.store.count_active())
         if job is None:
             self._wake.wait(1.0)
             self._wake.clear()
@@ -105,6 +105,9 @@ class JobRunner:
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]
         qdir = self.quarantine_root / job.quarantine if job.quarantine else None
+        swept = sum(sweep_temporaries(d) for d in (qdir, Path(job.out_dir)) if d is not None and d.is_dir())
+        if swept:
+            log.info("job %s: removed %d temporary files an earlier, killed run left", job.id, swept)
         for start in range(0, len(todo), self.batch_size):
             if self._stop.is_set():
                 return  # left `running`: the next start resumes it

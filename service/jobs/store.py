@@ -202,7 +202,8 @@ class JobStore:
                            [(job_id, label, n) for label, n in added.items()])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) was rolled back already: its error is the one to see
+                db.execute("ROLLBACK")
             raise
 
     def set_duplicates(self, job_id: str, groups: Iterable[tuple[str, int, str, str]]) -> int:
@@ -224,7 +225,8 @@ class JobStore:
                 n += 1
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT (disk full) was rolled back already: its error is the one to see
+                db.execute("ROLLBACK")
             raise
         return n
 

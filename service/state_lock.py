@@ -1,0 +1,51 @@
+"""One service per state folder.
+
+Two processes on one STATE_DIR (two replicas on one volume, a restart overlapping the old
+process, a second `serve` whose port turned out taken) both took up the same job: every photo
+went through the engine twice, each process's priority for uploads governed only its own jobs,
+and a second `serve` started jobs before it failed to bind. An exclusive lock on a file in the
+folder, held by the process for its life, makes the second refuse to start; the kernel drops it
+when the process ends, however it ends, so a killed service leaves nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+LOCK_NAME = "service.lock"
+
+
+class StateDirInUse(RuntimeError):
+    pass
+
+
+def hold(state_dir: Path) -> IO[str]:
+    """The lock, held until the returned file is closed (or the process ends)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise StateDirInUse(f"CERVIXQC_STATE_DIR {state_dir}: another cervixqc service (pid {pid}) uses this folder; "
+                            "two would run the same jobs twice: stop it, or give this one a state folder of its "
+                            "own") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def in_use(state_dir: Path) -> str | None:
+    """Why the folder cannot be taken now, or None (taken and let go at once: the check before
+    the models load, for a one-line error instead of a failed startup's traceback)."""
+    try:
+        hold(state_dir).close()
+    except StateDirInUse as e:
+        return str(e)
+    return None
