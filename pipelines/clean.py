@@ -55,6 +55,7 @@ class CleanSummary:
     seconds: float = 0.0
     results_csv: Path | None = None
     results_parquet: Path | None = None
+    decision: dict | None = None  # the policy and the models' sha256s every row was labelled under
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
@@ -133,9 +134,11 @@ class StateStore:
     lock (`.lock`, flock, released by the kernel when the process dies, kill -9 included)
     refuses a second run into it (two runs did every file twice and raced on the exports'
     temporary files), and the source it was first filled from is recorded and must match
-    (another source's rows with the same relative paths were taken as already done)."""
+    (another source's rows with the same relative paths were taken as already done). So is
+    the `decision` (policy and models' sha256s, `QCPipeline.decision`): a rerun with another
+    policy or other weights counted every row as done and kept the old labels, unsaid."""
 
-    def __init__(self, path: Path, source: Path | None = None) -> None:
+    def __init__(self, path: Path, source: Path | None = None, decision: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.folder = path.parent
         self._lock = None
@@ -154,6 +157,8 @@ class StateStore:
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         if source is not None:
             self._claim(str(source.resolve()))
+        if decision is not None:
+            self._claim_decision(decision)
 
     def _claim(self, source: str) -> None:
         with self.db:
@@ -165,6 +170,28 @@ class StateStore:
             self.close()
             raise ResultsFolderError(f"{self.folder} holds the results of another source ({row[0]}); choose "
                                      "another --out, or delete it to start over")
+
+    def _claim_decision(self, decision: dict) -> None:
+        with self.db:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()
+            if row is None:  # new, or filled before decisions were recorded: taken as this one's
+                self.db.execute("INSERT INTO meta VALUES ('decision', ?)", (json.dumps(decision, sort_keys=True),))
+                return
+        before = json.loads(row[0])
+        if before == decision:
+            return
+        self.close()
+        changed = [f"policy {before.get('policy')} -> {decision['policy']}"] if before.get("policy") != decision["policy"] else []
+        models = before.get("models", {})
+        changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
+                    if models.get(name) != decision["models"].get(name)]
+        raise ResultsFolderError(f"{self.folder} holds labels decided otherwise ({', '.join(changed)}): its rows count "
+                                 "as done and would keep their old labels; choose another --out, or delete it to "
+                                 "label everything again")
+
+    def decision(self) -> dict | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()
+        return json.loads(row[0]) if row else None
 
     def done(self) -> set[str]:
         """Paths with a final row. A file the OS could not read (missing, no permission, an I/O
@@ -291,7 +318,7 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
     store.mark_exported()
     labels = Counter(r.label.value for r in store.records() if r.path in current)
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
-                           csv_path, pq_path)
+                           csv_path, pq_path, store.decision())
     write_atomically(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
     return summary
@@ -343,10 +370,11 @@ def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], byt
     return duplicates_of_records(records, DuplicateConfig(), read)
 
 
-def open_run(src: Path, out_dir: Path, quarantine: Path | None) -> StateStore:
-    """The results folder's state, this run's from here on (flock), with the temporary files an
-    earlier, killed run left in it and in the quarantine swept away (local and Ray runs)."""
-    store = StateStore(out_dir / "state.sqlite", source=src)
+def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) -> StateStore:
+    """The results folder's state, this run's from here on (flock; the same source and
+    decision as its rows), with the temporary files an earlier, killed run left in it and in
+    the quarantine swept away (local and Ray runs)."""
+    store = StateStore(out_dir / "state.sqlite", source=src, decision=decision)
     for folder in (out_dir, quarantine):
         if folder is not None and folder.is_dir():
             sweep_temporaries(folder)
@@ -361,7 +389,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src)
-    store = open_run(src, out_dir, quarantine)
+    store = open_run(src, out_dir, quarantine, qc.decision)
     t0 = time.perf_counter()
     try:
         done = store.done() & set(inputs)

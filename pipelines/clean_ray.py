@@ -22,19 +22,17 @@ import numpy as np
 
 from pipelines.clean import (CleanSummary, check_outputs, finish_run, list_inputs, on_disk, open_run,
                              quarantine_results)
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import QCResult
 
 _FIELDS = ("record",)
 
 
 class QCActor:
-    def __init__(self, weights: str, policy: str | None, root: str, jpeg_decoder: str = "pil") -> None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.qc = QCPipeline(weights, QCConfig(device=device, policy=policy,
-                                               jpeg_decoder=jpeg_decoder))  # type: ignore[arg-type]
+    def __init__(self, weights: str, root: str, config: dict) -> None:
+        """`config`: QCConfig's fields as the command gave them (device, runtime and precision
+        were dropped here before: a Ray run asked for torch at f32 ran OpenVINO's default)."""
+        self.qc = QCPipeline(weights, QCConfig(**config))
         self.root = root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -46,7 +44,8 @@ class QCActor:
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
-              quarantine_findings: Collection[str] = (), pixel_check: bool = True, **ray_init: object) -> CleanSummary:
+              quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
+              runtime: str = "auto", precision: str = "auto", **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
 
     Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
@@ -67,7 +66,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     check_outputs(src, out_dir, quarantine)
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src)
-    store = open_run(src, out_dir, quarantine)
+    store = open_run(src, out_dir, quarantine, decision_for(Path(weights), policy))
     t0 = time.perf_counter()
     started_here = False
     try:
@@ -78,13 +77,15 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             if started_here:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                          **ray_init)
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+            gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
             # one block per batch: Ray's default cut 33 rows into 18 blocks of one or two
             ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // batch_size))
             ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
-                                fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "policy": policy,
-                                                       "root": str(src_root), "jpeg_decoder": jpeg_decoder})
+                                fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "root": str(src_root),
+                                                       "config": {"policy": policy, "jpeg_decoder": jpeg_decoder,
+                                                                  "device": device, "runtime": runtime,
+                                                                  "precision": precision}})
             finished = len(done)
             for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 results = [QCResult.model_validate_json(r) for r in batch["record"]]

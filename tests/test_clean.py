@@ -125,7 +125,8 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     paths[k] = str(collection / paths[k])
     pd.DataFrame({"path": paths}).to_csv(collection / "manifest.csv", index=False)
     manifest = collection / "manifest.csv"
-    assert QCActor(str(weights), None, str(collection), "torchvision").qc.cfg.jpeg_decoder == "torchvision"
+    actor = QCActor(str(weights), str(collection), {"jpeg_decoder": "torchvision", "runtime": "torch", "device": "cpu"})
+    assert (actor.qc.cfg.jpeg_decoder, actor.qc.runtime) == ("torchvision", "torch")  # runtime was dropped
     local = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), manifest, tmp_path / "local",
                   batch_size=4)
     on_ray = clean_ray(weights, manifest, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
@@ -216,6 +217,22 @@ def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_stil
     assert (again.total, again.processed_now, len(rows)) == (first.total - 1, 0, first.total - 1)
     assert gone.relative_to(collection).as_posix() not in set(rows["path"])
     assert json.loads((out / "summary.json").read_text())["total"] == first.total - 1
+
+
+def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weights, collection, tmp_path):
+    """A rerun with another policy counted every row as done: results.csv kept the old labels,
+    and nothing in the folder said which policy made them."""
+    from pipelines.clean import ResultsFolderError
+
+    out = tmp_path / "out"
+    first = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    assert first.decision["policy"] == "deep_sad" and set(first.decision["models"]) == {
+        "detector", "deep_sad", "classifier"}
+    assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
+    with pytest.raises(ResultsFolderError, match="policy deep_sad -> resnest"):
+        clean(QCPipeline(weights, QCConfig(policy="resnest")), collection, out, batch_size=8)
+    again = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    assert again.skipped_done == first.total
 
 
 def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_before_any_model_loads(weights, collection,

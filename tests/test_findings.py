@@ -270,3 +270,12 @@ def test_a_photo_stage0_calls_no_cervix_gets_findings_of_the_whole_frame_despite
     image = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
     whole = finding_scores(resized_crops([image], whole_frames([image]), 128))
     assert result.findings["dark"].score == pytest.approx(float(whole["dark"][0]), abs=1e-3)
+
+
+def test_a_finding_is_flagged_on_the_score_as_stored():
+    """0.6358399 was stored as 0.63584 but left unflagged at a threshold of 0.63584."""
+    from pipelines.engine.findings import FINDINGS, FindingsCard, judge
+
+    card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, 0.63584))
+    found = judge({name: torch.tensor([0.6358399, 0.63583]) for name in FINDINGS}, card)
+    assert [(f["blur"].score, f["blur"].flagged) for f in found] == [(0.63584, True), (0.63583, False)]

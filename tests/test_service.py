@@ -333,6 +333,9 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
     assert group["scene.jpg"] == group["clinic_a/scene_cropped.jpg"] != ""
     assert len(jsonl) == len(got) and job["id"] in {j["id"] for j in listed}
     assert _checksums(src) == before
+    # the download is the job's results.csv on disk byte for byte (it was CRLF against LF)
+    on_disk = Path(server.env["CERVIXQC_STATE_DIR"]) / "jobs" / job["id"] / "results.csv"
+    assert csv_text.encode() == on_disk.read_bytes()
     quarantine = Path(server.env["CERVIXQC_STATE_DIR"]) / "quarantine" / "batch1"
     flagged = got[got["label"] != "regular"]
     for _, row in flagged.iterrows():

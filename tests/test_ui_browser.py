@@ -183,7 +183,7 @@ def test_both_corrections_are_in_the_csv_and_the_coco_export(page, photos):
     rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
     assert len(rows) == 61
     row = next(r for r in rows if int(r["item"]) == item)
-    assert row["reviewed_label"] == "green" and row["model_label"] in ("regular", "non_regular")
+    assert row["reviewed_class"] == "green" and row["model_label"] in ("regular", "non_regular")
     assert (row["final_label"], row["final_kind"]) == ("non_regular", "green")
     assert row["reviewed_by"].startswith("key-") and API_KEY not in row["reviewed_by"]
     box = json.loads(row["final_box"])
@@ -208,7 +208,7 @@ def test_both_corrections_are_in_the_csv_and_the_coco_export(page, photos):
 def test_applying_the_review_puts_a_copy_in_the_final_labels_folder(page, server, photos):
     job = page.url.split("/ui/jobs/")[1].split("/")[0]
     rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
-    row = next(r for r in rows if not r["reviewed_label"] and r["model_label"] == "non_regular")
+    row = next(r for r in rows if not r["reviewed_class"] and r["model_label"] == "non_regular")
     page.goto(f"/ui/jobs/{job}/items/{row['item']}")
     _keys_on(page)
     page.keyboard.press("4")  # no cervix

@@ -152,7 +152,7 @@ def _reviewed(tmp_path):
 def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path):
     rows, reviews = _reviewed(tmp_path)
     out = list(csv.DictReader(io.StringIO("".join(manifest_lines(rows, reviews)))))
-    assert [(r["model_label"], r["reviewed_label"], r["final_label"], r["final_kind"]) for r in out] == [
+    assert [(r["model_label"], r["reviewed_class"], r["final_label"], r["final_kind"]) for r in out] == [
         ("regular", "iodine", "non_regular", "iodine"), ("non_regular", "regular", "regular", ""),
         ("no_cervix", "regular", "regular", ""), ("unreadable", "", "unreadable", "")]
     assert json.loads(out[0]["final_box"]) == [12, 8, 48, 52] and json.loads(out[1]["final_box"]) == [20, 20, 60, 60]

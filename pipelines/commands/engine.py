@@ -98,8 +98,8 @@ def clean(
     weights: Annotated[Path, typer.Option()] = Path("weights"),
     policy: PolicyOption = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    device: Annotated[str, typer.Option(help="Local engine's device: auto (cuda when present, else cpu), cpu "
-                                                "or cuda (Ray actors take a GPU where the cluster has one).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda; Ray's actors "
+                                                "too (they hold a GPU where the cluster has one).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
     runtime: RuntimeOption = "auto",
     precision: PrecisionOption = "auto",
@@ -178,7 +178,8 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
             from pipelines.clean_ray import clean_ray
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
-                                jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check)
+                                jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
+                                device=device, runtime=runtime, precision=precision)
         else:
             qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                          precision=precision)

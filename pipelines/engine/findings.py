@@ -110,5 +110,8 @@ def judge(scores: dict[str, torch.Tensor], card: FindingsCard) -> list[dict[str,
     for name in FINDINGS:
         threshold = card.thresholds[name]
         for k, s in enumerate(scores[name].tolist()):
-            out[k][name] = Finding(score=round(s, 5), threshold=threshold, flagged=s >= threshold)
+            # flagged on the score as stored: 0.6358399 was stored 0.63584, unflagged at 0.63584,
+            # and a reader recomputing flags from the scores and thresholds got another answer
+            shown = round(s, 5)
+            out[k][name] = Finding(score=shown, threshold=threshold, flagged=shown >= threshold)
     return out

@@ -30,7 +30,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
-from models.io import WeightsIntegrityError, verified_card
+from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode, read_file
 from pipelines.engine.decode_device import decode_on_device
@@ -205,6 +205,20 @@ def loading(card: Path) -> Iterator[None]:
     except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:300] if str(e) else ""
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
+
+
+def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
+    """What decides a label: the policy and the sha256 of every model that votes. A results
+    folder's rows hold only under the decision that made them (StateStore)."""
+    return {"policy": policy, "models": {c.name: c.sha256 for c in cards if c is not None}}
+
+
+def decision_for(weights: Path, policy: str | None) -> dict:
+    """`decision_of` from a weights folder's cards alone, as an engine built on it decides
+    (a Ray run's driver, whose engines live in the actors)."""
+    det, sad, cls = (verified_card(weights / f"{n}.json") for n in ("detector", "deep_sad", "classifier"))
+    optional = [verified_card(weights / n) if (weights / n).is_file() else None for n in ("presence.json", COLOUR_CARD)]
+    return decision_of(policy or best_policy(sad, cls, optional[1]), [det, sad, cls, *optional])
 
 
 def check_weights(weights: Path, exports: bool = True) -> None:
@@ -479,6 +493,11 @@ class QCPipeline:
         scores = self.presence(hist, feats)
         timings["presence"] = self._stamp(t)
         return dict(zip(image_of, scores.tolist()))
+
+    @property
+    def decision(self) -> dict:
+        return decision_of(self.policy, (self.det_card, self.sad_card, self.cls_card, self.pres_card,
+                                         self.colour_card))
 
     def check_policy(self, policy: Policy) -> None:
         """ValueError, saying why, for a policy these weights cannot run."""

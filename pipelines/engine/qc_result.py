@@ -75,9 +75,12 @@ class QCResult(BaseModel):
     height: int | None = None
     label: Label
     kind: str | None = None  # green | iodine for non_regular
-    cervix_box: list[float] | None = None  # x1, y1, x2, y2 in original pixels
+    # x1, y1, x2, y2 in the photo's pixels as displayed (after its EXIF orientation), as width/height
+    cervix_box: list[float] | None = None
     cervix_score: float | None = None  # the detector's top box score
-    presence_score: float | None = None  # P(cervix in the photo) from the presence model, where there is one
+    # the presence model's score, where there is one: a sum of standardised logits, not a
+    # probability (larger: a cervix; its card's threshold decides, GET /v1/models)
+    presence_score: float | None = None
     deep_sad_score: float | None = None
     resnest_prob: float | None = None
     colour_score: float | None = None  # P(non-regular) from the crop's colour, where the weights carry that model

@@ -127,7 +127,7 @@ def retry_job(job_id: str, state: State) -> JobStatus:
 
 def _csv_lines(records: Iterator[QCResult]) -> Iterator[str]:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_FIELDS)
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")  # as results.csv on disk: one checksum for one table
     writer.writeheader()
     for i, r in enumerate(records, 1):
         writer.writerow(spreadsheet_row(r.csv_row()))

@@ -23,7 +23,7 @@ from service.paths import inside
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
-                   "model_box", "reviewed_label", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
+                   "model_box", "reviewed_class", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
                    "final_kind", "final_box", "flags", "duplicate_group", "duplicate_of", "duplicate_kind"]
 
 
@@ -34,9 +34,11 @@ def _box(b: list[float] | None) -> str:
 def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) -> Iterator[str]:
     """CSV text in chunks: `rows` are (item id, QCResult) in path order. `final_label` is the
     label a cleaned manifest uses (regular / non_regular / no_cervix / unreadable) and
-    `final_kind` the non-regular kind; `model_class` is the model's label and kind in one word, as the pages show it."""
+    `final_kind` the non-regular kind; `model_class` and `reviewed_class` are the model's and the
+    reviewer's label and kind in one word, as the pages show them (`reviewed_label` held "iodine"
+    beside the labels "non_regular" of the other columns, and a filter on it found nothing)."""
     buf = io.StringIO()
-    out = csv.DictWriter(buf, MANIFEST_FIELDS)
+    out = csv.DictWriter(buf, MANIFEST_FIELDS, lineterminator="\n")  # as the CSVs on disk
     out.writeheader()
     for n, (item, r) in enumerate(rows, 1):
         rev = reviews.get(item)
@@ -45,7 +47,7 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
         out.writerow(spreadsheet_row({"item": item, "path": r.path, "sha256": r.sha256, "width": r.width, "height": r.height,
                       "model_class": class_of(r.label.value, r.kind), "model_label": r.label.value,
                       "model_kind": r.kind or "", "model_box": _box(r.cervix_box),
-                      "reviewed_label": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
+                      "reviewed_class": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
                       "reviewed_by": rev.who if rev else "", "reviewed_at": f"{rev.at:.3f}" if rev else "",
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
                       "flags": ";".join(r.flags()), "duplicate_group": r.duplicate_group,
