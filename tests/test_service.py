@@ -365,6 +365,29 @@ def test_a_file_linked_from_outside_the_roots_is_not_read(server, data_root, tmp
     assert rows["inside.jpg"]["label"] != "unreadable"
 
 
+def test_a_request_that_gave_up_leaves_the_queue_at_once_and_its_images_are_never_run(tmp_path, weights):
+    """A timed-out request held its room until the batch reached it (fresh requests got 503
+    with nobody waiting), and a client that hung up still had its images run: under a burst of
+    retries 16 of 64 clients got answers while the engine ran 240 images."""
+    srv = start_server(tmp_path / "srv", weights, max_queue=1, max_batch_size=2, max_wait_ms=3000,
+                       request_timeout_s=2)
+    try:
+        with srv.client() as c:
+            upload = lambda i, **kw: c.post("/v1/qc", files={"files": (f"{i}.jpg", _jpeg(i), "image/jpeg")}, **kw)  # noqa: E731
+            assert upload(1).status_code == 504  # alone, it waits 3 s for company: past its 2 s
+            assert upload(2).status_code == 200  # its room was given back: admitted, and run
+            with pytest.raises(httpx.TimeoutException):
+                upload(3, timeout=0.5)  # the client gives up and hangs up
+            time.sleep(0.5)
+            assert upload(4).status_code == 200
+            text = c.get("/metrics").text
+        assert _metric(text, "cervixqc_batch_size_sum") == 2  # images 2 and 4 only
+        assert _metric(text, "cervixqc_rejected_requests_total", '{reason="client_closed"}') == 1
+        assert _metric(text, "cervixqc_queue_depth") == 0 and 'status="500"' not in text
+    finally:
+        srv.kill()
+
+
 def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_path, weights):
     big = _jpeg(9, size=(1200, 900))  # the queue's bytes bind before its 2 images do for these
     srv = start_server(tmp_path / "srv", weights, max_queue=2, max_batch_size=1, max_wait_ms=0,
@@ -375,12 +398,15 @@ def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_pat
                 return await asyncio.gather(*(client.post("/v1/qc", files={"files": (f"{i}.jpg", _jpeg(i), "image/jpeg")})
                                               for i in range(40)))
 
-        statuses = [r.status_code for r in asyncio.run(run())]
+        answers = asyncio.run(run())
+        statuses = [r.status_code for r in answers]
         assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+        refused = next(r for r in answers if r.status_code == 503)
+        assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "overloaded"
         with srv.client() as c:
-            refused = c.post("/v1/qc", files=[("files", (f"{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(3)])
-            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
-            assert refused.json()["error"]["code"] == "overloaded"
+            # more images than the queue ever holds: 503 and Retry-After sent such a client round for ever
+            too_many = c.post("/v1/qc", files=[("files", (f"{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(3)])
+            assert too_many.status_code == 413 and "CERVIXQC_MAX_QUEUE" in too_many.json()["error"]["message"]
             assert c.get("/readyz").status_code == 200
             assert c.post("/v1/qc", files={"files": ("a.jpg", _jpeg(1), "image/jpeg")}).status_code == 200
             assert _metric(c.get("/metrics").text, "cervixqc_rejected_requests_total", '{reason="overload"}') > 0

@@ -116,6 +116,9 @@ class JobRunner:
                 return
             chunk = todo[start : start + self.batch_size]
             results = self._batch(root, chunk, job.policy)
+            if self.store.status(job.id) != "running":  # cancelled while this batch ran: nothing more stored
+                log.info("job %s: %s", job.id, self.store.status(job.id))
+                return
             if not (src.exists() and root.is_dir()):  # an unmounted share: every file would read as missing
                 done_now = len(done) + start
                 log.warning("job %s: source gone after %d of %d files", job.id, done_now, len(inputs))
