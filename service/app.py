@@ -67,7 +67,8 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     metrics.count_active_jobs(store.count_active)
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
-                       settings.quarantine_findings, settings.duplicate_pixel_check)
+                       settings.quarantine_findings, settings.duplicate_pixel_check, limits,
+                       engine.decision["models"])
     return ServiceState(settings, metrics, engine, batcher, store, runner, ReviewStore(store.path), JobViews(store))
 
 

@@ -1,8 +1,10 @@
 """The SQLite job store's item counts: kept in step with the items, never double-counted,
 and backfilled once for a file written before the counts table existed."""
 
+import json
 import re
 import sqlite3
+import time
 
 from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.store import JobStore
@@ -181,3 +183,34 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
     assert float(scrape()) == 4
     store.transition(jobs[0].id, "done")
     assert float(scrape()) == 3
+
+
+def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
+    """A job stopped by a restart with new weights went on under them: its results mixed two
+    models' labels, and nothing said which rows were whose."""
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(3):
+        (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    begun, fresh = (store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(2))
+    store.claim_models(begun.id, json.dumps({"detector": "0" * 64}))  # as the weights before the restart
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2, models=engine.decision["models"])
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while store.get(fresh.id).status != "done" and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        runner.stop()
+    assert store.get(begun.id).status == "failed" and "begun by other models" in store.get(begun.id).error
+    assert store.counts(begun.id) == {} and sum(store.counts(fresh.id).values()) == 3
+    assert json.loads(store.get(fresh.id).models) == engine.decision["models"]

@@ -10,6 +10,7 @@ gets copies.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from pipelines.clean import collection_duplicates, export_records, list_inputs, on_disk, quarantine_results
+from pipelines.engine.decode import DecodeError, DecodeLimits, read_file
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import sweep_temporaries
 from service.gate import EngineGate
@@ -26,14 +28,18 @@ from service.metrics import Metrics
 from service.paths import inside
 
 log = logging.getLogger(__name__)
-RunJobBatch = Callable[[list[Path], list[str], str], list[QCResult]]
+RunJobBatch = Callable[[list[bytes | Path], list[str], str], list[QCResult]]
 
 
 class JobRunner:
     def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
                  roots: list[Path], quarantine_root: Path, batch_size: int,
-                 quarantine_findings: Collection[str] = (), pixel_check: bool = True) -> None:
+                 quarantine_findings: Collection[str] = (), pixel_check: bool = True,
+                 limits: DecodeLimits = DecodeLimits(), models: dict[str, str] | None = None) -> None:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
+        self.limits = limits
+        # the engine's models (name -> sha256): a job resumed under others would mix two models' labels
+        self.models = json.dumps(models or {}, sort_keys=True)
         self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
         self._wake = threading.Event()
@@ -102,6 +108,13 @@ class JobRunner:
         if not self.store.transition(job.id, "running", total=len(inputs), started=job.started or now,
                                      resumed_at=now, done_before_resume=len(done)):
             return  # cancelled meanwhile
+        if self.store.claim_models(job.id, self.models) != self.models:
+            log.warning("job %s: begun by other models; not resumed", job.id)
+            self.store.transition(job.id, "failed", finished=time.time(),
+                                  error=f"begun by other models ({len(done)} rows; the weights changed since): "
+                                        "resumed, its results would mix two models' labels; submit the source "
+                                        "again as a new job")
+            return
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]
         qdir = self.quarantine_root / job.quarantine if job.quarantine else None
@@ -155,10 +168,22 @@ class JobRunner:
         allowed = [rel for rel in chunk if inside(files[rel], self.roots)]
         by_path: dict[str, QCResult] = {}
         if allowed:
+            # read before the engine is taken: the engine read them under the gate, so a slow or
+            # hung share kept every upload waiting on this job's I/O, not on one engine batch
+            inputs = [self._read(files[rel]) for rel in allowed]
             with self.gate.background():
-                for r in self.run_batch([files[rel] for rel in allowed], allowed, policy):
+                for r in self.run_batch(inputs, allowed, policy):
                     by_path[r.path] = r
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
+
+
+    def _read(self, path: Path) -> bytes | Path:
+        """The file's bytes under the engine's limits; the path itself where they refuse it or
+        the OS cannot read it, so the engine writes the row with its own reason."""
+        try:
+            return read_file(path, self.limits)
+        except (DecodeError, OSError):
+            return path
 
 
 OUTSIDE = "outside the allowed data roots (not read)"

@@ -29,7 +29,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, source TEXT NOT NULL, quarantine TEXT, policy TEXT NOT NULL,
     out_dir TEXT NOT NULL, total INTEGER, created REAL NOT NULL, started REAL, finished REAL, error TEXT,
-    resumed_at REAL, done_before_resume INTEGER DEFAULT 0
+    resumed_at REAL, done_before_resume INTEGER DEFAULT 0, models TEXT
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL, path TEXT NOT NULL, label TEXT NOT NULL, record TEXT NOT NULL, done_at REAL NOT NULL,
@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS label_counts (
 # user_version 1: label_counts kept in step with items (older files are backfilled once)
 # user_version 2: items.summary, the review grid's fields as a short JSON array (backfilled once)
 # user_version 3: colour_score joins the summary (every summary rebuilt once)
-SCHEMA_VERSION = 3
+# user_version 4: jobs.models, the sha256 of the models its rows were labelled by
+SCHEMA_VERSION = 4
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 
@@ -61,6 +62,7 @@ class Job(BaseModel):
     error: str | None
     resumed_at: float | None = None
     done_before_resume: int = 0
+    models: str | None = None  # JSON {name: sha256}: the models its rows were labelled by (JobStore.claim_models)
 
     def root(self) -> Path:
         """The folder its records' paths are relative to: the folder itself, or a manifest's."""
@@ -116,6 +118,8 @@ class JobStore:
             db.execute("ALTER TABLE items ADD COLUMN summary TEXT")
         if version < 3:  # the summaries of older files lack fields: every one is rebuilt from its record
             db.execute(f"UPDATE items SET summary = json_array({_SUMMARY_SQL})")
+        if version < 4 and "models" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}:
+            db.execute("ALTER TABLE jobs ADD COLUMN models TEXT")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
 
@@ -137,6 +141,12 @@ class JobStore:
                            "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
                            (job_id, source, quarantine, policy, str(out_root / job_id), time.time()))
         return self.get(job_id)  # type: ignore[return-value]
+
+    def claim_models(self, job_id: str, models: str) -> str:
+        """Record `models` as the job's, unless it has some already; returns the job's."""
+        db = self._db()
+        db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models IS NULL", (models, job_id))
+        return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
     def get(self, job_id: str) -> Job | None:
         row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
