@@ -357,7 +357,10 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
         df[column] = df[column].astype("Int64")
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
     as_text = df.assign(**{c: df[c].map(spreadsheet_safe) for c in CSV_TEXT_FIELDS})
-    write_together({csv_path: lambda p: as_text.to_csv(p, index=False), pq_path: lambda p: df.to_parquet(p, index=False),
+    # Parquet keeps types: the box a list of floats and no box null (it was the CSV's text, ""
+    # beside the nulls of every other missing value)
+    typed = df.assign(cervix_box=df["cervix_box"].map(lambda b: json.loads(b) if b else None))
+    write_together({csv_path: lambda p: as_text.to_csv(p, index=False), pq_path: lambda p: typed.to_parquet(p, index=False),
                       out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
     return csv_path, pq_path
 

@@ -50,6 +50,9 @@ def test_clean_writes_one_row_per_file_and_never_touches_originals(weights, coll
     assert sorted(csv["path"]) == sorted(before) and csv["path"].is_unique
     pq = pd.read_parquet(out / "results.parquet")
     assert list(pq["path"]) == list(csv["path"]) and list(pq["label"]) == list(csv["label"])
+    # typed in Parquet: the box a list of floats, no box null (it was the CSV's "" text)
+    assert [None if b is None else list(b) for b in pq["cervix_box"]] == [
+        json.loads(b) if b else None for b in csv["cervix_box"]] and pq["cervix_box"].isna().any()
     row = csv[csv["path"].str.endswith("/random.jpg")].iloc[0]
     assert row["label"] == "unreadable" and "not an image" in row["error"]
     read = csv[csv["label"] != "unreadable"]
