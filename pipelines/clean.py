@@ -181,7 +181,8 @@ class StateStore:
         if before == decision:
             return
         self.close()
-        changed = [f"policy {before.get('policy')} -> {decision['policy']}"] if before.get("policy") != decision["policy"] else []
+        changed = ([f"policy {before.get('policy')} -> {decision['policy']}"]
+                   if before.get("policy") != decision["policy"] else [])
         models = before.get("models", {})
         changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
                     if models.get(name) != decision["models"].get(name)]

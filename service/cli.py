@@ -89,8 +89,9 @@ def _preflight(settings) -> str | None:
     from service.state_lock import in_use
     from service.ui.session import load_secret
 
-    try:  # every card the engine reads, exports too unless torch runs the models
-        check_weights(settings.weights_dir, exports=settings.runtime != "torch")
+    try:  # every card the engine reads, the exports where OpenVINO will run them (on the CPU only)
+        check_weights(settings.weights_dir, exports=settings.runtime == "openvino" or (
+            settings.runtime == "auto" and settings.resolved_device == "cpu"))
     except WeightsIntegrityError as e:
         return str(e)
     try:

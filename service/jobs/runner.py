@@ -176,7 +176,6 @@ class JobRunner:
                     by_path[r.path] = r
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
 
-
     def _read(self, path: Path) -> bytes | Path:
         """The file's bytes under the engine's limits; the path itself where they refuse it or
         the OS cannot read it, so the engine writes the row with its own reason."""
