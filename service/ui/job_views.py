@@ -1,14 +1,17 @@
 """The review pages' views of recent jobs, kept between requests.
 
 A reviewer walks a job one key press at a time, and each page needs the whole job in the grid's
-order. At 10^5 items that order cost 2-4 s per page on 2 cores (reading the summaries 2.8 s,
-sorting 0.9 s; `python -m tests.benchmarks.review_grid --items 100000`), so the view is built
-once and reused while the job's item count stands still: items are only ever added
-(`JobStore.add_items`; `set_duplicates` leaves the summaries alone), so the count tells a stale
-view from a current one, and a running job simply rebuilds as batches land. Reviews are not part
-of a view: they are read per request, as they change with every decision.
+order. At 10^5 items that cost 1.8-2.4 s per page on 2 cores, most of it reading the summaries,
+0.9 s sorting them (`python -m tests.benchmarks.review_grid --items 100000`; 0.11-0.25 s with
+the view kept). So the view is built once and reused while the job's item count stands still:
+items are only ever added (`JobStore.add_items`; `set_duplicates` leaves the summaries alone),
+so the count tells a stale view from a current one, and a running job simply rebuilds as
+batches land. Reviews are not part of a view: they are read per request, as they change with
+every decision.
 
-Bounded by items, not jobs: a few large jobs or many small ones, about 400 bytes per item.
+Bounded by items, not jobs: a few large jobs or many small ones. A view holds about 500 bytes
+per item with its what-if JSON (50 MB for 10^5 items, measured with tracemalloc), so the
+bound keeps at most about 150 MB.
 """
 
 from __future__ import annotations
