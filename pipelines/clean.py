@@ -248,11 +248,11 @@ def _quarantine_fault(e: OSError, qdir: Path) -> bool:
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
-                       link: bool = True) -> None:
+                       link: bool = True) -> int:
     """Each result's file into every folder `quarantine_folders` names (files gone since are
     skipped). A file the OS cannot stat or copy (a name too long for it, a link loop) is
-    skipped and counted: it failed its whole batch, on every retry of the job. A quarantine
-    that cannot be written raises QuarantineUnwritable."""
+    skipped and counted (returned): it failed its whole batch, on every retry of the job. A
+    quarantine that cannot be written raises QuarantineUnwritable."""
     failed = 0
     for r in results:
         folders = quarantine_folders(r, findings)
@@ -268,6 +268,7 @@ def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, 
             failed += 1
     if failed:  # counted, not named: logs carry no file names
         log.warning("%d flagged files could not be copied into the quarantine", failed)
+    return failed
 
 
 def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:

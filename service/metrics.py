@@ -7,9 +7,11 @@ Triton's exec_count vs count and Ray Serve's actual_batch_size.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -35,6 +37,26 @@ class Metrics:
                                 registry=r)
         self.job_items = Counter("cervixqc_job_items", "Files processed by batch-cleaning jobs", registry=r)
         self.jobs_active = Gauge("cervixqc_jobs_active", "Jobs queued or running", registry=r)
+        self.quarantine_failures = Counter("cervixqc_quarantine_copy_failures",
+                                           "Flagged files a job could not copy into its quarantine "
+                                           "(a name too long, a link loop: the file's fault)", registry=r)
+
+    def count_jobs(self, by_status: Callable[[], dict[str, int]]) -> None:
+        """`cervixqc_jobs{status}`, read from the job store at each scrape: failed jobs were
+        visible only by listing them (prometheus_client's custom collector; NaN while the
+        store is busy past its timeout)."""
+        class JobsByStatus(Collector):
+            def collect(self) -> Iterator[GaugeMetricFamily]:
+                family = GaugeMetricFamily("cervixqc_jobs", "Jobs in the store by status", labels=["status"])
+                try:
+                    counts = {k: float(v) for k, v in by_status().items()}
+                except sqlite3.Error:
+                    counts = dict.fromkeys(("queued", "running", "done", "failed", "cancelled"), float("nan"))
+                for status, n in counts.items():
+                    family.add_metric([status], n)
+                yield family
+
+        self.registry.register(JobsByStatus())
 
     def count_active_jobs(self, count: Callable[[], int]) -> None:
         """The gauge read from the job store at each scrape: set when the runner took a job up,

@@ -214,3 +214,19 @@ def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
     assert store.get(begun.id).status == "failed" and "begun by other models" in store.get(begun.id).error
     assert store.counts(begun.id) == {} and sum(store.counts(fresh.id).values()) == 3
     assert json.loads(store.get(fresh.id).models) == engine.decision["models"]
+
+
+def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):
+    """A failed job was visible only by listing the jobs."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    store, metrics = JobStore(tmp_path / "jobs.sqlite"), Metrics()
+    metrics.count_jobs(store.count_by_status)
+    jobs = [store.create("src", None, "resnest", tmp_path) for _ in range(3)]
+    store.transition(jobs[0].id, "failed", error="x")
+    store.cancel(jobs[1].id)
+    text = generate_latest(metrics.registry).decode()
+    got = {m[1]: float(m[2]) for m in re.finditer(r'^cervixqc_jobs\{status="(\w+)"\} (\S+)$', text, re.M)}
+    assert got == {"queued": 1, "running": 0, "done": 0, "failed": 1, "cancelled": 1}

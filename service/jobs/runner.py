@@ -140,9 +140,10 @@ class JobRunner:
                                             "(this batch was not stored); retry the job once it is back")
                 return
             if qdir is not None:  # the roots checked again: a file may have become a link out since it was read
-                quarantine_results(root, [r for r in results if r.error != OUTSIDE
-                                          and inside(on_disk(root, r.path), self.roots)], qdir,
-                                   self.quarantine_findings, link=False)
+                failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE
+                                                   and inside(on_disk(root, r.path), self.roots)], qdir,
+                                            self.quarantine_findings, link=False)
+                self.metrics.quarantine_failures.inc(failed)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
             for r in results:

@@ -168,6 +168,12 @@ class JobStore:
     def count_active(self) -> int:
         return self._db().execute(f"SELECT count(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
 
+    def count_by_status(self) -> dict[str, int]:
+        """Every status, those without a job at 0."""
+        counts = dict.fromkeys((*ACTIVE, *FINAL), 0)
+        counts.update(self._db().execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        return counts
+
     def transition(self, job_id: str, to: str, **fields: object) -> bool:
         """Move an active job to `to` (running, done, failed), only if it is still active: a
         cancel that lands between the runner's read and its write must win."""
