@@ -86,12 +86,24 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
                                  "--split", "val"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
-    assert set(report) == {"overall"} | set(crops["val"].sources)
+    assert set(report) == {"overall", "left_out_without_box"} | set(crops["val"].sources)
+    assert report["left_out_without_box"] == {}
     _, card = load_weights(card_path)
     assert report["overall"]["threshold"] == card.thresholds["distance"]
     assert report["overall"]["n"] == len(crops["val"])
+    # a photo without a box (a detector's miss) is counted, not left out unsaid
+    boxes = json.loads(Path(coco).read_text())
+    missed = next(im for im in boxes["images"] if im["file_name"] == crops["val"].paths[0])
+    one_less = tmp_path / "one_less.json"
+    one_less.write_text(json.dumps({**boxes, "annotations": [a for a in boxes["annotations"]
+                                                               if a["image_id"] != missed["id"]]}))
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(one_less), "-o", str(tmp_path),
+                                 "--split", "val"])
+    assert r.exit_code == 0 and "left out, no box in one_less.json: 1 " in r.output, r.output
+    report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
+    assert sum(report["left_out_without_box"].values()) == 1 and report["overall"]["n"] == len(crops["val"]) - 1
     no_boxes = tmp_path / "no_boxes.json"
-    no_boxes.write_text(json.dumps({**json.loads(Path(coco).read_text()), "annotations": []}))
+    no_boxes.write_text(json.dumps({**boxes, "annotations": []}))
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),
                                  "--split", "val"])
     assert r.exit_code == 2 and "nothing to score" in r.output

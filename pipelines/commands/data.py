@@ -146,11 +146,22 @@ def split(
             _fail(str(e))
     write_manifest(df, out)
     if coco is not None:
+        from pipelines.data.schema import path_key
+
+        boxed = {path_key(im.file_name) for im in boxes.images}
         for name in ("train", "val", "test"):
-            part = subset_coco(boxes, set(df.loc[df["split"] == name, "path"]))
+            rows = df.loc[df["split"] == name, "path"]
+            part = subset_coco(boxes, set(rows))
+            target = coco.parent / f"{out.stem}_{name}.json"  # beside the boxes: file names stay relative to them
             if part.images:
-                # COCO file names stay relative to the boxes' folder, so write beside them.
-                typer.echo(f"wrote {save_coco(part, coco.parent / f'{out.stem}_{name}.json')}")
+                typer.echo(f"wrote {save_coco(part, target)}")
+            elif target.exists():  # an earlier split's: its photos may be in this one's train
+                target.unlink()
+                typer.echo(f"removed {target}: this split has no {name} photo in {coco.name}")
+            missing = [p for p in rows if path_key(p) not in boxed]
+            if missing:
+                typer.echo(f"{len(missing)} {name} rows have no image in {coco.name} (e.g. {missing[:3]}): they are "
+                           f"in no {name} box file", err=True)
     stats = compute_stats(df)
     typer.echo(stats.table.to_string())
     left_out = int((df["split"] == "").sum())

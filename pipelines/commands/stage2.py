@@ -181,12 +181,15 @@ def eval_cmd(
     from pipelines.evaluation.stage2_eval import evaluate_stage2
 
     try:
-        report = evaluate_stage2(card, manifest, coco, split, out, device)
+        report, left_out = evaluate_stage2(card, manifest, coco, split, out, device)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
     for name, m in report.items():
         typer.echo(f"{name:>10}: sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} prec {m['precision']:.3f} "
                    f"F1 {m['f1']:.3f} acc {m['accuracy']:.3f} AUC {m['roc_auc']:.3f} (n={m['n']}, pos={m['n_positive']})")
+    if left_out:
+        typer.echo(f"left out, no box in {coco.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items()))
+                   + " (not in the figures above)")
 
 
 def report_cmd(

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.data.schema import DataProblems
+from pipelines.data.schema import DataProblems, path_key
 from pipelines.outputs import write_atomically
 
 CERVIX = "cervix"
@@ -68,10 +68,14 @@ class CocoDataset(BaseModel):
                 return c.id
         raise KeyError(f"no category {name!r}; have {[c.name for c in self.categories]}")
 
+    def sizes_by_file(self) -> dict[str, tuple[int, int]]:
+        """file_name -> (width, height) as recorded: the frame its boxes are drawn in."""
+        return {path_key(im.file_name): (im.width, im.height) for im in self.images}
+
     def boxes_by_file(self, category: str | None = None) -> dict[str, list[list[float]]]:
         """file_name -> [[x1, y1, x2, y2], ...]; images without boxes map to []."""
         wanted = None if category is None else self.category_id(category)
-        names = {im.id: im.file_name for im in self.images}
+        names = {im.id: path_key(im.file_name) for im in self.images}  # keyed as manifests' paths are looked up
         out: dict[str, list[list[float]]] = {n: [] for n in names.values()}
         for a in self.annotations:
             if wanted is None or a.category_id == wanted:
@@ -151,11 +155,33 @@ def save_coco(ds: CocoDataset, path: str | Path) -> Path:
 
 
 def subset_coco(ds: CocoDataset, file_names: set[str]) -> CocoDataset:
-    """The images (and their boxes) whose file_name is in `file_names`; ids are kept."""
-    images = [im for im in ds.images if im.file_name in file_names]
+    """The images (and their boxes) whose file_name is in `file_names` (`./a.jpg` is `a.jpg`);
+    ids are kept."""
+    keys = {path_key(n) for n in file_names}
+    images = [im for im in ds.images if path_key(im.file_name) in keys]
     ids = {im.id for im in images}
     return ds.model_copy(update={"images": images,
                                  "annotations": [a for a in ds.annotations if a.image_id in ids]})
+
+
+def size_mismatches(ds: CocoDataset, root: Path) -> list[str]:
+    """Images whose recorded width and height are not the photo's as displayed (after EXIF
+    orientation), read from each header. Boxes are in the recorded frame: the detector scaled
+    them from it and the stage-2 crops did not, so a photo resized after boxing, or a phone
+    photo boxed upright but recorded at its stored size (as some annotation tools export),
+    trained the two on different regions, unsaid. A photo that cannot be opened is left to the
+    checks that read it."""
+    from pipelines.data.images import displayed_size
+
+    out = []
+    for im in ds.images:
+        try:
+            w, h = displayed_size(root / im.file_name)
+        except OSError:
+            continue
+        if (w, h) != (im.width, im.height):
+            out.append(f"{im.file_name}: recorded {im.width}x{im.height}, the photo is {w}x{h} as displayed")
+    return out
 
 
 def make_annotation(ann_id: int, image_id: int, category_id: int, xyxy) -> CocoAnnotation:

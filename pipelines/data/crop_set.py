@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from pipelines.engine.crops import crop_boxes
 from pipelines.data.images import load_rgb
-from pipelines.data.schema import Kind
+from pipelines.data.schema import Kind, path_key
 
 KIND_INDEX = {Kind.REGULAR.value: 0, Kind.GREEN.value: 1, Kind.IODINE.value: 2}
 
@@ -51,13 +51,17 @@ class CropSet:
 
 
 def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[float]]], size: int,
-                  margin: float = 0.05, root: Path | None = None) -> CropSet:
+                  margin: float = 0.05, root: Path | None = None,
+                  recorded: dict[str, tuple[int, int]] | None = None) -> CropSet:
     """One crop per manifest row of kind regular/green/iodine that has a box (the first box,
-    which for detector output is the highest-scoring one)."""
+    which for detector output is the highest-scoring one); paths matched as `path_key` spells
+    them (a manifest's `./a.jpg` got no crop). `recorded`: the box file's image sizes, checked
+    against each photo's (`size_mismatches` says why)."""
     rows = manifest[manifest["kind"].isin(list(KIND_INDEX))]
-    crops, kinds, paths, patients, sources = [], [], [], [], []
+    boxes_by_key = {path_key(p): b for p, b in boxes_by_path.items()}
+    crops, kinds, paths, patients, sources, wrong = [], [], [], [], [], []
     for row in rows.itertuples(index=False):
-        boxes = boxes_by_path.get(row.path) or []
+        boxes = boxes_by_key.get(path_key(row.path)) or []
         if not boxes:
             continue
         path = Path(getattr(row, "abspath", None) or (root / row.path if root else row.path))
@@ -68,12 +72,20 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
             long_full = max(im.size)
         f = min(1.0, 2 * size / max(1.0, min(x2 - x1, y2 - y1)))
         image, sx, sy = load_rgb(path, math.ceil(long_full * f))
+        want = (recorded or {}).get(path_key(row.path))
+        if want is not None and (round(image.shape[2] / sx), round(image.shape[1] / sy)) != want:
+            wrong.append(f"{row.path}: recorded {want[0]}x{want[1]}, the photo is "
+                         f"{round(image.shape[2] / sx)}x{round(image.shape[1] / sy)} as displayed")
+            continue
         box = torch.tensor([[x1 * sx, y1 * sy, x2 * sx, y2 * sy]])
         crops.append(crop_boxes([image], box, sizes=(size,), margin=margin)[size].round().clamp(0, 255).byte())
         kinds.append(KIND_INDEX[row.kind])
         paths.append(row.path)
         patients.append(row.patient_id)
         sources.append(row.source)
+    if wrong:
+        raise ValueError("the box file's image sizes are not the photos' (its boxes are drawn in the recorded "
+                         "size): " + "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else ""))
     images = torch.cat(crops) if crops else torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return CropSet(images, torch.tensor(kinds, dtype=torch.int64), paths, patients, sources)
 
@@ -117,8 +129,9 @@ def split_crops(manifest_path: Path, coco_path: Path, size: int, margin: float =
     df = load_manifest(manifest_path)
     if "split" not in df.columns:
         raise ValueError(f"{manifest_path} has no split column: run `cervixqc split` first")
-    boxes = load_coco(coco_path).boxes_by_file()
-    return {s: extract_crops(df[df["split"] == s], boxes, size, margin) for s in splits}
+    coco = load_coco(coco_path)
+    boxes, recorded = coco.boxes_by_file(), coco.sizes_by_file()
+    return {s: extract_crops(df[df["split"] == s], boxes, size, margin, recorded=recorded) for s in splits}
 
 
 def extra_crops(manifest_path: Path, coco_path: Path, size: int, margin: float = 0.05) -> CropSet:
@@ -130,4 +143,5 @@ def extra_crops(manifest_path: Path, coco_path: Path, size: int, margin: float =
     df = load_manifest(manifest_path)
     if "split" in df.columns:
         df = df[df["split"] == "train"]
-    return extract_crops(df, load_coco(coco_path).boxes_by_file(), size, margin)
+    coco = load_coco(coco_path)
+    return extract_crops(df, coco.boxes_by_file(), size, margin, recorded=coco.sizes_by_file())

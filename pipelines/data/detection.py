@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 
-from pipelines.data.coco import CocoDataset
+from pipelines.data.coco import CocoDataset, CocoError, size_mismatches
 from pipelines.data.images import load_rgb
 
 
@@ -29,6 +29,10 @@ class CocoDetection(Dataset):
     ) -> None:
         self.coco = coco
         self.root = Path(image_root)
+        wrong = size_mismatches(coco, self.root)
+        if wrong:
+            raise CocoError(f"{self.root} (the boxes' photos)", [*wrong[:10], "boxes are drawn in the recorded "
+                            "size: fix the sizes (or the boxes) in the box file, or the photos"])
         self.transforms = transforms
         self.decode_long_side = decode_long_side
         names = list(categories) if categories is not None else [c.name for c in coco.categories]

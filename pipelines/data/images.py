@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pipelines.engine.decode import to_rgb
+
 
 def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.Tensor, float, float]:
     """(uint8 CHW tensor, sx, sy): scale factors from the displayed full-size image to it.
@@ -17,16 +19,25 @@ def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.
     the long side at least that big.
     """
     with Image.open(path) as im:
-        full_w, full_h = ImageOps.exif_transpose(im).size if _rotates(im) else im.size
+        full_w, full_h = _displayed(im)
         if min_long_side is not None and im.format in ("JPEG", "MPO"):  # MPO: phones' JPEGs with a second image
             f = min_long_side / max(im.size)
             if f < 1:
                 im.draft("RGB", (max(1, int(im.size[0] * f)), max(1, int(im.size[1] * f))))
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        # the engine's conversion: PIL's own turned a 16-bit PNG white and dropped alpha onto
+        # whatever the transparent pixels held, so training saw other pixels than inference
+        im = to_rgb(ImageOps.exif_transpose(im))
         arr = np.asarray(im)
     t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     return t, t.shape[2] / full_w, t.shape[1] / full_h
 
 
-def _rotates(im: Image.Image) -> bool:
-    return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+def _displayed(im: Image.Image) -> tuple[int, int]:
+    """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return _displayed(im)

@@ -7,6 +7,7 @@ stats all agree on spelling; a typo in a kind would otherwise silently become a 
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import PurePosixPath
 
 
 class Kind(StrEnum):
@@ -44,3 +45,11 @@ class DataProblems(ValueError):
         if len(problems) > shown:
             lines.append(f"  ... and {len(problems) - shown} more")
         super().__init__("\n".join(lines))
+
+
+def path_key(path: str) -> str:
+    """A photo's path as every table names it: `./a/b.jpg` and `a//b.jpg` are `a/b.jpg`.
+    Manifests keep what they were given; the duplicates table, the box files and their
+    subsets were compared with it as written, and copies on two sides of a split went unseen,
+    photos spelt `./` dropped out of every split's box file and crop set, unsaid."""
+    return PurePosixPath(path).as_posix()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
 
-from pipelines.data.schema import Split
+from pipelines.data.schema import Split, path_key
 
 
 @dataclass(frozen=True)
@@ -157,13 +156,6 @@ def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
 
 
 # --- duplicates: copies of one photo must not sit on both sides of a split -------------------
-
-def path_key(path: str) -> str:
-    """A path as the duplicates table and the manifest both name it: `./a/b.jpg` and `a//b.jpg`
-    are `a/b.jpg` (`cervixqc duplicates` writes the normalised form, a manifest keeps what it
-    was given, and copies on two sides of a split went unseen)."""
-    return PurePosixPath(path).as_posix()
-
 
 def _members(df: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     """The manifest rows that are members of a duplicate group: row index, path, group."""

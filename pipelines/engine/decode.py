@@ -70,7 +70,8 @@ class Decoded:
         return self.image.shape[2] / self.width, self.image.shape[1] / self.height
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB as the engine reads it (training decodes through it too)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.uint32)
         top = max(int(arr.max()), 1)
@@ -180,7 +181,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
                     im.draft(im.mode, (max(1, int(w * f)), max(1, int(h * f))))
             im.seek(0)  # multi-frame files (TIFF pages, GIF frames): the first frame
             im.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = to_rgb(ImageOps.exif_transpose(im))
             if min_long_side is not None and not jpeg and max(w, h) >= 2 * min_long_side:
                 # other formats have no DCT scaling: reduced here (box filter, whole factors, the
                 # long side kept >= min_long_side), so the engine's float copies are of this size;

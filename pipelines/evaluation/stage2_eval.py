@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from pipelines.data.crop_set import CropSet, split_crops
+from pipelines.data.crop_set import KIND_INDEX, CropSet, split_crops
+from pipelines.data.manifest import load_manifest
 from pipelines.evaluation.classification import metrics_by_group
 from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
 from pipelines.outputs import write_json
@@ -32,20 +33,27 @@ def score_crops(card_path: Path, crops: CropSet, batch_size: int = 128, device: 
 
 
 def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out_dir: Path,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu") -> tuple[dict, dict[str, int]]:
+    """(metrics per group, photos of each kind left out for want of a box). The figures are of
+    the crops alone: with a detector's box file, the photos it missed are in no crop, and the
+    count says how many (they were left out unsaid, and the sensitivity read higher)."""
     _, card = load_stage2(card_path)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,))[split]
     if len(crops) == 0:
         raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
+    df = load_manifest(manifest)
+    rows = df[(df["split"] == split) & df["kind"].isin(list(KIND_INDEX))]
+    scored = set(crops.paths)
+    left_out = {str(k): int(n) for k, n in rows.loc[~rows["path"].isin(scored), "kind"].value_counts().items()}
     scores = score_crops(card_path, crops, device=device)
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{card.name}_{card.input_size[0]}_{split}"
-    write_json(out_dir / f"{stem}_metrics.json", report)
+    write_json(out_dir / f"{stem}_metrics.json", report | {"left_out_without_box": left_out})
     # Everything the report needs, so it never reruns a model.
     np.savez_compressed(out_dir / f"{stem}_scores.npz", y=y, kinds=crops.kinds.numpy(),
                         sources=np.array(crops.sources), paths=np.array(crops.paths),
                         threshold=threshold_of(card), model=card.name, input_size=card.input_size[0],
                         split=split, **scores)
-    return report
+    return report, left_out

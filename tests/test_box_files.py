@@ -1,0 +1,95 @@
+"""A box file and the photos it describes: the frame its boxes are drawn in, the spelling of
+its paths, and the per-split files `split --coco` writes. Tiny generated photos only."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.coco import CocoCategory, CocoDataset, CocoError, CocoImage, make_annotation, save_coco
+
+
+def _photo(path: Path, size=(64, 48), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=95)
+    return path
+
+
+def _boxes(root: Path, recorded: dict[str, tuple[int, int]]) -> Path:
+    ds = CocoDataset(images=[CocoImage(id=i, file_name=name, width=w, height=h)
+                             for i, (name, (w, h)) in enumerate(recorded.items(), 1)],
+                     annotations=[make_annotation(i, i, 1, (4, 4, 30, 30)) for i in range(1, len(recorded) + 1)],
+                     categories=[CocoCategory(id=1, name="cervix")])
+    return save_coco(ds, root / "boxes.json")
+
+
+def _manifest(root: Path, paths: list[str], splits: list[str] | None = None) -> Path:
+    df = pd.DataFrame({"path": paths, "patient_id": [f"p{i}" for i in range(len(paths))], "source": "s",
+                       "device": "d", "kind": "regular"})
+    if splits is not None:
+        df["split"] = splits
+    df.to_csv(root / "m.csv", index=False)
+    return root / "m.csv"
+
+
+def test_a_box_file_recording_another_size_than_the_photos_is_refused_by_training_and_crops(tmp_path):
+    """The detector scaled such boxes to the photo and the stage-2 crops did not: a photo
+    resized after boxing trained the two on different regions, unsaid."""
+    from pipelines.data.crop_set import split_crops
+    from pipelines.data.detection import CocoDetection
+    from pipelines.data.coco import load_coco
+
+    _photo(tmp_path / "a.jpg", (64, 48))
+    _photo(tmp_path / "b.jpg", (64, 48), seed=1)
+    coco = _boxes(tmp_path, {"a.jpg": (64, 48), "b.jpg": (128, 96)})  # b was boxed at twice its size
+    with pytest.raises(CocoError, match="b.jpg: recorded 128x96, the photo is 64x48"):
+        CocoDetection(load_coco(coco), tmp_path)
+    manifest = _manifest(tmp_path, ["a.jpg", "b.jpg"], ["train", "train"])
+    with pytest.raises(ValueError, match="b.jpg: recorded 128x96"):
+        split_crops(manifest, coco, 32, splits=("train",))
+    _boxes(tmp_path, {"a.jpg": (64, 48), "b.jpg": (64, 48)})
+    assert len(CocoDetection(load_coco(coco), tmp_path)) == 2
+    assert len(split_crops(manifest, coco, 32, splits=("train",))["train"]) == 2
+
+
+def test_paths_spelt_with_dot_slash_find_their_boxes_in_every_split_and_a_stale_split_file_goes(tmp_path):
+    """`./a.jpg` in the manifest and `a.jpg` in the box file: the per-split box files were not
+    written and every crop set came out empty, exit 0. A second split left the first one's
+    test file, whose photos were now in train."""
+    from pipelines.data.crop_set import split_crops
+
+    names = [f"p{i}.jpg" for i in range(12)]
+    for i, n in enumerate(names):
+        _photo(tmp_path / n, seed=i)
+    coco = _boxes(tmp_path, {n: (64, 48) for n in names})
+    manifest = _manifest(tmp_path, [f"./{n}" for n in names])
+    r = CliRunner().invoke(app, ["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(coco),
+                                 "--fractions", "0.5,0.25,0.25"])
+    assert r.exit_code == 0, r.output
+    parts = {s: json.loads((tmp_path / f"s_{s}.json").read_text()) for s in ("train", "val", "test")}
+    assert sum(len(p["images"]) for p in parts.values()) == 12
+    crops = split_crops(tmp_path / "s.csv", coco, 32)
+    assert sum(len(c) for c in crops.values()) == 12
+    r = CliRunner().invoke(app, ["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(coco),
+                                 "--fractions", "0.75,0.25,0"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "s_test.json").exists() and "removed" in r.output
+
+
+def test_training_decodes_a_16_bit_png_as_the_engine_does(tmp_path):
+    """PIL's own conversion turned it white in training while the engine read its greys."""
+    from pipelines.data.images import load_rgb
+    from pipelines.engine.decode import decode
+
+    grey = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20)
+    Image.fromarray(grey).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    trained, _, _ = load_rgb(tmp_path / "deep.png")
+    served = decode((tmp_path / "deep.png").read_bytes()).image
+    assert trained.shape == served.shape and int((trained.int() - served.int()).abs().max()) == 0
+    assert 50 < float(trained.float().mean()) < 200
