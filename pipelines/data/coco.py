@@ -176,12 +176,18 @@ def size_mismatches(ds: CocoDataset, root: Path) -> list[str]:
     out = []
     for im in ds.images:
         try:
-            w, h = displayed_size(root / im.file_name)
+            problem = size_problem(im.file_name, (im.width, im.height), displayed_size(root / im.file_name))
         except OSError:
             continue
-        if (w, h) != (im.width, im.height):
-            out.append(f"{im.file_name}: recorded {im.width}x{im.height}, the photo is {w}x{h} as displayed")
+        if problem:
+            out.append(problem)
     return out
+
+
+def size_problem(name: str, recorded: tuple[int, int], displayed: tuple[int, int]) -> str | None:
+    if recorded == displayed:
+        return None
+    return f"{name}: recorded {recorded[0]}x{recorded[1]}, the photo is {displayed[0]}x{displayed[1]} as displayed"
 
 
 def make_annotation(ann_id: int, image_id: int, category_id: int, xyxy) -> CocoAnnotation:

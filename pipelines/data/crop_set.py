@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipelines.engine.crops import crop_boxes
+from pipelines.data.coco import size_problem
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import Kind, path_key
 
@@ -73,9 +74,9 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
         f = min(1.0, 2 * size / max(1.0, min(x2 - x1, y2 - y1)))
         image, sx, sy = load_rgb(path, math.ceil(long_full * f))
         want = (recorded or {}).get(path_key(row.path))
-        if want is not None and (round(image.shape[2] / sx), round(image.shape[1] / sy)) != want:
-            wrong.append(f"{row.path}: recorded {want[0]}x{want[1]}, the photo is "
-                         f"{round(image.shape[2] / sx)}x{round(image.shape[1] / sy)} as displayed")
+        problem = want and size_problem(row.path, want, (round(image.shape[2] / sx), round(image.shape[1] / sy)))
+        if problem:
+            wrong.append(problem)
             continue
         box = torch.tensor([[x1 * sx, y1 * sy, x2 * sx, y2 * sy]])
         crops.append(crop_boxes([image], box, sizes=(size,), margin=margin)[size].round().clamp(0, 255).byte())
