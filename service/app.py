@@ -64,7 +64,6 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
                            settings.max_wait_ms, settings.max_queue, settings.max_queue_bytes)
     store = JobStore(settings.state_dir / "jobs.sqlite", settings.store_busy_timeout_s)
-    metrics.count_active_jobs(store.count_active)
     metrics.count_jobs(store.count_by_status)
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]

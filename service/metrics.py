@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.jobs.store import ACTIVE, FINAL
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -36,35 +38,27 @@ class Metrics:
         self.rejected = Counter("cervixqc_rejected_requests", "Requests refused by the load guards", ["reason"],
                                 registry=r)
         self.job_items = Counter("cervixqc_job_items", "Files processed by batch-cleaning jobs", registry=r)
-        self.jobs_active = Gauge("cervixqc_jobs_active", "Jobs queued or running", registry=r)
         self.quarantine_failures = Counter("cervixqc_quarantine_copy_failures",
                                            "Flagged files a job could not copy into its quarantine "
                                            "(a name too long, a link loop: the file's fault)", registry=r)
 
     def count_jobs(self, by_status: Callable[[], dict[str, int]]) -> None:
-        """`cervixqc_jobs{status}`, read from the job store at each scrape: failed jobs were
-        visible only by listing them (prometheus_client's custom collector; NaN while the
-        store is busy past its timeout)."""
-        class JobsByStatus(Collector):
+        """`cervixqc_jobs{status}` and `cervixqc_jobs_active` (queued + running), both from one
+        read of the job store at each scrape (prometheus_client's custom collector): the active
+        gauge was set only when the runner took a job up and read 1 while four jobs were
+        active, and failed jobs were visible only by listing them. A store busy past its
+        timeout reads NaN (unknown) rather than failing the scrape."""
+        class Jobs(Collector):
             def collect(self) -> Iterator[GaugeMetricFamily]:
-                family = GaugeMetricFamily("cervixqc_jobs", "Jobs in the store by status", labels=["status"])
                 try:
                     counts = {k: float(v) for k, v in by_status().items()}
                 except sqlite3.Error:
-                    counts = dict.fromkeys(("queued", "running", "done", "failed", "cancelled"), float("nan"))
+                    counts = dict.fromkeys((*ACTIVE, *FINAL), float("nan"))
+                family = GaugeMetricFamily("cervixqc_jobs", "Jobs in the store by status", labels=["status"])
                 for status, n in counts.items():
                     family.add_metric([status], n)
                 yield family
+                yield GaugeMetricFamily("cervixqc_jobs_active", "Jobs queued or running",
+                                        value=sum(counts[k] for k in ACTIVE))
 
-        self.registry.register(JobsByStatus())
-
-    def count_active_jobs(self, count: Callable[[], int]) -> None:
-        """The gauge read from the job store at each scrape: set when the runner took a job up,
-        it said 1 while four jobs queued behind a long one. A store busy past its timeout
-        reads NaN (unknown) rather than failing the scrape."""
-        def read() -> float:
-            try:
-                return float(count())
-            except sqlite3.Error:
-                return float("nan")
-        self.jobs_active.set_function(read)
+        self.registry.register(Jobs())

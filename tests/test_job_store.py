@@ -176,7 +176,7 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
     from service.metrics import Metrics
 
     store, metrics = JobStore(tmp_path / "jobs.sqlite"), Metrics()
-    metrics.count_active_jobs(store.count_active)
+    metrics.count_jobs(store.count_by_status)
     scrape = lambda: re.search(r"^cervixqc_jobs_active (\S+)$", generate_latest(metrics.registry).decode(), re.M)[1]  # noqa: E731
     jobs = [store.create("src", None, "resnest", tmp_path) for _ in range(4)]
     store.transition(jobs[0].id, "running")

@@ -213,12 +213,24 @@ def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
     return {"policy": policy, "models": {c.name: c.sha256 for c in cards if c is not None}}
 
 
+def folder_cards(weights: Path) -> dict[str, ModelCard]:
+    """The verified cards of every model a weights folder holds: the three the engine needs,
+    and presence and colour where present. Each failure a WeightsIntegrityError naming its card."""
+    cards = {}
+    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
+        card = weights / f"{name}.json"
+        if name in ("detector", "deep_sad", "classifier") or card.is_file():
+            with loading(card):
+                cards[name] = verified_card(card)
+    return cards
+
+
 def decision_for(weights: Path, policy: str | None) -> dict:
     """`decision_of` from a weights folder's cards alone, as an engine built on it decides
     (a Ray run's driver, whose engines live in the actors)."""
-    det, sad, cls = (verified_card(weights / f"{n}.json") for n in ("detector", "deep_sad", "classifier"))
-    optional = [verified_card(weights / n) if (weights / n).is_file() else None for n in ("presence.json", COLOUR_CARD)]
-    return decision_of(policy or best_policy(sad, cls, optional[1]), [det, sad, cls, *optional])
+    cards = folder_cards(weights)
+    sad, cls, colour = cards["deep_sad"], cards["classifier"], cards.get(COLOUR_CARD.removesuffix(".json"))
+    return decision_of(policy or best_policy(sad, cls, colour), cards.values())
 
 
 def check_weights(weights: Path, exports: bool = True) -> None:
@@ -226,12 +238,7 @@ def check_weights(weights: Path, exports: bool = True) -> None:
     without building a model (cards, sha256s, an export made from other weights, the findings'
     thresholds): the service's check before it starts, since a failure inside its startup was a
     70-line traceback, repeated by every restart. WeightsIntegrityError naming the file."""
-    cards = {}
-    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
-        card = weights / f"{name}.json"
-        if name in ("detector", "deep_sad", "classifier") or card.is_file():
-            with loading(card):
-                cards[name] = verified_card(card)
+    cards = folder_cards(weights)
     if (weights / "findings.json").is_file():
         with loading(weights / "findings.json"):
             load_findings_card(weights / "findings.json")

@@ -165,9 +165,6 @@ class JobStore:
         row = self._db().execute(f"SELECT * FROM jobs WHERE status IN {ACTIVE} ORDER BY created LIMIT 1").fetchone()
         return Job(**dict(row)) if row else None
 
-    def count_active(self) -> int:
-        return self._db().execute(f"SELECT count(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
-
     def count_by_status(self) -> dict[str, int]:
         """Every status, those without a job at 0."""
         counts = dict.fromkeys((*ACTIVE, *FINAL), 0)
