@@ -169,6 +169,20 @@ def test_predict_command_prints_json_records(always_cervix, tmp_path, decoder):
     assert r.exit_code == 0 and [(x["path"], x["label"]) for x in again] == [(x["path"], x["label"]) for x in rows + rows[:1]]
 
 
+def test_predict_fails_when_not_one_image_could_be_read(always_cervix, tmp_path):
+    """A script given one photo learned nothing from the exit status: 0 for an unreadable one.
+    One readable photo among unreadable ones is an answer, as in `clean`: status 0."""
+    cases = fuzz_set()
+    for name in ("ok.jpg", "zero.jpg"):
+        (tmp_path / name).write_bytes(cases[name][0])
+    args = ["--weights", str(always_cervix), "--json"]
+    bad = CliRunner().invoke(app, ["predict", str(tmp_path / "zero.jpg"), str(tmp_path / "gone.jpg"), *args])
+    assert bad.exit_code == 1 and "2 of 2 images could not be read" in bad.stderr
+    assert [json.loads(line)["label"] for line in bad.stdout.splitlines()] == ["unreadable", "unreadable"]
+    mixed = CliRunner().invoke(app, ["predict", str(tmp_path / "zero.jpg"), str(tmp_path / "ok.jpg"), *args])
+    assert mixed.exit_code == 0 and "1 of 2 images could not be read" in mixed.stderr
+
+
 def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
     r = CliRunner().invoke(app, ["clean", str(tmp_path), "-o", str(tmp_path / "out"), "--weights",
                                  str(always_cervix), "--jpeg-decoder", "nvjpeg"])

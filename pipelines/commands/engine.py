@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail, _manifest, writable_folder
-from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, policies_for
+from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
 DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
@@ -74,7 +74,10 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per batch; each batch is printed as it ends.")] = 16,
 ) -> None:
-    """Label images regular / non_regular (green, iodine) / no_cervix / unreadable."""
+    """Label images regular / non_regular (green, iodine) / no_cervix / unreadable. Exit status 1
+    when not one image could be read (a script given one photo learns that it failed), 0 when
+    at least one was labelled: an unreadable photo among others is a row of the answer, as in
+    `clean`."""
     _check_policy(policy)
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
@@ -83,12 +86,18 @@ def predict(
     # (about 2.7 MB each) and printed nothing until the last; folders go to `cervixqc clean`
     batches = ((images[i:i + batch_size], [str(p) for p in images[i:i + batch_size]])
                for i in range(0, len(images), batch_size))
+    unreadable = 0
     for r in (r for results in qc.run_stream(batches) for r in results):
+        unreadable += r.label == Label.UNREADABLE
         if as_json:
             typer.echo(r.model_dump_json(exclude={"timings_ms"}))
         else:
             extra = r.kind or r.error or ""
             typer.echo(f"{r.label.value:>12}  {extra:<28} {r.path}")
+    if unreadable:
+        typer.echo(f"{unreadable} of {len(images)} images could not be read", err=True)
+    if images and unreadable == len(images):
+        raise typer.Exit(1)
 
 
 def clean(
