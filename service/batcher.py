@@ -6,7 +6,9 @@ the engine runs in a worker thread (never on the event loop); each item's future
 own result. Guards: a full queue refuses new work (the route answers 503), room is reserved
 before a request's bytes are read (`Reservation`), items whose request gave up (timed out,
 client gone) give their room back at once and are dropped before the batch runs, and a batch
-that returns the wrong number of results fails its items instead of mislabelling them.
+that returns the wrong number of results fails its items instead of mislabelling them;
+a batch that fails is run again request by request, so that one request's photos fail only
+their own request.
 """
 
 from __future__ import annotations
@@ -169,21 +171,48 @@ class MicroBatcher:
             for it in live:
                 self.metrics.queue_wait.observe(now - it.queued_at)
             try:
-                results = await loop.run_in_executor(self._executor, self._run, live)
-                if len(results) != len(live):
-                    raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
-                for it, r in zip(live, results):
-                    if not it.future.done():
-                        it.future.set_result(r)
-            except Exception as e:  # noqa: BLE001 - one failed batch must not stop the batcher
-                log.error("engine batch of %d failed (%s)", len(live), type(e).__name__)  # messages may name uploads
-                log.debug("engine batch failed", exc_info=True)
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+                try:
+                    await self._settle(loop, live)
+                except Exception as e:  # noqa: BLE001 - one failed batch must not stop the batcher
+                    log.error("engine batch of %d failed (%s)", len(live), type(e).__name__)  # messages may name uploads
+                    log.debug("engine batch failed", exc_info=True)
+                    await self._settle_by_request(loop, live, e)
             finally:
                 for it in live:
                     it.release()
+
+    async def _settle(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        results = await loop.run_in_executor(self._executor, self._run, items)
+        if len(results) != len(items):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(items)} images")
+        for it, r in zip(items, results):
+            if not it.future.done():
+                it.future.set_result(r)
+
+    async def _settle_by_request(self, loop: asyncio.AbstractEventLoop, items: list[_Item], error: Exception) -> None:
+        """A failed batch of several requests, run again one request at a time. The engine
+        judges a failed batch photo by photo already, but where only one photo of it could
+        be decoded it cannot tell that photo's fault from the system's and raises: every
+        other client's request then failed with it, though their photos (unreadable ones)
+        had answers. A request fails only with its own photos now; a system fault fails
+        every request again, one engine call each, on this failure path only."""
+        by_request: dict[int, list[_Item]] = {}
+        for it in items:
+            if not it.future.done():
+                by_request.setdefault(id(it.reservation), []).append(it)
+        if len(by_request) < 2:
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(error)
+            return
+        for group in by_request.values():
+            try:
+                await self._settle(loop, group)
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                log.error("a request's %d images failed in the engine (%s)", len(group), type(e).__name__)
+                for it in group:
+                    if not it.future.done():
+                        it.future.set_exception(e)
 
     def _run(self, items: list[_Item]) -> list[QCResult]:
         with self.gate.interactive():

@@ -1,0 +1,59 @@
+"""The service's micro-batcher over the real engine: what one request's photos may cost the
+other requests batched with them."""
+
+import asyncio
+
+import pytest
+
+from pipelines.engine.decode import DecodeLimits
+from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import Label
+from service.batcher import MicroBatcher
+from service.gate import EngineGate
+from service.metrics import Metrics
+from tests.qc_fixtures import fuzz_set, tiny_weights
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """The decode checks off for slivers, so that one readable photo fails in the models (the
+    detector's resize), as a photo the checks let through but the models cannot take would."""
+    weights = tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
+    return QCPipeline(weights, QCConfig(device="cpu", runtime="torch", limits=DecodeLimits(max_aspect=1e9)))
+
+
+def _batched(engine, requests: list[list[tuple[bytes, str]]]) -> list[list[object]]:
+    """Every request queued before the batcher gathers, so that they share one batch."""
+
+    async def main():
+        batcher = MicroBatcher(lambda data, names: engine.run(data, names), EngineGate(), Metrics(),
+                               max_batch_size=16, max_wait_ms=200, max_queue=64)
+        futures = [batcher.submit(items) for items in requests]
+        await batcher.start()
+        try:
+            return [await asyncio.gather(*fs, return_exceptions=True) for fs in futures]
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+def test_one_requests_failing_photo_does_not_fail_the_unreadable_photos_of_another(engine):
+    """The sliver is the batch's only decodable photo, so the engine cannot tell its fault from
+    the system's and raises; the other request's empty file had an answer (unreadable) and
+    got a 500 with it. Now only the sliver's own request fails."""
+    cases = fuzz_set()
+    sliver, empty, ok = cases["sliver.png"][0], cases["zero.jpg"][0], cases["ok.jpg"][0]
+    failing, unreadable = _batched(engine, [[(sliver, "sliver.png")], [(empty, "zero.jpg")]])
+    assert isinstance(failing[0], RuntimeError)
+    assert unreadable[0].label == Label.UNREADABLE and unreadable[0].path == "zero.jpg"
+    # every decodable photo fails alone too (as in a fault of the system): the engine raises
+    # for the batch, and each request is run again on its own
+    both_bad, empty_again = _batched(engine, [[(sliver, "s1.png"), (sliver, "s2.png")], [(empty, "zero.jpg")]])
+    assert all(isinstance(r, RuntimeError) for r in both_bad)
+    assert empty_again[0].label == Label.UNREADABLE
+    # a sliver beside a photo the models take is the engine's own case: a row, not a failure
+    row, fine = _batched(engine, [[(sliver, "sliver.png")], [(ok, "ok.jpg")]])
+    assert row[0].label == Label.UNREADABLE and "the models failed on this image" in row[0].error
+    assert fine[0].label != Label.UNREADABLE
