@@ -90,6 +90,23 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert models["findings_thresholds"] == FINDINGS_AT
 
 
+def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
+    """A writer holding jobs.sqlite's lock (or the file gone) made every job write fail while
+    /readyz answered 200: readiness now writes nothing but takes the lock it would need."""
+    import sqlite3
+
+    db = sqlite3.connect(Path(server.env["CERVIXQC_STATE_DIR"]) / "jobs.sqlite", isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        r = httpx.get(f"{server.url}/readyz", timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+        assert "locked" in r.json()["error"]["message"]
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):
     images = {f"img{i:02d}.jpg": _jpeg(i) for i in range(64)}
 

@@ -134,6 +134,21 @@ class JobStore:
             self._local.db = db
         return db
 
+    def probe(self, timeout_s: float = 2.0) -> None:
+        """Raises sqlite3.Error unless a job could be written now, for readiness: the file
+        deleted or its folder unmounted (the service's open connections went on writing to
+        the unlinked file, and every job was lost at the next start), an I/O error, or a writer
+        holding the lock past `timeout_s`. Its own connection, opened `mode=rw` so that a
+        missing file is not created, and a write transaction rolled back: nothing is written."""
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s,
+                             isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("SELECT count(*) FROM jobs WHERE id = ''").fetchone()
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+
     # jobs -------------------------------------------------------------------------------
     def create(self, source: str, quarantine: str | None, policy: str, out_root: Path) -> Job:
         job_id = uuid.uuid4().hex[:16]

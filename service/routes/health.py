@@ -1,6 +1,9 @@
-"""Liveness, readiness (models loaded, batcher and job runner alive) and Prometheus metrics."""
+"""Liveness, readiness (models loaded, job runner alive, job store writable) and Prometheus metrics."""
 
 from __future__ import annotations
+
+import asyncio
+import sqlite3
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,12 +19,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Models loaded and workers running (no auth)",
+@router.get("/readyz", summary="Models loaded, workers running, job store writable (no auth)",
             responses={503: {"description": "not ready"}})
 async def readyz(request: Request):
     state = getattr(request.app.state, "service", None)
     if state is None or not state.runner.alive():
         return error_response(503, "not_ready", "models loading or job runner stopped", {"Retry-After": "5"})
+    try:  # in a thread: a hung mount must not hold the event loop; 2 s inside the healthcheck's 4
+        await asyncio.wait_for(asyncio.to_thread(state.store.probe, 2.0), 3.0)
+    except (sqlite3.Error, OSError, TimeoutError) as e:
+        reason = "no answer in 3 s" if isinstance(e, TimeoutError) else str(e)
+        return error_response(503, "store_unavailable", f"the job store cannot take a write ({reason})",
+                              {"Retry-After": "5"})
     return {"status": "ready"}
 
 
