@@ -1,10 +1,12 @@
 """The exported (OpenVINO) path against torch, on the same tiny weights and the same photos."""
 
 import io
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +352,35 @@ def test_int8_calibration_needs_train_rows_and_the_detector(exported, tmp_path, 
     r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--models", "deep_sad",
                                  "--int8-calibration", str(tmp_path / "m.csv")])
     assert r.exit_code == 2 and "quantizes the detector" in r.output
+
+
+@pytest.mark.timeout(120)
+def test_a_conversion_child_dies_with_its_parent():
+    """A service SIGKILLed during its start left the conversion child converting for a minute
+    beside the next start's own. The child arms `die_with_parent` first thing; here a parent
+    that started such a child is killed, and the child must go with it."""
+    child = ("import os, sys, time; from pipelines.engine.openvino_runtime import PARENT_PID, die_with_parent; "
+             "pass; print(os.getpid(), flush=True); time.sleep(90)")
+    parent = ("import os, subprocess, sys, time; from pipelines.engine.openvino_runtime import PARENT_PID; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, PARENT_PID: str(os.getpid())}}); "
+              "time.sleep(90)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())  # the child's, printed once it is armed
+        os.kill(pid, 0)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        assert not _alive(pid), "the conversion child outlived its parent"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (reaped by nobody yet in a container) is dead
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -25,8 +25,10 @@ gave back 47), which was most of the way from the engine's peak to its 1.2 GB ta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -242,12 +244,32 @@ def _convert_in_child(weights: Path, jobs: list[tuple[str, Path, str]]) -> None:
     args = [a for job in jobs for a in map(str, job)]
     proc = subprocess.run([sys.executable, "-m", "pipelines.engine.openvino_runtime", str(weights), *args],
                           capture_output=True, text=True,  # this process's threads (`--threads`), not every core
-                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                               PARENT_PID: str(os.getpid())})
     if proc.returncode != 0:  # the weights, as torch's path names them (a card the builder cannot take)
         names = ", ".join(str(weights / (name + ".json")) for name, *_ in jobs)
         last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), f"exit {proc.returncode}")
         raise WeightsIntegrityError(f"{names}: cannot convert to OpenVINO ({last.strip()[:300]}); "
                                     "`--runtime torch` runs them without a conversion")
+
+
+PARENT_PID = "CERVIXQC_CONVERSION_PARENT"  # the child's parent, for `die_with_parent`
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL for this process when its parent dies (Linux's PR_SET_PDEATHSIG), or exit now if
+    it died before the call. A service killed at start (SIGKILL, an OOM kill, a container
+    stopped) left its conversion child running, a minute of both cores beside the next start's
+    own conversion. Fires when the thread that started the child ends: `_convert_in_child`'s
+    caller waits for the child, so only the parent's death can end it first. Elsewhere
+    (no prctl) nothing changes."""
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _sweep_stale_work(root: Path, older_than_s: float = 3600.0) -> None:
@@ -325,6 +347,8 @@ def conversion_weights(source: ModelCard, precision: Precision = "auto") -> Lite
 def _main(argv: list[str]) -> None:
     """The child of `converted`: WEIGHTS NAME OUT DTYPE [NAME OUT DTYPE ...] ->
     OUT/<name>.openvino.xml/.bin and card, for each NAME, weights stored as DTYPE."""
+    if PARENT_PID in os.environ:
+        die_with_parent(int(os.environ[PARENT_PID]))
     from pipelines.engine.detector import load_detector
     from pipelines.engine.stage2 import load_stage2
 
