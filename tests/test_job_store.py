@@ -6,6 +6,8 @@ import re
 import sqlite3
 import time
 
+import pytest
+
 from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.store import JobStore
 
@@ -200,8 +202,10 @@ def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
         (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
     store = JobStore(tmp_path / "jobs.sqlite")
     engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
-    begun, fresh = (store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(2))
+    begun, fresh, older = (store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(3))
     store.claim_models(begun.id, json.dumps({"detector": "0" * 64}))  # as the weights before the restart
+    # rows stored by a version that recorded no models (schema < 4): they were claimed as these
+    store.add_items(older.id, engine.run([root / "p0.jpg"], ["p0.jpg"]))
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
                        Metrics(), [root], tmp_path / "quarantine", batch_size=2, models=engine.decision["models"])
     runner.start()
@@ -212,6 +216,8 @@ def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
     finally:
         runner.stop()
     assert store.get(begun.id).status == "failed" and "begun by other models" in store.get(begun.id).error
+    assert store.get(older.id).status == "failed" and store.get(older.id).models is None
+    assert "begun by a version that did not record its models, 1 rows stored" in store.get(older.id).error
     assert store.counts(begun.id) == {} and sum(store.counts(fresh.id).values()) == 3
     assert json.loads(store.get(fresh.id).models) == engine.decision["models"]
 
@@ -230,3 +236,22 @@ def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):
     text = generate_latest(metrics.registry).decode()
     got = {m[1]: float(m[2]) for m in re.finditer(r'^cervixqc_jobs\{status="(\w+)"\} (\S+)$', text, re.M)}
     assert got == {"queued": 1, "running": 0, "done": 0, "failed": 1, "cancelled": 1}
+
+
+def test_a_store_of_a_newer_version_is_refused_and_left_as_it_was(tmp_path):
+    """The older code rewrote the newer store's schema version down and ignored what it
+    records (a job's models), so a downgrade could mix two models' labels."""
+    from service.jobs.store import SCHEMA_VERSION, StoreVersionError, store_version_problem
+
+    path = tmp_path / "jobs.sqlite"
+    JobStore(path)
+    assert store_version_problem(path) is None
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreVersionError, match=f"schema v{SCHEMA_VERSION + 1}; this version reads up to"):
+        JobStore(path)
+    assert f"v{SCHEMA_VERSION + 1}" in store_version_problem(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    db.close()

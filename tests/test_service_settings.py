@@ -37,6 +37,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     from typer.testing import CliRunner
 
     import socket
+    import sqlite3
 
     from service import state_lock
     from service.cli import app
@@ -55,6 +56,10 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     (jobs_a_file / "jobs").write_text("")
     held = tmp_path / "state-held"
     lock = state_lock.hold(held)  # as a running service holds it
+    (newer := tmp_path / "state-newer").mkdir()
+    db = sqlite3.connect(newer / "jobs.sqlite")
+    db.execute("PRAGMA user_version = 99")  # a later cervixqc's store, before a downgrade
+    db.close()
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -78,6 +83,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_SESSION_MAX_AGE_S": "inf"}, weights, "CERVIXQC_SESSION_MAX_AGE_S"),
              ({"CERVIXQC_STATE_DIR": str(jobs_a_file)}, weights, "its jobs/ folder, the jobs' results"),
              ({"CERVIXQC_STATE_DIR": str(held)}, weights, "another cervixqc service (pid"),
+             ({"CERVIXQC_STATE_DIR": str(newer)}, weights, "written by a newer cervixqc (schema v99"),
              ({"CERVIXQC_PORT": str(taken.getsockname()[1])}, weights, f"CERVIXQC_PORT (or --port) "
                                                                        f"{taken.getsockname()[1]} on 127.0.0.1"),
              ({"CERVIXQC_HOST": "256.1.1.1"}, weights, "CERVIXQC_HOST (or --host) '256.1.1.1'")]

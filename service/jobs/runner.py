@@ -108,12 +108,14 @@ class JobRunner:
         if not self.store.transition(job.id, "running", total=len(inputs), started=job.started or now,
                                      resumed_at=now, done_before_resume=len(done)):
             return  # cancelled meanwhile
-        if self.store.claim_models(job.id, self.models) != self.models:
+        claimed = self.store.claim_models(job.id, self.models)
+        if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
+            begun_by = ("a version that did not record its models" if claimed is None
+                        else "other models (the weights changed since)")
             self.store.transition(job.id, "failed", finished=time.time(),
-                                  error=f"begun by other models ({len(done)} rows; the weights changed since): "
-                                        "resumed, its results would mix two models' labels; submit the source "
-                                        "again as a new job")
+                                  error=f"begun by {begun_by}, {len(done)} rows stored: resumed, its results "
+                                        "could mix two models' labels; submit the source again as a new job")
             return
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]

@@ -13,6 +13,7 @@ must not cross threads); WAL lets the routes read while the runner writes.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines.engine.qc_result import QCResult
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,6 +49,32 @@ CREATE TABLE IF NOT EXISTS label_counts (
 SCHEMA_VERSION = 4
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
+
+
+class StoreVersionError(RuntimeError):
+    """jobs.sqlite written by a newer cervixqc than this one."""
+
+
+def newer_store(version: int) -> str:
+    return (f"jobs.sqlite was written by a newer cervixqc (schema v{version}; this version reads up to "
+            f"v{SCHEMA_VERSION}): run the newer version, or give this one another CERVIXQC_STATE_DIR")
+
+
+def store_version_problem(path: Path) -> str | None:
+    """What `serve` says before the models load where `path` is a newer version's store: opened
+    read-only, so that a downgrade changes nothing (before, the older code rewrote the schema
+    version down, and a v0 runner backed off for good on its first insert)."""
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None  # the store's own error, named where it is opened
+    return newer_store(version) if version > SCHEMA_VERSION else None
 
 
 class Job(BaseModel):
@@ -108,9 +137,18 @@ class JobStore:
         self.busy_timeout_s = busy_timeout_s  # how long a call waits on another writer's lock
         self._local = threading.local()
         db = self._db()
-        db.executescript(SCHEMA)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:  # a downgrade: this code would rewrite the version down and
+            db.execute("ROLLBACK")    # ignore what the newer one records (the models of a job)
+            raise StoreVersionError(newer_store(version))
+        db.execute("COMMIT")
+        db.executescript(SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            t0, n = time.perf_counter(), db.execute("SELECT count(*) FROM items").fetchone()[0]
+            log.info("jobs.sqlite: upgrading schema v%d to v%d (%d items)", version, SCHEMA_VERSION, n)
         if version < 1:
             db.execute("DELETE FROM label_counts")
             db.execute("INSERT INTO label_counts SELECT job_id, label, count(*) FROM items GROUP BY job_id, label")
@@ -122,6 +160,8 @@ class JobStore:
             db.execute("ALTER TABLE jobs ADD COLUMN models TEXT")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
+        if version < SCHEMA_VERSION:
+            log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -157,10 +197,13 @@ class JobStore:
                            (job_id, source, quarantine, policy, str(out_root / job_id), time.time()))
         return self.get(job_id)  # type: ignore[return-value]
 
-    def claim_models(self, job_id: str, models: str) -> str:
-        """Record `models` as the job's, unless it has some already; returns the job's."""
+    def claim_models(self, job_id: str, models: str) -> str | None:
+        """Record `models` as the job's, unless it has some already; returns the job's, None
+        for a job with rows stored by a version that recorded no models (schema < 4): its rows'
+        models are unknown, and claimed they were passed off as these ones'."""
         db = self._db()
-        db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models IS NULL", (models, job_id))
+        db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models IS NULL "
+                   "AND NOT EXISTS (SELECT 1 FROM items WHERE job_id = ?)", (models, job_id, job_id))
         return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
     def get(self, job_id: str) -> Job | None:
