@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +182,13 @@ def test_predict_fails_when_not_one_image_could_be_read(always_cervix, tmp_path)
     assert [json.loads(line)["label"] for line in bad.stdout.splitlines()] == ["unreadable", "unreadable"]
     mixed = CliRunner().invoke(app, ["predict", str(tmp_path / "zero.jpg"), str(tmp_path / "ok.jpg"), *args])
     assert mixed.exit_code == 0 and "1 of 2 images could not be read" in mixed.stderr
+
+    # a name that is not UTF-8 (Latin-1 from an old Windows PC): --json crashed on its record
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/Pe\xf1a.jpg"))
+    latin1.write_bytes(cases["ok.jpg"][0])
+    r = CliRunner().invoke(app, ["predict", str(latin1), str(tmp_path / "ok.jpg"), *args])
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and rows[0]["path"].endswith("/Pe\\xf1a.jpg") and len(rows) == 2, r.output
 
 
 def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
