@@ -292,7 +292,10 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
     def link_or_copy(tmp: Path) -> None:
         if link:
             try:
-                os.link(source, tmp)
+                # link(2) does not follow a symlink (nor does os.link on Linux, follow_symlinks or
+                # not): a linked photo's quarantine entry was a copy of the link, dangling
+                # where the link was relative, and the original itself where it was absolute
+                os.link(os.path.realpath(source), tmp)
                 return
             except OSError:  # another file system, or links not allowed: copy instead
                 pass

@@ -362,3 +362,20 @@ def test_a_manifest_naming_one_file_three_ways_lists_it_once_under_its_first_spe
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "m.csv").write_text(f"path\nsub/../a.jpg\nb.jpg\n./a.jpg\n{tmp_path / 'a.jpg'}\n")
     assert list_inputs(tmp_path / "m.csv") == ["b.jpg", "sub/../a.jpg"]
+
+
+def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
+    """The quarantine's hard link was made to the symlink itself: a relative link's entry
+    dangled, an absolute one's led back to the original."""
+    from pipelines.clean import quarantine_copy
+
+    (tmp_path / "master").mkdir()
+    (tmp_path / "master" / "x.jpg").write_bytes(b"the photo")
+    (tmp_path / "src" / "case1").mkdir(parents=True)
+    (tmp_path / "src" / "case1" / "rel.jpg").symlink_to("../../master/x.jpg")
+    (tmp_path / "src" / "abs.jpg").symlink_to(tmp_path / "master" / "x.jpg")
+    for rel in ("case1/rel.jpg", "abs.jpg"):
+        quarantine_copy(tmp_path / "src", rel, "unreadable", tmp_path / "q")
+        entry = tmp_path / "q" / "unreadable" / rel
+        assert not entry.is_symlink() and entry.read_bytes() == b"the photo", rel
+        assert entry.stat().st_ino == (tmp_path / "master" / "x.jpg").stat().st_ino  # a link, no extra space
