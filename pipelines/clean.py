@@ -83,13 +83,24 @@ def on_disk(root: Path, key: str) -> Path:
     return root / raw
 
 
+# What file servers and operating systems keep beside the photos, never a photo of the
+# collection: Synology's thumbnails (`@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_M.jpg`, which became
+# extra rows, near duplicates and quarantine copies), recycle bins and snapshots, Windows'
+# thumbnail caches. Hidden names (a leading dot: .DS_Store, ._foo.jpg) are skipped as well.
+HOUSEKEEPING_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                                  "lost+found"})
+HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+
+
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
     relative to the manifest's folder. Sorted, so runs and resumes see the same order.
 
     A manifest without a `path` column, or with a row whose path is blank, is refused with a
     ValueError that names the rows: a blank row was processed and then fell out of the job's
-    results. Paths are normalised (`./a.jpg` is `a.jpg`), so one file is one row."""
+    results. Paths are normalised (`./a.jpg` is `a.jpg`), so one file is one row. A folder's hidden
+    names and `HOUSEKEEPING_FOLDERS`/`HOUSEKEEPING_FILES` are skipped (counted in a log line);
+    a manifest's rows are taken as listed."""
     if src.is_file():
         from pipelines.data.manifest import file_key, read_table
 
@@ -107,15 +118,21 @@ def list_inputs(src: Path) -> list[str]:
         for p in paths:
             first.setdefault(file_key(src.parent, p), PurePosixPath(p).as_posix())
         return sorted(first.values())
-    out, folder_links, unreadable = [], 0, []
+    out, folder_links, unreadable, housekeeping = [], 0, [], 0
     for root, dirs, files in os.walk(src, onerror=unreadable.append):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        housekeeping += sum(d in HOUSEKEEPING_FOLDERS for d in dirs)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in HOUSEKEEPING_FOLDERS)
         # links to folders are not followed (a loop, or a way out of the source); counted, since
         # their files get no row: link the files, or list them in a manifest
         folder_links += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
         for f in files:
-            if not f.startswith("."):
+            if f.lower() in HOUSEKEEPING_FILES:
+                housekeeping += 1
+            elif not f.startswith("."):
                 out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
+    if housekeeping:
+        log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins: HOUSEKEEPING_FOLDERS, "
+                 "HOUSEKEEPING_FILES in pipelines/clean.py)", housekeeping)
     if folder_links:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid

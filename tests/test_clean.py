@@ -379,3 +379,16 @@ def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
         entry = tmp_path / "q" / "unreadable" / rel
         assert not entry.is_symlink() and entry.read_bytes() == b"the photo", rel
         assert entry.stat().st_ino == (tmp_path / "master" / "x.jpg").stat().st_ino  # a link, no extra space
+
+
+def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collection(tmp_path):
+    """A Synology share's `@eaDir` thumbnails became extra rows, near duplicates of every photo
+    and quarantine copies; its recycle bin's photos were cleaned as the collection's."""
+    from pipelines.clean import list_inputs
+
+    for rel in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "#recycle/old.jpg",
+                "$RECYCLE.BIN/S-1-5/$RABC123.jpg", "sub/Thumbs.db", "desktop.ini", "Icon\r", ".DS_Store",
+                "sub/#snapshot/b.jpg", "thumbs_of_the_cervix.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert list_inputs(tmp_path) == ["a.jpg", "sub/b.jpg", "thumbs_of_the_cervix.jpg"]
