@@ -25,6 +25,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddle
 from pipelines.engine.decode import DecodeLimits
 from pipelines.engine.qc import QCConfig, QCPipeline
 from service import state_lock
+from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
 from service.gate import EngineGate
@@ -75,6 +76,7 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    drop_query_strings()  # uvicorn has configured its loggers by the time it calls this factory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

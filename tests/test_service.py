@@ -516,8 +516,11 @@ def test_logs_at_info_name_no_file_and_hold_no_image_bytes(server, data_root):
         assert c.post("/v1/qc", files={"files": (name, b"broken", "image/jpeg")}).status_code == 422
         job_id = c.post("/v1/jobs", json={"source": "named"}).json()["id"]
         _wait_job(c, job_id, lambda j: j["status"] == "done")
+    # the review's folder filter is a query string, and uvicorn's access log wrote it out
+    assert httpx.get(f"{server.url}/ui/jobs/{job_id}/review?source=PATIENT-Q4711X-Doe").status_code == 401
     log = server.log.read_text(errors="replace")
     assert "INFO" in log and job_id in log, "the server log must be at INFO for this test to mean anything"
+    assert f"GET /ui/jobs/{job_id}/review?…" in log  # the access log itself is on
     assert "Q4711X" not in log and "Doe" not in log and "\\xff\\xd8" not in log
 
 
