@@ -29,6 +29,9 @@ def test_synth_split_and_stats_commands_work_together(tmp_path):
     df = pd.read_csv(split, keep_default_na=False)
     assert set(df.loc[df.source == "teaching", "split"]) == {"test"}
     assert set(df.loc[df.source == "archive", "split"]) == {"val"}
+    # written into another folder than the manifest's, its paths still name the photos
+    r = runner.invoke(app, ["validate", str(split)])
+    assert r.exit_code == 0 and ": ok" in r.output, r.output
     (tmp_path / "cut.json").write_text('{"images": [')
     r = runner.invoke(app, ["split", str(out / "manifest.csv"), "-o", str(tmp_path / "never.csv"),
                             "--coco", str(tmp_path / "cut.json")])

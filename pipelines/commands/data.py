@@ -98,7 +98,7 @@ def split(
 ) -> None:
     """Split by patient (stratified by source and kind), by source (cross-source), or in
     K folds by patient; with --duplicates, copies of one photo never straddle two splits."""
-    from pipelines.data.manifest import ManifestError, load_manifest, write_manifest
+    from pipelines.data.manifest import ManifestError, load_manifest, rebased, write_manifest
     from pipelines.data.splits import (PatientsAcrossSources, SplitFractions, cross_source_split, fold_split,
                                        patient_split)
     from pipelines.data.stats import compute_stats
@@ -144,7 +144,7 @@ def split(
             boxes = load_coco(coco)
         except CocoError as e:
             _fail(str(e))
-    write_manifest(df, out)
+    write_manifest(rebased(df, out), out)
     if coco is not None:
         from pipelines.data.schema import path_key
 

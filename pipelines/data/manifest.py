@@ -123,6 +123,17 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
     return problems
 
 
+def rebased(df: pd.DataFrame, out_manifest: str | Path) -> pd.DataFrame:
+    """`df` (from `load_manifest`) with its relative paths taken from the folder `out_manifest`
+    goes in, so that a manifest written elsewhere still names the same files (`split -o
+    elsewhere/split.csv` named none of them). Absolute paths stay as they are."""
+    out_dir = Path(out_manifest).resolve().parent
+    df = df.copy()
+    df["path"] = [p if os.path.isabs(p) else os.path.relpath(Path(a).resolve(), out_dir)
+                  for p, a in zip(df["path"], df["abspath"])]
+    return df
+
+
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write CSV or Parquet (by suffix) atomically: a crash never leaves half a manifest."""
     path = Path(path)
