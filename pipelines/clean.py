@@ -137,7 +137,11 @@ def list_inputs(src: Path) -> list[str]:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid
         log.warning("%d folders could not be listed (permissions?): their files get no row", len(unreadable))
-    return sorted(out)
+    unique = sorted(set(out))
+    if len(unique) < len(out):  # `Pe\xf1a.jpg` in Latin-1 and a file literally named so: one row
+        log.warning("%d files are spelt as another file's row (a name that is not UTF-8, written with \\xNN, "
+                    "beside a file literally named so): only one of each gets a row; rename them", len(out) - len(unique))
+    return unique
 
 
 class ResultsFolderError(ValueError):

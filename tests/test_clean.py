@@ -392,3 +392,18 @@ def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collectio
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert list_inputs(tmp_path) == ["a.jpg", "sub/b.jpg", "thumbs_of_the_cervix.jpg"]
+
+
+def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path, caplog):
+    """`Pe\\xf1a.jpg` in Latin-1 is written `Pe\\xf1a.jpg`, as a file literally so named is: the
+    run counted two files and stored one row, so the job's total never met its rows."""
+    import os
+
+    from pipelines.clean import list_inputs
+
+    (tmp_path / "Pe\\xf1a.jpg").write_bytes(b"literal")
+    with open(os.fsencode(tmp_path) + b"/Pe\xf1a.jpg", "wb") as f:
+        f.write(b"latin-1")
+    with caplog.at_level("WARNING", logger="pipelines.clean"):
+        assert list_inputs(tmp_path) == ["Pe\\xf1a.jpg"]
+    assert "1 files are spelt as another file's row" in caplog.text
