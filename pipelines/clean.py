@@ -195,9 +195,15 @@ class StateStore:
     def _claim_decision(self, decision: dict) -> None:
         with self.db:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()
-            if row is None:  # new, or filled before decisions were recorded: taken as this one's
+            labelled = row is None and self.db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
+            if row is None and not labelled:
                 self.db.execute("INSERT INTO meta VALUES ('decision', ?)", (json.dumps(decision, sort_keys=True),))
                 return
+        if labelled:  # filled by a version that recorded no decision: taken as this one's, its rows
+            self.close()  # kept their old labels under this run's policy and models in summary.json
+            raise ResultsFolderError(f"{self.folder} holds rows labelled by an older cervixqc that did not record "
+                                     "its policy and models: they would count as done under these; choose another "
+                                     "--out, or delete it to label everything again")
         before = json.loads(row[0])
         if before == decision:
             return

@@ -236,6 +236,13 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
         clean(QCPipeline(weights, QCConfig(policy="resnest")), collection, out, batch_size=8)
     again = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
     assert again.skipped_done == first.total
+    # a folder an older cervixqc filled records no decision: its rows were taken as this run's
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("DELETE FROM meta WHERE key = 'decision'")
+    db.close()
+    with pytest.raises(ResultsFolderError, match="labelled by an older cervixqc that did not record"):
+        clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
 
 
 def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_before_any_model_loads(weights, collection,
