@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from pipelines.engine.qc import QCPipeline
-from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, spreadsheet_safe
+from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, read_again_sql, spreadsheet_safe
 from pipelines.outputs import sweep_temporaries, write_atomically, write_together
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,10 @@ class StateStore:
 
     def done(self) -> set[str]:
         """Paths with a final row. A file the OS could not read (missing, no permission, an I/O
-        error: `cannot read file (...)`) is tried again by the next run: a manifest row whose
-        file arrives later, or a share that was briefly away, would otherwise stay
-        `unreadable` for good. A file that was read but is not an image stays done."""
-        return {row[0] for row in self.db.execute(
-            "SELECT path FROM results WHERE NOT (label = 'unreadable' AND "
-            "coalesce(json_extract(record, '$.error'), '') LIKE 'cannot read file%')")}
+        error: `READ_AGAIN`) is tried again by the next run: a manifest row whose file arrives
+        later, or a share that was briefly away, would otherwise stay `unreadable` for good. A
+        file that was read but is not an image stays done."""
+        return {row[0] for row in self.db.execute(f"SELECT path FROM results WHERE NOT {read_again_sql()}")}
 
     def add(self, results: list[QCResult]) -> None:
         with self.db:

@@ -255,3 +255,55 @@ def test_a_store_of_a_newer_version_is_refused_and_left_as_it_was(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     db.close()
+
+
+def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried(tmp_path):
+    """A share briefly away left `cannot read file` rows in a done job for good: `retry` took
+    only failed or cancelled jobs, and a resumed job skipped every stored row. `clean` reruns
+    read such files again; jobs now do too, replacing the row and moving the label counts."""
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    ok, empty = fuzz_set()["ok.jpg"][0], fuzz_set()["zero.jpg"][0]
+    root, clean_root = tmp_path / "photos", tmp_path / "clean"
+    (root / ".away").mkdir(parents=True)
+    clean_root.mkdir()
+    (root / "p0.jpg").write_bytes(ok)
+    (root / "empty.jpg").write_bytes(empty)  # read, and no image: stays done
+    (root / "late.jpg").symlink_to(root / ".away" / "late.jpg")  # not there yet: cannot read file
+    (clean_root / "p0.jpg").write_bytes(ok)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root, clean_root], tmp_path / "quarantine", batch_size=2,
+                       models=engine.decision["models"])
+
+    def run_to_done(job_id):
+        deadline = time.time() + 60
+        while store.get(job_id).status != "done" and time.time() < deadline:
+            runner.wake()
+            time.sleep(0.1)
+        assert store.get(job_id).status == "done"
+
+    job, other = store.create(str(root), None, "resnest", tmp_path / "out"), store.create(
+        str(clean_root), None, "resnest", tmp_path / "out")
+    runner.start()
+    try:
+        run_to_done(job.id)
+        run_to_done(other.id)
+        rows = {r.path: r for r in store.records(job.id)}
+        assert rows["late.jpg"].error.startswith("cannot read file") and store.counts(job.id)["unreadable"] == 2
+        assert not store.requeue(other.id)  # done, nothing to read again
+        (root / ".away" / "late.jpg").write_bytes(ok)
+        assert store.requeue(job.id)
+        run_to_done(job.id)
+    finally:
+        runner.stop()
+    rows = {r.path: r for r in store.records(job.id)}
+    assert rows["late.jpg"].label != Label.UNREADABLE and rows["empty.jpg"].error == "empty file (0 bytes)"
+    counts = store.counts(job.id)
+    assert counts["unreadable"] == 1 and sum(counts.values()) == 3 == len(rows)
+    assert not store.requeue(job.id)

@@ -32,6 +32,22 @@ def spreadsheet_safe(text: object) -> object:
     return "'" + text if isinstance(text, str) and text.startswith(_FORMULA_START) else text
 
 
+# The reasons of a row a later read may not repeat: the OS could not read the file (a share
+# briefly away, a manifest's file not there yet, no permission yet). Such rows are read again by
+# the next run or retry; a file read whole that is no image stays done. So does a file read
+# empty or cut short: it may have been caught mid-copy, but a collection's broken files would
+# then be read again at every rerun, and a rerun of a finished collection would no longer
+# read 0 files; telling the two apart needs each row's file size and time, not kept yet.
+READ_AGAIN = ("cannot read file",)
+
+
+def read_again_sql(record: str = "record") -> str:
+    """SQL, true for a row of `READ_AGAIN` (the tables keep the result's JSON in `record` and
+    its label in `label`)."""
+    reasons = " OR ".join(f"coalesce(json_extract({record}, '$.error'), '') LIKE '{r}%'" for r in READ_AGAIN)
+    return f"(label = 'unreadable' AND ({reasons}))"
+
+
 def spreadsheet_row(row: dict) -> dict:
     """A CSV row with its free-text cells (`CSV_TEXT_FIELDS`) made `spreadsheet_safe`."""
     return {k: spreadsheet_safe(v) if k in CSV_TEXT_FIELDS else v for k, v in row.items()}

@@ -105,8 +105,10 @@ class JobRunner:
         inputs = list_inputs(src)
         done = self.store.done_paths(job.id)
         now = time.time()
+        # every stored row, those to be read again too: they count as processed all along
+        stored = sum(self.store.counts(job.id).values())
         if not self.store.transition(job.id, "running", total=len(inputs), started=job.started or now,
-                                     resumed_at=now, done_before_resume=len(done)):
+                                     resumed_at=now, done_before_resume=stored):
             return  # cancelled meanwhile
         claimed = self.store.claim_models(job.id, self.models)
         if claimed != self.models:

@@ -3,7 +3,8 @@
 Items are written one batch per transaction with (job_id, path) as the primary key, so a
 server killed with kill -9 restarts with every finished batch kept, none twice, and the
 runner simply skips what is there. A path's row is written once (a second result for it is
-ignored). Per-label counts live in `label_counts`, updated in the same transaction: a status
+ignored), but for a row of a file the OS could not read, which a resumed or retried job reads
+again and replaces (`READ_AGAIN`). Per-label counts live in `label_counts`, updated in the same transaction: a status
 poll that counted with GROUP BY over the items is O(items) (`python -m
 tests.benchmarks.job_store` times both on one file), and jobs of 10^7 files are the point of
 batch cleaning. Each thread gets its own connection (sqlite3 objects
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipelines.engine.qc_result import QCResult
+from pipelines.engine.qc_result import QCResult, read_again_sql
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,13 @@ class JobStore:
         return cur.rowcount == 1
 
     def requeue(self, job_id: str) -> bool:
-        """True when a failed or cancelled job is queued again: the runner resumes it, skipping
-        the files whose rows it already stored."""
-        cur = self._db().execute("UPDATE jobs SET status = 'queued', error = NULL, finished = NULL "
-                                 "WHERE id = ? AND status IN ('failed', 'cancelled')", (job_id,))
+        """True when a failed or cancelled job is queued again, or a done one that has files the
+        OS could not read (`READ_AGAIN`: a share briefly away): the runner resumes it, reading
+        only the files without a final row."""
+        cur = self._db().execute(
+            "UPDATE jobs SET status = 'queued', error = NULL, finished = NULL WHERE id = ? AND (status IN "
+            f"('failed', 'cancelled') OR (status = 'done' AND EXISTS (SELECT 1 FROM items WHERE job_id = jobs.id "
+            f"AND {read_again_sql()})))", (job_id,))
         return cur.rowcount == 1
 
     def status(self, job_id: str) -> str | None:
@@ -262,10 +266,14 @@ class JobStore:
         try:
             added: dict[str, int] = {}
             for r in results:
-                cur = db.execute("INSERT OR IGNORE INTO items (job_id, path, label, record, done_at, summary) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)", (job_id, r.path, r.label.value,
-                                                               r.model_dump_json(exclude={"timings_ms"}), now,
-                                                               summary_of(r)))
+                row = (r.label.value, r.model_dump_json(exclude={"timings_ms"}), now, summary_of(r))
+                cur = db.execute("INSERT OR IGNORE INTO items (label, record, done_at, summary, job_id, path) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (*row, job_id, r.path))
+                if cur.rowcount == 0:  # a row there already: replaced only where it is to be read again
+                    cur = db.execute("UPDATE items SET label = ?, record = ?, done_at = ?, summary = ? "
+                                     f"WHERE job_id = ? AND path = ? AND {read_again_sql()}", (*row, job_id, r.path))
+                    if cur.rowcount == 1:
+                        added["unreadable"] = added.get("unreadable", 0) - 1
                 if cur.rowcount == 1:
                     added[r.label.value] = added.get(r.label.value, 0) + 1
             db.executemany("INSERT INTO label_counts VALUES (?, ?, ?) "
@@ -302,7 +310,10 @@ class JobStore:
         return n
 
     def done_paths(self, job_id: str) -> set[str]:
-        return {r[0] for r in self._db().execute("SELECT path FROM items WHERE job_id = ?", (job_id,))}
+        """Paths with a final row: not those the OS could not read (`READ_AGAIN`), which a
+        resumed or retried job reads again, as a rerun of `clean` does."""
+        return {r[0] for r in self._db().execute(f"SELECT path FROM items WHERE job_id = ? AND NOT {read_again_sql()}",
+                                                 (job_id,))}
 
     def counts(self, job_id: str) -> dict[str, int]:
         rows = self._db().execute("SELECT label, n FROM label_counts WHERE job_id = ? AND n > 0", (job_id,))

@@ -114,13 +114,16 @@ def cancel_job(job_id: str, state: State) -> JobStatus:
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_ERRORS,
-             summary="Queue a failed or cancelled job again; it resumes where it stopped")
+             summary="Queue a failed or cancelled job again, or a done one with files the OS could not read")
 def retry_job(job_id: str, state: State) -> JobStatus:
     """A job that failed (its source gone for a while, a store error it could not outwait)
-    or was cancelled keeps its stored rows; queued again it reads only the files it lacks."""
+    or was cancelled keeps its stored rows; queued again it reads only the files it lacks and
+    those the OS could not read (`cannot read file`: a share briefly away). A done job with
+    such rows can be retried for them alone."""
     job = job_or_404(state, job_id)
     if not state.store.requeue(job_id):
-        raise ApiError(409, "job_not_retryable", f"job {job_id} is {job.status}: only failed or cancelled jobs are retried")
+        raise ApiError(409, "job_not_retryable", f"job {job_id} is {job.status}: only failed or cancelled jobs are "
+                                                 "retried, and done ones with files the OS could not read")
     state.runner.wake()
     return status_of(state, job_or_404(state, job_id))
 

@@ -3,10 +3,10 @@
 A reviewer walks a job one key press at a time, and each page needs the whole job in the grid's
 order. At 10^5 items that cost 1.8-2.4 s per page on 2 cores, most of it reading the summaries,
 0.9 s sorting them (`python -m tests.benchmarks.review_grid --items 100000`; 0.11-0.25 s with
-the view kept). So the view is built once and reused while the job's item count stands still:
-items are only ever added (`JobStore.add_items`; `set_duplicates` leaves the summaries alone),
-so the count tells a stale view from a current one, and a running job simply rebuilds as
-batches land. Reviews are not part of a view: they are read per request, as they change with
+the view kept). So the view is built once and reused while the job's counts by label stand
+still: items are only ever added, or a row the OS could not read replaced once it is read
+(`JobStore.add_items`: its label moves; `set_duplicates` leaves the summaries alone), so the
+counts tell a stale view from a current one, and a running job simply rebuilds as batches land. Reviews are not part of a view: they are read per request, as they change with
 every decision.
 
 Bounded by items, not jobs: a few large jobs or many small ones. A view holds about 500 bytes
@@ -29,20 +29,20 @@ class JobViews:
     def __init__(self, store: JobStore, max_items: int = MAX_ITEMS):
         self.store = store
         self.max_items = max_items
-        self._views: OrderedDict[tuple[str, Thresholds], tuple[int, JobView]] = OrderedDict()
+        self._views: OrderedDict[tuple[str, Thresholds], tuple[tuple[tuple[str, int], ...], JobView]] = OrderedDict()
         self._lock = threading.Lock()  # the pages' routes run in FastAPI's thread pool
 
     def get(self, job_id: str, t: Thresholds) -> JobView:
-        key, count = (job_id, t), sum(self.store.counts(job_id).values())
+        key, counts = (job_id, t), tuple(sorted(self.store.counts(job_id).items()))
         with self._lock:
             kept = self._views.get(key)
-            if kept is not None and kept[0] == count:
+            if kept is not None and kept[0] == counts:
                 self._views.move_to_end(key)
                 return kept[1]
         # built outside the lock: a second job's pages need not wait for this one's sort
         view = JobView.of(self.store.summaries(job_id), t)
         with self._lock:
-            self._views[key] = (len(view.items), view)
+            self._views[key] = (counts, view)
             self._views.move_to_end(key)
             while len(self._views) > 1 and sum(len(v.items) for _, v in self._views.values()) > self.max_items:
                 self._views.popitem(last=False)
