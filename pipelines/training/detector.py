@@ -25,7 +25,7 @@ from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
 from pipelines.training.distributed import DistInfo, device_for, init_distributed, leave
-from pipelines.training.loop import FitResult, LoopConfig, fit
+from pipelines.training.loop import FitResult, LoopConfig, fit, recipe_of
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     task = DetectorTask(val, cfg.batch_size)
     loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
                       grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
-                      max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress)
+                      max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress, recipe=recipe_of(cfg))
     result = fit(model, task, loader, optimizer, loop, device, dist_info)
     card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
             if dist_info.is_main else None)

@@ -9,16 +9,19 @@ after the optimizer (the Deep SAD reference does it the other way round).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import pickle
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -55,6 +58,20 @@ class LoopConfig:
     validate_every: int = 1
     progress: bool = True
     log_every: int = 20  # steps between log lines (the bar is invisible in CI logs and nohup files)
+    # the caller's training settings (`recipe_of`): a resume with other ones is refused
+    recipe: dict[str, str] = field(default_factory=dict)
+
+
+# Settings a resume may change: they do not change what is trained (or, --epochs, only how long)
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "resume", "progress", "log_every", "workers", "device", "out_dir",
+                                  "max_steps_per_epoch"})
+
+
+def recipe_of(cfg: Any) -> dict[str, str]:
+    """A training config (a dataclass) as the settings a resume must keep: each field as JSON
+    text, but for `CHANGEABLE_ON_RESUME`."""
+    return {k: json.dumps(v, default=str, sort_keys=True) for k, v in asdict(cfg).items()
+            if k not in CHANGEABLE_ON_RESUME}
 
 
 @dataclass
@@ -108,6 +125,59 @@ def _check_can_train(cfg: LoopConfig, loader: Iterable, ckpt_path: Path, log_pat
                          "choose another output folder")
 
 
+def _rng_state() -> dict[str, Any]:
+    """Every random state an epoch draws from (augmentation, shuffling, dropout, the loaders'
+    worker seeds), as tensors and lists a weights-only load takes: without them a resumed epoch
+    k replayed epoch 0's draws, and a resumed run was not the run it continued."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(state), gauss_next]}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = rng["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -> None:
+    """A resume with other settings trained on under the checkpoint's optimizer state (a new
+    --lr was not applied) and other data, and the card recorded the new settings for the
+    whole run. Only `CHANGEABLE_ON_RESUME` may change; checkpoints without a recipe (older
+    runs) are not checked."""
+    changed = [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+               for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
+                         f"({'; '.join(changed)}): only --epochs may change; resume with the same settings, or "
+                         "train into another folder")
+
+
+def _commit_pending_best(ck: dict[str, Any], best_path: Path, pending: Path) -> None:
+    """A new best epoch's weights are written aside (`pending`), then the checkpoint commits the
+    epoch, then they are renamed into place. A run killed between those steps leaves a pending
+    file: the checkpoint's (its sha256 recorded there) is put in place, another epoch's is
+    dropped; and the best weights in place must be the checkpoint's. Before, a kill during the
+    checkpoint's write shipped the next epoch's weights under the previous epoch's card."""
+    from models.io import sha256_file
+
+    want = ck.get("best_sha256")
+    if pending.exists():
+        if want is not None and sha256_file(pending) == want:
+            pending.replace(best_path)
+        else:
+            pending.unlink()
+    if want is not None and best_path.exists() and sha256_file(best_path) != want:
+        raise ValueError(f"{best_path} is not the best epoch's weights its checkpoint records (written by another "
+                         "run?): move the folder away to train from the start")
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -117,16 +187,17 @@ def fit(
     device: torch.device,
     dist_info: DistInfo = DistInfo(),
 ) -> FitResult:
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     out = Path(cfg.out_dir)
     ckpt_path, best_path, log_path = out / "checkpoint.pt", out / "best.safetensors", out / "metrics.jsonl"
+    pending = out / "best.pending.safetensors"
     _check_can_train(cfg, loader, ckpt_path, log_path)
     out.mkdir(parents=True, exist_ok=True)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps, constant=cfg.schedule == "constant")
     use_amp = cfg.amp and device.type == "cuda"
-    start_epoch, best, history, best_epoch, best_metrics = 0, None, [], -1, {}
+    start_epoch, best, history, best_epoch, best_metrics, best_sha256 = 0, None, [], -1, {}, None
     if cfg.resume and ckpt_path.is_file():
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -139,8 +210,16 @@ def fit(
             # a truncated file, another architecture's weights: say which checkpoint, not `Errno 22`
             raise ValueError(f"cannot resume from {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "it is damaged or from another model: move it away to train from the start") from None
+        _check_recipe(ck.get("recipe", {}), cfg.recipe, ckpt_path)
+        best_sha256 = ck.get("best_sha256")
+        if dist_info.is_main:
+            _commit_pending_best(ck, best_path, pending)
+        if "rng" in ck:
+            _set_rng_state(ck["rng"])
         if dist_info.is_main:
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    elif dist_info.is_main:
+        pending.unlink(missing_ok=True)  # a first epoch's, killed before its checkpoint
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler = getattr(loader, "sampler", None)
@@ -185,21 +264,30 @@ def fit(
             metrics = task.validate(_unwrap(model), device)
             record.update({f"val_{k}": v for k, v in metrics.items()})
             score = metrics[cfg.select_metric]
-            if _better(score, best, cfg.select_mode):
+            new_best = _better(score, best, cfg.select_mode)
+            if new_best:  # aside until the checkpoint commits this epoch (`_commit_pending_best`)
                 best, best_epoch, best_metrics = score, epoch, metrics
-                save_file({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()},
-                          str(best_path))
+                data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()})
+                best_sha256 = hashlib.sha256(data).hexdigest()
+                write_atomically(pending, lambda tmp: tmp.write_bytes(data))
             log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if not k.startswith("train_l")})
+        else:
+            new_best = False
         history.append(record)
         if dist_info.is_main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            # the log rewritten from the history the checkpoint holds: a resume after a kill
+            # between the two wrote a second, different record of the same epoch
+            lines = "".join(json.dumps(r) + "\n" for r in history)
+            write_atomically(log_path, lambda tmp: tmp.write_text(lines))
             _atomic_save({
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
                 "history": json.dumps(history), "best_metrics": json.dumps(best_metrics),
-                "config": json.dumps(asdict(cfg), default=str),
+                "config": json.dumps(asdict(cfg), default=str), "recipe": cfg.recipe, "best_sha256": best_sha256,
+                "rng": _rng_state(),
             }, ckpt_path)
+            if new_best:
+                pending.replace(best_path)
         barrier(dist_info)
     return FitResult(best_epoch, best_metrics, history, best_path if best_path.exists() else None)
 

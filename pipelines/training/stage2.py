@@ -5,6 +5,7 @@ the validation split and stored in its model card.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from models.io import ModelCard, load_weights, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.data.presets import classification_eval, classification_train, deep_sad_train
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
-from pipelines.training.loop import LoopConfig, fit
+from pipelines.training.loop import LoopConfig, fit, recipe_of
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ _CLASSIFIER_ONLY: set[str] = set()
 
 def _recipe(cfg: Stage2Config, drop: set[str]) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in drop}
+
+
+def _resume_recipe(cfg: Stage2Config, data_note: dict | None, **more: object) -> dict[str, str]:
+    """What a resume of this training must keep: the settings, the data and, for the
+    classifier, the model and where it started from."""
+    return {**recipe_of(cfg), **{k: json.dumps(v, default=str, sort_keys=True)
+                                 for k, v in {"data": data_note, **more}.items()}}
 
 
 def _rule_note(cfg: Stage2Config, space: str) -> str:
@@ -133,7 +141,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     ae = DeepSADAutoencoder().to(device)
     loader = DataLoader(CropDataset(regular_only), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     common = dict(lr=cfg.lr, warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
-                  resume=cfg.resume, progress=cfg.progress)
+                  resume=cfg.resume, progress=cfg.progress, recipe=_resume_recipe(cfg, data_note))
     ae_fit = fit(ae, AutoencoderTask(val), loader,
                  torch.optim.Adam(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
                  LoopConfig(out_dir=out / "autoencoder", epochs=cfg.pretrain_epochs, select_metric="mse",
@@ -228,7 +236,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
                  torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
                  LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, lr=cfg.lr, warmup_iters=0,
                             schedule="constant", grad_clip=None, amp=cfg.amp, select_metric="roc_auc",
-                            resume=cfg.resume, progress=cfg.progress), device)
+                            resume=cfg.resume, progress=cfg.progress,
+                            recipe=_resume_recipe(cfg, data_note, model=asdict(model_cfg), init=init_card)), device)
     model.load_state_dict(load_file(str(result.best_weights)))
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()

@@ -1,0 +1,116 @@
+"""The one training loop's checkpoints as an operator meets them: runs killed and resumed."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.io import sha256_file
+from pipelines.training.loop import LoopConfig, fit
+
+
+class Killed(Exception):
+    """Stands for the process dying in the middle of an epoch."""
+
+
+class TinyTask:
+    def __init__(self, kill_at_epoch: int | None = None):
+        g = torch.Generator().manual_seed(1)
+        self.vx, self.vy = torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+        self.kill_at, self.epoch = kill_at_epoch, 0
+
+    def training_step(self, model, batch, device):
+        x, y = batch
+        return {"mse": F.mse_loss(model(x), y)}
+
+    def batch_size(self, batch) -> int:
+        return len(batch[0])
+
+    def validate(self, model, device):
+        if self.epoch == self.kill_at:
+            raise Killed
+        self.epoch += 1
+        model.eval()
+        with torch.no_grad():
+            return {"mse": float(F.mse_loss(model(self.vx), self.vy))}
+
+
+def _run(out, epochs: int, resume: bool = False, kill_at: int | None = None, **cfg):
+    """A model with dropout and a shuffling loader: both draw from the random state each epoch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    loop = LoopConfig(out_dir=out, epochs=epochs, lr=1e-2, warmup_iters=0, schedule="constant", grad_clip=None,
+                      select_metric="mse", select_mode="min", resume=resume, progress=False,
+                      recipe=cfg.pop("recipe", {"lr": "0.01"}))
+    task = TinyTask(kill_at)
+    task.epoch = 0 if not resume else -1  # a resumed run's validation is never killed here
+    return fit(model, task, loader, torch.optim.Adam(model.parameters(), lr=1e-2), loop, torch.device("cpu")), model
+
+
+def _epochs(out) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_killed_and_resumed_trains_as_the_run_that_was_never_stopped(tmp_path):
+    """No random state was checkpointed: the resumed epoch k replayed epoch 0's shuffle and
+    dropout, and the resumed run ended with other weights and another best epoch."""
+    whole, model = _run(tmp_path / "whole", epochs=5)
+    with pytest.raises(Killed):
+        _run(tmp_path / "cut", epochs=5, kill_at=2)  # epochs 0 and 1 committed
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a line the kill left past the checkpoint
+        f.write(json.dumps({"epoch": 2, "train_loss": -1}) + "\n")
+    resumed, resumed_model = _run(tmp_path / "cut", epochs=5, resume=True)
+    assert resumed.best_epoch == whole.best_epoch
+    assert sha256_file(resumed.best_weights) == sha256_file(whole.best_weights)
+    for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _epochs(tmp_path / "cut") == [0, 1, 2, 3, 4]  # the stray line gone, no epoch twice
+
+
+def test_a_kill_between_the_best_weights_and_the_checkpoint_never_ships_another_epochs_weights(tmp_path):
+    """The best weights were written before the checkpoint: killed between the two, the resumed
+    run exported the next epoch's weights under the previous epoch's card."""
+    out = tmp_path / "run"
+    first, _ = _run(out, epochs=3)
+    committed = sha256_file(first.best_weights)
+    # killed after a new best was written aside, before its epoch's checkpoint: not the best
+    (out / "best.pending.safetensors").write_bytes(b"weights of an epoch no checkpoint committed")
+    again, _ = _run(out, epochs=3, resume=True)
+    assert sha256_file(again.best_weights) == committed and not (out / "best.pending.safetensors").exists()
+    # killed after the checkpoint committed the epoch, before the rename: the pending file is it
+    (out / "best.safetensors").rename(out / "best.pending.safetensors")
+    again, _ = _run(out, epochs=3, resume=True)
+    assert sha256_file(again.best_weights) == committed
+    # best weights that are not the checkpoint's are refused, not exported
+    (out / "best.safetensors").write_bytes(b"another run's weights")
+    with pytest.raises(ValueError, match="is not the best epoch's weights its checkpoint records"):
+        _run(out, epochs=3, resume=True)
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    """A resume with a lower --lr kept the checkpoint's rate, trained on, and the card recorded
+    the new one for the whole run."""
+    out = tmp_path / "run"
+    _run(out, epochs=2)
+    with pytest.raises(ValueError, match=r"other settings than it was started with \(lr: 0.01 -> 0.001\)"):
+        _run(out, epochs=3, resume=True, recipe={"lr": "0.001"})
+    longer, _ = _run(out, epochs=3, resume=True)  # --epochs may change
+    assert [r["epoch"] for r in longer.history] == [0, 1, 2]
+
+
+def test_the_recipe_keeps_what_a_resume_may_not_change():
+    from pipelines.training.detector import DetectorTrainConfig
+    from pipelines.training.loop import recipe_of
+
+    cfg = DetectorTrainConfig(train_coco="t.json", val_coco="v.json", out_dir="o")
+    recipe = recipe_of(cfg)
+    assert {"lr", "batch_size", "train_coco", "model", "extra_ratio"} <= set(recipe)
+    assert not {"epochs", "resume", "workers", "progress", "out_dir"} & set(recipe)
+    assert recipe_of(replace(cfg, epochs=99, workers=0)) == recipe != recipe_of(replace(cfg, lr=1e-3))
