@@ -114,3 +114,31 @@ def test_the_recipe_keeps_what_a_resume_may_not_change():
     assert {"lr", "batch_size", "train_coco", "model", "extra_ratio"} <= set(recipe)
     assert not {"epochs", "resume", "workers", "progress", "out_dir"} & set(recipe)
     assert recipe_of(replace(cfg, epochs=99, workers=0)) == recipe != recipe_of(replace(cfg, lr=1e-3))
+
+
+def test_a_diverged_run_and_an_interrupted_one_say_what_to_do(tmp_path, caplog):
+    """A loss gone to NaN was a 60-line traceback (FloatingPointError escaped every command's
+    ValueError); Ctrl-C ended a run with exit 130 and no word of the checkpoint."""
+    from pipelines.training.loop import DivergedError
+
+    class Diverging(TinyTask):
+        def training_step(self, model, batch, device):
+            return {"mse": torch.tensor(float("nan"), requires_grad=True)}
+
+    class Interrupted(TinyTask):
+        def validate(self, model, device):
+            if self.epoch == 1:
+                raise KeyboardInterrupt
+            return super().validate(model, device)
+
+    model = nn.Linear(4, 1)
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16, 1)), batch_size=8)
+    loop = LoopConfig(out_dir=tmp_path / "nan", epochs=2, warmup_iters=0, select_metric="mse", select_mode="min",
+                      progress=False)
+    with pytest.raises(ValueError, match="training diverged; train again into a new folder with a lower --lr") as e:
+        fit(model, Diverging(), loader, torch.optim.SGD(model.parameters(), lr=1.0), loop, torch.device("cpu"))
+    assert isinstance(e.value, DivergedError)
+    with caplog.at_level("WARNING", logger="pipelines.training.loop"), pytest.raises(KeyboardInterrupt):
+        fit(model, Interrupted(), loader, torch.optim.SGD(model.parameters(), lr=0.01),
+            replace(loop, out_dir=tmp_path / "cut", epochs=3), torch.device("cpu"))
+    assert "interrupted in epoch 1; the checkpoint holds epochs 0-0: the same command with --resume" in caplog.text

@@ -100,6 +100,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+class DivergedError(ValueError, FloatingPointError):
+    """A loss that is not finite: a ValueError, so that every training command names it in one
+    line as it does bad input (it was a 60-line traceback)."""
+
+
 def _better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
@@ -196,7 +201,6 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps, constant=cfg.schedule == "constant")
-    use_amp = cfg.amp and device.type == "cuda"
     start_epoch, best, history, best_epoch, best_metrics, best_sha256 = 0, None, [], -1, {}, None
     if cfg.resume and ckpt_path.is_file():
         try:
@@ -221,74 +225,85 @@ def fit(
     elif dist_info.is_main:
         pending.unlink(missing_ok=True)  # a first epoch's, killed before its checkpoint
 
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        seen, t0 = 0, time.perf_counter()
-        bar = _Bar(steps, epoch, cfg.epochs, enabled=cfg.progress and dist_info.is_main)
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = task.training_step(model, batch, device)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {losses}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            seen += task.batch_size(batch)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            bar.update(step + 1, sums["loss"] / (step + 1))
-            if dist_info.is_main and cfg.log_every and (step + 1) % cfg.log_every == 0:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                eta = (steps - step - 1) * (time.perf_counter() - t0) / (step + 1)
-                log.info("epoch %d step %d/%d loss %.4f, %.1f images/s, epoch ETA %.0f s",
-                         epoch + 1, step + 1, steps, sums["loss"] / (step + 1), rate, eta)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        record: dict[str, Any] = {
-            "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
-            "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
-            **{f"train_{k}": all_reduce_mean(v / max(1, step + 1), dist_info) for k, v in sums.items()},
-        }
-        if dist_info.is_main and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
-            metrics = task.validate(_unwrap(model), device)
-            record.update({f"val_{k}": v for k, v in metrics.items()})
-            score = metrics[cfg.select_metric]
-            new_best = _better(score, best, cfg.select_mode)
-            if new_best:  # aside until the checkpoint commits this epoch (`_commit_pending_best`)
-                best, best_epoch, best_metrics = score, epoch, metrics
-                data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()})
-                best_sha256 = hashlib.sha256(data).hexdigest()
-                write_atomically(pending, lambda tmp: tmp.write_bytes(data))
-            log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if not k.startswith("train_l")})
-        else:
-            new_best = False
-        history.append(record)
+    use_amp = cfg.amp and device.type == "cuda"
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            model.train()
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            bar = _Bar(steps, epoch, cfg.epochs, enabled=cfg.progress and dist_info.is_main)
+            for step, batch in enumerate(loader):
+                if step >= steps:
+                    break
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses = task.training_step(model, batch, device)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    terms = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.items())
+                    raise DivergedError(f"loss is {loss.detach().item()} at epoch {epoch} step {step} ({terms}): "
+                                        "training diverged; train again into a new folder with a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                seen += task.batch_size(batch)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                bar.update(step + 1, sums["loss"] / (step + 1))
+                if dist_info.is_main and cfg.log_every and (step + 1) % cfg.log_every == 0:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    eta = (steps - step - 1) * (time.perf_counter() - t0) / (step + 1)
+                    log.info("epoch %d step %d/%d loss %.4f, %.1f images/s, epoch ETA %.0f s",
+                             epoch + 1, step + 1, steps, sums["loss"] / (step + 1), rate, eta)
+            bar.close()
+            seconds = time.perf_counter() - t0
+            record: dict[str, Any] = {
+                "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+                "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
+                **{f"train_{k}": all_reduce_mean(v / max(1, step + 1), dist_info) for k, v in sums.items()},
+            }
+            if dist_info.is_main and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
+                metrics = task.validate(_unwrap(model), device)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                score = metrics[cfg.select_metric]
+                new_best = _better(score, best, cfg.select_mode)
+                if new_best:  # aside until the checkpoint commits this epoch (`_commit_pending_best`)
+                    best, best_epoch, best_metrics = score, epoch, metrics
+                    data = safetensors_bytes({k: v.detach().contiguous().cpu()
+                                              for k, v in _unwrap(model).state_dict().items()})
+                    best_sha256 = hashlib.sha256(data).hexdigest()
+                    write_atomically(pending, lambda tmp, data=data: tmp.write_bytes(data))
+                log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if not k.startswith("train_l")})
+            else:
+                new_best = False
+            history.append(record)
+            if dist_info.is_main:
+                # the log rewritten from the history the checkpoint holds: a resume after a kill
+                # between the two wrote a second, different record of the same epoch
+                lines = "".join(json.dumps(r) + "\n" for r in history)
+                write_atomically(log_path, lambda tmp, lines=lines: tmp.write_text(lines))
+                _atomic_save({
+                    "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                    "history": json.dumps(history), "best_metrics": json.dumps(best_metrics),
+                    "config": json.dumps(asdict(cfg), default=str), "recipe": cfg.recipe, "best_sha256": best_sha256,
+                    "rng": _rng_state(),
+                }, ckpt_path)
+                if new_best:
+                    pending.replace(best_path)
+            barrier(dist_info)
+    except KeyboardInterrupt:
         if dist_info.is_main:
-            # the log rewritten from the history the checkpoint holds: a resume after a kill
-            # between the two wrote a second, different record of the same epoch
-            lines = "".join(json.dumps(r) + "\n" for r in history)
-            write_atomically(log_path, lambda tmp: tmp.write_text(lines))
-            _atomic_save({
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                "history": json.dumps(history), "best_metrics": json.dumps(best_metrics),
-                "config": json.dumps(asdict(cfg), default=str), "recipe": cfg.recipe, "best_sha256": best_sha256,
-                "rng": _rng_state(),
-            }, ckpt_path)
-            if new_best:
-                pending.replace(best_path)
-        barrier(dist_info)
+            done = len(history)
+            log.warning("interrupted in epoch %d; %s", done, f"the checkpoint holds epochs 0-{done - 1}: the same "
+                        "command with --resume continues" if done else "no epoch was finished")
+        raise
     return FitResult(best_epoch, best_metrics, history, best_path if best_path.exists() else None)
 
 
