@@ -53,7 +53,7 @@ def test_a_validation_report_without_a_green_or_iodine_photo_chooses_nothing():
         choose_policy(_report({p: 0.0 for p in POLICIES}, n_pos=0))
 
 
-def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_path):
+def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_path, caplog):
     weights = tiny_weights(tmp_path, detector_threshold=0.05)
     _set_val_f1(weights / "deep_sad.json", 0.98)  # the fallback rule alone says deep_sad
     _set_val_f1(weights / "classifier.json", 0.95)
@@ -74,7 +74,10 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
         card = json.loads((weights / f"{stem}.json").read_text())
         card["metrics"]["policy_choice"]["classifier_sha256"] = "0" * 64
         (weights / f"{stem}.json").write_text(json.dumps(card))
-    assert QCPipeline(weights).policy == "deep_sad"
+    with caplog.at_level("WARNING", logger="pipelines.engine.qc"):
+        assert QCPipeline(weights).policy == "deep_sad"
+    # the default changed: said, not silent
+    assert "the policy recorded on the stage-2 cards (both) was chosen for other models" in caplog.text
 
 
 def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loaded(tmp_path):

@@ -36,6 +36,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     variable's name, or a service that reported ready and then failed every job."""
     from typer.testing import CliRunner
 
+    import json
     import socket
     import sqlite3
 
@@ -46,6 +47,10 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     weights = tiny_weights(tmp_path / "w", 0.0)
     damaged = tiny_weights(tmp_path / "w2", 0.0)
     (damaged / "classifier.json").write_text((damaged / "classifier.json").read_text()[:40])
+    other_detector = tiny_weights(tmp_path / "w4", 0.0, presence_threshold=0.5)
+    card = json.loads((other_detector / "presence.json").read_text())  # a detector retrained since the head
+    card["config"]["detector_sha256"] = "0" * 64
+    (other_detector / "presence.json").write_text(json.dumps(card))
     bad_findings = tiny_weights(tmp_path / "w3", 0.0)
     (bad_findings / "findings.json").write_text("{")  # an optional card: failed inside the startup
     a_file = tmp_path / "a-file"
@@ -78,6 +83,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
               "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),
              ({}, damaged, "classifier.json: not a readable model card"),
              ({}, bad_findings, "findings.json"),
+             ({}, other_detector, "presence.json was trained on the features of another detector"),
              # "inf" seconds overflowed SQLite's timeout, and every sign-in was a 500
              ({"CERVIXQC_STORE_BUSY_TIMEOUT_S": "inf"}, weights, "CERVIXQC_STORE_BUSY_TIMEOUT_S"),
              ({"CERVIXQC_SESSION_MAX_AGE_S": "inf"}, weights, "CERVIXQC_SESSION_MAX_AGE_S"),

@@ -256,3 +256,25 @@ def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before
         train_deep_sad(Stage2Config(out_dir=tmp_path / "one-class", batch_size=8, progress=False), crops["train"],
                        regulars_only, torch.device("cpu"))
     assert not (tmp_path / "one-class").exists()  # refused before the autoencoder's first epoch
+
+
+def test_training_into_a_weights_folder_is_refused_before_any_data_loads(tmp_path):
+    """`train-colour -o weights` replaced the bundled colour scorer, and with it the folder's
+    default policy; `train-detector` replaced the detector under a presence head of the old
+    one's features. Each training command now refuses a folder holding its card without a run."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from tests.qc_fixtures import tiny_weights
+
+    weights = tiny_weights(tmp_path / "weights", 0.0, colour_threshold=0.5, presence_threshold=0.5)
+    before = {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()}
+    none = str(tmp_path / "none.csv")
+    for args, card in ((["train-detector", none, none], "detector.json"),
+                       (["train-deep-sad", none, "--coco", none], "deep_sad.json"),
+                       (["train-resnest", none, "--coco", none, "--resume"], "classifier.json"),
+                       (["train-colour", none, "--coco", none], "colour.json"),
+                       (["train-presence", none, "--detector", none], "presence.json")):
+        r = CliRunner().invoke(app, [*args, "-o", str(weights)])
+        assert r.exit_code == 2 and f"holds {card} and no training run" in r.output, (args, r.output)
+    assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before

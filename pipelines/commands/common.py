@@ -14,6 +14,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def training_output(out: Path, card: str, resume: bool = False) -> None:
+    """`-o` of a training command, checked before any data loads: training into a weights
+    folder replaced its model there unsaid (the shipped detector, under a presence head of the
+    old one's features; the colour scorer, and with it the folder's default policy). A run
+    folder of the same model is resumed with --resume or refused by the loop."""
+    if not (out / card).exists():
+        return
+    if any(out.rglob("checkpoint.pt")):
+        if not resume:
+            _fail(f"{out} already holds a training run: pass --resume to continue it, or choose another folder")
+        return
+    _fail(f"{out} holds {card} and no training run (a weights folder?): training would replace it; train into "
+          "another folder and copy the files in")
+
+
 def _csv(value: Optional[str]) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 

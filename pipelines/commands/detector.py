@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail
+from pipelines.commands.common import _csv, _fail, training_output
 
 
 def train_detector_cmd(
@@ -42,6 +42,7 @@ def train_detector_cmd(
     from models.detector import DetectorConfig
     from pipelines.training.detector import DetectorTrainConfig, train_detector
 
+    training_output(out, "detector.json", resume)
     try:
         model = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size,
                                pretrained_backbone=backbone_weights is not None, fpn_channels=fpn_channels)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail
+from pipelines.commands.common import _fail, training_output
 
 
 def train_presence_cmd(
@@ -32,6 +32,7 @@ def train_presence_cmd(
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
+    training_output(out, "presence.json")
     if extra_weight <= 0:
         _fail("--extra-weight must be > 0")
     if colour_weight is not None and colour_weight < 0:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail
+from pipelines.commands.common import _fail, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -56,6 +56,7 @@ def train_deep_sad_cmd(
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
 ) -> None:
     """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
+    training_output(out, "deep_sad.json", resume)
     import torch
 
     from pipelines.data.crop_set import split_crops
@@ -96,6 +97,7 @@ def train_resnest_cmd(
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
+    training_output(out, "classifier.json", resume)
     import torch
 
     from models.classifier import ClassifierConfig
@@ -150,6 +152,7 @@ def train_colour_cmd(
     third vote of the two_of_three policy; threshold chosen on the val split."""
     if c <= 0 or copies < 1 or not 0 <= synthesise <= 1:
         _fail("need --c > 0, --copies >= 1 and 0 <= --synthesise <= 1")
+    training_output(out, "colour.json")
     if (extra_manifest is None) != (extra_coco is None):
         _fail("give --extra-manifest and --extra-coco together")
     from pipelines.data.crop_set import extra_crops, split_crops

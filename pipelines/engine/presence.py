@@ -78,15 +78,23 @@ def detect_with_features(detector: nn.Module, images: Sequence[torch.Tensor], de
     return dets, torch.stack(feats) if feats else torch.zeros(0, 0)
 
 
+def other_detector(card_path: str | Path, card: ModelCard, detector_card: ModelCard) -> str | None:
+    """What is wrong where a presence head was trained on another detector's features."""
+    if card.config.get("detector_sha256") == detector_card.sha256:
+        return None
+    return (f"{card_path} was trained on the features of another detector "
+            f"({str(card.config.get('detector_sha256'))[:12]}...); retrain it with this one")
+
+
 def load_presence(card_path: str | Path, detector_card: ModelCard,
                   device: str | torch.device = "cpu") -> tuple[PresenceHead, ModelCard]:
     """The presence head, refused unless it was trained on this very detector's features."""
     state, card = load_weights(card_path)
     if card.name != "presence":
         raise ValueError(f"{card_path}: not a presence card (name {card.name!r})")
-    if card.config.get("detector_sha256") != detector_card.sha256:
-        raise ValueError(f"{card_path} was trained on the features of another detector "
-                         f"({str(card.config.get('detector_sha256'))[:12]}...); retrain it with this one")
+    mismatch = other_detector(card_path, card, detector_card)
+    if mismatch:
+        raise ValueError(mismatch)
     head = PresenceHead(PresenceConfig(**{k: v for k, v in card.config.items() if k != "detector_sha256"}))
     head.load_state_dict(state)
     return head.to(device).eval(), card

@@ -40,7 +40,7 @@ from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, jud
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
 from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.openvino_runtime import Precision
-from pipelines.engine.presence import colour_histograms, load_presence, pool_features
+from pipelines.engine.presence import colour_histograms, load_presence, other_detector, pool_features
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Label, Policy, QCResult, policies_for
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
 
@@ -168,7 +168,14 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
         f1 = card.metrics.get("val", {}).get("f1")  # null: undefined (no positive)
         return float(f1) if f1 is not None else float("-inf")
 
-    return "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
+    fallback = "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
+    recorded = [c.metrics["policy_choice"]["policy"] for c in (sad_card, cls_card)
+                if (c.metrics.get("policy_choice") or {}).get("policy")]
+    if recorded:  # a model retrained since: the folder's default changed without a word
+        log.warning("the policy recorded on the stage-2 cards (%s) was chosen for other models than these; "
+                    "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
+                    "policy, or pass a policy", recorded[0], fallback)
+    return fallback
 
 
 @dataclass
@@ -239,6 +246,10 @@ def check_weights(weights: Path, exports: bool = True) -> None:
     thresholds): the service's check before it starts, since a failure inside its startup was a
     70-line traceback, repeated by every restart. WeightsIntegrityError naming the file."""
     cards = folder_cards(weights)
+    if "presence" in cards:  # a detector retrained alone: `serve` passed this check, then failed to start
+        mismatch = other_detector(weights / "presence.json", cards["presence"], cards["detector"])
+        if mismatch:
+            raise WeightsIntegrityError(mismatch)
     if (weights / "findings.json").is_file():
         with loading(weights / "findings.json"):
             load_findings_card(weights / "findings.json")
