@@ -256,6 +256,17 @@ def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before
         train_deep_sad(Stage2Config(out_dir=tmp_path / "one-class", batch_size=8, progress=False), crops["train"],
                        regulars_only, torch.device("cpu"))
     assert not (tmp_path / "one-class").exists()  # refused before the autoencoder's first epoch
+    # a training split of one class: the classifier trained it at weight 0 and exported it
+    from pipelines.training.stage2 import train_classifier
+
+    val, train = crops["val"], crops["train"]
+    cfg = Stage2Config(out_dir=tmp_path / "one-class-train", batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="the training split has no green or iodine crop"):
+        train_classifier(cfg, ClassifierConfig(arch="resnest14d", input_size=32), train.subset(train.kinds == 0), val,
+                         torch.device("cpu"))
+    with pytest.raises(ValueError, match="the training split has no regular crop"):
+        train_deep_sad(cfg, train.subset(train.kinds != 0), val, torch.device("cpu"))
+    assert not (tmp_path / "one-class-train").exists()
 
 
 def test_training_into_a_weights_folder_is_refused_before_any_data_loads(tmp_path):

@@ -131,10 +131,25 @@ def _check_val_has_both_classes(val: CropSet) -> None:
                          f"{len(val.kinds) - n_pos} regular and {n_pos} non-regular")
 
 
+def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: bool) -> None:
+    """Regular training crops always (Deep SAD's autoencoder and centre learn from them; without
+    them torch said `num_samples=0`), and for the classifier non-regular ones too, or some made
+    by --synthesise: a split without them trained one class at weight 0 and exported it with
+    exit code 0."""
+    n_pos = int(train.non_regular.sum())
+    if n_pos == len(train.kinds):
+        raise ValueError(f"the training split has no regular crop ({n_pos} non-regular): nothing to learn "
+                         "what regular looks like")
+    if needs_non_regular and n_pos == 0 and synthesise <= 0:
+        raise ValueError(f"the training split has no green or iodine crop ({len(train.kinds)} regular): add some, "
+                         "or make some with --synthesise")
+
+
 def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torch.device,
                    data_note: dict | None = None) -> Path:
     """Pretrain the autoencoder, copy its encoder, set c, train Deep SAD, calibrate, export."""
     _check_val_has_both_classes(val)
+    _check_train_classes(train, cfg.synthesise, needs_non_regular=False)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
@@ -222,6 +237,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
                      device: torch.device, pretrained_file: str | None = None, data_note: dict | None = None,
                      init_card: str | None = None) -> Path:
     _check_val_has_both_classes(val)
+    _check_train_classes(train, cfg.synthesise, needs_non_regular=True)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     model = RegularityClassifier(model_cfg, pretrained_file)
