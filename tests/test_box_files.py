@@ -93,3 +93,16 @@ def test_training_decodes_a_16_bit_png_as_the_engine_does(tmp_path):
     served = decode((tmp_path / "deep.png").read_bytes()).image
     assert trained.shape == served.shape and int((trained.int() - served.int()).abs().max()) == 0
     assert 50 < float(trained.float().mean()) < 200
+
+
+def test_a_training_photo_that_does_not_decode_is_named(tmp_path):
+    """A truncated photo in a training set was a 200-line traceback naming no file, hours into
+    a run where it came from the extra collection (drawn anew each epoch)."""
+    from pipelines.data.images import load_rgb
+    from tests.qc_fixtures import jpeg_bytes, textured_scene
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg_bytes(textured_scene(1))[:600])
+    for path in (cut, tmp_path / "gone.jpg"):
+        with pytest.raises(ValueError, match=f"{path.name}: cannot read it as an image"):
+            load_rgb(path)

@@ -16,8 +16,18 @@ def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.
     """(uint8 CHW tensor, sx, sy): scale factors from the displayed full-size image to it.
 
     With `min_long_side`, JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
-    the long side at least that big.
+    the long side at least that big. A file that does not decode is a ValueError naming it: a
+    truncated training photo was a 200-line traceback naming none, hours into a run when it
+    came from the extra collection, drawn anew each epoch.
     """
+    try:
+        return _load_rgb(path, min_long_side)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad files
+        raise ValueError(f"{path}: cannot read it as an image ({type(e).__name__}: {e}); fix or replace the "
+                         "file, or take it out of the manifest and boxes") from None
+
+
+def _load_rgb(path: str | Path, min_long_side: int | None) -> tuple[torch.Tensor, float, float]:
     with Image.open(path) as im:
         full_w, full_h = _displayed(im)
         if min_long_side is not None and im.format in ("JPEG", "MPO"):  # MPO: phones' JPEGs with a second image
