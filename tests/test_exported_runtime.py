@@ -99,8 +99,15 @@ def test_openvino_runtime_on_a_folder_without_exports_converts_every_model_once_
     assert [r.label for r in want] == [r.label for r in got]
     assert all(abs(x.resnest_prob - y.resnest_prob) < 1e-4 for x, y in zip(want, got))
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["classifier", "deep_sad", "detector"]
+    # a conversion of weights since replaced stayed for good; those in use are kept, however old
+    month_ago = time.time() - 40 * 86400
+    (cache / "classifier-00000000deadbeef-openvino2025.0.0-float32").mkdir()
+    for conversion in cache.iterdir():
+        os.utime(conversion, (month_ago, month_ago))
     again = QCPipeline(folder, QCConfig(runtime="openvino", precision="f32", openvino_cache=cache))
     assert set(again.runtimes.values()) == {"openvino f32 (cached conversion)"}
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["classifier", "deep_sad", "detector"]
+    assert all(p.stat().st_mtime > month_ago + 86400 for p in cache.iterdir())  # touched by this start
     assert [r.resnest_prob for r in again.run(photos[:3])] == [r.resnest_prob for r in got]
 
 

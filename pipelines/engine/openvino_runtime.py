@@ -26,6 +26,7 @@ gave back 47), which was most of the way from the engine's peak to its 1.2 GB ta
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,7 @@ from torch import nn
 from models.exportable import CLASSIFIER_OUTPUTS, DETECTOR_OUTPUTS, exportable
 from models.io import ModelCard, WeightsIntegrityError, sha256_file
 
+log = logging.getLogger(__name__)
 Precision = Literal["auto", "f32", "bf16"]
 EXPORTABLE = ("detector", "deep_sad", "classifier")
 
@@ -285,6 +287,26 @@ def _sweep_stale_work(root: Path, older_than_s: float = 3600.0) -> None:
             pass
 
 
+STALE_CONVERSION_S = 30 * 86400
+
+
+def _sweep_old_conversions(root: Path, in_use: Collection[Path], older_than_s: float = STALE_CONVERSION_S) -> int:
+    """Conversions no start has used for `older_than_s` (each start touches the ones it loads):
+    those of weights, OpenVINO versions or precisions since replaced, 50-100 MB each, kept for
+    good before. A month, so that a second service on other weights sharing the cache keeps
+    its own unless it went that long without a start (it would then convert again, ~10 s)."""
+    cutoff, gone = time.time() - older_than_s, 0
+    keep = {p.resolve() for p in in_use}
+    for folder in root.glob("*-openvino*"):
+        try:
+            if folder.is_dir() and folder.resolve() not in keep and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                gone += 1
+        except OSError:
+            pass
+    return gone
+
+
 def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None = None,
               precision: Precision = "auto") -> dict[str, tuple[object, str]]:
     """The OpenVINO model of each of `weights`' models named in `sources`, and where it came
@@ -295,9 +317,8 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
     converted together in one child process (see the module's docstring for why a child): its
     start (importing torch, torchvision, timm and OpenVINO) is most of a conversion's time:
     the bundled weights without their exports, empty cache, 2 cores, four alternating pairs
-    (2026-12-01): engine start 35.5-39.3 s with a child per model, 23.1-26.4 s with one."""
-    import openvino as ov
-
+    (2026-12-01): engine start 35.5-39.3 s with a child per model, 23.1-26.4 s with one.
+    Conversions no start has used for a month are swept (`_sweep_old_conversions`)."""
     root = cache or cache_root()
     _sweep_stale_work(root)
     found: dict[str, tuple[object, str]] = {}
@@ -305,10 +326,11 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
     dtypes = {name: conversion_weights(source, precision) for name, source in sources.items()}
     try:
         for name, source in sources.items():
-            folder = root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}-{dtypes[name]}"
+            folder = _conversion_folder(root, name, source, dtypes[name])
             if card_path(folder, name).is_file():
                 try:
                     found[name] = load_exported(folder, name, source), "cached conversion"
+                    _touch(folder)
                     continue
                 except WeightsIntegrityError:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -326,10 +348,26 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
                     work.rename(folder)  # atomic: another process converting at once sees it whole or not at all
                 except OSError:  # that process got there first; its copy is as good
                     pass
+        in_use = [_conversion_folder(root, name, source, dtypes[name]) for name, source in sources.items()]
+        if _sweep_old_conversions(root, in_use):
+            log.info("removed conversions unused for %d days from the OpenVINO cache", STALE_CONVERSION_S // 86400)
         return {name: found[name] for name in sources}
     finally:
         for _, work in missing.values():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _conversion_folder(root: Path, name: str, source: ModelCard, dtype: str) -> Path:
+    import openvino as ov
+
+    return root / f"{name}-{source.sha256[:16]}-openvino{ov.__version__.split('-')[0]}-{dtype}"
+
+
+def _touch(folder: Path) -> None:
+    try:
+        os.utime(folder)
+    except OSError:  # a read-only cache: it is swept by no one then either
+        pass
 
 
 def conversion_weights(source: ModelCard, precision: Precision = "auto") -> Literal["float16", "float32"]:
