@@ -169,3 +169,28 @@ def test_sheet_columns_named_like_the_manifests_are_kept_under_another_name(coll
     df = import_labelled(tmp / "labels.csv", root, tmp / "out" / "manifest.csv", cols).manifest
     assert list(df["source"]) == ["atlas", "atlas", "bank"] and list(df["sheet_source"]) == ["hospital-a"] * 3
     assert list(df["patient_id"]) == ["atlas:c1", "atlas:c1", "bank:007"] and list(df["sheet_patient_id"]) == ["x1", "x2", "x3"]
+
+
+def test_a_name_spelt_otherwise_and_an_excel_sheet_get_what_to_do(collection):
+    """An NFC name in the sheet against an NFD file, another letter case or Windows' backslash
+    read "missing file" for a name that looks the same in `ls`; Excel's plain CSV (cp1252) and
+    a ';' sheet read as a codec error and as one column."""
+    import unicodedata
+
+    tmp, root = collection
+    _photo(root / unicodedata.normalize("NFD", "bank/José café.jpg"), (90, 90, 200))  # as a Mac writes it
+    _photo(root / "bank" / "IMG_001.JPG", (90, 200, 90))
+    sheet = pd.DataFrame({"file": [unicodedata.normalize("NFC", "bank/José café.jpg"), "bank/img_001.jpg",
+                                   "bank\\b1.jpg", "bank/nowhere.jpg"],
+                          "kind": ["regular"] * 4, "case": ["bank:1", "bank:2", "bank:3", "bank:4"]})
+    sheet.to_csv(tmp / "spelt.csv", index=False)
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "spelt.csv", root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))
+    text = str(err.value)
+    assert text.count("spelt otherwise") == 3 and "the folder has 'bank/IMG_001.JPG'" in text
+    assert "the folder has 'bank/b1.jpg'" in text and "missing file 'bank/nowhere.jpg'" in text
+    sheet.to_csv(tmp / "cp1252.csv", index=False, encoding="cp1252")
+    sheet.to_csv(tmp / "semicolons.csv", index=False, sep=";")
+    for name, hint in (("cp1252.csv", 'save it as "CSV UTF-8"'), ("semicolons.csv", "separated by ';'")):
+        with pytest.raises(ManifestError, match=hint):
+            import_labelled(tmp / name, root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))

@@ -52,11 +52,16 @@ def read_table(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
+        if isinstance(e, UnicodeDecodeError):  # Excel's plain "CSV" is the Windows code page
+            reason += "; the file is not UTF-8 text: save it as \"CSV UTF-8\" (Excel: Save As)"
         raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as a table ({reason})")]) from None
     except Exception as e:  # pyarrow's own errors (ArrowInvalid: not a Parquet file), without importing pyarrow
         if type(e).__module__.startswith("pyarrow"):
             raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as Parquet ({e})")]) from None
         raise
+    if len(df.columns) == 1 and ";" in str(df.columns[0]):  # Excel's CSV in many European locales
+        raise ManifestError(str(path), [RowProblem(0, str(df.columns[0])[:80], "one column: the sheet is separated "
+                                                   "by ';', not ','; save it as \"CSV UTF-8\" with commas")])
     # pandas renames a repeated header `kind` to `kind.1` and reads on: which one was meant is unknown
     repeated = sorted({m.group(1) for c in df.columns if (m := re.fullmatch(r"(.+)\.\d+", str(c)))
                        and m.group(1) in df.columns})
