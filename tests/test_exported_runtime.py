@@ -367,7 +367,7 @@ def test_a_conversion_child_dies_with_its_parent():
     beside the next start's own. The child arms `die_with_parent` first thing; here a parent
     that started such a child is killed, and the child must go with it."""
     child = ("import os, sys, time; from pipelines.engine.openvino_runtime import PARENT_PID, die_with_parent; "
-             "pass; print(os.getpid(), flush=True); time.sleep(90)")
+             "die_with_parent(int(os.environ[PARENT_PID])); print(os.getpid(), flush=True); time.sleep(90)")
     parent = ("import os, subprocess, sys, time; from pipelines.engine.openvino_runtime import PARENT_PID; "
               f"subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, PARENT_PID: str(os.getpid())}}); "
               "time.sleep(90)")
