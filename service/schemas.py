@@ -80,6 +80,8 @@ class JobStatus(BaseModel):
     finished: float | None
     error: str | None
     results_url: str
+    # `POST .../retry` would take it: failed or cancelled, or done with files the OS could not read
+    retryable: bool = False
 
 
 class JobList(BaseModel):

@@ -297,6 +297,7 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
         rows = {r.path: r for r in store.records(job.id)}
         assert rows["late.jpg"].error.startswith("cannot read file") and store.counts(job.id)["unreadable"] == 2
         assert not store.requeue(other.id)  # done, nothing to read again
+        assert store.has_read_again(job.id) and not store.has_read_again(other.id)
         (root / ".away" / "late.jpg").write_bytes(ok)
         assert store.requeue(job.id)
         run_to_done(job.id)
@@ -306,4 +307,4 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
     assert rows["late.jpg"].label != Label.UNREADABLE and rows["empty.jpg"].error == "empty file (0 bytes)"
     counts = store.counts(job.id)
     assert counts["unreadable"] == 1 and sum(counts.values()) == 3 == len(rows)
-    assert not store.requeue(job.id)
+    assert not store.requeue(job.id) and not store.has_read_again(job.id)

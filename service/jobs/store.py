@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL, path TEXT NOT NULL, label TEXT NOT NULL, record TEXT NOT NULL, done_at REAL NOT NULL,
     summary TEXT, PRIMARY KEY (job_id, path)
 );
+-- the unreadable rows alone, for a done job's retry (`has_read_again`): a few rows, not the job's
+CREATE INDEX IF NOT EXISTS items_unreadable ON items (job_id) WHERE label = 'unreadable';
 CREATE TABLE IF NOT EXISTS label_counts (
     job_id TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (job_id, label)
 );
@@ -253,6 +255,11 @@ class JobStore:
             f"('failed', 'cancelled') OR (status = 'done' AND EXISTS (SELECT 1 FROM items WHERE job_id = jobs.id "
             f"AND {read_again_sql()})))", (job_id,))
         return cur.rowcount == 1
+
+    def has_read_again(self, job_id: str) -> bool:
+        """Whether the job has rows of files the OS could not read (`requeue` takes a done one then)."""
+        return self._db().execute(f"SELECT EXISTS (SELECT 1 FROM items WHERE job_id = ? AND {read_again_sql()})",
+                                  (job_id,)).fetchone()[0] == 1
 
     def status(self, job_id: str) -> str | None:
         row = self._db().execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -43,10 +43,12 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
         rate = (processed - job.done_before_resume) / (job.finished - (job.resumed_at or job.started))
         eta = 0.0
     progress = processed / job.total if job.total else (1.0 if job.total == 0 else None)
+    retryable = job.status in ("failed", "cancelled") or (
+        job.status == "done" and counts.get("unreadable", 0) > 0 and state.store.has_read_again(job.id))
     return JobStatus(id=job.id, status=job.status, source=job.source, quarantine=job.quarantine, policy=job.policy,
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
-                     results_url=f"/v1/jobs/{job.id}/results")
+                     results_url=f"/v1/jobs/{job.id}/results", retryable=retryable)
 
 
 def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:

@@ -9,11 +9,13 @@
     return a;
   }
 
-  // the same form the page renders for a failed or cancelled job (jobs.html)
+  // the same form the page renders for a retryable job (jobs.html)
   function retryForm(j) {
     const form = document.createElement("form");
     form.method = "post"; form.action = "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
-    form.title = (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
+    form.title = j.status === "done"
+      ? "read again the files the system could not read (a share that was away)"
+      : (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
     const token = document.createElement("input");
     token.type = "hidden"; token.name = "csrf"; token.value = csrf;
     const button = document.createElement("button");
@@ -36,7 +38,7 @@
     if (j.status !== "queued" && j.status !== "running") {
       const cell = row.lastElementChild;
       cell.replaceChildren(link("/ui/jobs/" + j.id + "/review", "Review"));
-      if (j.status === "failed" || j.status === "cancelled") cell.append(" ", retryForm(j));
+      if (j.retryable) cell.append(" ", retryForm(j));
       return;
     }
     setTimeout(() => poll(row), 1000);
