@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import json
 import logging
 import os
@@ -304,15 +305,27 @@ def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:
     return qdir / str(folder) / Path(*parts)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+    except OSError:
+        return False
+
+
 def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
     """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original is only read. `link` uses a
     hard link where the file system allows (no extra space); the service passes False, since
     a quarantine others open and edit must not share an inode with the original."""
     target = quarantine_path(qdir, folder, rel)
+    source = on_disk(src_root, rel)
     if target.exists():
+        # taken as this file's copy (a resumed batch) only when it is: on a quarantine that
+        # ignores letter case or Unicode form (exFAT, SMB, macOS), `A.JPG`'s copy stood for
+        # `a.jpg`, and the second flagged photo was never copied, unsaid; now it is counted
+        if not _same_file(source, target):
+            raise FileExistsError(errno.EEXIST, "the quarantine holds another file under this name", str(target))
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = on_disk(src_root, rel)
 
     def link_or_copy(tmp: Path) -> None:
         if link:

@@ -17,6 +17,7 @@ import pytest
 
 from pipelines.clean import clean
 from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 
@@ -414,3 +415,20 @@ def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path
     with caplog.at_level("WARNING", logger="pipelines.clean"):
         assert list_inputs(tmp_path) == ["Pe\\xf1a.jpg"]
     assert "1 files are spelt as another file's row" in caplog.text
+
+
+def test_a_quarantine_name_holding_another_file_is_counted_not_taken_as_the_copy(tmp_path):
+    """On a quarantine that ignores letter case (exFAT, SMB, macOS), `A.JPG`'s copy stood for
+    `a.jpg`: the second flagged photo was never copied, and nothing said so. A copy already
+    there with the same bytes (a resumed batch) is still taken as done."""
+    from pipelines.clean import quarantine_results
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(b"the second photo")
+    (tmp_path / "src" / "b.jpg").write_bytes(b"copied before the kill")
+    for name, data in (("a.jpg", b"the first photo, A.JPG"), ("b.jpg", b"copied before the kill")):
+        (tmp_path / "q" / "unreadable").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "q" / "unreadable" / name).write_bytes(data)  # as the file system would show it
+    rows = [QCResult(path=n, label=Label.UNREADABLE, error="not an image") for n in ("a.jpg", "b.jpg")]
+    assert quarantine_results(tmp_path / "src", rows, tmp_path / "q") == 1
+    assert (tmp_path / "q" / "unreadable" / "a.jpg").read_bytes() == b"the first photo, A.JPG"
