@@ -239,8 +239,9 @@ def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "big"), "--batch-size", "100000"])
     assert r.exit_code == 2 and "no training step" in r.output and "Traceback" not in r.output, r.output
     assert not list((tmp_path / "big").rglob("*.safetensors"))
-    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8"])
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8", "--seed", "3"])
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "deep_sad.json").read_text())["training"]["seed"] == 3
     weights = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*.safetensors")}
     log = (tmp_path / "run" / "deep_sad" / "metrics.jsonl").read_text()
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8"])

@@ -11,6 +11,7 @@ from pipelines.commands.common import _fail, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
+Seed = Annotated[int, typer.Option(help="Seeds the weights' start, the shuffles and the augmentation.")]
 
 
 def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
@@ -50,6 +51,7 @@ def train_deep_sad_cmd(
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
     marks: Marks = 0.0,
+    seed: Seed = 0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
@@ -64,7 +66,7 @@ def train_deep_sad_cmd(
 
     cfg = _stage2_config(out, epochs, batch_size, lr, target_sensitivity, resume, weight_decay=weight_decay,
                          pretrain_epochs=pretrain_epochs, eta=eta, unsupervised=unsupervised, synthesise=synthesise,
-                         marks=marks)
+                         marks=marks, seed=seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # a bad manifest or boxes file, no split column, too little data for a batch, a run already there
         crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
@@ -91,6 +93,7 @@ def train_resnest_cmd(
     target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     marks: Marks = 0.0,
+    seed: Seed = 0,
     resume: Annotated[bool, typer.Option()] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
@@ -121,7 +124,7 @@ def train_resnest_cmd(
     except ValueError as e:  # a bad manifest or boxes file, no split column
         _fail(str(e))
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
-                         weight_decay=0.0, synthesise=synthesise, marks=marks)
+                         weight_decay=0.0, synthesise=synthesise, marks=marks, seed=seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],

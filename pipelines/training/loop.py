@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.outputs import write_atomically
+from pipelines.outputs import sweep_temporaries, write_atomically
 from pipelines.training.distributed import DistInfo, all_reduce_mean, barrier
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def fit(
     pending = out / "best.pending.safetensors"
     _check_can_train(cfg, loader, ckpt_path, log_path)
     out.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)  # a checkpoint's half-write a kill left (hundreds of MB), over an hour old
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = warmup_cosine(optimizer, cfg.warmup_iters, cfg.epochs * steps, constant=cfg.schedule == "constant")
     start_epoch, best, history, best_epoch, best_metrics, best_sha256 = 0, None, [], -1, {}, None
