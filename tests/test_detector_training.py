@@ -49,6 +49,9 @@ def test_tiny_detector_loss_falls_and_map_becomes_positive_then_resume_continues
     model, mcard = load_detector(card)
     assert mcard.classes == ["cervix"] and 0 <= mcard.thresholds["score"] <= 1
     assert mcard.metrics["val"]["map"] == pytest.approx(result.best_metrics["map"])
+    chosen = mcard.metrics["val_presence_balanced_accuracy"] is not None  # null where there is nothing to choose on
+    assert mcard.metrics["score_threshold_from"] == (
+        "validation, max balanced accuracy" if chosen else "default 0.5: no validation photo without a box")
 
     resumed, _ = train_detector(_cfg(boxes_set, tmp_path, epochs=5, resume=True))
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3, 4]  # picked up at epoch 4

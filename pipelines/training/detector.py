@@ -211,6 +211,10 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
     ids = [im.id for im in val.coco.images]
     top = np.array([float(preds[i]["scores"].max()) if len(preds[i]["scores"]) else 0.0 for i in ids])
     threshold, bacc = presence_threshold(np.array([i in has_box for i in ids]), top)
+    chosen = "validation, max balanced accuracy" if bacc == bacc else "default 0.5: no validation photo without a box"
+    if bacc != bacc:  # NaN: nothing to tell apart; the card says so beside the threshold
+        log.warning("the validation set has no photo without a box (or none with one): the score threshold is the "
+                    "default 0.5, not chosen; add photos without a cervix to validation to choose it")
     card = ModelCard(
         name="detector", architecture=f"{model_cfg.arch}_{model_cfg.backbone}_fpn", config=model_cfg.as_dict(),
         input_size=[model_cfg.min_size, model_cfg.max_size],
@@ -224,7 +228,8 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
            "init_scope": init_scope},
         data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
               "extra": str(cfg.extra_coco) if cfg.extra_coco else None},
-        metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc},
+        metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc,
+                 "score_threshold_from": chosen},
     )
     path = save_weights(model.state_dict(), Path(cfg.out_dir) / "detector", card)
     log.info("exported %s (%s)", path, json.dumps(result.best_metrics))
