@@ -20,7 +20,6 @@ import filecmp
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from pipelines.data.schema import on_disk, row_key
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, read_again_sql, spreadsheet_safe
 from pipelines.outputs import sweep_temporaries, write_atomically, write_together
@@ -57,31 +57,6 @@ class CleanSummary:
     results_csv: Path | None = None
     results_parquet: Path | None = None
     decision: dict | None = None  # the policy and the models' sha256s every row was labelled under
-
-
-_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
-
-
-def row_key(rel: str) -> str:
-    """The row's `path` for a file name as the OS gave it. A name that is not UTF-8 (an archive
-    copied from an old Windows PC: `Peña.jpg` in Latin-1) arrives with surrogate escapes,
-    which no JSON, CSV or SQLite text can hold: it crashed the run at that file, and every
-    resume again. Its bytes that are not UTF-8 are written as `\\xNN`; `on_disk` reverses it."""
-    try:
-        rel.encode("utf-8")
-        return rel
-    except UnicodeEncodeError:
-        return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
-def on_disk(root: Path, key: str) -> Path:
-    """The file a row's `path` names under `root`: the name itself, or, where that is not a
-    file and the key holds `\\xNN` escapes of `row_key`, the name with those bytes."""
-    path = root / key
-    if "\\x" not in key or os.path.lexists(path):
-        return path
-    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
-    return root / raw
 
 
 # What file servers and operating systems keep beside the photos, never a photo of the

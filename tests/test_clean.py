@@ -432,3 +432,27 @@ def test_a_quarantine_name_holding_another_file_is_counted_not_taken_as_the_copy
     rows = [QCResult(path=n, label=Label.UNREADABLE, error="not an image") for n in ("a.jpg", "b.jpg")]
     assert quarantine_results(tmp_path / "src", rows, tmp_path / "q") == 1
     assert (tmp_path / "q" / "unreadable" / "a.jpg").read_bytes() == b"the first photo, A.JPG"
+
+
+def test_a_name_that_is_not_utf8_spelt_as_clean_spells_it_names_its_file_in_manifests_and_box_files(tmp_path):
+    """Clean, the jobs and their exports write `Pe\\xf1a.jpg` for a Latin-1 name; `validate`
+    called that row a missing file, and detector training opened no such file (or another one
+    literally so named)."""
+    from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation
+    from pipelines.data.detection import CocoDetection
+    from pipelines.data.manifest import load_manifest
+    from tests.qc_fixtures import jpeg_bytes, textured_scene
+
+    raw = os.fsencode(tmp_path) + b"/Pe\xf1a.jpg"
+    with open(raw, "wb") as f:
+        f.write(jpeg_bytes(textured_scene(2)))
+    (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\nPe\\xf1a.jpg,p1,s,d,regular\n")
+    assert os.fsencode(load_manifest(tmp_path / "m.csv")["abspath"].iat[0]) == raw  # checked, and found
+    from PIL import Image
+
+    w, h = Image.open(raw).size
+    coco = CocoDataset(images=[CocoImage(id=1, file_name="Pe\\xf1a.jpg", width=w, height=h)],
+                       annotations=[make_annotation(1, 1, 1, [4, 4, 40, 40])],
+                       categories=[CocoCategory(id=1, name="cervix")])
+    image, target = CocoDetection(coco, tmp_path, None, 256, ["cervix"])[0]
+    assert image.shape[0] == 3 and len(target["boxes"]) == 1  # decoded (at a DCT scale: 256 px asked)

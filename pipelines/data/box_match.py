@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoError, CocoImage, make_annotation
+from pipelines.data.schema import on_disk
 
 _CERVIX_KINDS = {"regular", "green", "iodine"}
 
@@ -33,7 +34,7 @@ def _index(box_files: list[tuple[CocoDataset, Path]]) -> tuple[dict, dict]:
             digest = getattr(im, "sha256", None)
             if digest:
                 by_sha[digest] = entry
-            by_path[str((root / im.file_name).resolve())] = entry
+            by_path[str(on_disk(root, im.file_name).resolve())] = entry
     return by_sha, by_path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipelines.data.coco import CocoDataset
+from pipelines.data.schema import on_disk
 
 # colour per origin prefix; anything else draws white
 COLOURS = {"detector": (0, 255, 255), "tissue": (255, 255, 0), "fixed": (0, 255, 0), "ground": (255, 0, 255)}
@@ -66,7 +67,7 @@ def draw_sheets(ds: CocoDataset, image_root: str | Path, out_dir: str | Path, pe
         for j, im in enumerate(chunk):
             number = start + j
             caption = f"#{number} " + (captions or {}).get(im.file_name, Path(im.file_name).stem)[:30]
-            sheet.paste(_tile(root / im.file_name, boxes[im.id], caption, tile, font),
+            sheet.paste(_tile(on_disk(root, im.file_name), boxes[im.id], caption, tile, font),
                         ((j % per_row) * tile, (j // per_row) * (tile + _CAPTION)))
             index.append({"tile": number, "sheet": len(sheets), "file": im.file_name,
                           "boxes": len(boxes[im.id])})

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.data.schema import DataProblems, path_key
+from pipelines.data.schema import DataProblems, on_disk, path_key
 from pipelines.outputs import write_atomically
 
 CERVIX = "cervix"
@@ -176,7 +176,7 @@ def size_mismatches(ds: CocoDataset, root: Path) -> list[str]:
     out = []
     for im in ds.images:
         try:
-            problem = size_problem(im.file_name, (im.width, im.height), displayed_size(root / im.file_name))
+            problem = size_problem(im.file_name, (im.width, im.height), displayed_size(on_disk(root, im.file_name)))
         except OSError:
             continue
         if problem:

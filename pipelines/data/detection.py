@@ -16,6 +16,7 @@ from torchvision import tv_tensors
 
 from pipelines.data.coco import CocoDataset, CocoError, size_mismatches
 from pipelines.data.images import load_rgb
+from pipelines.data.schema import on_disk
 
 
 class CocoDetection(Dataset):
@@ -58,7 +59,7 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int):
         im = self.coco.images[index]
-        image, _, _ = load_rgb(self.root / im.file_name, self.decode_long_side)
+        image, _, _ = load_rgb(on_disk(self.root, im.file_name), self.decode_long_side)
         sx, sy = image.shape[2] / im.width, image.shape[1] / im.height
         target = self.target(index)
         target["boxes"] = tv_tensors.BoundingBoxes(

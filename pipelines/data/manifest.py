@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, DataProblems, Kind, Split
+from pipelines.data.schema import (
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    DataProblems,
+    Kind,
+    Split,
+    on_disk,
+)
 from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
@@ -87,7 +94,10 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     # the patient landed in two splits and the padded rows fell out of every split's filter)
     df = df.fillna("").astype({c: str for c in known})
     df[known] = df[known].apply(lambda col: col.str.strip())
-    df["abspath"] = [str(p if os.path.isabs(p) else base / p) for p in df["path"]]
+    # a name that is not UTF-8, as clean and the jobs spell it (`\xNN`: `row_key`), names its file
+    # (object dtype: such a path holds surrogate escapes, which Arrow strings cannot)
+    df["abspath"] = pd.Series([str(p if os.path.isabs(p) else on_disk(base, p)) for p in df["path"]],
+                              index=df.index, dtype=object)
     return df
 
 
@@ -115,7 +125,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
                 problems.append(RowProblem(i, "path", f"duplicate path {p!r} (first at row {first_seen[key]})"))
             else:
                 first_seen[key] = i
-            if check_files and not (Path(p) if os.path.isabs(p) else base / p).is_file():
+            if check_files and not (Path(p) if os.path.isabs(p) else on_disk(base, p)).is_file():
                 problems.append(RowProblem(i, "path", f"missing file {p!r}"))
         if not patient:
             problems.append(RowProblem(i, "patient_id", "empty patient_id"))

@@ -6,8 +6,10 @@ stats all agree on spelling; a typo in a kind would otherwise silently become a 
 
 from __future__ import annotations
 
+import os
+import re
 from enum import StrEnum
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 
 class Kind(StrEnum):
@@ -53,3 +55,28 @@ def path_key(path: str) -> str:
     subsets were compared with it as written, and copies on two sides of a split went unseen,
     photos spelt `./` dropped out of every split's box file and crop set, unsaid."""
     return PurePosixPath(path).as_posix()
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def row_key(rel: str) -> str:
+    """The row's `path` for a file name as the OS gave it. A name that is not UTF-8 (an archive
+    copied from an old Windows PC: `Peña.jpg` in Latin-1) arrives with surrogate escapes,
+    which no JSON, CSV or SQLite text can hold: it crashed the run at that file, and every
+    resume again. Its bytes that are not UTF-8 are written as `\\xNN`; `on_disk` reverses it."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def on_disk(root: Path, key: str) -> Path:
+    """The file a row's `path` names under `root`: the name itself, or, where that is not a
+    file and the key holds `\\xNN` escapes of `row_key`, the name with those bytes."""
+    path = root / key
+    if "\\x" not in key or os.path.lexists(path):
+        return path
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+    return root / raw

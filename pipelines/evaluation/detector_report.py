@@ -12,6 +12,7 @@ from pipelines.data.coco import CocoDataset, load_coco
 from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.presets import detection_eval
+from pipelines.data.schema import on_disk
 from pipelines.engine.detector import load_detector, predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
 from pipelines.outputs import write_json
@@ -58,7 +59,7 @@ def draw_gallery(coco: CocoDataset, root: Path, preds: dict, path: Path, thresho
     for a in coco.annotations:
         truth.setdefault(a.image_id, []).append(a.bbox)
     for k, im in enumerate(chosen):
-        t, _, _ = load_rgb(root / im.file_name, cell)
+        t, _, _ = load_rgb(on_disk(root, im.file_name), cell)
         thumb = Image.fromarray(t.permute(1, 2, 0).numpy())
         s = min(cell / im.width, cell / im.height)
         thumb = thumb.resize((max(1, int(im.width * s)), max(1, int(im.height * s))))

@@ -21,6 +21,7 @@ from models.io import ModelCard, load_card, save_weights
 from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
+from pipelines.data.schema import on_disk
 from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.evaluation.coco_map import evaluate_detections
@@ -127,7 +128,7 @@ def _check_sets(train: CocoDetection, val_coco, val_root: Path) -> None:
     elif not val_coco.annotations:  # mAP, which picks the best epoch, is undefined without a box
         problems.append("the validation boxes hold no box")
     for name, coco, root in (("training", train.coco, train.root), ("validation", val_coco, Path(val_root))):
-        missing = [im.file_name for im in coco.images if not (root / im.file_name).is_file()]
+        missing = [im.file_name for im in coco.images if not on_disk(root, im.file_name).is_file()]
         if missing:
             problems.append(f"{len(missing)} {name} images missing under {root} (first: {', '.join(missing[:3])})")
     if problems:
