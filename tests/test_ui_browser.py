@@ -163,7 +163,23 @@ def test_a_label_is_overridden_with_the_keyboard_and_undone(page, screenshots_di
     _shows(page, "#final", "non-regular: green filter")
     expect(page.locator(".history li.undone")).to_have_count(1)
     assert "→ non-regular: green filter" in page.locator(".history li.decision").first.inner_text()
+    # the reload kept the message for screen readers (it vanished with it), focus on the decisions,
+    # and the final label's button says it is the chosen one
+    expect(page.locator("#saved")).to_have_text("Saved: undo")
+    expect(page.locator("#decide")).to_be_focused()
+    expect(page.get_by_role("button", name="2 non-regular: green filter")).to_have_attribute("aria-pressed", "true")
+    assert "/" not in page.title()  # no file name in the browser's history
     page.screenshot(path=screenshots_dir / "item.png", full_page=True)
+    # single-key shortcuts switched off (screen readers and speech input use those keys): a key does nothing
+    page.get_by_label("Single-key shortcuts").uncheck()
+    page.keyboard.press("1")
+    page.wait_for_timeout(500)
+    _shows(page, "#final", "non-regular: green filter")
+    page.reload()
+    _keys_on(page)
+    expect(page.get_by_label("Single-key shortcuts")).not_to_be_checked()  # remembered
+    page.get_by_label("Single-key shortcuts").check()
+    page.evaluate("window.scrollTo(0, 0)")  # as the next test finds the photo
 
 
 def test_a_box_is_corrected_by_dragging_on_the_photo(page):

@@ -180,4 +180,5 @@ def apply(job_id: str, session: UiPost, state: State):
     qdir = state.settings.quarantine_root / (job.quarantine or f"job-{job.id}")  # type: ignore[operator]
     done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id), state.reviews.reviewed(job_id),
                                state.settings.data_roots)
-    return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}", status_code=303)
+    # to the result, not the top of 48 cards: its status line was below them, unseen and unread
+    return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}#exports", status_code=303)

@@ -11,13 +11,26 @@
   const model = JSON.parse(document.getElementById("model").textContent);
   const CLASSES = ["regular", "green", "iodine", "no_cervix", "unreadable"];
 
+  // the page reloads to show the history: the message waits in sessionStorage and is shown (and
+  // read out) after it, with focus on the decision buttons; before, it vanished with the reload
+  const SAVED = "cervixqc-saved";
   async function send(url, body, what) {
     try {
       await postJSON(url, body);
-      saved.textContent = "Saved: " + what;
+      sessionStorage.setItem(SAVED, "Saved: " + what);
       location.reload();
     } catch (e) { saved.textContent = "Not saved: " + e.message; }
   }
+  const pending = sessionStorage.getItem(SAVED);
+  if (pending) {
+    sessionStorage.removeItem(SAVED);
+    document.getElementById("decide").focus();
+    setTimeout(() => { saved.textContent = pending; }, 100);  // after load: a live region's change is read
+  }
+  // single-key shortcuts can be switched off (WCAG 2.1.4): screen readers and speech input use those keys
+  const shortcuts = document.getElementById("shortcuts");
+  shortcuts.checked = localStorage.getItem("cervixqc-shortcuts") !== "off";
+  shortcuts.addEventListener("change", () => localStorage.setItem("cervixqc-shortcuts", shortcuts.checked ? "on" : "off"));
   const label = cls => send(base + "/decision", {label: cls}, WORDS[cls]);
   document.querySelectorAll(".keys button[data-label]").forEach(b => b.addEventListener("click", () => label(b.dataset.label)));
   document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {}, "undo"));
@@ -42,16 +55,22 @@
     saved.textContent = "Editing the box: arrows move, Shift+arrows resize, Enter saves, Esc cancels.";
   }
 
+  function editBox() {
+    editing = model.box ? model.box.slice() : [W / 4, H / 4, 3 * W / 4, 3 * H / 4];
+    placeBox(box, editing, W, H);
+    saved.textContent = "Editing the box: arrows move, Shift+arrows resize, Enter saves, Esc cancels.";
+  }
+  const editButton = document.getElementById("edit-box");
+  if (editButton) editButton.addEventListener("click", e => { e.stopPropagation(); editBox(); });
+
   document.addEventListener("keydown", e => {
     if (e.target.closest("input, select, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
-    if (editing) { e.preventDefault(); keyboardBox(e); return; }
-    if (e.key === "b" && W && H) {
-      e.preventDefault();
-      editing = model.box ? model.box.slice() : [W / 4, H / 4, 3 * W / 4, 3 * H / 4];
-      placeBox(box, editing, W, H);
-      saved.textContent = "Editing the box: arrows move, Shift+arrows resize, Enter saves, Esc cancels.";
-      return;
+    if (editing) {  // Tab still leaves: no keyboard trap
+      if (e.key === "Tab") { editing = null; location.reload(); return; }
+      e.preventDefault(); keyboardBox(e); return;
     }
+    if (!shortcuts.checked) return;
+    if (e.key === "b" && W && H) { e.preventDefault(); editBox(); return; }
     const n = parseInt(e.key, 10);
     if (n >= 1 && n <= 5) { e.preventDefault(); label(CLASSES[n - 1]); }
     else if (e.key === "Enter" && !e.target.closest("a, button")) {

@@ -13,13 +13,13 @@
   function retryForm(j) {
     const form = document.createElement("form");
     form.method = "post"; form.action = "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
-    form.title = j.status === "done"
-      ? "read again the files the system could not read (a share that was away)"
-      : (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
     const token = document.createElement("input");
     token.type = "hidden"; token.name = "csrf"; token.value = csrf;
     const button = document.createElement("button");
     button.type = "submit"; button.textContent = "Retry";
+    button.title = j.status === "done"  // on the button: a form's title is never read out
+      ? "read again the files the system could not read (a share that was away)"
+      : (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
     form.append(token, button);
     return form;
   }
@@ -29,7 +29,8 @@
     if (!r.ok) return;
     const j = await r.json();
     row.dataset.status = j.status;
-    row.querySelector(".status").textContent = j.status;
+    const status = row.querySelector(".status");  // a live region: written only when it changes
+    if (status.textContent !== j.status) status.textContent = j.status;
     const bar = row.querySelector("progress");
     bar.max = j.total || 1; bar.value = j.processed;
     row.querySelector(".count").textContent = j.processed + " / " + (j.total == null ? "?" : j.total);
@@ -37,8 +38,11 @@
     row.querySelector(".eta").textContent = j.eta_s != null ? Math.round(j.eta_s) + " s" : "";
     if (j.status !== "queued" && j.status !== "running") {
       const cell = row.lastElementChild;
-      cell.replaceChildren(link("/ui/jobs/" + j.id + "/review", "Review"));
+      const focused = cell.contains(document.activeElement);  // the Cancel button goes: focus must not
+      const review = link("/ui/jobs/" + j.id + "/review", "Review");
+      cell.replaceChildren(review);
       if (j.retryable) cell.append(" ", retryForm(j));
+      if (focused) review.focus();
       return;
     }
     setTimeout(() => poll(row), 1000);

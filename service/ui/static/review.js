@@ -43,6 +43,7 @@
     function update() {
       const thr = parseFloat(slider.value);
       out.textContent = thr.toFixed(3);
+      slider.setAttribute("aria-valuetext", thr.toFixed(3));  // read out as shown, not 0.50004208...
       let toNon = 0, toReg = 0;
       data.points.forEach((p, i) => { const f = flagged(p, thr); if (f && !now[i]) toNon++; if (!f && now[i]) toReg++; });
       text.textContent = (toNon + toReg) + " of " + xs.length + " would change label (" + toNon +
