@@ -78,6 +78,7 @@ test: install browser
 
 # Retrains the bundled default weights on CPU from the listed real photos, hard negatives and
 # synthetic scenes: MIRRORS=<folder of repository snapshots> make weights (see weights/README.md).
+# Beyond python3 and make it needs git, to read the snapshots.
 weights: install
 	UV=$(UV) bash weights/recipe.sh
 

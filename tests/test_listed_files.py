@@ -77,3 +77,17 @@ def test_a_listed_name_outside_the_output_blank_or_twice_is_refused_and_nothing_
     assert victim.read_bytes() == b"someone else's file" and (tmp_path / "out").is_dir()
     assert [p.split(":")[0] for p in report.problems] == ["line 2", "line 3", "line 4", "line 6"]
     assert "listed twice" in report.problems[-1] and "not a path inside the output folder" in report.problems[0]
+
+
+def test_extract_listed_without_git_says_so(tmp_path, monkeypatch):
+    """On a machine with python3 and make only, the snapshots' reader was missing and the
+    command ended in a traceback (FileNotFoundError: 'git')."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (tmp_path / "list.csv").write_text("file,repo,commit,path_in_repo,sha256\na.jpg,o/r,abc,a.jpg," + "0" * 64 + "\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    r = CliRunner().invoke(app, ["extract-listed", str(tmp_path / "list.csv"), "--mirrors", str(tmp_path),
+                                 "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "with git, which is not installed" in r.output and "Traceback" not in r.output

@@ -94,3 +94,24 @@ def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_pa
     extra = int(np.isin(load_manifest(tiny_dataset.manifest)["kind"], ["regular", "green", "iodine"]).sum())
     assert len(both["train"]) == n_train + extra and len(both["val"]) == n_val
 
+
+
+def test_an_evaluation_on_another_split_than_the_weights_were_trained_under_is_said(tmp_path, capsys):
+    """The recipe's split, rebuilt with copies merged into one patient, put 53 of the shipped
+    weights' training photos into its test rows, and eval-pipeline reported on them unsaid."""
+    from pipelines.commands.evaluation import _check_split
+    from pipelines.data.splits import split_fingerprint
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    rows = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "patient_id": ["p1", "p2", "p3"], "source": "s",
+                         "device": "d", "kind": "regular", "sha256": ["1" * 64, "2" * 64, "3" * 64],
+                         "split": ["train", "val", "test"]})
+    write_manifest(rows, tmp_path / "trained.csv")
+    card = json.loads((weights / "deep_sad.json").read_text())
+    card["data"]["split_fingerprint"] = split_fingerprint(rows)
+    (weights / "deep_sad.json").write_text(json.dumps(card))
+    _check_split(tmp_path / "trained.csv", weights)
+    assert "warning" not in capsys.readouterr().err
+    write_manifest(rows.assign(split=["test", "val", "train"]), tmp_path / "other.csv")  # the same photos, moved
+    _check_split(tmp_path / "other.csv", weights)
+    assert "splits its photos otherwise than the split" in capsys.readouterr().err

@@ -19,7 +19,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
+
 from models.io import ModelCard, load_card, load_weights, save_weights
+from pipelines.data.splits import split_fingerprint
 
 MODELS = {  # file stem in weights/ -> (run folder, storage dtype, training command); detector before presence
     "detector": ("det", "float32", "train-detector"),
@@ -28,7 +31,7 @@ MODELS = {  # file stem in weights/ -> (run folder, storage dtype, training comm
     "classifier": ("res32", "float16", "train-resnest"),  # ResNeSt50: ~100 MB in float32; weights/ < 120 MB
     "colour": ("colour", "float32", "train-colour"),  # the crop-colour scorer: two_of_three's third vote
 }
-SHARED_STEPS = ("extract-listed", "import-labels", "merge-manifests", "match-boxes", "split", "synth")
+SHARED_STEPS = ("extract-listed", "import-labels", "merge-manifests", "match-boxes", "duplicates", "split", "synth")
 REAL_SOURCES = {
     "atlas": "naghim/colposcopy-digital-atlas-dataset d1ae791: IARC Atlas of Colposcopy, 800x600; no licence in "
              "the repository, images (c) IARC: research use only",
@@ -82,6 +85,7 @@ def _data_note(data: Path) -> dict:
                  "validation = fold 1, training = folds 2-4; hard-negative repositories with role 'heldout' "
                  "are test only",
         "images_per_split_and_kind": _counts(data / "split.csv", "split"),
+        "split_fingerprint": split_fingerprint(pd.read_csv(data / "split.csv", dtype=str, keep_default_na=False)),
         "images_per_source_and_kind": _counts(data / "split.csv", "source"),
         "synthetic": {"train": "cervixqc synth --seed 13 --sources hospital,field,evanet,archive (training split "
                                "hospital,field,evanet; sizes in training.commands)",

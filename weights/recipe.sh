@@ -12,8 +12,10 @@
 #  1. real photos (weights/data/realdata_train.csv: labels, case ids) and hard negatives
 #     (weights/data/hard_negatives.csv: other organs) -> manifests; checked cervix boxes
 #     (weights/data/real_boxes.json, made with propose-boxes + fix-boxes) matched by sha256
-#  2. a 5-fold split by case, rotation 0: test = fold 0, validation = fold 1, training = the
-#     rest; the hard-negative repositories marked "heldout" are test only, never trained on
+#  2. copies of one photo under two case ids put under one (cervixqc duplicates + split
+#     --merge-duplicates), then a 5-fold split by case, rotation 0: test = fold 0, validation =
+#     fold 1, training = the rest; the hard-negative repositories marked "heldout" are test
+#     only, never trained on (this split is not the shipped weights': weights/README.md)
 #  3. synthetic scenes from 4 generator sources (volume, no-cervix scenes); a 5th source is
 #     generated apart for the no-regression check on synthetic data
 #  4. detector: RetinaNet mobilenet_v3 @320 pretrained on the synthetic scenes, then trained on
@@ -28,14 +30,15 @@
 #     two_of_three policy) on the same crops; thresholds from validation, pooled over sources
 #  6. evaluation: detector (val, test), the whole pipeline on real test photos and on the
 #     held-out negatives, the colour-histogram baseline, the synthetic no-regression check
-#  7. cards completed (data, licences, counts, recipe, metrics) and copied into weights/
+#  7. cards completed (data, licences, counts, the split's fingerprint, recipe, metrics)
+#  8. the OpenVINO export, in the staging folder; 9. everything copied into weights/ and checked
 #
 # The detector chain and the stage-2 chain run side by side with one thread each. Variables
 # below may be overridden (smoke runs: see weights/README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-UV=${UV:-.tools/bin/uv}
+UV=${UV:-$(command -v uv || echo .tools/bin/uv)}  # `make weights` passes the one `make install` set up
 MIRRORS=${MIRRORS:?set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)}
 DATA=${DATA:-.cache/real-data}
 RUNS=${RUNS:-.cache/real-runs}
@@ -157,7 +160,8 @@ wait "$det_pid" || rc=$?
 wait "$s2_pid" || rc=$?
 grep -hE '^(\+ |== )' "$RUNS/detector.log" "$RUNS/stage2.log" || true
 if [[ $rc -ne 0 ]]; then
-    echo "training failed (rc $rc): see $RUNS/detector.log and $RUNS/stage2.log" >&2
+    echo "training failed (rc $rc): see $RUNS/detector.log and $RUNS/stage2.log; REUSE=1 keeps the runs that" \
+         "finished when you run it again" >&2
     tail -20 "$RUNS/detector.log" "$RUNS/stage2.log" >&2
     exit "$rc"
 fi
@@ -185,19 +189,26 @@ step eval_synthetic_detector "${CQ2[@]}" eval-detector "$STAGE/detector.json" "$
 step eval_synthetic_pipeline "${CQ2[@]}" eval-pipeline "$DATA/synth-test/manifest.csv" --weights "$STAGE" \
     -o "$RUNS/eval-synth-pipeline"
 
-# 7b. metrics into the cards (JSON only: the sha256 keeps matching), then publish
+# 7b. metrics into the cards (JSON only: the sha256 keeps matching)
 "${PY[@]}" weights/finalize.py metrics "$RUNS" "$STAGE"
+# 8. the OpenVINO export the engine runs on CPUs (detector + Deep SAD), made in the staging folder:
+#    exported after the copy, a failed export left new models beside stale exports in weights/,
+#    which the engine refuses on a CPU (and the next run's duplicates step loads that engine)
+step openvino_export "${CQ2[@]}" export --weights "$STAGE"
+# 9. publish: every file of the staged folder, then checked where it landed
 mkdir -p "$WEIGHTS_OUT"
 for stem in presence detector deep_sad classifier colour; do
     cp "$STAGE/$stem.safetensors" "$STAGE/$stem.json" "$WEIGHTS_OUT/"
 done
+cp "$STAGE"/*.openvino.* "$WEIGHTS_OUT/"
 "${PY[@]}" -c "
 import sys
+from pathlib import Path
 from models.io import load_weights
+from pipelines.engine.qc import check_weights
 for s in ('presence', 'detector', 'deep_sad', 'classifier', 'colour'):
     load_weights(sys.argv[1] + '/' + s + '.json')
-print('sha256 verified for the five models in', sys.argv[1])" "$WEIGHTS_OUT"
-# 8. the OpenVINO export the engine runs on CPUs (detector + Deep SAD; a stale one is refused at load)
-step openvino_export "${CQ2[@]}" export --weights "$WEIGHTS_OUT"
+check_weights(Path(sys.argv[1]))  # the exports too: made from these very files
+print('sha256 verified for the five models and their exports in', sys.argv[1])" "$WEIGHTS_OUT"
 du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json "$WEIGHTS_OUT"/*.openvino.* | tail -1
 cat "$RUNS/timings.tsv"

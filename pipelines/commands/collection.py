@@ -164,7 +164,10 @@ def extract_listed_cmd(
     checked against its sha256 (how the real training photos and hard negatives arrive)."""
     from pipelines.data.listed_files import extract_listed
 
-    report = extract_listed(listing, mirrors, out)
+    try:
+        report = extract_listed(listing, mirrors, out)
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"{report.written} written, {report.present} already there, of {report.listed} listed, into {out}")
     for problem in report.problems:
         typer.echo(f"  {problem}", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,6 +60,7 @@ def eval_pipeline_cmd(
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
     from pipelines.engine.qc import QCConfig, QCPipeline
 
+    _check_split(manifest, weights)
     df = _rows(manifest, split)
     qc = QCPipeline(weights, QCConfig(device=device))
     try:
@@ -77,6 +79,27 @@ def eval_pipeline_cmd(
     typer.echo(f"default policy: {report['default_policy']} (labels as the engine gives them)")
     _print(report, report["default_policy"])
     typer.echo(f"wrote {out / 'pipeline_metrics.json'} (every policy) and {out / 'results.csv'}")
+
+
+def _check_split(manifest: Path, weights: Path) -> None:
+    """Said before any figure: a split other than the one the weights were trained under (their
+    cards' `data.split_fingerprint`) may hold their training photos in its val and test rows."""
+    from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.data.splits import split_fingerprint
+
+    trained = {json.loads(c.read_text()).get("data", {}).get("split_fingerprint")
+               for c in weights.glob("*.json") if not c.name.endswith(".openvino.json")} - {None}
+    if not trained:
+        return
+    try:
+        here = split_fingerprint(load_manifest(manifest, check_files=False))
+    except ManifestError:
+        return  # named by the read that follows
+    if here is not None and here not in trained:
+        typer.echo(f"warning: {manifest} splits its photos otherwise than the split {weights}'s models were trained "
+                   "under (the cards' data.split_fingerprint): its val and test rows may hold their training "
+                   "photos, and these figures would not be theirs. Rebuild the split with the cards' "
+                   "training.commands.", err=True)
 
 
 def baseline_colour_cmd(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ def _safe_targets(rows: list[dict], out: Path, report: ExtractReport) -> list[di
 
 
 def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) -> ExtractReport:
+    """The listed files out of the snapshots, each checked by its sha256. Needs git (the
+    snapshots are bare repositories): a ValueError saying so where it is missing, which was
+    a traceback (FileNotFoundError: 'git')."""
+    if shutil.which("git") is None:
+        raise ValueError("extract-listed reads the repository snapshots with git, which is not installed "
+                         "(Debian: apt-get install git)")
     mirrors, out = Path(mirrors), Path(out)
     with open(listing, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM
         rows = list(csv.DictReader(f))

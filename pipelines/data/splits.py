@@ -215,3 +215,17 @@ def merge_duplicate_patients(df: pd.DataFrame, groups: pd.DataFrame) -> PatientM
     merged = root.map(first_id)
     changed = df.loc[merged != df["patient_id"], "patient_id"].nunique()
     return PatientMerge(merged.rename("patient_id"), spanning, int(changed))
+
+
+def split_fingerprint(df: pd.DataFrame) -> str | None:
+    """Which photo is in which split, wherever the files lie: the sha256 of the sorted
+    `photo sha256,split` lines (None without both columns). Cards record the one their
+    models were trained under, so that an evaluation on another split is said: the recipe's
+    split, rebuilt with copies merged into one patient, put 53 of the shipped weights'
+    training photos into its test split."""
+    import hashlib
+
+    if "sha256" not in df.columns or "split" not in df.columns:
+        return None
+    lines = sorted(f"{s},{p}" for s, p in zip(df["sha256"].astype(str), df["split"].astype(str)) if s)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest() if lines else None
