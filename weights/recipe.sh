@@ -77,11 +77,13 @@ declare -A DONE=([detector_pretrain]="$RUNS/det-synth/detector.json" [detector_w
 step() {  # step NAME CMD...: run, log the command line, record its wall time
     local name=$1 t0 t1
     shift
-    echo "+ $*" | tee -a "$RUNS/commands.txt"
     if [[ "$REUSE" == 1 && -n "${DONE[$name]:-}" && -f "${DONE[$name]}" ]]; then
+        # not logged: the cards list the command that made the run (kept from the earlier run),
+        # not this one, which may ask for other epochs
         echo "== $name: reused ${DONE[$name]}"
         return
     fi
+    echo "+ $*" | tee -a "$RUNS/commands.txt"
     # a run stopped before its card: trained again from the start (the train commands refuse
     # a folder that holds a run, unless told to --resume it)
     [[ -n "${DONE[$name]:-}" ]] && rm -rf "$(dirname "${DONE[$name]}")"
