@@ -72,7 +72,7 @@ def test_three_uploaded_photos_get_three_cards_with_their_boxes(page, photos, sc
     files = sorted((photos / "collection").rglob("*.jpg"))[:3]
     page.goto("/ui/upload")
     page.set_input_files("#files", [str(f) for f in files])
-    expect(page.locator("#status")).to_have_text("3 photo(s) checked.", timeout=60_000)
+    expect(page.locator("#status")).to_have_text(re.compile(r"^3 of 3 photo\(s\) checked: .*\.$"), timeout=60_000)
     cards = page.locator("#cards .card")
     expect(cards).to_have_count(3)
     for i in range(3):
@@ -92,6 +92,7 @@ def test_an_unreadable_upload_gets_a_card_with_its_reason(page, photos):
     card = page.locator("#cards .card").first
     expect(card.locator(".label")).to_have_text("unreadable", timeout=60_000)
     expect(card.locator(".reason")).to_contain_text("Reason: not an image")
+    expect(page.locator("#status")).to_have_text("1 of 1 photo(s) checked: 1 unreadable.")  # said, not only shown
 
 
 def test_a_job_started_from_the_jobs_page_runs_to_done(page, screenshots_dir):  # noqa: F811
@@ -288,7 +289,7 @@ def test_the_upload_page_fits_a_phone_screen(browser, server, photos, screenshot
     _sign_in(page, API_KEY)
     expect(page.get_by_role("heading", name="Check photos")).to_be_visible()
     page.set_input_files("#files", [str(sorted((photos / "collection").rglob("*.jpg"))[5])])
-    expect(page.locator("#status")).to_have_text("1 photo(s) checked.", timeout=60_000)
+    expect(page.locator("#status")).to_have_text(re.compile(r"^1 of 1 photo\(s\) checked: 1 "), timeout=60_000)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     page.screenshot(path=screenshots_dir / "upload-phone.png", full_page=True)
     ctx.close()

@@ -47,7 +47,7 @@ def test_firefox_signs_in_with_the_keyboard_and_uploads_to_cards_with_boxes(fire
                      "&& document.readyState == 'complete'")
     files = sorted((photos / "collection").rglob("*.jpg"))[:2]
     firefox.set_files("#files", files)
-    firefox.wait_for("document.getElementById('status').textContent == '2 photo(s) checked.'")
+    firefox.wait_for("document.getElementById('status').textContent.startsWith('2 of 2 photo(s) checked: ')")
     cards = firefox.eval("""[...document.querySelectorAll('#cards .card')].map(c => ({
         label: c.querySelector('.label').textContent, box: !c.querySelector('.box').hidden,
         boxWidth: c.querySelector('.box').getBoundingClientRect().width, name: c.querySelector('.path').textContent}))""")

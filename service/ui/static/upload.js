@@ -49,20 +49,29 @@
                                               credentials: "same-origin"});
       const data = await resp.json();
       const results = data.results || (data.error && data.error.results);
-      if (results && results.length) fill(li, results[0]);
-      else { li.querySelector(".label").textContent = "not checked";
-             li.querySelector(".reason").textContent = "Reason: " + ((data.error && data.error.message) || resp.statusText); }
+      if (results && results.length) { fill(li, results[0]); return results[0].label; }
+      li.querySelector(".label").textContent = "not checked";
+      li.querySelector(".reason").textContent = "Reason: " + ((data.error && data.error.message) || resp.statusText);
     } catch (e) {
       li.querySelector(".label").textContent = "not checked";
       li.querySelector(".reason").textContent = "Reason: " + e.message;
     }
+    return null;
   }
 
+  // the status line (read out: role=status) says what came back, not only that it ended:
+  // "3 photo(s) checked." read the same when a request had failed
+  const SHORT = {regular: "regular", non_regular: "non-regular", no_cervix: "no cervix", unreadable: "unreadable"};
   async function sendAll(files) {
     const list = Array.from(files);
     status.textContent = "Checking " + list.length + " photo(s)…";
-    await Promise.all(list.map(send));
-    status.textContent = list.length + " photo(s) checked.";
+    const labels = await Promise.all(list.map(send));
+    const counts = new Map();
+    labels.filter(l => l !== null).forEach(l => counts.set(l, (counts.get(l) || 0) + 1));
+    const failed = labels.filter(l => l === null).length, parts = [];
+    counts.forEach((n, l) => parts.push(n + " " + (SHORT[l] || l)));
+    status.textContent = (list.length - failed) + " of " + list.length + " photo(s) checked" +
+      (parts.length ? ": " + parts.join(", ") : "") + (failed ? "; " + failed + " not checked (see the cards)" : "") + ".";
   }
 
   input.addEventListener("change", () => { if (input.files.length) sendAll(input.files); });
