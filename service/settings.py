@@ -8,6 +8,8 @@ switched off explicitly: a screening site must not end up with an open endpoint 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,21 @@ def _split(value: object) -> object:
 
 
 log = logging.getLogger("cervixqc.service")
+
+
+# CERVIXQC_ variables that are not the service's settings: the engine's conversion cache and its
+# child, the tests' and the image check's, docker-compose.yml's mounts and published port
+OTHER_VARIABLES = frozenset({"CERVIXQC_CACHE", "CERVIXQC_CONVERSION_PARENT", "CERVIXQC_TEST_DEVICE",
+                             "CERVIXQC_CHROMIUM", "CERVIXQC_FIREFOX", "CERVIXQC_SCREENSHOTS", "CERVIXQC_IMAGE",
+                             "CERVIXQC_IMAGE_CPU", "CERVIXQC_DATA", "CERVIXQC_QUARANTINE", "CERVIXQC_RESULTS",
+                             "CERVIXQC_PUBLISH"})
+
+
+def unknown_variables(fields: Iterable[str]) -> list[str]:
+    """CERVIXQC_ variables that name no setting: a misspelt one (CERVIXQC_POLICI=both) was
+    ignored without a word, and the service ran on the default."""
+    known = {f"CERVIXQC_{f.upper()}" for f in fields} | OTHER_VARIABLES
+    return sorted(k for k in os.environ if k.startswith("CERVIXQC_") and k not in known)
 
 
 class Settings(BaseSettings):
@@ -110,6 +127,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        unknown = unknown_variables(type(self).model_fields)
+        if unknown:
+            log.warning("%s: no such setting, ignored (misspelt? the settings are in the README, \"HTTP service\")",
+                        ", ".join(unknown))
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
             if not self.api_keys_file.is_file():

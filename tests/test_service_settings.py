@@ -110,3 +110,13 @@ def test_a_key_file_others_can_read_is_warned_about(monkeypatch, tmp_path, caplo
         with caplog.at_level("WARNING", logger="cervixqc.service"):
             Settings(api_keys_file=key_file)
         assert ("readable by other users" in caplog.text) == warned, mode
+
+
+def test_a_misspelt_setting_is_warned_about_not_silently_ignored(monkeypatch, caplog):
+    """CERVIXQC_POLICI=both ran the service on the default policy, without a word."""
+    monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
+    monkeypatch.setenv("CERVIXQC_POLICI", "both")
+    monkeypatch.setenv("CERVIXQC_CACHE", "/tmp/elsewhere")  # the engine's, not a setting: no warning
+    with caplog.at_level("WARNING", logger="cervixqc.service"):
+        Settings()
+    assert "CERVIXQC_POLICI: no such setting, ignored" in caplog.text and "CERVIXQC_CACHE" not in caplog.text
