@@ -160,8 +160,8 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
                for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
-                         f"({'; '.join(changed)}): only --epochs may change; resume with the same settings, or "
-                         "train into another folder")
+                         f"({'; '.join(changed)}): only --epochs (and --workers, --device) may change; resume "
+                         "with the same settings, or train into another folder")
 
 
 def _commit_pending_best(ck: dict[str, Any], best_path: Path, pending: Path) -> None:

@@ -4,10 +4,10 @@ Items are written one batch per transaction with (job_id, path) as the primary k
 server killed with kill -9 restarts with every finished batch kept, none twice, and the
 runner simply skips what is there. A path's row is written once (a second result for it is
 ignored), but for a row of a file the OS could not read, which a resumed or retried job reads
-again and replaces (`READ_AGAIN`). Per-label counts live in `label_counts`, updated in the same transaction: a status
-poll that counted with GROUP BY over the items is O(items) (`python -m
-tests.benchmarks.job_store` times both on one file), and jobs of 10^7 files are the point of
-batch cleaning. Each thread gets its own connection (sqlite3 objects
+again and replaces (`READ_AGAIN`). Per-label counts live in `label_counts`, updated in the
+same transaction: a status poll that counted with GROUP BY over the items is O(items)
+(`python -m tests.benchmarks.job_store` times both on one file), and jobs of 10^7 files are
+the point of batch cleaning. Each thread gets its own connection (sqlite3 objects
 must not cross threads); WAL lets the routes read while the runner writes.
 """
 
