@@ -41,6 +41,8 @@ def test_deep_sad_trains_exports_a_threshold_and_reloads(split_set, tmp_path):
     assert torch.count_nonzero(net.c) == net.c.numel()  # the eps rule held
     assert "pretrain_epochs" in card.training and "synthesise" in card.training and card.training["marks"] == 0.3
     assert card.training["threshold_rule"].startswith("max F1 on the validation split")
+    n_pos = int(crops["train"].non_regular.sum())  # what a reader of the card needs to judge it
+    assert card.training["train_crops"] == {"regular": len(crops["train"].kinds) - n_pos, "non_regular": n_pos}
     log = [json.loads(line) for line in (tmp_path / "deep_sad" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 2 and "val_roc_auc" in log[-1]
     assert (tmp_path / "autoencoder" / "metrics.jsonl").is_file()
@@ -290,3 +292,17 @@ def test_training_into_a_weights_folder_is_refused_before_any_data_loads(tmp_pat
         r = CliRunner().invoke(app, [*args, "-o", str(weights)])
         assert r.exit_code == 2 and f"holds {card} and no training run" in r.output, (args, r.output)
     assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before
+
+
+def test_a_model_that_scores_every_validation_crop_alike_is_warned_about(caplog):
+    """A classifier trained at --lr 1e3 read AUC 0.5 with a threshold of 1.0 and was exported
+    without a word."""
+    import numpy as np
+
+    from pipelines.training.stage2 import _warn_if_flat
+
+    with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
+        _warn_if_flat(np.array([0.3, 0.7, 0.5]), "the classifier")
+        assert not caplog.text
+        _warn_if_flat(np.full(5, 1.0), "the classifier")
+    assert "the classifier gives every validation crop the same score (1)" in caplog.text

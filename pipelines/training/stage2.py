@@ -10,6 +10,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -131,6 +132,20 @@ def _check_val_has_both_classes(val: CropSet) -> None:
                          f"{len(val.kinds) - n_pos} regular and {n_pos} non-regular")
 
 
+def _class_counts(train: CropSet) -> dict[str, int]:
+    """The training crops by class, before --synthesise: what a card reader needs to judge it."""
+    n_pos = int(train.non_regular.sum())
+    return {"regular": len(train.kinds) - n_pos, "non_regular": n_pos}
+
+
+def _warn_if_flat(scores: np.ndarray, model: str) -> None:
+    """A model whose validation scores are all alike (a diverged or untrained run: the helper's
+    --lr 1e3 classifier read AUC 0.5 and a threshold of 1.0) was exported without a word."""
+    if len(scores) and float(np.ptp(scores)) <= 1e-6 * max(1.0, float(np.abs(scores).max())):
+        log.warning("%s gives every validation crop the same score (%.4g): it tells nothing apart, and its "
+                    "threshold means nothing; look at the training log before using it", model, float(scores[0]))
+
+
 def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: bool) -> None:
     """Regular training crops always (Deep SAD's autoencoder and centre learn from them; without
     them torch said `num_samples=0`), and for the classifier non-regular ones too, or some made
@@ -178,13 +193,14 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     net.eval()
     scores = _collect(net.score, val, None, device).numpy()
     y = val.non_regular.numpy()
+    _warn_if_flat(scores, "Deep SAD")
     threshold = calibrate_threshold(y, scores, cfg.target_sensitivity, space="log")
     card = ModelCard(
         name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
         classes=["regular", "non_regular"],
         thresholds={"distance": float(threshold)},
-        training={**_recipe(cfg, _CLASSIFIER_ONLY),
+        training={**_recipe(cfg, _CLASSIFIER_ONLY), "train_crops": _class_counts(train),
                   "optimizer": "Adam", "best_epoch": result.best_epoch,
                   "threshold_rule": _rule_note(cfg, "log distance")},
         data=data_note or {},
@@ -258,6 +274,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
     y = val.non_regular.numpy()
+    _warn_if_flat(probs, "the classifier")
     threshold = calibrate_threshold(y, probs, cfg.target_sensitivity, space="logit")
     card = ModelCard(
         name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
@@ -265,7 +282,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
         preprocessing={"crop": f"cervix box + margin, resized to {round(model_cfg.input_size * 8 / 7)}, "
                                f"centre crop {model_cfg.input_size}", "scale": "[0, 1]"},
         classes=["regular", "green", "iodine"], thresholds={"probability": float(threshold)},
-        training={**_recipe(cfg, _DEEP_SAD_ONLY),
+        training={**_recipe(cfg, _DEEP_SAD_ONLY), "train_crops": _class_counts(train),
                   "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
                   "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file,
                   "threshold_rule": _rule_note(cfg, "logit"),
