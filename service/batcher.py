@@ -73,6 +73,12 @@ class _Item:
             self.reservation.release(1, len(self.data))
 
 
+def _fail_items(items: list[_Item], error: Exception) -> None:
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(error)
+
+
 class MicroBatcher:
     def __init__(self, run_batch: RunBatch, gate: EngineGate, metrics: Metrics, max_batch_size: int,
                  max_wait_ms: float, max_queue: int, max_queue_bytes: int = 512 * 1024 * 1024) -> None:
@@ -201,18 +207,14 @@ class MicroBatcher:
             if not it.future.done():
                 by_request.setdefault(id(it.reservation), []).append(it)
         if len(by_request) < 2:
-            for it in items:
-                if not it.future.done():
-                    it.future.set_exception(error)
+            _fail_items(items, error)
             return
         for group in by_request.values():
             try:
                 await self._settle(loop, group)
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 log.error("a request's %d images failed in the engine (%s)", len(group), type(e).__name__)
-                for it in group:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+                _fail_items(group, e)
 
     def _run(self, items: list[_Item]) -> list[QCResult]:
         with self.gate.interactive():

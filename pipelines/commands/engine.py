@@ -84,7 +84,7 @@ def predict(
     qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision)
     # batch by batch: `predict *.jpg` over thousands of photos held them all decoded at once
     # (about 2.7 MB each) and printed nothing until the last; folders go to `cervixqc clean`
-    from pipelines.clean import row_key
+    from pipelines.data.schema import row_key
 
     # a name that is not UTF-8 spelt as `clean` spells it (`\xNN`): --json crashed on it
     batches = ((images[i:i + batch_size], [row_key(str(p)) for p in images[i:i + batch_size]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -84,11 +83,17 @@ def eval_pipeline_cmd(
 def _check_split(manifest: Path, weights: Path) -> None:
     """Said before any figure: a split other than the one the weights were trained under (their
     cards' `data.split_fingerprint`) may hold their training photos in its val and test rows."""
+    from models.io import UnreadableCard, load_card
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.splits import split_fingerprint
 
-    trained = {json.loads(c.read_text()).get("data", {}).get("split_fingerprint")
-               for c in weights.glob("*.json") if not c.name.endswith(".openvino.json")} - {None}
+    trained = set()
+    for name in ("detector", "presence", "deep_sad", "classifier", "colour"):
+        try:
+            trained.add(load_card(weights / f"{name}.json").data.get("split_fingerprint"))
+        except UnreadableCard:  # absent (presence, colour), or named by the engine's load that follows
+            pass
+    trained.discard(None)
     if not trained:
         return
     try:

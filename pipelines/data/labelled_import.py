@@ -176,14 +176,10 @@ def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.Dat
     A patient id found under two sources is refused: collections from two sites that both
     number patients from 1 would otherwise fuse unrelated people into one patient (and one
     split side)."""
-    from pipelines.data.manifest import load_manifest
+    from pipelines.data.manifest import load_manifest, rebased
 
     out_dir = Path(out_manifest).resolve().parent
-    parts = []
-    for p in paths:
-        df = load_manifest(p)
-        df["path"] = [os.path.relpath(Path(a).resolve(), out_dir) for a in df["abspath"]]
-        parts.append(df.drop(columns="abspath"))
+    parts = [rebased(load_manifest(p), out_manifest).drop(columns="abspath") for p in paths]
     merged = pd.concat(parts, ignore_index=True).fillna("")
     spanning = merged.groupby("patient_id")["source"].nunique()
     spanning = sorted(spanning[spanning > 1].index)

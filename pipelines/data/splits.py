@@ -9,6 +9,7 @@ come within one patient of the requested fractions.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,8 +224,6 @@ def split_fingerprint(df: pd.DataFrame) -> str | None:
     models were trained under, so that an evaluation on another split is said: the recipe's
     split, rebuilt with copies merged into one patient, put 53 of the shipped weights'
     training photos into its test split."""
-    import hashlib
-
     if "sha256" not in df.columns or "split" not in df.columns:
         return None
     lines = sorted(f"{s},{p}" for s, p in zip(df["sha256"].astype(str), df["split"].astype(str)) if s)

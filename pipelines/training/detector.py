@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -212,8 +213,9 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
     ids = [im.id for im in val.coco.images]
     top = np.array([float(preds[i]["scores"].max()) if len(preds[i]["scores"]) else 0.0 for i in ids])
     threshold, bacc = presence_threshold(np.array([i in has_box for i in ids]), top)
-    chosen = "validation, max balanced accuracy" if bacc == bacc else "default 0.5: no validation photo without a box"
-    if bacc != bacc:  # NaN: nothing to tell apart; the card says so beside the threshold
+    chosen = "validation, max balanced accuracy"
+    if math.isnan(bacc):  # nothing to tell apart; the card says so beside the threshold
+        chosen = "default 0.5: no validation photo without a box"
         log.warning("the validation set has no photo without a box (or none with one): the score threshold is the "
                     "default 0.5, not chosen; add photos without a cervix to validation to choose it")
     card = ModelCard(

@@ -151,12 +151,12 @@ def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: b
     them torch said `num_samples=0`), and for the classifier non-regular ones too, or some made
     by --synthesise: a split without them trained one class at weight 0 and exported it with
     exit code 0."""
-    n_pos = int(train.non_regular.sum())
-    if n_pos == len(train.kinds):
-        raise ValueError(f"the training split has no regular crop ({n_pos} non-regular): nothing to learn "
+    n = _class_counts(train)
+    if n["regular"] == 0:
+        raise ValueError(f"the training split has no regular crop ({n['non_regular']} non-regular): nothing to learn "
                          "what regular looks like")
-    if needs_non_regular and n_pos == 0 and synthesise <= 0:
-        raise ValueError(f"the training split has no green or iodine crop ({len(train.kinds)} regular): add some, "
+    if needs_non_regular and n["non_regular"] == 0 and synthesise <= 0:
+        raise ValueError(f"the training split has no green or iodine crop ({n['regular']} regular): add some, "
                          "or make some with --synthesise")
 
 
