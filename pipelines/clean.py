@@ -3,7 +3,8 @@
 State lives in RESULTS/state.sqlite, one row per input path (the primary key), written one
 batch per transaction: a run killed at any moment (kill -9 included) resumes with no lost
 and no duplicate row, and a rerun of a finished job only tries again the files the OS could
-not read (`StateStore.done`). results.csv and
+not read and the files changed since their rows were written (`StateStore.done`: size and
+modification time). results.csv and
 results.parquet are exported from that state atomically at the end. Originals are only
 ever read; the quarantine holds hard links (copies across file systems) mirroring the
 relative paths, under one folder per label, and (when asked) one per quality finding.
@@ -24,7 +25,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -133,7 +134,11 @@ class StateStore:
     temporary files), and the source it was first filled from is recorded and must match
     (another source's rows with the same relative paths were taken as already done). So is
     the `decision` (policy and models' sha256s, `QCPipeline.decision`): a rerun with another
-    policy or other weights counted every row as done and kept the old labels, unsaid."""
+    policy or other weights counted every row as done and kept the old labels, unsaid.
+
+    Each row keeps its file's `file_stamp` (size and modification time, taken before the file
+    was read), so a rerun labels again a photo replaced under its name since: its old label
+    was kept for good (an archive re-exported over itself)."""
 
     def __init__(self, path: Path, source: Path | None = None, decision: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,11 @@ class StateStore:
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT, "
+                        "stamp TEXT)")
+        if "stamp" not in {row[1] for row in self.db.execute("PRAGMA table_info(results)")}:
+            # an older folder's rows have none: kept as done (nothing says they changed)
+            self.db.execute("ALTER TABLE results ADD COLUMN stamp TEXT")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         if source is not None:
             self._claim(str(source.resolve()))
@@ -204,10 +213,22 @@ class StateStore:
         file that was read but is not an image stays done."""
         return {row[0] for row in self.db.execute(f"SELECT path FROM results WHERE NOT {read_again_sql()}")}
 
-    def add(self, results: list[QCResult]) -> None:
+    def changed(self, paths: Collection[str], stamp: Callable[[str], str | None]) -> list[QCResult]:
+        """The stored rows of `paths` whose file's stamp is no longer the one stored. A file the
+        OS cannot stat now (a share briefly away) is not taken as changed: its good row stays."""
+        out = []
+        for path, stored, rec in self.db.execute("SELECT path, stamp, record FROM results WHERE stamp IS NOT NULL"):
+            if path in paths and (now := stamp(path)) is not None and now != stored:
+                out.append(QCResult.model_validate_json(rec))
+        return out
+
+    def add(self, results: list[QCResult], stamps: Mapping[str, str | None] | None = None) -> None:
+        """`stamps`: each file's `file_stamp` as it was before the engine read it (none: not known)."""
+        stamps = stamps or {}
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)",
-                                [(r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"})) for r in results])
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                                [(r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"}), stamps.get(r.path))
+                                 for r in results])
             self.db.execute("INSERT INTO meta VALUES ('writes', 1) "
                             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
@@ -391,6 +412,35 @@ def collection_duplicates(records: Iterable[QCResult], read: Callable[[str], byt
     return duplicates_of_records(records, DuplicateConfig(), read)
 
 
+def file_stamp(path: Path) -> str | None:
+    """What says a file was replaced or edited since it was read: its size and modification
+    time (of the photo a link names), None where the OS cannot stat it. Not its sha256: a
+    rerun over 10^6 photos would read them all again to learn that none changed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def plan_run(store: StateStore, inputs: list[str], src_root: Path, quarantine: Path | None) -> tuple[set[str], list[str]]:
+    """(done, todo) of a run: todo are the inputs without a final row and those whose file
+    changed since its row was written. A changed photo's quarantine copies (under its old
+    label and flags) are removed first, so that its new label's copy is the only one and a
+    copy of the old photo never stands for the new one."""
+    current = set(inputs)
+    done = store.done() & current
+    changed = store.changed(done, lambda p: file_stamp(on_disk(src_root, p)))
+    if changed:
+        log.info("%d files changed since their rows were written: labelled again", len(changed))
+        done -= {r.path for r in changed}
+        if quarantine is not None:
+            for r in changed:
+                for folder in [r.label.value, *r.flags()]:
+                    quarantine_path(quarantine, folder, r.path).unlink(missing_ok=True)
+    return done, [p for p in inputs if p not in done]
+
+
 def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) -> StateStore:
     """The results folder's state, this run's from here on (flock; the same source and
     decision as its rows), with the temporary files an earlier, killed run left in it and in
@@ -413,15 +463,21 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     store = open_run(src, out_dir, quarantine, qc.decision)
     t0 = time.perf_counter()
     try:
-        done = store.done() & set(inputs)
-        todo = [p for p in inputs if p not in done]
+        done, todo = plan_run(store, inputs, src_root, quarantine)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-        batches = (([on_disk(src_root, p) for p in chunk], chunk) for chunk in chunks)
-        for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches)):
+        stamps: dict[str, str | None] = {}  # stat before the engine reads (run_stream reads ahead)
+
+        def batches() -> Iterator[tuple[list[Path], list[str]]]:
+            for chunk in chunks:
+                files = [on_disk(src_root, p) for p in chunk]
+                stamps.update((p, file_stamp(f)) for p, f in zip(chunk, files))
+                yield files, chunk
+
+        for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches())):
             chunk = todo[start : start + batch_size]
             if quarantine is not None:
                 quarantine_results(src_root, results, quarantine, quarantine_findings)
-            store.add(results)
+            store.add(results, {p: stamps.pop(p, None) for p in chunk})
             if progress:
                 progress(len(done) + start + len(chunk), len(inputs))
         summary = finish_run(store, out_dir, src_root if pixel_check else None, inputs, len(todo), len(done), t0)

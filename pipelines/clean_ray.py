@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, check_outputs, finish_run, list_inputs, on_disk, open_run,
-                             quarantine_results)
+from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
+                             plan_run, quarantine_results)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import QCResult
 
-_FIELDS = ("record",)
+_FIELDS = ("record", "stamp")
 
 
 class QCActor:
@@ -37,8 +37,10 @@ class QCActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         keys = [str(k) for k in batch["path"]]
-        results = self.qc.run([on_disk(Path(self.root), k) for k in keys], names=keys)
-        return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results]}
+        files = [on_disk(Path(self.root), k) for k in keys]
+        stamps = [file_stamp(f) or "" for f in files]  # before the read: a file changed meanwhile is redone next run
+        results = self.qc.run(files, names=keys)
+        return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results], "stamp": stamps}
 
 
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
@@ -70,8 +72,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     t0 = time.perf_counter()
     started_here = False
     try:
-        done = store.done() & set(inputs)
-        todo = [p for p in inputs if p not in done]
+        done, todo = plan_run(store, inputs, src_root, quarantine)
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
@@ -91,7 +92,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 results = [QCResult.model_validate_json(r) for r in batch["record"]]
                 if quarantine is not None:
                     quarantine_results(src_root, results, quarantine, quarantine_findings)
-                store.add(results)
+                store.add(results, {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
                 finished += len(results)
                 if progress:
                     progress(finished, len(inputs))

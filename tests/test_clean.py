@@ -149,9 +149,12 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     assert (tmp_path / "q" / "unreadable").is_dir()
     assert json.loads((tmp_path / "ray" / "summary.json").read_text())["total"] == len(paths)
     # the local engine resumes Ray's folder under the same keys: only the dangling link, which
-    # the OS could not read, is tried again
+    # the OS could not read, and the photo replaced since (Ray's actors stamped every file) are
+    # tried again
+    replaced = next(p for p in paths if p.endswith("/random.jpg"))
+    (collection / replaced).write_bytes(fuzz_set()["ok.jpg"][0])
     rerun = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), manifest, tmp_path / "ray", batch_size=4)
-    assert (rerun.processed_now, rerun.skipped_done) == (1, len(paths) - 1)
+    assert (rerun.processed_now, rerun.skipped_done) == (2, len(paths) - 2)
 
 
 def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows(weights, collection, tmp_path):
@@ -285,6 +288,37 @@ def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_run(weights, c
     assert (first.processed_now, again.processed_now, again.skipped_done) == (2, 1, 1)
     rows = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path")
     assert rows.loc["later/photo.jpg", "label"] != "unreadable" and len(rows) == 2
+
+
+def test_a_photo_replaced_under_its_name_is_labelled_again_and_its_old_quarantine_copy_goes(weights, collection,
+                                                                                                 tmp_path):
+    """An archive re-exported over itself: the old label was kept for good, and the quarantine
+    held the old photo. Rows written before stamps were kept (an upgrade) stay done."""
+    from pipelines.clean import list_inputs
+
+    out, quarantine = tmp_path / "out", tmp_path / "quarantine"
+    clean(QCPipeline(weights), collection, out, quarantine, batch_size=4)
+    replaced = next(p for p in list_inputs(collection) if p.endswith("/random.jpg"))
+    assert (quarantine / "unreadable" / replaced).is_file()
+    (collection / replaced).write_bytes(fuzz_set()["ok.jpg"][0])
+    again = clean(QCPipeline(weights), collection, out, quarantine, batch_size=4)
+    assert (again.processed_now, again.skipped_done) == (1, again.total - 1)
+    row = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path").loc[replaced]
+    assert row["label"] != "unreadable"
+    assert row["sha256"] == hashlib.sha256(fuzz_set()["ok.jpg"][0]).hexdigest()
+    assert not (quarantine / "unreadable" / replaced).exists()
+    copy = quarantine / row["label"] / replaced
+    assert copy.is_file() == (row["label"] != "regular")
+    # touched again, same bytes: a new modification time is a change too (nothing is read to tell)
+    os.utime(collection / replaced, ns=(1, 1))
+    assert clean(QCPipeline(weights), collection, out, quarantine, batch_size=4).processed_now == 1
+    assert copy.is_file() == (row["label"] != "regular")
+    # a folder written before stamps were kept: its rows are not taken as changed
+    with sqlite3.connect(out / "state.sqlite") as db:
+        db.execute("UPDATE results SET stamp = NULL")
+    db.close()
+    os.utime(collection / replaced, ns=(2, 2))
+    assert clean(QCPipeline(weights), collection, out, quarantine, batch_size=4).processed_now == 0
 
 
 def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights, collection, tmp_path, monkeypatch):
