@@ -258,15 +258,23 @@ class QuarantineUnwritable(OSError):
 
 
 _FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# the folder's fault when they name a path inside it: no permission, a share dropped (I/O
+# error, stale handle, not connected); on the original they are the file's
+_INSIDE_ERRORS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOTCONN}
 
 
 def _quarantine_fault(e: OSError, qdir: Path) -> bool:
-    """The folder's fault, not the file's: no space or a read-only file system, or no
-    permission on a path inside the quarantine (an unreadable original is the file's)."""
+    """The folder's fault, not the file's: no space or a read-only file system, one of
+    `_INSIDE_ERRORS` on a path inside the quarantine, or a quarantine that is no longer a
+    folder (replaced by a file: every copy failed, counted as the files' faults, and the job
+    ended `done` with its flagged photos left in place)."""
     if e.errno in _FOLDER_ERRORS:
         return True
     named = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
-    return e.errno in (errno.EACCES, errno.EPERM) and any(p.is_relative_to(qdir) for p in named)
+    if e.errno in _INSIDE_ERRORS and any(p.is_relative_to(qdir) for p in named):
+        return True
+    return e.errno in (errno.ENOTDIR, errno.EEXIST) and any(
+        part.exists() and not part.is_dir() for part in (qdir, qdir.parent))
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),

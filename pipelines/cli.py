@@ -10,6 +10,7 @@ dependencies inside the command, so that `cervixqc --help` does not pay for torc
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -66,7 +67,10 @@ app.command("eval-duplicates")(duplicates.eval_duplicates_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # CERVIXQC_LOG_LEVEL as the service reads it (debug adds tracebacks, which may name files)
+    level = os.environ.get("CERVIXQC_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+                        format="%(levelname)s %(name)s: %(message)s")
     app()
 
 

@@ -27,12 +27,14 @@ from pipelines.engine.qc import QCConfig, QCPipeline
 from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
+from service.engine_health import WARM_UP, EngineHealth
 from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
 from service.gate import EngineGate
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
+from service.log_config import ensure_handler
 from service.metrics import Metrics
 from service.routes import docs, health, jobs, models, qc
 from service.settings import Settings
@@ -59,23 +61,29 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
                                                        limits=limits, jpeg_decoder=settings.jpeg_decoder,
                                                        runtime=settings.runtime, precision=settings.precision))
-    engine.run([np.full((480, 640, 3), 128, np.uint8)])  # warm-up: first-call allocations, lazy inits
+    engine.run([WARM_UP])  # warm-up: first-call allocations, lazy inits
+    health = EngineHealth(metrics.engine_errors)
     # the gate asks the batcher how many uploads wait; called only once both exist
     gate = EngineGate(lambda: batcher.pending)
     batcher = MicroBatcher(lambda data, names: engine.run(data, names), gate, metrics, settings.max_batch_size,
-                           settings.max_wait_ms, settings.max_queue, settings.max_queue_bytes)
+                           settings.max_wait_ms, settings.max_queue, settings.max_queue_bytes, health)
     store = JobStore(settings.state_dir / "jobs.sqlite", settings.store_busy_timeout_s)
     metrics.count_jobs(store.count_by_status)
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
                        settings.quarantine_findings, settings.duplicate_pixel_check, limits,
-                       engine.decision["models"])
-    return ServiceState(settings, metrics, engine, batcher, store, runner, ReviewStore(store.path), JobViews(store))
+                       engine.decision["models"], health)
+    metrics.describe_build(_version(), engine.decision, engine.runtimes, str(engine.device))
+    metrics.watch_disks({"state": settings.state_dir, "results": settings.state_dir / "jobs",
+                         "quarantine": settings.quarantine_root})  # type: ignore[dict-item]
+    return ServiceState(settings, metrics, engine, batcher, store, runner, ReviewStore(store.path), JobViews(store),
+                        health)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    ensure_handler(settings.log_level)
     drop_query_strings()  # uvicorn has configured its loggers by the time it calls this factory
 
     @asynccontextmanager
@@ -122,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(SignInNeeded)
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
         return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       on_too_large=metrics.rejected.labels("body_too_large").inc)
     app.add_middleware(PageHeaders)  # the pages' security and cache headers
     # JSON, CSV and NDJSON of 1 KB and more go gzipped to clients that ask: a 10^5-item job's
     # what-if scores are 6 MB as JSON. Never HTML, whose pages put the CSRF token next to text a

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipelines.engine.qc_result import QCResult
+from service.engine_health import EngineHealth
 from service.gate import EngineGate
 from service.metrics import Metrics
 
@@ -52,6 +53,7 @@ class Reservation:
         self.batcher.pending -= n
         self.batcher.pending_bytes -= n_bytes
         self.batcher.metrics.queue_depth.set(self.batcher.pending)
+        self.batcher.metrics.queue_bytes.set(self.batcher.pending_bytes)
 
     def cancel(self) -> None:
         """All that is left: a request that failed before (or without) submitting."""
@@ -81,8 +83,10 @@ def _fail_items(items: list[_Item], error: Exception) -> None:
 
 class MicroBatcher:
     def __init__(self, run_batch: RunBatch, gate: EngineGate, metrics: Metrics, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int, max_queue_bytes: int = 512 * 1024 * 1024) -> None:
+                 max_wait_ms: float, max_queue: int, max_queue_bytes: int = 512 * 1024 * 1024,
+                 health: EngineHealth | None = None) -> None:
         self.run_batch, self.gate, self.metrics = run_batch, gate, metrics
+        self.health = health or EngineHealth(metrics.engine_errors)
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes
         self.pending = 0  # queued + running; read by the job runner's thread (an int read is atomic)
@@ -126,6 +130,7 @@ class MicroBatcher:
         self.pending += n
         self.pending_bytes += n_bytes
         self.metrics.queue_depth.set(self.pending)
+        self.metrics.queue_bytes.set(self.pending_bytes)
         return Reservation(self, n, n_bytes)
 
     def submit(self, items: Sequence[tuple[bytes, str]], reservation: Reservation | None = None) -> list[asyncio.Future]:
@@ -180,6 +185,7 @@ class MicroBatcher:
                 try:
                     await self._settle(loop, live)
                 except Exception as e:  # noqa: BLE001 - one failed batch must not stop the batcher
+                    self.health.failed("upload", e)
                     log.error("engine batch of %d failed (%s)", len(live), type(e).__name__)  # messages may name uploads
                     log.debug("engine batch failed", exc_info=True)
                     await self._settle_by_request(loop, live, e)
@@ -191,6 +197,7 @@ class MicroBatcher:
         results = await loop.run_in_executor(self._executor, self._run, items)
         if len(results) != len(items):
             raise RuntimeError(f"engine returned {len(results)} results for {len(items)} images")
+        self.health.succeeded()
         for it, r in zip(items, results):
             if not it.future.done():
                 it.future.set_result(r)
@@ -213,6 +220,7 @@ class MicroBatcher:
             try:
                 await self._settle(loop, group)
             except Exception as e:  # noqa: BLE001 - this request's own failure
+                self.health.failed("upload", e)
                 log.error("a request's %d images failed in the engine (%s)", len(group), type(e).__name__)
                 _fail_items(group, e)
 

@@ -45,7 +45,10 @@ def serve(
     # The app by name, so uvicorn builds it; settings are read again there from the same environment.
     # Open connections get GRACE_S to finish on SIGTERM: a client trickling an upload kept the
     # process up past compose's stop_grace_period, and Docker's SIGKILL followed.
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=1, log_level="info",
+    from service.log_config import uvicorn_config
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=1,
+                log_config=uvicorn_config(settings.log_level), log_level=settings.log_level,
                 timeout_graceful_shutdown=GRACE_S)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,6 +82,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         return internal_error(request, e)
+
+
+class StreamBrokenOff(Exception):
+    """A streamed body that failed after its 200 was sent: the connection is dropped (the
+    client sees an incomplete transfer, not a shorter file that looks whole)."""
+
+
+def guarded_stream(lines: Iterator[str], what: str) -> Iterator[str]:
+    """`lines` with a failure logged once, by its kind (an OSError's message names the file),
+    and re-raised as StreamBrokenOff without it: uvicorn printed the original with its
+    traceback, patient file names and all."""
+    try:
+        yield from lines
+    except Exception as e:  # noqa: BLE001 - any failure past the headers
+        log.error("%s broke off (%s)", what, type(e).__name__)
+        log.debug("%s broke off", what, exc_info=e)
+        raise StreamBrokenOff(what) from None
 
 
 def internal_error(request: Request, e: Exception) -> JSONResponse:

@@ -8,6 +8,7 @@ over the limit at once, and stops a chunked or lying body at the first byte past
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,8 +18,9 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, on_too_large: Callable[[], None] = lambda: None) -> None:
+        """`on_too_large`: called for each request refused for its size (a metrics counter)."""
+        self.app, self.max_bytes, self.on_too_large = app, max_bytes, on_too_large
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,9 +55,10 @@ class BodyLimitMiddleware:
             if not started:
                 await self._refuse(send, str(e), 413)
 
-    @staticmethod
-    async def _refuse(send: Send, message: str, status: int) -> None:
+    async def _refuse(self, send: Send, message: str, status: int) -> None:
         code = "payload_too_large" if status == 413 else "bad_request"
+        if status == 413:
+            self.on_too_large()
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

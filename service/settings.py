@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -48,6 +48,28 @@ def unknown_variables(fields: Iterable[str]) -> list[str]:
     return sorted(k for k in os.environ if k.startswith("CERVIXQC_") and k not in known)
 
 
+def _keys(listed: list[str], file: Path | None, name: str) -> list[str]:
+    """Keys given in the variable plus those of its file (one per line; '#' comments), each
+    long enough and not a placeholder."""
+    keys = list(listed)
+    if file is not None:
+        if not file.is_file():
+            raise ValueError(f"{name} {file} does not exist")
+        if file.stat().st_mode & 0o077:  # anyone who reads it holds the service's keys
+            log.warning("%s is readable by other users: restrict it to the service's user", name)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:  # was a bare codec message naming no setting
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+            raise ValueError(f"{name} {file}: cannot read it ({why})") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    for key in keys:
+        if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
+            raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters and not a placeholder "
+                             "(generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return keys
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERVIXQC_", extra="ignore",
                                       allow_inf_nan=False)  # "inf" seconds overflowed SQLite and the session clock
@@ -68,6 +90,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None  # one key per line; '#' comments
     auth_disabled: bool = False
+    # keys that read /metrics and nothing else: a central Prometheus need not hold a key that
+    # submits jobs and downloads results naming patients' files
+    metrics_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    metrics_keys_file: Path | None = None
+
+    # logs: one format for ours and uvicorn's, with a timestamp; debug adds the engine's
+    # tracebacks (whose messages may name uploaded files: for a short diagnosis only)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # browser pages (/ui): a signed-in session lasts this long; its signing secret is made once
     # and kept in this file (default: state_dir/session-secret), so sessions survive restarts
     session_max_age_s: float = Field(8 * 3600, gt=0, le=30 * 86400)
@@ -120,7 +150,12 @@ class Settings(BaseSettings):
             return value
         raise ValueError(f"{value!r} is not a device: auto, cpu, cuda or cuda:N")
 
-    @field_validator("api_keys", "data_roots", "quarantine_findings", mode="before")
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_keys", "metrics_keys", "data_roots", "quarantine_findings", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value)
@@ -131,26 +166,12 @@ class Settings(BaseSettings):
         if unknown:
             log.warning("%s: no such setting, ignored (misspelt? the settings are in the README, \"HTTP service\")",
                         ", ".join(unknown))
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            if not self.api_keys_file.is_file():
-                raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file} does not exist")
-            if self.api_keys_file.stat().st_mode & 0o077:  # anyone who reads it holds the service's keys
-                log.warning("CERVIXQC_API_KEYS_FILE is readable by other users: restrict it to the service's user")
-            try:
-                text = self.api_keys_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:  # was a bare codec message naming no setting
-                why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
-                raise ValueError(f"CERVIXQC_API_KEYS_FILE {self.api_keys_file}: cannot read it ({why})") from None
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-        for key in keys:
-            if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
-                raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters and not a placeholder "
-                                 "(generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        keys = _keys(self.api_keys, self.api_keys_file, "CERVIXQC_API_KEYS_FILE")
         if not keys and not self.auth_disabled:
             raise ValueError("no API key: set CERVIXQC_API_KEYS or CERVIXQC_API_KEYS_FILE "
                              "(or CERVIXQC_AUTH_DISABLED=true on a trusted network)")
         self.api_keys = keys
+        self.metrics_keys = _keys(self.metrics_keys, self.metrics_keys_file, "CERVIXQC_METRICS_KEYS_FILE")
         self.data_roots = [p.resolve() for p in self.data_roots]
         try:
             check_findings(self.quarantine_findings)

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from pipelines.engine.qc import QCPipeline
 from service.batcher import MicroBatcher
+from service.engine_health import EngineHealth
 from service.errors import ApiError
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
@@ -28,6 +29,7 @@ class ServiceState:
     runner: JobRunner
     reviews: ReviewStore  # reviewers' decisions, in the job store's database
     views: JobViews  # the review pages' jobs in the grid's order
+    health: EngineHealth  # whether the engine still answers (/readyz)
 
 
 def get_state(request: Request) -> ServiceState:

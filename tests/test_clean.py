@@ -374,6 +374,22 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
     assert summary.skipped_done == stored and set(flagged["path"]) <= copies and len(flagged) > 1
 
 
+def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_files_faults(tmp_path):
+    """A quarantine that was no longer a folder failed every copy with ENOTDIR, counted as the
+    files' own faults: the job ended `done` with its flagged photos left in place."""
+    from pipelines.clean import QuarantineUnwritable, quarantine_results
+
+    src, q = tmp_path / "src", tmp_path / "q"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    q.write_text("a file where the quarantine was")
+    flagged = QCResult(path="a.jpg", label=Label.NO_CERVIX)
+    with pytest.raises(QuarantineUnwritable):
+        quarantine_results(src, [flagged], q)
+    q.unlink()
+    assert quarantine_results(src, [flagged], q) == 0 and (q / "no_cervix" / "a.jpg").is_file()
+
+
 def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
     from pipelines.clean import list_inputs
 

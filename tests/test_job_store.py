@@ -308,3 +308,25 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
     counts = store.counts(job.id)
     assert counts["unreadable"] == 1 and sum(counts.values()) == 3 == len(rows)
     assert not store.requeue(job.id) and not store.has_read_again(job.id)
+
+
+def test_a_deleted_job_store_is_not_created_again_empty_by_another_thread(tmp_path):
+    """A metrics scrape (a worker thread, its own connection) created a deleted jobs.sqlite
+    again, empty: the loss of every job looked like a fresh install."""
+    import threading
+
+    path = tmp_path / "jobs.sqlite"
+    store = JobStore(path)
+    path.unlink()
+    errors = []
+
+    def scrape():
+        try:
+            store.count_by_status()
+        except sqlite3.Error as e:
+            errors.append(e)
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and not path.exists()

@@ -22,12 +22,12 @@ def engine(tmp_path_factory):
     return QCPipeline(weights, QCConfig(device="cpu", runtime="torch", limits=DecodeLimits(max_aspect=1e9)))
 
 
-def _batched(engine, requests: list[list[tuple[bytes, str]]]) -> list[list[object]]:
+def _batched(engine, requests: list[list[tuple[bytes, str]]], health=None) -> list[list[object]]:
     """Every request queued before the batcher gathers, so that they share one batch."""
 
     async def main():
         batcher = MicroBatcher(lambda data, names: engine.run(data, names), EngineGate(), Metrics(),
-                               max_batch_size=16, max_wait_ms=200, max_queue=64)
+                               max_batch_size=16, max_wait_ms=200, max_queue=64, health=health)
         futures = [batcher.submit(items) for items in requests]
         await batcher.start()
         try:
@@ -57,3 +57,37 @@ def test_one_requests_failing_photo_does_not_fail_the_unreadable_photos_of_anoth
     row, fine = _batched(engine, [[(sliver, "sliver.png")], [(ok, "ok.jpg")]])
     assert row[0].label == Label.UNREADABLE and "the models failed on this image" in row[0].error
     assert fine[0].label != Label.UNREADABLE
+
+
+@pytest.mark.timeout(120)
+def test_engine_calls_failing_in_a_row_make_the_engine_failing_until_one_succeeds_or_a_probe_does(engine):
+    """A persistent engine fault answered 500 to every upload while /readyz said ready, and no
+    metric counted it. One request's own failing photo is one failure; the next good call
+    resets the run; a probe on the warm-up photo (what /readyz runs) brings it back."""
+    from prometheus_client import generate_latest
+
+    from service.engine_health import FAILING_AFTER, WARM_UP, EngineHealth
+
+    metrics = Metrics()
+    health = EngineHealth(metrics.engine_errors)
+    sliver, ok = fuzz_set()["sliver.png"][0], fuzz_set()["ok.jpg"][0]
+    for i in range(FAILING_AFTER):
+        assert health.failing() is None
+        (failed,) = _batched(engine, [[(sliver, "s.png")]], health)
+        assert isinstance(failed[0], RuntimeError)
+    assert health.failing() == f"the last {FAILING_AFTER} engine calls failed (RuntimeError)"
+    assert f'cervixqc_engine_errors_total{{origin="upload"}} {float(FAILING_AFTER)}' in generate_latest(
+        metrics.registry).decode()
+    (fine,) = _batched(engine, [[(ok, "ok.jpg")]], health)
+    assert fine[0].label != Label.UNREADABLE and health.failing() is None
+    for _ in range(FAILING_AFTER):
+        _batched(engine, [[(sliver, "s.png")]], health)
+    assert health.failing()
+    health.probe(lambda: engine.run([WARM_UP]))
+    assert health.failing() is None
+    # probes are spaced: a failing one right after does not run (readiness is polled each second)
+    runs = []
+    for _ in range(FAILING_AFTER):
+        health.failed("job", RuntimeError())
+    health.probe(lambda: runs.append(1))
+    assert runs == [] and health.failing()

@@ -27,6 +27,7 @@ from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene
 from tests.service_server import API_KEY, HEADERS, start_server
 
 LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
+SCRAPE_KEY = "scrape-only-key-0123456789"
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -58,7 +59,7 @@ def data_root(tmp_path_factory) -> Path:
 def server(tmp_path_factory, weights, data_root):
     srv = start_server(tmp_path_factory.mktemp("srv"), weights, data_roots=data_root, max_batch_size=16,
                        max_wait_ms=100, max_upload_bytes=4 * 1024 * 1024, max_files_per_request=20,
-                       quarantine_findings="dark")
+                       quarantine_findings="dark", metrics_keys=SCRAPE_KEY)
     yield srv
     srv.kill()
 
@@ -88,6 +89,35 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
     assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
     assert models["findings_thresholds"] == FINDINGS_AT
+
+
+def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build_and_free_space(server):
+    """A central Prometheus held a key that also submits jobs, sent as X-API-Key only; the
+    page had no process memory, no models and no disk space, and a labelled counter had no
+    series before its first event (a `rate()` alert had nothing to read)."""
+    scrape = {"Authorization": f"Bearer {SCRAPE_KEY}"}
+    assert httpx.get(f"{server.url}/v1/jobs", headers=scrape).status_code == 401  # the metrics only
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert httpx.head(f"{server.url}/healthz").status_code == 200  # uptime monitors that send HEAD got 405
+    before = httpx.get(f"{server.url}/metrics", headers=scrape)
+    assert before.status_code == 200, before.text
+    # a body over the limit (4 MiB here) is refused before it is read, and counted
+    too_big = httpx.post(f"{server.url}/v1/qc", headers=HEADERS, files={"files": ("a.jpg", b"0" * (5 << 20))})
+    assert too_big.status_code == 413
+    text = httpx.get(f"{server.url}/metrics", headers=scrape).text
+    assert _metric(text, "process_resident_memory_bytes") > 50e6 and _metric(text, "process_start_time_seconds") > 0
+    with server.client() as c:
+        shas = {m["name"]: m["sha256"] for m in c.get("/v1/models").json()["models"]}
+    build = re.search(r"^cervixqc_build_info\{(.*)\} 1\.0$", text, re.M)
+    assert build and f'model_detector="{shas["detector"][:12]}"' in build.group(1), text[:2000]
+    assert 'runtime_detector="torch"' in build.group(1) and 'device="cpu"' in build.group(1)
+    for folder in ("state", "results", "quarantine"):
+        assert _metric(text, "cervixqc_disk_free_bytes", f'{{folder="{folder}"}}') > 0
+    assert re.search(r'^cervixqc_rejected_requests_total\{reason="overload"\} 0\.0$', text, re.M)
+    assert re.search(r'^cervixqc_engine_errors_total\{origin="upload"\} 0\.0$', text, re.M)
+    counted = 'cervixqc_rejected_requests_total', '{reason="body_too_large"}'
+    assert _metric(text, *counted) == _metric(before.text, *counted) + 1
+    assert "_created" not in text
 
 
 def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
@@ -520,6 +550,9 @@ def test_logs_at_info_name_no_file_and_hold_no_image_bytes(server, data_root):
     assert httpx.get(f"{server.url}/ui/jobs/{job_id}/review?source=PATIENT-Q4711X-Doe").status_code == 401
     log = server.log.read_text(errors="replace")
     assert "INFO" in log and job_id in log, "the server log must be at INFO for this test to mean anything"
+    # our own lines under a bare `uvicorn --factory` (nothing configured them: not printed), timed
+    assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO service\.jobs\.runner: job {job_id}: done, ",
+                     log, re.M), log[-3000:]
     assert f"GET /ui/jobs/{job_id}/review?…" in log  # the access log itself is on
     assert "Q4711X" not in log and "Doe" not in log and "\\xff\\xd8" not in log
 

@@ -22,6 +22,7 @@ from pipelines.clean import collection_duplicates, export_records, list_inputs, 
 from pipelines.engine.decode import DecodeError, DecodeLimits, read_file
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import sweep_temporaries
+from service.engine_health import EngineHealth
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
 from service.metrics import Metrics
@@ -35,8 +36,10 @@ class JobRunner:
     def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
                  roots: list[Path], quarantine_root: Path, batch_size: int,
                  quarantine_findings: Collection[str] = (), pixel_check: bool = True,
-                 limits: DecodeLimits = DecodeLimits(), models: dict[str, str] | None = None) -> None:
+                 limits: DecodeLimits = DecodeLimits(), models: dict[str, str] | None = None,
+                 health: EngineHealth | None = None) -> None:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
+        self.health = health or EngineHealth(metrics.engine_errors)
         self.limits = limits
         # the engine's models (name -> sha256): a job resumed under others would mix two models' labels
         self.models = json.dumps(models or {}, sort_keys=True)
@@ -156,7 +159,9 @@ class JobRunner:
         self.store.set_duplicates(job.id, dups[["path", "group", "duplicate_of", "kind"]].itertuples(index=False))
         export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
         if self.store.transition(job.id, "done", finished=time.time()):
-            log.info("job %s: done", job.id)
+            counts = self.store.counts(job.id)
+            log.info("job %s: done, %d files (%s) in %.0f s", job.id, sum(counts.values()),
+                     ", ".join(f"{label} {n}" for label, n in sorted(counts.items())), time.time() - now)
 
     def _reader(self, root: Path) -> Callable[[str], bytes]:
         """A job's photos for the duplicate search's pixel check, under the rule every read
@@ -177,8 +182,13 @@ class JobRunner:
             # hung share kept every upload waiting on this job's I/O, not on one engine batch
             inputs = [self._read(files[rel]) for rel in allowed]
             with self.gate.background():
-                for r in self.run_batch(inputs, allowed, policy):
-                    by_path[r.path] = r
+                try:
+                    results = self.run_batch(inputs, allowed, policy)
+                except Exception as e:
+                    self.health.failed("job", e)
+                    raise
+            self.health.succeeded()
+            by_path = {r.path: r for r in results}
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
 
     def _read(self, path: Path) -> bytes | Path:

@@ -139,7 +139,7 @@ class JobStore:
         self.path = path
         self.busy_timeout_s = busy_timeout_s  # how long a call waits on another writer's lock
         self._local = threading.local()
-        db = self._db()
+        db = self._db(create=True)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:  # a downgrade: this code would rewrite the version down and
@@ -166,10 +166,14 @@ class JobStore:
         if version < SCHEMA_VERSION:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self, create: bool = False) -> sqlite3.Connection:
+        """This thread's connection. Only the store's own opening creates the file (`mode=rw`
+        after it): a deleted jobs.sqlite was created again, empty, by the next thread that
+        read it (a metrics scrape), and the loss looked like a fresh install."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True,
+                                 timeout=self.busy_timeout_s, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")

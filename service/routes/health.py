@@ -1,4 +1,5 @@
-"""Liveness, readiness (models loaded, job runner alive, job store writable) and Prometheus metrics."""
+"""Liveness, readiness (models loaded, job runner alive, job store writable, engine answering)
+and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ import sqlite3
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import UNAUTHORIZED, ApiKey
+from service.auth import UNAUTHORIZED, MetricsKey
+from service.engine_health import WARM_UP
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up (no auth)")
+# HEAD too: uptime monitors that send it got 405
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up (no auth)")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Models loaded, workers running, job store writable (no auth)",
-            responses={503: {"description": "not ready"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"],
+                  summary="Models loaded, workers running, job store writable, engine answering (no auth)",
+                  responses={503: {"description": "not ready"}})
 async def readyz(request: Request):
     state = getattr(request.app.state, "service", None)
     if state is None or not state.runner.alive():
@@ -31,10 +35,21 @@ async def readyz(request: Request):
         reason = "no answer in 3 s" if isinstance(e, TimeoutError) else str(e)
         return error_response(503, "store_unavailable", f"the job store cannot take a write ({reason})",
                               {"Retry-After": "5"})
+    failing = state.health.failing()
+    if failing:
+        # tried again in the background (at most one probe at a time, every 10 s): an unready
+        # service gets no traffic, so no upload would show that the engine answers again
+        asyncio.get_running_loop().run_in_executor(None, state.health.probe, lambda: _probe(state))
+        return error_response(503, "engine_failing", failing, {"Retry-After": "10"})
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[ApiKey], responses=UNAUTHORIZED,
-            response_class=Response)
+def _probe(state) -> None:
+    with state.batcher.gate.interactive():
+        state.qc.run([WARM_UP])
+
+
+@router.get("/metrics", summary="Prometheus metrics (an API key or a scrape-only key, CERVIXQC_METRICS_KEYS)",
+            dependencies=[MetricsKey], responses=UNAUTHORIZED, response_class=Response)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pipelines.clean import list_inputs
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
-from service.errors import ApiError
+from service.errors import ApiError, guarded_stream
 from service.jobs.store import Job
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
@@ -157,5 +157,7 @@ def job_results(job_id: str, state: State,
     headers = {"X-Job-Status": job.status}
     if format == "csv":
         headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
-        return StreamingResponse(_csv_lines(records), media_type="text/csv", headers=headers)
-    return StreamingResponse(_jsonl_lines(records), media_type="application/x-ndjson", headers=headers)
+        return StreamingResponse(guarded_stream(_csv_lines(records), "a job's results"), media_type="text/csv",
+                                 headers=headers)
+    return StreamingResponse(guarded_stream(_jsonl_lines(records), "a job's results"),
+                             media_type="application/x-ndjson", headers=headers)

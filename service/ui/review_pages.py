@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from pipelines.clean import on_disk
 from pipelines.engine.qc_result import QCResult
-from service.errors import ApiError
+from service.errors import ApiError, guarded_stream
 from service.jobs.reviews import CLASSES, class_of, final_of
 from service.jobs.store import Job
 from service.paths import inside
@@ -159,7 +159,7 @@ def undo(job_id: str, item: ItemId, session: UiPost, state: State) -> JSONRespon
 def export_manifest(job_id: str, session: UiSession, state: State) -> StreamingResponse:
     job_or_404(state, job_id)
     lines = manifest_lines(state.store.item_records(job_id), state.reviews.reviewed(job_id))
-    return StreamingResponse(lines, media_type="text/csv",
+    return StreamingResponse(guarded_stream(lines, "a review's manifest export"), media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{job_id}-reviewed.csv"'})
 
 
