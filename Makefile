@@ -48,7 +48,8 @@ serve: install $(API_KEY_FILE)
 # The browser tests drive Debian's Chromium through Playwright (tests/browser.py) and Debian's
 # Firefox ESR through the WebDriver BiDi protocol built into Firefox (tests/firefox_bidi.py; no
 # geckodriver). Playwright's own browser download and geckodriver's need hosts this network does
-# not reach, Debian's mirrors it does. Installed here only when missing, since CI runs `make
+# not reach, Debian's mirrors it does. libjpeg-turbo's jpegtran makes the arithmetic-coded
+# JPEG of the decoder's test (no Python library writes one). Installed here only when missing, since CI runs `make
 # test` on a fresh machine (as root; sudo is used otherwise). CERVIXQC_CHROMIUM and
 # CERVIXQC_FIREFOX point the tests at other builds instead.
 CHROMIUM := $(or $(CERVIXQC_CHROMIUM),/usr/bin/chromium)
@@ -56,7 +57,8 @@ FIREFOX := $(or $(CERVIXQC_FIREFOX),/usr/bin/firefox-esr)
 browser:
 	@missing=; \
 	for spec in "chromium $(CHROMIUM) /usr/bin/chromium CERVIXQC_CHROMIUM" \
-	            "firefox-esr $(FIREFOX) /usr/bin/firefox-esr CERVIXQC_FIREFOX"; do \
+	            "firefox-esr $(FIREFOX) /usr/bin/firefox-esr CERVIXQC_FIREFOX" \
+	            "libjpeg-turbo-progs /usr/bin/jpegtran /usr/bin/jpegtran -"; do \
 	  set -- $$spec; \
 	  test -x "$$2" && continue; \
 	  if [ "$$2" != "$$3" ]; then echo "$$4=$$2 is not an executable file" >&2; exit 1; fi; \

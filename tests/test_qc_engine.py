@@ -305,6 +305,36 @@ def test_a_turned_photo_of_every_format_reports_its_displayed_size_small_or_full
         assert d.image.shape[2] > d.image.shape[1], (fmt, mode, target)  # the pixels turned once, too
 
 
+def test_an_arithmetic_coded_jpeg_decodes_and_other_unsupported_files_say_what_they_are(tmp_path):
+    """Pillow fails on an arithmetic-coded JPEG past its read buffer (64 KB): the row said
+    "truncated or corrupt" of a file every viewer shows. A 12-bit JPEG and a DICOM export
+    were "not an image"."""
+    import shutil
+
+    from pipelines.engine.decode import DecodeError, decode
+
+    assert shutil.which("jpegtran"), "make test installs libjpeg-turbo-progs (Makefile, browser)"
+    plain = jpeg_bytes(textured_scene(5, (640, 480)), 95)
+    (tmp_path / "plain.jpg").write_bytes(plain)
+    subprocess.run(["jpegtran", "-arithmetic", "-outfile", str(tmp_path / "arith.jpg"), str(tmp_path / "plain.jpg")],
+                   check=True)
+    arith = (tmp_path / "arith.jpg").read_bytes()
+    assert len(arith) > 65536 and arith[:2] == b"\xff\xd8"
+    for target in (None, 200):
+        a, p = decode(arith, min_long_side=target), decode(plain, min_long_side=target)
+        assert (a.width, a.height) == (640, 480) and max(a.image.shape[1:]) >= (target or 640)
+        small = torch.nn.functional.interpolate(a.image[None].float(), size=tuple(p.image.shape[1:]), mode="area")
+        assert (small[0] - p.image.float()).abs().mean() < 12  # the same picture
+    with pytest.raises(DecodeError, match="truncated or corrupt"):  # a damaged one still says so
+        decode(arith[: len(arith) // 2])
+    twelve = bytearray(jpeg_bytes(textured_scene(5, (64, 48))))
+    twelve[twelve.find(b"\xff\xc0") + 4] = 12
+    with pytest.raises(DecodeError, match="12-bit JPEG: not supported"):
+        decode(bytes(twelve))
+    with pytest.raises(DecodeError, match="DICOM file: not supported"):
+        decode(bytes(128) + b"DICM" + bytes(300))
+
+
 def test_a_large_png_is_reduced_before_it_is_turned_and_made_rgb(tmp_path):
     """Each of those was a full-size copy: a 100 MP RGBA PNG of 418 KB took 2.3 GB more to
     decode (4 in a batch: 5.4 GB). Measured in a child process, whose peak is its own."""

@@ -117,6 +117,41 @@ class Header:
         return (h, w) if self.orientation in (5, 6, 7, 8) else (w, h)
 
 
+ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(SOF marker, sample precision) of a JPEG, from its segments before the first scan; None
+    for anything else."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 < len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            return marker, data[i + 4] if i + 4 < len(data) else 0
+        if marker == 0xDA:  # the scan: no frame header before it
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _arithmetic(data: bytes, header: Header, min_long_side: int | None) -> Decoded:
+    """An arithmetic-coded JPEG through libjpeg-turbo (torchvision's CPU decoder): Pillow's
+    reader fails on any larger than its buffer ("broken data stream"), and the row said
+    "truncated or corrupt" of a file every other viewer shows."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipelines.engine.decode_device import _finish
+
+    image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    d = _finish(image, header, min_long_side)
+    return Decoded(d.image.contiguous(), d.width, d.height, d.sha256)
+
+
 def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
     """Open and check against `limits` from the header alone; the caller closes the image."""
     if not data:
@@ -127,9 +162,15 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+        if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1",
+                                                   b"msf1"):
             # iPhones' default: said "unrecognised format", as if the file were damaged
             raise DecodeError("HEIC/HEIF photo: not supported, convert it to JPEG") from None
+        if data[128:132] == b"DICM":  # a colposcope's export to a PACS
+            raise DecodeError("DICOM file: not supported, export the image as JPEG") from None
+        sof = jpeg_frame(data)
+        if sof is not None and sof[1] == 12:  # Pillow: "cannot handle 12-bit layers"
+            raise DecodeError("12-bit JPEG: not supported, export it as an 8-bit JPEG") from None
         raise DecodeError("not an image (unrecognised format)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not our crash
         raise DecodeError(f"unreadable image header ({type(e).__name__})") from None
@@ -208,6 +249,12 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
         except DecodeError:
             raise
         except Exception as e:  # noqa: BLE001
+            frame = jpeg_frame(data) if jpeg else None
+            if frame is not None and frame[0] in ARITHMETIC_SOF:
+                try:
+                    return _arithmetic(data, header, min_long_side)
+                except Exception:  # noqa: BLE001 - a damaged one: the reason below
+                    pass
             raise DecodeError(f"truncated or corrupt image data ({type(e).__name__})") from None
     # CHW in numpy, not torch: decode runs in the engine's pool threads, and a thread that
     # has run one of torch's parallel operations keeps its own OpenMP team alive; while such a
