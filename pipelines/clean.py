@@ -67,6 +67,9 @@ class CleanSummary:
 HOUSEKEEPING_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
                                   "lost+found"})
 HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+# edit sidecars beside photos, never a picture: iPhones' .AAE (every edited photo has one) and
+# XMP; each was an `unreadable` row and a quarantine copy among the damaged photos
+HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
 
 
 def list_inputs(src: Path) -> list[str]:
@@ -103,13 +106,13 @@ def list_inputs(src: Path) -> list[str]:
         # their files get no row: link the files, or list them in a manifest
         folder_links += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
         for f in files:
-            if f.lower() in HOUSEKEEPING_FILES:
+            if f.lower() in HOUSEKEEPING_FILES or f.lower().endswith(HOUSEKEEPING_SUFFIXES):
                 housekeeping += 1
             elif not f.startswith("."):
                 out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
     if housekeeping:
-        log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins: HOUSEKEEPING_FOLDERS, "
-                 "HOUSEKEEPING_FILES in pipelines/clean.py)", housekeeping)
+        log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins, edit sidecars: "
+                 "HOUSEKEEPING_FOLDERS, HOUSEKEEPING_FILES, HOUSEKEEPING_SUFFIXES in pipelines/clean.py)", housekeeping)
     if folder_links:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid

@@ -441,12 +441,13 @@ def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
 
 def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collection(tmp_path):
     """A Synology share's `@eaDir` thumbnails became extra rows, near duplicates of every photo
-    and quarantine copies; its recycle bin's photos were cleaned as the collection's."""
+    and quarantine copies; its recycle bin's photos were cleaned as the collection's; an
+    iPhone's .AAE edit sidecars were `unreadable` rows among the damaged photos."""
     from pipelines.clean import list_inputs
 
     for rel in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "#recycle/old.jpg",
                 "$RECYCLE.BIN/S-1-5/$RABC123.jpg", "sub/Thumbs.db", "desktop.ini", "Icon\r", ".DS_Store",
-                "sub/#snapshot/b.jpg", "thumbs_of_the_cervix.jpg"):
+                "sub/#snapshot/b.jpg", "thumbs_of_the_cervix.jpg", "IMG_0001.AAE", "sub/b.jpg.xmp"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert list_inputs(tmp_path) == ["a.jpg", "sub/b.jpg", "thumbs_of_the_cervix.jpg"]
