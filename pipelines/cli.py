@@ -1,6 +1,6 @@
-"""The `cervixqc` command. Thin: parses arguments, calls pipelines, prints results.
+"""The `cervixqc` command: quality control of uterine cervix photos, and the stack to train it.
 
-`serve` is added by service/cli.py (the console entry point), which keeps the import
+Thin: parses arguments, calls pipelines, prints results. `serve` is added by service/cli.py (the console entry point), which keeps the import
 direction service -> pipelines.
 
 Commands live in pipelines/commands/ (one module per area) and import their heavy
@@ -21,10 +21,24 @@ from pipelines.commands import collection, data, detector, duplicates, engine, e
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
-@app.callback()
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"cervixqc {version('cervixqc')}")
+        except PackageNotFoundError:
+            typer.echo("cervixqc (not installed: a bare checkout)")
+        raise typer.Exit()
+
+
+@app.callback(context_settings={"help_option_names": ["-h", "--help"]})
 def _root(threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for torch (default: torch's own choice, one per core). Set it when two "
-             "jobs share a machine: two processes each using every core run slower than one.")] = None) -> None:
+             "jobs share a machine: two processes each using every core run slower than one. Before "
+             "the command: cervixqc --threads 1 clean ...")] = None,
+          _: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False) -> None:
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter("must be >= 1", param_hint="--threads")
@@ -71,7 +85,22 @@ def main() -> None:  # pragma: no cover - console entry
     level = os.environ.get("CERVIXQC_LOG_LEVEL", "info").upper()
     logging.basicConfig(level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
                         format="%(levelname)s %(name)s: %(message)s")
-    app()
+    # faiss logs at INFO which CPU build it loaded, "ModuleNotFoundError" and all: read as a failure
+    logging.getLogger("faiss").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from models.io import WeightsIntegrityError
+
+    try:
+        app()
+    except (OSError, WeightsIntegrityError) as e:
+        # the last net under every command: an output that cannot be written, a card that
+        # cannot be read, was a 40-60 line traceback; the commands check what they can first
+        if isinstance(e, OSError) and e.strerror:
+            named = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+            message = f"{named}: {e.strerror}" if named else e.strerror
+        else:
+            message = str(e)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

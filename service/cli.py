@@ -19,7 +19,7 @@ from pipelines.commands.common import _fail, writable_folder
 
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Default: CERVIXQC_HOST or 127.0.0.1.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Default: CERVIXQC_PORT or 8000.")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Default: CERVIXQC_PORT or 8000.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Default: CERVIXQC_WEIGHTS_DIR or weights/.")] = None,
 ) -> None:
     """Start the HTTP service (settings from CERVIXQC_* variables; see README)."""

@@ -67,7 +67,8 @@ def propose_boxes_cmd(
     sheets: Annotated[Optional[Path], typer.Option(help="Folder for contact sheets (PNG) to check by eye.")] = None,
     detector: Annotated[Optional[Path], typer.Option(
         help="A detector card to propose with; the tissue heuristic where it finds nothing.")] = None,
-    min_score: Annotated[Optional[float], typer.Option(help="Detector score to accept (default: its card's).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0,
+                                                       help="Detector score to accept (default: its card's).")] = None,
 ) -> None:
     """Propose a cervix box for every photo not labelled no_cervix, and draw contact sheets.
 

@@ -29,6 +29,14 @@ def training_output(out: Path, card: str, resume: bool = False) -> None:
           "another folder and copy the files in")
 
 
+def progress_console():
+    """Progress bars on stderr: rich's default, stdout, put the bar's last frame into a
+    redirected output (`cervixqc clean ... > log`) and showed nothing live."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _csv(value: Optional[str]) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
@@ -49,6 +57,26 @@ def _split_manifest(path):
     if "split" not in df.columns:
         _fail(f"{path} has no split column: run `cervixqc split` first")
     return df
+
+
+def writable_file(option: str, path: Path) -> None:
+    """A file output, checked before the work it ends (`eval-pipeline`, `bench`: a path that
+    was a folder, or under one that could not be made, was a traceback after the whole run)."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: a folder; name a file")
+    writable_folder(option, path.parent)
+
+
+def device_or_fail(device: str) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as every engine command takes it ("auto" was a torch
+    traceback in some), or a clean exit."""
+    from pipelines.engine.qc import resolve_device
+
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        _fail(f"--device: {e}")
+    raise AssertionError  # unreachable: _fail exits
 
 
 def writable_folder(option: str, folder: Path) -> None:

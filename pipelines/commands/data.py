@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail
+from pipelines.commands.common import _csv, _fail, progress_console
 
 
 def synth(
@@ -19,7 +19,7 @@ def synth(
     ratio: Annotated[Optional[float], typer.Option(help="Regular : non-regular (paper: ~27).")] = None,
     no_cervix_fraction: Annotated[Optional[float], typer.Option(help="Share of no-cervix images.")] = None,
     sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
-    max_side: Annotated[Optional[int], typer.Option(help="Cap the longer side (pixels).")] = None,
+    max_side: Annotated[Optional[int], typer.Option(min=64, help="Cap the longer side (pixels).")] = None,
     megapixels: Annotated[Optional[float], typer.Option(help="Make every image this many MP.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
 ) -> None:
@@ -49,7 +49,7 @@ def synth(
     except ValueError as e:
         _fail(str(e))
     with Progress(TextColumn("synth"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), transient=True) as bar:
+                  TimeRemainingColumn(), transient=True, console=progress_console()) as bar:
         task = bar.add_task("synth", total=cfg.n_images)
         result = generate(cfg, out, workers=workers, progress=lambda i, n: bar.update(task, completed=i))
     typer.echo(f"wrote {result.n_images} images to {result.out_dir} in {result.seconds:.1f} s "
@@ -167,6 +167,13 @@ def split(
     left_out = int((df["split"] == "").sum())
     if left_out:
         typer.echo(f"{left_out} rows of sources listed in no split were left out (blank split)")
+    if folds is None and not (train_sources or val_sources or test_sources):
+        # 4 patients at 0.7/0.15/0.15 all went to train, unsaid, and the next step's val file was missing
+        empty = [name for name, share in zip(("train", "val", "test"), values) if share > 0
+                 and not (df["split"] == name).any()]
+        if empty:
+            typer.echo(f"warning: no patient in {' and '.join(empty)} ({df['patient_id'].nunique()} patients in all): "
+                       "a collection this small splits no further; add patients, or change --fractions", err=True)
     typer.echo(f"wrote {out}")
 
 
@@ -250,7 +257,7 @@ def stats(
 def import_cvat_cmd(
     export: Annotated[Path, typer.Argument(help="CVAT 'COCO 1.0' annotations JSON.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Normalised COCO JSON to write.")],
-    clip_tolerance: Annotated[float, typer.Option(help="Clip boxes this many px past the border.")] = 2.0,
+    clip_tolerance: Annotated[float, typer.Option(min=0.0, help="Clip boxes this many px past the border.")] = 2.0,
 ) -> None:
     """Import a CVAT COCO export: normalise names, boxes and metadata; refuse bad boxes."""
     from pipelines.data.coco import CocoError, import_cvat, save_coco

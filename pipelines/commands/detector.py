@@ -19,7 +19,7 @@ def train_detector_cmd(
     backbone: Annotated[str, typer.Option(help="resnet50 | resnet34 | resnet18 | mobilenet_v3_large")] = "resnet50",
     size: Annotated[int, typer.Option(help="Input size: the long side is resized to this.")] = 512,
     epochs: Annotated[int, typer.Option()] = 12,
-    batch_size: Annotated[int, typer.Option()] = 8,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option()] = 2e-4,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
     seed: Annotated[int, typer.Option()] = 0,
@@ -67,12 +67,15 @@ def eval_detector_cmd(
     coco: Annotated[Path, typer.Argument(help="COCO JSON to evaluate on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics JSON and gallery PNG.")],
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest with sources, for per-source metrics.")] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
-    batch_size: Annotated[int, typer.Option()] = 8,
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
     from models.io import WeightsIntegrityError
+    from pipelines.commands.common import device_or_fail
     from pipelines.evaluation.detector_report import evaluate_detector
+
+    device = device_or_fail(device)
 
     try:
         report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
@@ -92,15 +95,21 @@ def detect_cmd(
     card: Annotated[Path, typer.Argument(help="The detector's model card.")],
     manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image.")],
-    device: Annotated[str, typer.Option()] = "cpu",
-    min_score: Annotated[Optional[float], typer.Option(help="Default: the card's threshold.")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0,
+                                                       help="Default: the card's threshold.")] = None,
 ) -> None:
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
+    from pipelines.commands.common import _manifest, device_or_fail, writable_file
     from pipelines.data.coco import save_coco
-    from pipelines.data.manifest import load_manifest
     from pipelines.engine.detector import detect_to_coco
 
-    df = load_manifest(manifest)
+    device = device_or_fail(device)
+    try:
+        writable_file("--out", out)
+    except ValueError as e:
+        _fail(str(e))
+    df = _manifest(manifest)
     ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.annotations)} boxes on {len(ds.images)} images")
@@ -111,7 +120,7 @@ def bench_detector_cmd(
     arch: Annotated[str, typer.Option()] = "retinanet",
     backbone: Annotated[str, typer.Option()] = "resnet50",
     size: Annotated[int, typer.Option()] = 512,
-    n_images: Annotated[int, typer.Option(help="Images per timed round.")] = 32,
+    n_images: Annotated[int, typer.Option(min=1, help="Images per timed round.")] = 32,
     batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
     device: Annotated[str, typer.Option()] = "cpu",
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,

@@ -118,15 +118,16 @@ def eval_duplicates_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON report to write.")],
     weights: Annotated[Path, typer.Option()] = Path("weights"),
     split: Annotated[str, typer.Option(help="Which split's photos: val to choose thresholds, test to report.")] = "test",
-    copies: Annotated[int, typer.Option(help="Copies per transform and photo (re-encode, resize, crop, rotate).")] = 2,
+    copies: Annotated[int, typer.Option(min=1, help="Copies per transform and photo (re-encode, resize, crop, "
+                                                    "rotate).")] = 2,
     seed: Annotated[int, typer.Option()] = 0,
     sweep: Annotated[bool, typer.Option(help="Also score a grid of thresholds and name the best that keeps "
                                              "pair precision >= --min-precision (for val).")] = False,
-    min_precision: Annotated[float, typer.Option()] = 0.995,
+    min_precision: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.995,
     records_out: Annotated[Optional[Path], typer.Option(help="Also save the engine's records (JSONL) and truth (CSV) "
                                                              "under this folder.")] = None,
     device: DeviceOption = "cpu",
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_phash_distance: PhashOption = None,
     max_crop_distance: CropOption = None,
     min_cosine: CosineOption = None,

@@ -126,7 +126,9 @@ def clean(
              "engine's time); off: re-encoded and resized copies only.")] = True,
 ) -> None:
     """Clean a collection: one result row per file; originals untouched; resumable. Duplicates
-    (exact and near) are grouped over the whole collection in results.csv and duplicates.csv."""
+    (exact and near) are grouped over the whole collection in results.csv and duplicates.csv.
+    Exit status 2 for a source without files (an unmounted share) and other refusals, 1 when
+    not one file could be read as an image (the results are written), 0 otherwise."""
     _check_policy(policy, weights)  # before any Ray actor loads the weights
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
@@ -134,13 +136,14 @@ def clean(
         _fail(f"unknown engine {engine!r}: local or ray")
     if not src.exists():
         _fail(f"{src} does not exist")
-    if src.is_file():
-        from pipelines.clean import list_inputs
+    from pipelines.clean import list_inputs
 
-        try:
-            list_inputs(src)  # a manifest's problems before any engine starts
-        except ValueError as e:
-            _fail(str(e))
+    try:
+        listed = list_inputs(src)  # a manifest's problems before any engine starts
+    except ValueError as e:
+        _fail(str(e))
+    if not listed:  # a share not mounted: "0 files" and exit 0 read as a clean collection in a cron job
+        _fail(f"{src} holds no files to clean (an unmounted share? a manifest without rows?)")
     from pipelines.commands.common import _csv
     from pipelines.engine.qc_result import check_findings
 
@@ -166,6 +169,12 @@ def clean(
                                        precision, engine, address, actors, findings, pixel_check)
     except ResultsFolderError as e:  # the results folder is another run's, or another source's
         _fail(str(e))
+    except RuntimeError as e:
+        from pipelines.clean_ray import RayStartError
+
+        if not isinstance(e, RayStartError):
+            raise
+        _fail(str(e))
     except (OSError, sqlite3.Error) as e:
         # the error's own text names the file (a patient's photo in the quarantine): only its kind here
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) if isinstance(e, sqlite3.Error) else ""
@@ -174,6 +183,9 @@ def clean(
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+    if summary.by_label.get(Label.UNREADABLE.value, 0) == summary.total:  # as predict: nothing could be read
+        typer.echo(f"not one of the {summary.total} files could be read as an image", err=True)
+        raise typer.Exit(1)
 
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
@@ -181,9 +193,16 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from pipelines.clean import clean as run_clean
+    from pipelines.commands.common import progress_console
 
+    qc = None
+    if engine == "ray":  # what the engine would refuse, said before Ray starts (tracebacks from Ray before)
+        _ray_preflight(weights, policy, device, address)
+    else:
+        qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
+                     precision=precision)
     with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn()) as bar:
+                  TimeRemainingColumn(), console=progress_console()) as bar:
         task = bar.add_task("clean", total=None)
         report = lambda d, n: bar.update(task, completed=d, total=n)  # noqa: E731
         if engine == "ray":
@@ -193,11 +212,29 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
                                 jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
                                 device=device, runtime=runtime, precision=precision)
         else:
-            qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
-                         precision=precision)
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
                                 pixel_check=pixel_check)
     return summary
+
+
+def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: Optional[str]) -> None:
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import decision_for
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        _fail("--engine ray needs Ray: install cervixqc with its ray extra (make test installs every extra)")
+    if not (weights / "detector.json").is_file():
+        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+    try:
+        decision_for(weights, policy)
+    except (WeightsIntegrityError, ValueError) as e:
+        _fail(str(e))
+    if address is None:  # a local Ray has this machine's devices: cuda without one failed every actor
+        from pipelines.commands.common import device_or_fail
+
+        device_or_fail(device)
 
 
 def bench(
@@ -209,8 +246,8 @@ def bench(
         help="Build the --mix-from set in this folder and keep it (the other benchmarks, e.g. "
              "tests.benchmarks.findings_cost, read it; without it the set goes with the run).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
-    n_images: Annotated[int, typer.Option(help="Images to synthesise (1-12 MP mix).")] = 24,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    n_images: Annotated[int, typer.Option(min=1, help="Images to synthesise (1-12 MP mix).")] = 24,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; every mode runs on it (OpenVINO modes on cpu only).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
@@ -245,6 +282,13 @@ def bench(
 
     if images is not None and not images.is_dir():
         _fail(f"--images {images}: not a folder")
+    if out is not None:
+        from pipelines.commands.common import writable_file
+
+        try:  # before the benchmark's minutes
+            writable_file("--out", out)
+        except ValueError as e:
+            _fail(str(e))
     if keep_mix is not None and mix_from is None:
         _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
@@ -279,7 +323,8 @@ def export(
     int8_calibration: Annotated[Optional[Path], typer.Option(
         help="Quantize the detector to INT8, calibrated on these photos: a folder, or a manifest (only its train "
              "rows when it has a split column). The engine runs it at --precision auto only.")] = None,
-    int8_photos: Annotated[int, typer.Option(help="Calibration photos drawn (seeded) from --int8-calibration.")] = 160,
+    int8_photos: Annotated[int, typer.Option(min=1, help="Calibration photos drawn (seeded) from "
+                                                        "--int8-calibration.")] = 160,
 ) -> None:
     """Export models to OpenVINO IR with a card each (source sha256, file sha256s, parity to
     torch). The default leaves the classifier out: its 51 MB would break the weights budget,

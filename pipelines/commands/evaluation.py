@@ -49,19 +49,26 @@ def eval_pipeline_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pipeline_metrics.json and results.csv.")],
     weights: Annotated[Path, typer.Option(help="Weights folder.")] = Path("weights"),
     split: Annotated[Optional[str], typer.Option(help="Only rows of this split.")] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
-    batch_size: Annotated[int, typer.Option()] = 16,
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
     """Photo in, label out, judged against the manifest: cervix found, no_cervix called,
     non-regular F1 end to end, kind accuracy, regulars flagged; per source, every policy."""
     import pandas as pd
 
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
-    from pipelines.engine.qc import QCConfig, QCPipeline
 
+    from pipelines.commands.common import device_or_fail, writable_folder
+    from pipelines.commands.engine import _engine
+
+    device = device_or_fail(device)
+    try:  # before the engine pass: an -o that is a file ended it in a traceback
+        writable_folder("--out", out)
+    except ValueError as e:
+        _fail(str(e))
     _check_split(manifest, weights)
     df = _rows(manifest, split)
-    qc = QCPipeline(weights, QCConfig(device=device))
+    qc = _engine(weights, device=device)
     try:
         results = run_rows(qc, df, batch_size)
     finally:
@@ -113,10 +120,13 @@ def baseline_colour_cmd(
 ) -> None:
     """The colour-histogram logistic regression every stage-2 model must beat, on the same
     train/val/test rows (threshold from val)."""
+    from pipelines.commands.common import writable_file
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.evaluation.colour_baseline import baseline_report
 
     try:
+        if out is not None:
+            writable_file("--out", out)
         df = load_manifest(manifest)
         report = baseline_report(df)
     except (ManifestError, ValueError, KeyError) as e:

@@ -17,7 +17,7 @@ def calibrate_findings_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for findings.json (the card), the scores and "
                                                            "the test thumbnails.")],
     weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),
-    max_false_flags: Annotated[float, typer.Option(help="Share of undegraded photos a threshold may flag on the "
+    max_false_flags: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the "
                                                         "calibration splits.")] = 0.015,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
@@ -40,7 +40,9 @@ def calibrate_findings_cmd(
     qc = _engine(weights)
     # every finding scored (thresholds are what this command decides)
     qc.findings_card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, float("inf")))
-    with Progress(transient=True) as bar:
+    from pipelines.commands.common import progress_console
+
+    with Progress(transient=True, console=progress_console()) as bar:
         task = bar.add_task("degrading and scoring", total=len(df))
         scores, thumbs, skipped = score_variants(qc, df, cfg, lambda done, total: bar.update(task, completed=done))
     if skipped:

@@ -42,12 +42,13 @@ def train_deep_sad_cmd(
     out: Annotated[Path, typer.Option("--out", "-o")],
     epochs: Annotated[int, typer.Option()] = 150,
     pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
-    batch_size: Annotated[int, typer.Option()] = 4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
     lr: Annotated[float, typer.Option()] = 1e-4,
     weight_decay: Annotated[float, typer.Option()] = 0.5e-6,
     eta: Annotated[float, typer.Option(help="Weight of the labeled samples.")] = 1.0,
     unsupervised: Annotated[bool, typer.Option(help="Deep SVDD: no labeled anomalies.")] = False,
-    target_sensitivity: Annotated[Optional[float], typer.Option(help="Else the max-F1 threshold.")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="Else the max-F1 threshold.")] = None,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
     marks: Marks = 0.0,
@@ -90,7 +91,9 @@ def train_resnest_cmd(
     imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
         help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
-    target_sensitivity: Annotated[Optional[float], typer.Option()] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="The threshold that keeps this validation sensitivity (else "
+                                              "the max-F1 one).")] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     marks: Marks = 0.0,
     seed: Seed = 0,
@@ -146,7 +149,7 @@ def train_colour_cmd(
     c: Annotated[float, typer.Option(help="Inverse L2 strength of the logistic regression.")] = 0.01,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine in each draw of the training crops.")] = 0.2,
-    copies: Annotated[int, typer.Option(help="Draws of the manifest's training crops (extra crops: one).")] = 3,
+    copies: Annotated[int, typer.Option(min=1, help="Draws of the manifest's training crops (extra crops: one).")] = 3,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
@@ -179,12 +182,15 @@ def eval_cmd(
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
     out: Annotated[Path, typer.Option("--out", "-o")],
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
 ) -> None:
     """Sensitivity, specificity, precision, F1, accuracy, ROC/PR-AUC, confusion matrix,
     overall and per source, at the threshold in the card."""
     from models.io import WeightsIntegrityError
+    from pipelines.commands.common import device_or_fail
     from pipelines.evaluation.stage2_eval import evaluate_stage2
+
+    device = device_or_fail(device)
 
     try:
         report, left_out = evaluate_stage2(card, manifest, coco, split, out, device)

@@ -314,11 +314,12 @@ class _Bar:
     def __init__(self, total: int, epoch: int, epochs: int, enabled: bool) -> None:
         self.progress = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.4f}"),
-                                     TimeRemainingColumn(), transient=True)
+                                     TimeRemainingColumn(), transient=True, console=Console(stderr=True))
             self.progress.start()
             self.task = self.progress.add_task("train", total=total, loss=float("nan"))
 

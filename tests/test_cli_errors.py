@@ -1,0 +1,52 @@
+"""The `cervixqc` console command as a data manager meets it: a real process, exit codes that a
+script can act on, one line per mistake (never a traceback), and machine output alone on stdout."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.qc_fixtures import fuzz_set, tiny_weights
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _cervixqc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())", *args],
+                          capture_output=True, text=True)
+
+
+def test_version_and_short_help_are_there():
+    r = _cervixqc("--version")
+    assert r.returncode == 0 and r.stdout.startswith("cervixqc ")
+    assert _cervixqc("-h").returncode == 0
+
+
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
+    """split, synth, eval and a dozen more ended in a 40-60 line traceback for an output path
+    under a missing or unwritable folder; `main` is the last net under every command."""
+    pd.DataFrame({"path": ["a.jpg"], "patient_id": ["p1"], "source": ["s"], "device": ["d"], "kind": ["regular"]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    (tmp_path / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    r = _cervixqc("split", str(tmp_path / "m.csv"), "-o", "/proc/no/such/split.csv")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
+
+
+def test_clean_exits_2_on_a_source_without_files_and_1_when_nothing_could_be_read(tmp_path):
+    """A share not mounted printed "0 files" and exited 0 (a cron job saw success); a folder of
+    damaged files exited 0 too, where `predict` says 1. The progress bar goes to stderr: in a
+    redirected stdout it was the bar's last frame."""
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    (tmp_path / "empty").mkdir()
+    r = _cervixqc("clean", str(tmp_path / "empty"), "-o", str(tmp_path / "o1"), "--weights", str(weights))
+    assert r.returncode == 2 and "holds no files to clean" in r.stderr
+    (tmp_path / "bad").mkdir()
+    for name in ("zero.jpg", "text.jpg"):
+        (tmp_path / "bad" / name).write_bytes(fuzz_set()[name][0])
+    r = _cervixqc("clean", str(tmp_path / "bad"), "-o", str(tmp_path / "o2"), "--weights", str(weights),
+                  "--runtime", "torch")
+    assert r.returncode == 1 and "not one of the 2 files could be read" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "o2" / "results.csv").is_file() and "━" not in r.stdout
+    assert r.stdout.splitlines()[0] == "2 files: 2 processed now, 0 already done; unreadable 2"
