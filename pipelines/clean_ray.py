@@ -13,6 +13,7 @@ local engine's, and was processed again on every run.)
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Collection
@@ -23,15 +24,41 @@ import numpy as np
 from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
                              plan_run, quarantine_results)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
-from pipelines.engine.qc_result import QCResult
+from pipelines.engine.qc_result import Label, QCResult
 
-_FIELDS = ("record", "stamp")
+log = logging.getLogger(__name__)
+CRASHED = "the engine's process died on this file (it crashes the decoder or the models, or memory ran out)"
+ACTOR_RETRIES = 2
+
+
+class RayStartError(RuntimeError):
+    """Ray could not start or reach its cluster: said as such (an OSError from `ray.init`, an
+    unwritable temp folder, was reported as the results folder's)."""
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A plain host:port is tried first: an unreachable cluster had `ray.init` retry for
+    minutes without a word."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray's own resolution
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayStartError(f"--address {address}: no Ray cluster answers there ({e.strerror or type(e).__name__})"
+                            ) from None
 
 
 class QCActor:
-    def __init__(self, weights: str, root: str, config: dict) -> None:
+    def __init__(self, weights: str, root: str, config: dict, threads: int | None = None) -> None:
         """`config`: QCConfig's fields as the command gave them (device, runtime and precision
         were dropped here before: a Ray run asked for torch at f32 ran OpenVINO's default)."""
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         self.qc = QCPipeline(weights, QCConfig(**config))
         self.root = root
 
@@ -49,6 +76,17 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
               quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
               runtime: str = "auto", precision: str = "auto", **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
+
+    Each actor runs torch (and OpenVINO, which follows it) on the driver's thread count
+    (`cervixqc --threads`, else one per core) shared among the local actors: Ray sets
+    OMP_NUM_THREADS=1 in its workers, so an actor ran one thread on any machine and its
+    scores differed from the local engine's in the fourth decimal.
+
+    A file that kills the actor's process (a decoder's segfault, memory run out) made Ray
+    restart the actor and retry its block for good: the run never ended. Blocks are retried
+    twice now; the files of a block that still failed are run again one file per block, and
+    those that fail alone get an `unreadable` row saying so (`CRASHED`), so the run ends and
+    its rerun does not try them again.
 
     Ray >= 2.45 sees a driver started by `uv run` (as `make test` and `uv run cervixqc` do)
     and starts every worker through `uv run` in a packaged copy of the working directory:
@@ -76,29 +114,74 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                         **ray_init)
+                if address is not None:
+                    _reachable(address)
+                try:
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                             **ray_init)
+                except (OSError, ConnectionError, RuntimeError) as e:
+                    started_here = False
+                    raise RayStartError(f"Ray could not start ({type(e).__name__}: {e})") from None
             gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0
-            # one block per batch: Ray's default cut 33 rows into 18 blocks of one or two
-            ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // batch_size))
-            ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
-                                fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "root": str(src_root),
-                                                       "config": {"policy": policy, "jpeg_decoder": jpeg_decoder,
-                                                                  "device": device, "runtime": runtime,
-                                                                  "precision": precision}})
+            import torch
+
+            actor_kwargs = {"weights": str(Path(weights).resolve()), "root": str(src_root),
+                            "threads": max(1, torch.get_num_threads() // (actors if address is None else 1)),
+                            "config": {"policy": policy, "jpeg_decoder": jpeg_decoder, "device": device,
+                                       "runtime": runtime, "precision": precision}}
             finished = len(done)
-            for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                results = [QCResult.model_validate_json(r) for r in batch["record"]]
-                if quarantine is not None:
-                    quarantine_results(src_root, results, quarantine, quarantine_findings)
-                store.add(results, {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
-                finished += len(results)
-                if progress:
-                    progress(finished, len(inputs))
+
+            def store_batches(paths: list[str], rows_per_block: int, rows_per_batch: int) -> set[str]:
+                nonlocal finished
+                came_back: set[str] = set()
+                for batch in _labelled(ray, paths, rows_per_block, rows_per_batch, actors, gpus, actor_kwargs):
+                    results = [QCResult.model_validate_json(r) for r in batch["record"]]
+                    if quarantine is not None:
+                        quarantine_results(src_root, results, quarantine, quarantine_findings)
+                    store.add(results, {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
+                    came_back.update(r.path for r in results)
+                    finished += len(results)
+                    if progress:
+                        progress(finished, len(inputs))
+                return came_back
+
+            # blocks of up to 512 rows (a block per batch made 62,500 of them for 10^6 files, minutes
+            # of Ray's own work), at least two per actor; the actors still get batches of batch_size
+            per_block = max(batch_size, min(512, -(-len(todo) // (2 * actors))))
+            missing = sorted(set(todo) - store_batches(todo, per_block, batch_size))
+            if missing:  # their block's actor died on every try: one file per block finds the one at fault
+                log.warning("%d files came back from no actor (one died on their block): run again one by one",
+                            len(missing))
+                crashed = sorted(set(missing) - store_batches(missing, 1, 1))  # Ray bundles blocks up to a batch
+                if crashed:
+                    log.warning("%d files crashed the engine's process on their own: unreadable rows", len(crashed))
+                    store.add([QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed])
+                    finished += len(crashed)
+                    if progress:
+                        progress(finished, len(inputs))
         summary = finish_run(store, out_dir, src_root if pixel_check else None, inputs, len(todo), len(done), t0)
     finally:
         store.close()
         if started_here:
             ray.shutdown()
     return summary
+
+
+def _labelled(ray, paths: list[str], rows_per_block: int, batch_size: int, actors: int, gpus: int,
+              actor_kwargs: dict):
+    """The records of `paths`, batch by batch, from an actor pool; a block whose actor died
+    on ACTOR_RETRIES + 1 tries is left out (its paths do not come back) instead of failing
+    the whole run or being retried for ever (Ray's default for actors)."""
+    context = ray.data.DataContext.get_current()
+    errored_before = context.max_errored_blocks
+    context.max_errored_blocks = -(-len(paths) // rows_per_block)
+    # one file at a time: the other calls in flight on an actor that dies fail with it, so a
+    # photo beside the one at fault was taken for a crasher too
+    pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1 if rows_per_block == 1 else None)
+    try:
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // rows_per_block))
+        ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy", compute=pool, num_gpus=gpus,
+                            max_restarts=-1, max_task_retries=ACTOR_RETRIES, fn_constructor_kwargs=actor_kwargs)
+        yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+    finally:
+        context.max_errored_blocks = errored_before

@@ -50,3 +50,21 @@ def test_clean_exits_2_on_a_source_without_files_and_1_when_nothing_could_be_rea
     assert r.returncode == 1 and "not one of the 2 files could be read" in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "o2" / "results.csv").is_file() and "━" not in r.stdout
     assert r.stdout.splitlines()[0] == "2 files: 2 processed now, 0 already done; unreadable 2"
+
+
+def test_clean_on_ray_says_what_stops_ray_before_it_starts(tmp_path):
+    """An unreachable cluster had `ray.init` retry for minutes without a word; weights that
+    cannot be read were a traceback from Ray's side of the run."""
+    pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    args = ["clean", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--engine", "ray"]
+    r = CliRunner().invoke(app, [*args, "--weights", str(weights), "--address", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--address 127.0.0.1:1: no Ray cluster answers there" in r.output, r.output
+    r = CliRunner().invoke(app, [*args, "--weights", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no weights in" in r.output, r.output
