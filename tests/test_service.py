@@ -135,6 +135,10 @@ def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
         db.execute("ROLLBACK")
         db.close()
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+    # the reason is in the service's log, once per change (Docker's healthcheck shows only "503")
+    log = server.log.read_text(errors="replace")
+    assert "not ready: store_unavailable (the job store cannot take a write (database is locked))" in log
+    assert "ready again (was store_unavailable)" in log
 
 
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):

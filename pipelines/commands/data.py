@@ -55,6 +55,13 @@ def synth(
     typer.echo(f"wrote {result.n_images} images to {result.out_dir} in {result.seconds:.1f} s "
                f"({result.images_per_second:.1f} images/s)")
     typer.echo(f"manifest: {result.manifest}\ncoco:     {result.coco}")
+    import pandas as pd
+
+    listed = {(result.manifest.parent / p).resolve() for p in pd.read_csv(result.manifest)["path"]}
+    stale = [p for p in (out / "images").rglob("*") if p.is_file() and p.resolve() not in listed]
+    if stale:  # a smaller set written over a larger one: `clean OUT/images` would label the old ones too
+        typer.echo(f"warning: {len(stale)} images of an earlier set are still under {out / 'images'}, in no row of "
+                   "this manifest; delete the folder first for a set of its own", err=True)
 
 
 def validate(
@@ -267,7 +274,7 @@ def import_cvat_cmd(
     except CocoError as e:
         _fail(str(e))
     for n in notes:
-        typer.echo(f"note: {n}")
+        typer.echo(f"note: {n}", err=True)
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes")
 

@@ -123,7 +123,7 @@ def bench_detector_cmd(
     n_images: Annotated[int, typer.Option(min=1, help="Images per timed round.")] = 32,
     batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
     device: Annotated[str, typer.Option()] = "cpu",
-    out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the figures as JSON too.")] = None,
 ) -> None:
     """Detector inference images/s per batch size and training images/s, side by side."""
     from models.detector import DetectorConfig

@@ -76,7 +76,7 @@ def duplicates_cmd(
         records = read_clean_state(src)
         root = images
         if root is None and cfg.verify_k > 0:
-            typer.echo("no --images: cropped and turned copies are not looked for (keys only)")
+            typer.echo("no --images: cropped and turned copies are not looked for (keys only)", err=True)
     else:
         from pipelines.clean import list_inputs
 

@@ -134,6 +134,8 @@ def clean(
     _check_runtime(runtime, precision)
     if engine not in ("local", "ray"):
         _fail(f"unknown engine {engine!r}: local or ray")
+    if engine == "local" and (address is not None or actors != 1):
+        typer.echo("warning: --address and --actors are for --engine ray; ignored", err=True)
     if not src.exists():
         _fail(f"{src} does not exist")
     from pipelines.clean import list_inputs
@@ -169,6 +171,10 @@ def clean(
                                        precision, engine, address, actors, findings, pixel_check)
     except ResultsFolderError as e:  # the results folder is another run's, or another source's
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the batches done so far are stored in {out}; run the same command to resume",
+                   err=True)
+        raise typer.Exit(130) from None
     except RuntimeError as e:
         from pipelines.clean_ray import RayStartError
 
@@ -248,7 +254,9 @@ def bench(
     weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
     n_images: Annotated[int, typer.Option(min=1, help="Images to synthesise (1-12 MP mix).")] = 24,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    out: Annotated[Optional[Path], typer.Option(help="Write the figures as JSON too.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the figures as JSON too.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The figures as JSON on stdout (the summary lines go to "
+                                                         "stderr then).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; every mode runs on it (OpenVINO modes on cpu only).")] = "auto",
     jpeg_decoder: DecoderOption = "pil",
     modes: Annotated[Optional[str], typer.Option(
@@ -303,20 +311,23 @@ def bench(
         gpu = f", GPU {run['peak_gpu_reserved_mb']:.0f} MB reserved" if "peak_gpu_reserved_mb" in run else ""
         return f"peak RSS {run['peak_rss_mb']:.0f} MB{gpu}"
 
-    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, {memory(naive)}")
+    if as_json:  # alone on stdout, for jq and scripts
+        typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, {memory(naive)}", err=as_json)
     for run in result["batched"]:
         split = ", ".join(f"{k} {v:.2f}s" for k, v in run["stage_seconds"].items())
         typer.echo(f"{run['mode']}: {run['images_per_s']:.1f} images/s = {run['speedup_vs_naive']:.2f}x naive; "
                    f"{memory(run)}; labels differing from torch "
-                   f"{run['labels_differing_from_first_batched']['count']}; {split}")
+                   f"{run['labels_differing_from_first_batched']['count']}; {split}", err=as_json)
     if out is not None:
         write_json(out, result)
 
 
 def export(
     weights: Annotated[Path, typer.Option(help="Weights folder with the cards and safetensors.")] = Path("weights"),
-    out: Annotated[Optional[Path], typer.Option(help="Where the exported files go (default: the weights folder, "
-                                                     "where the engine looks for them).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the exported files go (default: the "
+                                                                   "weights folder, where the engine looks for "
+                                                                   "them).")] = None,
     models: Annotated[str, typer.Option(help="Comma-separated: detector, deep_sad, classifier.")] = "detector,deep_sad",
     fp16_weights: Annotated[bool, typer.Option(help="Store weights as float16 (half the file; computed at the "
                                                     "runtime's precision).")] = True,
@@ -396,7 +407,7 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
         from pipelines.evaluation.untrained import write_untrained_weights
 
         weights = write_untrained_weights(work / "weights")
-        typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)")
+        typer.echo("note: untrained weights at default sizes (speed only; labels are meaningless)", err=True)
     # every file the loops can read, any format or case of its name (only *.jpg was taken)
     paths, left_out = usable([images / p for p in list_inputs(images)])
     if left_out:
@@ -408,7 +419,6 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
         from pipelines.evaluation.engine_bench import detector_batch_ab
 
         result["detector_batch"] = detector_batch_ab(weights, paths, sizes, batch_size, device)
-    typer.echo(json.dumps(result, indent=2))
     return result
 
 

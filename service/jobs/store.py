@@ -149,9 +149,13 @@ class JobStore:
         db.executescript(SCHEMA)
         db.execute("BEGIN IMMEDIATE")
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        # a new file is "v0" too: only an older file's upgrade is logged (every install said it upgraded)
+        upgrading = False
         if version < SCHEMA_VERSION:
             t0, n = time.perf_counter(), db.execute("SELECT count(*) FROM items").fetchone()[0]
-            log.info("jobs.sqlite: upgrading schema v%d to v%d (%d items)", version, SCHEMA_VERSION, n)
+            upgrading = version > 0 or n > 0 or db.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is not None
+            if upgrading:
+                log.info("jobs.sqlite: upgrading schema v%d to v%d (%d items)", version, SCHEMA_VERSION, n)
         if version < 1:
             db.execute("DELETE FROM label_counts")
             db.execute("INSERT INTO label_counts SELECT job_id, label, count(*) FROM items GROUP BY job_id, label")
@@ -163,7 +167,7 @@ class JobStore:
             db.execute("ALTER TABLE jobs ADD COLUMN models TEXT")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
-        if version < SCHEMA_VERSION:
+        if upgrading:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
 
     def _db(self, create: bool = False) -> sqlite3.Connection:

@@ -4,6 +4,7 @@ and Prometheus metrics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 
 from fastapi import APIRouter, Request, Response
@@ -14,6 +15,7 @@ from service.engine_health import WARM_UP
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("cervixqc.service")
 
 
 # HEAD too: uptime monitors that send it got 405
@@ -33,15 +35,26 @@ async def readyz(request: Request):
         await asyncio.wait_for(asyncio.to_thread(state.store.probe, 2.0), 3.0)
     except (sqlite3.Error, OSError, TimeoutError) as e:
         reason = "no answer in 3 s" if isinstance(e, TimeoutError) else str(e)
-        return error_response(503, "store_unavailable", f"the job store cannot take a write ({reason})",
-                              {"Retry-After": "5"})
+        return _unready(request, "store_unavailable", f"the job store cannot take a write ({reason})", "5")
     failing = state.health.failing()
     if failing:
         # tried again in the background (at most one probe at a time, every 10 s): an unready
         # service gets no traffic, so no upload would show that the engine answers again
         asyncio.get_running_loop().run_in_executor(None, state.health.probe, lambda: _probe(state))
-        return error_response(503, "engine_failing", failing, {"Retry-After": "10"})
+        return _unready(request, "engine_failing", failing, "10")
+    if getattr(request.app.state, "unready", None) is not None:
+        log.warning("ready again (was %s)", request.app.state.unready)
+        request.app.state.unready = None
     return {"status": "ready"}
+
+
+def _unready(request: Request, code: str, message: str, retry_after: str) -> Response:
+    """The 503, logged when readiness changes (Docker's healthcheck shows only "HTTP Error
+    503"; the reason is in the service's log now, once per change, not every 30 s)."""
+    if getattr(request.app.state, "unready", None) != code:
+        log.warning("not ready: %s (%s)", code, message)
+        request.app.state.unready = code
+    return error_response(503, code, message, {"Retry-After": retry_after})
 
 
 def _probe(state) -> None:
