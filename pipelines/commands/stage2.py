@@ -111,6 +111,10 @@ def train_resnest_cmd(
     from pipelines.data.crop_set import split_crops
     from pipelines.training.stage2 import train_classifier
 
+    import timm
+
+    if not timm.is_model(arch):  # before the crops load: timm's RuntimeError came after them, as a traceback
+        _fail(f"--arch {arch!r}: no such timm model (e.g. resnest50d, resnest14d, resnet18)")
     if init_from is not None:
         if not init_from.is_file():
             _fail(f"--init-from {init_from}: no such model card")
