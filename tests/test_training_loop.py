@@ -46,7 +46,7 @@ def _run(out, epochs: int, resume: bool = False, kill_at: int | None = None, **c
     g = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
     loader = DataLoader(data, batch_size=8, shuffle=True)
-    loop = LoopConfig(out_dir=out, epochs=epochs, lr=1e-2, warmup_iters=0, schedule="constant", grad_clip=None,
+    loop = LoopConfig(out_dir=out, epochs=epochs, warmup_iters=0, schedule="constant", grad_clip=None,
                       select_metric="mse", select_mode="min", resume=resume, progress=False,
                       recipe=cfg.pop("recipe", {"lr": "0.01"}))
     task = TinyTask(kill_at)

@@ -166,7 +166,7 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     val = CocoDetection(val_coco, cfg.val_images or cfg.val_coco.parent, detection_eval(),
                         2 * cfg.model.max_size, train.categories)
     task = DetectorTask(val, cfg.batch_size)
-    loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
+    loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, warmup_iters=cfg.warmup_iters,
                       grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
                       max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress, recipe=recipe_of(cfg))
     result = fit(model, task, loader, optimizer, loop, device, dist_info)

@@ -46,7 +46,8 @@ class Task(Protocol):
 class LoopConfig:
     out_dir: Path
     epochs: int = 12
-    lr: float = 0.01
+    # no learning rate here: the caller builds the optimizer with its own (a field that was
+    # never read suggested it set one)
     warmup_iters: int = 100
     schedule: str = "cosine"  # or "constant" (the paper's stage-2 recipes name no schedule)
     grad_clip: float | None = 10.0

@@ -266,7 +266,7 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))
     result = fit(model, task, loader,
                  torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
-                 LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, lr=cfg.lr, warmup_iters=0,
+                 LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, warmup_iters=0,
                             schedule="constant", grad_clip=None, amp=cfg.amp, select_metric="roc_auc",
                             resume=cfg.resume, progress=cfg.progress,
                             recipe=_resume_recipe(cfg, data_note, model=asdict(model_cfg), init=init_card)), device)
