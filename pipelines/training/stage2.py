@@ -170,7 +170,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
     ae = DeepSADAutoencoder().to(device)
     loader = DataLoader(CropDataset(regular_only), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    common = dict(lr=cfg.lr, warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
+    common = dict(warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
                   resume=cfg.resume, progress=cfg.progress, recipe=_resume_recipe(cfg, data_note))
     ae_fit = fit(ae, AutoencoderTask(val), loader,
                  torch.optim.Adam(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
