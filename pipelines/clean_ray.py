@@ -155,7 +155,9 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 crashed = sorted(set(missing) - store_batches(missing, 1, 1))  # Ray bundles blocks up to a batch
                 if crashed:
                     log.warning("%d files crashed the engine's process on their own: unreadable rows", len(crashed))
-                    store.add([QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed])
+                    # stamped now: the file replaced later is labelled again (it was never read whole)
+                    store.add([QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed],
+                              {p: file_stamp(on_disk(src_root, p)) for p in crashed})
                     finished += len(crashed)
                     if progress:
                         progress(finished, len(inputs))

@@ -30,10 +30,17 @@ def uvicorn_config(level: str) -> dict[str, Any]:
 
 def ensure_handler(level: str) -> None:
     """The root logger gets a handler in FORMAT where it has none (a bare `uvicorn --factory`
-    launch), and the level either way."""
+    launch), and the level either way; uvicorn's own handlers, where they still carry its
+    default formatters, take FORMAT too (a `--log-config` of the site's own is left alone)."""
+    from uvicorn.logging import ColourizedFormatter  # the default and access formatters derive from it
+
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler.formatter, ColourizedFormatter):
+                handler.setFormatter(logging.Formatter(FORMAT))

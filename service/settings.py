@@ -65,7 +65,8 @@ def _keys(listed: list[str], file: Path | None, name: str) -> list[str]:
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     for key in keys:
         if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters and not a placeholder "
+            raise ValueError(f"{name.removesuffix('_FILE')}: keys must be at least {MIN_KEY_LENGTH} characters and "
+                             "not a placeholder "
                              "(generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return keys
 
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
     # models
     weights_dir: Path = Path("weights")
     device: str = "auto"  # auto: cuda when present, else cpu
-    # unset: the stage-2 model with the better validation F1 on its card (QCPipeline)
+    # unset: the policy recorded on the stage-2 cards (chosen on validation; QCPipeline)
     policy: Policy | None = None
     # torchvision: JPEGs decode on the device (nvJPEG on CUDA), PIL fallback per image
     jpeg_decoder: JpegDecoder = "pil"

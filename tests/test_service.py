@@ -558,6 +558,8 @@ def test_logs_at_info_name_no_file_and_hold_no_image_bytes(server, data_root):
     assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO service\.jobs\.runner: job {job_id}: done, ",
                      log, re.M), log[-3000:]
     assert f"GET /ui/jobs/{job_id}/review?…" in log  # the access log itself is on
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.access: 127\.0\.0\.1:\d+ - \"GET /ui/jobs/",
+                     log, re.M)  # uvicorn's lines in the same format, timed
     assert "Q4711X" not in log and "Doe" not in log and "\\xff\\xd8" not in log
 
 

@@ -86,7 +86,7 @@ def validate(
 def split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write, with a split column.")],
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
     fractions: Annotated[str, typer.Option(help="train,val,test shares.")] = "0.7,0.15,0.15",
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
@@ -281,7 +281,7 @@ def import_cvat_cmd(
 
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
 ) -> None:
     """One generated image per source (rows) and kind (columns), cervix boxes drawn."""
     from pipelines.data.synth.contact_sheet import contact_sheet

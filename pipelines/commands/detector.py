@@ -18,11 +18,11 @@ def train_detector_cmd(
     arch: Annotated[str, typer.Option(help="retinanet | fasterrcnn | fcos")] = "retinanet",
     backbone: Annotated[str, typer.Option(help="resnet50 | resnet34 | resnet18 | mobilenet_v3_large")] = "resnet50",
     size: Annotated[int, typer.Option(help="Input size: the long side is resized to this.")] = 512,
-    epochs: Annotated[int, typer.Option()] = 12,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    lr: Annotated[float, typer.Option()] = 2e-4,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 2e-4,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
     extra_ratio: Annotated[float, typer.Option(help="Extra samples per real sample each epoch.")] = 0.0,
@@ -117,12 +117,12 @@ def detect_cmd(
 
 def bench_detector_cmd(
     coco: Annotated[Path, typer.Argument(help="COCO JSON whose images to use.")],
-    arch: Annotated[str, typer.Option()] = "retinanet",
-    backbone: Annotated[str, typer.Option()] = "resnet50",
-    size: Annotated[int, typer.Option()] = 512,
+    arch: Annotated[str, typer.Option(help="retinanet or fcos.")] = "retinanet",
+    backbone: Annotated[str, typer.Option(help="resnet50, resnet18 or mobilenet_v3_large.")] = "resnet50",
+    size: Annotated[int, typer.Option(min=32, help="Input size (short and long side).")] = 512,
     n_images: Annotated[int, typer.Option(min=1, help="Images per timed round.")] = 32,
     batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the figures as JSON too.")] = None,
 ) -> None:
     """Detector inference images/s per batch size and training images/s, side by side."""

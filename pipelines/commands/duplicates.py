@@ -116,11 +116,11 @@ def duplicates_cmd(
 def eval_duplicates_cmd(
     split_csv: Annotated[Path, typer.Argument(help="Manifest of real photos with a split column (and sha256).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON report to write.")],
-    weights: Annotated[Path, typer.Option()] = Path("weights"),
+    weights: Annotated[Path, typer.Option(help="Weights folder (the cards and safetensors).")] = Path("weights"),
     split: Annotated[str, typer.Option(help="Which split's photos: val to choose thresholds, test to report.")] = "test",
     copies: Annotated[int, typer.Option(min=1, help="Copies per transform and photo (re-encode, resize, crop, "
                                                     "rotate).")] = 2,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
     sweep: Annotated[bool, typer.Option(help="Also score a grid of thresholds and name the best that keeps "
                                              "pair precision >= --min-precision (for val).")] = False,
     min_precision: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.995,

@@ -107,7 +107,7 @@ def clean(
     src: Annotated[Path, typer.Argument(help="Folder (recursive) or manifest CSV/Parquet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (results.csv/.parquet, state).")],
     quarantine: Annotated[Optional[Path], typer.Option(help="Folder for links/copies of flagged files.")] = None,
-    weights: Annotated[Path, typer.Option()] = Path("weights"),
+    weights: Annotated[Path, typer.Option(help="Weights folder (the cards and safetensors).")] = Path("weights"),
     policy: PolicyOption = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda; Ray's actors "
@@ -184,8 +184,9 @@ def clean(
     except (OSError, sqlite3.Error) as e:
         # the error's own text names the file (a patient's photo in the quarantine): only its kind here
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) if isinstance(e, sqlite3.Error) else ""
-        _fail(f"stopped by a file error ({type(e).__name__}: {reason}) writing the results or the quarantine; "
-              "what was stored is kept: fix it and run the same command again to resume")
+        typer.echo(f"error: stopped by a file error ({type(e).__name__}: {reason}) writing the results or the "
+                   "quarantine; what was stored is kept: fix it and run the same command again to resume", err=True)
+        raise typer.Exit(1) from None  # a failure during the work, not a refusal
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")

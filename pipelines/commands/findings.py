@@ -19,7 +19,7 @@ def calibrate_findings_cmd(
     weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),
     max_false_flags: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the "
                                                         "calibration splits.")] = 0.015,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
 ) -> None:
     """Thresholds for blur, dark, overexposed and glare from degraded copies of labelled photos:
     chosen on train+val, reported on test. Copy OUT/findings.json into a weights folder to use them."""

@@ -39,12 +39,12 @@ def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional
 def train_deep_sad_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o")],
-    epochs: Annotated[int, typer.Option()] = 150,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 150,
     pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
-    lr: Annotated[float, typer.Option()] = 1e-4,
-    weight_decay: Annotated[float, typer.Option()] = 0.5e-6,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="Weight decay.")] = 0.5e-6,
     eta: Annotated[float, typer.Option(help="Weight of the labeled samples.")] = 1.0,
     unsupervised: Annotated[bool, typer.Option(help="Deep SVDD: no labeled anomalies.")] = False,
     target_sensitivity: Annotated[Optional[float], typer.Option(
@@ -53,7 +53,7 @@ def train_deep_sad_cmd(
         help="Share of regular crops turned green/iodine as extra labelled anomalies.")] = 0.0,
     marks: Marks = 0.0,
     seed: Seed = 0,
-    resume: Annotated[bool, typer.Option()] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its checkpoint.")] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
@@ -82,12 +82,12 @@ def train_deep_sad_cmd(
 def train_resnest_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
     size: Annotated[int, typer.Option(help="Input size: 224 or 32, as the paper compares.")] = 224,
     arch: Annotated[str, typer.Option(help="timm name; resnest50d as the paper.")] = "resnest50d",
-    epochs: Annotated[int, typer.Option()] = 100,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 100,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 256 at 32 px, 64 at 224 px.")] = None,
-    lr: Annotated[float, typer.Option()] = 5e-4,
+    lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 5e-4,
     imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
         help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
@@ -97,7 +97,7 @@ def train_resnest_cmd(
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     marks: Marks = 0.0,
     seed: Seed = 0,
-    resume: Annotated[bool, typer.Option()] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the training run in --out from its checkpoint.")] = False,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
@@ -149,7 +149,7 @@ def train_resnest_cmd(
 def train_colour_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
     c: Annotated[float, typer.Option(help="Inverse L2 strength of the logistic regression.")] = 0.01,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine in each draw of the training crops.")] = 0.2,
@@ -184,7 +184,7 @@ def eval_cmd(
     card: Annotated[Path, typer.Argument(help="A stage-2 model card (deep_sad.json or classifier.json).")],
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
 ) -> None:
