@@ -37,6 +37,8 @@ def _parsed(command: str) -> tuple[str, list[str]] | None:
             break
     while tokens[:1] == ["--threads"]:
         tokens = tokens[2:]
+    if tokens[:1] and tokens[0] in {o for p in _cli().params for o in p.opts} - {"--threads"}:
+        return None  # `cervixqc --version`: the root's own flag, no command
     if not tokens or any(t.startswith("[") or "..." in t or "|" in t for t in tokens):
         return None  # `clean ...`, `--split val|test`, `[--detector D]`: a pattern, not a command
     return tokens[0], tokens[1:]

@@ -319,7 +319,8 @@ def bench(
         split = ", ".join(f"{k} {v:.2f}s" for k, v in run["stage_seconds"].items())
         typer.echo(f"{run['mode']}: {run['images_per_s']:.1f} images/s = {run['speedup_vs_naive']:.2f}x naive; "
                    f"{memory(run)}; labels differing from torch "
-                   f"{run['labels_differing_from_first_batched']['count']}; {split}", err=as_json)
+                   f"{run['labels_differing_from_first_batched']['count']}, findings flags "
+                   f"{run['findings_differing_from_first_batched']['count']}; {split}", err=as_json)
     if out is not None:
         write_json(out, result)
 

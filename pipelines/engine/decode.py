@@ -88,6 +88,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def draft_factor(width: int, height: int, min_long_side: int | None) -> int:
+    """The whole factor (1, 2, 4 or 8) a JPEG is decoded smaller by for `min_long_side`: the
+    scale Pillow's `draft` picks for the size `decode` asks it for (JpegImagePlugin.draft). Every
+    other format and the device decoder reduce by the same factor, so that one photo's pixels
+    reach the models at one size whatever its file format: a PNG was reduced by
+    long // min_long_side (2500 px to 833, its JPEG to 1250), and the same pixels as PNG got
+    another box crop, scores and, near the detector's threshold, another label."""
+    if min_long_side is None or max(width, height) <= min_long_side:
+        return 1
+    f = min_long_side / max(width, height)
+    scale = min(width // max(1, int(width * f)), height // max(1, int(height * f)))
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
 def _reducible(im: Image.Image) -> Image.Image:
     """`im` in a mode `Image.reduce` takes (it refuses palette, 1-bit and 16-bit ones), as
     `to_rgb` would read it, its EXIF kept for the turn."""
@@ -238,13 +252,14 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
             im.seek(0)  # multi-frame files (TIFF pages, GIF frames): the first frame
             im.load()
             small: Image.Image = im
-            if min_long_side is not None and not jpeg and max(w, h) >= 2 * min_long_side:
-                # other formats have no DCT scaling: reduced here (box filter, whole factors, the
-                # long side kept >= min_long_side), so the engine's float copies are of this size;
-                # a 10000x10000 PNG under the pixel limit took 3.5 GB of RSS at full size. Reduced
+            factor = 1 if jpeg else draft_factor(w, h, min_long_side)
+            if factor > 1:
+                # other formats have no DCT scaling: reduced here (box filter) by the factor a JPEG
+                # of this size is drafted by, so the engine's float copies are of this size; a
+                # 10000x10000 PNG under the pixel limit took 3.5 GB of RSS at full size. Reduced
                 # before it is turned and made RGB: each of those is a full-size copy, and a 100 MP
                 # RGBA PNG (418 KB) took 2.3 GB more to decode, 4 of them in a batch 5.4 GB
-                small = _reducible(im).reduce(max(w, h) // min_long_side)
+                small = _reducible(im).reduce(factor)
             rgb = to_rgb(ImageOps.exif_transpose(small))
         except DecodeError:
             raise

@@ -23,7 +23,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, Header, as_result, decode, read_header
+from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, Header, as_result, decode, draft_factor,
+                                     read_header)
 
 DEVICE_MODES = ("RGB", "L")  # nvJPEG has no CMYK/YCCK; those go through PIL
 
@@ -45,11 +46,14 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _finish(image: torch.Tensor, header: Header, min_long_side: int | None) -> Decoded:
+    """Turned, and resized (antialiased) to the size PIL's DCT-scaled decode gives the same
+    JPEG (`draft_factor`): resized to exactly `min_long_side`, a photo's presence score moved
+    by up to 0.46 and its blur finding by 0.2 between the two decoders."""
     image = apply_orientation(image, header.orientation)
     full_w, full_h = header.display_size
-    if min_long_side is not None and max(full_w, full_h) > min_long_side:
-        f = min_long_side / max(full_w, full_h)
-        image = TF.resize(image, [max(1, round(full_h * f)), max(1, round(full_w * f))], antialias=True)
+    k = draft_factor(full_w, full_h, min_long_side)
+    if k > 1:
+        image = TF.resize(image, [-(-full_h // k), -(-full_w // k)], antialias=True)
     return Decoded(image, full_w, full_h, header.sha256)
 
 

@@ -111,18 +111,23 @@ def _naive_loop(qc: QCPipeline, paths: list[Path], device: str) -> dict[str, flo
     return stages
 
 
-def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int) -> tuple[dict[str, float], dict[str, str]]:
+def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int
+                    ) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     """All of `paths` through the engine's `run_stream`, `batch_size` at a time; seconds per
-    stage, summed, and path -> label."""
+    stage, summed, path -> label, and path -> the findings it flags (quarantine folders too,
+    where a site turns them on: a runtime that moves a blur score across its threshold moves
+    a photo, though its label stays)."""
     stages: dict[str, float] = {}
     labels: dict[str, str] = {}
+    flags: dict[str, str] = {}
     batches = [(paths[i : i + batch_size], None) for i in range(0, len(paths), batch_size)]
     for results in qc.run_stream(batches):
         for k, v in results[0].timings_ms.items():
             if k != "total":
                 stages[k] = stages.get(k, 0.0) + v / 1000
         labels.update({r.path: r.label.value + (f":{r.kind}" if r.kind else "") for r in results})
-    return stages, labels
+        flags.update({r.path: ",".join(r.flags()) or "none" for r in results})
+    return stages, labels, flags
 
 
 def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
@@ -132,13 +137,13 @@ def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: 
                                       decode_ahead=overlap))
     _run_in_batches(qc, paths[:warmup], batch_size)  # first-call allocations and lazy inits, untimed
     t0 = time.perf_counter()
-    stages, labels = _run_in_batches(qc, paths, batch_size)
+    stages, labels, flags = _run_in_batches(qc, paths, batch_size)
     seconds = time.perf_counter() - t0
     qc.close()
     return {"mode": f"batched(b={batch_size}, {runtime}, precision {precision}, overlap {overlap})", "device": device,
             "jpeg_decoder": jpeg_decoder, "runtimes": qc.runtimes, "images": len(paths), "seconds": seconds,
             "images_per_s": len(paths) / seconds, "stage_seconds": stages, **_peak_memory(device),
-            "labels": labels}
+            "labels": labels, "flags": flags}
 
 
 def detector_batch_ab(weights: Path, paths: list[Path], detector_batches: list[int], batch_size: int = 16,
@@ -223,9 +228,11 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
             else:
                 batched.append(result)
     reference = batched[0]["labels"] if batched else {}
+    reference_flags = batched[0]["flags"] if batched else {}
     for v in batched:
         v["speedup_vs_naive"] = v["images_per_s"] / naive["images_per_s"]
         v["labels_differing_from_first_batched"] = label_changes(reference, v.pop("labels"))
+        v["findings_differing_from_first_batched"] = label_changes(reference_flags, v.pop("flags"))
     return {"naive": naive, "batched": batched}
 
 
