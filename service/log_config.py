@@ -32,7 +32,8 @@ def ensure_handler(level: str) -> None:
     """The root logger gets a handler in FORMAT where it has none (a bare `uvicorn --factory`
     launch), and the level either way; uvicorn's own handlers, where they still carry its
     default formatters, take FORMAT too (a `--log-config` of the site's own is left alone)."""
-    from uvicorn.logging import ColourizedFormatter  # the default and access formatters derive from it
+    # uvicorn's default and access formatters derive from it
+    from uvicorn.logging import ColourizedFormatter
 
     root = logging.getLogger()
     if not root.handlers:

@@ -65,10 +65,12 @@ def test_a_bad_jpeg_in_the_batch_does_not_cost_the_good_ones_their_pixels():
         assert (g.image.int() - ref).abs().float().mean() < 2.0  # two libjpeg builds, same picture
 
 
-def test_downscales_to_the_long_side_the_engine_asks_for_and_keeps_the_full_size():
+def test_downscales_to_the_size_pils_dct_scaled_decode_gives_and_keeps_the_full_size():
+    """The size PIL's draft gives the same JPEG (half here, at least the long side asked for):
+    resized to exactly that long side, one photo's scores moved between the two decoders."""
     data = _jpeg(np.full((300, 500, 3), 90, np.uint8), orientation=6)
     with ThreadPoolExecutor(1) as pool:
         (g,) = decode_on_device([data], torch.device("cpu"), pool, min_long_side=200)
     assert (g.width, g.height) == (300, 500)  # displayed (rotated) full size
-    assert g.image.shape == (3, 200, 120)
-    assert g.scale == pytest.approx((0.4, 0.4), abs=0.01)
+    assert g.image.shape == decode(data, min_long_side=200).image.shape == (3, 250, 150)
+    assert g.scale == pytest.approx((0.5, 0.5), abs=0.01)

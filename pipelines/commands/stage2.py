@@ -104,14 +104,13 @@ def train_resnest_cmd(
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
     training_output(out, "classifier.json", resume)
+    import timm
     import torch
 
     from models.classifier import ClassifierConfig
     from models.io import WeightsIntegrityError, load_card
     from pipelines.data.crop_set import split_crops
     from pipelines.training.stage2 import train_classifier
-
-    import timm
 
     if not timm.is_model(arch):  # before the crops load: timm's RuntimeError came after them, as a traceback
         _fail(f"--arch {arch!r}: no such timm model (e.g. resnest50d, resnest14d, resnet18)")
