@@ -128,6 +128,14 @@ class ResultsFolderError(ValueError):
     """The results folder cannot take this run: another run holds it, or it holds another source's rows."""
 
 
+@dataclass(frozen=True)
+class Stale:
+    """A stored row whose file changed since (`StateStore.changed`), with the stamp it was read under."""
+
+    record: QCResult
+    stamp: str
+
+
 class StateStore:
     """SQLite journal: path -> result JSON. One transaction per batch.
 
@@ -216,13 +224,13 @@ class StateStore:
         file that was read but is not an image stays done."""
         return {row[0] for row in self.db.execute(f"SELECT path FROM results WHERE NOT {read_again_sql()}")}
 
-    def changed(self, paths: Collection[str], stamp: Callable[[str], str | None]) -> list[QCResult]:
+    def changed(self, paths: Collection[str], stamp: Callable[[str], str | None]) -> dict[str, Stale]:
         """The stored rows of `paths` whose file's stamp is no longer the one stored. A file the
         OS cannot stat now (a share briefly away) is not taken as changed: its good row stays."""
-        out = []
+        out = {}
         for path, stored, rec in self.db.execute("SELECT path, stamp, record FROM results WHERE stamp IS NOT NULL"):
             if path in paths and (now := stamp(path)) is not None and now != stored:
-                out.append(QCResult.model_validate_json(rec))
+                out[path] = Stale(QCResult.model_validate_json(rec), stored)
         return out
 
     def add(self, results: list[QCResult], stamps: Mapping[str, str | None] | None = None) -> None:
@@ -276,8 +284,10 @@ def _quarantine_fault(e: OSError, qdir: Path) -> bool:
     named = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
     if e.errno in _INSIDE_ERRORS and any(p.is_relative_to(qdir) for p in named):
         return True
-    return e.errno in (errno.ENOTDIR, errno.EEXIST) and any(
-        part.exists() and not part.is_dir() for part in (qdir, qdir.parent))
+    # the quarantine, or one of its label or finding folders, replaced by a file
+    folders = [qdir, qdir.parent] + [qdir / p.relative_to(qdir).parts[0] for p in named
+                                     if p.is_relative_to(qdir) and p != qdir]
+    return e.errno in (errno.ENOTDIR, errno.EEXIST) and any(part.exists() and not part.is_dir() for part in folders)
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
@@ -434,22 +444,44 @@ def file_stamp(path: Path) -> str | None:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def plan_run(store: StateStore, inputs: list[str], src_root: Path, quarantine: Path | None) -> tuple[set[str], list[str]]:
-    """(done, todo) of a run: todo are the inputs without a final row and those whose file
-    changed since its row was written. A changed photo's quarantine copies (under its old
-    label and flags) are removed first, so that its new label's copy is the only one and a
-    copy of the old photo never stands for the new one."""
-    current = set(inputs)
-    done = store.done() & current
-    changed = store.changed(done, lambda p: file_stamp(on_disk(src_root, p)))
-    if changed:
-        log.info("%d files changed since their rows were written: labelled again", len(changed))
-        done -= {r.path for r in changed}
-        if quarantine is not None:
-            for r in changed:
-                for folder in [r.label.value, *r.flags()]:
-                    quarantine_path(quarantine, folder, r.path).unlink(missing_ok=True)
-    return done, [p for p in inputs if p not in done]
+def plan_run(store: StateStore, inputs: list[str], src_root: Path) -> tuple[set[str], list[str], dict[str, Stale]]:
+    """(done, todo, stale) of a run: todo are the inputs without a final row and those whose
+    file changed since its row was written (`stale`, whose quarantine copies
+    `drop_stale_copies` removes as each new row is stored)."""
+    done = store.done() & set(inputs)
+    stale = store.changed(done, lambda p: file_stamp(on_disk(src_root, p)))
+    if stale:
+        log.info("%d files changed since their rows were written: labelled again", len(stale))
+        done -= set(stale)
+    return done, [p for p in inputs if p not in done], stale
+
+
+def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) -> None:
+    """The quarantine copies (under the old label and flags) of photos that changed since their
+    rows, so that a copy of the old photo never stands for the new one. Only a copy that is
+    that row's: the same file as the photo now (a hard link edited in place), or one with the
+    size and time it was read under (a link or `copy2` of the old photo). A name another
+    row's copy holds (two sources sharing a quarantine, `A.JPG` and `a.jpg` on exFAT) is
+    left. Called as the new rows are stored: a run that fails before keeps the old copies."""
+    failed = 0
+    for s in stale:
+        original = on_disk(src_root, s.record.path)
+        for folder in dict.fromkeys([s.record.label.value, *s.record.flags()]):
+            target = quarantine_path(quarantine, folder, s.record.path)
+            try:
+                if target.is_file() and (_same_inode(target, original) or file_stamp(target) == s.stamp):
+                    target.unlink()
+            except OSError:
+                failed += 1
+    if failed:
+        log.warning("%d quarantine copies of changed photos could not be removed", failed)
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) -> StateStore:
@@ -465,16 +497,17 @@ def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) 
 
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
           progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = (),
-          pixel_check: bool = True) -> CleanSummary:
+          pixel_check: bool = True, inputs: list[str] | None = None) -> CleanSummary:
+    """`inputs`: `list_inputs(src)` where the caller has it already (a 10^6-file share is listed once)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
-    inputs = list_inputs(src)
+    inputs = list_inputs(src) if inputs is None else inputs
     store = open_run(src, out_dir, quarantine, qc.decision)
     t0 = time.perf_counter()
     try:
-        done, todo = plan_run(store, inputs, src_root, quarantine)
+        done, todo, stale = plan_run(store, inputs, src_root)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         stamps: dict[str, str | None] = {}  # stat before the engine reads (run_stream reads ahead)
 
@@ -487,6 +520,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches())):
             chunk = todo[start : start + batch_size]
             if quarantine is not None:
+                drop_stale_copies(src_root, quarantine, [stale.pop(p) for p in chunk if p in stale])
                 quarantine_results(src_root, results, quarantine, quarantine_findings)
             store.add(results, {p: stamps.pop(p, None) for p in chunk})
             if progress:

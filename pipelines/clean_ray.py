@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
-                             plan_run, quarantine_results)
+from pipelines.clean import (CleanSummary, check_outputs, drop_stale_copies, file_stamp, finish_run, list_inputs,
+                             on_disk, open_run, plan_run, quarantine_results)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import Label, QCResult
 
@@ -31,9 +31,25 @@ CRASHED = "the engine's process died on this file (it crashes the decoder or the
 ACTOR_RETRIES = 2
 
 
-class RayStartError(RuntimeError):
+class RayCleanError(RuntimeError):
+    """A Ray run that cannot go on; the rows stored so far are kept for the resume."""
+
+
+class RayStartError(RayCleanError):
     """Ray could not start or reach its cluster: said as such (an OSError from `ray.init`, an
     unwritable temp folder, was reported as the results folder's)."""
+
+
+class EngineFailed(RayCleanError):
+    """The engine raised for a whole batch in an actor (it does so only where it cannot tell
+    a photo's fault from the system's: every photo of the batch failed in the models), or the
+    actors died on most blocks. Failed, as the local engine fails, not stored as rows:
+    before, Ray skipped the block and its photos became `unreadable` for good."""
+
+
+# more files than this (and a tenth of the run) coming back from no actor is the system's fault
+# (memory too small for the models, a driver gone), not a few files' that crash a decoder
+MAX_CRASHED = 64
 
 
 def _reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -66,16 +82,22 @@ class QCActor:
         keys = [str(k) for k in batch["path"]]
         files = [on_disk(Path(self.root), k) for k in keys]
         stamps = [file_stamp(f) or "" for f in files]  # before the read: a file changed meanwhile is redone next run
-        results = self.qc.run(files, names=keys)
-        return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results], "stamp": stamps}
+        try:
+            results = self.qc.run(files, names=keys)
+        except Exception as e:  # noqa: BLE001 - said to the driver, which fails the run (EngineFailed)
+            return {"record": [""] * len(keys), "stamp": stamps, "fatal": [type(e).__name__] * len(keys)}
+        return {"record": [r.model_dump_json(exclude={"timings_ms"}) for r in results], "stamp": stamps,
+                "fatal": [""] * len(keys)}
 
 
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
               quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
-              runtime: str = "auto", precision: str = "auto", **ray_init: object) -> CleanSummary:
-    """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop).
+              runtime: str = "auto", precision: str = "auto", inputs: list[str] | None = None,
+              **ray_init: object) -> CleanSummary:
+    """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop);
+    `inputs` is `list_inputs(src)` where the caller has it already.
 
     Each actor runs torch (and OpenVINO, which follows it) on the driver's thread count
     (`cervixqc --threads`, else one per core) shared among the local actors: Ray sets
@@ -105,12 +127,12 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         raise ValueError(f"batch_size and actors must be at least 1, not {batch_size} and {actors}")
     check_outputs(src, out_dir, quarantine)
     src_root = (src.parent if src.is_file() else src).resolve()
-    inputs = list_inputs(src)
+    inputs = list_inputs(src) if inputs is None else inputs
     store = open_run(src, out_dir, quarantine, decision_for(Path(weights), policy))
     t0 = time.perf_counter()
     started_here = False
     try:
-        done, todo = plan_run(store, inputs, src_root, quarantine)
+        done, todo, stale = plan_run(store, inputs, src_root)
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
@@ -135,8 +157,14 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 nonlocal finished
                 came_back: set[str] = set()
                 for batch in _labelled(ray, paths, rows_per_block, rows_per_batch, actors, gpus, actor_kwargs):
+                    fatal = sorted({str(f) for f in batch["fatal"] if f})
+                    if fatal:
+                        raise EngineFailed(f"the engine failed on a whole batch ({', '.join(fatal)}): not a photo's "
+                                           "fault but the system's; the rows stored so far are kept: fix it and run "
+                                           "the same command again to resume")
                     results = [QCResult.model_validate_json(r) for r in batch["record"]]
                     if quarantine is not None:
+                        drop_stale_copies(src_root, quarantine, [stale.pop(r.path) for r in results if r.path in stale])
                         quarantine_results(src_root, results, quarantine, quarantine_findings)
                     store.add(results, {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
                     came_back.update(r.path for r in results)
@@ -149,15 +177,22 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             # of Ray's own work), at least two per actor; the actors still get batches of batch_size
             per_block = max(batch_size, min(512, -(-len(todo) // (2 * actors))))
             missing = sorted(set(todo) - store_batches(todo, per_block, batch_size))
+            if len(missing) > max(MAX_CRASHED, len(todo) // 10):
+                raise EngineFailed(f"{len(missing)} of {len(todo)} files came back from no actor: the actors died on "
+                                   "most blocks (memory too small for the models?); the rows stored so far are "
+                                   "kept: fix it and run the same command again to resume")
             if missing:  # their block's actor died on every try: one file per block finds the one at fault
                 log.warning("%d files came back from no actor (one died on their block): run again one by one",
                             len(missing))
                 crashed = sorted(set(missing) - store_batches(missing, 1, 1))  # Ray bundles blocks up to a batch
                 if crashed:
                     log.warning("%d files crashed the engine's process on their own: unreadable rows", len(crashed))
+                    rows = [QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed]
+                    if quarantine is not None:  # with the other unreadable files
+                        drop_stale_copies(src_root, quarantine, [stale.pop(p) for p in crashed if p in stale])
+                        quarantine_results(src_root, rows, quarantine, quarantine_findings)
                     # stamped now: the file replaced later is labelled again (it was never read whole)
-                    store.add([QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed],
-                              {p: file_stamp(on_disk(src_root, p)) for p in crashed})
+                    store.add(rows, {p: file_stamp(on_disk(src_root, p)) for p in crashed})
                     finished += len(crashed)
                     if progress:
                         progress(finished, len(inputs))

@@ -8,7 +8,10 @@ in a row, with no success between them, /readyz answers 503 `engine_failing`. A 
 request's own bad photo fails one call; the next good one resets the run. An unready
 service gets no traffic behind a load balancer, so /readyz then tries the engine itself on
 the warm-up photo (`probe`, at most every `PROBE_EVERY_S`): the service comes back
-by itself once the engine answers again.
+by itself once the engine answers again. That grey photo goes through decoding, the
+detector and stage 0, not stage 2 (nothing is found on it): a fault in stage 2 alone passes
+the probe, and readiness then turns back and forth while `cervixqc_engine_errors_total`
+keeps counting; alert on that rate.
 """
 
 from __future__ import annotations

@@ -321,6 +321,29 @@ def test_a_photo_replaced_under_its_name_is_labelled_again_and_its_old_quarantin
     assert clean(QCPipeline(weights), collection, out, quarantine, batch_size=4).processed_now == 0
 
 
+def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_name_stays(tmp_path):
+    """Two sources sharing one quarantine (or `A.JPG` and `a.jpg` on exFAT): B's photo replaced
+    since its row removed A's copy, which held the name."""
+    import shutil
+
+    from pipelines.clean import Stale, drop_stale_copies, file_stamp
+
+    src, q = tmp_path / "src", tmp_path / "q"
+    src.mkdir()
+    (src / "x.jpg").write_bytes(b"old photo")
+    stamp = file_stamp(src / "x.jpg")
+    (q / "no_cervix").mkdir(parents=True)
+    shutil.copy2(src / "x.jpg", q / "no_cervix" / "x.jpg")  # this row's copy: the size and time it was read under
+    (q / "blur").mkdir()
+    (q / "blur" / "x.jpg").write_bytes(b"another source's photo")  # a copy another row holds
+    os.utime(q / "blur" / "x.jpg", ns=(5, 5))
+    (src / "x.jpg").write_bytes(b"the new photo, replaced")
+    old = QCResult(path="x.jpg", label=Label.NO_CERVIX, findings={"blur": {"score": 1.0, "threshold": 0.5, "flagged": True}})
+    assert old.flags() == ["blur"]
+    drop_stale_copies(src, q, [Stale(old, stamp)])
+    assert not (q / "no_cervix" / "x.jpg").exists() and (q / "blur" / "x.jpg").read_bytes() == b"another source's photo"
+
+
 def test_exports_fail_together_so_results_csv_and_parquet_never_disagree(weights, collection, tmp_path, monkeypatch):
     out = tmp_path / "out"
     clean(QCPipeline(weights), collection, out, batch_size=8)
@@ -387,6 +410,11 @@ def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_file
     with pytest.raises(QuarantineUnwritable):
         quarantine_results(src, [flagged], q)
     q.unlink()
+    q.mkdir()
+    (q / "no_cervix").write_text("a file where the label's folder was")
+    with pytest.raises(QuarantineUnwritable):
+        quarantine_results(src, [flagged], q)
+    (q / "no_cervix").unlink()
     assert quarantine_results(src, [flagged], q) == 0 and (q / "no_cervix" / "a.jpg").is_file()
 
 

@@ -330,3 +330,6 @@ def test_a_deleted_job_store_is_not_created_again_empty_by_another_thread(tmp_pa
     t.start()
     t.join()
     assert len(errors) == 1 and not path.exists()
+    with pytest.raises(sqlite3.Error):  # the results download and the exports read on their own connection
+        list(store.records("any"))
+    assert not path.exists()

@@ -168,7 +168,7 @@ def clean(
         _fail(str(e))
     try:
         summary = _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime,
-                                       precision, engine, address, actors, findings, pixel_check)
+                                       precision, engine, address, actors, findings, pixel_check, listed)
     except ResultsFolderError as e:  # the results folder is another run's, or another source's
         _fail(str(e))
     except KeyboardInterrupt:
@@ -176,11 +176,14 @@ def clean(
                    err=True)
         raise typer.Exit(130) from None
     except RuntimeError as e:
-        from pipelines.clean_ray import RayStartError
+        from pipelines.clean_ray import RayCleanError, RayStartError
 
-        if not isinstance(e, RayStartError):
+        if not isinstance(e, RayCleanError):
             raise
-        _fail(str(e))
+        if isinstance(e, RayStartError):
+            _fail(str(e))
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     except (OSError, sqlite3.Error) as e:
         # the error's own text names the file (a patient's photo in the quarantine): only its kind here
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) if isinstance(e, sqlite3.Error) else ""
@@ -196,7 +199,7 @@ def clean(
 
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
-                         engine, address, actors, findings, pixel_check):
+                         engine, address, actors, findings, pixel_check, listed):
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from pipelines.clean import clean as run_clean
@@ -217,10 +220,10 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
                                 jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
-                                device=device, runtime=runtime, precision=precision)
+                                device=device, runtime=runtime, precision=precision, inputs=listed)
         else:
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
-                                pixel_check=pixel_check)
+                                pixel_check=pixel_check, inputs=listed)
     return summary
 
 

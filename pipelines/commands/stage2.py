@@ -183,7 +183,7 @@ def eval_cmd(
     card: Annotated[Path, typer.Argument(help="A stage-2 model card (deep_sad.json or classifier.json).")],
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the metrics JSON and figures.")],
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
 ) -> None:

@@ -159,11 +159,23 @@ def _arithmetic(data: bytes, header: Header, min_long_side: int | None) -> Decod
     "truncated or corrupt" of a file every other viewer shows."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipelines.engine.decode_device import _finish
+    chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    # turned and reduced with PIL as every other photo here, not with torch's resize: a decode
+    # pool thread that runs a parallel torch operation slows the engine's own thread (below)
+    im = Image.fromarray(chw.permute(1, 2, 0).numpy())
+    if header.orientation in _TURNS:
+        im = im.transpose(_TURNS[header.orientation])
+    k = draft_factor(*header.display_size, min_long_side)
+    if k > 1:
+        im = im.reduce(k)
+    full_w, full_h = header.display_size
+    return Decoded(torch.from_numpy(np.array(im).transpose(2, 0, 1).copy()), full_w, full_h, header.sha256)
 
-    image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    d = _finish(image, header, min_long_side)
-    return Decoded(d.image.contiguous(), d.width, d.height, d.sha256)
+
+# EXIF orientation -> the PIL transpose that shows it upright (as ImageOps.exif_transpose)
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
 
 
 def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:

@@ -70,12 +70,14 @@ class ReviewStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._local = threading.local()
-        self._db().executescript(SCHEMA)
+        self._db(create=True).executescript(SCHEMA)
 
-    def _db(self) -> sqlite3.Connection:
+    def _db(self, create: bool = False) -> sqlite3.Connection:
+        """This thread's connection; only the store's opening creates the file (JobStore._db)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True,
+                                 timeout=30, isolation_level=None)
             db.execute("PRAGMA busy_timeout=30000")
             db.row_factory = sqlite3.Row
             self._local.db = db

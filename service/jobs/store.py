@@ -354,7 +354,7 @@ class JobStore:
     def item_records(self, job_id: str, chunk: int = 1000) -> Iterator[tuple[int, QCResult]]:
         """(row id, record) in path order, as `records`: the review exports need the id that
         ties each record to its reviewers' decisions."""
-        db = sqlite3.connect(self.path, timeout=30)
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=30)  # as `_db`
         try:
             last = ""
             while True:

@@ -64,5 +64,8 @@ def _probe(state) -> None:
 
 @router.get("/metrics", summary="Prometheus metrics (an API key or a scrape-only key, CERVIXQC_METRICS_KEYS)",
             dependencies=[MetricsKey], responses=UNAUTHORIZED, response_class=Response)
-async def metrics(request: Request) -> Response:
+def metrics(request: Request) -> Response:
+    """Plain `def`, in the thread pool: a scrape reads the job store and the folders' free space
+    (statvfs), and on a hung network share that held the event loop, every upload and health
+    check with it."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
