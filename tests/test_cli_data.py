@@ -111,3 +111,13 @@ def test_threads_option_sets_torchs_thread_count_and_refuses_zero(tmp_path):
         assert r.exit_code == 2 and "must be >= 1" in r.output
     finally:
         torch.set_num_threads(before)
+
+
+def test_split_refuses_a_manifest_without_rows_and_an_output_that_is_no_manifest(tmp_path):
+    """A header alone printed pandas' "Empty DataFrame" and wrote an empty split; `-o x.xlsx`
+    wrote CSV under a spreadsheet's name."""
+    (tmp_path / "h.csv").write_text("path,patient_id,source,device,kind\n")
+    r = runner.invoke(app, ["split", str(tmp_path / "h.csv"), "-o", str(tmp_path / "s.csv")])
+    assert r.exit_code == 2 and "has no rows" in r.output and not (tmp_path / "s.csv").exists()
+    r = runner.invoke(app, ["split", str(tmp_path / "h.csv"), "-o", str(tmp_path / "s.xlsx")])
+    assert r.exit_code == 2 and "a manifest is .csv or .parquet" in r.output

@@ -112,8 +112,12 @@ def split(
 
     if merge_duplicates and duplicates is None:
         _fail("--merge-duplicates needs --duplicates")
+    if out.suffix.lower() not in (".csv", ".parquet", ".pq"):  # x.xlsx was written as CSV under that name
+        _fail(f"-o {out}: a manifest is .csv or .parquet")
     try:
         df = load_manifest(manifest, check_files=False)
+        if df.empty:  # a header alone printed pandas' "Empty DataFrame" and wrote an empty split
+            raise ValueError(f"{manifest} has no rows")
         groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)
