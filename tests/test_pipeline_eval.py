@@ -78,6 +78,11 @@ def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     report = json.loads((tmp_path / "b" / "baseline_metrics.json").read_text())
     assert report["test"]["overall"]["roc_auc"] > 0.8  # colour alone goes a long way: the bar to clear
     assert 0 < report["threshold"] < 1 and report["val"]["overall"]["n"] > 0
+    again = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "split.csv"), "-o", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output  # -o is a folder: a rerun into it is no mistake
+    (tmp_path / "f").write_text("a file")
+    refused = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "split.csv"), "-o", str(tmp_path / "f")])
+    assert refused.exit_code == 2 and "cannot write there" in refused.output, refused.output
     df.loc[df["split"] == "val", "split"] = "test"
     write_manifest(df, tmp_path / "d" / "no-val.csv")
     out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "no-val.csv")])

@@ -116,17 +116,17 @@ def _check_split(manifest: Path, weights: Path) -> None:
 
 def baseline_colour_cmd(
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest with a split column.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write baseline_metrics.json here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write baseline_metrics.json in.")] = None,
 ) -> None:
     """The colour-histogram logistic regression every stage-2 model must beat, on the same
     train/val/test rows (threshold from val)."""
-    from pipelines.commands.common import writable_file
+    from pipelines.commands.common import writable_folder
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.evaluation.colour_baseline import baseline_report
 
     try:
-        if out is not None:
-            writable_file("--out", out)
+        if out is not None:  # a folder, checked before the fits
+            writable_folder("--out", out)
         df = load_manifest(manifest)
         report = baseline_report(df)
     except (ManifestError, ValueError, KeyError) as e:
