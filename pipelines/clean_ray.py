@@ -210,8 +210,9 @@ def _labelled(ray, paths: list[str], rows_per_block: int, batch_size: int, actor
     on ACTOR_RETRIES + 1 tries is left out (its paths do not come back) instead of failing
     the whole run or being retried for ever (Ray's default for actors)."""
     context = ray.data.DataContext.get_current()
-    errored_before = context.max_errored_blocks
+    errored_before, bars_before = context.max_errored_blocks, context.enable_progress_bars
     context.max_errored_blocks = -(-len(paths) // rows_per_block)
+    context.enable_progress_bars = False  # Ray's own bars, every 10 s beside the command's
     # one file at a time: the other calls in flight on an actor that dies fail with it, so a
     # photo beside the one at fault was taken for a crasher too
     pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1 if rows_per_block == 1 else None)
@@ -221,4 +222,4 @@ def _labelled(ray, paths: list[str], rows_per_block: int, batch_size: int, actor
                             max_restarts=-1, max_task_retries=ACTOR_RETRIES, fn_constructor_kwargs=actor_kwargs)
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
     finally:
-        context.max_errored_blocks = errored_before
+        context.max_errored_blocks, context.enable_progress_bars = errored_before, bars_before

@@ -70,13 +70,18 @@ class Decoded:
         return self.image.shape[2] / self.width, self.image.shape[1] / self.height
 
 
+def _grey8(im: Image.Image) -> Image.Image:
+    """16-bit (or 12-bit in 16) grey down to 8 bits, shifted by the image's own brightest pixel."""
+    arr = np.asarray(im, dtype=np.uint32)
+    top = max(int(arr.max()), 1)
+    shift = max(0, top.bit_length() - 8)
+    return Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any mode to 8-bit RGB as the engine reads it (training decodes through it too)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.uint32)
-        top = max(int(arr.max()), 1)
-        shift = max(0, top.bit_length() - 8)  # 16-bit (or 12-bit in 16) down to 8-bit
-        return Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+        return _grey8(im).convert("RGB")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255
@@ -109,8 +114,10 @@ def _reducible(im: Image.Image) -> Image.Image:
         return im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode == "1":
         return im.convert("L")
-    if im.mode.startswith("I;16"):
-        return im.convert("I")
+    if im.mode.startswith("I;16"):  # shifted at full size, as before the reduction: its brightness unchanged
+        grey = _grey8(im)
+        grey.info = dict(im.info)  # its EXIF (the turn) with it
+        return grey
     return im
 
 
