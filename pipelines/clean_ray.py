@@ -31,16 +31,12 @@ CRASHED = "the engine's process died on this file (it crashes the decoder or the
 ACTOR_RETRIES = 2
 
 
-class RayCleanError(RuntimeError):
-    """A Ray run that cannot go on; the rows stored so far are kept for the resume."""
-
-
-class RayStartError(RayCleanError):
+class RayStartError(RuntimeError):
     """Ray could not start or reach its cluster: said as such (an OSError from `ray.init`, an
     unwritable temp folder, was reported as the results folder's)."""
 
 
-class EngineFailed(RayCleanError):
+class EngineFailed(RuntimeError):
     """The engine raised for a whole batch in an actor (it does so only where it cannot tell
     a photo's fault from the system's: every photo of the batch failed in the models), or the
     actors died on most blocks. Failed, as the local engine fails, not stored as rows:

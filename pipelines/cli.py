@@ -1,7 +1,7 @@
 """The `cervixqc` command: quality control of uterine cervix photos, and the stack to train it.
 
-Thin: parses arguments, calls pipelines, prints results. `serve` is added by service/cli.py (the console entry point), which keeps the import
-direction service -> pipelines.
+Thin: parses arguments, calls pipelines, prints results. `serve` is added by service/cli.py
+(the console entry point), which keeps the import direction service -> pipelines.
 
 Commands live in pipelines/commands/ (one module per area) and import their heavy
 dependencies inside the command, so that `cervixqc --help` does not pay for torch.

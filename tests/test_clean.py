@@ -338,7 +338,8 @@ def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_
     (q / "blur" / "x.jpg").write_bytes(b"another source's photo")  # a copy another row holds
     os.utime(q / "blur" / "x.jpg", ns=(5, 5))
     (src / "x.jpg").write_bytes(b"the new photo, replaced")
-    old = QCResult(path="x.jpg", label=Label.NO_CERVIX, findings={"blur": {"score": 1.0, "threshold": 0.5, "flagged": True}})
+    old = QCResult(path="x.jpg", label=Label.NO_CERVIX,
+                   findings={"blur": {"score": 1.0, "threshold": 0.5, "flagged": True}})
     assert old.flags() == ["blur"]
     drop_stale_copies(src, q, [Stale(old, stamp)])
     assert not (q / "no_cervix" / "x.jpg").exists() and (q / "blur" / "x.jpg").read_bytes() == b"another source's photo"

@@ -26,8 +26,8 @@ def test_version_and_short_help_are_there():
 def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
     """split, synth, eval and a dozen more ended in a 40-60 line traceback for an output path
     under a missing or unwritable folder; `main` is the last net under every command."""
-    pd.DataFrame({"path": ["a.jpg"], "patient_id": ["p1"], "source": ["s"], "device": ["d"], "kind": ["regular"]}).to_csv(
-        tmp_path / "m.csv", index=False)
+    manifest = {"path": ["a.jpg"], "patient_id": ["p1"], "source": ["s"], "device": ["d"], "kind": ["regular"]}
+    pd.DataFrame(manifest).to_csv(tmp_path / "m.csv", index=False)
     (tmp_path / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
     r = _cervixqc("split", str(tmp_path / "m.csv"), "-o", "/proc/no/such/split.csv")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -27,6 +27,11 @@ def training_output(out: Path, card: str, resume: bool = False) -> None:
         return
     _fail(f"{out} holds {card} and no training run (a weights folder?): training would replace it; train into "
           "another folder and copy the files in")
+
+
+# `-o` of the training commands whose loop checkpoints (pipelines/training/loop.py)
+RunFolder = Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best "
+                                                             "model with its card.")]
 
 
 def progress_console():
@@ -59,12 +64,16 @@ def _split_manifest(path):
     return df
 
 
-def writable_file(option: str, path: Path) -> None:
-    """A file output, checked before the work it ends (`eval-pipeline`, `bench`: a path that
-    was a folder, or under one that could not be made, was a traceback after the whole run)."""
-    if path.is_dir():
-        raise ValueError(f"{option} {path}: a folder; name a file")
-    writable_folder(option, path.parent)
+def require_writable(option: str, path: Path, file: bool = False) -> None:
+    """An output (`file`: a file to write, else a folder) checked before the work it ends, or a
+    clean exit naming `option`: a path that was a folder, or under one that could not be made,
+    was a traceback after the whole run (`eval-pipeline`, `bench`, `export`'s calibration)."""
+    if file and path.is_dir():
+        _fail(f"{option} {path}: a folder; name a file")
+    try:
+        writable_folder(option, path.parent if file else path)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def device_or_fail(device: str) -> str:
@@ -76,7 +85,6 @@ def device_or_fail(device: str) -> str:
         return resolve_device(device)
     except ValueError as e:
         _fail(f"--device: {e}")
-    raise AssertionError  # unreachable: _fail exits
 
 
 def writable_folder(option: str, folder: Path) -> None:

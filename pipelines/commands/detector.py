@@ -76,7 +76,6 @@ def eval_detector_cmd(
     from pipelines.evaluation.detector_report import evaluate_detector
 
     device = device_or_fail(device)
-
     try:
         report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
     except WeightsIntegrityError as e:
@@ -100,15 +99,12 @@ def detect_cmd(
                                                        help="Default: the card's threshold.")] = None,
 ) -> None:
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
-    from pipelines.commands.common import _manifest, device_or_fail, writable_file
+    from pipelines.commands.common import _manifest, device_or_fail, require_writable
     from pipelines.data.coco import save_coco
     from pipelines.engine.detector import detect_to_coco
 
     device = device_or_fail(device)
-    try:
-        writable_file("--out", out)
-    except ValueError as e:
-        _fail(str(e))
+    require_writable("--out", out, file=True)
     df = _manifest(manifest)
     ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)
     save_coco(ds, out)

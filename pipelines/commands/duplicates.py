@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest
+from pipelines.commands.common import _fail, _split_manifest, require_writable
 from pipelines.commands.engine import DeviceOption, _engine
 from pipelines.outputs import write_json
 
@@ -53,7 +53,6 @@ def duplicates_cmd(
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
     from pipelines.clean import on_disk, reader
-    from pipelines.commands.common import writable_folder
     from pipelines.data.duplicates import duplicates_of_records, read_clean_state
     from pipelines.outputs import write_atomically
 
@@ -63,10 +62,7 @@ def duplicates_cmd(
     # checked before the engine runs: a folder as -o failed after every photo was read
     if out.is_dir():
         _fail(f"-o {out} is a folder: name the CSV to write")
-    try:
-        writable_folder("-o", out.resolve().parent)
-    except ValueError as e:
-        _fail(str(e))
+    require_writable("-o", out.resolve().parent)
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
         _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")

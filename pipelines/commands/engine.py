@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _manifest, writable_folder
+from pipelines.commands.common import _fail, _manifest, device_or_fail, require_writable
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
@@ -50,13 +50,17 @@ def _check_runtime(runtime: str, precision: str) -> None:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
 
 
+def _weights_folder(weights: Path) -> None:
+    if not (weights / "detector.json").is_file():
+        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+
+
 def _engine(weights: Path, **config):
     """The engine, with a clear exit instead of a traceback for weights it cannot run."""
     from models.io import WeightsIntegrityError
     from pipelines.engine.qc import QCConfig, QCPipeline
 
-    if not (weights / "detector.json").is_file():
-        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+    _weights_folder(weights)
     try:
         return QCPipeline(weights, QCConfig(**config))
     except (ValueError, WeightsIntegrityError) as e:
@@ -158,14 +162,15 @@ def clean(
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
     from pipelines.clean import ResultsFolderError, check_outputs
+    from pipelines.clean_ray import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
 
     try:
         check_outputs(src, out, quarantine)
-        for name, folder in (("--out", out), ("--quarantine", quarantine)):
-            if folder is not None:
-                writable_folder(name, folder)
     except ValueError as e:
         _fail(str(e))
+    for name, folder in (("--out", out), ("--quarantine", quarantine)):
+        if folder is not None:
+            require_writable(name, folder)
     try:
         summary = _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime,
                                        precision, engine, address, actors, findings, pixel_check, listed)
@@ -175,13 +180,9 @@ def clean(
         typer.echo(f"interrupted: the batches done so far are stored in {out}; run the same command to resume",
                    err=True)
         raise typer.Exit(130) from None
-    except RuntimeError as e:
-        from pipelines.clean_ray import RayCleanError, RayStartError
-
-        if not isinstance(e, RayCleanError):
-            raise
-        if isinstance(e, RayStartError):
-            _fail(str(e))
+    except RayStartError as e:
+        _fail(str(e))
+    except EngineFailed as e:  # the rows stored so far are kept
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except (OSError, sqlite3.Error) as e:
@@ -235,15 +236,12 @@ def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: O
         import ray  # noqa: F401
     except ImportError:
         _fail("--engine ray needs Ray: install cervixqc with its ray extra (make test installs every extra)")
-    if not (weights / "detector.json").is_file():
-        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+    _weights_folder(weights)
     try:
         decision_for(weights, policy)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
     if address is None:  # a local Ray has this machine's devices: cuda without one failed every actor
-        from pipelines.commands.common import device_or_fail
-
         device_or_fail(device)
 
 
@@ -273,13 +271,8 @@ def bench(
     precision), same models, files and device, one run; labels compared with torch's."""
     import tempfile
 
-    from pipelines.engine.qc import resolve_device
-
     _check_decoder(jpeg_decoder)
-    try:
-        device = resolve_device(device)
-    except ValueError as e:
-        _fail(str(e))
+    device = device_or_fail(device)
     parts = [s.strip() for s in (detector_batches or "").split(",") if s.strip()]
     if not all(s.isdigit() and int(s) > 0 for s in parts):
         _fail(f"--detector-batches must be positive integers, comma-separated, not {detector_batches!r}")
@@ -295,12 +288,7 @@ def bench(
     if images is not None and not images.is_dir():
         _fail(f"--images {images}: not a folder")
     if out is not None:
-        from pipelines.commands.common import writable_file
-
-        try:  # before the benchmark's minutes
-            writable_file("--out", out)
-        except ValueError as e:
-            _fail(str(e))
+        require_writable("--out", out, file=True)  # before the benchmark's minutes
     if keep_mix is not None and mix_from is None:
         _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
@@ -367,10 +355,7 @@ def export(
     if int8_calibration is not None and "detector" not in names:
         _fail("--int8-calibration quantizes the detector: add it to --models")
     target = out or weights
-    try:  # before the calibration's minutes: an --out that is a file ended them in a traceback
-        writable_folder("--out", target)
-    except ValueError as e:
-        _fail(str(e))
+    require_writable("--out", target)  # before the calibration's minutes
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
     command = shlex.join(["cervixqc", *sys.argv[1:]])

@@ -56,16 +56,12 @@ def eval_pipeline_cmd(
     non-regular F1 end to end, kind accuracy, regulars flagged; per source, every policy."""
     import pandas as pd
 
+    from pipelines.commands.common import device_or_fail, require_writable
+    from pipelines.commands.engine import _engine
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
 
-    from pipelines.commands.common import device_or_fail, writable_folder
-    from pipelines.commands.engine import _engine
-
     device = device_or_fail(device)
-    try:  # before the engine pass: an -o that is a file ended it in a traceback
-        writable_folder("--out", out)
-    except ValueError as e:
-        _fail(str(e))
+    require_writable("--out", out)  # before the engine pass
     _check_split(manifest, weights)
     df = _rows(manifest, split)
     qc = _engine(weights, device=device)
@@ -116,17 +112,18 @@ def _check_split(manifest: Path, weights: Path) -> None:
 
 def baseline_colour_cmd(
     manifest: Annotated[Path, typer.Argument(help="Labelled manifest with a split column.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write baseline_metrics.json in.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o",
+                                                help="Folder to write baseline_metrics.json in.")] = None,
 ) -> None:
     """The colour-histogram logistic regression every stage-2 model must beat, on the same
     train/val/test rows (threshold from val)."""
-    from pipelines.commands.common import writable_folder
+    from pipelines.commands.common import require_writable
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.evaluation.colour_baseline import baseline_report
 
+    if out is not None:  # a folder, checked before the fits
+        require_writable("--out", out)
     try:
-        if out is not None:  # a folder, checked before the fits
-            writable_folder("--out", out)
         df = load_manifest(manifest)
         report = baseline_report(df)
     except (ManifestError, ValueError, KeyError) as e:

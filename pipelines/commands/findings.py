@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, writable_folder
+from pipelines.commands.common import _fail, _split_manifest, require_writable
 
 
 def calibrate_findings_cmd(
@@ -17,8 +17,8 @@ def calibrate_findings_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for findings.json (the card), the scores and "
                                                            "the test thumbnails.")],
     weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),
-    max_false_flags: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the "
-                                                        "calibration splits.")] = 0.015,
+    max_false_flags: Annotated[float, typer.Option(
+        min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the calibration splits.")] = 0.015,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
 ) -> None:
     """Thresholds for blur, dark, overexposed and glare from degraded copies of labelled photos:
@@ -32,10 +32,7 @@ def calibrate_findings_cmd(
     from models.io import sha256_file
 
     df = _split_manifest(manifest)
-    try:  # before the minutes of scoring
-        writable_folder("-o", out)
-    except ValueError as e:
-        _fail(str(e))
+    require_writable("-o", out)  # before the minutes of scoring
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
     qc = _engine(weights)
     # every finding scored (thresholds are what this command decides)

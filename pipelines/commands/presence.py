@@ -13,7 +13,7 @@ from pipelines.commands.common import _fail, training_output
 def train_presence_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column: cervix photos and no_cervix photos.")],
     detector: Annotated[Path, typer.Option(help="The detector card whose features the head reads (ship them together).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and its card.")],
     c_hist: Annotated[float, typer.Option(help="Inverse regularisation of the colour head.")] = 0.1,
     c_feat: Annotated[float, typer.Option(help="Inverse regularisation of the detector-feature head.")] = 0.01,
     extra_manifest: Annotated[Optional[Path], typer.Option(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, training_output
+from pipelines.commands.common import RunFolder, _fail, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -39,7 +39,7 @@ def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional
 def train_deep_sad_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    out: RunFolder,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 150,
     pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
@@ -82,7 +82,7 @@ def train_deep_sad_cmd(
 def train_resnest_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    out: RunFolder,
     size: Annotated[int, typer.Option(help="Input size: 224 or 32, as the paper compares.")] = 224,
     arch: Annotated[str, typer.Option(help="timm name; resnest50d as the paper.")] = "resnest50d",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 100,
@@ -92,8 +92,7 @@ def train_resnest_cmd(
     init_from: Annotated[Optional[Path], typer.Option(
         help="A classifier card of ours to start from (e.g. the 32 px model for a 224 px run).")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(
-        min=0.01, max=1.0, help="The threshold that keeps this validation sensitivity (else "
-                                              "the max-F1 one).")] = None,
+        min=0.01, max=1.0, help="The threshold that keeps this validation sensitivity (else the max-F1 one).")] = None,
     synthesise: Annotated[float, typer.Option(help="Share of regular crops turned green/iodine.")] = 0.0,
     marks: Marks = 0.0,
     seed: Seed = 0,
@@ -148,7 +147,7 @@ def train_resnest_cmd(
 def train_colour_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, metrics.jsonl and the best model with its card.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the model and its card.")],
     c: Annotated[float, typer.Option(help="Inverse L2 strength of the logistic regression.")] = 0.01,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine in each draw of the training crops.")] = 0.2,

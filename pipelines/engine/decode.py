@@ -167,22 +167,16 @@ def _arithmetic(data: bytes, header: Header, min_long_side: int | None) -> Decod
     from torchvision.io import ImageReadMode, decode_jpeg
 
     chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    # turned and reduced with PIL as every other photo here, not with torch's resize: a decode
+    # reduced and turned with PIL as every other photo here, not with torch's resize: a decode
     # pool thread that runs a parallel torch operation slows the engine's own thread (below)
     im = Image.fromarray(chw.permute(1, 2, 0).numpy())
-    if header.orientation in _TURNS:
-        im = im.transpose(_TURNS[header.orientation])
-    k = draft_factor(*header.display_size, min_long_side)
+    k = draft_factor(im.width, im.height, min_long_side)
     if k > 1:
         im = im.reduce(k)
+    im.getexif()[0x0112] = header.orientation  # the file's turn, for PIL's own transpose
     full_w, full_h = header.display_size
-    return Decoded(torch.from_numpy(np.array(im).transpose(2, 0, 1).copy()), full_w, full_h, header.sha256)
-
-
-# EXIF orientation -> the PIL transpose that shows it upright (as ImageOps.exif_transpose)
-_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-          8: Image.Transpose.ROTATE_90}
+    return Decoded(torch.from_numpy(np.array(ImageOps.exif_transpose(im)).transpose(2, 0, 1).copy()), full_w, full_h,
+                   header.sha256)
 
 
 def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:

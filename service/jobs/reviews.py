@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.engine.qc_result import Label, QCResult
+from service.jobs.store import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -73,11 +74,10 @@ class ReviewStore:
         self._db(create=True).executescript(SCHEMA)
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
-        """This thread's connection; only the store's opening creates the file (JobStore._db)."""
+        """This thread's connection; only the store's opening creates the file (`open_db`)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True,
-                                 timeout=30, isolation_level=None)
+            db = open_db(self.path, "rwc" if create else "rw", 30, isolation_level=None)
             db.execute("PRAGMA busy_timeout=30000")
             db.row_factory = sqlite3.Row
             self._local.db = db

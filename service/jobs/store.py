@@ -58,6 +58,13 @@ class StoreVersionError(RuntimeError):
     """jobs.sqlite written by a newer cervixqc than this one."""
 
 
+def open_db(path: Path, mode: str, timeout: float, **kwargs: object) -> sqlite3.Connection:
+    """jobs.sqlite in SQLite's URI `mode`: ro, rw, or rwc where it may be created (only the
+    stores' own opening: a deleted file was created again, empty, by the next thread that read
+    it, a metrics scrape or an export, and the loss looked like a fresh install)."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=timeout, **kwargs)
+
+
 def newer_store(version: int) -> str:
     return (f"jobs.sqlite was written by a newer cervixqc (schema v{version}; this version reads up to "
             f"v{SCHEMA_VERSION}): run the newer version, or give this one another CERVIXQC_STATE_DIR")
@@ -70,7 +77,7 @@ def store_version_problem(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        db = open_db(path, "ro", 5)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
         finally:
@@ -171,13 +178,10 @@ class JobStore:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
-        """This thread's connection. Only the store's own opening creates the file (`mode=rw`
-        after it): a deleted jobs.sqlite was created again, empty, by the next thread that
-        read it (a metrics scrape), and the loss looked like a fresh install."""
+        """This thread's connection; only the store's opening creates the file (`open_db`)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}", uri=True,
-                                 timeout=self.busy_timeout_s, isolation_level=None)
+            db = open_db(self.path, "rwc" if create else "rw", self.busy_timeout_s, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
@@ -191,8 +195,7 @@ class JobStore:
         the unlinked file, and every job was lost at the next start), an I/O error, or a writer
         holding the lock past `timeout_s`. Its own connection, opened `mode=rw` so that a
         missing file is not created, and a write transaction rolled back: nothing is written."""
-        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s,
-                             isolation_level=None)
+        db = open_db(self.path, "rw", timeout_s, isolation_level=None)
         try:
             db.execute("BEGIN IMMEDIATE")
             db.execute("SELECT count(*) FROM jobs WHERE id = ''").fetchone()
@@ -354,7 +357,7 @@ class JobStore:
     def item_records(self, job_id: str, chunk: int = 1000) -> Iterator[tuple[int, QCResult]]:
         """(row id, record) in path order, as `records`: the review exports need the id that
         ties each record to its reviewers' decisions."""
-        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=30)  # as `_db`
+        db = open_db(self.path, "rw", 30)
         try:
             last = ""
             while True:
