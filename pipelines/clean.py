@@ -124,6 +124,12 @@ def list_inputs(src: Path) -> list[str]:
     return unique
 
 
+# The state's format, as SQLite's user_version: 1 = results with their files' stamps, the source
+# and the decision in meta. 0 is a folder written before the version was recorded (readable).
+# A newer format is refused rather than half-read.
+STATE_FORMAT = 1
+
+
 class ResultsFolderError(ValueError):
     """The results folder cannot take this run: another run holds it, or it holds another source's rows."""
 
@@ -164,6 +170,12 @@ class StateStore:
                 raise ResultsFolderError(f"another clean is writing to {path.parent}; wait for it or choose another "
                                          "--out") from None
         self.db = sqlite3.connect(path)
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > STATE_FORMAT:  # its rows may mean what this version cannot tell (an older
+            self.close()            # one failed its first insert into a newer table, mid-run)
+            raise ResultsFolderError(f"{self.folder} was written by a newer cervixqc (state format {version}; this "
+                                     f"version reads up to {STATE_FORMAT}): run the newer version, or choose another "
+                                     "--out")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT, "
@@ -172,6 +184,7 @@ class StateStore:
             # an older folder's rows have none: kept as done (nothing says they changed)
             self.db.execute("ALTER TABLE results ADD COLUMN stamp TEXT")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self.db.execute(f"PRAGMA user_version = {STATE_FORMAT}")
         if source is not None:
             self._claim(str(source.resolve()))
         if decision is not None:

@@ -1,6 +1,7 @@
 """Batch cleaning: one row per file, originals untouched, quarantine as links, and a run
 killed with SIGKILL resumes to exactly the rows of an uninterrupted run."""
 
+import fcntl
 import hashlib
 import io
 import json
@@ -247,6 +248,29 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
     db.close()
     with pytest.raises(ResultsFolderError, match="labelled by an older cervixqc that did not record"):
         clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+
+
+def test_a_results_folder_written_by_a_newer_cervixqc_is_refused_and_left_as_it_was(tmp_path):
+    """An older version failed its first insert into a newer state's table, mid-run."""
+    from pipelines.clean import STATE_FORMAT, ResultsFolderError, StateStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = StateStore(tmp_path / "out" / "state.sqlite", source=src)
+    store.close()
+    db = sqlite3.connect(tmp_path / "out" / "state.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == STATE_FORMAT
+    with db:
+        db.execute(f"PRAGMA user_version = {STATE_FORMAT + 1}")
+        db.execute("ALTER TABLE results ADD COLUMN newer TEXT")
+    db.close()
+    with pytest.raises(ResultsFolderError, match=f"newer cervixqc \\(state format {STATE_FORMAT + 1}"):
+        StateStore(tmp_path / "out" / "state.sqlite", source=src)
+    db = sqlite3.connect(tmp_path / "out" / "state.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == STATE_FORMAT + 1
+    db.close()
+    with open(tmp_path / "out" / ".lock", "a") as lock:  # released with the refusal
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_before_any_model_loads(weights, collection,
