@@ -56,5 +56,5 @@ ENV PATH=/app/.venv/bin:$PATH \
 USER cervixqc
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+    CMD ["python", "-m", "service.healthcheck"]
 CMD ["cervixqc", "serve"]

@@ -106,14 +106,17 @@ def test_the_dockerfile_commands_build_a_working_service(tmp_path):
     elsewhere.mkdir()  # not the build tree: the installed package must stand alone
     server = subprocess.Popen(cmd, cwd=elsewhere, env=runtime_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        health_cmd = [a.replace(":8000", f":{port}") for a in health_cmd]
-        deadline = time.time() + 180
+        deadline, failures = time.time() + 180, []
         while time.time() < deadline and server.poll() is None:
-            if subprocess.run(health_cmd, cwd=elsewhere, env=runtime_env, capture_output=True).returncode == 0:
+            check = subprocess.run(health_cmd, cwd=elsewhere, env=runtime_env, capture_output=True, text=True)
+            if check.returncode == 0:
                 break
+            failures.append(check.stderr)
             time.sleep(1)
         else:
             raise AssertionError(f"HEALTHCHECK never passed: {server.stdout.read().decode()[-3000:] if server.poll() is not None else 'still starting'}")
+        # while the models load it says why it fails, for `docker inspect`'s health log
+        assert failures and f"no answer from http://127.0.0.1:{port}/readyz" in failures[0], failures[:1]
     finally:
         server.terminate()
         server.wait(30)

@@ -120,6 +120,12 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     assert "_created" not in text
 
 
+def _healthcheck(server) -> subprocess.CompletedProcess:
+    port = httpx.URL(server.url).port
+    return subprocess.run([sys.executable, "-m", "service.healthcheck"], env={**os.environ, "CERVIXQC_PORT": str(port)},
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
     """A writer holding jobs.sqlite's lock (or the file gone) made every job write fail while
     /readyz answered 200: readiness now writes nothing but takes the lock it would need."""
@@ -131,10 +137,14 @@ def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
         r = httpx.get(f"{server.url}/readyz", timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
         assert "locked" in r.json()["error"]["message"]
+        # the container's healthcheck says why (Docker's health log showed "HTTP Error 503")
+        health = _healthcheck(server)
+        assert health.returncode == 1 and "HTTP 503" in health.stderr and "store_unavailable" in health.stderr
     finally:
         db.execute("ROLLBACK")
         db.close()
     assert httpx.get(f"{server.url}/readyz").status_code == 200
+    assert _healthcheck(server).returncode == 0
     # the reason is in the service's log, once per change (Docker's healthcheck shows only "503")
     log = server.log.read_text(errors="replace")
     assert "not ready: store_unavailable (the job store cannot take a write (database is locked))" in log
