@@ -45,7 +45,7 @@ from service.ui.job_views import JobViews
 from service.ui.deps import SignInNeeded
 from service.ui.session import RevokedSessions, SessionSigner, load_secret
 
-log = logging.getLogger("cervixqc.service")
+log = logging.getLogger(__name__)
 
 
 def _version() -> str:

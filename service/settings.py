@@ -30,7 +30,7 @@ def _split(value: object) -> object:
     return value
 
 
-log = logging.getLogger("cervixqc.service")
+log = logging.getLogger(__name__)
 
 
 # CERVIXQC_ variables that are not the service's settings: the engine's conversion cache and its

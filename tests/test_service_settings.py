@@ -107,7 +107,7 @@ def test_a_key_file_others_can_read_is_warned_about(monkeypatch, tmp_path, caplo
     for mode, warned in ((0o644, True), (0o600, False)):
         key_file.chmod(mode)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="cervixqc.service"):
+        with caplog.at_level("WARNING", logger="service.settings"):
             Settings(api_keys_file=key_file)
         assert ("readable by other users" in caplog.text) == warned, mode
 
@@ -117,6 +117,6 @@ def test_a_misspelt_setting_is_warned_about_not_silently_ignored(monkeypatch, ca
     monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
     monkeypatch.setenv("CERVIXQC_POLICI", "both")
     monkeypatch.setenv("CERVIXQC_CACHE", "/tmp/elsewhere")  # the engine's, not a setting: no warning
-    with caplog.at_level("WARNING", logger="cervixqc.service"):
+    with caplog.at_level("WARNING", logger="service.settings"):
         Settings()
     assert "CERVIXQC_POLICI: no such setting, ignored" in caplog.text and "CERVIXQC_CACHE" not in caplog.text

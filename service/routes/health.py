@@ -15,7 +15,7 @@ from service.engine_health import WARM_UP
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
-log = logging.getLogger("cervixqc.service")
+log = logging.getLogger(__name__)
 
 
 # HEAD too: uptime monitors that send it got 405

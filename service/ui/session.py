@@ -29,7 +29,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
-log = logging.getLogger("cervixqc.service")
+log = logging.getLogger(__name__)
 
 COOKIE = "cervixqc_session"
 LOGIN_COOKIE = "cervixqc_login_csrf"
