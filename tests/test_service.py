@@ -410,6 +410,38 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
                                           for p in (tmp_path / "ref-q" / "dark").rglob("*") if p.is_file())
 
 
+def test_results_of_a_large_job_stream_whole_to_concurrent_clients_and_abandoned_streams_hold_nothing(server,
+                                                                                                       data_root):
+    """The stream's SQLite connection was held across chunks, which Starlette pulls from any
+    thread-pool thread: concurrent downloads broke off after the first 1,000 rows (sqlite3's
+    same-thread check), and a client that hung up left its connection open."""
+    big = data_root / "big"
+    big.mkdir()
+    for i in range(2100):  # three chunks of rows; empty files: unreadable rows, no model work
+        (big / f"{i:05d}.jpg").touch()
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={"source": "big"}).json()["id"]
+        assert _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))["processed"] == 2100
+
+    async def download(client: httpx.AsyncClient, fmt: str) -> int:
+        r = await client.get(f"/v1/jobs/{job}/results", params={"format": fmt})
+        return len(r.text.splitlines())
+
+    async def downloads() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, headers=HEADERS, timeout=120) as client:
+            return await asyncio.gather(*(download(client, fmt) for fmt in ("csv", "jsonl") * 3))
+
+    assert asyncio.run(downloads()) == [2101, 2100] * 3
+    fds = lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd"))  # noqa: E731
+    before = fds()
+    for _ in range(10):  # read the first chunk, then hang up
+        with httpx.stream("GET", f"{server.url}/v1/jobs/{job}/results", headers=HEADERS) as r:
+            next(r.iter_bytes())
+    time.sleep(1)
+    assert fds() <= before + 2
+    assert "broke off" not in server.log_tail(100_000)
+
+
 def test_a_file_linked_from_outside_the_roots_is_not_read(server, data_root, tmp_path):
     folder = data_root / "with_link"
     folder.mkdir(exist_ok=True)
@@ -447,6 +479,8 @@ def test_a_request_that_gave_up_leaves_the_queue_at_once_and_its_images_are_neve
         assert _metric(text, "cervixqc_queue_depth") == 0 and 'status="500"' not in text
     finally:
         srv.kill()
+    # a hang-up is a counted rejection, not an asyncio ERROR ("exception was never retrieved")
+    assert "never retrieved" not in srv.log_tail(100_000)
 
 
 def test_overload_gets_503_with_retry_after_and_the_server_stays_healthy(tmp_path, weights):

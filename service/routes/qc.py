@@ -73,6 +73,9 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         gone.cancel()
     if not answered.done():  # timed out, or the client hung up: its images leave the queue now
         answered.cancel()
+        # read once cancelled: gather stores its children's CancelledError as an exception, and
+        # asyncio logged each hang-up as a 3-line "exception was never retrieved" ERROR
+        answered.add_done_callback(lambda f: f.cancelled() or f.exception())
         if gone.done() and not gone.cancelled():
             raise _client_gone(state)
         metrics.rejected.labels("timeout").inc()
