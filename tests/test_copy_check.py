@@ -198,3 +198,37 @@ def test_duplicates_finds_a_copy_named_in_latin1_and_checks_its_options_before_r
                           ([str(state), "-o", str(state / "duplicates.csv")], "the run's own table")):
         r = runner.invoke(app, ["duplicates", *args, "--weights", str(weights), "--device", "cpu"])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
+
+
+def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_reads_only_new_photos(tmp_path, caplog):
+    """Every rerun and resume decoded the whole collection again for the pixel check: 11 of a
+    no-op rerun's 17 s on 2,000 photos, about 9 minutes at 10^5."""
+    import logging
+    import re
+
+    from pipelines.clean import clean
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    folder = _collection(tmp_path)
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu"))
+    out = tmp_path / "out"
+
+    def run() -> tuple[str, str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipelines.data.duplicates"):
+            clean(qc, folder, out)
+        (line,) = [m for m in caplog.messages if m.startswith("pixel check:")]
+        return line, (out / "duplicates.csv").read_text()
+
+    first, table = run()
+    assert " 0 known from before" in first and " 0 photos read" not in first
+    again, table_again = run()
+    assert " 0 checked, " in again and " 0 photos read" in again and table_again == table
+    (folder / "b_crop.jpg").write_bytes(jpeg_bytes(cropped_copy(textured_scene(11)), 60))  # other1's copy
+    third, table3 = run()
+    count = lambda line, what: int(re.search(rf"(\d+) {what}", line).group(1))  # noqa: E731
+    # the pairs of the new photo (at most one with each of the 5 others) checked, the rest known
+    assert count(third, "known from before") == count(first, "candidate pairs"), third
+    assert 1 <= count(third, "checked") <= 5 and count(third, "candidate pairs") > count(first, "candidate pairs")
+    groups = pd.read_csv(out / "duplicates.csv")
+    assert set(groups["path"]) == {"a.jpg", "a_crop.jpg", "other1.jpg", "b_crop.jpg"}, table3

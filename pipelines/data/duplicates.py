@@ -41,7 +41,7 @@ from scipy.cluster.hierarchy import DisjointSet
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipelines.data.copy_check import CopyChecker, CopyCheckConfig
+from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, VerdictStore, verdict_setting
 from pipelines.engine.hashes import decode_embeddings, hash_bits
 from pipelines.engine.qc_result import QCResult
 
@@ -265,6 +265,7 @@ def find_duplicates(
     embeddings: Sequence[str | None] | np.ndarray | None,
     cfg: DuplicateConfig = DuplicateConfig(),
     read: Callable[[str], bytes] | None = None,
+    verdicts: VerdictStore | None = None,
 ) -> pd.DataFrame:
     """One row per member of every group of >= 2 photos: path, group (1, 2, ... in order of
     the groups' first paths), duplicate_of (the group's first path), kind (exact when the
@@ -272,17 +273,18 @@ def find_duplicates(
     the member: sha256, phash, aligned, crop_hash, embedding). A missing key (None: an
     unreadable file, no cervix crop) joins nothing. `embeddings` are base64 strings
     (QCResult.embedding) or a float array [N, D] whose missing rows are NaN. `read(path)`
-    gives a photo's bytes for the pixel check of the closest pairs (None: keys alone)."""
+    gives a photo's bytes for the pixel check of the closest pairs (None: keys alone);
+    `verdicts` keeps its verdicts between runs."""
     n = len(paths)
     if n == 0:
         return pd.DataFrame(columns=COLUMNS)
     check = CopyChecker(read, cfg.copy_check) if read is not None and cfg.verify_k > 0 else None
     with _faiss_threads(1 if n < cfg.exact_below else torch.get_num_threads()):
-        return _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg, check)
+        return _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg, check, verdicts)
 
 
 def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig,
-          check: CopyChecker | None) -> pd.DataFrame:
+          check: CopyChecker | None, verdicts: VerdictStore | None = None) -> pd.DataFrame:
     n = len(paths)
     edges_i, edges_j, edges_key = [], [], []
 
@@ -315,7 +317,8 @@ def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig
 
     if check is not None:
         ci, cj = _candidates(phashes, vectors, has_vector, representative, cfg)
-        a, b = _checked(np.asarray(paths, dtype=object), ci, cj, np.concatenate(edges_i), np.concatenate(edges_j), check)
+        a, b = _checked(np.asarray(paths, dtype=object), sha, ci, cj, np.concatenate(edges_i),
+                        np.concatenate(edges_j), check, verdicts)
         add(a, b, 2)
 
     return _groups(np.asarray(paths, dtype=object), sha, np.concatenate(edges_i), np.concatenate(edges_j),
@@ -345,36 +348,55 @@ def _candidates(phashes, vectors: np.ndarray | None, has_vector: np.ndarray | No
     return pairs[:, 0], pairs[:, 1]
 
 
-def _checked(paths: np.ndarray, ci: np.ndarray, cj: np.ndarray, ei: np.ndarray, ej: np.ndarray,
-             check: CopyChecker) -> tuple[np.ndarray, np.ndarray]:
+def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray, ei: np.ndarray, ej: np.ndarray,
+             check: CopyChecker, verdicts: VerdictStore | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The candidate pairs the pixel check calls copies. A pair already joined (by the keys
     or by a check before it) is not checked: in a group of ten copies, one check joins a
     cropped copy to all of them. Every photo of a pair left to check is decoded once first,
-    in path order (`CopyChecker.prepare`)."""
+    in path order (`CopyChecker.prepare`). A pair with a stored verdict (`verdicts`) is
+    taken from it, in the same order, so the groups are those a fresh check finds; the new
+    verdicts of two read photos are stored (an unreadable photo is asked again next time)."""
     joined = DisjointSet(range(len(paths)))
     for a, b in zip(ei.tolist(), ej.tolist()):
         joined.merge(a, b)
     todo = [(a, b) for a, b in zip(ci.tolist(), cj.tolist()) if not joined.connected(a, b)]
+
+    def key(a: int, b: int) -> tuple[str, str] | None:
+        return None if sha[a] is None or sha[b] is None else (min(sha[a], sha[b]), max(sha[a], sha[b]))
+
+    setting = verdict_setting(check.cfg)
+    known = {} if verdicts is None else verdicts.verdicts([k for pair in todo if (k := key(*pair))], setting)
     t0 = time.perf_counter()
-    check.prepare([paths[r] for r in sorted({r for pair in todo for r in pair})], threads=torch.get_num_threads())
+    unknown = sorted({r for pair in todo if key(*pair) not in known for r in pair})
+    check.prepare([paths[r] for r in unknown], threads=torch.get_num_threads())
     prepared = time.perf_counter() - t0
     keep_i, keep_j = [], []
-    checked = 0
+    checked, found = 0, {}
     try:
         with _faiss_threads(1):  # 500 x 500 descriptors a search: threads cost more than they save
             for a, b in todo:
                 if joined.connected(a, b):
                     continue
-                checked += 1
-                if check(paths[a], paths[b]).copy:
+                k = key(a, b)
+                if k in known:
+                    copy = known[k]
+                else:
+                    checked += 1
+                    verdict = check(paths[a], paths[b])
+                    copy = verdict.copy
+                    if k is not None and verdict.reason != "unreadable":
+                        found[k] = copy
+                if copy:
                     joined.merge(a, b)
                     keep_i.append(a)
                     keep_j.append(b)
     finally:
         check.close()
-    log.info("pixel check: %d candidate pairs, %d checked, %d copies; %d photos read, keypoints %.1f s, "
-             "pairs %.1f s", len(ci), checked, len(keep_i), check.photos_read, prepared,
-             time.perf_counter() - t0 - prepared)
+    if verdicts is not None and found:
+        verdicts.add_verdicts(found, setting)
+    log.info("pixel check: %d candidate pairs, %d checked, %d known from before, %d copies; %d photos read, "
+             "keypoints %.1f s, pairs %.1f s", len(ci), checked, len(known), len(keep_i), check.photos_read,
+             prepared, time.perf_counter() - t0 - prepared)
     return np.asarray(keep_i, dtype=np.int64), np.asarray(keep_j, dtype=np.int64)
 
 
@@ -416,14 +438,15 @@ def _groups(paths: np.ndarray, sha: np.ndarray, i: np.ndarray, j: np.ndarray, ke
 
 
 def duplicates_of_records(records: Iterable[QCResult], cfg: DuplicateConfig = DuplicateConfig(),
-                          read: Callable[[str], bytes] | None = None) -> pd.DataFrame:
+                          read: Callable[[str], bytes] | None = None,
+                          verdicts: VerdictStore | None = None) -> pd.DataFrame:
     """find_duplicates over engine results (clean's state, a job's results), read as a stream:
     only the keys are kept, not 10^6 records. `read(path)`: the photos, for the pixel check."""
     keys: tuple[list, ...] = ([], [], [], [], [])
     for r in records:
         for column, value in zip(keys, (r.path, r.sha256, r.phash, r.crop_hash, r.embedding)):
             column.append(value)
-    return find_duplicates(*keys, cfg, read=read)
+    return find_duplicates(*keys, cfg, read=read, verdicts=verdicts)
 
 
 def with_group(record: QCResult, row) -> QCResult:
