@@ -554,6 +554,8 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        if progress:  # where the run starts (a resume: the rows already done)
+            progress(len(done), len(inputs))
         stamps: dict[str, str | None] = {}  # stat before the engine reads (run_stream reads ahead)
 
         def batches() -> Iterator[tuple[list[Path], list[str]]]:

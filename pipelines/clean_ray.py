@@ -148,6 +148,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                             "config": {"policy": policy, "jpeg_decoder": jpeg_decoder, "device": device,
                                        "runtime": runtime, "precision": precision}}
             finished = len(done)
+            if progress:
+                progress(finished, len(inputs))
 
             def store_batches(paths: list[str], rows_per_block: int, rows_per_batch: int) -> set[str]:
                 nonlocal finished

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -40,6 +44,45 @@ def progress_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+@contextmanager
+def file_progress(label: str, every_s: float = 60.0) -> Iterator[Callable[[int, int], None]]:
+    """`report(done, total)` for a long run over files: a live bar on a terminal; elsewhere
+    (cron, `> log`, `docker logs`, systemd) a plain line at the first report, then at most
+    every `every_s` and at the end. rich draws nothing live off a terminal, so a 10^5-file
+    `clean` said nothing for hours and then printed one 100% line. The first report is where
+    the run starts (a resume: the files done before), the rate counts from there."""
+    console = progress_console()
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    start: dict[str, float] = {}
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if start and now - start["said"] < every_s and done < total:
+            return
+        if not start:  # the files done before this run (a resume) count in neither rate nor time
+            start.update(t=now, done=done)
+        start["said"] = now
+        rate = (done - start["done"]) / (now - start["t"]) if done > start["done"] else None
+        share = f" ({100 * done / total:.1f}%)" if total else ""
+        speed = "" if rate is None else f", {rate:.1f} files/s"
+        left = f", about {_duration((total - done) / rate)} left" if rate and done < total else ""
+        print(f"{label}: {done:,}/{total:,} files{share}{speed}{left}", file=sys.stderr, flush=True)
+
+    yield report
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
 def _csv(value: Optional[str]) -> list[str]:

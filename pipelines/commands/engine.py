@@ -201,10 +201,8 @@ def clean(
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
                          engine, address, actors, findings, pixel_check, listed):
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
     from pipelines.clean import clean as run_clean
-    from pipelines.commands.common import progress_console
+    from pipelines.commands.common import file_progress
 
     qc = None
     if engine == "ray":  # what the engine would refuse, said before Ray starts (tracebacks from Ray before)
@@ -212,10 +210,7 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     else:
         qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                      precision=precision)
-    with Progress(TextColumn("clean"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=progress_console()) as bar:
-        task = bar.add_task("clean", total=None)
-        report = lambda d, n: bar.update(task, completed=d, total=n)  # noqa: E731
+    with file_progress("clean") as report:
         if engine == "ray":
             from pipelines.clean_ray import clean_ray
 
