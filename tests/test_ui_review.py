@@ -14,7 +14,7 @@ from pipelines.engine.qc_result import Label, QCResult
 from service.jobs.reviews import ReviewStore, class_of, final_of
 from service.jobs.store import ItemSummary
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
-from service.ui.job_views import JobViews
+from service.ui.job_views import VIEW_ITEMS, JobViews
 from service.ui.review_view import GridQuery, JobView, Thresholds, build_grid, neighbours, source_of, what_if_points
 
 T = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="resnest")
@@ -87,7 +87,7 @@ def test_a_kept_view_is_rebuilt_once_the_job_has_more_items_and_the_oldest_goes_
     row = lambda path, prob: QCResult(path=path, label=Label.REGULAR, resnest_prob=prob, deep_sad_score=0.5,
                                       cervix_box=[1.0, 1.0, 9.0, 9.0], width=10, height=10)
     store.add_items(job.id, [row("far.jpg", 0.05)])
-    views = JobViews(store, max_items=2)
+    views = JobViews(store, max_items=2 + 2 * VIEW_ITEMS)  # two views of at most 2 items
     first = views.get(job.id, T)
     assert views.get(job.id, T) is first  # nothing new: the same view, not a second read
     store.add_items(job.id, [row("near.jpg", 0.45)])  # a running job's next batch
@@ -97,6 +97,12 @@ def test_a_kept_view_is_rebuilt_once_the_job_has_more_items_and_the_oldest_goes_
     views.get(other.id, T)  # 3 items kept > 2: the least recently read job's view goes
     assert views.get(other.id, T) is views.get(other.id, T)
     assert views.get(job.id, T) is not kept
+    # views of jobs without items cost their keep too: they were never let go
+    empty = [store.create("src", None, "resnest", tmp_path).id for _ in range(3)]
+    kept_empty = views.get(empty[0], T)
+    for job_id in empty[1:]:
+        views.get(job_id, T)
+    assert views.get(empty[0], T) is not kept_empty
 
 
 def test_the_scores_json_is_what_the_what_if_line_reads():
