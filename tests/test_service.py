@@ -286,6 +286,45 @@ def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
         assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
 
 
+def test_a_deleted_job_leaves_its_quarantine_copies_and_claim_and_nothing_else(server, data_root):
+    """A site running for years had no way to let a finished job go: its rows, results folder
+    and thumbnails stayed for good."""
+    import sqlite3
+
+    state_dir = Path(server.env["CERVIXQC_STATE_DIR"])
+    with server.client() as c:
+        running = c.post("/v1/jobs", json={"source": "collection"}).json()["id"]
+        refused = c.delete(f"/v1/jobs/{running}")  # a job of seconds, asked in milliseconds
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409, "job_active"), refused.text
+        job = c.post("/v1/jobs", json={"source": "collection", "quarantine": "kept"}).json()["id"]
+        done = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert done["status"] == "done" and _wait_job(c, running, lambda j: j["status"] == "done")
+        copies = sorted(p for p in (state_dir / "quarantine" / "kept").rglob("*") if p.is_file())
+        (state_dir / "thumbs" / job).mkdir(parents=True)  # as the review pages leave them
+        (state_dir / "thumbs" / job / "1-grid.jpg").write_bytes(b"thumbnail")
+        assert copies and (state_dir / "jobs" / job / "results.csv").is_file()
+        r = c.delete(f"/v1/jobs/{job}")
+        assert r.status_code == 204, r.text
+        assert c.get(f"/v1/jobs/{job}").status_code == 404
+        assert c.get(f"/v1/jobs/{job}/results").status_code == 404
+        assert c.delete(f"/v1/jobs/{job}").status_code == 404
+        assert job not in {j["id"] for j in c.get("/v1/jobs").json()["jobs"]}
+        assert c.get(f"/v1/jobs/{running}").json()["status"] == "done"  # the other job untouched
+        (data_root / "elsewhere").mkdir()
+        (data_root / "elsewhere" / "a.jpg").write_bytes(_jpeg(9))
+        taken = c.post("/v1/jobs", json={"source": "elsewhere", "quarantine": "kept"})
+        assert (taken.status_code, taken.json()["error"]["code"]) == (409, "quarantine_in_use"), taken.text
+    assert not (state_dir / "jobs" / job).exists() and not (state_dir / "thumbs" / job).exists()
+    assert sorted(p for p in (state_dir / "quarantine" / "kept").rglob("*") if p.is_file()) == copies
+    db = sqlite3.connect(state_dir / "jobs.sqlite")
+    try:
+        assert db.execute("SELECT count(*) FROM items WHERE job_id = ?", (job,)).fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM label_counts WHERE job_id = ?", (job,)).fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM items WHERE job_id = ?", (running,)).fetchone()[0] > 0
+    finally:
+        db.close()
+
+
 def test_a_job_over_names_that_are_not_utf8_stores_and_serves_their_rows(server, data_root):
     """Latin-1 names from an old archive: rows under `\\xNN`-escaped paths, read from the real files."""
     folder = os.fsencode(data_root / "latin1")

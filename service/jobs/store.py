@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS label_counts (
 SCHEMA_VERSION = 4
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
+# A deleted job keeps its row (source and quarantine: a quarantine folder still holds that
+# source's copies, `quarantine_sources`) under this status, and nothing else: no item, count or
+# review decision. Every read but the quarantine check passes it by.
+DELETED = "deleted"
 
 
 class StoreVersionError(RuntimeError):
@@ -221,15 +225,35 @@ class JobStore:
         return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
     def get(self, job_id: str) -> Job | None:
-        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ? AND status != ?", (job_id, DELETED)).fetchone()
         return Job(**dict(row)) if row else None
 
     def list(self, limit: int = 100) -> list[Job]:
-        rows = self._db().execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._db().execute("SELECT * FROM jobs WHERE status != ? ORDER BY created DESC LIMIT ?",
+                                  (DELETED, limit)).fetchall()
         return [Job(**dict(r)) for r in rows]
 
+    def delete(self, job_id: str) -> bool:
+        """True when a finished job's items, counts and review decisions are gone, in one
+        transaction (its row stays as DELETED); False when it is queued or running. A site
+        running for years had no way to let a job go: jobs.sqlite grew by every job's rows."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute(f"UPDATE jobs SET status = ? WHERE id = ? AND status IN {FINAL}", (DELETED, job_id))
+            if cur.rowcount == 1:
+                db.execute("DELETE FROM items WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM label_counts WHERE job_id = ?", (job_id,))
+                if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'decisions'").fetchone():
+                    db.execute("DELETE FROM decisions WHERE job_id = ?", (job_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return cur.rowcount == 1
+
     def quarantine_sources(self) -> list[tuple[str, str]]:
-        """(quarantine name, source) of every job that has a quarantine."""
+        """(quarantine name, source) of every job that has a quarantine, deleted ones too."""
         rows = self._db().execute("SELECT DISTINCT quarantine, source FROM jobs WHERE quarantine IS NOT NULL")
         return [(q, src) for q, src in rows.fetchall()]
 
@@ -240,7 +264,8 @@ class JobStore:
     def count_by_status(self) -> dict[str, int]:
         """Every status, those without a job at 0."""
         counts = dict.fromkeys((*ACTIVE, *FINAL), 0)
-        counts.update(self._db().execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        counts.update(self._db().execute("SELECT status, count(*) FROM jobs WHERE status != ? GROUP BY status",
+                                         (DELETED,)).fetchall())
         return counts
 
     def transition(self, job_id: str, to: str, **fields: object) -> bool:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from pipelines.clean import list_inputs
@@ -27,6 +30,7 @@ from service.state import ServiceState, State
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey], responses=UNAUTHORIZED)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422)}
 CSV_FIELDS = QCResult.csv_fields()
+log = logging.getLogger(__name__)
 
 
 def status_of(state: ServiceState, job: Job) -> JobStatus:
@@ -106,13 +110,37 @@ def get_job(job_id: str, state: State) -> JobStatus:
 
 
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
-# DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it).
+# DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it):
+# DELETE is the removal below.
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
 def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
     if not state.store.cancel(job_id):
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
     return status_of(state, job_or_404(state, job_id))
+
+
+@router.delete("/{job_id}", status_code=204, responses=_ERRORS,
+               summary="Delete a finished job: its rows, results folder, thumbnails and review decisions")
+def delete_job(job_id: str, state: State) -> Response:
+    """What a site keeps for a job it is done with: nothing but the job's source and quarantine
+    name (a quarantine folder keeps one source's copies, and the copies themselves stay: they
+    are the site's). A queued or running job is cancelled first (409)."""
+    job = job_or_404(state, job_id)
+    if not state.store.delete(job_id):
+        raise ApiError(409, "job_active", f"job {job_id} is {job.status}: cancel it first")
+    for folder in (Path(job.out_dir), state.settings.state_dir / "thumbs" / job_id):
+        if folder.name != job_id:  # only ever the job's own folders
+            continue
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # the rows are gone; a folder left behind is named by its job alone
+            log.warning("job %s deleted; its %s folder could not be removed (%s)", job_id,
+                        "results" if folder == Path(job.out_dir) else "thumbnails", type(e).__name__)
+    log.info("job %s deleted", job_id)
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_ERRORS,
