@@ -19,7 +19,23 @@ no team waits); a site that trains on many cores can export `GOMP_SPINCOUNT=3000
 
 import os
 
+from pipelines.cpu_quota import quota_cpus, quota_threads
+
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+# A container's CPU quota (`docker run --cpus 2`) as torch's thread count, unless the
+# environment or `cervixqc --threads` says otherwise: torch starts one thread per schedulable
+# core whatever the quota, and the throttled threads ran the engine 1.6x slower
+# (pipelines/cpu_quota.py). OMP_NUM_THREADS is read as torch loads; torch.set_num_threads
+# where something loaded it first. Child processes (conversions, Ray workers) inherit it.
+QUOTA_THREADS = quota_threads(quota_cpus())
+if QUOTA_THREADS is not None and "OMP_NUM_THREADS" not in os.environ \
+        and QUOTA_THREADS < len(os.sched_getaffinity(0)):
+    os.environ["OMP_NUM_THREADS"] = str(QUOTA_THREADS)
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(QUOTA_THREADS)
 
 # Triton compiles GPU kernels and nothing else; torchvision's ops import torch._dynamo, which
 # imports it when installed (the registry's torch wheel ships it), and it alone is 71 MiB of
