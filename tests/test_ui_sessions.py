@@ -181,6 +181,20 @@ def test_a_cancelled_job_gets_a_retry_button_that_needs_the_token_and_resumes_it
     assert c.post(f"/ui/jobs/{job}/retry", data={"csrf": csrf}).status_code == 303  # a second click: back to the list
 
 
+def test_a_finished_job_is_deleted_from_the_jobs_page_with_the_token_only(server):
+    job = _finished_job(server, "set")
+    c, csrf = _signed_in(server)
+    row = re.search(rf'<tr data-job="{job}".*?</tr>', c.get("/ui/jobs").text, re.S).group(0)
+    assert f'action="/ui/jobs/{job}/delete"' in row and "quarantine copies stay" in row
+    assert c.post(f"/ui/jobs/{job}/delete", data={"csrf": "forged"}).status_code == 403
+    assert httpx.get(f"{server.url}/v1/jobs/{job}", headers=HEADERS).status_code == 200
+    r = c.post(f"/ui/jobs/{job}/delete", data={"csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
+    assert httpx.get(f"{server.url}/v1/jobs/{job}", headers=HEADERS).status_code == 404
+    assert f'data-job="{job}"' not in c.get("/ui/jobs").text
+    assert c.post(f"/ui/jobs/{job}/delete", data={"csrf": csrf}).status_code == 303  # another tab: back to the list
+
+
 def test_the_signing_secret_is_private_to_the_service(server):
     secret = server.env["CERVIXQC_STATE_DIR"] + "/session-secret"
     assert stat.S_IMODE(__import__("os").stat(secret).st_mode) == 0o600

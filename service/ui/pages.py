@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 
 from service.errors import ApiError
-from service.routes.jobs import cancel_job, create_job, job_or_404, retry_job, status_of
+from service.routes.jobs import cancel_job, create_job, delete_job, job_or_404, retry_job, status_of
 from service.routes.qc import qc_upload
 from service.schemas import JobCreate, JobStatus, QCResponse
 from service.state import ServiceState, State
@@ -77,12 +77,18 @@ def retry(job_id: str, session: UiPost, state: State):
     return _then_back_to_jobs(retry_job, job_id, state)
 
 
-def _then_back_to_jobs(action, job_id: str, state: ServiceState) -> RedirectResponse:
+@router.post("/jobs/{job_id}/delete")
+def delete(job_id: str, session: UiPost, state: State):
+    return _then_back_to_jobs(delete_job, job_id, state, done_with=(404, 409))
+
+
+def _then_back_to_jobs(action, job_id: str, state: ServiceState, done_with: tuple[int, ...] = (409,)) -> RedirectResponse:
     """The API's action, then the list. A 409 (cancel a job already finished, retry one
-    already queued again: a second click, another tab) has nothing left to do."""
+    already queued again: a second click, another tab) has nothing left to do, and so has a
+    404 for a delete (deleted from another tab)."""
     try:
         action(job_id, state)
     except ApiError as e:
-        if e.status != 409:
+        if e.status not in done_with:
             raise
     return RedirectResponse("/ui/jobs", status_code=303)
