@@ -129,6 +129,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     started_here = False
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
+        if progress:  # where the run starts (a resume: the rows already done)
+            progress(len(done), len(inputs))
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
@@ -148,8 +150,6 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                             "config": {"policy": policy, "jpeg_decoder": jpeg_decoder, "device": device,
                                        "runtime": runtime, "precision": precision}}
             finished = len(done)
-            if progress:
-                progress(finished, len(inputs))
 
             def store_batches(paths: list[str], rows_per_block: int, rows_per_batch: int) -> set[str]:
                 nonlocal finished

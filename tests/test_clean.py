@@ -275,6 +275,10 @@ def test_a_results_folder_written_by_a_newer_cervixqc_is_refused_and_left_as_it_
     db.close()
     with open(tmp_path / "out" / ".lock", "a") as lock:  # released with the refusal
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    from pipelines.data.duplicates import read_clean_state  # `cervixqc duplicates`/`split` read it too
+
+    with pytest.raises(ValueError, match="newer cervixqc"):
+        read_clean_state(tmp_path / "out")
 
 
 def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_before_any_model_loads(weights, collection,

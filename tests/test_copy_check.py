@@ -232,3 +232,42 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
     assert 1 <= count(third, "checked") <= 5 and count(third, "candidate pairs") > count(first, "candidate pairs")
     groups = pd.read_csv(out / "duplicates.csv")
     assert set(groups["path"]) == {"a.jpg", "a_crop.jpg", "other1.jpg", "b_crop.jpg"}, table3
+
+
+def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path):
+    """The check matches the second photo's keypoints to the first's, and at the cut a pair was
+    a copy one way and not the other: a file renamed past its pair's must be checked again."""
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    folder = _collection(tmp_path)
+    names = sorted(p.name for p in folder.iterdir())
+    records = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu")).run(
+        [folder / n for n in names], names=names)
+    sha = {r.path: r.sha256 for r in records}
+
+    class Kept:
+        def __init__(self):
+            self.stored: dict = {}
+            self.asked: list = []
+
+        def verdicts(self, pairs, setting):
+            self.asked += pairs
+            return {p: self.stored[(p, setting)] for p in pairs if (p, setting) in self.stored}
+
+        def add_verdicts(self, verdicts, setting):
+            self.stored.update({(p, setting): v for p, v in verdicts.items()})
+
+    kept = Kept()
+    read = lambda rel: (folder / rel.replace("z_", "")).read_bytes()  # noqa: E731
+    keys = lambda rs, rename={}: ([rename.get(r.path, r.path) for r in rs], [r.sha256 for r in rs],  # noqa: E731
+                                  [r.phash for r in rs], [r.crop_hash for r in rs], [r.embedding for r in rs])
+    first = find_duplicates(*keys(records), read=read, verdicts=kept)
+    assert list(first["path"]) == ["a.jpg", "a_crop.jpg"]
+    assert kept.stored[((sha["a.jpg"], sha["a_crop.jpg"]), next(s for _, s in kept.stored))] is True
+    # the original renamed after its copy: the pair comes in the other order and is checked again
+    renamed = sorted(records, key=lambda r: {"a.jpg": "z_a.jpg"}.get(r.path, r.path))
+    kept.asked.clear()
+    again = find_duplicates(*keys(renamed, {"a.jpg": "z_a.jpg"}), read=read, verdicts=kept)
+    assert (sha["a_crop.jpg"], sha["a.jpg"]) in kept.asked
+    assert any(p == (sha["a_crop.jpg"], sha["a.jpg"]) for p, _ in kept.stored)  # checked, then stored
+    assert sorted(again["path"]) == ["a_crop.jpg", "z_a.jpg"]

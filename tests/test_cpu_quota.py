@@ -47,6 +47,9 @@ def test_no_quota_or_no_cgroup_files_leave_the_thread_count_alone(tmp_path):
     _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
     assert quota_cpus(proc, root) is None and quota_threads(None) is None
     assert quota_cpus(tmp_path / "missing", root) is None
+    proc.write_text("0::/\n")  # a file that says nothing we can read: no quota, no failed import
+    _write(root / "cpu.max", "abc 100000\n")
+    assert quota_cpus(proc, root) is None
 
 
 V1_CPU = Path("/sys/fs/cgroup/cpu")

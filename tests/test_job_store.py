@@ -333,3 +333,62 @@ def test_a_deleted_job_store_is_not_created_again_empty_by_another_thread(tmp_pa
     with pytest.raises(sqlite3.Error):  # the results download and the exports read on their own connection
         list(store.records("any"))
     assert not path.exists()
+
+
+def test_a_job_cancelled_during_its_exports_is_held_by_the_runner_until_they_are_written(tmp_path):
+    """Cancelled while its duplicate search and exports ran (no longer active), a job deleted
+    then had its results folder written back by the runner's exports."""
+    import shutil
+    import threading
+
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import jpeg_bytes, textured_scene, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(80):  # distinct scenes: the pixel check reads them all after the last batch
+        (root / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(textured_scene(i, (480, 360))))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=16)
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    runner.start()
+    try:
+        deadline = time.time() + 120
+        while sum(store.counts(job.id).values()) < 80 and time.time() < deadline:
+            time.sleep(0.005)
+        assert store.cancel(job.id), "the last batch is stored: the job is in its duplicate search"
+        assert runner.holds(job.id)  # so DELETE answers 409 (service/routes/jobs.py)
+        while runner.holds(job.id) and time.time() < deadline:
+            time.sleep(0.01)
+        assert not runner.holds(job.id) and store.get(job.id).status == "cancelled"
+        assert store.delete(job.id)
+        shutil.rmtree(tmp_path / "out" / job.id, ignore_errors=True)
+        time.sleep(0.5)
+        assert not (tmp_path / "out" / job.id).exists() and store.get(job.id) is None
+    finally:
+        runner.stop()
+        assert not any(t.name == "job-runner" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_next_open(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    a, b = store.create("src", None, "resnest", tmp_path), store.create("src", None, "resnest", tmp_path)
+    for job in (a, b):
+        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(25)])
+    assert not store.delete(a.id)  # queued: cancel it first
+    store.cancel(a.id)
+    store.purge = lambda job_id, chunk=10_000: JobStore.purge(store, job_id, chunk=7)  # several chunks
+    assert store.delete(a.id) and store.get(a.id) is None and a.id not in {j.id for j in store.list()}
+    assert _group_by(store.path, a.id) == {} and store.counts(b.id) == {"regular": 25}
+    with sqlite3.connect(store.path) as db:  # b deleted with its rows left, as by a kill mid-purge
+        db.execute("UPDATE jobs SET status = 'deleted' WHERE id = ?", (b.id,))
+    assert _group_by(store.path, b.id) == {"regular": 25}
+    JobStore(store.path)
+    assert _group_by(store.path, b.id) == {}
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5  # an older version refuses the file

@@ -353,16 +353,19 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     """The candidate pairs the pixel check calls copies. A pair already joined (by the keys
     or by a check before it) is not checked: in a group of ten copies, one check joins a
     cropped copy to all of them. Every photo of a pair left to check is decoded once first,
-    in path order (`CopyChecker.prepare`). A pair with a stored verdict (`verdicts`) is
-    taken from it, in the same order, so the groups are those a fresh check finds; the new
-    verdicts of two read photos are stored (an unreadable photo is asked again next time)."""
+    in path order (`CopyChecker.prepare`). A pair with a stored verdict (`verdicts`, by the
+    two photos' sha256 in the order checked) is taken from it, in the same order, so the
+    groups are those a fresh check finds; the new verdicts of two read photos are stored (an
+    unreadable photo is asked again next time)."""
     joined = DisjointSet(range(len(paths)))
     for a, b in zip(ei.tolist(), ej.tolist()):
         joined.merge(a, b)
     todo = [(a, b) for a, b in zip(ci.tolist(), cj.tolist()) if not joined.connected(a, b)]
 
     def key(a: int, b: int) -> tuple[str, str] | None:
-        return None if sha[a] is None or sha[b] is None else (min(sha[a], sha[b]), max(sha[a], sha[b]))
+        # in the order checked (path order): the check matches b's keypoints to a's, and a pair
+        # at the edge of the cut was a copy one way and not the other (2.958 vs 3.011 of 3.0)
+        return None if sha[a] is None or sha[b] is None else (sha[a], sha[b])
 
     setting = verdict_setting(check.cfg)
     known = {} if verdicts is None else verdicts.verdicts([k for pair in todo if (k := key(*pair))], setting)
@@ -515,9 +518,19 @@ def read_clean_state(folder: Path) -> Iterator[QCResult]:
     """The records of a clean output folder (state.sqlite: results(path, label, record)), in
     path order, streamed. Opened read-only, unlike clean's own StateStore, which creates its
     table: a finished folder is only read here."""
+    from pipelines.clean import STATE_FORMAT
+
     db_path = folder / "state.sqlite"
     if not db_path.is_file():
         raise ValueError(f"{folder}: no state.sqlite (not a `cervixqc clean` output folder)")
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+    if version > STATE_FORMAT:  # its rows may mean what this version cannot tell
+        raise ValueError(f"{folder} was written by a newer cervixqc (state format {version}; this version reads up "
+                         f"to {STATE_FORMAT}): read it with the newer version")
     return _read_records(db_path)
 
 

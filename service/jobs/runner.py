@@ -48,6 +48,10 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        # the job this runner holds, from before its first read until after its last write: a
+        # job cancelled during its duplicate search and exports (minutes at scale) is no longer
+        # active, and deleted then, the exports wrote its folder back (`holds`)
+        self._holding: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -59,6 +63,10 @@ class JobRunner:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def holds(self, job_id: str) -> bool:
+        """Whether the runner may still write this job's rows or files (DELETE waits for it)."""
+        return self._holding == job_id
 
     def wake(self) -> None:
         self._wake.set()
@@ -89,6 +97,9 @@ class JobRunner:
             self._wake.wait(1.0)
             self._wake.clear()
             return
+        # held before `_run` reads anything: a job deleted between next_active and here is no
+        # longer active, so `_run`'s first write (the move to running) does not take it
+        self._holding = job.id
         try:
             self._run(job)
         except sqlite3.OperationalError:
@@ -98,6 +109,8 @@ class JobRunner:
             log.error("job %s failed (%s)", job.id, type(e).__name__)
             log.debug("job %s failed", job.id, exc_info=True)
             self.store.transition(job.id, "failed", error=f"{type(e).__name__}: {e}", finished=time.time())
+        finally:
+            self._holding = None
 
     def _run(self, job: Job) -> None:
         src = Path(job.source)

@@ -110,8 +110,8 @@ def get_job(job_id: str, state: State) -> JobStatus:
 
 
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
-# DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it):
-# DELETE is the removal below.
+# DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it),
+# which the removal below does.
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
 def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
@@ -127,6 +127,8 @@ def delete_job(job_id: str, state: State) -> Response:
     name (a quarantine folder keeps one source's copies, and the copies themselves stay: they
     are the site's). A queued or running job is cancelled first (409)."""
     job = job_or_404(state, job_id)
+    if state.runner.holds(job_id):  # cancelled, but its last batch or exports still being written
+        raise ApiError(409, "job_active", f"job {job_id} is {job.status} and still being written: try again shortly")
     if not state.store.delete(job_id):
         raise ApiError(409, "job_active", f"job {job_id} is {job.status}: cancel it first")
     for folder in (Path(job.out_dir), state.settings.state_dir / "thumbs" / job_id):
