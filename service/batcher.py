@@ -70,9 +70,13 @@ class _Item:
     released: bool = False
 
     def release(self) -> None:
+        """Its room back, and its bytes let go: a request that gave up stays in the queue until
+        the loop reaches it, a batch later, and its bytes with it, past the room counted free
+        (clients retrying after 4 s timeouts: +1.25 GB RSS against +0.8 GB without)."""
         if not self.released:
             self.released = True
             self.reservation.release(1, len(self.data))
+            self.data = b""
 
 
 def _fail_items(items: list[_Item], error: Exception) -> None:

@@ -8,9 +8,11 @@ smallest DCT scale (1/2, 1/4, 1/8) that still gives the stage what it needs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +73,16 @@ class Decoded:
 
 
 def _grey8(im: Image.Image) -> Image.Image:
-    """16-bit (or 12-bit in 16) grey down to 8 bits, shifted by the image's own brightest pixel."""
-    arr = np.asarray(im, dtype=np.uint32)
+    """16-bit (or 12-bit in 16) grey down to 8 bits, shifted by the image's own brightest pixel.
+    16-bit modes are shifted in place in one uint16 copy: as uint32 with a copy per step, a
+    100 MP 16-bit TIFF took 1.3 GB more to decode (two in the decode pool: 4.6 GB peak RSS)."""
+    if im.mode.startswith("I;16"):
+        arr = np.array(im)  # a writable uint16 copy
+        shift = max(0, max(int(arr.max()), 1).bit_length() - 8)
+        np.right_shift(arr, shift, out=arr)
+        np.minimum(arr, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8), "L")
+    arr = np.asarray(im, dtype=np.uint32)  # "I": 32-bit integers, rare; as before
     top = max(int(arr.max()), 1)
     shift = max(0, top.bit_length() - 8)
     return Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8), "L")
@@ -248,42 +258,28 @@ def read_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> bytes:
     return data
 
 
+# Photos over this many pixels that are decoded at full size (every format but a baseline
+# JPEG, which libjpeg decodes reduced) take the process's one costly-decode turn: the engine
+# decodes two photos at a time, and two 100 MP PNGs or 16-bit TIFFs together added their
+# full-size copies (a service under 32 clients peaked at 4.6 GB). Nothing clinical is that large.
+COSTLY_PIXELS = 24_000_000
+_costly_turn = threading.Lock()
+
+
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None) -> Decoded:
     """Decode at the smallest scale whose long side is >= `min_long_side` (None: full size)."""
     im, header = _open(data, limits)
     with im:
         w, h = im.size
         full_w, full_h = header.display_size
-        try:
-            # MPO: a phone's JPEG with a second (depth or preview) image, which Pillow names so;
-            # its first image is a JPEG like any other (it was decoded at 16x the pixels)
-            jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L", "CMYK", "YCbCr")
-            if min_long_side is not None and jpeg:
-                f = min_long_side / max(w, h)
-                if f < 1:
-                    im.draft(im.mode, (max(1, int(w * f)), max(1, int(h * f))))
-            im.seek(0)  # multi-frame files (TIFF pages, GIF frames): the first frame
-            im.load()
-            small: Image.Image = im
-            factor = 1 if jpeg else draft_factor(w, h, min_long_side)
-            if factor > 1:
-                # other formats have no DCT scaling: reduced here (box filter) by the factor a JPEG
-                # of this size is drafted by, so the engine's float copies are of this size; a
-                # 10000x10000 PNG under the pixel limit took 3.5 GB of RSS at full size. Reduced
-                # before it is turned and made RGB: each of those is a full-size copy, and a 100 MP
-                # RGBA PNG (418 KB) took 2.3 GB more to decode, 4 of them in a batch 5.4 GB
-                small = _reducible(im).reduce(factor)
-            rgb = to_rgb(ImageOps.exif_transpose(small))
-        except DecodeError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            frame = jpeg_frame(data) if jpeg else None
-            if frame is not None and frame[0] in ARITHMETIC_SOF:
-                try:
-                    return _arithmetic(data, header, min_long_side)
-                except Exception:  # noqa: BLE001 - a damaged one: the reason below
-                    pass
-            raise DecodeError(f"truncated or corrupt image data ({type(e).__name__})") from None
+        # MPO: a phone's JPEG with a second (depth or preview) image, which Pillow names so;
+        # its first image is a JPEG like any other (it was decoded at 16x the pixels)
+        jpeg = im.format in ("JPEG", "MPO") and im.mode in ("RGB", "L", "CMYK", "YCbCr")
+        costly = w * h > COSTLY_PIXELS and not (jpeg and not im.info.get("progressive"))
+        with _costly_turn if costly else contextlib.nullcontext():
+            rgb = _pixels(im, data, header, jpeg, min_long_side)
+        if isinstance(rgb, Decoded):  # an arithmetic-coded JPEG, decoded by libjpeg-turbo
+            return rgb
     # CHW in numpy, not torch: decode runs in the engine's pool threads, and a thread that
     # has run one of torch's parallel operations keeps its own OpenMP team alive; while such a
     # pool lived, every torch operation of the engine's own thread ran at about half speed
@@ -291,3 +287,37 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
     # after; with this copy in numpy, 0.09-0.10 s).
     t = torch.from_numpy(np.array(rgb).transpose(2, 0, 1).copy())
     return Decoded(t, full_w, full_h, header.sha256)
+
+
+def _pixels(im: Image.Image, data: bytes, header: Header, jpeg: bool,
+            min_long_side: int | None) -> Image.Image | Decoded:
+    """`im`'s first frame as 8-bit RGB, upright, reduced for `min_long_side`."""
+    w, h = im.size
+    try:
+        if min_long_side is not None and jpeg:
+            f = min_long_side / max(w, h)
+            if f < 1:
+                im.draft(im.mode, (max(1, int(w * f)), max(1, int(h * f))))
+        im.seek(0)  # multi-frame files (TIFF pages, GIF frames): the first frame
+        im.load()
+        small: Image.Image = im
+        factor = 1 if jpeg else draft_factor(w, h, min_long_side)
+        if factor > 1:
+            # other formats have no DCT scaling: reduced here (box filter) by the factor a JPEG
+            # of this size is drafted by, so the engine's float copies are of this size; a
+            # 10000x10000 PNG under the pixel limit took 3.5 GB of RSS at full size. Reduced
+            # before it is turned and made RGB: each of those is a full-size copy, and a 100 MP
+            # RGBA PNG (418 KB) took 2.3 GB more to decode, 4 of them in a batch 5.4 GB
+            small = _reducible(im).reduce(factor)
+        rgb = to_rgb(ImageOps.exif_transpose(small))
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        frame = jpeg_frame(data) if jpeg else None
+        if frame is not None and frame[0] in ARITHMETIC_SOF:
+            try:
+                return _arithmetic(data, header, min_long_side)
+            except Exception:  # noqa: BLE001 - a damaged one: the reason below
+                pass
+        raise DecodeError(f"truncated or corrupt image data ({type(e).__name__})") from None
+    return rgb
