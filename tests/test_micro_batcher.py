@@ -91,3 +91,27 @@ def test_engine_calls_failing_in_a_row_make_the_engine_failing_until_one_succeed
         health.failed("job", RuntimeError())
     health.probe(lambda: runs.append(1))
     assert runs == [] and health.failing()
+
+
+def test_a_request_that_gave_up_lets_its_bytes_go_before_the_loop_reaches_it(engine):
+    """Its room was given back at once, but its bytes stayed in the queue until the loop got
+    there, a batch later: clients retrying after timeouts held 0.45 GB past the byte limit."""
+    import gc
+    import tracemalloc
+
+    async def main() -> tuple[int, int]:
+        batcher = MicroBatcher(lambda data, names: engine.run(data, names), EngineGate(), Metrics(),
+                               max_batch_size=16, max_wait_ms=200, max_queue=64)
+        tracemalloc.start()
+        try:
+            futures = batcher.submit([(bytes(bytearray(32 << 20)), "big.jpg")])  # not started: it stays queued
+            held = tracemalloc.get_traced_memory()[0]
+            futures[0].cancel()
+            await asyncio.sleep(0)  # the done callbacks run
+            gc.collect()
+            return held, tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+
+    held, after = asyncio.run(main())
+    assert held > 32 << 20 and after < 8 << 20, (held, after)
