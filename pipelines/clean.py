@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import filecmp
+import hashlib
 import json
 import logging
 import os
@@ -265,12 +266,21 @@ class StateStore:
             self.db.execute("INSERT INTO meta VALUES ('writes', 1) "
                             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
-    def mark_exported(self) -> None:
+    def mark_exported(self, exported: str | None = None) -> None:
         """The exports now hold every row written so far (read by `read_duplicates`, which
-        regroups from the state when they lag it)."""
+        regroups from the state when they lag it), made as `exported` says (`export_mark`)."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta SELECT 'exported_writes', "
                             "coalesce((SELECT value FROM meta WHERE key = 'writes'), 0)")
+            if exported is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('exported_as', ?)", (exported,))
+
+    def exports_current(self, exported: str) -> bool:
+        """Whether the last exports hold every row written since and were made as `exported`."""
+        marks = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('writes', 'exported_writes', "
+                                     "'exported_as')"))
+        return (str(marks.get("writes", 0)) == str(marks.get("exported_writes"))
+                and marks.get("exported_as") == exported)
 
     def verdicts(self, pairs: list[tuple[str, str]], setting: str) -> dict[tuple[str, str], bool]:
         """The pixel check's stored verdicts of these photo pairs (`VerdictStore`)."""
@@ -414,16 +424,38 @@ def export(store: StateStore, out_dir: Path, src_root: Path | None = None,
 def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: list[str], processed_now: int,
                skipped_done: int, t0: float) -> CleanSummary:
     """Exports and summary.json of a run (local or Ray), over the rows of the current inputs;
-    `src_root` None leaves out the duplicate search's pixel check."""
+    `src_root` None leaves out the duplicate search's pixel check. A rerun that changed
+    nothing (no row written, the same inputs, the same kind of export, the files still there)
+    keeps the exports it finds: reading and writing them again was minutes at 10^6 photos."""
     current = set(inputs)
-    csv_path, pq_path = export(store, out_dir, src_root, current)
-    store.mark_exported()
+    mark = export_mark(inputs, src_root is not None)
+    csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
+    kept = [csv_path, pq_path, out_dir / "duplicates.csv"]
+    if not (processed_now == 0 and store.exports_current(mark) and all(p.is_file() for p in kept)):
+        csv_path, pq_path = export(store, out_dir, src_root, current)
+        store.mark_exported(mark)
     labels = Counter(label for path, label in store.labels() if path in current)
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
                            csv_path, pq_path, store.decision())
     write_atomically(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
     return summary
+
+
+def export_mark(inputs: list[str], pixel_check: bool) -> str:
+    """What a run's exports are made of: the code that writes them (this module, the result
+    schema and the duplicate search, by their source: an upgrade within one version number
+    changes the files too), the pixel check on or off, and the inputs (a file deleted since
+    drops out of them)."""
+    from pipelines.data import duplicates
+    from pipelines.engine import qc_result
+
+    digest = hashlib.sha256(json.dumps(pixel_check).encode())
+    for module in (__file__, qc_result.__file__, duplicates.__file__):
+        digest.update(Path(module).read_bytes())
+    for path in sorted(inputs):
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
 
 
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:

@@ -217,11 +217,15 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="pipelines.data.duplicates"):
             clean(qc, folder, out)
-        (line,) = [m for m in caplog.messages if m.startswith("pixel check:")]
-        return line, (out / "duplicates.csv").read_text()
+        lines = [m for m in caplog.messages if m.startswith("pixel check:")]
+        return (lines[0] if lines else ""), (out / "duplicates.csv").read_text()
 
     first, table = run()
     assert " 0 known from before" in first and " 0 photos read" not in first
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")}
+    again, table_again = run()  # nothing changed: the exports are kept, no pair is looked at
+    assert again == "" and table_again == table and {p.name: p.stat().st_mtime_ns for p in out.glob("*.csv")} == written
+    (out / "results.csv").unlink()  # the exports are made again where one is missing, from the kept verdicts
     again, table_again = run()
     assert " 0 checked, " in again and " 0 photos read" in again and table_again == table
     (folder / "b_crop.jpg").write_bytes(jpeg_bytes(cropped_copy(textured_scene(11)), 60))  # other1's copy
