@@ -30,21 +30,23 @@ def test_a_v2_quota_is_the_tightest_of_the_cgroup_and_its_ancestors(tmp_path):
     assert quota_cpus(proc, root) == 4.0
 
 
-def test_a_v1_container_reads_its_quota_at_the_mounts_root_when_the_hosts_path_is_not_there(tmp_path):
+def _v1(tmp_path: Path, cgroup: str, quota_us: int) -> tuple[Path, Path]:
+    """/proc/self/cgroup and a v1 cpu controller whose mount root holds `quota_us`."""
     proc = tmp_path / "cgroup"
-    proc.write_text("11:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
+    proc.write_text(cgroup)
     root = tmp_path / "fs"
-    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "200000\n")
+    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", f"{quota_us}\n")
     _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    return proc, root
+
+
+def test_a_v1_container_reads_its_quota_at_the_mounts_root_when_the_hosts_path_is_not_there(tmp_path):
+    proc, root = _v1(tmp_path, "11:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n", 200000)
     assert quota_cpus(proc, root) == 2.0 and quota_threads(2.0) == 2
 
 
 def test_no_quota_or_no_cgroup_files_leave_the_thread_count_alone(tmp_path):
-    proc = tmp_path / "cgroup"
-    proc.write_text("4:cpu,cpuacct:/\n")
-    root = tmp_path / "fs"
-    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
-    _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    proc, root = _v1(tmp_path, "4:cpu,cpuacct:/\n", -1)
     assert quota_cpus(proc, root) is None and quota_threads(None) is None
     assert quota_cpus(tmp_path / "missing", root) is None
     proc.write_text("0::/\n")  # a file that says nothing we can read: no quota, no failed import
