@@ -266,21 +266,31 @@ class StateStore:
             self.db.execute("INSERT INTO meta VALUES ('writes', 1) "
                             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
-    def mark_exported(self, exported: str | None = None) -> None:
+    def mark_exported(self, exported: str | None = None, files: Collection[Path] = ()) -> None:
         """The exports now hold every row written so far (read by `read_duplicates`, which
-        regroups from the state when they lag it), made as `exported` says (`export_mark`)."""
+        regroups from the state when they lag it), made as `exported` says (`export_mark`),
+        into `files` as they are now."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO meta SELECT 'exported_writes', "
                             "coalesce((SELECT value FROM meta WHERE key = 'writes'), 0)")
             if exported is not None:
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('exported_as', ?)", (exported,))
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('exported_as', ?)",
+                                (json.dumps([exported, _file_stamps(files)]),))
 
-    def exports_current(self, exported: str) -> bool:
-        """Whether the last exports hold every row written since and were made as `exported`."""
+    def forget_export(self) -> None:
+        """Before an export: a run killed between its renames leaves no mark that passes."""
+        with self.db:
+            self.db.execute("DELETE FROM meta WHERE key IN ('exported_as', 'pixel_unread')")
+
+    def exports_current(self, exported: str, files: Collection[Path]) -> bool:
+        """Whether the last exports hold every row written since, were made as `exported`,
+        read every photo their pixel check asked for, and are still the files they wrote (not
+        re-saved from a spreadsheet, not rewritten by another version)."""
         marks = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('writes', 'exported_writes', "
-                                     "'exported_as')"))
+                                     "'exported_as', 'pixel_unread')"))
         return (str(marks.get("writes", 0)) == str(marks.get("exported_writes"))
-                and marks.get("exported_as") == exported)
+                and marks.get("exported_as") == json.dumps([exported, _file_stamps(files)])
+                and str(marks.get("pixel_unread", 0)) == "0")
 
     def verdicts(self, pairs: list[tuple[str, str]], setting: str) -> dict[tuple[str, str], bool]:
         """The pixel check's stored verdicts of these photo pairs (`VerdictStore`)."""
@@ -292,10 +302,13 @@ class StateStore:
                                (setting,))
         return {(a, b): bool(copy) for a, b, copy in rows}
 
-    def add_verdicts(self, verdicts: Mapping[tuple[str, str], bool], setting: str) -> None:
+    def add_verdicts(self, verdicts: Mapping[tuple[str, str], bool], setting: str, unread: int = 0) -> None:
+        """The new verdicts, and how many pairs went without one (an export after photos that
+        could not be read is not kept by a rerun: they are asked again)."""
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
                                 [(a, b, setting, int(copy)) for (a, b), copy in verdicts.items()])
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('pixel_unread', ?)", (unread,))
 
     def labels(self) -> Iterator[tuple[str, str]]:
         """(path, label) of every row, without parsing the records (2.4 s of 10^5 rows' export)."""
@@ -430,10 +443,11 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
     current = set(inputs)
     mark = export_mark(inputs, src_root is not None)
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
-    kept = [csv_path, pq_path, out_dir / "duplicates.csv"]
-    if not (processed_now == 0 and store.exports_current(mark) and all(p.is_file() for p in kept)):
+    files = [csv_path, pq_path, out_dir / "duplicates.csv"]
+    if not (processed_now == 0 and store.exports_current(mark, files)):
+        store.forget_export()
         csv_path, pq_path = export(store, out_dir, src_root, current)
-        store.mark_exported(mark)
+        store.mark_exported(mark, files)
     labels = Counter(label for path, label in store.labels() if path in current)
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
                            csv_path, pq_path, store.decision())
@@ -444,18 +458,32 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
 
 def export_mark(inputs: list[str], pixel_check: bool) -> str:
     """What a run's exports are made of: the code that writes them (this module, the result
-    schema and the duplicate search, by their source: an upgrade within one version number
-    changes the files too), the pixel check on or off, and the inputs (a file deleted since
-    drops out of them)."""
-    from pipelines.data import duplicates
-    from pipelines.engine import qc_result
+    schema, the duplicate search with its keys and pixel check, the file writers: by their
+    source, since an upgrade within one version number changes the files too), the pixel
+    check on or off, and the inputs (a file deleted since drops out of them)."""
+    from pipelines import outputs
+    from pipelines.data import copy_check, duplicates, schema
+    from pipelines.engine import hashes, qc_result
 
     digest = hashlib.sha256(json.dumps(pixel_check).encode())
-    for module in (__file__, qc_result.__file__, duplicates.__file__):
-        digest.update(Path(module).read_bytes())
+    for module in (__file__, qc_result, duplicates, copy_check, hashes, outputs, schema):
+        digest.update(Path(module if isinstance(module, str) else module.__file__).read_bytes())
     for path in sorted(inputs):
         digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
     return digest.hexdigest()
+
+
+def _file_stamps(files: Collection[Path]) -> list[list[int] | None]:
+    """Size, modification time and inode of each file (None: not there)."""
+    stamps: list[list[int] | None] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append([st.st_size, st.st_mtime_ns, st.st_ino])
+    return stamps
 
 
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:

@@ -4,6 +4,7 @@ duplicate search that uses it. Generated textured scenes only."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,6 +229,10 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
     (out / "results.csv").unlink()  # the exports are made again where one is missing, from the kept verdicts
     again, table_again = run()
     assert " 0 checked, " in again and " 0 photos read" in again and table_again == table
+    csv = out / "results.csv"  # re-saved by a spreadsheet: not the file the run wrote, made again
+    csv.write_bytes(csv.read_bytes().replace(b"\n", b"\r\n"))
+    again, _ = run()
+    assert " 0 checked, " in again and b"\r\n" not in csv.read_bytes()
     (folder / "b_crop.jpg").write_bytes(jpeg_bytes(cropped_copy(textured_scene(11)), 60))  # other1's copy
     third, table3 = run()
     count = lambda line, what: int(re.search(rf"(\d+) {what}", line).group(1))  # noqa: E731
@@ -258,7 +263,7 @@ def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path)
             self.asked += pairs
             return {p: self.stored[(p, setting)] for p in pairs if (p, setting) in self.stored}
 
-        def add_verdicts(self, verdicts, setting):
+        def add_verdicts(self, verdicts, setting, unread=0):
             self.stored.update({(p, setting): v for p, v in verdicts.items()})
 
     kept = Kept()
@@ -275,3 +280,26 @@ def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path)
     assert (sha["a_crop.jpg"], sha["a.jpg"]) in kept.asked
     assert any(p == (sha["a_crop.jpg"], sha["a.jpg"]) for p, _ in kept.stored)  # checked, then stored
     assert sorted(again["path"]) == ["a_crop.jpg", "z_a.jpg"]
+
+
+def test_a_clean_rerun_asks_again_the_pairs_a_photo_it_could_not_read_left_without_a_verdict(tmp_path, monkeypatch):
+    """Kept as they were, the exports of a run whose pixel check could not read a photo (a
+    share away for a moment) missed that photo's copies until some other change came."""
+    from pipelines.clean import clean
+    from pipelines.engine.qc import QCConfig, QCPipeline
+
+    folder = _collection(tmp_path)
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu"))
+    read_bytes = Path.read_bytes
+
+    def share_away(path):  # the engine has read it (its own open); the pixel check cannot
+        if path.name == "a_crop.jpg":
+            raise OSError(5, "Input/output error")
+        return read_bytes(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", share_away)
+        clean(qc, folder, tmp_path / "out")
+    assert pd.read_csv(tmp_path / "out" / "duplicates.csv").empty
+    clean(qc, folder, tmp_path / "out")  # nothing new to label; the pair is asked again
+    assert list(pd.read_csv(tmp_path / "out" / "duplicates.csv")["path"]) == ["a.jpg", "a_crop.jpg"]

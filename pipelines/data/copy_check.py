@@ -79,7 +79,8 @@ class VerdictStore(Protocol):
 
     def verdicts(self, pairs: list[tuple[str, str]], setting: str) -> dict[tuple[str, str], bool]: ...
 
-    def add_verdicts(self, verdicts: Mapping[tuple[str, str], bool], setting: str) -> None: ...
+    def add_verdicts(self, verdicts: Mapping[tuple[str, str], bool], setting: str, unread: int = 0) -> None:
+        """`unread`: pairs checked this time without a verdict (a photo could not be read)."""
 
 
 @dataclass(frozen=True)

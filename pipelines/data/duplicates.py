@@ -374,7 +374,7 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     check.prepare([paths[r] for r in unknown], threads=torch.get_num_threads())
     prepared = time.perf_counter() - t0
     keep_i, keep_j = [], []
-    checked, found = 0, {}
+    checked, found, unread = 0, {}, 0
     try:
         with _faiss_threads(1):  # 500 x 500 descriptors a search: threads cost more than they save
             for a, b in todo:
@@ -389,14 +389,16 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
                     copy = verdict.copy
                     if k is not None and verdict.reason != "unreadable":
                         found[k] = copy
+                    else:
+                        unread += 1
                 if copy:
                     joined.merge(a, b)
                     keep_i.append(a)
                     keep_j.append(b)
     finally:
         check.close()
-    if verdicts is not None and found:
-        verdicts.add_verdicts(found, setting)
+    if verdicts is not None:
+        verdicts.add_verdicts(found, setting, unread)
     log.info("pixel check: %d candidate pairs, %d checked, %d known from before, %d copies; %d photos read, "
              "keypoints %.1f s, pairs %.1f s", len(ci), checked, len(known), len(keep_i), check.photos_read,
              prepared, time.perf_counter() - t0 - prepared)
