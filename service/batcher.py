@@ -198,7 +198,10 @@ class MicroBatcher:
                     it.release()
 
     async def _settle(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
-        results = await loop.run_in_executor(self._executor, self._run, items)
+        # the bytes taken now, on the loop: a request that gives up while this batch waits for
+        # the engine lets its item's bytes go (`_Item.release`), and the batch must still run them
+        results = await loop.run_in_executor(self._executor, self._run, [it.data for it in items],
+                                             [it.name for it in items])
         if len(results) != len(items):
             raise RuntimeError(f"engine returned {len(results)} results for {len(items)} images")
         self.health.succeeded()
@@ -228,12 +231,12 @@ class MicroBatcher:
                 log.error("a request's %d images failed in the engine (%s)", len(group), type(e).__name__)
                 _fail_items(group, e)
 
-    def _run(self, items: list[_Item]) -> list[QCResult]:
+    def _run(self, data: list[bytes], names: list[str]) -> list[QCResult]:
         with self.gate.interactive():
             t = time.perf_counter()
-            results = self.run_batch([it.data for it in items], [it.name for it in items])
+            results = self.run_batch(data, names)
             took = time.perf_counter() - t
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * took
-        self.metrics.batch_size.observe(len(items))
+        self.metrics.batch_size.observe(len(data))
         self.metrics.batch_seconds.observe(took)
         return results
