@@ -9,6 +9,7 @@ smallest DCT scale (1/2, 1/4, 1/8) that still gives the stage what it needs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import stat
@@ -266,6 +267,25 @@ COSTLY_PIXELS = 24_000_000
 _costly_turn = threading.Lock()
 
 
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on musl and macOS
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _give_back_freed_memory() -> None:
+    """After a costly decode, the freed full-size copies back to the system: glibc keeps freed
+    heap for the process, so a service stayed at its peak (1.5-2.3 GB idle after big uploads)
+    and a small PC's other programs had it no more. Two 100 MP PNGs and two 100 MP 16-bit TIFFs
+    decoded: VmRSS 1,185 MiB, 596 MiB after the trim (556 before them). A few ms each."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None) -> Decoded:
     """Decode at the smallest scale whose long side is >= `min_long_side` (None: full size)."""
     im, header = _open(data, limits)
@@ -278,8 +298,11 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits(), min_long_side: in
         costly = w * h > COSTLY_PIXELS and not (jpeg and not im.info.get("progressive"))
         with _costly_turn if costly else contextlib.nullcontext():
             rgb = _pixels(im, data, header, jpeg, min_long_side)
-        if isinstance(rgb, Decoded):  # an arithmetic-coded JPEG, decoded by libjpeg-turbo
-            return rgb
+    if costly:  # the image core first: leaving `with`, Pillow closes the file, not the pixels
+        im.close()
+        _give_back_freed_memory()
+    if isinstance(rgb, Decoded):  # an arithmetic-coded JPEG, decoded by libjpeg-turbo
+        return rgb
     # CHW in numpy, not torch: decode runs in the engine's pool threads, and a thread that
     # has run one of torch's parallel operations keeps its own OpenMP team alive; while such a
     # pool lived, every torch operation of the engine's own thread ran at about half speed
