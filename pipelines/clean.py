@@ -139,6 +139,16 @@ class ResultsFolderError(ValueError):
     """The results folder cannot take this run: another run holds it, or it holds another source's rows."""
 
 
+def refuse_newer_state(db: sqlite3.Connection, folder: Path) -> None:
+    """A state a newer cervixqc wrote is refused, not half-read: its rows may mean what this
+    version cannot tell (an older one failed its first insert into a newer table, mid-run)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > STATE_FORMAT:
+        raise ResultsFolderError(f"{folder} was written by a newer cervixqc (state format {version}; this version "
+                                 f"reads up to {STATE_FORMAT}): run the newer version on it, or choose another "
+                                 "folder")
+
+
 @dataclass(frozen=True)
 class Stale:
     """A stored row whose file changed since (`StateStore.changed`), with the stamp it was read under."""
@@ -175,12 +185,11 @@ class StateStore:
                 raise ResultsFolderError(f"another clean is writing to {path.parent}; wait for it or choose another "
                                          "--out") from None
         self.db = sqlite3.connect(path)
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > STATE_FORMAT:  # its rows may mean what this version cannot tell (an older
-            self.close()            # one failed its first insert into a newer table, mid-run)
-            raise ResultsFolderError(f"{self.folder} was written by a newer cervixqc (state format {version}; this "
-                                     f"version reads up to {STATE_FORMAT}): run the newer version, or choose another "
-                                     "--out")
+        try:
+            refuse_newer_state(self.db, self.folder)
+        except ResultsFolderError:
+            self.close()
+            raise
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT, "
@@ -275,7 +284,7 @@ class StateStore:
                             "coalesce((SELECT value FROM meta WHERE key = 'writes'), 0)")
             if exported is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('exported_as', ?)",
-                                (json.dumps([exported, _file_stamps(files)]),))
+                                (json.dumps([exported, [file_stamp(f) for f in files]]),))
 
     def forget_export(self) -> None:
         """Before an export: a run killed between its renames leaves no mark that passes."""
@@ -285,11 +294,11 @@ class StateStore:
     def exports_current(self, exported: str, files: Collection[Path]) -> bool:
         """Whether the last exports hold every row written since, were made as `exported`,
         read every photo their pixel check asked for, and are still the files they wrote (not
-        re-saved from a spreadsheet, not rewritten by another version)."""
+        re-saved from a spreadsheet, not rewritten by another version: their `file_stamp`s)."""
         marks = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('writes', 'exported_writes', "
                                      "'exported_as', 'pixel_unread')"))
         return (str(marks.get("writes", 0)) == str(marks.get("exported_writes"))
-                and marks.get("exported_as") == json.dumps([exported, _file_stamps(files)])
+                and marks.get("exported_as") == json.dumps([exported, [file_stamp(f) for f in files]])
                 and str(marks.get("pixel_unread", 0)) == "0")
 
     def verdicts(self, pairs: list[tuple[str, str]], setting: str) -> dict[tuple[str, str], bool]:
@@ -473,19 +482,6 @@ def export_mark(inputs: list[str], pixel_check: bool) -> str:
     return digest.hexdigest()
 
 
-def _file_stamps(files: Collection[Path]) -> list[list[int] | None]:
-    """Size, modification time and inode of each file (None: not there)."""
-    stamps: list[list[int] | None] = []
-    for path in files:
-        try:
-            st = path.stat()
-        except OSError:
-            stamps.append(None)
-            continue
-        stamps.append([st.st_size, st.st_mtime_ns, st.st_ino])
-    return stamps
-
-
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     """Results and quarantine outside a folder source: inside it, a run overwrote originals
     named results.csv, and a rerun cleaned its own state, exports and quarantine copies."""
@@ -653,6 +649,16 @@ def _same_inode(a: Path, b: Path) -> bool:
         return False
 
 
+def store_batch(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
+                stale: dict[str, Stale], results: list[QCResult], stamps: Mapping[str, str | None]) -> None:
+    """One labelled batch kept (local and Ray runs): the quarantine copies of the rows it
+    replaces dropped, its own copies made, then its rows stored with their files' stamps."""
+    if quarantine is not None:
+        drop_stale_copies(src_root, quarantine, [stale.pop(r.path) for r in results if r.path in stale])
+        quarantine_results(src_root, results, quarantine, findings)
+    store.add(results, stamps)
+
+
 def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) -> StateStore:
     """The results folder's state, this run's from here on (flock; the same source and
     decision as its rows), with the temporary files an earlier, killed run left in it and in
@@ -688,14 +694,13 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
                 stamps.update((p, file_stamp(f)) for p, f in zip(chunk, files))
                 yield files, chunk
 
-        for start, results in zip(range(0, len(todo), batch_size), qc.run_stream(batches())):
-            chunk = todo[start : start + batch_size]
-            if quarantine is not None:
-                drop_stale_copies(src_root, quarantine, [stale.pop(p) for p in chunk if p in stale])
-                quarantine_results(src_root, results, quarantine, quarantine_findings)
-            store.add(results, {p: stamps.pop(p, None) for p in chunk})
+        finished = len(done)
+        for chunk, results in zip(chunks, qc.run_stream(batches())):
+            store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
+                        {p: stamps.pop(p, None) for p in chunk})
+            finished += len(chunk)
             if progress:
-                progress(len(done) + start + len(chunk), len(inputs))
+                progress(finished, len(inputs))
         summary = finish_run(store, out_dir, src_root if pixel_check else None, inputs, len(todo), len(done), t0)
     finally:
         store.close()

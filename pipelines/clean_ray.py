@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, check_outputs, drop_stale_copies, file_stamp, finish_run, list_inputs,
-                             on_disk, open_run, plan_run, quarantine_results)
+from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
+                             plan_run, store_batch)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import Label, QCResult
 
@@ -91,9 +91,10 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
               quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
               runtime: str = "auto", precision: str = "auto", inputs: list[str] | None = None,
-              **ray_init: object) -> CleanSummary:
+              decision: dict | None = None, **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop);
-    `inputs` is `list_inputs(src)` where the caller has it already.
+    `inputs` is `list_inputs(src)` and `decision` is `decision_for(weights, policy)` where the
+    caller has them already (a 10^6-file share listed once, the weights hashed once).
 
     Each actor runs torch (and OpenVINO, which follows it) on the driver's thread count
     (`cervixqc --threads`, else one per core) shared among the local actors: Ray sets
@@ -124,7 +125,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     check_outputs(src, out_dir, quarantine)
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src) if inputs is None else inputs
-    store = open_run(src, out_dir, quarantine, decision_for(Path(weights), policy))
+    store = open_run(src, out_dir, quarantine, decision or decision_for(Path(weights), policy))
     t0 = time.perf_counter()
     started_here = False
     try:
@@ -161,10 +162,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                                            "fault but the system's; the rows stored so far are kept: fix it and run "
                                            "the same command again to resume")
                     results = [QCResult.model_validate_json(r) for r in batch["record"]]
-                    if quarantine is not None:
-                        drop_stale_copies(src_root, quarantine, [stale.pop(r.path) for r in results if r.path in stale])
-                        quarantine_results(src_root, results, quarantine, quarantine_findings)
-                    store.add(results, {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
+                    store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
+                                {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
                     came_back.update(r.path for r in results)
                     finished += len(results)
                     if progress:
@@ -186,11 +185,10 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 if crashed:
                     log.warning("%d files crashed the engine's process on their own: unreadable rows", len(crashed))
                     rows = [QCResult(path=p, label=Label.UNREADABLE, error=CRASHED) for p in crashed]
-                    if quarantine is not None:  # with the other unreadable files
-                        drop_stale_copies(src_root, quarantine, [stale.pop(p) for p in crashed if p in stale])
-                        quarantine_results(src_root, rows, quarantine, quarantine_findings)
-                    # stamped now: the file replaced later is labelled again (it was never read whole)
-                    store.add(rows, {p: file_stamp(on_disk(src_root, p)) for p in crashed})
+                    # quarantined with the other unreadable files; stamped now: the file replaced
+                    # later is labelled again (it was never read whole)
+                    store_batch(store, src_root, quarantine, quarantine_findings, stale, rows,
+                                {p: file_stamp(on_disk(src_root, p)) for p in crashed})
                     finished += len(crashed)
                     if progress:
                         progress(finished, len(inputs))

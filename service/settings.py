@@ -188,6 +188,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def thumbs_dir(self) -> Path:
+        """The review pages' pictures, a folder per job (`service/ui/images.py`; a deleted job's goes)."""
+        return self.state_dir / "thumbs"
+
+    @property
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device

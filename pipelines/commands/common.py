@@ -112,7 +112,7 @@ def require_writable(option: str, path: Path, file: bool = False) -> None:
     clean exit naming `option`: a path that was a folder, or under one that could not be made,
     was a traceback after the whole run (`eval-pipeline`, `bench`, `export`'s calibration)."""
     if file and path.is_dir():
-        _fail(f"{option} {path}: a folder; name a file")
+        _fail(f"{option} {path} is a folder: name a file to write")
     try:
         writable_folder(option, path.parent if file else path)
     except ValueError as e:

@@ -53,21 +53,20 @@ def duplicates_cmd(
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
     from pipelines.clean import on_disk, reader
-    from pipelines.data.duplicates import duplicates_of_records, find_duplicates, read_clean_state
+    from pipelines.data.duplicates import duplicates_of_records, read_clean_state
     from pipelines.outputs import write_atomically
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
     if not src.exists():
         _fail(f"{src} does not exist")
     # checked before the engine runs: a folder as -o failed after every photo was read
-    if out.is_dir():
-        _fail(f"-o {out} is a folder: name the CSV to write")
-    require_writable("-o", out.resolve().parent)
+    require_writable("-o", out.resolve(), file=True)
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
         _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")
     if images is not None and not images.is_dir():  # a wrong one read nothing and fell back to keys, unsaid
         _fail(f"--images {images} is not a folder: give the folder the run cleaned")
+    unread = [0]  # files the engine could not read (a folder's run)
     if clean_folder:
         records = read_clean_state(src)
         root = images
@@ -84,35 +83,28 @@ def duplicates_cmd(
         if not paths:
             _fail(f"{src}: no photos to compare")
         qc = _engine(weights, device=device)
-        # the five keys of each photo, not its whole record: 6 KB a record in memory was 0.6 GB
-        # at 10^5 photos (`clean` then `duplicates` on its folder is the way for an archive:
-        # resumable, and its state streams)
-        keys: tuple[list, ...] = ([], [], [], [], [])
-        unread = 0
-        with typer.progressbar(range(0, len(paths), batch_size), label="engine") as starts:
-            for start in starts:
-                chunk = paths[start:start + batch_size]
-                # on_disk: a name that is not UTF-8 is its escaped key in the rows, its bytes on disk
-                for r in qc.run([on_disk(root, p) for p in chunk], names=chunk):
-                    for column, value in zip(keys, (r.path, r.sha256, r.phash, r.crop_hash, r.embedding)):
-                        column.append(value)
-                    unread += r.label.value == "unreadable"
-        if unread:  # they have no keys: copies of them cannot be found
-            typer.echo(f"warning: {unread} of {len(paths)} files could not be read as photos and are in no group",
-                       err=True)
+
+        def engine_records():  # streamed: `duplicates_of_records` keeps each photo's keys, not its record
+            with typer.progressbar(range(0, len(paths), batch_size), label="engine") as starts:
+                for start in starts:
+                    chunk = paths[start:start + batch_size]
+                    # on_disk: a name that is not UTF-8 is its escaped key in the rows, its bytes on disk
+                    for r in qc.run([on_disk(root, p) for p in chunk], names=chunk):
+                        unread[0] += r.label.value == "unreadable"
+                        yield r
+
+        records = engine_records()
     seen = [0]
 
-    def counted(rs):  # streamed from the state file: counted on the way through
+    def counted(rs):  # counted on the way through
         for r in rs:
             seen[0] += 1
             yield r
 
-    read = None if root is None else reader(root)
-    if clean_folder:
-        df = duplicates_of_records(counted(records), cfg, read=read)
-    else:
-        seen[0] = len(paths)
-        df = find_duplicates(*keys, cfg, read=read)
+    df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
+    if not clean_folder and unread[0]:  # they have no keys: copies of them cannot be found
+        typer.echo(f"warning: {unread[0]} of {seen[0]} files could not be read as photos and are in no group",
+                   err=True)
     write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
     typer.echo(f"{seen[0]} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "

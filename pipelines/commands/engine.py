@@ -204,9 +204,9 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     from pipelines.clean import clean as run_clean
     from pipelines.commands.common import file_progress
 
-    qc = None
+    qc = decision = None
     if engine == "ray":  # what the engine would refuse, said before Ray starts (tracebacks from Ray before)
-        _ray_preflight(weights, policy, device, address)
+        decision = _ray_preflight(weights, policy, device, address)
     else:
         qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                      precision=precision)
@@ -216,14 +216,17 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
                                 jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
-                                device=device, runtime=runtime, precision=precision, inputs=listed)
+                                device=device, runtime=runtime, precision=precision, inputs=listed,
+                                decision=decision)
         else:
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
                                 pixel_check=pixel_check, inputs=listed)
     return summary
 
 
-def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: Optional[str]) -> None:
+def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: Optional[str]) -> dict:
+    """The run's decision (policy and models' sha256s: the weights hashed once), or one
+    `error:` line for what Ray's actors would fail on."""
     from models.io import WeightsIntegrityError
     from pipelines.engine.qc import decision_for
 
@@ -233,11 +236,12 @@ def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: O
         _fail("--engine ray needs Ray: install cervixqc with its ray extra (make test installs every extra)")
     _weights_folder(weights)
     try:
-        decision_for(weights, policy)
+        decision = decision_for(weights, policy)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
     if address is None:  # a local Ray has this machine's devices: cuda without one failed every actor
         device_or_fail(device)
+    return decision
 
 
 def bench(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import RunFolder, _fail, training_output
+from pipelines.commands.common import RunFolder, _fail, require_writable, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -224,8 +224,7 @@ def report_cmd(
 
     if eval_dir is None and findings is None:
         _fail("give an eval folder, --findings, or both")
-    if out.is_dir():  # checked first: it failed after the whole report was built
-        _fail(f"-o {out} is a folder: name the HTML file to write")
+    require_writable("-o", out, file=True)  # checked first: it failed after the whole report was built
     if findings is not None:
         lacking = [f for f in ("findings.json", "findings_scores.csv", "findings_thumbs.npz")
                    if not (findings / f).is_file()]

@@ -520,19 +520,16 @@ def read_clean_state(folder: Path) -> Iterator[QCResult]:
     """The records of a clean output folder (state.sqlite: results(path, label, record)), in
     path order, streamed. Opened read-only, unlike clean's own StateStore, which creates its
     table: a finished folder is only read here."""
-    from pipelines.clean import STATE_FORMAT
+    from pipelines.clean import refuse_newer_state
 
     db_path = folder / "state.sqlite"
     if not db_path.is_file():
         raise ValueError(f"{folder}: no state.sqlite (not a `cervixqc clean` output folder)")
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        refuse_newer_state(db, folder)
     finally:
         db.close()
-    if version > STATE_FORMAT:  # its rows may mean what this version cannot tell
-        raise ValueError(f"{folder} was written by a newer cervixqc (state format {version}; this version reads up "
-                         f"to {STATE_FORMAT}): read it with the newer version")
     return _read_records(db_path)
 
 

@@ -131,7 +131,7 @@ def delete_job(job_id: str, state: State) -> Response:
         raise ApiError(409, "job_active", f"job {job_id} is {job.status} and still being written: try again shortly")
     if not state.store.delete(job_id):
         raise ApiError(409, "job_active", f"job {job_id} is {job.status}: cancel it first")
-    for folder in (Path(job.out_dir), state.settings.state_dir / "thumbs" / job_id):
+    for what, folder in (("results", Path(job.out_dir)), ("thumbnails", state.settings.thumbs_dir / job_id)):
         if folder.name != job_id:  # only ever the job's own folders
             continue
         try:
@@ -139,8 +139,7 @@ def delete_job(job_id: str, state: State) -> Response:
         except FileNotFoundError:
             pass
         except OSError as e:  # the rows are gone; a folder left behind is named by its job alone
-            log.warning("job %s deleted; its %s folder could not be removed (%s)", job_id,
-                        "results" if folder == Path(job.out_dir) else "thumbnails", type(e).__name__)
+            log.warning("job %s deleted; its %s folder could not be removed (%s)", job_id, what, type(e).__name__)
     log.info("job %s deleted", job_id)
     return Response(status_code=204)
 

@@ -111,7 +111,7 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     if not inside(original, state.settings.data_roots):
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots")
     try:
-        path = cached(state.settings.state_dir / "thumbs", job_id, item, size, original, state.qc.cfg.limits)
+        path = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits)
     except NotShown as e:
         raise ApiError(404, "no_picture", str(e)) from None
     return FileResponse(path, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
