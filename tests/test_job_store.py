@@ -5,6 +5,7 @@ import json
 import re
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -392,3 +393,24 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
     assert _group_by(store.path, b.id) == {}
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 5  # an older version refuses the file
+
+
+def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_jobs_keep_theirs(tmp_path):
+    """A service killed between a delete's rows and its folders, or a thumbnail drawn while its
+    job was being deleted, left folders no job owned, for good."""
+    from service.jobs.folders import sweep_deleted
+
+    store, thumbs = JobStore(tmp_path / "jobs.sqlite"), tmp_path / "thumbs"
+    gone, kept = (store.create("src", None, "resnest", tmp_path / "out") for _ in range(2))
+    for job in (gone, kept):
+        store.transition(job.id, "done")
+        for folder in (Path(job.out_dir), thumbs / job.id):
+            folder.mkdir(parents=True)
+            (folder / "1-thumb.jpg").write_bytes(b"picture")
+    (thumbs / "0123456789abcdef").mkdir()  # a job this store never had (restored from a backup)
+    with sqlite3.connect(store.path) as db:  # deleted, then killed before its folders went
+        db.execute("UPDATE jobs SET status = 'deleted' WHERE id = ?", (gone.id,))
+    sweep_deleted(JobStore(store.path), thumbs)
+    assert sorted(p.name for p in thumbs.iterdir()) == [kept.id]
+    assert not Path(gone.out_dir).exists() and (Path(kept.out_dir) / "1-thumb.jpg").is_file()
+    assert (thumbs / kept.id / "1-thumb.jpg").is_file()

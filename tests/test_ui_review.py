@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 
 import pytest
 
 from pipelines.data.coco import load_coco, validate_coco
 from pipelines.engine.qc_result import Label, QCResult
-from service.jobs.reviews import ReviewStore, class_of, final_of
-from service.jobs.store import ItemSummary
+from service.jobs.reviews import JobGone, ReviewStore, class_of, final_of
+from service.jobs.store import ItemSummary, JobStore
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
 from service.ui.job_views import VIEW_ITEMS, JobViews
 from service.ui.review_view import GridQuery, JobView, Thresholds, build_grid, neighbours, source_of, what_if_points
@@ -79,8 +80,6 @@ def test_under_the_vote_of_three_an_image_near_the_colour_threshold_comes_first(
 
 
 def test_a_kept_view_is_rebuilt_once_the_job_has_more_items_and_the_oldest_goes_past_the_bound(tmp_path):
-    from service.jobs.store import JobStore
-
     store = JobStore(tmp_path / "jobs.sqlite")
     job = store.create("src", None, "resnest", tmp_path)
     other = store.create("src", None, "resnest", tmp_path)
@@ -117,24 +116,46 @@ def test_the_source_is_the_first_folder():
     assert source_of("bad\\xff\\xfename.jpg") == "(top)"  # a name escaped as not UTF-8, not a folder "bad"
 
 
+def _reviews(tmp_path) -> tuple[ReviewStore, str]:
+    """The review store of a job store holding one finished job, and that job's id."""
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    job = jobs.create("src", None, "resnest", tmp_path)
+    jobs.transition(job.id, "done")
+    return ReviewStore(jobs.path), job.id
+
+
+def test_a_decision_for_a_deleted_job_is_refused_and_leaves_no_row(tmp_path):
+    """A decision sent while its job was being deleted (the route had already found the job)
+    was stored after the purge: a row that no job owned, for good."""
+    store, j = _reviews(tmp_path)
+    store.decide(j, 1, "a.jpg", "key-1", "label", "regular", "green")
+    assert JobStore(store.path).delete(j)
+    with pytest.raises(JobGone):
+        store.decide(j, 1, "a.jpg", "key-1", "label", "green", "iodine")
+    with pytest.raises(JobGone):
+        store.decide("never-a-job", 1, "a.jpg", "key-1", "label", "regular", "green")
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT count(*) FROM decisions").fetchone()[0] == 0
+
+
 def test_a_decision_keeps_who_and_old_to_new_and_undo_restores_the_one_before(tmp_path):
-    store = ReviewStore(tmp_path / "jobs.sqlite")
-    store.decide("j", 7, "a.jpg", "key-1", "label", "regular", "green")
-    store.decide("j", 7, "a.jpg", "key-2", "label", "green", "no_cervix")
-    store.decide("j", 7, "a.jpg", "key-2", "box", [0, 0, 5, 5], [1, 1, 4, 4])
-    assert store.reviewed("j")[7].label == "no_cervix" and store.reviewed("j")[7].box == [1, 1, 4, 4]
-    store.undo("j", 7)
-    store.undo("j", 7)
-    live = store.reviewed("j")[7]
+    store, j = _reviews(tmp_path)
+    store.decide(j, 7, "a.jpg", "key-1", "label", "regular", "green")
+    store.decide(j, 7, "a.jpg", "key-2", "label", "green", "no_cervix")
+    store.decide(j, 7, "a.jpg", "key-2", "box", [0, 0, 5, 5], [1, 1, 4, 4])
+    assert store.reviewed(j)[7].label == "no_cervix" and store.reviewed(j)[7].box == [1, 1, 4, 4]
+    store.undo(j, 7)
+    store.undo(j, 7)
+    live = store.reviewed(j)[7]
     assert (live.label, live.box, live.who) == ("green", None, "key-1")
-    history = store.history("j", 7)
+    history = store.history(j, 7)
     assert [(d.who, d.old, d.new, d.undone_at is not None) for d in history] == [
         ("key-1", "regular", "green", False), ("key-2", "green", "no_cervix", True),
         ("key-2", "[0, 0, 5, 5]", "[1, 1, 4, 4]", True)]
-    store.undo("j", 7)
-    assert store.reviewed("j") == {} and store.undo("j", 7) is None
+    store.undo(j, 7)
+    assert store.reviewed(j) == {} and store.undo(j, 7) is None
     with pytest.raises(ValueError, match="label must be one of"):
-        store.decide("j", 7, "a.jpg", "key-1", "label", "regular", "purple")
+        store.decide(j, 7, "a.jpg", "key-1", "label", "regular", "purple")
 
 
 def _record(path: str, label: Label, kind: str | None = None, box=None) -> QCResult:
@@ -142,17 +163,17 @@ def _record(path: str, label: Label, kind: str | None = None, box=None) -> QCRes
 
 
 def _reviewed(tmp_path):
-    store = ReviewStore(tmp_path / "jobs.sqlite")
+    store, j = _reviews(tmp_path)
     rows = [(1, _record("a/reg.jpg", Label.REGULAR, box=[10, 10, 50, 50])),
             (2, _record("a/green.jpg", Label.NON_REGULAR, "green", [20, 20, 60, 60])),
             (3, _record("b/none.jpg", Label.NO_CERVIX).model_copy(
                 update={"duplicate_group": 4, "duplicate_of": "a/reg.jpg", "duplicate_kind": "near"})),
             (4, QCResult(path="b/bad.jpg", label=Label.UNREADABLE, error="not an image"))]
-    store.decide("j", 1, "a/reg.jpg", "key-1", "label", "regular", "iodine")
-    store.decide("j", 1, "a/reg.jpg", "key-1", "box", [10, 10, 50, 50], [12, 8, 48, 52])
-    store.decide("j", 2, "a/green.jpg", "key-1", "label", "green", "regular")
-    store.decide("j", 3, "b/none.jpg", "key-1", "label", "no_cervix", "regular")
-    return rows, store.reviewed("j")
+    store.decide(j, 1, "a/reg.jpg", "key-1", "label", "regular", "iodine")
+    store.decide(j, 1, "a/reg.jpg", "key-1", "box", [10, 10, 50, 50], [12, 8, 48, 52])
+    store.decide(j, 2, "a/green.jpg", "key-1", "label", "green", "regular")
+    store.decide(j, 3, "b/none.jpg", "key-1", "label", "no_cervix", "regular")
+    return rows, store.reviewed(j)
 
 
 def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path):
@@ -226,10 +247,10 @@ def test_applying_review_copies_nothing_from_outside_the_data_roots(tmp_path):
     (root / "ok.jpg").write_bytes(b"inside")
     rows = [(1, _record("link.jpg", Label.REGULAR)), (2, _record(str(outside / "secret.txt"), Label.REGULAR)),
             (3, _record("ok.jpg", Label.REGULAR))]
-    store = ReviewStore(tmp_path / "jobs.sqlite")
+    store, j = _reviews(tmp_path)
     for item, r in rows:
-        store.decide("j", item, r.path, "key-1", "label", "regular", "no_cervix")
-    done = apply_to_quarantine(root, q, rows, store.reviewed("j"), [root.resolve()])
+        store.decide(j, item, r.path, "key-1", "label", "regular", "no_cervix")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [root.resolve()])
     assert (done.added, done.outside) == (1, 2)
     assert [p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file()] == ["no_cervix/ok.jpg"]
 
@@ -243,11 +264,11 @@ def test_each_apply_leaves_a_reviewed_photo_in_its_final_labels_folder_only(tmp_
     rows = [(1, _record("p.jpg", Label.NON_REGULAR, "green"))]
     (q / "non_regular").mkdir(parents=True)
     (q / "non_regular" / "p.jpg").write_bytes(b"photo")  # the job's copy
-    store = ReviewStore(tmp_path / "jobs.sqlite")
+    store, j = _reviews(tmp_path)
 
     def decide_and_apply(old: str, new: str) -> list[str]:
-        store.decide("j", 1, "p.jpg", "key-1", "label", old, new)
-        apply_to_quarantine(root, q, rows, store.reviewed("j"), [root.resolve()])
+        store.decide(j, 1, "p.jpg", "key-1", "label", old, new)
+        apply_to_quarantine(root, q, rows, store.reviewed(j), [root.resolve()])
         return sorted(p.relative_to(q).as_posix() for p in q.rglob("*.jpg"))
 
     assert decide_and_apply("green", "unreadable") == ["unreadable/p.jpg"]

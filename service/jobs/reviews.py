@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.engine.qc_result import Label, QCResult
-from service.jobs.store import open_db
+from service.jobs.store import DELETED, open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -41,6 +41,10 @@ def class_of(label: str, kind: str | None) -> str:
 
 def label_and_kind(cls: str) -> tuple[str, str | None]:
     return ("non_regular", cls) if cls in ("green", "iodine") else (cls, None)
+
+
+class JobGone(LookupError):
+    """The job is deleted, or was never there."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,17 @@ class ReviewStore:
         return db
 
     def decide(self, job_id: str, item: int, path: str, who: str, field: str, old: object, new: object) -> Decision:
+        """Raises JobGone when the job is deleted: a decision sent while its job was being
+        deleted (the route had found the job) was stored after the purge, a row no job owned."""
         if field == "label" and new not in CLASSES:
             raise ValueError(f"label must be one of {', '.join(CLASSES)}")
         enc = (lambda v: None if v is None else json.dumps(v)) if field == "box" else (lambda v: v)
         cur = self._db().execute("INSERT INTO decisions (job_id, item, path, who, at, field, old, new) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (job_id, item, path, who, time.time(), field, enc(old), enc(new)))
+                                 "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                                 "(SELECT 1 FROM jobs WHERE id = ? AND status != ?)",
+                                 (job_id, item, path, who, time.time(), field, enc(old), enc(new), job_id, DELETED))
+        if cur.rowcount != 1:
+            raise JobGone(job_id)
         return self._get(cur.lastrowid)  # type: ignore[arg-type]
 
     def undo(self, job_id: str, item: int) -> Decision | None:

@@ -262,6 +262,10 @@ class JobStore:
                              "LIMIT ?)", (job_id, chunk)).rowcount:
                 pass
 
+    def deleted(self) -> list[tuple[str, str]]:
+        """(id, out_dir) of every deleted job."""
+        return [(i, o) for i, o in self._db().execute("SELECT id, out_dir FROM jobs WHERE status = ?", (DELETED,))]
+
     def quarantine_sources(self) -> list[tuple[str, str]]:
         """(quarantine name, source) of every job that has a quarantine, deleted ones too."""
         rows = self._db().execute("SELECT DISTINCT quarantine, source FROM jobs WHERE quarantine IS NOT NULL")

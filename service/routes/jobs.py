@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from pipelines.clean import list_inputs
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
+from service.jobs.folders import remove_job_folders
 from service.jobs.store import Job
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
@@ -67,10 +67,14 @@ def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:
                            f"quarantine {name!r} overlaps {used!r}, which holds another source's copies; choose another name")
 
 
+def job_not_found(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id!r}")
+
+
 def job_or_404(state: ServiceState, job_id: str) -> Job:
     job = state.store.get(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise job_not_found(job_id)
     return job
 
 
@@ -131,15 +135,7 @@ def delete_job(job_id: str, state: State) -> Response:
         raise ApiError(409, "job_active", f"job {job_id} is {job.status} and still being written: try again shortly")
     if not state.store.delete(job_id):
         raise ApiError(409, "job_active", f"job {job_id} is {job.status}: cancel it first")
-    for what, folder in (("results", Path(job.out_dir)), ("thumbnails", state.settings.thumbs_dir / job_id)):
-        if folder.name != job_id:  # only ever the job's own folders
-            continue
-        try:
-            shutil.rmtree(folder)
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # the rows are gone; a folder left behind is named by its job alone
-            log.warning("job %s deleted; its %s folder could not be removed (%s)", job_id, what, type(e).__name__)
+    remove_job_folders(job_id, Path(job.out_dir), state.settings.thumbs_dir)
     log.info("job %s deleted", job_id)
     return Response(status_code=204)
 

@@ -19,10 +19,11 @@ from pydantic import BaseModel, Field
 from pipelines.clean import on_disk
 from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError, guarded_stream
-from service.jobs.reviews import CLASSES, class_of, final_of
+from service.jobs.folders import remove_job_folders
+from service.jobs.reviews import CLASSES, JobGone, class_of, final_of
 from service.jobs.store import Job
 from service.paths import inside
-from service.routes.jobs import job_or_404
+from service.routes.jobs import job_not_found, job_or_404
 from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
@@ -114,6 +115,12 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
         path = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits)
     except NotShown as e:
         raise ApiError(404, "no_picture", str(e)) from None
+    except FileNotFoundError:  # its folder removed by a delete while it was drawn
+        job_or_404(state, job_id)
+        raise
+    if state.store.get(job_id) is None:  # deleted while it was drawn: the folder it wrote goes too
+        remove_job_folders(job_id, None, state.settings.thumbs_dir)
+        raise job_not_found(job_id)
     return FileResponse(path, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
 
 
@@ -133,15 +140,19 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
     if body.label is not None:
+        field, new = "label", body.label
         old = live.label if live and live.label else class_of(record.label.value, record.kind)
-        d = store.decide(job_id, item, record.path, session.who, "label", old, body.label)
     else:
         x1, y1, x2, y2 = body.box  # type: ignore[misc]
         w, h = record.width or 0, record.height or 0
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}")
+        field, new = "box", [round(v, 1) for v in body.box]  # type: ignore[union-attr]
         old = live.box if live and live.box else record.cervix_box
-        d = store.decide(job_id, item, record.path, session.who, "box", old, [round(v, 1) for v in body.box])  # type: ignore[union-attr]
+    try:
+        d = store.decide(job_id, item, record.path, session.who, field, old, new)
+    except JobGone:  # deleted since it was read above
+        raise job_not_found(job_id) from None
     return JSONResponse({"decision": d.__dict__})
 
 
