@@ -91,7 +91,7 @@ def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
     from pipelines.data.manifest import load_manifest
 
     df = load_manifest(site / "m.csv")
-    with pytest.raises(CocoError, match=r"row 1 \(a.jpg\): a regular photo with no box"):
+    with pytest.raises(CocoError, match=r"row 2 \(a.jpg\): a regular photo with no box"):
         boxes_for_manifest(df, [])
 
 

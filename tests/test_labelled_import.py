@@ -71,6 +71,20 @@ def test_every_bad_row_is_named_with_its_sheet_row(collection):
     assert "duplicate path" in text and "--kind-map" in text
 
 
+def test_a_duplicate_names_its_first_row_in_the_sheet_not_in_the_manifest_made_of_it(collection):
+    """Rows are named as a spreadsheet shows the sheet (header row 1); a skipped row before
+    the first copy made the duplicate point at another row (the manifest's, one lower)."""
+    tmp, root = collection
+    sheet = pd.DataFrame({"file": ["atlas/a2.jpg", "atlas/a1.jpg", "atlas/a1.jpg"],
+                          "kind": ["unknown", "regular", "regular"], "case": ["atlas:c1"] * 3})
+    sheet.to_csv(tmp / "dup.csv", index=False)
+    cols = LabelColumns(source="case", source_sep=":", kind_map=parse_kind_map("unknown=skip"))
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "dup.csv", root, tmp / "m.csv", cols)
+    assert "(the header is row 1)" in str(err.value)
+    assert "row 4, path: duplicate path 'photos/atlas/a1.jpg' (first at row 3)" in str(err.value)
+
+
 def test_a_constant_kind_and_source_fill_sheets_without_those_columns(collection):
     tmp, root = collection
     pd.DataFrame({"file": ["bank/b1.jpg"], "id": ["x1"]}).to_csv(tmp / "neg.csv", index=False)
@@ -125,7 +139,7 @@ def test_a_parquet_sheet_with_missing_case_ids_and_an_empty_sheet_are_refused_by
     sheet.loc[0, "case"] = None
     sheet.to_parquet(tmp / "labels.parquet")
     cols = LabelColumns(source="case", source_sep=":", sha256="sha256", kind_map=parse_kind_map("unknown=skip"))
-    with pytest.raises(ManifestError, match="row 1, patient_id: empty patient_id"):
+    with pytest.raises(ManifestError, match="row 2, patient_id: empty patient_id"):
         import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols)
     sheet.iloc[:0].to_csv(tmp / "header-only.csv", index=False)
     with pytest.raises(ManifestError, match="no row to import"):
@@ -147,7 +161,7 @@ def test_numeric_case_ids_in_a_parquet_sheet_with_a_null_stay_whole_numbers(coll
 
     cols = LabelColumns(patient="case", source_value="site", kind_map=parse_kind_map("unknown=skip"))
     write(["regular", "regular", "iodine"], [7, None, 8])
-    with pytest.raises(ManifestError, match="row 2, patient_id: empty patient_id"):
+    with pytest.raises(ManifestError, match="row 3, patient_id: empty patient_id"):
         import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols)
     write(["regular", "unknown", "iodine"], [7, None, 8])  # the skipped row had no case id
     df = import_labelled(tmp / "labels.parquet", root, tmp / "out" / "manifest.csv", cols).manifest

@@ -32,7 +32,7 @@ def test_every_bad_row_is_reported_at_once_with_row_numbers_and_reasons(tmp_path
     assert "missing file 'missing.jpg'" in text
     assert "unknown kind 'purple'" in text
     assert "empty patient_id" in text
-    assert "duplicate path 'a.jpg' (first at row 1)" in text
+    assert "duplicate path 'a.jpg' (first at row 2)" in text
 
 
 def test_missing_columns_are_named(write_csv):
@@ -107,7 +107,7 @@ def test_a_file_that_is_no_table_is_named_with_the_reason_not_a_traceback(tmp_pa
 def test_one_file_under_a_relative_and_an_absolute_path_is_a_duplicate(tmp_path, write_csv):
     _touch(tmp_path, "a.jpg")
     path = write_csv("m.csv", f"path,patient_id,source,device,kind\na.jpg,p1,s,d,regular\n{tmp_path / 'a.jpg'},p2,s,d,regular\n")
-    with pytest.raises(ManifestError, match="duplicate path .* \\(first at row 1\\)"):
+    with pytest.raises(ManifestError, match="duplicate path .* \\(first at row 2\\)"):
         load_manifest(path)
 
 

@@ -45,7 +45,7 @@ def boxes_for_manifest(df: pd.DataFrame, box_files: list[tuple[CocoDataset, Path
     by_sha, by_path = _index(box_files)
     shas = df["sha256"] if "sha256" in df.columns else pd.Series([""] * len(df), index=df.index)
     images, anns, problems, left_out = [], [], [], 0
-    for row, (path, abspath, kind, digest) in enumerate(zip(df["path"], df["abspath"], df["kind"], shas), start=1):
+    for row, (path, abspath, kind, digest) in enumerate(zip(df["path"], df["abspath"], df["kind"], shas), start=2):
         entry = by_sha.get(digest) if digest else None
         entry = entry or by_path.get(str(Path(abspath).resolve()))
         if kind == "no_cervix":
@@ -65,6 +65,6 @@ def boxes_for_manifest(df: pd.DataFrame, box_files: list[tuple[CocoDataset, Path
         images.append(CocoImage(id=image_id, file_name=path, width=w, height=h, **({"sha256": digest} if digest else {})))
         anns += [make_annotation(len(anns) + 1, image_id, 1, b) for b in boxes]
     if problems:
-        raise CocoError("boxes for manifest", problems)
+        raise CocoError("boxes for manifest (the header is row 1)", problems)
     return CocoDataset(info={"description": "cervix boxes matched to a manifest by sha256 or path"},
                        images=images, annotations=anns, categories=[CocoCategory(id=1, name=CERVIX)]), left_out

@@ -158,7 +158,8 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     df = pd.DataFrame(rows, columns=None if rows else ["path", "patient_id", "source", "device", "kind"])
     # the manifest's own checks (missing file, duplicate path, empty ids), numbered by sheet row
     for p in validate_manifest(df, out_dir, check_files=False) if len(df) else []:
-        problems.append(RowProblem(int(df["label_row"].iat[p.row - 1]) if p.row else 0, p.column, p.reason))
+        sheet_row = (lambda k: int(df["label_row"].iat[k - 1]) if k else 0)  # the manifest's rows skip some
+        problems.append(RowProblem(sheet_row(p.row), p.column, p.reason, sheet_row(p.first_row)))
     if problems:
         raise ManifestError(str(labels), sorted(problems, key=lambda p: (p.row, p.column)))
     if df.empty:

@@ -30,17 +30,27 @@ _SPLITS = {s.value for s in Split}
 
 @dataclass(frozen=True)
 class RowProblem:
+    """Rows are counted from 1 at the first data row and shown as a spreadsheet numbers them
+    (the header is row 1): `clean` named a blank path by its spreadsheet row and `validate` the
+    same row one lower."""
+
     row: int  # 1-based data row; 0 for a problem with the file as a whole
     column: str
     reason: str
+    first_row: int = 0  # a duplicate's first data row
 
     def __str__(self) -> str:
-        where = "file" if self.row == 0 else f"row {self.row}"
-        return f"{where}, {self.column}: {self.reason}" if self.column else f"{where}: {self.reason}"
+        where = "file" if self.row == 0 else f"row {self.row + 1}"
+        reason = f"{self.reason} (first at row {self.first_row + 1})" if self.first_row else self.reason
+        return f"{where}, {self.column}: {reason}" if self.column else f"{where}: {reason}"
 
 
 class ManifestError(DataProblems):
     """A manifest with bad rows; `problems` holds a RowProblem per bad cell."""
+
+    def __init__(self, source: str, problems: list, shown: int = 50) -> None:
+        rows = any(getattr(p, "row", 0) for p in problems)
+        super().__init__(f"{source} (the header is row 1)" if rows else source, problems, shown)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -122,7 +132,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
         else:
             key = file_key(base, p)
             if key in first_seen:
-                problems.append(RowProblem(i, "path", f"duplicate path {p!r} (first at row {first_seen[key]})"))
+                problems.append(RowProblem(i, "path", f"duplicate path {p!r}", first_seen[key]))
             else:
                 first_seen[key] = i
             if check_files and not (Path(p) if os.path.isabs(p) else on_disk(base, p)).is_file():
