@@ -36,6 +36,7 @@ from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
 from service.log_config import ensure_handler
 from service.metrics import Metrics
+from service.root_path import RootPath
 from service.routes import docs, health, jobs, models, qc
 from service.settings import Settings
 from service.state import ServiceState
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # link can choose (BREACH), nor pictures (already compressed; Starlette skips those itself).
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5,
                        exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "text/html"))
+    app.add_middleware(RootPath, root_path=settings.root_path)  # outermost: every other sees the prefix set
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

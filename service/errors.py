@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.limits import BodyTooLarge
+from service.root_path import route_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         headers = dict(e.headers or {})
         if e.status_code == 405:
-            headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
+            headers["Allow"] = ", ".join(allowed_methods(app, route_path(request.scope)))
         return error_response(e.status_code, _HTTP_CODES.get(e.status_code, "error"), str(e.detail), headers)
 
     @app.exception_handler(BodyTooLarge)

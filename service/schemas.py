@@ -79,7 +79,7 @@ class JobStatus(BaseModel):
     started: float | None
     finished: float | None
     error: str | None
-    results_url: str
+    results_url: str  # from the API's base, as every route a client calls (without CERVIXQC_ROOT_PATH)
     # `POST .../retry` would take it: failed or cancelled, or done with files the OS could not read
     retryable: bool = False
 

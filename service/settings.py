@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pipelines.engine.openvino_runtime import Precision
 from pipelines.engine.qc import DEVICE_NAME, JpegDecoder, Policy, Runtime
 from pipelines.engine.qc_result import check_findings
+from service.root_path import ROOT_PATH
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}
 MIN_KEY_LENGTH = 16
@@ -143,6 +144,17 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # the path a reverse proxy serves the service under, stripped by the proxy (service/root_path.py)
+    root_path: str = ""
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not ROOT_PATH.fullmatch(v):
+            raise ValueError(f"{v!r} is not a path prefix: '/' then letters, digits, '.', '_', '~' or '-' "
+                             "per segment (e.g. /cervixqc), or empty")
+        return v
 
     @field_validator("device")
     @classmethod

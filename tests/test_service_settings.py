@@ -92,7 +92,10 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_STATE_DIR": str(newer)}, weights, "written by a newer cervixqc (schema v99"),
              ({"CERVIXQC_PORT": str(taken.getsockname()[1])}, weights, f"CERVIXQC_PORT (or --port) "
                                                                        f"{taken.getsockname()[1]} on 127.0.0.1"),
-             ({"CERVIXQC_HOST": "256.1.1.1"}, weights, "CERVIXQC_HOST (or --host) '256.1.1.1'")]
+             ({"CERVIXQC_HOST": "256.1.1.1"}, weights, "CERVIXQC_HOST (or --host) '256.1.1.1'"),
+             # it goes into links, a cookie's path and Location headers as it is
+             ({"CERVIXQC_ROOT_PATH": "cervixqc"}, weights, "CERVIXQC_ROOT_PATH: 'cervixqc' is not a path prefix"),
+             ({"CERVIXQC_ROOT_PATH": '/a"b'}, weights, "CERVIXQC_ROOT_PATH")]
     for env, folder, message in cases:
         r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (env, r.output)

@@ -28,14 +28,22 @@ ASSETS_URL = "/static-offline-docs"
 router = APIRouter(include_in_schema=False)
 
 
+def _openapi(request: Request) -> JSONResponse:
+    """Under a proxy's prefix the document names it as its server: Swagger's "Try it out" and
+    generated clients called /v1/... outside the proxy's location (FastAPI adds it only for
+    its own openapi route)."""
+    doc, root = request.app.openapi(), request.scope.get("root_path", "")
+    return JSONResponse({**doc, "servers": [{"url": root}]} if root else doc)
+
+
 @router.get("/openapi.json", dependencies=[ApiKey])
 def openapi_for_scripts(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    return _openapi(request)
 
 
 @router.get("/ui/openapi.json")
 def openapi_for_pages(request: Request, _: UiSession) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    return _openapi(request)
 
 
 @router.get("/docs")

@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse
 from service.auth import key_matches
 from service.errors import ApiError
 from service.ui.deps import checked_session, current_session, page, signer
-from service.ui.session import COOKIE, LOGIN_COOKIE, csrf_ok, key_id, set_cookie
+from service.ui.session import COOKIE, LOGIN_COOKIE, csrf_ok, delete_cookie, key_id, set_cookie
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -46,7 +46,7 @@ async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""),
     cookie = signer(request).issue(who)
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_cookie(response, request, COOKIE, cookie, int(settings.session_max_age_s))
-    response.delete_cookie(LOGIN_COOKIE, path="/ui")
+    delete_cookie(response, request, LOGIN_COOKIE)
     return response
 
 
@@ -63,5 +63,5 @@ async def logout(request: Request):
     else:
         signer(request).revoke(session)  # a copy of the cookie signs in no more
     response = RedirectResponse("/ui/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/ui")
+    delete_cookie(response, request, COOKIE)
     return response

@@ -11,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 
 from service.errors import ApiError
 from service.jobs.reviews import CLASS_WORDS, CLASSES
+from service.root_path import route_path
 from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok, key_id
 
 HERE = Path(__file__).parent
@@ -41,7 +42,7 @@ def current_session(request: Request) -> Session:
         return session
     wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
     if wants_page:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
         raise SignInNeeded(quote(target, safe=""))
     raise ApiError(401, "unauthorized", "sign in at /ui/login first")
 
@@ -62,4 +63,5 @@ UiPost = Annotated[Session, Depends(checked_session)]
 
 
 def page(request: Request, name: str, session: Session | None, **context: object):
-    return templates.TemplateResponse(request, name, {"session": session, **context})  # no-store: PageHeaders
+    base = request.scope.get("root_path", "")  # every link's prefix: service/root_path.py
+    return templates.TemplateResponse(request, name, {"session": session, "base": base, **context})  # no-store: PageHeaders

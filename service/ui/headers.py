@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.root_path import route_path
+
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 COMMON = ((b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
@@ -29,7 +31,7 @@ class PageHeaders:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
+        path = route_path(scope) if scope["type"] == "http" else ""  # under a prefix too
         if not path.startswith("/ui"):
             await self.app(scope, receive, send)
             return

@@ -140,11 +140,22 @@ class SessionSigner:
         return Session(who, expires, nonce, self.csrf_for(nonce))
 
 
+def cookie_path(request: Request) -> str:
+    """The pages' folder as the browser sees it: under a proxy's prefix, a cookie for `/ui` was
+    never sent back, and no one could sign in."""
+    return request.scope.get("root_path", "") + "/ui"
+
+
 def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
     """HttpOnly and SameSite=Strict always; Secure whenever the page came over HTTPS (behind a
-    proxy, run uvicorn with --proxy-headers so the scheme is the client's)."""
-    response.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="strict",
+    proxy, uvicorn trusts its X-Forwarded-Proto from FORWARDED_ALLOW_IPS: README, "Behind a
+    reverse proxy")."""
+    response.set_cookie(name, value, max_age=max_age, path=cookie_path(request), httponly=True, samesite="strict",
                         secure=request.url.scheme == "https")
+
+
+def delete_cookie(response: Response, request: Request, name: str) -> None:
+    response.delete_cookie(name, path=cookie_path(request))
 
 
 def csrf_ok(expected: str, given: str | None) -> bool:

@@ -1,6 +1,8 @@
-// Shared by the pages: the CSRF token the server put on <main>, and a JSON POST with it.
+// Shared by the pages: the CSRF token the server put on <main>, the prefix on <body>, and a JSON POST.
 "use strict";
 const csrf = () => document.querySelector("main").dataset.csrf;
+// the service's path behind a reverse proxy (CERVIXQC_ROOT_PATH), "" without one
+const BASE = document.body.dataset.base || "";
 async function postJSON(url, body) {
   const r = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf()},
                               body: JSON.stringify(body || {}), credentials: "same-origin"});

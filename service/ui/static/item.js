@@ -4,7 +4,7 @@
 "use strict";
 (function () {
   const root = document.getElementById("item");
-  const base = "/ui/jobs/" + root.dataset.job + "/items/" + root.dataset.item;
+  const base = BASE + "/ui/jobs/" + root.dataset.job + "/items/" + root.dataset.item;
   const W = +root.dataset.width, H = +root.dataset.height;
   const stage = document.getElementById("stage"), box = document.getElementById("box");
   const saved = document.getElementById("saved");

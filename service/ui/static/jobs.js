@@ -12,7 +12,7 @@
   // the same form the page renders for a retryable job (jobs.html)
   function retryForm(j) {
     const form = document.createElement("form");
-    form.method = "post"; form.action = "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
+    form.method = "post"; form.action = BASE + "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
     const token = document.createElement("input");
     token.type = "hidden"; token.name = "csrf"; token.value = csrf;
     const button = document.createElement("button");
@@ -25,7 +25,7 @@
   }
 
   async function poll(row) {
-    const r = await fetch("/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"});
+    const r = await fetch(BASE + "/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"});
     if (!r.ok) return;
     const j = await r.json();
     row.dataset.status = j.status;
@@ -39,7 +39,7 @@
     if (j.status !== "queued" && j.status !== "running") {
       const cell = row.lastElementChild;
       const focused = cell.contains(document.activeElement);  // the Cancel button goes: focus must not
-      const review = link("/ui/jobs/" + j.id + "/review", "Review");
+      const review = link(BASE + "/ui/jobs/" + j.id + "/review", "Review");
       cell.replaceChildren(review);
       if (j.retryable) cell.append(" ", retryForm(j));
       if (focused) review.focus();

@@ -45,9 +45,10 @@
     const li = card(file), form = new FormData();
     form.append("files", file, file.name);
     try {
-      const resp = await fetch("/ui/upload", {method: "POST", body: form, headers: {"X-CSRF-Token": csrf()},
-                                              credentials: "same-origin"});
-      const data = await resp.json();
+      const resp = await fetch(BASE + "/ui/upload", {method: "POST", body: form, headers: {"X-CSRF-Token": csrf()},
+                                                     credentials: "same-origin"});
+      // a proxy's own refusal (nginx's 413 past client_max_body_size, its 502 or 504) is HTML
+      const data = await resp.json().catch(() => ({error: {message: "HTTP " + resp.status + " " + resp.statusText}}));
       const results = data.results || (data.error && data.error.results);
       if (results && results.length) { fill(li, results[0]); return results[0].label; }
       li.querySelector(".label").textContent = "not checked";
