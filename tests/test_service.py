@@ -216,7 +216,9 @@ def test_malformed_requests_get_a_json_4xx(server):
             (c.post("/v1/qc", files={"files": ("big.jpg", b"\xff" * (5 * 1024 * 1024), "image/jpeg")}), 413),
             (c.post("/v1/qc", content=_chunked_multipart(5 * 1024 * 1024),  # no Content-Length: cut off mid-stream
                     headers={"Content-Type": "multipart/form-data; boundary=b0undary"}), 413),
-            (c.post("/v1/qc", files=[("files", (f"f{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(21)]), 400),
+            (c.post("/v1/qc", files=[("files", (f"f{i}.jpg", _jpeg(i), "image/jpeg")) for i in range(21)]), 413),
+            # the parser's reason, not Starlette's bare "Invalid multipart data."
+            (c.post("/v1/qc", files={"files": ("a" * 5000 + ".jpg", _jpeg(0), "image/jpeg")}), 400),
             (c.post("/v1/qc", data={"note": "no file"}, files={}), 415),
             (c.get("/v1/jobs/doesnotexist"), 404),
             (c.post("/v1/jobs", json={"nosource": 1}), 422),
@@ -225,6 +227,8 @@ def test_malformed_requests_get_a_json_4xx(server):
     for r, status in checks:
         assert r.status_code == status, (status, r.status_code, r.text)
         assert set(r.json()["error"]) >= {"code", "message"}
+    assert "CERVIXQC_MAX_FILES_PER_REQUEST" in checks[5][0].json()["error"]["message"]
+    assert "Maximum header size exceeded" in checks[6][0].json()["error"]["message"]
 
 
 def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_path):

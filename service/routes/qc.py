@@ -12,6 +12,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from pipelines.engine.qc_result import Label
@@ -43,6 +44,8 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         form = await request.form(max_files=s.max_files_per_request, max_fields=s.max_files_per_request)
     except ClientDisconnect:
         raise _client_gone(state) from None
+    except HTTPException as e:  # Starlette's 400 for a form it would not read
+        raise _form_refused(e, s.max_files_per_request) from None
     reservation = None
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -110,3 +113,17 @@ def _overloaded(state, reason: str = "overload") -> ApiError:
     state.metrics.rejected.labels(reason).inc()  # "overload": images; "queue_bytes": their bytes
     return ApiError(503, "overloaded", "the queue is full; retry later",
                     {"Retry-After": str(state.batcher.retry_after_s())})
+
+
+def _form_refused(e: HTTPException, max_files: int) -> ApiError:
+    """Starlette says "Invalid multipart data." for every error of the parser beneath it, so a
+    photo named with more than 4 KB (a header line of python-multipart's part) was refused
+    without a reason; the parser's own goes with it. Too many files names the setting."""
+    if str(e.detail).startswith(("Too many files", "Too many fields")):
+        return ApiError(413, "too_many_files", f"more than {max_files} files in one request "
+                                               "(CERVIXQC_MAX_FILES_PER_REQUEST): send fewer")
+    parser = e.__context__.__cause__ if e.__context__ is not None else None
+    reason = str(parser or e.detail)
+    if "header size" in reason:
+        reason += " (a part's header line over 4 KB: a file name that long?)"
+    return ApiError(400, "invalid_multipart", f"the multipart body could not be read: {reason}")
