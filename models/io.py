@@ -20,6 +20,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def unwritable(path: Path, e: Exception) -> OSError:
+    """A writer's failure as the OSError it is: torch.save says "unexpected pos 37522816 vs
+    37522708" and safetensors a SafetensorError for a full disk, and a training run on one
+    ended in a 130-line traceback that never said "space" (the CLI prints an OSError in one
+    line)."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = free is not None and free < 64 * 2**20
+    where = "" if free is None else f", {free / 2**20:.0f} MiB free there"
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"cannot write it ({'the disk is full' if full else type(e).__name__}{where})", str(path))
+
+
 class WeightsIntegrityError(RuntimeError):
     """The weights file is not the one its card describes."""
 
@@ -82,7 +100,11 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
         dtype = _STORAGE_DTYPES[dtype]
     weights = stem.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: _stored(v, dtype) for k, v in state.items()}, str(tmp))
+    try:
+        save_file({k: _stored(v, dtype) for k, v in state.items()}, str(tmp))
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise unwritable(weights, e) from e
     os.chmod(tmp, 0o644)  # safetensors writes 0600; a container's non-root user must read shipped weights
     os.replace(tmp, weights)
     storage = str(dtype).removeprefix("torch.") if dtype is not None else "float32"

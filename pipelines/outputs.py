@@ -9,7 +9,12 @@ One place for what had been written a dozen times over (`tmp = path + ".tmp"`, w
 - the temporary file removed when the write fails (a full disk, a folder where the file
   should go), not left beside the target;
 - files that belong together (results.csv and .parquet; a calibration's scores and
-  thumbnails) written first and renamed after, so a failure leaves the old set whole.
+  thumbnails) written first and renamed after, so a failure leaves the old set whole;
+- each file flushed to the disk before its rename, and its folder after (`durable`): the
+  rename reached the disk before the bytes, so a power cut or a disk dropping to read-only a
+  second after a run left every quarantine copy and export at 0 bytes under its final name,
+  and the run's state, synced, had them done (an audit, ext4 with a forced error; a rerun
+  never looked at them again). Measured here: 0.3-0.5 ms more for a 300 KB file.
 """
 
 from __future__ import annotations
@@ -53,28 +58,56 @@ def sweep_temporaries(folder: Path, older_than_s: float = 3600.0) -> int:
     return gone
 
 
-def write_atomically(path: Path, write: Writer) -> Path:
+def write_atomically(path: Path, write: Writer, durable: bool = True) -> Path:
     """`write(tmp)` then rename onto `path`: a reader sees the old file or the new one."""
-    return write_together({path: write})[0]
+    return write_together({path: write}, durable)[0]
 
 
-def write_together(writers: dict[Path, Writer]) -> list[Path]:
+def write_together(writers: dict[Path, Writer], durable: bool = True) -> list[Path]:
     """Every file written to its temporary name, then all renamed, in the dict's order (put
     the one readers check first, a card, last). On a failure none is renamed and the
-    temporary files go."""
+    temporary files go. `durable=False` only for what can be made again (a thumbnail)."""
     written: list[tuple[Path, Path]] = []
     try:
         for path, write in writers.items():
             tmp = _temporary(path)
             written.append((tmp, path))
             write(tmp)
+            if durable:
+                _flush(tmp)
         for tmp, path in written:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        for folder in {path.parent for path in writers}:
+            flush_folder(folder)
     return list(writers)
+
+
+def _flush(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_folder(folder: Path) -> None:
+    """The folder's entries to the disk; where the file system cannot (some network shares
+    refuse a folder's fsync), the rename stands as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def finite_or_null(value):

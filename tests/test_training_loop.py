@@ -142,3 +142,33 @@ def test_a_diverged_run_and_an_interrupted_one_say_what_to_do(tmp_path, caplog):
         fit(model, Interrupted(), loader, torch.optim.SGD(model.parameters(), lr=0.01),
             replace(loop, out_dir=tmp_path / "cut", epochs=3), torch.device("cpu"))
     assert "interrupted in epoch 1; the checkpoint holds epochs 0-0: the same command with --resume" in caplog.text
+
+
+def test_a_checkpoint_or_weights_that_cannot_be_written_fail_as_an_os_error_naming_the_file(tmp_path):
+    """torch.save said "unexpected pos ... vs ..." and safetensors raised SafetensorError for a
+    full disk: the CLI, which prints an OSError in one line, printed a 130-line traceback that
+    never said where or why. A file-size limit stands for the full disk (in a child process)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal, torch
+from pathlib import Path
+from models.io import ModelCard, save_weights
+from tests.test_training_loop import _run
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+for attempt in (lambda: _run(Path({str(tmp_path)!r}) / "run", epochs=2),
+                lambda: save_weights({{"w": torch.zeros(4096)}}, Path({str(tmp_path)!r}) / "w" / "m",
+                                     ModelCard(name="m", architecture="x", input_size=[1]))):
+    try:
+        attempt()
+    except OSError as e:
+        print("OSError", Path(e.filename).name, e.strerror)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines] == [["OSError", "checkpoint.pt"],
+                                                          ["OSError", "m.safetensors"]], (r.stdout, r.stderr[-2000:])
+    assert all("cannot write it" in line for line in lines)
+    assert not list((tmp_path / "w").glob("*.tmp"))  # the half-written file goes

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from models.io import unwritable
 from pipelines.outputs import sweep_temporaries, write_atomically
 from pipelines.training.distributed import DistInfo, all_reduce_mean, barrier
 
@@ -111,7 +112,13 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's writer on a full disk
+            raise unwritable(path, e) from e
+
+    write_atomically(path, save)
 
 
 def _check_can_train(cfg: LoopConfig, loader: Iterable, ckpt_path: Path, log_path: Path) -> None:

@@ -49,4 +49,4 @@ def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, l
     target.parent.mkdir(parents=True, exist_ok=True)
     # a temporary file of this request's own (named by the process alone, two requests in the
     # route's thread pool wrote one, and one served the other's half-written picture or a 500)
-    return write_atomically(target, lambda tmp: tmp.write_bytes(data))
+    return write_atomically(target, lambda tmp: tmp.write_bytes(data), durable=False)  # drawn again if lost

@@ -29,6 +29,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
+from pipelines.outputs import write_atomically
+
 log = logging.getLogger(__name__)
 
 COOKIE = "cervixqc_session"
@@ -60,9 +62,12 @@ def load_secret(path: Path) -> bytes:
             return secret
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+
+    def private(tmp: Path) -> None:  # 0600 from its first byte
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(secret)
+
+    write_atomically(path, private)  # written in place, a crash left it empty (an audit)
     return secret
 
 
