@@ -276,3 +276,21 @@ def test_each_apply_leaves_a_reviewed_photo_in_its_final_labels_folder_only(tmp_
     assert decide_and_apply("no_cervix", "regular") == []
     assert decide_and_apply("regular", "green") == ["non_regular/p.jpg"]
     assert (root / "p.jpg").read_bytes() == b"photo"
+
+
+def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_rest_are_counted(tmp_path):
+    """The copy in the old label's folder went first and the original was asked for after: a
+    collection moved or restored elsewhere lost every relabelled photo's only copy (an audit:
+    76 of 80), and Apply said only "0 added, 70 removed"."""
+    root, q = tmp_path / "data", tmp_path / "q"
+    root.mkdir()
+    rows = [(1, _record("green.jpg", Label.NON_REGULAR, "green")), (2, _record("reg.jpg", Label.REGULAR))]
+    (q / "non_regular").mkdir(parents=True)
+    (q / "non_regular" / "green.jpg").write_bytes(b"the job's copy")  # its original is gone, as is reg.jpg's
+    store, j = _reviews(tmp_path)
+    store.decide(j, 1, "green.jpg", "key-1", "label", "green", "no_cervix")
+    store.decide(j, 2, "reg.jpg", "key-1", "label", "regular", "iodine")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [root.resolve()])
+    assert (done.added, done.removed, done.missing) == (1, 1, 1)
+    assert [(p.relative_to(q).as_posix(), p.read_bytes()) for p in q.rglob("*.jpg")] == [
+        ("no_cervix/green.jpg", b"the job's copy")]

@@ -247,9 +247,10 @@ def test_the_review_page_shows_only_counts_as_the_applied_message(server):
     own page say anything ("Applied: your data was lost, call ...")."""
     job = _finished_job(server, "set")
     c, _ = _signed_in(server)
-    shown = c.get(f"/ui/jobs/{job}/review?applied=3-1").text
-    assert "Applied: 3 copies added, 1 removed" in shown
-    for spoof in ("Call%20555%20now-0", "3-1-x", "3"):
+    shown = c.get(f"/ui/jobs/{job}/review?applied=3-1-0").text
+    assert "Applied: 3 copies added, 1 removed (originals untouched)." in shown
+    assert "2 without a copy" in c.get(f"/ui/jobs/{job}/review?applied=3-1-2").text
+    for spoof in ("Call%20555%20now-0-0", "3-1-x", "3", "3-1"):
         page = c.get(f"/ui/jobs/{job}/review?applied={spoof}")
         assert page.status_code == 200 and "Applied:" not in page.text and "555 now" not in page.text, spoof
 

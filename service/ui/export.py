@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.outputs import flush_folder
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
 from service.paths import inside
 
@@ -83,6 +85,7 @@ class Applied:
     removed: int = 0
     folders: dict[str, int] = field(default_factory=dict)
     outside: int = 0  # reviewed into a quarantined label, but the file is outside the data roots: not copied
+    missing: int = 0  # reviewed into a quarantined label, no copy to move and no original to copy
 
 
 def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
@@ -92,7 +95,12 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
     label folder review moved it out of. Finding folders are left as the job made them.
     A file is copied only from inside `roots`, checked at the copy: a manifest's row may name
     a file outside them (the job did not read it, but a reviewer can still relabel its row),
-    or a file may have become a link out since the job ran."""
+    or a file may have become a link out since the job ran.
+
+    A copy moving from one label folder to another is moved, not copied again from the
+    original: the copy went first and the original was asked for after, so a photo whose
+    original had been moved, renamed or restored elsewhere lost its only quarantine copy.
+    The caller holds one Apply of a quarantine at a time (two at once removed one copy twice)."""
     done = Applied()
     for item, r in rows:
         if item not in reviews:
@@ -101,19 +109,29 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
         # every label folder but the final one loses its copy, not only the model's: a second
         # Apply after another change of mind left the first one's copy behind, and a photo
         # changed back to the model's label never got its copy again
-        for label in QUARANTINED:
-            copy = quarantine_path(qdir, label, r.path)
-            if label != final and copy.is_file():
-                copy.unlink()
+        stale = [copy for label in QUARANTINED
+                 if label != final and (copy := quarantine_path(qdir, label, r.path)).is_file()]
+        target = quarantine_path(qdir, final, r.path) if final in QUARANTINED else None
+        if target is not None and not target.is_file():
+            if stale:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stale.pop(0), target)
+                flush_folder(target.parent)
                 done.removed += 1
-        original = on_disk(root, r.path)
-        if final in QUARANTINED and not quarantine_path(qdir, final, r.path).is_file() and original.is_file():
-            if not inside(original, roots):
-                done.outside += 1
-                continue
-            quarantine_copy(root, r.path, final, qdir, link=False)
+            else:
+                original = on_disk(root, r.path)
+                if not original.is_file():
+                    done.missing += 1
+                    continue
+                if not inside(original, roots):
+                    done.outside += 1
+                    continue
+                quarantine_copy(root, r.path, final, qdir, link=False)
             done.added += 1
             done.folders[final] = done.folders.get(final, 0) + 1
-    log.info("review applied to %s: %d copies added, %d removed, %d outside the data roots not copied",
-             qdir, done.added, done.removed, done.outside)
+        for copy in stale:
+            copy.unlink(missing_ok=True)
+            done.removed += 1
+    log.info("review applied to %s: %d copies added, %d removed, %d outside the data roots not copied, "
+             "%d without an original or a copy", qdir, done.added, done.removed, done.outside, done.missing)
     return done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from urllib.parse import urlencode
 from typing import Annotated, Literal
 
@@ -31,6 +32,8 @@ from service.ui.images import NotShown, cached
 from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of
 
 router = APIRouter(prefix="/ui/jobs/{job_id}", include_in_schema=False)
+# one Apply at a time: quarantines are the process's alone (one service per state folder)
+_APPLYING = threading.Lock()
 
 
 def _number(text: str | None) -> float | None:
@@ -75,7 +78,7 @@ def review_page(request: Request, job_id: str, session: UiSession, state: State,
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
     # only the counts apply-review's redirect writes: any other text in a link would have shown
     # on our page as the service's own message ("Applied: call this number ...")
-    applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})", request.query_params.get("applied", ""))
+    applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})-(\d{1,12})", request.query_params.get("applied", ""))
     return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters,
                 applied=applied.groups() if applied else None)
 
@@ -189,7 +192,9 @@ def apply(job_id: str, session: UiPost, state: State):
     if job.status not in ("done", "cancelled", "failed"):
         raise ApiError(409, "job_running", "wait for the job to finish before applying review")
     qdir = state.settings.quarantine_root / (job.quarantine or f"job-{job.id}")  # type: ignore[operator]
-    done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id), state.reviews.reviewed(job_id),
-                               state.settings.data_roots)
+    with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
+        done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
+                                   state.reviews.reviewed(job_id), state.settings.data_roots)
     # to the result, not the top of 48 cards: its status line was below them, unseen and unread
-    return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}#exports", status_code=303)
+    return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}-{done.missing}#exports",
+                            status_code=303)
