@@ -392,7 +392,7 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
     JobStore(store.path)
     assert _group_by(store.path, b.id) == {}
     with sqlite3.connect(store.path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5  # an older version refuses the file
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 5  # an older version refuses the file
 
 
 def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_jobs_keep_theirs(tmp_path):
@@ -414,3 +414,31 @@ def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_job
     assert sorted(p.name for p in thumbs.iterdir()) == [kept.id]
     assert not Path(gone.out_dir).exists() and (Path(kept.out_dir) / "1-thumb.jpg").is_file()
     assert (thumbs / kept.id / "1-thumb.jpg").is_file()
+
+
+def test_a_copy_of_the_state_folder_writes_and_deletes_its_own_results_folders_and_an_upgrade_keeps_the_old_file(
+        tmp_path):
+    """out_dir was stored absolute: a service on a backup restored elsewhere (or a copy made to
+    try something) finished the original's jobs into the original's results folders, and a
+    DELETE there removed the original's (an audit). The upgrade that makes it relative keeps
+    the file as it was: the older cervixqc refuses the upgraded one."""
+    import shutil
+
+    first = JobStore(tmp_path / "a" / "jobs.sqlite")
+    job = first.create("src", None, "resnest", tmp_path / "a" / "jobs")
+    assert first.get(job.id).out_dir == str(tmp_path / "a" / "jobs" / job.id)
+    with sqlite3.connect(first.path) as db:  # as schema v5 stored it
+        db.execute("UPDATE jobs SET out_dir = ? WHERE id = ?", (str(tmp_path / "a" / "jobs" / job.id), job.id))
+        db.execute("PRAGMA user_version = 5")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = JobStore(tmp_path / "b" / "jobs.sqlite")
+    assert copy.get(job.id).out_dir == str(tmp_path / "b" / "jobs" / job.id)
+    new = copy.create("src", None, "resnest", tmp_path / "b" / "jobs")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    assert JobStore(tmp_path / "c" / "jobs.sqlite").get(new.id).out_dir == str(tmp_path / "c" / "jobs" / new.id)
+    kept = sqlite3.connect(tmp_path / "b" / "jobs.sqlite.v5.bak")
+    try:
+        assert kept.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert kept.execute("SELECT out_dir FROM jobs").fetchall() == [(str(tmp_path / "a" / "jobs" / job.id),)]
+    finally:
+        kept.close()

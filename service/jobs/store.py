@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines.engine.qc_result import QCResult, read_again_sql
+from pipelines.outputs import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ CREATE TABLE IF NOT EXISTS label_counts (
 # user_version 4: jobs.models, the sha256 of the models its rows were labelled by
 # user_version 5: jobs.status may be 'deleted' (an older version listed such a job and failed
 #                 every job list on it)
-SCHEMA_VERSION = 5
+# user_version 6: jobs.out_dir relative to the store's folder (a copy of the state folder, a
+#                 backup restored, wrote its jobs' results into the original's folder and a
+#                 DELETE there removed the original's)
+SCHEMA_VERSION = 6
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 # A deleted job keeps its row (source and quarantine: a quarantine folder still holds that
@@ -69,6 +73,14 @@ def open_db(path: Path, mode: str, timeout: float, **kwargs: object) -> sqlite3.
     stores' own opening: a deleted file was created again, empty, by the next thread that read
     it, a metrics scrape or an export, and the loss looked like a fresh install)."""
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=timeout, **kwargs)
+
+
+def _backup(db: sqlite3.Connection, to: Path) -> None:
+    target = sqlite3.connect(to)
+    try:
+        db.backup(target)
+    finally:
+        target.close()
 
 
 def newer_store(version: int) -> str:
@@ -159,6 +171,8 @@ class JobStore:
             db.execute("ROLLBACK")    # ignore what the newer one records (the models of a job)
             raise StoreVersionError(newer_store(version))
         db.execute("COMMIT")
+        if 0 < version < SCHEMA_VERSION:
+            self._keep_before_upgrade(db, version)
         db.executescript(SCHEMA)
         db.execute("BEGIN IMMEDIATE")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -178,6 +192,8 @@ class JobStore:
             db.execute(f"UPDATE items SET summary = json_array({_SUMMARY_SQL})")
         if version < 4 and "models" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}:
             db.execute("ALTER TABLE jobs ADD COLUMN models TEXT")
+        if version < 6:  # the service's own results folders, <state>/jobs/<id>, wherever the state is now
+            db.execute("UPDATE jobs SET out_dir = 'jobs/' || id WHERE substr(out_dir, -length(id) - 6) = '/jobs/' || id")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
         if upgrading:
@@ -185,6 +201,20 @@ class JobStore:
         for (left,) in db.execute("SELECT id FROM jobs WHERE status = ? AND EXISTS "
                                   "(SELECT 1 FROM items WHERE job_id = jobs.id)", (DELETED,)).fetchall():
             self.purge(left)  # a delete stopped half-way (the service killed during it)
+
+    def _keep_before_upgrade(self, db: sqlite3.Connection, version: int) -> None:
+        """The file as it was, beside it, before an upgrade rewrites it (SQLite's backup: whole
+        even while another process writes): going back to the older cervixqc needs it, since
+        that version refuses the upgraded file. Kept once per version."""
+        kept = self.path.with_name(f"{self.path.name}.v{version}.bak")
+        if not kept.exists():
+            write_atomically(kept, lambda tmp: _backup(db, tmp))
+            log.info("jobs.sqlite: the v%d file kept as %s before the upgrade", version, kept.name)
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        fields = dict(row)
+        fields["out_dir"] = str(self.path.parent / fields["out_dir"])  # relative since v6
+        return Job(**fields)
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
         """This thread's connection; only the store's opening creates the file (`open_db`)."""
@@ -215,9 +245,11 @@ class JobStore:
     # jobs -------------------------------------------------------------------------------
     def create(self, source: str, quarantine: str | None, policy: str, out_root: Path) -> Job:
         job_id = uuid.uuid4().hex[:16]
+        out = out_root / job_id
+        stored = out.relative_to(self.path.parent) if out.is_relative_to(self.path.parent) else out
         self._db().execute("INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) "
                            "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                           (job_id, source, quarantine, policy, str(out_root / job_id), time.time()))
+                           (job_id, source, quarantine, policy, str(stored), time.time()))
         return self.get(job_id)  # type: ignore[return-value]
 
     def claim_models(self, job_id: str, models: str) -> str | None:
@@ -231,12 +263,12 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         row = self._db().execute("SELECT * FROM jobs WHERE id = ? AND status != ?", (job_id, DELETED)).fetchone()
-        return Job(**dict(row)) if row else None
+        return self._job(row) if row else None
 
     def list(self, limit: int = 100) -> list[Job]:
         rows = self._db().execute("SELECT * FROM jobs WHERE status != ? ORDER BY created DESC LIMIT ?",
                                   (DELETED, limit)).fetchall()
-        return [Job(**dict(r)) for r in rows]
+        return [self._job(r) for r in rows]
 
     def delete(self, job_id: str) -> bool:
         """True when a finished job is DELETED (its row kept) and its items, counts and review
@@ -264,7 +296,8 @@ class JobStore:
 
     def deleted(self) -> list[tuple[str, str]]:
         """(id, out_dir) of every deleted job."""
-        return [(i, o) for i, o in self._db().execute("SELECT id, out_dir FROM jobs WHERE status = ?", (DELETED,))]
+        rows = self._db().execute("SELECT id, out_dir FROM jobs WHERE status = ?", (DELETED,))
+        return [(i, str(self.path.parent / o)) for i, o in rows]
 
     def quarantine_sources(self) -> list[tuple[str, str]]:
         """(quarantine name, source) of every job that has a quarantine, deleted ones too."""
@@ -273,7 +306,7 @@ class JobStore:
 
     def next_active(self) -> Job | None:
         row = self._db().execute(f"SELECT * FROM jobs WHERE status IN {ACTIVE} ORDER BY created LIMIT 1").fetchone()
-        return Job(**dict(row)) if row else None
+        return self._job(row) if row else None
 
     def count_by_status(self) -> dict[str, int]:
         """Every status, those without a job at 0."""
