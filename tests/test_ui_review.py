@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.data.coco import load_coco, validate_coco
 from pipelines.engine.qc_result import Label, QCResult
-from service.jobs.reviews import JobGone, ReviewStore, class_of, final_of
+from service.jobs.reviews import JobGone, ReviewStore, Stale, class_of, final_of
 from service.jobs.store import ItemSummary, JobStore
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
 from service.ui.job_views import VIEW_ITEMS, JobViews
@@ -144,16 +144,16 @@ def test_a_decision_keeps_who_and_old_to_new_and_undo_restores_the_one_before(tm
     store.decide(j, 7, "a.jpg", "key-2", "label", "green", "no_cervix")
     store.decide(j, 7, "a.jpg", "key-2", "box", [0, 0, 5, 5], [1, 1, 4, 4])
     assert store.reviewed(j)[7].label == "no_cervix" and store.reviewed(j)[7].box == [1, 1, 4, 4]
-    store.undo(j, 7)
-    store.undo(j, 7)
+    store.undo(j, 7, "key-1")
+    store.undo(j, 7, "key-1")
     live = store.reviewed(j)[7]
     assert (live.label, live.box, live.who) == ("green", None, "key-1")
     history = store.history(j, 7)
     assert [(d.who, d.old, d.new, d.undone_at is not None) for d in history] == [
         ("key-1", "regular", "green", False), ("key-2", "green", "no_cervix", True),
         ("key-2", "[0, 0, 5, 5]", "[1, 1, 4, 4]", True)]
-    store.undo(j, 7)
-    assert store.reviewed(j) == {} and store.undo(j, 7) is None
+    store.undo(j, 7, "key-1")
+    assert store.reviewed(j) == {} and store.undo(j, 7, "key-1") is None
     with pytest.raises(ValueError, match="label must be one of"):
         store.decide(j, 7, "a.jpg", "key-1", "label", "regular", "purple")
 
@@ -294,3 +294,39 @@ def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_
     assert (done.added, done.removed, done.missing) == (1, 1, 1)
     assert [(p.relative_to(q).as_posix(), p.read_bytes()) for p in q.rglob("*.jpg")] == [
         ("no_cervix/green.jpg", b"the job's copy")]
+
+
+def test_a_page_that_is_no_longer_current_can_neither_decide_nor_undo(tmp_path):
+    """A page still showing the model's regular confirmed it over another reviewer's iodine,
+    unsaid, and an undo took back a decision its reviewer never saw (an audit)."""
+    store, j = _reviews(tmp_path)
+    shown = store.version(j, 1)
+    store.decide(j, 1, "a.jpg", "key-b", "label", "regular", "iodine", seen=shown)
+    with pytest.raises(Stale) as e:
+        store.decide(j, 1, "a.jpg", "key-a", "label", "regular", "regular", seen=shown)
+    assert e.value.who == "key-b"
+    with pytest.raises(Stale):
+        store.undo(j, 1, "key-a", seen=shown)
+    fresh = store.version(j, 1)
+    assert store.undo(j, 1, "key-a", seen=fresh).undone_by == "key-a"
+    with pytest.raises(Stale) as e:  # an undo is a change too
+        store.decide(j, 1, "a.jpg", "key-b", "label", "regular", "green", seen=fresh)
+    assert e.value.who == "key-a" and store.version(j, 1) == fresh + 1
+    assert [(d.who, d.new, d.undone_by) for d in store.history(j, 1)] == [("key-b", "iodine", "key-a")]
+
+
+def test_reviewers_at_once_each_undo_their_own_decision_and_each_old_is_the_value_before(tmp_path):
+    """Two undos at once both answered for one row (an audit: 40 answers, 23 rows undone), and
+    concurrent decisions stored an `old` read before another's write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store, j = _reviews(tmp_path)
+    labels = ["green", "iodine", "regular", "no_cervix"]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda k: store.decide(j, 1, "a.jpg", f"key-{k % 2}", "label", "regular", labels[k % 4]),
+                      range(80)))
+    history = store.history(j, 1)
+    assert [d.old for d in history] == ["regular"] + [d.new for d in history[:-1]]
+    with ThreadPoolExecutor(4) as pool:
+        undone = list(pool.map(lambda k: store.undo(j, 1, f"key-{k % 2}").id, range(40)))
+    assert len(set(undone)) == 40 and sum(d.undone_at is not None for d in store.history(j, 1)) == 40

@@ -231,6 +231,24 @@ def test_an_item_is_only_reachable_through_its_own_job(server):
         assert r.status_code == 422 and r.json()["error"]["code"]
 
 
+def test_a_reviewer_whose_page_is_no_longer_current_is_told_who_changed_it(server):
+    job = _finished_job(server, "set")
+    a, csrf_a = _signed_in(server)
+    item = re.search(r"/items/(\d+)\?", a.get(f"/ui/jobs/{job}/review").text).group(1)
+    shown = int(re.search(r'data-seen="(\d+)"', a.get(f"/ui/jobs/{job}/items/{item}").text).group(1))
+    b, csrf_b = _signed_in(server)
+    r = b.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "iodine", "seen": shown},
+               headers={"X-CSRF-Token": csrf_b})
+    assert r.status_code == 200, r.text
+    for url, body in (("decision", {"label": "regular", "seen": shown}), ("undo", {"seen": shown})):
+        r = a.post(f"/ui/jobs/{job}/items/{item}/{url}", json=body, headers={"X-CSRF-Token": csrf_a})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "changed_since_loaded", r.text
+        assert "reload" in r.json()["error"]["message"]
+    shown = int(re.search(r'data-seen="(\d+)"', a.get(f"/ui/jobs/{job}/items/{item}").text).group(1))
+    r = a.post(f"/ui/jobs/{job}/items/{item}/undo", json={"seen": shown}, headers={"X-CSRF-Token": csrf_a})
+    assert r.status_code == 200 and r.json()["undone"]["new"] == "iodine"
+
+
 def test_a_box_outside_the_photo_is_refused(server):
     job = _finished_job(server, "set")
     c, csrf = _signed_in(server)

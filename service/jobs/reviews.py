@@ -2,8 +2,16 @@
 
 An append-only log: each decision keeps who (a key id, never the key), when, the field
 (`label` or `box`) and old -> new, so an audit can replay any item's history. Undo marks the
-item's latest live decision undone rather than deleting it. An item's reviewed value is its
-latest live decision for that field; the model's own record in `items` is never rewritten.
+item's latest live decision undone (and by whom) rather than deleting it. An item's reviewed
+value is its latest live decision for that field; the model's own record in `items` is never
+rewritten.
+
+Several reviewers work on one job: each change of an item is one transaction that reads the
+item's `old` value and writes, and a page says which state of the item it showed (`version`,
+one more for every decision and every undo). A page that is no longer current is refused
+(`Stale`), so nobody overrides or undoes a change they never saw (an audit: a page still
+showing the model's label confirmed it over another reviewer's iodine, two undos at once
+answered twice for one row, and 65 of 200 concurrent decisions had an `old` no one had set).
 
 Labels are the five a reviewer can choose (keys 1-5 on the image page): `regular`, `green`,
 `iodine` (both non_regular, with the kind), `no_cervix`, `unreadable`.
@@ -15,6 +23,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +34,12 @@ from service.jobs.store import DELETED, open_db
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, item INTEGER NOT NULL, path TEXT NOT NULL,
-    who TEXT NOT NULL, at REAL NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT NOT NULL, undone_at REAL
+    who TEXT NOT NULL, at REAL NOT NULL, field TEXT NOT NULL, old TEXT, new TEXT NOT NULL, undone_at REAL,
+    undone_by TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_by_item ON decisions (job_id, item);
 """
+_COLUMNS = "id, item, path, who, at, field, old, new, undone_at, undone_by"
 CLASSES = ("regular", "green", "iodine", "no_cervix", "unreadable")
 # in words on every card and button: a label is never told by colour alone
 CLASS_WORDS = {"regular": "regular", "green": "non-regular: green filter", "iodine": "non-regular: Lugol's iodine",
@@ -47,6 +59,14 @@ class JobGone(LookupError):
     """The job is deleted, or was never there."""
 
 
+class Stale(Exception):
+    """The item changed since the page that asks was made."""
+
+    def __init__(self, who: str) -> None:
+        super().__init__(who)
+        self.who = who
+
+
 @dataclass(frozen=True)
 class Decision:
     id: int
@@ -58,6 +78,7 @@ class Decision:
     old: str | None
     new: str
     undone_at: float | None
+    undone_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +96,10 @@ class ReviewStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._local = threading.local()
-        self._db(create=True).executescript(SCHEMA)
+        db = self._db(create=True)
+        db.executescript(SCHEMA)
+        if "undone_by" not in {r[1] for r in db.execute("PRAGMA table_info(decisions)")}:
+            db.execute("ALTER TABLE decisions ADD COLUMN undone_by TEXT")  # a log from before undos were signed
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
         """This thread's connection; only the store's opening creates the file (`open_db`)."""
@@ -87,37 +111,65 @@ class ReviewStore:
             self._local.db = db
         return db
 
-    def decide(self, job_id: str, item: int, path: str, who: str, field: str, old: object, new: object) -> Decision:
-        """Raises JobGone when the job is deleted: a decision sent while its job was being
-        deleted (the route had found the job) was stored after the purge, a row no job owned."""
+    def decide(self, job_id: str, item: int, path: str, who: str, field: str, model: object, new: object,
+               seen: int | None = None) -> Decision:
+        """`field` set to `new`; its `old` is the live decision's value, or the `model`'s.
+        Raises Stale when the item is no longer at version `seen` (None: not asked, a script),
+        JobGone when the job is deleted: a decision sent while its job was being deleted (the
+        route had found the job) was stored after the purge, a row no job owned."""
         if field == "label" and new not in CLASSES:
             raise ValueError(f"label must be one of {', '.join(CLASSES)}")
         enc = (lambda v: None if v is None else json.dumps(v)) if field == "box" else (lambda v: v)
-        cur = self._db().execute("INSERT INTO decisions (job_id, item, path, who, at, field, old, new) "
-                                 "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
-                                 "(SELECT 1 FROM jobs WHERE id = ? AND status != ?)",
-                                 (job_id, item, path, who, time.time(), field, enc(old), enc(new), job_id, DELETED))
-        if cur.rowcount != 1:
-            raise JobGone(job_id)
-        return self._get(cur.lastrowid)  # type: ignore[arg-type]
+        with self._change(job_id, item, seen) as db:
+            live = self.reviewed(job_id, item).get(item)
+            current = (live.label if field == "label" else live.box) if live else None
+            old = model if current is None else current
+            cur = db.execute("INSERT INTO decisions (job_id, item, path, who, at, field, old, new) "
+                             "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND status != ?)",
+                             (job_id, item, path, who, time.time(), field, enc(old), enc(new), job_id, DELETED))
+            if cur.rowcount != 1:
+                raise JobGone(job_id)
+            return self._get(cur.lastrowid)  # type: ignore[arg-type]
 
-    def undo(self, job_id: str, item: int) -> Decision | None:
-        """Undo the item's latest live decision; None when there is nothing to undo."""
+    def undo(self, job_id: str, item: int, who: str, seen: int | None = None) -> Decision | None:
+        """Undo the item's latest live decision, signed by `who`; None when there is nothing to
+        undo. Raises Stale as `decide` does."""
+        with self._change(job_id, item, seen) as db:
+            row = db.execute("SELECT id FROM decisions WHERE job_id = ? AND item = ? AND undone_at IS NULL "
+                             "ORDER BY id DESC LIMIT 1", (job_id, item)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE decisions SET undone_at = ?, undone_by = ? WHERE id = ?", (time.time(), who, row[0]))
+            return self._get(row[0])
+
+    def version(self, job_id: str, item: int) -> int:
+        """How many times the item's review changed: decisions and undos."""
+        return self._db().execute("SELECT count(*) + count(undone_at) FROM decisions WHERE job_id = ? AND item = ?",
+                                  (job_id, item)).fetchone()[0]
+
+    @contextmanager
+    def _change(self, job_id: str, item: int, seen: int | None) -> Iterator[sqlite3.Connection]:
+        """One writer's transaction: the check, the read of `old` and the write together."""
         db = self._db()
-        row = db.execute("SELECT id FROM decisions WHERE job_id = ? AND item = ? AND undone_at IS NULL "
-                         "ORDER BY id DESC LIMIT 1", (job_id, item)).fetchone()
-        if row is None:
-            return None
-        db.execute("UPDATE decisions SET undone_at = ? WHERE id = ?", (time.time(), row[0]))
-        return self._get(row[0])
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if seen is not None and self.version(job_id, item) != seen:
+                last = db.execute("SELECT coalesce(undone_by, who) FROM decisions WHERE job_id = ? AND item = ? "
+                                  "ORDER BY max(at, coalesce(undone_at, 0)) DESC LIMIT 1", (job_id, item)).fetchone()
+                raise Stale(last[0] if last else "another reviewer")
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def _get(self, decision_id: int) -> Decision:
-        return Decision(**dict(self._db().execute("SELECT id, item, path, who, at, field, old, new, undone_at "
-                                                  "FROM decisions WHERE id = ?", (decision_id,)).fetchone()))
+        return Decision(**dict(self._db().execute(f"SELECT {_COLUMNS} FROM decisions WHERE id = ?",
+                                                  (decision_id,)).fetchone()))
 
     def history(self, job_id: str, item: int) -> list[Decision]:
-        rows = self._db().execute("SELECT id, item, path, who, at, field, old, new, undone_at FROM decisions "
-                                  "WHERE job_id = ? AND item = ? ORDER BY id", (job_id, item))
+        rows = self._db().execute(f"SELECT {_COLUMNS} FROM decisions WHERE job_id = ? AND item = ? ORDER BY id",
+                                  (job_id, item))
         return [Decision(**dict(r)) for r in rows]
 
     def reviewed(self, job_id: str, item: int | None = None) -> dict[int, Reviewed]:

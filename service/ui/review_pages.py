@@ -21,7 +21,7 @@ from pipelines.clean import on_disk
 from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
-from service.jobs.reviews import CLASSES, JobGone, class_of, final_of
+from service.jobs.reviews import CLASSES, JobGone, Stale, class_of, final_of
 from service.jobs.store import Job
 from service.paths import inside
 from service.routes.jobs import job_not_found, job_or_404
@@ -101,7 +101,8 @@ def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, s
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
                 model_cls=class_of(record.label.value, record.kind), final_cls=cls, final_box=box,
-                history=state.reviews.history(job_id, item), prev=prev, next=nxt, query=request.url.query,
+                history=state.reviews.history(job_id, item), seen=state.reviews.version(job_id, item),
+                prev=prev, next=nxt, query=request.url.query,
                 t=t, source=source_of(record.path))
 
 
@@ -130,6 +131,16 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
 class DecisionIn(BaseModel):
     label: Literal[CLASSES] | None = None  # type: ignore[valid-type]
     box: list[float] | None = Field(None, min_length=4, max_length=4)
+    seen: int | None = None  # the item's review version the page showed (ReviewStore.version)
+
+
+class UndoIn(BaseModel):
+    seen: int | None = None
+
+
+def _stale(e: Stale) -> ApiError:
+    return ApiError(409, "changed_since_loaded", f"{e.who} changed this photo's review after this page was "
+                                                 "loaded: reload it to see the change")
 
 
 @router.post("/items/{item}/decision")
@@ -138,32 +149,33 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     """A label (keys 1-5, or confirm) or a corrected box; old -> new stored with who and when."""
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
-    store = state.reviews
-    live = store.reviewed(job_id, item).get(item)
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
     if body.label is not None:
-        field, new = "label", body.label
-        old = live.label if live and live.label else class_of(record.label.value, record.kind)
+        field, new, model = "label", body.label, class_of(record.label.value, record.kind)
     else:
         x1, y1, x2, y2 = body.box  # type: ignore[misc]
         w, h = record.width or 0, record.height or 0
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}")
-        field, new = "box", [round(v, 1) for v in body.box]  # type: ignore[union-attr]
-        old = live.box if live and live.box else record.cervix_box
+        field, new, model = "box", [round(v, 1) for v in body.box], record.cervix_box  # type: ignore[union-attr]
     try:
-        d = store.decide(job_id, item, record.path, session.who, field, old, new)
+        d = state.reviews.decide(job_id, item, record.path, session.who, field, model, new, body.seen)
     except JobGone:  # deleted since it was read above
         raise job_not_found(job_id) from None
+    except Stale as e:
+        raise _stale(e) from None
     return JSONResponse({"decision": d.__dict__})
 
 
 @router.post("/items/{item}/undo")
-def undo(job_id: str, item: ItemId, session: UiPost, state: State) -> JSONResponse:
+def undo(job_id: str, item: ItemId, session: UiPost, state: State, body: UndoIn | None = None) -> JSONResponse:
     job = job_or_404(state, job_id)
     _item(state, job, item)
-    d = state.reviews.undo(job_id, item)
+    try:
+        d = state.reviews.undo(job_id, item, session.who, body.seen if body else None)
+    except Stale as e:
+        raise _stale(e) from None
     if d is None:
         raise ApiError(409, "nothing_to_undo", "this item has no decision to undo")
     return JSONResponse({"undone": d.__dict__})

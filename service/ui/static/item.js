@@ -10,6 +10,8 @@
   const saved = document.getElementById("saved");
   const model = JSON.parse(document.getElementById("model").textContent);
   const CLASSES = ["regular", "green", "iodine", "no_cervix", "unreadable"];
+  // the item's review as this page shows it: a change by another reviewer since is refused (409)
+  const seen = +root.dataset.seen;
 
   // the page reloads to show the history: the message waits in sessionStorage and is shown (and
   // read out) after it, with focus on the decision buttons; before, it vanished with the reload
@@ -31,9 +33,9 @@
   const shortcuts = document.getElementById("shortcuts");
   shortcuts.checked = localStorage.getItem("cervixqc-shortcuts") !== "off";
   shortcuts.addEventListener("change", () => localStorage.setItem("cervixqc-shortcuts", shortcuts.checked ? "on" : "off"));
-  const label = cls => send(base + "/decision", {label: cls}, WORDS[cls]);
+  const label = cls => send(base + "/decision", {label: cls, seen}, WORDS[cls]);
   document.querySelectorAll(".keys button[data-label]").forEach(b => b.addEventListener("click", () => label(b.dataset.label)));
-  document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {}, "undo"));
+  document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {seen}, "undo"));
 
   // the box with the keyboard alone: b starts editing (the current box, or a centred one),
   // arrows move it by 1% of the photo, Shift+arrows grow or shrink it, Enter saves, Esc cancels
@@ -43,7 +45,7 @@
     const moves = {ArrowLeft: [-dx, 0], ArrowRight: [dx, 0], ArrowUp: [0, -dy], ArrowDown: [0, dy]};
     if (e.key === "Escape") { editing = null; location.reload(); return; }
     if (e.key === "Enter") { const done = editing; editing = null;
-      send(base + "/decision", {box: done}, "box"); return; }  // the server rounds to 0.1 px
+      send(base + "/decision", {box: done, seen}, "box"); return; }  // the server rounds to 0.1 px
     const m = moves[e.key];
     if (!m) return;
     if (e.shiftKey) { b[2] = Math.min(W, Math.max(b[0] + dx, b[2] + m[0])); b[3] = Math.min(H, Math.max(b[1] + dy, b[3] + m[1])); }
@@ -78,7 +80,7 @@
       if (CLASSES.includes(model.cls)) label(model.cls);
       else saved.textContent = "The model gave no kind: choose 2 (green) or 3 (iodine).";
     }
-    else if (e.key === "u") { e.preventDefault(); send(base + "/undo", {}, "undo"); }
+    else if (e.key === "u") { e.preventDefault(); send(base + "/undo", {seen}, "undo"); }
     else if (e.key === "ArrowRight" && root.dataset.next) location.href = root.dataset.next;
     else if (e.key === "ArrowLeft" && root.dataset.prev) location.href = root.dataset.prev;
   });
@@ -95,6 +97,6 @@
     if (!start) return;
     const b = rect(start, at(e)); start = null;
     if (b[2] - b[0] < 4 || b[3] - b[1] < 4) { location.reload(); return; }  // a click, not a drag
-    send(base + "/decision", {box: b}, "box");
+    send(base + "/decision", {box: b, seen}, "box");
   });
 })();
