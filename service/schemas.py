@@ -82,6 +82,9 @@ class JobStatus(BaseModel):
     results_url: str  # from the API's base, as every route a client calls (without CERVIXQC_ROOT_PATH)
     # `POST .../retry` would take it: failed or cancelled, or done with files the OS could not read
     retryable: bool = False
+    # why an active job does not move: the job store cannot be written (full, read-only, locked);
+    # it goes on by itself once it can
+    waiting: str | None = None
 
 
 class JobList(BaseModel):

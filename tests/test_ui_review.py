@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sqlite3
 
 import pytest
@@ -330,3 +331,32 @@ def test_reviewers_at_once_each_undo_their_own_decision_and_each_old_is_the_valu
     with ThreadPoolExecutor(4) as pool:
         undone = list(pool.map(lambda k: store.undo(j, 1, f"key-{k % 2}").id, range(40)))
     assert len(set(undone)) == 40 and sum(d.undone_at is not None for d in store.history(j, 1)) == 40
+
+
+def test_a_picture_the_full_thumbnail_cache_cannot_take_is_served_from_memory(tmp_path):
+    """A full state folder answered every picture not yet cached with a 500 (an audit)."""
+    import subprocess
+
+    from pipelines.engine.decode import DecodeLimits
+    from service.ui.images import cached
+    from tests.qc_fixtures import fuzz_set
+
+    cache = tmp_path / "thumbs"
+    cache.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (cache / "filler").write_bytes(b"\0" * 60_000)
+        (cache / "j1").mkdir()
+        with open(cache / "j1" / "more", "wb") as f:  # up to the last byte
+            with pytest.raises(OSError):
+                f.write(b"\0" * 200_000)
+                f.flush()
+        original = tmp_path / "p.jpg"
+        original.write_bytes(fuzz_set()["ok.jpg"][0])
+        picture = cached(cache, "j1", 1, "full", original, DecodeLimits())
+        assert isinstance(picture, bytes) and picture[:2] == b"\xff\xd8"
+        assert not [p for p in (cache / "j1").iterdir() if p.name != "more"]  # no half-written file left
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)

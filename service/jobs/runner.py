@@ -52,6 +52,7 @@ class JobRunner:
         # job cancelled during its duplicate search and exports (minutes at scale) is no longer
         # active, and deleted then, the exports wrote its folder back (`holds`)
         self._holding: str | None = None
+        self._waiting: tuple[str, str] | None = None  # (job, why) while the store turns the job away
 
     def start(self) -> None:
         self._thread.start()
@@ -67,6 +68,12 @@ class JobRunner:
     def holds(self, job_id: str) -> bool:
         """Whether the runner may still write this job's rows or files (DELETE waits for it)."""
         return self._holding == job_id
+
+    def waiting(self, job_id: str) -> str | None:
+        """Why the job is not moving, while the job store cannot take its rows: a job on a full
+        or read-only state disk showed `running` and nothing else (only the log said why)."""
+        waiting = self._waiting
+        return waiting[1] if waiting is not None and waiting[0] == job_id else None
 
     def wake(self) -> None:
         self._wake.set()
@@ -99,11 +106,13 @@ class JobRunner:
             return
         # held before `_run` reads anything: a job deleted between next_active and here is no
         # longer active, so `_run`'s first write (the move to running) does not take it
-        self._holding = job.id
+        self._holding, self._waiting = job.id, None
         try:
             self._run(job)
-        except sqlite3.OperationalError:
-            raise  # the store's fault, not the job's: `_loop` waits and the job is taken up again
+        except sqlite3.OperationalError as e:
+            # the store's fault, not the job's: `_loop` waits and the job is taken up again
+            self._waiting = (job.id, f"the job store cannot take its rows ({e}); it goes on by itself once it can")
+            raise
         except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
             # the kind only: the message (in the job's error, for keyed clients) names files
             log.error("job %s failed (%s)", job.id, type(e).__name__)

@@ -52,7 +52,8 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
     return JobStatus(id=job.id, status=job.status, source=job.source, quarantine=job.quarantine, policy=job.policy,
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
-                     results_url=f"/v1/jobs/{job.id}/results", retryable=retryable)
+                     results_url=f"/v1/jobs/{job.id}/results", retryable=retryable,
+                     waiting=state.runner.waiting(job.id))
 
 
 def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:

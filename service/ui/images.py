@@ -10,6 +10,7 @@ re-encode rather than the original bytes.
 
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipelines.engine.decode import DecodeError, DecodeLimits, decode, read_file
 from pipelines.outputs import write_atomically
 
 SIZES = {"thumb": 320, "full": 1600}
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # full, read-only, not ours
 
 
 class NotShown(Exception):
@@ -39,14 +41,21 @@ def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
     return out.getvalue()
 
 
-def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits) -> Path:
+def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits) -> Path | bytes:
+    """The cached picture's file, or the picture itself where the cache cannot take it (a full
+    or read-only state folder answered every new thumbnail with a 500)."""
     target = cache_dir / job_id / f"{item}-{size}.jpg"
     if not original.is_file():  # checked first: a deleted photo's cached picture was still served
         raise NotShown("the file is no longer there")
     if target.is_file():
         return target
     data = render(original, SIZES[size], limits)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary file of this request's own (named by the process alone, two requests in the
-    # route's thread pool wrote one, and one served the other's half-written picture or a 500)
-    return write_atomically(target, lambda tmp: tmp.write_bytes(data), durable=False)  # drawn again if lost
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a temporary file of this request's own (named by the process alone, two requests in the
+        # route's thread pool wrote one, and one served the other's half-written picture or a 500)
+        return write_atomically(target, lambda tmp: tmp.write_bytes(data), durable=False)  # drawn again if lost
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise  # its folder removed under it, say: the job was deleted (the route answers 404)
+        return data

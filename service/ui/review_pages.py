@@ -28,7 +28,7 @@ from service.routes.jobs import job_not_found, job_or_404
 from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
-from service.ui.images import NotShown, cached
+from service.ui.images import UNWRITABLE, NotShown, cached
 from service.ui.review_view import GridQuery, Thresholds, build_grid, neighbours, source_of
 
 router = APIRouter(prefix="/ui/jobs/{job_id}", include_in_schema=False)
@@ -108,7 +108,7 @@ def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, s
 
 @router.get("/items/{item}/{size}.jpg")
 def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], session: UiSession,
-               state: State) -> FileResponse:
+               state: State) -> Response:
     job = job_or_404(state, job_id)
     original = on_disk(job.root(), _item(state, job, item).path)
     # the runner's own rule (a manifest may name absolute paths), checked again at every request:
@@ -116,7 +116,7 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     if not inside(original, state.settings.data_roots):
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots")
     try:
-        path = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits)
+        picture = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits)
     except NotShown as e:
         raise ApiError(404, "no_picture", str(e)) from None
     except FileNotFoundError:  # its folder removed by a delete while it was drawn
@@ -125,7 +125,9 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     if state.store.get(job_id) is None:  # deleted while it was drawn: the folder it wrote goes too
         remove_job_folders(job_id, None, state.settings.thumbs_dir)
         raise job_not_found(job_id)
-    return FileResponse(path, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
+    if isinstance(picture, bytes):  # the cache could not take it (a full or read-only state folder)
+        return Response(picture, media_type="image/jpeg")
+    return FileResponse(picture, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
 
 
 class DecisionIn(BaseModel):
@@ -204,9 +206,15 @@ def apply(job_id: str, session: UiPost, state: State):
     if job.status not in ("done", "cancelled", "failed"):
         raise ApiError(409, "job_running", "wait for the job to finish before applying review")
     qdir = state.settings.quarantine_root / (job.quarantine or f"job-{job.id}")  # type: ignore[operator]
-    with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
-        done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
-                                   state.reviews.reviewed(job_id), state.settings.data_roots)
+    try:
+        with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
+            done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
+                                       state.reviews.reviewed(job_id), state.settings.data_roots)
+    except OSError as e:  # a full or read-only quarantine was a bare 500
+        if e.errno not in UNWRITABLE:
+            raise
+        raise ApiError(507, "quarantine_unwritable", f"Apply stopped: the quarantine cannot be written ({e.strerror}); "
+                                                     "what it moved or copied so far stays: Apply again once it can") from None
     # to the result, not the top of 48 cards: its status line was below them, unseen and unread
     return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}-{done.missing}#exports",
                             status_code=303)

@@ -30,7 +30,8 @@
     const j = await r.json();
     row.dataset.status = j.status;
     const status = row.querySelector(".status");  // a live region: written only when it changes
-    if (status.textContent !== j.status) status.textContent = j.status;
+    const said = j.status + (j.waiting ? ": waiting, " + j.waiting : "");
+    if (status.textContent !== said) status.textContent = said;
     const bar = row.querySelector("progress");
     bar.max = j.total || 1; bar.value = j.processed;
     row.querySelector(".count").textContent = j.processed + " / " + (j.total == null ? "?" : j.total);
