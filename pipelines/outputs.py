@@ -123,8 +123,13 @@ def finite_or_null(value):
     return value
 
 
-def write_json(path: Path, value) -> Path:
+def json_text(value) -> str:
     """A report as strict JSON (NaN and infinities as null: an undefined figure, such as the
-    sensitivity of a source without one positive), written whole."""
-    text = json.dumps(finite_or_null(value), indent=2, allow_nan=False)
+    sensitivity of a source without one positive)."""
+    return json.dumps(finite_or_null(value), indent=2, allow_nan=False)
+
+
+def write_json(path: Path, value) -> Path:
+    """`json_text`, written whole."""
+    text = json_text(value)
     return write_atomically(Path(path), lambda tmp: tmp.write_text(text))

@@ -159,6 +159,24 @@ def test_an_unwritable_cache_costs_a_conversion_not_the_start_and_leaves_no_file
     assert len(qc.run(photos[:2])) == 2
 
 
+def test_a_full_cache_costs_a_conversion_in_a_temporary_folder_not_the_start(tmp_path, photos):
+    """A cache on a full disk failed the conversion, and the error blamed the weights ("cannot
+    convert to OpenVINO (RuntimeError: basic_ios::clear: iostream error)"): an audit."""
+    weights = tiny_weights(tmp_path / "w", 0.0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(cache)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (cache / "filler").write_bytes(b"\0" * 250_000)
+        qc = QCPipeline(weights, QCConfig(openvino_cache=cache, runtime="openvino"))
+        assert all(r.endswith("(converted in a child process)") for r in qc.runtimes.values()), qc.runtimes
+        assert [p.name for p in cache.iterdir()] == ["filler"] and len(qc.run(photos[:2])) == 2
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
 def test_tampered_stage2_weights_are_refused_even_when_openvino_runs_an_export_of_them(exported, tmp_path):
     folder = tmp_path / "w"
     shutil.copytree(exported, folder)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _csv, _fail, training_output
+from pipelines.outputs import write_json
 
 
 def train_detector_cmd(
@@ -129,5 +130,5 @@ def bench_detector_cmd(
     result = bench_detector(cfg, coco, n_images, [int(b) for b in _csv(batch_sizes)], device=device)
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
-        out.write_text(json.dumps(result, indent=2))
+        write_json(out, result)
 

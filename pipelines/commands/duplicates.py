@@ -9,7 +9,7 @@ import typer
 
 from pipelines.commands.common import _fail, _split_manifest, require_writable
 from pipelines.commands.engine import DeviceOption, _engine
-from pipelines.outputs import write_json
+from pipelines.outputs import write_json, write_together
 
 PhashOption = Annotated[Optional[int], typer.Option(help="Most bits between whole-photo hashes of a near copy "
                                                           "(-1: off; default: DuplicateConfig's).")]
@@ -156,9 +156,9 @@ def eval_duplicates_cmd(
     seconds = time.perf_counter() - t0
     if records_out is not None:
         records_out.mkdir(parents=True, exist_ok=True)
-        truth.to_csv(records_out / "truth.csv", index=False)
-        (records_out / "records.jsonl").write_text("".join(r.model_dump_json(exclude={"timings_ms"}) + "\n"
-                                                           for r in records))
+        lines = "".join(r.model_dump_json(exclude={"timings_ms"}) + "\n" for r in records)
+        write_together({records_out / "truth.csv": lambda tmp: truth.to_csv(tmp, index=False),
+                        records_out / "records.jsonl": lambda tmp: tmp.write_text(lines)})
     read = dict(zip(truth["name"], items)).__getitem__
     t0 = time.perf_counter()
     scored = score(records, truth, cfg, read=read)

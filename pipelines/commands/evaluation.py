@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail
-from pipelines.outputs import write_json
+from pipelines.outputs import json_text, write_json, write_together
 
 
 def _rows(manifest: Path, split: Optional[str]):
@@ -71,13 +71,15 @@ def eval_pipeline_cmd(
         qc.close()
     report = evaluate_pipeline(qc, df, results)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "pipeline_metrics.json", report)
     rows = pd.DataFrame([r.csv_row() for r in results])
     rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
     rows.loc[rows["label"] != "non_regular", "kind"] = None
     rows.insert(1, "truth", df["kind"].to_numpy())
     rows.insert(2, "source", df["source"].to_numpy())
-    rows.to_csv(out / "results.csv", index=False)
+    # together: a full disk left a whole-looking metrics file beside a cut-short CSV (an audit)
+    text = json_text(report)
+    write_together({out / "results.csv": lambda tmp: rows.to_csv(tmp, index=False),
+                    out / "pipeline_metrics.json": lambda tmp: tmp.write_text(text)})
     typer.echo(f"default policy: {report['default_policy']} (labels as the engine gives them)")
     _print(report, report["default_policy"])
     typer.echo(f"wrote {out / 'pipeline_metrics.json'} (every policy) and {out / 'results.csv'}")

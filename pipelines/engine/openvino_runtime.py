@@ -340,7 +340,18 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
             except OSError:
                 missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
         if missing:
-            _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
+            try:
+                _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
+            except WeightsIntegrityError:
+                if not _short_of_room(root) or all(folder is None for folder, _ in missing.values()):
+                    raise
+                # a full cache failed the conversion, and the error named the weights (an audit):
+                # once more in a temporary folder, paid again at every start until there is room
+                log.warning("the OpenVINO cache %s has no room: converting in a temporary folder", root)
+                for name, (_, work) in list(missing.items()):
+                    shutil.rmtree(work, ignore_errors=True)
+                    missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
+                _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
         for name, (folder, work) in missing.items():
             found[name] = load_exported(work, name, sources[name]), "converted in a child process"  # in memory: the files can go
             if folder is not None:
@@ -355,6 +366,15 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
     finally:
         for _, work in missing.values():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _short_of_room(root: Path, room: int = 1 << 30) -> bool:
+    """Less free space under the cache than a conversion may take (the bundled three: about
+    100 MB; a margin for larger weights)."""
+    try:
+        return shutil.disk_usage(root).free < room
+    except OSError:
+        return True
 
 
 def _conversion_folder(root: Path, name: str, source: ModelCard, dtype: str) -> Path:

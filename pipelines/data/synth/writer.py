@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation, save_coco
 from pipelines.data.manifest import write_manifest
+from pipelines.outputs import write_atomically
 from pipelines.data.synth.planning import SynthConfig, plan
 from pipelines.data.synth.profiles import SOURCES
 from pipelines.data.synth.render import ImageSpec, RenderedImage, image_path, render_to_file, worker_init
@@ -83,5 +84,6 @@ def generate(
         out / "coco.json",
     )
     meta = asdict(config) | {"n_written": len(rows)}
-    (out / "synth_config.json").write_text(json.dumps(meta, indent=2, default=str))
+    text = json.dumps(meta, indent=2, default=str)
+    write_atomically(out / "synth_config.json", lambda tmp: tmp.write_text(text))
     return SynthResult(out, manifest, coco, len(rows), seconds)
