@@ -360,3 +360,14 @@ def test_a_picture_the_full_thumbnail_cache_cannot_take_is_served_from_memory(tm
         assert not [p for p in (cache / "j1").iterdir() if p.name != "more"]  # no half-written file left
     finally:
         subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_the_export_credits_the_label_and_the_box_each_to_its_own_reviewer(tmp_path):
+    """One who for both: a label set by one reviewer was credited to whoever moved the box later."""
+    store, j = _reviews(tmp_path)
+    store.decide(j, 1, "a.jpg", "key-a", "label", "regular", "green")
+    store.decide(j, 1, "a.jpg", "key-b", "box", [0, 0, 5, 5], [1, 1, 4, 4])
+    rows = [(1, _record("a.jpg", Label.REGULAR, box=[0, 0, 5, 5]))]
+    (out,) = csv.DictReader(io.StringIO("".join(manifest_lines(rows, store.reviewed(j)))))
+    assert (out["reviewed_class"], out["reviewed_by"], out["box_reviewed_by"]) == ("green", "key-a", "key-b")
+    assert float(out["reviewed_at"]) <= float(out["box_reviewed_at"])

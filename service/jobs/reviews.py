@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.engine.qc_result import Label, QCResult
@@ -83,12 +83,15 @@ class Decision:
 
 @dataclass(frozen=True)
 class Reviewed:
-    """An item's live review: the chosen class and box (None: the model's stands)."""
+    """An item's live review: the chosen class and box (None: the model's stands), each with
+    who decided it and when (one who for both credited a label to whoever last moved the box)."""
 
     label: str | None = None
     box: list[float] | None = None
-    who: str | None = None
+    who: str | None = None  # the label's
     at: float | None = None
+    box_who: str | None = None
+    box_at: float | None = None
 
 
 class ReviewStore:
@@ -182,9 +185,9 @@ class ReviewStore:
         for row_item, field, new, who, at in rows:
             cur = out.get(row_item, Reviewed())
             if field == "label":
-                out[row_item] = Reviewed(new, cur.box, who, at)
+                out[row_item] = replace(cur, label=new, who=who, at=at)
             else:
-                out[row_item] = Reviewed(cur.label, json.loads(new), who, at)
+                out[row_item] = replace(cur, box=json.loads(new), box_who=who, box_at=at)
         return out
 
 

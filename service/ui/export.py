@@ -25,12 +25,17 @@ from service.paths import inside
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
-                   "model_box", "reviewed_class", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
-                   "final_kind", "final_box", "flags", "duplicate_group", "duplicate_of", "duplicate_kind"]
+                   "model_box", "reviewed_class", "reviewed_by", "reviewed_at", "reviewed_box", "box_reviewed_by",
+                   "box_reviewed_at", "final_label", "final_kind", "final_box", "flags", "duplicate_group",
+                   "duplicate_of", "duplicate_kind"]
 
 
 def _box(b: list[float] | None) -> str:
     return "" if b is None else "[" + ", ".join(f"{v:.1f}" for v in b) + "]"
+
+
+def _when(at: float | None) -> str:
+    return "" if at is None else f"{at:.3f}"
 
 
 def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) -> Iterator[str]:
@@ -50,7 +55,9 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
                       "model_class": class_of(r.label.value, r.kind), "model_label": r.label.value,
                       "model_kind": r.kind or "", "model_box": _box(r.cervix_box),
                       "reviewed_class": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
-                      "reviewed_by": rev.who if rev else "", "reviewed_at": f"{rev.at:.3f}" if rev else "",
+                      "reviewed_by": (rev.who or "") if rev else "", "reviewed_at": _when(rev.at if rev else None),
+                      "box_reviewed_by": (rev.box_who or "") if rev else "",
+                      "box_reviewed_at": _when(rev.box_at if rev else None),
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
                       "flags": ";".join(r.flags()), "duplicate_group": r.duplicate_group,
                       "duplicate_of": r.duplicate_of or "", "duplicate_kind": r.duplicate_kind or ""}))
