@@ -13,8 +13,10 @@ must not cross threads); WAL lets the routes read while the runner writes.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -62,6 +64,9 @@ FINAL = ("done", "failed", "cancelled")
 # source's copies, `quarantine_sources`) under this status, and nothing else: no item, count or
 # review decision. Every read but the quarantine check passes it by.
 DELETED = "deleted"
+
+
+PROBE_ROOM = 16 * 2**20  # bytes free a job store needs to be ready
 
 
 class StoreVersionError(RuntimeError):
@@ -233,7 +238,10 @@ class JobStore:
         deleted or its folder unmounted (the service's open connections went on writing to
         the unlinked file, and every job was lost at the next start), an I/O error, or a writer
         holding the lock past `timeout_s`. Its own connection, opened `mode=rw` so that a
-        missing file is not created, and a write transaction rolled back: nothing is written."""
+        missing file is not created, and a write transaction rolled back: nothing is written.
+        The lock is granted on a full or read-only disk too, where every write then failed while
+        readiness said ready (an audit): OSError for a read-only folder or one with less than
+        `PROBE_ROOM` free (SQLite's log needs some room to take a batch)."""
         db = open_db(self.path, "rw", timeout_s, isolation_level=None)
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -241,6 +249,11 @@ class JobStore:
             db.execute("ROLLBACK")
         finally:
             db.close()
+        disk = os.statvfs(self.path.parent)
+        if disk.f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, "the state folder is read-only")
+        if disk.f_bavail * disk.f_frsize < PROBE_ROOM:
+            raise OSError(errno.ENOSPC, f"the state folder has {disk.f_bavail * disk.f_frsize // 2**20} MiB free")
 
     # jobs -------------------------------------------------------------------------------
     def create(self, source: str, quarantine: str | None, policy: str, out_root: Path) -> Job:

@@ -34,7 +34,8 @@ async def readyz(request: Request):
     try:  # in a thread: a hung mount must not hold the event loop; 2 s inside the healthcheck's 4
         await asyncio.wait_for(asyncio.to_thread(state.store.probe, 2.0), 3.0)
     except (sqlite3.Error, OSError, TimeoutError) as e:
-        reason = "no answer in 3 s" if isinstance(e, TimeoutError) else str(e)
+        reason = ("no answer in 3 s" if isinstance(e, TimeoutError)
+                  else e.strerror if isinstance(e, OSError) and e.strerror else str(e))
         return _unready(request, "store_unavailable", f"the job store cannot take a write ({reason})", "5")
     failing = state.health.failing()
     if failing:
