@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -77,6 +78,10 @@ HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon
 HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
 
 
+def _rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
     relative to the manifest's folder. Sorted, so runs and resumes see the same order.
@@ -87,16 +92,23 @@ def list_inputs(src: Path) -> list[str]:
     names and `HOUSEKEEPING_FOLDERS`/`HOUSEKEEPING_FILES` are skipped (counted in a log line);
     a manifest's rows are taken as listed."""
     if src.is_file():
-        from pipelines.data.manifest import file_key, read_table
+        from pipelines.data.manifest import file_key, manifest_header, read_table
 
-        table = read_table(src)
+        table = manifest_header(read_table(src), src)
         if "path" not in table.columns:
             raise ValueError(f"{src.name}: no 'path' column (it has: {', '.join(map(str, table.columns)) or 'none'})")
         paths = ["" if pd.isna(p) else str(p).strip() for p in table["path"]]
         blank = [k + 2 for k, p in enumerate(paths) if not p]  # the header is row 1, as a spreadsheet shows it
         if blank:
-            shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
-            raise ValueError(f"{src.name}: empty path on row {shown} (the header is row 1)")
+            raise ValueError(f"{src.name}: empty path on row {_rows(blank)} (the header is row 1)")
+        # a sheet written on Windows (`sub\b.jpg`, `C:\data\a.jpg`): each such row was read as a
+        # missing file, and the job ended "done" with them unreadable and retryable for good
+        windows = [k + 2 for k, p in enumerate(paths)  # (`\xNN`: a name escaped as not UTF-8, `row_key`)
+                   if re.search(r"\\(?!x[89a-f][0-9a-f])", p) and not os.path.lexists(on_disk(src.parent, p))]
+        if windows:
+            example = paths[windows[0] - 2]
+            raise ValueError(f"{src.name}: a path written with \\ on row {_rows(windows)} (the header is row 1), "
+                             f"such as {example!r}: no such file; write paths with / relative to the manifest's folder")
         # one row per file: `sub/../a.jpg` and `/abs/folder/a.jpg` are `a.jpg`, the first
         # spelling kept as its key (the file was read and stored once per spelling)
         first: dict[str, str] = {}

@@ -187,8 +187,8 @@ def test_sheet_columns_named_like_the_manifests_are_kept_under_another_name(coll
 
 def test_a_name_spelt_otherwise_and_an_excel_sheet_get_what_to_do(collection):
     """An NFC name in the sheet against an NFD file, another letter case or Windows' backslash
-    read "missing file" for a name that looks the same in `ls`; Excel's plain CSV (cp1252) and
-    a ';' sheet read as a codec error and as one column."""
+    read "missing file" for a name that looks the same in `ls`; Excel's plain CSV (cp1252) read
+    as a codec error; a ';' sheet (Excel's CSV in European locales) reads as the ',' one."""
     import unicodedata
 
     tmp, root = collection
@@ -205,6 +205,6 @@ def test_a_name_spelt_otherwise_and_an_excel_sheet_get_what_to_do(collection):
     assert "the folder has 'bank/b1.jpg'" in text and "missing file 'bank/nowhere.jpg'" in text
     sheet.to_csv(tmp / "cp1252.csv", index=False, encoding="cp1252")
     sheet.to_csv(tmp / "semicolons.csv", index=False, sep=";")
-    for name, hint in (("cp1252.csv", 'save it as "CSV UTF-8"'), ("semicolons.csv", "separated by ';'")):
+    for name, hint in (("cp1252.csv", 'save it as "CSV UTF-8"'), ("semicolons.csv", "the folder has 'bank/b1.jpg'")):
         with pytest.raises(ManifestError, match=hint):
             import_labelled(tmp / name, root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))

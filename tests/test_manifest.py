@@ -118,3 +118,33 @@ def test_a_manifest_that_cannot_be_written_leaves_no_half_written_file_behind(tm
         with pytest.raises(OSError):
             write_manifest(df, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.parquet"]
+
+
+def test_a_sheet_as_excel_saves_it_reads_as_the_table_it_shows(tmp_path):
+    """An audit of real sheets: European Excel separates by ';' (a cell with a comma then made
+    the file unreadable), types headers with capitals and spaces, and leaves empty rows and
+    columns after the table (refused as rows without a path)."""
+    _touch(tmp_path, "a.jpg", "x,y.jpg")
+    text = ("Path; patient_id ;Source;Device;Kind;;\r\n"
+            "a.jpg;007;s1;phone;regular;;\r\n"
+            "x,y.jpg;7.0;s1;phone;green;;\r\n"
+            ";;;;;;\r\n;;;;;;\r\n")
+    (tmp_path / "m.csv").write_bytes("\ufeff".encode() + text.encode())
+    df = load_manifest(tmp_path / "m.csv")
+    assert list(df["path"]) == ["a.jpg", "x,y.jpg"] and list(df["patient_id"]) == ["007", "7.0"]
+    assert [c for c in df.columns if c != "abspath"] == ["path", "patient_id", "source", "device", "kind"]
+    (tmp_path / "twice.csv").write_text("path,Path,patient_id,source,device,kind\na.jpg,a.jpg,p,s,d,regular\n")
+    with pytest.raises(ManifestError, match="path: the column appears twice"):
+        load_manifest(tmp_path / "twice.csv")
+    (tmp_path / "book.csv").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # an .xlsx renamed
+    with pytest.raises(ManifestError, match="an Excel workbook"):
+        load_manifest(tmp_path / "book.csv")
+
+
+def test_a_missing_file_written_on_windows_says_so(tmp_path, write_csv):
+    _touch(tmp_path, "sub/b.jpg")
+    path = write_csv("m.csv", "path,patient_id,source,device,kind\n"
+                              "sub\\b.jpg,p1,s,d,regular\nC:\\data\\sub\\b.jpg,p2,s,d,regular\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert "the folder has 'sub/b.jpg'" in str(err.value) and "a Windows path" in str(err.value)

@@ -370,4 +370,4 @@ def test_the_export_credits_the_label_and_the_box_each_to_its_own_reviewer(tmp_p
     rows = [(1, _record("a.jpg", Label.REGULAR, box=[0, 0, 5, 5]))]
     (out,) = csv.DictReader(io.StringIO("".join(manifest_lines(rows, store.reviewed(j)))))
     assert (out["reviewed_class"], out["reviewed_by"], out["box_reviewed_by"]) == ("green", "key-a", "key-b")
-    assert float(out["reviewed_at"]) <= float(out["box_reviewed_at"])
+    assert out["reviewed_at"] <= out["box_reviewed_at"] and out["reviewed_at"].endswith("+00:00")

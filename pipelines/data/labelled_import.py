@@ -11,14 +11,13 @@ paths, empty case ids, files whose bytes are not the ones the sheet lists.
 from __future__ import annotations
 
 import os
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from models.io import sha256_file
-from pipelines.data.manifest import RowProblem, ManifestError, read_table, validate_manifest
+from pipelines.data.manifest import ManifestError, RowProblem, Spellings, read_table, validate_manifest
 from pipelines.data.schema import Kind
 
 SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
@@ -81,27 +80,6 @@ def _kind(label: str, cols: LabelColumns) -> str | None:
     return word if word in _KINDS or word == "" else None
 
 
-def spelling_key(rel: str) -> str:
-    """A name as a person would read it: Unicode NFC (a Mac writes é as e + U+0301, a Windows
-    sheet as one letter), letter case folded, Windows' \\ as /."""
-    return unicodedata.normalize("NFC", rel.replace("\\", "/")).casefold()
-
-
-class _Spellings:
-    """The folder's files by `spelling_key`, listed at the first missing file only: a sheet
-    naming `José café.jpg` against an NFD file, or `img_001.jpg` against `IMG_001.JPG`, read
-    "missing file" for a name that looks the same in `ls`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self._index = root, None
-
-    def get(self, key: str) -> str | None:
-        if self._index is None:
-            self._index = {spelling_key(p.relative_to(self.root).as_posix()): p.relative_to(self.root).as_posix()
-                           for p in self.root.rglob("*") if p.is_file()}
-        return self._index.get(key)
-
-
 MANIFEST_FILLED = ("path", "patient_id", "source", "device", "kind", "sha256", "label_row")
 
 
@@ -120,7 +98,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
                                                      f"no such column; the sheet has {list(sheet.columns)}")])
     problems: list[RowProblem] = []
     rows, skipped = [], 0
-    spellings = _Spellings(images)
+    spellings = Spellings(images)
     for i, rec in enumerate(sheet.to_dict("records"), start=1):
         label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
         kind = _kind(label, cols)
@@ -138,10 +116,8 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             source = source.split(cols.source_sep, 1)[0]
         digest = ""
         if rel and not file.is_file():
-            near = spellings.get(spelling_key(rel))
-            problems.append(RowProblem(i, cols.path, f"missing file {rel!r} under {str(images)!r}" + (
-                f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
-                "or \\ for /)" if near else "")))
+            problems.append(RowProblem(i, cols.path, f"missing file {rel!r} under {str(images)!r}"
+                                       + spellings.hint(rel)))
         elif rel:
             digest = sha256_file(file)
             listed = str(rec[cols.sha256]).strip().lower() if cols.sha256 else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,14 @@ class ManifestError(DataProblems):
 def read_table(path: Path) -> pd.DataFrame:
     """CSV or Parquet by suffix, every column as text (IDs like 007 must stay 007). A file that
     cannot be read as a table is a ManifestError naming the file and why, not a traceback from
-    pandas (missing, a folder, not UTF-8, empty, not Parquet), and so is a header naming a column
-    twice."""
+    pandas (missing, a folder, not UTF-8, empty, not Parquet, an Excel workbook), and so is a
+    header naming a column twice. As Excel writes CSV (an audit of real sheets): separated by
+    ';' (its CSV in many European locales) or tabs where the header has no comma, with empty
+    rows and columns after the table (dropped; an empty row inside it is still a problem)."""
     try:
+        if _is_workbook(path):
+            raise ManifestError(str(path), [RowProblem(0, "", "an Excel workbook, not a table file: save it as "
+                                                              "\"CSV UTF-8\" (Excel: Save As)")])
         if path.suffix.lower() in (".parquet", ".pq"):
             # nullable dtypes: a numeric id column with one null came back float, and case 7 read
             # "7.0", another patient than the CSV's "7" (and than the same sheet's rows re-exported)
@@ -66,7 +72,8 @@ def read_table(path: Path) -> pd.DataFrame:
             return df.astype("string")
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, sep=_separator(path),
+                         encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
         if isinstance(e, UnicodeDecodeError):  # Excel's plain "CSV" is the Windows code page
@@ -76,15 +83,56 @@ def read_table(path: Path) -> pd.DataFrame:
         if type(e).__module__.startswith("pyarrow"):
             raise ManifestError(str(path), [RowProblem(0, "", f"cannot read it as Parquet ({e})")]) from None
         raise
-    if len(df.columns) == 1 and ";" in str(df.columns[0]):  # Excel's CSV in many European locales
-        raise ManifestError(str(path), [RowProblem(0, str(df.columns[0])[:80], "one column: the sheet is separated "
-                                                   "by ';', not ','; save it as \"CSV UTF-8\" with commas")])
+    # what Excel leaves past the table: columns without a name or a value (`Unnamed: 5`), and
+    # rows of empty cells (`,,,,`), which made the whole file refused for rows with no path
+    df = df[[c for c in df.columns if not (str(c).startswith("Unnamed: ") and not df[c].str.strip().any())]]
+    blank = df.apply(lambda col: col.str.strip() == "").all(axis=1).to_numpy()
+    end = len(df)
+    while end and blank[end - 1]:
+        end -= 1
+    df = df.iloc[:end]
     # pandas renames a repeated header `kind` to `kind.1` and reads on: which one was meant is unknown
     repeated = sorted({m.group(1) for c in df.columns if (m := re.fullmatch(r"(.+)\.\d+", str(c)))
                        and m.group(1) in df.columns})
     if repeated:
         raise ManifestError(str(path), [RowProblem(0, c, "the column appears twice in the header") for c in repeated])
     return df
+
+
+def manifest_header(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The manifest's own columns named whatever their letter case and spaces (`Path`,
+    ` patient_id `, as a spreadsheet's header is typed): refused as missing before, the spaces
+    unseen. Two columns that name one are refused (which one was meant is unknown)."""
+    names = {c: str(c).strip().casefold() for c in df.columns}
+    known = {c: n for c, n in names.items() if n in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
+    twice = sorted({n for n in known.values() if list(known.values()).count(n) > 1})
+    if twice:
+        raise ManifestError(str(path), [RowProblem(0, n, "the column appears twice in the header (letter case or "
+                                                         "spaces aside)") for n in twice])
+    return df.rename(columns={c: n for c, n in known.items() if c != n})
+
+
+def _is_workbook(path: Path) -> bool:
+    """An .xlsx (a zip) or an .xls (OLE2) under any name: read as text it was "not UTF-8"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False  # the read below says why
+    return head.startswith(b"PK\x03\x04") or head == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
+def _separator(path: Path) -> str:
+    """',' unless the header line has none and has ';' or tabs (Excel's CSV where the decimal
+    mark is a comma; its "Text" export): a cell with a comma made such a file unreadable."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            header = f.readline()
+    except OSError:
+        return ","
+    if "," in header:
+        return ","
+    return ";" if ";" in header else "\t" if "\t" in header else ","
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
@@ -94,7 +142,7 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     Raises ManifestError listing every bad row.
     """
     path = Path(path)
-    df = read_table(path)
+    df = manifest_header(read_table(path), path)
     base = Path(root) if root is not None else path.parent
     problems = validate_manifest(df, base, check_files)
     if problems:
@@ -117,12 +165,46 @@ def file_key(base: Path, path: str) -> str:
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
+WINDOWS_PATH = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # C:\... or \\server\share
+
+
+def spelling_key(rel: str) -> str:
+    """A name as a person would read it: Unicode NFC (a Mac writes é as e + U+0301, a Windows
+    sheet as one letter), letter case folded, Windows' \\ as /."""
+    return unicodedata.normalize("NFC", rel.replace("\\", "/")).casefold()
+
+
+class Spellings:
+    """The folder's files by `spelling_key`, listed at the first missing file only: a sheet
+    naming `José café.jpg` against an NFD file, or `img_001.jpg` against `IMG_001.JPG`, read
+    "missing file" for a name that looks the same in `ls`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self._index = root, None
+
+    def get(self, key: str) -> str | None:
+        if self._index is None:
+            self._index = {spelling_key(p.relative_to(self.root).as_posix()): p.relative_to(self.root).as_posix()
+                           for p in self.root.rglob("*") if p.is_file()}
+        return self._index.get(key)
+
+    def hint(self, rel: str) -> str:
+        """What a missing file's name may have meant, or ""."""
+        if WINDOWS_PATH.match(rel):
+            return "; a Windows path: name the file relative to the manifest's folder, with /"
+        near = self.get(spelling_key(rel))
+        return (f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
+                "or \\ for /)") if near else ""
+
+
 def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) -> list[RowProblem]:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        return [RowProblem(0, ",".join(missing), f"missing column(s); required: {', '.join(REQUIRED_COLUMNS)}")]
+        return [RowProblem(0, ",".join(missing), f"missing column(s); required: {', '.join(REQUIRED_COLUMNS)}; "
+                                                 f"the header has {[str(c) for c in df.columns]}")]
     problems: list[RowProblem] = []
     first_seen: dict[str, int] = {}
+    spellings = Spellings(base)
     has_split = "split" in df.columns
     cols = [df[c].fillna("").astype(str).str.strip() for c in ("path", "patient_id", "source", "kind")]
     splits = df["split"].fillna("").astype(str).str.strip() if has_split else None
@@ -136,7 +218,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
             else:
                 first_seen[key] = i
             if check_files and not (Path(p) if os.path.isabs(p) else on_disk(base, p)).is_file():
-                problems.append(RowProblem(i, "path", f"missing file {p!r}"))
+                problems.append(RowProblem(i, "path", f"missing file {p!r}" + spellings.hint(p)))
         if not patient:
             problems.append(RowProblem(i, "patient_id", "empty patient_id"))
         if not source:

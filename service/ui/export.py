@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
@@ -35,7 +36,9 @@ def _box(b: list[float] | None) -> str:
 
 
 def _when(at: float | None) -> str:
-    return "" if at is None else f"{at:.3f}"
+    """ISO 8601 in UTC, to the millisecond: Unix seconds (1796228847.886) read as nothing to a
+    person in a spreadsheet (an audit)."""
+    return "" if at is None else datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) -> Iterator[str]:
