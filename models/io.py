@@ -34,8 +34,8 @@ def unwritable(path: Path, e: Exception) -> OSError:
         free = None
     full = free is not None and free < 64 * 2**20
     where = "" if free is None else f", {free / 2**20:.0f} MiB free there"
-    return OSError(errno.ENOSPC if full else errno.EIO,
-                   f"cannot write it ({'the disk is full' if full else type(e).__name__}{where})", str(path))
+    why = "the disk is full" if full else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return OSError(errno.ENOSPC if full else errno.EIO, f"cannot write it ({why}{where})", str(path))
 
 
 class WeightsIntegrityError(RuntimeError):

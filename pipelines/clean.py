@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipelines.data.schema import on_disk, row_key
+from pipelines.data.schema import has_backslash, on_disk, row_key
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import CSV_TEXT_FIELDS, Label, QCResult, read_again_sql, spreadsheet_safe
 from pipelines.outputs import sweep_temporaries, write_atomically, write_together
@@ -103,8 +102,7 @@ def list_inputs(src: Path) -> list[str]:
             raise ValueError(f"{src.name}: empty path on row {_rows(blank)} (the header is row 1)")
         # a sheet written on Windows (`sub\b.jpg`, `C:\data\a.jpg`): each such row was read as a
         # missing file, and the job ended "done" with them unreadable and retryable for good
-        windows = [k + 2 for k, p in enumerate(paths)  # (`\xNN`: a name escaped as not UTF-8, `row_key`)
-                   if re.search(r"\\(?!x[89a-f][0-9a-f])", p) and not os.path.lexists(on_disk(src.parent, p))]
+        windows = [k + 2 for k, p in enumerate(paths) if has_backslash(p) and not os.path.lexists(on_disk(src.parent, p))]
         if windows:
             example = paths[windows[0] - 2]
             raise ValueError(f"{src.name}: a path written with \\ on row {_rows(windows)} (the header is row 1), "

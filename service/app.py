@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # link can choose (BREACH), nor pictures (already compressed; Starlette skips those itself).
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5,
                        exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "text/html"))
-    app.add_middleware(RootPath, root_path=settings.root_path)  # outermost: every other sees the prefix set
+    app.add_middleware(RootPath, root_path=settings.root_path)  # the middlewares added after it see the prefix set
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

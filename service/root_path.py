@@ -36,9 +36,11 @@ class RootPath:
             await self.app(scope, receive, send)
             return
         if self.root and not scope.get("root_path"):
+            # in place: the request-metrics middleware outside this one reads the route the router
+            # records in the scope (on a copy, every request was counted "unmatched")
             raw = scope.get("raw_path")
-            scope = {**scope, "root_path": self.root, "path": self.root + scope["path"],
-                     "raw_path": None if raw is None else self.root.encode() + raw}
+            scope.update(root_path=self.root, path=self.root + scope["path"],
+                         raw_path=None if raw is None else self.root.encode() + raw)
         root = scope.get("root_path", "").encode()
         if not root:
             await self.app(scope, receive, send)

@@ -92,3 +92,7 @@ def test_the_api_docs_and_errors_name_the_prefix(proxy):
     wrong = api.put("/v1/jobs")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, POST"
     assert api.get("/readyz").status_code == 200
+    # counted by route, as without a prefix (the router's route was recorded on a copy of the
+    # request: every request was "unmatched")
+    scraped = api.get("/metrics").text
+    assert 'route="/v1/jobs",status="405"' in scraped and 'route="/openapi.json"' in scraped

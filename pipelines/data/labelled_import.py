@@ -133,9 +133,10 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
                      "sha256": digest, "label_row": i})
     df = pd.DataFrame(rows, columns=None if rows else ["path", "patient_id", "source", "device", "kind"])
     # the manifest's own checks (missing file, duplicate path, empty ids), numbered by sheet row
+    # (the manifest's rows skip some)
+    sheet_rows = [0, *(int(r) for r in df["label_row"])] if len(df) else [0]
     for p in validate_manifest(df, out_dir, check_files=False) if len(df) else []:
-        sheet_row = (lambda k: int(df["label_row"].iat[k - 1]) if k else 0)  # the manifest's rows skip some
-        problems.append(RowProblem(sheet_row(p.row), p.column, p.reason, sheet_row(p.first_row)))
+        problems.append(RowProblem(sheet_rows[p.row], p.column, p.reason, sheet_rows[p.first_row]))
     if problems:
         raise ManifestError(str(labels), sorted(problems, key=lambda p: (p.row, p.column)))
     if df.empty:

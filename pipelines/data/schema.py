@@ -72,6 +72,11 @@ def row_key(rel: str) -> str:
         return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
+def has_backslash(key: str) -> bool:
+    """A `\\` in a row's path other than `row_key`'s `\\xNN` escapes: a path written on Windows."""
+    return "\\" in _ESCAPED_BYTE.sub("", key)
+
+
 def on_disk(root: Path, key: str) -> Path:
     """The file a row's `path` names under `root`: the name itself, or, where that is not a
     file and the key holds `\\xNN` escapes of `row_key`, the name with those bytes."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.engine.qc_result import Label, QCResult
-from service.jobs.store import DELETED, open_db
+from service.jobs.store import DELETED, open_db, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -153,18 +153,12 @@ class ReviewStore:
     @contextmanager
     def _change(self, job_id: str, item: int, seen: int | None) -> Iterator[sqlite3.Connection]:
         """One writer's transaction: the check, the read of `old` and the write together."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._db()) as db:
             if seen is not None and self.version(job_id, item) != seen:
                 last = db.execute("SELECT coalesce(undone_by, who) FROM decisions WHERE job_id = ? AND item = ? "
                                   "ORDER BY max(at, coalesce(undone_at, 0)) DESC LIMIT 1", (job_id, item)).fetchone()
                 raise Stale(last[0] if last else "another reviewer")
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def _get(self, decision_id: int) -> Decision:
         return Decision(**dict(self._db().execute(f"SELECT {_COLUMNS} FROM decisions WHERE id = ?",

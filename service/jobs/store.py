@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def open_db(path: Path, mode: str, timeout: float, **kwargs: object) -> sqlite3.
     stores' own opening: a deleted file was created again, empty, by the next thread that read
     it, a metrics scrape or an export, and the loss looked like a fresh install)."""
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=timeout, **kwargs)
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE, COMMIT at the end; on any error ROLLBACK, unless a failed COMMIT (disk
+    full) rolled back already: its error is the one to see. `db` in autocommit mode."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _backup(db: sqlite3.Connection, to: Path) -> None:
@@ -212,9 +227,14 @@ class JobStore:
         even while another process writes): going back to the older cervixqc needs it, since
         that version refuses the upgraded file. Kept once per version."""
         kept = self.path.with_name(f"{self.path.name}.v{version}.bak")
-        if not kept.exists():
+        if kept.exists():
+            return
+        try:
             write_atomically(kept, lambda tmp: _backup(db, tmp))
-            log.info("jobs.sqlite: the v%d file kept as %s before the upgrade", version, kept.name)
+        except (OSError, sqlite3.Error) as e:  # a full disk: the upgrade would not fit either
+            raise OSError(errno.ENOSPC, f"cannot keep jobs.sqlite as {kept.name} before upgrading it to v"
+                                        f"{SCHEMA_VERSION} ({e}): free some space in its folder", str(kept)) from e
+        log.info("jobs.sqlite: the v%d file kept as %s before the upgrade", version, kept.name)
 
     def _job(self, row: sqlite3.Row) -> Job:
         fields = dict(row)
@@ -307,10 +327,8 @@ class JobStore:
                              "LIMIT ?)", (job_id, chunk)).rowcount:
                 pass
 
-    def deleted(self) -> list[tuple[str, str]]:
-        """(id, out_dir) of every deleted job."""
-        rows = self._db().execute("SELECT id, out_dir FROM jobs WHERE status = ?", (DELETED,))
-        return [(i, str(self.path.parent / o)) for i, o in rows]
+    def deleted(self) -> list[Job]:
+        return [self._job(r) for r in self._db().execute("SELECT * FROM jobs WHERE status = ?", (DELETED,))]
 
     def quarantine_sources(self) -> list[tuple[str, str]]:
         """(quarantine name, source) of every job that has a quarantine, deleted ones too."""
@@ -364,9 +382,7 @@ class JobStore:
     # items ------------------------------------------------------------------------------
     def add_items(self, job_id: str, results: list[QCResult]) -> None:
         now = time.time()
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._db()) as db:
             added: dict[str, int] = {}
             for r in results:
                 row = (r.label.value, r.model_dump_json(exclude={"timings_ms"}), now, summary_of(r))
@@ -382,19 +398,12 @@ class JobStore:
             db.executemany("INSERT INTO label_counts VALUES (?, ?, ?) "
                            "ON CONFLICT (job_id, label) DO UPDATE SET n = n + excluded.n",
                            [(job_id, label, n) for label, n in added.items()])
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT (disk full) was rolled back already: its error is the one to see
-                db.execute("ROLLBACK")
-            raise
 
     def set_duplicates(self, job_id: str, groups: Iterable[tuple[str, int, str, str]]) -> int:
         """Write each (path, group, duplicate_of, kind) into its item's record, one transaction:
         duplicates are known only once the whole job is in, and the results route streams
         the records, so that is where they must be. Returns the rows updated."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self._db()) as db:
             n = 0
             for path, group, of, kind in groups:
                 row = db.execute("SELECT record FROM items WHERE job_id = ? AND path = ?", (job_id, path)).fetchone()
@@ -405,11 +414,6 @@ class JobStore:
                 db.execute("UPDATE items SET record = ? WHERE job_id = ? AND path = ?",
                            (rec.model_dump_json(exclude={"timings_ms"}), job_id, path))
                 n += 1
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT (disk full) was rolled back already: its error is the one to see
-                db.execute("ROLLBACK")
-            raise
         return n
 
     def done_paths(self, job_id: str) -> set[str]:

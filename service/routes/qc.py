@@ -119,9 +119,12 @@ def _form_refused(e: HTTPException, max_files: int) -> ApiError:
     """Starlette says "Invalid multipart data." for every error of the parser beneath it, so a
     photo named with more than 4 KB (a header line of python-multipart's part) was refused
     without a reason; the parser's own goes with it. Too many files names the setting."""
-    if str(e.detail).startswith(("Too many files", "Too many fields")):
+    if str(e.detail).startswith("Too many files"):
         return ApiError(413, "too_many_files", f"more than {max_files} files in one request "
                                                "(CERVIXQC_MAX_FILES_PER_REQUEST): send fewer")
+    if str(e.detail).startswith("Too many fields"):  # the form's other fields, held to the same number
+        return ApiError(400, "invalid_multipart", f"more than {max_files} form fields; send the photos as 'files' "
+                                                  "and nothing else")
     parser = e.__context__.__cause__ if e.__context__ is not None else None
     reason = str(parser or e.detail)
     if "header size" in reason:

@@ -95,14 +95,16 @@ def scores(job_id: str, session: UiSession, state: State) -> Response:
 def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, state: State, q: GridFilter):
     job = job_or_404(state, job_id)
     record = _item(state, job, item)
+    # the version before what it versions: a change between the reads makes the page's next
+    # decision a 409, never one taken over a change the page does not show
+    seen = state.reviews.version(job_id, item)
     live = state.reviews.reviewed(job_id)
     t = Thresholds.of(state.qc, job.policy)
     prev, nxt = neighbours(state.views.get(job_id, t), live, t, q, item)
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
                 model_cls=class_of(record.label.value, record.kind), final_cls=cls, final_box=box,
-                history=state.reviews.history(job_id, item), seen=state.reviews.version(job_id, item),
-                prev=prev, next=nxt, query=request.url.query,
+                history=state.reviews.history(job_id, item), seen=seen, prev=prev, next=nxt, query=request.url.query,
                 t=t, source=source_of(record.path))
 
 
