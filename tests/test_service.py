@@ -270,10 +270,28 @@ def test_a_quarantine_folder_holds_one_sources_copies(server):
         for name in ("shared", "shared/inner"):
             r = c.post("/v1/jobs", json={"source": "collection/clinic_b", "quarantine": name})
             assert (r.status_code, r.json()["error"]["code"]) == (409, "quarantine_in_use"), (name, r.text)
+        c.post(f"/v1/jobs/{first.json()['id']}/cancel")  # while it is active, the same job again is job_exists
         again = c.post("/v1/jobs", json={"source": "collection/clinic_a", "quarantine": "shared"})  # a rerun
         assert again.status_code == 202, again.text
-        for job in (first.json()["id"], again.json()["id"]):
-            c.post(f"/v1/jobs/{job}/cancel")
+        c.post(f"/v1/jobs/{again.json()['id']}/cancel")
+
+
+def test_the_same_job_sent_twice_while_the_first_runs_is_refused_naming_it(server, data_root):
+    """A client resending its request after a timeout queued the same hours of work again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"source": "collection", "quarantine": "twice"}
+    with server.client() as c, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: c.post("/v1/jobs", json=body), range(4)))  # at once, as retries come
+        made = [r.json()["id"] for r in answers if r.status_code == 202]
+        refused = [r.json()["error"] for r in answers if r.status_code == 409]
+        assert len(made) == 1 and len(refused) == 3, [r.text for r in answers]
+        assert {e["code"] for e in refused} == {"job_exists"} and {e["job_id"] for e in refused} == set(made)
+        other = c.post("/v1/jobs", json={**body, "quarantine": "twice-b"})  # other work: taken
+        assert other.status_code == 202, other.text
+        for job in (made[0], other.json()["id"]):
+            _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert c.post("/v1/jobs", json=body).status_code == 202  # the first one finished: taken again
 
 
 def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):

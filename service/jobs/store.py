@@ -70,6 +70,10 @@ DELETED = "deleted"
 PROBE_ROOM = 16 * 2**20  # bytes free a job store needs to be ready
 
 
+class ActiveTwin(Exception):
+    """A queued or running job asks for the same work; args[0] is its id."""
+
+
 class StoreVersionError(RuntimeError):
     """jobs.sqlite written by a newer cervixqc than this one."""
 
@@ -276,13 +280,22 @@ class JobStore:
             raise OSError(errno.ENOSPC, f"the state folder has {disk.f_bavail * disk.f_frsize // 2**20} MiB free")
 
     # jobs -------------------------------------------------------------------------------
-    def create(self, source: str, quarantine: str | None, policy: str, out_root: Path) -> Job:
+    def create(self, source: str, quarantine: str | None, policy: str, out_root: Path, once: bool = False) -> Job:
+        """`once`: raises ActiveTwin where a queued or running job has the same source, quarantine
+        and policy (checked in the insert itself: two requests at once cannot both pass): a
+        client that resent its request after a timeout queued the same hours of work again."""
         job_id = uuid.uuid4().hex[:16]
         out = out_root / job_id
         stored = out.relative_to(self.path.parent) if out.is_relative_to(self.path.parent) else out
-        self._db().execute("INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) "
-                           "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                           (job_id, source, quarantine, policy, str(stored), time.time()))
+        twin = f"SELECT id FROM jobs WHERE source = ? AND quarantine IS ? AND policy = ? AND status IN {ACTIVE}"
+        sql = "INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) SELECT ?, 'queued', ?, ?, ?, ?, ?"
+        params: tuple = (job_id, source, quarantine, policy, str(stored), time.time())
+        if once:
+            sql, params = f"{sql} WHERE NOT EXISTS ({twin})", (*params, source, quarantine, policy)
+        db = self._db()
+        if db.execute(sql, params).rowcount != 1:
+            row = db.execute(twin, (source, quarantine, policy)).fetchone()
+            raise ActiveTwin(row[0] if row else "")
         return self.get(job_id)  # type: ignore[return-value]
 
     def claim_models(self, job_id: str, models: str) -> str | None:

@@ -22,7 +22,7 @@ from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
-from service.jobs.store import Job
+from service.jobs.store import ActiveTwin, Job
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
 from service.state import ServiceState, State
@@ -99,7 +99,12 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
             state.qc.check_policy(body.policy)
         except ValueError as e:
             raise ApiError(422, "policy_unavailable", f"{e}; this server runs {', '.join(state.qc.policies)}") from e
-    job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs")
+    try:
+        job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs",
+                                 once=True)
+    except ActiveTwin as e:
+        raise ApiError(409, "job_exists", f"job {e.args[0]} is already cleaning this source with the same quarantine "
+                                          "and policy: follow it, or cancel it to start again", job_id=e.args[0]) from None
     state.runner.wake()
     return status_of(state, job)
 
