@@ -102,7 +102,8 @@ def list_inputs(src: Path) -> list[str]:
             raise ValueError(f"{src.name}: empty path on row {_rows(blank)} (the header is row 1)")
         # a sheet written on Windows (`sub\b.jpg`, `C:\data\a.jpg`): each such row was read as a
         # missing file, and the job ended "done" with them unreadable and retryable for good
-        windows = [k + 2 for k, p in enumerate(paths) if has_backslash(p) and not os.path.lexists(on_disk(src.parent, p))]
+        windows = [k + 2 for k, p in enumerate(paths)
+                   if has_backslash(p) and not os.path.lexists(on_disk(src.parent, p))]
         if windows:
             example = paths[windows[0] - 2]
             raise ValueError(f"{src.name}: a path written with \\ on row {_rows(windows)} (the header is row 1), "

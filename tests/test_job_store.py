@@ -114,7 +114,8 @@ def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_t
         assert "job store unavailable" in caplog.text, "the lock never reached the runner"
         time.sleep(1.5)
         assert runner.alive() and store.get(job.id).status in ("queued", "running")
-        assert "the job store cannot take its rows (database is locked)" in runner.waiting(job.id)  # said, not only logged
+        # said, not only logged
+        assert "the job store cannot take its rows (database is locked)" in runner.waiting(job.id)
         locker.execute("COMMIT")
         while store.get(job.id).status != "done" and time.time() < deadline + 30:
             time.sleep(0.1)

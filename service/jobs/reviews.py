@@ -128,7 +128,8 @@ class ReviewStore:
             current = (live.label if field == "label" else live.box) if live else None
             old = model if current is None else current
             cur = db.execute("INSERT INTO decisions (job_id, item, path, who, at, field, old, new) "
-                             "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND status != ?)",
+                             "SELECT ?, ?, ?, ?, ?, ?, ?, ? "
+                             "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND status != ?)",
                              (job_id, item, path, who, time.time(), field, enc(old), enc(new), job_id, DELETED))
             if cur.rowcount != 1:
                 raise JobGone(job_id)

@@ -217,7 +217,8 @@ class JobStore:
         if version < 4 and "models" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}:
             db.execute("ALTER TABLE jobs ADD COLUMN models TEXT")
         if version < 6:  # the service's own results folders, <state>/jobs/<id>, wherever the state is now
-            db.execute("UPDATE jobs SET out_dir = 'jobs/' || id WHERE substr(out_dir, -length(id) - 6) = '/jobs/' || id")
+            db.execute("UPDATE jobs SET out_dir = 'jobs/' || id "
+                       "WHERE substr(out_dir, -length(id) - 6) = '/jobs/' || id")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
         if upgrading:
@@ -288,7 +289,8 @@ class JobStore:
         out = out_root / job_id
         stored = out.relative_to(self.path.parent) if out.is_relative_to(self.path.parent) else out
         twin = f"SELECT id FROM jobs WHERE source = ? AND quarantine IS ? AND policy = ? AND status IN {ACTIVE}"
-        sql = "INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) SELECT ?, 'queued', ?, ?, ?, ?, ?"
+        sql = ("INSERT INTO jobs (id, status, source, quarantine, policy, out_dir, created) "
+               "SELECT ?, 'queued', ?, ?, ?, ?, ?")
         params: tuple = (job_id, source, quarantine, policy, str(stored), time.time())
         if once:
             sql, params = f"{sql} WHERE NOT EXISTS ({twin})", (*params, source, quarantine, policy)

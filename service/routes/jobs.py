@@ -104,7 +104,8 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
                                  once=True)
     except ActiveTwin as e:
         raise ApiError(409, "job_exists", f"job {e.args[0]} is already cleaning this source with the same quarantine "
-                                          "and policy: follow it, or cancel it to start again", job_id=e.args[0]) from None
+                                          "and policy: follow it, or cancel it to start again",
+                       job_id=e.args[0]) from None
     state.runner.wake()
     return status_of(state, job)
 

@@ -64,4 +64,5 @@ UiPost = Annotated[Session, Depends(checked_session)]
 
 def page(request: Request, name: str, session: Session | None, **context: object):
     base = request.scope.get("root_path", "")  # every link's prefix: service/root_path.py
-    return templates.TemplateResponse(request, name, {"session": session, "base": base, **context})  # no-store: PageHeaders
+    # no-store: PageHeaders
+    return templates.TemplateResponse(request, name, {"session": session, "base": base, **context})

@@ -215,8 +215,9 @@ def apply(job_id: str, session: UiPost, state: State):
     except OSError as e:  # a full or read-only quarantine was a bare 500
         if e.errno not in UNWRITABLE:
             raise
-        raise ApiError(507, "quarantine_unwritable", f"Apply stopped: the quarantine cannot be written ({e.strerror}); "
-                                                     "what it moved or copied so far stays: Apply again once it can") from None
+        raise ApiError(507, "quarantine_unwritable",
+                       f"Apply stopped: the quarantine cannot be written ({e.strerror}); "
+                       "what it moved or copied so far stays: Apply again once it can") from None
     # to the result, not the top of 48 cards: its status line was below them, unseen and unread
     return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={done.added}-{done.removed}-{done.missing}#exports",
                             status_code=303)
