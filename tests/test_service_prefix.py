@@ -12,6 +12,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
+from tests.browser import browser  # noqa: F401  (pytest fixture)
 from tests.prefix_proxy import PrefixProxy
 from tests.qc_fixtures import fuzz_set, tiny_weights
 from tests.service_server import API_KEY, HEADERS, start_server
@@ -96,3 +97,36 @@ def test_the_api_docs_and_errors_name_the_prefix(proxy):
     # request: every request was "unmatched")
     scraped = api.get("/metrics").text
     assert 'route="/v1/jobs",status="405"' in scraped and 'route="/openapi.json"' in scraped
+
+
+def test_the_pages_scripts_work_under_the_prefix_in_a_browser(browser, proxy):  # noqa: F811
+    """The scripts build their requests on the page's prefix (data-base): an upload, a job's
+    progress, a decision and its undo, each through the proxy."""
+    from playwright.sync_api import expect
+
+    origin = proxy.url[:-len(PREFIX)]
+    ctx = browser.new_context(base_url=origin)
+    try:
+        page = ctx.new_page()
+        page.goto(f"{PREFIX}/ui/jobs")
+        page.get_by_label("API key").fill(API_KEY)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(f"{origin}{PREFIX}/ui/jobs")
+        page.get_by_label("Folder or manifest").fill("set")
+        page.get_by_role("button", name="Start job").click()
+        expect(page.locator("tr[data-job] .status").first).to_have_text("done", timeout=60_000)  # polled by jobs.js
+        page.locator("tr[data-job] a").first.click()
+        page.locator("#grid .card a").first.click()
+        expect(page.locator("html[data-keys=on]")).to_have_count(1)
+        page.keyboard.press("4")  # no cervix, never the model's here (every photo gets a box): item.js posts it
+        expect(page.locator("#final")).to_have_text("no cervix")
+        expect(page.locator("html[data-keys=on]")).to_have_count(1)
+        page.keyboard.press("u")
+        expect(page.locator("#saved")).to_have_text("Saved: undo")
+        page.goto(f"{PREFIX}/ui/upload")
+        page.set_input_files("#files", files=[{"name": "ok.jpg", "mimeType": "image/jpeg",
+                                               "buffer": fuzz_set()["ok.jpg"][0]}])
+        expect(page.locator("#status")).to_contain_text("1 of 1 photo(s) checked", timeout=60_000)  # upload.js
+        assert all(p.startswith(PREFIX + "/") for p in proxy.seen)
+    finally:
+        ctx.close()
