@@ -23,6 +23,7 @@ from pipelines.engine.detector import detect, load_detector
 from pipelines.engine.stage2 import load_stage2
 from pipelines.engine.qc import QCConfig, QCPipeline, resolve_runtime
 from tests.qc_fixtures import tiny_weights
+from tests.small_disk import small_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,18 +164,11 @@ def test_a_full_cache_costs_a_conversion_in_a_temporary_folder_not_the_start(tmp
     """A cache on a full disk failed the conversion, and the error blamed the weights ("cannot
     convert to OpenVINO (RuntimeError: basic_ios::clear: iostream error)"): an audit."""
     weights = tiny_weights(tmp_path / "w", 0.0)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(cache)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "cache", "256k") as cache:
         (cache / "filler").write_bytes(b"\0" * 250_000)
         qc = QCPipeline(weights, QCConfig(openvino_cache=cache, runtime="openvino"))
         assert all(r.endswith("(converted in a child process)") for r in qc.runtimes.values()), qc.runtimes
         assert [p.name for p in cache.iterdir()] == ["filler"] and len(qc.run(photos[:2])) == 2
-    finally:
-        subprocess.run(["umount", str(cache)], check=True)
 
 
 def test_tampered_stage2_weights_are_refused_even_when_openvino_runs_an_export_of_them(exported, tmp_path):

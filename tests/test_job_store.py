@@ -449,25 +449,13 @@ def test_a_copy_of_the_state_folder_writes_and_deletes_its_own_results_folders_a
 def test_a_store_on_a_full_disk_is_not_ready(tmp_path):
     """The write lock is granted on a full disk, and readiness said ready while every job and
     decision got 503 (an audit)."""
-    import gc
-    import os
-    import subprocess
+    from tests.small_disk import small_tmpfs
 
-    folder = tmp_path / "state"
-    folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "state", "20m") as folder:
         store = JobStore(folder / "jobs.sqlite")
         store.probe()
-        with open(folder / "filler", "wb") as f:
-            f.write(b"\0" * 10 * 2**20)
+        (folder / "filler").write_bytes(b"\0" * 10 * 2**20)
         with pytest.raises(OSError, match="the state folder has [0-9] MiB free"):
             store.probe()
         (folder / "filler").unlink()
         store.probe()  # ready again by itself
-        del store  # its connection, so that the folder can be unmounted
-        gc.collect()
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)

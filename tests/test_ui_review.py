@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sqlite3
 
 import pytest
@@ -335,18 +334,12 @@ def test_reviewers_at_once_each_undo_their_own_decision_and_each_old_is_the_valu
 
 def test_a_picture_the_full_thumbnail_cache_cannot_take_is_served_from_memory(tmp_path):
     """A full state folder answered every picture not yet cached with a 500 (an audit)."""
-    import subprocess
-
     from pipelines.engine.decode import DecodeLimits
     from service.ui.images import cached
     from tests.qc_fixtures import fuzz_set
+    from tests.small_disk import small_tmpfs
 
-    cache = tmp_path / "thumbs"
-    cache.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "thumbs", "64k") as cache:
         (cache / "filler").write_bytes(b"\0" * 60_000)
         (cache / "j1").mkdir()
         with open(cache / "j1" / "more", "wb") as f:  # up to the last byte
@@ -358,8 +351,6 @@ def test_a_picture_the_full_thumbnail_cache_cannot_take_is_served_from_memory(tm
         picture = cached(cache, "j1", 1, "full", original, DecodeLimits())
         assert isinstance(picture, bytes) and picture[:2] == b"\xff\xd8"
         assert not [p for p in (cache / "j1").iterdir() if p.name != "more"]  # no half-written file left
-    finally:
-        subprocess.run(["umount", str(cache)], check=True)
 
 
 def test_the_export_credits_the_label_and_the_box_each_to_its_own_reviewer(tmp_path):
