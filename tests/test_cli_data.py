@@ -79,6 +79,20 @@ def test_validate_lists_every_bad_row_and_exits_non_zero(tmp_path):
     assert "missing file 'x.jpg'" in r.output and "empty patient_id" in r.output and "unknown kind 'blue'" in r.output
 
 
+def test_one_patient_number_written_several_ways_is_warned_about_before_a_split(tmp_path):
+    """Sheets merged from Excel: `007` lost its zeros in one and became `7.0` in another, and a
+    split by patient could put one patient's photos on both sides."""
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\na.jpg,007,s,d,regular\n"
+                                    "b.jpg,7.0,s,d,regular\nc.jpg,7,t,d,regular\nd.jpg,PT-7,s,d,regular\n")
+    m = str(tmp_path / "m.csv")
+    for command in (["validate", m], ["split", m, "-o", str(tmp_path / "s.csv")]):
+        r = runner.invoke(app, command)
+        assert r.exit_code == 0, r.output
+        assert "warning: 1 number(s) written as several patient ids of one source (007 7.0)" in r.output, r.output
+
+
 def test_unknown_preset_and_bad_fractions_are_clear_errors(tmp_path):
     r = runner.invoke(app, ["synth", str(tmp_path), "--preset", "huge"])
     assert r.exit_code == 2 and "unknown preset 'huge'" in r.output

@@ -64,6 +64,17 @@ def synth(
                    "this manifest; delete the folder first for a set of its own", err=True)
 
 
+def _warn_one_number_ids(df) -> None:
+    from pipelines.data.manifest import one_number_ids
+
+    twins = one_number_ids(df)
+    if twins:
+        shown = "; ".join(" ".join(ids) for ids in twins[:5]) + (f"; {len(twins) - 5} more" if len(twins) > 5 else "")
+        typer.echo(f"warning: {len(twins)} number(s) written as several patient ids of one source ({shown}): "
+                   "if each is one patient, write it one way (a spreadsheet drops leading zeros and adds .0), "
+                   "or a split by patient may put its photos on two sides", err=True)
+
+
 def validate(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
     root: Annotated[Optional[Path], typer.Option(help="Folder relative paths start from.")] = None,
@@ -75,6 +86,7 @@ def validate(
 
     try:
         df = load_manifest(manifest, root)
+        _warn_one_number_ids(df)
         typer.echo(f"{manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients: ok")
         if coco is not None:
             ds = load_coco(coco)
@@ -118,6 +130,7 @@ def split(
         df = load_manifest(manifest, check_files=False)
         if df.empty:  # a header alone printed pandas' "Empty DataFrame" and wrote an empty split
             raise ValueError(f"{manifest} has no rows")
+        _warn_one_number_ids(df)
         groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)

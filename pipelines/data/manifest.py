@@ -159,6 +159,21 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     return df
 
 
+def one_number_ids(df: pd.DataFrame) -> list[list[str]]:
+    """Patient ids of one source that spell one number otherwise (`007`, `7`, `7.0`): a
+    spreadsheet drops leading zeros and a numeric column turns `7` into `7.0`, so one patient's
+    photos merged from two sheets came under two ids, and a split by patient could put them on
+    both sides (an audit of real sheets). Only named: `PT-7` and `PT-07` may be two patients."""
+    spellings: dict[tuple[str, float], set[str]] = {}
+    for source, patient in zip(df["source"], df["patient_id"]):
+        try:
+            number = float(patient)
+        except ValueError:
+            continue
+        spellings.setdefault((source, number), set()).add(patient)
+    return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
+
+
 def file_key(base: Path, path: str) -> str:
     """What one file is called however a manifest spells it (`a.jpg`, `./a.jpg`, `sub/../a.jpg`,
     `/data/a.jpg`): lexically normalised and absolute, relative paths taken from `base`."""
