@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.runner.stop()
             await state.batcher.stop()
             state.qc.close()
+            state.store.close()
             lock.close()
 
     # the API's documentation is keyed like the API: service/routes/docs.py

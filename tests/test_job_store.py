@@ -438,7 +438,8 @@ def test_a_copy_of_the_state_folder_writes_and_deletes_its_own_results_folders_a
     new = copy.create("src", None, "resnest", tmp_path / "b" / "jobs")
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     assert JobStore(tmp_path / "c" / "jobs.sqlite").get(new.id).out_dir == str(tmp_path / "c" / "jobs" / new.id)
-    kept = sqlite3.connect(tmp_path / "b" / "jobs.sqlite.v5.bak")
+    (kept_path,) = (tmp_path / "b").glob("jobs.sqlite.v5-*.bak")  # named by the upgrade's time
+    kept = sqlite3.connect(kept_path)
     try:
         assert kept.execute("PRAGMA user_version").fetchone()[0] == 5
         assert kept.execute("SELECT out_dir FROM jobs").fetchall() == [(str(tmp_path / "a" / "jobs" / job.id),)]
@@ -459,3 +460,15 @@ def test_a_store_on_a_full_disk_is_not_ready(tmp_path):
             store.probe()
         (folder / "filler").unlink()
         store.probe()  # ready again by itself
+
+
+def test_a_stopped_store_leaves_no_log_to_replay_onto_a_restored_copy(tmp_path):
+    """A service stopped with SQLite's log beside the file: a backup copied over jobs.sqlite to
+    go back a version got the log replayed onto it, and read as the file it replaced (an audit)."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "resnest", tmp_path)
+    store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(50)])
+    assert (tmp_path / "jobs.sqlite-wal").stat().st_size > 0
+    store.close()
+    assert (tmp_path / "jobs.sqlite-wal").stat().st_size == 0
+    assert _group_by(store.path, job.id) == {"regular": 50}  # folded into the file, not lost

@@ -358,7 +358,10 @@ def test_the_export_credits_the_label_and_the_box_each_to_its_own_reviewer(tmp_p
     store, j = _reviews(tmp_path)
     store.decide(j, 1, "a.jpg", "key-a", "label", "regular", "green")
     store.decide(j, 1, "a.jpg", "key-b", "box", [0, 0, 5, 5], [1, 1, 4, 4])
-    rows = [(1, _record("a.jpg", Label.REGULAR, box=[0, 0, 5, 5]))]
-    (out,) = csv.DictReader(io.StringIO("".join(manifest_lines(rows, store.reviewed(j)))))
+    store.decide(j, 2, "b.jpg", "key-b", "box", [0, 0, 5, 5], [1, 1, 4, 4])  # the box alone
+    rows = [(1, _record("a.jpg", Label.REGULAR, box=[0, 0, 5, 5])), (2, _record("b.jpg", Label.REGULAR))]
+    out, box_only = csv.DictReader(io.StringIO("".join(manifest_lines(rows, store.reviewed(j)))))
     assert (out["reviewed_class"], out["reviewed_by"], out["box_reviewed_by"]) == ("green", "key-a", "key-b")
     assert out["reviewed_at"] <= out["box_reviewed_at"] and out["reviewed_at"].endswith("+00:00")
+    assert (box_only["reviewed_class"], box_only["reviewed_by"]) == ("", "key-b")  # reviewed, as before
+    assert list(out)[-2:] == ["box_reviewed_by", "box_reviewed_at"]  # added last: scripts read by position

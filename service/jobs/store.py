@@ -230,16 +230,26 @@ class JobStore:
     def _keep_before_upgrade(self, db: sqlite3.Connection, version: int) -> None:
         """The file as it was, beside it, before an upgrade rewrites it (SQLite's backup: whole
         even while another process writes): going back to the older cervixqc needs it, since
-        that version refuses the upgraded file. Kept once per version."""
-        kept = self.path.with_name(f"{self.path.name}.v{version}.bak")
-        if kept.exists():
-            return
+        that version refuses the upgraded file. One per upgrade, named by its time: kept once
+        per version, a second upgrade after going back found the first's copy and kept nothing
+        of what the older version had done since (an audit)."""
+        kept = self.path.with_name(f"{self.path.name}.v{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak")
         try:
             write_atomically(kept, lambda tmp: _backup(db, tmp))
         except (OSError, sqlite3.Error) as e:  # a full disk: the upgrade would not fit either
             raise OSError(errno.ENOSPC, f"cannot keep jobs.sqlite as {kept.name} before upgrading it to v"
                                         f"{SCHEMA_VERSION} ({e}): free some space in its folder", str(kept)) from e
         log.info("jobs.sqlite: the v%d file kept as %s before the upgrade", version, kept.name)
+
+    def close(self) -> None:
+        """At the service's stop: SQLite's log folded into the file and emptied. Left behind, it
+        was replayed onto a backup copied over jobs.sqlite to go back a version, and the
+        "restored" file read as the upgraded one (an audit)."""
+        db = open_db(self.path, "rw", self.busy_timeout_s, isolation_level=None)
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
 
     def _job(self, row: sqlite3.Row) -> Job:
         fields = dict(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -15,8 +16,12 @@ from service.root_path import route_path
 from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok, key_id
 
 HERE = Path(__file__).parent
+# the scripts' and styles' content in their URLs (`?v=`): a browser that kept an older common.js
+# beside a newer item.js after an upgrade broke the image page until a hard reload
+STATIC_VERSION = hashlib.sha256(b"".join(p.read_bytes() for p in sorted((HERE / "static").iterdir())
+                                         if p.is_file())).hexdigest()[:12]
 templates = Jinja2Templates(directory=HERE / "templates")
-templates.env.globals.update(words=CLASS_WORDS, classes=CLASSES)
+templates.env.globals.update(words=CLASS_WORDS, classes=CLASSES, static_v=STATIC_VERSION)
 
 
 class SignInNeeded(Exception):

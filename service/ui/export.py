@@ -26,9 +26,9 @@ from service.paths import inside
 log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
-                   "model_box", "reviewed_class", "reviewed_by", "reviewed_at", "reviewed_box", "box_reviewed_by",
-                   "box_reviewed_at", "final_label", "final_kind", "final_box", "flags", "duplicate_group",
-                   "duplicate_of", "duplicate_kind"]
+                   "model_box", "reviewed_class", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
+                   "final_kind", "final_box", "flags", "duplicate_group", "duplicate_of", "duplicate_kind",
+                   "box_reviewed_by", "box_reviewed_at"]  # added last: a site's scripts read by position
 
 
 def _box(b: list[float] | None) -> str:
@@ -58,7 +58,9 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
                       "model_class": class_of(r.label.value, r.kind), "model_label": r.label.value,
                       "model_kind": r.kind or "", "model_box": _box(r.cervix_box),
                       "reviewed_class": (rev.label or "") if rev else "", "reviewed_box": _box(rev.box if rev else None),
-                      "reviewed_by": (rev.who or "") if rev else "", "reviewed_at": _when(rev.at if rev else None),
+                      # the label's reviewer, or the box's where only the box was reviewed
+                      "reviewed_by": (rev.who or rev.box_who or "") if rev else "",
+                      "reviewed_at": _when((rev.at or rev.box_at) if rev else None),
                       "box_reviewed_by": (rev.box_who or "") if rev else "",
                       "box_reviewed_at": _when(rev.box_at if rev else None),
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
