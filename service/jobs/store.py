@@ -233,7 +233,8 @@ class JobStore:
         that version refuses the upgraded file. One per upgrade, named by its time: kept once
         per version, a second upgrade after going back found the first's copy and kept nothing
         of what the older version had done since (an audit)."""
-        kept = self.path.with_name(f"{self.path.name}.v{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak")
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = self.path.with_name(f"{self.path.name}.v{version}-{when}.bak")
         try:
             write_atomically(kept, lambda tmp: _backup(db, tmp))
         except (OSError, sqlite3.Error) as e:  # a full disk: the upgrade would not fit either
@@ -244,12 +245,15 @@ class JobStore:
     def close(self) -> None:
         """At the service's stop: SQLite's log folded into the file and emptied. Left behind, it
         was replayed onto a backup copied over jobs.sqlite to go back a version, and the
-        "restored" file read as the upgraded one (an audit)."""
-        db = open_db(self.path, "rw", self.busy_timeout_s, isolation_level=None)
+        "restored" file read as the upgraded one (an audit). A failure is logged: the stop goes on."""
         try:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.close()
+            db = open_db(self.path, "rw", self.busy_timeout_s, isolation_level=None)
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            log.warning("jobs.sqlite: its log could not be emptied at stop (%s)", e)
 
     def _job(self, row: sqlite3.Row) -> Job:
         fields = dict(row)
