@@ -8,8 +8,10 @@ a half-copied or swapped file must not quietly run at a screening site.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,6 @@ def unwritable(path: Path, e: Exception) -> OSError:
     37522708" and safetensors a SafetensorError for a full disk, and a training run on one
     ended in a 130-line traceback that never said "space" (the CLI prints an OSError in one
     line)."""
-    import errno
-    import shutil
-
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError:

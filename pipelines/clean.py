@@ -518,42 +518,39 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
                    verdicts: VerdictStore | None = None) -> tuple[Path, Path]:
     """results.csv, results.parquet and duplicates.csv, each written to a temporary name and
     renamed. Without `duplicates` they are grouped here over the whole collection first; then
-    every row carries its group. `records` is called once per file and streamed through in
-    chunks of EXPORT_CHUNK rows: built as one table (and two copies of it) the exports held
-    3-3.7 KB a row at once, about 3.5 GB at 10^6, at the end of a run (or inside the service,
-    for a job). Measured on a 100,200-row state (synthetic rows, `export_records` alone, two
-    runs each): peak RSS +436 MiB before, +251 MiB streamed (the rest is the duplicate
-    search's keys), 8.7-10.5 s before and 12.6-14.3 s streamed (one more read of the rows)."""
+    every row carries its group. The rows are streamed in chunks of EXPORT_CHUNK, each chunk
+    written to both files: built as one table (and two copies of it) the exports held 3-3.7 KB
+    a row at once, about 3.5 GB at 10^6, at the end of a run (or inside the service, for a
+    job); a pass per file read, parsed and grouped every row twice: 100,200 rows took 6.26,
+    5.68, 5.70 and 4.93 s so, and 3.39, 2.95, 3.84 and 4.11 s in one pass, the same bytes
+    (`python -m tests.benchmarks.exports`, two sessions of two runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dups = collection_duplicates(records(), read, verdicts) if duplicates is None else duplicates
     group = {row.path: row for row in dups.itertuples(index=False)}
     csv_path, pq_path = out_dir / "results.csv", out_dir / "results.parquet"
 
-    def write_csv(path: Path) -> None:
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            for i, df in enumerate(_result_frames(records(), group)):
-                df.assign(**{c: df[c].map(spreadsheet_safe) for c in CSV_TEXT_FIELDS}).to_csv(f, index=False,
-                                                                                             header=i == 0)
-
-    def write_parquet(path: Path) -> None:
+    def write_both(csv_tmp: Path, pq_tmp: Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         writer, schema = None, None
         try:
-            for df in _result_frames(records(), group):
-                # Parquet keeps types: the box a list of floats and no box null (it was the CSV's
-                # text, "" beside the nulls of every other missing value)
-                typed = df.assign(cervix_box=df["cervix_box"].map(lambda b: json.loads(b) if b else None))
-                if writer is None:
-                    schema = _parquet_schema(typed)
-                    writer = pq.ParquetWriter(path, schema)
-                writer.write_table(pa.Table.from_pandas(typed, schema=schema, preserve_index=False))
+            with open(csv_tmp, "w", encoding="utf-8", newline="") as f:
+                for i, df in enumerate(_result_frames(records(), group)):
+                    df.assign(**{c: df[c].map(spreadsheet_safe) for c in CSV_TEXT_FIELDS}).to_csv(f, index=False,
+                                                                                                 header=i == 0)
+                    # Parquet keeps types: the box a list of floats and no box null (it was the
+                    # CSV's text, "" beside the nulls of every other missing value)
+                    typed = df.assign(cervix_box=df["cervix_box"].map(lambda b: json.loads(b) if b else None))
+                    if writer is None:
+                        schema = _parquet_schema(typed)
+                        writer = pq.ParquetWriter(pq_tmp, schema)
+                    writer.write_table(pa.Table.from_pandas(typed, schema=schema, preserve_index=False))
         finally:
             if writer is not None:
                 writer.close()
 
-    write_together({csv_path: write_csv, pq_path: write_parquet,
+    write_together({(csv_path, pq_path): write_both,
                     out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
     return csv_path, pq_path
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-Writer = Callable[[Path], object]
+Writer = Callable[..., object]  # given the temporary path(s) to write
 
 
 TEMPORARY = re.compile(r"\.[0-9a-f]{16}\.tmp")  # the names _temporary gives
@@ -63,18 +63,22 @@ def write_atomically(path: Path, write: Writer, durable: bool = True) -> Path:
     return write_together({path: write}, durable)[0]
 
 
-def write_together(writers: dict[Path, Writer], durable: bool = True) -> list[Path]:
+def write_together(writers: dict[Path | tuple[Path, ...], Writer], durable: bool = True) -> list[Path]:
     """Every file written to its temporary name, then all renamed, in the dict's order (put
-    the one readers check first, a card, last). On a failure none is renamed and the
-    temporary files go. `durable=False` only for what can be made again (a thumbnail)."""
+    the one readers check first, a card, last). A key of several paths is one writer for
+    files made in one pass over their data (it is given their temporary names, in order). On
+    a failure none is renamed and the temporary files go. `durable=False` only for what can
+    be made again (a thumbnail)."""
     written: list[tuple[Path, Path]] = []
     try:
-        for path, write in writers.items():
-            tmp = _temporary(path)
-            written.append((tmp, path))
-            write(tmp)
+        for key, write in writers.items():
+            paths = key if isinstance(key, tuple) else (key,)
+            tmps = [_temporary(path) for path in paths]
+            written += zip(tmps, paths)
+            write(*tmps)
             if durable:
-                _flush(tmp)
+                for tmp in tmps:
+                    _flush(tmp)
         for tmp, path in written:
             os.replace(tmp, path)
     except BaseException:
@@ -82,9 +86,9 @@ def write_together(writers: dict[Path, Writer], durable: bool = True) -> list[Pa
             tmp.unlink(missing_ok=True)
         raise
     if durable:
-        for folder in {path.parent for path in writers}:
+        for folder in {path.parent for _, path in written}:
             flush_folder(folder)
-    return list(writers)
+    return [path for _, path in written]
 
 
 def _flush(path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +86,10 @@ def read_table(path: Path) -> pd.DataFrame:
         raise
     # what Excel leaves past the table: columns without a name or a value (`Unnamed: 5`), and
     # rows of empty cells (`,,,,`), which made the whole file refused for rows with no path
+    # (from the end only: stripping every cell cost 0.025 s per 10^5 rows beside a 0.09 s read)
     df = df[[c for c in df.columns if not (str(c).startswith("Unnamed: ") and not df[c].str.strip().any())]]
-    blank = df.apply(lambda col: col.str.strip() == "").all(axis=1).to_numpy()
     end = len(df)
-    while end and blank[end - 1]:
+    while end and not "".join(df.iloc[end - 1]).strip():
         end -= 1
     df = df.iloc[:end]
     # pandas renames a repeated header `kind` to `kind.1` and reads on: which one was meant is unknown
@@ -103,9 +104,8 @@ def manifest_header(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The manifest's own columns named whatever their letter case and spaces (`Path`,
     ` patient_id `, as a spreadsheet's header is typed): refused as missing before, the spaces
     unseen. Two columns that name one are refused (which one was meant is unknown)."""
-    names = {c: str(c).strip().casefold() for c in df.columns}
-    known = {c: n for c, n in names.items() if n in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
-    twice = sorted({n for n in known.values() if list(known.values()).count(n) > 1})
+    known = {c: n for c in df.columns if (n := str(c).strip().casefold()) in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)}
+    twice = sorted(n for n, k in Counter(known.values()).items() if k > 1)
     if twice:
         raise ManifestError(str(path), [RowProblem(0, n, "the column appears twice in the header (letter case or "
                                                          "spaces aside)") for n in twice])

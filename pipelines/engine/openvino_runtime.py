@@ -339,9 +339,12 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
                 missing[name] = folder, Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
             except OSError:
                 missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
+        def convert_missing() -> None:
+            _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
+
         if missing:
             try:
-                _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
+                convert_missing()
             except WeightsIntegrityError:
                 if not _short_of_room(root) or all(folder is None for folder, _ in missing.values()):
                     raise
@@ -351,7 +354,7 @@ def converted(weights: Path, sources: dict[str, ModelCard], cache: Path | None =
                 for name, (_, work) in list(missing.items()):
                     shutil.rmtree(work, ignore_errors=True)
                     missing[name] = None, Path(tempfile.mkdtemp(prefix="cervixqc-openvino-"))
-                _convert_in_child(weights, [(name, work, dtypes[name]) for name, (_, work) in missing.items()])
+                convert_missing()
         for name, (folder, work) in missing.items():
             found[name] = load_exported(work, name, sources[name]), "converted in a child process"  # in memory: the files can go
             if folder is not None:

@@ -33,8 +33,7 @@ def sweep_deleted(store: JobStore, thumbs_dir: Path) -> None:
     """Deleted jobs' results folders, and thumbnails of any job that is not live (a cache:
     a store restored from a backup leaves those of jobs it never had)."""
     for job in store.deleted():
-        if Path(job.out_dir).exists():
-            remove_job_folders(job.id, Path(job.out_dir), thumbs_dir)
+        remove_job_folders(job.id, Path(job.out_dir), thumbs_dir)
     if thumbs_dir.is_dir():
         for folder in thumbs_dir.iterdir():
             if folder.is_dir() and store.get(folder.name) is None:
