@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, require_writable
+from pipelines.commands.common import _fail, _split_manifest, file_progress, require_writable
 from pipelines.commands.engine import DeviceOption, _engine
 from pipelines.outputs import write_json, write_together
 
@@ -66,7 +66,6 @@ def duplicates_cmd(
         _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")
     if images is not None and not images.is_dir():  # a wrong one read nothing and fell back to keys, unsaid
         _fail(f"--images {images} is not a folder: give the folder the run cleaned")
-    unread = [0]  # files the engine could not read (a folder's run)
     if clean_folder:
         records = read_clean_state(src)
         root = images
@@ -85,29 +84,31 @@ def duplicates_cmd(
         qc = _engine(weights, device=device)
 
         def engine_records():  # streamed: `duplicates_of_records` keeps each photo's keys, not its record
-            with typer.progressbar(range(0, len(paths), batch_size), label="engine") as starts:
-                for start in starts:
+            # file_progress: off a terminal (cron, docker logs) a long run reports too
+            with file_progress("engine") as report:
+                report(0, len(paths))
+                for start in range(0, len(paths), batch_size):
                     chunk = paths[start:start + batch_size]
                     # on_disk: a name that is not UTF-8 is its escaped key in the rows, its bytes on disk
-                    for r in qc.run([on_disk(root, p) for p in chunk], names=chunk):
-                        unread[0] += r.label.value == "unreadable"
-                        yield r
+                    yield from qc.run([on_disk(root, p) for p in chunk], names=chunk)
+                    report(start + len(chunk), len(paths))
 
         records = engine_records()
-    seen = [0]
+    seen = {"photos": 0, "unreadable": 0}
 
     def counted(rs):  # counted on the way through
         for r in rs:
-            seen[0] += 1
+            seen["photos"] += 1
+            seen["unreadable"] += r.label.value == "unreadable"
             yield r
 
     df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
-    if not clean_folder and unread[0]:  # they have no keys: copies of them cannot be found
-        typer.echo(f"warning: {unread[0]} of {seen[0]} files could not be read as photos and are in no group",
-                   err=True)
+    if not clean_folder and seen["unreadable"]:  # they have no keys: copies of them cannot be found
+        typer.echo(f"warning: {seen['unreadable']} of {seen['photos']} files could not be read as photos and are "
+                   "in no group", err=True)
     write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
     exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
-    typer.echo(f"{seen[0]} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
+    typer.echo(f"{seen['photos']} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")
     typer.echo(f"wrote {out}")
 
