@@ -132,3 +132,10 @@ def test_a_fixes_sheet_saved_with_a_bom_reads_and_two_decisions_for_one_photo_ar
         read_fixes(p)
     p.write_bytes("\ufefffile,action,x1,y1,x2,y2\na.jpg,none,,,,\n".encode())
     assert [(f.file, f.box) for f in read_fixes(p)] == [("a.jpg", None)]
+
+
+def test_a_bad_fix_after_a_blank_line_is_named_by_its_line_in_the_file(tmp_path):
+    p = tmp_path / "fixes.csv"
+    p.write_text("file,action,x1,y1,x2,y2\na.jpg,none,,,,\n\nb.jpg,grow,0,0,1,1\n")
+    with pytest.raises(ValueError, match="line 4: expected action box"):
+        read_fixes(p)

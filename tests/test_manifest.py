@@ -141,6 +141,17 @@ def test_a_sheet_as_excel_saves_it_reads_as_the_table_it_shows(tmp_path):
         load_manifest(tmp_path / "book.csv")
 
 
+def test_a_problem_after_a_blank_line_names_the_row_a_spreadsheet_shows(tmp_path, write_csv):
+    """A blank line is a row in a spreadsheet; skipped, every later row was named one too low."""
+    _touch(tmp_path, "a.jpg", "b.jpg")
+    path = write_csv("m.csv", "path,patient_id,source,device,kind\na.jpg,p1,s,d,regular\n\n"
+                              "b.jpg,p2,s,d,purple\n\n\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert [(p.row + 1, p.column) for p in err.value.problems] == [
+        (3, "path"), (3, "patient_id"), (3, "source"), (4, "kind")]
+
+
 def test_a_missing_file_written_on_windows_says_so(tmp_path, write_csv):
     _touch(tmp_path, "sub/b.jpg")
     path = write_csv("m.csv", "path,patient_id,source,device,kind\n"

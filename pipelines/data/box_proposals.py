@@ -91,7 +91,8 @@ def read_fixes(path: str | Path) -> list[Fix]:
         reader = csv.DictReader(fh)
         if "file" not in (reader.fieldnames or []) or "action" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: needs the columns file,action,x1,y1,x2,y2(,note); it has {reader.fieldnames}")
-        for i, row in enumerate(reader, start=2):
+        for row in reader:
+            i = reader.line_num  # the file's line: DictReader skips blank lines, which a count of rows missed
             action = (row.get("action") or "").strip()
             name = (row.get("file") or "").strip()
             if name in first_line:  # two decisions for one photo: which one the reviewer meant is not ours to pick

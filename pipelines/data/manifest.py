@@ -61,7 +61,9 @@ def read_table(path: Path) -> pd.DataFrame:
     pandas (missing, a folder, not UTF-8, empty, not Parquet, an Excel workbook), and so is a
     header naming a column twice. As Excel writes CSV (an audit of real sheets): separated by
     ';' (its CSV in many European locales) or tabs where the header has no comma, with empty
-    rows and columns after the table (dropped; an empty row inside it is still a problem)."""
+    rows and columns after the table (dropped; an empty row inside it is still a problem). A
+    blank line is a row, as a spreadsheet shows it: skipped, it made every later row's number
+    one too low in the problems named."""
     try:
         if _is_workbook(path):
             raise ManifestError(str(path), [RowProblem(0, "", "an Excel workbook, not a table file: save it as "
@@ -74,7 +76,7 @@ def read_table(path: Path) -> pd.DataFrame:
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
         df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, sep=_separator(path),
-                         encoding="utf-8-sig")
+                         encoding="utf-8-sig", skip_blank_lines=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
         if isinstance(e, UnicodeDecodeError):  # Excel's plain "CSV" is the Windows code page
