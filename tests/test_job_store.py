@@ -397,6 +397,24 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 5  # an older version refuses the file
 
 
+def test_a_delete_killed_after_the_items_finishes_the_counts_and_decisions_at_the_next_open(tmp_path):
+    from service.jobs.reviews import ReviewStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "resnest", tmp_path)
+    store.add_items(job.id, [QCResult(path="a.jpg", label=Label.REGULAR)])
+    store.transition(job.id, "done")
+    ReviewStore(store.path).decide(job.id, 0, "a.jpg", "k1", "label", "regular", "iodine")
+    with sqlite3.connect(store.path) as db:  # killed after the items' chunks: counts and decisions left
+        db.execute("UPDATE jobs SET status = 'deleted' WHERE id = ?", (job.id,))
+        db.execute("DELETE FROM items WHERE job_id = ?", (job.id,))
+    JobStore(store.path)
+    with sqlite3.connect(store.path) as db:
+        left = [db.execute(f"SELECT count(*) FROM {t} WHERE job_id = ?", (job.id,)).fetchone()[0]
+                for t in ("items", "label_counts", "decisions")]
+    assert left == [0, 0, 0]
+
+
 def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_jobs_keep_theirs(tmp_path):
     """A service killed between a delete's rows and its folders, or a thumbnail drawn while its
     job was being deleted, left folders no job owned, for good."""

@@ -223,9 +223,9 @@ class JobStore:
         db.execute("COMMIT")
         if upgrading:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
-        for (left,) in db.execute("SELECT id FROM jobs WHERE status = ? AND EXISTS "
-                                  "(SELECT 1 FROM items WHERE job_id = jobs.id)", (DELETED,)).fetchall():
-            self.purge(left)  # a delete stopped half-way (the service killed during it)
+        left = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE job_id = jobs.id)" for t in self._purged_tables(db))
+        for (job_id,) in db.execute(f"SELECT id FROM jobs WHERE status = ? AND ({left})", (DELETED,)).fetchall():
+            self.purge(job_id)  # a delete stopped half-way (the service killed during it)
 
     def _keep_before_upgrade(self, db: sqlite3.Connection, version: int) -> None:
         """The file as it was, beside it, before an upgrade rewrites it (SQLite's backup: whole
@@ -348,13 +348,17 @@ class JobStore:
         lock 0.87 s (readiness waits 2 s for it), 10^6 would hold it about 9 s. Rows a purge cut
         short left are purged at the next start (`__init__`)."""
         db = self._db()
-        tables = ["items", "label_counts"]
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'decisions'").fetchone():
-            tables.append("decisions")
-        for table in tables:
+        for table in self._purged_tables(db):
             while db.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE job_id = ? "
                              "LIMIT ?)", (job_id, chunk)).rowcount:
                 pass
+
+    @staticmethod
+    def _purged_tables(db: sqlite3.Connection) -> list[str]:
+        """Every table with a job's rows. The start-up sweep looked at items alone: a delete
+        killed after them left the job's counts and review decisions for good (an audit)."""
+        has_decisions = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'decisions'").fetchone()
+        return ["items", "label_counts", *(["decisions"] if has_decisions else [])]
 
     def deleted(self) -> list[Job]:
         return [self._job(r) for r in self._db().execute("SELECT * FROM jobs WHERE status = ?", (DELETED,))]
