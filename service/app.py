@@ -29,7 +29,7 @@ from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
 from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
 from service.gate import EngineGate
-from service.jobs.folders import sweep_deleted
+from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
@@ -70,6 +70,8 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
                            settings.max_wait_ms, settings.max_queue, settings.max_queue_bytes, health)
     store = JobStore(settings.state_dir / "jobs.sqlite", settings.store_busy_timeout_s)
     sweep_deleted(store, settings.thumbs_dir)
+    sweep_killed_writes({"state": settings.state_dir,
+                         "quarantine": settings.quarantine_root})  # type: ignore[dict-item]
     metrics.count_jobs(store.count_by_status)
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]

@@ -436,6 +436,24 @@ def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_job
     assert (thumbs / kept.id / "1-thumb.jpg").is_file()
 
 
+def test_temporary_files_of_killed_writes_in_the_state_and_quarantine_folders_go_at_the_start(tmp_path):
+    """A kill during the backup before an upgrade left a hidden copy of jobs.sqlite in the state
+    folder at every start, and half-copied photos stayed in a quarantine no job started again."""
+    from service.jobs.folders import sweep_killed_writes
+
+    state, quarantine = tmp_path / "state", tmp_path / "elsewhere" / "quarantine"
+    left = [state / ".0123456789abcdef.tmp", state / "jobs" / "j1" / ".00000000000000aa.tmp",
+            quarantine / "q1" / "green" / ".00000000000000bb.tmp"]
+    kept = [state / "jobs.sqlite", state / "jobs.sqlite.v5-20261201T000000Z.bak", quarantine / "q1" / "green" / "a.jpg"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    sweep_killed_writes({"state": state, "quarantine": quarantine})
+    assert all(p.exists() for p in left + kept)  # written just now: a live writer's, for all it knows
+    sweep_killed_writes({"state": state, "quarantine": quarantine}, older_than_s=-1)
+    assert [p for p in left if p.exists()] == [] and all(p.exists() for p in kept)
+
+
 def test_a_copy_of_the_state_folder_writes_and_deletes_its_own_results_folders_and_an_upgrade_keeps_the_old_file(
         tmp_path):
     """out_dir was stored absolute: a service on a backup restored elsewhere (or a copy made to

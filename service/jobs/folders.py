@@ -2,7 +2,8 @@
 
 A delete removes the rows first and the folders after, so a service killed in between, or a
 thumbnail drawn while its job was being deleted, left a folder that no job owns; the service's
-start sweeps those (`sweep_deleted`)."""
+start sweeps those (`sweep_deleted`), and the temporary files of writes a kill cut short
+(`sweep_killed_writes`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from pipelines.outputs import sweep_temporaries
 from service.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -38,3 +40,18 @@ def sweep_deleted(store: JobStore, thumbs_dir: Path) -> None:
         for folder in thumbs_dir.iterdir():
             if folder.is_dir() and store.get(folder.name) is None:
                 remove_job_folders(folder.name, None, thumbs_dir)
+
+
+def sweep_killed_writes(folders: dict[str, Path], older_than_s: float = 3600.0) -> None:
+    """Hidden temporary files (`pipelines.outputs`) that writers killed mid-write left, over an
+    hour old, in each folder and below: a backup before an upgrade (the size of jobs.sqlite, one
+    more for every kill), a half-copied quarantined photo, a results file. Only a job's start
+    swept its own folders, and a job that never started again, or an apply, left them for good
+    (an audit). A folder inside one already swept is not walked twice."""
+    walked: list[Path] = []
+    for what, folder in folders.items():
+        if not folder.is_dir() or any(folder.resolve().is_relative_to(w) for w in walked):
+            continue
+        walked.append(folder.resolve())
+        if gone := sweep_temporaries(folder, older_than_s):
+            log.info("removed %d temporary files killed writes left in the %s folder", gone, what)
