@@ -21,6 +21,8 @@ from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.durable import flush_file, flush_folder
+
 
 def unwritable(path: Path, e: Exception) -> OSError:
     """A writer's failure as the OSError it is: torch.save says "unexpected pos 37522816 vs
@@ -105,6 +107,7 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
         tmp.unlink(missing_ok=True)
         raise unwritable(weights, e) from e
     os.chmod(tmp, 0o644)  # safetensors writes 0600; a container's non-root user must read shipped weights
+    flush_file(tmp)
     os.replace(tmp, weights)
     storage = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     card = card.model_copy(update={
@@ -116,8 +119,11 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
     card_path = stem.with_suffix(".json")
     tmp = card_path.with_name(card_path.name + ".tmp")
     tmp.write_text(card.model_dump_json(indent=2))
+    flush_file(tmp)
     os.replace(tmp, card_path)
+    flush_folder(card_path.parent)
     return card_path
+
 
 
 def load_card(card_path: str | Path) -> ModelCard:
@@ -143,6 +149,8 @@ def verified_card(card_path: str | Path) -> ModelCard:
     weights = card_path.parent / card.weights_file
     if not weights.is_file():
         raise WeightsIntegrityError(f"{card_path}: weights file {weights.name!r} is missing")
+    if not card.sha256:  # a card written by hand or cut short: nothing would say the file is the one trained
+        raise WeightsIntegrityError(f"{card_path}: the card has no sha256 for {weights.name!r}; refusing to load")
     actual = sha256_file(weights)
     if actual != card.sha256:
         raise WeightsIntegrityError(

@@ -9,7 +9,8 @@ One place for what had been written a dozen times over (`tmp = path + ".tmp"`, w
 - the temporary file removed when the write fails (a full disk, a folder where the file
   should go), not left beside the target;
 - files that belong together (results.csv and .parquet; a calibration's scores and
-  thumbnails) written first and renamed after, so a failure leaves the old set whole;
+  thumbnails) written first and renamed after, so an error leaves the old set whole (a kill
+  between the renames can leave the set mixed: a rerun writes it whole again);
 - each file flushed to the disk before its rename, and its folder after (`durable`): the
   rename reached the disk before the bytes, so a power cut or a disk dropping to read-only a
   second after a run left every quarantine copy and export at 0 bytes under its final name,
@@ -27,6 +28,8 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from models.durable import flush_file, flush_folder
 
 Writer = Callable[..., object]  # given the temporary path(s) to write
 
@@ -78,7 +81,7 @@ def write_together(writers: dict[Path | tuple[Path, ...], Writer], durable: bool
             write(*tmps)
             if durable:
                 for tmp in tmps:
-                    _flush(tmp)
+                    flush_file(tmp)
         for tmp, path in written:
             os.replace(tmp, path)
     except BaseException:
@@ -91,27 +94,6 @@ def write_together(writers: dict[Path | tuple[Path, ...], Writer], durable: bool
     return [path for _, path in written]
 
 
-def _flush(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def flush_folder(folder: Path) -> None:
-    """The folder's entries to the disk; where the file system cannot (some network shares
-    refuse a folder's fsync), the rename stands as it is."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def finite_or_null(value):

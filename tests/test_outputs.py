@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.io import ModelCard, load_weights, save_weights
 from pipelines.outputs import sweep_temporaries, write_atomically, write_together
 
 
@@ -72,6 +74,7 @@ def test_files_written_whole_survive_the_disk_failing_a_moment_later(tmp_path):
             write_atomically(mnt / "q" / f"{i}.jpg", lambda tmp: tmp.write_bytes(data))
         write_together({mnt / "results.csv": lambda tmp: tmp.write_bytes(data[:5000]),
                         mnt / "summary.json": lambda tmp: tmp.write_text("{}")})
+        save_weights({"w": torch.arange(50_000.0)}, mnt / "model", ModelCard(name="m", architecture="m"))
         time.sleep(0.5)
         trigger.write_text("1")
     finally:
@@ -80,6 +83,9 @@ def test_files_written_whole_survive_the_disk_failing_a_moment_later(tmp_path):
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
         sizes = {p.name: p.stat().st_size for p in [*(mnt / "q").iterdir(), mnt / "results.csv", mnt / "summary.json"]}
+        for name in ("model.json", "model.safetensors"):  # loaded off the disk: safetensors maps the file
+            shutil.copy(mnt / name, tmp_path / name)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     assert sizes == {**{f"{i}.jpg": 200_000 for i in range(10)}, "results.csv": 5000, "summary.json": 2}
+    assert torch.equal(load_weights(tmp_path / "model.json")[0]["w"], torch.arange(50_000.0))  # and the weights

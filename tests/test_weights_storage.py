@@ -95,3 +95,10 @@ def test_a_damaged_weights_folder_is_refused_naming_the_card_and_why(tmp_path):
         assert name in str(err.value) and why in str(err.value), (folder.name, str(err.value))
     assert json.loads((good / "detector.json").read_text())["thresholds"]  # the good copy loads
     QCPipeline(good)
+
+
+def test_a_card_without_a_sha256_is_refused(tmp_path):
+    card_path = save_weights({"w": torch.ones(3)}, tmp_path / "m", ModelCard(name="x", architecture="x"))
+    card_path.write_text(card_path.read_text().replace(ModelCard.model_validate_json(card_path.read_text()).sha256, ""))
+    with pytest.raises(WeightsIntegrityError, match="no sha256"):
+        load_weights(card_path)
