@@ -99,6 +99,26 @@ def test_a_forged_or_missing_session_gets_sign_in_not_a_page(server):
     assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
 
 
+def test_a_session_past_its_max_age_gets_sign_in_not_a_page(server):
+    """A copied cookie opens nothing once its session would have expired (SESSION_MAX_AGE_S):
+    the service's own cookie, signed again with its own secret, with an expiry in the past."""
+    import base64
+    import json
+    from pathlib import Path
+
+    from service.ui.session import COOKIE, SessionSigner
+
+    c, _ = _signed_in(server)
+    payload = json.loads(base64.urlsafe_b64decode(c.cookies[COOKIE].rsplit(".", 1)[0]))
+    signer = SessionSigner(Path(server.env["CERVIXQC_STATE_DIR"], "session-secret").read_bytes().strip(), 3600)
+    page = {"Accept": "text/html"}
+    for exp, status in ((time.time() + 60, 200), (time.time() - 1, 303)):
+        forged = base64.urlsafe_b64encode(json.dumps({**payload, "exp": exp}).encode())
+        r = httpx.get(f"{server.url}/ui/jobs", headers=page, cookies={COOKIE: f"{forged.decode()}.{signer._mac(forged)}"})
+        assert r.status_code == status, exp
+    assert r.headers["location"].startswith("/ui/login?next=")
+
+
 def test_sign_in_needs_its_form_token_and_never_redirects_off_site(server):
     c = httpx.Client(base_url=server.url)
     r = c.post("/ui/login", data={"api_key": API_KEY, "csrf": "made-up", "next": ""})
