@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engine.qc import QCConfig, QCPipeline
+from models.io import load_card
+from pipelines.engine.qc import QCConfig, QCPipeline, best_policy
 from pipelines.engine.qc_result import POLICIES
 from pipelines.evaluation.pipeline_eval import choose_policy
 from tests.qc_fixtures import tiny_weights
@@ -78,6 +79,13 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
         assert QCPipeline(weights).policy == "deep_sad"
     # the default changed: said, not silent
     assert "the policy recorded on the stage-2 cards (both) was chosen for other models" in caplog.text
+    sad, cls = (load_card(weights / f"{stem}.json") for stem in ("deep_sad", "classifier"))
+    for card in (sad, cls):  # a retrained Deep SAD instead
+        card.metrics["policy_choice"] |= {"classifier_sha256": cls.sha256, "deep_sad_sha256": "0" * 64}
+    assert best_policy(sad, cls) == "deep_sad"
+    for card in (sad, cls):
+        card.metrics["policy_choice"]["deep_sad_sha256"] = sad.sha256
+    assert best_policy(sad, cls) == "both"
 
 
 def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loaded(tmp_path):
@@ -93,6 +101,11 @@ def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loa
     colour = json.loads((weights / "colour.json").read_text())
     assert colour["metrics"]["policy_choice"]["colour_sha256"] == colour["sha256"]
     assert QCPipeline(weights).policy == "two_of_three"
+    sad, cls, colour_card = (load_card(weights / f"{stem}.json") for stem in ("deep_sad", "classifier", "colour"))
+    assert best_policy(sad, cls, colour_card) == "two_of_three"
+    for card in (sad, cls):  # a retrained colour model
+        card.metrics["policy_choice"]["colour_sha256"] = "0" * 64
+    assert best_policy(sad, cls, colour_card) == "deep_sad"
     for name in ("colour.json", "colour.safetensors"):  # the folder without it: the fallback rule, no error
         (weights / name).unlink()
     assert QCPipeline(weights).policy == "deep_sad"
