@@ -229,6 +229,27 @@ def test_train_colour_fits_the_crop_colour_scorer_with_a_validation_threshold_th
     assert bad.exit_code != 0 and "together" in bad.output
 
 
+def test_the_training_clis_choose_their_thresholds_on_the_validation_crops(split_set, tmp_path):
+    """The CLIs wire the splits themselves: one that passed the training crops as validation
+    calibrated the threshold on what the model had learnt, and no test saw it (a mutation)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    manifest, coco = split_set
+    runner = CliRunner()
+    common = [str(manifest), "--coco", str(coco), "--epochs", "1", "--batch-size", "8"]
+    for args, card_name, crop_size in ((["train-deep-sad", "--pretrain-epochs", "1"], "deep_sad.json", 32),
+                                       (["train-resnest", "--arch", "resnest14d", "--size", "32"], "classifier.json",
+                                        37)):
+        out = tmp_path / card_name.split(".")[0]
+        r = runner.invoke(app, [args[0], *common, *args[1:], "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        val = split_crops(manifest, coco, crop_size, splits=("val",))["val"]
+        metrics = load_weights(out / card_name)[1].metrics["val"]
+        assert metrics["n"] == len(val.kinds) and metrics["n_positive"] == int(val.non_regular.sum()), card_name
+
+
 def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before_it_starts(split_set, tmp_path):
     """Too few crops for one batch exported an untrained model with exit code 0; a second
     run into a run folder without --resume overwrote its weights and doubled its log."""
