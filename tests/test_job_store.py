@@ -174,6 +174,77 @@ def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missi
         runner.stop()
 
 
+def _wait_finished(store, job_ids, seconds=60):
+    deadline = time.time() + seconds
+    while any(store.get(j).status not in ("done", "failed") for j in job_ids) and time.time() < deadline:
+        time.sleep(0.05)
+    return [store.get(j) for j in job_ids]
+
+
+def test_a_resumed_job_reads_only_the_files_it_has_no_row_for(tmp_path):
+    """README: a stopped job resumes reading only the files without a row; one that read them
+    all again paid hours on a large share for nothing (a mutation: no test saw it)."""
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(6):
+        (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
+    store, engine = JobStore(tmp_path / "jobs.sqlite"), QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig())
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    store.claim_models(job.id, json.dumps(engine.decision["models"], sort_keys=True))
+    store.add_items(job.id, engine.run([root / f"p{i}.jpg" for i in range(3)], [f"p{i}.jpg" for i in range(3)]))
+    seen: list[str] = []
+
+    def run_batch(data, names, policy):
+        seen.extend(names)
+        return engine.run(data, names, policy=policy)
+
+    runner = JobRunner(store, run_batch, EngineGate(), Metrics(), [root], tmp_path / "q", batch_size=2,
+                       models=engine.decision["models"])
+    runner.start()
+    try:
+        assert _wait_finished(store, [job.id])[0].status == "done"
+    finally:
+        runner.stop()
+    assert sorted(seen) == ["p3.jpg", "p4.jpg", "p5.jpg"] and sum(store.counts(job.id).values()) == 6
+
+
+def test_failing_job_batches_are_counted_and_make_the_engine_failing(tmp_path):
+    """An overnight job whose every batch failed left /readyz ready and counted nothing, with no
+    uploads coming in to tell (a mutation: no test saw it)."""
+    from prometheus_client import generate_latest
+
+    from service.engine_health import EngineHealth
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "p.jpg").write_bytes(b"any bytes")
+    store, metrics = JobStore(tmp_path / "jobs.sqlite"), Metrics()
+    health = EngineHealth(metrics.engine_errors)
+
+    def run_batch(data, names, policy):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    jobs = [store.create(str(root), None, "resnest", tmp_path / "out").id for _ in range(3)]
+    runner = JobRunner(store, run_batch, EngineGate(), metrics, [root], tmp_path / "q", batch_size=2, health=health)
+    runner.start()
+    try:
+        assert {j.status for j in _wait_finished(store, jobs)} == {"failed"}
+    finally:
+        runner.stop()
+    assert health.failing() == "the last 3 engine calls failed (RuntimeError)"
+    scraped = generate_latest(metrics.registry).decode()
+    assert re.search(r'^cervixqc_engine_errors_total\{origin="job"\} 3\.0$', scraped, re.M), scraped
+
+
 def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrape(tmp_path):
     """Set only when the runner took a job up, it read 1 while three more queued behind it."""
     from prometheus_client import generate_latest
