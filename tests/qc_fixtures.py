@@ -103,6 +103,7 @@ def fuzz_set() -> dict[str, tuple[bytes, str | None]]:
         "bomb.png": (_save(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
         # a readable sliver: resized for the detector, its short side was 0 px, and the batch failed
         "sliver.png": (_save(Image.new("RGB", (6000, 16), (200, 80, 80)), "PNG"), "aspect ratio too extreme"),
+        "tiny.png": (_save(Image.new("RGB", (15, 15), (200, 80, 80)), "PNG"), "image too small"),  # a thumbnail's icon
         "sixteen_bit.png": (_save(Image.fromarray((rng.integers(0, 65535, (64, 80))).astype(np.uint16)), "PNG"), None),
         "cmyk.jpg": (_save(photo.convert("CMYK"), "JPEG"), None),
         "gray.jpg": (_save(photo.convert("L"), "JPEG"), None),
