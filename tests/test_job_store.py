@@ -4,6 +4,7 @@ and backfilled once for a file written before the counts table existed."""
 import json
 import re
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -554,9 +555,9 @@ def test_a_copy_of_the_state_folder_writes_and_deletes_its_own_results_folders_a
         kept.close()
 
 
-def test_a_store_on_a_full_disk_is_not_ready(tmp_path):
-    """The write lock is granted on a full disk, and readiness said ready while every job and
-    decision got 503 (an audit)."""
+def test_a_store_on_a_full_or_read_only_disk_is_not_ready(tmp_path):
+    """The write lock is granted on a full or read-only disk, and readiness said ready while
+    every job and decision got 503 (an audit)."""
     from tests.small_disk import small_tmpfs
 
     with small_tmpfs(tmp_path / "state", "20m") as folder:
@@ -567,6 +568,14 @@ def test_a_store_on_a_full_disk_is_not_ready(tmp_path):
             store.probe()
         (folder / "filler").unlink()
         store.probe()  # ready again by itself
+        # the folder read-only from now on (a read-only view over it: the store's open files keep it busy)
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+            with pytest.raises((OSError, sqlite3.Error), match="read-only|readonly"):  # SQLite's, or ours
+                store.probe()
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_a_stopped_store_leaves_no_log_to_replay_onto_a_restored_copy(tmp_path):
