@@ -280,6 +280,18 @@ def test_a_box_outside_the_photo_is_refused(server):
     assert r.status_code == 422
 
 
+def test_review_is_applied_only_once_its_job_has_finished(server):
+    """Apply on a running job copied from rows still coming in, and its quarantine missed the
+    rest (a mutation letting it through survived the suite)."""
+    with server.client() as api:
+        job = api.post("/v1/jobs", json={"source": "many"}).json()["id"]  # a job of seconds
+        c, csrf = _signed_in(server)
+        r = c.post(f"/ui/jobs/{job}/apply", data={"csrf": csrf})
+        assert api.get(f"/v1/jobs/{job}").json()["status"] in ("queued", "running")  # still, after the answer
+        api.post(f"/v1/jobs/{job}/cancel")
+    assert r.status_code == 409 and "job_running" in r.text
+
+
 def test_the_review_page_shows_only_counts_as_the_applied_message(server):
     """The message after apply-review came from the link's query text: a link could make our
     own page say anything ("Applied: your data was lost, call ...")."""
