@@ -274,6 +274,10 @@ def test_a_quarantine_folder_holds_one_sources_copies(server):
         again = c.post("/v1/jobs", json={"source": "collection/clinic_a", "quarantine": "shared"})  # a rerun
         assert again.status_code == 202, again.text
         c.post(f"/v1/jobs/{again.json()['id']}/cancel")
+        inner = c.post("/v1/jobs", json={"source": "collection/clinic_a", "quarantine": "outer/inner"})
+        around = c.post("/v1/jobs", json={"source": "collection/clinic_b", "quarantine": "outer"})  # encloses it
+        assert (around.status_code, around.json()["error"]["code"]) == (409, "quarantine_in_use"), around.text
+        c.post(f"/v1/jobs/{inner.json()['id']}/cancel")
 
 
 def test_the_same_job_sent_twice_while_the_first_runs_is_refused_naming_it(server, data_root):
