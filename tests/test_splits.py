@@ -61,6 +61,20 @@ def test_large_strata_come_within_one_patient_of_the_fractions():
         assert abs(got["train"] - 0.7 * n) <= 1 and abs(got["val"] - 0.15 * n) <= 1
 
 
+def test_patients_with_a_few_non_regular_photos_are_spread_as_their_rarest_kind():
+    """Two regular photos and one iodine make an iodine patient: counted as regular, the three
+    such patients could all land in one split (a mutation taking the commoner kind survived)."""
+    rows = [{"path": f"r{p}.jpg", "patient_id": f"r{p}", "source": "A", "device": "d", "kind": "regular"}
+            for p in range(10)]
+    rows += [{"path": f"m{p}-{k}.jpg", "patient_id": f"m{p}", "source": "A", "device": "d", "kind": kind}
+             for p in range(3) for k, kind in enumerate(("regular", "regular", "iodine"))]
+    df = pd.DataFrame(rows)
+    for seed in range(10):
+        split = patient_split(df, SplitFractions(1 / 3, 1 / 3, 1 / 3), seed=seed)
+        mixed = split[df["patient_id"].str.startswith("m")].groupby(df["patient_id"]).first()
+        assert sorted(mixed) == ["test", "train", "val"], seed
+
+
 def test_paper_style_cross_source_split_divides_a_shared_source_by_patient():
     # China is in train and val, Nigeria train only, MobileODT val only, Peru test only.
     rows = []
