@@ -13,7 +13,7 @@ def _touch(root: Path, *names: str) -> None:
 
 
 def test_every_bad_row_is_reported_at_once_with_row_numbers_and_reasons(tmp_path, write_csv):
-    _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")
+    _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg", "d.jpg")
     path = write_csv(
         "m.csv",
         "path,patient_id,source,device,kind\n"
@@ -21,14 +21,15 @@ def test_every_bad_row_is_reported_at_once_with_row_numbers_and_reasons(tmp_path
         "missing.jpg,p2,s1,phone,green\n"  # row 2 missing file
         "b.jpg,p3,s1,phone,purple\n"  # row 3 unknown kind
         "c.jpg,,s1,phone,iodine\n"  # row 4 empty patient
-        "a.jpg,p5,s1,phone,regular\n",  # row 5 duplicate of row 1
+        "a.jpg,p5,s1,phone,regular\n"  # row 5 duplicate of row 1
+        "d.jpg,p6, ,phone,regular\n",  # row 6 blank source: it fell out of every cross-source split
     )
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     found = {(p.row, p.column) for p in err.value.problems}
-    assert found == {(2, "path"), (3, "kind"), (4, "patient_id"), (5, "path")}
+    assert found == {(2, "path"), (3, "kind"), (4, "patient_id"), (5, "path"), (6, "source")}
     text = str(err.value)
-    assert "4 problem(s)" in text
+    assert "5 problem(s)" in text and "empty source" in text
     assert "missing file 'missing.jpg'" in text
     assert "unknown kind 'purple'" in text
     assert "empty patient_id" in text
