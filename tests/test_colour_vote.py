@@ -27,6 +27,15 @@ def test_two_of_three_flags_a_crop_exactly_when_two_scorers_do(with_colour, sad,
     assert with_colour.label_for(sad, res, "two_of_three", colour) == want
 
 
+def test_a_score_exactly_at_its_threshold_is_flagged_as_the_validation_figures_counted_it(with_colour):
+    """binary_metrics counts a score at the threshold as flagged: an engine that did not would
+    label such crops otherwise than the card's validation figures say (a mutation survived)."""
+    for policy in ("deep_sad", "resnest"):
+        assert with_colour.label_for(1.0, 0.5, policy) == Label.NON_REGULAR, policy
+    assert with_colour.label_for(SAD_NO, RES_NO, "two_of_three", 0.6) == Label.REGULAR  # one vote of three
+    assert with_colour.label_for(SAD_YES, RES_NO, "two_of_three", 0.6) == Label.NON_REGULAR
+
+
 def test_the_engine_reports_the_colour_score_and_votes_with_it(tmp_path):
     """Deep SAD says no to every crop (its threshold out of reach) and the classifier yes, so
     the colour score decides each label; its random weights put these scenes on both sides."""
