@@ -130,3 +130,21 @@ def test_the_pages_scripts_work_under_the_prefix_in_a_browser(browser, proxy):  
         assert all(p.startswith(PREFIX + "/") for p in proxy.seen)
     finally:
         ctx.close()
+
+
+def test_a_servers_own_root_path_wins_over_the_setting():
+    """uvicorn's --root-path is where the proxy really is: the setting rewriting it sent every
+    link and redirect under the other prefix (a mutation survived the suite)."""
+    import asyncio
+
+    from service.root_path import RootPath
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["root_path"], scope["path"]))
+
+    for given, want in (("/proxy", ("/proxy", "/proxy/ui/jobs")), ("", ("/setting", "/setting/ui/jobs"))):
+        scope = {"type": "http", "root_path": given, "path": f"{given}/ui/jobs", "raw_path": b"/ui/jobs"}
+        asyncio.run(RootPath(app, "/setting")(scope, None, None))
+        assert seen.pop() == want
