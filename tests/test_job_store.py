@@ -28,6 +28,7 @@ def test_counts_follow_the_items_and_a_repeated_path_counts_once(tmp_path):
     store.add_items(b.id, [QCResult(path="x.jpg", label=Label.UNREADABLE, error="empty file (0 bytes)")])
     assert store.counts(a.id) == _group_by(tmp_path / "jobs.sqlite", a.id) == {"regular": 2, "no_cervix": 1}
     assert store.counts(b.id) == {"unreadable": 1}
+    assert store._db().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a power cut loses no job row
     assert [r.label for r in store.records(a.id)] == [Label.REGULAR, Label.NO_CERVIX, Label.REGULAR]
 
 
