@@ -171,3 +171,32 @@ def test_a_colour_weight_of_zero_leaves_the_score_to_the_detector_features():
     feats, hist = torch.as_tensor(f.feats), torch.as_tensor(f.hist)
     assert torch.allclose(heads[0.0](hist, feats), heads[0.0](other_colours, feats))
     assert not torch.allclose(heads[1.0](hist, feats), heads[1.0](other_colours, feats))
+
+
+def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_again_into_its_run(
+        tiny_dataset, tmp_path, caplog):
+    """A site without no-cervix photos was told so after every photo's features, with no counts
+    and no way on; a second fit into the head's own run folder was refused as a weights folder."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.data.manifest import rebased, write_manifest
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    df = load_manifest(tiny_dataset.manifest)
+    df["split"] = ["train" if i % 2 else "val" for i in range(len(df))]
+    assert (df["kind"] == "no_cervix").any() and (df["kind"] != "no_cervix").any()
+    both, cervix_only = tmp_path / "both.csv", tmp_path / "cervix_only.csv"
+    write_manifest(rebased(df, both), both)
+    write_manifest(rebased(df[df["kind"] != "no_cervix"], cervix_only), cervix_only)
+    runner = CliRunner()
+    base = ["train-presence", "--detector", str(weights / "detector.json"), "-o", str(tmp_path / "p")]
+    r = runner.invoke(app, [*base, str(cervix_only)])
+    assert r.exit_code == 2 and "0 without" in r.output and "kind no_cervix" in r.output, r.output
+    assert not (tmp_path / "p").exists()
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger="pipelines.training.presence"):
+            r = runner.invoke(app, [*base, str(both)])
+        assert r.exit_code == 0 and (tmp_path / "p" / "presence.json").is_file(), r.output
+    assert "fitting again replaces it" in r.output and "validation: cervix found" in r.output
+    assert "rest on few photos" in caplog.text  # a handful of each here

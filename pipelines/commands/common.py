@@ -18,12 +18,18 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def training_output(out: Path, card: str, resume: bool = False) -> None:
+def training_output(out: Path, card: str, resume: bool = False, one_shot: bool = False) -> None:
     """`-o` of a training command, checked before any data loads: training into a weights
     folder replaced its model there unsaid (the shipped detector, under a presence head of the
     old one's features; the colour scorer, and with it the folder's default policy). A run
-    folder of the same model is resumed with --resume or refused by the loop."""
+    folder of the same model is resumed with --resume or refused by the loop. A `one_shot` fit
+    (presence, colour: seconds, no checkpoint) is fitted again into its own run folder, told
+    apart from a weights folder by the detector card every weights folder holds: its second
+    run was refused as "a weights folder?" (an audit)."""
     if not (out / card).exists():
+        return
+    if one_shot and not (out / "detector.json").exists():
+        typer.echo(f"{out} holds an earlier {card}: fitting again replaces it", err=True)
         return
     if any(out.rglob("checkpoint.pt")):
         if not resume:

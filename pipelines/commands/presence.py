@@ -32,7 +32,7 @@ def train_presence_cmd(
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
-    training_output(out, "presence.json")
+    training_output(out, "presence.json", one_shot=True)
     if extra_weight <= 0:
         _fail("--extra-weight must be > 0")
     if colour_weight is not None and colour_weight < 0:
@@ -65,4 +65,9 @@ def train_presence_cmd(
                               extra)
     except (ManifestError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"exported {card}")
+    from models.io import load_card
+
+    val = load_card(card).metrics["val"]  # what the fit is worth, said where it ends
+    typer.echo(f"exported {card}\nvalidation: cervix found {val['cervix_found']:.3f} of {val['n_cervix']}, "
+               f"no_cervix called {val['no_cervix_called']:.3f} of {val['n_no_cervix']}, "
+               f"ROC AUC {val['roc_auc']:.3f}")

@@ -160,7 +160,7 @@ def train_colour_cmd(
     third vote of the two_of_three policy; threshold chosen on the val split."""
     if c <= 0 or copies < 1 or not 0 <= synthesise <= 1:
         _fail("need --c > 0, --copies >= 1 and 0 <= --synthesise <= 1")
-    training_output(out, "colour.json")
+    training_output(out, "colour.json", one_shot=True)
     if (extra_manifest is None) != (extra_coco is None):
         _fail("give --extra-manifest and --extra-coco together")
     from pipelines.data.crop_set import extra_crops, split_crops

@@ -203,16 +203,40 @@ def presence_rates(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
             "roc_auc": float(roc_auc_score(y, scores)), "threshold": threshold}
 
 
+FEW_PHOTOS = 20  # per class in validation: below it, one photo moves the threshold's figures by 5 points
+
+
+def check_counts(train_df: pd.DataFrame, val_df: pd.DataFrame, extra_df: pd.DataFrame | None) -> None:
+    """Both classes in training (the extra photos count) and in validation, checked before a
+    photo is read: a site without no-cervix photos learnt so only after every photo's features
+    (21 s for 400), with no counts and no way on; one negative trained without a word (an audit)."""
+    def counts(df: pd.DataFrame | None) -> tuple[int, int]:
+        kinds = pd.Series(dtype=str) if df is None else df["kind"]
+        return int(kinds.isin(_CERVIX).sum()), int((kinds == "no_cervix").sum())
+
+    (tc, tn), (ec, en), (vc, vn) = counts(train_df), counts(extra_df), counts(val_df)
+    for name, cervix, none in (("training", tc + ec, tn + en), ("validation", vc, vn)):
+        if not cervix or not none:
+            raise ValueError(
+                f"presence {name} photos need some with and some without a cervix: {cervix} with, {none} without "
+                f"(training {tc} + {ec} extra with, {tn} + {en} extra without; validation {vc} with, {vn} "
+                "without). Add photos without a cervix (other organs, a covered lens, the room) with kind "
+                "no_cervix: import them with `cervixqc import-labels`, `cervixqc merge-manifests` them in and split "
+                "again; synthetic scenes (--extra-manifest) add training photos only. Without any, keep the "
+                "bundled presence head")
+    if min(vc, vn) < FEW_PHOTOS:
+        log.warning("presence validation has %d photos with a cervix and %d without: the threshold and its "
+                    "figures rest on few photos (%d or more of each are better)", vc, vn, FEW_PHOTOS)
+
+
 def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.DataFrame, val_df: pd.DataFrame,
                    device: torch.device, data_note: dict | None = None, extra_df: pd.DataFrame | None = None) -> Path:
     """`extra_df` (e.g. synthetic scenes) joins training only, each row weighted
     `cfg.extra_weight`; the threshold comes from `val_df` alone."""
+    check_counts(train_df, val_df, extra_df)
     detector, det_card = load_detector(detector_card, device)
     max_size = det_card.config["max_size"]
     main, val = (photo_features(detector, max_size, d, device, cfg.batch_size) for d in (train_df, val_df))
-    for name, part in (("training", main), ("validation", val)):
-        if len(set(part.labels.tolist())) < 2:
-            raise ValueError(f"presence {name} photos need some with and some without a cervix")
     extra = (photo_features(detector, max_size, extra_df, device, cfg.batch_size)
              if extra_df is not None and len(extra_df) else None)
     # Each copy pass decodes the training photos again: making all copies from one decode put
