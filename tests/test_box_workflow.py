@@ -66,9 +66,14 @@ def test_propose_then_fix_then_match_by_sha256_after_the_folder_moved(site, tmp_
     assert [row["file"] for row in index] == ["a.jpg", "b.jpg"]
 
     (site / "fixes.csv").write_text("file,action,x1,y1,x2,y2,note\nb.jpg,box,0.05,0.1,0.95,0.95,too small\n")
-    r = runner.invoke(app, ["fix-boxes", str(site / "proposals.json"), str(site / "fixes.csv"),
-                            "-o", str(site / "boxes.json"), "--note", "checked by eye"])
-    assert r.exit_code == 0 and "'fixed': 1" in r.output, r.output
+    (tmp_path / "work").mkdir()  # proposals kept beside the photos' folder, as the README's steps keep them
+    shutil.move(site / "proposals.json", tmp_path / "work" / "proposals.json")
+    r = runner.invoke(app, ["fix-boxes", str(tmp_path / "work" / "proposals.json"), str(site / "fixes.csv"),
+                            "-o", str(site / "boxes.json"), "--note", "checked by eye", "--sheets", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "'fixed': 1" in r.output and "sheets to" in r.output, r.output
+    r = runner.invoke(app, ["fix-boxes", str(tmp_path / "work" / "proposals.json"), str(site / "fixes.csv"),
+                            "-o", str(tmp_path / "x.json"), "--sheets", str(tmp_path / "c2"), "--images", str(tmp_path)])
+    assert r.exit_code == 2 and "pass --images" in r.output and not (tmp_path / "x.json").exists(), r.output
     checked = load_coco(site / "boxes.json")
     origin = {a.image_id: a.origin for a in checked.annotations}
     assert origin == {1: "tissue, checked", 2: "fixed"} and checked.info["description"] == "checked by eye"

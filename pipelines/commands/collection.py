@@ -93,6 +93,7 @@ def propose_boxes_cmd(
         typer.echo(f"no proposal, unreadable: {line}", err=True)
     how = f"detector {detector.name}, tissue heuristic where it found nothing" if detector else "tissue heuristic"
     ds = proposals_to_coco(entries, f"cervix box proposals ({how}); not checked")
+    ds.info["images"] = str(manifest.parent.resolve())  # the folder its names are relative to, for fix-boxes' sheets
     save_coco(ds, out)
     origins = {}
     for a in ds.annotations:
@@ -110,7 +111,8 @@ def fix_boxes_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checked boxes (COCO JSON).")],
     note: Annotated[str, typer.Option(help="How the boxes were made and checked (stored in the file).")] = "",
     sheets: Annotated[Optional[Path], typer.Option(help="Redraw the sheets here for a last look.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder the file names are relative to.")] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        help="Folder the file names are relative to (default: the one propose-boxes recorded, the manifest's).")] = None,
 ) -> None:
     """Apply a reviewer's fixes to the proposals; the rest are recorded as checked."""
     from pipelines.data.box_proposals import apply_fixes, read_fixes
@@ -122,10 +124,15 @@ def fix_boxes_cmd(
                                  note or f"proposals from {proposals.name}, checked by eye, fixes from {fixes.name}")
     except (ValueError, CocoError) as e:
         _fail(str(e))
+    # the sheets' photos: by the proposals' folder alone, the README's own steps (proposals.json
+    # beside photos/) failed with a bare "No such file" after boxes.json was written (an audit)
+    root = images or Path(ds.info.get("images") or proposals.parent)
+    if sheets is not None and ds.images and not (root / ds.images[0].file_name).is_file():
+        _fail(f"--sheets: {ds.images[0].file_name} is not in {root}: pass --images, the folder the manifest's "
+              "paths are relative to")
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {counts}")
     if sheets is not None:
-        root = images or proposals.parent
         typer.echo(f"wrote {len(draw_sheets(ds, root, sheets))} sheets to {sheets}")
 
 
