@@ -119,4 +119,4 @@ def test_an_evaluation_on_another_split_than_the_weights_were_trained_under_is_s
     assert "warning" not in capsys.readouterr().err
     write_manifest(rows.assign(split=["test", "val", "train"]), tmp_path / "other.csv")  # the same photos, moved
     _check_split(tmp_path / "other.csv", weights)
-    assert "splits its photos otherwise than the split" in capsys.readouterr().err
+    assert "is not the split any of" in capsys.readouterr().err

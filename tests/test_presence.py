@@ -174,7 +174,7 @@ def test_a_colour_weight_of_zero_leaves_the_score_to_the_detector_features():
 
 
 def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_again_into_its_run(
-        tiny_dataset, tmp_path, caplog):
+        tiny_dataset, tmp_path, caplog, capsys):
     """A site without no-cervix photos was told so after every photo's features, with no counts
     and no way on; a second fit into the head's own run folder was refused as a weights folder."""
     from typer.testing import CliRunner
@@ -185,6 +185,7 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
     df = load_manifest(tiny_dataset.manifest)
     df["split"] = ["train" if i % 2 else "val" for i in range(len(df))]
+    df["sha256"] = [f"{i:064x}" for i in range(len(df))]  # as import-labels records them
     assert (df["kind"] == "no_cervix").any() and (df["kind"] != "no_cervix").any()
     both, cervix_only = tmp_path / "both.csv", tmp_path / "cervix_only.csv"
     write_manifest(rebased(df, both), both)
@@ -199,4 +200,16 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
             r = runner.invoke(app, [*base, str(both)])
         assert r.exit_code == 0 and (tmp_path / "p" / "presence.json").is_file(), r.output
     assert "fitting again replaces it" in r.output and "validation: cervix found" in r.output
+    # the split it was fitted under, on its card: judged on that split, no warning of a leak
+    from pipelines.commands.evaluation import _check_split
+    from pipelines.data.splits import split_fingerprint
+
+    assert load_card(tmp_path / "p" / "presence.json").data["split_fingerprint"] == split_fingerprint(df) is not None
+    for name in ("presence.json", "presence.safetensors"):
+        (weights / name).write_bytes((tmp_path / "p" / name).read_bytes())
+    _check_split(both, weights)
+    reshuffled = tmp_path / "reshuffled.csv"
+    write_manifest(rebased(df.assign(split=df["split"].map({"train": "val", "val": "train"})), reshuffled), reshuffled)
+    _check_split(reshuffled, weights)
+    assert capsys.readouterr().err.count("is not the split any of") == 1
     assert "rest on few photos" in caplog.text  # a handful of each here

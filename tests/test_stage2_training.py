@@ -246,7 +246,9 @@ def test_the_training_clis_choose_their_thresholds_on_the_validation_crops(split
         r = runner.invoke(app, [args[0], *common, *args[1:], "-o", str(out)])
         assert r.exit_code == 0, r.output
         val = split_crops(manifest, coco, crop_size, splits=("val",))["val"]
-        metrics = load_weights(out / card_name)[1].metrics["val"]
+        card = load_weights(out / card_name)[1]
+        metrics = card.metrics["val"]
+        assert set(card.data) >= {"manifest", "boxes", "split_fingerprint"}  # None here: no sha256 column
         assert metrics["n"] == len(val.kinds) and metrics["n_positive"] == int(val.non_regular.sum()), card_name
 
 

@@ -112,7 +112,7 @@ def fix_boxes_cmd(
     note: Annotated[str, typer.Option(help="How the boxes were made and checked (stored in the file).")] = "",
     sheets: Annotated[Optional[Path], typer.Option(help="Redraw the sheets here for a last look.")] = None,
     images: Annotated[Optional[Path], typer.Option(
-        help="Folder the file names are relative to (default: the one propose-boxes recorded, the manifest's).")] = None,
+        help="Folder the file names are relative to (default: the manifest's, recorded by propose-boxes).")] = None,
 ) -> None:
     """Apply a reviewer's fixes to the proposals; the rest are recorded as checked."""
     from pipelines.data.box_proposals import apply_fixes, read_fixes

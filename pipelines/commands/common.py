@@ -105,6 +105,21 @@ def _manifest(path):
         _fail(str(e))
 
 
+def trained_on(manifest: Path, **more: object) -> dict:
+    """A card's `data`: the manifest and which photo was in which split (`split_fingerprint`):
+    eval-pipeline tells a split the models were trained under from another, whose val and test
+    rows may hold their training photos. Written by finalize.py alone before, so a site's own
+    presence head was judged with the warning every other split gets (an audit)."""
+    from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.data.splits import split_fingerprint
+
+    try:
+        fingerprint = split_fingerprint(load_manifest(manifest, check_files=False))
+    except ManifestError:  # named by the training's own read
+        fingerprint = None
+    return {"manifest": str(manifest), **more, "split_fingerprint": fingerprint}
+
+
 def _split_manifest(path):
     """A manifest that must carry a split column (`cervixqc split` wrote it), or a clean exit."""
     df = _manifest(path)

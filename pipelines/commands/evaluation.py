@@ -106,9 +106,10 @@ def _check_split(manifest: Path, weights: Path) -> None:
     except ManifestError:
         return  # named by the read that follows
     if here is not None and here not in trained:
-        typer.echo(f"warning: {manifest} splits its photos otherwise than the split {weights}'s models were trained "
-                   "under (the cards' data.split_fingerprint): its val and test rows may hold their training "
-                   "photos, and these figures would not be theirs. Rebuild the split with the cards' "
+        typer.echo(f"warning: {manifest} is not the split any of {weights}'s models was trained under (the cards' "
+                   "data.split_fingerprint): if any of its val or test photos were among their training photos, "
+                   "these figures are not held-out ones. A site's own photos that no model here was trained on "
+                   "are; to reproduce the cards' own figures, rebuild their split with the cards' "
                    "training.commands.", err=True)
 
 

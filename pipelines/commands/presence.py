@@ -44,13 +44,14 @@ def train_presence_cmd(
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.data.splits import split_fingerprint
     from pipelines.training.presence import PresenceTrainConfig, train_presence
 
     try:
         df = load_manifest(manifest)
         if "split" not in df.columns:
             _fail(f"{manifest} has no split column: run `cervixqc split` first")
-        note, extra = {"manifest": str(manifest)}, None
+        note, extra = {"manifest": str(manifest), "split_fingerprint": split_fingerprint(df)}, None
         if extra_manifest is not None:
             extra = load_manifest(extra_manifest)
             if "split" not in extra.columns:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import RunFolder, _fail, require_writable, training_output
+from pipelines.commands.common import RunFolder, _fail, require_writable, trained_on, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -34,6 +34,11 @@ def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional
         typer.echo(f"training crops: {len(crops['train'])} from the manifest + {len(extra)} extra")
         crops["train"] = crops["train"].concat(extra)
     return crops
+
+
+def _data(manifest: Path, coco: Path, extra_manifest: Path | None, extra_coco: Path | None) -> dict:
+    return trained_on(manifest, boxes=str(coco),
+                      extra=[str(extra_manifest), str(extra_coco)] if extra_manifest else None)
 
 
 def train_deep_sad_cmd(
@@ -72,8 +77,7 @@ def train_deep_sad_cmd(
     try:  # a bad manifest or boxes file, no split column, too little data for a batch, a run already there
         crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
         card = train_deep_sad(cfg, crops["train"], crops["val"], device,
-                              {"manifest": str(manifest), "boxes": str(coco),
-                               "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
+                              _data(manifest, coco, extra_manifest, extra_coco))
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"exported {card}")
@@ -134,8 +138,7 @@ def train_resnest_cmd(
     try:
         card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],
                                 device, str(imagenet_weights) if imagenet_weights else None,
-                                {"manifest": str(manifest), "boxes": str(coco),
-                           "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None},
+                                _data(manifest, coco, extra_manifest, extra_coco),
                                 str(init_from) if init_from else None)
     except WeightsIntegrityError as e:
         _fail(f"--init-from: {e}")
@@ -171,8 +174,7 @@ def train_colour_cmd(
         extra = extra_crops(extra_manifest, extra_coco, 32) if extra_manifest is not None else None
         card = train_colour(ColourTrainConfig(out_dir=out, c=c, synthesise=synthesise, copies=copies),
                             crops["train"], crops["val"], extra,
-                            {"manifest": str(manifest), "boxes": str(coco),
-                             "extra": [str(extra_manifest), str(extra_coco)] if extra_manifest else None})
+                            _data(manifest, coco, extra_manifest, extra_coco))
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"exported {card}")
