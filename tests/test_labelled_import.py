@@ -186,9 +186,10 @@ def test_sheet_columns_named_like_the_manifests_are_kept_under_another_name(coll
 
 
 def test_a_name_spelt_otherwise_and_an_excel_sheet_get_what_to_do(collection):
-    """An NFC name in the sheet against an NFD file, another letter case or Windows' backslash
-    read "missing file" for a name that looks the same in `ls`; Excel's plain CSV (cp1252) read
-    as a codec error; a ';' sheet (Excel's CSV in European locales) reads as the ',' one."""
+    """An NFC name in the sheet against an NFD file or another letter case read "missing file"
+    for a name that looks the same in `ls`; Excel's plain CSV (cp1252) read as a codec error; a
+    ';' sheet (Excel's CSV in European locales) reads as the ',' one. Windows' backslash names
+    are read as the folder's files (below)."""
     import unicodedata
 
     tmp, root = collection
@@ -201,10 +202,42 @@ def test_a_name_spelt_otherwise_and_an_excel_sheet_get_what_to_do(collection):
     with pytest.raises(ManifestError) as err:
         import_labelled(tmp / "spelt.csv", root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))
     text = str(err.value)
-    assert text.count("spelt otherwise") == 3 and "the folder has 'bank/IMG_001.JPG'" in text
-    assert "the folder has 'bank/b1.jpg'" in text and "missing file 'bank/nowhere.jpg'" in text
+    assert text.count("spelt otherwise") == 2 and "the folder has 'bank/IMG_001.JPG'" in text
+    assert "bank\\b1.jpg" not in text and "missing file 'bank/nowhere.jpg'" in text
     sheet.to_csv(tmp / "cp1252.csv", index=False, encoding="cp1252")
     sheet.to_csv(tmp / "semicolons.csv", index=False, sep=";")
-    for name, hint in (("cp1252.csv", 'save it as "CSV UTF-8"'), ("semicolons.csv", "the folder has 'bank/b1.jpg'")):
+    for name, hint in (("cp1252.csv", 'save it as "CSV UTF-8"'), ("semicolons.csv", "the folder has 'bank/IMG_001")):
         with pytest.raises(ManifestError, match=hint):
             import_labelled(tmp / name, root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))
+
+
+def test_a_windows_sheet_clinic_headers_and_many_unknown_labels_import_or_say_what_to_do(collection):
+    """A sheet exported on the clinic's PC (`C:\\...` names, `Image File` headers) was 400
+    missing files out of 400; labels were listed a row each, capped at 50, so a rare word past
+    the 50th row was never seen; missing columns were joined into one name (an audit)."""
+    tmp, root = collection
+    names = ["C:\\Users\\clinic\\photos\\atlas\\a1.jpg", "\\\\server\\share\\atlas\\a2.jpg", "bank\\b1.jpg"]
+    sheet = pd.DataFrame({"Image File": names, "Finding": ["regular", "green", "iodine"],
+                          "Case": ["atlas:1", "atlas:2", "bank:3"]})
+    sheet.to_csv(tmp / "clinic.csv", index=False)
+    cols = LabelColumns(path="image file", kind="finding", patient="case", source="case", source_sep=":")
+    result = import_labelled(tmp / "clinic.csv", root, tmp / "m.csv", cols)
+    assert list(result.manifest["path"]) == ["photos/atlas/a1.jpg", "photos/atlas/a2.jpg", "photos/bank/b1.jpg"]
+    assert result.windows_paths == 3
+    sheet.assign(**{"Image File": ["C:\\elsewhere\\nothing.jpg", "atlas/a2.jpg", "bank/b1.jpg"]}).to_csv(
+        tmp / "gone.csv", index=False)
+    with pytest.raises(ManifestError, match="relative to the --images folder"):
+        import_labelled(tmp / "gone.csv", root, tmp / "m.csv", cols)
+
+    words = ["regular"] * 60 + ["normal"] * 60 + ["lugol"]  # the rare word last
+    many = pd.DataFrame({"Image File": ["atlas/a1.jpg"] * len(words), "Finding": words,
+                         "Case": [f"atlas:{i}" for i in range(len(words))]})
+    many.to_csv(tmp / "many.csv", index=False)
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "many.csv", root, tmp / "m.csv", cols)
+    unknown = [p.reason for p in err.value.problems if "unknown label" in p.reason]
+    assert len(unknown) == 2 and "'normal' (60 rows: 62, 63, 64, 65, 66 and 55 more)" in unknown[0]
+    assert "'lugol' (1 row: 122)" in unknown[1]
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "many.csv", root, tmp / "m.csv", LabelColumns(path="file", source_value="s"))
+    assert "no column 'file', 'kind'; the sheet has ['Image File', 'Finding', 'Case']" in str(err.value)

@@ -42,7 +42,9 @@ def import_labels_cmd(
     write_manifest(result.manifest, out)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
     typer.echo(f"wrote {out}: {len(result.manifest)} rows ({counts}), "
-               f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map")
+               f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map"
+               + (f"; {result.windows_paths} Windows names (\\) read as the folder's files" if result.windows_paths
+                  else ""))
 
 
 def merge_manifests_cmd(

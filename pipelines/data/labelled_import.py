@@ -11,13 +11,14 @@ paths, empty case ids, files whose bytes are not the ones the sheet lists.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from models.io import sha256_file
-from pipelines.data.manifest import ManifestError, RowProblem, Spellings, read_table, validate_manifest
+from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, read_table,
+                                     validate_manifest)
 from pipelines.data.schema import Kind
 
 SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
@@ -57,6 +58,32 @@ class ImportResult:
     manifest: pd.DataFrame
     skipped: int  # rows whose label maps to "skip"
     counts: dict[str, int]  # kind -> rows
+    windows_paths: int = 0  # names written with \ (a Windows sheet) read as the folder's files
+
+
+def _sheet_column(sheet: pd.DataFrame, name: str) -> str:
+    """The sheet's column for `name`: as given, else the one that reads the same in any letter
+    case, spaces around it ignored (`--path-col "image file"` for `Image File`), as manifests'
+    headers are read; `name` itself when none is (named as missing)."""
+    if name in sheet.columns:
+        return name
+    matches = [str(c) for c in sheet.columns if str(c).strip().casefold() == name.strip().casefold()]
+    return matches[0] if len(matches) == 1 else name
+
+
+def _windows_name(rel: str, images: Path) -> str | None:
+    """A Windows sheet's name as the folder holds it, or None: `sub\\a.jpg` as `sub/a.jpg`, and
+    `C:\\...\\sub\\a.jpg` or `\\\\server\\...` by the longest tail of it under `images` (a sheet
+    exported on the clinic's PC names its files where they were there). Every row of such a
+    sheet was a missing file (400 of 400 in an audit); a wrong tail is caught by the sheet's
+    sha256, where it lists one, and two rows on one file by the duplicate check."""
+    parts = [p for p in rel.replace("\\", "/").split("/") if p]
+    for k in range(len(parts)):
+        if (images / "/".join(parts[k:])).is_file():
+            return "/".join(parts[k:])
+        if not WINDOWS_PATH.match(rel):
+            return None  # a relative name is taken whole or not at all
+    return None
 
 
 def parse_kind_map(text: str | None) -> dict[str, str]:
@@ -91,25 +118,29 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     # a Parquet sheet's nulls as blanks (as a CSV's): as text they read "nan" or "None", and
     # every photo without a case id became one patient named "nan"
     sheet = read_table(labels).astype(object).fillna("")
+    named = {f: getattr(cols, f) for f in ("path", "kind", "patient", "source", "device", "sha256")}
+    cols = replace(cols, **{f: _sheet_column(sheet, c) for f, c in named.items() if c})
     wanted = [c for c in (cols.path, cols.kind, cols.patient, cols.source, cols.device, cols.sha256) if c]
     missing = [c for c in wanted if c not in sheet.columns]
-    if missing:
-        raise ManifestError(str(labels), [RowProblem(0, ",".join(missing),
-                                                     f"no such column; the sheet has {list(sheet.columns)}")])
+    if missing:  # one problem for the sheet: its columns joined read as one garbled name (an audit)
+        raise ManifestError(str(labels), [RowProblem(0, "", f"no column {', '.join(map(repr, missing))}; the "
+                                                            f"sheet has {[str(c) for c in sheet.columns]}")])
     problems: list[RowProblem] = []
-    rows, skipped = [], 0
-    spellings = Spellings(images)
+    unknown: dict[str, list[int]] = {}  # label word -> its rows
+    rows, skipped, windows = [], 0, 0
+    spellings = Spellings(images, "the --images folder")
     for i, rec in enumerate(sheet.to_dict("records"), start=1):
         label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
         kind = _kind(label, cols)
         if kind is None:
-            problems.append(RowProblem(i, cols.kind or "kind", f"unknown label {label!r}; known: "
-                                       f"{sorted(_KINDS)}; map others with --kind-map WORD=KIND or WORD=skip"))
+            unknown.setdefault(label.strip(), []).append(i)
             continue
         if kind == SKIP:
             skipped += 1
             continue
         rel = str(rec[cols.path]).strip()
+        if "\\" in rel and not (images / rel).is_file() and (found := _windows_name(rel, images)):
+            rel, windows = found, windows + 1
         file = images / rel
         source = cols.source_value or str(rec[cols.source]).strip()
         if cols.source_sep and cols.source_sep in source:
@@ -131,6 +162,11 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
         rows.append({**extra, "path": path, "patient_id": str(rec[cols.patient]).strip(), "source": source,
                      "device": str(rec[cols.device]).strip() if cols.device else "", "kind": kind,
                      "sha256": digest, "label_row": i})
+    for word, at in unknown.items():  # a word per problem: one listed per row hid the rare words past the 50th
+        rows_at = ", ".join(str(r + 1) for r in at[:5]) + (f" and {len(at) - 5} more" if len(at) > 5 else "")
+        problems.append(RowProblem(at[0], cols.kind or "kind", f"unknown label {word!r} ({len(at)} "
+                                   f"row{'s' * (len(at) > 1)}: {rows_at}); known: {sorted(_KINDS)}; map "
+                                   "others with --kind-map WORD=KIND or WORD=skip"))
     df = pd.DataFrame(rows, columns=None if rows else ["path", "patient_id", "source", "device", "kind"])
     # the manifest's own checks (missing file, duplicate path, empty ids), numbered by sheet row
     # (the manifest's rows skip some)
@@ -145,7 +181,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     df = df.drop(columns="label_row")
     front = ["path", "patient_id", "source", "device", "kind", "sha256"]
     df = df[front + [c for c in df.columns if c not in front]]
-    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict())
+    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows)
 
 
 def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.DataFrame:

@@ -196,8 +196,8 @@ class Spellings:
     naming `José café.jpg` against an NFD file, or `img_001.jpg` against `IMG_001.JPG`, read
     "missing file" for a name that looks the same in `ls`."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self._index = root, None
+    def __init__(self, root: Path, relative_to: str = "the manifest's folder") -> None:
+        self.root, self.relative_to, self._index = root, relative_to, None
 
     def get(self, key: str) -> str | None:
         if self._index is None:
@@ -208,7 +208,7 @@ class Spellings:
     def hint(self, rel: str) -> str:
         """What a missing file's name may have meant, or ""."""
         if WINDOWS_PATH.match(rel):
-            return "; a Windows path: name the file relative to the manifest's folder, with /"
+            return f"; a Windows path: name the file relative to {self.relative_to}, with /"
         near = self.get(spelling_key(rel))
         return (f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
                 "or \\ for /)") if near else ""
