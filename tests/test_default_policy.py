@@ -63,7 +63,7 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
     done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "default policy both" in done.stdout
+    assert "default policy both" in done.stdout and "warning: F1 0.957 on 12 green" in done.stderr
     for stem in ("deep_sad", "classifier"):
         card = json.loads((weights / f"{stem}.json").read_text())
         assert card["metrics"]["policy_choice"]["policy"] == "both" and card["metrics"]["val"]["f1"]

@@ -162,6 +162,16 @@ def policy(report_path: Path, out: Path) -> None:
         load_weights(out / f"{stem}.json")
     f1 = ", ".join(f"{p} {v:.3f}" for p, v in record["val_f1"].items())
     print(f"default policy {record['policy']} (validation F1: {f1}) on the cards of {', '.join(cards)} in {out}")
+    best = record["val_f1"][record["policy"]]
+    ties = [p for p, v in record["val_f1"].items() if v == best]
+    if len(ties) > 1 or record["n_non_regular"] < 30:
+        # a site's small validation split: every policy read 1.000 on 12 positives, and the
+        # bundled policy was overturned by the tie order without a word (an audit)
+        reason = f"{len(ties)} policies tie at F1 {best:.3f} ({', '.join(ties)})" if len(ties) > 1 else f"F1 {best:.3f}"
+        print(f"warning: {reason} on {record['n_non_regular']} green or iodine validation photos: too few to tell "
+              "the policies apart with confidence (a tie goes by the tie order, not by evidence; the bundled "
+              "choice rests on 12); at a site, keep the policy the cards had unless a larger validation split "
+              "says otherwise (a presence head alone needs no new policy)", file=sys.stderr)
 
 
 def metrics(runs: Path, out: Path) -> None:
