@@ -69,7 +69,9 @@ def eval_pipeline_cmd(
         results = run_rows(qc, df, batch_size)
     finally:
         qc.close()
-    report = evaluate_pipeline(qc, df, results)
+    # which models these figures are of: two reports of one folder before and after a swapped
+    # head could not be told apart (an audit)
+    report = evaluate_pipeline(qc, df, results) | {"models": qc.decision["models"]}
     out.mkdir(parents=True, exist_ok=True)
     rows = pd.DataFrame([r.csv_row() for r in results])
     rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
