@@ -149,6 +149,7 @@ def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
     log = server.log.read_text(errors="replace")
     assert "not ready: store_unavailable (the job store cannot take a write (database is locked))" in log
     assert "ready again (was store_unavailable)" in log
+    assert re.search(r"ready in .* models detector [0-9a-f]{12}", log), log[-2000:]  # which models this start loaded
 
 
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):
