@@ -68,7 +68,11 @@ def train_presence_cmd(
         _fail(str(e))
     from models.io import load_card
 
-    val = load_card(card).metrics["val"]  # what the fit is worth, said where it ends
+    metrics = load_card(card).metrics  # what the fit is worth, said where it ends
+    val, left_out = metrics["val"], [k for k in metrics["new_source"] if not k.startswith("pooled_")]
     typer.echo(f"exported {card}\nvalidation: cervix found {val['cervix_found']:.3f} of {val['n_cervix']}, "
                f"no_cervix called {val['no_cervix_called']:.3f} of {val['n_no_cervix']}, "
-               f"ROC AUC {val['roc_auc']:.3f}")
+               f"ROC AUC {val['roc_auc']:.3f}\n"
+               + (f"each source left out once: metrics.new_source on the card ({len(left_out)} sources)" if left_out
+                  else "no source could be left out (one needs others with both classes to stand in for it): "
+                       "the card's metrics.new_source is empty, so nothing says how the head fares at a new site"))
