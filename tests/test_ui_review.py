@@ -278,6 +278,30 @@ def test_each_apply_leaves_a_reviewed_photo_in_its_final_labels_folder_only(tmp_
     assert (root / "p.jpg").read_bytes() == b"photo"
 
 
+def test_apply_after_an_undo_puts_the_photo_back_where_its_live_label_says(tmp_path):
+    """Apply passed by a photo whose every decision was undone: relabelled and applied, then
+    undone, it stayed in the undone label's folder, or in none (an audit)."""
+    root, q = tmp_path / "data", tmp_path / "q"
+    root.mkdir()
+    for name in ("nc.jpg", "reg.jpg"):
+        (root / name).write_bytes(name.encode())
+    rows = [(1, _record("nc.jpg", Label.NO_CERVIX)), (2, _record("reg.jpg", Label.REGULAR))]
+    (q / "no_cervix").mkdir(parents=True)
+    (q / "no_cervix" / "nc.jpg").write_bytes(b"nc.jpg")  # the job's copy
+    store, j = _reviews(tmp_path)
+
+    def apply() -> list[str]:
+        apply_to_quarantine(root, q, rows, store.reviewed(j, undone_too=True), [root.resolve()])
+        return sorted(p.relative_to(q).as_posix() for p in q.rglob("*.jpg"))
+
+    store.decide(j, 1, "nc.jpg", "key-1", "label", "no_cervix", "regular")
+    store.decide(j, 2, "reg.jpg", "key-1", "label", "regular", "green")
+    assert apply() == ["non_regular/reg.jpg"]
+    for item in (1, 2):
+        store.undo(j, item, "key-2")
+    assert 1 not in store.reviewed(j) and apply() == ["no_cervix/nc.jpg"]  # as the model had them
+
+
 def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_rest_are_counted(tmp_path):
     """The copy in the old label's folder went first and the original was asked for after: a
     collection moved or restored elsewhere lost every relabelled photo's only copy (an audit:

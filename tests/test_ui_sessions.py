@@ -6,6 +6,7 @@ import re
 import shutil
 import stat
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,7 +105,6 @@ def test_a_session_past_its_max_age_gets_sign_in_not_a_page(server):
     the service's own cookie, signed again with its own secret, with an expiry in the past."""
     import base64
     import json
-    from pathlib import Path
 
     from service.ui.session import COOKIE, SessionSigner
 
@@ -114,7 +114,8 @@ def test_a_session_past_its_max_age_gets_sign_in_not_a_page(server):
     page = {"Accept": "text/html"}
     for exp, status in ((time.time() + 60, 200), (time.time() - 1, 303)):
         forged = base64.urlsafe_b64encode(json.dumps({**payload, "exp": exp}).encode())
-        r = httpx.get(f"{server.url}/ui/jobs", headers=page, cookies={COOKIE: f"{forged.decode()}.{signer._mac(forged)}"})
+        cookie = f"{forged.decode()}.{signer._mac(forged)}"
+        r = httpx.get(f"{server.url}/ui/jobs", headers=page, cookies={COOKIE: cookie})
         assert r.status_code == status, exp
     assert r.headers["location"].startswith("/ui/login?next=")
 
@@ -267,6 +268,21 @@ def test_a_reviewer_whose_page_is_no_longer_current_is_told_who_changed_it(serve
     shown = int(re.search(r'data-seen="(\d+)"', a.get(f"/ui/jobs/{job}/items/{item}").text).group(1))
     r = a.post(f"/ui/jobs/{job}/items/{item}/undo", json={"seen": shown}, headers={"X-CSRF-Token": csrf_a})
     assert r.status_code == 200 and r.json()["undone"]["new"] == "iodine"
+
+
+def test_apply_after_an_undo_takes_the_photo_out_of_the_undone_labels_folder(server):
+    job = _finished_job(server, "set")
+    c, csrf = _signed_in(server)
+    item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
+    no_cervix = Path(server.env["CERVIXQC_STATE_DIR"], "quarantine", f"job-{job}", "no_cervix")
+    for step in ("decision", "undo"):
+        seen = int(re.search(r'data-seen="(\d+)"', c.get(f"/ui/jobs/{job}/items/{item}").text).group(1))
+        body = {"label": "no_cervix", "seen": seen} if step == "decision" else {"seen": seen}
+        r = c.post(f"/ui/jobs/{job}/items/{item}/{step}", json=body, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 200, r.text
+        assert c.post(f"/ui/jobs/{job}/apply", data={"csrf": csrf}).status_code == 303
+        copies = [p.name for p in no_cervix.rglob("*") if p.is_file()] if no_cervix.is_dir() else []
+        assert len(copies) == (1 if step == "decision" else 0), (step, copies)
 
 
 def test_a_box_outside_the_photo_is_refused(server):

@@ -170,14 +170,20 @@ class ReviewStore:
                                   (job_id, item))
         return [Decision(**dict(r)) for r in rows]
 
-    def reviewed(self, job_id: str, item: int | None = None) -> dict[int, Reviewed]:
+    def reviewed(self, job_id: str, item: int | None = None, undone_too: bool = False) -> dict[int, Reviewed]:
         """item -> its live review, for every reviewed item of the job or only `item` (one pass,
-        newest wins)."""
+        newest wins). `undone_too`: an item whose every decision was undone is there too, as an
+        empty review (the model's label and box): Apply passed such an item by, and a photo
+        relabelled, applied and undone stayed in the folder of the undone label, or in none."""
         out: dict[int, Reviewed] = {}
         one = "" if item is None else " AND item = ?"
-        rows = self._db().execute(f"SELECT item, field, new, who, at FROM decisions WHERE job_id = ?{one} "
-                                  "AND undone_at IS NULL ORDER BY id", (job_id,) if item is None else (job_id, item))
-        for row_item, field, new, who, at in rows:
+        rows = self._db().execute(f"SELECT item, field, new, who, at, undone_at FROM decisions WHERE job_id = ?{one} "
+                                  "ORDER BY id", (job_id,) if item is None else (job_id, item))
+        for row_item, field, new, who, at, undone_at in rows:
+            if undone_at is not None:
+                if undone_too:
+                    out.setdefault(row_item, Reviewed())
+                continue
             cur = out.get(row_item, Reviewed())
             if field == "label":
                 out[row_item] = replace(cur, label=new, who=who, at=at)

@@ -211,7 +211,7 @@ def apply(job_id: str, session: UiPost, state: State):
     try:
         with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
             done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
-                                       state.reviews.reviewed(job_id), state.settings.data_roots)
+                                       state.reviews.reviewed(job_id, undone_too=True), state.settings.data_roots)
     except OSError as e:  # a full or read-only quarantine was a bare 500
         if e.errno not in UNWRITABLE:
             raise
