@@ -4,9 +4,11 @@ decision log with undo, and the three exports (manifest, COCO, quarantine)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -158,8 +160,13 @@ def test_a_decision_keeps_who_and_old_to_new_and_undo_restores_the_one_before(tm
         store.decide(j, 7, "a.jpg", "key-1", "label", "regular", "purple")
 
 
-def _record(path: str, label: Label, kind: str | None = None, box=None) -> QCResult:
-    return QCResult(path=path, label=label, kind=kind, cervix_box=box, width=100, height=80, sha256="ab" * 32)
+def _record(path: str, label: Label, kind: str | None = None, box=None, sha256: str | None = "ab" * 32) -> QCResult:
+    return QCResult(path=path, label=label, kind=kind, cervix_box=box, width=100, height=80, sha256=sha256)
+
+
+def _judged(root: Path, path: str, label: Label, kind: str | None = None) -> QCResult:
+    """The record of a photo on disk as the job read it: its bytes' sha256."""
+    return _record(path, label, kind, sha256=hashlib.sha256((root / path).read_bytes()).hexdigest())
 
 
 def _reviewed(tmp_path):
@@ -225,6 +232,7 @@ def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp
     for _, r in rows:
         (root / r.path).parent.mkdir(parents=True, exist_ok=True)
         (root / r.path).write_bytes(r.path.encode())
+    rows = [(i, r.model_copy(update={"sha256": hashlib.sha256(r.path.encode()).hexdigest()})) for i, r in rows]
     for folder, rel in (("non_regular", "a/green.jpg"), ("no_cervix", "b/none.jpg"), ("unreadable", "b/bad.jpg")):
         (q / folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (q / folder / rel).write_bytes(rel.encode())
@@ -246,7 +254,7 @@ def test_applying_review_copies_nothing_from_outside_the_data_roots(tmp_path):
     (root / "link.jpg").symlink_to(outside / "secret.txt")
     (root / "ok.jpg").write_bytes(b"inside")
     rows = [(1, _record("link.jpg", Label.REGULAR)), (2, _record(str(outside / "secret.txt"), Label.REGULAR)),
-            (3, _record("ok.jpg", Label.REGULAR))]
+            (3, _judged(root, "ok.jpg", Label.REGULAR))]
     store, j = _reviews(tmp_path)
     for item, r in rows:
         store.decide(j, item, r.path, "key-1", "label", "regular", "no_cervix")
@@ -261,7 +269,7 @@ def test_each_apply_leaves_a_reviewed_photo_in_its_final_labels_folder_only(tmp_
     root, q = tmp_path / "data", tmp_path / "q"
     root.mkdir()
     (root / "p.jpg").write_bytes(b"photo")
-    rows = [(1, _record("p.jpg", Label.NON_REGULAR, "green"))]
+    rows = [(1, _judged(root, "p.jpg", Label.NON_REGULAR, "green"))]
     (q / "non_regular").mkdir(parents=True)
     (q / "non_regular" / "p.jpg").write_bytes(b"photo")  # the job's copy
     store, j = _reviews(tmp_path)
@@ -285,7 +293,7 @@ def test_apply_after_an_undo_puts_the_photo_back_where_its_live_label_says(tmp_p
     root.mkdir()
     for name in ("nc.jpg", "reg.jpg"):
         (root / name).write_bytes(name.encode())
-    rows = [(1, _record("nc.jpg", Label.NO_CERVIX)), (2, _record("reg.jpg", Label.REGULAR))]
+    rows = [(1, _judged(root, "nc.jpg", Label.NO_CERVIX)), (2, _judged(root, "reg.jpg", Label.REGULAR))]
     (q / "no_cervix").mkdir(parents=True)
     (q / "no_cervix" / "nc.jpg").write_bytes(b"nc.jpg")  # the job's copy
     store, j = _reviews(tmp_path)
@@ -300,6 +308,20 @@ def test_apply_after_an_undo_puts_the_photo_back_where_its_live_label_says(tmp_p
     for item in (1, 2):
         store.undo(j, item, "key-2")
     assert 1 not in store.reviewed(j) and apply() == ["no_cervix/nc.jpg"]  # as the model had them
+
+
+def test_a_photo_replaced_on_disk_since_the_job_is_not_copied_under_the_judged_photos_label(tmp_path):
+    """Apply copied whatever bytes the path held by then into the quarantine, under the label a
+    reviewer gave the photo the job had judged (an audit)."""
+    root, q = tmp_path / "data", tmp_path / "q"
+    root.mkdir()
+    (root / "p.jpg").write_bytes(b"the judged photo")
+    rows = [(1, _judged(root, "p.jpg", Label.REGULAR))]
+    (root / "p.jpg").write_bytes(b"another photo, same name")
+    store, j = _reviews(tmp_path)
+    store.decide(j, 1, "p.jpg", "key-1", "label", "regular", "iodine")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [root.resolve()])
+    assert (done.added, done.changed) == (0, 1) and not any(q.rglob("*.jpg"))
 
 
 def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_rest_are_counted(tmp_path):

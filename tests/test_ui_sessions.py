@@ -316,6 +316,8 @@ def test_the_review_page_shows_only_counts_as_the_applied_message(server):
     shown = c.get(f"/ui/jobs/{job}/review?applied=3-1-0").text
     assert "Applied: 3 copies added, 1 removed (originals untouched)." in shown
     assert "2 without a copy" in c.get(f"/ui/jobs/{job}/review?applied=3-1-2").text
+    shown = c.get(f"/ui/jobs/{job}/review?applied=3-1-0-2-1").text
+    assert "2 not copied: outside the data roots" in shown and "1 not copied: the file changed since" in shown
     for spoof in ("Call%20555%20now-0-0", "3-1-x", "3", "3-1"):
         page = c.get(f"/ui/jobs/{job}/review?applied={spoof}")
         assert page.status_code == 200 and "Applied:" not in page.text and "555 now" not in page.text, spoof

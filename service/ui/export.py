@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from models.io import sha256_file
 from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
@@ -98,6 +99,7 @@ class Applied:
     folders: dict[str, int] = field(default_factory=dict)
     outside: int = 0  # reviewed into a quarantined label, but the file is outside the data roots: not copied
     missing: int = 0  # reviewed into a quarantined label, no copy to move and no original to copy
+    changed: int = 0  # reviewed into a quarantined label, but the file's bytes are not those the job judged
 
 
 def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
@@ -138,6 +140,11 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                 if not inside(original, roots):
                     done.outside += 1
                     continue
+                if r.sha256 and sha256_file(original) != r.sha256:
+                    # replaced since the job read it: the reviewer's label is of the judged photo,
+                    # and the new bytes went into the quarantine under it (an audit)
+                    done.changed += 1
+                    continue
                 quarantine_copy(root, r.path, final, qdir, link=False)
             done.added += 1
             done.folders[final] = done.folders.get(final, 0) + 1
@@ -145,5 +152,6 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
             copy.unlink(missing_ok=True)
             done.removed += 1
     log.info("review applied to %s: %d copies added, %d removed, %d outside the data roots not copied, "
-             "%d without an original or a copy", qdir, done.added, done.removed, done.outside, done.missing)
+             "%d without an original or a copy, %d changed since the job not copied", qdir, done.added, done.removed,
+             done.outside, done.missing, done.changed)
     return done
