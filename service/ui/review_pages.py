@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from pipelines.clean import on_disk
@@ -128,9 +128,15 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     if state.store.get(job_id) is None:  # deleted while it was drawn: the folder it wrote goes too
         remove_job_folders(job_id, None, state.settings.thumbs_dir)
         raise job_not_found(job_id)
-    if isinstance(picture, bytes):  # the cache could not take it (a full or read-only state folder)
-        return Response(picture, media_type="image/jpeg")
-    return FileResponse(picture, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
+    if not isinstance(picture, bytes):  # else the cache could not take it (a full or read-only state folder)
+        # read whole here (a thumbnail or a 1600 px JPEG): streamed, a delete of the job between
+        # the headers and the file's open cut the body short, with a traceback (an audit)
+        try:
+            picture = picture.read_bytes()
+        except FileNotFoundError:  # removed by the job's delete meanwhile
+            job_or_404(state, job_id)
+            raise
+    return Response(picture, media_type="image/jpeg")  # no-store, as every page (service/ui/headers.py)
 
 
 class DecisionIn(BaseModel):
