@@ -279,6 +279,10 @@ def test_a_quarantine_folder_holds_one_sources_copies(server):
         around = c.post("/v1/jobs", json={"source": "collection/clinic_b", "quarantine": "outer"})  # encloses it
         assert (around.status_code, around.json()["error"]["code"]) == (409, "quarantine_in_use"), around.text
         c.post(f"/v1/jobs/{inner.json()['id']}/cancel")
+        bare = c.post("/v1/jobs", json={"source": "collection/clinic_a"}).json()["id"]  # Apply fills job-<id>
+        c.post(f"/v1/jobs/{bare}/cancel")
+        taken = c.post("/v1/jobs", json={"source": "collection/clinic_b", "quarantine": f"job-{bare}"})
+        assert (taken.status_code, taken.json()["error"]["code"]) == (409, "quarantine_in_use"), taken.text
 
 
 def test_the_same_job_sent_twice_while_the_first_runs_is_refused_naming_it(server, data_root):

@@ -364,8 +364,10 @@ class JobStore:
         return [self._job(r) for r in self._db().execute("SELECT * FROM jobs WHERE status = ?", (DELETED,))]
 
     def quarantine_sources(self) -> list[tuple[str, str]]:
-        """(quarantine name, source) of every job that has a quarantine, deleted ones too."""
-        rows = self._db().execute("SELECT DISTINCT quarantine, source FROM jobs WHERE quarantine IS NOT NULL")
+        """(quarantine name, source) of every job, deleted ones too: a job without a quarantine
+        claims `job-<id>`, the folder review's Apply fills for it (another source's job could
+        name it, and the two sources' copies met there: an audit)."""
+        rows = self._db().execute("SELECT DISTINCT COALESCE(quarantine, 'job-' || id), source FROM jobs")
         return [(q, src) for q, src in rows.fetchall()]
 
     def next_active(self) -> Job | None:
