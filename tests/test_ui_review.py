@@ -69,6 +69,16 @@ def test_next_and_previous_walk_the_grid_order_under_the_same_filter():
     assert neighbours(JobView.of(ITEMS, T), {}, T, GridQuery(label="regular"), 1) == (3, None)
 
 
+def test_a_photo_just_decided_under_reviewed_no_keeps_its_neighbours_where_it_stood():
+    """Deciding took the photo out of "Reviewed: no", and Next went back to the top of the list
+    with Previous gone (an audit)."""
+    from service.jobs.reviews import Reviewed
+
+    view = JobView.of(ITEMS, T)  # grid order: 4, 2, 3, 6, 1, 5
+    assert neighbours(view, {3: Reviewed(label="green")}, T, GridQuery(reviewed=False), 3) == (2, 6)
+    assert neighbours(view, {4: Reviewed(label="regular")}, T, GridQuery(reviewed=False), 4) == (None, 2)
+
+
 def test_the_what_if_points_are_the_stage2_scores_of_cropped_images_only():
     assert what_if_points(ITEMS) == [[1.0, 0.05, None], [1.0, 0.52, None], [1.0, 0.35, None], [1.0, 0.9, None]]
 

@@ -186,10 +186,17 @@ def neighbours(view: JobView, reviews: dict[int, Reviewed], t: Thresholds, q: Gr
     """The previous and next item in the grid's order under the same filter (the image page's
     next/previous keys walk the list the reviewer came from)."""
     ids = [s.item for s in _ordered(view, reviews, t, q)]
-    if item not in ids:
+    if item in ids:
+        i = ids.index(item)
+        return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
+    # the item left the filter (decided, under "Reviewed: no"): its neighbours where it stood,
+    # not the top of the list (Next went back to the first item and Previous was gone: an audit)
+    order, kept = [s.item for s in view.items], set(ids)
+    if item not in order:
         return None, (ids[0] if ids else None)
-    i = ids.index(item)
-    return (ids[i - 1] if i > 0 else None), (ids[i + 1] if i + 1 < len(ids) else None)
+    at = order.index(item)
+    return (next((i for i in reversed(order[:at]) if i in kept), None),
+            next((i for i in order[at + 1 :] if i in kept), None))
 
 
 def what_if_points(items: list[ItemSummary]) -> list[list[float | None]]:
