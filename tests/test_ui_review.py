@@ -369,6 +369,9 @@ def test_a_page_that_is_no_longer_current_can_neither_decide_nor_undo(tmp_path):
         store.decide(j, 1, "a.jpg", "key-b", "label", "regular", "green", seen=fresh)
     assert e.value.who == "key-a" and store.version(j, 1) == fresh + 1
     assert [(d.who, d.new, d.undone_by) for d in store.history(j, 1)] == [("key-b", "iodine", "key-a")]
+    with pytest.raises(Stale) as e:  # a version no page was given, on a photo nobody touched: no one to name
+        store.decide(j, 2, "b.jpg", "key-a", "label", "regular", "green", seen=7)
+    assert e.value.who is None
 
 
 def test_reviewers_at_once_each_undo_their_own_decision_and_each_old_is_the_value_before(tmp_path):

@@ -62,7 +62,7 @@ class JobGone(LookupError):
 class Stale(Exception):
     """The item changed since the page that asks was made."""
 
-    def __init__(self, who: str) -> None:
+    def __init__(self, who: str | None) -> None:
         super().__init__(who)
         self.who = who
 
@@ -158,7 +158,7 @@ class ReviewStore:
             if seen is not None and self.version(job_id, item) != seen:
                 last = db.execute("SELECT coalesce(undone_by, who) FROM decisions WHERE job_id = ? AND item = ? "
                                   "ORDER BY max(at, coalesce(undone_at, 0)) DESC LIMIT 1", (job_id, item)).fetchone()
-                raise Stale(last[0] if last else "another reviewer")
+                raise Stale(last[0] if last else None)  # None: nobody changed it (a page's version made up)
             yield db
 
     def _get(self, decision_id: int) -> Decision:

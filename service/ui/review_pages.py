@@ -150,6 +150,8 @@ class UndoIn(BaseModel):
 
 
 def _stale(e: Stale) -> ApiError:
+    if e.who is None:  # a version no page was given: "another reviewer changed it" was untrue
+        return ApiError(409, "changed_since_loaded", "this page does not show the photo's current review: reload it")
     return ApiError(409, "changed_since_loaded", f"{e.who} changed this photo's review after this page was "
                                                  "loaded: reload it to see the change")
 
@@ -167,6 +169,8 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     else:
         x1, y1, x2, y2 = body.box  # type: ignore[misc]
         w, h = record.width or 0, record.height or 0
+        if not (w and h):  # "0 <= x1 < x2 <= 0" said nothing of why
+            raise ApiError(400, "invalid_box", "this photo was not read (unreadable): it has no size to draw a box in")
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}")
         field, new, model = "box", [round(v, 1) for v in body.box], record.cervix_box  # type: ignore[union-attr]
