@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
@@ -27,7 +27,7 @@ from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import KNOWN_METHODS, install_error_handlers, internal_error
+from service.errors import KNOWN_METHODS, ApiError, install_error_handlers, internal_error
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
@@ -36,7 +36,7 @@ from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
 from service.log_config import ensure_handler
 from service.metrics import Metrics
-from service.root_path import RootPath
+from service.root_path import RootPath, route_path
 from service.routes import docs, health, jobs, models, qc
 from service.settings import Settings
 from service.state import ServiceState
@@ -44,7 +44,7 @@ from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
 from service.ui.headers import PageHeaders
 from service.ui.job_views import JobViews
-from service.ui.deps import SignInNeeded
+from service.ui.deps import SignInNeeded, page, wants_page
 from service.ui.session import RevokedSessions, SessionSigner, load_secret
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(SignInNeeded)
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
         return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
+
+    as_json = app.exception_handlers[ApiError]
+
+    @app.exception_handler(ApiError)
+    async def _page_error(request: Request, e: ApiError) -> Response:
+        """A browser opening a page gets the message as a page with a way back: a deleted job's
+        review page showed the raw JSON error (an audit). Scripts keep the JSON."""
+        if wants_page(request) and route_path(request.scope).startswith("/ui/"):
+            return page(request, "error.html", None, status_code=e.status, status=e.status, message=e.message)
+        return await as_json(request, e)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_too_large=metrics.rejected.labels("body_too_large").inc)
     app.add_middleware(PageHeaders)  # the pages' security and cache headers

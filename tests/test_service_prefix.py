@@ -136,6 +136,7 @@ def test_a_servers_own_root_path_wins_over_the_setting():
     """uvicorn's --root-path is where the proxy really is: the setting rewriting it sent every
     link and redirect under the other prefix (a mutation survived the suite)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from service.root_path import RootPath
 
@@ -146,5 +147,7 @@ def test_a_servers_own_root_path_wins_over_the_setting():
 
     for given, want in (("/proxy", ("/proxy", "/proxy/ui/jobs")), ("", ("/setting", "/setting/ui/jobs"))):
         scope = {"type": "http", "root_path": given, "path": f"{given}/ui/jobs", "raw_path": b"/ui/jobs"}
-        asyncio.run(RootPath(app, "/setting")(scope, None, None))
+        # in a thread of its own: the browser tests' Playwright may hold this thread's event loop
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, RootPath(app, "/setting")(scope, None, None)).result()
         assert seen.pop() == want

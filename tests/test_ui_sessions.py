@@ -214,6 +214,11 @@ def test_a_finished_job_is_deleted_from_the_jobs_page_with_the_token_only(server
     assert httpx.get(f"{server.url}/v1/jobs/{job}", headers=HEADERS).status_code == 404
     assert f'data-job="{job}"' not in c.get("/ui/jobs").text
     assert c.post(f"/ui/jobs/{job}/delete", data={"csrf": csrf}).status_code == 303  # another tab: back to the list
+    # its review page, still open in a browser: a page saying so with a way back (the raw JSON was shown)
+    r = c.get(f"/ui/jobs/{job}/review", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), r.text
+    assert f"no job &#39;{job}&#39;" in r.text and 'href="/ui/jobs"' in r.text
+    assert c.get(f"/ui/jobs/{job}/review").json()["error"]["code"] == "job_not_found"  # a script's request
 
 
 def test_the_signing_secret_is_private_to_the_service(server):

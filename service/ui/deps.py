@@ -36,6 +36,11 @@ def signer(request: Request) -> SessionSigner:
     return request.app.state.session_signer
 
 
+def wants_page(request: Request) -> bool:
+    """A browser opening a page (a link, the address bar), not a script's request."""
+    return request.method == "GET" and "text/html" in request.headers.get("accept", "")
+
+
 def current_session(request: Request) -> Session:
     """A page without a session redirects to sign-in; a script's request (JSON, POST) gets 401.
     A session stands only while the key it signed in with is still configured: the signing
@@ -45,8 +50,7 @@ def current_session(request: Request) -> Session:
     settings = request.app.state.settings
     if session is not None and (settings.auth_disabled or session.who in {key_id(k) for k in settings.api_keys}):
         return session
-    wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
-    if wants_page:
+    if wants_page(request):
         target = route_path(request.scope) + (f"?{request.url.query}" if request.url.query else "")
         raise SignInNeeded(quote(target, safe=""))
     raise ApiError(401, "unauthorized", "sign in at /ui/login first")
@@ -67,7 +71,8 @@ UiSession = Annotated[Session, Depends(current_session)]
 UiPost = Annotated[Session, Depends(checked_session)]
 
 
-def page(request: Request, name: str, session: Session | None, **context: object):
+def page(request: Request, name: str, session: Session | None, status_code: int = 200, **context: object):
     base = request.scope.get("root_path", "")  # every link's prefix: service/root_path.py
     # no-store: PageHeaders
-    return templates.TemplateResponse(request, name, {"session": session, "base": base, **context})
+    return templates.TemplateResponse(request, name, {"session": session, "base": base, **context},
+                                      status_code=status_code)
