@@ -49,13 +49,14 @@ MAX_CRASHED = 64
 
 
 def _reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A plain host:port is tried first: an unreachable cluster had `ray.init` retry for
-    minutes without a word."""
+    """A host:port (plain, or a Ray Client's `ray://host:port`) is tried first: an unreachable
+    cluster had `ray.init` retry for minutes without a word."""
     import socket
 
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return  # "auto", "ray://...": Ray's own resolution
+    scheme, _, rest = address.rpartition("://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or scheme not in ("", "ray"):
+        return  # "auto", another scheme: Ray's own resolution
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
@@ -123,6 +124,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be at least 1, not {batch_size} and {actors}")
     check_outputs(src, out_dir, quarantine)
+    if address is not None and not ray.is_initialized():
+        _reachable(address)  # before the run's state: an unreachable cluster left -o tied to the source
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src) if inputs is None else inputs
     store = open_run(src, out_dir, quarantine, decision or decision_for(Path(weights), policy))
@@ -135,12 +138,12 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
-                if address is not None:
-                    _reachable(address)
                 try:
                     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                              **ray_init)
-                except (OSError, ConnectionError, RuntimeError) as e:
+                except (OSError, ConnectionError, RuntimeError, ValueError) as e:  # ValueError: a ray:// without
+                    # Ray Client's packages (`ray[client]`, in the `ray` extra since an audit found the README's
+                    # own example ending in a traceback)
                     started_here = False
                     raise RayStartError(f"Ray could not start ({type(e).__name__}: {e})") from None
             gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0

@@ -64,7 +64,13 @@ def test_clean_on_ray_says_what_stops_ray_before_it_starts(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
     args = ["clean", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--engine", "ray"]
-    r = CliRunner().invoke(app, [*args, "--weights", str(weights), "--address", "127.0.0.1:1"])
-    assert r.exit_code == 2 and "--address 127.0.0.1:1: no Ray cluster answers there" in r.output, r.output
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):  # the README's Ray Client form: a traceback before
+        r = CliRunner().invoke(app, [*args, "--weights", str(weights), "--address", address])
+        assert r.exit_code == 2 and f"--address {address}: no Ray cluster answers there" in r.output, r.output
+    assert not (tmp_path / "out" / "state.sqlite").exists()  # -o not tied to the source by a run that never ran
+    (weights / "detector.openvino.json").write_text('{"name": "detector", "source')  # an export cut short
+    r = CliRunner().invoke(app, [*args, "--weights", str(weights)])  # every actor died on it, a traceback each
+    assert r.exit_code == 2 and "detector.openvino.json" in r.output and "Traceback" not in r.output, r.output
+    assert CliRunner().invoke(app, [*args, "--weights", str(weights), "--runtime", "torch"]).exit_code == 0
     r = CliRunner().invoke(app, [*args, "--weights", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no weights in" in r.output, r.output

@@ -206,7 +206,7 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
 
     qc = decision = None
     if engine == "ray":  # what the engine would refuse, said before Ray starts (tracebacks from Ray before)
-        decision = _ray_preflight(weights, policy, device, address)
+        decision = _ray_preflight(weights, policy, device, address, runtime)
     else:
         qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                      precision=precision)
@@ -224,11 +224,14 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     return summary
 
 
-def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: Optional[str]) -> dict:
+def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: Optional[str],
+                   runtime: str = "auto") -> dict:
     """The run's decision (policy and models' sha256s: the weights hashed once), or one
-    `error:` line for what Ray's actors would fail on."""
+    `error:` line for what Ray's actors would fail on: the folder checked as the service checks
+    it, exports included (a damaged OpenVINO export killed every actor, 384 lines of tracebacks:
+    an audit)."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import decision_for
+    from pipelines.engine.qc import check_weights, decision_for
 
     try:
         import ray  # noqa: F401
@@ -236,6 +239,7 @@ def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: O
         _fail("--engine ray needs Ray: install cervixqc with its ray extra (make test installs every extra)")
     _weights_folder(weights)
     try:
+        check_weights(weights, exports=runtime != "torch")
         decision = decision_for(weights, policy)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
