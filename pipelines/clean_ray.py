@@ -174,8 +174,10 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                 return came_back
 
             # blocks of up to 512 rows (a block per batch made 62,500 of them for 10^6 files, minutes
-            # of Ray's own work), at least two per actor; the actors still get batches of batch_size
-            per_block = max(batch_size, min(512, -(-len(todo) // (2 * actors))))
+            # of Ray's own work), at least eight per actor: with two, a run of 240 files stored
+            # nothing until both came back together, and a kill lost all of it (an audit); the
+            # actors still get batches of batch_size
+            per_block = max(batch_size, min(512, -(-len(todo) // (8 * actors))))
             missing = sorted(set(todo) - store_batches(todo, per_block, batch_size))
             if len(missing) > max(MAX_CRASHED, len(todo) // 10):
                 raise EngineFailed(f"{len(missing)} of {len(todo)} files came back from no actor: the actors died on "
