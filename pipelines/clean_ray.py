@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -219,8 +220,10 @@ def _labelled(ray, paths: list[str], rows_per_block: int, batch_size: int, actor
     pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1 if rows_per_block == 1 else None)
     try:
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // rows_per_block))
-        ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy", compute=pool, num_gpus=gpus,
-                            max_restarts=-1, max_task_retries=ACTOR_RETRIES, fn_constructor_kwargs=actor_kwargs)
+        with warnings.catch_warnings():  # ray_remote_args: deprecated, with no named parameter for these yet
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # (pyproject pins ray)
+            ds = ds.map_batches(QCActor, batch_size=batch_size, batch_format="numpy", compute=pool, num_gpus=gpus,
+                                max_restarts=-1, max_task_retries=ACTOR_RETRIES, fn_constructor_kwargs=actor_kwargs)
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
     finally:
         context.max_errored_blocks, context.enable_progress_bars = errored_before, bars_before
