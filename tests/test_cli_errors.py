@@ -68,6 +68,11 @@ def test_clean_on_ray_says_what_stops_ray_before_it_starts(tmp_path):
         r = CliRunner().invoke(app, [*args, "--weights", str(weights), "--address", address])
         assert r.exit_code == 2 and f"--address {address}: no Ray cluster answers there" in r.output, r.output
     assert not (tmp_path / "out" / "state.sqlite").exists()  # -o not tied to the source by a run that never ran
+    if not __import__("torch").cuda.is_available():  # a device this machine lacks: said before -o is made
+        for engine in ("local", "ray"):
+            r = CliRunner().invoke(app, ["clean", str(tmp_path / "src"), "-o", str(tmp_path / f"cuda-{engine}"),
+                                         "--engine", engine, "--weights", str(weights), "--device", "cuda"])
+            assert r.exit_code == 2 and "--device" in r.output and not (tmp_path / f"cuda-{engine}").exists(), r.output
     (weights / "detector.openvino.json").write_text('{"name": "detector", "source')  # an export cut short
     r = CliRunner().invoke(app, [*args, "--weights", str(weights)])  # every actor died on it, a traceback each
     assert r.exit_code == 2 and "detector.openvino.json" in r.output and "Traceback" not in r.output, r.output

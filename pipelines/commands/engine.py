@@ -168,6 +168,8 @@ def clean(
         check_outputs(src, out, quarantine)
     except ValueError as e:
         _fail(str(e))
+    if address is None:  # this machine's devices: --device cuda without one left an empty -o behind (an audit)
+        device_or_fail(device)
     for name, folder in (("--out", out), ("--quarantine", quarantine)):
         if folder is not None:
             require_writable(name, folder)
