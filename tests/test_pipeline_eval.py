@@ -96,6 +96,7 @@ def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_pa
 
     crops = split_crops(labelled, tiny_dataset.coco, 32, splits=("train", "val"))
     n_train, n_val = len(crops["train"]), len(crops["val"])
+    assert n_train > 0 and n_val > 0  # absolute manifest paths meet the box file's relative names (were 0)
     both = _with_extra(crops, 32, tiny_dataset.manifest, tiny_dataset.coco)
     extra = int(np.isin(load_manifest(tiny_dataset.manifest)["kind"], ["regular", "green", "iodine"]).sum())
     assert len(both["train"]) == n_train + extra and len(both["val"]) == n_val

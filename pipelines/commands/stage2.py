@@ -12,6 +12,9 @@ from pipelines.commands.common import RunFolder, _fail, require_writable, traine
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
 Seed = Annotated[int, typer.Option(help="Seeds the weights' start, the shuffles and the augmentation.")]
+AllowUnboxed = Annotated[bool, typer.Option(
+    help="Leave out cervix photos without a box (a detector's box file: its misses), counted on the card; "
+         "else such a photo is an error.")]
 
 
 def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
@@ -22,7 +25,8 @@ def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_se
                         target_sensitivity=target_sensitivity, resume=resume, **kw)
 
 
-def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional[Path]) -> dict:
+def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional[Path],
+                allow_unboxed: bool = False) -> dict:
     """Append an extra collection's crops to the training split only: validation (and so every
     threshold) stays on the site's own photos."""
     if (manifest is None) != (coco is None):
@@ -30,14 +34,19 @@ def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional
     if manifest is not None:
         from pipelines.data.crop_set import extra_crops
 
-        extra = extra_crops(manifest, coco, size)
+        extra = extra_crops(manifest, coco, size, allow_unboxed=allow_unboxed)
         typer.echo(f"training crops: {len(crops['train'])} from the manifest + {len(extra)} extra")
         crops["train"] = crops["train"].concat(extra)
     return crops
 
 
-def _data(manifest: Path, coco: Path, extra_manifest: Path | None, extra_coco: Path | None) -> dict:
-    return trained_on(manifest, boxes=str(coco),
+def _data(manifest: Path, coco: Path, extra_manifest: Path | None, extra_coco: Path | None, crops: dict) -> dict:
+    """The card's data; photos left out for want of a box (--allow-unboxed) are counted, and said."""
+    unboxed = {split: len(c.unboxed) for split, c in crops.items() if c.unboxed}
+    if unboxed:
+        typer.echo("left out, no box: " + ", ".join(f"{n} {split}" for split, n in unboxed.items())
+                   + " cervix photos (--allow-unboxed)")
+    return trained_on(manifest, boxes=str(coco), left_out_without_box=unboxed,
                       extra=[str(extra_manifest), str(extra_coco)] if extra_manifest else None)
 
 
@@ -62,6 +71,7 @@ def train_deep_sad_cmd(
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
+    allow_unboxed: AllowUnboxed = False,
 ) -> None:
     """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
     training_output(out, "deep_sad.json", resume)
@@ -75,9 +85,10 @@ def train_deep_sad_cmd(
                          marks=marks, seed=seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # a bad manifest or boxes file, no split column, too little data for a batch, a run already there
-        crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val")), 32, extra_manifest, extra_coco)
+        crops = _with_extra(split_crops(manifest, coco, 32, splits=("train", "val"), allow_unboxed=allow_unboxed),
+                            32, extra_manifest, extra_coco, allow_unboxed)
         card = train_deep_sad(cfg, crops["train"], crops["val"], device,
-                              _data(manifest, coco, extra_manifest, extra_coco))
+                              _data(manifest, coco, extra_manifest, extra_coco, crops))
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"exported {card}")
@@ -104,6 +115,7 @@ def train_resnest_cmd(
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
+    allow_unboxed: AllowUnboxed = False,
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
     training_output(out, "classifier.json", resume)
@@ -128,8 +140,9 @@ def train_resnest_cmd(
             _fail(f"--init-from {init_from} is a {start}, not a {arch}")
     crop_size = round(size * 8 / 7)
     try:
-        crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val")), crop_size,
-                            extra_manifest, extra_coco)
+        crops = _with_extra(split_crops(manifest, coco, crop_size, splits=("train", "val"),
+                                        allow_unboxed=allow_unboxed), crop_size, extra_manifest, extra_coco,
+                            allow_unboxed)
     except ValueError as e:  # a bad manifest or boxes file, no split column
         _fail(str(e))
     cfg = _stage2_config(out, epochs, batch_size or (256 if size <= 64 else 64), lr, target_sensitivity, resume,
@@ -138,7 +151,7 @@ def train_resnest_cmd(
     try:
         card = train_classifier(cfg, ClassifierConfig(arch=arch, input_size=size), crops["train"], crops["val"],
                                 device, str(imagenet_weights) if imagenet_weights else None,
-                                _data(manifest, coco, extra_manifest, extra_coco),
+                                _data(manifest, coco, extra_manifest, extra_coco, crops),
                                 str(init_from) if init_from else None)
     except WeightsIntegrityError as e:
         _fail(f"--init-from: {e}")
@@ -158,6 +171,7 @@ def train_colour_cmd(
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,
+    allow_unboxed: AllowUnboxed = False,
 ) -> None:
     """The crop-colour scorer (a logistic regression on the 32 px crop's colour histogram), the
     third vote of the two_of_three policy; threshold chosen on the val split."""
@@ -170,11 +184,12 @@ def train_colour_cmd(
     from pipelines.training.colour import ColourTrainConfig, train_colour
 
     try:
-        crops = split_crops(manifest, coco, 32, splits=("train", "val"))
-        extra = extra_crops(extra_manifest, extra_coco, 32) if extra_manifest is not None else None
+        crops = split_crops(manifest, coco, 32, splits=("train", "val"), allow_unboxed=allow_unboxed)
+        if extra_manifest is not None:
+            crops["extra"] = extra_crops(extra_manifest, extra_coco, 32, allow_unboxed=allow_unboxed)
         card = train_colour(ColourTrainConfig(out_dir=out, c=c, synthesise=synthesise, copies=copies),
-                            crops["train"], crops["val"], extra,
-                            _data(manifest, coco, extra_manifest, extra_coco))
+                            crops["train"], crops["val"], crops.get("extra"),
+                            _data(manifest, coco, extra_manifest, extra_coco, crops))
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"exported {card}")
@@ -240,7 +255,8 @@ def report_cmd(
         if eval_dir is not None:
             wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
             df = load_manifest(manifest)
-            crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96)
+            crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96,
+                                  allow_unboxed=True)
             thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
         typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings)}")
     except (ValueError, OSError) as e:  # CocoError and pydantic's ValidationError are ValueErrors

@@ -38,7 +38,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     the crops alone: with a detector's box file, the photos it missed are in no crop, and the
     count says how many (they were left out unsaid, and the sensitivity read higher)."""
     _, card = load_stage2(card_path)
-    crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,))[split]
+    crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,), allow_unboxed=True)[split]
     if len(crops) == 0:
         raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
     df = load_manifest(manifest)
