@@ -317,6 +317,27 @@ def test_training_into_a_weights_folder_is_refused_before_any_data_loads(tmp_pat
     assert {p.name: p.read_bytes() for p in weights.iterdir() if p.is_file()} == before
 
 
+def test_every_training_command_refuses_an_out_it_cannot_write_before_any_work(tmp_path):
+    """`-o` naming a file was exit 1 from the catch-all, after the crops loaded (or after
+    presence's whole fit); a refused command left its -o folder behind, empty (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    none = str(tmp_path / "none.csv")
+    for args in (["train-detector", none, none], ["train-deep-sad", none, "--coco", none],
+                 ["train-resnest", none, "--coco", none], ["train-colour", none, "--coco", none],
+                 ["train-presence", none, "--detector", none]):
+        r = CliRunner().invoke(app, [*args, "-o", str(a_file / "run")])
+        assert r.exit_code == 2 and f"-o {a_file / 'run'}: cannot write there" in r.output, (args, r.output)
+        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "new" / "run")])  # refused: no manifest
+        assert r.exit_code == 2 and not (tmp_path / "new").exists(), (args, r.output)
+    r = CliRunner().invoke(app, ["baseline-colour", none, "-o", str(tmp_path / "new" / "base")])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists(), r.output
+
+
 def test_a_model_that_scores_every_validation_crop_alike_is_warned_about(caplog):
     """A classifier trained at --lr 1e3 read AUC 0.5 with a threshold of 1.0 and was exported
     without a word."""
@@ -350,7 +371,7 @@ def test_a_cervix_photo_without_a_box_is_refused_by_training_unless_allowed_and_
     runner = CliRunner()
     r = runner.invoke(app, ["train-colour", str(manifest), "--coco", str(partial), "-o", str(tmp_path / "c")])
     assert r.exit_code == 2 and "3 of" in r.output and "no box in partial.json (the train split)" in r.output
-    assert train[0] in r.output and not (tmp_path / "c" / "colour.json").exists()
+    assert train[0] in r.output and not (tmp_path / "c").exists()
     r = runner.invoke(app, ["train-colour", str(manifest), "--coco", str(partial), "-o", str(tmp_path / "c"),
                             "--allow-unboxed"])
     assert r.exit_code == 0, r.output

@@ -25,7 +25,10 @@ def training_output(out: Path, card: str, resume: bool = False, one_shot: bool =
     folder of the same model is resumed with --resume or refused by the loop. A `one_shot` fit
     (presence, colour: seconds, no checkpoint) is fitted again into its own run folder, told
     apart from a weights folder by the detector card every weights folder holds: its second
-    run was refused as "a weights folder?" (an audit)."""
+    run was refused as "a weights folder?" (an audit). An -o that cannot be written (a file,
+    a read-only place) is refused first, exit 2, and nothing is left made: it was exit 1 from
+    the catch-all after the data had loaded, or after presence's whole fit."""
+    require_writable("-o", out, keep=False)
     if not (out / card).exists():
         return
     if one_shot and not (out / "detector.json").exists():
@@ -128,14 +131,16 @@ def _split_manifest(path):
     return df
 
 
-def require_writable(option: str, path: Path, file: bool = False) -> None:
+def require_writable(option: str, path: Path, file: bool = False, keep: bool = True) -> None:
     """An output (`file`: a file to write, else a folder) checked before the work it ends, or a
     clean exit naming `option`: a path that was a folder, or under one that could not be made,
-    was a traceback after the whole run (`eval-pipeline`, `bench`, `export`'s calibration)."""
+    was a traceback after the whole run (`eval-pipeline`, `bench`, `export`'s calibration).
+    `keep=False`: folders made for the check are removed again, for commands that make their
+    own when they write and may yet refuse (an empty -o was left behind)."""
     if file and path.is_dir():
         _fail(f"{option} {path} is a folder: name a file to write")
     try:
-        writable_folder(option, path.parent if file else path)
+        writable_folder(option, path.parent if file else path, keep)
     except ValueError as e:
         _fail(str(e))
 
@@ -151,13 +156,21 @@ def device_or_fail(device: str) -> str:
         _fail(f"--device: {e}")
 
 
-def writable_folder(option: str, folder: Path) -> None:
+def writable_folder(option: str, folder: Path, keep: bool = True) -> None:
     """The folder, made if needed, takes a file: checked before any model loads (an unwritable
     quarantine failed `clean` after its first batch, with a traceback naming a photo; a state
-    folder that was a file failed the service's start). ValueError naming `option` otherwise."""
+    folder that was a file failed the service's start). ValueError naming `option` otherwise.
+    `keep=False` removes the folders the check made."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or type(e).__name__})") from None
+    finally:
+        for p in made if not keep else ():
+            try:
+                p.rmdir()
+            except OSError:  # not made after all (the mkdir failed above it), or filled meanwhile
+                pass

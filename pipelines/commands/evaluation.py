@@ -127,7 +127,7 @@ def baseline_colour_cmd(
     from pipelines.evaluation.colour_baseline import baseline_report
 
     if out is not None:  # a folder, checked before the fits
-        require_writable("--out", out)
+        require_writable("--out", out, keep=False)  # made when the metrics are written
     try:
         df = load_manifest(manifest)
         report = baseline_report(df)
