@@ -42,7 +42,8 @@ class TinyTask:
 def _run(out, epochs: int, resume: bool = False, kill_at: int | None = None, **cfg):
     """A model with dropout and a shuffling loader: both draw from the random state each epoch."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+    hidden = cfg.pop("hidden", 16)
+    model = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, 1))
     g = torch.Generator().manual_seed(2)
     data = TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
     loader = DataLoader(data, batch_size=8, shuffle=True)
@@ -103,6 +104,54 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path):
         _run(out, epochs=3, resume=True, recipe={"lr": "0.001"})
     longer, _ = _run(out, epochs=3, resume=True)  # --epochs may change
     assert [r["epoch"] for r in longer.history] == [0, 1, 2]
+
+
+def test_a_resume_with_another_model_names_the_setting_and_does_not_call_the_checkpoint_damaged(tmp_path):
+    """The weights loaded before the settings were compared: another --arch read "damaged or
+    from another model: move it away", as if the run were lost (an audit)."""
+    out = tmp_path / "run"
+    _run(out, epochs=2, recipe={"model": "resnest14d"})
+    with pytest.raises(ValueError, match=r"other settings than it was started with \(model: resnest14d -> resnest26d\)"):
+        _run(out, epochs=3, resume=True, hidden=32, recipe={"model": "resnest26d"})
+
+
+def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
+    """It re-exported the run under a card recording the smaller count beside a log of the larger."""
+    out = tmp_path / "run"
+    _run(out, epochs=3)
+    with pytest.raises(ValueError, match=r"--epochs 2: it has trained 3 epochs; pass --epochs 3"):
+        _run(out, epochs=2, resume=True)
+    again, _ = _run(out, epochs=3, resume=True)  # the same count: exported again, nothing trained
+    assert [r["epoch"] for r in again.history] == [0, 1, 2]
+
+
+def test_the_resume_check_sees_edited_data_at_the_same_paths():
+    """A box file edited in place (or a manifest without a sha256 column, whose split
+    fingerprint is empty) was resumed under the old run unsaid (an audit)."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.data.crop_set import CropSet
+    from pipelines.training.detector import DetectorTrainConfig, _box_files
+    from pipelines.training.stage2 import Stage2Config, _resume_recipe
+
+    def crops(value: int) -> CropSet:
+        return CropSet(torch.full((2, 3, 8, 8), value, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"],
+                       ["p", "q"], ["s", "s"])
+
+    cfg = Stage2Config(out_dir="o")
+    same = _resume_recipe(cfg, None, crops(1), crops(2))
+    assert same == _resume_recipe(cfg, None, crops(1), crops(2))
+    assert same["crops"] != _resume_recipe(cfg, None, crops(1), crops(3))["crops"]
+    with tempfile.TemporaryDirectory() as d:
+        t, v = Path(d) / "t.json", Path(d) / "v.json"
+        t.write_text('{"images": []}')
+        v.write_text('{"images": []}')
+        det = DetectorTrainConfig(train_coco=t, val_coco=v, out_dir=Path(d) / "o")
+        before = _box_files(det)
+        t.write_text('{"images": [], "annotations": []}')
+        assert _box_files(det)["train_coco_sha256"] != before["train_coco_sha256"]
+        assert _box_files(det)["val_coco_sha256"] == before["val_coco_sha256"] and "extra_coco_sha256" not in before
 
 
 def test_the_recipe_keeps_what_a_resume_may_not_change():

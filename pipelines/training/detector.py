@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, load_card, save_weights
+from models.io import ModelCard, load_card, save_weights, sha256_file
 from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
@@ -168,7 +168,8 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     task = DetectorTask(val, cfg.batch_size)
     loop = LoopConfig(out_dir=cfg.out_dir, epochs=cfg.epochs, warmup_iters=cfg.warmup_iters,
                       grad_clip=cfg.grad_clip, amp=cfg.amp, select_metric="map", resume=cfg.resume,
-                      max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress, recipe=recipe_of(cfg))
+                      max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress,
+                      recipe=recipe_of(cfg) | _box_files(cfg))
     result = fit(model, task, loader, optimizer, loop, device, dist_info)
     card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
             if dist_info.is_main else None)
@@ -237,3 +238,10 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
     path = save_weights(model.state_dict(), Path(cfg.out_dir) / "detector", card)
     log.info("exported %s (%s)", path, json.dumps(result.best_metrics))
     return path
+
+
+def _box_files(cfg: DetectorTrainConfig) -> dict[str, str]:
+    """The box files by content, for the resume check: one edited at the same path was
+    resumed unsaid (an audit). The photos themselves are not hashed (minutes on an archive)."""
+    files = {"train_coco": cfg.train_coco, "val_coco": cfg.val_coco, "extra_coco": cfg.extra_coco}
+    return {f"{k}_sha256": sha256_file(p)[:16] for k, p in files.items() if p is not None}

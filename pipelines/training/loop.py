@@ -167,9 +167,21 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
     changed = [f"{k}: {saved.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
                for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
     if changed:
-        raise ValueError(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
+        raise ResumeRefused(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
                          f"({'; '.join(changed)}): only --epochs (and --workers, --device) may change; resume "
                          "with the same settings, or train into another folder")
+
+
+class ResumeRefused(ValueError):
+    """The checkpoint is sound but this run's settings are not its own."""
+
+
+def _check_epochs(trained: int, wanted: int, ckpt_path: Path) -> None:
+    """A resume with fewer --epochs than already trained re-exported the run with a card that
+    recorded the smaller count beside a log of the larger one."""
+    if wanted < trained:
+        raise ResumeRefused(f"cannot resume {ckpt_path.parent} with --epochs {wanted}: it has trained {trained} "
+                            f"epochs; pass --epochs {trained} to export it again, or more to go on")
 
 
 def _commit_pending_best(ck: dict[str, Any], best_path: Path, pending: Path) -> None:
@@ -214,16 +226,20 @@ def fit(
     if cfg.resume and ckpt_path.is_file():
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            # the settings first: another --arch was "damaged ... move it away", for want of a name
+            _check_recipe(ck.get("recipe", {}), cfg.recipe, ckpt_path)
+            _check_epochs(ck["epoch"] + 1, cfg.epochs, ckpt_path)
             _unwrap(model).load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
             history, best_metrics = json.loads(ck["history"]), json.loads(ck["best_metrics"])
+        except ResumeRefused:
+            raise
         except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
             # a truncated file, another architecture's weights: say which checkpoint, not `Errno 22`
             raise ValueError(f"cannot resume from {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "it is damaged or from another model: move it away to train from the start") from None
-        _check_recipe(ck.get("recipe", {}), cfg.recipe, ckpt_path)
         best_sha256 = ck.get("best_sha256")
         if dist_info.is_main:
             _commit_pending_best(ck, best_path, pending)

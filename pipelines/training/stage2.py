@@ -5,6 +5,7 @@ the validation split and stored in its model card.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -59,11 +60,19 @@ def _recipe(cfg: Stage2Config, drop: set[str]) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in drop}
 
 
-def _resume_recipe(cfg: Stage2Config, data_note: dict | None, **more: object) -> dict[str, str]:
+def _resume_recipe(cfg: Stage2Config, data_note: dict | None, train: CropSet, val: CropSet,
+                   **more: object) -> dict[str, str]:
     """What a resume of this training must keep: the settings, the data and, for the
-    classifier, the model and where it started from."""
-    return {**recipe_of(cfg), **{k: json.dumps(v, default=str, sort_keys=True)
-                                 for k, v in {"data": data_note, **more}.items()}}
+    classifier, the model and where it started from. The data by content (`crops`: their
+    pixels and labels): a box file or manifest edited at the same path was resumed unsaid,
+    as were all manifests without a sha256 column, whose split fingerprint is empty (an audit)."""
+    digest = hashlib.sha256()
+    for part in (train, val):
+        digest.update(part.images.numpy().tobytes())
+        digest.update(part.kinds.numpy().tobytes())
+        digest.update(str(len(part)).encode())
+    return {**recipe_of(cfg), "crops": digest.hexdigest()[:16],
+            **{k: json.dumps(v, default=str, sort_keys=True) for k, v in {"data": data_note, **more}.items()}}
 
 
 def _rule_note(cfg: Stage2Config, space: str) -> str:
@@ -171,7 +180,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     ae = DeepSADAutoencoder().to(device)
     loader = DataLoader(CropDataset(regular_only), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     common = dict(warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
-                  resume=cfg.resume, progress=cfg.progress, recipe=_resume_recipe(cfg, data_note))
+                  resume=cfg.resume, progress=cfg.progress, recipe=_resume_recipe(cfg, data_note, train, val))
     ae_fit = fit(ae, AutoencoderTask(val), loader,
                  torch.optim.Adam(ae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
                  LoopConfig(out_dir=out / "autoencoder", epochs=cfg.pretrain_epochs, select_metric="mse",
@@ -269,7 +278,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
                  LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, warmup_iters=0,
                             schedule="constant", grad_clip=None, amp=cfg.amp, select_metric="roc_auc",
                             resume=cfg.resume, progress=cfg.progress,
-                            recipe=_resume_recipe(cfg, data_note, model=asdict(model_cfg), init=init_card)), device)
+                            recipe=_resume_recipe(cfg, data_note, train, val, model=asdict(model_cfg),
+                                                  init=init_card)), device)
     model.load_state_dict(load_file(str(result.best_weights)))
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
