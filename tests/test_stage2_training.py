@@ -338,6 +338,20 @@ def test_every_training_command_refuses_an_out_it_cannot_write_before_any_work(t
     assert r.exit_code == 2 and not (tmp_path / "new").exists(), r.output
 
 
+def test_train_detector_refuses_an_extra_ratio_without_its_set_and_a_set_it_would_never_draw(tmp_path):
+    """Either alone trained on the real photos only, exit 0; a negative ratio blamed the batch size (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    none = str(tmp_path / "none.json")
+    for extra, said in ((["--extra-ratio", "0.5"], "mixes in nothing"), (["--extra-coco", none], "at 0 none is drawn"),
+                        (["--extra-coco", none, "--extra-ratio", "-1"], "greater than or equal to 0")):
+        r = CliRunner().invoke(app, ["train-detector", none, none, "-o", str(tmp_path / "run"), *extra],
+                               env={"COLUMNS": "200"})
+        assert r.exit_code == 2 and said in r.output, (extra, r.output)
+
+
 def test_a_model_that_scores_every_validation_crop_alike_is_warned_about(caplog):
     """A classifier trained at --lr 1e3 read AUC 0.5 with a threshold of 1.0 and was exported
     without a word."""

@@ -26,7 +26,8 @@ def train_detector_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
-    extra_ratio: Annotated[float, typer.Option(help="Extra samples per real sample each epoch.")] = 0.0,
+    extra_ratio: Annotated[float, typer.Option(min=0.0, help="Extra samples per real sample each epoch "
+                                                             "(needs --extra-coco, and it needs this > 0).")] = 0.0,
     backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone state dict.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
         help="A detector card of ours to start from (same architecture), e.g. one trained on synthetic data.")] = None,
@@ -44,6 +45,9 @@ def train_detector_cmd(
     from pipelines.training.detector import DetectorTrainConfig, train_detector
 
     training_output(out, "detector.json", resume)
+    if (extra_coco is None) != (extra_ratio == 0):  # either alone trained without the extra set, unsaid
+        _fail("--extra-ratio without --extra-coco mixes in nothing" if extra_coco is None else
+              "--extra-coco needs --extra-ratio > 0 (extra samples per real one each epoch): at 0 none is drawn")
     try:
         model = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size,
                                pretrained_backbone=backbone_weights is not None, fpn_channels=fpn_channels)
