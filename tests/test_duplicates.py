@@ -63,7 +63,7 @@ def test_engine_keys_group_exact_reencoded_and_resized_copies_and_nothing_else(e
     assert sorted(df["path"]) == ["a.jpg", "a_copy.jpg", "a_double.jpg", "a_half.jpg", "a_q55.jpg"]
     assert set(df["duplicate_of"]) == {"a.jpg"} and set(df["group"]) == {1}
     kinds = dict(zip(df["path"], df["kind"]))
-    assert kinds["a_copy.jpg"] == "exact" and kinds["a_q55.jpg"] == kinds["a_half.jpg"] == "near"
+    assert kinds["a.jpg"] == kinds["a_copy.jpg"] == "exact" and kinds["a_q55.jpg"] == kinds["a_half.jpg"] == "near"
     assert dict(zip(df["path"], df["evidence"]))["a_copy.jpg"] == "sha256"
 
 
@@ -96,7 +96,7 @@ def test_each_key_alone_links_a_near_copy_within_its_threshold():
     }
     for key, (ph, ch, emb) in cases.items():
         df = find_duplicates(["x", "y"], ["s1", "s2"], ph, ch, emb, cfg)
-        assert list(df["kind"]) == ["near", "near"] or list(df["kind"]) == ["exact", "near"], key
+        assert list(df["kind"]) == ["near", "near"], key  # neither's bytes are the other's
         assert list(df["evidence"]) == [key, key], key
 
 
@@ -128,14 +128,22 @@ def test_groups_are_numbered_by_first_path_and_point_to_it():
     assert set(df["kind"]) == {"exact"}
 
 
-def test_copies_chain_into_one_group_and_kind_is_relative_to_the_first_path():
-    # a -(sha)- b -(phash)- c -(embedding)- d: one group; only a's bytes twin is exact
+def test_copies_chain_into_one_group_and_exact_means_a_byte_twin_in_the_group():
+    # a -(sha)- b -(phash)- c -(embedding)- d: one group; a and b are each other's bytes
     e = _unit(3)
     df = find_duplicates(["a", "b", "c", "d"], ["s", "s", "t", "u"], [H0, H0, H0_NEAR, H_FAR], None,
                          [None, None, encode_embedding(e), encode_embedding(e)],
                          DuplicateConfig(max_phash_distance=4, min_cosine=0.99))
     assert list(df["kind"]) == ["exact", "exact", "near", "near"]
     assert list(df["evidence"]) == ["sha256", "sha256", "phash", "embedding"]
+
+
+def test_a_groups_first_path_is_not_exact_without_a_byte_twin_and_twins_of_another_photo_are():
+    """`exact` meant "the first path's bytes": a crop sorting first was exact, and two byte
+    twins of it were near, so dropping the exact rows dropped the crop and kept both twins (an audit)."""
+    df = find_duplicates(["a_crop", "b", "c"], ["s1", "s2", "s2"], [H0, H0_NEAR, H0_NEAR], None, None,
+                         DuplicateConfig(max_phash_distance=4))
+    assert list(df["path"]) == ["a_crop", "b", "c"] and list(df["kind"]) == ["near", "exact", "exact"]
 
 
 def test_the_approximate_index_above_exact_below_finds_planted_copies():

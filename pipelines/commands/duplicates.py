@@ -107,9 +107,9 @@ def duplicates_cmd(
         typer.echo(f"warning: {seen['unreadable']} of {seen['photos']} files could not be read as photos and are "
                    "in no group", err=True)
     write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
-    exact = int((df["kind"] == "exact").sum() - df["group"].nunique()) if len(df) else 0
+    exact = int((df["kind"] == "exact").sum()) if len(df) else 0
     typer.echo(f"{seen['photos']} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
-               f"{len(df)} members ({max(exact, 0)} byte-identical to their group's first path)")
+               f"{len(df)} members ({exact} byte-identical to another member)")
     typer.echo(f"wrote {out}")
 
 

@@ -269,7 +269,9 @@ def find_duplicates(
 ) -> pd.DataFrame:
     """One row per member of every group of >= 2 photos: path, group (1, 2, ... in order of
     the groups' first paths), duplicate_of (the group's first path), kind (exact when the
-    member's sha256 is the first path's, else near), evidence (the strongest key that joined
+    member's bytes are another member's, its sha256 shared in the group; else near: before,
+    exact meant "the first path's bytes", so a group's first path was always exact, even a
+    crop, and two byte twins of a third photo were near: an audit), evidence (the strongest key that joined
     the member: sha256, phash, aligned, crop_hash, embedding). A missing key (None: an
     unreadable file, no cervix crop) joins nothing. `embeddings` are base64 strings
     (QCResult.embedding) or a float array [N, D] whose missing rows are NaN. `read(path)`
@@ -435,9 +437,9 @@ def _groups(paths: np.ndarray, sha: np.ndarray, i: np.ndarray, j: np.ndarray, ke
     order = {c: g for g, c in enumerate(first_row.index, start=1)}  # first appearance in path order
     df["group"] = df["component"].map(order)
     df["duplicate_of"] = paths[first_row.loc[df["component"]].to_numpy()]
-    first_sha = sha[first_row.loc[df["component"]].to_numpy()]
-    own_sha = sha[df["row"].to_numpy()]
-    df["kind"] = np.where((own_sha == first_sha) & pd.notna(own_sha), "exact", "near")
+    df["sha"] = sha[df["row"].to_numpy()]
+    twins = df[df["sha"].notna()].groupby(["component", "sha"])["row"].transform("size")
+    df["kind"] = np.where(twins.reindex(df.index).fillna(0) >= 2, "exact", "near")
     df["evidence"] = np.asarray(KEYS, dtype=object)[evidence[df["row"].to_numpy()]]
     return df.sort_values(["group", "path"], kind="stable")[COLUMNS].reset_index(drop=True)
 
