@@ -118,6 +118,10 @@ def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
                             "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert list(pd.read_csv(tmp_path / "d.csv")["path"]) == ["a.jpg", "a_crop.jpg"]
+    from pipelines.data.duplicates import compared_paths
+
+    every = {p.name for p in folder.iterdir()}
+    assert compared_paths(tmp_path / "d.csv") == every  # beside the table: every photo it compared
 
     out = tmp_path / "clean"
     r = runner.invoke(app, ["clean", str(folder), "-o", str(out), "--weights", str(weights), "--device", "cpu"])
@@ -127,6 +131,7 @@ def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
     assert groups["a.jpg"] == groups["a_crop.jpg"] != "" and all(groups[f"other{i}.jpg"] == "" for i in range(3))
     # `split --duplicates` reads the clean folder's own table, crops included
     assert list(read_duplicates(out)["path"]) == ["a.jpg", "a_crop.jpg"]
+    assert compared_paths(out) == compared_paths(out / "duplicates.csv") == every  # the run's state
     # a clean folder is grouped again from its state: with the photos' folder, and without
     r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d2.csv"), "--images", str(folder)])
     assert r.exit_code == 0 and list(pd.read_csv(tmp_path / "d2.csv")["path"]) == ["a.jpg", "a_crop.jpg"]

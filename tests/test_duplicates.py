@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -218,6 +219,26 @@ def test_merge_duplicates_puts_the_group_under_one_patient_and_one_split(tmp_pat
     # the merged patients' other photos follow them, so no patient straddles splits either
     assert (df.groupby("patient_id")["split"].nunique() == 1).all()
     assert set(group["patient_id_original"]) == {m.split("/")[1].split("_")[0] for m in members}
+
+
+def test_split_says_when_manifest_photos_were_never_compared_by_the_duplicates_table(tmp_path):
+    """The table lists group members only: one made on a subfolder, or before photos were
+    added, passed a split whose copies it never saw, unsaid (an audit)."""
+    from pipelines.data.duplicates import compared_file
+
+    manifest = _manifest(tmp_path)
+    dup, members = _across_group(tmp_path, manifest)
+    merge = ["--merge-duplicates"]
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup, *merge])
+    assert r.exit_code == 0 and "does not say which photos it compared" in r.output, r.output
+    paths = pd.read_csv(manifest)["path"]
+    pd.DataFrame({"path": paths[:15]}).to_csv(compared_file(Path(dup)), index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup, *merge])
+    assert r.exit_code == 0 and "25 of the manifest's 40 photos were not compared" in r.output, r.output
+    assert sorted(paths[15:])[0] in r.output
+    pd.DataFrame({"path": paths}).to_csv(compared_file(Path(dup)), index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", dup, *merge])
+    assert r.exit_code == 0 and "not compared" not in r.output and "does not say" not in r.output, r.output
 
 
 def test_split_reads_groups_from_a_clean_output_folder(tmp_path):

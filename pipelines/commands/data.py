@@ -203,7 +203,7 @@ def split(
 
 def _duplicate_groups(df, source: Path):
     """The duplicate table restricted to the manifest's paths, with a note when they miss."""
-    from pipelines.data.duplicates import read_duplicates
+    from pipelines.data.duplicates import compared_file, compared_paths, read_duplicates
     from pipelines.data.splits import path_key
 
     if not source.exists():
@@ -217,6 +217,16 @@ def _duplicate_groups(df, source: Path):
     outside = len(groups) - len(listed)
     typer.echo(f"duplicates: {listed['group'].nunique()} groups, {len(listed)} photos of the manifest"
                + (f" ({outside} photos of the table are not in it)" if outside else ""))
+    compared = compared_paths(source)
+    if compared is None:
+        typer.echo(f"note: {source} does not say which photos it compared (no {compared_file(source).name}): "
+                   "photos added since it was made are unchecked", err=True)
+    else:
+        unseen = sorted(k for k in known if k not in compared)
+        if unseen:
+            typer.echo(f"warning: {len(unseen)} of the manifest's {len(known)} photos were not compared when "
+                       f"{source} was made (first: {', '.join(unseen[:3])}): copies of them go unseen; run "
+                       "`cervixqc duplicates` over the whole collection", err=True)
     return listed
 
 

@@ -53,7 +53,9 @@ def duplicates_cmd(
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
     from pipelines.clean import on_disk, reader
-    from pipelines.data.duplicates import duplicates_of_records, read_clean_state
+    import pandas as pd
+
+    from pipelines.data.duplicates import compared_file, duplicates_of_records, read_clean_state
     from pipelines.outputs import write_atomically
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
@@ -95,11 +97,13 @@ def duplicates_cmd(
 
         records = engine_records()
     seen = {"photos": 0, "unreadable": 0}
+    compared: list[str] = []
 
     def counted(rs):  # counted on the way through
         for r in rs:
             seen["photos"] += 1
             seen["unreadable"] += r.label.value == "unreadable"
+            compared.append(r.path)
             yield r
 
     df = duplicates_of_records(counted(records), cfg, read=None if root is None else reader(root))
@@ -107,6 +111,8 @@ def duplicates_cmd(
         typer.echo(f"warning: {seen['unreadable']} of {seen['photos']} files could not be read as photos and are "
                    "in no group", err=True)
     write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
+    # what was compared, for `split` to tell "no copy" from "never compared"
+    write_atomically(compared_file(out), lambda tmp: pd.DataFrame({"path": compared}).to_csv(tmp, index=False))
     exact = int((df["kind"] == "exact").sum()) if len(df) else 0
     typer.echo(f"{seen['photos']} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({exact} byte-identical to another member)")

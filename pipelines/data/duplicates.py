@@ -42,6 +42,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, VerdictStore, verdict_setting
+from pipelines.data.schema import path_key
 from pipelines.engine.hashes import decode_embeddings, hash_bits
 from pipelines.engine.qc_result import QCResult
 
@@ -500,6 +501,31 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
         raise ValueError(f"{path}: group must be a whole number; not on line {', '.join(map(str, bad[:10]))}"
                          + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
     return df.assign(group=groups.astype(int))
+
+
+def compared_file(table: Path) -> Path:
+    """Beside a duplicates table, the photos it compared: the table lists group members only,
+    so a photo in no group was "compared, no copy" or "never compared", and `split` passed a
+    table made on a subfolder, or before photos were added, checking almost nothing, unsaid."""
+    return table.with_name(f"{table.stem}.compared.csv")
+
+
+def compared_paths(source: Path) -> set[str] | None:
+    """The paths a duplicates table (or a clean folder) compared, keyed as `path_key` spells
+    them; None when it does not say (a table written before the list was kept)."""
+    folder = source if source.is_dir() else source.parent if source.name == "duplicates.csv" else None
+    if folder is not None and (folder / "state.sqlite").is_file():  # a clean run's: its state's photos
+        db = sqlite3.connect(f"file:{folder / 'state.sqlite'}?mode=ro", uri=True)
+        try:
+            return {path_key(p) for (p,) in db.execute("SELECT path FROM results")}
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            db.close()
+    listed = compared_file(source)
+    if source.is_dir() or not listed.is_file():
+        return None
+    return {path_key(p) for p in pd.read_csv(listed, dtype={"path": str}, keep_default_na=False)["path"]}
 
 
 def _exports_current(db_path: Path) -> bool:
