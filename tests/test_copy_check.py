@@ -111,7 +111,7 @@ def test_keypoints_beyond_the_memory_limit_go_to_a_temporary_file_that_is_remove
     assert list(spill.iterdir()) == []  # and removed
 
 
-def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
+def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path, caplog):
     folder = _collection(tmp_path)
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
     r = runner.invoke(app, ["duplicates", str(folder), "-o", str(tmp_path / "d.csv"), "--weights", str(weights),
@@ -137,6 +137,18 @@ def test_duplicates_command_and_clean_find_a_cropped_copy(tmp_path):
     assert r.exit_code == 0 and list(pd.read_csv(tmp_path / "d2.csv")["path"]) == ["a.jpg", "a_crop.jpg"]
     r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d3.csv")])
     assert r.exit_code == 0 and "no --images" in r.output
+    # a wrong --images read nothing and fell back to the keys, exit 0, unsaid (an audit)
+    r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d4.csv"), "--images", str(weights)])
+    assert r.exit_code == 2 and "holds none of the run's photos" in r.output, r.output
+    partial = tmp_path / "partial"  # the crop moved away: its pair cannot be judged, and that is said
+    partial.mkdir()
+    for p in folder.iterdir():
+        if p.name != "a_crop.jpg":
+            (partial / p.name).write_bytes(p.read_bytes())
+    with caplog.at_level("WARNING", logger="pipelines.data.duplicates"):
+        r = runner.invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d4.csv"), "--images", str(partial)])
+    assert r.exit_code == 0 and pd.read_csv(tmp_path / "d4.csv").empty
+    assert "pairs not judged, a photo unreadable" in caplog.text
     # switched off, clean groups by the keys alone
     r = runner.invoke(app, ["clean", str(folder), "-o", str(tmp_path / "clean2"), "--weights", str(weights),
                             "--device", "cpu", "--no-pixel-check"])

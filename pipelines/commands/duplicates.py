@@ -71,6 +71,8 @@ def duplicates_cmd(
     if clean_folder:
         records = read_clean_state(src)
         root = images
+        if images is not None:
+            _require_photos_in(images, src)
         if root is None and cfg.verify_k > 0:
             typer.echo("no --images: cropped and turned copies are not looked for (keys only)", err=True)
     else:
@@ -117,6 +119,17 @@ def duplicates_cmd(
     typer.echo(f"{seen['photos']} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({exact} byte-identical to another member)")
     typer.echo(f"wrote {out}")
+
+
+def _require_photos_in(images: Path, run: Path) -> None:
+    """--images must hold the run's photos: a wrong folder read none, and the crops and turns
+    went unfound behind an exit 0 (an audit). The first 50 paths are looked for."""
+    from pipelines.data.duplicates import compared_paths
+
+    first = sorted(compared_paths(run) or ())[:50]
+    if first and not any((images / p).is_file() for p in first):
+        _fail(f"--images {images} holds none of the run's photos (looked for {len(first)}, e.g. {first[0]}): "
+              "give the folder the run cleaned")
 
 
 def eval_duplicates_cmd(

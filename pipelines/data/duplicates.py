@@ -377,7 +377,7 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     check.prepare([paths[r] for r in unknown], threads=torch.get_num_threads())
     prepared = time.perf_counter() - t0
     keep_i, keep_j = [], []
-    checked, found, unread = 0, {}, 0
+    checked, found, unread, plain = 0, {}, 0, 0
     try:
         with _faiss_threads(1):  # 500 x 500 descriptors a search: threads cost more than they save
             for a, b in todo:
@@ -390,6 +390,7 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
                     checked += 1
                     verdict = check(paths[a], paths[b])
                     copy = verdict.copy
+                    plain += verdict.reason == "too few keypoints"
                     if k is not None and verdict.reason != "unreadable":
                         found[k] = copy
                     else:
@@ -405,6 +406,14 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     log.info("pixel check: %d candidate pairs, %d checked, %d known from before, %d copies; %d photos read, "
              "keypoints %.1f s, pairs %.1f s", len(ci), checked, len(known), len(keep_i), check.photos_read,
              prepared, time.perf_counter() - t0 - prepared)
+    # said, not only stored: a wrong --images folder read nothing and fell back to the keys
+    # unsaid, and smooth photos (dark, blurred) are beyond the check's keypoints (an audit)
+    if unread:
+        log.warning("pixel check: %d of %d pairs not judged, a photo unreadable (moved, or --images another "
+                    "folder?): cropped and turned copies among them go unfound", unread, checked)
+    if plain:
+        log.info("pixel check: %d pairs too plain to judge (too few keypoints: smooth, dark or blurred photos): "
+                 "their cropped or turned copies go unfound", plain)
     return np.asarray(keep_i, dtype=np.int64), np.asarray(keep_j, dtype=np.int64)
 
 
