@@ -213,6 +213,8 @@ def test_merge_duplicates_puts_the_group_under_one_patient_and_one_split(tmp_pat
                             "--merge-duplicates"])
     assert r.exit_code == 0, r.output
     assert "merged duplicates: 1 groups" in r.output
+    ids = sorted(m.split("/")[1].split("_")[0] for m in members)
+    assert f"{ids[1]} -> {ids[0]}" in r.output  # which ids, not only how many
     df = pd.read_csv(tmp_path / "o.csv", keep_default_na=False)
     group = df[df["path"].isin(members)]
     assert group["split"].nunique() == 1 and group["patient_id"].nunique() == 1

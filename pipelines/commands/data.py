@@ -234,12 +234,17 @@ def _merge_patients(df, groups) -> None:
     from pipelines.data.splits import merge_duplicate_patients
 
     merge = merge_duplicate_patients(df, groups)
+    moved = (df.loc[merge.patient_id != df["patient_id"], "patient_id"].to_frame("old")
+             .assign(new=merge.patient_id).drop_duplicates().sort_values("old"))
     if merge.patients_merged:
         if "patient_id_original" not in df.columns:  # a second merge keeps the first one's originals
             df["patient_id_original"] = df["patient_id"]
         df["patient_id"] = merge.patient_id
     typer.echo(f"merged duplicates: {merge.groups_merged} groups spanned several patient ids; "
                f"{merge.patients_merged} patient ids folded into another")
+    if len(moved):  # which, not only how many (the refusal names every group): an audit
+        typer.echo("  " + ", ".join(f"{o} -> {n}" for o, n in moved.head(10).itertuples(index=False))
+                   + (f", and {len(moved) - 10} more (patient_id_original keeps every one)" if len(moved) > 10 else ""))
 
 
 def _refuse_split_duplicates(df, groups) -> None:
