@@ -392,3 +392,13 @@ def test_a_cervix_photo_without_a_box_is_refused_by_training_unless_allowed_and_
     assert "left out, no box: 3 train" in r.output
     card = json.loads((tmp_path / "c" / "colour.json").read_text())
     assert card["data"]["left_out_without_box"] == {"train": 3}
+
+
+def test_deep_sad_without_labelled_anomalies_says_it_trains_as_deep_svdd(split_set, tmp_path, caplog):
+    """With no green or iodine crop it ran as Deep SVDD, its card saying unsupervised: false, unsaid (an audit)."""
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    cfg = Stage2Config(out_dir=tmp_path, epochs=1, pretrain_epochs=1, batch_size=8, progress=False)
+    with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
+        train_deep_sad(cfg, crops["train"].subset(crops["train"].kinds == 0), crops["val"], torch.device("cpu"))
+    assert "this trains as Deep SVDD" in caplog.text

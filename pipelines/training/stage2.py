@@ -174,6 +174,10 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     """Pretrain the autoencoder, copy its encoder, set c, train Deep SAD, calibrate, export."""
     _check_val_has_both_classes(val)
     _check_train_classes(train, cfg.synthesise, needs_non_regular=False)
+    if not cfg.unsupervised and cfg.synthesise <= 0 and not int(train.non_regular.sum()):
+        # it ran so, its card saying unsupervised: false (an audit)
+        log.warning("no green or iodine crop in the training split and no --synthesise: with no labelled "
+                    "anomalies this trains as Deep SVDD (the paper's unsupervised baseline), not Deep SAD")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
