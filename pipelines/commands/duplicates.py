@@ -52,9 +52,9 @@ def duplicates_cmd(
     closest photos checked with the pixels). Writes duplicates.csv, one row per member of each
     group: path, group, duplicate_of (the group's first path), kind (exact | near), evidence
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
-    from pipelines.clean import on_disk, reader
     import pandas as pd
 
+    from pipelines.clean import on_disk, reader
     from pipelines.data.duplicates import compared_file, duplicates_of_records, read_clean_state
     from pipelines.outputs import write_atomically
 
