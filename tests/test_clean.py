@@ -304,7 +304,11 @@ def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_befor
         r = CliRunner().invoke(app, ["clean", str(collection), "--weights", str(weights), *extra])
         assert r.exit_code != 0 and all(m in r.output for m in messages), (extra, r.output)
     assert _checksums(collection) == before
-    assert not (tmp_path / "out" / "state.sqlite").exists()
+    assert not (tmp_path / "out").exists()  # nothing left made by a refusal (an empty -o was)
+    r = CliRunner().invoke(app, ["clean", str(collection), "--weights", str(tmp_path / "no-weights"),
+                                 "-o", str(tmp_path / "new" / "out"), "--quarantine", str(tmp_path / "newq" / "q")])
+    assert r.exit_code == 2 and "no weights in" in r.output, r.output
+    assert not (tmp_path / "new").exists() and not (tmp_path / "newq").exists()
 
 
 def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_run(weights, collection, tmp_path):

@@ -188,6 +188,9 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
              for n in ("cut.jpg", "tiny.jpg")]
     pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
+    refused = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights",
+                                       str(tmp_path / "none"), "-o", str(tmp_path / "cal")])
+    assert refused.exit_code == 2 and not (tmp_path / "cal").exists()  # an empty -o was left (an audit)
     result = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights", str(weights),
                                       "-o", str(tmp_path / "cal"), "--max-false-flags", "0.1"])
     assert result.exit_code == 0, result.output

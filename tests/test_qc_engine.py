@@ -473,3 +473,21 @@ def test_bench_takes_every_readable_photo_of_a_folder_leaves_out_the_rest_and_it
     r = CliRunner().invoke(app, ["bench", "--images", str(photos), "--weights", str(always_cervix)])
     assert r.exit_code == 2 and "no readable photos" in r.output and "2 files" in r.output
     assert list(spill.iterdir()) == []  # its temp folder went with the run, failed or not
+
+
+def test_bench_refuses_damaged_weights_in_one_line_before_any_mode_runs(always_cervix, tmp_path):
+    """Each mode's process failed on them in turn: a traceback and exit 1, after the modes
+    before it had run, and an empty -o folder left (an audit)."""
+    import shutil
+
+    damaged = tmp_path / "w"
+    shutil.copytree(always_cervix, damaged)
+    data = bytearray((damaged / "deep_sad.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "deep_sad.safetensors").write_bytes(bytes(data))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "ok.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    r = CliRunner().invoke(app, ["bench", "--images", str(tmp_path / "photos"), "--weights", str(damaged),
+                                 "--device", "cpu", "-o", str(tmp_path / "new" / "bench.json")])
+    assert r.exit_code == 2 and "does not match" in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "new").exists()

@@ -55,6 +55,20 @@ def _weights_folder(weights: Path) -> None:
         _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
 
 
+def _checked_weights(weights: Path, exports: bool) -> None:
+    """The folder checked as the service checks it before it starts, `exports` (OpenVINO)
+    included, without building a model: for commands whose engines start elsewhere (Ray's
+    actors, bench's child processes), where a bad file was a traceback per process."""
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import check_weights
+
+    _weights_folder(weights)
+    try:
+        check_weights(weights, exports=exports)
+    except (WeightsIntegrityError, ValueError) as e:
+        _fail(str(e))
+
+
 def _engine(weights: Path, **config):
     """The engine, with a clear exit instead of a traceback for weights it cannot run."""
     from models.io import WeightsIntegrityError
@@ -171,8 +185,8 @@ def clean(
     if address is None:  # this machine's devices: --device cuda without one left an empty -o behind (an audit)
         device_or_fail(device)
     for name, folder in (("--out", out), ("--quarantine", quarantine)):
-        if folder is not None:
-            require_writable(name, folder)
+        if folder is not None:  # made when written: a refusal after this (weights, another run's) left them
+            require_writable(name, folder, keep=False)
     try:
         summary = _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime,
                                        precision, engine, address, actors, findings, pixel_check, listed)
@@ -233,15 +247,14 @@ def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: O
     it, exports included (a damaged OpenVINO export killed every actor, 384 lines of tracebacks:
     an audit)."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import check_weights, decision_for
+    from pipelines.engine.qc import decision_for
 
     try:
         import ray  # noqa: F401
     except ImportError:
         _fail("--engine ray needs Ray: install cervixqc with its ray extra (make test installs every extra)")
-    _weights_folder(weights)
+    _checked_weights(weights, exports=runtime != "torch")
     try:
-        check_weights(weights, exports=runtime != "torch")
         decision = decision_for(weights, policy)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
@@ -292,14 +305,22 @@ def bench(
 
     if images is not None and not images.is_dir():
         _fail(f"--images {images}: not a folder")
+    if weights is not None:  # each mode's child process failed on them, a traceback after the modes before it
+        _checked_weights(weights, exports=any(runtime != "torch" for runtime, _, _ in chosen))
     if out is not None:
-        require_writable("--out", out, file=True)  # before the benchmark's minutes
+        require_writable("--out", out, file=True, keep=False)  # before the benchmark's minutes
     if keep_mix is not None and mix_from is None:
         _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
     try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
         result = _bench_in(work, images, mix_from, keep_mix, weights, n_images, batch_size, device, jpeg_decoder,
                            chosen, sizes)
+    except typer.Exit:  # a RuntimeError too, in click
+        raise
+    except RuntimeError as e:  # a mode's process failed: which, and its error's last line, not a traceback
+        lines = str(e).strip().splitlines() or [repr(e)]
+        typer.echo(f"error: {lines[0].rstrip(':')}" + (f": {lines[-1]}" if len(lines) > 1 else ""), err=True)
+        raise typer.Exit(1) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     naive = result["naive"]
@@ -318,6 +339,7 @@ def bench(
                    f"{run['labels_differing_from_first_batched']['count']}, findings flags "
                    f"{run['findings_differing_from_first_batched']['count']}; {split}", err=as_json)
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)
 
 

@@ -61,7 +61,7 @@ def eval_pipeline_cmd(
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
 
     device = device_or_fail(device)
-    require_writable("--out", out)  # before the engine pass
+    require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
     df = _rows(manifest, split)
     qc = _engine(weights, device=device)

@@ -32,7 +32,7 @@ def calibrate_findings_cmd(
     from models.io import sha256_file
 
     df = _split_manifest(manifest)
-    require_writable("-o", out)  # before the minutes of scoring
+    require_writable("-o", out, keep=False)  # before the minutes of scoring; made when the files are written
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
     qc = _engine(weights)
     # every finding scored (thresholds are what this command decides)
