@@ -259,6 +259,17 @@ class StateStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()
         return json.loads(row[0]) if row else None
 
+    def quarantined_as(self) -> str | None:
+        """The quarantine (folder and findings) the stored rows have their copies in."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'quarantined_as'").fetchone()
+        return row[0] if row else None
+
+    def mark_quarantined_as(self, setting: str | None) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM meta WHERE key = 'quarantined_as'")
+            if setting is not None:
+                self.db.execute("INSERT INTO meta VALUES ('quarantined_as', ?)", (setting,))
+
     def done(self) -> set[str]:
         """Paths with a final row. A file the OS could not read (missing, no permission, an I/O
         error: `READ_AGAIN`) is tried again by the next run: a manifest row whose file arrives
@@ -632,6 +643,23 @@ def plan_run(store: StateStore, inputs: list[str], src_root: Path) -> tuple[set[
     return done, [p for p in inputs if p not in done], stale
 
 
+def quarantine_done_rows(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
+                         done: Collection[str]) -> None:
+    """The copies of rows stored before this quarantine, or these findings, were asked for: a
+    rerun with a new or added --quarantine (or --quarantine-findings) copied nothing for the
+    rows already done, exit 0 (an audit). The setting the rows have their copies under is
+    kept in the state, so a rerun under the same one reads no record; copies are hard links,
+    and those already there are taken as they are."""
+    setting = None if quarantine is None else json.dumps([str(quarantine.resolve()), sorted(findings)])
+    if store.quarantined_as() == setting:
+        return
+    if quarantine is not None and done:
+        failed = quarantine_results(src_root, store.records(done), quarantine, findings)
+        log.info("quarantine copies made for the rows of earlier runs (a new quarantine or findings)%s",
+                 f"; {failed} could not be made" if failed else "")
+    store.mark_quarantined_as(setting)
+
+
 def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) -> None:
     """The quarantine copies (under the old label and flags) of photos that changed since their
     rows, so that a copy of the old photo never stands for the new one. Only a copy that is
@@ -694,6 +722,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     t0 = time.perf_counter()
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
+        quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))

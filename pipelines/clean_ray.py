@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
-                             plan_run, store_batch)
+                             plan_run, quarantine_done_rows, store_batch)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import Label, QCResult
 
@@ -134,6 +134,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     started_here = False
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
+        quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))
         if todo:  # a rerun with nothing left to do starts no cluster

@@ -282,3 +282,20 @@ def test_a_finding_is_flagged_on_the_score_as_stored():
     card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, 0.63584))
     found = judge({name: torch.tensor([0.6358399, 0.63583]) for name in FINDINGS}, card)
     assert [(f["blur"].score, f["blur"].flagged) for f in found] == [(0.63584, True), (0.63583, False)]
+
+
+def test_a_rerun_with_a_new_quarantine_or_added_findings_copies_the_rows_already_done(tmp_path, photos):
+    """Copies were made only as rows were stored: a rerun naming a quarantine, or adding
+    --quarantine-findings, copied nothing for the rows already done, exit 0 (an audit)."""
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.05, findings={**PASS_ALL, "dark": 0.7})
+    out, quarantine = tmp_path / "out", tmp_path / "q"
+    clean(QCPipeline(weights), photos, out)  # no quarantine
+    again = clean(QCPipeline(weights), photos, out, quarantine)
+    assert again.processed_now == 0
+    assert sorted(p.name for p in (quarantine / "no_cervix").iterdir()) == ["dark.jpg", "sharp.jpg"]
+    assert not (quarantine / "dark").exists()
+    clean(QCPipeline(weights), photos, out, quarantine, quarantine_findings=("dark",))
+    assert sorted(p.name for p in (quarantine / "dark").iterdir()) == ["dark.jpg"]
+    (quarantine / "dark" / "dark.jpg").unlink()  # a reviewer's removal is not undone by a rerun as it was
+    clean(QCPipeline(weights), photos, out, quarantine, quarantine_findings=("dark",))
+    assert not (quarantine / "dark" / "dark.jpg").exists()
