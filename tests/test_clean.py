@@ -559,6 +559,12 @@ def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path
     with caplog.at_level("WARNING", logger="pipelines.clean"):
         assert list_inputs(tmp_path) == ["Pe\\xf1a.jpg"]
     assert "1 files are spelt as another file's row" in caplog.text
+    from pipelines.data.schema import on_disk
+
+    # the row is the Latin-1 photo's, as the README says: the literal file took it (an audit)
+    assert on_disk(tmp_path, "Pe\\xf1a.jpg").read_bytes() == b"latin-1"
+    (tmp_path / "Pe\\xf2b.jpg").write_bytes(b"literal alone")  # no Latin-1 twin: the name itself
+    assert on_disk(tmp_path, "Pe\\xf2b.jpg").read_bytes() == b"literal alone"
 
 
 def test_a_quarantine_name_holding_another_file_is_counted_not_taken_as_the_copy(tmp_path):

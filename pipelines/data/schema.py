@@ -78,10 +78,13 @@ def has_backslash(key: str) -> bool:
 
 
 def on_disk(root: Path, key: str) -> Path:
-    """The file a row's `path` names under `root`: the name itself, or, where that is not a
-    file and the key holds `\\xNN` escapes of `row_key`, the name with those bytes."""
+    """The file a row's `path` names under `root`: where the key holds `\\xNN` escapes of
+    `row_key` and the name with those bytes exists, that file (the README's promise: the
+    file literally so spelt beside it gets no row; it took the row, and a literal file
+    added later relabelled the photo's row and released its quarantine copy: an audit);
+    else the name itself."""
     path = root / key
-    if "\\x" not in key or os.path.lexists(path):
+    if "\\x" not in key:
         return path
-    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
-    return root / raw
+    raw = root / _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+    return raw if raw != path and os.path.lexists(raw) else path
