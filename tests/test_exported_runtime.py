@@ -296,6 +296,15 @@ def test_export_command_refuses_unknown_models_and_missing_cards(exported, tmp_p
     save_weights(state, folder / "detector", card.model_copy(update={"config": card.config | {"fpn_channels": 64}}))
     r = CliRunner().invoke(app, ["export", "--weights", str(folder), "--models", "detector"])
     assert r.exit_code == 2 and "detector.json: cannot load it" in r.output, r.output
+    # a damaged second model: refused before the first is written (it was exported, then exit 2: an audit)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(exported, fresh, ignore=shutil.ignore_patterns("*.openvino.*"))
+    data = bytearray((fresh / "deep_sad.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (fresh / "deep_sad.safetensors").write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["export", "--weights", str(fresh), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "deep_sad.safetensors" in r.output, r.output
+    assert not list(fresh.glob("*.openvino.*")) and not (tmp_path / "out").exists()
 
 
 def test_openvino_conversion_cannot_send_telemetry():

@@ -381,17 +381,19 @@ def export(
 
     if int8_calibration is not None and "detector" not in names:
         _fail("--int8-calibration quantizes the detector: add it to --models")
+    loaded = {}
+    for name in names:  # every one before any is written: a damaged second model left the first exported, exit 2
+        try:  # as the engine loads them: a card its builder cannot take is named, not a traceback
+            with loading(weights / f"{name}.json"):
+                loaded[name] = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
+        except WeightsIntegrityError as e:
+            _fail(str(e))
     target = out or weights
     require_writable("--out", target)  # before the calibration's minutes
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
     command = shlex.join(["cervixqc", *sys.argv[1:]])
-    for name in names:
-        try:  # as the engine loads them: a card its builder cannot take is named, not a traceback
-            with loading(weights / f"{name}.json"):
-                model, card = (load_detector if name == "detector" else load_stage2)(weights / f"{name}.json")
-        except WeightsIntegrityError as e:
-            _fail(str(e))
+    for name, (model, card) in loaded.items():
         q = name == "detector" and quantize is not None
         exported = openvino_runtime.export(name, model, card, target, weights / f"{name}.json",
                                            compress_to_fp16=fp16_weights, command=command,
