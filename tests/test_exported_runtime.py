@@ -204,7 +204,10 @@ def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(e
     (folder / "detector.openvino.json").write_text(card.model_dump_json())
     with (folder / "deep_sad.openvino.bin").open("r+b") as f:
         f.write(b"\0\0\0\0")
-    with pytest.raises(WeightsIntegrityError, match="does not match its card"):
+    with pytest.raises(WeightsIntegrityError, match=r"not its card's .* run `cervixqc export --weights"):
+        QCPipeline(folder, QCConfig())
+    (folder / "deep_sad.openvino.bin").unlink()  # read "sha256 missing does not match" (an audit)
+    with pytest.raises(WeightsIntegrityError, match=r"deep_sad.openvino.bin is missing; refusing to load: run"):
         QCPipeline(folder, QCConfig())
 
 

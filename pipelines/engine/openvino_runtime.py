@@ -202,10 +202,14 @@ def verified_export(weights: Path, name: str, source: ModelCard) -> ExportCard |
             f"{path} was exported from other weights ({card.source_sha256[:12]}..., {source.name} is "
             f"{source.sha256[:12]}...); run `cervixqc export --weights {weights}` again")
     for file, want in ((card.xml, card.xml_sha256), (card.bin, card.bin_sha256)):
-        actual = sha256_file(weights / file) if (weights / file).is_file() else "missing"
-        if actual != want:
-            raise WeightsIntegrityError(f"{weights / file}: sha256 {actual[:16]} does not match its card's "
-                                        f"{want[:16]}...; refusing to load")
+        if not (weights / file).is_file():  # read "sha256 missing does not match" (an audit)
+            problem = "is missing"
+        elif (actual := sha256_file(weights / file)) != want:
+            problem = f"has sha256 {actual[:16]}, not its card's {want[:16]}... (damaged, or replaced)"
+        else:
+            continue
+        raise WeightsIntegrityError(f"{weights / file} {problem}; refusing to load: run `cervixqc export --weights "
+                                    f"{weights}` again, or delete the {name}.openvino.* files to convert at start")
     return card
 
 
