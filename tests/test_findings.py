@@ -214,12 +214,46 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     assert "Thresholds at a source that did not choose them" in section and section.count("<td>blur</td>") == 3
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["findings.json", "findings_scores.csv",
                                                                     "findings_thumbs.npz"]  # no temp files left
-    # thumbnails of another run beside the scores: refused, not shown under the wrong scores
-    with np.load(tmp_path / "cal" / "findings_thumbs.npz") as z:
-        np.savez_compressed(tmp_path / "cal" / "findings_thumbs.npz", thumbs=z["thumbs"][:40])
-    r = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "cal"), "-o", str(tmp_path / "r.html")])
-    assert r.exit_code == 2 and "40 thumbnails for 72 score rows" in r.output and not (tmp_path / "r.html").exists()
-    (tmp_path / "cal" / "findings_thumbs.npz").unlink()
+    assert "2 left out, unreadable or refused by the engine" in section  # as the command said
+    import shutil
+
+    shutil.copytree(tmp_path / "cal", tmp_path / "cal0")
+
+    def report(folder: str) -> tuple[int, str]:
+        r = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / folder), "-o", str(tmp_path / "r.html")])
+        assert "Traceback" not in r.output and not (tmp_path / "r.html").exists(), r.output
+        return r.exit_code, r.output
+
+    # damaged or foreign files: one error line each, exit 2 (tracebacks, or a foreign card's
+    # "no test split" page, exit 0: an audit)
+    thumbs = tmp_path / "cal" / "findings_thumbs.npz"
+    thumbs.write_bytes(thumbs.read_bytes()[:1000])
+    code, out = report("cal")
+    assert code == 2 and "is not the file its findings.json was written with" in out
+    card = json.loads((tmp_path / "cal0" / "findings.json").read_text())
+    del card["training"]["files_sha256"]  # a card from before the sha256s: the file's own checks
+    (tmp_path / "cal" / "findings.json").write_text(json.dumps(card))
+    code, out = report("cal")
+    assert code == 2 and "cannot read its thumbnails" in out
+    with np.load(tmp_path / "cal0" / "findings_thumbs.npz") as z:  # another run's, of another size
+        np.savez_compressed(thumbs, thumbs=z["thumbs"][:40])
+    code, out = report("cal")
+    assert code == 2 and "40 thumbnails for 72 score rows" in out
+    (tmp_path / "cal" / "findings.json").write_text('{"x": 1}')
+    assert report("cal")[0] == 2
+    del card["thresholds"]["blur"]
+    (tmp_path / "cal" / "findings.json").write_text(json.dumps(card))
+    code, out = report("cal")
+    assert code == 2 and "no threshold for blur" in out
+    shutil.copy(tmp_path / "cal0" / "findings_thumbs.npz", thumbs)
+    card = json.loads((tmp_path / "cal0" / "findings.json").read_text())
+    del card["training"]["files_sha256"]
+    (tmp_path / "cal" / "findings.json").write_text(json.dumps(card))
+    scores_csv = tmp_path / "cal" / "findings_scores.csv"
+    scores_csv.write_text(scores_csv.read_text().replace("blur", "blurx", 1))
+    code, out = report("cal")
+    assert code == 2 and "no blur column" in out
+    thumbs.unlink()
     r = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "cal"), "-o", str(tmp_path / "r.html")])
     assert r.exit_code == 2 and "no findings_thumbs.npz" in r.output
 

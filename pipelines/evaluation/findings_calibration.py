@@ -19,6 +19,7 @@ degrading a 12 MP original would spend minutes on pixels nobody sees.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -193,20 +194,23 @@ def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thres
     """findings.json (the card the engine reads), findings_scores.csv, findings_thumbs.npz
     (one thumbnail per scores row, for `cervixqc report`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, thumbs=thumbs)
+    npz, csv = buf.getvalue(), scores.to_csv(index=False).encode()
     card = FindingsCard(
         thresholds={k: float(v) for k, v in thresholds.items()},
         training={"command": command, "method": __doc__.split("\n\n")[1].replace("\n", " "),
-                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}},
+                  "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                  # the report's evidence that the three files are one run's (files copied from two
+                  # runs of one size were shown together, unsaid: an audit)
+                  "files_sha256": {"findings_scores.csv": hashlib.sha256(csv).hexdigest(),
+                                   "findings_thumbs.npz": hashlib.sha256(npz).hexdigest()}},
         metrics={**metrics, "data": data},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     # the three written first, then renamed together, the card last: written in place, a run
     # stopped half-way (or rerun into the folder) left thumbnails of another run beside the
     # scores, and the report showed other photos under them
-    def thumbs_npz(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file, not a name: savez_compressed would add .npz to one
-            np.savez_compressed(f, thumbs=thumbs)
-
-    write_together({out_dir / "findings_thumbs.npz": thumbs_npz,
-                    out_dir / "findings_scores.csv": lambda tmp: scores.to_csv(tmp, index=False),
+    write_together({out_dir / "findings_thumbs.npz": lambda tmp: tmp.write_bytes(npz),
+                    out_dir / "findings_scores.csv": lambda tmp: tmp.write_bytes(csv),
                     out_dir / "findings.json": lambda tmp: tmp.write_text(card.model_dump_json(indent=2) + "\n")})
     return card

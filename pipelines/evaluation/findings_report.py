@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +68,46 @@ def _histogram(test: pd.DataFrame, name: str, threshold: float) -> str:
     return _png(fig, f"{name}: test-split scores of originals, ordinary copies and degraded copies")
 
 
+def _checked_files(folder: Path, card: dict) -> None:
+    """The scores and thumbnails are the card's run's (recorded since the card kept their sha256s)."""
+    from models.io import sha256_file
+
+    for name, want in card["training"].get("files_sha256", {}).items():
+        if sha256_file(folder / name) != want:
+            raise ValueError(f"{folder / name} is not the file its findings.json was written with (files of two "
+                             "runs?): run `cervixqc calibrate-findings` into the folder again")
+
+
+def _left_out(data: dict) -> str:
+    """The photos the calibration could not score, said on the page as on the command line."""
+    n = data.get("photos_left_out", 0)
+    return f"; {n} left out, unreadable or refused by the engine" if n else ""
+
+
 def findings_section(folder: Path, n: int = 8) -> str:
-    """HTML for the findings of one `cervixqc calibrate-findings` output folder."""
-    card = json.loads((folder / "findings.json").read_text())
-    if "test" not in card.get("metrics", {}):
+    """HTML for the findings of one `cervixqc calibrate-findings` output folder. A damaged or
+    foreign file is a ValueError naming it: a truncated thumbnail file, a card without
+    thresholds or a renamed score column were tracebacks, and any JSON passed as a card
+    without a test split (an audit)."""
+    from pipelines.engine.findings import load_findings_card
+
+    card = load_findings_card(folder / "findings.json").model_dump()
+    _checked_files(folder, card)
+    if "test" not in card["metrics"]:
         return "<h2>Quality findings</h2><p>The calibration had no test split: no figures to show.</p>"
     scores = pd.read_csv(folder / "findings_scores.csv", keep_default_na=False, na_values=[""])
+    lacking = sorted({"split", "variant", *FINDINGS} - set(scores.columns))
+    if lacking:
+        raise ValueError(f"{folder / 'findings_scores.csv'}: no {', '.join(lacking)} column (not calibrate-findings' "
+                         "scores): run it into the folder again")
     test_split = card["training"].get("config", {}).get("test_split", "test")
     test = scores[scores["split"] == test_split]
-    with np.load(folder / "findings_thumbs.npz") as z:
-        thumbs = z["thumbs"]  # once: each z[...] decompresses the whole array again
+    try:
+        with np.load(folder / "findings_thumbs.npz") as z:
+            thumbs = z["thumbs"]  # once: each z[...] decompresses the whole array again
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{folder / 'findings_thumbs.npz'}: cannot read its thumbnails ({type(e).__name__}): run "
+                         "`cervixqc calibrate-findings` into the folder again") from None
     if len(thumbs) != len(scores):  # files of two runs: the galleries would show other photos
         raise ValueError(f"{folder}: {len(thumbs)} thumbnails for {len(scores)} score rows (files of two runs?): "
                          "run `cervixqc calibrate-findings` into it again")
@@ -88,7 +119,8 @@ def findings_section(folder: Path, n: int = 8) -> str:
     parts = ["<h2>Quality findings</h2>",
              f"<p>{html.escape(card['training'].get('method', ''))}</p>",
              f"<p>Command: <code>{html.escape(card['training'].get('command', ''))}</code>; photos: "
-             f"{html.escape(json.dumps(card['metrics'].get('data', {}).get('photos_by_split', {})))}.</p>",
+             f"{html.escape(json.dumps(card['metrics'].get('data', {}).get('photos_by_split', {})))}"
+             f"{_left_out(card['metrics'].get('data', {}))}.</p>",
              _table(card), _new_source_table(card)]
     for name in FINDINGS:
         t = card["thresholds"][name]
