@@ -81,6 +81,18 @@ def _rows(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
 
 
+_PHOTO_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"II*\x00", b"MM\x00*", b"BM", b"GIF8")
+
+
+def _is_photo(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_PHOTO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
     relative to the manifest's folder. Sorted, so runs and resumes see the same order.
@@ -92,6 +104,10 @@ def list_inputs(src: Path) -> list[str]:
     a manifest's rows are taken as listed."""
     if src.is_file():
         from pipelines.data.manifest import file_key, manifest_header, read_table
+
+        if _is_photo(src):  # read as a table, it was told to save itself as "CSV UTF-8" (an audit)
+            raise ValueError(f"{src.name} is a photo, not a folder or manifest: give its folder, or use "
+                             "`cervixqc predict` for single photos")
 
         table = manifest_header(read_table(src), src)
         if "path" not in table.columns:
@@ -251,9 +267,11 @@ class StateStore:
         models = before.get("models", {})
         changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
                     if models.get(name) != decision["models"].get(name)]
+        same_models = len(changed) == 1 and before.get("policy") != decision["policy"]
+        resume = f"pass --policy {before.get('policy')} to continue it, " if same_models else ""
         raise ResultsFolderError(f"{self.folder} holds labels decided otherwise ({', '.join(changed)}): its rows count "
-                                 "as done and would keep their old labels; choose another --out, or delete it to "
-                                 "label everything again")
+                                 f"as done and would keep their old labels; {resume}choose another --out, or delete "
+                                 "it to label everything again")
 
     def decision(self) -> dict | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()

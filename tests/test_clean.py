@@ -246,7 +246,7 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
     assert first.decision["policy"] == "deep_sad" and set(first.decision["models"]) == {
         "detector", "deep_sad", "classifier"}
     assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
-    with pytest.raises(ResultsFolderError, match="policy deep_sad -> resnest"):
+    with pytest.raises(ResultsFolderError, match="policy deep_sad -> resnest.*pass --policy deep_sad to continue it"):
         clean(QCPipeline(weights, QCConfig(policy="resnest")), collection, out, batch_size=8)
     again = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
     assert again.skipped_done == first.total
@@ -606,3 +606,12 @@ def test_a_name_that_is_not_utf8_spelt_as_clean_spells_it_names_its_file_in_mani
                        categories=[CocoCategory(id=1, name="cervix")])
     image, target = CocoDetection(coco, tmp_path, None, 256, ["cervix"])[0]
     assert image.shape[0] == 3 and len(target["boxes"]) == 1  # decoded (at a DCT scale: 256 px asked)
+
+
+def test_a_photo_given_as_the_source_is_named_as_one(collection):
+    """It was read as a manifest and told to save itself as "CSV UTF-8" (an audit)."""
+    from pipelines.clean import list_inputs
+
+    photo = next(p for p in sorted(collection.rglob("*.jpg")) if p.read_bytes()[:2] == b"\xff\xd8")
+    with pytest.raises(ValueError, match="is a photo, not a folder or manifest: give its folder"):
+        list_inputs(photo)
