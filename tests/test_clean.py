@@ -225,6 +225,13 @@ def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_stil
     try:
         with pytest.raises(ResultsFolderError, match="another clean is writing"):
             clean(QCPipeline(weights), collection, out, batch_size=4)
+        from typer.testing import CliRunner
+
+        from pipelines.cli import app
+
+        # said before any model loads (18.6 s on a busy host: an audit): weights never looked at
+        r = CliRunner().invoke(app, ["clean", str(collection), "-o", str(out), "--weights", str(tmp_path / "none")])
+        assert r.exit_code == 2 and "another clean is writing" in r.output, r.output
     finally:
         holder.close()
     gone = sorted(p for p in collection.rglob("*.jpg"))[0]

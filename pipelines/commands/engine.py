@@ -175,12 +175,13 @@ def clean(
         _fail("--quarantine-findings needs --quarantine")
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
-    from pipelines.clean import ResultsFolderError, check_outputs
+    from pipelines.clean import ResultsFolderError, check_outputs, refuse_folder_in_use
     from pipelines.clean_ray import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
 
     try:
         check_outputs(src, out, quarantine)
-    except ValueError as e:
+        refuse_folder_in_use(out)
+    except ValueError as e:  # ResultsFolderError is one
         _fail(str(e))
     if address is None:  # this machine's devices: --device cuda without one left an empty -o behind (an audit)
         device_or_fail(device)
