@@ -82,6 +82,55 @@ def test_paths_spelt_with_dot_slash_find_their_boxes_in_every_split_and_a_stale_
     assert not (tmp_path / "s_test.json").exists() and "removed" in r.output
 
 
+def _split_with_boxes(tmp_path, manifest, out, coco, seed=0):
+    r = CliRunner().invoke(app, ["split", str(manifest), "-o", str(out), "--coco", str(coco),
+                                 "--fractions", "0.5,0.25,0.25", "--seed", str(seed)])
+    assert r.exit_code == 0, r.output
+    rows = pd.read_csv(out)
+    for name in ("train", "val", "test"):
+        part = json.loads((out.parent / f"{out.stem}_{name}.json").read_text())
+        named = {(out.parent / im["file_name"]).resolve() for im in part["images"]}
+        assert named == {(out.parent / p).resolve() for p in rows.loc[rows["split"] == name, "path"]}, name
+    return rows
+
+
+def test_split_coco_with_absolute_manifest_paths_writes_every_split_box_file(tmp_path):
+    """The manifest's paths and the box file's names were compared as spelt: absolute paths
+    matched no box, no split file was written and the split said exit 0."""
+    names = [f"p{i}.jpg" for i in range(12)]
+    for i, n in enumerate(names):
+        _photo(tmp_path / n, seed=i)
+    coco = _boxes(tmp_path, {n: (64, 48) for n in names})
+    manifest = _manifest(tmp_path, [str(tmp_path / n) for n in names])
+    _split_with_boxes(tmp_path, manifest, tmp_path / "s.csv", coco)
+
+
+def test_split_into_another_folder_writes_its_box_files_beside_it_not_over_another_splits(tmp_path):
+    """`-o other/s.csv` wrote its box files beside the boxes under `s_*.json`, replacing those
+    of the split there: that split's training boxes then held its own test patients."""
+    names = [f"p{i}.jpg" for i in range(16)]
+    for i, n in enumerate(names):
+        _photo(tmp_path / n, seed=i)
+    coco = _boxes(tmp_path, {n: (64, 48) for n in names})
+    manifest = _manifest(tmp_path, names)
+    _split_with_boxes(tmp_path, manifest, tmp_path / "s.csv", coco, seed=0)
+    before = {n: (tmp_path / f"s_{n}.json").read_bytes() for n in ("train", "val", "test")}
+    (tmp_path / "other").mkdir()
+    _split_with_boxes(tmp_path, manifest, tmp_path / "other" / "s.csv", coco, seed=1)
+    assert {n: (tmp_path / f"s_{n}.json").read_bytes() for n in ("train", "val", "test")} == before
+
+
+def test_split_coco_that_names_no_row_is_refused_before_anything_is_written(tmp_path):
+    names = [f"p{i}.jpg" for i in range(4)]
+    for i, n in enumerate(names):
+        _photo(tmp_path / "a" / n, seed=i)
+    coco = _boxes(tmp_path, {n: (64, 48) for n in names})  # names one folder too high
+    manifest = _manifest(tmp_path, [f"a/{n}" for n in names])
+    r = CliRunner().invoke(app, ["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(coco)])
+    assert r.exit_code == 2 and "none of its 4 images is a row of the manifest" in r.output
+    assert not (tmp_path / "s.csv").exists() and not list(tmp_path.glob("s_*.json"))
+
+
 def test_training_decodes_a_16_bit_png_as_the_engine_does(tmp_path):
     """PIL's own conversion turned it white in training while the engine read its greys."""
     from pipelines.data.images import load_rgb

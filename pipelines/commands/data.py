@@ -103,7 +103,7 @@ def split(
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
     test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
-    coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes.")] = None,
+    coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes, beside -o.")] = None,
     folds: Annotated[Optional[int], typer.Option(
         help="K-fold by patient: test = --fold, validation = the next fold, training = the rest; "
              "--test-sources then names held-out sources that are test in every rotation.")] = None,
@@ -162,27 +162,28 @@ def split(
     if groups is not None:
         _refuse_split_duplicates(df, groups)
     if coco is not None:  # read before anything is written: a bad boxes file used to leave the manifest behind
-        from pipelines.data.coco import CocoError, load_coco, save_coco, subset_coco
+        from pipelines.data.coco import CocoError, load_coco, save_coco, split_box_files
 
         try:
             boxes = load_coco(coco)
         except CocoError as e:
             _fail(str(e))
-    write_manifest(rebased(df, out), out)
+    written = rebased(df, out)
     if coco is not None:
-        from pipelines.data.schema import path_key
-
-        boxed = {path_key(im.file_name) for im in boxes.images}
+        try:
+            parts = split_box_files(df, list(written["path"]), boxes, coco.parent)
+        except ValueError as e:
+            _fail(f"--coco {coco}: {e}")
+    write_manifest(written, out)
+    if coco is not None:
         for name in ("train", "val", "test"):
-            rows = df.loc[df["split"] == name, "path"]
-            part = subset_coco(boxes, set(rows))
-            target = coco.parent / f"{out.stem}_{name}.json"  # beside the boxes: file names stay relative to them
+            part, missing = parts[name]
+            target = out.parent / f"{out.stem}_{name}.json"  # beside -o, named as its rows are
             if part.images:
                 typer.echo(f"wrote {save_coco(part, target)}")
             elif target.exists():  # an earlier split's: its photos may be in this one's train
                 target.unlink()
                 typer.echo(f"removed {target}: this split has no {name} photo in {coco.name}")
-            missing = [p for p in rows if path_key(p) not in boxed]
             if missing:
                 typer.echo(f"{len(missing)} {name} rows have no image in {coco.name} (e.g. {missing[:3]}): they are "
                            f"in no {name} box file", err=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,14 +156,28 @@ def save_coco(ds: CocoDataset, path: str | Path) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(ds.model_dump(mode="json"), separators=(",", ":"))))
 
 
-def subset_coco(ds: CocoDataset, file_names: set[str]) -> CocoDataset:
-    """The images (and their boxes) whose file_name is in `file_names` (`./a.jpg` is `a.jpg`);
-    ids are kept."""
-    keys = {path_key(n) for n in file_names}
-    images = [im for im in ds.images if path_key(im.file_name) in keys]
-    ids = {im.id for im in images}
-    return ds.model_copy(update={"images": images,
-                                 "annotations": [a for a in ds.annotations if a.image_id in ids]})
+def split_box_files(df, written: Sequence[str], ds: CocoDataset, root: Path
+                    ) -> dict[str, tuple[CocoDataset, list[str]]]:
+    """Per split of `df` (from `load_manifest`), the images of `ds` (names taken from `root`)
+    that are its rows, renamed to `written` (the paths of the split manifest, which the box file
+    is written beside), and the rows that have none. Matched by the file both name: compared as
+    spelt, a manifest of absolute paths matched no box and no split file was written, exit 0;
+    and files put beside the boxes under the split's name replaced another split's, whose
+    training boxes then held this one's test patients (an audit). Ids are kept."""
+    by_file = {os.path.abspath(on_disk(root, im.file_name)): im for im in ds.images}
+    matched = [by_file.get(os.path.abspath(a)) for a in df["abspath"]]
+    if ds.images and not any(matched):
+        raise ValueError(f"none of its {len(ds.images)} images is a row of the manifest (its names are taken from "
+                         "its own folder, the manifest's paths from the manifest's)")
+    parts = {}
+    for name in ("train", "val", "test"):
+        rows = [i for i, s in enumerate(df["split"]) if s == name]
+        images = [matched[i].model_copy(update={"file_name": written[i]}) for i in rows if matched[i] is not None]
+        ids = {im.id for im in images}
+        part = ds.model_copy(update={"images": images,
+                                     "annotations": [a for a in ds.annotations if a.image_id in ids]})
+        parts[name] = (part, [df["path"].iat[i] for i in rows if matched[i] is None])
+    return parts
 
 
 def size_mismatches(ds: CocoDataset, root: Path) -> list[str]:
