@@ -122,3 +122,31 @@ def test_an_evaluation_on_another_split_than_the_weights_were_trained_under_is_s
     write_manifest(rows.assign(split=["test", "val", "train"]), tmp_path / "other.csv")  # the same photos, moved
     _check_split(tmp_path / "other.csv", weights)
     assert "is not the split any of" in capsys.readouterr().err
+
+
+def test_group_rates_leave_unreadable_photos_out_and_count_them():
+    """Kept in, a corrupt file was a missed cervix: one among 40 read as a model regression."""
+    truth = pd.Series(["regular", "green", "green", "no_cervix"])
+    m = score_group(truth, ["regular", "non_regular", "unreadable", "unreadable"], [None, "green", None, None])
+    assert m["unreadable"] == 2 and m["n"] == 4 and m["n_cervix"] == 2 and m["n_no_cervix"] == 0
+    assert m["cervix_found"] == 1 and m["sensitivity"] == 1 and m["no_cervix_called"] is None
+
+
+def test_eval_pipeline_says_how_many_photos_it_could_not_read_and_fails_when_none(tmp_path):
+    from tests.qc_fixtures import jpeg_bytes, textured_scene
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    (tmp_path / "good.jpg").write_bytes(jpeg_bytes(textured_scene(1)))
+    rows = pd.DataFrame({"path": ["bad.jpg", "good.jpg"], "patient_id": ["p1", "p2"], "source": "s",
+                         "device": "d", "kind": "regular", "split": "test"})
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "m.csv"), "--weights", str(weights), "-o",
+                            str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert "1 unreadable photos left out of every rate" in r.output and "(n=1)" in r.output
+    rows.iloc[:1].to_csv(tmp_path / "m.csv", index=False)
+    r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "m.csv"), "--weights", str(weights), "-o",
+                            str(tmp_path / "ev2")])
+    assert r.exit_code == 1 and "error: not one of the 1 photos could be read" in r.output, r.output
+    assert not (tmp_path / "ev2").exists()

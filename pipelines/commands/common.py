@@ -13,9 +13,10 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One `error:` line; exit 2 for a refusal before any work, 1 for work that failed."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def training_output(out: Path, card: str, resume: bool = False, one_shot: bool = False) -> None:

@@ -28,6 +28,11 @@ def _rows(manifest: Path, split: Optional[str]):
     return df
 
 
+def _rate(x: float | None) -> str:
+    """`-` for a rate with nothing to count, as eval-detector prints it (not `nan`)."""
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def _print(report: dict, policy: str) -> None:
     for name, m in report[policy].items():
         parts = [f"{name:>26}:"]
@@ -36,7 +41,7 @@ def _print(report: dict, policy: str) -> None:
         if m["no_cervix_called"] is not None:
             parts.append(f"no_cervix called {m['no_cervix_called']:.3f} (n={m['n_no_cervix']})")
         if m.get("f1") is not None and m.get("n_non_regular"):
-            parts.append(f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} prec {m['precision']:.3f}")
+            parts.append(f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} prec {_rate(m['precision'])}")
         if m.get("regular_flagged") is not None:
             parts.append(f"regular flagged {m['regular_flagged']:.3f}")
         if m.get("kind_accuracy") is not None:
@@ -72,6 +77,10 @@ def eval_pipeline_cmd(
     # which models these figures are of: two reports of one folder before and after a swapped
     # head could not be told apart (an audit)
     report = evaluate_pipeline(qc, df, results) | {"models": qc.decision["models"]}
+    unreadable = report[qc.policy]["overall"]["unreadable"]
+    if unreadable == len(df):
+        _fail(f"not one of the {len(df)} photos could be read (results.csv is not written; `cervixqc validate` and "
+              "the photos' own viewer tell why)", code=1)
     out.mkdir(parents=True, exist_ok=True)
     rows = pd.DataFrame([r.csv_row() for r in results])
     rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
@@ -84,6 +93,8 @@ def eval_pipeline_cmd(
                     out / "pipeline_metrics.json": lambda tmp: tmp.write_text(text)})
     typer.echo(f"default policy: {report['default_policy']} (labels as the engine gives them)")
     _print(report, report["default_policy"])
+    if unreadable:
+        typer.echo(f"{unreadable} unreadable photos left out of every rate (label unreadable in results.csv)", err=True)
     typer.echo(f"wrote {out / 'pipeline_metrics.json'} (every policy) and {out / 'results.csv'}")
 
 
