@@ -162,7 +162,8 @@ def test_eval_detector_gives_a_source_of_negatives_no_ap_and_writes_json_other_t
         images.append(CocoImage(id=k, file_name=f"{k}.png", width=120, height=90))
         if source == "site":
             anns.append(make_annotation(k, k, 1, [20, 15, 60, 50]))
-        rows.append({"path": f"{k}.png", "patient_id": f"p{k}", "source": source})
+        rows.append({"path": f"{k}.png", "patient_id": f"p{k}", "source": source, "device": "d",
+                     "kind": "regular" if source == "site" else "no_cervix"})
     save_coco(CocoDataset(images=images, annotations=anns, categories=[CocoCategory(id=1, name="cervix")]),
               tmp_path / "boxes.json")
     pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)

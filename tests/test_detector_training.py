@@ -137,13 +137,16 @@ def test_detect_writes_detector_boxes_as_coco_that_stage2_can_crop(boxes_set, tm
 
     from pipelines.data.coco import load_coco, save_coco
     from pipelines.data.crop_set import extract_crops
-    from pipelines.engine.detector import detect_to_coco
+    from pipelines.engine.detector import detect_to_coco, load_detector
 
     torch.manual_seed(0)
     untrained_ok = DetectorConfig(backbone="resnet18", min_size=128, max_size=128, score_thresh=0.0)
     _, card = train_detector(_cfg(boxes_set, tmp_path, epochs=1, max_steps_per_epoch=2, model=untrained_ok))
     manifest = pd.read_csv(boxes_set.parent / "manifest.csv", dtype=str)
-    ds = detect_to_coco(card, list(manifest["path"]), boxes_set.parent, min_score=0.0)
+    model, mcard = load_detector(card)
+    ds, unreadable = detect_to_coco(model, mcard, [boxes_set.parent / p for p in manifest["path"]],
+                                    list(manifest["path"]), min_score=0.0)
+    assert unreadable == []
     path = save_coco(ds, tmp_path / "det.json")  # valid COCO: boxes inside their images
     back = load_coco(path)
     assert len(back.images) == len(manifest) and len(back.annotations) > 0

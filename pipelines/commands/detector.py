@@ -67,24 +67,58 @@ def train_detector_cmd(
         typer.echo(f"exported {card}")
 
 
+def _detector(card: Path, device: str):
+    """The card's detector, or one `error:` line with exit 2 (weights that cannot be read are a
+    refusal, before any photo is read)."""
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.detector import load_detector
+
+    try:
+        return load_detector(card, device)
+    except WeightsIntegrityError as e:
+        _fail(str(e))
+
+
 def eval_detector_cmd(
     card: Annotated[Path, typer.Argument(help="The detector's model card (detector.json).")],
     coco: Annotated[Path, typer.Argument(help="COCO JSON to evaluate on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics JSON and gallery PNG.")],
-    manifest: Annotated[Optional[Path], typer.Option(help="Manifest with sources, for per-source metrics.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(
+        help="Manifest with sources, for per-source metrics; every image of the box file must be one of its rows.")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
-    from models.io import WeightsIntegrityError
-    from pipelines.commands.common import device_or_fail
-    from pipelines.evaluation.detector_report import evaluate_detector
+    from pipelines.commands.common import device_or_fail, require_writable
+    from pipelines.data.coco import CocoError, load_coco
+    from pipelines.data.detection import CocoDetection
+    from pipelines.data.manifest import ManifestError, load_manifest
+    from pipelines.data.presets import detection_eval
+    from pipelines.data.schema import on_disk
+    from pipelines.evaluation.detector_report import evaluate_detector, image_sources
 
     device = device_or_fail(device)
+    # every input checked before the model runs: a bad box file, a size mismatch, a missing
+    # photo or a manifest with a BOM were tracebacks, some after the whole inference (an audit)
     try:
-        report = evaluate_detector(card, coco, None, out, device, batch_size, manifest=manifest)
-    except WeightsIntegrityError as e:
+        boxes = load_coco(coco)
+        sources = None
+        if manifest is not None:
+            sources = image_sources(boxes, coco.parent, load_manifest(manifest, check_files=False))
+        model, mcard = _detector(card, device)
+        ds = CocoDetection(boxes, coco.parent, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
+        missing = [im.file_name for im in boxes.images if not on_disk(coco.parent, im.file_name).is_file()]
+        if missing:
+            raise ValueError(f"{coco}: {len(missing)} of its images are no file under {coco.parent} (names are "
+                             f"taken from the box file's folder), e.g. {missing[:3]}")
+    except (CocoError, ManifestError, ValueError) as e:
         _fail(str(e))
+    require_writable("--out", out, keep=False)
+    try:
+        report = evaluate_detector(model, mcard, ds, out, device, batch_size, sources=sources)
+    except ValueError as e:  # a photo that does not decode: found only by reading it
+        _fail(str(e), code=1)
+
     def f(x: float) -> str:  # "-" where a figure has no images to be measured on
         return "-" if x != x else f"{x:.3f}"
 
@@ -98,7 +132,8 @@ def eval_detector_cmd(
 def detect_cmd(
     card: Annotated[Path, typer.Argument(help="The detector's model card.")],
     manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image; its file names "
+                                      "are the manifest's paths taken from the folder it is written in.")],
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
     min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0,
                                                        help="Default: the card's threshold.")] = None,
@@ -106,12 +141,22 @@ def detect_cmd(
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
     from pipelines.commands.common import _manifest, device_or_fail, require_writable
     from pipelines.data.coco import save_coco
+    from pipelines.data.manifest import rebased
     from pipelines.engine.detector import detect_to_coco
 
     device = device_or_fail(device)
     require_writable("--out", out, file=True)
     df = _manifest(manifest)
-    ds = detect_to_coco(card, list(df["path"]), manifest.parent, device, min_score=min_score)
+    model, mcard = _detector(card, device)
+    # named from the box file's folder, as every reader takes them: `-o` elsewhere wrote the
+    # manifest's own relative paths, which named no file from there (an audit)
+    names = list(rebased(df, out)["path"])
+    ds, unreadable = detect_to_coco(model, mcard, [Path(p) for p in df["abspath"]], names, device, min_score=min_score)
+    if unreadable:
+        typer.echo(f"{len(unreadable)} photos could not be read and are in no image of the box file (first: "
+                   f"{', '.join(unreadable[:3])})", err=True)
+    if not ds.images:
+        _fail(f"not one of the {len(df)} photos could be read; nothing written", code=1)
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.annotations)} boxes on {len(ds.images)} images")
 

@@ -16,12 +16,14 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, load_weights
+from models.io import ModelCard, UnreadableCard, load_weights
 from pipelines.data.detection import CocoDetection, collate
 
 
 def load_detector(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
     state, card = load_weights(card_path)
+    if card.name != "detector":  # a stage-2 card's config read as a detector's was a TypeError traceback
+        raise UnreadableCard(f"{card_path}: the card of a {card.name} model, not of a detector")
     model = build_detector(DetectorConfig(**card.config))
     model.load_state_dict(state)
     return model.to(device).eval(), card
@@ -205,29 +207,37 @@ def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.devi
     return result
 
 
-def detect_to_coco(card_path: str | Path, paths: Sequence[str], root: Path, device: str = "cpu",
-                   batch_size: int = 8, min_score: float | None = None):
-    """Run the detector over image files and write its top box per image as COCO (score kept
-    as an extra field), so stage 2 can train and be evaluated on detector crops."""
+def detect_to_coco(model: nn.Module, card: ModelCard, files: Sequence[Path], names: Sequence[str],
+                   device: str = "cpu", batch_size: int = 8, min_score: float | None = None):
+    """The detector's top box per image file as COCO, the image named as `names` says (score
+    kept as an extra field), so stage 2 can train and be evaluated on detector crops; and the
+    names of the files that could not be read. Those are left out and listed: one corrupt photo
+    was a traceback that lost the boxes of every other (an audit); stage 2's `--allow-unboxed`
+    counts them with the detector's misses."""
     from PIL import Image
 
     from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
     from pipelines.data.images import load_rgb
 
-    model, card = load_detector(card_path, device)
     threshold = card.thresholds.get("score", 0.5) if min_score is None else min_score
     label = card.classes.index(CERVIX) + 1 if CERVIX in card.classes else 1
-    images, anns = [], []
+    images, anns, unreadable = [], [], []
     dev = torch.device(device)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        loaded = [load_rgb(root / p, 2 * card.config["max_size"]) for p in chunk]
-        dets = predict(model, [t.float() / 255 for t, _, _ in loaded], dev)
-        for j, (p, (t, sx, sy), det) in enumerate(zip(chunk, loaded, dets)):
-            image_id = start + j + 1
-            with Image.open(root / p) as im:
+    for start in range(0, len(files), batch_size):
+        chunk = []
+        for path, name in zip(files[start : start + batch_size], names[start : start + batch_size]):
+            try:
+                chunk.append((path, name, load_rgb(path, 2 * card.config["max_size"])))
+            except ValueError:
+                unreadable.append(name)
+        if not chunk:
+            continue
+        dets = predict(model, [t.float() / 255 for _, _, (t, _, _) in chunk], dev)
+        for (path, name, (t, sx, sy)), det in zip(chunk, dets):
+            image_id = len(images) + 1
+            with Image.open(path) as im:
                 w, h = im.size if not (sx and sy) else (round(t.shape[2] / sx), round(t.shape[1] / sy))
-            images.append(CocoImage(id=image_id, file_name=p, width=w, height=h))
+            images.append(CocoImage(id=image_id, file_name=name, width=w, height=h))
             keep = det["labels"] == label
             if keep.any() and float(det["scores"][keep].max()) >= threshold:
                 i = int(det["scores"][keep].argmax())
@@ -238,8 +248,10 @@ def detect_to_coco(card_path: str | Path, paths: Sequence[str], root: Path, devi
                     ann = make_annotation(len(anns) + 1, image_id, 1, box.tolist())
                     ann.score = round(float(det["scores"][keep][i]), 4)  # type: ignore[attr-defined]
                     anns.append(ann)
-    return CocoDataset(info={"description": f"top boxes of {Path(card_path).name}", "threshold": threshold},
-                       images=images, annotations=anns, categories=[CocoCategory(id=1, name=CERVIX)])
+    info = {"description": f"top boxes of detector {card.sha256[:12]}", "threshold": threshold,
+            "unreadable": len(unreadable)}
+    return CocoDataset(info=info, images=images, annotations=anns,
+                       categories=[CocoCategory(id=1, name=CERVIX)]), unreadable
 
 
 def top_box_fn(card_path: str | Path, min_score: float | None = None, device: str = "cpu"):

@@ -3,48 +3,63 @@ a manifest is given, and a PNG gallery of predictions beside the ground truth.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.data.coco import CocoDataset, load_coco
+from models.io import ModelCard
+from pipelines.data.coco import CocoDataset
 from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
-from pipelines.data.presets import detection_eval
 from pipelines.data.schema import on_disk
-from pipelines.engine.detector import load_detector, predict_dataset
+from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
 from pipelines.outputs import write_json
 
 
-def evaluate_detector(card: Path, coco_path: Path, images: Path | None, out_dir: Path,
+def image_sources(coco: CocoDataset, root: Path, manifest: pd.DataFrame) -> dict[int, str]:
+    """Each image's source, from the manifest row (`load_manifest`) naming the same file (the
+    box file's names taken from `root`). Matched by name as spelt, a split written into another
+    folder matched no image and the per-source figures were dropped, unsaid; a manifest of
+    another collection matched 13 of 40 by name, other files (an audit). So every image must be
+    a row."""
+    source_of = {os.path.abspath(a): s for a, s in zip(manifest["abspath"], manifest["source"])}
+    out, missing = {}, []
+    for im in coco.images:
+        source = source_of.get(os.path.abspath(on_disk(root, im.file_name)))
+        if source is None:
+            missing.append(im.file_name)
+        else:
+            out[im.id] = source
+    if missing:
+        raise ValueError(f"--manifest: {len(missing)} of the box file's {len(coco.images)} images are not its rows "
+                         f"(e.g. {missing[:3]}); the per-source figures would leave them out: pass the manifest "
+                         "they came from")
+    return out
+
+
+def evaluate_detector(model: torch.nn.Module, mcard: ModelCard, ds: CocoDetection, out_dir: Path,
                       device: str = "cpu", batch_size: int = 8, gallery: int = 24,
-                      manifest: Path | None = None) -> dict:
-    model, mcard = load_detector(card, device)
-    coco = load_coco(coco_path)
-    root = images or coco_path.parent
-    ds = CocoDetection(coco, root, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
+                      sources: dict[int, str] | None = None) -> dict:
+    coco = ds.coco
     preds = predict_dataset(model, ds, torch.device(device), batch_size)
     threshold = mcard.thresholds.get("score", 0.5)
     report = {"overall": evaluate_detections(coco, preds).as_dict() | presence(coco, preds, threshold)}
-    if manifest is not None:
-        import pandas as pd
-
-        src = dict(zip(*pd.read_csv(manifest, dtype=str)[["path", "source"]].T.values))
-        present = {src.get(im.file_name) for im in coco.images} - {None}
-        for source in sorted(present):
-            ids = {im.id for im in coco.images if src.get(im.file_name) == source}
-            sub = CocoDataset(images=[im for im in coco.images if im.id in ids],
-                              annotations=[a for a in coco.annotations if a.image_id in ids],
-                              categories=coco.categories)
-            mine = {i: p for i, p in preds.items() if i in ids}
-            report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
+    for source in sorted(set((sources or {}).values())):
+        ids = {i for i, s in sources.items() if s == source}
+        sub = CocoDataset(images=[im for im in coco.images if im.id in ids],
+                          annotations=[a for a in coco.annotations if a.image_id in ids],
+                          categories=coco.categories)
+        mine = {i: p for i, p in preds.items() if i in ids}
+        report[source] = evaluate_detections(sub, mine).as_dict() | presence(sub, mine, threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     # NaN where a figure has no images (no AP without a box): null, so the file is JSON
     write_json(out_dir / "detector_metrics.json", report)
     if gallery:
-        draw_gallery(coco, root, preds, out_dir / "detector_gallery.png", mcard.thresholds.get("score", 0.5), gallery)
+        draw_gallery(coco, ds.root, preds, out_dir / "detector_gallery.png", threshold, gallery)
     return report
 
 

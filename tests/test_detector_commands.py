@@ -1,0 +1,129 @@
+"""`detect` and `eval-detector` on the inputs people give them: box files and manifests from
+other folders, damaged files, cards of other models. Untrained tiny weights, generated photos."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, load_coco, make_annotation, save_coco
+from tests.qc_fixtures import tiny_weights
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
+
+
+def _collection(root: Path, n: int = 4) -> tuple[Path, Path]:
+    """n photos under root/images, their boxes (root/boxes.json) and manifest (root/m.csv)."""
+    g = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    images, anns, rows = [], [], []
+    for k in range(1, n + 1):
+        name = f"images/{k}.png"
+        Image.fromarray(g.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(root / name)
+        images.append(CocoImage(id=k, file_name=name, width=120, height=90))
+        anns.append(make_annotation(k, k, 1, [20, 15, 60, 50]))
+        rows.append({"path": name, "patient_id": f"p{k}", "source": "site" if k % 2 else "bank", "device": "d",
+                     "kind": "regular"})
+    coco = save_coco(CocoDataset(images=images, annotations=anns, categories=[CocoCategory(id=1, name="cervix")]),
+                     root / "boxes.json")
+    pd.DataFrame(rows).to_csv(root / "m.csv", index=False)
+    return coco, root / "m.csv"
+
+
+def _refused(r, *words: str) -> None:
+    assert r.exit_code == 2, r.output
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output  # one line, not a traceback
+    for w in words:
+        assert w in r.output, r.output
+
+
+def test_eval_detector_refuses_a_damaged_box_file_before_the_model_runs(weights, tmp_path):
+    coco, _ = _collection(tmp_path)
+    card = str(weights / "detector.json")
+    (tmp_path / "broken.json").write_text("{")
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "broken.json"), "-o", str(tmp_path / "o")]),
+             "broken.json", "not a COCO detection file")
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "none.json"), "-o", str(tmp_path / "o")]),
+             "none.json", "cannot read it")
+    wrong = json.loads(coco.read_text())
+    wrong["images"][1]["width"] = 999
+    (tmp_path / "size.json").write_text(json.dumps(wrong))
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "size.json"), "-o", str(tmp_path / "o")]),
+             "recorded 999x90, the photo is 120x90")
+    (tmp_path / "images" / "2.png").unlink()
+    _refused(runner.invoke(app, ["eval-detector", card, str(coco), "-o", str(tmp_path / "o")]),
+             "1 of its images are no file", "images/2.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_detector_takes_a_manifest_from_another_folder_with_a_bom_and_capitalised_header(weights, tmp_path):
+    """Names compared as spelt: a split written elsewhere (`../images/1.png`) matched no image
+    and the per-source lines vanished, exit 0; a BOM or `Path` was a KeyError after inference."""
+    coco, manifest = _collection(tmp_path)
+    df = pd.read_csv(manifest)
+    df["path"] = "../" + df["path"]
+    (tmp_path / "other").mkdir()
+    text = df.rename(columns={"path": "Path"}).to_csv(index=False)
+    (tmp_path / "other" / "m.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    r = runner.invoke(app, ["eval-detector", str(weights / "detector.json"), str(coco), "-o", str(tmp_path / "o"),
+                            "--manifest", str(tmp_path / "other" / "m.csv")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "o" / "detector_metrics.json").read_text())
+    assert set(report) == {"overall", "site", "bank"}
+    assert report["site"]["n_cervix"] + report["bank"]["n_cervix"] == report["overall"]["n_cervix"] == 4
+
+
+def test_eval_detector_refuses_a_manifest_that_lacks_some_of_the_box_files_images(weights, tmp_path):
+    """A manifest of another collection matched some images by name (other files) and left the
+    rest out of every per-source figure, unsaid."""
+    coco, manifest = _collection(tmp_path)
+    pd.read_csv(manifest).iloc[:3].to_csv(tmp_path / "three.csv", index=False)
+    _refused(runner.invoke(app, ["eval-detector", str(weights / "detector.json"), str(coco), "-o",
+                                 str(tmp_path / "o"), "--manifest", str(tmp_path / "three.csv")]),
+             "1 of the box file's 4 images are not its rows", "images/4.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_detect_lists_an_unreadable_photo_and_boxes_the_others(weights, tmp_path):
+    """One corrupt photo was a traceback that lost the boxes of every other."""
+    _, manifest = _collection(tmp_path)
+    (tmp_path / "images" / "3.png").write_bytes(b"junk")
+    r = runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(tmp_path / "d.json")])
+    assert r.exit_code == 0, r.output
+    assert "1 photos could not be read" in r.output and "images/3.png" in r.output
+    ds = load_coco(tmp_path / "d.json")
+    assert sorted(im.file_name for im in ds.images) == ["images/1.png", "images/2.png", "images/4.png"]
+    assert ds.info["unreadable"] == 1
+    for k in (1, 2, 4):
+        (tmp_path / "images" / f"{k}.png").write_bytes(b"junk")
+    r = runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(tmp_path / "e.json")])
+    assert r.exit_code == 1 and "error: not one of the 4 photos could be read" in r.output, r.output
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_detect_into_another_folder_names_photos_from_there(weights, tmp_path):
+    """`-o det/boxes.json` wrote the manifest's own relative names, which name no file from
+    det/, where eval-detector and training look them up."""
+    _, manifest = _collection(tmp_path)
+    out = tmp_path / "det" / "boxes.json"
+    r = runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    names = [im.file_name for im in load_coco(out).images]
+    assert names[0] == "../images/1.png" and all((out.parent / n).is_file() for n in names)
+
+
+def test_detect_refuses_a_card_that_is_not_a_detectors(weights, tmp_path):
+    coco, manifest = _collection(tmp_path)
+    for card, words in ((coco, "boxes.json"), (weights / "deep_sad.json", "not of a detector")):
+        _refused(runner.invoke(app, ["detect", str(card), str(manifest), "-o", str(tmp_path / "d.json")]), *words)
+    assert not (tmp_path / "d.json").exists()
