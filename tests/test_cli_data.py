@@ -135,3 +135,55 @@ def test_split_refuses_a_manifest_without_rows_and_an_output_that_is_no_manifest
     assert r.exit_code == 2 and "has no rows" in r.output and not (tmp_path / "s.csv").exists()
     r = runner.invoke(app, ["split", str(tmp_path / "h.csv"), "-o", str(tmp_path / "s.xlsx")])
     assert r.exit_code == 2 and "a manifest is .csv or .parquet" in r.output
+
+
+def test_split_refuses_a_fold_without_folds_and_fractions_with_folds(tmp_path):
+    """Each was an ordinary split without a word."""
+    rows = pd.DataFrame({"path": [f"{i}.jpg" for i in range(10)], "patient_id": [f"p{i}" for i in range(10)],
+                         "source": "s", "device": "d", "kind": "regular"})
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    m, o = str(tmp_path / "m.csv"), str(tmp_path / "s.csv")
+    r = runner.invoke(app, ["split", m, "-o", o, "--fold", "3"])
+    assert r.exit_code == 2 and "give --folds too" in r.output, r.output
+    r = runner.invoke(app, ["split", m, "-o", o, "--folds", "5", "--fractions", "0.5,0.25,0.25"])
+    assert r.exit_code == 2 and "--fractions does not apply to --folds" in r.output, r.output
+    assert not (tmp_path / "s.csv").exists()
+    r = runner.invoke(app, ["split", m, "-o", o, "--folds", "5"])
+    assert r.exit_code == 0, r.output
+    assert (pd.read_csv(tmp_path / "s.csv")["split"] == "test").sum() == 2
+
+
+def test_validate_finds_what_training_would_refuse_in_a_manifest_and_its_box_file(tmp_path):
+    """validate said ok to a header alone, to a box file recording another size than its photo,
+    and to one naming a file that is not there; split and eval refused each later."""
+    from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation, save_coco
+
+    (tmp_path / "h.csv").write_text("path,patient_id,source,device,kind\n")
+    r = runner.invoke(app, ["validate", str(tmp_path / "h.csv")])
+    assert r.exit_code == 2 and "no rows, only a header" in r.output, r.output
+    for k in (1, 2):
+        Image.new("RGB", (60, 40), (k * 80, 90, 90)).save(tmp_path / f"{k}.png")
+    pd.DataFrame({"path": ["1.png", "2.png"], "patient_id": ["a", "b"], "source": "s", "device": "d",
+                  "kind": "regular"}).to_csv(tmp_path / "m.csv", index=False)
+
+    def boxes(name, sizes, files=("1.png", "2.png")):
+        images = [CocoImage(id=i, file_name=f, width=w, height=h) for i, (f, (w, h)) in enumerate(zip(files, sizes), 1)]
+        return save_coco(CocoDataset(images=images, annotations=[make_annotation(1, 1, 1, [2, 2, 20, 20])],
+                                     categories=[CocoCategory(id=1, name="cervix")]), tmp_path / name)
+
+    args = ["validate", str(tmp_path / "m.csv"), "--coco"]
+    r = runner.invoke(app, args + [str(boxes("ok.json", [(60, 40), (60, 40)]))])
+    assert r.exit_code == 0 and "ok.json: 2 images, 1 boxes: ok" in r.output, r.output
+    r = runner.invoke(app, args + [str(boxes("size.json", [(60, 40), (120, 80)]))])
+    assert r.exit_code == 2 and "2.png: recorded 120x80, the photo is 60x40" in r.output, r.output
+    r = runner.invoke(app, args + [str(boxes("gone.json", [(60, 40), (60, 40)], ("1.png", "none.png")))])
+    assert r.exit_code == 2 and "none.png: no such file" in r.output, r.output
+
+
+def test_synth_refuses_a_size_it_cannot_make_before_writing(tmp_path):
+    for value in ("-1", "0"):
+        r = runner.invoke(app, ["synth", str(tmp_path / "x"), "-n", "5", "--megapixels", value, "--workers", "1"])
+        assert r.exit_code == 2 and "--megapixels must be at least 0.01" in r.output, r.output
+        assert "Traceback" not in r.output and not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["synth", str(tmp_path / "x"), "-n", "5", "--workers", "0"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and not (tmp_path / "x").exists()

@@ -241,3 +241,33 @@ def test_a_windows_sheet_clinic_headers_and_many_unknown_labels_import_or_say_wh
     with pytest.raises(ManifestError) as err:
         import_labelled(tmp / "many.csv", root, tmp / "m.csv", LabelColumns(path="file", source_value="s"))
     assert "no column 'file', 'kind'; the sheet has ['Image File', 'Finding', 'Case']" in str(err.value)
+
+
+def test_merge_manifests_into_a_folder_not_made_yet_keeps_every_row(collection, tmp_path):
+    """Rebased paths were checked from a folder -o had yet to make: every row a missing file."""
+    tmp, root = collection
+    cols = LabelColumns(source="case", source_sep=":", kind_map={"unknown": "skip"})
+    (tmp / "a").mkdir()
+    import_labelled(tmp / "labels.csv", root, tmp / "a" / "m.csv", cols).manifest.to_csv(tmp / "a" / "m.csv",
+                                                                                          index=False)
+    out = tmp / "new" / "deep" / "all.csv"
+    r = runner.invoke(app, ["merge-manifests", str(tmp / "a" / "m.csv"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(load_manifest(out)) == len(load_manifest(tmp / "a" / "m.csv"))
+
+
+def test_manifest_writers_refuse_a_name_that_is_not_csv_or_parquet_before_their_work(collection):
+    """`-o x.xlsx` was written as CSV text under that name, which split then refused."""
+    tmp, root = collection
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o",
+                            str(tmp / "m.xlsx"), "--source-col", "case", "--source-sep", ":", "--kind-map",
+                            "unknown=skip"])
+    assert r.exit_code == 2 and "a manifest is .csv or .parquet" in r.output, r.output
+    assert not (tmp / "m.xlsx").exists()
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o",
+                            str(tmp / "m.csv"), "--source-col", "case", "--source-sep", ":", "--kind-map",
+                            "unknown=skip"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge-manifests", str(tmp / "m.csv"), "-o", str(tmp / "all.xlsx")])
+    assert r.exit_code == 2 and "a manifest is .csv or .parquet" in r.output, r.output
+    assert not (tmp / "all.xlsx").exists()

@@ -21,7 +21,7 @@ def synth(
     sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
     max_side: Annotated[Optional[int], typer.Option(min=64, help="Cap the longer side (pixels).")] = None,
     megapixels: Annotated[Optional[float], typer.Option(help="Make every image this many MP.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes (default: all cores).")] = None,
 ) -> None:
     """Generate a synthetic multi-source cervix dataset (deterministic for a seed)."""
     from dataclasses import replace
@@ -42,9 +42,9 @@ def synth(
         changes["no_cervix_fraction"] = no_cervix_fraction
     if sources:
         changes["sources"] = tuple(_csv(sources))
-    if max_side is not None or megapixels is not None:
-        changes["size"] = SizePolicy(cfg.size.scale, max_side or cfg.size.max_side, megapixels)
     try:
+        if max_side is not None or megapixels is not None:
+            changes["size"] = SizePolicy(cfg.size.scale, max_side or cfg.size.max_side, megapixels)
         cfg = replace(cfg, **changes)
     except ValueError as e:
         _fail(str(e))
@@ -86,20 +86,44 @@ def validate(
 
     try:
         df = load_manifest(manifest, root)
+        if df.empty:  # "0 rows: ok", and split and stats then refused it
+            raise ManifestError(str(manifest), ["no rows, only a header"])
         _warn_one_number_ids(df)
         typer.echo(f"{manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients: ok")
         if coco is not None:
             ds = load_coco(coco)
+            _check_box_photos(ds, coco, df)
             typer.echo(f"{coco}: {len(ds.images)} images, {len(ds.annotations)} boxes: ok")
     except (ManifestError, CocoError) as e:
         _fail(str(e))
+
+
+def _check_box_photos(ds, coco: Path, df) -> None:
+    """What training and eval would refuse in a box file: an image that is no file, or one
+    whose recorded size is not the photo's (validate said ok to both, an audit). Images that
+    are no row of the manifest are counted: a box file may cover a larger collection."""
+    import os
+
+    from pipelines.data.coco import CocoError, size_mismatches
+    from pipelines.data.schema import on_disk
+
+    files = [os.path.abspath(on_disk(coco.parent, im.file_name)) for im in ds.images]
+    problems = [f"{im.file_name}: no such file under {coco.parent}" for im, f in zip(ds.images, files)
+                if not os.path.isfile(f)]
+    problems += size_mismatches(ds, coco.parent)
+    if problems:
+        raise CocoError(str(coco), problems)
+    rows = {os.path.abspath(a) for a in df["abspath"]}
+    outside = sum(f not in rows for f in files)
+    if outside:
+        typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
 
 
 def split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write, with a split column.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
-    fractions: Annotated[str, typer.Option(help="train,val,test shares.")] = "0.7,0.15,0.15",
+    fractions: Annotated[Optional[str], typer.Option(help="train,val,test shares [default: 0.7,0.15,0.15].")] = None,
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
     test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
@@ -107,7 +131,7 @@ def split(
     folds: Annotated[Optional[int], typer.Option(
         help="K-fold by patient: test = --fold, validation = the next fold, training = the rest; "
              "--test-sources then names held-out sources that are test in every rotation.")] = None,
-    fold: Annotated[int, typer.Option(help="Which rotation of --folds (0..K-1).")] = 0,
+    fold: Annotated[Optional[int], typer.Option(help="Which rotation of --folds (0..K-1) [default: 0].")] = None,
     duplicates: Annotated[Optional[Path], typer.Option(
         help="Duplicate groups: a duplicates.csv (cervixqc duplicates) or a cervixqc clean output folder. "
              "The split is refused (exit 2, groups listed) when copies of one photo land in different splits.")] = None,
@@ -117,16 +141,20 @@ def split(
 ) -> None:
     """Split by patient (stratified by source and kind), by source (cross-source), or in
     K folds by patient; with --duplicates, copies of one photo never straddle two splits."""
-    from pipelines.data.manifest import ManifestError, load_manifest, rebased, write_manifest
+    from pipelines.data.manifest import ManifestError, check_manifest_name, load_manifest, rebased, write_manifest
     from pipelines.data.splits import (PatientsAcrossSources, SplitFractions, cross_source_split, fold_split,
                                        patient_split)
     from pipelines.data.stats import compute_stats
 
     if merge_duplicates and duplicates is None:
         _fail("--merge-duplicates needs --duplicates")
-    if out.suffix.lower() not in (".csv", ".parquet", ".pq"):  # x.xlsx was written as CSV under that name
-        _fail(f"-o {out}: a manifest is .csv or .parquet")
+    # each was an ordinary split without a word: a --fold without --folds, shares under folds
+    if fold is not None and folds is None:
+        _fail("--fold picks a rotation of --folds K; give --folds too")
+    if fractions is not None and folds is not None:
+        _fail("--fractions does not apply to --folds (each fold is 1/K of the patients)")
     try:
+        check_manifest_name(out)
         df = load_manifest(manifest, check_files=False)
         if df.empty:  # a header alone printed pandas' "Empty DataFrame" and wrote an empty split
             raise ValueError(f"{manifest} has no rows")
@@ -134,7 +162,7 @@ def split(
         groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)
-        values = [float(v) for v in _csv(fractions)]
+        values = [float(v) for v in _csv(fractions or "0.7,0.15,0.15")]
         if len(values) != 3:  # two values used to take the default test share silently
             raise ValueError(f"--fractions needs three shares, train,val,test (0 for none); got {fractions!r}")
         shares = SplitFractions(*values)
@@ -142,7 +170,7 @@ def split(
             raise ValueError("--folds takes --test-sources only (held-out sources)")
         try:
             if folds is not None:
-                df["split"] = fold_split(df, folds, fold, seed, _csv(test_sources))
+                df["split"] = fold_split(df, folds, fold or 0, seed, _csv(test_sources))
             elif train_sources or val_sources or test_sources:
                 df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
                                                  shares, seed)

@@ -258,9 +258,19 @@ def rebased(df: pd.DataFrame, out_manifest: str | Path) -> pd.DataFrame:
     return df
 
 
+def check_manifest_name(path: str | Path) -> Path:
+    """A manifest to be written is .csv or .parquet: `x.xlsx` was written as CSV text under that
+    name, which no spreadsheet opens and `split` then refused (an audit). A ValueError naming it;
+    writers call it before their work."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise ValueError(f"-o {path}: a manifest is .csv or .parquet")
+    return path
+
+
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write CSV or Parquet (by suffix) atomically: a crash never leaves half a manifest."""
-    path = Path(path)
+    path = check_manifest_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = df.drop(columns=[c for c in ("abspath",) if c in df.columns])
     parquet = path.suffix.lower() in (".parquet", ".pq")

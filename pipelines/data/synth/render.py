@@ -27,6 +27,13 @@ class SizePolicy:
     max_side: int | None = None
     megapixels: float | None = None
 
+    def __post_init__(self) -> None:
+        # -1 was a math-domain traceback after the output folder was made; 0 made 32x32 photos
+        if self.megapixels is not None and not self.megapixels >= 0.01:
+            raise ValueError(f"--megapixels must be at least 0.01 (a 100x100 photo), got {self.megapixels}")
+        if not self.scale > 0:
+            raise ValueError(f"size scale must be positive, got {self.scale}")
+
     def apply(self, width: int, height: int) -> tuple[int, int]:
         f = self.scale
         if self.megapixels is not None:
