@@ -142,5 +142,20 @@ def test_a_fixes_sheet_saved_with_a_bom_reads_and_two_decisions_for_one_photo_ar
 def test_a_bad_fix_after_a_blank_line_is_named_by_its_line_in_the_file(tmp_path):
     p = tmp_path / "fixes.csv"
     p.write_text("file,action,x1,y1,x2,y2\na.jpg,none,,,,\n\nb.jpg,grow,0,0,1,1\n")
-    with pytest.raises(ValueError, match="line 4: expected action box"):
+    with pytest.raises(ValueError, match="line 4: unknown action 'grow'"):
         read_fixes(p)
+
+
+def test_fixes_match_dot_slash_names_and_name_an_unknown_action_and_file_in_one_pass(site, tmp_path):
+    """`./a.jpg` was "not in the proposals"; `Box` read as bad coordinates, `delete` as missing
+    numbers, and an unknown name came only in a second round."""
+    runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "p.json")])
+    ds, counts = apply_fixes(load_coco(site / "p.json"), read_fixes_text(tmp_path, "./a.jpg,Box,0.1,0.1,0.5,0.5\n"),
+                             "x")
+    assert counts["fixed"] == 1 and len(ds.boxes_by_file()["a.jpg"]) == 1
+    p = tmp_path / "f.csv"
+    p.write_text("file,action,x1,y1,x2,y2\na.jpg,delete,,,,\nnope.jpg,none,,,,\n")
+    with pytest.raises(ValueError) as err:
+        read_fixes(p, {"a.jpg", "b.jpg"})
+    assert "line 2: unknown action 'delete': box or none" in str(err.value)
+    assert "line 3: 'nope.jpg' is not in the proposals" in str(err.value)

@@ -124,7 +124,8 @@ def fix_boxes_cmd(
     from pipelines.data.coco import CocoError, load_coco, save_coco
 
     try:
-        ds, counts = apply_fixes(load_coco(proposals), read_fixes(fixes),
+        ds = load_coco(proposals)
+        ds, counts = apply_fixes(ds, read_fixes(fixes, {im.file_name for im in ds.images}),
                                  note or f"proposals from {proposals.name}, checked by eye, fixes from {fixes.name}")
     except (ValueError, CocoError) as e:
         _fail(str(e))

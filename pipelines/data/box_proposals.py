@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.data.schema import path_key
 
 _WORK_SIDE = 160  # px; the heuristic needs only the layout of the frame
 _SNAP = 0.05  # share of the width / height
@@ -82,36 +83,50 @@ class Fix:
     note: str = ""
 
 
-def read_fixes(path: str | Path) -> list[Fix]:
+def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
     """A reviewer's corrections: ``file,action,x1,y1,x2,y2,note`` with action ``box`` (the
     four values are fractions of the width and height, read off the sheet's 10% ticks) or
-    ``none`` (no cervix in the photo). Every bad line is reported at once."""
+    ``none`` (no cervix in the photo), in any letter case. Names are compared as `path_key`
+    spells them (`./a.jpg` is `a.jpg`); with `known` (the proposals' names), a name that is
+    not one is a bad line too. Every bad line is reported at once: an unknown name came in a
+    second round, `Box` read as bad coordinates and `delete` as missing numbers (an audit)."""
     fixes, problems, first_line = [], [], {}
+    known = {path_key(n) for n in known} if known is not None else None
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets save a BOM before the header
         reader = csv.DictReader(fh)
         if "file" not in (reader.fieldnames or []) or "action" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: needs the columns file,action,x1,y1,x2,y2(,note); it has {reader.fieldnames}")
         for row in reader:
             i = reader.line_num  # the file's line: DictReader skips blank lines, which a count of rows missed
-            action = (row.get("action") or "").strip()
+            action = (row.get("action") or "").strip().lower()
             name = (row.get("file") or "").strip()
+            if not name:
+                problems.append(f"line {i}: no file named")
+                continue
+            name = path_key(name)
             if name in first_line:  # two decisions for one photo: which one the reviewer meant is not ours to pick
                 problems.append(f"line {i}: {name!r} already fixed on line {first_line[name]}")
                 continue
             first_line[name] = i
+            if known is not None and name not in known:
+                problems.append(f"line {i}: {name!r} is not in the proposals")
+                continue
+            if action not in ("box", "none"):
+                problems.append(f"line {i}: unknown action {row.get('action')!r}: box or none")
+                continue
             if action == "none":
-                fixes.append(Fix(row["file"].strip(), None, row.get("note") or ""))
+                fixes.append(Fix(name, None, row.get("note") or ""))
                 continue
             try:
                 box = [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
             except (KeyError, TypeError, ValueError):
-                problems.append(f"line {i}: action {action!r} needs numbers x1,y1,x2,y2")
+                problems.append(f"line {i}: action box needs numbers x1,y1,x2,y2")
                 continue
-            if action != "box" or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-                problems.append(f"line {i}: expected action box with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, "
-                                f"got {action!r} {box}")
+            if not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                problems.append(f"line {i}: expected 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1 for action box, "
+                                f"got {box}")
                 continue
-            fixes.append(Fix(row["file"].strip(), box, row.get("note") or ""))
+            fixes.append(Fix(name, box, row.get("note") or ""))
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     return fixes
@@ -120,8 +135,8 @@ def read_fixes(path: str | Path) -> list[Fix]:
 def apply_fixes(ds: CocoDataset, fixes: list[Fix], note: str) -> tuple[CocoDataset, dict[str, int]]:
     """The proposals with the reviewer's fixes applied; untouched proposals are marked as
     checked (origin ``<proposer>, checked``), fixed ones ``fixed``. Unknown files are refused."""
-    by_name = {im.file_name: im for im in ds.images}
-    name_of = {im.id: im.file_name for im in ds.images}
+    by_name = {path_key(im.file_name): im for im in ds.images}
+    name_of = {im.id: path_key(im.file_name) for im in ds.images}
     unknown = sorted({f.file for f in fixes} - set(by_name))
     if unknown:
         raise ValueError(f"{len(unknown)} fixed file(s) are not in the proposals, e.g. {unknown[:3]}")
