@@ -187,3 +187,23 @@ def test_synth_refuses_a_size_it_cannot_make_before_writing(tmp_path):
         assert "Traceback" not in r.output and not (tmp_path / "x").exists()
     r = runner.invoke(app, ["synth", str(tmp_path / "x"), "-n", "5", "--workers", "0"], env={"COLUMNS": "200"})
     assert r.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work_with_exit_2(tmp_path):
+    """A folder named as split's -o or stats' --chart, a file as synth's folder or
+    propose-boxes' --sheets: exit 1 after the work (split's message named a temporary file),
+    and propose-boxes had written its proposals already."""
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["synth", str(tmp_path / "s"), "-n", "6", "--max-side", "96", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    m = str(tmp_path / "s" / "manifest.csv")
+    for args, words in ((["synth", str(tmp_path / "afile"), "-n", "5", "--workers", "1"], "OUT"),
+                        (["split", m, "-o", str(tmp_path / "dir.csv")], "--out"),
+                        (["stats", m, "--chart", str(tmp_path / "dir.png")], "--chart"),
+                        (["propose-boxes", m, "-o", str(tmp_path / "p.json"), "--sheets", str(tmp_path / "afile")],
+                         "--sheets")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and f"error: {words} " in r.output, (args, r.output)
+    assert not (tmp_path / "p.json").exists()

@@ -271,3 +271,13 @@ def test_manifest_writers_refuse_a_name_that_is_not_csv_or_parquet_before_their_
     r = runner.invoke(app, ["merge-manifests", str(tmp / "m.csv"), "-o", str(tmp / "all.xlsx")])
     assert r.exit_code == 2 and "a manifest is .csv or .parquet" in r.output, r.output
     assert not (tmp / "all.xlsx").exists()
+
+
+def test_import_labels_names_an_images_folder_that_is_not_there_once(collection):
+    """Every row read as a missing file instead."""
+    tmp, _ = collection
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(tmp / "nowhere"), "-o",
+                            str(tmp / "m.csv"), "--source-col", "case", "--source-sep", ":", "--kind-map",
+                            "unknown=skip"])
+    assert r.exit_code == 2 and f"--images {tmp / 'nowhere'}: no such folder" in r.output, r.output
+    assert "missing file" not in r.output

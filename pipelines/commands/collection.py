@@ -32,6 +32,9 @@ def import_labels_cmd(
     from pipelines.data.labelled_import import LabelColumns, import_labelled, parse_kind_map
     from pipelines.data.manifest import ManifestError, check_manifest_name, write_manifest
 
+    from pipelines.commands.common import require_writable
+
+    require_writable("--out", out, file=True, keep=False)
     try:
         check_manifest_name(out)
         cols = LabelColumns(path=path_col, kind=None if kind else kind_col, kind_value=kind,
@@ -56,6 +59,9 @@ def merge_manifests_cmd(
     from pipelines.data.labelled_import import merge_manifests
     from pipelines.data.manifest import ManifestError, check_manifest_name, write_manifest
 
+    from pipelines.commands.common import require_writable
+
+    require_writable("--out", out, file=True, keep=False)
     try:
         check_manifest_name(out)
         df = merge_manifests(manifests, out)
@@ -82,6 +88,14 @@ def propose_boxes_cmd(
     from pipelines.data.coco import save_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
+    from models.io import WeightsIntegrityError
+    from pipelines.commands.common import require_writable
+
+    # outputs checked before the photos are read: a --sheets that was a file failed after the
+    # proposals were written (an audit)
+    require_writable("--out", out, file=True, keep=False)
+    if sheets is not None:
+        require_writable("--sheets", sheets, keep=False)
     try:
         df = load_manifest(manifest)
     except ManifestError as e:
@@ -90,7 +104,10 @@ def propose_boxes_cmd(
     if detector is not None:
         from pipelines.engine.detector import top_box_fn
 
-        detect = top_box_fn(detector, min_score)
+        try:
+            detect = top_box_fn(detector, min_score)
+        except WeightsIntegrityError as e:
+            _fail(str(e))
     unreadable: list[str] = []
     entries = propose_for_manifest(df, detect, unreadable)
     for line in unreadable:

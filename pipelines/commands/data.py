@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail, progress_console
+from pipelines.commands.common import _csv, _fail, progress_console, require_writable
 
 
 def synth(
@@ -32,6 +32,7 @@ def synth(
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    require_writable("OUT", out, keep=False)  # a file of that name was exit 1 (an audit)
     cfg = PRESETS[preset]
     changes: dict = {"seed": seed}
     if n_images is not None:
@@ -148,6 +149,8 @@ def split(
 
     if merge_duplicates and duplicates is None:
         _fail("--merge-duplicates needs --duplicates")
+    # a folder of that name was exit 1 naming a temporary file, after the split (an audit)
+    require_writable("--out", out, file=True, keep=False)
     # each was an ordinary split without a word: a --fold without --folds, shares under folds
     if fold is not None and folds is None:
         _fail("--fold picks a rotation of --folds K; give --folds too")
@@ -303,6 +306,8 @@ def stats(
 
     if chart is not None and chart.suffix.lower() != ".png":
         _fail(f"--chart {chart}: the chart is a PNG file, name it *.png")
+    if chart is not None:  # a folder of that name was exit 1 after the counts (an audit)
+        require_writable("--chart", chart, file=True, keep=False)
     try:
         df = load_manifest(manifest, check_files=False)
     except ManifestError as e:
