@@ -88,6 +88,11 @@ def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     write_manifest(df, tmp_path / "d" / "no-val.csv")
     out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "no-val.csv")])
     assert out.exit_code == 2 and "no cervix photo in the val split" in out.output, out.output
+    df = load_manifest(tmp_path / "d" / "split.csv")
+    df = df[df["kind"].isin(["regular", "no_cervix"])]  # sklearn's "needs samples of at least 2 classes"
+    write_manifest(df, tmp_path / "d" / "regular.csv")
+    out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "regular.csv")])
+    assert out.exit_code == 2 and "it has regular only" in out.output, out.output
 
 
 def test_extra_crops_join_the_training_split_only(labelled, tiny_dataset, tmp_path):

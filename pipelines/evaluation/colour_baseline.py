@@ -44,6 +44,10 @@ def baseline_report(df: pd.DataFrame, seed: int = 0) -> dict:
     if empty:  # was a bare KeyError: 'val'
         raise ValueError(f"no cervix photo in the {' and '.join(empty)} split: the baseline fits on train and "
                          "chooses its threshold on val")
+    train = df.loc[df["split"] == "train", "kind"]
+    if train.isin(("green", "iodine")).all() or train.eq("regular").all():  # sklearn's words, after every photo
+        raise ValueError("the train split needs both regular and green or iodine photos to fit the baseline; "
+                         f"it has {', '.join(sorted(set(train)))} only")
     feats = {s: np.stack([colour_histogram(p) for p in df.loc[df["split"] == s, "abspath"]])
              for s in ("train", "val", "test") if (df["split"] == s).any()}
     ys = {s: df.loc[df["split"] == s, "kind"].isin(("green", "iodine")).to_numpy().astype(int) for s in feats}
