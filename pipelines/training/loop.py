@@ -159,6 +159,10 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), gauss_next))
 
 
+class ResumeRefused(ValueError):
+    """The checkpoint is sound but this run's settings are not its own."""
+
+
 def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -> None:
     """A resume with other settings trained on under the checkpoint's optimizer state (a new
     --lr was not applied) and other data, and the card recorded the new settings for the
@@ -168,12 +172,8 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
                for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
     if changed:
         raise ResumeRefused(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
-                         f"({'; '.join(changed)}): only --epochs (and --workers, --device) may change; resume "
-                         "with the same settings, or train into another folder")
-
-
-class ResumeRefused(ValueError):
-    """The checkpoint is sound but this run's settings are not its own."""
+                            f"({'; '.join(changed)}): only --epochs (and --workers, --device) may change; resume "
+                            "with the same settings, or train into another folder")
 
 
 def _check_epochs(trained: int, wanted: int, ckpt_path: Path) -> None:
