@@ -30,6 +30,10 @@ def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
     pd.DataFrame(manifest).to_csv(tmp_path / "m.csv", index=False)
     (tmp_path / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
     r = _cervixqc("split", str(tmp_path / "m.csv"), "-o", "/proc/no/such/split.csv")
+    # refused before the split, as every output the README lists: exit 2 (it was 1, after the work)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
+    r = _cervixqc("contact-sheet", "/proc/no/such/sheet.png")  # no check of its own: main's net, exit 1
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
 
