@@ -128,7 +128,8 @@ def split(
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
     test_sources: Annotated[Optional[str], typer.Option(help="Cross-source: test sources.")] = None,
-    coco: Annotated[Optional[Path], typer.Option(help="Also write <out>_<split>.json subsets of these boxes, beside -o.")] = None,
+    coco: Annotated[Optional[Path], typer.Option(
+        help="Also write <out>_<split>.json subsets of these boxes, beside -o.")] = None,
     folds: Annotated[Optional[int], typer.Option(
         help="K-fold by patient: test = --fold, validation = the next fold, training = the rest; "
              "--test-sources then names held-out sources that are test in every rotation.")] = None,

@@ -84,7 +84,8 @@ def eval_detector_cmd(
     coco: Annotated[Path, typer.Argument(help="COCO JSON to evaluate on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics JSON and gallery PNG.")],
     manifest: Annotated[Optional[Path], typer.Option(
-        help="Manifest with sources, for per-source metrics; every image of the box file must be one of its rows.")] = None,
+        help="Manifest with sources, for per-source metrics; every image of the box file must be one of its "
+             "rows.")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
@@ -105,12 +106,12 @@ def eval_detector_cmd(
         sources = None
         if manifest is not None:
             sources = image_sources(boxes, coco.parent, load_manifest(manifest, check_files=False))
-        model, mcard = _detector(card, device)
-        ds = CocoDetection(boxes, coco.parent, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
         missing = [im.file_name for im in boxes.images if not on_disk(coco.parent, im.file_name).is_file()]
         if missing:
             raise ValueError(f"{coco}: {len(missing)} of its images are no file under {coco.parent} (names are "
                              f"taken from the box file's folder), e.g. {missing[:3]}")
+        model, mcard = _detector(card, device)
+        ds = CocoDetection(boxes, coco.parent, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
     except (CocoError, ManifestError, ValueError) as e:
         _fail(str(e))
     require_writable("--out", out, keep=False)
@@ -153,7 +154,7 @@ def detect_cmd(
     names = list(rebased(df, out)["path"])
     ds, unreadable = detect_to_coco(model, mcard, [Path(p) for p in df["abspath"]], names, device, min_score=min_score)
     if unreadable:
-        typer.echo(f"{len(unreadable)} photos could not be read and are in no image of the box file (first: "
+        typer.echo(f"{len(unreadable)} photos could not be read and are left out of the box file (first: "
                    f"{', '.join(unreadable[:3])})", err=True)
     if not ds.images:
         _fail(f"not one of the {len(df)} photos could be read; nothing written", code=1)
