@@ -113,6 +113,31 @@ def _is_photo(path: Path) -> bool:
     return head.startswith(_PHOTO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
+def _folder_files(src: Path, skipped: dict[str, int]) -> Iterator[str]:
+    """The row keys of a folder's files as `list_inputs` takes them, walked lazily; what it
+    skips is counted into `skipped`."""
+    def cannot_list(_: OSError) -> None:
+        skipped["unreadable"] += 1
+
+    for root, dirs, files in os.walk(src, onerror=cannot_list):
+        skipped["housekeeping"] += sum(d in HOUSEKEEPING_FOLDERS for d in dirs)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in HOUSEKEEPING_FOLDERS)
+        # links to folders are not followed (a loop, or a way out of the source); counted, since
+        # their files get no row: link the files, or list them in a manifest
+        skipped["folder_links"] += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
+        for f in files:
+            if f.lower() in HOUSEKEEPING_FILES or f.lower().endswith(HOUSEKEEPING_SUFFIXES):
+                skipped["housekeeping"] += 1
+            elif not f.startswith("."):
+                yield row_key((Path(root) / f).relative_to(src).as_posix())
+
+
+def holds_files(src: Path) -> bool:
+    """Whether a folder source has one file to clean, found without listing it all (the service
+    answers a job request with it: an unmounted share's empty folder ended `done`, 0 files)."""
+    return next(_folder_files(src, {"housekeeping": 0, "folder_links": 0, "unreadable": 0}), None) is not None
+
+
 def list_inputs(src: Path) -> list[str]:
     """Relative paths (posix) of every non-hidden file under a folder, or a manifest's paths
     relative to the manifest's folder. Sorted, so runs and resumes see the same order.
@@ -150,25 +175,16 @@ def list_inputs(src: Path) -> list[str]:
         for p in paths:
             first.setdefault(file_key(src.parent, p), PurePosixPath(p).as_posix())
         return sorted(first.values())
-    out, folder_links, unreadable, housekeeping = [], 0, [], 0
-    for root, dirs, files in os.walk(src, onerror=unreadable.append):
-        housekeeping += sum(d in HOUSEKEEPING_FOLDERS for d in dirs)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in HOUSEKEEPING_FOLDERS)
-        # links to folders are not followed (a loop, or a way out of the source); counted, since
-        # their files get no row: link the files, or list them in a manifest
-        folder_links += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
-        for f in files:
-            if f.lower() in HOUSEKEEPING_FILES or f.lower().endswith(HOUSEKEEPING_SUFFIXES):
-                housekeeping += 1
-            elif not f.startswith("."):
-                out.append(row_key((Path(root) / f).relative_to(src).as_posix()))
+    skipped = {"housekeeping": 0, "folder_links": 0, "unreadable": 0}
+    out = list(_folder_files(src, skipped))
+    housekeeping, folder_links, unreadable = skipped["housekeeping"], skipped["folder_links"], skipped["unreadable"]
     if housekeeping:
         log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins, edit sidecars: "
                  "HOUSEKEEPING_FOLDERS, HOUSEKEEPING_FILES, HOUSEKEEPING_SUFFIXES in pipelines/clean.py)", housekeeping)
     if folder_links:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid
-        log.warning("%d folders could not be listed (permissions?): their files get no row", len(unreadable))
+        log.warning("%d folders could not be listed (permissions?): their files get no row", unreadable)
     unique = sorted(set(out))
     if len(unique) < len(out):  # `Pe\xf1a.jpg` in Latin-1 and a file literally named so: one row
         log.warning("%d files are spelt as another file's row (a name that is not UTF-8, written with \\xNN, "

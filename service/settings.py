@@ -197,6 +197,14 @@ class Settings(BaseSettings):
             self.session_secret_file = self.state_dir / "session-secret"
         if self.quarantine_root is None:
             self.quarantine_root = self.state_dir / "quarantine"
+        for name, folder in (("CERVIXQC_STATE_DIR", self.state_dir), ("CERVIXQC_QUARANTINE_ROOT", self.quarantine_root)):
+            here = folder.resolve()
+            for root in self.data_roots:
+                if here == root or root in here.parents or here in root.parents:
+                    # a job over the root read the service's own copies back as photos: a rerun
+                    # counted each flagged photo twice, its copies nested deeper each time (an audit)
+                    raise ValueError(f"{name} {folder} and the data root {root} lie one inside the other: a job "
+                                     "would read the service's own files as photos; keep them apart")
         return self
 
     @property

@@ -390,6 +390,28 @@ def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server,
         assert len(c.get("/v1/jobs").json()["jobs"]) == before
 
 
+def test_a_source_without_files_is_refused_and_one_emptied_before_its_run_fails_the_job(server, data_root):
+    """An unmounted share's empty folder, and a manifest without rows, ended `done` with 0 files
+    and no error, where `cervixqc clean` exits 2."""
+    (data_root / "share").mkdir()
+    (data_root / "share" / ".DS_Store").write_bytes(b"x")  # nothing to clean: a Mac's leftovers only
+    (data_root / "header.csv").write_text("path\n")
+    with server.client() as c:
+        for name in ("share", "header.csv"):
+            r = c.post("/v1/jobs", json={"source": name})
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "empty_source"), r.text
+        ok = fuzz_set()["ok.jpg"][0]
+        for i in range(20):
+            (data_root / "share" / f"{i:02d}.jpg").write_bytes(ok[:-1] + i.to_bytes(2, "big"))
+        job = c.post("/v1/jobs", json={"source": "share"}).json()["id"]
+        assert c.post(f"/v1/jobs/{job}/cancel").status_code == 200  # a job of seconds, cancelled in milliseconds
+        for p in (data_root / "share").glob("*.jpg"):
+            p.unlink()  # the share unmounted before the job runs again
+        assert c.post(f"/v1/jobs/{job}/retry").status_code == 202
+        failed = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert failed["status"] == "failed" and "holds no files to clean" in failed["error"], failed
+
+
 def test_a_locked_job_store_gets_503_to_retry_and_stalls_no_other_request(weights, data_root, tmp_path):
     """Another writer holds jobs.sqlite: starting a job waits out the store's busy timeout
     and answers 503 with Retry-After, while health checks and job listings answer at once."""

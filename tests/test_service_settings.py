@@ -78,6 +78,11 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_STATE_DIR": str(a_file)}, weights, "CERVIXQC_STATE_DIR"),
              ({"CERVIXQC_DATA_ROOTS": str(tmp_path / "nowhere")}, weights, "CERVIXQC_DATA_ROOTS"),
              ({"CERVIXQC_QUARANTINE_ROOT": str(a_file)}, weights, "CERVIXQC_QUARANTINE_ROOT"),
+             # a job over the root read its own quarantine copies back: each flagged photo counted twice
+             ({"CERVIXQC_DATA_ROOTS": str(tmp_path / "data"), "CERVIXQC_QUARANTINE_ROOT": str(tmp_path / "data/q")},
+              weights, "CERVIXQC_QUARANTINE_ROOT " + str(tmp_path / "data/q") + " and the data root"),
+             ({"CERVIXQC_DATA_ROOTS": str(tmp_path)}, weights, "CERVIXQC_STATE_DIR " + str(tmp_path / "state")
+              + " and the data root " + str(tmp_path) + " lie one inside the other"),
              ({"CERVIXQC_SESSION_SECRET_FILE": str(tmp_path / "short-secret")}, weights, "needs at least 32"),
              ({"CERVIXQC_API_KEYS_FILE": str(tmp_path / "latin1-keys")}, weights,
               "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),

@@ -128,6 +128,11 @@ class JobRunner:
             return
         root = job.root()
         inputs = list_inputs(src)
+        if not inputs:  # emptied since it was accepted (a share unmounted under its mount point)
+            self.store.transition(job.id, "failed", finished=time.time(),
+                                  error="the source holds no files to clean (an unmounted share?); retry the job "
+                                        "once they are back")
+            return
         done = self.store.done_paths(job.id)
         now = time.time()
         # every stored row, those to be read again too: they count as processed all along

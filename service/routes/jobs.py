@@ -17,7 +17,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
-from pipelines.clean import list_inputs
+from pipelines.clean import holds_files, list_inputs
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
@@ -87,9 +87,14 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
         raise ApiError(400, "invalid_source", "source must be a folder or a manifest (.csv or .parquet)")
     if source.is_file():  # a manifest's problems now, with its rows, not as a failed job later
         try:
-            list_inputs(source)
+            rows = list_inputs(source)
         except (ValueError, OSError) as e:
             raise ApiError(400, "invalid_manifest", str(e)) from e
+        if not rows:
+            raise ApiError(400, "empty_source", f"{body.source} lists no files to clean (a header without rows)")
+    elif not holds_files(source):  # an unmounted share's empty folder ended `done`, 0 files (an audit)
+        raise ApiError(400, "empty_source", f"{body.source} holds no files to clean (an unmounted share? an empty "
+                                            "folder?)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     if quarantine is not None:
         _check_quarantine_free(state, quarantine, str(source))
