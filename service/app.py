@@ -17,8 +17,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from pipelines.engine.decode import DecodeLimits
@@ -27,7 +29,7 @@ from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import KNOWN_METHODS, ApiError, install_error_handlers, internal_error
+from service.errors import KNOWN_METHODS, ApiError, install_error_handlers, internal_error, validation_message
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
@@ -138,15 +140,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
         return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
 
-    as_json = app.exception_handlers[ApiError]
-
-    @app.exception_handler(ApiError)
-    async def _page_error(request: Request, e: ApiError) -> Response:
+    def as_page(kind: type[Exception], status_and_message) -> None:
         """A browser opening a page gets the message as a page with a way back: a deleted job's
-        review page showed the raw JSON error (an audit). Scripts keep the JSON."""
-        if wants_page(request) and route_path(request.scope).startswith("/ui/"):
-            return page(request, "error.html", None, status_code=e.status, status=e.status, message=e.message)
-        return await as_json(request, e)
+        review page showed the raw JSON error, and so did a mistyped item number or page and
+        an unknown /ui/ address (audits). Scripts keep the JSON."""
+        as_json = app.exception_handlers[kind]
+
+        async def handler(request: Request, e: Exception) -> Response:
+            if wants_page(request) and route_path(request.scope).startswith("/ui/"):
+                status, message = status_and_message(e)
+                return page(request, "error.html", None, status_code=status, status=status, message=message)
+            return await as_json(request, e)
+
+        app.add_exception_handler(kind, handler)
+
+    as_page(ApiError, lambda e: (e.status, e.message))
+    as_page(RequestValidationError, lambda e: (422, validation_message(e)))
+    as_page(StarletteHTTPException, lambda e: (e.status_code, str(e.detail)))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_too_large=metrics.rejected.labels("body_too_large").inc)
     app.add_middleware(PageHeaders)  # the pages' security and cache headers

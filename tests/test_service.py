@@ -232,6 +232,18 @@ def test_malformed_requests_get_a_json_4xx(server):
     assert "Maximum header size exceeded" in checks[6][0].json()["error"]["message"]
 
 
+def test_a_job_request_that_is_not_json_is_told_so(server):
+    """Broken JSON read "body.17: JSON decode error" (a character offset where a field goes), and
+    a form body a 422 about "a valid dictionary"."""
+    with server.client() as c:
+        broken = c.post("/v1/jobs", content=b'{"source":"set1",}', headers={"Content-Type": "application/json"})
+        form = c.post("/v1/jobs", data={"source": "set1"})
+    assert broken.status_code == 422, broken.text
+    assert re.fullmatch(r"the body is not valid JSON \(.+ at character 17\)", broken.json()["error"]["message"])
+    assert (form.status_code, form.json()["error"]["code"]) == (415, "unsupported_media_type"), form.text
+    assert "Content-Type: application/json" in form.json()["error"]["message"]
+
+
 def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_path):
     outside = tmp_path / "secret"
     outside.mkdir()

@@ -219,6 +219,21 @@ def test_a_finished_job_is_deleted_from_the_jobs_page_with_the_token_only(server
     assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), r.text
     assert f"no job &#39;{job}&#39;" in r.text and 'href="/ui/jobs"' in r.text
     assert c.get(f"/ui/jobs/{job}/review").json()["error"]["code"] == "job_not_found"  # a script's request
+    for action in ("cancel", "retry"):  # its Cancel or Retry, clicked in a tab still showing it (was the JSON)
+        r = c.post(f"/ui/jobs/{job}/{action}", data={"csrf": csrf})
+        assert r.status_code == 303 and r.headers["location"] == "/ui/jobs", (action, r.text)
+
+
+def test_a_mistyped_page_address_is_a_page_with_a_way_back_and_json_for_scripts(server):
+    """A wrong item number or page, or an unknown /ui/ address, showed the raw JSON error."""
+    job = _finished_job(server, "set")
+    c, _ = _signed_in(server)
+    for path, status in ((f"/ui/jobs/{job}/items/0", 422), (f"/ui/jobs/{job}/items/abc", 422),
+                         (f"/ui/jobs/{job}/review?page=0", 422), ("/ui/nonexistent", 404)):
+        r = c.get(path, headers={"Accept": "text/html"})
+        assert r.status_code == status and r.headers["content-type"].startswith("text/html"), (path, r.text)
+        assert 'href="/ui/jobs"' in r.text, path
+        assert c.get(path).headers["content-type"].startswith("application/json"), path
 
 
 def test_the_signing_secret_is_private_to_the_service(server):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from pipelines.clean import holds_files, list_inputs
@@ -79,7 +79,17 @@ def job_or_404(state: ServiceState, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Start a cleaning job")
+def json_body(request: Request) -> None:
+    """A job is asked for in JSON: a form body was a 422 about "a valid dictionary", where an
+    upload of the wrong type gets 415 saying what to send (an audit)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, "unsupported_media_type", 'send the job as JSON (Content-Type: application/json), '
+                                                      'such as {"source": "folder/under/a/data/root"}')
+
+
+@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Start a cleaning job",
+             dependencies=[Depends(json_body)])
 def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
     source = confine(body.source, s.data_roots)
