@@ -155,3 +155,20 @@ def test_a_training_photo_that_does_not_decode_is_named(tmp_path):
     for path in (cut, tmp_path / "gone.jpg"):
         with pytest.raises(ValueError, match=f"{path.name}: cannot read it as an image"):
             load_rgb(path)
+
+
+def test_crops_of_a_split_written_into_another_folder_find_the_boxes_of_the_original_box_file(tmp_path):
+    """`split -o other/s.csv` names photos `../p0.jpg`, the box file beside them `p0.jpg`: every
+    cervix photo read as unboxed, and training refused (or, with --allow-unboxed, had no crop)."""
+    from pipelines.data.crop_set import split_crops
+
+    names = [f"p{i}.jpg" for i in range(8)]
+    for i, n in enumerate(names):
+        _photo(tmp_path / n, seed=i)
+    coco = _boxes(tmp_path, {n: (64, 48) for n in names})
+    manifest = _manifest(tmp_path, names)
+    (tmp_path / "other").mkdir()
+    rows = _split_with_boxes(tmp_path, manifest, tmp_path / "other" / "s.csv", coco)
+    assert rows["path"].str.startswith("../").all()
+    crops = split_crops(tmp_path / "other" / "s.csv", coco, 32)
+    assert sum(len(c) for c in crops.values()) == 8 and not any(c.unboxed for c in crops.values())

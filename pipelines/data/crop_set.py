@@ -10,6 +10,7 @@ are expected): training dropped such photos unsaid, 15 of 21 regulars once (an a
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,14 +65,14 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
     them (a manifest's `./a.jpg` got no crop). `recorded`: the box file's image sizes, checked
     against each photo's (`size_mismatches` says why). A cervix photo without a box raises
     ValueError naming the first few, unless `allow_unboxed` (then listed in `unboxed`). An
-    absolute manifest path (README: allowed) is also looked up relative to `boxes_root`, the
-    box file's folder, where the generator and `split --coco` write their relative names: it
-    met no box, and every crop of such a manifest was dropped."""
+    absolute manifest path (README: allowed), or a row of a manifest in another folder, is also
+    looked up as the file it names relative to `boxes_root`, the box file's folder, where every
+    box file's names start: such rows met no box, and every crop was dropped."""
     rows = manifest[manifest["kind"].isin(list(KIND_INDEX))]
     boxes_by_key = {path_key(p): b for p, b in boxes_by_path.items()}
     crops, kinds, paths, patients, sources, wrong, unboxed = [], [], [], [], [], [], []
     for row in rows.itertuples(index=False):
-        key = _box_key(row.path, boxes_root, boxes_by_key)
+        key = _box_key(row.path, getattr(row, "abspath", None), boxes_root, boxes_by_key)
         boxes = boxes_by_key.get(key) or []
         if not boxes:
             unboxed.append(row.path)
@@ -109,15 +110,16 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
     return CropSet(images, torch.tensor(kinds, dtype=torch.int64), paths, patients, sources, unboxed)
 
 
-def _box_key(path: str, root: Path | None, boxes_by_key: dict[str, list]) -> str:
-    """The name a photo has in the box file: its manifest path, or an absolute one's relative to `root`."""
+def _box_key(path: str, abspath: str | None, root: Path | None, boxes_by_key: dict[str, list]) -> str:
+    """The name a photo has in the box file: its manifest path as spelt, or else the file it
+    names (`abspath`, or an absolute `path`) taken relative to the box file's folder `root`:
+    a manifest in another folder than its boxes (`split -o elsewhere/`) met none of them."""
     key = path_key(path)
-    if key in boxes_by_key or root is None or not Path(path).is_absolute():
+    target = abspath or (path if os.path.isabs(path) else None)
+    if key in boxes_by_key or root is None or target is None:
         return key
-    try:
-        return path_key(Path(path).relative_to(root.resolve()).as_posix())
-    except ValueError:  # not under root
-        return key
+    relative = path_key(Path(os.path.relpath(os.path.abspath(target), os.path.abspath(root))).as_posix())
+    return relative if relative in boxes_by_key else key
 
 
 class CropDataset(Dataset):
