@@ -589,3 +589,16 @@ def test_a_stopped_store_leaves_no_log_to_replay_onto_a_restored_copy(tmp_path):
     store.close()
     assert (tmp_path / "jobs.sqlite-wal").stat().st_size == 0
     assert _group_by(store.path, job.id) == {"regular": 50}  # folded into the file, not lost
+
+
+def test_a_run_ending_after_its_job_was_cancelled_and_retried_leaves_the_retry_queued(tmp_path):
+    """The cancelled run's last step (duplicates, exports) marked the retried, queued job done,
+    and the retry never ran: a source emptied meanwhile came out `done`."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "deep_sad", tmp_path)
+    assert store.transition(job.id, "running")
+    assert store.cancel(job.id) and store.requeue(job.id)
+    assert not store.transition(job.id, "done", finished=time.time())
+    assert store.status(job.id) == "queued"
+    assert store.transition(job.id, "running") and store.transition(job.id, "done", finished=time.time())
+    assert store.status(job.id) == "done"

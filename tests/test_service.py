@@ -674,7 +674,8 @@ def test_a_405_names_every_method_the_path_serves(server):
 @pytest.mark.slow
 def test_schemathesis_with_every_check_finds_no_contract_mismatch(server, tmp_path):
     """All checks: undocumented statuses, Allow headers, schema-valid requests refused, response
-    schemas, 5xx. tests/schemathesis.toml says why POST /v1/qc may answer 422 to valid input."""
+    schemas, 5xx. tests/schemathesis.toml says why POST /v1/qc may answer 422 to valid input, and
+    POST /v1/jobs 400."""
     st = Path(sys.executable).with_name("st")
     config = Path(__file__).with_name("schemathesis.toml")
     run = subprocess.run([str(st), "--config-file", str(config), "run", f"{server.url}/openapi.json",

@@ -383,9 +383,12 @@ class JobStore:
 
     def transition(self, job_id: str, to: str, **fields: object) -> bool:
         """Move an active job to `to` (running, done, failed), only if it is still active: a
-        cancel that lands between the runner's read and its write must win."""
+        cancel that lands between the runner's read and its write must win. `done` ends a
+        running job only: a run cancelled during its last step, and the job retried meanwhile
+        (queued), marked the queued job done, and the retry never ran."""
         cols = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
-        cur = self._db().execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status IN {ACTIVE}",
+        states = "('running')" if to == "done" else ACTIVE
+        cur = self._db().execute(f"UPDATE jobs SET {cols} WHERE id = ? AND status IN {states}",
                                  (to, *fields.values(), job_id))
         return cur.rowcount == 1
 

@@ -88,8 +88,8 @@ def json_body(request: Request) -> None:
                                                       'such as {"source": "folder/under/a/data/root"}')
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Start a cleaning job",
-             dependencies=[Depends(json_body)])
+@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS | {415: {"model": ErrorResponse}},
+             summary="Start a cleaning job", dependencies=[Depends(json_body)])
 def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
     source = confine(body.source, s.data_roots)
