@@ -259,6 +259,7 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
     jobs = [store.create("src", None, "resnest", tmp_path) for _ in range(4)]
     store.transition(jobs[0].id, "running")
     assert float(scrape()) == 4
+    store.transition(jobs[0].id, "running")  # done ends a running job only
     store.transition(jobs[0].id, "done")
     assert float(scrape()) == 3
 
@@ -476,6 +477,7 @@ def test_a_delete_killed_after_the_items_finishes_the_counts_and_decisions_at_th
     store = JobStore(tmp_path / "jobs.sqlite")
     job = store.create("src", None, "resnest", tmp_path)
     store.add_items(job.id, [QCResult(path="a.jpg", label=Label.REGULAR)])
+    store.transition(job.id, "running")  # done ends a running job only
     store.transition(job.id, "done")
     ReviewStore(store.path).decide(job.id, 0, "a.jpg", "k1", "label", "regular", "iodine")
     with sqlite3.connect(store.path) as db:  # killed after the items' chunks: counts and decisions left
@@ -496,6 +498,7 @@ def test_folders_a_delete_left_behind_are_removed_at_the_next_start_and_live_job
     store, thumbs = JobStore(tmp_path / "jobs.sqlite"), tmp_path / "thumbs"
     gone, kept = (store.create("src", None, "resnest", tmp_path / "out") for _ in range(2))
     for job in (gone, kept):
+        store.transition(job.id, "running")  # done ends a running job only
         store.transition(job.id, "done")
         for folder in (Path(job.out_dir), thumbs / job.id):
             folder.mkdir(parents=True)

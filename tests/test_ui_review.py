@@ -132,6 +132,7 @@ def _reviews(tmp_path) -> tuple[ReviewStore, str]:
     """The review store of a job store holding one finished job, and that job's id."""
     jobs = JobStore(tmp_path / "jobs.sqlite")
     job = jobs.create("src", None, "resnest", tmp_path)
+    jobs.transition(job.id, "running")  # done ends a running job only
     jobs.transition(job.id, "done")
     return ReviewStore(jobs.path), job.id
 

@@ -71,6 +71,7 @@ def main() -> None:
         records = _records(args.items)
         for start in range(0, len(records), 1000):
             store.add_items(job.id, records[start : start + 1000])
+        store.transition(job.id, "running")  # done ends a running job only
         store.transition(job.id, "done", total=len(records), started=time.time(), finished=time.time())
         reviews = ReviewStore(state / "jobs.sqlite")
         for item in range(1, args.items, 50):  # 2% reviewed
