@@ -491,3 +491,43 @@ def test_bench_refuses_damaged_weights_in_one_line_before_any_mode_runs(always_c
                                  "--device", "cpu", "-o", str(tmp_path / "new" / "bench.json")])
     assert r.exit_code == 2 and "does not match" in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_stage2_card_under_the_other_models_name_is_refused_before_any_photo(always_cervix, tmp_path):
+    """The classifier's card as deep_sad.json ran the classifier as Deep SAD, unsaid (exit 0);
+    Deep SAD's as classifier.json was a 104-line traceback on the first photo."""
+    import shutil
+
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import check_weights
+
+    (tmp_path / "p.jpg").write_bytes(jpeg_bytes(textured_scene(0)))
+    for role, other in (("deep_sad", "classifier"), ("classifier", "deep_sad")):
+        swapped = tmp_path / f"w-{role}"
+        shutil.copytree(always_cervix, swapped)
+        shutil.copy(swapped / f"{other}.json", swapped / f"{role}.json")
+        message = f"{role}.json: holds the card of the '{other}' model, not of '{role}'"
+        with pytest.raises(WeightsIntegrityError, match=message):
+            check_weights(swapped, exports=False)
+        with pytest.raises(WeightsIntegrityError, match=message):
+            QCPipeline(swapped, QCConfig(runtime="torch"))
+        r = CliRunner().invoke(app, ["predict", "--weights", str(swapped), "--runtime", "torch", str(tmp_path / "p.jpg")])
+        assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_a_batch_with_names_of_another_length_or_one_path_alone_is_refused_before_decoding(always_cervix):
+    """3 photos with 1 name gave 1 result (logged as a model failure); a path alone was
+    labelled one character at a time."""
+    qc = QCPipeline(always_cervix, QCConfig(runtime="torch"))
+    photo = jpeg_bytes(textured_scene(0))
+    try:
+        with pytest.raises(ValueError, match="names: 1 for 3 items"):
+            qc.run([photo, photo, photo], names=["a"])
+        with pytest.raises(ValueError, match="names: 1 for 2 items"):
+            list(qc.run_stream([([photo, photo], ["a"])]))
+        for alone in ("x.jpg", Path("x.jpg"), photo):
+            with pytest.raises(TypeError, match="pass \\[item\\]"):
+                qc.run(alone)
+        assert [r.path for r in qc.run([photo, photo], names=["a", "b"])] == ["a", "b"]
+    finally:
+        qc.close()

@@ -14,6 +14,7 @@ bad input becomes an `unreadable` row with its reason; the batch goes on.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -214,6 +215,27 @@ def loading(card: Path) -> Iterator[None]:
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
 
 
+def _check_batch(items: Sequence[Input], names: Sequence[str] | None) -> None:
+    """A batch as `run` takes it, refused before any decode: names of another length were
+    zipped short (3 photos, 1 name: 1 result, logged as a model failure), and one path given
+    alone was labelled one character at a time (an audit)."""
+    if isinstance(items, (str, bytes, os.PathLike)) or (isinstance(items, np.ndarray) and items.ndim == 3):
+        raise TypeError(f"items: a sequence of inputs, got one {type(items).__name__}; pass [item]")
+    if names is not None and len(names) != len(items):
+        raise ValueError(f"names: {len(names)} for {len(items)} items (one per item, in order)")
+
+
+def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
+    """A weights folder's card under its own file name. The classifier's card copied over
+    deep_sad.json ran the classifier as Deep SAD at a site, unsaid, and Deep SAD's as
+    classifier.json failed on the first photo with a traceback (an audit)."""
+    if card is not None and card.name != path.stem:
+        raise WeightsIntegrityError(f"{path}: holds the card of the {card.name!r} model, not of {path.stem!r}: "
+                                    "a file copied into the wrong place? copy each model's card and weights "
+                                    "under their own names")
+    return card
+
+
 def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
     """What decides a label: the policy and the sha256 of every model that votes. A results
     folder's rows hold only under the decision that made them (StateStore)."""
@@ -228,7 +250,7 @@ def folder_cards(weights: Path) -> dict[str, ModelCard]:
         card = weights / f"{name}.json"
         if name in ("detector", "deep_sad", "classifier") or card.is_file():
             with loading(card):
-                cards[name] = verified_card(card)
+                cards[name] = in_role(verified_card(card), card)
     return cards
 
 
@@ -277,22 +299,26 @@ class QCPipeline:
         with loading(weights / "deep_sad.json"):
             self.deep_sad, self.sad_card = (load_stage2(weights / "deep_sad.json", dev) if torch_stage2
                                             else (None, verified_card(weights / "deep_sad.json")))
+            in_role(self.sad_card, weights / "deep_sad.json")
             threshold_of(self.sad_card)  # checked here, where a missing one is named with its card
         with loading(weights / "classifier.json"):
             self.classifier, self.cls_card = (load_stage2(weights / "classifier.json", dev) if torch_stage2
                                               else (None, verified_card(weights / "classifier.json")))
+            in_role(self.cls_card, weights / "classifier.json")
             threshold_of(self.cls_card)
             self.cls_size = self.cls_card.input_size[0]
         # optional stage 0: without it the detector's threshold alone decides no_cervix
         with loading(weights / "presence.json"):
             self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                              if (weights / "presence.json").is_file() else (None, None))
+            in_role(self.pres_card, weights / "presence.json")
             self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
         with loading(weights / COLOUR_CARD):
             self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
                                              else (None, None))
+            in_role(self.colour_card, weights / COLOUR_CARD)
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")
@@ -541,6 +567,7 @@ class QCPipeline:
 
     def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
             policy: Policy | None = None) -> list[QCResult]:
+        _check_batch(items, names)
         return self._run_decoded(items, names, *self._timed_decode(items), policy)
 
     def run_stream(self, batches: Iterable[tuple[Sequence[Input], Sequence[str] | None]],
@@ -555,7 +582,7 @@ class QCPipeline:
                 yield self.run(items, names, policy)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="decode-ahead") as ahead:
-            stream = iter(batches)
+            stream = (_check_batch(items, names) or (items, names) for items, names in batches)
             current = next(stream, None)
             pending = ahead.submit(self._timed_decode, current[0]) if current is not None else None
             while current is not None and pending is not None:
