@@ -109,6 +109,10 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),
                                  "--split", "val"])
     assert r.exit_code == 2 and "nothing to score" in r.output
+    # -o naming a file: refused before the scoring (it failed after it, exit 1, "File exists")
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(one_less),
+                                 "--split", "val"])
+    assert r.exit_code == 2 and "--out" in r.output and "cannot write there" in r.output, r.output
 
 
 def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):

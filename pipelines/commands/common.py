@@ -13,6 +13,11 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 
+def rate_text(x: float | None) -> str:
+    """`-` for a rate with nothing to count (no positive, no image), never `nan`."""
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     """One `error:` line; exit 2 for a refusal before any work, 1 for work that failed."""
     typer.echo(f"error: {message}", err=True)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail
+from pipelines.commands.common import _fail, rate_text
 from pipelines.outputs import json_text, write_json, write_together
 
 
@@ -28,11 +28,6 @@ def _rows(manifest: Path, split: Optional[str]):
     return df
 
 
-def _rate(x: float | None) -> str:
-    """`-` for a rate with nothing to count, as eval-detector prints it (not `nan`)."""
-    return "-" if x is None or x != x else f"{x:.3f}"
-
-
 def _print(report: dict, policy: str) -> None:
     for name, m in report[policy].items():
         parts = [f"{name:>26}:"]
@@ -41,7 +36,7 @@ def _print(report: dict, policy: str) -> None:
         if m["no_cervix_called"] is not None:
             parts.append(f"no_cervix called {m['no_cervix_called']:.3f} (n={m['n_no_cervix']})")
         if m.get("f1") is not None and m.get("n_non_regular"):
-            parts.append(f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} prec {_rate(m['precision'])}")
+            parts.append(f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} prec {rate_text(m['precision'])}")
         if m.get("regular_flagged") is not None:
             parts.append(f"regular flagged {m['regular_flagged']:.3f}")
         if m.get("kind_accuracy") is not None:

@@ -206,18 +206,20 @@ def eval_cmd(
     """Sensitivity, specificity, precision, F1, accuracy, ROC/PR-AUC, confusion matrix,
     overall and per source, at the threshold in the card."""
     from models.io import WeightsIntegrityError
-    from pipelines.commands.common import device_or_fail
+    from pipelines.commands.common import device_or_fail, rate_text, require_writable
     from pipelines.evaluation.stage2_eval import evaluate_stage2
 
     device = device_or_fail(device)
-
+    require_writable("--out", out, keep=False)  # a file there failed after the scoring, exit 1 (an audit)
     try:
         report, left_out = evaluate_stage2(card, manifest, coco, split, out, device)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
     for name, m in report.items():
-        typer.echo(f"{name:>10}: sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} prec {m['precision']:.3f} "
-                   f"F1 {m['f1']:.3f} acc {m['accuracy']:.3f} AUC {m['roc_auc']:.3f} (n={m['n']}, pos={m['n_positive']})")
+        rates = "  ".join(f"{label} {rate_text(m[key])}" for label, key in (
+            ("sens", "sensitivity"), ("spec", "specificity"), ("prec", "precision"), ("F1", "f1"),
+            ("acc", "accuracy"), ("AUC", "roc_auc")))
+        typer.echo(f"{name:>10}: {rates} (n={m['n']}, pos={m['n_positive']})")
     if left_out:
         typer.echo(f"left out, no box in {coco.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items()))
                    + " (not in the figures above)")
