@@ -16,3 +16,14 @@ def test_a_validation_run_beside_a_test_run_is_named_as_such():
     page = table6([_run("test", [1, 0], [0.9, 0.1]), _run("val", [0, 0], [0.1, 0.2])])
     assert "ResNeSt, 32x32, test" in page and "ResNeSt, 32x32, val" in page
     assert "n/a" in page and "nan" not in page  # the val run has no positive: no sensitivity
+
+
+def test_table6_says_how_many_photos_had_no_box_and_which_weights_each_row_is():
+    """With a detector's box file its misses are in no figure: the table showed sensitivity
+    1.000 where 6 of 11 positives had no box, and nowhere said so."""
+    run = _run("test", [1, 0], [0.9, 0.1]) | {"left_out_kinds": np.array(["green", "iodine"]),
+                                              "left_out_counts": np.array([4, 2]), "model_sha256": "ab" * 32}
+    page = table6([run, _run("val", [1, 0], [0.9, 0.1])])
+    assert "<td>2</td><td>6</td></tr>" in page and "<td>2</td><td>?</td></tr>" in page  # crops scored, left out
+    assert "6 photos had no box (4 green, 2 iodine) and are in none of its figures" in page
+    assert "ResNeSt, 32x32, test, weights abababababab" in page

@@ -4,6 +4,7 @@ crop-colour scorer in one fit), export a card with a validation threshold, and l
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,7 +89,8 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
                                  "--split", "val"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
-    assert set(report) == {"overall", "left_out_without_box"} | set(crops["val"].sources)
+    assert set(report) == {"overall", "left_out_without_box", "model_sha256", "card"} | set(crops["val"].sources)
+    assert report["model_sha256"] == json.loads(Path(card_path).read_text())["sha256"]
     assert report["left_out_without_box"] == {}
     _, card = load_weights(card_path)
     assert report["overall"]["threshold"] == card.thresholds["distance"]
@@ -109,6 +111,16 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),
                                  "--split", "val"])
     assert r.exit_code == 2 and "nothing to score" in r.output
+    # another model's eval into the same folder: refused, not replaced unsaid; the scores file
+    # carries the photos left out and the weights' sha256 for the report
+    with np.load(tmp_path / "deep_sad_32_val_scores.npz") as z:
+        assert str(z["model_sha256"]) == card.sha256 and int(z["left_out_counts"].sum()) == 1  # one_less's
+    other = json.loads(Path(card_path).read_text()) | {"sha256": "0" * 64}
+    metrics = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
+    (tmp_path / "deep_sad_32_val_metrics.json").write_text(json.dumps(metrics | {"model_sha256": other["sha256"]}))
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(tmp_path),
+                                 "--split", "val"])
+    assert r.exit_code == 2 and "holds an eval of other weights (sha256 000000000000" in r.output, r.output
     # -o naming a file: refused before the scoring (it failed after it, exit 1, "File exists")
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(one_less),
                                  "--split", "val"])

@@ -3,6 +3,7 @@ per source at the threshold stored in its card (chosen on validation, never here
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     the crops alone: with a detector's box file, the photos it missed are in no crop, and the
     count says how many (they were left out unsaid, and the sensitivity read higher)."""
     _, card = load_stage2(card_path)
+    stem = f"{card.name}_{card.input_size[0]}_{split}"
+    _refuse_other_weights(out_dir / f"{stem}_metrics.json", card.sha256)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,), allow_unboxed=True)[split]
     if len(crops) == 0:
         raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
@@ -49,11 +52,27 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{card.name}_{card.input_size[0]}_{split}"
-    write_json(out_dir / f"{stem}_metrics.json", report | {"left_out_without_box": left_out})
-    # Everything the report needs, so it never reruns a model.
+    write_json(out_dir / f"{stem}_metrics.json",
+               report | {"left_out_without_box": left_out, "model_sha256": card.sha256, "card": str(card_path)})
+    # Everything the report needs, so it never reruns a model; the photos left out for want of
+    # a box too (the report showed sensitivity 1.000 where 6 of 11 positives had none: an audit)
     np.savez_compressed(out_dir / f"{stem}_scores.npz", y=y, kinds=crops.kinds.numpy(),
                         sources=np.array(crops.sources), paths=np.array(crops.paths),
                         threshold=threshold_of(card), model=card.name, input_size=card.input_size[0],
-                        split=split, **scores)
+                        split=split, model_sha256=card.sha256, left_out_kinds=np.array(list(left_out), dtype=str),
+                        left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scores)
     return report, left_out
+
+
+def _refuse_other_weights(metrics: Path, sha256: str) -> None:
+    """An eval of other weights (same model, size and split) already in the folder: the second
+    replaced the first unsaid, and the report showed one row of either (an audit)."""
+    if not metrics.is_file():
+        return
+    try:
+        earlier = json.loads(metrics.read_text()).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier is not None and earlier != sha256:
+        raise ValueError(f"{metrics} holds an eval of other weights (sha256 {earlier[:12]}, these are {sha256[:12]}): "
+                         "write this one into another -o folder, or remove that one")
