@@ -531,3 +531,16 @@ def test_a_batch_with_names_of_another_length_or_one_path_alone_is_refused_befor
         assert [r.path for r in qc.run([photo, photo], names=["a", "b"])] == ["a", "b"]
     finally:
         qc.close()
+
+
+def test_an_array_of_a_size_no_file_may_have_and_an_item_of_another_type_become_unreadable_rows(always_cervix):
+    """Arrays skipped the decoder's limits: a 1x1000 sliver failed its whole batch, an empty one
+    divided by zero; an int among the items failed the batch's good photo too."""
+    qc = QCPipeline(always_cervix, QCConfig(runtime="torch"))
+    photo = jpeg_bytes(textured_scene(0))
+    try:
+        rows = qc.run([np.zeros((1, 1000, 3), np.uint8), np.zeros((0, 0, 3), np.uint8), 123, photo])
+    finally:
+        qc.close()
+    assert [r.label.value for r in rows][:3] == ["unreadable"] * 3 and rows[3].label.value != "unreadable"
+    assert "image too small (1000x1)" in rows[0].error and "not an input the engine reads (int)" in rows[2].error

@@ -214,12 +214,7 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
         raise DecodeError(f"unreadable image header ({type(e).__name__})") from None
     w, h = im.size
     try:
-        if w * h > limits.max_pixels:
-            raise DecodeError(f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP > {limits.max_pixels / 1e6:.0f} MP)")
-        if min(w, h) < limits.min_side:
-            raise DecodeError(f"image too small ({w}x{h})")
-        if max(w, h) > limits.max_aspect * min(w, h):
-            raise DecodeError(f"aspect ratio too extreme ({w}x{h}: more than {limits.max_aspect:g}:1)")
+        check_size(w, h, limits)
         try:
             # Pillow's TIFF reader (13, the lock's) reports the turned size and turns the pixels
             # as it loads: turned again here, a TIFF's width and height were swapped and its box
@@ -231,6 +226,18 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
         im.close()
         raise
     return im, Header(im.format, im.mode, w, h, orientation if 1 <= orientation <= 8 else 1, digest)
+
+
+def check_size(w: int, h: int, limits: DecodeLimits) -> None:
+    """A DecodeError for a size the engine cannot judge, from a file's header or an array's
+    shape (an array skipped it: a 1x1000 sliver failed its whole batch, an empty one divided
+    by zero; an audit)."""
+    if w * h > limits.max_pixels:
+        raise DecodeError(f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP > {limits.max_pixels / 1e6:.0f} MP)")
+    if min(w, h) < limits.min_side:
+        raise DecodeError(f"image too small ({w}x{h})")
+    if max(w, h) > limits.max_aspect * min(w, h):
+        raise DecodeError(f"aspect ratio too extreme ({w}x{h}: more than {limits.max_aspect:g}:1)")
 
 
 def read_header(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Header:

@@ -33,7 +33,8 @@ from torchvision.transforms.v2 import functional as TF
 from models.exportable import exportable
 from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
-from pipelines.engine.decode import DecodeError, Decoded, DecodeLimits, as_result, decode, read_file
+from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, as_result, check_size, decode,
+                                     read_file)
 from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector, shape_chunks
@@ -407,10 +408,14 @@ class QCPipeline:
         if isinstance(item, np.ndarray):
             if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
                 raise DecodeError(f"array must be HxWx3 uint8, got {item.shape} {item.dtype}")
+            check_size(item.shape[1], item.shape[0], self.cfg.limits)
             t = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
             import hashlib
 
             return Decoded(t, item.shape[1], item.shape[0], hashlib.sha256(item.tobytes()).hexdigest())
+        if not isinstance(item, (str, Path, bytes, bytearray, memoryview)):  # 123 failed its whole batch
+            raise DecodeError(f"not an input the engine reads ({type(item).__name__}): bytes, a path or an "
+                              "HxWx3 uint8 array")
         data = read_file(item, self.cfg.limits) if isinstance(item, (str, Path)) else item
         return decode(data, self.cfg.limits, long_side)
 
