@@ -544,3 +544,14 @@ def test_an_array_of_a_size_no_file_may_have_and_an_item_of_another_type_become_
         qc.close()
     assert [r.label.value for r in rows][:3] == ["unreadable"] * 3 and rows[3].label.value != "unreadable"
     assert "image too small (1000x1)" in rows[0].error and "not an input the engine reads (int)" in rows[2].error
+
+
+@pytest.mark.parametrize("setting", [{"runtime": "tensorrt"}, {"jpeg_decoder": "nvjpeg"}, {"precision": "fp16"},
+                                     {"detector_batch": -1}, {"detector_batch": 0}, {"decode_threads": 0},
+                                     {"policy": "majority"}, {"crop_margin": -0.1}])
+def test_an_engine_setting_the_engine_does_not_have_is_refused_by_name(setting):
+    """tensorrt ran as auto, nvjpeg as torchvision, -1 failed at the first batch and fp16 in
+    OpenVINO's own words."""
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"QCConfig.{name}: "):
+        QCConfig(**setting)

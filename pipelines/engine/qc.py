@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import numpy as np
 import torch
@@ -104,6 +104,22 @@ class QCConfig:
     # glibc malloc arenas for the whole process, set when the engine starts (None: leave
     # malloc alone). 1: the engine's peak RSS 87 MB lower, no slower (pipelines/engine/memory.py).
     malloc_arenas: int | None = 1
+
+    def __post_init__(self) -> None:
+        """The library's settings checked as the CLI checks its options: `runtime="tensorrt"` ran
+        as auto, `jpeg_decoder="nvjpeg"` as torchvision, `detector_batch=-1` failed at the first
+        batch and `precision="fp16"` in OpenVINO's words (an audit)."""
+        for name, kind in (("runtime", Runtime), ("precision", Precision), ("jpeg_decoder", JpegDecoder)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"QCConfig.{name}: {getattr(self, name)!r} is not one of {', '.join(get_args(kind))}")
+        if self.policy is not None and self.policy not in get_args(Policy):
+            raise ValueError(f"QCConfig.policy: {self.policy!r} is not one of {', '.join(get_args(Policy))}")
+        for name in ("detector_batch", "decode_threads", "malloc_arenas"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"QCConfig.{name}: {value!r} is not a whole number of at least 1")
+        if not 0 <= self.crop_margin < 1:
+            raise ValueError(f"QCConfig.crop_margin: {self.crop_margin!r} is not a share in [0, 1)")
 
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # what a device setting may say
