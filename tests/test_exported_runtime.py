@@ -415,3 +415,17 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_damaged_export_is_refused_at_a_precision_that_passes_it_over(exported, tmp_path):
+    """At f32 an export rounded to float16 is passed over for a conversion of the safetensors:
+    a damaged one then ran, exit 0, on a folder the default precision and `serve` refused."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    card = openvino_runtime.ExportCard.model_validate_json((folder / "deep_sad.openvino.json").read_text())
+    (folder / "deep_sad.openvino.json").write_text(card.model_copy(update={"weights_compression": "float16"})
+                                                   .model_dump_json())
+    with (folder / "deep_sad.openvino.bin").open("r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(WeightsIntegrityError, match=r"deep_sad.openvino.bin .*not its card's"):
+        QCPipeline(folder, QCConfig(precision="f32", openvino_cache=tmp_path / "cache"))
