@@ -531,6 +531,11 @@ def test_a_batch_with_names_of_another_length_or_one_path_alone_is_refused_befor
         assert [r.path for r in qc.run([photo, photo], names=["a", "b"])] == ["a", "b"]
     finally:
         qc.close()
+    with pytest.raises(RuntimeError, match="this QCPipeline was closed"):  # was the thread pool's words
+        qc.run([photo])
+    with QCPipeline(always_cervix, QCConfig(runtime="torch")) as again:
+        assert len(again.run([photo])) == 1
+    assert again.closed
 
 
 def test_an_array_of_a_size_no_file_may_have_and_an_item_of_another_type_become_unreadable_rows(always_cervix):

@@ -344,6 +344,7 @@ class QCPipeline:
         self.check_policy(self.policy)
         self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
+        self.closed = False
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
         if self.cfg.channels_last and self.runtime == "torch":
             for model in (self.detector, self.deep_sad, self.classifier):
@@ -592,6 +593,8 @@ class QCPipeline:
     def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
             policy: Policy | None = None) -> list[QCResult]:
         _check_batch(items, names)
+        if self.closed:
+            raise RuntimeError("this QCPipeline was closed; make a new one")
         return self._run_decoded(items, names, *self._timed_decode(items), policy)
 
     def run_stream(self, batches: Iterable[tuple[Sequence[Input], Sequence[str] | None]],
@@ -600,6 +603,8 @@ class QCPipeline:
         while batch n is on the models. One batch ahead at most, so memory holds two batches
         of decoded images, whatever the stream's length. Without `decode_ahead` it is plain
         `run` per batch."""
+        if self.closed:
+            raise RuntimeError("this QCPipeline was closed; make a new one")
         ahead_on = self.cfg.decode_ahead if self.cfg.decode_ahead is not None else self.device.type == "cuda"
         if not ahead_on:
             for items, names in batches:
@@ -752,4 +757,13 @@ class QCPipeline:
                                   crop_hash=crop_hashes[k], embedding=embeddings[k], **base)
 
     def close(self) -> None:
+        """Lets the decode threads go; a `run` after it is a RuntimeError saying so (it was
+        the thread pool's "cannot schedule new futures after shutdown")."""
+        self.closed = True
         self.pool.shutdown(wait=False)
+
+    def __enter__(self) -> QCPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
