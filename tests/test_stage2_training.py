@@ -12,7 +12,7 @@ from models.classifier import ClassifierConfig
 from models.deep_sad import DeepSAD
 from models.io import load_weights
 from pipelines.data.crop_set import split_crops
-from pipelines.data.manifest import load_manifest, write_manifest
+from pipelines.data.manifest import load_manifest, rebased, write_manifest
 from pipelines.data.splits import SplitFractions, patient_split
 from pipelines.data.synth import SizePolicy, SynthConfig, generate
 from pipelines.training.stage2 import Stage2Config, train_classifier, train_deep_sad
@@ -158,6 +158,12 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
         assert caption in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2 + 2 * 4 + 1  # curves, boxes, galleries, t-SNE
     assert "http://" not in page and "https://" not in page  # self-contained
+    # another set's manifest: blank tiles and other photos under these scores, exit 0 (an audit)
+    df = load_manifest(manifest)
+    write_manifest(rebased(df.iloc[: len(df) // 2], tmp_path / "half.csv"), tmp_path / "half.csv")
+    r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(tmp_path / "half.csv"), "--coco",
+                            str(coco), "-o", str(tmp_path / "other.html")])
+    assert r.exit_code == 2 and "photos the eval scored are not its rows" in r.output, r.output
     # a damaged scores file and a folder as -o: named, not tracebacks
     r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco),
                             "-o", str(tmp_path)])

@@ -257,6 +257,13 @@ def report_cmd(
         if eval_dir is not None:
             wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
             df = load_manifest(manifest)
+            # another set's manifest drew blank tiles, and other photos under the scores of the
+            # ones it shared a name with, exit 0 (an audit)
+            strangers = sorted(wanted - set(df["path"]))
+            if strangers:
+                raise ValueError(f"--manifest {manifest}: {len(strangers)} of the {len(wanted)} photos the eval scored "
+                                 f"are not its rows (e.g. {', '.join(strangers[:3])}): pass the manifest `cervixqc "
+                                 "eval` was given")
             crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96,
                                   allow_unboxed=True)
             thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
