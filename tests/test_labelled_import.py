@@ -281,3 +281,13 @@ def test_import_labels_names_an_images_folder_that_is_not_there_once(collection)
                             "unknown=skip"])
     assert r.exit_code == 2 and f"--images {tmp / 'nowhere'}: no such folder" in r.output, r.output
     assert "missing file" not in r.output
+
+
+def test_one_kind_for_every_row_says_it_left_the_sheets_own_kind_column_unread(collection):
+    """`--kind regular` on a sheet with a kind column replaced its labels without a word."""
+    tmp, root = collection
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o",
+                            str(tmp / "m.csv"), "--source-col", "case", "--source-sep", ":", "--kind", "regular"])
+    assert r.exit_code == 0, r.output
+    assert "--kind regular labelled every row; the sheet's own 'kind' column was not read" in r.output
+    assert set(load_manifest(tmp / "m.csv")["kind"]) == {"regular"}

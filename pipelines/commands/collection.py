@@ -44,6 +44,9 @@ def import_labels_cmd(
     except (ValueError, ManifestError) as e:
         _fail(str(e))
     write_manifest(result.manifest, out)
+    if result.unread_kind_column is not None:
+        typer.echo(f"note: --kind {kind} labelled every row; the sheet's own {result.unread_kind_column!r} column was "
+                   "not read", err=True)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
     typer.echo(f"wrote {out}: {len(result.manifest)} rows ({counts}), "
                f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map"

@@ -59,6 +59,7 @@ class ImportResult:
     skipped: int  # rows whose label maps to "skip"
     counts: dict[str, int]  # kind -> rows
     windows_paths: int = 0  # names written with \ (a Windows sheet) read as the folder's files
+    unread_kind_column: str | None = None  # the sheet's own kind column, which --kind overrode
 
 
 def _sheet_column(sheet: pd.DataFrame, name: str) -> str:
@@ -183,7 +184,11 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     df = df.drop(columns="label_row")
     front = ["path", "patient_id", "source", "device", "kind", "sha256"]
     df = df[front + [c for c in df.columns if c not in front]]
-    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows)
+    # one kind for every row beside a sheet that has its own: the sheet's labels were replaced
+    # unsaid (an audit); said, since a folder of one kind with a stale column is common too
+    unread = next((str(c) for c in sheet.columns if str(c).strip().lower() == "kind"), None) \
+        if cols.kind_value is not None else None
+    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows, unread)
 
 
 def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.DataFrame:
