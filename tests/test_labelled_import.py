@@ -291,3 +291,15 @@ def test_one_kind_for_every_row_says_it_left_the_sheets_own_kind_column_unread(c
     assert r.exit_code == 0, r.output
     assert "--kind regular labelled every row; the sheet's own 'kind' column was not read" in r.output
     assert set(load_manifest(tmp / "m.csv")["kind"]) == {"regular"}
+
+
+def test_merge_names_a_problem_by_its_input_file_and_row(tmp_path):
+    """"row 74" was a row of the merged table, which no one can open."""
+    _photo(tmp_path / "a.jpg", (10, 20, 30))
+    for name, patient in (("one.csv", "p1"), ("two.csv", "p2")):
+        pd.DataFrame({"path": ["a.jpg"], "patient_id": [patient], "source": "s", "device": "", "kind": "regular"}
+                     ).to_csv(tmp_path / name, index=False)
+    r = runner.invoke(app, ["merge-manifests", str(tmp_path / "one.csv"), str(tmp_path / "two.csv"), "-o",
+                            str(tmp_path / "all.csv")])
+    assert r.exit_code == 2 and "two.csv row 2, path: duplicate path 'a.jpg' (first at one.csv row 2)" in r.output, \
+        r.output

@@ -191,6 +191,22 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows, unread)
 
 
+def _in_its_file(problem: RowProblem, paths: list[str | Path], lengths: list[int]) -> RowProblem | str:
+    """A problem of the merged table named by its input's file and spreadsheet row: "row 74"
+    was a row of no file anyone can open (an audit)."""
+    def where(row: int) -> str:
+        for path, n in zip(paths, lengths):
+            if row <= n:
+                return f"{Path(path).name} row {row + 1}"
+            row -= n
+        return f"row {row + 1}"
+
+    if not problem.row:
+        return problem
+    first = f" (first at {where(problem.first_row)})" if problem.first_row else ""
+    return f"{where(problem.row)}, {problem.column}: {problem.reason}{first}"
+
+
 def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.DataFrame:
     """Several manifests as one, paths rebased onto the folder `out_manifest` goes in.
 
@@ -206,7 +222,8 @@ def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.Dat
     spanning = sorted(spanning[spanning > 1].index)
     # each input's files were checked from its own folder; checked again from a folder -o has
     # yet to make, every row read as a missing file (an audit)
-    problems = validate_manifest(merged, out_dir, check_files=False)
+    problems: list = [_in_its_file(p, paths, [len(part) for part in parts])
+                      for p in validate_manifest(merged, out_dir, check_files=False)]
     if spanning:
         problems.append(RowProblem(0, "patient_id", f"{len(spanning)} patient id(s) under several sources "
                                                     f"(e.g. {spanning[:5]}): prefix them with the source"))
