@@ -147,16 +147,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         as_json = app.exception_handlers[kind]
 
         async def handler(request: Request, e: Exception) -> Response:
-            if wants_page(request) and route_path(request.scope).startswith("/ui/"):
-                status, message = status_and_message(e)
-                return page(request, "error.html", None, status_code=status, status=status, message=message)
+            shown = status_and_message(e)
+            if shown is not None and wants_page(request) and route_path(request.scope).startswith("/ui/"):
+                return page(request, "error.html", None, status_code=shown[0], status=shown[0], message=shown[1])
             return await as_json(request, e)
 
         app.add_exception_handler(kind, handler)
 
     as_page(ApiError, lambda e: (e.status, e.message))
     as_page(RequestValidationError, lambda e: (422, validation_message(e)))
-    as_page(StarletteHTTPException, lambda e: (e.status_code, str(e.detail)))
+    # a 405 keeps its JSON answer, whose Allow header names the methods there are
+    as_page(StarletteHTTPException, lambda e: (e.status_code, str(e.detail)) if e.status_code != 405 else None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_too_large=metrics.rejected.labels("body_too_large").inc)
     app.add_middleware(PageHeaders)  # the pages' security and cache headers
