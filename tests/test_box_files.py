@@ -172,3 +172,16 @@ def test_crops_of_a_split_written_into_another_folder_find_the_boxes_of_the_orig
     assert rows["path"].str.startswith("../").all()
     crops = split_crops(tmp_path / "other" / "s.csv", coco, 32)
     assert sum(len(c) for c in crops.values()) == 8 and not any(c.unboxed for c in crops.values())
+
+
+def test_a_box_file_naming_one_photo_twice_in_two_spellings_is_refused(tmp_path):
+    """`./a.jpg` beside `a.jpg`: every reader looks names up as `path_key` spells them, so one
+    of the two images' boxes was lost."""
+    from pipelines.data.coco import validate_coco
+
+    twice = CocoDataset(images=[CocoImage(id=1, file_name="a.jpg", width=64, height=48),
+                                CocoImage(id=2, file_name="./a.jpg", width=64, height=48)],
+                        categories=[CocoCategory(id=1, name="cervix")])
+    assert validate_coco(twice) == ["1 file_name(s) used by several images (e.g. 'a.jpg' and './a.jpg')"]
+    with pytest.raises(CocoError, match="used by several images"):
+        save_coco(twice, tmp_path / "twice.json")

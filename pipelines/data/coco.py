@@ -100,9 +100,17 @@ def validate_coco(ds: CocoDataset, tolerance: float = 0.0) -> list[str]:
         images[im.id] = im
         if im.width <= 0 or im.height <= 0:
             problems.append(f"image {im.id} ({im.file_name!r}): size {im.width}x{im.height} is not positive")
-    names = [im.file_name for im in ds.images]
-    if len(set(names)) != len(names):
-        problems.append("some file_name values are used by several images")
+    # as every reader looks them up: `./a.jpg` beside `a.jpg` is one photo twice, whose boxes one
+    # lookup or the other lost
+    seen: dict[str, str] = {}
+    twice = []
+    for im in ds.images:
+        key = path_key(im.file_name)
+        if key in seen:
+            twice.append(f"{seen[key]!r} and {im.file_name!r}" if seen[key] != im.file_name else repr(im.file_name))
+        seen.setdefault(key, im.file_name)
+    if twice:
+        problems.append(f"{len(twice)} file_name(s) used by several images (e.g. {', '.join(twice[:3])})")
     cats = {c.id for c in ds.categories}
     if len(cats) != len(ds.categories):
         problems.append("some category ids are used twice")
