@@ -40,6 +40,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 UV=${UV:-$(command -v uv || echo .tools/bin/uv)}  # `make weights` passes the one `make install` set up
 MIRRORS=${MIRRORS:?set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)}
+# checked before anything below is removed: a mistyped or unmounted MIRRORS deleted the trained
+# runs and their logs, then failed at the first step (an audit)
+if [[ ! -d "$MIRRORS" || -z "$(ls -A "$MIRRORS" 2>/dev/null)" ]]; then
+    echo "error: MIRRORS=$MIRRORS is no folder of repository snapshots (see the top of weights/recipe.sh);" \
+         "nothing was removed" >&2
+    exit 2
+fi
 DATA=${DATA:-.cache/real-data}
 RUNS=${RUNS:-.cache/real-runs}
 WEIGHTS_OUT=${WEIGHTS_OUT:-weights}

@@ -1,0 +1,24 @@
+"""`weights/recipe.sh`, the default weights' recipe, as far as it runs without the fetched
+photos: it must refuse before it removes anything."""
+
+import subprocess
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[1] / "weights" / "recipe.sh"
+
+
+def test_the_recipe_refuses_a_mirrors_folder_that_is_not_there_before_removing_any_run(tmp_path):
+    """A mistyped or unmounted MIRRORS deleted the trained runs and emptied their logs, then
+    failed at the first step."""
+    runs = tmp_path / "runs"
+    (runs / "det-synth").mkdir(parents=True)
+    (runs / "det-synth" / "detector.json").write_text("{}")
+    (runs / "timings.tsv").write_text("detector_pretrain\t3600\n")
+    (tmp_path / "empty").mkdir()
+    for mirrors in (tmp_path / "nowhere", tmp_path / "empty"):
+        r = subprocess.run(["bash", str(RECIPE)], capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "MIRRORS": str(mirrors), "RUNS": str(runs),
+                                "DATA": str(tmp_path / "data")})
+        assert r.returncode == 2 and f"error: MIRRORS={mirrors} is no folder of repository snapshots" in r.stderr
+        assert (runs / "det-synth" / "detector.json").is_file()
+        assert (runs / "timings.tsv").read_text() == "detector_pretrain\t3600\n"
