@@ -60,8 +60,15 @@ def test_a_changed_file_or_a_missing_snapshot_is_reported_and_not_written(tmp_pa
     assert r.exit_code == 1
     assert "x/a.jpg: sha256 differs" in r.output and "x/b.jpg: not in the snapshot" in r.output
     assert not (tmp_path / "out/x/a.jpg").exists()
-    report = extract_listed(tmp_path / "list.csv", tmp_path / "nowhere", tmp_path / "out")
-    assert all("no snapshot under" in p for p in report.problems)
+    # no snapshots: one line per repository, and a --mirrors that is not there is one error line
+    # (each listed file was a line of its own, 540 for the real photos, and exit 1)
+    (tmp_path / "empty").mkdir()
+    report = extract_listed(tmp_path / "list.csv", tmp_path / "empty", tmp_path / "out")
+    assert len(report.problems) == 1 and "no snapshot under" in report.problems[0] and "2 listed files" in \
+        report.problems[0]
+    r = runner.invoke(app, ["extract-listed", str(tmp_path / "list.csv"), "--mirrors", str(tmp_path / "nowhere"),
+                            "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "no such folder" in r.output, r.output
 
 
 def test_a_listed_name_outside_the_output_blank_or_twice_is_refused_and_nothing_is_overwritten(tmp_path):

@@ -89,6 +89,9 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
         raise ValueError("extract-listed reads the repository snapshots with git, which is not installed "
                          "(Debian: apt-get install git)")
     mirrors, out = Path(mirrors), Path(out)
+    if not mirrors.is_dir():  # each listed file was a line of its own, 540 for the real photos (an audit)
+        raise ValueError(f"--mirrors {mirrors}: no such folder; fetch the listed repositories' snapshots into it "
+                         "first, one per repository as owner+name/repo (weights/recipe.sh says how)")
     with open(listing, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM
         rows = list(csv.DictReader(f))
     report = ExtractReport(listed=len(rows))
@@ -97,20 +100,22 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
         by_repo[r["repo"]].append(r)
     for repo, items in sorted(by_repo.items()):
         git_dir = _git_dir(mirrors, repo)
+        if git_dir is None:  # one line for the repository, not one per file
+            report.problems.append(f"{repo}: no snapshot under {mirrors} ({len(items)} listed files not written)")
+            continue
         trees: dict[str, dict[str, str]] = {}
         for r in items:
             dst = out / r["file"]
             if dst.is_file() and hashlib.sha256(dst.read_bytes()).hexdigest() == r["sha256"].strip().lower():
                 report.present += 1
                 continue
-            data = _blob(git_dir, r["commit"], r["path_in_repo"]) if git_dir else None
-            if data is None and git_dir:
+            data = _blob(git_dir, r["commit"], r["path_in_repo"])
+            if data is None:
                 tree = trees.setdefault(r["commit"], _tree_by_clean_name(git_dir, r["commit"]))
                 blob = tree.get(_c1_free(r["path_in_repo"]))
                 data = _blob_by_id(git_dir, blob) if blob else None
             if data is None:
-                report.problems.append(f"{r['file']}: not in the snapshot of {repo} at {r['commit'][:12]}"
-                                       + ("" if git_dir else f" (no snapshot under {mirrors})"))
+                report.problems.append(f"{r['file']}: not in the snapshot of {repo} at {r['commit'][:12]}")
                 continue
             if hashlib.sha256(data).hexdigest() != r["sha256"].strip().lower():
                 report.problems.append(f"{r['file']}: sha256 differs from the list; not written")
