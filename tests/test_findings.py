@@ -191,6 +191,10 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     refused = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights",
                                        str(tmp_path / "none"), "-o", str(tmp_path / "cal")])
     assert refused.exit_code == 2 and not (tmp_path / "cal").exists()  # an empty -o was left (an audit)
+    pd.DataFrame(rows).assign(split="test").to_csv(tmp_path / "all-test.csv", index=False)
+    refused = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "all-test.csv"), "--weights",
+                                       str(tmp_path / "none"), "-o", str(tmp_path / "cal")])  # before the weights load
+    assert refused.exit_code == 2 and "no row in the splits train, val" in refused.output, refused.output
     result = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights", str(weights),
                                       "-o", str(tmp_path / "cal"), "--max-false-flags", "0.1"])
     assert result.exit_code == 0, result.output

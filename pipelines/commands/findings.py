@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, require_writable
+from pipelines.commands.common import _fail, _split_manifest, rate_text, require_writable
 
 
 def calibrate_findings_cmd(
@@ -34,6 +34,9 @@ def calibrate_findings_cmd(
     df = _split_manifest(manifest)
     require_writable("-o", out, keep=False)  # before the minutes of scoring; made when the files are written
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
+    if not df["split"].isin(cfg.calibration_splits).any():  # found after minutes of scoring (an audit)
+        _fail(f"{manifest}: no row in the splits {', '.join(cfg.calibration_splits)}, where the thresholds are "
+              "chosen; run `cervixqc split` first")
     qc = _engine(weights)
     # every finding scored (thresholds are what this command decides)
     qc.findings_card = FindingsCard(thresholds=dict.fromkeys(FINDINGS, float("inf")))
@@ -61,5 +64,5 @@ def calibrate_findings_cmd(
     for name in FINDINGS:
         m = metrics.get("test", metrics["calibration"])[name]
         typer.echo(f"{name:>12}  threshold {thresholds[name]:.4g}  AUC {m['auc']:.3f}  recall {m['recall']:.3f}  "
-                   f"precision {m['precision'] or 0:.3f}  false flags (originals) {m['false_flags_original']:.3f}")
+                   f"precision {rate_text(m['precision'])}  false flags (originals) {m['false_flags_original']:.3f}")
     typer.echo(f"wrote {out / 'findings.json'} ({'test' if 'test' in metrics else 'calibration'} figures above)")
