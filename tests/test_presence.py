@@ -195,6 +195,10 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
     r = runner.invoke(app, [*base, str(cervix_only)])
     assert r.exit_code == 2 and "0 without" in r.output and "kind no_cervix" in r.output, r.output
     assert not (tmp_path / "p").exists()
+    blank = tmp_path / "blank.csv"  # blamed on missing no_cervix photos (an audit)
+    write_manifest(rebased(df.assign(split=""), blank), blank)
+    r = runner.invoke(app, [*base, str(blank)])
+    assert r.exit_code == 2 and "no row in the train split" in r.output and "no_cervix" not in r.output, r.output
     for _ in range(2):
         with caplog.at_level("WARNING", logger="pipelines.training.presence"):
             r = runner.invoke(app, [*base, str(both)])

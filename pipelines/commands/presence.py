@@ -51,6 +51,10 @@ def train_presence_cmd(
         df = load_manifest(manifest)
         if "split" not in df.columns:
             _fail(f"{manifest} has no split column: run `cervixqc split` first")
+        for name in ("train", "val"):  # a blank split column was blamed on missing no_cervix photos (an audit)
+            if not (df["split"] == name).any():
+                _fail(f"{manifest}: no row in the {name} split (the head trains on train and takes its threshold on "
+                      "val); run `cervixqc split` first")
         note, extra = {"manifest": str(manifest), "split_fingerprint": split_fingerprint(df)}, None
         if extra_manifest is not None:
             extra = load_manifest(extra_manifest)
