@@ -199,6 +199,9 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
                                       "-o", str(tmp_path / "cal"), "--max-false-flags", "0.1"])
     assert result.exit_code == 0, result.output
     assert "2 photos could not be read or were refused by the engine, left out: cut.jpg, tiny.jpg" in result.output
+    again = CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "split.csv"), "--weights",
+                                     str(tmp_path / "none"), "-o", str(tmp_path / "cal")])  # replaced unsaid before
+    assert "holds an earlier findings.json: fitting again replaces it" in again.output, again.output
     card = load_findings_card(tmp_path / "cal" / "findings.json")
     assert set(card.thresholds) == set(FINDINGS)
     assert card.metrics["test"]["dark"]["n_degraded"] == 4

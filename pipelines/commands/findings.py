@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, rate_text, require_writable
+from pipelines.commands.common import _fail, _split_manifest, rate_text, training_output
 
 
 def calibrate_findings_cmd(
@@ -32,7 +32,9 @@ def calibrate_findings_cmd(
     from models.io import sha256_file
 
     df = _split_manifest(manifest)
-    require_writable("-o", out, keep=False)  # before the minutes of scoring; made when the files are written
+    # before the minutes of scoring; made when the files are written. A rerun into the same -o
+    # says it replaces the earlier card (it did so without a word: an audit)
+    training_output(out, "findings.json", one_shot=True)
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
     if not df["split"].isin(cfg.calibration_splits).any():  # found after minutes of scoring (an audit)
         _fail(f"{manifest}: no row in the splits {', '.join(cfg.calibration_splits)}, where the thresholds are "
