@@ -81,7 +81,10 @@ test: install browser
 # Retrains the bundled default weights on CPU from the listed real photos, hard negatives and
 # synthetic scenes: MIRRORS=<folder of repository snapshots> make weights (see weights/README.md).
 # Beyond python3 and make it needs git, to read the snapshots.
-weights: install
+# MIRRORS checked before the install: a mistyped one waited out a whole install to be refused
+weights:
+	@test -n "$$MIRRORS" && test -d "$$MIRRORS" || { echo "error: set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)" >&2; exit 2; }
+	@$(MAKE) --no-print-directory install
 	UV=$(UV) bash weights/recipe.sh
 
 demo: install

@@ -22,3 +22,16 @@ def test_the_recipe_refuses_a_mirrors_folder_that_is_not_there_before_removing_a
         assert r.returncode == 2 and f"error: MIRRORS={mirrors} is no folder of repository snapshots" in r.stderr
         assert (runs / "det-synth" / "detector.json").is_file()
         assert (runs / "timings.tsv").read_text() == "detector_pretrain\t3600\n"
+
+
+def test_make_weights_checks_mirrors_before_it_installs_anything(tmp_path):
+    """A mistyped MIRRORS waited out a whole install to be refused."""
+    r = subprocess.run(["make", "-n", "-C", str(RECIPE.parents[1]), "weights"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": "/usr/bin:/bin", "MIRRORS": str(tmp_path / "nowhere")})
+    lines = r.stdout.splitlines()
+    check = next(i for i, line in enumerate(lines) if 'test -d "$MIRRORS"' in line)
+    assert check < next(i for i, line in enumerate(lines) if "install" in line)
+    r = subprocess.run(["make", "-C", str(RECIPE.parents[1]), "weights"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "MIRRORS": str(tmp_path / "nowhere")})
+    assert r.returncode != 0 and "error: set MIRRORS to the folder of repository snapshots" in r.stderr
+    assert "uv" not in r.stdout  # nothing installed or run
