@@ -113,7 +113,7 @@ def _is_photo(path: Path) -> bool:
     return head.startswith(_PHOTO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _folder_files(src: Path, skipped: dict[str, int]) -> Iterator[str]:
+def _folder_files(src: Path, skipped: Counter) -> Iterator[str]:
     """The row keys of a folder's files as `list_inputs` takes them, walked lazily; what it
     skips is counted into `skipped`."""
     def cannot_list(_: OSError) -> None:
@@ -135,7 +135,7 @@ def _folder_files(src: Path, skipped: dict[str, int]) -> Iterator[str]:
 def holds_files(src: Path) -> bool:
     """Whether a folder source has one file to clean, found without listing it all (the service
     answers a job request with it: an unmounted share's empty folder ended `done`, 0 files)."""
-    return next(_folder_files(src, {"housekeeping": 0, "folder_links": 0, "unreadable": 0}), None) is not None
+    return next(_folder_files(src, Counter()), None) is not None
 
 
 def list_inputs(src: Path) -> list[str]:
@@ -175,7 +175,7 @@ def list_inputs(src: Path) -> list[str]:
         for p in paths:
             first.setdefault(file_key(src.parent, p), PurePosixPath(p).as_posix())
         return sorted(first.values())
-    skipped = {"housekeeping": 0, "folder_links": 0, "unreadable": 0}
+    skipped: Counter = Counter()
     out = list(_folder_files(src, skipped))
     housekeeping, folder_links, unreadable = skipped["housekeeping"], skipped["folder_links"], skipped["unreadable"]
     if housekeeping:

@@ -30,13 +30,11 @@ def import_labels_cmd(
 ) -> None:
     """A folder + a label sheet -> a checked manifest with each image's sha256."""
     from pipelines.data.labelled_import import LabelColumns, import_labelled, parse_kind_map
-    from pipelines.data.manifest import ManifestError, check_manifest_name, write_manifest
+    from pipelines.commands.common import manifest_output
+    from pipelines.data.manifest import ManifestError, write_manifest
 
-    from pipelines.commands.common import require_writable
-
-    require_writable("--out", out, file=True, keep=False)
+    manifest_output("--out", out)
     try:
-        check_manifest_name(out)
         cols = LabelColumns(path=path_col, kind=None if kind else kind_col, kind_value=kind,
                             patient=patient_col, source=source_col, source_sep=source_sep, source_value=source,
                             device=device_col, sha256=sha256_col, kind_map=parse_kind_map(kind_map))
@@ -60,15 +58,13 @@ def merge_manifests_cmd(
 ) -> None:
     """Several checked manifests as one (e.g. real photos + hard negatives)."""
     from pipelines.data.labelled_import import merge_manifests
-    from pipelines.data.manifest import ManifestError, check_manifest_name, write_manifest
+    from pipelines.commands.common import manifest_output
+    from pipelines.data.manifest import ManifestError, write_manifest
 
-    from pipelines.commands.common import require_writable
-
-    require_writable("--out", out, file=True, keep=False)
+    manifest_output("--out", out)
     try:
-        check_manifest_name(out)
         df = merge_manifests(manifests, out)
-    except (ManifestError, ValueError) as e:
+    except ManifestError as e:
         _fail(str(e))
     write_manifest(df, out)
     typer.echo(f"wrote {out}: {len(df)} rows from {len(manifests)} manifests")

@@ -151,6 +151,18 @@ def require_writable(option: str, path: Path, file: bool = False, keep: bool = T
         _fail(str(e))
 
 
+def manifest_output(option: str, out: Path) -> None:
+    """A manifest to be written, checked before the work as every writer of one checks it: a
+    file it can write (`require_writable`) with a name a manifest has (`check_manifest_name`)."""
+    from pipelines.data.manifest import check_manifest_name
+
+    require_writable(option, out, file=True, keep=False)
+    try:
+        check_manifest_name(out)
+    except ValueError as e:
+        _fail(str(e))
+
+
 def device_or_fail(device: str) -> str:
     """`auto`, `cpu`, `cuda` or `cuda:N` as every engine command takes it ("auto" was a torch
     traceback in some), or a clean exit."""

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail, progress_console, require_writable
+from pipelines.commands.common import _csv, _fail, manifest_output, progress_console, require_writable
 
 
 def synth(
@@ -105,17 +105,14 @@ def _check_box_photos(ds, coco: Path, df) -> None:
     are no row of the manifest are counted: a box file may cover a larger collection."""
     import os
 
-    from pipelines.data.coco import CocoError, size_mismatches
-    from pipelines.data.schema import on_disk
+    from pipelines.data.coco import CocoError, image_file, missing_images, size_mismatches
 
-    files = [os.path.abspath(on_disk(coco.parent, im.file_name)) for im in ds.images]
-    problems = [f"{im.file_name}: no such file under {coco.parent}" for im, f in zip(ds.images, files)
-                if not os.path.isfile(f)]
+    problems = [f"{name}: no such file under {coco.parent}" for name in missing_images(ds, coco.parent)]
     problems += size_mismatches(ds, coco.parent)
     if problems:
         raise CocoError(str(coco), problems)
     rows = {os.path.abspath(a) for a in df["abspath"]}
-    outside = sum(f not in rows for f in files)
+    outside = sum(image_file(coco.parent, im.file_name) not in rows for im in ds.images)
     if outside:
         typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
 
@@ -143,7 +140,7 @@ def split(
 ) -> None:
     """Split by patient (stratified by source and kind), by source (cross-source), or in
     K folds by patient; with --duplicates, copies of one photo never straddle two splits."""
-    from pipelines.data.manifest import ManifestError, check_manifest_name, load_manifest, rebased, write_manifest
+    from pipelines.data.manifest import ManifestError, load_manifest, rebased, write_manifest
     from pipelines.data.splits import (PatientsAcrossSources, SplitFractions, cross_source_split, fold_split,
                                        patient_split)
     from pipelines.data.stats import compute_stats
@@ -151,14 +148,13 @@ def split(
     if merge_duplicates and duplicates is None:
         _fail("--merge-duplicates needs --duplicates")
     # a folder of that name was exit 1 naming a temporary file, after the split (an audit)
-    require_writable("--out", out, file=True, keep=False)
+    manifest_output("--out", out)
     # each was an ordinary split without a word: a --fold without --folds, shares under folds
     if fold is not None and folds is None:
         _fail("--fold picks a rotation of --folds K; give --folds too")
     if fractions is not None and folds is not None:
         _fail("--fractions does not apply to --folds (each fold is 1/K of the patients)")
     try:
-        check_manifest_name(out)
         df = load_manifest(manifest, check_files=False)
         if df.empty:  # a header alone printed pandas' "Empty DataFrame" and wrote an empty split
             raise ValueError(f"{manifest} has no rows")

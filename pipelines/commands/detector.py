@@ -91,11 +91,10 @@ def eval_detector_cmd(
 ) -> None:
     """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
     from pipelines.commands.common import device_or_fail, require_writable
-    from pipelines.data.coco import CocoError, load_coco
+    from pipelines.data.coco import CocoError, load_coco, missing_images
     from pipelines.data.detection import CocoDetection
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.presets import detection_eval
-    from pipelines.data.schema import on_disk
     from pipelines.evaluation.detector_report import evaluate_detector, image_sources
 
     device = device_or_fail(device)
@@ -106,7 +105,7 @@ def eval_detector_cmd(
         sources = None
         if manifest is not None:
             sources = image_sources(boxes, coco.parent, load_manifest(manifest, check_files=False))
-        missing = [im.file_name for im in boxes.images if not on_disk(coco.parent, im.file_name).is_file()]
+        missing = missing_images(boxes, coco.parent)
         if missing:
             raise ValueError(f"{coco}: {len(missing)} of its images are no file under {coco.parent} (names are "
                              f"taken from the box file's folder), e.g. {missing[:3]}")

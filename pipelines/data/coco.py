@@ -164,6 +164,17 @@ def save_coco(ds: CocoDataset, path: str | Path) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(ds.model_dump(mode="json"), separators=(",", ":"))))
 
 
+def image_file(root: Path, name: str) -> str:
+    """The file a box file's image names, absolute (names are taken from the box file's folder
+    `root`): how box files meet manifests' `abspath` whatever folder each is relative to."""
+    return os.path.abspath(on_disk(root, name))
+
+
+def missing_images(ds: CocoDataset, root: Path) -> list[str]:
+    """The images' names that are no file under `root` (training and eval refuse them)."""
+    return [im.file_name for im in ds.images if not os.path.isfile(image_file(root, im.file_name))]
+
+
 def split_box_files(df, written: Sequence[str], ds: CocoDataset, root: Path
                     ) -> dict[str, tuple[CocoDataset, list[str]]]:
     """Per split of `df` (from `load_manifest`), the images of `ds` (names taken from `root`)
@@ -172,7 +183,7 @@ def split_box_files(df, written: Sequence[str], ds: CocoDataset, root: Path
     spelt, a manifest of absolute paths matched no box and no split file was written, exit 0;
     and files put beside the boxes under the split's name replaced another split's, whose
     training boxes then held this one's test patients (an audit). Ids are kept."""
-    by_file = {os.path.abspath(on_disk(root, im.file_name)): im for im in ds.images}
+    by_file = {image_file(root, im.file_name): im for im in ds.images}
     matched = [by_file.get(os.path.abspath(a)) for a in df["abspath"]]
     if ds.images and not any(matched):
         raise ValueError(f"none of its {len(ds.images)} images is a row of the manifest (its names are taken from "

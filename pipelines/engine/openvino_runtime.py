@@ -216,13 +216,16 @@ def verified_export(weights: Path, name: str, source: ModelCard) -> ExportCard |
 def load_exported(weights: Path, name: str, source: ModelCard):
     """The exported OpenVINO model for `name` from `weights`, or None when there is none
     (`verified_export`'s checks first)."""
+    card = verified_export(weights, name, source)
+    return read_exported(weights, card) if card is not None else None
+
+
+def read_exported(weights: Path, card: ExportCard):
+    """The model of an export card `verified_export` returned, read into memory, not mapped: a
+    mapped .bin stays resident (97 MB for the classifier's float32 weights) after compiling has
+    copied them at the runtime's precision."""
     import openvino as ov
 
-    card = verified_export(weights, name, source)
-    if card is None:
-        return None
-    # read into memory, not mapped: a mapped .bin stays resident (97 MB for the classifier's
-    # float32 weights) after compiling has copied them at the runtime's precision
     return ov.Core().read_model(weights / card.xml, config={"ENABLE_MMAP": False})
 
 

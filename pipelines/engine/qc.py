@@ -242,6 +242,13 @@ def _check_batch(items: Sequence[Input], names: Sequence[str] | None) -> None:
         raise ValueError(f"names: {len(names)} for {len(items)} items (one per item, in order)")
 
 
+def _checked_batches(batches: Iterable[tuple[Sequence[Input], Sequence[str] | None]]
+                     ) -> Iterator[tuple[Sequence[Input], Sequence[str] | None]]:
+    for items, names in batches:
+        _check_batch(items, names)
+        yield items, names
+
+
 def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
     """A weights folder's card under its own file name. The classifier's card copied over
     deep_sad.json ran the classifier as Deep SAD at a site, unsaid, and Deep SAD's as
@@ -371,8 +378,7 @@ class QCPipeline:
         still labels as torch does); so does a float export stored float16 at f32."""
         cards = {"detector": self.det_card, "deep_sad": self.sad_card, "classifier": self.cls_card}
         # every export checked, the ones passed over too: at f32 a damaged or stale export ran
-        # (converted from the safetensors) on a folder that auto and `serve` refused (an audit);
-        # hashing the bundled two again costs 0.02 s
+        # (converted from the safetensors) on a folder that auto and `serve` refused (an audit)
         exports = {name: openvino_runtime.verified_export(weights, name, card) for name, card in cards.items()}
         # f32 asks for torch's numbers: an export whose weights were rounded to float16 (the
         # export default) is passed over for a float32 conversion, unless the safetensors hold
@@ -383,8 +389,8 @@ class QCPipeline:
         use_export = {name: e is not None and (self.cfg.precision == "auto" or not e.quantization)
                       and not (self.cfg.precision == "f32" and rounded[name]) for name, e in exports.items()}
         # the exports first: a stale or altered one is refused before any conversion is paid for
-        models = {n: (openvino_runtime.load_exported(weights, n, c), "exported")
-                  for n, c in cards.items() if use_export[n]}
+        models = {n: (openvino_runtime.read_exported(weights, exports[n]), "exported")
+                  for n in cards if use_export[n]}
         models |= openvino_runtime.converted(weights, {n: c for n, c in cards.items() if not use_export[n]},
                                              self.cfg.openvino_cache, self.cfg.precision)
         for name, (ov_model, source) in models.items():
@@ -611,7 +617,7 @@ class QCPipeline:
                 yield self.run(items, names, policy)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="decode-ahead") as ahead:
-            stream = (_check_batch(items, names) or (items, names) for items, names in batches)
+            stream = _checked_batches(batches)
             current = next(stream, None)
             pending = ahead.submit(self._timed_decode, current[0]) if current is not None else None
             while current is not None and pending is not None:

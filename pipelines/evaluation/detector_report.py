@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from models.io import ModelCard
-from pipelines.data.coco import CocoDataset
+from pipelines.data.coco import CocoDataset, image_file
 from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import on_disk
@@ -29,7 +29,7 @@ def image_sources(coco: CocoDataset, root: Path, manifest: pd.DataFrame) -> dict
     source_of = {os.path.abspath(a): s for a, s in zip(manifest["abspath"], manifest["source"])}
     out, missing = {}, []
     for im in coco.images:
-        source = source_of.get(os.path.abspath(on_disk(root, im.file_name)))
+        source = source_of.get(image_file(root, im.file_name))
         if source is None:
             missing.append(im.file_name)
         else:

@@ -82,14 +82,13 @@ def delete(job_id: str, session: UiPost, state: State):
     return _then_back_to_jobs(delete_job, job_id, state)
 
 
-def _then_back_to_jobs(action, job_id: str, state: ServiceState, done_with: tuple[int, ...] = (404, 409)
-                       ) -> RedirectResponse:
+def _then_back_to_jobs(action, job_id: str, state: ServiceState) -> RedirectResponse:
     """The API's action, then the list. A 409 (cancel a job already finished, retry one
     already queued again: a second click, another tab) has nothing left to do, and so has a
     404 (the job deleted from another tab: a Cancel there answered the raw JSON error)."""
     try:
         action(job_id, state)
     except ApiError as e:
-        if e.status not in done_with:
+        if e.status not in (404, 409):
             raise
     return RedirectResponse("/ui/jobs", status_code=303)
