@@ -56,10 +56,11 @@ class PresenceTrainConfig:
     # (cervix sources pooled 0.741 -> 0.803, other organs 0.935 -> 0.943) and passed validation
     # (whole pipeline found 0.991 -> 0.981, no_cervix 0.980 -> 0.993), but the never-trained
     # synthetic source's cervixes were found 0.963 -> 0.881 (the copies dilute the synthetic
-    # scenes' share); with that share restored (extra_weight 0.075) still 0.941. Cervix-only or
-    # negative-only copies and photometric jitter (left-out cervix rate 0.62-0.66: colour is
-    # what tells a cervix from other tissue) were no better. A site whose photos are close-ups
-    # can try it against its own validation split.
+    # scenes' share); with that share restored (extra_weight 0.075) still 0.941. Cervix-only
+    # copies (left-out cervix rate 0.810, but stage 0 found 0.962 of the validation cervixes and
+    # 0.904 of the synthetic `archive` ones), negative-only copies (0.724) and photometric
+    # jitter (0.637: colour is what tells a cervix from other tissue) were no better. A site
+    # whose photos are close-ups can try it against its own validation split.
     zoom_copies: int = 0
     zoom_weight: float = 0.25
     zoom_min_area: float = 0.35
