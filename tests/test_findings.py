@@ -278,6 +278,41 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     assert r.exit_code == 2 and "no findings_thumbs.npz" in r.output
 
 
+def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_path):
+    """A site (or a synthetic set) checks the bundled thresholds on its own photos: nothing is
+    chosen, no split is needed, every photo is judged, and the report reads the folder."""
+    from pipelines.cli import app
+
+    rows = []
+    for i in range(6):
+        Image.fromarray(_tissue(30 + i)).save(tmp_path / f"p{i}.jpg", quality=95)
+        rows.append({"path": f"p{i}.jpg", "patient_id": f"p{i}", "source": "site", "device": "", "kind": "regular"})
+    pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)  # no split column
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
+    given = {"blur": 0.5, "dark": 0.7, "overexposed": 0.8, "glare": 0.1}
+    (tmp_path / "given.json").write_text(json.dumps({"thresholds": given}))
+    (tmp_path / "not-a-card.json").write_text('{"x": 1}')
+    run = lambda *a: CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "photos.csv"),  # noqa: E731
+                                              "--weights", str(weights), *a])
+    refused = run("-o", str(tmp_path / "bad"), "--thresholds-from", str(tmp_path / "not-a-card.json"))
+    assert refused.exit_code == 2 and "not a findings card" in refused.output and not (tmp_path / "bad").exists()
+    assert run("-o", str(tmp_path / "chosen")).exit_code == 2  # choosing needs a split
+    result = run("-o", str(tmp_path / "judged"), "--thresholds-from", str(tmp_path / "given.json"))
+    assert result.exit_code == 0, result.output
+    card = load_findings_card(tmp_path / "judged" / "findings.json")
+    assert card.thresholds == given and "calibration" not in card.metrics
+    assert card.metrics["data"]["thresholds_from"]["card"] == str(tmp_path / "given.json")
+    scores = pd.read_csv(tmp_path / "judged" / "findings_scores.csv")
+    assert len(scores) == 6 * 6 and set(scores["split"]) == {"test"}
+    for name in FINDINGS:  # the figures are those thresholds' on every photo
+        m = card.metrics["test"][name]
+        assert m["n_degraded"] == 6
+        originals = scores[scores["variant"] == "original"]
+        assert m["false_flags_original"] == pytest.approx((originals[name] >= given[name]).mean())
+    report = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "judged"), "-o", str(tmp_path / "r.html")])
+    assert report.exit_code == 0 and "Judged, not chosen" in (tmp_path / "r.html").read_text(), report.output
+
+
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():
     from pipelines.engine.crops import resized_crops
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, rate_text, training_output
+from pipelines.commands.common import _fail, _manifest, _split_manifest, rate_text, training_output
 
 
 def calibrate_findings_cmd(
@@ -20,23 +20,37 @@ def calibrate_findings_cmd(
     max_false_flags: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the calibration splits.")] = 0.015,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    thresholds_from: Annotated[Optional[Path], typer.Option(
+        "--thresholds-from", help="A findings card (e.g. weights/findings.json) whose thresholds are judged on every "
+                                  "photo of the manifest instead of choosing new ones (no split needed): how they do "
+                                  "on a site's own photos.")] = None,
 ) -> None:
     """Thresholds for blur, dark, overexposed and glare from degraded copies of labelled photos:
-    chosen on train+val, reported on test. Copy OUT/findings.json into a weights folder to use them."""
+    chosen on train+val, reported on test. Copy OUT/findings.json into a weights folder to use them.
+    With --thresholds-from, another card's thresholds are judged on every photo instead."""
     from rich.progress import Progress
 
     from pipelines.commands.engine import _engine
-    from pipelines.engine.findings import FindingsCard
+    from pipelines.engine.findings import FindingsCard, load_findings_card
     from pipelines.engine.qc_result import FINDINGS
-    from pipelines.evaluation.findings_calibration import CalibrationConfig, calibrate, score_variants, write_outputs
+    from pipelines.evaluation.findings_calibration import (CalibrationConfig, calibrate, judge, score_variants,
+                                                           write_outputs)
     from models.io import sha256_file
 
-    df = _split_manifest(manifest)
+    judged = None
+    if thresholds_from is not None:  # before the minutes of scoring
+        try:
+            judged = load_findings_card(thresholds_from)
+        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            _fail(f"--thresholds-from {thresholds_from}: not a findings card ({str(e).splitlines()[0]})")
+    # judged thresholds: nothing is chosen on any photo, so every one is a test photo
+    df = _split_manifest(manifest) if judged is None else _manifest(manifest).assign(split="test")
     # before the minutes of scoring; made when the files are written. A rerun into the same -o
     # says it replaces the earlier card (it did so without a word: an audit)
     training_output(out, "findings.json", one_shot=True)
     cfg = CalibrationConfig(max_false_flags=max_false_flags, seed=seed)
-    if not df["split"].isin(cfg.calibration_splits).any():  # found after minutes of scoring (an audit)
+    # found after minutes of scoring (an audit)
+    if judged is None and not df["split"].isin(cfg.calibration_splits).any():
         _fail(f"{manifest}: no row in the splits {', '.join(cfg.calibration_splits)}, where the thresholds are "
               "chosen; run `cervixqc split` first")
     qc = _engine(weights)
@@ -55,16 +69,19 @@ def calibrate_findings_cmd(
     if df.empty:
         _fail(f"no photo of {manifest} could be scored")
     try:
-        thresholds, metrics = calibrate(scores, cfg)
+        thresholds, metrics = calibrate(scores, cfg) if judged is None else (judged.thresholds, judge(scores, judged))
     except ValueError as e:
         _fail(str(e))
     data = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "photos": int(len(df)),
             "photos_left_out": len(skipped),
             "photos_by_split": {k: int(v) for k, v in df["split"].value_counts().items()},
             "weights_detector_sha256": qc.det_card.sha256}
+    if judged is not None:
+        data["thresholds_from"] = {"card": str(thresholds_from), "sha256": sha256_file(thresholds_from)}
     write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)
     for name in FINDINGS:
-        m = metrics.get("test", metrics["calibration"])[name]
+        m = (metrics["test"] if "test" in metrics else metrics["calibration"])[name]
         typer.echo(f"{name:>12}  threshold {thresholds[name]:.4g}  AUC {m['auc']:.3f}  recall {m['recall']:.3f}  "
                    f"precision {rate_text(m['precision'])}  false flags (originals) {m['false_flags_original']:.3f}")
-    typer.echo(f"wrote {out / 'findings.json'} ({'test' if 'test' in metrics else 'calibration'} figures above)")
+    shown = "figures of every photo" if judged is not None else "test" if "test" in metrics else "calibration"
+    typer.echo(f"wrote {out / 'findings.json'} ({shown} above)")

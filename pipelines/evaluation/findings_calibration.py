@@ -189,6 +189,13 @@ def calibrate(scores: pd.DataFrame, cfg: CalibrationConfig) -> tuple[dict[str, f
     return thresholds, metrics
 
 
+def judge(scores: pd.DataFrame, card: FindingsCard) -> dict:
+    """Another card's thresholds on these photos, nothing chosen here: every row is a test row
+    (`calibrate-findings --thresholds-from`). Whether the bundled thresholds hold for a site's
+    photos, or for synthetic ones, before anyone quarantines by finding."""
+    return {"test": {n: finding_metrics(scores, n, card.thresholds[n]) for n in FINDINGS}}
+
+
 def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thresholds: dict, metrics: dict,
                   cfg: CalibrationConfig, command: str, data: dict) -> FindingsCard:
     """findings.json (the card the engine reads), findings_scores.csv, findings_thumbs.npz
@@ -197,9 +204,12 @@ def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thres
     buf = io.BytesIO()
     np.savez_compressed(buf, thumbs=thumbs)
     npz, csv = buf.getvalue(), scores.to_csv(index=False).encode()
+    method = __doc__.split("\n\n")[1].replace("\n", " ")
+    if "thresholds_from" in data:
+        method = f"Judged, not chosen: {data['thresholds_from']['card']}'s thresholds, every photo a test photo. {method}"
     card = FindingsCard(
         thresholds={k: float(v) for k, v in thresholds.items()},
-        training={"command": command, "method": __doc__.split("\n\n")[1].replace("\n", " "),
+        training={"command": command, "method": method,
                   "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                   # the report's evidence that the three files are one run's (files copied from two
                   # runs of one size were shown together, unsaid: an audit)
