@@ -89,7 +89,7 @@ def _preflight(settings) -> str | None:
     no folder)."""
     from models.io import WeightsIntegrityError
     from pipelines.engine.qc import check_weights, resolve_device
-    from service.jobs.store import store_version_problem
+    from service.jobs.store import store_problem
     from service.state_lock import in_use
     from service.ui.session import load_secret
 
@@ -105,7 +105,7 @@ def _preflight(settings) -> str | None:
         writable_folder("CERVIXQC_STATE_DIR (its jobs/ folder, the jobs' results)", settings.state_dir / "jobs")
     except ValueError as e:
         return str(e)
-    busy = in_use(settings.state_dir) or store_version_problem(settings.state_dir / "jobs.sqlite")
+    busy = in_use(settings.state_dir) or store_problem(settings.state_dir / "jobs.sqlite")
     if busy:
         return busy
     try:

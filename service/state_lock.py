@@ -48,4 +48,6 @@ def in_use(state_dir: Path) -> str | None:
         hold(state_dir).close()
     except StateDirInUse as e:
         return str(e)
+    except OSError as e:  # a full disk: "error: No space left on device", naming no folder (an audit)
+        return f"CERVIXQC_STATE_DIR {state_dir}: cannot write its lock file ({e.strerror or e})"
     return None

@@ -183,6 +183,44 @@ def _wait_finished(store, job_ids, seconds=60):
     return [store.get(j) for j in job_ids]
 
 
+def test_a_job_whose_results_files_find_no_room_fails_saying_so_and_a_retry_writes_them(tmp_path):
+    """It failed with a bare "[Errno 28] No space left on device", not saying that the results
+    export met it (an audit)."""
+    import os
+
+    from pipelines.engine.qc import QCConfig, QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+    from tests.small_disk import small_tmpfs
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(6):
+        (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
+    store, engine = JobStore(tmp_path / "jobs.sqlite"), QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig())
+    with small_tmpfs(tmp_path / "out", "1m") as out:
+        disk = os.statvfs(out)
+        with open(out / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize)
+        job = store.create(str(root), None, "resnest", out)
+        runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),
+                           EngineGate(), Metrics(), [root], tmp_path / "quarantine", batch_size=4)
+        runner.start()
+        try:
+            (failed,) = _wait_finished(store, [job.id])
+            assert failed.status == "failed" and "the results files could not be written" in failed.error, failed
+            assert sum(store.counts(job.id).values()) == 6  # the rows are kept
+            (out / "filler").unlink()
+            assert store.requeue(job.id)
+            runner.wake()
+            (done,) = _wait_finished(store, [job.id])
+            assert done.status == "done" and (out / job.id / "results.csv").is_file(), done
+        finally:
+            runner.stop()
+
+
 def test_a_resumed_job_reads_only_the_files_it_has_no_row_for(tmp_path):
     """README: a stopped job resumes reading only the files without a row; one that read them
     all again paid hours on a large share for nothing (a mutation: no test saw it)."""
@@ -318,17 +356,17 @@ def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):
 def test_a_store_of_a_newer_version_is_refused_and_left_as_it_was(tmp_path):
     """The older code rewrote the newer store's schema version down and ignored what it
     records (a job's models), so a downgrade could mix two models' labels."""
-    from service.jobs.store import SCHEMA_VERSION, StoreVersionError, store_version_problem
+    from service.jobs.store import SCHEMA_VERSION, StoreVersionError, store_problem
 
     path = tmp_path / "jobs.sqlite"
     JobStore(path)
-    assert store_version_problem(path) is None
+    assert store_problem(path) is None
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(StoreVersionError, match=f"schema v{SCHEMA_VERSION + 1}; this version reads up to"):
         JobStore(path)
-    assert f"v{SCHEMA_VERSION + 1}" in store_version_problem(path)
+    assert f"v{SCHEMA_VERSION + 1}" in store_problem(path)
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     db.close()
@@ -469,6 +507,30 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
     assert _group_by(store.path, b.id) == {}
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 5  # an older version refuses the file
+
+
+def test_a_delete_on_a_full_disk_deletes_the_job_and_leaves_its_rows_to_the_next_start(tmp_path):
+    """The status moved, then the purge met the full disk and the service answered 503 "nothing
+    changed, retry" for a job already gone (an audit): the delete stands, the rows wait."""
+    import os
+
+    from tests.small_disk import small_tmpfs
+
+    with small_tmpfs(tmp_path / "state", "8m") as folder:
+        store = JobStore(folder / "jobs.sqlite")
+        job = store.create("src", None, "resnest", folder / "jobs")
+        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
+        store.cancel(job.id)
+        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        disk = os.statvfs(folder)
+        with open(folder / "filler", "wb") as f:  # 24 KB left: the status fits, the purge does not
+            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - 24 * 1024)
+        assert store.delete(job.id) and store.get(job.id) is None
+        assert _group_by(store.path, job.id) == {"regular": 1500}  # the purge did not fit
+        (folder / "filler").unlink()
+        store.close()
+        JobStore(store.path)
+        assert _group_by(store.path, job.id) == {}
 
 
 def test_a_delete_killed_after_the_items_finishes_the_counts_and_decisions_at_the_next_open(tmp_path):

@@ -152,6 +152,63 @@ def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
     assert re.search(r"ready in .* models detector [0-9a-f]{12}", log), log[-2000:]  # which models this start loaded
 
 
+def test_an_upload_a_full_temporary_folder_cannot_hold_gets_503_and_the_next_one_goes_through(tmp_path, weights,
+                                                                                              monkeypatch):
+    """A photo over 1 MB is spooled to TMPDIR: on a full one every such upload was a bare 500
+    "internal error" (an audit). Now a 503 that says so, and the service stays up."""
+    from tests.small_disk import small_tmpfs
+
+    with small_tmpfs(tmp_path / "tmp", "4m") as tmp:
+        monkeypatch.setenv("TMPDIR", str(tmp))
+        srv = start_server(tmp_path / "srv", weights)
+        try:
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 800, 3), dtype=np.uint8)).save(buf, "PNG")
+            assert buf.tell() > 1024 * 1024  # spooled to disk, not kept in memory
+            disk = os.statvfs(tmp)
+            with open(tmp / "filler", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - 100 * 1024)
+            with srv.client() as c:
+                r = c.post("/v1/qc", files=[("files", ("big.png", buf.getvalue(), "image/png"))])
+                assert r.status_code == 503 and r.json()["error"]["code"] == "no_space", r.text
+                assert "temporary folder cannot hold this upload" in r.json()["error"]["message"]
+                assert r.headers["Retry-After"] == "30"
+                assert c.get("/readyz").status_code == 200
+                (tmp / "filler").unlink()
+                r = c.post("/v1/qc", files=[("files", ("big.png", buf.getvalue(), "image/png"))])
+                assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+            assert "internal error" not in srv.log_tail() and "big.png" not in srv.log_tail()
+        finally:
+            srv.kill()
+
+
+def test_an_upload_that_stalls_mid_body_gets_408_and_the_service_goes_on(tmp_path, weights):
+    """The timeout started once the body had arrived: a client that stopped sending held its
+    spooled part of the temporary folder for ever, unanswered (an audit)."""
+    import socket
+
+    srv = start_server(tmp_path / "srv", weights, upload_timeout_s=2)
+    try:
+        host, port = srv.url.removeprefix("http://").split(":")
+        part = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+                b"Content-Type: image/jpeg\r\n\r\n" + b"\xff" * 200_000)
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(f"POST /v1/qc HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n"
+                         "Content-Type: multipart/form-data; boundary=b\r\n"
+                         "Content-Length: 3500000\r\n\r\n".encode() + part)  # then nothing more
+            t0, answer = time.monotonic(), b""
+            while chunk := sock.recv(65536):  # to the end: the service closes the connection after it
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b'"upload_timeout"' in answer, answer[:300]
+        assert 1.5 < time.monotonic() - t0 < 15
+        with srv.client() as c:
+            assert c.post("/v1/qc", files=[("files", ("ok.jpg", _jpeg(1), "image/jpeg"))]).status_code == 200
+            metrics = c.get("/metrics").text
+        assert _metric(metrics, "cervixqc_rejected_requests_total", '{reason="upload_timeout"}') == 1
+    finally:
+        srv.kill()
+
+
 def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(server):
     images = {f"img{i:02d}.jpg": _jpeg(i) for i in range(64)}
 

@@ -31,6 +31,32 @@ def test_lists_come_comma_separated_from_the_environment(monkeypatch, tmp_path):
     assert s.data_roots == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
 
 
+def _damaged_stores(tmp_path) -> list[tuple]:
+    """Job stores as a failing disk or a bad copy leaves them, each with what SQLite calls it."""
+    import sqlite3
+
+    from pipelines.engine.qc_result import Label, QCResult
+    from service.jobs.store import JobStore
+
+    good = tmp_path / "state-good"
+    store = JobStore(good / "jobs.sqlite")
+    job = store.create("src", None, "resnest", good / "jobs")
+    store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(3000)])
+    store.close()
+    data = (good / "jobs.sqlite").read_bytes()
+    page = sqlite3.connect(good / "jobs.sqlite").execute("PRAGMA page_size").fetchone()[0]
+    assert len(data) > 100 * page
+    cases = {"truncated": (data[: len(data) // 2], "database disk image is malformed"),
+             "not-sqlite": (b"jobs,rows\n" * 100, "file is not a database"),
+             "bad-page": (data[: 99 * page] + bytes(range(256)) * (page // 256) + data[100 * page:], "")}
+    out = []
+    for name, (content, why) in cases.items():
+        (tmp_path / f"state-{name}").mkdir()
+        (tmp_path / f"state-{name}" / "jobs.sqlite").write_bytes(content)
+        out.append((tmp_path / f"state-{name}", why, content))
+    return out
+
+
 def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_before_it_starts(monkeypatch, tmp_path):
     """Each used to be a traceback and "Application startup failed", an error without the
     variable's name, or a service that reported ready and then failed every job."""
@@ -65,6 +91,7 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     db = sqlite3.connect(newer / "jobs.sqlite")
     db.execute("PRAGMA user_version = 99")  # a later cervixqc's store, before a downgrade
     db.close()
+    damaged_stores = _damaged_stores(tmp_path)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -95,6 +122,10 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
              ({"CERVIXQC_STATE_DIR": str(jobs_a_file)}, weights, "its jobs/ folder, the jobs' results"),
              ({"CERVIXQC_STATE_DIR": str(held)}, weights, "another cervixqc service (pid"),
              ({"CERVIXQC_STATE_DIR": str(newer)}, weights, "written by a newer cervixqc (schema v99"),
+             # a damaged page said ready and failed every job on it; a truncated file or one that is
+             # no SQLite was a 60-line traceback naming neither (an audit)
+             *[({"CERVIXQC_STATE_DIR": str(folder)}, weights, f"CERVIXQC_STATE_DIR: {folder / 'jobs.sqlite'} is "
+                f"damaged ({why}") for folder, why, _ in damaged_stores],
              ({"CERVIXQC_PORT": str(taken.getsockname()[1])}, weights, f"CERVIXQC_PORT (or --port) "
                                                                        f"{taken.getsockname()[1]} on 127.0.0.1"),
              ({"CERVIXQC_HOST": "256.1.1.1"}, weights, "CERVIXQC_HOST (or --host) '256.1.1.1'"),
@@ -105,8 +136,32 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
         r = CliRunner().invoke(app, ["serve", "--weights", str(folder)], env=env)
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (env, r.output)
     assert (tmp_path / "short-secret").read_text() == "operator-chosen-secret"  # refused, not replaced
+    for folder, _, content in damaged_stores:  # refused as they were: no upgrade, no backup of the damage
+        assert (folder / "jobs.sqlite").read_bytes() == content and not list(folder.glob("*.bak")), folder
     lock.close()
     taken.close()
+
+
+def test_serve_on_a_full_state_disk_names_the_folder(monkeypatch, tmp_path):
+    """It said "error: No space left on device", naming no folder or variable (an audit)."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from tests.qc_fixtures import tiny_weights
+    from tests.small_disk import small_tmpfs
+
+    weights = tiny_weights(tmp_path / "w", 0.0)
+    with small_tmpfs(tmp_path / "state", "1m") as state:
+        (state / "jobs").mkdir()
+        disk = os.statvfs(state)
+        with open(state / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize)
+        monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
+        monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))
+        r = CliRunner().invoke(app, ["serve", "--weights", str(weights)], env={"CERVIXQC_STATE_DIR": str(state)})
+        assert r.exit_code == 2 and f"CERVIXQC_STATE_DIR {state}: cannot write its lock file" in r.output, r.output
 
 
 def test_a_key_file_others_can_read_is_warned_about(monkeypatch, tmp_path, caplog):

@@ -184,7 +184,11 @@ class JobRunner:
                 self.metrics.images.labels(r.label.value, "job").inc()
         dups = collection_duplicates(self.store.records(job.id), self._reader(root) if self.pixel_check else None)
         self.store.set_duplicates(job.id, dups[["path", "group", "duplicate_of", "kind"]].itertuples(index=False))
-        export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
+        try:
+            export_records(lambda: self.store.records(job.id), Path(job.out_dir), duplicates=dups)
+        except OSError as e:  # said as the export's: a bare "[Errno 28] No space left on device" before (an audit)
+            raise OSError(e.errno, f"the results files could not be written in the state folder's jobs/ "
+                                   f"({e.strerror or e}); retry the job once they can be") from e
         if self.store.transition(job.id, "done", finished=time.time()):
             counts = self.store.counts(job.id)
             log.info("job %s: done, %d files (%s) in %.0f s", job.id, sum(counts.values()),

@@ -9,6 +9,8 @@ bad image gets a 4xx, as it would from any image API.
 from __future__ import annotations
 
 import asyncio
+import logging
+import tempfile
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
@@ -22,12 +24,13 @@ from service.errors import ApiError
 from service.schemas import ErrorResponse, QCResponse, UploadResult
 from service.state import State
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["qc"], dependencies=[ApiKey])
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}}
-_ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 503, 504)}
+_ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 503, 504)}
 # a request valid by schema can still carry no readable image: the schema cannot say "a
 # decodable image of at least 16x16 px", so the answer is documented here and in the summary
 _ERRORS[422] = {"model": ErrorResponse, "description": "no file could be read as an image (not an image, truncated, "
@@ -41,11 +44,18 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send images as multipart/form-data, field 'files'")
     try:
-        form = await request.form(max_files=s.max_files_per_request, max_fields=s.max_files_per_request)
+        form = await asyncio.wait_for(request.form(max_files=s.max_files_per_request,
+                                                   max_fields=s.max_files_per_request), s.upload_timeout_s)
+    except TimeoutError:
+        metrics.rejected.labels("upload_timeout").inc()
+        raise ApiError(408, "upload_timeout", f"the upload did not arrive within {s.upload_timeout_s:g} s "
+                                              "(CERVIXQC_UPLOAD_TIMEOUT_S)", {"Connection": "close"}) from None
     except ClientDisconnect:
         raise _client_gone(state) from None
     except HTTPException as e:  # Starlette's 400 for a form it would not read
         raise _form_refused(e, s.max_files_per_request) from None
+    except OSError as e:  # a file over 1 MB is spooled to the temporary folder, which may be full
+        raise _no_room(state, e) from None
     reservation = None
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -113,6 +123,16 @@ def _overloaded(state, reason: str = "overload") -> ApiError:
     state.metrics.rejected.labels(reason).inc()  # "overload": images; "queue_bytes": their bytes
     return ApiError(503, "overloaded", "the queue is full; retry later",
                     {"Retry-After": str(state.batcher.retry_after_s())})
+
+
+def _no_room(state, e: OSError) -> ApiError:
+    """The upload could not be spooled: a bare 500 "internal error" for every photo over 1 MB
+    while the temporary folder (TMPDIR; in a container, the host's disk) was full (an audit)."""
+    state.metrics.rejected.labels("no_space").inc()
+    folder = tempfile.gettempdir()
+    log.warning("upload refused: the temporary folder %s cannot take it (%s)", folder, e.strerror or type(e).__name__)
+    return ApiError(503, "no_space", f"the service's temporary folder cannot hold this upload ({e.strerror or e}); "
+                                     "retry later", {"Retry-After": "30"})
 
 
 def _form_refused(e: HTTPException, max_files: int) -> ApiError:
