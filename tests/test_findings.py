@@ -313,6 +313,23 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     assert report.exit_code == 0 and "Judged, not chosen" in (tmp_path / "r.html").read_text(), report.output
 
 
+def test_a_findings_card_calibrated_on_another_detector_is_warned_about(tmp_path, caplog):
+    """`make weights` published a new detector beside the previous detector's findings card
+    (its thresholds are for that detector's crops) and nothing said so."""
+    import logging
+
+    weights = tiny_weights(tmp_path / "w", 0.0, findings=PASS_ALL)
+    detector_sha = json.loads((weights / "detector.json").read_text())["sha256"]
+    card = json.loads((weights / "findings.json").read_text())
+    for calibrated_on, warned in ((detector_sha, False), ("0" * 64, True)):
+        card["metrics"] = {"data": {"weights_detector_sha256": calibrated_on}}
+        (weights / "findings.json").write_text(json.dumps(card))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.engine.qc"):
+            QCPipeline(weights).close()
+        assert ("calibrated on another detector's crops" in caplog.text) == warned, caplog.text
+
+
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():
     from pipelines.engine.crops import resized_crops
 

@@ -31,7 +31,8 @@
 #  6. evaluation: detector (val, test), the whole pipeline on real test photos and on the
 #     held-out negatives, the colour-histogram baseline, the synthetic no-regression check
 #  7. cards completed (data, licences, counts, the split's fingerprint, recipe, metrics)
-#  8. the OpenVINO export, in the staging folder; 9. everything copied into weights/ and checked
+#  8. the OpenVINO export, in the staging folder, then the findings' thresholds on its crops
+#     (calibrate-findings); 9. everything copied into weights/ and checked
 #
 # The detector chain and the stage-2 chain run side by side with one thread each. Variables
 # below may be overridden (smoke runs: see weights/README.md).
@@ -71,7 +72,7 @@ CQ=("$UV" run --locked --no-sync cervixqc --threads 1)
 PY=("$UV" run --locked --no-sync python)
 mkdir -p "$DATA" "$RUNS"
 [[ "$REUSE" == 1 ]] || rm -rf "$RUNS"/{det-synth,det-wide,det-narrow,det,presence,sad,res32,colour}
-rm -rf "$RUNS"/{eval-*,weights}
+rm -rf "$RUNS"/{eval-*,weights,findings}
 if [[ "$REUSE" != 1 ]]; then  # a reuse keeps the earlier commands and wall times of what it reuses
     : >"$RUNS/commands.txt"
     : >"$RUNS/timings.tsv"
@@ -204,12 +205,20 @@ step eval_synthetic_pipeline "${CQ2[@]}" eval-pipeline "$DATA/synth-test/manifes
 #    exported after the copy, a failed export left new models beside stale exports in weights/,
 #    which the engine refuses on a CPU (and the next run's duplicates step loads that engine)
 step openvino_export "${CQ2[@]}" export --weights "$STAGE"
+# 8b. the quality findings' thresholds, on these weights' crops (a retrained detector moves them)
+#     of this split's real cervix photos, through the runtime a site's CPU runs: train + val
+#     choose, test reports. weights/ kept the previous detector's card before (an audit)
+"${PY[@]}" -c "import csv, sys; r = csv.DictReader(open(sys.argv[1], newline='')); \
+w = csv.DictWriter(open(sys.argv[2], 'w', newline=''), r.fieldnames); w.writeheader(); \
+w.writerows(x for x in r if x['kind'] != 'no_cervix')" "$DATA/split.csv" "$DATA/split_cervix.csv"
+step findings "${CQ2[@]}" calibrate-findings "$DATA/split_cervix.csv" -o "$RUNS/findings" --weights "$STAGE"
+cp "$RUNS/findings/findings.json" "$STAGE/"
 # 9. publish: every file of the staged folder, then checked where it landed
 mkdir -p "$WEIGHTS_OUT"
 for stem in presence detector deep_sad classifier colour; do
     cp "$STAGE/$stem.safetensors" "$STAGE/$stem.json" "$WEIGHTS_OUT/"
 done
-cp "$STAGE"/*.openvino.* "$WEIGHTS_OUT/"
+cp "$STAGE"/*.openvino.* "$STAGE/findings.json" "$WEIGHTS_OUT/"
 "${PY[@]}" -c "
 import sys
 from pathlib import Path
@@ -217,7 +226,7 @@ from models.io import load_weights
 from pipelines.engine.qc import check_weights
 for s in ('presence', 'detector', 'deep_sad', 'classifier', 'colour'):
     load_weights(sys.argv[1] + '/' + s + '.json')
-check_weights(Path(sys.argv[1]))  # the exports too: made from these very files
+check_weights(Path(sys.argv[1]))  # the exports and the findings card too: made from these very files
 print('sha256 verified for the five models and their exports in', sys.argv[1])" "$WEIGHTS_OUT"
 du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json "$WEIGHTS_OUT"/*.openvino.* | tail -1
 cat "$RUNS/timings.tsv"
