@@ -229,7 +229,7 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
 
     section = findings_section(tmp_path / "cal")
     for name in FINDINGS:
-        assert f"<h3>{name}</h3>" in section and f"{name}: real undegraded photos with the highest scores" in section
+        assert f"<h3>{name}</h3>" in section and f"{name}: undegraded photos with the highest scores" in section
     assert set(card.metrics["calibration_new_source"]["blur"]) == {"s", "t"}
     assert "Thresholds at a source that did not choose them" in section and section.count("<td>blur</td>") == 3
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["findings.json", "findings_scores.csv",

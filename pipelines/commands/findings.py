@@ -13,7 +13,8 @@ from pipelines.commands.common import _fail, _manifest, _split_manifest, rate_te
 
 
 def calibrate_findings_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Manifest with a split column (cervixqc split) of real photos.")],
+    manifest: Annotated[Path, typer.Argument(
+        help="Manifest of real photos with a split column (cervixqc split; any manifest with --thresholds-from).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for findings.json (the card), the scores and "
                                                            "the test thumbnails.")],
     weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),

@@ -1,6 +1,6 @@
 """The quality findings' section of `cervixqc report`: per finding, the threshold and its
 evidence on the test split (AUC, recall, precision, false flags per source), the score
-distributions with the threshold line, and galleries to check the scores by eye: the real,
+distributions with the threshold line, and galleries to check the scores by eye: the
 undegraded photos that score worst and best, and the degraded copies the threshold misses."""
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def findings_section(folder: Path, n: int = 8) -> str:
         originals = test[test["variant"] == "original"].sort_values(name)
         degraded = test[test["variant"] == name].sort_values(name)
         parts += [f"<h3>{name}</h3>", _histogram(test, name, t),
-                  show(originals.iloc[::-1][:n], name, f"{name}: real undegraded photos with the highest scores "
+                  show(originals.iloc[::-1][:n], name, f"{name}: undegraded photos with the highest scores "
                                                        f"(threshold {t:.3g})"),
-                  show(originals[:n], name, f"{name}: real undegraded photos with the lowest scores"),
+                  show(originals[:n], name, f"{name}: undegraded photos with the lowest scores"),
                   show(degraded[degraded[name] < t][-n:], name, f"{name}: degraded copies the threshold misses")]
     return "".join(parts)
