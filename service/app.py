@@ -159,7 +159,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # a 405 keeps its JSON answer, whose Allow header names the methods there are
     as_page(StarletteHTTPException, lambda e: (e.status_code, str(e.detail)) if e.status_code != 405 else None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       on_too_large=metrics.rejected.labels("body_too_large").inc)
+                       on_too_large=metrics.rejected.labels("body_too_large").inc,
+                       idle_s=settings.upload_idle_timeout_s, on_stalled=metrics.rejected.labels("upload_timeout").inc)
     app.add_middleware(PageHeaders)  # the pages' security and cache headers
     # JSON, CSV and NDJSON of 1 KB and more go gzipped to clients that ask: a 10^5-item job's
     # what-if scores are 6 MB as JSON. Never HTML, whose pages put the CSRF token next to text a

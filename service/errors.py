@@ -14,13 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.limits import BodyTooLarge
+from service.limits import BodyStalled, BodyTooLarge
 from service.root_path import route_path
 
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 406: "not_acceptable", 408: "upload_timeout", 409: "conflict",
+               413: "payload_too_large",
                415: "unsupported_media_type", 422: "invalid_request", 429: "too_many_requests",
                503: "unavailable", 504: "timeout"}
 
@@ -85,6 +86,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, e: BodyTooLarge) -> JSONResponse:
         return error_response(413, "payload_too_large", str(e), {"Connection": "close"})
+
+    @app.exception_handler(BodyStalled)
+    async def _stalled(_: Request, e: BodyStalled) -> JSONResponse:
+        return error_response(408, "upload_timeout", str(e), {"Connection": "close"})
 
     @app.exception_handler(sqlite3.OperationalError)
     async def _store_busy(_: Request, e: sqlite3.OperationalError) -> JSONResponse:

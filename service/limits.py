@@ -1,12 +1,17 @@
-"""A byte limit on the whole request body, enforced while it streams in.
+"""A byte limit on the whole request body, enforced while it streams in, and a limit on how
+long the body may stop arriving.
 
 Starlette puts no limit on a body and spools multipart files to disk, so a client could fill
 the disk before any handler runs. This ASGI middleware refuses a declared Content-Length
-over the limit at once, and stops a chunked or lying body at the first byte past it.
+over the limit at once, and stops a chunked or lying body at the first byte past it. A body
+that stops arriving for `idle_s` (as nginx's client_body_timeout: between two reads, so a
+slow link is never cut while it sends) ends in BodyStalled: a client that stalled mid-upload
+held its spooled part of the temporary folder for ever, unanswered (an audit).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -17,10 +22,17 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyStalled(Exception):
+    pass
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, on_too_large: Callable[[], None] = lambda: None) -> None:
-        """`on_too_large`: called for each request refused for its size (a metrics counter)."""
+    def __init__(self, app: ASGIApp, max_bytes: int, on_too_large: Callable[[], None] = lambda: None,
+                 idle_s: float | None = None, on_stalled: Callable[[], None] = lambda: None) -> None:
+        """`on_too_large`, `on_stalled`: called for each request refused for its size, or whose
+        body stopped arriving for `idle_s` (metrics counters)."""
         self.app, self.max_bytes, self.on_too_large = app, max_bytes, on_too_large
+        self.idle_s, self.on_stalled = idle_s, on_stalled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,13 +44,22 @@ class BodyLimitMiddleware:
                                else "invalid Content-Length", 413 if declared.isdigit() else 400)
             return
         seen = 0
-        started = False
+        started = body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if self.idle_s is None or body_done:  # after the body: waiting for a hang-up, for as long as it takes
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.idle_s)
+                except TimeoutError:
+                    self.on_stalled()
+                    raise BodyStalled(f"the upload stopped arriving for {self.idle_s:g} s "
+                                      "(CERVIXQC_UPLOAD_IDLE_TIMEOUT_S)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(f"request body over {self.max_bytes} bytes")
             return message
@@ -54,9 +75,12 @@ class BodyLimitMiddleware:
         except BodyTooLarge as e:
             if not started:
                 await self._refuse(send, str(e), 413)
+        except BodyStalled as e:
+            if not started:
+                await self._refuse(send, str(e), 408)
 
     async def _refuse(self, send: Send, message: str, status: int) -> None:
-        code = "payload_too_large" if status == 413 else "bad_request"
+        code = {413: "payload_too_large", 408: "upload_timeout"}.get(status, "bad_request")
         if status == 413:
             self.on_too_large()
         body = json.dumps({"error": {"code": code, "message": message}}).encode()

@@ -135,10 +135,9 @@ class Settings(BaseSettings):
     # their bytes too: 256 images of up to 64 MB each held 16 GB in RAM; at least one request's
     max_queue_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0, le=3600)  # from the body's arrival to the answer
-    # the body's arrival itself: a client that stalled mid-upload held its spooled part of the
-    # temporary folder for ever, and the timeout above never started (an audit). 64 MiB, the
-    # largest body, takes 107 s at 5 Mbit/s
-    upload_timeout_s: float = Field(300.0, gt=0, le=3600)
+    # the longest pause in a body's arrival (service/limits.py): a client that stalled mid-upload
+    # held its spooled part of the temporary folder for ever, and the timeout above never started
+    upload_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     job_batch_size: int = Field(8, ge=1, le=512)
 
     # input limits

@@ -15,7 +15,7 @@ from models.deep_sad import DeepSAD
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, load_card, save_weights
 from models.presence import PresenceConfig, PresenceHead
-from pipelines.engine.findings import FindingsCard
+from pipelines.engine.findings import SCORES_VERSION, FindingsCard
 from pipelines.engine.presence import detect_with_features
 
 
@@ -35,7 +35,8 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
     so that one of them says no, or every policy gives the same label."""
     if findings is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "findings.json").write_text(FindingsCard(thresholds=findings).model_dump_json())
+        (folder / "findings.json").write_text(FindingsCard(thresholds=findings,
+                                                           scores_version=SCORES_VERSION).model_dump_json())
     torch.manual_seed(0)
     det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=score_thresh)
     detector = build_detector(det_cfg)

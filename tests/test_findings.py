@@ -283,22 +283,35 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     chosen, no split is needed, every photo is judged, and the report reads the folder."""
     from pipelines.cli import app
 
+    from pipelines.engine.findings import SCORES_VERSION
+
     rows = []
-    for i in range(6):
+    for i in range(7):
         Image.fromarray(_tissue(30 + i)).save(tmp_path / f"p{i}.jpg", quality=95)
-        rows.append({"path": f"p{i}.jpg", "patient_id": f"p{i}", "source": "site", "device": "", "kind": "regular"})
+        rows.append({"path": f"p{i}.jpg", "patient_id": f"p{i}", "source": "site", "device": "",
+                     "kind": "regular" if i < 6 else "no_cervix"})  # no cervix crop: left out, said
     pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)  # no split column
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
     given = {"blur": 0.5, "dark": 0.7, "overexposed": 0.8, "glare": 0.1}
-    (tmp_path / "given.json").write_text(json.dumps({"thresholds": given}))
+    (tmp_path / "given.json").write_text(json.dumps({"thresholds": {**given, "noise": 3.0},
+                                                     "scores_version": SCORES_VERSION}))
     (tmp_path / "not-a-card.json").write_text('{"x": 1}')
+    # thresholds chosen on the one-octave blur (a card without a version): 23% of real photos flagged blurred
+    (tmp_path / "old.json").write_text(json.dumps({"thresholds": given}))
+    (tmp_path / "nan.json").write_text(json.dumps({"thresholds": {**given, "blur": float("nan")},
+                                                   "scores_version": SCORES_VERSION}))
     run = lambda *a: CliRunner().invoke(app, ["calibrate-findings", str(tmp_path / "photos.csv"),  # noqa: E731
                                               "--weights", str(weights), *a])
     refused = run("-o", str(tmp_path / "bad"), "--thresholds-from", str(tmp_path / "not-a-card.json"))
     assert refused.exit_code == 2 and "not a findings card" in refused.output and not (tmp_path / "bad").exists()
+    refused = run("-o", str(tmp_path / "bad"), "--thresholds-from", str(tmp_path / "old.json"))
+    assert refused.exit_code == 2 and "thresholds chosen on version 1 of the findings' scores" in refused.output
+    refused = run("-o", str(tmp_path / "bad"), "--thresholds-from", str(tmp_path / "nan.json"))
+    assert refused.exit_code == 2 and "threshold of blur is not a number" in refused.output, refused.output
     assert run("-o", str(tmp_path / "chosen")).exit_code == 2  # choosing needs a split
     result = run("-o", str(tmp_path / "judged"), "--thresholds-from", str(tmp_path / "given.json"))
     assert result.exit_code == 0, result.output
+    assert "1 no_cervix photos left out" in result.output
     card = load_findings_card(tmp_path / "judged" / "findings.json")
     assert card.thresholds == given and "calibration" not in card.metrics
     assert card.metrics["data"]["thresholds_from"]["card"] == str(tmp_path / "given.json")
@@ -321,13 +334,29 @@ def test_a_findings_card_calibrated_on_another_detector_is_warned_about(tmp_path
     weights = tiny_weights(tmp_path / "w", 0.0, findings=PASS_ALL)
     detector_sha = json.loads((weights / "detector.json").read_text())["sha256"]
     card = json.loads((weights / "findings.json").read_text())
-    for calibrated_on, warned in ((detector_sha, False), ("0" * 64, True)):
-        card["metrics"] = {"data": {"weights_detector_sha256": calibrated_on}}
+    for data, warned in (({"weights_detector_sha256": detector_sha}, False),
+                         ({"weights_detector_sha256": "0" * 64}, True), (None, False)):  # None: a traceback
+        card["metrics"] = {"data": data}
         (weights / "findings.json").write_text(json.dumps(card))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pipelines.engine.qc"):
             QCPipeline(weights).close()
         assert ("calibrated on another detector's crops" in caplog.text) == warned, caplog.text
+
+
+def test_a_findings_card_of_the_one_octave_blur_is_refused_by_the_engine_and_the_service_check(tmp_path):
+    """Its blur threshold (0.636) on today's scores (the bundled one is 0.952) flagged 23% of
+    the real undegraded photos as blurred, without a word (an audit)."""
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.qc import check_weights
+
+    weights = tiny_weights(tmp_path / "w", 0.0, findings=PASS_ALL)
+    card = json.loads((weights / "findings.json").read_text())
+    del card["scores_version"]  # as every card before 2026-12-03
+    (weights / "findings.json").write_text(json.dumps(card))
+    for load in (lambda: QCPipeline(weights).close(), lambda: check_weights(weights, exports=False)):
+        with pytest.raises(WeightsIntegrityError, match="thresholds chosen on version 1 of the findings' scores"):
+            load()
 
 
 def test_the_findings_crop_sees_the_cervix_box_and_not_the_frame_around_it():

@@ -206,12 +206,10 @@ step eval_synthetic_pipeline "${CQ2[@]}" eval-pipeline "$DATA/synth-test/manifes
 #    which the engine refuses on a CPU (and the next run's duplicates step loads that engine)
 step openvino_export "${CQ2[@]}" export --weights "$STAGE"
 # 8b. the quality findings' thresholds, on these weights' crops (a retrained detector moves them)
-#     of this split's real cervix photos, through the runtime a site's CPU runs: train + val
-#     choose, test reports. weights/ kept the previous detector's card before (an audit)
-"${PY[@]}" -c "import csv, sys; r = csv.DictReader(open(sys.argv[1], newline='')); \
-w = csv.DictWriter(open(sys.argv[2], 'w', newline=''), r.fieldnames); w.writeheader(); \
-w.writerows(x for x in r if x['kind'] != 'no_cervix')" "$DATA/split.csv" "$DATA/split_cervix.csv"
-step findings "${CQ2[@]}" calibrate-findings "$DATA/split_cervix.csv" -o "$RUNS/findings" --weights "$STAGE"
+#     of this split's real cervix photos (calibrate-findings leaves the negatives out), through
+#     the runtime a site's CPU runs: train + val choose, test reports. weights/ kept the
+#     previous detector's card before (an audit)
+step findings "${CQ2[@]}" calibrate-findings "$DATA/split.csv" -o "$RUNS/findings" --weights "$STAGE"
 cp "$RUNS/findings/findings.json" "$STAGE/"
 # 9. publish: every file of the staged folder, then checked where it landed
 mkdir -p "$WEIGHTS_OUT"
@@ -226,7 +224,7 @@ from models.io import load_weights
 from pipelines.engine.qc import check_weights
 for s in ('presence', 'detector', 'deep_sad', 'classifier', 'colour'):
     load_weights(sys.argv[1] + '/' + s + '.json')
-check_weights(Path(sys.argv[1]))  # the exports and the findings card too: made from these very files
+check_weights(Path(sys.argv[1]))  # the exports too, made from these very files, and the findings card read
 print('sha256 verified for the five models and their exports in', sys.argv[1])" "$WEIGHTS_OUT"
 du -ch "$WEIGHTS_OUT"/*.safetensors "$WEIGHTS_OUT"/*.json "$WEIGHTS_OUT"/*.openvino.* | tail -1
 cat "$RUNS/timings.tsv"

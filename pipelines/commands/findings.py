@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
 from pipelines.commands.common import _fail, _manifest, _split_manifest, rate_text, training_output
 
@@ -42,10 +44,22 @@ def calibrate_findings_cmd(
     if thresholds_from is not None:  # before the minutes of scoring
         try:
             judged = load_findings_card(thresholds_from)
-        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        except ValidationError as e:  # each field at fault, not "1 validation error for FindingsCard"
+            _fail(f"--thresholds-from {thresholds_from}: not a findings card ("
+                  + "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors()) + ")")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             _fail(f"--thresholds-from {thresholds_from}: not a findings card ({str(e).splitlines()[0]})")
+        except (OSError, ValueError) as e:  # a missing threshold, another version of the scores
+            _fail(f"--thresholds-from {str(e).splitlines()[0]}")
     # judged thresholds: nothing is chosen on any photo, so every one is a test photo
     df = _split_manifest(manifest) if judged is None else _manifest(manifest).assign(split="test")
+    if "kind" in df.columns and (df["kind"] == "no_cervix").any():  # the findings judge the cervix crop
+        typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: the findings are "
+                   "calibrated on cervix crops", err=True)
+        df = df[df["kind"] != "no_cervix"]
+    if judged is not None and (judged.metrics.get("data") or {}).get("manifest_sha256") == sha256_file(manifest):
+        typer.echo(f"warning: {manifest} is the manifest {thresholds_from} was calibrated on: its train and val "
+                   "photos chose these thresholds; its own test figures are the fair ones", err=True)
     # before the minutes of scoring; made when the files are written. A rerun into the same -o
     # says it replaces the earlier card (it did so without a word: an audit)
     training_output(out, "findings.json", one_shot=True)
@@ -70,15 +84,18 @@ def calibrate_findings_cmd(
     if df.empty:
         _fail(f"no photo of {manifest} could be scored")
     try:
-        thresholds, metrics = calibrate(scores, cfg) if judged is None else (judged.thresholds, judge(scores, judged))
+        thresholds, metrics = (calibrate(scores, cfg) if judged is None
+                               else ({n: judged.thresholds[n] for n in FINDINGS}, judge(scores, judged)))
     except ValueError as e:
         _fail(str(e))
     data = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "photos": int(len(df)),
             "photos_left_out": len(skipped),
             "photos_by_split": {k: int(v) for k, v in df["split"].value_counts().items()},
             "weights_detector_sha256": qc.det_card.sha256}
-    if judged is not None:
+    if judged is not None:  # the detector whose crops chose them, which a copy of this card names
         data["thresholds_from"] = {"card": str(thresholds_from), "sha256": sha256_file(thresholds_from)}
+        data["judged_with_detector_sha256"] = data.pop("weights_detector_sha256")
+        data["weights_detector_sha256"] = (judged.metrics.get("data") or {}).get("weights_detector_sha256")
     write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)
     for name in FINDINGS:
         m = (metrics["test"] if "test" in metrics else metrics["calibration"])[name]

@@ -43,11 +43,12 @@ folder's findings card (`cervixqc calibrate-findings` picks them on degraded rea
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from pipelines.engine.hashes import grey
 from pipelines.engine.qc_result import FINDINGS, Finding
@@ -57,6 +58,10 @@ SPECULAR = 0.96
 ENERGY_OFFSET = 0.9
 BLUR_GRID = 3  # blocks per side
 BLUR_RANK = 2  # 0-based rank of the block whose ratio is the score, sharpest first
+# The scale the scores have: a card's thresholds hold only for the version they were chosen on.
+# 2 (2026-12-03): blur over two octaves; its thresholds sit about 0.3 higher, and a version-1
+# card's blur threshold flagged 23% of the real undegraded photos (an audit)
+SCORES_VERSION = 2
 
 
 class FindingsCard(BaseModel):
@@ -64,18 +69,36 @@ class FindingsCard(BaseModel):
 
     name: str = "findings"
     crop_size: int = CROP
+    scores_version: int = 1  # of `finding_scores` when the thresholds were chosen; absent: 1
     thresholds: dict[str, float]
     # how each threshold was chosen and what it measured (calibration command, data, splits)
     training: dict = Field(default_factory=dict)
     metrics: dict = Field(default_factory=dict)
     created: str = ""
 
+    @field_validator("thresholds")
+    @classmethod
+    def _not_nan(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        # NaN flagged nothing, unsaid, and a card written with it could not be read back (an audit)
+        nan = [name for name, t in thresholds.items() if math.isnan(t)]
+        if nan:
+            raise ValueError(f"threshold of {', '.join(nan)} is not a number")
+        return thresholds
 
-def load_findings_card(path: str | Path) -> FindingsCard:
+
+def load_findings_card(path: str | Path, scoring: bool = True) -> FindingsCard:
+    """The card, refused without a threshold for every finding and, where this code will score
+    photos against it (`scoring`: the engine, `calibrate-findings --thresholds-from`), when its
+    thresholds were chosen on another version of the scores. A report of an old calibration
+    reads its own scores and takes any version."""
     card = FindingsCard.model_validate(json.loads(Path(path).read_text()))
     missing = [n for n in FINDINGS if n not in card.thresholds]
     if missing:
         raise ValueError(f"{path}: no threshold for {', '.join(missing)}")
+    if scoring and card.scores_version != SCORES_VERSION:
+        raise ValueError(f"{path}: thresholds chosen on version {card.scores_version} of the findings' scores, this "
+                         f"cervixqc computes version {SCORES_VERSION} (blur is read over two octaves since "
+                         "2026-12-03): run `cervixqc calibrate-findings` again, or remove the card")
     return card
 
 

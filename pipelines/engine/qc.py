@@ -347,8 +347,8 @@ class QCPipeline:
         with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")
                                   if self.cfg.findings and (weights / "findings.json").is_file() else None)
-        calibrated_on = self.findings_card.metrics.get("data", {}).get("weights_detector_sha256") \
-            if self.findings_card is not None else None
+        calibrated_on = ((self.findings_card.metrics.get("data") or {}).get("weights_detector_sha256")
+                         if self.findings_card is not None else None)
         if calibrated_on not in (None, self.det_card.sha256):  # still usable, so said rather than refused
             log.warning("findings.json was calibrated on another detector's crops (%s..., this one %s...): its "
                         "thresholds may not hold; run `cervixqc calibrate-findings` with these weights",

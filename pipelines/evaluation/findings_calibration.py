@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipelines.data import degradations
 from pipelines.data.images import load_rgb
-from pipelines.engine.findings import FindingsCard
+from pipelines.engine.findings import SCORES_VERSION, FindingsCard
 from pipelines.engine.qc_result import FINDINGS
 from pipelines.outputs import write_together
 
@@ -208,6 +208,7 @@ def write_outputs(out_dir: Path, scores: pd.DataFrame, thumbs: np.ndarray, thres
     if "thresholds_from" in data:
         method = f"Judged, not chosen: {data['thresholds_from']['card']}'s thresholds, every photo a test photo. {method}"
     card = FindingsCard(
+        scores_version=SCORES_VERSION,
         thresholds={k: float(v) for k, v in thresholds.items()},
         training={"command": command, "method": method,
                   "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},

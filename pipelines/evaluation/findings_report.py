@@ -91,7 +91,7 @@ def findings_section(folder: Path, n: int = 8) -> str:
     without a test split (an audit)."""
     from pipelines.engine.findings import load_findings_card
 
-    card = load_findings_card(folder / "findings.json").model_dump()
+    card = load_findings_card(folder / "findings.json", scoring=False).model_dump()
     _checked_files(folder, card)
     if "test" not in card["metrics"]:
         return "<h2>Quality findings</h2><p>The calibration had no test split: no figures to show.</p>"

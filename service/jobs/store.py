@@ -240,7 +240,10 @@ class JobStore:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
         left = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE job_id = jobs.id)" for t in self._purged_tables(db))
         for (job_id,) in db.execute(f"SELECT id FROM jobs WHERE status = ? AND ({left})", (DELETED,)).fetchall():
-            self.purge(job_id)  # a delete stopped half-way (the service killed during it)
+            try:
+                self.purge(job_id)  # a delete stopped half-way (the service killed, or the disk full, during it)
+            except sqlite3.OperationalError as e:  # still full: the start failed in a traceback (an audit)
+                log.warning("job %s: its rows are purged at a later start (%s)", job_id, e)
 
     def _keep_before_upgrade(self, db: sqlite3.Connection, version: int) -> None:
         """The file as it was, beside it, before an upgrade rewrites it (SQLite's backup: whole

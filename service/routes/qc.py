@@ -44,12 +44,7 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send images as multipart/form-data, field 'files'")
     try:
-        form = await asyncio.wait_for(request.form(max_files=s.max_files_per_request,
-                                                   max_fields=s.max_files_per_request), s.upload_timeout_s)
-    except TimeoutError:
-        metrics.rejected.labels("upload_timeout").inc()
-        raise ApiError(408, "upload_timeout", f"the upload did not arrive within {s.upload_timeout_s:g} s "
-                                              "(CERVIXQC_UPLOAD_TIMEOUT_S)", {"Connection": "close"}) from None
+        form = await request.form(max_files=s.max_files_per_request, max_fields=s.max_files_per_request)
     except ClientDisconnect:
         raise _client_gone(state) from None
     except HTTPException as e:  # Starlette's 400 for a form it would not read
