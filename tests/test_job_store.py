@@ -372,6 +372,22 @@ def test_a_store_of_a_newer_version_is_refused_and_left_as_it_was(tmp_path):
     db.close()
 
 
+def test_a_damaged_store_is_refused_as_it_is_however_the_service_is_started(tmp_path):
+    """`serve` checks before the models load; a service started by uvicorn itself upgraded a
+    damaged file and kept the damage as its backup (an audit)."""
+    from service.jobs.store import StoreDamaged
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "resnest", tmp_path)
+    store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(3000)])
+    store.close()
+    data = store.path.read_bytes()
+    store.path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreDamaged, match=r"jobs.sqlite is damaged \(.+\); nothing was changed"):
+        JobStore(store.path)
+    assert store.path.read_bytes() == data[: len(data) // 2] and not list(tmp_path.glob("*.bak"))
+
+
 def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried(tmp_path):
     """A share briefly away left `cannot read file` rows in a done job for good: `retry` took
     only failed or cancelled jobs, and a resumed job skipped every stored row. `clean` reruns

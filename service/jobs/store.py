@@ -74,6 +74,10 @@ class ActiveTwin(Exception):
     """A queued or running job asks for the same work; args[0] is its id."""
 
 
+class StoreDamaged(RuntimeError):
+    pass
+
+
 class StoreVersionError(RuntimeError):
     """jobs.sqlite written by a newer cervixqc than this one."""
 
@@ -112,27 +116,22 @@ def newer_store(version: int) -> str:
             f"v{SCHEMA_VERSION}): run the newer version, or give this one another CERVIXQC_STATE_DIR")
 
 
-def damaged_store(path: Path, reason: str) -> str:
-    return (f"CERVIXQC_STATE_DIR: {path} is damaged ({reason}); nothing was changed: restore it from a backup "
-            "(README, \"Backup and restore\"), or move it aside to start with an empty job store")
-
-
-def store_problem(path: Path) -> str | None:
-    """What `serve` says before the models load where `path` is a newer version's store or a
-    damaged one: opened read-only, so that neither changes. A downgrade rewrote the schema
-    version down (a v0 runner then backed off for good on its first insert). A damaged page
-    started a service that said ready and failed every job on it, and an upgrade kept the
-    damaged file as its backup; a truncated file or one that is no SQLite ended the start
-    in a 60-line traceback naming neither the file nor the variable (an audit). SQLite's
-    quick_check reads every page, once per start: 0.06-0.07 s for a 70 MiB store of 10^5
-    results on the 2-core CPU, in the page cache."""
+def store_problem(path: Path, versions: bool = True) -> str | None:
+    """What `serve` says before the models load where `path` is a newer version's store
+    (`versions`) or a damaged one: opened read-only, so that neither changes. A downgrade
+    rewrote the schema version down (a v0 runner then backed off for good on its first
+    insert). A damaged page started a service that said ready and failed every job on it, and
+    an upgrade kept the damaged file as its backup; a truncated file or one that is no SQLite
+    ended the start in a 60-line traceback naming neither the file nor the variable (an
+    audit). SQLite's quick_check reads every page, once per start: 0.06-0.07 s for a 70 MiB
+    store of 10^5 results on the 2-core CPU, in the page cache."""
     if not path.is_file():
         return None
     try:
         db = open_db(path, "ro", 5)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            if versions and version > SCHEMA_VERSION:
                 return newer_store(version)
             found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         finally:
@@ -141,7 +140,9 @@ def store_problem(path: Path) -> str | None:
         return None  # locked or unopenable: the store's own error, named where it is opened
     except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
         found = str(e)
-    return None if found == "ok" else damaged_store(path, found)
+    return None if found == "ok" else (
+        f"CERVIXQC_STATE_DIR: {path} is damaged ({' '.join(found.split())}); nothing was changed: restore it from a backup "
+        "(README, \"Backup and restore\"), or move it aside to start with an empty job store")
 
 
 class Job(BaseModel):
@@ -202,6 +203,11 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.busy_timeout_s = busy_timeout_s  # how long a call waits on another writer's lock
+        # `serve` says it before the models load; a service started by uvicorn itself (README,
+        # "HTTP service") upgraded a damaged file and kept the damage as its backup (an audit)
+        damage = store_problem(path, versions=False)  # a newer version's: refused below, in the transaction
+        if damage is not None:
+            raise StoreDamaged(damage)
         self._local = threading.local()
         db = self._db(create=True)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
