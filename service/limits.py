@@ -51,8 +51,9 @@ class BodyLimitMiddleware:
             if self.idle_s is None or body_done:  # after the body: waiting for a hang-up, for as long as it takes
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), self.idle_s)
+                try:  # a timeout scope, not wait_for: no task made for each chunk of every upload
+                    async with asyncio.timeout(self.idle_s):
+                        message = await receive()
                 except TimeoutError:
                     self.on_stalled()
                     raise BodyStalled(f"the upload stopped arriving for {self.idle_s:g} s "

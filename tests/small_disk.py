@@ -26,3 +26,11 @@ def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """`folder`'s disk filled but for `leave` bytes, by a file `filler` (unlink it to free them)."""
+    disk = os.statvfs(folder)
+    with open(folder / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - leave)
+    return folder / "filler"

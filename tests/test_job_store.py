@@ -186,14 +186,12 @@ def _wait_finished(store, job_ids, seconds=60):
 def test_a_job_whose_results_files_find_no_room_fails_saying_so_and_a_retry_writes_them(tmp_path):
     """It failed with a bare "[Errno 28] No space left on device", not saying that the results
     export met it (an audit)."""
-    import os
-
     from pipelines.engine.qc import QCConfig, QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
     from tests.qc_fixtures import fuzz_set, tiny_weights
-    from tests.small_disk import small_tmpfs
+    from tests.small_disk import fill, small_tmpfs
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -201,9 +199,7 @@ def test_a_job_whose_results_files_find_no_room_fails_saying_so_and_a_retry_writ
         (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
     store, engine = JobStore(tmp_path / "jobs.sqlite"), QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig())
     with small_tmpfs(tmp_path / "out", "1m") as out:
-        disk = os.statvfs(out)
-        with open(out / "filler", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize)
+        fill(out)
         job = store.create(str(root), None, "resnest", out)
         runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),
                            EngineGate(), Metrics(), [root], tmp_path / "quarantine", batch_size=4)
@@ -528,9 +524,7 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
 def test_a_delete_on_a_full_disk_deletes_the_job_and_leaves_its_rows_to_the_next_start(tmp_path):
     """The status moved, then the purge met the full disk and the service answered 503 "nothing
     changed, retry" for a job already gone (an audit): the delete stands, the rows wait."""
-    import os
-
-    from tests.small_disk import small_tmpfs
+    from tests.small_disk import fill, small_tmpfs
 
     with small_tmpfs(tmp_path / "state", "8m") as folder:
         store = JobStore(folder / "jobs.sqlite")
@@ -538,9 +532,7 @@ def test_a_delete_on_a_full_disk_deletes_the_job_and_leaves_its_rows_to_the_next
         store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
         store.cancel(job.id)
         store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        disk = os.statvfs(folder)
-        with open(folder / "filler", "wb") as f:  # 24 KB left: the status fits, the purge does not
-            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - 24 * 1024)
+        fill(folder, leave=24 * 1024)  # the status fits, the purge does not
         assert store.delete(job.id) and store.get(job.id) is None
         assert _group_by(store.path, job.id) == {"regular": 1500}  # the purge did not fit
         store.close()

@@ -156,7 +156,7 @@ def test_an_upload_a_full_temporary_folder_cannot_hold_gets_503_and_the_next_one
                                                                                               monkeypatch):
     """A photo over 1 MB is spooled to TMPDIR: on a full one every such upload was a bare 500
     "internal error" (an audit). Now a 503 that says so, and the service stays up."""
-    from tests.small_disk import small_tmpfs
+    from tests.small_disk import fill, small_tmpfs
 
     with small_tmpfs(tmp_path / "tmp", "4m") as tmp:
         monkeypatch.setenv("TMPDIR", str(tmp))
@@ -165,9 +165,7 @@ def test_an_upload_a_full_temporary_folder_cannot_hold_gets_503_and_the_next_one
             buf = io.BytesIO()
             Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 800, 3), dtype=np.uint8)).save(buf, "PNG")
             assert buf.tell() > 1024 * 1024  # spooled to disk, not kept in memory
-            disk = os.statvfs(tmp)
-            with open(tmp / "filler", "wb") as f:
-                os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize - 100 * 1024)
+            fill(tmp, leave=100 * 1024)
             with srv.client() as c:
                 r = c.post("/v1/qc", files=[("files", ("big.png", buf.getvalue(), "image/png"))])
                 assert r.status_code == 503 and r.json()["error"]["code"] == "no_space", r.text

@@ -144,20 +144,16 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
 
 def test_serve_on_a_full_state_disk_names_the_folder(monkeypatch, tmp_path):
     """It said "error: No space left on device", naming no folder or variable (an audit)."""
-    import os
-
     from typer.testing import CliRunner
 
     from service.cli import app
     from tests.qc_fixtures import tiny_weights
-    from tests.small_disk import small_tmpfs
+    from tests.small_disk import fill, small_tmpfs
 
     weights = tiny_weights(tmp_path / "w", 0.0)
     with small_tmpfs(tmp_path / "state", "1m") as state:
         (state / "jobs").mkdir()
-        disk = os.statvfs(state)
-        with open(state / "filler", "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, disk.f_bavail * disk.f_frsize)
+        fill(state)
         monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
         monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))
         r = CliRunner().invoke(app, ["serve", "--weights", str(weights)], env={"CERVIXQC_STATE_DIR": str(state)})

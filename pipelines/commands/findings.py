@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
 from pipelines.commands.common import _fail, _manifest, _split_manifest, rate_text, training_output
 
@@ -35,22 +33,19 @@ def calibrate_findings_cmd(
 
     from pipelines.commands.engine import _engine
     from pipelines.engine.findings import FindingsCard, load_findings_card
+    from pipelines.engine.qc import loading
     from pipelines.engine.qc_result import FINDINGS
     from pipelines.evaluation.findings_calibration import (CalibrationConfig, calibrate, judge, score_variants,
                                                            write_outputs)
-    from models.io import sha256_file
+    from models.io import WeightsIntegrityError, sha256_file
 
     judged = None
-    if thresholds_from is not None:  # before the minutes of scoring
+    if thresholds_from is not None:  # before the minutes of scoring, checked as the engine checks it
         try:
-            judged = load_findings_card(thresholds_from)
-        except ValidationError as e:  # each field at fault, not "1 validation error for FindingsCard"
-            _fail(f"--thresholds-from {thresholds_from}: not a findings card ("
-                  + "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors()) + ")")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            _fail(f"--thresholds-from {thresholds_from}: not a findings card ({str(e).splitlines()[0]})")
-        except (OSError, ValueError) as e:  # a missing threshold, another version of the scores
-            _fail(f"--thresholds-from {str(e).splitlines()[0]}")
+            with loading(thresholds_from):
+                judged = load_findings_card(thresholds_from)
+        except WeightsIntegrityError as e:
+            _fail(f"--thresholds-from: not a findings card this cervixqc can use: {e}")
     # judged thresholds: nothing is chosen on any photo, so every one is a test photo
     df = _split_manifest(manifest) if judged is None else _manifest(manifest).assign(split="test")
     if "kind" in df.columns and (df["kind"] == "no_cervix").any():  # the findings judge the cervix crop

@@ -26,6 +26,7 @@ from typing import Literal, Union, get_args
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.transforms.v2 import functional as TF
@@ -227,6 +228,9 @@ def loading(card: Path) -> Iterator[None]:
         raise
     except FileNotFoundError:
         raise WeightsIntegrityError(f"{card}: missing") from None
+    except ValidationError as e:  # each field at fault: its first line said only "1 validation error for ..."
+        reason = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
+        raise WeightsIntegrityError(f"{card}: cannot load it ({reason[:300]})") from None
     except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:300] if str(e) else ""
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None

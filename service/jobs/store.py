@@ -141,8 +141,8 @@ def store_problem(path: Path, versions: bool = True) -> str | None:
     except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
         found = str(e)
     return None if found == "ok" else (
-        f"CERVIXQC_STATE_DIR: {path} is damaged ({' '.join(found.split())}); nothing was changed: restore it from a backup "
-        "(README, \"Backup and restore\"), or move it aside to start with an empty job store")
+        f"CERVIXQC_STATE_DIR: {path} is damaged ({' '.join(found.split())}); nothing was changed: restore it from "
+        "a backup (README, \"Backup and restore\"), or move it aside to start with an empty job store")
 
 
 class Job(BaseModel):
@@ -246,10 +246,7 @@ class JobStore:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
         left = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE job_id = jobs.id)" for t in self._purged_tables(db))
         for (job_id,) in db.execute(f"SELECT id FROM jobs WHERE status = ? AND ({left})", (DELETED,)).fetchall():
-            try:
-                self.purge(job_id)  # a delete stopped half-way (the service killed, or the disk full, during it)
-            except sqlite3.OperationalError as e:  # still full: the start failed in a traceback (an audit)
-                log.warning("job %s: its rows are purged at a later start (%s)", job_id, e)
+            self._purge_or_defer(job_id)  # a delete stopped half-way (the service killed, or the disk full)
 
     def _keep_before_upgrade(self, db: sqlite3.Connection, version: int) -> None:
         """The file as it was, beside it, before an upgrade rewrites it (SQLite's backup: whole
@@ -367,11 +364,16 @@ class JobStore:
         if self._db().execute(f"UPDATE jobs SET status = ? WHERE id = ? AND status IN {FINAL}",
                               (DELETED, job_id)).rowcount != 1:
             return False
+        self._purge_or_defer(job_id)
+        return True
+
+    def _purge_or_defer(self, job_id: str) -> None:
+        """A deleted job's rows purged, or left to the next start where a full disk or a lock
+        stops it: a start on a disk still full failed in a traceback (an audit)."""
         try:
             self.purge(job_id)
         except sqlite3.OperationalError as e:
-            log.warning("job %s deleted; its rows are purged at the next start (%s)", job_id, e)
-        return True
+            log.warning("job %s deleted; its rows are purged at a later start (%s)", job_id, e)
 
     def purge(self, job_id: str, chunk: int = 10_000) -> None:
         """A deleted job's rows, `chunk` at a time: in one transaction 10^5 rows held the write
