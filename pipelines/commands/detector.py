@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail, training_output
+from pipelines.commands.common import _csv, _fail, rate_text, training_output
 from pipelines.outputs import write_json
 
 
@@ -119,13 +119,10 @@ def eval_detector_cmd(
     except ValueError as e:  # a photo that does not decode: found only by reading it
         _fail(str(e), code=1)
 
-    def f(x: float) -> str:  # "-" where a figure has no images to be measured on
-        return "-" if x != x else f"{x:.3f}"
-
     for name, m in report.items():
-        typer.echo(f"{name:>14}: mAP {f(m['map'])}  AP50 {f(m['ap50'])}  AP75 {f(m['ap75'])}  "
-                   f"top-1 recall@0.5 {f(m['top1_recall50'])}  cervix found {f(m['cervix_found'])} "
-                   f"(n={m['n_cervix']})  no_cervix called {f(m['no_cervix_called'])} (n={m['n_no_cervix']})")
+        typer.echo(f"{name:>14}: mAP {rate_text(m['map'])}  AP50 {rate_text(m['ap50'])}  AP75 {rate_text(m['ap75'])}  "
+                   f"top-1 recall@0.5 {rate_text(m['top1_recall50'])}  cervix found {rate_text(m['cervix_found'])} "
+                   f"(n={m['n_cervix']})  no_cervix called {rate_text(m['no_cervix_called'])} (n={m['n_no_cervix']})")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, training_output
+from pipelines.commands.common import _fail, _split_manifest, training_output
 
 
 def train_presence_cmd(
@@ -48,9 +48,7 @@ def train_presence_cmd(
     from pipelines.training.presence import PresenceTrainConfig, train_presence
 
     try:
-        df = load_manifest(manifest)
-        if "split" not in df.columns:
-            _fail(f"{manifest} has no split column: run `cervixqc split` first")
+        df = _split_manifest(manifest)
         for name in ("train", "val"):  # a blank split column was blamed on missing no_cervix photos (an audit)
             if not (df["split"] == name).any():
                 _fail(f"{manifest}: no row in the {name} split (the head trains on train and takes its threshold on "

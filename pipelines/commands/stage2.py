@@ -265,7 +265,7 @@ def report_cmd(
                                  f"are not its rows (e.g. {', '.join(strangers[:3])}): pass the manifest `cervixqc "
                                  "eval` was given")
             crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96,
-                                  allow_unboxed=True)
+                                  allow_unboxed=True, boxes_root=coco.parent)
             thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
         typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings)}")
     except (ValueError, OSError) as e:  # CocoError and pydantic's ValidationError are ValueErrors

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipelines.engine.crops import crop_boxes
-from pipelines.data.coco import size_problem
+from pipelines.data.coco import image_file, size_problem
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import Kind, path_key
 
@@ -70,9 +70,11 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
     box file's names start: such rows met no box, and every crop was dropped."""
     rows = manifest[manifest["kind"].isin(list(KIND_INDEX))]
     boxes_by_key = {path_key(p): b for p, b in boxes_by_path.items()}
+    # the file each box file's name stands for, as split --coco matches them (coco.image_file)
+    key_of_file = {image_file(boxes_root, key): key for key in boxes_by_key} if boxes_root is not None else {}
     crops, kinds, paths, patients, sources, wrong, unboxed = [], [], [], [], [], [], []
     for row in rows.itertuples(index=False):
-        key = _box_key(row.path, getattr(row, "abspath", None), boxes_root, boxes_by_key)
+        key = _box_key(row.path, getattr(row, "abspath", None), key_of_file, boxes_by_key)
         boxes = boxes_by_key.get(key) or []
         if not boxes:
             unboxed.append(row.path)
@@ -110,16 +112,16 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
     return CropSet(images, torch.tensor(kinds, dtype=torch.int64), paths, patients, sources, unboxed)
 
 
-def _box_key(path: str, abspath: str | None, root: Path | None, boxes_by_key: dict[str, list]) -> str:
-    """The name a photo has in the box file: its manifest path as spelt, or else the file it
-    names (`abspath`, or an absolute `path`) taken relative to the box file's folder `root`:
-    a manifest in another folder than its boxes (`split -o elsewhere/`) met none of them."""
+def _box_key(path: str, abspath: str | None, key_of_file: dict[str, str], boxes_by_key: dict[str, list]) -> str:
+    """The name a photo has in the box file: its manifest path as spelt, or else the name of
+    the file it names (`abspath`, or an absolute `path`) in `key_of_file` (the box file's names
+    by the file each stands for): a manifest in another folder than its boxes (`split -o
+    elsewhere/`) met none of them."""
     key = path_key(path)
     target = abspath or (path if os.path.isabs(path) else None)
-    if key in boxes_by_key or root is None or target is None:
+    if key in boxes_by_key or target is None:
         return key
-    relative = path_key(Path(os.path.relpath(os.path.abspath(target), os.path.abspath(root))).as_posix())
-    return relative if relative in boxes_by_key else key
+    return key_of_file.get(os.path.abspath(target), key)
 
 
 class CropDataset(Dataset):

@@ -339,14 +339,12 @@ class QCPipeline:
         with loading(weights / "presence.json"):
             self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
                                              if (weights / "presence.json").is_file() else (None, None))
-            in_role(self.pres_card, weights / "presence.json")
             self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
         with loading(weights / COLOUR_CARD):
             self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
                                              else (None, None))
-            in_role(self.colour_card, weights / COLOUR_CARD)
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")
