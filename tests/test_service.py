@@ -248,6 +248,27 @@ def test_64_concurrent_uploads_each_get_their_own_result_and_share_batches(serve
     assert _metric(text, "cervixqc_batch_size_sum") >= 64
 
 
+def test_the_load_benchmarks_clients_are_each_answered_and_its_engine_clock_counts_their_batches(server):
+    from tests.benchmarks import raw_http
+    from tests.benchmarks.service_load import _clients, engine_seconds
+
+    images = [(f"load{i}.jpg", _jpeg(100 + i)) for i in range(6)]
+    before = engine_seconds(server.url, API_KEY)
+    for kind in ("raw", "httpx"):  # 3 clients for 6 images: each connection carries two uploads
+        level = asyncio.run(_clients(server.url, API_KEY, images, 3, kind))
+        assert level["statuses"] == {200: 6} and level["images"] == 6, kind
+    assert engine_seconds(server.url, API_KEY) > before
+
+    async def refused() -> int:
+        conn = await raw_http.Connection.open(server.url)
+        try:
+            return await conn.send(raw_http.upload_requests(server.url, "not-a-key", images[:1])[0])
+        finally:
+            await conn.close()
+
+    assert asyncio.run(refused()) == 401
+
+
 def test_the_fuzz_set_over_http_gives_each_file_its_reason_and_never_a_500(server):
     cases = fuzz_set()
     with server.client() as c:
