@@ -103,16 +103,12 @@ def _check_box_photos(ds, coco: Path, df) -> None:
     """What training and eval would refuse in a box file: an image that is no file, or one
     whose recorded size is not the photo's (validate said ok to both, an audit). Images that
     are no row of the manifest are counted: a box file may cover a larger collection."""
-    import os
+    from pipelines.data.coco import CocoError, manifest_rows, photo_problems
 
-    from pipelines.data.coco import CocoError, image_file, missing_images, size_mismatches
-
-    problems = [f"{name}: no such file under {coco.parent}" for name in missing_images(ds, coco.parent)]
-    problems += size_mismatches(ds, coco.parent)
+    problems = photo_problems(ds, coco.parent)
     if problems:
         raise CocoError(str(coco), problems)
-    rows = {os.path.abspath(a) for a in df["abspath"]}
-    outside = sum(image_file(coco.parent, im.file_name) not in rows for im in ds.images)
+    outside = len(ds.images) - len(manifest_rows(ds, coco.parent, df["abspath"]))
     if outside:
         typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
 

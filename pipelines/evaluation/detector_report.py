@@ -3,7 +3,6 @@ a manifest is given, and a PNG gallery of predictions beside the ground truth.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from models.io import ModelCard
-from pipelines.data.coco import CocoDataset, image_file
+from pipelines.data.coco import CocoDataset, manifest_rows
 from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import on_disk
@@ -21,19 +20,12 @@ from pipelines.outputs import write_json
 
 
 def image_sources(coco: CocoDataset, root: Path, manifest: pd.DataFrame) -> dict[int, str]:
-    """Each image's source, from the manifest row (`load_manifest`) naming the same file (the
-    box file's names taken from `root`). Matched by name as spelt, a split written into another
-    folder matched no image and the per-source figures were dropped, unsaid; a manifest of
-    another collection matched 13 of 40 by name, other files (an audit). So every image must be
-    a row."""
-    source_of = {os.path.abspath(a): s for a, s in zip(manifest["abspath"], manifest["source"])}
-    out, missing = {}, []
-    for im in coco.images:
-        source = source_of.get(image_file(root, im.file_name))
-        if source is None:
-            missing.append(im.file_name)
-        else:
-            out[im.id] = source
+    """Each image's source, from the manifest row (`load_manifest`) naming the same file
+    (`manifest_rows`). Every image must be a row: one left out dropped from the per-source
+    figures, unsaid."""
+    rows = manifest_rows(coco, root, manifest["abspath"])
+    out = {image_id: manifest["source"].iat[row] for image_id, row in rows.items()}
+    missing = [im.file_name for im in coco.images if im.id not in rows]
     if missing:
         raise ValueError(f"--manifest: {len(missing)} of the box file's {len(coco.images)} images are not its rows "
                          f"(e.g. {missing[:3]}); the per-source figures would leave them out: pass the manifest "
