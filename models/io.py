@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,16 @@ def load_card(card_path: str | Path) -> ModelCard:
     return card
 
 
-def verified_card(card_path: str | Path) -> ModelCard:
-    """The card, once its weights file is there and has the card's sha256: what an engine
-    that runs an export of the weights (not the weights) still checks, so a tampered or
-    truncated file is refused whichever runtime reads it."""
+def verified_card(card_path: str | Path, names: Sequence[str] = ()) -> ModelCard:
+    """The card, once it is of one of `names` (any, when empty) and its weights file is there
+    and has the card's sha256: what an engine that runs an export of the weights (not the
+    weights) still checks, so a tampered or truncated file is refused whichever runtime reads
+    it. Another model's card read as this one's config was a TypeError traceback, or ran as
+    the wrong model."""
     card_path = Path(card_path)
     card = load_card(card_path)
+    if names and card.name not in names:
+        raise UnreadableCard(f"{card_path}: the card of a {card.name!r} model, not of a {' or '.join(names)}")
     weights = card_path.parent / card.weights_file
     if not weights.is_file():
         raise WeightsIntegrityError(f"{card_path}: weights file {weights.name!r} is missing")
@@ -159,10 +164,11 @@ def verified_card(card_path: str | Path) -> ModelCard:
     return card
 
 
-def load_weights(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelCard]:
-    """The state dict and its card, after checking the file's sha256 against the card.
-    Tensors stored in half precision (float16/bfloat16) come back as float32."""
-    card = verified_card(card_path)
+def load_weights(card_path: str | Path, device: str | torch.device = "cpu", names: Sequence[str] = ()
+                 ) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """The state dict and its `verified_card`. Tensors stored in half precision
+    (float16/bfloat16) come back as float32."""
+    card = verified_card(card_path, names)
     weights = Path(card_path).parent / card.weights_file
     try:
         state = load_file(str(weights), device=str(device))

@@ -102,3 +102,23 @@ def test_a_card_without_a_sha256_is_refused(tmp_path):
     card_path.write_text(card_path.read_text().replace(ModelCard.model_validate_json(card_path.read_text()).sha256, ""))
     with pytest.raises(WeightsIntegrityError, match="no sha256"):
         load_weights(card_path)
+
+
+def test_each_loader_refuses_another_models_card_before_reading_its_weights(tmp_path):
+    """The colour, presence and stage-2 loaders checked the card's name after reading the
+    weights, each its own way (a training start from a detector card did not check at all)."""
+    from pipelines.engine.detector import load_detector
+    from pipelines.engine.presence import load_presence
+    from pipelines.engine.stage2 import load_colour, load_stage2
+
+    save_weights({"w": torch.ones(3)}, tmp_path / "x", ModelCard(name="deep_sad", architecture="lenet"))
+    (tmp_path / "x.safetensors").write_bytes(b"not read")  # read, this would be an integrity error
+    calls = {"a colour": lambda: load_colour(tmp_path / "x.json"),
+             "a detector": lambda: load_detector(tmp_path / "x.json"),
+             "a presence": lambda: load_presence(tmp_path / "x.json", ModelCard(name="detector", architecture="r")),
+             "a classifier": lambda: load_weights(tmp_path / "x.json", names=("classifier",))}
+    for words, call in calls.items():
+        with pytest.raises(ValueError, match=f"x.json: the card of a 'deep_sad' model, not of {words}"):
+            call()
+    with pytest.raises(WeightsIntegrityError, match="x.safetensors"):  # its own name: read, and refused
+        load_stage2(tmp_path / "x.json")

@@ -16,14 +16,12 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, UnreadableCard, load_weights
+from models.io import ModelCard, load_weights
 from pipelines.data.detection import CocoDetection, collate
 
 
 def load_detector(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    state, card = load_weights(card_path)
-    if card.name != "detector":  # a stage-2 card's config read as a detector's was a TypeError traceback
-        raise UnreadableCard(f"{card_path}: the card of a {card.name} model, not of a detector")
+    state, card = load_weights(card_path, names=("detector",))
     model = build_detector(DetectorConfig(**card.config))
     model.load_state_dict(state)
     return model.to(device).eval(), card

@@ -89,9 +89,7 @@ def other_detector(card_path: str | Path, card: ModelCard, detector_card: ModelC
 def load_presence(card_path: str | Path, detector_card: ModelCard,
                   device: str | torch.device = "cpu") -> tuple[PresenceHead, ModelCard]:
     """The presence head, refused unless it was trained on this very detector's features."""
-    state, card = load_weights(card_path)
-    if card.name != "presence":
-        raise ValueError(f"{card_path}: not a presence card (name {card.name!r})")
+    state, card = load_weights(card_path, names=("presence",))
     mismatch = other_detector(card_path, card, detector_card)
     if mismatch:
         raise ValueError(mismatch)

@@ -18,13 +18,11 @@ from pipelines.engine.presence import joint_histograms
 
 
 def load_stage2(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    state, card = load_weights(card_path)
+    state, card = load_weights(card_path, names=("deep_sad", "classifier"))
     if card.name == "deep_sad":
         model: nn.Module = DeepSAD(**card.config)
-    elif card.name == "classifier":
-        model = RegularityClassifier(ClassifierConfig(**card.config))
     else:
-        raise ValueError(f"{card_path}: not a stage-2 card (name {card.name!r})")
+        model = RegularityClassifier(ClassifierConfig(**card.config))
     model.load_state_dict(state)
     return model.to(device).eval(), card
 
@@ -52,9 +50,7 @@ def threshold_of(card: ModelCard) -> float:
 
 def load_colour(card_path: str | Path) -> tuple[CropColour, ModelCard]:
     """The crop-colour scorer; it always runs on torch on the CPU (a 512-input dot product)."""
-    state, card = load_weights(card_path)
-    if card.name != "colour":
-        raise ValueError(f"{card_path}: not a colour card (name {card.name!r})")
+    state, card = load_weights(card_path, names=("colour",))
     model = CropColour(CropColourConfig(**card.config))
     model.load_state_dict(state)
     return model.eval(), card

@@ -185,7 +185,7 @@ def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:
     (they are new layers). Returns what was loaded: "all" or "backbone body"."""
     from models.io import load_weights
 
-    state, card = load_weights(card_path)
+    state, card = load_weights(card_path, names=("detector",))
     theirs = {"fpn_channels": 256} | {k: v for k, v in card.config.items()
                                       if k not in ("score_thresh", "nms_thresh", "detections_per_img")}
     ours = {k: v for k, v in model_cfg.as_dict().items() if k in theirs}
