@@ -521,9 +521,10 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 5  # an older version refuses the file
 
 
-def test_a_delete_on_a_full_disk_deletes_the_job_and_leaves_its_rows_to_the_next_start(tmp_path):
+def test_a_delete_on_a_full_disk_deletes_the_job_and_purges_its_rows_once_there_is_room(tmp_path):
     """The status moved, then the purge met the full disk and the service answered 503 "nothing
-    changed, retry" for a job already gone (an audit): the delete stands, the rows wait."""
+    changed, retry" for a job already gone (an audit): the delete stands, the rows wait. They
+    waited for the next start, even after the disk had room again."""
     from tests.small_disk import fill, small_tmpfs
 
     with small_tmpfs(tmp_path / "state", "8m") as folder:
@@ -535,12 +536,43 @@ def test_a_delete_on_a_full_disk_deletes_the_job_and_leaves_its_rows_to_the_next
         fill(folder, leave=24 * 1024)  # the status fits, the purge does not
         assert store.delete(job.id) and store.get(job.id) is None
         assert _group_by(store.path, job.id) == {"regular": 1500}  # the purge did not fit
-        store.close()
         JobStore(store.path).close()  # started while still full: its purge waits again (a traceback stopped it)
+        store.purge_deferred()
         assert _group_by(store.path, job.id) == {"regular": 1500}
         (folder / "filler").unlink()
-        JobStore(store.path)
+        store.purge_deferred()
         assert _group_by(store.path, job.id) == {}
+        store.purge_deferred()  # nothing left to do
+
+
+def test_the_idle_job_runner_finishes_a_purge_the_full_disk_deferred(tmp_path):
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.small_disk import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "state", "8m") as folder:
+        store = JobStore(folder / "jobs.sqlite")
+        job = store.create("src", None, "resnest", folder / "jobs")
+        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
+        store.cancel(job.id)
+        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fill(folder, leave=24 * 1024)
+        assert store.delete(job.id) and _group_by(store.path, job.id) == {"regular": 1500}
+        runner = JobRunner(store, lambda *batch: pytest.fail("no job is queued"), EngineGate(), Metrics(),
+                           [tmp_path], tmp_path / "q", batch_size=2)
+        runner.start()
+        try:
+            time.sleep(1.5)
+            assert _group_by(store.path, job.id) == {"regular": 1500} and runner.alive()
+            (folder / "filler").unlink()
+            deadline = time.time() + 30
+            while _group_by(store.path, job.id) and time.time() < deadline:
+                time.sleep(0.2)
+            assert _group_by(store.path, job.id) == {}
+        finally:
+            runner.stop()
+            store.close()
 
 
 def test_a_delete_killed_after_the_items_finishes_the_counts_and_decisions_at_the_next_open(tmp_path):

@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.paths import inside
 
 log = logging.getLogger(__name__)
+PURGE_RETRY_S = 5.0
 RunJobBatch = Callable[[list[bytes | Path], list[str], str], list[QCResult]]
 
 
@@ -53,6 +54,7 @@ class JobRunner:
         # active, and deleted then, the exports wrote its folder back (`holds`)
         self._holding: str | None = None
         self._waiting: tuple[str, str] | None = None  # (job, why) while the store turns the job away
+        self._next_purge = 0.0  # monotonic time of the next try at the purges the store deferred
 
     def start(self) -> None:
         self._thread.start()
@@ -101,6 +103,9 @@ class JobRunner:
     def _step(self) -> None:
         job = self.store.next_active()
         if job is None:
+            if time.monotonic() >= self._next_purge:  # a failing purge every 5 s at most, not every 1
+                self._next_purge = time.monotonic() + PURGE_RETRY_S
+                self.store.purge_deferred()
             self._wake.wait(1.0)
             self._wake.clear()
             return

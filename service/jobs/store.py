@@ -209,6 +209,7 @@ class JobStore:
         if damage is not None:
             raise StoreDamaged(damage)
         self._local = threading.local()
+        self._deferred: set[str] = set()  # deleted jobs whose rows a full disk or a lock kept (`purge_deferred`)
         db = self._db(create=True)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -358,8 +359,8 @@ class JobStore:
         decisions gone; False when it is queued or running. A site running for years had no
         way to let a job go: jobs.sqlite grew by every job's rows. The status moves first, in
         a transaction of its own: every read passes the job by from then on. A purge the disk
-        or a lock stops is left to the next start, and the job is deleted all the same: it
-        answered 503 "nothing changed, retry" while the job was gone, its results folder kept
+        or a lock stops is tried again (`purge_deferred`), and the job is deleted all the same:
+        it answered 503 "nothing changed, retry" while the job was gone, its results folder kept
         and its rows purged only at the restart (an audit, a full state disk)."""
         if self._db().execute(f"UPDATE jobs SET status = ? WHERE id = ? AND status IN {FINAL}",
                               (DELETED, job_id)).rowcount != 1:
@@ -368,12 +369,24 @@ class JobStore:
         return True
 
     def _purge_or_defer(self, job_id: str) -> None:
-        """A deleted job's rows purged, or left to the next start where a full disk or a lock
-        stops it: a start on a disk still full failed in a traceback (an audit)."""
+        """A deleted job's rows purged, or deferred where a full disk or a lock stops it: a
+        start on a disk still full failed in a traceback (an audit)."""
         try:
             self.purge(job_id)
         except sqlite3.OperationalError as e:
-            log.warning("job %s deleted; its rows are purged at a later start (%s)", job_id, e)
+            if job_id not in self._deferred:
+                log.warning("job %s deleted; its rows are purged once the job store takes writes again (%s)",
+                            job_id, e)
+            self._deferred.add(job_id)
+        else:
+            self._deferred.discard(job_id)
+
+    def purge_deferred(self) -> None:
+        """The purges a full disk or a lock deferred, tried again (the job runner calls this
+        while idle). They waited for the next start: a site that freed its disk kept a deleted
+        job's rows, up to 10^6 of them, until someone restarted the service."""
+        for job_id in list(self._deferred):
+            self._purge_or_defer(job_id)
 
     def purge(self, job_id: str, chunk: int = 10_000) -> None:
         """A deleted job's rows, `chunk` at a time: in one transaction 10^5 rows held the write
