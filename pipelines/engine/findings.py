@@ -29,6 +29,13 @@ folder's findings card (`cervixqc calibrate-findings` picks them on degraded rea
   batches, 2-core CPU). The ratio turns back once blur has erased
   both scales and only noise is left (a photo blurred beyond recognition read as sharp), so
   the score is the larger of it and the first version less 0.9, which keeps rising with blur.
+  Edge width for the generator's photos (2026-12-03; crops captured from `calibrate-findings`,
+  real train + val and a second synthetic set, seed 7): log10 of the luma's 1-99% range over
+  its 99th-percentile gradient reads synthetic AUC 0.930 (this score 0.913) but real 0.919
+  (0.966) and recall 0.53 (0.79); per 3x3 block 0.907 / 0.936; added to this score at 0.5-2x,
+  synthetic 0.922-0.931 while left-out AnnoCerv's false flags rise from 2.0% to 3.6-5.6%.
+  None kept: the generator's smooth tissue, and the camera blur it puts on 10-30% of its
+  photos on purpose, bound any of them there.
 - dark: 1 - the median luma (0..1). A dark corner of the frame does not move it.
 - overexposed: the median luma (0..1): washed-out tissue loses the colour and texture the
   classifier reads. (The share of clipped pixels was the first choice; pink tissue at three
