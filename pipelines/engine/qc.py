@@ -607,8 +607,7 @@ class QCPipeline:
     def run(self, items: Sequence[Input], names: Sequence[str] | None = None,
             policy: Policy | None = None) -> list[QCResult]:
         _check_batch(items, names)
-        if self.closed:
-            raise RuntimeError("this QCPipeline was closed; make a new one")
+        self._check_open()
         return self._run_decoded(items, names, *self._timed_decode(items), policy)
 
     def run_stream(self, batches: Iterable[tuple[Sequence[Input], Sequence[str] | None]],
@@ -617,8 +616,7 @@ class QCPipeline:
         while batch n is on the models. One batch ahead at most, so memory holds two batches
         of decoded images, whatever the stream's length. Without `decode_ahead` it is plain
         `run` per batch."""
-        if self.closed:
-            raise RuntimeError("this QCPipeline was closed; make a new one")
+        self._check_open()
         ahead_on = self.cfg.decode_ahead if self.cfg.decode_ahead is not None else self.device.type == "cuda"
         if not ahead_on:
             for items, names in batches:
@@ -634,6 +632,10 @@ class QCPipeline:
                 pending = ahead.submit(self._timed_decode, following[0]) if following is not None else None
                 yield self._run_decoded(current[0], current[1], decoded, ms, policy)
                 current = following
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this QCPipeline was closed; make a new one")
 
     def _timed_decode(self, items: Sequence[Input]) -> tuple[list[Decoded | DecodeError], float]:
         t0 = time.perf_counter()
