@@ -521,19 +521,28 @@ def test_a_deleted_job_leaves_no_rows_and_a_purge_cut_short_is_finished_at_the_n
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 5  # an older version refuses the file
 
 
+def _a_finished_job_on_a_full_disk(folder: Path) -> tuple[JobStore, object]:
+    """A cancelled job of 1,500 rows in a store whose disk has room left for its status to
+    change, not for the purge of its rows."""
+    from tests.small_disk import fill
+
+    store = JobStore(folder / "jobs.sqlite")
+    job = store.create("src", None, "resnest", folder / "jobs")
+    store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
+    store.cancel(job.id)
+    store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    fill(folder, leave=24 * 1024)
+    return store, job
+
+
 def test_a_delete_on_a_full_disk_deletes_the_job_and_purges_its_rows_once_there_is_room(tmp_path):
     """The status moved, then the purge met the full disk and the service answered 503 "nothing
     changed, retry" for a job already gone (an audit): the delete stands, the rows wait. They
     waited for the next start, even after the disk had room again."""
-    from tests.small_disk import fill, small_tmpfs
+    from tests.small_disk import small_tmpfs
 
     with small_tmpfs(tmp_path / "state", "8m") as folder:
-        store = JobStore(folder / "jobs.sqlite")
-        job = store.create("src", None, "resnest", folder / "jobs")
-        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
-        store.cancel(job.id)
-        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        fill(folder, leave=24 * 1024)  # the status fits, the purge does not
+        store, job = _a_finished_job_on_a_full_disk(folder)
         assert store.delete(job.id) and store.get(job.id) is None
         assert _group_by(store.path, job.id) == {"regular": 1500}  # the purge did not fit
         JobStore(store.path).close()  # started while still full: its purge waits again (a traceback stopped it)
@@ -549,15 +558,10 @@ def test_the_idle_job_runner_finishes_a_purge_the_full_disk_deferred(tmp_path):
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
-    from tests.small_disk import fill, small_tmpfs
+    from tests.small_disk import small_tmpfs
 
     with small_tmpfs(tmp_path / "state", "8m") as folder:
-        store = JobStore(folder / "jobs.sqlite")
-        job = store.create("src", None, "resnest", folder / "jobs")
-        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(1500)])
-        store.cancel(job.id)
-        store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        fill(folder, leave=24 * 1024)
+        store, job = _a_finished_job_on_a_full_disk(folder)
         assert store.delete(job.id) and _group_by(store.path, job.id) == {"regular": 1500}
         runner = JobRunner(store, lambda *batch: pytest.fail("no job is queued"), EngineGate(), Metrics(),
                            [tmp_path], tmp_path / "q", batch_size=2)
