@@ -6,7 +6,6 @@ folder) and checks that it loads every bundled model and labels photos with them
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -21,16 +20,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.qc_fixtures import jpeg_bytes
 from tests.uvicorn_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(420)
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +77,8 @@ def test_make_serve_labels_photos_with_the_bundled_weights(served):
     rng = np.random.default_rng(0)
     grey = np.full((480, 640, 3), 128, np.uint8)
     noise = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    files = [("files", ("grey.jpg", _jpeg(grey), "image/jpeg")), ("files", ("noise.jpg", _jpeg(noise), "image/jpeg")),
+    files = [("files", ("grey.jpg", jpeg_bytes(Image.fromarray(grey)), "image/jpeg")),
+             ("files", ("noise.jpg", jpeg_bytes(Image.fromarray(noise)), "image/jpeg")),
              ("files", ("broken.jpg", b"\xff\xd8 not a photo", "image/jpeg"))]
     r = served.post("/v1/qc", files=files)
     assert r.status_code == 200, r.text

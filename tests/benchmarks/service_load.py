@@ -103,10 +103,15 @@ async def _clients(url: str, key: str, images: list[tuple[str, bytes]], clients:
             await timed(send, queue.get_nowait())
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=600, limits=limits) as http:
+    http = None if kind == "raw" else httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=600,
+                                                        limits=limits)
+    try:
         t = time.perf_counter()
-        await asyncio.gather(*(raw_client() if kind == "raw" else httpx_client(http) for _ in range(clients)))
+        await asyncio.gather(*(raw_client() if http is None else httpx_client(http) for _ in range(clients)))
         took = time.perf_counter() - t
+    finally:
+        if http is not None:
+            await http.aclose()
     lat = np.array(latencies) * 1000
     return {"clients": clients, "images": len(images), "seconds": round(took, 2),
             "images_per_s": round(len(images) / took, 2), "p50_ms": round(float(np.percentile(lat, 50)), 1),
