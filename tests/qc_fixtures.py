@@ -22,7 +22,7 @@ from pipelines.engine.presence import detect_with_features
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
                  presence_threshold: float | None = None, findings: dict[str, float] | None = None,
                  colour_threshold: float | None = None, colour_spread: float = 0.0,
-                 sad_threshold: float = 1.0, cls_threshold: float = 0.5) -> Path:
+                 sad_threshold: float = 1.0, cls_threshold: float = 0.5, detector_size: int = 96) -> Path:
     """Untrained models at tiny sizes; a presence head (stage 0) only when its threshold is given
     (its weights are zero, so every photo scores 0 against that threshold); a findings card
     only when its thresholds are given; a crop-colour scorer only when its threshold is given
@@ -32,17 +32,19 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
     The untrained stage-2 networks say yes to every crop at the default thresholds (Deep SAD
     distances 1.1-1.2 against 1.0, classifier probabilities 0.5008-0.5021 against 0.5): a test
     of a rule that combines them raises `sad_threshold` or `cls_threshold` (say 100 or 0.99)
-    so that one of them says no, or every policy gives the same label."""
+    so that one of them says no, or every policy gives the same label. `detector_size`: the
+    detector's input side (min and max)."""
     if findings is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "findings.json").write_text(FindingsCard(thresholds=findings,
                                                            scores_version=SCORES_VERSION).model_dump_json())
     torch.manual_seed(0)
-    det_cfg = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, score_thresh=score_thresh)
+    det_cfg = DetectorConfig(backbone="resnet18", min_size=detector_size, max_size=detector_size,
+                             score_thresh=score_thresh)
     detector = build_detector(det_cfg)
     det_card = save_weights(detector.state_dict(), folder / "detector",
                             ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
-                                      input_size=[96, 96], classes=["cervix"], thresholds={"score": detector_threshold}))
+                                      input_size=[detector_size] * 2, classes=["cervix"], thresholds={"score": detector_threshold}))
     if presence_threshold is not None:
         _, feats = detect_with_features(detector.eval(), [torch.rand(3, 60, 80)], torch.device("cpu"))
         cfg = PresenceConfig(feature_dim=feats.shape[1])

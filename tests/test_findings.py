@@ -381,18 +381,37 @@ def test_the_sliced_laplacian_equals_the_convolution():
 
 
 def test_the_engine_crops_findings_from_the_detector_input_as_from_the_decoded_photo(tmp_path, photos):
-    """The findings' crop comes from the detector's normalized input; undone, it must read as
-    the same box of the decoded photo does."""
-    from pipelines.engine.crops import resized_crops
+    """The findings' crop comes from the detector's normalized input where the box is at least
+    the crop's size there (the whole 256 px frame at a 160 px input: no box clears a threshold
+    over 1); undone, it must read as the same box of the decoded photo does."""
+    from pipelines.engine.crops import resized_crops, whole_frames
     from pipelines.engine.decode import decode
 
-    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0, findings=PASS_ALL))  # always a box
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=1.01, findings=PASS_ALL, detector_size=160))
     for path, result in zip(sorted(photos.iterdir()), qc.run(sorted(photos.iterdir()))):
-        decoded = decode(path.read_bytes(), qc.cfg.limits, None)
-        box = torch.tensor([result.cervix_box])
-        direct = finding_scores(resized_crops([decoded.image.float() / 255], box, 128, qc.cfg.crop_margin))
+        image = decode(path.read_bytes(), qc.cfg.limits, None).image.float() / 255
+        direct = finding_scores(resized_crops([image], whole_frames([image]), 128, qc.cfg.crop_margin))
         for name in ("dark", "overexposed", "glare"):
             assert result.findings[name].score == pytest.approx(float(direct[name][0]), abs=0.01), (path.name, name)
+
+
+def test_a_box_smaller_than_the_findings_crop_in_the_detector_input_is_cropped_from_the_decoded_photo(tmp_path):
+    """Upsampled from the detector's input (96 px here, 320 in the bundled weights, where the
+    generator's small cervixes sit), a crop had lost the fine detail the blur score reads and a
+    sharp photo read as blurred; the decoded photo still has that detail."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipelines.engine.crops import resized_crops, whole_frames
+
+    photo = _tissue(8, side=512)
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=1.01, findings=PASS_ALL))  # the whole frame
+    result = qc.run([photo])[0]
+    image = torch.from_numpy(photo).permute(2, 0, 1).float() / 255
+    direct = float(finding_scores(resized_crops([image], whole_frames([image]), 128))["blur"][0])
+    small = TF.resize(image, [96, 96], antialias=True)
+    upsampled = float(finding_scores(resized_crops([small], whole_frames([small]), 128))["blur"][0])
+    assert result.findings["blur"].score == pytest.approx(direct, abs=1e-3)
+    assert upsampled > direct + 0.3, "the detector's input would not have read blurrier: the test shows nothing"
 
 
 def test_a_photo_stage0_calls_no_cervix_gets_findings_of_the_whole_frame_despite_a_confident_box(tmp_path):

@@ -1,7 +1,8 @@
 """Image-quality findings on the cervix crop: blur, dark, overexposed, glare.
 
 Measured on a 128 px crop of the cervix box (the whole photo when there is no cervix), taken
-from the detector's own input (long side 320, antialiased; `QCPipeline._crop_for_findings`):
+from the detector's own input (long side 320, antialiased), or from the decoded photo where
+the box is smaller than the crop in that input (`QCPipeline._crop_for_findings`):
 a sharp speculum around a blurred cervix is a blurred cervix, and a bright lamp reflection
 on the speculum is not glare on the transformation zone. Each score is a plain
 image statistic, so a reader can check it by hand; the thresholds come from the weights
