@@ -89,6 +89,19 @@ def test_dark_and_overexposed_scores_follow_the_exposure():
     assert s["overexposed"][2] > s["overexposed"][0] + 0.2
 
 
+def test_overexposure_is_read_on_the_lit_frame_so_a_black_surround_does_not_hide_it():
+    """An overexposed photo that stage 0 calls no_cervix is judged whole, and a colposcope's
+    black surround filled most of its frame: the median over every pixel read it as normal."""
+    rng = np.random.default_rng(0)
+    bright = degradations.overexposed(_tissue(1), rng)
+    framed = np.zeros_like(bright)
+    framed[64:192, 64:192] = bright[64:192, 64:192]  # a quarter of the frame is tissue, the rest black
+    s = _scores([bright, framed, np.zeros_like(bright)])
+    assert s["overexposed"][1] == pytest.approx(s["overexposed"][0], abs=0.05)
+    assert s["dark"][1] > 0.9, "dark still reads the whole frame: a black photo is dark"
+    assert s["overexposed"][2] == 0.0 and s["dark"][2] == 1.0, "an all-black frame is dark, not a missing score"
+
+
 def test_glare_score_is_the_share_of_the_crop_under_highlights():
     photo = _tissue(2)
     white = photo.copy()
