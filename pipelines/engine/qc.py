@@ -556,12 +556,12 @@ class QCPipeline:
 
         A box under the crop's size in that input (with its margin) is cropped from the
         decoded photo instead: upsampled from the input, the crop had lost the finest detail,
-        which the blur score reads, and a sharp small cervix read as blurred. No real photo of
-        the calibration has such a box (the smallest real validation box is about 250 px at
-        320), but 57% of the generator's `teaching` scenes do (median 122 px): their blur AUC
-        rose from 0.913 to 0.937 on a second synthetic set (seed 7), the real calibration's
-        figures the same within 0.003; the findings' time per photo unchanged within the noise
-        (alternating rounds, 2026-12-03)."""
+        which the blur score reads, and a sharp small cervix read as blurred. None of the 110
+        real validation photos with a box has such a box (the smallest is about 250 px at 320;
+        a few degraded calibration copies do), but 57% of the generator's `teaching` scenes
+        with a box do (median 122 px): their blur AUC rose from 0.913 to 0.937 on a second
+        synthetic set (seed 7), the real calibration's figures the same within 0.003; the
+        findings' time per photo unchanged within the noise (alternating rounds, 2026-12-03)."""
         t = time.perf_counter()
         mean = torch.tensor(self.detector.transform.image_mean, device=detector_input.tensors.device)[:, None, None]
         std = torch.tensor(self.detector.transform.image_std, device=detector_input.tensors.device)[:, None, None]
