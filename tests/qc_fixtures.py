@@ -44,7 +44,8 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
     detector = build_detector(det_cfg)
     det_card = save_weights(detector.state_dict(), folder / "detector",
                             ModelCard(name="detector", architecture="retinanet_resnet18_fpn", config=det_cfg.as_dict(),
-                                      input_size=[detector_size] * 2, classes=["cervix"], thresholds={"score": detector_threshold}))
+                                      input_size=[detector_size] * 2, classes=["cervix"],
+                                      thresholds={"score": detector_threshold}))
     if presence_threshold is not None:
         _, feats = detect_with_features(detector.eval(), [torch.rand(3, 60, 80)], torch.device("cpu"))
         cfg = PresenceConfig(feature_dim=feats.shape[1])
