@@ -35,12 +35,14 @@ folder's findings card (`cervixqc calibrate-findings` picks them on degraded rea
   its 99th-percentile gradient reads synthetic AUC 0.930 (this score 0.913) but real 0.919
   (0.966) and recall 0.53 (0.79); per 3x3 block 0.907 / 0.936; added to this score at 0.5-2x,
   synthetic 0.922-0.931 while left-out AnnoCerv's false flags rise from 2.0% to 3.6-5.6%.
-  None kept: the generator's smooth tissue, and the camera blur it puts on 10-30% of its
-  photos on purpose, bound any of them there.
+  None kept. What bounds the generator's figure is its rendering: it draws on a 320 px canvas
+  and upsamples it bilinearly, so a 640 px synthetic photo has no finest octave at all, which
+  the score reads correctly (the same scenes at 320 px: AUC 0.950-0.953; README, "Quality
+  findings and duplicates").
 - dark: 1 - the median luma (0..1). A dark corner of the frame does not move it.
-- overexposed: the median luma (0..1): washed-out tissue loses the colour and texture the
-  classifier reads. (The share of clipped pixels was the first choice; pink tissue at three
-  times its exposure clips its red channel only, and read as 0.6% clipped.) The median plus
+- overexposed: the median luma (0..1) of the lit cells (below): washed-out tissue loses the
+  colour and texture the classifier reads. (The share of clipped pixels was the first choice;
+  pink tissue at three times its exposure clips its red channel only, and read as 0.6% clipped.) The median plus
   w times the share whose brightest channel is >= 0.97 (red-only clipping counted) was tried
   on 2026-12-03 for the generator's photos, where the median reads AUC 0.915 (a second
   synthetic set, seed 7, not the judged one): w 0.25 / 0.5 / 1 read there 0.947 / 0.958 /

@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
 from models.io import ModelCard, WeightsIntegrityError, verified_card
-from pipelines.engine.crops import crop_boxes, resized_crops, whole_frames
+from pipelines.engine.crops import crop_boxes, expand_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, as_result, check_size, decode,
                                      read_file)
 from pipelines.engine.decode_device import decode_on_device
@@ -554,14 +554,15 @@ class QCPipeline:
         (`cervixqc calibrate-findings` runs the engine). A photo that stage 0 turns to
         no_cervix despite a confident box is cropped again later, whole.
 
-        A box under the crop's size in that input (with its margin) is cropped from the
-        decoded photo instead: upsampled from the input, the crop had lost the finest detail,
-        which the blur score reads, and a sharp small cervix read as blurred. None of the 110
-        real validation photos with a box has such a box (the smallest is about 250 px at 320;
-        a few degraded calibration copies do), but 57% of the generator's `teaching` scenes
-        with a box do (median 122 px): their blur AUC rose from 0.913 to 0.937 on a second
-        synthetic set (seed 7), the real calibration's figures the same within 0.003; the
-        findings' time per photo unchanged within the noise (alternating rounds, 2026-12-03)."""
+        A box under the crop's size in that input (the region `resized_crops` reads: widened by
+        the margin, clipped to the frame) is cropped from the decoded photo instead: upsampled
+        from the input, the crop had lost the finest detail, which the blur score reads, and a
+        sharp small cervix read as blurred. None of the 110 real validation photos with a box
+        has such a box (the smallest is about 250 px at 320; a few degraded calibration copies
+        do), but 57% of the generator's `teaching` scenes with a box do (median 122 px): their
+        blur AUC rose from 0.913 to 0.937 on a second synthetic set (seed 7), the real
+        calibration's figures the same within 0.003; the findings' time per photo unchanged
+        within the noise (alternating rounds, 2026-12-03)."""
         t = time.perf_counter()
         mean = torch.tensor(self.detector.transform.image_mean, device=detector_input.tensors.device)[:, None, None]
         std = torch.tensor(self.detector.transform.image_std, device=detector_input.tensors.device)[:, None, None]
@@ -571,7 +572,8 @@ class QCPipeline:
         for k, (im, box) in enumerate(zip(floats, boxes)):
             h, w = detector_input.image_sizes[k]
             scaled = box * torch.tensor([w / im.shape[-1], h / im.shape[-2]] * 2)
-            if float((scaled[2:] - scaled[:2]).max()) * (1 + 2 * margin) >= FINDINGS_CROP:
+            region = expand_boxes(scaled[None], margin, w, h)[0]
+            if float((region[2:] - region[:2]).max()) >= FINDINGS_CROP:
                 inputs[k] = (detector_input.tensors[k, :, :h, :w], scaled)
             else:
                 photos[k] = (im, box.to(im.device))
