@@ -15,12 +15,10 @@ import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, Field
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from models.durable import flush_file, flush_folder
 
@@ -74,10 +72,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are read or written, not with this module: every `cervixqc`
+# command imports it for the error class and the card, and `cervixqc --version`, `-h` or
+# `split` took 4.5-5.5 s on the 2-core machine, 3 s of it torch's import (now under 1 s)
+_STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _stored(v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    import torch
+
     v = v.detach().contiguous().cpu()
     if dtype is None or not v.is_floating_point() or v.dtype == dtype:
         return v
@@ -94,12 +100,15 @@ def save_weights(state: dict[str, torch.Tensor], stem: str | Path, card: ModelCa
     `dtype` ("float16", "bfloat16", "float32" or a torch dtype) stores the floating tensors in
     that dtype (halves the file for float16); integer buffers are kept. The card records it as
     `storage_dtype` and `load_weights` up-casts back to float32."""
+    import torch
+    from safetensors.torch import save_file
+
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(dtype, str):
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"storage dtype {dtype!r}: expected one of {sorted(_STORAGE_DTYPES)}")
-        dtype = _STORAGE_DTYPES[dtype]
+        dtype = getattr(torch, dtype)
     weights = stem.with_suffix(".safetensors")
     tmp = weights.with_name(weights.name + ".tmp")
     try:
@@ -168,6 +177,9 @@ def load_weights(card_path: str | Path, device: str | torch.device = "cpu", name
                  ) -> tuple[dict[str, torch.Tensor], ModelCard]:
     """The state dict and its `verified_card`. Tensors stored in half precision
     (float16/bfloat16) come back as float32."""
+    import torch
+    from safetensors.torch import load_file
+
     card = verified_card(card_path, names)
     weights = Path(card_path).parent / card.weights_file
     try:

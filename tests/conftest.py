@@ -17,8 +17,15 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Engines started by the tests, in process or as services, convert models into a folder
-    of this session's: the first engine on the bundled weights pays the conversion."""
-    folder = tmp_path_factory.mktemp("openvino-cache")
+    of this session's: the first engine on the bundled weights pays the conversion. One folder
+    for both xdist workers (their base folders' parent): each worker converted the bundled and
+    the seeded tiny weights again, 10-20 s of both cores a time. The cache's own work folders
+    and renames make two converting processes safe (`openvino_runtime.converted`)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "openvino-cache"
+    folder.mkdir(exist_ok=True)
     os.environ["CERVIXQC_CACHE"] = str(folder)
     return folder
 

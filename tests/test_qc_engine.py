@@ -208,18 +208,19 @@ def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_ch
         p = tmp_path / f"img{i}.jpg"
         p.write_bytes(cases["ok.jpg"][0])
         paths.append(p)
-    r = bench(always_cervix, paths, batch_size=4, modes=(("torch", "auto", False), ("openvino", "f32", True)))
-    torch_run, ov_run = r["batched"]
-    assert r["naive"]["images"] == torch_run["images"] == ov_run["images"] == 4
-    assert ov_run["speedup_vs_naive"] == pytest.approx(ov_run["images_per_s"] / r["naive"]["images_per_s"])
-    assert r["naive"]["peak_rss_mb"] > 0 and set(ov_run["stage_seconds"]) >= {"decode", "detect"}
-    assert torch_run["runtimes"]["detector"] == "torch" and ov_run["runtimes"]["detector"].startswith("openvino f32")
-    assert torch_run["labels_differing_from_first_batched"]["count"] == 0
-    assert isinstance(ov_run["labels_differing_from_first_batched"]["count"], int)
-    # findings' flags too: a runtime that moves a blur score across its threshold moves a
-    # photo into a quarantine folder, its label unchanged
-    assert torch_run["findings_differing_from_first_batched"]["count"] == 0
-    assert isinstance(ov_run["findings_differing_from_first_batched"]["count"], int)
+    # torch twice, the second decoding ahead: an OpenVINO mode cost a conversion (20 s of the
+    # suite) for runtime names that tests/test_exported_runtime.py pins down already
+    r = bench(always_cervix, paths, batch_size=4, modes=(("torch", "auto", False), ("torch", "auto", True)))
+    torch_run, ahead_run = r["batched"]
+    assert r["naive"]["images"] == torch_run["images"] == ahead_run["images"] == 4
+    assert ahead_run["speedup_vs_naive"] == pytest.approx(ahead_run["images_per_s"] / r["naive"]["images_per_s"])
+    assert r["naive"]["peak_rss_mb"] > 0 and set(ahead_run["stage_seconds"]) >= {"decode", "detect"}
+    assert torch_run["runtimes"]["detector"] == ahead_run["runtimes"]["detector"] == "torch"
+    # decoding ahead changes when photos are read, never what they are labelled; findings' flags
+    # too (a score moved across its threshold moves a photo into a quarantine folder)
+    for run in (torch_run, ahead_run):
+        assert run["labels_differing_from_first_batched"]["count"] == 0
+        assert run["findings_differing_from_first_batched"]["count"] == 0
 
 
 def test_the_bench_counts_every_label_a_mode_changes():

@@ -41,25 +41,27 @@ def test_deep_sad_has_no_bias_and_no_affine_norm_anywhere():
 
 
 def test_labeled_anomalies_end_farther_from_c_than_normals_and_scores_vary():
+    """Untrained, the nearest anomaly sits at about the normals' median distance (ratio 0.96-1.05
+    over three seeds); 20 steps take it past 30x, so 5x tells training from chance."""
     torch.manual_seed(0)
-    normal = torch.rand(64, 3, 32, 32) * 0.3 + torch.tensor([0.6, 0.3, 0.3])[:, None, None]
-    anomal = torch.rand(16, 3, 32, 32) * 0.3 + torch.tensor([0.2, 0.6, 0.3])[:, None, None]
+    normal = torch.rand(32, 3, 32, 32) * 0.3 + torch.tensor([0.6, 0.3, 0.3])[:, None, None]
+    anomal = torch.rand(8, 3, 32, 32) * 0.3 + torch.tensor([0.2, 0.6, 0.3])[:, None, None]
     x = torch.cat([normal, anomal])
-    semi = torch.cat([torch.zeros(64, dtype=torch.long), -torch.ones(16, dtype=torch.long)])
+    semi = torch.cat([torch.zeros(32, dtype=torch.long), -torch.ones(8, dtype=torch.long)])
     net = DeepSAD()
     net.eval()
     with torch.no_grad():
         net.set_center(net(normal))
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=0.5e-6)
-    for _ in range(60):
+    for _ in range(20):
         opt.zero_grad()
         deep_sad_loss(net(x), net.c, semi).backward()
         opt.step()
     net.eval()
     with torch.no_grad():
         scores = net.score(x)
-    assert scores[64:].min() > scores[:64].median()
+    assert scores[32:].min() > 5 * scores[:32].median()
     assert scores.std() > 1e-3  # not one constant score
 
 
