@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import shutil
 import tempfile
@@ -23,7 +24,6 @@ from pipelines.engine.presence import detect_with_features
 
 
 _built: dict[tuple, tuple[Path, torch.Tensor]] = {}  # arguments -> (folder built, torch's generator after)
-_root: Path | None = None
 
 
 def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 0.0,
@@ -44,7 +44,7 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
 
     Built once per process for each set of arguments and copied after: a build took 1.0 s on
     the 2-core machine (initialising the networks, writing 109 MB with fsync), a copy 0.06 s,
-    and the suite asks for the same few folders about a hundred times. The copy holds the bytes
+    and most of the suite's 70-odd calls ask for the same few folders. The copy holds the bytes
     a build writes (seeded), and torch's global generator is left where a build leaves it: a
     build reseeds it, and tests draw from it after."""
     key = (detector_threshold, score_thresh, presence_threshold,
@@ -61,12 +61,11 @@ def tiny_weights(folder: Path, detector_threshold: float, score_thresh: float = 
     return folder
 
 
+@functools.cache
 def _cache_root() -> Path:
-    global _root
-    if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="cervixqc-tiny-weights-"))
-        atexit.register(shutil.rmtree, _root, ignore_errors=True)
-    return _root
+    root = Path(tempfile.mkdtemp(prefix="cervixqc-tiny-weights-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def _build(folder: Path, detector_threshold: float, score_thresh: float, presence_threshold: float | None,

@@ -217,10 +217,10 @@ def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_ch
     assert r["naive"]["peak_rss_mb"] > 0 and set(ahead_run["stage_seconds"]) >= {"decode", "detect"}
     assert torch_run["runtimes"]["detector"] == ahead_run["runtimes"]["detector"] == "torch"
     # decoding ahead changes when photos are read, never what they are labelled; findings' flags
-    # too (a score moved across its threshold moves a photo into a quarantine folder)
-    for run in (torch_run, ahead_run):
-        assert run["labels_differing_from_first_batched"]["count"] == 0
-        assert run["findings_differing_from_first_batched"]["count"] == 0
+    # too (a score moved across its threshold moves a photo into a quarantine folder). The first
+    # batched mode is the reference: its own counts are 0 by construction
+    assert ahead_run["labels_differing_from_first_batched"]["count"] == 0
+    assert ahead_run["findings_differing_from_first_batched"]["count"] == 0
 
 
 def test_the_bench_counts_every_label_a_mode_changes():
