@@ -159,7 +159,8 @@ def test_detect_writes_detector_boxes_as_coco_that_stage2_can_crop(boxes_set, tm
     assert len(crops) > 0 and crops.images.dtype == torch.uint8
 
 
-def test_training_can_start_from_our_own_detector_and_refuses_another_architecture(boxes_set, tmp_path):
+def test_training_can_start_from_our_own_detector_at_any_input_size_and_refuses_another_architecture(
+        boxes_set, tmp_path):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -173,6 +174,13 @@ def test_training_can_start_from_our_own_detector_and_refuses_another_architectu
     assert torch.equal(exported[conv], start.state_dict()[conv])
     assert load_card(second).training["init_from_sha256"] == load_card(first).sha256  # the start, by content
     assert load_card(second).training["init_scope"] == "all"
+    # another input size is the same network (anchors are made per input): every weight loads
+    smaller = DetectorConfig(backbone="resnet18", min_size=96, max_size=96, fpn_channels=128)
+    _, resized = train_detector(_cfg(boxes_set, tmp_path / "d", epochs=1, max_steps_per_epoch=1, lr=0.0,
+                                     init_from=first, model=smaller))
+    head = "head.classification_head.conv.0.0.weight"
+    assert torch.equal(load_file(str(resized.with_suffix(".safetensors")))[head], start.state_dict()[head])
+    assert load_card(resized).training["init_scope"] == "all" and load_card(resized).config["max_size"] == 96
     other = _cfg(boxes_set, tmp_path / "c", epochs=1, max_steps_per_epoch=1, init_from=first,
                  model=DetectorConfig(backbone="resnet34", min_size=128, max_size=128))
     with pytest.raises(ValueError, match="not a"):

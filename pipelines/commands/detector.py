@@ -30,7 +30,8 @@ def train_detector_cmd(
                                                              "(needs --extra-coco, and it needs this > 0).")] = 0.0,
     backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone state dict.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
-        help="A detector card of ours to start from (same architecture), e.g. one trained on synthetic data.")] = None,
+        help="A detector card of ours to start from (same architecture; its --size may differ), e.g. one "
+             "trained on synthetic data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
     fpn_channels: Annotated[int, typer.Option(

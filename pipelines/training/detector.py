@@ -182,12 +182,14 @@ def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:
     downloaded here, so a detector trained on the generator's scenes is the pretraining that
     real photos fine-tune (hSDB pretrains on synthetic data too). Same builder config only,
     except the FPN width: a narrower FPN and head start from the card's backbone body alone
-    (they are new layers). Returns what was loaded: "all" or "backbone body"."""
+    (they are new layers); and the input size: no weight depends on it (anchors are made for
+    each input), so a detector moves to another size as the classifier does (progressive
+    resizing). Returns what was loaded: "all" or "backbone body"."""
     from models.io import load_weights
 
     state, card = load_weights(card_path, names=("detector",))
-    theirs = {"fpn_channels": 256} | {k: v for k, v in card.config.items()
-                                      if k not in ("score_thresh", "nms_thresh", "detections_per_img")}
+    per_run = ("score_thresh", "nms_thresh", "detections_per_img", "min_size", "max_size")
+    theirs = {"fpn_channels": 256} | {k: v for k, v in card.config.items() if k not in per_run}
     ours = {k: v for k, v in model_cfg.as_dict().items() if k in theirs}
     if theirs == ours:
         model.load_state_dict(state)
