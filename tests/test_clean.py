@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet
 import pytest
 
-from pipelines.clean import clean
+from pipelines.clean import clean, no_cervix_alert
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, tiny_weights
@@ -103,6 +103,8 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "already done" in resumed.stdout
+    counts = pd.read_csv(reference / "results.csv", keep_default_na=False)["label"].value_counts().to_dict()
+    assert ("note: " in resumed.stderr) == (no_cervix_alert(counts) is not None)
     # off a terminal (cron, a log file) the progress is plain lines, not one bar frame at the end
     said = [line for line in resumed.stderr.splitlines() if line.startswith("clean: ")]
     assert said and said[-1].startswith(f"clean: {len(before)}/{len(before)} files (100.0%), "), resumed.stderr[-2000:]
@@ -623,3 +625,35 @@ def test_a_photo_given_as_the_source_is_named_as_one(collection):
     photo = next(p for p in sorted(collection.rglob("*.jpg")) if p.read_bytes()[:2] == b"\xff\xd8")
     with pytest.raises(ValueError, match="is a photo, not a folder or manifest: give its folder"):
         list_inputs(photo)
+
+
+def test_a_run_that_calls_a_quarter_of_its_readable_photos_no_cervix_says_so_and_no_fewer():
+    assert no_cervix_alert({"regular": 15, "no_cervix": 5}) is not None  # 5 of 20: a quarter
+    assert no_cervix_alert({"regular": 16, "no_cervix": 4, "unreadable": 30}) is None  # unreadable files do not count
+    assert no_cervix_alert({"regular": 14, "no_cervix": 5}) is None  # 19 readable: too few to say
+    assert no_cervix_alert({}) is None
+    alert = no_cervix_alert({"regular": 10, "non_regular": 5, "no_cervix": 10, "unreadable": 3})
+    assert alert is not None and alert.startswith("10 of 25 readable photos (40%) were called no_cervix")
+    assert "Site adaptation" in alert
+
+
+def test_clean_says_when_a_site_gets_most_photos_called_no_cervix(tmp_path):
+    """The bundled weights' first trial on another site's real photos called a third of its
+    cervixes no_cervix without a word; the labels stand, the user is told to look."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, presence_threshold=1.0)  # stage 0 says no to all
+    src = tmp_path / "site"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / f"{i:02d}.jpg")
+    r = CliRunner().invoke(app, ["clean", str(src), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                 "--runtime", "torch"])
+    assert r.exit_code == 0, r.output
+    assert "no_cervix 20" in r.output
+    assert "note: 20 of 20 readable photos (100%) were called no_cervix" in r.output

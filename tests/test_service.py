@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.clean import clean, list_inputs
+from pipelines.clean import clean, list_inputs, no_cervix_alert
 from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 from tests.service_server import API_KEY, HEADERS, start_server
@@ -574,6 +574,7 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
         job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
         assert job["status"] == "done" and job["processed"] == job["total"] == reference.total
         assert job["counts"] == reference.by_label and job["progress"] == 1.0
+        assert job["notes"] == [n for n in (no_cervix_alert(reference.by_label),) if n]
         csv_text = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "csv"}).text
         jsonl = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "jsonl"}).text.splitlines()
         listed = c.get("/v1/jobs").json()["jobs"]
