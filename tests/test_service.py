@@ -554,6 +554,26 @@ def _wait_job(client: httpx.Client, job_id: str, until, timeout: float = 240) ->
     raise AssertionError(f"job {job_id} stuck: {job}")
 
 
+def test_a_job_that_calls_most_photos_no_cervix_carries_a_note_and_keeps_the_labels(tmp_path):
+    """Stage 0 at a site it never saw calls its cervixes no_cervix (issue 13's first trial: a
+    third of them), and nothing said so; a job says so, as `clean` does."""
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, presence_threshold=1.0)  # stage 0 says no to all
+    src = tmp_path / "data" / "site"
+    src.mkdir(parents=True)
+    for i in range(20):
+        (src / f"{i:02d}.jpg").write_bytes(_jpeg(i, (64, 48)))
+    srv = start_server(tmp_path / "srv", weights, data_roots=tmp_path / "data")
+    try:
+        with srv.client() as c:
+            r = c.post("/v1/jobs", json={"source": "site"})
+            assert r.status_code == 202, r.text
+            job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
+    finally:
+        srv.kill()
+    assert job["status"] == "done" and job["counts"] == {"no_cervix": 20}
+    assert len(job["notes"]) == 1 and job["notes"][0].startswith("20 of 20 readable photos (100%) were called no_cervix")
+
+
 def _checksums(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
