@@ -91,18 +91,19 @@ NO_CERVIX_ALERT_SHARE = 0.25
 NO_CERVIX_ALERT_MIN_PHOTOS = 20
 
 
-def no_cervix_alert(by_label: Mapping[str, int]) -> str | None:
-    """A word for the user when a run calls a share of its readable photos no_cervix that a
-    screening collection rarely holds (None otherwise): the labels stand, but before a
-    quarantine of cervix photos is trusted someone should look at some of them."""
+def run_notes(by_label: Mapping[str, int]) -> list[str]:
+    """What a user should look at before trusting a run's labels, from its counts by label
+    (`clean` prints them, a job's status carries them): today one note, when the run calls a
+    share of its readable photos no_cervix that a screening collection rarely holds. The
+    labels stand either way."""
     judged = sum(n for label, n in by_label.items() if label != Label.UNREADABLE.value)
     n = by_label.get(Label.NO_CERVIX.value, 0)
     if judged < NO_CERVIX_ALERT_MIN_PHOTOS or n < NO_CERVIX_ALERT_SHARE * judged:
-        return None
-    return (f"{n} of {judged} readable photos ({n / judged:.0%}) were called no_cervix, far more than a screening "
+        return []
+    return [f"{n} of {judged} readable photos ({n / judged:.0%}) were called no_cervix, far more than a screening "
             "collection holds: stage 0 may not know this site's photos (close-ups, another camera or light). Look at "
             "some of them before trusting the label; if they show cervixes, fit a presence head on the site's own "
-            "labelled photos (README, \"Site adaptation\")")
+            "labelled photos (README, \"Site adaptation\")"]
 
 
 def _rows(rows: list[int]) -> str:

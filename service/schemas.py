@@ -85,8 +85,8 @@ class JobStatus(BaseModel):
     # why an active job does not move: the job store cannot be written (full, read-only, locked);
     # it goes on by itself once it can
     waiting: str | None = None
-    # what a user should look at before trusting the labels (`pipelines.clean.no_cervix_alert`:
-    # a share of no_cervix that a screening collection rarely holds); the labels stand
+    # what a user should look at before trusting the labels (`pipelines.clean.run_notes`: a
+    # share of no_cervix that a screening collection rarely holds); the labels stand
     notes: list[str] = []
 
 

@@ -175,7 +175,7 @@ def clean(
         _fail("--quarantine-findings needs --quarantine")
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
-    from pipelines.clean import ResultsFolderError, check_outputs, no_cervix_alert, refuse_folder_in_use
+    from pipelines.clean import ResultsFolderError, check_outputs, refuse_folder_in_use, run_notes
     from pipelines.clean_ray import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
 
     try:
@@ -211,9 +211,8 @@ def clean(
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
-    alert = no_cervix_alert(summary.by_label)
-    if alert:
-        typer.echo(f"note: {alert}", err=True)
+    for note in run_notes(summary.by_label):
+        typer.echo(f"note: {note}", err=True)
     if summary.by_label.get(Label.UNREADABLE.value, 0) == summary.total:  # as predict: nothing could be read
         typer.echo(f"not one of the {summary.total} files could be read as an image", err=True)
         raise typer.Exit(1)

@@ -17,7 +17,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from pipelines.clean import holds_files, list_inputs, no_cervix_alert
+from pipelines.clean import holds_files, list_inputs, run_notes
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
@@ -53,7 +53,7 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
                      results_url=f"/v1/jobs/{job.id}/results", retryable=retryable,
-                     waiting=state.runner.waiting(job.id), notes=[n for n in (no_cervix_alert(counts),) if n])
+                     waiting=state.runner.waiting(job.id), notes=run_notes(counts))
 
 
 def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:
