@@ -189,6 +189,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, qc.router, jobs.router, docs.router, auth_pages.router,
                    pages.router, review_pages.router):
         app.include_router(router)
+    generate_openapi = app.openapi  # FastAPI's, cached on the app after its first call
+
+    def openapi() -> dict:  # a request over either limit gets 413 (routes/qc.py)
+        return qc.document_upload_limit(generate_openapi(), min(settings.max_files_per_request, settings.max_queue))
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS), name="docs-assets")
     # the pages' CSS and JS, from the package (no CDN: screening sites are often offline)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR / "static"), name="ui-static")

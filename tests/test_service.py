@@ -791,6 +791,18 @@ def test_a_405_names_every_method_the_path_serves(server):
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+def test_the_api_document_states_how_many_files_an_upload_may_carry_and_one_more_gets_413(server):
+    """The module's server takes 20 files a request (queue 256): a client reading the document
+    learns it before sending 21. Schemathesis sent 21, valid by the document before, and got 413."""
+    with server.client() as c:
+        doc = c.get("/openapi.json").json()
+        upload = doc["paths"]["/v1/qc"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert upload["properties"]["files"]["maxItems"] == 20
+        r = c.post("/v1/qc", files=[("files", (f"{i}.jpg", _jpeg(i, (32, 32)), "image/jpeg")) for i in range(21)])
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files", r.text
+    assert "CERVIXQC_MAX_FILES_PER_REQUEST" in r.json()["error"]["message"]
+
+
 @pytest.mark.slow
 def test_schemathesis_with_every_check_finds_no_contract_mismatch(server, tmp_path):
     """All checks: undocumented statuses, Allow headers, schema-valid requests refused, response
