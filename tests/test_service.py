@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from html import unescape
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from PIL import Image
 from pipelines.clean import clean, list_inputs, run_notes
 from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
-from tests.service_server import API_KEY, HEADERS, start_server
+from tests.service_server import API_KEY, HEADERS, sign_in, start_server
 
 LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
 SCRAPE_KEY = "scrape-only-key-0123456789"
@@ -568,10 +569,15 @@ def test_a_job_that_calls_most_photos_no_cervix_carries_a_note_and_keeps_the_lab
             r = c.post("/v1/jobs", json={"source": "site"})
             assert r.status_code == 202, r.text
             job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
+        with httpx.Client(base_url=srv.url) as page:  # the jobs page, as a signed-in browser gets it
+            sign_in(page)
+            jobs_page, polled = page.get("/ui/jobs").text, page.get(f"/ui/jobs/{job['id']}/status.json").json()
     finally:
         srv.kill()
     assert job["status"] == "done" and job["counts"] == {"no_cervix": 20}
     assert len(job["notes"]) == 1 and job["notes"][0].startswith("20 of 20 readable photos (100%) were called no_cervix")
+    assert polled["notes"] == job["notes"]  # what jobs.js writes into a running job's row
+    assert [unescape(p) for p in re.findall(r'<p class="hint note">(.*?)</p>', jobs_page)] == job["notes"]
 
 
 def _checksums(root: Path) -> dict[str, str]:

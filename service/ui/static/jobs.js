@@ -1,4 +1,4 @@
-// Jobs page: active rows poll their JSON twin every second for progress, rate and ETA.
+// Jobs page: active rows poll their JSON twin every second for progress, rate, ETA and notes.
 "use strict";
 (function () {
   const csrf = document.getElementById("main").dataset.csrf;
@@ -37,6 +37,16 @@
     row.querySelector(".count").textContent = j.processed + " / " + (j.total == null ? "?" : j.total);
     row.querySelector(".rate").textContent = j.rate_per_s ? j.rate_per_s.toFixed(1) + "/s" : "";
     row.querySelector(".eta").textContent = j.eta_s != null ? Math.round(j.eta_s) + " s" : "";
+    // a running job's notes too (`run_notes`): many photos called no_cervix early in a long job
+    // is a reason to stop it and look, not to wait for the end
+    const notes = row.querySelector(".notes");
+    if (notes.textContent !== j.notes.join("")) {
+      notes.replaceChildren(...j.notes.map((text) => {
+        const p = document.createElement("p");
+        p.className = "hint note"; p.textContent = text;
+        return p;
+      }));
+    }
     if (j.status !== "queued" && j.status !== "running") {
       const cell = row.lastElementChild;
       const focused = cell.contains(document.activeElement);  // the Cancel button goes: focus must not
