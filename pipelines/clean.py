@@ -106,6 +106,29 @@ def run_notes(by_label: Mapping[str, int]) -> list[str]:
             "labelled photos (README, \"Site adaptation\")"]
 
 
+class NoteWatch:
+    """A run's labels counted as its batches are stored, so that a note (`run_notes`) is said
+    when it first holds, not at the end: a 10^6-photo `clean` runs for hours, and a site
+    whose cervixes stage 0 misses learnt it only then. Said once, with the counts so far (the
+    run's end says it again over all rows, or not when the share fell back); a resume counts
+    the rows done before it. `say` None counts nothing."""
+
+    def __init__(self, say: Callable[[str], None] | None, labels: Iterable[str] = ()):
+        self.say, self.counts, self.said = say, Counter(labels if say else ()), False
+        self._check()
+
+    def add(self, labels: Iterable[str]) -> None:
+        if self.say and not self.said:
+            self.counts.update(labels)
+            self._check()
+
+    def _check(self) -> None:
+        if self.say and not self.said and (notes := run_notes(self.counts)):
+            self.said = True
+            for note in notes:
+                self.say(note)
+
+
 def _rows(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
 
@@ -725,6 +748,11 @@ def plan_run(store: StateStore, inputs: list[str], src_root: Path) -> tuple[set[
     return done, [p for p in inputs if p not in done], stale
 
 
+def done_labels(store: StateStore, done: Collection[str]) -> Iterator[str]:
+    """The labels of the rows a run starts with (a resume's), for its `NoteWatch`."""
+    return (label for path, label in store.labels() if path in done)
+
+
 def quarantine_done_rows(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
                          done: Collection[str]) -> None:
     """The copies of rows stored before this quarantine, or these findings, were asked for: a
@@ -793,8 +821,10 @@ def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) 
 
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,
           progress: Callable[[int, int], None] | None = None, quarantine_findings: Collection[str] = (),
-          pixel_check: bool = True, inputs: list[str] | None = None) -> CleanSummary:
-    """`inputs`: `list_inputs(src)` where the caller has it already (a 10^6-file share is listed once)."""
+          pixel_check: bool = True, inputs: list[str] | None = None,
+          on_note: Callable[[str], None] | None = None) -> CleanSummary:
+    """`inputs`: `list_inputs(src)` where the caller has it already (a 10^6-file share is listed once);
+    `on_note` hears a note as soon as it holds for the rows so far (`NoteWatch`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     check_outputs(src, out_dir, quarantine)
@@ -808,6 +838,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))
+        notes = NoteWatch(on_note, done_labels(store, done))  # read only when heard
         stamps: dict[str, str | None] = {}  # stat before the engine reads (run_stream reads ahead)
 
         def batches() -> Iterator[tuple[list[Path], list[str]]]:
@@ -820,6 +851,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         for chunk, results in zip(chunks, qc.run_stream(batches())):
             store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
                         {p: stamps.pop(p, None) for p in chunk})
+            notes.add(r.label.value for r in results)
             finished += len(chunk)
             if progress:
                 progress(finished, len(inputs))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, check_outputs, file_stamp, finish_run, list_inputs, on_disk, open_run,
-                             plan_run, quarantine_done_rows, store_batch)
+from pipelines.clean import (CleanSummary, NoteWatch, check_outputs, done_labels, file_stamp, finish_run, list_inputs,
+                             on_disk, open_run, plan_run, quarantine_done_rows, store_batch)
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import Label, QCResult
 
@@ -93,10 +93,12 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
               progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
               quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
               runtime: str = "auto", precision: str = "auto", inputs: list[str] | None = None,
-              decision: dict | None = None, **ray_init: object) -> CleanSummary:
+              decision: dict | None = None, on_note: Callable[[str], None] | None = None,
+              **ray_init: object) -> CleanSummary:
     """`ray_init` goes to `ray.init` when this call starts Ray (e.g. num_cpus on a laptop);
     `inputs` is `list_inputs(src)` and `decision` is `decision_for(weights, policy)` where the
-    caller has them already (a 10^6-file share listed once, the weights hashed once).
+    caller has them already (a 10^6-file share listed once, the weights hashed once);
+    `on_note` hears a note as soon as it holds for the rows so far (`NoteWatch`).
 
     Each actor runs torch (and OpenVINO, which follows it) on the driver's thread count
     (`cervixqc --threads`, else one per core) shared among the local actors: Ray sets
@@ -137,6 +139,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))
+        notes = NoteWatch(on_note, done_labels(store, done))  # read only when heard
         if todo:  # a rerun with nothing left to do starts no cluster
             started_here = not ray.is_initialized()
             if started_here:
@@ -169,6 +172,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                     results = [QCResult.model_validate_json(r) for r in batch["record"]]
                     store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
                                 {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
+                    notes.add(r.label.value for r in results)
                     came_back.update(r.path for r in results)
                     finished += len(results)
                     if progress:
@@ -196,6 +200,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                     # later is labelled again (it was never read whole)
                     store_batch(store, src_root, quarantine, quarantine_findings, stale, rows,
                                 {p: file_stamp(on_disk(src_root, p)) for p in crashed})
+                    notes.add(r.label.value for r in rows)
                     finished += len(crashed)
                     if progress:
                         progress(finished, len(inputs))

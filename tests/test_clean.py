@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet
 import pytest
 
-from pipelines.clean import clean, run_notes
+from pipelines.clean import NoteWatch, clean, run_notes
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, tiny_weights
@@ -137,14 +137,19 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     manifest = collection / "manifest.csv"
     actor = QCActor(str(weights), str(collection), {"jpeg_decoder": "torchvision", "runtime": "torch", "device": "cpu"})
     assert (actor.qc.cfg.jpeg_decoder, actor.qc.runtime) == ("torchvision", "torch")  # runtime was dropped
+    said_local: list[str] = []
+    said_ray: list[str] = []
     local = clean(QCPipeline(weights, QCConfig(jpeg_decoder="torchvision")), manifest, tmp_path / "local",
-                  batch_size=4)
+                  batch_size=4, on_note=said_local.append)
     on_ray = clean_ray(weights, manifest, tmp_path / "ray", quarantine=tmp_path / "q", batch_size=4,
-                       jpeg_decoder="torchvision",
+                       jpeg_decoder="torchvision", on_note=said_ray.append,
                        # Logical CPUs: the actor holds one, read tasks need another; with only
                        # the 2 physical cores Ray Data once starved the read task in CI.
                        num_cpus=4, object_store_memory=256 * 1024**2)
     assert on_ray.total == local.total and on_ray.by_label == local.by_label
+    # 10 readable photos: too few for a note on either engine; each stored batch went through
+    # their NoteWatch (the CLI's test shows a note said mid-run)
+    assert said_ray == said_local == []
     a = pd.read_csv(tmp_path / "local" / "results.csv", keep_default_na=False)
     b = pd.read_csv(tmp_path / "ray" / "results.csv", keep_default_na=False)
     cols = ["path", "sha256", "label", "kind", "cervix_box", "error"]
@@ -634,9 +639,27 @@ def test_a_run_that_calls_a_quarter_of_its_readable_photos_no_cervix_says_so_and
     assert note.startswith("10 of 25 readable photos (40%) were called no_cervix") and "Site adaptation" in note
 
 
+def test_a_note_is_said_once_when_it_first_holds_and_a_resume_counts_the_rows_done_before():
+    said: list[str] = []
+    watch = NoteWatch(said.append, ["regular"] * 14)  # a resume's rows: 14 readable, too few
+    watch.add(["no_cervix"] * 5)
+    assert said == []  # 19 readable
+    watch.add(["no_cervix"])
+    assert len(said) == 1 and said[0].startswith("6 of 20 readable photos (30%) were called no_cervix")
+    watch.add(["no_cervix"] * 40)
+    assert len(said) == 1  # once
+    said.clear()
+    NoteWatch(said.append, ["no_cervix"] * 20)  # a resume past the share says so at its start
+    assert len(said) == 1 and said[0].startswith("20 of 20")
+    quiet = NoteWatch(None, ["no_cervix"] * 20)
+    quiet.add(["no_cervix"] * 20)
+    assert not quiet.counts  # nobody listens: nothing counted
+
+
 def test_clean_says_when_a_site_gets_most_photos_called_no_cervix(tmp_path):
     """The bundled weights' first trial on another site's real photos called a third of its
-    cervixes no_cervix without a word; the labels stand, the user is told to look."""
+    cervixes no_cervix without a word; the labels stand, the user is told to look, as soon as
+    the rows so far show it (batches of 4: at the fifth, 20 photos), and again at the end."""
     import numpy as np
     from PIL import Image
     from typer.testing import CliRunner
@@ -647,10 +670,13 @@ def test_clean_says_when_a_site_gets_most_photos_called_no_cervix(tmp_path):
     src = tmp_path / "site"
     src.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(20):
+    for i in range(28):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / f"{i:02d}.jpg")
     r = CliRunner().invoke(app, ["clean", str(src), "-o", str(tmp_path / "out"), "--weights", str(weights),
-                                 "--runtime", "torch"])
+                                 "--runtime", "torch", "--batch-size", "4"])
     assert r.exit_code == 0, r.output
-    assert "no_cervix 20" in r.output
-    assert "note: 20 of 20 readable photos (100%) were called no_cervix" in r.output
+    assert "no_cervix 28" in r.output
+    early = r.output.index("note, so far (the run goes on; Ctrl-C stops it, the same command resumes): 20 of 20 "
+                           "readable photos (100%) were called no_cervix")
+    assert early < r.output.index("28 files: 28 processed now") < r.output.index("note: 28 of 28 readable photos")
+    assert r.output.count("note") == 2

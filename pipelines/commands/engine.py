@@ -229,6 +229,9 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     else:
         qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                      precision=precision)
+    def say(note: str) -> None:  # as soon as it holds: hours before the end of a 10^6-photo run
+        typer.echo(f"note, so far (the run goes on; Ctrl-C stops it, the same command resumes): {note}", err=True)
+
     with file_progress("clean") as report:
         if engine == "ray":
             from pipelines.clean_ray import clean_ray
@@ -236,10 +239,10 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
                                 jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
                                 device=device, runtime=runtime, precision=precision, inputs=listed,
-                                decision=decision)
+                                decision=decision, on_note=say)
         else:
             summary = run_clean(qc, src, out, quarantine, batch_size, progress=report, quarantine_findings=findings,
-                                pixel_check=pixel_check, inputs=listed)
+                                pixel_check=pixel_check, inputs=listed, on_note=say)
     return summary
 
 
