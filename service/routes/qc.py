@@ -31,6 +31,10 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}}
 _ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 503, 504)}
+# a request valid by schema can still carry no readable image: the schema cannot say "a
+# decodable image of at least 16x16 px", so the answer is documented here and in the summary
+_ERRORS[422] = {"model": ErrorResponse, "description": "no file could be read as an image (not an image, truncated, "
+                                                       "or smaller than 16x16 px); `results` gives each file's reason"}
 
 
 def document_upload_limit(doc: dict, max_files: int) -> dict:
@@ -41,10 +45,6 @@ def document_upload_limit(doc: dict, max_files: int) -> dict:
     body = doc["paths"]["/v1/qc"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     body["properties"]["files"]["maxItems"] = max_files
     return doc
-# a request valid by schema can still carry no readable image: the schema cannot say "a
-# decodable image of at least 16x16 px", so the answer is documented here and in the summary
-_ERRORS[422] = {"model": ErrorResponse, "description": "no file could be read as an image (not an image, truncated, "
-                                                       "or smaller than 16x16 px); `results` gives each file's reason"}
 
 
 @router.post("/qc", response_model=QCResponse, openapi_extra=_UPLOAD_BODY, responses=_ERRORS,
