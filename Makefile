@@ -43,10 +43,17 @@ $(API_KEY_FILE):
 	@python3 -c "import secrets; print(secrets.token_urlsafe(32))" > $@
 	@chmod 600 $@
 
+# The keys a site sets itself (CERVIXQC_API_KEYS or CERVIXQC_API_KEYS_FILE) replace the generated
+# one: adding its file besides kept the old key working after a site had set its own (an audit).
 serve: install $(API_KEY_FILE)
 	@$(COMPILE_OURS)
-	@echo "cervixqc: API key in $(API_KEY_FILE) (send it as X-API-Key); docs at http://127.0.0.1:8000/docs"
-	CERVIXQC_API_KEYS_FILE=$${CERVIXQC_API_KEYS_FILE:-$(API_KEY_FILE)} $(UV) run --locked --no-sync cervixqc serve
+	@url="http://$${CERVIXQC_HOST:-127.0.0.1}:$${CERVIXQC_PORT:-8000}"; \
+	if [ -n "$${CERVIXQC_API_KEYS:-}$${CERVIXQC_API_KEYS_FILE:-}" ]; then \
+	  echo "cervixqc: API keys from CERVIXQC_API_KEYS(_FILE); $(API_KEY_FILE) is not read; docs at $$url/docs"; \
+	  exec $(UV) run --locked --no-sync cervixqc serve; \
+	fi; \
+	echo "cervixqc: API key in $(API_KEY_FILE) (send it as X-API-Key); docs at $$url/docs"; \
+	CERVIXQC_API_KEYS_FILE=$(API_KEY_FILE) exec $(UV) run --locked --no-sync cervixqc serve
 
 # The browser tests drive Debian's Chromium through Playwright (tests/browser.py) and Debian's
 # Firefox ESR through the WebDriver BiDi protocol built into Firefox (tests/firefox_bidi.py; no

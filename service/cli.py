@@ -28,12 +28,18 @@ def serve(
 
     from service.settings import Settings
 
+    # the message names where the folder came from: "make weights trains them" sent a site
+    # whose CERVIXQC_WEIGHTS_DIR was misspelt off to retrain everything (an audit)
+    named = "--weights" if weights is not None else "CERVIXQC_WEIGHTS_DIR" if "CERVIXQC_WEIGHTS_DIR" in os.environ \
+        else "the default weights folder"
     if weights is not None:
         os.environ["CERVIXQC_WEIGHTS_DIR"] = str(weights)
     weights_dir = Path(os.environ.get("CERVIXQC_WEIGHTS_DIR", "weights"))
     if not (weights_dir / "detector.json").is_file():
-        _fail(f"no weights in {weights_dir}: expected detector.json, deep_sad.json and classifier.json "
-              "(make weights trains them)")
+        missing = "the folder does not exist" if not weights_dir.exists() else \
+            "expected detector.json, deep_sad.json and classifier.json"
+        _fail(f"{named}: no weights in {weights_dir}: {missing} (the bundled weights are the weights/ folder of "
+              "the cervixqc checkout or image)")
     try:  # refuse bad settings here, with a readable message, before uvicorn starts
         settings = Settings()
     except ValidationError as e:

@@ -40,6 +40,8 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            if declared.isdigit():
+                self.on_too_large()
             await self._refuse(send, f"request body over {self.max_bytes} bytes" if declared.isdigit()
                                else "invalid Content-Length", 413 if declared.isdigit() else 400)
             return
@@ -61,7 +63,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if seen > self.max_bytes:
+                if seen > self.max_bytes:  # counted here: the app's handler for it answers, not this middleware
+                    self.on_too_large()
                     raise BodyTooLarge(f"request body over {self.max_bytes} bytes")
             return message
 
@@ -82,8 +85,6 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, send: Send, message: str, status: int) -> None:
         code = {413: "payload_too_large", 408: "upload_timeout"}.get(status, "bad_request")
-        if status == 413:
-            self.on_too_large()
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

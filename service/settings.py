@@ -42,6 +42,17 @@ OTHER_VARIABLES = frozenset({"CERVIXQC_CACHE", "CERVIXQC_CONVERSION_PARENT", "CE
                              "CERVIXQC_PUBLISH"})
 
 
+# What this process has warned of: `cervixqc serve` reads the settings to check them before
+# uvicorn starts, and the app reads them again, so each warning was printed twice (an audit).
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args: object) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
+
+
 def unknown_variables(fields: Iterable[str]) -> list[str]:
     """CERVIXQC_ variables that name no setting: a misspelt one (CERVIXQC_POLICI=both) was
     ignored without a word, and the service ran on the default."""
@@ -57,7 +68,8 @@ def _keys(listed: list[str], file: Path | None, name: str) -> list[str]:
         if not file.is_file():
             raise ValueError(f"{name} {file} does not exist")
         if file.stat().st_mode & 0o077:  # anyone who reads it holds the service's keys
-            log.warning("%s is readable by other users: restrict it to the service's user", name)
+            _warn_once(f"readable {file.resolve()}", "%s is readable by other users: restrict it to the service's "
+                       "user", name)
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:  # was a bare codec message naming no setting
@@ -180,8 +192,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         unknown = unknown_variables(type(self).model_fields)
         if unknown:
-            log.warning("%s: no such setting, ignored (misspelt? the settings are in the README, \"HTTP service\")",
-                        ", ".join(unknown))
+            _warn_once(f"unknown {unknown}", "%s: no such setting, ignored (misspelt? the settings are in the README, "
+                       "\"HTTP service\")", ", ".join(unknown))
         keys = _keys(self.api_keys, self.api_keys_file, "CERVIXQC_API_KEYS_FILE")
         if not keys and not self.auth_disabled:
             raise ValueError("no API key: set CERVIXQC_API_KEYS or CERVIXQC_API_KEYS_FILE "

@@ -36,4 +36,5 @@ def test_serve_without_weights_is_a_clear_error_not_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--weights", str(tmp_path / "none")],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 2
-    assert "no weights in" in r.stderr and "Traceback" not in r.stderr
+    assert "--weights: no weights in" in r.stderr and "the folder does not exist" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,15 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(420)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    work = tmp_path_factory.mktemp("make-serve")
+@contextmanager
+def make_serve(work: Path, **env_extra: str) -> Iterator[tuple[str, Path]]:
+    """(url, log) of `make serve` started in its own session, as a site runs it."""
     port = free_port()
     # the default weights folder, not a test's; and not `make test`'s own make flags or job server
     env = {k: v for k, v in os.environ.items() if (not k.startswith("CERVIXQC_") or k == "CERVIXQC_CACHE")
            and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     env |= {"API_KEY_FILE": str(work / "api-key"), "CERVIXQC_PORT": str(port),
-            "CERVIXQC_STATE_DIR": str(work / "state")}
+            "CERVIXQC_STATE_DIR": str(work / "state"), **env_extra}
     log = work / "serve.log"
     with log.open("wb") as out:  # its own session: make, uv and the service stop together
         proc = subprocess.Popen(["make", "serve"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -53,12 +55,20 @@ def served(tmp_path_factory):
             time.sleep(1)
         else:
             raise AssertionError(f"not ready in 300 s:\n{log.read_text()[-3000:]}")
-        key = (work / "api-key").read_text().strip()
-        with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as client:
-            yield client
+        assert f"docs at {url}/docs" in log.read_text()  # the port it serves, not always 8000
+        yield url, log
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    work = tmp_path_factory.mktemp("make-serve")
+    with make_serve(work) as (url, _):
+        key = (work / "api-key").read_text().strip()
+        with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as client:
+            yield client
 
 
 def test_make_serve_loads_every_bundled_model_as_its_card_describes(served):
@@ -100,3 +110,17 @@ def test_make_serve_finds_the_cervix_in_most_generated_scenes(served, tmp_path):
     assert r.status_code == 200, r.text
     found = [res["label"] != "no_cervix" for res in r.json()["results"]]
     assert len(found) >= 10 and sum(found) >= 0.75 * len(found), found
+
+
+def test_keys_a_site_sets_replace_the_generated_one(tmp_path):
+    """`make serve` added its generated key file beside CERVIXQC_API_KEYS: a site that set its
+    own key still let the old one in (an audit)."""
+    own = "site-own-key-0123456789abcdefghijklmnop"
+    with make_serve(tmp_path, CERVIXQC_API_KEYS=own, CERVIXQC_POLICI="both") as (url, log):
+        generated = (tmp_path / "api-key").read_text().strip()
+        assert httpx.get(f"{url}/v1/models", headers={"X-API-Key": own}, timeout=30).status_code == 200
+        refused = httpx.get(f"{url}/v1/models", headers={"X-API-Key": generated}, timeout=30)
+        assert refused.status_code == 401, refused.text
+        assert "api-key is not read" in log.read_text()
+        # a misspelt setting is said once (the settings are read before uvicorn starts and by the app: twice)
+        assert log.read_text().count("CERVIXQC_POLICI: no such setting") == 1, log.read_text()

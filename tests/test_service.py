@@ -118,6 +118,20 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     assert re.search(r'^cervixqc_engine_errors_total\{origin="upload"\} 0\.0$', text, re.M)
     counted = 'cervixqc_rejected_requests_total', '{reason="body_too_large"}'
     assert _metric(text, *counted) == _metric(before.text, *counted) + 1
+
+    def chunks():  # no Content-Length: stopped at the first byte past the limit, and counted too (it was not)
+        yield b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\n"
+        for _ in range(5):
+            yield b"0" * (1 << 20)
+    try:
+        streamed = httpx.post(f"{server.url}/v1/qc", content=chunks(),
+                              headers={**HEADERS, "Content-Type": "multipart/form-data; boundary=x"})
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large", streamed.text
+    except httpx.TransportError:  # the answer came while the client still sent: the socket closed under it
+        pass
+    assert 'reason="upload_timeout"} 0.0' in text  # a series before its first event, as the others
+    text = httpx.get(f"{server.url}/metrics", headers=scrape).text
+    assert _metric(text, *counted) == _metric(before.text, *counted) + 2
     assert "_created" not in text
 
 

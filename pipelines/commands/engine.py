@@ -52,7 +52,9 @@ def _check_runtime(runtime: str, precision: str) -> None:
 
 def _weights_folder(weights: Path) -> None:
     if not (weights / "detector.json").is_file():
-        _fail(f"no weights in {weights}: expected detector.json, deep_sad.json and classifier.json")
+        missing = "the folder does not exist" if not weights.exists() else \
+            "expected detector.json, deep_sad.json and classifier.json"
+        _fail(f"--weights: no weights in {weights}: {missing}")
 
 
 def _checked_weights(weights: Path, exports: bool) -> None:
