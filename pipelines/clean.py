@@ -91,41 +91,61 @@ NO_CERVIX_ALERT_SHARE = 0.25
 NO_CERVIX_ALERT_MIN_PHOTOS = 20
 
 
+# A quarter of the files unreadable is a folder of other things (documents, DICOM files, another
+# program's exports) or a share failing: a job over 30,000 such files ended `done` without a
+# word (an audit; `clean` exits 1 only when not one file is readable). The same quarter and 20.
+UNREADABLE_ALERT_SHARE = NO_CERVIX_ALERT_SHARE
+
+
 def run_notes(by_label: Mapping[str, int]) -> list[str]:
     """What a user should look at before trusting a run's labels, from its counts by label
-    (`clean` prints them, a job's status carries them): today one note, when the run calls a
-    share of its readable photos no_cervix that a screening collection rarely holds. The
-    labels stand either way."""
-    judged = sum(n for label, n in by_label.items() if label != Label.UNREADABLE.value)
+    (`clean` prints them, a job's status carries them). The labels stand either way."""
+    return list(_notes(by_label).values())
+
+
+def _notes(by_label: Mapping[str, int]) -> dict[str, str]:
+    """`run_notes` by what they are about, so that `NoteWatch` says each one once."""
+    notes = {}
+    files = sum(by_label.values())
+    bad = by_label.get(Label.UNREADABLE.value, 0)
+    if files >= NO_CERVIX_ALERT_MIN_PHOTOS and bad >= UNREADABLE_ALERT_SHARE * files:
+        notes["unreadable"] = (
+            f"{bad} of {files} files ({bad / files:.0%}) could not be read as photos: the wrong folder (documents, "
+            "DICOM files, another program's exports), damaged copies, or a share that dropped? Each file's reason is "
+            "in the results' error column; those the OS could not read are tried again by the next run")
+    judged = files - bad
     n = by_label.get(Label.NO_CERVIX.value, 0)
-    if judged < NO_CERVIX_ALERT_MIN_PHOTOS or n < NO_CERVIX_ALERT_SHARE * judged:
-        return []
-    return [f"{n} of {judged} readable photos ({n / judged:.0%}) were called no_cervix, far more than a screening "
+    if judged >= NO_CERVIX_ALERT_MIN_PHOTOS and n >= NO_CERVIX_ALERT_SHARE * judged:
+        notes["no_cervix"] = (
+            f"{n} of {judged} readable photos ({n / judged:.0%}) were called no_cervix, far more than a screening "
             "collection holds: stage 0 may not know this site's photos (close-ups, another camera or light). Look at "
             "some of them before trusting the label; if they show cervixes, fit a presence head on the site's own "
-            "labelled photos (README, \"Site adaptation\")"]
+            "labelled photos (README, \"Site adaptation\")")
+    return notes
 
 
 class NoteWatch:
     """A run's labels counted as its batches are stored, so that a note (`run_notes`) is said
     when it first holds, not at the end: a 10^6-photo `clean` runs for hours, and a site
-    whose cervixes stage 0 misses learnt it only then. Said once, with the counts so far (the
-    run's end says it again over all rows, or not when the share fell back); a resume counts
-    the rows done before it. `say` None counts nothing."""
+    whose cervixes stage 0 misses learnt it only then. Each note is said once, with the counts
+    so far (the run's end says it again over all rows, or not when the share fell back); a
+    resume counts the rows done before it. `say` None counts nothing."""
 
     def __init__(self, say: Callable[[str], None] | None, labels: Iterable[str] = ()):
-        self.say, self.counts, self.said = say, Counter(labels if say else ()), False
+        self.say, self.counts, self.said = say, Counter(labels if say else ()), set[str]()
         self._check()
 
     def add(self, labels: Iterable[str]) -> None:
-        if self.say and not self.said:
+        if self.say:
             self.counts.update(labels)
             self._check()
 
     def _check(self) -> None:
-        if self.say and not self.said and (notes := run_notes(self.counts)):
-            self.said = True
-            for note in notes:
+        if self.say is None:
+            return
+        for about, note in _notes(self.counts).items():
+            if about not in self.said:
+                self.said.add(about)
                 self.say(note)
 
 
@@ -612,9 +632,30 @@ def export_mark(inputs: list[str], pixel_check: bool) -> str:
     return digest.hexdigest()
 
 
+# In a quarantine: the source folder whose copies it holds. Two sources' photos at one relative
+# path (two clinics' field/IMG_0001.jpg) met in a shared quarantine: the second's copy was
+# skipped with a count in a warning, its row stored, the run reported done, and the photo stayed
+# among those a site keeps (an audit). The service refuses such a job (409 quarantine_in_use).
+# A hidden name: listing the quarantine as a source skips it. A quarantine filled before the
+# marker existed is claimed by the next run that uses it.
+QUARANTINE_SOURCE = ".cervixqc-source"
+
+
+def source_root(src: Path) -> Path:
+    """The folder a source's relative paths start from (a manifest's own folder)."""
+    return (src.parent if src.is_file() else src).resolve()
+
+
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     """Results and quarantine outside a folder source: inside it, a run overwrote originals
-    named results.csv, and a rerun cleaned its own state, exports and quarantine copies."""
+    named results.csv, and a rerun cleaned its own state, exports and quarantine copies. A
+    quarantine another source's runs use is refused (QUARANTINE_SOURCE)."""
+    marker = None if quarantine is None else quarantine / QUARANTINE_SOURCE
+    if marker is not None and marker.is_file():
+        owner = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()
+        if owner != str(source_root(src)):
+            raise ValueError(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of two "
+                             "sources at one relative path would meet there; give each source its own quarantine")
     if src.is_file():
         return
     root = src.resolve()
@@ -816,6 +857,10 @@ def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) 
     for folder in (out_dir, quarantine):
         if folder is not None and folder.is_dir():
             sweep_temporaries(folder)
+    if quarantine is not None and not (quarantine / QUARANTINE_SOURCE).is_file():  # checked by check_outputs
+        quarantine.mkdir(parents=True, exist_ok=True)
+        write_atomically(quarantine / QUARANTINE_SOURCE,
+                         lambda p: p.write_text(f"{source_root(src)}\n", encoding="utf-8", errors="surrogateescape"))
     return store
 
 

@@ -20,7 +20,7 @@ import pytest
 from pipelines.clean import NoteWatch, clean, run_notes
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
-from tests.qc_fixtures import fuzz_set, tiny_weights
+from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +453,7 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
     real_copy = shutil.copy2
 
     def disk_full(src, dst, *a, **kw):  # the quarantine's disk, full after its first copy
-        if list(q.rglob("*.*")):
+        if any(p.parent != q for p in q.rglob("*.*")):  # a copy (the source's marker lies at the top)
             raise OSError(28, "No space left on device", str(dst))
         return real_copy(src, dst, *a, **kw)
 
@@ -471,8 +471,37 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
     summary = clean(QCPipeline(weights), collection, out, q, batch_size=4)
     rows = pd.read_csv(out / "results.csv")
     flagged = rows[rows["label"] != "regular"]
-    copies = {str(p.relative_to(q)).split("/", 1)[1] for p in q.rglob("*") if p.is_file()}
+    copies = {str(p.relative_to(q)).split("/", 1)[1] for p in q.rglob("*") if p.is_file() and p.parent != q}
     assert summary.skipped_done == stored and set(flagged["path"]) <= copies and len(flagged) > 1
+
+
+def test_a_quarantine_holds_one_sources_copies_and_another_source_is_refused_before_any_work(tmp_path):
+    """Two clinics' field/IMG_0001.jpg met in one quarantine: the second's copy was skipped with
+    a warning, the run said done, and the flagged photo stayed among those kept (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, presence_threshold=1.0)  # all no_cervix
+    for site, seed in (("clinic_a", 0), ("clinic_b", 1)):
+        (tmp_path / site / "field").mkdir(parents=True)
+        (tmp_path / site / "field" / "IMG_0001.jpg").write_bytes(jpeg_bytes(textured_scene(seed)))
+    q = tmp_path / "quarantine"
+
+    def run(site: str, out: str, *extra: str):
+        return CliRunner().invoke(app, ["clean", str(tmp_path / site), "-o", str(tmp_path / out), "--quarantine",
+                                        str(q), "--weights", str(weights), "--runtime", "torch", *extra])
+
+    r = run("clinic_a", "out_a")
+    assert r.exit_code == 0 and (q / "no_cervix" / "field" / "IMG_0001.jpg").is_file(), r.output
+    r = run("clinic_b", "out_b")
+    assert r.exit_code == 2, r.output
+    assert f"--quarantine {q} holds the copies of another source ({tmp_path / 'clinic_a'})" in r.output
+    assert not (tmp_path / "out_b").exists()
+    pd.DataFrame({"path": ["field/IMG_0001.jpg"]}).to_csv(tmp_path / "clinic_a" / "list.csv", index=False)
+    r = CliRunner().invoke(app, ["clean", str(tmp_path / "clinic_a" / "list.csv"), "-o", str(tmp_path / "out_c"),
+                                 "--quarantine", str(q), "--weights", str(weights), "--runtime", "torch"])
+    assert r.exit_code == 0, r.output  # a manifest in clinic_a's folder names clinic_a's files: the same source
 
 
 def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_files_faults(tmp_path):
@@ -632,11 +661,16 @@ def test_a_photo_given_as_the_source_is_named_as_one(collection):
 
 def test_a_run_that_calls_a_quarter_of_its_readable_photos_no_cervix_says_so_and_no_fewer():
     assert len(run_notes({"regular": 15, "no_cervix": 5})) == 1  # 5 of 20: a quarter
-    assert run_notes({"regular": 16, "no_cervix": 4, "unreadable": 30}) == []  # unreadable files do not count
+    [unreadable] = run_notes({"regular": 16, "no_cervix": 4, "unreadable": 30})  # 4 of 20 readable: no note of it
+    assert unreadable.startswith("30 of 50 files (60%) could not be read as photos: the wrong folder")
     assert run_notes({"regular": 14, "no_cervix": 5}) == []  # 19 readable: too few to say
     assert run_notes({}) == []
     [note] = run_notes({"regular": 10, "non_regular": 5, "no_cervix": 10, "unreadable": 3})
     assert note.startswith("10 of 25 readable photos (40%) were called no_cervix") and "Site adaptation" in note
+    assert run_notes({"regular": 15, "unreadable": 4}) == []  # 19 files
+    assert len(run_notes({"regular": 15, "unreadable": 5})) == 1  # a quarter of 20
+    assert run_notes({"regular": 16, "unreadable": 5}) == []  # under a quarter
+    assert len(run_notes({"unreadable": 20, "no_cervix": 20})) == 2
 
 
 def test_a_note_is_said_once_when_it_first_holds_and_a_resume_counts_the_rows_done_before():
@@ -648,6 +682,10 @@ def test_a_note_is_said_once_when_it_first_holds_and_a_resume_counts_the_rows_do
     assert len(said) == 1 and said[0].startswith("6 of 20 readable photos (30%) were called no_cervix")
     watch.add(["no_cervix"] * 40)
     assert len(said) == 1  # once
+    watch.add(["unreadable"] * 40)
+    assert len(said) == 2 and said[1].startswith("40 of 100 files (40%) could not be read")  # another note: said
+    watch.add(["unreadable"] * 40)
+    assert len(said) == 2
     said.clear()
     NoteWatch(said.append, ["no_cervix"] * 20)  # a resume past the share says so at its start
     assert len(said) == 1 and said[0].startswith("20 of 20")

@@ -38,7 +38,7 @@ def test_every_bad_row_is_reported_at_once_with_row_numbers_and_reasons(tmp_path
 
 def test_missing_columns_are_named(write_csv):
     path = write_csv("m.csv", "path,patient\nx.jpg,p1\n")
-    with pytest.raises(ManifestError, match="patient_id,source,device,kind: missing column"):
+    with pytest.raises(ManifestError, match=r"file: missing column\(s\) patient_id, source, device, kind; required"):
         load_manifest(path)
 
 

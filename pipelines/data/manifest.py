@@ -217,8 +217,8 @@ class Spellings:
 def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) -> list[RowProblem]:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        return [RowProblem(0, ",".join(missing), f"missing column(s); required: {', '.join(REQUIRED_COLUMNS)}; "
-                                                 f"the header has {[str(c) for c in df.columns]}")]
+        return [RowProblem(0, "", f"missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}; "
+                                  f"the header has {[str(c) for c in df.columns]}")]
     problems: list[RowProblem] = []
     first_seen: dict[str, int] = {}
     spellings = Spellings(base)
