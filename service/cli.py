@@ -38,8 +38,8 @@ def serve(
     if not (weights_dir / "detector.json").is_file():
         missing = "the folder does not exist" if not weights_dir.exists() else \
             "expected detector.json, deep_sad.json and classifier.json"
-        _fail(f"{named}: no weights in {weights_dir}: {missing} (the bundled weights are the weights/ folder of "
-              "the cervixqc checkout or image)")
+        _fail(f"{named}: no weights in {weights_dir.resolve()}: {missing} (the bundled weights are the weights/ "
+              "folder of the cervixqc checkout or image)")
     try:  # refuse bad settings here, with a readable message, before uvicorn starts
         settings = Settings()
     except ValidationError as e:

@@ -41,6 +41,19 @@ def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
 
 
+def test_predict_refuses_names_that_do_not_exist_before_the_models_load(tmp_path):
+    """A mistyped name loaded the models, then printed an unreadable row and exited 1: a missing
+    input is exit 2, refused before any work, as for every command."""
+    said = "import sys; from service.cli import main\ntry:\n    main()\nfinally:\n    print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", said, "predict", str(tmp_path / "nothere.jpg")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and f"error: {tmp_path / 'nothere.jpg'} does not exist" in r.stderr, r.stderr
+    assert r.stdout.strip() == "False"
+    r = subprocess.run([sys.executable, "-c", said, "predict", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not one of the 2 files given exists" in r.stderr, r.stderr
+
+
 def test_clean_exits_2_on_a_source_without_files_and_1_when_nothing_could_be_read(tmp_path):
     """A share not mounted printed "0 files" and exited 0 (a cron job saw success); a folder of
     damaged files exited 0 too, where `predict` says 1. The progress bar goes to stderr: in a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -54,7 +55,7 @@ def _weights_folder(weights: Path) -> None:
     if not (weights / "detector.json").is_file():
         missing = "the folder does not exist" if not weights.exists() else \
             "expected detector.json, deep_sad.json and classifier.json"
-        _fail(f"--weights: no weights in {weights}: {missing}")
+        _fail(f"--weights: no weights in {weights.resolve()}: {missing}")  # the default is relative: say where
 
 
 def _checked_weights(weights: Path, exports: bool) -> None:
@@ -101,6 +102,9 @@ def predict(
     _check_policy(policy)
     _check_decoder(jpeg_decoder)
     _check_runtime(runtime, precision)
+    if not any(os.path.lexists(p) for p in images):  # a mistyped name: refused before the models load, exit 2
+        _fail(f"{images[0]} does not exist" if len(images) == 1 else
+              f"not one of the {len(images)} files given exists (the first: {images[0]})")
     qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision)
     # batch by batch: `predict *.jpg` over thousands of photos held them all decoded at once
     # (about 2.7 MB each) and printed nothing until the last; folders go to `cervixqc clean`
