@@ -112,7 +112,8 @@ def _notes(by_label: Mapping[str, int]) -> dict[str, str]:
         notes["unreadable"] = (
             f"{bad} of {files} files ({bad / files:.0%}) could not be read as photos: the wrong folder (documents, "
             "DICOM files, another program's exports), damaged copies, or a share that dropped? Each file's reason is "
-            "in the results' error column; those the OS could not read are tried again by the next run")
+            "in the results' error column; those the OS could not read are tried again by the next run (a job's: "
+            "Retry)")
     judged = files - bad
     n = by_label.get(Label.NO_CERVIX.value, 0)
     if judged >= NO_CERVIX_ALERT_MIN_PHOTOS and n >= NO_CERVIX_ALERT_SHARE * judged:
