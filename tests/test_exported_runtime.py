@@ -203,7 +203,8 @@ def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(e
     (folder / "detector.openvino.json").write_text(stale.model_dump_json())
     with pytest.raises(WeightsIntegrityError, match="exported from other weights"):
         QCPipeline(folder, QCConfig())
-    r = CliRunner().invoke(app, ["predict", str(folder / "x.jpg"), "--weights", str(folder)])
+    (tmp_path / "x.jpg").write_bytes(b"never read: the weights are refused first")  # a name that exists
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "x.jpg"), "--weights", str(folder)])
     assert r.exit_code == 2 and "cervixqc export" in r.output
     (folder / "detector.openvino.json").write_text(card.model_dump_json())
     with (folder / "deep_sad.openvino.bin").open("r+b") as f:
@@ -276,7 +277,8 @@ def test_weights_openvino_cannot_convert_are_named_not_a_traceback(exported, tmp
         f.unlink()
     state, card = load_weights(folder / "classifier.json")
     save_weights(state, folder / "classifier", card.model_copy(update={"config": card.config | {"arch": "resnest26d"}}))
-    r = CliRunner().invoke(app, ["predict", str(folder / "x.jpg"), "--weights", str(folder), "--runtime", "openvino"],
+    (tmp_path / "x.jpg").write_bytes(b"never read: the weights are refused first")  # a name that exists
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "x.jpg"), "--weights", str(folder), "--runtime", "openvino"],
                            env={"CERVIXQC_CACHE": str(tmp_path / "cache")})
     assert r.exit_code == 2 and "classifier.json: cannot convert to OpenVINO" in r.output, r.output
 
