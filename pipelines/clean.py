@@ -86,15 +86,16 @@ HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
 # (weights/README.md, "How far stage 0 carries"). A quarter is a choice, not a measurement: no
 # real archive's share of strays (the room, a covered lens) is known here; the synthetic
 # collections draw 10-15% of scenes without a cervix, and a quarter leaves room above that.
-# Below 20 photos one stray moves the share by 5 points.
-NO_CERVIX_ALERT_SHARE = 0.25
-NO_CERVIX_ALERT_MIN_PHOTOS = 20
+# Below 20 photos one stray moves the share by 5 points. A quarter of the files unreadable is
+# a folder of other things (documents, DICOM files, another program's exports) or a share
+# failing: a job over 30,000 such files ended `done` without a word (an audit; `clean` exits 1
+# only when not one file is readable). The same quarter and 20 hold for both notes.
+NOTE_SHARE = 0.25
+NOTE_MIN_FILES = 20
 
 
-# A quarter of the files unreadable is a folder of other things (documents, DICOM files, another
-# program's exports) or a share failing: a job over 30,000 such files ended `done` without a
-# word (an audit; `clean` exits 1 only when not one file is readable). The same quarter and 20.
-UNREADABLE_ALERT_SHARE = NO_CERVIX_ALERT_SHARE
+def _many(n: int, of: int) -> bool:
+    return of >= NOTE_MIN_FILES and n >= NOTE_SHARE * of
 
 
 def run_notes(by_label: Mapping[str, int]) -> list[str]:
@@ -108,7 +109,7 @@ def _notes(by_label: Mapping[str, int]) -> dict[str, str]:
     notes = {}
     files = sum(by_label.values())
     bad = by_label.get(Label.UNREADABLE.value, 0)
-    if files >= NO_CERVIX_ALERT_MIN_PHOTOS and bad >= UNREADABLE_ALERT_SHARE * files:
+    if _many(bad, files):
         notes["unreadable"] = (
             f"{bad} of {files} files ({bad / files:.0%}) could not be read as photos: the wrong folder (documents, "
             "DICOM files, another program's exports), damaged copies, or a share that dropped? Each file's reason is "
@@ -116,7 +117,7 @@ def _notes(by_label: Mapping[str, int]) -> dict[str, str]:
             "Retry)")
     judged = files - bad
     n = by_label.get(Label.NO_CERVIX.value, 0)
-    if judged >= NO_CERVIX_ALERT_MIN_PHOTOS and n >= NO_CERVIX_ALERT_SHARE * judged:
+    if _many(n, judged):
         notes["no_cervix"] = (
             f"{n} of {judged} readable photos ({n / judged:.0%}) were called no_cervix, far more than a screening "
             "collection holds: stage 0 may not know this site's photos (close-ups, another camera or light). Look at "
@@ -133,17 +134,13 @@ class NoteWatch:
     resume counts the rows done before it. `say` None counts nothing."""
 
     def __init__(self, say: Callable[[str], None] | None, labels: Iterable[str] = ()):
-        self.say, self.counts, self.said = say, Counter(labels if say else ()), set[str]()
-        self._check()
+        self.say, self.counts, self.said = say, Counter(), set[str]()
+        self.add(labels)
 
     def add(self, labels: Iterable[str]) -> None:
-        if self.say:
-            self.counts.update(labels)
-            self._check()
-
-    def _check(self) -> None:
         if self.say is None:
             return
+        self.counts.update(labels)
         for about, note in _notes(self.counts).items():
             if about not in self.said:
                 self.said.add(about)

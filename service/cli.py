@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.cli import app, main
-from pipelines.commands.common import _fail, writable_folder
+from pipelines.commands.common import _fail, weights_missing, writable_folder
 
 
 def serve(
@@ -34,12 +34,8 @@ def serve(
         else "the default weights folder"
     if weights is not None:
         os.environ["CERVIXQC_WEIGHTS_DIR"] = str(weights)
-    weights_dir = Path(os.environ.get("CERVIXQC_WEIGHTS_DIR", "weights"))
-    if not (weights_dir / "detector.json").is_file():
-        missing = "the folder does not exist" if not weights_dir.exists() else \
-            "expected detector.json, deep_sad.json and classifier.json"
-        _fail(f"{named}: no weights in {weights_dir.resolve()}: {missing} (the bundled weights are the weights/ "
-              "folder of the cervixqc checkout or image)")
+    if problem := weights_missing(Path(os.environ.get("CERVIXQC_WEIGHTS_DIR", "weights"))):
+        _fail(f"{named}: {problem} (the bundled weights are the weights/ folder of the cervixqc checkout or image)")
     try:  # refuse bad settings here, with a readable message, before uvicorn starts
         settings = Settings()
     except ValidationError as e:

@@ -86,7 +86,7 @@ class JobStatus(BaseModel):
     # it goes on by itself once it can
     waiting: str | None = None
     # what a user should look at before trusting the labels (`pipelines.clean.run_notes`: a
-    # share of no_cervix that a screening collection rarely holds); the labels stand
+    # share of no_cervix that a screening collection rarely holds, or of unreadable files)
     notes: list[str] = []
 
 

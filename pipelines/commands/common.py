@@ -18,6 +18,17 @@ def rate_text(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
+def weights_missing(folder: Path) -> str | None:
+    """Why `folder` holds no weights, or None: `cervixqc serve` and the engine commands say it
+    alike, by its full path (the default is relative, and "no weights in weights" did not say
+    where that was)."""
+    if (folder / "detector.json").is_file():
+        return None
+    missing = "the folder does not exist" if not folder.exists() else \
+        "expected detector.json, deep_sad.json and classifier.json"
+    return f"no weights in {folder.resolve()}: {missing}"
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     """One `error:` line; exit 2 for a refusal before any work, 1 for work that failed."""
     typer.echo(f"error: {message}", err=True)

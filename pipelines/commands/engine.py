@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _manifest, device_or_fail, require_writable
+from pipelines.commands.common import _fail, _manifest, device_or_fail, require_writable, weights_missing
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
@@ -52,10 +52,8 @@ def _check_runtime(runtime: str, precision: str) -> None:
 
 
 def _weights_folder(weights: Path) -> None:
-    if not (weights / "detector.json").is_file():
-        missing = "the folder does not exist" if not weights.exists() else \
-            "expected detector.json, deep_sad.json and classifier.json"
-        _fail(f"--weights: no weights in {weights.resolve()}: {missing}")  # the default is relative: say where
+    if problem := weights_missing(weights):
+        _fail(f"--weights: {problem}")
 
 
 def _checked_weights(weights: Path, exports: bool) -> None:
@@ -235,6 +233,7 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     else:
         qc = _engine(weights, device=device, policy=policy, jpeg_decoder=jpeg_decoder, runtime=runtime,
                      precision=precision)
+
     def say(note: str) -> None:  # as soon as it holds: hours before the end of a 10^6-photo run
         typer.echo(f"note, so far (the run goes on; Ctrl-C stops it, the same command resumes): {note}", err=True)
 
