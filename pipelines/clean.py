@@ -64,7 +64,7 @@ class CleanSummary:
     seconds: float = 0.0
     results_csv: Path | None = None
     results_parquet: Path | None = None
-    decision: dict | None = None  # the policy and the models' sha256s every row was labelled under
+    decision: dict | None = None  # the policy, models' sha256s and thresholds every row was labelled under
 
 
 # What file servers and operating systems keep beside the photos, never a photo of the
@@ -298,8 +298,8 @@ class StateStore:
     refuses a second run into it (two runs did every file twice and raced on the exports'
     temporary files), and the source it was first filled from is recorded and must match
     (another source's rows with the same relative paths were taken as already done). So is
-    the `decision` (policy and models' sha256s, `QCPipeline.decision`): a rerun with another
-    policy or other weights counted every row as done and kept the old labels, unsaid.
+    the `decision` (policy, models' sha256s and thresholds, `QCPipeline.decision`): a rerun with
+    another policy or other weights counted every row as done and kept the old labels, unsaid.
 
     Each row keeps its file's `file_stamp` (size and modification time, taken before the file
     was read), so a rerun labels again a photo replaced under its name since: its old label
@@ -364,6 +364,13 @@ class StateStore:
                                      "its policy and models: they would count as done under these; choose another "
                                      "--out, or delete it to label everything again")
         before = json.loads(row[0])
+        if "thresholds" not in before and before == {k: v for k, v in decision.items() if k != "thresholds"}:
+            # recorded before thresholds were: they moved only with the models then (a retrain),
+            # so these rows were labelled under this decision; its record is completed
+            with self.db:
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                                (json.dumps(decision, sort_keys=True),))
+            return
         if before == decision:
             return
         self.close()
@@ -372,6 +379,10 @@ class StateStore:
         models = before.get("models", {})
         changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
                     if models.get(name) != decision["models"].get(name)]
+        thresholds = before.get("thresholds", {})
+        changed += [f"{name} threshold" for name in sorted(set(thresholds) | set(decision["thresholds"]))
+                    if models.get(name) == decision["models"].get(name)
+                    and thresholds.get(name) != decision["thresholds"].get(name)]
         same_models = len(changed) == 1 and before.get("policy") != decision["policy"]
         resume = f"pass --policy {before.get('policy')} to continue it, " if same_models else ""
         raise ResultsFolderError(f"{self.folder} holds labels decided otherwise ({', '.join(changed)}): its rows count "

@@ -78,7 +78,7 @@ def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy),  # type: ignore[arg-type]
                        gate, metrics, settings.data_roots, settings.quarantine_root, settings.job_batch_size,  # type: ignore[arg-type]
                        settings.quarantine_findings, settings.duplicate_pixel_check, limits,
-                       engine.decision["models"], health)
+                       engine.decision, health)
     metrics.describe_build(_version(), engine.decision, engine.runtimes, str(engine.device))
     metrics.watch_disks({"state": settings.state_dir, "results": settings.state_dir / "jobs",
                          "quarantine": settings.quarantine_root})  # type: ignore[dict-item]

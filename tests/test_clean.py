@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -263,6 +264,25 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
         clean(QCPipeline(weights, QCConfig(policy="resnest")), collection, out, batch_size=8)
     again = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
     assert again.skipped_done == first.total
+    # the same networks with a threshold chosen again (`cervixqc calibrate-stage2`): the old
+    # labels were kept under the sha256s alone
+    moved = tmp_path / "moved"
+    shutil.copytree(weights, moved)
+    card = json.loads((moved / "deep_sad.json").read_text())
+    card["thresholds"]["distance"] += 0.5
+    (moved / "deep_sad.json").write_text(json.dumps(card))
+    with pytest.raises(ResultsFolderError, match=r"decided otherwise \(deep_sad threshold\)"):
+        clean(QCPipeline(moved, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    # a folder a cervixqc filled before thresholds were recorded: the same sha256s and policy
+    # are this decision (thresholds moved only with the models then), and its record is completed
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                   (json.dumps({k: v for k, v in first.decision.items() if k != "thresholds"}),))
+    db.close()
+    assert clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out,
+                 batch_size=8).skipped_done == first.total
+    assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
     # a folder an older cervixqc filled records no decision: its rows were taken as this run's
     db = sqlite3.connect(out / "state.sqlite")
     with db:

@@ -241,7 +241,7 @@ def test_a_resumed_job_reads_only_the_files_it_has_no_row_for(tmp_path):
         return engine.run(data, names, policy=policy)
 
     runner = JobRunner(store, run_batch, EngineGate(), Metrics(), [root], tmp_path / "q", batch_size=2,
-                       models=engine.decision["models"])
+                       decision=engine.decision)
     runner.start()
     try:
         assert _wait_finished(store, [job.id])[0].status == "done"
@@ -298,7 +298,7 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
     assert float(scrape()) == 3
 
 
-def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
+def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tmp_path):
     """A job stopped by a restart with new weights went on under them: its results mixed two
     models' labels, and nothing said which rows were whose."""
     from pipelines.engine.qc import QCConfig, QCPipeline
@@ -313,24 +313,35 @@ def test_a_job_begun_by_other_models_is_not_resumed_under_these(tmp_path):
         (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
     store = JobStore(tmp_path / "jobs.sqlite")
     engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
-    begun, fresh, older = (store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(3))
+    begun, fresh, older, recalibrated, unrecorded = (store.create(str(root), None, "resnest", tmp_path / "out")
+                                                     for _ in range(5))
     store.claim_models(begun.id, json.dumps({"detector": "0" * 64}))  # as the weights before the restart
+    # the same networks with a threshold chosen again since (`cervixqc calibrate-stage2`)
+    moved = json.loads(json.dumps(engine.decision["thresholds"]))
+    moved["deep_sad"]["distance"] += 0.5
+    store.claim_models(recalibrated.id, json.dumps({"models": engine.decision["models"], "thresholds": moved}))
+    # begun by a version that recorded the sha256s alone: these models, so resumed, its record completed
+    store.claim_models(unrecorded.id, json.dumps(engine.decision["models"], sort_keys=True))
+    store.add_items(unrecorded.id, engine.run([root / "p0.jpg"], ["p0.jpg"]))
     # rows stored by a version that recorded no models (schema < 4): they were claimed as these
     store.add_items(older.id, engine.run([root / "p0.jpg"], ["p0.jpg"]))
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
-                       Metrics(), [root], tmp_path / "quarantine", batch_size=2, models=engine.decision["models"])
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2, decision=engine.decision)
     runner.start()
     try:
         deadline = time.time() + 60
-        while store.get(fresh.id).status != "done" and time.time() < deadline:
+        while {store.get(j).status for j in (fresh.id, unrecorded.id)} != {"done"} and time.time() < deadline:
             time.sleep(0.1)
     finally:
         runner.stop()
-    assert store.get(begun.id).status == "failed" and "begun by other models" in store.get(begun.id).error
+    for job in (begun, recalibrated):
+        assert store.get(job.id).status == "failed" and "begun by other models" in store.get(job.id).error
     assert store.get(older.id).status == "failed" and store.get(older.id).models is None
     assert "begun by a version that did not record its models, 1 rows stored" in store.get(older.id).error
     assert store.counts(begun.id) == {} and sum(store.counts(fresh.id).values()) == 3
-    assert json.loads(store.get(fresh.id).models) == engine.decision["models"]
+    labelled_by = {"models": engine.decision["models"], "thresholds": engine.decision["thresholds"]}
+    assert json.loads(store.get(fresh.id).models) == labelled_by
+    assert json.loads(store.get(unrecorded.id).models) == labelled_by and sum(store.counts(unrecorded.id).values()) == 3
 
 
 def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):
@@ -406,7 +417,7 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
     engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
     runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
                        Metrics(), [root, clean_root], tmp_path / "quarantine", batch_size=2,
-                       models=engine.decision["models"])
+                       decision=engine.decision)
 
     def run_to_done(job_id):
         deadline = time.time() + 60

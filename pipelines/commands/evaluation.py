@@ -1,4 +1,4 @@
-"""Whole-pipeline evaluation commands: eval-pipeline, baseline-colour."""
+"""Whole-pipeline evaluation commands: eval-pipeline, baseline-colour, calibrate-stage2."""
 
 from __future__ import annotations
 
@@ -148,3 +148,105 @@ def baseline_colour_cmd(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "baseline_metrics.json", report)
+
+
+STAGE2_CARDS = ("deep_sad", "classifier", "colour")
+
+
+def calibrate_stage2_cmd(
+    manifest: Annotated[Path, typer.Argument(help="The site's labelled manifest (regular, green, iodine; a split "
+                                                  "column to pick from).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the stage-2 cards with the new thresholds, "
+                                                          "stage2_calibration.json and stage2_scores.csv.")],
+    weights: Annotated[Path, typer.Option(help="Weights folder whose networks are kept.")] = Path("weights"),
+    split: Annotated[str, typer.Option(help="The rows that choose: a split's name, or `all` for every row.")] = "val",
+    target_sensitivity: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="Each threshold the highest that still flags this share of the green and iodine "
+                                "photos, instead of the best F1.")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Stage-2 thresholds chosen again on a site's own labelled photos, the networks kept: the
+    training rule (best F1, then the middle of the gap) on the engine's own crops. Copy the
+    cards it writes into a copy of the weights folder to use them."""
+    import datetime
+    import shlex
+    import sys
+
+    from models.io import sha256_file
+    from pipelines.commands.common import device_or_fail, file_progress, training_output
+    from pipelines.commands.engine import _engine
+    from pipelines.evaluation.pipeline_eval import evaluate_pipeline, run_rows
+    from pipelines.evaluation.stage2_thresholds import (NON_REGULAR_KINDS, SCORERS, choose, model_figures,
+                                                        scored_crops, with_thresholds)
+
+    device = device_or_fail(device)
+    training_output(out, "deep_sad.json", one_shot=True)  # a weights folder is refused: copy the cards in
+    df = _rows(manifest, None if split == "all" else split)
+    if (df["kind"] == "no_cervix").any():
+        typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
+                   "cervix crops", err=True)
+        df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
+    n_pos = int(df["kind"].isin(NON_REGULAR_KINDS).sum())
+    if n_pos == 0 or n_pos == len(df):  # before the engine pass
+        _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
+              "them green or iodine: choosing a threshold needs both regular and green or iodine photos")
+    qc = _engine(weights, device=device)
+    try:
+        with file_progress("engine") as report:
+            results = run_rows(qc, df, batch_size, report)
+    finally:
+        qc.close()
+    crops = scored_crops(df, results)
+    cards = {"deep_sad": qc.sad_card, "classifier": qc.cls_card, "colour": qc.colour_card}
+    cards = {name: card for name, card in cards.items() if card is not None}
+    try:
+        thresholds = choose(crops, cards, target_sensitivity)
+    except ValueError as e:
+        _fail(str(e), code=1)
+    before = evaluate_pipeline(qc, df, results)
+    record = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "split": split,
+              "photos": len(df), "scored": len(crops), "non_regular_scored": int(crops["y"].sum()),
+              "left_out": {"no_cervix_called": sum(r.label.value == "no_cervix" for r in results),
+                           "unreadable": sum(r.label.value == "unreadable" for r in results)},
+              "rule": ("highest threshold flagging the target share of the green and iodine photos"
+                       if target_sensitivity is not None else "highest F1")
+                      + " on the engine's crops of these photos, then the middle of the gap under it "
+                        "(pipelines.evaluation.classification.calibrate_threshold)",
+              "target_sensitivity": target_sensitivity, "policy_kept": qc.policy,
+              "command": shlex.join(["cervixqc", *sys.argv[1:]]),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    new_cards = {name: with_thresholds(card, thresholds[name], record) for name, card in cards.items()}
+    qc.sad_card, qc.cls_card = new_cards["deep_sad"], new_cards["classifier"]
+    qc.colour_card = new_cards.get("colour")
+    after = evaluate_pipeline(qc, df, results)
+    old = {name: card.thresholds[SCORERS[name].threshold_key] for name, card in cards.items()}
+    figures = {"record": record,
+               "thresholds": {name: {"key": SCORERS[name].threshold_key, "before": old[name], "after": thresholds[name]}
+                              for name in cards},
+               "models_alone": {name: {"before": model_figures(crops, name, old[name]),
+                                       "after": model_figures(crops, name, thresholds[name])} for name in cards},
+               "pipeline": {"before": before, "after": after}}
+    writers = {out / f"{name}.json": (lambda tmp, c=card: tmp.write_text(c.model_dump_json(indent=2) + "\n"))
+               for name, card in new_cards.items()}
+    writers[out / "stage2_calibration.json"] = lambda tmp: tmp.write_text(json_text(figures))
+    writers[out / "stage2_scores.csv"] = lambda tmp: crops.to_csv(tmp, index=False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_together(writers)
+    for name in cards:
+        t, alone = figures["thresholds"][name], figures["models_alone"][name]
+        typer.echo(f"{name:>10}: {t['key']} {t['before']:.4g} -> {t['after']:.4g}  (alone on these photos: F1 "
+                   f"{rate_text(alone['before']['overall']['f1'])} -> {rate_text(alone['after']['overall']['f1'])})")
+    b, a = before[qc.policy]["overall"], after[qc.policy]["overall"]
+    typer.echo(f"policy {qc.policy} (kept): F1 {rate_text(b['f1'])} -> {rate_text(a['f1'])}, regulars flagged "
+               f"{rate_text(b['regular_flagged'])} -> {rate_text(a['regular_flagged'])} over {len(df)} photos "
+               f"({record['left_out']['no_cervix_called']} called no_cervix, {record['left_out']['unreadable']} "
+               "unreadable: no stage-2 score)")
+    n_reg = len(crops) - record["non_regular_scored"]
+    if min(record["non_regular_scored"], n_reg) < 30:
+        typer.echo(f"warning: chosen on {record['non_regular_scored']} green or iodine and {n_reg} regular photos: "
+                   "one photo moves a threshold this far; judge the cards on photos that did not choose them "
+                   "(`cervixqc eval-pipeline SPLIT --split test --weights COPY`) before a site uses them", err=True)
+    typer.echo("these figures are of the photos that chose the thresholds, not held-out ones")
+    names = " ".join(str(out / f"{n}.json") for n in new_cards)
+    typer.echo(f"wrote {names}; to use them: cp -r {weights} SITE && cp {names} SITE/")

@@ -265,9 +265,13 @@ def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
 
 
 def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
-    """What decides a label: the policy and the sha256 of every model that votes. A results
-    folder's rows hold only under the decision that made them (StateStore)."""
-    return {"policy": policy, "models": {c.name: c.sha256 for c in cards if c is not None}}
+    """What decides a label: the policy, and the sha256 and thresholds of every model that
+    votes. A results folder's rows hold only under the decision that made them (StateStore).
+    Thresholds count since `cervixqc calibrate-stage2` moves them with the networks kept: under
+    the sha256s alone, a rerun into the folder kept every old label."""
+    voting = [c for c in cards if c is not None]
+    return {"policy": policy, "models": {c.name: c.sha256 for c in voting},
+            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting}}
 
 
 def folder_cards(weights: Path) -> dict[str, ModelCard]:

@@ -37,13 +37,14 @@ class JobRunner:
     def __init__(self, store: JobStore, run_batch: RunJobBatch, gate: EngineGate, metrics: Metrics,
                  roots: list[Path], quarantine_root: Path, batch_size: int,
                  quarantine_findings: Collection[str] = (), pixel_check: bool = True,
-                 limits: DecodeLimits = DecodeLimits(), models: dict[str, str] | None = None,
+                 limits: DecodeLimits = DecodeLimits(), decision: dict | None = None,
                  health: EngineHealth | None = None) -> None:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
         self.health = health or EngineHealth(metrics.engine_errors)
         self.limits = limits
-        # the engine's models (name -> sha256): a job resumed under others would mix two models' labels
-        self.models = json.dumps(models or {}, sort_keys=True)
+        # the engine's models and their thresholds (`QCPipeline.decision` without the policy, which
+        # is the job's own): a job resumed under others would mix two models' labels
+        self.models = json.dumps({k: (decision or {}).get(k, {}) for k in ("models", "thresholds")}, sort_keys=True)
         self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
         self._wake = threading.Event()
@@ -58,6 +59,9 @@ class JobRunner:
 
     def start(self) -> None:
         self._thread.start()
+
+    def _recorded_before_thresholds(self, claimed: str) -> bool:
+        return json.loads(claimed) == json.loads(self.models).get("models")
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
@@ -146,10 +150,14 @@ class JobRunner:
                                      resumed_at=now, done_before_resume=stored):
             return  # cancelled meanwhile
         claimed = self.store.claim_models(job.id, self.models)
+        if claimed is not None and claimed != self.models and self._recorded_before_thresholds(claimed):
+            # the models' sha256s alone, recorded before thresholds were: they moved only with
+            # the models then, so the rows were labelled under these; the record is completed
+            claimed = self.store.replace_models(job.id, claimed, self.models)
         if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
             begun_by = ("a version that did not record its models" if claimed is None
-                        else "other models (the weights changed since)")
+                        else "other models or thresholds (the weights changed since)")
             self.store.transition(job.id, "failed", finished=time.time(),
                                   error=f"begun by {begun_by}, {len(done)} rows stored: resumed, its results "
                                         "could mix two models' labels; submit the source again as a new job")

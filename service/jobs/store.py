@@ -159,7 +159,9 @@ class Job(BaseModel):
     error: str | None
     resumed_at: float | None = None
     done_before_resume: int = 0
-    models: str | None = None  # JSON {name: sha256}: the models its rows were labelled by (JobStore.claim_models)
+    # JSON {"models": {name: sha256}, "thresholds": {name: {...}}}, the models its rows were labelled
+    # by (JobStore.claim_models); {name: sha256} alone in a job begun before thresholds were recorded
+    models: str | None = None
 
     def root(self) -> Path:
         """The folder its records' paths are relative to: the folder itself, or a manifest's."""
@@ -343,6 +345,12 @@ class JobStore:
         db = self._db()
         db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models IS NULL "
                    "AND NOT EXISTS (SELECT 1 FROM items WHERE job_id = ?)", (models, job_id, job_id))
+        return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def replace_models(self, job_id: str, old: str, new: str) -> str | None:
+        """The job's models record `old` made `new` (unless it changed meanwhile); returns the job's."""
+        db = self._db()
+        db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models = ?", (new, job_id, old))
         return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
     def get(self, job_id: str) -> Job | None:

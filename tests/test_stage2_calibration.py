@@ -1,0 +1,85 @@
+"""`cervixqc calibrate-stage2`: a site's own labelled photos choose the stage-2 thresholds again,
+the networks kept, and the engine labels by the cards it writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from tests.qc_fixtures import tiny_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _synthetic_site(folder: Path) -> Path:
+    """Photos of a generator source the bundled networks never trained on, every row in `val`."""
+    made = CliRunner().invoke(app, ["synth", str(folder), "-n", "48", "--ratio", "2", "--no-cervix-fraction", "0.1",
+                                    "--max-side", "320", "--seed", "11", "--sources", "teaching", "--workers", "1"])
+    assert made.exit_code == 0, made.output
+    manifest = pd.read_csv(folder / "manifest.csv").assign(split="val")
+    manifest.to_csv(folder / "split.csv", index=False)
+    return folder / "split.csv"
+
+
+def test_a_threshold_that_flags_every_regular_is_chosen_again_and_the_engine_labels_by_the_new_cards(tmp_path):
+    """Deep SAD's distance threshold set to 0 flags every crop; chosen again on the site's photos,
+    Deep SAD alone separates them as the bundled network does, and an engine on a copy of the
+    folder with the written cards gives the labels the command reported."""
+    split = _synthetic_site(tmp_path / "site")
+    broken = tmp_path / "broken"
+    shutil.copytree(REPO / "weights", broken, ignore=shutil.ignore_patterns("data", "*.py", "*.sh", "*.md"))
+    card = json.loads((broken / "deep_sad.json").read_text())
+    card["thresholds"]["distance"] = 0.0
+    (broken / "deep_sad.json").write_text(json.dumps(card))
+
+    run = CliRunner().invoke(app, ["calibrate-stage2", str(split), "--weights", str(broken), "-o", str(tmp_path / "cal")])
+    assert run.exit_code == 0, run.output
+    assert "deep_sad: distance 0 -> " in run.output and "5 no_cervix photos left out" in run.output
+    figures = json.loads((tmp_path / "cal" / "stage2_calibration.json").read_text())
+    alone = figures["models_alone"]["deep_sad"]
+    assert alone["before"]["overall"]["specificity"] == 0.0  # every regular flagged
+    assert alone["after"]["overall"]["f1"] >= 0.9 and alone["after"]["overall"]["specificity"] >= 0.95, alone
+    written = json.loads((tmp_path / "cal" / "deep_sad.json").read_text())
+    assert written["thresholds"]["distance"] == figures["thresholds"]["deep_sad"]["after"] > 0
+    assert written["sha256"] == card["sha256"] and written["metrics"]["site_calibration"]["threshold_before"] == 0.0
+    assert written["metrics"]["policy_choice"] == card["metrics"]["policy_choice"]  # the policy is kept
+    scores = pd.read_csv(tmp_path / "cal" / "stage2_scores.csv")
+    assert len(scores) == figures["record"]["scored"] and set(scores["y"]) == {0, 1}
+
+    site = tmp_path / "site-weights"
+    shutil.copytree(broken, site)
+    for name in ("deep_sad", "classifier", "colour"):
+        shutil.copy(tmp_path / "cal" / f"{name}.json", site)
+    judged = CliRunner().invoke(app, ["eval-pipeline", str(split), "--weights", str(site), "-o", str(tmp_path / "ev")])
+    assert judged.exit_code == 0, judged.output
+    report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
+    for policy in ("deep_sad", "resnest", report["default_policy"]):
+        assert report[policy]["overall"]["confusion"] == figures["pipeline"]["after"][policy]["overall"]["confusion"]
+    assert (report["deep_sad"]["overall"]["confusion"]
+            != figures["pipeline"]["before"]["deep_sad"]["overall"]["confusion"])
+
+
+def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_threshold(tmp_path):
+    weights = tiny_weights(tmp_path / "w", 0.0)
+    rows = pd.DataFrame([{"path": f"p{i}.jpg", "patient_id": f"p{i}", "source": "s", "device": "", "kind": "regular",
+                          "split": "val"} for i in range(4)])
+    for name in rows["path"]:
+        (tmp_path / name).write_bytes(b"")
+    rows.to_csv(tmp_path / "regular.csv", index=False)
+    out = tmp_path / "cal"
+    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
+                                       str(tmp_path / "none"), "-o", str(out)])
+    assert refused.exit_code == 2 and "4 cervix photos in split val, 0 of them green or iodine" in refused.output
+    assert not out.exists()
+    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--split", "test",
+                                       "--weights", str(weights), "-o", str(out)])
+    assert refused.exit_code == 2 and "no labelled rows in split test" in refused.output, refused.output
+    # into the weights folder itself: its cards would be replaced, and its figures with them
+    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
+                                       str(weights), "-o", str(weights)])
+    assert refused.exit_code == 2 and "(a weights folder?)" in refused.output, refused.output
