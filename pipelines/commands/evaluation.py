@@ -150,8 +150,6 @@ def baseline_colour_cmd(
         write_json(out / "baseline_metrics.json", report)
 
 
-STAGE2_CARDS = ("deep_sad", "classifier", "colour")
-
 
 def calibrate_stage2_cmd(
     manifest: Annotated[Path, typer.Argument(help="The site's labelled manifest (regular, green, iodine; a split "
@@ -217,6 +215,8 @@ def calibrate_stage2_cmd(
               "command": shlex.join(["cervixqc", *sys.argv[1:]]),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     new_cards = {name: with_thresholds(card, thresholds[name], record) for name, card in cards.items()}
+    # the same results labelled again by the engine's own rule (`label_for` reads its cards'
+    # thresholds), so the figures after are those an engine on the new cards gives (tested)
     qc.sad_card, qc.cls_card = new_cards["deep_sad"], new_cards["classifier"]
     qc.colour_card = new_cards.get("colour")
     after = evaluate_pipeline(qc, df, results)
@@ -245,7 +245,7 @@ def calibrate_stage2_cmd(
     n_reg = len(crops) - record["non_regular_scored"]
     if min(record["non_regular_scored"], n_reg) < 30:
         typer.echo(f"warning: chosen on {record['non_regular_scored']} green or iodine and {n_reg} regular photos: "
-                   "one photo moves a threshold this far; judge the cards on photos that did not choose them "
+                   "so few that one photo moves a threshold; judge the cards on photos that did not choose them "
                    "(`cervixqc eval-pipeline SPLIT --split test --weights COPY`) before a site uses them", err=True)
     typer.echo("these figures are of the photos that chose the thresholds, not held-out ones")
     names = " ".join(str(out / f"{n}.json") for n in new_cards)
