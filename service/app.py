@@ -29,7 +29,8 @@ from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import KNOWN_METHODS, ApiError, install_error_handlers, internal_error, validation_message
+from service.errors import (KNOWN_METHODS, ApiError, install_error_handlers, internal_error, route_label,
+                            validation_message)
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
@@ -178,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # past this point Starlette logged the traceback, re-raised it and uvicorn logged it
             # again, with the file paths exception messages carry, and the 500 reached no counter
             response = internal_error(request, e)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
+        route = route_label(app, request)
         # the method as a label only when it is one of HTTP's: uvicorn takes any token, and each
         # new word was a new series, kept for good (no key is needed to send one)
         method = request.method if request.method in KNOWN_METHODS else "other"

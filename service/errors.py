@@ -41,15 +41,32 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _documented(app: FastAPI, path: str) -> Iterator[tuple[str, dict]]:
+    """The OpenAPI document's path templates that `path` fills, with their operations."""
+    for template, operations in app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
+            yield template, operations
+
+
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """Every method the OpenAPI document lists for `path` (what clients are generated from).
     Starlette's 405 names only the methods of the first route matching the path, so
     `/v1/jobs` (POST and GET in two routes) answered `Allow: POST`."""
     methods: set[str] = set()
-    for template, operations in app.openapi().get("paths", {}).items():
-        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), path):
-            methods |= {m.upper() for m in operations if m.upper() in KNOWN_METHODS}
+    for _, operations in _documented(app, path):
+        methods |= {m.upper() for m in operations if m.upper() in KNOWN_METHODS}
     return sorted(methods)
+
+
+def route_label(app: FastAPI, request: Request) -> str:
+    """The route a request is counted under in /metrics: the one that answered it, or for one
+    refused before routing (a body over the limit by its Content-Length: `BodyLimitMiddleware`)
+    the documented route it was sent to; their 413s were all counted under "unmatched"."""
+    route = getattr(request.scope.get("route"), "path", None)
+    if route is None:
+        method = request.method.lower()
+        route = next((t for t, operations in _documented(app, route_path(request.scope)) if method in operations), None)
+    return route or "unmatched"
 
 
 def validation_message(e: RequestValidationError) -> str:

@@ -118,6 +118,8 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     assert re.search(r'^cervixqc_engine_errors_total\{origin="upload"\} 0\.0$', text, re.M)
     counted = 'cervixqc_rejected_requests_total', '{reason="body_too_large"}'
     assert _metric(text, *counted) == _metric(before.text, *counted) + 1
+    # under its route, though refused before routing by its Content-Length ("unmatched" before)
+    assert _metric(text, "cervixqc_http_requests_total", '{method="POST",route="/v1/qc",status="413"}') >= 1
 
     def chunks():  # no Content-Length: stopped at the first byte past the limit, and counted too (it was not)
         yield b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\n"
