@@ -290,6 +290,12 @@ class Stale:
     stamp: str
 
 
+def recorded_before_thresholds(before: dict, decision: dict) -> bool:
+    """A decision recorded by a cervixqc that kept the policy and the models' sha256s alone,
+    with this one's policy and models."""
+    return "thresholds" not in before and before == {k: decision[k] for k in ("policy", "models")}
+
+
 class StateStore:
     """SQLite journal: path -> result JSON. One transaction per batch.
 
@@ -364,9 +370,10 @@ class StateStore:
                                      "its policy and models: they would count as done under these; choose another "
                                      "--out, or delete it to label everything again")
         before = json.loads(row[0])
-        if "thresholds" not in before and before == {k: v for k, v in decision.items() if k != "thresholds"}:
+        if recorded_before_thresholds(before, decision) and not decision["site_calibrated"]:
             # recorded before thresholds were: they moved only with the models then (a retrain),
-            # so these rows were labelled under this decision; its record is completed
+            # so these rows were labelled under the cards' trained thresholds; its record is
+            # completed. Not under thresholds a site chose since (calibrate-stage2): refused below
             with self.db:
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
                                 (json.dumps(decision, sort_keys=True),))
@@ -379,10 +386,14 @@ class StateStore:
         models = before.get("models", {})
         changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
                     if models.get(name) != decision["models"].get(name)]
-        thresholds = before.get("thresholds", {})
-        changed += [f"{name} threshold" for name in sorted(set(thresholds) | set(decision["thresholds"]))
-                    if models.get(name) == decision["models"].get(name)
-                    and thresholds.get(name) != decision["thresholds"].get(name)]
+        if recorded_before_thresholds(before, decision):
+            changed.append(f"thresholds chosen at the site since ({', '.join(decision['site_calibrated'])}), "
+                           "and the folder's rows recorded before thresholds were")
+        else:
+            thresholds = before.get("thresholds", {})
+            changed += [f"{name} threshold" for name in sorted(set(thresholds) | set(decision["thresholds"]))
+                        if models.get(name) == decision["models"].get(name)
+                        and thresholds.get(name) != decision["thresholds"].get(name)]
         same_models = len(changed) == 1 and before.get("policy") != decision["policy"]
         resume = f"pass --policy {before.get('policy')} to continue it, " if same_models else ""
         raise ResultsFolderError(f"{self.folder} holds labels decided otherwise ({', '.join(changed)}): its rows count "

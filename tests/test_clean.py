@@ -278,11 +278,21 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
     db = sqlite3.connect(out / "state.sqlite")
     with db:
         db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
-                   (json.dumps({k: v for k, v in first.decision.items() if k != "thresholds"}),))
+                   (json.dumps({k: first.decision[k] for k in ("policy", "models")}),))
     db.close()
     assert clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out,
                  batch_size=8).skipped_done == first.total
     assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
+    # ... but not under thresholds a site chose since: which ones labelled the rows is unknown
+    card["metrics"]["site_calibration"] = {"threshold_before": card["thresholds"]["distance"] - 0.5}
+    (moved / "deep_sad.json").write_text(json.dumps(card))
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                   (json.dumps({k: first.decision[k] for k in ("policy", "models")}),))
+    db.close()
+    with pytest.raises(ResultsFolderError, match=r"thresholds chosen at the site since \(deep_sad\)"):
+        clean(QCPipeline(moved, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
     # a folder an older cervixqc filled records no decision: its rows were taken as this run's
     db = sqlite3.connect(out / "state.sqlite")
     with db:

@@ -342,6 +342,21 @@ def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tm
     labelled_by = {"models": engine.decision["models"], "thresholds": engine.decision["thresholds"]}
     assert json.loads(store.get(fresh.id).models) == labelled_by
     assert json.loads(store.get(unrecorded.id).models) == labelled_by and sum(store.counts(unrecorded.id).values()) == 3
+    # not once a site has chosen thresholds again: the old rows' thresholds are then unknown
+    older_record = store.create(str(root), None, "resnest", tmp_path / "out")
+    store.claim_models(older_record.id, json.dumps(engine.decision["models"], sort_keys=True))
+    store.add_items(older_record.id, engine.run([root / "p0.jpg"], ["p0.jpg"]))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2,
+                       decision=engine.decision | {"site_calibrated": ["deep_sad"]})
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while store.get(older_record.id).status != "failed" and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        runner.stop()
+    assert "begun by other models or thresholds" in store.get(older_record.id).error
 
 
 def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):

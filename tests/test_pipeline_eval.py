@@ -47,8 +47,10 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
                             "-o", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
-    assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both", "two_of_three", "models"}
+    assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both", "two_of_three", "models",
+                           "thresholds"}
     assert report["models"]["detector"] == json.loads((weights / "detector.json").read_text())["sha256"]
+    assert report["thresholds"]["classifier"] == {"probability": 0.99}
     rows = pd.read_csv(tmp_path / "ev" / "results.csv", keep_default_na=False)
     truth = load_manifest(labelled)
     truth = truth[(truth["split"] == "val") & (truth["kind"] != "")]

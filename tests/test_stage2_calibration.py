@@ -49,7 +49,7 @@ def test_a_threshold_that_flags_every_regular_is_chosen_again_and_the_engine_lab
     assert written["sha256"] == card["sha256"] and written["metrics"]["site_calibration"]["threshold_before"] == 0.0
     assert written["metrics"]["policy_choice"] == card["metrics"]["policy_choice"]  # the policy is kept
     scores = pd.read_csv(tmp_path / "cal" / "stage2_scores.csv")
-    assert len(scores) == figures["record"]["scored"] and set(scores["y"]) == {0, 1}
+    assert len(scores) == figures["record"]["photos_scored"] and set(scores["y"]) == {0, 1}
 
     site = tmp_path / "site-weights"
     shutil.copytree(broken, site)
@@ -62,6 +62,28 @@ def test_a_threshold_that_flags_every_regular_is_chosen_again_and_the_engine_lab
         assert report[policy]["overall"]["confusion"] == figures["pipeline"]["after"][policy]["overall"]["confusion"]
     assert (report["deep_sad"]["overall"]["confusion"]
             != figures["pipeline"]["before"]["deep_sad"]["overall"]["confusion"])
+    assert report["thresholds"]["deep_sad"]["distance"] == written["thresholds"]["distance"]  # the report says whose
+
+    # again into the same folder with weights that have no crop-colour scorer: the earlier
+    # colour card would have been copied in beside the new ones
+    plain = tmp_path / "no-colour"
+    shutil.copytree(broken, plain, ignore=shutil.ignore_patterns("colour.*"))
+    again = CliRunner().invoke(app, ["calibrate-stage2", str(split), "--weights", str(plain), "-o", str(tmp_path / "cal")])
+    assert again.exit_code == 0, again.output
+    assert "holds an earlier calibration: this run replaces its files" in again.output
+    assert not (tmp_path / "cal" / "colour.json").exists() and (tmp_path / "cal" / "deep_sad.json").exists()
+
+
+def test_cards_under_which_the_kept_policy_reads_worse_on_their_own_photos_are_not_written(tmp_path):
+    """Each threshold is its own model's best alone: on a site's split the kept policy read a
+    lower F1 on the very photos that chose them, and the command said to copy the cards in."""
+    split = _synthetic_site(tmp_path / "site")
+    weights = tmp_path / "w"
+    shutil.copytree(REPO / "weights", weights, ignore=shutil.ignore_patterns("data", "*.py", "*.sh", "*.md"))
+    run = CliRunner().invoke(app, ["calibrate-stage2", str(split), "--weights", str(weights), "-o", str(tmp_path / "cal"),
+                                   "--target-sensitivity", "0.2"])
+    assert run.exit_code == 1 and "not written: under the new thresholds the kept policy" in run.output, run.output
+    assert "sensitivity" in run.output and not (tmp_path / "cal").exists()
 
 
 def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_threshold(tmp_path):
@@ -71,15 +93,20 @@ def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_thresho
     for name in rows["path"]:
         (tmp_path / name).write_bytes(b"")
     rows.to_csv(tmp_path / "regular.csv", index=False)
+    rows.drop(columns="split").to_csv(tmp_path / "no-split.csv", index=False)
     out = tmp_path / "cal"
-    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
-                                       str(tmp_path / "none"), "-o", str(out)])
-    assert refused.exit_code == 2 and "4 cervix photos in split val, 0 of them green or iodine" in refused.output
-    assert not out.exists()
-    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--split", "test",
-                                       "--weights", str(weights), "-o", str(out)])
-    assert refused.exit_code == 2 and "no labelled rows in split test" in refused.output, refused.output
-    # into the weights folder itself: its cards would be replaced, and its figures with them
-    refused = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
-                                       str(weights), "-o", str(weights)])
-    assert refused.exit_code == 2 and "(a weights folder?)" in refused.output, refused.output
+
+    def refused(manifest: str, *more: str, weights: Path = weights) -> str:
+        r = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / manifest), "--weights", str(weights),
+                                     "-o", str(out), *more])
+        assert r.exit_code == 2 and not out.exists(), r.output
+        return r.output
+
+    assert "4 cervix photos in split val, 0 of them green or iodine" in refused("regular.csv")
+    assert "the folder does not exist" in refused("regular.csv", weights=tmp_path / "none")
+    assert "no row in split 'test' (its splits: val)" in refused("regular.csv", "--split", "test")
+    assert "pass --split all to choose on every row" in refused("no-split.csv")
+    # into the weights folder itself: its cards would be replaced, and the figures on them with them
+    into_weights = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
+                                            str(weights), "-o", str(weights)])
+    assert into_weights.exit_code == 2 and "is a weights folder" in into_weights.output, into_weights.output

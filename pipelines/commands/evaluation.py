@@ -69,9 +69,9 @@ def eval_pipeline_cmd(
         results = run_rows(qc, df, batch_size)
     finally:
         qc.close()
-    # which models these figures are of: two reports of one folder before and after a swapped
-    # head could not be told apart (an audit)
-    report = evaluate_pipeline(qc, df, results) | {"models": qc.decision["models"]}
+    # which models and thresholds these figures are of: two reports of one folder before and
+    # after a swapped head (or a calibrate-stage2) could not be told apart (audits)
+    report = evaluate_pipeline(qc, df, results) | {k: qc.decision[k] for k in ("models", "thresholds")}
     unreadable = report[qc.policy]["overall"]["unreadable"]
     if unreadable == len(df):
         _fail(f"not one of the {len(df)} photos could be read (results.csv is not written; `cervixqc validate` and "
@@ -151,6 +151,41 @@ def baseline_colour_cmd(
 
 
 
+def _calibration_rows(manifest: Path, split: str):
+    """The labelled cervix photos that choose, or a clean exit that says what to pass."""
+    from pipelines.commands.common import _manifest
+
+    df = _manifest(manifest)
+    if split != "all":
+        if "split" not in df.columns:
+            _fail(f"{manifest} has no split column: pass --split all to choose on every row, or make one with "
+                  "`cervixqc split`")
+        if not (df["split"] == split).any():
+            _fail(f"{manifest}: no row in split {split!r} (its splits: {', '.join(sorted(map(str, df['split'].unique())))})")
+        df = df[df["split"] == split]
+    df = df[df["kind"] != ""].reset_index(drop=True)
+    if (df["kind"] == "no_cervix").any():
+        typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
+                   "cervix crops", err=True)
+        df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
+    n_pos = int(df["kind"].isin(("green", "iodine")).sum())
+    if n_pos == 0 or n_pos == len(df):
+        _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
+              "them green or iodine: choosing a threshold needs both regular and green or iodine photos")
+    return df
+
+
+def _calibration_output(out: Path) -> None:
+    from pipelines.commands.common import require_writable
+
+    require_writable("-o", out, keep=False)  # made when the files are written
+    if (out / "detector.json").exists():
+        _fail(f"-o {out} is a weights folder: its cards would be replaced, and the figures on them with them; "
+              "write into another folder and copy the cards into a copy of the weights folder")
+    if (out / "stage2_calibration.json").exists():
+        typer.echo(f"{out} holds an earlier calibration: this run replaces its files", err=True)
+
+
 def calibrate_stage2_cmd(
     manifest: Annotated[Path, typer.Argument(help="The site's labelled manifest (regular, green, iodine; a split "
                                                   "column to pick from).")],
@@ -166,87 +201,77 @@ def calibrate_stage2_cmd(
 ) -> None:
     """Stage-2 thresholds chosen again on a site's own labelled photos, the networks kept: the
     training rule (best F1, then the middle of the gap) on the engine's own crops. Copy the
-    cards it writes into a copy of the weights folder to use them."""
+    cards it writes into a copy of the weights folder to use them. Cards under which the kept
+    policy reads a lower F1 on these very photos are not written (exit 1)."""
     import datetime
     import shlex
     import sys
 
     from models.io import sha256_file
-    from pipelines.commands.common import device_or_fail, file_progress, training_output
-    from pipelines.commands.engine import _engine
-    from pipelines.evaluation.pipeline_eval import evaluate_pipeline, run_rows
-    from pipelines.evaluation.stage2_thresholds import (NON_REGULAR_KINDS, SCORERS, choose, model_figures,
-                                                        scored_crops, with_thresholds)
+    from pipelines.commands.common import device_or_fail, file_progress
+    from pipelines.commands.engine import _engine, _weights_folder
+    from pipelines.evaluation.pipeline_eval import run_rows
+    from pipelines.evaluation.stage2_thresholds import STAGE2_MODELS, calibrate
 
     device = device_or_fail(device)
-    training_output(out, "deep_sad.json", one_shot=True)  # a weights folder is refused: copy the cards in
-    df = _rows(manifest, None if split == "all" else split)
-    if (df["kind"] == "no_cervix").any():
-        typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
-                   "cervix crops", err=True)
-        df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
-    n_pos = int(df["kind"].isin(NON_REGULAR_KINDS).sum())
-    if n_pos == 0 or n_pos == len(df):  # before the engine pass
-        _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
-              "them green or iodine: choosing a threshold needs both regular and green or iodine photos")
+    _weights_folder(weights)
+    _calibration_output(out)
+    df = _calibration_rows(manifest, split)
     qc = _engine(weights, device=device)
     try:
         with file_progress("engine") as report:
             results = run_rows(qc, df, batch_size, report)
     finally:
         qc.close()
-    crops = scored_crops(df, results)
-    cards = {"deep_sad": qc.sad_card, "classifier": qc.cls_card, "colour": qc.colour_card}
-    cards = {name: card for name, card in cards.items() if card is not None}
-    try:
-        thresholds = choose(crops, cards, target_sensitivity)
-    except ValueError as e:
-        _fail(str(e), code=1)
-    before = evaluate_pipeline(qc, df, results)
-    record = {"manifest": str(manifest), "manifest_sha256": sha256_file(manifest), "split": split,
-              "photos": len(df), "scored": len(crops), "non_regular_scored": int(crops["y"].sum()),
+    unreadable = [p for p, r in zip(df["path"], results) if r.label.value == "unreadable"]
+    if unreadable:
+        shown = ", ".join(unreadable[:10]) + (f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+        typer.echo(f"warning: {len(unreadable)} photos could not be read, left out: {shown}", err=True)
+    record = {"manifest": str(manifest.resolve()), "manifest_sha256": sha256_file(manifest), "split": split,
+              "photos": len(df),
               "left_out": {"no_cervix_called": sum(r.label.value == "no_cervix" for r in results),
-                           "unreadable": sum(r.label.value == "unreadable" for r in results)},
+                           "unreadable": len(unreadable)},
               "rule": ("highest threshold flagging the target share of the green and iodine photos"
                        if target_sensitivity is not None else "highest F1")
                       + " on the engine's crops of these photos, then the middle of the gap under it "
                         "(pipelines.evaluation.classification.calibrate_threshold)",
-              "target_sensitivity": target_sensitivity, "policy_kept": qc.policy,
+              "target_sensitivity": target_sensitivity, "weights": str(weights.resolve()),
               "command": shlex.join(["cervixqc", *sys.argv[1:]]),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    new_cards = {name: with_thresholds(card, thresholds[name], record) for name, card in cards.items()}
-    # the same results labelled again by the engine's own rule (`label_for` reads its cards'
-    # thresholds), so the figures after are those an engine on the new cards gives (tested)
-    qc.sad_card, qc.cls_card = new_cards["deep_sad"], new_cards["classifier"]
-    qc.colour_card = new_cards.get("colour")
-    after = evaluate_pipeline(qc, df, results)
-    old = {name: card.thresholds[SCORERS[name].threshold_key] for name, card in cards.items()}
-    figures = {"record": record,
-               "thresholds": {name: {"key": SCORERS[name].threshold_key, "before": old[name], "after": thresholds[name]}
-                              for name in cards},
-               "models_alone": {name: {"before": model_figures(crops, name, old[name]),
-                                       "after": model_figures(crops, name, thresholds[name])} for name in cards},
-               "pipeline": {"before": before, "after": after}}
+    try:
+        cal = calibrate(qc, df, results, record, target_sensitivity)
+    except ValueError as e:
+        _fail(str(e), code=1)
+    for name, before in cal.thresholds_before.items():
+        alone = cal.figures["models_alone"][name]
+        typer.echo(f"{name:>10}: {cal.figures['thresholds'][name]['key']} {before:.6g} -> {cal.thresholds[name]:.6g}  "
+                   f"(alone on these photos: F1 {rate_text(alone['before']['overall']['f1'])} -> "
+                   f"{rate_text(alone['after']['overall']['f1'])})")
+    b, a = cal.kept_policy["before"], cal.kept_policy["after"]
+    typer.echo(f"policy {cal.policy} (kept), before -> after: F1 {rate_text(b['f1'])} -> {rate_text(a['f1'])}, "
+               f"sensitivity {rate_text(b['sensitivity'])} -> {rate_text(a['sensitivity'])}, regulars flagged "
+               f"{rate_text(b['regular_flagged'])} -> {rate_text(a['regular_flagged'])} over {len(df)} photos "
+               f"({record['left_out']['no_cervix_called']} called no_cervix, {len(unreadable)} unreadable: no "
+               "stage-2 score)")
+    if cal.policy_worse:
+        _fail(f"not written: under the new thresholds the kept policy {cal.policy} reads a lower F1 on the very "
+              "photos that chose them (each threshold is its own model's best alone, not the policy's); keep the "
+              "cards the weights have, or judge another policy with `cervixqc eval-pipeline`", code=1)
+    n_pos = cal.figures["record"]["non_regular_scored"]
+    n_reg = len(cal.crops) - n_pos
+    if min(n_pos, n_reg) < 30:
+        typer.echo(f"warning: chosen on {n_pos} green or iodine and {n_reg} regular photos, so few that one photo "
+                   "moves a threshold; judge the cards on photos that did not choose them (`cervixqc eval-pipeline "
+                   "SPLIT --split test --weights COPY`) before a site uses them", err=True)
     writers = {out / f"{name}.json": (lambda tmp, c=card: tmp.write_text(c.model_dump_json(indent=2) + "\n"))
-               for name, card in new_cards.items()}
-    writers[out / "stage2_calibration.json"] = lambda tmp: tmp.write_text(json_text(figures))
-    writers[out / "stage2_scores.csv"] = lambda tmp: crops.to_csv(tmp, index=False)
+               for name, card in cal.cards.items()}
+    writers[out / "stage2_calibration.json"] = lambda tmp: tmp.write_text(json_text(cal.figures))
+    writers[out / "stage2_scores.csv"] = lambda tmp: cal.crops.to_csv(tmp, index=False)
     out.mkdir(parents=True, exist_ok=True)
     write_together(writers)
-    for name in cards:
-        t, alone = figures["thresholds"][name], figures["models_alone"][name]
-        typer.echo(f"{name:>10}: {t['key']} {t['before']:.4g} -> {t['after']:.4g}  (alone on these photos: F1 "
-                   f"{rate_text(alone['before']['overall']['f1'])} -> {rate_text(alone['after']['overall']['f1'])})")
-    b, a = before[qc.policy]["overall"], after[qc.policy]["overall"]
-    typer.echo(f"policy {qc.policy} (kept): F1 {rate_text(b['f1'])} -> {rate_text(a['f1'])}, regulars flagged "
-               f"{rate_text(b['regular_flagged'])} -> {rate_text(a['regular_flagged'])} over {len(df)} photos "
-               f"({record['left_out']['no_cervix_called']} called no_cervix, {record['left_out']['unreadable']} "
-               "unreadable: no stage-2 score)")
-    n_reg = len(crops) - record["non_regular_scored"]
-    if min(record["non_regular_scored"], n_reg) < 30:
-        typer.echo(f"warning: chosen on {record['non_regular_scored']} green or iodine and {n_reg} regular photos: "
-                   "so few that one photo moves a threshold; judge the cards on photos that did not choose them "
-                   "(`cervixqc eval-pipeline SPLIT --split test --weights COPY`) before a site uses them", err=True)
+    for name in STAGE2_MODELS:  # an earlier run's card of a model these weights lack would be copied in with these
+        if name not in cal.cards:
+            (out / f"{name}.json").unlink(missing_ok=True)
     typer.echo("these figures are of the photos that chose the thresholds, not held-out ones")
-    names = " ".join(str(out / f"{n}.json") for n in new_cards)
-    typer.echo(f"wrote {names}; to use them: cp -r {weights} SITE && cp {names} SITE/")
+    names = " ".join(str(out / f"{n}.json") for n in cal.cards)
+    typer.echo(f"wrote {names}; to use them: cp -r {weights} SITE (a new folder) && cp {names} SITE/")

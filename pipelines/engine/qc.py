@@ -271,7 +271,10 @@ def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
     the sha256s alone, a rerun into the folder kept every old label."""
     voting = [c for c in cards if c is not None]
     return {"policy": policy, "models": {c.name: c.sha256 for c in voting},
-            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting}}
+            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting},
+            # cards whose thresholds a site chose again: a record made before thresholds were
+            # recorded cannot be taken as labelled under them (`StateStore._claim_decision`)
+            "site_calibrated": sorted(c.name for c in voting if "site_calibration" in c.metrics)}
 
 
 def folder_cards(weights: Path) -> dict[str, ModelCard]:

@@ -25,8 +25,10 @@ import pandas as pd
 from models.io import ModelCard
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.evaluation.classification import Space, binary_metrics, calibrate_threshold
+from pipelines.evaluation.pipeline_eval import evaluate_pipeline
 
 NON_REGULAR_KINDS = ("green", "iodine")
+STAGE2_MODELS = ("deep_sad", "classifier", "colour")
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,78 @@ def model_figures(crops: pd.DataFrame, name: str, threshold: float) -> dict:
 
 
 def with_thresholds(card: ModelCard, threshold: float, record: dict) -> ModelCard:
-    """The card with its stage-2 threshold replaced and the choice recorded (`metrics.site_calibration`);
-    the figures of its training (`metrics.val`, `pipeline_*`, `policy_choice.val_f1`) are left
-    as they were measured, under the threshold before, which the record names."""
+    """The card with its stage-2 threshold replaced and the choice recorded (`metrics.site_calibration`,
+    a calibration before it kept as its `earlier`); the figures of its training (`metrics.val`,
+    `pipeline_*`, `policy_choice.val_f1`) are left as they were measured, under the threshold
+    before, which the record names."""
     key = SCORERS[card.name].threshold_key
     before = card.thresholds[key]
     return card.model_copy(update={
         "thresholds": card.thresholds | {key: float(threshold)},
-        "metrics": card.metrics | {"site_calibration": record | {"threshold_before": before,
-                                                                 "threshold": float(threshold)}}})
+        "metrics": card.metrics | {"site_calibration": record | {
+            "threshold_before": before, "threshold": float(threshold),
+            "earlier": card.metrics.get("site_calibration")}}})
+
+
+POLICY_FIGURES = ("f1", "sensitivity", "precision", "regular_flagged")
+
+
+@dataclass
+class Calibration:
+    """New stage-2 cards and what they do on the photos that chose them."""
+
+    policy: str
+    thresholds_before: dict[str, float]
+    thresholds: dict[str, float]
+    cards: dict[str, ModelCard]
+    crops: pd.DataFrame
+    figures: dict  # stage2_calibration.json
+
+    @property
+    def kept_policy(self) -> dict[str, dict]:
+        return self.figures["record"]["kept_policy"]
+
+    @property
+    def policy_worse(self) -> bool:
+        """Each threshold is its own model's best alone, not the policy's: on a site's split the
+        kept policy read F1 0.909 -> 0.903 on the very photos that chose them, sensitivity
+        0.882 -> 0.824 (an audit). Such cards are not written."""
+        def f1(when: str) -> float:
+            v = self.kept_policy[when]["f1"]
+            return 0.0 if v is None or v != v else float(v)
+
+        return f1("after") < f1("before")
+
+
+def calibrate(qc, df: pd.DataFrame, results: list[QCResult], record: dict,
+              target_sensitivity: float | None = None) -> Calibration:
+    """Thresholds for the engine's stage-2 models from its results on `df`'s labelled cervix
+    photos; `record` (where the photos came from, the command) goes on each new card. The
+    figures after are the engine's own rule (`label_for` reads its cards' thresholds) over the
+    same results under the new cards, so they are what an engine on them gives (tested).
+    ValueError when the scored photos do not hold both classes."""
+    crops = scored_crops(df, results)
+    cards = {name: card for name, card in
+             {"deep_sad": qc.sad_card, "classifier": qc.cls_card, "colour": qc.colour_card}.items() if card is not None}
+    old = {name: card.thresholds[SCORERS[name].threshold_key] for name, card in cards.items()}
+    thresholds = choose(crops, cards, target_sensitivity)
+    before = evaluate_pipeline(qc, df, results)
+    kept = {"before": {k: before[qc.policy]["overall"].get(k) for k in POLICY_FIGURES}}
+    try:
+        qc.sad_card, qc.cls_card, qc.colour_card = (
+            with_thresholds(card, thresholds[name], {}) if card is not None else None
+            for name, card in (("deep_sad", qc.sad_card), ("classifier", qc.cls_card), ("colour", qc.colour_card)))
+        after = evaluate_pipeline(qc, df, results)
+    finally:
+        qc.sad_card, qc.cls_card, qc.colour_card = cards["deep_sad"], cards["classifier"], cards.get("colour")
+    kept["after"] = {k: after[qc.policy]["overall"].get(k) for k in POLICY_FIGURES}
+    record = record | {"policy_kept": qc.policy, "kept_policy": kept, "photos_scored": len(crops),
+                       "non_regular_scored": int(crops["y"].sum())}
+    figures = {"record": record,
+               "thresholds": {name: {"key": SCORERS[name].threshold_key, "before": old[name], "after": thresholds[name]}
+                              for name in cards},
+               "models_alone": {name: {"before": model_figures(crops, name, old[name]),
+                                       "after": model_figures(crops, name, thresholds[name])} for name in cards},
+               "pipeline": {"before": before, "after": after}}
+    new_cards = {name: with_thresholds(card, thresholds[name], record) for name, card in cards.items()}
+    return Calibration(qc.policy, old, thresholds, new_cards, crops, figures)

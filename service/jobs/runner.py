@@ -45,6 +45,7 @@ class JobRunner:
         # the engine's models and their thresholds (`QCPipeline.decision` without the policy, which
         # is the job's own): a job resumed under others would mix two models' labels
         self.models = json.dumps({k: (decision or {}).get(k, {}) for k in ("models", "thresholds")}, sort_keys=True)
+        self.site_calibrated = bool((decision or {}).get("site_calibrated"))
         self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
         self._wake = threading.Event()
@@ -150,9 +151,11 @@ class JobRunner:
                                      resumed_at=now, done_before_resume=stored):
             return  # cancelled meanwhile
         claimed = self.store.claim_models(job.id, self.models)
-        if claimed is not None and claimed != self.models and self._recorded_before_thresholds(claimed):
+        if (claimed is not None and claimed != self.models and self._recorded_before_thresholds(claimed)
+                and not self.site_calibrated):
             # the models' sha256s alone, recorded before thresholds were: they moved only with
-            # the models then, so the rows were labelled under these; the record is completed
+            # the models then, so the rows were labelled under the cards' trained thresholds; the
+            # record is completed. Not under thresholds a site chose since (calibrate-stage2)
             claimed = self.store.replace_models(job.id, claimed, self.models)
         if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
