@@ -103,6 +103,15 @@ def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_thresho
         return r.output
 
     assert "4 cervix photos in split val, 0 of them green or iodine" in refused("regular.csv")
+    # a threshold chosen on a handful of photos is noise: 1 green photo of 3 took the colour
+    # threshold from 0.736 to 0.076 (an audit)
+    few = pd.DataFrame([{"path": f"f{i}.jpg", "patient_id": f"f{i}", "source": "s", "device": "",
+                         "kind": "green" if i < 4 else "regular", "split": "val"} for i in range(16)])
+    for name in few["path"]:
+        (tmp_path / name).write_bytes(b"")
+    few.to_csv(tmp_path / "few.csv", index=False)
+    assert "16 cervix photos in split val, 4 of them green or iodine: choosing a threshold needs at least 10" in \
+        refused("few.csv")
     assert "the folder does not exist" in refused("regular.csv", weights=tmp_path / "none")
     assert "no row in split 'test' (its splits: val)" in refused("regular.csv", "--split", "test")
     assert "pass --split all to choose on every row" in refused("no-split.csv")

@@ -168,10 +168,13 @@ def _calibration_rows(manifest: Path, split: str):
         typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
                    "cervix crops", err=True)
         df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
-    n_pos = int(df["kind"].isin(("green", "iodine")).sum())
-    if n_pos == 0 or n_pos == len(df):
+    from pipelines.evaluation.stage2_thresholds import MIN_PER_CLASS, NON_REGULAR_KINDS
+
+    n_pos = int(df["kind"].isin(NON_REGULAR_KINDS).sum())
+    if min(n_pos, len(df) - n_pos) < MIN_PER_CLASS:
         _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
-              "them green or iodine: choosing a threshold needs both regular and green or iodine photos")
+              f"them green or iodine: choosing a threshold needs at least {MIN_PER_CLASS} regular and "
+              f"{MIN_PER_CLASS} green or iodine photos")
     return df
 
 
