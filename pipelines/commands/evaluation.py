@@ -8,10 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands.common import _fail, rate_text
+from pipelines.data.schema import NON_REGULAR_KINDS
 from pipelines.outputs import json_text, write_json, write_together
 
 
-def _rows(manifest: Path, split: Optional[str]):
+def _rows(manifest: Path, split: Optional[str], no_split_hint: str = ""):
+    """The manifest's labelled rows of `split` (None: every row), or a clean exit that says what
+    the manifest has."""
     from pipelines.data.manifest import ManifestError, load_manifest
 
     try:
@@ -20,7 +23,10 @@ def _rows(manifest: Path, split: Optional[str]):
         _fail(str(e))
     if split is not None:
         if "split" not in df.columns:
-            _fail(f"{manifest} has no split column")
+            _fail(f"{manifest} has no split column{no_split_hint}")
+        if not (df["split"] == split).any():
+            splits = ", ".join(sorted(map(str, df["split"].unique())))
+            _fail(f"{manifest}: no row in split {split!r} (its splits: {splits})")
         df = df[df["split"] == split].reset_index(drop=True)
     df = df[df["kind"] != ""].reset_index(drop=True)
     if df.empty:
@@ -153,23 +159,14 @@ def baseline_colour_cmd(
 
 def _calibration_rows(manifest: Path, split: str):
     """The labelled cervix photos that choose, or a clean exit that says what to pass."""
-    from pipelines.commands.common import _manifest
+    from pipelines.evaluation.stage2_thresholds import MIN_PER_CLASS
 
-    df = _manifest(manifest)
-    if split != "all":
-        if "split" not in df.columns:
-            _fail(f"{manifest} has no split column: pass --split all to choose on every row, or make one with "
-                  "`cervixqc split`")
-        if not (df["split"] == split).any():
-            _fail(f"{manifest}: no row in split {split!r} (its splits: {', '.join(sorted(map(str, df['split'].unique())))})")
-        df = df[df["split"] == split]
-    df = df[df["kind"] != ""].reset_index(drop=True)
+    df = _rows(manifest, None if split == "all" else split,
+               ": pass --split all to choose on every row, or make one with `cervixqc split`")
     if (df["kind"] == "no_cervix").any():
         typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
                    "cervix crops", err=True)
         df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
-    from pipelines.evaluation.stage2_thresholds import MIN_PER_CLASS, NON_REGULAR_KINDS
-
     n_pos = int(df["kind"].isin(NON_REGULAR_KINDS).sum())
     if min(n_pos, len(df) - n_pos) < MIN_PER_CLASS:
         _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
@@ -214,7 +211,7 @@ def calibrate_stage2_cmd(
     from pipelines.commands.common import device_or_fail, file_progress
     from pipelines.commands.engine import _engine, _weights_folder
     from pipelines.evaluation.pipeline_eval import run_rows
-    from pipelines.evaluation.stage2_thresholds import STAGE2_MODELS, calibrate
+    from pipelines.evaluation.stage2_thresholds import SCORERS, calibrate
 
     device = device_or_fail(device)
     _weights_folder(weights)
@@ -272,7 +269,7 @@ def calibrate_stage2_cmd(
     writers[out / "stage2_scores.csv"] = lambda tmp: cal.crops.to_csv(tmp, index=False)
     out.mkdir(parents=True, exist_ok=True)
     write_together(writers)
-    for name in STAGE2_MODELS:  # an earlier run's card of a model these weights lack would be copied in with these
+    for name in SCORERS:  # an earlier run's card of a model these weights lack would be copied in with these
         if name not in cal.cards:
             (out / f"{name}.json").unlink(missing_ok=True)
     typer.echo("these figures are of the photos that chose the thresholds, not held-out ones")

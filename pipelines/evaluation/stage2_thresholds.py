@@ -23,12 +23,11 @@ import numpy as np
 import pandas as pd
 
 from models.io import ModelCard
+from pipelines.data.schema import NON_REGULAR_KINDS
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.evaluation.classification import Space, binary_metrics, calibrate_threshold
 from pipelines.evaluation.pipeline_eval import evaluate_pipeline
 
-NON_REGULAR_KINDS = ("green", "iodine")
-STAGE2_MODELS = ("deep_sad", "classifier", "colour")
 # Fewer photos of a class than this choose nothing: with 1 green photo of 3 the colour threshold
 # went 0.736 -> 0.076 (an audit). A choice, not a measurement: the bundled thresholds rest on
 # 12 green and iodine validation photos, and between this and 30 the command warns.
