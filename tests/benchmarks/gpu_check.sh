@@ -7,11 +7,16 @@
 #   echo /.whl/ >> .git/info/exclude && bash tests/benchmarks/gpu_check.sh --download
 # then run there (carry: [".whl"]):  bash tests/benchmarks/gpu_check.sh
 #
-# The bench runs untrained weights at the bundled sizes (speed only): the working tree with
-# weights/ is 88 MB, over the 64 MiB a call carries, so the bundled classifier cannot travel
-# whole. For the labels-differ count with the bundled weights, move weights/classifier.safetensors
-# out of the tree for the call and bring it in two ignored halves over two calls to one warm
-# machine (ignored files stay there between calls), joined with cat before `--weights weights`.
+# The working tree with weights/ is 89 MB, over the 64 MiB a call carries, so the bundled
+# classifier (51 MB; 46 MB as xz) cannot travel whole. Without it the bench runs untrained
+# weights at the default sizes (speed only). With the bundled weights: move
+# weights/classifier.safetensors and the OpenVINO files (CPU only) out of the tree, split the
+# classifier in two ignored halves, and bring one per call to one warm machine (30 s idle):
+#   call 1 (carry .whl, .gpu/classifier.part1):  PARTS=tests ... after copying the half to /tmp/cq
+#   call 2 (carry .whl, .gpu/classifier.part2):  cat both halves > weights/classifier.safetensors,
+#                                                then PARTS=bench BENCH_WEIGHTS=weights ...
+# (the bench checks the joined file's sha256 against its card before it times anything).
+# PARTS: tests, bench or both (default); BENCH_N, BENCH_BATCH: the bench's photos and batch.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = --download ]; then
@@ -36,8 +41,19 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-gpu-check-out}"
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__,
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")' | tee "$OUT/versions.txt"
+PARTS="${PARTS:-tests,bench}"
 status=0
-python3 -m pytest -p no:cacheprovider -o addopts="" -n 0 -ra -m gpu tests/test_gpu_paths.py 2>&1 | tee "$OUT/tests.log" || status=1
-python3 -m pipelines.cli bench --device cuda --jpeg-decoder torchvision --n-images 512 --batch-size 64 \
-  --out "$OUT/bench.json" 2>&1 | tail -n 20 | tee "$OUT/bench.log" || status=1
+if [[ ",$PARTS," == *,tests,* ]]; then
+  python3 -m pytest -p no:cacheprovider -o addopts="" -n 0 -ra -m gpu tests/test_gpu_paths.py 2>&1 | tee "$OUT/tests.log" || status=1
+fi
+if [[ ",$PARTS," == *,bench,* ]]; then
+  weights=()
+  [[ -n "${BENCH_WEIGHTS:-}" ]] && weights=(--weights "$BENCH_WEIGHTS")
+  # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
+  python3 -m pipelines.cli bench --device cuda --jpeg-decoder torchvision --n-images "${BENCH_N:-512}" \
+    --batch-size "${BENCH_BATCH:-64}" --modes torch:f32,torch,torch+ahead "${weights[@]}" \
+    --out "$OUT/bench.json" 2>&1 | tail -n 20 | tee "$OUT/bench.log" || status=1
+fi
 exit $status
