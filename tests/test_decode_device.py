@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.engine.decode import DecodeError, Decoded, decode
-from pipelines.engine.decode_device import apply_orientation, decode_on_device
+from pipelines.engine.decode_device import apply_orientation, decode_on_device, ends_whole
 from tests.qc_fixtures import fuzz_set
 
 
@@ -63,6 +63,21 @@ def test_a_bad_jpeg_in_the_batch_does_not_cost_the_good_ones_their_pixels():
         ref = decode(data).image.int()
         assert g.image.shape == ref.shape
         assert (g.image.int() - ref).abs().float().mean() < 2.0  # two libjpeg builds, same picture
+
+
+def test_a_jpeg_cut_short_goes_to_pil_and_one_with_bytes_after_its_end_is_still_read():
+    """nvJPEG decoded a JPEG cut in half without an error on an H200 (grey rows, labelled
+    non_regular): only streams that end with their end-of-image marker go to the device."""
+    whole = _jpeg(np.full((64, 96, 3), 120, np.uint8))
+    assert ends_whole(whole) and not ends_whole(whole[: len(whole) // 2])
+    assert not ends_whole(whole + b"camera trailer") and not ends_whole(DecodeError("unreadable"))
+    with ThreadPoolExecutor(1) as pool:
+        cut, trailed = decode_on_device([whole[: len(whole) // 2], whole + b"camera trailer"], torch.device("cpu"),
+                                        pool)
+    with pytest.raises(DecodeError) as pil_verdict:
+        decode(whole[: len(whole) // 2])
+    assert isinstance(cut, DecodeError) and cut.reason == pil_verdict.value.reason
+    assert isinstance(trailed, Decoded) and trailed.image.shape == decode(whole).image.shape
 
 
 def test_downscales_to_the_size_pils_dct_scaled_decode_gives_and_keeps_the_full_size():

@@ -57,6 +57,14 @@ def _finish(image: torch.Tensor, header: Header, min_long_side: int | None) -> D
     return Decoded(image, full_w, full_h, header.sha256)
 
 
+def ends_whole(data: bytes | DecodeError) -> bool:
+    """Whether a JPEG stream ends with its end-of-image marker. nvJPEG decodes a JPEG cut in
+    half without an error (the missing rows grey; seen on an H200, torchvision 0.26), where PIL
+    and libjpeg refuse it: a stream that does not end whole goes to PIL, which either reads it
+    (a camera's bytes after the marker) or gives the row its reason."""
+    return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[-2:]) == b"\xff\xd9"
+
+
 def decode_on_device(datas: Sequence[bytes | DecodeError], device: torch.device, pool: Executor,
                      limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None
                      ) -> list[Decoded | DecodeError]:
@@ -69,7 +77,7 @@ def decode_on_device(datas: Sequence[bytes | DecodeError], device: torch.device,
     headers = list(pool.map(lambda d: d if isinstance(d, DecodeError) else header(d), datas))
     out: list[Decoded | DecodeError | None] = [h if isinstance(h, DecodeError) else None for h in headers]
     on_device = [i for i, h in enumerate(headers)
-                 if isinstance(h, Header) and h.format == "JPEG" and h.mode in DEVICE_MODES]
+                 if isinstance(h, Header) and h.format == "JPEG" and h.mode in DEVICE_MODES and ends_whole(datas[i])]
     if on_device:
         encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in on_device]  # type: ignore[arg-type]
         try:

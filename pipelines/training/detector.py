@@ -210,8 +210,8 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
 
     model = build_detector(model_cfg)
     model.load_state_dict(load_file(str(result.best_weights)))
-    preds = predict_dataset(model, val, torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"),
-                            cfg.batch_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preds = predict_dataset(model.to(device), val, device, cfg.batch_size)  # on the CPU beside a GPU's images: failed
     has_box = {a.image_id for a in val.coco.annotations}
     ids = [im.id for im in val.coco.images]
     top = np.array([float(preds[i]["scores"].max()) if len(preds[i]["scores"]) else 0.0 for i in ids])
