@@ -68,6 +68,19 @@ def test_the_engine_on_the_device_reads_every_photo_as_the_cpu_engine_does(weigh
     _assert_reads_like(qc.run(photos), on_cpu)
 
 
+def test_on_cuda_the_detector_stays_nchw_while_the_stage2_models_go_nhwc(weights):
+    """cuDNN built NHWC plans per new detector input shape: 20 s against 1.4 s for the first
+    pass over 128 clinic photos on an H200 (tests/benchmarks/cuda_detect.py). On the CPU
+    the detector keeps the NHWC layout it measured faster there."""
+    def nhwc(model) -> bool:
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+        return conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    qc = _engine(weights)
+    assert nhwc(qc.detector) is not DEVICE.startswith("cuda")
+    assert nhwc(qc.classifier)
+
+
 def test_device_decode_reads_as_pil_decode_and_a_bad_jpeg_costs_only_its_row(weights):
     cases = fuzz_set()
     names = list(cases)

@@ -81,9 +81,11 @@ class QCConfig:
     # NHWC weights: cuDNN and oneDNN prefer that layout for convolutions. On this 2-core CPU the
     # resnet50 RetinaNet alone at 512 ran 1.45-2.3x faster (a busy machine), the whole engine on
     # 8 clinic photos only 1.03-1.10x (quiet); outputs are equal (tests/test_qc_layout.py).
+    # On CUDA it applies to the stage-2 models only (the detector's reason: QCPipeline.__init__).
     channels_last: bool = True
     # bf16 autocast: None means on for CUDA only (on the 2-core CPU it measured 0.84-1.9x,
-    # too unsteady to be a default there).
+    # too unsteady to be a default there), and there for the stage-2 models only: the detector
+    # ran 2x slower under it on an H200. True puts the detector under it too.
     bf16: bool | None = None
     # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
     # batched, per-image fallback to PIL (pipelines/engine/decode_device.py). "pil": DCT-scaled PIL
@@ -368,11 +370,21 @@ class QCPipeline:
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
         self.closed = False
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
+        # On CUDA the detector stays NCHW and, unless bf16 is asked for, float32: its input comes
+        # in a few shapes a collection, and cuDNN builds NHWC plans per new shape. On an H200
+        # (tests/benchmarks/cuda_detect.py, 128 clinic photos in 5 shapes, bundled detector) the
+        # detector stage's first pass took 20.1 s NHWC against 1.4 s NCHW, and warm passes
+        # 0.135 s (NHWC f32), 0.158 (NHWC bf16), 0.235 (NCHW bf16), 0.114 (NCHW f32): the first
+        # whole bench's batched detector stage read 37 s for 512 photos, 3x the naive loop's.
+        cuda = self.device.type == "cuda"
         if self.cfg.channels_last and self.runtime == "torch":
-            for model in (self.detector, self.deep_sad, self.classifier):
+            for model in (self.deep_sad, self.classifier) if cuda else (self.detector, self.deep_sad, self.classifier):
                 model.to(memory_format=torch.channels_last)
-        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else cuda
         self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        detector_bf16 = bf16 and (self.cfg.bf16 is True or not cuda)
+        self._detector_autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                         enabled=detector_bf16)
         # what runs each model: torch (the exporter views; a detector other than RetinaNet runs
         # its own forward), or the compiled OpenVINO model with the same outputs. Either way a
         # RetinaNet's boxes are decoded step by step, so only each photo's best box is decoded
@@ -501,7 +513,7 @@ class QCPipeline:
         chunks = shape_chunks(self.detector.transform, [im.shape[-2:] for im in images], self.detector_batch)
         dets: list[dict[str, torch.Tensor] | None] = [None] * len(images)
         feats: list[torch.Tensor | None] = [None] * len(images)
-        with self._autocast():
+        with self._detector_autocast():
             for chunk in chunks:
                 batch = [TF.to_dtype(images[k], torch.float32, scale=True) for k in chunk]
                 if on_floats is not None:

@@ -16,7 +16,10 @@
 #   call 2 (carry .whl, .gpu/classifier.part2):  cat both halves > weights/classifier.safetensors,
 #                                                then PARTS=bench BENCH_WEIGHTS=weights ...
 # (the bench checks the joined file's sha256 against its card before it times anything).
-# PARTS: tests, bench or both (default); BENCH_N, BENCH_BATCH: the bench's photos and batch.
+# PARTS: some of tests, layout, bench (default: tests,bench); BENCH_N, BENCH_BATCH: the bench's photos
+# and batch; LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
+# classifier's file, BENCH_WEIGHTS=weights times the bundled models beside a stand-in classifier of
+# the bundled configuration (speed only; its labels are not the bundled ones).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = --download ]; then
@@ -48,9 +51,18 @@ status=0
 if [[ ",$PARTS," == *,tests,* ]]; then
   python3 -m pytest -p no:cacheprovider -o addopts="" -n 0 -ra -m gpu tests/test_gpu_paths.py 2>&1 | tee "$OUT/tests.log" || status=1
 fi
+if [[ ",$PARTS," == *,layout,* ]]; then  # the detector stage per weight layout and precision, profiled
+  python3 -m tests.benchmarks.cuda_detect --weights weights --n "${LAYOUT_N:-128}" --out "$OUT/layout.json" 2>&1 |
+    tee "$OUT/layout.log" || status=1
+fi
 if [[ ",$PARTS," == *,bench,* ]]; then
   weights=()
-  [[ -n "${BENCH_WEIGHTS:-}" ]] && weights=(--weights "$BENCH_WEIGHTS")
+  if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
+    # without the classifier's file (it cannot travel in one call): a stand-in of its card's configuration
+    w=$(python3 -c 'import sys; from pathlib import Path; from tests.benchmarks.cuda_detect import stand_in_weights
+print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WEIGHTS" | tail -n 1)
+    weights=(--weights "$w")
+  fi
   # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
   python3 -m pipelines.cli bench --device cuda --jpeg-decoder torchvision --n-images "${BENCH_N:-512}" \
     --batch-size "${BENCH_BATCH:-64}" --modes torch:f32,torch,torch+ahead "${weights[@]}" \
