@@ -85,6 +85,9 @@ def main() -> None:
             for bf16 in (False, True):
                 qc = QCPipeline(weights, QCConfig(device=args.device, runtime="torch", channels_last=channels_last,
                                                   bf16=bf16, jpeg_decoder="torchvision", findings=False))
+                # the engine keeps the detector NCHW on CUDA (this script's finding): set here, so
+                # both layouts stay measurable
+                qc.detector.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
                 images = [d.image for d in qc._decode(paths)]
                 first = _timed(lambda: qc._detect(images), 1)[0]
                 warm = _timed(lambda: qc._detect(images), 3)
