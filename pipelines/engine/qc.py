@@ -378,13 +378,10 @@ class QCPipeline:
         # whole bench's batched detector stage read 37 s for 512 photos, 3x the naive loop's.
         cuda = self.device.type == "cuda"
         if self.cfg.channels_last and self.runtime == "torch":
-            for model in (self.deep_sad, self.classifier) if cuda else (self.detector, self.deep_sad, self.classifier):
+            for model in (self.deep_sad, self.classifier) + (() if cuda else (self.detector,)):
                 model.to(memory_format=torch.channels_last)
-        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else cuda
-        self._autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        detector_bf16 = bf16 and (self.cfg.bf16 is True or not cuda)
-        self._detector_autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                         enabled=detector_bf16)
+        self._stage2_bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else cuda
+        self._detector_bf16 = self.cfg.bf16 is True  # None: float32 on CUDA too, and off on CPUs anyway
         # what runs each model: torch (the exporter views; a detector other than RetinaNet runs
         # its own forward), or the compiled OpenVINO model with the same outputs. Either way a
         # RetinaNet's boxes are decoded step by step, so only each photo's best box is decoded
@@ -447,6 +444,9 @@ class QCPipeline:
         finally:
             self._runs["detector"] = run
         return seen
+
+    def _autocast(self, bf16: bool) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _stamp(self, t: float) -> float:
         """Milliseconds since `t`, after the device has finished the work queued so far: CUDA
@@ -513,7 +513,7 @@ class QCPipeline:
         chunks = shape_chunks(self.detector.transform, [im.shape[-2:] for im in images], self.detector_batch)
         dets: list[dict[str, torch.Tensor] | None] = [None] * len(images)
         feats: list[torch.Tensor | None] = [None] * len(images)
-        with self._detector_autocast():
+        with self._autocast(self._detector_bf16):
             for chunk in chunks:
                 batch = [TF.to_dtype(images[k], torch.float32, scale=True) for k in chunk]
                 if on_floats is not None:
@@ -793,7 +793,7 @@ class QCPipeline:
         crop_hashes = phash(crops[32]) if self.cfg.findings else [None] * len(with_box)
         timings["hash"] += self._stamp(t)
         t = time.perf_counter()
-        with self._autocast():
+        with self._autocast(self._stage2_bf16):
             sad = interpret(self.sad_card, self._runs["deep_sad"]((crops[32] / 255).to(self.device)))["score"]
             cls_in = TF.center_crop(crops[big] / 255, [self.cls_size, self.cls_size]).to(self.device)
             out = interpret(self.cls_card, self._runs["classifier"](cls_in))

@@ -6,8 +6,9 @@ Why it exists: the first bench on an H200 (2026-12-04, bundled weights, 512 clin
 read the batched detector stage at 37 s (f32) and 43 s (bf16), three times the naive loop's
 11.5 s for the same photos, while the models around it took about a second. This times
 `QCPipeline._detect` alone, on the engine's own decoded photos, for channels_last on and off
-and bf16 on and off (one engine each, the same photos), first pass (new shapes) apart from
-the warm passes, and profiles one warm pass of the engine's default (channels_last + bf16).
+and bf16 on and off (one engine each, the same decoded photos), first pass (new shapes) apart
+from the warm passes, and profiles one warm pass of channels_last + bf16 (the engine's CUDA
+default before this script's finding).
 
 Without weights/classifier.safetensors (the 51 MB file cannot travel to the device with the
 rest, see gpu_check.sh) the classifier is a stand-in at the bundled card's configuration:
@@ -20,6 +21,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -35,6 +37,7 @@ def stand_in_weights(weights: Path, work: Path) -> Path:
         return weights
     from models.classifier import ClassifierConfig, RegularityClassifier
     from models.io import load_card, save_weights
+    from pipelines.evaluation.untrained import NOTE
 
     folder = work / "weights"
     folder.mkdir(parents=True)
@@ -43,23 +46,20 @@ def stand_in_weights(weights: Path, work: Path) -> Path:
             shutil.copy2(f, folder / f.name)
     card = load_card(weights / "classifier.json")
     model = RegularityClassifier(ClassifierConfig(**card.config))
-    save_weights(model.state_dict(), folder / "classifier", card, dtype=card.storage_dtype)
-    print("note: weights/classifier.safetensors absent: an untrained classifier of its card's configuration")
+    save_weights(model.state_dict(), folder / "classifier", card.model_copy(update={"data": NOTE}),
+                 dtype=card.storage_dtype)
+    print("note: weights/classifier.safetensors absent: an untrained classifier of its card's configuration",
+          file=sys.stderr)
     return folder
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn, passes: int) -> list[float]:
+def _timed(fn, passes: int, cuda: bool) -> list[float]:
     out = []
     for _ in range(passes):
-        _sync()
         t = time.perf_counter()
         fn()
-        _sync()
+        if cuda:
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
     return out
 
@@ -72,15 +72,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu checks the script itself where no GPU is lent")
     args = ap.parse_args()
 
+    from pipelines.clean import list_inputs
     from pipelines.data.synth import PRESETS, generate
     from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.evaluation.engine_bench import usable
+
+    cuda = args.device.startswith("cuda")
 
     work = Path(tempfile.mkdtemp(prefix="cuda-detect-"))
     try:
         weights = stand_in_weights(args.weights, work)
         folder = generate(replace(PRESETS["clinic"], n_images=args.n, seed=0), work / "photos").out_dir / "images"
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        rows = []
+        paths, _ = usable([folder / p for p in list_inputs(folder)])
+        rows, images = [], None
         for channels_last in (False, True):
             for bf16 in (False, True):
                 qc = QCPipeline(weights, QCConfig(device=args.device, runtime="torch", channels_last=channels_last,
@@ -88,9 +92,10 @@ def main() -> None:
                 # the engine keeps the detector NCHW on CUDA (this script's finding): set here, so
                 # both layouts stay measurable
                 qc.detector.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                images = [d.image for d in qc._decode(paths)]
-                first = _timed(lambda: qc._detect(images), 1)[0]
-                warm = _timed(lambda: qc._detect(images), 3)
+                if images is None:  # the same decoder, long side and device for every engine: decoded once
+                    images = [d.image for d in qc._decode(paths)]
+                first = _timed(lambda: qc._detect(images), 1, cuda)[0]
+                warm = _timed(lambda: qc._detect(images), 3, cuda)
                 row = {"channels_last": channels_last, "bf16": bf16, "photos": len(images),
                        "first_pass_s": round(first, 3), "warm_pass_s": round(statistics.median(warm), 3)}
                 print(json.dumps(row), flush=True)
@@ -98,17 +103,13 @@ def main() -> None:
                 if channels_last and bf16:
                     from torch.profiler import ProfilerActivity, profile
 
-                    cuda = args.device.startswith("cuda")
                     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-                        qc._detect(images)
-                        _sync()
+                        _timed(lambda: qc._detect(images), 1, cuda)
                     for key in ("self_cuda_time_total",) * cuda + ("self_cpu_time_total",):
                         print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
                 qc.close()
-                if cuda_on := args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
         if args.out is not None:
-            name = torch.cuda.get_device_name(0) if cuda_on else "cpu"
+            name = torch.cuda.get_device_name(0) if cuda else "cpu"
             args.out.write_text(json.dumps({"device": name, "torch": torch.__version__,
                                             "rows": rows}, indent=2))
     finally:

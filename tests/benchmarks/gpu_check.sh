@@ -60,7 +60,7 @@ if [[ ",$PARTS," == *,bench,* ]]; then
   if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
     # without the classifier's file (it cannot travel in one call): a stand-in of its card's configuration
     w=$(python3 -c 'import sys; from pathlib import Path; from tests.benchmarks.cuda_detect import stand_in_weights
-print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WEIGHTS" | tail -n 1)
+print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WEIGHTS")
     weights=(--weights "$w")
   fi
   # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
