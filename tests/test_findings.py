@@ -154,6 +154,33 @@ def test_each_source_left_out_is_judged_by_the_threshold_the_others_choose():
     assert new_source_metrics(pd.DataFrame(rows[:1200]), "blur", cfg) == {}, "one source: nothing to leave out"
 
 
+
+def test_a_photo_known_to_have_a_finding_is_no_false_flag_of_it_but_still_one_of_the_others():
+    """The generator's own camera blur: its photo's original and ordinary copy score as blurred
+    as a degraded copy, and counting them as must-not-flag rows held its AUC down."""
+    from pipelines.evaluation.findings_calibration import CalibrationConfig, finding_metrics, source_threshold
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(200):
+        known = "blur" if i < 20 else ""
+        for variant, extra in (("original", 0.0), ("nuisance", 0.0), ("blur", 2.0), ("dark", 0.0)):
+            shift = 2.0 if known and variant != "dark" else extra
+            dark = rng.uniform(0, 1) + (2.0 if variant == "dark" else 0.0)
+            rows.append({"path": f"p{i}", "source": "gen", "variant": variant, "known_findings": known,
+                         "blur": rng.uniform(0, 1) + shift, "dark": dark})
+    scores = pd.DataFrame(rows)
+    blur = finding_metrics(scores, "blur", 1.5)
+    assert blur["n_undegraded"] == 2 * 180 and blur["n_degraded"] == 200
+    assert blur["auc"] == 1.0 and blur["false_flags_original"] == 0.0
+    assert finding_metrics(scores.drop(columns="known_findings"), "blur", 1.5)["auc"] < 0.96
+    dark = finding_metrics(scores, "dark", 1.5)
+    assert dark["n_undegraded"] == 2 * 200, "a photo known to be blurred is still one dark must not flag"
+    undegraded = scores[scores["variant"].isin(("original", "nuisance"))]
+    cfg = CalibrationConfig(max_false_flags=0.015)
+    assert source_threshold(undegraded, "blur", cfg) < 1.0 < source_threshold(undegraded.drop(columns="known_findings"),
+                                                                               "blur", cfg)
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
@@ -302,7 +329,8 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     for i in range(7):
         Image.fromarray(_tissue(30 + i)).save(tmp_path / f"p{i}.jpg", quality=95)
         rows.append({"path": f"p{i}.jpg", "patient_id": f"p{i}", "source": "site", "device": "",
-                     "kind": "regular" if i < 6 else "no_cervix"})  # no cervix crop: left out, said
+                     "kind": "regular" if i < 6 else "no_cervix",  # no cervix crop: left out, said
+                     "known_findings": "blur" if i == 0 else ""})  # not a false flag of blur, said
     pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)  # no split column
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
     given = {"blur": 0.5, "dark": 0.7, "overexposed": 0.8, "glare": 0.1}
@@ -324,7 +352,7 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     assert run("-o", str(tmp_path / "chosen")).exit_code == 2  # choosing needs a split
     result = run("-o", str(tmp_path / "judged"), "--thresholds-from", str(tmp_path / "given.json"))
     assert result.exit_code == 0, result.output
-    assert "1 no_cervix photos left out" in result.output
+    assert "1 no_cervix photos left out" in result.output and "1 photos known to have blur" in result.output
     card = load_findings_card(tmp_path / "judged" / "findings.json")
     assert card.thresholds == given and "calibration" not in card.metrics
     assert card.metrics["data"]["thresholds_from"]["card"] == str(tmp_path / "given.json")
@@ -333,8 +361,9 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     for name in FINDINGS:  # the figures are those thresholds' on every photo
         m = card.metrics["test"][name]
         assert m["n_degraded"] == 6
-        originals = scores[scores["variant"] == "original"]
+        originals = scores[(scores["variant"] == "original") & ((scores["path"] != "p0.jpg") | (name != "blur"))]
         assert m["false_flags_original"] == pytest.approx((originals[name] >= given[name]).mean())
+        assert m["n_undegraded"] == 2 * len(originals)
     report = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "judged"), "-o", str(tmp_path / "r.html")])
     assert report.exit_code == 0 and "Judged, not chosen" in (tmp_path / "r.html").read_text(), report.output
 

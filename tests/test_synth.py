@@ -49,6 +49,26 @@ def test_tiny_preset_has_every_source_and_kind_and_valid_manifest_and_coco(tiny_
             assert im.format == "JPEG" and im.mode == "RGB"
 
 
+
+def test_photos_the_camera_model_blurred_are_marked_known_blurred_in_the_manifest(tiny_dataset):
+    """A findings calibration on the generator's photos must not count them as sharp (the
+    manifest's `known_findings`); the mark is the camera's own blur, so marked photos read
+    blurrier than the rest by the engine's blur score."""
+    import torch
+
+    from pipelines.engine.findings import finding_scores
+
+    df = load_manifest(tiny_dataset.manifest)
+    assert set(df["known_findings"]) == {"", "blur"}
+    cervix = df[df["kind"] != "no_cervix"]
+    marked = cervix["known_findings"] == "blur"
+    assert 0.05 < marked.mean() < 0.4  # the profiles blur 10-30% of photos
+    crops = torch.stack([torch.from_numpy(np.array(Image.open(tiny_dataset.out_dir / p).convert("RGB")
+                                                   .resize((128, 128), Image.BOX))).permute(2, 0, 1)
+                         for p in cervix["path"]]).float() / 255
+    blur = finding_scores(crops)["blur"].numpy()
+    assert np.median(blur[marked.to_numpy()]) > np.percentile(blur[~marked.to_numpy()], 90)
+
 def test_patients_have_several_images_with_pre_and_post_acetic_acid(tiny_dataset):
     df = pd.read_csv(tiny_dataset.manifest)
     assert df.groupby("patient_id").size().max() >= 3

@@ -52,6 +52,13 @@ def calibrate_findings_cmd(
         typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: the findings are "
                    "calibrated on cervix crops", err=True)
         df = df[df["kind"] != "no_cervix"]
+    if "known_findings" in df.columns:  # the generator's own camera blur: such photos may be flagged
+        from pipelines.data.manifest import known_findings
+
+        marked = df["known_findings"].map(known_findings).explode().dropna().value_counts()
+        if len(marked):
+            typer.echo("note: " + ", ".join(f"{n} photos known to have {f}" for f, n in marked.items()) +
+                       " (manifest `known_findings`): not counted as photos that finding must leave alone", err=True)
     if judged is not None and (judged.metrics.get("data") or {}).get("manifest_sha256") == sha256_file(manifest):
         typer.echo(f"warning: {manifest} is the manifest {thresholds_from} was calibrated on: its train and val "
                    "photos chose these thresholds; its own test figures are the fair ones", err=True)

@@ -24,6 +24,7 @@ from pipelines.data.schema import (
     Split,
     on_disk,
 )
+from pipelines.engine.qc_result import FINDINGS
 from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
@@ -225,6 +226,7 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
     has_split = "split" in df.columns
     cols = [df[c].fillna("").astype(str).str.strip() for c in ("path", "patient_id", "source", "kind")]
     splits = df["split"].fillna("").astype(str).str.strip() if has_split else None
+    known = df["known_findings"].fillna("").astype(str) if "known_findings" in df.columns else None
     for i, (p, patient, source, kind) in enumerate(zip(*cols), start=1):
         if not p:
             problems.append(RowProblem(i, "path", "empty path"))
@@ -244,7 +246,16 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
             problems.append(RowProblem(i, "kind", f"unknown kind {kind!r}; expected one of {sorted(_KINDS)} or blank"))
         if splits is not None and splits.iat[i - 1] and splits.iat[i - 1] not in _SPLITS:
             problems.append(RowProblem(i, "split", f"unknown split {splits.iat[i - 1]!r}; expected train, val, test or blank"))
+        if known is not None and (odd := [f for f in known_findings(known.iat[i - 1]) if f not in FINDINGS]):
+            problems.append(RowProblem(i, "known_findings", f"unknown finding(s) {', '.join(map(repr, odd))}; expected "
+                                                            f"{', '.join(FINDINGS)} separated by ';', or blank"))
     return problems
+
+
+def known_findings(cell: object) -> list[str]:
+    """The findings a manifest's `known_findings` cell names: `blur;dark` -> [blur, dark]; blank -> []."""
+    text = "" if cell is None or (isinstance(cell, float) and cell != cell) else str(cell)
+    return [f for f in (part.strip().casefold() for part in text.split(";")) if f]
 
 
 def rebased(df: pd.DataFrame, out_manifest: str | Path) -> pd.DataFrame:

@@ -31,7 +31,10 @@ class Split(StrEnum):
 
 
 REQUIRED_COLUMNS = ("path", "patient_id", "source", "device", "kind")
-OPTIONAL_COLUMNS = ("split",)
+# known_findings: quality findings the photo is known to have ("blur", "blur;dark"), the
+# ground truth of a set whose makers know it (the generator's own camera blur): a calibration
+# must not count such a photo as one that a finding must leave alone
+OPTIONAL_COLUMNS = ("split", "known_findings")
 
 
 def is_non_regular(kind: str) -> bool:

@@ -38,7 +38,8 @@ folder's findings card (`cervixqc calibrate-findings` picks them on degraded rea
   None kept. What bounds the generator's figure is its rendering: it draws on a 320 px canvas
   and upsamples it bilinearly, so a 640 px synthetic photo has no finest octave at all, which
   the score reads correctly (the same scenes at 320 px: AUC 0.950-0.953; README, "Quality
-  findings and duplicates").
+  findings and duplicates"); and the photos its camera model blurs on purpose, counted as sharp
+  until they were marked (manifest `known_findings`, 2026-12-04: 640 px AUC 0.935 -> 0.958).
 - dark: 1 - the median luma (0..1). A dark corner of the frame does not move it.
 - overexposed: the median luma (0..1) of the lit cells (below): washed-out tissue loses the
   colour and texture the classifier reads. (The share of clipped pixels was the first choice;

@@ -65,6 +65,9 @@ class RenderedImage:
     box: tuple[float, float, float, float] | None  # x1, y1, x2, y2 in output pixels
     cervix: Ellipse | None  # exact outline in output pixels
     detail: str  # what makes it this kind: tint name, stain strength, no-cervix scene
+    # the quality findings it has by construction (manifest `known_findings`): "blur" where the
+    # camera model blurred it, which a blur calibration must not count as a sharp photo
+    known_findings: str = ""
 
 
 def _output_size(rng: np.random.Generator, device: DeviceProfile, policy: SizePolicy) -> tuple[int, int]:
@@ -124,7 +127,7 @@ def render_image(spec: ImageSpec, policy: SizePolicy = SizePolicy()) -> Rendered
         camera.draw_annotations(rng, img, ellipse, anatomy.tz_size)
     jpeg = camera.encode_jpeg(img, look.jpeg_quality, device.subsampling)
     box = clipped_box(ellipse, width, height) if ellipse is not None else None
-    return RenderedImage(jpeg, width, height, box, ellipse, detail)
+    return RenderedImage(jpeg, width, height, box, ellipse, detail, "blur" if look.blur > 0 else "")
 
 
 def image_path(spec: ImageSpec) -> str:
@@ -138,7 +141,7 @@ def render_to_file(job: tuple[ImageSpec, SizePolicy, str]) -> tuple[ImageSpec, R
     path = Path(out_dir) / image_path(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(img.jpeg)
-    return spec, RenderedImage(b"", img.width, img.height, img.box, img.cervix, img.detail)
+    return spec, RenderedImage(b"", img.width, img.height, img.box, img.cervix, img.detail, img.known_findings)
 
 
 def worker_init() -> None:

@@ -66,6 +66,7 @@ def generate(
             "path": rel, "patient_id": spec.patient_id, "source": spec.source,
             "device": SOURCES[spec.source].device.name, "kind": spec.kind.value,
             "stage": spec.stage, "detail": img.detail, "width": img.width, "height": img.height,
+            "known_findings": img.known_findings,
         })
         images.append(CocoImage(id=i, file_name=rel, width=img.width, height=img.height))
         if img.box is not None:
