@@ -154,7 +154,6 @@ def test_each_source_left_out_is_judged_by_the_threshold_the_others_choose():
     assert new_source_metrics(pd.DataFrame(rows[:1200]), "blur", cfg) == {}, "one source: nothing to leave out"
 
 
-
 def test_a_photo_known_to_have_a_finding_is_no_false_flag_of_it_but_still_one_of_the_others():
     """The generator's own camera blur: its photo's original and ordinary copy score as blurred
     as a degraded copy, and counting them as must-not-flag rows held its AUC down."""
@@ -180,6 +179,7 @@ def test_a_photo_known_to_have_a_finding_is_no_false_flag_of_it_but_still_one_of
     cfg = CalibrationConfig(max_false_flags=0.015)
     assert source_threshold(undegraded, "blur", cfg) < 1.0 < source_threshold(undegraded.drop(columns="known_findings"),
                                                                                "blur", cfg)
+
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):

@@ -56,7 +56,6 @@ def test_unknown_split_value_is_refused(tmp_path, write_csv):
         load_manifest(path)
 
 
-
 def test_known_findings_accept_the_finding_names_in_any_case_and_refuse_others(tmp_path, write_csv):
     _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")
     head = "path,patient_id,source,device,kind,Known_Findings\n"
@@ -66,6 +65,7 @@ def test_known_findings_accept_the_finding_names_in_any_case_and_refuse_others(t
         load_manifest(write_csv("bad.csv", head + "a.jpg,p,s,d,regular,blur\nc.jpg,q,s,d,regular,blurry;glare\n"))
     assert [(e.row, e.column) for e in err.value.problems] == [(2, "known_findings")]
     assert "unknown finding(s) 'blurry'; expected blur, dark, overexposed, glare separated by ';'" in str(err.value)
+
 
 def test_parquet_and_csv_round_trip_to_the_same_table(tmp_path):
     _touch(tmp_path, "img/a.jpg", "img/b.jpg")

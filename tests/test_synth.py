@@ -49,7 +49,6 @@ def test_tiny_preset_has_every_source_and_kind_and_valid_manifest_and_coco(tiny_
             assert im.format == "JPEG" and im.mode == "RGB"
 
 
-
 def test_photos_the_camera_model_blurred_are_marked_known_blurred_in_the_manifest(tiny_dataset):
     """A findings calibration on the generator's photos must not count them as sharp (the
     manifest's `known_findings`); the mark is the camera's own blur, so marked photos read
@@ -68,6 +67,7 @@ def test_photos_the_camera_model_blurred_are_marked_known_blurred_in_the_manifes
                          for p in cervix["path"]]).float() / 255
     blur = finding_scores(crops)["blur"].numpy()
     assert np.median(blur[marked.to_numpy()]) > np.percentile(blur[~marked.to_numpy()], 90)
+
 
 def test_patients_have_several_images_with_pre_and_post_acetic_acid(tiny_dataset):
     df = pd.read_csv(tiny_dataset.manifest)

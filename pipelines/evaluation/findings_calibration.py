@@ -36,8 +36,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pipelines.data import degradations
-from pipelines.data.manifest import known_findings
 from pipelines.data.images import load_rgb
+from pipelines.data.manifest import known_findings
 from pipelines.engine.findings import SCORES_VERSION, FindingsCard
 from pipelines.engine.qc_result import FINDINGS
 from pipelines.outputs import write_together
