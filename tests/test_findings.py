@@ -365,7 +365,9 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
         assert m["false_flags_original"] == pytest.approx((originals[name] >= given[name]).mean())
         assert m["n_undegraded"] == 2 * len(originals)
     report = CliRunner().invoke(app, ["report", "--findings", str(tmp_path / "judged"), "-o", str(tmp_path / "r.html")])
-    assert report.exit_code == 0 and "Judged, not chosen" in (tmp_path / "r.html").read_text(), report.output
+    page = (tmp_path / "r.html").read_text()
+    assert report.exit_code == 0 and "Judged, not chosen" in page, report.output
+    assert "1 photos known to have blur" in page and "known to have dark" not in page
 
 
 def test_a_findings_card_calibrated_on_another_detector_is_warned_about(tmp_path, caplog):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.engine.qc_result import FINDINGS
+from pipelines.evaluation.findings_calibration import without_known
 from pipelines.evaluation.report import _plt, _png, gallery
 
 _WORSE = {"blur": "blurrier", "dark": "darker", "overexposed": "brighter", "glare": "more glare"}
@@ -56,7 +57,9 @@ def _new_source_table(card: dict) -> str:
 def _histogram(test: pd.DataFrame, name: str, threshold: float) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    groups = {"originals": test[test["variant"] == "original"], "ordinary copies": test[test["variant"] == "nuisance"],
+    plain = without_known(test, name)  # as the figures count them
+    groups = {"originals": plain[plain["variant"] == "original"],
+              "ordinary copies": plain[plain["variant"] == "nuisance"],
               f"degraded ({name})": test[test["variant"] == name]}
     values = np.concatenate([g[name].to_numpy() for g in groups.values()])
     bins = np.linspace(np.nanmin(values), np.nanmax(values), 40)
@@ -124,9 +127,13 @@ def findings_section(folder: Path, n: int = 8) -> str:
              _table(card), _new_source_table(card)]
     for name in FINDINGS:
         t = card["thresholds"][name]
-        originals = test[test["variant"] == "original"].sort_values(name)
+        plain = without_known(test, name)
+        originals = plain[plain["variant"] == "original"].sort_values(name)
         degraded = test[test["variant"] == name].sort_values(name)
+        known = int((test["variant"] == "original").sum() - len(originals))
         parts += [f"<h3>{name}</h3>", _histogram(test, name, t),
+                  f"<p>{known} photos known to have {name} (manifest <code>known_findings</code>) are not among its "
+                  "undegraded photos here, as in the figures.</p>" if known else "",
                   show(originals.iloc[::-1][:n], name, f"{name}: undegraded photos with the highest scores "
                                                        f"(threshold {t:.3g})"),
                   show(originals[:n], name, f"{name}: undegraded photos with the lowest scores"),
