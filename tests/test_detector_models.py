@@ -140,7 +140,7 @@ def test_eval_detections_of_an_image_do_not_depend_on_the_other_images_of_its_ba
         torch.testing.assert_close(batched[k]["scores"], alone[k]["scores"], atol=1e-5, rtol=0)
 
 
-def test_eval_detector_gives_a_source_of_negatives_no_ap_and_writes_json_other_tools_read(tmp_path):
+def test_eval_detector_gives_negatives_no_ap_scores_the_boxed_photos_apart_and_writes_json_others_read(tmp_path):
     """A source without one box (photos of other organs) read mAP 0.000, as if the detector
     failed there, and the metrics file held the bare word NaN, which no JSON reader but
     Python's accepts."""
@@ -175,4 +175,7 @@ def test_eval_detector_gives_a_source_of_negatives_no_ap_and_writes_json_other_t
     gut, site = report["gut"], report["site"]
     assert gut["map"] is None and gut["ap50"] is None and gut["cervix_found"] is None and gut["n_no_cervix"] == 2
     assert isinstance(site["map"], float) and site["no_cervix_called"] is None and site["n_cervix"] == 2
+    # AP against the checked boxes alone: the photos without a cervix are not in it
+    boxed = report["cervix photos"]
+    assert boxed["n_cervix"] == 2 and boxed["n_no_cervix"] == 0 and boxed["map"] == site["map"]
     assert "mAP -  AP50 -" in r.output and "nan" not in r.output
