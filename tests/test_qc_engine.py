@@ -223,6 +223,26 @@ def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_ch
     assert ahead_run["findings_differing_from_first_batched"]["count"] == 0
 
 
+def test_the_naive_loop_can_time_a_spread_subset_and_the_ratio_is_of_rates(always_cervix, tmp_path):
+    """A long GPU run: the naive loop on 4,096 photos would have taken ten minutes of a lease."""
+    from pipelines.evaluation.engine_bench import naive_subset
+
+    names = [Path(f"{i}.jpg") for i in range(10)]
+    assert naive_subset(names, 4) == [names[0], names[3], names[6], names[9]]
+    assert naive_subset(names, 1) == names[:1] and naive_subset(names, None) == naive_subset(names, 12) == names
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(5):
+        (tmp_path / f"img{i}.jpg").write_bytes(ok)
+    r = CliRunner().invoke(app, ["bench", "--images", str(tmp_path), "--weights", str(always_cervix), "--modes",
+                                 "torch", "--batch-size", "5", "--naive-images", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    naive, batched = result["naive"], result["batched"][0]
+    assert naive["images"] == 2 and batched["images"] == 5
+    assert batched["speedup_vs_naive"] == pytest.approx(batched["images_per_s"] / naive["images_per_s"])
+    assert "(on 2 of the 5 photos)" in r.stderr
+
+
 def test_the_bench_counts_every_label_a_mode_changes():
     from pipelines.evaluation.engine_bench import label_changes
 

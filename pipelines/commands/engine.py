@@ -295,6 +295,9 @@ def bench(
              "the first is the reference for labels. Default: torch, torch+ahead, auto:f32, auto, auto+ahead.")] = None,
     detector_batches: Annotated[Optional[str], typer.Option(
         help="Also time the batched engine at these detector batch sizes, side by side (e.g. 1,4,8).")] = None,
+    naive_images: Annotated[Optional[int], typer.Option(
+        min=1, help="Time the naive loop on this many of the photos, spread through the set (default: all); "
+                    "for long runs, where the naive loop would take most of the time.")] = None,
 ) -> None:
     """Naive per-image loop vs the batched engine (torch, then OpenVINO at f32 and at its own
     precision), same models, files and device, one run; labels compared with torch's."""
@@ -325,7 +328,7 @@ def bench(
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
     try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
         result = _bench_in(work, images, mix_from, keep_mix, weights, n_images, batch_size, device, jpeg_decoder,
-                           chosen, sizes)
+                           chosen, sizes, naive_images)
     except typer.Exit:  # a RuntimeError too, in click
         raise
     except RuntimeError as e:  # a mode's process failed: which, and its error's last line, not a traceback
@@ -342,7 +345,9 @@ def bench(
 
     if as_json:  # alone on stdout, for jq and scripts
         typer.echo(json.dumps(result, indent=2))
-    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s, {memory(naive)}", err=as_json)
+    shown = result["batched"][0]["images"] if result["batched"] else naive["images"]
+    subset = f" (on {naive['images']} of the {shown} photos)" if naive["images"] < shown else ""
+    typer.echo(f"naive: {naive['images_per_s']:.1f} images/s{subset}, {memory(naive)}", err=as_json)
     for run in result["batched"]:
         split = ", ".join(f"{k} {v:.2f}s" for k, v in run["stage_seconds"].items())
         typer.echo(f"{run['mode']}: {run['images_per_s']:.1f} images/s = {run['speedup_vs_naive']:.2f}x naive; "
@@ -415,7 +420,8 @@ def export(
 
 
 def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: Path | None, weights: Path | None,
-              n_images: int, batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int]) -> dict:
+              n_images: int, batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int],
+              naive_images: int | None = None) -> dict:
     """`bench`'s run, its generated photos and weights under `work`."""
     from pipelines.clean import list_inputs
     from pipelines.evaluation.engine_bench import bench as run_bench
@@ -444,7 +450,8 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
         typer.echo(f"note: {left_out} files in {images} are not readable photos and are left out", err=True)
     if not paths:
         _fail(f"no readable photos in {images}")
-    result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen)  # type: ignore[arg-type]
+    result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen,  # type: ignore[arg-type]
+                       naive_images=naive_images)
     if sizes:
         from pipelines.evaluation.engine_bench import detector_batch_ab
 

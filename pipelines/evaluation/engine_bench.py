@@ -199,11 +199,23 @@ def usable(paths: list[Path]) -> tuple[list[Path], int]:
     return kept, len(paths) - len(kept)
 
 
+def naive_subset(paths: list[Path], n: int | None) -> list[Path]:
+    """`n` of `paths` spread evenly through the list (all when `n` is None or not smaller), so
+    their sizes mix as the whole set's do. The naive loop ran 6-8 images/s on an H200: 4,096
+    photos would have taken it ten minutes of a fifteen-minute lease, for a rate that a few
+    hundred give as well."""
+    if n is None or n >= len(paths):
+        return list(paths)
+    return [paths[round(k * (len(paths) - 1) / max(1, n - 1))] for k in range(n)] if n > 1 else paths[:1]
+
+
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-          jpeg_decoder: JpegDecoder = "pil", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES) -> dict:
+          jpeg_decoder: JpegDecoder = "pil", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES,
+          naive_images: int | None = None) -> dict:
     """The naive loop and each batched mode, each in a fresh process with one engine (so its
     peak RSS is that engine's), on the same files and device; the engine's first two files
-    run once untimed first (warm-up).
+    run once untimed first (warm-up). With `naive_images`, the naive loop times only that many
+    of the files (`naive_subset`); the ratios are then of rates, images/s against images/s.
     Labels of every batched mode are compared with the first one's (torch)."""
     naive: dict = {}
     batched: list[dict] = []
@@ -211,14 +223,18 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
     # the children get this process's thread count (`cervixqc --threads`: they took every core)
     # and the paths through a file (a large folder's paths on argv passed the OS's limit)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="cervixqc-bench-paths-") as listing:
+    with (tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="cervixqc-bench-paths-") as listing,
+          tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="cervixqc-bench-naive-") as naive_listing):
         listing.write("".join(f"{p}\n" for p in paths))
         listing.flush()
+        naive_listing.write("".join(f"{p}\n" for p in naive_subset(paths, naive_images)))
+        naive_listing.flush()
         for kind, runtime, precision, overlap in runs:
             if kind == "batched" and runtime != "torch" and device != "cpu":
                 continue
             cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size),
-                   device, jpeg_decoder, runtime, precision, str(int(overlap)), listing.name]
+                   device, jpeg_decoder, runtime, precision, str(int(overlap)),
+                   naive_listing.name if kind == "naive" else listing.name]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench mode {kind} {runtime} failed:\n{proc.stderr[-3000:]}")

@@ -17,7 +17,8 @@
 #                                                then PARTS=bench BENCH_WEIGHTS=weights ...
 # (the bench checks the joined file's sha256 against its card before it times anything).
 # PARTS: some of tests, layout, bench (default: tests,bench); BENCH_N, BENCH_BATCH: the bench's photos
-# and batch; LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
+# and batch; BENCH_NAIVE_N: how many of them the naive loop times (default: all; it runs 6-8 images/s
+# there, so a long run, BENCH_N=4096, wants BENCH_NAIVE_N=256 or so); LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
 # classifier's file, BENCH_WEIGHTS=weights times the bundled models beside a stand-in classifier of
 # the bundled configuration (speed only; its labels are not the bundled ones).
 set -euo pipefail
@@ -64,8 +65,10 @@ print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WE
     weights=(--weights "$w")
   fi
   # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
+  naive=()
+  [[ -n "${BENCH_NAIVE_N:-}" ]] && naive=(--naive-images "$BENCH_NAIVE_N")
   python3 -m pipelines.cli bench --device cuda --jpeg-decoder torchvision --n-images "${BENCH_N:-512}" \
-    --batch-size "${BENCH_BATCH:-64}" --modes torch:f32,torch,torch+ahead "${weights[@]}" \
+    --batch-size "${BENCH_BATCH:-64}" --modes torch:f32,torch,torch+ahead "${weights[@]}" "${naive[@]}" \
     --out "$OUT/bench.json" 2>&1 | tail -n 20 | tee "$OUT/bench.log" || status=1
 fi
 exit $status
