@@ -206,7 +206,7 @@ def naive_subset(paths: list[Path], n: int | None) -> list[Path]:
     hundred give as well."""
     if n is None or n >= len(paths):
         return list(paths)
-    return [paths[round(k * (len(paths) - 1) / max(1, n - 1))] for k in range(n)] if n > 1 else paths[:1]
+    return [paths[round(k * (len(paths) - 1) / max(1, n - 1))] for k in range(n)]
 
 
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
