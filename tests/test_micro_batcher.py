@@ -115,3 +115,36 @@ def test_a_request_that_gave_up_lets_its_bytes_go_before_the_loop_reaches_it(eng
 
     held, after = asyncio.run(main())
     assert held > 32 << 20 and after < 8 << 20, (held, after)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_batch_already_queued_goes_to_the_engine_before_the_event_loop_does_other_work(engine):
+    """Each wait for the next queued image yielded to the event loop, which then sent the batch
+    before's answers and read new uploads while the engine sat idle: a batch whose images are
+    all queued goes to the engine first."""
+    import time
+
+    ok = fuzz_set()["ok.jpg"][0]
+    order: list[str] = []
+
+    def run(data, names):
+        order.append("engine")
+        return engine.run(data, names)
+
+    def other_work():  # the answers and uploads of the other clients, on the event loop
+        time.sleep(0.3)
+        order.append("other work")
+
+    async def main():
+        batcher = MicroBatcher(run, EngineGate(), Metrics(), max_batch_size=2, max_wait_ms=1000, max_queue=8)
+        futures = batcher.submit([(ok, "a.jpg"), (ok, "b.jpg")])
+        await batcher.start()
+        asyncio.get_running_loop().call_soon(other_work)
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert [r.path for r in results] == ["a.jpg", "b.jpg"]
+    assert order == ["engine", "other work"]
