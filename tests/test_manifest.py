@@ -64,7 +64,7 @@ def test_known_findings_accept_the_finding_names_in_any_case_and_refuse_others(t
     with pytest.raises(ManifestError) as err:
         load_manifest(write_csv("bad.csv", head + "a.jpg,p,s,d,regular,blur\nc.jpg,q,s,d,regular,blurry;glare\n"))
     assert [(e.row, e.column) for e in err.value.problems] == [(2, "known_findings")]
-    assert "unknown finding(s) 'blurry'; expected blur, dark, overexposed, glare separated by ';'" in str(err.value)
+    assert "unknown finding blurry (one of blur, dark, overexposed, glare), separated by ';'" in str(err.value)
 
 
 def test_parquet_and_csv_round_trip_to_the_same_table(tmp_path):

@@ -24,7 +24,7 @@ from pipelines.data.schema import (
     Split,
     on_disk,
 )
-from pipelines.engine.qc_result import FINDINGS
+from pipelines.engine.qc_result import check_findings
 from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
@@ -246,9 +246,11 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
             problems.append(RowProblem(i, "kind", f"unknown kind {kind!r}; expected one of {sorted(_KINDS)} or blank"))
         if splits is not None and splits.iat[i - 1] and splits.iat[i - 1] not in _SPLITS:
             problems.append(RowProblem(i, "split", f"unknown split {splits.iat[i - 1]!r}; expected train, val, test or blank"))
-        if known is not None and (odd := [f for f in known_findings(known.iat[i - 1]) if f not in FINDINGS]):
-            problems.append(RowProblem(i, "known_findings", f"unknown finding(s) {', '.join(map(repr, odd))}; expected "
-                                                            f"{', '.join(FINDINGS)} separated by ';', or blank"))
+        if known is not None:
+            try:
+                check_findings(known_findings(known.iat[i - 1]))
+            except ValueError as e:
+                problems.append(RowProblem(i, "known_findings", f"{e}, separated by ';', or blank"))
     return problems
 
 

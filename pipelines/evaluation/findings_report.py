@@ -54,10 +54,10 @@ def _new_source_table(card: dict) -> str:
             f"<table>{head}{''.join(rows)}</table>")
 
 
-def _histogram(test: pd.DataFrame, name: str, threshold: float) -> str:
+def _histogram(test: pd.DataFrame, plain: pd.DataFrame, name: str, threshold: float) -> str:
+    """`plain`: `test` less the photos known to have `name` (`without_known`), as the figures count them."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    plain = without_known(test, name)  # as the figures count them
     groups = {"originals": plain[plain["variant"] == "original"],
               "ordinary copies": plain[plain["variant"] == "nuisance"],
               f"degraded ({name})": test[test["variant"] == name]}
@@ -131,7 +131,7 @@ def findings_section(folder: Path, n: int = 8) -> str:
         originals = plain[plain["variant"] == "original"].sort_values(name)
         degraded = test[test["variant"] == name].sort_values(name)
         known = int((test["variant"] == "original").sum() - len(originals))
-        parts += [f"<h3>{name}</h3>", _histogram(test, name, t),
+        parts += [f"<h3>{name}</h3>", _histogram(test, plain, name, t),
                   f"<p>{known} photos known to have {name} (manifest <code>known_findings</code>) are not among its "
                   "undegraded photos here, as in the figures.</p>" if known else "",
                   show(originals.iloc[::-1][:n], name, f"{name}: undegraded photos with the highest scores "
