@@ -90,7 +90,7 @@ class QCActor:
 
 def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None = None, policy: str | None = None,
               batch_size: int = 16, actors: int = 1, address: str | None = None,
-              progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "pil",
+              progress: Callable[[int, int], None] | None = None, jpeg_decoder: str = "auto",
               quarantine_findings: Collection[str] = (), pixel_check: bool = True, device: str = "auto",
               runtime: str = "auto", precision: str = "auto", inputs: list[str] | None = None,
               decision: dict | None = None, on_note: Callable[[str], None] | None = None,

@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: cuda when present, else cpu
     # unset: the policy recorded on the stage-2 cards (chosen on validation; QCPipeline)
     policy: Policy | None = None
-    # torchvision: JPEGs decode on the device (nvJPEG on CUDA), PIL fallback per image
-    jpeg_decoder: JpegDecoder = "pil"
+    # auto: torchvision on CUDA (JPEGs decode on the device with nvJPEG, PIL fallback per
+    # image; 1.5-1.7x the engine's rate with PIL on an H200, QCConfig), pil elsewhere
+    jpeg_decoder: JpegDecoder = "auto"
     # auto: on CPU, OpenVINO when the weights folder carries an export (`cervixqc export`),
     # converting at load the models it lacks; torch otherwise and on CUDA. openvino, torch
     runtime: Runtime = "auto"

@@ -193,10 +193,19 @@ def test_predict_fails_when_not_one_image_could_be_read(always_cervix, tmp_path)
     assert r.exit_code == 0 and rows[0]["path"].endswith("/Pe\\xf1a.jpg") and len(rows) == 2, r.output
 
 
+def test_the_default_decoder_is_nvjpeg_on_cuda_and_pil_elsewhere(always_cervix):
+    from pipelines.engine.qc import resolve_decoder
+
+    assert resolve_decoder("auto", torch.device("cuda", 0)) == "torchvision"
+    assert resolve_decoder("auto", torch.device("cpu")) == "pil"
+    assert resolve_decoder("pil", torch.device("cuda")) == "pil"  # asked for, kept
+    assert QCPipeline(always_cervix, QCConfig(device="cpu")).jpeg_decoder == "pil"
+
+
 def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
     r = CliRunner().invoke(app, ["clean", str(tmp_path), "-o", str(tmp_path / "out"), "--weights",
                                  str(always_cervix), "--jpeg-decoder", "nvjpeg"])
-    assert r.exit_code == 2 and "must be pil or torchvision" in r.output
+    assert r.exit_code == 2 and "must be auto, pil or torchvision" in r.output
 
 
 def test_bench_runs_every_mode_on_the_same_files_and_reports_ratios_and_label_changes(always_cervix, tmp_path):

@@ -15,7 +15,7 @@ from pipelines.commands.common import _fail, _manifest, device_or_fail, require_
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
-DECODERS = ("pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
+DECODERS = ("auto", "pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
 RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
 PRECISIONS = ("auto", "f32", "bf16")  # pipelines.engine.openvino_runtime.Precision
 RuntimeOption = Annotated[str, typer.Option(
@@ -28,8 +28,9 @@ PolicyOption = Annotated[Optional[str], typer.Option(
     help="deep_sad | resnest | either | both | two_of_three (the last needs colour.json; default: the "
          "cards' validation choice).")]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda.")]
-DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: pil (DCT-scaled, best on CPU) or torchvision "
-                                                 "(decode_jpeg on the device: nvJPEG on cuda).")]
+DecoderOption = Annotated[str, typer.Option(help="JPEG decoder: auto (torchvision on cuda, else pil), pil "
+                                                 "(DCT-scaled, best on CPU) or torchvision (decode_jpeg on the "
+                                                 "device: nvJPEG on cuda).")]
 
 
 def _check_policy(policy: Optional[str], weights: Path | None = None) -> None:
@@ -41,7 +42,7 @@ def _check_policy(policy: Optional[str], weights: Path | None = None) -> None:
 
 def _check_decoder(jpeg_decoder: str) -> None:
     if jpeg_decoder not in DECODERS:
-        _fail(f"--jpeg-decoder must be pil or torchvision, not {jpeg_decoder!r}")
+        _fail(f"--jpeg-decoder must be auto, pil or torchvision, not {jpeg_decoder!r}")
 
 
 def _check_runtime(runtime: str, precision: str) -> None:
@@ -87,7 +88,7 @@ def predict(
     weights: Annotated[Path, typer.Option(help="Folder with detector/deep_sad/classifier .json + .safetensors.")] = Path("weights"),
     policy: PolicyOption = None,
     device: DeviceOption = "auto",
-    jpeg_decoder: DecoderOption = "pil",
+    jpeg_decoder: DecoderOption = "auto",
     runtime: RuntimeOption = "auto",
     precision: PrecisionOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
@@ -134,7 +135,7 @@ def clean(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto (cuda when present, else cpu), cpu or cuda; Ray's actors "
                                                 "too (they hold a GPU where the cluster has one).")] = "auto",
-    jpeg_decoder: DecoderOption = "pil",
+    jpeg_decoder: DecoderOption = "auto",
     runtime: RuntimeOption = "auto",
     precision: PrecisionOption = "auto",
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
@@ -289,7 +290,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="The figures as JSON on stdout (the summary lines go to "
                                                          "stderr then).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda; every mode runs on it (OpenVINO modes on cpu only).")] = "auto",
-    jpeg_decoder: DecoderOption = "pil",
+    jpeg_decoder: DecoderOption = "auto",
     modes: Annotated[Optional[str], typer.Option(
         help="Batched modes, comma-separated, each RUNTIME[:PRECISION][+ahead] (e.g. torch,openvino:f32,openvino+ahead); "
              "the first is the reference for labels. Default: torch, torch+ahead, auto:f32, auto, auto+ahead.")] = None,
@@ -298,6 +299,9 @@ def bench(
     naive_images: Annotated[Optional[int], typer.Option(
         min=1, help="Time the naive loop on this many of the photos, spread through the set (default: all); "
                     "for long runs, where the naive loop would take most of the time.")] = None,
+    decode_threads: Annotated[Optional[int], typer.Option(
+        min=1, help="The batched engine's decode threads (reading, header checks, PIL decode; default: the "
+                    "engine's).")] = None,
 ) -> None:
     """Naive per-image loop vs the batched engine (torch, then OpenVINO at f32 and at its own
     precision), same models, files and device, one run; labels compared with torch's."""
@@ -328,7 +332,7 @@ def bench(
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))
     try:  # the synthesised photos and weights go with the run (43 MB a run were left in /tmp)
         result = _bench_in(work, images, mix_from, keep_mix, weights, n_images, batch_size, device, jpeg_decoder,
-                           chosen, sizes, naive_images)
+                           chosen, sizes, naive_images, decode_threads)
     except typer.Exit:  # a RuntimeError too, in click
         raise
     except RuntimeError as e:  # a mode's process failed: which, and its error's last line, not a traceback
@@ -421,7 +425,7 @@ def export(
 
 def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: Path | None, weights: Path | None,
               n_images: int, batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int],
-              naive_images: int | None = None) -> dict:
+              naive_images: int | None = None, decode_threads: int | None = None) -> dict:
     """`bench`'s run, its generated photos and weights under `work`."""
     from pipelines.clean import list_inputs
     from pipelines.evaluation.engine_bench import bench as run_bench
@@ -451,7 +455,7 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
     if not paths:
         _fail(f"no readable photos in {images}")
     result = run_bench(weights, paths, batch_size, device, jpeg_decoder, chosen,  # type: ignore[arg-type]
-                       naive_images=naive_images)
+                       naive_images=naive_images, decode_threads=decode_threads)
     if sizes:
         from pipelines.evaluation.engine_bench import detector_batch_ab
 

@@ -48,7 +48,7 @@ from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, L
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
 
 Runtime = Literal["auto", "torch", "openvino"]
-JpegDecoder = Literal["pil", "torchvision"]
+JpegDecoder = Literal["auto", "pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
 log = logging.getLogger(__name__)
@@ -89,8 +89,14 @@ class QCConfig:
     bf16: bool | None = None
     # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
     # batched, per-image fallback to PIL (pipelines/engine/decode_device.py). "pil": DCT-scaled PIL
-    # decode in the thread pool, the better choice on CPU.
-    jpeg_decoder: JpegDecoder = "pil"
+    # decode in the thread pool, the better choice on CPU. "auto": torchvision on CUDA, pil
+    # elsewhere. Measured on an H200 (2026-12-04, `bash tests/benchmarks/gpu_check.sh` with
+    # BENCH_DECODERS=torchvision,pil BENCH_THREADS="2 16", 1,024 clinic photos of 1-12 MP, one
+    # run): the engine at 119.7 / 139.4 images/s (decode ahead off / on) with nvJPEG, 69.8 / 92.5
+    # with PIL in 2 decode threads, 114.3 / 116.4 with PIL in 16: nvJPEG's decode stage took
+    # 1.7-2.0 s, PIL's 8.4 (2 threads) and 2.4 (16). More decode threads did not help nvJPEG
+    # (134.7 / 130.3), so `decode_threads` stays 2.
+    jpeg_decoder: JpegDecoder = "auto"
     # Decode batch n+1 while batch n is on the models (`run_stream`). None: on for CUDA (the
     # host decodes while the device computes), off on CPU, where decoding and the models
     # share the same cores: on the 2-core CPU, 300 real photos, `cervixqc bench` in one run:
@@ -138,6 +144,14 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA device on this machine (auto uses the CPU then)")
     return device
+
+
+def resolve_decoder(decoder: JpegDecoder, device: torch.device) -> Literal["pil", "torchvision"]:
+    """`auto` -> nvJPEG on CUDA (1.5-1.7x the engine's rate with PIL there: `QCConfig.jpeg_decoder`),
+    PIL's DCT-scaled decode elsewhere."""
+    if decoder != "auto":
+        return decoder
+    return "torchvision" if device.type == "cuda" else "pil"
 
 
 def resolve_runtime(runtime: Runtime, device: torch.device, weights: Path) -> Literal["torch", "openvino"]:
@@ -368,6 +382,7 @@ class QCPipeline:
         self.check_policy(self.policy)
         self._big = round(self.cls_size * 8 / 7)  # the classifier's crop before its centre crop, as trained
         self.pool = ThreadPoolExecutor(self.cfg.decode_threads)
+        self.jpeg_decoder = resolve_decoder(self.cfg.jpeg_decoder, self.device)
         self.closed = False
         self.detector_batch = self.cfg.detector_batch or (64 if self.device.type == "cuda" else 4)
         # On CUDA the detector stays NCHW and, unless bf16 is asked for, float32: its input comes
@@ -477,7 +492,7 @@ class QCPipeline:
         long_side = 2 * self.det_card.config["max_size"]
 
         pil_decode = as_result(lambda item: self._decode_one(item, long_side))
-        if self.cfg.jpeg_decoder == "pil":
+        if self.jpeg_decoder == "pil":
             return list(self.pool.map(pil_decode, items))
         # arrays need no decoding; files and bytes go to the device decoder
         out: list[Decoded | DecodeError | None] = [pil_decode(x) if isinstance(x, np.ndarray) else None for x in items]

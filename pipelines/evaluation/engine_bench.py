@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,17 +132,19 @@ def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int
 
 
 def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-                jpeg_decoder: JpegDecoder = "pil", runtime: Runtime = "torch", precision: Precision = "auto",
-                overlap: bool = True, warmup: int = 2) -> dict:
-    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision,
-                                      decode_ahead=overlap))
+                jpeg_decoder: JpegDecoder = "auto", runtime: Runtime = "torch", precision: Precision = "auto",
+                overlap: bool = True, warmup: int = 2, decode_threads: int | None = None) -> dict:
+    config = QCConfig(device=device, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision,
+                      decode_ahead=overlap)
+    qc = QCPipeline(weights, config if decode_threads is None else replace(config, decode_threads=decode_threads))
     _run_in_batches(qc, paths[:warmup], batch_size)  # first-call allocations and lazy inits, untimed
     t0 = time.perf_counter()
     stages, labels, flags = _run_in_batches(qc, paths, batch_size)
     seconds = time.perf_counter() - t0
     qc.close()
     return {"mode": f"batched(b={batch_size}, {runtime}, precision {precision}, overlap {overlap})", "device": device,
-            "jpeg_decoder": jpeg_decoder, "runtimes": qc.runtimes, "images": len(paths), "seconds": seconds,
+            "jpeg_decoder": qc.jpeg_decoder, "decode_threads": qc.cfg.decode_threads, "runtimes": qc.runtimes,
+            "images": len(paths), "seconds": seconds,
             "images_per_s": len(paths) / seconds, "stage_seconds": stages, **_peak_memory(device),
             "labels": labels, "flags": flags}
 
@@ -210,12 +213,14 @@ def naive_subset(paths: list[Path], n: int | None) -> list[Path]:
 
 
 def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
-          jpeg_decoder: JpegDecoder = "pil", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES,
-          naive_images: int | None = None) -> dict:
+          jpeg_decoder: JpegDecoder = "auto", modes: tuple[tuple[str, str, bool], ...] = BATCHED_MODES,
+          naive_images: int | None = None, decode_threads: int | None = None) -> dict:
     """The naive loop and each batched mode, each in a fresh process with one engine (so its
     peak RSS is that engine's), on the same files and device; the engine's first two files
     run once untimed first (warm-up). With `naive_images`, the naive loop times only that many
     of the files (`naive_subset`); the ratios are then of rates, images/s against images/s.
+    `decode_threads` sets the batched engine's decode pool (default: `QCConfig`'s); the naive
+    loop decodes inline.
     Labels of every batched mode are compared with the first one's (torch)."""
     naive: dict = {}
     batched: list[dict] = []
@@ -233,7 +238,7 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
             if kind == "batched" and runtime != "torch" and device != "cpu":
                 continue
             cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size),
-                   device, jpeg_decoder, runtime, precision, str(int(overlap)),
+                   device, jpeg_decoder, runtime, precision, str(int(overlap)), str(decode_threads or 0),
                    naive_listing.name if kind == "naive" else listing.name]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -261,9 +266,9 @@ def label_changes(reference: dict[str, str], labels: dict[str, str], examples: i
 
 if __name__ == "__main__":
     torch.set_num_threads(torch.get_num_threads())
-    mode, w, b, dev, decoder, runtime_, precision_, overlap_, listing_ = sys.argv[1:]
+    mode, w, b, dev, decoder, runtime_, precision_, overlap_, threads_, listing_ = sys.argv[1:]
     files_p = [Path(f) for f in Path(listing_).read_text().splitlines() if f]
     fn = ((lambda ww, pp: run_naive(ww, pp, dev)) if mode == "naive"
           else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder, runtime_, precision_,  # type: ignore[arg-type]
-                                           overlap_ == "1")))
+                                           overlap_ == "1", decode_threads=int(threads_) or None)))
     print(json.dumps(fn(Path(w), files_p)))  # one engine per process, warmed up on its first two files

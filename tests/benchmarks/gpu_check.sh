@@ -18,7 +18,10 @@
 # (the bench checks the joined file's sha256 against its card before it times anything).
 # PARTS: some of tests, layout, bench (default: tests,bench); BENCH_N, BENCH_BATCH: the bench's photos
 # and batch; BENCH_NAIVE_N: how many of them the naive loop times (default: all; it runs 6-8 images/s
-# there, so a long run, BENCH_N=4096, wants BENCH_NAIVE_N=256 or so); LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
+# there, so a long run, BENCH_N=4096, wants BENCH_NAIVE_N=256 or so); BENCH_MODES: the bench's --modes
+# (default torch:f32,torch,torch+ahead); BENCH_DECODERS: torchvision (nvJPEG, the default), pil, or both
+# comma-separated (one bench each, files bench-<decoder>.json); BENCH_THREADS: decode-thread counts, space-separated,
+# one bench each (files ...-t<N>.json; default: the engine's); LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
 # classifier's file, BENCH_WEIGHTS=weights times the bundled models beside a stand-in classifier of
 # the bundled configuration (speed only; its labels are not the bundled ones).
 set -euo pipefail
@@ -65,10 +68,21 @@ print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WE
     weights=(--weights "$w")
   fi
   # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
+  BENCH_DECODERS="${BENCH_DECODERS:-torchvision}"
   naive=()
   [[ -n "${BENCH_NAIVE_N:-}" ]] && naive=(--naive-images "$BENCH_NAIVE_N")
-  python3 -m pipelines.cli bench --device cuda --jpeg-decoder torchvision --n-images "${BENCH_N:-512}" \
-    --batch-size "${BENCH_BATCH:-64}" --modes torch:f32,torch,torch+ahead "${weights[@]}" "${naive[@]}" \
-    --out "$OUT/bench.json" 2>&1 | tail -n 20 | tee "$OUT/bench.log" || status=1
+  # one bench per decoder, the same seeded photos: nvJPEG at full size vs PIL's DCT-scaled decode on the host threads
+  # and per decode-thread count (BENCH_THREADS, default: the engine's)
+  for decoder in ${BENCH_DECODERS//,/ }; do
+    for threads in ${BENCH_THREADS:-default}; do
+      suffix=$([[ "$BENCH_DECODERS" == *,* ]] && echo "-$decoder" || true)
+      threading=()
+      [[ "$threads" != default ]] && threading=(--decode-threads "$threads") && suffix="$suffix-t$threads"
+      python3 -m pipelines.cli bench --device cuda --jpeg-decoder "$decoder" --n-images "${BENCH_N:-512}" \
+        --batch-size "${BENCH_BATCH:-64}" --modes "${BENCH_MODES:-torch:f32,torch,torch+ahead}" "${weights[@]}" \
+        "${naive[@]}" "${threading[@]}" --out "$OUT/bench$suffix.json" 2>&1 | tail -n 20 |
+        tee "$OUT/bench$suffix.log" || status=1
+    done
+  done
 fi
 exit $status
