@@ -77,6 +77,12 @@ HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon
 # edit sidecars beside photos, never a picture: iPhones' .AAE (every edited photo has one) and
 # XMP; each was an `unreadable` row and a quarantine copy among the damaged photos
 HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
+# tables and notes kept beside the photos (a dataset's manifest.csv and coco.json, a site's
+# labels.xlsx, a README): each was an `unreadable` row and a quarantine copy among the damaged
+# photos, so a cleaned collection read "2 damaged" for its own label files. Skipped by name and
+# counted in a log line; a photo saved under such a name is not looked for
+DOCUMENT_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".md", ".html", ".log", ".pdf", ".doc", ".docx", ".xls",
+                     ".xlsx", ".ods", ".odt")
 
 
 # A screening collection is cervix photos with a few strays. A far larger no_cervix share says
@@ -198,6 +204,8 @@ def _folder_files(src: Path, skipped: Counter) -> Iterator[str]:
         for f in files:
             if f.lower() in HOUSEKEEPING_FILES or f.lower().endswith(HOUSEKEEPING_SUFFIXES):
                 skipped["housekeeping"] += 1
+            elif f.lower().endswith(DOCUMENT_SUFFIXES) and not f.startswith("."):
+                skipped["documents"] += 1
             elif not f.startswith("."):
                 yield row_key((Path(root) / f).relative_to(src).as_posix())
 
@@ -251,6 +259,9 @@ def list_inputs(src: Path) -> list[str]:
     if housekeeping:
         log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins, edit sidecars: "
                  "HOUSEKEEPING_FOLDERS, HOUSEKEEPING_FILES, HOUSEKEEPING_SUFFIXES in pipelines/clean.py)", housekeeping)
+    if skipped["documents"]:
+        log.info("%d tables and notes skipped, not photos (.csv, .json, .txt, .xlsx ...: DOCUMENT_SUFFIXES in "
+                 "pipelines/clean.py)", skipped["documents"])
     if folder_links:
         log.warning("%d links to folders not followed: their files get no row (list them in a manifest)", folder_links)
     if unreadable:  # a subfolder the service's user may not list: its files were left out unsaid

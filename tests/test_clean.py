@@ -618,6 +618,19 @@ def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collectio
     assert list_inputs(tmp_path) == ["a.jpg", "sub/b.jpg", "thumbs_of_the_cervix.jpg"]
 
 
+def test_a_datasets_tables_and_notes_beside_its_photos_are_not_rows_and_are_counted(tmp_path, caplog):
+    """A dataset folder's manifest.csv and coco.json were `unreadable` rows, quarantined among
+    the damaged photos."""
+    from pipelines.clean import list_inputs
+
+    for rel in ("a.jpg", "manifest.csv", "coco.json", "sub/labels.XLSX", "README.md", "notes.txt", "b.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with caplog.at_level("INFO", logger="pipelines.clean"):
+        assert list_inputs(tmp_path) == ["a.jpg", "b.png"]
+    assert "5 tables and notes skipped" in caplog.text
+
+
 def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path, caplog):
     """`Pe\\xf1a.jpg` in Latin-1 is written `Pe\\xf1a.jpg`, as a file literally so named is: the
     run counted two files and stored one row, so the job's total never met its rows."""
