@@ -47,7 +47,9 @@ def on_cpu(weights, photos) -> list[QCResult]:
 
 
 def _engine(weights, **config) -> QCPipeline:
-    return QCPipeline(weights, QCConfig(device=DEVICE, runtime="torch", **config))
+    """PIL's decoder unless a test names another: on CUDA the default is nvJPEG (`resolve_decoder`),
+    whose pixels differ from PIL's by rounding, and these tests compare devices at one decoder."""
+    return QCPipeline(weights, QCConfig(device=DEVICE, runtime="torch", **{"jpeg_decoder": "pil", **config}))
 
 
 def _assert_reads_like(got: list[QCResult], want: list[QCResult]) -> None:

@@ -19,9 +19,10 @@
 # PARTS: some of tests, layout, bench (default: tests,bench); BENCH_N, BENCH_BATCH: the bench's photos
 # and batch; BENCH_NAIVE_N: how many of them the naive loop times (default: all; it runs 6-8 images/s
 # there, so a long run, BENCH_N=4096, wants BENCH_NAIVE_N=256 or so); BENCH_MODES: the bench's --modes
-# (default torch:f32,torch,torch+ahead); BENCH_DECODERS: torchvision (nvJPEG, the default), pil, or both
-# comma-separated (one bench each, files bench-<decoder>.json); BENCH_THREADS: decode-thread counts, space-separated,
-# one bench each (files ...-t<N>.json; default: the engine's); LAYOUT_N: the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
+# (default torch:f32,torch,torch+ahead); BENCH_DECODERS: torchvision (nvJPEG, the default), pil, or
+# both comma-separated (one bench each, files bench-<decoder>.json); BENCH_THREADS: decode-thread
+# counts, space-separated, one bench each (files ...-t<N>.json; default: the engine's); LAYOUT_N:
+# the layout check's photos (tests/benchmarks/cuda_detect.py). Without the
 # classifier's file, BENCH_WEIGHTS=weights times the bundled models beside a stand-in classifier of
 # the bundled configuration (speed only; its labels are not the bundled ones).
 set -euo pipefail
@@ -67,8 +68,8 @@ if [[ ",$PARTS," == *,bench,* ]]; then
 print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WEIGHTS")
     weights=(--weights "$w")
   fi
-  # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
   BENCH_DECODERS="${BENCH_DECODERS:-torchvision}"
+  # f32 first: the labels-differ counts are then bf16 + channels_last against f32, on the GPU
   naive=()
   [[ -n "${BENCH_NAIVE_N:-}" ]] && naive=(--naive-images "$BENCH_NAIVE_N")
   # one bench per decoder, the same seeded photos: nvJPEG at full size vs PIL's DCT-scaled decode on the host threads
