@@ -202,6 +202,22 @@ def test_the_default_decoder_is_nvjpeg_on_cuda_and_pil_elsewhere(always_cervix):
     assert QCPipeline(always_cervix, QCConfig(device="cpu")).jpeg_decoder == "pil"
 
 
+def test_the_gpu_profile_script_puts_every_photo_in_one_detector_forward_at_each_batch_size(always_cervix, tmp_path):
+    """tests/benchmarks/cuda_engine_profile.py runs on a lent GPU only once a session: run here on
+    the CPU so it cannot rot unseen."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.cuda_engine_profile", "--weights",
+                           str(always_cervix), "--device", "cpu", "--n", "10", "--batches", "3,8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["engine_batch"] for r in rows] == [3, 8]
+    for r in rows:
+        assert sum(int(k) * v for k, v in r["forward_sizes"].items()) == r["photos"] == 10
+        assert r["images_per_s"] > 0 and {"decode", "detect", "classify"} <= set(r["stage_seconds"])
+    assert rows[0]["detector_forwards"] >= rows[1]["detector_forwards"]  # smaller engine batches: no fuller forwards
+
+
 def test_an_unknown_jpeg_decoder_is_a_clear_error(always_cervix, tmp_path):
     r = CliRunner().invoke(app, ["clean", str(tmp_path), "-o", str(tmp_path / "out"), "--weights",
                                  str(always_cervix), "--jpeg-decoder", "nvjpeg"])

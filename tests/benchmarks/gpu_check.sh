@@ -16,8 +16,10 @@
 #   call 2 (carry .whl, .gpu/classifier.part2):  cat both halves > weights/classifier.safetensors,
 #                                                then PARTS=bench BENCH_WEIGHTS=weights ...
 # (the bench checks the joined file's sha256 against its card before it times anything).
-# PARTS: some of tests, layout, bench (default: tests,bench); BENCH_N, BENCH_BATCH: the bench's photos
-# and batch; BENCH_NAIVE_N: how many of them the naive loop times (default: all; it runs 6-8 images/s
+# PARTS: some of tests, layout, profile, bench (default: tests,bench); PROFILE_N, PROFILE_BATCHES: the
+# engine profile's photos and engine batch sizes (tests/benchmarks/cuda_engine_profile.py); BENCH_N,
+# BENCH_BATCH: the bench's photos and engine batch (several, space-separated: one bench each, files
+# ...-b<N>.json); BENCH_NAIVE_N: how many of them the naive loop times (default: all; it runs 6-8 images/s
 # there, so a long run, BENCH_N=4096, wants BENCH_NAIVE_N=256 or so); BENCH_MODES: the bench's --modes
 # (default torch:f32,torch,torch+ahead); BENCH_DECODERS: torchvision (nvJPEG, the default), pil, or
 # both comma-separated (one bench each, files bench-<decoder>.json); BENCH_THREADS: decode-thread
@@ -60,6 +62,10 @@ if [[ ",$PARTS," == *,layout,* ]]; then  # the detector stage per weight layout 
   python3 -m tests.benchmarks.cuda_detect --weights weights --n "${LAYOUT_N:-128}" --out "$OUT/layout.json" 2>&1 |
     tee "$OUT/layout.log" || status=1
 fi
+if [[ ",$PARTS," == *,profile,* ]]; then  # the whole engine: detector forwards per batch size, torch.profiler
+  python3 -m tests.benchmarks.cuda_engine_profile --weights "${BENCH_WEIGHTS:-weights}" --n "${PROFILE_N:-1024}" \
+    --batches "${PROFILE_BATCHES:-64,256}" --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" || status=1
+fi
 if [[ ",$PARTS," == *,bench,* ]]; then
   weights=()
   if [[ -n "${BENCH_WEIGHTS:-}" ]]; then
@@ -74,15 +80,19 @@ print(stand_in_weights(Path(sys.argv[1]), Path("/tmp/cq-stand-in")))' "$BENCH_WE
   [[ -n "${BENCH_NAIVE_N:-}" ]] && naive=(--naive-images "$BENCH_NAIVE_N")
   # one bench per decoder, the same seeded photos: nvJPEG at full size vs PIL's DCT-scaled decode on the host threads
   # and per decode-thread count (BENCH_THREADS, default: the engine's)
+  # and per engine batch size (BENCH_BATCH, space-separated)
   for decoder in ${BENCH_DECODERS//,/ }; do
     for threads in ${BENCH_THREADS:-default}; do
-      suffix=$([[ "$BENCH_DECODERS" == *,* ]] && echo "-$decoder" || true)
-      threading=()
-      [[ "$threads" != default ]] && threading=(--decode-threads "$threads") && suffix="$suffix-t$threads"
-      python3 -m pipelines.cli bench --device cuda --jpeg-decoder "$decoder" --n-images "${BENCH_N:-512}" \
-        --batch-size "${BENCH_BATCH:-64}" --modes "${BENCH_MODES:-torch:f32,torch,torch+ahead}" "${weights[@]}" \
-        "${naive[@]}" "${threading[@]}" --out "$OUT/bench$suffix.json" 2>&1 | tail -n 20 |
-        tee "$OUT/bench$suffix.log" || status=1
+      for batch in ${BENCH_BATCH:-64}; do
+        suffix=$([[ "$BENCH_DECODERS" == *,* ]] && echo "-$decoder" || true)
+        threading=()
+        [[ "$threads" != default ]] && threading=(--decode-threads "$threads") && suffix="$suffix-t$threads"
+        [[ "${BENCH_BATCH:-64}" == *" "* ]] && suffix="$suffix-b$batch"
+        python3 -m pipelines.cli bench --device cuda --jpeg-decoder "$decoder" --n-images "${BENCH_N:-512}" \
+          --batch-size "$batch" --modes "${BENCH_MODES:-torch:f32,torch,torch+ahead}" "${weights[@]}" \
+          "${naive[@]}" "${threading[@]}" --out "$OUT/bench$suffix.json" 2>&1 | tail -n 20 |
+          tee "$OUT/bench$suffix.log" || status=1
+      done
     done
   done
 fi
