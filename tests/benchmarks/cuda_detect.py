@@ -53,6 +53,16 @@ def stand_in_weights(weights: Path, work: Path) -> Path:
     return folder
 
 
+def clinic_inputs(weights: Path, n: int, work: Path) -> tuple[Path, list[Path]]:
+    """(`stand_in_weights`, n seeded clinic photos of 1-12 MP) under `work`: what the GPU scripts time."""
+    from pipelines.clean import list_inputs
+    from pipelines.data.synth import PRESETS, generate
+    from pipelines.evaluation.engine_bench import usable
+
+    folder = generate(replace(PRESETS["clinic"], n_images=n, seed=0), work / "photos").out_dir / "images"
+    return stand_in_weights(weights, work), usable([folder / p for p in list_inputs(folder)])[0]
+
+
 def _timed(fn, passes: int, cuda: bool) -> list[float]:
     out = []
     for _ in range(passes):
@@ -72,18 +82,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu checks the script itself where no GPU is lent")
     args = ap.parse_args()
 
-    from pipelines.clean import list_inputs
-    from pipelines.data.synth import PRESETS, generate
     from pipelines.engine.qc import QCConfig, QCPipeline
-    from pipelines.evaluation.engine_bench import usable
 
     cuda = args.device.startswith("cuda")
 
     work = Path(tempfile.mkdtemp(prefix="cuda-detect-"))
     try:
-        weights = stand_in_weights(args.weights, work)
-        folder = generate(replace(PRESETS["clinic"], n_images=args.n, seed=0), work / "photos").out_dir / "images"
-        paths, _ = usable([folder / p for p in list_inputs(folder)])
+        weights, paths = clinic_inputs(args.weights, args.n, work)
         rows, images = [], None
         for channels_last in (False, True):
             for bf16 in (False, True):

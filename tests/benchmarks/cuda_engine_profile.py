@@ -24,12 +24,11 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tests.benchmarks.cuda_detect import stand_in_weights
+from tests.benchmarks.cuda_detect import clinic_inputs
 
 
 def _batches(paths: list[Path], size: int) -> list[tuple[list[Path], None]]:
@@ -72,17 +71,12 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.batches.split(",") if s.strip()]
 
-    from pipelines.clean import list_inputs
-    from pipelines.data.synth import PRESETS, generate
     from pipelines.engine.qc import QCConfig, QCPipeline
-    from pipelines.evaluation.engine_bench import usable
 
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="cuda-engine-profile-"))
     try:
-        weights = stand_in_weights(args.weights, work)
-        folder = generate(replace(PRESETS["clinic"], n_images=args.n, seed=0), work / "photos").out_dir / "images"
-        paths, _ = usable([folder / p for p in list_inputs(folder)])
+        weights, paths = clinic_inputs(args.weights, args.n, work)
         qc = QCPipeline(weights, QCConfig(device=args.device))
         rows = []
         for size in sizes:
