@@ -193,12 +193,19 @@ def test_predict_fails_when_not_one_image_could_be_read(always_cervix, tmp_path)
     assert r.exit_code == 0 and rows[0]["path"].endswith("/Pe\\xf1a.jpg") and len(rows) == 2, r.output
 
 
-def test_the_default_decoder_is_nvjpeg_on_cuda_and_pil_elsewhere(always_cervix):
+def test_the_default_decoder_is_nvjpeg_on_cuda_where_it_decodes_and_pil_elsewhere(always_cervix, caplog):
+    from pipelines.engine.decode_device import decodes_on
     from pipelines.engine.qc import resolve_decoder
 
-    assert resolve_decoder("auto", torch.device("cuda", 0)) == "torchvision"
+    cuda = torch.device("cuda", 0)
+    assert resolve_decoder("auto", cuda, device_decodes=lambda d: True) == "torchvision"
+    with caplog.at_level("WARNING", logger="pipelines.engine.qc"):
+        assert resolve_decoder("auto", cuda, device_decodes=lambda d: False) == "pil"
+    assert "could not decode a test JPEG on cuda:0" in caplog.text
     assert resolve_decoder("auto", torch.device("cpu")) == "pil"
-    assert resolve_decoder("pil", torch.device("cuda")) == "pil"  # asked for, kept
+    assert resolve_decoder("pil", cuda) == "pil"  # asked for, kept
+    # the probe itself: torchvision decodes on the CPU; CUDA only where this machine has it
+    assert decodes_on(torch.device("cpu")) and decodes_on(cuda) is torch.cuda.is_available()
     assert QCPipeline(always_cervix, QCConfig(device="cpu")).jpeg_decoder == "pil"
 
 

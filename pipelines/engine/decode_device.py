@@ -65,6 +65,24 @@ def ends_whole(data: bytes | DecodeError) -> bool:
     return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[-2:]) == b"\xff\xd9"
 
 
+def decodes_on(device: torch.device) -> bool:
+    """Whether `decode_jpeg` decodes on `device` at all: a torchvision built without nvJPEG, or a
+    device it cannot use, raises for every JPEG. Where the engine picks the device decoder
+    itself (`jpeg_decoder` auto) it asks once, at start, and uses PIL if not: otherwise every
+    photo would fail on the device, be retried alone and then go to PIL, on every batch, unsaid."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 120, 110)).save(buf, "JPEG")
+    try:
+        image = decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), device=device)
+    except (RuntimeError, ValueError, AssertionError):  # no nvJPEG; no CUDA (torch's lazy init asserts)
+        return False
+    return tuple(image.shape) == (3, 16, 16)
+
+
 def decode_on_device(datas: Sequence[bytes | DecodeError], device: torch.device, pool: Executor,
                      limits: DecodeLimits = DecodeLimits(), min_long_side: int | None = None
                      ) -> list[Decoded | DecodeError]:

@@ -36,7 +36,7 @@ from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine.crops import crop_boxes, expand_boxes, resized_crops, whole_frames
 from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, as_result, check_size, decode,
                                      read_file)
-from pipelines.engine.decode_device import decode_on_device
+from pipelines.engine.decode_device import decode_on_device, decodes_on
 from pipelines.engine import openvino_runtime
 from pipelines.engine.detector import detect, load_detector, shape_chunks
 from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
@@ -146,12 +146,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_decoder(decoder: JpegDecoder, device: torch.device) -> Literal["pil", "torchvision"]:
-    """`auto` -> nvJPEG on CUDA (1.5-1.7x the engine's rate with PIL there: `QCConfig.jpeg_decoder`),
-    PIL's DCT-scaled decode elsewhere."""
+def resolve_decoder(decoder: JpegDecoder, device: torch.device,
+                    device_decodes: Callable[[torch.device], bool] = decodes_on) -> Literal["pil", "torchvision"]:
+    """`auto` -> nvJPEG on CUDA (1.5-1.7x the engine's rate with PIL there: `QCConfig.jpeg_decoder`)
+    where it decodes a test JPEG there, PIL's DCT-scaled decode elsewhere. A decoder asked for by
+    name is kept (the device path falls back to PIL per photo)."""
     if decoder != "auto":
         return decoder
-    return "torchvision" if device.type == "cuda" else "pil"
+    if device.type != "cuda":
+        return "pil"
+    if device_decodes(device):
+        return "torchvision"
+    log.warning("torchvision could not decode a test JPEG on %s (no nvJPEG in this build?): JPEGs decode with "
+                "PIL on the host", device)
+    return "pil"
 
 
 def resolve_runtime(runtime: Runtime, device: torch.device, weights: Path) -> Literal["torch", "openvino"]:
