@@ -111,8 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.runner.start()
         app.state.service = state
         # the models by sha256: after a swapped head, the log says which one this start loaded
-        log.info("ready in %.1f s on %s (policy %s; %s; models %s)", time.perf_counter() - t0, state.qc.device,
-                 state.qc.policy, ", ".join(f"{k}: {v}" for k, v in state.qc.runtimes.items()),
+        log.info("ready in %.1f s on %s (policy %s; %s; JPEG decoder %s; models %s)", time.perf_counter() - t0,
+                 state.qc.device, state.qc.policy, ", ".join(f"{k}: {v}" for k, v in state.qc.runtimes.items()),
+                 state.qc.jpeg_decoder,
                  ", ".join(f"{k} {v[:12]}" for k, v in state.qc.decision["models"].items()))
         try:
             yield

@@ -109,6 +109,8 @@ class ModelsResponse(BaseModel):
     policy: str
     device: str
     runtimes: dict[str, str]  # model -> "torch" or "openvino <precision> (exported | converted at load)"
+    # what decodes JPEGs: "pil" or "torchvision" (nvJPEG on CUDA), the `jpeg_decoder` setting resolved
+    jpeg_decoder: str
     models: list[ModelInfo]
     # the quality findings' thresholds (weights/findings.json); empty when the folder has none
     findings_thresholds: dict[str, float] = Field(default_factory=dict)

@@ -89,6 +89,7 @@ def test_health_is_open_and_everything_else_needs_a_valid_key(server):
     assert [m["name"] for m in models["models"]] == ["detector", "deep_sad", "classifier"]
     assert all(len(m["sha256"]) == 64 and m["input_size"] for m in models["models"])
     assert models["runtimes"] == {"detector": "torch", "deep_sad": "torch", "classifier": "torch"}  # nothing exported
+    assert models["jpeg_decoder"] == "pil"  # auto, on a CPU
     assert models["findings_thresholds"] == FINDINGS_AT
 
 

@@ -18,5 +18,6 @@ async def models(state: State) -> ModelsResponse:
                        thresholds=c.thresholds, input_size=c.input_size, classes=c.classes, metrics=c.metrics)
              for c in (qc.pres_card, qc.det_card, qc.sad_card, qc.cls_card, qc.colour_card) if c is not None]
     findings = qc.findings_card.thresholds if qc.findings_card is not None else {}
-    return ModelsResponse(policy=qc.policy, device=str(qc.device), runtimes=qc.runtimes, models=infos,
+    return ModelsResponse(policy=qc.policy, device=str(qc.device), runtimes=qc.runtimes,
+                          jpeg_decoder=qc.jpeg_decoder, models=infos,
                           findings_thresholds=findings)
