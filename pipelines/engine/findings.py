@@ -1,6 +1,7 @@
 """Image-quality findings on the cervix crop: blur, dark, overexposed, glare.
 
-Measured on a 128 px crop of the cervix box (the whole photo when there is no cervix), taken
+Measured on a 128 px crop of the cervix box (the detector's confident box also where stage 0
+calls the photo no_cervix; the whole photo where the detector has no box), taken
 from the detector's own input (long side 320, antialiased), or from the decoded photo where
 the box is smaller than the crop in that input (`QCPipeline._crop_for_findings`):
 a sharp speculum around a blurred cervix is a blurred cervix, and a bright lamp reflection

@@ -593,8 +593,7 @@ class QCPipeline:
         normalized; undone on the crop). From the decoded photo (640-1280 px) the 128 px crop
         read every pixel of the box again: about 1 ms of the findings' 1.4 ms a photo on the
         300 real-mix photos (2-core CPU). The findings' thresholds are calibrated on this crop
-        (`cervixqc calibrate-findings` runs the engine). A photo that stage 0 turns to
-        no_cervix despite a confident box is cropped again later, whole.
+        (`cervixqc calibrate-findings` runs the engine).
 
         A box under the crop's size in that input (the region `resized_crops` reads: widened by
         the margin, clipped to the frame) is cropped from the decoded photo instead: upsampled
@@ -604,7 +603,15 @@ class QCPipeline:
         do), but 57% of the generator's `teaching` scenes with a box do (median 122 px): their
         blur AUC rose from 0.913 to 0.937 on a second synthetic set (seed 7), the real
         calibration's figures the same within 0.003; the findings' time per photo unchanged
-        within the noise (alternating rounds, 2026-12-03)."""
+        within the noise (alternating rounds, 2026-12-03).
+
+        A photo stage 0 turns to no_cervix despite a confident box keeps this crop of that box:
+        it was cropped again whole, and a photo washed out or darkened past stage 0 was then
+        judged with its dark speculum or surround. On the synthetic `teaching` scenes (seed 7,
+        chosen there; seed 99 judged after) overexposed AUC rose 0.942 -> 0.961 and 0.948 ->
+        0.963, blur 0.937 -> 0.941 and 0.958 -> 0.959, dark 0.994 -> 0.996 and 0.990 both, glare
+        0.999 -> 0.998 and 0.998 -> 0.996; on the real calibration split 54 of 3,204 rows moved
+        and no threshold or test figure did (2026-12-04, `cervixqc calibrate-findings`)."""
         t = time.perf_counter()
         mean = torch.tensor(self.detector.transform.image_mean, device=detector_input.tensors.device)[:, None, None]
         std = torch.tensor(self.detector.transform.image_std, device=detector_input.tensors.device)[:, None, None]
@@ -782,11 +789,11 @@ class QCPipeline:
                 timings["findings"] += self._stamp(t1)
                 self._stage2([keys.stage2_crops[crop_of[i]] for i, _, _ in with_box], with_box, found, results,
                              timings, policy)
-            if no_cervix and self.findings_card is not None:  # the whole frame: why was no cervix seen?
+            if no_cervix and self.findings_card is not None:  # why was no cervix seen?
                 t1 = time.perf_counter()
-                # the crop taken beside the detector is the whole frame unless it held a confident box
-                crops = [keys.finding_crops[crop_of[i]] if self._confident_box(dets[crop_of[i]]) is None
-                         else self._whole_frame_crop(image_of[i]) for i in no_cervix]
+                # the crop taken beside the detector: its confident box where stage 0 vetoed one,
+                # else the whole frame (`_crop_for_findings`)
+                crops = [keys.finding_crops[crop_of[i]] for i in no_cervix]
                 for i, found in zip(no_cervix, self._findings(crops)):
                     results[i].findings = found
                 timings["findings"] += self._stamp(t1)
@@ -794,12 +801,6 @@ class QCPipeline:
         for r in results:
             r.timings_ms = {**timings, "total": total}
         return results  # type: ignore[return-value]
-
-    @staticmethod
-    def _whole_frame_crop(image: torch.Tensor) -> torch.Tensor:
-        """The findings' crop of a whole uint8 photo (0..1, on the CPU)."""
-        im = TF.to_dtype(image, torch.float32, scale=True)
-        return resized_crops([im], whole_frames([im]), FINDINGS_CROP)[0].cpu()
 
     def _findings(self, crops: list[torch.Tensor | None]) -> list[dict]:
         """The quality findings of each photo's findings crop (0..1; {} each without a findings
