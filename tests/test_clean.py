@@ -629,6 +629,14 @@ def test_a_datasets_tables_and_notes_beside_its_photos_are_not_rows_and_are_coun
     with caplog.at_level("INFO", logger="pipelines.clean"):
         assert list_inputs(tmp_path) == ["a.jpg", "b.png"]
     assert "5 tables and notes skipped" in caplog.text
+    for photo in ("a.jpg", "b.png"):
+        (tmp_path / photo).unlink()
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["clean", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "holds no files to clean" in r.output and "give a manifest itself" in r.output
 
 
 def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path, caplog):

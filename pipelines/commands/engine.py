@@ -168,7 +168,8 @@ def clean(
     except ValueError as e:
         _fail(str(e))
     if not listed:  # a share not mounted: "0 files" and exit 0 read as a clean collection in a cron job
-        _fail(f"{src} holds no files to clean (an unmounted share? a manifest without rows?)")
+        _fail(f"{src} holds no files to clean (an unmounted share? a manifest without rows? only tables and "
+              "notes, which a folder's listing skips: give a manifest itself as SRC)")
     from pipelines.commands.common import _csv
     from pipelines.engine.qc_result import check_findings
 

@@ -104,7 +104,8 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
             raise ApiError(400, "empty_source", f"{body.source} lists no files to clean (a header without rows)")
     elif not holds_files(source):  # an unmounted share's empty folder ended `done`, 0 files (an audit)
         raise ApiError(400, "empty_source", f"{body.source} holds no files to clean (an unmounted share? an empty "
-                                            "folder?)")
+                                            "folder? only tables and notes, which a folder's listing skips: give "
+                                            "a manifest itself as the source)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
     if quarantine is not None:
         _check_quarantine_free(state, quarantine, str(source))
