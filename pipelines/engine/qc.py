@@ -90,9 +90,9 @@ class QCConfig:
     # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
     # batched, per-image fallback to PIL (pipelines/engine/decode_device.py). "pil": DCT-scaled PIL
     # decode in the thread pool, the better choice on CPU. "auto": torchvision on CUDA where it
-    # decodes a test JPEG (`resolve_decoder`), pil elsewhere. Measured on an H200 (2026-12-04, `bash tests/benchmarks/gpu_check.sh` with
-    # BENCH_DECODERS=torchvision,pil BENCH_THREADS="2 16", 1,024 clinic photos of 1-12 MP, one
-    # run): the engine at 119.7 / 139.4 images/s (decode ahead off / on) with nvJPEG, 69.8 / 92.5
+    # decodes a test JPEG (`resolve_decoder`), pil elsewhere. Measured on an H200 (2026-12-04,
+    # `bash tests/benchmarks/gpu_check.sh` with BENCH_DECODERS=torchvision,pil BENCH_THREADS="2 16",
+    # 1,024 clinic photos of 1-12 MP, one run): the engine at 119.7 / 139.4 images/s (decode ahead off / on) with nvJPEG, 69.8 / 92.5
     # with PIL in 2 decode threads, 114.3 / 116.4 with PIL in 16: nvJPEG's decode stage took
     # 1.7-2.0 s, PIL's 8.4 (2 threads) and 2.4 (16). More decode threads did not help nvJPEG
     # (134.7 / 130.3), so `decode_threads` stays 2.

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,10 +132,9 @@ def _run_in_batches(qc: QCPipeline, paths: list[Path], batch_size: int
 
 def run_batched(weights: Path, paths: list[Path], batch_size: int = 16, device: str = "cpu",
                 jpeg_decoder: JpegDecoder = "auto", runtime: Runtime = "torch", precision: Precision = "auto",
-                overlap: bool = True, warmup: int = 2, decode_threads: int | None = None) -> dict:
-    config = QCConfig(device=device, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision,
-                      decode_ahead=overlap)
-    qc = QCPipeline(weights, config if decode_threads is None else replace(config, decode_threads=decode_threads))
+                overlap: bool = True, warmup: int = 2, decode_threads: int = QCConfig.decode_threads) -> dict:
+    qc = QCPipeline(weights, QCConfig(device=device, jpeg_decoder=jpeg_decoder, runtime=runtime, precision=precision,
+                                      decode_ahead=overlap, decode_threads=decode_threads))
     _run_in_batches(qc, paths[:warmup], batch_size)  # first-call allocations and lazy inits, untimed
     t0 = time.perf_counter()
     stages, labels, flags = _run_in_batches(qc, paths, batch_size)
@@ -238,7 +236,8 @@ def bench(weights: Path, paths: list[Path], batch_size: int = 16, device: str = 
             if kind == "batched" and runtime != "torch" and device != "cpu":
                 continue
             cmd = [sys.executable, "-m", "pipelines.evaluation.engine_bench", kind, str(weights), str(batch_size),
-                   device, jpeg_decoder, runtime, precision, str(int(overlap)), str(decode_threads or 0),
+                   device, jpeg_decoder, runtime, precision, str(int(overlap)),
+                   str(decode_threads or QCConfig.decode_threads),
                    naive_listing.name if kind == "naive" else listing.name]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -270,5 +269,5 @@ if __name__ == "__main__":
     files_p = [Path(f) for f in Path(listing_).read_text().splitlines() if f]
     fn = ((lambda ww, pp: run_naive(ww, pp, dev)) if mode == "naive"
           else (lambda ww, pp: run_batched(ww, pp, int(b), dev, decoder, runtime_, precision_,  # type: ignore[arg-type]
-                                           overlap_ == "1", decode_threads=int(threads_) or None)))
+                                           overlap_ == "1", decode_threads=int(threads_))))
     print(json.dumps(fn(Path(w), files_p)))  # one engine per process, warmed up on its first two files

@@ -31,29 +31,24 @@ import torch
 from tests.benchmarks.cuda_detect import clinic_inputs
 
 
-def _batches(paths: list[Path], size: int) -> list[tuple[list[Path], None]]:
-    return [(paths[i : i + size], None) for i in range(0, len(paths), size)]
-
-
 def forward_sizes(qc, paths: list[Path], size: int) -> Counter:
     """How many photos each detector forward holds at engine batch `size` (decoded untimed)."""
     from pipelines.engine.decode import Decoded
     from pipelines.engine.detector import shape_chunks
 
     sizes: Counter = Counter()
-    for items, _ in _batches(paths, size):
-        shapes = [d.image.shape[-2:] for d in qc._decode(items) if isinstance(d, Decoded)]
+    for start in range(0, len(paths), size):
+        shapes = [d.image.shape[-2:] for d in qc._decode(paths[start : start + size]) if isinstance(d, Decoded)]
         sizes.update(len(c) for c in shape_chunks(qc.detector.transform, shapes, qc.detector_batch))
     return sizes
 
 
 def timed_pass(qc, paths: list[Path], size: int, cuda: bool) -> dict:
-    stages: dict[str, float] = {}
+    """The engine over `paths` as the bench runs it (`engine_bench._run_in_batches`), timed."""
+    from pipelines.evaluation.engine_bench import _run_in_batches
+
     t0 = time.perf_counter()
-    for results in qc.run_stream(_batches(paths, size)):
-        for k, v in results[0].timings_ms.items():
-            if k != "total":
-                stages[k] = stages.get(k, 0.0) + v / 1000
+    stages, _, _ = _run_in_batches(qc, paths, size)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
