@@ -18,7 +18,8 @@ import pandas as pd
 import pyarrow.parquet
 import pytest
 
-from pipelines.clean import NoteWatch, clean, run_notes
+from pipelines.clean.notes import NoteWatch, run_notes
+from pipelines.clean.run import clean
 from pipelines.engine.qc import QCConfig, QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
@@ -124,8 +125,8 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     rows (a dangling link, a FIFO), a name that is not UTF-8, and an absolute path, which Ray
     stored under another key than the local engine and processed again on every run."""
     pytest.importorskip("ray")
-    from pipelines.clean import list_inputs
-    from pipelines.clean_ray import QCActor, clean_ray
+    from pipelines.clean.inputs import list_inputs
+    from pipelines.clean.ray_run import QCActor, clean_ray
 
     (collection / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     os.mkfifo(collection / "pipe.jpg")
@@ -173,7 +174,7 @@ def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows
     from typer.testing import CliRunner
 
     from pipelines.cli import app
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     (collection / "no_path.csv").write_text("file,kind\na.jpg,regular\n")
     (collection / "blank.csv").write_text("path,kind\nclinic_a/ok.jpg,regular\n,green\n  ,iodine\n")
@@ -219,7 +220,7 @@ def test_a_name_that_is_not_utf8_or_of_251_bytes_gets_its_row_and_quarantine_cop
 
 
 def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_still_there(weights, collection, tmp_path):
-    from pipelines.clean import ResultsFolderError, StateStore
+    from pipelines.clean.state import ResultsFolderError, StateStore
 
     out = tmp_path / "out"
     first = clean(QCPipeline(weights), collection, out, batch_size=4)
@@ -253,7 +254,7 @@ def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_stil
 def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weights, collection, tmp_path):
     """A rerun with another policy counted every row as done: results.csv kept the old labels,
     and nothing in the folder said which policy made them."""
-    from pipelines.clean import ResultsFolderError
+    from pipelines.clean.state import ResultsFolderError
 
     out = tmp_path / "out"
     first = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
@@ -304,7 +305,7 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
 
 def test_a_results_folder_written_by_a_newer_cervixqc_is_refused_and_left_as_it_was(tmp_path):
     """An older version failed its first insert into a newer state's table, mid-run."""
-    from pipelines.clean import STATE_FORMAT, ResultsFolderError, StateStore
+    from pipelines.clean.state import ResultsFolderError, STATE_FORMAT, StateStore
 
     src = tmp_path / "src"
     src.mkdir()
@@ -357,7 +358,7 @@ def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_befor
 def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_run(weights, collection, tmp_path):
     """A manifest row whose file arrives later: `unreadable` (cannot read file) once, then its
     real row; a file that was read but is no image is not read again."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     ok = fuzz_set()["ok.jpg"][0]
     not_an_image = next(p for p in list_inputs(collection) if p.endswith("/random.jpg"))
@@ -378,7 +379,7 @@ def test_a_photo_replaced_under_its_name_is_labelled_again_and_its_old_quarantin
                                                                                                  tmp_path):
     """An archive re-exported over itself: the old label was kept for good, and the quarantine
     held the old photo. Rows written before stamps were kept (an upgrade) stay done."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     out, quarantine = tmp_path / "out", tmp_path / "quarantine"
     clean(QCPipeline(weights), collection, out, quarantine, batch_size=4)
@@ -410,7 +411,8 @@ def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_
     since its row removed A's copy, which held the name."""
     import shutil
 
-    from pipelines.clean import Stale, drop_stale_copies, file_stamp
+    from pipelines.clean.quarantine import drop_stale_copies
+    from pipelines.clean.state import file_stamp, Stale
 
     src, q = tmp_path / "src", tmp_path / "q"
     src.mkdir()
@@ -433,7 +435,7 @@ def test_exports_streamed_in_chunks_are_the_files_of_one_chunk_with_fixed_parque
                                                                                         monkeypatch):
     """Built as one table (and two copies), the exports held 3-3.7 KB a row at once: about
     3.5 GB at the end of a 10^6-photo run. A column without a value was typed null in Parquet."""
-    import pipelines.clean as clean_module
+    import pipelines.clean.exports as clean_module
 
     whole, chunked = tmp_path / "whole", tmp_path / "chunked"
     clean(QCPipeline(weights), collection, whole, batch_size=8)
@@ -477,7 +479,7 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
     the run said done, a rerun skipped them, and flagged photos stayed in the collection."""
     import shutil
 
-    from pipelines.clean import QuarantineUnwritable
+    from pipelines.clean.quarantine import QuarantineUnwritable
 
     out, q = tmp_path / "out", tmp_path / "q"
     real_copy = shutil.copy2
@@ -537,7 +539,7 @@ def test_a_quarantine_holds_one_sources_copies_and_another_source_is_refused_bef
 def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_files_faults(tmp_path):
     """A quarantine that was no longer a folder failed every copy with ENOTDIR, counted as the
     files' own faults: the job ended `done` with its flagged photos left in place."""
-    from pipelines.clean import QuarantineUnwritable, quarantine_results
+    from pipelines.clean.quarantine import quarantine_results, QuarantineUnwritable
 
     src, q = tmp_path / "src", tmp_path / "q"
     src.mkdir()
@@ -556,12 +558,12 @@ def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_file
 
 
 def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     before = list_inputs(collection)
     (collection / "clinic_a" / "loop").symlink_to(collection)
     (collection / "elsewhere").symlink_to(collection.parent)
-    with caplog.at_level("WARNING", logger="pipelines.clean"):
+    with caplog.at_level("WARNING", logger="pipelines.clean.inputs"):
         assert list_inputs(collection) == before
     assert "2 links to folders not followed" in caplog.text and "clinic_a" not in caplog.text
 
@@ -578,7 +580,7 @@ def test_results_csv_never_hands_a_spreadsheet_a_formula_and_parquet_keeps_the_n
 def test_a_manifest_naming_one_file_three_ways_lists_it_once_under_its_first_spelling(tmp_path):
     """`a.jpg`, `sub/../a.jpg` and its absolute path were three rows: the file was read, stored
     and counted three times."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     (tmp_path / "sub").mkdir()
     for name in ("a.jpg", "b.jpg"):
@@ -590,7 +592,7 @@ def test_a_manifest_naming_one_file_three_ways_lists_it_once_under_its_first_spe
 def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
     """The quarantine's hard link was made to the symlink itself: a relative link's entry
     dangled, an absolute one's led back to the original."""
-    from pipelines.clean import quarantine_copy
+    from pipelines.clean.quarantine import quarantine_copy
 
     (tmp_path / "master").mkdir()
     (tmp_path / "master" / "x.jpg").write_bytes(b"the photo")
@@ -608,7 +610,7 @@ def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collectio
     """A Synology share's `@eaDir` thumbnails became extra rows, near duplicates of every photo
     and quarantine copies; its recycle bin's photos were cleaned as the collection's; an
     iPhone's .AAE edit sidecars were `unreadable` rows among the damaged photos."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     for rel in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "#recycle/old.jpg",
                 "$RECYCLE.BIN/S-1-5/$RABC123.jpg", "sub/Thumbs.db", "desktop.ini", "Icon\r", ".DS_Store",
@@ -621,12 +623,12 @@ def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collectio
 def test_a_datasets_tables_and_notes_beside_its_photos_are_not_rows_and_are_counted(tmp_path, caplog):
     """A dataset folder's manifest.csv and coco.json were `unreadable` rows, quarantined among
     the damaged photos."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     for rel in ("a.jpg", "manifest.csv", "coco.json", "sub/labels.XLSX", "README.md", "notes.txt", "b.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    with caplog.at_level("INFO", logger="pipelines.clean"):
+    with caplog.at_level("INFO", logger="pipelines.clean.inputs"):
         assert list_inputs(tmp_path) == ["a.jpg", "b.png"]
     assert "5 tables and notes skipped" in caplog.text
     for photo in ("a.jpg", "b.png"):
@@ -644,12 +646,12 @@ def test_a_name_spelt_as_another_files_escaped_name_is_one_row_and_said(tmp_path
     run counted two files and stored one row, so the job's total never met its rows."""
     import os
 
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     (tmp_path / "Pe\\xf1a.jpg").write_bytes(b"literal")
     with open(os.fsencode(tmp_path) + b"/Pe\xf1a.jpg", "wb") as f:
         f.write(b"latin-1")
-    with caplog.at_level("WARNING", logger="pipelines.clean"):
+    with caplog.at_level("WARNING", logger="pipelines.clean.inputs"):
         assert list_inputs(tmp_path) == ["Pe\\xf1a.jpg"]
     assert "1 files are spelt as another file's row" in caplog.text
     from pipelines.data.schema import on_disk
@@ -664,7 +666,7 @@ def test_a_quarantine_name_holding_another_file_is_counted_not_taken_as_the_copy
     """On a quarantine that ignores letter case (exFAT, SMB, macOS), `A.JPG`'s copy stood for
     `a.jpg`: the second flagged photo was never copied, and nothing said so. A copy already
     there with the same bytes (a resumed batch) is still taken as done."""
-    from pipelines.clean import quarantine_results
+    from pipelines.clean.quarantine import quarantine_results
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jpg").write_bytes(b"the second photo")
@@ -703,7 +705,7 @@ def test_a_name_that_is_not_utf8_spelt_as_clean_spells_it_names_its_file_in_mani
 
 def test_a_photo_given_as_the_source_is_named_as_one(collection):
     """It was read as a manifest and told to save itself as "CSV UTF-8" (an audit)."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     photo = next(p for p in sorted(collection.rglob("*.jpg")) if p.read_bytes()[:2] == b"\xff\xd8")
     with pytest.raises(ValueError, match="is a photo, not a folder or manifest: give its folder"):

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, compare, features
+from pipelines.data.copy_check import CopyCheckConfig, CopyChecker, compare, features
 from pipelines.data.duplicates import DuplicateConfig, find_duplicates, read_duplicates
 from pipelines.engine.hashes import hamming
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
@@ -196,7 +196,7 @@ def test_duplicates_finds_a_copy_named_in_latin1_and_checks_its_options_before_r
     folder failed after every photo was read."""
     import os
 
-    from pipelines.clean import StateStore
+    from pipelines.clean.state import StateStore
 
     folder = _collection(tmp_path)
     with open(os.path.join(os.fsencode(folder), b"Pe\xf1a.jpg"), "wb") as f:
@@ -224,7 +224,7 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
     import logging
     import re
 
-    from pipelines.clean import clean
+    from pipelines.clean.run import clean
     from pipelines.engine.qc import QCConfig, QCPipeline
 
     folder = _collection(tmp_path)
@@ -302,7 +302,7 @@ def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path)
 def test_a_clean_rerun_asks_again_the_pairs_a_photo_it_could_not_read_left_without_a_verdict(tmp_path, monkeypatch):
     """Kept as they were, the exports of a run whose pixel check could not read a photo (a
     share away for a moment) missed that photo's copies until some other change came."""
-    from pipelines.clean import clean
+    from pipelines.clean.run import clean
     from pipelines.engine.qc import QCConfig, QCPipeline
 
     folder = _collection(tmp_path)

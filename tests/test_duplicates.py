@@ -307,7 +307,7 @@ def test_a_duplicates_table_with_a_group_that_is_no_whole_number_is_refused_by_l
 def test_a_clean_folder_whose_exports_lag_its_state_is_grouped_from_the_state(tmp_path):
     """A resumed run stopped before its exports left the older duplicates.csv, without the new
     photos' groups, and split read that one."""
-    from pipelines.clean import StateStore
+    from pipelines.clean.state import StateStore
     from pipelines.data.duplicates import read_duplicates
 
     out = tmp_path / "clean"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipelines.clean import clean
+from pipelines.clean.run import clean
 from pipelines.data import degradations
 from pipelines.engine.findings import finding_scores, load_findings_card
 from pipelines.engine.qc import QCPipeline
@@ -322,7 +322,6 @@ def test_calibrate_findings_judges_another_cards_thresholds_on_every_photo(tmp_p
     """A site (or a synthetic set) checks the bundled thresholds on its own photos: nothing is
     chosen, no split is needed, every photo is judged, and the report reads the folder."""
     from pipelines.cli import app
-
     from pipelines.engine.findings import SCORES_VERSION
 
     rows = []

@@ -22,7 +22,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.clean import clean, list_inputs, run_notes
+from pipelines.clean.inputs import list_inputs
+from pipelines.clean.notes import run_notes
+from pipelines.clean.run import clean
 from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 from tests.service_server import API_KEY, HEADERS, sign_in, start_server

@@ -54,8 +54,9 @@ def duplicates_cmd(
     (sha256 | phash | aligned | crop_hash | embedding). `cervixqc split --duplicates` reads it."""
     import pandas as pd
 
-    from pipelines.clean import on_disk, reader
+    from pipelines.clean.exports import reader
     from pipelines.data.duplicates import compared_file, duplicates_of_records, read_clean_state
+    from pipelines.data.schema import on_disk
     from pipelines.outputs import write_atomically
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
@@ -76,7 +77,7 @@ def duplicates_cmd(
         if root is None and cfg.verify_k > 0:
             typer.echo("no --images: cropped and turned copies are not looked for (keys only)", err=True)
     else:
-        from pipelines.clean import list_inputs
+        from pipelines.clean.inputs import list_inputs
 
         root = src.parent if src.is_file() else src
         try:
@@ -159,8 +160,14 @@ def eval_duplicates_cmd(
     optionally a sweep of the keys' thresholds."""
     import time
 
-    from pipelines.evaluation.duplicates_eval import (CopyPlan, aligned_distances, build_set, key_distances,
-                                                      run_engine, score)
+    from pipelines.evaluation.duplicates_eval import (
+        CopyPlan,
+        aligned_distances,
+        build_set,
+        key_distances,
+        run_engine,
+        score,
+    )
     from pipelines.evaluation.duplicates_eval import sweep as run_sweep
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)

@@ -161,7 +161,7 @@ def clean(
         typer.echo("warning: --address and --actors are for --engine ray; ignored", err=True)
     if not src.exists():
         _fail(f"{src} does not exist")
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
 
     try:
         listed = list_inputs(src)  # a manifest's problems before any engine starts
@@ -181,8 +181,10 @@ def clean(
         _fail("--quarantine-findings needs --quarantine")
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
-    from pipelines.clean import ResultsFolderError, check_outputs, refuse_folder_in_use, run_notes
-    from pipelines.clean_ray import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
+    from pipelines.clean.notes import run_notes
+    from pipelines.clean.ray_run import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
+    from pipelines.clean.run import check_outputs
+    from pipelines.clean.state import ResultsFolderError, refuse_folder_in_use
 
     try:
         check_outputs(src, out, quarantine)
@@ -226,7 +228,7 @@ def clean(
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
                          engine, address, actors, findings, pixel_check, listed):
-    from pipelines.clean import clean as run_clean
+    from pipelines.clean.run import clean as run_clean
     from pipelines.commands.common import file_progress
 
     qc = decision = None
@@ -241,7 +243,7 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
 
     with file_progress("clean") as report:
         if engine == "ray":
-            from pipelines.clean_ray import clean_ray
+            from pipelines.clean.ray_run import clean_ray
 
             summary = clean_ray(weights, src, out, quarantine, policy, batch_size, actors, address, report,
                                 jpeg_decoder=jpeg_decoder, quarantine_findings=findings, pixel_check=pixel_check,
@@ -428,7 +430,7 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
               n_images: int, batch_size: int, device: str, jpeg_decoder: str, chosen: tuple, sizes: list[int],
               naive_images: int | None = None, decode_threads: int | None = None) -> dict:
     """`bench`'s run, its generated photos and weights under `work`."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
     from pipelines.evaluation.engine_bench import bench as run_bench
     from pipelines.evaluation.engine_bench import usable
 
@@ -469,7 +471,7 @@ def _int8_detector(weights: Path, source: Path, n: int):
     engine over n seeded photos of `source` (its train rows for a manifest with splits)."""
     import numpy as np
 
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
     from pipelines.engine.quantize import describe, quantize_detector
 
     if not source.exists():

@@ -41,7 +41,7 @@ from scipy.cluster.hierarchy import DisjointSet
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipelines.data.copy_check import CopyChecker, CopyCheckConfig, VerdictStore, verdict_setting
+from pipelines.data.copy_check import CopyCheckConfig, CopyChecker, VerdictStore, verdict_setting
 from pipelines.data.schema import path_key
 from pipelines.engine.hashes import decode_embeddings, hash_bits
 from pipelines.engine.qc_result import QCResult
@@ -557,7 +557,7 @@ def read_clean_state(folder: Path) -> Iterator[QCResult]:
     """The records of a clean output folder (state.sqlite: results(path, label, record)), in
     path order, streamed. Opened read-only, unlike clean's own StateStore, which creates its
     table: a finished folder is only read here."""
-    from pipelines.clean import refuse_newer_state
+    from pipelines.clean.state import refuse_newer_state
 
     db_path = folder / "state.sqlite"
     if not db_path.is_file():

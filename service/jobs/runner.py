@@ -18,7 +18,10 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from pipelines.clean import collection_duplicates, export_records, list_inputs, on_disk, quarantine_results
+from pipelines.clean.exports import collection_duplicates, export_records
+from pipelines.clean.inputs import list_inputs
+from pipelines.clean.quarantine import quarantine_results
+from pipelines.data.schema import on_disk
 from pipelines.engine.decode import DecodeError, DecodeLimits, read_file
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import sweep_temporaries

@@ -17,7 +17,8 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from pipelines.clean import holds_files, list_inputs, run_notes
+from pipelines.clean.inputs import holds_files, list_inputs
+from pipelines.clean.notes import run_notes
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream

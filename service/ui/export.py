@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.io import sha256_file
-from pipelines.clean import QUARANTINED, on_disk, quarantine_copy, quarantine_path
-from pipelines.engine.qc_result import QCResult, spreadsheet_row
+from pipelines.clean.quarantine import QUARANTINED, quarantine_copy, quarantine_path
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.data.schema import on_disk
+from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.outputs import flush_folder
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
 from service.paths import inside

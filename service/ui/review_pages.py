@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import re
 import threading
-from urllib.parse import urlencode
 from typing import Annotated, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from pipelines.clean import on_disk
+from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders

@@ -55,7 +55,7 @@ def stand_in_weights(weights: Path, work: Path) -> Path:
 
 def clinic_inputs(weights: Path, n: int, work: Path) -> tuple[Path, list[Path]]:
     """(`stand_in_weights`, n seeded clinic photos of 1-12 MP) under `work`: what the GPU scripts time."""
-    from pipelines.clean import list_inputs
+    from pipelines.clean.inputs import list_inputs
     from pipelines.data.synth import PRESETS, generate
     from pipelines.evaluation.engine_bench import usable
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.clean import export_records
+from pipelines.clean.exports import export_records
 from pipelines.engine.qc_result import Label, QCResult
 
 

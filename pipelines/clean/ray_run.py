@@ -22,8 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.clean import (CleanSummary, NoteWatch, check_outputs, done_labels, file_stamp, finish_run, list_inputs,
-                             on_disk, open_run, plan_run, quarantine_done_rows, store_batch)
+from pipelines.clean.inputs import list_inputs
+from pipelines.clean.notes import NoteWatch
+from pipelines.clean.run import (
+    CleanSummary,
+    check_outputs,
+    done_labels,
+    finish_run,
+    open_run,
+    plan_run,
+    quarantine_done_rows,
+    store_batch,
+)
+from pipelines.clean.state import file_stamp
+from pipelines.data.schema import on_disk
 from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
 from pipelines.engine.qc_result import Label, QCResult
 

@@ -1,0 +1,175 @@
+"""The quarantine: hard links (copies across file systems) of flagged originals, mirroring
+their relative paths under one folder per label and, when asked, one per quality finding.
+Originals are only ever read."""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import logging
+import os
+import shutil
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+from pipelines.clean.state import Stale, file_stamp
+from pipelines.data.schema import on_disk
+from pipelines.engine.qc_result import Label, QCResult
+from pipelines.outputs import write_atomically
+
+log = logging.getLogger(__name__)
+
+
+QUARANTINED = (Label.NON_REGULAR, Label.NO_CERVIX, Label.UNREADABLE)
+
+
+def quarantine_folders(result: QCResult, findings: Collection[str] = ()) -> list[str]:
+    """Where a result's file is copied: its label's folder when the label is quarantined, and
+    one folder per flagged finding named in `findings` (a blurred regular photo goes to
+    blur/ only). Findings folders never change the label."""
+    folders = [result.label.value] if result.label in QUARANTINED else []
+    return folders + [name for name in result.flags() if name in findings]
+
+
+class QuarantineUnwritable(OSError):
+    """The quarantine itself takes no copy (full, read-only, no permission). Raised before the
+    batch's rows are stored, so that the run (or the job, on retry) does the batch again once
+    the folder is fixed: stored rows without their copies were flagged photos left in the
+    collection, with the run reported done."""
+
+
+_FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+# the folder's fault when they name a path inside it: no permission, a share dropped (I/O
+# error, stale handle, not connected); on the original they are the file's
+_INSIDE_ERRORS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOTCONN}
+
+
+def _quarantine_fault(e: OSError, qdir: Path) -> bool:
+    """The folder's fault, not the file's: no space or a read-only file system, one of
+    `_INSIDE_ERRORS` on a path inside the quarantine, or a quarantine that is no longer a
+    folder (replaced by a file: every copy failed, counted as the files' faults, and the job
+    ended `done` with its flagged photos left in place)."""
+    if e.errno in _FOLDER_ERRORS:
+        return True
+    named = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
+    if e.errno in _INSIDE_ERRORS and any(p.is_relative_to(qdir) for p in named):
+        return True
+    # the quarantine, or one of its label or finding folders, replaced by a file
+    folders = [qdir, qdir.parent] + [qdir / p.relative_to(qdir).parts[0] for p in named
+                                     if p.is_relative_to(qdir) and p != qdir]
+    return e.errno in (errno.ENOTDIR, errno.EEXIST) and any(part.exists() and not part.is_dir() for part in folders)
+
+
+def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
+                       link: bool = True) -> int:
+    """Each result's file into every folder `quarantine_folders` names (files gone since are
+    skipped). A file the OS cannot stat or copy (a name too long for it, a link loop) is
+    skipped and counted (returned): it failed its whole batch, on every retry of the job. A
+    quarantine that cannot be written raises QuarantineUnwritable."""
+    failed = 0
+    for r in results:
+        folders = quarantine_folders(r, findings)
+        try:
+            if folders and on_disk(src_root, r.path).is_file():
+                for folder in folders:
+                    quarantine_copy(src_root, r.path, folder, qdir, link)
+        except OSError as e:
+            if _quarantine_fault(e, qdir):
+                raise QuarantineUnwritable(e.errno, f"the quarantine cannot be written ({e.strerror}); this batch "
+                                                    "was not stored: free space or fix the folder's permissions, "
+                                                    "then resume (the same command again, or retry the job)") from None
+            failed += 1
+    if failed:  # counted, not named: logs carry no file names
+        log.warning("%d flagged files could not be copied into the quarantine", failed)
+    return failed
+
+
+def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:
+    """Where the copy of `rel` lives in `folder` (a label or a finding) of the quarantine. A
+    manifest may name absolute paths or climb with '..': mirrored inside qdir, never outside it
+    (qdir / "/abs" would be "/abs", the original itself)."""
+    parts = [("__" if part == ".." else part) for part in Path(rel).parts if part not in ("/", "")]
+    return qdir / str(folder) / Path(*parts)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file, or two with the same bytes."""
+    try:
+        return _same_inode(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+    except OSError:
+        return False
+
+
+def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
+    """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original
+    is only read. `link` uses a hard link where the file system allows (no extra space); the
+    service passes False, since a quarantine others open and edit must not share an inode with
+    the original."""
+    target = quarantine_path(qdir, folder, rel)
+    source = on_disk(src_root, rel)
+    if target.exists():
+        # taken as this file's copy (a resumed batch) only when it is: on a quarantine that
+        # ignores letter case or Unicode form (exFAT, SMB, macOS), `A.JPG`'s copy stood for
+        # `a.jpg`, and the second flagged photo was never copied, unsaid; now it is counted
+        if not _same_file(source, target):
+            raise FileExistsError(errno.EEXIST, "the quarantine holds another file under this name", str(target))
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(tmp: Path) -> None:
+        if link:
+            try:
+                # link(2) does not follow a symlink (nor does os.link on Linux, follow_symlinks or
+                # not): a linked photo's quarantine entry was a copy of the link, dangling
+                # where the link was relative, and the original itself where it was absolute
+                os.link(os.path.realpath(source), tmp)
+                return
+            except OSError:  # another file system, or links not allowed: copy instead
+                pass
+        shutil.copy2(source, tmp)
+
+    write_atomically(target, link_or_copy)
+
+
+# In a quarantine: the source folder whose copies it holds. Two sources' photos at one relative
+# path (two clinics' field/IMG_0001.jpg) met in a shared quarantine: the second's copy was
+# skipped with a count in a warning, its row stored, the run reported done, and the photo stayed
+# among those a site keeps (an audit). The service refuses such a job (409 quarantine_in_use).
+# A hidden name: listing the quarantine as a source skips it. A quarantine filled before the
+# marker existed is claimed by the next run that uses it.
+QUARANTINE_SOURCE = ".cervixqc-source"
+
+
+def source_root(src: Path) -> Path:
+    """The folder a source's relative paths start from (a manifest's own folder)."""
+    return (src.parent if src.is_file() else src).resolve()
+
+
+def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) -> None:
+    """The quarantine copies (under the old label and flags) of photos that changed since their
+    rows, so that a copy of the old photo never stands for the new one. Only a copy that is
+    that row's: the same file as the photo now (a hard link edited in place), or one with the
+    size and time it was read under (a link or `copy2` of the old photo). A name another
+    row's copy holds (two sources sharing a quarantine, `A.JPG` and `a.jpg` on exFAT) is
+    left. Called as the new rows are stored: a run that fails before keeps the old copies."""
+    failed = 0
+    for s in stale:
+        original = on_disk(src_root, s.record.path)
+        for folder in dict.fromkeys([s.record.label.value, *s.record.flags()]):
+            target = quarantine_path(quarantine, folder, s.record.path)
+            try:
+                if target.is_file() and (_same_inode(target, original) or file_stamp(target) == s.stamp):
+                    target.unlink()
+            except OSError:
+                failed += 1
+    if failed:
+        log.warning("%d quarantine copies of changed photos could not be removed", failed)
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
