@@ -23,14 +23,21 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
+from pipelines.engine.config import QCConfig
 from pipelines.engine.decode import DecodeLimits
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCPipeline
 from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import (KNOWN_METHODS, ApiError, install_error_handlers, internal_error, route_label,
-                            validation_message)
+from service.errors import (
+    KNOWN_METHODS,
+    ApiError,
+    install_error_handlers,
+    internal_error,
+    route_label,
+    validation_message,
+)
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
@@ -45,9 +52,9 @@ from service.settings import Settings
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
+from service.ui.deps import SignInNeeded, page, wants_page
 from service.ui.headers import PageHeaders
 from service.ui.job_views import JobViews
-from service.ui.deps import SignInNeeded, page, wants_page
 from service.ui.session import RevokedSessions, SessionSigner, load_secret
 
 log = logging.getLogger(__name__)

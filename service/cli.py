@@ -90,7 +90,8 @@ def _preflight(settings) -> str | None:
     service that reported ready and then failed every job (a data root or quarantine that is
     no folder)."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import check_weights, resolve_device
+    from pipelines.engine.config import resolve_device
+    from pipelines.engine.weights_folder import check_weights
     from service.jobs.store import store_problem
     from service.state_lock import in_use
     from service.ui.session import load_secret

@@ -7,8 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pipelines.engine.qc import Policy
-from pipelines.engine.qc_result import Finding, Label, QCResult
+from pipelines.engine.qc_result import Finding, Label, Policy, QCResult
 
 
 class UploadResult(BaseModel):

@@ -16,9 +16,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipelines.engine.config import DEVICE_NAME, JpegDecoder, Runtime
 from pipelines.engine.openvino_runtime import Precision
-from pipelines.engine.qc import DEVICE_NAME, JpegDecoder, Policy, Runtime
-from pipelines.engine.qc_result import check_findings
+from pipelines.engine.qc_result import Policy, check_findings
 from service.root_path import ROOT_PATH
 
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "xxx"}

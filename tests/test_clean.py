@@ -20,7 +20,8 @@ import pytest
 
 from pipelines.clean.notes import NoteWatch, run_notes
 from pipelines.clean.run import clean
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 
@@ -173,8 +174,8 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
 def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows(weights, collection, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
     from pipelines.clean.inputs import list_inputs
+    from pipelines.cli import app
 
     (collection / "no_path.csv").write_text("file,kind\na.jpg,regular\n")
     (collection / "blank.csv").write_text("path,kind\nclinic_a/ok.jpg,regular\n,green\n  ,iodine\n")
@@ -305,7 +306,7 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
 
 def test_a_results_folder_written_by_a_newer_cervixqc_is_refused_and_left_as_it_was(tmp_path):
     """An older version failed its first insert into a newer state's table, mid-run."""
-    from pipelines.clean.state import ResultsFolderError, STATE_FORMAT, StateStore
+    from pipelines.clean.state import STATE_FORMAT, ResultsFolderError, StateStore
 
     src = tmp_path / "src"
     src.mkdir()
@@ -412,7 +413,7 @@ def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_
     import shutil
 
     from pipelines.clean.quarantine import drop_stale_copies
-    from pipelines.clean.state import file_stamp, Stale
+    from pipelines.clean.state import Stale, file_stamp
 
     src, q = tmp_path / "src", tmp_path / "q"
     src.mkdir()
@@ -539,7 +540,7 @@ def test_a_quarantine_holds_one_sources_copies_and_another_source_is_refused_bef
 def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_files_faults(tmp_path):
     """A quarantine that was no longer a folder failed every copy with ENOTDIR, counted as the
     files' own faults: the job ended `done` with its flagged photos left in place."""
-    from pipelines.clean.quarantine import quarantine_results, QuarantineUnwritable
+    from pipelines.clean.quarantine import QuarantineUnwritable, quarantine_results
 
     src, q = tmp_path / "src", tmp_path / "q"
     src.mkdir()

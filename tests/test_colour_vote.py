@@ -3,7 +3,8 @@ crop-colour scorer say so; it exists only where the weights folder carries the c
 
 import pytest
 
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label
 from tests.qc_fixtures import jpeg_bytes, textured_scene, tiny_weights
 

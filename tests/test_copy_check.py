@@ -74,7 +74,8 @@ def _collection(tmp_path):
 
 
 def test_the_closest_photos_are_checked_with_the_pixels_only_when_they_can_be_read(tmp_path):
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     folder = _collection(tmp_path)
     names = sorted(p.name for p in folder.iterdir())
@@ -92,7 +93,8 @@ def test_the_closest_photos_are_checked_with_the_pixels_only_when_they_can_be_re
 
 
 def test_keypoints_beyond_the_memory_limit_go_to_a_temporary_file_that_is_removed(tmp_path, monkeypatch):
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     folder = _collection(tmp_path)
     names = sorted(p.name for p in folder.iterdir())
@@ -225,7 +227,8 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
     import re
 
     from pipelines.clean.run import clean
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     folder = _collection(tmp_path)
     qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu"))
@@ -263,7 +266,8 @@ def test_a_rerun_of_clean_takes_the_pixel_checks_verdicts_from_its_state_and_rea
 def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path):
     """The check matches the second photo's keypoints to the first's, and at the cut a pair was
     a copy one way and not the other: a file renamed past its pair's must be checked again."""
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     folder = _collection(tmp_path)
     names = sorted(p.name for p in folder.iterdir())
@@ -303,7 +307,8 @@ def test_a_clean_rerun_asks_again_the_pairs_a_photo_it_could_not_read_left_witho
     """Kept as they were, the exports of a run whose pixel check could not read a photo (a
     share away for a moment) missed that photo's copies until some other change came."""
     from pipelines.clean.run import clean
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     folder = _collection(tmp_path)
     qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=0.0), QCConfig(device="cpu"))

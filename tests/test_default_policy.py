@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from models.io import load_card
-from pipelines.engine.qc import QCConfig, QCPipeline, best_policy
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import POLICIES
+from pipelines.engine.weights_folder import best_policy
 from pipelines.evaluation.pipeline_eval import choose_policy
 from tests.qc_fixtures import tiny_weights
 
@@ -75,7 +77,7 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
         card = json.loads((weights / f"{stem}.json").read_text())
         card["metrics"]["policy_choice"]["classifier_sha256"] = "0" * 64
         (weights / f"{stem}.json").write_text(json.dumps(card))
-    with caplog.at_level("WARNING", logger="pipelines.engine.qc"):
+    with caplog.at_level("WARNING", logger="pipelines.engine.weights_folder"):
         assert QCPipeline(weights).policy == "deep_sad"
     # the default changed: said, not silent
     assert "the policy recorded on the stage-2 cards (both) was chosen for other models" in caplog.text

@@ -42,7 +42,8 @@ def _unit(seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     weights = tiny_weights(tmp_path_factory.mktemp("w"), detector_threshold=0.0)
     return QCPipeline(weights, QCConfig(device="cpu"))

@@ -19,9 +19,10 @@ from models.exportable import DetectorConvolutions
 from models.io import WeightsIntegrityError, load_weights, save_weights
 from pipelines.cli import app
 from pipelines.engine import openvino_runtime
+from pipelines.engine.config import QCConfig, resolve_runtime
 from pipelines.engine.detector import detect, load_detector
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.stage2 import load_stage2
-from pipelines.engine.qc import QCConfig, QCPipeline, resolve_runtime
 from tests.qc_fixtures import tiny_weights
 from tests.small_disk import small_tmpfs
 

@@ -391,7 +391,7 @@ def test_a_findings_card_of_the_one_octave_blur_is_refused_by_the_engine_and_the
     """Its blur threshold (0.636) on today's scores (the bundled one is 0.952) flagged 23% of
     the real undegraded photos as blurred, without a word (an audit)."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import check_weights
+    from pipelines.engine.weights_folder import check_weights
 
     weights = tiny_weights(tmp_path / "w", 0.0, findings=PASS_ALL)
     card = json.loads((weights / "findings.json").read_text())

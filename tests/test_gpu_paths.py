@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
 from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 

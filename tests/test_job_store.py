@@ -89,7 +89,8 @@ def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_t
     import threading
     import time
 
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -135,7 +136,8 @@ def test_a_source_that_disappears_mid_job_fails_the_job_instead_of_storing_missi
     back, the same job gives every row."""
     import time
 
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -186,7 +188,8 @@ def _wait_finished(store, job_ids, seconds=60):
 def test_a_job_whose_results_files_find_no_room_fails_saying_so_and_a_retry_writes_them(tmp_path):
     """It failed with a bare "[Errno 28] No space left on device", not saying that the results
     export met it (an audit)."""
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -220,7 +223,8 @@ def test_a_job_whose_results_files_find_no_room_fails_saying_so_and_a_retry_writ
 def test_a_resumed_job_reads_only_the_files_it_has_no_row_for(tmp_path):
     """README: a stopped job resumes reading only the files without a row; one that read them
     all again paid hours on a large share for nothing (a mutation: no test saw it)."""
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -301,7 +305,8 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
 def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tmp_path):
     """A job stopped by a restart with new weights went on under them: its results mixed two
     models' labels, and nothing said which rows were whose."""
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -414,7 +419,8 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
     """A share briefly away left `cannot read file` rows in a done job for good: `retry` took
     only failed or cancelled jobs, and a resumed job skipped every stored row. `clean` reruns
     read such files again; jobs now do too, replacing the row and moving the label counts."""
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
@@ -494,7 +500,8 @@ def test_a_job_cancelled_during_its_exports_is_held_by_the_runner_until_they_are
     import shutil
     import threading
 
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics

@@ -5,8 +5,9 @@ import asyncio
 
 import pytest
 
+from pipelines.engine.config import QCConfig
 from pipelines.engine.decode import DecodeLimits
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label
 from service.batcher import MicroBatcher
 from service.gate import EngineGate

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label
 from tests.qc_fixtures import fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 
@@ -194,12 +195,12 @@ def test_predict_fails_when_not_one_image_could_be_read(always_cervix, tmp_path)
 
 
 def test_the_default_decoder_is_nvjpeg_on_cuda_where_it_decodes_and_pil_elsewhere(always_cervix, caplog):
+    from pipelines.engine.config import resolve_decoder
     from pipelines.engine.decode_device import decodes_on
-    from pipelines.engine.qc import resolve_decoder
 
     cuda = torch.device("cuda", 0)
     assert resolve_decoder("auto", cuda, device_decodes=lambda d: True) == "torchvision"
-    with caplog.at_level("WARNING", logger="pipelines.engine.qc"):
+    with caplog.at_level("WARNING", logger="pipelines.engine.config"):
         assert resolve_decoder("auto", cuda, device_decodes=lambda d: False) == "pil"
     assert "could not decode a test JPEG on cuda:0" in caplog.text
     assert resolve_decoder("auto", torch.device("cpu")) == "pil"
@@ -552,7 +553,7 @@ def test_a_stage2_card_under_the_other_models_name_is_refused_before_any_photo(a
     import shutil
 
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import check_weights
+    from pipelines.engine.weights_folder import check_weights
 
     (tmp_path / "p.jpg").write_bytes(jpeg_bytes(textured_scene(0)))
     for role, other in (("deep_sad", "classifier"), ("classifier", "deep_sad")):

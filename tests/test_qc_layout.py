@@ -4,7 +4,8 @@ labels, boxes and scores as the default layout."""
 import numpy as np
 import pytest
 
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import fuzz_set, tiny_weights
 
 

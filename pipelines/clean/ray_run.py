@@ -36,8 +36,10 @@ from pipelines.clean.run import (
 )
 from pipelines.clean.state import file_stamp
 from pipelines.data.schema import on_disk
-from pipelines.engine.qc import QCConfig, QCPipeline, decision_for
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.weights_folder import decision_for
 
 log = logging.getLogger(__name__)
 CRASHED = "the engine's process died on this file (it crashes the decoder or the models, or memory ran out)"

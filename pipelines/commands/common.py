@@ -177,7 +177,7 @@ def manifest_output(option: str, out: Path) -> None:
 def device_or_fail(device: str) -> str:
     """`auto`, `cpu`, `cuda` or `cuda:N` as every engine command takes it ("auto" was a torch
     traceback in some), or a clean exit."""
-    from pipelines.engine.qc import resolve_device
+    from pipelines.engine.config import resolve_device
 
     try:
         return resolve_device(device)

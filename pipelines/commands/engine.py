@@ -15,8 +15,8 @@ from pipelines.commands.common import _fail, _manifest, device_or_fail, require_
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
-DECODERS = ("auto", "pil", "torchvision")  # pipelines.engine.qc.JpegDecoder
-RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.qc.Runtime
+DECODERS = ("auto", "pil", "torchvision")  # pipelines.engine.config.JpegDecoder
+RUNTIMES = ("auto", "torch", "openvino")  # pipelines.engine.config.Runtime
 PRECISIONS = ("auto", "f32", "bf16")  # pipelines.engine.openvino_runtime.Precision
 RuntimeOption = Annotated[str, typer.Option(
     help="auto: on a CPU, when the weights folder carries an export (cervixqc export), every model on "
@@ -62,7 +62,7 @@ def _checked_weights(weights: Path, exports: bool) -> None:
     included, without building a model: for commands whose engines start elsewhere (Ray's
     actors, bench's child processes), where a bad file was a traceback per process."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import check_weights
+    from pipelines.engine.weights_folder import check_weights
 
     _weights_folder(weights)
     try:
@@ -74,7 +74,8 @@ def _checked_weights(weights: Path, exports: bool) -> None:
 def _engine(weights: Path, **config):
     """The engine, with a clear exit instead of a traceback for weights it cannot run."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     _weights_folder(weights)
     try:
@@ -262,7 +263,7 @@ def _ray_preflight(weights: Path, policy: Optional[str], device: str, address: O
     it, exports included (a damaged OpenVINO export killed every actor, 384 lines of tracebacks:
     an audit)."""
     from models.io import WeightsIntegrityError
-    from pipelines.engine.qc import decision_for
+    from pipelines.engine.weights_folder import decision_for
 
     try:
         import ray  # noqa: F401
@@ -399,8 +400,8 @@ def export(
     if not openvino_runtime.available():
         _fail("export needs the openvino package (pip install openvino)")
     from pipelines.engine.detector import load_detector
-    from pipelines.engine.qc import loading
     from pipelines.engine.stage2 import load_stage2
+    from pipelines.engine.weights_folder import loading
 
     if int8_calibration is not None and "detector" not in names:
         _fail("--int8-calibration quantizes the detector: add it to --models")

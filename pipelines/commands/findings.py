@@ -31,13 +31,18 @@ def calibrate_findings_cmd(
     With --thresholds-from, another card's thresholds are judged on every photo instead."""
     from rich.progress import Progress
 
+    from models.io import WeightsIntegrityError, sha256_file
     from pipelines.commands.engine import _engine
     from pipelines.engine.findings import FindingsCard, load_findings_card
-    from pipelines.engine.qc import loading
     from pipelines.engine.qc_result import FINDINGS
-    from pipelines.evaluation.findings_calibration import (CalibrationConfig, calibrate, judge, score_variants,
-                                                           write_outputs)
-    from models.io import WeightsIntegrityError, sha256_file
+    from pipelines.engine.weights_folder import loading
+    from pipelines.evaluation.findings_calibration import (
+        CalibrationConfig,
+        calibrate,
+        judge,
+        score_variants,
+        write_outputs,
+    )
 
     judged = None
     if thresholds_from is not None:  # before the minutes of scoring, checked as the engine checks it

@@ -15,164 +15,39 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union, get_args
+from typing import Union
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.transforms.v2 import functional as TF
 
 from models.exportable import exportable
-from models.io import ModelCard, WeightsIntegrityError, verified_card
-from pipelines.engine.crops import crop_boxes, expand_boxes, resized_crops, whole_frames
-from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, as_result, check_size, decode,
-                                     read_file)
-from pipelines.engine.decode_device import decode_on_device, decodes_on
+from models.io import verified_card
 from pipelines.engine import openvino_runtime
+from pipelines.engine.config import QCConfig, resolve_decoder, resolve_device, resolve_runtime
+from pipelines.engine.crops import crop_boxes, expand_boxes, resized_crops, whole_frames
+from pipelines.engine.decode import Decoded, DecodeError, as_result, check_size, decode, read_file
+from pipelines.engine.decode_device import decode_on_device
 from pipelines.engine.detector import detect, load_detector, shape_chunks
-from pipelines.engine.findings import CROP as FINDINGS_CROP, finding_scores, judge, load_findings_card
+from pipelines.engine.findings import CROP as FINDINGS_CROP
+from pipelines.engine.findings import finding_scores, judge, load_findings_card
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
 from pipelines.engine.memory import limit_malloc_arenas
-from pipelines.engine.openvino_runtime import Precision
-from pipelines.engine.presence import colour_histograms, load_presence, other_detector, pool_features
-from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Label, Policy, QCResult, policies_for
+from pipelines.engine.presence import colour_histograms, load_presence, pool_features
+from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, Label, Policy, QCResult, policies_for
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
+from pipelines.engine.weights_folder import best_policy, decision_of, in_role, loading
 
-Runtime = Literal["auto", "torch", "openvino"]
-JpegDecoder = Literal["auto", "pil", "torchvision"]
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QCConfig:
-    device: str = "auto"  # auto: cuda when present, else cpu
-    # "openvino": every model through OpenVINO (CPU only): the weights folder's exported files
-    # (`cervixqc export`) where present, the others converted in a child process at the first
-    # load and cached (`openvino_cache`). "auto": the same on CPU when the folder carries an
-    # export (the bundled one does), else torch; torch on CUDA. Measured reasons in
-    # pipelines/engine/openvino_runtime.py: with the bundled weights on the 2-core CPU, the
-    # classifier left on torch cost 1.5 s per 300 photos of the engine's 6-8 s, so auto
-    # converts it (about 10 s at the first start, then read from the cache) rather than mixing.
-    runtime: Runtime = "auto"
-    # OpenVINO's inference precision; auto: its own choice (bf16 where the CPU runs it natively)
-    precision: Precision = "auto"
-    policy: Policy | None = None  # None: `best_policy` (the cards' validation choice)
-    crop_margin: float = 0.05
-    decode_threads: int = 2
-    limits: DecodeLimits = DecodeLimits()
-    # Images per detector forward; None: 64 on CUDA, 4 on CPU. Measured on the 2-core CPU,
-    # whole engine on the 24 bench photos, A/B in one process (README, measured figures):
-    # bundled mobilenet_v3 RetinaNet at 320: batch 4 1.6x faster than batch 1, batch 8
-    # 1.6-1.9x; untrained resnet50 RetinaNet at 512: batch 4 1.0x, batch 8 0.87x, batch 16
-    # 0.76x (`cervixqc bench-detector`), its large activations being memory-bound. 4 is the
-    # CPU default that helps the small detector and costs the large one nothing.
-    detector_batch: int | None = None
-    # NHWC weights: cuDNN and oneDNN prefer that layout for convolutions. On this 2-core CPU the
-    # resnet50 RetinaNet alone at 512 ran 1.45-2.3x faster (a busy machine), the whole engine on
-    # 8 clinic photos only 1.03-1.10x (quiet); outputs are equal (tests/test_qc_layout.py).
-    # On CUDA it applies to the stage-2 models only (the detector's reason: QCPipeline.__init__).
-    channels_last: bool = True
-    # bf16 autocast: None means on for CUDA only (on the 2-core CPU it measured 0.84-1.9x,
-    # too unsteady to be a default there), and there for the stage-2 models only: the detector
-    # ran 2x slower under it on an H200. True puts the detector under it too.
-    bf16: bool | None = None
-    # "torchvision": JPEGs decode with torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA),
-    # batched, per-image fallback to PIL (pipelines/engine/decode_device.py). "pil": DCT-scaled PIL
-    # decode in the thread pool, the better choice on CPU. "auto": torchvision on CUDA where it
-    # decodes a test JPEG (`resolve_decoder`), pil elsewhere. Measured on an H200 (2026-12-04,
-    # `bash tests/benchmarks/gpu_check.sh` with BENCH_DECODERS=torchvision,pil BENCH_THREADS="2 16",
-    # 1,024 clinic photos of 1-12 MP, one run): the engine at 119.7 / 139.4 images/s (decode ahead off / on) with nvJPEG, 69.8 / 92.5
-    # with PIL in 2 decode threads, 114.3 / 116.4 with PIL in 16: nvJPEG's decode stage took
-    # 1.7-2.0 s, PIL's 8.4 (2 threads) and 2.4 (16). More decode threads did not help nvJPEG
-    # (134.7 / 130.3), so `decode_threads` stays 2.
-    jpeg_decoder: JpegDecoder = "auto"
-    # Decode batch n+1 while batch n is on the models (`run_stream`). None: on for CUDA (the
-    # host decodes while the device computes), off on CPU, where decoding and the models
-    # share the same cores: on the 2-core CPU, 300 real photos, `cervixqc bench` in one run:
-    # two runs each: torch 1.04x and 1.05x with it, OpenVINO 0.95x and 1.04x: noise-level,
-    # and it raises peak RSS by up to 65 MB.
-    decode_ahead: bool | None = None
-    # Quality findings (with a findings card), the duplicate keys (hashes, embedding). False:
-    # labels only, the engine as it was before them (`python -m tests.benchmarks.findings_cost`
-    # times both side by side).
-    findings: bool = True
-    # Where models the weights folder does not carry exported are kept once converted (None:
-    # `openvino_runtime.cache_root()`, ~/.cache/cervixqc/openvino).
-    openvino_cache: Path | None = None
-    # glibc malloc arenas for the whole process, set when the engine starts (None: leave
-    # malloc alone). 1: the engine's peak RSS 87 MB lower, no slower (pipelines/engine/memory.py).
-    malloc_arenas: int | None = 1
-
-    def __post_init__(self) -> None:
-        """The library's settings checked as the CLI checks its options: `runtime="tensorrt"` ran
-        as auto, `jpeg_decoder="nvjpeg"` as torchvision, `detector_batch=-1` failed at the first
-        batch and `precision="fp16"` in OpenVINO's words (an audit)."""
-        for name, kind in (("runtime", Runtime), ("precision", Precision), ("jpeg_decoder", JpegDecoder)):
-            if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"QCConfig.{name}: {getattr(self, name)!r} is not one of {', '.join(get_args(kind))}")
-        if self.policy is not None and self.policy not in get_args(Policy):
-            raise ValueError(f"QCConfig.policy: {self.policy!r} is not one of {', '.join(get_args(Policy))}")
-        for name in ("detector_batch", "decode_threads", "malloc_arenas"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"QCConfig.{name}: {value!r} is not a whole number of at least 1")
-        if not 0 <= self.crop_margin < 1:
-            raise ValueError(f"QCConfig.crop_margin: {self.crop_margin!r} is not a share in [0, 1)")
-
-
-DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # what a device setting may say
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when present, else cpu. A misspelt device (`gpu`) or cuda on a machine
-    without one is a ValueError saying so: they surfaced as torch errors blamed on the weights."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not DEVICE_NAME.fullmatch(device):
-        raise ValueError(f"device {device!r} is not a device: auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: no CUDA device on this machine (auto uses the CPU then)")
-    return device
-
-
-def resolve_decoder(decoder: JpegDecoder, device: torch.device,
-                    device_decodes: Callable[[torch.device], bool] = decodes_on) -> Literal["pil", "torchvision"]:
-    """`auto` -> nvJPEG on CUDA (1.5-1.7x the engine's rate with PIL there: `QCConfig.jpeg_decoder`)
-    where it decodes a test JPEG there, PIL's DCT-scaled decode elsewhere. A decoder asked for by
-    name is kept (the device path falls back to PIL per photo)."""
-    if decoder != "auto":
-        return decoder
-    if device.type != "cuda":
-        return "pil"
-    if device_decodes(device):
-        return "torchvision"
-    log.warning("torchvision could not decode a test JPEG on %s (no nvJPEG in this build?): JPEGs decode with "
-                "PIL on the host", device)
-    return "pil"
-
-
-def resolve_runtime(runtime: Runtime, device: torch.device, weights: Path) -> Literal["torch", "openvino"]:
-    if runtime == "torch":
-        return "torch"
-    if runtime == "openvino":
-        if device.type != "cpu":
-            raise ValueError(f"the openvino runtime runs on the CPU, not {device}; use --device cpu or --runtime torch")
-        if not openvino_runtime.available():
-            raise ValueError("the openvino runtime needs the openvino package (pip install openvino)")
-        return "openvino"
-    usable = device.type == "cpu" and openvino_runtime.available() and openvino_runtime.exported_names(weights)
-    return "openvino" if usable else "torch"
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -182,43 +57,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
-    """The default decision.
-
-    First choice: the policy recorded on the stage-2 cards as the best whole-pipeline F1 on
-    validation (`metrics.policy_choice`, written by `weights/finalize.py policy` from an
-    `eval-pipeline` validation report; never a test figure). It is read only while it names
-    the sha256 of both models loaded: it was measured on that pair, and a retrained model
-    makes it stale. Detector crops, not ground-truth boxes, feed the models there, and the two
-    combinations are candidates: with the bundled weights `both` (a Deep SAD flag needs the
-    classifier's agreement) removed the one-class model's false flags on cool-toned regulars.
-
-    Otherwise (older cards, or a stale choice): whichever stage-2 model has the higher F1 on
-    its validation crops (the cards' metrics.val.f1). Ties and cards without validation
-    metrics go to ResNeSt, the paper's final choice. A choice that needs the crop-colour
-    scorer is read only while that very model is loaded too."""
-    for card in (sad_card, cls_card):
-        choice = card.metrics.get("policy_choice") or {}
-        colour_ok = choice.get("policy") not in COLOUR_POLICIES or (
-            colour_card is not None and choice.get("colour_sha256") == colour_card.sha256)
-        if (choice.get("policy") in POLICIES and choice.get("deep_sad_sha256") == sad_card.sha256
-                and choice.get("classifier_sha256") == cls_card.sha256 and colour_ok):
-            return choice["policy"]
-
-    def val_f1(card) -> float:
-        f1 = card.metrics.get("val", {}).get("f1")  # null: undefined (no positive)
-        return float(f1) if f1 is not None else float("-inf")
-
-    fallback = "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
-    recorded = [c.metrics["policy_choice"]["policy"] for c in (sad_card, cls_card)
-                if (c.metrics.get("policy_choice") or {}).get("policy")]
-    if recorded:  # a model retrained since: the folder's default changed without a word
-        log.warning("the policy recorded on the stage-2 cards (%s) was chosen for other models than these; "
-                    "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
-                    "policy, or pass a policy", recorded[0], fallback)
-    return fallback
 
 
 @dataclass
@@ -240,26 +78,6 @@ FloatsHook = Callable[[list[int], list[torch.Tensor]], None]
 DetectionsHook = Callable[[list[int], list[torch.Tensor], ImageList, list[dict[str, torch.Tensor]]], None]
 
 
-@contextmanager
-def loading(card: Path) -> Iterator[None]:
-    """Whatever fails while one model of a weights folder loads, named with its card: a
-    missing card, a config key the builder does not take, tensors of another shape, a missing
-    threshold or input size came out as a bare TypeError, RuntimeError, KeyError or IndexError
-    (and as "Application startup failed" in the service)."""
-    try:
-        yield
-    except WeightsIntegrityError:
-        raise
-    except FileNotFoundError:
-        raise WeightsIntegrityError(f"{card}: missing") from None
-    except ValidationError as e:  # each field at fault: its first line said only "1 validation error for ..."
-        reason = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
-        raise WeightsIntegrityError(f"{card}: cannot load it ({reason[:300]})") from None
-    except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-        reason = str(e).splitlines()[0][:300] if str(e) else ""
-        raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
-
-
 def _check_batch(items: Sequence[Input], names: Sequence[str] | None) -> None:
     """A batch as `run` takes it, refused before any decode: names of another length were
     zipped short (3 photos, 1 name: 1 result, logged as a model failure), and one path given
@@ -275,68 +93,6 @@ def _checked_batches(batches: Iterable[tuple[Sequence[Input], Sequence[str] | No
     for items, names in batches:
         _check_batch(items, names)
         yield items, names
-
-
-def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
-    """A weights folder's card under its own file name. The classifier's card copied over
-    deep_sad.json ran the classifier as Deep SAD at a site, unsaid, and Deep SAD's as
-    classifier.json failed on the first photo with a traceback (an audit)."""
-    if card is not None and card.name != path.stem:
-        raise WeightsIntegrityError(f"{path}: holds the card of the {card.name!r} model, not of {path.stem!r}: "
-                                    "a file copied into the wrong place? copy each model's card and weights "
-                                    "under their own names")
-    return card
-
-
-def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
-    """What decides a label: the policy, and the sha256 and thresholds of every model that
-    votes. A results folder's rows hold only under the decision that made them (StateStore).
-    Thresholds count since `cervixqc calibrate-stage2` moves them with the networks kept: under
-    the sha256s alone, a rerun into the folder kept every old label."""
-    voting = [c for c in cards if c is not None]
-    return {"policy": policy, "models": {c.name: c.sha256 for c in voting},
-            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting},
-            # cards whose thresholds a site chose again: a record made before thresholds were
-            # recorded cannot be taken as labelled under them (`StateStore._claim_decision`)
-            "site_calibrated": sorted(c.name for c in voting if "site_calibration" in c.metrics)}
-
-
-def folder_cards(weights: Path) -> dict[str, ModelCard]:
-    """The verified cards of every model a weights folder holds: the three the engine needs,
-    and presence and colour where present. Each failure a WeightsIntegrityError naming its card."""
-    cards = {}
-    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
-        card = weights / f"{name}.json"
-        if name in ("detector", "deep_sad", "classifier") or card.is_file():
-            with loading(card):
-                cards[name] = in_role(verified_card(card), card)
-    return cards
-
-
-def decision_for(weights: Path, policy: str | None) -> dict:
-    """`decision_of` from a weights folder's cards alone, as an engine built on it decides
-    (a Ray run's driver, whose engines live in the actors)."""
-    cards = folder_cards(weights)
-    sad, cls, colour = cards["deep_sad"], cards["classifier"], cards.get(COLOUR_CARD.removesuffix(".json"))
-    return decision_of(policy or best_policy(sad, cls, colour), cards.values())
-
-
-def check_weights(weights: Path, exports: bool = True) -> None:
-    """Every card of a weights folder the engine would read, checked as loading checks it but
-    without building a model (cards, sha256s, an export made from other weights, the findings'
-    thresholds): the service's check before it starts, since a failure inside its startup was a
-    70-line traceback, repeated by every restart. WeightsIntegrityError naming the file."""
-    cards = folder_cards(weights)
-    if "presence" in cards:  # a detector retrained alone: `serve` passed this check, then failed to start
-        mismatch = other_detector(weights / "presence.json", cards["presence"], cards["detector"])
-        if mismatch:
-            raise WeightsIntegrityError(mismatch)
-    if (weights / "findings.json").is_file():
-        with loading(weights / "findings.json"):
-            load_findings_card(weights / "findings.json")
-    if exports:
-        for name in ("detector", "deep_sad", "classifier"):
-            openvino_runtime.verified_export(weights, name, cards[name])
 
 
 class QCPipeline:

@@ -17,10 +17,10 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.engine.presence import colour_histograms, detect_with_features
+from pipelines.engine.config import JpegDecoder, QCConfig, Runtime
 from pipelines.engine.openvino_runtime import Precision
-from pipelines.engine.qc import JpegDecoder, QCConfig, QCPipeline, Runtime
-
+from pipelines.engine.presence import colour_histograms, detect_with_features
+from pipelines.engine.qc import QCPipeline
 
 PHONE_SIZES = ((4032, 3024), (3264, 2448), (1600, 1200))
 

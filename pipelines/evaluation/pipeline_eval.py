@@ -105,7 +105,7 @@ def choose_policy(val_report: dict) -> tuple[str, dict[str, float]]:
 
 def policy_record(val_report: dict, sad_card, cls_card, report_path: str, colour_card=None) -> dict:
     """What a stage-2 card keeps of the choice (`metrics.policy_choice`): the engine reads it
-    only while every sha256 matches the models it loaded (`pipelines.engine.qc.best_policy`)."""
+    only while every sha256 matches the models it loaded (`pipelines.engine.weights_folder.best_policy`)."""
     best, f1 = choose_policy(val_report)
     return {"policy": best, "rule": "highest whole-pipeline non-regular F1 on validation; ties: "
             + " > ".join(TIE_ORDER), "val_f1": f1, "report": report_path,

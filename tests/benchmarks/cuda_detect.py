@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu checks the script itself where no GPU is lent")
     args = ap.parse_args()
 
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     cuda = args.device.startswith("cuda")
 

@@ -66,7 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.batches.split(",") if s.strip()]
 
-    from pipelines.engine.qc import QCConfig, QCPipeline
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
 
     cuda = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="cuda-engine-profile-"))

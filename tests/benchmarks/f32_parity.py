@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from pipelines.engine import openvino_runtime
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 
 SCORES = ("cervix_score", "presence_score", "deep_sad_score", "resnest_prob")
 

@@ -14,7 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from pipelines.engine.qc import QCConfig, QCPipeline
+from pipelines.engine.config import QCConfig
+from pipelines.engine.qc import QCPipeline
 
 
 def main() -> None:

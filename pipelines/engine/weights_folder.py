@@ -1,0 +1,139 @@
+"""A weights folder as the engine reads it: each card checked under its own name and loaded
+with its failures named, the decision (policy, sha256s, thresholds) its models label under,
+and the default policy its cards record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from models.io import ModelCard, WeightsIntegrityError, verified_card
+from pipelines.engine import openvino_runtime
+from pipelines.engine.findings import load_findings_card
+from pipelines.engine.presence import other_detector
+from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Policy
+
+log = logging.getLogger(__name__)
+
+
+def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
+    """The default decision.
+
+    First choice: the policy recorded on the stage-2 cards as the best whole-pipeline F1 on
+    validation (`metrics.policy_choice`, written by `weights/finalize.py policy` from an
+    `eval-pipeline` validation report; never a test figure). It is read only while it names
+    the sha256 of both models loaded: it was measured on that pair, and a retrained model
+    makes it stale. Detector crops, not ground-truth boxes, feed the models there, and the two
+    combinations are candidates: with the bundled weights `both` (a Deep SAD flag needs the
+    classifier's agreement) removed the one-class model's false flags on cool-toned regulars.
+
+    Otherwise (older cards, or a stale choice): whichever stage-2 model has the higher F1 on
+    its validation crops (the cards' metrics.val.f1). Ties and cards without validation
+    metrics go to ResNeSt, the paper's final choice. A choice that needs the crop-colour
+    scorer is read only while that very model is loaded too."""
+    for card in (sad_card, cls_card):
+        choice = card.metrics.get("policy_choice") or {}
+        colour_ok = choice.get("policy") not in COLOUR_POLICIES or (
+            colour_card is not None and choice.get("colour_sha256") == colour_card.sha256)
+        if (choice.get("policy") in POLICIES and choice.get("deep_sad_sha256") == sad_card.sha256
+                and choice.get("classifier_sha256") == cls_card.sha256 and colour_ok):
+            return choice["policy"]
+
+    def val_f1(card) -> float:
+        f1 = card.metrics.get("val", {}).get("f1")  # null: undefined (no positive)
+        return float(f1) if f1 is not None else float("-inf")
+
+    fallback = "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
+    recorded = [c.metrics["policy_choice"]["policy"] for c in (sad_card, cls_card)
+                if (c.metrics.get("policy_choice") or {}).get("policy")]
+    if recorded:  # a model retrained since: the folder's default changed without a word
+        log.warning("the policy recorded on the stage-2 cards (%s) was chosen for other models than these; "
+                    "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
+                    "policy, or pass a policy", recorded[0], fallback)
+    return fallback
+
+
+@contextmanager
+def loading(card: Path) -> Iterator[None]:
+    """Whatever fails while one model of a weights folder loads, named with its card: a
+    missing card, a config key the builder does not take, tensors of another shape, a missing
+    threshold or input size came out as a bare TypeError, RuntimeError, KeyError or IndexError
+    (and as "Application startup failed" in the service)."""
+    try:
+        yield
+    except WeightsIntegrityError:
+        raise
+    except FileNotFoundError:
+        raise WeightsIntegrityError(f"{card}: missing") from None
+    except ValidationError as e:  # each field at fault: its first line said only "1 validation error for ..."
+        reason = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
+        raise WeightsIntegrityError(f"{card}: cannot load it ({reason[:300]})") from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
+
+
+def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
+    """A weights folder's card under its own file name. The classifier's card copied over
+    deep_sad.json ran the classifier as Deep SAD at a site, unsaid, and Deep SAD's as
+    classifier.json failed on the first photo with a traceback (an audit)."""
+    if card is not None and card.name != path.stem:
+        raise WeightsIntegrityError(f"{path}: holds the card of the {card.name!r} model, not of {path.stem!r}: "
+                                    "a file copied into the wrong place? copy each model's card and weights "
+                                    "under their own names")
+    return card
+
+
+def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
+    """What decides a label: the policy, and the sha256 and thresholds of every model that
+    votes. A results folder's rows hold only under the decision that made them (StateStore).
+    Thresholds count since `cervixqc calibrate-stage2` moves them with the networks kept: under
+    the sha256s alone, a rerun into the folder kept every old label."""
+    voting = [c for c in cards if c is not None]
+    return {"policy": policy, "models": {c.name: c.sha256 for c in voting},
+            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting},
+            # cards whose thresholds a site chose again: a record made before thresholds were
+            # recorded cannot be taken as labelled under them (`StateStore._claim_decision`)
+            "site_calibrated": sorted(c.name for c in voting if "site_calibration" in c.metrics)}
+
+
+def folder_cards(weights: Path) -> dict[str, ModelCard]:
+    """The verified cards of every model a weights folder holds: the three the engine needs,
+    and presence and colour where present. Each failure a WeightsIntegrityError naming its card."""
+    cards = {}
+    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
+        card = weights / f"{name}.json"
+        if name in ("detector", "deep_sad", "classifier") or card.is_file():
+            with loading(card):
+                cards[name] = in_role(verified_card(card), card)
+    return cards
+
+
+def decision_for(weights: Path, policy: str | None) -> dict:
+    """`decision_of` from a weights folder's cards alone, as an engine built on it decides
+    (a Ray run's driver, whose engines live in the actors)."""
+    cards = folder_cards(weights)
+    sad, cls, colour = cards["deep_sad"], cards["classifier"], cards.get(COLOUR_CARD.removesuffix(".json"))
+    return decision_of(policy or best_policy(sad, cls, colour), cards.values())
+
+
+def check_weights(weights: Path, exports: bool = True) -> None:
+    """Every card of a weights folder the engine would read, checked as loading checks it but
+    without building a model (cards, sha256s, an export made from other weights, the findings'
+    thresholds): the service's check before it starts, since a failure inside its startup was a
+    70-line traceback, repeated by every restart. WeightsIntegrityError naming the file."""
+    cards = folder_cards(weights)
+    if "presence" in cards:  # a detector retrained alone: `serve` passed this check, then failed to start
+        mismatch = other_detector(weights / "presence.json", cards["presence"], cards["detector"])
+        if mismatch:
+            raise WeightsIntegrityError(mismatch)
+    if (weights / "findings.json").is_file():
+        with loading(weights / "findings.json"):
+            load_findings_card(weights / "findings.json")
+    if exports:
+        for name in ("detector", "deep_sad", "classifier"):
+            openvino_runtime.verified_export(weights, name, cards[name])
