@@ -100,7 +100,7 @@ weights:
 demo: install
 	$(UV) run --locked --no-sync cervixqc demo
 
-# The deployment checked for real with docker or podman (not part of `make test`: ~10 min, 13 GB of
+# The deployment checked for real with docker or podman (not part of `make test`: ~14 min, 13 GB of
 # images): builds both tags, runs them, and the compose cpu profile through a SIGKILL mid-job.
 # Output and timings: README, Deployment at a screening site. IMAGE_CHECK_NO_CACHE=1 times a full build.
 image-check:

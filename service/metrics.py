@@ -27,7 +27,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 # around the batcher's wait (CERVIXQC_MAX_WAIT_MS, 80 ms by default): every wait fell in one bucket
 WAIT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-REJECT_REASONS = ("overload", "queue_bytes", "timeout", "client_closed", "body_too_large", "upload_timeout")
+REJECT_REASONS = ("overload", "queue_bytes", "timeout", "client_closed", "body_too_large", "upload_timeout",
+                  "no_space")
 ENGINE_ORIGINS = ("upload", "job", "probe")
 
 disable_created_metrics()  # process-wide in prometheus_client; no series of ours is read by its _created

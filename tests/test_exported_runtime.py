@@ -186,7 +186,7 @@ def test_an_engine_running_exported_models_does_not_import_timm(exported, first_
     """timm (and the hub client it brings) is 40 MB of RSS the exported path does not need. The
     tiny weights' classifier conversion is in the session's cache (`first_conversion`): on the
     bundled weights this test converted their ResNeSt50, 14 of its 32 s in the suite."""
-    code = ("import sys; from pipelines.engine.qc import QCPipeline, QCConfig; "
+    code = ("import sys; from pipelines.engine.qc import QCPipeline; from pipelines.engine.config import QCConfig; "
             f"qc = QCPipeline({str(exported)!r}, QCConfig(device='cpu', precision='f32')); "
             "print(sorted(set(qc.runtimes.values())), 'timm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

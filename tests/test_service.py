@@ -135,6 +135,7 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     except httpx.TransportError:  # the answer came while the client still sent: the socket closed under it
         pass
     assert 'reason="upload_timeout"} 0.0' in text  # a series before its first event, as the others
+    assert 'reason="no_space"} 0.0' in text  # counted by the 503 of a full temporary folder, and declared
     text = httpx.get(f"{server.url}/metrics", headers=scrape).text
     assert _metric(text, *counted) == _metric(before.text, *counted) + 2
     assert "_created" not in text

@@ -221,7 +221,7 @@ cp "$STAGE"/*.openvino.* "$STAGE/findings.json" "$WEIGHTS_OUT/"
 import sys
 from pathlib import Path
 from models.io import load_weights
-from pipelines.engine.qc import check_weights
+from pipelines.engine.weights_folder import check_weights
 for s in ('presence', 'detector', 'deep_sad', 'classifier', 'colour'):
     load_weights(sys.argv[1] + '/' + s + '.json')
 check_weights(Path(sys.argv[1]))  # the exports too, made from these very files, and the findings card read

@@ -34,17 +34,19 @@ def export(store: StateStore, out_dir: Path, src_root: Path | None = None,
 
 
 def export_mark(inputs: list[str], pixel_check: bool) -> str:
-    """What a run's exports are made of: the code that writes them (this module, the result
-    schema, the duplicate search with its keys and pixel check, the file writers: by their
-    source, since an upgrade within one version number changes the files too), the pixel
-    check on or off, and the inputs (a file deleted since drops out of them)."""
+    """What a run's exports are made of: the code that writes them (this package, whose state
+    decides which rows they hold and which pixel verdicts, the result schema, the duplicate
+    search with its keys and pixel check, the file writers: by their source, since an upgrade
+    within one version number changes the files too), the pixel check on or off, and the
+    inputs (a file deleted since drops out of them)."""
     from pipelines import outputs
     from pipelines.data import copy_check, duplicates, schema
     from pipelines.engine import hashes, qc_result
 
     digest = hashlib.sha256(json.dumps(pixel_check).encode())
-    for module in (__file__, qc_result, duplicates, copy_check, hashes, outputs, schema):
-        digest.update(Path(module if isinstance(module, str) else module.__file__).read_bytes())
+    package = sorted(Path(__file__).parent.glob("*.py"))  # one module before the split: all of it counted
+    for module in (*package, qc_result, duplicates, copy_check, hashes, outputs, schema):
+        digest.update(Path(module if isinstance(module, Path) else module.__file__).read_bytes())
     for path in sorted(inputs):
         digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
     return digest.hexdigest()

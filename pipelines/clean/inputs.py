@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 # thumbnail caches. Hidden names (a leading dot: .DS_Store, ._foo.jpg) are skipped as well.
 HOUSEKEEPING_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
                                   "lost+found"})
-
-
 HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 
 
@@ -127,7 +125,8 @@ def list_inputs(src: Path) -> list[str]:
     housekeeping, folder_links, unreadable = skipped["housekeeping"], skipped["folder_links"], skipped["unreadable"]
     if housekeeping:
         log.info("%d file-server or system entries skipped (thumbnail caches, recycle bins, edit sidecars: "
-                 "HOUSEKEEPING_FOLDERS, HOUSEKEEPING_FILES, HOUSEKEEPING_SUFFIXES in pipelines/clean/inputs.py)", housekeeping)
+                 "HOUSEKEEPING_FOLDERS, HOUSEKEEPING_FILES, HOUSEKEEPING_SUFFIXES in pipelines/clean/inputs.py)",
+                 housekeeping)
     if skipped["documents"]:
         log.info("%d tables and notes skipped, not photos (.csv, .json, .txt, .xlsx ...: DOCUMENT_SUFFIXES in "
                  "pipelines/clean/inputs.py)", skipped["documents"])

@@ -19,8 +19,6 @@ from pipelines.engine.qc_result import Label
 # failing: a job over 30,000 such files ended `done` without a word (an audit; `clean` exits 1
 # only when not one file is readable). The same quarter and 20 hold for both notes.
 NOTE_SHARE = 0.25
-
-
 NOTE_MIN_FILES = 20
 
 

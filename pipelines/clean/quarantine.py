@@ -39,8 +39,6 @@ class QuarantineUnwritable(OSError):
 
 
 _FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
 # the folder's fault when they name a path inside it: no permission, a share dropped (I/O
 # error, stale handle, not connected); on the original they are the file's
 _INSIDE_ERRORS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOTCONN}

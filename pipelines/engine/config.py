@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 
 Runtime = Literal["auto", "torch", "openvino"]
-
-
 JpegDecoder = Literal["auto", "pil", "torchvision"]
 
 
@@ -68,9 +66,8 @@ class QCConfig:
     # `bash tests/benchmarks/gpu_check.sh` with BENCH_DECODERS=torchvision,pil BENCH_THREADS="2 16",
     # 1,024 clinic photos of 1-12 MP, one run): the engine at 119.7 / 139.4 images/s (decode
     # ahead off / on) with nvJPEG, 69.8 / 92.5 with PIL in 2 decode threads, 114.3 / 116.4 with
-    # PIL in 16: nvJPEG's decode stage took
-    # 1.7-2.0 s, PIL's 8.4 (2 threads) and 2.4 (16). More decode threads did not help nvJPEG
-    # (134.7 / 130.3), so `decode_threads` stays 2.
+    # PIL in 16: nvJPEG's decode stage took 1.7-2.0 s, PIL's 8.4 (2 threads) and 2.4 (16). More
+    # decode threads did not help nvJPEG (134.7 / 130.3), so `decode_threads` stays 2.
     jpeg_decoder: JpegDecoder = "auto"
     # Decode batch n+1 while batch n is on the models (`run_stream`). None: on for CUDA (the
     # host decodes while the device computes), off on CPU, where decoding and the models
