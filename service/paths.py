@@ -7,9 +7,15 @@ lie inside a root, so a link inside a root that points elsewhere is refused as w
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 from service.errors import ApiError
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # as the schema's patterns say (service/schemas.py)
+# the longest name of one folder on Linux file systems, in bytes: a quarantine named longer was
+# taken (202) and its job failed on the first copy with "File name too long" (an audit)
+NAME_MAX = 255
 
 
 def inside(path: Path, roots: list[Path]) -> bool:
@@ -28,6 +34,8 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
         raise ApiError(403, "no_data_roots", "this server has no CERVIXQC_DATA_ROOTS: jobs are switched off")
     if not requested or "\x00" in requested:
         raise ApiError(400, "invalid_path", f"{what}: empty or invalid path")
+    if CONTROL.search(requested):
+        raise ApiError(400, "invalid_path", f"{what}: control characters (a line break, a tab) are not allowed in paths")
     if ".." in PurePosixPath(requested).parts or ".." in Path(requested).parts:
         raise ApiError(400, "invalid_path", f"{what}: '..' is not allowed in paths")
     candidates = [Path(requested)] if Path(requested).is_absolute() else [root / requested for root in roots]
@@ -48,9 +56,16 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
 
 
 def relative_name(requested: str, what: str = "quarantine") -> PurePosixPath:
-    """A name for a folder the service creates under its own root: relative, no '..'."""
+    """A name for a folder the service creates under its own root: relative, no '..', no
+    control characters, no folder named only with spaces or longer than NAME_MAX bytes."""
     p = PurePosixPath(requested)
     if (not requested or not p.parts or p.is_absolute() or ".." in p.parts or "\x00" in requested
             or "\\" in requested):  # not p.parts: '.' named the root itself
         raise ApiError(400, "invalid_path", f"{what}: a relative folder name without '..' is required")
+    if CONTROL.search(requested):  # a line break made a folder "q\nx" (an audit)
+        raise ApiError(400, "invalid_path", f"{what}: control characters (a line break, a tab) are not allowed")
+    if any(not part.strip() for part in p.parts):
+        raise ApiError(400, "invalid_path", f"{what}: a folder name of only spaces is not allowed")
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in p.parts):
+        raise ApiError(400, "invalid_path", f"{what}: a folder name longer than {NAME_MAX} bytes is not allowed")
     return p

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.engine.qc_result import Finding, Label, Policy, QCResult
 
@@ -52,6 +52,9 @@ QUARANTINE_PATTERN = rf"^(?!/){NO_DOTDOT}[^\x00-\x1f\x7f\\]+$"
 
 
 class JobCreate(BaseModel):
+    # a misspelt field ("quarantin") queued a job without a quarantine, unsaid (an audit)
+    model_config = ConfigDict(extra="forbid")
+
     source: str = Field(min_length=1, json_schema_extra={"pattern": SOURCE_PATTERN},
                         description="Folder (recursive) or manifest CSV/Parquet, absolute or relative to a data root; "
                                     "no '..' segment, no control characters")

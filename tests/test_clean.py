@@ -185,6 +185,9 @@ def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows
     with pytest.raises(ValueError, match="empty path on row 3, 4 \\(the header is row 1\\)"):
         list_inputs(collection / "blank.csv")
     assert list_inputs(collection / "dotted.csv") == ["clinic_a/ok.jpg", "clinic_a/zero.jpg"]  # one file, one row
+    (collection / "nul.csv").write_bytes(b"path\nclinic_a/ok.jpg\nclinic_a/a\x00b.jpg\n")  # failed the job at run time
+    with pytest.raises(ValueError, match="a path with a NUL character on row 3"):
+        list_inputs(collection / "nul.csv")
     # written on Windows: each was a missing file, unreadable and retryable for good
     (collection / "windows.csv").write_text("Path\nclinic_a\\ok.jpg\nclinic_a/ok.jpg\nC:\\clinic_a\\zero.jpg\n")
     with pytest.raises(ValueError, match="a path written with \\\\ on row 2, 4 \\(the header is row 1\\), such as "

@@ -373,6 +373,13 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
             ({"source": "collection", "quarantine": "../q"}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "/tmp/q"}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "."}, 400, "invalid_path"),  # the quarantine root itself
+            # taken (202) and made a folder "q\nx", or failed the job on its first copy (an audit)
+            ({"source": "collection", "quarantine": "q\nx"}, 400, "invalid_path"),
+            ({"source": "collection", "quarantine": "q/ "}, 400, "invalid_path"),
+            ({"source": "collection", "quarantine": "q" * 256}, 400, "invalid_path"),
+            ({"source": "collection\tx"}, 400, "invalid_path"),
+            # a misspelt field queued a job without its quarantine (an audit)
+            ({"source": "collection", "quarantin": "q"}, 422, "invalid_request"),
         ]:
             r = c.post("/v1/jobs", json=body)
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)

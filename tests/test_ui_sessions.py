@@ -309,7 +309,8 @@ def test_a_box_outside_the_photo_is_refused(server):
     job = _finished_job(server, "set")
     c, csrf = _signed_in(server)
     item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
-    for box in ([0, 0, 1e6, 10], [30, 30, 10, 10], [-1, 0, 10, 10]):
+    # the last two: 0.03 and 1e-320 px, stored rounded to 0.1 px as a box of no area (an audit)
+    for box in ([0, 0, 1e6, 10], [30, 30, 10, 10], [-1, 0, 10, 10], [10.01, 10, 10.04, 10.03], [0, 0, 1e-320, 1e-320]):
         r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"box": box}, headers={"X-CSRF-Token": csrf})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_box"
     r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "purple"}, headers={"X-CSRF-Token": csrf})
@@ -380,3 +381,11 @@ def test_pages_and_photos_are_never_cached_nor_framed_and_run_only_the_services_
     assert "no-store" not in c.get("/ui/static/review.js").headers.get("cache-control", "")
     with server.client() as api:  # the API is left as it was
         assert "content-security-policy" not in api.get("/v1/models").headers
+
+
+def test_the_job_forms_refusal_of_an_empty_source_says_what_is_wrong(server):
+    """Its only text was pydantic's last line, a link to pydantic's docs (an audit)."""
+    c, csrf = _signed_in(server)
+    r = c.post("/ui/jobs", data={"csrf": csrf, "source": ""})
+    assert r.status_code == 200 and "source: String should have at least 1 character" in r.text, r.text[-600:]
+    assert "errors.pydantic.dev" not in r.text

@@ -106,6 +106,12 @@ def list_inputs(src: Path) -> list[str]:
         blank = [k + 2 for k, p in enumerate(paths) if not p]  # the header is row 1, as a spreadsheet shows it
         if blank:
             raise ValueError(f"{src.name}: empty path on row {_rows(blank)} (the header is row 1)")
+        # no file is named with a NUL: such a row failed the whole job at its first batch ("embedded
+        # null byte"), on every retry (an audit)
+        nul = [k + 2 for k, p in enumerate(paths) if "\x00" in p]
+        if nul:
+            raise ValueError(f"{src.name}: a path with a NUL character on row {_rows(nul)} (the header is row 1): "
+                             "no file is named so; a damaged or binary file saved as CSV?")
         # a sheet written on Windows (`sub\b.jpg`, `C:\data\a.jpg`): each such row was read as a
         # missing file, and the job ended "done" with them unreadable and retryable for good
         windows = [k + 2 for k, p in enumerate(paths)

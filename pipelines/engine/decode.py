@@ -233,7 +233,8 @@ def check_size(w: int, h: int, limits: DecodeLimits) -> None:
     shape (an array skipped it: a 1x1000 sliver failed its whole batch, an empty one divided
     by zero; an audit)."""
     if w * h > limits.max_pixels:
-        raise DecodeError(f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP > {limits.max_pixels / 1e6:.0f} MP)")
+        # in whole pixels: rounded to MP, 10001x10000 read "100 MP > 100 MP" (an audit)
+        raise DecodeError(f"too many pixels ({w}x{h} = {w * h:,} > {limits.max_pixels:,})")
     if min(w, h) < limits.min_side:
         raise DecodeError(f"image too small ({w}x{h})")
     if max(w, h) > limits.max_aspect * min(w, h):

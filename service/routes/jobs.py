@@ -70,7 +70,8 @@ def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:
 
 
 def job_not_found(job_id: str) -> ApiError:
-    return ApiError(404, "job_not_found", f"no job {job_id!r}")
+    shown = job_id if len(job_id) <= 80 else job_id[:80] + "..."  # a 100,000-character id came back whole
+    return ApiError(404, "job_not_found", f"no job {shown!r}")
 
 
 def job_or_404(state: ServiceState, job_id: str) -> Job:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
 
 from service.errors import ApiError
 from service.routes.jobs import cancel_job, create_job, delete_job, job_or_404, retry_job, status_of
@@ -57,8 +58,11 @@ def start_job(request: Request, session: UiPost, state: State, source: str = For
         create_job(JobCreate(source=source, quarantine=quarantine or None), state)
     except ApiError as e:
         return _jobs_page(request, session, state, e.message, source)
-    except ValueError as e:  # pydantic: an empty source
-        return _jobs_page(request, session, state, str(e).splitlines()[-1], source)
+    except ValidationError as e:  # pydantic: an empty source; its last line was a link to pydantic's docs
+        first = e.errors()[0]
+        return _jobs_page(request, session, state, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", source)
+    except ValueError as e:
+        return _jobs_page(request, session, state, str(e).splitlines()[0], source)
     return RedirectResponse("/ui/jobs", status_code=303)
 
 

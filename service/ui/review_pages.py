@@ -167,13 +167,16 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     if body.label is not None:
         field, new, model = "label", body.label, class_of(record.label.value, record.kind)
     else:
-        x1, y1, x2, y2 = body.box  # type: ignore[misc]
+        # checked as stored, to 0.1 px: a box of 0.03 px passed, was stored as [100, 100, 100,
+        # 100] and went into the COCO export with area 0 (an audit)
+        x1, y1, x2, y2 = new_box = [round(v, 1) for v in body.box]  # type: ignore[union-attr]
         w, h = record.width or 0, record.height or 0
         if not (w and h):  # "0 <= x1 < x2 <= 0" said nothing of why
             raise ApiError(400, "invalid_box", "this photo was not read (unreadable): it has no size to draw a box in")
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-            raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}")
-        field, new, model = "box", [round(v, 1) for v in body.box], record.cervix_box  # type: ignore[union-attr]
+            raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}, "
+                                               "to 0.1 px")
+        field, new, model = "box", new_box, record.cervix_box
     try:
         d = state.reviews.decide(job_id, item, record.path, session.who, field, model, new, body.seen)
     except JobGone:  # deleted since it was read above
