@@ -319,6 +319,26 @@ def _chunked_multipart(size: int):
     yield b"\r\n--b0undary--\r\n"
 
 
+def _part(name: bytes, data: bytes) -> bytes:
+    return (b'--b0\r\nContent-Disposition: form-data; name="files"; filename="' + name
+            + b'"\r\nContent-Type: image/jpeg\r\n\r\n' + data + b"\r\n")
+
+
+def test_an_upload_cut_short_before_its_closing_boundary_is_refused_not_labelled_in_part(server):
+    """Two files without the closing line got 200 and one result; one file cut short got "no
+    file in the request" (an audit): the parser beneath Starlette ends quietly."""
+    whole = _part(b"one.jpg", _jpeg(0)) + _part(b"two.jpg", _jpeg(1))
+    headers = {"Content-Type": "multipart/form-data; boundary=b0"}
+    with server.client() as c:
+        # the closing line split across two chunks still counts
+        ok = c.post("/v1/qc", content=iter([whole + b"--b", b"0--\r\n"]), headers=headers)
+        assert ok.status_code == 200 and [r["filename"] for r in ok.json()["results"]] == ["one.jpg", "two.jpg"]
+        for body in (whole, whole[:-300], _part(b"one.jpg", _jpeg(0))[:-300]):
+            r = c.post("/v1/qc", content=body, headers=headers)
+            error = r.json()["error"]
+            assert (r.status_code, error["code"]) == (400, "invalid_multipart") and "cut short" in error["message"]
+
+
 def test_malformed_requests_get_a_json_4xx(server):
     with server.client() as c:
         checks = [

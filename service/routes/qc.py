@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from email.message import Message
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Message as AsgiMessage
+from starlette.types import Receive
 
 from pipelines.engine.qc_result import Label
 from service.auth import ApiKey
@@ -53,8 +56,10 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
     s, metrics = state.settings, state.metrics
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send images as multipart/form-data, field 'files'")
+    end = ClosingDelimiter(request.headers["content-type"], request.receive)
     try:
-        form = await request.form(max_files=s.max_files_per_request, max_fields=s.max_files_per_request)
+        form = await Request(request.scope, end.receive).form(max_files=s.max_files_per_request,
+                                                              max_fields=s.max_files_per_request)
     except ClientDisconnect:
         raise _client_gone(state) from None
     except HTTPException as e:  # Starlette's 400 for a form it would not read
@@ -63,6 +68,10 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         raise _no_room(state, e) from None
     reservation = None
     try:
+        if not end.seen:
+            raise ApiError(400, "invalid_multipart", "the upload ended before the multipart body's closing boundary "
+                                                     "(--BOUNDARY--): it was cut short, and nothing was labelled; "
+                                                     "send it again")
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise ApiError(400, "no_files", "no file in the request (multipart field 'files')")
@@ -107,6 +116,32 @@ async def qc_upload(request: Request, state: State) -> QCResponse:
         raise ApiError(422, "unreadable", f"no file could be read as an image ({reasons})",
                        results=[r.model_dump(mode="json") for r in out])
     return QCResponse(results=out)
+
+
+class ClosingDelimiter:
+    """Watches a multipart body go by for its close delimiter (`--BOUNDARY--`). The parser
+    beneath Starlette ends without a word when the body stops early: two files sent without
+    the closing line got 200 with one result, and one file cut short got "no file in the
+    request" (an audit). A body that never shows the delimiter was cut short (RFC 2046 puts
+    only an epilogue after it). Without a boundary in the header there is nothing to watch,
+    and Starlette's parser refuses the form itself."""
+
+    def __init__(self, content_type: str, receive: Receive) -> None:
+        header = Message()
+        header["content-type"] = content_type
+        boundary = header.get_param("boundary")
+        self.delimiter = b"--" + str(boundary).encode("latin-1", "replace") + b"--" if boundary else b""
+        self.seen = not self.delimiter
+        self._tail = b""
+        self._receive = receive
+
+    async def receive(self) -> AsgiMessage:
+        message = await self._receive()
+        if message["type"] == "http.request" and not self.seen:
+            window = self._tail + message.get("body", b"")
+            self.seen = self.delimiter in window
+            self._tail = window[-(len(self.delimiter) - 1):]  # a delimiter split across two chunks
+        return message
 
 
 async def _disconnected(request: Request) -> None:
