@@ -102,3 +102,59 @@ def test_clean_on_ray_says_what_stops_ray_before_it_starts(tmp_path):
     assert CliRunner().invoke(app, [*args, "--weights", str(weights), "--runtime", "torch"]).exit_code == 0
     r = CliRunner().invoke(app, [*args, "--weights", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no weights in" in r.output, r.output
+
+
+def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(tmp_path):
+    """`-o` naming the manifest, label sheet, box file or duplicates table being read replaced
+    it with the result, exit 0 (an audit). Also: a negative seed, an image name PIL cannot
+    write, more folds than patients, a box file without a cervix category."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    runner = CliRunner()
+    rows = [(f"p{i}.jpg", f"p{i}", "s", "d", "regular") for i in range(6)]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=["path", "patient_id", "source", "device", "kind"]).to_csv(manifest, index=False)
+    for i in range(6):
+        (tmp_path / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,kind,case\np0.jpg,regular,c0\n")
+    coco = tmp_path / "boxes.json"
+    coco.write_text('{"images": [], "annotations": [], "categories": []}')
+    before = {p: p.read_bytes() for p in (manifest, labels, coco)}
+    cases = [
+        (["split", str(manifest), "-o", str(manifest)], "is the input"),
+        (["split", str(manifest), "-o", str(tmp_path / "." / "m.csv")], "is the input"),
+        (["merge-manifests", str(manifest), str(manifest), "-o", str(manifest)], "is the input"),
+        (["import-labels", str(labels), "--images", str(tmp_path), "-o", str(labels), "--source", "s"], "is the input"),
+        (["import-cvat", str(coco), "-o", str(coco)], "is the input"),
+        (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(coco)], "is the input"),
+        (["duplicates", str(manifest), "-o", str(manifest)], "is the input"),
+        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--seed", "-1"], "greater than or equal to 0"),
+        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--folds", "7"], "6 patients"),
+        (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
+        (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
+    ]
+    for args, said in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and said in r.output, (args, r.exit_code, r.output[-500:])
+    assert {p: p.read_bytes() for p in before} == before
+    # eval-pipeline writes results.csv into -o: a manifest of that name there was replaced
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.csv").write_bytes(manifest.read_bytes())
+    r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "ev" / "results.csv"), "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 2 and "is the input" in r.output, r.output[-500:]
+
+
+def test_synth_refuses_a_folder_holding_a_dataset_it_did_not_write(tmp_path):
+    """A site's manifest.csv and coco.json were replaced by generated ones, exit 0 (an audit);
+    synth's own earlier output is written again."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "manifest.csv").write_text("path,patient_id,source,device,kind\n")
+    r = _cervixqc("synth", str(tmp_path / "theirs"), "--preset", "tiny", "-n", "2")
+    assert r.returncode == 2 and "manifest.csv that synth did not write" in r.stderr, r.stderr[-500:]
+    assert (tmp_path / "theirs" / "manifest.csv").read_text() == "path,patient_id,source,device,kind\n"
+    for _ in range(2):
+        r = _cervixqc("synth", str(tmp_path / "ours"), "--preset", "tiny", "-n", "2", "--workers", "1")
+        assert r.returncode == 0, r.stderr[-500:]

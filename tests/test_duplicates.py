@@ -331,3 +331,21 @@ def test_merging_copies_filed_under_two_sources_is_named_before_a_split_by_sourc
     r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(tmp_path / "d.csv"),
                             "--merge-duplicates", "--train-sources", "A", "--test-sources", "B"])
     assert r.exit_code == 2 and "joined copies filed under different sources" in r.output, r.output
+
+
+def test_split_takes_a_table_of_no_copies_and_names_a_damaged_clean_state(tmp_path):
+    """A table of no copies (what `duplicates` writes for a clean collection) was a KeyError
+    traceback; so was a clean folder whose state.sqlite is damaged or empty (an audit)."""
+    manifest = _manifest(tmp_path)
+    (tmp_path / "none.csv").write_text("path,group,duplicate_of,kind,evidence\n")
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(tmp_path / "none.csv")])
+    assert r.exit_code == 0 and "duplicates: 0 groups, 0 photos of the manifest" in r.output, r.output
+    for name, damage in (("garbled", b"this is not a database" * 50), ("empty", b"")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "state.sqlite").write_bytes(damage)
+        for args in (["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(folder)],
+                     ["duplicates", str(folder), "-o", str(tmp_path / "d.csv")]):
+            r = runner.invoke(app, args)
+            assert r.exit_code == 2 and "state.sqlite: not a readable `cervixqc clean` state" in r.output, r.output
+            assert r.exception is None or isinstance(r.exception, SystemExit), r.exception

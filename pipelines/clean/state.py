@@ -100,6 +100,10 @@ class StateStore:
         except ResultsFolderError:
             self.close()
             raise
+        except sqlite3.DatabaseError as e:  # "stopped by a file error (DatabaseError ...)" named no file (an audit)
+            self.close()
+            raise ResultsFolderError(f"{path}: not a readable results state ({e}); choose another --out, or restore "
+                                     "the folder from a backup") from None
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (path TEXT PRIMARY KEY, label TEXT, record TEXT, "

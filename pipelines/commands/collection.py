@@ -30,9 +30,10 @@ def import_labels_cmd(
 ) -> None:
     """A folder + a label sheet -> a checked manifest with each image's sha256."""
     from pipelines.data.labelled_import import LabelColumns, import_labelled, parse_kind_map
-    from pipelines.commands.common import manifest_output
+    from pipelines.commands.common import manifest_output, not_an_input
     from pipelines.data.manifest import ManifestError, write_manifest
 
+    not_an_input("--out", out, labels)
     manifest_output("--out", out)
     try:
         cols = LabelColumns(path=path_col, kind=None if kind else kind_col, kind_value=kind,
@@ -58,9 +59,10 @@ def merge_manifests_cmd(
 ) -> None:
     """Several checked manifests as one (e.g. real photos + hard negatives)."""
     from pipelines.data.labelled_import import merge_manifests
-    from pipelines.commands.common import manifest_output
+    from pipelines.commands.common import manifest_output, not_an_input
     from pipelines.data.manifest import ManifestError, write_manifest
 
+    not_an_input("--out", out, *manifests)
     manifest_output("--out", out)
     try:
         df = merge_manifests(manifests, out)
@@ -169,14 +171,19 @@ def match_boxes_cmd(
     from pipelines.data.coco import CocoError, load_coco, save_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
+    from pipelines.commands.common import not_an_input
+
     roots = list(images or [])
     if roots and len(roots) != len(boxes):
         _fail("give --images once per --boxes, or not at all")
+    not_an_input("--out", out, manifest, *boxes)
     try:
         files = [(load_coco(b), roots[i] if roots else b.parent) for i, b in enumerate(boxes)]
         ds, left_out = boxes_for_manifest(load_manifest(manifest), files)
     except (CocoError, ManifestError) as e:
         _fail(str(e))
+    except KeyError as e:  # a box file without a 'cervix' category was a traceback (an audit)
+        _fail(f"--boxes: {e.args[0] if e.args else e}")
     if out.resolve().parent != manifest.resolve().parent:
         _fail("write the COCO file beside the manifest (its file names are the manifest's paths)")
     save_coco(ds, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -160,6 +161,21 @@ def require_writable(option: str, path: Path, file: bool = False, keep: bool = T
         writable_folder(option, path.parent if file else path, keep)
     except ValueError as e:
         _fail(str(e))
+
+
+def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
+    """An output that is one of the command's own inputs, refused before any work: `-o`
+    naming the manifest, label sheet, box file or duplicates table being read replaced it
+    with the result, exit 0, and the input was lost (an audit)."""
+    for given in inputs:
+        if given is None or not given.exists():
+            continue
+        try:
+            same = out.exists() and os.path.samefile(out, given)
+        except OSError:
+            same = False
+        if same or out.resolve() == given.resolve():
+            _fail(f"{option} {out} is the input {given}: it would be replaced; write the result elsewhere")
 
 
 def manifest_output(option: str, out: Path) -> None:

@@ -8,14 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail, manifest_output, progress_console, require_writable
+from pipelines.commands.common import _csv, _fail, manifest_output, not_an_input, progress_console, require_writable
 
 
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (images/, manifest.csv, coco.json).")],
     preset: Annotated[str, typer.Option(help="tiny | small | default | clinic")] = "small",
     n_images: Annotated[Optional[int], typer.Option("--n-images", "-n", help="Override the preset's count.")] = None,
-    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Same seed, same bytes.")] = 0,
     ratio: Annotated[Optional[float], typer.Option(help="Regular : non-regular (paper: ~27).")] = None,
     no_cervix_fraction: Annotated[Optional[float], typer.Option(help="Share of no-cervix images.")] = None,
     sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
@@ -33,6 +33,12 @@ def synth(
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     require_writable("OUT", out, keep=False)  # a file of that name was exit 1 (an audit)
+    # a folder holding someone's dataset had its manifest.csv, coco.json and same-named images
+    # replaced, exit 0 (an audit); synth's own earlier output (synth_config.json, written last)
+    # and a run stopped before its manifest are written again
+    theirs = [n for n in ("manifest.csv", "coco.json") if (out / n).is_file()]
+    if theirs and not (out / "synth_config.json").is_file():
+        _fail(f"{out} holds a {' and a '.join(theirs)} that synth did not write: give a new or empty folder")
     cfg = PRESETS[preset]
     changes: dict = {"seed": seed}
     if n_images is not None:
@@ -116,7 +122,7 @@ def _check_box_photos(ds, coco: Path, df) -> None:
 def split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write, with a split column.")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
     fractions: Annotated[Optional[str], typer.Option(help="train,val,test shares [default: 0.7,0.15,0.15].")] = None,
     train_sources: Annotated[Optional[str], typer.Option(help="Cross-source: training sources, A,B.")] = None,
     val_sources: Annotated[Optional[str], typer.Option(help="Cross-source: validation sources.")] = None,
@@ -144,6 +150,7 @@ def split(
     if merge_duplicates and duplicates is None:
         _fail("--merge-duplicates needs --duplicates")
     # a folder of that name was exit 1 naming a temporary file, after the split (an audit)
+    not_an_input("--out", out, manifest, coco, duplicates)
     manifest_output("--out", out)
     # each was an ordinary split without a word: a --fold without --folds, shares under folds
     if fold is not None and folds is None:
@@ -166,6 +173,10 @@ def split(
             raise ValueError("--folds takes --test-sources only (held-out sources)")
         try:
             if folds is not None:
+                patients = df.loc[~df["source"].isin(_csv(test_sources)), "patient_id"].nunique()
+                if folds > patients:  # 100 folds of 18 patients wrote a split without test rows, exit 0 (an audit)
+                    raise ValueError(f"--folds {folds}: the manifest has {patients} patients to fold; give at most "
+                                     f"{patients}")
                 df["split"] = fold_split(df, folds, fold or 0, seed, _csv(test_sources))
             elif train_sources or val_sources or test_sources:
                 df["split"] = cross_source_split(df, _csv(train_sources), _csv(val_sources), _csv(test_sources),
@@ -235,7 +246,8 @@ def _duplicate_groups(df, source: Path):
         raise ValueError(f"--duplicates {source}: no such file or folder")
     groups = read_duplicates(source)
     known = {path_key(p) for p in df["path"].astype(str)}
-    listed = groups[[path_key(p) in known for p in groups["path"].astype(str)]]
+    # a boolean Series, not a list: an empty list (a table of no copies) selected no columns
+    listed = groups[groups["path"].astype(str).map(lambda p: path_key(p) in known).astype(bool)]
     if len(groups) and listed.empty:  # a table of another collection, or paths relative to another folder
         raise ValueError(f"--duplicates {source}: none of its {len(groups)} paths is in the manifest (they must "
                          "name the files as the manifest's path column does, relative to the same folder)")
@@ -328,6 +340,7 @@ def import_cvat_cmd(
     """Import a CVAT COCO export: normalise names, boxes and metadata; refuse bad boxes."""
     from pipelines.data.coco import CocoError, import_cvat, save_coco
 
+    not_an_input("--out", out, export)
     try:
         ds, notes = import_cvat(export, clip_tolerance)
     except CocoError as e:
@@ -340,11 +353,13 @@ def import_cvat_cmd(
 
 def contact_sheet_cmd(
     out: Annotated[Path, typer.Argument(help="Image to write (.jpg or .png).")],
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
 ) -> None:
     """One generated image per source (rows) and kind (columns), cervix boxes drawn."""
     from pipelines.data.synth.contact_sheet import contact_sheet
 
+    if out.suffix.lower() not in (".jpg", ".jpeg", ".png"):  # PIL's "unknown file extension" traceback
+        _fail(f"{out}: write a .jpg or .png")
     typer.echo(f"wrote {contact_sheet(out, seed)}")
 
 

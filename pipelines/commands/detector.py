@@ -23,7 +23,7 @@ def train_detector_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 2e-4,
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
     extra_ratio: Annotated[float, typer.Option(min=0.0, help="Extra samples per real sample each epoch "

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, file_progress, require_writable
+from pipelines.commands.common import _fail, _split_manifest, file_progress, not_an_input, require_writable
 from pipelines.commands.engine import DeviceOption, _engine
 from pipelines.outputs import write_json, write_together
 
@@ -63,6 +63,7 @@ def duplicates_cmd(
     if not src.exists():
         _fail(f"{src} does not exist")
     # checked before the engine runs: a folder as -o failed after every photo was read
+    not_an_input("-o", out, src)
     require_writable("-o", out.resolve(), file=True)
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
@@ -70,7 +71,10 @@ def duplicates_cmd(
     if images is not None and not images.is_dir():  # a wrong one read nothing and fell back to keys, unsaid
         _fail(f"--images {images} is not a folder: give the folder the run cleaned")
     if clean_folder:
-        records = read_clean_state(src)
+        try:
+            records = read_clean_state(src)
+        except ValueError as e:
+            _fail(str(e))
         root = images
         if images is not None:
             _require_photos_in(images, src)
@@ -140,7 +144,7 @@ def eval_duplicates_cmd(
     split: Annotated[str, typer.Option(help="Which split's photos: val to choose thresholds, test to report.")] = "test",
     copies: Annotated[int, typer.Option(min=1, help="Copies per transform and photo (re-encode, resize, crop, "
                                                     "rotate).")] = 2,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
     sweep: Annotated[bool, typer.Option(help="Also score a grid of thresholds and name the best that keeps "
                                              "pair precision >= --min-precision (for val).")] = False,
     min_precision: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.995,

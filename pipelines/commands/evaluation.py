@@ -66,7 +66,11 @@ def eval_pipeline_cmd(
     from pipelines.commands.engine import _engine
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
 
+    from pipelines.commands.common import not_an_input
+
     device = device_or_fail(device)
+    for written in ("results.csv", "pipeline_metrics.json"):
+        not_an_input("--out", out / written, manifest)
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
     df = _rows(manifest, split)

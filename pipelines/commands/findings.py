@@ -20,7 +20,7 @@ def calibrate_findings_cmd(
     weights: Annotated[Path, typer.Option(help="Weights folder whose engine finds the cervix crops.")] = Path("weights"),
     max_false_flags: Annotated[float, typer.Option(
         min=0.0, max=0.5, help="Share of undegraded photos a threshold may flag on the calibration splits.")] = 0.015,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same result).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
     thresholds_from: Annotated[Optional[Path], typer.Option(
         "--thresholds-from", help="A findings card (e.g. weights/findings.json) whose thresholds are judged on every "
                                   "photo of the manifest instead of choosing new ones (no split needed): how they do "

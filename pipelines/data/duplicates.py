@@ -487,6 +487,7 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     folder: its own duplicates.csv (grouped with the photos at hand, so cropped and turned
     copies are in it), else its state.sqlite grouped here with `cfg` on the keys alone."""
     if path.is_dir():
+        check_clean_state(path)
         table = path / "duplicates.csv"
         # the run's own table only when its exports followed the state's last rows: a resumed
         # run stopped before its exports left the older table, without the new photos' groups
@@ -512,6 +513,24 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     return df.assign(group=groups.astype(int))
 
 
+def check_clean_state(folder: Path) -> None:
+    """ValueError, naming the file, where a clean folder's state.sqlite is not a database with
+    its results table: a damaged, emptied or foreign one was a traceback (DatabaseError, "no
+    such table") in `duplicates` and `split --duplicates` (an audit)."""
+    db_path = folder / "state.sqlite"
+    if not db_path.is_file():
+        return
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            db.execute("SELECT path, record FROM results LIMIT 1").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{db_path}: not a readable `cervixqc clean` state ({e}); run clean again into a new "
+                         "folder, or restore this one from a backup") from None
+
+
 def compared_file(table: Path) -> Path:
     """Beside a duplicates table, the photos it compared: the table lists group members only,
     so a photo in no group was "compared, no copy" or "never compared", and `split` passed a
@@ -524,6 +543,7 @@ def compared_paths(source: Path) -> set[str] | None:
     them; None when it does not say (a table written before the list was kept)."""
     folder = source if source.is_dir() else source.parent if source.name == "duplicates.csv" else None
     if folder is not None and (folder / "state.sqlite").is_file():  # a clean run's: its state's photos
+        check_clean_state(folder)
         db = sqlite3.connect(f"file:{folder / 'state.sqlite'}?mode=ro", uri=True)
         try:
             return {path_key(p) for (p,) in db.execute("SELECT path FROM results")}
@@ -562,6 +582,7 @@ def read_clean_state(folder: Path) -> Iterator[QCResult]:
     db_path = folder / "state.sqlite"
     if not db_path.is_file():
         raise ValueError(f"{folder}: no state.sqlite (not a `cervixqc clean` output folder)")
+    check_clean_state(folder)
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         refuse_newer_state(db, folder)
