@@ -133,6 +133,7 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["duplicates", str(manifest), "-o", str(manifest)], "is the input"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--seed", "-1"], "greater than or equal to 0"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--folds", "7"], "6 patients"),
+        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--fractions", "abc"], "--fractions needs three"),
         (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
     ]

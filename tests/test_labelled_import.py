@@ -303,3 +303,13 @@ def test_merge_names_a_problem_by_its_input_file_and_row(tmp_path):
                             str(tmp_path / "all.csv")])
     assert r.exit_code == 2 and "two.csv row 2, path: duplicate path 'a.jpg' (first at one.csv row 2)" in r.output, \
         r.output
+
+
+def test_merging_a_manifest_of_no_rows_is_refused_naming_it(tmp_path):
+    """A header alone merged without a word, where stats and split refuse it (an audit)."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    pd.DataFrame({"path": ["a.jpg"], "patient_id": ["p"], "source": ["s"], "device": ["d"],
+                  "kind": ["regular"]}).to_csv(tmp_path / "one.csv", index=False)
+    (tmp_path / "empty.csv").write_text("path,patient_id,source,device,kind\n")
+    with pytest.raises(ManifestError, match="(?s)empty.csv.*no rows"):
+        merge_manifests([tmp_path / "one.csv", tmp_path / "empty.csv"], tmp_path / "merged.csv")

@@ -98,3 +98,16 @@ def test_extract_listed_without_git_says_so(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["extract-listed", str(tmp_path / "list.csv"), "--mirrors", str(tmp_path),
                                  "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "with git, which is not installed" in r.output and "Traceback" not in r.output
+
+
+def test_a_listing_that_is_missing_not_utf8_or_without_its_columns_is_one_error_line(tmp_path):
+    """Exit 1 with the OS's words, a codec error naming no file, and "line 2: file '' is not a
+    path inside the output folder" for a listing without its columns (an audit)."""
+    mirrors, commit, files = _snapshot(tmp_path)
+    (tmp_path / "latin1.csv").write_bytes("file,repo,commit,path_in_repo,sha256\nPe\xf1a.jpg,r,c,p,s\n".encode("latin-1"))
+    (tmp_path / "cols.csv").write_text("name,sha\na.jpg,0\n")
+    for listing, said in (("nope.csv", "nope.csv: no such file"), ("latin1.csv", "latin1.csv: not UTF-8"),
+                          ("cols.csv", "no file, repo, commit, path_in_repo, sha256 column (it has: name, sha)")):
+        r = runner.invoke(app, ["extract-listed", str(tmp_path / listing), "--mirrors", str(mirrors),
+                                "-o", str(tmp_path / "out")])
+        assert r.exit_code == 2 and said in r.output and r.output.count("\n") == 1, r.output

@@ -165,7 +165,10 @@ def split(
         groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)
-        values = [float(v) for v in _csv(fractions or "0.7,0.15,0.15")]
+        try:
+            values = [float(v) for v in _csv(fractions or "0.7,0.15,0.15")]
+        except ValueError:  # "could not convert string to float: 'abc'" named no option (an audit)
+            raise ValueError(f"--fractions needs three numbers, train,val,test; got {fractions!r}") from None
         if len(values) != 3:  # two values used to take the default test share silently
             raise ValueError(f"--fractions needs three shares, train,val,test (0 for none); got {fractions!r}")
         shares = SplitFractions(*values)

@@ -217,6 +217,9 @@ def merge_manifests(paths: list[str | Path], out_manifest: str | Path) -> pd.Dat
 
     out_dir = Path(out_manifest).resolve().parent
     parts = [rebased(load_manifest(p), out_manifest).drop(columns="abspath") for p in paths]
+    for p, part in zip(paths, parts):  # a header alone merged without a word, where stats and split refuse it
+        if part.empty:
+            raise ManifestError(str(p), [RowProblem(0, "path", "no rows")])
     merged = pd.concat(parts, ignore_index=True).fillna("")
     spanning = merged.groupby("patient_id")["source"].nunique()
     spanning = sorted(spanning[spanning > 1].index)

@@ -81,6 +81,9 @@ def _safe_targets(rows: list[dict], out: Path, report: ExtractReport) -> list[di
     return kept
 
 
+LISTING_COLUMNS = ("file", "repo", "commit", "path_in_repo", "sha256")
+
+
 def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) -> ExtractReport:
     """The listed files out of the snapshots, each checked by its sha256. Needs git (the
     snapshots are bare repositories): a ValueError saying so where it is missing, which was
@@ -92,8 +95,19 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
     if not mirrors.is_dir():  # each listed file was a line of its own, 540 for the real photos (an audit)
         raise ValueError(f"--mirrors {mirrors}: no such folder; fetch the listed repositories' snapshots into it "
                          "first, one per repository as owner+name/repo (weights/recipe.sh says how)")
-    with open(listing, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM
-        rows = list(csv.DictReader(f))
+    if not Path(listing).is_file():  # exit 1 with the OS's words (an audit)
+        raise ValueError(f"{listing}: no such file")
+    try:
+        with open(listing, newline="", encoding="utf-8-sig") as f:  # -sig: a header saved with a BOM
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except UnicodeDecodeError as e:  # "'utf-8' codec can't decode ..." named no file (an audit)
+        raise ValueError(f"{listing}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
+    # a listing without these columns was "line 2: file '' is not a path inside the output folder" (an audit)
+    missing = [c for c in LISTING_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        have = ", ".join(reader.fieldnames or []) or "none"
+        raise ValueError(f"{listing}: no {', '.join(missing)} column (it has: {have})")
     report = ExtractReport(listed=len(rows))
     by_repo: dict[str, list[dict]] = defaultdict(list)
     for r in _safe_targets(rows, out, report):
