@@ -104,7 +104,8 @@ def test_a_listing_that_is_missing_not_utf8_or_without_its_columns_is_one_error_
     """Exit 1 with the OS's words, a codec error naming no file, and "line 2: file '' is not a
     path inside the output folder" for a listing without its columns (an audit)."""
     mirrors, commit, files = _snapshot(tmp_path)
-    (tmp_path / "latin1.csv").write_bytes("file,repo,commit,path_in_repo,sha256\nPe\xf1a.jpg,r,c,p,s\n".encode("latin-1"))
+    latin1 = "file,repo,commit,path_in_repo,sha256\nPe\xf1a.jpg,r,c,p,s\n"
+    (tmp_path / "latin1.csv").write_bytes(latin1.encode("latin-1"))
     (tmp_path / "cols.csv").write_text("name,sha\na.jpg,0\n")
     for listing, said in (("nope.csv", "nope.csv: no such file"), ("latin1.csv", "latin1.csv: not UTF-8"),
                           ("cols.csv", "no file, repo, commit, path_in_repo, sha256 column (it has: name, sha)")):
