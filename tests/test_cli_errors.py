@@ -134,6 +134,10 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--seed", "-1"], "greater than or equal to 0"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--folds", "7"], "6 patients"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--fractions", "abc"], "--fractions needs three"),
+        (["train-presence", str(manifest), "--detector", "d.json", "-o", str(tmp_path / "p"), "--c-hist", "0"],
+         "--c-hist must be > 0"),
+        (["import-labels", str(labels), "--images", str(labels), "-o", str(tmp_path / "l.csv"), "--source", "s"],
+         "a file, not a folder"),
         (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
     ]

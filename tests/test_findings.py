@@ -301,6 +301,9 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     assert code == 2 and "40 thumbnails for 72 score rows" in out
     (tmp_path / "cal" / "findings.json").write_text('{"x": 1}')
     assert report("cal")[0] == 2
+    (tmp_path / "cal" / "findings.json").write_text('{"thresholds": {"blur')  # named no file (an audit)
+    code, out = report("cal")
+    assert code == 2 and "findings.json: not a findings card" in out, out
     del card["thresholds"]["blur"]
     (tmp_path / "cal" / "findings.json").write_text(json.dumps(card))
     code, out = report("cal")

@@ -39,6 +39,9 @@ def train_presence_cmd(
         _fail("--colour-weight must be >= 0")
     if zoom_copies is not None and zoom_copies < 0:
         _fail("--zoom-copies must be >= 0")
+    for option, value in (("--c-hist", c_hist), ("--c-feat", c_feat)):  # scikit-learn's words, after the data loaded
+        if not value > 0:
+            _fail(f"{option} must be > 0 (an inverse regularisation strength), not {value:g}")
     if zoom_weight is not None and zoom_weight <= 0:
         _fail("--zoom-weight must be > 0")
     import torch

@@ -55,7 +55,7 @@ def train_deep_sad_cmd(
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
     out: RunFolder,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 150,
-    pretrain_epochs: Annotated[int, typer.Option(help="Autoencoder pretraining epochs.")] = 150,
+    pretrain_epochs: Annotated[int, typer.Option(min=1, help="Autoencoder pretraining epochs.")] = 150,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 1e-4,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="Weight decay.")] = 0.5e-6,

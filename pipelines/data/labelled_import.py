@@ -117,7 +117,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     folder `out_manifest` will be written in (absolute where that is impossible)."""
     labels, images, out_dir = Path(labels), Path(images), Path(out_manifest).resolve().parent
     if not images.is_dir():  # each row read "missing file" instead (an audit)
-        raise ValueError(f"--images {images}: no such folder")
+        raise ValueError(f"--images {images}: " + ("a file, not a folder" if images.exists() else "no such folder"))
     # a Parquet sheet's nulls as blanks (as a CSV's): as text they read "nan" or "None", and
     # every photo without a case id became one patient named "nan"
     sheet = read_table(labels).astype(object).fillna("")

@@ -94,7 +94,14 @@ def findings_section(folder: Path, n: int = 8) -> str:
     without a test split (an audit)."""
     from pipelines.engine.findings import load_findings_card
 
-    card = load_findings_card(folder / "findings.json", scoring=False).model_dump()
+    try:
+        card = load_findings_card(folder / "findings.json", scoring=False).model_dump()
+    except ValueError as e:  # a damaged card said only "Unterminated string ..." (an audit)
+        from pydantic import ValidationError
+
+        why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors()[:3]) \
+            if isinstance(e, ValidationError) else str(e).splitlines()[0]
+        raise ValueError(f"{folder / 'findings.json'}: not a findings card ({why})") from None
     _checked_files(folder, card)
     if "test" not in card["metrics"]:
         return "<h2>Quality findings</h2><p>The calibration had no test split: no figures to show.</p>"
