@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.limits import BodyStalled, BodyTooLarge
 from service.root_path import route_path
@@ -49,12 +50,16 @@ def _documented(app: FastAPI, path: str) -> Iterator[tuple[str, dict]]:
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method the OpenAPI document lists for `path` (what clients are generated from).
-    Starlette's 405 names only the methods of the first route matching the path, so
-    `/v1/jobs` (POST and GET in two routes) answered `Allow: POST`."""
-    methods: set[str] = set()
-    for _, operations in _documented(app, path):
-        methods |= {m.upper() for m in operations if m.upper() in KNOWN_METHODS}
+    """Every method some route serves at `path`, asked of the routes themselves (Starlette's
+    public `matches`). Starlette's 405 names only the methods of the first route matching the
+    path, so `/v1/jobs` (POST and GET in two routes) answered `Allow: POST`; read from the
+    OpenAPI document instead (the version before), the pages and /docs, which it leaves out,
+    answered an empty Allow (an audit)."""
+    methods = set()
+    for method in KNOWN_METHODS:
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": [], "query_string": b""}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.routes):
+            methods.add(method)
     return sorted(methods)
 
 

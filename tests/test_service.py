@@ -842,6 +842,10 @@ def test_a_405_names_every_method_the_path_serves(server):
     assert r.status_code == 405 and {"GET", "POST"} <= set(r.headers["allow"].split(", "))
     r = httpx.request("PUT", server.url + "/v1/jobs/abc/cancel", headers=HEADERS)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # the pages and the API document are not in the document: their Allow was empty (an audit)
+    for path, allowed in (("/ui/jobs", {"GET", "POST"}), ("/openapi.json", {"GET"})):
+        r = httpx.request("PUT", server.url + path, headers=HEADERS)
+        assert r.status_code == 405 and allowed <= set(r.headers["allow"].split(", ")), (path, r.headers)
 
 
 def test_the_api_document_states_how_many_files_an_upload_may_carry_and_one_more_gets_413(server):
