@@ -203,7 +203,9 @@ def split_box_files(df, written: Sequence[str], ds: CocoDataset, root: Path
     by_id = {im.id: im for im in ds.images}
     for image_id, row in manifest_rows(ds, root, df["abspath"]).items():
         matched[row] = by_id[image_id]
-    if ds.images and not any(matched):
+    if not ds.images:  # split wrote no box file and exited 0 (an audit)
+        raise ValueError("it lists no images")
+    if not any(matched):
         raise ValueError(f"none of its {len(ds.images)} images is a row of the manifest (its names are taken from "
                          "its own folder, the manifest's paths from the manifest's)")
     parts = {}
@@ -304,6 +306,8 @@ def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoData
         raise CocoError(str(path), [f"cannot read it ({e.strerror or type(e).__name__})"]) from None
     except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
         raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from None
+    if not ds.images:  # imported as "0 images, 0 boxes", exit 0 (an audit): the wrong export?
+        raise CocoError(str(path), ["it lists no images: export the task's annotations as COCO 1.0 again"])
     notes = _merge_category_names(ds)
     sizes = {im.id: (im.width, im.height) for im in ds.images}
     unreadable: list[str] = []
