@@ -165,3 +165,14 @@ def test_synth_refuses_a_folder_holding_a_dataset_it_did_not_write(tmp_path):
     for _ in range(2):
         r = _cervixqc("synth", str(tmp_path / "ours"), "--preset", "tiny", "-n", "2", "--workers", "1")
         assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_a_precision_the_torch_runtime_does_not_take_is_said_not_ignored(capsys):
+    """`predict --runtime torch --precision bf16` ran at f32 without a word (an audit)."""
+    from pipelines.commands.engine import _check_runtime
+
+    _check_runtime("torch", "bf16")
+    assert "--precision bf16 is OpenVINO's" in capsys.readouterr().err
+    _check_runtime("openvino", "bf16")
+    _check_runtime("torch", "auto")
+    assert capsys.readouterr().err == ""

@@ -50,6 +50,9 @@ def _check_runtime(runtime: str, precision: str) -> None:
         _fail(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if precision not in PRECISIONS:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if runtime == "torch" and precision != "auto":  # taken and ignored without a word (an audit)
+        typer.echo(f"warning: --precision {precision} is OpenVINO's; --runtime torch runs the models at torch's own "
+                   "precision (f32 on the CPU, bf16 autocast on CUDA)", err=True)
 
 
 def _weights_folder(weights: Path) -> None:
