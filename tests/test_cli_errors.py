@@ -136,6 +136,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--fractions", "abc"], "--fractions needs three"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(coco)], "lists no images"),
         (["import-cvat", str(coco), "-o", str(tmp_path / "c.json")], "lists no images"),
+        (["bench", "--mix-from", str(tmp_path)], "no .jpg photos in its subfolders"),  # photos, no subfolders
+        (["bench", "--mix-from", str(tmp_path), "--keep-mix", str(labels)], "a file, not a folder"),
         (["train-presence", str(manifest), "--detector", "d.json", "-o", str(tmp_path / "p"), "--c-hist", "0"],
          "--c-hist must be > 0"),
         (["import-labels", str(labels), "--images", str(labels), "-o", str(tmp_path / "l.csv"), "--source", "s"],
