@@ -30,14 +30,8 @@ from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import (
-    KNOWN_METHODS,
-    ApiError,
-    install_error_handlers,
-    internal_error,
-    route_label,
-    validation_message,
-)
+from service.errors import (KNOWN_METHODS, ApiError, install_error_handlers, internal_error, route_label,
+                            validation_message)
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore

@@ -24,16 +24,8 @@ import numpy as np
 
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
-from pipelines.clean.run import (
-    CleanSummary,
-    check_outputs,
-    done_labels,
-    finish_run,
-    open_run,
-    plan_run,
-    quarantine_done_rows,
-    store_batch,
-)
+from pipelines.clean.run import (CleanSummary, check_outputs, done_labels, finish_run, open_run, plan_run,
+                                 quarantine_done_rows, store_batch)
 from pipelines.clean.state import file_stamp
 from pipelines.data.schema import on_disk
 from pipelines.engine.config import QCConfig

@@ -164,14 +164,8 @@ def eval_duplicates_cmd(
     optionally a sweep of the keys' thresholds."""
     import time
 
-    from pipelines.evaluation.duplicates_eval import (
-        CopyPlan,
-        aligned_distances,
-        build_set,
-        key_distances,
-        run_engine,
-        score,
-    )
+    from pipelines.evaluation.duplicates_eval import (CopyPlan, aligned_distances, build_set, key_distances, run_engine,
+                                                      score)
     from pipelines.evaluation.duplicates_eval import sweep as run_sweep
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)

@@ -36,13 +36,8 @@ def calibrate_findings_cmd(
     from pipelines.engine.findings import FindingsCard, load_findings_card
     from pipelines.engine.qc_result import FINDINGS
     from pipelines.engine.weights_folder import loading
-    from pipelines.evaluation.findings_calibration import (
-        CalibrationConfig,
-        calibrate,
-        judge,
-        score_variants,
-        write_outputs,
-    )
+    from pipelines.evaluation.findings_calibration import (CalibrationConfig, calibrate, judge, score_variants,
+                                                           write_outputs)
 
     judged = None
     if thresholds_from is not None:  # before the minutes of scoring, checked as the engine checks it
