@@ -35,7 +35,8 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
     if not requested or "\x00" in requested:
         raise ApiError(400, "invalid_path", f"{what}: empty or invalid path")
     if CONTROL.search(requested):
-        raise ApiError(400, "invalid_path", f"{what}: control characters (a line break, a tab) are not allowed in paths")
+        raise ApiError(400, "invalid_path", f"{what}: control characters (a line break, a tab) are not allowed "
+                                            "in paths")
     if ".." in PurePosixPath(requested).parts or ".." in Path(requested).parts:
         raise ApiError(400, "invalid_path", f"{what}: '..' is not allowed in paths")
     candidates = [Path(requested)] if Path(requested).is_absolute() else [root / requested for root in roots]

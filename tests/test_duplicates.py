@@ -338,7 +338,8 @@ def test_split_takes_a_table_of_no_copies_and_names_a_damaged_clean_state(tmp_pa
     traceback; so was a clean folder whose state.sqlite is damaged or empty (an audit)."""
     manifest = _manifest(tmp_path)
     (tmp_path / "none.csv").write_text("path,group,duplicate_of,kind,evidence\n")
-    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", str(tmp_path / "none.csv")])
+    none = str(tmp_path / "none.csv")
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates", none])
     assert r.exit_code == 0 and "duplicates: 0 groups, 0 photos of the manifest" in r.output, r.output
     for name, damage in (("garbled", b"this is not a database" * 50), ("empty", b"")):
         folder = tmp_path / name
