@@ -122,6 +122,7 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
     labels.write_text("file,kind,case\np0.jpg,regular,c0\n")
     coco = tmp_path / "boxes.json"
     coco.write_text('{"images": [], "annotations": [], "categories": []}')
+    (tmp_path / "listing.csv").write_text("file,repo,commit,path_in_repo,sha256\n")
     before = {p: p.read_bytes() for p in (manifest, labels, coco)}
     cases = [
         (["split", str(manifest), "-o", str(manifest)], "is the input"),
@@ -138,6 +139,13 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["import-cvat", str(coco), "-o", str(tmp_path / "c.json")], "lists no images"),
         (["bench", "--mix-from", str(tmp_path)], "no .jpg photos in its subfolders"),  # photos, no subfolders
         (["bench", "--mix-from", str(tmp_path), "--keep-mix", str(labels)], "a file, not a folder"),
+        (["validate", str(manifest), "--coco", str(coco)], "lists no images"),
+        (["fix-boxes", str(coco), str(tmp_path / "nope.csv"), "-o", str(tmp_path / "f.json")],
+         "nope.csv: no such file"),
+        (["train-presence", str(manifest), "--detector", str(tmp_path / "nope.json"), "-o", str(tmp_path / "p2")],
+         "--detector:"),
+        (["extract-listed", str(tmp_path / "listing.csv"), "--mirrors", str(tmp_path), "-o", str(tmp_path / "x")],
+         "lists no files"),
         (["train-presence", str(manifest), "--detector", "d.json", "-o", str(tmp_path / "p"), "--c-hist", "0"],
          "--c-hist must be > 0"),
         (["import-labels", str(labels), "--images", str(labels), "-o", str(tmp_path / "l.csv"), "--source", "s"],

@@ -141,10 +141,14 @@ def fix_boxes_cmd(
     from pipelines.data.box_sheets import draw_sheets
     from pipelines.data.coco import CocoError, load_coco, save_coco
 
+    if not fixes.is_file():  # exit 1 with the OS's words (an audit)
+        _fail(f"{fixes}: no such file")
     try:
         ds = load_coco(proposals)
         ds, counts = apply_fixes(ds, read_fixes(fixes, {im.file_name for im in ds.images}),
                                  note or f"proposals from {proposals.name}, checked by eye, fixes from {fixes.name}")
+    except UnicodeDecodeError as e:  # "'utf-8' codec can't decode ..." named no file (an audit)
+        _fail(f"{fixes}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV")
     except (ValueError, CocoError) as e:
         _fail(str(e))
     # the sheets' photos: by the proposals' folder alone, the README's own steps (proposals.json

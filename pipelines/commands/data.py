@@ -99,6 +99,8 @@ def validate(
         typer.echo(f"{manifest}: {len(df)} rows, {df['patient_id'].nunique()} patients: ok")
         if coco is not None:
             ds = load_coco(coco)
+            if not ds.images:  # "0 images, 0 boxes: ok" (an audit)
+                raise CocoError(str(coco), ["it lists no images"])
             _check_box_photos(ds, coco, df)
             typer.echo(f"{coco}: {len(ds.images)} images, {len(ds.annotations)} boxes: ok")
     except (ManifestError, CocoError) as e:

@@ -42,6 +42,12 @@ def train_presence_cmd(
     for option, value in (("--c-hist", c_hist), ("--c-feat", c_feat)):  # scikit-learn's words, after the data loaded
         if not value > 0:
             _fail(f"{option} must be > 0 (an inverse regularisation strength), not {value:g}")
+    from models.io import WeightsIntegrityError, verified_card
+
+    try:  # a damaged or missing detector failed after the photos' features began, exit 1 (an audit)
+        verified_card(detector, names=("detector",))
+    except (WeightsIntegrityError, OSError, ValueError) as e:
+        _fail(f"--detector: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if zoom_weight is not None and zoom_weight <= 0:
         _fail("--zoom-weight must be > 0")
     import torch

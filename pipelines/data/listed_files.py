@@ -108,6 +108,8 @@ def extract_listed(listing: str | Path, mirrors: str | Path, out: str | Path) ->
     if missing:
         have = ", ".join(reader.fieldnames or []) or "none"
         raise ValueError(f"{listing}: no {', '.join(missing)} column (it has: {have})")
+    if not rows:  # "0 written ... of 0 listed", exit 0 (an audit)
+        raise ValueError(f"{listing}: lists no files")
     report = ExtractReport(listed=len(rows))
     by_repo: dict[str, list[dict]] = defaultdict(list)
     for r in _safe_targets(rows, out, report):
