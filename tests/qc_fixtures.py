@@ -140,7 +140,8 @@ def fuzz_set() -> dict[str, tuple[bytes, str | None]]:
         "random.jpg": (rng.bytes(5000), "not an image"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
         "text.jpg": (b"patient notes, not a picture\n" * 20, "not an image"),
-        "bomb.png": (_save(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
+        # in whole pixels: rounded to MP, 10001x10000 read "100 MP > 100 MP" (an audit)
+        "bomb.png": (_save(Image.new("1", (20000, 20000)), "PNG"), "too many pixels (20000x20000 = 400,000,000 > "),
         # a readable sliver: resized for the detector, its short side was 0 px, and the batch failed
         "sliver.png": (_save(Image.new("RGB", (6000, 16), (200, 80, 80)), "PNG"), "aspect ratio too extreme"),
         "tiny.png": (_save(Image.new("RGB", (15, 15), (200, 80, 80)), "PNG"), "image too small"),  # a thumbnail's icon

@@ -144,6 +144,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
          "nope.csv: no such file"),
         (["train-presence", str(manifest), "--detector", str(tmp_path / "nope.json"), "-o", str(tmp_path / "p2")],
          "--detector:"),
+        (["train-deep-sad", str(manifest), "-o", str(tmp_path / "sad"), "--pretrain-epochs", "-1"],
+         "Invalid value for '--pretrain-epochs'"),
         (["extract-listed", str(tmp_path / "listing.csv"), "--mirrors", str(tmp_path), "-o", str(tmp_path / "x")],
          "lists no files"),
         (["train-presence", str(manifest), "--detector", "d.json", "-o", str(tmp_path / "p"), "--c-hist", "0"],

@@ -361,6 +361,9 @@ def test_malformed_requests_get_a_json_4xx(server):
         assert r.status_code == status, (status, r.status_code, r.text)
         assert set(r.json()["error"]) >= {"code", "message"}
     assert "CERVIXQC_MAX_FILES_PER_REQUEST" in checks[5][0].json()["error"]["message"]
+    with server.client() as c:  # a 100,000-character id came back whole in the 404 (an audit)
+        r = c.get("/v1/jobs/" + "x" * 5000)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 120, r.text[:300]
     assert "Maximum header size exceeded" in checks[6][0].json()["error"]["message"]
 
 
