@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -74,7 +75,7 @@ def route_label(app: FastAPI, request: Request) -> str:
     return route or "unmatched"
 
 
-def validation_message(e: RequestValidationError) -> str:
+def validation_message(e: RequestValidationError | ValidationError) -> str:
     """Each problem as `where: what`. A body that is not JSON is said so, with pydantic's reason:
     its character offset stood where a field goes ("body.17: JSON decode error", an audit)."""
     problems = []

@@ -167,14 +167,8 @@ def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
     """An output that is one of the command's own inputs, refused before any work: `-o`
     naming the manifest, label sheet, box file or duplicates table being read replaced it
     with the result, exit 0, and the input was lost (an audit)."""
-    for given in inputs:
-        if given is None or not given.exists():
-            continue
-        try:
-            same = out.exists() and os.path.samefile(out, given)
-        except OSError:
-            same = False
-        if same or out.resolve() == given.resolve():
+    for given in inputs:  # samefile: the same file under another spelling, or a hard link to it
+        if given is not None and given.exists() and out.exists() and os.path.samefile(out, given):
             _fail(f"{option} {out} is the input {given}: it would be replaced; write the result elsewhere")
 
 

@@ -57,6 +57,12 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
     return fallback
 
 
+def validation_reasons(e: ValidationError) -> str:
+    """Each field at fault as `where: what` (the whole card where pydantic names no field): the
+    error's first line says only "1 validation error for ..."."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
+
+
 @contextmanager
 def loading(card: Path) -> Iterator[None]:
     """Whatever fails while one model of a weights folder loads, named with its card: a
@@ -69,9 +75,8 @@ def loading(card: Path) -> Iterator[None]:
         raise
     except FileNotFoundError:
         raise WeightsIntegrityError(f"{card}: missing") from None
-    except ValidationError as e:  # each field at fault: its first line said only "1 validation error for ..."
-        reason = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
-        raise WeightsIntegrityError(f"{card}: cannot load it ({reason[:300]})") from None
+    except ValidationError as e:
+        raise WeightsIntegrityError(f"{card}: cannot load it ({validation_reasons(e)[:300]})") from None
     except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
         reason = str(e).splitlines()[0][:300] if str(e) else ""
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None

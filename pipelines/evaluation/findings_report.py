@@ -92,15 +92,15 @@ def findings_section(folder: Path, n: int = 8) -> str:
     foreign file is a ValueError naming it: a truncated thumbnail file, a card without
     thresholds or a renamed score column were tracebacks, and any JSON passed as a card
     without a test split (an audit)."""
+    from pydantic import ValidationError
+
     from pipelines.engine.findings import load_findings_card
+    from pipelines.engine.weights_folder import validation_reasons
 
     try:
         card = load_findings_card(folder / "findings.json", scoring=False).model_dump()
     except ValueError as e:  # a damaged card said only "Unterminated string ..." (an audit)
-        from pydantic import ValidationError
-
-        why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors()[:3]) \
-            if isinstance(e, ValidationError) else str(e).splitlines()[0]
+        why = validation_reasons(e)[:300] if isinstance(e, ValidationError) else str(e).splitlines()[0]
         raise ValueError(f"{folder / 'findings.json'}: not a findings card ({why})") from None
     _checked_files(folder, card)
     if "test" not in card["metrics"]:

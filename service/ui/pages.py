@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
-from service.errors import ApiError
+from service.errors import ApiError, validation_message
 from service.routes.jobs import cancel_job, create_job, delete_job, job_or_404, retry_job, status_of
 from service.routes.qc import qc_upload
 from service.schemas import JobCreate, JobStatus, QCResponse
@@ -59,8 +59,7 @@ def start_job(request: Request, session: UiPost, state: State, source: str = For
     except ApiError as e:
         return _jobs_page(request, session, state, e.message, source)
     except ValidationError as e:  # pydantic: an empty source; its last line was a link to pydantic's docs
-        first = e.errors()[0]
-        return _jobs_page(request, session, state, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", source)
+        return _jobs_page(request, session, state, validation_message(e), source)
     except ValueError as e:
         return _jobs_page(request, session, state, str(e).splitlines()[0], source)
     return RedirectResponse("/ui/jobs", status_code=303)
