@@ -49,5 +49,11 @@ class RegularityClassifier(nn.Module):
 
 def class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
     """The paper's weights: N / (n_classes * n_c) per class (0 for an absent class)."""
-    counts = torch.bincount(labels.long(), minlength=n_classes).float()
-    return torch.where(counts > 0, labels.numel() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    return balanced_weights(torch.bincount(labels.long(), minlength=n_classes).float())
+
+
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """`class_weights` from each class's count, which may be an expected one (crops relabelled
+    at random while training: `CropDataset.label_counts`)."""
+    counts = counts.float()
+    return torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1e-12)), torch.zeros_like(counts))

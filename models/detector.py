@@ -109,9 +109,14 @@ def build_detector(cfg: DetectorConfig, backbone_state: dict[str, torch.Tensor] 
     so one training loop serves every architecture (the torchvision references' contract)."""
     backbone = _fpn_backbone(cfg)
     if backbone_state is not None:
-        missing, unexpected = backbone.body.load_state_dict(backbone_state, strict=False)
+        # a classification network's file holds its head too (torchvision's resnet: fc.*), which
+        # the detector's body has no place for: it was refused as "unexpected" (an audit)
+        parts = {k.split(".")[0] for k in backbone.body.state_dict()}
+        heads = sorted({k.split(".")[0] for k in backbone_state} - parts)
+        missing, unexpected = backbone.body.load_state_dict(
+            {k: v for k, v in backbone_state.items() if k.split(".")[0] in parts}, strict=False)
         if unexpected or len(missing) == len(backbone.body.state_dict()):
-            raise ValueError(f"backbone weights do not fit {cfg.backbone}: unexpected {unexpected[:5]}")
+            raise ValueError(f"backbone weights do not fit {cfg.backbone}: unexpected {(unexpected or heads)[:5]}")
     common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
     if cfg.arch == "retinanet":
         levels = _count_levels(backbone)

@@ -50,6 +50,16 @@ def test_no_detections_at_all_is_map_zero_not_a_crash():
     assert m.map == 0.0 and m.top1_recall50 == 0.0
 
 
+def test_no_detections_leave_a_size_range_without_a_true_box_undefined_as_one_useless_box_does():
+    """The set has large and small boxes, no medium one: all six read 0.0 when nothing was found."""
+    nothing = evaluate_detections(_gt(), {}).as_dict()
+    useless = evaluate_detections(_gt(), {1: _det([[190, 190, 199, 199]], [0.1], [1])}).as_dict()
+    assert math.isnan(nothing["ap_medium"]) and nothing["ap_small"] == nothing["ap_large"] == 0.0
+    assert nothing["per_class_ap"] == useless["per_class_ap"] == {"cervix": 0.0, "swab": 0.0}
+    for name in ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"):
+        assert nothing[name] == useless[name] or math.isnan(nothing[name]) and math.isnan(useless[name]), name
+
+
 def test_top1_recall_uses_only_the_highest_scoring_box():
     gt = _gt()
     good_but_second = {1: _det([[150, 150, 190, 190], [20, 20, 120, 120]], [0.9, 0.5], [1, 1])}

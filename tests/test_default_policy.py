@@ -31,6 +31,13 @@ def _report(f1: dict[str, float], n_pos: int = 12) -> dict:
     return {"default_policy": "deep_sad"} | {p: {"overall": {"f1": v, "n_non_regular": n_pos}} for p, v in f1.items()}
 
 
+def _of(weights: Path, split: str | None = "val") -> dict:
+    """What eval-pipeline writes beside the figures: the split and the folder's voting models."""
+    cards = [load_card(p) for p in sorted(weights.glob("*.json")) if p.stem in ("deep_sad", "classifier", "colour")]
+    return {"split": split, "models": {c.name: c.sha256 for c in cards},
+            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in cards}}
+
+
 def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path):
     weights = tiny_weights(tmp_path, detector_threshold=0.05)
     _set_val_f1(weights / "deep_sad.json", 0.98)
@@ -61,7 +68,8 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
     _set_val_f1(weights / "deep_sad.json", 0.98)  # the fallback rule alone says deep_sad
     _set_val_f1(weights / "classifier.json", 0.95)
     report = tmp_path / "pipeline_metrics.json"
-    report.write_text(json.dumps(_report({"deep_sad": 0.917, "resnest": 0.917, "either": 0.88, "both": 0.957})))
+    report.write_text(json.dumps(_report({"deep_sad": 0.917, "resnest": 0.917, "either": 0.88, "both": 0.957})
+                                 | _of(weights)))
     done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -90,13 +98,33 @@ def test_the_recorded_choice_sets_the_default_until_a_model_is_retrained(tmp_pat
     assert best_policy(sad, cls) == "both"
 
 
+def test_a_policy_is_chosen_only_on_a_validation_report_of_these_very_models_and_thresholds(tmp_path):
+    """A test report, a report of every row, or one of other weights was taken, and the cards
+    then said "chosen on validation"."""
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.05)
+    figures = _report({"deep_sad": 0.917, "resnest": 0.917, "either": 0.88, "both": 0.957})
+    report = tmp_path / "pipeline_metrics.json"
+    before = (weights / "deep_sad.json").read_text()
+    other = _of(weights)
+    other["thresholds"]["deep_sad"]["distance"] += 1  # a report made before calibrate-stage2
+    for extra, said in ((_of(weights, "test"), "the report is of split 'test'"),
+                        (_of(weights, None), "the report is of every row of its manifest"),
+                        ({}, "written before reports named their split"),
+                        (other, "other models or thresholds than these cards' (deep_sad)")):
+        report.write_text(json.dumps(figures | extra))
+        done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert (weights / "deep_sad.json").read_text() == before
+
+
 def test_a_recorded_two_of_three_choice_holds_only_while_its_colour_model_is_loaded(tmp_path):
     weights = tiny_weights(tmp_path, detector_threshold=0.05, colour_threshold=0.6)
     _set_val_f1(weights / "deep_sad.json", 0.98)
     _set_val_f1(weights / "classifier.json", 0.95)
     report = tmp_path / "pipeline_metrics.json"
     report.write_text(json.dumps(_report({"deep_sad": 0.92, "resnest": 0.91, "either": 0.88, "both": 0.95,
-                                          "two_of_three": 1.0})))
+                                          "two_of_three": 1.0}) | _of(weights)))
     done = subprocess.run([sys.executable, "weights/finalize.py", "policy", str(report), str(weights)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -41,6 +41,19 @@ def test_random_backbones_train_with_batchnorm_and_pretrained_ones_freeze_it():
     assert torch.equal(pre.backbone.body.conv1.weight, scratch.backbone.body.conv1.weight)
 
 
+def test_backbone_weights_from_a_classification_network_load_without_its_head_and_others_are_refused():
+    import torchvision
+
+    classifier = torchvision.models.resnet18(weights=None).state_dict()  # with fc.weight, fc.bias
+    cfg = DetectorConfig(backbone="resnet18", min_size=64, max_size=64, pretrained_backbone=True)
+    model = build_detector(cfg, backbone_state=classifier)
+    assert torch.equal(model.backbone.body.layer4[1].conv2.weight, classifier["layer4.1.conv2.weight"])
+    with pytest.raises(ValueError, match=r"do not fit resnet18: unexpected \['layer1.0.conv9.weight'\]"):
+        build_detector(cfg, backbone_state=classifier | {"layer1.0.conv9.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"do not fit resnet18: unexpected \['features'\]"):
+        build_detector(cfg, backbone_state={"features.0.weight": torch.zeros(1)})  # another network's file
+
+
 def test_config_refuses_unknown_names_and_a_class_count_without_background():
     with pytest.raises(ValueError, match="unknown detector"):
         DetectorConfig(arch="yolo")
@@ -179,3 +192,24 @@ def test_eval_detector_gives_negatives_no_ap_scores_the_boxed_photos_apart_and_w
     boxed = report["cervix photos"]
     assert boxed["n_cervix"] == 2 and boxed["n_no_cervix"] == 0 and boxed["map"] == site["map"]
     assert "mAP -  AP50 -" in r.output and "nan" not in r.output
+
+
+def test_the_detectors_jitter_swaps_colour_channels_unless_told_not_to_and_moves_boxes_alike():
+    """torchvision's RandomPhotometricDistort permutes channels with its p: a red photo came out
+    green or blue about two times in three, which `--no-permute-channels` turns off."""
+    from torchvision import tv_tensors
+
+    from pipelines.data.presets import detection_train
+
+    red = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    red[0] = 200
+    box = tv_tensors.BoundingBoxes([[8, 8, 40, 40]], format="XYXY", canvas_size=(64, 64))
+
+    def reddest(permute: bool, seed: int) -> bool:
+        torch.manual_seed(seed)
+        augment = detection_train(hard=False, permute_channels=permute)
+        img, target = augment(red, {"boxes": box, "labels": torch.tensor([1])})
+        return int(img.mean(dim=(1, 2)).argmax()) == 0 and len(target["boxes"]) <= 1
+
+    assert all(reddest(False, s) for s in range(30))
+    assert sum(not reddest(True, s) for s in range(30)) >= 10

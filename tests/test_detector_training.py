@@ -51,6 +51,9 @@ def test_tiny_detector_loss_falls_and_map_becomes_positive_then_resume_continues
     model, mcard = load_detector(card)
     assert mcard.classes == ["cervix"] and 0 <= mcard.thresholds["score"] <= 1
     assert mcard.metrics["val"]["map"] == pytest.approx(result.best_metrics["map"])
+    from models.io import sha256_file
+
+    assert mcard.data["train_coco_sha256"] == sha256_file(boxes_set)  # the boxes by content, not by path
     chosen = mcard.metrics["val_presence_balanced_accuracy"] is not None  # null where there is nothing to choose on
     assert mcard.metrics["score_threshold_from"] == (
         "validation, max balanced accuracy" if chosen else "default 0.5: no validation photo without a box")

@@ -49,6 +49,18 @@ def test_blank_kind_means_unknown_and_is_accepted(tmp_path, write_csv):
     assert df.loc[0, "patient_id"] == "007"  # IDs stay text: leading zeros survive
 
 
+def test_a_source_named_as_a_report_row_is_refused_since_it_would_replace_that_row(tmp_path, write_csv):
+    """Every report keys its rows by source beside `overall` (and the detector's `cervix
+    photos`): a source so named replaced the report's overall figures, unsaid."""
+    _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")
+    path = write_csv("m.csv", "path,patient_id,source,device,kind\na.jpg,p1,overall,d,regular\n"
+                              "b.jpg,p2,cervix photos,d,regular\nc.jpg,p3,Overall,d,regular\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert [(p.row, p.column) for p in err.value.problems] == [(1, "source"), (2, "source")]
+    assert "source 'overall' is a row of every report" in str(err.value)
+
+
 def test_unknown_split_value_is_refused(tmp_path, write_csv):
     _touch(tmp_path, "a.jpg")
     path = write_csv("m.csv", "path,patient_id,source,device,kind,split\na.jpg,p,s,d,regular,training\n")

@@ -48,7 +48,8 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
     assert set(report) == {"default_policy", "deep_sad", "resnest", "either", "both", "two_of_three", "models",
-                           "thresholds"}
+                           "thresholds", "split"}
+    assert report["split"] == "val"  # a policy is chosen on a validation report alone
     assert report["models"]["detector"] == json.loads((weights / "detector.json").read_text())["sha256"]
     assert report["thresholds"]["classifier"] == {"probability": 0.99}
     rows = pd.read_csv(tmp_path / "ev" / "results.csv", keep_default_na=False)
@@ -61,6 +62,7 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     flagged = (rows["label"] == "non_regular")[cervix]
     assert overall["regular_flagged"] == pytest.approx(flagged[rows["truth"][cervix] == "regular"].mean())
     assert report["default_policy"] == "resnest" and not flagged.any()  # the classifier's labels, not the run's
+    assert (rows["kind"] == "").all()  # the run took every crop's kind; a regular's is not written
     either, both = report["either"]["overall"], report["both"]["overall"]
     assert either["regular_flagged"] == 1 and either["sensitivity"] == 1  # Deep SAD flags every crop
     assert both["regular_flagged"] == 0 and both["sensitivity"] == 0
@@ -129,6 +131,32 @@ def test_an_evaluation_on_another_split_than_the_weights_were_trained_under_is_s
     write_manifest(rows.assign(split=["test", "val", "train"]), tmp_path / "other.csv")  # the same photos, moved
     _check_split(tmp_path / "other.csv", weights)
     assert "is not the split any of" in capsys.readouterr().err
+
+
+def test_an_evaluation_engine_gives_every_crop_its_kind_so_a_crop_flagged_only_when_relabelled_has_one(
+        tiny_dataset, tmp_path):
+    """Evaluation relabels one run's scores under other thresholds (calibrate-stage2's "after"):
+    a crop the run's own thresholds left regular had no kind and counted as a wrong one."""
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
+    from pipelines.evaluation.pipeline_eval import evaluate_pipeline, run_rows
+
+    weights = tiny_weights(tmp_path / "w", 0.0, sad_threshold=100.0)  # Deep SAD flags nothing
+    df = load_manifest(tiny_dataset.manifest)
+    df = df[df["kind"].isin(["green", "iodine"])].head(4).reset_index(drop=True)
+    served = QCPipeline(weights, QCConfig(device="cpu", policy="deep_sad"))
+    judged = QCPipeline(weights, QCConfig(device="cpu", policy="deep_sad", kind_of_every_crop=True))
+    a, b = served.run(list(df["abspath"])), judged.run(list(df["abspath"]))
+    assert [r.label.value for r in a] == [r.label.value for r in b] == ["regular"] * 4
+    assert [r.kind for r in a] == [None] * 4 and all(r.kind in ("green", "iodine") for r in b)
+    with pytest.raises(ValueError, match="kind_of_every_crop"):
+        run_rows(served, df)
+    results = run_rows(judged, df)
+    judged.sad_card = judged.sad_card.model_copy(update={"thresholds": {**judged.sad_card.thresholds, "distance": 0.0}})
+    after = evaluate_pipeline(judged, df, results)["deep_sad"]["overall"]  # every crop flagged now
+    assert after["sensitivity"] == 1.0
+    assert after["kind_accuracy"] == np.mean([r.kind == k for r, k in zip(b, df["kind"])])
+    served.close(), judged.close()
 
 
 def test_group_rates_leave_unreadable_photos_out_and_count_them():

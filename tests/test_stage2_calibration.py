@@ -113,7 +113,20 @@ def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_thresho
     assert "16 cervix photos in split val, 4 of them green or iodine: choosing a threshold needs at least 10" in \
         refused("few.csv")
     assert "the folder does not exist" in refused("regular.csv", weights=tmp_path / "none")
-    assert "no row in split 'test' (its splits: val)" in refused("regular.csv", "--split", "test")
+    assert "no row in split 'train' (its splits: val)" in refused("regular.csv", "--split", "train")
+    assert "--split test: rows that choose the thresholds are no test afterwards" in \
+        refused("regular.csv", "--split", "test")
+    # the networks' own split: its training rows would choose
+    from pipelines.data.manifest import load_manifest
+    from pipelines.data.splits import split_fingerprint
+
+    rows.assign(sha256=[f"{i:064x}" for i in range(len(rows))]).to_csv(tmp_path / "own.csv", index=False)
+    card = json.loads((weights / "deep_sad.json").read_text())
+    card["data"] = dict(card.get("data") or {}) | {
+        "split_fingerprint": split_fingerprint(load_manifest(tmp_path / "own.csv", check_files=False))}
+    (weights / "deep_sad.json").write_text(json.dumps(card))  # the card's JSON: the sha256 covers the weights
+    assert "is the split these networks were trained under: its all rows" in refused("own.csv", "--split", "all")
+    assert "trained under" not in refused("own.csv")  # val rows: no training photo among them
     assert "pass --split all to choose on every row" in refused("no-split.csv")
     # into the weights folder itself: its cards would be replaced, and the figures on them with them
     into_weights = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",

@@ -190,6 +190,38 @@ def test_minority_synthesis_relabels_regular_crops_it_turns_green_or_iodine(spli
     assert all(int(CropDataset(regular)[i][1]) == 0 for i in range(3))
 
 
+def test_the_classifiers_loss_is_balanced_over_the_labels_it_meets_synthesised_ones_included(
+        split_set, tmp_path, monkeypatch):
+    """The class weights came from the crops' own labels: with no real green or iodine crop and
+    --synthesise, every synthesised positive weighed 0 (the model learnt one class, exit 0)."""
+    from models.classifier import balanced_weights
+    from pipelines.data.crop_set import CropDataset
+
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    regular = crops["train"].subset(crops["train"].kinds == 0)
+    expected = CropDataset(regular, synthesise=0.5).label_counts()
+    n = len(regular)
+    assert expected.tolist() == pytest.approx([n / 2, n / 4, n / 4])
+    assert CropDataset(regular, synthesise=0.5).label_counts().sum() == n == CropDataset(regular).label_counts()[0]
+    seen, bce = [], torch.nn.functional.binary_cross_entropy_with_logits
+
+    def recording_bce(logits, target, weight=None, **kw):
+        seen.append((target.detach().clone(), weight.detach().clone()))
+        return bce(logits, target, weight=weight, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", recording_bce)
+    cfg = Stage2Config(out_dir=tmp_path, epochs=1, batch_size=8, synthesise=0.5, progress=False)
+    train_classifier(cfg, ClassifierConfig(arch="resnest14d", input_size=32), regular, crops["val"],
+                     torch.device("cpu"))
+    per_class = balanced_weights(torch.tensor([n / 2, n / 2]))  # half the regulars relabelled: 1:1
+    assert per_class.tolist() == pytest.approx([1.0, 1.0])
+    targets = torch.cat([t for t, _ in seen])
+    assert targets.sum() > 0  # synthesised positives were met, and weighed as the regulars do
+    for target, weight in seen:
+        assert torch.allclose(weight, per_class[target.long()])
+
+
 def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_path):
     """Progressive resizing (32 px weights as the start of a larger-input run) copies every
     tensor, and a card of another architecture is refused rather than half-loaded."""

@@ -221,3 +221,27 @@ for attempt in (lambda: _run(Path({str(tmp_path)!r}) / "run", epochs=2),
                                                           ["OSError", "m.safetensors"]], (r.stdout, r.stderr[-2000:])
     assert all("cannot write it" in line for line in lines)
     assert not list((tmp_path / "w").glob("*.tmp"))  # the half-written file goes
+
+
+def test_an_epoch_capped_at_max_steps_draws_that_many_batches_and_averages_over_them(tmp_path):
+    """The cap broke after drawing one batch more, and the epoch's mean loss was divided by one
+    step too many: a constant loss of 1.0 read 0.75 over three steps."""
+    drawn = []
+
+    class Counted(TensorDataset):
+        def __getitem__(self, i):
+            drawn.append(i)
+            return super().__getitem__(i)
+
+    class ConstantLoss(TinyTask):
+        def training_step(self, model, batch, device):
+            return {"one": model(batch[0]).sum() * 0 + 1.0}
+
+    model = nn.Linear(4, 1)
+    loader = DataLoader(Counted(torch.randn(10, 4), torch.randn(10, 1)), batch_size=1)
+    loop = LoopConfig(out_dir=tmp_path, epochs=1, warmup_iters=0, schedule="constant", grad_clip=None,
+                      select_metric="mse", select_mode="min", max_steps_per_epoch=3, progress=False)
+    fit(model, ConstantLoss(), loader, torch.optim.SGD(model.parameters(), lr=0.1), loop, torch.device("cpu"))
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["train_loss"] == pytest.approx(1.0) and record["train_one"] == pytest.approx(1.0)
+    assert len(drawn) == 3

@@ -155,7 +155,10 @@ def policy(report_path: Path, out: Path) -> None:
     report = json.loads(report_path.read_text())
     cards = {stem: load_card(out / f"{stem}.json") for stem in ("deep_sad", "classifier", "colour")
              if (out / f"{stem}.json").is_file()}
-    record = policy_record(report, cards["deep_sad"], cards["classifier"], str(report_path), cards.get("colour"))
+    try:
+        record = policy_record(report, cards["deep_sad"], cards["classifier"], str(report_path), cards.get("colour"))
+    except ValueError as e:
+        sys.exit(f"{report_path}: {e}")
     for stem, card in cards.items():
         m = dict(card.metrics) | {"policy_choice": record, "default_policy": record["policy"]}
         _write_card(out / f"{stem}.json", card.model_copy(update={"metrics": m}))

@@ -38,6 +38,9 @@ def train_detector_cmd(
         help="FPN and RetinaNet head width (torchvision: 256; at 128 the head does a quarter of the arithmetic, "
              "and the bundled detector ran 1.8x faster in OpenVINO). With --init-from a card of another width, "
              "only its backbone body is loaded.")] = 256,
+    permute_channels: Annotated[bool, typer.Option(
+        help="Let the photometric jitter swap colour channels too (torchvision's RandomPhotometricDistort, "
+             "about 2 of 3 photos); --no-permute-channels keeps each photo's colours in order.")] = True,
 ) -> None:
     """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
     Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ... (each rank exits
@@ -58,7 +61,7 @@ def train_detector_cmd(
                               batch_size=batch_size, lr=lr, workers=workers, seed=seed, resume=resume,
                               extra_coco=extra_coco, extra_ratio=extra_ratio, backbone_weights=backbone_weights,
                               init_from=init_from,
-                              max_steps_per_epoch=max_steps, warmup_iters=warmup)
+                              max_steps_per_epoch=max_steps, warmup_iters=warmup, permute_channels=permute_channels)
     try:
         result, card = train_detector(cfg)
     except ValueError as e:

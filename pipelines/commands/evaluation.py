@@ -74,21 +74,22 @@ def eval_pipeline_cmd(
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
     df = _rows(manifest, split)
-    qc = _engine(weights, device=device)
+    qc = _engine(weights, device=device, kind_of_every_crop=True)
     try:
         results = run_rows(qc, df, batch_size)
     finally:
         qc.close()
     # which models and thresholds these figures are of: two reports of one folder before and
     # after a swapped head (or a calibrate-stage2) could not be told apart (audits)
-    report = evaluate_pipeline(qc, df, results) | {k: qc.decision[k] for k in ("models", "thresholds")}
+    report = (evaluate_pipeline(qc, df, results) | {k: qc.decision[k] for k in ("models", "thresholds")}
+              | {"split": split})  # None: every row (a policy is chosen on "val" alone: `check_policy_report`)
     unreadable = report[qc.policy]["overall"]["unreadable"]
     if unreadable == len(df):
         _fail(f"not one of the {len(df)} photos could be read (results.csv is not written; `cervixqc validate` and "
               "the photos' own viewer tell why)", code=1)
     out.mkdir(parents=True, exist_ok=True)
     rows = pd.DataFrame([r.csv_row() for r in results])
-    rows["label"] = labels_under(qc, results, qc.policy)  # the run used "either"; write the default's
+    rows["label"] = labels_under(qc, results, qc.policy)  # the default's: the kinds were taken for every crop
     rows.loc[rows["label"] != "non_regular", "kind"] = None
     rows.insert(1, "truth", df["kind"].to_numpy())
     rows.insert(2, "source", df["source"].to_numpy())
@@ -106,6 +107,17 @@ def eval_pipeline_cmd(
 def _check_split(manifest: Path, weights: Path) -> None:
     """Said before any figure: a split other than the one the weights were trained under (their
     cards' `data.split_fingerprint`) may hold their training photos in its val and test rows."""
+    if _trained_under(manifest, weights) is False:
+        typer.echo(f"warning: {manifest} is not the split any of {weights}'s models was trained under (the cards' "
+                   "data.split_fingerprint): if any of its val or test photos were among their training photos, "
+                   "these figures are not held-out ones. A site's own photos that no model here was trained on "
+                   "are; to reproduce the cards' own figures, rebuild their split with the cards' "
+                   "training.commands.", err=True)
+
+
+def _trained_under(manifest: Path, weights: Path) -> bool | None:
+    """Whether `manifest` is the split one of the folder's models was trained under; None when
+    the cards or the manifest cannot tell (no fingerprint, no split column, unreadable)."""
     from models.io import UnreadableCard, load_card
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.splits import split_fingerprint
@@ -118,17 +130,12 @@ def _check_split(manifest: Path, weights: Path) -> None:
             pass
     trained.discard(None)
     if not trained:
-        return
+        return None
     try:
         here = split_fingerprint(load_manifest(manifest, check_files=False))
     except ManifestError:
-        return  # named by the read that follows
-    if here is not None and here not in trained:
-        typer.echo(f"warning: {manifest} is not the split any of {weights}'s models was trained under (the cards' "
-                   "data.split_fingerprint): if any of its val or test photos were among their training photos, "
-                   "these figures are not held-out ones. A site's own photos that no model here was trained on "
-                   "are; to reproduce the cards' own figures, rebuild their split with the cards' "
-                   "training.commands.", err=True)
+        return None  # named by the read that follows
+    return None if here is None else here in trained
 
 
 def baseline_colour_cmd(
@@ -151,9 +158,9 @@ def baseline_colour_cmd(
         _fail(str(e))
     for s in ("val", "test"):
         for name, m in report.get(s, {}).items():
-            scores = (f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} spec {m['specificity']:.3f} "
-                      f"prec {m['precision']:.3f} AUC {m['roc_auc']:.3f}" if m["n_positive"]
-                      else f"spec {m['specificity']:.3f} (no non-regular photos)")
+            scores = (f"F1 {m['f1']:.3f} sens {m['sensitivity']:.3f} spec {rate_text(m['specificity'])} "
+                      f"prec {rate_text(m['precision'])} AUC {rate_text(m['roc_auc'])}" if m["n_positive"]
+                      else f"spec {rate_text(m['specificity'])} (no non-regular photos)")
             typer.echo(f"{s:>4} {name:>14}: {scores} (n={m['n']}, pos={m['n_positive']})")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -219,9 +226,16 @@ def calibrate_stage2_cmd(
 
     device = device_or_fail(device)
     _weights_folder(weights)
+    if split == "test":  # accepted before, and the README's next step judged on the rows that chose (an audit)
+        _fail("--split test: rows that choose the thresholds are no test afterwards; choose on val (or all, for "
+              "a site's photos that no model here was trained on) and judge on test")
+    if split in ("train", "all") and _trained_under(manifest, weights):
+        typer.echo(f"warning: {manifest} is the split these networks were trained under: its {split} rows hold "
+                   "their training photos, on which they score better than on a site's; thresholds chosen there "
+                   "are optimistic", err=True)
     _calibration_output(out)
     df = _calibration_rows(manifest, split)
-    qc = _engine(weights, device=device)
+    qc = _engine(weights, device=device, kind_of_every_crop=True)
     try:
         with file_progress("engine") as report:
             results = run_rows(qc, df, batch_size, report)

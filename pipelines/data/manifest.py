@@ -29,6 +29,9 @@ from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
 _SPLITS = {s.value for s in Split}
+# Row names of the reports beside their sources' (`overall`; the detector report's photos with
+# a box): a source of that name replaced the report's own row, unsaid (an audit)
+REPORT_ROWS = ("overall", "cervix photos")
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
             problems.append(RowProblem(i, "patient_id", "empty patient_id"))
         if not source:
             problems.append(RowProblem(i, "source", "empty source"))
+        elif source in REPORT_ROWS:
+            problems.append(RowProblem(i, "source", f"source {source!r} is a row of every report "
+                                                    f"({', '.join(REPORT_ROWS)}): name the source otherwise"))
         if kind and kind not in _KINDS:
             problems.append(RowProblem(i, "kind", f"unknown kind {kind!r}; expected one of {sorted(_KINDS)} or blank"))
         if splits is not None and splits.iat[i - 1] and splits.iat[i - 1] not in _SPLITS:

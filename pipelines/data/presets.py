@@ -10,11 +10,27 @@ from pipelines.data.marks import ClinicianMarks
 from pipelines.data.transforms import GreenFilter, LugolIodine
 
 
-def detection_train(hard: bool = True) -> v2.Compose:
+class PhotometricDistortKeepingChannels(v2.RandomPhotometricDistort):
+    """torchvision's RandomPhotometricDistort without its channel permutation, the same draws
+    made (so a run's other augmentations draw as they did)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return super().make_params(flat_inputs) | {"channel_permutation": None}
+
+
+def detection_train(hard: bool = True, permute_channels: bool = True) -> v2.Compose:
     """Photometric jitter, flips, zoom-out + IoU crop (scale jitter), blur, JPEG, and our
-    green/iodine looks (the box does not care about the kind)."""
+    green/iodine looks (the box does not care about the kind).
+
+    torchvision's RandomPhotometricDistort(p=0.8) also permutes the colour channels with
+    probability p: about two thirds of the training photos (5 of 6 orders change something)
+    show a green or blue cervix. Every shipped detector trained so; the presence head reads the
+    detector's features, and colour is what tells a cervix from other pink tissue (weights/
+    README, stage 0). `permute_channels=False` (`train-detector --no-permute-channels`) keeps
+    the rest of the jitter; the default stays torchvision's until a detector without it is
+    measured against the shipped one."""
     ops: list = [
-        v2.RandomPhotometricDistort(p=0.8),
+        v2.RandomPhotometricDistort(p=0.8) if permute_channels else PhotometricDistortKeepingChannels(p=0.8),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
         v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 2.0))], p=0.3),

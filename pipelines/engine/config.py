@@ -85,6 +85,12 @@ class QCConfig:
     # glibc malloc arenas for the whole process, set when the engine starts (None: leave
     # malloc alone). 1: the engine's peak RSS 87 MB lower, no slower (pipelines/engine/memory.py).
     malloc_arenas: int | None = 1
+    # Every cervix crop's result carries the classifier's kind, flagged or not (otherwise: only
+    # a flagged one's). For evaluation, which relabels one run's scores under other policies or
+    # thresholds (`eval-pipeline`, `calibrate-stage2`): a crop that only the new thresholds flag
+    # had no kind and counted as a wrong one (kind accuracy 1.0 -> 0.5 on an audit's example
+    # where no kind was wrong). A served result never sets it: its kind is that of its label.
+    kind_of_every_crop: bool = False
 
     def __post_init__(self) -> None:
         """The library's settings checked as the CLI checks its options: `runtime="tensorrt"` ran

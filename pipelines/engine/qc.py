@@ -584,7 +584,7 @@ class QCPipeline:
             s, p = float(sad[k]), float(out["score"][k])
             label = self.label_for(s, p, policy, colour[k])
             kind = None
-            if label == Label.NON_REGULAR:
+            if label == Label.NON_REGULAR or self.cfg.kind_of_every_crop:
                 kind = KINDS[1 + int(out["kind_probs"][k, 1:].argmax())]
             results[i] = QCResult(label=label, kind=kind, cervix_box=[round(v, 1) for v in box],
                                   deep_sad_score=s, resnest_prob=p, colour_score=colour[k], findings=found[k],

@@ -58,8 +58,8 @@ def evaluate_detections(gt: CocoDataset, predictions: dict[int, Detections]) -> 
             x1, y1, x2, y2 = box
             results.append({"image_id": int(image_id), "category_id": int(label),
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    metrics = DetectionMetrics(*([0.0] * 6), n_images=len(gt.images))
-    if results:  # loadRes([]) raises; no detections at all is simply mAP 0
+    metrics = _no_detections(gt)
+    if results:  # loadRes([]) raises; no detections at all is AP 0 wherever a box was to be found
         api = _coco_api(gt)
         with contextlib.redirect_stdout(io.StringIO()):
             dets = api.loadRes(results)
@@ -78,6 +78,23 @@ def evaluate_detections(gt: CocoDataset, predictions: dict[int, Detections]) -> 
             name = next(c.name for c in gt.categories if c.id == cat_id)
             metrics.per_class_ap[name] = float(valid.mean()) if valid.size else float("nan")
     metrics.top1_recall50 = top1_recall(gt, predictions)
+    return metrics
+
+
+def _no_detections(gt: CocoDataset) -> DetectionMetrics:
+    """The figures of a detector that found nothing: 0.0 where a ground-truth box was to be found,
+    NaN where COCOeval would say -1 (an area range, or a category, without one). All six read 0.0
+    before, a "small"/"medium" AP of 0 beside the NaN the same set reads with one detection (an
+    audit). The ranges are COCOeval's own (`Params.areaRng`; a box counts where lo <= area <= hi)."""
+    boxes = [a for a in gt.annotations if not a.iscrowd]
+    ranges = COCOeval(iouType="bbox").params.areaRng  # all, small, medium, large
+
+    def ap(inside) -> float:
+        return 0.0 if any(inside(a) for a in boxes) else float("nan")
+
+    by_area = [ap(lambda a, lo=lo, hi=hi: lo <= a.area <= hi) for lo, hi in ranges]
+    metrics = DetectionMetrics(by_area[0], by_area[0], by_area[0], *by_area[1:], n_images=len(gt.images))
+    metrics.per_class_ap = {c.name: ap(lambda a, cid=c.id: a.category_id == cid) for c in gt.categories}
     return metrics
 
 

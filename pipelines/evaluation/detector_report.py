@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from models.io import ModelCard
 from pipelines.data.coco import CocoDataset, manifest_rows
 from pipelines.data.detection import CocoDetection
+from pipelines.data.manifest import REPORT_ROWS
 from pipelines.data.images import load_rgb
 from pipelines.data.schema import on_disk
 from pipelines.engine.detector import predict_dataset
@@ -19,7 +20,7 @@ from pipelines.evaluation.coco_map import evaluate_detections, presence
 from pipelines.outputs import write_json
 
 
-CERVIX_PHOTOS = "cervix photos"  # the report's row of the images with a box, whatever their source
+CERVIX_PHOTOS = REPORT_ROWS[1]  # the report's row of the images with a box, whatever their source
 
 
 def image_sources(coco: CocoDataset, root: Path, manifest: pd.DataFrame) -> dict[int, str]:

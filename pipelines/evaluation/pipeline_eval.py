@@ -26,14 +26,15 @@ _CERVIX = ("regular", "green", "iodine")
 
 def run_rows(qc, df: pd.DataFrame, batch_size: int = 16,
              progress: Callable[[int, int], None] | None = None) -> list[QCResult]:
-    """The engine over a loaded manifest's rows (named by their manifest path), in order, under
-    the "either" policy: every crop any policy flags then carries the classifier's kind (a
-    two_of_three flag needs one of the networks too), and each policy's labels follow from the
-    scores (`labels_under`)."""
+    """The engine over a loaded manifest's rows (named by their manifest path), in order. Its
+    config must have `kind_of_every_crop`: each policy's labels, under these thresholds or
+    others, follow from the scores (`labels_under`), and each flagged crop then has its kind."""
+    if not qc.cfg.kind_of_every_crop:
+        raise ValueError("run_rows needs an engine with QCConfig(kind_of_every_crop=True)")
     out: list[QCResult] = []
     for start in range(0, len(df), batch_size):
         chunk = df.iloc[start : start + batch_size]
-        out += qc.run(list(chunk["abspath"]), names=list(chunk["path"]), policy="either")
+        out += qc.run(list(chunk["abspath"]), names=list(chunk["path"]))
         if progress is not None:
             progress(len(out), len(df))
     return out
@@ -103,9 +104,27 @@ def choose_policy(val_report: dict) -> tuple[str, dict[str, float]]:
     return best, {p: float(v) for p, v in f1.items()}
 
 
+def check_policy_report(report: dict, cards) -> None:
+    """ValueError unless `report` is `eval-pipeline --split val`'s, of these very models and
+    thresholds: a test report, or one of other weights, was taken without a word and the card
+    then said "chosen on validation" (an audit). Reports name their split since 2026-12-04."""
+    if report.get("split") != "val":
+        rows = (f"split {report['split']!r}" if report.get("split") else "every row of its manifest"
+                if "split" in report else "rows it does not name (written before reports named their split)")
+        raise ValueError(f"the report is of {rows}: a policy is chosen on validation alone "
+                         "(cervixqc eval-pipeline SPLIT.csv --split val)")
+    models, thresholds = report.get("models", {}), report.get("thresholds", {})
+    other = [c.name for c in cards if c is not None
+             and (models.get(c.name) != c.sha256 or thresholds.get(c.name) != dict(sorted(c.thresholds.items())))]
+    if other:
+        raise ValueError(f"the report is of other models or thresholds than these cards' ({', '.join(other)}): "
+                         "run eval-pipeline on this folder first")
+
+
 def policy_record(val_report: dict, sad_card, cls_card, report_path: str, colour_card=None) -> dict:
     """What a stage-2 card keeps of the choice (`metrics.policy_choice`): the engine reads it
     only while every sha256 matches the models it loaded (`pipelines.engine.weights_folder.best_policy`)."""
+    check_policy_report(val_report, (sad_card, cls_card, colour_card))
     best, f1 = choose_policy(val_report)
     return {"policy": best, "rule": "highest whole-pipeline non-regular F1 on validation; ties: "
             + " > ".join(TIE_ORDER), "val_f1": f1, "report": report_path,

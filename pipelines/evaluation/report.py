@@ -210,7 +210,8 @@ def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if runs:
         parts += [f"<p>Split: {html.escape(_splits(runs))}; non-regular (green + iodine) is the positive "
-                  "class; thresholds were chosen on the validation split and stored in each model card.</p>",
+                  "class; thresholds are each model card's: chosen on the training's validation split, or on a site's "
+                  "photos where the card records a site calibration (calibrate-stage2).</p>",
                   "<h2>Performance of models (Table 6)</h2>", table6(runs),
                   "<h2>Confusion matrices (Tables 5, 7, 8)</h2>", "".join(confusion(r) for r in runs),
                   "<h2>ROC and precision-recall</h2>", curves(runs)]

@@ -57,6 +57,7 @@ class DetectorTrainConfig:
     init_from: Path | None = None  # a detector card of ours (e.g. trained on synthetic data) to start from
     max_steps_per_epoch: int | None = None
     category: str = "cervix"  # the class whose presence threshold goes on the card
+    permute_channels: bool = True  # RandomPhotometricDistort's channel orders (`detection_train`)
     progress: bool = True
 
 
@@ -101,12 +102,12 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
     train_coco = load_coco(cfg.train_coco)
     categories = [c.name for c in train_coco.categories]
     long_side = 2 * cfg.model.max_size
-    train = CocoDetection(train_coco, cfg.train_images or cfg.train_coco.parent, detection_train(),
-                          long_side, categories)
+    augment = detection_train(permute_channels=cfg.permute_channels)
+    train = CocoDetection(train_coco, cfg.train_images or cfg.train_coco.parent, augment, long_side, categories)
     datasets, n_extra = [train], 0
     if cfg.extra_coco is not None:
         extra = CocoDetection(load_coco(cfg.extra_coco), cfg.extra_images or cfg.extra_coco.parent,
-                              detection_train(), long_side, categories)
+                              augment, long_side, categories)
         datasets.append(extra)
         n_extra = len(extra)
     sampler = MixedEpochSampler(len(train), n_extra, cfg.extra_ratio, cfg.seed, dist_info.rank,
@@ -233,7 +234,8 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
            "init_from_sha256": load_card(cfg.init_from).sha256 if cfg.init_from is not None else None,
            "init_scope": init_scope},
         data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
-              "extra": str(cfg.extra_coco) if cfg.extra_coco else None},
+              "extra": str(cfg.extra_coco) if cfg.extra_coco else None}
+        | _box_files(cfg, digits=64),  # the paths name files that may change; these name their content
         metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc,
                  "score_threshold_from": chosen},
     )
@@ -242,8 +244,9 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
     return path
 
 
-def _box_files(cfg: DetectorTrainConfig) -> dict[str, str]:
-    """The box files by content, for the resume check: one edited at the same path was
-    resumed unsaid (an audit). The photos themselves are not hashed (minutes on an archive)."""
+def _box_files(cfg: DetectorTrainConfig, digits: int = 16) -> dict[str, str]:
+    """The box files by content, for the resume check (one edited at the same path was
+    resumed unsaid: an audit) and, whole, on the card. The photos themselves are not hashed
+    (minutes on an archive)."""
     files = {"train_coco": cfg.train_coco, "val_coco": cfg.val_coco, "extra_coco": cfg.extra_coco}
-    return {f"{k}_sha256": sha256_file(p)[:16] for k, p in files.items() if p is not None}
+    return {f"{k}_sha256": sha256_file(p)[:digits] for k, p in files.items() if p is not None}

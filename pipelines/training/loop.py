@@ -10,6 +10,7 @@ after the optimizer (the Deep SAD reference does it the other way round).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -258,11 +259,11 @@ def fit(
                 sampler.set_epoch(epoch)
             model.train()
             sums: dict[str, float] = {}
-            seen, t0 = 0, time.perf_counter()
+            seen, done, t0 = 0, 0, time.perf_counter()
             bar = _Bar(steps, epoch, cfg.epochs, enabled=cfg.progress and dist_info.is_main)
-            for step, batch in enumerate(loader):
-                if step >= steps:
-                    break
+            # islice: a break at `steps` had drawn one batch more (its random draws with it), and
+            # the epoch's mean loss was then divided by one step too many (an audit)
+            for step, batch in enumerate(itertools.islice(loader, steps)):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     losses = task.training_step(model, batch, device)
                 loss = sum(losses.values())
@@ -277,6 +278,7 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 seen += task.batch_size(batch)
+                done = step + 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -291,7 +293,7 @@ def fit(
             record: dict[str, Any] = {
                 "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
                 "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
-                **{f"train_{k}": all_reduce_mean(v / max(1, step + 1), dist_info) for k, v in sums.items()},
+                **{f"train_{k}": all_reduce_mean(v / max(1, done), dist_info) for k, v in sums.items()},
             }
             if dist_info.is_main and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs):
                 metrics = task.validate(_unwrap(model), device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from models.classifier import ClassifierConfig, RegularityClassifier, class_weights
+from models.classifier import ClassifierConfig, RegularityClassifier, balanced_weights
 from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
 from models.io import ModelCard, load_weights, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
@@ -274,9 +274,11 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
         _init_from_card(model, init_card)
     model = model.to(device)
     t_train, t_val = classification_train(model_cfg.input_size, cfg.marks), classification_eval(model_cfg.input_size)
-    loader = DataLoader(CropDataset(train, t_train, cfg.synthesise), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=True)
-    task = ClassifierTask(val, t_val, class_weights(train.non_regular, 2), class_weights(train.kinds, 3))
+    data = CropDataset(train, t_train, cfg.synthesise)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    kinds = data.label_counts()  # --synthesise's relabelled crops counted: the labels the loss meets
+    task = ClassifierTask(val, t_val, balanced_weights(torch.stack([kinds[0], kinds[1:].sum()])),
+                          balanced_weights(kinds))
     result = fit(model, task, loader,
                  torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
                  LoopConfig(out_dir=out / "classifier", epochs=cfg.epochs, warmup_iters=0,
@@ -297,7 +299,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
                                f"centre crop {model_cfg.input_size}", "scale": "[0, 1]"},
         classes=["regular", "green", "iodine"], thresholds={"probability": float(threshold)},
         training={**_recipe(cfg, _DEEP_SAD_ONLY), "train_crops": _class_counts(train),
-                  "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train", "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind)",
+                  "optimizer": "Adam(0.9, 0.999)", "augmentation": "pipelines.data.presets.classification_train",
+                  "loss": "BCE weighted N/(2 n_c) + 0.5 CE(kind), n_c counting --synthesise's relabelled crops",
                   "best_epoch": result.best_epoch, "imagenet_weights": pretrained_file,
                   "threshold_rule": _rule_note(cfg, "logit"),
                   "init_from": init_card},
