@@ -100,6 +100,34 @@ def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
         boxes_for_manifest(df, [])
 
 
+def test_boxes_of_another_photo_at_the_same_path_or_against_the_label_are_refused(site):
+    """A file replaced since its boxes were drawn took the old photo's boxes by path although
+    both sides named their sha256; a no_cervix row dropped the boxes the file gave it, and a
+    cervix row with an entry of no box passed as a cervix without one (an audit)."""
+    from pipelines.data.coco import CocoCategory, CocoDataset, CocoImage, make_annotation
+    from pipelines.data.manifest import load_manifest
+
+    df = load_manifest(site / "m.csv")
+    df["sha256"] = ["a" * 64, "b" * 64, "c" * 64]
+
+    def box_file(shas, boxes):
+        images = [CocoImage(id=i + 1, file_name=f, width=w, height=h, sha256=d)
+                  for i, (f, w, h, d) in enumerate(zip(["a.jpg", "b.jpg", "gauze.jpg"], [400, 300, 200],
+                                                       [300, 300, 150], shas))]
+        anns = [make_annotation(k + 1, i, 1, b) for k, (i, b) in enumerate(boxes)]
+        return [(CocoDataset(images=images, annotations=anns, categories=[CocoCategory(id=1, name="cervix")]), site)]
+
+    ok = [(1, [120, 80, 300, 230]), (2, [20, 30, 280, 290])]
+    matched, _ = boxes_for_manifest(df, box_file(["a" * 64, "b" * 64, "c" * 64], ok))
+    assert len(matched.annotations) == 2
+    with pytest.raises(CocoError, match=r"row 2 \(a.jpg\): the box file's photo at this path has another sha256"):
+        boxes_for_manifest(df, box_file(["0" * 64, "b" * 64, "c" * 64], ok))
+    with pytest.raises(CocoError, match=r"row 4 \(gauze.jpg\): labelled no_cervix, but the box file gives it 1"):
+        boxes_for_manifest(df, box_file(["a" * 64, "b" * 64, "c" * 64], ok + [(3, [10, 10, 50, 50])]))
+    with pytest.raises(CocoError, match=r"row 3 \(b.jpg\): a green photo whose box-file entry has no box"):
+        boxes_for_manifest(df, box_file(["a" * 64, "b" * 64, "c" * 64], ok[:1]))
+
+
 def test_a_photo_that_cannot_be_read_gets_no_proposal_and_the_others_theirs(site, tmp_path):
     cut = (site / "a.jpg").read_bytes()[:300]
     (site / "cut.jpg").write_bytes(cut)

@@ -51,6 +51,13 @@ def test_listed_files_are_copied_exactly_even_with_a_stray_control_character(tmp
     assert extract_listed(tmp_path / "list.csv", mirrors, tmp_path / "out").present == 2  # reruns are free
 
 
+def test_a_listed_name_with_spaces_around_it_is_written_under_the_name_that_was_checked(tmp_path):
+    mirrors, commit, files = _snapshot(tmp_path)
+    _listing(tmp_path / "list.csv", commit, [(" x/a.jpg ", "imgs/a.jpg", files["imgs/a.jpg"])])
+    assert extract_listed(tmp_path / "list.csv", mirrors, tmp_path / "out").written == 1
+    assert [p.name for p in (tmp_path / "out" / "x").iterdir()] == ["a.jpg"]
+
+
 def test_a_changed_file_or_a_missing_snapshot_is_reported_and_not_written(tmp_path):
     mirrors, commit, files = _snapshot(tmp_path)
     _listing(tmp_path / "list.csv", commit, [("x/a.jpg", "imgs/a.jpg", b"other bytes"),

@@ -183,3 +183,20 @@ def test_a_missing_file_written_on_windows_says_so(tmp_path, write_csv):
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     assert "the folder has 'sub/b.jpg'" in str(err.value) and "a Windows path" in str(err.value)
+
+
+def test_a_manifest_written_elsewhere_keeps_each_linked_files_own_name(tmp_path, write_csv):
+    """git-annex and DVC's link cache keep photos as links to one store: resolved whole, two
+    links to one object were written as one path (a duplicate the next load refused)."""
+    from pipelines.data.manifest import rebased
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "obj1").write_bytes(b"x")
+    (tmp_path / "photos").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "photos" / name).symlink_to(store / "obj1")
+    df = load_manifest(write_csv("m.csv", "path,patient_id,source,device,kind\nphotos/a.jpg,p1,s,d,regular\n"
+                                          "photos/b.jpg,p2,s,d,regular\n"))
+    (tmp_path / "out").mkdir()
+    assert list(rebased(df, tmp_path / "out" / "split.csv")["path"]) == ["../photos/a.jpg", "../photos/b.jpg"]

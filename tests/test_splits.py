@@ -152,3 +152,22 @@ def test_adding_a_collection_leaves_the_other_collections_folds_alone():
     alone = case_folds(site, 5, seed=2)
     together = case_folds(pd.concat([site, more], ignore_index=True), 5, seed=2)[: len(site)]
     assert (alone == together).all()
+
+
+def test_the_split_does_not_depend_on_the_rows_order_when_two_kinds_are_equally_rare():
+    df = pd.DataFrame({"path": [f"{i}.jpg" for i in range(80)], "patient_id": [f"p{i // 2}" for i in range(80)],
+                       "source": "s", "kind": ["green"] * 40 + ["iodine"] * 40})
+    forward = patient_split(df, SplitFractions(0.6, 0.2, 0.2), seed=3)
+    backward = patient_split(df.iloc[::-1].reset_index(drop=True), SplitFractions(0.6, 0.2, 0.2), seed=3)[::-1]
+    assert dict(zip(df["patient_id"], forward)) == dict(zip(df["patient_id"], backward))
+
+
+def test_the_split_fingerprint_counts_rows_without_a_sha256_by_path_and_reads_hex_in_either_case():
+    from pipelines.data.splits import split_fingerprint
+
+    df = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "sha256": ["ab" * 32, "", ""],
+                       "split": ["train", "train", "test"]})
+    traded = df.assign(split=["train", "test", "train"])  # the two photos without a sha256 trade sides
+    assert split_fingerprint(df) != split_fingerprint(traded)
+    assert split_fingerprint(df) == split_fingerprint(df.assign(sha256=["AB" * 32, "", ""]))
+    assert split_fingerprint(df.assign(sha256="")) is None

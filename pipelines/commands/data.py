@@ -72,14 +72,19 @@ def synth(
 
 
 def _warn_one_number_ids(df) -> None:
-    from pipelines.data.manifest import one_number_ids
+    from pipelines.data.manifest import one_name_ids, one_number_ids
 
-    twins = one_number_ids(df)
-    if twins:
-        shown = "; ".join(" ".join(ids) for ids in twins[:5]) + (f"; {len(twins) - 5} more" if len(twins) > 5 else "")
-        typer.echo(f"warning: {len(twins)} number(s) written as several patient ids of one source ({shown}): "
+    def shown(twins: list[list[str]]) -> str:
+        return "; ".join(" ".join(ids) for ids in twins[:5]) + (f"; {len(twins) - 5} more" if len(twins) > 5 else "")
+
+    if twins := one_number_ids(df):
+        typer.echo(f"warning: {len(twins)} number(s) written as several patient ids of one source ({shown(twins)}): "
                    "if each is one patient, write it one way (a spreadsheet drops leading zeros and adds .0), "
                    "or a split by patient may put its photos on two sides", err=True)
+    if twins := one_name_ids(df):
+        typer.echo(f"warning: {len(twins)} patient id(s) of one source differing only in letter case or Unicode "
+                   f"form ({shown(twins)}): if each is one patient, write it one way, or a split by patient may "
+                   "put its photos on two sides", err=True)
 
 
 def validate(

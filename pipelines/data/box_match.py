@@ -3,8 +3,11 @@
 Checked boxes are stored keyed by file name *and* sha256, because the folder a site
 extracts its photos into is never the folder the boxes were drawn in. Matching goes by
 sha256 where both sides have one (manifests from `import-labels` do), else by the resolved
-path. Photos labelled no_cervix get an entry with no box: that is how a detector learns
-what is not a cervix. A cervix photo with no box anywhere is an error, not a silent drop.
+path; a path whose two sides name different sha256s is another photo (a file replaced since
+its boxes were drawn), never a match. Photos labelled no_cervix get an entry with no box:
+that is how a detector learns what is not a cervix. A cervix photo with no box anywhere, or
+with an entry of none, and a no_cervix photo the box file gives boxes, are errors: the label
+and the boxes disagree, and either way the detector would learn the wrong one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _index(box_files: list[tuple[CocoDataset, Path]]) -> tuple[dict, dict]:
             digest = getattr(im, "sha256", None)
             if digest:
                 by_sha[digest] = entry
-            by_path[str(on_disk(root, im.file_name).resolve())] = entry
+            by_path[str(on_disk(root, im.file_name).resolve())] = entry, digest
     return by_sha, by_path
 
 
@@ -47,7 +50,22 @@ def boxes_for_manifest(df: pd.DataFrame, box_files: list[tuple[CocoDataset, Path
     images, anns, problems, left_out = [], [], [], 0
     for row, (path, abspath, kind, digest) in enumerate(zip(df["path"], df["abspath"], df["kind"], shas), start=2):
         entry = by_sha.get(digest) if digest else None
-        entry = entry or by_path.get(str(Path(abspath).resolve()))
+        if entry is None and (at_path := by_path.get(str(Path(abspath).resolve()))) is not None:
+            entry, theirs = at_path
+            if digest and theirs and theirs != digest:  # another photo at that path: its boxes are not this one's
+                entry = None
+                if kind in _CERVIX_KINDS:
+                    problems.append(f"row {row} ({path}): the box file's photo at this path has another sha256 "
+                                    "(the file was replaced since its boxes were drawn): draw its boxes again")
+                    continue
+        if kind == "no_cervix" and entry is not None and entry[2]:
+            problems.append(f"row {row} ({path}): labelled no_cervix, but the box file gives it {len(entry[2])} "
+                            "cervix box(es): fix the label or the boxes")
+            continue
+        if kind in _CERVIX_KINDS and entry is not None and not entry[2]:
+            problems.append(f"row {row} ({path}): a {kind} photo whose box-file entry has no box (a reviewer's "
+                            "'none', or a proposal never fixed): fix the label or draw its box")
+            continue
         if kind == "no_cervix":
             with Image.open(abspath) as im:
                 w, h = im.size

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.io import sha256_file
-from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, read_table,
+from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, read_table, real_folder,
                                      validate_manifest)
 from pipelines.data.schema import Kind
 
@@ -158,7 +158,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             if listed and listed != digest:
                 problems.append(RowProblem(i, cols.sha256 or "sha256",
                                            f"{rel!r} has sha256 {digest[:12]}..., the sheet lists {listed[:12]}..."))
-        path = os.path.relpath(file.resolve(), out_dir) if rel else ""
+        path = os.path.relpath(real_folder(file), out_dir) if rel else ""
         # the sheet's other columns ride along; one named like a manifest column this import
         # fills (a `source` beside --source-col case) is kept as sheet_<name>, not overwritten
         extra = {(f"sheet_{k}" if k in MANIFEST_FILLED else k): v for k, v in rec.items() if k not in wanted}

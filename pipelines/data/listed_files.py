@@ -77,7 +77,7 @@ def _safe_targets(rows: list[dict], out: Path, report: ExtractReport) -> list[di
             report.problems.append(f"line {k}: file {name!r} is listed twice; not written again")
         else:
             seen.add(target)
-            kept.append(r)
+            kept.append(r | {"file": name})  # the name checked is the name written ("x.jpg " wrote "x.jpg ")
     return kept
 
 

@@ -173,10 +173,21 @@ def one_number_ids(df: pd.DataFrame) -> list[list[str]]:
     spellings: dict[tuple[str, float], set[str]] = {}
     for source, patient in zip(df["source"], df["patient_id"]):
         try:
-            number = float(patient)
+            number = float(patient) if "_" not in patient else None  # float() reads 7_0 as 70
         except ValueError:
             continue
-        spellings.setdefault((source, number), set()).add(patient)
+        if number is not None:
+            spellings.setdefault((source, number), set()).add(patient)
+    return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
+
+
+def one_name_ids(df: pd.DataFrame) -> list[list[str]]:
+    """Patient ids of one source that differ only in letter case or Unicode form (`AB12` and
+    `ab12`, `José` typed and pasted): two sheets of one site spelling one patient two ways put
+    that patient on both sides of a split, unsaid (an audit). Only named, as `one_number_ids`."""
+    spellings: dict[tuple[str, str], set[str]] = {}
+    for source, patient in zip(df["source"], df["patient_id"]):
+        spellings.setdefault((source, unicodedata.normalize("NFKC", patient).casefold()), set()).add(patient)
     return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
 
 
@@ -272,9 +283,18 @@ def rebased(df: pd.DataFrame, out_manifest: str | Path) -> pd.DataFrame:
     elsewhere/split.csv` named none of them). Absolute paths stay as they are."""
     out_dir = Path(out_manifest).resolve().parent
     df = df.copy()
-    df["path"] = [p if os.path.isabs(p) else os.path.relpath(Path(a).resolve(), out_dir)
+    df["path"] = [p if os.path.isabs(p) else os.path.relpath(real_folder(a), out_dir)
                   for p, a in zip(df["path"], df["abspath"])]
     return df
+
+
+def real_folder(path: str | Path) -> Path:
+    """`path` with its folders resolved and its own name kept. Resolved whole, a file that is a
+    link (git-annex, DVC's link cache) was renamed after its target, two links to one object
+    came out as one duplicate path, and box files keyed by name no longer matched (an audit);
+    the folders are resolved so that a relative path from a resolved folder stays right."""
+    path = Path(os.path.abspath(path))
+    return path.parent.resolve() / path.name
 
 
 def check_manifest_name(path: str | Path) -> Path:
