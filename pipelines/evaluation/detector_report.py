@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 from models.io import ModelCard
 from pipelines.data.coco import CocoDataset, manifest_rows
 from pipelines.data.detection import CocoDetection
-from pipelines.data.manifest import REPORT_ROWS
 from pipelines.data.images import load_rgb
+from pipelines.data.manifest import REPORT_ROWS
 from pipelines.data.schema import on_disk
 from pipelines.engine.detector import predict_dataset
 from pipelines.evaluation.coco_map import evaluate_detections, presence
