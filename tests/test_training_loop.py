@@ -245,3 +245,27 @@ def test_an_epoch_capped_at_max_steps_draws_that_many_batches_and_averages_over_
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["train_loss"] == pytest.approx(1.0) and record["train_one"] == pytest.approx(1.0)
     assert len(drawn) == 3
+
+
+def test_each_rank_draws_its_own_augmentations_after_a_resume_and_rank_0_the_restored_ones():
+    """Only rank 0's random state is checkpointed: every rank restored it and drew rank 0's
+    augmentations and worker seeds after a resume (an audit)."""
+    import random
+
+    import numpy as np
+
+    from pipelines.training.loop import _rng_state, _set_rng_state, apart_for_rank
+
+    torch.manual_seed(5)
+    saved = _rng_state()
+    draws = {}
+    for rank in (0, 1, 2):
+        _set_rng_state(saved)
+        apart_for_rank(rank)
+        draws[rank] = (torch.rand(3).tolist(), np.random.rand(), random.random())
+    _set_rng_state(saved)
+    assert draws[0][0] == torch.rand(3).tolist()  # rank 0: the run it continued
+    assert len({str(d) for d in draws.values()}) == 3
+    _set_rng_state(saved)
+    apart_for_rank(1)
+    assert (torch.rand(3).tolist(), np.random.rand(), random.random()) == draws[1]  # and reproducibly so

@@ -160,6 +160,18 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), gauss_next))
 
 
+def apart_for_rank(rank: int) -> None:
+    """A rank after a resume: its own random streams again. The checkpoint holds rank 0's state
+    alone, and every rank that restored it drew rank 0's augmentations and worker seeds (an
+    audit); a start seeds `seed + rank`. Rank 0 keeps the restored state, so a resumed
+    single-process run is still the run it continued."""
+    if rank:
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) + rank  # the same draw on every rank, then apart
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+
 class ResumeRefused(ValueError):
     """The checkpoint is sound but this run's settings are not its own."""
 
@@ -246,6 +258,7 @@ def fit(
             _commit_pending_best(ck, best_path, pending)
         if "rng" in ck:
             _set_rng_state(ck["rng"])
+            apart_for_rank(dist_info.rank)
         if dist_info.is_main:
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif dist_info.is_main:
