@@ -89,3 +89,36 @@ def test_downscales_to_the_size_pils_dct_scaled_decode_gives_and_keeps_the_full_
     assert (g.width, g.height) == (300, 500)  # displayed (rotated) full size
     assert g.image.shape == decode(data, min_long_side=200).image.shape == (3, 250, 150)
     assert g.scale == pytest.approx((0.5, 0.5), abs=0.01)
+
+
+def test_a_large_palette_with_alpha_photo_decodes_as_its_colours_not_black():
+    """PA was reduced as raw palette indices: every pixel black, the photo no_cervix (an audit)."""
+    from pipelines.engine.decode import DecodeLimits
+
+    yy, xx = np.mgrid[0:1500, 0:2000]
+    rgb = Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))
+    pa = rgb.convert("P").convert("PA")
+    buf = io.BytesIO()
+    pa.save(buf, format="TIFF")
+    got = decode(buf.getvalue(), DecodeLimits(), 640)
+    want = decode(_tiff(pa.convert("RGB")), DecodeLimits(), 640)
+    assert got.image.shape == want.image.shape and got.image.shape[-1] < 2000  # reduced
+    assert abs(float(got.image.float().mean()) - float(want.image.float().mean())) < 2
+
+
+def _tiff(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_a_tiffs_displayed_size_is_the_size_pillow_reports_for_it(tmp_path):
+    """Pillow's TIFF reader turns the photo itself: turned again, its boxes were scaled."""
+    from pipelines.data.images import displayed_size
+
+    im = Image.new("RGB", (40, 20))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    for ext in ("tif", "jpg"):
+        im.save(tmp_path / f"o6.{ext}", exif=exif)
+        assert displayed_size(tmp_path / f"o6.{ext}") == (20, 40), ext

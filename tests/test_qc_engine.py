@@ -321,6 +321,38 @@ def test_decode_ahead_gives_the_results_of_run_and_reads_at_most_one_batch_ahead
     assert streamed[0].timings_ms["decode"] > 0 and streamed[0].timings_ms["total"] >= streamed[0].timings_ms["decode"]
 
 
+def test_decode_ahead_judges_each_array_batch_on_its_own_pixels_when_the_caller_refills_one_buffer(
+        always_cervix, tiny_dataset):
+    """A frame reader refills one buffer per batch: the engine shared it, and with decode ahead
+    batch n was judged on batch n+1's pixels under batch n's sha256 (an audit)."""
+    from PIL import Image
+
+    frames = [np.array(Image.open(p).convert("RGB").resize((96, 80)))
+              for p in sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:3]]
+    buffer = np.empty_like(frames[0])
+
+    def batches():
+        for i, frame in enumerate(frames):
+            buffer[...] = frame
+            yield [buffer], [f"f{i}"]
+
+    qc = QCPipeline(always_cervix, QCConfig(decode_ahead=True))
+    streamed = [r for batch in qc.run_stream(batches()) for r in batch]
+    alone = [qc.run([frame], names=[f"f{i}"])[0] for i, frame in enumerate(frames)]
+    assert [(r.path, r.sha256, r.deep_sad_score) for r in streamed] == [(r.path, r.sha256, r.deep_sad_score)
+                                                                        for r in alone]
+
+
+def test_the_device_decoder_reads_a_bytearray_and_gives_a_non_input_its_own_row(always_cervix):
+    """The PIL path took bytearray and memoryview; on the device path they, and an int, failed
+    the whole batch with a TypeError (an audit)."""
+    jpeg = fuzz_set()["ok.jpg"][0]
+    qc = QCPipeline(always_cervix, QCConfig(jpeg_decoder="torchvision"))
+    results = qc.run([bytearray(jpeg), 123, memoryview(jpeg), jpeg])
+    assert [r.label for r in results] == [results[3].label, Label.UNREADABLE, results[3].label, results[3].label]
+    assert results[0].sha256 == results[2].sha256 == results[3].sha256 and "not an input" in results[1].error
+
+
 def test_the_torch_runtime_runs_detectors_other_than_retinanet(tmp_path, tiny_dataset):
     from models.detector import DetectorConfig, build_detector
     from models.io import ModelCard, save_weights

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoError, CocoImage, make_annotation
+from pipelines.data.images import displayed_size
 from pipelines.data.schema import on_disk
 
 _CERVIX_KINDS = {"regular", "green", "iodine"}
@@ -67,11 +67,7 @@ def boxes_for_manifest(df: pd.DataFrame, box_files: list[tuple[CocoDataset, Path
                             "'none', or a proposal never fixed): fix the label or draw its box")
             continue
         if kind == "no_cervix":
-            with Image.open(abspath) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # shown rotated a quarter turn
-                    w, h = h, w
-            entry = (w, h, [])
+            entry = (*displayed_size(abspath), [])  # shown rotated a quarter turn: as displayed
         elif entry is None:
             if kind in _CERVIX_KINDS:
                 problems.append(f"row {row} ({path}): a {kind} photo with no box in any box file")

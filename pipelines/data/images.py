@@ -43,9 +43,11 @@ def _load_rgb(path: str | Path, min_long_side: int | None) -> tuple[torch.Tensor
 
 
 def _displayed(im: Image.Image) -> tuple[int, int]:
-    """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header."""
+    """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header.
+    Pillow's TIFF reader reports the turned size already (as `pipelines.engine.decode` reads
+    it): turned again, a TIFF's boxes were scaled 0.75 x 1.33 (an audit)."""
     w, h = im.size
-    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if im.format != "TIFF" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def displayed_size(path: str | Path) -> tuple[int, int]:

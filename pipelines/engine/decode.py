@@ -123,6 +123,8 @@ def _reducible(im: Image.Image) -> Image.Image:
     `to_rgb` would read it, its EXIF kept for the turn."""
     if im.mode == "P":
         return im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode == "PA":  # reduced as raw palette indices it came out black: no_cervix (an audit)
+        return im.convert("RGBA")
     if im.mode == "1":
         return im.convert("L")
     if im.mode.startswith("I;16"):  # shifted at full size, as before the reduction: its brightness unchanged

@@ -241,15 +241,21 @@ class QCPipeline:
             if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
                 raise DecodeError(f"array must be HxWx3 uint8, got {item.shape} {item.dtype}")
             check_size(item.shape[1], item.shape[0], self.cfg.limits)
-            t = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+            # a copy: with decode ahead, a caller's buffer refilled for the next batch (a frame
+            # reader's) changed this batch's pixels after their sha256 was taken (an audit)
+            t = torch.from_numpy(np.array(item, order="C", copy=True)).permute(2, 0, 1)
             import hashlib
 
             return Decoded(t, item.shape[1], item.shape[0], hashlib.sha256(item.tobytes()).hexdigest())
-        if not isinstance(item, (str, Path, bytes, bytearray, memoryview)):  # 123 failed its whole batch
+        return decode(self._encoded(item), self.cfg.limits, long_side)
+
+    def _encoded(self, item: Input) -> bytes | bytearray | memoryview:
+        """A file's or upload's encoded bytes. Anything else is a DecodeError, a row of its own:
+        123 failed its whole batch, on the device decoder a bytearray too (audits)."""
+        if not isinstance(item, (str, Path, bytes, bytearray, memoryview)):
             raise DecodeError(f"not an input the engine reads ({type(item).__name__}): bytes, a path or an "
                               "HxWx3 uint8 array")
-        data = read_file(item, self.cfg.limits) if isinstance(item, (str, Path)) else item
-        return decode(data, self.cfg.limits, long_side)
+        return read_file(item, self.cfg.limits) if isinstance(item, (str, Path)) else item
 
     def _decode(self, items: Sequence[Input]) -> list[Decoded | DecodeError]:
         # The crop needs more pixels than the detector: decode at twice the detector size.
@@ -261,7 +267,7 @@ class QCPipeline:
         # arrays need no decoding; files and bytes go to the device decoder
         out: list[Decoded | DecodeError | None] = [pil_decode(x) if isinstance(x, np.ndarray) else None for x in items]
         files = [i for i, r in enumerate(out) if r is None]
-        read = as_result(lambda item: item if isinstance(item, bytes) else read_file(item, self.cfg.limits))
+        read = as_result(lambda item: bytes(self._encoded(item)))
         datas = list(self.pool.map(lambda i: read(items[i]), files))
         for i, d in zip(files, decode_on_device(datas, self.device, self.pool, self.cfg.limits, long_side)):
             out[i] = d
