@@ -13,7 +13,7 @@ from models.io import load_card
 from pipelines.engine.config import QCConfig
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import POLICIES
-from pipelines.engine.weights_folder import best_policy
+from pipelines.engine.weights_folder import best_policy, decision_of
 from pipelines.evaluation.pipeline_eval import choose_policy
 from tests.qc_fixtures import tiny_weights
 
@@ -34,8 +34,8 @@ def _report(f1: dict[str, float], n_pos: int = 12) -> dict:
 def _of(weights: Path, split: str | None = "val") -> dict:
     """What eval-pipeline writes beside the figures: the split and the folder's voting models."""
     cards = [load_card(p) for p in sorted(weights.glob("*.json")) if p.stem in ("deep_sad", "classifier", "colour")]
-    return {"split": split, "models": {c.name: c.sha256 for c in cards},
-            "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in cards}}
+    recorded = decision_of("", cards)
+    return {"split": split, "models": recorded["models"], "thresholds": recorded["thresholds"]}
 
 
 def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path):

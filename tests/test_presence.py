@@ -199,6 +199,21 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
     write_manifest(rebased(df.assign(split=""), blank), blank)
     r = runner.invoke(app, [*base, str(blank)])
     assert r.exit_code == 2 and "no row in the train split" in r.output and "no_cervix" not in r.output, r.output
+    # a card whose weights check out but whose config the builder refuses: a traceback after the
+    # header check
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(weights / "detector.safetensors", broken / "detector.safetensors")
+    card = json.loads((weights / "detector.json").read_text())
+    card["config"]["no_such_setting"] = 1
+    (broken / "detector.json").write_text(json.dumps(card))
+    r = runner.invoke(app, ["train-presence", "--detector", str(broken / "detector.json"), "-o",
+                            str(tmp_path / "p"), str(both)])
+    assert r.exit_code == 2 and "--detector: " in r.output and "cannot load it" in r.output, r.output
+    assert not (tmp_path / "p").exists()
     for _ in range(2):
         with caplog.at_level("WARNING", logger="pipelines.training.presence"):
             r = runner.invoke(app, [*base, str(both)])

@@ -171,3 +171,16 @@ def test_the_split_fingerprint_counts_rows_without_a_sha256_by_path_and_reads_he
     assert split_fingerprint(df) != split_fingerprint(traded)
     assert split_fingerprint(df) == split_fingerprint(df.assign(sha256=["AB" * 32, "", ""]))
     assert split_fingerprint(df.assign(sha256="")) is None
+
+
+def test_a_rotation_whose_test_or_validation_fold_came_out_empty_is_refused():
+    """Folds are dealt per source and kind: 9 folds of 9 patients wrote a rotation without
+    validation (or test) patients, exit 0 (an audit)."""
+    from pipelines.data.splits import fold_split
+
+    df = pd.DataFrame({"path": [f"{i}.jpg" for i in range(9)], "patient_id": [f"p{i}" for i in range(9)],
+                       "source": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "kind": ["regular", "green", "iodine"] * 3})
+    with pytest.raises(ValueError, match="rotation 0 has no validation patient among the 9 folded"):
+        fold_split(df, 9, 0, seed=0)
+    with pytest.raises(ValueError, match="the manifest has 9 patients to fold; give at most 9"):
+        fold_split(df, 10, 0, seed=0)

@@ -445,9 +445,10 @@ def _bench_in(work: Path, images: Path | None, mix_from: Path | None, keep_mix: 
             _fail(f"--mix-from {mix_from}: not a folder")
         if keep_mix is not None and keep_mix.exists() and not keep_mix.is_dir():  # exit 1, "File exists" (an audit)
             _fail(f"--keep-mix {keep_mix}: a file, not a folder")
-        images = real_mix(mix_from, keep_mix or work / "mix")
-        if not any(images.iterdir()):  # "no readable photos in" a temporary folder gone by then (an audit)
-            _fail(f"--mix-from {mix_from}: no .jpg photos in its subfolders (one subfolder per source)")
+        try:
+            images = real_mix(mix_from, keep_mix or work / "mix")
+        except ValueError as e:  # counted as written: a --keep-mix holding older photos passed the count
+            _fail(str(e))
     if images is None:
         from dataclasses import replace
 

@@ -75,6 +75,8 @@ def train_presence_cmd(
                                   **{k: v for k, v in chosen.items() if v is not None})
         card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,
                               extra)
+    except WeightsIntegrityError as e:  # what the header check before cannot see: a file torch cannot load
+        _fail(f"--detector: {e}")
     except (ManifestError, ValueError) as e:
         _fail(str(e))
     from models.io import load_card

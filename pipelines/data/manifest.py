@@ -11,6 +11,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,24 +171,28 @@ def one_number_ids(df: pd.DataFrame) -> list[list[str]]:
     spreadsheet drops leading zeros and a numeric column turns `7` into `7.0`, so one patient's
     photos merged from two sheets came under two ids, and a split by patient could put them on
     both sides (an audit of real sheets). Only named: `PT-7` and `PT-07` may be two patients."""
-    spellings: dict[tuple[str, float], set[str]] = {}
-    for source, patient in zip(df["source"], df["patient_id"]):
+    def number(patient: str) -> float | None:
         try:
-            number = float(patient) if "_" not in patient else None  # float() reads 7_0 as 70
+            return float(patient) if "_" not in patient else None  # float() reads 7_0 as 70
         except ValueError:
-            continue
-        if number is not None:
-            spellings.setdefault((source, number), set()).add(patient)
-    return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
+            return None
+
+    return _spelt_apart(df, number)
 
 
 def one_name_ids(df: pd.DataFrame) -> list[list[str]]:
     """Patient ids of one source that differ only in letter case or Unicode form (`AB12` and
     `ab12`, `José` typed and pasted): two sheets of one site spelling one patient two ways put
     that patient on both sides of a split, unsaid (an audit). Only named, as `one_number_ids`."""
-    spellings: dict[tuple[str, str], set[str]] = {}
+    return _spelt_apart(df, lambda patient: unicodedata.normalize("NFKC", patient).casefold())
+
+
+def _spelt_apart(df: pd.DataFrame, key: Callable[[str], object]) -> list[list[str]]:
+    """The groups of a source's patient ids that share a `key` (None: the id has none)."""
+    spellings: dict[tuple[str, object], set[str]] = {}
     for source, patient in zip(df["source"], df["patient_id"]):
-        spellings.setdefault((source, unicodedata.normalize("NFKC", patient).casefold()), set()).add(patient)
+        if (k := key(patient)) is not None:
+            spellings.setdefault((source, k), set()).add(patient)
     return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
 
 

@@ -151,7 +151,16 @@ def fold_split(df: pd.DataFrame, k: int, fold: int, seed: int = 0,
         raise PatientsAcrossSources(crossing)
     folds = pd.Series(-1, index=df.index)
     if (~held).any():
+        patients = df.loc[~held, "patient_id"].nunique()
+        if k > patients:  # 100 folds of 18 patients wrote a split without test rows, exit 0 (an audit)
+            raise ValueError(f"--folds {k}: the manifest has {patients} patients to fold; give at most {patients}")
         folds[~held] = case_folds(df[~held], k, seed)
+        # folds are dealt per source and kind, so even k <= patients can leave one empty: 9 folds of 9
+        # patients wrote an all-train rotation (an audit)
+        empty = [name for name, f in (("test", fold), ("validation", (fold + 1) % k)) if not (folds == f).any()]
+        if empty:
+            raise ValueError(f"--folds {k}: rotation {fold} has no {' and no '.join(empty)} patient among the "
+                             f"{patients} folded (folds are dealt per source and kind); give fewer folds")
     names = folds.map(lambda f: Split.TEST.value if f == fold else
                       Split.VAL.value if f == (fold + 1) % k else Split.TRAIN.value)
     names[held] = Split.TEST.value

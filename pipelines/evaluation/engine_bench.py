@@ -47,6 +47,8 @@ def real_mix(source: Path, out: Path, per_folder: int = 90, phone_per_folder: in
                 im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(out / f"phone_{folder.name[:16]}_{k:04d}.jpg",
                                                                               quality=90)
             k += 1
+    if not k:  # an empty set was benched from a temporary folder gone by then (an audit)
+        raise ValueError(f"--mix-from {source}: no .jpg photos in its subfolders (one subfolder per source)")
     return out
 
 

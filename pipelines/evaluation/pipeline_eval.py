@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipelines.evaluation.classification import binary_metrics
 from pipelines.engine.qc_result import Label, QCResult
+from pipelines.engine.weights_folder import decision_of
 
 # a tie goes to the simpler decision: the paper's final model, the other one, the pairs, then
 # the vote of three
@@ -113,9 +114,9 @@ def check_policy_report(report: dict, cards) -> None:
                 if "split" in report else "rows it does not name (written before reports named their split)")
         raise ValueError(f"the report is of {rows}: a policy is chosen on validation alone "
                          "(cervixqc eval-pipeline SPLIT.csv --split val)")
-    models, thresholds = report.get("models", {}), report.get("thresholds", {})
-    other = [c.name for c in cards if c is not None
-             and (models.get(c.name) != c.sha256 or thresholds.get(c.name) != dict(sorted(c.thresholds.items())))]
+    here = decision_of("", cards)  # the models and thresholds as eval-pipeline recorded them
+    other = [name for name in here["models"] if any(report.get(k, {}).get(name) != here[k][name]
+                                                    for k in ("models", "thresholds"))]
     if other:
         raise ValueError(f"the report is of other models or thresholds than these cards' ({', '.join(other)}): "
                          "run eval-pipeline on this folder first")
