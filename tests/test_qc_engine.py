@@ -321,6 +321,32 @@ def test_decode_ahead_gives_the_results_of_run_and_reads_at_most_one_batch_ahead
     assert streamed[0].timings_ms["decode"] > 0 and streamed[0].timings_ms["total"] >= streamed[0].timings_ms["decode"]
 
 
+def test_decode_ahead_yields_the_batch_in_hand_before_raising_for_the_next_one(always_cervix, tiny_dataset):
+    """Batch n+1 is read before batch n is yielded; a refused batch n+1 (or a caller's reader
+    raising) was raised first, and batch n's decoded rows never reached the caller (an audit)."""
+    photos = sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:2]
+
+    def refused_next():
+        yield photos, ["a", "b"]
+        yield photos, ["c"]
+
+    def reader_fails():
+        yield photos, ["a", "b"]
+        raise OSError("the share went away")
+
+    qc = QCPipeline(always_cervix, QCConfig(decode_ahead=True))
+    try:
+        for batches, error, match in ((refused_next, ValueError, "names: 1 for 2 items"),
+                                      (reader_fails, OSError, "the share went away")):
+            got = []
+            with pytest.raises(error, match=match):
+                for results in qc.run_stream(batches()):
+                    got.append([r.path for r in results])
+            assert got == [["a", "b"]]
+    finally:
+        qc.close()
+
+
 def test_decode_ahead_judges_each_array_batch_on_its_own_pixels_when_the_caller_refills_one_buffer(
         always_cervix, tiny_dataset):
     """A frame reader refills one buffer per batch: the engine shared it, and with decode ahead

@@ -445,7 +445,9 @@ class QCPipeline:
         """`run` over a stream of (items, names) batches, decoding batch n+1 in the background
         while batch n is on the models. One batch ahead at most, so memory holds two batches
         of decoded images, whatever the stream's length. Without `decode_ahead` it is plain
-        `run` per batch."""
+        `run` per batch. A stream that fails while batch n+1 is being read (a refused batch, a
+        caller's reader raising) still yields batch n first, then raises: the rows already
+        decoded are not lost to the next batch's fault."""
         self._check_open()
         ahead_on = self.cfg.decode_ahead if self.cfg.decode_ahead is not None else self.device.type == "cuda"
         if not ahead_on:
@@ -458,9 +460,15 @@ class QCPipeline:
             pending = ahead.submit(self._timed_decode, current[0]) if current is not None else None
             while current is not None and pending is not None:
                 decoded, ms = pending.result()
-                following = next(stream, None)
+                stream_error = None
+                try:
+                    following = next(stream, None)
+                except Exception as e:  # noqa: BLE001 - raised after this batch's rows are out
+                    following, stream_error = None, e
                 pending = ahead.submit(self._timed_decode, following[0]) if following is not None else None
                 yield self._run_decoded(current[0], current[1], decoded, ms, policy)
+                if stream_error is not None:
+                    raise stream_error
                 current = following
 
     def _check_open(self) -> None:
