@@ -81,6 +81,17 @@ app.command("duplicates")(duplicates.duplicates_cmd)
 app.command("eval-duplicates")(duplicates.eval_duplicates_cmd)
 
 
+def empty_argument(args: list[str]) -> str | None:
+    """Why an empty argument is refused, or None. Click reads "" as the path ".", so an unset
+    shell variable (`cervixqc clean "$SRC" -o "$OUT"`) cleaned the current folder, or wrote
+    the results there, exit 0 (an audit). No option of ours means anything by an empty value."""
+    for k, arg in enumerate(args, 1):
+        if arg == "" or (arg.startswith("--") and arg.endswith("=")):
+            shown = f"{arg!r} " if arg else ""
+            return f"argument {k} {shown}is empty (an unset shell variable?)"
+    return None
+
+
 def main() -> None:  # pragma: no cover - console entry
     # CERVIXQC_LOG_LEVEL as the service reads it (debug adds tracebacks, which may name files)
     level = os.environ.get("CERVIXQC_LOG_LEVEL", "info").upper()
@@ -90,6 +101,10 @@ def main() -> None:  # pragma: no cover - console entry
     logging.getLogger("faiss").setLevel(max(logging.WARNING, logging.getLogger().level))
     from models.io import WeightsIntegrityError
 
+    empty = empty_argument(sys.argv[1:])
+    if empty:
+        typer.echo(f"error: {empty}; nothing was run", err=True)
+        sys.exit(2)
     try:
         app()
     except (OSError, WeightsIntegrityError) as e:

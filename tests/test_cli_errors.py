@@ -164,6 +164,25 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
     (tmp_path / "ev" / "results.csv").write_bytes(manifest.read_bytes())
     r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "ev" / "results.csv"), "-o", str(tmp_path / "ev")])
     assert r.exit_code == 2 and "is the input" in r.output, r.output[-500:]
+    # and clean's: results.csv fed back as a manifest with -o its own folder was replaced by the results
+    for name in ("results.csv", "duplicates.csv"):
+        (tmp_path / name).write_bytes(manifest.read_bytes())
+        r = runner.invoke(app, ["clean", str(tmp_path / name), "-o", str(tmp_path), "--weights", str(tmp_path)])
+        assert r.exit_code == 2 and f"writes its {name}, which is the source manifest" in r.output, r.output[-500:]
+        assert (tmp_path / name).read_bytes() == manifest.read_bytes()
+
+
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tmp_path):
+    """Click reads "" as ".": `cervixqc clean "$SRC" -o "$OUT"` with OUT unset wrote the state
+    and results into the current folder, and with SRC unset cleaned it, exit 0 (an audit)."""
+    (tmp_path / "p.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    main = "import sys; from service.cli import main; sys.exit(main())"
+    for args, said in ((["clean", str(tmp_path), "-o", ""], "argument 4 is empty"),
+                       (["clean", "", "-o", str(tmp_path / "out")], "argument 2 is empty"),
+                       (["clean", str(tmp_path), "--out="], "argument 3 '--out=' is empty")):
+        r = subprocess.run([sys.executable, "-c", main, *args], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jpg"]
 
 
 def test_synth_refuses_a_folder_holding_a_dataset_it_did_not_write(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from pipelines.engine.qc import QCPipeline
 
 log = logging.getLogger(__name__)
+
+# What a run writes into --out (besides its .lock and temporaries)
+OUTPUT_FILES = ("results.csv", "results.parquet", "duplicates.csv", "summary.json", "state.sqlite")
 
 
 @dataclass
@@ -68,7 +72,9 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     """Results and quarantine outside a folder source: inside it, a run overwrote originals
     named results.csv, and a rerun cleaned its own state, exports and quarantine copies. A
-    quarantine another source's runs use is refused (QUARANTINE_SOURCE)."""
+    quarantine another source's runs use is refused (QUARANTINE_SOURCE), and so is a manifest
+    source that is one of the files the run writes (`clean x/results.csv -o x` replaced the
+    manifest with its results, exit 0: an audit)."""
     marker = None if quarantine is None else quarantine / QUARANTINE_SOURCE
     if marker is not None and marker.is_file():
         owner = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()
@@ -76,6 +82,10 @@ def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
             raise ValueError(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of two "
                              "sources at one relative path would meet there; give each source its own quarantine")
     if src.is_file():
+        for name in OUTPUT_FILES:
+            if (out_dir / name).is_file() and os.path.samefile(out_dir / name, src):
+                raise ValueError(f"--out {out_dir}: the run writes its {name}, which is the source manifest {src}; "
+                                 "write the results elsewhere")
         return
     root = src.resolve()
     for name, folder in (("--out", out_dir), ("--quarantine", quarantine)):
