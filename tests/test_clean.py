@@ -259,6 +259,8 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
     """A rerun with another policy counted every row as done: results.csv kept the old labels,
     and nothing in the folder said which policy made them."""
     from pipelines.clean.state import ResultsFolderError
+    from pipelines.engine.findings import SCORES_VERSION, FindingsCard
+    from pipelines.engine.qc_result import FINDINGS
 
     out = tmp_path / "out"
     first = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
@@ -298,6 +300,27 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
     db.close()
     with pytest.raises(ResultsFolderError, match=r"thresholds chosen at the site since \(deep_sad\)"):
         clean(QCPipeline(moved, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    # a findings card added (or calibrated again) since: the rows kept their old flags and the
+    # quarantine by finding went by them (an audit)
+    carded = tmp_path / "carded"
+    shutil.copytree(weights, carded)
+    (carded / "findings.json").write_text(FindingsCard(thresholds=dict.fromkeys(FINDINGS, 0.5),
+                                                       scores_version=SCORES_VERSION).model_dump_json())
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'decision'", (json.dumps(first.decision),))
+    db.close()
+    with pytest.raises(ResultsFolderError, match=r"decided otherwise \(quality findings' card \(findings.json\)\)"):
+        clean(QCPipeline(carded, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    # ... while a record made before the card was part of the decision is taken as this one's
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                   (json.dumps({k: v for k, v in first.decision.items() if k != "findings"}),))
+    db.close()
+    assert clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out,
+                 batch_size=8).skipped_done == first.total
+    assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
     # a folder an older cervixqc filled records no decision: its rows were taken as this run's
     db = sqlite3.connect(out / "state.sqlite")
     with db:

@@ -318,13 +318,18 @@ def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tm
         (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
     store = JobStore(tmp_path / "jobs.sqlite")
     engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
-    begun, fresh, older, recalibrated, unrecorded = (store.create(str(root), None, "resnest", tmp_path / "out")
-                                                     for _ in range(5))
+    begun, fresh, older, recalibrated, unrecorded, carded, uncarded = (
+        store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(7))
     store.claim_models(begun.id, json.dumps({"detector": "0" * 64}))  # as the weights before the restart
     # the same networks with a threshold chosen again since (`cervixqc calibrate-stage2`)
     moved = json.loads(json.dumps(engine.decision["thresholds"]))
     moved["deep_sad"]["distance"] += 0.5
     store.claim_models(recalibrated.id, json.dumps({"models": engine.decision["models"], "thresholds": moved}))
+    # begun under a findings card these weights do not have: its rows' flags were another card's
+    store.claim_models(carded.id, json.dumps({k: engine.decision[k] for k in ("models", "thresholds")}
+                                             | {"findings": {"scores_version": 2, "thresholds": {"blur": 0.5}}}))
+    # begun by a version that recorded no findings card: taken as under this one, resumed, completed
+    store.claim_models(uncarded.id, json.dumps({k: engine.decision[k] for k in ("models", "thresholds")}))
     # begun by a version that recorded the sha256s alone: these models, so resumed, its record completed
     store.claim_models(unrecorded.id, json.dumps(engine.decision["models"], sort_keys=True))
     store.add_items(unrecorded.id, engine.run([root / "p0.jpg"], ["p0.jpg"]))
@@ -335,17 +340,19 @@ def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tm
     runner.start()
     try:
         deadline = time.time() + 60
-        while {store.get(j).status for j in (fresh.id, unrecorded.id)} != {"done"} and time.time() < deadline:
+        while ({store.get(j).status for j in (fresh.id, unrecorded.id, uncarded.id)} != {"done"}
+               and time.time() < deadline):
             time.sleep(0.1)
     finally:
         runner.stop()
-    for job in (begun, recalibrated):
+    for job in (begun, recalibrated, carded):
         assert store.get(job.id).status == "failed" and "begun by other models" in store.get(job.id).error
     assert store.get(older.id).status == "failed" and store.get(older.id).models is None
     assert "begun by a version that did not record its models, 1 rows stored" in store.get(older.id).error
     assert store.counts(begun.id) == {} and sum(store.counts(fresh.id).values()) == 3
-    labelled_by = {"models": engine.decision["models"], "thresholds": engine.decision["thresholds"]}
+    labelled_by = {k: engine.decision[k] for k in ("models", "thresholds", "findings")}
     assert json.loads(store.get(fresh.id).models) == labelled_by
+    assert json.loads(store.get(uncarded.id).models) == labelled_by and sum(store.counts(uncarded.id).values()) == 3
     assert json.loads(store.get(unrecorded.id).models) == labelled_by and sum(store.counts(unrecorded.id).values()) == 3
     # not once a site has chosen thresholds again: the old rows' thresholds are then unknown
     older_record = store.create(str(root), None, "resnest", tmp_path / "out")

@@ -156,6 +156,13 @@ class StateStore:
             return
         if before == decision:
             return
+        if "findings" not in before and before == {k: v for k, v in decision.items() if k != "findings"}:
+            # recorded before the findings' card was part of the decision: taken as made under
+            # this one, as every rerun took it then, and the record completed
+            with self.db:
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                                (json.dumps(decision, sort_keys=True),))
+            return
         self.close()
         changed = ([f"policy {before.get('policy')} -> {decision['policy']}"]
                    if before.get("policy") != decision["policy"] else [])
@@ -170,6 +177,8 @@ class StateStore:
             changed += [f"{name} threshold" for name in sorted(set(thresholds) | set(decision["thresholds"]))
                         if models.get(name) == decision["models"].get(name)
                         and thresholds.get(name) != decision["thresholds"].get(name)]
+        if before.get("findings", decision["findings"]) != decision["findings"]:
+            changed.append("quality findings' card (findings.json)")
         same_models = len(changed) == 1 and before.get("policy") != decision["policy"]
         resume = f"pass --policy {before.get('policy')} to continue it, " if same_models else ""
         raise ResultsFolderError(f"{self.folder} holds labels decided otherwise ({', '.join(changed)}): its rows count "

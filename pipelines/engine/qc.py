@@ -410,7 +410,7 @@ class QCPipeline:
     @property
     def decision(self) -> dict:
         return decision_of(self.policy, (self.det_card, self.sad_card, self.cls_card, self.pres_card,
-                                         self.colour_card))
+                                         self.colour_card), self.findings_card)
 
     def check_policy(self, policy: Policy) -> None:
         """ValueError, saying why, for a policy these weights cannot run."""

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine import openvino_runtime
-from pipelines.engine.findings import load_findings_card
+from pipelines.engine.findings import FindingsCard, load_findings_card
 from pipelines.engine.presence import other_detector
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Policy
 
@@ -93,13 +93,17 @@ def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
     return card
 
 
-def decision_of(policy: str, cards: Iterable[ModelCard | None]) -> dict:
+def decision_of(policy: str, cards: Iterable[ModelCard | None], findings: FindingsCard | None = None) -> dict:
     """What decides a label: the policy, and the sha256 and thresholds of every model that
     votes. A results folder's rows hold only under the decision that made them (StateStore).
     Thresholds count since `cervixqc calibrate-stage2` moves them with the networks kept: under
-    the sha256s alone, a rerun into the folder kept every old label."""
+    the sha256s alone, a rerun into the folder kept every old label. So do the findings' card
+    (None: no findings flagged): after `calibrate-findings`, a rerun kept every row's old flags
+    and quarantined by them (an audit)."""
     voting = [c for c in cards if c is not None]
     return {"policy": policy, "models": {c.name: c.sha256 for c in voting},
+            "findings": None if findings is None else {"scores_version": findings.scores_version,
+                                                       "thresholds": dict(sorted(findings.thresholds.items()))},
             "thresholds": {c.name: dict(sorted(c.thresholds.items())) for c in voting},
             # cards whose thresholds a site chose again: a record made before thresholds were
             # recorded cannot be taken as labelled under them (`StateStore._claim_decision`)
@@ -123,7 +127,11 @@ def decision_for(weights: Path, policy: str | None) -> dict:
     (a Ray run's driver, whose engines live in the actors)."""
     cards = folder_cards(weights)
     sad, cls, colour = cards["deep_sad"], cards["classifier"], cards.get(COLOUR_CARD.removesuffix(".json"))
-    return decision_of(policy or best_policy(sad, cls, colour), cards.values())
+    findings = None
+    if (weights / "findings.json").is_file():  # as the engine reads it (`QCConfig.findings` on)
+        with loading(weights / "findings.json"):
+            findings = load_findings_card(weights / "findings.json")
+    return decision_of(policy or best_policy(sad, cls, colour), cards.values(), findings)
 
 
 def check_weights(weights: Path, exports: bool = True) -> None:

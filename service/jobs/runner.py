@@ -45,9 +45,11 @@ class JobRunner:
         self.store, self.run_batch, self.gate, self.metrics = store, run_batch, gate, metrics
         self.health = health or EngineHealth(metrics.engine_errors)
         self.limits = limits
-        # the engine's models and their thresholds (`QCPipeline.decision` without the policy, which
-        # is the job's own): a job resumed under others would mix two models' labels
-        self.models = json.dumps({k: (decision or {}).get(k, {}) for k in ("models", "thresholds")}, sort_keys=True)
+        # the engine's models, their thresholds and the findings' card (`QCPipeline.decision`
+        # without the policy, which is the job's own): a job resumed under others would mix two
+        # models' labels, or two cards' flags
+        self.models = json.dumps({k: (decision or {}).get(k, {}) for k in ("models", "thresholds")}
+                                 | {"findings": (decision or {}).get("findings")}, sort_keys=True)
         self.site_calibrated = bool((decision or {}).get("site_calibrated"))
         self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
@@ -64,8 +66,15 @@ class JobRunner:
     def start(self) -> None:
         self._thread.start()
 
-    def _recorded_before_thresholds(self, claimed: str) -> bool:
-        return json.loads(claimed) == json.loads(self.models).get("models")
+    def _recorded_before(self, claimed: str) -> bool:
+        """A record of these models made by a version that recorded less: before thresholds
+        were recorded (they moved only with the models then, so the rows were labelled under
+        the cards' trained thresholds; not under thresholds a site chose since, with
+        calibrate-stage2), or before the findings' card was (taken as this one, as it was then)."""
+        before, now = json.loads(claimed), json.loads(self.models)
+        if before == now["models"]:
+            return not self.site_calibrated
+        return "findings" not in before and before == {k: now[k] for k in ("models", "thresholds")}
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
@@ -154,12 +163,8 @@ class JobRunner:
                                      resumed_at=now, done_before_resume=stored):
             return  # cancelled meanwhile
         claimed = self.store.claim_models(job.id, self.models)
-        if (claimed is not None and claimed != self.models and self._recorded_before_thresholds(claimed)
-                and not self.site_calibrated):
-            # the models' sha256s alone, recorded before thresholds were: they moved only with
-            # the models then, so the rows were labelled under the cards' trained thresholds; the
-            # record is completed. Not under thresholds a site chose since (calibrate-stage2)
-            claimed = self.store.replace_models(job.id, claimed, self.models)
+        if claimed is not None and claimed != self.models and self._recorded_before(claimed):
+            claimed = self.store.replace_models(job.id, claimed, self.models)  # the record completed
         if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
             begun_by = ("a version that did not record its models" if claimed is None
