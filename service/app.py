@@ -42,7 +42,7 @@ from service.log_config import ensure_handler
 from service.metrics import Metrics
 from service.root_path import RootPath, route_path
 from service.routes import docs, health, jobs, models, qc
-from service.settings import Settings
+from service.settings import Settings, findings_card_missing
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
@@ -62,6 +62,8 @@ def _version() -> str:
 
 
 def _build_state(settings: Settings, metrics: Metrics) -> ServiceState:
+    if problem := findings_card_missing(settings):  # `cervixqc serve` says it before uvicorn starts
+        raise RuntimeError(problem)
     limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     engine = QCPipeline(settings.weights_dir, QCConfig(device=settings.resolved_device, policy=settings.policy,
                                                        limits=limits, jpeg_decoder=settings.jpeg_decoder,

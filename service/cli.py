@@ -93,6 +93,7 @@ def _preflight(settings) -> str | None:
     from pipelines.engine.config import resolve_device
     from pipelines.engine.weights_folder import check_weights
     from service.jobs.store import store_problem
+    from service.settings import findings_card_missing
     from service.state_lock import in_use
     from service.ui.session import load_secret
 
@@ -101,6 +102,8 @@ def _preflight(settings) -> str | None:
             settings.runtime == "auto" and settings.resolved_device == "cpu"))
     except WeightsIntegrityError as e:
         return str(e)
+    if problem := findings_card_missing(settings):
+        return problem
     try:
         writable_folder("CERVIXQC_STATE_DIR", settings.state_dir)
         # the jobs' results: a separate mount in docker-compose.yml, and an unwritable one

@@ -235,3 +235,13 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def findings_card_missing(settings: Settings) -> str | None:
+    """Why CERVIXQC_QUARANTINE_FINDINGS cannot work, or None: without a findings card in the
+    weights folder no photo is flagged by a finding, so the service started and no job ever
+    filled a finding's folder, unsaid; `clean --quarantine-findings` refuses the same (an audit)."""
+    if settings.quarantine_findings and not (settings.weights_dir / "findings.json").is_file():
+        return (f"CERVIXQC_QUARANTINE_FINDINGS: {settings.weights_dir} has no findings.json, so no photo would be "
+                "flagged by a finding (cervixqc calibrate-findings makes one)")
+    return None

@@ -115,6 +115,9 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
               "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),
              ({}, damaged, "classifier.json: not a readable model card"),
              ({}, bad_findings, "findings.json"),
+             # no card: the service started and no job ever flagged a photo by a finding (an audit)
+             ({"CERVIXQC_QUARANTINE_FINDINGS": "blur"}, weights, "CERVIXQC_QUARANTINE_FINDINGS: " + str(weights)
+              + " has no findings.json"),
              ({}, other_detector, "presence.json was trained on the features of another detector"),
              # "inf" seconds overflowed SQLite's timeout, and every sign-in was a 500
              ({"CERVIXQC_STORE_BUSY_TIMEOUT_S": "inf"}, weights, "CERVIXQC_STORE_BUSY_TIMEOUT_S"),
