@@ -59,6 +59,10 @@ def test_duplicate_groups_land_in_their_job_records_only_and_leave_the_counts_al
     assert rows == {"x.jpg": (1, "x.jpg", "exact"), "y.jpg": (1, "x.jpg", "exact"), "z.jpg": (None, None, None)}
     assert all(r.duplicate_group is None for r in store.records(b.id))
     assert store.counts(a.id) == {"regular": 3}
+    # a search again (a retried job): groups it no longer finds are cleared, not kept beside the new ones
+    assert store.set_duplicates(a.id, [("y.jpg", 1, "y.jpg", "near"), ("z.jpg", 1, "y.jpg", "near")]) == 2
+    rows = {r.path: (r.duplicate_group, r.duplicate_of, r.duplicate_kind) for r in store.records(a.id)}
+    assert rows == {"x.jpg": (None, None, None), "y.jpg": (1, "y.jpg", "near"), "z.jpg": (1, "y.jpg", "near")}
 
 
 def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review_grid(tmp_path):

@@ -493,8 +493,14 @@ class JobStore:
     def set_duplicates(self, job_id: str, groups: Iterable[tuple[str, int, str, str]]) -> int:
         """Write each (path, group, duplicate_of, kind) into its item's record, one transaction:
         duplicates are known only once the whole job is in, and the results route streams
-        the records, so that is where they must be. Returns the rows updated."""
+        the records, so that is where they must be. Returns the rows updated. The groups of an
+        earlier search (a retried job searches again) are cleared first: a photo no longer in a
+        group kept its old group number, which may now be another group's, in the results route
+        while results.csv had none (an audit)."""
         with write_transaction(self._db()) as db:
+            db.execute("UPDATE items SET record = json_set(record, '$.duplicate_group', NULL, '$.duplicate_of', NULL, "
+                       "'$.duplicate_kind', NULL) WHERE job_id = ? AND json_extract(record, '$.duplicate_group') "
+                       "IS NOT NULL", (job_id,))
             n = 0
             for path, group, of, kind in groups:
                 row = db.execute("SELECT record FROM items WHERE job_id = ? AND path = ?", (job_id, path)).fetchone()
