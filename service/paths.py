@@ -29,7 +29,17 @@ def inside(path: Path, roots: list[Path]) -> bool:
     return any(real == root or real.is_relative_to(root) for root in roots)
 
 
+def _check_text(requested: str, what: str) -> None:
+    """A lone surrogate (JSON's "\\udcff") passed the other checks and failed in SQLite's
+    encoder: a 500 (an audit). Paths the service takes are UTF-8 text."""
+    try:
+        requested.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_path", f"{what}: not valid UTF-8 text (a lone surrogate)") from None
+
+
 def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
+    _check_text(requested, what)
     if not roots:
         raise ApiError(403, "no_data_roots", "this server has no CERVIXQC_DATA_ROOTS: jobs are switched off")
     if not requested:
@@ -59,6 +69,7 @@ def confine(requested: str, roots: list[Path], what: str = "source") -> Path:
 def relative_name(requested: str, what: str = "quarantine") -> PurePosixPath:
     """A name for a folder the service creates under its own root: relative, no '..', no
     control characters, no folder named only with spaces or longer than NAME_MAX bytes."""
+    _check_text(requested, what)
     p = PurePosixPath(requested)
     if (not requested or not p.parts or p.is_absolute() or ".." in p.parts
             or "\\" in requested):  # not p.parts: '.' named the root itself

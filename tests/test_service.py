@@ -400,11 +400,12 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
             ({"source": "collection", "quarantine": "q\nx"}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "q/ "}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "q" * 256}, 400, "invalid_path"),
+            ({"source": "collection", "quarantine": "q\udcff"}, 400, "invalid_path"),  # a 500 in SQLite (an audit)
             ({"source": "collection\tx"}, 400, "invalid_path"),
             # a misspelt field queued a job without its quarantine (an audit)
             ({"source": "collection", "quarantin": "q"}, 422, "invalid_request"),
-        ]:
-            r = c.post("/v1/jobs", json=body)
+        ]:  # json.dumps: escaped as a client's JSON library sends it (httpx's json= cannot send a surrogate)
+            r = c.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
 
 
