@@ -757,3 +757,34 @@ def test_a_run_ending_after_its_job_was_cancelled_and_retried_leaves_the_retry_q
     assert store.status(job.id) == "queued"
     assert store.transition(job.id, "running") and store.transition(job.id, "done", finished=time.time())
     assert store.status(job.id) == "done"
+
+
+def test_two_jobs_asked_for_at_once_cannot_both_take_one_quarantine_for_two_sources(tmp_path):
+    """The route checked the quarantine's owners, then inserted: two requests at once both
+    passed, both were queued, and the second source's photos at the first's paths were never
+    copied (46 of 60 simultaneous pairs in an audit)."""
+    import threading
+
+    from service.jobs.store import QuarantineInUse
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    for round_ in range(20):
+        start, taken, refused = threading.Barrier(2), [], []
+
+        def ask(source: str) -> None:
+            start.wait()
+            try:
+                taken.append(store.create(source, f"q{round_}", "resnest", tmp_path / "out"))
+            except QuarantineInUse as e:
+                refused.append(e.args[0])
+
+        threads = [threading.Thread(target=ask, args=(src,)) for src in ("/data/a", "/data/b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert (len(taken), refused) == (1, [f"q{round_}"]), (taken, refused)
+    with pytest.raises(QuarantineInUse):  # a folder inside another source's
+        store.create("/data/c", "q0/inner", "resnest", tmp_path / "out")
+    owner = next(job.source for job in store.list(100) if job.quarantine == "q0")
+    assert store.create(owner, "q0", "deep_sad", tmp_path / "out").quarantine == "q0"  # its source again may

@@ -62,7 +62,7 @@ SCHEMA_VERSION = 6
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 # A deleted job keeps its row (source and quarantine: a quarantine folder still holds that
-# source's copies, `quarantine_sources`) under this status, and nothing else: no item, count or
+# source's copies, `QUARANTINE_SOURCES`) under this status, and nothing else: no item, count or
 # review decision. Every read but the quarantine check passes it by.
 DELETED = "deleted"
 
@@ -70,8 +70,31 @@ DELETED = "deleted"
 PROBE_ROOM = 16 * 2**20  # bytes free a job store needs to be ready
 
 
+# (quarantine name, source) of every job, deleted ones too: a job without a quarantine claims
+# `job-<id>`, the folder review's Apply fills for it (another source's job could name it, and
+# the two sources' copies met there: an audit)
+QUARANTINE_SOURCES = "SELECT DISTINCT COALESCE(quarantine, 'job-' || id), source FROM jobs"
+
+
 class ActiveTwin(Exception):
     """A queued or running job asks for the same work; args[0] is its id."""
+
+
+class QuarantineInUse(Exception):
+    """The quarantine named overlaps one holding another source's copies; args[0] is that name."""
+
+
+def overlapping_quarantine(name: str, source: str, used: Iterable[tuple[str, str]]) -> str | None:
+    """The quarantine of `used` ((name, source) of the jobs) that `name` lies in, around or is,
+    holding another source's copies, or None. A quarantine folder holds one source's copies: a
+    copy whose path is already there is taken as done (a resumed job), so a second source's
+    photo of the same relative path was silently not copied. The same source again (a job
+    rerun) may share it."""
+    for other_name, other_source in used:
+        overlaps = other_name == name or name.startswith(other_name + "/") or other_name.startswith(name + "/")
+        if overlaps and other_source != source:
+            return other_name
+    return None
 
 
 class StoreDamaged(RuntimeError):
@@ -321,8 +344,10 @@ class JobStore:
     # jobs -------------------------------------------------------------------------------
     def create(self, source: str, quarantine: str | None, policy: str, out_root: Path, once: bool = False) -> Job:
         """`once`: raises ActiveTwin where a queued or running job has the same source, quarantine
-        and policy (checked in the insert itself: two requests at once cannot both pass): a
-        client that resent its request after a timeout queued the same hours of work again."""
+        and policy: a client that resent its request after a timeout queued the same hours of
+        work again. QuarantineInUse where the quarantine overlaps another source's
+        (`overlapping_quarantine`). Both are checked in the insert's own transaction: two
+        requests at once passed a check made before it, and both jobs were queued (an audit)."""
         job_id = uuid.uuid4().hex[:16]
         out = out_root / job_id
         stored = out.relative_to(self.path.parent) if out.is_relative_to(self.path.parent) else out
@@ -332,10 +357,14 @@ class JobStore:
         params: tuple = (job_id, source, quarantine, policy, str(stored), time.time())
         if once:
             sql, params = f"{sql} WHERE NOT EXISTS ({twin})", (*params, source, quarantine, policy)
-        db = self._db()
-        if db.execute(sql, params).rowcount != 1:
-            row = db.execute(twin, (source, quarantine, policy)).fetchone()
-            raise ActiveTwin(row[0] if row else "")
+        with write_transaction(self._db()) as db:
+            if quarantine is not None:
+                used = overlapping_quarantine(quarantine, source, db.execute(QUARANTINE_SOURCES).fetchall())
+                if used is not None:
+                    raise QuarantineInUse(used)
+            if db.execute(sql, params).rowcount != 1:
+                row = db.execute(twin, (source, quarantine, policy)).fetchone()
+                raise ActiveTwin(row[0] if row else "")
         return self.get(job_id)  # type: ignore[return-value]
 
     def claim_models(self, job_id: str, models: str) -> str | None:
@@ -415,13 +444,6 @@ class JobStore:
 
     def deleted(self) -> list[Job]:
         return [self._job(r) for r in self._db().execute("SELECT * FROM jobs WHERE status = ?", (DELETED,))]
-
-    def quarantine_sources(self) -> list[tuple[str, str]]:
-        """(quarantine name, source) of every job, deleted ones too: a job without a quarantine
-        claims `job-<id>`, the folder review's Apply fills for it (another source's job could
-        name it, and the two sources' copies met there: an audit)."""
-        rows = self._db().execute("SELECT DISTINCT COALESCE(quarantine, 'job-' || id), source FROM jobs")
-        return [(q, src) for q, src in rows.fetchall()]
 
     def next_active(self) -> Job | None:
         row = self._db().execute(f"SELECT * FROM jobs WHERE status IN {ACTIVE} ORDER BY created LIMIT 1").fetchone()

@@ -23,7 +23,7 @@ from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
-from service.jobs.store import ActiveTwin, Job
+from service.jobs.store import ActiveTwin, Job, QuarantineInUse
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
 from service.state import ServiceState, State
@@ -55,18 +55,6 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
                      results_url=f"/v1/jobs/{job.id}/results", retryable=retryable,
                      waiting=state.runner.waiting(job.id), notes=run_notes(counts))
-
-
-def _check_quarantine_free(state: ServiceState, name: str, source: str) -> None:
-    """A quarantine folder holds one source's copies: a copy whose path is already there is
-    taken as done (a resumed job), so a second source's photo of the same relative path was
-    silently not copied. The same source again (a job rerun) may share it; a name inside or
-    around another source's folder may not."""
-    for used, other in state.store.quarantine_sources():
-        overlaps = used == name or name.startswith(used + "/") or used.startswith(name + "/")
-        if overlaps and other != source:
-            raise ApiError(409, "quarantine_in_use",
-                           f"quarantine {name!r} overlaps {used!r}, which holds another source's copies; choose another name")
 
 
 def job_not_found(job_id: str) -> ApiError:
@@ -109,8 +97,6 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
                                             "folder? only tables and notes, which a folder's listing skips: give "
                                             "a manifest itself as the source)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
-    if quarantine is not None:
-        _check_quarantine_free(state, quarantine, str(source))
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
     if body.policy is not None:
         try:
@@ -124,6 +110,9 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
         raise ApiError(409, "job_exists", f"job {e.args[0]} is already cleaning this source with the same quarantine "
                                           "and policy: follow it, or cancel it to start again",
                        job_id=e.args[0]) from None
+    except QuarantineInUse as e:
+        raise ApiError(409, "quarantine_in_use", f"quarantine {quarantine!r} overlaps {e.args[0]!r}, which holds "
+                                                 "another source's copies; choose another name") from None
     state.runner.wake()
     return status_of(state, job)
 
