@@ -584,6 +584,37 @@ def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_file
     assert quarantine_results(src, [flagged], q) == 0 and (q / "no_cervix" / "a.jpg").is_file()
 
 
+def test_an_original_that_fails_mid_copy_is_its_own_fault_not_the_quarantines(tmp_path, monkeypatch):
+    """sendfile's error names the original and the copy: an original's bad sector (EIO) read as
+    the quarantine's fault, its batch was not stored, and every resume stopped there (an audit).
+    A share that drops the quarantine mid-copy is still the quarantine's fault."""
+    import errno as errnos
+
+    from pipelines.clean.quarantine import QuarantineUnwritable, quarantine_results
+
+    src, q = tmp_path / "src", tmp_path / "q"
+    src.mkdir()
+    for name in ("bad.jpg", "ok.jpg", "dropped.jpg"):
+        (src / name).write_bytes(bytes(range(256)) * 40)
+    real_sendfile = os.sendfile
+
+    def failing(out_fd, in_fd, offset, count):  # after the first 1,000 bytes of two of the photos
+        name = os.path.basename(os.path.realpath(f"/proc/self/fd/{in_fd}"))
+        if offset >= 1000 and name == "bad.jpg":  # the disk under the original
+            raise OSError(errnos.EIO, "Input/output error")
+        if offset >= 1000 and name == "dropped.jpg":  # the quarantine's share, gone
+            shutil.rmtree(q)
+            raise OSError(errnos.EIO, "Input/output error")
+        return real_sendfile(out_fd, in_fd, offset, min(count, 1000))
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    flagged = [QCResult(path=p, label=Label.NO_CERVIX) for p in ("bad.jpg", "ok.jpg")]
+    assert quarantine_results(src, flagged, q, link=False) == 1  # counted as the file's, the batch stored
+    assert sorted(p.name for p in (q / "no_cervix").iterdir()) == ["ok.jpg"]
+    with pytest.raises(QuarantineUnwritable, match="this batch was not stored"):
+        quarantine_results(src, [QCResult(path="dropped.jpg", label=Label.NO_CERVIX)], q, link=False)
+
+
 def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
     from pipelines.clean.inputs import list_inputs
 

@@ -9,6 +9,7 @@ import filecmp
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
@@ -53,11 +54,24 @@ def _quarantine_fault(e: OSError, qdir: Path) -> bool:
         return True
     named = [Path(f) for f in (e.filename, e.filename2) if isinstance(f, (str, os.PathLike))]
     if e.errno in _INSIDE_ERRORS and any(p.is_relative_to(qdir) for p in named):
-        return True
+        # a copy's error (sendfile) names both files: an original's bad sector read as the
+        # quarantine's fault, and its batch failed on every resume (an audit). With the original
+        # named too, the folder is asked: does it take a file?
+        return all(p.is_relative_to(qdir) for p in named) or not _takes_a_file(qdir)
     # the quarantine, or one of its label or finding folders, replaced by a file
     folders = [qdir, qdir.parent] + [qdir / p.relative_to(qdir).parts[0] for p in named
                                      if p.is_relative_to(qdir) and p != qdir]
     return e.errno in (errno.ENOTDIR, errno.EEXIST) and any(part.exists() and not part.is_dir() for part in folders)
+
+
+def _takes_a_file(qdir: Path) -> bool:
+    try:
+        with tempfile.NamedTemporaryFile(dir=qdir, prefix=".cervixqc-probe-") as probe:
+            probe.write(b"x")
+            probe.flush()
+        return True
+    except OSError:
+        return False
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
