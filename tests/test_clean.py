@@ -171,6 +171,18 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     assert (rerun.processed_now, rerun.skipped_done) == (2, len(paths) - 2)
 
 
+def test_one_file_that_kills_its_actor_is_searched_for_not_taken_for_the_actors_failing():
+    """A Ray run of 600 files has blocks of 75 (one actor): one file that killed its actor lost
+    its block, 75 > 64 files read as "the actors died on most blocks", exit 1, and the search
+    one file per block, which gives that file its own unreadable row, never ran (an audit)."""
+    from pipelines.clean.ray_run import actors_failed
+
+    assert not actors_failed(75, 600, per_block=75)  # one block
+    assert actors_failed(150, 600, per_block=75)  # two of eight blocks: the actors
+    assert not actors_failed(64, 100, per_block=16) and actors_failed(65, 100, per_block=16)
+    assert not actors_failed(512, 10**6, per_block=512) and actors_failed(100_001, 10**6, per_block=512)
+
+
 def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows(weights, collection, tmp_path):
     from typer.testing import CliRunner
 
@@ -431,6 +443,27 @@ def test_a_photo_replaced_under_its_name_is_labelled_again_and_its_old_quarantin
     db.close()
     os.utime(collection / replaced, ns=(2, 2))
     assert clean(QCPipeline(weights), collection, out, quarantine, batch_size=4).processed_now == 0
+
+
+def test_a_photo_replaced_while_a_run_had_no_quarantine_loses_its_old_copy_there_too(weights, collection, tmp_path,
+                                                                                        caplog):
+    """The old copy was dropped only from the quarantine of the run that relabelled the photo:
+    relabelled by a run without one, the old photo's copy stayed for good, and the next run
+    with the quarantine counted the new photo as not copied (an audit)."""
+    from pipelines.clean.inputs import list_inputs
+
+    out, quarantine = tmp_path / "out", tmp_path / "quarantine"
+    clean(QCPipeline(weights), collection, out, quarantine, batch_size=4)
+    replaced = next(p for p in list_inputs(collection) if p.endswith("/random.jpg"))
+    (collection / replaced).write_bytes(fuzz_set()["ok.jpg"][0])
+    assert clean(QCPipeline(weights), collection, out, batch_size=4).processed_now == 1  # no quarantine
+    assert not (quarantine / "unreadable" / replaced).exists()
+    with caplog.at_level("WARNING", logger="pipelines.clean.quarantine"):
+        clean(QCPipeline(weights), collection, out, quarantine, batch_size=4)
+    assert "could not be copied" not in caplog.text
+    label = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path").loc[replaced, "label"]
+    assert (quarantine / label / replaced).is_file() == (label != "regular")
+    assert (label == "regular" or (quarantine / label / replaced).read_bytes() == fuzz_set()["ok.jpg"][0])
 
 
 def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_name_stays(tmp_path):

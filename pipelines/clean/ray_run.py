@@ -50,9 +50,18 @@ class EngineFailed(RuntimeError):
     before, Ray skipped the block and its photos became `unreadable` for good."""
 
 
-# more files than this (and a tenth of the run) coming back from no actor is the system's fault
+# more files than this (and a tenth of the run, and a block) coming back from no actor is the system's fault
 # (memory too small for the models, a driver gone), not a few files' that crash a decoder
 MAX_CRASHED = 64
+
+
+def actors_failed(missing: int, todo: int, per_block: int) -> bool:
+    """Whether the files that came back from no actor are the actors' failure (memory too small
+    for the models) rather than a few files that kill an actor, which one file per block then
+    finds. One such file loses its whole block: with a limit below a block (600 files in
+    blocks of 75, limit 64) one crasher read as "the actors died on most blocks", exit 1, and
+    the one-by-one search never ran (an audit)."""
+    return missing > max(MAX_CRASHED, todo // 10, per_block)
 
 
 def _reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -142,7 +151,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     started_here = False
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
-        quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
+        copies_in = quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))
         notes = NoteWatch(on_note, done_labels(store, done))  # read only when heard
@@ -177,7 +186,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                                            "the same command again to resume")
                     results = [QCResult.model_validate_json(r) for r in batch["record"]]
                     store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
-                                {r.path: str(s) or None for r, s in zip(results, batch["stamp"])})
+                                {r.path: str(s) or None for r, s in zip(results, batch["stamp"])}, copies_in)
                     notes.add(r.label.value for r in results)
                     came_back.update(r.path for r in results)
                     finished += len(results)
@@ -191,7 +200,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             # actors still get batches of batch_size
             per_block = max(batch_size, min(512, -(-len(todo) // (8 * actors))))
             missing = sorted(set(todo) - store_batches(todo, per_block, batch_size))
-            if len(missing) > max(MAX_CRASHED, len(todo) // 10):
+            if actors_failed(len(missing), len(todo), per_block):
                 raise EngineFailed(f"{len(missing)} of {len(todo)} files came back from no actor: the actors died on "
                                    "most blocks (memory too small for the models?); the rows stored so far are "
                                    "kept: fix it and run the same command again to resume")
@@ -205,7 +214,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                     # quarantined with the other unreadable files; stamped now: the file replaced
                     # later is labelled again (it was never read whole)
                     store_batch(store, src_root, quarantine, quarantine_findings, stale, rows,
-                                {p: file_stamp(on_disk(src_root, p)) for p in crashed})
+                                {p: file_stamp(on_disk(src_root, p)) for p in crashed}, copies_in)
                     notes.add(r.label.value for r in rows)
                     finished += len(crashed)
                     if progress:

@@ -111,28 +111,38 @@ def done_labels(store: StateStore, done: Collection[str]) -> Iterator[str]:
 
 
 def quarantine_done_rows(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
-                         done: Collection[str]) -> None:
+                         done: Collection[str]) -> Path | None:
     """The copies of rows stored before this quarantine, or these findings, were asked for: a
     rerun with a new or added --quarantine (or --quarantine-findings) copied nothing for the
     rows already done, exit 0 (an audit). The setting the rows have their copies under is
     kept in the state, so a rerun under the same one reads no record; copies are hard links,
-    and those already there are taken as they are."""
+    and those already there are taken as they are. Returns the quarantine the stored rows had
+    their copies in before this run (None: none), where the copies of its changed photos are."""
     setting = None if quarantine is None else json.dumps([str(quarantine.resolve()), sorted(findings)])
-    if store.quarantined_as() == setting:
-        return
+    before = store.quarantined_as()
+    copies_in = None if before is None else Path(json.loads(before)[0])
+    if before == setting:
+        return copies_in
     if quarantine is not None and done:
         failed = quarantine_results(src_root, store.records(done), quarantine, findings)
         log.info("quarantine copies made for the rows of earlier runs (a new quarantine or findings)%s",
                  f"; {failed} could not be made" if failed else "")
     store.mark_quarantined_as(setting)
+    return copies_in
 
 
 def store_batch(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
-                stale: dict[str, Stale], results: list[QCResult], stamps: Mapping[str, str | None]) -> None:
+                stale: dict[str, Stale], results: list[QCResult], stamps: Mapping[str, str | None],
+                copies_in: Path | None = None) -> None:
     """One labelled batch kept (local and Ray runs): the quarantine copies of the rows it
-    replaces dropped, its own copies made, then its rows stored with their files' stamps."""
+    replaces dropped, its own copies made, then its rows stored with their files' stamps.
+    The old copies are looked for in this run's quarantine and in `copies_in`, the one the
+    rows had their copies in (`quarantine_done_rows`): a photo changed while a run had no
+    quarantine, or another one, kept the old photo's copy for good (an audit)."""
+    replaced = [stale.pop(r.path) for r in results if r.path in stale]
+    for folder in dict.fromkeys(f for f in (quarantine, copies_in) if f is not None):
+        drop_stale_copies(src_root, folder, replaced)
     if quarantine is not None:
-        drop_stale_copies(src_root, quarantine, [stale.pop(r.path) for r in results if r.path in stale])
         quarantine_results(src_root, results, quarantine, findings)
     store.add(results, stamps)
 
@@ -167,7 +177,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     t0 = time.perf_counter()
     try:
         done, todo, stale = plan_run(store, inputs, src_root)
-        quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
+        copies_in = quarantine_done_rows(store, src_root, quarantine, quarantine_findings, done)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         if progress:  # where the run starts (a resume: the rows already done)
             progress(len(done), len(inputs))
@@ -183,7 +193,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         finished = len(done)
         for chunk, results in zip(chunks, qc.run_stream(batches())):
             store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
-                        {p: stamps.pop(p, None) for p in chunk})
+                        {p: stamps.pop(p, None) for p in chunk}, copies_in)
             notes.add(r.label.value for r in results)
             finished += len(chunk)
             if progress:
