@@ -350,3 +350,43 @@ def test_split_takes_a_table_of_no_copies_and_names_a_damaged_clean_state(tmp_pa
             r = runner.invoke(app, args)
             assert r.exit_code == 2 and "state.sqlite: not a readable `cervixqc clean` state" in r.output, r.output
             assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+
+
+def test_split_with_a_clean_folder_checks_the_photos_its_table_compared_and_reads_its_table_as_the_folder(
+        tmp_path, engine, caplog):
+    """A clean folder's state keeps the rows of photos a later run's manifest left out, while
+    its duplicates.csv is the later run's: the left-out copy passed as compared and landed
+    across the split, exit 0. Its duplicates.csv named itself was read even when the run's later
+    rows had outdated it (an audit)."""
+    from pipelines.clean.run import clean
+    from pipelines.data.duplicates import read_duplicates
+
+    manifest = Path(_manifest(tmp_path))
+    _, members = _across_group(tmp_path, str(manifest))
+    full = pd.read_csv(manifest, keep_default_na=False)
+    for k, path in enumerate(full["path"]):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_bytes(_jpeg(_photo(100 + k)))
+    (tmp_path / members[1]).write_bytes((tmp_path / members[0]).read_bytes())  # a copy across the plain split
+    out = tmp_path / "clean"
+    clean(engine, manifest, out)
+    split = ["split", str(manifest), "-o", str(tmp_path / "o.csv"), "--duplicates"]
+    r = runner.invoke(app, [*split, str(out)])
+    assert r.exit_code == 2 and "group" in r.output, r.output
+    full[full["path"] != members[1]].to_csv(manifest, index=False)  # the copy left out of a rerun
+    clean(engine, manifest, out)
+    full.to_csv(manifest, index=False)
+    for given in (out, out / "duplicates.csv"):
+        r = runner.invoke(app, [*split, str(given)])
+        assert r.exit_code == 0 and "1 of the manifest's 40 photos were not compared" in r.output, r.output
+        assert members[1] in r.output
+    # the run's later rows not yet exported (a run stopped before its exports): the table named
+    # itself is the folder's, grouped again from the state
+    db = sqlite3.connect(out / "state.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'writes'")
+    db.close()
+    with caplog.at_level("WARNING", logger="pipelines.data.duplicates"):
+        table = read_duplicates(out / "duplicates.csv")
+    assert "older than the run's state" in caplog.text
+    pd.testing.assert_frame_equal(table, read_duplicates(out))

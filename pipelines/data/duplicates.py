@@ -485,18 +485,26 @@ def annotate(records: Iterable[QCResult], df: pd.DataFrame) -> list[QCResult]:
 def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.DataFrame:
     """A duplicates.csv (as `cervixqc duplicates` writes it), or a `cervixqc clean` output
     folder: its own duplicates.csv (grouped with the photos at hand, so cropped and turned
-    copies are in it), else its state.sqlite grouped here with `cfg` on the keys alone."""
+    copies are in it), else its state.sqlite grouped here with `cfg` on the keys alone. That
+    folder's duplicates.csv named itself is read as the folder is: alone, a table the run's
+    later rows had outdated was taken as it was (an audit)."""
+    if path.is_file() and path.name == "duplicates.csv" and (path.parent / "state.sqlite").is_file():
+        path = path.parent
     if path.is_dir():
         check_clean_state(path)
         table = path / "duplicates.csv"
         # the run's own table only when its exports followed the state's last rows: a resumed
         # run stopped before its exports left the older table, without the new photos' groups
         if table.is_file() and _exports_current(path / "state.sqlite"):
-            return read_duplicates(table)
+            return _read_table(table)
         if table.is_file():
             log.warning("duplicates.csv is older than the run's state (a run stopped before its exports): "
                         "grouped again from the state, on the keys alone")
         return duplicates_of_records(read_clean_state(path), cfg)
+    return _read_table(path)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
@@ -542,9 +550,16 @@ def compared_paths(source: Path) -> set[str] | None:
     """The paths a duplicates table (or a clean folder) compared, keyed as `path_key` spells
     them; None when it does not say (a table written before the list was kept)."""
     folder = source if source.is_dir() else source.parent if source.name == "duplicates.csv" else None
-    if folder is not None and (folder / "state.sqlite").is_file():  # a clean run's: its state's photos
+    if folder is not None and (folder / "state.sqlite").is_file():  # a clean run's
         check_clean_state(folder)
-        db = sqlite3.connect(f"file:{folder / 'state.sqlite'}?mode=ro", uri=True)
+        exported = folder / "results.csv"
+        if (folder / "duplicates.csv").is_file() and exported.is_file() and _exports_current(folder / "state.sqlite"):
+            # its table, which `read_duplicates` reads, compared the last run's photos: those of
+            # its results.csv. The state keeps rows of photos a later manifest left out, whose
+            # copies the table no longer holds, and they passed as compared (an audit)
+            return {path_key(p) for p in pd.read_csv(exported, usecols=["path"], dtype={"path": str},
+                                                     keep_default_na=False)["path"]}
+        db = sqlite3.connect(f"file:{folder / 'state.sqlite'}?mode=ro", uri=True)  # grouped from the state
         try:
             return {path_key(p) for (p,) in db.execute("SELECT path FROM results")}
         except sqlite3.OperationalError:
