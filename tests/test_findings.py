@@ -179,6 +179,10 @@ def test_a_photo_known_to_have_a_finding_is_no_false_flag_of_it_but_still_one_of
     cfg = CalibrationConfig(max_false_flags=0.015)
     assert source_threshold(undegraded, "blur", cfg) < 1.0 < source_threshold(undegraded.drop(columns="known_findings"),
                                                                                "blur", cfg)
+    # every photo known to be blurred: nothing tells where the threshold lies (an IndexError before)
+    with pytest.raises(ValueError, match="blur: every calibration photo is known to have it"):
+        source_threshold(undegraded.assign(known_findings="blur"), "blur", cfg)
+    assert finding_metrics(scores.assign(known_findings="blur"), "blur", 1.5)["auc"] is None  # printed as -
 
 
 @pytest.fixture(scope="module")

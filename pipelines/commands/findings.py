@@ -101,7 +101,10 @@ def calibrate_findings_cmd(
     write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)
     for name in FINDINGS:
         m = (metrics["test"] if "test" in metrics else metrics["calibration"])[name]
-        typer.echo(f"{name:>12}  threshold {thresholds[name]:.4g}  AUC {m['auc']:.3f}  recall {m['recall']:.3f}  "
-                   f"precision {rate_text(m['precision'])}  false flags (originals) {m['false_flags_original']:.3f}")
+        # rate_text: a finding every photo is known to have has no AUC or recall (None), which
+        # failed the format after the card was written, a traceback (an audit)
+        typer.echo(f"{name:>12}  threshold {thresholds[name]:.4g}  AUC {rate_text(m['auc'])}  recall "
+                   f"{rate_text(m['recall'])}  precision {rate_text(m['precision'])}  false flags (originals) "
+                   f"{rate_text(m['false_flags_original'])}")
     shown = "figures of every photo" if judged is not None else "test" if "test" in metrics else "calibration"
     typer.echo(f"wrote {out / 'findings.json'} ({shown} above)")

@@ -148,6 +148,9 @@ def source_threshold(undegraded: pd.DataFrame, name: str, cfg: CalibrationConfig
     """The lowest threshold that holds the pool and every source with `min_source_rows`
     undegraded rows to `max_false_flags`: the largest of their `pick_threshold`s."""
     undegraded = without_known(undegraded, name)
+    if undegraded[name].dropna().empty:  # was an IndexError, a traceback (an audit)
+        raise ValueError(f"{name}: every calibration photo is known to have it (manifest column known_findings), "
+                         "so none tells where its threshold lies: leave it out of known_findings on some photos")
     groups = [undegraded] + [d for _, d in undegraded.groupby("source") if len(d) >= cfg.min_source_rows]
     return max(pick_threshold(d[name].dropna(), cfg.max_false_flags) for d in groups)
 
