@@ -101,6 +101,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI reads a JSON body itself and turns whatever stopped it into a 400 "error
+        # parsing the body": a JSON job request over the limit, or stalled, got that, while the
+        # metrics counted a 413 or 408, and a body not in UTF-8 was not called that (an audit)
+        if isinstance(e.__cause__, BodyTooLarge):
+            return await _too_large(request, e.__cause__)
+        if isinstance(e.__cause__, BodyStalled):
+            return await _stalled(request, e.__cause__)
+        if e.status_code == 400 and isinstance(e.__cause__, UnicodeDecodeError):
+            return error_response(400, "bad_request", "the body is not UTF-8 text: send the job as JSON in UTF-8")
         headers = dict(e.headers or {})
         if e.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(app, route_path(request.scope)))
