@@ -788,3 +788,45 @@ def test_two_jobs_asked_for_at_once_cannot_both_take_one_quarantine_for_two_sour
         store.create("/data/c", "q0/inner", "resnest", tmp_path / "out")
     owner = next(job.source for job in store.list(100) if job.quarantine == "q0")
     assert store.create(owner, "q0", "deep_sad", tmp_path / "out").quarantine == "q0"  # its source again may
+
+
+def test_a_job_whose_batch_fails_as_the_service_stops_is_left_to_resume_not_failed(tmp_path):
+    """The service stops its runner (waiting 30 s at most), then closes the engine: a batch still
+    on the engine then failed, and its job was marked failed, to be retried by hand (an audit)."""
+    import threading
+
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    on_engine, closed = threading.Event(), threading.Event()
+
+    def run_batch(paths, names, policy):  # the second batch is on the engine when the service stops
+        if names[0] != "p0.jpg":
+            on_engine.set()
+            closed.wait(30)
+        return engine.run(paths, names, policy=policy)
+
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    runner = JobRunner(store, run_batch, EngineGate(), Metrics(), [root], tmp_path / "quarantine", batch_size=2,
+                       decision=engine.decision)
+    runner.start()
+    assert on_engine.wait(60)
+    runner.stop(timeout=0.2)  # as the lifespan's shutdown: gives up waiting, then closes the engine
+    engine.close()
+    closed.set()
+    deadline = time.time() + 30
+    while runner.alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not runner.alive()
+    assert store.get(job.id).status == "running" and store.get(job.id).error is None
+    assert sum(store.counts(job.id).values()) == 2  # the first batch's rows, kept for the resume

@@ -136,6 +136,13 @@ class JobRunner:
             self._waiting = (job.id, f"the job store cannot take its rows ({e}); it goes on by itself once it can")
             raise
         except Exception as e:  # noqa: BLE001 - a broken job must not stop the runner
+            if self._stop.is_set():
+                # shutting down: a batch still running when `stop` gave up waiting fails as the
+                # engine closes under it, and the job was marked failed, to be retried by hand;
+                # left `running`, the next start resumes it (an audit)
+                log.info("job %s: stopped with the service (%s); resumed at the next start", job.id,
+                         type(e).__name__)
+                return
             # the kind only: the message (in the job's error, for keyed clients) names files
             log.error("job %s failed (%s)", job.id, type(e).__name__)
             log.debug("job %s failed", job.id, exc_info=True)
