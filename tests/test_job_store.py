@@ -830,3 +830,22 @@ def test_a_job_whose_batch_fails_as_the_service_stops_is_left_to_resume_not_fail
     assert not runner.alive()
     assert store.get(job.id).status == "running" and store.get(job.id).error is None
     assert sum(store.counts(job.id).values()) == 2  # the first batch's rows, kept for the resume
+
+
+def test_reading_a_jobs_rows_breaks_off_when_the_job_is_deleted_meanwhile(tmp_path):
+    """The rows ran out and the download ended as if whole: a 200 with a results file that
+    looked complete, cut short by a delete (an audit)."""
+    from service.jobs.store import JobDeleted
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job = store.create("src", None, "resnest", tmp_path)
+    store.add_items(job.id, [QCResult(path=f"{i:03}.jpg", label=Label.REGULAR) for i in range(5)])
+    store.transition(job.id, "running")
+    store.transition(job.id, "done")
+    rows = store.records(job.id, chunk=2)
+    assert [next(rows).path for _ in range(2)] == ["000.jpg", "001.jpg"]
+    assert store.delete(job.id)
+    with pytest.raises(JobDeleted):
+        next(rows)
+    with pytest.raises(JobDeleted):  # deleted before the first read: not an empty job
+        next(store.records(job.id))

@@ -80,6 +80,10 @@ class ActiveTwin(Exception):
     """A queued or running job asks for the same work; args[0] is its id."""
 
 
+class JobDeleted(Exception):
+    """The job was deleted while its rows were being read; args[0] is its id."""
+
+
 class QuarantineInUse(Exception):
     """The quarantine named overlaps one holding another source's copies; args[0] is that name."""
 
@@ -570,11 +574,16 @@ class JobStore:
         download pulls the generator from whichever thread-pool thread is free, and a
         connection held across chunks failed sqlite3's same-thread check there (4 concurrent
         downloads of a 20,000-row job: 17 of 20 broke off after the first chunk), and one
-        abandoned by a client that hung up stayed open until the garbage collector ran."""
+        abandoned by a client that hung up stayed open until the garbage collector ran.
+        JobDeleted where the job is deleted meanwhile: its rows ran out, and a download cut
+        short ended as if whole, a 200 with a results file that looked complete (an audit)."""
         last = ""
         while True:
             db = open_db(self.path, "rw", 30)
             try:
+                status = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if status is None or status[0] == DELETED:
+                    raise JobDeleted(job_id)
                 rows = db.execute("SELECT rowid, path, record FROM items WHERE job_id = ? AND path > ? "
                                   "ORDER BY path LIMIT ?", (job_id, last, chunk)).fetchall()
             finally:
