@@ -648,6 +648,31 @@ def test_an_original_that_fails_mid_copy_is_its_own_fault_not_the_quarantines(tm
         quarantine_results(src, [QCResult(path="dropped.jpg", label=Label.NO_CERVIX)], q, link=False)
 
 
+def test_two_manifest_paths_that_would_share_a_quarantine_name_are_refused_before_any_work(weights, tmp_path):
+    """`/abs/p.jpg` and `abs/p.jpg`, or `../x/a.jpg` and `__/x/a.jpg`, map to one quarantine
+    name: the second flagged photo was never copied, counted in a warning, exit 0 (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (tmp_path / "m" / "abs").mkdir(parents=True)
+    (tmp_path / "m" / "__" / "x").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    for p in (tmp_path / "m" / "abs" / "p.jpg", tmp_path / "x" / "a.jpg", tmp_path / "m" / "__" / "x" / "a.jpg"):
+        p.write_bytes(fuzz_set()["ok.jpg"][0])
+    absolute = str(tmp_path / "m" / "abs" / "p.jpg")
+    for rows, said in (([absolute, absolute.removeprefix("/")], "would have one name in the quarantine"),
+                       (["../x/a.jpg", "__/x/a.jpg"], "would have one name")):  # paths from the manifest's folder
+        pd.DataFrame({"path": rows}).to_csv(tmp_path / "m" / "list.csv", index=False)
+        r = CliRunner().invoke(app, ["clean", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out"),
+                                     "--quarantine", str(tmp_path / "q"), "--weights", str(weights)])
+        assert r.exit_code == 2 and said in r.output, r.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "q").exists()
+    r = CliRunner().invoke(app, ["clean", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out"),
+                                 "--weights", str(weights), "--runtime", "torch"])
+    assert r.exit_code == 0, r.output  # without a quarantine nothing is named twice
+
+
 def test_links_to_folders_are_not_followed_but_counted_in_a_warning(collection, caplog):
     from pipelines.clean.inputs import list_inputs
 

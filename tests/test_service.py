@@ -560,6 +560,12 @@ def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server,
             r = c.post("/v1/jobs", json={"source": name})
             assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_manifest"), r.text
             assert message in r.json()["error"]["message"]
+        # two rows one quarantine name would hold: the second flagged photo was never copied (an audit)
+        scene = data_root / "collection" / "scene.jpg"
+        (data_root / "twice.csv").write_text(f"path\n{scene}\n{str(scene).lstrip('/')}\n")
+        r = c.post("/v1/jobs", json={"source": "twice.csv", "quarantine": "twice"})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_manifest"), r.text
+        assert "would have one name in the quarantine" in r.json()["error"]["message"]
         assert len(c.get("/v1/jobs").json()["jobs"]) == before
 
 

@@ -106,6 +106,27 @@ def quarantine_path(qdir: Path, folder: str, rel: str) -> Path:
     return qdir / str(folder) / Path(*parts)
 
 
+def check_quarantine_names(inputs: Iterable[str]) -> None:
+    """ValueError naming two inputs whose copies `quarantine_path` would put at one name: a
+    manifest's `/abs/p.jpg` and `abs/p.jpg`, or `../x/a.jpg` and `__/x/a.jpg`. The second
+    flagged photo was never copied, counted in a warning only, exit 0 (an audit). Only paths
+    that are absolute or name `..` are mapped to another name, so only they are compared (a
+    listing of 10^6 plain paths costs one pass of string tests); the mapping itself is kept,
+    since existing quarantines hold their copies under it."""
+    inputs = list(inputs)
+    mapped = [p for p in inputs if p.startswith("/") or ".." in p]
+    if not mapped:
+        return
+    kept = set(inputs) - set(mapped)
+    seen = {p: p for p in kept}
+    for p in mapped:
+        name = quarantine_path(Path(), "", p).as_posix()
+        if name in seen and seen[name] != p:
+            raise ValueError(f"{seen[name]!r} and {p!r} would have one name in the quarantine ({name}); rename one, "
+                             "or clean without --quarantine")
+        seen[name] = p
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """One file, or two with the same bytes."""
     try:

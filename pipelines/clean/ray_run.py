@@ -24,6 +24,7 @@ import numpy as np
 
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
+from pipelines.clean.quarantine import check_quarantine_names
 from pipelines.clean.run import (CleanSummary, check_outputs, done_labels, finish_run, open_run, plan_run,
                                  quarantine_done_rows, store_batch)
 from pipelines.clean.state import file_stamp
@@ -146,6 +147,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         _reachable(address)  # before the run's state: an unreachable cluster left -o tied to the source
     src_root = (src.parent if src.is_file() else src).resolve()
     inputs = list_inputs(src) if inputs is None else inputs
+    if quarantine is not None:
+        check_quarantine_names(inputs)
     store = open_run(src, out_dir, quarantine, decision or decision_for(Path(weights), policy))
     t0 = time.perf_counter()
     started_here = False

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from pipelines.clean.exports import export, export_mark
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
-from pipelines.clean.quarantine import QUARANTINE_SOURCE, drop_stale_copies, quarantine_results, source_root
+from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_stale_copies,
+                                        quarantine_results, source_root)
 from pipelines.clean.state import Stale, StateStore, file_stamp
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult
@@ -173,6 +174,8 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
     check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
     inputs = list_inputs(src) if inputs is None else inputs
+    if quarantine is not None:
+        check_quarantine_names(inputs)
     store = open_run(src, out_dir, quarantine, qc.decision)
     t0 = time.perf_counter()
     try:

@@ -183,6 +183,13 @@ def clean(
         _fail(f"--quarantine-findings: {e}")
     if findings and quarantine is None:
         _fail("--quarantine-findings needs --quarantine")
+    if quarantine is not None:
+        from pipelines.clean.quarantine import check_quarantine_names
+
+        try:
+            check_quarantine_names(listed)
+        except ValueError as e:
+            _fail(f"--quarantine: {e}")
     if findings and not (weights / "findings.json").is_file():
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
     from pipelines.clean.notes import run_notes

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from pipelines.clean.inputs import holds_files, list_inputs
 from pipelines.clean.notes import run_notes
+from pipelines.clean.quarantine import check_quarantine_names
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
@@ -97,6 +98,11 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
                                             "folder? only tables and notes, which a folder's listing skips: give "
                                             "a manifest itself as the source)")
     quarantine = str(relative_name(body.quarantine)) if body.quarantine is not None else None
+    if quarantine is not None and source.is_file():
+        try:
+            check_quarantine_names(rows)
+        except ValueError as e:
+            raise ApiError(400, "invalid_manifest", str(e)) from None
     # refused now, not when the job runs; 422: a policy the schema lists that these weights cannot run
     if body.policy is not None:
         try:
