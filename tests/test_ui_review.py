@@ -218,14 +218,19 @@ def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
         assert {r.get("error", "'=1+1") for r in rows} == {"'=1+1"}
 
 
-def test_the_coco_export_loads_and_holds_corrected_boxes_and_negatives(tmp_path):
+def test_the_coco_export_holds_corrected_boxes_and_negatives_and_leaves_out_a_cervix_without_a_box(tmp_path):
+    """b/none.jpg, found no cervix in by the model and relabelled regular without a box, was
+    exported as a photo without a cervix: a detector trained on the export learned the miss
+    that review corrected (an audit)."""
     rows, reviews = _reviewed(tmp_path)
+    rows = [*rows, (5, _record("c/empty.jpg", Label.NO_CERVIX))]
     path = tmp_path / "boxes.json"
     path.write_text(coco_of(rows, reviews).model_dump_json())
     ds = load_coco(path)
     assert validate_coco(ds) == []
     boxes = ds.boxes_by_file("cervix")
-    assert boxes == {"a/reg.jpg": [[12, 8, 48, 52]], "a/green.jpg": [[20, 20, 60, 60]], "b/none.jpg": []}
+    assert boxes == {"a/reg.jpg": [[12, 8, 48, 52]], "a/green.jpg": [[20, 20, 60, 60]], "c/empty.jpg": []}
+    assert ds.info["left_out_cervix_without_box"] == 1
 
 
 def test_a_final_class_without_a_cervix_has_no_box():

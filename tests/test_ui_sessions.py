@@ -305,7 +305,7 @@ def test_apply_after_an_undo_takes_the_photo_out_of_the_undone_labels_folder(ser
         assert len(copies) == (1 if step == "decision" else 0), (step, copies)
 
 
-def test_a_box_outside_the_photo_is_refused(server):
+def test_a_box_outside_the_photo_or_on_a_photo_labelled_no_cervix_is_refused(server):
     job = _finished_job(server, "set")
     c, csrf = _signed_in(server)
     item = re.search(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text).group(1)
@@ -315,6 +315,13 @@ def test_a_box_outside_the_photo_is_refused(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_box"
     r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "purple"}, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 422
+    # on a photo labelled no_cervix a box was stored, said saved, and dropped by every export (an audit)
+    decide = lambda body: c.post(f"/ui/jobs/{job}/items/{item}/decision", json=body,  # noqa: E731
+                                 headers={"X-CSRF-Token": csrf})
+    assert decide({"label": "no_cervix"}).status_code == 200
+    r = decide({"box": [1, 1, 20, 20]})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "label_first", r.text
+    assert decide({"label": "regular"}).status_code == 200 and decide({"box": [1, 1, 20, 20]}).status_code == 200
 
 
 def test_review_is_applied_only_once_its_job_has_finished(server):

@@ -79,17 +79,26 @@ def coco_of(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Reviewed]) 
     """Boxes for `cervixqc train-detector`: file names relative to the job's folder, one
     `cervix` box per photo that shows one (the reviewer's where corrected), photos finally
     labelled no_cervix kept without a box (the detector's hard negatives), unreadable ones
-    left out. Each image carries its sha256, as the project's own box files do."""
+    left out, and so are photos finally showing a cervix without a box (the model found none
+    and the reviewer relabelled it without drawing one): as box-less images they taught the
+    detector that no cervix is there, the very miss review corrected (an audit); counted in
+    `info.left_out_cervix_without_box`. Each image carries its sha256, as the project's own
+    box files do."""
     ds = CocoDataset(categories=[CocoCategory(id=1, name=CERVIX)],
                      info={"description": "cervixqc review export", "version": "1.0"})
+    unboxed = 0
     for image_id, (item, r) in enumerate(rows, 1):
         cls, box = final_of(r, reviews.get(item))
         if cls == "unreadable" or r.width is None or r.height is None:
+            continue
+        if box is None and cls != "no_cervix":
+            unboxed += 1
             continue
         ds.images.append(CocoImage(id=image_id, file_name=r.path, width=r.width, height=r.height,
                                    sha256=r.sha256))
         if box is not None:
             ds.annotations.append(make_annotation(len(ds.annotations) + 1, image_id, 1, box))
+    ds.info["left_out_cervix_without_box"] = unboxed
     return ds
 
 

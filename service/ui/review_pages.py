@@ -176,6 +176,11 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise ApiError(400, "invalid_box", f"a box must satisfy 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}, "
                                                "to 0.1 px")
+        if final_of(record, state.reviews.reviewed(job_id, item).get(item))[0] == "no_cervix":
+            # stored, said "Saved", then dropped by every export, which exported the photo as one
+            # without a cervix (an audit)
+            raise ApiError(409, "label_first", "this photo is labelled no_cervix: label it regular, green or iodine "
+                                               "first, then draw its box")
         field, new, model = "box", new_box, record.cervix_box
     try:
         d = state.reviews.decide(job_id, item, record.path, session.who, field, model, new, body.seen)
