@@ -242,6 +242,26 @@ def test_a_final_class_without_a_cervix_has_no_box():
     assert class_of("non_regular", None) == "non_regular"
 
 
+def test_applying_review_leaves_another_photos_copy_that_holds_the_rows_name(tmp_path):
+    """Two rows, one quarantine name (here `..` mirrored as `__`; `A.JPG` and `a.jpg` on a
+    quarantine that ignores case): relabelling one moved the other photo's copy into its new
+    label folder under its name, and that photo's own bytes were never quarantined (an audit)."""
+    store, j = _reviews(tmp_path)
+    root, q = tmp_path / "data" / "m", tmp_path / "q"
+    (root / "__").mkdir(parents=True)
+    (root.parent / "x.jpg").write_bytes(b"photo A")
+    (root / "__" / "x.jpg").write_bytes(b"photo B")
+    rows = [(1, _judged(root, "../x.jpg", Label.NON_REGULAR, "green")),
+            (2, _judged(root, "__/x.jpg", Label.NON_REGULAR, "green"))]
+    (q / "non_regular" / "__").mkdir(parents=True)
+    (q / "non_regular" / "__" / "x.jpg").write_bytes(b"photo A")  # the first row's copy took the name
+    store.decide(j, 2, "__/x.jpg", "key-1", "label", "green", "no_cervix")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [tmp_path.resolve()])
+    assert (done.added, done.removed, done.others) == (1, 0, 1)
+    assert (q / "non_regular" / "__" / "x.jpg").read_bytes() == b"photo A"
+    assert (q / "no_cervix" / "__" / "x.jpg").read_bytes() == b"photo B"
+
+
 def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp_path):
     rows, reviews = _reviewed(tmp_path)
     root, q = tmp_path / "data", tmp_path / "q"
@@ -346,7 +366,8 @@ def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_
     76 of 80), and Apply said only "0 added, 70 removed"."""
     root, q = tmp_path / "data", tmp_path / "q"
     root.mkdir()
-    rows = [(1, _record("green.jpg", Label.NON_REGULAR, "green")), (2, _record("reg.jpg", Label.REGULAR))]
+    copied = hashlib.sha256(b"the job's copy").hexdigest()  # the photo the job judged and copied
+    rows = [(1, _record("green.jpg", Label.NON_REGULAR, "green", sha256=copied)), (2, _record("reg.jpg", Label.REGULAR))]
     (q / "non_regular").mkdir(parents=True)
     (q / "non_regular" / "green.jpg").write_bytes(b"the job's copy")  # its original is gone, as is reg.jpg's
     store, j = _reviews(tmp_path)

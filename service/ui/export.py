@@ -110,6 +110,20 @@ class Applied:
     outside: int = 0  # reviewed into a quarantined label, but the file is outside the data roots: not copied
     missing: int = 0  # reviewed into a quarantined label, no copy to move and no original to copy
     changed: int = 0  # reviewed into a quarantined label, but the file's bytes are not those the job judged
+    others: int = 0  # a copy under this row's name holds another photo (two rows, one name): left as it is
+
+
+def _is_copy_of(copy: Path, r: QCResult, original: Path) -> bool:
+    """Whether the file at a row's quarantine name is that row's photo: a hard link to the
+    original, or the bytes the job judged. Two rows can share one name (`A.JPG` and `a.jpg`
+    on a quarantine that ignores case; `..` mirrored as `__`), and Apply moved or deleted the
+    other photo's copy (an audit). A row without a sha256 cannot tell, and is taken as it was."""
+    try:
+        if original.exists() and os.path.samefile(copy, original):
+            return True
+        return r.sha256 is None or sha256_file(copy) == r.sha256
+    except OSError:
+        return False
 
 
 def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
@@ -130,12 +144,18 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
         if item not in reviews:
             continue
         final, _ = label_and_kind(final_of(r, reviews[item])[0])
+        original = on_disk(root, r.path)
         # every label folder but the final one loses its copy, not only the model's: a second
         # Apply after another change of mind left the first one's copy behind, and a photo
         # changed back to the model's label never got its copy again
-        stale = [copy for label in QUARANTINED
+        named = [copy for label in QUARANTINED
                  if label != final and (copy := quarantine_path(qdir, label, r.path)).is_file()]
+        stale = [copy for copy in named if _is_copy_of(copy, r, original)]
+        done.others += len(named) - len(stale)
         target = quarantine_path(qdir, final, r.path) if final in QUARANTINED else None
+        if target is not None and target.is_file() and not _is_copy_of(target, r, original):
+            done.others += 1  # its place holds another photo: this one keeps the copies it has
+            continue
         if target is not None and not target.is_file():
             if stale:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +163,6 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                 flush_folder(target.parent)
                 done.removed += 1
             else:
-                original = on_disk(root, r.path)
                 if not original.is_file():
                     done.missing += 1
                     continue
@@ -162,6 +181,6 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
             copy.unlink(missing_ok=True)
             done.removed += 1
     log.info("review applied to %s: %d copies added, %d removed, %d outside the data roots not copied, "
-             "%d without an original or a copy, %d changed since the job not copied", qdir, done.added, done.removed,
-             done.outside, done.missing, done.changed)
+             "%d without an original or a copy, %d changed since the job not copied, %d names holding another "
+             "photo left", qdir, done.added, done.removed, done.outside, done.missing, done.changed, done.others)
     return done

@@ -78,7 +78,7 @@ def review_page(request: Request, job_id: str, session: UiSession, state: State,
     filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
     # only the counts apply-review's redirect writes: any other text in a link would have shown
     # on our page as the service's own message ("Applied: call this number ...")
-    applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})-(\d{1,12})(?:-(\d{1,12})-(\d{1,12}))?",
+    applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})-(\d{1,12})(?:-(\d{1,12})-(\d{1,12}))?(?:-(\d{1,12}))?",
                            request.query_params.get("applied", ""))
     return page(request, "review.html", session, job=job, grid=grid, q=q, t=t, query=filters,
                 applied=applied.groups() if applied else None)
@@ -238,6 +238,6 @@ def apply(job_id: str, session: UiPost, state: State):
                        f"Apply stopped: the quarantine cannot be written ({e.strerror}); "
                        "what it moved or copied so far stays: Apply again once it can") from None
     # to the result, not the top of 48 cards: its status line was below them, unseen and unread
-    counts = f"{done.added}-{done.removed}-{done.missing}-{done.outside}-{done.changed}"
+    counts = f"{done.added}-{done.removed}-{done.missing}-{done.outside}-{done.changed}-{done.others}"
     return RedirectResponse(f"/ui/jobs/{job_id}/review?applied={counts}#exports",
                             status_code=303)
