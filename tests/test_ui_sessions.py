@@ -396,3 +396,29 @@ def test_the_job_forms_refusal_of_an_empty_source_says_what_is_wrong(server):
     r = c.post("/ui/jobs", data={"csrf": csrf, "source": ""})
     assert r.status_code == 200 and "source: String should have at least 1 character" in r.text, r.text[-600:]
     assert "errors.pydantic.dev" not in r.text
+
+
+def test_a_refused_job_form_keeps_the_quarantine_typed_and_marks_the_field_at_fault(server):
+    """The quarantine came back empty after any refusal: a Start after fixing the source ran
+    the job without it, its flagged photos copied nowhere; a quarantine's error was marked on
+    the source field (an audit)."""
+    c, csrf = _signed_in(server)
+    r = c.post("/ui/jobs", data={"csrf": csrf, "source": "no-such-folder", "quarantine": "clinic-a"})
+    assert r.status_code == 200 and 'name="quarantine" value="clinic-a"' in r.text, r.text[-800:]
+    assert re.search(r'id="source"[^>]*aria-invalid="true"', r.text)
+    r = c.post("/ui/jobs", data={"csrf": csrf, "source": "set", "quarantine": "../up"})
+    assert 'name="quarantine" value="../up"' in r.text
+    assert re.search(r'id="quarantine"[^>]*aria-invalid="true"', r.text)
+    assert not re.search(r'id="source"[^>]*aria-invalid="true"', r.text)
+
+
+
+def test_the_review_filters_source_options_send_the_folder_name_as_it_is(server, data_root):
+    """An option without a value sends its text with spaces collapsed and trimmed: a folder
+    `clinic  A` was filtered as `clinic A`, and its photos hidden from a filtered review (an audit)."""
+    (data_root / "spaced" / "clinic  A").mkdir(parents=True)
+    (data_root / "spaced" / "clinic  A" / "ok.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    job = _finished_job(server, "spaced")
+    c, _ = _signed_in(server)
+    assert '<option value="clinic  A"' in c.get(f"/ui/jobs/{job}/review").text
+    assert "1 image" in c.get(f"/ui/jobs/{job}/review", params={"source": "clinic  A"}).text

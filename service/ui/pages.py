@@ -40,9 +40,15 @@ async def upload(request: Request, session: UiPost, state: State) -> QCResponse:
     return await qc_upload(request, state)
 
 
-def _jobs_page(request: Request, session: Session, state: ServiceState, error: str | None = None, source: str = ""):
+def _jobs_page(request: Request, session: Session, state: ServiceState, error: str | None = None, source: str = "",
+               quarantine: str = ""):
+    """The form as it was sent, its error marked on the field it is about: the quarantine
+    came back empty after a refusal, and a Start after fixing the source ran the job with
+    no quarantine, its flagged photos copied nowhere (an audit)."""
+    about_quarantine = error is not None and error.startswith("quarantine")  # relative_name's, quarantine_in_use
     return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
-                error=error, roots=[str(r) for r in state.settings.data_roots], source=source)
+                error=error, roots=[str(r) for r in state.settings.data_roots], source=source,
+                quarantine=quarantine, invalid=None if error is None else "quarantine" if about_quarantine else "source")
 
 
 @router.get("/jobs")
@@ -57,11 +63,11 @@ def start_job(request: Request, session: UiPost, state: State, source: str = For
     try:
         create_job(JobCreate(source=source, quarantine=quarantine or None), state)
     except ApiError as e:
-        return _jobs_page(request, session, state, e.message, source)
+        return _jobs_page(request, session, state, e.message, source, quarantine)
     except ValidationError as e:  # pydantic: an empty source; its last line was a link to pydantic's docs
-        return _jobs_page(request, session, state, validation_message(e), source)
+        return _jobs_page(request, session, state, validation_message(e), source, quarantine)
     except ValueError as e:
-        return _jobs_page(request, session, state, str(e).splitlines()[0], source)
+        return _jobs_page(request, session, state, str(e).splitlines()[0], source, quarantine)
     return RedirectResponse("/ui/jobs", status_code=303)
 
 
