@@ -151,7 +151,7 @@ def test_sign_out_ends_the_session_and_needs_its_token(server):
     assert r.status_code == 303 and r.headers["location"] == "/ui/login" and "cervixqc_session=" in r.headers["set-cookie"]
 
 
-def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages(tmp_path):
+def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages_and_a_sign_out_then_holds(tmp_path):
     """Two keys, a session each; restarted with one key only (same state, same signing
     secret), the other key's session gets sign-in, not the pages."""
     from service.ui.session import COOKIE
@@ -174,6 +174,15 @@ def test_a_key_taken_out_of_the_settings_loses_its_signed_in_pages(tmp_path):
         assert kept.status_code == 200
         assert dropped.status_code == 303 and dropped.headers["location"].startswith("/ui/login")
         assert httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[other]}).status_code == 401
+        # signed out meanwhile: revoked, though not live (a copy opened the pages once the key
+        # was back: an audit)
+        assert httpx.post(f"{srv.url}/ui/logout", cookies={COOKIE: cookies[other]}).status_code == 303
+    finally:
+        srv.kill()
+    srv = start_server(work, weights, api_keys=f"{API_KEY},{other}")  # the key back
+    try:
+        again = httpx.get(f"{srv.url}/ui/jobs", cookies={COOKIE: cookies[other]}, headers={"Accept": "text/html"})
+        assert again.status_code == 303 and again.headers["location"].startswith("/ui/login")
     finally:
         srv.kill()
 

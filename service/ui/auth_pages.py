@@ -60,6 +60,12 @@ async def logout(request: Request):
     except ApiError as e:
         if e.status != 401:  # a live session with a wrong token: refused as any POST
             raise
+        # not live now, but signed by us (its key taken out of the settings): revoked all the
+        # same, or a copy of its cookie opened the pages again once the key was back (an audit).
+        # No CSRF check: it ends a session that opens nothing at present
+        dormant = signer(request).read(request.cookies.get(COOKIE))
+        if dormant is not None:
+            signer(request).revoke(dormant)
     else:
         signer(request).revoke(session)  # a copy of the cookie signs in no more
     response = RedirectResponse("/ui/login", status_code=303)
