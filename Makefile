@@ -106,5 +106,9 @@ demo: install
 image-check:
 	bash tests/deploy/image_check.sh
 
+# The installed environment and the test caches only. .cache/ stays: by default it holds the
+# service's state (jobs.sqlite, job results, review decisions, quarantine copies, the session
+# secret), the API key and `make weights`' extracted photos and trained runs; `make clean` took
+# all of them with it (an audit). Remove what you mean to by hand.
 clean:
-	rm -rf .venv .tools .cache .pytest_cache .hypothesis
+	rm -rf .venv .tools .pytest_cache .hypothesis

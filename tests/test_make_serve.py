@@ -124,3 +124,17 @@ def test_keys_a_site_sets_replace_the_generated_one(tmp_path):
         assert "api-key is not read" in log.read_text()
         # a misspelt setting is said once (the settings are read before uvicorn starts and by the app: twice)
         assert log.read_text().count("CERVIXQC_POLICI: no such setting") == 1, log.read_text()
+
+
+def test_make_clean_keeps_the_services_state_the_key_and_the_training_data(tmp_path):
+    """`make serve` keeps jobs.sqlite, results, quarantine copies and the key under .cache/, and
+    `make weights` its photos and runs: `make clean` removed them all (an audit)."""
+    import shutil
+
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    for folder in (".venv", ".pytest_cache", ".cache/service", ".cache/real-data"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / ".cache" / "api-key").write_text("k" * 24)
+    subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / ".pytest_cache").exists()
+    assert sorted(p.name for p in (tmp_path / ".cache").iterdir()) == ["api-key", "real-data", "service"]
