@@ -27,3 +27,15 @@ def test_table6_says_how_many_photos_had_no_box_and_which_weights_each_row_is():
     assert "<td>2</td><td>6</td></tr>" in page and "<td>2</td><td>?</td></tr>" in page  # crops scored, left out
     assert "6 photos had no box (4 green, 2 iodine) and are in none of its figures" in page
     assert "ResNeSt, 32x32, test, weights abababababab" in page
+
+
+def test_a_run_of_a_few_crops_leaves_its_t_sne_out_rather_than_failing_the_report():
+    """scikit-learn refuses a perplexity >= the points: a site's val split of 2 crops failed the
+    whole report, exit 2 (an audit)."""
+    from pipelines.evaluation.report import tsne
+
+    run = _run("val", [1, 0], [0.9, 0.1]) | {"features": np.random.default_rng(0).normal(size=(2, 8)),
+                                             "kinds": np.array([1, 0])}
+    assert "too few to map" in tsne(run)
+    many = run | {"features": np.random.default_rng(0).normal(size=(12, 8)), "kinds": np.arange(12) % 3}
+    assert "data:image/png;base64," in tsne(many)

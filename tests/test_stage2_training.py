@@ -89,7 +89,8 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
                                  "--split", "val"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
-    assert set(report) == {"overall", "left_out_without_box", "model_sha256", "card"} | set(crops["val"].sources)
+    assert set(report) == {"overall", "left_out_without_box", "model_sha256", "card", "manifest_sha256",
+                           "coco_sha256"} | set(crops["val"].sources)
     assert report["model_sha256"] == json.loads(Path(card_path).read_text())["sha256"]
     assert report["left_out_without_box"] == {}
     _, card = load_weights(card_path)
@@ -164,6 +165,14 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(tmp_path / "half.csv"), "--coco",
                             str(coco), "-o", str(tmp_path / "other.html")])
     assert r.exit_code == 2 and "photos the eval scored are not its rows" in r.output, r.output
+    # two evals of one split over different manifests (a re-split): one Table 6, unsaid (an audit)
+    for card, rows in ((sad, manifest), (res, tmp_path / "half.csv")):
+        r = runner.invoke(app, ["eval", str(card), str(rows), "--coco", str(coco), "-o", str(tmp_path / "mixed"),
+                                "--split", "val"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", str(tmp_path / "mixed"), "--manifest", str(manifest), "--coco", str(coco),
+                            "-o", str(tmp_path / "mixed.html")])
+    assert r.exit_code == 2 and "the 'val' evals scored different manifests" in r.output, r.output
     # a damaged scores file and a folder as -o: named, not tracebacks
     r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco),
                             "-o", str(tmp_path)])

@@ -73,8 +73,26 @@ def load_runs(eval_dir: Path) -> list[dict]:
         if missing:
             raise ValueError(f"{f}: not a `cervixqc eval` scores file (no {', '.join(missing)})")
         runs.append(run)
+    _refuse_mixed_inputs(runs)
     order = {"classifier": 0, "deep_sad": 1}
     return sorted(runs, key=lambda r: (order.get(str(r["model"]), 2), int(r["input_size"])))
+
+
+def _refuse_mixed_inputs(runs: list[dict]) -> None:
+    """Runs of one split that scored other manifests or box files (the split of another seed,
+    a detector's boxes beside the checked ones) are not one comparison: they stood side by
+    side in Table 6 under one split name, unsaid (an audit). Files from before `eval`
+    recorded its inputs cannot tell and are taken as they are."""
+    for key, what in (("manifest_sha256", "manifests"), ("coco_sha256", "box files")):
+        by_split: dict[str, dict[str, str]] = {}
+        for run in runs:
+            if key in run:
+                by_split.setdefault(str(run.get("split", "")), {})[str(run[key])] = run["file"]
+        for split, files in by_split.items():
+            if len(files) > 1:
+                raise ValueError(f"the {split!r} evals scored different {what} ({', '.join(sorted(files.values()))}): "
+                                 "a report compares runs of one manifest and box file; put the others in another "
+                                 "folder")
 
 
 def left_out(run: dict) -> dict[str, int] | None:
@@ -145,10 +163,15 @@ def curves(runs: list[dict]) -> str:
     return _png(fig, "ROC and precision-recall curves")
 
 
+TSNE_MIN_POINTS = 10
+
+
 def tsne(run: dict, max_points: int = 1500, seed: int = 0) -> str:
     from sklearn.manifold import TSNE
 
     feats = run["features"]
+    if len(feats) < TSNE_MIN_POINTS:  # scikit-learn refused 2 points, and the whole report failed (an audit)
+        return f"<p>t-SNE of {html.escape(_label(run))}: left out, {len(feats)} crops are too few to map</p>"
     idx = np.random.default_rng(seed).permutation(len(feats))[:max_points]
     emb = TSNE(n_components=2, init="pca", perplexity=min(30, max(2, len(idx) // 4)), random_state=seed).fit_transform(feats[idx])
     plt = _plt()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from models.io import sha256_file
 from pipelines.data.crop_set import KIND_INDEX, CropSet, split_crops
 from pipelines.data.manifest import load_manifest
 from pipelines.evaluation.classification import metrics_by_group
@@ -52,15 +53,19 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the photos and boxes scored, by content: the report sets runs side by side only when
+    # they scored the same (two re-splits of one collection passed as one "test": an audit)
+    scored_on = {"manifest_sha256": sha256_file(manifest), "coco_sha256": sha256_file(coco)}
     write_json(out_dir / f"{stem}_metrics.json",
-               report | {"left_out_without_box": left_out, "model_sha256": card.sha256, "card": str(card_path)})
+               report | {"left_out_without_box": left_out, "model_sha256": card.sha256, "card": str(card_path)}
+               | scored_on)
     # Everything the report needs, so it never reruns a model; the photos left out for want of
     # a box too (the report showed sensitivity 1.000 where 6 of 11 positives had none: an audit)
     np.savez_compressed(out_dir / f"{stem}_scores.npz", y=y, kinds=crops.kinds.numpy(),
                         sources=np.array(crops.sources), paths=np.array(crops.paths),
                         threshold=threshold_of(card), model=card.name, input_size=card.input_size[0],
                         split=split, model_sha256=card.sha256, left_out_kinds=np.array(list(left_out), dtype=str),
-                        left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scores)
+                        left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scored_on, **scores)
     return report, left_out
 
 
