@@ -317,6 +317,36 @@ def test_export_command_refuses_unknown_models_and_missing_cards(exported, tmp_p
     assert not list(fresh.glob("*.openvino.*")) and not (tmp_path / "out").exists()
 
 
+def test_an_export_stopped_between_its_renames_leaves_a_folder_that_loads_and_a_killed_ones_work_goes(
+        exported, tmp_path, monkeypatch):
+    """Stopped after the new .bin was renamed in, the old card stood over it and every start
+    refused the folder; a killed export's work folder stayed in the weights folder for good
+    (an audit)."""
+    from pipelines.engine.weights_folder import check_weights
+
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    killed = folder / ".exporting-killed"
+    killed.mkdir()
+    (killed / "detector.openvino.bin").write_bytes(b"half a model")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
+    model, card = load_detector(folder / "detector.json")
+    real_replace = os.replace
+
+    def full_disk_at_the_xml(src, dst):
+        if str(dst).endswith("detector.openvino.xml"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_xml)
+    with pytest.raises(OSError):
+        openvino_runtime.export("detector", model, card, folder, folder / "detector.json")  # f16: another .bin
+    monkeypatch.undo()
+    check_weights(folder)  # not refused: no card, so no export; the engine converts the detector itself
+    assert not (folder / "detector.openvino.json").exists() and not killed.exists()
+    assert not list(folder.glob(".exporting-*"))
+
+
 def test_openvino_conversion_cannot_send_telemetry():
     """openvino-telemetry sends conversion statistics unless opted out; the lock leaves it out
     (pyproject's override) so OpenVINO's converter falls back to its no-op stub."""

@@ -149,6 +149,7 @@ def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_c
     # written and checked in a work folder beside, then renamed into place with the card last:
     # written in place, a Ctrl-C, kill or full disk during the save or the parity check left
     # the old card over new files, and every start refused the folder until it was exported again
+    _sweep_stale_work(out_dir, ".exporting-*")  # a killed export's (its `finally` never ran)
     work = Path(tempfile.mkdtemp(prefix=".exporting-", dir=out_dir))
     try:
         xml = work / f"{name}.openvino.xml"
@@ -168,6 +169,10 @@ def export(name: str, model: nn.Module, card: ModelCard, out_dir: Path, source_c
             parity_inputs=f"uniform noise {list(check.shape)}, seed 1; OpenVINO at f32",
             versions={"openvino": ov.__version__, "torch": torch.__version__}, command=command)
         card_path(work, name).write_text(export_card.model_dump_json(indent=2) + "\n")
+        # the old card goes first: stopped between the renames, the old card stood over a new
+        # .bin and every start refused the folder (an audit); without a card the files are
+        # not an export, and the engine converts the model itself
+        card_path(out_dir, name).unlink(missing_ok=True)
         for done in (binf, xml, card_path(work, name)):
             os.replace(done, out_dir / done.name)
     finally:
@@ -281,12 +286,13 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _sweep_stale_work(root: Path, older_than_s: float = 3600.0) -> None:
-    """Work folders of a conversion whose process was killed (SIGKILL; the `finally` below never
-    ran): each stayed in the cache for good, 49 MB in the audit that found them. A live
-    conversion takes a minute at most, so an hour-old one is nobody's."""
+def _sweep_stale_work(root: Path, pattern: str = ".converting-*", older_than_s: float = 3600.0) -> None:
+    """Work folders of a conversion (or an export, `.exporting-*` in a weights folder) whose
+    process was killed (SIGKILL; the `finally` never ran): each stayed for good, 49 MB in the
+    audit that found them. A live conversion takes a minute at most, so an hour-old one is
+    nobody's."""
     cutoff = time.time() - older_than_s
-    for work in root.glob(".converting-*"):
+    for work in root.glob(pattern):
         try:
             if work.is_dir() and work.stat().st_mtime < cutoff:
                 shutil.rmtree(work, ignore_errors=True)
