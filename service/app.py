@@ -46,7 +46,7 @@ from service.settings import Settings, findings_card_missing
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
-from service.ui.deps import SignInNeeded, page, wants_page
+from service.ui.deps import SignInNeeded, browser_form, page, wants_page
 from service.ui.headers import PageHeaders
 from service.ui.job_views import JobViews
 from service.ui.session import RevokedSessions, SessionSigner, load_secret
@@ -153,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         async def handler(request: Request, e: Exception) -> Response:
             shown = status_and_message(e)
-            if shown is not None and wants_page(request) and route_path(request.scope).startswith("/ui/"):
+            if (shown is not None and (wants_page(request) or browser_form(request))
+                    and route_path(request.scope).startswith("/ui/")):
                 return page(request, "error.html", None, status_code=shown[0], status=shown[0], message=shown[1])
             return await as_json(request, e)
 

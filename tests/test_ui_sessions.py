@@ -431,3 +431,15 @@ def test_the_review_filters_source_options_send_the_folder_name_as_it_is(server,
     c, _ = _signed_in(server)
     assert '<option value="clinic  A"' in c.get(f"/ui/jobs/{job}/review").text
     assert "1 image" in c.get(f"/ui/jobs/{job}/review", params={"source": "clinic  A"}).text
+
+
+def test_a_pages_form_refused_gets_a_page_and_a_script_keeps_its_json(server):
+    """An expired session, Apply on a job running again or a full quarantine answered a
+    browser's form with raw JSON (an audit)."""
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    with httpx.Client(base_url=server.url) as c:  # not signed in: a session expired meanwhile
+        r = c.post("/ui/jobs/0123456789abcdef/apply", data={"csrf": "x"}, headers=browser)
+        assert r.status_code == 401 and r.headers["content-type"].startswith("text/html"), r.text[:300]
+        assert "sign in" in r.text
+        r = c.post("/ui/jobs/0123456789abcdef/apply", data={"csrf": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

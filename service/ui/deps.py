@@ -41,6 +41,15 @@ def wants_page(request: Request) -> bool:
     return request.method == "GET" and "text/html" in request.headers.get("accept", "")
 
 
+def browser_form(request: Request) -> bool:
+    """A page's own form sent by a browser (Apply, Cancel, Start job, sign out): its refusal is
+    shown as a page too. An expired session, Apply on a job running again or a full quarantine
+    answered the form with raw JSON (an audit). The pages' scripts send JSON, and keep it."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return (request.method == "POST" and kind in ("application/x-www-form-urlencoded", "multipart/form-data")
+            and "text/html" in request.headers.get("accept", ""))
+
+
 def current_session(request: Request) -> Session:
     """A page without a session redirects to sign-in; a script's request (JSON, POST) gets 401.
     A session stands only while the key it signed in with is still configured: the signing
