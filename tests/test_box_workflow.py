@@ -187,3 +187,21 @@ def test_fixes_match_dot_slash_names_and_name_an_unknown_action_and_file_in_one_
         read_fixes(p, {"a.jpg", "b.jpg"})
     assert "line 2: unknown action 'delete': box or none" in str(err.value)
     assert "line 3: 'nope.jpg' is not in the proposals" in str(err.value)
+
+
+def test_the_detectors_proposals_and_boxes_refuse_a_card_without_its_threshold_not_run_at_half(tmp_path):
+    """`propose-boxes`, `detect` and `eval-detector` read a missing `score` threshold as 0.5 and
+    wrote boxes at it, unsaid, where the engine refused the card (an audit)."""
+    from models.io import WeightsIntegrityError, load_weights, save_weights
+    from pipelines.engine.detector import detect_to_coco, load_detector, top_box_fn
+    from tests.qc_fixtures import tiny_weights
+
+    folder = tiny_weights(tmp_path / "w", 0.0)
+    state, card = load_weights(folder / "detector.json")
+    save_weights(state, folder / "detector", card.model_copy(update={"thresholds": {"scor": 0.3}}))
+    with pytest.raises(WeightsIntegrityError, match="has no 'score' threshold \\(it has: scor\\)"):
+        top_box_fn(folder / "detector.json")
+    model, card = load_detector(folder / "detector.json")
+    with pytest.raises(WeightsIntegrityError, match="no 'score' threshold"):
+        detect_to_coco(model, card, [], [])
+    assert top_box_fn(folder / "detector.json", min_score=0.3) is not None  # a threshold given: taken

@@ -1,6 +1,8 @@
 """The two_of_three policy: a crop is non-regular when two of Deep SAD, ResNeSt and the
 crop-colour scorer say so; it exists only where the weights folder carries the colour model."""
 
+import re
+
 import pytest
 
 from pipelines.engine.config import QCConfig
@@ -74,3 +76,30 @@ def test_clean_refuses_the_vote_before_any_engine_starts_where_the_weights_lack_
                                  "--policy", "two_of_three", "--engine", "ray"])
     assert r.exit_code != 0 and "colour.json" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_card_without_the_threshold_the_engine_reads_is_refused_by_the_preflight_and_the_engine(tmp_path):
+    """A misspelt threshold key, or a colour model of another crop size, passed `serve`'s and
+    Ray's preflight (check_weights); the colour card's also the engine's start, and then failed
+    every cervix photo with a traceback (an audit)."""
+    import shutil
+
+    from models.io import WeightsIntegrityError, load_weights, save_weights
+    from pipelines.engine.weights_folder import check_weights
+
+    base = tiny_weights(tmp_path / "w", 0.0, presence_threshold=0.5, colour_threshold=0.5)
+    for name, update, said in (
+            ("colour", {"thresholds": {"probabilty": 0.5}}, "colour.json: cannot load it (ValueError: no 'probability'"),
+            ("colour", {"config": {"hist_bins": 8, "crop_side": 64}}, "crop_side 64"),
+            ("deep_sad", {"thresholds": {"dist": 1.0}}, "deep_sad.json: cannot load it (ValueError: no 'distance'"),
+            ("presence", {"thresholds": {}}, "presence.json: cannot load it (ValueError: no 'score' threshold (it "
+                                             "has: none)")):
+        folder = tmp_path / f"{name}-{len(str(update))}"
+        shutil.copytree(base, folder)
+        state, card = load_weights(folder / f"{name}.json")
+        save_weights(state, folder / name, card.model_copy(update=update))
+        with pytest.raises(WeightsIntegrityError, match=re.escape(said)):
+            check_weights(folder, exports=False)
+        with pytest.raises(WeightsIntegrityError, match=re.escape(said.split(" (")[0] if "crop_side" not in said
+                                                                   else said)):
+            QCPipeline(folder, QCConfig(runtime="torch"))

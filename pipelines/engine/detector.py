@@ -16,7 +16,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, load_weights
+from models.io import ModelCard, WeightsIntegrityError, load_weights
 from pipelines.data.detection import CocoDetection, collate
 
 
@@ -25,6 +25,16 @@ def load_detector(card_path: str | Path, device: str | torch.device = "cpu") -> 
     model = build_detector(DetectorConfig(**card.config))
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def score_threshold(card: ModelCard) -> float:
+    """The card's confidence threshold, as the engine reads it: `detect`, `propose-boxes` and
+    `eval-detector` fell back to 0.5 on a card without one, and wrote boxes at it unsaid
+    where the engine refused the card (an audit)."""
+    if "score" not in card.thresholds:
+        raise WeightsIntegrityError(f"the {card.name} card has no 'score' threshold (it has: "
+                                    f"{', '.join(card.thresholds) or 'none'})")
+    return card.thresholds["score"]
 
 
 @torch.inference_mode()
@@ -217,7 +227,7 @@ def detect_to_coco(model: nn.Module, card: ModelCard, files: Sequence[Path], nam
     from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
     from pipelines.data.images import load_rgb
 
-    threshold = card.thresholds.get("score", 0.5) if min_score is None else min_score
+    threshold = score_threshold(card) if min_score is None else min_score
     label = card.classes.index(CERVIX) + 1 if CERVIX in card.classes else 1
     images, anns, unreadable = [], [], []
     dev = torch.device(device)
@@ -259,7 +269,7 @@ def top_box_fn(card_path: str | Path, min_score: float | None = None, device: st
     from pipelines.data.images import load_rgb
 
     model, card = load_detector(card_path, device)
-    threshold = card.thresholds.get("score", 0.5) if min_score is None else min_score
+    threshold = score_threshold(card) if min_score is None else min_score
     dev = torch.device(device)
 
     def detect(path) -> Proposal:

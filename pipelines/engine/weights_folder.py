@@ -110,15 +110,29 @@ def decision_of(policy: str, cards: Iterable[ModelCard | None], findings: Findin
             "site_calibrated": sorted(c.name for c in voting if "site_calibration" in c.metrics)}
 
 
+# the threshold each model's card must hold, as the engine reads it
+THRESHOLD_KEYS = {"detector": "score", "deep_sad": "distance", "classifier": "probability", "presence": "score",
+                  COLOUR_CARD.removesuffix(".json"): "probability"}
+
+
 def folder_cards(weights: Path) -> dict[str, ModelCard]:
     """The verified cards of every model a weights folder holds: the three the engine needs,
-    and presence and colour where present. Each failure a WeightsIntegrityError naming its card."""
+    and presence and colour where present, each with the threshold the engine reads (a
+    misspelt key passed `serve`'s check, then failed its start or every photo: an audit).
+    Each failure a WeightsIntegrityError naming its card."""
     cards = {}
-    for name in ("detector", "deep_sad", "classifier", "presence", COLOUR_CARD.removesuffix(".json")):
+    for name, key in THRESHOLD_KEYS.items():
         card = weights / f"{name}.json"
         if name in ("detector", "deep_sad", "classifier") or card.is_file():
             with loading(card):
                 cards[name] = in_role(verified_card(card), card)
+                if key not in cards[name].thresholds:
+                    raise ValueError(f"no {key!r} threshold (it has: {', '.join(cards[name].thresholds) or 'none'})")
+                if name == "classifier" and not cards[name].input_size:
+                    raise ValueError("no input_size")
+                if name == COLOUR_CARD.removesuffix(".json") and cards[name].config.get("crop_side", 32) != 32:
+                    raise ValueError(f"crop_side {cards[name].config['crop_side']}: the engine scores colour on the "
+                                     "32 px crops Deep SAD reads")
     return cards
 
 

@@ -15,7 +15,7 @@ from pipelines.data.detection import CocoDetection
 from pipelines.data.images import load_rgb
 from pipelines.data.manifest import REPORT_ROWS
 from pipelines.data.schema import on_disk
-from pipelines.engine.detector import predict_dataset
+from pipelines.engine.detector import predict_dataset, score_threshold
 from pipelines.evaluation.coco_map import evaluate_detections, presence
 from pipelines.outputs import write_json
 
@@ -42,7 +42,7 @@ def evaluate_detector(model: torch.nn.Module, mcard: ModelCard, ds: CocoDetectio
                       sources: dict[int, str] | None = None) -> dict:
     coco = ds.coco
     preds = predict_dataset(model, ds, torch.device(device), batch_size)
-    threshold = mcard.thresholds.get("score", 0.5)
+    threshold = score_threshold(mcard)
 
     def figures(ids: set[int]) -> dict:
         sub = CocoDataset(images=[im for im in coco.images if im.id in ids],
