@@ -215,6 +215,14 @@ def test_export_card_names_its_source_and_a_stale_or_altered_export_is_refused(e
     (folder / "deep_sad.openvino.bin").unlink()  # read "sha256 missing does not match" (an audit)
     with pytest.raises(WeightsIntegrityError, match=r"deep_sad.openvino.bin is missing; refusing to load: run"):
         QCPipeline(folder, QCConfig())
+    # a card naming an intact copy as its .bin: that one was hashed, the damaged .bin beside the
+    # .xml loaded (an audit)
+    shutil.copy(exported / "deep_sad.openvino.bin", folder / "pristine.bin")
+    (folder / "deep_sad.openvino.bin").write_bytes(b"\0" * 64)
+    sad = openvino_runtime.ExportCard.model_validate_json((exported / "deep_sad.openvino.json").read_text())
+    (folder / "deep_sad.openvino.json").write_text(sad.model_copy(update={"bin": "pristine.bin"}).model_dump_json())
+    with pytest.raises(WeightsIntegrityError, match=r"names deep_sad.openvino.xml and pristine.bin for 'deep_sad'"):
+        QCPipeline(folder, QCConfig())
 
 
 def test_a_damaged_export_card_is_named_in_the_weights_folder_and_in_the_conversion_cache(exported, first_conversion,
