@@ -103,3 +103,26 @@ def test_a_card_without_the_threshold_the_engine_reads_is_refused_by_the_preflig
         with pytest.raises(WeightsIntegrityError, match=re.escape(said.split(" (")[0] if "crop_side" not in said
                                                                    else said)):
             QCPipeline(folder, QCConfig(runtime="torch"))
+
+
+def test_an_optional_card_that_is_a_dangling_link_or_a_folder_is_refused_not_taken_as_absent(tmp_path):
+    """presence.json or colour.json as a dangling link (a weights folder copied without the
+    link's target) read as no card: stage 0 or the colour vote switched off, unsaid (an audit)."""
+    import shutil
+
+    from models.io import WeightsIntegrityError
+    from pipelines.engine.weights_folder import check_weights
+
+    base = tiny_weights(tmp_path / "w", 0.0, presence_threshold=0.5, colour_threshold=0.5)
+    for name, broken in (("presence.json", "link"), ("colour.json", "folder"), ("findings.json", "link")):
+        folder = tmp_path / f"{name}-{broken}"
+        shutil.copytree(base, folder)
+        (folder / name).unlink(missing_ok=True)
+        if broken == "link":
+            (folder / name).symlink_to(tmp_path / "gone.json")
+        else:
+            (folder / name).mkdir()
+        with pytest.raises(WeightsIntegrityError, match=re.escape(f"{name}: not a file")):
+            check_weights(folder, exports=False)
+        with pytest.raises(WeightsIntegrityError, match=re.escape(f"{name}: not a file")):
+            QCPipeline(folder, QCConfig(runtime="torch"))

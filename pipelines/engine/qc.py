@@ -43,7 +43,7 @@ from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, Label, Policy, QCResult, policies_for
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
-from pipelines.engine.weights_folder import best_policy, decision_of, in_role, loading
+from pipelines.engine.weights_folder import best_policy, decision_of, in_role, loading, present
 
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")
@@ -125,12 +125,12 @@ class QCPipeline:
         # optional stage 0: without it the detector's threshold alone decides no_cervix
         with loading(weights / "presence.json"):
             self.presence, self.pres_card = (load_presence(weights / "presence.json", self.det_card)
-                                             if (weights / "presence.json").is_file() else (None, None))
+                                             if present(weights / "presence.json") else (None, None))
             self.presence_threshold = self.pres_card.thresholds["score"] if self.pres_card else 0.0
         # optional third stage-2 scorer (the crop's colour), for the two_of_three policy
         self.policies: tuple[Policy, ...] = policies_for(weights)
         with loading(weights / COLOUR_CARD):
-            self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if (weights / COLOUR_CARD).is_file()
+            self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if present(weights / COLOUR_CARD)
                                              else (None, None))
             if self.colour is not None:  # a misspelt threshold or another crop size failed every photo (an audit)
                 threshold_of(self.colour_card)
@@ -140,7 +140,7 @@ class QCPipeline:
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")
-                                  if self.cfg.findings and (weights / "findings.json").is_file() else None)
+                                  if self.cfg.findings and present(weights / "findings.json") else None)
         calibrated_on = ((self.findings_card.metrics.get("data") or {}).get("weights_detector_sha256")
                          if self.findings_card is not None else None)
         if calibrated_on not in (None, self.det_card.sha256):  # still usable, so said rather than refused

@@ -82,6 +82,18 @@ def loading(card: Path) -> Iterator[None]:
         raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
 
 
+def present(card: Path) -> bool:
+    """Whether an optional card (presence, colour, findings) is there. A dangling link or a
+    folder under its name read as no card: stage 0, the colour vote or the findings were
+    switched off, unsaid (an audit)."""
+    if card.is_file():
+        return True
+    if card.is_symlink() or card.exists():
+        raise WeightsIntegrityError(f"{card}: not a file (a dangling link? a folder?): put the card there, or "
+                                    "remove the name")
+    return False
+
+
 def in_role(card: ModelCard | None, path: Path) -> ModelCard | None:
     """A weights folder's card under its own file name. The classifier's card copied over
     deep_sad.json ran the classifier as Deep SAD at a site, unsaid, and Deep SAD's as
@@ -123,7 +135,7 @@ def folder_cards(weights: Path) -> dict[str, ModelCard]:
     cards = {}
     for name, key in THRESHOLD_KEYS.items():
         card = weights / f"{name}.json"
-        if name in ("detector", "deep_sad", "classifier") or card.is_file():
+        if name in ("detector", "deep_sad", "classifier") or present(card):
             with loading(card):
                 cards[name] = in_role(verified_card(card), card)
                 if key not in cards[name].thresholds:
@@ -142,7 +154,7 @@ def decision_for(weights: Path, policy: str | None) -> dict:
     cards = folder_cards(weights)
     sad, cls, colour = cards["deep_sad"], cards["classifier"], cards.get(COLOUR_CARD.removesuffix(".json"))
     findings = None
-    if (weights / "findings.json").is_file():  # as the engine reads it (`QCConfig.findings` on)
+    if present(weights / "findings.json"):  # as the engine reads it (`QCConfig.findings` on)
         with loading(weights / "findings.json"):
             findings = load_findings_card(weights / "findings.json")
     return decision_of(policy or best_policy(sad, cls, colour), cards.values(), findings)
@@ -158,7 +170,7 @@ def check_weights(weights: Path, exports: bool = True) -> None:
         mismatch = other_detector(weights / "presence.json", cards["presence"], cards["detector"])
         if mismatch:
             raise WeightsIntegrityError(mismatch)
-    if (weights / "findings.json").is_file():
+    if present(weights / "findings.json"):
         with loading(weights / "findings.json"):
             load_findings_card(weights / "findings.json")
     if exports:
