@@ -306,22 +306,29 @@ def test_the_active_jobs_gauge_counts_every_queued_and_running_job_at_each_scrap
     assert float(scrape()) == 3
 
 
-def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tmp_path):
-    """A job stopped by a restart with new weights went on under them: its results mixed two
-    models' labels, and nothing said which rows were whose."""
+def _photos_store_engine(tmp_path, n: int):
+    """What a job runner's test needs: a folder of n distinct photos, a job store, and an engine
+    on tiny weights."""
     from pipelines.engine.config import QCConfig
     from pipelines.engine.qc import QCPipeline
-    from service.gate import EngineGate
-    from service.jobs.runner import JobRunner
-    from service.metrics import Metrics
     from tests.qc_fixtures import fuzz_set, tiny_weights
 
     root = tmp_path / "photos"
     root.mkdir()
-    for i in range(3):
+    for i in range(n):
         (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
-    store = JobStore(tmp_path / "jobs.sqlite")
     engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    return root, JobStore(tmp_path / "jobs.sqlite"), engine
+
+
+def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tmp_path):
+    """A job stopped by a restart with new weights went on under them: its results mixed two
+    models' labels, and nothing said which rows were whose."""
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+
+    root, store, engine = _photos_store_engine(tmp_path, 3)
     begun, fresh, older, recalibrated, unrecorded, carded, uncarded = (
         store.create(str(root), None, "resnest", tmp_path / "out") for _ in range(7))
     store.claim_models(begun.id, json.dumps({"detector": "0" * 64}))  # as the weights before the restart
@@ -795,19 +802,11 @@ def test_a_job_whose_batch_fails_as_the_service_stops_is_left_to_resume_not_fail
     on the engine then failed, and its job was marked failed, to be retried by hand (an audit)."""
     import threading
 
-    from pipelines.engine.config import QCConfig
-    from pipelines.engine.qc import QCPipeline
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner
     from service.metrics import Metrics
-    from tests.qc_fixtures import fuzz_set, tiny_weights
 
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(4):
-        (root / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + bytes([i]))
-    store = JobStore(tmp_path / "jobs.sqlite")
-    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    root, store, engine = _photos_store_engine(tmp_path, 4)
     on_engine, closed = threading.Event(), threading.Event()
 
     def run_batch(paths, names, policy):  # the second batch is on the engine when the service stops
