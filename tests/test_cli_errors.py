@@ -164,6 +164,37 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
     (tmp_path / "ev" / "results.csv").write_bytes(manifest.read_bytes())
     r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "ev" / "results.csv"), "-o", str(tmp_path / "ev")])
     assert r.exit_code == 2 and "is the input" in r.output, r.output[-500:]
+    # more outputs that were inputs, or another program's files, each written over it, exit 0 (an audit)
+    (tmp_path / "s_val.json").write_bytes(coco.read_bytes())  # named as split writes its val boxes beside -o
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("file,action,x1,y1,x2,y2,note\n")
+    run_folder = tmp_path / "run"  # a clean run's results folder
+    run_folder.mkdir()
+    (run_folder / "state.sqlite").write_bytes(b"")
+    foreign = tmp_path / "foreign"  # another program's results
+    foreign.mkdir()
+    (foreign / "results.csv").write_text("my,own,results\n")
+    trained = tmp_path / "trained"  # a training run's folder
+    trained.mkdir()
+    (trained / "deep_sad.json").write_text("{}")
+    protected = {p: p.read_bytes() for p in (tmp_path / "s_val.json", fixes, run_folder / "state.sqlite",
+                                             foreign / "results.csv", trained / "deep_sad.json")}
+    for args, said in [
+        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(tmp_path / "s_val.json")], "is the input"),
+        (["propose-boxes", str(manifest), "-o", str(manifest)], "is the input"),
+        (["fix-boxes", str(coco), str(fixes), "-o", str(fixes)], "is the input"),
+        (["duplicates", str(run_folder), "-o", str(run_folder / "state.sqlite")], "one of the clean run's own files"),
+        (["eval-duplicates", str(manifest), "-o", str(manifest), "--weights", str(tmp_path)], "is the input"),
+        (["report", str(tmp_path), "--manifest", str(manifest), "-o", str(manifest)], "is the input"),
+        (["clean", str(tmp_path), "-o", str(foreign), "--weights", str(tmp_path)], "holds results.csv but no state"),
+        (["eval-pipeline", str(manifest), "-o", str(foreign), "--weights", str(tmp_path)], "that no eval-pipeline"),
+        (["calibrate-stage2", str(manifest), "-o", str(trained), "--weights", str(tiny_weights(tmp_path / "w", 0.0))],
+         "of a training run"),
+        (["detect", str(tmp_path / "w" / "detector.json"), str(manifest), "-o", str(manifest)], "is the input"),
+    ]:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and said in r.output, (args, r.exit_code, r.output[-500:])
+    assert {p: p.read_bytes() for p in protected} == protected and manifest.read_bytes() == before[manifest]
     # and clean's: results.csv fed back as a manifest with -o its own folder was replaced by the results
     for name in ("results.csv", "duplicates.csv"):
         (tmp_path / name).write_bytes(manifest.read_bytes())

@@ -87,6 +87,11 @@ def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
             if (out_dir / name).is_file() and os.path.samefile(out_dir / name, src):
                 raise ValueError(f"--out {out_dir}: the run writes its {name}, which is the source manifest {src}; "
                                  "write the results elsewhere")
+    foreign = [n for n in OUTPUT_FILES if (out_dir / n).exists()] if not (out_dir / "state.sqlite").exists() else []
+    if foreign:  # another program's results.csv or summary.json was replaced, exit 0 (an audit)
+        raise ValueError(f"--out {out_dir} holds {', '.join(foreign)} but no state.sqlite: not a clean run's results "
+                         "folder, and they would be replaced; choose another --out")
+    if src.is_file():
         return
     root = src.resolve()
     for name, folder in (("--out", out_dir), ("--quarantine", quarantine)):

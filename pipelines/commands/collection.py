@@ -90,10 +90,11 @@ def propose_boxes_cmd(
     from pipelines.data.manifest import ManifestError, load_manifest
 
     from models.io import WeightsIntegrityError
-    from pipelines.commands.common import require_writable
+    from pipelines.commands.common import not_an_input, require_writable
 
     # outputs checked before the photos are read: a --sheets that was a file failed after the
-    # proposals were written (an audit)
+    # proposals were written (an audit); -o naming the manifest or the detector's card replaced it
+    not_an_input("--out", out, manifest, detector)
     require_writable("--out", out, file=True, keep=False)
     if sheets is not None:
         require_writable("--sheets", sheets, keep=False)
@@ -141,8 +142,14 @@ def fix_boxes_cmd(
     from pipelines.data.box_sheets import draw_sheets
     from pipelines.data.coco import CocoError, load_coco, save_coco
 
+    from pipelines.commands.common import not_an_input, require_writable
+
     if not fixes.is_file():  # exit 1 with the OS's words (an audit)
         _fail(f"{fixes}: no such file")
+    not_an_input("--out", out, proposals, fixes)  # a reviewer's fixes were replaced by the boxes (an audit)
+    require_writable("--out", out, file=True, keep=False)  # before the output: a bad --sheets left it written
+    if sheets is not None:
+        require_writable("--sheets", sheets, keep=False)
     try:
         ds = load_coco(proposals)
         ds, counts = apply_fixes(ds, read_fixes(fixes, {im.file_name for im in ds.images}),

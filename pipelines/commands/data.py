@@ -158,6 +158,9 @@ def split(
         _fail("--merge-duplicates needs --duplicates")
     # a folder of that name was exit 1 naming a temporary file, after the split (an audit)
     not_an_input("--out", out, manifest, coco, duplicates)
+    if coco is not None:  # the box files written beside -o: one named as the input replaced it (an audit)
+        for name in ("train", "val", "test", *(f"fold{k}" for k in range(folds or 0))):
+            not_an_input("--coco's box file", out.parent / f"{out.stem}_{name}.json", coco)
     manifest_output("--out", out)
     # each was an ordinary split without a word: a --fold without --folds, shares under folds
     if fold is not None and folds is None:

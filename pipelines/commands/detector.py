@@ -140,12 +140,13 @@ def detect_cmd(
                                                        help="Default: the card's threshold.")] = None,
 ) -> None:
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
-    from pipelines.commands.common import _manifest, device_or_fail, require_writable
+    from pipelines.commands.common import _manifest, device_or_fail, not_an_input, require_writable
     from pipelines.data.coco import save_coco
     from pipelines.data.manifest import rebased
     from pipelines.engine.detector import detect_to_coco
 
     device = device_or_fail(device)
+    not_an_input("--out", out, manifest, card)  # the manifest was replaced by the boxes, exit 0 (an audit)
     require_writable("--out", out, file=True)
     df = _manifest(manifest)
     model, mcard = _detector(card, device)

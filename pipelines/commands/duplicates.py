@@ -68,6 +68,11 @@ def duplicates_cmd(
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
         _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")
+    from pipelines.clean.run import OUTPUT_FILES
+
+    if clean_folder and out.resolve() in {(src / name).resolve() for name in OUTPUT_FILES}:
+        # its state.sqlite or results.csv was replaced by the table, exit 0 (an audit)
+        _fail(f"-o {out} is one of the clean run's own files: write the table elsewhere")
     if images is not None and not images.is_dir():  # a wrong one read nothing and fell back to keys, unsaid
         _fail(f"--images {images} is not a folder: give the folder the run cleaned")
     if clean_folder:
@@ -169,6 +174,12 @@ def eval_duplicates_cmd(
     from pipelines.evaluation.duplicates_eval import sweep as run_sweep
 
     cfg = _config(max_phash_distance, max_crop_distance, min_cosine, verify_k)
+    # before the engine pass: -o naming the manifest replaced it after the pass, and a folder or
+    # a path under a file failed there, naming a temporary file (an audit)
+    not_an_input("-o", out, split_csv)
+    require_writable("-o", out, file=True, keep=False)
+    if records_out is not None:
+        require_writable("--records-out", records_out, keep=False)
     df = _split_manifest(split_csv)
     df = df[df["split"] == split].reset_index(drop=True)
     if df.empty:

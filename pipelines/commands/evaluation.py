@@ -71,6 +71,10 @@ def eval_pipeline_cmd(
     device = device_or_fail(device)
     for written in ("results.csv", "pipeline_metrics.json"):
         not_an_input("--out", out / written, manifest)
+    if (out / "results.csv").exists() and not (out / "pipeline_metrics.json").exists():
+        # a clean run's results folder: its results.csv was replaced by the evaluation's (an audit)
+        _fail(f"--out {out} holds a results.csv that no eval-pipeline wrote (a clean run's?): write into another "
+              "folder")
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
     df = _rows(manifest, split)
@@ -193,6 +197,12 @@ def _calibration_output(out: Path) -> None:
     if (out / "detector.json").exists():
         _fail(f"-o {out} is a weights folder: its cards would be replaced, and the figures on them with them; "
               "write into another folder and copy the cards into a copy of the weights folder")
+    trained = [n for n in ("deep_sad.json", "classifier.json", "colour.json") if (out / n).exists()]
+    if trained and not (out / "stage2_calibration.json").exists():
+        # a training run's folder: its card was replaced by one of other weights, which then no
+        # longer described the safetensors beside it (an audit)
+        _fail(f"-o {out} holds {', '.join(trained)} of a training run, not of a calibration: write into another "
+              "folder")
     if (out / "stage2_calibration.json").exists():
         typer.echo(f"{out} holds an earlier calibration: this run replaces its files", err=True)
 
