@@ -238,3 +238,29 @@ def test_a_precision_the_torch_runtime_does_not_take_is_said_not_ignored(capsys)
     _check_runtime("openvino", "bf16")
     _check_runtime("torch", "auto")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args, said", [
+    (["train-detector", "t.json", "v.json", "-o", "run", "--lr", "inf"], "--lr must be a number > 0"),
+    (["train-detector", "t.json", "v.json", "-o", "run", "--max-steps", "0"], "--max-steps"),
+    (["train-detector", "t.json", "v.json", "-o", "run", "--size", "0"], "--size"),
+    (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--eta", "-1"], "--eta must be a number > 0"),
+    (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--marks", "nan"], "--marks must be a number"),
+    (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--synthesise", "5"], "and <= 1"),
+    (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--marks", "2"], "--marks must be a number"),
+    (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--size", "0"], "--size"),
+    (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--batch-size", "0"], "--batch-size"),
+    (["train-colour", "m.csv", "--coco", "c.json", "-o", "run", "--c", "nan"], "need --c > 0"),
+])
+def test_a_training_number_out_of_range_or_not_finite_is_refused_before_any_work(tmp_path, monkeypatch, args, said):
+    """Click's ranges let nan and inf through: --lr inf exported a detector of NaN weights, exit
+    0; --max-steps 0 an untrained one; --eta -1 weighted the labelled anomalies negatively;
+    --marks 2 failed in NumPy after the pretraining, naming no option (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, r.output[-400:]
+    assert not (tmp_path / "run").exists()

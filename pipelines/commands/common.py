@@ -163,6 +163,18 @@ def require_writable(option: str, path: Path, file: bool = False, keep: bool = T
         _fail(str(e))
 
 
+def number_in(option: str, value: float | None, low: float, high: float = float("inf"), above: bool = False) -> None:
+    """A number option checked where Click's ranges let nan and inf through: `--lr inf`
+    trained a detector of NaN weights, exit 0, and `--marks 2` failed in NumPy after the
+    autoencoder's pretraining, naming no option (an audit). None: not given."""
+    if value is None:
+        return
+    if value != value or value in (float("inf"), float("-inf")) or not (
+            (value > low if above else value >= low) and value <= high):
+        upper = "" if high == float("inf") else f" and <= {high:g}"
+        _fail(f"{option} must be a number {'>' if above else '>='} {low:g}{upper}, not {value}")
+
+
 def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
     """An output that is one of the command's own inputs, refused before any work: `-o`
     naming the manifest, label sheet, box file or duplicates table being read replaced it

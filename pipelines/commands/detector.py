@@ -18,7 +18,7 @@ def train_detector_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoint, log, detector.safetensors/.json.")],
     arch: Annotated[str, typer.Option(help="retinanet | fasterrcnn | fcos")] = "retinanet",
     backbone: Annotated[str, typer.Option(help="resnet50 | resnet34 | resnet18 | mobilenet_v3_large")] = "resnet50",
-    size: Annotated[int, typer.Option(help="Input size: the long side is resized to this.")] = 512,
+    size: Annotated[int, typer.Option(min=32, help="Input size: the long side is resized to this.")] = 512,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 2e-4,
@@ -32,7 +32,7 @@ def train_detector_cmd(
     init_from: Annotated[Optional[Path], typer.Option(
         help="A detector card of ours to start from (same architecture; its --size may differ), e.g. one "
              "trained on synthetic data.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap steps per epoch (smoke runs).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
     fpn_channels: Annotated[int, typer.Option(
         help="FPN and RetinaNet head width (torchvision: 256; at 128 the head does a quarter of the arithmetic, "
@@ -46,8 +46,11 @@ def train_detector_cmd(
     Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ... (each rank exits
     at the end of training; rank 0 logs the exported card instead of the lines below)."""
     from models.detector import DetectorConfig
+    from pipelines.commands.common import number_in
     from pipelines.training.detector import DetectorTrainConfig, train_detector
 
+    number_in("--lr", lr, 0.0, above=True)
+    number_in("--extra-ratio", extra_ratio, 0.0)
     training_output(out, "detector.json", resume)
     if (extra_coco is None) != (extra_ratio == 0):  # either alone trained without the extra set, unsaid
         _fail("--extra-ratio without --extra-coco mixes in nothing" if extra_coco is None else

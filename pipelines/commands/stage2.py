@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import RunFolder, _fail, require_writable, trained_on, training_output
+from pipelines.commands.common import RunFolder, _fail, number_in, require_writable, trained_on, training_output
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -15,6 +15,12 @@ Seed = Annotated[int, typer.Option(help="Seeds the weights' start, the shuffles 
 AllowUnboxed = Annotated[bool, typer.Option(
     help="Leave out cervix photos without a box (a detector's box file: its misses), counted on the card; "
          "else such a photo is an error.")]
+
+
+def _check_numbers(lr: float, synthesise: float, marks: float) -> None:
+    number_in("--lr", lr, 0.0, above=True)
+    number_in("--synthesise", synthesise, 0.0, 1.0)
+    number_in("--marks", marks, 0.0, 1.0)
 
 
 def _stage2_config(out: Path, epochs: int, batch_size: int, lr: float, target_sensitivity: Optional[float],
@@ -74,6 +80,9 @@ def train_deep_sad_cmd(
     allow_unboxed: AllowUnboxed = False,
 ) -> None:
     """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
+    _check_numbers(lr=lr, synthesise=synthesise, marks=marks)
+    number_in("--weight-decay", weight_decay, 0.0)
+    number_in("--eta", eta, 0.0, above=True)  # -1 weighted the labelled anomalies negatively, exit 0 (an audit)
     training_output(out, "deep_sad.json", resume)
     import torch
 
@@ -98,10 +107,10 @@ def train_resnest_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest with a split column.")],
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
     out: RunFolder,
-    size: Annotated[int, typer.Option(help="Input size: 224 or 32, as the paper compares.")] = 224,
+    size: Annotated[int, typer.Option(min=32, help="Input size: 224 or 32, as the paper compares.")] = 224,
     arch: Annotated[str, typer.Option(help="timm name; resnest50d as the paper.")] = "resnest50d",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 100,
-    batch_size: Annotated[Optional[int], typer.Option(help="Default: 256 at 32 px, 64 at 224 px.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Default: 256 at 32 px, 64 at 224 px.")] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 5e-4,
     imagenet_weights: Annotated[Optional[Path], typer.Option(help="Local timm weights file.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(
@@ -118,6 +127,7 @@ def train_resnest_cmd(
     allow_unboxed: AllowUnboxed = False,
 ) -> None:
     """ResNeSt50 with the paper's recipe; binary and kind heads; threshold chosen on val."""
+    _check_numbers(lr=lr, synthesise=synthesise, marks=marks)
     training_output(out, "classifier.json", resume)
     import timm
     import torch
@@ -175,7 +185,7 @@ def train_colour_cmd(
 ) -> None:
     """The crop-colour scorer (a logistic regression on the 32 px crop's colour histogram), the
     third vote of the two_of_three policy; threshold chosen on the val split."""
-    if c <= 0 or copies < 1 or not 0 <= synthesise <= 1:
+    if not (c > 0 and copies >= 1 and 0 <= synthesise <= 1) or c == float("inf"):  # nan fails every comparison
         _fail("need --c > 0, --copies >= 1 and 0 <= --synthesise <= 1")
     training_output(out, "colour.json", one_shot=True)
     if (extra_manifest is None) != (extra_coco is None):
