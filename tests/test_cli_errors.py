@@ -264,3 +264,20 @@ def test_a_training_number_out_of_range_or_not_finite_is_refused_before_any_work
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, r.output[-400:]
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_detector_refuses_bad_options_in_one_line_before_the_benchmark(tmp_path):
+    """An unknown arch, batch sizes `a,b` or `0`, an unknown device, a missing box file: each a
+    traceback, and a bad --out was found only after the whole benchmark (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    for args, said in ((["--arch", "nope"], "unknown detector 'nope'"), (["--batch-sizes", "a,b"], "positive integers"),
+                       (["--batch-sizes", "0"], "positive integers"), (["--device", "bogus"], "is not a device"),
+                       (["-o", str(tmp_path / "a-file" / "x.json")], "--out")):
+        r = CliRunner().invoke(app, ["bench-detector", str(tmp_path / "missing.json"), *args])
+        assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, (args, r.output[-300:])
+    r = CliRunner().invoke(app, ["bench-detector", str(tmp_path / "missing.json")])
+    assert r.exit_code == 2 and "missing.json" in r.output

@@ -178,10 +178,23 @@ def bench_detector_cmd(
 ) -> None:
     """Detector inference images/s per batch size and training images/s, side by side."""
     from models.detector import DetectorConfig
+    from pipelines.commands.common import device_or_fail, require_writable
+    from pipelines.data.coco import CocoError, load_coco
     from pipelines.evaluation.detector_bench import bench_detector
 
-    cfg = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size)
-    result = bench_detector(cfg, coco, n_images, [int(b) for b in _csv(batch_sizes)], device=device)
+    # each of these was a traceback, the output's only after the whole benchmark (an audit)
+    sizes = _csv(batch_sizes)
+    if not sizes or not all(b.isdigit() and int(b) > 0 for b in sizes):
+        _fail(f"--batch-sizes must be positive integers, comma-separated, not {batch_sizes!r}")
+    device = device_or_fail(device)
+    if out is not None:
+        require_writable("--out", out, file=True, keep=False)
+    try:
+        cfg = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size)
+        load_coco(coco)
+    except (ValueError, CocoError, OSError) as e:
+        _fail(str(e))
+    result = bench_detector(cfg, coco, n_images, [int(b) for b in sizes], device=device)
     typer.echo(json.dumps(result, indent=2))
     if out is not None:
         write_json(out, result)
