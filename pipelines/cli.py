@@ -42,6 +42,9 @@ def _root(threads: Annotated[Optional[int], typer.Option(
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter("must be >= 1", param_hint="--threads")
+        limit = 4 * (os.cpu_count() or 1)  # 99999 ran the process out of memory maps, exit 139 (an audit)
+        if threads > limit:
+            raise typer.BadParameter(f"must be <= {limit} (4 per core here)", param_hint="--threads")
         import torch
 
         torch.set_num_threads(threads)

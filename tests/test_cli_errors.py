@@ -281,3 +281,17 @@ def test_bench_detector_refuses_bad_options_in_one_line_before_the_benchmark(tmp
         assert r.exit_code == 2 and said in r.output and "Traceback" not in r.output, (args, r.output[-300:])
     r = CliRunner().invoke(app, ["bench-detector", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "missing.json" in r.output
+
+
+def test_a_synth_ratio_or_a_thread_count_that_cannot_be_is_refused_in_one_line(tmp_path):
+    """`synth --ratio nan` was a traceback from int(nan); `--threads 99999` ran the process out
+    of memory maps, exit 139 (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["synth", str(tmp_path / "s"), "--preset", "tiny", "-n", "2", "--ratio", "nan"])
+    assert r.exit_code == 2 and "ratio (regular : non-regular) must be a positive number" in r.output, r.output
+    assert not (tmp_path / "s").exists()
+    r = CliRunner().invoke(app, ["--threads", "99999", "stats", str(tmp_path / "m.csv")])
+    assert r.exit_code == 2 and "--threads" in r.output and "4 per core" in r.output, r.output

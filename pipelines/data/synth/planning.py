@@ -29,8 +29,8 @@ class SynthConfig:
     def __post_init__(self) -> None:
         if self.n_images < 1:
             raise ValueError("n_images must be at least 1")
-        if self.ratio <= 0:
-            raise ValueError("ratio (regular : non-regular) must be positive")
+        if not 0 < self.ratio < float("inf"):  # nan passed `<= 0` and failed in int(), a traceback (an audit)
+            raise ValueError("ratio (regular : non-regular) must be a positive number")
         if not 0 <= self.no_cervix_fraction < 1:
             raise ValueError("no_cervix_fraction must be in [0, 1)")
         unknown = set(self.sources) - set(SOURCES)
