@@ -196,13 +196,21 @@ def test_validate_finds_what_training_would_refuse_in_a_manifest_and_its_box_fil
     assert r.exit_code == 2 and "none.png: no such file" in r.output, r.output
 
 
-def test_synth_refuses_a_size_it_cannot_make_before_writing(tmp_path):
-    for value in ("-1", "0"):
+def test_synth_refuses_a_size_it_cannot_make_before_writing_and_makes_the_size_asked_for(tmp_path):
+    for value in ("-1", "0", "1e9", "nan"):
         r = runner.invoke(app, ["synth", str(tmp_path / "x"), "-n", "5", "--megapixels", value, "--workers", "1"])
         assert r.exit_code == 2 and "--megapixels must be at least 0.01" in r.output, r.output
         assert "Traceback" not in r.output and not (tmp_path / "x").exists()
     r = runner.invoke(app, ["synth", str(tmp_path / "x"), "-n", "5", "--workers", "0"], env={"COLUMNS": "200"})
     assert r.exit_code == 2 and not (tmp_path / "x").exists()
+    # the size asked for, not the tiny preset's 320 px cap (0.5 MP came out 0.08 MP: an audit)
+    r = runner.invoke(app, ["synth", str(tmp_path / "mp"), "--preset", "tiny", "-n", "2", "--megapixels", "0.5",
+                            "--workers", "1", "--no-cervix-fraction", "0"])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    sizes = [Image.open(p).size for p in (tmp_path / "mp").rglob("*.jpg")]
+    assert sizes and all(abs(w * h / 0.5e6 - 1) < 0.02 for w, h in sizes), sizes
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_work_with_exit_2(tmp_path):

@@ -51,7 +51,10 @@ def synth(
         changes["sources"] = tuple(_csv(sources))
     try:
         if max_side is not None or megapixels is not None:
-            changes["size"] = SizePolicy(cfg.size.scale, max_side or cfg.size.max_side, megapixels)
+            # --megapixels alone is the size asked for: under the preset's cap (the tiny preset's
+            # 320 px) 50 MP came out 0.1 MP, and synth_config.json said 50 (an audit)
+            cap = max_side if max_side is not None else None if megapixels is not None else cfg.size.max_side
+            changes["size"] = SizePolicy(cfg.size.scale, cap, megapixels)
         cfg = replace(cfg, **changes)
     except ValueError as e:
         _fail(str(e))

@@ -19,6 +19,9 @@ CANVAS_LONG_SIDE = 320
 NO_CERVIX_SCENES = ("speculum_only", "gauze", "blurred", "black")
 
 
+MAX_MEGAPIXELS = 64.0  # past the largest phone photos; 1e9 would render one 3 GB frame per image
+
+
 @dataclass(frozen=True)
 class SizePolicy:
     """How output sizes relate to the device's native ones (tests and benches shrink them)."""
@@ -29,8 +32,9 @@ class SizePolicy:
 
     def __post_init__(self) -> None:
         # -1 was a math-domain traceback after the output folder was made; 0 made 32x32 photos
-        if self.megapixels is not None and not self.megapixels >= 0.01:
-            raise ValueError(f"--megapixels must be at least 0.01 (a 100x100 photo), got {self.megapixels}")
+        if self.megapixels is not None and not 0.01 <= self.megapixels <= MAX_MEGAPIXELS:
+            raise ValueError(f"--megapixels must be at least 0.01 (a 100x100 photo) and at most {MAX_MEGAPIXELS:g}, "
+                             f"got {self.megapixels}")
         if not self.scale > 0:
             raise ValueError(f"size scale must be positive, got {self.scale}")
 
