@@ -36,9 +36,13 @@ def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
     # refused before the split, as every output the README lists: exit 2 (it was 1, after the work)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
-    r = _cervixqc("contact-sheet", "/proc/no/such/sheet.png")  # no check of its own: main's net, exit 1
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
+    # checked before the work since 2026-12-04 (exit 1 from main's net before, naming a temporary file)
+    for args in (["contact-sheet", "/proc/no/such/sheet.png"],
+                 ["import-cvat", str(tmp_path / "m.csv"), "-o", "/proc/no/such/c.json"],
+                 ["match-boxes", str(tmp_path / "m.csv"), "--boxes", str(tmp_path / "m.csv"), "-o", "/proc/no/b.json"]):
+        r = _cervixqc(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "/proc/no" in r.stderr
 
 
 def test_predict_refuses_names_that_do_not_exist_before_the_models_load(tmp_path):

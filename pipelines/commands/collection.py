@@ -182,12 +182,13 @@ def match_boxes_cmd(
     from pipelines.data.coco import CocoError, load_coco, save_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
-    from pipelines.commands.common import not_an_input
+    from pipelines.commands.common import not_an_input, require_writable
 
     roots = list(images or [])
     if roots and len(roots) != len(boxes):
         _fail("give --images once per --boxes, or not at all")
     not_an_input("--out", out, manifest, *boxes)
+    require_writable("--out", out, file=True, keep=False)  # a folder was exit 1 naming a temporary file (an audit)
     try:
         files = [(load_coco(b), roots[i] if roots else b.parent) for i, b in enumerate(boxes)]
         ds, left_out = boxes_for_manifest(load_manifest(manifest), files)

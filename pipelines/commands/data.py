@@ -353,6 +353,7 @@ def import_cvat_cmd(
     from pipelines.data.coco import CocoError, import_cvat, save_coco
 
     not_an_input("--out", out, export)
+    require_writable("--out", out, file=True, keep=False)  # a folder was exit 1 naming a temporary file (an audit)
     try:
         ds, notes = import_cvat(export, clip_tolerance)
     except CocoError as e:
@@ -372,6 +373,7 @@ def contact_sheet_cmd(
 
     if out.suffix.lower() not in (".jpg", ".jpeg", ".png"):  # PIL's "unknown file extension" traceback
         _fail(f"{out}: write a .jpg or .png")
+    require_writable("OUT", out, file=True, keep=False)  # under a file, or a folder: exit 1, "File exists" (an audit)
     typer.echo(f"wrote {contact_sheet(out, seed)}")
 
 
