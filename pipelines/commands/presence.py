@@ -32,15 +32,17 @@ def train_presence_cmd(
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
+    from pipelines.commands.common import number_in
+
+    # nan and inf were refused by scikit-learn after the whole fit (an audit)
+    number_in("--extra-weight", extra_weight, 0.0, above=True)
+    number_in("--colour-weight", colour_weight, 0.0)
+    number_in("--zoom-weight", zoom_weight, 0.0, above=True)
     training_output(out, "presence.json", one_shot=True)
-    if extra_weight <= 0:
-        _fail("--extra-weight must be > 0")
-    if colour_weight is not None and colour_weight < 0:
-        _fail("--colour-weight must be >= 0")
     if zoom_copies is not None and zoom_copies < 0:
         _fail("--zoom-copies must be >= 0")
     for option, value in (("--c-hist", c_hist), ("--c-feat", c_feat)):  # scikit-learn's words, after the data loaded
-        if not value > 0:
+        if not 0 < value < float("inf"):
             _fail(f"{option} must be > 0 (an inverse regularisation strength), not {value:g}")
     from models.io import WeightsIntegrityError, verified_card
 
@@ -48,8 +50,6 @@ def train_presence_cmd(
         verified_card(detector, names=("detector",))
     except (WeightsIntegrityError, OSError, ValueError) as e:
         _fail(f"--detector: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if zoom_weight is not None and zoom_weight <= 0:
-        _fail("--zoom-weight must be > 0")
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
