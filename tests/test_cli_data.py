@@ -29,6 +29,10 @@ def test_synth_split_and_stats_commands_work_together(tmp_path):
     df = pd.read_csv(split, keep_default_na=False)
     assert set(df.loc[df.source == "teaching", "split"]) == {"test"}
     assert set(df.loc[df.source == "archive", "split"]) == {"val"}
+    # one source listed for train and val, too few patients to divide: val came out empty, unsaid (an audit)
+    r = runner.invoke(app, ["split", str(out / "manifest.csv"), "-o", str(tmp_path / "one.csv"), "--train-sources",
+                            "hospital", "--val-sources", "hospital", "--fractions", "0.98,0.01,0.01"])
+    assert r.exit_code == 0 and "warning: no photo in val, though sources were listed for it" in r.output, r.output
     # written into another folder than the manifest's, its paths still name the photos
     r = runner.invoke(app, ["validate", str(split)])
     assert r.exit_code == 0 and ": ok" in r.output, r.output

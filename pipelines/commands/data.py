@@ -246,6 +246,13 @@ def split(
         if empty:
             typer.echo(f"warning: no patient in {' and '.join(empty)} ({df['patient_id'].nunique()} patients in all): "
                        "a collection this small splits no further; add patients, or change --fractions", err=True)
+    elif folds is None:  # a source listed for two splits left one of them empty, unsaid (an audit)
+        empty = [name for name, listed in (("train", train_sources), ("val", val_sources), ("test", test_sources))
+                 if listed and not (df["split"] == name).any()]
+        if empty:
+            typer.echo(f"warning: no photo in {' and '.join(empty)}, though sources were listed for it: a source "
+                       "listed for two splits is divided among them by patient, and too few patients split no "
+                       "further; add patients, or list another source there", err=True)
     typer.echo(f"wrote {out}")
 
 
