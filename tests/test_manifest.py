@@ -163,6 +163,11 @@ def test_a_sheet_as_excel_saves_it_reads_as_the_table_it_shows(tmp_path):
     (tmp_path / "book.csv").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # an .xlsx renamed
     with pytest.raises(ManifestError, match="an Excel workbook"):
         load_manifest(tmp_path / "book.csv")
+    # a COCO box file given for the manifest: 23 lines of "the column appears twice" (an audit)
+    (tmp_path / "coco.json").write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}')
+    with pytest.raises(ManifestError, match="JSON \\(a COCO box file\\?\\), not a table") as e:
+        load_manifest(tmp_path / "coco.json")
+    assert len(e.value.problems) == 1
 
 
 def test_a_problem_after_a_blank_line_names_the_row_a_spreadsheet_shows(tmp_path, write_csv):

@@ -73,6 +73,10 @@ def read_table(path: Path) -> pd.DataFrame:
         if _is_workbook(path):
             raise ManifestError(str(path), [RowProblem(0, "", "an Excel workbook, not a table file: save it as "
                                                               "\"CSV UTF-8\" (Excel: Save As)")])
+        if path.suffix.lower() not in (".parquet", ".pq") and _is_json(path):
+            # a box file given for the manifest: 23 lines of "the column appears twice" (an audit)
+            raise ManifestError(str(path), [RowProblem(0, "", "JSON (a COCO box file?), not a table: give the "
+                                                              "manifest CSV or Parquet here")])
         if path.suffix.lower() in (".parquet", ".pq"):
             # nullable dtypes: a numeric id column with one null came back float, and case 7 read
             # "7.0", another patient than the CSV's "7" (and than the same sheet's rows re-exported)
@@ -127,6 +131,15 @@ def _is_workbook(path: Path) -> bool:
     except OSError:
         return False  # the read below says why
     return head.startswith(b"PK\x03\x04") or head == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError:
+        return False  # the read below says why
+    return head.startswith((b"{", b"[{", b"[\n", b"[ "))
 
 
 def _separator(path: Path) -> str:
