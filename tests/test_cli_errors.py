@@ -184,7 +184,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
     protected = {p: p.read_bytes() for p in (tmp_path / "s_val.json", fixes, run_folder / "state.sqlite",
                                              foreign / "results.csv", trained / "deep_sad.json")}
     for args, said in [
-        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(tmp_path / "s_val.json")], "is the input"),
+        (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(tmp_path / "s_val.json")],
+         "is the input"),
         (["propose-boxes", str(manifest), "-o", str(manifest)], "is the input"),
         (["fix-boxes", str(coco), str(fixes), "-o", str(fixes)], "is the input"),
         (["duplicates", str(run_folder), "-o", str(run_folder / "state.sqlite")], "one of the clean run's own files"),

@@ -89,7 +89,8 @@ def test_a_card_without_the_threshold_the_engine_reads_is_refused_by_the_preflig
 
     base = tiny_weights(tmp_path / "w", 0.0, presence_threshold=0.5, colour_threshold=0.5)
     for name, update, said in (
-            ("colour", {"thresholds": {"probabilty": 0.5}}, "colour.json: cannot load it (ValueError: no 'probability'"),
+            ("colour", {"thresholds": {"probabilty": 0.5}},
+             "colour.json: cannot load it (ValueError: no 'probability'"),
             ("colour", {"config": {"hist_bins": 8, "crop_side": 64}}, "crop_side 64"),
             ("deep_sad", {"thresholds": {"dist": 1.0}}, "deep_sad.json: cannot load it (ValueError: no 'distance'"),
             ("presence", {"thresholds": {}}, "presence.json: cannot load it (ValueError: no 'score' threshold (it "

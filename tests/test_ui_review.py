@@ -367,7 +367,8 @@ def test_a_relabelled_photo_whose_original_is_gone_keeps_its_copy_moved_and_the_
     root, q = tmp_path / "data", tmp_path / "q"
     root.mkdir()
     copied = hashlib.sha256(b"the job's copy").hexdigest()  # the photo the job judged and copied
-    rows = [(1, _record("green.jpg", Label.NON_REGULAR, "green", sha256=copied)), (2, _record("reg.jpg", Label.REGULAR))]
+    rows = [(1, _record("green.jpg", Label.NON_REGULAR, "green", sha256=copied)),
+            (2, _record("reg.jpg", Label.REGULAR))]
     (q / "non_regular").mkdir(parents=True)
     (q / "non_regular" / "green.jpg").write_bytes(b"the job's copy")  # its original is gone, as is reg.jpg's
     store, j = _reviews(tmp_path)

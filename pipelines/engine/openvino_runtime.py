@@ -205,8 +205,9 @@ def verified_export(weights: Path, name: str, source: ModelCard) -> ExportCard |
     # the files are the ones OpenVINO reads: its .xml's own .bin beside it, in this folder. A
     # card naming another .bin (or a path out) had one file hashed and another loaded (an audit)
     if (card.name, card.xml, card.bin) != (name, f"{name}.openvino.xml", f"{name}.openvino.bin"):
-        raise WeightsIntegrityError(f"{path} names {card.xml} and {card.bin} for {card.name!r}, not {name}.openvino.xml "
-                                    f"and .bin beside it; run `cervixqc export --weights {weights}` again")
+        raise WeightsIntegrityError(f"{path} names {card.xml} and {card.bin} for {card.name!r}, not "
+                                    f"{name}.openvino.xml and .bin beside it; run `cervixqc export --weights "
+                                    f"{weights}` again")
     if card.source_sha256 != source.sha256:
         raise WeightsIntegrityError(
             f"{path} was exported from other weights ({card.source_sha256[:12]}..., {source.name} is "

@@ -48,7 +48,8 @@ def _jobs_page(request: Request, session: Session, state: ServiceState, error: s
     about_quarantine = error is not None and error.startswith("quarantine")  # relative_name's, quarantine_in_use
     return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
                 error=error, roots=[str(r) for r in state.settings.data_roots], source=source,
-                quarantine=quarantine, invalid=None if error is None else "quarantine" if about_quarantine else "source")
+                quarantine=quarantine,
+                invalid=None if error is None else "quarantine" if about_quarantine else "source")
 
 
 @router.get("/jobs")
