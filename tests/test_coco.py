@@ -99,8 +99,13 @@ def test_cvat_import_refuses_boxes_far_outside_the_image(tmp_path):
 
 def test_a_file_that_is_not_coco_gets_a_clear_error(tmp_path):
     (tmp_path / "x.json").write_text('{"images": [{"id": "one"}]}')
-    with pytest.raises(CocoError, match="not a COCO detection file"):
+    with pytest.raises(CocoError, match="not a COCO detection file: images.0.id: Input should be a valid integer"):
         load_coco(tmp_path / "x.json")
+    # a CSV given for the boxes: pydantic's text, its first bytes and a link to its docs (an audit)
+    (tmp_path / "m.csv").write_text("path,kind\na.jpg,regular\n")
+    with pytest.raises(CocoError, match="not a COCO detection file: the file: Invalid JSON") as e:
+        load_coco(tmp_path / "m.csv")
+    assert "pydantic.dev" not in str(e.value) and "a.jpg" not in str(e.value)
 
 
 def test_cvat_categories_that_differ_only_in_case_or_spaces_become_one_with_all_their_boxes(tmp_path):

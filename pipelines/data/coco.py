@@ -140,6 +140,17 @@ def validate_coco(ds: CocoDataset, tolerance: float = 0.0) -> list[str]:
     return problems
 
 
+def _not_coco(e: ValueError) -> str:
+    """Why a file is not a COCO detection file, in a line per field at fault: pydantic's own
+    text ended with a link to its documentation and the file's first bytes (an audit)."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):  # json's JSONDecodeError: its message says where
+        return f"not a COCO detection file: {e}"
+    found = errors()
+    shown = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}" for err in found[:5])
+    return f"not a COCO detection file: {shown}" + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+
+
 def load_coco(path: str | Path) -> CocoDataset:
     path = Path(path)
     try:
@@ -147,7 +158,7 @@ def load_coco(path: str | Path) -> CocoDataset:
     except OSError as e:  # missing, a folder, no permission: the file named, not a traceback
         raise CocoError(str(path), [f"cannot read it ({e.strerror or type(e).__name__})"]) from None
     except ValueError as e:
-        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from e
+        raise CocoError(str(path), [_not_coco(e)]) from e
     problems = validate_coco(ds)
     if problems:
         raise CocoError(str(path), problems)
@@ -305,7 +316,7 @@ def import_cvat(path: str | Path, clip_tolerance: float = 2.0) -> tuple[CocoData
     except OSError as e:
         raise CocoError(str(path), [f"cannot read it ({e.strerror or type(e).__name__})"]) from None
     except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
-        raise CocoError(str(path), [f"not a COCO detection file: {e}"]) from None
+        raise CocoError(str(path), [_not_coco(e)]) from None
     if not ds.images:  # imported as "0 images, 0 boxes", exit 0 (an audit): the wrong export?
         raise CocoError(str(path), ["it lists no images: export the task's annotations as COCO 1.0 again"])
     notes = _merge_category_names(ds)
