@@ -157,6 +157,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["import-labels", str(labels), "--images", str(labels), "-o", str(tmp_path / "l.csv"), "--source", "s"],
          "a file, not a folder"),
         (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
+        (["validate", str(manifest), "--root", str(labels)], "--root"),  # every row's file was "missing"
+        (["synth", str(tmp_path / "sy"), "--sources", ",,"], "names no source"),  # "unknown source(s) []"
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
     ]
     for args, said in cases:

@@ -49,6 +49,8 @@ def synth(
         changes["no_cervix_fraction"] = no_cervix_fraction
     if sources:
         changes["sources"] = tuple(_csv(sources))
+        if not changes["sources"]:  # `,,` said "unknown source(s) []" (an audit)
+            _fail(f"--sources {sources!r} names no source")
     try:
         if max_side is not None or megapixels is not None:
             # --megapixels alone is the size asked for: under the preset's cap (the tiny preset's
@@ -99,6 +101,8 @@ def validate(
     from pipelines.data.coco import CocoError, load_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
+    if root is not None and not root.is_dir():  # every row's file was "missing" (an audit)
+        _fail(f"--root {root}: {'not a folder' if root.exists() else 'no such folder'}")
     try:
         df = load_manifest(manifest, root)
         if df.empty:  # "0 rows: ok", and split and stats then refused it
