@@ -124,6 +124,7 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (tmp_path / f"p{i}.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
     labels = tmp_path / "labels.csv"
     labels.write_text("file,kind,case\np0.jpg,regular,c0\n")
+    (tmp_path / "m.compared.csv").write_bytes(manifest.read_bytes())
     coco = tmp_path / "boxes.json"
     coco.write_text('{"images": [], "annotations": [], "categories": []}')
     (tmp_path / "listing.csv").write_text("file,repo,commit,path_in_repo,sha256\n")
@@ -159,6 +160,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
         (["validate", str(manifest), "--root", str(labels)], "--root"),  # every row's file was "missing"
         (["synth", str(tmp_path / "sy"), "--sources", ",,"], "names no source"),  # "unknown source(s) []"
+        # -o d.csv writes d.compared.csv beside it: a manifest of that name was replaced
+        (["duplicates", str(tmp_path / "m.compared.csv"), "-o", str(tmp_path / "m.csv")], "is the input"),
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
     ]
     for args, said in cases:

@@ -64,6 +64,7 @@ def duplicates_cmd(
         _fail(f"{src} does not exist")
     # checked before the engine runs: a folder as -o failed after every photo was read
     not_an_input("-o", out, src)
+    not_an_input("-o's list of photos compared", compared_file(out), src)  # written beside -o (an audit)
     require_writable("-o", out.resolve(), file=True)
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
