@@ -147,6 +147,9 @@ def load_card(card_path: str | Path) -> ModelCard:
     if not card.weights_file or Path(card.weights_file).name != card.weights_file:
         # a card names its file beside it: `../../elsewhere.safetensors` loaded weights from anywhere
         raise UnreadableCard(f"{card_path}: weights_file {card.weights_file!r} must be a file name in the card's folder")
+    not_numbers = sorted(k for k, v in card.thresholds.items() if v != v)
+    if not_numbers:  # a hand-written NaN: every detector box confident, or every photo no_cervix (an audit)
+        raise UnreadableCard(f"{card_path}: threshold {', '.join(not_numbers)} is not a number")
     return card
 
 

@@ -104,6 +104,16 @@ def test_a_card_without_a_sha256_is_refused(tmp_path):
         load_weights(card_path)
 
 
+def test_a_card_whose_threshold_is_not_a_number_is_refused(tmp_path):
+    """A hand-written NaN passed: every detector box counted as confident, or every photo as
+    no_cervix (an audit). A NaN written by code is null, which no card reads."""
+    card_path = save_weights({"w": torch.ones(3)}, tmp_path / "m", ModelCard(name="x", architecture="x",
+                                                                            thresholds={"score": 0.25}))
+    card_path.write_text(card_path.read_text().replace('"score": 0.25', '"score": NaN'))
+    with pytest.raises(WeightsIntegrityError, match="threshold score is not a number"):
+        load_weights(card_path)
+
+
 def test_each_loader_refuses_another_models_card_before_reading_its_weights(tmp_path):
     """The colour, presence and stage-2 loaders checked the card's name after reading the
     weights, each its own way (a training start from a detector card did not check at all)."""
