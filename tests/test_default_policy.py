@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models.io import load_card
+from models.io import ModelCard, load_card
 from pipelines.engine.config import QCConfig
 from pipelines.engine.qc import QCPipeline
 from pipelines.engine.qc_result import POLICIES
@@ -46,6 +46,12 @@ def test_the_default_policy_is_the_model_with_the_better_validation_f1(tmp_path)
     assert QCPipeline(weights, QCConfig(policy="both")).policy == "both"
     _set_val_f1(weights / "classifier.json", 0.99)
     assert QCPipeline(weights).policy == "resnest"
+    # hand-edited metrics (null, text): an AttributeError traceback outside any card's name (an audit)
+    from pipelines.engine.weights_folder import best_policy
+
+    sad, cls = (ModelCard(name=n, architecture="x", metrics={"val": None, "policy_choice": "both"})
+                for n in ("deep_sad", "classifier"))
+    assert best_policy(sad, cls) == "resnest"
 
 
 def test_the_policy_with_the_best_pipeline_f1_wins_and_a_tie_goes_to_the_simpler_decision():

@@ -35,8 +35,12 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
     its validation crops (the cards' metrics.val.f1). Ties and cards without validation
     metrics go to ResNeSt, the paper's final choice. A choice that needs the crop-colour
     scorer is read only while that very model is loaded too."""
+    def choice_of(card) -> dict:  # a hand-edited card's null or text was an AttributeError traceback (an audit)
+        choice = card.metrics.get("policy_choice")
+        return choice if isinstance(choice, dict) else {}
+
     for card in (sad_card, cls_card):
-        choice = card.metrics.get("policy_choice") or {}
+        choice = choice_of(card)
         colour_ok = choice.get("policy") not in COLOUR_POLICIES or (
             colour_card is not None and choice.get("colour_sha256") == colour_card.sha256)
         if (choice.get("policy") in POLICIES and choice.get("deep_sad_sha256") == sad_card.sha256
@@ -44,12 +48,12 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
             return choice["policy"]
 
     def val_f1(card) -> float:
-        f1 = card.metrics.get("val", {}).get("f1")  # null: undefined (no positive)
+        val = card.metrics.get("val")
+        f1 = val.get("f1") if isinstance(val, dict) else None  # null: undefined (no positive)
         return float(f1) if f1 is not None else float("-inf")
 
     fallback = "deep_sad" if val_f1(sad_card) > val_f1(cls_card) else "resnest"
-    recorded = [c.metrics["policy_choice"]["policy"] for c in (sad_card, cls_card)
-                if (c.metrics.get("policy_choice") or {}).get("policy")]
+    recorded = [choice_of(c)["policy"] for c in (sad_card, cls_card) if choice_of(c).get("policy")]
     if recorded:  # a model retrained since: the folder's default changed without a word
         log.warning("the policy recorded on the stage-2 cards (%s) was chosen for other models than these; "
                     "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
