@@ -254,6 +254,7 @@ def test_a_precision_the_torch_runtime_does_not_take_is_said_not_ignored(capsys)
     (["train-detector", "t.json", "v.json", "-o", "run", "--lr", "inf"], "--lr must be a number > 0"),
     (["train-detector", "t.json", "v.json", "-o", "run", "--max-steps", "0"], "--max-steps"),
     (["train-detector", "t.json", "v.json", "-o", "run", "--size", "0"], "--size"),
+    (["train-detector", "t.json", "v.json", "-o", "run", "--warmup", "-5"], "--warmup"),
     (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--eta", "-1"], "--eta must be a number > 0"),
     (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--marks", "nan"], "--marks must be a number"),
     (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--synthesise", "5"], "and <= 1"),

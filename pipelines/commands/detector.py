@@ -33,7 +33,7 @@ def train_detector_cmd(
         help="A detector card of ours to start from (same architecture; its --size may differ), e.g. one "
              "trained on synthetic data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(min=1, help="Cap steps per epoch (smoke runs).")] = None,
-    warmup: Annotated[int, typer.Option(help="Warm-up iterations.")] = 100,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations.")] = 100,
     fpn_channels: Annotated[int, typer.Option(
         help="FPN and RetinaNet head width (torchvision: 256; at 128 the head does a quarter of the arithmetic, "
              "and the bundled detector ran 1.8x faster in OpenVINO). With --init-from a card of another width, "
