@@ -130,7 +130,7 @@ def check_quarantine_names(inputs: Iterable[str]) -> None:
 def _same_file(a: Path, b: Path) -> bool:
     """One file, or two with the same bytes."""
     try:
-        return _same_inode(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+        return same_inode(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
     except OSError:
         return False
 
@@ -193,7 +193,7 @@ def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) 
         for folder in dict.fromkeys([s.record.label.value, *s.record.flags()]):
             target = quarantine_path(quarantine, folder, s.record.path)
             try:
-                if target.is_file() and (_same_inode(target, original) or file_stamp(target) == s.stamp):
+                if target.is_file() and (same_inode(target, original) or file_stamp(target) == s.stamp):
                     target.unlink()
             except OSError:
                 failed += 1
@@ -201,7 +201,7 @@ def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) 
         log.warning("%d quarantine copies of changed photos could not be removed", failed)
 
 
-def _same_inode(a: Path, b: Path) -> bool:
+def same_inode(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:

@@ -62,6 +62,13 @@ class Stale:
     stamp: str
 
 
+def recorded_before_findings(before: dict, now: dict) -> bool:
+    """Whether `before` (a results folder's decision, a job's models record) is `now` as a
+    cervixqc recorded it before the findings' card was part of it: taken as made under the card
+    there now, as every rerun took it then."""
+    return "findings" not in before and before == {k: v for k, v in now.items() if k != "findings"}
+
+
 def recorded_before_thresholds(before: dict, decision: dict) -> bool:
     """A decision recorded by a cervixqc that kept the policy and the models' sha256s alone,
     with this one's policy and models."""
@@ -156,9 +163,7 @@ class StateStore:
             return
         if before == decision:
             return
-        if "findings" not in before and before == {k: v for k, v in decision.items() if k != "findings"}:
-            # recorded before the findings' card was part of the decision: taken as made under
-            # this one, as every rerun took it then, and the record completed
+        if recorded_before_findings(before, decision):  # the record completed
             with self.db:
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
                                 (json.dumps(decision, sort_keys=True),))

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.data.schema import DataProblems, on_disk, path_key
+from pipelines.data.schema import DataProblems, on_disk, path_key, validation_reasons
 from pipelines.outputs import write_atomically
 
 CERVIX = "cervix"
@@ -141,14 +141,11 @@ def validate_coco(ds: CocoDataset, tolerance: float = 0.0) -> list[str]:
 
 
 def _not_coco(e: ValueError) -> str:
-    """Why a file is not a COCO detection file, in a line per field at fault: pydantic's own
-    text ended with a link to its documentation and the file's first bytes (an audit)."""
-    errors = getattr(e, "errors", None)
-    if not callable(errors):  # json's JSONDecodeError: its message says where
+    """Why a file is not a COCO detection file, a part per field at fault: pydantic's own text
+    ended with a link to its documentation and the file's first bytes (an audit)."""
+    if not isinstance(e, ValidationError):  # json's JSONDecodeError: its message says where
         return f"not a COCO detection file: {e}"
-    found = errors()
-    shown = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}" for err in found[:5])
-    return f"not a COCO detection file: {shown}" + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return f"not a COCO detection file: {validation_reasons(e, 'the file', shown=5)}"
 
 
 def load_coco(path: str | Path) -> CocoDataset:

@@ -52,6 +52,16 @@ class DataProblems(ValueError):
         super().__init__("\n".join(lines))
 
 
+def validation_reasons(e, whole: str = "card", shown: int = 0) -> str:
+    """Each field at fault in pydantic's ValidationError `e` as `where: what` (`whole` where
+    pydantic names no field); the first `shown` of them when given. Its own text begins "1
+    validation error for ...", ends with a link to its docs, and quotes the input's first bytes."""
+    found = e.errors()
+    parts = [f"{'.'.join(map(str, err['loc'])) or whole}: {err['msg']}" for err in found[:shown or None]]
+    more = f" and {len(found) - shown} more" if shown and len(found) > shown else ""
+    return "; ".join(parts) + more
+
+
 def path_key(path: str) -> str:
     """A photo's path as every table names it: `./a/b.jpg` and `a//b.jpg` are `a/b.jpg`.
     Manifests keep what they were given; the duplicates table, the box files and their

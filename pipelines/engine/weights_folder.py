@@ -15,6 +15,7 @@ from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine import openvino_runtime
 from pipelines.engine.findings import FindingsCard, load_findings_card
 from pipelines.engine.presence import other_detector
+from pipelines.data.schema import validation_reasons
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Policy
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,6 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
                     "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
                     "policy, or pass a policy", recorded[0], fallback)
     return fallback
-
-
-def validation_reasons(e: ValidationError) -> str:
-    """Each field at fault as `where: what` (the whole card where pydantic names no field): the
-    error's first line says only "1 validation error for ..."."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
 
 
 @contextmanager

@@ -95,7 +95,7 @@ def findings_section(folder: Path, n: int = 8) -> str:
     from pydantic import ValidationError
 
     from pipelines.engine.findings import load_findings_card
-    from pipelines.engine.weights_folder import validation_reasons
+    from pipelines.data.schema import validation_reasons
 
     try:
         card = load_findings_card(folder / "findings.json", scoring=False).model_dump()

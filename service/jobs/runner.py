@@ -21,6 +21,7 @@ from pathlib import Path
 from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.quarantine import quarantine_results
+from pipelines.clean.state import recorded_before_findings
 from pipelines.data.schema import on_disk
 from pipelines.engine.decode import DecodeError, DecodeLimits, read_file
 from pipelines.engine.qc_result import Label, QCResult
@@ -74,7 +75,7 @@ class JobRunner:
         before, now = json.loads(claimed), json.loads(self.models)
         if before == now["models"]:
             return not self.site_calibrated
-        return "findings" not in before and before == {k: now[k] for k in ("models", "thresholds")}
+        return recorded_before_findings(before, now)
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()

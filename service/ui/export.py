@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from models.io import sha256_file
-from pipelines.clean.quarantine import QUARANTINED, quarantine_copy, quarantine_path
+from pipelines.clean.quarantine import QUARANTINED, quarantine_copy, quarantine_path, same_inode
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
@@ -118,9 +118,9 @@ def _is_copy_of(copy: Path, r: QCResult, original: Path) -> bool:
     original, or the bytes the job judged. Two rows can share one name (`A.JPG` and `a.jpg`
     on a quarantine that ignores case; `..` mirrored as `__`), and Apply moved or deleted the
     other photo's copy (an audit). A row without a sha256 cannot tell, and is taken as it was."""
+    if same_inode(copy, original):
+        return True
     try:
-        if original.exists() and os.path.samefile(copy, original):
-            return True
         return r.sha256 is None or sha256_file(copy) == r.sha256
     except OSError:
         return False
