@@ -308,6 +308,9 @@ def test_calibrate_findings_writes_a_card_the_engine_loads(tmp_path):
     (tmp_path / "cal" / "findings.json").write_text('{"thresholds": {"blur')  # named no file (an audit)
     code, out = report("cal")
     assert code == 2 and "findings.json: not a findings card" in out, out
+    (tmp_path / "cal" / "findings.json").write_bytes('{"note": "für"}'.encode("latin-1"))  # not UTF-8 text
+    code, out = report("cal")
+    assert code == 2 and "findings.json: not a findings card" in out, out
     del card["thresholds"]["blur"]
     (tmp_path / "cal" / "findings.json").write_text(json.dumps(card))
     code, out = report("cal")

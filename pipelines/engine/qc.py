@@ -247,11 +247,13 @@ class QCPipeline:
                 raise DecodeError(f"array must be HxWx3 uint8, got {item.shape} {item.dtype}")
             check_size(item.shape[1], item.shape[0], self.cfg.limits)
             # a copy: with decode ahead, a caller's buffer refilled for the next batch (a frame
-            # reader's) changed this batch's pixels after their sha256 was taken (an audit)
-            t = torch.from_numpy(np.array(item, order="C", copy=True)).permute(2, 0, 1)
+            # reader's) changed this batch's pixels after their sha256 was taken (an audit). The
+            # hash is of the copy: one copy, not two, and of the very pixels judged
+            frame = np.array(item, order="C", copy=True)
             import hashlib
 
-            return Decoded(t, item.shape[1], item.shape[0], hashlib.sha256(item.tobytes()).hexdigest())
+            return Decoded(torch.from_numpy(frame).permute(2, 0, 1), item.shape[1], item.shape[0],
+                           hashlib.sha256(frame).hexdigest())
         return decode(self._encoded(item), self.cfg.limits, long_side)
 
     def _encoded(self, item: Input) -> bytes | bytearray | memoryview:

@@ -99,7 +99,7 @@ def findings_section(folder: Path, n: int = 8) -> str:
 
     try:
         card = load_findings_card(folder / "findings.json", scoring=False).model_dump()
-    except (json.JSONDecodeError, ValidationError) as e:  # a damaged card said only "Unterminated string ..."
+    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as e:  # a damaged card said only "Unter...
         # (an audit); the card's own refusals (a missing threshold) name the file already
         why = validation_reasons(e)[:300] if isinstance(e, ValidationError) else str(e).splitlines()[0]
         raise ValueError(f"{folder / 'findings.json'}: not a findings card ({why})") from None
