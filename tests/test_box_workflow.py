@@ -126,6 +126,12 @@ def test_boxes_of_another_photo_at_the_same_path_or_against_the_label_are_refuse
         boxes_for_manifest(df, box_file(["a" * 64, "b" * 64, "c" * 64], ok + [(3, [10, 10, 50, 50])]))
     with pytest.raises(CocoError, match=r"row 3 \(b.jpg\): a green photo whose box-file entry has no box"):
         boxes_for_manifest(df, box_file(["a" * 64, "b" * 64, "c" * 64], ok[:1]))
+    # a site's sheet with its sha256 in upper case and padded: the same photos (refused as replaced before)
+    sheet = pd.read_csv(site / "m.csv", dtype=str, keep_default_na=False).assign(
+        sha256=[" " + "A" * 64, "B" * 64, "c" * 64])
+    sheet.to_csv(site / "upper.csv", index=False)
+    matched, _ = boxes_for_manifest(load_manifest(site / "upper.csv"), box_file(["a" * 64, "b" * 64, "c" * 64], ok))
+    assert len(matched.annotations) == 2
 
 
 def test_a_photo_that_cannot_be_read_gets_no_proposal_and_the_others_theirs(site, tmp_path):

@@ -172,6 +172,9 @@ def load_manifest(path: str | Path, root: str | Path | None = None, check_files:
     # the patient landed in two splits and the padded rows fell out of every split's filter)
     df = df.fillna("").astype({c: str for c in known})
     df[known] = df[known].apply(lambda col: col.str.strip())
+    if "sha256" in df.columns:  # hex as sha256_file writes it: an upper-case or padded one in a site's sheet
+        # matched no box file's, and `match-boxes` refused its photo as replaced (a reread)
+        df["sha256"] = df["sha256"].fillna("").astype(str).str.strip().str.lower()
     # a name that is not UTF-8, as clean and the jobs spell it (`\xNN`: `row_key`), names its file
     # (object dtype: such a path holds surrogate escapes, which Arrow strings cannot)
     df["abspath"] = pd.Series([str(p if os.path.isabs(p) else on_disk(base, p)) for p in df["path"]],
