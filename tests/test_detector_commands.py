@@ -127,3 +127,26 @@ def test_detect_refuses_a_card_that_is_not_a_detectors(weights, tmp_path):
     for card, words in ((coco, "boxes.json"), (weights / "deep_sad.json", "not of a detector")):
         _refused(runner.invoke(app, ["detect", str(card), str(manifest), "-o", str(tmp_path / "d.json")]), *words)
     assert not (tmp_path / "d.json").exists()
+
+
+def test_a_card_whose_config_its_builder_refuses_is_named_in_one_line_by_every_command_that_loads_one(
+        weights, tmp_path):
+    """`eval-detector`, `propose-boxes` and `eval` loaded one model outside the weights
+    folder's check, and a config key the builder does not take was a TypeError traceback (an
+    audit): the loaders name their card themselves now."""
+    from models.io import load_weights, save_weights
+
+    coco, manifest = _collection(tmp_path)
+    folder = tmp_path / "w"
+    for name in ("detector", "classifier"):
+        state, card = load_weights(weights / f"{name}.json")
+        save_weights(state, folder / name, card.model_copy(update={"config": {**card.config, "bogus_key": 1}}))
+    said = "cannot load it (TypeError: ", "bogus_key"
+    _refused(runner.invoke(app, ["eval-detector", str(folder / "detector.json"), str(coco), "-o",
+                                 str(tmp_path / "o")]), "detector.json: ", *said)
+    _refused(runner.invoke(app, ["propose-boxes", str(manifest), "-o", str(tmp_path / "p.json"), "--detector",
+                                 str(folder / "detector.json")]), "detector.json: ", *said)
+    pd.read_csv(manifest).assign(split="test").to_csv(tmp_path / "split.csv", index=False)
+    _refused(runner.invoke(app, ["eval", str(folder / "classifier.json"), str(tmp_path / "split.csv"),
+                                 "--coco", str(coco), "-o", str(tmp_path / "s")]), "classifier.json: ", *said)
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "o").exists()

@@ -411,7 +411,7 @@ def export(
         _fail("export needs the openvino package (pip install openvino)")
     from pipelines.engine.detector import load_detector
     from pipelines.engine.stage2 import load_stage2
-    from pipelines.engine.weights_folder import loading
+    from pipelines.engine.loading import loading
 
     if int8_calibration is not None and "detector" not in names:
         _fail("--int8-calibration quantizes the detector: add it to --models")

@@ -35,7 +35,7 @@ def calibrate_findings_cmd(
     from pipelines.commands.engine import _engine
     from pipelines.engine.findings import FindingsCard, load_findings_card
     from pipelines.engine.qc_result import FINDINGS
-    from pipelines.engine.weights_folder import loading
+    from pipelines.engine.loading import loading
     from pipelines.evaluation.findings_calibration import (CalibrationConfig, calibrate, judge, score_variants,
                                                            write_outputs)
 

@@ -18,12 +18,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from models.detector import DetectorConfig, build_detector
 from models.io import ModelCard, WeightsIntegrityError, load_weights
 from pipelines.data.detection import CocoDetection, collate
+from pipelines.engine.loading import loading
 
 
 def load_detector(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    state, card = load_weights(card_path, names=("detector",))
-    model = build_detector(DetectorConfig(**card.config))
-    model.load_state_dict(state)
+    with loading(card_path):
+        state, card = load_weights(card_path, names=("detector",))
+        model = build_detector(DetectorConfig(**card.config))
+        model.load_state_dict(state)
     return model.to(device).eval(), card
 
 

@@ -39,11 +39,12 @@ from pipelines.engine.detector import detect, load_detector, shape_chunks
 from pipelines.engine.findings import CROP as FINDINGS_CROP
 from pipelines.engine.findings import finding_scores, judge, load_findings_card
 from pipelines.engine.hashes import embed, encode_embedding, phash, whole_photo_hashes
+from pipelines.engine.loading import loading
 from pipelines.engine.memory import limit_malloc_arenas
 from pipelines.engine.presence import colour_histograms, load_presence, pool_features
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, Label, Policy, QCResult, policies_for
 from pipelines.engine.stage2 import colour_scores, interpret, load_colour, load_stage2, threshold_of
-from pipelines.engine.weights_folder import best_policy, decision_of, in_role, loading, present
+from pipelines.engine.weights_folder import best_policy, decision_of, in_role, present
 
 Input = Union[bytes, str, Path, np.ndarray]
 KINDS = ("regular", "green", "iodine")

@@ -14,16 +14,18 @@ from models.colour import CropColour, CropColourConfig
 from models.deep_sad import DeepSAD
 from models.exportable import exportable
 from models.io import ModelCard, load_weights
+from pipelines.engine.loading import loading
 from pipelines.engine.presence import joint_histograms
 
 
 def load_stage2(card_path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    state, card = load_weights(card_path, names=("deep_sad", "classifier"))
-    if card.name == "deep_sad":
-        model: nn.Module = DeepSAD(**card.config)
-    else:
-        model = RegularityClassifier(ClassifierConfig(**card.config))
-    model.load_state_dict(state)
+    with loading(card_path):
+        state, card = load_weights(card_path, names=("deep_sad", "classifier"))
+        if card.name == "deep_sad":
+            model: nn.Module = DeepSAD(**card.config)
+        else:
+            model = RegularityClassifier(ClassifierConfig(**card.config))
+        model.load_state_dict(state)
     return model.to(device).eval(), card
 
 

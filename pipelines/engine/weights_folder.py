@@ -5,17 +5,14 @@ and the default policy its cards record."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from models.io import ModelCard, WeightsIntegrityError, verified_card
 from pipelines.engine import openvino_runtime
 from pipelines.engine.findings import FindingsCard, load_findings_card
+from pipelines.engine.loading import loading
 from pipelines.engine.presence import other_detector
-from pipelines.data.schema import validation_reasons
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Policy
 
 log = logging.getLogger(__name__)
@@ -60,25 +57,6 @@ def best_policy(sad_card, cls_card, colour_card=None) -> Policy:
                     "labelling with %s (better validation F1 on its own): choose again with weights/finalize.py "
                     "policy, or pass a policy", recorded[0], fallback)
     return fallback
-
-
-@contextmanager
-def loading(card: Path) -> Iterator[None]:
-    """Whatever fails while one model of a weights folder loads, named with its card: a
-    missing card, a config key the builder does not take, tensors of another shape, a missing
-    threshold or input size came out as a bare TypeError, RuntimeError, KeyError or IndexError
-    (and as "Application startup failed" in the service)."""
-    try:
-        yield
-    except WeightsIntegrityError:
-        raise
-    except FileNotFoundError:
-        raise WeightsIntegrityError(f"{card}: missing") from None
-    except ValidationError as e:
-        raise WeightsIntegrityError(f"{card}: cannot load it ({validation_reasons(e)[:300]})") from None
-    except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
-        reason = str(e).splitlines()[0][:300] if str(e) else ""
-        raise WeightsIntegrityError(f"{card}: cannot load it ({type(e).__name__}: {reason})") from None
 
 
 def present(card: Path) -> bool:

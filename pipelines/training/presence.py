@@ -21,7 +21,6 @@ from models.io import ModelCard, load_card, save_weights
 from models.presence import PresenceConfig, PresenceHead
 from pipelines.data.images import load_rgb
 from pipelines.engine.detector import load_detector
-from pipelines.engine.weights_folder import loading
 from pipelines.evaluation.classification import margin_threshold
 from pipelines.training.linear import fit_standardised_logistic
 from pipelines.engine.presence import colour_histograms, detect_with_features
@@ -236,8 +235,7 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
     """`extra_df` (e.g. synthetic scenes) joins training only, each row weighted
     `cfg.extra_weight`; the threshold comes from `val_df` alone."""
     check_counts(train_df, val_df, extra_df)
-    with loading(detector_card):  # weights that are no safetensors, a config the builder refuses: named
-        detector, det_card = load_detector(detector_card, device)
+    detector, det_card = load_detector(detector_card, device)  # a card that cannot load: named with it
     max_size = det_card.config["max_size"]
     main, val = (photo_features(detector, max_size, d, device, cfg.batch_size) for d in (train_df, val_df))
     extra = (photo_features(detector, max_size, extra_df, device, cfg.batch_size)
