@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipelines.engine.decode import to_rgb
+from pipelines.engine.decode import exif_orientation, to_rgb
 
 
 def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.Tensor, float, float]:
@@ -43,11 +43,11 @@ def _load_rgb(path: str | Path, min_long_side: int | None) -> tuple[torch.Tensor
 
 
 def _displayed(im: Image.Image) -> tuple[int, int]:
-    """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header.
-    Pillow's TIFF reader reports the turned size already (as `pipelines.engine.decode` reads
-    it): turned again, a TIFF's boxes were scaled 0.75 x 1.33 (an audit)."""
+    """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header,
+    by the engine's rule (a TIFF's size is reported turned already: turned again, its boxes
+    were scaled 0.75 x 1.33, an audit)."""
     w, h = im.size
-    return (h, w) if im.format != "TIFF" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if exif_orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def displayed_size(path: str | Path) -> tuple[int, int]:

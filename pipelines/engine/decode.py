@@ -217,17 +217,25 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
     w, h = im.size
     try:
         check_size(w, h, limits)
-        try:
-            # Pillow's TIFF reader (13, the lock's) reports the turned size and turns the pixels
-            # as it loads: turned again here, a TIFF's width and height were swapped and its box
-            # scaled by (4/3, 3/4)
-            orientation = 1 if im.format == "TIFF" else int(im.getexif().get(0x0112, 1))
-        except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image for
-            orientation = 1
     except DecodeError:
         im.close()
         raise
-    return im, Header(im.format, im.mode, w, h, orientation if 1 <= orientation <= 8 else 1, digest)
+    return im, Header(im.format, im.mode, w, h, exif_orientation(im), digest)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The turn (EXIF 1-8) still to apply to an opened file's pixels, from its header: the
+    engine and the training and box tools (`pipelines.data.images`) read it here, once.
+    Pillow's TIFF reader (13, the lock's) reports the turned size and turns the pixels as it
+    loads: turned again, a TIFF's width and height were swapped and its box scaled by
+    (4/3, 3/4)."""
+    if im.format == "TIFF":
+        return 1
+    try:
+        orientation = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image for
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
 
 
 def check_size(w: int, h: int, limits: DecodeLimits) -> None:
