@@ -399,6 +399,16 @@ def test_pages_and_photos_are_never_cached_nor_framed_and_run_only_the_services_
         assert "content-security-policy" not in api.get("/v1/models").headers
 
 
+def test_a_form_whose_media_type_is_written_in_capitals_is_read_as_a_form(server):
+    """Media types are case-insensitive: a sign-out sent as `Application/X-WWW-Form-Urlencoded`
+    had its csrf field unread and was refused 403 (one check compared the raw header)."""
+    c, csrf = _signed_in(server)
+    r = c.post("/ui/logout", content=f"csrf={csrf}",
+               headers={"Content-Type": "Application/X-WWW-Form-Urlencoded; charset=UTF-8"})
+    assert r.status_code == 303 and r.headers["location"].endswith("/ui/login"), (r.status_code, r.text[-300:])
+    assert c.get("/ui/jobs", headers={"Accept": "text/html"}).status_code == 303  # signed out
+
+
 def test_the_job_forms_refusal_of_an_empty_source_says_what_is_wrong(server):
     """Its only text was pydantic's last line, a link to pydantic's docs (an audit)."""
     c, csrf = _signed_in(server)

@@ -25,6 +25,7 @@ from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
 from service.jobs.store import ActiveTwin, Job, QuarantineInUse
+from service.media_type import JSON, media_type
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
 from service.state import ServiceState, State
@@ -73,8 +74,7 @@ def job_or_404(state: ServiceState, job_id: str) -> Job:
 def json_body(request: Request) -> None:
     """A job is asked for in JSON: a form body was a 422 about "a valid dictionary", where an
     upload of the wrong type gets 415 saying what to send (an audit)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
+    if media_type(request) != JSON:
         raise ApiError(415, "unsupported_media_type", 'send the job as JSON (Content-Type: application/json), '
                                                       'such as {"source": "folder/under/a/data/root"}')
 

@@ -24,6 +24,7 @@ from pipelines.engine.qc_result import Label
 from service.auth import ApiKey
 from service.batcher import QueueFull
 from service.errors import ApiError
+from service.media_type import MULTIPART, media_type
 from service.schemas import ErrorResponse, QCResponse, UploadResult
 from service.state import State
 
@@ -54,7 +55,7 @@ def document_upload_limit(doc: dict, max_files: int) -> dict:
              summary="Label uploaded images: regular, non_regular (green/iodine), no_cervix, unreadable")
 async def qc_upload(request: Request, state: State) -> QCResponse:
     s, metrics = state.settings, state.metrics
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    if media_type(request) != MULTIPART:
         raise ApiError(415, "unsupported_media_type", "send images as multipart/form-data, field 'files'")
     end = ClosingDelimiter(request.headers["content-type"], request.receive)
     try:

@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 
 from service.errors import ApiError
 from service.jobs.reviews import CLASS_WORDS, CLASSES
+from service.media_type import FORM, MULTIPART, media_type
 from service.root_path import route_path
 from service.ui.session import COOKIE, Session, SessionSigner, csrf_ok, key_id
 
@@ -45,8 +46,7 @@ def browser_form(request: Request) -> bool:
     """A page's own form sent by a browser (Apply, Cancel, Start job, sign out): its refusal is
     shown as a page too. An expired session, Apply on a job running again or a full quarantine
     answered the form with raw JSON (an audit). The pages' scripts send JSON, and keep it."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return (request.method == "POST" and kind in ("application/x-www-form-urlencoded", "multipart/form-data")
+    return (request.method == "POST" and media_type(request) in (FORM, MULTIPART)
             and "text/html" in request.headers.get("accept", ""))
 
 
@@ -69,7 +69,7 @@ async def checked_session(request: Request, session: Annotated[Session, Depends(
     """For every POST: the session plus its CSRF token, from the X-CSRF-Token header (scripts)
     or the `csrf` form field (plain forms)."""
     given = request.headers.get("x-csrf-token")
-    if given is None and request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+    if given is None and media_type(request) == FORM:
         given = (await request.form()).get("csrf")  # type: ignore[assignment]
     if not csrf_ok(session.csrf, given):
         raise ApiError(403, "csrf", "missing or wrong CSRF token: reload the page and try again")
