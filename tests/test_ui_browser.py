@@ -295,6 +295,43 @@ def test_the_upload_page_fits_a_phone_screen(browser, server, photos, screenshot
     ctx.close()
 
 
+def test_a_drop_larger_than_the_engines_queue_is_checked_whole_a_few_photos_at_a_time(
+        browser, photos, tmp_path):  # noqa: F811
+    """The page sent a whole drop at once: photos past the engine's queue (CERVIXQC_MAX_QUEUE)
+    came back 503, "not checked". Here a queue of 2 and 7 photos: all checked, at most 2 sent
+    at once."""
+    from tests.qc_fixtures import tiny_weights
+    from tests.service_server import start_server
+
+    srv = start_server(tmp_path / "srv", tiny_weights(tmp_path / "w", detector_threshold=0.0), data_roots=photos,
+                       max_queue=2, max_files_per_request=2, max_wait_ms=200)
+    ctx = browser.new_context(base_url=srv.url)
+    try:
+        page = ctx.new_page()
+        in_flight, most = set(), [0]
+
+        def sent(request) -> None:
+            if request.method == "POST" and request.url.endswith("/ui/upload"):
+                in_flight.add(request)
+                most[0] = max(most[0], len(in_flight))
+
+        def ended(request) -> None:
+            in_flight.discard(request)
+
+        page.on("request", sent)
+        page.on("requestfinished", ended)
+        page.on("requestfailed", ended)
+        _sign_in(page, API_KEY)
+        expect(page.locator(".hint")).to_contain_text("checked 2 at a time")
+        files = sorted((photos / "collection").rglob("*.jpg"))[:7]
+        page.set_input_files("#files", [str(f) for f in files])
+        expect(page.locator("#status")).to_have_text(re.compile(r"^7 of 7 photo\(s\) checked: "), timeout=60_000)
+        assert 1 <= most[0] <= 2, most[0]
+    finally:
+        ctx.close()
+        srv.kill()
+
+
 def test_the_pages_work_with_the_keyboard_alone(browser, server):  # noqa: F811
     ctx = browser.new_context(base_url=server.url)
     page = ctx.new_page()

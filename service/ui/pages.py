@@ -29,8 +29,12 @@ async def home() -> RedirectResponse:
 
 @router.get("/upload")
 async def upload_page(request: Request, session: UiSession, state: State):
+    """The page sends each photo in its own request, at most `parallel` of them at once: it sent
+    a whole drop at once, and photos past the engine's queue (CERVIXQC_MAX_QUEUE) came back 503,
+    "not checked", where its hint promised "up to 32 at a time" (an audit)."""
+    settings = state.settings
     return page(request, "upload.html", session, thresholds=asdict(Thresholds.of(state.qc, state.qc.policy)),
-                max_files=state.settings.max_files_per_request)
+                parallel=min(settings.max_files_per_request, settings.max_queue))
 
 
 @router.post("/upload", response_model=QCResponse)

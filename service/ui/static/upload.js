@@ -5,6 +5,9 @@
   const input = document.getElementById("files"), zone = document.getElementById("drop-zone");
   const cards = document.getElementById("cards"), status = document.getElementById("status");
   const tpl = document.getElementById("card-template");
+  // photos in flight at once (the page's `parallel`): a whole drop sent at once overran the
+  // engine's queue, and the photos past it came back "not checked" (503)
+  const PARALLEL = Math.max(1, parseInt(document.getElementById("upload").dataset.parallel, 10) || 1);
   const T = JSON.parse(document.getElementById("thresholds").textContent);
   const vs = (name, score, thr) => name + " " + score.toFixed(3) + (thr != null ? " vs " + thr.toFixed(3) : "");
 
@@ -66,7 +69,12 @@
   async function sendAll(files) {
     const list = Array.from(files);
     status.textContent = "Checking " + list.length + " photo(s)…";
-    const labels = await Promise.all(list.map(send));
+    const labels = new Array(list.length);
+    let next = 0;
+    async function worker() {
+      while (next < list.length) { const i = next++; labels[i] = await send(list[i]); }
+    }
+    await Promise.all(Array.from({length: Math.min(PARALLEL, list.length)}, worker));
     const counts = new Map();
     labels.filter(l => l !== null).forEach(l => counts.set(l, (counts.get(l) || 0) + 1));
     const failed = labels.filter(l => l === null).length, parts = [];
