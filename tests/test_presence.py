@@ -85,6 +85,8 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     from typer.testing import CliRunner
 
     from pipelines.cli import app
+    from pipelines.engine.detector import load_detector
+    from pipelines.training.presence import photo_features, score
 
     weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
     df = pd.read_csv(tiny_dataset.manifest)  # the shared set's folder stays untouched: absolute paths
@@ -92,7 +94,10 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     df["split"] = np.where(np.arange(len(df)) % 2 == 0, "train", "val")
     main = tmp_path / "presence_main.csv"
     df.to_csv(main, index=False)
-    extra = df.assign(source="extra-" + df["source"], split=np.where(df["split"] == "val", "train", "val"))
+    # the same photos with the other split and the other answer (cervix <-> none): pooled into the
+    # threshold, either half of them moves it (with the answers kept it stood still, unseen)
+    extra = df.assign(source="extra-" + df["source"], split=np.where(df["split"] == "val", "train", "val"),
+                      kind=np.where(df["kind"] == "no_cervix", "regular", "no_cervix"))
     extra_path = tmp_path / "presence_extra.csv"
     extra.to_csv(extra_path, index=False)
     runs = {}
@@ -108,6 +113,11 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     val = runs["mixed"].metrics["val"]
     assert val["n_cervix"] + val["n_no_cervix"] == int((df["split"] == "val").sum())  # main validation only
     assert not any(s.startswith("extra-") for s in val["per_source"])
+    detector, det_card = load_detector(weights / "detector.json")
+    main_val = load_manifest(main).query("split == 'val'")
+    f = photo_features(detector, det_card.config["max_size"], main_val, torch.device("cpu"))
+    head, card = load_presence(tmp_path / "mixed" / "presence.json", det_card)
+    assert card.thresholds["score"] == pytest.approx(balanced_threshold(f.labels, score(head, f))[0], abs=1e-6)
     zoomed = runs["zoomed"].training  # copies join training, not the counts of photos
     assert zoomed["n_train_zoomed"] == n_alone and sum(zoomed["n_train"].values()) == n_alone
     assert runs["zoomed"].sha256 != runs["alone"].sha256
