@@ -135,13 +135,32 @@ def test_one_file_under_a_relative_and_an_absolute_path_is_a_duplicate(tmp_path,
         load_manifest(path)
 
 
-def test_a_manifest_that_cannot_be_written_leaves_no_half_written_file_behind(tmp_path):
+def test_a_manifest_that_cannot_be_written_leaves_no_half_written_file_behind(tmp_path, monkeypatch):
     df = pd.DataFrame({"path": ["a.jpg"], "patient_id": ["1"], "source": ["s"], "kind": ["regular"]})
     for name in ("m.csv", "m.parquet"):
         (tmp_path / name).mkdir()  # a folder where the manifest should go
         with pytest.raises(OSError):
             write_manifest(df, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.parquet"]
+    # a write that fails half-way (a full disk): the manifest there before is kept as it was.
+    # The folder above fails before a byte is written, and a writer onto the file passed it too
+    # (an audit's mutation)
+    old = tmp_path / "kept"
+    old.mkdir()
+    for name in ("m.csv", "m.parquet"):
+        write_manifest(df, old / name)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+
+    def half_then_full(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"path,pati")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_full)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_full)
+    for name in ("m.csv", "m.parquet"):
+        with pytest.raises(OSError, match="No space"):
+            write_manifest(df.assign(kind="green"), old / name)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
 
 
 def test_a_sheet_as_excel_saves_it_reads_as_the_table_it_shows(tmp_path):
