@@ -148,7 +148,16 @@ def test_a_groups_first_path_is_not_exact_without_a_byte_twin_and_twins_of_anoth
     assert list(df["path"]) == ["a_crop", "b", "c"] and list(df["kind"]) == ["near", "exact", "exact"]
 
 
-def test_the_approximate_index_above_exact_below_finds_planted_copies():
+def test_the_approximate_index_above_exact_below_finds_planted_copies(monkeypatch):
+    """Each configuration checked to take its approximate path (pigeonhole buckets for the
+    hashes, an IVF index for the embeddings): exact search finds the same pairs, and with
+    every branch forced flat this passed (an audit's mutation)."""
+    import pipelines.data.duplicates as duplicates
+
+    ran = []
+    for name in ("_pigeonhole_pairs", "_ivf_cells"):  # spies: the real functions run
+        real = getattr(duplicates, name)
+        monkeypatch.setattr(duplicates, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     rng = np.random.default_rng(0)
     n = 3000
     bits = rng.integers(0, 2, (n, 64), dtype=np.uint8)
@@ -158,11 +167,15 @@ def test_the_approximate_index_above_exact_below_finds_planted_copies():
     vectors = rng.normal(size=(n, 64)).astype(np.float32)
     vectors[1::2] = vectors[::2] + 0.01 * rng.normal(size=(n // 2, 64))
     paths = [f"p{i:05d}" for i in range(n)]
-    for cfg in (DuplicateConfig(max_phash_distance=4, min_cosine=1.01, exact_below=100, nprobe=8),
-                DuplicateConfig(max_phash_distance=-1, min_cosine=0.99, exact_below=100, nprobe=8)):
+    for cfg, path in ((DuplicateConfig(max_phash_distance=4, min_cosine=1.01, exact_below=100, nprobe=8),
+                       "_pigeonhole_pairs"),
+                      (DuplicateConfig(max_phash_distance=-1, min_cosine=0.99, exact_below=100, nprobe=8),
+                       "_ivf_cells")):
+        ran.clear()
         df = find_duplicates(paths, None, hashes, None, vectors, cfg)
         sizes = df.groupby("group").size()
         assert len(sizes) >= 0.98 * n / 2 and sizes.max() == 2  # planted pairs, nothing else
+        assert path in ran, (path, ran)
 
 
 def _record(path: str, sha: str | None, phash: str | None) -> QCResult:
