@@ -115,6 +115,7 @@ def test_two_gloo_processes_train_together_under_torchrun(boxes_set, tmp_path):
     assert "exported" in output.read_text()  # rank 0 logged its card before the ranks left
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])  # written once, by rank 0
+    assert log[0]["world_size"] == 2  # the loss averaged over both ranks (a collective both joined)
     assert (tmp_path / "detector.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
 
 

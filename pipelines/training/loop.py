@@ -185,7 +185,7 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
                for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
     if changed:
         raise ResumeRefused(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
-                            f"({'; '.join(changed)}): only --epochs (and --workers, --device) may change; resume "
+                            f"({'; '.join(changed)}): only --epochs (and train-detector's --workers and --max-steps) may change; resume "
                             "with the same settings, or train into another folder")
 
 
@@ -305,6 +305,7 @@ def fit(
             seconds = time.perf_counter() - t0
             record: dict[str, Any] = {
                 "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
+                "world_size": dist_info.world_size,  # the processes whose losses are averaged here
                 "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
                 **{f"train_{k}": all_reduce_mean(v / max(1, done), dist_info) for k, v in sums.items()},
             }
