@@ -888,6 +888,23 @@ def test_the_api_document_states_how_many_files_an_upload_may_carry_and_one_more
     assert "CERVIXQC_MAX_FILES_PER_REQUEST" in r.json()["error"]["message"]
 
 
+def test_the_api_document_names_each_operation_once_and_each_job_route_its_own_refusals(server):
+    """GET and HEAD of /healthz and /readyz shared one operationId (named after HEAD), and every
+    job route listed 400, 403 and 409 whether it could answer them or not, and no 503 (an audit)."""
+    from collections import Counter
+
+    with server.client() as c:
+        doc = c.get("/openapi.json").json()
+    ids = Counter(op["operationId"] for ops in doc["paths"].values() for op in ops.values())
+    assert [k for k, n in ids.items() if n > 1] == [] and ids["healthz"] == ids["readyz"] == 1
+    codes = {(m.upper(), path): set(op["responses"]) for path, ops in doc["paths"].items() for m, op in ops.items()}
+    assert {"400", "403", "408", "409", "413", "415", "503"} <= codes["POST", "/v1/jobs"]
+    assert codes["GET", "/v1/jobs/{job_id}"] & {"400", "403", "409"} == set()
+    for route in (("GET", "/v1/jobs/{job_id}"), ("POST", "/v1/jobs/{job_id}/cancel"), ("DELETE", "/v1/jobs/{job_id}")):
+        assert {"404", "503"} <= codes[route], route
+    assert "Plain `def`" not in doc["paths"]["/metrics"]["get"].get("description", "")
+
+
 @pytest.mark.slow
 def test_schemathesis_with_every_check_finds_no_contract_mismatch(server, tmp_path):
     """All checks: undocumented statuses, Allow headers, schema-valid requests refused, response

@@ -18,15 +18,20 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
-# HEAD too: uptime monitors that send it got 405
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up (no auth)")
+# HEAD too: uptime monitors that send it got 405. A route of its own per method: one route for
+# both gave the two operations one operationId (OpenAPI wants them unique; generated clients
+# collide), named after HEAD even for GET (an audit)
+_READY = "Models loaded, workers running, job store writable, engine answering (no auth)"
+
+
+@router.get("/healthz", operation_id="healthz", summary="The process is up (no auth)")
+@router.head("/healthz", operation_id="healthz_head", summary="The process is up (no auth)")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"],
-                  summary="Models loaded, workers running, job store writable, engine answering (no auth)",
-                  responses={503: {"description": "not ready"}})
+@router.get("/readyz", operation_id="readyz", summary=_READY, responses={503: {"description": "not ready"}})
+@router.head("/readyz", operation_id="readyz_head", summary=_READY, responses={503: {"description": "not ready"}})
 async def readyz(request: Request):
     state = getattr(request.app.state, "service", None)
     if state is None or not state.runner.alive():
@@ -66,7 +71,7 @@ def _probe(state) -> None:
 @router.get("/metrics", summary="Prometheus metrics (an API key or a scrape-only key, CERVIXQC_METRICS_KEYS)",
             dependencies=[MetricsKey], responses=UNAUTHORIZED, response_class=Response)
 def metrics(request: Request) -> Response:
-    """Plain `def`, in the thread pool: a scrape reads the job store and the folders' free space
-    (statvfs), and on a hung network share that held the event loop, every upload and health
-    check with it."""
+    # Plain `def`, in the thread pool: a scrape reads the job store and the folders' free space
+    # (statvfs), and on a hung network share that held the event loop, every upload and health
+    # check with it. (A comment: a docstring here was the route's description in /docs.)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

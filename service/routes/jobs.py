@@ -31,7 +31,15 @@ from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
 from service.state import ServiceState, State
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKey], responses=UNAUTHORIZED)
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 422)}
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    """Each route's own refusals, plus 503 (the job store busy past its timeout: any route).
+    One shared list documented 400, 403 and 409 where a route never raised them and left out
+    the 503, and the 408/413 of a job's body (an audit)."""
+    return {code: {"model": ErrorResponse} for code in (*codes, 503)}
+
+
 CSV_FIELDS = QCResult.csv_fields()
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ def json_body(request: Request) -> None:
                                                       'such as {"source": "folder/under/a/data/root"}')
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS | {415: {"model": ErrorResponse}},
+@router.post("", status_code=202, response_model=JobStatus, responses=_errors(400, 403, 404, 408, 409, 413, 415, 422),
              summary="Start a cleaning job", dependencies=[Depends(json_body)])
 def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
@@ -123,12 +131,12 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
     return status_of(state, job)
 
 
-@router.get("", response_model=JobList, summary="Recent jobs, newest first")
+@router.get("", response_model=JobList, responses=_errors(422), summary="Recent jobs, newest first")
 def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
     return JobList(jobs=[status_of(state, j) for j in state.store.list(limit)])
 
 
-@router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Status, counts, progress, rate, ETA")
+@router.get("/{job_id}", response_model=JobStatus, responses=_errors(404), summary="Status, counts, progress, rate, ETA")
 def get_job(job_id: str, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
@@ -136,7 +144,7 @@ def get_job(job_id: str, state: State) -> JobStatus:
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
 # DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it),
 # which the removal below does.
-@router.post("/{job_id}/cancel", response_model=JobStatus, responses=_ERRORS, summary="Cancel a queued or running job")
+@router.post("/{job_id}/cancel", response_model=JobStatus, responses=_errors(404, 409), summary="Cancel a queued or running job")
 def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
     if not state.store.cancel(job_id):
@@ -144,12 +152,12 @@ def cancel_job(job_id: str, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
 
-@router.delete("/{job_id}", status_code=204, responses=_ERRORS,
+@router.delete("/{job_id}", status_code=204, responses=_errors(404, 409),
                summary="Delete a finished job: its rows, results folder, thumbnails and review decisions")
 def delete_job(job_id: str, state: State) -> Response:
     """What a site keeps for a job it is done with: nothing but the job's source and quarantine
     name (a quarantine folder keeps one source's copies, and the copies themselves stay: they
-    are the site's). A queued or running job is cancelled first (409)."""
+    are the site's). A queued or running job is refused (409): cancel it first."""
     job = job_or_404(state, job_id)
     if state.runner.holds(job_id):  # cancelled, but its last batch or exports still being written
         raise ApiError(409, "job_active", f"job {job_id} is {job.status} and still being written: try again shortly")
@@ -160,7 +168,7 @@ def delete_job(job_id: str, state: State) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_ERRORS,
+@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_errors(404, 409),
              summary="Queue a failed or cancelled job again, or a done one with files the OS could not read")
 def retry_job(job_id: str, state: State) -> JobStatus:
     """A job that failed (its source gone for a while, a store error it could not outwait)
@@ -193,7 +201,7 @@ def _jsonl_lines(records: Iterator[QCResult]) -> Iterator[str]:
         yield r.model_dump_json(exclude={"timings_ms"}) + "\n"
 
 
-@router.get("/{job_id}/results", responses={**_ERRORS, 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
+@router.get("/{job_id}/results", responses={**_errors(404, 422), 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
             response_class=StreamingResponse, summary="Results so far, streamed, in path order")
 def job_results(job_id: str, state: State,
                 format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
