@@ -1,1 +1,2 @@
-"""nn.Modules and their builders only: no files, no HTTP, no CLI (see DESIGN.md)."""
+"""nn.Modules and their builders only: no files, no HTTP, no CLI (the design brief's rule:
+imports point service -> pipelines -> models)."""

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (the result record of DESIGN.md, with
+"""Request and response bodies of the HTTP API (the design brief's result record, with
 `filename` in place of `path` for uploads)."""
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def eval_detector_cmd(
     manifest: Annotated[Optional[Path], typer.Option(
         help="Manifest with sources, for per-source metrics; every image of the box file must be one of its "
              "rows.")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda or cuda:N.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
@@ -138,7 +138,7 @@ def detect_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON of the top box per image; its file names "
                                       "are the manifest's paths taken from the folder it is written in.")],
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda or cuda:N.")] = "cpu",
     min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0,
                                                        help="Default: the card's threshold.")] = None,
 ) -> None:
@@ -168,12 +168,12 @@ def detect_cmd(
 
 def bench_detector_cmd(
     coco: Annotated[Path, typer.Argument(help="COCO JSON whose images to use.")],
-    arch: Annotated[str, typer.Option(help="retinanet or fcos.")] = "retinanet",
-    backbone: Annotated[str, typer.Option(help="resnet50, resnet18 or mobilenet_v3_large.")] = "resnet50",
+    arch: Annotated[str, typer.Option(help="retinanet, fasterrcnn or fcos.")] = "retinanet",
+    backbone: Annotated[str, typer.Option(help="resnet50, resnet34, resnet18 or mobilenet_v3_large.")] = "resnet50",
     size: Annotated[int, typer.Option(min=32, help="Input size (short and long side).")] = 512,
     n_images: Annotated[int, typer.Option(min=1, help="Images per timed round.")] = 32,
     batch_sizes: Annotated[str, typer.Option(help="Inference batch sizes, comma-separated.")] = "1,16",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the figures as JSON too.")] = None,
 ) -> None:
     """Detector inference images/s per batch size and training images/s, side by side."""

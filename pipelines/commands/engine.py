@@ -298,7 +298,7 @@ def bench(
         help="Build the --mix-from set in this folder and keep it (the other benchmarks, e.g. "
              "tests.benchmarks.findings_cost, read it; without it the set goes with the run).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights folder (default: untrained, default sizes).")] = None,
-    n_images: Annotated[int, typer.Option(min=1, help="Images to synthesise (1-12 MP mix).")] = 24,
+    n_images: Annotated[int, typer.Option(min=1, help="Images to synthesise (the clinic preset: 0.3-12 MP).")] = 24,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the figures as JSON too.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The figures as JSON on stdout (the summary lines go to "

@@ -55,7 +55,7 @@ def eval_pipeline_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for pipeline_metrics.json and results.csv.")],
     weights: Annotated[Path, typer.Option(help="Weights folder.")] = Path("weights"),
     split: Annotated[Optional[str], typer.Option(help="Only rows of this split.")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda or cuda:N.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
     """Photo in, label out, judged against the manifest: cervix found, no_cervix called,
@@ -217,7 +217,7 @@ def calibrate_stage2_cmd(
     target_sensitivity: Annotated[Optional[float], typer.Option(
         min=0.01, max=1.0, help="Each threshold the highest that still flags this share of the green and iodine "
                                 "photos, instead of the best F1.")] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda or cuda:N.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
     """Stage-2 thresholds chosen again on a site's own labelled photos, the networks kept: the

@@ -211,7 +211,7 @@ def eval_cmd(
     coco: Annotated[Path, typer.Option(help="Cervix boxes (ground truth or a detector's).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the metrics JSON and figures.")],
     split: Annotated[str, typer.Option(help="Which split to score.")] = "test",
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Sensitivity, specificity, precision, F1, accuracy, ROC/PR-AUC, confusion matrix,
     overall and per source, at the threshold in the card."""

@@ -1,4 +1,4 @@
-"""The one result record (DESIGN.md): CLI JSON, results CSV/Parquet, HTTP and Ray all use it."""
+"""The one result record (the design brief's): CLI JSON, results CSV/Parquet, HTTP and Ray all use it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The API's own documentation, behind the same keys as the API.
 
-DESIGN.md asks for a key on everything but health, and the OpenAPI document lists every
+The design brief asks for a key on everything but health, and the OpenAPI document lists every
 route, parameter and path rule of a site's service. So `/openapi.json` takes the X-API-Key
 header (what scripts and generated clients send), and the pages that render it live under
 `/ui/`, where the browser's signed-in session cookie reaches them (the cookie's path is
