@@ -2,7 +2,7 @@
 #   make serve   start the service with the bundled weights (weights/), API key in .cache/api-key
 #   make test    install everything and run the test suite (what CI runs: .ci/run)
 # uv is bootstrapped into .tools/ when it is not on PATH; the environment comes from uv.lock.
-# The Dockerfile installs with the same target: make install SYNC_FLAGS="--no-dev".
+# The Dockerfile installs with the same target: make install SYNC_FLAGS="--no-dev --no-editable".
 
 UV := $(shell command -v uv 2>/dev/null)
 ifeq ($(UV),)
