@@ -185,7 +185,8 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
                for k in sorted(set(saved) | set(now)) if saved and saved.get(k) != now.get(k)]
     if changed:
         raise ResumeRefused(f"cannot resume {ckpt_path.parent} with other settings than it was started with "
-                            f"({'; '.join(changed)}): only --epochs (and train-detector's --workers and --max-steps) may change; resume "
+                            f"({'; '.join(changed)}): only --epochs (and train-detector's --workers and "
+                            "--max-steps) may change; resume "
                             "with the same settings, or train into another folder")
 
 

@@ -136,7 +136,8 @@ def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
     return JobList(jobs=[status_of(state, j) for j in state.store.list(limit)])
 
 
-@router.get("/{job_id}", response_model=JobStatus, responses=_errors(404), summary="Status, counts, progress, rate, ETA")
+@router.get("/{job_id}", response_model=JobStatus, responses=_errors(404),
+            summary="Status, counts, progress, rate, ETA")
 def get_job(job_id: str, state: State) -> JobStatus:
     return status_of(state, job_or_404(state, job_id))
 
@@ -144,7 +145,8 @@ def get_job(job_id: str, state: State) -> JobStatus:
 # A custom method, not DELETE: a cancelled job and its partial results stay readable, and
 # DELETE promises the resource is gone (schemathesis's use-after-free check holds us to it),
 # which the removal below does.
-@router.post("/{job_id}/cancel", response_model=JobStatus, responses=_errors(404, 409), summary="Cancel a queued or running job")
+@router.post("/{job_id}/cancel", response_model=JobStatus, responses=_errors(404, 409),
+             summary="Cancel a queued or running job")
 def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
     if not state.store.cancel(job_id):
@@ -201,7 +203,8 @@ def _jsonl_lines(records: Iterator[QCResult]) -> Iterator[str]:
         yield r.model_dump_json(exclude={"timings_ms"}) + "\n"
 
 
-@router.get("/{job_id}/results", responses={**_errors(404, 422), 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
+@router.get("/{job_id}/results",
+            responses={**_errors(404, 422), 200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
             response_class=StreamingResponse, summary="Results so far, streamed, in path order")
 def job_results(job_id: str, state: State,
                 format: Literal["csv", "jsonl"] = Query("csv")) -> StreamingResponse:  # noqa: A002
