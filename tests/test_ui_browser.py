@@ -104,6 +104,12 @@ def test_a_job_started_from_the_jobs_page_runs_to_done(page, screenshots_dir):  
     expect(row.locator(".count")).to_have_text("61 / 61")
     expect(row.get_by_role("link", name="Review")).to_be_visible()  # jobs.js swapped the cancel button for it
     expect(row.locator("form.retry")).to_have_count(0)  # a job done has nothing to retry
+    # and the Delete a finished job's row is rendered with (it came only with a reload)
+    row.locator("details.delete summary").click()
+    job = row.get_attribute("data-job")
+    expect(row.get_by_role("button", name=f"Delete job {job}")).to_be_visible()
+    assert row.locator("details.delete form").get_attribute("action").endswith(f"/ui/jobs/{job}/delete")
+    row.locator("details.delete summary").click()  # closed again for the screenshot
     page.screenshot(path=screenshots_dir / "jobs.png", full_page=True)
 
 

@@ -24,6 +24,28 @@
     return form;
   }
 
+  // the same Delete the page renders for a finished job (jobs.html): a job that ended while
+  // the page was open had Review and Retry but no Delete until a reload
+  function deleteForm(j) {
+    const details = document.createElement("details");
+    details.className = "delete";
+    const summary = document.createElement("summary");
+    summary.textContent = "Delete\u2026";
+    const form = document.createElement("form");
+    form.method = "post"; form.action = BASE + "/ui/jobs/" + j.id + "/delete";
+    const token = document.createElement("input");
+    token.type = "hidden"; token.name = "csrf"; token.value = csrf;
+    const hint = document.createElement("p");
+    hint.className = "hint";
+    hint.textContent = "Removes this job's results, review decisions and thumbnails from the server. " +
+      "Its quarantine copies stay.";
+    const button = document.createElement("button");
+    button.type = "submit"; button.textContent = "Delete job " + j.id;
+    form.append(token, hint, button);
+    details.append(summary, form);
+    return details;
+  }
+
   async function poll(row) {
     const r = await fetch(BASE + "/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"});
     if (!r.ok) return;
@@ -51,7 +73,7 @@
       const cell = row.lastElementChild;
       const focused = cell.contains(document.activeElement);  // the Cancel button goes: focus must not
       const review = link(BASE + "/ui/jobs/" + j.id + "/review", "Review");
-      cell.replaceChildren(review);
+      cell.replaceChildren(review, " ", deleteForm(j));
       if (j.retryable) cell.append(" ", retryForm(j));
       if (focused) review.focus();
       return;
