@@ -17,8 +17,12 @@ import urllib.request
 def check(port: int, timeout: float = 4.0) -> str | None:
     """None when ready, else why not (the 503's JSON body, or why nothing answered)."""
     url = f"http://127.0.0.1:{port}/readyz"
+    # no proxy: urlopen sent the container's own address to http_proxy, which Docker copies into
+    # every container from the host's ~/.docker/config.json at a site that needs one for PyPI,
+    # and its no_proxy takes no CIDR (127.0.0.0/8): the container stayed unhealthy (an audit)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
+        with direct.open(url, timeout=timeout):
             return None
     except urllib.error.HTTPError as e:
         return f"not ready: HTTP {e.code} {e.read(2000).decode(errors='replace').strip()}"

@@ -28,6 +28,7 @@ from pipelines.clean.run import clean
 from pipelines.engine.qc import QCPipeline
 from tests.qc_fixtures import cropped_copy, fuzz_set, jpeg_bytes, textured_scene, tiny_weights
 from tests.service_server import API_KEY, HEADERS, sign_in, start_server
+from tests.uvicorn_process import free_port
 
 LABELS = {"regular", "non_regular", "no_cervix", "unreadable"}
 SCRAPE_KEY = "scrape-only-key-0123456789"
@@ -159,9 +160,10 @@ def test_a_json_job_request_over_the_size_limit_or_not_in_utf8_is_answered_as_su
     assert latin1.status_code == 400 and "not UTF-8" in latin1.json()["error"]["message"], latin1.text
 
 
-def _healthcheck(server) -> subprocess.CompletedProcess:
+def _healthcheck(server, **env: str) -> subprocess.CompletedProcess:
     port = httpx.URL(server.url).port
-    return subprocess.run([sys.executable, "-m", "service.healthcheck"], env={**os.environ, "CERVIXQC_PORT": str(port)},
+    return subprocess.run([sys.executable, "-m", "service.healthcheck"],
+                          env={**os.environ, "CERVIXQC_PORT": str(port), **env},
                           capture_output=True, text=True, timeout=30)
 
 
@@ -184,6 +186,11 @@ def test_readiness_fails_while_the_job_store_cannot_take_a_write(server):
         db.close()
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert _healthcheck(server).returncode == 0
+    # a proxy set for the container (Docker copies the host's) is not asked for 127.0.0.1: it was,
+    # and the container stayed unhealthy
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxied = _healthcheck(server, http_proxy=dead, HTTP_PROXY=dead, no_proxy="127.0.0.0/8")
+    assert proxied.returncode == 0, proxied.stderr
     # the reason is in the service's log, once per change (Docker's healthcheck shows only "503")
     log = server.log.read_text(errors="replace")
     assert "not ready: store_unavailable (the job store cannot take a write (database is locked))" in log
