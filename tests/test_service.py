@@ -142,6 +142,32 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     assert "_created" not in text
 
 
+def test_a_large_body_to_a_route_that_takes_no_photos_is_refused_before_it_is_read_key_or_not(server):
+    """FastAPI parses a route's JSON body before the key check runs: a 60 MB body sent without a
+    key took 1.6 GB of the service's memory and held the event loop 2 s, then got its 401 (an
+    audit). Bodies other than photo uploads stop at 64 KiB now; an upload of 1 MiB still goes."""
+    body = b'{"source": "' + b"a" * (1 << 20) + b'"}'
+    for headers in ({"Content-Type": "application/json"}, {**HEADERS, "Content-Type": "application/json"}):
+        r = httpx.post(f"{server.url}/v1/jobs", content=body, headers=headers)
+        assert r.status_code == 413 and "over 65536 bytes" in r.json()["error"]["message"], r.text
+
+    def chunks():  # no Content-Length: stopped at the first byte past 64 KiB
+        yield b'{"source": "'
+        for _ in range(16):
+            yield b"a" * (1 << 16)
+    try:
+        r = httpx.post(f"{server.url}/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+    except httpx.TransportError:  # the answer came while the client still sent
+        pass
+    form = httpx.post(f"{server.url}/ui/login", data={"api_key": "x" * (1 << 20), "csrf": "t", "next": ""})
+    assert form.status_code == 413, form.text
+    with server.client() as c:
+        photo = c.post("/v1/qc", files={"files": ("big.jpg", _jpeg(1, (32, 32)) + b"\0" * (1 << 20), "image/jpeg")})
+        assert photo.status_code == 200, photo.text
+        assert c.post("/v1/jobs", json={"source": "x" * 200}).status_code in (400, 404)  # small: read and answered
+
+
 def test_a_json_job_request_over_the_size_limit_or_not_in_utf8_is_answered_as_such(server):
     """FastAPI reads a JSON body itself: one over the limit was a 400 "error parsing the body"
     while the metrics counted a 413, and so was one in Latin-1 (an audit)."""
