@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from pipelines.clean.state import Stale, file_stamp
+from pipelines.data.opened import Allowed, copy_opened
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import write_atomically
@@ -75,18 +76,19 @@ def _takes_a_file(qdir: Path) -> bool:
 
 
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
-                       link: bool = True) -> int:
+                       link: bool = True, allowed: Allowed | None = None) -> int:
     """Each result's file into every folder `quarantine_folders` names (files gone since are
-    skipped). A file the OS cannot stat or copy (a name too long for it, a link loop) is
-    skipped and counted (returned): it failed its whole batch, on every retry of the job. A
-    quarantine that cannot be written raises QuarantineUnwritable."""
+    skipped). A file the OS cannot stat or copy (a name too long for it, a link loop), or one
+    `allowed` refuses (`quarantine_copy`), is skipped and counted (returned): it failed its
+    whole batch, on every retry of the job. A quarantine that cannot be written raises
+    QuarantineUnwritable."""
     failed = 0
     for r in results:
         folders = quarantine_folders(r, findings)
         try:
             if folders and on_disk(src_root, r.path).is_file():
                 for folder in folders:
-                    quarantine_copy(src_root, r.path, folder, qdir, link)
+                    quarantine_copy(src_root, r.path, folder, qdir, link, allowed)
         except OSError as e:
             if _quarantine_fault(e, qdir):
                 raise QuarantineUnwritable(e.errno, f"the quarantine cannot be written ({e.strerror}); this batch "
@@ -135,11 +137,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True) -> None:
+def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True,
+                    allowed: Allowed | None = None) -> None:
     """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original
     is only read. `link` uses a hard link where the file system allows (no extra space); the
     service passes False, since a quarantine others open and edit must not share an inode with
-    the original."""
+    the original. `allowed` (the service's data roots) is asked about the file opened for the
+    copy, which is then copied from that open file (NotAllowed otherwise): the path checked
+    before and copied by name again let a link swapped in between put a file from outside the
+    roots into the quarantine (an audit). It copies, never links."""
     target = quarantine_path(qdir, folder, rel)
     source = on_disk(src_root, rel)
     if target.exists():
@@ -152,6 +158,9 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def link_or_copy(tmp: Path) -> None:
+        if allowed is not None:
+            copy_opened(source, tmp, allowed)
+            return
         if link:
             try:
                 # link(2) does not follow a symlink (nor does os.link on Linux, follow_symlinks or

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import hashlib
 import io
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipelines.data.opened import Allowed, NotRegular, open_regular
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,9 +47,14 @@ def as_result(fn: Callable[[T], R]) -> Callable[[T], R | DecodeError]:
         except DecodeError as e:
             return e
         except OSError as e:
-            return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
+            return unreadable(e)
 
     return run
+
+
+def unreadable(e: OSError) -> DecodeError:
+    """A file the OS could not read, as its row says it (a job retries the rows saying so)."""
+    return DecodeError(f"cannot read file ({e.strerror or type(e).__name__})")
 
 
 @dataclass(frozen=True)
@@ -258,19 +264,19 @@ def read_header(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Header:
     return header
 
 
-def read_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> bytes:
+def read_file(path: str | Path, limits: DecodeLimits = DecodeLimits(),
+              allowed: Allowed | None = None) -> bytes:
     """A file's bytes, refused before they are read where `decode` would refuse them anyway:
     a FIFO or a device in a cleaned folder blocked the reader forever, and a 3 GB file was read
-    whole (and held, a batch at a time) before its size was checked."""
-    path = Path(path)
-    st = path.stat()  # through links, as open() goes
-    if stat.S_ISDIR(st.st_mode):
-        raise DecodeError("a folder, not a file (`cervixqc clean` takes folders)")
-    if not stat.S_ISREG(st.st_mode):
-        raise DecodeError("not a regular file (a FIFO, device or socket)")
-    if st.st_size > limits.max_bytes:
-        raise DecodeError(f"file too large ({st.st_size} bytes > {limits.max_bytes})")
-    with path.open("rb") as f:
+    whole (and held, a batch at a time) before its size was checked. `allowed`: as in
+    `pipelines.data.opened.open_regular` (NotAllowed)."""
+    try:
+        f, st = open_regular(path, allowed)
+    except NotRegular as e:
+        raise DecodeError(str(e)) from None
+    with f:
+        if st.st_size > limits.max_bytes:
+            raise DecodeError(f"file too large ({st.st_size} bytes > {limits.max_bytes})")
         data = f.read(limits.max_bytes + 1)  # it may have grown since the stat
     if len(data) > limits.max_bytes:
         raise DecodeError(f"file too large (more than {limits.max_bytes} bytes)")

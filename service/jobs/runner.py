@@ -22,8 +22,9 @@ from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.quarantine import quarantine_results
 from pipelines.clean.state import recorded_before_findings
+from pipelines.data.opened import NotAllowed
 from pipelines.data.schema import on_disk
-from pipelines.engine.decode import DecodeError, DecodeLimits, read_file
+from pipelines.engine.decode import DecodeError, DecodeLimits, read_file, unreadable
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import sweep_temporaries
 from service.engine_health import EngineHealth
@@ -205,10 +206,9 @@ class JobRunner:
                                       error=f"source disappeared after {done_now} of {len(inputs)} files "
                                             "(this batch was not stored); retry the job once it is back")
                 return
-            if qdir is not None:  # the roots checked again: a file may have become a link out since it was read
-                failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE
-                                                   and inside(on_disk(root, r.path), self.roots)], qdir,
-                                            self.quarantine_findings, link=False)
+            if qdir is not None:  # the roots checked again on the file copied: it may have become a link out
+                failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
+                                            self.quarantine_findings, link=False, allowed=self._allowed)
                 self.metrics.quarantine_failures.inc(failed)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
@@ -236,14 +236,21 @@ class JobRunner:
             return path.read_bytes()
         return read
 
+    def _allowed(self, real: Path) -> bool:
+        return inside(real, self.roots)
+
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
         files = {rel: on_disk(root, rel) for rel in chunk}
-        allowed = [rel for rel in chunk if inside(files[rel], self.roots)]
-        by_path: dict[str, QCResult] = {}
+        # read before the engine is taken: the engine read them under the gate, so a slow or hung
+        # share kept every upload waiting on this job's I/O, not on one engine batch. The roots
+        # are checked on the file opened (`_read`): checked on the name first, a link swapped in
+        # between had a file from outside read, its hashes stored (an audit)
+        read = {rel: self._read(files[rel]) for rel in chunk if inside(files[rel], self.roots)}
+        allowed = [rel for rel, data in read.items() if isinstance(data, bytes)]
+        by_path = {rel: QCResult(path=rel, label=Label.UNREADABLE, error=data.reason) for rel, data in read.items()
+                   if isinstance(data, DecodeError)}
         if allowed:
-            # read before the engine is taken: the engine read them under the gate, so a slow or
-            # hung share kept every upload waiting on this job's I/O, not on one engine batch
-            inputs = [self._read(files[rel]) for rel in allowed]
+            inputs = [read[rel] for rel in allowed]
             with self.gate.background():
                 try:
                     results = self.run_batch(inputs, allowed, policy)
@@ -251,16 +258,22 @@ class JobRunner:
                     self.health.failed("job", e)
                     raise
             self.health.succeeded()
-            by_path = {r.path: r for r in results}
+            by_path |= {r.path: r for r in results}
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
 
-    def _read(self, path: Path) -> bytes | Path:
-        """The file's bytes under the engine's limits; the path itself where they refuse it or
-        the OS cannot read it, so the engine writes the row with its own reason."""
+    def _read(self, path: Path) -> bytes | DecodeError | None:
+        """The file's bytes under the engine's limits; None where the file opened lies outside
+        the roots; the engine's reason where the limits refuse it or the OS cannot read it. The
+        engine was handed the path then, to write its own reason, and opened it again: a link
+        swapped in between was read from outside the roots."""
         try:
-            return read_file(path, self.limits)
-        except (DecodeError, OSError):
-            return path
+            return read_file(path, self.limits, self._allowed)
+        except NotAllowed:
+            return None
+        except DecodeError as e:
+            return e
+        except OSError as e:
+            return unreadable(e)
 
 
 OUTSIDE = "outside the allowed data roots (not read)"

@@ -19,6 +19,7 @@ from pathlib import Path
 from models.io import sha256_file
 from pipelines.clean.quarantine import QUARANTINED, quarantine_copy, quarantine_path, same_inode
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.data.opened import NotAllowed
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.outputs import flush_folder
@@ -174,7 +175,11 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                     # and the new bytes went into the quarantine under it (an audit)
                     done.changed += 1
                     continue
-                quarantine_copy(root, r.path, final, qdir, link=False)
+                try:  # the roots checked on the file copied too: it may have become a link out just now
+                    quarantine_copy(root, r.path, final, qdir, link=False, allowed=lambda p: inside(p, roots))
+                except NotAllowed:
+                    done.outside += 1
+                    continue
             done.added += 1
             done.folders[final] = done.folders.get(final, 0) + 1
         for copy in stale:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipelines.data.opened import Allowed
 from pipelines.engine.decode import DecodeError, DecodeLimits, decode, read_file
 from pipelines.outputs import write_atomically
 
@@ -27,11 +28,12 @@ class NotShown(Exception):
     """The item has no picture to show (gone, outside the roots, or not an image)."""
 
 
-def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
+def render(original: Path, long_side: int, limits: DecodeLimits, allowed: Allowed | None = None) -> bytes:
     """The engine's own decode (same limits, EXIF orientation, 16-bit and alpha handling; JPEGs
-    DCT-scaled to about `long_side`), then a JPEG at most `long_side` px on its long side."""
+    DCT-scaled to about `long_side`), then a JPEG at most `long_side` px on its long side.
+    `allowed`: the data roots, checked on the file opened (NotAllowed)."""
     try:
-        decoded = decode(read_file(original, limits), limits, min_long_side=long_side)
+        decoded = decode(read_file(original, limits, allowed), limits, min_long_side=long_side)
     except DecodeError as e:
         raise NotShown(f"not an image the pages can show: {e}") from None
     rgb = Image.fromarray(decoded.image.permute(1, 2, 0).numpy())
@@ -41,15 +43,16 @@ def render(original: Path, long_side: int, limits: DecodeLimits) -> bytes:
     return out.getvalue()
 
 
-def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits) -> Path | bytes:
+def cached(cache_dir: Path, job_id: str, item: int, size: str, original: Path, limits: DecodeLimits,
+           allowed: Allowed | None = None) -> Path | bytes:
     """The cached picture's file, or the picture itself where the cache cannot take it (a full
-    or read-only state folder answered every new thumbnail with a 500)."""
+    or read-only state folder answered every new thumbnail with a 500). `allowed`: as `render`."""
     target = cache_dir / job_id / f"{item}-{size}.jpg"
     if not original.is_file():  # checked first: a deleted photo's cached picture was still served
         raise NotShown("the file is no longer there")
     if target.is_file():
         return target
-    data = render(original, SIZES[size], limits)
+    data = render(original, SIZES[size], limits, allowed)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # a temporary file of this request's own (named by the process alone, two requests in the

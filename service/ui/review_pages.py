@@ -17,6 +17,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from pipelines.data.opened import NotAllowed
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError, guarded_stream
@@ -118,8 +119,12 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     # the file may have become a link out of the roots since the job read it
     if not inside(original, state.settings.data_roots):
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots")
-    try:
-        picture = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits)
+    roots = state.settings.data_roots
+    try:  # and on the file opened, which a link swapped since the check above may have put outside
+        picture = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits,
+                         lambda p: inside(p, roots))
+    except NotAllowed:
+        raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots") from None
     except NotShown as e:
         raise ApiError(404, "no_picture", str(e)) from None
     except FileNotFoundError:  # its folder removed by a delete while it was drawn
