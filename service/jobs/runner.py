@@ -233,7 +233,7 @@ class JobRunner:
             path = on_disk(root, rel)
             if not inside(path, self.roots):
                 raise OSError(f"{rel}: outside the data roots")
-            return path.read_bytes()
+            return read_file(path, self.limits, self._allowed)  # and on the file opened (NotAllowed)
         return read
 
     def _allowed(self, real: Path) -> bool:
