@@ -275,19 +275,20 @@ def test_stored_verdicts_are_taken_only_in_the_order_they_were_checked(tmp_path)
         [folder / n for n in names], names=names)
     sha = {r.path: r.sha256 for r in records}
 
-    class Kept:
-        def __init__(self):
-            self.stored: dict = {}
-            self.asked: list = []
+    from pipelines.clean.state import StateStore
 
+    class Kept(StateStore):  # the clean run's own store (SQLite); what was asked and stored, seen
         def verdicts(self, pairs, setting):
             self.asked += pairs
-            return {p: self.stored[(p, setting)] for p in pairs if (p, setting) in self.stored}
+            return super().verdicts(pairs, setting)
 
-        def add_verdicts(self, verdicts, setting, unread=0):
-            self.stored.update({(p, setting): v for p, v in verdicts.items()})
+        @property
+        def stored(self) -> dict:
+            rows = self.db.execute("SELECT a, b, setting, copy FROM verdicts")
+            return {((a, b), setting): bool(copy) for a, b, setting, copy in rows}
 
-    kept = Kept()
+    kept = Kept(tmp_path / "state" / "state.sqlite")
+    kept.asked = []
     read = lambda rel: (folder / rel.replace("z_", "")).read_bytes()  # noqa: E731
     keys = lambda rs, rename={}: ([rename.get(r.path, r.path) for r in rs], [r.sha256 for r in rs],  # noqa: E731
                                   [r.phash for r in rs], [r.crop_hash for r in rs], [r.embedding for r in rs])
