@@ -39,8 +39,11 @@ RUN if [ "$DEVICE" = cpu ]; then \
 
 FROM python:3.11-slim
 ARG DEVICE=auto
-RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/cervixqc cervixqc \
-    && mkdir -p /quarantine && chown cervixqc /quarantine
+# its own group 10001: a system group's id (999 here) is often the host's docker or
+# systemd-journal group, whose members could then read the results and quarantined photos
+RUN groupadd --system --gid 10001 cervixqc \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /var/lib/cervixqc cervixqc \
+    && mkdir -p /quarantine && chown cervixqc:cervixqc /quarantine
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY weights /app/weights

@@ -207,7 +207,7 @@ check_image() {  # tag
     CONTAINERS+=("$cid")
     wait_ready "$url" 180 || { E logs "$cid" | tail -20; fail "$tag: /readyz not 200 within 180 s"; }
     record "run $tag: ready (/readyz 200) $(since "$t") s after start"
-    [ "$(E exec "$cid" id -u)" = 10001 ] || fail "$tag: not running as uid 10001"
+    [ "$(E exec "$cid" id -u):$(E exec "$cid" id -g)" = 10001:10001 ] || fail "$tag: not running as uid:gid 10001:10001"
     health=$(E image inspect -f '{{json .Config.Healthcheck.Test}}' "$tag")
     [ -n "$health" ] && [ "$health" != null ] || fail "$tag: the image has no HEALTHCHECK (podman: build with --format docker)"
     if [ "$ENGINE" = podman ]; then E healthcheck run "$cid" >/dev/null || fail "$tag: HEALTHCHECK failed"
@@ -218,7 +218,7 @@ check_image() {  # tag
     code=$(curl -s -o "$WORK/upload.json" -w '%{http_code}' -H "X-API-Key: $KEY" \
         -F "files=@$DATA/batch/img0000.jpg" -F "files=@$DATA/batch/img0001.jpg" "$url/v1/qc")
     [ "$code" = 200 ] || { cat "$WORK/upload.json"; fail "$tag: upload gave $code"; }
-    record "  $tag: uid 10001, HEALTHCHECK passes, 401 without a key, upload of 2 images 200 ($(head -c 160 "$WORK/upload.json")...)"
+    record "  $tag: uid:gid 10001:10001, HEALTHCHECK passes, 401 without a key, upload of 2 images 200 ($(head -c 160 "$WORK/upload.json")...)"
     E rm -f "$cid" >/dev/null
 }
 check_image "$TAG"
@@ -360,9 +360,12 @@ record "compose: ${COMPOSE_CMD[*]##*/} $("${COMPOSE_CMD[@]}" version 2>/dev/null
 CDIR=$WORK/compose
 rm -rf "$CDIR" && mkdir -p "$CDIR/secrets" "$CDIR/results" "$CDIR/quarantine"
 cp docker-compose.yml "$CDIR/"
-echo "$KEY" > "$CDIR/secrets/api-keys" && chmod 644 "$CDIR/secrets/api-keys"
-if [ "${ROOTLESS:-0}" = 1 ]; then podman unshare chown 10001 "$CDIR/results" "$CDIR/quarantine"
-else chown 10001 "$CDIR/results" "$CDIR/quarantine"; fi
+echo "$KEY" > "$CDIR/secrets/api-keys"
+# as the README's recipe: the key file the service's alone (compose mounts it as it is on the host)
+if [ "${ROOTLESS:-0}" = 1 ]; then
+    podman unshare chown 10001 "$CDIR/results" "$CDIR/quarantine" "$CDIR/secrets/api-keys"
+    podman unshare chmod 400 "$CDIR/secrets/api-keys"
+else chown 10001 "$CDIR/results" "$CDIR/quarantine" "$CDIR/secrets/api-keys" && chmod 400 "$CDIR/secrets/api-keys"; fi
 export CERVIXQC_IMAGE=$TAG CERVIXQC_IMAGE_CPU=$TAG_CPU CERVIXQC_DATA=$DATA \
     CERVIXQC_PUBLISH=127.0.0.1:$COMPOSE_PORT
 cd "$CDIR"
