@@ -266,6 +266,27 @@ def test_applying_review_leaves_another_photos_copy_that_holds_the_rows_name(tmp
     assert (q / "no_cervix" / "__" / "x.jpg").read_bytes() == b"photo B"
 
 
+def test_applying_review_into_a_label_folder_whose_copy_is_another_photos_keeps_this_photos_copy(tmp_path):
+    """The other way round: the final label's folder holds another photo's copy under this
+    row's name. Taken as this photo's copy, its own copy in the label it left was removed, and
+    the photo was quarantined nowhere (a mutation no test caught)."""
+    store, j = _reviews(tmp_path)
+    root, q = tmp_path / "data" / "m", tmp_path / "q"
+    (root / "__").mkdir(parents=True)
+    (root.parent / "x.jpg").write_bytes(b"photo A")
+    (root / "__" / "x.jpg").write_bytes(b"photo B")
+    rows = [(1, _judged(root, "../x.jpg", Label.NON_REGULAR, "green")),
+            (2, _judged(root, "__/x.jpg", Label.NO_CERVIX, None))]
+    for label, data in (("non_regular", b"photo A"), ("no_cervix", b"photo B")):
+        (q / label / "__").mkdir(parents=True)
+        (q / label / "__" / "x.jpg").write_bytes(data)  # each row's own copy; one name between them
+    store.decide(j, 1, "../x.jpg", "key-1", "label", "green", "no_cervix")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [tmp_path.resolve()])
+    assert (done.added, done.removed, done.others) == (0, 0, 1)
+    assert (q / "non_regular" / "__" / "x.jpg").read_bytes() == b"photo A"  # kept: its only copy
+    assert (q / "no_cervix" / "__" / "x.jpg").read_bytes() == b"photo B"
+
+
 def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp_path):
     rows, reviews = _reviewed(tmp_path)
     root, q = tmp_path / "data", tmp_path / "q"
