@@ -98,6 +98,8 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
     monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
     monkeypatch.setenv("CERVIXQC_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CERVIXQC_WEIGHTS_DIR", str(weights))  # serve sets it for uvicorn: restored after the test
+    inner = tmp_path / "state" / "photos"
+    inner.mkdir(parents=True)
     cases = [({"CERVIXQC_MAX_BATCH_SIZE": "0"}, weights, "CERVIXQC_MAX_BATCH_SIZE: Input should be greater"),
              ({"CERVIXQC_PORT": "-1"}, weights, "CERVIXQC_PORT"),
              ({"CERVIXQC_DEVICE": "gpu0"}, weights, "CERVIXQC_DEVICE: 'gpu0' is not a device"),
@@ -110,6 +112,9 @@ def test_serve_refuses_bad_settings_and_a_damaged_weights_card_naming_each_befor
               weights, "CERVIXQC_QUARANTINE_ROOT " + str(tmp_path / "data/q") + " and the data root"),
              ({"CERVIXQC_DATA_ROOTS": str(tmp_path)}, weights, "CERVIXQC_STATE_DIR " + str(tmp_path / "state")
               + " and the data root " + str(tmp_path) + " lie one inside the other"),
+             # and the other way: a data root inside the state folder (a mutation no test caught)
+             ({"CERVIXQC_DATA_ROOTS": str(inner)}, weights, "CERVIXQC_STATE_DIR " + str(tmp_path / "state")
+              + " and the data root " + str(inner) + " lie one inside the other"),
              ({"CERVIXQC_SESSION_SECRET_FILE": str(tmp_path / "short-secret")}, weights, "needs at least 32"),
              ({"CERVIXQC_API_KEYS_FILE": str(tmp_path / "latin1-keys")}, weights,
               "CERVIXQC_API_KEYS_FILE " + str(tmp_path / "latin1-keys") + ": cannot read it (not UTF-8 text)"),
