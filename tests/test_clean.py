@@ -445,6 +445,30 @@ def test_a_photo_replaced_under_its_name_is_labelled_again_and_its_old_quarantin
     assert clean(QCPipeline(weights), collection, out, quarantine, batch_size=4).processed_now == 0
 
 
+def test_a_listed_photo_away_for_a_rerun_keeps_its_row_and_its_quarantine_copy(weights, collection, tmp_path):
+    """A manifest's photo on a share that is away when the run is repeated is not a changed
+    photo: taken as one, its row became `unreadable` and its only quarantine copy was dropped
+    (a mutation of the check passed every test)."""
+    from pipelines.clean.inputs import list_inputs
+
+    paths = list_inputs(collection)
+    pd.DataFrame({"path": paths}).to_csv(tmp_path / "list.csv", index=False)
+    for p in paths:  # the manifest's folder is its root: the photos beside it
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(collection / p, tmp_path / p)
+    out, quarantine = tmp_path / "out", tmp_path / "quarantine"
+    first = clean(QCPipeline(weights), tmp_path / "list.csv", out, quarantine, batch_size=4)
+    away = next(p for p in paths if p.endswith("/random.jpg"))
+    before = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path").loc[away]
+    copy = quarantine / before["label"] / away
+    assert before["label"] != "regular" and copy.is_file()
+    (tmp_path / away).rename(tmp_path / "away.jpg")
+    again = clean(QCPipeline(weights), tmp_path / "list.csv", out, quarantine, batch_size=4)
+    assert (again.processed_now, again.skipped_done) == (0, first.total)
+    after = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("path").loc[away]
+    assert (after["label"], after["sha256"]) == (before["label"], before["sha256"]) and copy.is_file()
+
+
 def test_a_photo_replaced_while_a_run_had_no_quarantine_loses_its_old_copy_there_too(weights, collection, tmp_path,
                                                                                         caplog):
     """The old copy was dropped only from the quarantine of the run that relabelled the photo:
