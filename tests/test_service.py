@@ -437,6 +437,8 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
     link = data_root / "escape"
     if not link.exists():
         link.symlink_to(outside, target_is_directory=True)
+    (data_root / os.fsdecode(b"x\xff")).mkdir(exist_ok=True)
+    (data_root / os.fsdecode(b"x\xff") / "x.jpg").write_bytes(_jpeg(0))
     with server.client() as c:
         for body, status, code in [
             ({"source": "collection/../../etc"}, 400, "invalid_path"),
@@ -452,12 +454,28 @@ def test_job_paths_that_leave_the_data_roots_are_refused(server, data_root, tmp_
             ({"source": "collection", "quarantine": "q/ "}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "q" * 256}, 400, "invalid_path"),
             ({"source": "collection", "quarantine": "q\udcff"}, 400, "invalid_path"),  # a 500 in SQLite (an audit)
+            ({"source": "collection", "quarantine": "q\\x"}, 400, "invalid_path"),  # nested folders on SMB
+            # a source naming a folder whose name is not UTF-8 (made above): refused as JSON text
+            ({"source": "x\udcff"}, 422, "invalid_request"),
             ({"source": "collection\tx"}, 400, "invalid_path"),
             # a misspelt field queued a job without its quarantine (an audit)
             ({"source": "collection", "quarantin": "q"}, 422, "invalid_request"),
         ]:  # json.dumps: escaped as a client's JSON library sends it (httpx's json= cannot send a surrogate)
             r = c.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
             assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+
+
+def test_a_source_naming_a_folder_that_is_not_utf8_is_refused_by_the_path_check_itself(tmp_path):
+    """The JSON route refuses a lone surrogate before (422, above); the path check refuses it
+    too, for any other caller: passed, it named a folder that exists and failed in SQLite's
+    encoder, a 500 (a mutation of the check passed every test)."""
+    from service.errors import ApiError
+    from service.paths import confine
+
+    (tmp_path / os.fsdecode(b"x\xff")).mkdir()
+    with pytest.raises(ApiError) as refused:
+        confine("x\udcff", [tmp_path])
+    assert (refused.value.status, refused.value.code) == (400, "invalid_path")
 
 
 def test_a_job_asking_for_a_policy_the_weights_cannot_run_is_refused_before_it_is_queued(server):
