@@ -321,6 +321,49 @@ def _photos_store_engine(tmp_path, n: int):
     return root, JobStore(tmp_path / "jobs.sqlite"), engine
 
 
+def test_a_cancel_during_a_batch_stores_nothing_more_and_one_after_a_batch_runs_no_other(tmp_path):
+    """The runner looks at the job's status after each batch runs (a cancel that landed during
+    it: the batch is not stored, nor copied into the quarantine) and before the next (not run).
+    Each check alone was covered only by the other: removing either passed every test (a
+    mutation). The real engine runs; the wrappers cancel where a user's click would land."""
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+
+    root, store, engine = _photos_store_engine(tmp_path, 6)
+    during, after = (store.create(str(root), f"q-{k}", "resnest", tmp_path / f"out-{k}") for k in ("during", "after"))
+    runs = {during.id: 0, after.id: 0}
+
+    def run_batch(data, names, policy):
+        job = during.id if runner.holds(during.id) else after.id  # the job the runner is on
+        runs[job] += 1
+        if job == during.id:
+            store.cancel(job)  # clicked while the engine ran this batch
+        return engine.run(data, names, policy=policy)
+
+    add_items = store.add_items
+
+    def add_then_cancel(job_id, results):
+        add_items(job_id, results)
+        if job_id == after.id:
+            store.cancel(job_id)  # clicked just after the first batch was stored
+
+    store.add_items = add_then_cancel
+    runner = JobRunner(store, run_batch, EngineGate(), Metrics(), [tmp_path], tmp_path / "q", batch_size=2)
+    runner.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (runs[after.id] == 0 or store.status(after.id) != "cancelled"
+                                          or runner.holds(after.id)):
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert (store.status(during.id), store.status(after.id)) == ("cancelled", "cancelled")
+    assert runs == {during.id: 1, after.id: 1}
+    assert sum(store.counts(during.id).values()) == 0 and sum(store.counts(after.id).values()) == 2
+    assert not any((tmp_path / "q" / "q-during").rglob("*.jpg"))  # no copy of the batch not stored
+
+
 def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tmp_path):
     """A job stopped by a restart with new weights went on under them: its results mixed two
     models' labels, and nothing said which rows were whose."""
