@@ -287,6 +287,24 @@ def test_applying_review_into_a_label_folder_whose_copy_is_another_photos_keeps_
     assert (q / "no_cervix" / "__" / "x.jpg").read_bytes() == b"photo B"
 
 
+def test_applying_review_into_a_label_folder_that_already_holds_this_photos_copy_drops_the_old_one(tmp_path):
+    """The final label's folder already holds this very photo's copy (a second job over the
+    source made it): taken as another photo's, the copy in the label it left stayed, and the
+    photo sat in two label folders (a mutation no test caught)."""
+    store, j = _reviews(tmp_path)
+    root, q = tmp_path / "data", tmp_path / "q"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"photo A")
+    rows = [(1, _judged(root, "a.jpg", Label.NON_REGULAR, "green"))]
+    for label in ("non_regular", "no_cervix"):
+        (q / label).mkdir(parents=True)
+        (q / label / "a.jpg").write_bytes(b"photo A")
+    store.decide(j, 1, "a.jpg", "key-1", "label", "green", "no_cervix")
+    done = apply_to_quarantine(root, q, rows, store.reviewed(j), [tmp_path.resolve()])
+    assert (done.others, done.removed) == (0, 1)
+    assert not (q / "non_regular" / "a.jpg").exists() and (q / "no_cervix" / "a.jpg").read_bytes() == b"photo A"
+
+
 def test_applying_review_moves_quarantine_copies_and_never_touches_originals(tmp_path):
     rows, reviews = _reviewed(tmp_path)
     root, q = tmp_path / "data", tmp_path / "q"
