@@ -246,15 +246,22 @@ def test_a_final_class_without_a_cervix_has_no_box():
     assert class_of("non_regular", None) == "non_regular"
 
 
-def test_applying_review_leaves_another_photos_copy_that_holds_the_rows_name(tmp_path):
-    """Two rows, one quarantine name (here `..` mirrored as `__`; `A.JPG` and `a.jpg` on a
-    quarantine that ignores case): relabelling one moved the other photo's copy into its new
-    label folder under its name, and that photo's own bytes were never quarantined (an audit)."""
+def _two_photos_one_quarantine_name(tmp_path):
+    """A job's store, a source root holding `../x.jpg` (photo A) and `__/x.jpg` (photo B), whose
+    quarantine copies share one name (`..` is mirrored as `__`), and the quarantine's folder."""
     store, j = _reviews(tmp_path)
     root, q = tmp_path / "data" / "m", tmp_path / "q"
     (root / "__").mkdir(parents=True)
     (root.parent / "x.jpg").write_bytes(b"photo A")
     (root / "__" / "x.jpg").write_bytes(b"photo B")
+    return store, j, root, q
+
+
+def test_applying_review_leaves_another_photos_copy_that_holds_the_rows_name(tmp_path):
+    """Two rows, one quarantine name (here `..` mirrored as `__`; `A.JPG` and `a.jpg` on a
+    quarantine that ignores case): relabelling one moved the other photo's copy into its new
+    label folder under its name, and that photo's own bytes were never quarantined (an audit)."""
+    store, j, root, q = _two_photos_one_quarantine_name(tmp_path)
     rows = [(1, _judged(root, "../x.jpg", Label.NON_REGULAR, "green")),
             (2, _judged(root, "__/x.jpg", Label.NON_REGULAR, "green"))]
     (q / "non_regular" / "__").mkdir(parents=True)
@@ -270,11 +277,7 @@ def test_applying_review_into_a_label_folder_whose_copy_is_another_photos_keeps_
     """The other way round: the final label's folder holds another photo's copy under this
     row's name. Taken as this photo's copy, its own copy in the label it left was removed, and
     the photo was quarantined nowhere (a mutation no test caught)."""
-    store, j = _reviews(tmp_path)
-    root, q = tmp_path / "data" / "m", tmp_path / "q"
-    (root / "__").mkdir(parents=True)
-    (root.parent / "x.jpg").write_bytes(b"photo A")
-    (root / "__" / "x.jpg").write_bytes(b"photo B")
+    store, j, root, q = _two_photos_one_quarantine_name(tmp_path)
     rows = [(1, _judged(root, "../x.jpg", Label.NON_REGULAR, "green")),
             (2, _judged(root, "__/x.jpg", Label.NO_CERVIX, None))]
     for label, data in (("non_regular", b"photo A"), ("no_cervix", b"photo B")):
