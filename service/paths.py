@@ -8,6 +8,7 @@ lie inside a root, so a link inside a root that points elsewhere is refused as w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from service.errors import ApiError
@@ -27,6 +28,12 @@ def inside(path: Path, roots: list[Path]) -> bool:
     except (OSError, RuntimeError):  # RuntimeError: Python 3.11's symlink loop
         return False
     return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def within(roots: list[Path]) -> Callable[[Path], bool]:
+    """`inside` these roots, as the check the service's reads and copies make on the file they
+    opened (`pipelines.data.opened`)."""
+    return lambda real: inside(real, roots)
 
 
 def _check_text(requested: str, what: str) -> None:

@@ -133,11 +133,8 @@ class QCPipeline:
         with loading(weights / COLOUR_CARD):
             self.colour, self.colour_card = (load_colour(weights / COLOUR_CARD) if present(weights / COLOUR_CARD)
                                              else (None, None))
-            if self.colour is not None:  # a misspelt threshold or another crop size failed every photo (an audit)
+            if self.colour is not None:  # a misspelt threshold failed every photo (an audit)
                 threshold_of(self.colour_card)
-                if self.colour.cfg.crop_side != 32:
-                    raise ValueError(f"crop_side {self.colour.cfg.crop_side}: the engine scores colour on the 32 px "
-                                     "crops Deep SAD reads")
         # optional quality findings (blur, dark, overexposed, glare): thresholds from their card
         with loading(weights / "findings.json"):
             self.findings_card = (load_findings_card(weights / "findings.json")

@@ -50,9 +50,17 @@ def threshold_of(card: ModelCard) -> float:
     return card.thresholds["distance" if card.name == "deep_sad" else "probability"]
 
 
+def check_colour_config(config: dict) -> None:
+    """The engine scores colour on the 32 px crops Deep SAD reads: a scorer of another crop
+    size failed every photo (an audit). Asked by the loader and by the weights folder's check."""
+    if config.get("crop_side", 32) != 32:
+        raise ValueError(f"crop_side {config['crop_side']}: the engine scores colour on the 32 px crops Deep SAD reads")
+
+
 def load_colour(card_path: str | Path) -> tuple[CropColour, ModelCard]:
     """The crop-colour scorer; it always runs on torch on the CPU (a 512-input dot product)."""
     state, card = load_weights(card_path, names=("colour",))
+    check_colour_config(card.config)
     model = CropColour(CropColourConfig(**card.config))
     model.load_state_dict(state)
     return model.eval(), card

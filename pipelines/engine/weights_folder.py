@@ -14,6 +14,7 @@ from pipelines.engine.findings import FindingsCard, load_findings_card
 from pipelines.engine.loading import loading
 from pipelines.engine.presence import other_detector
 from pipelines.engine.qc_result import COLOUR_CARD, COLOUR_POLICIES, POLICIES, Policy
+from pipelines.engine.stage2 import check_colour_config
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,8 @@ def folder_cards(weights: Path) -> dict[str, ModelCard]:
                     raise ValueError(f"no {key!r} threshold (it has: {', '.join(cards[name].thresholds) or 'none'})")
                 if name == "classifier" and not cards[name].input_size:
                     raise ValueError("no input_size")
-                if name == COLOUR_CARD.removesuffix(".json") and cards[name].config.get("crop_side", 32) != 32:
-                    raise ValueError(f"crop_side {cards[name].config['crop_side']}: the engine scores colour on the "
-                                     "32 px crops Deep SAD reads")
+                if name == COLOUR_CARD.removesuffix(".json"):
+                    check_colour_config(cards[name].config)
     return cards
 
 

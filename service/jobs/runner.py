@@ -31,7 +31,7 @@ from service.engine_health import EngineHealth
 from service.gate import EngineGate
 from service.jobs.store import Job, JobStore
 from service.metrics import Metrics
-from service.paths import inside
+from service.paths import inside, within
 
 log = logging.getLogger(__name__)
 PURGE_RETRY_S = 5.0
@@ -55,6 +55,7 @@ class JobRunner:
         self.site_calibrated = bool((decision or {}).get("site_calibrated"))
         self.quarantine_findings, self.pixel_check = quarantine_findings, pixel_check
         self.roots, self.quarantine_root, self.batch_size = roots, quarantine_root, batch_size
+        self.allowed = within(roots)  # the roots' check on each file opened
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
@@ -208,7 +209,7 @@ class JobRunner:
                 return
             if qdir is not None:  # the roots checked again on the file copied: it may have become a link out
                 failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
-                                            self.quarantine_findings, link=False, allowed=self._allowed)
+                                            self.quarantine_findings, link=False, allowed=self.allowed)
                 self.metrics.quarantine_failures.inc(failed)
             self.store.add_items(job.id, results)
             self.metrics.job_items.inc(len(results))
@@ -233,11 +234,8 @@ class JobRunner:
             path = on_disk(root, rel)
             if not inside(path, self.roots):
                 raise OSError(f"{rel}: outside the data roots")
-            return read_file(path, self.limits, self._allowed)  # and on the file opened (NotAllowed)
+            return read_file(path, self.limits, self.allowed)  # and on the file opened (NotAllowed)
         return read
-
-    def _allowed(self, real: Path) -> bool:
-        return inside(real, self.roots)
 
     def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
         files = {rel: on_disk(root, rel) for rel in chunk}
@@ -267,7 +265,7 @@ class JobRunner:
         engine was handed the path then, to write its own reason, and opened it again: a link
         swapped in between was read from outside the roots."""
         try:
-            return read_file(path, self.limits, self._allowed)
+            return read_file(path, self.limits, self.allowed)
         except NotAllowed:
             return None
         except DecodeError as e:

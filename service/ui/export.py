@@ -24,7 +24,7 @@ from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from pipelines.outputs import flush_folder
 from service.jobs.reviews import Reviewed, class_of, final_of, label_and_kind
-from service.paths import inside
+from service.paths import inside, within
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
                     done.changed += 1
                     continue
                 try:  # the roots checked on the file copied too: it may have become a link out just now
-                    quarantine_copy(root, r.path, final, qdir, link=False, allowed=lambda p: inside(p, roots))
+                    quarantine_copy(root, r.path, final, qdir, link=False, allowed=within(roots))
                 except NotAllowed:
                     done.outside += 1
                     continue

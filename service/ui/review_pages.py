@@ -24,7 +24,7 @@ from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
 from service.jobs.reviews import CLASSES, JobGone, Stale, class_of, final_of
 from service.jobs.store import Job
-from service.paths import inside
+from service.paths import inside, within
 from service.routes.jobs import job_not_found, job_or_404
 from service.state import ServiceState, State
 from service.ui.deps import UiPost, UiSession, page
@@ -119,10 +119,9 @@ def item_image(job_id: str, item: ItemId, size: Literal["thumb", "full"], sessio
     # the file may have become a link out of the roots since the job read it
     if not inside(original, state.settings.data_roots):
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots")
-    roots = state.settings.data_roots
     try:  # and on the file opened, which a link swapped since the check above may have put outside
         picture = cached(state.settings.thumbs_dir, job_id, item, size, original, state.qc.cfg.limits,
-                         lambda p: inside(p, roots))
+                         within(state.settings.data_roots))
     except NotAllowed:
         raise ApiError(403, "path_forbidden", "this item's file is outside the allowed data roots") from None
     except NotShown as e:
