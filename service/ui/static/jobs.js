@@ -24,25 +24,12 @@
     return form;
   }
 
-  // the same Delete the page renders for a finished job (jobs.html): a job that ended while
-  // the page was open had Review and Retry but no Delete until a reload
+  // the Delete the page renders for a finished job (jobs.html's delete-template): a job that
+  // ended while the page was open had Review and Retry but no Delete until a reload
   function deleteForm(j) {
-    const details = document.createElement("details");
-    details.className = "delete";
-    const summary = document.createElement("summary");
-    summary.textContent = "Delete\u2026";
-    const form = document.createElement("form");
-    form.method = "post"; form.action = BASE + "/ui/jobs/" + j.id + "/delete";
-    const token = document.createElement("input");
-    token.type = "hidden"; token.name = "csrf"; token.value = csrf;
-    const hint = document.createElement("p");
-    hint.className = "hint";
-    hint.textContent = "Removes this job's results, review decisions and thumbnails from the server. " +
-      "Its quarantine copies stay.";
-    const button = document.createElement("button");
-    button.type = "submit"; button.textContent = "Delete job " + j.id;
-    form.append(token, hint, button);
-    details.append(summary, form);
+    const details = document.getElementById("delete-template").content.firstElementChild.cloneNode(true);
+    details.querySelector("form").action = BASE + "/ui/jobs/" + j.id + "/delete";
+    details.querySelector("button").textContent = "Delete job " + j.id;
     return details;
   }
 
