@@ -12,7 +12,8 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,18 @@ def verified_card(card_path: str | Path, names: Sequence[str] = ()) -> ModelCard
     weights) still checks, so a tampered or truncated file is refused whichever runtime reads
     it. Another model's card read as this one's config was a TypeError traceback, or ran as
     the wrong model."""
+    with _verified_weights(card_path, names) as (card, _):
+        return card
+
+
+@contextmanager
+def _verified_weights(card_path: str | Path, names: Sequence[str]) -> Iterator[tuple[ModelCard, str]]:
+    """The card and a path that reads the very file that was hashed, while it stays open. The
+    file was hashed by name and then loaded by name: one replaced between the two was loaded
+    unverified. On Linux the path is the open file's /proc/self/fd link (the same file,
+    whatever is renamed over its name since); elsewhere its name, with that window left open.
+    Reading the file once into memory instead would cost its size again at start, on an
+    engine with little margin under its 1.2 GB target."""
     card_path = Path(card_path)
     card = load_card(card_path)
     if names and card.name not in names:
@@ -168,12 +181,19 @@ def verified_card(card_path: str | Path, names: Sequence[str] = ()) -> ModelCard
         raise WeightsIntegrityError(f"{card_path}: weights file {weights.name!r} is missing")
     if not card.sha256:  # a card written by hand or cut short: nothing would say the file is the one trained
         raise WeightsIntegrityError(f"{card_path}: the card has no sha256 for {weights.name!r}; refusing to load")
-    actual = sha256_file(weights)
-    if actual != card.sha256:
-        raise WeightsIntegrityError(
-            f"{weights}: sha256 {actual[:16]}... does not match its card's {card.sha256[:16]}...; refusing to load"
-        )
-    return card
+    try:
+        opened = open(weights, "rb")
+    except FileNotFoundError:
+        raise WeightsIntegrityError(f"{card_path}: weights file {weights.name!r} is missing") from None
+    with opened:
+        link = f"/proc/self/fd/{opened.fileno()}"
+        readable = link if os.path.exists(link) else str(weights)
+        actual = sha256_file(readable)
+        if actual != card.sha256:
+            raise WeightsIntegrityError(
+                f"{weights}: sha256 {actual[:16]}... does not match its card's {card.sha256[:16]}...; refusing to load"
+            )
+        yield card, readable
 
 
 def load_weights(card_path: str | Path, device: str | torch.device = "cpu", names: Sequence[str] = ()
@@ -183,11 +203,11 @@ def load_weights(card_path: str | Path, device: str | torch.device = "cpu", name
     import torch
     from safetensors.torch import load_file
 
-    card = verified_card(card_path, names)
-    weights = Path(card_path).parent / card.weights_file
-    try:
-        state = load_file(str(weights), device=str(device))
-    except SafetensorError as e:  # a pickle or a cut file renamed .safetensors, its sha256 put on the card
-        raise WeightsIntegrityError(f"{weights}: not a safetensors file ({e})") from None
+    with _verified_weights(card_path, names) as (card, readable):
+        weights = Path(card_path).parent / card.weights_file
+        try:
+            state = load_file(readable, device=str(device))
+        except SafetensorError as e:  # a pickle or a cut file renamed .safetensors, its sha256 put on the card
+            raise WeightsIntegrityError(f"{weights}: not a safetensors file ({e})") from None
     state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
     return state, card

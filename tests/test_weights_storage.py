@@ -132,3 +132,29 @@ def test_each_loader_refuses_another_models_card_before_reading_its_weights(tmp_
             call()
     with pytest.raises(WeightsIntegrityError, match="x.safetensors"):  # its own name: read, and refused
         load_stage2(tmp_path / "x.json")
+
+
+def test_weights_replaced_between_their_check_and_their_load_are_not_the_ones_loaded(tmp_path, monkeypatch):
+    """The sha256 was taken by name and the file then opened by name again: another file renamed
+    over it in between was loaded as if checked. The hash below is the real one; it renames the
+    other weights over the checked file the moment it has hashed it."""
+    import os
+
+    import models.io
+
+    card = ModelCard(name="x", architecture="x")
+    save_weights({"w": torch.ones(3)}, tmp_path / "a", card)
+    save_weights({"w": torch.zeros(3)}, tmp_path / "b", card)
+    real_hash = models.io.sha256_file
+
+    def hash_then_swap(path):
+        digest = real_hash(path)
+        os.replace(tmp_path / "b.safetensors", tmp_path / "a.safetensors")
+        return digest
+
+    monkeypatch.setattr(models.io, "sha256_file", hash_then_swap)
+    state, _ = load_weights(tmp_path / "a.json")
+    assert torch.equal(state["w"], torch.ones(3))
+    monkeypatch.setattr(models.io, "sha256_file", real_hash)
+    with pytest.raises(WeightsIntegrityError, match="does not match"):  # and the next load sees the swap
+        load_weights(tmp_path / "a.json")
