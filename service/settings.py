@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     # held its spooled part of the temporary folder for ever, and the timeout above never started
     upload_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
     job_batch_size: int = Field(8, ge=1, le=512)
+    # jobs queued or running at once; past it POST /v1/jobs and a retry answer 429 `too_many_jobs`
+    max_active_jobs: int = Field(1000, ge=1)
 
     # input limits
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # whole request body

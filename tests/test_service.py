@@ -527,6 +527,37 @@ def test_the_same_job_sent_twice_while_the_first_runs_is_refused_naming_it(serve
         assert c.post("/v1/jobs", json=body).status_code == 202  # the first one finished: taken again
 
 
+def test_jobs_past_the_active_limit_are_refused_and_a_resent_one_still_names_its_twin(tmp_path):
+    """A client's loop queued 300 jobs in 2 s (an audit), and every later job waited behind
+    them. Each job here has 150 photos: seconds of work, against milliseconds between requests."""
+    src = tmp_path / "data" / "site"
+    src.mkdir(parents=True)
+    for i in range(150):
+        (src / f"{i:03d}.jpg").write_bytes(_jpeg(i, (64, 48)))
+    srv = start_server(tmp_path / "srv", tiny_weights(tmp_path / "w", detector_threshold=0.0),
+                       data_roots=tmp_path / "data", max_active_jobs=1)
+    try:
+        with srv.client() as c:
+            first = c.post("/v1/jobs", json={"source": "site"})
+            assert first.status_code == 202, first.text
+            over = c.post("/v1/jobs", json={"source": "site", "quarantine": "q"})
+            assert (over.status_code, over.json()["error"]["code"]) == (429, "too_many_jobs"), over.text
+            assert "CERVIXQC_MAX_ACTIVE_JOBS" in over.json()["error"]["message"]
+            twin = c.post("/v1/jobs", json={"source": "site"})  # a resent request: still told its job's id
+            assert (twin.status_code, twin.json()["error"]["job_id"]) == (409, first.json()["id"]), twin.text
+            assert c.post(f"/v1/jobs/{first.json()['id']}/cancel").status_code == 200  # a cancelled job frees its place
+            second = c.post("/v1/jobs", json={"source": "site", "quarantine": "q"})
+            assert second.status_code == 202, second.text
+            retried = c.post(f"/v1/jobs/{first.json()['id']}/retry")
+            assert (retried.status_code, retried.json()["error"]["code"]) == (429, "too_many_jobs"), retried.text
+            assert c.get(f"/v1/jobs/{first.json()['id']}").json()["status"] == "cancelled"
+            assert c.post(f"/v1/jobs/{second.json()['id']}/cancel").status_code == 200
+            assert c.post(f"/v1/jobs/{first.json()['id']}/retry").status_code == 202
+            assert len(c.get("/v1/jobs").json()["jobs"]) == 2
+    finally:
+        srv.kill()
+
+
 def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
     with server.client() as c:
         job = c.post("/v1/jobs", json={"source": "collection"}).json()["id"]

@@ -88,6 +88,14 @@ class QuarantineInUse(Exception):
     """The quarantine named overlaps one holding another source's copies; args[0] is that name."""
 
 
+class TooManyJobs(Exception):
+    """As many jobs as the limit are queued or running; args[0] is how many."""
+
+
+def _active_count(db: sqlite3.Connection) -> int:
+    return db.execute(f"SELECT count(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+
+
 def overlapping_quarantine(name: str, source: str, used: Iterable[tuple[str, str]]) -> str | None:
     """The quarantine of `used` ((name, source) of the jobs) that `name` lies in, around or is,
     holding another source's copies, or None. A quarantine folder holds one source's copies: a
@@ -346,11 +354,14 @@ class JobStore:
             raise OSError(errno.ENOSPC, f"the state folder has {disk.f_bavail * disk.f_frsize // 2**20} MiB free")
 
     # jobs -------------------------------------------------------------------------------
-    def create(self, source: str, quarantine: str | None, policy: str, out_root: Path, once: bool = False) -> Job:
+    def create(self, source: str, quarantine: str | None, policy: str, out_root: Path, once: bool = False,
+               max_active: int | None = None) -> Job:
         """`once`: raises ActiveTwin where a queued or running job has the same source, quarantine
         and policy: a client that resent its request after a timeout queued the same hours of
         work again. QuarantineInUse where the quarantine overlaps another source's
-        (`overlapping_quarantine`). Both are checked in the insert's own transaction: two
+        (`overlapping_quarantine`). TooManyJobs where `max_active` jobs are queued or running
+        already (a client's loop queued 300 jobs in 2 s, each a row and a folder, and any one
+        job then waited behind them all). All are checked in the insert's own transaction: two
         requests at once passed a check made before it, and both jobs were queued (an audit)."""
         job_id = uuid.uuid4().hex[:16]
         out = out_root / job_id
@@ -366,6 +377,11 @@ class JobStore:
                 used = overlapping_quarantine(quarantine, source, db.execute(QUARANTINE_SOURCES).fetchall())
                 if used is not None:
                     raise QuarantineInUse(used)
+            if max_active is not None and (active := _active_count(db)) >= max_active:
+                row = db.execute(twin, (source, quarantine, policy)).fetchone() if once else None
+                if row is None:  # a resent request still gets its twin's id (409), not a refusal
+                    raise TooManyJobs(active)
+                raise ActiveTwin(row[0])
             if db.execute(sql, params).rowcount != 1:
                 row = db.execute(twin, (source, quarantine, policy)).fetchone()
                 raise ActiveTwin(row[0] if row else "")
@@ -477,15 +493,21 @@ class JobStore:
                                  f"AND status IN {ACTIVE}", (time.time(), job_id))
         return cur.rowcount == 1
 
-    def requeue(self, job_id: str) -> bool:
+    def requeue(self, job_id: str, max_active: int | None = None) -> bool:
         """True when a failed or cancelled job is queued again, or a done one that has files the
         OS could not read (`READ_AGAIN`: a share briefly away): the runner resumes it, reading
-        only the files without a final row."""
-        cur = self._db().execute(
-            "UPDATE jobs SET status = 'queued', error = NULL, finished = NULL WHERE id = ? AND (status IN "
-            f"('failed', 'cancelled') OR (status = 'done' AND EXISTS (SELECT 1 FROM items WHERE job_id = jobs.id "
-            f"AND {read_again_sql()})))", (job_id,))
-        return cur.rowcount == 1
+        only the files without a final row. TooManyJobs, as `create`, for one it would queue
+        past `max_active`."""
+        retryable = (f"id = ? AND (status IN ('failed', 'cancelled') OR (status = 'done' AND EXISTS (SELECT 1 "
+                     f"FROM items WHERE job_id = jobs.id AND {read_again_sql()})))")
+        with write_transaction(self._db()) as db:
+            if max_active is not None and (active := _active_count(db)) >= max_active:
+                if db.execute(f"SELECT 1 FROM jobs WHERE {retryable}", (job_id,)).fetchone() is not None:
+                    raise TooManyJobs(active)
+                return False
+            cur = db.execute(f"UPDATE jobs SET status = 'queued', error = NULL, finished = NULL WHERE {retryable}",
+                             (job_id,))
+            return cur.rowcount == 1
 
     def has_read_again(self, job_id: str) -> bool:
         """Whether the job has rows of files the OS could not read (`requeue` takes a done one then)."""

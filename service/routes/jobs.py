@@ -24,7 +24,7 @@ from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
-from service.jobs.store import ActiveTwin, Job, QuarantineInUse
+from service.jobs.store import ActiveTwin, Job, QuarantineInUse, TooManyJobs
 from service.media_type import JSON, media_type
 from service.paths import confine, relative_name
 from service.schemas import ErrorResponse, JobCreate, JobList, JobStatus
@@ -42,6 +42,11 @@ def _errors(*codes: int) -> dict[int | str, dict]:
 
 CSV_FIELDS = QCResult.csv_fields()
 log = logging.getLogger(__name__)
+
+
+def _too_many_jobs(e: TooManyJobs) -> ApiError:
+    return ApiError(429, "too_many_jobs", f"{e.args[0]} jobs are queued or running, this service's limit "
+                                          "(CERVIXQC_MAX_ACTIVE_JOBS): wait for some to end, or cancel some")
 
 
 def status_of(state: ServiceState, job: Job) -> JobStatus:
@@ -87,7 +92,7 @@ def json_body(request: Request) -> None:
                                                       'such as {"source": "folder/under/a/data/root"}')
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_errors(400, 403, 404, 408, 409, 413, 415, 422),
+@router.post("", status_code=202, response_model=JobStatus, responses=_errors(400, 403, 404, 408, 409, 413, 415, 422, 429),
              summary="Start a cleaning job", dependencies=[Depends(json_body)])
 def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
@@ -119,7 +124,7 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
             raise ApiError(422, "policy_unavailable", f"{e}; this server runs {', '.join(state.qc.policies)}") from e
     try:
         job = state.store.create(str(source), quarantine, body.policy or state.qc.policy, s.state_dir / "jobs",
-                                 once=True)
+                                 once=True, max_active=s.max_active_jobs)
     except ActiveTwin as e:
         raise ApiError(409, "job_exists", f"job {e.args[0]} is already cleaning this source with the same quarantine "
                                           "and policy: follow it, or cancel it to start again",
@@ -127,6 +132,8 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
     except QuarantineInUse as e:
         raise ApiError(409, "quarantine_in_use", f"quarantine {quarantine!r} overlaps {e.args[0]!r}, which holds "
                                                  "another source's copies; choose another name") from None
+    except TooManyJobs as e:
+        raise _too_many_jobs(e) from None
     state.runner.wake()
     return status_of(state, job)
 
@@ -170,7 +177,7 @@ def delete_job(job_id: str, state: State) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_errors(404, 409),
+@router.post("/{job_id}/retry", status_code=202, response_model=JobStatus, responses=_errors(404, 409, 429),
              summary="Queue a failed or cancelled job again, or a done one with files the OS could not read")
 def retry_job(job_id: str, state: State) -> JobStatus:
     """A job that failed (its source gone for a while, a store error it could not outwait)
@@ -178,7 +185,11 @@ def retry_job(job_id: str, state: State) -> JobStatus:
     those the OS could not read (`cannot read file`: a share briefly away). A done job with
     such rows can be retried for them alone."""
     job = job_or_404(state, job_id)
-    if not state.store.requeue(job_id):
+    try:
+        requeued = state.store.requeue(job_id, max_active=state.settings.max_active_jobs)
+    except TooManyJobs as e:
+        raise _too_many_jobs(e) from None
+    if not requeued:
         raise ApiError(409, "job_not_retryable", f"job {job_id} is {job.status}: only failed or cancelled jobs are "
                                                  "retried, and done ones with files the OS could not read")
     state.runner.wake()
