@@ -156,8 +156,8 @@ def get_job(job_id: str, state: State) -> JobStatus:
              summary="Cancel a queued or running job")
 def cancel_job(job_id: str, state: State) -> JobStatus:
     job = job_or_404(state, job_id)
-    if not state.store.cancel(job_id):
-        raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
+    if not state.store.cancel(job_id):  # read again: a job that ended since the read above said "already running"
+        raise ApiError(409, "job_finished", f"job {job_id} is already {state.store.status(job_id) or job.status}")
     return status_of(state, job_or_404(state, job_id))
 
 
