@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, Field
 from safetensors import SafetensorError
@@ -164,12 +164,20 @@ def verified_card(card_path: str | Path, names: Sequence[str] = ()) -> ModelCard
         return card
 
 
+def opened_path(opened: BinaryIO, name: str | Path) -> str:
+    """A path that reads the open file itself, whatever is renamed over its name since: its
+    /proc/self/fd link on Linux, else its name (the window between a check and a read by name
+    left open there)."""
+    link = f"/proc/self/fd/{opened.fileno()}"
+    return link if os.path.exists(link) else str(name)
+
+
 @contextmanager
 def _verified_weights(card_path: str | Path, names: Sequence[str]) -> Iterator[tuple[ModelCard, str]]:
     """The card and a path that reads the very file that was hashed, while it stays open. The
     file was hashed by name and then loaded by name: one replaced between the two was loaded
     unverified. On Linux the path is the open file's /proc/self/fd link (the same file,
-    whatever is renamed over its name since); elsewhere its name, with that window left open.
+    whatever is renamed over its name since; `opened_path`).
     Reading the file once into memory instead would cost its size again at start, on an
     engine with little margin under its 1.2 GB target."""
     card_path = Path(card_path)
@@ -186,8 +194,7 @@ def _verified_weights(card_path: str | Path, names: Sequence[str]) -> Iterator[t
     except FileNotFoundError:
         raise WeightsIntegrityError(f"{card_path}: weights file {weights.name!r} is missing") from None
     with opened:
-        link = f"/proc/self/fd/{opened.fileno()}"
-        readable = link if os.path.exists(link) else str(weights)
+        readable = opened_path(opened, weights)
         actual = sha256_file(readable)
         if actual != card.sha256:
             raise WeightsIntegrityError(

@@ -243,6 +243,30 @@ def test_a_damaged_export_card_is_named_in_the_weights_folder_and_in_the_convers
         openvino_runtime.load_exported(cached.parent, "classifier", load_weights(exported / "classifier.json")[1])
 
 
+def test_an_export_replaced_after_its_check_is_refused_not_read(exported, tmp_path, monkeypatch):
+    """The export's files were hashed by name and read again by name: a .bin renamed over the
+    checked one in between was compiled as if checked. The hash here is the real one; it
+    renames an altered copy over the .bin the moment it has hashed it."""
+    folder = tmp_path / "w"
+    shutil.copytree(exported, folder)
+    binf = folder / "deep_sad.openvino.bin"
+    altered = bytearray(binf.read_bytes())
+    altered[-1] ^= 0xFF
+    (tmp_path / "altered.bin").write_bytes(altered)
+    real_hash = openvino_runtime.sha256_file
+
+    def hash_then_swap(path):
+        digest = real_hash(path)
+        if (tmp_path / "altered.bin").exists() and Path(path) == binf:
+            os.replace(tmp_path / "altered.bin", binf)
+        return digest
+
+    monkeypatch.setattr(openvino_runtime, "sha256_file", hash_then_swap)
+    card = load_weights(folder / "deep_sad.json")[1]
+    with pytest.raises(WeightsIntegrityError, match="deep_sad.openvino.bin was replaced since it was checked"):
+        openvino_runtime.load_exported(folder, "deep_sad", card)
+
+
 def test_an_export_cut_short_leaves_the_folders_working_export_in_place(exported, tmp_path, monkeypatch):
     """Written in place, an export stopped during its parity check (Ctrl-C, a kill, a full
     disk) left the old card over new files, and every start refused the folder."""
