@@ -648,6 +648,24 @@ def test_a_delete_on_a_full_disk_deletes_the_job_and_purges_its_rows_once_there_
         store.purge_deferred()  # nothing left to do
 
 
+def test_a_store_stopped_cleanly_opens_again_on_a_full_disk_and_says_it_is_not_ready(tmp_path):
+    """Every start wrote the schema version, whether it had changed or not: on a full state disk
+    the service then ended its start in a traceback, where readiness says 503 and jobs wait
+    for room (an audit)."""
+    from tests.small_disk import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "state", "8m") as folder:
+        store = JobStore(folder / "jobs.sqlite")
+        job = store.create("src", None, "resnest", folder / "jobs")
+        store.add_items(job.id, [QCResult(path=f"{i}.jpg", label=Label.REGULAR) for i in range(100)])
+        store.close()  # a clean stop: SQLite's log emptied, so any write needs new room
+        fill(folder)
+        again = JobStore(folder / "jobs.sqlite")
+        assert again.get(job.id).status == "queued" and again.counts(job.id) == {"regular": 100}
+        with pytest.raises(OSError, match="MiB free"):
+            again.probe()
+
+
 def test_the_idle_job_runner_finishes_a_purge_the_full_disk_deferred(tmp_path):
     from service.gate import EngineGate
     from service.jobs.runner import JobRunner

@@ -278,7 +278,8 @@ class JobStore:
         if version < 6:  # the service's own results folders, <state>/jobs/<id>, wherever the state is now
             db.execute("UPDATE jobs SET out_dir = 'jobs/' || id "
                        "WHERE substr(out_dir, -length(id) - 6) = '/jobs/' || id")
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:  # written at every start, it made a start on a full disk a traceback (an audit)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
         if upgrading:
             log.info("jobs.sqlite: upgraded in %.1f s", time.perf_counter() - t0)
