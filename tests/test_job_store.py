@@ -2,6 +2,7 @@
 and backfilled once for a file written before the counts table existed."""
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -474,6 +475,26 @@ def test_a_damaged_store_is_refused_as_it_is_however_the_service_is_started(tmp_
     with pytest.raises(StoreDamaged, match=r"jobs.sqlite is damaged \(.+\); nothing was changed"):
         JobStore(store.path)
     assert store.path.read_bytes() == data[: len(data) // 2] and not list(tmp_path.glob("*.bak"))
+
+
+def test_a_store_cut_to_nothing_beside_its_jobs_folders_is_refused_and_a_new_empty_one_is_not(tmp_path):
+    """SQLite opens a 0-byte file as a new store: the service started with no jobs, their
+    results folders orphaned, without a word (an audit)."""
+    from service.jobs.store import StoreDamaged, store_problem
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.create("src", None, "resnest", tmp_path / "jobs")
+    store.close()
+    store._db().close()  # as the service's process ends
+    (tmp_path / "jobs" / "0123456789abcdef").mkdir(parents=True)  # as the job runner makes a job's folder
+    os.truncate(store.path, 0)
+    with pytest.raises(StoreDamaged, match=r"jobs.sqlite is empty \(0 bytes\) while 1 job results folder"):
+        JobStore(store.path)
+    assert "is empty (0 bytes)" in store_problem(store.path) and store.path.stat().st_size == 0
+    fresh = tmp_path / "fresh" / "jobs.sqlite"  # a start that stopped before its first write
+    fresh.parent.mkdir()
+    fresh.touch()
+    assert store_problem(fresh) is None and JobStore(fresh).list() == []
 
 
 def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried(tmp_path):

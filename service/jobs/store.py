@@ -162,6 +162,8 @@ def store_problem(path: Path, versions: bool = True) -> str | None:
     store of 10^5 results on the 2-core CPU, in the page cache."""
     if not path.is_file():
         return None
+    if (lost := _emptied(path)) is not None:
+        return lost
     try:
         db = open_db(path, "ro", 5)
         try:
@@ -178,6 +180,21 @@ def store_problem(path: Path, versions: bool = True) -> str | None:
     return None if found == "ok" else (
         f"CERVIXQC_STATE_DIR: {path} is damaged ({' '.join(found.split())}); nothing was changed: restore it from "
         "a backup (README, \"Backup and restore\"), or move it aside to start with an empty job store")
+
+
+def _emptied(path: Path) -> str | None:
+    """A store of 0 bytes where jobs' results folders lie beside it: the file was cut to nothing
+    (SQLite opens one as a new store, and started with no jobs and their folders orphaned, an
+    audit). A 0-byte file without them is a start that stopped before its first write."""
+    wal = path.with_name(f"{path.name}-wal")
+    if path.stat().st_size or (wal.is_file() and wal.stat().st_size):
+        return None
+    jobs = path.parent / "jobs"
+    folders = sum(1 for p in jobs.iterdir() if p.is_dir()) if jobs.is_dir() else 0
+    return None if not folders else (
+        f"CERVIXQC_STATE_DIR: {path} is empty (0 bytes) while {folders} job results folder(s) lie in {jobs}: "
+        "the store was cut or replaced; nothing was changed: restore it from a backup (README, \"Backup and "
+        "restore\"), or move it and those folders aside to start with an empty job store")
 
 
 class Job(BaseModel):
