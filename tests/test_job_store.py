@@ -551,6 +551,27 @@ def test_a_file_the_os_could_not_read_is_read_again_when_its_done_job_is_retried
     assert not store.requeue(job.id) and not store.has_read_again(job.id)
 
 
+def test_a_job_store_deleted_or_replaced_under_the_service_takes_no_more_writes(tmp_path):
+    """The open connections went on writing to the unlinked file: a job posted then was
+    answered 202 and gone at the next start (an audit). Now every use is refused, as a store
+    that is failing (an OperationalError: 503 `store_unavailable`, the runner waits)."""
+    from service.jobs.reviews import ReviewStore
+
+    path = tmp_path / "jobs.sqlite"
+    store, reviews = JobStore(path), ReviewStore(path)
+    job = store.create("src", None, "resnest", tmp_path / "jobs")
+    path.unlink()
+    with pytest.raises(sqlite3.OperationalError, match="jobs.sqlite was deleted or replaced while the service ran"):
+        store.create("src", "q", "resnest", tmp_path / "jobs")
+    with pytest.raises(sqlite3.OperationalError, match="deleted or replaced"):
+        reviews.decide(job.id, 0, "a.jpg", "k1", "label", "regular", "iodine")
+    JobStore(tmp_path / "other" / "jobs.sqlite").close()
+    os.replace(tmp_path / "other" / "jobs.sqlite", path)  # a copy put back while the service runs
+    with pytest.raises(sqlite3.OperationalError, match="deleted or replaced"):
+        store.get(job.id)
+    assert JobStore(path).list() == []  # what the next start reads: the copy, nothing written into it since
+
+
 def test_a_deleted_job_store_is_not_created_again_empty_by_another_thread(tmp_path):
     """A metrics scrape (a worker thread, its own connection) created a deleted jobs.sqlite
     again, empty: the loss of every job looked like a fresh install."""

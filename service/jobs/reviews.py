@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.engine.qc_result import Label, QCResult
-from service.jobs.store import DELETED, open_db, write_transaction
+from service.jobs.store import DELETED, SameFile, open_db, write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -99,13 +99,18 @@ class ReviewStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._local = threading.local()
+        self._file: SameFile | None = None
         db = self._db(create=True)
+        self._file = SameFile(path)
         db.executescript(SCHEMA)
         if "undone_by" not in {r[1] for r in db.execute("PRAGMA table_info(decisions)")}:
             db.execute("ALTER TABLE decisions ADD COLUMN undone_by TEXT")  # a log from before undos were signed
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
-        """This thread's connection; only the store's opening creates the file (`open_db`)."""
+        """This thread's connection, to the file the store opened (`StoreReplaced` otherwise);
+        only the store's opening creates the file (`open_db`)."""
+        if self._file is not None:
+            self._file.check()
         db = getattr(self._local, "db", None)
         if db is None:
             db = open_db(self.path, "rwc" if create else "rw", 30, isolation_level=None)

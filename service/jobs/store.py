@@ -117,6 +117,34 @@ class StoreVersionError(RuntimeError):
     """jobs.sqlite written by a newer cervixqc than this one."""
 
 
+class StoreReplaced(sqlite3.OperationalError):
+    """jobs.sqlite deleted or replaced under the running service: its open connections went on
+    writing to the unlinked file, and a job posted then was answered 202 and lost at the next
+    start (an audit). An OperationalError: routes answer 503 `store_unavailable` and the job
+    runner waits, as for a store that is locked or failing."""
+
+
+class SameFile:
+    """The identity (device, inode) of the store's file when this process opened it, checked
+    before each use of a connection (a stat, ~2 us)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.opened = self._id()
+
+    def _id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> None:
+        if self._id() != self.opened:
+            raise StoreReplaced(f"{self.path} was deleted or replaced while the service ran; nothing more is "
+                                "written to it: restart the service (README, \"Backup and restore\")")
+
+
 def open_db(path: Path, mode: str, timeout: float, **kwargs: object) -> sqlite3.Connection:
     """jobs.sqlite in SQLite's URI `mode`: ro, rw, or rwc where it may be created (only the
     stores' own opening: a deleted file was created again, empty, by the next thread that read
@@ -264,7 +292,9 @@ class JobStore:
             raise StoreDamaged(damage)
         self._local = threading.local()
         self._deferred: set[str] = set()  # deleted jobs whose rows a full disk or a lock kept (`purge_deferred`)
+        self._file: SameFile | None = None
         db = self._db(create=True)
+        self._file = SameFile(path)
         db.execute("BEGIN IMMEDIATE")  # two processes opening an old file: one backfills
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:  # a downgrade: this code would rewrite the version down and
@@ -338,7 +368,10 @@ class JobStore:
         return Job(**fields)
 
     def _db(self, create: bool = False) -> sqlite3.Connection:
-        """This thread's connection; only the store's opening creates the file (`open_db`)."""
+        """This thread's connection, to the file the store opened (`StoreReplaced` otherwise);
+        only the store's opening creates the file (`open_db`)."""
+        if self._file is not None:
+            self._file.check()
         db = getattr(self._local, "db", None)
         if db is None:
             db = open_db(self.path, "rwc" if create else "rw", self.busy_timeout_s, isolation_level=None)
