@@ -569,6 +569,8 @@ def test_a_job_store_deleted_or_replaced_under_the_service_takes_no_more_writes(
     os.replace(tmp_path / "other" / "jobs.sqlite", path)  # a copy put back while the service runs
     with pytest.raises(sqlite3.OperationalError, match="deleted or replaced"):
         store.get(job.id)
+    with pytest.raises(sqlite3.OperationalError, match="deleted or replaced"):  # readiness too: it was ready
+        store.probe()
     assert JobStore(path).list() == []  # what the next start reads: the copy, nothing written into it since
 
 

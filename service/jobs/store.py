@@ -390,7 +390,10 @@ class JobStore:
         missing file is not created, and a write transaction rolled back: nothing is written.
         The lock is granted on a full or read-only disk too, where every write then failed while
         readiness said ready (an audit): OSError for a read-only folder or one with less than
-        `PROBE_ROOM` free (SQLite's log needs some room to take a batch)."""
+        `PROBE_ROOM` free (SQLite's log needs some room to take a batch). A file put in its
+        place is not the store's (`StoreReplaced`): readiness said ready while every route refused."""
+        if self._file is not None:
+            self._file.check()
         db = open_db(self.path, "rw", timeout_s, isolation_level=None)
         try:
             db.execute("BEGIN IMMEDIATE")
