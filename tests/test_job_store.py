@@ -574,6 +574,46 @@ def test_a_job_store_deleted_or_replaced_under_the_service_takes_no_more_writes(
     assert JobStore(path).list() == []  # what the next start reads: the copy, nothing written into it since
 
 
+def test_rows_of_files_deleted_before_a_resume_count_in_the_jobs_total(tmp_path):
+    """A job resumed after some of its done files were deleted read "380 processed of 365",
+    progress 1.04 (an audit): their rows stay (they were checked), so the total holds them."""
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    (root / ".away").mkdir(parents=True)
+    for name in ("p0.jpg", "p1.jpg", "p2.jpg", "gone.jpg"):
+        (root / name).write_bytes(fuzz_set()["ok.jpg"][0])
+    (root / "away.jpg").symlink_to(root / ".away" / "away.jpg")  # cannot read file: a retry reads it again
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2, decision=engine.decision)
+
+    def run_to_end(job_id: str):
+        deadline = time.time() + 60
+        while store.get(job_id).status not in ("done", "failed") and time.time() < deadline:
+            runner.wake()
+            time.sleep(0.1)
+        return store.get(job_id)
+
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    runner.start()
+    try:
+        assert run_to_end(job.id).total == 5
+        (root / "gone.jpg").unlink()
+        (root / "away.jpg").unlink()
+        assert store.requeue(job.id)
+        again = run_to_end(job.id)
+    finally:
+        runner.stop()
+    assert again.status == "done" and sum(store.counts(job.id).values()) == again.total == 5, again
+
+
 def test_a_deleted_job_store_is_not_created_again_empty_by_another_thread(tmp_path):
     """A metrics scrape (a worker thread, its own connection) created a deleted jobs.sqlite
     again, empty: the loss of every job looked like a fresh install."""

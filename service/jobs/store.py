@@ -615,11 +615,17 @@ class JobStore:
                 n += 1
         return n
 
-    def done_paths(self, job_id: str) -> set[str]:
-        """Paths with a final row: not those the OS could not read (`READ_AGAIN`), which a
-        resumed or retried job reads again, as a rerun of `clean` does."""
-        return {r[0] for r in self._db().execute(f"SELECT path FROM items WHERE job_id = ? AND NOT {read_again_sql()}",
-                                                 (job_id,))}
+    def stored_paths(self, job_id: str) -> tuple[set[str], set[str]]:
+        """The paths with a row, and those of them whose row is of a file the OS could not read
+        (`READ_AGAIN`), which a resumed or retried job reads again, as a rerun of `clean` does."""
+        paths: set[str] = set()
+        again: set[str] = set()
+        for path, read_again in self._db().execute(f"SELECT path, {read_again_sql()} FROM items WHERE job_id = ?",
+                                                   (job_id,)):
+            paths.add(path)
+            if read_again:
+                again.add(path)
+        return paths, again
 
     def counts(self, job_id: str) -> dict[str, int]:
         rows = self._db().execute("SELECT label, n FROM label_counts WHERE job_id = ? AND n > 0", (job_id,))
