@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipelines.commands import collection, data, detector, duplicates, engine, evaluation, findings, presence, stage2
+from pipelines.commands.common import per_core_limit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -42,7 +43,7 @@ def _root(threads: Annotated[Optional[int], typer.Option(
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter("must be >= 1", param_hint="--threads")
-        limit = 4 * (os.cpu_count() or 1)  # 99999 ran the process out of memory maps, exit 139 (an audit)
+        limit = per_core_limit()
         if threads > limit:
             raise typer.BadParameter(f"must be <= {limit} (4 per core here)", param_hint="--threads")
         import torch

@@ -252,6 +252,13 @@ def test_a_precision_the_torch_runtime_does_not_take_is_said_not_ignored(capsys)
 
 @pytest.mark.parametrize("args, said", [
     (["train-detector", "t.json", "v.json", "-o", "run", "--lr", "inf"], "--lr must be a number > 0"),
+    # 1e300 overflowed in torch, a 121-line traceback; --workers 100000 started 1,156 loaders (audits)
+    (["train-detector", "t.json", "v.json", "-o", "run", "--lr", "1e300"], "--lr must be a number > 0 and <= 10"),
+    (["train-detector", "t.json", "v.json", "-o", "run", "--workers", "100000"], "--workers must be >= 0 and <="),
+    (["train-detector", "t.json", "v.json", "-o", "run", "--workers", "-1"], "--workers must be >= 0"),
+    (["train-deep-sad", "m.csv", "--coco", "c.json", "-o", "run", "--weight-decay", "1e300"], "--weight-decay"),
+    (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--lr", "1e300"], "and <= 10"),
+    (["synth", "run", "-n", "4", "--workers", "5000"], "--workers must be >= 1 and <="),
     (["train-detector", "t.json", "v.json", "-o", "run", "--max-steps", "0"], "--max-steps"),
     (["train-detector", "t.json", "v.json", "-o", "run", "--size", "0"], "--size"),
     (["train-detector", "t.json", "v.json", "-o", "run", "--warmup", "-5"], "--warmup"),

@@ -60,6 +60,14 @@ def test_eval_detector_refuses_a_damaged_box_file_before_the_model_runs(weights,
     (tmp_path / "size.json").write_text(json.dumps(wrong))
     _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "size.json"), "-o", str(tmp_path / "o")]),
              "recorded 999x90, the photo is 120x90")
+    # `{}` (or another tool's JSON) read as an empty box file; one listing no images said "cannot write
+    # empty image", exit 1, after a report of nulls (an audit)
+    (tmp_path / "empty.json").write_text("{}")
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "empty.json"), "-o", str(tmp_path / "o")]),
+             "empty.json", 'no "images" list')
+    (tmp_path / "no-images.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "no-images.json"), "-o", str(tmp_path / "o")]),
+             "the box file lists no images")
     (tmp_path / "images" / "2.png").unlink()
     _refused(runner.invoke(app, ["eval-detector", card, str(coco), "-o", str(tmp_path / "o")]),
              "1 of its images are no file", "images/2.png")
@@ -150,3 +158,15 @@ def test_a_card_whose_config_its_builder_refuses_is_named_in_one_line_by_every_c
     _refused(runner.invoke(app, ["eval", str(folder / "classifier.json"), str(tmp_path / "split.csv"),
                                  "--coco", str(coco), "-o", str(tmp_path / "s")]), "classifier.json: ", *said)
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "o").exists()
+
+
+def test_train_detector_refuses_an_extra_box_file_without_images(tmp_path):
+    """`--extra-coco` of `{}` or of a file listing no images trained on the real photos alone,
+    exit 0, and the card said `extra_ratio: 1.0` (an audit)."""
+    coco, _ = _collection(tmp_path)
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "no-images.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for extra, said in (("empty.json", 'no "images" list'), ("no-images.json", "the extra boxes hold no image")):
+        _refused(runner.invoke(app, ["train-detector", str(coco), str(coco), "-o", str(tmp_path / "run"),
+                                     "--backbone", "resnet18", "--size", "64", "--workers", "0",
+                                     "--extra-coco", str(tmp_path / extra), "--extra-ratio", "1"]), extra, said)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _csv, _fail, manifest_output, not_an_input, progress_console, require_writable
+from pipelines.commands.common import (_csv, _fail, manifest_output, not_an_input, processes_in, progress_console,
+                                       require_writable)
 
 
 def synth(
@@ -21,7 +22,7 @@ def synth(
     sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
     max_side: Annotated[Optional[int], typer.Option(min=64, help="Cap the longer side (pixels).")] = None,
     megapixels: Annotated[Optional[float], typer.Option(help="Make every image this many MP.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes (default: all cores; at most 4 per core).")] = None,
 ) -> None:
     """Generate a synthetic multi-source cervix dataset (deterministic for a seed)."""
     from dataclasses import replace
@@ -32,6 +33,7 @@ def synth(
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    processes_in("--workers", workers, 1)
     require_writable("OUT", out, keep=False)  # a file of that name was exit 1 (an audit)
     # a folder holding someone's dataset had its manifest.csv, coco.json and same-named images
     # replaced, exit 0 (an audit); synth's own earlier output (synth_config.json, written last)

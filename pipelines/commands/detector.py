@@ -22,7 +22,7 @@ def train_detector_cmd(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (a resume may raise it).")] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 2e-4,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    workers: Annotated[int, typer.Option(help="Data-loading processes (0: in this one; at most 4 per core).")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same result).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint.")] = False,
     extra_coco: Annotated[Optional[Path], typer.Option(help="Extra (synthetic) COCO set to mix in.")] = None,
@@ -46,11 +46,12 @@ def train_detector_cmd(
     Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ... (each rank exits
     at the end of training; rank 0 logs the exported card instead of the lines below)."""
     from models.detector import DetectorConfig
-    from pipelines.commands.common import number_in
+    from pipelines.commands.common import number_in, processes_in
     from pipelines.training.detector import DetectorTrainConfig, train_detector
 
-    number_in("--lr", lr, 0.0, above=True)
+    number_in("--lr", lr, 0.0, 10.0, above=True)  # 1e300 overflowed in torch: a 121-line traceback (an audit)
     number_in("--extra-ratio", extra_ratio, 0.0)
+    processes_in("--workers", workers, 0)
     training_output(out, "detector.json", resume)
     if (extra_coco is None) != (extra_ratio == 0):  # either alone trained without the extra set, unsaid
         _fail("--extra-ratio without --extra-coco mixes in nothing" if extra_coco is None else
@@ -109,6 +110,8 @@ def eval_detector_cmd(
     # photo or a manifest with a BOM were tracebacks, some after the whole inference (an audit)
     try:
         boxes = load_coco(coco)
+        if not boxes.images:  # "cannot write empty image", exit 1, after writing a report of nulls (an audit)
+            raise ValueError(f"{coco}: the box file lists no images: nothing to evaluate")
         sources = None
         if manifest is not None:
             sources = image_sources(boxes, coco.parent, load_manifest(manifest, check_files=False))

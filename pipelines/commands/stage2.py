@@ -18,7 +18,7 @@ AllowUnboxed = Annotated[bool, typer.Option(
 
 
 def _check_numbers(lr: float, synthesise: float, marks: float) -> None:
-    number_in("--lr", lr, 0.0, above=True)
+    number_in("--lr", lr, 0.0, 10.0, above=True)  # 1e300 overflowed in torch: a 121-line traceback (an audit)
     number_in("--synthesise", synthesise, 0.0, 1.0)
     number_in("--marks", marks, 0.0, 1.0)
 
@@ -81,7 +81,7 @@ def train_deep_sad_cmd(
 ) -> None:
     """Deep SAD on 32x32 cervix crops, as in the paper; threshold chosen on the val split."""
     _check_numbers(lr=lr, synthesise=synthesise, marks=marks)
-    number_in("--weight-decay", weight_decay, 0.0)
+    number_in("--weight-decay", weight_decay, 0.0, 10.0)
     number_in("--eta", eta, 0.0, above=True)  # -1 weighted the labelled anomalies negatively, exit 0 (an audit)
     training_output(out, "deep_sad.json", resume)
     import torch

@@ -157,6 +157,8 @@ def load_coco(path: str | Path) -> CocoDataset:
     except ValueError as e:
         raise CocoError(str(path), [_not_coco(e)]) from e
     problems = validate_coco(ds)
+    if "images" not in ds.model_fields_set:  # `{}` or another tool's JSON read as an empty box file (an audit)
+        problems.insert(0, 'not a COCO detection file: no "images" list')
     if problems:
         raise CocoError(str(path), problems)
     return ds

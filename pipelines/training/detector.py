@@ -108,6 +108,8 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
     if cfg.extra_coco is not None:
         extra = CocoDetection(load_coco(cfg.extra_coco), cfg.extra_images or cfg.extra_coco.parent,
                               augment, long_side, categories)
+        if not len(extra):  # trained without it, and the card said extra_ratio 1.0 (an audit)
+            raise ValueError(f"{cfg.extra_coco}: the extra boxes hold no image: --extra-coco would mix in nothing")
         datasets.append(extra)
         n_extra = len(extra)
     sampler = MixedEpochSampler(len(train), n_extra, cfg.extra_ratio, cfg.seed, dist_info.rank,
