@@ -347,6 +347,15 @@ def test_export_command_refuses_unknown_models_and_missing_cards(exported, tmp_p
     r = CliRunner().invoke(app, ["export", "--weights", str(fresh), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "deep_sad.safetensors" in r.output, r.output
     assert not list(fresh.glob("*.openvino.*")) and not (tmp_path / "out").exists()
+    # -o naming a folder of other weights: its exports were replaced by ones it then refused, exit 0 (an audit)
+    other = tmp_path / "other"
+    shutil.copytree(exported, other)
+    state, card = load_weights(other / "deep_sad.json")
+    save_weights({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other / "deep_sad", card)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--models", "deep_sad", "-o", str(other)])
+    assert r.exit_code == 2 and "holds another deep_sad model" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
 
 
 def test_an_export_stopped_between_its_renames_leaves_a_folder_that_loads_and_a_killed_ones_work_goes(

@@ -397,7 +397,7 @@ def export(
     import shlex
     import sys
 
-    from models.io import WeightsIntegrityError
+    from models.io import WeightsIntegrityError, load_card
     from pipelines.engine import openvino_runtime
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -423,6 +423,19 @@ def export(
         except WeightsIntegrityError as e:
             _fail(str(e))
     target = out or weights
+    # a folder holding other weights of these names: its exports replaced by ones it then refused
+    # to run ("exported from other weights"), exit 0 (an audit)
+    for name, (_, card) in loaded.items():
+        there = target / f"{name}.json"
+        if target.resolve() != weights.resolve() and there.is_file():
+            try:
+                theirs = load_card(there).sha256
+            except WeightsIntegrityError:
+                theirs = None
+            if theirs != card.sha256:
+                _fail(f"--out {target} holds another {name} model ({there.name}); its exports would be replaced by "
+                      f"ones of {weights}'s, which it refuses to run: export into {weights}, a copy of it, or a "
+                      "folder without weights")
     require_writable("--out", target)  # before the calibration's minutes
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
