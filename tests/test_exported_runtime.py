@@ -463,6 +463,22 @@ def test_int8_calibration_needs_train_rows_and_the_detector(exported, tmp_path, 
     assert r.exit_code == 2 and "quantizes the detector" in r.output
 
 
+def test_int8_calibration_counts_the_photos_it_read_not_those_it_drew(exported, tmp_path, tiny_dataset, capsys):
+    """One readable photo and three damaged ones were "4 photos" on the card and in the output
+    (an audit): the card says what the quantization was calibrated on."""
+    from pipelines.commands.engine import _int8_detector
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for photo in sorted((tiny_dataset.out_dir / "images").rglob("*.jpg"))[:3]:
+        shutil.copy(photo, folder / photo.name)
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    _, described = _int8_detector(exported, folder, 160)
+    out = capsys.readouterr().out
+    assert "INT8 calibration: 3 photos of calibration (1 of the 4 drawn could not be read)" in out, out
+    assert "3 photos of calibration" in described, described
+
+
 @pytest.mark.timeout(120)
 def test_a_conversion_child_dies_with_its_parent():
     """A service SIGKILLed during its start left the conversion child converting for a minute

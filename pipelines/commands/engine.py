@@ -522,5 +522,7 @@ def _int8_detector(weights: Path, source: Path, n: int):
     inputs = qc.detector_inputs(photos)
     if not inputs:  # said "3 photos" and failed in NNCF after the conversion
         _fail(f"none of the {len(photos)} calibration photos of {what} could be read as a photo")
-    typer.echo(f"INT8 calibration: {len(photos)} photos of {what}, {len(inputs)} detector batches")
-    return (lambda ov_model: quantize_detector(ov_model, inputs)), describe(len(photos), what)
+    read = sum(len(batch) for batch in inputs)  # the photos it calibrated on: "4 photos" counted 3 unreadable ones
+    unread = f" ({len(photos) - read} of the {len(photos)} drawn could not be read)" if read < len(photos) else ""
+    typer.echo(f"INT8 calibration: {read} photos of {what}{unread}, {len(inputs)} detector batches")
+    return (lambda ov_model: quantize_detector(ov_model, inputs)), describe(read, what)
