@@ -39,6 +39,20 @@ def unwritable(path: Path, e: Exception) -> OSError:
     return OSError(errno.ENOSPC if full else errno.EIO, f"cannot write it ({why}{where})", str(path))
 
 
+@contextmanager
+def reading_weights(path: str | Path) -> Iterator[None]:
+    """A pretrained file that is no weights (a photo, a cut or empty file) as one ValueError
+    naming it: it was a 50-line UnpicklingError or SafetensorError traceback from the loader
+    (an audit). A RuntimeError is a state dict that does not fit the network."""
+    import pickle
+
+    try:
+        yield
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError, OSError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(f"{path}: cannot load it as this network's weights ({type(e).__name__}: {reason})") from None
+
+
 class WeightsIntegrityError(RuntimeError):
     """The weights file is not the one its card describes."""
 

@@ -170,3 +170,14 @@ def test_train_detector_refuses_an_extra_box_file_without_images(tmp_path):
         _refused(runner.invoke(app, ["train-detector", str(coco), str(coco), "-o", str(tmp_path / "run"),
                                      "--backbone", "resnet18", "--size", "64", "--workers", "0",
                                      "--extra-coco", str(tmp_path / extra), "--extra-ratio", "1"]), extra, said)
+
+
+def test_train_detector_names_a_backbone_file_that_is_no_weights(tmp_path):
+    """A photo or a cut .safetensors given as --backbone-weights was a 50-line UnpicklingError or
+    SafetensorError traceback (an audit)."""
+    coco, _ = _collection(tmp_path)
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")
+    for bad in (tmp_path / "images" / "1.png", tmp_path / "cut.safetensors"):
+        _refused(runner.invoke(app, ["train-detector", str(coco), str(coco), "-o", str(tmp_path / "run"),
+                                     "--backbone", "resnet18", "--size", "64", "--workers", "0",
+                                     "--backbone-weights", str(bad)]), bad.name, "cannot load it as this network's")

@@ -256,7 +256,9 @@ def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_pa
     base = ["train-resnest", str(manifest), "--coco", str(coco), "-o", str(tmp_path / "cli"), "--size", "64"]
     for extra, says in ((["--arch", "resnest26d", "--init-from", str(small)], "is a resnest14d, not a resnest26d"),
                         (["--arch", "resnest14d", "--init-from", str(tmp_path / "none.json")], "no such model card"),
-                        (["--arch", "resnest14d", "--init-from", str(manifest)], "not a model card")):
+                        (["--arch", "resnest14d", "--init-from", str(manifest)], "not a model card"),
+                        # a file that is no weights: a 50-line UnpicklingError traceback (an audit)
+                        (["--arch", "resnest14d", "--imagenet-weights", str(manifest)], "cannot load it as this")):
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 2 and says in r.output, r.output
 

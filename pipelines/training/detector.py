@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 
 from models.detector import DetectorConfig, build_detector
-from models.io import ModelCard, load_card, save_weights, sha256_file
+from models.io import ModelCard, load_card, reading_weights, save_weights, sha256_file
 from pipelines.data.coco import load_coco
 from pipelines.data.detection import CocoDetection, MixedEpochSampler, collate
 from pipelines.data.presets import detection_eval, detection_train
@@ -155,8 +156,12 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
         from safetensors.torch import load_file
 
         p = str(cfg.backbone_weights)
-        backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
-    model = build_detector(model_cfg, backbone)
+        with reading_weights(p):
+            backbone = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu",
+                                                                                  weights_only=True)
+    # a state dict that does not fit the backbone: named with its file too
+    with reading_weights(cfg.backbone_weights) if backbone is not None else nullcontext():
+        model = build_detector(model_cfg, backbone)
     init_scope = _init_from_card(model, model_cfg, cfg.init_from) if cfg.init_from is not None else None
     if init_scope is not None:
         log.info("started from %s (%s)", cfg.init_from, init_scope)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from models.classifier import ClassifierConfig, RegularityClassifier, balanced_weights
 from models.deep_sad import DeepSAD, DeepSADAutoencoder, deep_sad_loss
-from models.io import ModelCard, load_weights, save_weights
+from models.io import ModelCard, load_weights, reading_weights, save_weights
 from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.data.presets import classification_eval, classification_train, deep_sad_train
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold
@@ -269,7 +270,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     _check_train_classes(train, cfg.synthesise, needs_non_regular=True)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
-    model = RegularityClassifier(model_cfg, pretrained_file)
+    with reading_weights(pretrained_file) if pretrained_file else nullcontext():
+        model = RegularityClassifier(model_cfg, pretrained_file)
     if init_card is not None:
         _init_from_card(model, init_card)
     model = model.to(device)
