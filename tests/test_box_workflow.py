@@ -92,6 +92,33 @@ def test_propose_then_fix_then_match_by_sha256_after_the_folder_moved(site, tmp_
                        "gauze.jpg": []}
 
 
+def test_sheets_drawn_again_replace_the_earlier_set_and_a_folder_of_other_files_is_refused(site, tmp_path):
+    """A second, smaller run left the first run's extra sheets beside its own (a reviewer who
+    looked at every sheet looked at photos of another run), and a site's own index.csv in the
+    folder was overwritten (an audit)."""
+    sheets = tmp_path / "sheets"
+    sheets.mkdir()
+    for k in range(3):  # an earlier run's set: three sheets and its index
+        (sheets / f"sheet_{k:03d}.png").write_bytes(b"an earlier sheet")
+    (sheets / "index.csv").write_text("tile,sheet,file,boxes\n0,0,old.jpg,1\n")
+    r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(tmp_path / "p.json"),
+                            "--sheets", str(sheets)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in sheets.iterdir()) == ["index.csv", "sheet_000.png"]
+    assert [row["file"] for row in csv.DictReader(open(sheets / "index.csv"))] == ["a.jpg", "b.jpg"]
+    for theirs, content in (("notes.txt", "my notes"), ("index.csv", "photo,comment\na.jpg,blurred\n")):
+        folder = tmp_path / f"theirs-{theirs}"
+        folder.mkdir()
+        (folder / theirs).write_text(content)
+        (tmp_path / "none.csv").write_text("file,action,x1,y1,x2,y2,note\n")
+        for command in (["propose-boxes", str(site / "m.csv"), "-o", str(tmp_path / "q.json")],
+                        ["fix-boxes", str(tmp_path / "p.json"), str(tmp_path / "none.csv"), "-o",
+                         str(tmp_path / "f.json")]):
+            r = runner.invoke(app, [*command, "--sheets", str(folder)])
+            assert r.exit_code == 2 and "holds files that are not contact sheets" in r.output, (command, r.output)
+            assert [p.name for p in folder.iterdir()] == [theirs] and (folder / theirs).read_text() == content
+
+
 def test_a_cervix_photo_without_any_box_is_refused_by_name(site):
     from pipelines.data.manifest import load_manifest
 

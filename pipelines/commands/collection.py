@@ -85,7 +85,7 @@ def propose_boxes_cmd(
 
     Check every sheet; write the wrong ones to a fixes CSV and run `cervixqc fix-boxes`."""
     from pipelines.data.box_proposals import propose_for_manifest, proposals_to_coco
-    from pipelines.data.box_sheets import draw_sheets
+    from pipelines.data.box_sheets import draw_sheets, sheets_folder_problem
     from pipelines.data.coco import save_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
@@ -98,6 +98,8 @@ def propose_boxes_cmd(
     require_writable("--out", out, file=True, keep=False)
     if sheets is not None:
         require_writable("--sheets", sheets, keep=False)
+        if (problem := sheets_folder_problem(sheets)) is not None:
+            _fail(f"--sheets: {problem}")
     try:
         df = load_manifest(manifest)
     except ManifestError as e:
@@ -139,7 +141,7 @@ def fix_boxes_cmd(
 ) -> None:
     """Apply a reviewer's fixes to the proposals; the rest are recorded as checked."""
     from pipelines.data.box_proposals import apply_fixes, read_fixes
-    from pipelines.data.box_sheets import draw_sheets
+    from pipelines.data.box_sheets import draw_sheets, sheets_folder_problem
     from pipelines.data.coco import CocoError, load_coco, save_coco
 
     from pipelines.commands.common import not_an_input, require_writable
@@ -150,6 +152,8 @@ def fix_boxes_cmd(
     require_writable("--out", out, file=True, keep=False)  # before the output: a bad --sheets left it written
     if sheets is not None:
         require_writable("--sheets", sheets, keep=False)
+        if (problem := sheets_folder_problem(sheets)) is not None:
+            _fail(f"--sheets: {problem}")
     try:
         ds = load_coco(proposals)
         ds, counts = apply_fixes(ds, read_fixes(fixes, {im.file_name for im in ds.images}),

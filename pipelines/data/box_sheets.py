@@ -8,6 +8,7 @@ Sheets are PNG (JPEG smears the thin box lines) with an index CSV: tile number -
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -50,11 +51,44 @@ def _tile(path: Path, boxes: list[tuple[list[float], str]], caption: str, size: 
     return tile
 
 
+_SHEET = re.compile(r"sheet_\d{3,}\.png")
+_INDEX_COLUMNS = ["tile", "sheet", "file", "boxes"]
+
+
+def sheets_folder_problem(out_dir: Path) -> str | None:
+    """Why `out_dir` cannot take a set of sheets: it holds files that are not an earlier set's
+    (a site's own index.csv was overwritten without a word, an audit). An earlier set is
+    replaced whole: its extra sheets stayed beside a smaller new set, and a reviewer who looked
+    at every sheet looked at photos of another run."""
+    if not out_dir.is_dir():
+        return None
+    others = sorted(p.name for p in out_dir.iterdir() if not (_SHEET.fullmatch(p.name) or p.name == "index.csv"))
+    if others or ((out_dir / "index.csv").is_file() and not _ours(out_dir / "index.csv")):
+        named = ", ".join(others[:3]) or "an index.csv of other columns"
+        return f"{out_dir} holds files that are not contact sheets ({named}): choose an empty or new folder"
+    return None
+
+
+def _ours(index: Path) -> bool:
+    try:
+        with open(index, newline="") as fh:
+            return next(csv.reader(fh), None) == _INDEX_COLUMNS
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def draw_sheets(ds: CocoDataset, image_root: str | Path, out_dir: str | Path, per_row: int = 6,
                 rows: int = 5, tile: int = 240, captions: dict[str, str] | None = None) -> list[Path]:
-    """One PNG per `per_row * rows` images, in the COCO file's image order, plus index.csv."""
+    """One PNG per `per_row * rows` images, in the COCO file's image order, plus index.csv; an
+    earlier set in `out_dir` is removed first (`sheets_folder_problem` says when it cannot be)."""
     root, out = Path(image_root), Path(out_dir)
+    problem = sheets_folder_problem(out)
+    if problem is not None:
+        raise ValueError(problem)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if _SHEET.fullmatch(old.name):
+            old.unlink()
     boxes: dict[int, list] = {im.id: [] for im in ds.images}
     for a in ds.annotations:
         x, y, w, h = a.bbox
@@ -75,7 +109,7 @@ def draw_sheets(ds: CocoDataset, image_root: str | Path, out_dir: str | Path, pe
         sheet.save(path)
         sheets.append(path)
     with open(out / "index.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["tile", "sheet", "file", "boxes"])
+        writer = csv.DictWriter(fh, fieldnames=_INDEX_COLUMNS)
         writer.writeheader()
         writer.writerows(index)
     return sheets
