@@ -620,6 +620,39 @@ def test_a_quarantine_holds_one_sources_copies_and_another_source_is_refused_bef
     assert r.exit_code == 0, r.output  # a manifest in clinic_a's folder names clinic_a's files: the same source
 
 
+def test_a_flagged_photo_the_quarantine_could_not_take_is_said_and_copied_by_the_next_run(tmp_path):
+    """Another file under its name in the quarantine: a log line alone, exit 0, nothing in the
+    summary, and a rerun never tried again (an audit)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0, presence_threshold=1.0)  # all no_cervix
+    (tmp_path / "site").mkdir()
+    for i in range(2):
+        (tmp_path / "site" / f"{i}.jpg").write_bytes(jpeg_bytes(textured_scene(i)))
+    q = tmp_path / "q"
+    (q / "no_cervix").mkdir(parents=True)
+    (q / "no_cervix" / "0.jpg").write_bytes(b"someone else's file")
+
+    def run():
+        r = CliRunner().invoke(app, ["clean", str(tmp_path / "site"), "-o", str(tmp_path / "out"), "--quarantine",
+                                     str(q), "--weights", str(weights), "--runtime", "torch"])
+        assert r.exit_code == 0, r.output
+        return r, json.loads((tmp_path / "out" / "summary.json").read_text())["quarantine_not_copied"]
+
+    r, missed = run()
+    assert missed == 1 and "warning: 1 flagged files could not be copied into the quarantine" in r.output, r.output
+    assert (q / "no_cervix" / "0.jpg").read_bytes() == b"someone else's file"  # left as it was
+    assert run()[1] == 1  # still in the way: said again
+    (q / "no_cervix" / "0.jpg").unlink()
+    r, missed = run()
+    assert missed == 0 and "could not be copied" not in r.output
+    assert (q / "no_cervix" / "0.jpg").read_bytes() == (tmp_path / "site" / "0.jpg").read_bytes()
+
+
 def test_a_quarantine_replaced_by_a_file_stops_the_batch_not_counted_as_the_files_faults(tmp_path):
     """A quarantine that was no longer a folder failed every copy with ENOTDIR, counted as the
     files' own faults: the job ended `done` with its flagged photos left in place."""

@@ -46,6 +46,7 @@ class CleanSummary:
     results_csv: Path | None = None
     results_parquet: Path | None = None
     decision: dict | None = None  # the policy, models' sha256s and thresholds every row was labelled under
+    quarantine_not_copied: int = 0  # flagged files without their quarantine copy (the next run tries again)
 
 
 def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: list[str], processed_now: int,
@@ -63,8 +64,10 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
         csv_path, pq_path = export(store, out_dir, src_root, current)
         store.mark_exported(mark, files)
     labels = Counter(label for path, label in store.labels() if path in current)
+    if store.copies_missed:  # said in a log line alone, and never tried again by a rerun (an audit)
+        store.mark_quarantined_as(None)  # so the next run copies the stored rows' files again
     summary = CleanSummary(len(inputs), processed_now, skipped_done, dict(labels), time.perf_counter() - t0,
-                           csv_path, pq_path, store.decision())
+                           csv_path, pq_path, store.decision(), store.copies_missed)
     write_atomically(out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in summary.__dict__.items()}, indent=2)))
     return summary
@@ -131,6 +134,7 @@ def quarantine_done_rows(store: StateStore, src_root: Path, quarantine: Path | N
         return copies_in
     if quarantine is not None and done:
         failed = quarantine_results(src_root, store.records(done), quarantine, findings)
+        store.copies_missed += failed
         log.info("quarantine copies made for the rows of earlier runs (a new quarantine or findings)%s",
                  f"; {failed} could not be made" if failed else "")
     store.mark_quarantined_as(setting)
@@ -149,7 +153,7 @@ def store_batch(store: StateStore, src_root: Path, quarantine: Path | None, find
     for folder in dict.fromkeys(f for f in (quarantine, copies_in) if f is not None):
         drop_stale_copies(src_root, folder, replaced)
     if quarantine is not None:
-        quarantine_results(src_root, results, quarantine, findings)
+        store.copies_missed += quarantine_results(src_root, results, quarantine, findings)
     store.add(results, stamps)
 
 

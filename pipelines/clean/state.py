@@ -93,6 +93,7 @@ class StateStore:
     def __init__(self, path: Path, source: Path | None = None, decision: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.folder = path.parent
+        self.copies_missed = 0  # this run's flagged files whose quarantine copy could not be made
         self._lock = None
         if source is not None:
             self._lock = open(path.parent / ".lock", "a")  # noqa: SIM115 - held for the store's life

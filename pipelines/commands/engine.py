@@ -230,6 +230,11 @@ def clean(
     typer.echo(f"{summary.total} files: {summary.processed_now} processed now, {summary.skipped_done} already done; "
                + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_label.items())))
     typer.echo(f"results: {summary.results_csv} and {summary.results_parquet}")
+    if summary.quarantine_not_copied:
+        typer.echo(f"warning: {summary.quarantine_not_copied} flagged files could not be copied into the quarantine "
+                   "(another file under their names there, or a file the OS could not copy); "
+                   "their rows are stored: move such files away and run the same command again to copy them",
+                   err=True)
     for note in run_notes(summary.by_label):
         typer.echo(f"note: {note}", err=True)
     if summary.by_label.get(Label.UNREADABLE.value, 0) == summary.total:  # as predict: nothing could be read
