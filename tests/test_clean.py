@@ -883,6 +883,9 @@ def test_a_photo_given_as_the_source_is_named_as_one(collection):
     photo = next(p for p in sorted(collection.rglob("*.jpg")) if p.read_bytes()[:2] == b"\xff\xd8")
     with pytest.raises(ValueError, match="is a photo, not a folder or manifest: give its folder"):
         list_inputs(photo)
+    (collection / "empty.jpg").write_bytes(b"")  # named as one: "cannot read it as a table" (an audit)
+    with pytest.raises(ValueError, match="empty.jpg is a photo, not a folder or manifest"):
+        list_inputs(collection / "empty.jpg")
 
 
 def test_a_run_that_calls_a_quarter_of_its_readable_photos_no_cervix_says_so_and_no_fewer():

@@ -43,6 +43,7 @@ def _rows(rows: list[int]) -> str:
 
 
 _PHOTO_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"II*\x00", b"MM\x00*", b"BM", b"GIF8")
+_PHOTO_NAMES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 def _is_photo(path: Path) -> bool:
@@ -95,7 +96,9 @@ def list_inputs(src: Path) -> list[str]:
     if src.is_file():
         from pipelines.data.manifest import file_key, manifest_header, read_table
 
-        if _is_photo(src):  # read as a table, it was told to save itself as "CSV UTF-8" (an audit)
+        # read as a table, it was told to save itself as "CSV UTF-8"; an empty or cut one, named so
+        # but without a photo's first bytes, "cannot read it as a table" (audits)
+        if _is_photo(src) or src.suffix.lower() in _PHOTO_NAMES:
             raise ValueError(f"{src.name} is a photo, not a folder or manifest: give its folder, or use "
                              "`cervixqc predict` for single photos")
 
