@@ -458,6 +458,7 @@ def test_int8_calibration_needs_train_rows_and_the_detector(exported, tmp_path, 
     r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--out", str(tmp_path / "o"),
                                  "--int8-calibration", str(tmp_path / "m.csv")])
     assert r.exit_code == 2 and "no train rows" in r.output
+    assert not (tmp_path / "o").exists()  # made for the check, and left empty by the refusal (an audit)
     r = CliRunner().invoke(app, ["export", "--weights", str(exported), "--models", "deep_sad",
                                  "--int8-calibration", str(tmp_path / "m.csv")])
     assert r.exit_code == 2 and "quantizes the detector" in r.output

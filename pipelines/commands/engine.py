@@ -441,9 +441,11 @@ def export(
                 _fail(f"--out {target} holds another {name} model ({there.name}); its exports would be replaced by "
                       f"ones of {weights}'s, which it refuses to run: export into {weights}, a copy of it, or a "
                       "folder without weights")
-    require_writable("--out", target)  # before the calibration's minutes
+    # before the calibration's minutes; made when written: a refusal of the calibration left it empty (an audit)
+    require_writable("--out", target, keep=False)
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
+    target.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["cervixqc", *sys.argv[1:]])
     for name, (model, card) in loaded.items():
         q = name == "detector" and quantize is not None
