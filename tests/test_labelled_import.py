@@ -2,6 +2,7 @@
 sha256 recorded, and every problem reported at once with the sheet's row number."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -69,6 +70,12 @@ def test_every_bad_row_is_named_with_its_sheet_row(collection):
     text = str(err.value)
     assert "missing file 'atlas/missing.jpg'" in text and "unknown label 'lugol'" in text
     assert "duplicate path" in text and "--kind-map" in text
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str)
+    os.mkfifo(root / "atlas" / "pipe.jpg")  # "missing file" though `ls` showed it (an audit)
+    sheet.loc[1, "file"] = "atlas/pipe.jpg"
+    sheet.to_csv(tmp / "pipe.csv", index=False)
+    with pytest.raises(ManifestError, match="not a regular file .* 'atlas/pipe.jpg'"):
+        import_labelled(tmp / "pipe.csv", root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))
 
 
 def test_a_duplicate_names_its_first_row_in_the_sheet_not_in_the_manifest_made_of_it(collection):

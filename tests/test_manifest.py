@@ -36,6 +36,21 @@ def test_every_bad_row_is_reported_at_once_with_row_numbers_and_reasons(tmp_path
     assert "duplicate path 'a.jpg' (first at row 2)" in text
 
 
+def test_a_pipe_or_a_folder_under_a_rows_name_is_said_to_be_one_not_a_missing_file(tmp_path, write_csv):
+    """Both read "missing file" though `ls` showed them there (an audit)."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    path = write_csv("m.csv", "path,patient_id,source,device,kind\npipe.jpg,p1,s1,phone,regular\n"
+                              "folder.jpg,p2,s1,phone,regular\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    text = str(err.value)
+    assert "not a regular file (a pipe, socket or device) 'pipe.jpg'" in text
+    assert "a folder, not a file, 'folder.jpg'" in text and "missing file" not in text
+
+
 def test_missing_columns_are_named(write_csv):
     path = write_csv("m.csv", "path,patient\nx.jpg,p1\n")
     with pytest.raises(ManifestError, match=r"file: missing column\(s\) patient_id, source, device, kind; required"):

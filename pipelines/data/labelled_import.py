@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from models.io import sha256_file
-from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, read_table, real_folder,
-                                     validate_manifest)
+from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, no_file, read_table,
+                                     real_folder, validate_manifest)
 from pipelines.data.schema import Kind
 
 SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
@@ -150,7 +150,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             source = source.split(cols.source_sep, 1)[0]
         digest = ""
         if rel and not file.is_file():
-            problems.append(RowProblem(i, cols.path, f"missing file {rel!r} under {str(images)!r}"
+            problems.append(RowProblem(i, cols.path, f"{no_file(file)} {rel!r} under {str(images)!r}"
                                        + spellings.hint(rel)))
         elif rel:
             digest = sha256_file(file)

@@ -212,6 +212,14 @@ def _spelt_apart(df: pd.DataFrame, key: Callable[[str], object]) -> list[list[st
     return [sorted(ids) for ids in spellings.values() if len(ids) > 1]
 
 
+def no_file(path: Path) -> str:
+    """What stands under a row's name that is no regular file: a pipe or a folder there read
+    "missing file" (an audit)."""
+    if not path.exists():
+        return "missing file"
+    return "a folder, not a file," if path.is_dir() else "not a regular file (a pipe, socket or device)"
+
+
 def file_key(base: Path, path: str) -> str:
     """What one file is called however a manifest spells it (`a.jpg`, `./a.jpg`, `sub/../a.jpg`,
     `/data/a.jpg`): lexically normalised and absolute, relative paths taken from `base`."""
@@ -271,8 +279,8 @@ def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) ->
                 problems.append(RowProblem(i, "path", f"duplicate path {p!r}", first_seen[key]))
             else:
                 first_seen[key] = i
-            if check_files and not (Path(p) if os.path.isabs(p) else on_disk(base, p)).is_file():
-                problems.append(RowProblem(i, "path", f"missing file {p!r}" + spellings.hint(p)))
+            if check_files and not (file := Path(p) if os.path.isabs(p) else on_disk(base, p)).is_file():
+                problems.append(RowProblem(i, "path", f"{no_file(file)} {p!r}" + spellings.hint(p)))
         if not patient:
             problems.append(RowProblem(i, "patient_id", "empty patient_id"))
         if not source:
