@@ -109,6 +109,22 @@ def test_photos_beyond_every_threshold_are_not_grouped():
     assert df.empty and list(df.columns) == ["path", "group", "duplicate_of", "kind", "evidence"]
 
 
+def test_a_finder_that_groups_nothing_has_no_pair_precision_not_a_perfect_one():
+    """Precision over no predicted pair read 1.0, overall and per source: a finder that found
+    nothing looked perfectly precise (an audit). It is undefined: NaN, null in the report."""
+    from pipelines.evaluation.duplicates_eval import score
+
+    cfg = DuplicateConfig(max_phash_distance=4, max_crop_distance=4, min_cosine=0.99)
+    records = [QCResult(path=n, label=Label.REGULAR, sha256=sha, phash=ph)
+               for n, sha, ph in (("a.jpg", "s1", H0), ("a-copy.jpg", "s2", H_FAR))]  # the copy beyond every key
+    truth = pd.DataFrame({"name": ["a.jpg", "a-copy.jpg"], "original": ["a.jpg", "a.jpg"],
+                          "transform": ["original", "crop"], "cluster": [0, 0], "patient_id": ["p", "p"],
+                          "source": ["s", "s"]})
+    out = score(records, truth, cfg)
+    assert out["predicted_pairs"] == 0 and out["near_recall"]["crop"] == 0.0
+    assert np.isnan(out["precision"]) and np.isnan(out["per_source"]["s"]["precision"])
+
+
 def test_missing_keys_join_nothing_and_never_fail():
     paths = ["unreadable", "no_crop", "b", "c"]
     df = find_duplicates(paths, [None, "s", "s2", None], [None, H0, H0_NEAR, None], [None, None, None, None],

@@ -143,6 +143,10 @@ def _require_photos_in(images: Path, run: Path) -> None:
               "give the folder the run cleaned")
 
 
+def _precision(value: float) -> str:
+    return "undefined (no pair found)" if value != value else f"{value:.4f}"
+
+
 def eval_duplicates_cmd(
     split_csv: Annotated[Path, typer.Argument(help="Manifest of real photos with a split column (and sha256).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="JSON report to write.")],
@@ -211,10 +215,10 @@ def eval_duplicates_cmd(
     s = report["score"]
     typer.echo(f"{split}: {s['n_originals']} photos, {s['n_copies']} copies; exact recall {s['exact_recall']:.3f}; near "
                + ", ".join(f"{k} {v:.3f}" for k, v in s["near_recall"].items())
-               + f"; pair precision {s['precision']:.4f} ({s['false_pairs']} false of {s['predicted_pairs']}, "
+               + f"; pair precision {_precision(s['precision'])} ({s['false_pairs']} false of {s['predicted_pairs']}, "
                f"{s['false_pairs_same_patient']} of one patient)")
     if sweep:
         b = report["sweep"]["best"]
         typer.echo(f"best on the grid: {b['config']}: near recall min {b['near_recall_min']:.3f}, "
-                   f"precision {b['precision']:.4f}")
+                   f"precision {_precision(b['precision'])}")
     typer.echo(f"wrote {out}")

@@ -132,7 +132,8 @@ def score(records: Sequence[QCResult], truth: pd.DataFrame, cfg: DuplicateConfig
         "exact_recall": recall["exact"], "near_recall": {tr: recall[tr] for tr in NEAR},
         "near_recall_min": min(recall[tr] for tr in NEAR),
         "predicted_pairs": total, "false_pairs": total - true,
-        "precision": true / total if total else 1.0,
+        # no pair predicted: undefined (null in the report), not 1.0, which read as perfectly precise (an audit)
+        "precision": true / total if total else float("nan"),
         "false_pairs_same_patient": same_patient,
         "false_pairs_across_sources": total - _pair_count(grouped, ["group", "source"]),
         "per_source": {},
@@ -144,7 +145,7 @@ def score(records: Sequence[QCResult], truth: pd.DataFrame, cfg: DuplicateConfig
         out["per_source"][source] = {
             "near_recall": {tr: float(part.loc[part["transform"] == tr, "found"].mean()) for tr in NEAR},
             "exact_recall": float(part.loc[part["transform"] == "exact", "found"].mean()),
-            "precision": k / n if n else 1.0, "predicted_pairs": n}
+            "precision": k / n if n else float("nan"), "predicted_pairs": n}
     return out
 
 
