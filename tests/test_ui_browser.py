@@ -245,6 +245,34 @@ def test_applying_the_review_puts_a_copy_in_the_final_labels_folder(page, server
     assert original.is_file()  # a copy: the original stays where it was
 
 
+def test_a_key_pressed_while_a_decision_is_out_says_so_and_a_refused_box_is_taken_back(page):
+    """Two keys 0-300 ms apart (a clinic's remote link): the second was sent with the page's old
+    version and refused, and its "Not saved" wiped by the first's reload, so the page said the
+    first was saved and nothing said the second was not. A box drawn on a no_cervix photo stayed
+    drawn beside "Not saved" (an audit)."""
+    job = page.url.split("/ui/jobs/")[1].split("/")[0]
+    rows = list(csv.DictReader(io.StringIO(page.request.get(f"/ui/jobs/{job}/export.csv").text())))
+    fresh = next(r for r in rows if not r["reviewed_class"] and r["model_label"] in ("regular", "non_regular"))
+    page.goto(f"/ui/jobs/{job}/items/{fresh['item']}")
+    _keys_on(page)
+    said = page.evaluate("""() => {  // two keys in one task: the first's request is out for the second
+        for (const key of ["2", "3"]) document.body.dispatchEvent(new KeyboardEvent("keydown", {key, bubbles: true}));
+        return document.getElementById("saved").textContent; }""")
+    assert said == "Still saving the last decision: press again once it shows."
+    _shows(page, "#final", "non-regular: green filter")  # the first key's, as the page then says
+    expect(page.locator(".history li.decision")).to_have_count(1)
+    no_cervix = next(r for r in rows if r["final_label"] == "no_cervix" and not r["final_box"])
+    page.goto(f"/ui/jobs/{job}/items/{no_cervix['item']}")
+    _keys_on(page)
+    b = page.locator("#stage").bounding_box()
+    page.mouse.move(b["x"] + b["width"] * 0.2, b["y"] + b["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(b["x"] + b["width"] * 0.6, b["y"] + b["height"] * 0.6, steps=5)
+    page.mouse.up()
+    expect(page.locator("#saved")).to_contain_text("Not saved:")
+    expect(page.locator("#box")).to_be_hidden()
+
+
 def test_a_post_without_the_csrf_token_is_refused(page):
     job = page.url.split("/ui/jobs/")[1].split("/")[0]
     item = re.search(r"/items/(\d+)", page.content()).group(1)

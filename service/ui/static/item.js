@@ -16,12 +16,22 @@
   // the page reloads to show the history: the message waits in sessionStorage and is shown (and
   // read out) after it, with focus on the decision buttons; before, it vanished with the reload
   const SAVED = "cervixqc-saved";
+  // one decision in flight at a time: a second key pressed before the first's answer was sent
+  // with the page's old version, refused (409), and its "Not saved" wiped by the first's reload,
+  // so the page said the first was saved and nothing said the second was not (an audit)
+  let sending = false;
   async function send(url, body, what) {
+    if (sending) { saved.textContent = "Still saving the last decision: press again once it shows."; return; }
+    sending = true;
     try {
       await postJSON(url, body);
       sessionStorage.setItem(SAVED, "Saved: " + what);
       location.reload();
-    } catch (e) { saved.textContent = "Not saved: " + e.message; }
+    } catch (e) {
+      sending = false;
+      placeBox(box, model.box, W, H);  // a refused box is not left drawn as if it were the photo's
+      saved.textContent = "Not saved: " + e.message;
+    }
   }
   const pending = sessionStorage.getItem(SAVED);
   if (pending) {
