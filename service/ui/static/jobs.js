@@ -33,12 +33,18 @@
     return details;
   }
 
+  // one failed check (the store busy a moment, the link away) stopped the row for good, and a
+  // signed-out page went on showing "running" (an audit): checks go on, and a lost session says so
   async function poll(row) {
-    const r = await fetch(BASE + "/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"});
-    if (!r.ok) return;
+    const status = row.querySelector(".status");  // a live region: written only when it changes
+    let r = null;
+    try { r = await fetch(BASE + "/ui/jobs/" + row.dataset.job + "/status.json", {credentials: "same-origin"}); }
+    catch (e) { r = null; }
+    if (r && r.status === 401) { status.textContent = "not followed: sign in again to see it"; return; }
+    if (r && r.status === 404) { status.textContent = "deleted"; return; }
+    if (!r || !r.ok) { setTimeout(() => poll(row), 3000); return; }
     const j = await r.json();
     row.dataset.status = j.status;
-    const status = row.querySelector(".status");  // a live region: written only when it changes
     const said = j.status + (j.waiting ? ": waiting, " + j.waiting : "");
     if (status.textContent !== said) status.textContent = said;
     const bar = row.querySelector("progress");
