@@ -558,6 +558,24 @@ def test_jobs_past_the_active_limit_are_refused_and_a_resent_one_still_names_its
         srv.kill()
 
 
+def test_the_jobs_page_links_to_jobs_older_than_those_it_shows(server):
+    """It listed the newest 50 and nothing more: the 51st job, and the review decisions in it,
+    were reached by typing its address alone (an audit)."""
+    with server.client() as c:
+        made = [c.post("/v1/jobs", json={"source": "collection", "quarantine": f"older-{i}"}).json()["id"]
+                for i in range(2)]
+        for job in made:
+            c.post(f"/v1/jobs/{job}/cancel")
+    with httpx.Client(base_url=server.url) as browser:
+        sign_in(browser)
+        newest = browser.get("/ui/jobs", params={"limit": 1}).text
+        assert re.findall(r'<tr data-job="(\w+)"', newest) == [made[1]]
+        assert '<a href="/ui/jobs?limit=4">Older jobs (show the newest 4)</a>' in newest
+        shown = re.findall(r'<tr data-job="(\w+)"', browser.get("/ui/jobs", params={"limit": 4}).text)
+        assert shown[:2] == made[::-1]
+        assert browser.get("/ui/jobs", params={"limit": 0}).status_code == 422
+
+
 def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
     with server.client() as c:
         job = c.post("/v1/jobs", json={"source": "collection"}).json()["id"]

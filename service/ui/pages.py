@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
@@ -44,21 +44,29 @@ async def upload(request: Request, session: UiPost, state: State) -> QCResponse:
     return await qc_upload(request, state)
 
 
+JOBS_SHOWN, JOBS_MOST = 50, 1000  # the API's `GET /v1/jobs?limit=` takes as many
+
+
 def _jobs_page(request: Request, session: Session, state: ServiceState, error: str | None = None, source: str = "",
-               quarantine: str = ""):
+               quarantine: str = "", limit: int = JOBS_SHOWN):
     """The form as it was sent, its error marked on the field it is about: the quarantine
     came back empty after a refusal, and a Start after fixing the source ran the job with
-    no quarantine, its flagged photos copied nowhere (an audit)."""
+    no quarantine, its flagged photos copied nowhere (an audit). The newest `limit` jobs, and
+    a link to older ones: the 51st job, and its review decisions, were reached by typing its
+    address alone (an audit)."""
     about_quarantine = error is not None and error.startswith("quarantine")  # relative_name's, quarantine_in_use
-    return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in state.store.list(50)],
+    jobs = state.store.list(limit + 1)
+    more = min(JOBS_MOST, 4 * limit) if len(jobs) > limit and limit < JOBS_MOST else None
+    return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in jobs[:limit]], more=more,
                 error=error, roots=[str(r) for r in state.settings.data_roots], source=source,
                 quarantine=quarantine,
                 invalid=None if error is None else "quarantine" if about_quarantine else "source")
 
 
 @router.get("/jobs")
-def jobs_page(request: Request, session: UiSession, state: State):
-    return _jobs_page(request, session, state)
+def jobs_page(request: Request, session: UiSession, state: State,
+              limit: int = Query(JOBS_SHOWN, ge=1, le=JOBS_MOST)):
+    return _jobs_page(request, session, state, limit=limit)
 
 
 @router.post("/jobs")
