@@ -571,6 +571,9 @@ def test_the_jobs_page_links_to_jobs_older_than_those_it_shows(server):
         newest = browser.get("/ui/jobs", params={"limit": 1}).text
         assert re.findall(r'<tr data-job="(\w+)"', newest) == [made[1]]
         assert '<a href="/ui/jobs?limit=4">Older jobs (show the newest 4)</a>' in newest
+        # when each was made, in UTC as the exports write it: runs over one folder had only their ids
+        assert re.search(r'<td><time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00">\d{4}-\d\d-\d\d '
+                         r'\d\d:\d\d UTC</time></td>', newest), newest
         shown = re.findall(r'<tr data-job="(\w+)"', browser.get("/ui/jobs", params={"limit": 4}).text)
         assert shown[:2] == made[::-1]
         assert browser.get("/ui/jobs", params={"limit": 0}).status_code == 422

@@ -179,6 +179,8 @@ def test_a_label_is_overridden_with_the_keyboard_and_undone(page, screenshots_di
     _shows(page, "#final", "non-regular: green filter")
     expect(page.locator(".history li.undone")).to_have_count(1)
     assert "→ non-regular: green filter" in page.locator(".history li.decision").first.inner_text()
+    # each decision with its time (it had none), in UTC as the CSV export writes it
+    expect(page.locator(".history li.decision time").first).to_have_attribute("datetime", re.compile(r"\+00:00$"))
     # the reload kept the message for screen readers (it vanished with it), focus on the decisions,
     # and the final label's button says it is the chosen one
     expect(page.locator("#saved")).to_have_text("Saved: undo")

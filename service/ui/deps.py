@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from service.errors import ApiError
 from service.jobs.reviews import CLASS_WORDS, CLASSES
@@ -23,6 +25,19 @@ STATIC_VERSION = hashlib.sha256(b"".join(p.read_bytes() for p in sorted((HERE / 
                                          if p.is_file())).hexdigest()[:12]
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals.update(words=CLASS_WORDS, classes=CLASSES, static_v=STATIC_VERSION)
+
+
+def when(t: float | None) -> Markup:
+    """A time as the pages show it, in UTC as the exports write it: the pages showed none (two
+    runs over one folder told apart by their ids alone, a decision without its time)."""
+    if not t:
+        return Markup("")
+    at = datetime.fromtimestamp(t, timezone.utc)
+    return Markup('<time datetime="{}">{}</time>').format(at.isoformat(timespec="seconds"),
+                                                          at.strftime("%Y-%m-%d %H:%M UTC"))
+
+
+templates.env.filters["when"] = when
 
 
 class SignInNeeded(Exception):
