@@ -20,6 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.root_path import route_path
 
 
+def _over(limit: int) -> str:
+    """The limit in bytes and in MiB or KiB: the upload page showed "over 67108864 bytes" (an audit)."""
+    human = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit / 2**10:g} KiB"
+    return f"request body over {limit} bytes ({human})"
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -56,7 +62,7 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             if declared.isdigit():
                 self.on_too_large()
-            await self._refuse(send, f"request body over {limit} bytes" if declared.isdigit()
+            await self._refuse(send, _over(limit) if declared.isdigit()
                                else "invalid Content-Length", 413 if declared.isdigit() else 400)
             return
         seen = 0
@@ -79,7 +85,7 @@ class BodyLimitMiddleware:
                 body_done = not message.get("more_body", False)
                 if seen > limit:  # counted here: the app's handler for it answers, not this middleware
                     self.on_too_large()
-                    raise BodyTooLarge(f"request body over {limit} bytes")
+                    raise BodyTooLarge(_over(limit))
             return message
 
         async def tracking_send(message: Message) -> None:
