@@ -46,10 +46,10 @@ from service.settings import Settings, findings_card_missing
 from service.state import ServiceState
 from service.ui import auth_pages, pages, review_pages
 from service.ui.deps import HERE as UI_DIR
-from service.ui.deps import SignInNeeded, browser_form, page, wants_page
+from service.ui.deps import SignInNeeded, browser_form, current_session, page, wants_page
 from service.ui.headers import PageHeaders
 from service.ui.job_views import JobViews
-from service.ui.session import RevokedSessions, SessionSigner, load_secret
+from service.ui.session import RevokedSessions, Session, SessionSigner, load_secret
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _sign_in(_: Request, e: SignInNeeded) -> RedirectResponse:
         return RedirectResponse(f"/ui/login?next={e.next_url}", status_code=303)
 
+    def _signed_in(request: Request) -> Session | None:
+        """The page's session for its menu: an error page hid the menu and Sign out from a
+        signed-in reviewer (an audit)."""
+        try:
+            return current_session(request)
+        except (SignInNeeded, ApiError):
+            return None
+
     def as_page(kind: type[Exception], status_and_message) -> None:
         """A browser opening a page gets the message as a page with a way back: a deleted job's
         review page showed the raw JSON error, and so did a mistyped item number or page and
@@ -155,7 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shown = status_and_message(e)
             if (shown is not None and (wants_page(request) or browser_form(request))
                     and route_path(request.scope).startswith("/ui/")):
-                return page(request, "error.html", None, status_code=shown[0], status=shown[0], message=shown[1])
+                return page(request, "error.html", _signed_in(request), status_code=shown[0], status=shown[0],
+                            message=shown[1])
             return await as_json(request, e)
 
         app.add_exception_handler(kind, handler)

@@ -242,7 +242,10 @@ def test_a_mistyped_page_address_is_a_page_with_a_way_back_and_json_for_scripts(
         r = c.get(path, headers={"Accept": "text/html"})
         assert r.status_code == status and r.headers["content-type"].startswith("text/html"), (path, r.text)
         assert 'href="/ui/jobs"' in r.text, path
+        assert "Signed in as key-" in r.text and "Sign out" in r.text, path  # the menu: it was hidden (an audit)
         assert c.get(path).headers["content-type"].startswith("application/json"), path
+    anonymous = httpx.get(f"{server.url}/ui/nonexistent", headers={"Accept": "text/html"})
+    assert anonymous.status_code == 404 and "Signed in as" not in anonymous.text
 
 
 def test_the_signing_secret_is_private_to_the_service(server):
