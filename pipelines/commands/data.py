@@ -22,7 +22,8 @@ def synth(
     sources: Annotated[Optional[str], typer.Option(help="Comma-separated subset of sources.")] = None,
     max_side: Annotated[Optional[int], typer.Option(min=64, help="Cap the longer side (pixels).")] = None,
     megapixels: Annotated[Optional[float], typer.Option(help="Make every image this many MP.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes (default: all cores; at most 4 per core).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Processes (default: all cores; at most 4 per core).")] = None,
 ) -> None:
     """Generate a synthetic multi-source cervix dataset (deterministic for a seed)."""
     from dataclasses import replace

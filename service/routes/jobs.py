@@ -92,7 +92,8 @@ def json_body(request: Request) -> None:
                                                       'such as {"source": "folder/under/a/data/root"}')
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_errors(400, 403, 404, 408, 409, 413, 415, 422, 429),
+@router.post("", status_code=202, response_model=JobStatus,
+             responses=_errors(400, 403, 404, 408, 409, 413, 415, 422, 429),
              summary="Start a cleaning job", dependencies=[Depends(json_body)])
 def create_job(body: JobCreate, state: State) -> JobStatus:
     s = state.settings
