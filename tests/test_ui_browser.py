@@ -120,6 +120,20 @@ def test_a_job_started_from_the_jobs_page_runs_to_done(page, screenshots_dir):  
     assert row.locator("details.delete form").get_attribute("action").endswith(f"/ui/jobs/{job}/delete")
     row.locator("details.delete summary").click()  # closed again for the screenshot
     page.screenshot(path=screenshots_dir / "jobs.png", full_page=True)
+    # a job cancelled while the page is open gets the Retry the page renders (jobs.js clones it)
+    page.get_by_label("Folder or manifest").fill("collection")
+    page.get_by_role("button", name="Start job").click()
+    cancelled = page.locator("tr[data-job]").first
+    job = cancelled.get_attribute("data-job")
+    assert page.request.post(f"/v1/jobs/{job}/cancel", headers={"X-API-Key": API_KEY}).ok
+    retry = cancelled.locator("form.retry")
+    expect(retry.locator("button")).to_have_attribute(
+        "title", "cancelled: run it again, reading only the files it has no result for")
+    assert retry.get_attribute("action").endswith(f"/ui/jobs/{job}/retry")
+    csrf = page.locator("#main").get_attribute("data-csrf")
+    assert retry.locator("input[name=csrf]").get_attribute("value") == csrf
+    retry.locator("button").click()  # the cloned form posts: the same job runs to done, as the first did
+    expect(page.locator(f"tr[data-job='{job}'] .status")).to_have_text("done", timeout=120_000)
 
 
 def test_a_job_outside_the_data_roots_is_refused_on_the_form(page):

@@ -41,6 +41,7 @@ def _errors(*codes: int) -> dict[int | str, dict]:
 
 
 CSV_FIELDS = QCResult.csv_fields()
+JOBS_LISTED_MOST = 1000  # the most jobs one listing gives (the API's and the jobs page's `limit`)
 log = logging.getLogger(__name__)
 
 
@@ -140,7 +141,7 @@ def create_job(body: JobCreate, state: State) -> JobStatus:
 
 
 @router.get("", response_model=JobList, responses=_errors(422), summary="Recent jobs, newest first")
-def list_jobs(state: State, limit: int = Query(100, ge=1, le=1000)) -> JobList:
+def list_jobs(state: State, limit: int = Query(100, ge=1, le=JOBS_LISTED_MOST)) -> JobList:
     return JobList(jobs=[status_of(state, j) for j in state.store.list(limit)])
 
 

@@ -10,7 +10,8 @@ from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
 from service.errors import ApiError, validation_message
-from service.routes.jobs import cancel_job, create_job, delete_job, job_or_404, retry_job, status_of
+from service.routes.jobs import (JOBS_LISTED_MOST, cancel_job, create_job, delete_job, job_or_404, retry_job,
+                                 status_of)
 from service.routes.qc import qc_upload
 from service.schemas import JobCreate, JobStatus, QCResponse
 from service.state import ServiceState, State
@@ -44,7 +45,7 @@ async def upload(request: Request, session: UiPost, state: State) -> QCResponse:
     return await qc_upload(request, state)
 
 
-JOBS_SHOWN, JOBS_MOST = 50, 1000  # the API's `GET /v1/jobs?limit=` takes as many
+JOBS_SHOWN = 50
 
 
 def _jobs_page(request: Request, session: Session, state: ServiceState, error: str | None = None, source: str = "",
@@ -56,7 +57,7 @@ def _jobs_page(request: Request, session: Session, state: ServiceState, error: s
     address alone (an audit)."""
     about_quarantine = error is not None and error.startswith("quarantine")  # relative_name's, quarantine_in_use
     jobs = state.store.list(limit + 1)
-    more = min(JOBS_MOST, 4 * limit) if len(jobs) > limit and limit < JOBS_MOST else None
+    more = min(JOBS_LISTED_MOST, 4 * limit) if len(jobs) > limit and limit < JOBS_LISTED_MOST else None
     return page(request, "jobs.html", session, jobs=[status_of(state, j) for j in jobs[:limit]], more=more,
                 error=error, roots=[str(r) for r in state.settings.data_roots], source=source,
                 quarantine=quarantine,
@@ -65,7 +66,7 @@ def _jobs_page(request: Request, session: Session, state: ServiceState, error: s
 
 @router.get("/jobs")
 def jobs_page(request: Request, session: UiSession, state: State,
-              limit: int = Query(JOBS_SHOWN, ge=1, le=JOBS_MOST)):
+              limit: int = Query(JOBS_SHOWN, ge=1, le=JOBS_LISTED_MOST)):
     return _jobs_page(request, session, state, limit=limit)
 
 

@@ -1,26 +1,20 @@
 // Jobs page: active rows poll their JSON twin every second for progress, rate, ETA and notes.
 "use strict";
 (function () {
-  const csrf = document.getElementById("main").dataset.csrf;
-
   function link(href, text) {
     const a = document.createElement("a");
     a.href = href; a.textContent = text;
     return a;
   }
 
-  // the same form the page renders for a retryable job (jobs.html)
+  // the Retry the page renders for a retryable job (jobs.html's retry-template, its titles
+  // on the template: the script wrote the form's markup and words again)
   function retryForm(j) {
-    const form = document.createElement("form");
-    form.method = "post"; form.action = BASE + "/ui/jobs/" + j.id + "/retry"; form.className = "retry";
-    const token = document.createElement("input");
-    token.type = "hidden"; token.name = "csrf"; token.value = csrf;
-    const button = document.createElement("button");
-    button.type = "submit"; button.textContent = "Retry";
-    button.title = j.status === "done"  // on the button: a form's title is never read out
-      ? "read again the files the system could not read (a share that was away)"
-      : (j.error || "cancelled") + ": run it again, reading only the files it has no result for";
-    form.append(token, button);
+    const template = document.getElementById("retry-template");
+    const form = template.content.firstElementChild.cloneNode(true);
+    form.action = BASE + "/ui/jobs/" + j.id + "/retry";
+    form.querySelector("button").title = j.status === "done"  // on the button: a form's title is never read out
+      ? template.dataset.readAgain : (j.error || "cancelled") + template.dataset.runAgain;
     return form;
   }
 
