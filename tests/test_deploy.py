@@ -165,3 +165,14 @@ def test_the_build_context_leaves_out_environments_caches_and_data_and_keeps_the
                  "pipelines/engine/qc.py", *(f"weights/{n}" for n in shipped)]:
         assert not _docker_ignored(path, patterns), path
     assert "weights/detector.openvino.bin" in [f"weights/{n}" for n in shipped]
+
+
+def test_every_compose_service_rotates_its_container_log():
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert set(services) == {"cervixqc", "cervixqc-cpu"}
+    for name, service in services.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 2, name
