@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 from service.limits import BodyStalled, BodyTooLarge
 from service.root_path import route_path
@@ -67,8 +67,14 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 def route_label(app: FastAPI, request: Request) -> str:
     """The route a request is counted under in /metrics: the one that answered it, or for one
     refused before routing (a body over the limit by its Content-Length: `BodyLimitMiddleware`)
-    the documented route it was sent to; their 413s were all counted under "unmatched"."""
+    the documented route it was sent to; their 413s were all counted under "unmatched". A file
+    of a mounted folder (the pages' scripts, the offline docs' assets) under the mount's path and
+    `{path}`: the router records no route for a mount, only its app (`endpoint`), and a page's
+    scripts and styles were all counted "unmatched" beside the unknown paths (an audit)."""
     route = getattr(request.scope.get("route"), "path", None)
+    endpoint = request.scope.get("endpoint")
+    if route is None and endpoint is not None:
+        route = next((f"{r.path}/{{path}}" for r in app.routes if isinstance(r, Mount) and r.app is endpoint), None)
     if route is None:
         method = request.method.lower()
         route = next((t for t, operations in _documented(app, route_path(request.scope)) if method in operations), None)

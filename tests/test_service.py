@@ -140,6 +140,12 @@ def test_metrics_take_a_scrape_only_key_as_bearer_and_show_the_process_the_build
     text = httpx.get(f"{server.url}/metrics", headers=scrape).text
     assert _metric(text, *counted) == _metric(before.text, *counted) + 2
     assert "_created" not in text
+    # a mounted folder's files under the mount, apart from unknown paths (all were "unmatched")
+    assert httpx.get(f"{server.url}/ui/static/common.js").status_code == 200
+    assert httpx.get(f"{server.url}/no/such/page").status_code == 404
+    text = httpx.get(f"{server.url}/metrics", headers=scrape).text
+    assert _metric(text, "cervixqc_http_requests_total", '{method="GET",route="/ui/static/{path}",status="200"}') >= 1
+    assert _metric(text, "cervixqc_http_requests_total", '{method="GET",route="unmatched",status="404"}') >= 1
 
 
 def test_a_large_body_to_a_route_that_takes_no_photos_is_refused_before_it_is_read_key_or_not(server):

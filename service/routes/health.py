@@ -34,8 +34,12 @@ async def healthz() -> dict[str, str]:
 @router.head("/readyz", operation_id="readyz_head", summary=_READY, responses={503: {"description": "not ready"}})
 async def readyz(request: Request):
     state = getattr(request.app.state, "service", None)
-    if state is None or not state.runner.alive():
-        return error_response(503, "not_ready", "models loading or job runner stopped", {"Retry-After": "5"})
+    # uvicorn listens only once the lifespan has loaded the models: no state is a stop under way
+    # (it said "models loading", which no request could see: an audit)
+    if state is None:
+        return error_response(503, "not_ready", "the service is stopping", {"Retry-After": "5"})
+    if not state.runner.alive():
+        return error_response(503, "not_ready", "the job runner stopped", {"Retry-After": "5"})
     try:  # in a thread: a hung mount must not hold the event loop; 2 s inside the healthcheck's 4
         await asyncio.wait_for(asyncio.to_thread(state.store.probe, 2.0), 3.0)
     except (sqlite3.Error, OSError, TimeoutError) as e:
