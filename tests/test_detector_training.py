@@ -236,3 +236,39 @@ def test_missing_validation_photos_or_a_set_without_boxes_are_refused_before_tra
     with pytest.raises(ValueError, match="the validation boxes hold no box"):  # best epoch by an mAP of nothing
         train_detector(_cfg(boxes_set, tmp_path / "c", val_coco=tmp_path / "train.json", val_images=boxes_set.parent))
     assert not any((tmp_path / run).exists() for run in "abc")
+
+
+def test_validation_photos_that_are_training_photos_are_warned_of_and_counted_on_the_card(boxes_set, tmp_path, caplog):
+    """The training box file given as validation too trained, chose its epoch and threshold on
+    photos trained on, and exported a card whose validation figures were training figures,
+    unsaid (an audit). A photo is the same by its file or by the sha256 a box file records."""
+    import shutil
+
+    from pipelines.data.coco import CocoImage, load_coco, save_coco
+
+    coco = load_coco(boxes_set)
+    images = sorted(coco.images, key=lambda im: im.id)
+    train_ids = {im.id for im in images[:16]}
+    shutil.copy(boxes_set.parent / images[1].file_name, boxes_set.parent / "copied.jpg")
+    sha = "ab" * 32
+    train = coco.model_copy(deep=True, update={
+        "images": [CocoImage(**im.model_dump(), **({"sha256": sha} if im.id == images[1].id else {}))
+                   for im in images[:16]],
+        "annotations": [a for a in coco.annotations if a.image_id in train_ids]})
+    apart = coco.model_copy(deep=True, update={
+        "images": images[16:], "annotations": [a for a in coco.annotations if a.image_id not in train_ids]})
+    shared = apart.model_copy(deep=True, update={
+        "images": [*apart.images, images[0],  # the same file
+                   CocoImage(**images[1].model_dump(exclude={"id", "file_name"}), id=9999, file_name="copied.jpg",
+                             sha256=sha)],  # another file of the same sha256
+        "annotations": [*apart.annotations, *(a for a in coco.annotations if a.image_id == images[0].id)]})
+    for name, data in (("train", train), ("apart", apart), ("shared", shared)):
+        save_coco(data, boxes_set.parent / f"{name}.json")
+    cards = {}
+    for name in ("apart", "shared"):
+        with caplog.at_level("WARNING", logger="pipelines.training.detector"):
+            caplog.clear()
+            _, card = train_detector(_cfg(boxes_set.parent / "train.json", tmp_path / name, epochs=1,
+                                          max_steps_per_epoch=1, val_coco=boxes_set.parent / f"{name}.json"))
+        cards[name] = (load_card(card).data["val_photos_trained_on"], "training photos too" in caplog.text)
+    assert cards == {"apart": (0, False), "shared": (2, True)}

@@ -99,7 +99,7 @@ def presence_threshold(gt_has_box: np.ndarray, top_scores: np.ndarray) -> tuple[
     return margin_threshold(top_scores, best[0], "logit"), best[1]
 
 
-def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, CocoDetection]:
+def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, list[CocoDetection]]:
     train_coco = load_coco(cfg.train_coco)
     categories = [c.name for c in train_coco.categories]
     long_side = 2 * cfg.model.max_size
@@ -118,7 +118,7 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
     loader = DataLoader(ConcatDataset(datasets), batch_size=cfg.batch_size, sampler=sampler,
                         num_workers=cfg.workers, collate_fn=collate, drop_last=True,
                         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available())
-    return loader, train
+    return loader, datasets
 
 
 def _check_sets(train: CocoDetection, val_coco, val_root: Path) -> None:
@@ -140,6 +140,28 @@ def _check_sets(train: CocoDetection, val_coco, val_root: Path) -> None:
         raise ValueError("; ".join(problems))
 
 
+def validation_trained_on(datasets: list[CocoDetection], val_coco, val_root: Path) -> int:
+    """Validation photos that are training photos too (the same file, or the same sha256 where
+    the box files record one, as the real photos' do). They chose the best epoch and the score
+    threshold on photos trained on, exit 0 and unsaid: the training box file given twice
+    (an audit). Warned of and counted on the card (`data.val_photos_trained_on`), not refused:
+    a smoke run on one tiny set is a use of its own, and the tests train so."""
+    val = {im.id: _photo_keys(im, Path(val_root)) for im in val_coco.images}
+    trained = set().union(*(_photo_keys(im, ds.root) for ds in datasets for im in ds.coco.images))
+    shared = [im.file_name for im in val_coco.images if val[im.id] & trained]
+    if shared:
+        log.warning("%d of %d validation photos are training photos too (first: %s): the best epoch, the score "
+                    "threshold and the card's validation figures come from photos trained on; give validation "
+                    "photos of their own", len(shared), len(val), ", ".join(shared[:3]))
+    return len(shared)
+
+
+def _photo_keys(im, root: Path) -> set[str]:
+    """A photo of a box file as its resolved path and, where the file records it, its sha256."""
+    sha = getattr(im, "sha256", None)
+    return {str(on_disk(root, im.file_name).resolve())} | ({f"sha256 {sha}"} if sha else set())
+
+
 def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     """Trains, keeps the best epoch and exports it (rank 0). Under torchrun it does not return:
     each rank exits with status 0 once all are done (`distributed.leave`), rank 0 having logged
@@ -147,9 +169,11 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
     dist_info = init_distributed()
     device = device_for(dist_info)
     torch.manual_seed(cfg.seed + dist_info.rank)
-    loader, train = _loader(cfg, dist_info)
+    loader, datasets = _loader(cfg, dist_info)
+    train = datasets[0]
     val_coco = load_coco(cfg.val_coco)
     _check_sets(train, val_coco, cfg.val_images or cfg.val_coco.parent)
+    trained_on = validation_trained_on(datasets, val_coco, cfg.val_images or cfg.val_coco.parent)
     model_cfg = DetectorConfig(**{**asdict(cfg.model), "num_classes": len(train.categories) + 1})
     backbone = None
     if cfg.backbone_weights is not None:
@@ -179,7 +203,7 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
                       max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress,
                       recipe=recipe_of(cfg) | _box_files(cfg))
     result = fit(model, task, loader, optimizer, loop, device, dist_info)
-    card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope)
+    card = (export_best(cfg, model_cfg, train.categories, result, task, val, init_scope, trained_on)
             if dist_info.is_main else None)
     leave(dist_info)  # under torchrun the rank ends here, on success only: see its docstring
     return result, card
@@ -210,7 +234,8 @@ def _init_from_card(model, model_cfg: DetectorConfig, card_path: Path) -> str:
 
 
 def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories: list[str], result: FitResult,
-                task: DetectorTask, val: CocoDetection, init_scope: str | None = None) -> Path | None:
+                task: DetectorTask, val: CocoDetection, init_scope: str | None = None,
+                val_trained_on: int = 0) -> Path | None:
     """Best epoch -> detector.safetensors + detector.json, with a validation-chosen threshold."""
     if result.best_weights is None:
         return None
@@ -241,7 +266,7 @@ def export_best(cfg: DetectorTrainConfig, model_cfg: DetectorConfig, categories:
            "init_from_sha256": load_card(cfg.init_from).sha256 if cfg.init_from is not None else None,
            "init_scope": init_scope},
         data={"train": str(cfg.train_coco), "val": str(cfg.val_coco),
-              "extra": str(cfg.extra_coco) if cfg.extra_coco else None}
+              "extra": str(cfg.extra_coco) if cfg.extra_coco else None, "val_photos_trained_on": val_trained_on}
         | _box_files(cfg, digits=64),  # the paths name files that may change; these name their content
         metrics={"val": result.best_metrics, "val_presence_balanced_accuracy": bacc,
                  "score_threshold_from": chosen},
