@@ -230,6 +230,14 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
         assert r.exit_code == 0 and (tmp_path / "p" / "presence.json").is_file(), r.output
     assert "fitting again replaces it" in r.output and "validation: cervix found" in r.output
     assert "each source left out once" in r.output  # the tiny set has several sources
+    # fitted again into a detector's run folder: it was told to pass --resume, which it has not
+    run = tmp_path / "p"
+    (run / "detector.json").write_bytes((weights / "detector.json").read_bytes())
+    (run / "checkpoint.pt").write_bytes(b"a detector's checkpoint")
+    r = runner.invoke(app, [*base, str(both)])
+    assert r.exit_code == 0 and "fitting again replaces it" in r.output and "--resume" not in r.output, r.output
+    for name in ("detector.json", "checkpoint.pt"):
+        (run / name).unlink()
     # the split it was fitted under, on its card: judged on that split, no warning of a leak
     from pipelines.commands.evaluation import _check_split
     from pipelines.data.splits import split_fingerprint

@@ -49,10 +49,13 @@ def training_output(out: Path, card: str, resume: bool = False, one_shot: bool =
     require_writable("-o", out, keep=False)
     if not (out / card).exists():
         return
-    if one_shot and not (out / "detector.json").exists():
+    run_folder = any(out.rglob("checkpoint.pt"))
+    # a detector's run folder too: its second fit there was told to pass --resume, which a
+    # one-shot fit does not have (an audit)
+    if one_shot and (run_folder or not (out / "detector.json").exists()):
         typer.echo(f"{out} holds an earlier {card}: fitting again replaces it", err=True)
         return
-    if any(out.rglob("checkpoint.pt")):
+    if run_folder:
         if not resume:
             _fail(f"{out} already holds a training run: pass --resume to continue it, or choose another folder")
         return
