@@ -96,6 +96,27 @@ def empty_argument(args: list[str]) -> str | None:
     return None
 
 
+def stop_as_interrupted() -> None:
+    """SIGTERM ends a command as Ctrl-C does: `docker stop`, systemd's stop, `kill`, a batch
+    scheduler's time limit. It killed a training run silently (exit 143, no word of --resume)
+    and a `clean` without its "run the same command to resume" (an audit); now the commands'
+    own KeyboardInterrupt paths run, exit 130. In this process alone: a forked worker (a
+    multiprocessing pool's, a DataLoader's) inherits the handler, and a pool's terminate()
+    sends it SIGTERM, which must still end it at once. Not for `serve`: uvicorn has its own."""
+    import signal
+
+    main_pid = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main() -> None:  # pragma: no cover - console entry
     # CERVIXQC_LOG_LEVEL as the service reads it (debug adds tracebacks, which may name files)
     level = os.environ.get("CERVIXQC_LOG_LEVEL", "info").upper()
@@ -109,6 +130,8 @@ def main() -> None:  # pragma: no cover - console entry
     if empty:
         typer.echo(f"error: {empty}; nothing was run", err=True)
         sys.exit(2)
+    if sys.argv[1:2] != ["serve"]:
+        stop_as_interrupted()
     try:
         app()
     except (OSError, WeightsIntegrityError) as e:

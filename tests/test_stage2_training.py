@@ -467,3 +467,30 @@ def test_deep_sad_without_labelled_anomalies_says_it_trains_as_deep_svdd(split_s
     with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
         train_deep_sad(cfg, crops["train"].subset(crops["train"].kinds == 0), crops["val"], torch.device("cpu"))
     assert "this trains as Deep SVDD" in caplog.text
+
+
+def test_a_training_stopped_with_sigterm_ends_as_interrupted_and_says_how_to_resume(split_set, tmp_path):
+    """`docker stop`, systemd and batch schedulers stop with SIGTERM: a training run died at it
+    with exit 143 and no word (an audit); Ctrl-C's path says how to resume, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest, coco = split_set
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train-deep-sad", str(manifest), "--coco", str(coco),
+                             "--epochs", "100000", "--pretrain-epochs", "1", "--batch-size", "8", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "deep_sad" / "checkpoint.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no epoch finished in 240 s"
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "the same command with --resume continues" in err and "Traceback" not in err, err[-2000:]
