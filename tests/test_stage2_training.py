@@ -431,6 +431,23 @@ def test_a_model_that_scores_every_validation_crop_alike_is_warned_about(caplog)
     assert "the classifier gives every validation crop the same score (1)" in caplog.text
 
 
+def test_a_model_no_better_than_chance_on_validation_is_warned_about(caplog):
+    """A Deep SAD trained at --lr 10 read ROC-AUC 0.2, sensitivity 1, specificity 0 (it flags
+    every photo) and was exported with exit 0 and no word (an audit)."""
+    import numpy as np
+
+    from pipelines.evaluation.classification import binary_metrics
+    from pipelines.training.stage2 import _warn_if_chance
+
+    y = np.array([0, 0, 0, 1, 1])
+    with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
+        _warn_if_chance(binary_metrics(y, np.array([0.1, 0.2, 0.3, 0.8, 0.9]), 0.5), "Deep SAD")
+        _warn_if_chance(binary_metrics(y, np.array([0.1, 0.2, 0.9, 0.8, 0.3]), 0.5), "Deep SAD")  # AUC 0.67
+        assert not caplog.text
+        _warn_if_chance(binary_metrics(y, np.array([0.9, 0.8, 0.7, 0.2, 0.1]), 0.05), "Deep SAD")
+    assert "Deep SAD is no better than chance" in caplog.text and "flags every validation crop" in caplog.text
+
+
 def test_a_cervix_photo_without_a_box_is_refused_by_training_unless_allowed_and_then_counted(split_set, tmp_path):
     """A box file missing some photos trained on the rest without a word: 15 of 21 regulars
     once, and a box file naming none of them blamed the validation split (an audit)."""

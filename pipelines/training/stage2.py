@@ -156,6 +156,19 @@ def _warn_if_flat(scores: np.ndarray, model: str) -> None:
                     "threshold means nothing; look at the training log before using it", model, float(scores[0]))
 
 
+def _warn_if_chance(metrics, model: str) -> None:
+    """A model no better than chance on validation, or whose threshold flags every crop or
+    none: a Deep SAD trained at --lr 10 (loss 2e13) read ROC-AUC 0.2, sensitivity 1,
+    specificity 0, and was exported with exit 0 and no word (an audit). Exported all the same
+    (a smoke run's tiny model is often so, and the card holds the figures), but said."""
+    auc, sens, spec = metrics.roc_auc, metrics.sensitivity, metrics.specificity
+    if auc <= 0.5 or sens == 0 or spec == 0:  # NaN (nothing to count) compares False: not said
+        flags = "every validation crop" if spec == 0 else "no green or iodine crop" if sens == 0 else "at chance"
+        log.warning("%s is no better than chance on the validation crops (ROC-AUC %.3f, sensitivity %.3f, specificity "
+                    "%.3f; its threshold flags %s): look at the training log (a --lr too high, too few epochs?) "
+                    "before using it", model, auc, sens, spec, flags)
+
+
 def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: bool) -> None:
     """Regular training crops always (Deep SAD's autoencoder and centre learn from them; without
     them torch said `num_samples=0`), and for the classifier non-regular ones too, or some made
@@ -209,6 +222,8 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     y = val.non_regular.numpy()
     _warn_if_flat(scores, "Deep SAD")
     threshold = calibrate_threshold(y, scores, cfg.target_sensitivity, space="log")
+    val_metrics = binary_metrics(y, scores, threshold)
+    _warn_if_chance(val_metrics, "Deep SAD")
     card = ModelCard(
         name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
@@ -218,7 +233,7 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
                   "optimizer": "Adam", "best_epoch": result.best_epoch,
                   "threshold_rule": _rule_note(cfg, "log distance")},
         data=data_note or {},
-        metrics={"val": binary_metrics(y, scores, threshold).as_dict()},
+        metrics={"val": val_metrics.as_dict()},
     )
     return save_weights(net.state_dict(), out / "deep_sad", card)
 
@@ -294,6 +309,8 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     y = val.non_regular.numpy()
     _warn_if_flat(probs, "the classifier")
     threshold = calibrate_threshold(y, probs, cfg.target_sensitivity, space="logit")
+    val_metrics = binary_metrics(y, probs, threshold)
+    _warn_if_chance(val_metrics, "the classifier")
     card = ModelCard(
         name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
         input_size=[model_cfg.input_size, model_cfg.input_size],
@@ -307,6 +324,6 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
                   "threshold_rule": _rule_note(cfg, "logit"),
                   "init_from": init_card},
         data=data_note or {},
-        metrics={"val": binary_metrics(y, probs, threshold).as_dict()},
+        metrics={"val": val_metrics.as_dict()},
     )
     return save_weights(model.state_dict(), out / "classifier", card)
