@@ -125,6 +125,24 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
     assert [r["epoch"] for r in again.history] == [0, 1, 2]
 
 
+def test_a_resume_by_another_number_of_processes_is_refused_and_a_longer_schedule_is_said(tmp_path, caplog):
+    """A 2-process torchrun run resumed as 1 trained on with other steps per epoch, another
+    effective batch and schedule, unsaid; a resume with more --epochs moved the rate of every
+    remaining step, also unsaid (an audit)."""
+    out = tmp_path / "run"
+    _run(out, epochs=2)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [r["threads"] for r in json.loads(ck["history"])] == [torch.get_num_threads()] * 2
+    with caplog.at_level("WARNING", logger="pipelines.training.loop"):
+        longer, _ = _run(out, epochs=3, resume=True)
+    assert "resumed with --epochs 3, planned 2: the learning rate follows the 3-epoch schedule" in caplog.text
+    history = json.loads(ck["history"])
+    ck["history"] = json.dumps([{**r, "world_size": 2} for r in history])  # as two processes wrote it
+    torch.save(ck, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"with 1 training process\(es\): it was trained by 2"):
+        _run(out, epochs=3, resume=True)
+
+
 def test_the_resume_check_sees_edited_data_at_the_same_paths():
     """A box file edited in place (or a manifest without a sha256 column, whose split
     fingerprint is empty) was resumed under the old run unsaid (an audit)."""

@@ -190,6 +190,17 @@ def _check_recipe(saved: dict[str, str], now: dict[str, str], ckpt_path: Path) -
                             "with the same settings, or train into another folder")
 
 
+def _check_world_size(history: list[dict[str, Any]], world_size: int, ckpt_path: Path) -> None:
+    """A run resumed by another number of processes: each process draws its share of an
+    epoch, so the steps per epoch, the effective batch and the schedule's length all changed
+    under the optimizer's state, unsaid (a 2-process run went on as 1: an audit)."""
+    before = history[-1].get("world_size", 1) if history else world_size
+    if before != world_size:
+        raise ResumeRefused(f"cannot resume {ckpt_path.parent} with {world_size} training process(es): it was "
+                            f"trained by {before} (torchrun --nproc-per-node {before}); resume with as many, or "
+                            "train into another folder")
+
+
 def _check_epochs(trained: int, wanted: int, ckpt_path: Path) -> None:
     """A resume with fewer --epochs than already trained re-exported the run with a card that
     recorded the smaller count beside a log of the larger one."""
@@ -243,11 +254,20 @@ def fit(
             # the settings first: another --arch was "damaged ... move it away", for want of a name
             _check_recipe(ck.get("recipe", {}), cfg.recipe, ckpt_path)
             _check_epochs(ck["epoch"] + 1, cfg.epochs, ckpt_path)
+            _check_world_size(json.loads(ck["history"]), dist_info.world_size, ckpt_path)
             _unwrap(model).load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best"], ck["best_epoch"]
             history, best_metrics = json.loads(ck["history"]), json.loads(ck["best_metrics"])
+            planned = json.loads(ck.get("config", "{}")).get("epochs", cfg.epochs)
+            if planned != cfg.epochs and dist_info.is_main:
+                # the schedule is per iteration over the run's whole length: a new length moves
+                # every remaining step's rate (a run done at 2 epochs had reached 0, and its
+                # 3rd epoch began at the 4-epoch schedule's half-way rate: an audit)
+                log.warning("resumed with --epochs %d, planned %d: the learning rate follows the %d-epoch "
+                            "schedule from epoch %d on, not the one trained under so far (metrics.jsonl records "
+                            "each epoch's rate)", cfg.epochs, planned, cfg.epochs, start_epoch)
         except ResumeRefused:
             raise
         except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
@@ -307,6 +327,8 @@ def fit(
             record: dict[str, Any] = {
                 "epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
                 "world_size": dist_info.world_size,  # the processes whose losses are averaged here
+                # the same seed trains the same weights only at the same thread count too
+                "threads": torch.get_num_threads(),
                 "train_images_per_s": round(seen * dist_info.world_size / max(seconds, 1e-9), 2),
                 **{f"train_{k}": all_reduce_mean(v / max(1, done), dist_info) for k, v in sums.items()},
             }
