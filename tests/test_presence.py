@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.detector import DetectorConfig, build_detector
-from models.io import load_card, load_weights
+from models.io import load_card, load_weights, sha256_file
 from pipelines.data.manifest import load_manifest
 from pipelines.engine.presence import colour_histograms, detect_with_features, load_presence
 from pipelines.engine.qc import QCPipeline
@@ -243,6 +243,7 @@ def test_train_presence_names_a_missing_class_before_reading_a_photo_and_fits_ag
     from pipelines.data.splits import split_fingerprint
 
     assert load_card(tmp_path / "p" / "presence.json").data["split_fingerprint"] == split_fingerprint(df) is not None
+    assert load_card(tmp_path / "p" / "presence.json").data["manifest_sha256"] == sha256_file(both)
     for name in ("presence.json", "presence.safetensors"):
         (weights / name).write_bytes((tmp_path / "p" / name).read_bytes())
     _check_split(both, weights)

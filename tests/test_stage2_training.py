@@ -10,7 +10,7 @@ import torch
 
 from models.classifier import ClassifierConfig
 from models.deep_sad import DeepSAD
-from models.io import load_weights
+from models.io import load_weights, sha256_file
 from pipelines.data.crop_set import split_crops
 from pipelines.data.manifest import load_manifest, rebased, write_manifest
 from pipelines.data.splits import SplitFractions, patient_split
@@ -314,6 +314,9 @@ def test_the_training_clis_choose_their_thresholds_on_the_validation_crops(split
         card = load_weights(out / card_name)[1]
         metrics = card.metrics["val"]
         assert set(card.data) >= {"manifest", "boxes", "split_fingerprint"}  # None here: no sha256 column
+        # so the files are named and checkable all the same (the path as typed and None named nothing)
+        assert card.data["manifest"] == str(manifest.resolve()) and card.data["manifest_sha256"] == sha256_file(manifest)
+        assert card.data["boxes"] == str(coco.resolve()) and card.data["boxes_sha256"] == sha256_file(coco)
         assert metrics["n"] == len(val.kinds) and metrics["n_positive"] == int(val.non_regular.sum()), card_name
 
 

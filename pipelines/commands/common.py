@@ -133,7 +133,11 @@ def trained_on(manifest: Path, **more: object) -> dict:
     """A card's `data`: the manifest and which photo was in which split (`split_fingerprint`):
     eval-pipeline tells a split the models were trained under from another, whose val and test
     rows may hold their training photos. Written by finalize.py alone before, so a site's own
-    presence head was judged with the warning every other split gets (an audit)."""
+    presence head was judged with the warning every other split gets (an audit). The
+    manifest by its full path and sha256 too: the path as typed (`synth/split.csv`) and a
+    fingerprint of None (no sha256 column: generated data, a hand-made manifest) named no
+    file a reader could find or check again (an audit)."""
+    from models.io import sha256_file
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.splits import split_fingerprint
 
@@ -141,7 +145,8 @@ def trained_on(manifest: Path, **more: object) -> dict:
         fingerprint = split_fingerprint(load_manifest(manifest, check_files=False))
     except ManifestError:  # named by the training's own read
         fingerprint = None
-    return {"manifest": str(manifest), **more, "split_fingerprint": fingerprint}
+    return {"manifest": str(manifest.resolve()), "manifest_sha256": sha256_file(manifest), **more,
+            "split_fingerprint": fingerprint}
 
 
 def _split_manifest(path):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, training_output
+from pipelines.commands.common import _fail, _split_manifest, trained_on, training_output
 
 
 def train_presence_cmd(
@@ -53,7 +53,6 @@ def train_presence_cmd(
     import torch
 
     from pipelines.data.manifest import ManifestError, load_manifest
-    from pipelines.data.splits import split_fingerprint
     from pipelines.training.presence import PresenceTrainConfig, train_presence
 
     try:
@@ -62,7 +61,7 @@ def train_presence_cmd(
             if not (df["split"] == name).any():
                 _fail(f"{manifest}: no row in the {name} split (the head trains on train and takes its threshold on "
                       "val); run `cervixqc split` first")
-        note, extra = {"manifest": str(manifest), "split_fingerprint": split_fingerprint(df)}, None
+        note, extra = trained_on(manifest), None
         if extra_manifest is not None:
             extra = load_manifest(extra_manifest)
             if "split" not in extra.columns:

@@ -48,11 +48,14 @@ def _with_extra(crops: dict, size: int, manifest: Optional[Path], coco: Optional
 
 def _data(manifest: Path, coco: Path, extra_manifest: Path | None, extra_coco: Path | None, crops: dict) -> dict:
     """The card's data; photos left out for want of a box (--allow-unboxed) are counted, and said."""
+    from models.io import sha256_file
+
     unboxed = {split: len(c.unboxed) for split, c in crops.items() if c.unboxed}
     if unboxed:
         typer.echo("left out, no box: " + ", ".join(f"{n} {split}" for split, n in unboxed.items())
                    + " cervix photos (--allow-unboxed)")
-    return trained_on(manifest, boxes=str(coco), left_out_without_box=unboxed,
+    return trained_on(manifest, boxes=str(coco.resolve()), boxes_sha256=sha256_file(coco),
+                      left_out_without_box=unboxed,
                       extra=[str(extra_manifest), str(extra_coco)] if extra_manifest else None)
 
 
