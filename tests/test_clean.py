@@ -267,6 +267,26 @@ def test_a_results_folder_takes_one_source_and_one_run_and_shows_only_files_stil
     assert json.loads((out / "summary.json").read_text())["total"] == first.total - 1
 
 
+def test_a_results_folder_that_holds_no_row_is_taken_by_the_next_run_of_any_source_or_policy(
+        weights, collection, tmp_path):
+    """A run that stored nothing (Ray could not start at --address, a kill before the first
+    batch) tied the folder to its source and policy: the next run was refused, told of results
+    of another source, or of labels decided otherwise, that the folder did not hold (an audit)."""
+    from pipelines.clean.state import StateStore
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    StateStore(out / "state.sqlite", source=elsewhere, decision={"policy": "resnest", "models": {}}).close()
+    first = clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    assert first.processed_now == first.total > 0 and first.decision["policy"] == "deep_sad"
+    store = StateStore(out / "state.sqlite")  # and now it is this source's, with its rows
+    try:
+        assert store.db.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()[0] == str(
+            collection.resolve())
+    finally:
+        store.close()
+
+
 def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weights, collection, tmp_path):
     """A rerun with another policy counted every row as done: results.csv kept the old labels,
     and nothing in the folder said which policy made them."""

@@ -130,11 +130,20 @@ class StateStore:
         if decision is not None:
             self._claim_decision(decision)
 
+    def _holds_rows(self) -> bool:
+        return self.db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
+
     def _claim(self, source: str) -> None:
+        """A folder without a result row is anyone's: a run that stored none (Ray could not
+        start, a kill before the first batch) tied it to its source and decision, and the next
+        run's refusal spoke of results it did not hold (an audit)."""
         with self.db:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
             if row is None:  # a new folder, or one filled before the source was recorded: taken as this source's
                 self.db.execute("INSERT INTO meta VALUES ('source', ?)", (source,))
+                return
+            if row[0] != source and not self._holds_rows():
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'source'", (source,))
                 return
         if row[0] != source:
             self.close()
@@ -144,9 +153,11 @@ class StateStore:
     def _claim_decision(self, decision: dict) -> None:
         with self.db:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'decision'").fetchone()
-            labelled = row is None and self.db.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
-            if row is None and not labelled:
-                self.db.execute("INSERT INTO meta VALUES ('decision', ?)", (json.dumps(decision, sort_keys=True),))
+            holds_rows = self._holds_rows()
+            labelled = row is None and holds_rows
+            if not holds_rows:  # nothing labelled under the recorded one (`_claim`)
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('decision', ?)",
+                                (json.dumps(decision, sort_keys=True),))
                 return
         if labelled:  # filled by a version that recorded no decision: taken as this one's, its rows
             self.close()  # kept their old labels under this run's policy and models in summary.json
