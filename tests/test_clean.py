@@ -171,6 +171,27 @@ def test_ray_engine_on_a_local_ray_gives_the_local_engines_rows(weights, collect
     assert (rerun.processed_now, rerun.skipped_done) == (2, len(paths) - 2)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ray_actors_that_cannot_start_their_engine_fail_the_run_naming_why(weights, collection, tmp_path):
+    """A node without the GPU asked for (or the weights, or the memory): the actors die in
+    their constructor, and the run ended in a 240-line traceback without an error line or a
+    word of resuming (an audit)."""
+    pytest.importorskip("ray")
+    import torch
+
+    from pipelines.clean.ray_run import EngineFailed, clean_ray
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA: the actors must fail to take the GPU")
+    with pytest.raises(EngineFailed) as failed:
+        clean_ray(weights, collection, tmp_path / "out", batch_size=4, device="cuda", num_cpus=4,
+                  object_store_memory=256 * 1024**2)
+    said = str(failed.value)
+    assert said.startswith("the Ray actors failed (ValueError: device cuda: no CUDA device"), said
+    assert "run the same command again to resume" in said and "\n" not in said and "\x1b" not in said
+
+
 def test_one_file_that_kills_its_actor_is_searched_for_not_taken_for_the_actors_failing():
     """A Ray run of 600 files has blocks of 75 (one actor): one file that killed its actor lost
     its block, 75 > 64 files read as "the actors died on most blocks", exit 1, and the search

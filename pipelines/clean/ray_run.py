@@ -179,6 +179,16 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             finished = len(done)
 
             def store_batches(paths: list[str], rows_per_block: int, rows_per_batch: int) -> set[str]:
+                try:
+                    return store_labelled(paths, rows_per_block, rows_per_batch)
+                except ray.exceptions.RayError as e:
+                    # the actors could not start their engine (a node without the weights or the GPU
+                    # asked for, memory too small for the models): a 240-line traceback, no error
+                    # line, no word of resuming (an audit)
+                    raise EngineFailed(f"the Ray actors failed ({_ray_reason(e)}); the rows stored so far are kept: "
+                                       "fix it and run the same command again to resume") from None
+
+            def store_labelled(paths: list[str], rows_per_block: int, rows_per_batch: int) -> set[str]:
                 nonlocal finished
                 came_back: set[str] = set()
                 for batch in _labelled(ray, paths, rows_per_block, rows_per_batch, actors, gpus, actor_kwargs):
@@ -228,6 +238,15 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
         if started_here:
             ray.shutdown()
     return summary
+
+
+def _ray_reason(e: Exception) -> str:
+    """The error at the end of a Ray exception's text (the actor's own exception, after
+    Ray's traceback of it), without the terminal colours Ray writes into it."""
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def _labelled(ray, paths: list[str], rows_per_block: int, batch_size: int, actors: int, gpus: int,
