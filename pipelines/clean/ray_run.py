@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -162,8 +164,14 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
             started_here = not ray.is_initialized()
             if started_here:
                 try:
+                    stop = signal.getsignal(signal.SIGTERM)
                     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                              **ray_init)
+                    if callable(stop) and threading.current_thread() is threading.main_thread():
+                        # Ray's core worker puts its own SIGTERM handler over the command's (a stack
+                        # dump, exit 15, no word of resuming: an audit); the command's again, so a
+                        # stop ends the run as Ctrl-C does and ray.shutdown below still runs
+                        signal.signal(signal.SIGTERM, stop)
                 except (OSError, ConnectionError, RuntimeError, ValueError) as e:  # ValueError: a ray:// without
                     # Ray Client's packages (`ray[client]`, in the `ray` extra since an audit found the README's
                     # own example ending in a traceback)
