@@ -331,6 +331,8 @@ def test_a_training_that_would_take_no_step_or_overwrite_a_run_is_refused_before
     base = ["train-deep-sad", str(manifest), "--coco", str(coco), "--epochs", "1", "--pretrain-epochs", "1"]
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "big"), "--batch-size", "100000"])
     assert r.exit_code == 2 and "no training step" in r.output and "Traceback" not in r.output, r.output
+    # the autoencoder's regular crops counted as such, not as all the training items (an audit)
+    assert "from the" in r.output and "regular training crops alone (of" in r.output, r.output
     assert not list((tmp_path / "big").rglob("*.safetensors"))
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "run"), "--batch-size", "8", "--seed", "3"])
     assert r.exit_code == 0, r.output

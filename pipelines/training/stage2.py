@@ -195,6 +195,10 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     regular_only = train.subset(train.kinds == 0)  # the autoencoder learns what normal looks like
+    if len(regular_only) < cfg.batch_size:  # the loop's refusal counted these alone, "17 training items" of 26
+        raise ValueError(f"no training step: the autoencoder learns from the {len(regular_only)} regular training "
+                         f"crops alone (of {len(train)}), fewer than one batch of {cfg.batch_size}; lower "
+                         "--batch-size or add data")
     ae = DeepSADAutoencoder().to(device)
     loader = DataLoader(CropDataset(regular_only), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     common = dict(warmup_iters=0, schedule="constant", grad_clip=None, amp=cfg.amp,
