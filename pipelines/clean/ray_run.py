@@ -169,7 +169,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                              **ray_init)
                     if callable(stop) and threading.current_thread() is threading.main_thread():
                         # Ray's core worker puts its own SIGTERM handler over the command's (a stack
-                        # dump, exit 15, no word of resuming: an audit); the command's again, so a
+                        # dump, exit 134, no word of resuming: an audit); the command's again, so a
                         # stop ends the run as Ctrl-C does and ray.shutdown below still runs
                         signal.signal(signal.SIGTERM, stop)
                 except (OSError, ConnectionError, RuntimeError, ValueError) as e:  # ValueError: a ray:// without

@@ -163,10 +163,11 @@ def _warn_if_chance(metrics, model: str) -> None:
     (a smoke run's tiny model is often so, and the card holds the figures), but said."""
     auc, sens, spec = metrics.roc_auc, metrics.sensitivity, metrics.specificity
     if auc <= 0.5 or sens == 0 or spec == 0:  # NaN (nothing to count) compares False: not said
-        flags = "every validation crop" if spec == 0 else "no green or iodine crop" if sens == 0 else "at chance"
+        flags = ("; its threshold flags every validation crop" if spec == 0
+                 else "; its threshold flags no green or iodine crop" if sens == 0 else "")
         log.warning("%s is no better than chance on the validation crops (ROC-AUC %.3f, sensitivity %.3f, specificity "
-                    "%.3f; its threshold flags %s): look at the training log (a --lr too high, too few epochs?) "
-                    "before using it", model, auc, sens, spec, flags)
+                    "%.3f%s): look at the training log (a --lr too high, too few epochs?) before using it",
+                    model, auc, sens, spec, flags)
 
 
 def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: bool) -> None:
