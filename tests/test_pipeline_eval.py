@@ -70,6 +70,34 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     assert set(report["deep_sad"]) >= {"overall", *truth["source"].unique()}
 
 
+def test_eval_pipeline_replaces_only_its_own_figures_and_writes_into_no_other_commands_folder(labelled, tmp_path):
+    """It wrote its figures, exit 0, into a copy of a weights folder and a stage-2 eval's, and
+    replaced an earlier run of other thresholds unsaid (an audit); a rerun of the same ones
+    still replaces them."""
+    import shutil
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    base = ["eval-pipeline", str(labelled), "--split", "val", "-o", str(tmp_path / "ev")]
+    assert runner.invoke(app, [*base, "--weights", str(weights)]).exit_code == 0
+    first = (tmp_path / "ev" / "pipeline_metrics.json").read_bytes()
+    assert runner.invoke(app, [*base, "--weights", str(weights)]).exit_code == 0  # the same: a rerun
+    moved = tmp_path / "moved"
+    shutil.copytree(weights, moved)
+    card = json.loads((moved / "deep_sad.json").read_text())
+    card["thresholds"]["distance"] += 0.5
+    (moved / "deep_sad.json").write_text(json.dumps(card))
+    r = runner.invoke(app, [*base, "--weights", str(moved)])
+    assert r.exit_code == 2 and "holds the figures of other thresholds (split val)" in r.output, r.output
+    r = runner.invoke(app, [*base[:2], "--split", "test", "-o", str(tmp_path / "ev"), "--weights", str(weights)])
+    assert r.exit_code == 2 and "holds the figures of other split (split val)" in r.output, r.output
+    assert (tmp_path / "ev" / "pipeline_metrics.json").read_bytes() == first
+    (tmp_path / "eval2").mkdir()
+    (tmp_path / "eval2" / "deep_sad_val_scores.npz").write_bytes(b"a stage-2 eval's scores")
+    for folder, named in ((moved, "classifier.safetensors"), (tmp_path / "eval2", "deep_sad_val_scores.npz")):
+        r = runner.invoke(app, [*base[:4], "-o", str(folder), "--weights", str(weights)])
+        assert r.exit_code == 2 and f"holds {named}" in r.output and not (folder / "results.csv").exists(), r.output
+
+
 def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     from pipelines.data.synth import SizePolicy, SynthConfig, generate
 

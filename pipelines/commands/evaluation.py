@@ -75,11 +75,17 @@ def eval_pipeline_cmd(
         # a clean run's results folder: its results.csv was replaced by the evaluation's (an audit)
         _fail(f"--out {out} holds a results.csv that no eval-pipeline wrote (a clean run's?): write into another "
               "folder")
+    foreign = next((p.name for pattern in ("*.safetensors", "*_scores.npz", "stage2_calibration.json")
+                    for p in sorted(out.glob(pattern))), None)
+    if foreign:  # a weights folder, a stage-2 eval's or a calibration's: written into, exit 0 (an audit)
+        _fail(f"--out {out} holds {foreign} (a weights folder, or another command's figures): write into another "
+              "folder")
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
     df = _rows(manifest, split)
     qc = _engine(weights, device=device, kind_of_every_crop=True)
     try:
+        _refuse_other_figures(out / "pipeline_metrics.json", qc.decision, split)
         results = run_rows(qc, df, batch_size)
     finally:
         qc.close()
@@ -106,6 +112,27 @@ def eval_pipeline_cmd(
     if unreadable:
         typer.echo(f"{unreadable} unreadable photos left out of every rate (label unreadable in results.csv)", err=True)
     typer.echo(f"wrote {out / 'pipeline_metrics.json'} (every policy) and {out / 'results.csv'}")
+
+
+def _refuse_other_figures(path: Path, decision: dict, split: str | None) -> None:
+    """An earlier eval-pipeline's figures are replaced only by those of the same models,
+    thresholds and split (a rerun): one of other thresholds was replaced unsaid, and the two
+    could not be compared any more (an audit)."""
+    import json
+
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+        theirs = (before["models"], before["thresholds"], before["split"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        _fail(f"--out {path.parent} holds a {path.name} that cannot be read as an eval-pipeline's: write into "
+              "another folder")
+    if theirs != (decision["models"], decision["thresholds"], split):
+        what = [name for name, a, b in zip(("models", "thresholds", "split"), theirs,
+                                            (decision["models"], decision["thresholds"], split)) if a != b]
+        _fail(f"--out {path.parent} holds the figures of other {', '.join(what)} (split {theirs[2] or 'all'}): write "
+              "into another folder to keep both, or delete it")
 
 
 def _check_split(manifest: Path, weights: Path) -> None:
