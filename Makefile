@@ -93,7 +93,8 @@ test: install browser
 # Beyond python3 and make it needs git, to read the snapshots.
 # MIRRORS checked before the install: a mistyped one waited out a whole install to be refused
 weights:
-	@test -n "$$MIRRORS" && test -d "$$MIRRORS" || { echo "error: set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)" >&2; exit 2; }
+	@test -n "$$MIRRORS" || { echo "error: set MIRRORS to the folder of repository snapshots (see the top of weights/recipe.sh)" >&2; exit 2; }
+	@test -d "$$MIRRORS" || { echo "error: MIRRORS=$$MIRRORS is not a folder (of repository snapshots: see the top of weights/recipe.sh)" >&2; exit 2; }
 	@$(MAKE) --no-print-directory install
 	UV=$(UV) bash weights/recipe.sh
 

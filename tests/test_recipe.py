@@ -22,6 +22,16 @@ def test_the_recipe_refuses_a_mirrors_folder_that_is_not_there_before_removing_a
         assert r.returncode == 2 and f"error: MIRRORS={mirrors} is no folder of repository snapshots" in r.stderr
         assert (runs / "det-synth" / "detector.json").is_file()
         assert (runs / "timings.tsv").read_text() == "detector_pretrain\t3600\n"
+    # a folder of something else: past the check above, it deleted the runs too (an audit)
+    other = tmp_path / "other"
+    (other / "naghim+colposcopy-digital-atlas-dataset" / "repo").mkdir(parents=True)  # no git inside
+    (other / "notes.txt").write_text("not snapshots")
+    r = subprocess.run(["bash", str(RECIPE)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "MIRRORS": str(other), "RUNS": str(runs),
+                            "DATA": str(tmp_path / "data")})
+    assert r.returncode == 2 and "holds no snapshot of" in r.stderr and "naghim/colposcopy-digital" in r.stderr, r.stderr
+    assert (runs / "det-synth" / "detector.json").is_file()
+    assert (runs / "timings.tsv").read_text() == "detector_pretrain\t3600\n"
 
 
 def test_make_weights_checks_mirrors_before_it_installs_anything(tmp_path):
@@ -31,7 +41,9 @@ def test_make_weights_checks_mirrors_before_it_installs_anything(tmp_path):
     lines = r.stdout.splitlines()
     check = next(i for i, line in enumerate(lines) if 'test -d "$MIRRORS"' in line)
     assert check < next(i for i, line in enumerate(lines) if "install" in line)
-    r = subprocess.run(["make", "-C", str(RECIPE.parents[1]), "weights"], capture_output=True, text=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "MIRRORS": str(tmp_path / "nowhere")})
-    assert r.returncode != 0 and "error: set MIRRORS to the folder of repository snapshots" in r.stderr
-    assert "uv" not in r.stdout  # nothing installed or run
+    for mirrors, said in (("", "error: set MIRRORS to the folder of repository snapshots"),
+                          (str(tmp_path / "nowhere"), f"error: MIRRORS={tmp_path / 'nowhere'} is not a folder")):
+        r = subprocess.run(["make", "-C", str(RECIPE.parents[1]), "weights"], capture_output=True, text=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin", "MIRRORS": mirrors})
+        assert r.returncode != 0 and said in r.stderr, r.stderr  # it said "set MIRRORS" when it was set
+        assert "uv" not in r.stdout  # nothing installed or run

@@ -48,6 +48,22 @@ if [[ ! -d "$MIRRORS" || -z "$(ls -A "$MIRRORS" 2>/dev/null)" ]]; then
          "nothing was removed" >&2
     exit 2
 fi
+# and it must hold the real photos' repositories: a folder of other things passed the check
+# above, and the runs were deleted before the first step failed (an audit)
+missing=$(python3 - "$MIRRORS" <<'PY'
+import csv, pathlib, sys
+mirrors = pathlib.Path(sys.argv[1])
+with open("weights/data/realdata_train.csv", newline="") as f:
+    repos = sorted({row["repo"] for row in csv.DictReader(f)})
+base = [mirrors / r.replace("/", "+") / "repo" for r in repos]  # as extract-listed reads them
+print(" ".join(r for r, b in zip(repos, base) if not ((b / ".git" / "HEAD").is_file() or (b / "HEAD").is_file())))
+PY
+)
+if [[ -n "$missing" ]]; then
+    echo "error: MIRRORS=$MIRRORS holds no snapshot of $missing (as owner+name/repo: see the top of" \
+         "weights/recipe.sh); nothing was removed" >&2
+    exit 2
+fi
 DATA=${DATA:-.cache/real-data}
 RUNS=${RUNS:-.cache/real-runs}
 WEIGHTS_OUT=${WEIGHTS_OUT:-weights}
