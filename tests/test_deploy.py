@@ -176,3 +176,14 @@ def test_every_compose_service_rotates_its_container_log():
         logging = service.get("logging", {})
         assert logging.get("driver") == "json-file", name
         assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 2, name
+
+
+def test_the_image_check_refuses_an_engine_that_does_not_answer_and_leaves_nothing(tmp_path):
+    """IMAGE_CHECK_ENGINE=docker without its daemon failed at the disk check with a broken `df`
+    line, and a refusal left an empty work folder (an audit). `false` stands for an engine whose
+    `info` fails."""
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", str(REPO / "tests" / "deploy" / "image_check.sh")], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "IMAGE_CHECK_ENGINE": "false", "IMAGE_CHECK_DIR": str(work)})
+    assert r.returncode == 1 and "false is installed but does not answer ('false info' failed" in r.stdout, r.stdout
+    assert "df:" not in r.stdout + r.stderr and not work.exists()

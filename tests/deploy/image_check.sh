@@ -38,7 +38,6 @@ PROJECT=cervixqc-image-check
 JOB_FILES=${IMAGE_CHECK_JOB_FILES:-240}
 KEY=image-check-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 BASE=python:3.11-slim
-mkdir -p "$WORK"
 
 T0=$(date +%s)
 declare -a SUMMARY=() CONTAINERS=() IMAGES_TO_REMOVE=()
@@ -55,6 +54,11 @@ if [ -z "$ENGINE" ]; then
     elif command -v podman >/dev/null; then ENGINE=podman
     else fail "neither a running Docker engine nor podman (Debian/Ubuntu: apt install podman; RHEL: dnf install podman)"; fi
 fi
+# one that does not answer (IMAGE_CHECK_ENGINE=docker without its daemon) failed later, at the
+# disk check, as "df: ''$'\n''/var/lib': No such file or directory" (an audit)
+timeout 60 "$ENGINE" info >/dev/null 2>&1 || fail "$ENGINE is installed but does not answer ('$ENGINE info' failed: \
+is its daemon running, and may this user use it?)"
+mkdir -p "$WORK"  # after the refusals above: one left an empty folder behind
 BUILD_FLAGS=()
 if [ "$ENGINE" = podman ]; then
     BUILD_FLAGS=(--format docker --layers)  # podman's default OCI format drops HEALTHCHECK
