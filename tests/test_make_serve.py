@@ -132,9 +132,13 @@ def test_make_clean_keeps_the_services_state_the_key_and_the_training_data(tmp_p
     import shutil
 
     shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
-    for folder in (".venv", ".pytest_cache", ".cache/service", ".cache/real-data"):
+    for folder in (".venv", ".pytest_cache", ".cache/service", ".cache/real-data", "pipelines/engine/__pycache__"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / ".cache" / "api-key").write_text("k" * 24)
+    (tmp_path / "pipelines" / "engine" / "qc.py").write_text("")
     subprocess.run(["make", "clean"], cwd=tmp_path, check=True, capture_output=True)
     assert not (tmp_path / ".venv").exists() and not (tmp_path / ".pytest_cache").exists()
+    # the bytecode `make serve` and `make test` compile into our folders went too (it stayed)
+    assert not (tmp_path / "pipelines" / "engine" / "__pycache__").exists()
+    assert (tmp_path / "pipelines" / "engine" / "qc.py").is_file()
     assert sorted(p.name for p in (tmp_path / ".cache").iterdir()) == ["api-key", "real-data", "service"]
