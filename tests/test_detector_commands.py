@@ -181,3 +181,25 @@ def test_train_detector_names_a_backbone_file_that_is_no_weights(tmp_path):
         _refused(runner.invoke(app, ["train-detector", str(coco), str(coco), "-o", str(tmp_path / "run"),
                                      "--backbone", "resnet18", "--size", "64", "--workers", "0",
                                      "--backbone-weights", str(bad)]), bad.name, "cannot load it as this network's")
+
+
+def test_eval_detector_records_what_it_measured_and_replaces_only_the_same_figures(weights, tmp_path):
+    """Its figures named no weights, box file or manifest, and a validation run into a test
+    run's folder replaced it, exit 0 (an audit)."""
+    from models.io import load_card, sha256_file
+
+    coco, manifest = _collection(tmp_path)
+    card, out = str(weights / "detector.json"), tmp_path / "o"
+    assert runner.invoke(app, ["eval-detector", card, str(coco), "-o", str(out), "--manifest", str(manifest)]
+                         ).exit_code == 0
+    record = json.loads((out / "detector_eval.json").read_text())
+    assert record["detector_sha256"] == load_card(weights / "detector.json").sha256
+    assert record["boxes_sha256"] == sha256_file(coco) and record["manifest_sha256"] == sha256_file(manifest)
+    assert runner.invoke(app, ["eval-detector", card, str(coco), "-o", str(out)]).exit_code == 0  # a rerun
+    figures = (out / "detector_metrics.json").read_bytes()
+    other = json.loads(coco.read_text())
+    other["images"], other["annotations"] = other["images"][:2], other["annotations"][:2]
+    (tmp_path / "val.json").write_text(json.dumps(other))
+    _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "val.json"), "-o", str(out)]),
+             "holds the figures of another boxes")
+    assert (out / "detector_metrics.json").read_bytes() == figures

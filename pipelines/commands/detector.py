@@ -123,17 +123,58 @@ def eval_detector_cmd(
         ds = CocoDetection(boxes, coco.parent, detection_eval(), 2 * mcard.config["max_size"], mcard.classes)
     except (CocoError, ManifestError, ValueError) as e:
         _fail(str(e))
+    record = _eval_record(mcard, coco, manifest)
+    _refuse_other_eval(out / EVAL_RECORD, record)
     require_writable("--out", out, keep=False)
     try:
         report = evaluate_detector(model, mcard, ds, out, device, batch_size, sources=sources)
     except ValueError as e:  # a photo that does not decode: found only by reading it
         _fail(str(e), code=1)
+    write_json(out / EVAL_RECORD, record)
 
     for name, m in report.items():
         typer.echo(f"{name:>14}: mAP {rate_text(m['map'])}  AP50 {rate_text(m['ap50'])}  AP75 {rate_text(m['ap75'])}  "
                    f"top-1 recall@0.5 {rate_text(m['top1_recall50'])}  cervix found {rate_text(m['cervix_found'])} "
                    f"(n={m['n_cervix']})  no_cervix called {rate_text(m['no_cervix_called'])} (n={m['n_no_cervix']})")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
+
+
+# what an eval-detector's figures are of, beside them (detector_metrics.json holds rows alone)
+EVAL_RECORD = "detector_eval.json"
+
+
+def _eval_record(mcard, coco: Path, manifest: Path | None) -> dict:
+    """The detector and the files its figures were measured on, by sha256: a report named no
+    weights, box file or manifest, and could not be traced (an audit)."""
+    import datetime
+    import shlex
+    import sys
+
+    from models.io import sha256_file
+
+    return {"detector_sha256": mcard.sha256, "score_threshold": mcard.thresholds.get("score"),
+            "boxes": str(coco.resolve()), "boxes_sha256": sha256_file(coco),
+            "manifest": None if manifest is None else str(manifest.resolve()),
+            "manifest_sha256": None if manifest is None else sha256_file(manifest),
+            "command": shlex.join(["cervixqc", *sys.argv[1:]]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _refuse_other_eval(path: Path, record: dict) -> None:
+    """Figures of another detector, threshold or box file are not replaced: a validation run
+    into a test run's folder replaced it, exit 0 (an audit). A rerun of the same replaces them."""
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+        theirs = {k: before[k] for k in ("detector_sha256", "score_threshold", "boxes_sha256")}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        _fail(f"--out {path.parent} holds a {path.name} that cannot be read as an eval-detector's: write into another "
+              "folder")
+    changed = [k.removesuffix("_sha256") for k, v in theirs.items() if record[k] != v]
+    if changed:
+        _fail(f"--out {path.parent} holds the figures of another {', '.join(changed)} ({before.get('boxes')}): write "
+              "into another folder to keep both, or delete it")
 
 
 def detect_cmd(
