@@ -164,7 +164,16 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
     write_manifest(rebased(df.iloc[: len(df) // 2], tmp_path / "half.csv"), tmp_path / "half.csv")
     r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(tmp_path / "half.csv"), "--coco",
                             str(coco), "-o", str(tmp_path / "other.html")])
-    assert r.exit_code == 2 and "photos the eval scored are not its rows" in r.output, r.output
+    assert r.exit_code == 2 and f"--manifest {tmp_path / 'half.csv'} is not the file" in r.output, r.output
+    # other boxes of the same photos: galleries of other crops under these scores, exit 0 (an audit)
+    moved = json.loads(coco.read_text())
+    for a in moved["annotations"]:
+        a["bbox"] = [0, 0, 8, 8]
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    r = runner.invoke(app, ["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco",
+                            str(tmp_path / "moved.json"), "-o", str(tmp_path / "other.html")])
+    assert r.exit_code == 2 and "--coco" in r.output and "is not the file" in r.output, r.output
+    assert not (tmp_path / "other.html").exists()
     # two evals of one split over different manifests (a re-split): one Table 6, unsaid (an audit)
     for card, rows in ((sad, manifest), (res, tmp_path / "half.csv")):
         r = runner.invoke(app, ["eval", str(card), str(rows), "--coco", str(coco), "-o", str(tmp_path / "mixed"),
