@@ -111,6 +111,16 @@ def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     report = json.loads((tmp_path / "b" / "baseline_metrics.json").read_text())
     assert report["test"]["overall"]["roc_auc"] > 0.8  # colour alone goes a long way: the bar to clear
     assert 0 < report["threshold"] < 1 and report["val"]["overall"]["n"] > 0
+    from models.io import sha256_file
+
+    assert report["manifest_sha256"] == sha256_file(tmp_path / "d" / "split.csv")
+    photos = pd.read_csv(tmp_path / "b" / "baseline_scores.csv")  # each figure traceable to its photos
+    for split in ("val", "test"):
+        part = photos[photos["split"] == split]
+        assert len(part) == report[split]["overall"]["n"]
+        assert (part["flagged"] == (part["probability"] >= report["threshold"])).all()
+        flagged_positive = (part["flagged"] & part["truth"].isin(["green", "iodine"])).sum()
+        assert report[split]["overall"]["confusion"][1][1] == flagged_positive
     again = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "split.csv"), "-o", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output  # -o is a folder: a rerun into it is no mistake
     (tmp_path / "f").write_text("a file")

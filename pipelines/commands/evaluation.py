@@ -9,7 +9,7 @@ import typer
 
 from pipelines.commands.common import _fail, rate_text
 from pipelines.data.schema import NON_REGULAR_KINDS
-from pipelines.outputs import json_text, write_json, write_together
+from pipelines.outputs import json_text, write_together
 
 
 def _rows(manifest: Path, split: Optional[str], no_split_hint: str = ""):
@@ -184,7 +184,7 @@ def baseline_colour_cmd(
         require_writable("--out", out, keep=False)  # made when the metrics are written
     try:
         df = load_manifest(manifest)
-        report = baseline_report(df)
+        report, photos = baseline_report(df)
     except (ManifestError, ValueError, KeyError) as e:
         _fail(str(e))
     for s in ("val", "test"):
@@ -194,8 +194,15 @@ def baseline_colour_cmd(
                       else f"spec {rate_text(m['specificity'])} (no non-regular photos)")
             typer.echo(f"{s:>4} {name:>14}: {scores} (n={m['n']}, pos={m['n_positive']})")
     if out is not None:
+        from models.io import sha256_file
+
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "baseline_metrics.json", report)
+        report |= {"manifest": str(manifest.resolve()), "manifest_sha256": sha256_file(manifest)}
+        text = json_text(report)
+        write_together({out / "baseline_metrics.json": lambda tmp: tmp.write_text(text),
+                        out / "baseline_scores.csv": lambda tmp: photos.to_csv(tmp, index=False)})
+        typer.echo(f"wrote {out / 'baseline_metrics.json'} and {out / 'baseline_scores.csv'} (each val and test "
+                   "photo's probability)")
 
 
 

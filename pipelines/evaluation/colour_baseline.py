@@ -34,9 +34,11 @@ def colour_histogram(path: str, bins: int = BINS) -> np.ndarray:
     return np.sqrt(h / h.sum())
 
 
-def baseline_report(df: pd.DataFrame, seed: int = 0) -> dict:
+def baseline_report(df: pd.DataFrame, seed: int = 0) -> tuple[dict, pd.DataFrame]:
     """Fit on the train split's cervix photos, pick the threshold on val, score val and test
-    (overall and per source). `df` is a loaded manifest with a split column."""
+    (overall and per source). `df` is a loaded manifest with a split column. With the report,
+    each val and test photo's probability and call: without them its figures could not be
+    checked or traced to photos (an audit)."""
     if "split" not in df.columns:
         raise ValueError("the manifest has no split column: run `cervixqc split` first")
     df = df[df["kind"].isin(_CERVIX)]
@@ -58,13 +60,16 @@ def baseline_report(df: pd.DataFrame, seed: int = 0) -> dict:
     threshold = calibrate_threshold(ys["val"], probs["val"], space="logit")
     report: dict = {"model": "LogisticRegression(C=0.1, balanced) on sqrt 8x8x8 RGB histograms, whole photo",
                     "threshold": threshold}
+    rows = []
     for s in ("val", "test"):
         if s not in probs:
             continue
+        part_rows = df.loc[df["split"] == s, ["path", "split", "source", "kind"]].rename(columns={"kind": "truth"})
+        rows.append(part_rows.assign(probability=probs[s], flagged=probs[s] >= threshold))
         sources = df.loc[df["split"] == s, "source"].to_numpy()
         part = {"overall": binary_metrics(ys[s], probs[s], threshold).as_dict()}
         for src in sorted(set(sources)):
             m = sources == src
             part[src] = binary_metrics(ys[s][m], probs[s][m], threshold).as_dict()
         report[s] = part
-    return report
+    return report, pd.concat(rows, ignore_index=True)
