@@ -112,6 +112,9 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),
                                  "--split", "val"])
     assert r.exit_code == 2 and "nothing to score" in r.output
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(tmp_path),
+                                 "--split", "vall"])  # said as a split that is not there, not as missing boxes
+    assert r.exit_code == 2 and "has no 'vall' split (its splits: train, val)" in r.output, r.output
     # another model's eval into the same folder: refused, not replaced unsaid; the scores file
     # carries the photos left out and the weights' sha256 for the report
     with np.load(tmp_path / "deep_sad_32_val_scores.npz") as z:

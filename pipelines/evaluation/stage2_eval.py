@@ -43,9 +43,12 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     stem = f"{card.name}_{card.input_size[0]}_{split}"
     _refuse_other_weights(out_dir / f"{stem}_metrics.json", card.sha256)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,), allow_unboxed=True)[split]
-    if len(crops) == 0:
-        raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
     df = load_manifest(manifest)
+    if len(crops) == 0:
+        splits = sorted(df["split"].dropna().astype(str).unique()) if "split" in df.columns else []
+        if split not in splits:  # "no 'bogus' image has a cervix box" for a split that is not there (an audit)
+            raise ValueError(f"{manifest.name} has no {split!r} split (its splits: {', '.join(splits) or 'none'})")
+        raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
     rows = df[(df["split"] == split) & df["kind"].isin(list(KIND_INDEX))]
     scored = set(crops.paths)
     left_out = {str(k): int(n) for k, n in rows.loc[~rows["path"].isin(scored), "kind"].value_counts().items()}
