@@ -41,8 +41,11 @@ def serve(
     except ValidationError as e:
         _fail("; ".join(_named(err) for err in e.errors()))
     host, port = host or settings.host, port or settings.port
+    from service.state_lock import let_go
+
     problem = _preflight(settings) or _bindable(host, port)
     if problem:
+        let_go(settings.state_dir)  # taken by the preflight for this start (`state_lock.take`)
         _fail(problem)
     # The app by name, so uvicorn builds it; settings are read again there from the same environment.
     # Open connections get GRACE_S to finish on SIGTERM: a client trickling an upload kept the
@@ -94,7 +97,7 @@ def _preflight(settings) -> str | None:
     from pipelines.engine.weights_folder import check_weights
     from service.jobs.store import store_problem
     from service.settings import findings_card_missing
-    from service.state_lock import in_use
+    from service.state_lock import take
     from service.ui.session import load_secret
 
     try:  # every card the engine reads, the exports where OpenVINO will run them (on the CPU only)
@@ -111,7 +114,7 @@ def _preflight(settings) -> str | None:
         writable_folder("CERVIXQC_STATE_DIR (its jobs/ folder, the jobs' results)", settings.state_dir / "jobs")
     except ValueError as e:
         return str(e)
-    busy = in_use(settings.state_dir) or store_problem(settings.state_dir / "jobs.sqlite")
+    busy = take(settings.state_dir) or store_problem(settings.state_dir / "jobs.sqlite")
     if busy:
         return busy
     try:

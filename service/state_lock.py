@@ -22,8 +22,16 @@ class StateDirInUse(RuntimeError):
     pass
 
 
+# locks `take` holds for this process's service, by folder, until its lifespan's `hold`
+_TAKEN: dict[str, IO[str]] = {}
+
+
 def hold(state_dir: Path) -> IO[str]:
-    """The lock, held until the returned file is closed (or the process ends)."""
+    """The lock, held until the returned file is closed (or the process ends); the one `take`
+    holds for this process, handed over."""
+    taken = _TAKEN.pop(str(state_dir.resolve()), None)
+    if taken is not None and not taken.closed:
+        return taken
     state_dir.mkdir(parents=True, exist_ok=True)
     f = open(state_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the process's life
     try:
@@ -41,13 +49,23 @@ def hold(state_dir: Path) -> IO[str]:
     return f
 
 
-def in_use(state_dir: Path) -> str | None:
-    """Why the folder cannot be taken now, or None (taken and let go at once: the check before
-    the models load, for a one-line error instead of a failed startup's traceback)."""
+def take(state_dir: Path) -> str | None:
+    """Why the folder cannot be taken now, or None: the check before the models load, for a
+    one-line error instead of a failed startup's traceback. Taken, the lock stays held for the
+    service this process starts next (`hold` hands it over; `let_go` if it does not start):
+    let go at once, two services started together both passed the check, and the later one
+    failed in its startup with uvicorn's traceback (an audit)."""
     try:
-        hold(state_dir).close()
+        _TAKEN[str(state_dir.resolve())] = hold(state_dir)
     except StateDirInUse as e:
         return str(e)
     except OSError as e:  # a full disk: "error: No space left on device", naming no folder (an audit)
         return f"CERVIXQC_STATE_DIR {state_dir}: cannot write its lock file ({e.strerror or e})"
     return None
+
+
+def let_go(state_dir: Path) -> None:
+    """The lock `take` holds, released: the start it was held for did not happen."""
+    taken = _TAKEN.pop(str(state_dir.resolve()), None)
+    if taken is not None:
+        taken.close()

@@ -187,3 +187,29 @@ def test_a_misspelt_setting_is_warned_about_not_silently_ignored(monkeypatch, ca
     with caplog.at_level("WARNING", logger="service.settings"):
         Settings()
     assert "CERVIXQC_POLICI: no such setting, ignored" in caplog.text and "CERVIXQC_CACHE" not in caplog.text
+
+
+def test_the_start_check_keeps_the_state_folder_for_the_service_this_process_starts(tmp_path):
+    """`serve` checked the folder's lock and let it go; two services started together both
+    passed the check, and the later one failed in its startup with uvicorn's traceback (an
+    audit). The check now holds the lock until this process's service takes it over."""
+    import subprocess
+    import sys
+
+    from service.state_lock import hold, let_go, take
+
+    def another_process_takes_it() -> str:
+        r = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from service.state_lock import take; print(take(Path(sys.argv[1])))", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout.strip()
+
+    assert take(tmp_path) is None
+    assert "another cervixqc service" in another_process_takes_it()  # between the check and the start
+    lock = hold(tmp_path)  # handed over to this process's service
+    assert "another cervixqc service" in another_process_takes_it()
+    lock.close()
+    assert another_process_takes_it() == "None"
+    assert take(tmp_path) is None
+    let_go(tmp_path)  # a start that did not happen
+    assert another_process_takes_it() == "None"
