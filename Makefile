@@ -107,10 +107,11 @@ demo: install
 image-check:
 	bash tests/deploy/image_check.sh
 
-# The installed environment, the test caches and our modules' bytecode (COMPILE_OURS) only. .cache/ stays: by default it holds the
-# service's state (jobs.sqlite, job results, review decisions, quarantine copies, the session
-# secret), the API key and `make weights`' extracted photos and trained runs; `make clean` took
-# all of them with it (an audit). Remove what you mean to by hand.
+# The installed environment, the test caches and our modules' bytecode (COMPILE_OURS) only.
+# .cache/ stays: by default it holds the service's state (jobs.sqlite, job results, review
+# decisions, quarantine copies, the session secret), the API key and `make weights`' extracted
+# photos and trained runs; `make clean` took all of them with it (an audit). Remove what you
+# mean to by hand.
 clean:
 	rm -rf .venv .tools .pytest_cache .hypothesis
 	find models pipelines service tests weights -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
