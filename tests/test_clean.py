@@ -308,6 +308,28 @@ def test_a_results_folder_that_holds_no_row_is_taken_by_the_next_run_of_any_sour
         store.close()
 
 
+def test_duplicates_of_a_clean_folder_leaves_out_the_photos_its_last_run_no_longer_found(
+        weights, collection, tmp_path):
+    """`cervixqc duplicates OUT` read every stored row: a photo deleted from the source since
+    stayed in its groups, and the group numbers no longer matched results.csv's (an audit)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    photo = fuzz_set()["ok.jpg"][0]
+    for name in ("a.jpg", "a_copy.jpg", "b.jpg", "b_copy.jpg"):  # two exact pairs, b's after a's
+        (collection / name).write_bytes(photo if name.startswith("a") else jpeg_bytes(textured_scene(3)))
+    out = tmp_path / "out"
+    clean(QCPipeline(weights), collection, out, batch_size=8)
+    (collection / "a_copy.jpg").unlink()
+    clean(QCPipeline(weights), collection, out, batch_size=8)
+    r = CliRunner().invoke(app, ["duplicates", str(out), "-o", str(tmp_path / "d.csv")])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "d.csv", keep_default_na=False)
+    assert "a_copy.jpg" not in set(table["path"])
+    assert (tmp_path / "d.csv").read_bytes() == (out / "duplicates.csv").read_bytes()  # clean's own table
+
+
 def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weights, collection, tmp_path):
     """A rerun with another policy counted every row as done: results.csv kept the old labels,
     and nothing in the folder said which policy made them."""

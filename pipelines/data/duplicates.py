@@ -603,7 +603,22 @@ def read_clean_state(folder: Path) -> Iterator[QCResult]:
         refuse_newer_state(db, folder)
     finally:
         db.close()
-    return _read_records(db_path)
+    shown = _last_run_paths(folder) if _exports_current(db_path) else None
+    records = _read_records(db_path)
+    return records if shown is None else (r for r in records if r.path in shown)
+
+
+def _last_run_paths(folder: Path) -> set[str] | None:
+    """The photos of the folder's last run, as its exports list them (results.parquet: exact
+    paths): the state keeps the rows of files deleted from the source since, which clean's own
+    tables leave out, and `duplicates OUT` grouped them in, its group numbers then off by one
+    from results.csv's `duplicate_group` (an audit). None: no readable exports, every row."""
+    import pyarrow.parquet as pq
+
+    try:
+        return set(pq.read_table(folder / "results.parquet", columns=["path"]).column("path").to_pylist())
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _read_records(db_path: Path) -> Iterator[QCResult]:
