@@ -209,14 +209,21 @@ def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
     """A photo named `=HYPERLINK(...).jpg` ran as a formula where a data team opened the export."""
     from service.routes.jobs import _csv_lines
 
-    names = ['=HYPERLINK("http://x","y").jpg', "+1+1.jpg", "-2+3.jpg", "@SUM(1).jpg", "plain-name.jpg"]
+    names = ['=HYPERLINK("http://x","y").jpg', "+1+1.jpg", "-2+3.jpg", "@SUM(1).jpg", "plain-name.jpg",
+             # a lone carriage return is not quoted by the CSV writers: the row split there, and
+             # the piece after it started a formula of its own (an audit)
+             "x\r@SUM(1+1).jpg", "\r=cr.jpg"]
     records = [QCResult(path=n, label=Label.UNREADABLE, error="=1+1", duplicate_of="@x") for n in names]
     # the review manifest has no error column; the results CSV has (a default for a missing
     # column here checked nothing of the one that lacks it: an audit)
     for text, columns in (("".join(manifest_lines(list(enumerate(records, 1)), {})), ("path", "duplicate_of")),
                           ("".join(_csv_lines(iter(records))), ("path", "duplicate_of", "error"))):
-        rows = list(csv.DictReader(io.StringIO(text)))
-        assert [r["path"] for r in rows] == ["'" + n for n in names[:4]] + ["plain-name.jpg"]
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        assert [r["path"] for r in rows] == ["'" + n for n in names[:4]] + ["plain-name.jpg", "x\\x0d@SUM(1+1).jpg",
+                                                                             "\\x0d=cr.jpg"]
+        import pandas as pd
+
+        assert len(pd.read_csv(io.StringIO(text), keep_default_na=False)) == len(names)
         assert {r["duplicate_of"] for r in rows} == {"'@x"}
         assert ("error" in rows[0]) == ("error" in columns)
         assert all(r["error"] == "'=1+1" for r in rows if "error" in columns)

@@ -27,9 +27,16 @@ CSV_TEXT_FIELDS = ("path", "error", "duplicate_of")  # the free-text columns of 
 
 def spreadsheet_safe(text: object) -> object:
     """A text cell for a CSV that people open in spreadsheets: one that would start a formula
-    gets a leading `'` (OWASP's advice), shown by the spreadsheet and never run. Parquet and
-    JSON keep the value as it is, for programs."""
-    return "'" + text if isinstance(text, str) and text.startswith(_FORMULA_START) else text
+    gets a leading `'` (OWASP's advice), shown by the spreadsheet and never run. A carriage
+    return inside it is written `\\x0d` (as `row_key` writes a name's bytes that are not
+    UTF-8): the CSV writers quote a cell at a line feed but not at a lone carriage return, at
+    which spreadsheets and CSV readers split the row, and the piece after it could start a
+    formula of its own (`x\\r@SUM(1+1).jpg`: an audit). Parquet and JSON keep the value as it
+    is, for programs."""
+    if not isinstance(text, str):
+        return text
+    text = text.replace("\r", "\\x0d")
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 # The reasons of a row a later read may not repeat: the OS could not read the file (a share
