@@ -1010,3 +1010,20 @@ def test_clean_says_when_a_site_gets_most_photos_called_no_cervix(tmp_path):
                            "readable photos (100%) were called no_cervix")
     assert early < r.output.index("28 files: 28 processed now") < r.output.index("note: 28 of 28 readable photos")
     assert r.output.count("note") == 2
+
+
+def test_predicts_table_shows_control_characters_in_names_escaped(weights, tmp_path):
+    """A line feed in a name split predict's row in two, and a carriage return wrote the name
+    over the label on a terminal (an audit); --json keeps the name."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    names = ["new\nline.jpg", "x\r@SUM(1).jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"not a photo")
+    r = CliRunner().invoke(app, ["predict", *(str(tmp_path / n) for n in names), "--weights", str(weights)])
+    table = [line for line in r.stdout.splitlines() if "unreadable" in line]
+    assert len(table) == 2 and table[0].endswith("new\\x0aline.jpg") and table[1].endswith("x\\x0d@SUM(1).jpg"), r.stdout
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / names[0]), "--weights", str(weights), "--json"])
+    assert json.loads(r.stdout.splitlines()[0])["path"].endswith("new\nline.jpg")

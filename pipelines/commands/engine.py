@@ -123,11 +123,18 @@ def predict(
             typer.echo(r.model_dump_json(exclude={"timings_ms"}))
         else:
             extra = r.kind or r.error or ""
-            typer.echo(f"{r.label.value:>12}  {extra:<28} {r.path}")
+            typer.echo(f"{r.label.value:>12}  {extra:<28} {_shown(r.path)}")
     if unreadable:
         typer.echo(f"{unreadable} of {len(images)} images could not be read", err=True)
     if images and unreadable == len(images):
         raise typer.Exit(1)
+
+
+def _shown(name: str) -> str:
+    """A name in predict's table with its control characters as `\\xNN`: a line feed split a
+    row in two, and a carriage return wrote the name over the label on a terminal (an audit);
+    --json keeps the name as it is."""
+    return "".join(c if c.isprintable() or c == " " else f"\\x{ord(c):02x}" for c in name)
 
 
 def clean(
