@@ -90,6 +90,9 @@ class JobStatus(BaseModel):
     # what a user should look at before trusting the labels (`pipelines.clean.notes.run_notes`: a
     # share of no_cervix that a screening collection rarely holds, or of unreadable files)
     notes: list[str] = []
+    # the models (sha256) and thresholds the job's rows were labelled by, once it has begun: a
+    # job's results named neither, where clean's summary.json does (an audit); null before
+    labelled_by: dict | None = None
 
 
 class JobList(BaseModel):

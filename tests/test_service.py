@@ -785,6 +785,10 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
         assert job["status"] == "done" and job["processed"] == job["total"] == reference.total
         assert job["counts"] == reference.by_label and job["progress"] == 1.0
         assert job["notes"] == run_notes(reference.by_label)
+        # the models and thresholds its rows were labelled by, as clean's summary.json names them
+        # (a job's results named neither: an audit)
+        assert {k: job["labelled_by"][k] for k in ("models", "thresholds")} == {
+            k: reference.decision[k] for k in ("models", "thresholds")}
         csv_text = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "csv"}).text
         jsonl = c.get(f"/v1/jobs/{job['id']}/results", params={"format": "jsonl"}).text.splitlines()
         listed = c.get("/v1/jobs").json()["jobs"]

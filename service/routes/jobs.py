@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -70,7 +71,8 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
                      results_url=f"/v1/jobs/{job.id}/results", retryable=retryable,
-                     waiting=state.runner.waiting(job.id), notes=run_notes(counts))
+                     waiting=state.runner.waiting(job.id), notes=run_notes(counts),
+                     labelled_by=json.loads(job.models) if job.models else None)
 
 
 def job_not_found(job_id: str) -> ApiError:
