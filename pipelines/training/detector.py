@@ -188,7 +188,11 @@ def train_detector(cfg: DetectorTrainConfig) -> tuple[FitResult, Path | None]:
         model = build_detector(model_cfg, backbone)
     init_scope = _init_from_card(model, model_cfg, cfg.init_from) if cfg.init_from is not None else None
     if init_scope is not None:
-        log.info("started from %s (%s)", cfg.init_from, init_scope)
+        if init_scope == "all":
+            log.info("started from %s (%s)", cfg.init_from, init_scope)
+        else:  # said at INFO alone, a run that kept a card's backbone only looked like a fine-tune (an audit)
+            log.warning("started from %s: its backbone body only, the FPN and head from random (another "
+                        "--fpn-channels than the card's)", cfg.init_from)
     model = model.to(device)
     if dist_info.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
