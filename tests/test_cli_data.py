@@ -98,17 +98,20 @@ def test_one_patient_number_written_several_ways_is_warned_about_before_a_split(
 
 
 def test_one_patient_id_in_two_letter_cases_or_unicode_forms_is_warned_about_before_a_split(tmp_path):
-    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg", "g.jpg", "h.jpg", "i.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     (tmp_path / "m.csv").write_text("path,patient_id,source,device,kind\na.jpg,AB12,s,d,regular\n"
                                     "b.jpg,ab12,s,d,regular\nc.jpg,ab12,t,d,regular\nd.jpg,Jos\u00e9,s,d,regular\n"
-                                    "e.jpg,Jose\u0301,s,d,regular\nf.jpg,7_0,s,d,regular\n", encoding="utf-8")
+                                    "e.jpg,Jose\u0301,s,d,regular\nf.jpg,7_0,s,d,regular\n"
+                                    # spaces and hyphens inside: PT 003 went to train and test (an audit)
+                                    "g.jpg,PT 003,s,d,regular\nh.jpg,PT003,s,d,regular\ni.jpg,PT-003,s,d,regular\n",
+                                    encoding="utf-8")
     (tmp_path / "n.csv").write_text("path,patient_id,source,device,kind\na.jpg,70,s,d,regular\n"
                                     "b.jpg,7_0,s,d,regular\n")
     r = runner.invoke(app, ["split", str(tmp_path / "m.csv"), "-o", str(tmp_path / "s.csv")])
     assert r.exit_code == 0, r.output
-    assert "warning: 2 patient id(s) of one source differing only in letter case or Unicode form (AB12 ab12; " \
-           "Jose\u0301 Jos\u00e9)" in r.output, r.output
+    assert "warning: 3 patient id(s) of one source differing only in letter case, spaces, hyphens or Unicode " \
+           "form (AB12 ab12; Jose\u0301 Jos\u00e9; PT 003 PT-003 PT003)" in r.output, r.output
     r = runner.invoke(app, ["validate", str(tmp_path / "n.csv")])
     assert r.exit_code == 0 and "warning" not in r.output, r.output  # 7_0 is no spelling of 70
 

@@ -90,9 +90,9 @@ def _warn_patient_spellings(df) -> None:
                    "if each is one patient, write it one way (a spreadsheet drops leading zeros and adds .0), "
                    "or a split by patient may put its photos on two sides", err=True)
     if twins := one_name_ids(df):
-        typer.echo(f"warning: {len(twins)} patient id(s) of one source differing only in letter case or Unicode "
-                   f"form ({shown(twins)}): if each is one patient, write it one way, or a split by patient may "
-                   "put its photos on two sides", err=True)
+        typer.echo(f"warning: {len(twins)} patient id(s) of one source differing only in letter case, spaces, "
+                   f"hyphens or Unicode form ({shown(twins)}): if each is one patient, write it one way, or a split "
+                   "by patient may put its photos on two sides", err=True)
 
 
 def validate(

@@ -197,10 +197,15 @@ def one_number_ids(df: pd.DataFrame) -> list[list[str]]:
 
 
 def one_name_ids(df: pd.DataFrame) -> list[list[str]]:
-    """Patient ids of one source that differ only in letter case or Unicode form (`AB12` and
-    `ab12`, `José` typed and pasted): two sheets of one site spelling one patient two ways put
-    that patient on both sides of a split, unsaid (an audit). Only named, as `one_number_ids`."""
-    return _spelt_apart(df, lambda patient: unicodedata.normalize("NFKC", patient).casefold())
+    """Patient ids of one source that differ only in letter case, spaces, hyphens or Unicode
+    form (`AB12` and `ab12`, `PT 003`, `PT003` and `PT-003`, `José` typed and pasted): two
+    sheets of one site spelling one patient two ways put that patient on both sides of a split,
+    unsaid (audits; spaces and hyphens inside an id were not compared, and `PT 003` went to
+    train and test). Only named, as `one_number_ids`."""
+    return _spelt_apart(df, lambda patient: _NOT_COMPARED.sub("", unicodedata.normalize("NFKC", patient).casefold()))
+
+
+_NOT_COMPARED = re.compile(r"[\s\-]+")  # in patient ids, by `one_name_ids`
 
 
 def _spelt_apart(df: pd.DataFrame, key: Callable[[str], object]) -> list[list[str]]:
