@@ -238,3 +238,26 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work_with_exit_2
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and f"error: {words} " in r.output, (args, r.output)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_split_warns_of_byte_identical_copies_under_other_patients_that_land_apart(tmp_path):
+    """A site's photo copied under a second patient id went to train and test with no word, its
+    sha256 in the manifest all along (an audit)."""
+    import hashlib
+
+    rows = ["path,patient_id,source,device,kind,sha256"]
+    for k in range(20):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / f"{k}.png")
+        rows.append(f"{k}.png,p{k},s,d,regular,{hashlib.sha256((tmp_path / f'{k}.png').read_bytes()).hexdigest()}")
+    rows[-1] = rows[-1].rsplit(",", 1)[0] + "," + rows[1].rsplit(",", 1)[1]  # 19.png listed as 0.png's copy
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    said = []
+    for seed in range(6):  # some seeds put the two patients on one side
+        r = runner.invoke(app, ["split", str(tmp_path / "m.csv"), "-o", str(tmp_path / f"s{seed}.csv"), "--seed",
+                                str(seed)])
+        assert r.exit_code == 0, r.output
+        split = dict(zip(*[pd.read_csv(tmp_path / f"s{seed}.csv")[c] for c in ("path", "split")]))
+        apart = split["0.png"] != split["19.png"]
+        assert ("byte-identical copies under other patient ids landed in different splits" in r.output) == apart
+        said.append(apart)
+    assert any(said)

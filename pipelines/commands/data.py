@@ -136,6 +136,24 @@ def _check_box_photos(ds, coco: Path, df) -> None:
         typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
 
 
+def _warn_split_copies(df) -> None:
+    """Without --duplicates: byte-identical photos (the manifest's sha256, as import-labels
+    records it) filed under several patient ids and put in different splits are said. A site's
+    copy under a second patient went to train and test with no word (an audit); the README's
+    recipe folds them first (`duplicates`, then `--duplicates --merge-duplicates`)."""
+    if "sha256" not in df.columns:
+        return
+    shas = df["sha256"].fillna("").astype(str).str.strip().str.lower()
+    rows = df.assign(_sha=shas)[shas != ""]
+    apart = rows.groupby("_sha").filter(lambda g: g["split"].nunique() > 1 and g["patient_id"].nunique() > 1)
+    if len(apart):
+        shown = ", ".join(sorted(apart["path"].astype(str))[:4])
+        typer.echo(f"warning: {apart['_sha'].nunique()} photo(s) stored as byte-identical copies under other patient "
+                   f"ids landed in different splits ({shown}): a copy in training and test flatters the figures; "
+                   "`cervixqc duplicates` then `split --duplicates TABLE --merge-duplicates` keeps each on one side",
+                   err=True)
+
+
 def split(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV or Parquet.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write, with a split column.")],
@@ -215,6 +233,8 @@ def split(
         _fail(str(e))
     if groups is not None:
         _refuse_split_duplicates(df, groups)
+    else:
+        _warn_split_copies(df)
     if coco is not None:  # read before anything is written: a bad boxes file used to leave the manifest behind
         from pipelines.data.coco import CocoError, load_coco, save_coco, split_box_files
 
