@@ -133,6 +133,14 @@ def test_import_labels_command_writes_the_manifest_and_fails_cleanly(collection)
     assert r.exit_code == 0, r.output
     assert "3 rows (green 1, iodine 1, regular 1)" in r.output and "1 rows skipped" in r.output
     assert len(load_manifest(out)) == 3
+    assert "note:" not in r.output and "warning:" not in r.output  # every photo named (one skipped), ':' found
+    # a photo the sheet lacks, and a separator no row holds: both were silent (an audit)
+    _photo(root / "bank" / "b3.jpg", (10, 20, 30))
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o", str(out),
+                            "--source-col", "case", "--source-sep", ";", "--kind-map", "unknown=skip"])
+    assert r.exit_code == 0, r.output
+    assert f"note: 1 photos under {root} are in no row of the sheet (e.g. bank/b3.jpg)" in r.output, r.output
+    assert "warning: --source-sep ';' is in no row's 'case': each whole value is a source (2 sources)" in r.output
     r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(root), "-o", str(out),
                             "--source-col", "case"])
     assert r.exit_code == 2 and "unknown label 'unknown'" in r.output

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from pipelines.data.schema import has_backslash, on_disk, row_key
+from pipelines.data.schema import PHOTO_SUFFIXES, has_backslash, on_disk, row_key
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def _rows(rows: list[int]) -> str:
 
 
 _PHOTO_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"II*\x00", b"MM\x00*", b"BM", b"GIF8")
-_PHOTO_NAMES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 def _is_photo(path: Path) -> bool:
@@ -98,7 +97,7 @@ def list_inputs(src: Path) -> list[str]:
 
         # read as a table, it was told to save itself as "CSV UTF-8"; an empty or cut one, named so
         # but without a photo's first bytes, "cannot read it as a table" (audits)
-        if _is_photo(src) or src.suffix.lower() in _PHOTO_NAMES:
+        if _is_photo(src) or src.suffix.lower() in PHOTO_SUFFIXES:
             raise ValueError(f"{src.name} is a photo, not a folder or manifest: give its folder, or use "
                              "`cervixqc predict` for single photos")
 

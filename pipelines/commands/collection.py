@@ -51,6 +51,12 @@ def import_labels_cmd(
                f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map"
                + (f"; {result.windows_paths} Windows names (\\) read as the folder's files" if result.windows_paths
                   else ""))
+    if result.unlisted:  # a sheet short of rows imported what it had, unsaid (an audit)
+        typer.echo(f"note: {len(result.unlisted)} photos under {images} are in no row of the sheet (e.g. "
+                   f"{', '.join(result.unlisted[:3])}): not imported", err=True)
+    if source_sep and source_col and not result.source_sep_rows:  # every patient its own source, unsaid
+        typer.echo(f"warning: --source-sep {source_sep!r} is in no row's {source_col!r}: each whole value is a "
+                   f"source ({result.manifest['source'].nunique()} sources)", err=True)
 
 
 def merge_manifests_cmd(

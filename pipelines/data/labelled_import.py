@@ -19,7 +19,7 @@ import pandas as pd
 from models.io import sha256_file
 from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, no_file, read_table,
                                      real_folder, validate_manifest)
-from pipelines.data.schema import Kind
+from pipelines.data.schema import PHOTO_SUFFIXES, Kind
 
 SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
 _KINDS = {k.value for k in Kind}
@@ -60,6 +60,9 @@ class ImportResult:
     counts: dict[str, int]  # kind -> rows
     windows_paths: int = 0  # names written with \ (a Windows sheet) read as the folder's files
     unread_kind_column: str | None = None  # the sheet's own kind column, which --kind overrode
+    # photos under --images that no row names (a sheet short of rows imported what it had, unsaid)
+    unlisted: list[str] = field(default_factory=list)
+    source_sep_rows: int = 0  # rows whose source --source-sep cut (0 with the option: it matched none)
 
 
 def _sheet_column(sheet: pd.DataFrame, name: str) -> str:
@@ -130,7 +133,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
                                                             f"sheet has {[str(c) for c in sheet.columns]}")])
     problems: list[RowProblem] = []
     unknown: dict[str, list[int]] = {}  # label word -> its rows
-    rows, skipped, windows = [], 0, 0
+    rows, skipped, windows, sep_rows, named = [], 0, 0, 0, set()
     spellings = Spellings(images, "the --images folder")
     for i, rec in enumerate(sheet.to_dict("records"), start=1):
         label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
@@ -138,8 +141,9 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
         if kind is None:
             unknown.setdefault(label.strip(), []).append(i)
             continue
-        if kind == SKIP:
+        if kind == SKIP:  # named by the sheet all the same: not one of the photos it lacks
             skipped += 1
+            named.add(os.path.realpath(images / str(rec[cols.path]).strip()))
             continue
         rel = str(rec[cols.path]).strip()
         if "\\" in rel and not (images / rel).is_file() and (found := _windows_name(rel, images)):
@@ -147,12 +151,13 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
         file = images / rel
         source = cols.source_value or str(rec[cols.source]).strip()
         if cols.source_sep and cols.source_sep in source:
-            source = source.split(cols.source_sep, 1)[0]
+            source, sep_rows = source.split(cols.source_sep, 1)[0], sep_rows + 1
         digest = ""
         if rel and not file.is_file():
             problems.append(RowProblem(i, cols.path, f"{no_file(file)} {rel!r} under {str(images)!r}"
                                        + spellings.hint(rel)))
         elif rel:
+            named.add(os.path.realpath(file))
             digest = sha256_file(file)
             listed = str(rec[cols.sha256]).strip().lower() if cols.sha256 else ""
             if listed and listed != digest:
@@ -188,7 +193,10 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     # unsaid (an audit); said, since a folder of one kind with a stale column is common too
     unread = next((str(c) for c in sheet.columns if str(c).strip().lower() == "kind"), None) \
         if cols.kind_value is not None else None
-    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows, unread)
+    unlisted = sorted(str(p.relative_to(images)) for p in images.rglob("*")
+                      if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file() and os.path.realpath(p) not in named)
+    return ImportResult(df, skipped, df["kind"].replace("", "unknown").value_counts().to_dict(), windows, unread,
+                        unlisted, sep_rows)
 
 
 def _in_its_file(problem: RowProblem, paths: list[str | Path], lengths: list[int]) -> RowProblem | str:

@@ -22,6 +22,9 @@ class Kind(StrEnum):
 
 
 NON_REGULAR_KINDS = frozenset({Kind.GREEN, Kind.IODINE})
+# the names of photos the engine reads, by their ending (a file given as a source, the photos
+# under a label sheet's folder)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 class Split(StrEnum):
