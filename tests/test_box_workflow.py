@@ -220,6 +220,13 @@ def test_fixes_match_dot_slash_names_and_name_an_unknown_action_and_file_in_one_
         read_fixes(p, {"a.jpg", "b.jpg"})
     assert "line 2: unknown action 'delete': box or none" in str(err.value)
     assert "line 3: 'nope.jpg' is not in the proposals" in str(err.value)
+    # a spreadsheet's `;` file, and a name without its subfolder (the sheets' tiles show the
+    # name alone): refused as one column 'file;action;...', and with no hint (an audit)
+    p.write_text("file;action;x1;y1;x2;y2\nIMG_7.jpg;none;;;;\na.jpg;none;;;;\n")
+    with pytest.raises(ValueError) as err:
+        read_fixes(p, {"a.jpg", "PT_7/IMG_7.jpg"})
+    assert str(err.value).endswith("line 2: 'IMG_7.jpg' is not in the proposals (the proposals' 'PT_7/IMG_7.jpg'?)")
+    assert [f.file for f in read_fixes(p, {"a.jpg", "IMG_7.jpg"})] == ["IMG_7.jpg", "a.jpg"]
 
 
 def test_the_detectors_proposals_and_boxes_refuse_a_card_without_its_threshold_not_run_at_half(tmp_path):

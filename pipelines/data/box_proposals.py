@@ -93,7 +93,11 @@ def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
     fixes, problems, first_line = [], [], {}
     known = {path_key(n) for n in known} if known is not None else None
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets save a BOM before the header
-        reader = csv.DictReader(fh)
+        header = fh.readline()
+        fh.seek(0)
+        # a spreadsheet set to a comma-decimal locale saves with `;` (import-labels reads those):
+        # it was refused as one column named 'file;action;...' (an audit)
+        reader = csv.DictReader(fh, delimiter=";" if ";" in header and "," not in header else ",")
         if "file" not in (reader.fieldnames or []) or "action" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: needs the columns file,action,x1,y1,x2,y2(,note); it has {reader.fieldnames}")
         for row in reader:
@@ -109,7 +113,11 @@ def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
                 continue
             first_line[name] = i
             if known is not None and name not in known:
-                problems.append(f"line {i}: {name!r} is not in the proposals")
+                # the sheets' tiles show the name alone: a photo in a subfolder was written without it,
+                # and refused with no hint (an audit)
+                alike = sorted(k for k in known if k.rsplit("/", 1)[-1] == name.rsplit("/", 1)[-1])
+                hint = f" (the proposals' {' or '.join(map(repr, alike[:3]))}?)" if alike else ""
+                problems.append(f"line {i}: {name!r} is not in the proposals{hint}")
                 continue
             if action not in ("box", "none"):
                 problems.append(f"line {i}: unknown action {row.get('action')!r}: box or none")
