@@ -89,8 +89,8 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
                                  "--split", "val"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
-    assert set(report) == {"overall", "left_out_without_box", "model_sha256", "card", "manifest_sha256",
-                           "coco_sha256"} | set(crops["val"].sources)
+    assert set(report) == {"overall", "left_out_without_box", "left_out_without_box_by_source", "model_sha256", "card",
+                           "manifest_sha256", "coco_sha256"} | set(crops["val"].sources)
     assert report["model_sha256"] == json.loads(Path(card_path).read_text())["sha256"]
     assert report["left_out_without_box"] == {}
     _, card = load_weights(card_path)
@@ -107,6 +107,13 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     assert r.exit_code == 0 and "left out, no box in one_less.json: 1 " in r.output, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
     assert sum(report["left_out_without_box"].values()) == 1 and report["overall"]["n"] == len(crops["val"]) - 1
+    # and on its source's row: that row read as if every photo of the source had been scored (an audit)
+    from pipelines.data.crop_set import KIND_INDEX
+
+    source, kind = crops["val"].sources[0], {i: k for k, i in KIND_INDEX.items()}[int(crops["val"].kinds[0])]
+    assert report["left_out_without_box_by_source"] == {source: {kind: 1}}
+    assert any(line.strip().startswith(f"{source}:") and line.endswith(f"; left out, no box: 1 {kind})")
+               for line in r.output.splitlines()), r.output
     no_boxes = tmp_path / "no_boxes.json"
     no_boxes.write_text(json.dumps({**boxes, "annotations": []}))
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(no_boxes), "-o", str(tmp_path),

@@ -225,14 +225,20 @@ def eval_cmd(
     device = device_or_fail(device)
     require_writable("--out", out, keep=False)  # a file there failed after the scoring, exit 1 (an audit)
     try:
-        report, left_out = evaluate_stage2(card, manifest, coco, split, out, device)
+        report, by_source = evaluate_stage2(card, manifest, coco, split, out, device)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
+    left_out: dict[str, int] = {}
+    for kinds in by_source.values():
+        for k, n in kinds.items():
+            left_out[k] = left_out.get(k, 0) + n
     for name, m in report.items():
         rates = "  ".join(f"{label} {rate_text(m[key])}" for label, key in (
             ("sens", "sensitivity"), ("spec", "specificity"), ("prec", "precision"), ("F1", "f1"),
             ("acc", "accuracy"), ("AUC", "roc_auc")))
-        typer.echo(f"{name:>10}: {rates} (n={m['n']}, pos={m['n_positive']})")
+        missed = left_out if name == "overall" else by_source.get(name, {})
+        said = f"; left out, no box: {', '.join(f'{n} {k}' for k, n in sorted(missed.items()))}" if missed else ""
+        typer.echo(f"{name:>10}: {rates} (n={m['n']}, pos={m['n_positive']}{said})")
     if left_out:
         typer.echo(f"left out, no box in {coco.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items()))
                    + " (not in the figures above)")

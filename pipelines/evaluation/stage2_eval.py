@@ -36,7 +36,7 @@ def score_crops(card_path: Path, crops: CropSet, batch_size: int = 128, device: 
 
 def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out_dir: Path,
                     device: str = "cpu") -> tuple[dict, dict[str, int]]:
-    """(metrics per group, photos of each kind left out for want of a box). The figures are of
+    """(metrics per group, photos of each kind left out for want of a box, by source). The figures are of
     the crops alone: with a detector's box file, the photos it missed are in no crop, and the
     count says how many (they were left out unsaid, and the sensitivity read higher)."""
     _, card = load_stage2(card_path)
@@ -51,7 +51,11 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
         raise ValueError(f"no {split!r} image of {manifest.name} has a cervix box in {coco.name}: nothing to score")
     rows = df[(df["split"] == split) & df["kind"].isin(list(KIND_INDEX))]
     scored = set(crops.paths)
-    left_out = {str(k): int(n) for k, n in rows.loc[~rows["path"].isin(scored), "kind"].value_counts().items()}
+    missed = rows.loc[~rows["path"].isin(scored)]
+    left_out = {str(k): int(n) for k, n in missed["kind"].value_counts().items()}
+    # and by source: a source's row read "pos=0, sens -" where its one iodine photo had no box (an audit)
+    by_source = {str(src): {str(k): int(n) for k, n in part["kind"].value_counts().items()}
+                 for src, part in missed.groupby("source")}
     scores = score_crops(card_path, crops, device=device)
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
@@ -60,7 +64,8 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     # they scored the same (two re-splits of one collection passed as one "test": an audit)
     scored_on = {"manifest_sha256": sha256_file(manifest), "coco_sha256": sha256_file(coco)}
     write_json(out_dir / f"{stem}_metrics.json",
-               report | {"left_out_without_box": left_out, "model_sha256": card.sha256, "card": str(card_path)}
+               report | {"left_out_without_box": left_out, "left_out_without_box_by_source": by_source,
+                         "model_sha256": card.sha256, "card": str(card_path)}
                | scored_on)
     # Everything the report needs, so it never reruns a model; the photos left out for want of
     # a box too (the report showed sensitivity 1.000 where 6 of 11 positives had none: an audit)
@@ -69,7 +74,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
                         threshold=threshold_of(card), model=card.name, input_size=card.input_size[0],
                         split=split, model_sha256=card.sha256, left_out_kinds=np.array(list(left_out), dtype=str),
                         left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scored_on, **scores)
-    return report, left_out
+    return report, by_source
 
 
 def _refuse_other_weights(metrics: Path, sha256: str) -> None:
