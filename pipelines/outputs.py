@@ -115,6 +115,20 @@ def json_text(value) -> str:
     return json.dumps(finite_or_null(value), indent=2, allow_nan=False)
 
 
+def changed_since(path: Path, mine: dict) -> list[str] | None:
+    """The keys of `mine` whose values an earlier record at `path` (an evaluation's figures
+    in its -o) holds otherwise: [] where there is none or it holds the same, None where it
+    cannot be read as one (not JSON, a key missing). The evaluations replace only figures of
+    the same weights and data, and each says what else it found its own way."""
+    if not path.exists():
+        return []
+    try:
+        before = json.loads(path.read_text())
+        return [k for k, v in mine.items() if before[k] != v]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_json(path: Path, value) -> Path:
     """`json_text`, written whole."""
     text = json_text(value)

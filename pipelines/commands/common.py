@@ -19,6 +19,22 @@ def rate_text(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
+def command_line() -> str:
+    """This command as typed, for the records its outputs keep (cards, calibrations, exports,
+    evaluations): one spelling, rather than each command joining sys.argv its own way."""
+    import shlex
+
+    return shlex.join(["cervixqc", *sys.argv[1:]])
+
+
+def run_record() -> dict[str, str]:
+    """`command` and `created` (UTC, to the second) for an output's record."""
+    import datetime
+
+    return {"command": command_line(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def weights_missing(folder: Path) -> str | None:
     """Why `folder` holds no weights, or None: `cervixqc serve` and the engine commands say it
     alike, by its full path (the default is relative, and "no weights in weights" did not say

@@ -160,35 +160,28 @@ EVAL_RECORD = "detector_eval.json"
 def _eval_record(mcard, coco: Path, manifest: Path | None) -> dict:
     """The detector and the files its figures were measured on, by sha256: a report named no
     weights, box file or manifest, and could not be traced (an audit)."""
-    import datetime
-    import shlex
-    import sys
-
     from models.io import sha256_file
+    from pipelines.commands.common import run_record
 
     return {"detector_sha256": mcard.sha256, "score_threshold": mcard.thresholds.get("score"),
             "boxes": str(coco.resolve()), "boxes_sha256": sha256_file(coco),
             "manifest": None if manifest is None else str(manifest.resolve()),
-            "manifest_sha256": None if manifest is None else sha256_file(manifest),
-            "command": shlex.join(["cervixqc", *sys.argv[1:]]),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "manifest_sha256": None if manifest is None else sha256_file(manifest)} | run_record()
 
 
 def _refuse_other_eval(path: Path, record: dict) -> None:
     """Figures of another detector, threshold or box file are not replaced: a validation run
     into a test run's folder replaced it, exit 0 (an audit). A rerun of the same replaces them."""
-    if not path.exists():
-        return
-    try:
-        before = json.loads(path.read_text())
-        theirs = {k: before[k] for k in ("detector_sha256", "score_threshold", "boxes_sha256")}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    from pipelines.outputs import changed_since
+
+    changed = changed_since(path, {k: record[k] for k in ("detector_sha256", "score_threshold", "boxes_sha256")})
+    if changed is None:
         _fail(f"--out {path.parent} holds a {path.name} that cannot be read as an eval-detector's: write into another "
               "folder")
-    changed = [k.removesuffix("_sha256") for k, v in theirs.items() if record[k] != v]
     if changed:
-        _fail(f"--out {path.parent} holds the figures of another {', '.join(changed)} ({before.get('boxes')}): write "
-              "into another folder to keep both, or delete it")
+        what = ", ".join(k.removesuffix("_sha256") for k in changed)
+        _fail(f"--out {path.parent} holds the figures of another {what} ({json.loads(path.read_text()).get('boxes')}): "
+              "write into another folder to keep both, or delete it")
 
 
 def detect_cmd(

@@ -406,10 +406,8 @@ def export(
     """Export models to OpenVINO IR with a card each (source sha256, file sha256s, parity to
     torch). The default leaves the classifier out: its 51 MB would break the weights budget,
     and the engine converts it at its first load instead (cached; see `openvino_runtime.converted`)."""
-    import shlex
-    import sys
-
     from models.io import WeightsIntegrityError, load_card
+    from pipelines.commands.common import command_line
     from pipelines.engine import openvino_runtime
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -453,7 +451,7 @@ def export(
     quantize, quantization = (_int8_detector(weights, int8_calibration, int8_photos) if int8_calibration is not None
                               else (None, ""))
     target.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["cervixqc", *sys.argv[1:]])
+    command = command_line()
     for name, (model, card) in loaded.items():
         q = name == "detector" and quantize is not None
         exported = openvino_runtime.export(name, model, card, target, weights / f"{name}.json",

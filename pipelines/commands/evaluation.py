@@ -118,21 +118,17 @@ def _refuse_other_figures(path: Path, decision: dict, split: str | None) -> None
     """An earlier eval-pipeline's figures are replaced only by those of the same models,
     thresholds and split (a rerun): one of other thresholds was replaced unsaid, and the two
     could not be compared any more (an audit)."""
-    import json
+    from pipelines.outputs import changed_since
 
-    if not path.exists():
-        return
-    try:
-        before = json.loads(path.read_text())
-        theirs = (before["models"], before["thresholds"], before["split"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    changed = changed_since(path, {"models": decision["models"], "thresholds": decision["thresholds"], "split": split})
+    if changed is None:
         _fail(f"--out {path.parent} holds a {path.name} that cannot be read as an eval-pipeline's: write into "
               "another folder")
-    if theirs != (decision["models"], decision["thresholds"], split):
-        what = [name for name, a, b in zip(("models", "thresholds", "split"), theirs,
-                                            (decision["models"], decision["thresholds"], split)) if a != b]
-        _fail(f"--out {path.parent} holds the figures of other {', '.join(what)} (split {theirs[2] or 'all'}): write "
-              "into another folder to keep both, or delete it")
+    if changed:
+        import json
+
+        _fail(f"--out {path.parent} holds the figures of other {', '.join(changed)} (split "
+              f"{json.loads(path.read_text())['split'] or 'all'}): write into another folder to keep both, or delete it")
 
 
 def _check_split(manifest: Path, weights: Path) -> None:
@@ -258,12 +254,8 @@ def calibrate_stage2_cmd(
     training rule (best F1, then the middle of the gap) on the engine's own crops. Copy the
     cards it writes into a copy of the weights folder to use them. Cards under which the kept
     policy reads a lower F1 on these very photos are not written (exit 1)."""
-    import datetime
-    import shlex
-    import sys
-
     from models.io import sha256_file
-    from pipelines.commands.common import device_or_fail, file_progress
+    from pipelines.commands.common import device_or_fail, file_progress, run_record
     from pipelines.commands.engine import _engine, _weights_folder
     from pipelines.evaluation.pipeline_eval import run_rows
     from pipelines.evaluation.stage2_thresholds import SCORERS, calibrate
@@ -297,9 +289,7 @@ def calibrate_stage2_cmd(
                        if target_sensitivity is not None else "highest F1")
                       + " on the engine's crops of these photos, then the middle of the gap under it "
                         "(pipelines.evaluation.classification.calibrate_threshold)",
-              "target_sensitivity": target_sensitivity, "weights": str(weights.resolve()),
-              "command": shlex.join(["cervixqc", *sys.argv[1:]]),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              "target_sensitivity": target_sensitivity, "weights": str(weights.resolve())} | run_record()
     try:
         cal = calibrate(qc, df, results, record, target_sensitivity)
     except ValueError as e:

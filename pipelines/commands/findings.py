@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _manifest, _split_manifest, rate_text, training_output
+from pipelines.commands.common import _fail, _manifest, _split_manifest, command_line, rate_text, training_output
 
 
 def calibrate_findings_cmd(
@@ -98,7 +96,7 @@ def calibrate_findings_cmd(
         data["thresholds_from"] = {"card": str(thresholds_from), "sha256": sha256_file(thresholds_from)}
         data["judged_with_detector_sha256"] = data.pop("weights_detector_sha256")
         data["weights_detector_sha256"] = (judged.metrics.get("data") or {}).get("weights_detector_sha256")
-    write_outputs(out, scores, thumbs, thresholds, metrics, cfg, shlex.join(["cervixqc", *sys.argv[1:]]), data)
+    write_outputs(out, scores, thumbs, thresholds, metrics, cfg, command_line(), data)
     for name in FINDINGS:
         m = (metrics["test"] if "test" in metrics else metrics["calibration"])[name]
         # rate_text: a finding every photo is known to have has no AUC or recall (None), which

@@ -244,20 +244,6 @@ def eval_cmd(
                    + " (not in the figures above)")
 
 
-def _given_files_scored(runs: list[dict], manifest: Path, coco: Path) -> None:
-    """--manifest and --coco must be the files `eval` scored (it records their sha256): other
-    boxes under the same photo names drew galleries of other crops, captioned with the scored
-    run's scores, exit 0 (an audit). Runs from before the record cannot tell."""
-    from models.io import sha256_file
-
-    for key, given, option in (("manifest_sha256", manifest, "--manifest"), ("coco_sha256", coco, "--coco")):
-        digest = sha256_file(given)
-        other = sorted(r["file"] for r in runs if key in r and str(r[key]) != digest)
-        if other:
-            raise ValueError(f"{option} {given} is not the file {', '.join(other[:3])} scored (their sha256s "
-                             f"differ): pass the one `cervixqc eval` was given")
-
-
 def report_cmd(
     eval_dir: Annotated[Optional[Path], typer.Argument(
         help="Folder of `cervixqc eval` outputs (*_scores.npz); may be left out with --findings.")] = None,
@@ -272,7 +258,7 @@ def report_cmd(
     from pipelines.data.coco import load_coco
     from pipelines.data.crop_set import extract_crops
     from pipelines.data.manifest import load_manifest
-    from pipelines.evaluation.report import build_report, load_runs
+    from pipelines.evaluation.report import build_report, given_files_scored, load_runs
 
     if eval_dir is None and findings is None:
         _fail("give an eval folder, --findings, or both")
@@ -293,7 +279,7 @@ def report_cmd(
         runs = load_runs(eval_dir) if eval_dir is not None else []
         thumbs: dict = {}
         if eval_dir is not None:
-            _given_files_scored(runs, manifest, coco)
+            given_files_scored(runs, manifest, coco)
             wanted = set().union(*(set(r["paths"].tolist()) for r in runs)) if runs else set()
             df = load_manifest(manifest)
             # another set's manifest drew blank tiles, and other photos under the scores of the

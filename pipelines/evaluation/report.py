@@ -95,6 +95,21 @@ def _refuse_mixed_inputs(runs: list[dict]) -> None:
                                  "folder")
 
 
+def given_files_scored(runs: list[dict], manifest: Path, coco: Path) -> None:
+    """The report's --manifest and --coco must be the files `eval` scored (it records their
+    sha256, as `_refuse_mixed_inputs` reads them): other boxes under the same photo names drew
+    galleries of other crops, captioned with the scored run's scores, exit 0 (an audit). Runs
+    from before the record cannot tell."""
+    from models.io import sha256_file
+
+    for key, given, option in (("manifest_sha256", manifest, "--manifest"), ("coco_sha256", coco, "--coco")):
+        digest = sha256_file(given)
+        other = sorted(r["file"] for r in runs if key in r and str(r[key]) != digest)
+        if other:
+            raise ValueError(f"{option} {given} is not the file {', '.join(other[:3])} scored (their sha256s "
+                             f"differ): pass the one `cervixqc eval` was given")
+
+
 def left_out(run: dict) -> dict[str, int] | None:
     """Photos of each kind `eval` left out for want of a box (None: a scores file from before
     it recorded them)."""

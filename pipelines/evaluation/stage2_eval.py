@@ -15,7 +15,7 @@ from pipelines.data.crop_set import KIND_INDEX, CropSet, split_crops
 from pipelines.data.manifest import load_manifest
 from pipelines.evaluation.classification import metrics_by_group
 from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
-from pipelines.outputs import write_json
+from pipelines.outputs import changed_since, write_json
 
 
 def crop_size_for(card) -> int:
@@ -80,12 +80,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
 def _refuse_other_weights(metrics: Path, sha256: str) -> None:
     """An eval of other weights (same model, size and split) already in the folder: the second
     replaced the first unsaid, and the report showed one row of either (an audit)."""
-    if not metrics.is_file():
-        return
-    try:
-        earlier = json.loads(metrics.read_text()).get("model_sha256")
-    except (OSError, ValueError, AttributeError):
-        earlier = None
-    if earlier is not None and earlier != sha256:
+    if changed_since(metrics, {"model_sha256": sha256}):  # unreadable, or from before the record: replaced
+        earlier = json.loads(metrics.read_text())["model_sha256"]
         raise ValueError(f"{metrics} holds an eval of other weights (sha256 {earlier[:12]}, these are {sha256[:12]}): "
                          "write this one into another -o folder, or remove that one")

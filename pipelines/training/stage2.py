@@ -148,12 +148,15 @@ def _class_counts(train: CropSet) -> dict[str, int]:
     return {"regular": len(train.kinds) - n_pos, "non_regular": n_pos}
 
 
-def _warn_if_flat(scores: np.ndarray, model: str) -> None:
+def _warn_if_flat(scores: np.ndarray, model: str) -> bool:
     """A model whose validation scores are all alike (a diverged or untrained run: the helper's
-    --lr 1e3 classifier read AUC 0.5 and a threshold of 1.0) was exported without a word."""
-    if len(scores) and float(np.ptp(scores)) <= 1e-6 * max(1.0, float(np.abs(scores).max())):
+    --lr 1e3 classifier read AUC 0.5 and a threshold of 1.0) was exported without a word.
+    True when said: such a model is at chance too, and `_warn_if_chance` need not say it again."""
+    flat = bool(len(scores)) and float(np.ptp(scores)) <= 1e-6 * max(1.0, float(np.abs(scores).max()))
+    if flat:
         log.warning("%s gives every validation crop the same score (%.4g): it tells nothing apart, and its "
                     "threshold means nothing; look at the training log before using it", model, float(scores[0]))
+    return flat
 
 
 def _warn_if_chance(metrics, model: str) -> None:
@@ -225,10 +228,11 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     net.eval()
     scores = _collect(net.score, val, None, device).numpy()
     y = val.non_regular.numpy()
-    _warn_if_flat(scores, "Deep SAD")
+    flat = _warn_if_flat(scores, "Deep SAD")
     threshold = calibrate_threshold(y, scores, cfg.target_sensitivity, space="log")
     val_metrics = binary_metrics(y, scores, threshold)
-    _warn_if_chance(val_metrics, "Deep SAD")
+    if not flat:
+        _warn_if_chance(val_metrics, "Deep SAD")
     card = ModelCard(
         name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
@@ -312,10 +316,11 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
     y = val.non_regular.numpy()
-    _warn_if_flat(probs, "the classifier")
+    flat = _warn_if_flat(probs, "the classifier")
     threshold = calibrate_threshold(y, probs, cfg.target_sensitivity, space="logit")
     val_metrics = binary_metrics(y, probs, threshold)
-    _warn_if_chance(val_metrics, "the classifier")
+    if not flat:
+        _warn_if_chance(val_metrics, "the classifier")
     card = ModelCard(
         name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
         input_size=[model_cfg.input_size, model_cfg.input_size],
