@@ -56,6 +56,19 @@ def test_a_copy_keeps_the_originals_mode_and_times(layout, tmp_path):
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 2_000_000_000)
 
 
+@pytest.mark.parametrize("service", [True, False], ids=["service", "command line copy"])
+def test_a_copy_of_a_setuid_file_is_no_program(layout, tmp_path, service):
+    """A setuid program planted under a photo's name came out of the quarantine as a setuid
+    program of the service's user (an audit ran `id` from it as root): copies keep only the
+    read and write bits, on the service's copy and on the command line's where it cannot link."""
+    root, _, allowed = layout
+    os.chmod(root / "ok.jpg", 0o6755)
+    os.utime(root / "ok.jpg", ns=(1_000_000_000, 2_000_000_000))
+    quarantine_copy(root, "ok.jpg", "non_regular", tmp_path / "q", link=False, allowed=allowed if service else None)
+    st = (tmp_path / "q" / "non_regular" / "ok.jpg").stat()
+    assert (oct(st.st_mode & 0o7777), st.st_mtime_ns) == (oct(0o644), 2_000_000_000)
+
+
 def test_links_flipped_in_and_out_while_they_are_read_and_copied_never_bring_an_outside_file_in(layout, tmp_path):
     """A writer to the share flips each link between a photo inside and a file outside; the
     reads and copies run meanwhile. Checked on the name and read by it again, such a run copied

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from pipelines.clean.state import Stale, file_stamp
-from pipelines.data.opened import Allowed, copy_opened
+from pipelines.data.opened import Allowed, copy_opened, copy_times_and_mode
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import Label, QCResult
 from pipelines.outputs import write_atomically
@@ -170,7 +170,10 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
                 return
             except OSError:  # another file system, or links not allowed: copy instead
                 pass
-        shutil.copy2(source, tmp)
+        with open(source, "rb") as f, open(tmp, "wb") as out:  # copy2, but for the mode it keeps
+            shutil.copyfileobj(f, out, 1 << 20)
+            st = os.fstat(f.fileno())
+        copy_times_and_mode(st, tmp)
 
     write_atomically(target, link_or_copy)
 

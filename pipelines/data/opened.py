@@ -54,14 +54,26 @@ def _opened_path(fd: int, path: str | Path) -> Path:
         return Path(os.path.realpath(path))
 
 
+# What of a photo's mode its copy keeps: read and write. Its whole mode was copied (copy2's
+# way), so a setuid program planted under a photo's name in a data root came out of the
+# quarantine as a setuid program of the service's user (an audit ran `id` from it as root).
+COPIED_MODE_BITS = 0o666
+
+
+def copy_times_and_mode(st: os.stat_result, target: Path) -> None:
+    """A copy's times and the read/write bits of the original's mode (`st`), nothing more."""
+    os.chmod(target, stat.S_IMODE(st.st_mode) & COPIED_MODE_BITS)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def copy_opened(source: Path, target: Path, allowed: Allowed) -> None:
-    """`shutil.copy2` of the very file `allowed` was asked about: its bytes, mode and times.
-    Anything but a regular file is an OSError here, as copying it would be."""
+    """`shutil.copy2` of the very file `allowed` was asked about: its bytes, times and mode
+    (`copy_times_and_mode`). Anything but a regular file is an OSError here, as copying it
+    would be."""
     try:
         f, st = open_regular(source, allowed)
     except NotRegular as e:
         raise OSError(errno.EINVAL, str(e), str(source)) from None
     with f, open(target, "wb") as out:
         shutil.copyfileobj(f, out, 1 << 20)
-    os.chmod(target, stat.S_IMODE(st.st_mode))
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    copy_times_and_mode(st, target)
