@@ -629,7 +629,7 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
     from pipelines.clean.quarantine import QuarantineUnwritable
 
     out, q = tmp_path / "out", tmp_path / "q"
-    real_copy = shutil.copy2
+    real_copy = shutil.copyfile
 
     def disk_full(src, dst, *a, **kw):  # the quarantine's disk, full after its first copy
         if any(p.parent != q for p in q.rglob("*.*")):  # a copy (the source's marker lies at the top)
@@ -641,7 +641,7 @@ def test_a_full_quarantine_stops_the_run_before_its_batch_is_stored_and_the_next
 
     with monkeypatch.context() as m:
         m.setattr(os, "link", other_disk)  # a quarantine on another disk: copies, not links
-        m.setattr(shutil, "copy2", disk_full)
+        m.setattr(shutil, "copyfile", disk_full)
         with pytest.raises(QuarantineUnwritable, match="this batch was not stored"):
             clean(QCPipeline(weights), collection, out, q, batch_size=4)
     with sqlite3.connect(out / "state.sqlite") as db:

@@ -170,9 +170,8 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
                 return
             except OSError:  # another file system, or links not allowed: copy instead
                 pass
-        with open(source, "rb") as f, open(tmp, "wb") as out:  # copy2, but for the mode it keeps
-            shutil.copyfileobj(f, out, 1 << 20)
-            st = os.fstat(f.fileno())
+        st = os.stat(source)  # copy2, but for the mode it keeps
+        shutil.copyfile(source, tmp)
         copy_times_and_mode(st, tmp)
 
     write_atomically(target, link_or_copy)
