@@ -405,6 +405,44 @@ def test_a_results_folder_keeps_the_decision_its_rows_were_labelled_under(weight
         clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
 
 
+def test_rows_flagged_under_another_findings_card_are_not_resumed_as_if_judged_under_this_one(weights, collection,
+                                                                                              tmp_path):
+    """A run an older cervixqc (which recorded no findings card in its decision) stopped, resumed
+    under weights without its card: its rows kept their old flags beside rows without any, and
+    summary.json recorded no card (an audit, 48 of 300 rows)."""
+    from pipelines.clean.state import ResultsFolderError
+    from pipelines.engine.findings import SCORES_VERSION, FindingsCard
+    from pipelines.engine.qc_result import FINDINGS
+
+    carded = tmp_path / "carded"
+    shutil.copytree(weights, carded)
+    (carded / "findings.json").write_text(FindingsCard(thresholds=dict.fromkeys(FINDINGS, 0.5),
+                                                       scores_version=SCORES_VERSION).model_dump_json())
+    out = tmp_path / "out"
+    first = clean(QCPipeline(carded, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+
+    def as_recorded_before_findings() -> None:
+        db = sqlite3.connect(out / "state.sqlite")
+        with db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
+                       (json.dumps({k: v for k, v in first.decision.items() if k != "findings"}),))
+        db.close()
+
+    as_recorded_before_findings()
+    with pytest.raises(ResultsFolderError, match=r"decided otherwise \(quality findings' card \(findings.json\)\)"):
+        clean(QCPipeline(weights, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    other = tmp_path / "other"  # another card's thresholds: refused too
+    shutil.copytree(carded, other)
+    (other / "findings.json").write_text(FindingsCard(thresholds=dict.fromkeys(FINDINGS, 0.25),
+                                                      scores_version=SCORES_VERSION).model_dump_json())
+    with pytest.raises(ResultsFolderError, match="quality findings' card"):
+        clean(QCPipeline(other, QCConfig(policy="deep_sad")), collection, out, batch_size=8)
+    # under the card its rows were judged by: resumed, and its record completed
+    assert clean(QCPipeline(carded, QCConfig(policy="deep_sad")), collection, out,
+                 batch_size=8).skipped_done == first.total
+    assert json.loads((out / "summary.json").read_text())["decision"] == first.decision
+
+
 def test_a_results_folder_written_by_a_newer_cervixqc_is_refused_and_left_as_it_was(tmp_path):
     """An older version failed its first insert into a newer state's table, mid-run."""
     from pipelines.clean.state import STATE_FORMAT, ResultsFolderError, StateStore

@@ -423,7 +423,47 @@ def test_a_job_begun_by_other_models_or_thresholds_is_not_resumed_under_these(tm
             time.sleep(0.1)
     finally:
         runner.stop()
-    assert "begun by other models or thresholds" in store.get(older_record.id).error
+    assert "begun by other models, thresholds or quality findings' card" in store.get(older_record.id).error
+
+
+def test_a_job_whose_rows_were_flagged_under_another_findings_card_is_not_resumed_without_it(tmp_path):
+    """A job an older cervixqc (which recorded no findings card) stopped was resumed under
+    weights without its card: 48 rows kept their old flags beside 252 without any, and the job
+    said it was labelled by no card (an audit)."""
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
+    from pipelines.engine.qc_result import FINDINGS
+    from service.gate import EngineGate
+    from service.jobs.runner import JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import tiny_weights
+
+    root, store, engine = _photos_store_engine(tmp_path, 3)
+    carded = QCPipeline(tiny_weights(tmp_path / "wf", 0.0, findings=dict.fromkeys(FINDINGS, 0.5)), QCConfig(device="cpu"))
+    older = {k: engine.decision[k] for k in ("models", "thresholds")}  # as recorded before findings were
+    jobs = []
+    for under in (engine, carded):  # one job each, queued once the runner before has stopped
+        job = store.create(str(root), None, "resnest", tmp_path / "out")
+        store.claim_models(job.id, json.dumps(older))
+        store.add_items(job.id, carded.run([root / "p0.jpg"], ["p0.jpg"]))  # flagged under the card
+        assert [set(r.findings) for _, r in store.item_records(job.id)] == [set(FINDINGS)]
+        jobs.append(job)
+        runner = JobRunner(store, lambda paths, names, policy, e=under: e.run(paths, names, policy=policy),
+                           EngineGate(), Metrics(), [root], tmp_path / "quarantine", batch_size=2,
+                           decision=under.decision)
+        runner.start()
+        try:
+            deadline = time.time() + 60
+            while store.get(job.id).status not in ("done", "failed") and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            runner.stop()
+    assert store.get(jobs[0].id).status == "failed"
+    assert "begun by other models, thresholds or quality findings' card" in store.get(jobs[0].id).error
+    assert sum(store.counts(jobs[0].id).values()) == 1
+    # under the card its rows were judged by: resumed, and its record completed
+    assert store.get(jobs[1].id).status == "done" and sum(store.counts(jobs[1].id).values()) == 3, store.get(jobs[1].id).error
+    assert json.loads(store.get(jobs[1].id).models)["findings"] == carded.decision["findings"]
 
 
 def test_the_jobs_gauge_counts_every_status_at_each_scrape(tmp_path):

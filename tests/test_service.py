@@ -599,6 +599,35 @@ def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
         assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
 
 
+def test_a_job_begun_by_other_models_is_offered_no_retry_that_would_fail_it_again(server, data_root):
+    """A job failed as begun by other weights (an upgrade, a retrain) read `retryable: true`,
+    and its Retry queued it only to fail it again the same way (an audit)."""
+    import sqlite3
+
+    (data_root / "begun").mkdir()
+    for i in range(2):
+        (data_root / "begun" / f"b{i}.jpg").write_bytes(_jpeg(40 + i))
+    db = sqlite3.connect(Path(server.env["CERVIXQC_STATE_DIR"]) / "jobs.sqlite", isolation_level=None)
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={"source": "begun"}).json()["id"]
+        assert _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+        db.execute("UPDATE jobs SET status = 'failed' WHERE id = ?", (job,))  # failed under these weights
+        assert c.get(f"/v1/jobs/{job}").json()["retryable"] is True
+        models = json.loads(db.execute("SELECT models FROM jobs WHERE id = ?", (job,)).fetchone()[0])
+        models["models"]["detector"] = "0" * 64  # its rows labelled by another detector
+        db.execute("UPDATE jobs SET models = ? WHERE id = ?", (json.dumps(models, sort_keys=True), job))
+        assert c.get(f"/v1/jobs/{job}").json()["retryable"] is False
+        r = c.post(f"/v1/jobs/{job}/retry")
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "job_not_retryable"), r.text
+        assert "begun by other models" in r.json()["error"]["message"] and "as a new job" in r.json()["error"]["message"]
+        assert c.get(f"/v1/jobs/{job}").json()["status"] == "failed"
+        db.execute("UPDATE jobs SET models = NULL WHERE id = ?", (job,))  # rows of a version that recorded none
+        assert c.get(f"/v1/jobs/{job}").json()["retryable"] is False
+        assert "did not record its models" in c.post(f"/v1/jobs/{job}/retry").json()["error"]["message"]
+        assert c.delete(f"/v1/jobs/{job}").status_code == 204
+    db.close()
+
+
 def test_a_deleted_job_leaves_its_quarantine_copies_and_claim_and_nothing_else(server, data_root):
     """A site running for years had no way to let a finished job go: its rows, results folder
     and thumbnails stayed for good."""

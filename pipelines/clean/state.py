@@ -35,9 +35,12 @@ def refuse_folder_in_use(out_dir: Path) -> None:
 
 
 # The state's format, as SQLite's user_version: 1 = results with their files' stamps, the source
-# and the decision in meta. 0 is a folder written before the version was recorded (readable).
-# A newer format is refused rather than half-read.
-STATE_FORMAT = 1
+# and the decision in meta; 2 = the decision with the models' thresholds, the findings' card and
+# the site-calibrated models (a version reading 1 took such a folder for its own and refused it
+# as "decided otherwise ()", naming nothing: an audit). 0 is a folder written before the version
+# was recorded (readable). Older formats are read and raised; a newer one is refused rather than
+# half-read.
+STATE_FORMAT = 2
 
 
 class ResultsFolderError(ValueError):
@@ -67,6 +70,29 @@ def recorded_before_findings(before: dict, now: dict) -> bool:
     cervixqc recorded it before the findings' card was part of it: taken as made under the card
     there now, as every rerun took it then."""
     return "findings" not in before and before == {k: v for k, v in now.items() if k != "findings"}
+
+
+def findings_of_rows(db: sqlite3.Connection, table: str, where: str = "1", params: tuple = ()) -> tuple[frozenset, int]:
+    """The (finding, threshold) pairs the stored rows of `table` (`results`, the service's
+    `items`) were judged under, read from their records, and how many rows have a cervix crop
+    (the rows a findings card judges): what `findings_agree` checks a record against."""
+    pairs = db.execute(f"SELECT DISTINCT f.key, json_extract(f.value, '$.threshold') FROM {table}, "
+                       f"json_each({table}.record, '$.findings') AS f WHERE {where}", params).fetchall()
+    cropped = db.execute(f"SELECT COUNT(*) FROM {table} WHERE {where} AND {table}.label IN ('regular', 'non_regular')",
+                         params).fetchone()[0]
+    return frozenset((k, float(v)) for k, v in pairs), cropped
+
+
+def findings_agree(rows: tuple[frozenset, int], now: dict) -> bool:
+    """Whether stored rows (`findings_of_rows`) were judged under the findings card of `now` (a
+    decision): their thresholds are its, or no row has a crop yet. A record made before the card
+    was part of it is completed only then: a run an older cervixqc stopped, resumed under weights
+    without that card, kept its 48 rows' old flags beside 252 rows without any and recorded no
+    card (an audit)."""
+    pairs, cropped = rows
+    card = now.get("findings") or {}
+    return pairs == frozenset((k, float(v)) for k, v in card.get("thresholds", {}).items()) or (not pairs
+                                                                                                 and not cropped)
 
 
 def recorded_before_thresholds(before: dict, decision: dict) -> bool:
@@ -165,7 +191,10 @@ class StateStore:
                                      "its policy and models: they would count as done under these; choose another "
                                      "--out, or delete it to label everything again")
         before = json.loads(row[0])
-        if recorded_before_thresholds(before, decision) and not decision["site_calibrated"]:
+        # a record made before the findings' card was part of it, completed only where the rows'
+        # own flags were judged under this one
+        judged_here = "findings" in before or findings_agree(findings_of_rows(self.db, "results"), decision)
+        if recorded_before_thresholds(before, decision) and not decision["site_calibrated"] and judged_here:
             # recorded before thresholds were: they moved only with the models then (a retrain),
             # so these rows were labelled under the cards' trained thresholds; its record is
             # completed. Not under thresholds a site chose since (calibrate-stage2): refused below
@@ -175,7 +204,7 @@ class StateStore:
             return
         if before == decision:
             return
-        if recorded_before_findings(before, decision):  # the record completed
+        if recorded_before_findings(before, decision) and judged_here:  # the record completed
             with self.db:
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'decision'",
                                 (json.dumps(decision, sort_keys=True),))
@@ -187,14 +216,15 @@ class StateStore:
         changed += [f"{name} model" for name in sorted(set(models) | set(decision["models"]))
                     if models.get(name) != decision["models"].get(name)]
         if recorded_before_thresholds(before, decision):
-            changed.append(f"thresholds chosen at the site since ({', '.join(decision['site_calibrated'])}), "
-                           "and the folder's rows recorded before thresholds were")
+            if decision["site_calibrated"]:
+                changed.append(f"thresholds chosen at the site since ({', '.join(decision['site_calibrated'])}), "
+                               "and the folder's rows recorded before thresholds were")
         else:
             thresholds = before.get("thresholds", {})
             changed += [f"{name} threshold" for name in sorted(set(thresholds) | set(decision["thresholds"]))
                         if models.get(name) == decision["models"].get(name)
                         and thresholds.get(name) != decision["thresholds"].get(name)]
-        if before.get("findings", decision["findings"]) != decision["findings"]:
+        if before.get("findings", decision["findings"]) != decision["findings"] or not judged_here:
             changed.append("quality findings' card (findings.json)")
         same_models = len(changed) == 1 and before.get("policy") != decision["policy"]
         resume = f"pass --policy {before.get('policy')} to continue it, " if same_models else ""

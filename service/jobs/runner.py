@@ -21,7 +21,7 @@ from pathlib import Path
 from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.quarantine import quarantine_results
-from pipelines.clean.state import recorded_before_findings
+from pipelines.clean.state import findings_agree, recorded_before_findings
 from pipelines.data.opened import NotAllowed
 from pipelines.data.schema import on_disk
 from pipelines.engine.decode import DecodeError, DecodeLimits, read_file, unreadable
@@ -36,6 +36,7 @@ from service.paths import inside, within
 log = logging.getLogger(__name__)
 PURGE_RETRY_S = 5.0
 RunJobBatch = Callable[[list[bytes | Path], list[str], str], list[QCResult]]
+NEW_JOB = "submit the source again as a new job"
 
 
 class JobRunner:
@@ -69,15 +70,29 @@ class JobRunner:
     def start(self) -> None:
         self._thread.start()
 
-    def _recorded_before(self, claimed: str) -> bool:
+    def _recorded_before(self, claimed: str, job_id: str) -> bool:
         """A record of these models made by a version that recorded less: before thresholds
         were recorded (they moved only with the models then, so the rows were labelled under
         the cards' trained thresholds; not under thresholds a site chose since, with
-        calibrate-stage2), or before the findings' card was (taken as this one, as it was then)."""
+        calibrate-stage2), or before the findings' card was (taken as this one where the job's
+        rows were judged under it: `findings_agree`)."""
         before, now = json.loads(claimed), json.loads(self.models)
         if before == now["models"]:
-            return not self.site_calibrated
-        return recorded_before_findings(before, now)
+            recorded = not self.site_calibrated
+        else:
+            recorded = recorded_before_findings(before, now)
+        return recorded and findings_agree(self.store.findings_of_rows(job_id), now)
+
+    def begun_by_others(self, job: Job) -> str | None:
+        """Why the job's stored rows cannot be resumed under these models (`_run` fails it
+        then), None when they can: such a job was offered a Retry that failed it again the same
+        way (an audit)."""
+        claimed = job.models
+        if claimed is None:
+            return "a version that did not record its models" if any(self.store.counts(job.id).values()) else None
+        if claimed == self.models or self._recorded_before(claimed, job.id):
+            return None
+        return "other models, thresholds or quality findings' card (the weights changed since)"
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
@@ -177,15 +192,14 @@ class JobRunner:
                                      resumed_at=now, done_before_resume=stored):
             return  # cancelled meanwhile
         claimed = self.store.claim_models(job.id, self.models)
-        if claimed is not None and claimed != self.models and self._recorded_before(claimed):
+        if claimed is not None and claimed != self.models and self._recorded_before(claimed, job.id):
             claimed = self.store.replace_models(job.id, claimed, self.models)  # the record completed
         if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
-            begun_by = ("a version that did not record its models" if claimed is None
-                        else "other models or thresholds (the weights changed since)")
+            begun_by = self.begun_by_others(self.store.get(job.id) or job) or "other models"
             self.store.transition(job.id, "failed", finished=time.time(),
                                   error=f"begun by {begun_by}, {len(done)} rows stored: resumed, its results "
-                                        "could mix two models' labels; submit the source again as a new job")
+                                        f"could mix two models' labels; {NEW_JOB}")
             return
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]

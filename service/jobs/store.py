@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pipelines.clean.state import findings_of_rows
 from pipelines.engine.qc_result import QCResult, read_again_sql
 from pipelines.outputs import write_atomically
 
@@ -449,6 +450,10 @@ class JobStore:
         db.execute("UPDATE jobs SET models = ? WHERE id = ? AND models IS NULL "
                    "AND NOT EXISTS (SELECT 1 FROM items WHERE job_id = ?)", (models, job_id, job_id))
         return db.execute("SELECT models FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def findings_of_rows(self, job_id: str) -> tuple[frozenset, int]:
+        """The findings' thresholds the job's stored rows were judged under (`findings_of_rows`)."""
+        return findings_of_rows(self._db(), "items", "items.job_id = ?", (job_id,))
 
     def replace_models(self, job_id: str, old: str, new: str) -> str | None:
         """The job's models record `old` made `new` (unless it changed meanwhile); returns the job's."""

@@ -25,6 +25,7 @@ from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
+from service.jobs.runner import NEW_JOB
 from service.jobs.store import ActiveTwin, Job, QuarantineInUse, TooManyJobs
 from service.media_type import JSON, media_type
 from service.paths import confine, relative_name
@@ -65,8 +66,9 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
         rate = (processed - job.done_before_resume) / (job.finished - (job.resumed_at or job.started))
         eta = 0.0
     progress = processed / job.total if job.total else (1.0 if job.total == 0 else None)
-    retryable = job.status in ("failed", "cancelled") or (
-        job.status == "done" and counts.get("unreadable", 0) > 0 and state.store.has_read_again(job.id))
+    retryable = (job.status in ("failed", "cancelled") or (
+        job.status == "done" and counts.get("unreadable", 0) > 0 and state.store.has_read_again(job.id))) and (
+        state.runner.begun_by_others(job) is None)
     return JobStatus(id=job.id, status=job.status, source=job.source, quarantine=job.quarantine, policy=job.policy,
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
@@ -189,6 +191,9 @@ def retry_job(job_id: str, state: State) -> JobStatus:
     those the OS could not read (`cannot read file`: a share briefly away). A done job with
     such rows can be retried for them alone."""
     job = job_or_404(state, job_id)
+    if (begun_by := state.runner.begun_by_others(job)) is not None:
+        raise ApiError(409, "job_not_retryable", f"job {job_id} was begun by {begun_by}: resumed, its results "
+                                                 f"could mix two models' labels; {NEW_JOB}")
     try:
         requeued = state.store.requeue(job_id, max_active=state.settings.max_active_jobs)
     except TooManyJobs as e:
