@@ -53,6 +53,13 @@ def _warn_once(key: str, msg: str, *args: object) -> None:
         log.warning(msg, *args)
 
 
+# Settings renamed since a release a site may upgrade from: the old name, its successor and
+# what changed. Warned of as a misspelling, the old name left the reader to guess the new one (an
+# audit); it is still not read, since its meaning changed.
+RENAMED = {"CERVIXQC_UPLOAD_TIMEOUT_S": ("CERVIXQC_UPLOAD_IDLE_TIMEOUT_S", "2026-12-03: the longest pause in an "
+                                         "upload's arrival, no longer a deadline on the whole body")}
+
+
 def unknown_variables(fields: Iterable[str]) -> list[str]:
     """CERVIXQC_ variables that name no setting: a misspelt one (CERVIXQC_POLICI=both) was
     ignored without a word, and the service ran on the default."""
@@ -194,6 +201,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = unknown_variables(type(self).model_fields)
+        for name in [n for n in unknown if n in RENAMED]:
+            unknown.remove(name)
+            _warn_once(f"renamed {name}", "%s: renamed %s since %s; ignored, set the new one", name, *RENAMED[name])
         if unknown:
             _warn_once(f"unknown {unknown}", "%s: no such setting, ignored (misspelt? the settings are in the README, "
                        "\"HTTP service\")", ", ".join(unknown))

@@ -189,6 +189,16 @@ def test_a_misspelt_setting_is_warned_about_not_silently_ignored(monkeypatch, ca
     assert "CERVIXQC_POLICI: no such setting, ignored" in caplog.text and "CERVIXQC_CACHE" not in caplog.text
 
 
+def test_a_setting_renamed_since_an_older_release_names_its_successor(monkeypatch, caplog):
+    """CERVIXQC_UPLOAD_TIMEOUT_S from an older site's .env was warned of as a misspelling."""
+    monkeypatch.setenv("CERVIXQC_API_KEYS", "test-key-0123456789abcdef")
+    monkeypatch.setenv("CERVIXQC_UPLOAD_TIMEOUT_S", "1800")
+    with caplog.at_level("WARNING", logger="service.settings"):
+        settings = Settings()
+    assert "CERVIXQC_UPLOAD_TIMEOUT_S: renamed CERVIXQC_UPLOAD_IDLE_TIMEOUT_S" in caplog.text
+    assert "no such setting" not in caplog.text and settings.upload_idle_timeout_s != 1800
+
+
 def test_the_start_check_keeps_the_state_folder_for_the_service_this_process_starts(tmp_path):
     """`serve` checked the folder's lock and let it go; two services started together both
     passed the check, and the later one failed in its startup with uvicorn's traceback (an
