@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -212,7 +213,10 @@ def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
     names = ['=HYPERLINK("http://x","y").jpg', "+1+1.jpg", "-2+3.jpg", "@SUM(1).jpg", "plain-name.jpg",
              # a lone carriage return is not quoted by the CSV writers: the row split there, and
              # the piece after it started a formula of its own (an audit)
-             "x\r@SUM(1+1).jpg", "\r=cr.jpg"]
+             "x\r@SUM(1+1).jpg", "\r=cr.jpg",
+             # a spreadsheet set to European regional settings splits a comma CSV at each `;`,
+             # quotes or not: the piece after one started a formula (an audit)
+             "a,b;@SUM(1+1);c.jpg", "t\t=1.jpg"]
     records = [QCResult(path=n, label=Label.UNREADABLE, error="=1+1", duplicate_of="@x") for n in names]
     # the review manifest has no error column; the results CSV has (a default for a missing
     # column here checked nothing of the one that lacks it: an audit)
@@ -220,7 +224,10 @@ def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
                           ("".join(_csv_lines(iter(records))), ("path", "duplicate_of", "error"))):
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
         assert [r["path"] for r in rows] == ["'" + n for n in names[:4]] + ["plain-name.jpg", "x\\x0d@SUM(1+1).jpg",
-                                                                             "\\x0d=cr.jpg"]
+                                                                             "\\x0d=cr.jpg", "a,b;'@SUM(1+1);c.jpg",
+                                                                             "t\t'=1.jpg"]
+        for line in text.splitlines():
+            assert not any(piece.startswith(("=", "+", "-", "@")) for piece in re.split("[;\t]", line)[1:]), line
         import pandas as pd
 
         assert len(pd.read_csv(io.StringIO(text), keep_default_na=False)) == len(names)

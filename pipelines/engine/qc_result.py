@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal, get_args
@@ -23,6 +24,10 @@ COLOUR_CARD = "colour.json"  # the crop-colour scorer's card in a weights folder
 # name is data from anywhere, and results.csv is opened in spreadsheets by data teams
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 CSV_TEXT_FIELDS = ("path", "error", "duplicate_of")  # the free-text columns of a result row
+# ... and a formula after a `;` or a tab inside one: a spreadsheet set to European regional
+# settings splits a comma CSV at each `;`, quotes or not, so `x;=1+1;.jpg` handed it `=1+1` as a
+# cell of its own (an audit); it reads `x;'=1+1;.jpg`
+_SPLIT_FORMULA = re.compile(r"([;\t])(?=[=+\-@])")
 
 
 def spreadsheet_safe(text: object) -> object:
@@ -35,7 +40,7 @@ def spreadsheet_safe(text: object) -> object:
     is, for programs."""
     if not isinstance(text, str):
         return text
-    text = text.replace("\r", "\\x0d")
+    text = _SPLIT_FORMULA.sub(r"\1'", text.replace("\r", "\\x0d"))
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
