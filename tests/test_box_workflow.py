@@ -229,6 +229,20 @@ def test_fixes_match_dot_slash_names_and_name_an_unknown_action_and_file_in_one_
     assert [f.file for f in read_fixes(p, {"a.jpg", "IMG_7.jpg"})] == ["IMG_7.jpg", "a.jpg"]
 
 
+def test_a_fixes_sheet_from_a_decimal_comma_spreadsheet_reads_as_its_reviewer_wrote_it(tmp_path):
+    """Excel set to a decimal comma saves `;`, `0,1` for 0.1, the header as typed and empty rows
+    below the table; a Windows user writes the subfolder with `\\`. Every box row was refused as
+    'needs numbers', the empty rows as 'no file named', the header as missing columns (an audit)."""
+    p = tmp_path / "fixes.csv"
+    p.write_text("File;Action;X1;Y1;X2;Y2;Note\r\nPT_7\\IMG_7.jpg;box;0,1;0,2;0,8;0,9;\r\nb.jpg;none;;;;;\r\n;;;;;;\r\n"
+                 ";;;;;;\r\n", newline="")
+    fixes = read_fixes(p, {"PT_7/IMG_7.jpg", "b.jpg"})
+    assert [(f.file, f.box) for f in fixes] == [("PT_7/IMG_7.jpg", [0.1, 0.2, 0.8, 0.9]), ("b.jpg", None)]
+    p.write_text("File;Action;X1;Y1;X2;Y2\nPT_7/IMG_7.jpg;none;;;;\nPT_7\\IMG_7.jpg;none;;;;\n")
+    with pytest.raises(ValueError, match="line 3: 'PT_7/IMG_7.jpg' already fixed on line 2"):
+        read_fixes(p, {"PT_7/IMG_7.jpg"})
+
+
 def test_the_detectors_proposals_and_boxes_refuse_a_card_without_its_threshold_not_run_at_half(tmp_path):
     """`propose-boxes`, `detect` and `eval-detector` read a missing `score` threshold as 0.5 and
     wrote boxes at it, unsaid, where the engine refused the card (an audit)."""

@@ -97,17 +97,24 @@ def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
         fh.seek(0)
         # a spreadsheet set to a comma-decimal locale saves with `;` (import-labels reads those):
         # it was refused as one column named 'file;action;...' (an audit)
-        reader = csv.DictReader(fh, delimiter=";" if ";" in header and "," not in header else ",")
-        if "file" not in (reader.fieldnames or []) or "action" not in (reader.fieldnames or []):
+        semicolons = ";" in header and "," not in header
+        reader = csv.DictReader(fh, delimiter=";" if semicolons else ",")
+        # the header in any letter case (`File;Action;...`, as a spreadsheet user types it)
+        reader.fieldnames = [(f or "").strip().lower() for f in reader.fieldnames or []]
+        if "file" not in reader.fieldnames or "action" not in reader.fieldnames:
             raise ValueError(f"{path}: needs the columns file,action,x1,y1,x2,y2(,note); it has {reader.fieldnames}")
         for row in reader:
             i = reader.line_num  # the file's line: DictReader skips blank lines, which a count of rows missed
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a spreadsheet's empty rows below the table (`;;;;;;`)
             action = (row.get("action") or "").strip().lower()
             name = (row.get("file") or "").strip()
             if not name:
                 problems.append(f"line {i}: no file named")
                 continue
             name = path_key(name)
+            if known is not None and name not in known and name.replace("\\", "/") in known:
+                name = name.replace("\\", "/")  # a Windows spelling of a proposal's subfolder
             if name in first_line:  # two decisions for one photo: which one the reviewer meant is not ours to pick
                 problems.append(f"line {i}: {name!r} already fixed on line {first_line[name]}")
                 continue
@@ -125,8 +132,8 @@ def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
             if action == "none":
                 fixes.append(Fix(name, None, row.get("note") or ""))
                 continue
-            try:
-                box = [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
+            try:  # a `;` sheet comes from a spreadsheet set to a decimal comma: `0,1` is 0.1
+                box = [float(row[k].replace(",", ".") if semicolons else row[k]) for k in ("x1", "y1", "x2", "y2")]
             except (KeyError, TypeError, ValueError):
                 problems.append(f"line {i}: action box needs numbers x1,y1,x2,y2")
                 continue
