@@ -888,7 +888,11 @@ def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collectio
 
     for rel in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "#recycle/old.jpg",
                 "$RECYCLE.BIN/S-1-5/$RABC123.jpg", "sub/Thumbs.db", "desktop.ini", "Icon\r", ".DS_Store",
-                "sub/#snapshot/b.jpg", "thumbs_of_the_cervix.jpg", "IMG_0001.AAE", "sub/b.jpg.xmp"):
+                "sub/#snapshot/b.jpg", "thumbs_of_the_cervix.jpg", "IMG_0001.AAE", "sub/b.jpg.xmp",
+                # Windows' recycle bin as C: spells it, XP's and FAT's; shortcuts, Picasa's notes and
+                # slides (an audit: each a row, the bin's photo the live one's `duplicate_of`)
+                "$Recycle.Bin/S-1-5-21/$RDEF456.jpg", "RECYCLER/S-1-5/Dc1.jpg", "Recycled/Dc2.jpg", "Photo 5.lnk",
+                "link.url", "sub/.picasa.ini", "Picasa.ini", "report.pptx", "~$report.pptx"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert list_inputs(tmp_path) == ["a.jpg", "sub/b.jpg", "thumbs_of_the_cervix.jpg"]

@@ -20,14 +20,17 @@ log = logging.getLogger(__name__)
 # collection: Synology's thumbnails (`@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_M.jpg`, which became
 # extra rows, near duplicates and quarantine copies), recycle bins and snapshots, Windows'
 # thumbnail caches. Hidden names (a leading dot: .DS_Store, ._foo.jpg) are skipped as well.
-HOUSEKEEPING_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
-                                  "lost+found"})
-HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+# Folders are compared in lower case: Windows spells its recycle bin `$Recycle.Bin` on C: and
+# `$RECYCLE.BIN` on other drives (`RECYCLER` on XP, `Recycled` on FAT), and a deleted photo in
+# it was a row, even the `duplicate_of` of the live one (an audit)
+HOUSEKEEPING_FOLDERS = frozenset({"@eadir", "#recycle", "#snapshot", "$recycle.bin", "recycler", "recycled",
+                                  "system volume information", "lost+found"})
+HOUSEKEEPING_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "picasa.ini"})
 
 
 # edit sidecars beside photos, never a picture: iPhones' .AAE (every edited photo has one) and
 # XMP; each was an `unreadable` row and a quarantine copy among the damaged photos
-HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
+HOUSEKEEPING_SUFFIXES = (".aae", ".xmp", ".lnk", ".url")  # and Windows' shortcuts
 
 
 # tables and notes kept beside the photos (a dataset's manifest.csv and coco.json, a site's
@@ -35,7 +38,7 @@ HOUSEKEEPING_SUFFIXES = (".aae", ".xmp")
 # photos, so a cleaned collection read "2 damaged" for its own label files. Skipped by name and
 # counted in a log line; a photo saved under such a name is not looked for
 DOCUMENT_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".md", ".html", ".log", ".pdf", ".doc", ".docx", ".xls",
-                     ".xlsx", ".ods", ".odt")
+                     ".xlsx", ".xlsm", ".ods", ".odt", ".ppt", ".pptx", ".odp", ".rtf")
 
 
 def _rows(rows: list[int]) -> str:
@@ -63,8 +66,8 @@ def _folder_files(src: Path, skipped: Counter) -> Iterator[str]:
         skipped["unreadable"] += 1
 
     for root, dirs, files in os.walk(src, onerror=cannot_list):
-        skipped["housekeeping"] += sum(d in HOUSEKEEPING_FOLDERS for d in dirs)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in HOUSEKEEPING_FOLDERS)
+        skipped["housekeeping"] += sum(d.lower() in HOUSEKEEPING_FOLDERS for d in dirs)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in HOUSEKEEPING_FOLDERS)
         # links to folders are not followed (a loop, or a way out of the source); counted, since
         # their files get no row: link the files, or list them in a manifest
         skipped["folder_links"] += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
