@@ -222,9 +222,10 @@ def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows
     with pytest.raises(ValueError, match="a path with a NUL character on row 3"):
         list_inputs(collection / "nul.csv")
     # written on Windows: each was a missing file, unreadable and retryable for good
-    (collection / "windows.csv").write_text("Path\nclinic_a\\ok.jpg\nclinic_a/ok.jpg\nC:\\clinic_a\\zero.jpg\n")
-    with pytest.raises(ValueError, match="a path written with \\\\ on row 2, 4 \\(the header is row 1\\), such as "
-                                         "'clinic_a\\\\\\\\ok.jpg': no such file"):
+    (collection / "windows.csv").write_text("Path\nclinic_a\\ok.jpg\nclinic_a/ok.jpg\nC:\\clinic_a\\zero.jpg\n"
+                                            "C:/clinic_a/zero.jpg\n")  # a drive letter with / too (an audit)
+    with pytest.raises(ValueError, match="a Windows path \\(\\\\ or a drive letter\\) on row 2, 4, 5 \\(the header is "
+                                         "row 1\\), such as 'clinic_a\\\\\\\\ok.jpg': no such file"):
         list_inputs(collection / "windows.csv")
     r = CliRunner().invoke(app, ["clean", str(collection / "blank.csv"), "-o", str(tmp_path / "out"),
                                  "--weights", str(weights)])

@@ -96,7 +96,7 @@ def list_inputs(src: Path) -> list[str]:
     names and `HOUSEKEEPING_FOLDERS`/`HOUSEKEEPING_FILES` are skipped (counted in a log line);
     a manifest's rows are taken as listed."""
     if src.is_file():
-        from pipelines.data.manifest import file_key, manifest_header, read_table
+        from pipelines.data.manifest import WINDOWS_PATH, file_key, manifest_header, read_table
 
         # read as a table, it was told to save itself as "CSV UTF-8"; an empty or cut one, named so
         # but without a photo's first bytes, "cannot read it as a table" (audits)
@@ -119,12 +119,14 @@ def list_inputs(src: Path) -> list[str]:
                              "no file is named so; a damaged or binary file saved as CSV?")
         # a sheet written on Windows (`sub\b.jpg`, `C:\data\a.jpg`): each such row was read as a
         # missing file, and the job ended "done" with them unreadable and retryable for good
+        # ... and `C:/data/a.jpg`, a drive letter with / (an audit: a job of such rows ended done, all unreadable)
         windows = [k + 2 for k, p in enumerate(paths)
-                   if has_backslash(p) and not os.path.lexists(on_disk(src.parent, p))]
+                   if (has_backslash(p) or WINDOWS_PATH.match(p)) and not os.path.lexists(on_disk(src.parent, p))]
         if windows:
             example = paths[windows[0] - 2]
-            raise ValueError(f"{src.name}: a path written with \\ on row {_rows(windows)} (the header is row 1), "
-                             f"such as {example!r}: no such file; write paths with / relative to the manifest's folder")
+            raise ValueError(f"{src.name}: a Windows path (\\ or a drive letter) on row {_rows(windows)} (the header "
+                             f"is row 1), such as {example!r}: no such file; write paths with / relative to the "
+                             "manifest's folder")
         # one row per file: `sub/../a.jpg` and `/abs/folder/a.jpg` are `a.jpg`, the first
         # spelling kept as its key (the file was read and stored once per spelling)
         first: dict[str, str] = {}
