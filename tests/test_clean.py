@@ -881,6 +881,17 @@ def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
         assert entry.stat().st_ino == (tmp_path / "master" / "x.jpg").stat().st_ino  # a link, no extra space
 
 
+def test_a_manifest_path_keeps_spaces_a_file_is_named_with_and_loses_those_a_cell_picked_up(tmp_path):
+    """`trailing space.jpg ` (a Samba share allows it), fed back from results.parquet, was
+    stripped into a missing file (an audit); ` b.jpg` typed into a spreadsheet cell is b.jpg."""
+    from pipelines.clean.inputs import list_inputs
+
+    for name in ("trailing space.jpg ", "b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    pd.DataFrame({"path": ["trailing space.jpg ", " b.jpg", "gone.jpg  "]}).to_parquet(tmp_path / "m.parquet")
+    assert list_inputs(tmp_path / "m.parquet") == ["b.jpg", "gone.jpg", "trailing space.jpg "]
+
+
 def test_file_server_thumbnails_and_recycle_bins_are_not_photos_of_the_collection(tmp_path):
     """A Synology share's `@eaDir` thumbnails became extra rows, near duplicates of every photo
     and quarantine copies; its recycle bin's photos were cleaned as the collection's; an

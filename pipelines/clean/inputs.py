@@ -59,6 +59,17 @@ def _is_photo(path: Path) -> bool:
     return head.startswith(_PHOTO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
+def _cell_path(base: Path, cell: str) -> str:
+    """A manifest cell's path without the spaces a spreadsheet cell picks up around it, unless
+    a file is named with them: `trailing space.jpg ` (a Samba share allows it), fed back from
+    results.parquet as the README advises, became a missing file (an audit). Only such cells
+    cost a look at the disk."""
+    stripped = cell.strip()
+    if stripped != cell and stripped and os.path.lexists(on_disk(base, cell)):
+        return cell
+    return stripped
+
+
 def _folder_files(src: Path, skipped: Counter) -> Iterator[str]:
     """The row keys of a folder's files as `list_inputs` takes them, walked lazily; what it
     skips is counted into `skipped`."""
@@ -107,7 +118,7 @@ def list_inputs(src: Path) -> list[str]:
         table = manifest_header(read_table(src), src)
         if "path" not in table.columns:
             raise ValueError(f"{src.name}: no 'path' column (it has: {', '.join(map(str, table.columns)) or 'none'})")
-        paths = ["" if pd.isna(p) else str(p).strip() for p in table["path"]]
+        paths = ["" if pd.isna(p) else _cell_path(src.parent, str(p)) for p in table["path"]]
         blank = [k + 2 for k, p in enumerate(paths) if not p]  # the header is row 1, as a spreadsheet shows it
         if blank:
             raise ValueError(f"{src.name}: empty path on row {_rows(blank)} (the header is row 1)")
