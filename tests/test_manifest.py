@@ -204,6 +204,23 @@ def test_a_sheet_as_excel_saves_it_reads_as_the_table_it_shows(tmp_path):
     assert len(e.value.problems) == 1
 
 
+def test_a_semicolon_sheet_with_a_comma_in_its_header_or_a_sep_line_reads_as_its_columns(tmp_path):
+    """`Label (normal, green)` in a ';' sheet's header made it two columns split at that comma,
+    and Excel's `sep=;` first line a table of columns `sep=` and `Unnamed: 1` (an audit)."""
+    from pipelines.data.manifest import read_table
+
+    (tmp_path / "comma.csv").write_text("Image File;Case;Label (normal, green);Site\r\na.jpg;c1;green;s1\r\n"
+                                        "b,c.jpg;c2;normal;s1\r\n;;;\r\n", newline="")
+    df = read_table(tmp_path / "comma.csv")
+    assert list(df.columns) == ["Image File", "Case", "Label (normal, green)", "Site"]
+    assert list(df["Image File"])[:2] == ["a.jpg", "b,c.jpg"]
+    (tmp_path / "hint.csv").write_text("sep=;\r\npath;kind\r\na,b.jpg;regular\r\n", newline="")
+    assert read_table(tmp_path / "hint.csv").to_dict("records") == [{"path": "a,b.jpg", "kind": "regular"}]
+    # a ',' sheet with a ';' in a header cell stays a ',' sheet
+    (tmp_path / "plain.csv").write_text("path,notes (a;b;c)\na.jpg,hello\nb.jpg,x\n")
+    assert list(read_table(tmp_path / "plain.csv").columns) == ["path", "notes (a;b;c)"]
+
+
 def test_a_problem_after_a_blank_line_names_the_row_a_spreadsheet_shows(tmp_path, write_csv):
     """A blank line is a row in a spreadsheet; skipped, every later row was named one too low."""
     _touch(tmp_path, "a.jpg", "b.jpg")

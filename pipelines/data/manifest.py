@@ -7,6 +7,7 @@ data row; for CSV the file line is that number + 1 (the header is line 1).
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import unicodedata
@@ -84,7 +85,8 @@ def read_table(path: Path) -> pd.DataFrame:
             return df.astype("string")
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, sep=_separator(path),
+        sep, skip = _separator(path)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, sep=sep, skiprows=skip,
                          encoding="utf-8-sig", skip_blank_lines=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] or type(e).__name__
@@ -142,17 +144,36 @@ def _is_json(path: Path) -> bool:
     return head.startswith((b"{", b"[{", b"[\n", b"[ "))
 
 
-def _separator(path: Path) -> str:
-    """',' unless the header line has none and has ';' or tabs (Excel's CSV where the decimal
-    mark is a comma; its "Text" export): a cell with a comma made such a file unreadable."""
+_SEP_LINE = re.compile(r"sep=(.)\s*$")  # Excel's first-line hint of a CSV's separator
+
+
+def _separator(path: Path) -> tuple[str, int]:
+    """The separator and the lines before the header. ',' unless the header has none and has
+    ';' or tabs (Excel's CSV where the decimal mark is a comma; its "Text" export: a cell with
+    a comma made such a file unreadable), or ';' or a tab splits the first lines into one same
+    number of cells where ',' does not: a header cell with a comma (`Label (normal, green)`)
+    made a ';' sheet one of two columns (an audit). A first line `sep=;` (Excel's hint, hidden
+    by Excel itself) names it and is skipped, so rows keep the numbers Excel shows."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            header = f.readline()
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            lines = [line for _, line in zip(range(20), f)]
     except OSError:
-        return ","
-    if "," in header:
-        return ","
-    return ";" if ";" in header else "\t" if "\t" in header else ","
+        return ",", 0
+    if lines and (hint := _SEP_LINE.match(lines[0])) is not None:
+        return hint.group(1), 1
+    header = lines[0] if lines else ""
+    if "," not in header:
+        return (";" if ";" in header else "\t" if "\t" in header else ","), 0
+    rows = [line for line in lines if line.strip(" \r\n,;\t")]
+
+    def widths(sep: str) -> set[int]:
+        return {len(cells) for cells in csv.reader(rows, delimiter=sep)}
+
+    comma = widths(",")
+    for sep in (";", "\t"):
+        if sep in header and len(comma) > 1 and len(w := widths(sep)) == 1 and w.pop() > 1:
+            return sep, 0
+    return ",", 0
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None, check_files: bool = True) -> pd.DataFrame:
