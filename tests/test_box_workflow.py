@@ -169,6 +169,7 @@ def test_a_photo_that_cannot_be_read_gets_no_proposal_and_the_others_theirs(site
     df.to_csv(site / "m.csv", index=False)
     r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "p.json")])
     assert r.exit_code == 0 and "unreadable: cut.jpg" in r.output and "1 unreadable photos left out" in r.output, r.output
+    assert "tissue heuristic alone; `--detector weights/detector.json` proposes with the bundled" in r.output
     assert [im.file_name for im in load_coco(site / "p.json").images] == ["a.jpg", "b.jpg"]
 
 

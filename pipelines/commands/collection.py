@@ -111,6 +111,10 @@ def propose_boxes_cmd(
     except ManifestError as e:
         _fail(str(e))
     detect = None
+    if detector is None:  # the README's site recipe names the detector; a bare run said nothing of it
+        typer.echo("note: proposing with the tissue heuristic alone; `--detector weights/detector.json` proposes "
+                   "with the bundled detector (median IoU 0.90 against checked boxes on real photos, the heuristic "
+                   "0.21: an audit)", err=True)
     if detector is not None:
         from pipelines.engine.detector import top_box_fn
 
