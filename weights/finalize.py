@@ -196,8 +196,10 @@ def metrics(runs: Path, out: Path) -> None:
                   "synthetic_no_regression": _presence(synth_pipe)}
         else:
             policy = _policy_of(stem)
+            # the policy these rows are of, which is not the default beside them (an audit read
+            # a card's F1 0.923 as the default policy's 1.000)
             m |= {"pipeline_val": pipe["val"].get(policy, {}), "pipeline_test": pipe["test"].get(policy, {}),
-                  "synthetic_no_regression": synth_pipe.get(policy, {}),
+                  "synthetic_no_regression": synth_pipe.get(policy, {}), "pipeline_policy": policy,
                   "colour_baseline_same_split": baseline}
         m["default_policy"] = pipe["test"].get("default_policy")
         training = dict(card.training) | {"evaluation_commands": evals}
