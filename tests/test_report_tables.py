@@ -16,6 +16,25 @@ def test_a_validation_run_beside_a_test_run_is_named_as_such():
     page = table6([_run("test", [1, 0], [0.9, 0.1]), _run("val", [0, 0], [0.1, 0.2])])
     assert "ResNeSt, 32x32, test" in page and "ResNeSt, 32x32, val" in page
     assert "n/a" in page and "nan" not in page  # the val run has no positive: no sensitivity
+    # which split chose the thresholds, and at what threshold each row is (an audit: neither was said)
+    assert "<td>held out</td>" in page and "<td>thresholds chosen here: optimistic</td>" in page
+    assert "<th>Threshold (the card's)</th>" in page and "<td>0.5</td>" in page and "<th>PR-AUC</th>" in page
+
+
+def test_the_report_lists_validation_runs_apart_from_test_runs_and_captions_crops_with_their_prediction(tmp_path):
+    """Rows of val and test were interleaved by model, and a misclassified crop's caption gave
+    its truth and a score rounded to "1", leaving the prediction to the reader (an audit)."""
+    from pipelines.evaluation.report import crop_caption, galleries, load_runs
+
+    for name, split in (("a_test", "test"), ("b_val", "val"), ("c_test", "test")):
+        model = "deep_sad" if name == "c_test" else "classifier"
+        np.savez(tmp_path / f"{name}_scores.npz", model=model, input_size=32, split=split, y=np.array([1, 0]),
+                 score=np.array([0.4, 0.9999993]), threshold=0.5, paths=np.array(["p.jpg", "r.jpg"]),
+                 kinds=np.array([1, 0]))
+    assert [str(r["split"]) for r in load_runs(tmp_path)] == ["val", "test", "test"]
+    assert "misclassified (2)" in galleries(load_runs(tmp_path)[0], {})
+    assert crop_caption("regular", True, 0.9999993) == "regular \u2192 non-reg.\n1.0000"
+    assert crop_caption("green", False, 0.4) == "green \u2192 regular\n0.4000"
 
 
 def test_table6_says_how_many_photos_had_no_box_and_which_weights_each_row_is():

@@ -36,7 +36,8 @@ def _png(fig, caption: str) -> str:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     _plt().close(fig)
     data = base64.b64encode(buf.getvalue()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}"/><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"/>'
+            f'<figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
 def _label(run: dict) -> str:
@@ -46,6 +47,12 @@ def _label(run: dict) -> str:
     s = int(run["input_size"])
     weights = f", weights {str(run['model_sha256'])[:12]}" if "model_sha256" in run else ""
     return f"{name}, {s}x{s}, {run.get('split', 'split unknown')}{weights}"
+
+
+def _role(run: dict) -> str:
+    """What a row's split is to its thresholds: the cards choose theirs on the training's
+    validation split, so its figures are in-sample for them; Table 6 did not say so (an audit)."""
+    return {"val": "thresholds chosen here: optimistic", "test": "held out"}.get(str(run.get("split", "")), "")
 
 
 def _splits(runs: list[dict]) -> str:
@@ -74,8 +81,11 @@ def load_runs(eval_dir: Path) -> list[dict]:
             raise ValueError(f"{f}: not a `cervixqc eval` scores file (no {', '.join(missing)})")
         runs.append(run)
     _refuse_mixed_inputs(runs)
-    order = {"classifier": 0, "deep_sad": 1}
-    return sorted(runs, key=lambda r: (order.get(str(r["model"]), 2), int(r["input_size"])))
+    # split first, then model: rows of val and test interleaved (ResNeSt test, ResNeSt val, Deep
+    # SAD test ...), and a validation figure read beside a held-out one as its peer (an audit)
+    order, splits = {"classifier": 0, "deep_sad": 1}, {"val": 0, "test": 1}
+    return sorted(runs, key=lambda r: (splits.get(str(r.get("split", "")), 2), order.get(str(r["model"]), 2),
+                                       int(r["input_size"])))
 
 
 def _refuse_mixed_inputs(runs: list[dict]) -> None:
@@ -127,16 +137,18 @@ def table6(runs: list[dict]) -> str:
         m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
         missing = left_out(r)
         without = "?" if missing is None else str(sum(missing.values()))
-        rows.append(f"<tr><td>{html.escape(_label(r))}</td>" + "".join(
-            f"<td>{_figure(v)}</td>" for v in (m.sensitivity, m.specificity, m.precision, m.f1, m.accuracy, m.roc_auc))
-            + f"<td>{len(r['y'])}</td><td>{without}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(_label(r))}</td><td>{html.escape(_role(r))}</td>" + "".join(
+            f"<td>{_figure(v)}</td>" for v in (m.sensitivity, m.specificity, m.precision, m.f1, m.accuracy, m.roc_auc,
+                                               m.pr_auc))
+            + f"<td>{float(r['threshold']):.4g}</td><td>{len(r['y'])}</td><td>{without}</td></tr>")
         if missing:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(missing.items()))
             notes.append(f"{_label(r)}: {sum(missing.values())} photos had no box ({kinds}) and are in none of its "
                          "figures; with a detector's boxes they are its misses, and the whole pipeline's "
                          "sensitivity is lower (cervixqc eval-pipeline)")
-    head = ("<tr><th></th><th>Sens./recall</th><th>Spec.</th><th>Prec.</th><th>F1</th><th>Acc.</th><th>ROC-AUC</th>"
-            "<th>Crops scored</th><th>Left out (no box)</th></tr>")
+    head = ("<tr><th></th><th>Split's role</th><th>Sens./recall</th><th>Spec.</th><th>Prec.</th><th>F1</th>"
+            "<th>Acc.</th><th>ROC-AUC</th><th>PR-AUC</th><th>Threshold (the card's)</th><th>Crops scored</th>"
+            "<th>Left out (no box)</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
 
 
@@ -169,13 +181,17 @@ def curves(runs: list[dict]) -> str:
             continue
         fpr, tpr, _ = roc_curve(r["y"], r["score"])
         p, rec, _ = precision_recall_curve(r["y"], r["score"])
-        a.plot(fpr, tpr, label=_label(r))
-        b.plot(rec, p, label=_label(r))
+        m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
+        style = "-" if str(r.get("split", "")) == "test" else "--"
+        a.plot(fpr, tpr, style, label=f"{_label(r)} (AUC {_figure(m.roc_auc)})")
+        b.plot(rec, p, style, label=f"{_label(r)} (AUC {_figure(m.pr_auc)})")
+        b.axhline(float(np.mean(r["y"])), color="grey", lw=0.6, ls=":")  # chance: the positives' share
+    a.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")  # chance
     a.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
     b.set(xlabel="recall", ylabel="precision", title="Precision-recall")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
-    return _png(fig, "ROC and precision-recall curves")
+    a.legend(fontsize=7, loc="lower right")  # where ROC and PR curves of usable models leave room
+    b.legend(fontsize=7, loc="lower left")
+    return _png(fig, "ROC and precision-recall curves (test solid, validation dashed; dotted: chance)")
 
 
 TSNE_MIN_POINTS = 10
@@ -206,7 +222,9 @@ def gallery(crops: dict[str, np.ndarray], paths: list[str], captions: list[str],
     n = len(paths)
     cols = min(8, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    # at least 4 tiles wide: a one-crop gallery's title ran across its caption (an audit)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * max(cols, 4), 1.9 * rows + 0.3), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, p, cap in zip(axes.flat, paths, captions):
@@ -217,15 +235,23 @@ def gallery(crops: dict[str, np.ndarray], paths: list[str], captions: list[str],
     return _png(fig, title)
 
 
+def crop_caption(kind: str, flagged: bool, score: float) -> str:
+    """A gallery tile's truth, what the threshold made of it, and its score to 4 decimals:
+    "regular 1" read as a certain flag where it was 0.9999993, and a misclassified crop's
+    label was left to the reader to work out (an audit)."""
+    return f"{kind} \u2192 {'non-reg.' if flagged else 'regular'}\n{score:.4f}"
+
+
 def galleries(run: dict, crops: dict[str, np.ndarray], n: int = 8) -> str:
     order = np.argsort(run["score"])
     paths = run["paths"].tolist()
     kinds = [KIND_NAMES[k] for k in run["kinds"]]
 
-    def pick(ix):
-        return [paths[i] for i in ix], [f"{kinds[i]} {run['score'][i]:.3g}" for i in ix]
-
     pred = run["score"] >= float(run["threshold"])
+
+    def pick(ix):
+        return [paths[i] for i in ix], [crop_caption(kinds[i], bool(pred[i]), float(run["score"][i])) for i in ix]
+
     wrong = np.flatnonzero(pred != run["y"].astype(bool))
     wrong = wrong[np.argsort(-np.abs(run["score"][wrong] - float(run["threshold"])))][: 2 * n]
     return "".join([
