@@ -439,7 +439,8 @@ def test_a_job_whose_rows_were_flagged_under_another_findings_card_is_not_resume
     from tests.qc_fixtures import tiny_weights
 
     root, store, engine = _photos_store_engine(tmp_path, 3)
-    carded = QCPipeline(tiny_weights(tmp_path / "wf", 0.0, findings=dict.fromkeys(FINDINGS, 0.5)), QCConfig(device="cpu"))
+    carded = QCPipeline(tiny_weights(tmp_path / "wf", 0.0, findings=dict.fromkeys(FINDINGS, 0.5)),
+                        QCConfig(device="cpu"))
     older = {k: engine.decision[k] for k in ("models", "thresholds")}  # as recorded before findings were
     jobs = []
     for under in (engine, carded):  # one job each, queued once the runner before has stopped
@@ -462,7 +463,8 @@ def test_a_job_whose_rows_were_flagged_under_another_findings_card_is_not_resume
     assert "begun by other models, thresholds or quality findings' card" in store.get(jobs[0].id).error
     assert sum(store.counts(jobs[0].id).values()) == 1
     # under the card its rows were judged by: resumed, and its record completed
-    assert store.get(jobs[1].id).status == "done" and sum(store.counts(jobs[1].id).values()) == 3, store.get(jobs[1].id).error
+    assert store.get(jobs[1].id).status == "done", store.get(jobs[1].id).error
+    assert sum(store.counts(jobs[1].id).values()) == 3
     assert json.loads(store.get(jobs[1].id).models)["findings"] == carded.decision["findings"]
 
 

@@ -38,8 +38,8 @@ def refuse_folder_in_use(out_dir: Path) -> None:
 # and the decision in meta; 2 = the decision with the models' thresholds, the findings' card and
 # the site-calibrated models (a version reading 1 took such a folder for its own and refused it
 # as "decided otherwise ()", naming nothing: an audit). 0 is a folder written before the version
-# was recorded (readable). Older formats are read and raised; a newer one is refused rather than
-# half-read.
+# was recorded (readable). An older format is read and recorded as this one; a newer one is
+# refused rather than half-read.
 STATE_FORMAT = 2
 
 
