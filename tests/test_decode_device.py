@@ -91,6 +91,20 @@ def test_downscales_to_the_size_pils_dct_scaled_decode_gives_and_keeps_the_full_
     assert g.scale == pytest.approx((0.5, 0.5), abs=0.01)
 
 
+def test_the_device_decoder_reduces_by_block_averages_as_every_other_format_is_reduced_on_the_cpu():
+    """An antialiased bilinear resize was 0.88 grey levels from PIL's DCT-scaled decode on
+    average where block averages are 0.24; on 534 real photos at 1600 px it flipped two labels
+    and moved 19 boxes by more than 5 px against the PIL decoder (an audit)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (301, 401, 3), dtype=np.uint8)  # odd sizes: the last blocks are partial
+    data = _jpeg(pixels, quality=100)
+    with ThreadPoolExecutor(1) as pool:
+        (g,) = decode_on_device([data], torch.device("cpu"), pool, min_long_side=200)
+    reduced = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").reduce(2)).transpose(2, 0, 1)
+    assert g.image.shape == reduced.shape == (3, 151, 201)
+    assert np.abs(g.image.numpy().astype(int) - reduced).max() <= 2
+
+
 def test_a_large_palette_with_alpha_photo_decodes_as_its_colours_not_black():
     """PA was reduced as raw palette indices: every pixel black, the photo no_cervix (an audit)."""
     from pipelines.engine.decode import DecodeLimits

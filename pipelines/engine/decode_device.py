@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import torch
+import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from pipelines.engine.decode import (DecodeError, Decoded, DecodeLimits, Header, as_result, decode, draft_factor,
                                      read_header)
@@ -46,14 +46,18 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _finish(image: torch.Tensor, header: Header, min_long_side: int | None) -> Decoded:
-    """Turned, and resized (antialiased) to the size PIL's DCT-scaled decode gives the same
-    JPEG (`draft_factor`): resized to exactly `min_long_side`, a photo's presence score moved
-    by up to 0.46 and its blur finding by 0.2 between the two decoders."""
+    """Turned, and reduced to the size PIL's DCT-scaled decode gives the same JPEG
+    (`draft_factor`; resized to exactly `min_long_side`, a photo's presence score moved by up
+    to 0.46 and its blur finding by 0.2 between the two decoders) by averaging k x k blocks,
+    as `Image.reduce` reduces every other format on the CPU. An antialiased bilinear resize
+    was 0.88 grey levels from PIL's DCT-scaled decode on average, block averages are 0.24 (60
+    real photos at 1600 px); under it a photo went no_cervix on one decoder and not the other,
+    and another's box moved 130 px (an audit, 534 real photos at 1600 px)."""
     image = apply_orientation(image, header.orientation)
     full_w, full_h = header.display_size
     k = draft_factor(full_w, full_h, min_long_side)
-    if k > 1:
-        image = TF.resize(image, [-(-full_h // k), -(-full_w // k)], antialias=True)
+    if k > 1:  # ceil_mode: the last, partial blocks are averaged over their own pixels, as reduce does
+        image = F.avg_pool2d(image[None].float(), k, k, ceil_mode=True)[0].round_().to(torch.uint8)
     return Decoded(image, full_w, full_h, header.sha256)
 
 
