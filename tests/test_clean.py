@@ -881,6 +881,24 @@ def test_a_linked_photo_is_quarantined_as_the_photo_not_as_the_link(tmp_path):
         assert entry.stat().st_ino == (tmp_path / "master" / "x.jpg").stat().st_ino  # a link, no extra space
 
 
+def test_a_manifests_missing_files_the_folder_holds_spelt_otherwise_are_named_with_their_spelling(weights, tmp_path):
+    """`img_1.jpg` listed for `IMG_1.JPG` (a sheet typed on Windows, where case does not matter)
+    was an unreadable row, "No such file", with no hint; `validate` named the spelling."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (tmp_path / "IMG_1.JPG").write_bytes(fuzz_set()["ok.jpg"][0])
+    (tmp_path / "b.jpg").write_bytes(fuzz_set()["ok.jpg"][0] + b"1")
+    (tmp_path / "m.csv").write_text("path\nimg_1.jpg\nb.jpg\ngone.jpg\n")
+    r = CliRunner().invoke(app, ["clean", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out"),
+                                 "--weights", str(weights)])
+    assert r.exit_code == 0, r.output
+    assert "1 missing listed files are in the folder under another spelling, e.g. 'img_1.jpg'; the folder has " \
+           "'IMG_1.JPG'" in r.output
+    assert "gone.jpg" not in r.output
+
+
 def test_a_manifest_path_keeps_spaces_a_file_is_named_with_and_loses_those_a_cell_picked_up(tmp_path):
     """`trailing space.jpg ` (a Samba share allows it), fed back from results.parquet, was
     stripped into a missing file (an audit); ` b.jpg` typed into a spreadsheet cell is b.jpg."""

@@ -244,9 +244,30 @@ def clean(
                    err=True)
     for note in run_notes(summary.by_label):
         typer.echo(f"note: {note}", err=True)
+    if src.is_file() and summary.by_label.get(Label.UNREADABLE.value, 0):
+        for line in _misspelt_rows(src, summary.results_parquet):
+            typer.echo(f"note: {line}", err=True)
     if summary.by_label.get(Label.UNREADABLE.value, 0) == summary.total:  # as predict: nothing could be read
         typer.echo(f"not one of the {summary.total} files could be read as an image", err=True)
         raise typer.Exit(1)
+
+
+def _misspelt_rows(manifest: Path, results: Path, shown: int = 3) -> list[str]:
+    """A manifest's missing files that the folder holds spelt otherwise (`img_1.jpg` for
+    `IMG_1.JPG`, an accent stored as other Unicode): each was an unreadable row, "No such file",
+    with no hint, where `validate` names the spelling (an audit of Windows sheets)."""
+    import pandas as pd
+
+    from pipelines.data.manifest import Spellings
+
+    rows = pd.read_parquet(results, columns=["path", "error"])
+    missing = rows[rows["error"].fillna("").str.contains("No such file", regex=False)]["path"]
+    spellings = Spellings(manifest.parent)
+    hints = [(p, h) for p in missing if (h := spellings.hint(p))]
+    if not hints:
+        return []
+    return [f"{len(hints)} missing listed files are in the folder under another spelling, e.g. {p!r}{h}"
+            for p, h in hints[:1]] + [f"... and {p!r}{h}" for p, h in hints[1:shown]]
 
 
 def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime, precision,
