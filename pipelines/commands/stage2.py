@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import RunFolder, _fail, number_in, require_writable, trained_on, training_output
+from pipelines.commands.common import (RunFolder, _fail, number_in, require_writable, run_record, trained_on,
+                                       training_output)
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
@@ -292,7 +293,7 @@ def report_cmd(
             crops = extract_crops(df[df["path"].isin(wanted)], load_coco(coco).boxes_by_file(), 96,
                                   allow_unboxed=True, boxes_root=coco.parent)
             thumbs = {p: crops.images[i].permute(1, 2, 0).numpy() for i, p in enumerate(crops.paths)}
-        typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings)}")
+        typer.echo(f"wrote {build_report(eval_dir, thumbs, out, findings_dir=findings, made=run_record())}")
     except (ValueError, OSError) as e:  # CocoError and pydantic's ValidationError are ValueErrors
         _fail(str(e))
 

@@ -274,14 +274,20 @@ def galleries(run: dict, crops: dict[str, np.ndarray], n: int = 8) -> str:
 
 
 def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
-                 title: str = "cervixqc stage-2 report", findings_dir: Path | None = None) -> Path:
+                 title: str = "cervixqc stage-2 report", findings_dir: Path | None = None,
+                 made: dict[str, str] | None = None) -> Path:
     """`crops`: path -> HxWx3 uint8 thumbnail for the galleries; `findings_dir`: a
     `cervixqc calibrate-findings` output folder, for the quality findings' section (the
-    report may hold only that: `eval_dir` None)."""
+    report may hold only that: `eval_dir` None); `made`: when and by what command (`created`,
+    `command`), under the title: a page passed on had no date or command to trace it by (an
+    audit)."""
     runs = load_runs(eval_dir) if eval_dir is not None else []
     if eval_dir is not None and not runs:
         raise ValueError(f"no *_scores.npz in {eval_dir}: run `cervixqc eval` first")
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    if made:
+        parts.append(f"<p>Made {html.escape(made.get('created', ''))} by <code>{html.escape(made.get('command', ''))}"
+                     "</code></p>")
     if runs:
         parts += [f"<p>Split: {html.escape(_splits(runs))}; non-regular (green + iodine) is the positive "
                   "class; thresholds are each model card's: chosen on the training's validation split, or on a site's "
