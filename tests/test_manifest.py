@@ -239,6 +239,14 @@ def test_a_missing_file_written_on_windows_says_so(tmp_path, write_csv):
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     assert "the folder has 'sub/b.jpg'" in str(err.value) and "a Windows path" in str(err.value)
+    # a drive path whose tail the folder holds in other letter case: that spelling is named (it
+    # was told only to be made relative: an audit)
+    path = write_csv("w.csv", "path,patient_id,source,device,kind\nC:\\fotos\\SUB\\B.JPG,p1,s,d,regular\n"
+                              "C:\\fotos\\gone.jpg,p2,s,d,regular\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert "a Windows path, and the folder has 'sub/b.jpg': name it so" in str(err.value)
+    assert "a Windows path: name the file relative to" in str(err.value)  # gone.jpg: no such tail
 
 
 def test_a_manifest_written_elsewhere_keeps_each_linked_files_own_name(tmp_path, write_csv):

@@ -276,8 +276,14 @@ class Spellings:
         return self._index.get(key)
 
     def hint(self, rel: str) -> str:
-        """What a missing file's name may have meant, or ""."""
+        """What a missing file's name may have meant, or "". A Windows path's tail that the
+        folder holds spelt otherwise is named: `C:\\fotos\\HOSPITAL-3.JPG` for `hospital-3.jpg`
+        was told only to be made relative, which it was not short of (an audit)."""
         if WINDOWS_PATH.match(rel):
+            parts = [p for p in rel.replace("\\", "/").split("/") if p]
+            tails = (self.get(spelling_key("/".join(parts[k:]))) for k in range(1, len(parts)))
+            if (near := next((t for t in tails if t), None)) is not None:
+                return f"; a Windows path, and the folder has {near!r}: name it so, relative to {self.relative_to}"
             return f"; a Windows path: name the file relative to {self.relative_to}, with /"
         near = self.get(spelling_key(rel))
         return (f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
