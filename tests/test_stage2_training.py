@@ -167,7 +167,7 @@ def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):
         assert heading in page
     for caption in ("scores by class", "t-SNE of ResNeSt", "lowest scores", "highest scores", "misclassified"):
         assert caption in page
-    assert re.search(r"<p>Made \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 by <code>cervixqc ", page)  # when, by what
+    assert re.search(r"<p>Made \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 by <code>cervixqc", page)  # when, by what
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 2 + 2 * 4 + 1  # curves, boxes, galleries, t-SNE
     assert "http://" not in page and "https://" not in page  # self-contained
     # another set's manifest: blank tiles and other photos under these scores, exit 0 (an audit)
