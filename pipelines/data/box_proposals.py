@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipelines.data.coco import CERVIX, CocoCategory, CocoDataset, CocoImage, make_annotation
+from pipelines.data.manifest import table_separator
 from pipelines.data.schema import path_key
 
 _WORK_SIDE = 160  # px; the heuristic needs only the layout of the frame
@@ -92,13 +93,14 @@ def read_fixes(path: str | Path, known: set[str] | None = None) -> list[Fix]:
     second round, `Box` read as bad coordinates and `delete` as missing numbers (an audit)."""
     fixes, problems, first_line = [], [], {}
     known = {path_key(n) for n in known} if known is not None else None
+    # a spreadsheet set to a comma-decimal locale saves with `;`: it was refused as one column
+    # named 'file;action;...' (an audit); the separator is chosen as every sheet's is
+    sep, skip = table_separator(Path(path))
+    semicolons = sep == ";"
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets save a BOM before the header
-        header = fh.readline()
-        fh.seek(0)
-        # a spreadsheet set to a comma-decimal locale saves with `;` (import-labels reads those):
-        # it was refused as one column named 'file;action;...' (an audit)
-        semicolons = ";" in header and "," not in header
-        reader = csv.DictReader(fh, delimiter=";" if semicolons else ",")
+        for _ in range(skip):  # Excel's `sep=;` line
+            fh.readline()
+        reader = csv.DictReader(fh, delimiter=sep)
         # the header in any letter case (`File;Action;...`, as a spreadsheet user types it)
         reader.fieldnames = [(f or "").strip().lower() for f in reader.fieldnames or []]
         if "file" not in reader.fieldnames or "action" not in reader.fieldnames:

@@ -85,7 +85,7 @@ def read_table(path: Path) -> pd.DataFrame:
             return df.astype("string")
         # index_col=False: with a trailing comma on every row (spreadsheet exports), pandas took the
         # first column as the index and shifted every other one (paths read as patient ids)
-        sep, skip = _separator(path)
+        sep, skip = table_separator(path)
         df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, sep=sep, skiprows=skip,
                          encoding="utf-8-sig", skip_blank_lines=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
@@ -147,7 +147,7 @@ def _is_json(path: Path) -> bool:
 _SEP_LINE = re.compile(r"sep=(.)\s*$")  # Excel's first-line hint of a CSV's separator
 
 
-def _separator(path: Path) -> tuple[str, int]:
+def table_separator(path: Path) -> tuple[str, int]:
     """The separator and the lines before the header. ',' unless the header has none and has
     ';' or tabs (Excel's CSV where the decimal mark is a comma; its "Text" export: a cell with
     a comma made such a file unreadable), or ';' or a tab splits the first lines into one same

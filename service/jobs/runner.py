@@ -36,7 +36,14 @@ from service.paths import inside, within
 log = logging.getLogger(__name__)
 PURGE_RETRY_S = 5.0
 RunJobBatch = Callable[[list[bytes | Path], list[str], str], list[QCResult]]
-NEW_JOB = "submit the source again as a new job"
+# why a job begun by other models is not resumed, as its error and its refused retry say it
+NOT_RESUMED = "resumed, its results could mix two models' labels; submit the source again as a new job"
+
+
+def begun_by(claimed: str | None) -> str:
+    """Who began a job whose models record (`claimed`) cannot be taken as these models'."""
+    return ("a version that did not record its models" if claimed is None
+            else "other models, thresholds or quality findings' card (the weights changed since)")
 
 
 class JobRunner:
@@ -89,10 +96,10 @@ class JobRunner:
         way (an audit)."""
         claimed = job.models
         if claimed is None:
-            return "a version that did not record its models" if any(self.store.counts(job.id).values()) else None
+            return begun_by(None) if any(self.store.counts(job.id).values()) else None
         if claimed == self.models or self._recorded_before(claimed, job.id):
             return None
-        return "other models, thresholds or quality findings' card (the weights changed since)"
+        return begun_by(claimed)
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
@@ -196,10 +203,8 @@ class JobRunner:
             claimed = self.store.replace_models(job.id, claimed, self.models)  # the record completed
         if claimed != self.models:
             log.warning("job %s: begun by other models; not resumed", job.id)
-            begun_by = self.begun_by_others(self.store.get(job.id) or job) or "other models"
             self.store.transition(job.id, "failed", finished=time.time(),
-                                  error=f"begun by {begun_by}, {len(done)} rows stored: resumed, its results "
-                                        f"could mix two models' labels; {NEW_JOB}")
+                                  error=f"begun by {begun_by(claimed)}, {len(done)} rows stored: {NOT_RESUMED}")
             return
         log.info("job %s: %d files, %d already done", job.id, len(inputs), len(done))
         todo = [p for p in inputs if p not in done]

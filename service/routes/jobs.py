@@ -25,7 +25,7 @@ from pipelines.engine.qc_result import QCResult, spreadsheet_row
 from service.auth import UNAUTHORIZED, ApiKey
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
-from service.jobs.runner import NEW_JOB
+from service.jobs.runner import NOT_RESUMED
 from service.jobs.store import ActiveTwin, Job, QuarantineInUse, TooManyJobs
 from service.media_type import JSON, media_type
 from service.paths import confine, relative_name
@@ -192,8 +192,7 @@ def retry_job(job_id: str, state: State) -> JobStatus:
     such rows can be retried for them alone."""
     job = job_or_404(state, job_id)
     if (begun_by := state.runner.begun_by_others(job)) is not None:
-        raise ApiError(409, "job_not_retryable", f"job {job_id} was begun by {begun_by}: resumed, its results "
-                                                 f"could mix two models' labels; {NEW_JOB}")
+        raise ApiError(409, "job_not_retryable", f"job {job_id} was begun by {begun_by}: {NOT_RESUMED}")
     try:
         requeued = state.store.requeue(job_id, max_active=state.settings.max_active_jobs)
     except TooManyJobs as e:
