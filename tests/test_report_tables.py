@@ -71,3 +71,14 @@ def test_a_run_of_a_few_crops_leaves_its_t_sne_out_rather_than_failing_the_repor
     assert "too few to map" in tsne(run)
     many = run | {"features": np.random.default_rng(0).normal(size=(12, 8)), "kinds": np.arange(12) % 3}
     assert "data:image/png;base64," in tsne(many)
+
+
+def test_a_run_of_one_class_gets_a_sentence_instead_of_empty_curves():
+    """A site's validation split without green or iodine photos has no ROC: the page drew two
+    empty axes under the heading and said nothing of why."""
+    from pipelines.evaluation.report import curves
+
+    page = curves([_run("val", [0, 0], [0.1, 0.2])])
+    assert "data:image/png" not in page and "its crops are all regular" in page
+    both = curves([_run("val", [0, 0], [0.1, 0.2]), _run("test", [1, 0], [0.9, 0.1])])
+    assert both.count("data:image/png") == 1 and "ResNeSt, 32x32, val: no ROC" in both

@@ -184,11 +184,17 @@ def score_boxplot(run: dict) -> str:
 def curves(runs: list[dict]) -> str:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
+    drawn = [r for r in runs if len(np.unique(r["y"])) == 2]
+    # a run of one class has no curve: it was skipped without a word, and with no other run the
+    # page showed two empty axes (a site's validation split without green or iodine photos)
+    skipped = "".join(f"<p>{html.escape(_label(r))}: no ROC or precision-recall curve, its crops are all "
+                      f"{'non-regular' if len(r['y']) and r['y'][0] else 'regular'}</p>"
+                      for r in runs if len(np.unique(r["y"])) < 2)
+    if not drawn:
+        return skipped
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in runs:
-        if len(np.unique(r["y"])) < 2:
-            continue
+    for r in drawn:
         fpr, tpr, _ = roc_curve(r["y"], r["score"])
         p, rec, _ = precision_recall_curve(r["y"], r["score"])
         m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
@@ -201,7 +207,7 @@ def curves(runs: list[dict]) -> str:
     b.set(xlabel="recall", ylabel="precision", title="Precision-recall")
     a.legend(fontsize=7, loc="lower right")  # where ROC and PR curves of usable models leave room
     b.legend(fontsize=7, loc="lower left")
-    return _png(fig, "ROC and precision-recall curves (test solid, validation dashed; dotted: chance)")
+    return _png(fig, "ROC and precision-recall curves (test solid, validation dashed; dotted: chance)") + skipped
 
 
 TSNE_MIN_POINTS = 10
