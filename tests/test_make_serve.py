@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,10 @@ def test_make_serve_loads_every_bundled_model_as_its_card_describes(served):
              if p.stem in ("presence", "detector", "deep_sad", "classifier", "colour")}
     assert set(cards) == {"presence", "detector", "deep_sad", "classifier", "colour"}
     assert listed == {name: card["sha256"] for name, card in cards.items()}
+    # each card says when its weights were written: the detector's and presence head's said nothing,
+    # and the service showed a sha256 prefix for their version where the others showed a date
+    versions = {m["name"]: m["version"] for m in r.json()["models"]}
+    assert all(datetime.fromisoformat(versions[name]) for name in cards), versions
     findings = json.loads((REPO / "weights" / "findings.json").read_text())
     assert r.json()["findings_thresholds"] == findings["thresholds"]
 
