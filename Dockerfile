@@ -4,7 +4,7 @@
 # the runtime stage is slim Python with the virtual environment, the code and the weights.
 # Two tags from this one file (sizes measured by `make image-check`, README, Deployment):
 #   docker build -t cervixqc:0.1.0 .                                 GPU and CPU hosts (default)
-#   docker build --build-arg DEVICE=cpu -t cervixqc:0.1.0-cpu .      CPU hosts only, ~1.4 GB smaller
+#   docker build --build-arg DEVICE=cpu -t cervixqc:0.1.0-cpu .      CPU hosts only, ~1.5 GB smaller
 # podman: add `--format docker`, or the OCI format drops the HEALTHCHECK.
 
 FROM python:3.11-slim AS build

@@ -35,9 +35,10 @@ def _version(value: bool) -> None:
 
 @app.callback(context_settings={"help_option_names": ["-h", "--help"]})
 def _root(threads: Annotated[Optional[int], typer.Option(
-        help="CPU threads for torch (default: torch's own choice, one per core). Set it when two "
-             "jobs share a machine: two processes each using every core run slower than one. Before "
-             "the command: cervixqc --threads 1 clean ...")] = None,
+        help="CPU threads for torch (default: the container's CPU quota where one is set and "
+             "OMP_NUM_THREADS is not, else torch's own choice, one per core). Set it when two jobs share "
+             "a machine: two processes each using every core run slower than one. Before the command: "
+             "cervixqc --threads 1 clean ...")] = None,
           _: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False) -> None:
     if threads is not None:
