@@ -87,6 +87,9 @@ class JobStatus(BaseModel):
     # why an active job does not move: the job store cannot be written (full, read-only, locked);
     # it goes on by itself once it can
     waiting: str | None = None
+    # what a running job does once every photo has its row (its duplicate search and results
+    # files: seconds to minutes at scale, at progress 1.0); null otherwise
+    step: str | None = None
     # what a user should look at before trusting the labels (`pipelines.clean.notes.run_notes`: a
     # share of no_cervix that a screening collection rarely holds, or of unreadable files)
     notes: list[str] = []

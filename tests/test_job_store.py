@@ -87,6 +87,49 @@ def test_a_file_from_before_the_summary_column_gets_it_backfilled_for_the_review
     assert JobStore(path).summaries(job.id) == fresh
 
 
+def test_a_job_whose_photos_all_have_rows_says_it_is_finding_duplicates_and_writing_its_files(tmp_path):
+    """After its last batch a job's duplicate search and exports ran with the job reading
+    `running`, progress 1.0 and ETA 0 and nothing else: 11 s after 805 real photos, as if
+    stuck (an audit). Its step says what it does, while it does it, and only then."""
+    import threading
+
+    from pipelines.engine.config import QCConfig
+    from pipelines.engine.qc import QCPipeline
+    from service.gate import EngineGate
+    from service.jobs.runner import FINISHING, JobRunner
+    from service.metrics import Metrics
+    from tests.qc_fixtures import fuzz_set, tiny_weights
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    ok = fuzz_set()["ok.jpg"][0]
+    for i in range(6):
+        (root / f"p{i}.jpg").write_bytes(ok + bytes([i]))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = QCPipeline(tiny_weights(tmp_path / "w", 0.0), QCConfig(device="cpu"))
+    runner = JobRunner(store, lambda paths, names, policy: engine.run(paths, names, policy=policy), EngineGate(),
+                       Metrics(), [root], tmp_path / "quarantine", batch_size=2)
+    job = store.create(str(root), None, "resnest", tmp_path / "out")
+    seen: list[tuple[str | None, int, str]] = []  # (step, rows stored, status) at each look
+    runner.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            step, rows, status = runner.step(job.id), sum(_group_by(store.path, job.id).values()), store.status(job.id)
+            seen.append((step, rows, status))
+            if status == "done":
+                break
+            time.sleep(0.001)
+    finally:
+        runner.stop()
+    assert seen[-1] == (None, 6, "done")
+    finishing = [s for s in seen if s[0] == FINISHING]
+    assert finishing, "the finishing step was never seen"
+    assert all(rows == 6 and status == "running" for _, rows, status in finishing)
+    assert all(step is None for step, rows, _ in seen if rows < 6)
+    assert not any(t.name == "job-runner" and t.is_alive() for t in threading.enumerate())
+
+
 def test_the_runner_outlives_a_store_locked_past_its_timeout_and_then_finishes_the_job(tmp_path, caplog):
     """Another writer holds the database for longer than the store waits: the runner thread
     lives on, the job stays active, and once the lock goes the job finishes with every row."""

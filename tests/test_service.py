@@ -812,7 +812,7 @@ def test_a_job_cleans_a_folder_as_the_cli_does_and_streams_its_results(server, w
         assert r.status_code == 202, r.text
         job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
         assert job["status"] == "done" and job["processed"] == job["total"] == reference.total
-        assert job["counts"] == reference.by_label and job["progress"] == 1.0
+        assert job["counts"] == reference.by_label and job["progress"] == 1.0 and job["step"] is None
         assert job["notes"] == run_notes(reference.by_label)
         # the models and thresholds its rows were labelled by, as clean's summary.json names them
         # (a job's results named neither: an audit)

@@ -39,7 +39,7 @@
     if (!r || !r.ok) { setTimeout(() => poll(row), 3000); return; }
     const j = await r.json();
     row.dataset.status = j.status;
-    const said = j.status + (j.waiting ? ": waiting, " + j.waiting : "");
+    const said = j.status + (j.waiting ? ": waiting, " + j.waiting : j.step ? ": " + j.step : "");
     if (status.textContent !== said) status.textContent = said;
     const bar = row.querySelector("progress");
     bar.max = j.total || 1; bar.value = j.processed;
