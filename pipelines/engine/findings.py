@@ -41,7 +41,10 @@ folder's findings card (`cervixqc calibrate-findings` picks them on degraded rea
   the score reads correctly (the same scenes at 320 px: AUC 0.950-0.953; README, "Quality
   findings and duplicates"); and the photos its camera model blurs on purpose, counted as sharp
   until they were marked (manifest `known_findings`, 2026-12-04: 640 px AUC 0.935 -> 0.958).
-- dark: 1 - the median luma (0..1). A dark corner of the frame does not move it.
+- dark: 1 - the median luma (0..1). A dark corner of the frame does not move it. Lugol's
+  iodine reads darker (atlas iodine median 0.530, regular 0.445); the brightest channel
+  instead of luma was measured on 2026-12-05 and lost on train + val (recall 0.910 -> 0.874,
+  AUC 0.9965 -> 0.994 at the same budget): not kept.
 - overexposed: the median luma (0..1) of the lit cells (below): washed-out tissue loses the
   colour and texture the classifier reads. (The share of clipped pixels was the first choice;
   pink tissue at three times its exposure clips its red channel only, and read as 0.6% clipped.) The median plus
