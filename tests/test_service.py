@@ -707,6 +707,30 @@ def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server,
         assert len(c.get("/v1/jobs").json()["jobs"]) == before
 
 
+def test_a_manifest_jobs_missing_row_names_the_file_the_folder_holds_spelt_otherwise(server, data_root, tmp_path):
+    """A sheet naming `img_1.jpg` for the folder's `IMG_1.JPG` got "No such file" alone from a
+    job, where `clean` names the spelling (an audit). A name behind a link out of the roots is
+    never told."""
+    ok = fuzz_set()["ok.jpg"][0]
+    (data_root / "spelt").mkdir()
+    (data_root / "spelt" / "IMG_1.JPG").write_bytes(ok)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "SECRET.JPG").write_bytes(ok)
+    (data_root / "spelt" / "SECRET.JPG").symlink_to(tmp_path / "outside" / "SECRET.JPG")
+    (data_root / "spelt.csv").write_text("path\nspelt/img_1.jpg\nspelt/secret.jpg\ncollection/scene.jpg\n")
+    with server.client() as c:
+        r = c.post("/v1/jobs", json={"source": "spelt.csv"})
+        assert r.status_code == 202, r.text
+        job = _wait_job(c, r.json()["id"], lambda j: j["status"] in ("done", "failed"))
+        rows = pd.read_csv(io.StringIO(c.get(f"/v1/jobs/{job['id']}/results", params={"format": "csv"}).text),
+                           keep_default_na=False, dtype=str).set_index("path")
+    assert job["status"] == "done", job
+    assert "No such file" in rows.loc["spelt/img_1.jpg", "error"]
+    assert "the folder has 'spelt/IMG_1.JPG'" in rows.loc["spelt/img_1.jpg", "error"]
+    assert "No such file" in rows.loc["spelt/secret.jpg", "error"] and "SECRET" not in rows.loc["spelt/secret.jpg", "error"]
+    assert rows.loc["collection/scene.jpg", "error"] == ""
+
+
 def test_a_source_without_files_is_refused_and_one_emptied_before_its_run_fails_the_job(server, data_root):
     """An unmounted share's empty folder, and a manifest without rows, ended `done` with 0 files
     and no error, where `cervixqc clean` exits 2."""

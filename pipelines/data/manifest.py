@@ -275,17 +275,23 @@ class Spellings:
                            for p in self.root.rglob("*") if p.is_file()}
         return self._index.get(key)
 
+    def near(self, rel: str) -> str | None:
+        """The folder's file a missing name may have meant: the same spelling key, or for a
+        Windows path the longest tail the folder holds."""
+        if WINDOWS_PATH.match(rel):
+            parts = [p for p in rel.replace("\\", "/").split("/") if p]
+            return next((t for k in range(1, len(parts)) if (t := self.get(spelling_key("/".join(parts[k:]))))), None)
+        return self.get(spelling_key(rel))
+
     def hint(self, rel: str) -> str:
         """What a missing file's name may have meant, or "". A Windows path's tail that the
         folder holds spelt otherwise is named: `C:\\fotos\\HOSPITAL-3.JPG` for `hospital-3.jpg`
         was told only to be made relative, which it was not short of (an audit)."""
+        near = self.near(rel)
         if WINDOWS_PATH.match(rel):
-            parts = [p for p in rel.replace("\\", "/").split("/") if p]
-            tails = (self.get(spelling_key("/".join(parts[k:]))) for k in range(1, len(parts)))
-            if (near := next((t for t in tails if t), None)) is not None:
+            if near is not None:
                 return f"; a Windows path, and the folder has {near!r}: name it so, relative to {self.relative_to}"
             return f"; a Windows path: name the file relative to {self.relative_to}, with /"
-        near = self.get(spelling_key(rel))
         return (f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
                 "or \\ for /)") if near else ""
 
