@@ -467,6 +467,28 @@ def test_a_box_smaller_than_the_findings_crop_in_the_detector_input_is_cropped_f
     assert upsampled > direct + 0.3, "the detector's input would not have read blurrier: the test shows nothing"
 
 
+def test_a_photo_smaller_than_the_detector_input_is_judged_on_a_crop_of_its_own_size(tmp_path):
+    """A 100 px photo was enlarged into the detector's input and its crop taken from there (or
+    a small region enlarged to 128 px): the finest detail gone, 38% of sharp real photos at a
+    quarter size read blurred (an audit; `_crop_for_findings`). Its crop is now the photo's own
+    size, so a sharp small photo reads about as sharp as it is."""
+    from pipelines.engine.crops import resized_crops, whole_frames
+
+    photo = np.asarray(Image.fromarray(_tissue(8, side=512)).resize((100, 100), Image.LANCZOS))
+    qc = QCPipeline(tiny_weights(tmp_path / "w", detector_threshold=1.01, findings=PASS_ALL, detector_size=160))
+    result = qc.run([photo])[0]
+    image = torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255
+    own = float(finding_scores(resized_crops([image], whole_frames([image]), 96))["blur"][0])
+    enlarged = float(finding_scores(resized_crops([image], whole_frames([image]), 128))["blur"][0])
+    assert result.findings["blur"].score == pytest.approx(own, abs=1e-3)
+    assert enlarged > own + 0.2, "an enlarged crop would not have read blurrier: the test shows nothing"
+    # a batch of both sizes: each photo keeps its own crop's scores
+    big = _tissue(9, side=512)
+    both = qc.run([photo, big])
+    assert both[0].findings["blur"].score == pytest.approx(own, abs=1e-3)
+    assert both[1].findings["blur"].score == pytest.approx(qc.run([big])[0].findings["blur"].score, abs=1e-6)
+
+
 def test_a_photo_stage0_calls_no_cervix_gets_findings_of_the_detectors_confident_box(tmp_path):
     """The detector is confident (threshold 0) but stage 0 says no cervix (threshold 0.99): the
     findings describe the box, as for a photo stage 0 vouches for. Judged on the whole frame, a
