@@ -6,6 +6,11 @@ went through the engine twice, each process's priority for uploads governed only
 and a second `serve` started jobs before it failed to bind. An exclusive lock on a file in the
 folder, held by the process for its life, makes the second refuse to start; the kernel drops it
 when the process ends, however it ends, so a killed service leaves nothing to clean up.
+
+The folder itself is locked too: the file alone let a second service start once someone had
+deleted `service.lock` as a stale lock file (its lock went with the deleted inode). Where the
+folder's file system cannot lock a folder (NFS emulates flock with locks a read-only folder
+cannot hold), the file's lock is the one kept.
 """
 
 from __future__ import annotations
@@ -22,31 +27,72 @@ class StateDirInUse(RuntimeError):
     pass
 
 
+class StateLock:
+    """The folder's and its lock file's locks, held until `close` (or the process ends)."""
+
+    def __init__(self, folder_fd: int | None, file: IO[str]) -> None:
+        self._folder_fd, self._file = folder_fd, file
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        self._file.close()
+        if self._folder_fd is not None:
+            os.close(self._folder_fd)
+            self._folder_fd = None
+
+
 # locks `take` holds for this process's service, by folder, until its lifespan's `hold`
-_TAKEN: dict[str, IO[str]] = {}
+_TAKEN: dict[str, StateLock] = {}
 
 
-def hold(state_dir: Path) -> IO[str]:
-    """The lock, held until the returned file is closed (or the process ends); the one `take`
-    holds for this process, handed over."""
+def _folder_lock(state_dir: Path) -> int | None:
+    """The folder's own lock (its descriptor), None where its file system cannot lock one;
+    BlockingIOError where another process holds it."""
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def hold(state_dir: Path) -> StateLock:
+    """The lock, held until it is closed (or the process ends); the one `take` holds for this
+    process, handed over."""
     taken = _TAKEN.pop(str(state_dir.resolve()), None)
     if taken is not None and not taken.closed:
         return taken
     state_dir.mkdir(parents=True, exist_ok=True)
     f = open(state_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the process's life
+    folder_fd = None
     try:
+        folder_fd = _folder_lock(state_dir)
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "?"
+        pid = f.read().strip() or "? (its service.lock was deleted)"
         f.close()
+        if folder_fd is not None:
+            os.close(folder_fd)
         raise StateDirInUse(f"CERVIXQC_STATE_DIR {state_dir}: another cervixqc service (pid {pid}) uses this folder; "
                             "two would run the same jobs twice: stop it, or give this one a state folder of its "
                             "own") from None
+    except BaseException:
+        f.close()
+        if folder_fd is not None:
+            os.close(folder_fd)
+        raise
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
-    return f
+    return StateLock(folder_fd, f)
 
 
 def take(state_dir: Path) -> str | None:

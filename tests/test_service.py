@@ -1027,6 +1027,10 @@ def test_a_second_service_on_the_same_state_folder_refuses_to_start(server, weig
     started directly: the lock is the app's, not only `cervixqc serve`'s check)."""
     with pytest.raises(RuntimeError, match="another cervixqc service"):
         start_server(tmp_path / "second", weights, state_dir=server.env["CERVIXQC_STATE_DIR"], ready_timeout=90)
+    # its lock file deleted as a stale one: the folder's own lock still holds (the file's went with it)
+    (Path(server.env["CERVIXQC_STATE_DIR"]) / "service.lock").unlink()
+    with pytest.raises(RuntimeError, match="another cervixqc service"):
+        start_server(tmp_path / "third", weights, state_dir=server.env["CERVIXQC_STATE_DIR"], ready_timeout=90)
     with server.client() as c:
         assert c.get("/readyz").status_code == 200  # the first one serves on
 
