@@ -51,7 +51,10 @@ _TAKEN: dict[str, StateLock] = {}
 def _folder_lock(state_dir: Path) -> int | None:
     """The folder's own lock (its descriptor), None where its file system cannot lock one;
     BlockingIOError where another process holds it."""
-    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # a folder this user may write and enter but not list (mode 0o730) cannot be opened
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

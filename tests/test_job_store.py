@@ -115,8 +115,11 @@ def test_a_job_whose_photos_all_have_rows_says_it_is_finding_duplicates_and_writ
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            step, rows, status = runner.step(job.id), sum(_group_by(store.path, job.id).values()), store.status(job.id)
-            seen.append((step, rows, status))
+            # in this order: a step read after the status is of a job still running, and rows read
+            # after the step hold every row the step had seen stored
+            status = store.status(job.id)
+            step = runner.step(job.id)
+            seen.append((step, sum(_group_by(store.path, job.id).values()), status))
             if status == "done":
                 break
             time.sleep(0.001)

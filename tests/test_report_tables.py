@@ -82,3 +82,4 @@ def test_a_run_of_one_class_gets_a_sentence_instead_of_empty_curves():
     assert "data:image/png" not in page and "its crops are all regular" in page
     both = curves([_run("val", [0, 0], [0.1, 0.2]), _run("test", [1, 0], [0.9, 0.1])])
     assert both.count("data:image/png") == 1 and "ResNeSt, 32x32, val: no ROC" in both
+    assert "no ROC or precision-recall curve, no crops" in curves([_run("val", [], [])])

@@ -187,9 +187,9 @@ def curves(runs: list[dict]) -> str:
     drawn = [r for r in runs if len(np.unique(r["y"])) == 2]
     # a run of one class has no curve: it was skipped without a word, and with no other run the
     # page showed two empty axes (a site's validation split without green or iodine photos)
-    skipped = "".join(f"<p>{html.escape(_label(r))}: no ROC or precision-recall curve, its crops are all "
-                      f"{'non-regular' if len(r['y']) and r['y'][0] else 'regular'}</p>"
-                      for r in runs if len(np.unique(r["y"])) < 2)
+    skipped = "".join(f"<p>{html.escape(_label(r))}: no ROC or precision-recall curve, "
+                      + (f"its crops are all {'non-regular' if r['y'][0] else 'regular'}" if len(r["y"]) else "no crops")
+                      + "</p>" for r in runs if len(np.unique(r["y"])) < 2)
     if not drawn:
         return skipped
     plt = _plt()

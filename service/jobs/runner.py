@@ -306,8 +306,11 @@ class JobRunner:
         such file" alone (an audit). Only a name inside the data roots is told."""
         if spellings is None or "No such file" not in error.reason:
             return ""
-        near = spellings.near(rel)
-        return spellings.hint(rel) if near is None or inside(on_disk(root, near), self.roots) else ""
+        try:  # a hint is no reason to fail the job: a folder the walk cannot enter, a share's I/O error
+            near = spellings.near(rel)
+            return spellings.hint(rel) if near is None or inside(on_disk(root, near), self.roots) else ""
+        except OSError:
+            return ""
 
     def _read(self, path: Path) -> bytes | DecodeError | None:
         """The file's bytes under the engine's limits; None where the file opened lies outside
