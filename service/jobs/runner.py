@@ -286,7 +286,8 @@ class JobRunner:
         # between had a file from outside read, its hashes stored (an audit)
         read = {rel: self._read(files[rel]) for rel in chunk if inside(files[rel], self.roots)}
         allowed = [rel for rel, data in read.items() if isinstance(data, bytes)]
-        by_path = {rel: QCResult(path=rel, label=Label.UNREADABLE, error=data.reason + self._hint(root, rel, data, spellings))
+        by_path = {rel: QCResult(path=rel, label=Label.UNREADABLE,
+                                 error=data.reason + self._hint(root, rel, data, spellings))
                    for rel, data in read.items() if isinstance(data, DecodeError)}
         if allowed:
             inputs = [read[rel] for rel in allowed]

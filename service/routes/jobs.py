@@ -73,7 +73,8 @@ def status_of(state: ServiceState, job: Job) -> JobStatus:
                      total=job.total, processed=processed, counts=counts, progress=progress, rate_per_s=rate,
                      eta_s=eta, created=job.created, started=job.started, finished=job.finished, error=job.error,
                      results_url=f"/v1/jobs/{job.id}/results", retryable=retryable,
-                     waiting=state.runner.waiting(job.id), step=state.runner.step(job.id) if job.status == "running" else None, notes=run_notes(counts),
+                     waiting=state.runner.waiting(job.id), notes=run_notes(counts),
+                     step=state.runner.step(job.id) if job.status == "running" else None,
                      labelled_by=json.loads(job.models) if job.models else None)
 
 
