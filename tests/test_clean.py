@@ -108,7 +108,9 @@ def test_a_run_killed_with_sigkill_resumes_without_lost_or_duplicate_rows(weight
     assert "already done" in resumed.stdout
     # off a terminal (cron, a log file) the progress is plain lines, not one bar frame at the end
     said = [line for line in resumed.stderr.splitlines() if line.startswith("clean: ")]
-    assert said and said[-1].startswith(f"clean: {len(before)}/{len(before)} files (100.0%), "), resumed.stderr[-2000:]
+    assert said and said[-2].startswith(f"clean: {len(before)}/{len(before)} files (100.0%), "), resumed.stderr[-2000:]
+    # and what it does after the last file: the duplicate search and exports had no word (an audit)
+    assert said[-1] == "clean: every file has its row; finding duplicates and writing the results files"
     got = pd.read_csv(out / "results.csv", keep_default_na=False)
     want = pd.read_csv(reference / "results.csv", keep_default_na=False)
     assert got["path"].is_unique and len(got) == len(before)

@@ -93,24 +93,41 @@ def progress_console():
 
 
 @contextmanager
-def file_progress(label: str, every_s: float = 60.0) -> Iterator[Callable[[int, int], None]]:
+def file_progress(label: str, every_s: float = 60.0, then: str | None = None) -> Iterator[Callable[[int, int], None]]:
     """`report(done, total)` for a long run over files: a live bar on a terminal; elsewhere
     (cron, `> log`, `docker logs`, systemd) a plain line at the first report, then at most
     every `every_s` and at the end. rich draws nothing live off a terminal, so a 10^5-file
     `clean` said nothing for hours and then printed one 100% line. The first report is where
-    the run starts (a resume: the files done before), the rate counts from there."""
+    the run starts (a resume: the files done before), the rate counts from there. `then` is
+    said once every file is done, for work that follows them: `clean`'s duplicate search and
+    exports ran 11 s after 805 photos (minutes at scale) with the bar at 100% and no word."""
     console = progress_console()
+    told: list[bool] = []
+
+    def tell(done: int, total: int, say: Callable[[str], None]) -> None:
+        if then and done >= total and not told:
+            told.append(True)
+            say(f"{label}: {then}")
+
     if console.is_terminal:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task(label, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
+
+            def update(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+                tell(done, total, console.print)
+            yield update
         return
     start: dict[str, float] = {}
 
     def report(done: int, total: int) -> None:
+        report_line(done, total)
+        tell(done, total, lambda line: print(line, file=sys.stderr, flush=True))
+
+    def report_line(done: int, total: int) -> None:
         now = time.monotonic()
         if start and now - start["said"] < every_s and done < total:
             return

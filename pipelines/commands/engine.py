@@ -285,7 +285,8 @@ def _clean_with_progress(src, out, quarantine, weights, policy, batch_size, devi
     def say(note: str) -> None:  # as soon as it holds: hours before the end of a 10^6-photo run
         typer.echo(f"note, so far (the run goes on; Ctrl-C stops it, the same command resumes): {note}", err=True)
 
-    with file_progress("clean") as report:
+    finishing = "every file has its row; finding duplicates and writing the results files"
+    with file_progress("clean", then=finishing) as report:
         if engine == "ray":
             from pipelines.clean.ray_run import clean_ray
 
