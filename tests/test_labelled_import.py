@@ -328,3 +328,22 @@ def test_merging_a_manifest_of_no_rows_is_refused_naming_it(tmp_path):
     (tmp_path / "empty.csv").write_text("path,patient_id,source,device,kind\n")
     with pytest.raises(ManifestError, match="(?s)empty.csv.*no rows"):
         merge_manifests([tmp_path / "one.csv", tmp_path / "empty.csv"], tmp_path / "merged.csv")
+
+
+def test_a_sheet_pointed_at_the_wrong_images_folder_is_told_so_first(collection):
+    """50 lines of "missing file", and nothing said that not one row's file was there: the
+    negatives' folder given for the cervix photos' sheet (an audit of a site's walkthrough)."""
+    tmp, _ = collection
+    _photo(tmp / "negatives" / "n1.jpg", (90, 90, 90))
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(tmp / "negatives"), "-o",
+                            str(tmp / "m.csv"), "--source-col", "case", "--source-sep", ":", "--kind-map",
+                            "unknown=skip"])
+    assert r.exit_code == 2, r.output
+    first = next(line for line in r.output.splitlines() if "file" in line)
+    assert "not one of the 3 listed files is under" in first and "(it holds 1 photos)" in first, r.output
+    # one missing file among present ones is only itself
+    (tmp / "photos" / "atlas" / "a1.jpg").unlink()
+    r = runner.invoke(app, ["import-labels", str(tmp / "labels.csv"), "--images", str(tmp / "photos"), "-o",
+                            str(tmp / "m.csv"), "--source-col", "case", "--source-sep", ":", "--kind-map",
+                            "unknown=skip"])
+    assert r.exit_code == 2 and "missing file 'atlas/a1.jpg'" in r.output and "not one of" not in r.output, r.output

@@ -57,6 +57,8 @@ def test_a_threshold_that_flags_every_regular_is_chosen_again_and_the_engine_lab
         shutil.copy(tmp_path / "cal" / f"{name}.json", site)
     judged = CliRunner().invoke(app, ["eval-pipeline", str(split), "--weights", str(site), "-o", str(tmp_path / "ev")])
     assert judged.exit_code == 0, judged.output
+    # the rows that chose the thresholds are no held-out figure, and the evaluation says so (an audit)
+    assert "were chosen on this manifest (deep_sad on its val rows" in judged.output
     report = json.loads((tmp_path / "ev" / "pipeline_metrics.json").read_text())
     for policy in ("deep_sad", "resnest", report["default_policy"]):
         assert report[policy]["overall"]["confusion"] == figures["pipeline"]["after"][policy]["overall"]["confusion"]
@@ -110,8 +112,13 @@ def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_thresho
     for name in few["path"]:
         (tmp_path / name).write_bytes(b"")
     few.to_csv(tmp_path / "few.csv", index=False)
-    assert "16 cervix photos in split val, 4 of them green or iodine: choosing a threshold needs at least 10" in \
-        refused("few.csv")
+    said = refused("few.csv")
+    assert "16 cervix photos in split val, 4 of them green or iodine: choosing a threshold needs at least 10" in said
+    assert "give validation a larger share (`cervixqc split --fractions" in said  # what to do (an audit)
+    # every row chooses with --split all, the test rows too: said, since judging on them afterwards is no test
+    few.assign(split=["test"] * 8 + ["val"] * 8).to_csv(tmp_path / "few-test.csv", index=False)
+    assert "--split all takes this manifest's 8 test rows too" in refused("few-test.csv", "--split", "all")
+    assert "takes this manifest's" not in refused("few-test.csv")
     assert "the folder does not exist" in refused("regular.csv", weights=tmp_path / "none")
     assert "no row in split 'train' (its splits: val)" in refused("regular.csv", "--split", "train")
     assert "--split test: rows that choose the thresholds are no test afterwards" in \
@@ -132,3 +139,32 @@ def test_calibrate_stage2_refuses_before_the_engine_what_cannot_choose_a_thresho
     into_weights = CliRunner().invoke(app, ["calibrate-stage2", str(tmp_path / "regular.csv"), "--weights",
                                             str(weights), "-o", str(weights)])
     assert into_weights.exit_code == 2 and "is a weights folder" in into_weights.output, into_weights.output
+
+
+def test_an_evaluation_on_the_rows_that_chose_the_stage2_thresholds_says_it_is_not_held_out(tmp_path, capsys):
+    """A site chose with `--split all` on its split and then judged `--split test` on the same
+    file: F1 1.000, read as a held-out figure, with no word (an audit of the README's route)."""
+    from models.io import sha256_file
+    from pipelines.commands.evaluation import _check_chosen_here
+
+    weights = tiny_weights(tmp_path / "w", 0.0)
+    manifest = tmp_path / "split.csv"
+    manifest.write_text("path,kind,split\na.jpg,regular,val\nb.jpg,green,test\n")
+    elsewhere = tmp_path / "other.csv"
+    elsewhere.write_text("path,kind,split\nc.jpg,regular,test\n")
+
+    def chosen_on(split: str) -> None:
+        card = json.loads((weights / "deep_sad.json").read_text())
+        card["metrics"]["site_calibration"] = {"manifest_sha256": sha256_file(manifest), "split": split}
+        (weights / "deep_sad.json").write_text(json.dumps(card))  # the card's JSON: the sha256 covers the weights
+
+    def warned(path: Path, split: str | None) -> bool:
+        _check_chosen_here(path, weights, split)
+        return "were chosen on this manifest (deep_sad on its" in capsys.readouterr().err
+
+    chosen_on("val")
+    assert warned(manifest, "val") and warned(manifest, None)
+    assert not warned(manifest, "test") and not warned(elsewhere, None)  # held out: other rows, another file
+    chosen_on("all")
+    assert warned(manifest, "test")
+

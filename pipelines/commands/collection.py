@@ -48,7 +48,8 @@ def import_labels_cmd(
                    "not read", err=True)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
     typer.echo(f"wrote {out}: {len(result.manifest)} rows ({counts}), "
-               f"{result.manifest['patient_id'].nunique()} patients; {result.skipped} rows skipped by --kind-map"
+               f"{result.manifest['patient_id'].nunique()} patients"
+               + (f"; {result.skipped} rows skipped by --kind-map" if result.skipped else "")
                + (f"; {result.windows_paths} Windows names (\\) read as the folder's files" if result.windows_paths
                   else ""))
     if result.unlisted:  # a sheet short of rows imported what it had, unsaid (an audit)

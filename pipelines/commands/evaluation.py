@@ -82,6 +82,7 @@ def eval_pipeline_cmd(
               "folder")
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
     _check_split(manifest, weights)
+    _check_chosen_here(manifest, weights, split)
     df = _rows(manifest, split)
     qc = _engine(weights, device=device, kind_of_every_crop=True)
     try:
@@ -140,6 +141,32 @@ def _check_split(manifest: Path, weights: Path) -> None:
                    "these figures are not held-out ones. A site's own photos that no model here was trained on "
                    "are; to reproduce the cards' own figures, rebuild their split with the cards' "
                    "training.commands.", err=True)
+
+
+def _check_chosen_here(manifest: Path, weights: Path, split: str | None) -> None:
+    """Said before any figure: stage-2 thresholds that `calibrate-stage2` chose on this very
+    manifest's rows. A site's test rows chosen on with `--split all` were then judged as a
+    held-out figure (F1 1.000 at a small site), with no word (an audit)."""
+    from models.io import UnreadableCard, load_card, sha256_file
+
+    try:
+        here = sha256_file(manifest)
+    except OSError:
+        return  # named by the read that follows
+    chose = {}
+    for name in ("deep_sad", "classifier", "colour"):
+        try:
+            record = load_card(weights / f"{name}.json").metrics.get("site_calibration") or {}
+        except UnreadableCard:
+            continue
+        chose_on = record.get("split")
+        if record.get("manifest_sha256") == here and (chose_on == "all" or split in (None, chose_on)):
+            chose[name] = chose_on
+    if chose:
+        rows = ", ".join(f"{name} on its {s} rows" for name, s in chose.items())
+        typer.echo(f"warning: the stage-2 thresholds in {weights} were chosen on this manifest ({rows}; "
+                   "calibrate-stage2): these figures include the photos that chose them and are not held-out "
+                   "ones; judge the cards on rows or photos that did not choose them", err=True)
 
 
 def _trained_under(manifest: Path, weights: Path) -> bool | None:
@@ -212,11 +239,19 @@ def _calibration_rows(manifest: Path, split: str):
         typer.echo(f"note: {int((df['kind'] == 'no_cervix').sum())} no_cervix photos left out: stage 2 judges "
                    "cervix crops", err=True)
         df = df[df["kind"] != "no_cervix"].reset_index(drop=True)
+    held_out = int((df["split"] == "test").sum()) if split == "all" and "split" in df.columns else 0
+    if held_out:  # the README's route then judged on them as held out, F1 1.000 at a small site (an audit)
+        typer.echo(f"warning: --split all takes this manifest's {held_out} test rows too: they choose the thresholds, "
+                   "so `eval-pipeline --split test` on it is no held-out figure afterwards; choose on val and judge "
+                   "on test, or judge on photos outside this manifest", err=True)
     n_pos = int(df["kind"].isin(NON_REGULAR_KINDS).sum())
     if min(n_pos, len(df) - n_pos) < MIN_PER_CLASS:
         _fail(f"{manifest}: {len(df)} cervix photos{'' if split == 'all' else ' in split ' + split}, {n_pos} of "
               f"them green or iodine: choosing a threshold needs at least {MIN_PER_CLASS} regular and "
-              f"{MIN_PER_CLASS} green or iodine photos")
+              f"{MIN_PER_CLASS} green or iodine photos"
+              + ("" if split == "all" else ": give validation a larger share (`cervixqc split --fractions "
+                                           "0.5,0.3,0.2`, without --folds) or add photos; `--split all` chooses on "
+                                           "every row, the test rows too"))
     return df
 
 
@@ -312,9 +347,11 @@ def calibrate_stage2_cmd(
     n_pos = cal.figures["record"]["non_regular_scored"]
     n_reg = len(cal.crops) - n_pos
     if min(n_pos, n_reg) < 30:
+        judge = ("photos outside this manifest (`cervixqc eval-pipeline OTHER.csv --weights COPY`)" if split == "all"
+                 else "its test rows (`cervixqc eval-pipeline SPLIT --split test --weights COPY`)")
         typer.echo(f"warning: chosen on {n_pos} green or iodine and {n_reg} regular photos, so few that one photo "
-                   "moves a threshold; judge the cards on photos that did not choose them (`cervixqc eval-pipeline "
-                   "SPLIT --split test --weights COPY`) before a site uses them", err=True)
+                   f"moves a threshold; judge the cards on photos that did not choose them, {judge}, before a site "
+                   "uses them", err=True)
     writers = {out / f"{name}.json": (lambda tmp, c=card: tmp.write_text(c.model_dump_json(indent=2) + "\n"))
                for name, card in cal.cards.items()}
     writers[out / "stage2_calibration.json"] = lambda tmp: tmp.write_text(json_text(cal.figures))

@@ -133,7 +133,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
                                                             f"sheet has {[str(c) for c in sheet.columns]}")])
     problems: list[RowProblem] = []
     unknown: dict[str, list[int]] = {}  # label word -> its rows
-    rows, skipped, windows, sep_rows, named = [], 0, 0, 0, set()
+    rows, skipped, windows, sep_rows, named, absent = [], 0, 0, 0, set(), 0
     spellings = Spellings(images, "the --images folder")
     for i, rec in enumerate(sheet.to_dict("records"), start=1):
         label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
@@ -154,6 +154,7 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             source, sep_rows = source.split(cols.source_sep, 1)[0], sep_rows + 1
         digest = ""
         if rel and not file.is_file():
+            absent += 1
             problems.append(RowProblem(i, cols.path, f"{no_file(file)} {rel!r} under {str(images)!r}"
                                        + spellings.hint(rel)))
         elif rel:
@@ -170,6 +171,13 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
         rows.append({**extra, "path": path, "patient_id": str(rec[cols.patient]).strip(), "source": source,
                      "device": str(rec[cols.device]).strip() if cols.device else "", "kind": kind,
                      "sha256": digest, "label_row": i})
+    if absent > 1 and absent == sum(1 for r in rows if r["path"]):
+        # said first: 50 lines of "missing file" for a sheet pointed at the wrong folder, and
+        # nothing said that not one row's file was there (an audit)
+        held = sum(1 for p in images.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+        problems.append(RowProblem(0, "", f"not one of the {absent} listed files is under {str(images)!r} "
+                                          f"(it holds {held} photos): is --images the folder the sheet's paths "
+                                          "are relative to?"))
     for word, at in unknown.items():  # a word per problem: one listed per row hid the rare words past the 50th
         rows_at = ", ".join(str(r + 1) for r in at[:5]) + (f" and {len(at) - 5} more" if len(at) > 5 else "")
         problems.append(RowProblem(at[0], cols.kind or "kind", f"unknown label {word!r} ({len(at)} "
