@@ -102,6 +102,30 @@ def test_each_key_alone_links_a_near_copy_within_its_threshold():
         assert list(df["evidence"]) == [key, key], key
 
 
+def test_photos_within_the_whole_photo_hash_are_copies_only_if_their_pixels_align():
+    """Eight different retina photos on their black surround and consecutive video frames sit
+    3-4 bits apart by the whole-photo hash: unchecked, they were grouped as copies (an audit of
+    1,461 real photos). With the photos at hand the pixels decide such a pair; one too plain for
+    keypoints keeps the hash's word, as a re-encoded copy of a smooth photo needs it to."""
+    from tests.qc_fixtures import textured_scene
+
+    scene, other = textured_scene(1), textured_scene(2)
+    flat = _photo(3)  # smooth: too few keypoints for the check
+    files = {"a.jpg": _jpeg(scene), "a_q60.jpg": _jpeg(scene, 60), "b.jpg": _jpeg(other),
+             "flat.jpg": _jpeg(flat), "flat_q60.jpg": _jpeg(flat, 60)}
+    paths = list(files)
+    # 3-4 bits apart: a's copy, another photo b, and a plain photo's copy; within 2 bits no check
+    same_hash = [H0, "000000000000000f", "00000000000000f0", H_FAR, "ffffffff0000000f"]
+    df = find_duplicates(paths, [f"s{i}" for i in range(5)], same_hash, [None] * 5, [None] * 5, DuplicateConfig(),
+                         read=files.__getitem__)
+    groups = {tuple(sorted(g["path"])): set(g["evidence"]) for _, g in df.groupby("group")}
+    assert groups == {("a.jpg", "a_q60.jpg"): {"aligned"}, ("flat.jpg", "flat_q60.jpg"): {"phash"}}, df
+    # without the photos, the hash alone decides, as before
+    keys_alone = find_duplicates(paths, [f"s{i}" for i in range(5)], same_hash, [None] * 5, [None] * 5,
+                                 DuplicateConfig())
+    assert sorted(keys_alone["path"]) == sorted(paths)
+
+
 def test_photos_beyond_every_threshold_are_not_grouped():
     cfg = DuplicateConfig(max_phash_distance=4, max_crop_distance=4, min_cosine=0.99)
     df = find_duplicates(["x", "y"], ["s1", "s2"], [H0, H_FAR], [H0, H_FAR],

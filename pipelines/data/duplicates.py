@@ -86,6 +86,10 @@ class DuplicateConfig:
     """
 
     max_phash_distance: int = 4  # copies <= 2 bits; another photo of the patient >= 6 (val)
+    # pairs farther apart than this, within max_phash_distance, are checked with the pixels when
+    # the photos are at hand: at 3-4 bits sat different retina photos on their black surround
+    # and consecutive video frames (an audit of 1,461 real photos)
+    max_phash_unchecked: int = 2
     max_crop_distance: int = -1  # off (-1): at any distance that finds a crop copy, precision < 0.99 (val)
     min_cosine: float = 1.01  # off (> 1): at 0.99, 44% of crops found at precision 0.95 (val)
     k: int = 8  # neighbours per key and photo
@@ -306,11 +310,20 @@ def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig
     representative = np.zeros(n, dtype=bool)
     representative[_first_of(codes, int(codes.max()) + 1)] = True
 
+    near = (np.empty(0, np.int64), np.empty(0, np.int64))  # the whole-photo hash's pairs, for the pixel check
     for key, values, limit in ((1, phashes, cfg.max_phash_distance), (3, crop_hashes, cfg.max_crop_distance)):
         rows = np.flatnonzero(_present(values, n) & representative)
         if len(rows) >= 2 and limit >= 0:
-            a, b = _hash_pairs(hash_bits([values[r] for r in rows]), limit, cfg)
-            add(rows[a], rows[b], key)
+            bits = hash_bits([values[r] for r in rows])
+            a, b = _hash_pairs(bits, limit, cfg)
+            if key == 1 and check is not None and cfg.max_phash_unchecked < limit:
+                si, sj = _hash_pairs(bits, cfg.max_phash_unchecked, cfg)
+                sure = {(min(i, j), max(i, j)) for i, j in zip(rows[si].tolist(), rows[sj].tolist())}
+                pairs = [(min(i, j), max(i, j)) for i, j in zip(rows[a].tolist(), rows[b].tolist())]
+                add(*(np.asarray([p[k] for p in pairs if p in sure], dtype=np.int64) for k in (0, 1)), key)
+                near = tuple(np.asarray([p[k] for p in pairs if p not in sure], dtype=np.int64) for k in (0, 1))
+            else:
+                add(rows[a], rows[b], key)
 
     vectors, has_vector = _embedding_matrix(embeddings, n) if embeddings is not None else (None, None)
     if vectors is not None and cfg.min_cosine <= 1.0:
@@ -319,10 +332,19 @@ def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig
         add(rows[a], rows[b], 4)
 
     if check is not None:
+        # a hash pair past max_phash_unchecked is checked with the pixels too, and joined by the
+        # hash only where the check cannot judge it (a photo too plain for keypoints, or
+        # unreadable): unchecked, eight different retina photos on their black surround and
+        # consecutive video frames were grouped as copies (an audit of 1,461 real photos).
+        # Such verdicts are not stored, so a rerun judges the pair as a first run does
         ci, cj = _candidates(phashes, vectors, has_vector, representative, cfg)
-        a, b = _checked(np.asarray(paths, dtype=object), sha, ci, cj, np.concatenate(edges_i),
-                        np.concatenate(edges_j), check, verdicts)
+        pairs = np.unique(np.stack([np.concatenate([ci, np.minimum(*near)]),
+                                    np.concatenate([cj, np.maximum(*near)])], axis=1), axis=0)
+        a, b, undecided = _checked(np.asarray(paths, dtype=object), sha, pairs[:, 0], pairs[:, 1],
+                                   np.concatenate(edges_i), np.concatenate(edges_j), check, verdicts)
         add(a, b, 2)
+        kept = [(i, j) for i, j in zip(np.minimum(*near).tolist(), np.maximum(*near).tolist()) if (i, j) in undecided]
+        add(np.asarray([i for i, _ in kept], dtype=np.int64), np.asarray([j for _, j in kept], dtype=np.int64), 1)
 
     return _groups(np.asarray(paths, dtype=object), sha, np.concatenate(edges_i), np.concatenate(edges_j),
                    np.concatenate(edges_key))
@@ -352,7 +374,8 @@ def _candidates(phashes, vectors: np.ndarray | None, has_vector: np.ndarray | No
 
 
 def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray, ei: np.ndarray, ej: np.ndarray,
-             check: CopyChecker, verdicts: VerdictStore | None = None) -> tuple[np.ndarray, np.ndarray]:
+             check: CopyChecker, verdicts: VerdictStore | None = None
+             ) -> tuple[np.ndarray, np.ndarray, set[tuple[int, int]]]:
     """The candidate pairs the pixel check calls copies. A pair already joined (by the keys
     or by a check before it) is not checked: in a group of ten copies, one check joins a
     cropped copy to all of them. Every photo of a pair left to check is decoded once first,
@@ -376,7 +399,7 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     unknown = sorted({r for pair in todo if key(*pair) not in known for r in pair})
     check.prepare([paths[r] for r in unknown], threads=torch.get_num_threads())
     prepared = time.perf_counter() - t0
-    keep_i, keep_j = [], []
+    keep_i, keep_j, undecided = [], [], set()
     checked, found, unread, plain = 0, {}, 0, 0
     try:
         with _faiss_threads(1):  # 500 x 500 descriptors a search: threads cost more than they save
@@ -391,9 +414,11 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
                     verdict = check(paths[a], paths[b])
                     copy = verdict.copy
                     plain += verdict.reason == "too few keypoints"
-                    if k is not None and verdict.reason != "unreadable":
+                    if verdict.reason in ("too few keypoints", "unreadable"):
+                        undecided.add((a, b))  # not stored: a hash pair takes the hash's word (`_find`)
+                    if k is not None and verdict.reason not in ("unreadable", "too few keypoints"):
                         found[k] = copy
-                    else:
+                    elif verdict.reason == "unreadable" or k is None:
                         unread += 1
                 if copy:
                     joined.merge(a, b)
@@ -414,7 +439,7 @@ def _checked(paths: np.ndarray, sha: np.ndarray, ci: np.ndarray, cj: np.ndarray,
     if plain:
         log.info("pixel check: %d pairs too plain to judge (too few keypoints: smooth, dark or blurred photos): "
                  "their cropped or turned copies go unfound", plain)
-    return np.asarray(keep_i, dtype=np.int64), np.asarray(keep_j, dtype=np.int64)
+    return np.asarray(keep_i, dtype=np.int64), np.asarray(keep_j, dtype=np.int64), undecided
 
 
 def _embedding_matrix(embeddings: Sequence[str | None] | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
