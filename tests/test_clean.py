@@ -899,6 +899,9 @@ def test_a_manifests_missing_files_the_folder_holds_spelt_otherwise_are_named_wi
     assert "1 missing listed files are in the folder under another spelling, e.g. 'img_1.jpg'; the folder has " \
            "'IMG_1.JPG'" in r.output
     assert "gone.jpg" not in r.output
+    # the row says it too, as a service job's row does (one mechanism, `name_spellings`)
+    rows = pd.read_csv(tmp_path / "out" / "results.csv", keep_default_na=False).set_index("path")
+    assert "the folder has 'IMG_1.JPG'" in rows.loc["img_1.jpg", "error"] and "; " not in rows.loc["gone.jpg", "error"]
 
 
 def test_a_manifest_path_keeps_spaces_a_file_is_named_with_and_loses_those_a_cell_picked_up(tmp_path):

@@ -30,6 +30,7 @@ from pipelines.clean.quarantine import check_quarantine_names
 from pipelines.clean.run import (CleanSummary, check_outputs, done_labels, finish_run, open_run, plan_run,
                                  quarantine_done_rows, store_batch)
 from pipelines.clean.state import file_stamp
+from pipelines.data.manifest import Spellings
 from pipelines.data.schema import on_disk
 from pipelines.engine.config import QCConfig
 from pipelines.engine.qc import QCPipeline
@@ -148,6 +149,7 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
     if address is not None and not ray.is_initialized():
         _reachable(address)  # before the run's state: an unreachable cluster left -o tied to the source
     src_root = (src.parent if src.is_file() else src).resolve()
+    spellings = Spellings(src_root) if src.is_file() else None
     inputs = list_inputs(src) if inputs is None else inputs
     if quarantine is not None:
         check_quarantine_names(inputs)
@@ -207,7 +209,8 @@ def clean_ray(weights: Path, src: Path, out_dir: Path, quarantine: Path | None =
                                            "the same command again to resume")
                     results = [QCResult.model_validate_json(r) for r in batch["record"]]
                     store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
-                                {r.path: str(s) or None for r, s in zip(results, batch["stamp"])}, copies_in)
+                                {r.path: str(s) or None for r, s in zip(results, batch["stamp"])}, copies_in,
+                                spellings)
                     notes.add(r.label.value for r in results)
                     came_back.update(r.path for r in results)
                     finished += len(results)

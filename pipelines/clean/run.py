@@ -22,6 +22,7 @@ from pipelines.clean.notes import NoteWatch
 from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_stale_copies,
                                         quarantine_results, source_root)
 from pipelines.clean.state import Stale, StateStore, file_stamp
+from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.schema import on_disk
 from pipelines.engine.qc_result import QCResult
 from pipelines.outputs import sweep_temporaries, write_atomically
@@ -143,12 +144,13 @@ def quarantine_done_rows(store: StateStore, src_root: Path, quarantine: Path | N
 
 def store_batch(store: StateStore, src_root: Path, quarantine: Path | None, findings: Collection[str],
                 stale: dict[str, Stale], results: list[QCResult], stamps: Mapping[str, str | None],
-                copies_in: Path | None = None) -> None:
+                copies_in: Path | None = None, spellings: Spellings | None = None) -> None:
     """One labelled batch kept (local and Ray runs): the quarantine copies of the rows it
     replaces dropped, its own copies made, then its rows stored with their files' stamps.
     The old copies are looked for in this run's quarantine and in `copies_in`, the one the
     rows had their copies in (`quarantine_done_rows`): a photo changed while a run had no
     quarantine, or another one, kept the old photo's copy for good (an audit)."""
+    results = name_spellings(results, spellings)  # a manifest's rows: a file spelt otherwise is named
     replaced = [stale.pop(r.path) for r in results if r.path in stale]
     for folder in dict.fromkeys(f for f in (quarantine, copies_in) if f is not None):
         drop_stale_copies(src_root, folder, replaced)
@@ -182,6 +184,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     check_outputs(src, out_dir, quarantine)
     src_root = src.parent if src.is_file() else src
+    spellings = Spellings(src_root) if src.is_file() else None
     inputs = list_inputs(src) if inputs is None else inputs
     if quarantine is not None:
         check_quarantine_names(inputs)
@@ -205,7 +208,7 @@ def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = No
         finished = len(done)
         for chunk, results in zip(chunks, qc.run_stream(batches())):
             store_batch(store, src_root, quarantine, quarantine_findings, stale, results,
-                        {p: stamps.pop(p, None) for p in chunk}, copies_in)
+                        {p: stamps.pop(p, None) for p in chunk}, copies_in, spellings)
             notes.add(r.label.value for r in results)
             finished += len(chunk)
             if progress:

@@ -245,25 +245,24 @@ def clean(
     for note in run_notes(summary.by_label):
         typer.echo(f"note: {note}", err=True)
     if src.is_file() and summary.by_label.get(Label.UNREADABLE.value, 0):
-        for line in _misspelt_rows(src, summary.results_parquet):
+        for line in _misspelt_rows(summary.results_parquet):
             typer.echo(f"note: {line}", err=True)
     if summary.by_label.get(Label.UNREADABLE.value, 0) == summary.total:  # as predict: nothing could be read
         typer.echo(f"not one of the {summary.total} files could be read as an image", err=True)
         raise typer.Exit(1)
 
 
-def _misspelt_rows(manifest: Path, results: Path, shown: int = 3) -> list[str]:
+def _misspelt_rows(results: Path, shown: int = 3) -> list[str]:
     """A manifest's missing files that the folder holds spelt otherwise (`img_1.jpg` for
-    `IMG_1.JPG`, an accent stored as other Unicode): each was an unreadable row, "No such file",
-    with no hint, where `validate` names the spelling (an audit of Windows sheets)."""
+    `IMG_1.JPG`, an accent stored as other Unicode), summed up from the hints their rows carry
+    (`name_spellings`): each was an unreadable row, "No such file", with no hint, where
+    `validate` names the spelling (an audit of Windows sheets)."""
     import pandas as pd
 
-    from pipelines.data.manifest import Spellings
-
     rows = pd.read_parquet(results, columns=["path", "error"])
-    missing = rows[rows["error"].fillna("").str.contains("No such file", regex=False)]["path"]
-    spellings = Spellings(manifest.parent)
-    hints = [(p, h) for p in missing if (h := spellings.hint(p))]
+    errors = rows["error"].fillna("")
+    named = rows[errors.str.contains("No such file", regex=False) & errors.str.contains("; ", regex=False)]
+    hints = [(p, "; " + e.split("; ", 1)[1]) for p, e in zip(named["path"], named["error"])]
     if not hints:
         return []
     return [f"{len(hints)} missing listed files are in the folder under another spelling, e.g. {p!r}{h}"

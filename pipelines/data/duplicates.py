@@ -316,12 +316,10 @@ def _find(paths, sha256s, phashes, crop_hashes, embeddings, cfg: DuplicateConfig
         if len(rows) >= 2 and limit >= 0:
             bits = hash_bits([values[r] for r in rows])
             a, b = _hash_pairs(bits, limit, cfg)
-            if key == 1 and check is not None and cfg.max_phash_unchecked < limit:
-                si, sj = _hash_pairs(bits, cfg.max_phash_unchecked, cfg)
-                sure = {(min(i, j), max(i, j)) for i, j in zip(rows[si].tolist(), rows[sj].tolist())}
-                pairs = [(min(i, j), max(i, j)) for i, j in zip(rows[a].tolist(), rows[b].tolist())]
-                add(*(np.asarray([p[k] for p in pairs if p in sure], dtype=np.int64) for k in (0, 1)), key)
-                near = tuple(np.asarray([p[k] for p in pairs if p not in sure], dtype=np.int64) for k in (0, 1))
+            if key == 1 and check is not None:
+                sure = np.unpackbits(bits[a] ^ bits[b], axis=1).sum(1) <= cfg.max_phash_unchecked
+                add(rows[a][sure], rows[b][sure], key)
+                near = (rows[a][~sure], rows[b][~sure])
             else:
                 add(rows[a], rows[b], key)
 

@@ -26,7 +26,7 @@ from pipelines.data.schema import (
     Split,
     on_disk,
 )
-from pipelines.engine.qc_result import check_findings
+from pipelines.engine.qc_result import QCResult, check_findings
 from pipelines.outputs import write_atomically
 
 _KINDS = {k.value for k in Kind}
@@ -294,6 +294,28 @@ class Spellings:
             return f"; a Windows path: name the file relative to {self.relative_to}, with /"
         return (f"; the folder has {near!r} (spelt otherwise: letter case, accents stored as other Unicode, "
                 "or \\ for /)") if near else ""
+
+
+def name_spellings(results: list[QCResult], spellings: Spellings | None,
+                   told: Callable[[str], bool] = lambda near: True) -> list[QCResult]:
+    """Each row of a listed file missing under its name, with what the folder holds it under in
+    its error (`Spellings.hint`), where `told(near)` allows naming that file (the service: inside
+    its data roots). `clean` and a service job name it so alike, row by row; a job said "No such
+    file" alone where `clean` named the spelling in a note (an audit). A hint that cannot be
+    looked up (a folder the walk cannot enter, a share's I/O error) is left out, not the run."""
+    if spellings is None:
+        return results
+    named = []
+    for r in results:
+        if r.error and "No such file" in r.error:
+            try:
+                near = spellings.near(r.path)
+                hint = spellings.hint(r.path) if near is None or told(near) else ""
+            except OSError:
+                hint = ""
+            r = r.model_copy(update={"error": r.error + hint}) if hint else r
+        named.append(r)
+    return named
 
 
 def validate_manifest(df: pd.DataFrame, base: Path, check_files: bool = True) -> list[RowProblem]:

@@ -189,7 +189,7 @@ def curves(runs: list[dict]) -> str:
     # page showed two empty axes (a site's validation split without green or iodine photos)
     skipped = "".join(f"<p>{html.escape(_label(r))}: no ROC or precision-recall curve, "
                       + (f"its crops are all {'non-regular' if r['y'][0] else 'regular'}" if len(r["y"]) else "no crops")
-                      + "</p>" for r in runs if len(np.unique(r["y"])) < 2)
+                      + "</p>" for r in runs if not any(r is d for d in drawn))
     if not drawn:
         return skipped
     plt = _plt()

@@ -22,7 +22,7 @@ from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.quarantine import quarantine_results
 from pipelines.clean.state import findings_agree, recorded_before_findings
-from pipelines.data.manifest import Spellings
+from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.opened import NotAllowed
 from pipelines.data.schema import on_disk
 from pipelines.engine.decode import DecodeError, DecodeLimits, read_file, unreadable
@@ -220,6 +220,9 @@ class JobRunner:
         todo = [p for p in inputs if p not in done]
         qdir = self.quarantine_root / job.quarantine if job.quarantine else None
         spellings = Spellings(root) if src.is_file() else None  # a manifest's rows may name files spelt otherwise
+
+        def told(near: str) -> bool:  # a file the hint names: inside the data roots only
+            return inside(on_disk(root, near), self.roots)
         swept = sum(sweep_temporaries(d) for d in (qdir, Path(job.out_dir)) if d is not None and d.is_dir())
         if swept:
             log.info("job %s: removed %d temporary files an earlier, killed run left", job.id, swept)
@@ -230,7 +233,7 @@ class JobRunner:
                 log.info("job %s: %s", job.id, self.store.status(job.id))
                 return
             chunk = todo[start : start + self.batch_size]
-            results = self._batch(root, chunk, job.policy, spellings)
+            results = name_spellings(self._batch(root, chunk, job.policy), spellings, told)
             # cancelled while this batch ran: not stored. A cancel after this check lets this batch's
             # copies and rows be stored, one batch more than the cancel's answer counted (DELETE
             # waits for it: `holds`); the rows are right, and a retry reads none of them again
@@ -278,7 +281,7 @@ class JobRunner:
             return read_file(path, self.limits, self.allowed)  # and on the file opened (NotAllowed)
         return read
 
-    def _batch(self, root: Path, chunk: list[str], policy: str, spellings: Spellings | None = None) -> list[QCResult]:
+    def _batch(self, root: Path, chunk: list[str], policy: str) -> list[QCResult]:
         files = {rel: on_disk(root, rel) for rel in chunk}
         # read before the engine is taken: the engine read them under the gate, so a slow or hung
         # share kept every upload waiting on this job's I/O, not on one engine batch. The roots
@@ -286,9 +289,8 @@ class JobRunner:
         # between had a file from outside read, its hashes stored (an audit)
         read = {rel: self._read(files[rel]) for rel in chunk if inside(files[rel], self.roots)}
         allowed = [rel for rel, data in read.items() if isinstance(data, bytes)]
-        by_path = {rel: QCResult(path=rel, label=Label.UNREADABLE,
-                                 error=data.reason + self._hint(root, rel, data, spellings))
-                   for rel, data in read.items() if isinstance(data, DecodeError)}
+        by_path = {rel: QCResult(path=rel, label=Label.UNREADABLE, error=data.reason) for rel, data in read.items()
+                   if isinstance(data, DecodeError)}
         if allowed:
             inputs = [read[rel] for rel in allowed]
             with self.gate.background():
@@ -300,18 +302,6 @@ class JobRunner:
             self.health.succeeded()
             by_path |= {r.path: r for r in results}
         return [by_path.get(rel) or QCResult(path=rel, label=Label.UNREADABLE, error=OUTSIDE) for rel in chunk]
-
-    def _hint(self, root: Path, rel: str, error: DecodeError, spellings: Spellings | None) -> str:
-        """A manifest row's missing file that the folder holds spelt otherwise (`IMG_1.JPG` for
-        `img_1.jpg`), named in the row's error as `clean` names it in its notes: a job said "No
-        such file" alone (an audit). Only a name inside the data roots is told."""
-        if spellings is None or "No such file" not in error.reason:
-            return ""
-        try:  # a hint is no reason to fail the job: a folder the walk cannot enter, a share's I/O error
-            near = spellings.near(rel)
-            return spellings.hint(rel) if near is None or inside(on_disk(root, near), self.roots) else ""
-        except OSError:
-            return ""
 
     def _read(self, path: Path) -> bytes | DecodeError | None:
         """The file's bytes under the engine's limits; None where the file opened lies outside
