@@ -421,6 +421,75 @@ def test_a_turned_photo_of_every_format_reports_its_displayed_size_small_or_full
         assert d.image.shape[2] > d.image.shape[1], (fmt, mode, target)  # the pixels turned once, too
 
 
+
+def _with_app1(jpeg: bytes, tiff: bytes) -> bytes:
+    """`jpeg` with an EXIF segment of our own bytes (Pillow writes only well-formed ones)."""
+    import struct
+
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_a_text_orientation_turns_neither_the_size_nor_the_pixels_on_either_decoder():
+    """A text "6" in the Orientation tag turned the reported size but not the pixels on the
+    PIL decoder (a box scaled 1.33 x 0.75) and both on the device decoder (another box and
+    score): every decoder now turns by the one reading of the header, and a text value is no
+    turn, as `ImageOps.exif_transpose` has it. A LONG 6 is a turn like a SHORT 6."""
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.engine.decode import decode, read_header
+    from pipelines.engine.decode_device import decode_on_device
+
+    plain = jpeg_bytes(textured_scene(6, (400, 300)), 95)
+    ifd = b"II*\x00" + struct.pack("<IH", 8, 1)
+    text = _with_app1(plain, ifd + struct.pack("<HHII", 0x0112, 2, 2, 0x36) + bytes(4))  # ASCII "6"
+    long6 = _with_app1(plain, ifd + struct.pack("<HHII", 0x0112, 4, 1, 6) + bytes(4))
+    with ThreadPoolExecutor(1) as pool:
+        for data, turned in ((text, False), (long6, True)):
+            size = (300, 400) if turned else (400, 300)
+            assert read_header(data).display_size == size
+            (on_device,) = decode_on_device([data], torch.device("cpu"), pool)
+            for d in (decode(data), on_device):
+                assert (d.width, d.height) == size
+                assert tuple(d.image.shape[1:]) == size[::-1]
+                assert d.scale == pytest.approx((1.0, 1.0))
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_a_pngs_exif_behind_its_pixels_is_read_without_decoding_them():
+    """Pillow reaches an eXIf chunk behind the pixel data only by decoding the whole image: a
+    100 MP PNG's header read took as long as its decode, and `decode` decoded it before taking
+    its one-at-a-time turn for costly photos (two at once, +830 MiB against +470; an audit).
+    Here the pixel data is damaged: only a read of the chunk headers finds the turn."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.engine.decode import DecodeError, decode, read_header
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(textured_scene(7, (300, 400)))).save(buf, "PNG")  # stored as a phone turned 90°
+    data = buf.getvalue()
+    end = data.rindex(b"IEND") - 4
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    whole = data[:end] + _png_chunk(b"eXIf", exif.tobytes()) + data[end:]
+    idat = whole.index(b"IDAT") + 4
+    damaged = whole[:idat] + bytes(200) + whole[idat + 200:]
+    assert read_header(damaged).orientation == 6 and read_header(damaged).display_size == (400, 300)
+    with pytest.raises(DecodeError):
+        decode(damaged)
+    d = decode(whole)
+    assert (d.width, d.height) == (400, 300) and tuple(d.image.shape[1:]) == (300, 400)
+
+
 def test_an_arithmetic_coded_jpeg_decodes_and_other_unsupported_files_say_what_they_are(tmp_path):
     """Pillow fails on an arithmetic-coded JPEG past its read buffer (64 KB): the row said
     "truncated or corrupt" of a file every viewer shows. A 12-bit JPEG and a DICOM export
@@ -449,6 +518,9 @@ def test_an_arithmetic_coded_jpeg_decodes_and_other_unsupported_files_say_what_t
         decode(bytes(twelve))
     with pytest.raises(DecodeError, match="DICOM file: not supported"):
         decode(bytes(128) + b"DICM" + bytes(300))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\n%%EndComments\nshowpage\n%%EOF\n"
+    with pytest.raises(DecodeError, match="EPS .PostScript. file: not supported"):  # "truncated or corrupt" before
+        decode(eps)
 
 
 @pytest.mark.parametrize("size", [(2500, 1875), (1279, 960), (3000, 4000)])

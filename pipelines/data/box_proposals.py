@@ -190,9 +190,8 @@ def propose_for_manifest(df, detect=None, unreadable: list[str] | None = None) -
     `detect(path) -> Proposal` (a trained detector) goes first; the heuristic fills in. A
     photo that cannot be read gets no proposal and goes to `unreadable` as "path: reason"
     (one truncated file used to stop the whole command with nothing written)."""
-    from PIL import ImageOps
-
     from models.io import sha256_file
+    from pipelines.engine.decode import exif_orientation, upright
 
     out = []
     for path, abspath, kind in zip(df["path"], df["abspath"], df["kind"]):
@@ -200,7 +199,7 @@ def propose_for_manifest(df, detect=None, unreadable: list[str] | None = None) -
             continue
         try:
             with Image.open(abspath) as im:
-                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+                rgb = np.asarray(upright(im, exif_orientation(im)).convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, a bomb
             if unreadable is None:
                 raise

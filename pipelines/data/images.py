@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pipelines.engine.decode import exif_orientation, to_rgb
+from pipelines.engine.decode import exif_orientation, to_rgb, upright
 
 
 def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.Tensor, float, float]:
@@ -29,27 +29,28 @@ def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.
 
 def _load_rgb(path: str | Path, min_long_side: int | None) -> tuple[torch.Tensor, float, float]:
     with Image.open(path) as im:
-        full_w, full_h = _displayed(im)
+        orientation = exif_orientation(im)
+        full_w, full_h = _displayed(im, orientation)
         if min_long_side is not None and im.format in ("JPEG", "MPO"):  # MPO: phones' JPEGs with a second image
             f = min_long_side / max(im.size)
             if f < 1:
                 im.draft("RGB", (max(1, int(im.size[0] * f)), max(1, int(im.size[1] * f))))
         # the engine's conversion: PIL's own turned a 16-bit PNG white and dropped alpha onto
         # whatever the transparent pixels held, so training saw other pixels than inference
-        im = to_rgb(ImageOps.exif_transpose(im))
+        im = to_rgb(upright(im, orientation))
         arr = np.asarray(im)
     t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     return t, t.shape[2] / full_w, t.shape[1] / full_h
 
 
-def _displayed(im: Image.Image) -> tuple[int, int]:
+def _displayed(im: Image.Image, orientation: int) -> tuple[int, int]:
     """Width and height as displayed (EXIF orientations 5-8 turn the photo), from the header,
     by the engine's rule (a TIFF's size is reported turned already: turned again, its boxes
     were scaled 0.75 x 1.33, an audit)."""
     w, h = im.size
-    return (h, w) if exif_orientation(im) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def displayed_size(path: str | Path) -> tuple[int, int]:
     with Image.open(path) as im:
-        return _displayed(im)
+        return _displayed(im, exif_orientation(im))

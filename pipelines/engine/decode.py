@@ -12,6 +12,8 @@ import contextlib
 import ctypes
 import hashlib
 import io
+import os
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipelines.data.opened import Allowed, NotRegular, open_regular
 
@@ -126,7 +128,7 @@ def draft_factor(width: int, height: int, min_long_side: int | None) -> int:
 
 def _reducible(im: Image.Image) -> Image.Image:
     """`im` in a mode `Image.reduce` takes (it refuses palette, 1-bit and 16-bit ones), as
-    `to_rgb` would read it, its EXIF kept for the turn."""
+    `to_rgb` would read it."""
     if im.mode == "P":
         return im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode == "PA":  # reduced as raw palette indices it came out black: no_cervix (an audit)
@@ -134,9 +136,7 @@ def _reducible(im: Image.Image) -> Image.Image:
     if im.mode == "1":
         return im.convert("L")
     if im.mode.startswith("I;16"):  # shifted at full size, as before the reduction: its brightness unchanged
-        grey = _grey8(im)
-        grey.info = dict(im.info)  # its EXIF (the turn) with it
-        return grey
+        return _grey8(im)
     return im
 
 
@@ -192,9 +192,8 @@ def _arithmetic(data: bytes, header: Header, min_long_side: int | None) -> Decod
     k = draft_factor(im.width, im.height, min_long_side)
     if k > 1:
         im = im.reduce(k)
-    im.getexif()[0x0112] = header.orientation  # the file's turn, for PIL's own transpose
     full_w, full_h = header.display_size
-    return Decoded(torch.from_numpy(np.array(ImageOps.exif_transpose(im)).transpose(2, 0, 1).copy()), full_w, full_h,
+    return Decoded(torch.from_numpy(np.array(upright(im, header.orientation)).transpose(2, 0, 1).copy()), full_w, full_h,
                    header.sha256)
 
 
@@ -220,6 +219,9 @@ def _open(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, Header]:
         raise DecodeError("not an image (unrecognised format)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not our crash
         raise DecodeError(f"unreadable image header ({type(e).__name__})") from None
+    if im.format == "EPS":  # Pillow names it, then needs Ghostscript to draw it: "truncated or corrupt" before
+        im.close()
+        raise DecodeError("EPS (PostScript) file: not supported, export the image as JPEG or PNG")
     w, h = im.size
     try:
         check_size(w, h, limits)
@@ -234,14 +236,62 @@ def exif_orientation(im: Image.Image) -> int:
     engine and the training and box tools (`pipelines.data.images`) read it here, once.
     Pillow's TIFF reader (13, the lock's) reports the turned size and turns the pixels as it
     loads: turned again, a TIFF's width and height were swapped and its box scaled by
-    (4/3, 3/4)."""
+    (4/3, 3/4).
+    A value that is not a whole number (a text "6") is no turn, as `ImageOps.exif_transpose`
+    has it. Every decoder turns the pixels by this reading (`upright`, and the device
+    decoder's `apply_orientation`), not by reading the header again: with `exif_transpose`, a
+    text "6" turned the reported size but not the pixels (a box scaled 1.33 x 0.75) while the
+    device decoder turned both (another box and score; an audit)."""
     if im.format == "TIFF":
         return 1
     try:
-        orientation = int(im.getexif().get(0x0112, 1))
+        if im.format == "PNG" and "exif" not in im.info:
+            after_pixels = _png_exif_after_pixels(im.fp)
+            if after_pixels is None:  # PngImageFile.getexif would decode the pixels to look for one
+                exif = Image.Image.getexif(im)  # the text chunks' EXIF and XMP, read before the pixels
+            else:
+                im.info["exif"] = after_pixels
+                exif = im.getexif()
+        else:
+            exif = im.getexif()
+        orientation = exif.get(0x0112, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block is not worth losing the image for
         return 1
-    return orientation if 1 <= orientation <= 8 else 1
+    return orientation if type(orientation) is int and 1 <= orientation <= 8 else 1
+
+
+def _png_exif_after_pixels(fp) -> bytes | None:
+    """A PNG's eXIf chunk, found by walking the chunk headers from the file's start. Pillow
+    reaches an eXIf behind the pixel data only by decoding the
+    whole image: `read_header` of a 100 MP PNG took 1.7-2.9 s, as long as a full decode, and
+    `decode` decoded it before taking its costly-decode turn, so two such PNGs decoded at once
+    (+830 MiB where one at a time takes +470; an audit). The walk reads 8 bytes a chunk."""
+    pos = fp.tell()
+    try:
+        fp.seek(8)
+        while len(head := fp.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return fp.read(length)
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+        return None
+    finally:
+        fp.seek(pos)
+
+
+# ImageOps.exif_transpose's table: EXIF orientation -> the transpose that makes it upright
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+
+
+def upright(im: Image.Image, orientation: int) -> Image.Image:
+    """`im` turned by `orientation` as `exif_orientation` read it from the file (see there why
+    not `ImageOps.exif_transpose`); `im` itself where there is no turn."""
+    turn = _TURNS.get(orientation)
+    return im if turn is None else im.transpose(turn)
 
 
 def check_size(w: int, h: int, limits: DecodeLimits) -> None:
@@ -357,7 +407,7 @@ def _pixels(im: Image.Image, data: bytes, header: Header, jpeg: bool,
             # before it is turned and made RGB: each of those is a full-size copy, and a 100 MP
             # RGBA PNG (418 KB) took 2.3 GB more to decode, 4 of them in a batch 5.4 GB
             small = _reducible(im).reduce(factor)
-        rgb = to_rgb(ImageOps.exif_transpose(small))
+        rgb = to_rgb(upright(small, header.orientation))
     except DecodeError:
         raise
     except Exception as e:  # noqa: BLE001
