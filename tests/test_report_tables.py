@@ -16,9 +16,22 @@ def test_a_validation_run_beside_a_test_run_is_named_as_such():
     page = table6([_run("test", [1, 0], [0.9, 0.1]), _run("val", [0, 0], [0.1, 0.2])])
     assert "ResNeSt, 32x32, test" in page and "ResNeSt, 32x32, val" in page
     assert "n/a" in page and "nan" not in page  # the val run has no positive: no sensitivity
-    # which split chose the thresholds, and at what threshold each row is (an audit: neither was said)
-    assert "<td>held out</td>" in page and "<td>thresholds chosen here: optimistic</td>" in page
-    assert "<th>Threshold (the card's)</th>" in page and "<td>0.5</td>" in page and "<th>PR-AUC</th>" in page
+    # which split chose the thresholds, and at what threshold each row is (an audit: neither was said);
+    # a scores file from before `eval` recorded the rows' role is named by its split, and says so
+    assert "<td>held out (by the split&#x27;s name)</td>" in page
+    assert "<td>thresholds chosen here: optimistic (by the split&#x27;s name)</td>" in page
+    assert "<th>Threshold (the card's)</th>" in page and "<td>0.5</td>" in page
+    assert "<th>Average precision</th>" in page and "PR-AUC" not in page  # average_precision_score, not the area
+
+
+def test_a_rows_role_is_the_one_eval_read_from_the_card_not_its_splits_name():
+    """Test rows that `calibrate-stage2 --split all` chose the threshold on read "held out",
+    and any manifest's val rows "optimistic" (an audit)."""
+    page = table6([_run("test", [1, 0], [0.9, 0.1]) | {"role": "threshold chosen on these rows (calibrate-stage2): "
+                                                                 "optimistic"},
+                   _run("val", [1, 0], [0.9, 0.1]) | {"role": "not the training's split"}])
+    assert "<td>threshold chosen on these rows (calibrate-stage2): optimistic</td>" in page
+    assert "<td>not the training&#x27;s split</td>" in page and "held out" not in page
 
 
 def test_the_report_lists_validation_runs_apart_from_test_runs_and_captions_crops_with_their_prediction(tmp_path):
@@ -59,6 +72,15 @@ def test_table6_gives_each_sources_row_under_a_pooled_one():
     assert "annocerv" in annocerv and "<td>1.000</td>" in annocerv and "<td>3</td>" in annocerv
     assert "atlas" in atlas and "<td>0.000</td>" in atlas and "<td>2</td>" in atlas  # its one regular flagged
     assert "\u2003" not in table6([_run("test", [1, 0], [0.9, 0.1]) | {"sources": np.array(["a", "a"])}])
+    # each source's row with its own photos left out for want of a box (the cell was empty: an audit)
+    left = {"left_out_kinds": np.array(["green", "iodine"]), "left_out_counts": np.array([1, 3]),
+            "left_out_sources": np.array(["atlas", "atlas"]), "left_out_source_kinds": np.array(["green", "iodine"]),
+            "left_out_source_counts": np.array([1, 3])}
+    page = table6([run | left])
+    pooled, annocerv, atlas = page.split("</tr>")[1:4]
+    assert pooled.endswith("<td>5</td><td>4</td>") and annocerv.endswith("<td>3</td><td>0</td>")
+    assert atlas.endswith("<td>2</td><td>4</td>")
+    assert "4 photos had no box (1 green, 3 iodine; atlas: 1 green, 3 iodine)" in page
 
 
 def test_a_run_of_a_few_crops_leaves_its_t_sne_out_rather_than_failing_the_report():

@@ -90,7 +90,7 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
     assert set(report) == {"overall", "left_out_without_box", "left_out_without_box_by_source", "model_sha256", "card",
-                           "manifest_sha256", "coco_sha256"} | set(crops["val"].sources)
+                           "manifest_sha256", "coco_sha256", "role"} | set(crops["val"].sources)
     assert report["model_sha256"] == json.loads(Path(card_path).read_text())["sha256"]
     assert report["left_out_without_box"] == {}
     _, card = load_weights(card_path)
@@ -133,9 +133,57 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
                                  "--split", "val"])
     assert r.exit_code == 2 and "holds an eval of other weights (sha256 000000000000" in r.output, r.output
     # -o naming a file: refused before the scoring (it failed after it, exit 1, "File exists")
-    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(one_less),
+    r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(one_less), "-o", str(one_less),
                                  "--split", "val"])
     assert r.exit_code == 2 and "--out" in r.output and "cannot write there" in r.output, r.output
+
+
+def test_eval_says_what_the_rows_are_to_the_cards_threshold_from_the_cards_records(split_set, tmp_path):
+    """The report named a row by its split alone: test rows that `calibrate-stage2 --split
+    all` had chosen the threshold on read "held out" and `eval` said nothing, while any
+    manifest's val rows read "optimistic" (an audit). The card's `site_calibration` and
+    `data.split_fingerprint` say what the rows are."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.data.splits import split_fingerprint
+
+    manifest, coco = split_set
+    crops = split_crops(manifest, coco, 32, splits=("train", "val"))
+    cfg = Stage2Config(out_dir=tmp_path, epochs=1, pretrain_epochs=1, batch_size=8, progress=False)
+    card_path = Path(train_deep_sad(cfg, crops["train"], crops["val"], torch.device("cpu")))
+    card = json.loads(card_path.read_text())
+    df = load_manifest(manifest)
+    df["sha256"] = [sha256_file(p) for p in df["abspath"]]  # a split's fingerprint is of its photos' sha256
+    manifest = tmp_path / "hashed.csv"
+    write_manifest(rebased(df, manifest), manifest)
+    fingerprint = split_fingerprint(load_manifest(manifest))
+    other = tmp_path / "other.csv"  # the same photos, split otherwise: not the training's split
+    df["split"] = np.where(df["split"] == "val", "train", "val")
+    write_manifest(rebased(df, other), other)
+
+    def role(card_fields: dict, rows: Path, split: str = "val") -> tuple[str, str]:
+        card_path.write_text(json.dumps(card | card_fields))
+        out = tmp_path / f"ev{len(list(tmp_path.glob('ev*')))}"
+        r = CliRunner().invoke(app, ["eval", str(card_path), str(rows), "--coco", str(coco), "-o", str(out),
+                                     "--split", split])
+        assert r.exit_code == 0, r.output
+        with np.load(out / f"deep_sad_32_{split}_scores.npz") as z:
+            assert str(z["role"]) == json.loads((out / f"deep_sad_32_{split}_metrics.json").read_text())["role"]
+            return str(z["role"]), r.output
+
+    trained = {"data": card["data"] | {"split_fingerprint": fingerprint}}
+    assert role(trained, manifest)[0] == "threshold chosen here: optimistic"
+    assert role(trained, manifest, "train")[0] == "trained on these rows"
+    assert role(trained, other)[0] == "not the training's split"
+    chosen = {"metrics": card["metrics"] | {"site_calibration": {"manifest_sha256": sha256_file(other),
+                                                                   "split": "all"}}}
+    said, output = role(trained | chosen, other)
+    assert said == "threshold chosen on these rows (calibrate-stage2): optimistic"
+    assert "warning: the threshold in deep_sad.json was chosen on these val rows (calibrate-stage2)" in output
+    chosen["metrics"]["site_calibration"]["split"] = "train"
+    assert role(trained | chosen, other)[0] == "held out (threshold chosen on this manifest's train rows)"
+    assert role({"data": {}}, manifest)[0] == "val: optimistic if the training's (threshold chosen there)"
 
 
 def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):

@@ -221,14 +221,19 @@ def eval_cmd(
     overall and per source, at the threshold in the card."""
     from models.io import WeightsIntegrityError
     from pipelines.commands.common import device_or_fail, rate_text, require_writable
-    from pipelines.evaluation.stage2_eval import evaluate_stage2
+    from pipelines.evaluation.stage2_eval import CHOSEN_HERE, evaluate_stage2
 
     device = device_or_fail(device)
     require_writable("--out", out, keep=False)  # a file there failed after the scoring, exit 1 (an audit)
     try:
-        report, by_source = evaluate_stage2(card, manifest, coco, split, out, device)
+        report, by_source, role = evaluate_stage2(card, manifest, coco, split, out, device)
     except (WeightsIntegrityError, ValueError) as e:
         _fail(str(e))
+    if role == CHOSEN_HERE:  # eval-pipeline said so; eval did not (an audit)
+        typer.echo(f"warning: the threshold in {card.name} was chosen on these {split} rows (calibrate-stage2): these "
+                   "figures include the photos that chose it and are not held-out ones", err=True)
+    elif role:
+        typer.echo(f"{split} rows: {role}")
     left_out: dict[str, int] = {}
     for kinds in by_source.values():
         for k, n in kinds.items():

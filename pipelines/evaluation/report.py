@@ -50,9 +50,13 @@ def _label(run: dict) -> str:
 
 
 def _role(run: dict) -> str:
-    """What a row's split is to its thresholds: the cards choose theirs on the training's
-    validation split, so its figures are in-sample for them; Table 6 did not say so (an audit)."""
-    return {"val": "thresholds chosen here: optimistic", "test": "held out"}.get(str(run.get("split", "")), "")
+    """What a row's photos are to its threshold and training, as `eval` read it from the card
+    (`stage2_eval.threshold_role`); a scores file from before that record is named by its split
+    alone, and says so."""
+    if "role" in run:
+        return str(run["role"])
+    named = {"val": "thresholds chosen here: optimistic", "test": "held out"}.get(str(run.get("split", "")), "")
+    return f"{named} (by the split's name)" if named else ""
 
 
 def _splits(runs: list[dict]) -> str:
@@ -128,6 +132,16 @@ def left_out(run: dict) -> dict[str, int] | None:
     return {str(k): int(n) for k, n in zip(run["left_out_kinds"], run["left_out_counts"])}
 
 
+def left_out_by_source(run: dict) -> dict[str, dict[str, int]] | None:
+    """`left_out` of each source (None: a scores file from before it recorded them)."""
+    if "left_out_sources" not in run:
+        return None
+    by: dict[str, dict[str, int]] = {}
+    for src, kind, n in zip(run["left_out_sources"], run["left_out_source_kinds"], run["left_out_source_counts"]):
+        by.setdefault(str(src), {})[str(kind)] = int(n)
+    return by
+
+
 def table6(runs: list[dict]) -> str:
     """The paper's Table 6, with how many crops each row scored and how many photos had no box:
     with a detector's box file its misses are in no figure, and the table alone read as if
@@ -142,7 +156,7 @@ def table6(runs: list[dict]) -> str:
             + f"<td>{threshold:.4g}</td><td>{len(y)}</td><td>{without}</td></tr>")
 
     for r in runs:
-        missing = left_out(r)
+        missing, by_source = left_out(r), left_out_by_source(r)
         without = "?" if missing is None else str(sum(missing.values()))
         rows.append(row(_label(r), _role(r), r["y"], r["score"], float(r["threshold"]), without))
         # and each source's: pooled, one source's false flags hid behind the others' specificity
@@ -150,14 +164,17 @@ def table6(runs: list[dict]) -> str:
         sources = np.asarray(r.get("sources", []), dtype=str)
         for source in sorted(set(sources)) if len(set(sources)) > 1 else []:
             at = sources == source
-            rows.append(row(f"\u2003{source}", "", r["y"][at], r["score"][at], float(r["threshold"]), ""))
+            own = "" if by_source is None else str(sum(by_source.get(source, {}).values()))
+            rows.append(row(f"\u2003{source}", "", r["y"][at], r["score"][at], float(r["threshold"]), own))
         if missing:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(missing.items()))
-            notes.append(f"{_label(r)}: {sum(missing.values())} photos had no box ({kinds}) and are in none of its "
-                         "figures; with a detector's boxes they are its misses, and the whole pipeline's "
+            where = "" if not by_source else "; " + "; ".join(
+                f"{src}: " + ", ".join(f"{n} {k}" for k, n in sorted(ks.items())) for src, ks in sorted(by_source.items()))
+            notes.append(f"{_label(r)}: {sum(missing.values())} photos had no box ({kinds}{where}) and are in none of "
+                         "its figures; with a detector's boxes they are its misses, and the whole pipeline's "
                          "sensitivity is lower (cervixqc eval-pipeline)")
     head = ("<tr><th></th><th>Split's role</th><th>Sens./recall</th><th>Spec.</th><th>Prec.</th><th>F1</th>"
-            "<th>Acc.</th><th>ROC-AUC</th><th>PR-AUC</th><th>Threshold (the card's)</th><th>Crops scored</th>"
+            "<th>Acc.</th><th>ROC-AUC</th><th>Average precision</th><th>Threshold (the card's)</th><th>Crops scored</th>"
             "<th>Left out (no box)</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
 
@@ -200,7 +217,7 @@ def curves(runs: list[dict]) -> str:
         m = binary_metrics(r["y"], r["score"], float(r["threshold"]))
         style = "-" if str(r.get("split", "")) == "test" else "--"
         a.plot(fpr, tpr, style, label=f"{_label(r)} (AUC {_figure(m.roc_auc)})")
-        b.plot(rec, p, style, label=f"{_label(r)} (AUC {_figure(m.pr_auc)})")
+        b.plot(rec, p, style, label=f"{_label(r)} (AP {_figure(m.pr_auc)})")
         b.axhline(float(np.mean(r["y"])), color="grey", lw=0.6, ls=":")  # chance: the positives' share
     a.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")  # chance
     a.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 from models.io import sha256_file
 from pipelines.data.crop_set import KIND_INDEX, CropSet, split_crops
 from pipelines.data.manifest import load_manifest
+from pipelines.data.splits import split_fingerprint
 from pipelines.evaluation.classification import metrics_by_group
 from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
 from pipelines.outputs import changed_since, write_json
@@ -35,8 +36,9 @@ def score_crops(card_path: Path, crops: CropSet, batch_size: int = 128, device: 
 
 
 def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out_dir: Path,
-                    device: str = "cpu") -> tuple[dict, dict[str, int]]:
-    """(metrics per group, photos of each kind left out for want of a box, by source). The figures are of
+                    device: str = "cpu") -> tuple[dict, dict[str, dict[str, int]], str]:
+    """(metrics per group, photos of each kind left out for want of a box, by source, what the rows
+    are to the card: `threshold_role`). The figures are of
     the crops alone: with a detector's box file, the photos it missed are in no crop, and the
     count says how many (they were left out unsaid, and the sensitivity read higher)."""
     _, card = load_stage2(card_path)
@@ -44,6 +46,8 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     _refuse_other_weights(out_dir / f"{stem}_metrics.json", card.sha256)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,), allow_unboxed=True)[split]
     df = load_manifest(manifest)
+    manifest_sha256 = sha256_file(manifest)
+    role = threshold_role(card, manifest_sha256, split_fingerprint(df), split)
     if len(crops) == 0:
         splits = sorted(df["split"].dropna().astype(str).unique()) if "split" in df.columns else []
         if split not in splits:  # "no 'bogus' image has a cervix box" for a split that is not there (an audit)
@@ -62,10 +66,10 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     out_dir.mkdir(parents=True, exist_ok=True)
     # the photos and boxes scored, by content: the report sets runs side by side only when
     # they scored the same (two re-splits of one collection passed as one "test": an audit)
-    scored_on = {"manifest_sha256": sha256_file(manifest), "coco_sha256": sha256_file(coco)}
+    scored_on = {"manifest_sha256": manifest_sha256, "coco_sha256": sha256_file(coco)}
     write_json(out_dir / f"{stem}_metrics.json",
                report | {"left_out_without_box": left_out, "left_out_without_box_by_source": by_source,
-                         "model_sha256": card.sha256, "card": str(card_path)}
+                         "model_sha256": card.sha256, "card": str(card_path), "role": role}
                | scored_on)
     # Everything the report needs, so it never reruns a model; the photos left out for want of
     # a box too (the report showed sensitivity 1.000 where 6 of 11 positives had none: an audit)
@@ -73,8 +77,46 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
                         sources=np.array(crops.sources), paths=np.array(crops.paths),
                         threshold=threshold_of(card), model=card.name, input_size=card.input_size[0],
                         split=split, model_sha256=card.sha256, left_out_kinds=np.array(list(left_out), dtype=str),
-                        left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scored_on, **scores)
-    return report, by_source
+                        left_out_counts=np.array(list(left_out.values()), dtype=np.int64), **scored_on, **scores,
+                        role=role, **_by_source_arrays(by_source))
+    return report, by_source, role
+
+
+CHOSEN_HERE = "threshold chosen on these rows (calibrate-stage2): optimistic"
+
+
+def threshold_role(card, manifest_sha256: str, fingerprint: str | None, split: str) -> str:
+    """What the scored rows are to the card's threshold and training, from the card's records
+    (`site_calibration`: the manifest's sha256 and split that chose it; `data.split_fingerprint`:
+    the split the model was trained under). The report named a row by its split's name alone:
+    test rows that `calibrate-stage2 --split all` chose the threshold on read "held out", and
+    any manifest's val rows "optimistic" (an audit). Photos of the training in another manifest
+    cannot be told from its sha256s; that manifest's rows are said to be another split's."""
+    site = card.metrics.get("site_calibration") or {}
+    if site.get("manifest_sha256") == manifest_sha256:
+        if site.get("split") in ("all", split):
+            return CHOSEN_HERE
+        return f"held out (threshold chosen on this manifest's {site.get('split')} rows)"
+    trained = card.data.get("split_fingerprint")
+    if trained is None or fingerprint is None:  # a card or manifest without the record: by the split's name
+        return {"val": "val: optimistic if the training's (threshold chosen there)",
+                "test": "test: held out if the training's split"}.get(split, "")
+    if fingerprint != trained:
+        return "not the training's split" + (" (threshold chosen on another manifest)" if site else "")
+    if split == "train":
+        return "trained on these rows"
+    if split == "val":
+        return "model chosen here, threshold on another manifest" if site else "threshold chosen here: optimistic"
+    return "held out" if split == "test" else ""
+
+
+def _by_source_arrays(by_source: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+    """The photos left out for want of a box, by source and kind, as flat arrays for the
+    scores file: the report's source rows had an empty "left out" cell (an audit)."""
+    rows = [(src, kind, n) for src, kinds in sorted(by_source.items()) for kind, n in sorted(kinds.items())]
+    return {"left_out_sources": np.array([r[0] for r in rows], dtype=str),
+            "left_out_source_kinds": np.array([r[1] for r in rows], dtype=str),
+            "left_out_source_counts": np.array([r[2] for r in rows], dtype=np.int64)}
 
 
 def _refuse_other_weights(metrics: Path, sha256: str) -> None:
