@@ -169,7 +169,8 @@ def table6(runs: list[dict]) -> str:
         if missing:
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(missing.items()))
             where = "" if not by_source else "; " + "; ".join(
-                f"{src}: " + ", ".join(f"{n} {k}" for k, n in sorted(ks.items())) for src, ks in sorted(by_source.items()))
+                f"{src}: " + ", ".join(f"{n} {k}" for k, n in sorted(ks.items()))
+                for src, ks in sorted(by_source.items()))
             notes.append(f"{_label(r)}: {sum(missing.values())} photos had no box ({kinds}{where}) and are in none of "
                          "its figures; with a detector's boxes they are its misses, and the whole pipeline's "
                          "sensitivity is lower (cervixqc eval-pipeline)")
