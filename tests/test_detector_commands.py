@@ -203,3 +203,20 @@ def test_eval_detector_records_what_it_measured_and_replaces_only_the_same_figur
     _refused(runner.invoke(app, ["eval-detector", card, str(tmp_path / "val.json"), "-o", str(out)]),
              "holds the figures of another boxes")
     assert (out / "detector_metrics.json").read_bytes() == figures
+
+
+def test_detect_replaces_only_a_box_file_an_earlier_detect_wrote(weights, tmp_path):
+    """`-o` on a set's checked boxes (its coco.json, beside the manifest) replaced them with
+    the detector's, exit 0, and `validate` then called the file ok (an audit)."""
+    coco, manifest = _collection(tmp_path)
+    checked = coco.read_text()
+    _refused(runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(coco)]),
+             "did not write", "move that one away")
+    assert coco.read_text() == checked
+    out = tmp_path / "d.json"
+    for _ in range(2):  # a rerun replaces its own
+        r = runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+    out.write_text("not json")
+    _refused(runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(out)]),
+             "did not write")

@@ -184,6 +184,25 @@ def _refuse_other_eval(path: Path, record: dict) -> None:
               "write into another folder to keep both, or delete it")
 
 
+def _refuse_other_boxes(out: Path) -> None:
+    """A box file that `detect` did not write is not replaced: `-o` on a set's checked boxes
+    (its coco.json, beside the manifest, where the help steers -o) replaced 54 ground-truth
+    boxes with the detector's 0, exit 0, and `validate` then called the file ok (an audit).
+    A box file an earlier `detect` wrote is replaced, as a rerun's."""
+    from pipelines.engine.detector import DETECTED
+
+    if not out.exists():
+        return
+    try:
+        info = json.loads(out.read_text()).get("info") or {}
+        written_by_detect = str(info.get("description", "")).startswith(DETECTED)
+    except (OSError, ValueError, AttributeError):
+        written_by_detect = False
+    if not written_by_detect:
+        _fail(f"--out {out} holds a file that `cervixqc detect` did not write (checked or ground-truth boxes?): "
+              "name another file, or move that one away first")
+
+
 def detect_cmd(
     card: Annotated[Path, typer.Argument(help="The detector's model card.")],
     manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
@@ -202,6 +221,7 @@ def detect_cmd(
     device = device_or_fail(device)
     not_an_input("--out", out, manifest, card)  # the manifest was replaced by the boxes, exit 0 (an audit)
     require_writable("--out", out, file=True)
+    _refuse_other_boxes(out)
     df = _manifest(manifest)
     model, mcard = _detector(card, device)
     # named from the box file's folder, as every reader takes them: `-o` elsewhere wrote the

@@ -217,6 +217,9 @@ def predict_dataset(model: nn.Module, dataset: CocoDetection, device: torch.devi
     return result
 
 
+DETECTED = "top boxes of detector "  # a box file `detect_to_coco` wrote: its description begins so
+
+
 def detect_to_coco(model: nn.Module, card: ModelCard, files: Sequence[Path], names: Sequence[str],
                    device: str = "cpu", batch_size: int = 8, min_score: float | None = None):
     """The detector's top box per image file as COCO, the image named as `names` says (score
@@ -258,7 +261,7 @@ def detect_to_coco(model: nn.Module, card: ModelCard, files: Sequence[Path], nam
                     ann = make_annotation(len(anns) + 1, image_id, 1, box.tolist())
                     ann.score = round(float(det["scores"][keep][i]), 4)  # type: ignore[attr-defined]
                     anns.append(ann)
-    info = {"description": f"top boxes of detector {card.sha256[:12]}", "threshold": threshold,
+    info = {"description": f"{DETECTED}{card.sha256[:12]}", "threshold": threshold,
             "unreadable": len(unreadable)}
     return CocoDataset(info=info, images=images, annotations=anns,
                        categories=[CocoCategory(id=1, name=CERVIX)]), unreadable
