@@ -70,6 +70,19 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
     assert set(report["deep_sad"]) >= {"overall", *truth["source"].unique()}
 
 
+
+def test_eval_pipeline_on_train_rows_says_they_may_be_the_models_training_photos(labelled, tmp_path):
+    """`--split train` was judged as plainly as test where the manifest or the cards could not
+    tell the training's split (no sha256s), and `--split val` said nothing either way (an audit)."""
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["eval-pipeline", str(labelled), "--weights", str(weights), "--split", "train",
+                            "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert "train rows may be (the manifest or the cards cannot tell: no sha256s) the photos" in r.output, r.output
+    r = runner.invoke(app, ["eval-pipeline", str(labelled), "--weights", str(weights), "--split", "val",
+                            "-o", str(tmp_path / "ev2")])
+    assert r.exit_code == 0 and "train rows" not in r.output, r.output
+
 def test_eval_pipeline_replaces_only_its_own_figures_and_writes_into_no_other_commands_folder(labelled, tmp_path):
     """It wrote its figures, exit 0, into a copy of a weights folder and a stage-2 eval's, and
     replaced an earlier run of other thresholds unsaid (an audit); a rerun of the same ones

@@ -184,6 +184,7 @@ def test_eval_says_what_the_rows_are_to_the_cards_threshold_from_the_cards_recor
     chosen["metrics"]["site_calibration"]["split"] = "train"
     assert role(trained | chosen, other)[0] == "held out (threshold chosen on this manifest's train rows)"
     assert role({"data": {}}, manifest)[0] == "val: optimistic if the training's (threshold chosen there)"
+    assert role({"data": {}}, manifest, "train")[0] == "train: trained on these rows if the training's split"
 
 
 def test_report_contains_every_figure_of_the_paper(split_set, tmp_path):

@@ -81,7 +81,7 @@ def eval_pipeline_cmd(
         _fail(f"--out {out} holds {foreign} (a weights folder, or another command's figures): write into another "
               "folder")
     require_writable("--out", out, keep=False)  # before the engine pass; made when the figures are written
-    _check_split(manifest, weights)
+    _check_split(manifest, weights, split)
     _check_chosen_here(manifest, weights, split)
     df = _rows(manifest, split)
     qc = _engine(weights, device=device, kind_of_every_crop=True)
@@ -132,10 +132,17 @@ def _refuse_other_figures(path: Path, decision: dict, split: str | None) -> None
               f"{json.loads(path.read_text())['split'] or 'all'}): write into another folder to keep both, or delete it")
 
 
-def _check_split(manifest: Path, weights: Path) -> None:
+def _check_split(manifest: Path, weights: Path, split: str | None) -> None:
     """Said before any figure: a split other than the one the weights were trained under (their
-    cards' `data.split_fingerprint`) may hold their training photos in its val and test rows."""
-    if _trained_under(manifest, weights) is False:
+    cards' `data.split_fingerprint`) may hold their training photos in its val and test rows;
+    the train rows of that split, or of one that cannot tell (no sha256 column), are or may be
+    those photos (`--split train` was judged as plainly as test; an audit)."""
+    trained = _trained_under(manifest, weights)
+    if split == "train" and trained is not False:
+        known = "are" if trained else "may be (the manifest or the cards cannot tell: no sha256s)"
+        typer.echo(f"warning: {manifest}'s train rows {known} the photos {weights}'s models were trained on, on "
+                   "which they score better than on any other: these figures are not held-out ones", err=True)
+    if trained is False:
         typer.echo(f"warning: {manifest} is not the split any of {weights}'s models was trained under (the cards' "
                    "data.split_fingerprint): if any of its val or test photos were among their training photos, "
                    "these figures are not held-out ones. A site's own photos that no model here was trained on "

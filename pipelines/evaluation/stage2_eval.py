@@ -99,7 +99,8 @@ def threshold_role(card, manifest_sha256: str, fingerprint: str | None, split: s
         return f"held out (threshold chosen on this manifest's {site.get('split')} rows)"
     trained = card.data.get("split_fingerprint")
     if trained is None or fingerprint is None:  # a card or manifest without the record: by the split's name
-        return {"val": "val: optimistic if the training's (threshold chosen there)",
+        return {"train": "train: trained on these rows if the training's split",
+                "val": "val: optimistic if the training's (threshold chosen there)",
                 "test": "test: held out if the training's split"}.get(split, "")
     if fingerprint != trained:
         return "not the training's split" + (" (threshold chosen on another manifest)" if site else "")
