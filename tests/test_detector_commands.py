@@ -220,3 +220,27 @@ def test_detect_replaces_only_a_box_file_an_earlier_detect_wrote(weights, tmp_pa
     out.write_text("not json")
     _refused(runner.invoke(app, ["detect", str(weights / "detector.json"), str(manifest), "-o", str(out)]),
              "did not write")
+
+
+def test_eval_detector_says_when_the_box_file_is_one_the_detector_trained_or_chose_on(weights, tmp_path):
+    """Figures on the training's own box files were printed as plainly as a test file's, and
+    `-o` into a weights folder wrote the figures there (an audit)."""
+    import shutil
+
+    from models.io import sha256_file
+
+    coco, _ = _collection(tmp_path)
+    folder = tmp_path / "w"
+    shutil.copytree(weights, folder)
+    card = json.loads((folder / "detector.json").read_text())
+    for key, words in (("train_coco_sha256", "this detector trained on"),
+                       ("val_coco_sha256", "this detector chose its epoch and score threshold on")):
+        (folder / "detector.json").write_text(json.dumps(card | {"data": {key: sha256_file(coco)}}))
+        r = runner.invoke(app, ["eval-detector", str(folder / "detector.json"), str(coco), "-o", str(tmp_path / key)])
+        assert r.exit_code == 0 and f"warning: {coco} is the box file {words}" in r.output, r.output
+    (folder / "detector.json").write_text(json.dumps(card | {"data": {"train_coco_sha256": "0" * 64}}))
+    r = runner.invoke(app, ["eval-detector", str(folder / "detector.json"), str(coco), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    _refused(runner.invoke(app, ["eval-detector", str(folder / "detector.json"), str(coco), "-o", str(folder)]),
+             "a weights folder")
+    assert not (folder / "detector_metrics.json").exists()

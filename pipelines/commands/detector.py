@@ -120,6 +120,9 @@ def eval_detector_cmd(
     from pipelines.evaluation.detector_report import evaluate_detector, image_sources
 
     device = device_or_fail(device)
+    foreign = next((p.name for p in sorted(out.glob("*.safetensors"))), None) if out.is_dir() else None
+    if foreign:  # figures and a gallery written into a weights folder, exit 0 (an audit); eval-pipeline refused
+        _fail(f"--out {out} holds {foreign} (a weights folder): write the figures into another folder")
     # every input checked before the model runs: a bad box file, a size mismatch, a missing
     # photo or a manifest with a BOM were tracebacks, some after the whole inference (an audit)
     try:
@@ -138,6 +141,7 @@ def eval_detector_cmd(
     except (CocoError, ManifestError, ValueError) as e:
         _fail(str(e))
     record = _eval_record(mcard, coco, manifest)
+    _say_if_trained_on(mcard, record["boxes_sha256"], coco)
     _refuse_other_eval(out / EVAL_RECORD, record)
     require_writable("--out", out, keep=False)
     try:
@@ -151,6 +155,18 @@ def eval_detector_cmd(
                    f"top-1 recall@0.5 {rate_text(m['top1_recall50'])}  cervix found {rate_text(m['cervix_found'])} "
                    f"(n={m['n_cervix']})  no_cervix called {rate_text(m['no_cervix_called'])} (n={m['n_no_cervix']})")
     typer.echo(f"wrote {out / 'detector_metrics.json'} and {out / 'detector_gallery.png'}")
+
+
+def _say_if_trained_on(mcard, boxes_sha256: str, coco: Path) -> None:
+    """Said before any figure: the box file is one the detector trained on, or chose its epoch
+    and score threshold on (its card's `data.*_coco_sha256`); such figures were printed as
+    plainly as a test file's (an audit). Cards from before the record cannot tell."""
+    roles = {"train_coco_sha256": "trained on", "extra_coco_sha256": "trained on (its extra set)",
+             "val_coco_sha256": "chose its epoch and score threshold on"}
+    said = [what for key, what in roles.items() if mcard.data.get(key) == boxes_sha256]
+    if said:
+        typer.echo(f"warning: {coco} is the box file this detector {said[0]}: these figures are optimistic, not "
+                   "held-out ones; judge it on a split it did not see", err=True)
 
 
 # what an eval-detector's figures are of, beside them (detector_metrics.json holds rows alone)
