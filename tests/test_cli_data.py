@@ -201,6 +201,14 @@ def test_validate_finds_what_training_would_refuse_in_a_manifest_and_its_box_fil
     assert r.exit_code == 2 and "2.png: recorded 120x80, the photo is 60x40" in r.output, r.output
     r = runner.invoke(app, args + [str(boxes("gone.json", [(60, 40), (60, 40)], ("1.png", "none.png")))])
     assert r.exit_code == 2 and "none.png: no such file" in r.output, r.output
+    # "ok" to what training refuses: a cervix photo without a box, and another collection's boxes (an audit)
+    r = runner.invoke(app, args + [str(tmp_path / "ok.json")])
+    assert "warning: 1 of the manifest's 2 cervix photos have no box in ok.json (e.g. 2.png)" in r.output, r.output
+    (tmp_path / "other").mkdir()
+    for k in (1, 2):
+        Image.new("RGB", (60, 40)).save(tmp_path / "other" / f"{k}.png")
+    r = runner.invoke(app, args + [str(boxes("other/b.json", [(60, 40), (60, 40)]))])
+    assert r.exit_code == 2 and "not one of its 2 images is a row of the manifest" in r.output, r.output
 
 
 def test_synth_refuses_a_size_it_cannot_make_before_writing_and_makes_the_size_asked_for(tmp_path):

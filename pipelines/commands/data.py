@@ -131,9 +131,21 @@ def _check_box_photos(ds, coco: Path, df) -> None:
     problems = photo_problems(ds, coco.parent)
     if problems:
         raise CocoError(str(coco), problems)
-    outside = len(ds.images) - len(manifest_rows(ds, coco.parent, df["abspath"]))
+    rows = manifest_rows(ds, coco.parent, df["abspath"])
+    if not rows:  # "ok" with a note, where split and training refuse the pair (an audit)
+        raise CocoError(str(coco), [f"not one of its {len(ds.images)} images is a row of the manifest (another "
+                                    "collection's box file, or names written from another folder?)"])
+    outside = len(ds.images) - len(rows)
     if outside:
         typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
+    boxed = {rows[a.image_id] for a in ds.annotations if a.image_id in rows}
+    cervix = [i for i, kind in enumerate(df["kind"].astype(str)) if kind in ("regular", "green", "iodine")]
+    unboxed = [i for i in cervix if i not in boxed]
+    if unboxed:  # "ok" to a box file of 0 boxes, which training refuses (an audit)
+        shown = ", ".join(str(df["path"].iloc[i]) for i in unboxed[:3])
+        typer.echo(f"warning: {len(unboxed)} of the manifest's {len(cervix)} cervix photos have no box in {coco.name} "
+                   f"(e.g. {shown}): stage-2 training and eval refuse them unless --allow-unboxed (a detector's "
+                   "misses); box them with propose-boxes and fix-boxes", err=True)
 
 
 def _warn_split_copies(df) -> None:
