@@ -328,6 +328,16 @@ def test_split_matches_table_paths_written_otherwise_and_refuses_a_table_that_ma
                             str(tmp_path / "elsewhere.csv")])
     assert r.exit_code == 2 and "none of its 2 paths is in the manifest" in r.output
     assert not (tmp_path / "o.csv").exists()
+    # no copies found, made over the images' folder (paths without `img/`): "N were not compared; run
+    # cervixqc duplicates over the whole collection", which it had been (an audit)
+    pd.DataFrame(columns=["path", "group", "duplicate_of", "kind", "evidence"]).to_csv(tmp_path / "none.csv",
+                                                                                        index=False)
+    pd.DataFrame({"path": [p.removeprefix("img/") for p in pd.read_csv(manifest)["path"]]}).to_csv(
+        tmp_path / "none.compared.csv", index=False)
+    r = runner.invoke(app, ["split", manifest, "-o", str(tmp_path / "o.csv"), "--duplicates",
+                            str(tmp_path / "none.csv")])
+    assert r.exit_code == 2 and "none of the 40 photos it compared is a path of the manifest" in r.output, r.output
+    assert f"cervixqc duplicates {manifest} -o" in r.output and not (tmp_path / "o.csv").exists()
 
 
 def test_a_second_merge_keeps_the_first_merges_original_patient_ids(tmp_path):

@@ -212,7 +212,7 @@ def split(
         if df.empty:  # a header alone printed pandas' "Empty DataFrame" and wrote an empty split
             raise ValueError(f"{manifest} has no rows")
         _warn_patient_spellings(df)
-        groups = _duplicate_groups(df, duplicates) if duplicates is not None else None
+        groups = _duplicate_groups(df, duplicates, manifest) if duplicates is not None else None
         if groups is not None and merge_duplicates:
             _merge_patients(df, groups)
         try:
@@ -295,7 +295,7 @@ def split(
     typer.echo(f"wrote {out}")
 
 
-def _duplicate_groups(df, source: Path):
+def _duplicate_groups(df, source: Path, manifest_path: Path):
     """The duplicate table restricted to the manifest's paths, with a note when they miss."""
     from pipelines.data.duplicates import compared_file, compared_paths, read_duplicates
     from pipelines.data.splits import path_key
@@ -306,9 +306,11 @@ def _duplicate_groups(df, source: Path):
     known = {path_key(p) for p in df["path"].astype(str)}
     # a boolean Series, not a list: an empty list (a table of no copies) selected no columns
     listed = groups[groups["path"].astype(str).map(lambda p: path_key(p) in known).astype(bool)]
+    over_manifest = (f"relative to the same folder: `cervixqc duplicates {manifest_path} -o ...` compares the "
+                     "manifest's own photos")
     if len(groups) and listed.empty:  # a table of another collection, or paths relative to another folder
         raise ValueError(f"--duplicates {source}: none of its {len(groups)} paths is in the manifest (they must "
-                         "name the files as the manifest's path column does, relative to the same folder)")
+                         f"name the files as the manifest's path column does, {over_manifest})")
     outside = len(groups) - len(listed)
     typer.echo(f"duplicates: {listed['group'].nunique()} groups, {len(listed)} photos of the manifest"
                + (f" ({outside} photos of the table are not in it)" if outside else ""))
@@ -318,6 +320,11 @@ def _duplicate_groups(df, source: Path):
                    "photos added since it was made are unchecked", err=True)
     else:
         unseen = sorted(k for k in known if k not in compared)
+        if compared and len(unseen) == len(known):  # a folder's table (`images/`'s paths): "run it over the whole
+            # collection", which it had been (an audit)
+            raise ValueError(f"--duplicates {source}: none of the {len(compared)} photos it compared is a path of "
+                             f"the manifest (first: {sorted(compared)[0]!r} against {sorted(known)[0]!r}); they must "
+                             f"name the files as the manifest's path column does, {over_manifest}")
         if unseen:
             typer.echo(f"warning: {len(unseen)} of the manifest's {len(known)} photos were not compared when "
                        f"{source} was made (first: {', '.join(unseen[:3])}): copies of them go unseen; run "
