@@ -232,6 +232,17 @@ def test_a_manifest_without_paths_or_with_a_blank_one_is_refused_naming_its_rows
     r = CliRunner().invoke(app, ["clean", str(collection / "blank.csv"), "-o", str(tmp_path / "out"),
                                  "--weights", str(weights)])
     assert r.exit_code != 0 and "empty path on row 3, 4" in r.output and not (tmp_path / "out").exists()
+    # not one listed file there: the models loaded and wrote a "No such file" row for each, exit 1, and the
+    # note blamed documents and DICOM files (an audit); a clean's results.csv given as SRC, the same
+    (tmp_path / "moved.csv").write_text("path\nclinic_a/ok.jpg\nclinic_a/zero.jpg\n")
+    with pytest.raises(ValueError, match="not one of its 2 listed files is there .* moved away from its photos"):
+        list_inputs(tmp_path / "moved.csv")
+    r = CliRunner().invoke(app, ["clean", str(collection), "-o", str(tmp_path / "c"), "--weights", str(weights)])
+    assert r.exit_code in (0, 1), r.output
+    r = CliRunner().invoke(app, ["clean", str(tmp_path / "c" / "results.csv"), "-o", str(tmp_path / "out"),
+                                 "--weights", str(weights)])
+    assert r.exit_code == 2 and "it is a results table of `cervixqc clean`" in r.output, r.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_name_that_is_not_utf8_or_of_251_bytes_gets_its_row_and_quarantine_copy_and_resumes(weights, collection,
@@ -482,12 +493,18 @@ def test_results_or_quarantine_inside_the_source_or_unwritable_are_refused_befor
     before = _checksums(collection)
     not_a_folder = tmp_path / "plain-file"
     not_a_folder.write_text("")
+    (tmp_path / "q1").mkdir()
+    (tmp_path / "q1" / ".cervixqc-source").write_text("/elsewhere")  # another run's quarantine
     inside = "is inside the source folder"
     for extra, messages in ((["-o", str(collection)], ("--out", inside)),
                             (["-o", str(tmp_path / "out"), "--quarantine", str(collection / "q")], ("--quarantine", inside)),
                             (["-o", str(tmp_path / "out"), "--quarantine", str(not_a_folder / "q")],
-                             ("--quarantine", "cannot write there")),
-                            (["-o", str(tmp_path / "out"), "--batch-size", "0"], ("--batch-size",))):
+                             ("--quarantine", "plain-file is a file, so no folder can be made under it")),
+                            (["-o", str(tmp_path / "out"), "--batch-size", "0"], ("--batch-size",)),
+                            # both accepted (an audit)
+                            (["-o", str(tmp_path / "out"), "--quarantine", str(tmp_path / "out")],
+                             ("is the results folder",)),
+                            (["-o", str(tmp_path / "q1")], ("is a quarantine (it holds .cervixqc-source)",))):
         r = CliRunner().invoke(app, ["clean", str(collection), "--weights", str(weights), *extra])
         assert r.exit_code != 0 and all(m in r.output for m in messages), (extra, r.output)
     assert _checksums(collection) == before

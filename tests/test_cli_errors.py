@@ -138,6 +138,7 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(coco)], "is the input"),
         (["duplicates", str(manifest), "-o", str(manifest)], "is the input"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--seed", "-1"], "greater than or equal to 0"),
+        (["train-deep-sad", str(manifest), "-o", str(tmp_path / "sad"), "--seed", "-1"], "greater than or equal to 0"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--folds", "7"], "6 patients"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--fractions", "abc"], "--fractions needs three"),
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(coco)], "lists no images"),
@@ -163,6 +164,14 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         # -o d.csv writes d.compared.csv beside it: a manifest of that name was replaced
         (["duplicates", str(tmp_path / "m.compared.csv"), "-o", str(tmp_path / "m.csv")], "is the input"),
         (["match-boxes", str(manifest), "--boxes", str(coco), "-o", str(tmp_path / "b.json")], "cervix"),
+        # said as what they are (an audit): an output that is a file, a folder that is not there, a card's folder
+        (["extract-listed", str(tmp_path / "listing.csv"), "--mirrors", str(tmp_path), "-o", str(labels)],
+         f"--out {labels} is a file: name a folder"),
+        (["report", str(tmp_path / "nothere"), "--manifest", str(manifest), "--coco", str(coco), "-o",
+          str(tmp_path / "r.html")], "nothere: no such folder"),
+        (["export", "--weights", str(tmp_path / "sy")], "name the weights folder with --weights"),
+        (["calibrate-findings", str(manifest), "--thresholds-from", str(tmp_path), "-o", str(tmp_path / "cf")],
+         f"is a folder: give the findings card in it ({tmp_path / 'findings.json'})"),
     ]
     for args, said in cases:
         r = runner.invoke(app, args)

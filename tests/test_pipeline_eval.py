@@ -138,7 +138,8 @@ def test_colour_baseline_separates_green_and_iodine_photos_by_colour(tmp_path):
     assert again.exit_code == 0, again.output  # -o is a folder: a rerun into it is no mistake
     (tmp_path / "f").write_text("a file")
     refused = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "split.csv"), "-o", str(tmp_path / "f")])
-    assert refused.exit_code == 2 and "cannot write there" in refused.output, refused.output
+    # "cannot write there (File exists)" before (an audit)
+    assert refused.exit_code == 2 and f"{tmp_path / 'f'} is a file: name a folder" in refused.output, refused.output
     df.loc[df["split"] == "val", "split"] = "test"
     write_manifest(df, tmp_path / "d" / "no-val.csv")
     out = runner.invoke(app, ["baseline-colour", str(tmp_path / "d" / "no-val.csv")])

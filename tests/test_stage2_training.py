@@ -135,7 +135,7 @@ def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_se
     # -o naming a file: refused before the scoring (it failed after it, exit 1, "File exists")
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(one_less), "-o", str(one_less),
                                  "--split", "val"])
-    assert r.exit_code == 2 and "--out" in r.output and "cannot write there" in r.output, r.output
+    assert r.exit_code == 2 and f"--out {one_less} is a file: name a folder" in r.output, r.output
 
 
 def test_eval_says_what_the_rows_are_to_the_cards_threshold_from_the_cards_records(split_set, tmp_path):
@@ -470,7 +470,8 @@ def test_every_training_command_refuses_an_out_it_cannot_write_before_any_work(t
                  ["train-resnest", none, "--coco", none], ["train-colour", none, "--coco", none],
                  ["train-presence", none, "--detector", none]):
         r = CliRunner().invoke(app, [*args, "-o", str(a_file / "run")])
-        assert r.exit_code == 2 and f"-o {a_file / 'run'}: cannot write there" in r.output, (args, r.output)
+        said = f"-o {a_file / 'run'}: {a_file} is a file, so no folder"  # "cannot write there (Not a directory)"
+        assert r.exit_code == 2 and said in r.output, (args, r.output)
         r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "new" / "run")])  # refused: no manifest
         assert r.exit_code == 2 and not (tmp_path / "new").exists(), (args, r.output)
     r = CliRunner().invoke(app, ["baseline-colour", none, "-o", str(tmp_path / "new" / "base")])

@@ -143,6 +143,16 @@ def list_inputs(src: Path) -> list[str]:
         first: dict[str, str] = {}
         for p in paths:
             first.setdefault(file_key(src.parent, p), PurePosixPath(p).as_posix())
+        # stops at the first file there: a manifest copied away from its photos (or a clean's
+        # results.csv given as one) loaded the models and wrote a "No such file" row for every
+        # row, and clean's note blamed documents and DICOM files (an audit)
+        if paths and not any(os.path.lexists(on_disk(src.parent, p)) for p in first.values()):
+            results = {"label", "cervix_box"} <= set(map(str, table.columns))
+            raise ValueError(f"{src.name}: not one of its {len(first)} listed files is there (paths are taken from "
+                             f"{src.parent}, the manifest's folder; the first: {sorted(first.values())[0]!r}): "
+                             + ("it is a results table of `cervixqc clean`; give the folder or manifest that was "
+                                "cleaned" if results else "was the manifest moved away from its photos, or is their "
+                                "share not mounted? (`cervixqc validate` names files spelt otherwise)"))
         return sorted(first.values())
     skipped: Counter = Counter()
     out = list(_folder_files(src, skipped))

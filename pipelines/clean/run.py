@@ -80,6 +80,12 @@ def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     quarantine another source's runs use is refused (QUARANTINE_SOURCE), and so is a manifest
     source that is one of the files the run writes (`clean x/results.csv -o x` replaced the
     manifest with its results, exit 0: an audit)."""
+    if quarantine is not None and (quarantine.resolve() == out_dir.resolve()):  # accepted (an audit)
+        raise ValueError(f"--quarantine {quarantine} is the results folder: the copies would mix with results.csv "
+                         "and the state; give the quarantine a folder of its own")
+    if (out_dir / QUARANTINE_SOURCE).is_file():  # results tables among a later run's photos to clean (an audit)
+        raise ValueError(f"--out {out_dir} is a quarantine (it holds {QUARANTINE_SOURCE}): write the results "
+                         "elsewhere")
     marker = None if quarantine is None else quarantine / QUARANTINE_SOURCE
     if marker is not None and marker.is_file():
         owner = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()

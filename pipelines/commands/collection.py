@@ -225,9 +225,11 @@ def extract_listed_cmd(
 ) -> None:
     """Copy listed images out of git snapshots of public repositories, byte for byte, each
     checked against its sha256 (how the real training photos and hard negatives arrive)."""
+    from pipelines.commands.common import writable_folder
     from pipelines.data.listed_files import extract_listed
 
     try:
+        writable_folder("--out", out, keep=False)  # "listing.csv/x: Not a directory", exit 1, mid-way (an audit)
         report = extract_listed(listing, mirrors, out)
     except ValueError as e:
         _fail(str(e))

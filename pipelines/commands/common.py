@@ -272,6 +272,11 @@ def writable_folder(option: str, folder: Path, keep: bool = True) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
+        if folder.is_file():  # "cannot write there (File exists)" (an audit)
+            raise ValueError(f"{option} {folder} is a file: name a folder") from None
+        above = next((p for p in folder.parents if p.is_file()), None)
+        if above is not None:
+            raise ValueError(f"{option} {folder}: {above} is a file, so no folder can be made under it") from None
         raise ValueError(f"{option} {folder}: cannot write there ({e.strerror or type(e).__name__})") from None
     finally:
         for p in made if not keep else ():

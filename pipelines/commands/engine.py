@@ -436,8 +436,9 @@ def export(
     if unknown or not names:
         _fail(f"--models must name some of {', '.join(openvino_runtime.EXPORTABLE)}, not {models!r}")
     missing = [n for n in names if not (weights / f"{n}.json").is_file()]
-    if missing:
-        _fail(f"no {', '.join(f'{n}.json' for n in missing)} in {weights}")
+    if missing:  # "no detector.json, deep_sad.json in weights", run from another folder (an audit)
+        _fail(f"no {', '.join(f'{n}.json' for n in missing)} in {weights.resolve()}: name the weights folder with "
+              "--weights")
     if not openvino_runtime.available():
         _fail("export needs the openvino package (pip install openvino)")
     from pipelines.engine.detector import load_detector

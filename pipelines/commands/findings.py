@@ -38,6 +38,9 @@ def calibrate_findings_cmd(
                                                            write_outputs)
 
     judged = None
+    if thresholds_from is not None and thresholds_from.is_dir():  # IsADirectoryError (an audit)
+        _fail(f"--thresholds-from {thresholds_from} is a folder: give the findings card in it "
+              f"({thresholds_from / 'findings.json'})")
     if thresholds_from is not None:  # before the minutes of scoring, checked as the engine checks it
         try:
             with loading(thresholds_from):

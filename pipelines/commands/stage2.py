@@ -12,7 +12,7 @@ from pipelines.commands.common import (RunFolder, _fail, number_in, require_writ
 
 Marks = Annotated[float, typer.Option(
     help="Share of training crops given a clinician's drawn marks (arrows, outlines), whatever their label.")]
-Seed = Annotated[int, typer.Option(help="Seeds the weights' start, the shuffles and the augmentation.")]
+Seed = Annotated[int, typer.Option(min=0, help="Seeds the weights' start, the shuffles and the augmentation.")]
 AllowUnboxed = Annotated[bool, typer.Option(
     help="Leave out cervix photos without a box (a detector's box file: its misses), counted on the card; "
          "else such a photo is an error.")]

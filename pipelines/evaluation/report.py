@@ -306,6 +306,9 @@ def build_report(eval_dir: Path | None, crops: dict[str, np.ndarray], out: Path,
     `command`), under the title: a page passed on had no date or command to trace it by (an
     audit)."""
     runs = load_runs(eval_dir) if eval_dir is not None else []
+    if eval_dir is not None and not Path(eval_dir).is_dir():  # "no *_scores.npz in nothere" (an audit)
+        raise ValueError(f"{eval_dir}: {'not a folder' if Path(eval_dir).exists() else 'no such folder'} (give the "
+                         "folder `cervixqc eval -o` wrote)")
     if eval_dir is not None and not runs:
         raise ValueError(f"no *_scores.npz in {eval_dir}: run `cervixqc eval` first")
     parts = [f"<h1>{html.escape(title)}</h1>"]
