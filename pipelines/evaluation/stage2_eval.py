@@ -93,19 +93,19 @@ def threshold_role(card, manifest_sha256: str, fingerprint: str | None, split: s
     any manifest's val rows "optimistic" (an audit). Photos of the training in another manifest
     cannot be told from its sha256s; that manifest's rows are said to be another split's."""
     site = card.metrics.get("site_calibration") or {}
-    if site.get("manifest_sha256") == manifest_sha256:
-        if site.get("split") in ("all", split):
-            return CHOSEN_HERE
-        return f"held out (threshold chosen on this manifest's {site.get('split')} rows)"
     trained = card.data.get("split_fingerprint")
+    if site.get("manifest_sha256") == manifest_sha256 and site.get("split") in ("all", split):
+        return CHOSEN_HERE
+    if split == "train" and trained is not None and fingerprint == trained:
+        return "trained on these rows"
+    if site.get("manifest_sha256") == manifest_sha256:
+        return f"held out (threshold chosen on this manifest's {site.get('split')} rows)"
     if trained is None or fingerprint is None:  # a card or manifest without the record: by the split's name
         return {"train": "train: trained on these rows if the training's split",
                 "val": "val: optimistic if the training's (threshold chosen there)",
                 "test": "test: held out if the training's split"}.get(split, "")
     if fingerprint != trained:
         return "not the training's split" + (" (threshold chosen on another manifest)" if site else "")
-    if split == "train":
-        return "trained on these rows"
     if split == "val":
         return "model chosen here, threshold on another manifest" if site else "threshold chosen here: optimistic"
     return "held out" if split == "test" else ""
