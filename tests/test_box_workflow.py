@@ -260,3 +260,29 @@ def test_the_detectors_proposals_and_boxes_refuse_a_card_without_its_threshold_n
     with pytest.raises(WeightsIntegrityError, match="no 'score' threshold"):
         detect_to_coco(model, card, [], [])
     assert top_box_fn(folder / "detector.json", min_score=0.3) is not None  # a threshold given: taken
+
+
+def test_a_box_command_replaces_only_a_box_file_it_wrote_itself(site, tmp_path):
+    """`-o` onto a set's checked boxes replaced them with new proposals, a CVAT import or a
+    detector's boxes, exit 0 (an audit). Each box command stamps its file (`info.written_by`)
+    and replaces only its own; a rerun replaces its earlier output."""
+    checked = site / "boxes.json"
+    for _ in range(2):  # a rerun replaces its own
+        r = runner.invoke(app, ["propose-boxes", str(site / "m.csv"), "-o", str(site / "proposals.json")])
+        assert r.exit_code == 0, r.output
+    (site / "fixes.csv").write_text("file,action,x1,y1,x2,y2,note\n")
+    r = runner.invoke(app, ["fix-boxes", str(site / "proposals.json"), str(site / "fixes.csv"), "-o", str(checked)])
+    assert r.exit_code == 0 and load_coco(checked).info["written_by"] == "cervixqc fix-boxes", r.output
+    before = checked.read_bytes()
+    for command in (["propose-boxes", str(site / "m.csv"), "-o", str(checked)],
+                    ["match-boxes", str(site / "m.csv"), "--boxes", str(site / "proposals.json"), "-o", str(checked)],
+                    ["import-cvat", str(site / "proposals.json"), "-o", str(checked)]):
+        r = runner.invoke(app, command)
+        assert r.exit_code == 2 and "did not write (written by cervixqc fix-boxes" in r.output, (command, r.output)
+    assert checked.read_bytes() == before
+    r = runner.invoke(app, ["fix-boxes", str(site / "proposals.json"), str(site / "fixes.csv"), "-o", str(checked)])
+    assert r.exit_code == 0, r.output
+    (site / "ground_truth.json").write_bytes(before.replace(b'"written_by"', b'"made_by"'))  # a file of no command
+    r = runner.invoke(app, ["fix-boxes", str(site / "proposals.json"), str(site / "fixes.csv"), "-o",
+                            str(site / "ground_truth.json")])
+    assert r.exit_code == 2 and "described as 'proposals from proposals.json" in r.output, r.output

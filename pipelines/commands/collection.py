@@ -97,12 +97,13 @@ def propose_boxes_cmd(
     from pipelines.data.manifest import ManifestError, load_manifest
 
     from models.io import WeightsIntegrityError
-    from pipelines.commands.common import not_an_input, require_writable
+    from pipelines.commands.common import box_file_output, not_an_input, require_writable
 
     # outputs checked before the photos are read: a --sheets that was a file failed after the
     # proposals were written (an audit); -o naming the manifest or the detector's card replaced it
     not_an_input("--out", out, manifest, detector)
     require_writable("--out", out, file=True, keep=False)
+    stamp = box_file_output("--out", out, "propose-boxes", legacy_prefix="cervix box proposals (")
     if sheets is not None:
         require_writable("--sheets", sheets, keep=False)
         if (problem := sheets_folder_problem(sheets)) is not None:
@@ -130,6 +131,7 @@ def propose_boxes_cmd(
     how = f"detector {detector.name}, tissue heuristic where it found nothing" if detector else "tissue heuristic"
     ds = proposals_to_coco(entries, f"cervix box proposals ({how}); not checked")
     ds.info["images"] = str(manifest.parent.resolve())  # the folder its names are relative to, for fix-boxes' sheets
+    ds.info["written_by"] = stamp
     save_coco(ds, out)
     origins = {}
     for a in ds.annotations:
@@ -155,12 +157,13 @@ def fix_boxes_cmd(
     from pipelines.data.box_sheets import draw_sheets, sheets_folder_problem
     from pipelines.data.coco import CocoError, load_coco, save_coco
 
-    from pipelines.commands.common import not_an_input, require_writable
+    from pipelines.commands.common import box_file_output, not_an_input, require_writable
 
     if not fixes.is_file():  # exit 1 with the OS's words (an audit)
         _fail(f"{fixes}: no such file")
     not_an_input("--out", out, proposals, fixes)  # a reviewer's fixes were replaced by the boxes (an audit)
     require_writable("--out", out, file=True, keep=False)  # before the output: a bad --sheets left it written
+    stamp = box_file_output("--out", out, "fix-boxes")
     if sheets is not None:
         require_writable("--sheets", sheets, keep=False)
         if (problem := sheets_folder_problem(sheets)) is not None:
@@ -179,6 +182,7 @@ def fix_boxes_cmd(
     if sheets is not None and ds.images and not (root / ds.images[0].file_name).is_file():
         _fail(f"--sheets: {ds.images[0].file_name} is not in {root}: pass --images, the folder the manifest's "
               "paths are relative to")
+    ds.info["written_by"] = stamp
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {counts}")
     if sheets is not None:
@@ -197,13 +201,14 @@ def match_boxes_cmd(
     from pipelines.data.coco import CocoError, load_coco, save_coco
     from pipelines.data.manifest import ManifestError, load_manifest
 
-    from pipelines.commands.common import not_an_input, require_writable
+    from pipelines.commands.common import box_file_output, not_an_input, require_writable
 
     roots = list(images or [])
     if roots and len(roots) != len(boxes):
         _fail("give --images once per --boxes, or not at all")
     not_an_input("--out", out, manifest, *boxes)
     require_writable("--out", out, file=True, keep=False)  # a folder was exit 1 naming a temporary file (an audit)
+    stamp = box_file_output("--out", out, "match-boxes", legacy_prefix="cervix boxes matched to a manifest")
     try:
         files = [(load_coco(b), roots[i] if roots else b.parent) for i, b in enumerate(boxes)]
         ds, left_out = boxes_for_manifest(load_manifest(manifest), files)
@@ -213,6 +218,7 @@ def match_boxes_cmd(
         _fail(f"--boxes: {e.args[0] if e.args else e}")
     if out.resolve().parent != manifest.resolve().parent:
         _fail("write the COCO file beside the manifest (its file names are the manifest's paths)")
+    ds.info["written_by"] = stamp
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes"
                + (f"; {left_out} rows of unknown kind had no box and were left out" if left_out else ""))

@@ -238,6 +238,30 @@ def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
             _fail(f"{option} {out} is the input {given}: it would be replaced; write the result elsewhere")
 
 
+def box_file_output(option: str, out: Path, command: str, legacy_prefix: str | None = None) -> str:
+    """A box file to be written by `cervixqc command`, checked before the work: an existing
+    file is replaced only where the same command wrote it (its `info.written_by`; or, for files
+    from before that record, a description beginning `legacy_prefix`). `-o` onto a set's checked
+    boxes replaced them with a detector's, a CVAT import's or new proposals, exit 0 (an audit).
+    Returns the `written_by` value the writer stamps into its file's info."""
+    import json
+
+    stamp = f"cervixqc {command}"
+    if not out.exists():
+        return stamp
+    try:
+        info = json.loads(out.read_text()).get("info") or {}
+        by, description = info.get("written_by"), str(info.get("description", ""))
+    except (OSError, ValueError, AttributeError):
+        by, description = None, ""
+    if by == stamp or (legacy_prefix is not None and by is None and description.startswith(legacy_prefix)):
+        return stamp
+    what = f"written by {by}" if by else (f"described as {description[:60]!r}" if description else "not a box file "
+                                          "of this command")
+    _fail(f"{option} {out} holds a file that `{stamp}` did not write ({what}; checked or ground-truth boxes?): "
+          "name another file, or move that one away first")
+
+
 def manifest_output(option: str, out: Path) -> None:
     """A manifest to be written, checked before the work as every writer of one checks it: a
     file it can write (`require_writable`) with a name a manifest has (`check_manifest_name`)."""

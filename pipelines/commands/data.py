@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import (_csv, _fail, manifest_output, not_an_input, processes_in, progress_console,
-                                       require_writable)
+from pipelines.commands.common import (_csv, _fail, box_file_output, manifest_output, not_an_input, processes_in,
+                                       progress_console, require_writable)
 
 
 def synth(
@@ -407,12 +407,14 @@ def import_cvat_cmd(
 
     not_an_input("--out", out, export)
     require_writable("--out", out, file=True, keep=False)  # a folder was exit 1 naming a temporary file (an audit)
+    stamp = box_file_output("--out", out, "import-cvat", legacy_prefix="imported from CVAT export ")
     try:
         ds, notes = import_cvat(export, clip_tolerance)
     except CocoError as e:
         _fail(str(e))
     for n in notes:
         typer.echo(f"note: {n}", err=True)
+    ds.info["written_by"] = stamp
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.images)} images, {len(ds.annotations)} boxes")
 

@@ -200,25 +200,6 @@ def _refuse_other_eval(path: Path, record: dict) -> None:
               "write into another folder to keep both, or delete it")
 
 
-def _refuse_other_boxes(out: Path) -> None:
-    """A box file that `detect` did not write is not replaced: `-o` on a set's checked boxes
-    (its coco.json, beside the manifest, where the help steers -o) replaced 54 ground-truth
-    boxes with the detector's 0, exit 0, and `validate` then called the file ok (an audit).
-    A box file an earlier `detect` wrote is replaced, as a rerun's."""
-    from pipelines.engine.detector import DETECTED
-
-    if not out.exists():
-        return
-    try:
-        info = json.loads(out.read_text()).get("info") or {}
-        written_by_detect = str(info.get("description", "")).startswith(DETECTED)
-    except (OSError, ValueError, AttributeError):
-        written_by_detect = False
-    if not written_by_detect:
-        _fail(f"--out {out} holds a file that `cervixqc detect` did not write (checked or ground-truth boxes?): "
-              "name another file, or move that one away first")
-
-
 def detect_cmd(
     card: Annotated[Path, typer.Argument(help="The detector's model card.")],
     manifest: Annotated[Path, typer.Argument(help="Manifest whose images to run on.")],
@@ -229,15 +210,15 @@ def detect_cmd(
                                                        help="Default: the card's threshold.")] = None,
 ) -> None:
     """Detector boxes as COCO, for training and evaluating stage 2 on detector crops."""
-    from pipelines.commands.common import _manifest, device_or_fail, not_an_input, require_writable
+    from pipelines.commands.common import _manifest, box_file_output, device_or_fail, not_an_input, require_writable
     from pipelines.data.coco import save_coco
     from pipelines.data.manifest import rebased
-    from pipelines.engine.detector import detect_to_coco
+    from pipelines.engine.detector import DETECTED, detect_to_coco
 
     device = device_or_fail(device)
     not_an_input("--out", out, manifest, card)  # the manifest was replaced by the boxes, exit 0 (an audit)
     require_writable("--out", out, file=True)
-    _refuse_other_boxes(out)
+    stamp = box_file_output("--out", out, "detect", legacy_prefix=DETECTED)
     df = _manifest(manifest)
     model, mcard = _detector(card, device)
     # named from the box file's folder, as every reader takes them: `-o` elsewhere wrote the
@@ -249,6 +230,7 @@ def detect_cmd(
                    f"{', '.join(unreadable[:3])})", err=True)
     if not ds.images:
         _fail(f"not one of the {len(df)} photos could be read; nothing written", code=1)
+    ds.info["written_by"] = stamp
     save_coco(ds, out)
     typer.echo(f"wrote {out}: {len(ds.annotations)} boxes on {len(ds.images)} images")
 
