@@ -132,7 +132,7 @@ def _refuse_other_figures(path: Path, decision: dict, split: str | None) -> None
               f"{json.loads(path.read_text())['split'] or 'all'}): write into another folder to keep both, or delete it")
 
 
-def _check_split(manifest: Path, weights: Path, split: str | None) -> None:
+def _check_split(manifest: Path, weights: Path, split: str | None = None) -> None:
     """Said before any figure: a split other than the one the weights were trained under (their
     cards' `data.split_fingerprint`) may hold their training photos in its val and test rows;
     the train rows of that split, or of one that cannot tell (no sha256 column), are or may be
