@@ -29,6 +29,12 @@ def train_presence_cmd(
              "of a new site; 0: none (default: the measured choice in PresenceTrainConfig).")] = None,
     zoom_weight: Annotated[Optional[float], typer.Option(
         help="Weight of each zoomed copy against its photo (default: the measured choice).")] = None,
+    turn_copies: Annotated[Optional[int], typer.Option(
+        min=0, max=2, help="Quarter-turned copies of each training photo (1: 90 degrees, 2: 90 and 270), "
+                           "for photos stored turned; 0: none (default: the measured choice in "
+                           "PresenceTrainConfig).")] = None,
+    turn_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of each turned copy against its photo (default: the measured choice).")] = None,
 ) -> None:
     """Fit the presence head (colour histogram + detector features) on the train split; the
     threshold from the validation split (balanced accuracy)."""
@@ -38,6 +44,7 @@ def train_presence_cmd(
     number_in("--extra-weight", extra_weight, 0.0, above=True)
     number_in("--colour-weight", colour_weight, 0.0)
     number_in("--zoom-weight", zoom_weight, 0.0, above=True)
+    number_in("--turn-weight", turn_weight, 0.0, above=True)
     training_output(out, "presence.json", one_shot=True)
     if zoom_copies is not None and zoom_copies < 0:
         _fail("--zoom-copies must be >= 0")
@@ -69,7 +76,8 @@ def train_presence_cmd(
             extra = extra[extra["split"] == "train"]
             note["extra_manifest"] = f"{extra_manifest} (train rows only, weight {extra_weight})"
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        chosen = {"colour_weight": colour_weight, "zoom_copies": zoom_copies, "zoom_weight": zoom_weight}
+        chosen = {"colour_weight": colour_weight, "zoom_copies": zoom_copies, "zoom_weight": zoom_weight,
+                  "turn_copies": turn_copies, "turn_weight": turn_weight}
         cfg = PresenceTrainConfig(out_dir=out, c_hist=c_hist, c_feat=c_feat, extra_weight=extra_weight,
                                   **{k: v for k, v in chosen.items() if v is not None})
         card = train_presence(cfg, detector, df[df["split"] == "train"], df[df["split"] == "val"], device, note,

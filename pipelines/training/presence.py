@@ -64,6 +64,12 @@ class PresenceTrainConfig:
     zoom_copies: int = 0
     zoom_weight: float = 0.25
     zoom_min_area: float = 0.35
+    # Copies of each main training photo turned by a quarter (1: 90 degrees; 2: 90 and 270),
+    # each weighted turn_weight; off by default. A photo turned in its pixels (no EXIF tag)
+    # changed 6.2% of the validation labels, 12 of 16 regular to no_cervix (README,
+    # Limitations; tests/benchmarks/label_stability.py).
+    turn_copies: int = 0
+    turn_weight: float = 1.0
 
 
 def zoomed(image: torch.Tensor, min_area: float, generator: torch.Generator) -> torch.Tensor:
@@ -146,10 +152,10 @@ def fit_head(train: PhotoFeatures, cfg: PresenceTrainConfig, weights: np.ndarray
 
 
 def fit_with_extra(main: PhotoFeatures, extra: PhotoFeatures | None, cfg: PresenceTrainConfig,
-                   copies: PhotoFeatures | None = None) -> PresenceHead:
+                   copies: list[tuple[PhotoFeatures, float]] = ()) -> PresenceHead:
     """The head fitted on the main photos plus the extra ones, each extra row weighted
-    `cfg.extra_weight`, and the main photos' zoomed copies, each weighted `cfg.zoom_weight`."""
-    parts = [(main, 1.0), (copies, cfg.zoom_weight), (extra, cfg.extra_weight)]
+    `cfg.extra_weight`, and the main photos' copies (zoomed, turned), each with its weight."""
+    parts = [(main, 1.0), *copies, (extra, cfg.extra_weight)]
     parts = [(p, w) for p, w in parts if p is not None and len(p.labels)]
     weights = np.concatenate([np.full(len(p.labels), w) for p, w in parts])
     return fit_head(concat([p for p, _ in parts]), cfg, weights)
@@ -160,7 +166,7 @@ def select(f: PhotoFeatures, mask: np.ndarray) -> PhotoFeatures:
 
 
 def new_source_rates(main: PhotoFeatures, val: PhotoFeatures, extra: PhotoFeatures | None,
-                     cfg: PresenceTrainConfig, copies: PhotoFeatures | None = None) -> dict:
+                     cfg: PresenceTrainConfig, copies: list[tuple[PhotoFeatures, float]] = ()) -> dict:
     """Each source of the main photos left out once: the head fitted without it, the threshold
     chosen by the same rule on the other sources' validation rows, then judged on all of the
     left-out source's rows (train + val): the share it gets right (cervix found on a cervix
@@ -168,14 +174,14 @@ def new_source_rates(main: PhotoFeatures, val: PhotoFeatures, extra: PhotoFeatur
     sources cannot say how the head fares at a site unlike them; this can, and on the bundled
     weights it is what a new site should expect (weights/README.md). A source whose absence
     leaves either side with one class is skipped. Extra (synthetic) rows always stay in; the
-    left-out source's zoomed copies go with it."""
+    left-out source's copies go with it."""
     out: dict = {}
     for source in sorted({str(s) for s in main.sources}):
         keep_train, keep_val = main.sources != source, val.sources != source
         kept_train, kept_val = select(main, keep_train), select(val, keep_val)
         if len(set(kept_train.labels.tolist())) < 2 or len(set(kept_val.labels.tolist())) < 2:
             continue
-        kept_copies = None if copies is None else select(copies, copies.sources != source)
+        kept_copies = [(select(c, c.sources != source), w) for c, w in copies]
         head = fit_with_extra(kept_train, extra, cfg, kept_copies)
         threshold, _ = balanced_threshold(kept_val.labels, score(head, kept_val))
         held = concat([select(main, ~keep_train), select(val, ~keep_val)])
@@ -244,9 +250,13 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
     # each photo and its smaller copies in one padded detector batch, which was slower (the
     # bundled data, two copies: 182 s against 135 s for the whole command).
     generator = torch.Generator().manual_seed(cfg.seed)
-    copies = (concat([photo_features(detector, max_size, train_df, device, cfg.batch_size,
-                                     lambda im: zoomed(im, cfg.zoom_min_area, generator))
-                      for _ in range(cfg.zoom_copies)]) if cfg.zoom_copies > 0 else None)
+    zooms = (concat([photo_features(detector, max_size, train_df, device, cfg.batch_size,
+                                    lambda im: zoomed(im, cfg.zoom_min_area, generator))
+                     for _ in range(cfg.zoom_copies)]) if cfg.zoom_copies > 0 else None)
+    turns = (concat([photo_features(detector, max_size, train_df, device, cfg.batch_size,
+                                    lambda im, k=k: torch.rot90(im, k, dims=(1, 2)))
+                     for k in (1, 3)[: cfg.turn_copies]]) if cfg.turn_copies > 0 else None)
+    copies = [(c, w) for c, w in ((zooms, cfg.zoom_weight), (turns, cfg.turn_weight)) if c is not None]
     train = main if extra is None else concat([main, extra])
     head = fit_with_extra(main, extra, cfg, copies)
     val_scores = score(head, val)
@@ -265,11 +275,13 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
         training={**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                   "detector": str(detector_card), "fit": "sklearn LogisticRegression per feature set on standardised "
                   "inputs, classes balanced on weighted totals, extra photos weighted extra_weight, zoom_copies "
-                  "zoomed copies of each main photo weighted zoom_weight; logits "
+                  "zoomed copies of each main photo weighted zoom_weight, turn_copies quarter-turned copies "
+                  "weighted turn_weight; logits "
                   "standardised on the training photos and summed",
                   "n_train": {"cervix": int(train.labels.sum()), "no_cervix": int((train.labels == 0).sum())},
                   "n_train_extra": 0 if extra is None else int(len(extra.labels)),
-                  "n_train_zoomed": 0 if copies is None else int(len(copies.labels)),
+                  "n_train_zoomed": 0 if zooms is None else int(len(zooms.labels)),
+                  "n_train_turned": 0 if turns is None else int(len(turns.labels)),
                   "train_sources": sorted({str(s) for s in train.sources}),
                   "threshold_rule": "max balanced accuracy (cervix found, no_cervix called) on the validation "
                                     "split pooled over sources; then the middle of the gap under that cut"},
