@@ -67,7 +67,10 @@ class PresenceTrainConfig:
     # Copies of each main training photo turned by a quarter (1: 90 degrees; 2: 90 and 270),
     # each weighted turn_weight; off by default. A photo turned in its pixels (no EXIF tag)
     # changed 6.2% of the validation labels, 12 of 16 regular to no_cervix (README,
-    # Limitations; tests/benchmarks/label_stability.py).
+    # Limitations; tests/benchmarks/label_stability.py). Measured 2026-12-05 (weights/README.md,
+    # "Quarter-turned copies"): two copies at 1.0 cut those changes (16 -> 9 at 90 degrees) but
+    # found fewer validation cervixes (0.991 -> 0.962) and synthetic `teaching` ones (0.959 ->
+    # 0.781); at 0.25 validation read the same. Not kept.
     turn_copies: int = 0
     turn_weight: float = 1.0
 
