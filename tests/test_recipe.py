@@ -43,7 +43,8 @@ def test_make_weights_checks_mirrors_before_it_installs_anything(tmp_path):
     assert check < next(i for i, line in enumerate(lines) if "install" in line)
     for mirrors, said in (("", "error: set MIRRORS to the folder of repository snapshots"),
                           (str(tmp_path / "nowhere"), f"error: MIRRORS={tmp_path / 'nowhere'} is not a folder")):
-        r = subprocess.run(["make", "-C", str(RECIPE.parents[1]), "weights"], capture_output=True, text=True,
-                           timeout=60, env={"PATH": "/usr/bin:/bin", "MIRRORS": mirrors})
+        # without the "Entering directory" lines: a clone in /tmp/tmp.XWFg7JZjuv had "uv" in its name
+        r = subprocess.run(["make", "--no-print-directory", "-C", str(RECIPE.parents[1]), "weights"],
+                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "MIRRORS": mirrors})
         assert r.returncode != 0 and said in r.stderr, r.stderr  # it said "set MIRRORS" when it was set
         assert "uv" not in r.stdout  # nothing installed or run

@@ -694,7 +694,7 @@ def test_a_manifest_job_with_a_blank_path_is_refused_before_it_is_queued(server,
         before = len(c.get("/v1/jobs").json()["jobs"])
         (data_root / "torn.csv").write_text("path\ncollection/scene.jpg\na,b\n")
         # not one listed file there (a manifest moved away from its photos): a job of "No such file" rows
-        (data_root / "moved.csv").write_text("path\nelsewhere/a.jpg\nelsewhere/b.jpg\n")
+        (data_root / "moved.csv").write_text("path\nmoved_away/a.jpg\nmoved_away/b.jpg\n")
         for name, message in (("blank.csv", "empty path on row 3"), ("no_path.csv", "no 'path' column"),
                               ("torn.csv", "Expected 1 fields in line 3, saw 2"),
                               ("moved.csv", "not one of its 2 listed files is there")):
