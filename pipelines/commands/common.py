@@ -238,6 +238,15 @@ def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
             _fail(f"{option} {out} is the input {given}: it would be replaced; write the result elsewhere")
 
 
+def first_file(folder: Path, *patterns: str) -> str | None:
+    """The name of the first file in `folder` matching one of `patterns` (in their order), None
+    where none does or `folder` is no folder: an output folder holding a weights folder's or
+    another command's files is refused with it."""
+    if not folder.is_dir():
+        return None
+    return next((p.name for pattern in patterns for p in sorted(folder.glob(pattern))), None)
+
+
 def box_file_output(option: str, out: Path, command: str, legacy_prefix: str | None = None) -> str:
     """A box file to be written by `cervixqc command`, checked before the work: an existing
     file is replaced only where the same command wrote it (its `info.written_by`; or, for files

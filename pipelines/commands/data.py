@@ -127,6 +127,7 @@ def _check_box_photos(ds, coco: Path, df) -> None:
     whose recorded size is not the photo's (validate said ok to both, an audit). Images that
     are no row of the manifest are counted: a box file may cover a larger collection."""
     from pipelines.data.coco import CocoError, manifest_rows, photo_problems
+    from pipelines.data.crop_set import KIND_INDEX
 
     problems = photo_problems(ds, coco.parent)
     if problems:
@@ -139,7 +140,7 @@ def _check_box_photos(ds, coco: Path, df) -> None:
     if outside:
         typer.echo(f"note: {outside} of {coco.name}'s {len(ds.images)} images are no row of the manifest", err=True)
     boxed = {rows[a.image_id] for a in ds.annotations if a.image_id in rows}
-    cervix = [i for i, kind in enumerate(df["kind"].astype(str)) if kind in ("regular", "green", "iodine")]
+    cervix = [i for i, kind in enumerate(df["kind"].astype(str)) if kind in KIND_INDEX]  # those stage 2 crops
     unboxed = [i for i in cervix if i not in boxed]
     if unboxed:  # "ok" to a box file of 0 boxes, which training refuses (an audit)
         shown = ", ".join(str(df["path"].iloc[i]) for i in unboxed[:3])

@@ -112,7 +112,7 @@ def eval_detector_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """COCO mAP@[.5:.95], AP50/75, AP by size, per-class AP, top-1 recall@0.5, and a gallery."""
-    from pipelines.commands.common import device_or_fail, require_writable
+    from pipelines.commands.common import device_or_fail, first_file, require_writable
     from pipelines.data.coco import CocoError, load_coco, missing_images
     from pipelines.data.detection import CocoDetection
     from pipelines.data.manifest import ManifestError, load_manifest
@@ -120,7 +120,7 @@ def eval_detector_cmd(
     from pipelines.evaluation.detector_report import evaluate_detector, image_sources
 
     device = device_or_fail(device)
-    foreign = next((p.name for p in sorted(out.glob("*.safetensors"))), None) if out.is_dir() else None
+    foreign = first_file(out, "*.safetensors")
     if foreign:  # figures and a gallery written into a weights folder, exit 0 (an audit); eval-pipeline refused
         _fail(f"--out {out} holds {foreign} (a weights folder): write the figures into another folder")
     # every input checked before the model runs: a bad box file, a size mismatch, a missing

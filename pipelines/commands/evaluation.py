@@ -66,7 +66,7 @@ def eval_pipeline_cmd(
     from pipelines.commands.engine import _engine
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
 
-    from pipelines.commands.common import not_an_input
+    from pipelines.commands.common import first_file, not_an_input
 
     device = device_or_fail(device)
     for written in ("results.csv", "pipeline_metrics.json"):
@@ -75,8 +75,7 @@ def eval_pipeline_cmd(
         # a clean run's results folder: its results.csv was replaced by the evaluation's (an audit)
         _fail(f"--out {out} holds a results.csv that no eval-pipeline wrote (a clean run's?): write into another "
               "folder")
-    foreign = next((p.name for pattern in ("*.safetensors", "*_scores.npz", "stage2_calibration.json")
-                    for p in sorted(out.glob(pattern))), None)
+    foreign = first_file(out, "*.safetensors", "*_scores.npz", "stage2_calibration.json")
     if foreign:  # a weights folder, a stage-2 eval's or a calibration's: written into, exit 0 (an audit)
         _fail(f"--out {out} holds {foreign} (a weights folder, or another command's figures): write into another "
               "folder")
@@ -155,6 +154,7 @@ def _check_chosen_here(manifest: Path, weights: Path, split: str | None) -> None
     manifest's rows. A site's test rows chosen on with `--split all` were then judged as a
     held-out figure (F1 1.000 at a small site), with no word (an audit)."""
     from models.io import UnreadableCard, load_card, sha256_file
+    from pipelines.evaluation.stage2_thresholds import chosen_on
 
     try:
         here = sha256_file(manifest)
@@ -166,9 +166,8 @@ def _check_chosen_here(manifest: Path, weights: Path, split: str | None) -> None
             record = load_card(weights / f"{name}.json").metrics.get("site_calibration") or {}
         except UnreadableCard:
             continue
-        chose_on = record.get("split")
-        if record.get("manifest_sha256") == here and (chose_on == "all" or split in (None, chose_on)):
-            chose[name] = chose_on
+        if chosen_on(record, here, split):
+            chose[name] = record.get("split")
     if chose:
         rows = ", ".join(f"{name} on its {s} rows" for name, s in chose.items())
         typer.echo(f"warning: the stage-2 thresholds in {weights} were chosen on this manifest ({rows}; "

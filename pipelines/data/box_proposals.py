@@ -191,7 +191,7 @@ def propose_for_manifest(df, detect=None, unreadable: list[str] | None = None) -
     photo that cannot be read gets no proposal and goes to `unreadable` as "path: reason"
     (one truncated file used to stop the whole command with nothing written)."""
     from models.io import sha256_file
-    from pipelines.engine.decode import exif_orientation, upright
+    from pipelines.engine.decode import as_displayed
 
     out = []
     for path, abspath, kind in zip(df["path"], df["abspath"], df["kind"]):
@@ -199,7 +199,7 @@ def propose_for_manifest(df, detect=None, unreadable: list[str] | None = None) -
             continue
         try:
             with Image.open(abspath) as im:
-                rgb = np.asarray(upright(im, exif_orientation(im)).convert("RGB"))
+                rgb = np.asarray(as_displayed(im).convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, a bomb
             if unreadable is None:
                 raise

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.data.coco import CocoDataset
 from pipelines.data.schema import on_disk
-from pipelines.engine.decode import exif_orientation, upright
+from pipelines.engine.decode import as_displayed
 
 # colour per origin prefix; anything else draws white
 COLOURS = {"detector": (0, 255, 255), "tissue": (255, 255, 0), "fixed": (0, 255, 0), "ground": (255, 0, 255)}
@@ -32,7 +32,7 @@ def _colour(origin: str) -> tuple[int, int, int]:
 def _tile(path: Path, boxes: list[tuple[list[float], str]], caption: str, size: int, font) -> Image.Image:
     tile = Image.new("RGB", (size, size + _CAPTION), (40, 40, 40))
     with Image.open(path) as im:
-        im = upright(im, exif_orientation(im)).convert("RGB")
+        im = as_displayed(im).convert("RGB")
         w, h = im.size
         s = (size - 8) / max(w, h)
         thumb = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)

@@ -294,6 +294,11 @@ def upright(im: Image.Image, orientation: int) -> Image.Image:
     return im if turn is None else im.transpose(turn)
 
 
+def as_displayed(im: Image.Image) -> Image.Image:
+    """An opened file's pixels turned as it is displayed: `upright` by its own header's turn."""
+    return upright(im, exif_orientation(im))
+
+
 def check_size(w: int, h: int, limits: DecodeLimits) -> None:
     """A DecodeError for a size the engine cannot judge, from a file's header or an array's
     shape (an array skipped it: a 1x1000 sliver failed its whole batch, an empty one divided

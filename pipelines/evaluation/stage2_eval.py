@@ -15,6 +15,7 @@ from pipelines.data.crop_set import KIND_INDEX, CropSet, split_crops
 from pipelines.data.manifest import load_manifest
 from pipelines.data.splits import split_fingerprint
 from pipelines.evaluation.classification import metrics_by_group
+from pipelines.evaluation.stage2_thresholds import chosen_on
 from pipelines.engine.stage2 import load_stage2, score_batch, threshold_of
 from pipelines.outputs import changed_since, write_json
 
@@ -94,7 +95,7 @@ def threshold_role(card, manifest_sha256: str, fingerprint: str | None, split: s
     cannot be told from its sha256s; that manifest's rows are said to be another split's."""
     site = card.metrics.get("site_calibration") or {}
     trained = card.data.get("split_fingerprint")
-    if site.get("manifest_sha256") == manifest_sha256 and site.get("split") in ("all", split):
+    if chosen_on(site, manifest_sha256, split):
         return CHOSEN_HERE
     if split == "train" and trained is not None and fingerprint == trained:
         return "trained on these rows"

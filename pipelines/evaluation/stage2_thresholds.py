@@ -99,6 +99,14 @@ def with_thresholds(card: ModelCard, threshold: float, record: dict) -> ModelCar
             "earlier": card.metrics.get("site_calibration")}}})
 
 
+def chosen_on(record: dict, manifest_sha256: str, split: str | None) -> bool:
+    """Whether a card's `site_calibration` record chose its threshold on rows of this manifest
+    that a figure of `split` (None: every row) includes: `eval` and `eval-pipeline` both say so
+    before their figures."""
+    chose = record.get("split")
+    return record.get("manifest_sha256") == manifest_sha256 and (chose == "all" or split in (None, chose))
+
+
 POLICY_FIGURES = ("f1", "sensitivity", "precision", "regular_flagged")
 
 

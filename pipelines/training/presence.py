@@ -253,12 +253,12 @@ def train_presence(cfg: PresenceTrainConfig, detector_card: Path, train_df: pd.D
     # each photo and its smaller copies in one padded detector batch, which was slower (the
     # bundled data, two copies: 182 s against 135 s for the whole command).
     generator = torch.Generator().manual_seed(cfg.seed)
-    zooms = (concat([photo_features(detector, max_size, train_df, device, cfg.batch_size,
-                                    lambda im: zoomed(im, cfg.zoom_min_area, generator))
-                     for _ in range(cfg.zoom_copies)]) if cfg.zoom_copies > 0 else None)
-    turns = (concat([photo_features(detector, max_size, train_df, device, cfg.batch_size,
-                                    lambda im, k=k: torch.rot90(im, k, dims=(1, 2)))
-                     for k in (1, 3)[: cfg.turn_copies]]) if cfg.turn_copies > 0 else None)
+    def copies_by(augments: list[Callable[[torch.Tensor], torch.Tensor]]) -> PhotoFeatures | None:
+        return concat([photo_features(detector, max_size, train_df, device, cfg.batch_size, a)
+                       for a in augments]) if augments else None
+
+    zooms = copies_by([lambda im: zoomed(im, cfg.zoom_min_area, generator)] * cfg.zoom_copies)
+    turns = copies_by([lambda im, k=k: torch.rot90(im, k, dims=(1, 2)) for k in (1, 3)[: cfg.turn_copies]])
     copies = [(c, w) for c, w in ((zooms, cfg.zoom_weight), (turns, cfg.turn_weight)) if c is not None]
     train = main if extra is None else concat([main, extra])
     head = fit_with_extra(main, extra, cfg, copies)

@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image, ImageEnhance
 
 from pipelines.data.manifest import load_manifest
-from pipelines.engine.decode import exif_orientation, upright
+from pipelines.engine.decode import as_displayed
 from pipelines.engine.qc import QCPipeline
 
 SHORT = {"regular": "R", "non_regular": "N", "no_cervix": "X", "unreadable": "U"}
@@ -61,7 +61,7 @@ JPEG_QUALITIES = (95, 85, 70, 50)
 def variants(data: bytes) -> dict[str, bytes]:
     """Every variant of one photo's file, encoded."""
     with Image.open(io.BytesIO(data)) as opened:
-        im = upright(opened, exif_orientation(opened)).convert("RGB")
+        im = as_displayed(opened).convert("RGB")
     out = {}
     for q in JPEG_QUALITIES:
         buf = io.BytesIO()
