@@ -213,3 +213,33 @@ def test_the_detectors_jitter_swaps_colour_channels_unless_told_not_to_and_moves
 
     assert all(reddest(False, s) for s in range(30))
     assert sum(not reddest(True, s) for s in range(30)) >= 10
+
+
+def test_quarter_turns_turn_photos_with_and_without_a_cervix_and_move_their_boxes_exactly():
+    """`--quarter-turns` turns by exactly 90 degrees (torch.rot90's pixels). torchvision left an
+    empty box list's canvas unturned, and the IoU crop after it refused every turned photo
+    without a cervix ("Found multiple HxW dimensions"), which stopped the first real run."""
+    from torchvision import tv_tensors
+
+    from pipelines.data.presets import QuarterTurn, detection_train
+
+    photo = tv_tensors.Image(torch.zeros(3, 48, 64, dtype=torch.uint8))
+    photo[:, 5:15, 40:60] = 255  # the cervix: rows 5-14, columns 40-59
+    boxed = tv_tensors.BoundingBoxes([[40, 5, 60, 15]], format="XYXY", canvas_size=(48, 64))
+    empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(48, 64))
+
+    turned, target = QuarterTurn()(photo, {"boxes": boxed, "labels": torch.tensor([1])})
+    assert torch.equal(turned, torch.rot90(photo, 1, (1, 2)))
+    assert target["boxes"].tolist() == [[5, 4, 15, 24]] and target["boxes"].canvas_size == (64, 48)
+    _, target = QuarterTurn()(photo, {"boxes": empty, "labels": torch.zeros(0, dtype=torch.int64)})
+    assert target["boxes"].canvas_size == (64, 48)
+
+    shapes = set()
+    for seed in range(40):
+        for boxes in (boxed, empty):
+            torch.manual_seed(seed)
+            img, target = detection_train(hard=False, quarter_turns=True)(
+                photo, {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)})
+            assert tuple(target["boxes"].canvas_size) == tuple(img.shape[1:])
+            shapes.add(img.shape[1] > img.shape[2])
+    assert shapes == {True, False}  # some came out upright (taller than wide), some not

@@ -296,3 +296,20 @@ def test_train_detector_from_a_card_takes_its_width_unless_told_another(boxes_se
                                      "32"])
     assert r.exit_code == 0 and load_card(tmp_path / "c" / "detector.json").training["init_scope"] == "backbone body"
     assert "its backbone body only, the FPN and head from random" in caplog.text
+
+
+def test_train_detector_quarter_turns_is_off_unless_asked_and_the_card_says_which(boxes_set, tmp_path):
+    """The card's training record is how a reader tells a detector trained with quarter turns
+    from one trained with flips alone (weights/README, "Quarter turns in the detector")."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    base = ["train-detector", str(boxes_set), str(boxes_set), "--backbone", "resnet18", "--size", "96", "--epochs",
+            "1", "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--warmup", "1", "--fpn-channels", "32"]
+    turned = {}
+    for name, flag in (("plain", []), ("turned", ["--quarter-turns"])):
+        r = CliRunner().invoke(app, [*base, *flag, "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        turned[name] = load_card(tmp_path / name / "detector.json").training["quarter_turns"]
+    assert turned == {"plain": False, "turned": True}

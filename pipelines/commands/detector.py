@@ -41,6 +41,9 @@ def train_detector_cmd(
     permute_channels: Annotated[bool, typer.Option(
         help="Let the photometric jitter swap colour channels too (torchvision's RandomPhotometricDistort, "
              "about 2 of 3 photos); --no-permute-channels keeps each photo's colours in order.")] = True,
+    quarter_turns: Annotated[bool, typer.Option(
+        help="Turn half the training photos by 90 degrees as well as flipping them, so a photo stored "
+             "sideways without an EXIF tag looks like one seen in training.")] = False,
 ) -> None:
     """Train a detector on COCO boxes; keeps the best epoch by validation mAP@[.5:.95].
     Multi-GPU: torchrun --nproc_per_node N -m pipelines.cli train-detector ... (each rank exits
@@ -68,7 +71,8 @@ def train_detector_cmd(
                               batch_size=batch_size, lr=lr, workers=workers, seed=seed, resume=resume,
                               extra_coco=extra_coco, extra_ratio=extra_ratio, backbone_weights=backbone_weights,
                               init_from=init_from,
-                              max_steps_per_epoch=max_steps, warmup_iters=warmup, permute_channels=permute_channels)
+                              max_steps_per_epoch=max_steps, warmup_iters=warmup, permute_channels=permute_channels,
+                              quarter_turns=quarter_turns)
     try:
         result, card = train_detector(cfg)
     except ValueError as e:

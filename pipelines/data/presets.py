@@ -4,6 +4,7 @@ transforms.v2. Hard on purpose: the models meet other devices and clinics than o
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipelines.data.marks import ClinicianMarks
@@ -18,7 +19,25 @@ class PhotometricDistortKeepingChannels(v2.RandomPhotometricDistort):
         return super().make_params(flat_inputs) | {"channel_permutation": None}
 
 
-def detection_train(hard: bool = True, permute_channels: bool = True) -> v2.Compose:
+class QuarterTurn(v2.RandomRotation):
+    """A turn by exactly 90 degrees (torch.rot90's pixels, boxes moved exactly), through
+    torchvision's RandomRotation with expand=True. torchvision 0.28 leaves an empty box list's
+    canvas at the unturned size (`_affine_bounding_boxes_with_expand` returns early), and the
+    next box-aware transform then refused a photo with no cervix ("Found multiple HxW
+    dimensions"): the canvas is turned here too."""
+
+    def __init__(self) -> None:
+        super().__init__(degrees=(90, 90), expand=True)
+
+    def transform(self, inpt, params: dict):
+        out = super().transform(inpt, params)
+        if isinstance(inpt, tv_tensors.BoundingBoxes) and inpt.numel() == 0:
+            h, w = inpt.canvas_size
+            out = tv_tensors.wrap(out, like=inpt, canvas_size=(w, h))
+        return out
+
+
+def detection_train(hard: bool = True, permute_channels: bool = True, quarter_turns: bool = False) -> v2.Compose:
     """Photometric jitter, flips, zoom-out + IoU crop (scale jitter), blur, JPEG, and our
     green/iodine looks (the box does not care about the kind).
 
@@ -29,11 +48,21 @@ def detection_train(hard: bool = True, permute_channels: bool = True) -> v2.Comp
     README, stage 0). `permute_channels=False` (`train-detector --no-permute-channels`) keeps
     the rest of the jitter. Measured against the shipped detector (weights/README, "A detector
     trained without channel permutation"): its presence head rejected more other organs of a
-    left-out source and found fewer left-out cervixes, so the default stays torchvision's."""
+    left-out source and found fewer left-out cervixes, so the default stays torchvision's.
+
+    The flips give four of a photo's eight right-angle poses; `quarter_turns` (`train-detector
+    --quarter-turns`) turns half the photos by 90 degrees as well, so all eight come equally
+    often. A photo stored turned without an EXIF tag is a real case (README, "Limitations":
+    quarter-turned copies changed 6% of validation labels). Off by default: it adds draws, and
+    the shipped detectors trained without it (weights/README, "Quarter turns in the detector")."""
     ops: list = [
         v2.RandomPhotometricDistort(p=0.8) if permute_channels else PhotometricDistortKeepingChannels(p=0.8),
         v2.RandomHorizontalFlip(),
         v2.RandomVerticalFlip(),
+    ]
+    if quarter_turns:
+        ops.append(v2.RandomApply([QuarterTurn()], p=0.5))
+    ops += [
         v2.RandomApply([v2.RandomZoomOut(fill=0, side_range=(1.0, 2.0))], p=0.3),
         v2.RandomIoUCrop(min_scale=0.4, sampler_options=[0.5, 0.7, 0.9, 2.0]),
     ]

@@ -59,6 +59,7 @@ class DetectorTrainConfig:
     max_steps_per_epoch: int | None = None
     category: str = "cervix"  # the class whose presence threshold goes on the card
     permute_channels: bool = True  # RandomPhotometricDistort's channel orders (`detection_train`)
+    quarter_turns: bool = False  # half the photos turned by 90 degrees too (`detection_train`)
     progress: bool = True
 
 
@@ -103,7 +104,7 @@ def _loader(cfg: DetectorTrainConfig, dist_info: DistInfo) -> tuple[DataLoader, 
     train_coco = load_coco(cfg.train_coco)
     categories = [c.name for c in train_coco.categories]
     long_side = 2 * cfg.model.max_size
-    augment = detection_train(permute_channels=cfg.permute_channels)
+    augment = detection_train(permute_channels=cfg.permute_channels, quarter_turns=cfg.quarter_turns)
     train = CocoDetection(train_coco, cfg.train_images or cfg.train_coco.parent, augment, long_side, categories)
     datasets, n_extra = [train], 0
     if cfg.extra_coco is not None:
