@@ -53,6 +53,21 @@ def test_sheet_columns_become_a_manifest_with_sources_from_case_ids_and_sha256(c
     assert df["sha256"].iat[2] == hashlib.sha256((root / "bank/b1.jpg").read_bytes()).hexdigest()
 
 
+def test_a_row_with_an_unknown_label_has_its_other_problems_named_in_the_same_refusal(collection):
+    """A row whose label word was unknown was not checked further: the site fixed the word and
+    was refused again for the same row's missing file and empty case (an audit of the README's
+    walk)."""
+    tmp, root = collection
+    sheet = pd.read_csv(tmp / "labels.csv", dtype=str)
+    sheet.loc[1, ["file", "kind", "case"]] = ["atlas/missing.jpg", "normal", ""]
+    sheet.to_csv(tmp / "bad.csv", index=False)
+    with pytest.raises(ManifestError) as err:
+        import_labelled(tmp / "bad.csv", root, tmp / "m.csv", LabelColumns(source="case", source_sep=":"))
+    reasons = {(p.row, p.column): p.reason for p in err.value.problems}
+    assert "unknown label 'normal'" in reasons[(2, "kind")] and "missing file" in reasons[(2, "file")]
+    assert any(row == 2 and "empty" in reason for (row, _), reason in reasons.items())
+
+
 def test_every_bad_row_is_named_with_its_sheet_row(collection):
     tmp, root = collection
     sheet = pd.read_csv(tmp / "labels.csv", dtype=str)

@@ -185,6 +185,31 @@ def test_an_evaluation_on_another_split_than_the_weights_were_trained_under_is_s
     assert "is not the split any of" in capsys.readouterr().err
 
 
+def test_an_evaluation_names_the_models_trained_under_another_split_when_one_was_refitted_on_this_one(
+        tmp_path, capsys):
+    """The README's site adaptation refits the presence head on the site's split and evaluates
+    there: the one card trained under it silenced the warning for the detector and stage 2,
+    which were trained under the project's split (an audit of the README's walk)."""
+    from pipelines.commands.evaluation import _check_split
+    from pipelines.data.splits import split_fingerprint
+
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    rows = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "patient_id": ["p1", "p2", "p3"], "source": "s",
+                         "device": "d", "kind": "regular", "sha256": ["1" * 64, "2" * 64, "3" * 64],
+                         "split": ["train", "val", "test"]})
+    write_manifest(rows, tmp_path / "site.csv")
+    project = rows.assign(split=["test", "val", "train"])
+    for name, under in (("deep_sad", project), ("detector", project), ("classifier", rows)):
+        card = json.loads((weights / f"{name}.json").read_text())
+        card["data"]["split_fingerprint"] = split_fingerprint(under)
+        (weights / f"{name}.json").write_text(json.dumps(card))
+    _check_split(tmp_path / "site.csv", weights, "test")
+    err = capsys.readouterr().err
+    assert f"is not the split {weights}'s detector, deep_sad were trained under; its classifier was" in err
+    _check_split(tmp_path / "site.csv", weights, "train")  # its train rows hold the classifier's photos
+    assert "train rows are the photos" in capsys.readouterr().err
+
+
 def test_an_evaluation_engine_gives_every_crop_its_kind_so_a_crop_flagged_only_when_relabelled_has_one(
         tiny_dataset, tmp_path):
     """Evaluation relabels one run's scores under other thresholds (calibrate-stage2's "after"):

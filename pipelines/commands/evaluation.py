@@ -135,14 +135,23 @@ def _check_split(manifest: Path, weights: Path, split: str | None = None) -> Non
     """Said before any figure: a split other than the one the weights were trained under (their
     cards' `data.split_fingerprint`) may hold their training photos in its val and test rows;
     the train rows of that split, or of one that cannot tell (no sha256 column), are or may be
-    those photos (`--split train` was judged as plainly as test; an audit)."""
+    those photos (`--split train` was judged as plainly as test; an audit). Each model is judged
+    on its own card: a site's presence head refitted on its split (README) silenced the warning
+    for the detector and stage 2 beside it, which that split's photos never trained (an audit)."""
     trained = _trained_under(manifest, weights)
-    if split == "train" and trained is not False:
-        known = "are" if trained else "may be (the manifest or the cards cannot tell: no sha256s)"
+    under = [name for name, same in (trained or {}).items() if same]
+    if split == "train" and (trained is None or under):
+        known = "are" if under else "may be (the manifest or the cards cannot tell: no sha256s)"
         typer.echo(f"warning: {manifest}'s train rows {known} the photos {weights}'s models were trained on, on "
                    "which they score better than on any other: these figures are not held-out ones", err=True)
-    if trained is False:
-        typer.echo(f"warning: {manifest} is not the split any of {weights}'s models was trained under (the cards' "
+    others = [name for name, same in (trained or {}).items() if not same]
+    if others:
+        def were(names: list[str]) -> str:
+            return f"{', '.join(names)} {'was' if len(names) == 1 else 'were'}"
+
+        which = f"any of {weights}'s models was" if not under else f"{weights}'s {were(others)}"
+        aside = f"; its {were(under)}" if under else ""
+        typer.echo(f"warning: {manifest} is not the split {which} trained under{aside} (the cards' "
                    "data.split_fingerprint): if any of its val or test photos were among their training photos, "
                    "these figures are not held-out ones. A site's own photos that no model here was trained on "
                    "are; to reproduce the cards' own figures, rebuild their split with the cards' "
@@ -175,27 +184,29 @@ def _check_chosen_here(manifest: Path, weights: Path, split: str | None) -> None
                    "ones; judge the cards on rows or photos that did not choose them", err=True)
 
 
-def _trained_under(manifest: Path, weights: Path) -> bool | None:
-    """Whether `manifest` is the split one of the folder's models was trained under; None when
-    the cards or the manifest cannot tell (no fingerprint, no split column, unreadable)."""
+def _trained_under(manifest: Path, weights: Path) -> dict[str, bool] | None:
+    """For each of the folder's models whose card names its split: whether `manifest` is that
+    split; None when no card or the manifest cannot tell (no fingerprint, no split column,
+    unreadable)."""
     from models.io import UnreadableCard, load_card
     from pipelines.data.manifest import ManifestError, load_manifest
     from pipelines.data.splits import split_fingerprint
 
-    trained = set()
+    fingerprints = {}
     for name in ("detector", "presence", "deep_sad", "classifier", "colour"):
         try:
-            trained.add(load_card(weights / f"{name}.json").data.get("split_fingerprint"))
+            fingerprint = load_card(weights / f"{name}.json").data.get("split_fingerprint")
         except UnreadableCard:  # absent (presence, colour), or named by the engine's load that follows
-            pass
-    trained.discard(None)
-    if not trained:
+            continue
+        if fingerprint is not None:
+            fingerprints[name] = fingerprint
+    if not fingerprints:
         return None
     try:
         here = split_fingerprint(load_manifest(manifest, check_files=False))
     except ManifestError:
         return None  # named by the read that follows
-    return None if here is None else here in trained
+    return None if here is None else {name: fingerprint == here for name, fingerprint in fingerprints.items()}
 
 
 def baseline_colour_cmd(
@@ -306,7 +317,7 @@ def calibrate_stage2_cmd(
     if split == "test":  # accepted before, and the README's next step judged on the rows that chose (an audit)
         _fail("--split test: rows that choose the thresholds are no test afterwards; choose on val (or all, for "
               "a site's photos that no model here was trained on) and judge on test")
-    if split in ("train", "all") and _trained_under(manifest, weights):
+    if split in ("train", "all") and any((_trained_under(manifest, weights) or {}).values()):
         typer.echo(f"warning: {manifest} is the split these networks were trained under: its {split} rows hold "
                    "their training photos, on which they score better than on a site's; thresholds chosen there "
                    "are optimistic", err=True)

@@ -138,9 +138,10 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
     for i, rec in enumerate(sheet.to_dict("records"), start=1):
         label = cols.kind_value if cols.kind_value is not None else str(rec[cols.kind])
         kind = _kind(label, cols)
-        if kind is None:
+        if kind is None:  # named once per word below; the row's other problems are checked too (a
+            # site fixed the word, then met a second refusal for the same row's missing file; an audit)
             unknown.setdefault(label.strip(), []).append(i)
-            continue
+            kind = ""
         if kind == SKIP:  # named by the sheet all the same: not one of the photos it lacks
             skipped += 1
             named.add(os.path.realpath(images / str(rec[cols.path]).strip()))
