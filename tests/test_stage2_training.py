@@ -338,6 +338,32 @@ def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_pa
     assert load_weights(card)[1].training["init_from"] == str(small)
 
 
+def test_train_colour_says_when_its_model_is_no_better_than_chance_on_validation(tmp_path, caplog):
+    """--c 1e-6 exported a colour model at validation ROC-AUC 0.0 with exit 0 and no word,
+    where Deep SAD and the classifier warn (an audit). Here validation's colours are training's
+    swapped: red regular and green non-regular crops to learn, the other way round to judge."""
+    from pipelines.data.crop_set import CropSet
+    from pipelines.training.colour import ColourTrainConfig, train_colour
+
+    def crops(regular: tuple, flagged: tuple) -> CropSet:
+        images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+        for i in range(8):
+            images[i] = torch.tensor(regular if i < 4 else flagged, dtype=torch.uint8).view(3, 1, 1)
+        return CropSet(images, torch.tensor([0] * 4 + [1] * 4), [f"{i}.jpg" for i in range(8)],
+                       [f"p{i}" for i in range(8)], ["s"] * 8)
+
+    red, green = (200, 60, 60), (60, 200, 60)
+    with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
+        train_colour(ColourTrainConfig(tmp_path / "swapped", c=10.0, synthesise=0.0, copies=1), crops(red, green),
+                     crops(green, red))
+    assert "the colour model is no better than chance on the validation crops" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.training.stage2"):
+        train_colour(ColourTrainConfig(tmp_path / "same", c=10.0, synthesise=0.0, copies=1), crops(red, green),
+                     crops(red, green))
+    assert "no better than chance" not in caplog.text
+
+
 def test_train_colour_fits_the_crop_colour_scorer_with_a_validation_threshold_the_engine_reproduces(
         split_set, tmp_path):
     from typer.testing import CliRunner

@@ -59,6 +59,17 @@ def _epochs(out) -> list[int]:
     return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_resume_with_no_checkpoint_says_it_trains_from_the_start(tmp_path, caplog):
+    """A mistyped -o under --resume trained a whole run from scratch with no word (an audit)."""
+    with caplog.at_level("WARNING", logger="pipelines.training.loop"):
+        _run(tmp_path / "typo", epochs=1, resume=True)
+    assert f"{tmp_path / 'typo'} holds no checkpoint.pt: training from the start" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.training.loop"):
+        _run(tmp_path / "typo", epochs=2, resume=True)  # its checkpoint now: resumed, nothing said
+    assert "holds no checkpoint" not in caplog.text
+
+
 def test_a_run_killed_and_resumed_trains_as_the_run_that_was_never_stopped(tmp_path):
     """No random state was checkpointed: the resumed epoch k replayed epoch 0's shuffle and
     dropout, and the resumed run ended with other weights and another best epoch."""

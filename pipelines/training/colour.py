@@ -26,6 +26,7 @@ from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.engine.stage2 import colour_scores, crop_histograms
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold, metrics_by_group
 from pipelines.training.linear import fit_standardised_logistic
+from pipelines.training.stage2 import _warn_if_chance, _warn_if_flat
 
 
 @dataclass
@@ -70,6 +71,11 @@ def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: Cr
     probs = colour_scores(model, val.images.float()).numpy()
     yv = val.non_regular.numpy()
     threshold = calibrate_threshold(yv, probs, space="logit")
+    val_metrics = binary_metrics(yv, probs, threshold)
+    # said as Deep SAD and the classifier say it: --c 1e-6 exported a model at validation ROC-AUC
+    # 0.0 that flagged every crop, exit 0 and no word (an audit)
+    if not _warn_if_flat(probs, "the colour model"):
+        _warn_if_chance(val_metrics, "the colour model")
     per_source = {k: v.as_dict() for k, v in metrics_by_group(yv, probs, threshold, val.sources).items()}
     card = ModelCard(
         name="colour", architecture="crop_colour_logistic", config=model_cfg.as_dict(),
@@ -82,6 +88,6 @@ def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: Cr
                   "fit": "sklearn LogisticRegression(class_weight='balanced') on standardised histograms",
                   "threshold_rule": "max F1 on validation crops, midpoint of the gap in logit space"},
         data=data_note or {},
-        metrics={"val": binary_metrics(yv, probs, threshold).as_dict(), "val_per_source": per_source},
+        metrics={"val": val_metrics.as_dict(), "val_per_source": per_source},
     )
     return save_weights(model.state_dict(), Path(cfg.out_dir) / "colour", card)

@@ -284,6 +284,10 @@ def fit(
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif dist_info.is_main:
         pending.unlink(missing_ok=True)  # a first epoch's, killed before its checkpoint
+        if cfg.resume:  # a mistyped -o trained a whole run from scratch under --resume, unsaid (an
+            # audit); a warning, not a refusal: a run killed in its first epoch, or Deep SAD's
+            # second stage after a resumed pretraining, has nothing to resume either
+            log.warning("--resume: %s holds no checkpoint.pt: training from the start", out)
 
     use_amp = cfg.amp and device.type == "cuda"
     try:
