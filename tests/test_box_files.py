@@ -157,6 +157,19 @@ def test_a_training_photo_that_does_not_decode_is_named(tmp_path):
             load_rgb(path)
 
 
+def test_a_training_file_that_is_no_image_at_all_is_named_with_what_to_do(tmp_path):
+    """A crop set's file that PIL cannot identify was exit 1 with PIL's words alone, where a
+    truncated JPEG was named with what to do (an audit)."""
+    import pandas as pd
+
+    from pipelines.data.crop_set import extract_crops
+
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    rows = pd.DataFrame({"path": ["notes.jpg"], "patient_id": ["p"], "source": ["s"], "kind": ["regular"]})
+    with pytest.raises(ValueError, match="notes.jpg: cannot read it as an image .*take it out of the manifest"):
+        extract_crops(rows, {"notes.jpg": [[0, 0, 10, 10]]}, 32, root=tmp_path)
+
+
 def test_crops_of_a_split_written_into_another_folder_find_the_boxes_of_the_original_box_file(tmp_path):
     """`split -o other/s.csv` names photos `../p0.jpg`, the box file beside them `p0.jpg`: every
     cervix photo read as unboxed, and training refused (or, with --allow-unboxed, had no crop)."""

@@ -135,9 +135,12 @@ def test_extra_training_photos_join_training_but_never_the_threshold(tiny_datase
     zoomed = runs["zoomed"].training  # copies join training, not the counts of photos
     assert zoomed["n_train_zoomed"] == n_alone and sum(zoomed["n_train"].values()) == n_alone
     assert runs["zoomed"].sha256 != runs["alone"].sha256
+    # refused before the folder's earlier head is said to be replaced (it was said, then refused)
     r = CliRunner().invoke(app, ["train-presence", str(main), "--detector", str(weights / "detector.json"),
-                                 "-o", str(tmp_path / "bad"), "--zoom-copies", "-1"])
+                                 "-o", str(tmp_path / "alone"), "--zoom-copies", "-1"])
     assert r.exit_code != 0 and "--zoom-copies must be >= 0" in r.output
+    assert "fitting again replaces it" not in r.output
+    assert load_card(tmp_path / "alone" / "presence.json").sha256 == runs["alone"].sha256
 
 
 def _features(groups: dict[str, tuple[int, list[float]]], rng: np.random.Generator, n: int = 30) -> PhotoFeatures:

@@ -338,6 +338,21 @@ def test_classifier_can_start_from_our_own_smaller_input_model(split_set, tmp_pa
     assert load_weights(card)[1].training["init_from"] == str(small)
 
 
+def test_train_colour_names_an_empty_split_not_the_classes(tmp_path):
+    """An empty manifest or a blank split column read "needs regular and non-regular training
+    crops"; train-presence names the split (an audit)."""
+    from pipelines.data.crop_set import CropSet
+    from pipelines.training.colour import ColourTrainConfig, train_colour
+
+    none = CropSet(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), [], [], [])
+    some = CropSet(torch.full((2, 3, 32, 32), 100, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"],
+                   ["p", "q"], ["s", "s"])
+    with pytest.raises(ValueError, match="no train crop: no cervix photo of the manifest's train split has a box"):
+        train_colour(ColourTrainConfig(tmp_path / "a"), none, none)
+    with pytest.raises(ValueError, match="no val crop"):
+        train_colour(ColourTrainConfig(tmp_path / "b"), some, none)
+
+
 def test_train_colour_says_when_its_model_is_no_better_than_chance_on_validation(tmp_path, caplog):
     """--c 1e-6 exported a colour model at validation ROC-AUC 0.0 with exit 0 and no word,
     where Deep SAD and the classifier warn (an audit). Here validation's colours are training's

@@ -45,12 +45,13 @@ def train_presence_cmd(
     number_in("--colour-weight", colour_weight, 0.0)
     number_in("--zoom-weight", zoom_weight, 0.0, above=True)
     number_in("--turn-weight", turn_weight, 0.0, above=True)
-    training_output(out, "presence.json", one_shot=True)
     if zoom_copies is not None and zoom_copies < 0:
         _fail("--zoom-copies must be >= 0")
     for option, value in (("--c-hist", c_hist), ("--c-feat", c_feat)):  # scikit-learn's words, after the data loaded
         if not 0 < value < float("inf"):
             _fail(f"{option} must be > 0 (an inverse regularisation strength), not {value:g}")
+    # after the options: "fitting again replaces it" was said, then the option refused (an audit)
+    training_output(out, "presence.json", one_shot=True)
     from models.io import WeightsIntegrityError, verified_card
 
     try:  # a damaged or missing detector failed after the photos' features began, exit 1 (an audit)

@@ -83,10 +83,13 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
         x1, y1, x2, y2 = boxes[0]
         # Decode only as large as the crop needs (box short side >= 2x the crop size): JPEG
         # DCT scaling makes a 12 MP photo's 224 px crop several times cheaper.
-        with Image.open(path) as im:
-            long_full = max(im.size)
+        try:
+            with Image.open(path) as im:
+                long_full = max(im.size)
+        except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's "cannot identify image
+            long_full = None  # file" was exit 1, naming no fix (an audit): load_rgb's error says it
         f = min(1.0, 2 * size / max(1.0, min(x2 - x1, y2 - y1)))
-        image, sx, sy = load_rgb(path, math.ceil(long_full * f))
+        image, sx, sy = load_rgb(path, None if long_full is None else math.ceil(long_full * f))
         want = (recorded or {}).get(key)
         problem = want and size_problem(row.path, want, (round(image.shape[2] / sx), round(image.shape[1] / sy)))
         if problem:

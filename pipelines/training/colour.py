@@ -54,6 +54,11 @@ def histograms(crops: CropSet, cfg: CropColourConfig, synthesise: float = 0.0,
 
 def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: CropSet | None = None,
                  data_note: dict | None = None) -> Path:
+    # an empty split was blamed on the classes before (an audit)
+    empty = "train" if not len(train) + (len(extra) if extra is not None else 0) else "val" if not len(val) else None
+    if empty:
+        raise ValueError(f"no {empty} crop: no cervix photo of the manifest's {empty} split has a box (the colour "
+                         "model trains on train and takes its threshold on val); split it with `cervixqc split`")
     model_cfg = CropColourConfig(crop_side=int(train.images.shape[-1]))
     torch.manual_seed(cfg.seed)
     parts = [histograms(train, model_cfg, cfg.synthesise, cfg.copies)]
