@@ -53,9 +53,9 @@ def detection_train(hard: bool = True, permute_channels: bool = True, quarter_tu
     The flips give four of a photo's eight right-angle poses; `quarter_turns` (`train-detector
     --quarter-turns`) turns half the photos by 90 degrees as well, so all eight come equally
     often. A photo stored turned without an EXIF tag is a real case (README, "Limitations":
-    quarter-turned copies changed 6% of validation labels). Off by default: measured against the
-    shipped detector, its boxes were better but its presence head found fewer cervixes and its
-    turned photos changed as many labels (weights/README, "Quarter turns in the detector")."""
+    quarter-turned copies changed 6% of validation labels). Off by default: against the same
+    fine-tune without it, the presence head on it found fewer cervixes and its turned photos
+    changed as many labels (weights/README, "Quarter turns in the detector")."""
     ops: list = [
         v2.RandomPhotometricDistort(p=0.8) if permute_channels else PhotometricDistortKeepingChannels(p=0.8),
         v2.RandomHorizontalFlip(),
