@@ -146,16 +146,17 @@ def _check_split(manifest: Path, weights: Path, split: str | None = None) -> Non
                    "which they score better than on any other: these figures are not held-out ones", err=True)
     others = [name for name, same in (trained or {}).items() if not same]
     if others:
-        def were(names: list[str]) -> str:
-            return f"{', '.join(names)} {'was' if len(names) == 1 else 'were'}"
-
-        which = f"any of {weights}'s models was" if not under else f"{weights}'s {were(others)}"
-        aside = f"; its {were(under)}" if under else ""
+        which = f"any of {weights}'s models was" if not under else f"{weights}'s {_were(others)}"
+        aside = f"; its {_were(under)}" if under else ""
         typer.echo(f"warning: {manifest} is not the split {which} trained under{aside} (the cards' "
                    "data.split_fingerprint): if any of its val or test photos were among their training photos, "
                    "these figures are not held-out ones. A site's own photos that no model here was trained on "
                    "are; to reproduce the cards' own figures, rebuild their split with the cards' "
                    "training.commands.", err=True)
+
+
+def _were(names: list[str]) -> str:
+    return f"{', '.join(names)} {'was' if len(names) == 1 else 'were'}"
 
 
 def _check_chosen_here(manifest: Path, weights: Path, split: str | None) -> None:

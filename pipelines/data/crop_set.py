@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from pipelines.engine.crops import crop_boxes
 from pipelines.data.coco import image_file, size_problem
-from pipelines.data.images import load_rgb
+from pipelines.data.images import load_rgb, stored_long_side
 from pipelines.data.schema import Kind, path_key
 
 KIND_INDEX = {Kind.REGULAR.value: 0, Kind.GREEN.value: 1, Kind.IODINE.value: 2}
@@ -83,13 +82,8 @@ def extract_crops(manifest: pd.DataFrame, boxes_by_path: dict[str, list[list[flo
         x1, y1, x2, y2 = boxes[0]
         # Decode only as large as the crop needs (box short side >= 2x the crop size): JPEG
         # DCT scaling makes a 12 MP photo's 224 px crop several times cheaper.
-        try:
-            with Image.open(path) as im:
-                long_full = max(im.size)
-        except (OSError, SyntaxError, Image.DecompressionBombError):  # PIL's "cannot identify image
-            long_full = None  # file" was exit 1, naming no fix (an audit): load_rgb's error says it
         f = min(1.0, 2 * size / max(1.0, min(x2 - x1, y2 - y1)))
-        image, sx, sy = load_rgb(path, None if long_full is None else math.ceil(long_full * f))
+        image, sx, sy = load_rgb(path, math.ceil(stored_long_side(path) * f))
         want = (recorded or {}).get(key)
         problem = want and size_problem(row.path, want, (round(image.shape[2] / sx), round(image.shape[1] / sy)))
         if problem:

@@ -22,9 +22,26 @@ def load_rgb(path: str | Path, min_long_side: int | None = None) -> tuple[torch.
     """
     try:
         return _load_rgb(path, min_long_side)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad files
-        raise ValueError(f"{path}: cannot read it as an image ({type(e).__name__}: {e}); fix or replace the "
-                         "file, or take it out of the manifest and boxes") from None
+    except _PIL_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
+_PIL_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)  # PIL's errors for bad files
+
+
+def _unreadable(path: str | Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read it as an image ({type(e).__name__}: {e}); fix or replace the file, or "
+                      "take it out of the manifest and boxes")
+
+
+def stored_long_side(path: str | Path) -> int:
+    """The long side as stored, from the header alone; a bad file is `load_rgb`'s ValueError
+    (PIL's "cannot identify image file" reached a training command's user with no fix named)."""
+    try:
+        with Image.open(path) as im:
+            return max(im.size)
+    except _PIL_ERRORS as e:
+        raise _unreadable(path, e) from None
 
 
 def _load_rgb(path: str | Path, min_long_side: int | None) -> tuple[torch.Tensor, float, float]:

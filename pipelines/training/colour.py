@@ -26,7 +26,7 @@ from pipelines.data.crop_set import CropDataset, CropSet
 from pipelines.engine.stage2 import colour_scores, crop_histograms
 from pipelines.evaluation.classification import binary_metrics, calibrate_threshold, metrics_by_group
 from pipelines.training.linear import fit_standardised_logistic
-from pipelines.training.stage2 import _warn_if_chance, _warn_if_flat
+from pipelines.training.stage2 import warn_if_weak
 
 
 @dataclass
@@ -54,8 +54,9 @@ def histograms(crops: CropSet, cfg: CropColourConfig, synthesise: float = 0.0,
 
 def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: CropSet | None = None,
                  data_note: dict | None = None) -> Path:
-    # an empty split was blamed on the classes before (an audit)
-    empty = "train" if not len(train) + (len(extra) if extra is not None else 0) else "val" if not len(val) else None
+    # an empty split was blamed on the classes before (an audit); extra crops train too
+    n_train = len(train) + (len(extra) if extra is not None else 0)
+    empty = next((name for name, n in (("train", n_train), ("val", len(val))) if not n), None)
     if empty:
         raise ValueError(f"no {empty} crop: no cervix photo of the manifest's {empty} split has a box (the colour "
                          "model trains on train and takes its threshold on val); split it with `cervixqc split`")
@@ -77,10 +78,8 @@ def train_colour(cfg: ColourTrainConfig, train: CropSet, val: CropSet, extra: Cr
     yv = val.non_regular.numpy()
     threshold = calibrate_threshold(yv, probs, space="logit")
     val_metrics = binary_metrics(yv, probs, threshold)
-    # said as Deep SAD and the classifier say it: --c 1e-6 exported a model at validation ROC-AUC
-    # 0.0 that flagged every crop, exit 0 and no word (an audit)
-    if not _warn_if_flat(probs, "the colour model"):
-        _warn_if_chance(val_metrics, "the colour model")
+    # --c 1e-6 exported a model at validation ROC-AUC 0.0 that flagged every crop, unsaid (an audit)
+    warn_if_weak(probs, val_metrics, "the colour model")
     per_source = {k: v.as_dict() for k, v in metrics_by_group(yv, probs, threshold, val.sources).items()}
     card = ModelCard(
         name="colour", architecture="crop_colour_logistic", config=model_cfg.as_dict(),

@@ -173,6 +173,13 @@ def _warn_if_chance(metrics, model: str) -> None:
                     model, auc, sens, spec, flags)
 
 
+def warn_if_weak(scores: np.ndarray, metrics, model: str) -> None:
+    """What every stage-2 trainer says of its exported model's validation scores: flat, or
+    else no better than chance (Deep SAD, the classifier and the colour model alike)."""
+    if not _warn_if_flat(scores, model):
+        _warn_if_chance(metrics, model)
+
+
 def _check_train_classes(train: CropSet, synthesise: float, needs_non_regular: bool) -> None:
     """Regular training crops always (Deep SAD's autoencoder and centre learn from them; without
     them torch said `num_samples=0`), and for the classifier non-regular ones too, or some made
@@ -228,11 +235,9 @@ def train_deep_sad(cfg: Stage2Config, train: CropSet, val: CropSet, device: torc
     net.eval()
     scores = _collect(net.score, val, None, device).numpy()
     y = val.non_regular.numpy()
-    flat = _warn_if_flat(scores, "Deep SAD")
     threshold = calibrate_threshold(y, scores, cfg.target_sensitivity, space="log")
     val_metrics = binary_metrics(y, scores, threshold)
-    if not flat:
-        _warn_if_chance(val_metrics, "Deep SAD")
+    warn_if_weak(scores, val_metrics, "Deep SAD")
     card = ModelCard(
         name="deep_sad", architecture="lenet32_deep_sad", config={"rep_dim": net.encoder.rep_dim},
         input_size=[32, 32], preprocessing={"crop": "cervix box + margin, resized to 32x32", "scale": "[0, 1]"},
@@ -316,11 +321,9 @@ def train_classifier(cfg: Stage2Config, model_cfg: ClassifierConfig, train: Crop
     model.eval()
     probs = _collect(lambda x: torch.sigmoid(model(x)["logit"]), val, t_val, device).numpy()
     y = val.non_regular.numpy()
-    flat = _warn_if_flat(probs, "the classifier")
     threshold = calibrate_threshold(y, probs, cfg.target_sensitivity, space="logit")
     val_metrics = binary_metrics(y, probs, threshold)
-    if not flat:
-        _warn_if_chance(val_metrics, "the classifier")
+    warn_if_weak(probs, val_metrics, "the classifier")
     card = ModelCard(
         name="classifier", architecture=model_cfg.arch, config=model_cfg.as_dict(),
         input_size=[model_cfg.input_size, model_cfg.input_size],
