@@ -278,6 +278,7 @@ def test_a_precision_the_torch_runtime_does_not_take_is_said_not_ignored(capsys)
     (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--size", "0"], "--size"),
     (["train-resnest", "m.csv", "--coco", "c.json", "-o", "run", "--batch-size", "0"], "--batch-size"),
     (["train-colour", "m.csv", "--coco", "c.json", "-o", "run", "--c", "nan"], "need --c > 0"),
+    (["train-colour", "m.csv", "--coco", "c.json", "-o", "run", "--copies", "100000000"], "--copies"),
     (["train-presence", "m.csv", "--detector", "d.json", "-o", "run", "--colour-weight", "nan"], "--colour-weight"),
     (["train-presence", "m.csv", "--detector", "d.json", "-o", "run", "--extra-weight", "inf"], "--extra-weight"),
     (["train-presence", "m.csv", "--detector", "d.json", "-o", "run", "--c-feat", "inf"], "--c-feat must be > 0"),

@@ -76,18 +76,23 @@ def test_resnest_classifier_trains_with_weighted_bce_and_exports(split_set, tmp_
         assert weight is not None and torch.equal(weight, per_class[target.long()])
 
 
-def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_set, tmp_path):
+def test_eval_command_reports_metrics_per_source_at_the_cards_threshold(split_set, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import pipelines.engine.stage2 as engine_stage2
     from pipelines.cli import app
 
     manifest, coco = split_set
     crops = split_crops(manifest, coco, 32, splits=("train", "val"))
     cfg = Stage2Config(out_dir=tmp_path, epochs=1, pretrain_epochs=1, batch_size=8, progress=False)
     card_path = train_deep_sad(cfg, crops["train"], crops["val"], torch.device("cpu"))
+    reads = []  # the real loader, counted: the weights were read and hashed twice, once for the card
+    monkeypatch.setattr(engine_stage2, "load_weights", lambda *a, **k: reads.append(a) or load_weights(*a, **k))
     r = CliRunner().invoke(app, ["eval", str(card_path), str(manifest), "--coco", str(coco), "-o", str(tmp_path),
                                  "--split", "val"])
     assert r.exit_code == 0, r.output
+    assert len(reads) == 1, reads
+    monkeypatch.undo()
     report = json.loads((tmp_path / "deep_sad_32_val_metrics.json").read_text())
     assert set(report) == {"overall", "left_out_without_box", "left_out_without_box_by_source", "model_sha256", "card",
                            "manifest_sha256", "coco_sha256", "role"} | set(crops["val"].sources)

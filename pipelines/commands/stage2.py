@@ -181,7 +181,10 @@ def train_colour_cmd(
     c: Annotated[float, typer.Option(help="Inverse L2 strength of the logistic regression.")] = 0.01,
     synthesise: Annotated[float, typer.Option(
         help="Share of regular crops turned green/iodine in each draw of the training crops.")] = 0.2,
-    copies: Annotated[int, typer.Option(min=1, help="Draws of the manifest's training crops (extra crops: one).")] = 3,
+    # at most 20: each draw holds a histogram per crop, so --copies 100000000 ran on toward running out of memory
+    # (an audit), and draws past a few repeat the regulars that are not re-coloured
+    copies: Annotated[int, typer.Option(
+        min=1, max=20, help="Draws of the manifest's training crops (extra crops: one).")] = 3,
     extra_manifest: Annotated[Optional[Path], typer.Option(
         help="Extra training-only collection (e.g. synthetic): its manifest (train split if it has one).")] = None,
     extra_coco: Annotated[Optional[Path], typer.Option(help="The extra collection's boxes.")] = None,

@@ -25,8 +25,11 @@ def crop_size_for(card) -> int:
     return size if card.name == "deep_sad" else round(size * 8 / 7)
 
 
-def score_crops(card_path: Path, crops: CropSet, batch_size: int = 128, device: str = "cpu") -> dict[str, np.ndarray]:
-    model, card = load_stage2(card_path, device)
+def score_crops(model: torch.nn.Module, card, crops: CropSet, batch_size: int = 128,
+                device: str = "cpu") -> dict[str, np.ndarray]:
+    """Scores of a loaded model: evaluate_stage2 used to read and hash the weights twice, once
+    for the card and once here, and a file replaced between the two scored other weights than
+    the metrics' `model_sha256` named."""
     centre = v2.CenterCrop(card.input_size[0])
     parts: dict[str, list] = {}
     for i in range(0, len(crops), batch_size):
@@ -42,7 +45,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     are to the card: `threshold_role`). The figures are of
     the crops alone: with a detector's box file, the photos it missed are in no crop, and the
     count says how many (they were left out unsaid, and the sensitivity read higher)."""
-    _, card = load_stage2(card_path)
+    model, card = load_stage2(card_path, device)
     stem = f"{card.name}_{card.input_size[0]}_{split}"
     _refuse_other_weights(out_dir / f"{stem}_metrics.json", card.sha256)
     crops = split_crops(manifest, coco, crop_size_for(card), splits=(split,), allow_unboxed=True)[split]
@@ -61,7 +64,7 @@ def evaluate_stage2(card_path: Path, manifest: Path, coco: Path, split: str, out
     # and by source: a source's row read "pos=0, sens -" where its one iodine photo had no box (an audit)
     by_source = {str(src): {str(k): int(n) for k, n in part["kind"].value_counts().items()}
                  for src, part in missed.groupby("source")}
-    scores = score_crops(card_path, crops, device=device)
+    scores = score_crops(model, card, crops, device=device)
     y = crops.non_regular.numpy()
     report = {k: m.as_dict() for k, m in metrics_by_group(y, scores["score"], threshold_of(card), crops.sources).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
