@@ -38,6 +38,7 @@ from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
+from service.connections import quiet_accept_errors
 from service.log_config import ensure_handler
 from service.metrics import Metrics
 from service.root_path import RootPath, route_path
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     ensure_handler(settings.log_level)
     drop_query_strings()  # uvicorn has configured its loggers by the time it calls this factory
+    quiet_accept_errors()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

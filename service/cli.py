@@ -50,11 +50,13 @@ def serve(
     # The app by name, so uvicorn builds it; settings are read again there from the same environment.
     # Open connections get GRACE_S to finish on SIGTERM: a client trickling an upload kept the
     # process up past compose's stop_grace_period, and Docker's SIGKILL followed.
+    from service.connections import header_deadline_protocol, raise_open_files_limit
     from service.log_config import uvicorn_config
 
+    raise_open_files_limit()
     uvicorn.run("service.app:create_app", factory=True, host=host, port=port, workers=1,
                 log_config=uvicorn_config(settings.log_level), log_level=settings.log_level,
-                timeout_graceful_shutdown=GRACE_S)
+                timeout_graceful_shutdown=GRACE_S, http=header_deadline_protocol(settings.header_timeout_s))
 
 
 GRACE_S = 8  # + the job runner's stop (JobRunner.stop) stays inside docker-compose.yml's stop_grace_period

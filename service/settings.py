@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     # the longest pause in a body's arrival (service/limits.py): a client that stalled mid-upload
     # held its spooled part of the temporary folder for ever, and the timeout above never started
     upload_idle_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # from a request's first byte to the end of its headers (service/connections.py, `cervixqc serve`
+    # only): connections sending half a header held open files until the service answered nothing
+    header_timeout_s: float = Field(20.0, gt=0, le=3600)
     job_batch_size: int = Field(8, ge=1, le=512)
     # jobs queued or running at once; past it POST /v1/jobs and a retry answer 429 `too_many_jobs`
     max_active_jobs: int = Field(1000, ge=1)
