@@ -453,3 +453,38 @@ def test_split_with_a_clean_folder_checks_the_photos_its_table_compared_and_read
         table = read_duplicates(out / "duplicates.csv")
     assert "older than the run's state" in caplog.text
     pd.testing.assert_frame_equal(table, read_duplicates(out))
+
+
+def test_duplicate_tables_escape_formula_and_carriage_return_names_and_read_them_back_as_on_disk(tmp_path):
+    """duplicates.csv held `=HYPERLINK(..).jpg` raw, a formula in a spreadsheet (results.csv of
+    the same run escaped it), and a name with a carriage return split its row in two for pandas
+    and the csv module (an audit); `split --duplicates` reads the names back as on disk."""
+    import csv
+
+    from pipelines.data.duplicates import compared_paths, read_duplicates
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    twins = [('=HYPERLINK("http:x","y").jpg', "+1+1.jpg"), ("x\r@SUM(1+1).jpg", "plain;=2.jpg")]
+    for seed, names in enumerate(twins):
+        for name in names:
+            (photos / name).write_bytes(_jpeg(_photo(seed)))
+    names = sorted(n for pair in twins for n in pair)
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["clean", str(photos), "-o", str(tmp_path / "c"), "--weights", str(weights),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["duplicates", str(photos), "-o", str(tmp_path / "d.csv"), "--weights", str(weights),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    for table in (tmp_path / "c" / "duplicates.csv", tmp_path / "d.csv"):
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 4, rows  # one row per member, none split at the carriage return
+        cells = [row[c] for row in rows for c in ("path", "duplicate_of")]
+        assert not [c for c in cells if c.startswith(("=", "+", "-", "@")) or "\r" in c or ";=" in c], cells
+        assert sorted(read_duplicates(table)["path"]) == names
+        assert read_duplicates(table).groupby("group")["path"].apply(sorted).map(tuple).tolist() == sorted(
+            tuple(sorted(pair)) for pair in twins)
+    assert compared_paths(tmp_path / "d.csv") == set(names)
+    assert compared_paths(tmp_path / "c") == set(names)  # from its results.csv, escaped the same way

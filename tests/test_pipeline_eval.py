@@ -71,6 +71,25 @@ def test_eval_pipeline_scores_every_policy_and_writes_the_default_policys_labels
 
 
 
+def test_eval_pipeline_results_are_safe_to_open_in_a_spreadsheet(labelled, tmp_path):
+    """A name or source that starts a formula came out raw in its results.csv, while clean's
+    results.csv escaped it (an audit)."""
+    import shutil
+
+    df = load_manifest(labelled)
+    val = df.index[(df["split"] == "val") & (df["kind"] != "")]
+    shutil.copy(df.at[val[0], "path"], tmp_path / "=HYPERLINK(1).jpg")
+    df.loc[val[0], "path"] = "=HYPERLINK(1).jpg"
+    df.loc[val, "source"] = "@site"
+    write_manifest(df, tmp_path / "m.csv")
+    weights = tiny_weights(tmp_path / "w", detector_threshold=0.0)
+    r = runner.invoke(app, ["eval-pipeline", str(tmp_path / "m.csv"), "--weights", str(weights), "--split", "val",
+                            "-o", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    rows = pd.read_csv(tmp_path / "ev" / "results.csv", keep_default_na=False)
+    assert "'=HYPERLINK(1).jpg" in set(rows["path"]) and set(rows["source"]) == {"'@site"}
+
+
 def test_eval_pipeline_on_train_rows_says_they_may_be_the_models_training_photos(labelled, tmp_path):
     """`--split train` was judged as plainly as test where the manifest or the cards could not
     tell the training's split (no sha256s), and `--split val` said nothing either way (an audit)."""

@@ -72,6 +72,8 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
     job); a pass per file read, parsed and grouped every row twice: 100,200 rows took 6.26,
     5.68, 5.70 and 4.93 s so, and 3.39, 2.95, 3.84 and 4.11 s in one pass, the same bytes
     (`python -m tests.benchmarks.exports`, two sessions of two runs)."""
+    from pipelines.data.duplicates import write_table
+
     out_dir.mkdir(parents=True, exist_ok=True)
     dups = collection_duplicates(records(), read, verdicts) if duplicates is None else duplicates
     group = {row.path: row for row in dups.itertuples(index=False)}
@@ -99,7 +101,7 @@ def export_records(records: Callable[[], Iterable[QCResult]], out_dir: Path,
                 writer.close()
 
     write_together({(csv_path, pq_path): write_both,
-                    out_dir / "duplicates.csv": lambda p: dups.to_csv(p, index=False)})
+                    out_dir / "duplicates.csv": lambda p: write_table(dups, p)})
     return csv_path, pq_path
 
 

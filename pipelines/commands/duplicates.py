@@ -55,7 +55,7 @@ def duplicates_cmd(
     import pandas as pd
 
     from pipelines.clean.exports import reader
-    from pipelines.data.duplicates import compared_file, duplicates_of_records, read_clean_state
+    from pipelines.data.duplicates import compared_file, duplicates_of_records, read_clean_state, write_table
     from pipelines.data.schema import on_disk
     from pipelines.outputs import write_atomically
 
@@ -123,9 +123,9 @@ def duplicates_cmd(
     if not clean_folder and seen["unreadable"]:  # they have no keys: copies of them cannot be found
         typer.echo(f"warning: {seen['unreadable']} of {seen['photos']} files could not be read as photos and are "
                    "in no group", err=True)
-    write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))  # a cut-short table reads as fewer groups
+    write_atomically(out, lambda tmp: write_table(df, tmp))  # a cut-short table reads as fewer groups
     # what was compared, for `split` to tell "no copy" from "never compared"
-    write_atomically(compared_file(out), lambda tmp: pd.DataFrame({"path": compared}).to_csv(tmp, index=False))
+    write_atomically(compared_file(out), lambda tmp: write_table(pd.DataFrame({"path": compared}), tmp))
     exact = int((df["kind"] == "exact").sum()) if len(df) else 0
     typer.echo(f"{seen['photos']} photos: {df['group'].nunique() if len(df) else 0} duplicate groups, "
                f"{len(df)} members ({exact} byte-identical to another member)")

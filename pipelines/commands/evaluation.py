@@ -64,6 +64,7 @@ def eval_pipeline_cmd(
 
     from pipelines.commands.common import device_or_fail, require_writable
     from pipelines.commands.engine import _engine
+    from pipelines.engine.qc_result import CSV_TEXT_FIELDS, spreadsheet_safe
     from pipelines.evaluation.pipeline_eval import evaluate_pipeline, labels_under, run_rows
 
     from pipelines.commands.common import first_file, not_an_input
@@ -103,6 +104,8 @@ def eval_pipeline_cmd(
     rows.loc[rows["label"] != "non_regular", "kind"] = None
     rows.insert(1, "truth", df["kind"].to_numpy())
     rows.insert(2, "source", df["source"].to_numpy())
+    # names and sources as clean's results.csv has them, safe to open in a spreadsheet (they were raw: an audit)
+    rows = rows.assign(**{c: rows[c].map(spreadsheet_safe) for c in (*CSV_TEXT_FIELDS, "source") if c in rows})
     # together: a full disk left a whole-looking metrics file beside a cut-short CSV (an audit)
     text = json_text(report)
     write_together({out / "results.csv": lambda tmp: rows.to_csv(tmp, index=False),

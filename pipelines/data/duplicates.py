@@ -44,7 +44,7 @@ from scipy.sparse.csgraph import connected_components
 from pipelines.data.copy_check import CopyCheckConfig, CopyChecker, VerdictStore, verdict_setting
 from pipelines.data.schema import path_key
 from pipelines.engine.hashes import decode_embeddings, hash_bits
-from pipelines.engine.qc_result import QCResult
+from pipelines.engine.qc_result import QCResult, spreadsheet_plain, spreadsheet_safe
 
 log = logging.getLogger(__name__)
 KEYS = ("sha256", "phash", "aligned", "crop_hash", "embedding")  # evidence, strongest first
@@ -527,9 +527,25 @@ def read_duplicates(path: Path, cfg: DuplicateConfig = DuplicateConfig()) -> pd.
     return _read_table(path)
 
 
+NAME_COLUMNS = ("path", "duplicate_of")  # file names, which a site chose: spreadsheet-escaped in the CSV
+
+
+def write_table(df: pd.DataFrame, target: Path) -> None:
+    """A duplicates table (or the list of the photos it compared) as CSV, its names made
+    `spreadsheet_safe` as results.csv's are: `=HYPERLINK(..).jpg` ran as a formula in a
+    spreadsheet, and a name holding a carriage return split its row in two for pandas and the
+    csv module, so `split --duplicates` read a broken table (an audit). `_read_table` and
+    `compared_paths` read the names back as they are on disk."""
+    df.assign(**{c: df[c].map(spreadsheet_safe) for c in NAME_COLUMNS if c in df}).to_csv(target, index=False)
+
+
+def _names(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(**{c: df[c].map(spreadsheet_plain) for c in NAME_COLUMNS if c in df})
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     try:
-        df = pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False)
+        df = _names(pd.read_csv(path, dtype={"path": str, "duplicate_of": str}, keep_default_na=False))
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ValueError(f"{path}: not a duplicates table (cannot read it as CSV: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -580,8 +596,8 @@ def compared_paths(source: Path) -> set[str] | None:
             # its table, which `read_duplicates` reads, compared the last run's photos: those of
             # its results.csv. The state keeps rows of photos a later manifest left out, whose
             # copies the table no longer holds, and they passed as compared (an audit)
-            return {path_key(p) for p in pd.read_csv(exported, usecols=["path"], dtype={"path": str},
-                                                     keep_default_na=False)["path"]}
+            return {path_key(p) for p in _names(pd.read_csv(exported, usecols=["path"], dtype={"path": str},
+                                                            keep_default_na=False))["path"]}
         db = sqlite3.connect(f"file:{folder / 'state.sqlite'}?mode=ro", uri=True)  # grouped from the state
         try:
             return {path_key(p) for (p,) in db.execute("SELECT path FROM results")}
@@ -592,7 +608,7 @@ def compared_paths(source: Path) -> set[str] | None:
     listed = compared_file(source)
     if source.is_dir() or not listed.is_file():
         return None
-    return {path_key(p) for p in pd.read_csv(listed, dtype={"path": str}, keep_default_na=False)["path"]}
+    return {path_key(p) for p in _names(pd.read_csv(listed, dtype={"path": str}, keep_default_na=False))["path"]}
 
 
 def _exports_current(db_path: Path) -> bool:

@@ -60,6 +60,21 @@ def read_again_sql(record: str = "record") -> str:
     return f"(label = 'unreadable' AND ({reasons}))"
 
 
+_ESCAPED_SPLIT = re.compile(r"([;\t])'(?=[=+\-@])")
+
+
+def spreadsheet_plain(text: object) -> object:
+    """`spreadsheet_safe` undone, for our own readers of the CSVs it wrote (`split --duplicates`
+    reads duplicates.csv and a clean folder's results.csv): the escaped `'+1.jpg` matched no
+    manifest row. Ambiguous only for a name that itself begins `'=` or holds `;'=` or `\\x0d`,
+    which read back one `'` shorter or with a carriage return."""
+    if not isinstance(text, str):
+        return text
+    if text.startswith("'") and text[1:].startswith(_FORMULA_START):
+        text = text[1:]
+    return _ESCAPED_SPLIT.sub(r"\1", text).replace("\\x0d", "\r")
+
+
 def spreadsheet_row(row: dict) -> dict:
     """A CSV row with its free-text cells (`CSV_TEXT_FIELDS`) made `spreadsheet_safe`."""
     return {k: spreadsheet_safe(v) if k in CSV_TEXT_FIELDS else v for k, v in row.items()}
