@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -597,6 +598,27 @@ def test_a_cancelled_job_retried_resumes_to_one_row_per_file(server, data_root):
         assert len(rows) == done["total"] and len({json.loads(r)["path"] for r in rows}) == len(rows)
         again = c.post(f"/v1/jobs/{job}/retry")
         assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_retryable")
+
+
+def test_a_retried_job_whose_folder_became_a_link_out_of_the_roots_fails_without_listing_it(server, data_root,
+                                                                                        tmp_path):
+    """Its retry listed the outside folder's file names as result rows, though it read no file (an audit)."""
+    (data_root / "swap").mkdir()
+    (data_root / "swap" / "a.jpg").write_bytes(_jpeg(50))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret-name.jpg").write_bytes(_jpeg(51))
+    with server.client() as c:
+        job = c.post("/v1/jobs", json={"source": "swap"}).json()["id"]
+        assert c.post(f"/v1/jobs/{job}/cancel").status_code == 200
+        _wait_job(c, job, lambda j: j["status"] == "cancelled")
+        shutil.rmtree(data_root / "swap")
+        (data_root / "swap").symlink_to(outside, target_is_directory=True)
+        assert c.post(f"/v1/jobs/{job}/retry").status_code == 202
+        failed = _wait_job(c, job, lambda j: j["status"] in ("done", "failed"))
+        assert failed["status"] == "failed" and "outside the allowed data roots" in failed["error"], failed
+        rows = c.get(f"/v1/jobs/{job}/results", params={"format": "jsonl"}).text
+        assert "secret-name" not in rows
 
 
 def test_a_job_begun_by_other_models_is_offered_no_retry_that_would_fail_it_again(server, data_root):

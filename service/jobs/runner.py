@@ -190,6 +190,11 @@ class JobRunner:
         if not src.exists():
             self.store.transition(job.id, "failed", error="source no longer exists", finished=time.time())
             return
+        if not inside(src, self.roots):  # checked when accepted; a folder swapped for a link out since then
+            # had its file names listed as rows by a retry, though no file was read (an audit)
+            self.store.transition(job.id, "failed", finished=time.time(), error=(
+                "the source now lies outside the allowed data roots (replaced by a link?); nothing was read"))
+            return
         root = job.root()
         inputs = list_inputs(src)
         if not inputs:  # emptied since it was accepted (a share unmounted under its mount point)
