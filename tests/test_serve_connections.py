@@ -20,7 +20,7 @@ from tests.uvicorn_process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SOFT, HARD = 200, 400  # open files: the service starts under a soft limit below its hard one
-TIMEOUT_S = 1.0  # CERVIXQC_HEADER_TIMEOUT_S
+TIMEOUT_S = 1.5  # CERVIXQC_HEADER_TIMEOUT_S: room for a loaded CI machine's timers either side
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def test_half_sent_headers_get_a_json_408_and_a_silent_connection_is_closed(serv
 def test_slow_headers_inside_the_deadline_a_slow_body_and_kept_alive_connections_are_never_cut(served):
     port, _, _ = served
     s = _open(port)
-    for part in (b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):  # headers in 0.6 s of a 1 s deadline
+    for part in (b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):  # headers in 0.6 s of a 1.5 s deadline
         s.sendall(part)
         time.sleep(0.3)
     assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
-    time.sleep(TIMEOUT_S * 1.5)  # idle between requests: uvicorn's keep-alive (5 s) governs, not the deadline
+    time.sleep(TIMEOUT_S + 0.5)  # idle between requests: uvicorn's keep-alive (5 s) governs, not the deadline
     s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
     s.close()
