@@ -196,7 +196,8 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
     trained.mkdir()
     (trained / "deep_sad.json").write_text("{}")
     protected = {p: p.read_bytes() for p in (tmp_path / "s_val.json", fixes, run_folder / "state.sqlite",
-                                             foreign / "results.csv", trained / "deep_sad.json")}
+                                             foreign / "results.csv", trained / "deep_sad.json",
+                                             *(tmp_path / f"p{i}.jpg" for i in range(6)))}
     for args, said in [
         (["split", str(manifest), "-o", str(tmp_path / "s.csv"), "--coco", str(tmp_path / "s_val.json")],
          "is the input"),
@@ -210,6 +211,15 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["calibrate-stage2", str(manifest), "-o", str(trained), "--weights", str(tiny_weights(tmp_path / "w", 0.0))],
          "of a training run"),
         (["detect", str(tmp_path / "w" / "detector.json"), str(manifest), "-o", str(manifest)], "is the input"),
+        # a photo the command reads, replaced by its table, page or JSON (an audit)
+        (["duplicates", str(tmp_path), "-o", str(tmp_path / "p1.jpg")], "holds a file that is not a duplicates table"),
+        (["duplicates", str(manifest), "-o", str(tmp_path / "p1.jpg")], "holds a file that is not a duplicates table"),
+        (["report", str(tmp_path / "ev"), "--manifest", str(manifest), "--coco", str(coco), "-o",
+          str(tmp_path / "p2.jpg")], "holds a file that is not a report of this command"),
+        (["eval-duplicates", str(manifest), "-o", str(tmp_path / "p3.jpg"), "--weights", str(tmp_path)],
+         "holds a file that is not a JSON result"),
+        (["bench", "--images", str(tmp_path), "--out", str(tmp_path / "p4.jpg")], "holds a file that is not a JSON"),
+        (["bench-detector", str(coco), "--out", str(tmp_path / "p5.jpg")], "holds a file that is not a JSON"),
     ]:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and said in r.output, (args, r.exit_code, r.output[-500:])

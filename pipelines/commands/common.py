@@ -238,6 +238,23 @@ def not_an_input(option: str, out: Path, *inputs: Path | None) -> None:
             _fail(f"{option} {out} is the input {given}: it would be replaced; write the result elsewhere")
 
 
+def replaces_only_its_own(option: str, out: Path, starts: tuple[bytes, ...], what: str) -> None:
+    """An existing file at `out` replaced only where it begins as this command's output does
+    (`starts`, any case; an empty file too). `duplicates -o` and `report -o` naming one of the
+    photos they read replaced it with a table or a page, exit 0 (an audit); a manifest or any
+    other file of the site's would have gone the same way."""
+    if not out.is_file():
+        return
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64).lower()
+    except OSError:
+        return  # require_writable names what is wrong with it
+    if head and not head.startswith(tuple(s.lower() for s in starts)):
+        _fail(f"{option} {out} holds a file that is not {what} (one of the photos read? a manifest?): it would be "
+              "replaced; name another file, or move that one away first")
+
+
 def first_file(folder: Path, *patterns: str) -> str | None:
     """The name of the first file in `folder` matching one of `patterns` (in their order), None
     where none does or `folder` is no folder: an output folder holding a weights folder's or

@@ -251,7 +251,7 @@ def bench_detector_cmd(
 ) -> None:
     """Detector inference images/s per batch size and training images/s, side by side."""
     from models.detector import DetectorConfig
-    from pipelines.commands.common import device_or_fail, require_writable
+    from pipelines.commands.common import device_or_fail, replaces_only_its_own, require_writable
     from pipelines.data.coco import CocoError, load_coco
     from pipelines.evaluation.detector_bench import bench_detector
 
@@ -262,6 +262,7 @@ def bench_detector_cmd(
     device = device_or_fail(device)
     if out is not None:
         require_writable("--out", out, file=True, keep=False)
+        replaces_only_its_own("--out", out, (b"{",), "a JSON result of this command")
     try:
         cfg = DetectorConfig(arch=arch, backbone=backbone, min_size=size, max_size=size)
         load_coco(coco)

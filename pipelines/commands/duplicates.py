@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _split_manifest, file_progress, not_an_input, require_writable
+from pipelines.commands.common import (_fail, _split_manifest, file_progress, not_an_input, replaces_only_its_own,
+                                       require_writable)
 from pipelines.commands.engine import DeviceOption, _engine
 from pipelines.outputs import write_json, write_together
 
@@ -66,6 +67,9 @@ def duplicates_cmd(
     not_an_input("-o", out, src)
     not_an_input("-o's list of photos compared", compared_file(out), src)  # written beside -o (an audit)
     require_writable("-o", out.resolve(), file=True)
+    replaces_only_its_own("-o", out, (b"path,group,",), "a duplicates table")
+    replaces_only_its_own("-o's list of photos compared", compared_file(out), (b"path\n", b"path\r\n"),
+                          "a list of photos compared")
     clean_folder = src.is_dir() and (src / "state.sqlite").is_file()
     if clean_folder and out.resolve() == (src / "duplicates.csv").resolve():
         _fail(f"-o {out} is the run's own table (grouped with the photos at hand): write another file")
@@ -183,6 +187,7 @@ def eval_duplicates_cmd(
     # a path under a file failed there, naming a temporary file (an audit)
     not_an_input("-o", out, split_csv)
     require_writable("-o", out, file=True, keep=False)
+    replaces_only_its_own("-o", out, (b"{",), "a JSON result of this command")
     if records_out is not None:
         require_writable("--records-out", records_out, keep=False)
     df = _split_manifest(split_csv)

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.commands.common import _fail, _manifest, device_or_fail, require_writable, weights_missing
+from pipelines.commands.common import (_fail, _manifest, device_or_fail, replaces_only_its_own, require_writable,
+                                       weights_missing)
 from pipelines.engine.qc_result import COLOUR_CARD, POLICIES, Label, policies_for
 from pipelines.outputs import write_json
 
@@ -374,6 +375,7 @@ def bench(
         _checked_weights(weights, exports=any(runtime != "torch" for runtime, _, _ in chosen))
     if out is not None:
         require_writable("--out", out, file=True, keep=False)  # before the benchmark's minutes
+        replaces_only_its_own("--out", out, (b"{",), "a JSON result of this command")
     if keep_mix is not None and mix_from is None:
         _fail("--keep-mix keeps the set --mix-from builds: give --mix-from too")
     work = Path(tempfile.mkdtemp(prefix="cervixqc-bench-"))

@@ -271,12 +271,13 @@ def report_cmd(
 
     if eval_dir is None and findings is None:
         _fail("give an eval folder, --findings, or both")
-    from pipelines.commands.common import not_an_input
+    from pipelines.commands.common import not_an_input, replaces_only_its_own
 
     # -o naming the manifest, the box file or an eval's own file wrote the HTML over it (an audit)
     not_an_input("-o", out, manifest, coco, *(sorted(eval_dir.glob("*")) if eval_dir and eval_dir.is_dir() else []),
                  *(sorted(findings.glob("*")) if findings and findings.is_dir() else []))
     require_writable("-o", out, file=True)  # checked first: it failed after the whole report was built
+    replaces_only_its_own("-o", out, (b"<!doctype html>",), "a report of this command (HTML)")
     if findings is not None:
         lacking = [f for f in ("findings.json", "findings_scores.csv", "findings_thumbs.npz")
                    if not (findings / f).is_file()]
