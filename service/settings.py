@@ -71,6 +71,7 @@ def _keys(listed: list[str], file: Path | None, name: str) -> list[str]:
     """Keys given in the variable plus those of its file (one per line; '#' comments), each
     long enough and not a placeholder."""
     keys = list(listed)
+    origin = {k: name.removesuffix("_FILE") for k in keys}  # a short key in the file blamed the variable (an audit)
     if file is not None:
         if not file.is_file():
             raise ValueError(f"{name} {file} does not exist")
@@ -82,10 +83,13 @@ def _keys(listed: list[str], file: Path | None, name: str) -> list[str]:
         except (OSError, UnicodeDecodeError) as e:  # was a bare codec message naming no setting
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise ValueError(f"{name} {file}: cannot read it ({why})") from None
-        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.strip().startswith("#"):
+                keys.append(line.strip())
+                origin.setdefault(line.strip(), f"{name} {file} (line {number})")
     for key in keys:
         if key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH:
-            raise ValueError(f"{name.removesuffix('_FILE')}: keys must be at least {MIN_KEY_LENGTH} characters and "
+            raise ValueError(f"{origin[key]}: keys must be at least {MIN_KEY_LENGTH} characters and "
                              "not a placeholder "
                              "(generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return keys

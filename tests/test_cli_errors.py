@@ -159,6 +159,7 @@ def test_an_output_that_is_the_commands_own_input_is_refused_and_the_input_kept(
         (["import-labels", str(labels), "--images", str(labels), "-o", str(tmp_path / "l.csv"), "--source", "s"],
          "a file, not a folder"),
         (["contact-sheet", str(tmp_path / "sheet.txt")], ".jpg or .png"),
+        (["demo", "--out", str(labels)], f"--out {labels} is a file"),  # it said OUT, synth's argument (an audit)
         (["validate", str(manifest), "--root", str(labels)], "--root"),  # every row's file was "missing"
         (["synth", str(tmp_path / "sy"), "--sources", ",,"], "names no source"),  # "unknown source(s) []"
         # -o d.csv writes d.compared.csv beside it: a manifest of that name was replaced

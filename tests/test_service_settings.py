@@ -19,6 +19,19 @@ def test_placeholder_and_short_keys_are_refused(key):
         Settings(api_keys=key)
 
 
+def test_a_short_key_is_blamed_on_the_variable_or_the_file_line_it_came_from(monkeypatch, tmp_path):
+    """A short key in CERVIXQC_API_KEYS_FILE was blamed on CERVIXQC_API_KEYS, which the site had
+    not set (an audit)."""
+    key_file = tmp_path / "keys"
+    key_file.write_text("# site keys\nfile-key-0123456789abcdef\nshort\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv("CERVIXQC_API_KEYS_FILE", str(key_file))
+    with pytest.raises(ValidationError, match=f"CERVIXQC_API_KEYS_FILE {key_file} \\(line 3\\): keys must be"):
+        Settings()
+    with pytest.raises(ValidationError, match="CERVIXQC_API_KEYS: keys must be"):
+        Settings(api_keys="short")
+
+
 def test_lists_come_comma_separated_from_the_environment(monkeypatch, tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text("# site keys\nfile-key-0123456789abcdef\n")

@@ -438,6 +438,7 @@ def demo(
 ) -> None:
     """A small synthetic set and its statistics: the data side in a minute (the README's
     walkthrough goes on to training, cleaning and the service)."""
+    require_writable("--out", out, keep=False)  # else synth's own check named its argument, OUT (an audit)
     typer.echo("cervixqc demo: a tiny synthetic set and its statistics (the README's walkthrough goes further)")
     synth(out, preset="tiny", n_images=None, seed=0, ratio=None, no_cervix_fraction=None, sources=None,
           max_side=None, megapixels=None, workers=None)
