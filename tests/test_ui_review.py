@@ -50,6 +50,24 @@ def test_the_grid_pages_and_a_page_past_the_end_shows_the_last():
     assert (grid.page, grid.pages, grid.matching, len(grid.cards)) == (2, 2, 6, 2)
 
 
+def test_next_page_under_reviewed_no_starts_after_the_last_card_when_decisions_shrank_the_list():
+    """Page 2 by offset skipped the items that moved up once page 1's were decided (an audit)."""
+    from service.jobs.reviews import Reviewed
+
+    items = [_summary(i, f"p{i:02d}.jpg", "regular", 0.5 - i / 100) for i in range(1, 11)]
+    view, todo = JobView.of(items, T), GridQuery(reviewed=False)
+    first = build_grid(view, {}, T, todo, page_size=4)
+    assert [c.item for c in first.cards] == [1, 2, 3, 4] and first.more
+    decided = {c.item: Reviewed(label="regular") for c in first.cards}
+    after = build_grid(view, decided, T, GridQuery(reviewed=False, after=4), page_size=4)
+    assert [c.item for c in after.cards] == [5, 6, 7, 8] and after.more and after.page == 1
+    assert [c.item for c in build_grid(view, decided, T, GridQuery(reviewed=False, page=2), page_size=4).cards] == [
+        9, 10]  # what the offset gave: 5-8 never shown
+    last = build_grid(view, decided, T, GridQuery(reviewed=False, after=8), page_size=4)
+    assert [c.item for c in last.cards] == [9, 10] and not last.more
+    assert [c.item for c in build_grid(view, {}, T, GridQuery(after=10), page_size=4).cards] == [9, 10]  # none after
+
+
 @pytest.mark.parametrize(("query", "paths"), [
     (GridQuery(label="non_regular"), {"a/near.jpg", "b/iod.jpg"}),
     (GridQuery(kind="iodine"), {"b/iod.jpg"}),

@@ -302,6 +302,36 @@ def test_a_reviewer_whose_page_is_no_longer_current_is_told_who_changed_it(serve
     assert r.status_code == 200 and r.json()["undone"]["new"] == "iodine"
 
 
+def test_a_page_loaded_before_a_retry_read_its_photo_again_cannot_decide_over_the_new_result(server, data_root):
+    """The review's version counts decisions only: a page of a photo not there yet (unreadable,
+    no picture) confirmed "unreadable" after a retry had labelled it, 200, and Apply copied it
+    as unreadable (an audit)."""
+    folder = data_root / "later"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    (folder / "m.csv").write_text("path\na.jpg\nb.jpg\n")  # b.jpg arrives after the first run
+    job = _finished_job(server, "later/m.csv")
+    a, csrf = _signed_in(server)
+    items = re.findall(r"/items/(\d+)\?", a.get(f"/ui/jobs/{job}/review").text)
+    item, text = next((i, t) for i in items if "b.jpg" in (t := a.get(f"/ui/jobs/{job}/items/{i}").text))
+    seen, shown = re.search(r'data-seen="(\d+)" data-shown="(\w+)"', text).groups()
+    (folder / "b.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
+    with server.client() as api:
+        assert api.post(f"/v1/jobs/{job}/retry").status_code == 202
+        for _ in range(300):
+            if api.get(f"/v1/jobs/{job}").json()["status"] == "done":
+                break
+            time.sleep(0.2)
+    body = {"label": "unreadable", "seen": int(seen), "shown": shown}
+    for url, sent in (("decision", body), ("undo", {"seen": int(seen), "shown": shown})):
+        r = a.post(f"/ui/jobs/{job}/items/{item}/{url}", json=sent, headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 409 and "read this photo again" in r.json()["error"]["message"], r.text
+    fresh = re.search(r'data-shown="(\w+)"', a.get(f"/ui/jobs/{job}/items/{item}").text).group(1)
+    assert fresh != shown
+    r = a.post(f"/ui/jobs/{job}/items/{item}/decision", json=body | {"shown": fresh}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200, r.text
+
+
 def test_apply_after_an_undo_takes_the_photo_out_of_the_undone_labels_folder(server):
     job = _finished_job(server, "set")
     c, csrf = _signed_in(server)

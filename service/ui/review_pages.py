@@ -6,6 +6,7 @@ pictures, and in an `async def` an 81 MP photo's thumbnail held every other requ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -23,7 +24,7 @@ from pipelines.engine.qc_result import QCResult
 from service.errors import ApiError, guarded_stream
 from service.jobs.folders import remove_job_folders
 from service.jobs.reviews import CLASSES, JobGone, Stale, class_of, final_of
-from service.jobs.store import Job
+from service.jobs.store import Job, JobDeleted
 from service.paths import inside, within
 from service.routes.jobs import job_not_found, job_or_404
 from service.state import ServiceState, State
@@ -50,11 +51,12 @@ def _number(text: str | None) -> float | None:
 def _grid_query(label: str | None = None, kind: str | None = None, source: str | None = None,
                 score_min: str | None = None, score_max: str | None = None,
                 reviewed: Literal["", "yes", "no"] | None = None,
-                page_no: int = Query(1, alias="page", ge=1)) -> GridQuery:
+                page_no: int = Query(1, alias="page", ge=1),
+                after: int | None = Query(None, ge=1, le=2**63 - 1)) -> GridQuery:
     """The grid's filter from the query string: the review page's form, carried on to the image
     page so that previous/next walk the same filtered order."""
     return GridQuery(label or None, kind or None, source or None, _number(score_min), _number(score_max),
-                     {"yes": True, "no": False}.get(reviewed or ""), page_no)
+                     {"yes": True, "no": False}.get(reviewed or ""), page_no, after)
 
 
 GridFilter = Annotated[GridQuery, Depends(_grid_query)]
@@ -62,6 +64,22 @@ GridFilter = Annotated[GridQuery, Depends(_grid_query)]
 
 # a row id as SQLite stores it: 2**63 and up raised OverflowError in the store, a 500
 ItemId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+
+
+def result_token(record: QCResult) -> str:
+    """What an item's page showed of the job's result, which its decisions must still be over.
+    The review's version (`seen`) counts decisions only, and a retry reads a photo that could
+    not be read again and rewrites its result under the same item: a page loaded before (no
+    photo shown, "unreadable") confirmed "unreadable" over the new green result, 200, and Apply
+    copied the photo as unreadable (an audit)."""
+    text = f"{record.label.value}|{record.kind}|{record.cervix_box}|{record.error}"
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def _result_unchanged(record: QCResult, shown: str | None) -> None:
+    if shown is not None and shown != result_token(record):
+        raise ApiError(409, "changed_since_loaded", "the job read this photo again after this page was loaded (a "
+                                                     "retry), and its result changed: reload the page to see it")
 
 
 def _item(state: ServiceState, job: Job, item: int) -> QCResult:
@@ -76,7 +94,7 @@ def review_page(request: Request, job_id: str, session: UiSession, state: State,
     job = job_or_404(state, job_id)
     t = Thresholds.of(state.qc, job.policy)
     grid = build_grid(state.views.get(job_id, t), state.reviews.reviewed(job_id), t, q)
-    filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "applied")])
+    filters = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "after", "applied")])
     # only the counts apply-review's redirect writes: any other text in a link would have shown
     # on our page as the service's own message ("Applied: call this number ...")
     applied = re.fullmatch(r"(\d{1,12})-(\d{1,12})-(\d{1,12})(?:-(\d{1,12})-(\d{1,12}))?(?:-(\d{1,12}))?",
@@ -106,8 +124,8 @@ def item_page(request: Request, job_id: str, item: ItemId, session: UiSession, s
     cls, box = final_of(record, live.get(item))
     return page(request, "item.html", session, job=job, item=item, r=record, review=live.get(item),
                 model_cls=class_of(record.label.value, record.kind), final_cls=cls, final_box=box,
-                history=state.reviews.history(job_id, item), seen=seen, prev=prev, next=nxt, query=request.url.query,
-                t=t, source=source_of(record.path))
+                history=state.reviews.history(job_id, item), seen=seen, shown=result_token(record), prev=prev,
+                next=nxt, query=request.url.query, t=t, source=source_of(record.path))
 
 
 @router.get("/items/{item}/{size}.jpg")
@@ -147,10 +165,12 @@ class DecisionIn(BaseModel):
     label: Literal[CLASSES] | None = None  # type: ignore[valid-type]
     box: list[float] | None = Field(None, min_length=4, max_length=4)
     seen: int | None = None  # the item's review version the page showed (ReviewStore.version)
+    shown: str | None = None  # the job's result the page showed (result_token)
 
 
 class UndoIn(BaseModel):
     seen: int | None = None
+    shown: str | None = None
 
 
 def _stale(e: Stale) -> ApiError:
@@ -168,6 +188,7 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     record = _item(state, job, item)
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
+    _result_unchanged(record, body.shown)
     if body.label is not None:
         field, new, model = "label", body.label, class_of(record.label.value, record.kind)
     else:
@@ -198,7 +219,7 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
 @router.post("/items/{item}/undo")
 def undo(job_id: str, item: ItemId, session: UiPost, state: State, body: UndoIn | None = None) -> JSONResponse:
     job = job_or_404(state, job_id)
-    _item(state, job, item)
+    _result_unchanged(_item(state, job, item), body.shown if body else None)
     try:
         d = state.reviews.undo(job_id, item, session.who, body.seen if body else None)
     except Stale as e:
@@ -219,7 +240,10 @@ def export_manifest(job_id: str, session: UiSession, state: State) -> StreamingR
 @router.get("/export.coco.json")
 def export_coco(job_id: str, session: UiSession, state: State) -> JSONResponse:
     job_or_404(state, job_id)
-    ds = coco_of(state.store.item_records(job_id), state.reviews.reviewed(job_id))
+    try:
+        ds = coco_of(state.store.item_records(job_id), state.reviews.reviewed(job_id))
+    except JobDeleted:  # deleted while its items were read: a 500, as Apply's (an audit)
+        raise job_not_found(job_id) from None
     return JSONResponse(json.loads(ds.model_dump_json()),
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-boxes.coco.json"'})
 
@@ -235,6 +259,8 @@ def apply(job_id: str, session: UiPost, state: State):
         with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
             done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
                                        state.reviews.reviewed(job_id, undone_too=True), state.settings.data_roots)
+    except JobDeleted:  # deleted while Apply read its items: a 500 "unexpected error" (an audit)
+        raise job_not_found(job_id) from None
     except OSError as e:  # a full or read-only quarantine was a bare 500
         if e.errno not in UNWRITABLE:
             raise

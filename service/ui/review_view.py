@@ -89,6 +89,10 @@ class GridQuery:
     score_max: float | None = None
     reviewed: bool | None = None
     page: int = 1
+    # Next page's start: the first kept item after this one in the view's order. Offsets over a
+    # list that decisions change skipped items: under "Reviewed: no", the 48 decided on page 1
+    # left it and page 2 began 48 items further on than the first one not shown (an audit).
+    after: int | None = None
 
 
 @dataclass
@@ -116,6 +120,7 @@ class Grid:
     by_label: dict[str, int] = field(default_factory=dict)
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
     reviewed: int = 0
+    more: bool = False  # items after the last card
 
 
 def _keep(s: ItemSummary, q: GridQuery, t: Thresholds, reviews: dict[int, Reviewed]) -> bool:
@@ -173,12 +178,17 @@ def build_grid(view: JobView, reviews: dict[int, Reviewed], t: Thresholds, q: Gr
                page_size: int = PAGE_SIZE) -> Grid:
     chosen = _ordered(view, reviews, t, q)
     pages = max(1, math.ceil(len(chosen) / page_size))
-    page = min(max(1, q.page), pages)
+    start = (min(max(1, q.page), pages) - 1) * page_size
+    order = {s.item: i for i, s in enumerate(view.items)} if q.after is not None else {}
+    if q.after in order:
+        start = next((i for i, s in enumerate(chosen) if order[s.item] > order[q.after]), len(chosen))
+        if start >= len(chosen):  # nothing after it: the last page
+            start = (pages - 1) * page_size
     cards = [Card(s.item, s.path, s.label, s.kind, class_of(s.label, s.kind), stage2_score(s, t), margin(s, t),
                   s.cervix_box, s.width, s.height, s.error, reviews.get(s.item))
-             for s in chosen[(page - 1) * page_size : page * page_size]]
-    return Grid(cards, len(chosen), page, pages, view.by_label, view.by_source,
-                sum(1 for s in view.items if s.item in reviews))
+             for s in chosen[start : start + page_size]]
+    return Grid(cards, len(chosen), min(start // page_size + 1, pages), pages, view.by_label, view.by_source,
+                sum(1 for s in view.items if s.item in reviews), start + page_size < len(chosen))
 
 
 def neighbours(view: JobView, reviews: dict[int, Reviewed], t: Thresholds, q: GridQuery,

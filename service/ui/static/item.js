@@ -12,6 +12,8 @@
   const CLASSES = ["regular", "green", "iodine", "no_cervix", "unreadable"];
   // the item's review as this page shows it: a change by another reviewer since is refused (409)
   const seen = +root.dataset.seen;
+  // and the job's result for it: a retry that read the photo again changes that, not the review
+  const shown = root.dataset.shown;
 
   // the page reloads to show the history: the message waits in sessionStorage and is shown (and
   // read out) after it, with focus on the decision buttons; before, it vanished with the reload
@@ -43,9 +45,9 @@
   const shortcuts = document.getElementById("shortcuts");
   shortcuts.checked = localStorage.getItem("cervixqc-shortcuts") !== "off";
   shortcuts.addEventListener("change", () => localStorage.setItem("cervixqc-shortcuts", shortcuts.checked ? "on" : "off"));
-  const label = cls => send(base + "/decision", {label: cls, seen}, WORDS[cls]);
+  const label = cls => send(base + "/decision", {label: cls, seen, shown}, WORDS[cls]);
   document.querySelectorAll(".keys button[data-label]").forEach(b => b.addEventListener("click", () => label(b.dataset.label)));
-  document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {seen}, "undo"));
+  document.getElementById("undo").addEventListener("click", () => send(base + "/undo", {seen, shown}, "undo"));
 
   // the box with the keyboard alone: b starts editing (the current box, or a centred one),
   // arrows move it by 1% of the photo, Shift+arrows grow or shrink it, Enter saves, Esc cancels
@@ -55,7 +57,7 @@
     const moves = {ArrowLeft: [-dx, 0], ArrowRight: [dx, 0], ArrowUp: [0, -dy], ArrowDown: [0, dy]};
     if (e.key === "Escape") { editing = null; location.reload(); return; }
     if (e.key === "Enter") { const done = editing; editing = null;
-      send(base + "/decision", {box: done, seen}, "box"); return; }  // the server rounds to 0.1 px
+      send(base + "/decision", {box: done, seen, shown}, "box"); return; }  // the server rounds to 0.1 px
     const m = moves[e.key];
     if (!m) return;
     if (e.shiftKey) { b[2] = Math.min(W, Math.max(b[0] + dx, b[2] + m[0])); b[3] = Math.min(H, Math.max(b[1] + dy, b[3] + m[1])); }
@@ -90,7 +92,7 @@
       if (CLASSES.includes(model.cls)) label(model.cls);
       else saved.textContent = "The model gave no kind: choose 2 (green) or 3 (iodine).";
     }
-    else if (e.key === "u") { e.preventDefault(); send(base + "/undo", {seen}, "undo"); }
+    else if (e.key === "u") { e.preventDefault(); send(base + "/undo", {seen, shown}, "undo"); }
     else if (e.key === "ArrowRight" && root.dataset.next) location.href = root.dataset.next;
     else if (e.key === "ArrowLeft" && root.dataset.prev) location.href = root.dataset.prev;
   });
@@ -107,6 +109,6 @@
     if (!start) return;
     const b = rect(start, at(e)); start = null;
     if (b[2] - b[0] < 4 || b[3] - b[1] < 4) { location.reload(); return; }  // a click, not a drag
-    send(base + "/decision", {box: b, seen}, "box");
+    send(base + "/decision", {box: b, seen, shown}, "box");
   });
 })();
