@@ -132,6 +132,23 @@ def test_sign_in_needs_its_form_token_and_never_redirects_off_site(server):
     assert r.headers["location"] == "/ui/jobs/x/review?source=a%26b"
 
 
+def test_two_tabs_sign_in_and_the_first_tabs_pages_keep_their_token(server):
+    """Each sign-in page drew a new form token over the cookie, so of two tabs showing it the
+    first sent was refused as expired; a second sign-in made a new session, whose CSRF token the
+    first tab's pages did not have, so their next decision was refused, 403 (an audit)."""
+    c = httpx.Client(base_url=server.url)
+    first, second = (re.search(r'name="csrf" value="([^"]+)"', c.get("/ui/login").text).group(1) for _ in range(2))
+    assert first == second  # the browser's one token, not one per load
+    r = c.post("/ui/login", data={"api_key": API_KEY, "csrf": first, "next": "/ui/jobs"})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs", r.headers.get("location")
+    session = c.cookies.get("cervixqc_session")
+    csrf = re.search(r'data-csrf="([^"]+)"', c.get("/ui/jobs").text).group(1)
+    again = re.search(r'name="csrf" value="([^"]+)"', c.get("/ui/login").text).group(1)  # another tab's sign-in
+    r = c.post("/ui/login", data={"api_key": API_KEY, "csrf": again, "next": "/ui/jobs"})
+    assert r.status_code == 303 and c.cookies.get("cervixqc_session") == session
+    assert c.post("/ui/logout", data={"csrf": csrf}).status_code == 303  # the first tab's token still holds
+
+
 def test_the_session_does_not_open_the_json_api(server):
     c, _ = _signed_in(server)
     assert c.get("/v1/jobs").status_code == 401

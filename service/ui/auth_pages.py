@@ -3,6 +3,7 @@ use the session cookie, and the key itself never leaves this exchange."""
 
 from __future__ import annotations
 
+import re
 import secrets
 from urllib.parse import quote
 
@@ -29,7 +30,10 @@ def _safe_next(next_url: str | None) -> str:
 
 @router.get("/login")
 async def login_page(request: Request, next: str | None = None, error: str | None = None):  # noqa: A002
-    token = secrets.token_urlsafe(16)
+    # the browser's token while it holds one: each load drew a new one over the cookie, so of two
+    # tabs showing the sign-in page, the first to be sent was refused as expired (an audit)
+    held = request.cookies.get(LOGIN_COOKIE, "")
+    token = held if re.fullmatch(r"[A-Za-z0-9_-]{16,64}", held) else secrets.token_urlsafe(16)
     response = page(request, "login.html", None, csrf=token, next=next or "", error=error)
     set_cookie(response, request, LOGIN_COOKIE, token, 600)
     return response
@@ -43,9 +47,11 @@ async def login(request: Request, api_key: str = Form(""), csrf: str = Form(""),
     if not (settings.auth_disabled or key_matches(settings.api_keys, api_key)):
         return RedirectResponse(f"/ui/login?error=bad_key&next={quote(next, safe='')}", status_code=303)
     who = key_id(api_key) if api_key else "anonymous"
-    cookie = signer(request).issue(who)
     response = RedirectResponse(_safe_next(next), status_code=303)
-    set_cookie(response, request, COOKIE, cookie, int(settings.session_max_age_s))
+    held = signer(request).read(request.cookies.get(COOKIE))
+    if held is None or held.who != who:  # a second tab signing in with the same key keeps the session:
+        # a new one had changed the CSRF token under the first tab, whose next decision got 403 (an audit)
+        set_cookie(response, request, COOKIE, signer(request).issue(who), int(settings.session_max_age_s))
     delete_cookie(response, request, LOGIN_COOKIE)
     return response
 
