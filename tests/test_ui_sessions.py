@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import stat
@@ -362,6 +363,34 @@ def test_apply_after_an_undo_takes_the_photo_out_of_the_undone_labels_folder(ser
         assert c.post(f"/ui/jobs/{job}/apply", data={"csrf": csrf}).status_code == 303
         copies = [p.name for p in no_cervix.rglob("*") if p.is_file()] if no_cervix.is_dir() else []
         assert len(copies) == (1 if step == "decision" else 0), (step, copies)
+
+
+def test_apply_on_a_job_without_a_quarantine_builds_a_whole_one_from_the_final_labels(server, data_root):
+    """It held the reviewed photos alone: a photo the model flagged that no one looked at was in
+    none of its folders (an audit)."""
+    folder = data_root / "whole"
+    folder.mkdir()
+    cases = fuzz_set()
+    for name in ("ok.jpg", "gray.jpg", "exif6.jpg", "zero.jpg"):
+        (folder / name).write_bytes(cases[name][0] if name in cases else b"")  # an empty file: unreadable
+    job = _finished_job(server, "whole")
+    with server.client() as api:
+        results = api.get(f"/v1/jobs/{job}/results", params={"format": "jsonl"}).text
+    rows = [json.loads(line) for line in results.splitlines()]
+    c, csrf = _signed_in(server)
+    items = re.findall(r"/items/(\d+)\?", c.get(f"/ui/jobs/{job}/review").text)
+    item, text = next((i, t) for i in items if "ok.jpg" in (t := c.get(f"/ui/jobs/{job}/items/{i}").text))
+    seen = int(re.search(r'data-seen="(\d+)"', text).group(1))
+    label = "regular" if next(r["label"] for r in rows if r["path"] == "ok.jpg") != "regular" else "no_cervix"
+    r = c.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": label, "seen": seen},
+               headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200, r.text
+    assert c.post(f"/ui/jobs/{job}/apply", data={"csrf": csrf}).status_code == 303
+    final = {r["path"]: r["label"] for r in rows} | {"ok.jpg": "non_regular" if label == "green" else label}
+    flagged = {(lab, path) for path, lab in final.items() if lab in ("non_regular", "no_cervix", "unreadable")}
+    qdir = Path(server.env["CERVIXQC_STATE_DIR"], "quarantine", f"job-{job}")
+    held = {(p.relative_to(qdir).parts[0], p.name) for p in qdir.rglob("*") if p.is_file()}
+    assert held == flagged and ("unreadable", "zero.jpg") in held, (held, final)
 
 
 def test_a_box_outside_the_photo_or_on_a_photo_labelled_no_cervix_is_refused(server):

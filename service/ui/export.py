@@ -128,7 +128,7 @@ def _is_copy_of(copy: Path, r: QCResult, original: Path) -> bool:
 
 
 def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResult]],
-                        reviews: dict[int, Reviewed], roots: list[Path]) -> Applied:
+                        reviews: dict[int, Reviewed], roots: list[Path], every_item: bool = False) -> Applied:
     """Make `qdir`'s label folders hold the final labels: a copy is added where review moved a
     photo into a quarantined label, and the copy (never the original) is removed from the
     label folder review moved it out of. Finding folders are left as the job made them.
@@ -139,12 +139,16 @@ def apply_to_quarantine(root: Path, qdir: Path, rows: Iterable[tuple[int, QCResu
     A copy moving from one label folder to another is moved, not copied again from the
     original: the copy went first and the original was asked for after, so a photo whose
     original had been moved, renamed or restored elsewhere lost its only quarantine copy.
-    The caller holds one Apply of a quarantine at a time (two at once removed one copy twice)."""
+    The caller holds one Apply of a quarantine at a time (two at once removed one copy twice).
+
+    `every_item`: the items no one reviewed too, at the model's label, for a job that made no
+    quarantine of its own: Apply built one holding the reviewed photos alone, and a photo the
+    model flagged and no one looked at was in none of its folders (an audit)."""
     done = Applied()
     for item, r in rows:
-        if item not in reviews:
+        if item not in reviews and not every_item:
             continue
-        final, _ = label_and_kind(final_of(r, reviews[item])[0])
+        final, _ = label_and_kind(final_of(r, reviews.get(item, Reviewed()))[0])
         original = on_disk(root, r.path)
         # every label folder but the final one loses its copy, not only the model's: a second
         # Apply after another change of mind left the first one's copy behind, and a photo

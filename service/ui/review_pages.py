@@ -258,7 +258,8 @@ def apply(job_id: str, session: UiPost, state: State):
     try:
         with _APPLYING:  # two reviewers pressing Apply at once: one removed a copy the other had just removed (500)
             done = apply_to_quarantine(job.root(), qdir, state.store.item_records(job_id),
-                                       state.reviews.reviewed(job_id, undone_too=True), state.settings.data_roots)
+                                       state.reviews.reviewed(job_id, undone_too=True), state.settings.data_roots,
+                                       every_item=not job.quarantine)
     except JobDeleted:  # deleted while Apply read its items: a 500 "unexpected error" (an audit)
         raise job_not_found(job_id) from None
     except OSError as e:  # a full or read-only quarantine was a bare 500
