@@ -741,6 +741,24 @@ def test_a_quarantine_holds_one_sources_copies_and_another_source_is_refused_bef
     assert r.exit_code == 0, r.output  # a manifest in clinic_a's folder names clinic_a's files: the same source
 
 
+def test_the_quarantine_is_claimed_in_one_step_and_a_second_sources_claim_is_a_refusal(tmp_path):
+    """Two sources' runs started together both passed check_outputs before either wrote the
+    marker; the second's replaced the first's, or, when it lost, its refusal came after the
+    models had loaded as a traceback, exit 1 (an audit). The claim now links a whole file
+    into place, and losing it is OutputsRefused, which `clean` answers with exit 2."""
+    from pipelines.clean.quarantine import QUARANTINE_SOURCE
+    from pipelines.clean.run import OutputsRefused, claim_quarantine
+
+    q, a, b = tmp_path / "q", tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    claim_quarantine(q, a)
+    claim_quarantine(q, a)  # its own: taken again
+    with pytest.raises(OutputsRefused, match=f"holds the copies of another source \\({a}\\)"):
+        claim_quarantine(q, b)
+    assert (q / QUARANTINE_SOURCE).read_text().strip() == str(a)
+    assert [p.name for p in q.iterdir()] == [QUARANTINE_SOURCE]  # no claim file left behind
+
+
 def test_a_flagged_photo_the_quarantine_could_not_take_is_said_and_copied_by_the_next_run(tmp_path):
     """Another file under its name in the quarantine: a log line alone, exit 0, nothing in the
     summary, and a rerun never tried again (an audit)."""

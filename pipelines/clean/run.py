@@ -74,6 +74,12 @@ def finish_run(store: StateStore, out_dir: Path, src_root: Path | None, inputs: 
     return summary
 
 
+class OutputsRefused(ValueError):
+    """The results folder or the quarantine cannot take this run (`check_outputs`, and the
+    quarantine's claim as the run opens): the command's refusal, exit 2. Raised once the models
+    were loaded (a second run claiming the quarantine meanwhile), it was a traceback, exit 1."""
+
+
 def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     """Results and quarantine outside a folder source: inside it, a run overwrote originals
     named results.csv, and a rerun cleaned its own state, exports and quarantine copies. A
@@ -81,32 +87,32 @@ def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     source that is one of the files the run writes (`clean x/results.csv -o x` replaced the
     manifest with its results, exit 0: an audit)."""
     if quarantine is not None and (quarantine.resolve() == out_dir.resolve()):  # accepted (an audit)
-        raise ValueError(f"--quarantine {quarantine} is the results folder: the copies would mix with results.csv "
+        raise OutputsRefused(f"--quarantine {quarantine} is the results folder: the copies would mix with results.csv "
                          "and the state; give the quarantine a folder of its own")
     if (out_dir / QUARANTINE_SOURCE).is_file():  # results tables among a later run's photos to clean (an audit)
-        raise ValueError(f"--out {out_dir} is a quarantine (it holds {QUARANTINE_SOURCE}): write the results "
+        raise OutputsRefused(f"--out {out_dir} is a quarantine (it holds {QUARANTINE_SOURCE}): write the results "
                          "elsewhere")
     marker = None if quarantine is None else quarantine / QUARANTINE_SOURCE
     if marker is not None and marker.is_file():
         owner = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()
         if owner != str(source_root(src)):
-            raise ValueError(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of two "
+            raise OutputsRefused(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of two "
                              "sources at one relative path would meet there; give each source its own quarantine")
     if src.is_file():
         for name in OUTPUT_FILES:
             if (out_dir / name).is_file() and os.path.samefile(out_dir / name, src):
-                raise ValueError(f"--out {out_dir}: the run writes its {name}, which is the source manifest {src}; "
+                raise OutputsRefused(f"--out {out_dir}: the run writes its {name}, which is the source manifest {src}; "
                                  "write the results elsewhere")
     foreign = [n for n in OUTPUT_FILES if (out_dir / n).exists()] if not (out_dir / "state.sqlite").exists() else []
     if foreign:  # another program's results.csv or summary.json was replaced, exit 0 (an audit)
-        raise ValueError(f"--out {out_dir} holds {', '.join(foreign)} but no state.sqlite: not a clean run's results "
+        raise OutputsRefused(f"--out {out_dir} holds {', '.join(foreign)} but no state.sqlite: not a clean run's results "
                          "folder, and they would be replaced; choose another --out")
     if src.is_file():
         return
     root = src.resolve()
     for name, folder in (("--out", out_dir), ("--quarantine", quarantine)):
         if folder is not None and folder.resolve().is_relative_to(root):
-            raise ValueError(f"{name} {folder} is inside the source folder {src}: put it outside")
+            raise OutputsRefused(f"{name} {folder} is inside the source folder {src}: put it outside")
 
 
 def plan_run(store: StateStore, inputs: list[str], src_root: Path) -> tuple[set[str], list[str], dict[str, Stale]]:
@@ -173,11 +179,36 @@ def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) 
     for folder in (out_dir, quarantine):
         if folder is not None and folder.is_dir():
             sweep_temporaries(folder)
-    if quarantine is not None and not (quarantine / QUARANTINE_SOURCE).is_file():  # checked by check_outputs
-        quarantine.mkdir(parents=True, exist_ok=True)
-        write_atomically(quarantine / QUARANTINE_SOURCE,
-                         lambda p: p.write_text(f"{source_root(src)}\n", encoding="utf-8", errors="surrogateescape"))
+    if quarantine is not None:
+        claim_quarantine(quarantine, src)
     return store
+
+
+def claim_quarantine(quarantine: Path, src: Path) -> None:
+    """The quarantine's QUARANTINE_SOURCE made this source's in one step (created only where
+    no file has the name: O_EXCL), else read: two runs of two sources started together both
+    passed `check_outputs` before either had written it, and the second's marker replaced the
+    first's (an audit). Not a hard link: a quarantine's disk may take none (exFAT, SMB)."""
+    quarantine.mkdir(parents=True, exist_ok=True)
+    marker, owner = quarantine / QUARANTINE_SOURCE, str(source_root(src))
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(f"{owner}\n")
+            f.flush()
+            os.fsync(f.fileno())
+    held = ""
+    for _ in range(40):  # another run's claim, created and not yet written
+        held = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()
+        if held:
+            break
+        time.sleep(0.05)
+    if held != owner:
+        raise OutputsRefused(f"--quarantine {quarantine} holds the copies of another source ({held}): photos of two "
+                             "sources at one relative path would meet there; give each source its own quarantine")
 
 
 def clean(qc: QCPipeline, src: Path, out_dir: Path, quarantine: Path | None = None, batch_size: int = 16,

@@ -202,7 +202,7 @@ def clean(
         _fail(f"--quarantine-findings: {weights} has no findings.json (cervixqc calibrate-findings makes one)")
     from pipelines.clean.notes import run_notes
     from pipelines.clean.ray_run import EngineFailed, RayStartError  # Ray itself is imported only by a Ray run
-    from pipelines.clean.run import check_outputs
+    from pipelines.clean.run import OutputsRefused, check_outputs
     from pipelines.clean.state import ResultsFolderError, refuse_folder_in_use
 
     try:
@@ -218,7 +218,7 @@ def clean(
     try:
         summary = _clean_with_progress(src, out, quarantine, weights, policy, batch_size, device, jpeg_decoder, runtime,
                                        precision, engine, address, actors, findings, pixel_check, listed)
-    except ResultsFolderError as e:  # the results folder is another run's, or another source's
+    except (ResultsFolderError, OutputsRefused) as e:  # the results folder is another run's, or another source's
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo(f"interrupted: the batches done so far are stored in {out}; run the same command to resume",
