@@ -636,6 +636,38 @@ def test_a_changed_photos_old_copy_goes_but_a_copy_another_row_holds_under_that_
     assert not (q / "no_cervix" / "x.jpg").exists() and (q / "blur" / "x.jpg").read_bytes() == b"another source's photo"
 
 
+def test_a_photo_changed_after_it_was_read_is_not_copied_as_the_photo_judged_and_its_cut_copy_goes(tmp_path):
+    """A photo cut short (or replaced) between the engine's read and its batch's copies went into
+    the quarantine as the photo labelled; put back whole, it was labelled again and the cut copy,
+    neither the same file nor of the stamp it was read under, stayed for good (an audit)."""
+    import hashlib
+
+    from pipelines.clean.quarantine import ChangedSinceRead, drop_stale_copies, quarantine_copy, quarantine_results
+    from pipelines.clean.state import Stale, file_stamp
+
+    src, q = tmp_path / "src", tmp_path / "q"
+    src.mkdir()
+    whole = jpeg_bytes(textured_scene(3))
+    (src / "x.jpg").write_bytes(whole)
+    judged = QCResult(path="x.jpg", label=Label.NO_CERVIX, sha256=hashlib.sha256(whole).hexdigest())
+    (src / "x.jpg").write_bytes(whole[: len(whole) // 2])  # cut short after the read
+    for link in (True, False):
+        with pytest.raises(ChangedSinceRead):
+            quarantine_copy(src, "x.jpg", "no_cervix", q, link=link, sha256=judged.sha256)
+    assert quarantine_results(src, [judged], q) == 1  # counted as not copied, as any file it could not copy
+    assert not (q / "no_cervix").exists() or not any((q / "no_cervix").iterdir())  # nor a temporary file
+    # read cut short: its row judged the cut bytes, and the copy is of them; then put back whole
+    cut = whole[: len(whole) // 2]
+    judged_cut = QCResult(path="x.jpg", label=Label.UNREADABLE, sha256=hashlib.sha256(cut).hexdigest())
+    stamp = file_stamp(src / "x.jpg")
+    quarantine_copy(src, "x.jpg", "unreadable", q, link=False, sha256=judged_cut.sha256)
+    os.utime(q / "unreadable" / "x.jpg", ns=(7, 7))  # a copy whose time is not the stamp's
+    (src / "x.jpg").unlink()
+    (src / "x.jpg").write_bytes(whole)
+    drop_stale_copies(src, q, [Stale(judged_cut, stamp + "-other")])  # neither its inode nor its stamp
+    assert not (q / "unreadable" / "x.jpg").exists()
+
+
 def test_exports_streamed_in_chunks_are_the_files_of_one_chunk_with_fixed_parquet_types(weights, collection, tmp_path,
                                                                                         monkeypatch):
     """Built as one table (and two copies), the exports held 3-3.7 KB a row at once: about

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+from models.io import sha256_file
 from pipelines.clean.state import Stale, file_stamp
 from pipelines.data.opened import Allowed, copy_opened, copy_times_and_mode
 from pipelines.data.schema import on_disk
@@ -88,7 +89,7 @@ def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, 
         try:
             if folders and on_disk(src_root, r.path).is_file():
                 for folder in folders:
-                    quarantine_copy(src_root, r.path, folder, qdir, link, allowed)
+                    quarantine_copy(src_root, r.path, folder, qdir, link, allowed, r.sha256)
         except OSError as e:
             if _quarantine_fault(e, qdir):
                 raise QuarantineUnwritable(e.errno, f"the quarantine cannot be written ({e.strerror}); this batch "
@@ -137,15 +138,25 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+class ChangedSinceRead(OSError):
+    """The file's bytes are no longer those the engine judged: its copy is not made."""
+
+
 def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: bool = True,
-                    allowed: Allowed | None = None) -> None:
+                    allowed: Allowed | None = None, sha256: str | None = None) -> None:
     """Put one flagged original at qdir/folder/rel (folder: a label or a finding); the original
     is only read. `link` uses a hard link where the file system allows (no extra space); the
     service passes False, since a quarantine others open and edit must not share an inode with
     the original. `allowed` (the service's data roots) is asked about the file opened for the
     copy, which is then copied from that open file (NotAllowed otherwise): the path checked
     before and copied by name again let a link swapped in between put a file from outside the
-    roots into the quarantine (an audit). It copies, never links."""
+    roots into the quarantine (an audit). It copies, never links.
+
+    `sha256`: the bytes the engine judged. The copy is made after its batch, from the file as
+    it is then: a photo cut short, or replaced, once it had been read went into the quarantine
+    as the photo labelled (a half JPEG under unreadable, a regular photo under no_cervix), and
+    no later run took it out (an audit). A copy of other bytes is ChangedSinceRead (counted
+    as not copied; the next run labels the changed file again, as its stamp differs)."""
     target = quarantine_path(qdir, folder, rel)
     source = on_disk(src_root, rel)
     if target.exists():
@@ -174,7 +185,12 @@ def quarantine_copy(src_root: Path, rel: str, folder: str, qdir: Path, link: boo
         shutil.copyfile(source, tmp)
         copy_times_and_mode(st, tmp)
 
-    write_atomically(target, link_or_copy)
+    def checked(tmp: Path) -> None:
+        link_or_copy(tmp)
+        if sha256 is not None and sha256_file(tmp) != sha256:
+            raise ChangedSinceRead("the file changed after the engine read it")  # no errno: the file's, not a fault
+
+    write_atomically(target, checked)
 
 
 # In a quarantine: the source folder whose copies it holds. Two sources' photos at one relative
@@ -194,8 +210,10 @@ def source_root(src: Path) -> Path:
 def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) -> None:
     """The quarantine copies (under the old label and flags) of photos that changed since their
     rows, so that a copy of the old photo never stands for the new one. Only a copy that is
-    that row's: the same file as the photo now (a hard link edited in place), or one with the
-    size and time it was read under (a link or `copy2` of the old photo). A name another
+    that row's: the same file as the photo now (a hard link edited in place), one with the
+    size and time it was read under (a link or `copy2` of the old photo), or one holding the
+    bytes the row judged (a photo cut short while it was read: its stamp is of the whole
+    file, its copy of the cut one, which stayed when the file came back whole: an audit). A name another
     row's copy holds (two sources sharing a quarantine, `A.JPG` and `a.jpg` on exFAT) is
     left. Called as the new rows are stored: a run that fails before keeps the old copies."""
     failed = 0
@@ -204,7 +222,8 @@ def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) 
         for folder in dict.fromkeys([s.record.label.value, *s.record.flags()]):
             target = quarantine_path(quarantine, folder, s.record.path)
             try:
-                if target.is_file() and (same_inode(target, original) or file_stamp(target) == s.stamp):
+                if target.is_file() and (same_inode(target, original) or file_stamp(target) == s.stamp
+                                         or s.record.sha256 is not None and sha256_file(target) == s.record.sha256):
                     target.unlink()
             except OSError:
                 failed += 1
