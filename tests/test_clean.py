@@ -668,6 +668,38 @@ def test_a_photo_changed_after_it_was_read_is_not_copied_as_the_photo_judged_and
     assert not (q / "unreadable" / "x.jpg").exists()
 
 
+def test_copies_of_a_batch_killed_before_its_rows_were_stored_go_when_the_next_run_opens(weights, tmp_path):
+    """A SIGKILL between a batch's copies and its rows' storing left copies no row owned: the
+    photo, changed, was labelled again and the old one stayed under its old label (or, flagged
+    again, was never copied: its name held, a warning at every run; an audit)."""
+    import hashlib
+
+    from pipelines.clean.quarantine import quarantine_results
+    from pipelines.clean.run import open_run
+    from pipelines.engine.qc import QCPipeline
+
+    src, out, q = tmp_path / "src", tmp_path / "out", tmp_path / "q"
+    src.mkdir()
+    old = jpeg_bytes(textured_scene(5))
+    (src / "x.jpg").write_bytes(old)
+    qc = QCPipeline(weights)
+    killed = [QCResult(path="x.jpg", label=Label.NO_CERVIX, sha256=hashlib.sha256(old).hexdigest(),
+                       findings={"blur": {"score": 1.0, "threshold": 0.5, "flagged": True}})]
+    store = open_run(src, out, q, qc.decision)
+    store.copies_pending(killed, q)
+    assert quarantine_results(src, killed, q, findings=["blur"]) == 0
+    assert {p.relative_to(q).parts[0] for p in q.rglob("*.jpg")} == {"no_cervix", "blur"}
+    store.close()  # killed here: no row stored
+    (src / "x.jpg").unlink()
+    new = jpeg_bytes(textured_scene(6))
+    (src / "x.jpg").write_bytes(new)  # changed before the rerun
+    summary = clean(qc, src, out, q)
+    assert summary.quarantine_not_copied == 0
+    label = pd.read_csv(out / "results.csv")["label"].item()
+    copies = {p.relative_to(q).parts[0]: p.read_bytes() for p in q.rglob("*.jpg")}
+    assert copies == ({label: new} if label != "regular" else {}), (label, list(copies))
+
+
 def test_exports_streamed_in_chunks_are_the_files_of_one_chunk_with_fixed_parquet_types(weights, collection, tmp_path,
                                                                                         monkeypatch):
     """Built as one table (and two copies), the exports held 3-3.7 KB a row at once: about

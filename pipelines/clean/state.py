@@ -150,6 +150,11 @@ class StateStore:
         # versions leave alone: no change of format)
         self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (a TEXT, b TEXT, setting TEXT, copy INTEGER, "
                         "PRIMARY KEY (a, b, setting))")
+        # a batch's rows while their quarantine copies are made, until the rows are stored (`add`):
+        # a run killed between the two left copies no row owned (another table older versions
+        # leave alone)
+        self.db.execute("CREATE TABLE IF NOT EXISTS pending_copies (path TEXT PRIMARY KEY, record TEXT, "
+                        "quarantine TEXT)")
         self.db.execute(f"PRAGMA user_version = {STATE_FORMAT}")
         if source is not None:
             self._claim(str(source.resolve()))
@@ -264,10 +269,27 @@ class StateStore:
                     "SELECT record FROM results WHERE path = ?", (path,)).fetchone()[0]), stored)
                 for path, stored in stale.items()}
 
+    def copies_pending(self, results: list[QCResult], quarantine: Path) -> None:
+        """Before a batch's copies are made: its rows, which `add` clears as it stores them."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO pending_copies VALUES (?, ?, ?)",
+                                [(r.path, r.model_dump_json(exclude={"timings_ms"}), str(quarantine))
+                                 for r in results])
+
+    def pending_copies(self) -> list[tuple[QCResult, Path]]:
+        """The rows of a batch killed between its copies and its rows' storing, with their quarantine."""
+        return [(QCResult.model_validate_json(rec), Path(q))
+                for rec, q in self.db.execute("SELECT record, quarantine FROM pending_copies")]
+
+    def forget_pending(self) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM pending_copies")
+
     def add(self, results: list[QCResult], stamps: Mapping[str, str | None] | None = None) -> None:
         """`stamps`: each file's `file_stamp` as it was before the engine read it (none: not known)."""
         stamps = stamps or {}
         with self.db:
+            self.db.executemany("DELETE FROM pending_copies WHERE path = ?", [(r.path,) for r in results])
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
                                 [(r.path, r.label.value, r.model_dump_json(exclude={"timings_ms"}), stamps.get(r.path))
                                  for r in results])
