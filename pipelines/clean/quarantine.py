@@ -213,9 +213,9 @@ def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) 
     that row's: the same file as the photo now (a hard link edited in place), one with the
     size and time it was read under (a link or `copy2` of the old photo), or one holding the
     bytes the row judged (a photo cut short while it was read: its stamp is of the whole
-    file, its copy of the cut one, which stayed when the file came back whole: an audit). A name another
-    row's copy holds (two sources sharing a quarantine, `A.JPG` and `a.jpg` on exFAT) is
-    left. Called as the new rows are stored: a run that fails before keeps the old copies."""
+    file, its copy of the cut one, which stayed when the file came back whole: an audit). A
+    name another row's copy holds (two sources sharing a quarantine, `A.JPG` and `a.jpg` on
+    exFAT) is left. Called as the new rows are stored: a run that fails before keeps the old copies."""
     failed = 0
     for s in stale:
         original = on_disk(src_root, s.record.path)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.io import sha256_file
 from pipelines.clean.exports import export, export_mark
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
-from models.io import sha256_file
 from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_stale_copies, quarantine_path,
                                         quarantine_results, source_root)
 from pipelines.clean.state import Stale, StateStore, file_stamp
@@ -88,26 +88,27 @@ def check_outputs(src: Path, out_dir: Path, quarantine: Path | None) -> None:
     source that is one of the files the run writes (`clean x/results.csv -o x` replaced the
     manifest with its results, exit 0: an audit)."""
     if quarantine is not None and (quarantine.resolve() == out_dir.resolve()):  # accepted (an audit)
-        raise OutputsRefused(f"--quarantine {quarantine} is the results folder: the copies would mix with results.csv "
-                         "and the state; give the quarantine a folder of its own")
+        raise OutputsRefused(f"--quarantine {quarantine} is the results folder: the copies would mix with "
+                             "results.csv and the state; give the quarantine a folder of its own")
     if (out_dir / QUARANTINE_SOURCE).is_file():  # results tables among a later run's photos to clean (an audit)
         raise OutputsRefused(f"--out {out_dir} is a quarantine (it holds {QUARANTINE_SOURCE}): write the results "
-                         "elsewhere")
+                             "elsewhere")
     marker = None if quarantine is None else quarantine / QUARANTINE_SOURCE
     if marker is not None and marker.is_file():
         owner = marker.read_text(encoding="utf-8", errors="surrogateescape").strip()
         if owner != str(source_root(src)):
-            raise OutputsRefused(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of two "
-                             "sources at one relative path would meet there; give each source its own quarantine")
+            raise OutputsRefused(f"--quarantine {quarantine} holds the copies of another source ({owner}): photos of "
+                                 "two sources at one relative path would meet there; give each source its own "
+                                 "quarantine")
     if src.is_file():
         for name in OUTPUT_FILES:
             if (out_dir / name).is_file() and os.path.samefile(out_dir / name, src):
-                raise OutputsRefused(f"--out {out_dir}: the run writes its {name}, which is the source manifest {src}; "
-                                 "write the results elsewhere")
+                raise OutputsRefused(f"--out {out_dir}: the run writes its {name}, which is the source manifest "
+                                     f"{src}; write the results elsewhere")
     foreign = [n for n in OUTPUT_FILES if (out_dir / n).exists()] if not (out_dir / "state.sqlite").exists() else []
     if foreign:  # another program's results.csv or summary.json was replaced, exit 0 (an audit)
-        raise OutputsRefused(f"--out {out_dir} holds {', '.join(foreign)} but no state.sqlite: not a clean run's results "
-                         "folder, and they would be replaced; choose another --out")
+        raise OutputsRefused(f"--out {out_dir} holds {', '.join(foreign)} but no state.sqlite: not a clean run's "
+                             "results folder, and they would be replaced; choose another --out")
     if src.is_file():
         return
     root = src.resolve()
