@@ -1048,6 +1048,41 @@ def test_a_server_killed_with_sigkill_mid_job_finishes_it_after_restart(tmp_path
     assert _checksums(src) == before
 
 
+def test_a_job_stopped_between_its_quarantine_copies_and_its_rows_drops_those_copies_when_resumed(tmp_path,
+                                                                                                  weights):
+    """A service killed after a batch's copies and before its rows: the resumed job labelled the
+    changed photo again and the old copy stayed under its old label, no row owning it (or,
+    flagged again, it was never copied: its name held; an audit)."""
+    from pipelines.clean.quarantine import quarantine_results
+    from pipelines.engine.qc_result import Label, QCResult
+    from service.jobs.store import JobStore
+
+    root, work = tmp_path / "data", tmp_path / "srv"
+    (root / "set").mkdir(parents=True)
+    old, new = jpeg_bytes(textured_scene(11)), jpeg_bytes(textured_scene(12))
+    (root / "set" / "x.jpg").write_bytes(old)
+    qdir = work / "state" / "quarantine" / "q1"
+    store = JobStore(work / "state" / "jobs.sqlite")
+    job = store.create(str((root / "set").resolve()), "q1", "resnest", work / "state" / "jobs")
+    store.transition(job.id, "running")
+    killed = QCResult(path="x.jpg", label=Label.NO_CERVIX, sha256=hashlib.sha256(old).hexdigest())
+    store.copies_pending(job.id, [killed], qdir)
+    assert quarantine_results(root / "set", [killed], qdir, link=False) == 0
+    del store  # the service stops here: no row stored
+    (root / "set" / "x.jpg").unlink()
+    (root / "set" / "x.jpg").write_bytes(new)
+    srv = start_server(work, weights, data_roots=root)
+    try:
+        with srv.client() as c:
+            assert _wait_job(c, job.id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+            (row,) = [json.loads(line) for line in c.get(f"/v1/jobs/{job.id}/results",
+                                                         params={"format": "jsonl"}).text.splitlines()]
+    finally:
+        srv.kill()
+    copies = {p.relative_to(qdir).parts[0]: p.read_bytes() for p in qdir.rglob("*.jpg")}
+    assert copies == ({row["label"]: new} if row["label"] != "regular" else {}), (row["label"], list(copies))
+
+
 def test_a_second_service_on_the_same_state_folder_refuses_to_start(server, weights, tmp_path):
     """Two processes on one state folder both ran the same job, every photo twice (uvicorn
     started directly: the lock is the app's, not only `cervixqc serve`'s check)."""

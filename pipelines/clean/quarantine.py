@@ -231,6 +231,29 @@ def drop_stale_copies(src_root: Path, quarantine: Path, stale: Iterable[Stale]) 
         log.warning("%d quarantine copies of changed photos could not be removed", failed)
 
 
+def drop_judged_copies(pending: Iterable[tuple[QCResult, Path]]) -> int:
+    """The copies (at each record's label and flags, in its quarantine) that hold the bytes the
+    record judged, removed; how many. For a batch stopped after its copies and before its rows
+    were stored (`clean`'s state and the service's job store list such rows until they are):
+    its files are labelled again, and a file changed meanwhile left the old copy under the old
+    label, no row owning it (a regular photo in no_cervix/), or, flagged again, was never copied
+    (its name held by the old bytes: a warning at every run; an audit). A copy of other bytes
+    (another row's, under a name a case-blind disk shares) is left."""
+    removed = 0
+    for record, qdir in pending:
+        if record.sha256 is None:
+            continue
+        for folder in dict.fromkeys([record.label.value, *record.flags()]):
+            target = quarantine_path(qdir, folder, record.path)
+            try:
+                if target.is_file() and sha256_file(target) == record.sha256:
+                    target.unlink()
+                    removed += 1
+            except OSError:
+                pass  # left: this run's copy of the same photo takes it as its own
+    return removed
+
+
 def same_inode(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

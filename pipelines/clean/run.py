@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.io import sha256_file
 from pipelines.clean.exports import export, export_mark
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
-from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_stale_copies, quarantine_path,
-                                        quarantine_results, source_root)
+from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_judged_copies,
+                                        drop_stale_copies, quarantine_results, source_root)
 from pipelines.clean.state import Stale, StateStore, file_stamp
 from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.schema import on_disk
@@ -189,21 +188,9 @@ def open_run(src: Path, out_dir: Path, quarantine: Path | None, decision: dict) 
 
 
 def drop_orphan_copies(store: StateStore) -> None:
-    """The copies of a batch killed after its quarantine copies and before its rows were stored.
-    Its files are labelled again by this run; a file changed meanwhile left the old copy under
-    the old label for good, no row owning it (a regular photo in no_cervix/), or, flagged
-    again, never copied (its name held by the old bytes: a warning at every run). Only a copy
-    holding the bytes the batch judged (`quarantine_copy` checks them) is removed."""
-    removed = 0
-    for record, qdir in store.pending_copies():
-        for folder in dict.fromkeys([record.label.value, *record.flags()]):
-            target = quarantine_path(qdir, folder, record.path)
-            try:
-                if record.sha256 is not None and target.is_file() and sha256_file(target) == record.sha256:
-                    target.unlink()
-                    removed += 1
-            except OSError:
-                pass  # left; this run's copy of the same photo takes it as its own
+    """The copies of a batch killed after its quarantine copies and before its rows were
+    stored (`drop_judged_copies`); its files are labelled again by this run."""
+    removed = drop_judged_copies(store.pending_copies())
     if removed:
         log.info("%d quarantine copies of a batch stopped before its rows were stored removed", removed)
     store.forget_pending()

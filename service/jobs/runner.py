@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
-from pipelines.clean.quarantine import quarantine_results
+from pipelines.clean.quarantine import drop_judged_copies, quarantine_results
 from pipelines.clean.state import findings_agree, recorded_before_findings
 from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.opened import NotAllowed
@@ -231,6 +231,11 @@ class JobRunner:
         swept = sum(sweep_temporaries(d) for d in (qdir, Path(job.out_dir)) if d is not None and d.is_dir())
         if swept:
             log.info("job %s: removed %d temporary files an earlier, killed run left", job.id, swept)
+        orphans = drop_judged_copies(self.store.pending_copies(job.id))  # of a batch stopped before its rows
+        self.store.forget_pending(job.id)
+        if orphans:
+            log.info("job %s: removed %d quarantine copies of a batch stopped before its rows were stored",
+                     job.id, orphans)
         for start in range(0, len(todo), self.batch_size):
             if self._stop.is_set():
                 return  # left `running`: the next start resumes it
@@ -253,6 +258,7 @@ class JobRunner:
                                             "(this batch was not stored); retry the job once it is back")
                 return
             if qdir is not None:  # the roots checked again on the file copied: it may have become a link out
+                self.store.copies_pending(job.id, results, qdir)
                 failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
                                             self.quarantine_findings, link=False, allowed=self.allowed)
                 self.metrics.quarantine_failures.inc(failed)

@@ -49,6 +49,12 @@ CREATE INDEX IF NOT EXISTS items_unreadable ON items (job_id) WHERE label = 'unr
 CREATE TABLE IF NOT EXISTS label_counts (
     job_id TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (job_id, label)
 );
+-- a batch's rows while their quarantine copies are made, until `add_items` stores them: a service
+-- killed between the two left copies no row owned (a table older versions leave alone)
+CREATE TABLE IF NOT EXISTS pending_copies (
+    job_id TEXT NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL, quarantine TEXT NOT NULL,
+    PRIMARY KEY (job_id, path)
+);
 """
 # user_version 1: label_counts kept in step with items (older files are backfilled once)
 # user_version 2: items.summary, the review grid's fields as a short JSON array (backfilled once)
@@ -519,7 +525,7 @@ class JobStore:
         """Every table with a job's rows. The start-up sweep looked at items alone: a delete
         killed after them left the job's counts and review decisions for good (an audit)."""
         has_decisions = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'decisions'").fetchone()
-        return ["items", "label_counts", *(["decisions"] if has_decisions else [])]
+        return ["items", "label_counts", "pending_copies", *(["decisions"] if has_decisions else [])]
 
     def deleted(self) -> list[Job]:
         return [self._job(r) for r in self._db().execute("SELECT * FROM jobs WHERE status = ?", (DELETED,))]
@@ -578,9 +584,27 @@ class JobStore:
         return row[0] if row else None
 
     # items ------------------------------------------------------------------------------
+    def copies_pending(self, job_id: str, results: list[QCResult], quarantine: Path) -> None:
+        """Before a batch's quarantine copies are made: its rows, which `add_items` clears."""
+        with write_transaction(self._db()) as db:
+            db.executemany("INSERT OR REPLACE INTO pending_copies VALUES (?, ?, ?, ?)",
+                           [(job_id, r.path, r.model_dump_json(exclude={"timings_ms"}), str(quarantine))
+                            for r in results])
+
+    def pending_copies(self, job_id: str) -> list[tuple[QCResult, Path]]:
+        """The rows of a batch stopped between its copies and its rows' storing, with their quarantine."""
+        return [(QCResult.model_validate_json(rec), Path(q)) for rec, q in self._db().execute(
+            "SELECT record, quarantine FROM pending_copies WHERE job_id = ?", (job_id,))]
+
+    def forget_pending(self, job_id: str) -> None:
+        with write_transaction(self._db()) as db:
+            db.execute("DELETE FROM pending_copies WHERE job_id = ?", (job_id,))
+
     def add_items(self, job_id: str, results: list[QCResult]) -> None:
         now = time.time()
         with write_transaction(self._db()) as db:
+            db.executemany("DELETE FROM pending_copies WHERE job_id = ? AND path = ?",
+                           [(job_id, r.path) for r in results])
             added: dict[str, int] = {}
             for r in results:
                 row = (r.label.value, r.model_dump_json(exclude={"timings_ms"}), now, summary_of(r))
