@@ -20,6 +20,7 @@ from service.jobs.store import ItemSummary, JobStore
 from service.ui.export import apply_to_quarantine, coco_of, manifest_lines
 from service.ui.job_views import VIEW_ITEMS, JobViews
 from service.ui.review_view import GridQuery, JobView, Thresholds, build_grid, neighbours, source_of, what_if_points
+from tests.qc_fixtures import jpeg_bytes, textured_scene
 
 T = Thresholds(deep_sad=1.0, resnest=0.5, detector=0.4, presence=None, policy="resnest")
 
@@ -222,6 +223,28 @@ def test_the_manifest_has_model_reviewed_and_final_labels_on_every_row(tmp_path)
     assert json.loads(out[0]["final_box"]) == [12, 8, 48, 52] and json.loads(out[1]["final_box"]) == [20, 20, 60, 60]
     assert out[2]["final_box"] == ""  # reviewed as regular but nobody drew its box: none to export
     assert (out[2]["duplicate_group"], out[2]["duplicate_of"], out[2]["duplicate_kind"]) == ("4", "a/reg.jpg", "near")
+
+
+def test_the_manifest_export_goes_back_into_training_through_import_labels(tmp_path):
+    """No column held the final class in one word (final_label said non_regular, final_kind
+    green) and import-labels took `'+02.jpg`, the name written spreadsheet-safe, as a missing
+    file: reviewed labels had no way back into training (an audit)."""
+    from pipelines.data.labelled_import import SKIP, LabelColumns, import_labelled
+
+    rows, reviews = _reviewed(tmp_path)
+    rows = [(i, r.model_copy(update={"path": "+02.jpg"}) if i == 2 else r) for i, r in rows]
+    for _, r in rows:
+        (tmp_path / "job" / r.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "job" / r.path).write_bytes(jpeg_bytes(textured_scene(1)))
+    (tmp_path / "job" / "reviewed.csv").write_text("".join(manifest_lines(rows, reviews)))
+    out = list(csv.DictReader(io.StringIO((tmp_path / "job" / "reviewed.csv").read_text())))
+    assert [r["final_class"] for r in out] == ["iodine", "regular", "regular", "unreadable"]
+    assert out[1]["path"] == "'+02.jpg"  # as a spreadsheet must see it
+    cols = LabelColumns(path="path", kind="final_class", patient="item", source_value="site",
+                        kind_map={"unreadable": SKIP})
+    result = import_labelled(tmp_path / "job" / "reviewed.csv", tmp_path / "job", tmp_path / "job" / "m.csv", cols)
+    assert list(zip(result.manifest["path"], result.manifest["kind"])) == [
+        ("a/reg.jpg", "iodine"), ("+02.jpg", "regular"), ("b/none.jpg", "regular")]
 
 
 def test_csv_exports_never_hand_a_spreadsheet_a_formula_from_a_file_name():
@@ -529,4 +552,5 @@ def test_the_export_credits_the_label_and_the_box_each_to_its_own_reviewer(tmp_p
     assert (out["reviewed_class"], out["reviewed_by"], out["box_reviewed_by"]) == ("green", "key-a", "key-b")
     assert out["reviewed_at"] <= out["box_reviewed_at"] and out["reviewed_at"].endswith("+00:00")
     assert (box_only["reviewed_class"], box_only["reviewed_by"]) == ("", "key-b")  # reviewed, as before
-    assert list(out)[-2:] == ["box_reviewed_by", "box_reviewed_at"]  # added last: scripts read by position
+    # added last, each after the one before: scripts read by position
+    assert list(out)[-3:] == ["box_reviewed_by", "box_reviewed_at", "final_class"]

@@ -333,6 +333,10 @@ def test_a_page_loaded_before_a_retry_read_its_photo_again_cannot_decide_over_th
     items = re.findall(r"/items/(\d+)\?", a.get(f"/ui/jobs/{job}/review").text)
     item, text = next((i, t) for i in items if "b.jpg" in (t := a.get(f"/ui/jobs/{job}/items/{i}").text))
     seen, shown = re.search(r'data-seen="(\d+)" data-shown="(\w+)"', text).groups()
+    # not read, so nothing to see: a label for it went into the exports as if seen (an audit)
+    r = a.post(f"/ui/jobs/{job}/items/{item}/decision", json={"label": "regular", "seen": int(seen), "shown": shown},
+               headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_read", r.text
     (folder / "b.jpg").write_bytes(fuzz_set()["ok.jpg"][0])
     with server.client() as api:
         assert api.post(f"/v1/jobs/{job}/retry").status_code == 202

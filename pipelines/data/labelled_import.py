@@ -20,6 +20,7 @@ from models.io import sha256_file
 from pipelines.data.manifest import (WINDOWS_PATH, ManifestError, RowProblem, Spellings, no_file, read_table,
                                      real_folder, validate_manifest)
 from pipelines.data.schema import PHOTO_SUFFIXES, Kind
+from pipelines.engine.qc_result import spreadsheet_plain
 
 SKIP = "skip"  # a label mapped to this drops the row (e.g. the sheet's "unknown")
 _KINDS = {k.value for k in Kind}
@@ -147,6 +148,8 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             named.add(os.path.realpath(images / str(rec[cols.path]).strip()))
             continue
         rel = str(rec[cols.path]).strip()
+        if not (images / rel).is_file() and (images / str(spreadsheet_plain(rel))).is_file():
+            rel = str(spreadsheet_plain(rel))  # a name our CSVs wrote spreadsheet-safe ('+02.jpg: an audit)
         if "\\" in rel and not (images / rel).is_file() and (found := _windows_name(rel, images)):
             rel, windows = found, windows + 1
         file = images / rel

@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 MANIFEST_FIELDS = ["item", "path", "sha256", "width", "height", "model_class", "model_label", "model_kind",
                    "model_box", "reviewed_class", "reviewed_box", "reviewed_by", "reviewed_at", "final_label",
                    "final_kind", "final_box", "flags", "duplicate_group", "duplicate_of", "duplicate_kind",
-                   "box_reviewed_by", "box_reviewed_at"]  # added last: a site's scripts read by position
+                   "box_reviewed_by", "box_reviewed_at",  # added last: a site's scripts read by position
+                   # the final label and kind in one word, as `import-labels --kind-col final_class` reads it:
+                   # final_label said non_regular and final_kind green, and no column took the export
+                   # back into training (an audit)
+                   "final_class"]
 
 
 def _box(b: list[float] | None) -> str:
@@ -68,7 +72,8 @@ def manifest_lines(rows: Iterable[tuple[int, QCResult]], reviews: dict[int, Revi
                       "box_reviewed_at": _when(rev.box_at if rev else None),
                       "final_label": label, "final_kind": kind or "", "final_box": _box(box),
                       "flags": ";".join(r.flags()), "duplicate_group": r.duplicate_group,
-                      "duplicate_of": r.duplicate_of or "", "duplicate_kind": r.duplicate_kind or ""}))
+                      "duplicate_of": r.duplicate_of or "", "duplicate_kind": r.duplicate_kind or "",
+                      "final_class": cls}))
         if n % 500 == 0:
             yield buf.getvalue()
             buf.seek(0)

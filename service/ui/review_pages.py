@@ -189,6 +189,11 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
     _result_unchanged(record, body.shown)
+    if body.label is not None and body.label != "unreadable" and not (record.width and record.height):
+        # taken and exported as if seen: a regular row without a sha256 or a size, which `validate`
+        # passed and the box export left out uncounted (an audit)
+        raise ApiError(409, "not_read", "this photo was not read (unreadable): there is no picture of it to "
+                                        "label; retry the job once the file can be read")
     if body.label is not None:
         field, new, model = "label", body.label, class_of(record.label.value, record.kind)
     else:
