@@ -29,18 +29,18 @@ from pipelines.engine.qc import QCPipeline
 from service import state_lock
 from service.access_log import drop_query_strings
 from service.batcher import MicroBatcher
+from service.connections import quiet_accept_errors
 from service.engine_health import WARM_UP, EngineHealth
-from service.errors import (KNOWN_METHODS, ApiError, install_error_handlers, internal_error, route_label,
-                            validation_message)
+from service.errors import ApiError, install_error_handlers, validation_message
 from service.gate import EngineGate
 from service.jobs.folders import sweep_deleted, sweep_killed_writes
 from service.jobs.reviews import ReviewStore
 from service.jobs.runner import JobRunner
 from service.jobs.store import JobStore
 from service.limits import BodyLimitMiddleware
-from service.connections import quiet_accept_errors
 from service.log_config import ensure_handler
 from service.metrics import Metrics
+from service.request_count import RequestCount
 from service.root_path import RootPath, route_path
 from service.routes import docs, health, jobs, models, qc
 from service.settings import Settings, findings_card_missing
@@ -186,22 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "text/html"))
     app.add_middleware(RootPath, root_path=settings.root_path)  # the middlewares added after it see the prefix set
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        t = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as e:  # noqa: BLE001 - answered here, so it is counted and logged once
-            # past this point Starlette logged the traceback, re-raised it and uvicorn logged it
-            # again, with the file paths exception messages carry, and the 500 reached no counter
-            response = internal_error(request, e)
-        route = route_label(app, request)
-        # the method as a label only when it is one of HTTP's: uvicorn takes any token, and each
-        # new word was a new series, kept for good (no key is needed to send one)
-        method = request.method if request.method in KNOWN_METHODS else "other"
-        metrics.requests.labels(method, route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - t)
-        return response
+    app.add_middleware(RequestCount, routes=app, metrics=metrics)  # outermost: every answer counted
 
     for router in (health.router, models.router, qc.router, jobs.router, docs.router, auth_pages.router,
                    pages.router, review_pages.router):
