@@ -1081,3 +1081,20 @@ def test_reading_a_jobs_rows_breaks_off_when_the_job_is_deleted_meanwhile(tmp_pa
         next(rows)
     with pytest.raises(JobDeleted):  # deleted before the first read: not an empty job
         next(store.records(job.id))
+
+
+def test_a_retry_beside_an_active_job_of_the_same_source_quarantine_and_policy_is_refused_naming_it(tmp_path):
+    """Cancel X, create Y for the same folder, retry X: both ran from the start into one
+    quarantine, though creating a third was refused as Y's twin (an audit)."""
+    from service.jobs.store import ActiveTwin
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    first = store.create("src", "q", "deep_sad", tmp_path, once=True)
+    assert store.cancel(first.id)
+    second = store.create("src", "q", "deep_sad", tmp_path, once=True)
+    with pytest.raises(ActiveTwin) as e:
+        store.requeue(first.id)
+    assert e.value.args[0] == second.id and store.status(first.id) == "cancelled"
+    other = store.create("src", "q", "resnest", tmp_path, once=True)  # another policy: not a twin
+    assert store.cancel(other.id) and store.requeue(other.id)
+    assert store.cancel(second.id) and store.requeue(first.id)  # once the twin is no longer active

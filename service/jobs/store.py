@@ -562,10 +562,17 @@ class JobStore:
         """True when a failed or cancelled job is queued again, or a done one that has files the
         OS could not read (`READ_AGAIN`: a share briefly away): the runner resumes it, reading
         only the files without a final row. TooManyJobs, as `create`, for one it would queue
-        past `max_active`."""
+        past `max_active`. ActiveTwin, as `create(once=True)`, where a queued or running job has
+        its source, quarantine and policy: a retry of a cancelled job beside the new job made for
+        the same folder ran both from the start, into one quarantine (an audit)."""
         retryable = (f"id = ? AND (status IN ('failed', 'cancelled') OR (status = 'done' AND EXISTS (SELECT 1 "
                      f"FROM items WHERE job_id = jobs.id AND {read_again_sql()})))")
         with write_transaction(self._db()) as db:
+            twin = db.execute(f"SELECT twin.id FROM jobs AS twin, jobs AS job WHERE job.id = ? AND twin.id != job.id "
+                              "AND twin.source = job.source AND twin.quarantine IS job.quarantine "
+                              f"AND twin.policy = job.policy AND twin.status IN {ACTIVE}", (job_id,)).fetchone()
+            if twin is not None and db.execute(f"SELECT 1 FROM jobs WHERE {retryable}", (job_id,)).fetchone():
+                raise ActiveTwin(twin[0])
             if max_active is not None and (active := _active_count(db)) >= max_active:
                 if db.execute(f"SELECT 1 FROM jobs WHERE {retryable}", (job_id,)).fetchone() is not None:
                     raise TooManyJobs(active)

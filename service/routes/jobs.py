@@ -198,6 +198,10 @@ def retry_job(job_id: str, state: State) -> JobStatus:
         requeued = state.store.requeue(job_id, max_active=state.settings.max_active_jobs)
     except TooManyJobs as e:
         raise _too_many_jobs(e) from None
+    except ActiveTwin as e:
+        raise ApiError(409, "job_exists", f"job {e.args[0]} is cleaning this source with the same quarantine and "
+                                          "policy now: follow it, or cancel it and retry this one",
+                       job_id=e.args[0]) from None
     if not requeued:
         raise ApiError(409, "job_not_retryable", f"job {job_id} is {job.status}: only failed or cancelled jobs are "
                                                  "retried, and done ones with files the OS could not read")
