@@ -50,9 +50,9 @@ def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
 
         def data_received(self, data: bytes) -> None:
             if self._between_requests():
-                self._bytes_waiting = True
                 if self._deadline is None:  # the next request's first byte on a kept-alive connection
                     self._arm()
+                self._bytes_waiting = True  # after arming, which clears it
             super().data_received(data)
             if not self._between_requests():  # its headers are in: the request is the app's now
                 self._disarm()
@@ -85,18 +85,16 @@ def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
     return HeaderDeadlineH11
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """(soft limit before, after): the soft open-file limit raised to the hard one, where the
-    hard one allows more. Servers such as nginx (`worker_rlimit_nofile`) do the same."""
+def raise_open_files_limit() -> None:
+    """The soft open-file limit raised to the hard one, where the hard one allows more. Servers
+    such as nginx (`worker_rlimit_nofile`) do the same."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):  # e.g. a kernel cap (nr_open) under an unlimited hard limit
-            return soft, soft
-        return soft, target
-    return soft, soft
+            pass
 
 
 class AcceptErrorFilter(logging.Filter):

@@ -77,6 +77,13 @@ def test_half_sent_headers_get_a_json_408_and_a_silent_connection_is_closed(serv
     assert json.loads(body)["error"]["code"] == "header_timeout"
     assert _read_all(silent) == b""  # nothing was asked, so nothing is answered
     half.close(), silent.close()
+    # the same for a kept-alive connection's second request (its first byte arms the deadline)
+    kept = _open(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = kept.recv(65536)
+    kept.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+    both = first + _read_all(kept)  # the first answer's body may come in the second read
+    assert both.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in both, both[:300]
+    kept.close()
 
 
 def test_slow_headers_inside_the_deadline_a_slow_body_and_kept_alive_connections_are_never_cut(served):
