@@ -76,6 +76,12 @@ def _takes_a_file(qdir: Path) -> bool:
         return False
 
 
+def to_copy(results: Iterable[QCResult], findings: Collection[str] = ()) -> list[QCResult]:
+    """The results that get a quarantine copy: the rows a batch lists as pending (its regular,
+    unflagged majority has no copy to lose, and was written too)."""
+    return [r for r in results if quarantine_folders(r, findings)]
+
+
 def quarantine_results(src_root: Path, results: Iterable[QCResult], qdir: Path, findings: Collection[str] = (),
                        link: bool = True, allowed: Allowed | None = None) -> int:
     """Each result's file into every folder `quarantine_folders` names (files gone since are

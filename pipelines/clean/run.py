@@ -20,7 +20,7 @@ from pipelines.clean.exports import export, export_mark
 from pipelines.clean.inputs import list_inputs
 from pipelines.clean.notes import NoteWatch
 from pipelines.clean.quarantine import (QUARANTINE_SOURCE, check_quarantine_names, drop_judged_copies,
-                                        drop_stale_copies, quarantine_results, source_root)
+                                        drop_stale_copies, quarantine_results, source_root, to_copy)
 from pipelines.clean.state import Stale, StateStore, file_stamp
 from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.schema import on_disk
@@ -168,7 +168,7 @@ def store_batch(store: StateStore, src_root: Path, quarantine: Path | None, find
     for folder in dict.fromkeys(f for f in (quarantine, copies_in) if f is not None):
         drop_stale_copies(src_root, folder, replaced)
     if quarantine is not None:
-        store.copies_pending(results, quarantine)
+        store.copies_pending(to_copy(results, findings), quarantine)
         store.copies_missed += quarantine_results(src_root, results, quarantine, findings)
     store.add(results, stamps)
 

@@ -271,6 +271,8 @@ class StateStore:
 
     def copies_pending(self, results: list[QCResult], quarantine: Path) -> None:
         """Before a batch's copies are made: its rows, which `add` clears as it stores them."""
+        if not results:
+            return
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO pending_copies VALUES (?, ?, ?)",
                                 [(r.path, r.model_dump_json(exclude={"timings_ms"}), str(quarantine))

@@ -148,8 +148,9 @@ def import_labelled(labels: str | Path, images: str | Path, out_manifest: str | 
             named.add(os.path.realpath(images / str(rec[cols.path]).strip()))
             continue
         rel = str(rec[cols.path]).strip()
-        if not (images / rel).is_file() and (images / str(spreadsheet_plain(rel))).is_file():
-            rel = str(spreadsheet_plain(rel))  # a name our CSVs wrote spreadsheet-safe ('+02.jpg: an audit)
+        plain = str(spreadsheet_plain(rel))  # a name our CSVs wrote spreadsheet-safe ('+02.jpg: an audit)
+        if plain != rel and not (images / rel).is_file() and (images / plain).is_file():
+            rel = plain
         if "\\" in rel and not (images / rel).is_file() and (found := _windows_name(rel, images)):
             rel, windows = found, windows + 1
         file = images / rel

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipelines.clean.exports import collection_duplicates, export_records
 from pipelines.clean.inputs import list_inputs
-from pipelines.clean.quarantine import drop_judged_copies, quarantine_results
+from pipelines.clean.quarantine import drop_judged_copies, quarantine_results, to_copy
 from pipelines.clean.state import findings_agree, recorded_before_findings
 from pipelines.data.manifest import Spellings, name_spellings
 from pipelines.data.opened import NotAllowed
@@ -258,7 +258,7 @@ class JobRunner:
                                             "(this batch was not stored); retry the job once it is back")
                 return
             if qdir is not None:  # the roots checked again on the file copied: it may have become a link out
-                self.store.copies_pending(job.id, results, qdir)
+                self.store.copies_pending(job.id, to_copy(results, self.quarantine_findings), qdir)
                 failed = quarantine_results(root, [r for r in results if r.error != OUTSIDE], qdir,
                                             self.quarantine_findings, link=False, allowed=self.allowed)
                 self.metrics.quarantine_failures.inc(failed)

@@ -593,6 +593,8 @@ class JobStore:
     # items ------------------------------------------------------------------------------
     def copies_pending(self, job_id: str, results: list[QCResult], quarantine: Path) -> None:
         """Before a batch's quarantine copies are made: its rows, which `add_items` clears."""
+        if not results:
+            return
         with write_transaction(self._db()) as db:
             db.executemany("INSERT OR REPLACE INTO pending_copies VALUES (?, ?, ?, ?)",
                            [(job_id, r.path, r.model_dump_json(exclude={"timings_ms"}), str(quarantine))

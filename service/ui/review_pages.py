@@ -189,7 +189,8 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
     if (body.label is None) == (body.box is None):
         raise ApiError(400, "invalid_decision", "send either a label or a box")
     _result_unchanged(record, body.shown)
-    if body.label is not None and body.label != "unreadable" and not (record.width and record.height):
+    w, h = record.width or 0, record.height or 0  # none: the job has no picture of it
+    if body.label is not None and body.label != "unreadable" and not (w and h):
         # taken and exported as if seen: a regular row without a sha256 or a size, which `validate`
         # passed and the box export left out uncounted (an audit)
         raise ApiError(409, "not_read", "this photo was not read (unreadable): there is no picture of it to "
@@ -200,7 +201,6 @@ def decide(job_id: str, item: ItemId, body: DecisionIn, session: UiPost,
         # checked as stored, to 0.1 px: a box of 0.03 px passed, was stored as [100, 100, 100,
         # 100] and went into the COCO export with area 0 (an audit)
         x1, y1, x2, y2 = new_box = [round(v, 1) for v in body.box]  # type: ignore[union-attr]
-        w, h = record.width or 0, record.height or 0
         if not (w and h):  # "0 <= x1 < x2 <= 0" said nothing of why
             raise ApiError(400, "invalid_box", "this photo was not read (unreadable): it has no size to draw a box in")
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
